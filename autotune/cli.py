@@ -1,0 +1,254 @@
+"""The `autotune` command: parse, call the library, print. Bad input exits 2 with one line.
+
+Heavy libraries load inside the commands so `autotune --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from autotune.errors import UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
+)
+_state = {"debug": False}
+
+STUDY_HELP = "Study name (default: derived from model, data and budget; or the storage's newest)."
+STORAGE_HELP = "Optuna storage URL (default: sqlite:///trials/autotune.db)."
+BUDGET_HELP = (
+    "GPU memory budget, e.g. 24GB, 24GiB or 20000MB. GB/MB are decimal (10^9/10^6 bytes), "
+    "GiB/MiB binary (2^30/2^20 bytes)."
+)
+
+
+@app.callback()
+def _main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _frontier_table(study: Any) -> Any:
+    from rich.table import Table
+
+    from autotune.pareto import frontier
+    from autotune.study import measured_points
+    from autotune.units import format_bytes
+
+    table = Table(title="Pareto frontier (measured, within budget)")
+    for column in ("trial", "recipe", "peak memory", "tokens/s", "eval loss"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for point in frontier(measured_points(study)):
+        trial = study.trials[point.number]
+        table.add_row(
+            str(point.number),
+            trial.user_attrs.get("recipe_label", ""),
+            format_bytes(point.peak_memory_bytes),
+            f"{point.tokens_per_second:,.0f}",
+            f"{point.eval_loss:.4f}",
+        )
+    return table
+
+
+@app.command()
+def run(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model id or local directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="JSONL training data."),
+    budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
+    space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: search_spaces/default.yaml)."),
+    trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold."),
+    timeout: Optional[str] = typer.Option(None, "--timeout", help="Stop starting trials after this long, e.g. 8h, 90m."),
+    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    probe_steps: int = typer.Option(20, "--probe-steps", help="Optimizer steps per probe."),
+    probe_timeout: str = typer.Option("15m", "--probe-timeout", help="Kill a probe that runs longer than this."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per sequence (longer samples are truncated)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the sampler, data order and split."),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="HTML report path (default: reports/<study>.html)."),
+    recipe_path: Optional[Path] = typer.Option(None, "--recipe-out", help="Exported recipe path (default: reports/<study>-recipe.yaml)."),
+) -> None:
+    """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autotune.export import write_recipe
+    from autotune.probe import SubprocessProbeRunner
+    from autotune.report import write_report
+    from autotune.study import (
+        RunEvents,
+        RunSettings,
+        TrialSummary,
+        finished_trial_count,
+        measured_points,
+        prepare_run,
+        redact_url,
+        run_study,
+    )
+    from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
+
+    settings = RunSettings(
+        model=model,
+        data_path=data,
+        budget_bytes=parse_bytes(budget),
+        space_path=space,
+        trials=trials,
+        timeout_seconds=parse_duration_seconds(timeout, "--timeout") if timeout else None,
+        study_name=study,
+        storage=storage,
+        probe_steps=probe_steps,
+        probe_timeout_seconds=parse_duration_seconds(probe_timeout, "--probe-timeout"),
+        seq_len=seq_len,
+        device=device,
+        seed=seed,
+    )
+    prepared = prepare_run(settings)
+    console = _console()
+    console.print(
+        f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
+        f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
+        f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
+    )
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("trials", total=trials)
+
+        def started(number: int, label: str) -> None:
+            progress.update(task, description=f"trial {number}: {label}")
+
+        def finished(summary: TrialSummary) -> None:
+            progress.advance(task)
+            if summary.status == "measured":
+                text = (f"[green]measured[/] {format_bytes(summary.peak_memory_bytes or 0)} "
+                        f"(predicted {format_bytes(summary.predicted_peak_bytes)}), "
+                        f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}")
+            else:
+                text = f"[yellow]{summary.status}[/]: {summary.reason}"
+            progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
+
+        events = RunEvents(trial_started=started, trial_finished=finished)
+        runner = SubprocessProbeRunner(settings.probe_timeout_seconds)
+        result_study = None
+        try:
+            result_study = run_study(prepared, runner, events)
+        finally:
+            if result_study is None:
+                progress.stop()
+        progress.update(task, completed=min(finished_trial_count(result_study), trials))
+    for note in events.notes:
+        console.print(note)
+    console.print(_frontier_table(result_study))
+    report_file = write_report(result_study, report_path or Path("reports") / f"{prepared.study_name}.html")
+    console.print(f"report: {report_file}")
+    if measured_points(result_study):
+        _, recipe_file = write_recipe(
+            result_study, "balanced",
+            recipe_path or Path("reports") / f"{prepared.study_name}-recipe.yaml",
+        )
+        console.print(f"recipe (balanced): {recipe_file}")
+    else:
+        console.print("no recipe was measured within the budget, so none was exported")
+
+
+@app.command()
+def export(
+    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    pick: str = typer.Option(
+        "balanced", "--pick",
+        help="balanced (closest to the ideal point after scaling each objective over the "
+        "frontier), fastest, smallest or best-loss.",
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (default: stdout)."),
+) -> None:
+    """Write the picked frontier recipe as YAML, with its measured figures."""
+    from autotune.export import recipe_yaml, write_text
+    from autotune.study import load_existing_study
+
+    found = load_existing_study(storage, study)
+    _, text = recipe_yaml(found, pick)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        typer.echo(f"recipe ({pick}): {write_text(output, text)}")
+
+
+@app.command()
+def report(
+    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML path (default: reports/<study>.html)."),
+) -> None:
+    """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
+    from autotune.report import write_report
+    from autotune.study import load_existing_study
+
+    found = load_existing_study(storage, study)
+    path = write_report(found, output or Path("reports") / f"{found.study_name}.html")
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+def estimate(
+    model: str = typer.Option(..., "--model", "-m", help="Model id or directory (config.json is enough)."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
+    as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
+) -> None:
+    """Predict a recipe's peak GPU memory from the model config, without loading weights."""
+    from autotune.memory import estimate as estimate_memory
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.units import format_bytes
+
+    spec = load_model_spec(model)
+    loaded = Recipe.load(recipe).replace(model=model)
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq-len must be positive, got {seq_len}")
+    if loaded.method == "freeze" and loaded.frozen_layers >= spec.num_layers:
+        raise UsageError(
+            f"{recipe}: frozen_layers {loaded.frozen_layers} leaves nothing to train in a "
+            f"{spec.num_layers}-layer model"
+        )
+    if loaded.method == "lora":
+        spec.target_linears(loaded.lora_target_modules or "all-linear")
+    result = estimate_memory(spec, loaded, seq_len)
+    if as_json:
+        typer.echo(json.dumps(result.as_json()))
+        return
+    for name, size in result.breakdown.items():
+        typer.echo(f"{name:>28}  {format_bytes(size):>12}")
+    typer.echo(f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  ({result.peak_bytes} bytes)")
+
+
+def main() -> None:
+    try:
+        app()
+    except UsageError as error:
+        if _state["debug"]:
+            raise
+        print(f"autotune: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("autotune: interrupted; finished trials are kept in the study", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

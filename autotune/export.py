@@ -1,0 +1,61 @@
+"""Write the recipe a study found as the YAML of the recipe schema, measured figures included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+from autotune.pareto import PICK_POLICIES, pick
+from autotune.recipe import Recipe
+from autotune.study import measured_points, recipe_of
+
+
+def measured_figures(trial: Any) -> dict[str, Any]:
+    """What the probe measured for a trial, as written under `measured:`."""
+    memory, speed, loss = trial.values
+    attrs = trial.user_attrs
+    return {
+        "peak_memory_bytes": int(memory),
+        "tokens_per_second": round(float(speed), 2),
+        "eval_loss": round(float(loss), 5),
+        "memory_source": attrs.get("probe_memory_source", ""),
+        "device": attrs.get("probe_device", ""),
+        "predicted_peak_bytes": attrs.get("predicted_peak_bytes"),
+        "probe_steps_done": attrs.get("probe_steps_done"),
+        "trial": trial.number,
+    }
+
+
+def picked_trial(study: Any, policy: str) -> Any:
+    if policy not in PICK_POLICIES:
+        raise UsageError(f"--pick {policy!r} is not one of {', '.join(PICK_POLICIES)}")
+    points = measured_points(study)
+    if not points:
+        raise UsageError(
+            f"study {study.study_name!r} has no measured recipe within its budget yet; "
+            "run more trials or raise --budget"
+        )
+    return study.trials[pick(points, policy).number]
+
+
+def recipe_yaml(study: Any, policy: str) -> tuple[Recipe, str]:
+    trial = picked_trial(study, policy)
+    recipe = recipe_of(trial)
+    return recipe, recipe.to_yaml(measured=measured_figures(trial))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a file, turning an unwritable destination into a one-line error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+    return path
+
+
+def write_recipe(study: Any, policy: str, path: str | Path) -> tuple[Recipe, Path]:
+    recipe, text = recipe_yaml(study, policy)
+    return recipe, write_text(path, text)

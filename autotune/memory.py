@@ -1,0 +1,171 @@
+"""Predict a recipe's peak GPU memory from the model's config alone (no weights, no GPU).
+
+The prediction stands for `torch.cuda.max_memory_reserved()` over a probe plus the CUDA context,
+the figure a budget has to bound. It is a sum of named parts so a user can see what dominates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.model_spec import ModelSpec
+from autotune.recipe import Recipe
+
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""CUDA context and kernels of torch + cuBLAS on a Hopper card; outside the caching allocator."""
+
+ALLOCATOR_OVERHEAD_FRACTION = 0.08
+"""Reserved beyond allocated: block rounding and fragmentation of the caching allocator."""
+
+EXPANDABLE_SEGMENTS_OVERHEAD_FRACTION = 0.02
+"""The same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which maps memory in place."""
+
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""4-bit codes, one 8-bit absmax per 64-weight block, one fp32 constant per 256 absmax blocks
+(bitsandbytes double quantization)."""
+
+ADAPTER_BYTES = 4
+"""peft keeps LoRA weights in fp32 (autocast_adapter_dtype) whatever the base dtype."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    peak_bytes: int
+    breakdown: dict[str, int]
+
+    def as_json(self) -> dict[str, object]:
+        return {"peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown)}
+
+
+def weight_bytes_per_param(recipe: Recipe) -> int:
+    return 2 if recipe.precision in ("bf16", "fp16") else 4
+
+
+def activation_bytes_per_element(recipe: Recipe) -> int:
+    """Activations follow the compute dtype, except that a k-bit base prepared for training runs
+    its residual stream, norms and layer outputs in fp32 (bitsandbytes returns the input dtype)."""
+    return 4 if recipe.precision == "fp32" or recipe.quantization != "none" else 2
+
+
+def trainable_params(spec: ModelSpec, recipe: Recipe) -> int:
+    block = spec.block_linear_params + spec.block_other_params
+    if recipe.method == "full":
+        return spec.total_params
+    if recipe.method == "freeze":
+        trainable_blocks = max(spec.num_layers - recipe.frozen_layers, 0)
+        return trainable_blocks * block + spec.hidden_size + spec.lm_head_params
+    shapes = spec.linear_shapes()
+    targets = spec.target_linears(recipe.lora_target_modules or "all-linear")
+    rank = recipe.lora_r or 0
+    return spec.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def _weights(spec: ModelSpec, recipe: Recipe) -> int:
+    linear = spec.num_layers * spec.block_linear_params
+    other = spec.total_params - linear
+    if recipe.quantization == "none":
+        return spec.total_params * weight_bytes_per_param(recipe)
+    # prepare_model_for_kbit_training upcasts everything that is not quantized to fp32.
+    if recipe.quantization == "nf4":
+        quantized = linear * NF4_BYTES_PER_PARAM
+    else:
+        out_features = sum(out for _, out in spec.linear_shapes().values())
+        quantized = linear + 4 * spec.num_layers * out_features
+    return int(quantized + 4 * other)
+
+
+def _activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
+    """Bytes one decoder block keeps for backward, per token, when nothing is recomputed."""
+    a = activation_bytes_per_element(recipe)
+    h, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim
+    # RMSNorm upcasts to fp32 and keeps that copy for the rsqrt product (two norms per block).
+    norms = 2 * 4 * h
+    # SDPA keeps q and k after RoPE, v and its output.
+    attention = a * (2 * q + 2 * kv)
+    # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
+    mlp = 3 * a * i
+    weight_inputs = 0
+    if recipe.method != "lora":
+        # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
+        # ones need only the weight to pass the gradient on.
+        weight_inputs = a * (2 * h + h + q + h + i)
+    return norms + attention + mlp + weight_inputs
+
+
+def _lora_activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
+    """Adapters keep an fp32 copy of their input (after dropout, plus its mask) and x @ A."""
+    if recipe.method != "lora":
+        return 0.0
+    shapes = spec.linear_shapes()
+    dropout_mask = 1 if (recipe.lora_dropout or 0) > 0 else 0
+    rank = recipe.lora_r or 0
+    return sum(
+        shapes[t][0] * (ADAPTER_BYTES + dropout_mask) + ADAPTER_BYTES * rank
+        for t in spec.target_linears(recipe.lora_target_modules or "all-linear")
+    )
+
+
+def _blocks_with_activations(spec: ModelSpec, recipe: Recipe) -> int:
+    """Blocks below the first trainable one need no activations: nothing flows back to them."""
+    if recipe.method == "freeze":
+        return max(spec.num_layers - recipe.frozen_layers, 0)
+    return spec.num_layers
+
+
+def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
+    """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`."""
+    seq_len = seq_len or recipe.seq_len
+    tokens = recipe.micro_batch_size * seq_len
+    a = activation_bytes_per_element(recipe)
+    trainable = trainable_params(spec, recipe)
+    trainable_bytes = ADAPTER_BYTES if recipe.method == "lora" else weight_bytes_per_param(recipe)
+
+    weights = _weights(spec, recipe)
+    gradients = trainable * trainable_bytes
+    state_bytes = trainable_bytes if recipe.optimizer == "adamw" else 1
+    optimizer_states = 2 * trainable * state_bytes
+    amp_copies = (
+        2 * spec.num_layers * spec.block_linear_params if recipe.precision.startswith("amp") else 0
+    )
+
+    blocks = _blocks_with_activations(spec, recipe)
+    per_block_token = _activations_per_token(spec, recipe) + _lora_activations_per_token(
+        spec, recipe
+    )
+    residual_bytes = a
+    if recipe.gradient_checkpointing:
+        # Each block keeps only its input; one block at a time is recomputed in backward.
+        activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
+    else:
+        activations = tokens * blocks * per_block_token
+    # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss
+    # keeps for backward, and the fp32 gradient of the logits.
+    logits_and_loss = tokens * spec.vocab_size * (a + 8)
+
+    # Two moments compete for the peak: the start of backward (activations, logits, gradients
+    # kept across accumulation) and the optimizer step (gradients plus foreach temporaries).
+    backward_phase = activations + logits_and_loss
+    if recipe.gradient_accumulation_steps > 1:
+        backward_phase += gradients
+    step_phase = gradients + trainable * trainable_bytes
+    parts: dict[str, int] = {
+        "weights": weights,
+        "optimizer_states": optimizer_states,
+        "amp_weight_copies": amp_copies,
+    }
+    if backward_phase >= step_phase:
+        parts["activations"] = int(activations)
+        parts["logits_and_loss"] = int(logits_and_loss)
+        parts["gradients"] = gradients if recipe.gradient_accumulation_steps > 1 else 0
+    else:
+        parts["gradients"] = gradients
+        parts["optimizer_step_temporaries"] = trainable * trainable_bytes
+    allocated = sum(parts.values())
+    overhead = (
+        EXPANDABLE_SEGMENTS_OVERHEAD_FRACTION
+        if recipe.expandable_segments
+        else ALLOCATOR_OVERHEAD_FRACTION
+    )
+    parts["allocator_overhead"] = int(allocated * overhead)
+    parts["cuda_context"] = CUDA_CONTEXT_BYTES
+    return MemoryEstimate(peak_bytes=int(sum(parts.values())), breakdown=parts)

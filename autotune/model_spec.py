@@ -1,0 +1,169 @@
+"""What the memory model and the search space need to know about a model, read from its config.
+
+No weights are loaded: a local directory with only `config.json`, or a hub id, is enough.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+
+# Decoder blocks of the Llama family (Llama, Qwen2/3, Mistral, DeepSeek-R1 distills, ...):
+# attention q/k/v/o and a gated (SwiGLU) MLP. Each name maps to (in_features, out_features).
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+
+REQUIRED_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def block_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def block_other_params(self) -> int:
+        """Norm weights and attention biases of one block: small, never quantized."""
+        bias = self.q_dim + 2 * self.kv_dim if self.attention_bias else 0
+        return 2 * self.hidden_size + bias
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Separate output projection; zero when tied to the input embedding."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        per_block = self.block_linear_params + self.block_other_params
+        return (
+            self.num_layers * per_block
+            + self.embedding_params
+            + self.lm_head_params
+            + self.hidden_size
+        )
+
+    def target_linears(self, targets: str | tuple[str, ...]) -> tuple[str, ...]:
+        """The block linears a LoRA target list selects (peft's all-linear excludes lm_head)."""
+        if targets == "all-linear":
+            return BLOCK_LINEARS
+        unknown = [t for t in targets if t not in BLOCK_LINEARS]
+        if unknown:
+            raise UsageError(
+                f"lora_target_modules {', '.join(unknown)} are not linear layers of a "
+                f"{self.model_type} block; choose from {', '.join(BLOCK_LINEARS)}"
+            )
+        return tuple(targets)
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ModelSpec:
+        if "text_config" in config and "hidden_size" not in config:
+            config = {**config["text_config"], "model_type": config.get("model_type", "")}
+        missing = [name for name in REQUIRED_FIELDS if not config.get(name)]
+        if missing:
+            kind = config.get("model_type") or "unknown"
+            raise UsageError(
+                f"{source}: architecture {kind!r} is not supported: config lacks "
+                f"{', '.join(missing)}"
+            )
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(
+            model_type=str(config.get("model_type", "unknown")),
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(
+                config.get("attention_bias", config.get("model_type") == "qwen2")
+            ),
+        )
+
+
+def is_local_model(model: str) -> bool:
+    return Path(model).expanduser().exists()
+
+
+def check_model_reference(model: str) -> None:
+    """A local path must exist; anything else must look like a hub id ("org/name")."""
+    if is_local_model(model):
+        return
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model
+    if looks_like_path:
+        raise UsageError(f"model path {model!r} does not exist")
+
+
+def load_model_spec(model: str) -> ModelSpec:
+    """Read a model's config from a local directory (config.json) or the Hugging Face hub."""
+    check_model_reference(model)
+    if is_local_model(model):
+        path = Path(model).expanduser()
+        config_path = path / "config.json" if path.is_dir() else path
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"model directory {path} has no config.json") from None
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{config_path} is not a readable JSON config: {error}") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"{config_path} is not a JSON object")
+        return ModelSpec.from_config_dict(config, source=str(config_path))
+    try:
+        from transformers import AutoConfig
+
+        config_obj = AutoConfig.from_pretrained(model)
+    except Exception as error:  # noqa: BLE001 - hub, network and parsing errors all mean "cannot read"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot read the config of model {model!r}: {first}") from None
+    return ModelSpec.from_config_dict(config_obj.to_dict(), source=model)

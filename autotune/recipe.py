@@ -1,0 +1,237 @@
+"""Recipe: one fine-tuning strategy, the unit autotune searches over, measures and exports.
+
+The YAML keys are a contract with users and other tools; `from_dict` validates everything at the
+edge and reports all problems in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from autotune.errors import UsageError
+
+RECIPE_FORMAT_VERSION = 1
+
+Method = Literal["full", "lora", "freeze"]
+Quantization = Literal["none", "int8", "nf4"]
+Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to fine-tune one model. Field docs double as the YAML reference."""
+
+    model: str = ""
+    """Hugging Face model id or local directory."""
+    method: Method = "lora"
+    """full: every weight trains; lora: low-rank adapters on a frozen base; freeze: the lowest
+    `frozen_layers` decoder blocks and the embeddings are frozen, the rest trains."""
+    quantization: Quantization = "none"
+    """Base weights in bitsandbytes int8 or NF4 (QLoRA); only with method lora."""
+    precision: Precision = "bf16"
+    """bf16/fp16/fp32: weights stored so; amp_bf16/amp_fp16: fp32 weights and autocast."""
+    lora_r: int | None = None
+    """LoRA rank (method lora only)."""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator (method lora only)."""
+    lora_dropout: float | None = None
+    """Dropout on the adapter input (method lora only)."""
+    lora_target_modules: str | tuple[str, ...] | None = None
+    """"all-linear" or a list of linear module names such as [q_proj, v_proj]."""
+    frozen_layers: int = 0
+    """The lowest N decoder blocks get no gradient (method freeze only)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = True
+    """Recompute block activations in backward instead of storing them."""
+    optimizer: Optimizer = "adamw"
+    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."""
+    learning_rate: float = 2.0e-4
+    """Peak learning rate."""
+    seq_len: int = 1024
+    """Tokens per sequence; longer samples are truncated."""
+    expandable_segments: bool = False
+    """Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation)."""
+
+    # ---- derived -------------------------------------------------------------------------
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def uses_bitsandbytes(self) -> bool:
+        return self.quantization != "none" or self.optimizer != "adamw"
+
+    def label(self) -> str:
+        """A short human name: 'QLoRA nf4 r16 all-linear mb1 gc'."""
+        if self.method == "lora":
+            name = {"none": "LoRA", "int8": "LoRA int8", "nf4": "QLoRA nf4"}[self.quantization]
+            targets = self.lora_target_modules
+            target_text = targets if isinstance(targets, str) else "/".join(
+                t.removesuffix("_proj") for t in targets or ()
+            )
+            head = f"{name} r{self.lora_r} {target_text}"
+        elif self.method == "freeze":
+            head = f"freeze {self.frozen_layers}"
+        else:
+            head = "full"
+        parts = [head, self.precision, f"mb{self.micro_batch_size}"]
+        if self.gradient_checkpointing:
+            parts.append("gc")
+        if self.optimizer != "adamw":
+            parts.append(self.optimizer)
+        return " ".join(parts)
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML mapping, keys in the documented order, LoRA keys only for method lora."""
+        data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in LORA_KEYS and self.method != "lora":
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
+        """Build and validate a recipe; `measured` and `autotune_recipe` are read and dropped."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{source}: expected a mapping of recipe keys, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        data.pop("measured", None)
+        data.pop("predicted", None)
+        version = data.pop("autotune_recipe", RECIPE_FORMAT_VERSION)
+        problems: list[str] = []
+        if version != RECIPE_FORMAT_VERSION:
+            problems.append(f"autotune_recipe is {version!r}, this version reads {RECIPE_FORMAT_VERSION}")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            problems.append(f"unknown keys {', '.join(unknown)}")
+        if "method" not in data:
+            problems.append("missing required key method")
+        if problems:
+            raise UsageError.collect(problems, source)
+        if isinstance(data.get("lora_target_modules"), list):
+            data["lora_target_modules"] = tuple(data["lora_target_modules"])
+        method = data.get("method")
+        if method == "lora":
+            data.setdefault("lora_r", 16)
+            data.setdefault("lora_alpha", 2 * data["lora_r"] if isinstance(data["lora_r"], int) else 32)
+            data.setdefault("lora_dropout", 0.05)
+            data.setdefault("lora_target_modules", "all-linear")
+        recipe = cls(**data)
+        recipe.validate(source)
+        return recipe
+
+    def validate(self, source: str = "recipe") -> None:
+        problems = recipe_problems(self)
+        if problems:
+            raise UsageError.collect(problems, source)
+
+    def to_yaml(self, measured: dict[str, Any] | None = None) -> str:
+        data = self.to_dict()
+        if measured:
+            data["measured"] = measured
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise UsageError(f"{source}: not valid YAML ({_first_line(error)})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"recipe file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"recipe file {path} cannot be read: {_first_line(error)}") from None
+        return cls.from_yaml(text, source=str(path))
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _choices(literal: Any) -> tuple[str, ...]:
+    return get_args(literal)
+
+
+def recipe_problems(recipe: Recipe) -> list[str]:
+    """Every way this recipe contradicts itself or the schema (empty when it is sound)."""
+    problems: list[str] = []
+    for name, literal in (
+        ("method", Method),
+        ("quantization", Quantization),
+        ("precision", Precision),
+        ("optimizer", Optimizer),
+    ):
+        value = getattr(recipe, name)
+        if value not in _choices(literal):
+            problems.append(f"{name} {value!r} is not one of {', '.join(_choices(literal))}")
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len"):
+        value = getattr(recipe, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(recipe.frozen_layers, int) or recipe.frozen_layers < 0:
+        problems.append(f"frozen_layers must be an integer >= 0, got {recipe.frozen_layers!r}")
+    for name in ("gradient_checkpointing", "expandable_segments"):
+        if not isinstance(getattr(recipe, name), bool):
+            problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
+    if not isinstance(recipe.learning_rate, (int, float)) or not recipe.learning_rate > 0:
+        problems.append(f"learning_rate must be a positive number, got {recipe.learning_rate!r}")
+    if recipe.method == "lora":
+        if not isinstance(recipe.lora_r, int) or recipe.lora_r < 1:
+            problems.append(f"lora_r must be a positive integer, got {recipe.lora_r!r}")
+        if not isinstance(recipe.lora_alpha, (int, float)) or recipe.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be a positive number, got {recipe.lora_alpha!r}")
+        dropout = recipe.lora_dropout
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {dropout!r}")
+        targets = recipe.lora_target_modules
+        if not (targets == "all-linear" or (isinstance(targets, tuple) and targets
+                                            and all(isinstance(t, str) for t in targets))):
+            problems.append("lora_target_modules must be all-linear or a non-empty list of names")
+        if recipe.frozen_layers:
+            problems.append("frozen_layers is for method freeze; LoRA already freezes the base")
+    else:
+        present = [k for k in LORA_KEYS if getattr(recipe, k) is not None]
+        if present:
+            problems.append(f"{', '.join(present)} given but method is {recipe.method}, not lora")
+        if recipe.quantization != "none":
+            problems.append(
+                f"quantization {recipe.quantization} needs method lora "
+                "(quantized weights cannot be trained directly)"
+            )
+    if recipe.method == "freeze" and recipe.frozen_layers < 1:
+        problems.append("method freeze needs frozen_layers >= 1")
+    if recipe.method == "full" and recipe.frozen_layers:
+        problems.append("frozen_layers must be 0 for method full (use method freeze)")
+    return problems
+
+
+__all__ = ["Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]

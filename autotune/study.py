@@ -1,0 +1,431 @@
+"""The Optuna study: storage, sampler, objective, constraints and resume.
+
+Each trial samples a recipe, predicts its memory, skips it as infeasible when the prediction
+exceeds the budget, and otherwise probes it in a child process. Every outcome is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.data import check_enough_rows, read_rows
+from autotune.errors import UsageError
+from autotune.memory import estimate
+from autotune.model_spec import ModelSpec, load_model_spec
+from autotune.pareto import Point
+from autotune.probe import ProbeRunner
+from autotune.recipe import Recipe
+from autotune.space import SearchSpace
+from autotune.training.io import ProbeRequest, ProbeResult
+from autotune.units import format_bytes
+
+OBJECTIVE_NAMES = ("peak_memory_bytes", "tokens_per_second", "eval_loss")
+DIRECTIONS = ("minimize", "maximize", "minimize")
+CONSTRAINT_KEY = "memory_over_budget"
+TRIALS_DIR = Path("trials")
+DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
+
+# What the study reports for a recipe it did not measure: zero speed and the eval loss of a
+# uniform guess over the vocabulary, ln(V). Finite, so samplers learn from these trials.
+UNMEASURED_TOKENS_PER_SECOND = 0.0
+
+# Known-good starting points, tried first so the frontier is not empty by morning. Each value
+# is a preference; where the space lacks it, the nearest choice the space has is used.
+BASELINES: dict[str, dict[str, Any]] = {
+    "qlora_default": {
+        "method": "lora", "quantization": "nf4", "lora_r": 16, "lora_target_modules": "all-linear",
+        "precision": "bf16", "micro_batch_size": "smallest", "gradient_checkpointing": True,
+        "optimizer": "adamw", "expandable_segments": False,
+    },
+    "bf16_lora_qv": {
+        "method": "lora", "quantization": "none", "lora_r": 16, "lora_target_modules": "qv",
+        "precision": "bf16", "micro_batch_size": "largest", "gradient_checkpointing": True,
+        "optimizer": "adamw", "expandable_segments": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model: str
+    data_path: Path
+    budget_bytes: int
+    space_path: Path | None = None
+    trials: int = 20
+    timeout_seconds: float | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    probe_steps: int = 20
+    probe_timeout_seconds: float = 900.0
+    seq_len: int = 1024
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    number: int
+    label: str
+    status: str
+    predicted_peak_bytes: int
+    peak_memory_bytes: float | None = None
+    tokens_per_second: float | None = None
+    eval_loss: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class RunEvents:
+    """Hooks the CLI uses to show progress; the study itself prints nothing."""
+
+    trial_started: Callable[[int, str], None] = lambda number, label: None
+    trial_finished: Callable[[TrialSummary], None] = lambda summary: None
+    notes: list[str] = field(default_factory=list)
+
+
+class ProbeCrashed(Exception):
+    """A probe failed for a reason that says nothing about the recipe; recorded as FAIL."""
+
+
+def redact_url(url: str) -> str:
+    """A storage URL with any password replaced, safe for logs and reports."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def default_study_name(model: str, data_path: Path, budget_bytes: int) -> str:
+    model_name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return f"{model_name}-{Path(data_path).stem}-{budget_bytes / 1e9:g}GB"
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"device {device!r} is not one of auto, cuda, cpu")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    raise UsageError(f"device {device} was asked for but torch sees no CUDA GPU here")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    settings: RunSettings
+    spec: ModelSpec
+    space: SearchSpace
+    device: str
+    study_name: str
+    storage: str
+    smallest_peak_bytes: int
+
+
+def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_len: int) -> int:
+    return min(
+        estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
+        for params in space.all_params()
+    )
+
+
+def prepare_run(settings: RunSettings) -> PreparedRun:
+    """Check every input before anything runs; bad input raises UsageError."""
+    if settings.trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {settings.trials}")
+    if settings.probe_steps < 1:
+        raise UsageError(f"--probe-steps must be at least 1, got {settings.probe_steps}")
+    if settings.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
+    spec = load_model_spec(settings.model)
+    space = SearchSpace.load(settings.space_path)
+    rows = read_rows(settings.data_path)
+    check_enough_rows(rows, space.effective_batch_size, settings.seed)
+    smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
+    if smallest > settings.budget_bytes:
+        raise UsageError(
+            f"budget {format_bytes(settings.budget_bytes)} is below the "
+            f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
+            f"{space.source} needs at seq_len {settings.seq_len}; raise --budget or shorten --seq-len"
+        )
+    device = resolve_device(settings.device)
+    study_name = settings.study_name or default_study_name(
+        settings.model, settings.data_path, settings.budget_bytes
+    )
+    storage = settings.storage or DEFAULT_STORAGE
+    return PreparedRun(settings, spec, space, device, study_name, storage, smallest)
+
+
+def _quiet_optuna() -> None:
+    """Optuna marks heartbeats, group sampling and metric names experimental; users need not
+    see that on every run."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _make_storage(url: str) -> Any:
+    import optuna
+
+    _quiet_optuna()
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if url.startswith(("sqlite", "postgresql", "mysql")):
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
+            )
+        return optuna.storages.get_storage(url)
+    except Exception as error:  # noqa: BLE001 - driver errors vary; all mean "cannot open"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"cannot open storage {redact_url(url)}: {first[:200]}") from None
+
+
+def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
+    """Create the study or load it to resume; refuse one that has other objectives."""
+    import optuna
+
+    storage = _make_storage(storage_url)
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=5
+    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            directions=list(DIRECTIONS),
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    except ValueError as error:
+        raise UsageError(f"study {study_name!r}: {error}") from None
+    directions = [d.name.lower() for d in study.directions]
+    if directions != list(DIRECTIONS) or (
+        study.metric_names and list(study.metric_names) != list(OBJECTIVE_NAMES)
+    ):
+        raise UsageError(
+            f"study {study_name!r} exists in {redact_url(storage_url)} with other objectives "
+            f"({', '.join(study.metric_names or directions)}); choose another --study name"
+        )
+    study.set_metric_names(list(OBJECTIVE_NAMES))
+    return study
+
+
+def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
+    """A study to export or report on; without a name, the storage's only (or newest) study."""
+    import optuna
+
+    url = storage_url or DEFAULT_STORAGE
+    if url == DEFAULT_STORAGE and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UsageError(f"no study storage at {url}; run `autotune run` first or pass --storage")
+    storage = _make_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study_name is None:
+        if not names:
+            raise UsageError(f"storage {redact_url(url)} holds no study yet")
+        study_name = names[-1]
+    elif study_name not in names:
+        raise UsageError(
+            f"no study {study_name!r} in {redact_url(url)}; it holds: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def baseline_params(space: SearchSpace) -> list[dict[str, Any]]:
+    """BASELINES, each moved to the nearest point the space can express (duplicates dropped)."""
+    chosen: list[dict[str, Any]] = []
+    for preferences in BASELINES.values():
+        method = preferences["method"] if preferences["method"] in space.method else space.method[0]
+        params: dict[str, Any] = {"method": method}
+        names = ["precision", "micro_batch_size", "gradient_checkpointing", "optimizer",
+                 "expandable_segments"]
+        if method == "lora":
+            names = ["quantization", "lora_r", "lora_target_modules"] + names
+        elif method == "freeze":
+            params["frozen_layers_fraction"] = space.frozen_layers_fraction[0]
+        for name in names:
+            choices = (tuple(space.lora_target_modules) if name == "lora_target_modules"
+                       else getattr(space, name))
+            wanted = preferences[name]
+            if wanted == "smallest":
+                params[name] = min(choices)
+            elif wanted == "largest":
+                params[name] = max(choices)
+            elif wanted in choices:
+                params[name] = wanted
+            elif all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+                params[name] = min(choices, key=lambda c: abs(c - wanted))
+            else:
+                params[name] = choices[0]
+        if params not in chosen:
+            chosen.append(params)
+    return chosen
+
+
+def loss_when_unmeasured(spec: ModelSpec) -> float:
+    return math.log(spec.vocab_size)
+
+
+def _record_constraint(trial: Any, value: float) -> None:
+    trial.set_constraint(CONSTRAINT_KEY, value)
+    # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+
+
+def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents) -> Callable:
+    settings, spec, space = prepared.settings, prepared.spec, prepared.space
+    budget = settings.budget_bytes
+    unmeasured_loss = loss_when_unmeasured(spec)
+    trials_dir = TRIALS_DIR / prepared.study_name
+
+    def objective(trial: Any) -> tuple[float, float, float]:
+        recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
+        prediction = estimate(spec, recipe)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("recipe_label", recipe.label())
+        trial.set_user_attr("predicted_peak_bytes", prediction.peak_bytes)
+        trial.set_user_attr("predicted_breakdown", prediction.breakdown)
+        events.trial_started(trial.number, recipe.label())
+
+        def finish(status: str, values: tuple[float, float, float], constraint: float,
+                   reason: str = "", result: ProbeResult | None = None) -> tuple[float, float, float]:
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("reason", reason)
+            _record_constraint(trial, constraint)
+            events.trial_finished(TrialSummary(
+                number=trial.number, label=recipe.label(), status=status,
+                predicted_peak_bytes=prediction.peak_bytes,
+                peak_memory_bytes=result.peak_memory_bytes if result else None,
+                tokens_per_second=values[1] if status == "measured" else None,
+                eval_loss=values[2] if status == "measured" else None,
+                reason=reason,
+            ))
+            return values
+
+        if prediction.peak_bytes > budget:
+            return finish(
+                "over_budget_predicted",
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                (prediction.peak_bytes - budget) / budget,
+                f"predicted {format_bytes(prediction.peak_bytes)} > budget {format_bytes(budget)}",
+            )
+
+        request = ProbeRequest(
+            recipe=recipe,
+            data_path=str(settings.data_path),
+            steps=settings.probe_steps,
+            device=prepared.device,
+            budget_bytes=budget,
+            seed=settings.seed,
+        )
+        workdir = trials_dir / f"trial-{trial.number:04d}"
+        trial.set_user_attr("probe_dir", str(workdir))
+        result = runner.run(request, workdir)
+        for key, value in result.user_attrs().items():
+            trial.set_user_attr(key, value)
+
+        if result.status == "ok":
+            measured = float(result.peak_memory_bytes or 0)
+            # On CUDA the measured peak is what the budget bounds; a CPU run's RSS is not GPU
+            # memory, so there feasibility rests on the prediction.
+            bound = measured if prepared.device.startswith("cuda") else prediction.peak_bytes
+            return finish(
+                "measured",
+                (measured, float(result.tokens_per_second or 0.0), float(result.eval_loss or 0.0)),
+                (bound - budget) / budget,
+                result=result,
+            )
+        if result.status == "crash":
+            trial.set_user_attr("status", "crash")
+            trial.set_user_attr("reason", result.reason)
+            events.trial_finished(TrialSummary(
+                number=trial.number, label=recipe.label(), status="crash",
+                predicted_peak_bytes=prediction.peak_bytes, reason=result.reason,
+            ))
+            raise ProbeCrashed(result.reason)
+        # Out of memory, NaN loss and timeout are properties of the recipe: infeasible.
+        memory = float(max(result.peak_memory_bytes or 0, prediction.peak_bytes,
+                           budget if result.status == "oom" else 0))
+        return finish(
+            result.status,
+            (memory, UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+            1.0,
+            result.reason,
+            result,
+        )
+
+    return objective
+
+
+def finished_trial_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=finished))
+
+
+def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
+    """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
+    events = events or RunEvents()
+    settings = prepared.settings
+    study = open_study(prepared.storage, prepared.study_name, settings.seed)
+    if not study.get_trials(deepcopy=False):
+        for key, value in {
+            "model": settings.model,
+            "data_path": str(settings.data_path),
+            "budget_bytes": settings.budget_bytes,
+            "seq_len": settings.seq_len,
+            "probe_steps": settings.probe_steps,
+            "device": prepared.device,
+            "space": prepared.space.source,
+            "seed": settings.seed,
+            "vocab_size": prepared.spec.vocab_size,
+        }.items():
+            study.set_user_attr(key, value)
+        for params in baseline_params(prepared.space):
+            study.enqueue_trial(params, skip_if_exists=True)
+    remaining = settings.trials - finished_trial_count(study)
+    if remaining <= 0:
+        events.notes.append(
+            f"study {prepared.study_name} already holds {settings.trials} finished trials; "
+            "raise --trials to run more"
+        )
+        return study
+    study.optimize(
+        make_objective(prepared, runner, events),
+        n_trials=remaining,
+        timeout=settings.timeout_seconds,
+        catch=(ProbeCrashed,),
+        gc_after_trial=False,
+    )
+    return study
+
+
+def measured_points(study: Any) -> list[Point]:
+    """Feasible trials whose probe measured all three objectives."""
+    from optuna.trial import TrialState
+
+    points = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        feasible = all(v <= 0 for v in trial.constraints.values())
+        if feasible and trial.user_attrs.get("status") == "measured":
+            memory, speed, loss = trial.values
+            points.append(Point(trial.number, memory, speed, loss))
+    return points
+
+
+def recipe_of(trial: Any) -> Recipe:
+    return Recipe.from_dict(trial.user_attrs["recipe"], source=f"trial {trial.number}")

@@ -1,0 +1,135 @@
+"""Recipe -> tokenizer, model (quantized, adapted, frozen, checkpointed) and optimizer.
+
+Loading is the real Hugging Face path: a hub id or a local directory, bitsandbytes for int8/NF4,
+peft for LoRA. Imports of torch and friends stay inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.recipe import Recipe
+
+HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "amp_bf16": "bfloat16", "amp_fp16": "float16"}
+
+
+def compute_dtype(recipe: Recipe) -> Any:
+    """The dtype matrix multiplies run in."""
+    import torch
+
+    return getattr(torch, HALF_DTYPES.get(recipe.precision, "float32"))
+
+
+def storage_dtype(recipe: Recipe) -> Any:
+    """The dtype weights are stored in: amp_* keeps fp32 weights and autocasts."""
+    import torch
+
+    if recipe.precision in ("bf16", "fp16"):
+        return getattr(torch, HALF_DTYPES[recipe.precision])
+    return torch.float32
+
+
+def autocast_dtype(recipe: Recipe) -> Any | None:
+    return compute_dtype(recipe) if recipe.precision.startswith("amp_") else None
+
+
+def load_tokenizer(model_name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(recipe: Recipe) -> Any | None:
+    if recipe.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if recipe.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(recipe),
+    )
+
+
+def decoder_blocks(model: Any) -> Any:
+    """The list of decoder blocks of a Llama-family causal LM (through a peft wrapper too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def build_model(recipe: Recipe, device: str) -> Any:
+    """Load the base model as the recipe says and make it trainable, in training mode."""
+    from transformers import AutoModelForCausalLM
+
+    quantization = _quantization_config(recipe)
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model,
+        dtype=compute_dtype(recipe) if quantization is not None else storage_dtype(recipe),
+        quantization_config=quantization,
+        device_map={"": device},
+        attn_implementation="sdpa",
+    )
+    model.config.use_cache = False
+    checkpointing_kwargs = {"use_reentrant": False}
+    if recipe.method == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quantization is not None:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=recipe.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing_kwargs,
+            )
+        targets = recipe.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=recipe.lora_r,
+                lora_alpha=recipe.lora_alpha,
+                lora_dropout=recipe.lora_dropout,
+                target_modules=targets if isinstance(targets, str) else list(targets or ()),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    elif recipe.method == "freeze":
+        model.get_input_embeddings().requires_grad_(False)
+        if model.config.tie_word_embeddings:
+            model.get_output_embeddings().requires_grad_(False)
+        for block in list(decoder_blocks(model))[: recipe.frozen_layers]:
+            block.requires_grad_(False)
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        if recipe.method != "full":
+            # With frozen embeddings nothing entering the first block needs a gradient; make
+            # the inputs require one so checkpointed blocks still backpropagate.
+            model.enable_input_require_grads()
+    # from_pretrained returns eval mode, where HF blocks skip checkpointing and dropout.
+    model.train()
+    return model
+
+
+def trainable_parameters(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model: Any, recipe: Recipe) -> Any:
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the recipe leaves no trainable parameter")
+    if recipe.optimizer == "adamw":
+        import torch
+
+        return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
+    import bitsandbytes as bnb
+
+    optimizer_class = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[recipe.optimizer]
+    return optimizer_class(params, lr=recipe.learning_rate, weight_decay=0.0)

@@ -1,0 +1,109 @@
+"""The probe's child process: `python -m autotune.training.child REQUEST.json RESULT.json`.
+
+It loads the model as the recipe says, runs the probe steps and the eval, and always writes a
+result: measured figures on success, a classified failure (oom, nan, crash) otherwise. Running
+in its own process keeps a crash, a leak or CUDA state of one recipe away from the next.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from autotune.training.io import ProbeRequest, ProbeResult
+
+STARTED_ENV = "AUTOTUNE_PROBE_STARTED_AT"
+"""Wall-clock time the parent launched the child, to measure interpreter and import start-up."""
+
+
+def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
+    from autotune.data import load_splits, step_batches
+    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.training.loop import (
+        MemoryMeter,
+        StepRecord,
+        evaluate,
+        tokens_per_second,
+        train_steps,
+        warmup_steps,
+    )
+
+    recipe = request.recipe
+    phase_started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal phase_started
+        now = time.perf_counter()
+        result.seconds[name] = now - phase_started
+        phase_started = now
+
+    meter = MemoryMeter(request.device)
+    meter_holder.append(meter)
+    result.memory_source = meter.source
+    result.cuda_context_bytes = meter.context_bytes or None
+    result.budget_enforced = meter.enforce_budget(request.budget_bytes)
+    lap("device_init")
+
+    tokenizer = load_tokenizer(recipe.model)
+    splits = load_splits(request.data_path, tokenizer, recipe.seq_len, request.seed)
+    batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
+    lap("data")
+
+    model = build_model(recipe, request.device)
+    optimizer = build_optimizer(model, recipe)
+    lap("load")
+
+    def progress(step: int, record: StepRecord) -> None:
+        result.steps_done = step + 1
+        print(f"step {step + 1}/{request.steps}: {record.tokens} tokens in {record.seconds:.3f} s, "
+              f"loss {record.loss:.4f}", flush=True)
+
+    records = train_steps(
+        model, optimizer, batches, recipe, request.device, tokenizer.pad_token_id, progress
+    )
+    warmup = warmup_steps(len(records))
+    result.seconds["warmup"] = sum(r.seconds for r in records[:warmup])
+    result.seconds["steps"] = sum(r.seconds for r in records[warmup:])
+    phase_started = time.perf_counter()
+    result.tokens_per_second = tokens_per_second(records)
+    result.trained_tokens = sum(r.tokens for r in records)
+    result.train_loss = records[-1].loss
+
+    result.eval_loss = evaluate(model, splits.eval, recipe, request.device, tokenizer.pad_token_id)
+    lap("eval")
+
+
+def main(argv: list[str]) -> int:
+    request_path, result_path = argv
+    with open(request_path, encoding="utf-8") as handle:
+        request = ProbeRequest.from_json(handle.read())
+    result = ProbeResult(status="crash", device=request.device)
+    launched = float(os.environ.get(STARTED_ENV, time.time()))
+    result.seconds["start"] = time.time() - launched
+    meters: list = []
+    try:
+        run_probe(request, result, meters)
+        result.status = "ok"
+    except BaseException as error:  # noqa: BLE001 - every failure must become a result
+        from autotune.training.loop import NonFiniteLoss, is_out_of_memory
+
+        traceback.print_exc()
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        if isinstance(error, NonFiniteLoss):
+            result.status = "nan"
+        elif is_out_of_memory(error):
+            result.status = "oom"
+        else:
+            result.status = "crash"
+        result.reason = f"{type(error).__name__}: {first_line}"
+    finally:
+        if meters:
+            result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()
+        result.write(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

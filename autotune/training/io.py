@@ -1,0 +1,77 @@
+"""What a probe is asked to do and what it reports, as JSON files between parent and child."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from autotune.recipe import Recipe
+
+ProbeStatus = Literal["ok", "oom", "nan", "timeout", "crash"]
+
+CUDA_MEMORY_SOURCE = "cuda_max_reserved"
+"""torch.cuda.max_memory_reserved() over train and eval, plus the CUDA context."""
+CPU_MEMORY_SOURCE = "cpu_peak_rss_delta"
+"""Growth of the process's peak resident set from before the model loads (CPU runs only)."""
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    recipe: Recipe
+    data_path: str
+    steps: int
+    device: str
+    budget_bytes: int
+    seed: int
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["recipe"] = self.recipe.to_dict()
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeRequest:
+        data = json.loads(text)
+        data["recipe"] = Recipe.from_dict(data["recipe"])
+        return cls(**data)
+
+
+@dataclass
+class ProbeResult:
+    status: ProbeStatus
+    reason: str = ""
+    device: str = ""
+    memory_source: str = ""
+    peak_memory_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    cuda_context_bytes: int | None = None
+    tokens_per_second: float | None = None
+    eval_loss: float | None = None
+    train_loss: float | None = None
+    steps_done: int = 0
+    trained_tokens: int = 0
+    budget_enforced: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeResult:
+        return cls(**json.loads(text))
+
+    def write(self, path: str | Path) -> None:
+        # Write then rename, so the parent never reads half a result.
+        path = Path(path)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(self.to_json(), encoding="utf-8")
+        temporary.replace(path)
+
+    def user_attrs(self) -> dict[str, Any]:
+        """Flat attributes for an Optuna trial (JSON types only)."""
+        attrs = {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
+        attrs.update({f"seconds_{k}": round(v, 3) for k, v in self.seconds.items()})
+        return {f"probe_{k}": v for k, v in attrs.items()}

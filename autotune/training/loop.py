@@ -1,0 +1,210 @@
+"""The step loop and what it measures: tokens per second, loss, eval loss, peak memory.
+
+One optimizer step consumes one effective batch split into micro-batches; each micro-batch's
+loss is weighted by its share of the step's trained tokens, so the update is the same whatever
+the micro-batch size (only speed and memory change).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from autotune.data import IGNORE_INDEX, TokenizedExample, collate
+from autotune.recipe import Recipe
+from autotune.training.build import autocast_dtype
+from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the recipe diverged (often fp16 overflow)."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    tokens: int
+    """Non-padding tokens processed in the step."""
+    seconds: float
+    """Wall time of the step, batch assembly and host-device copies included."""
+    loss: float
+
+
+def warmup_steps(steps: int) -> int:
+    """Steps left out of the throughput: kernel selection, allocator growth, lazy states."""
+    return 0 if steps <= 1 else 1 if steps <= 4 else 2
+
+
+def tokens_per_second(records: Sequence[StepRecord]) -> float:
+    """Median over the steps after warm-up of tokens / seconds."""
+    measured = records[warmup_steps(len(records)):] or records
+    return statistics.median(r.tokens / r.seconds for r in measured)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _to_tensors(batch: dict[str, list[list[int]]], device: str) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def _autocast(recipe: Recipe, device: str) -> Any:
+    """bf16/fp16 autocast for the amp_* precisions; nothing for weights stored in half."""
+    amp_dtype = autocast_dtype(recipe)
+    if amp_dtype is None:
+        return nullcontext()
+    import torch
+
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=amp_dtype)
+
+
+def _loss_tokens(example: TokenizedExample) -> int:
+    # The model shifts labels by one: the first label never carries loss.
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+class MemoryMeter:
+    """Peak memory of this process: the CUDA allocator's reserved bytes, or RSS growth on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.context_bytes = 0
+        self.baseline_rss_bytes = 0
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.init()
+            torch.zeros(1, device=device)  # creates the context
+            free, total = torch.cuda.mem_get_info()
+            self.total_bytes = total
+            self.context_bytes = max(total - free - torch.cuda.memory_reserved(), 0)
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.baseline_rss_bytes = _current_rss_bytes()
+
+    @property
+    def source(self) -> str:
+        return CUDA_MEMORY_SOURCE if self.device.startswith("cuda") else CPU_MEMORY_SOURCE
+
+    def enforce_budget(self, budget_bytes: int) -> bool:
+        """Cap this process's allocator at the budget less the context; True when capped."""
+        if not self.device.startswith("cuda"):
+            return False
+        import torch
+
+        fraction = (budget_bytes - self.context_bytes) / self.total_bytes
+        if fraction >= 1:
+            return False
+        torch.cuda.set_per_process_memory_fraction(max(fraction, 0.0))
+        return True
+
+    def peak_bytes(self) -> tuple[int, int | None]:
+        """(peak the budget is compared with, peak allocated where known)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            return (
+                torch.cuda.max_memory_reserved() + self.context_bytes,
+                torch.cuda.max_memory_allocated(),
+            )
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(peak_rss - self.baseline_rss_bytes, 0), None
+
+
+def _current_rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def train_steps(
+    model: Any,
+    optimizer: Any,
+    step_examples: Sequence[Sequence[TokenizedExample]],
+    recipe: Recipe,
+    device: str,
+    pad_token_id: int,
+    on_step: Callable[[int, StepRecord], None] | None = None,
+) -> list[StepRecord]:
+    """Run one optimizer step per entry of `step_examples`; stop with NonFiniteLoss on NaN."""
+    import torch
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    scaler = torch.amp.GradScaler(device_type) if recipe.precision == "amp_fp16" else None
+    records: list[StepRecord] = []
+    model.train()
+    for step, examples in enumerate(step_examples):
+        _synchronize(device)
+        started = time.perf_counter()
+        step_loss_tokens = sum(_loss_tokens(e) for e in examples) or 1
+        loss_total = 0.0
+        tokens = 0
+        for start in range(0, len(examples), recipe.micro_batch_size):
+            micro = examples[start:start + recipe.micro_batch_size]
+            batch = _to_tensors(collate(micro, pad_token_id), device)
+            tokens += int(batch["attention_mask"].sum())
+            share = sum(_loss_tokens(e) for e in micro) / step_loss_tokens
+            with _autocast(recipe, device):
+                loss = model(**batch).loss * share
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_total += float(loss.detach())
+        if not math.isfinite(loss_total):
+            raise NonFiniteLoss(f"loss is {loss_total} at step {step}")
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        record = StepRecord(tokens=tokens, seconds=time.perf_counter() - started, loss=loss_total)
+        records.append(record)
+        if on_step:
+            on_step(step, record)
+    return records
+
+
+def evaluate(
+    model: Any,
+    examples: Sequence[TokenizedExample],
+    recipe: Recipe,
+    device: str,
+    pad_token_id: int,
+) -> float:
+    """Mean loss per answer token over `examples` (token-weighted, so batching does not matter)."""
+    import torch
+
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), recipe.micro_batch_size):
+            micro = examples[start:start + recipe.micro_batch_size]
+            batch = _to_tensors(collate(micro, pad_token_id), device)
+            count = sum(_loss_tokens(e) for e in micro)
+            with _autocast(recipe, device):
+                loss = model(**batch).loss
+            total_loss += float(loss) * count
+            total_tokens += count
+    model.train()
+    mean = total_loss / max(total_tokens, 1)
+    if not math.isfinite(mean):
+        raise NonFiniteLoss(f"eval loss is {mean}")
+    return mean
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
