@@ -111,7 +111,7 @@ class SearchSpace:
         if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
             problems.append(f"effective_batch_size must be a positive integer, got {effective!r}")
         else:
-            bad_micro = [m for m in lists["micro_batch_size"] if isinstance(m, int) and effective % m]
+            bad_micro = [m for m in lists["micro_batch_size"] if isinstance(m, int) and m > 0 and effective % m]
             if bad_micro:
                 problems.append(
                     f"micro_batch_size choices {bad_micro} do not divide effective_batch_size "

@@ -6,6 +6,7 @@ exceeds the budget, and otherwise probes it in a child process. Every outcome is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -153,6 +154,14 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
             f"{space.source} needs at seq_len {settings.seq_len}; raise --budget or shorten --seq-len"
         )
+    if Path(settings.model).expanduser().exists():
+        # Recipes and probe requests name the model by absolute path so they work from anywhere.
+        settings = dataclasses.replace(
+            settings, model=str(Path(settings.model).expanduser().resolve()),
+            data_path=Path(settings.data_path).resolve(),
+        )
+    else:
+        settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     device = resolve_device(settings.device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
@@ -293,6 +302,21 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
 
     def objective(trial: Any) -> tuple[float, float, float]:
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
+        earlier = _earlier_trial_with_params(trial)
+        if earlier is not None:
+            # The sampler proposed a recipe already tried: reuse its figures instead of paying
+            # for another probe, and keep it off the frontier so no recipe shows twice.
+            for key, value in earlier.user_attrs.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("status", "duplicate")
+            trial.set_user_attr("reason", f"same recipe as trial {earlier.number}")
+            _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
+            events.trial_finished(TrialSummary(
+                number=trial.number, label=recipe.label(), status="duplicate",
+                predicted_peak_bytes=int(earlier.user_attrs.get("predicted_peak_bytes", 0)),
+                reason=f"same recipe as trial {earlier.number}",
+            ))
+            return tuple(earlier.values)
         prediction = estimate(spec, recipe)
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_label", recipe.label())
@@ -368,6 +392,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         )
 
     return objective
+
+
+def _earlier_trial_with_params(trial: Any) -> Any | None:
+    from optuna.trial import TrialState
+
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == trial.params and other.number != trial.number:
+            return other
+    return None
 
 
 def finished_trial_count(study: Any) -> int:

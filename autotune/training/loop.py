@@ -91,6 +91,12 @@ class MemoryMeter:
             self.context_bytes = max(total - free - torch.cuda.memory_reserved(), 0)
             torch.cuda.reset_peak_memory_stats()
         else:
+            # Load the libraries first so their code and tables are not counted as the recipe's.
+            import bitsandbytes  # noqa: F401
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+            from transformers import AutoModelForCausalLM  # noqa: F401
+
             self.baseline_rss_bytes = _current_rss_bytes()
 
     @property

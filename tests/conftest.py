@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny random model built from the demo config, and tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-layer, width-64 Qwen2-shaped model with random weights and the demo tokenizer."""
+    from autotune.random_model import build_random_model
+
+    return build_random_model(
+        DEMO / "config.json", tmp_path_factory.mktemp("models") / "tiny-qwen2", DEMO / "tokenizer"
+    )
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def qa_data(tmp_path) -> Path:
+    """40 question/answer rows that are not the demo file."""
+    rows = [
+        {"input": f"Add {a} and {a + 3}.", "output": f"The sum is {2 * a + 3}."}
+        for a in range(30)
+    ] + [{"text": f"Counting: {' '.join(str(i) for i in range(n))}."} for n in range(3, 13)]
+    return write_jsonl(tmp_path / "qa.jsonl", rows)

@@ -1,0 +1,107 @@
+"""The memory model's structure, and a coarse check against figures measured on an H100.
+
+The H100 figures are those in the project's design notes (Llama-3.2-1B shape, micro-batch 8,
+seq 1024, torch 2.11, transformers 5.17): bf16 LoRA without checkpointing 34 GB, QLoRA without
+checkpointing 53 GB, both about 15 GB with checkpointing.
+"""
+
+import pytest
+
+from autotune.errors import UsageError
+from autotune.memory import estimate
+from autotune.model_spec import ModelSpec, load_model_spec
+from autotune.recipe import Recipe
+
+LLAMA_1B = ModelSpec.from_config_dict(
+    {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
+     "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+     "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True}
+)
+QWEN2_7B = ModelSpec.from_config_dict(
+    {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
+     "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+     "vocab_size": 152064, "tie_word_embeddings": False}
+)
+
+
+def lora(**changes):
+    base = {"method": "lora", "lora_r": 16, "micro_batch_size": 8, "seq_len": 1024}
+    return Recipe.from_dict({**base, **changes})
+
+
+def test_param_counts_match_published_sizes():
+    assert LLAMA_1B.total_params == pytest.approx(1.236e9, rel=0.01)
+    assert QWEN2_7B.total_params == pytest.approx(7.616e9, rel=0.01)
+
+
+def test_breakdown_sums_to_peak():
+    result = estimate(QWEN2_7B, lora(quantization="nf4"))
+    assert sum(result.breakdown.values()) == result.peak_bytes
+    assert set(result.as_json()) == {"peak_bytes", "breakdown"}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "measured_gb"),
+    [
+        (lora(gradient_checkpointing=False), 34),
+        (lora(quantization="nf4", gradient_checkpointing=False), 53),
+        (lora(gradient_checkpointing=True), 15),
+        (lora(quantization="nf4", gradient_checkpointing=True), 15),
+    ],
+    ids=["bf16-no-gc", "qlora-no-gc", "bf16-gc", "qlora-gc"],
+)
+def test_within_thirty_percent_of_h100_figures(recipe, measured_gb):
+    predicted_gb = estimate(LLAMA_1B, recipe).peak_bytes / 1e9
+    assert predicted_gb == pytest.approx(measured_gb, rel=0.30)
+
+
+def test_directions_that_must_hold():
+    bf16 = estimate(QWEN2_7B, lora(micro_batch_size=1)).breakdown["weights"]
+    nf4 = estimate(QWEN2_7B, lora(micro_batch_size=1, quantization="nf4")).breakdown["weights"]
+    # Block linears shrink ~4x; embeddings and lm_head are upcast to fp32 by k-bit preparation.
+    linear = QWEN2_7B.num_layers * QWEN2_7B.block_linear_params
+    assert nf4 == pytest.approx(linear * 0.516 + 4 * (QWEN2_7B.total_params - linear), rel=0.01)
+    assert nf4 < bf16 / 1.8
+    checkpointed = estimate(QWEN2_7B, lora()).peak_bytes
+    stored = estimate(QWEN2_7B, lora(gradient_checkpointing=False)).peak_bytes
+    assert checkpointed < stored / 2
+    small = estimate(QWEN2_7B, lora(micro_batch_size=1)).peak_bytes
+    assert small < checkpointed
+    full = estimate(QWEN2_7B, Recipe.from_dict({"method": "full", "micro_batch_size": 1})).peak_bytes
+    eight_bit = estimate(QWEN2_7B, Recipe.from_dict(
+        {"method": "full", "micro_batch_size": 1, "optimizer": "adamw_8bit"})).peak_bytes
+    assert full > 4 * QWEN2_7B.total_params * 2  # weights, grads and two states, all bf16
+    assert eight_bit < full
+    freeze = estimate(QWEN2_7B, Recipe.from_dict(
+        {"method": "freeze", "frozen_layers": 21, "micro_batch_size": 1})).peak_bytes
+    assert freeze < full
+
+
+def test_logits_dominate_small_models_with_big_vocabularies():
+    result = estimate(LLAMA_1B, lora())
+    assert result.breakdown["logits_and_loss"] > result.breakdown["activations"]
+
+
+def test_unknown_architecture_names_missing_fields(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "mamba", "hidden_size": 8}')
+    with pytest.raises(UsageError, match="lacks num_hidden_layers, intermediate_size"):
+        load_model_spec(str(tmp_path))
+
+
+def test_config_only_directory_is_enough(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8, '
+        '"intermediate_size": 16, "num_attention_heads": 2, "vocab_size": 10}'
+    )
+    spec = load_model_spec(str(tmp_path))
+    assert spec.num_key_value_heads == 2 and spec.head_dim == 4
+
+
+def test_missing_model_path():
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model_spec("./no/such/model")
+
+
+def test_unknown_lora_target():
+    with pytest.raises(UsageError, match="not linear layers"):
+        estimate(LLAMA_1B, lora(lora_target_modules=["wq"]))

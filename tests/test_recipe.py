@@ -1,0 +1,98 @@
+import pytest
+import yaml
+
+from autotune.errors import UsageError
+from autotune.recipe import Recipe
+
+QLORA = {
+    "autotune_recipe": 1,
+    "model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    "method": "lora",
+    "quantization": "nf4",
+    "precision": "bf16",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "lora_target_modules": "all-linear",
+    "frozen_layers": 0,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "gradient_checkpointing": True,
+    "optimizer": "adamw",
+    "learning_rate": 2.0e-4,
+    "seq_len": 1024,
+}
+
+
+def test_design_example_loads_and_round_trips():
+    recipe = Recipe.from_dict(QLORA)
+    assert recipe.quantization == "nf4" and recipe.effective_batch_size == 16
+    text = recipe.to_yaml(measured={"peak_memory_bytes": 123, "tokens_per_second": 4.5})
+    assert Recipe.from_yaml(text) == recipe
+    data = yaml.safe_load(text)
+    assert list(data)[:3] == ["autotune_recipe", "model", "method"]
+    assert data["measured"]["peak_memory_bytes"] == 123
+
+
+def test_module_list_round_trips_as_yaml_list():
+    recipe = Recipe.from_dict({**QLORA, "lora_target_modules": ["q_proj", "v_proj"]})
+    assert recipe.lora_target_modules == ("q_proj", "v_proj")
+    assert yaml.safe_load(recipe.to_yaml())["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_full_recipe_has_no_lora_keys():
+    recipe = Recipe.from_dict({"method": "full", "model": "m", "precision": "amp_bf16"})
+    data = recipe.to_dict()
+    assert not any(key.startswith("lora_") for key in data)
+    assert Recipe.from_dict(data) == recipe
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(UsageError) as error:
+        Recipe.from_dict({**QLORA, "precision": "fp8", "micro_batch_size": 0, "optimizer": "sgd"})
+    message = str(error.value)
+    assert "precision" in message and "micro_batch_size" in message and "optimizer" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"method": "full"}, "given but method is full"),
+        ({"method": "freeze", "lora_r": None, "lora_alpha": None, "lora_dropout": None,
+          "lora_target_modules": None, "quantization": "none"}, "frozen_layers >= 1"),
+        ({"frozen_layers": 2}, "frozen_layers is for method freeze"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"bogus": 1}, "unknown keys bogus"),
+    ],
+)
+def test_contradictions(changes, needle):
+    data = {k: v for k, v in {**QLORA, **changes}.items() if v is not None}
+    with pytest.raises(UsageError, match=needle):
+        Recipe.from_dict(data)
+
+
+def test_quantized_full_is_rejected():
+    with pytest.raises(UsageError, match="needs method lora"):
+        Recipe.from_dict({"method": "full", "quantization": "nf4"})
+
+
+def test_missing_method_and_bad_files(tmp_path):
+    with pytest.raises(UsageError, match="missing required key method"):
+        Recipe.from_dict({"model": "m"})
+    with pytest.raises(UsageError, match="does not exist"):
+        Recipe.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        Recipe.load(bad)
+
+
+def test_measured_block_is_ignored_on_read():
+    recipe = Recipe.from_dict({**QLORA, "measured": {"eval_loss": 1.0}})
+    assert recipe == Recipe.from_dict(QLORA)
+
+
+def test_label_names_the_strategy():
+    assert Recipe.from_dict(QLORA).label() == "QLoRA nf4 r16 all-linear bf16 mb4 gc"

@@ -1,0 +1,184 @@
+"""The study's bookkeeping with a fake probe runner: fast, and every outcome is covered."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from autotune.errors import UsageError
+from autotune.export import recipe_yaml
+from autotune.memory import estimate
+from autotune.recipe import Recipe
+from autotune.report import report_data, render_html
+from autotune.study import (
+    CONSTRAINT_KEY,
+    OBJECTIVE_NAMES,
+    RunEvents,
+    RunSettings,
+    load_existing_study,
+    measured_points,
+    open_study,
+    prepare_run,
+    run_study,
+)
+from autotune.training.io import ProbeRequest, ProbeResult
+from tests.conftest import DEMO, write_jsonl
+
+DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+
+
+class FakeRunner:
+    """Figures that follow the recipe, so frontier and picks are predictable."""
+
+    def __init__(self, fail: dict[str, str] | None = None) -> None:
+        self.fail = fail or {}
+        self.requests: list[ProbeRequest] = []
+
+    def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        self.requests.append(request)
+        recipe = request.recipe
+        for needle, status in self.fail.items():
+            if needle in recipe.label():
+                return ProbeResult(status=status, reason=f"fake {status}", device="cpu",
+                                   peak_memory_bytes=123)
+        return ProbeResult(
+            status="ok", device="cpu", memory_source="cpu_peak_rss_delta",
+            peak_memory_bytes=10_000_000 * recipe.micro_batch_size + (recipe.lora_r or 50),
+            tokens_per_second=1000.0 * recipe.micro_batch_size,
+            eval_loss=3.0 - 0.01 * (recipe.lora_r or 10), steps_done=request.steps,
+        )
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "config-only-model"
+    model.mkdir()
+    shutil.copy(DEMO / "config.json", model / "config.json")
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    return tmp_path, model, data
+
+
+def settings_for(workspace, **changes) -> RunSettings:
+    tmp_path, model, data = workspace
+    base = dict(model=str(model), data_path=data, budget_bytes=10**10, space_path=DEMO_SPACE,
+                trials=6, probe_steps=3, seq_len=64, device="cpu",
+                storage=f"sqlite:///{tmp_path}/study.db", study_name="s")
+    return RunSettings(**{**base, **changes})
+
+
+def test_run_records_measured_trials_and_resumes(workspace):
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace)), runner)
+    assert len(study.trials) == 6
+    assert study.metric_names == list(OBJECTIVE_NAMES)
+    # The first trial is the enqueued QLoRA default, moved into the demo space.
+    first = Recipe.from_dict(study.trials[0].user_attrs["recipe"])
+    assert (first.method, first.quantization, first.micro_batch_size) == ("lora", "nf4", 1)
+    for trial in study.trials:
+        assert CONSTRAINT_KEY in {k.split(":")[-1] for k in trial.system_attrs if ":" in k}
+        assert trial.user_attrs["predicted_peak_bytes"] > 0
+        assert trial.system_attrs["constraints"] == [trial.constraints[CONSTRAINT_KEY]]
+    measured = [t for t in study.trials if t.user_attrs["status"] == "measured"]
+    assert len(runner.requests) == len(measured) >= 2
+    assert all(r.steps == 3 and r.recipe.seq_len == 64 for r in runner.requests)
+
+    again = run_study(prepare_run(settings_for(workspace)), runner)
+    assert len(again.trials) == 6
+    more = run_study(prepare_run(settings_for(workspace, trials=8)), runner)
+    assert len(more.trials) == 8
+
+
+def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
+    tmp_path, model, data = workspace
+    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
+    sizes = sorted(
+        estimate(prepared.spec, prepared.space.build(p, str(model), prepared.spec, 64)).peak_bytes
+        for p in prepared.space.all_params()
+    )
+    budget = sizes[len(sizes) // 3]  # a third of the space fits
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, budget_bytes=budget, trials=10)), runner)
+    skipped = [t for t in study.trials if t.user_attrs["status"] == "over_budget_predicted"]
+    assert skipped, "some recipe should be predicted over budget"
+    for trial in skipped:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.constraints[CONSTRAINT_KEY] > 0
+        assert all(math.isfinite(v) for v in trial.values)
+        assert trial.values[0] == trial.user_attrs["predicted_peak_bytes"] > budget
+    probed = {r.recipe.label() for r in runner.requests}
+    assert not probed & {t.user_attrs["recipe_label"] for t in skipped}
+    assert all(p.number not in {t.number for t in skipped} for p in measured_points(study))
+
+
+def test_failures_become_recorded_trials(workspace):
+    runner = FakeRunner(fail={"QLoRA": "oom", "freeze": "crash", "full": "nan"})
+    study = run_study(prepare_run(settings_for(workspace, trials=10)), runner)
+    states = {t.user_attrs.get("status"): t for t in study.trials}
+    assert states["oom"].state == optuna.trial.TrialState.COMPLETE
+    assert states["oom"].constraints[CONSTRAINT_KEY] > 0
+    assert states["oom"].user_attrs["reason"] == "fake oom"
+    if "crash" in states:
+        assert states["crash"].state == optuna.trial.TrialState.FAIL
+        assert states["crash"].user_attrs["reason"] == "fake crash"
+    assert len(study.trials) == 10
+
+
+def test_export_and_report_from_the_study(workspace):
+    study = run_study(prepare_run(settings_for(workspace, trials=8)), FakeRunner())
+    recipe, text = recipe_yaml(study, "fastest")
+    data = yaml.safe_load(text)
+    assert Recipe.from_yaml(text) == recipe
+    fastest = max(measured_points(study), key=lambda p: p.tokens_per_second)
+    assert data["measured"]["tokens_per_second"] == pytest.approx(fastest.tokens_per_second)
+    report = report_data(study)
+    assert report.frontier_numbers and fastest.number in report.frontier_numbers
+    assert len(report.frame) == 8
+    page = render_html(report)
+    assert "Plotly.newPlot" in page and "chart-0" in page and "chart-1" in page
+    assert "not GPU memory" in page  # says which memory figure was used
+
+
+def test_existing_study_with_other_objectives_is_refused(workspace):
+    tmp_path, _, _ = workspace
+    url = f"sqlite:///{tmp_path}/other.db"
+    optuna.create_study(storage=url, study_name="s", directions=["minimize"])
+    with pytest.raises(UsageError, match="other objectives"):
+        open_study(url, "s")
+
+
+def test_load_existing_study_errors(workspace):
+    tmp_path, _, _ = workspace
+    with pytest.raises(UsageError, match="run `autotune run` first"):
+        load_existing_study(None, None)
+    url = f"sqlite:///{tmp_path}/x.db"
+    run_study(prepare_run(settings_for(workspace, storage=url, trials=2)), FakeRunner())
+    with pytest.raises(UsageError, match="no study 'nope'.*holds: s"):
+        load_existing_study(url, "nope")
+    assert load_existing_study(url, None).study_name == "s"
+
+
+def test_budget_below_the_smallest_recipe_says_how_much(workspace):
+    with pytest.raises(UsageError, match=r"below the .* that the smallest recipe") as error:
+        prepare_run(settings_for(workspace, budget_bytes=1000))
+    assert "GB" in str(error.value)
+
+
+def test_too_few_rows_for_one_effective_batch(workspace):
+    tmp_path, _, _ = workspace
+    data = write_jsonl(tmp_path / "few.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "c"}])
+    with pytest.raises(UsageError, match="fewer than one effective batch"):
+        prepare_run(settings_for(workspace, data_path=data))
+
+
+def test_events_report_each_trial(workspace):
+    seen = []
+    events = RunEvents(trial_finished=seen.append)
+    run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner(), events)
+    assert [s.number for s in seen] == [0, 1, 2]
+    assert all(s.predicted_peak_bytes > 0 for s in seen)

@@ -1,0 +1,42 @@
+import pytest
+
+from autotune.errors import UsageError
+from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GB", 24 * 10**9),
+        ("24GiB", 24 * 2**30),
+        ("20000MB", 20000 * 10**6),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("512mib", 512 * 2**20),
+        ("1000", 1000),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "24 XB", "-3GB", "0GB", "twenty", "1e9GB"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(UsageError) as error:
+        parse_bytes(text)
+    assert "\n" not in str(error.value)
+    assert "budget" in str(error.value)
+
+
+def test_durations():
+    assert parse_duration_seconds("8h") == 8 * 3600
+    assert parse_duration_seconds("1h30m") == 5400
+    assert parse_duration_seconds("45") == 45
+    assert parse_duration_seconds("2.5m") == 150
+    for bad in ("", "soon", "1d", "0s", "5m3x"):
+        with pytest.raises(UsageError):
+            parse_duration_seconds(bad)
+
+
+def test_format_bytes():
+    assert format_bytes(24 * 2**30) == "24.00 GiB"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
