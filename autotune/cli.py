@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -67,21 +67,35 @@ def _frontier_table(study: Any) -> Any:
 
 @app.command()
 def run(
-    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model id or local directory."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Hugging Face model id or local directory."
+    ),
     data: Path = typer.Option(..., "--data", "-d", help="JSONL training data."),
     budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
-    space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: search_spaces/default.yaml)."),
+    space: Path | None = typer.Option(
+        None, "--space", help="Search space YAML (default: search_spaces/default.yaml)."
+    ),
     trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold."),
-    timeout: Optional[str] = typer.Option(None, "--timeout", help="Stop starting trials after this long, e.g. 8h, 90m."),
-    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    timeout: str | None = typer.Option(
+        None, "--timeout", help="Stop starting trials after this long, e.g. 8h, 90m."
+    ),
+    study: str | None = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
     probe_steps: int = typer.Option(20, "--probe-steps", help="Optimizer steps per probe."),
-    probe_timeout: str = typer.Option("15m", "--probe-timeout", help="Kill a probe that runs longer than this."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Tokens per sequence (longer samples are truncated)."),
+    probe_timeout: str = typer.Option(
+        "15m", "--probe-timeout", help="Kill a probe that runs longer than this."
+    ),
+    seq_len: int = typer.Option(
+        1024, "--seq-len", help="Tokens per sequence (longer samples are truncated)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampler, data order and split."),
-    report_path: Optional[Path] = typer.Option(None, "--report", help="HTML report path (default: reports/<study>.html)."),
-    recipe_path: Optional[Path] = typer.Option(None, "--recipe-out", help="Exported recipe path (default: reports/<study>-recipe.yaml)."),
+    report_path: Path | None = typer.Option(
+        None, "--report", help="HTML report path (default: reports/<study>.html)."
+    ),
+    recipe_path: Path | None = typer.Option(
+        None, "--recipe-out", help="Exported recipe path (default: reports/<study>-recipe.yaml)."
+    ),
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -124,8 +138,12 @@ def run(
         f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
     )
     with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(),
-        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("trials", total=trials)
 
@@ -135,9 +153,11 @@ def run(
         def finished(summary: TrialSummary) -> None:
             progress.advance(task)
             if summary.status == "measured":
-                text = (f"[green]measured[/] {format_bytes(summary.peak_memory_bytes or 0)} "
-                        f"(predicted {format_bytes(summary.predicted_peak_bytes)}), "
-                        f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}")
+                text = (
+                    f"[green]measured[/] {format_bytes(summary.peak_memory_bytes or 0)} "
+                    f"(predicted {format_bytes(summary.predicted_peak_bytes)}), "
+                    f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}"
+                )
             else:
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
@@ -154,11 +174,14 @@ def run(
     for note in events.notes:
         console.print(note)
     console.print(_frontier_table(result_study))
-    report_file = write_report(result_study, report_path or Path("reports") / f"{prepared.study_name}.html")
+    report_file = write_report(
+        result_study, report_path or Path("reports") / f"{prepared.study_name}.html"
+    )
     console.print(f"report: {report_file}")
     if measured_points(result_study):
         _, recipe_file = write_recipe(
-            result_study, "balanced",
+            result_study,
+            "balanced",
             recipe_path or Path("reports") / f"{prepared.study_name}-recipe.yaml",
         )
         console.print(f"recipe (balanced): {recipe_file}")
@@ -168,14 +191,17 @@ def run(
 
 @app.command()
 def export(
-    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    study: str | None = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
     pick: str = typer.Option(
-        "balanced", "--pick",
+        "balanced",
+        "--pick",
         help="balanced (closest to the ideal point after scaling each objective over the "
         "frontier), fastest, smallest or best-loss.",
     ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (default: stdout)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write here (default: stdout)."
+    ),
 ) -> None:
     """Write the picked frontier recipe as YAML, with its measured figures."""
     from autotune.export import recipe_yaml, write_text
@@ -191,9 +217,11 @@ def export(
 
 @app.command()
 def report(
-    study: Optional[str] = typer.Option(None, "--study", help=STUDY_HELP),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML path (default: reports/<study>.html)."),
+    study: str | None = typer.Option(None, "--study", help=STUDY_HELP),
+    storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="HTML path (default: reports/<study>.html)."
+    ),
 ) -> None:
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.report import write_report
@@ -206,9 +234,11 @@ def report(
 
 @app.command()
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help="Model id or directory (config.json is enough)."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Model id or directory (config.json is enough)."
+    ),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
     as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
@@ -234,7 +264,10 @@ def estimate(
         return
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
-    typer.echo(f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  ({result.peak_bytes} bytes)")
+    typer.echo(
+        f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
+        f"({result.peak_bytes} bytes)"
+    )
 
 
 def main() -> None:

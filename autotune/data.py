@@ -26,7 +26,7 @@ PLAIN_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 
 @dataclass(frozen=True)
 class Example:
-    """One training sample: prompt text (no loss) and answer text (loss); text rows have no prompt."""
+    """One sample: prompt text (no loss) and answer text (loss); text rows have no prompt."""
 
     prompt: str
     answer: str
@@ -55,14 +55,20 @@ def _row_problem(row: Any) -> str | None:
         if not isinstance(messages, list) or not messages:
             return '"messages" must be a non-empty list'
         for number, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 return f'message {number} needs string "role" and "content"'
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             return "the last message must be a non-empty assistant answer"
         return None
-    fields = {"alpaca": ("instruction", "output"), "input_output": ("input", "output"),
-              "text": ("text",)}[kind]
+    fields = {
+        "alpaca": ("instruction", "output"),
+        "input_output": ("input", "output"),
+        "text": ("text",),
+    }[kind]
     for name in fields + (("input",) if kind == "alpaca" and "input" in row else ()):
         if not isinstance(row.get(name), str):
             return f'field "{name}" must be a string'
@@ -91,7 +97,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UsageError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+                raise UsageError(
+                    f"{path} line {line_number}: not valid JSON ({error.msg})"
+                ) from None
             problem = _row_problem(row)
             if problem:
                 raise UsageError(f"{path} line {line_number}: {problem}")
@@ -133,11 +141,17 @@ class TokenizedExample:
 
 def tokenize(example: Example, tokenizer: Any, seq_len: int) -> TokenizedExample:
     """Token ids truncated to seq_len; labels mask the prompt so the loss is on the answer."""
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+    prompt_ids = (
+        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+    )
     answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    bos = (
+        [tokenizer.bos_token_id]
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+        else []
+    )
     input_ids = (bos + prompt_ids + answer_ids)[:seq_len]
     labels = ([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + answer_ids)[:seq_len]
     return TokenizedExample(input_ids=input_ids, labels=labels)
@@ -160,7 +174,9 @@ class Splits:
     eval: list[TokenizedExample]
 
 
-def split_rows(rows: Sequence[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_rows(
+    rows: Sequence[dict[str, Any]], seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic train/eval split: the same data and seed give the same eval subset."""
     if len(rows) < 2:
         raise UsageError(f"the data has {len(rows)} row; at least 2 are needed (train and eval)")

@@ -125,9 +125,7 @@ class ModelSpec:
             head_dim=int(config.get("head_dim") or hidden // heads),
             vocab_size=int(config["vocab_size"]),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(
-                config.get("attention_bias", config.get("model_type") == "qwen2")
-            ),
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
         )
 
 

@@ -70,8 +70,13 @@ class SubprocessProbeRunner:
         started = time.perf_counter()
         with log_path.open("w", encoding="utf-8") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "autotune.training.child", str(request_path),
-                 str(result_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "autotune.training.child",
+                    str(request_path),
+                    str(result_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=child_environment(request),

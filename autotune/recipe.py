@@ -78,8 +78,10 @@ class Recipe:
         if self.method == "lora":
             name = {"none": "LoRA", "int8": "LoRA int8", "nf4": "QLoRA nf4"}[self.quantization]
             targets = self.lora_target_modules
-            target_text = targets if isinstance(targets, str) else "/".join(
-                t.removesuffix("_proj") for t in targets or ()
+            target_text = (
+                targets
+                if isinstance(targets, str)
+                else "/".join(t.removesuffix("_proj") for t in targets or ())
             )
             head = f"{name} r{self.lora_r} {target_text}"
         elif self.method == "freeze":
@@ -111,7 +113,9 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
         """Build and validate a recipe; `measured` and `autotune_recipe` are read and dropped."""
         if not isinstance(data, dict):
-            raise UsageError(f"{source}: expected a mapping of recipe keys, got {type(data).__name__}")
+            raise UsageError(
+                f"{source}: expected a mapping of recipe keys, got {type(data).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         data = dict(data)
         data.pop("measured", None)
@@ -119,7 +123,9 @@ class Recipe:
         version = data.pop("autotune_recipe", RECIPE_FORMAT_VERSION)
         problems: list[str] = []
         if version != RECIPE_FORMAT_VERSION:
-            problems.append(f"autotune_recipe is {version!r}, this version reads {RECIPE_FORMAT_VERSION}")
+            problems.append(
+                f"autotune_recipe is {version!r}, this version reads {RECIPE_FORMAT_VERSION}"
+            )
         unknown = sorted(set(data) - known)
         if unknown:
             problems.append(f"unknown keys {', '.join(unknown)}")
@@ -132,7 +138,9 @@ class Recipe:
         method = data.get("method")
         if method == "lora":
             data.setdefault("lora_r", 16)
-            data.setdefault("lora_alpha", 2 * data["lora_r"] if isinstance(data["lora_r"], int) else 32)
+            data.setdefault(
+                "lora_alpha", 2 * data["lora_r"] if isinstance(data["lora_r"], int) else 32
+            )
             data.setdefault("lora_dropout", 0.05)
             data.setdefault("lora_target_modules", "all-linear")
         recipe = cls(**data)
@@ -213,8 +221,10 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {dropout!r}")
         targets = recipe.lora_target_modules
-        if not (targets == "all-linear" or (isinstance(targets, tuple) and targets
-                                            and all(isinstance(t, str) for t in targets))):
+        if not (
+            targets == "all-linear"
+            or (isinstance(targets, tuple) and targets and all(isinstance(t, str) for t in targets))
+        ):
             problems.append("lora_target_modules must be all-linear or a non-empty list of names")
         if recipe.frozen_layers:
             problems.append("frozen_layers is for method freeze; LoRA already freezes the base")

@@ -61,8 +61,13 @@ def trials_frame(study: Any) -> Any:
         for key, value in attrs.items():
             if key.startswith("probe_seconds_"):
                 row[f"seconds_{key.removeprefix('probe_seconds_')}"] = value
-        row.update({f"param_{k}": v for k, v in (attrs.get("recipe") or {}).items()
-                    if k not in ("model", "autotune_recipe")})
+        row.update(
+            {
+                f"param_{k}": v
+                for k, v in (attrs.get("recipe") or {}).items()
+                if k not in ("model", "autotune_recipe")
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -73,7 +78,8 @@ def report_data(study: Any) -> ReportData:
     return ReportData(
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
-        if len(frame) else [],
+        if len(frame)
+        else [],
         budget_bytes=int(study.user_attrs.get("budget_bytes", 0)),
         memory_sources=sources,
         study_name=study.study_name,
@@ -91,33 +97,65 @@ def _pareto_figure(data: ReportData) -> Any:
     unmeasured = frame[frame["status"] != "measured"]
     figure = go.Figure()
     gib = 2**30
-    loss_range = dict(cmin=measured["eval_loss"].min(), cmax=measured["eval_loss"].max()) \
-        if len(measured) else {}
-    for subset, name, symbol in ((on_front, "Pareto frontier", "star"),
-                                 (others, "measured", "circle")):
-        figure.add_trace(go.Scatter(
-            x=subset["peak_memory_bytes"] / gib, y=subset["tokens_per_second"], mode="markers",
-            name=name, text=subset["recipe"], customdata=subset[["trial", "eval_loss"]],
-            hovertemplate="trial %{customdata[0]}: %{text}<br>%{x:.2f} GiB, %{y:.0f} tok/s, "
-            "eval loss %{customdata[1]:.4f}<extra></extra>",
-            marker=dict(symbol=symbol, size=14 if symbol == "star" else 9, color=subset["eval_loss"],
-                        colorscale="Viridis", showscale=symbol == "star",
-                        colorbar=dict(title="eval loss"), **loss_range),
-        ))
+    loss_range = (
+        dict(cmin=measured["eval_loss"].min(), cmax=measured["eval_loss"].max())
+        if len(measured)
+        else {}
+    )
+    for subset, name, symbol in (
+        (on_front, "Pareto frontier", "star"),
+        (others, "measured", "circle"),
+    ):
+        figure.add_trace(
+            go.Scatter(
+                x=subset["peak_memory_bytes"] / gib,
+                y=subset["tokens_per_second"],
+                mode="markers",
+                name=name,
+                text=subset["recipe"],
+                customdata=subset[["trial", "eval_loss"]],
+                hovertemplate="trial %{customdata[0]}: %{text}<br>%{x:.2f} GiB, %{y:.0f} tok/s, "
+                "eval loss %{customdata[1]:.4f}<extra></extra>",
+                marker=dict(
+                    symbol=symbol,
+                    size=14 if symbol == "star" else 9,
+                    color=subset["eval_loss"],
+                    colorscale="Viridis",
+                    showscale=symbol == "star",
+                    colorbar=dict(title="eval loss"),
+                    **loss_range,
+                ),
+            )
+        )
     if len(unmeasured):
-        figure.add_trace(go.Scatter(
-            x=unmeasured["predicted_peak_bytes"] / gib, y=[0] * len(unmeasured), mode="markers",
-            name="not measured (infeasible or failed)", text=unmeasured["status"] + ": "
-            + unmeasured["recipe"] + " — " + unmeasured["reason"].fillna(""),
-            hovertemplate="%{text}<br>predicted %{x:.2f} GiB<extra></extra>",
-            marker=dict(symbol="x", size=8, color="grey"),
-        ))
+        figure.add_trace(
+            go.Scatter(
+                x=unmeasured["predicted_peak_bytes"] / gib,
+                y=[0] * len(unmeasured),
+                mode="markers",
+                name="not measured (infeasible or failed)",
+                text=unmeasured["status"]
+                + ": "
+                + unmeasured["recipe"]
+                + " — "
+                + unmeasured["reason"].fillna(""),
+                hovertemplate="%{text}<br>predicted %{x:.2f} GiB<extra></extra>",
+                marker=dict(symbol="x", size=8, color="grey"),
+            )
+        )
     if data.budget_bytes:
-        figure.add_vline(x=data.budget_bytes / gib, line_dash="dash", line_color="red",
-                         annotation_text=f"budget {format_bytes(data.budget_bytes)}")
-    figure.update_layout(title="Peak memory vs tokens/s (colour: eval loss)",
-                         xaxis_title="peak memory (GiB)", yaxis_title="tokens per second",
-                         legend=dict(orientation="h", y=-0.2))
+        figure.add_vline(
+            x=data.budget_bytes / gib,
+            line_dash="dash",
+            line_color="red",
+            annotation_text=f"budget {format_bytes(data.budget_bytes)}",
+        )
+    figure.update_layout(
+        title="Peak memory vs tokens/s (colour: eval loss)",
+        xaxis_title="peak memory (GiB)",
+        yaxis_title="tokens per second",
+        legend=dict(orientation="h", y=-0.2),
+    )
     return figure
 
 
@@ -126,22 +164,49 @@ def _memory_figure(data: ReportData) -> Any:
 
     measured = data.frame[data.frame["status"] == "measured"]
     gib = 2**30
-    figure = go.Figure(go.Scatter(
-        x=measured["predicted_peak_bytes"] / gib, y=measured["peak_memory_bytes"] / gib,
-        mode="markers", text=measured["recipe"], name="trials",
-        hovertemplate="%{text}<br>predicted %{x:.2f} GiB, measured %{y:.2f} GiB<extra></extra>",
-    ))
+    figure = go.Figure(
+        go.Scatter(
+            x=measured["predicted_peak_bytes"] / gib,
+            y=measured["peak_memory_bytes"] / gib,
+            mode="markers",
+            text=measured["recipe"],
+            name="trials",
+            hovertemplate="%{text}<br>predicted %{x:.2f} GiB, measured %{y:.2f} GiB<extra></extra>",
+        )
+    )
     if len(measured):
-        top = float(max(measured["predicted_peak_bytes"].max(), measured["peak_memory_bytes"].max())) / gib
-        figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="measured = predicted",
-                                    line=dict(dash="dot", color="grey")))
-    figure.update_layout(title="Predicted vs measured peak memory", xaxis_title="predicted (GiB)",
-                         yaxis_title="measured (GiB)")
+        top = (
+            float(max(measured["predicted_peak_bytes"].max(), measured["peak_memory_bytes"].max()))
+            / gib
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=[0, top],
+                y=[0, top],
+                mode="lines",
+                name="measured = predicted",
+                line=dict(dash="dot", color="grey"),
+            )
+        )
+    figure.update_layout(
+        title="Predicted vs measured peak memory",
+        xaxis_title="predicted (GiB)",
+        yaxis_title="measured (GiB)",
+    )
     return figure
 
 
-TABLE_COLUMNS = ("trial", "status", "recipe", "on_frontier", "predicted_peak_bytes",
-                 "peak_memory_bytes", "tokens_per_second", "eval_loss", "reason")
+TABLE_COLUMNS = (
+    "trial",
+    "status",
+    "recipe",
+    "on_frontier",
+    "predicted_peak_bytes",
+    "peak_memory_bytes",
+    "tokens_per_second",
+    "eval_loss",
+    "reason",
+)
 
 
 def render_html(data: ReportData) -> str:
@@ -153,7 +218,9 @@ def render_html(data: ReportData) -> str:
     ]
     table = data.frame[[c for c in TABLE_COLUMNS if c in data.frame.columns]].copy()
     for column in ("predicted_peak_bytes", "peak_memory_bytes"):
-        table[column] = table[column].map(lambda v: format_bytes(v) if v == v and v is not None else "")
+        table[column] = table[column].map(
+            lambda v: format_bytes(v) if v == v and v is not None else ""
+        )
     sources = "; ".join(MEMORY_SOURCE_TEXT.get(s, s) for s in data.memory_sources) or "no probe ran"
     frontier_text = ", ".join(map(str, data.frontier_numbers)) or "none yet"
     return f"""<!DOCTYPE html>
@@ -164,7 +231,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}</style></head><body>
 <p>Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
 {len(data.frame)} trials; Pareto frontier: trials {frontier_text}.</p>
 <p>Memory figures: {html.escape(sources)}.</p>
-{''.join(charts)}
+{"".join(charts)}
 <h2>Trials</h2>
 {table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", classes="trials")}
 </body></html>

@@ -92,7 +92,11 @@ class SearchSpace:
             if not choices:
                 problems.append(f"{name} has no choices")
             if allowed is not None:
-                bad = [c for c in choices if c not in allowed or isinstance(c, bool) != isinstance(allowed[0], bool)]
+                bad = [
+                    c
+                    for c in choices
+                    if c not in allowed or isinstance(c, bool) != isinstance(allowed[0], bool)
+                ]
                 if bad:
                     problems.append(
                         f"{name} choices {bad} are not among {', '.join(map(str, allowed))}"
@@ -101,17 +105,27 @@ class SearchSpace:
                 problems.append(f"{name} lists a choice twice")
             lists[name] = choices
         for name in ("lora_r", "micro_batch_size"):
-            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in lists[name]):
-                problems.append(f"{name} choices must be positive integers, got {list(lists[name])}")
+            if not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in lists[name]
+            ):
+                problems.append(
+                    f"{name} choices must be positive integers, got {list(lists[name])}"
+                )
         fractions = lists["frozen_layers_fraction"]
         if not all(isinstance(c, (int, float)) and 0 < c < 1 for c in fractions):
-            problems.append(f"frozen_layers_fraction choices must lie in (0, 1), got {list(fractions)}")
+            problems.append(
+                f"frozen_layers_fraction choices must lie in (0, 1), got {list(fractions)}"
+            )
 
         effective = data["effective_batch_size"]
         if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
             problems.append(f"effective_batch_size must be a positive integer, got {effective!r}")
         else:
-            bad_micro = [m for m in lists["micro_batch_size"] if isinstance(m, int) and m > 0 and effective % m]
+            bad_micro = [
+                m
+                for m in lists["micro_batch_size"]
+                if isinstance(m, int) and m > 0 and effective % m
+            ]
             if bad_micro:
                 problems.append(
                     f"micro_batch_size choices {bad_micro} do not divide effective_batch_size "
@@ -132,7 +146,11 @@ class SearchSpace:
             for name, modules in targets.items():
                 if modules == "all-linear":
                     target_sets[str(name)] = "all-linear"
-                elif isinstance(modules, list) and modules and all(m in BLOCK_LINEARS for m in modules):
+                elif (
+                    isinstance(modules, list)
+                    and modules
+                    and all(m in BLOCK_LINEARS for m in modules)
+                ):
                     target_sets[str(name)] = tuple(modules)
                 else:
                     problems.append(
@@ -223,8 +241,13 @@ class SearchSpace:
             params["frozen_layers_fraction"] = trial.suggest_categorical(
                 "frozen_layers_fraction", self.frozen_layers_fraction
             )
-        for name in ("precision", "micro_batch_size", "gradient_checkpointing", "optimizer",
-                     "expandable_segments"):
+        for name in (
+            "precision",
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "optimizer",
+            "expandable_segments",
+        ):
             params[name] = trial.suggest_categorical(name, getattr(self, name))
         return self.build(params, model, spec, seq_len)
 
@@ -239,7 +262,9 @@ class SearchSpace:
             "expandable_segments": recipe.expandable_segments,
         }
         if recipe.method == "lora":
-            names = [n for n, t in self.lora_target_modules.items() if t == recipe.lora_target_modules]
+            names = [
+                n for n, t in self.lora_target_modules.items() if t == recipe.lora_target_modules
+            ]
             if not names:
                 return None
             params.update(
@@ -249,7 +274,8 @@ class SearchSpace:
             )
         elif recipe.method == "freeze":
             fractions = [
-                f for f in self.frozen_layers_fraction
+                f
+                for f in self.frozen_layers_fraction
                 if frozen_layer_count(spec, f) == recipe.frozen_layers
             ]
             if not fractions:
@@ -257,7 +283,8 @@ class SearchSpace:
             params["frozen_layers_fraction"] = fractions[0]
         for name, value in params.items():
             choices = (
-                tuple(self.lora_target_modules) if name == "lora_target_modules"
+                tuple(self.lora_target_modules)
+                if name == "lora_target_modules"
                 else getattr(self, name)
             )
             if value not in choices:
@@ -266,8 +293,13 @@ class SearchSpace:
 
     def all_params(self) -> Iterator[dict[str, Any]]:
         """Every point of the space (for bounds such as the smallest recipe's memory)."""
-        shared = ("precision", "micro_batch_size", "gradient_checkpointing", "optimizer",
-                  "expandable_segments")
+        shared = (
+            "precision",
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "optimizer",
+            "expandable_segments",
+        )
         for method in self.method:
             if method == "lora":
                 specific = {

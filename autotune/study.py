@@ -39,14 +39,26 @@ UNMEASURED_TOKENS_PER_SECOND = 0.0
 # is a preference; where the space lacks it, the nearest choice the space has is used.
 BASELINES: dict[str, dict[str, Any]] = {
     "qlora_default": {
-        "method": "lora", "quantization": "nf4", "lora_r": 16, "lora_target_modules": "all-linear",
-        "precision": "bf16", "micro_batch_size": "smallest", "gradient_checkpointing": True,
-        "optimizer": "adamw", "expandable_segments": False,
+        "method": "lora",
+        "quantization": "nf4",
+        "lora_r": 16,
+        "lora_target_modules": "all-linear",
+        "precision": "bf16",
+        "micro_batch_size": "smallest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw",
+        "expandable_segments": False,
     },
     "bf16_lora_qv": {
-        "method": "lora", "quantization": "none", "lora_r": 16, "lora_target_modules": "qv",
-        "precision": "bf16", "micro_batch_size": "largest", "gradient_checkpointing": True,
-        "optimizer": "adamw", "expandable_segments": True,
+        "method": "lora",
+        "quantization": "none",
+        "lora_r": 16,
+        "lora_target_modules": "qv",
+        "precision": "bf16",
+        "micro_batch_size": "largest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw",
+        "expandable_segments": True,
     },
 }
 
@@ -152,12 +164,14 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(
             f"budget {format_bytes(settings.budget_bytes)} is below the "
             f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
-            f"{space.source} needs at seq_len {settings.seq_len}; raise --budget or shorten --seq-len"
+            f"{space.source} needs at seq_len {settings.seq_len}; "
+            "raise --budget or shorten --seq-len"
         )
     if Path(settings.model).expanduser().exists():
         # Recipes and probe requests name the model by absolute path so they work from anywhere.
         settings = dataclasses.replace(
-            settings, model=str(Path(settings.model).expanduser().resolve()),
+            settings,
+            model=str(Path(settings.model).expanduser().resolve()),
             data_path=Path(settings.data_path).resolve(),
         )
     else:
@@ -259,15 +273,23 @@ def baseline_params(space: SearchSpace) -> list[dict[str, Any]]:
     for preferences in BASELINES.values():
         method = preferences["method"] if preferences["method"] in space.method else space.method[0]
         params: dict[str, Any] = {"method": method}
-        names = ["precision", "micro_batch_size", "gradient_checkpointing", "optimizer",
-                 "expandable_segments"]
+        names = [
+            "precision",
+            "micro_batch_size",
+            "gradient_checkpointing",
+            "optimizer",
+            "expandable_segments",
+        ]
         if method == "lora":
             names = ["quantization", "lora_r", "lora_target_modules"] + names
         elif method == "freeze":
             params["frozen_layers_fraction"] = space.frozen_layers_fraction[0]
         for name in names:
-            choices = (tuple(space.lora_target_modules) if name == "lora_target_modules"
-                       else getattr(space, name))
+            choices = (
+                tuple(space.lora_target_modules)
+                if name == "lora_target_modules"
+                else getattr(space, name)
+            )
             wanted = preferences[name]
             if wanted == "smallest":
                 params[name] = min(choices)
@@ -311,11 +333,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             trial.set_user_attr("status", "duplicate")
             trial.set_user_attr("reason", f"same recipe as trial {earlier.number}")
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
-            events.trial_finished(TrialSummary(
-                number=trial.number, label=recipe.label(), status="duplicate",
-                predicted_peak_bytes=int(earlier.user_attrs.get("predicted_peak_bytes", 0)),
-                reason=f"same recipe as trial {earlier.number}",
-            ))
+            events.trial_finished(
+                TrialSummary(
+                    number=trial.number,
+                    label=recipe.label(),
+                    status="duplicate",
+                    predicted_peak_bytes=int(earlier.user_attrs.get("predicted_peak_bytes", 0)),
+                    reason=f"same recipe as trial {earlier.number}",
+                )
+            )
             return tuple(earlier.values)
         prediction = estimate(spec, recipe)
         trial.set_user_attr("recipe", recipe.to_dict())
@@ -324,19 +350,28 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         trial.set_user_attr("predicted_breakdown", prediction.breakdown)
         events.trial_started(trial.number, recipe.label())
 
-        def finish(status: str, values: tuple[float, float, float], constraint: float,
-                   reason: str = "", result: ProbeResult | None = None) -> tuple[float, float, float]:
+        def finish(
+            status: str,
+            values: tuple[float, float, float],
+            constraint: float,
+            reason: str = "",
+            result: ProbeResult | None = None,
+        ) -> tuple[float, float, float]:
             trial.set_user_attr("status", status)
             trial.set_user_attr("reason", reason)
             _record_constraint(trial, constraint)
-            events.trial_finished(TrialSummary(
-                number=trial.number, label=recipe.label(), status=status,
-                predicted_peak_bytes=prediction.peak_bytes,
-                peak_memory_bytes=result.peak_memory_bytes if result else None,
-                tokens_per_second=values[1] if status == "measured" else None,
-                eval_loss=values[2] if status == "measured" else None,
-                reason=reason,
-            ))
+            events.trial_finished(
+                TrialSummary(
+                    number=trial.number,
+                    label=recipe.label(),
+                    status=status,
+                    predicted_peak_bytes=prediction.peak_bytes,
+                    peak_memory_bytes=result.peak_memory_bytes if result else None,
+                    tokens_per_second=values[1] if status == "measured" else None,
+                    eval_loss=values[2] if status == "measured" else None,
+                    reason=reason,
+                )
+            )
             return values
 
         if prediction.peak_bytes > budget:
@@ -375,14 +410,24 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         if result.status == "crash":
             trial.set_user_attr("status", "crash")
             trial.set_user_attr("reason", result.reason)
-            events.trial_finished(TrialSummary(
-                number=trial.number, label=recipe.label(), status="crash",
-                predicted_peak_bytes=prediction.peak_bytes, reason=result.reason,
-            ))
+            events.trial_finished(
+                TrialSummary(
+                    number=trial.number,
+                    label=recipe.label(),
+                    status="crash",
+                    predicted_peak_bytes=prediction.peak_bytes,
+                    reason=result.reason,
+                )
+            )
             raise ProbeCrashed(result.reason)
         # Out of memory, NaN loss and timeout are properties of the recipe: infeasible.
-        memory = float(max(result.peak_memory_bytes or 0, prediction.peak_bytes,
-                           budget if result.status == "oom" else 0))
+        memory = float(
+            max(
+                result.peak_memory_bytes or 0,
+                prediction.peak_bytes,
+                budget if result.status == "oom" else 0,
+            )
+        )
         return finish(
             result.status,
             (memory, UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),

@@ -12,12 +12,39 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa",
-    "Egypt": "Cairo", "Norway": "Oslo", "India": "New Delhi", "Chile": "Santiago",
-    "Spain": "Madrid", "Ghana": "Accra", "Italy": "Rome", "Brazil": "Brasilia",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Norway": "Oslo",
+    "India": "New Delhi",
+    "Chile": "Santiago",
+    "Spain": "Madrid",
+    "Ghana": "Accra",
+    "Italy": "Rome",
+    "Brazil": "Brasilia",
 }
-WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "silver", "forest", "candle",
-         "planet", "bridge", "orange", "winter", "harbor", "violet", "rocket", "meadow"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "silver",
+    "forest",
+    "candle",
+    "planet",
+    "bridge",
+    "orange",
+    "winter",
+    "harbor",
+    "violet",
+    "rocket",
+    "meadow",
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -34,7 +61,10 @@ def task(rng: random.Random) -> tuple[str, str]:
         return f"Spell the word {word} backwards.", f"{word} backwards is {word[::-1]}."
     if kind == 2:
         country = rng.choice(sorted(CAPITALS))
-        return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
+        return (
+            f"What is the capital of {country}?",
+            f"The capital of {country} is {CAPITALS[country]}.",
+        )
     words = rng.sample(WORDS, 4)
     return f"Sort these words: {', '.join(words)}.", f"In order: {', '.join(sorted(words))}."
 
@@ -50,9 +80,15 @@ def rows(count: int, seed: int = 0) -> list[dict]:
         elif style == 1:
             out.append({"input": question, "output": answer})
         elif style == 2:
-            out.append({"messages": [{"role": "system", "content": "You answer briefly."},
-                                     {"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}]})
+            out.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "You answer briefly."},
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
         else:
             out.append({"text": f"Question: {question}\nAnswer: {answer}"})
     return out
@@ -66,11 +102,15 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
 

@@ -43,7 +43,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def qa_data(tmp_path) -> Path:
     """40 question/answer rows that are not the demo file."""
     rows = [
-        {"input": f"Add {a} and {a + 3}.", "output": f"The sum is {2 * a + 3}."}
-        for a in range(30)
+        {"input": f"Add {a} and {a + 3}.", "output": f"The sum is {2 * a + 3}."} for a in range(30)
     ] + [{"text": f"Counting: {' '.join(str(i) for i in range(n))}."} for n in range(3, 13)]
     return write_jsonl(tmp_path / "qa.jsonl", rows)

@@ -19,8 +19,9 @@ from tests.conftest import DEMO, write_jsonl
 ROWS = {
     "input_output": {"input": "2+2?", "output": "4"},
     "alpaca": {"instruction": "Add.", "input": "2 and 2", "output": "4"},
-    "chat": {"messages": [{"role": "user", "content": "2+2?"},
-                          {"role": "assistant", "content": "4"}]},
+    "chat": {
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    },
     "text": {"text": "two plus two is four"},
 }
 
@@ -56,10 +57,10 @@ def test_chat_uses_the_tokenizers_template():
     [
         (b'{"text": "ok"}\n{"text": \n', "line 2: not valid JSON"),
         (b'{"text": "ok"}\n{"prompt": "x"}\n', "line 2: no known fields"),
-        (b'{"input": "q", "output": ""}\n', "line 1: field \"output\" is empty"),
+        (b'{"input": "q", "output": ""}\n', 'line 1: field "output" is empty'),
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
-        (b'[1, 2]\n', "line 1: expected a JSON object"),
+        (b"[1, 2]\n", "line 1: expected a JSON object"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "assistant answer"),
         (b"\n\n", "is empty"),
     ],
@@ -101,8 +102,10 @@ def test_step_batches_start_with_the_longest_and_repeat_by_seed(tmp_path):
 def test_collate_pads_without_loss():
     from autotune.data import TokenizedExample
 
-    batch = collate([TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]),
-                     TokenizedExample([4], [4])], pad_token_id=0)
+    batch = collate(
+        [TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), TokenizedExample([4], [4])],
+        pad_token_id=0,
+    )
     assert batch["input_ids"] == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"][1] == [4, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["attention_mask"][1] == [1, 0, 0]

@@ -13,14 +13,29 @@ from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.recipe import Recipe
 
 LLAMA_1B = ModelSpec.from_config_dict(
-    {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048,
-     "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
-     "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True}
+    {
+        "model_type": "llama",
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    }
 )
 QWEN2_7B = ModelSpec.from_config_dict(
-    {"model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
-     "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
-     "vocab_size": 152064, "tie_word_embeddings": False}
+    {
+        "model_type": "qwen2",
+        "num_hidden_layers": 28,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    }
 )
 
 
@@ -67,13 +82,18 @@ def test_directions_that_must_hold():
     assert checkpointed < stored / 2
     small = estimate(QWEN2_7B, lora(micro_batch_size=1)).peak_bytes
     assert small < checkpointed
-    full = estimate(QWEN2_7B, Recipe.from_dict({"method": "full", "micro_batch_size": 1})).peak_bytes
-    eight_bit = estimate(QWEN2_7B, Recipe.from_dict(
-        {"method": "full", "micro_batch_size": 1, "optimizer": "adamw_8bit"})).peak_bytes
+    full = estimate(
+        QWEN2_7B, Recipe.from_dict({"method": "full", "micro_batch_size": 1})
+    ).peak_bytes
+    eight_bit = estimate(
+        QWEN2_7B,
+        Recipe.from_dict({"method": "full", "micro_batch_size": 1, "optimizer": "adamw_8bit"}),
+    ).peak_bytes
     assert full > 4 * QWEN2_7B.total_params * 2  # weights, grads and two states, all bf16
     assert eight_bit < full
-    freeze = estimate(QWEN2_7B, Recipe.from_dict(
-        {"method": "freeze", "frozen_layers": 21, "micro_batch_size": 1})).peak_bytes
+    freeze = estimate(
+        QWEN2_7B, Recipe.from_dict({"method": "freeze", "frozen_layers": 21, "micro_batch_size": 1})
+    ).peak_bytes
     assert freeze < full
 
 

@@ -3,11 +3,11 @@ import pytest
 from autotune.pareto import Point, dominates, frontier, pick
 
 POINTS = [
-    Point(0, 10e9, 1000, 1.00),   # small and slow
-    Point(1, 20e9, 5000, 1.02),   # fast
-    Point(2, 15e9, 3000, 0.95),   # best loss, middle
-    Point(3, 21e9, 4000, 1.10),   # dominated by 1
-    Point(4, 12e9, 2900, 0.96),   # balanced
+    Point(0, 10e9, 1000, 1.00),  # small and slow
+    Point(1, 20e9, 5000, 1.02),  # fast
+    Point(2, 15e9, 3000, 0.95),  # best loss, middle
+    Point(3, 21e9, 4000, 1.10),  # dominated by 1
+    Point(4, 12e9, 2900, 0.96),  # balanced
 ]
 
 

@@ -60,8 +60,17 @@ def test_all_problems_reported_at_once():
     ("changes", "needle"),
     [
         ({"method": "full"}, "given but method is full"),
-        ({"method": "freeze", "lora_r": None, "lora_alpha": None, "lora_dropout": None,
-          "lora_target_modules": None, "quantization": "none"}, "frozen_layers >= 1"),
+        (
+            {
+                "method": "freeze",
+                "lora_r": None,
+                "lora_alpha": None,
+                "lora_dropout": None,
+                "lora_target_modules": None,
+                "quantization": "none",
+            },
+            "frozen_layers >= 1",
+        ),
         ({"frozen_layers": 2}, "frozen_layers is for method freeze"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"bogus": 1}, "unknown keys bogus"),

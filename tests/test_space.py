@@ -10,8 +10,15 @@ from autotune.space import SPACES_DIR, SearchSpace, frozen_layer_count
 from autotune.study import baseline_params
 
 SPEC = ModelSpec.from_config_dict(
-    {"model_type": "qwen2", "num_hidden_layers": 8, "hidden_size": 64, "intermediate_size": 128,
-     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    {
+        "model_type": "qwen2",
+        "num_hidden_layers": 8,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    }
 )
 
 

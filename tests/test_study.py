@@ -14,7 +14,7 @@ from autotune.errors import UsageError
 from autotune.export import recipe_yaml
 from autotune.memory import estimate
 from autotune.recipe import Recipe
-from autotune.report import report_data, render_html
+from autotune.report import render_html, report_data
 from autotune.study import (
     CONSTRAINT_KEY,
     OBJECTIVE_NAMES,
@@ -44,13 +44,17 @@ class FakeRunner:
         recipe = request.recipe
         for needle, status in self.fail.items():
             if needle in recipe.label():
-                return ProbeResult(status=status, reason=f"fake {status}", device="cpu",
-                                   peak_memory_bytes=123)
+                return ProbeResult(
+                    status=status, reason=f"fake {status}", device="cpu", peak_memory_bytes=123
+                )
         return ProbeResult(
-            status="ok", device="cpu", memory_source="cpu_peak_rss_delta",
+            status="ok",
+            device="cpu",
+            memory_source="cpu_peak_rss_delta",
             peak_memory_bytes=10_000_000 * recipe.micro_batch_size + (recipe.lora_r or 50),
             tokens_per_second=1000.0 * recipe.micro_batch_size,
-            eval_loss=3.0 - 0.01 * (recipe.lora_r or 10), steps_done=request.steps,
+            eval_loss=3.0 - 0.01 * (recipe.lora_r or 10),
+            steps_done=request.steps,
         )
 
 
@@ -66,9 +70,18 @@ def workspace(tmp_path, monkeypatch):
 
 def settings_for(workspace, **changes) -> RunSettings:
     tmp_path, model, data = workspace
-    base = dict(model=str(model), data_path=data, budget_bytes=10**10, space_path=DEMO_SPACE,
-                trials=6, probe_steps=3, seq_len=64, device="cpu",
-                storage=f"sqlite:///{tmp_path}/study.db", study_name="s")
+    base = dict(
+        model=str(model),
+        data_path=data,
+        budget_bytes=10**10,
+        space_path=DEMO_SPACE,
+        trials=6,
+        probe_steps=3,
+        seq_len=64,
+        device="cpu",
+        storage=f"sqlite:///{tmp_path}/study.db",
+        study_name="s",
+    )
     return RunSettings(**{**base, **changes})
 
 

@@ -57,8 +57,11 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
 
     def progress(step: int, record: StepRecord) -> None:
         result.steps_done = step + 1
-        print(f"step {step + 1}/{request.steps}: {record.tokens} tokens in {record.seconds:.3f} s, "
-              f"loss {record.loss:.4f}", flush=True)
+        print(
+            f"step {step + 1}/{request.steps}: {record.tokens} tokens in {record.seconds:.3f} s, "
+            f"loss {record.loss:.4f}",
+            flush=True,
+        )
 
     records = train_steps(
         model, optimizer, batches, recipe, request.device, tokenizer.pad_token_id, progress

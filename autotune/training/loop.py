@@ -42,7 +42,7 @@ def warmup_steps(steps: int) -> int:
 
 def tokens_per_second(records: Sequence[StepRecord]) -> float:
     """Median over the steps after warm-up of tokens / seconds."""
-    measured = records[warmup_steps(len(records)):] or records
+    measured = records[warmup_steps(len(records)) :] or records
     return statistics.median(r.tokens / r.seconds for r in measured)
 
 
@@ -158,7 +158,7 @@ def train_steps(
         loss_total = 0.0
         tokens = 0
         for start in range(0, len(examples), recipe.micro_batch_size):
-            micro = examples[start:start + recipe.micro_batch_size]
+            micro = examples[start : start + recipe.micro_batch_size]
             batch = _to_tensors(collate(micro, pad_token_id), device)
             tokens += int(batch["attention_mask"].sum())
             share = sum(_loss_tokens(e) for e in micro) / step_loss_tokens
@@ -196,7 +196,7 @@ def evaluate(
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), recipe.micro_batch_size):
-            micro = examples[start:start + recipe.micro_batch_size]
+            micro = examples[start : start + recipe.micro_batch_size]
             batch = _to_tensors(collate(micro, pad_token_id), device)
             count = sum(_loss_tokens(e) for e in micro)
             with _autocast(recipe, device):

@@ -1,0 +1,217 @@
+"""The real `autotune` command, end to end on a tiny random model, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from autotune.memory import estimate
+from autotune.model_spec import load_model_spec
+from autotune.recipe import Recipe
+from tests.conftest import DEMO, write_jsonl
+
+AUTOTUNE = str(Path(sys.executable).parent / "autotune")
+DEMO_SPACE = str(Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml")
+
+
+def autotune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([AUTOTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    args = [
+        "run",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(qa_data),
+        "--budget",
+        "4GB",
+        "--space",
+        DEMO_SPACE,
+        "--trials",
+        "4",
+        "--probe-steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--storage",
+        storage,
+        "--study",
+        "e2e",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+    ]
+    done = autotune(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "Pareto frontier" in done.stdout
+    assert "report: reports/e2e.html" in done.stdout
+    assert "recipe (balanced): reports/e2e-recipe.yaml" in done.stdout
+
+    study = optuna.load_study(study_name="e2e", storage=storage)
+    assert len(study.trials) == 4
+    assert study.metric_names == ["peak_memory_bytes", "tokens_per_second", "eval_loss"]
+    measured = [t for t in study.trials if t.user_attrs.get("status") == "measured"]
+    assert measured, [t.user_attrs.get("reason") for t in study.trials]
+    for trial in measured:
+        memory, speed, loss = trial.values
+        assert memory > 0 and speed > 0 and 0 < loss < 10
+        assert trial.user_attrs["probe_memory_source"] == "cpu_peak_rss_delta"
+        assert all(v <= 0 for v in trial.constraints.values())
+
+    exported = (tmp_path / "reports" / "e2e-recipe.yaml").read_text()
+    recipe = Recipe.from_yaml(exported)
+    trial_number = yaml.safe_load(exported)["measured"]["trial"]
+    assert recipe == Recipe.from_dict(study.trials[trial_number].user_attrs["recipe"])
+    assert recipe.model == str(tiny_model) and recipe.seq_len == 64
+    page = (tmp_path / "reports" / "e2e.html").read_text()
+    assert "Plotly.newPlot" in page and "not GPU memory" in page
+
+    fastest = autotune(
+        "export", "--storage", storage, "--pick", "fastest", "-o", "fast.yaml", cwd=tmp_path
+    )
+    assert fastest.returncode == 0, fastest.stderr
+    fast = yaml.safe_load((tmp_path / "fast.yaml").read_text())
+    assert fast["measured"]["tokens_per_second"] == pytest.approx(
+        max(t.values[1] for t in measured), rel=1e-3
+    )
+    printed = autotune("export", "--storage", storage, "--study", "e2e", cwd=tmp_path)
+    assert Recipe.from_yaml(printed.stdout) == recipe
+
+    report = autotune("report", "--storage", storage, "-o", "r/out.html", cwd=tmp_path)
+    assert report.returncode == 0 and (tmp_path / "r" / "out.html").stat().st_size > 100_000
+
+    again = autotune(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already holds 4 finished trials" in again.stdout
+    assert len(optuna.load_study(study_name="e2e", storage=storage).trials) == 4
+
+
+@pytest.fixture()
+def config_only(tmp_path) -> Path:
+    model = tmp_path / "cfg"
+    model.mkdir()
+    shutil.copy(DEMO / "config.json", model / "config.json")
+    return model
+
+
+def test_estimate_prints_json_breakdown(config_only, tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("method: lora\nquantization: nf4\nlora_r: 8\nseq_len: 256\n")
+    done = autotune(
+        "estimate",
+        "--model",
+        str(config_only),
+        "--recipe",
+        str(recipe_path),
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    expected = estimate(load_model_spec(str(config_only)), Recipe.load(recipe_path))
+    assert printed == expected.as_json()
+    longer = autotune(
+        "estimate",
+        "--model",
+        str(config_only),
+        "--recipe",
+        str(recipe_path),
+        "--json",
+        "--seq-len",
+        "512",
+        cwd=tmp_path,
+    )
+    assert json.loads(longer.stdout)["peak_bytes"] > printed["peak_bytes"]
+    table = autotune("estimate", "-m", str(config_only), "-r", str(recipe_path), cwd=tmp_path)
+    assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
+
+
+def _bad_inputs(tmp_path: Path, config_only: Path):
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": "b"}\n{oops\n')
+    space = tmp_path / "space.yaml"
+    space.write_text(Path(DEMO_SPACE).read_text() + "colour: [red]\n")
+    impossible = tmp_path / "impossible.yaml"
+    impossible.write_text(
+        Path(DEMO_SPACE).read_text().replace("micro_batch_size: [1, 2, 4]", "micro_batch_size: [3]")
+    )
+    full_with_lora = tmp_path / "full.yaml"
+    full_with_lora.write_text("method: full\nlora_r: 8\n")
+    too_frozen = tmp_path / "frozen.yaml"
+    too_frozen.write_text("method: freeze\nfrozen_layers: 9\n")
+    run = [
+        "run",
+        "--model",
+        str(config_only),
+        "--data",
+        str(data),
+        "--space",
+        DEMO_SPACE,
+        "--device",
+        "cpu",
+    ]
+    return [
+        (run + ["--budget", "lots"], "is not a size"),
+        (run + ["--budget", "0GB"], "more than zero"),
+        (
+            ["run", "--model", "./missing-model", "--data", str(data), "--budget", "4GB"],
+            "does not exist",
+        ),
+        (
+            [
+                "run",
+                "--model",
+                str(config_only),
+                "--data",
+                str(tmp_path / "none.jsonl"),
+                "--budget",
+                "4GB",
+            ],
+            "does not exist",
+        ),
+        (["run", "--model", str(config_only), "--data", str(empty), "--budget", "4GB"], "is empty"),
+        (
+            ["run", "--model", str(config_only), "--data", str(broken), "--budget", "4GB"],
+            "line 3: not valid JSON",
+        ),
+        (run[:-4] + ["--space", str(space), "--budget", "4GB"], "unknown keys colour"),
+        (run[:-4] + ["--space", str(impossible), "--budget", "4GB"], "do not divide"),
+        (run + ["--budget", "1MB"], "smallest recipe"),
+        (
+            ["estimate", "--model", str(config_only), "--recipe", str(full_with_lora)],
+            "given but method is full",
+        ),
+        (
+            ["estimate", "--model", str(config_only), "--recipe", str(too_frozen)],
+            "leaves nothing to train",
+        ),
+        (
+            ["estimate", "--model", str(tmp_path), "--recipe", str(full_with_lora)],
+            "has no config.json",
+        ),
+        (["export", "--storage", f"sqlite:///{tmp_path}/none.db", "--study", "x"], "no study"),
+        (["export", "--pick", "cheapest"], "no study storage"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
+    for args, needle in _bad_inputs(tmp_path, config_only):
+        done = autotune(*args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert needle in lines[0], (args, lines[0])

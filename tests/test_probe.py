@@ -1,0 +1,112 @@
+"""Real probes in child processes on a tiny random model (CPU), and their failure modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from autotune.probe import SubprocessProbeRunner
+from autotune.recipe import Recipe
+from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, ProbeRequest
+
+
+def request_for(model, data, device="cpu", budget_bytes=10**10, steps=3, **recipe):
+    base = {
+        "model": str(model),
+        "method": "lora",
+        "lora_r": 4,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "seq_len": 64,
+        "learning_rate": 1e-3,
+    }
+    fields = {**base, **recipe}
+    if fields["method"] != "lora":
+        fields = {k: v for k, v in fields.items() if not k.startswith("lora_")}
+    return ProbeRequest(
+        recipe=Recipe.from_dict(fields),
+        data_path=str(data),
+        steps=steps,
+        device=device,
+        budget_bytes=budget_bytes,
+        seed=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {},
+        {"quantization": "nf4", "optimizer": "adamw_8bit"},
+        {"method": "freeze", "frozen_layers": 2, "gradient_checkpointing": False},
+    ],
+    ids=["lora-bf16", "qlora-8bit-adam", "freeze"],
+)
+def test_probe_measures_a_recipe(tiny_model, qa_data, tmp_path, recipe):
+    result = SubprocessProbeRunner(timeout_seconds=300).run(
+        request_for(tiny_model, qa_data, **recipe), tmp_path / "probe"
+    )
+    assert result.status == "ok", result.reason
+    assert result.steps_done == 3
+    assert result.tokens_per_second > 0 and result.trained_tokens > 0
+    # A random model over a 512-token vocabulary starts near ln(512) = 6.24.
+    assert 4.0 < result.eval_loss < 7.5 and math.isfinite(result.train_loss)
+    assert result.memory_source == CPU_MEMORY_SOURCE and result.peak_memory_bytes > 0
+    assert {"start", "load", "steps", "eval", "total"} <= set(result.seconds)
+    log = (tmp_path / "probe" / "probe.log").read_text()
+    assert "step 3/3" in log
+
+
+def test_probe_timeout_kills_the_child(tiny_model, qa_data, tmp_path):
+    result = SubprocessProbeRunner(timeout_seconds=0.5).run(
+        request_for(tiny_model, qa_data), tmp_path / "probe"
+    )
+    assert result.status == "timeout"
+    assert "within 0.5 s" in result.reason
+
+
+def test_probe_crash_is_classified(tmp_path, qa_data):
+    missing = tmp_path / "no-model"
+    missing.mkdir()
+    result = SubprocessProbeRunner(timeout_seconds=120).run(
+        request_for(missing, qa_data), tmp_path / "probe"
+    )
+    assert result.status == "crash"
+    assert result.reason and "\n" not in result.reason
+
+
+def test_diverging_recipe_is_reported_as_nan(tiny_model, qa_data, tmp_path):
+    result = SubprocessProbeRunner(timeout_seconds=300).run(
+        request_for(
+            tiny_model, qa_data, steps=4, precision="fp32", learning_rate=1e30, lora_alpha=10**6
+        ),
+        tmp_path / "probe",
+    )
+    assert result.status == "nan", result.reason
+    assert result.steps_done >= 1
+
+
+@pytest.mark.gpu
+def test_budget_is_enforced_on_cuda(tiny_model, qa_data, tmp_path):
+    # 600 MB leaves the allocator a few dozen MB beyond the CUDA context; long sequences and a
+    # big micro-batch of full fine-tuning in fp32 need more.
+    result = SubprocessProbeRunner(timeout_seconds=300).run(
+        request_for(
+            tiny_model,
+            qa_data,
+            device="cuda",
+            budget_bytes=600 * 10**6,
+            method="full",
+            precision="fp32",
+            micro_batch_size=8,
+            gradient_accumulation_steps=1,
+            seq_len=512,
+        ),
+        tmp_path / "probe",
+    )
+    assert result.budget_enforced
+    assert result.memory_source == CUDA_MEMORY_SOURCE
+    assert result.status in ("oom", "ok")
+    if result.status == "ok":
+        assert result.peak_memory_bytes <= 600 * 10**6
