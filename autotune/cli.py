@@ -113,6 +113,7 @@ def run(
         redact_url,
         run_study,
     )
+    from autotune.training.io import CPU_MEMORY_SOURCE
     from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
 
     settings = RunSettings(
@@ -153,9 +154,12 @@ def run(
         def finished(summary: TrialSummary) -> None:
             progress.advance(task)
             if summary.status == "measured":
+                memory = format_bytes(summary.peak_memory_bytes or 0)
+                if summary.memory_source == CPU_MEMORY_SOURCE:
+                    memory = f"CPU RSS +{memory}"
                 text = (
-                    f"[green]measured[/] {format_bytes(summary.peak_memory_bytes or 0)} "
-                    f"(predicted {format_bytes(summary.predicted_peak_bytes)}), "
+                    f"[green]measured[/] {memory} "
+                    f"(predicted GPU {format_bytes(summary.predicted_peak_bytes)}), "
                     f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}"
                 )
             else:

@@ -87,6 +87,7 @@ class TrialSummary:
     status: str
     predicted_peak_bytes: int
     peak_memory_bytes: float | None = None
+    memory_source: str = ""
     tokens_per_second: float | None = None
     eval_loss: float | None = None
     reason: str = ""
@@ -367,6 +368,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     status=status,
                     predicted_peak_bytes=prediction.peak_bytes,
                     peak_memory_bytes=result.peak_memory_bytes if result else None,
+                    memory_source=result.memory_source if result else "",
                     tokens_per_second=values[1] if status == "measured" else None,
                     eval_loss=values[2] if status == "measured" else None,
                     reason=reason,
