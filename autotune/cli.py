@@ -90,6 +90,12 @@ def run(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampler, data order and split."),
+    workers: int = typer.Option(
+        1, "--workers", "-j", help="Probes at once on this machine (default 1; see --gpus)."
+    ),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="GPU indices, e.g. 0,1,2,3: one probe per GPU at a time."
+    ),
     report_path: Path | None = typer.Option(
         None, "--report", help="HTML report path (default: reports/<study>.html)."
     ),
@@ -130,6 +136,8 @@ def run(
         seq_len=seq_len,
         device=device,
         seed=seed,
+        workers=workers,
+        gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
     )
     prepared = prepare_run(settings)
     console = _console()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from autotune.training.child import STARTED_ENV
+from autotune.training.child import PARENT_ENV, STARTED_ENV
 from autotune.training.io import ProbeRequest, ProbeResult
 
 LOG_TAIL_CHARS = 400
@@ -29,7 +29,10 @@ class ProbeRunner(Protocol):
 def child_environment(request: ProbeRequest) -> dict[str, str]:
     env = dict(os.environ)
     env[STARTED_ENV] = repr(time.time())
+    env[PARENT_ENV] = str(os.getpid())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if request.visible_gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = request.visible_gpu
     if request.recipe.expandable_segments:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     else:
@@ -61,6 +64,7 @@ class SubprocessProbeRunner:
         self.timeout_seconds = timeout_seconds
 
     def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         request_path = workdir / "request.json"
         result_path = workdir / "result.json"

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import queue
 import re
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,10 @@ OBJECTIVE_NAMES = ("peak_memory_bytes", "tokens_per_second", "eval_loss")
 DIRECTIONS = ("minimize", "maximize", "minimize")
 CONSTRAINT_KEY = "memory_over_budget"
 TRIALS_DIR = Path("trials")
+HEARTBEAT_SECONDS = 10
+"""How often a running trial tells the storage it is alive (RDB storages)."""
+STALE_AFTER_SECONDS = 40
+"""A running trial with no heartbeat for this long belongs to a dead worker: failed, retried once."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
 
 # What the study reports for a recipe it did not measure: zero speed and the eval loss of a
@@ -78,6 +86,10 @@ class RunSettings:
     seq_len: int = 1024
     device: str = "auto"
     seed: int = 0
+    workers: int = 1
+    """Probes run at once on this machine (one thread each, each probe its own process)."""
+    gpus: tuple[str, ...] = ()
+    """CUDA device indices; each probe gets one of them as its only visible GPU."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,27 @@ def resolve_device(device: str) -> str:
     raise UsageError(f"device {device} was asked for but torch sees no CUDA GPU here")
 
 
+def check_workers(settings: RunSettings, device: str) -> None:
+    if settings.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {settings.workers}")
+    if not settings.gpus:
+        return
+    if not device.startswith("cuda"):
+        raise UsageError(f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}")
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [g for g in settings.gpus if not (g.isdigit() and int(g) < count)]
+    if missing:
+        raise UsageError(
+            f"--gpus names {', '.join(missing)}, but this machine has GPUs 0-{count - 1}"
+            if count
+            else f"--gpus names {', '.join(missing)}, but this machine has no GPU"
+        )
+    if len(set(settings.gpus)) != len(settings.gpus):
+        raise UsageError(f"--gpus lists a GPU twice: {','.join(settings.gpus)}")
+
+
 @dataclass(frozen=True)
 class PreparedRun:
     settings: RunSettings
@@ -178,6 +211,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     else:
         settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     device = resolve_device(settings.device)
+    check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
     )
@@ -202,20 +236,59 @@ def _make_storage(url: str) -> Any:
     _quiet_optuna()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if url.startswith(("sqlite", "postgresql", "mysql")):
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=60,
-                grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1
-                ),
-            )
+    for attempt in range(3):
+        try:
+            return _open_storage(url)
+        except Exception as error:  # noqa: BLE001 - driver errors vary; all mean "cannot open"
+            # Two workers creating a new database at once race on its tables; the loser retries.
+            if "already exists" in str(error) and attempt < 2:
+                time.sleep(0.5 + attempt)
+                continue
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"cannot open storage {redact_url(url)}: {first[:200]}") from None
+    raise AssertionError("unreachable")
+
+
+def _open_storage(url: str) -> Any:
+    import optuna
+
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.get_storage(url)
-    except Exception as error:  # noqa: BLE001 - driver errors vary; all mean "cannot open"
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"cannot open storage {redact_url(url)}: {first[:200]}") from None
+    sqlite = url.startswith("sqlite")
+    # SQLite serialises writers; a long lock timeout lets a few local workers share it.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=STALE_AFTER_SECONDS,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
+    )
+    if sqlite:
+        _serialise_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialise_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins (BEGIN IMMEDIATE).
+
+    Optuna reads a trial's state and then writes it (e.g. WAITING -> RUNNING when a worker
+    takes an enqueued trial). SQLite ignores SELECT ... FOR UPDATE, so two workers could both
+    read WAITING and both run the trial; an immediate transaction closes that gap.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
 
 
 def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
@@ -322,8 +395,14 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     budget = settings.budget_bytes
     unmeasured_loss = loss_when_unmeasured(spec)
     trials_dir = TRIALS_DIR / prepared.study_name
+    gpu_pool: queue.Queue[str] | None = None
+    if settings.gpus:
+        gpu_pool = queue.Queue()
+        for gpu in settings.gpus:
+            gpu_pool.put(gpu)
 
     def objective(trial: Any) -> tuple[float, float, float]:
+        trial.set_user_attr("worker", worker_id())
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
         earlier = _earlier_trial_with_params(trial)
         if earlier is not None:
@@ -384,17 +463,25 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 f"predicted {format_bytes(prediction.peak_bytes)} > budget {format_bytes(budget)}",
             )
 
-        request = ProbeRequest(
-            recipe=recipe,
-            data_path=str(settings.data_path),
-            steps=settings.probe_steps,
-            device=prepared.device,
-            budget_bytes=budget,
-            seed=settings.seed,
-        )
-        workdir = trials_dir / f"trial-{trial.number:04d}"
-        trial.set_user_attr("probe_dir", str(workdir))
-        result = runner.run(request, workdir)
+        gpu = gpu_pool.get() if gpu_pool else None
+        try:
+            request = ProbeRequest(
+                recipe=recipe,
+                data_path=str(settings.data_path),
+                steps=settings.probe_steps,
+                device=prepared.device,
+                budget_bytes=budget,
+                seed=settings.seed,
+                visible_gpu=gpu,
+            )
+            workdir = trials_dir / f"trial-{trial.number:04d}"
+            trial.set_user_attr("probe_dir", str(workdir))
+            if gpu is not None:
+                trial.set_user_attr("gpu", gpu)
+            result = runner.run(request, workdir)
+        finally:
+            if gpu_pool is not None and gpu is not None:
+                gpu_pool.put(gpu)
         for key, value in result.user_attrs().items():
             trial.set_user_attr(key, value)
 
@@ -450,11 +537,66 @@ def _earlier_trial_with_params(trial: Any) -> Any | None:
     return None
 
 
-def finished_trial_count(study: Any) -> int:
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_interrupted_trials(study: Any) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone, and enqueue each once more.
+
+    A worker on this host that no longer exists (killed, rebooted) is known dead at once; trials
+    of other hosts are left to the storage's heartbeat, which fails them once stale.
+    """
+    import copy
+
+    import optuna
     from optuna.trial import TrialState
 
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+        dead = (worker_host == host and pid.isdigit() and not _process_alive(int(pid))) or (
+            not worker and time.time() - started > STALE_AFTER_SECONDS
+        )
+        if not dead:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+            storage.set_trial_user_attr(trial._trial_id, "reason", f"worker {worker or '?'} died")
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker finished or failed it meanwhile
+        failed.append(trial.number)
+        retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        if retry is not None:
+            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return failed
+
+
+def finished_trial_count(study: Any) -> int:
+    """Finished trials, not counting a failed trial that was retried (its retry counts)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=finished))
+    return sum(1 for t in trials if t.state in finished and t.number not in retried)
 
 
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
@@ -477,6 +619,12 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             study.set_user_attr(key, value)
         for params in baseline_params(prepared.space):
             study.enqueue_trial(params, skip_if_exists=True)
+    interrupted = fail_interrupted_trials(study)
+    if interrupted:
+        events.notes.append(
+            f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
+            "and queued to run again"
+        )
     remaining = settings.trials - finished_trial_count(study)
     if remaining <= 0:
         events.notes.append(
@@ -484,11 +632,19 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "raise --trials to run more"
         )
         return study
+
+    def stop_at_target(study: Any, trial: Any) -> None:
+        # Other workers or commands may feed the same study: stop at the shared total.
+        if finished_trial_count(study) >= settings.trials:
+            study.stop()
+
     study.optimize(
         make_objective(prepared, runner, events),
         n_trials=remaining,
         timeout=settings.timeout_seconds,
+        n_jobs=max(settings.workers, len(settings.gpus) or 1),
         catch=(ProbeCrashed,),
+        callbacks=[stop_at_target],
         gc_after_trial=False,
     )
     return study

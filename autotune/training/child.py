@@ -16,6 +16,22 @@ from autotune.training.io import ProbeRequest, ProbeResult
 
 STARTED_ENV = "AUTOTUNE_PROBE_STARTED_AT"
 """Wall-clock time the parent launched the child, to measure interpreter and import start-up."""
+PARENT_ENV = "AUTOTUNE_PROBE_PARENT_PID"
+"""The study process; when it dies (kill -9 included) the probe stops too, freeing the GPU."""
+
+
+def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
+    """Kill this process as soon as its parent is gone, so no orphan keeps the GPU busy."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(interval_seconds)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
@@ -80,6 +96,8 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
 
 def main(argv: list[str]) -> int:
     request_path, result_path = argv
+    if os.environ.get(PARENT_ENV):
+        watch_parent(int(os.environ[PARENT_ENV]))
     with open(request_path, encoding="utf-8") as handle:
         request = ProbeRequest.from_json(handle.read())
     result = ProbeResult(status="crash", device=request.device)

@@ -26,6 +26,8 @@ class ProbeRequest:
     device: str
     budget_bytes: int
     seed: int
+    visible_gpu: str | None = None
+    """With several GPUs, the one this probe may use (CUDA_VISIBLE_DEVICES)."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
