@@ -36,7 +36,7 @@ TRIALS_DIR = Path("trials")
 HEARTBEAT_SECONDS = 10
 """How often a running trial tells the storage it is alive (RDB storages)."""
 STALE_AFTER_SECONDS = 40
-"""A running trial with no heartbeat for this long belongs to a dead worker: failed, retried once."""
+"""A running trial silent this long belongs to a dead worker: it is failed and retried once."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
 
 # What the study reports for a recipe it did not measure: zero speed and the eval loss of a
@@ -231,7 +231,6 @@ def _quiet_optuna() -> None:
 
 
 def _make_storage(url: str) -> Any:
-    import optuna
 
     _quiet_optuna()
     if url.startswith("sqlite:///"):

@@ -101,7 +101,7 @@ def main() -> int:
             time.sleep(0.2)
         if probe_processes(str(workdir)):
             print(
-                f"kill {kill + 1}: probe processes outlived the run: {probe_processes(str(workdir))}"
+                f"kill {kill + 1}: probes outlived the run: {probe_processes(str(workdir))}"
             )
             return 1
         print(f"kill {kill + 1} after {delay:.1f} s: {len(now)} finished trials kept")
