@@ -245,6 +245,24 @@ def report(
 
 
 @app.command()
+def dashboard(
+    storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+) -> None:
+    """Serve optuna-dashboard on the study storage (loopback only unless --host says otherwise)."""
+    from autotune.dashboard import is_loopback, serve
+
+    if not is_loopback(host):
+        typer.echo(
+            f"warning: the dashboard has no authentication; anyone who can reach {host}:{port} "
+            "can read and change the studies",
+            err=True,
+        )
+    serve(storage, host, port)
+
+
+@app.command()
 def estimate(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model id or directory (config.json is enough)."

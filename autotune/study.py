@@ -38,6 +38,8 @@ HEARTBEAT_SECONDS = 10
 STALE_AFTER_SECONDS = 40
 """A running trial silent this long belongs to a dead worker: it is failed and retried once."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
+ARTIFACTS_DIR = TRIALS_DIR / "artifacts"
+"""Each trial's recipe YAML and probe log, as Optuna artifacts optuna-dashboard shows."""
 
 # What the study reports for a recipe it did not measure: zero speed and the eval loss of a
 # uniform guess over the vocabulary, ln(V). Finite, so samplers learn from these trials.
@@ -230,7 +232,7 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _make_storage(url: str) -> Any:
+def make_storage(url: str) -> Any:
 
     _quiet_optuna()
     if url.startswith("sqlite:///"):
@@ -294,7 +296,7 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     """Create the study or load it to resume; refuse one that has other objectives."""
     import optuna
 
-    storage = _make_storage(storage_url)
+    storage = make_storage(storage_url)
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=5
     )
@@ -320,14 +322,20 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     return study
 
 
+def existing_storage_url(storage_url: str | None) -> str:
+    """The storage to read: the given URL, or the default one if a run has created it."""
+    url = storage_url or DEFAULT_STORAGE
+    if url == DEFAULT_STORAGE and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UsageError(f"no study storage at {url}; run `autotune run` first or pass --storage")
+    return url
+
+
 def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
     """A study to export or report on; without a name, the storage's only (or newest) study."""
     import optuna
 
-    url = storage_url or DEFAULT_STORAGE
-    if url == DEFAULT_STORAGE and not Path(url.removeprefix("sqlite:///")).exists():
-        raise UsageError(f"no study storage at {url}; run `autotune run` first or pass --storage")
-    storage = _make_storage(url)
+    url = existing_storage_url(storage_url)
+    storage = make_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if study_name is None:
         if not names:
@@ -389,6 +397,31 @@ def _record_constraint(trial: Any, value: float) -> None:
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
 
+def artifact_store() -> Any:
+    import optuna
+
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(base_path=str(ARTIFACTS_DIR))
+
+
+def _attach_artifacts(trial: Any, recipe: Recipe, workdir: Path) -> None:
+    """The trial's recipe and, where a probe ran, its log, for the dashboard's artifact view."""
+    import optuna
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe_path = workdir / "recipe.yaml"
+    recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+    store = artifact_store()
+    for path in (recipe_path, workdir / "probe.log"):
+        if path.exists():
+            optuna.artifacts.upload_artifact(
+                artifact_store=store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="text/plain",
+            )
+
+
 def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents) -> Callable:
     settings, spec, space = prepared.settings, prepared.spec, prepared.space
     budget = settings.budget_bytes
@@ -412,6 +445,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             trial.set_user_attr("status", "duplicate")
             trial.set_user_attr("reason", f"same recipe as trial {earlier.number}")
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
+            _attach_artifacts(trial, recipe, trials_dir / f"trial-{trial.number:04d}")
             events.trial_finished(
                 TrialSummary(
                     number=trial.number,
@@ -439,6 +473,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             trial.set_user_attr("status", status)
             trial.set_user_attr("reason", reason)
             _record_constraint(trial, constraint)
+            _attach_artifacts(trial, recipe, trials_dir / f"trial-{trial.number:04d}")
             events.trial_finished(
                 TrialSummary(
                     number=trial.number,
@@ -498,6 +533,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         if result.status == "crash":
             trial.set_user_attr("status", "crash")
             trial.set_user_attr("reason", result.reason)
+            _attach_artifacts(trial, recipe, workdir)
             events.trial_finished(
                 TrialSummary(
                     number=trial.number,

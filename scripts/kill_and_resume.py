@@ -100,9 +100,7 @@ def main() -> int:
         while probe_processes(str(workdir)) and time.time() < deadline:
             time.sleep(0.2)
         if probe_processes(str(workdir)):
-            print(
-                f"kill {kill + 1}: probes outlived the run: {probe_processes(str(workdir))}"
-            )
+            print(f"kill {kill + 1}: probes outlived the run: {probe_processes(str(workdir))}")
             return 1
         print(f"kill {kill + 1} after {delay:.1f} s: {len(now)} finished trials kept")
         seen = now

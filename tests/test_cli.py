@@ -192,6 +192,11 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         (run[:-4] + ["--space", str(impossible), "--budget", "4GB"], "do not divide"),
         (run + ["--budget", "1MB"], "smallest recipe"),
         (
+            run + ["--budget", "4GB", "--storage", "postgresql://me:pw@127.0.0.1:1/none"],
+            "cannot open storage postgresql://me:***@127.0.0.1:1/none",
+        ),
+        (run + ["--budget", "4GB", "--gpus", "7"], "needs CUDA"),
+        (
             ["estimate", "--model", str(config_only), "--recipe", str(full_with_lora)],
             "given but method is full",
         ),

@@ -1,0 +1,225 @@
+"""Many workers on one study: a real PostgreSQL server, heartbeats, and the dashboard."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+import autotune.study as study_module
+from autotune.study import finished_trial_count, prepare_run, run_study
+from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
+
+AUTOTUNE = str(Path(sys.executable).parent / "autotune")
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret-pw"
+
+
+def _binary(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback, started from the distribution's binaries."""
+    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs them)")
+    base = Path(tempfile.mkdtemp(prefix="autotune-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", _free_port()
+    subprocess.run(
+        [*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "autotune", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*run_as, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o", options, "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://autotune:{PASSWORD}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_on_postgres_complete_a_study(tiny_model, qa_data, tmp_path, postgres_url):
+    args = [
+        AUTOTUNE,
+        "run",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(qa_data),
+        "--budget",
+        "4GB",
+        "--space",
+        str(ROOT / "search_spaces" / "demo.yaml"),
+        "--trials",
+        "4",
+        "--probe-steps",
+        "2",
+        "--seq-len",
+        "48",
+        "--device",
+        "cpu",
+        "--storage",
+        postgres_url,
+        "--study",
+        "shared",
+    ]
+    workers = []
+    for name in ("host-a", "host-b"):
+        (tmp_path / name).mkdir()
+        workers.append(
+            subprocess.Popen(
+                args,
+                cwd=tmp_path / name,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert 4 <= finished_trial_count(study) <= 5  # at most one in flight past the target
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took trials
+    written = [*outputs, *(p.read_text() for p in tmp_path.glob("host-*/reports/*"))]
+    assert all(PASSWORD not in text for text in written)
+    assert any("autotune:***@127.0.0.1" in text for text in outputs)
+
+
+def test_dead_hosts_trial_goes_stale_and_is_retried(workspace, postgres_url, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_module, "STALE_AFTER_SECONDS", 2)
+    settings = settings_for(workspace, storage=postgres_url, study_name="stale", trials=3)
+    prepared = prepare_run(settings)
+    study = run_study(
+        prepare_run(settings_for(workspace, storage=postgres_url, study_name="stale", trials=1)),
+        FakeRunner(),
+    )
+    trial = study.ask()
+    trial.set_user_attr("worker", "host-that-died:4242")
+    prepared.space.suggest(trial, prepared.settings.model, prepared.spec, 64)
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)
+    study = run_study(prepared, FakeRunner())
+    assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert [t.state for t in retries] == [optuna.trial.TrialState.COMPLETE]
+    assert finished_trial_count(study) == 3
+
+
+def _get_json(url: str, deadline_seconds: float = 30) -> dict:
+    deadline = time.time() + deadline_seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_dashboard_shows_objectives_infeasible_trials_and_artifacts(workspace):  # noqa: F811
+    tmp_path, model, _ = workspace
+    settings = settings_for(workspace, trials=8)
+    prepared = prepare_run(settings)
+    from autotune.memory import estimate
+
+    sizes = sorted(
+        estimate(prepared.spec, prepared.space.build(p, str(model), prepared.spec, 64)).peak_bytes
+        for p in prepared.space.all_params()
+    )
+    settings = settings_for(workspace, trials=8, budget_bytes=sizes[len(sizes) // 2])
+    run_study(prepare_run(settings), FakeRunner())
+    port = _free_port()
+    server = subprocess.Popen(
+        [AUTOTUNE, "dashboard", "--storage", settings.storage, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        studies = _get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["s"]
+        detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}?after=0")
+        assert detail["objective_names"] == ["peak_memory_bytes", "tokens_per_second", "eval_loss"]
+        trials = detail["trials"]
+        infeasible = [
+            t
+            for t in trials
+            if t["user_attrs"]
+            and any(
+                a["key"] == "status" and a["value"] == "over_budget_predicted"
+                for a in t["user_attrs"]
+            )
+        ]
+        assert infeasible and all(t["constraints"][0] > 0 for t in infeasible)
+        assert all(len(t["constraints"]) == 1 for t in trials)
+        assert all(t["artifacts"] for t in trials)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_dashboard_off_loopback_warns(workspace):  # noqa: F811
+    tmp_path, _, _ = workspace
+    settings = settings_for(workspace, trials=1)
+    run_study(prepare_run(settings), FakeRunner())
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            AUTOTUNE,
+            "dashboard",
+            "--storage",
+            settings.storage,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _get_json(f"http://127.0.0.1:{port}/api/studies")
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=10)
+    assert "no authentication" in stderr
