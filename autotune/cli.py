@@ -245,6 +245,103 @@ def report(
 
 
 @app.command()
+def train(
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML (from autotune export)."),
+    data: Path = typer.Option(..., "--data", "-d", help="JSONL training data."),
+    output: Path = typer.Option(
+        Path("outputs/autotune"),
+        "--output",
+        "-o",
+        help="Where checkpoints and the adapter or model go.",
+    ),
+    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Optimizer steps (overrides --epochs)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the latest checkpoint in --output."
+    ),
+    budget: str | None = typer.Option(
+        None, "--budget", "-b", help=BUDGET_HELP + " Enforced on CUDA."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
+    save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
+) -> None:
+    """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
+    import yaml
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autotune.memory import estimate as estimate_memory
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.study import resolve_device
+    from autotune.training.train import train as train_model
+    from autotune.units import format_bytes, parse_bytes
+
+    if epochs is not None and max_steps is not None:
+        raise UsageError("give --epochs or --max-steps, not both")
+    if (epochs is not None and epochs <= 0) or (max_steps is not None and max_steps < 1):
+        raise UsageError("--epochs and --max-steps must be positive")
+    loaded = Recipe.load(recipe)
+    measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
+    spec = load_model_spec(loaded.model) if loaded.model else None
+    budget_bytes = parse_bytes(budget) if budget else None
+    device_name = resolve_device(device)
+    console = _console()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("training", total=None)
+
+        def started(start_step: int, total_steps: int) -> None:
+            progress.update(task, total=total_steps, completed=start_step)
+            if start_step:
+                progress.console.print(f"resumed from step {start_step}")
+
+        def stepped(step: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"training, loss {loss:.4f}")
+
+        report = train_model(
+            loaded,
+            data,
+            output,
+            epochs=epochs,
+            max_steps=max_steps,
+            resume=resume,
+            budget_bytes=budget_bytes,
+            device=device_name,
+            seed=seed,
+            save_every_steps=save_steps,
+            on_start=started,
+            on_step=stepped,
+        )
+    memory = format_bytes(report.peak_memory_bytes)
+    if report.memory_source == "cpu_peak_rss_delta":
+        memory = f"{memory} (CPU RSS growth, not GPU memory)"
+    predicted = format_bytes(estimate_memory(spec, loaded).peak_bytes) if spec else "?"
+    probe_speed = measured.get("tokens_per_second")
+    console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
+    console.print(
+        f"peak memory {memory}; predicted {predicted}"
+        + (
+            f"; probe measured {format_bytes(measured['peak_memory_bytes'])}"
+            if measured.get("peak_memory_bytes")
+            else ""
+        )
+    )
+    console.print(
+        f"tokens/s {report.tokens_per_second:,.0f}"
+        + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
+    )
+    console.print(f"saved to {report.output_dir}")
+
+
+@app.command()
 def dashboard(
     storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),

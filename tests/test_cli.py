@@ -91,6 +91,25 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     report = autotune("report", "--storage", storage, "-o", "r/out.html", cwd=tmp_path)
     assert report.returncode == 0 and (tmp_path / "r" / "out.html").stat().st_size > 100_000
 
+    trained = autotune(
+        "train",
+        "--recipe",
+        "reports/e2e-recipe.yaml",
+        "--data",
+        str(qa_data),
+        "--max-steps",
+        "2",
+        "--output",
+        "model-out",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "trained 2 steps" in trained.stdout and "probe measured" in trained.stdout
+    assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
+    assert any((tmp_path / "model-out").glob("*.safetensors"))
+
     again = autotune(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "already holds 4 finished trials" in again.stdout

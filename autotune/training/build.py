@@ -66,7 +66,9 @@ def decoder_blocks(model: Any) -> Any:
 def build_model(recipe: Recipe, device: str) -> Any:
     """Load the base model as the recipe says and make it trainable, in training mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     quantization = _quantization_config(recipe)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model,
@@ -81,11 +83,8 @@ def build_model(recipe: Recipe, device: str) -> Any:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if quantization is not None:
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=recipe.gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs,
-            )
+            # Upcasts what is not quantized to fp32; checkpointing is switched on below.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = recipe.lora_target_modules
         model = get_peft_model(
             model,
@@ -104,7 +103,13 @@ def build_model(recipe: Recipe, device: str) -> Any:
         for block in list(decoder_blocks(model))[: recipe.frozen_layers]:
             block.requires_grad_(False)
     if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=checkpointing_kwargs
+            )
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         if recipe.method != "full":
             # With frozen embeddings nothing entering the first block needs a gradient; make
             # the inputs require one so checkpointed blocks still backpropagate.

@@ -1,0 +1,218 @@
+"""`autotune train`: the real fine-tune with a recipe, on the probe's model builder and step loop.
+
+Checkpoints hold the trainable weights, optimizer and scheduler state and the step, so `--resume`
+continues where a run stopped. The result is a peft adapter (LoRA) or a full model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+from autotune.recipe import Recipe
+
+CHECKPOINT_PREFIX = "checkpoint-"
+WARMUP_FRACTION = 0.03
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    resumed_from_step: int
+    tokens_per_second: float
+    peak_memory_bytes: int
+    memory_source: str
+    eval_loss: float
+    train_loss: float
+    output_dir: Path
+    budget_enforced: bool
+    losses: list[float] = field(default_factory=list)
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail early, with one line, when the output directory cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".autotune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output directory {path} is not writable: {error.strerror}") from None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = [
+        p
+        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir()
+        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+        and (p / "state.pt").exists()
+    ]
+    return max(checkpoints, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def _epoch_batches(examples: list, effective_batch_size: int, seed: int, epoch: int) -> list:
+    order = list(examples)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [
+        order[i : i + effective_batch_size]
+        for i in range(0, len(order) - effective_batch_size + 1, effective_batch_size)
+    ]
+
+
+def _schedule(total_steps: int) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _save_checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, step: int, output_dir: Path, keep: int = 2
+) -> Path:
+    import torch
+
+    path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(
+        {
+            "step": step,
+            "trainable": trainable,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        path / "state.pt.tmp",
+    )
+    (path / "state.pt.tmp").replace(path / "state.pt")
+    checkpoints = sorted(
+        output_dir.glob(f"{CHECKPOINT_PREFIX}*"),
+        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
+    )
+    for old in checkpoints[:-keep]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> int:
+    import torch
+
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            parameters[name].copy_(value.to(parameters[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def train(
+    recipe: Recipe,
+    data_path: Path,
+    output_dir: Path,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    resume: bool = False,
+    budget_bytes: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    save_every_steps: int = 100,
+    on_start: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainReport:
+    """Fine-tune with `recipe` and save the adapter or model to `output_dir`."""
+    import torch
+
+    from autotune.data import load_splits
+    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
+
+    if not recipe.model:
+        raise UsageError("the recipe names no model; add `model:` or export it from a study")
+    check_output_dir(output_dir)
+    meter = MemoryMeter(device)
+    budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(recipe.model)
+    splits = load_splits(data_path, tokenizer, recipe.seq_len, seed)
+    steps_per_epoch = len(splits.train) // recipe.effective_batch_size
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"{data_path} has {len(splits.train)} training rows, fewer than one effective batch "
+            f"of {recipe.effective_batch_size}"
+        )
+    total_steps = max_steps or max(1, math.ceil(steps_per_epoch * (epochs or 1.0)))
+    model = build_model(recipe, device)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
+    start_step = 0
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {output_dir}")
+    if checkpoint is not None:
+        start_step = _load_checkpoint(model, optimizer, scheduler, checkpoint)
+    if on_start:
+        on_start(start_step, total_steps)
+
+    records = []
+    losses: list[float] = []
+    step = start_step
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = _epoch_batches(splits.train, recipe.effective_batch_size, seed, epoch)
+        chunk = batches[offset : offset + (total_steps - step)]
+
+        def after_step(index: int, record: Any, first: int = step) -> None:
+            current = first + index + 1
+            scheduler.step()
+            losses.append(record.loss)
+            if current % save_every_steps == 0 and current < total_steps:
+                _save_checkpoint(model, optimizer, scheduler, current, output_dir)
+            if on_step:
+                on_step(current, record.loss)
+
+        records += train_steps(
+            model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
+        )
+        step += len(chunk)
+    _save_checkpoint(model, optimizer, scheduler, step, output_dir)
+    eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "autotune_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    peak, _ = meter.peak_bytes()
+    report = TrainReport(
+        steps=step,
+        resumed_from_step=start_step,
+        tokens_per_second=tokens_per_second(records) if records else 0.0,
+        peak_memory_bytes=peak,
+        memory_source=meter.source,
+        eval_loss=eval_loss,
+        train_loss=statistics.fmean(losses[-10:]) if losses else float("nan"),
+        output_dir=output_dir,
+        budget_enforced=budget_enforced,
+        losses=losses,
+    )
+    (output_dir / "train_metrics.json").write_text(
+        json.dumps(
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in report.__dict__.items()},
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    return report

@@ -1,0 +1,66 @@
+"""A recipe becomes the model it describes: quantization, adapters, frozen blocks, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+
+from autotune.recipe import Recipe
+from autotune.training.build import build_model, build_optimizer, decoder_blocks
+
+
+def build(tiny_model, **fields):
+    recipe = Recipe.from_dict({"model": str(tiny_model), "method": "lora", **fields})
+    return recipe, build_model(recipe, "cpu")
+
+
+def checkpointing_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("quantization", "layer_class"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")]
+)
+def test_quantized_lora(tiny_model, quantization, layer_class):
+    _, model = build(tiny_model, quantization=quantization, lora_r=4)
+    classes = {type(m).__name__ for m in model.modules()}
+    assert layer_class in classes
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert model.training and checkpointing_on(model)
+
+
+def test_lora_targets_and_no_checkpointing(tiny_model):
+    _, model = build(
+        tiny_model, lora_r=4, lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=False
+    )
+    trainable = {
+        n.split(".lora_")[0].rsplit(".", 1)[-1]
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    assert trainable == {"q_proj", "v_proj"}
+    assert not checkpointing_on(model)
+
+
+def test_freeze_freezes_the_lowest_blocks_and_embeddings(tiny_model):
+    recipe, model = build(tiny_model, method="freeze", frozen_layers=3)
+    blocks = list(decoder_blocks(model))
+    assert not any(p.requires_grad for b in blocks[:3] for p in b.parameters())
+    assert all(p.requires_grad for p in blocks[3].parameters())
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.get_output_embeddings().weight.requires_grad  # untied head trains
+    assert build_optimizer(model, recipe).param_groups[0]["lr"] == recipe.learning_rate
+
+
+def test_precisions_store_weights_as_asked(tiny_model):
+    import torch
+
+    _, bf16 = build(tiny_model, method="full", precision="bf16")
+    _, amp = build(tiny_model, method="full", precision="amp_bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    assert next(amp.parameters()).dtype == torch.float32
+
+
+def test_eight_bit_optimizers(tiny_model):
+    recipe, model = build(tiny_model, lora_r=4, optimizer="adamw_8bit")
+    assert type(build_optimizer(model, recipe)).__name__ == "AdamW8bit"
