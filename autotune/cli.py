@@ -90,6 +90,9 @@ def run(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampler, data order and split."),
+    confirm: int = typer.Option(
+        3, "--confirm", help="Re-probe this many top frontier recipes, 2x longer, new seed."
+    ),
     workers: int = typer.Option(
         1, "--workers", "-j", help="Probes at once on this machine (default 1; see --gpus)."
     ),
@@ -137,6 +140,7 @@ def run(
         device=device,
         seed=seed,
         workers=workers,
+        confirm_top=confirm,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
     )
     prepared = prepare_run(settings)
@@ -174,7 +178,20 @@ def run(
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
 
-        events = RunEvents(trial_started=started, trial_finished=finished)
+        def confirmed(number: int, confirmation: dict) -> None:
+            verdict = "[green]held up[/]" if confirmation["held_up"] else "[red]did not hold up[/]"
+            speed = confirmation.get("tokens_per_second")
+            detail = (
+                f"{speed:,.0f} tok/s ({confirmation['speed_change']:+.0%})"
+                if confirmation["status"] == "ok"
+                else confirmation["reason"]
+            )
+            progress.console.print(
+                f"confirm trial {number} ({confirmation['steps']} steps, seed "
+                f"{confirmation['seed']}): {verdict}: {detail}"
+            )
+
+        events = RunEvents(trial_started=started, trial_finished=finished, confirmed=confirmed)
         runner = SubprocessProbeRunner(settings.probe_timeout_seconds)
         result_study = None
         try:

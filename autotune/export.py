@@ -8,14 +8,14 @@ from typing import Any
 from autotune.errors import UsageError
 from autotune.pareto import PICK_POLICIES, pick
 from autotune.recipe import Recipe
-from autotune.study import measured_points, recipe_of
+from autotune.study import confirmations, measured_points, recipe_of
 
 
-def measured_figures(trial: Any) -> dict[str, Any]:
+def measured_figures(trial: Any, confirmation: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the probe measured for a trial, as written under `measured:`."""
     memory, speed, loss = trial.values
     attrs = trial.user_attrs
-    return {
+    figures = {
         "peak_memory_bytes": int(memory),
         "tokens_per_second": round(float(speed), 2),
         "eval_loss": round(float(loss), 5),
@@ -25,6 +25,10 @@ def measured_figures(trial: Any) -> dict[str, Any]:
         "probe_steps_done": attrs.get("probe_steps_done"),
         "trial": trial.number,
     }
+    if confirmation:
+        keys = ("held_up", "steps", "seed", "tokens_per_second", "peak_memory_bytes", "eval_loss")
+        figures["confirmation"] = {k: confirmation.get(k) for k in keys}
+    return figures
 
 
 def picked_trial(study: Any, policy: str) -> Any:
@@ -42,7 +46,8 @@ def picked_trial(study: Any, policy: str) -> Any:
 def recipe_yaml(study: Any, policy: str) -> tuple[Recipe, str]:
     trial = picked_trial(study, policy)
     recipe = recipe_of(trial)
-    return recipe, recipe.to_yaml(measured=measured_figures(trial))
+    confirmation = confirmations(study).get(trial.number)
+    return recipe, recipe.to_yaml(measured=measured_figures(trial, confirmation))
 
 
 def write_text(path: str | Path, text: str) -> Path:

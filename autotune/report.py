@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from autotune.export import write_text
 from autotune.pareto import frontier
-from autotune.study import OBJECTIVE_NAMES, measured_points
+from autotune.study import OBJECTIVE_NAMES, confirmations, measured_points
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.units import format_bytes
 
@@ -38,6 +38,7 @@ def trials_frame(study: Any) -> Any:
     import pandas as pd
 
     front = {p.number for p in frontier(measured_points(study))}
+    confirmed = confirmations(study)
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
@@ -55,6 +56,9 @@ def trials_frame(study: Any) -> Any:
         measured = status == "measured"
         for name, value in zip(OBJECTIVE_NAMES, values):
             row[name] = value if measured else None
+        confirmation = confirmed.get(trial.number)
+        row["held_up"] = None if confirmation is None else bool(confirmation["held_up"])
+        row["confirm_tokens_per_second"] = confirmation and confirmation.get("tokens_per_second")
         row["memory_source"] = attrs.get("probe_memory_source", "")
         row["peak_allocated_bytes"] = attrs.get("probe_peak_allocated_bytes")
         row["reason"] = attrs.get("reason", "")
@@ -201,9 +205,11 @@ TABLE_COLUMNS = (
     "status",
     "recipe",
     "on_frontier",
+    "held_up",
     "predicted_peak_bytes",
     "peak_memory_bytes",
     "tokens_per_second",
+    "confirm_tokens_per_second",
     "eval_loss",
     "reason",
 )

@@ -22,7 +22,7 @@ from autotune.data import check_enough_rows, read_rows
 from autotune.errors import UsageError
 from autotune.memory import estimate
 from autotune.model_spec import ModelSpec, load_model_spec
-from autotune.pareto import Point
+from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
@@ -59,6 +59,14 @@ BASELINES: dict[str, dict[str, Any]] = {
         "optimizer": "adamw",
         "expandable_segments": False,
     },
+    "full_8bit_adam": {
+        "method": "full",
+        "precision": "bf16",
+        "micro_batch_size": "smallest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_8bit",
+        "expandable_segments": True,
+    },
     "bf16_lora_qv": {
         "method": "lora",
         "quantization": "none",
@@ -88,6 +96,8 @@ class RunSettings:
     seq_len: int = 1024
     device: str = "auto"
     seed: int = 0
+    confirm_top: int = 3
+    """Frontier recipes re-probed after the search, twice as long and with another seed."""
     workers: int = 1
     """Probes run at once on this machine (one thread each, each probe its own process)."""
     gpus: tuple[str, ...] = ()
@@ -113,6 +123,7 @@ class RunEvents:
 
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
+    confirmed: Callable[[int, dict[str, Any]], None] = lambda number, confirmation: None
     notes: list[str] = field(default_factory=list)
 
 
@@ -352,7 +363,9 @@ def baseline_params(space: SearchSpace) -> list[dict[str, Any]]:
     """BASELINES, each moved to the nearest point the space can express (duplicates dropped)."""
     chosen: list[dict[str, Any]] = []
     for preferences in BASELINES.values():
-        method = preferences["method"] if preferences["method"] in space.method else space.method[0]
+        if preferences["method"] not in space.method:
+            continue
+        method = preferences["method"]
         params: dict[str, Any] = {"method": method}
         names = [
             "precision",
@@ -666,6 +679,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             f"study {prepared.study_name} already holds {settings.trials} finished trials; "
             "raise --trials to run more"
         )
+        confirm_frontier(prepared, runner, study, events)
         return study
 
     def stop_at_target(study: Any, trial: Any) -> None:
@@ -682,7 +696,79 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         callbacks=[stop_at_target],
         gc_after_trial=False,
     )
+    confirm_frontier(prepared, runner, study, events)
     return study
+
+
+CONFIRMATION_PREFIX = "confirmation:"
+CONFIRM_SPEED_TOLERANCE = 0.15
+"""A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
+
+
+def confirmations(study: Any) -> dict[int, dict[str, Any]]:
+    """Trial number -> what its longer, reseeded re-probe measured and whether it held up."""
+    return {
+        int(key.removeprefix(CONFIRMATION_PREFIX)): value
+        for key, value in study.user_attrs.items()
+        if key.startswith(CONFIRMATION_PREFIX)
+    }
+
+
+def confirm_frontier(
+    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
+) -> dict[int, dict[str, Any]]:
+    """Re-probe the top frontier recipes with twice the steps and another seed.
+
+    Short probes can flatter a recipe (a lucky data order, a warm cache). A recipe holds up when
+    the longer probe finishes, stays within the budget and keeps its speed within 15%.
+    """
+    events = events or RunEvents()
+    settings = prepared.settings
+    points = measured_points(study)
+    if not points or settings.confirm_top < 1:
+        return confirmations(study)
+    chosen: list[int] = []
+    for number in [pick(points, policy).number for policy in PICK_POLICIES] + [
+        p.number for p in frontier(points)
+    ]:
+        if number not in chosen:
+            chosen.append(number)
+    done = confirmations(study)
+    for number in chosen[: settings.confirm_top]:
+        if number in done:
+            continue
+        trial = study.trials[number]
+        memory, speed, loss = trial.values
+        request = ProbeRequest(
+            recipe=recipe_of(trial),
+            data_path=str(settings.data_path),
+            steps=2 * settings.probe_steps,
+            device=prepared.device,
+            budget_bytes=settings.budget_bytes,
+            seed=settings.seed + 1,
+        )
+        result = runner.run(request, TRIALS_DIR / prepared.study_name / f"confirm-{number:04d}")
+        fits = (
+            not prepared.device.startswith("cuda")
+            or (result.peak_memory_bytes or 0) <= settings.budget_bytes
+        )
+        speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
+        confirmation = {
+            "status": result.status,
+            "reason": result.reason,
+            "steps": request.steps,
+            "seed": request.seed,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "tokens_per_second": result.tokens_per_second,
+            "eval_loss": result.eval_loss,
+            "speed_change": round(speed_change, 4),
+            "held_up": result.status == "ok"
+            and fits
+            and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        }
+        study.set_user_attr(f"{CONFIRMATION_PREFIX}{number}", confirmation)
+        events.confirmed(number, confirmation)
+    return confirmations(study)
 
 
 def measured_points(study: Any) -> list[Point]:

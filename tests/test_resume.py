@@ -70,7 +70,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(workspace):  # noqa: F811
     trial = study.ask()
     trial.set_user_attr("worker", f"{host}:{_dead_pid()}")
     recipe = prepared.space.suggest(trial, prepared.settings.model, prepared.spec, 64)
-    assert study.trials[-1].state == optuna.trial.TrialState.RUNNING
+    assert study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
 
     study = run_study(prepare_run(settings), FakeRunner())
     interrupted = study.trials[trial.number]

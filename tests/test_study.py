@@ -98,8 +98,9 @@ def test_run_records_measured_trials_and_resumes(workspace):
         assert trial.user_attrs["predicted_peak_bytes"] > 0
         assert trial.system_attrs["constraints"] == [trial.constraints[CONSTRAINT_KEY]]
     measured = [t for t in study.trials if t.user_attrs["status"] == "measured"]
-    assert len(runner.requests) == len(measured) >= 2
-    assert all(r.steps == 3 and r.recipe.seq_len == 64 for r in runner.requests)
+    probes = [r for r in runner.requests if r.seed == 0]
+    assert len(probes) == len(measured) >= 2
+    assert all(r.steps == 3 and r.recipe.seq_len == 64 for r in probes)
 
     again = run_study(prepare_run(settings_for(workspace)), runner)
     assert len(again.trials) == 6
@@ -155,6 +156,39 @@ def test_export_and_report_from_the_study(workspace):
     page = render_html(report)
     assert "Plotly.newPlot" in page and "chart-0" in page and "chart-1" in page
     assert "not GPU memory" in page  # says which memory figure was used
+
+
+class SlowerWhenLonger(FakeRunner):
+    """Confirmation probes (seed 1) of micro-batch 4 recipes come back 30% slower."""
+
+    def run(self, request, workdir):
+        result = super().run(request, workdir)
+        if request.seed == 1 and request.recipe.micro_batch_size == 4 and result.tokens_per_second:
+            result.tokens_per_second *= 0.7
+        return result
+
+
+def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
+    runner = SlowerWhenLonger()
+    study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=2)), runner)
+    confirms = [r for r in runner.requests if r.seed == 1]
+    assert len(confirms) == 2 and all(r.steps == 6 for r in confirms)
+    from autotune.study import confirmations
+
+    confirmed = confirmations(study)
+    assert len(confirmed) == 2
+    for number, confirmation in confirmed.items():
+        slower = study.trials[number].user_attrs["recipe"]["micro_batch_size"] == 4
+        assert confirmation["held_up"] is (not slower)
+        assert confirmation["speed_change"] == pytest.approx(-0.3 if slower else 0.0)
+    frame = report_data(study).frame
+    assert set(frame.loc[frame["held_up"].notna(), "trial"]) == set(confirmed)
+    # Resuming does not confirm the same recipes again.
+    run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=2)), runner)
+    assert len([r for r in runner.requests if r.seed == 1]) == 2
+    fastest = max(measured_points(study), key=lambda p: p.tokens_per_second).number
+    if fastest in confirmed:
+        assert "confirmation" in yaml.safe_load(recipe_yaml(study, "fastest")[1])["measured"]
 
 
 def test_existing_study_with_other_objectives_is_refused(workspace):
