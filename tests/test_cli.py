@@ -52,9 +52,12 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
         "--seed",
         "1",
     ]
+    args += ["--confirm", "1"]
     done = autotune(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "Pareto frontier" in done.stdout
+    assert "CPU RSS +" in done.stdout  # says which memory figure a CPU probe measured
+    assert "confirm trial" in done.stdout
     assert "report: reports/e2e.html" in done.stdout
     assert "recipe (balanced): reports/e2e-recipe.yaml" in done.stdout
 

@@ -46,6 +46,8 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
             "48",
             "--device",
             "cpu",
+            "--confirm",
+            "0",
         ],
         capture_output=True,
         text=True,
