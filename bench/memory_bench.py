@@ -44,7 +44,7 @@ WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega rive
 
 
 def grid(shape: str) -> list[dict]:
-    """Recipes covering methods, quantization, precision, optimizers, batch, length, checkpointing."""
+    """Recipes across methods, quantization, precision, optimizers, batch, length, checkpointing."""
     lora = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
     recipes: list[dict] = []
     for seq_len in (512, 1024, 4096):
