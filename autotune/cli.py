@@ -231,13 +231,20 @@ def export(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write here (default: stdout)."
     ),
+    fmt: str = typer.Option(
+        "autotune",
+        "--format",
+        "-f",
+        help="autotune (the recipe schema), hf (TrainingArguments, LoraConfig and "
+        "BitsAndBytesConfig keyword arguments), axolotl or llamafactory.",
+    ),
 ) -> None:
     """Write the picked frontier recipe as YAML, with its measured figures."""
     from autotune.export import recipe_yaml, write_text
     from autotune.study import load_existing_study
 
     found = load_existing_study(storage, study)
-    _, text = recipe_yaml(found, pick)
+    _, text = recipe_yaml(found, pick, fmt)
     if output is None:
         typer.echo(text, nl=False)
     else:

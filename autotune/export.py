@@ -43,11 +43,28 @@ def picked_trial(study: Any, policy: str) -> Any:
     return study.trials[pick(points, policy).number]
 
 
-def recipe_yaml(study: Any, policy: str) -> tuple[Recipe, str]:
+def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
+    """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory)."""
+    from autotune.data import detect_format, read_rows
+    from autotune.formats import EXPORT_FORMATS, render
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     trial = picked_trial(study, policy)
     recipe = recipe_of(trial)
-    confirmation = confirmations(study).get(trial.number)
-    return recipe, recipe.to_yaml(measured=measured_figures(trial, confirmation))
+    measured = measured_figures(trial, confirmations(study).get(trial.number))
+    data_path = study.user_attrs.get("data_path")
+    data_format = "alpaca"
+    if fmt == "axolotl" and data_path and Path(data_path).exists():
+        data_format = detect_format(read_rows(data_path)[0])
+    return recipe, render(
+        fmt,
+        recipe,
+        measured,
+        data_path=data_path,
+        data_format=data_format,
+        num_layers=study.user_attrs.get("num_layers"),
+    )
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -61,6 +78,8 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_recipe(study: Any, policy: str, path: str | Path) -> tuple[Recipe, Path]:
-    recipe, text = recipe_yaml(study, policy)
+def write_recipe(
+    study: Any, policy: str, path: str | Path, fmt: str = "autotune"
+) -> tuple[Recipe, Path]:
+    recipe, text = recipe_yaml(study, policy, fmt)
     return recipe, write_text(path, text)

@@ -663,6 +663,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "space": prepared.space.source,
             "seed": settings.seed,
             "vocab_size": prepared.spec.vocab_size,
+            "num_layers": prepared.spec.num_layers,
         }.items():
             study.set_user_attr(key, value)
         for params in baseline_params(prepared.space):

@@ -91,6 +91,17 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     printed = autotune("export", "--storage", storage, "--study", "e2e", cwd=tmp_path)
     assert Recipe.from_yaml(printed.stdout) == recipe
 
+    for fmt, key in (
+        ("hf", "training_arguments"),
+        ("axolotl", "base_model"),
+        ("llamafactory", "finetuning_type"),
+    ):
+        other = autotune("export", "--storage", storage, "--format", fmt, cwd=tmp_path)
+        assert other.returncode == 0, other.stderr
+        assert key in yaml.safe_load(other.stdout)
+    wrong = autotune("export", "--storage", storage, "--format", "deepspeed", cwd=tmp_path)
+    assert wrong.returncode == 2 and "--format 'deepspeed'" in wrong.stderr
+
     report = autotune("report", "--storage", storage, "-o", "r/out.html", cwd=tmp_path)
     assert report.returncode == 0 and (tmp_path / "r" / "out.html").stat().st_size > 100_000
 

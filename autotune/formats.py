@@ -1,0 +1,213 @@
+"""A recipe in the configuration languages of other trainers: Hugging Face, axolotl, LLaMA-Factory.
+
+Each function returns a plain mapping whose keys are the target's own option names; `render`
+adds a comment header with what autotune measured, since those tools reject unknown keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autotune.recipe import Recipe
+
+EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
+
+HF_OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
+
+
+def _half_flags(recipe: Recipe) -> dict[str, bool]:
+    """bf16/fp16 flags as Trainer-based tools read them (autocast, fp32 master weights)."""
+    return {
+        "bf16": recipe.precision in ("bf16", "amp_bf16"),
+        "fp16": recipe.precision in ("fp16", "amp_fp16"),
+    }
+
+
+def _target_list(recipe: Recipe) -> list[str] | str:
+    targets = recipe.lora_target_modules
+    return targets if isinstance(targets, str) else list(targets or ())
+
+
+def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str, Any]:
+    """Keyword arguments of TrainingArguments, LoraConfig and BitsAndBytesConfig."""
+    training = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "learning_rate": recipe.learning_rate,
+        "optim": HF_OPTIMIZERS[recipe.optimizer],
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        **_half_flags(recipe),
+    }
+    config: dict[str, Any] = {
+        "model_name_or_path": recipe.model,
+        "max_seq_length": recipe.seq_len,
+        "training_arguments": training,
+    }
+    if recipe.method == "lora":
+        config["lora_config"] = {
+            "r": recipe.lora_r,
+            "lora_alpha": recipe.lora_alpha,
+            "lora_dropout": recipe.lora_dropout,
+            "target_modules": _target_list(recipe),
+            "task_type": "CAUSAL_LM",
+        }
+    if recipe.quantization == "nf4":
+        config["bits_and_bytes_config"] = {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "float16" if _half_flags(recipe)["fp16"] else "bfloat16",
+        }
+    elif recipe.quantization == "int8":
+        config["bits_and_bytes_config"] = {"load_in_8bit": True}
+    if recipe.method == "freeze":
+        config["frozen_layers"] = recipe.frozen_layers
+    return config
+
+
+def _axolotl_dataset(data_path: str | None, data_format: str) -> dict[str, Any]:
+    kinds = {"alpaca": "alpaca", "chat": "chat_template", "text": "completion"}
+    entry: dict[str, Any] = {"path": data_path or "train.jsonl", "ds_type": "json"}
+    if data_format == "input_output":
+        entry["type"] = {
+            "field_instruction": "input",
+            "field_output": "output",
+            "format": "{instruction}\n",
+            "no_input_format": "{instruction}\n",
+        }
+    else:
+        entry["type"] = kinds.get(data_format, "alpaca")
+    if data_format == "chat":
+        entry.update(field_messages="messages", roles_to_train=["assistant"])
+    return entry
+
+
+def axolotl_config(
+    recipe: Recipe,
+    data_path: str | None = None,
+    data_format: str = "alpaca",
+    num_layers: int | None = None,
+    output_dir: str = "outputs/autotune",
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "base_model": recipe.model,
+        "load_in_8bit": recipe.quantization == "int8",
+        "load_in_4bit": recipe.quantization == "nf4",
+        "datasets": [_axolotl_dataset(data_path, data_format)],
+        "val_set_size": 0.05,
+        "output_dir": output_dir,
+        "sequence_len": recipe.seq_len,
+        "micro_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "num_epochs": 1,
+        "optimizer": HF_OPTIMIZERS[recipe.optimizer],
+        "learning_rate": recipe.learning_rate,
+        "train_on_inputs": False,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        **_half_flags(recipe),
+    }
+    if recipe.method == "lora":
+        config.update(
+            adapter="qlora" if recipe.quantization == "nf4" else "lora",
+            lora_r=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+        )
+        if recipe.lora_target_modules == "all-linear":
+            config["lora_target_linear"] = True
+        else:
+            config["lora_target_modules"] = _target_list(recipe)
+    elif recipe.method == "freeze":
+        # Everything not listed stays frozen: the decoder blocks from frozen_layers up, the
+        # final norm and the output head.
+        layers = range(recipe.frozen_layers, num_layers or recipe.frozen_layers + 1)
+        config["unfrozen_parameters"] = [
+            *(rf"^model\.layers\.{i}\..*" for i in layers),
+            r"^model\.norm\..*",
+            r"^lm_head\..*",
+        ]
+    return config
+
+
+def llamafactory_config(
+    recipe: Recipe,
+    num_layers: int | None = None,
+    dataset: str = "autotune_data",
+    output_dir: str = "saves/autotune",
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model_name_or_path": recipe.model,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": recipe.method,
+        "dataset": dataset,
+        "template": "default",
+        "cutoff_len": recipe.seq_len,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "learning_rate": recipe.learning_rate,
+        "num_train_epochs": 1.0,
+        "optim": HF_OPTIMIZERS[recipe.optimizer],
+        "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
+        **_half_flags(recipe),
+    }
+    if recipe.method == "lora":
+        targets = recipe.lora_target_modules
+        config.update(
+            lora_rank=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+            lora_target="all" if targets == "all-linear" else ",".join(targets or ()),
+        )
+        if recipe.quantization != "none":
+            config.update(
+                quantization_bit=4 if recipe.quantization == "nf4" else 8,
+                quantization_method="bitsandbytes",
+            )
+    elif recipe.method == "freeze":
+        # LLaMA-Factory counts the trainable blocks from the top.
+        config["freeze_trainable_layers"] = (num_layers or recipe.frozen_layers + 1) - (
+            recipe.frozen_layers
+        )
+        config["freeze_trainable_modules"] = "all"
+    return config
+
+
+def render(
+    fmt: str,
+    recipe: Recipe,
+    measured: dict[str, Any] | None,
+    *,
+    data_path: str | None = None,
+    data_format: str = "alpaca",
+    num_layers: int | None = None,
+) -> str:
+    """The recipe as YAML in `fmt`; measured figures as YAML (autotune) or a comment header."""
+    if fmt == "autotune":
+        return recipe.to_yaml(measured=measured)
+    if fmt == "hf":
+        body = hf_config(recipe)
+    elif fmt == "axolotl":
+        body = axolotl_config(recipe, data_path, data_format, num_layers)
+    else:
+        body = llamafactory_config(recipe, num_layers)
+    header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
+    for key, value in (measured or {}).items():
+        if not isinstance(value, dict):
+            header.append(f"# measured {key}: {value}")
+    if fmt == "llamafactory":
+        header.append(
+            f"# register dataset {body['dataset']!r} in data/dataset_info.json "
+            f"pointing at {Path(data_path).name if data_path else 'your JSONL file'}"
+        )
+    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)

@@ -1,0 +1,153 @@
+"""Exported configs use the option names their target tools document.
+
+Hugging Face names are checked against the installed classes themselves. axolotl and
+LLaMA-Factory are not installed here; their names are those of axolotl's config reference
+(docs/config-reference.qmd: base_model, load_in_4bit, adapter, lora_target_linear,
+unfrozen_parameters, ...) and of LLaMA-Factory's argument dataclasses (ModelArguments,
+DataArguments, FinetuningArguments, plus Seq2SeqTrainingArguments) and examples/train_*/*.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
+from autotune.recipe import Recipe
+
+AXOLOTL_KEYS = {
+    "base_model",
+    "load_in_8bit",
+    "load_in_4bit",
+    "datasets",
+    "val_set_size",
+    "output_dir",
+    "sequence_len",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "num_epochs",
+    "optimizer",
+    "learning_rate",
+    "train_on_inputs",
+    "gradient_checkpointing",
+    "bf16",
+    "fp16",
+    "adapter",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_linear",
+    "lora_target_modules",
+    "unfrozen_parameters",
+}
+AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
+LLAMAFACTORY_OWN_KEYS = {
+    "model_name_or_path",
+    "stage",
+    "finetuning_type",
+    "dataset",
+    "template",
+    "cutoff_len",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "quantization_bit",
+    "quantization_method",
+    "freeze_trainable_layers",
+    "freeze_trainable_modules",
+    "disable_gradient_checkpointing",
+}
+OPTIMIZER_NAMES = {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
+
+RECIPES = {
+    "qlora": {
+        "method": "lora",
+        "quantization": "nf4",
+        "lora_r": 16,
+        "optimizer": "paged_adamw_8bit",
+    },
+    "lora-qv-int8": {
+        "method": "lora",
+        "quantization": "int8",
+        "lora_r": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "precision": "amp_bf16",
+    },
+    "full-8bit": {"method": "full", "optimizer": "adamw_8bit", "precision": "fp16"},
+    "freeze": {"method": "freeze", "frozen_layers": 20},
+}
+
+
+def recipe(name: str) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "model": "Qwen/Qwen2-7B",
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            **RECIPES[name],
+        }
+    )
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_hf_keywords_construct_the_real_classes(name):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainingArguments
+
+    config = hf_config(recipe(name))
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(config["training_arguments"]) <= fields
+    assert config["training_arguments"]["optim"] in OPTIMIZER_NAMES
+    if "lora_config" in config:
+        lora = LoraConfig(**config["lora_config"])
+        assert lora.r == recipe(name).lora_r
+    if "bits_and_bytes_config" in config:
+        bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
+        assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_axolotl_keys(name):
+    config = axolotl_config(recipe(name), "data/train.jsonl", "chat", num_layers=28)
+    assert set(config) <= AXOLOTL_KEYS
+    assert all(set(d) <= AXOLOTL_DATASET_KEYS for d in config["datasets"])
+    assert config["optimizer"] in OPTIMIZER_NAMES
+    if name == "qlora":
+        assert config["adapter"] == "qlora" and config["lora_target_linear"] is True
+    if name == "freeze":
+        patterns = config["unfrozen_parameters"]
+        assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
+        assert r"^model\.layers\.19\..*" not in patterns
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_llamafactory_keys(name):
+    from transformers import Seq2SeqTrainingArguments
+
+    config = llamafactory_config(recipe(name), num_layers=28)
+    trainer_fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    assert set(config) <= LLAMAFACTORY_OWN_KEYS | trainer_fields
+    assert config["finetuning_type"] == recipe(name).method
+    if name == "qlora":
+        assert config["quantization_bit"] == 4 and config["lora_target"] == "all"
+    if name == "lora-qv-int8":
+        assert config["lora_target"] == "q_proj,v_proj" and config["quantization_bit"] == 8
+    if name == "freeze":
+        assert config["freeze_trainable_layers"] == 8
+
+
+def test_render_puts_measured_figures_in_comments():
+    text = render(
+        "axolotl",
+        recipe("qlora"),
+        {"tokens_per_second": 1234.5},
+        data_path="d.jsonl",
+        num_layers=28,
+    )
+    assert text.startswith("# QLoRA nf4 r16")
+    assert "# measured tokens_per_second: 1234.5" in text
+    assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
+    assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
