@@ -258,14 +258,17 @@ def report(
     output: Path | None = typer.Option(
         None, "--output", "-o", help="HTML path (default: reports/<study>.html)."
     ),
+    csv: Path | None = typer.Option(None, "--csv", help="Also write the trials table as CSV."),
 ) -> None:
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.report import write_report
     from autotune.study import load_existing_study
 
     found = load_existing_study(storage, study)
-    path = write_report(found, output or Path("reports") / f"{found.study_name}.html")
+    path = write_report(found, output or Path("reports") / f"{found.study_name}.html", csv)
     typer.echo(f"report: {path}")
+    if csv is not None:
+        typer.echo(f"trials table: {csv}")
 
 
 @app.command()

@@ -359,10 +359,10 @@ def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
-def baseline_params(space: SearchSpace) -> list[dict[str, Any]]:
+def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     """BASELINES, each moved to the nearest point the space can express (duplicates dropped)."""
-    chosen: list[dict[str, Any]] = []
-    for preferences in BASELINES.values():
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for baseline_name, preferences in BASELINES.items():
         if preferences["method"] not in space.method:
             continue
         method = preferences["method"]
@@ -395,8 +395,8 @@ def baseline_params(space: SearchSpace) -> list[dict[str, Any]]:
                 params[name] = min(choices, key=lambda c: abs(c - wanted))
             else:
                 params[name] = choices[0]
-        if params not in chosen:
-            chosen.append(params)
+        if all(params != other for _, other in chosen):
+            chosen.append((baseline_name, params))
     return chosen
 
 
@@ -454,7 +454,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # The sampler proposed a recipe already tried: reuse its figures instead of paying
             # for another probe, and keep it off the frontier so no recipe shows twice.
             for key, value in earlier.user_attrs.items():
-                trial.set_user_attr(key, value)
+                if key not in ("baseline", "worker"):
+                    trial.set_user_attr(key, value)
             trial.set_user_attr("status", "duplicate")
             trial.set_user_attr("reason", f"same recipe as trial {earlier.number}")
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
@@ -666,8 +667,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "num_layers": prepared.spec.num_layers,
         }.items():
             study.set_user_attr(key, value)
-        for params in baseline_params(prepared.space):
-            study.enqueue_trial(params, skip_if_exists=True)
+        for name, params in baseline_params(prepared.space):
+            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(

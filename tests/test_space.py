@@ -92,11 +92,12 @@ def test_frozen_layer_count_keeps_one_block_each_side():
 def test_baselines_are_points_of_the_space():
     for path in SPACES_DIR.glob("*.yaml"):
         space = SearchSpace.load(path)
-        for params in baseline_params(space):
+        for _, params in baseline_params(space):
             recipe = space.build(params, "m", SPEC, 128)
             assert space.params_of(recipe, SPEC) == params
     default = baseline_params(SearchSpace.load())
-    qlora = space_recipe = SearchSpace.load().build(default[0], "m", SPEC, 128)
+    assert default[0][0] == "qlora_default"
+    qlora = space_recipe = SearchSpace.load().build(default[0][1], "m", SPEC, 128)
     assert (qlora.quantization, qlora.lora_r, qlora.micro_batch_size) == ("nf4", 16, 1)
     assert space_recipe.lora_target_modules == "all-linear"
 

@@ -155,7 +155,22 @@ def test_export_and_report_from_the_study(workspace):
     assert len(report.frame) == 8
     page = render_html(report)
     assert "Plotly.newPlot" in page and "chart-0" in page and "chart-1" in page
+    assert page.count("Plotly.newPlot") >= 5  # pareto, two projections, 3-D, parallel, memory
     assert "not GPU memory" in page  # says which memory figure was used
+    default = report.frame[report.frame["baseline"] == "qlora_default"].iloc[0]
+    fastest_row = report.frame[report.frame["trial"] == fastest.number].iloc[0]
+    speedup = fastest_row["tokens_per_second"] / default["tokens_per_second"]
+    assert report.readings[0].startswith("fastest under 10 GB: ")
+    assert f"{speedup:.1f}x the QLoRA default" in report.readings[0]
+    assert set(report.importances) <= {"peak_memory_bytes", "tokens_per_second", "eval_loss"}
+    from autotune.report import write_report
+
+    tmp_path = workspace[0]
+    write_report(study, tmp_path / "r.html", tmp_path / "trials.csv")
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert len(table) == 8 and {"trial", "tokens_per_second", "held_up"} <= set(table.columns)
 
 
 class SlowerWhenLonger(FakeRunner):
