@@ -43,6 +43,19 @@ def _console() -> Any:
     return Console()
 
 
+def _progress(console: Any, transient: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 def _frontier_table(study: Any) -> Any:
     from rich.table import Table
 
@@ -107,8 +120,6 @@ def run(
     ),
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from autotune.export import write_recipe
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
@@ -150,14 +161,7 @@ def run(
         f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
         f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
     )
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with _progress(console, transient=True) as progress:
         task = progress.add_task("trials", total=trials)
 
         def started(number: int, label: str) -> None:
@@ -297,7 +301,6 @@ def train(
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     import yaml
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from autotune.memory import estimate as estimate_memory
     from autotune.model_spec import load_model_spec
@@ -316,13 +319,7 @@ def train(
     budget_bytes = parse_bytes(budget) if budget else None
     device_name = resolve_device(device)
     console = _console()
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with _progress(console, transient=False) as progress:
         task = progress.add_task("training", total=None)
 
         def started(start_step: int, total_steps: int) -> None:
