@@ -181,6 +181,15 @@ def run(
             else:
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
+            if summary.seconds:
+                phases = ("start", "data", "load", "warmup", "steps", "eval", "total")
+                progress.console.print(
+                    "      time: "
+                    + ", ".join(
+                        f"{p} {summary.seconds[p]:.1f}s" for p in phases if p in summary.seconds
+                    ),
+                    style="dim",
+                )
 
         def confirmed(number: int, confirmation: dict) -> None:
             verdict = "[green]held up[/]" if confirmation["held_up"] else "[red]did not hold up[/]"

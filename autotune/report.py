@@ -365,6 +365,9 @@ TABLE_COLUMNS = (
     "tokens_per_second",
     "confirm_tokens_per_second",
     "eval_loss",
+    "seconds_load",
+    "seconds_steps",
+    "seconds_total",
     "reason",
 )
 

@@ -112,6 +112,8 @@ class TrialSummary:
     predicted_peak_bytes: int
     peak_memory_bytes: float | None = None
     memory_source: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Where the probe's time went: start, device_init, data, load, warmup, steps, eval, total."""
     tokens_per_second: float | None = None
     eval_loss: float | None = None
     reason: str = ""
@@ -496,6 +498,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     predicted_peak_bytes=prediction.peak_bytes,
                     peak_memory_bytes=result.peak_memory_bytes if result else None,
                     memory_source=result.memory_source if result else "",
+                    seconds=dict(result.seconds) if result else {},
                     tokens_per_second=values[1] if status == "measured" else None,
                     eval_loss=values[2] if status == "measured" else None,
                     reason=reason,

@@ -138,3 +138,16 @@ def test_two_commands_share_one_study(workspace):  # noqa: F811
 def test_gpus_need_cuda(workspace, gpus, needle):  # noqa: F811
     with pytest.raises(UsageError, match=needle):
         prepare_run(settings_for(workspace, gpus=gpus))
+
+
+def test_gpus_must_exist(workspace, monkeypatch):  # noqa: F811
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match="names 5, but this machine has GPUs 0-1"):
+        prepare_run(settings_for(workspace, device="cuda", gpus=("0", "5")))
+    with pytest.raises(UsageError, match="lists a GPU twice"):
+        prepare_run(settings_for(workspace, device="cuda", gpus=("1", "1")))
+    prepared = prepare_run(settings_for(workspace, device="cuda", gpus=("0", "1")))
+    assert prepared.device == "cuda"
