@@ -103,6 +103,9 @@ def run(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampler, data order and split."),
+    skip_bad_rows: bool = typer.Option(
+        False, "--skip-bad-rows", help="Go on without malformed data rows (they are counted)."
+    ),
     confirm: int = typer.Option(
         3, "--confirm", help="Re-probe this many top frontier recipes, 2x longer, new seed."
     ),
@@ -152,10 +155,13 @@ def run(
         seed=seed,
         workers=workers,
         confirm_top=confirm,
+        skip_bad_rows=skip_bad_rows,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
     )
     prepared = prepare_run(settings)
     console = _console()
+    if prepared.skipped_rows:
+        console.print(f"skipped {prepared.skipped_rows} bad rows of {settings.data_path}")
     console.print(
         f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
         f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
@@ -307,6 +313,7 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     import yaml
@@ -350,6 +357,7 @@ def train(
             device=device_name,
             seed=seed,
             save_every_steps=save_steps,
+            skip_bad_rows=skip_bad_rows,
             on_start=started,
             on_step=stepped,
         )
@@ -428,6 +436,39 @@ def estimate(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
         f"({result.peak_bytes} bytes)"
     )
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    data: Path = typer.Argument(..., help="JSONL, CSV or Parquet file, or a datasets directory."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Tokenize with this model's tokenizer."
+    ),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Truncation length to check against."),
+) -> None:
+    """Rows, formats, bad rows and (with --model) token lengths and truncation."""
+    from autotune.data import describe_bad_rows, summarize
+    from autotune.study import tokenizer_for
+
+    tokenizer = tokenizer_for(model) if model else None
+    summary = summarize(data, tokenizer, seq_len)
+    formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
+    typer.echo(f"{summary.path}: {summary.rows} rows ({formats or 'none'})")
+    if summary.bad_rows:
+        typer.echo(describe_bad_rows(data, summary.bad_rows))
+    else:
+        typer.echo("no malformed rows")
+    if summary.token_length_percentiles:
+        lengths = ", ".join(f"{k} {v}" for k, v in summary.token_length_percentiles.items())
+        typer.echo(f"tokens per row: {lengths}")
+        typer.echo(
+            f"longer than seq_len {seq_len}: {summary.truncated_share:.1%} of rows; "
+            f"{summary.rows_without_answer_tokens} rows lose their whole answer"
+        )
 
 
 def main() -> None:

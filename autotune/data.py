@@ -6,9 +6,10 @@ Rows may be {"input","output"}, {"instruction","input","output"} (alpaca), {"mes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,34 +79,141 @@ def _row_problem(row: Any) -> str | None:
     return None
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read and check every row of a JSONL file; any bad line stops with its line number."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise UsageError(f"data file {path} is a directory; give a .jsonl file")
-    rows: list[dict[str, Any]] = []
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    """1-based line (JSONL, CSV with its header as line 1) or row number (Parquet, datasets)."""
+    problem: str
+
+
+MAX_BAD_ROWS_SHOWN = 3
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise UsageError(f"{path} line {line_number}: not UTF-8 text") from None
+                yield line_number, BadRow(line_number, "not UTF-8 text")
+                continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise UsageError(
-                    f"{path} line {line_number}: not valid JSON ({error.msg})"
-                ) from None
-            problem = _row_problem(row)
+                yield line_number, BadRow(line_number, f"not valid JSON ({error.msg})")
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="", errors="strict") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                yield reader.line_num, _decode_cells(row)
+        except UnicodeDecodeError:
+            yield reader.line_num + 1, BadRow(reader.line_num + 1, "not UTF-8 text")
+
+
+def _decode_cells(row: dict[str, Any], empty_is_missing: bool = True) -> dict[str, Any]:
+    """Table cells: a messages cell may hold the message list as JSON; CSV has no null, so
+    there an empty cell means a missing field."""
+    missing = (None, "") if empty_is_missing else (None,)
+    row = {k: v for k, v in row.items() if k is not None and v not in missing}
+    if isinstance(row.get("messages"), str):
+        try:
+            row["messages"] = json.loads(row["messages"])
+        except json.JSONDecodeError:
+            pass
+    return row
+
+
+def _table_records(rows: Iterator[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
+    for number, row in enumerate(rows, start=1):
+        yield number, _decode_cells(row, empty_is_missing=False)
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+    return _table_records(rows())
+
+
+def _datasets_records(path: Path) -> Iterator[tuple[int, Any]]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    assert isinstance(loaded, Dataset)
+    return _table_records(iter(loaded))
+
+
+def records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, row or BadRow) of a JSONL, CSV or Parquet file or a datasets dir."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file {path} does not exist")
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise UsageError(
+                f"data path {path} is a directory but not a datasets save_to_disk directory"
+            )
+        return _datasets_records(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix in (".parquet", ".pq"):
+        return _parquet_records(path)
+    return _jsonl_records(path)
+
+
+def scan_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[BadRow]]:
+    """Every usable row and every bad one, with its line, in one pass."""
+    rows: list[dict[str, Any]] = []
+    bad: list[BadRow] = []
+    try:
+        for number, record in records(path):
+            if isinstance(record, BadRow):
+                bad.append(record)
+                continue
+            problem = _row_problem(record)
             if problem:
-                raise UsageError(f"{path} line {line_number}: {problem}")
-            rows.append(row)
+                bad.append(BadRow(number, problem))
+            else:
+                rows.append(record)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pyarrow/datasets/csv errors: unreadable file
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"data file {path} cannot be read: {first[:200]}") from None
+    return rows, bad
+
+
+def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
+    shown = "; ".join(f"line {b.line}: {b.problem}" for b in bad[:MAX_BAD_ROWS_SHOWN])
+    more = f"; and {len(bad) - MAX_BAD_ROWS_SHOWN} more" if len(bad) > MAX_BAD_ROWS_SHOWN else ""
+    noun = "bad row" if len(bad) == 1 else "bad rows"
+    return f"{path}: {len(bad)} {noun}: {shown}{more}"
+
+
+def read_rows(path: str | Path, skip_bad_rows: bool = False) -> list[dict[str, Any]]:
+    """The rows of a data file; bad rows stop here, naming their lines, unless skipped."""
+    rows, bad = scan_rows(path)
+    if bad and not skip_bad_rows:
+        raise UsageError(describe_bad_rows(path, bad) + " (fix them or pass --skip-bad-rows)")
     if not rows:
-        raise UsageError(f"data file {path} is empty")
+        raise UsageError(
+            f"data file {path} is empty"
+            if not bad
+            else f"data file {path} has no usable row: " + describe_bad_rows(path, bad)
+        )
     return rows
 
 
@@ -198,7 +306,8 @@ def check_enough_rows(rows: Sequence[dict[str, Any]], effective_batch_size: int,
 
 
 def load_splits(path: str | Path, tokenizer: Any, seq_len: int, seed: int) -> Splits:
-    rows = read_rows(path)
+    # Bad rows were refused (or accepted for skipping) before anything ran; here they are dropped.
+    rows = read_rows(path, skip_bad_rows=True)
     train_rows, eval_rows = split_rows(rows, seed)
     template = chat_template_of(tokenizer)
 
@@ -245,3 +354,71 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
         labels.append(e.labels + [IGNORE_INDEX] * pad)
         attention_mask.append([1] * len(e.input_ids) + [0] * pad)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What `autotune data inspect` reports about a data file."""
+
+    path: str
+    rows: int
+    formats: dict[str, int]
+    bad_rows: list[BadRow]
+    seq_len: int
+    token_length_percentiles: dict[str, int] | None = None
+    """p50/p90/p99/max of prompt+answer tokens before truncation (with a tokenizer only)."""
+    truncated_share: float | None = None
+    """Share of rows longer than seq_len."""
+    rows_without_answer_tokens: int | None = None
+    """Rows whose answer is cut off entirely at seq_len: they teach nothing."""
+
+
+def summarize(
+    path: str | Path, tokenizer: Any = None, seq_len: int = 1024, max_rows: int | None = None
+) -> DataSummary:
+    """Rows, formats, bad rows and, given a tokenizer, token lengths and truncation."""
+    rows, bad = scan_rows(path)
+    formats: dict[str, int] = {}
+    for row in rows:
+        kind = detect_format(row)
+        formats[kind] = formats.get(kind, 0) + 1
+    summary = DataSummary(str(path), len(rows), formats, bad, seq_len)
+    if tokenizer is None or not rows:
+        return summary
+    template = chat_template_of(tokenizer)
+    lengths, empty = [], 0
+    for row in rows[:max_rows] if max_rows else rows:
+        encoded = tokenize(to_example(row, template), tokenizer, seq_len=10**9)
+        lengths.append(len(encoded.input_ids))
+        if tokenize(to_example(row, template), tokenizer, seq_len).trained_tokens == 0:
+            empty += 1
+    ordered = sorted(lengths)
+
+    def percentile(share: float) -> int:
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    return dataclasses.replace(
+        summary,
+        token_length_percentiles={
+            "p50": percentile(0.5),
+            "p90": percentile(0.9),
+            "p99": percentile(0.99),
+            "max": ordered[-1],
+        },
+        truncated_share=sum(1 for n in lengths if n > seq_len) / len(lengths),
+        rows_without_answer_tokens=empty,
+    )
+
+
+def check_answers_fit(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, seq_len: int, sample_rows: int = 2000
+) -> None:
+    """Refuse data whose every row loses its whole answer to truncation at seq_len."""
+    template = chat_template_of(tokenizer)
+    for row in rows[:sample_rows]:
+        if tokenize(to_example(row, template), tokenizer, seq_len).trained_tokens > 0:
+            return
+    raise UsageError(
+        f"every row checked is truncated to nothing at seq_len {seq_len} (the answer starts "
+        "later); raise --seq-len"
+    )

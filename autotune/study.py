@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune.data import check_enough_rows, read_rows
+from autotune.data import (
+    check_answers_fit,
+    check_enough_rows,
+    describe_bad_rows,
+    read_rows,
+    scan_rows,
+)
 from autotune.errors import UsageError
 from autotune.memory import estimate
 from autotune.model_spec import ModelSpec, load_model_spec
@@ -100,6 +106,8 @@ class RunSettings:
     """Frontier recipes re-probed after the search, twice as long and with another seed."""
     workers: int = 1
     """Probes run at once on this machine (one thread each, each probe its own process)."""
+    skip_bad_rows: bool = False
+    """Go on without malformed data rows instead of stopping before any probe."""
     gpus: tuple[str, ...] = ()
     """CUDA device indices; each probe gets one of them as its only visible GPU."""
 
@@ -187,6 +195,7 @@ class PreparedRun:
     study_name: str
     storage: str
     smallest_peak_bytes: int
+    skipped_rows: int = 0
 
 
 def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_len: int) -> int:
@@ -194,6 +203,16 @@ def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_l
         estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
         for params in space.all_params()
     )
+
+
+def tokenizer_for(model: str) -> Any:
+    try:
+        from autotune.training.build import load_tokenizer
+
+        return load_tokenizer(model)
+    except Exception as error:  # noqa: BLE001 - missing files, hub errors: cannot tokenize
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"cannot load the tokenizer of model {model!r}: {first[:200]}") from None
 
 
 def prepare_run(settings: RunSettings) -> PreparedRun:
@@ -206,7 +225,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
     spec = load_model_spec(settings.model)
     space = SearchSpace.load(settings.space_path)
-    rows = read_rows(settings.data_path)
+    rows, bad_rows = scan_rows(settings.data_path)
+    if bad_rows and not settings.skip_bad_rows:
+        raise UsageError(
+            describe_bad_rows(settings.data_path, bad_rows) + " (fix them or pass --skip-bad-rows)"
+        )
+    rows = read_rows(settings.data_path, skip_bad_rows=True)
     check_enough_rows(rows, space.effective_batch_size, settings.seed)
     smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
     if smallest > settings.budget_bytes:
@@ -225,13 +249,16 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         )
     else:
         settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
+    check_answers_fit(rows, tokenizer_for(settings.model), settings.seq_len)
     device = resolve_device(settings.device)
     check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
     )
     storage = settings.storage or DEFAULT_STORAGE
-    return PreparedRun(settings, spec, space, device, study_name, storage, smallest)
+    return PreparedRun(
+        settings, spec, space, device, study_name, storage, smallest, skipped_rows=len(bad_rows)
+    )
 
 
 def _quiet_optuna() -> None:

@@ -135,6 +135,8 @@ def config_only(tmp_path) -> Path:
     model = tmp_path / "cfg"
     model.mkdir()
     shutil.copy(DEMO / "config.json", model / "config.json")
+    for item in (DEMO / "tokenizer").iterdir():
+        shutil.copy(item, model / item.name)
     return model
 
 

@@ -64,6 +64,8 @@ def workspace(tmp_path, monkeypatch):
     model = tmp_path / "config-only-model"
     model.mkdir()
     shutil.copy(DEMO / "config.json", model / "config.json")
+    for item in (DEMO / "tokenizer").iterdir():
+        shutil.copy(item, model / item.name)
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
     return tmp_path, model, data
 

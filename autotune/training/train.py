@@ -132,6 +132,7 @@ def train(
     device: str = "cpu",
     seed: int = 0,
     save_every_steps: int = 100,
+    skip_bad_rows: bool = False,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainReport:
@@ -144,6 +145,9 @@ def train(
 
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
+    from autotune.data import read_rows
+
+    read_rows(data_path, skip_bad_rows=skip_bad_rows)
     check_output_dir(output_dir)
     meter = MemoryMeter(device)
     budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False

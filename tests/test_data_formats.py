@@ -1,0 +1,171 @@
+"""Data in every supported container, bad-row policy, inspection and truncation checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autotune.data import check_answers_fit, read_rows, scan_rows, summarize
+from autotune.errors import UsageError
+from autotune.probe import SubprocessProbeRunner
+from autotune.recipe import Recipe
+from autotune.study import RunSettings, prepare_run
+from autotune.training.build import load_tokenizer
+from autotune.training.io import ProbeRequest
+from tests.conftest import DEMO, write_jsonl
+
+AUTOTUNE = str(Path(sys.executable).parent / "autotune")
+ROWS = [
+    {"instruction": "Add.", "input": "2 and 2", "output": "4"},
+    {"input": "Capital of Peru?", "output": "Lima"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    {"text": "plain text row"},
+] * 5
+
+
+def as_csv(path: Path, rows: list[dict]) -> Path:
+    fields = ["instruction", "input", "output", "messages", "text"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if k == "messages" else v for k, v in row.items()})
+    return path
+
+
+def as_parquet(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [{**r, "messages": json.dumps(r["messages"])} if "messages" in r else r for r in rows]
+    )
+    frame.to_parquet(path)
+    return path
+
+
+def as_datasets_dir(path: Path, rows: list[dict]) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_list(
+        [{"text": r.get("text") or r.get("output") or "chat"} for r in rows]
+    ).save_to_disk(str(path))
+    return path
+
+
+def test_csv_reads_like_jsonl(tmp_path):
+    jsonl_rows, _ = scan_rows(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    csv_rows, bad = scan_rows(as_csv(tmp_path / "d.csv", ROWS))
+    assert not bad and csv_rows == jsonl_rows
+
+
+def test_parquet_rows(tmp_path):
+    rows, bad = scan_rows(as_parquet(tmp_path / "d.parquet", ROWS))
+    assert not bad and len(rows) == len(ROWS)
+    assert rows[0]["instruction"] == "Add." and rows[3]["text"] == "plain text row"
+
+
+def test_datasets_directory(tmp_path):
+    rows, bad = scan_rows(as_datasets_dir(tmp_path / "saved", ROWS))
+    assert not bad and len(rows) == len(ROWS) and rows[0] == {"text": "4"}
+
+
+def test_a_plain_directory_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="not a datasets save_to_disk directory"):
+        read_rows(tmp_path)
+
+
+def test_bad_rows_are_counted_named_and_skippable(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"text": "ok"}\n{"text": ""}\n{"text": "fine"}\nnot json\n'
+        b'{"input": 1, "output": "x"}\n{"text": "caf\xe9"}\n{"text": "last"}\n'
+    )
+    with pytest.raises(UsageError) as error:
+        read_rows(path)
+    message = str(error.value)
+    assert '4 bad rows: line 2: field "text" is empty; line 4: not valid JSON' in message
+    assert "and 1 more" in message and "--skip-bad-rows" in message
+    assert [r["text"] for r in read_rows(path, skip_bad_rows=True)] == ["ok", "fine", "last"]
+
+
+def test_csv_bad_row_line_numbers_count_the_header(tmp_path):
+    rows = [{"input": "q", "output": "a"}, {"input": "q2", "output": ""}]
+    _, bad = scan_rows(as_csv(tmp_path / "d.csv", rows))
+    assert [(b.line, b.problem) for b in bad] == [
+        (3, 'no known fields: expected "text", "input"/"output", "instruction" or "messages"')
+    ]
+
+
+def test_summary_with_tokenizer(tmp_path):
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    rows = [{"input": "word " * n, "output": "done"} for n in range(1, 41)]
+    summary = summarize(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, seq_len=16)
+    assert summary.rows == 40 and summary.formats == {"input_output": 40}
+    percentiles = summary.token_length_percentiles
+    assert percentiles["p50"] <= percentiles["p90"] <= percentiles["max"]
+    assert 0 < summary.truncated_share < 1
+    assert 0 < summary.rows_without_answer_tokens < 40
+
+
+def test_every_answer_truncated_is_refused():
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    with pytest.raises(UsageError, match="truncated to nothing at seq_len 4"):
+        check_answers_fit([{"input": "a long question " * 5, "output": "x"}] * 3, tokenizer, 4)
+
+
+def test_run_stops_on_bad_rows_unless_skipped(tmp_path, tiny_model):
+    rows = [{"text": f"row {i}"} for i in range(30)] + [{"text": ""}, {"output": 3}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    settings = RunSettings(
+        model=str(tiny_model),
+        data_path=data,
+        budget_bytes=10**10,
+        space_path=DEMO / ".." / "search_spaces" / "demo.yaml",
+        seq_len=32,
+        device="cpu",
+    )
+    with pytest.raises(UsageError, match="2 bad rows"):
+        prepare_run(settings)
+    from dataclasses import replace
+
+    assert prepare_run(replace(settings, skip_bad_rows=True)).skipped_rows == 2
+
+
+def test_probe_trains_on_parquet(tmp_path, tiny_model):
+    data = as_parquet(tmp_path / "d.parquet", ROWS * 2)
+    recipe = Recipe.from_dict(
+        {
+            "model": str(tiny_model),
+            "method": "lora",
+            "lora_r": 4,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "seq_len": 32,
+        }
+    )
+    result = SubprocessProbeRunner(300).run(
+        ProbeRequest(
+            recipe=recipe, data_path=str(data), steps=2, device="cpu", budget_bytes=10**10, seed=0
+        ),
+        tmp_path / "probe",
+    )
+    assert result.status == "ok", result.reason
+    assert result.eval_loss > 0
+
+
+def test_inspect_command(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": ""}])
+    done = subprocess.run(
+        [AUTOTUNE, "data", "inspect", str(data), "--model", str(tiny_model), "--seq-len", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "20 rows (alpaca 5, chat 5, input_output 5, text 5)" in done.stdout
+    assert "1 bad row: line 21" in done.stdout
+    assert "tokens per row: p50" in done.stdout and "longer than seq_len 8" in done.stdout
