@@ -278,6 +278,7 @@ def report(
         None, "--output", "-o", help="HTML path (default: reports/<study>.html)."
     ),
     csv: Path | None = typer.Option(None, "--csv", help="Also write the trials table as CSV."),
+    png: Path | None = typer.Option(None, "--png", help="Also write the Pareto chart as PNG."),
 ) -> None:
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.report import write_report
@@ -288,6 +289,10 @@ def report(
     typer.echo(f"report: {path}")
     if csv is not None:
         typer.echo(f"trials table: {csv}")
+    if png is not None:
+        from autotune.report import write_main_chart_png
+
+        typer.echo(f"chart: {write_main_chart_png(found, png)}")
 
 
 @app.command()

@@ -128,28 +128,34 @@ def frontier_readings(frame: Any, budget_bytes: int) -> list[str]:
 
 def objective_importances(study: Any) -> dict[str, dict[str, float]]:
     """Parameter importances per objective over measured trials; empty where too few."""
+    import warnings
+
     import optuna
 
-    from autotune.study import OBJECTIVE_NAMES as names
+    from autotune.study import DIRECTIONS
 
+    states = (optuna.trial.TrialState.COMPLETE,)
     measured = [
         t
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for t in study.get_trials(deepcopy=False, states=states)
         if t.user_attrs.get("status") == "measured"
     ]
     if len(measured) < 4:
         return {}
     result: dict[str, dict[str, float]] = {}
-    for index, name in enumerate(names):
+    for index, (name, direction) in enumerate(zip(OBJECTIVE_NAMES, DIRECTIONS)):
+        # The evaluator explains low values; flip the sign of what is maximised.
+        sign = -1.0 if direction == "maximize" else 1.0
+
+        def target(trial: Any, i: int = index, s: float = sign) -> float:
+            if trial.user_attrs.get("status") != "measured":
+                return float("nan")
+            return s * trial.values[i]
+
         try:
-            result[name] = dict(
-                optuna.importance.get_param_importances(
-                    study,
-                    target=lambda t, i=index: (
-                        t.values[i] if t.user_attrs.get("status") == "measured" else float("nan")
-                    ),
-                )
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                result[name] = dict(optuna.importance.get_param_importances(study, target=target))
         except (RuntimeError, ValueError, ZeroDivisionError):
             continue
     return result
@@ -252,7 +258,7 @@ def _pareto_figure(data: ReportData) -> Any:
     measured = frame[frame["status"] == "measured"]
     on_front = measured[measured["on_frontier"]]
     others = measured[~measured["on_frontier"]]
-    unmeasured = frame[frame["status"] != "measured"]
+    unmeasured = frame[~frame["status"].isin(["measured", "duplicate"])]
     figure = go.Figure()
     gib = 2**30
     loss_range = (
@@ -407,3 +413,26 @@ def write_report(study: Any, path: str | Path, csv_path: str | Path | None = Non
     if csv_path is not None:
         write_text(csv_path, data.frame.to_csv(index=False))
     return write_text(path, render_html(data))
+
+
+def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
+    """The Pareto chart as a PNG: plotly's kaleido where it works, else headless Chromium."""
+    import tempfile
+
+    from autotune.errors import UsageError
+
+    figure = _pareto_figure(report_data(study))
+    png_path = Path(png_path)
+    try:
+        figure.write_image(str(png_path), width=1000, height=650)
+        return png_path
+    except Exception:  # noqa: BLE001 - kaleido missing or without a browser: try Chromium
+        pass
+    from autotune.browser import find_chromium, screenshot
+
+    if find_chromium() is None:
+        raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH")
+    with tempfile.TemporaryDirectory() as scratch:
+        page = Path(scratch) / "chart.html"
+        page.write_text(figure.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
+        return screenshot(page, png_path)

@@ -1,0 +1,72 @@
+"""Headless Chromium, for a PNG of the main chart and for checking that a report renders."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+HEADLESS_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def find_chromium() -> str | None:
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _run(args: list[str], timeout_seconds: float) -> subprocess.CompletedProcess:
+    chromium = find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("no Chromium or Chrome found on PATH")
+    with tempfile.TemporaryDirectory(prefix="autotune-chromium-") as profile:
+        return subprocess.run(
+            [chromium, *HEADLESS_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_seconds,
+        )
+
+
+def rendered_dom(html_path: Path, timeout_seconds: float = 120) -> str:
+    """The page's DOM after its scripts ran (plotly draws its SVG then)."""
+    done = _run(
+        ["--virtual-time-budget=10000", "--dump-dom", html_path.resolve().as_uri()], timeout_seconds
+    )
+    return done.stdout
+
+
+def screenshot(
+    html_path: Path,
+    png_path: Path,
+    width: int = 1000,
+    height: int = 650,
+    timeout_seconds: float = 120,
+) -> Path:
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    _run(
+        [
+            f"--screenshot={png_path.resolve()}",
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=10000",
+            html_path.resolve().as_uri(),
+        ],
+        timeout_seconds,
+    )
+    if not png_path.exists():
+        raise RuntimeError(f"Chromium wrote no screenshot to {png_path}")
+    return png_path
