@@ -22,25 +22,15 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shared import MODELS_DIR, ROOT, gpu_name, long_rows, model_dir  # noqa: E402
 
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
-from autotune.random_model import build_random_model  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
-
-CONFIGS = {
-    "qwen2-0.5b": ROOT / "bench" / "configs" / "qwen2-0.5b.json",
-    "llama-3.2-1b": ROOT / "bench" / "configs" / "llama-3.2-1b.json",
-    "qwen2-7b": ROOT / "bench" / "configs" / "qwen2-7b.json",
-    "demo": ROOT / "demo" / "config.json",
-}
-TOKENIZER = ROOT / "demo" / "tokenizer"
-MODELS_DIR = ROOT / "bench" / ".models"
-WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone".split()
 
 
 def grid(shape: str) -> list[dict]:
@@ -108,25 +98,6 @@ def grid(shape: str) -> list[dict]:
             for r in recipes
         ]
     return recipes
-
-
-def long_rows(path: Path, rows: int, seed: int = 0) -> Path:
-    """Text rows far longer than any seq_len, so every sample is truncated to exactly seq_len."""
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as handle:
-        for _ in range(rows):
-            handle.write(
-                json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(6000))}) + "\n"
-            )
-    return path
-
-
-def model_dir(shape: str, models_dir: Path) -> Path:
-    target = models_dir / shape
-    if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
-        print(f"building random-init {shape} in {target}", flush=True)
-        build_random_model(CONFIGS[shape], target, TOKENIZER)
-    return target
 
 
 def main() -> int:
@@ -205,7 +176,7 @@ def main() -> int:
                 "date": datetime.date.today().isoformat(),
                 "machine": platform.platform(),
                 "device": args.device,
-                "gpu": _gpu_name(args.device),
+                "gpu": gpu_name(args.device),
                 "summary": summary,
                 "rows": rows,
             },
@@ -214,14 +185,6 @@ def main() -> int:
         encoding="utf-8",
     )
     return 0
-
-
-def _gpu_name(device: str) -> str:
-    if not device.startswith("cuda"):
-        return ""
-    import torch
-
-    return torch.cuda.get_device_name(0)
 
 
 if __name__ == "__main__":

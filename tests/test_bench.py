@@ -41,3 +41,44 @@ def test_memory_bench_cpu_path(tmp_path):
         assert row["predicted_peak_bytes"] == sum(row["breakdown"].values())
         assert row["measured_peak_bytes"] > 0 and row["memory_source"] == "cpu_peak_rss_delta"
     assert "bench/memory_bench.py --device cpu" in results["command"]
+
+
+def test_study_bench_cpu_path(tmp_path):
+    out = tmp_path / "study.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "study_bench.py"),
+            "--shape",
+            "demo",
+            "--device",
+            "cpu",
+            "--budget",
+            "4GB",
+            "--trials",
+            "3",
+            "--probe-steps",
+            "2",
+            "--seq-len",
+            "48",
+            "--space",
+            str(ROOT / "search_spaces" / "demo.yaml"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--models-dir",
+            str(tmp_path / "models"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    assert summary["trials"] == 3 and summary["trials_per_hour"] > 0
+    assert summary["default_tokens_per_second"] > 0  # the QLoRA default was probed first
+    assert summary["speedup_over_default"] >= 1.0  # the frontier's fastest is at least as fast
+    assert {"load", "steps", "total"} <= set(summary["median_seconds_per_phase"])
+    assert results["frontier"]

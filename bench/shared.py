@@ -1,0 +1,51 @@
+"""What the benchmarks share: real-shape configs, cached random-init models, long-row data."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from autotune.random_model import build_random_model  # noqa: E402
+
+CONFIGS = {
+    "qwen2-0.5b": ROOT / "bench" / "configs" / "qwen2-0.5b.json",
+    "llama-3.2-1b": ROOT / "bench" / "configs" / "llama-3.2-1b.json",
+    "qwen2-7b": ROOT / "bench" / "configs" / "qwen2-7b.json",
+    "demo": ROOT / "demo" / "config.json",
+}
+TOKENIZER = ROOT / "demo" / "tokenizer"
+MODELS_DIR = ROOT / "bench" / ".models"
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone".split()
+
+
+def long_rows(path: Path, rows: int, seed: int = 0) -> Path:
+    """Text rows far longer than any seq_len, so every sample is truncated to exactly seq_len."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            text = " ".join(rng.choice(WORDS) for _ in range(6000))
+            handle.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def model_dir(shape: str, models_dir: Path) -> Path:
+    """A random-init model of `shape` with the demo tokenizer, built once and cached."""
+    target = models_dir / shape
+    if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
+        print(f"building random-init {shape} in {target}", flush=True)
+        build_random_model(CONFIGS[shape], target, TOKENIZER)
+    return target
+
+
+def gpu_name(device: str) -> str:
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return torch.cuda.get_device_name(0)
