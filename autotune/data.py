@@ -7,7 +7,9 @@ Rows may be {"input","output"}, {"instruction","input","output"} (alpaca), {"mes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -422,3 +424,91 @@ def check_answers_fit(
         f"every row checked is truncated to nothing at seq_len {seq_len} (the answer starts "
         "later); raise --seq-len"
     )
+
+
+TOKEN_CACHE_VERSION = 1
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Changes whenever the tokens a text becomes could change."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    parts = [
+        vocabulary,
+        str(getattr(tokenizer, "chat_template", "")),
+        str(tokenizer.eos_token_id),
+        str(tokenizer.bos_token_id),
+        str(getattr(tokenizer, "add_bos_token", False)),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def token_cache_key(path: str | Path, tokenizer: Any, seq_len: int, seed: int) -> str:
+    """One key per (data content, tokenizer, seq_len, split seed)."""
+    text = f"{TOKEN_CACHE_VERSION}:{_file_digest(Path(path))}:{tokenizer_fingerprint(tokenizer)}"
+    return hashlib.sha256(f"{text}:{seq_len}:{seed}".encode()).hexdigest()[:24]
+
+
+def _pack(examples: list[TokenizedExample]) -> dict[str, Any]:
+    import numpy as np
+
+    lengths = [len(e.input_ids) for e in examples]
+    return {
+        "ids": np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
+        "labels": np.fromiter((t for e in examples for t in e.labels), dtype=np.int32),
+        "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+    }
+
+
+def _unpack(ids: Any, labels: Any, offsets: Any) -> list[TokenizedExample]:
+    return [
+        TokenizedExample(ids[a:b].tolist(), labels[a:b].tolist())
+        for a, b in zip(offsets[:-1], offsets[1:])
+    ]
+
+
+def load_token_cache(cache_file: str | Path) -> Splits:
+    import numpy as np
+
+    with np.load(cache_file) as stored:
+        return Splits(
+            train=_unpack(stored["train_ids"], stored["train_labels"], stored["train_offsets"]),
+            eval=_unpack(stored["eval_ids"], stored["eval_labels"], stored["eval_offsets"]),
+        )
+
+
+def cached_splits(
+    path: str | Path, tokenizer: Any, seq_len: int, seed: int, cache_dir: str | Path
+) -> tuple[Splits, Path]:
+    """Tokenized splits from the on-disk cache, building it on first use (atomically)."""
+    import numpy as np
+
+    cache_file = Path(cache_dir) / f"tokens-{token_cache_key(path, tokenizer, seq_len, seed)}.npz"
+    if cache_file.exists():
+        return load_token_cache(cache_file), cache_file
+    splits = load_splits(path, tokenizer, seq_len, seed)
+    arrays = {
+        f"{name}_{k}": v
+        for name, examples in (("train", splits.train), ("eval", splits.eval))
+        for k, v in _pack(examples).items()
+    }
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(f".{os.getpid()}.partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(cache_file)
+    return splits, cache_file

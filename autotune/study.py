@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.data import (
+    cached_splits,
     check_answers_fit,
     check_enough_rows,
     describe_bad_rows,
@@ -196,6 +197,7 @@ class PreparedRun:
     storage: str
     smallest_peak_bytes: int
     skipped_rows: int = 0
+    token_cache: str | None = None
 
 
 def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_len: int) -> int:
@@ -249,7 +251,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         )
     else:
         settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
-    check_answers_fit(rows, tokenizer_for(settings.model), settings.seq_len)
+    tokenizer = tokenizer_for(settings.model)
+    check_answers_fit(rows, tokenizer, settings.seq_len)
+    # Tokenize once for every probe and worker of this study (and later studies on the data).
+    _, token_cache = cached_splits(
+        settings.data_path, tokenizer, settings.seq_len, settings.seed, TRIALS_DIR / "cache"
+    )
     device = resolve_device(settings.device)
     check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
@@ -257,7 +264,15 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
     storage = settings.storage or DEFAULT_STORAGE
     return PreparedRun(
-        settings, spec, space, device, study_name, storage, smallest, skipped_rows=len(bad_rows)
+        settings,
+        spec,
+        space,
+        device,
+        study_name,
+        storage,
+        smallest,
+        skipped_rows=len(bad_rows),
+        token_cache=str(token_cache.resolve()),
     )
 
 
@@ -551,6 +566,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 budget_bytes=budget,
                 seed=settings.seed,
                 visible_gpu=gpu,
+                token_cache=prepared.token_cache,
             )
             workdir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("probe_dir", str(workdir))

@@ -123,11 +123,32 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     assert "trained 2 steps" in trained.stdout and "probe measured" in trained.stdout
     assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
     assert any((tmp_path / "model-out").glob("*.safetensors"))
+    assert_generates(tmp_path / "model-out", tiny_model)
 
     again = autotune(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "already holds 4 finished trials" in again.stdout
     assert len(optuna.load_study(study_name="e2e", storage=storage).trials) == 4
+
+
+def assert_generates(output: Path, base_model: Path) -> None:
+    """What `autotune train` saved loads (a peft adapter on the base, or a whole model) and
+    generates text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (output / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(base_model)), str(output)
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(output))
+    tokenizer = AutoTokenizer.from_pretrained(str(output))
+    inputs = tokenizer("Add 2 and 5.\n", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :])
 
 
 @pytest.fixture()

@@ -169,3 +169,54 @@ def test_inspect_command(tmp_path, tiny_model):
     assert "20 rows (alpaca 5, chat 5, input_output 5, text 5)" in done.stdout
     assert "1 bad row: line 21" in done.stdout
     assert "tokens per row: p50" in done.stdout and "longer than seq_len 8" in done.stdout
+
+
+def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
+    from autotune.data import cached_splits, load_splits, token_cache_key
+
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    first, cache_file = cached_splits(data, tokenizer, 32, 0, tmp_path / "cache")
+    assert cache_file.exists()
+    again, same_file = cached_splits(data, tokenizer, 32, 0, tmp_path / "cache")
+    assert same_file == cache_file and again == first == load_splits(data, tokenizer, 32, 0)
+    key = token_cache_key(data, tokenizer, 32, 0)
+    assert token_cache_key(data, tokenizer, 64, 0) != key
+    assert token_cache_key(data, tokenizer, 32, 1) != key
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert token_cache_key(data, tokenizer, 32, 0) != key
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    write_jsonl(data, ROWS + [{"text": "one more row"}])
+    assert token_cache_key(data, tokenizer, 32, 0) != key
+
+
+def test_probe_reads_the_studys_token_cache(tmp_path, tiny_model):
+    from autotune.data import cached_splits
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
+    _, cache_file = cached_splits(data, load_tokenizer(str(tiny_model)), 32, 0, tmp_path / "c")
+    recipe = Recipe.from_dict(
+        {
+            "model": str(tiny_model),
+            "method": "lora",
+            "lora_r": 4,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "seq_len": 32,
+        }
+    )
+    # The data file named in the request no longer exists: only the cache can feed the probe.
+    data.unlink()
+    result = SubprocessProbeRunner(300).run(
+        ProbeRequest(
+            recipe=recipe,
+            data_path=str(data),
+            steps=2,
+            device="cpu",
+            budget_bytes=10**10,
+            seed=0,
+            token_cache=str(cache_file),
+        ),
+        tmp_path / "probe",
+    )
+    assert result.status == "ok", result.reason

@@ -35,7 +35,7 @@ def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
 
 
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
-    from autotune.data import load_splits, step_batches
+    from autotune.data import load_splits, load_token_cache, step_batches
     from autotune.training.build import build_model, build_optimizer, load_tokenizer
     from autotune.training.loop import (
         MemoryMeter,
@@ -63,7 +63,10 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     lap("device_init")
 
     tokenizer = load_tokenizer(recipe.model)
-    splits = load_splits(request.data_path, tokenizer, recipe.seq_len, request.seed)
+    if request.token_cache and os.path.exists(request.token_cache):
+        splits = load_token_cache(request.token_cache)
+    else:
+        splits = load_splits(request.data_path, tokenizer, recipe.seq_len, request.seed)
     batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
     lap("data")
 

@@ -28,6 +28,8 @@ class ProbeRequest:
     seed: int
     visible_gpu: str | None = None
     """With several GPUs, the one this probe may use (CUDA_VISIBLE_DEVICES)."""
+    token_cache: str | None = None
+    """Tokenized splits built once by the study for this data, tokenizer, seq_len and seed."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
