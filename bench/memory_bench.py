@@ -14,9 +14,7 @@ path on the CPU with the demo's tiny model, where "measured" is RSS growth (a sm
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import random
 import statistics
 import sys
@@ -24,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, gpu_name, long_rows, model_dir  # noqa: E402
+from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
@@ -168,22 +166,7 @@ def main() -> int:
         "max_abs_error": max(errors) if errors else None,
     }
     print(json.dumps(summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "bench/memory_bench.py", *sys.argv[1:]]),
-                "date": datetime.date.today().isoformat(),
-                "machine": platform.platform(),
-                "device": args.device,
-                "gpu": gpu_name(args.device),
-                "summary": summary,
-                "rows": rows,
-            },
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
+    write_results(args.out, "memory_bench.py", args.device, summary, rows=rows)
     return 0
 
 

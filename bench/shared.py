@@ -49,3 +49,22 @@ def gpu_name(device: str) -> str:
     import torch
 
     return torch.cuda.get_device_name(0)
+
+
+def write_results(out: Path, script: str, device: str, summary: dict, **tables: list) -> Path:
+    """A results file that says what made it: command, date, machine and GPU."""
+    import datetime
+    import platform
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["python", f"bench/{script}", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.platform(),
+        "device": device,
+        "gpu": gpu_name(device),
+        "summary": summary,
+        **tables,
+    }
+    out.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return out

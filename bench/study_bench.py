@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, gpu_name, long_rows, model_dir  # noqa: E402
+from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
 from autotune.pareto import frontier  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
@@ -107,22 +106,7 @@ def main() -> int:
             f"trial {row['trial']:>3} {row['recipe']:<48} {row['peak_memory_bytes'] / 2**30:6.2f}"
             f" GiB {row['tokens_per_second']:>9,.0f} tok/s  eval loss {row['eval_loss']:.4f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", "bench/study_bench.py", *sys.argv[1:]]),
-                "date": datetime.date.today().isoformat(),
-                "machine": platform.platform(),
-                "device": args.device,
-                "gpu": gpu_name(args.device),
-                "summary": summary,
-                "frontier": rows,
-            },
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
+    write_results(args.out, "study_bench.py", args.device, summary, frontier=rows)
     return 0
 
 

@@ -27,6 +27,12 @@ def autotune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     storage = f"sqlite:///{tmp_path}/study.db"
+    # Adapters only, so the exported recipe trains into a peft adapter (full and freeze
+    # recipes are probed and trained in test_probe.py and test_train.py).
+    lora_space = tmp_path / "lora.yaml"
+    lora_space.write_text(
+        Path(DEMO_SPACE).read_text().replace("method: [lora, freeze, full]", "method: [lora]")
+    )
     args = [
         "run",
         "--model",
@@ -36,7 +42,7 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
         "--budget",
         "4GB",
         "--space",
-        DEMO_SPACE,
+        str(lora_space),
         "--trials",
         "4",
         "--probe-steps",
@@ -123,6 +129,7 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     assert "trained 2 steps" in trained.stdout and "probe measured" in trained.stdout
     assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
     assert any((tmp_path / "model-out").glob("*.safetensors"))
+    assert (tmp_path / "model-out" / "adapter_config.json").exists()
     assert_generates(tmp_path / "model-out", tiny_model)
 
     again = autotune(*args, cwd=tmp_path)
