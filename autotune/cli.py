@@ -106,6 +106,9 @@ def run(
     skip_bad_rows: bool = typer.Option(
         False, "--skip-bad-rows", help="Go on without malformed data rows (they are counted)."
     ),
+    eval_rows: int | None = typer.Option(
+        None, "--eval-rows", help="Rows held out for eval loss (default: 10%, at most 64)."
+    ),
     confirm: int = typer.Option(
         3, "--confirm", help="Re-probe this many top frontier recipes, 2x longer, new seed."
     ),
@@ -156,6 +159,7 @@ def run(
         workers=workers,
         confirm_top=confirm,
         skip_bad_rows=skip_bad_rows,
+        eval_rows=eval_rows,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
     )
     prepared = prepare_run(settings)
@@ -319,6 +323,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
+    eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     import yaml
@@ -363,6 +368,7 @@ def train(
             seed=seed,
             save_every_steps=save_steps,
             skip_bad_rows=skip_bad_rows,
+            eval_rows=eval_rows,
             on_start=started,
             on_step=stepped,
         )

@@ -285,21 +285,33 @@ class Splits:
 
 
 def split_rows(
-    rows: Sequence[dict[str, Any]], seed: int
+    rows: Sequence[dict[str, Any]], seed: int, eval_rows: int | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Deterministic train/eval split: the same data and seed give the same eval subset."""
+    """Deterministic train/eval split: the same data and seed give the same eval subset.
+
+    `eval_rows` rows are held out (default: a tenth of the data, at most MAX_EVAL_ROWS).
+    """
     if len(rows) < 2:
         raise UsageError(f"the data has {len(rows)} row; at least 2 are needed (train and eval)")
+    if eval_rows is not None and not 1 <= eval_rows < len(rows):
+        raise UsageError(
+            f"--eval-rows {eval_rows} must be at least 1 and less than the {len(rows)} rows"
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    eval_count = min(max(1, round(len(rows) * EVAL_FRACTION)), MAX_EVAL_ROWS)
+    eval_count = eval_rows or min(max(1, round(len(rows) * EVAL_FRACTION)), MAX_EVAL_ROWS)
     eval_rows = [rows[i] for i in sorted(order[:eval_count])]
     train_rows = [rows[i] for i in order[eval_count:]]
     return train_rows, eval_rows
 
 
-def check_enough_rows(rows: Sequence[dict[str, Any]], effective_batch_size: int, seed: int) -> None:
-    train_rows, _ = split_rows(rows, seed)
+def check_enough_rows(
+    rows: Sequence[dict[str, Any]],
+    effective_batch_size: int,
+    seed: int,
+    eval_rows: int | None = None,
+) -> None:
+    train_rows, _ = split_rows(rows, seed, eval_rows)
     if len(train_rows) < effective_batch_size:
         raise UsageError(
             f"the data has {len(train_rows)} training rows after the eval split, fewer than one "
@@ -307,17 +319,19 @@ def check_enough_rows(rows: Sequence[dict[str, Any]], effective_batch_size: int,
         )
 
 
-def load_splits(path: str | Path, tokenizer: Any, seq_len: int, seed: int) -> Splits:
+def load_splits(
+    path: str | Path, tokenizer: Any, seq_len: int, seed: int, eval_rows: int | None = None
+) -> Splits:
     # Bad rows were refused (or accepted for skipping) before anything ran; here they are dropped.
     rows = read_rows(path, skip_bad_rows=True)
-    train_rows, eval_rows = split_rows(rows, seed)
+    train_rows, held_out = split_rows(rows, seed, eval_rows)
     template = chat_template_of(tokenizer)
 
     def encode(selected: list[dict[str, Any]]) -> list[TokenizedExample]:
         encoded = [tokenize(to_example(row, template), tokenizer, seq_len) for row in selected]
         return [e for e in encoded if e.trained_tokens > 0]
 
-    splits = Splits(train=encode(train_rows), eval=encode(eval_rows))
+    splits = Splits(train=encode(train_rows), eval=encode(held_out))
     if not splits.train or not splits.eval:
         raise UsageError(
             f"{path}: no row keeps an answer token within seq_len {seq_len}; raise --seq-len"
@@ -387,29 +401,36 @@ def summarize(
     summary = DataSummary(str(path), len(rows), formats, bad, seq_len)
     if tokenizer is None or not rows:
         return summary
+    return dataclasses.replace(summary, **length_stats(rows, tokenizer, seq_len, max_rows))
+
+
+def length_stats(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, seq_len: int, max_rows: int | None = None
+) -> dict[str, Any]:
+    """Token-length percentiles before truncation, the share truncated at seq_len, and the rows
+    whose answer is cut off entirely (over the first `max_rows` rows)."""
     template = chat_template_of(tokenizer)
     lengths, empty = [], 0
     for row in rows[:max_rows] if max_rows else rows:
-        encoded = tokenize(to_example(row, template), tokenizer, seq_len=10**9)
-        lengths.append(len(encoded.input_ids))
-        if tokenize(to_example(row, template), tokenizer, seq_len).trained_tokens == 0:
+        example = to_example(row, template)
+        lengths.append(len(tokenize(example, tokenizer, seq_len=10**9).input_ids))
+        if tokenize(example, tokenizer, seq_len).trained_tokens == 0:
             empty += 1
     ordered = sorted(lengths)
 
     def percentile(share: float) -> int:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
-    return dataclasses.replace(
-        summary,
-        token_length_percentiles={
+    return {
+        "token_length_percentiles": {
             "p50": percentile(0.5),
             "p90": percentile(0.9),
             "p99": percentile(0.99),
             "max": ordered[-1],
         },
-        truncated_share=sum(1 for n in lengths if n > seq_len) / len(lengths),
-        rows_without_answer_tokens=empty,
-    )
+        "truncated_share": sum(1 for n in lengths if n > seq_len) / len(lengths),
+        "rows_without_answer_tokens": empty,
+    }
 
 
 def check_answers_fit(
@@ -458,10 +479,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def token_cache_key(path: str | Path, tokenizer: Any, seq_len: int, seed: int) -> str:
-    """One key per (data content, tokenizer, seq_len, split seed)."""
+def token_cache_key(
+    path: str | Path, tokenizer: Any, seq_len: int, seed: int, eval_rows: int | None = None
+) -> str:
+    """One key per (data content, tokenizer, seq_len, split seed and size)."""
     text = f"{TOKEN_CACHE_VERSION}:{_file_digest(Path(path))}:{tokenizer_fingerprint(tokenizer)}"
-    return hashlib.sha256(f"{text}:{seq_len}:{seed}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{text}:{seq_len}:{seed}:{eval_rows}".encode()).hexdigest()[:24]
 
 
 def _pack(examples: list[TokenizedExample]) -> dict[str, Any]:
@@ -493,15 +516,21 @@ def load_token_cache(cache_file: str | Path) -> Splits:
 
 
 def cached_splits(
-    path: str | Path, tokenizer: Any, seq_len: int, seed: int, cache_dir: str | Path
+    path: str | Path,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    cache_dir: str | Path,
+    eval_rows: int | None = None,
 ) -> tuple[Splits, Path]:
     """Tokenized splits from the on-disk cache, building it on first use (atomically)."""
     import numpy as np
 
-    cache_file = Path(cache_dir) / f"tokens-{token_cache_key(path, tokenizer, seq_len, seed)}.npz"
+    key = token_cache_key(path, tokenizer, seq_len, seed, eval_rows)
+    cache_file = Path(cache_dir) / f"tokens-{key}.npz"
     if cache_file.exists():
         return load_token_cache(cache_file), cache_file
-    splits = load_splits(path, tokenizer, seq_len, seed)
+    splits = load_splits(path, tokenizer, seq_len, seed, eval_rows)
     arrays = {
         f"{name}_{k}": v
         for name, examples in (("train", splits.train), ("eval", splits.eval))

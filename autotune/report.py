@@ -31,6 +31,8 @@ class ReportData(NamedTuple):
     memory_sources: list[str]
     study_name: str
     model: str
+    data_text: str
+    """The data's rows, token lengths and what truncation at seq_len cut."""
     readings: list[str]
     """One line per frontier recipe, compared with the QLoRA default where it was measured."""
     importances: dict[str, dict[str, float]]
@@ -81,6 +83,7 @@ def report_data(study: Any) -> ReportData:
     frame = trials_frame(study)
     sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
     return ReportData(
+        data_text=data_description(study.user_attrs),
         readings=frontier_readings(frame, int(study.user_attrs.get("budget_bytes", 0))),
         importances=objective_importances(study),
         frame=frame,
@@ -91,6 +94,19 @@ def report_data(study: Any) -> ReportData:
         memory_sources=sources,
         study_name=study.study_name,
         model=str(study.user_attrs.get("model", "")),
+    )
+
+
+def data_description(attrs: dict[str, Any]) -> str:
+    stats = attrs.get("data_stats") or {}
+    if not stats.get("token_length_percentiles"):
+        return ""
+    lengths = ", ".join(f"{k} {v}" for k, v in stats["token_length_percentiles"].items())
+    skipped = f" ({stats['skipped_rows']} bad rows skipped)" if stats.get("skipped_rows") else ""
+    return (
+        f"Data: {stats['rows']} rows{skipped}; tokens per row {lengths}; "
+        f"{stats['truncated_share']:.1%} longer than seq_len {attrs.get('seq_len')} and "
+        f"truncated; {stats['rows_without_answer_tokens']} lose their whole answer."
     )
 
 
@@ -400,6 +416,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}</style></head><body>
 <p>Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
 {len(data.frame)} trials; Pareto frontier: trials {frontier_text}.</p>
 <p>Memory figures: {html.escape(sources)}.</p>
+<p>{html.escape(data.data_text)}</p>
 <ul class="readings">{"".join(f"<li>{html.escape(line)}</li>" for line in data.readings)}</ul>
 {"".join(charts)}
 <h2>Trials</h2>

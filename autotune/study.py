@@ -23,6 +23,7 @@ from autotune.data import (
     check_answers_fit,
     check_enough_rows,
     describe_bad_rows,
+    length_stats,
     read_rows,
     scan_rows,
 )
@@ -109,6 +110,8 @@ class RunSettings:
     """Probes run at once on this machine (one thread each, each probe its own process)."""
     skip_bad_rows: bool = False
     """Go on without malformed data rows instead of stopping before any probe."""
+    eval_rows: int | None = None
+    """Rows held out for eval loss (default: a tenth of the data, at most 64)."""
     gpus: tuple[str, ...] = ()
     """CUDA device indices; each probe gets one of them as its only visible GPU."""
 
@@ -198,6 +201,8 @@ class PreparedRun:
     smallest_peak_bytes: int
     skipped_rows: int = 0
     token_cache: str | None = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
 
 
 def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_len: int) -> int:
@@ -233,7 +238,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             describe_bad_rows(settings.data_path, bad_rows) + " (fix them or pass --skip-bad-rows)"
         )
     rows = read_rows(settings.data_path, skip_bad_rows=True)
-    check_enough_rows(rows, space.effective_batch_size, settings.seed)
+    check_enough_rows(rows, space.effective_batch_size, settings.seed, settings.eval_rows)
     smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
     if smallest > settings.budget_bytes:
         raise UsageError(
@@ -253,9 +258,19 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     tokenizer = tokenizer_for(settings.model)
     check_answers_fit(rows, tokenizer, settings.seq_len)
+    data_stats = {
+        "rows": len(rows),
+        "skipped_rows": len(bad_rows),
+        **length_stats(rows, tokenizer, settings.seq_len, max_rows=2000),
+    }
     # Tokenize once for every probe and worker of this study (and later studies on the data).
     _, token_cache = cached_splits(
-        settings.data_path, tokenizer, settings.seq_len, settings.seed, TRIALS_DIR / "cache"
+        settings.data_path,
+        tokenizer,
+        settings.seq_len,
+        settings.seed,
+        TRIALS_DIR / "cache",
+        settings.eval_rows,
     )
     device = resolve_device(settings.device)
     check_workers(settings, device)
@@ -272,6 +287,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         storage,
         smallest,
         skipped_rows=len(bad_rows),
+        data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
     )
 
@@ -567,6 +583,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 seed=settings.seed,
                 visible_gpu=gpu,
                 token_cache=prepared.token_cache,
+                eval_rows=settings.eval_rows,
             )
             workdir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("probe_dir", str(workdir))
@@ -715,6 +732,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             study.set_user_attr(key, value)
         for name, params in baseline_params(prepared.space):
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+    study.set_user_attr("data_stats", prepared.data_stats)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(
@@ -794,6 +812,7 @@ def confirm_frontier(
             device=prepared.device,
             budget_bytes=settings.budget_bytes,
             seed=settings.seed + 1,
+            eval_rows=settings.eval_rows,
         )
         result = runner.run(request, TRIALS_DIR / prepared.study_name / f"confirm-{number:04d}")
         fits = (

@@ -86,6 +86,12 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert not {r["text"] for r in train} & {r["text"] for r in evaluation}
     with pytest.raises(UsageError, match="fewer than one effective batch"):
         check_enough_rows(rows[:5], effective_batch_size=8, seed=0)
+    small_train, small_eval = split_rows(rows, seed=3, eval_rows=3)
+    assert len(small_eval) == 3 and len(small_train) == 47
+    assert {r["text"] for r in small_eval} <= {r["text"] for r in evaluation}  # same order
+    for bad in (0, 50):
+        with pytest.raises(UsageError, match="--eval-rows"):
+            split_rows(rows, seed=3, eval_rows=bad)
 
 
 def test_step_batches_start_with_the_longest_and_repeat_by_seed(tmp_path):

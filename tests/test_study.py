@@ -154,6 +154,8 @@ def test_export_and_report_from_the_study(workspace):
     assert data["measured"]["tokens_per_second"] == pytest.approx(fastest.tokens_per_second)
     report = report_data(study)
     assert report.frontier_numbers and fastest.number in report.frontier_numbers
+    assert report.data_text.startswith("Data: 30 rows; tokens per row p50 ")
+    assert "longer than seq_len 64" in report.data_text
     assert len(report.frame) == 8
     page = render_html(report)
     assert "Plotly.newPlot" in page and "chart-0" in page and "chart-1" in page

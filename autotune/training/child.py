@@ -66,7 +66,9 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     if request.token_cache and os.path.exists(request.token_cache):
         splits = load_token_cache(request.token_cache)
     else:
-        splits = load_splits(request.data_path, tokenizer, recipe.seq_len, request.seed)
+        splits = load_splits(
+            request.data_path, tokenizer, recipe.seq_len, request.seed, request.eval_rows
+        )
     batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
     lap("data")
 

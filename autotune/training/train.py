@@ -133,6 +133,7 @@ def train(
     seed: int = 0,
     save_every_steps: int = 100,
     skip_bad_rows: bool = False,
+    eval_rows: int | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainReport:
@@ -153,7 +154,7 @@ def train(
     budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(recipe.model)
-    splits = load_splits(data_path, tokenizer, recipe.seq_len, seed)
+    splits = load_splits(data_path, tokenizer, recipe.seq_len, seed, eval_rows)
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
