@@ -50,6 +50,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "max_seq_length": recipe.seq_len,
+        "attn_implementation": recipe.attention,
         "training_arguments": training,
     }
     if recipe.method == "lora":
@@ -115,6 +116,10 @@ def axolotl_config(
         "gradient_checkpointing": recipe.gradient_checkpointing,
         **_half_flags(recipe),
     }
+    if recipe.attention == "sdpa":
+        config["sdp_attention"] = True
+    elif recipe.attention == "flash_attention_2":
+        config["flash_attention"] = True
     if recipe.method == "lora":
         config.update(
             adapter="qlora" if recipe.quantization == "nf4" else "lora",
@@ -159,6 +164,9 @@ def llamafactory_config(
         "num_train_epochs": 1.0,
         "optim": HF_OPTIMIZERS[recipe.optimizer],
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
+        "flash_attn": {"sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}[
+            recipe.attention
+        ],
         **_half_flags(recipe),
     }
     if recipe.method == "lora":

@@ -74,7 +74,7 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
     return int(quantized + 4 * other)
 
 
-def _activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
+def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> float:
     """Bytes one decoder block keeps for backward, per token, when nothing is recomputed."""
     a = activation_bytes_per_element(recipe)
     h, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim
@@ -84,6 +84,10 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
     attention = a * (2 * q + 2 * kv)
     # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
     mlp = 3 * a * i
+    if recipe.attention == "eager":
+        # The full attention matrix: fp32 softmax kept for backward and its cast for the
+        # matmul with v, one row of seq_len per head and token.
+        attention += spec.num_attention_heads * seq_len * (4 + a)
     weight_inputs = 0
     if recipe.method != "lora":
         # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
@@ -129,7 +133,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     )
 
     blocks = _blocks_with_activations(spec, recipe)
-    per_block_token = _activations_per_token(spec, recipe) + _lora_activations_per_token(
+    per_block_token = _activations_per_token(spec, recipe, seq_len) + _lora_activations_per_token(
         spec, recipe
     )
     residual_bytes = a

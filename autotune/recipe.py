@@ -21,6 +21,7 @@ Method = Literal["full", "lora", "freeze"]
 Quantization = Literal["none", "int8", "nf4"]
 Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -62,6 +63,9 @@ class Recipe:
     """Tokens per sequence; longer samples are truncated."""
     expandable_segments: bool = False
     """Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation)."""
+    attention: Attention = "sdpa"
+    """Attention implementation: sdpa (torch's fused kernels), eager (keeps the full attention
+    matrix), flash_attention_2 (needs the flash-attn package)."""
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -93,6 +97,8 @@ class Recipe:
             parts.append("gc")
         if self.optimizer != "adamw":
             parts.append(self.optimizer)
+        if self.attention != "sdpa":
+            parts.append(self.attention)
         return " ".join(parts)
 
     # ---- (de)serialisation ---------------------------------------------------------------
@@ -197,6 +203,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("quantization", Quantization),
         ("precision", Precision),
         ("optimizer", Optimizer),
+        ("attention", Attention),
     ):
         value = getattr(recipe, name)
         if value not in _choices(literal):
@@ -244,4 +251,4 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-__all__ = ["Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]
+__all__ = ["Attention", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]

@@ -16,7 +16,7 @@ import yaml
 
 from autotune.errors import UsageError
 from autotune.model_spec import BLOCK_LINEARS, ModelSpec
-from autotune.recipe import Method, Optimizer, Precision, Quantization, Recipe
+from autotune.recipe import Attention, Method, Optimizer, Precision, Quantization, Recipe
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -32,9 +32,21 @@ LIST_DIMENSIONS = {
     "micro_batch_size": None,
     "gradient_checkpointing": (True, False),
     "expandable_segments": (True, False),
+    "attention": get_args(Attention),
 }
 SCALAR_KEYS = ("lora_alpha_over_r", "lora_dropout", "effective_batch_size")
+OPTIONAL_DEFAULTS: dict[str, Any] = {"attention": ["sdpa"]}
+"""Dimensions a space file may leave out, and the choice they then take."""
 KNOWN_KEYS = set(LIST_DIMENSIONS) | set(SCALAR_KEYS) | {"lora_target_modules", "learning_rate"}
+SHARED_DIMENSIONS = (
+    "precision",
+    "micro_batch_size",
+    "gradient_checkpointing",
+    "optimizer",
+    "expandable_segments",
+    "attention",
+)
+"""Dimensions every method has (the others depend on the method)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class SearchSpace:
     effective_batch_size: int
     gradient_checkpointing: tuple[bool, ...]
     expandable_segments: tuple[bool, ...]
+    attention: tuple[str, ...]
     learning_rate: dict[str, float]
     source: str = "search space"
 
@@ -79,6 +92,7 @@ class SearchSpace:
             problems.append(
                 f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})"
             )
+        data = {**OPTIONAL_DEFAULTS, **data}
         missing = sorted(KNOWN_KEYS - set(data))
         if missing:
             problems.append(f"missing keys {', '.join(missing)}")
@@ -188,6 +202,7 @@ class SearchSpace:
             effective_batch_size=int(effective),
             gradient_checkpointing=lists["gradient_checkpointing"],
             expandable_segments=lists["expandable_segments"],
+            attention=lists["attention"],
             learning_rate=learning_rate,
             source=source,
         )
@@ -225,6 +240,7 @@ class SearchSpace:
             learning_rate=self.learning_rate[method],
             seq_len=seq_len,
             expandable_segments=bool(params["expandable_segments"]),
+            attention=params.get("attention", "sdpa"),
             **lora,
         )
 
@@ -241,13 +257,7 @@ class SearchSpace:
             params["frozen_layers_fraction"] = trial.suggest_categorical(
                 "frozen_layers_fraction", self.frozen_layers_fraction
             )
-        for name in (
-            "precision",
-            "micro_batch_size",
-            "gradient_checkpointing",
-            "optimizer",
-            "expandable_segments",
-        ):
+        for name in SHARED_DIMENSIONS:
             params[name] = trial.suggest_categorical(name, getattr(self, name))
         return self.build(params, model, spec, seq_len)
 
@@ -260,6 +270,7 @@ class SearchSpace:
             "gradient_checkpointing": recipe.gradient_checkpointing,
             "optimizer": recipe.optimizer,
             "expandable_segments": recipe.expandable_segments,
+            "attention": recipe.attention,
         }
         if recipe.method == "lora":
             names = [
@@ -293,13 +304,7 @@ class SearchSpace:
 
     def all_params(self) -> Iterator[dict[str, Any]]:
         """Every point of the space (for bounds such as the smallest recipe's memory)."""
-        shared = (
-            "precision",
-            "micro_batch_size",
-            "gradient_checkpointing",
-            "optimizer",
-            "expandable_segments",
-        )
+        shared = SHARED_DIMENSIONS
         for method in self.method:
             if method == "lora":
                 specific = {

@@ -33,7 +33,7 @@ from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
-from autotune.space import SearchSpace
+from autotune.space import SHARED_DIMENSIONS, SearchSpace
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
 
@@ -66,6 +66,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
         "optimizer": "adamw",
         "expandable_segments": False,
+        "attention": "sdpa",
     },
     "full_8bit_adam": {
         "method": "full",
@@ -74,6 +75,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
         "optimizer": "adamw_8bit",
         "expandable_segments": True,
+        "attention": "sdpa",
     },
     "bf16_lora_qv": {
         "method": "lora",
@@ -85,6 +87,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
         "optimizer": "adamw",
         "expandable_segments": True,
+        "attention": "sdpa",
     },
 }
 
@@ -427,13 +430,7 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
             continue
         method = preferences["method"]
         params: dict[str, Any] = {"method": method}
-        names = [
-            "precision",
-            "micro_batch_size",
-            "gradient_checkpointing",
-            "optimizer",
-            "expandable_segments",
-        ]
+        names = list(SHARED_DIMENSIONS)
         if method == "lora":
             names = ["quantization", "lora_r", "lora_target_modules"] + names
         elif method == "freeze":

@@ -64,3 +64,8 @@ def test_precisions_store_weights_as_asked(tiny_model):
 def test_eight_bit_optimizers(tiny_model):
     recipe, model = build(tiny_model, lora_r=4, optimizer="adamw_8bit")
     assert type(build_optimizer(model, recipe)).__name__ == "AdamW8bit"
+
+
+def test_attention_implementation_follows_the_recipe(tiny_model):
+    _, model = build(tiny_model, lora_r=4, attention="eager")
+    assert model.get_base_model().config._attn_implementation == "eager"

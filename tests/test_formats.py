@@ -41,6 +41,8 @@ AXOLOTL_KEYS = {
     "lora_target_linear",
     "lora_target_modules",
     "unfrozen_parameters",
+    "sdp_attention",
+    "flash_attention",
 }
 AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
 LLAMAFACTORY_OWN_KEYS = {
@@ -59,6 +61,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "freeze_trainable_layers",
     "freeze_trainable_modules",
     "disable_gradient_checkpointing",
+    "flash_attn",
 }
 OPTIMIZER_NAMES = {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 

@@ -125,3 +125,16 @@ def test_missing_model_path():
 def test_unknown_lora_target():
     with pytest.raises(UsageError, match="not linear layers"):
         estimate(LLAMA_1B, lora(lora_target_modules=["wq"]))
+
+
+def test_eager_attention_keeps_the_attention_matrix():
+    sdpa = lora(gradient_checkpointing=False, micro_batch_size=1)
+    eager = lora(gradient_checkpointing=False, micro_batch_size=1, attention="eager")
+    extra = (
+        estimate(LLAMA_1B, eager).breakdown["activations"]
+        - estimate(LLAMA_1B, sdpa).breakdown["activations"]
+    )
+    # one fp32 softmax and its bf16 cast per head, query and key, in each of the 16 blocks
+    assert extra == 16 * 1024 * 32 * 1024 * (4 + 2)
+    longer = estimate(LLAMA_1B, eager, seq_len=2048).breakdown["activations"]
+    assert longer > 3 * estimate(LLAMA_1B, eager).breakdown["activations"]

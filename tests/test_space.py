@@ -104,3 +104,20 @@ def test_baselines_are_points_of_the_space():
 
 def test_default_space_path_exists():
     assert Path(SPACES_DIR / "default.yaml").is_file()
+
+
+def test_attention_is_optional_and_checked(tmp_path):
+    demo = yaml.safe_load((SPACES_DIR / "demo.yaml").read_text())
+    assert "attention" not in demo and SearchSpace.load(SPACES_DIR / "demo.yaml").attention == (
+        "sdpa",
+    )
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**demo, "attention": ["sdpa", "eager"]}))
+    space = SearchSpace.load(path)
+    assert {space.build({**p}, "m", SPEC, 64).attention for p in space.all_params()} == {
+        "sdpa",
+        "eager",
+    }
+    path.write_text(yaml.safe_dump({**demo, "attention": ["xformers"]}))
+    with pytest.raises(UsageError, match="attention choices"):
+        SearchSpace.load(path)

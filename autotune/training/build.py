@@ -75,7 +75,7 @@ def build_model(recipe: Recipe, device: str) -> Any:
         dtype=compute_dtype(recipe) if quantization is not None else storage_dtype(recipe),
         quantization_config=quantization,
         device_map={"": device},
-        attn_implementation="sdpa",
+        attn_implementation=recipe.attention,
     )
     model.config.use_cache = False
     checkpointing_kwargs = {"use_reentrant": False}

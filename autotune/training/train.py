@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 from collections.abc import Callable
@@ -150,6 +151,9 @@ def train(
 
     read_rows(data_path, skip_bad_rows=skip_bad_rows)
     check_output_dir(output_dir)
+    if recipe.expandable_segments:
+        # Read when the CUDA allocator starts, which is at the first allocation below.
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     meter = MemoryMeter(device)
     budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False
     torch.manual_seed(seed)
