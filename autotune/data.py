@@ -320,10 +320,17 @@ def check_enough_rows(
 
 
 def load_splits(
-    path: str | Path, tokenizer: Any, seq_len: int, seed: int, eval_rows: int | None = None
+    path: str | Path,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    eval_rows: int | None = None,
+    rows: Sequence[dict[str, Any]] | None = None,
 ) -> Splits:
-    # Bad rows were refused (or accepted for skipping) before anything ran; here they are dropped.
-    rows = read_rows(path, skip_bad_rows=True)
+    """Tokenized train and eval splits; `rows` saves reading the file again when at hand."""
+    if rows is None:
+        # Bad rows were refused (or accepted for skipping) before anything ran: drop them here.
+        rows = read_rows(path, skip_bad_rows=True)
     train_rows, held_out = split_rows(rows, seed, eval_rows)
     template = chat_template_of(tokenizer)
 
@@ -522,6 +529,7 @@ def cached_splits(
     seed: int,
     cache_dir: str | Path,
     eval_rows: int | None = None,
+    rows: Sequence[dict[str, Any]] | None = None,
 ) -> tuple[Splits, Path]:
     """Tokenized splits from the on-disk cache, building it on first use (atomically)."""
     import numpy as np
@@ -530,7 +538,7 @@ def cached_splits(
     cache_file = Path(cache_dir) / f"tokens-{key}.npz"
     if cache_file.exists():
         return load_token_cache(cache_file), cache_file
-    splits = load_splits(path, tokenizer, seq_len, seed, eval_rows)
+    splits = load_splits(path, tokenizer, seq_len, seed, eval_rows, rows)
     arrays = {
         f"{name}_{k}": v
         for name, examples in (("train", splits.train), ("eval", splits.eval))

@@ -240,7 +240,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(
             describe_bad_rows(settings.data_path, bad_rows) + " (fix them or pass --skip-bad-rows)"
         )
-    rows = read_rows(settings.data_path, skip_bad_rows=True)
+    if not rows:
+        read_rows(settings.data_path, skip_bad_rows=True)  # says why: empty or all rows bad
     check_enough_rows(rows, space.effective_batch_size, settings.seed, settings.eval_rows)
     smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
     if smallest > settings.budget_bytes:
@@ -274,6 +275,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings.seed,
         TRIALS_DIR / "cache",
         settings.eval_rows,
+        rows=rows,
     )
     device = resolve_device(settings.device)
     check_workers(settings, device)
