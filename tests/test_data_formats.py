@@ -136,11 +136,10 @@ def test_run_stops_on_bad_rows_unless_skipped(tmp_path, tiny_model):
     assert prepare_run(replace(settings, skip_bad_rows=True)).skipped_rows == 2
 
 
-def test_probe_trains_on_parquet(tmp_path, tiny_model):
-    data = as_parquet(tmp_path / "d.parquet", ROWS * 2)
-    recipe = Recipe.from_dict(
+def tiny_lora(model: Path) -> Recipe:
+    return Recipe.from_dict(
         {
-            "model": str(tiny_model),
+            "model": str(model),
             "method": "lora",
             "lora_r": 4,
             "micro_batch_size": 2,
@@ -148,6 +147,11 @@ def test_probe_trains_on_parquet(tmp_path, tiny_model):
             "seq_len": 32,
         }
     )
+
+
+def test_probe_trains_on_parquet(tmp_path, tiny_model):
+    data = as_parquet(tmp_path / "d.parquet", ROWS * 2)
+    recipe = tiny_lora(tiny_model)
     result = SubprocessProbeRunner(300).run(
         ProbeRequest(
             recipe=recipe, data_path=str(data), steps=2, device="cpu", budget_bytes=10**10, seed=0
@@ -195,16 +199,7 @@ def test_probe_reads_the_studys_token_cache(tmp_path, tiny_model):
 
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
     _, cache_file = cached_splits(data, load_tokenizer(str(tiny_model)), 32, 0, tmp_path / "c")
-    recipe = Recipe.from_dict(
-        {
-            "model": str(tiny_model),
-            "method": "lora",
-            "lora_r": 4,
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 2,
-            "seq_len": 32,
-        }
-    )
+    recipe = tiny_lora(tiny_model)
     # The data file named in the request no longer exists: only the cache can feed the probe.
     data.unlink()
     result = SubprocessProbeRunner(300).run(
