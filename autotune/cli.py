@@ -192,7 +192,16 @@ def run(
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
             if summary.seconds:
-                phases = ("start", "data", "load", "warmup", "steps", "eval", "total")
+                phases = (
+                    "start",
+                    "device_init",
+                    "data",
+                    "load",
+                    "warmup",
+                    "steps",
+                    "eval",
+                    "total",
+                )
                 progress.console.print(
                     "      time: "
                     + ", ".join(
