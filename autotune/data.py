@@ -205,9 +205,10 @@ def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
     return f"{path}: {len(bad)} {noun}: {shown}{more}"
 
 
-def read_rows(path: str | Path, skip_bad_rows: bool = False) -> list[dict[str, Any]]:
-    """The rows of a data file; bad rows stop here, naming their lines, unless skipped."""
-    rows, bad = scan_rows(path)
+def check_rows(
+    path: str | Path, rows: Sequence[dict[str, Any]], bad: list[BadRow], skip_bad_rows: bool
+) -> None:
+    """Bad rows stop a run, naming their lines, unless skipped; no usable row stops it too."""
     if bad and not skip_bad_rows:
         raise UsageError(describe_bad_rows(path, bad) + " (fix them or pass --skip-bad-rows)")
     if not rows:
@@ -216,7 +217,21 @@ def read_rows(path: str | Path, skip_bad_rows: bool = False) -> list[dict[str, A
             if not bad
             else f"data file {path} has no usable row: " + describe_bad_rows(path, bad)
         )
+
+
+def read_rows(path: str | Path, skip_bad_rows: bool = False) -> list[dict[str, Any]]:
+    """The rows of a data file; bad rows stop here, naming their lines, unless skipped."""
+    rows, bad = scan_rows(path)
+    check_rows(path, rows, bad, skip_bad_rows)
     return rows
+
+
+def first_row_format(path: str | Path) -> str | None:
+    """The format of the first usable row, reading no further than it."""
+    for _, record in records(path):
+        if not isinstance(record, BadRow) and _row_problem(record) is None:
+            return detect_format(record)
+    return None
 
 
 def to_example(row: dict[str, Any], chat_template: Any = None) -> Example:
@@ -339,9 +354,13 @@ def load_splits(
         return [e for e in encoded if e.trained_tokens > 0]
 
     splits = Splits(train=encode(train_rows), eval=encode(held_out))
-    if not splits.train or not splits.eval:
+    emptied = [
+        name for name, split in (("training", splits.train), ("eval", splits.eval)) if not split
+    ]
+    if emptied:
         raise UsageError(
-            f"{path}: no row keeps an answer token within seq_len {seq_len}; raise --seq-len"
+            f"{path}: every {' and '.join(emptied)} row is truncated to nothing at seq_len "
+            f"{seq_len} (the answer starts later); raise --seq-len"
         )
     return splits
 
@@ -419,9 +438,10 @@ def length_stats(
     template = chat_template_of(tokenizer)
     lengths, empty = [], 0
     for row in rows[:max_rows] if max_rows else rows:
-        example = to_example(row, template)
-        lengths.append(len(tokenize(example, tokenizer, seq_len=10**9).input_ids))
-        if tokenize(example, tokenizer, seq_len).trained_tokens == 0:
+        whole = tokenize(to_example(row, template), tokenizer, seq_len=10**9)
+        lengths.append(len(whole.input_ids))
+        # Truncation keeps the first seq_len tokens and labels.
+        if all(label == IGNORE_INDEX for label in whole.labels[:seq_len]):
             empty += 1
     ordered = sorted(lengths)
 
@@ -438,20 +458,6 @@ def length_stats(
         "truncated_share": sum(1 for n in lengths if n > seq_len) / len(lengths),
         "rows_without_answer_tokens": empty,
     }
-
-
-def check_answers_fit(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, seq_len: int, sample_rows: int = 2000
-) -> None:
-    """Refuse data whose every row loses its whole answer to truncation at seq_len."""
-    template = chat_template_of(tokenizer)
-    for row in rows[:sample_rows]:
-        if tokenize(to_example(row, template), tokenizer, seq_len).trained_tokens > 0:
-            return
-    raise UsageError(
-        f"every row checked is truncated to nothing at seq_len {seq_len} (the answer starts "
-        "later); raise --seq-len"
-    )
 
 
 TOKEN_CACHE_VERSION = 1

@@ -45,7 +45,7 @@ def picked_trial(study: Any, policy: str) -> Any:
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
     """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory)."""
-    from autotune.data import detect_format, read_rows
+    from autotune.data import first_row_format
     from autotune.formats import EXPORT_FORMATS, render
 
     if fmt not in EXPORT_FORMATS:
@@ -56,7 +56,7 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
     data_path = study.user_attrs.get("data_path")
     data_format = "alpaca"
     if fmt == "axolotl" and data_path and Path(data_path).exists():
-        data_format = detect_format(read_rows(data_path)[0])
+        data_format = first_row_format(data_path) or data_format
     return recipe, render(
         fmt,
         recipe,

@@ -20,11 +20,9 @@ from typing import Any
 
 from autotune.data import (
     cached_splits,
-    check_answers_fit,
     check_enough_rows,
-    describe_bad_rows,
+    check_rows,
     length_stats,
-    read_rows,
     scan_rows,
 )
 from autotune.errors import UsageError
@@ -236,12 +234,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     spec = load_model_spec(settings.model)
     space = SearchSpace.load(settings.space_path)
     rows, bad_rows = scan_rows(settings.data_path)
-    if bad_rows and not settings.skip_bad_rows:
-        raise UsageError(
-            describe_bad_rows(settings.data_path, bad_rows) + " (fix them or pass --skip-bad-rows)"
-        )
-    if not rows:
-        read_rows(settings.data_path, skip_bad_rows=True)  # says why: empty or all rows bad
+    check_rows(settings.data_path, rows, bad_rows, settings.skip_bad_rows)
     check_enough_rows(rows, space.effective_batch_size, settings.seed, settings.eval_rows)
     smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
     if smallest > settings.budget_bytes:
@@ -251,23 +244,20 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             f"{space.source} needs at seq_len {settings.seq_len}; "
             "raise --budget or shorten --seq-len"
         )
+    # Recipes and probe requests name local paths absolutely so they work from anywhere.
+    settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     if Path(settings.model).expanduser().exists():
-        # Recipes and probe requests name the model by absolute path so they work from anywhere.
         settings = dataclasses.replace(
-            settings,
-            model=str(Path(settings.model).expanduser().resolve()),
-            data_path=Path(settings.data_path).resolve(),
+            settings, model=str(Path(settings.model).expanduser().resolve())
         )
-    else:
-        settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     tokenizer = tokenizer_for(settings.model)
-    check_answers_fit(rows, tokenizer, settings.seq_len)
     data_stats = {
         "rows": len(rows),
         "skipped_rows": len(bad_rows),
         **length_stats(rows, tokenizer, settings.seq_len, max_rows=2000),
     }
-    # Tokenize once for every probe and worker of this study (and later studies on the data).
+    # Tokenize once for every probe and worker of this study (and later studies on the data);
+    # this also refuses data that truncation at seq_len leaves without an answer token.
     _, token_cache = cached_splits(
         settings.data_path,
         tokenizer,
@@ -309,7 +299,6 @@ def _quiet_optuna() -> None:
 
 
 def make_storage(url: str) -> Any:
-
     _quiet_optuna()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -508,6 +497,35 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     def objective(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
+        prediction = estimate(spec, recipe)
+        workdir = trials_dir / f"trial-{trial.number:04d}"
+
+        def record(
+            status: str,
+            reason: str,
+            values: tuple[float, ...] | None = None,
+            result: ProbeResult | None = None,
+        ) -> None:
+            """Status and reason on the trial, its artifacts, and the event the CLI shows."""
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("reason", reason)
+            _attach_artifacts(trial, recipe, workdir)
+            measured = status == "measured" and values is not None
+            events.trial_finished(
+                TrialSummary(
+                    number=trial.number,
+                    label=recipe.label(),
+                    status=status,
+                    predicted_peak_bytes=prediction.peak_bytes,
+                    peak_memory_bytes=result.peak_memory_bytes if result else None,
+                    memory_source=result.memory_source if result else "",
+                    seconds=dict(result.seconds) if result else {},
+                    tokens_per_second=values[1] if measured else None,
+                    eval_loss=values[2] if measured else None,
+                    reason=reason,
+                )
+            )
+
         earlier = _earlier_trial_with_params(trial)
         if earlier is not None:
             # The sampler proposed a recipe already tried: reuse its figures instead of paying
@@ -515,21 +533,9 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             for key, value in earlier.user_attrs.items():
                 if key not in ("baseline", "worker"):
                     trial.set_user_attr(key, value)
-            trial.set_user_attr("status", "duplicate")
-            trial.set_user_attr("reason", f"same recipe as trial {earlier.number}")
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
-            _attach_artifacts(trial, recipe, trials_dir / f"trial-{trial.number:04d}")
-            events.trial_finished(
-                TrialSummary(
-                    number=trial.number,
-                    label=recipe.label(),
-                    status="duplicate",
-                    predicted_peak_bytes=int(earlier.user_attrs.get("predicted_peak_bytes", 0)),
-                    reason=f"same recipe as trial {earlier.number}",
-                )
-            )
+            record("duplicate", f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
-        prediction = estimate(spec, recipe)
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_label", recipe.label())
         trial.set_user_attr("predicted_peak_bytes", prediction.peak_bytes)
@@ -543,24 +549,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             reason: str = "",
             result: ProbeResult | None = None,
         ) -> tuple[float, float, float]:
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("reason", reason)
             _record_constraint(trial, constraint)
-            _attach_artifacts(trial, recipe, trials_dir / f"trial-{trial.number:04d}")
-            events.trial_finished(
-                TrialSummary(
-                    number=trial.number,
-                    label=recipe.label(),
-                    status=status,
-                    predicted_peak_bytes=prediction.peak_bytes,
-                    peak_memory_bytes=result.peak_memory_bytes if result else None,
-                    memory_source=result.memory_source if result else "",
-                    seconds=dict(result.seconds) if result else {},
-                    tokens_per_second=values[1] if status == "measured" else None,
-                    eval_loss=values[2] if status == "measured" else None,
-                    reason=reason,
-                )
-            )
+            record(status, reason, values, result)
             return values
 
         if prediction.peak_bytes > budget:
@@ -584,7 +574,6 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 token_cache=prepared.token_cache,
                 eval_rows=settings.eval_rows,
             )
-            workdir = trials_dir / f"trial-{trial.number:04d}"
             trial.set_user_attr("probe_dir", str(workdir))
             if gpu is not None:
                 trial.set_user_attr("gpu", gpu)
@@ -607,18 +596,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 result=result,
             )
         if result.status == "crash":
-            trial.set_user_attr("status", "crash")
-            trial.set_user_attr("reason", result.reason)
-            _attach_artifacts(trial, recipe, workdir)
-            events.trial_finished(
-                TrialSummary(
-                    number=trial.number,
-                    label=recipe.label(),
-                    status="crash",
-                    predicted_peak_bytes=prediction.peak_bytes,
-                    reason=result.reason,
-                )
-            )
+            record("crash", result.reason)
             raise ProbeCrashed(result.reason)
         # Out of memory, NaN loss and timeout are properties of the recipe: infeasible.
         memory = float(
@@ -803,7 +781,7 @@ def confirm_frontier(
         if number in done:
             continue
         trial = study.trials[number]
-        memory, speed, loss = trial.values
+        speed = trial.values[1]
         request = ProbeRequest(
             recipe=recipe_of(trial),
             data_path=str(settings.data_path),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.data import check_answers_fit, read_rows, scan_rows, summarize
+from autotune.data import load_splits, read_rows, scan_rows, summarize
 from autotune.errors import UsageError
 from autotune.probe import SubprocessProbeRunner
 from autotune.recipe import Recipe
@@ -115,7 +115,9 @@ def test_summary_with_tokenizer(tmp_path):
 def test_every_answer_truncated_is_refused():
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     with pytest.raises(UsageError, match="truncated to nothing at seq_len 4"):
-        check_answers_fit([{"input": "a long question " * 5, "output": "x"}] * 3, tokenizer, 4)
+        load_splits(
+            "d.jsonl", tokenizer, 4, 0, rows=[{"input": "a long question " * 5, "output": "x"}] * 3
+        )
 
 
 def test_run_stops_on_bad_rows_unless_skipped(tmp_path, tiny_model):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,15 +49,21 @@ def check_output_dir(path: Path) -> None:
         raise UsageError(f"output directory {path} is not writable: {error.strerror}") from None
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest step first."""
+    found = [
         p
         for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
         if p.is_dir()
         and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
         and (p / "state.pt").exists()
     ]
-    return max(checkpoints, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = _checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
 
 
 def _epoch_batches(examples: list, effective_batch_size: int, seed: int, epoch: int) -> list:
@@ -97,13 +104,7 @@ def _save_checkpoint(
         path / "state.pt.tmp",
     )
     (path / "state.pt.tmp").replace(path / "state.pt")
-    checkpoints = sorted(
-        output_dir.glob(f"{CHECKPOINT_PREFIX}*"),
-        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
-    )
-    for old in checkpoints[:-keep]:
-        import shutil
-
+    for old in _checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
