@@ -9,6 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
+QUICK_CPU_RUN = [
+    "--space",
+    str(ROOT / "search_spaces" / "demo.yaml"),
+    "--probe-steps",
+    "2",
+    "--seq-len",
+    "48",
+    "--device",
+    "cpu",
+    "--confirm",
+    "0",
+]
+"""`autotune run` options that keep a study of the tiny model quick on the CPU."""
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,7 @@ import pytest
 
 import autotune.study as study_module
 from autotune.study import finished_trial_count, prepare_run, run_study
+from tests.conftest import QUICK_CPU_RUN
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
@@ -79,18 +80,9 @@ def test_two_workers_on_postgres_complete_a_study(tiny_model, qa_data, tmp_path,
         str(qa_data),
         "--budget",
         "4GB",
-        "--space",
-        str(ROOT / "search_spaces" / "demo.yaml"),
         "--trials",
         "4",
-        "--probe-steps",
-        "2",
-        "--seq-len",
-        "48",
-        "--device",
-        "cpu",
-        "--confirm",
-        "0",
+        *QUICK_CPU_RUN,
         "--storage",
         postgres_url,
         "--study",

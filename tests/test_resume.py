@@ -13,6 +13,7 @@ import pytest
 
 from autotune.errors import UsageError
 from autotune.study import finished_trial_count, prepare_run, run_study, worker_id
+from tests.conftest import QUICK_CPU_RUN
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +39,7 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
             "--workdir",
             str(tmp_path),
             "--",
-            "--space",
-            str(ROOT / "search_spaces" / "demo.yaml"),
-            "--probe-steps",
-            "2",
-            "--seq-len",
-            "48",
-            "--device",
-            "cpu",
-            "--confirm",
-            "0",
+            *QUICK_CPU_RUN,
         ],
         capture_output=True,
         text=True,
