@@ -11,14 +11,26 @@ from dataclasses import dataclass
 from autotune.model_spec import ModelSpec
 from autotune.recipe import Recipe
 
-CUDA_CONTEXT_BYTES = 512 * 2**20
+CUDA_CONTEXT_BYTES = 610 * 2**20
 """CUDA context and kernels of torch + cuBLAS on a Hopper card; outside the caching allocator."""
 
-ALLOCATOR_OVERHEAD_FRACTION = 0.08
-"""Reserved beyond allocated: block rounding and fragmentation of the caching allocator."""
+ALLOCATOR_OVERHEAD_FRACTION = 0.01
+"""Reserved beyond allocated, part 1: block rounding over everything allocated."""
 
-EXPANDABLE_SEGMENTS_OVERHEAD_FRACTION = 0.02
-"""The same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which maps memory in place."""
+LOGITS_FRAGMENTATION = 0.9
+"""Reserved beyond allocated, part 2, in fp32 logits of one micro-batch: the loss makes several
+vocabulary-wide tensors of different sizes and lifetimes that freed blocks cannot all serve,
+so the caching allocator reserves new segments for them (measured on H100, with and without
+expandable_segments, in bench/results/memory_h100.json)."""
+
+ALLOCATOR_FIXED_BYTES = 300 * 2**20
+"""Reserved beyond allocated, part 3: cuBLAS workspaces and the small-block pool, whatever the
+model size (what the smallest recipes on H100 show above their allocated peak)."""
+
+INT8_BYTES_PER_PARAM = 6.5
+"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training: the int8 codes plus
+higher-precision copies kept for backward (measured on H100 with bitsandbytes 0.50: 5.9 bytes on
+Llama-3.2-1B, 6.6 on Qwen2-7B before allocator overhead; the per-row fp32 scales included)."""
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """4-bit codes, one 8-bit absmax per 64-weight block, one fp32 constant per 256 absmax blocks
@@ -69,8 +81,7 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
     if recipe.quantization == "nf4":
         quantized = linear * NF4_BYTES_PER_PARAM
     else:
-        out_features = sum(out for _, out in spec.linear_shapes().values())
-        quantized = linear + 4 * spec.num_layers * out_features
+        quantized = linear * INT8_BYTES_PER_PARAM
     return int(quantized + 4 * other)
 
 
@@ -88,6 +99,10 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
         # The full attention matrix: fp32 softmax kept for backward and its cast for the
         # matmul with v, one row of seq_len per head and token.
         attention += spec.num_attention_heads * seq_len * (4 + a)
+    elif a == 4:
+        # SDPA has no fused kernel for fp32 q/k/v with a mask, so it takes the math path and
+        # keeps the fp32 softmax: what a k-bit base (fp32 residual stream) pays per token.
+        attention += spec.num_attention_heads * seq_len * 4
     weight_inputs = 0
     if recipe.method != "lora":
         # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
@@ -128,9 +143,14 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     gradients = trainable * trainable_bytes
     state_bytes = trainable_bytes if recipe.optimizer == "adamw" else 1
     optimizer_states = 2 * trainable * state_bytes
-    amp_copies = (
-        2 * spec.num_layers * spec.block_linear_params if recipe.precision.startswith("amp") else 0
-    )
+    # autocast caches a bf16 copy of each weight that requires grad for the whole forward;
+    # frozen weights (the base under LoRA, frozen blocks) are cast per use and freed.
+    trainable_linear = 0
+    if recipe.method == "full":
+        trainable_linear = spec.num_layers * spec.block_linear_params
+    elif recipe.method == "freeze":
+        trainable_linear = _blocks_with_activations(spec, recipe) * spec.block_linear_params
+    amp_copies = 2 * trainable_linear if recipe.precision.startswith("amp") else 0
 
     blocks = _blocks_with_activations(spec, recipe)
     per_block_token = _activations_per_token(spec, recipe, seq_len) + _lora_activations_per_token(
@@ -151,7 +171,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     backward_phase = activations + logits_and_loss
     if recipe.gradient_accumulation_steps > 1:
         backward_phase += gradients
-    step_phase = gradients + trainable * trainable_bytes
+    # AdamW's foreach step makes temporaries as large as the gradients; bitsandbytes' 8-bit
+    # optimizers update each tensor in place with a fused kernel.
+    step_temporaries = trainable * trainable_bytes if recipe.optimizer == "adamw" else 0
+    step_phase = gradients + step_temporaries
     parts: dict[str, int] = {
         "weights": weights,
         "optimizer_states": optimizer_states,
@@ -163,13 +186,12 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         parts["gradients"] = gradients if recipe.gradient_accumulation_steps > 1 else 0
     else:
         parts["gradients"] = gradients
-        parts["optimizer_step_temporaries"] = trainable * trainable_bytes
+        parts["optimizer_step_temporaries"] = step_temporaries
     allocated = sum(parts.values())
-    overhead = (
-        EXPANDABLE_SEGMENTS_OVERHEAD_FRACTION
-        if recipe.expandable_segments
-        else ALLOCATOR_OVERHEAD_FRACTION
+    parts["allocator_overhead"] = int(
+        ALLOCATOR_FIXED_BYTES
+        + allocated * ALLOCATOR_OVERHEAD_FRACTION
+        + LOGITS_FRAGMENTATION * tokens * spec.vocab_size * 4
     )
-    parts["allocator_overhead"] = int(allocated * overhead)
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
     return MemoryEstimate(peak_bytes=int(sum(parts.values())), breakdown=parts)

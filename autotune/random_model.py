@@ -18,8 +18,13 @@ def build_random_model(
     tokenizer_dir: str | Path | None = None,
     seed: int = 0,
     dtype: str = "bfloat16",
+    device: str = "cpu",
 ) -> Path:
-    """Save a random-init model (config + safetensors weights) and, if given, a tokenizer."""
+    """Save a random-init model (config + safetensors weights) and, if given, a tokenizer.
+
+    `device="cuda"` initialises the weights on the GPU, which turns minutes of CPU work for a
+    7B shape into seconds; the saved files are the same kind either way.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,10 +35,12 @@ def build_random_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(model_type, **config), dtype=getattr(torch, dtype)
-    )
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(model_type, **config), dtype=getattr(torch, dtype)
+        )
     model.save_pretrained(out_dir)
+    del model
     if tokenizer_dir is not None:
         for item in Path(tokenizer_dir).iterdir():
             if item.is_file():
@@ -49,8 +56,11 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--tokenizer", help="directory whose tokenizer files are copied along")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to initialise: cpu or cuda")
     args = parser.parse_args()
-    print(build_random_model(args.config, args.out_dir, args.tokenizer, args.seed))
+    print(
+        build_random_model(args.config, args.out_dir, args.tokenizer, args.seed, device=args.device)
+    )
 
 
 if __name__ == "__main__":

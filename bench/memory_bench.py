@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
+from autotune.data import cached_splits  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
+from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
 
 
@@ -86,6 +88,9 @@ def grid(shape: str) -> list[dict]:
             "expandable_segments": True,
         }
     )
+    if shape == "qwen2-7b":
+        # full and freeze fine-tunes of 7B need more than one 80 GB card: nothing to measure
+        return [r for r in recipes if r["method"] == "lora"]
     if shape == "demo":
         return [
             {
@@ -98,73 +103,243 @@ def grid(shape: str) -> list[dict]:
     return recipes
 
 
+def holdout(shape: str) -> list[dict]:
+    """Recipes outside `grid`, to check the calibrated model on measurements it was not fit to."""
+    lora = {"method": "lora", "lora_dropout": 0.05}
+    if shape == "qwen2-7b":
+        return [
+            {
+                **lora,
+                "quantization": "nf4",
+                "lora_r": 64,
+                "lora_alpha": 128,
+                "micro_batch_size": 2,
+                "seq_len": 2048,
+                "gradient_checkpointing": True,
+            },
+            {
+                **lora,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "micro_batch_size": 4,
+                "seq_len": 512,
+                "gradient_checkpointing": False,
+            },
+        ]
+    return [
+        {
+            **lora,
+            "lora_r": 64,
+            "lora_alpha": 128,
+            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "micro_batch_size": 2,
+            "seq_len": 2048,
+            "gradient_checkpointing": True,
+        },
+        {
+            **lora,
+            "quantization": "nf4",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_target_modules": ["q_proj", "v_proj"],
+            "micro_batch_size": 8,
+            "seq_len": 512,
+            "gradient_checkpointing": False,
+        },
+        {
+            "method": "full",
+            "optimizer": "paged_adamw_8bit",
+            "micro_batch_size": 1,
+            "seq_len": 1024,
+            "gradient_checkpointing": False,
+        },
+        {
+            "method": "freeze",
+            "frozen_layers": 4,
+            "precision": "amp_bf16",
+            "micro_batch_size": 2,
+            "seq_len": 1024,
+            "gradient_checkpointing": True,
+        },
+        {
+            **lora,
+            "lora_r": 32,
+            "lora_alpha": 64,
+            "micro_batch_size": 2,
+            "seq_len": 2048,
+            "gradient_checkpointing": False,
+            "expandable_segments": True,
+        },
+    ]
+
+
+def spread(recipes: list[dict], count: int) -> list[dict]:
+    """`count` recipes: every one outside the LoRA/QLoRA sweep, then evenly spaced sweep points."""
+    sweep = [
+        r
+        for r in recipes
+        if r.get("method") == "lora"
+        and "lora_target_modules" in r
+        or r.get("quantization") == "nf4"
+    ]
+    others = [r for r in recipes if not any(r is s for s in sweep)]
+    room = max(count - len(others), 0)
+    if room >= len(sweep):
+        return others + sweep
+    step = len(sweep) / room if room else 0
+    return others[:count] + [sweep[int(i * step)] for i in range(room)]
+
+
+def summarize(rows: list[dict]) -> dict:
+    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
+    return {
+        "recipes": len(rows),
+        "measured": len(errors),
+        "median_abs_error": statistics.median(errors) if errors else None,
+        "max_abs_error": max(errors) if errors else None,
+    }
+
+
+def rescore(rows: list[dict]) -> dict[str, dict]:
+    """Predict every measured row again with the current model: error summary per grid."""
+    from shared import CONFIGS
+
+    from autotune.model_spec import ModelSpec
+
+    specs: dict[str, ModelSpec] = {}
+    errors: dict[str, list[float]] = {}
+    for row in rows:
+        if not row.get("measured_peak_bytes"):
+            continue
+        shape = row["shape"]
+        if shape not in specs:
+            config = json.loads(CONFIGS[shape].read_text(encoding="utf-8"))
+            specs[shape] = ModelSpec.from_config_dict(config, str(CONFIGS[shape]))
+        recipe = Recipe.from_dict({"model": shape, **row["fields"]})
+        row["predicted_peak_bytes"] = estimate(specs[shape], recipe).peak_bytes
+        row["error"] = row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1
+        errors.setdefault(row.get("grid", "calibration"), []).append(row["error"])
+    return {
+        grid: {
+            "measured": len(values),
+            "median_abs_error": statistics.median(abs(v) for v in values),
+            "max_abs_error": max(abs(v) for v in values),
+            "worst_under_prediction": min(values),
+        }
+        for grid, values in errors.items()
+    }
+
+
+def print_rescored(path: Path) -> None:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    summary = rescore(record["rows"])
+    for row in record["rows"]:
+        if "error" in row:
+            print(
+                f"{row['grid']:<11} {row['shape']:>12} {row['recipe']:<44} seq {row['seq_len']:>5} "
+                f"predicted {row['predicted_peak_bytes'] / 2**30:6.2f} GiB measured "
+                f"{row['measured_peak_bytes'] / 2**30:6.2f} GiB {row['error']:+.1%}"
+            )
+    print(json.dumps(summary, indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen2-0.5b,llama-3.2-1b,qwen2-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per probe")
     parser.add_argument("--max-recipes", type=int, default=0, help="sample this many per shape")
+    parser.add_argument(
+        "--grid",
+        choices=("calibration", "holdout"),
+        default="calibration",
+        help="the recipes the model was fit to, or others to check it on",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="probes of each recipe")
+    parser.add_argument(
+        "--deadline-minutes", type=float, default=0, help="start no probe after this long"
+    )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument(
+        "--rescore", type=Path, help="predict a results file's measurements again; no GPU needed"
+    )
     args = parser.parse_args()
+    if args.rescore:
+        print_rescored(args.rescore)
+        return 0
 
+    started = time.perf_counter()
     workdir = args.models_dir / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     data = long_rows(workdir / "long.jsonl", rows=80)
     runner = SubprocessProbeRunner(args.timeout)
     budget = 10**15  # measure, do not cap: the card's own size is the only limit
-    rows = []
+    build_device = "cuda" if args.device.startswith("cuda") else "cpu"
+    rows: list[dict] = []
     for shape in args.shapes.split(","):
-        directory = model_dir(shape, args.models_dir)
+        directory = model_dir(shape, args.models_dir, build_device)
         spec = load_model_spec(str(directory))
-        recipes = grid(shape)
+        tokenizer = load_tokenizer(str(directory))
+        recipes = holdout(shape) if args.grid == "holdout" else grid(shape)
         if args.max_recipes:
-            recipes = random.Random(0).sample(recipes, min(args.max_recipes, len(recipes)))
+            recipes = spread(recipes, args.max_recipes)
         for number, fields in enumerate(recipes):
+            if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
+                print("deadline reached: no more probes", flush=True)
+                break
             recipe = Recipe.from_dict({"model": str(directory), **fields})
             predicted = estimate(spec, recipe)
-            request = ProbeRequest(
-                recipe=recipe,
-                data_path=str(data),
-                steps=args.steps,
-                device=args.device,
-                budget_bytes=budget,
-                seed=0,
-            )
-            result = runner.run(request, workdir / f"{shape}-{number:03d}")
-            measured = result.peak_memory_bytes if result.status == "ok" else None
-            error = (predicted.peak_bytes - measured) / measured if measured else None
-            row = {
-                "shape": shape,
-                "recipe": recipe.label(),
-                "seq_len": recipe.seq_len,
-                "fields": fields,
-                "status": result.status,
-                "reason": result.reason,
-                "predicted_peak_bytes": predicted.peak_bytes,
-                "measured_peak_bytes": measured,
-                "measured_allocated_bytes": result.peak_allocated_bytes,
-                "cuda_context_bytes": result.cuda_context_bytes,
-                "memory_source": result.memory_source,
-                "error": error,
-                "breakdown": predicted.breakdown,
-            }
-            rows.append(row)
-            shown = f"{error:+.1%}" if error is not None else result.status
-            print(
-                f"{shape:>13} {recipe.label():<48} seq {recipe.seq_len:>5} predicted "
-                f"{predicted.peak_bytes / 2**30:7.2f} GiB measured "
-                f"{(measured or 0) / 2**30:7.2f} GiB  {shown}",
-                flush=True,
-            )
-    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
-    summary = {
-        "recipes": len(rows),
-        "measured": len(errors),
-        "median_abs_error": statistics.median(errors) if errors else None,
-        "max_abs_error": max(errors) if errors else None,
-    }
+            # tokenized once per length in this process, read from disk by every probe
+            _, token_cache = cached_splits(data, tokenizer, recipe.seq_len, 0, workdir / "cache")
+            for attempt in range(args.repeat):
+                request = ProbeRequest(
+                    recipe=recipe,
+                    data_path=str(data),
+                    steps=args.steps,
+                    device=args.device,
+                    budget_bytes=budget,
+                    seed=0,
+                    token_cache=str(token_cache),
+                )
+                result = runner.run(request, workdir / f"{shape}-{number:03d}-{attempt}")
+                measured = result.peak_memory_bytes if result.status == "ok" else None
+                error = (predicted.peak_bytes - measured) / measured if measured else None
+                rows.append(
+                    {
+                        "shape": shape,
+                        "grid": args.grid,
+                        "recipe": recipe.label(),
+                        "seq_len": recipe.seq_len,
+                        "fields": fields,
+                        "attempt": attempt,
+                        "status": result.status,
+                        "reason": result.reason,
+                        "predicted_peak_bytes": predicted.peak_bytes,
+                        "measured_peak_bytes": measured,
+                        "measured_allocated_bytes": result.peak_allocated_bytes,
+                        "cuda_context_bytes": result.cuda_context_bytes,
+                        "memory_source": result.memory_source,
+                        "tokens_per_second": result.tokens_per_second,
+                        "eval_loss": result.eval_loss,
+                        "seconds": result.seconds,
+                        "error": error,
+                        "breakdown": predicted.breakdown,
+                    }
+                )
+                shown = f"{error:+.1%}" if error is not None else result.status
+                print(
+                    f"{shape:>13} {recipe.label():<48} seq {recipe.seq_len:>5} predicted "
+                    f"{predicted.peak_bytes / 2**30:7.2f} GiB measured "
+                    f"{(measured or 0) / 2**30:7.2f} GiB  {shown}  "
+                    f"({result.seconds.get('total', 0):.0f} s)",
+                    flush=True,
+                )
+                # written after every probe, so a run cut short still leaves its measurements
+                write_results(args.out, "memory_bench.py", args.device, summarize(rows), rows=rows)
+    summary = summarize(rows)
     print(json.dumps(summary))
     write_results(args.out, "memory_bench.py", args.device, summary, rows=rows)
     return 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-from autotune.random_model import build_random_model  # noqa: E402
 
 CONFIGS = {
     "qwen2-0.5b": ROOT / "bench" / "configs" / "qwen2-0.5b.json",
@@ -34,12 +34,29 @@ def long_rows(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def model_dir(shape: str, models_dir: Path) -> Path:
+def model_dir(shape: str, models_dir: Path, device: str = "cpu") -> Path:
     """A random-init model of `shape` with the demo tokenizer, built once and cached."""
     target = models_dir / shape
     if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
         print(f"building random-init {shape} in {target}", flush=True)
-        build_random_model(CONFIGS[shape], target, TOKENIZER)
+        started = time.perf_counter()
+        # in a child process, so that this process holds no GPU memory while probes measure theirs
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "autotune.random_model",
+                str(CONFIGS[shape]),
+                str(target),
+                "--tokenizer",
+                str(TOKENIZER),
+                "--device",
+                device,
+            ],
+            check=True,
+            cwd=ROOT,
+        )
+        print(f"built {shape} in {time.perf_counter() - started:.0f} s", flush=True)
     return target
 
 

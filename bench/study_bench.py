@@ -39,14 +39,19 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "default.yaml")
     parser.add_argument("--confirm", type=int, default=0)
+    parser.add_argument(
+        "--timeout-minutes", type=float, default=0, help="start no trial after this long"
+    )
     parser.add_argument("--workdir", type=Path, default=MODELS_DIR / "study")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "study.json")
     args = parser.parse_args()
 
-    directory = model_dir(args.shape, args.models_dir)
+    directory = model_dir(
+        args.shape, args.models_dir, "cuda" if args.device.startswith("cuda") else "cpu"
+    )
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data = long_rows(args.workdir / "long.jsonl", rows=400)
+    data = long_rows(args.workdir / "long.jsonl", rows=240)
     study_name = f"bench-{args.shape}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     settings = RunSettings(
         model=str(directory),
@@ -60,6 +65,7 @@ def main() -> int:
         study_name=study_name,
         storage=f"sqlite:///{args.workdir.resolve()}/bench.db",
         confirm_top=args.confirm,
+        timeout_seconds=60 * args.timeout_minutes or None,
     )
     started = time.perf_counter()
     study = run_study(prepare_run(settings), SubprocessProbeRunner(1800))

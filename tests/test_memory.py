@@ -1,9 +1,14 @@
-"""The memory model's structure, and a coarse check against figures measured on an H100.
+"""The memory model's structure, and its error on the committed H100 measurements.
 
-The H100 figures are those in the project's design notes (Llama-3.2-1B shape, micro-batch 8,
-seq 1024, torch 2.11, transformers 5.17): bf16 LoRA without checkpointing 34 GB, QLoRA without
-checkpointing 53 GB, both about 15 GB with checkpointing.
+bench/results/memory_h100.json holds peak reserved memory measured by bench/memory_bench.py on
+an H100 (torch 2.11, transformers 5.17, bitsandbytes 0.50) for Qwen2-0.5B, Llama-3.2-1B and
+Qwen2-7B shapes. Its "calibration" rows are the ones the model's constants were fitted to; its
+"holdout" rows were measured afterwards and never used to change the model.
 """
+
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
@@ -55,19 +60,44 @@ def test_breakdown_sums_to_peak():
     assert set(result.as_json()) == {"peak_bytes", "breakdown"}
 
 
-@pytest.mark.parametrize(
-    ("recipe", "measured_gb"),
-    [
-        (lora(gradient_checkpointing=False), 34),
-        (lora(quantization="nf4", gradient_checkpointing=False), 53),
-        (lora(gradient_checkpointing=True), 15),
-        (lora(quantization="nf4", gradient_checkpointing=True), 15),
-    ],
-    ids=["bf16-no-gc", "qlora-no-gc", "bf16-gc", "qlora-gc"],
-)
-def test_within_thirty_percent_of_h100_figures(recipe, measured_gb):
-    predicted_gb = estimate(LLAMA_1B, recipe).peak_bytes / 1e9
-    assert predicted_gb == pytest.approx(measured_gb, rel=0.30)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rescored_h100_measurements() -> dict[str, dict]:
+    spec = importlib.util.spec_from_file_location(
+        "memory_bench", ROOT / "bench" / "memory_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = json.loads((ROOT / "bench" / "results" / "memory_h100.json").read_text())
+    assert record["gpu"].startswith("NVIDIA H100")
+    return bench.rescore(record["rows"])
+
+
+def test_error_on_h100_measurements_it_was_not_fitted_to():
+    holdout = rescored_h100_measurements()["holdout"]
+    assert holdout["measured"] >= 9
+    assert holdout["median_abs_error"] <= 0.05
+    assert holdout["max_abs_error"] <= 0.16
+    # Never under by more than 5%: a recipe predicted to fit a budget with a 5% margin fits.
+    assert holdout["worst_under_prediction"] >= -0.05
+
+
+def test_error_on_h100_calibration_measurements():
+    calibration = rescored_h100_measurements()["calibration"]
+    assert calibration["measured"] >= 25
+    assert calibration["median_abs_error"] <= 0.05
+    assert calibration["max_abs_error"] <= 0.20
+
+
+def test_checkpointing_and_qlora_relations_seen_on_h100():
+    # Design notes, Llama-3.2-1B, micro-batch 8, seq 1024: without checkpointing QLoRA needs more
+    # than bf16 LoRA (53 vs 34 GB: k-bit preparation upcasts to fp32); with it both drop far.
+    bf16 = estimate(LLAMA_1B, lora(gradient_checkpointing=False)).peak_bytes
+    qlora = estimate(LLAMA_1B, lora(quantization="nf4", gradient_checkpointing=False)).peak_bytes
+    assert qlora > bf16
+    assert estimate(LLAMA_1B, lora()).peak_bytes < bf16 / 2
+    assert estimate(LLAMA_1B, lora(quantization="nf4")).peak_bytes < qlora / 2
 
 
 def test_directions_that_must_hold():

@@ -88,7 +88,7 @@ class MemoryMeter:
             torch.zeros(1, device=device)  # creates the context
             free, total = torch.cuda.mem_get_info()
             self.total_bytes = total
-            self.context_bytes = max(total - free - torch.cuda.memory_reserved(), 0)
+            self.context_bytes = cuda_context_bytes(total - free)
             torch.cuda.reset_peak_memory_stats()
         else:
             # Load the libraries first so their code and tables are not counted as the recipe's.
@@ -126,6 +126,38 @@ class MemoryMeter:
             )
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return max(peak_rss - self.baseline_rss_bytes, 0), None
+
+
+def cuda_context_bytes(device_used_bytes: int) -> int:
+    """GPU memory this process holds outside PyTorch's allocator (CUDA context, libraries).
+
+    NVML's per-process figure counts this process alone, so other processes on the same GPU
+    (another probe, a notebook, the study itself) do not inflate it. Without NVML (no
+    nvidia-ml-py, or a container that hides process ids) the device-wide figure is used, which
+    is right while this process is the GPU's only user.
+    """
+    import os
+
+    import torch
+
+    reserved = torch.cuda.memory_reserved()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(
+                uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            )
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == os.getpid() and process.usedGpuMemory:
+                    return max(int(process.usedGpuMemory) - reserved, 0)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML is an improvement, never a requirement
+        pass
+    return max(device_used_bytes - reserved, 0)
 
 
 def _current_rss_bytes() -> int:
