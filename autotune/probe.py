@@ -6,10 +6,14 @@ ProbeResult with a status and a reason; the study never crashes because a recipe
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -57,11 +61,189 @@ def _steps_logged(log_path: Path) -> int:
     return sum(1 for line in text.splitlines() if line.startswith("step "))
 
 
-class SubprocessProbeRunner:
-    """Runs `python -m autotune.training.child` in its own process group."""
+class ColdProcess:
+    """A probe started as a new interpreter: `python -m autotune.training.child`."""
 
-    def __init__(self, timeout_seconds: float) -> None:
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+
+    def wait(self, timeout_seconds: float) -> bool:
+        try:
+            self.process.wait(timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def kill(self) -> None:
+        _kill_group(self.process.pid)
+        self.process.wait()
+
+
+class ForkedProcess:
+    """A probe forked by the probe server; it ends when the server writes its exit file."""
+
+    def __init__(self, pid: int, exit_path: Path, server: ProbeServer) -> None:
+        self.pid = pid
+        self.exit_path = exit_path
+        self.server = server
+
+    def wait(self, timeout_seconds: float) -> bool:
+        deadline = time.monotonic() + timeout_seconds
+        pause = 0.01
+        while not self.exit_path.exists():
+            if not self.server.alive():
+                return True  # its children stop with it
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        return True
+
+    def exit_code(self) -> int | None:
+        try:
+            return int(self.exit_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        _kill_group(self.pid)
+        self.wait(10)
+
+
+class ProbeServer:
+    """Client of `python -m autotune.training.zygote`, which forks probes with warm imports.
+
+    Started on first use; if it cannot start or refuses (a library initialised CUDA while
+    loading), probes start cold instead and nothing else changes.
+    """
+
+    START_TIMEOUT_SECONDS = 300.0
+    ANSWER_TIMEOUT_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.unavailable = ""
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _read(self, timeout_seconds: float) -> dict | None:
+        assert self.process is not None and self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout_seconds)
+        line = self.process.stdout.readline() if ready else ""
+        return json.loads(line) if line.strip() else None
+
+    def _start(self) -> bool:
+        env = dict(os.environ)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "autotune.training.zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            start_new_session=True,
+        )
+        answer = self._read(self.START_TIMEOUT_SECONDS)
+        if not answer or "ready" not in answer:
+            self.unavailable = (answer or {}).get("refused", "the probe server did not start")
+            self.close()
+            return False
+        return True
+
+    def fork(self, order: dict[str, object], exit_path: Path) -> ForkedProcess | None:
+        """A probe forked from the warm server, or None to start it cold."""
+        with self.lock:
+            if self.unavailable:
+                return None
+            if not self.alive() and not self._start():
+                return None
+            try:
+                assert self.process is not None and self.process.stdin is not None
+                self.process.stdin.write(json.dumps(order) + "\n")
+                self.process.stdin.flush()
+                answer = self._read(self.ANSWER_TIMEOUT_SECONDS)
+            except (OSError, ValueError):
+                answer = None
+            if not answer or "pid" not in answer:
+                self.close()  # started again for the next probe
+                return None
+            return ForkedProcess(int(answer["pid"]), exit_path, self)
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                process.stdin.close()  # the server exits at end of input
+            process.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            _kill_group(process.pid)
+            process.wait()
+
+
+def warm_probes_wanted() -> bool:
+    """Fork probes from a warm server unless AUTOTUNE_WARM_PROBES=0."""
+    return os.environ.get("AUTOTUNE_WARM_PROBES", "1") != "0"
+
+
+class SubprocessProbeRunner:
+    """Runs each probe in a process of its own, in its own process group.
+
+    With `warm` (the default) probes are forked from a server that has imported torch and
+    transformers once (autotune.training.zygote); otherwise each starts a new interpreter.
+    """
+
+    def __init__(self, timeout_seconds: float, warm: bool | None = None) -> None:
         self.timeout_seconds = timeout_seconds
+        self.server = ProbeServer() if (warm_probes_wanted() if warm is None else warm) else None
+        if self.server is not None:
+            atexit.register(self.server.close)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def _launch(
+        self, request: ProbeRequest, request_path: Path, result_path: Path, log_path: Path
+    ) -> ColdProcess | ForkedProcess:
+        env = child_environment(request)
+        if self.server is not None:
+            exit_path = log_path.with_name("exit_code")
+            exit_path.unlink(missing_ok=True)
+            order = {
+                "request": str(request_path),
+                "result": str(result_path),
+                "log": str(log_path),
+                "exit": str(exit_path),
+                "env": env,
+            }
+            forked = self.server.fork(order, exit_path)
+            if forked is not None:
+                return forked
+        with log_path.open("w", encoding="utf-8") as log:
+            return ColdProcess(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "autotune.training.child",
+                        str(request_path),
+                        str(result_path),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            )
 
     def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
         workdir = workdir.resolve()
@@ -72,24 +254,10 @@ class SubprocessProbeRunner:
         result_path.unlink(missing_ok=True)
         request_path.write_text(request.to_json(), encoding="utf-8")
         started = time.perf_counter()
-        with log_path.open("w", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "autotune.training.child",
-                    str(request_path),
-                    str(result_path),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_environment(request),
-                start_new_session=True,
-            )
-            try:
-                process.wait(timeout=self.timeout_seconds)
-            except subprocess.TimeoutExpired:
-                _kill_group(process)
+        process = self._launch(request, request_path, result_path, log_path)
+        try:
+            if not process.wait(self.timeout_seconds):
+                process.kill()
                 return ProbeResult(
                     status="timeout",
                     device=request.device,
@@ -97,15 +265,15 @@ class SubprocessProbeRunner:
                     steps_done=_steps_logged(log_path),
                     seconds={"total": time.perf_counter() - started},
                 )
-            finally:
-                # Also on Ctrl-C or kill of the parent's Python: no orphan keeps the GPU.
-                if process.poll() is None:
-                    _kill_group(process)
+        finally:
+            # Also on Ctrl-C or kill of the parent's Python: no orphan keeps the GPU.
+            if process.exit_code() is None:
+                process.kill()
         if not result_path.exists():
             return ProbeResult(
                 status="crash",
                 device=request.device,
-                reason=f"probe exited with code {process.returncode} without a result: "
+                reason=f"probe exited with code {process.exit_code()} without a result: "
                 f"{_log_tail(log_path)}",
                 steps_done=_steps_logged(log_path),
                 seconds={"total": time.perf_counter() - started},
@@ -115,9 +283,8 @@ class SubprocessProbeRunner:
         return result
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _kill_group(pid: int) -> None:
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    process.wait()

@@ -82,3 +82,46 @@ def test_study_bench_cpu_path(tmp_path):
     assert summary["speedup_over_default"] >= 1.0  # the frontier's fastest is at least as fast
     assert {"load", "steps", "total"} <= set(summary["median_seconds_per_phase"])
     assert results["frontier"]
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_probe_start_bench_cpu_path(tmp_path):
+    out = tmp_path / "probe_start.json"
+    done = run_bench(
+        "probe_start_bench.py",
+        *("--probes", "1", "--steps", "1", "--seq-len", "32"),
+        *("--models-dir", str(tmp_path / "models"), "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    starts = {(row["launch"], row["forked"]) for row in results["rows"]}
+    assert starts == {("cold", False), ("warm", True)}
+    summary = results["summary"]
+    # A forked probe skips the interpreter start and the imports a new process pays for.
+    assert summary["warm"]["device_init"] < summary["cold"]["device_init"]
+    assert summary["seconds_saved_per_probe"] > 0
+
+
+def test_repeat_bench_cpu_path(tmp_path):
+    out = tmp_path / "repeat.json"
+    done = run_bench(
+        "repeat_bench.py",
+        *("--shape", "demo", "--budget", "4GB", "--recipes", "lora-qv-mb2"),
+        *("--steps", "2", "--seq-len", "32", "--repeat", "2"),
+        *("--models-dir", str(tmp_path / "models"), "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert [row["seed"] for row in results["rows"]] == [0, 1]
+    assert all(row["status"] == "ok" for row in results["rows"])
+    summary = results["summary"]["lora-qv-mb2"]
+    assert summary["ok"] == 2 and summary["tokens_per_second_spread"] is not None
+    assert summary["eval_loss_spread_abs"] >= 0

@@ -110,3 +110,55 @@ def test_budget_is_enforced_on_cuda(tiny_model, qa_data, tmp_path):
     assert result.status in ("oom", "ok")
     if result.status == "ok":
         assert result.peak_memory_bytes <= 600 * 10**6
+
+
+def test_warm_probes_are_forked_and_isolated(tiny_model, qa_data, tmp_path):
+    runner = SubprocessProbeRunner(timeout_seconds=300, warm=True)
+    try:
+        crashed = runner.run(request_for(tmp_path / "no-such-model", qa_data), tmp_path / "crash")
+        assert crashed.status == "crash" and crashed.forked
+        server_pid = runner.server.process.pid
+        first = runner.run(request_for(tiny_model, qa_data), tmp_path / "first")
+        second = runner.run(request_for(tiny_model, qa_data), tmp_path / "second")
+        # The crash did not take the server down, and did not change what the next probes see.
+        assert runner.server.process.pid == server_pid
+        for result in (first, second):
+            assert result.status == "ok", result.reason
+            assert result.forked
+        assert first.eval_loss == pytest.approx(second.eval_loss, rel=1e-6)
+        # Each probe is its own process: the exit status file of each names a finished child.
+        assert (tmp_path / "second" / "exit_code").read_text() == "0"
+        # Imports happened once in the server, so a forked probe starts in well under a second.
+        assert second.seconds["start"] < 1.0
+    finally:
+        runner.close()
+    assert runner.server.process is None
+
+
+def test_warm_probe_timeout_kills_the_probe_not_the_server(tiny_model, qa_data, tmp_path):
+    import os
+
+    runner = SubprocessProbeRunner(timeout_seconds=0.5, warm=True)
+    try:
+        result = runner.run(request_for(tiny_model, qa_data, steps=50), tmp_path / "slow")
+        assert result.status == "timeout"
+        assert runner.server.alive()
+        exit_code = int((tmp_path / "slow" / "exit_code").read_text())
+        assert exit_code == -9  # SIGKILL of the probe's process group
+    finally:
+        runner.close()
+    assert not os.path.exists(tmp_path / "slow" / "result.json")
+
+
+def test_probes_start_cold_when_the_server_cannot_serve(tiny_model, qa_data, tmp_path, monkeypatch):
+    from autotune.probe import ProbeServer
+
+    def refuse(self):
+        self.unavailable = "CUDA was initialised while importing the libraries"
+        return False
+
+    monkeypatch.setattr(ProbeServer, "_start", refuse)
+    runner = SubprocessProbeRunner(timeout_seconds=300, warm=True)
+    result = runner.run(request_for(tiny_model, qa_data), tmp_path / "cold")
+    assert result.status == "ok", result.reason
+    assert not result.forked

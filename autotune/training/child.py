@@ -16,6 +16,8 @@ from autotune.training.io import ProbeRequest, ProbeResult
 
 STARTED_ENV = "AUTOTUNE_PROBE_STARTED_AT"
 """Wall-clock time the parent launched the child, to measure interpreter and import start-up."""
+FORKED_ENV = "AUTOTUNE_PROBE_FORKED"
+"""Set by the warm probe server (autotune.training.zygote) in the processes it forks."""
 PARENT_ENV = "AUTOTUNE_PROBE_PARENT_PID"
 """The study process; when it dies (kill -9 included) the probe stops too, freeing the GPU."""
 
@@ -105,7 +107,9 @@ def main(argv: list[str]) -> int:
         watch_parent(int(os.environ[PARENT_ENV]))
     with open(request_path, encoding="utf-8") as handle:
         request = ProbeRequest.from_json(handle.read())
-    result = ProbeResult(status="crash", device=request.device)
+    result = ProbeResult(
+        status="crash", device=request.device, forked=os.environ.get(FORKED_ENV) == "1"
+    )
     launched = float(os.environ.get(STARTED_ENV, time.time()))
     result.seconds["start"] = time.time() - launched
     meters: list = []

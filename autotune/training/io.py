@@ -60,6 +60,8 @@ class ProbeResult:
     steps_done: int = 0
     trained_tokens: int = 0
     budget_enforced: bool = False
+    forked: bool = False
+    """Forked from the warm probe server (imports already done) rather than a new interpreter."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
