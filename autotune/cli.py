@@ -223,7 +223,19 @@ def run(
                 f"{confirmation['seed']}): {verdict}: {detail}"
             )
 
-        events = RunEvents(trial_started=started, trial_finished=finished, confirmed=confirmed)
+        def noise_measured(noise: dict) -> None:
+            progress.console.print(
+                f"noise: trial {noise['trial']} again with seed {noise['seed']}: eval loss moved "
+                f"{noise['eval_loss_difference']:.4f}, tokens/s "
+                f"{(noise['tokens_per_second_change'] or 0):+.1%}"
+            )
+
+        events = RunEvents(
+            trial_started=started,
+            trial_finished=finished,
+            confirmed=confirmed,
+            noise_measured=noise_measured,
+        )
         runner = SubprocessProbeRunner(settings.probe_timeout_seconds)
         result_study = None
         try:

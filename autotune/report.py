@@ -84,7 +84,11 @@ def report_data(study: Any) -> ReportData:
     sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
     return ReportData(
         data_text=data_description(study.user_attrs),
-        readings=frontier_readings(frame, int(study.user_attrs.get("budget_bytes", 0))),
+        readings=frontier_readings(
+            frame,
+            int(study.user_attrs.get("budget_bytes", 0)),
+            study.user_attrs.get("noise"),
+        ),
         importances=objective_importances(study),
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
@@ -110,8 +114,11 @@ def data_description(attrs: dict[str, Any]) -> str:
     )
 
 
-def frontier_readings(frame: Any, budget_bytes: int) -> list[str]:
-    """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss'."""
+def frontier_readings(
+    frame: Any, budget_bytes: int, noise: dict[str, Any] | None = None
+) -> list[str]:
+    """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss',
+    with the eval-loss noise of one recipe probed twice, so a difference can be told from chance."""
     if not len(frame):
         return []
     front = frame[frame["on_frontier"]]
@@ -134,12 +141,28 @@ def frontier_readings(frame: Any, budget_bytes: int) -> list[str]:
         )
         if len(default) and int(default.iloc[0]["trial"]) != int(row["trial"]):
             base = default.iloc[0]
+            difference = row["eval_loss"] - base["eval_loss"]
             line += (
                 f"; {row['tokens_per_second'] / base['tokens_per_second']:.1f}x the QLoRA "
-                f"default, {row['eval_loss'] - base['eval_loss']:+.3f} eval loss"
+                f"default, {difference:+.3f} eval loss"
             )
+            if noise:
+                within = abs(difference) <= noise["eval_loss_difference"]
+                line += " (within noise)" if within else " (beyond noise)"
         lines.append(line)
+    if noise:
+        lines.append(
+            f"Noise: trial {noise['trial']} probed again with seed {noise['seed']} moved eval "
+            f"loss by {noise['eval_loss_difference']:.3f}, tokens/s by "
+            f"{_percent(noise['tokens_per_second_change'])} and peak memory by "
+            f"{_percent(noise['peak_memory_change'])}; eval-loss differences smaller than that "
+            "are chance."
+        )
     return lines
+
+
+def _percent(change: float | None) -> str:
+    return "n/a" if change is None else f"{change:+.1%}"
 
 
 def objective_importances(study: Any) -> dict[str, dict[str, float]]:

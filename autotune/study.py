@@ -139,6 +139,7 @@ class RunEvents:
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
     confirmed: Callable[[int, dict[str, Any]], None] = lambda number, confirmation: None
+    noise_measured: Callable[[dict[str, Any]], None] = lambda noise: None
     notes: list[str] = field(default_factory=list)
 
 
@@ -723,6 +724,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "raise --trials to run more"
         )
         confirm_frontier(prepared, runner, study, events)
+        measure_noise(prepared, runner, study, events)
         return study
 
     def stop_at_target(study: Any, trial: Any) -> None:
@@ -740,7 +742,70 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         gc_after_trial=False,
     )
     confirm_frontier(prepared, runner, study, events)
+    measure_noise(prepared, runner, study, events)
     return study
+
+
+NOISE_ATTR = "noise"
+"""Study attribute: one recipe probed again with another seed and the same steps."""
+
+
+def measure_noise(
+    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
+) -> dict[str, Any] | None:
+    """How far a probe's figures move when only chance changes: the yardstick for differences.
+
+    The QLoRA default (or, without it, the fastest frontier recipe) is probed again with the
+    same steps and another seed, so the data order and the adapter's initialisation change and
+    nothing else. An eval-loss difference between two recipes smaller than this one is noise.
+    Runs once per study, with the confirmations (`--confirm 0` turns both off).
+    """
+    events = events or RunEvents()
+    settings = prepared.settings
+    if NOISE_ATTR in study.user_attrs:
+        return study.user_attrs[NOISE_ATTR]
+    points = measured_points(study)
+    if not points or settings.confirm_top < 1:
+        return None
+    by_number = {p.number: p for p in points}
+    default = next(
+        (
+            t.number
+            for t in study.trials
+            if t.user_attrs.get("baseline") == "qlora_default" and t.number in by_number
+        ),
+        None,
+    )
+    number = default if default is not None else pick(points, "fastest").number
+    point = by_number[number]
+    request = ProbeRequest(
+        recipe=recipe_of(study.trials[number]),
+        data_path=str(settings.data_path),
+        steps=settings.probe_steps,
+        device=prepared.device,
+        budget_bytes=settings.budget_bytes,
+        seed=settings.seed + 1,
+        eval_rows=settings.eval_rows,
+    )
+    result = runner.run(request, TRIALS_DIR / prepared.study_name / f"noise-{number:04d}")
+    if result.status != "ok":
+        return None
+
+    def change(now: float | None, before: float) -> float | None:
+        return round(now / before - 1, 4) if now is not None and before else None
+
+    noise = {
+        "trial": number,
+        "seed": request.seed,
+        "steps": request.steps,
+        "eval_loss": result.eval_loss,
+        "eval_loss_difference": round(abs(result.eval_loss - point.eval_loss), 6),
+        "tokens_per_second_change": change(result.tokens_per_second, point.tokens_per_second),
+        "peak_memory_change": change(result.peak_memory_bytes, point.peak_memory_bytes),
+    }
+    study.set_user_attr(NOISE_ATTR, noise)
+    events.noise_measured(noise)
+    return noise
 
 
 CONFIRMATION_PREFIX = "confirmation:"

@@ -190,8 +190,8 @@ class SlowerWhenLonger(FakeRunner):
 def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
     runner = SlowerWhenLonger()
     study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=2)), runner)
-    confirms = [r for r in runner.requests if r.seed == 1]
-    assert len(confirms) == 2 and all(r.steps == 6 for r in confirms)
+    confirms = [r for r in runner.requests if r.seed == 1 and r.steps == 6]
+    assert len(confirms) == 2
     from autotune.study import confirmations
 
     confirmed = confirmations(study)
@@ -204,10 +204,44 @@ def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
     assert set(frame.loc[frame["held_up"].notna(), "trial"]) == set(confirmed)
     # Resuming does not confirm the same recipes again.
     run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=2)), runner)
-    assert len([r for r in runner.requests if r.seed == 1]) == 2
+    assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2
     fastest = max(measured_points(study), key=lambda p: p.tokens_per_second).number
     if fastest in confirmed:
         assert "confirmation" in yaml.safe_load(recipe_yaml(study, "fastest")[1])["measured"]
+
+
+class NoisyRunner(FakeRunner):
+    """Another seed moves eval loss by 0.02 and tokens/s by 3%, as chance would."""
+
+    def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        result = super().run(request, workdir)
+        if result.status == "ok" and request.seed:
+            result.eval_loss += 0.02
+            result.tokens_per_second *= 1.03
+        return result
+
+
+def test_eval_loss_noise_is_measured_once_and_read_against(workspace):
+    runner = NoisyRunner()
+    settings = settings_for(workspace, trials=8, confirm_top=1)
+    study = run_study(prepare_run(settings), runner)
+    noise_probes = [r for r in runner.requests if r.seed == 1 and r.steps == settings.probe_steps]
+    assert len(noise_probes) == 1
+    noise = study.user_attrs["noise"]
+    default = next(t for t in study.trials if t.user_attrs.get("baseline") == "qlora_default")
+    assert noise["trial"] == default.number
+    assert noise_probes[0].recipe == Recipe.from_dict(default.user_attrs["recipe"])
+    assert noise["eval_loss_difference"] == pytest.approx(0.02)
+    assert noise["tokens_per_second_change"] == pytest.approx(0.03)
+    assert noise["peak_memory_change"] == 0
+    readings = report_data(study).readings
+    assert readings[-1].startswith(f"Noise: trial {default.number} probed again with seed 1")
+    compared = [line for line in readings if "the QLoRA default" in line]
+    assert compared and all(
+        ("within noise" in line) != ("beyond noise" in line) for line in compared
+    )
+    run_study(prepare_run(settings), runner)
+    assert len([r for r in runner.requests if r.seed == 1 and r.steps == settings.probe_steps]) == 1
 
 
 def test_existing_study_with_other_objectives_is_refused(workspace):
