@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,21 @@ def _main_options(
     _state["debug"] = debug
 
 
-def _console() -> Any:
+def _tokenize_progress(data: Path) -> Callable[[int, int], None]:
+    """Progress lines while a large dataset is tokenized into the cache (small ones are quick)."""
+    from autotune.data import TOKENIZE_PROGRESS_ROWS
+
+    def show(done: int, total: int) -> None:
+        if total >= TOKENIZE_PROGRESS_ROWS:
+            _console(stderr=True).print(f"tokenizing {data}: {done:,} of {total:,} rows")
+
+    return show
+
+
+def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def _progress(console: Any, transient: bool) -> Any:
@@ -161,6 +173,7 @@ def run(
         skip_bad_rows=skip_bad_rows,
         eval_rows=eval_rows,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
+        tokenize_progress=_tokenize_progress(data),
     )
     prepared = prepare_run(settings)
     console = _console()

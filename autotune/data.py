@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,26 +177,49 @@ def records(path: str | Path) -> Iterator[tuple[int, Any]]:
     return _jsonl_records(path)
 
 
-def scan_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[BadRow]]:
-    """Every usable row and every bad one, with its line, in one pass."""
-    rows: list[dict[str, Any]] = []
-    bad: list[BadRow] = []
+@dataclass(frozen=True)
+class DataScan:
+    """One streaming pass over a data file: no row is kept, only what the checks need."""
+
+    usable_rows: int
+    bad: list[BadRow]
+    formats: dict[str, int]
+
+
+def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
+    """Every row in file order, as the row or as the BadRow saying what is wrong with it."""
     try:
         for number, record in records(path):
             if isinstance(record, BadRow):
-                bad.append(record)
+                yield record
                 continue
             problem = _row_problem(record)
-            if problem:
-                bad.append(BadRow(number, problem))
-            else:
-                rows.append(record)
+            yield BadRow(number, problem) if problem else record
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - pyarrow/datasets/csv errors: unreadable file
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"data file {path} cannot be read: {first[:200]}") from None
-    return rows, bad
+
+
+def scan(path: str | Path) -> DataScan:
+    """Count usable rows and formats and collect the bad rows, reading the file once."""
+    usable, bad, formats = 0, [], {}
+    for record in _checked_records(path):
+        if isinstance(record, BadRow):
+            bad.append(record)
+            continue
+        usable += 1
+        kind = detect_format(record)
+        formats[kind] = formats.get(kind, 0) + 1
+    return DataScan(usable, bad, formats)
+
+
+def usable_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The usable rows in file order, one at a time (bad ones left out)."""
+    for record in _checked_records(path):
+        if not isinstance(record, BadRow):
+            yield record
 
 
 def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
@@ -205,25 +229,25 @@ def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
     return f"{path}: {len(bad)} {noun}: {shown}{more}"
 
 
-def check_rows(
-    path: str | Path, rows: Sequence[dict[str, Any]], bad: list[BadRow], skip_bad_rows: bool
-) -> None:
+def check_rows(path: str | Path, data_scan: DataScan, skip_bad_rows: bool) -> None:
     """Bad rows stop a run, naming their lines, unless skipped; no usable row stops it too."""
-    if bad and not skip_bad_rows:
-        raise UsageError(describe_bad_rows(path, bad) + " (fix them or pass --skip-bad-rows)")
-    if not rows:
+    if data_scan.bad and not skip_bad_rows:
+        raise UsageError(
+            describe_bad_rows(path, data_scan.bad) + " (fix them or pass --skip-bad-rows)"
+        )
+    if not data_scan.usable_rows:
         raise UsageError(
             f"data file {path} is empty"
-            if not bad
-            else f"data file {path} has no usable row: " + describe_bad_rows(path, bad)
+            if not data_scan.bad
+            else f"data file {path} has no usable row: " + describe_bad_rows(path, data_scan.bad)
         )
 
 
-def read_rows(path: str | Path, skip_bad_rows: bool = False) -> list[dict[str, Any]]:
-    """The rows of a data file; bad rows stop here, naming their lines, unless skipped."""
-    rows, bad = scan_rows(path)
-    check_rows(path, rows, bad, skip_bad_rows)
-    return rows
+def checked_scan(path: str | Path, skip_bad_rows: bool = False) -> DataScan:
+    """scan() then check_rows(): the scan of a file a run may use."""
+    data_scan = scan(path)
+    check_rows(path, data_scan, skip_bad_rows)
+    return data_scan
 
 
 def first_row_format(path: str | Path) -> str | None:
@@ -260,26 +284,42 @@ class TokenizedExample:
     labels: list[int]
 
     @property
-    def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+    def has_answer_tokens(self) -> bool:
+        """Whether truncation left any answer token (they come last: the last label says)."""
+        return bool(self.labels) and self.labels[-1] != IGNORE_INDEX
 
 
 def tokenize(example: Example, tokenizer: Any, seq_len: int) -> TokenizedExample:
     """Token ids truncated to seq_len; labels mask the prompt so the loss is on the answer."""
-    prompt_ids = (
-        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    )
-    answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return tokenize_many([example], tokenizer, seq_len)[0]
+
+
+def tokenize_many(
+    examples: Sequence[Example], tokenizer: Any, seq_len: int
+) -> list[TokenizedExample]:
+    """tokenize() for many examples with two batched tokenizer calls (fast tokenizers encode a
+    batch in parallel, in native code)."""
+    if not examples:
+        return []
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = (
         [tokenizer.bos_token_id]
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
     )
-    input_ids = (bos + prompt_ids + answer_ids)[:seq_len]
-    labels = ([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + answer_ids)[:seq_len]
-    return TokenizedExample(input_ids=input_ids, labels=labels)
+    tokenized = []
+    for example, prompt_ids, answer_ids in zip(examples, prompts, answers):
+        prompt_ids = prompt_ids if example.prompt else []
+        answer_ids = answer_ids + eos
+        tokenized.append(
+            TokenizedExample(
+                input_ids=(bos + prompt_ids + answer_ids)[:seq_len],
+                labels=([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + answer_ids)[:seq_len],
+            )
+        )
+    return tokenized
 
 
 def chat_template_of(tokenizer: Any) -> Any:
@@ -293,45 +333,122 @@ def chat_template_of(tokenizer: Any) -> Any:
     return render
 
 
+class TokenTable(Sequence[TokenizedExample]):
+    """Tokenized examples as three flat arrays (ids, labels, offsets), not Python lists.
+
+    The token cache stores a table as .npy files and probes open them memory-mapped, so a large
+    dataset is neither held as Python objects nor copied into each probe; an example becomes
+    Python lists only when a batch takes it.
+    """
+
+    def __init__(self, ids: Any, labels: Any, offsets: Any) -> None:
+        self.ids, self.labels, self.offsets = ids, labels, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return TokenizedExample(self.ids[start:end].tolist(), self.labels[start:end].tolist())
+
+    @property
+    def lengths(self) -> Any:
+        import numpy as np
+
+        return np.diff(self.offsets)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def __eq__(self, other: object) -> bool:
+        import numpy as np
+
+        if not isinstance(other, TokenTable):
+            return NotImplemented
+        return all(
+            np.array_equal(a, b)
+            for a, b in (
+                (self.ids, other.ids),
+                (self.labels, other.labels),
+                (self.offsets, other.offsets),
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TokenTableBuilder:
+    """Appends examples as 4-byte integers, so building a table holds no per-token objects."""
+
+    def __init__(self) -> None:
+        from array import array
+
+        self.ids, self.labels, self.ends = array("i"), array("i"), array("q", [0])
+
+    def append(self, example: TokenizedExample) -> None:
+        self.ids.extend(example.input_ids)
+        self.labels.extend(example.labels)
+        self.ends.append(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
+    def build(self) -> TokenTable:
+        import numpy as np
+
+        return TokenTable(
+            np.frombuffer(self.ids, dtype=np.int32),
+            np.frombuffer(self.labels, dtype=np.int32),
+            np.frombuffer(self.ends, dtype=np.int64),
+        )
+
+
 @dataclass(frozen=True)
 class Splits:
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    train: TokenTable
+    eval: TokenTable
 
 
-def split_rows(
-    rows: Sequence[dict[str, Any]], seed: int, eval_rows: int | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Deterministic train/eval split: the same data and seed give the same eval subset.
-
-    `eval_rows` rows are held out (default: a tenth of the data, at most MAX_EVAL_ROWS).
-    """
-    if len(rows) < 2:
-        raise UsageError(f"the data has {len(rows)} row; at least 2 are needed (train and eval)")
-    if eval_rows is not None and not 1 <= eval_rows < len(rows):
+def eval_row_count(row_count: int, eval_rows: int | None = None) -> int:
+    """Rows held out for eval: `eval_rows`, or a tenth of the data and at most MAX_EVAL_ROWS."""
+    if row_count < 2:
+        raise UsageError(f"the data has {row_count} row; at least 2 are needed (train and eval)")
+    if eval_rows is not None and not 1 <= eval_rows < row_count:
         raise UsageError(
-            f"--eval-rows {eval_rows} must be at least 1 and less than the {len(rows)} rows"
+            f"--eval-rows {eval_rows} must be at least 1 and less than the {row_count} rows"
         )
-    order = list(range(len(rows)))
+    return eval_rows or min(max(1, round(row_count * EVAL_FRACTION)), MAX_EVAL_ROWS)
+
+
+def eval_indices(row_count: int, seed: int, eval_rows: int | None = None) -> set[int]:
+    """Deterministic split: the same data and seed give the same eval subset of row indices."""
+    order = list(range(row_count))
     random.Random(seed).shuffle(order)
-    eval_count = eval_rows or min(max(1, round(len(rows) * EVAL_FRACTION)), MAX_EVAL_ROWS)
-    eval_rows = [rows[i] for i in sorted(order[:eval_count])]
-    train_rows = [rows[i] for i in order[eval_count:]]
-    return train_rows, eval_rows
+    return set(order[: eval_row_count(row_count, eval_rows)])
 
 
 def check_enough_rows(
-    rows: Sequence[dict[str, Any]],
-    effective_batch_size: int,
-    seed: int,
-    eval_rows: int | None = None,
+    row_count: int, effective_batch_size: int, eval_rows: int | None = None
 ) -> None:
-    train_rows, _ = split_rows(rows, seed, eval_rows)
-    if len(train_rows) < effective_batch_size:
+    train_rows = row_count - eval_row_count(row_count, eval_rows)
+    if train_rows < effective_batch_size:
         raise UsageError(
-            f"the data has {len(train_rows)} training rows after the eval split, fewer than one "
+            f"the data has {train_rows} training rows after the eval split, fewer than one "
             f"effective batch of {effective_batch_size}; add rows or lower effective_batch_size"
         )
+
+
+TOKENIZE_PROGRESS_ROWS = 10_000
+"""How often (in rows) tokenization reports progress."""
+TOKENIZE_CHUNK_ROWS = 1000
+"""Rows read and tokenized together: one batched tokenizer call, a bounded amount of text."""
 
 
 def load_splits(
@@ -340,29 +457,39 @@ def load_splits(
     seq_len: int,
     seed: int,
     eval_rows: int | None = None,
-    rows: Sequence[dict[str, Any]] | None = None,
+    row_count: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Splits:
-    """Tokenized train and eval splits; `rows` saves reading the file again when at hand."""
-    if rows is None:
-        # Bad rows were refused (or accepted for skipping) before anything ran: drop them here.
-        rows = read_rows(path, skip_bad_rows=True)
-    train_rows, held_out = split_rows(rows, seed, eval_rows)
+    """Tokenized train and eval splits, streamed: rows are read and tokenized one at a time.
+
+    Bad rows were refused (or accepted for skipping) before anything ran; they are left out
+    here. `row_count` (usable rows) saves a counting pass when the caller has scanned the file;
+    `progress(done, total)` is called every TOKENIZE_PROGRESS_ROWS rows.
+    """
+    if row_count is None:
+        row_count = scan(path).usable_rows
+    held_out = eval_indices(row_count, seed, eval_rows)
     template = chat_template_of(tokenizer)
-
-    def encode(selected: list[dict[str, Any]]) -> list[TokenizedExample]:
-        encoded = [tokenize(to_example(row, template), tokenizer, seq_len) for row in selected]
-        return [e for e in encoded if e.trained_tokens > 0]
-
-    splits = Splits(train=encode(train_rows), eval=encode(held_out))
-    emptied = [
-        name for name, split in (("training", splits.train), ("eval", splits.eval)) if not split
-    ]
+    train, evaluation = TokenTableBuilder(), TokenTableBuilder()
+    rows = enumerate(usable_rows(path))
+    done = 0
+    while chunk := list(itertools.islice(rows, TOKENIZE_CHUNK_ROWS)):
+        examples = [to_example(row, template) for _, row in chunk]
+        for (index, _), example in zip(chunk, tokenize_many(examples, tokenizer, seq_len)):
+            if example.has_answer_tokens:
+                (evaluation if index in held_out else train).append(example)
+        done += len(chunk)
+        if progress and done % TOKENIZE_PROGRESS_ROWS < TOKENIZE_CHUNK_ROWS:
+            progress(done, row_count)
+    if progress:
+        progress(row_count, row_count)
+    emptied = [name for name, split in (("training", train), ("eval", evaluation)) if not split]
     if emptied:
         raise UsageError(
             f"{path}: every {' and '.join(emptied)} row is truncated to nothing at seq_len "
             f"{seq_len} (the answer starts later); raise --seq-len"
         )
-    return splits
+    return Splits(train=train.build(), eval=evaluation.build())
 
 
 def step_batches(
@@ -371,16 +498,24 @@ def step_batches(
     """The examples of each optimizer step, the same for every recipe given the seed.
 
     Step 0 holds the longest examples, so the first (warm-up) step meets the worst-case memory.
+    Only the examples taken are materialised.
     """
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:effective_batch_size]
-    order = list(examples)
+    import numpy as np
+
+    lengths = (
+        examples.lengths
+        if isinstance(examples, TokenTable)
+        else np.array([len(e.input_ids) for e in examples])
+    )
+    longest = np.argsort(-lengths, kind="stable")[:effective_batch_size]
+    order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    batches = [list(longest)]
+    batches = [[examples[int(i)] for i in longest]]
     cursor = 0
     for _ in range(steps - 1):
         batch = []
         for _ in range(effective_batch_size):
-            batch.append(order[cursor % len(order)])
+            batch.append(examples[order[cursor % len(order)]])
             cursor += 1
         batches.append(batch)
     return batches
@@ -396,6 +531,65 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
         labels.append(e.labels + [IGNORE_INDEX] * pad)
         attention_mask.append([1] * len(e.input_ids) + [0] * pad)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_padding_free(examples: Sequence[TokenizedExample]) -> dict[str, list[list[int]]]:
+    """All examples end to end in one row, positions restarting at each; no padding at all.
+
+    The first label of each example is masked: in a padded batch no token predicts it (the
+    model shifts labels by one), and here it would be predicted from the previous example.
+    `sequence_lengths` says where each example ends, for the attention mask that keeps
+    attention inside it.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for e in examples:
+        input_ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        position_ids += range(len(e.input_ids))
+    return {
+        "input_ids": [input_ids],
+        "labels": [labels],
+        "position_ids": [position_ids],
+        "sequence_lengths": [[len(e.input_ids) for e in examples]],
+    }
+
+
+def pack_rows(examples: Sequence[TokenizedExample], seq_len: int) -> list[list[TokenizedExample]]:
+    """Examples grouped into rows of at most seq_len tokens: first fit, longest first."""
+    rows: list[list[TokenizedExample]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        size = len(example.input_ids)
+        for index, free in enumerate(room):
+            if size <= free:
+                rows[index].append(example)
+                room[index] -= size
+                break
+        else:
+            rows.append([example])
+            room.append(seq_len - size)
+    return rows
+
+
+def collate_packed(
+    rows: Sequence[Sequence[TokenizedExample]], pad_token_id: int
+) -> dict[str, list[list[int]]]:
+    """Packed rows, each laid out as collate_padding_free does, right-padded to the longest.
+
+    The padding of a row gets positions of its own (a sequence of its own, with no loss), so
+    no real token attends to it and it attends to none.
+    """
+    flats = [collate_padding_free(row) for row in rows]
+    width = max(len(f["input_ids"][0]) for f in flats)
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for flat in flats:
+        pad = width - len(flat["input_ids"][0])
+        batch["input_ids"].append(flat["input_ids"][0] + [pad_token_id] * pad)
+        batch["labels"].append(flat["labels"][0] + [IGNORE_INDEX] * pad)
+        batch["position_ids"].append(flat["position_ids"][0] + list(range(pad)))
+    return batch
 
 
 @dataclass(frozen=True)
@@ -419,25 +613,22 @@ def summarize(
     path: str | Path, tokenizer: Any = None, seq_len: int = 1024, max_rows: int | None = None
 ) -> DataSummary:
     """Rows, formats, bad rows and, given a tokenizer, token lengths and truncation."""
-    rows, bad = scan_rows(path)
-    formats: dict[str, int] = {}
-    for row in rows:
-        kind = detect_format(row)
-        formats[kind] = formats.get(kind, 0) + 1
-    summary = DataSummary(str(path), len(rows), formats, bad, seq_len)
-    if tokenizer is None or not rows:
+    data_scan = scan(path)
+    summary = DataSummary(
+        str(path), data_scan.usable_rows, data_scan.formats, data_scan.bad, seq_len
+    )
+    if tokenizer is None or not data_scan.usable_rows:
         return summary
-    return dataclasses.replace(summary, **length_stats(rows, tokenizer, seq_len, max_rows))
+    rows = itertools.islice(usable_rows(path), max_rows)
+    return dataclasses.replace(summary, **length_stats(rows, tokenizer, seq_len))
 
 
-def length_stats(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, seq_len: int, max_rows: int | None = None
-) -> dict[str, Any]:
+def length_stats(rows: Iterable[dict[str, Any]], tokenizer: Any, seq_len: int) -> dict[str, Any]:
     """Token-length percentiles before truncation, the share truncated at seq_len, and the rows
-    whose answer is cut off entirely (over the first `max_rows` rows)."""
+    whose answer is cut off entirely."""
     template = chat_template_of(tokenizer)
     lengths, empty = [], 0
-    for row in rows[:max_rows] if max_rows else rows:
+    for row in rows:
         whole = tokenize(to_example(row, template), tokenizer, seq_len=10**9)
         lengths.append(len(whole.input_ids))
         # Truncation keeps the first seq_len tokens and labels.
@@ -460,7 +651,7 @@ def length_stats(
     }
 
 
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2
 
 
 def _file_digest(path: Path) -> str:
@@ -500,32 +691,21 @@ def token_cache_key(
     return hashlib.sha256(f"{text}:{seq_len}:{seed}:{eval_rows}".encode()).hexdigest()[:24]
 
 
-def _pack(examples: list[TokenizedExample]) -> dict[str, Any]:
+TABLE_FILES = ("ids", "labels", "offsets")
+
+
+def load_token_cache(cache_dir: str | Path) -> Splits:
+    """The splits of a token cache directory, memory-mapped: pages are shared between probes."""
     import numpy as np
 
-    lengths = [len(e.input_ids) for e in examples]
-    return {
-        "ids": np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
-        "labels": np.fromiter((t for e in examples for t in e.labels), dtype=np.int32),
-        "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-    }
+    cache_dir = Path(cache_dir)
 
-
-def _unpack(ids: Any, labels: Any, offsets: Any) -> list[TokenizedExample]:
-    return [
-        TokenizedExample(ids[a:b].tolist(), labels[a:b].tolist())
-        for a, b in zip(offsets[:-1], offsets[1:])
-    ]
-
-
-def load_token_cache(cache_file: str | Path) -> Splits:
-    import numpy as np
-
-    with np.load(cache_file) as stored:
-        return Splits(
-            train=_unpack(stored["train_ids"], stored["train_labels"], stored["train_offsets"]),
-            eval=_unpack(stored["eval_ids"], stored["eval_labels"], stored["eval_offsets"]),
+    def table(name: str) -> TokenTable:
+        return TokenTable(
+            *(np.load(cache_dir / f"{name}_{part}.npy", mmap_mode="r") for part in TABLE_FILES)
         )
+
+    return Splits(train=table("train"), eval=table("eval"))
 
 
 def cached_splits(
@@ -535,23 +715,26 @@ def cached_splits(
     seed: int,
     cache_dir: str | Path,
     eval_rows: int | None = None,
-    rows: Sequence[dict[str, Any]] | None = None,
+    row_count: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Splits, Path]:
     """Tokenized splits from the on-disk cache, building it on first use (atomically)."""
+    import shutil
+
     import numpy as np
 
     key = token_cache_key(path, tokenizer, seq_len, seed, eval_rows)
-    cache_file = Path(cache_dir) / f"tokens-{key}.npz"
-    if cache_file.exists():
-        return load_token_cache(cache_file), cache_file
-    splits = load_splits(path, tokenizer, seq_len, seed, eval_rows, rows)
-    arrays = {
-        f"{name}_{k}": v
-        for name, examples in (("train", splits.train), ("eval", splits.eval))
-        for k, v in _pack(examples).items()
-    }
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(f".{os.getpid()}.partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(cache_file)
-    return splits, cache_file
+    cache = Path(cache_dir) / f"tokens-{key}"
+    if not cache.is_dir():
+        splits = load_splits(path, tokenizer, seq_len, seed, eval_rows, row_count, progress)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name, table in (("train", splits.train), ("eval", splits.eval)):
+            for part in TABLE_FILES:
+                np.save(partial / f"{name}_{part}.npy", getattr(table, part))
+        try:
+            partial.rename(cache)
+        except OSError:  # another worker finished the same cache first
+            shutil.rmtree(partial, ignore_errors=True)
+    return load_token_cache(cache), cache

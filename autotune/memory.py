@@ -95,14 +95,16 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
     attention = a * (2 * q + 2 * kv)
     # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
     mlp = 3 * a * i
+    # A padding-free row holds the whole micro-batch: attention matrices span all of it.
+    span = seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
     if recipe.attention == "eager":
         # The full attention matrix: fp32 softmax kept for backward and its cast for the
-        # matmul with v, one row of seq_len per head and token.
-        attention += spec.num_attention_heads * seq_len * (4 + a)
+        # matmul with v, one row of the span per head and token.
+        attention += spec.num_attention_heads * span * (4 + a)
     elif a == 4:
         # SDPA has no fused kernel for fp32 q/k/v with a mask, so it takes the math path and
         # keeps the fp32 softmax: what a k-bit base (fp32 residual stream) pays per token.
-        attention += spec.num_attention_heads * seq_len * 4
+        attention += spec.num_attention_heads * span * 4
     weight_inputs = 0
     if recipe.method != "lora":
         # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
@@ -162,6 +164,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
     else:
         activations = tokens * blocks * per_block_token
+    if recipe.batching != "padded" and recipe.attention != "flash_attention_2":
+        # the block-diagonal masks over the rows (one byte per pair), shared by every block
+        row_tokens = seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
+        activations += tokens * row_tokens
     # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss
     # keeps for backward, and the fp32 gradient of the logits.
     logits_and_loss = tokens * spec.vocab_size * (a + 8)

@@ -22,6 +22,7 @@ Quantization = Literal["none", "int8", "nf4"]
 Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Batching = Literal["padded", "padding_free", "packed"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -66,6 +67,12 @@ class Recipe:
     attention: Attention = "sdpa"
     """Attention implementation: sdpa (torch's fused kernels), eager (keeps the full attention
     matrix), flash_attention_2 (needs the flash-attn package)."""
+    batching: Batching = "padded"
+    """padded: each micro-batch is right-padded to its longest sequence; padding_free: its
+    sequences are laid end to end in one row, with positions restarting and attention kept
+    inside each sequence, so no compute or memory goes to padding; packed: a step's sequences
+    are packed into rows of up to seq_len tokens (first fit, longest first), micro_batch_size
+    rows per pass, attention kept inside each sequence."""
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -99,6 +106,8 @@ class Recipe:
             parts.append(self.optimizer)
         if self.attention != "sdpa":
             parts.append(self.attention)
+        if self.batching != "padded":
+            parts.append(self.batching.replace("_", "-"))
         return " ".join(parts)
 
     # ---- (de)serialisation ---------------------------------------------------------------
@@ -204,6 +213,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("precision", Precision),
         ("optimizer", Optimizer),
         ("attention", Attention),
+        ("batching", Batching),
     ):
         value = getattr(recipe, name)
         if value not in _choices(literal):

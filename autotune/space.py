@@ -16,7 +16,15 @@ import yaml
 
 from autotune.errors import UsageError
 from autotune.model_spec import BLOCK_LINEARS, ModelSpec
-from autotune.recipe import Attention, Method, Optimizer, Precision, Quantization, Recipe
+from autotune.recipe import (
+    Attention,
+    Batching,
+    Method,
+    Optimizer,
+    Precision,
+    Quantization,
+    Recipe,
+)
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -33,9 +41,10 @@ LIST_DIMENSIONS = {
     "gradient_checkpointing": (True, False),
     "expandable_segments": (True, False),
     "attention": get_args(Attention),
+    "batching": get_args(Batching),
 }
 SCALAR_KEYS = ("lora_alpha_over_r", "lora_dropout", "effective_batch_size")
-OPTIONAL_DEFAULTS: dict[str, Any] = {"attention": ["sdpa"]}
+OPTIONAL_DEFAULTS: dict[str, Any] = {"attention": ["sdpa"], "batching": ["padded"]}
 """Dimensions a space file may leave out, and the choice they then take."""
 KNOWN_KEYS = set(LIST_DIMENSIONS) | set(SCALAR_KEYS) | {"lora_target_modules", "learning_rate"}
 SHARED_DIMENSIONS = (
@@ -45,6 +54,7 @@ SHARED_DIMENSIONS = (
     "optimizer",
     "expandable_segments",
     "attention",
+    "batching",
 )
 """Dimensions every method has (the others depend on the method)."""
 
@@ -65,6 +75,7 @@ class SearchSpace:
     gradient_checkpointing: tuple[bool, ...]
     expandable_segments: tuple[bool, ...]
     attention: tuple[str, ...]
+    batching: tuple[str, ...]
     learning_rate: dict[str, float]
     source: str = "search space"
 
@@ -203,6 +214,7 @@ class SearchSpace:
             gradient_checkpointing=lists["gradient_checkpointing"],
             expandable_segments=lists["expandable_segments"],
             attention=lists["attention"],
+            batching=lists["batching"],
             learning_rate=learning_rate,
             source=source,
         )
@@ -241,6 +253,7 @@ class SearchSpace:
             seq_len=seq_len,
             expandable_segments=bool(params["expandable_segments"]),
             attention=params.get("attention", "sdpa"),
+            batching=params.get("batching", "padded"),
             **lora,
         )
 
@@ -271,6 +284,7 @@ class SearchSpace:
             "optimizer": recipe.optimizer,
             "expandable_segments": recipe.expandable_segments,
             "attention": recipe.attention,
+            "batching": recipe.batching,
         }
         if recipe.method == "lora":
             names = [

@@ -7,6 +7,7 @@ exceeds the budget, and otherwise probes it in a child process. Every outcome is
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import queue
@@ -21,9 +22,9 @@ from typing import Any
 from autotune.data import (
     cached_splits,
     check_enough_rows,
-    check_rows,
+    checked_scan,
     length_stats,
-    scan_rows,
+    usable_rows,
 )
 from autotune.errors import UsageError
 from autotune.memory import estimate
@@ -44,6 +45,8 @@ HEARTBEAT_SECONDS = 10
 STALE_AFTER_SECONDS = 40
 """A running trial silent this long belongs to a dead worker: it is failed and retried once."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
+LENGTH_STATS_ROWS = 2000
+"""Rows the report's token-length distribution and truncation figures are taken over."""
 ARTIFACTS_DIR = TRIALS_DIR / "artifacts"
 """Each trial's recipe YAML and probe log, as Optuna artifacts optuna-dashboard shows."""
 
@@ -65,6 +68,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "optimizer": "adamw",
         "expandable_segments": False,
         "attention": "sdpa",
+        "batching": "padded",
     },
     "full_8bit_adam": {
         "method": "full",
@@ -74,6 +78,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "optimizer": "adamw_8bit",
         "expandable_segments": True,
         "attention": "sdpa",
+        "batching": "padded",
     },
     "bf16_lora_qv": {
         "method": "lora",
@@ -86,6 +91,7 @@ BASELINES: dict[str, dict[str, Any]] = {
         "optimizer": "adamw",
         "expandable_segments": True,
         "attention": "sdpa",
+        "batching": "padded",
     },
 }
 
@@ -115,6 +121,8 @@ class RunSettings:
     """Rows held out for eval loss (default: a tenth of the data, at most 64)."""
     gpus: tuple[str, ...] = ()
     """CUDA device indices; each probe gets one of them as its only visible GPU."""
+    tokenize_progress: Callable[[int, int], None] | None = None
+    """Called with (rows done, rows) while the data is tokenized into the cache."""
 
 
 @dataclass(frozen=True)
@@ -234,9 +242,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
     spec = load_model_spec(settings.model)
     space = SearchSpace.load(settings.space_path)
-    rows, bad_rows = scan_rows(settings.data_path)
-    check_rows(settings.data_path, rows, bad_rows, settings.skip_bad_rows)
-    check_enough_rows(rows, space.effective_batch_size, settings.seed, settings.eval_rows)
+    data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
+    check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
     smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
     if smallest > settings.budget_bytes:
         raise UsageError(
@@ -253,9 +260,13 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         )
     tokenizer = tokenizer_for(settings.model)
     data_stats = {
-        "rows": len(rows),
-        "skipped_rows": len(bad_rows),
-        **length_stats(rows, tokenizer, settings.seq_len, max_rows=2000),
+        "rows": data_scan.usable_rows,
+        "skipped_rows": len(data_scan.bad),
+        **length_stats(
+            itertools.islice(usable_rows(settings.data_path), LENGTH_STATS_ROWS),
+            tokenizer,
+            settings.seq_len,
+        ),
     }
     # Tokenize once for every probe and worker of this study (and later studies on the data);
     # this also refuses data that truncation at seq_len leaves without an answer token.
@@ -266,7 +277,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings.seed,
         TRIALS_DIR / "cache",
         settings.eval_rows,
-        rows=rows,
+        row_count=data_scan.usable_rows,
+        progress=settings.tokenize_progress,
     )
     device = resolve_device(settings.device)
     check_workers(settings, device)
@@ -282,7 +294,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         study_name,
         storage,
         smallest,
-        skipped_rows=len(bad_rows),
+        skipped_rows=len(data_scan.bad),
         data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
     )

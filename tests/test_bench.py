@@ -10,28 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_memory_bench_cpu_path(tmp_path):
-    out = tmp_path / "memory.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "memory_bench.py"),
-            "--device",
-            "cpu",
-            "--shapes",
-            "demo",
-            "--max-recipes",
-            "2",
-            "--steps",
-            "1",
-            "--out",
-            str(out),
-            "--models-dir",
-            str(tmp_path / "models"),
-        ],
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", *args],
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+def test_memory_bench_cpu_path(tmp_path):
+    out = tmp_path / "memory.json"
+    done = run_bench(
+        "memory_bench.py",
+        *("--shapes", "demo", "--max-recipes", "2", "--steps", "1"),
+        *("--out", str(out), "--models-dir", str(tmp_path / "models")),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
@@ -45,34 +38,12 @@ def test_memory_bench_cpu_path(tmp_path):
 
 def test_study_bench_cpu_path(tmp_path):
     out = tmp_path / "study.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "study_bench.py"),
-            "--shape",
-            "demo",
-            "--device",
-            "cpu",
-            "--budget",
-            "4GB",
-            "--trials",
-            "3",
-            "--probe-steps",
-            "2",
-            "--seq-len",
-            "48",
-            "--space",
-            str(ROOT / "search_spaces" / "demo.yaml"),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--models-dir",
-            str(tmp_path / "models"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_bench(
+        "study_bench.py",
+        *("--shape", "demo", "--budget", "4GB", "--trials", "3", "--probe-steps", "2"),
+        *("--seq-len", "48", "--space", str(ROOT / "search_spaces" / "demo.yaml")),
+        *("--workdir", str(tmp_path / "work"), "--models-dir", str(tmp_path / "models")),
+        *("--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
@@ -82,15 +53,6 @@ def test_study_bench_cpu_path(tmp_path):
     assert summary["speedup_over_default"] >= 1.0  # the frontier's fastest is at least as fast
     assert {"load", "steps", "total"} <= set(summary["median_seconds_per_phase"])
     assert results["frontier"]
-
-
-def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_probe_start_bench_cpu_path(tmp_path):
@@ -125,3 +87,21 @@ def test_repeat_bench_cpu_path(tmp_path):
     summary = results["summary"]["lora-qv-mb2"]
     assert summary["ok"] == 2 and summary["tokens_per_second_spread"] is not None
     assert summary["eval_loss_spread_abs"] >= 0
+
+
+def test_data_bench_small_file(tmp_path):
+    out = tmp_path / "data.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data_bench.py"), "--size-mb", "1"]
+        + ["--seq-len", "256", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["file_bytes"] >= 1e6 and summary["usable_rows"] == summary["rows"] > 100
+    # ids, labels and offsets of every row are in the cache: 8 bytes per token and a little
+    assert summary["cache_bytes"] > 8 * summary["train_tokens"]
+    assert set(summary["seconds"]) == {"write", "check", "length_stats", "tokenize"}
+    assert not (tmp_path / "work" / "large.jsonl").exists()  # the generated file is removed

@@ -3,11 +3,11 @@ import pytest
 from autotune.data import (
     IGNORE_INDEX,
     check_enough_rows,
+    checked_scan,
     collate,
     detect_format,
+    eval_indices,
     load_splits,
-    read_rows,
-    split_rows,
     step_batches,
     to_example,
     tokenize,
@@ -69,29 +69,37 @@ def test_bad_rows_name_the_line(tmp_path, content, needle):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
     with pytest.raises(UsageError, match=needle) as error:
-        read_rows(path)
+        checked_scan(path)
     assert str(path) in str(error.value)
 
 
 def test_missing_data_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        read_rows(tmp_path / "nope.jsonl")
+        checked_scan(tmp_path / "nope.jsonl")
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path):
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     rows = [{"text": f"row {i}"} for i in range(50)]
-    train, evaluation = split_rows(rows, seed=3)
-    assert split_rows(rows, seed=3) == (train, evaluation)
-    assert len(evaluation) == 5 and len(train) == 45
-    assert not {r["text"] for r in train} & {r["text"] for r in evaluation}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    held_out = eval_indices(50, seed=3)
+    assert eval_indices(50, seed=3) == held_out and len(held_out) == 5
+    splits = load_splits(path, tokenizer, seq_len=16, seed=3)
+    assert splits == load_splits(path, tokenizer, seq_len=16, seed=3)
+
+    def encoded(indices):
+        return [tokenize(to_example(rows[i]), tokenizer, 16) for i in sorted(indices)]
+
+    # Both splits keep file order; together they hold every row once.
+    assert list(splits.eval) == encoded(held_out)
+    assert list(splits.train) == encoded(set(range(50)) - held_out)
     with pytest.raises(UsageError, match="fewer than one effective batch"):
-        check_enough_rows(rows[:5], effective_batch_size=8, seed=0)
-    small_train, small_eval = split_rows(rows, seed=3, eval_rows=3)
-    assert len(small_eval) == 3 and len(small_train) == 47
-    assert {r["text"] for r in small_eval} <= {r["text"] for r in evaluation}  # same order
+        check_enough_rows(5, effective_batch_size=8)
+    small = eval_indices(50, seed=3, eval_rows=3)
+    assert len(small) == 3 and small <= held_out  # the same order, cut shorter
     for bad in (0, 50):
         with pytest.raises(UsageError, match="--eval-rows"):
-            split_rows(rows, seed=3, eval_rows=bad)
+            eval_indices(50, seed=3, eval_rows=bad)
 
 
 def test_step_batches_start_with_the_longest_and_repeat_by_seed(tmp_path):
@@ -115,3 +123,44 @@ def test_collate_pads_without_loss():
     assert batch["input_ids"] == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"][1] == [4, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["attention_mask"][1] == [1, 0, 0]
+
+
+def test_tokenizing_streams_rows_and_keeps_tokens_compact(tmp_path):
+    import tracemalloc
+
+    import numpy as np
+
+    from autotune.data import cached_splits
+
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    words = "alpha beta gamma delta epsilon zeta theta kappa".split()
+
+    def measured(row_count: int):
+        rows = [
+            {"input": " ".join(words[(i + j) % 8] for j in range(40)), "output": " ".join(words)}
+            for i in range(row_count)
+        ]
+        path = write_jsonl(tmp_path / f"d{row_count}.jsonl", rows)
+        tracemalloc.start()
+        try:
+            splits = load_splits(path, tokenizer, seq_len=256, seed=0)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(splits.train) + len(splits.eval) == row_count
+        return path, splits, peak, splits.train.tokens + splits.eval.tokens
+
+    _, _, small_peak, small_tokens = measured(3000)
+    path, splits, large_peak, large_tokens = measured(9000)
+    # Rows are read and tokenized a chunk at a time and tokens kept as 4-byte integers (ids and
+    # labels): each further token costs 8 bytes, 16 with the arrays' growth slack. Rows or
+    # tokens held as Python objects would cost over 70 bytes per token.
+    assert large_peak - small_peak < 20 * (large_tokens - small_tokens)
+    # The cache is memory-mapped by every probe rather than read into each one.
+    cached, cache = cached_splits(path, tokenizer, 256, 0, tmp_path / "cache")
+    assert isinstance(cached.train.ids, np.memmap) and cached == splits
+    assert {f.name for f in cache.iterdir()} == {
+        f"{split}_{part}.npy"
+        for split in ("train", "eval")
+        for part in ("ids", "labels", "offsets")
+    }

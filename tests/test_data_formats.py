@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.data import load_splits, read_rows, scan_rows, summarize
+from autotune.data import checked_scan, load_splits, scan, summarize, usable_rows
 from autotune.errors import UsageError
 from autotune.probe import SubprocessProbeRunner
 from autotune.recipe import Recipe
@@ -58,25 +58,27 @@ def as_datasets_dir(path: Path, rows: list[dict]) -> Path:
 
 
 def test_csv_reads_like_jsonl(tmp_path):
-    jsonl_rows, _ = scan_rows(write_jsonl(tmp_path / "d.jsonl", ROWS))
-    csv_rows, bad = scan_rows(as_csv(tmp_path / "d.csv", ROWS))
-    assert not bad and csv_rows == jsonl_rows
+    jsonl_rows = list(usable_rows(write_jsonl(tmp_path / "d.jsonl", ROWS)))
+    csv = as_csv(tmp_path / "d.csv", ROWS)
+    assert not scan(csv).bad and list(usable_rows(csv)) == jsonl_rows
 
 
 def test_parquet_rows(tmp_path):
-    rows, bad = scan_rows(as_parquet(tmp_path / "d.parquet", ROWS))
-    assert not bad and len(rows) == len(ROWS)
+    path = as_parquet(tmp_path / "d.parquet", ROWS)
+    rows = list(usable_rows(path))
+    assert not scan(path).bad and len(rows) == len(ROWS)
     assert rows[0]["instruction"] == "Add." and rows[3]["text"] == "plain text row"
 
 
 def test_datasets_directory(tmp_path):
-    rows, bad = scan_rows(as_datasets_dir(tmp_path / "saved", ROWS))
-    assert not bad and len(rows) == len(ROWS) and rows[0] == {"text": "4"}
+    path = as_datasets_dir(tmp_path / "saved", ROWS)
+    rows = list(usable_rows(path))
+    assert not scan(path).bad and len(rows) == len(ROWS) and rows[0] == {"text": "4"}
 
 
 def test_a_plain_directory_is_refused(tmp_path):
     with pytest.raises(UsageError, match="not a datasets save_to_disk directory"):
-        read_rows(tmp_path)
+        checked_scan(tmp_path)
 
 
 def test_bad_rows_are_counted_named_and_skippable(tmp_path):
@@ -86,16 +88,17 @@ def test_bad_rows_are_counted_named_and_skippable(tmp_path):
         b'{"input": 1, "output": "x"}\n{"text": "caf\xe9"}\n{"text": "last"}\n'
     )
     with pytest.raises(UsageError) as error:
-        read_rows(path)
+        checked_scan(path)
     message = str(error.value)
     assert '4 bad rows: line 2: field "text" is empty; line 4: not valid JSON' in message
     assert "and 1 more" in message and "--skip-bad-rows" in message
-    assert [r["text"] for r in read_rows(path, skip_bad_rows=True)] == ["ok", "fine", "last"]
+    assert checked_scan(path, skip_bad_rows=True).usable_rows == 3
+    assert [r["text"] for r in usable_rows(path)] == ["ok", "fine", "last"]
 
 
 def test_csv_bad_row_line_numbers_count_the_header(tmp_path):
     rows = [{"input": "q", "output": "a"}, {"input": "q2", "output": ""}]
-    _, bad = scan_rows(as_csv(tmp_path / "d.csv", rows))
+    bad = scan(as_csv(tmp_path / "d.csv", rows)).bad
     assert [(b.line, b.problem) for b in bad] == [
         (3, 'no known fields: expected "text", "input"/"output", "instruction" or "messages"')
     ]
@@ -112,12 +115,11 @@ def test_summary_with_tokenizer(tmp_path):
     assert 0 < summary.rows_without_answer_tokens < 40
 
 
-def test_every_answer_truncated_is_refused():
+def test_every_answer_truncated_is_refused(tmp_path):
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input": "a long question " * 5, "output": "x"}] * 3)
     with pytest.raises(UsageError, match="truncated to nothing at seq_len 4"):
-        load_splits(
-            "d.jsonl", tokenizer, 4, 0, rows=[{"input": "a long question " * 5, "output": "x"}] * 3
-        )
+        load_splits(path, tokenizer, 4, 0)
 
 
 def test_run_stops_on_bad_rows_unless_skipped(tmp_path, tiny_model):
@@ -183,7 +185,7 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     first, cache_file = cached_splits(data, tokenizer, 32, 0, tmp_path / "cache")
-    assert cache_file.exists()
+    assert cache_file.is_dir()
     again, same_file = cached_splits(data, tokenizer, 32, 0, tmp_path / "cache")
     assert same_file == cache_file and again == first == load_splits(data, tokenizer, 32, 0)
     key = token_cache_key(data, tokenizer, 32, 0)

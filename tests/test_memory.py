@@ -168,3 +168,15 @@ def test_eager_attention_keeps_the_attention_matrix():
     assert extra == 16 * 1024 * 32 * 1024 * (4 + 2)
     longer = estimate(LLAMA_1B, eager, seq_len=2048).breakdown["activations"]
     assert longer > 3 * estimate(LLAMA_1B, eager).breakdown["activations"]
+
+
+def test_padding_free_rows_cost_their_mask_and_wider_attention():
+    padded = estimate(LLAMA_1B, lora(micro_batch_size=4)).peak_bytes
+    free = estimate(LLAMA_1B, lora(micro_batch_size=4, batching="padding_free")).peak_bytes
+    # one byte per token pair of the 4 x 1024-token row
+    assert free - padded >= (4 * 1024) ** 2
+    eager = lora(micro_batch_size=4, attention="eager", gradient_checkpointing=False)
+    eager_free = lora(
+        micro_batch_size=4, attention="eager", gradient_checkpointing=False, batching="padding_free"
+    )
+    assert estimate(LLAMA_1B, eager_free).peak_bytes > 3 * estimate(LLAMA_1B, eager).peak_bytes / 2

@@ -40,8 +40,10 @@ def request_for(model, data, device="cpu", budget_bytes=10**10, steps=3, **recip
         {},
         {"quantization": "nf4", "optimizer": "adamw_8bit"},
         {"method": "freeze", "frozen_layers": 2, "gradient_checkpointing": False},
+        {"batching": "padding_free"},
+        {"batching": "packed"},
     ],
-    ids=["lora-bf16", "qlora-8bit-adam", "freeze"],
+    ids=["lora-bf16", "qlora-8bit-adam", "freeze", "padding-free", "packed"],
 )
 def test_probe_measures_a_recipe(tiny_model, qa_data, tmp_path, recipe):
     result = SubprocessProbeRunner(timeout_seconds=300).run(

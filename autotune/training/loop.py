@@ -16,7 +16,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.data import IGNORE_INDEX, TokenizedExample, collate
+from autotune.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    collate_packed,
+    collate_padding_free,
+    pack_rows,
+)
 from autotune.recipe import Recipe
 from autotune.training.build import autocast_dtype
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
@@ -57,6 +64,39 @@ def _to_tensors(batch: dict[str, list[list[int]]], device: str) -> dict[str, Any
     import torch
 
     return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def micro_batches(examples: Sequence[TokenizedExample], recipe: Recipe) -> list[list[Any]]:
+    """The passes of one step: micro_batch_size examples each, or with batching packed,
+    micro_batch_size packed rows each (a row: the examples packed into it)."""
+    units: Sequence[Any] = (
+        pack_rows(examples, recipe.seq_len) if recipe.batching == "packed" else examples
+    )
+    size = recipe.micro_batch_size
+    return [list(units[start : start + size]) for start in range(0, len(units), size)]
+
+
+def _examples_of(micro: list[Any], recipe: Recipe) -> list[TokenizedExample]:
+    return [e for row in micro for e in row] if recipe.batching == "packed" else micro
+
+
+def model_inputs(
+    examples: Sequence[TokenizedExample], recipe: Recipe, device: str, pad_token_id: int
+) -> tuple[dict[str, Any], int]:
+    """The forward's keyword arguments for a micro-batch, and its real (non-padding) tokens."""
+    if recipe.batching == "packed":
+        batch = _to_tensors(collate_packed(examples, pad_token_id), device)
+        return batch, sum(len(e.input_ids) for row in examples for e in row)
+    if recipe.batching != "padding_free":
+        batch = _to_tensors(collate(examples, pad_token_id), device)
+        return batch, int(batch["attention_mask"].sum())
+    flat = collate_padding_free(examples)
+    lengths = flat.pop("sequence_lengths")[0]
+    # No attention mask: from positions that restart at 0, transformers builds the
+    # block-diagonal causal mask (or flash-attention's sequence bounds) itself, so no sequence
+    # attends to another (tests/test_batching.py checks the loss against a padded batch).
+    batch = _to_tensors(flat, device)
+    return batch, sum(lengths)
 
 
 def _autocast(recipe: Recipe, device: str) -> Any:
@@ -189,11 +229,10 @@ def train_steps(
         step_loss_tokens = sum(_loss_tokens(e) for e in examples) or 1
         loss_total = 0.0
         tokens = 0
-        for start in range(0, len(examples), recipe.micro_batch_size):
-            micro = examples[start : start + recipe.micro_batch_size]
-            batch = _to_tensors(collate(micro, pad_token_id), device)
-            tokens += int(batch["attention_mask"].sum())
-            share = sum(_loss_tokens(e) for e in micro) / step_loss_tokens
+        for micro in micro_batches(examples, recipe):
+            batch, real_tokens = model_inputs(micro, recipe, device, pad_token_id)
+            tokens += real_tokens
+            share = sum(_loss_tokens(e) for e in _examples_of(micro, recipe)) / step_loss_tokens
             with _autocast(recipe, device):
                 loss = model(**batch).loss * share
             (scaler.scale(loss) if scaler else loss).backward()
@@ -227,10 +266,9 @@ def evaluate(
     model.eval()
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(examples), recipe.micro_batch_size):
-            micro = examples[start : start + recipe.micro_batch_size]
-            batch = _to_tensors(collate(micro, pad_token_id), device)
-            count = sum(_loss_tokens(e) for e in micro)
+        for micro in micro_batches(examples, recipe):
+            batch, _ = model_inputs(micro, recipe, device, pad_token_id)
+            count = sum(_loss_tokens(e) for e in _examples_of(micro, recipe))
             with _autocast(recipe, device):
                 loss = model(**batch).loss
             total_loss += float(loss) * count

@@ -66,8 +66,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _epoch_batches(examples: list, effective_batch_size: int, seed: int, epoch: int) -> list:
-    order = list(examples)
+def _epoch_batches(
+    example_count: int, effective_batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """The example indices of each step of an epoch; examples are read only when trained on."""
+    order = list(range(example_count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return [
         order[i : i + effective_batch_size]
@@ -148,9 +151,9 @@ def train(
 
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
-    from autotune.data import read_rows
+    from autotune.data import checked_scan
 
-    read_rows(data_path, skip_bad_rows=skip_bad_rows)
+    data_scan = checked_scan(data_path, skip_bad_rows)
     check_output_dir(output_dir)
     if recipe.expandable_segments:
         # Read when the CUDA allocator starts, which is at the first allocation below.
@@ -159,7 +162,9 @@ def train(
     budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(recipe.model)
-    splits = load_splits(data_path, tokenizer, recipe.seq_len, seed, eval_rows)
+    splits = load_splits(
+        data_path, tokenizer, recipe.seq_len, seed, eval_rows, data_scan.usable_rows
+    )
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
@@ -184,8 +189,9 @@ def train(
     step = start_step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(splits.train, recipe.effective_batch_size, seed, epoch)
-        chunk = batches[offset : offset + (total_steps - step)]
+        batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
+        chunk_indices = batches[offset : offset + (total_steps - step)]
+        chunk = ([splits.train[i] for i in indices] for indices in chunk_indices)
 
         def after_step(index: int, record: Any, first: int = step) -> None:
             current = first + index + 1
@@ -199,7 +205,7 @@ def train(
         records += train_steps(
             model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
         )
-        step += len(chunk)
+        step += len(chunk_indices)
     _save_checkpoint(model, optimizer, scheduler, step, output_dir)
     eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
