@@ -72,6 +72,13 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         config["bits_and_bytes_config"] = {"load_in_8bit": True}
     if recipe.method == "freeze":
         config["frozen_layers"] = recipe.frozen_layers
+    if recipe.batching != "padded":
+        # TRL's SFTConfig: packing to max_length, or padding-free micro-batches
+        config["sft_config"] = (
+            {"packing": True, "padding_free": True}
+            if recipe.batching == "packed"
+            else {"padding_free": True}
+        )
     return config
 
 
@@ -116,6 +123,8 @@ def axolotl_config(
         "gradient_checkpointing": recipe.gradient_checkpointing,
         **_half_flags(recipe),
     }
+    if recipe.batching == "packed":
+        config["sample_packing"] = True
     if recipe.attention == "sdpa":
         config["sdp_attention"] = True
     elif recipe.attention == "flash_attention_2":
@@ -169,6 +178,9 @@ def llamafactory_config(
         ],
         **_half_flags(recipe),
     }
+    if recipe.batching == "packed":
+        # neat packing keeps attention inside each packed sequence
+        config.update(packing=True, neat_packing=True)
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(

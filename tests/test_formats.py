@@ -42,6 +42,7 @@ AXOLOTL_KEYS = {
     "lora_target_modules",
     "unfrozen_parameters",
     "sdp_attention",
+    "sample_packing",
     "flash_attention",
 }
 AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
@@ -62,6 +63,8 @@ LLAMAFACTORY_OWN_KEYS = {
     "freeze_trainable_modules",
     "disable_gradient_checkpointing",
     "flash_attn",
+    "packing",
+    "neat_packing",
 }
 OPTIMIZER_NAMES = {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 
@@ -81,6 +84,7 @@ RECIPES = {
     },
     "full-8bit": {"method": "full", "optimizer": "adamw_8bit", "precision": "fp16"},
     "freeze": {"method": "freeze", "frozen_layers": 20},
+    "packed": {"method": "lora", "lora_r": 16, "batching": "packed"},
 }
 
 
@@ -110,6 +114,10 @@ def test_hf_keywords_construct_the_real_classes(name):
     if "bits_and_bytes_config" in config:
         bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
         assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
+    # TRL's SFTConfig fields (trl is not a dependency; its documented names)
+    assert config.get("sft_config") == (
+        {"packing": True, "padding_free": True} if name == "packed" else None
+    )
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -120,6 +128,7 @@ def test_axolotl_keys(name):
     assert config["optimizer"] in OPTIMIZER_NAMES
     if name == "qlora":
         assert config["adapter"] == "qlora" and config["lora_target_linear"] is True
+    assert config.get("sample_packing") == (True if name == "packed" else None)
     if name == "freeze":
         patterns = config["unfrozen_parameters"]
         assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
@@ -140,6 +149,8 @@ def test_llamafactory_keys(name):
         assert config["lora_target"] == "q_proj,v_proj" and config["quantization_bit"] == 8
     if name == "freeze":
         assert config["freeze_trainable_layers"] == 8
+    if name == "packed":
+        assert config["packing"] is True and config["neat_packing"] is True
 
 
 def test_render_puts_measured_figures_in_comments():
