@@ -493,7 +493,7 @@ def load_splits(
 
 
 def step_batches(
-    examples: Sequence[TokenizedExample], steps: int, effective_batch_size: int, seed: int
+    examples: TokenTable, steps: int, effective_batch_size: int, seed: int
 ) -> list[list[TokenizedExample]]:
     """The examples of each optimizer step, the same for every recipe given the seed.
 
@@ -502,12 +502,7 @@ def step_batches(
     """
     import numpy as np
 
-    lengths = (
-        examples.lengths
-        if isinstance(examples, TokenTable)
-        else np.array([len(e.input_ids) for e in examples])
-    )
-    longest = np.argsort(-lengths, kind="stable")[:effective_batch_size]
+    longest = np.argsort(-examples.lengths, kind="stable")[:effective_batch_size]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     batches = [[examples[int(i)] for i in longest]]
@@ -538,8 +533,7 @@ def collate_padding_free(examples: Sequence[TokenizedExample]) -> dict[str, list
 
     The first label of each example is masked: in a padded batch no token predicts it (the
     model shifts labels by one), and here it would be predicted from the previous example.
-    `sequence_lengths` says where each example ends, for the attention mask that keeps
-    attention inside it.
+    The restarting positions are what keeps attention inside each example.
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -548,12 +542,7 @@ def collate_padding_free(examples: Sequence[TokenizedExample]) -> dict[str, list
         input_ids += e.input_ids
         labels += [IGNORE_INDEX] + e.labels[1:]
         position_ids += range(len(e.input_ids))
-    return {
-        "input_ids": [input_ids],
-        "labels": [labels],
-        "position_ids": [position_ids],
-        "sequence_lengths": [[len(e.input_ids) for e in examples]],
-    }
+    return {"input_ids": [input_ids], "labels": [labels], "position_ids": [position_ids]}
 
 
 def pack_rows(examples: Sequence[TokenizedExample], seq_len: int) -> list[list[TokenizedExample]]:

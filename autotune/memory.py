@@ -85,6 +85,11 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
     return int(quantized + 4 * other)
 
 
+def _row_tokens(recipe: Recipe, seq_len: int) -> int:
+    """Tokens one attention row spans: a padding-free row holds the whole micro-batch."""
+    return seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
+
+
 def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> float:
     """Bytes one decoder block keeps for backward, per token, when nothing is recomputed."""
     a = activation_bytes_per_element(recipe)
@@ -95,8 +100,7 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
     attention = a * (2 * q + 2 * kv)
     # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
     mlp = 3 * a * i
-    # A padding-free row holds the whole micro-batch: attention matrices span all of it.
-    span = seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
+    span = _row_tokens(recipe, seq_len)
     if recipe.attention == "eager":
         # The full attention matrix: fp32 softmax kept for backward and its cast for the
         # matmul with v, one row of the span per head and token.
@@ -166,8 +170,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         activations = tokens * blocks * per_block_token
     if recipe.batching != "padded" and recipe.attention != "flash_attention_2":
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
-        row_tokens = seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
-        activations += tokens * row_tokens
+        activations += tokens * _row_tokens(recipe, seq_len)
     # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss
     # keeps for backward, and the fp32 gradient of the logits.
     logits_and_loss = tokens * spec.vocab_size * (a + 8)

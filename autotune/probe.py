@@ -20,6 +20,7 @@ from typing import Protocol
 
 from autotune.training.child import PARENT_ENV, STARTED_ENV
 from autotune.training.io import ProbeRequest, ProbeResult
+from autotune.training.zygote import READY
 
 LOG_TAIL_CHARS = 400
 
@@ -151,7 +152,7 @@ class ProbeServer:
             start_new_session=True,
         )
         answer = self._read(self.START_TIMEOUT_SECONDS)
-        if not answer or "ready" not in answer:
+        if not answer or READY not in answer:
             self.unavailable = (answer or {}).get("refused", "the probe server did not start")
             self.close()
             return False

@@ -277,10 +277,9 @@ def main() -> int:
     data = long_rows(workdir / "long.jsonl", rows=80)
     runner = SubprocessProbeRunner(args.timeout)
     budget = 10**15  # measure, do not cap: the card's own size is the only limit
-    build_device = "cuda" if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for shape in args.shapes.split(","):
-        directory = model_dir(shape, args.models_dir, build_device)
+        directory = model_dir(shape, args.models_dir, args.device)
         spec = load_model_spec(str(directory))
         tokenizer = load_tokenizer(str(directory))
         recipes = holdout(shape) if args.grid == "holdout" else grid(shape)

@@ -40,9 +40,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_start.json")
     args = parser.parse_args()
 
-    directory = model_dir(
-        args.shape, args.models_dir, "cuda" if args.device.startswith("cuda") else "cpu"
-    )
+    directory = model_dir(args.shape, args.models_dir, args.device)
     workdir = args.models_dir / "probe-start"
     workdir.mkdir(parents=True, exist_ok=True)
     data = long_rows(workdir / "long.jsonl", rows=40)

@@ -63,9 +63,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "repeat.json")
     args = parser.parse_args()
 
-    directory = model_dir(
-        args.shape, args.models_dir, "cuda" if args.device.startswith("cuda") else "cpu"
-    )
+    directory = model_dir(args.shape, args.models_dir, args.device)
     workdir = args.models_dir / "repeat"
     workdir.mkdir(parents=True, exist_ok=True)
     data = long_rows(workdir / "long.jsonl", rows=240)

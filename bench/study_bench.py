@@ -47,9 +47,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "study.json")
     args = parser.parse_args()
 
-    directory = model_dir(
-        args.shape, args.models_dir, "cuda" if args.device.startswith("cuda") else "cpu"
-    )
+    directory = model_dir(args.shape, args.models_dir, args.device)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = long_rows(args.workdir / "long.jsonl", rows=240)
     study_name = f"bench-{args.shape}-{datetime.datetime.now():%Y%m%d-%H%M%S}"

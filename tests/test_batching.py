@@ -59,7 +59,8 @@ def test_padding_free_matches_padded_loss(tiny_model, attention):
 
 def test_padding_free_layout():
     flat = collate_padding_free(examples())
-    assert flat["sequence_lengths"] == [[12, 5, 20]]
+    starts = [i for i, position in enumerate(flat["position_ids"][0]) if position == 0]
+    assert starts == [0, 12, 17] and len(flat["input_ids"][0]) == 37
     assert flat["position_ids"][0][:14] == list(range(12)) + [0, 1]
     # each sequence's first label is masked: nothing predicts it in a padded batch either
     assert [flat["labels"][0][i] for i in (0, 12, 17)] == [IGNORE_INDEX] * 3

@@ -10,9 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+def run_bench(script: str, *args: str, device: str | None = "cpu") -> subprocess.CompletedProcess:
+    device_args = ("--device", device) if device else ()
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", *args],
+        [sys.executable, str(ROOT / "bench" / script), *device_args, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -91,12 +92,11 @@ def test_repeat_bench_cpu_path(tmp_path):
 
 def test_data_bench_small_file(tmp_path):
     out = tmp_path / "data.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "data_bench.py"), "--size-mb", "1"]
-        + ["--seq-len", "256", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_bench(
+        "data_bench.py",
+        *("--size-mb", "1", "--seq-len", "256"),
+        *("--workdir", str(tmp_path / "work"), "--out", str(out)),
+        device=None,  # data_bench needs no device
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(out.read_text())["summary"]

@@ -29,9 +29,9 @@ class ProbeRequest:
     visible_gpu: str | None = None
     """With several GPUs, the one this probe may use (CUDA_VISIBLE_DEVICES)."""
     token_cache: str | None = None
+    """Tokenized splits built once by the study for this data, tokenizer, seq_len and seed."""
     eval_rows: int | None = None
     """Rows held out for eval loss; None: a tenth of the data, at most 64."""
-    """Tokenized splits built once by the study for this data, tokenizer, seq_len and seed."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

@@ -90,13 +90,11 @@ def model_inputs(
     if recipe.batching != "padding_free":
         batch = _to_tensors(collate(examples, pad_token_id), device)
         return batch, int(batch["attention_mask"].sum())
-    flat = collate_padding_free(examples)
-    lengths = flat.pop("sequence_lengths")[0]
     # No attention mask: from positions that restart at 0, transformers builds the
     # block-diagonal causal mask (or flash-attention's sequence bounds) itself, so no sequence
     # attends to another (tests/test_batching.py checks the loss against a padded batch).
-    batch = _to_tensors(flat, device)
-    return batch, sum(lengths)
+    batch = _to_tensors(collate_padding_free(examples), device)
+    return batch, int(batch["input_ids"].numel())
 
 
 def _autocast(recipe: Recipe, device: str) -> Any:
