@@ -769,7 +769,8 @@ def measure_noise(
 
     The QLoRA default (or, without it, the fastest frontier recipe) is probed again with the
     same steps and another seed, so the data order and the adapter's initialisation change and
-    nothing else. An eval-loss difference between two recipes smaller than this one is noise.
+    nothing else: it reads the study's token cache, so the eval subset is the same. An
+    eval-loss difference between two recipes smaller than this one is noise.
     Runs once per study, with the confirmations (`--confirm 0` turns both off).
     """
     events = events or RunEvents()
@@ -798,6 +799,7 @@ def measure_noise(
         budget_bytes=settings.budget_bytes,
         seed=settings.seed + 1,
         eval_rows=settings.eval_rows,
+        token_cache=prepared.token_cache,
     )
     result = runner.run(request, TRIALS_DIR / prepared.study_name / f"noise-{number:04d}")
     if result.status != "ok":
@@ -867,6 +869,7 @@ def confirm_frontier(
             budget_bytes=settings.budget_bytes,
             seed=settings.seed + 1,
             eval_rows=settings.eval_rows,
+            token_cache=prepared.token_cache,
         )
         result = runner.run(request, TRIALS_DIR / prepared.study_name / f"confirm-{number:04d}")
         fits = (

@@ -224,9 +224,13 @@ class NoisyRunner(FakeRunner):
 def test_eval_loss_noise_is_measured_once_and_read_against(workspace):
     runner = NoisyRunner()
     settings = settings_for(workspace, trials=8, confirm_top=1)
-    study = run_study(prepare_run(settings), runner)
+    prepared = prepare_run(settings)
+    study = run_study(prepared, runner)
     noise_probes = [r for r in runner.requests if r.seed == 1 and r.steps == settings.probe_steps]
     assert len(noise_probes) == 1
+    # Re-probes read the study's tokens: no second tokenization, the same eval subset.
+    reseeded = [r for r in runner.requests if r.seed == 1]
+    assert len(reseeded) == 2 and {r.token_cache for r in reseeded} == {prepared.token_cache}
     noise = study.user_attrs["noise"]
     default = next(t for t in study.trials if t.user_attrs.get("baseline") == "qlora_default")
     assert noise["trial"] == default.number
