@@ -481,6 +481,11 @@ def estimate(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
         f"({result.peak_bytes} bytes)"
     )
+    if result.paged_bytes:
+        typer.echo(
+            f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
+            "(unified memory, outside the peak: paged to the host when the GPU runs short)"
+        )
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")

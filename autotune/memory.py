@@ -39,14 +39,33 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 ADAPTER_BYTES = 4
 """peft keeps LoRA weights in fp32 (autocast_adapter_dtype) whatever the base dtype."""
 
+EIGHT_BIT_MIN_ELEMENTS = 4096
+"""bitsandbytes' 8-bit optimizers keep fp32 states for tensors smaller than this
+(min_8bit_size): norm weights and biases."""
+
+PAGED_MIN_ELEMENTS = 100_000
+"""bitsandbytes' paged optimizers put the states of tensors this large or larger in CUDA
+unified memory (cudaMallocManaged): outside torch's caching allocator, and moved to the host
+when the GPU runs short, so they count against no budget; smaller ones stay on the device.
+On a GPU larger than the budget they stay resident, so a probe there does not pay the paging
+that a card of the budget's size would."""
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
     breakdown: dict[str, int]
+    paged_bytes: int = 0
+    """Paged optimizer states in unified memory, outside the peak (see PAGED_MIN_ELEMENTS)."""
 
     def as_json(self) -> dict[str, object]:
-        return {"peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown)}
+        record: dict[str, object] = {
+            "peak_bytes": self.peak_bytes,
+            "breakdown": dict(self.breakdown),
+        }
+        if self.paged_bytes:
+            record["paged_bytes"] = self.paged_bytes
+        return record
 
 
 def weight_bytes_per_param(recipe: Recipe) -> int:
@@ -59,17 +78,56 @@ def activation_bytes_per_element(recipe: Recipe) -> int:
     return 4 if recipe.precision == "fp32" or recipe.quantization != "none" else 2
 
 
-def trainable_params(spec: ModelSpec, recipe: Recipe) -> int:
-    block = spec.block_linear_params + spec.block_other_params
+def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
+    """(elements, how many) of each kind of tensor that trains: what optimizers size by."""
+    if recipe.method == "lora":
+        shapes = spec.linear_shapes()
+        rank = recipe.lora_r or 0
+        tensors = []
+        for target in spec.target_linears(recipe.lora_target_modules or "all-linear"):
+            fan_in, fan_out = shapes[target]
+            tensors += [(rank * fan_in, spec.num_layers), (fan_out * rank, spec.num_layers)]
+        return tensors
+    blocks = spec.num_layers
+    head = [(spec.lm_head_params, 1)]
     if recipe.method == "full":
-        return spec.total_params
+        head.append((spec.embedding_params, 1))
+    else:
+        blocks = max(spec.num_layers - recipe.frozen_layers, 0)
+    block = [(a * b, blocks) for a, b in spec.linear_shapes().values()]
+    block.append((spec.hidden_size, 2 * blocks))
+    if spec.attention_bias:
+        block += [(spec.q_dim, blocks), (spec.kv_dim, 2 * blocks)]
+    return [(n, count) for n, count in [*block, *head, (spec.hidden_size, 1)] if n and count]
+
+
+def trainable_params(spec: ModelSpec, recipe: Recipe) -> int:
+    return sum(n * count for n, count in trainable_tensors(spec, recipe))
+
+
+def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int:
+    """The output projection's weight gradient, made at the start of backward while the
+    logits' gradient is alive; the tied input embedding's when the head is tied."""
+    if recipe.method == "full":
+        return spec.vocab_size * spec.hidden_size * trainable_bytes
     if recipe.method == "freeze":
-        trainable_blocks = max(spec.num_layers - recipe.frozen_layers, 0)
-        return trainable_blocks * block + spec.hidden_size + spec.lm_head_params
-    shapes = spec.linear_shapes()
-    targets = spec.target_linears(recipe.lora_target_modules or "all-linear")
-    rank = recipe.lora_r or 0
-    return spec.num_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+        return spec.lm_head_params * trainable_bytes
+    return 0
+
+
+def _optimizer_states(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> tuple[int, int]:
+    """AdamW's two moments: (bytes in the caching allocator, bytes paged in unified memory)."""
+    tensors = trainable_tensors(spec, recipe)
+    if recipe.optimizer == "adamw":
+        return 2 * trainable_bytes * sum(n * count for n, count in tensors), 0
+    device = paged = 0
+    for n, count in tensors:
+        size = 2 * count * n * (1 if n >= EIGHT_BIT_MIN_ELEMENTS else 4)
+        if recipe.optimizer == "paged_adamw_8bit" and n >= PAGED_MIN_ELEMENTS:
+            paged += size
+        else:
+            device += size
+    return device, paged
 
 
 def _weights(spec: ModelSpec, recipe: Recipe) -> int:
@@ -147,8 +205,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
 
     weights = _weights(spec, recipe)
     gradients = trainable * trainable_bytes
-    state_bytes = trainable_bytes if recipe.optimizer == "adamw" else 1
-    optimizer_states = 2 * trainable * state_bytes
+    optimizer_states, paged_states = _optimizer_states(spec, recipe, trainable_bytes)
     # autocast caches a bf16 copy of each weight that requires grad for the whole forward;
     # frozen weights (the base under LoRA, frozen blocks) are cast per use and freed.
     trainable_linear = 0
@@ -180,6 +237,8 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     backward_phase = activations + logits_and_loss
     if recipe.gradient_accumulation_steps > 1:
         backward_phase += gradients
+    else:
+        backward_phase += _head_gradient(spec, recipe, trainable_bytes)
     # AdamW's foreach step makes temporaries as large as the gradients; bitsandbytes' 8-bit
     # optimizers update each tensor in place with a fused kernel.
     step_temporaries = trainable * trainable_bytes if recipe.optimizer == "adamw" else 0
@@ -192,7 +251,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     if backward_phase >= step_phase:
         parts["activations"] = int(activations)
         parts["logits_and_loss"] = int(logits_and_loss)
-        parts["gradients"] = gradients if recipe.gradient_accumulation_steps > 1 else 0
+        parts["gradients"] = int(backward_phase - activations - logits_and_loss)
     else:
         parts["gradients"] = gradients
         parts["optimizer_step_temporaries"] = step_temporaries
@@ -203,4 +262,6 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         + LOGITS_FRAGMENTATION * tokens * spec.vocab_size * 4
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
-    return MemoryEstimate(peak_bytes=int(sum(parts.values())), breakdown=parts)
+    return MemoryEstimate(
+        peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged_states
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -88,48 +89,59 @@ def grid(shape: str) -> list[dict]:
             "expandable_segments": True,
         }
     )
+    recipes.append(  # measured as hold-out first, then used to model paged optimizer states
+        {
+            "method": "full",
+            "optimizer": "paged_adamw_8bit",
+            "micro_batch_size": 1,
+            "seq_len": 1024,
+            "gradient_checkpointing": False,
+        }
+    )
     if shape == "qwen2-7b":
         # full and freeze fine-tunes of 7B need more than one 80 GB card: nothing to measure
         return [r for r in recipes if r["method"] == "lora"]
-    if shape == "demo":
-        return [
-            {
-                **r,
-                "seq_len": min(r["seq_len"], 128),
-                "frozen_layers": min(r.get("frozen_layers", 0), 2),
-            }
-            for r in recipes
-        ]
-    return recipes
+    return for_shape(shape, recipes)
 
 
-def holdout(shape: str) -> list[dict]:
-    """Recipes outside `grid`, to check the calibrated model on measurements it was not fit to."""
-    lora = {"method": "lora", "lora_dropout": 0.05}
-    if shape == "qwen2-7b":
-        return [
-            {
-                **lora,
-                "quantization": "nf4",
-                "lora_r": 64,
-                "lora_alpha": 128,
-                "micro_batch_size": 2,
-                "seq_len": 2048,
-                "gradient_checkpointing": True,
-            },
-            {
-                **lora,
-                "lora_r": 8,
-                "lora_alpha": 16,
-                "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "micro_batch_size": 4,
-                "seq_len": 512,
-                "gradient_checkpointing": False,
-            },
-        ]
+def for_shape(shape: str, recipes: list[dict]) -> list[dict]:
+    """The demo model (CPU smoke test) takes 128 positions and has 4 blocks."""
+    if shape != "demo":
+        return recipes
+    shrunk = [{**r, "seq_len": min(r["seq_len"], 128)} for r in recipes]
     return [
+        {**r, "frozen_layers": min(r["frozen_layers"], 2)} if "frozen_layers" in r else r
+        for r in shrunk
+    ]
+
+
+HOLDOUT_PICKED = {
+    "qwen2-7b": [
         {
-            **lora,
+            "method": "lora",
+            "lora_dropout": 0.05,
+            "quantization": "nf4",
+            "lora_r": 64,
+            "lora_alpha": 128,
+            "micro_batch_size": 2,
+            "seq_len": 2048,
+            "gradient_checkpointing": True,
+        },
+        {
+            "method": "lora",
+            "lora_dropout": 0.05,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "micro_batch_size": 4,
+            "seq_len": 512,
+            "gradient_checkpointing": False,
+        },
+    ],
+    "small": [
+        {
+            "method": "lora",
+            "lora_dropout": 0.05,
             "lora_r": 64,
             "lora_alpha": 128,
             "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -138,20 +150,14 @@ def holdout(shape: str) -> list[dict]:
             "gradient_checkpointing": True,
         },
         {
-            **lora,
+            "method": "lora",
+            "lora_dropout": 0.05,
             "quantization": "nf4",
             "lora_r": 8,
             "lora_alpha": 16,
             "lora_target_modules": ["q_proj", "v_proj"],
             "micro_batch_size": 8,
             "seq_len": 512,
-            "gradient_checkpointing": False,
-        },
-        {
-            "method": "full",
-            "optimizer": "paged_adamw_8bit",
-            "micro_batch_size": 1,
-            "seq_len": 1024,
             "gradient_checkpointing": False,
         },
         {
@@ -163,7 +169,8 @@ def holdout(shape: str) -> list[dict]:
             "gradient_checkpointing": True,
         },
         {
-            **lora,
+            "method": "lora",
+            "lora_dropout": 0.05,
             "lora_r": 32,
             "lora_alpha": 64,
             "micro_batch_size": 2,
@@ -171,6 +178,88 @@ def holdout(shape: str) -> list[dict]:
             "gradient_checkpointing": False,
             "expandable_segments": True,
         },
+    ],
+}
+"""Hand-picked hold-out recipes, the first ones measured (bench/results/memory_h100.json)."""
+
+TARGETS = (None, ["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"])
+TARGETS += (["gate_proj", "up_proj", "down_proj"],)
+
+
+def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
+    """`count` recipes drawn at random (fixed seed) across every setting the model prices, none
+    of them in `grid`, each predicted to fit the card with room for a 20% miss and to train at
+    most 16k tokens a step on the 7B shape (so a probe takes seconds, not minutes)."""
+    from shared import CONFIGS
+
+    from autotune.model_spec import ModelSpec
+
+    spec = ModelSpec.from_config_dict(json.loads(CONFIGS[shape].read_text(encoding="utf-8")))
+    rng = random.Random(f"{shape}-{seed}")
+    seen = {json.dumps(r, sort_keys=True) for r in grid(shape) + holdout_picked(shape)}
+    recipes: list[dict] = []
+    for _ in range(200 * count):
+        if len(recipes) == count:
+            break
+        kind = rng.choice(("lora", "qlora", "int8", "full", "freeze"))
+        fields: dict = {
+            "micro_batch_size": rng.choice((1, 2, 4, 8)),
+            "seq_len": rng.choice((512, 1024, 2048, 4096)),
+            "gradient_checkpointing": rng.random() < 0.6,
+            "gradient_accumulation_steps": rng.choice((1, 1, 2)),
+            "optimizer": rng.choice(("adamw", "adamw_8bit", "paged_adamw_8bit")),
+            "batching": rng.choice(("padded", "padded", "padding_free", "packed")),
+        }
+        if rng.random() < 0.25:
+            fields["expandable_segments"] = True
+        if rng.random() < 0.15 and fields["seq_len"] <= 2048:
+            fields["attention"] = "eager"
+        if kind in ("lora", "qlora", "int8"):
+            rank = rng.choice((8, 32, 64))
+            fields.update(method="lora", lora_r=rank, lora_alpha=2 * rank, lora_dropout=0.05)
+            targets = rng.choice(TARGETS)
+            if targets:
+                fields["lora_target_modules"] = targets
+            if kind != "lora":
+                fields["quantization"] = "nf4" if kind == "qlora" else "int8"
+            else:
+                fields["precision"] = rng.choice(("bf16", "amp_bf16"))
+        else:
+            fields.update(method=kind, precision=rng.choice(("bf16", "amp_bf16")))
+            if kind == "freeze":
+                fields["frozen_layers"] = rng.randint(1, spec.num_layers - 1)
+        step_tokens = fields["micro_batch_size"] * fields["gradient_accumulation_steps"]
+        step_tokens *= fields["seq_len"]
+        if shape == "qwen2-7b" and step_tokens > 16384:
+            continue
+        fields = for_shape(shape, [fields])[0]
+        key = json.dumps(fields, sort_keys=True)
+        recipe = Recipe.from_dict({"model": shape, **fields})
+        if key in seen or estimate(spec, recipe).peak_bytes * 1.2 > card_bytes:
+            continue
+        seen.add(key)
+        recipes.append(fields)
+    return recipes
+
+
+def holdout_picked(shape: str) -> list[dict]:
+    return for_shape(shape, HOLDOUT_PICKED["qwen2-7b" if shape == "qwen2-7b" else "small"])
+
+
+def holdout(shape: str, count: int = 10, card_bytes: int = 79 * 2**30) -> list[dict]:
+    """Recipes outside `grid`, to check the calibrated model on measurements it was not fit to:
+    the hand-picked ones, then `count` drawn at random."""
+    return holdout_picked(shape) + drawn(shape, count, card_bytes)
+
+
+def interleaved(plans: dict[str, list[dict]]) -> list[tuple[str, int, dict]]:
+    """(shape, number, recipe), one shape after another, so a run cut short covers them all."""
+    longest = max((len(r) for r in plans.values()), default=0)
+    return [
+        (shape, number, recipes[number])
+        for number in range(longest)
+        for shape, recipes in plans.items()
+        if number < len(recipes)
     ]
 
 
@@ -258,6 +347,15 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=1, help="probes of each recipe")
     parser.add_argument(
+        "--holdout-count", type=int, default=10, help="hold-out recipes drawn per shape"
+    )
+    parser.add_argument(
+        "--card-gib", type=float, default=79, help="draw no recipe predicted near this size"
+    )
+    parser.add_argument(
+        "--resume", type=Path, help="keep this results file's measurements; probe the rest"
+    )
+    parser.add_argument(
         "--deadline-minutes", type=float, default=0, help="start no probe after this long"
     )
     parser.add_argument("--timeout", type=float, default=900)
@@ -274,70 +372,81 @@ def main() -> int:
     started = time.perf_counter()
     workdir = args.models_dir / "work"
     workdir.mkdir(parents=True, exist_ok=True)
-    data = long_rows(workdir / "long.jsonl", rows=80)
+    data = long_rows(workdir / "long.jsonl", rows=160)
     runner = SubprocessProbeRunner(args.timeout)
     budget = 10**15  # measure, do not cap: the card's own size is the only limit
     rows: list[dict] = []
+    if args.resume and args.resume.exists():
+        rows = [r for r in json.loads(args.resume.read_text())["rows"] if r["status"] == "ok"]
+        print(f"{len(rows)} measurements kept from {args.resume}", flush=True)
+    done = {(r["shape"], json.dumps(r["fields"], sort_keys=True), r["attempt"]) for r in rows}
+    plans: dict[str, list[dict]] = {}
     for shape in args.shapes.split(","):
-        directory = model_dir(shape, args.models_dir, args.device)
-        spec = load_model_spec(str(directory))
-        tokenizer = load_tokenizer(str(directory))
-        recipes = holdout(shape) if args.grid == "holdout" else grid(shape)
+        if args.grid == "holdout":
+            plans[shape] = holdout(shape, args.holdout_count, int(args.card_gib * 2**30))
+        else:
+            plans[shape] = grid(shape)
         if args.max_recipes:
-            recipes = spread(recipes, args.max_recipes)
-        for number, fields in enumerate(recipes):
-            if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
-                print("deadline reached: no more probes", flush=True)
-                break
-            recipe = Recipe.from_dict({"model": str(directory), **fields})
-            predicted = estimate(spec, recipe)
-            # tokenized once per length in this process, read from disk by every probe
-            _, token_cache = cached_splits(data, tokenizer, recipe.seq_len, 0, workdir / "cache")
-            for attempt in range(args.repeat):
-                request = ProbeRequest(
-                    recipe=recipe,
-                    data_path=str(data),
-                    steps=args.steps,
-                    device=args.device,
-                    budget_bytes=budget,
-                    seed=0,
-                    token_cache=str(token_cache),
-                )
-                result = runner.run(request, workdir / f"{shape}-{number:03d}-{attempt}")
-                measured = result.peak_memory_bytes if result.status == "ok" else None
-                error = (predicted.peak_bytes - measured) / measured if measured else None
-                rows.append(
-                    {
-                        "shape": shape,
-                        "grid": args.grid,
-                        "recipe": recipe.label(),
-                        "seq_len": recipe.seq_len,
-                        "fields": fields,
-                        "attempt": attempt,
-                        "status": result.status,
-                        "reason": result.reason,
-                        "predicted_peak_bytes": predicted.peak_bytes,
-                        "measured_peak_bytes": measured,
-                        "measured_allocated_bytes": result.peak_allocated_bytes,
-                        "cuda_context_bytes": result.cuda_context_bytes,
-                        "memory_source": result.memory_source,
-                        "tokens_per_second": result.tokens_per_second,
-                        "eval_loss": result.eval_loss,
-                        "seconds": result.seconds,
-                        "error": error,
-                        "breakdown": predicted.breakdown,
-                    }
-                )
-                shown = f"{error:+.1%}" if error is not None else result.status
-                print(
-                    f"{shape:>13} {recipe.label():<48} seq {recipe.seq_len:>5} predicted "
-                    f"{predicted.peak_bytes / 2**30:7.2f} GiB measured "
-                    f"{(measured or 0) / 2**30:7.2f} GiB  {shown}  "
-                    f"({result.seconds.get('total', 0):.0f} s)",
-                    flush=True,
-                )
-                # written after every probe, so a run cut short still leaves its measurements
-                write_results(args.out, "memory_bench.py", args.device, summarize(rows), rows=rows)
+            plans[shape] = spread(plans[shape], args.max_recipes)
+    models = {shape: model_dir(shape, args.models_dir, args.device) for shape in plans}
+    specs = {shape: load_model_spec(str(directory)) for shape, directory in models.items()}
+    tokenizer = load_tokenizer(str(next(iter(models.values()))))  # every shape has the demo's
+    for shape, number, fields in interleaved(plans):
+        if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
+            print("deadline reached: no more probes", flush=True)
+            break
+        recipe = Recipe.from_dict({"model": str(models[shape]), **fields})
+        predicted = estimate(specs[shape], recipe)
+        # tokenized once per length in this process, read from disk by every probe
+        _, token_cache = cached_splits(data, tokenizer, recipe.seq_len, 0, workdir / "cache")
+        for attempt in range(args.repeat):
+            if (shape, json.dumps(fields, sort_keys=True), attempt) in done:
+                continue
+            request = ProbeRequest(
+                recipe=recipe,
+                data_path=str(data),
+                steps=args.steps,
+                device=args.device,
+                budget_bytes=budget,
+                seed=0,
+                token_cache=str(token_cache),
+            )
+            result = runner.run(request, workdir / f"{shape}-{args.grid}-{number:03d}-{attempt}")
+            measured = result.peak_memory_bytes if result.status == "ok" else None
+            error = (predicted.peak_bytes - measured) / measured if measured else None
+            rows.append(
+                {
+                    "shape": shape,
+                    "grid": args.grid,
+                    "recipe": recipe.label(),
+                    "seq_len": recipe.seq_len,
+                    "fields": fields,
+                    "attempt": attempt,
+                    "status": result.status,
+                    "reason": result.reason,
+                    "predicted_peak_bytes": predicted.peak_bytes,
+                    "paged_bytes": predicted.paged_bytes,
+                    "measured_peak_bytes": measured,
+                    "measured_allocated_bytes": result.peak_allocated_bytes,
+                    "cuda_context_bytes": result.cuda_context_bytes,
+                    "memory_source": result.memory_source,
+                    "tokens_per_second": result.tokens_per_second,
+                    "eval_loss": result.eval_loss,
+                    "seconds": result.seconds,
+                    "error": error,
+                    "breakdown": predicted.breakdown,
+                }
+            )
+            shown = f"{error:+.1%}" if error is not None else result.status
+            print(
+                f"{shape:>13} {recipe.label():<48} seq {recipe.seq_len:>5} predicted "
+                f"{predicted.peak_bytes / 2**30:7.2f} GiB measured "
+                f"{(measured or 0) / 2**30:7.2f} GiB  {shown}  "
+                f"({result.seconds.get('total', 0):.0f} s)",
+                flush=True,
+            )
+            # written after every probe, so a run cut short still leaves its measurements
+            write_results(args.out, "memory_bench.py", args.device, summarize(rows), rows=rows)
     summary = summarize(rows)
     print(json.dumps(summary))
     write_results(args.out, "memory_bench.py", args.device, summary, rows=rows)

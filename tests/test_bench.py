@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -35,6 +36,32 @@ def test_memory_bench_cpu_path(tmp_path):
         assert row["predicted_peak_bytes"] == sum(row["breakdown"].values())
         assert row["measured_peak_bytes"] > 0 and row["memory_source"] == "cpu_peak_rss_delta"
     assert "bench/memory_bench.py --device cpu" in results["command"]
+
+
+def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
+    out = tmp_path / "holdout.json"
+    common = (
+        *("--shapes", "demo", "--grid", "holdout", "--holdout-count", "3", "--steps", "1"),
+        *("--out", str(out), "--models-dir", str(tmp_path / "models")),
+    )
+    first = run_bench("memory_bench.py", *common, "--max-recipes", "2")
+    assert first.returncode == 0, first.stderr
+    measured = json.loads(out.read_text())["rows"]
+    assert len(measured) == 2 and {r["grid"] for r in measured} == {"holdout"}
+    second = run_bench("memory_bench.py", *common, "--resume", str(out))
+    assert second.returncode == 0, second.stderr
+    assert "2 measurements kept" in second.stdout
+    rows = json.loads(out.read_text())["rows"]
+    # the picked hold-out recipes and three drawn ones; the first two were not probed again
+    assert len(rows) == 4 + 3 and rows[:2] == measured
+    assert all(r["status"] == "ok" for r in rows)
+    spec = importlib.util.spec_from_file_location(
+        "memory_bench", ROOT / "bench" / "memory_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calibration = [json.dumps(r, sort_keys=True) for r in bench.grid("demo")]
+    assert not {json.dumps(r["fields"], sort_keys=True) for r in rows} & set(calibration)
 
 
 def test_study_bench_cpu_path(tmp_path):

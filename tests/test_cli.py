@@ -198,6 +198,34 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert json.loads(longer.stdout)["peak_bytes"] > printed["peak_bytes"]
     table = autotune("estimate", "-m", str(config_only), "-r", str(recipe_path), cwd=tmp_path)
     assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
+    assert "paged optimizer states" not in table.stdout
+
+
+def test_estimate_shows_paged_optimizer_states_apart_from_the_peak(config_only, tmp_path):
+    config = json.loads((config_only / "config.json").read_text())
+    (config_only / "config.json").write_text(json.dumps({**config, "hidden_size": 512}))
+    recipes = {}
+    for optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        recipes[optimizer] = tmp_path / f"{optimizer}.yaml"
+        recipes[optimizer].write_text(f"method: full\noptimizer: {optimizer}\nseq_len: 128\n")
+    printed = {
+        name: json.loads(
+            autotune(
+                "estimate", "-m", str(config_only), "-r", str(path), "--json", cwd=tmp_path
+            ).stdout
+        )
+        for name, path in recipes.items()
+    }
+    paged = printed["paged_adamw_8bit"]
+    # at or above the paging threshold (1e5 elements): the 512 x 512 embedding and head and, in
+    # each of the 4 blocks, q/o (512 x 512) and k/v (512 x 256); the MLP (512 x 176) stays
+    large = 2 * 512 * 512 + 4 * (2 * 512 * 512 + 2 * 512 * 256)
+    assert paged["paged_bytes"] == 2 * large
+    assert paged["peak_bytes"] < printed["adamw_8bit"]["peak_bytes"]
+    table = autotune(
+        "estimate", "-m", str(config_only), "-r", str(recipes["paged_adamw_8bit"]), cwd=tmp_path
+    )
+    assert "paged optimizer states" in table.stdout and "outside the peak" in table.stdout
 
 
 def _bad_inputs(tmp_path: Path, config_only: Path):

@@ -2,7 +2,8 @@
 
 bench/results/memory_h100.json holds peak reserved memory measured by bench/memory_bench.py on
 an H100 (torch 2.11, transformers 5.17, bitsandbytes 0.50) for Qwen2-0.5B, Llama-3.2-1B and
-Qwen2-7B shapes. Its "calibration" rows are the ones the model's constants were fitted to; its
+Qwen2-7B shapes. Its "calibration" rows are the ones the model was fitted to, one of them
+measured as hold-out and moved once it led to a change (its "measured_as" says so); its
 "holdout" rows were measured afterwards and never used to change the model.
 """
 
@@ -76,9 +77,9 @@ def rescored_h100_measurements() -> dict[str, dict]:
 
 def test_error_on_h100_measurements_it_was_not_fitted_to():
     holdout = rescored_h100_measurements()["holdout"]
-    assert holdout["measured"] >= 9
+    assert holdout["measured"] >= 8
     assert holdout["median_abs_error"] <= 0.05
-    assert holdout["max_abs_error"] <= 0.16
+    assert holdout["max_abs_error"] <= 0.15
     # Never under by more than 5%: a recipe predicted to fit a budget with a 5% margin fits.
     assert holdout["worst_under_prediction"] >= -0.05
 
@@ -125,6 +126,37 @@ def test_directions_that_must_hold():
         QWEN2_7B, Recipe.from_dict({"method": "freeze", "frozen_layers": 21, "micro_batch_size": 1})
     ).peak_bytes
     assert freeze < full
+
+
+def full(**changes):
+    return Recipe.from_dict({"method": "full", "micro_batch_size": 1, **changes})
+
+
+def test_paged_optimizer_states_of_large_tensors_leave_the_peak():
+    eight_bit = estimate(LLAMA_1B, full(optimizer="adamw_8bit"))
+    paged = estimate(LLAMA_1B, full(optimizer="paged_adamw_8bit"))
+    assert eight_bit.paged_bytes == 0
+    assert set(eight_bit.as_json()) == {"peak_bytes", "breakdown"}
+    # every linear and the embedding is paged: two 1-byte states each; norms stay, in fp32
+    large = LLAMA_1B.total_params - (2 * LLAMA_1B.num_layers + 1) * LLAMA_1B.hidden_size
+    assert paged.paged_bytes == 2 * large
+    assert paged.as_json()["paged_bytes"] == 2 * large
+    assert paged.breakdown["optimizer_states"] == 8 * (2 * LLAMA_1B.num_layers + 1) * 2048
+    assert eight_bit.peak_bytes - paged.peak_bytes == pytest.approx(2 * large, rel=0.02)
+    # LoRA r16 adapters: A (16 x 2048) is below the paging threshold, B of the MLP is above
+    adapters = estimate(LLAMA_1B, lora(optimizer="paged_adamw_8bit"))
+    assert 0 < adapters.paged_bytes < 2 * LLAMA_1B.num_layers * 16 * (7 * 2048 + 3 * 8192)
+
+
+def test_head_gradient_is_held_with_the_logits_at_the_start_of_backward():
+    # Llama-3.2-1B ties its head to the embedding: full fine-tuning trains it, freeze does not
+    result = estimate(LLAMA_1B, full(optimizer="adamw_8bit", micro_batch_size=2, seq_len=1024))
+    assert result.breakdown["gradients"] == 2 * LLAMA_1B.vocab_size * LLAMA_1B.hidden_size
+    assert "optimizer_step_temporaries" not in result.breakdown
+    frozen = estimate(
+        LLAMA_1B, full(method="freeze", frozen_layers=8, micro_batch_size=2, seq_len=1024)
+    )
+    assert frozen.breakdown["gradients"] == 0
 
 
 def test_logits_dominate_small_models_with_big_vocabularies():
