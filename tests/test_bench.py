@@ -64,23 +64,36 @@ def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
     assert not {json.dumps(r["fields"], sort_keys=True) for r in rows} & set(calibration)
 
 
-def test_study_bench_cpu_path(tmp_path):
+def test_study_bench_cpu_path_resumes_and_measures_noise(tmp_path):
     out = tmp_path / "study.json"
-    done = run_bench(
-        "study_bench.py",
-        *("--shape", "demo", "--budget", "4GB", "--trials", "3", "--probe-steps", "2"),
-        *("--seq-len", "48", "--space", str(ROOT / "search_spaces" / "demo.yaml")),
+    common = (
+        *("--shape", "demo", "--budget", "4GB", "--probe-steps", "2", "--seq-len", "48"),
+        *("--space", str(ROOT / "search_spaces" / "demo.yaml"), "--study-name", "cut"),
         *("--workdir", str(tmp_path / "work"), "--models-dir", str(tmp_path / "models")),
         *("--out", str(out)),
     )
-    assert done.returncode == 0, done.stderr
+    first = run_bench("study_bench.py", *common, "--trials", "2")
+    assert first.returncode == 0, first.stderr
+    assert "trial   0" in first.stdout  # one line per trial as it finishes
+    results = json.loads(out.read_text())
+    assert results["summary"]["trials"] == 2 and results["summary"]["complete"]
+    first_trials = results["trials"]
+    # the study goes on where it stopped: two more trials, then the confirmation and noise probes
+    second = run_bench("study_bench.py", *common, "--trials", "4")
+    assert second.returncode == 0, second.stderr
     results = json.loads(out.read_text())
     summary = results["summary"]
-    assert summary["trials"] == 3 and summary["trials_per_hour"] > 0
+    assert summary["trials"] == 4 and summary["trials_per_hour"] > 0
+    assert results["trials"][:2] == first_trials  # not probed again
+    assert summary["trial_hours"] * 3600 >= sum(t["trial_seconds"] for t in first_trials)
     assert summary["default_tokens_per_second"] > 0  # the QLoRA default was probed first
     assert summary["speedup_over_default"] >= 1.0  # the frontier's fastest is at least as fast
     assert {"load", "steps", "total"} <= set(summary["median_seconds_per_phase"])
-    assert results["frontier"]
+    assert summary["noise"]["seed"] == 1 and summary["noise"]["eval_loss_difference"] >= 0
+    assert summary["confirmations"]  # every call that completes the study confirms its top
+    front = results["frontier"]
+    assert front and all(row["eval_loss_minus_default"] is not None for row in front)
+    assert all(isinstance(row["within_noise"], bool) for row in front)
 
 
 def test_probe_start_bench_cpu_path(tmp_path):
