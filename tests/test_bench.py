@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -118,16 +120,21 @@ def test_repeat_bench_cpu_path(tmp_path):
     done = run_bench(
         "repeat_bench.py",
         *("--shape", "demo", "--budget", "4GB", "--recipes", "lora-qv-mb2"),
-        *("--steps", "2", "--seq-len", "32", "--repeat", "2"),
+        *("--steps", "4", "--seq-len", "32", "--repeat", "2", "--seeds", "2"),
         *("--models-dir", str(tmp_path / "models"), "--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
-    assert [row["seed"] for row in results["rows"]] == [0, 1]
-    assert all(row["status"] == "ok" for row in results["rows"])
+    rows = results["rows"]
+    assert [(row["seed"], row["attempt"]) for row in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(row["status"] == "ok" and len(row["step_seconds"]) == 4 for row in rows)
+    # the same seed trains on the same batches: the same loss; another seed does not
+    assert rows[0]["eval_loss"] == pytest.approx(rows[1]["eval_loss"], abs=1e-6)
+    assert rows[0]["eval_loss"] != rows[2]["eval_loss"]
     summary = results["summary"]["lora-qv-mb2"]
-    assert summary["ok"] == 2 and summary["tokens_per_second_spread"] is not None
-    assert summary["eval_loss_spread_abs"] >= 0
+    assert summary["ok"] == 4 and summary["tokens_per_second_spread_same_seed"] is not None
+    assert summary["eval_loss_spread_abs"] > 0
+    assert summary["median_step_time_variation"] >= 0
 
 
 def test_data_bench_small_file(tmp_path):

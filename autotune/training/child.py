@@ -92,6 +92,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     warmup = warmup_steps(len(records))
     result.seconds["warmup"] = sum(r.seconds for r in records[:warmup])
     result.seconds["steps"] = sum(r.seconds for r in records[warmup:])
+    result.step_seconds = [round(r.seconds, 5) for r in records]
     phase_started = time.perf_counter()
     result.tokens_per_second = tokens_per_second(records)
     result.trained_tokens = sum(r.tokens for r in records)

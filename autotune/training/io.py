@@ -63,6 +63,8 @@ class ProbeResult:
     forked: bool = False
     """Forked from the warm probe server (imports already done) rather than a new interpreter."""
     seconds: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of every optimizer step, warm-up included: how steady the throughput was."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -80,6 +82,10 @@ class ProbeResult:
 
     def user_attrs(self) -> dict[str, Any]:
         """Flat attributes for an Optuna trial (JSON types only)."""
-        attrs = {k: v for k, v in dataclasses.asdict(self).items() if k != "seconds"}
+        attrs = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("seconds", "step_seconds")
+        }
         attrs.update({f"seconds_{k}": round(v, 3) for k, v in self.seconds.items()})
         return {f"probe_{k}": v for k, v in attrs.items()}
