@@ -151,7 +151,7 @@ def run(
         redact_url,
         run_study,
     )
-    from autotune.training.io import CPU_MEMORY_SOURCE
+    from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
     from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
 
     settings = RunSettings(
@@ -205,16 +205,7 @@ def run(
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
             if summary.seconds:
-                phases = (
-                    "start",
-                    "device_init",
-                    "data",
-                    "load",
-                    "warmup",
-                    "steps",
-                    "eval",
-                    "total",
-                )
+                phases = (*PROBE_PHASES, "total")
                 progress.console.print(
                     "      time: "
                     + ", ".join(

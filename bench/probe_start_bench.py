@@ -23,9 +23,9 @@ from autotune.data import cached_splits  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
-from autotune.training.io import ProbeRequest  # noqa: E402
+from autotune.training.io import PROBE_PHASES, ProbeRequest  # noqa: E402
 
-PHASES = ("start", "device_init", "data", "load", "warmup", "steps", "eval", "total")
+PHASES = (*PROBE_PHASES, "total")
 
 
 def main() -> int:

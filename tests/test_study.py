@@ -286,3 +286,38 @@ def test_events_report_each_trial(workspace):
     run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner(), events)
     assert [s.number for s in seen] == [0, 1, 2]
     assert all(s.predicted_peak_bytes > 0 for s in seen)
+
+
+class TimedRunner(FakeRunner):
+    """FakeRunner whose probes say where their time went; loading grows with micro-batch."""
+
+    def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        result = super().run(request, workdir)
+        result.seconds = {
+            "start": 0.1,
+            "device_init": 0.2,
+            "data": 0.3,
+            "load": 1.0 * request.recipe.micro_batch_size,
+            "prepare": 0.4,
+            "warmup": 0.5,
+            "steps": 2.0,
+            "eval": 0.6,
+        }
+        result.seconds["total"] = sum(result.seconds.values())
+        return result
+
+
+def test_report_shows_where_each_probe_spent_its_time(workspace):
+    study = run_study(prepare_run(settings_for(workspace, trials=6)), TimedRunner())
+    report = report_data(study)
+    frame = report.frame
+    probed = frame[frame["seconds_total"].notna() & (frame["status"] != "duplicate")]
+    assert len(probed) >= 2
+    busy = frame["trial_seconds"].sum()
+    assert busy > 0 and frame["trial_seconds"].notna().all()
+    assert report.time_text.startswith(f"Time: 6 trials in {busy / 60:.1f} min of trials")
+    assert f"{len(probed)} probed" in report.time_text
+    assert f"load {probed['seconds_load'].median():.1f} s" in report.time_text
+    assert "prepare 0.4 s" in report.time_text and "eval 0.6 s" in report.time_text
+    page = render_html(report)
+    assert "Where each probe" in page and "seconds_prepare" in page

@@ -65,6 +65,12 @@ def decoder_blocks(model: Any) -> Any:
 
 def build_model(recipe: Recipe, device: str) -> Any:
     """Load the base model as the recipe says and make it trainable, in training mode."""
+    return prepare_model(load_model(recipe, device), recipe)
+
+
+def load_model(recipe: Recipe, device: str) -> Any:
+    """The base model on the device: read, cast and (bitsandbytes, weight by weight as it is
+    read) quantized."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -78,11 +84,17 @@ def build_model(recipe: Recipe, device: str) -> Any:
         attn_implementation=recipe.attention,
     )
     model.config.use_cache = False
+    return model
+
+
+def prepare_model(model: Any, recipe: Recipe) -> Any:
+    """Make a loaded base trainable as the recipe says: k-bit preparation, adapters, frozen
+    blocks, checkpointing; in training mode."""
     checkpointing_kwargs = {"use_reentrant": False}
     if recipe.method == "lora":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if quantization is not None:
+        if recipe.quantization != "none":
             # Upcasts what is not quantized to fp32; checkpointing is switched on below.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = recipe.lora_target_modules

@@ -38,7 +38,12 @@ def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
 
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
     from autotune.data import load_splits, load_token_cache, step_batches
-    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.training.build import (
+        build_optimizer,
+        load_model,
+        load_tokenizer,
+        prepare_model,
+    )
     from autotune.training.loop import (
         MemoryMeter,
         StepRecord,
@@ -74,9 +79,11 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
     lap("data")
 
-    model = build_model(recipe, request.device)
-    optimizer = build_optimizer(model, recipe)
+    model = load_model(recipe, request.device)
     lap("load")
+    model = prepare_model(model, recipe)
+    optimizer = build_optimizer(model, recipe)
+    lap("prepare")
 
     def progress(step: int, record: StepRecord) -> None:
         result.steps_done = step + 1

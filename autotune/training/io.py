@@ -18,6 +18,12 @@ CPU_MEMORY_SOURCE = "cpu_peak_rss_delta"
 """Growth of the process's peak resident set from before the model loads (CPU runs only)."""
 
 
+PROBE_PHASES = ("start", "device_init", "data", "load", "prepare", "warmup", "steps", "eval")
+"""Where a probe's time goes, in order (ProbeResult.seconds, plus "total"): interpreter start
+(or fork), CUDA and memory meter set-up, tokenized data, reading and quantizing the base
+weights, adapters/freezing/checkpointing and the optimizer, warm-up steps, measured steps, eval."""
+
+
 @dataclass(frozen=True)
 class ProbeRequest:
     recipe: Recipe
