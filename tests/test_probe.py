@@ -8,7 +8,12 @@ import pytest
 
 from autotune.probe import SubprocessProbeRunner
 from autotune.recipe import Recipe
-from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, ProbeRequest
+from autotune.training.io import (
+    CPU_MEMORY_SOURCE,
+    CUDA_MEMORY_SOURCE,
+    PROBE_PHASES,
+    ProbeRequest,
+)
 
 
 def request_for(model, data, device="cpu", budget_bytes=10**10, steps=3, **recipe):
@@ -55,7 +60,8 @@ def test_probe_measures_a_recipe(tiny_model, qa_data, tmp_path, recipe):
     # A random model over a 512-token vocabulary starts near ln(512) = 6.24.
     assert 4.0 < result.eval_loss < 7.5 and math.isfinite(result.train_loss)
     assert result.memory_source == CPU_MEMORY_SOURCE and result.peak_memory_bytes > 0
-    assert {"start", "load", "steps", "eval", "total"} <= set(result.seconds)
+    assert set(result.seconds) == {*PROBE_PHASES, "total"}
+    assert len(result.step_seconds) == 3 and all(t > 0 for t in result.step_seconds)
     log = (tmp_path / "probe" / "probe.log").read_text()
     assert "step 3/3" in log
 
