@@ -1,0 +1,117 @@
+"""Checks that need a CUDA GPU: the warm probe path, paged optimizer states and a whole study.
+
+They skip without CUDA (tests/conftest.py). On a GPU machine: `python -m pytest -m gpu tests`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from autotune.memory import estimate
+from autotune.model_spec import load_model_spec
+from autotune.probe import SubprocessProbeRunner
+from autotune.random_model import build_random_model
+from tests.conftest import DEMO
+from tests.test_cli import DEMO_SPACE, autotune
+from tests.test_probe import request_for
+
+pytestmark = pytest.mark.gpu
+
+MID_SIZE = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+"""About 100M parameters: 8-bit optimizer states large enough to see above allocator rounding."""
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    return build_random_model(
+        MID_SIZE, tmp_path_factory.mktemp("models") / "mid-llama", DEMO / "tokenizer"
+    )
+
+
+def test_forked_probes_on_cuda_have_their_own_context(tiny_model, qa_data, tmp_path):
+    runner = SubprocessProbeRunner(timeout_seconds=300, warm=True)
+    try:
+        results = [
+            runner.run(request_for(tiny_model, qa_data, device="cuda"), tmp_path / f"p{i}")
+            for i in range(2)
+        ]
+    finally:
+        runner.close()
+    for result in results:
+        assert result.status == "ok", result.reason
+        # forked from a server that never initialised CUDA, each child made its own context
+        assert result.forked and result.memory_source == "cuda_max_reserved"
+        assert result.cuda_context_bytes and result.cuda_context_bytes > 100 * 2**20
+        assert result.peak_memory_bytes > result.cuda_context_bytes
+    assert results[1].seconds["start"] < 1.0
+
+
+def test_paged_optimizer_states_stay_outside_the_caching_allocator(mid_model, qa_data, tmp_path):
+    recipe = dict(
+        method="full",
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        seq_len=128,
+        gradient_checkpointing=False,
+    )
+    runner = SubprocessProbeRunner(timeout_seconds=300)
+    allocated = {}
+    for optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        request = request_for(
+            mid_model, qa_data, device="cuda", steps=2, optimizer=optimizer, **recipe
+        )
+        result = runner.run(request, tmp_path / optimizer)
+        assert result.status == "ok", result.reason
+        allocated[optimizer] = result.peak_allocated_bytes
+    runner.close()
+    paged = estimate(load_model_spec(str(mid_model)), request.recipe).paged_bytes
+    assert paged > 150 * 2**20  # two 1-byte states of ~100M parameters
+    # the allocator held everything but the paged states in both runs
+    difference = allocated["adamw_8bit"] - allocated["paged_adamw_8bit"]
+    assert difference == pytest.approx(paged, rel=0.2)
+
+
+def test_study_on_cuda_end_to_end(tiny_model, qa_data, tmp_path):
+    done = autotune(
+        "run",
+        *("--model", str(tiny_model), "--data", str(qa_data), "--budget", "8GB"),
+        *("--space", DEMO_SPACE, "--trials", "3", "--probe-steps", "3", "--seq-len", "64"),
+        *("--device", "cuda", "--confirm", "1", "--storage", f"sqlite:///{tmp_path}/s.db"),
+        *("--study", "gpu"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "measured" in done.stdout and "CPU RSS" not in done.stdout
+    table = tmp_path / "table.csv"
+    report = autotune(
+        "report",
+        "--storage",
+        f"sqlite:///{tmp_path}/s.db",
+        "--study",
+        "gpu",
+        "--csv",
+        str(table),
+        cwd=tmp_path,
+    )
+    assert report.returncode == 0, report.stderr
+    frame = pd.read_csv(table)
+    measured = frame[frame["status"] == "measured"]
+    assert len(measured) >= 1
+    assert (measured["memory_source"] == "cuda_max_reserved").all()
+    assert (measured["peak_memory_bytes"] <= 8e9).all()
+    assert (measured["seconds_load"] > 0).all() and (measured["seconds_prepare"] >= 0).all()
