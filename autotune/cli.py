@@ -145,6 +145,7 @@ def run(
         RunEvents,
         RunSettings,
         TrialSummary,
+        describe_ruled_out,
         finished_trial_count,
         measured_points,
         prepare_run,
@@ -184,6 +185,11 @@ def run(
         f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
         f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
     )
+    if prepared.ruled_out_choices:
+        console.print(
+            "not searched, no recipe with them fits the budget (predicted): "
+            + describe_ruled_out(prepared.ruled_out_choices)
+        )
     with _progress(console, transient=True) as progress:
         task = progress.add_task("trials", total=trials)
 

@@ -6,6 +6,7 @@ and `recipe_params` turns a Recipe back into trial parameters (for enqueued base
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -334,6 +335,25 @@ class SearchSpace:
             pools = list(specific.values()) + [getattr(self, n) for n in shared]
             for values in itertools.product(*pools):
                 yield {"method": method, **dict(zip(names, values))}
+
+    def choices(self) -> dict[str, list[Any]]:
+        """Each searched dimension's choices (LoRA target sets by name), as JSON-ready lists."""
+        names = ("method", "quantization", "lora_r", "frozen_layers_fraction")
+        return {
+            **{name: list(getattr(self, name)) for name in names},
+            "lora_target_modules": list(self.lora_target_modules),
+            **{name: list(getattr(self, name)) for name in SHARED_DIMENSIONS},
+        }
+
+    def restricted(self, keep: dict[str, list[Any]]) -> SearchSpace:
+        """This space with only the choices `keep` names (in this space's order)."""
+        changes: dict[str, Any] = {}
+        for name, kept in keep.items():
+            if name == "lora_target_modules":
+                changes[name] = {k: v for k, v in self.lora_target_modules.items() if k in kept}
+            else:
+                changes[name] = tuple(c for c in getattr(self, name) if c in kept)
+        return dataclasses.replace(self, **changes)
 
 
 def frozen_layer_count(spec: ModelSpec, fraction: float) -> int:

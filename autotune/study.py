@@ -39,6 +39,9 @@ from autotune.units import format_bytes
 OBJECTIVE_NAMES = ("peak_memory_bytes", "tokens_per_second", "eval_loss")
 DIRECTIONS = ("minimize", "maximize", "minimize")
 CONSTRAINT_KEY = "memory_over_budget"
+SPACE_CHOICES_ATTR = "space_choices"
+"""Study attribute: the choices of each dimension the study searches (the space file's, less
+those the memory model rules out under the budget)."""
 TRIALS_DIR = Path("trials")
 HEARTBEAT_SECONDS = 10
 """How often a running trial tells the storage it is alive (RDB storages)."""
@@ -209,17 +212,56 @@ class PreparedRun:
     study_name: str
     storage: str
     smallest_peak_bytes: int
+    fitting_choices: dict[str, list[Any]] = field(default_factory=dict)
+    """Each dimension's choices that some recipe predicted to fit the budget uses."""
+    ruled_out_choices: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Dimension -> choice -> the smallest predicted peak of a recipe with it (over budget)."""
     skipped_rows: int = 0
     token_cache: str | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
 
 
-def smallest_recipe_bytes(space: SearchSpace, model: str, spec: ModelSpec, seq_len: int) -> int:
-    return min(
-        estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
-        for params in space.all_params()
+@dataclass(frozen=True)
+class BudgetFit:
+    """What the memory model says of a whole space under a budget, before any trial."""
+
+    smallest_peak_bytes: int
+    choices: dict[str, list[Any]]
+    """Each dimension's choices that at least one recipe predicted to fit uses."""
+    ruled_out: dict[str, dict[str, int]]
+    """Dimension -> choice no fitting recipe uses -> the smallest peak predicted with it."""
+
+
+def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
+    """'method full (58.4 GiB at least), method freeze (36.7 GiB at least); ...'"""
+    return ", ".join(
+        f"{name} {choice} ({format_bytes(peak)} at least)"
+        for name, peaks in ruled_out.items()
+        for choice, peak in peaks.items()
     )
+
+
+def budget_fit(
+    space: SearchSpace, model: str, spec: ModelSpec, seq_len: int, budget_bytes: int
+) -> BudgetFit:
+    """Predict every point of the space (milliseconds each): a choice that only recipes over
+    the budget use would only ever be ruled out, so the search need not spend trials on it."""
+    smallest: dict[str, dict[Any, int]] = {}
+    for params in space.all_params():
+        peak = estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
+        for name, value in params.items():
+            seen = smallest.setdefault(name, {})
+            seen[value] = min(seen.get(value, peak), peak)
+    fitting: dict[str, list[Any]] = {}
+    ruled_out: dict[str, dict[str, int]] = {}
+    for name, choices in space.choices().items():
+        peaks = smallest.get(name, {})
+        fitting[name] = [c for c in choices if peaks.get(c, budget_bytes + 1) <= budget_bytes]
+        over = {str(c): peaks[c] for c in choices if c in peaks and peaks[c] > budget_bytes}
+        if over:
+            ruled_out[name] = over
+    return BudgetFit(min(smallest["method"].values()), fitting, ruled_out)
 
 
 def tokenizer_for(model: str) -> Any:
@@ -244,7 +286,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space = SearchSpace.load(settings.space_path)
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
-    smallest = smallest_recipe_bytes(space, settings.model, spec, settings.seq_len)
+    fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)
+    smallest = fit.smallest_peak_bytes
     if smallest > settings.budget_bytes:
         raise UsageError(
             f"budget {format_bytes(settings.budget_bytes)} is below the "
@@ -294,6 +337,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         study_name,
         storage,
         smallest,
+        fitting_choices=fit.choices,
+        ruled_out_choices=fit.ruled_out,
         skipped_rows=len(data_scan.bad),
         data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
@@ -426,8 +471,11 @@ def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
-def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
-    """BASELINES, each moved to the nearest point the space can express (duplicates dropped)."""
+def baseline_params(
+    space: SearchSpace, fits: Callable[[dict[str, Any]], bool] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """BASELINES, each moved to the nearest point the space can express (duplicates dropped);
+    with `fits`, a "largest" micro-batch is the largest that fits the budget."""
     chosen: list[tuple[str, dict[str, Any]]] = []
     for baseline_name, preferences in BASELINES.items():
         if preferences["method"] not in space.method:
@@ -456,6 +504,11 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
                 params[name] = min(choices, key=lambda c: abs(c - wanted))
             else:
                 params[name] = choices[0]
+        if fits and preferences["micro_batch_size"] == "largest":
+            for size in sorted(space.micro_batch_size, reverse=True):
+                if fits({**params, "micro_batch_size": size}):
+                    params["micro_batch_size"] = size
+                    break
         if all(params != other for _, other in chosen):
             chosen.append((baseline_name, params))
     return chosen
@@ -706,7 +759,15 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     events = events or RunEvents()
     settings = prepared.settings
     study = open_study(prepared.storage, prepared.study_name, settings.seed)
-    if not study.get_trials(deepcopy=False):
+    new_study = not study.get_trials(deepcopy=False)
+    if new_study and prepared.fitting_choices:
+        study.set_user_attr(SPACE_CHOICES_ATTR, prepared.fitting_choices)
+        study.set_user_attr("ruled_out_choices", prepared.ruled_out_choices)
+    # A resumed study keeps the choices it started with: Optuna refuses other ones.
+    choices = study.user_attrs.get(SPACE_CHOICES_ATTR)
+    if choices:
+        prepared = dataclasses.replace(prepared, space=prepared.space.restricted(choices))
+    if new_study:
         for key, value in {
             "model": settings.model,
             "data_path": str(settings.data_path),
@@ -720,7 +781,12 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "num_layers": prepared.spec.num_layers,
         }.items():
             study.set_user_attr(key, value)
-        for name, params in baseline_params(prepared.space):
+
+        def fits(params: dict[str, Any]) -> bool:
+            recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
+            return estimate(prepared.spec, recipe).peak_bytes <= settings.budget_bytes
+
+        for name, params in baseline_params(prepared.space, fits):
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
     study.set_user_attr("data_stats", prepared.data_stats)
     interrupted = fail_interrupted_trials(study)

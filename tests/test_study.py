@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -321,3 +322,69 @@ def test_report_shows_where_each_probe_spent_its_time(workspace):
     assert "prepare 0.4 s" in report.time_text and "eval 0.6 s" in report.time_text
     page = render_html(report)
     assert "Where each probe" in page and "seconds_prepare" in page
+
+
+@pytest.fixture()
+def qwen2_7b_workspace(workspace):
+    """The workspace with a config-only Qwen2-7B (weights are never loaded: FakeRunner)."""
+    tmp_path, _, data = workspace
+    model = tmp_path / "qwen2-7b"
+    model.mkdir()
+    shutil.copy(DEMO.parent / "bench" / "configs" / "qwen2-7b.json", model / "config.json")
+    for item in (DEMO / "tokenizer").iterdir():
+        shutil.copy(item, model / item.name)
+    return tmp_path, model, data
+
+
+def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
+    from autotune.study import budget_fit
+
+    settings = settings_for(
+        qwen2_7b_workspace,
+        budget_bytes=24 * 10**9,
+        space_path=DEMO.parent / "search_spaces" / "default.yaml",
+        seq_len=1024,
+        trials=12,
+    )
+    prepared = prepare_run(settings)
+    spec, space = prepared.spec, prepared.space
+    ruled_out = prepared.ruled_out_choices
+    # a full fine-tune of 7B needs bf16 weights and gradients at least: over 24 GB
+    assert "full" in ruled_out["method"] and "full" not in prepared.fitting_choices["method"]
+    assert "8" in {str(c) for c in ruled_out["micro_batch_size"]}
+    peaks = {}
+    for params in space.all_params():
+        peak = estimate(spec, space.build(params, settings.model, spec, 1024)).peak_bytes
+        for name, value in params.items():
+            peaks.setdefault((name, value), []).append(peak)
+    for name, choices in prepared.fitting_choices.items():
+        for choice in choices:  # kept: some recipe with it fits
+            assert min(peaks[(name, choice)]) <= settings.budget_bytes
+    for name, over in ruled_out.items():
+        for choice, smallest in over.items():  # dropped: none does, and the figure is the least
+            found = [v for (n, c), v in peaks.items() if n == name and str(c) == choice][0]
+            assert min(found) == smallest > settings.budget_bytes
+    assert budget_fit(space, settings.model, spec, 1024, 10**12).ruled_out == {}
+
+    study = run_study(prepared, FakeRunner())
+    assert study.user_attrs["space_choices"] == prepared.fitting_choices
+    for trial in study.trials:
+        for name, value in trial.params.items():
+            assert value in prepared.fitting_choices[name]
+    # bf16 LoRA on q/v starts at the largest micro-batch predicted to fit, not at the largest
+    qv = next(t for t in study.trials if t.user_attrs.get("baseline") == "bf16_lora_qv")
+    recipe = Recipe.from_dict(qv.user_attrs["recipe"])
+    assert qv.user_attrs["predicted_peak_bytes"] <= settings.budget_bytes
+    bigger = [m for m in space.micro_batch_size if m > recipe.micro_batch_size]
+    for size in bigger:
+        larger = recipe.replace(
+            micro_batch_size=size, gradient_accumulation_steps=max(8 // size, 1)
+        )
+        assert estimate(spec, larger).peak_bytes > settings.budget_bytes
+
+    # resumed with another budget, the study keeps the choices it started with
+    roomier = prepare_run(dataclasses.replace(settings, budget_bytes=80 * 10**9, trials=14))
+    assert "full" in roomier.fitting_choices["method"]
+    resumed = run_study(roomier, FakeRunner())
+    assert len(resumed.trials) == 14
+    assert all(t.params.get("method") != "full" for t in resumed.trials)
