@@ -152,3 +152,20 @@ def test_data_bench_small_file(tmp_path):
     assert summary["cache_bytes"] > 8 * summary["train_tokens"]
     assert set(summary["seconds"]) == {"write", "check", "length_stats", "tokenize"}
     assert not (tmp_path / "work" / "large.jsonl").exists()  # the generated file is removed
+
+
+def test_search_bench_counts_what_the_trials_were_spent_on(tmp_path):
+    out = tmp_path / "search.json"
+    done = run_bench(
+        "search_bench.py", *("--seeds", "1", "--trials", "8", "--out", str(out)), device=None
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    rows = {row["prune"]: row for row in results["rows"]}
+    for row in rows.values():
+        assert sum(row["statuses"].values()) == 8
+        # the bf16 LoRA baseline, fitted to 24 GB, is three times as fast as the QLoRA default
+        assert row["first_3x_trial"] is not None and row["first_3x_trial"] <= 2
+    # with the choices no recipe fits left out, the full fine-tune baseline is not even tried
+    assert rows[True]["first_3x_trial"] == 1
+    assert results["summary"]["pruned"]["studies"] == 1
