@@ -234,7 +234,7 @@ class BudgetFit:
 
 
 def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
-    """'method full (58.4 GiB at least), method freeze (36.7 GiB at least); ...'"""
+    """'method full (31.95 GiB at least), micro_batch_size 8 (32.88 GiB at least), ...'"""
     return ", ".join(
         f"{name} {choice} ({format_bytes(peak)} at least)"
         for name, peaks in ruled_out.items()
