@@ -127,6 +127,12 @@ def run(
     workers: int = typer.Option(
         1, "--workers", "-j", help="Probes at once on this machine (default 1; see --gpus)."
     ),
+    weight_cache: bool = typer.Option(
+        False,
+        "--weight-cache",
+        help="QLoRA probes read the base already quantized from an NF4 copy in trials/cache "
+        "(the first one writes it).",
+    ),
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPU indices, e.g. 0,1,2,3: one probe per GPU at a time."
     ),
@@ -171,6 +177,7 @@ def run(
         seed=seed,
         workers=workers,
         confirm_top=confirm,
+        weight_cache=weight_cache,
         skip_bad_rows=skip_bad_rows,
         eval_rows=eval_rows,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),

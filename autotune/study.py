@@ -126,6 +126,8 @@ class RunSettings:
     """CUDA device indices; each probe gets one of them as its only visible GPU."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
+    weight_cache: bool = False
+    """QLoRA probes load the base from an NF4 copy the first one writes to trials/cache."""
 
 
 @dataclass(frozen=True)
@@ -629,17 +631,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
 
         gpu = gpu_pool.get() if gpu_pool else None
         try:
-            request = ProbeRequest(
-                recipe=recipe,
-                data_path=str(settings.data_path),
-                steps=settings.probe_steps,
-                device=prepared.device,
-                budget_bytes=budget,
-                seed=settings.seed,
-                visible_gpu=gpu,
-                token_cache=prepared.token_cache,
-                eval_rows=settings.eval_rows,
-            )
+            request = probe_request(prepared, recipe, settings.probe_steps, settings.seed, gpu)
             trial.set_user_attr("probe_dir", str(workdir))
             if gpu is not None:
                 trial.set_user_attr("gpu", gpu)
@@ -857,15 +849,8 @@ def measure_noise(
     )
     number = default if default is not None else pick(points, "fastest").number
     point = by_number[number]
-    request = ProbeRequest(
-        recipe=recipe_of(study.trials[number]),
-        data_path=str(settings.data_path),
-        steps=settings.probe_steps,
-        device=prepared.device,
-        budget_bytes=settings.budget_bytes,
-        seed=settings.seed + 1,
-        eval_rows=settings.eval_rows,
-        token_cache=prepared.token_cache,
+    request = probe_request(
+        prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
     )
     result = runner.run(request, TRIALS_DIR / prepared.study_name / f"noise-{number:04d}")
     if result.status != "ok":
@@ -927,15 +912,8 @@ def confirm_frontier(
             continue
         trial = study.trials[number]
         speed = trial.values[1]
-        request = ProbeRequest(
-            recipe=recipe_of(trial),
-            data_path=str(settings.data_path),
-            steps=2 * settings.probe_steps,
-            device=prepared.device,
-            budget_bytes=settings.budget_bytes,
-            seed=settings.seed + 1,
-            eval_rows=settings.eval_rows,
-            token_cache=prepared.token_cache,
+        request = probe_request(
+            prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1
         )
         result = runner.run(request, TRIALS_DIR / prepared.study_name / f"confirm-{number:04d}")
         fits = (
@@ -959,6 +937,25 @@ def confirm_frontier(
         study.set_user_attr(f"{CONFIRMATION_PREFIX}{number}", confirmation)
         events.confirmed(number, confirmation)
     return confirmations(study)
+
+
+def probe_request(
+    prepared: PreparedRun, recipe: Recipe, steps: int, seed: int, visible_gpu: str | None = None
+) -> ProbeRequest:
+    """A probe of `recipe` on the study's data, device, budget, eval rows and caches."""
+    settings = prepared.settings
+    return ProbeRequest(
+        recipe=recipe,
+        data_path=str(settings.data_path),
+        steps=steps,
+        device=prepared.device,
+        budget_bytes=settings.budget_bytes,
+        seed=seed,
+        visible_gpu=visible_gpu,
+        token_cache=prepared.token_cache,
+        eval_rows=settings.eval_rows,
+        weight_cache=str((TRIALS_DIR / "cache").resolve()) if settings.weight_cache else None,
+    )
 
 
 def measured_points(study: Any) -> list[Point]:

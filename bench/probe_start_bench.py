@@ -11,6 +11,8 @@ the total the study waits for. `--device cpu` runs it without a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +39,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--quantization", default="nf4", choices=("none", "int8", "nf4"))
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument(
+        "--weight-cache",
+        action="store_true",
+        help="also time warm probes that read the base from an NF4 copy (nf4 only)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_start.json")
     args = parser.parse_args()
 
@@ -66,17 +73,30 @@ def main() -> int:
     )
     rows = []
     summary = {}
-    for kind in ("cold", "warm"):
-        runner = SubprocessProbeRunner(900, warm=kind == "warm")
-        # the first warm probe also waits for the server's imports; the rest fork from it
+    kinds = {"cold": request, "warm": request}
+    if args.weight_cache and args.quantization == "nf4":
+        copies = workdir / "weights"
+        shutil.rmtree(copies, ignore_errors=True)  # the first probe writes the copy afresh
+        kinds["warm_nf4_copy"] = dataclasses.replace(request, weight_cache=str(copies))
+    for kind, kind_request in kinds.items():
+        runner = SubprocessProbeRunner(900, warm=kind != "cold")
+        # the first warm probe also waits for the server's imports (and writes the NF4 copy);
+        # the rest fork from it
         results = [
-            runner.run(request, workdir / f"{kind}-{number}") for number in range(args.probes + 1)
+            runner.run(kind_request, workdir / f"{kind}-{number}")
+            for number in range(args.probes + 1)
         ]
         runner.close()
         for number, result in enumerate(results):
             assert result.status == "ok", result.reason
             rows.append(
-                {**result.seconds, "launch": kind, "probe": number, "forked": result.forked}
+                {
+                    **result.seconds,
+                    "launch": kind,
+                    "probe": number,
+                    "forked": result.forked,
+                    "weights": result.weights,
+                }
             )
             print(
                 f"{kind} {number}: "
@@ -89,9 +109,13 @@ def main() -> int:
     summary["seconds_saved_per_probe"] = round(
         summary["cold"]["total"] - summary["warm"]["total"], 2
     )
-    print(f"{'phase':<12}{'cold s':>9}{'warm s':>9}")
+    if "warm_nf4_copy" in summary:
+        summary["load_seconds_saved_by_nf4_copy"] = round(
+            summary["warm"]["load"] - summary["warm_nf4_copy"]["load"], 2
+        )
+    print(f"{'phase':<12}" + "".join(f"{kind + ' s':>20}" for kind in kinds))
     for phase in PHASES:
-        print(f"{phase:<12}{summary['cold'][phase]:>9.2f}{summary['warm'][phase]:>9.2f}")
+        print(f"{phase:<12}" + "".join(f"{summary[kind][phase]:>20.2f}" for kind in kinds))
     write_results(args.out, "probe_start_bench.py", args.device, summary, rows=rows)
     return 0
 

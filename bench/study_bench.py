@@ -166,6 +166,9 @@ def main() -> int:
     parser.add_argument(
         "--study-name", help="resume this study from --workdir (default: a new one, timestamped)"
     )
+    parser.add_argument(
+        "--weight-cache", action="store_true", help="QLoRA probes read the base from an NF4 copy"
+    )
     parser.add_argument("--workdir", type=Path, default=MODELS_DIR / "study")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "study.json")
@@ -192,6 +195,7 @@ def main() -> int:
         study_name=study_name,
         storage=f"sqlite:///{args.workdir.resolve()}/bench.db",
         confirm_top=0,  # confirmations and the noise probe only once every trial is done
+        weight_cache=args.weight_cache,
         timeout_seconds=60 * args.timeout_minutes or None,
     )
     prepared = prepare_run(settings)

@@ -102,13 +102,16 @@ def test_probe_start_bench_cpu_path(tmp_path):
     out = tmp_path / "probe_start.json"
     done = run_bench(
         "probe_start_bench.py",
-        *("--probes", "1", "--steps", "1", "--seq-len", "32"),
+        *("--probes", "1", "--steps", "1", "--seq-len", "32", "--weight-cache"),
         *("--models-dir", str(tmp_path / "models"), "--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     starts = {(row["launch"], row["forked"]) for row in results["rows"]}
-    assert starts == {("cold", False), ("warm", True)}
+    assert starts == {("cold", False), ("warm", True), ("warm_nf4_copy", True)}
+    copies = [row["weights"] for row in results["rows"] if row["launch"] == "warm_nf4_copy"]
+    assert copies == ["original, nf4 cache written", "nf4 cache"]
+    assert "load_seconds_saved_by_nf4_copy" in results["summary"]
     summary = results["summary"]
     # A forked probe skips the interpreter start and the imports a new process pays for.
     assert summary["warm"]["device_init"] < summary["cold"]["device_init"]

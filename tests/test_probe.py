@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -170,3 +171,27 @@ def test_probes_start_cold_when_the_server_cannot_serve(tiny_model, qa_data, tmp
     result = runner.run(request_for(tiny_model, qa_data), tmp_path / "cold")
     assert result.status == "ok", result.reason
     assert not result.forked
+
+
+def test_qlora_probes_read_the_base_from_an_nf4_copy(tiny_model, qa_data, tmp_path):
+    cache = tmp_path / "cache"
+    runner = SubprocessProbeRunner(timeout_seconds=300)
+    qlora = request_for(tiny_model, qa_data, quantization="nf4")
+    qlora = dataclasses.replace(qlora, weight_cache=str(cache))
+    first = runner.run(qlora, tmp_path / "first")
+    second = runner.run(qlora, tmp_path / "second")
+    runner.close()
+    assert first.status == second.status == "ok", (first.reason, second.reason)
+    assert first.weights == "original, nf4 cache written"
+    assert second.weights == "nf4 cache"
+    [copy] = [p for p in cache.iterdir() if p.name.startswith("weights-nf4-")]
+    assert (copy / "config.json").exists() and any(copy.glob("*.safetensors"))
+    # the same quantized weights, the same batches: the same training
+    assert second.train_loss == pytest.approx(first.train_loss, abs=1e-6)
+    assert second.eval_loss == pytest.approx(first.eval_loss, abs=1e-6)
+    # a bf16 base is never copied
+    bf16 = dataclasses.replace(request_for(tiny_model, qa_data), weight_cache=str(cache))
+    assert SubprocessProbeRunner(timeout_seconds=300).run(bf16, tmp_path / "bf16").weights == (
+        "original"
+    )
+    assert len(list(cache.iterdir())) == 1

@@ -388,3 +388,13 @@ def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
     resumed = run_study(roomier, FakeRunner())
     assert len(resumed.trials) == 14
     assert all(t.params.get("method") != "full" for t in resumed.trials)
+
+
+def test_weight_cache_reaches_every_probe(workspace):
+    runner = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=3, weight_cache=True)), runner)
+    cache = (workspace[0] / "trials" / "cache").resolve()
+    assert runner.requests and all(r.weight_cache == str(cache) for r in runner.requests)
+    plain = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=2, study_name="plain")), plain)
+    assert all(r.weight_cache is None for r in plain.requests)

@@ -6,6 +6,9 @@ peft for LoRA. Imports of torch and friends stay inside the functions.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from autotune.recipe import Recipe
@@ -65,26 +68,84 @@ def decoder_blocks(model: Any) -> Any:
 
 def build_model(recipe: Recipe, device: str) -> Any:
     """Load the base model as the recipe says and make it trainable, in training mode."""
-    return prepare_model(load_model(recipe, device), recipe)
+    return prepare_model(load_model(recipe, device)[0], recipe)
 
 
-def load_model(recipe: Recipe, device: str) -> Any:
+def nf4_copy_dir(recipe: Recipe, cache_dir: str | Path) -> Path | None:
+    """Where an NF4-quantized copy of the recipe's base weights lives, for QLoRA recipes: named
+    after the weights (path, sizes and times of their files, or the hub id), the quantization
+    settings and the library versions that wrote it."""
+    if recipe.quantization != "nf4":
+        return None
+    import bitsandbytes
+    import transformers
+
+    source = Path(recipe.model).expanduser()
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+        fingerprint = [str(source.resolve())] + [
+            [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files
+        ]
+    else:
+        fingerprint = [recipe.model]
+    key = json.dumps(
+        [
+            fingerprint,
+            str(compute_dtype(recipe)),
+            transformers.__version__,
+            bitsandbytes.__version__,
+        ]
+    )
+    return Path(cache_dir) / f"weights-nf4-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_model(
+    recipe: Recipe, device: str, weight_cache: str | Path | None = None
+) -> tuple[Any, str]:
     """The base model on the device: read, cast and (bitsandbytes, weight by weight as it is
-    read) quantized."""
+    read) quantized; and where its weights came from. With `weight_cache`, a QLoRA base is read
+    already quantized from its NF4 copy there, which the first probe to need it writes."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     quantization = _quantization_config(recipe)
-    model = AutoModelForCausalLM.from_pretrained(
-        recipe.model,
-        dtype=compute_dtype(recipe) if quantization is not None else storage_dtype(recipe),
-        quantization_config=quantization,
-        device_map={"": device},
-        attn_implementation=recipe.attention,
-    )
+    copy = nf4_copy_dir(recipe, weight_cache) if weight_cache else None
+    options = {"device_map": {"": device}, "attn_implementation": recipe.attention}
+    if copy is not None and (copy / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(copy, dtype=compute_dtype(recipe), **options)
+        weights = "nf4 cache"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            recipe.model,
+            dtype=compute_dtype(recipe) if quantization is not None else storage_dtype(recipe),
+            quantization_config=quantization,
+            **options,
+        )
+        weights = "original"
+        if copy is not None:
+            _write_copy(model, copy)
+            weights = "original, nf4 cache written"
     model.config.use_cache = False
-    return model
+    return model, weights
+
+
+def _write_copy(model: Any, target: Path) -> None:
+    """Save next to the target, then rename: a reader never sees half a copy, and of two
+    probes writing at once one keeps its copy and the other drops its own."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(scratch)
+        scratch.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def prepare_model(model: Any, recipe: Recipe) -> Any:

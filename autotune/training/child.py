@@ -79,7 +79,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
     lap("data")
 
-    model = load_model(recipe, request.device)
+    model, result.weights = load_model(recipe, request.device, request.weight_cache)
     lap("load")
     model = prepare_model(model, recipe)
     optimizer = build_optimizer(model, recipe)

@@ -38,6 +38,9 @@ class ProbeRequest:
     """Tokenized splits built once by the study for this data, tokenizer, seq_len and seed."""
     eval_rows: int | None = None
     """Rows held out for eval loss; None: a tenth of the data, at most 64."""
+    weight_cache: str | None = None
+    """Directory for an NF4-quantized copy of the base weights (QLoRA probes load from it,
+    the first one writes it); None: always load and quantize the original weights."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -68,6 +71,9 @@ class ProbeResult:
     budget_enforced: bool = False
     forked: bool = False
     """Forked from the warm probe server (imports already done) rather than a new interpreter."""
+    weights: str = ""
+    """Where the base weights came from: "original", "nf4 cache" or "original, nf4 cache
+    written"."""
     seconds: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     """Wall time of every optimizer step, warm-up included: how steady the throughput was."""
