@@ -5,6 +5,8 @@ They skip without CUDA (tests/conftest.py). On a GPU machine: `python -m pytest 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -115,3 +117,15 @@ def test_study_on_cuda_end_to_end(tiny_model, qa_data, tmp_path):
     assert (measured["memory_source"] == "cuda_max_reserved").all()
     assert (measured["peak_memory_bytes"] <= 8e9).all()
     assert (measured["seconds_load"] > 0).all() and (measured["seconds_prepare"] >= 0).all()
+
+
+def test_nf4_copy_on_cuda_trains_like_the_original(mid_model, qa_data, tmp_path):
+    runner = SubprocessProbeRunner(timeout_seconds=300)
+    request = request_for(mid_model, qa_data, device="cuda", quantization="nf4", seq_len=128)
+    request = dataclasses.replace(request, weight_cache=str(tmp_path / "cache"))
+    first = runner.run(request, tmp_path / "first")
+    second = runner.run(request, tmp_path / "second")
+    runner.close()
+    assert (first.weights, second.weights) == ("original, nf4 cache written", "nf4 cache")
+    assert second.eval_loss == pytest.approx(first.eval_loss, abs=1e-3)
+    assert second.peak_memory_bytes <= first.peak_memory_bytes * 1.02
