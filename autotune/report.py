@@ -131,8 +131,9 @@ def time_description(frame: Any) -> str:
     """'Time: 40 trials in 58.0 min of trials (41 an hour), 16 probed (17 an hour); median
     probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' Trial durations run from each trial's start to
     its end, so a study resumed later is timed without the pause."""
-    probed = probed_rows(frame)
-    busy_hours = frame["trial_seconds"].sum() / 3600 if len(frame) else 0
+    finished = frame[frame["trial_seconds"].notna()] if len(frame) else frame
+    probed = probed_rows(finished)
+    busy_hours = finished["trial_seconds"].sum() / 3600 if len(finished) else 0
     if not len(probed) or not busy_hours:
         return ""
     phases = ", ".join(
@@ -141,8 +142,8 @@ def time_description(frame: Any) -> str:
         if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
     )
     return (
-        f"Time: {len(frame)} trials in {60 * busy_hours:.1f} min of trials "
-        f"({len(frame) / busy_hours:.0f} an hour), {len(probed)} probed "
+        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min of trials "
+        f"({len(finished) / busy_hours:.0f} an hour), {len(probed)} probed "
         f"({len(probed) / busy_hours:.0f} an hour); median probe "
         f"{probed['seconds_total'].median():.1f} s: {phases}."
     )
