@@ -473,6 +473,33 @@ def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
+REPAIR_DIMENSIONS = ("gradient_checkpointing", "micro_batch_size", "optimizer")
+"""What a recipe over the budget may change to fit: they change speed, not what is learnt."""
+
+
+def nearest_fitting_params(
+    space: SearchSpace, params: dict[str, Any], fits: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    """The recipe closest to `params` that fits: fewest of REPAIR_DIMENSIONS changed, then the
+    largest micro-batch, then the order the space lists choices in; None when none fits."""
+    candidates = []
+    for checkpointing in space.gradient_checkpointing:
+        for micro_batch in space.micro_batch_size:
+            for optimizer in space.optimizer:
+                changed = {
+                    "gradient_checkpointing": checkpointing,
+                    "micro_batch_size": micro_batch,
+                    "optimizer": optimizer,
+                }
+                distance = sum(changed[k] != params.get(k) for k in REPAIR_DIMENSIONS)
+                if distance:
+                    candidates.append((distance, -micro_batch, {**params, **changed}))
+    for _, _, candidate in sorted(candidates, key=lambda c: c[:2]):
+        if fits(candidate):
+            return candidate
+    return None
+
+
 def baseline_params(
     space: SearchSpace, fits: Callable[[dict[str, Any]], bool] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -562,6 +589,10 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         for gpu in settings.gpus:
             gpu_pool.put(gpu)
 
+    def fits(params: dict[str, Any]) -> bool:
+        recipe = space.build(params, settings.model, spec, settings.seq_len)
+        return estimate(spec, recipe).peak_bytes <= budget
+
     def objective(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
@@ -599,7 +630,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # The sampler proposed a recipe already tried: reuse its figures instead of paying
             # for another probe, and keep it off the frontier so no recipe shows twice.
             for key, value in earlier.user_attrs.items():
-                if key not in ("baseline", "worker"):
+                if key not in ("baseline", "worker", "repair_of"):
                     trial.set_user_attr(key, value)
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
             record("duplicate", f"same recipe as trial {earlier.number}")
@@ -622,6 +653,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             return values
 
         if prediction.peak_bytes > budget:
+            nearest = nearest_fitting_params(space, trial.params, fits)
+            if nearest is not None and "repair_of" not in trial.user_attrs:
+                # Probe the closest recipe that fits next: the sampler asked for this region.
+                trial.study.enqueue_trial(
+                    nearest, user_attrs={"repair_of": trial.number}, skip_if_exists=True
+                )
             return finish(
                 "over_budget_predicted",
                 (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),

@@ -8,8 +8,8 @@ peak and a speed model fitted to the H100 measurements in bench/results/ (tokens
 default, QLoRA at micro-batch 4, bf16 LoRA on q/v and on all linear layers). Eval loss is the
 same for every recipe, so the frontier is decided by memory and speed. For several seeds, with
 and without leaving out the choices no recipe fits, it prints how many of the trials were
-probed, ruled out or duplicates, and at which trial a recipe with 3x the default's tokens/s was
-first measured. The figures are about the search, not about GPUs: the speed model is coarse.
+probed, ruled out or duplicates, how many were the nearest fitting recipe queued after one over
+the budget, and at which trial a recipe with 3x the default's tokens/s was first measured. The figures are about the search, not about GPUs: the speed model is coarse.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def one_study(settings: RunSettings, prune: bool, spec) -> dict:
     study = run_study(prepared, SimulatedRunner(spec))
     statuses: dict[str, int] = {}
     for trial in study.trials:
+        if not trial.state.is_finished():
+            continue  # a repair queued by the last trial waits for the next run
         status = trial.user_attrs.get("status", trial.state.name.lower())
         statuses[status] = statuses.get(status, 0) + 1
     default = next(t for t in study.trials if t.user_attrs.get("baseline") == "qlora_default")
@@ -96,6 +98,7 @@ def one_study(settings: RunSettings, prune: bool, spec) -> dict:
         "prune": prune,
         "statuses": statuses,
         "probed": statuses.get("measured", 0) + statuses.get("oom", 0),
+        "repairs": sum(1 for t in study.trials if "repair_of" in t.user_attrs),
         "first_3x_trial": fast[0] if fast else None,
         "best_speedup": round(best / default.values[1], 2),
     }

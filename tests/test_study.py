@@ -398,3 +398,40 @@ def test_weight_cache_reaches_every_probe(workspace):
     plain = FakeRunner()
     run_study(prepare_run(settings_for(workspace, trials=2, study_name="plain")), plain)
     assert all(r.weight_cache is None for r in plain.requests)
+
+
+def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
+    from autotune.study import REPAIR_DIMENSIONS, nearest_fitting_params
+
+    settings = settings_for(
+        qwen2_7b_workspace,
+        budget_bytes=24 * 10**9,
+        space_path=DEMO.parent / "search_spaces" / "default.yaml",
+        seq_len=1024,
+        trials=16,
+    )
+    prepared = prepare_run(settings)
+    study = run_study(prepared, FakeRunner())
+    trials = {t.number: t for t in study.trials}
+    # (a repair queued by the last trial waits for the next run)
+    repairs = [t for t in study.trials if "repair_of" in t.user_attrs and t.state.is_finished()]
+    assert repairs
+    for repair in repairs:
+        original = trials[repair.user_attrs["repair_of"]]
+        assert original.user_attrs["status"] == "over_budget_predicted"
+        changed = {k for k in original.params if original.params[k] != repair.params.get(k)}
+        assert changed and changed <= set(REPAIR_DIMENSIONS)
+        assert repair.user_attrs["predicted_peak_bytes"] <= settings.budget_bytes
+
+    # the fewest changes first, then the largest micro-batch
+    space = prepared.space
+    params = {"micro_batch_size": 8, "gradient_checkpointing": False, "optimizer": "adamw"}
+
+    def fits(p):  # micro-batch 2 fits; 4 only with checkpointing
+        return p["micro_batch_size"] <= 2 or (
+            p["gradient_checkpointing"] and p["micro_batch_size"] <= 4
+        )
+
+    nearest = nearest_fitting_params(space, params, fits)
+    assert nearest == {**params, "micro_batch_size": 2}
+    assert nearest_fitting_params(space, params, lambda p: False) is None
