@@ -216,6 +216,8 @@ def run(
                 )
             else:
                 text = f"[yellow]{summary.status}[/]: {summary.reason}"
+            if summary.repair_of is not None:
+                text += f" (nearest recipe that fits, for trial {summary.repair_of})"
             progress.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
             if summary.seconds:
                 phases = (*PROBE_PHASES, "total")

@@ -143,6 +143,8 @@ class TrialSummary:
     tokens_per_second: float | None = None
     eval_loss: float | None = None
     reason: str = ""
+    repair_of: int | None = None
+    """The trial over the budget this one stands in for, as the nearest recipe that fits."""
 
 
 @dataclass
@@ -622,6 +624,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     tokens_per_second=values[1] if measured else None,
                     eval_loss=values[2] if measured else None,
                     reason=reason,
+                    repair_of=trial.user_attrs.get("repair_of"),
                 )
             )
 

@@ -9,7 +9,8 @@ default, QLoRA at micro-batch 4, bf16 LoRA on q/v and on all linear layers). Eva
 same for every recipe, so the frontier is decided by memory and speed. For several seeds, with
 and without leaving out the choices no recipe fits, it prints how many of the trials were
 probed, ruled out or duplicates, how many were the nearest fitting recipe queued after one over
-the budget, and at which trial a recipe with 3x the default's tokens/s was first measured. The figures are about the search, not about GPUs: the speed model is coarse.
+the budget, and at which trial a recipe with 3x the default's tokens/s was first measured.
+The figures are about the search, not about GPUs: the speed model is coarse.
 """
 
 from __future__ import annotations

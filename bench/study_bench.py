@@ -214,9 +214,10 @@ def main() -> int:
 
     def finished(trial: TrialSummary) -> None:
         speed = f"{trial.tokens_per_second:,.0f} tok/s" if trial.tokens_per_second else ""
+        stands_in = f", for trial {trial.repair_of}" if trial.repair_of is not None else ""
         print(
             f"trial {trial.number:>3} {trial.label:<52} {trial.status:<22} {speed:>12} "
-            f"({trial.seconds.get('total', 0):.0f} s probe)",
+            f"({trial.seconds.get('total', 0):.0f} s probe{stands_in})",
             flush=True,
         )
         write()  # a run cut short still leaves its results (this trial lands in the next write)

@@ -411,8 +411,11 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
         trials=16,
     )
     prepared = prepare_run(settings)
-    study = run_study(prepared, FakeRunner())
+    summaries = []
+    study = run_study(prepared, FakeRunner(), RunEvents(trial_finished=summaries.append))
     trials = {t.number: t for t in study.trials}
+    shown = {s.number: s.repair_of for s in summaries if s.repair_of is not None}
+    assert shown and all(trials[n].user_attrs["repair_of"] == of for n, of in shown.items())
     # (a repair queued by the last trial waits for the next run)
     repairs = [t for t in study.trials if "repair_of" in t.user_attrs and t.state.is_finished()]
     assert repairs
