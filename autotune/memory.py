@@ -101,10 +101,6 @@ def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
     return [(n, count) for n, count in [*block, *head, (spec.hidden_size, 1)] if n and count]
 
 
-def trainable_params(spec: ModelSpec, recipe: Recipe) -> int:
-    return sum(n * count for n, count in trainable_tensors(spec, recipe))
-
-
 def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int:
     """The output projection's weight gradient, made at the start of backward while the
     logits' gradient is alive; the tied input embedding's when the head is tied."""
@@ -115,9 +111,11 @@ def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int
     return 0
 
 
-def _optimizer_states(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> tuple[int, int]:
-    """AdamW's two moments: (bytes in the caching allocator, bytes paged in unified memory)."""
-    tensors = trainable_tensors(spec, recipe)
+def _optimizer_states(
+    tensors: list[tuple[int, int]], recipe: Recipe, trainable_bytes: int
+) -> tuple[int, int]:
+    """AdamW's two moments of the trainable `tensors`: (bytes in the caching allocator, bytes
+    paged in unified memory)."""
     if recipe.optimizer == "adamw":
         return 2 * trainable_bytes * sum(n * count for n, count in tensors), 0
     device = paged = 0
@@ -200,12 +198,13 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     seq_len = seq_len or recipe.seq_len
     tokens = recipe.micro_batch_size * seq_len
     a = activation_bytes_per_element(recipe)
-    trainable = trainable_params(spec, recipe)
+    tensors = trainable_tensors(spec, recipe)
+    trainable = sum(n * count for n, count in tensors)
     trainable_bytes = ADAPTER_BYTES if recipe.method == "lora" else weight_bytes_per_param(recipe)
 
     weights = _weights(spec, recipe)
     gradients = trainable * trainable_bytes
-    optimizer_states, paged_states = _optimizer_states(spec, recipe, trainable_bytes)
+    optimizer_states, paged_states = _optimizer_states(tensors, recipe, trainable_bytes)
     # autocast caches a bf16 copy of each weight that requires grad for the whole forward;
     # frozen weights (the base under LoRA, frozen blocks) are cast per use and freed.
     trainable_linear = 0

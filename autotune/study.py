@@ -475,6 +475,17 @@ def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
+def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
+    """Whether the recipe a set of trial parameters stands for is predicted to fit the budget."""
+    settings = prepared.settings
+
+    def fits(params: dict[str, Any]) -> bool:
+        recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
+        return estimate(prepared.spec, recipe).peak_bytes <= settings.budget_bytes
+
+    return fits
+
+
 REPAIR_DIMENSIONS = ("gradient_checkpointing", "micro_batch_size", "optimizer")
 """What a recipe over the budget may change to fit: they change speed, not what is learnt."""
 
@@ -591,9 +602,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         for gpu in settings.gpus:
             gpu_pool.put(gpu)
 
-    def fits(params: dict[str, Any]) -> bool:
-        recipe = space.build(params, settings.model, spec, settings.seq_len)
-        return estimate(spec, recipe).peak_bytes <= budget
+    fits = fits_budget(prepared)
 
     def objective(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
@@ -813,12 +822,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "num_layers": prepared.spec.num_layers,
         }.items():
             study.set_user_attr(key, value)
-
-        def fits(params: dict[str, Any]) -> bool:
-            recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
-            return estimate(prepared.spec, recipe).peak_bytes <= settings.budget_bytes
-
-        for name, params in baseline_params(prepared.space, fits):
+        for name, params in baseline_params(prepared.space, fits_budget(prepared)):
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
     study.set_user_attr("data_stats", prepared.data_stats)
     interrupted = fail_interrupted_trials(study)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
+from shared import CONFIGS, MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
 from autotune.data import cached_splits  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
-from autotune.model_spec import load_model_spec  # noqa: E402
+from autotune.model_spec import ModelSpec, load_model_spec  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
@@ -190,11 +190,7 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     """`count` recipes drawn at random (fixed seed) across every setting the model prices, none
     of them in `grid`, each predicted to fit the card with room for a 20% miss and to train at
     most 16k tokens a step on the 7B shape (so a probe takes seconds, not minutes)."""
-    from shared import CONFIGS
-
-    from autotune.model_spec import ModelSpec
-
-    spec = ModelSpec.from_config_dict(json.loads(CONFIGS[shape].read_text(encoding="utf-8")))
+    spec = load_model_spec(str(CONFIGS[shape]))
     rng = random.Random(f"{shape}-{seed}")
     seen = {json.dumps(r, sort_keys=True) for r in grid(shape) + holdout_picked(shape)}
     recipes: list[dict] = []
@@ -292,10 +288,6 @@ def summarize(rows: list[dict]) -> dict:
 
 def rescore(rows: list[dict]) -> dict[str, dict]:
     """Predict every measured row again with the current model: error summary per grid."""
-    from shared import CONFIGS
-
-    from autotune.model_spec import ModelSpec
-
     specs: dict[str, ModelSpec] = {}
     errors: dict[str, list[float]] = {}
     for row in rows:
@@ -303,8 +295,7 @@ def rescore(rows: list[dict]) -> dict[str, dict]:
             continue
         shape = row["shape"]
         if shape not in specs:
-            config = json.loads(CONFIGS[shape].read_text(encoding="utf-8"))
-            specs[shape] = ModelSpec.from_config_dict(config, str(CONFIGS[shape]))
+            specs[shape] = load_model_spec(str(CONFIGS[shape]))
         recipe = Recipe.from_dict({"model": shape, **row["fields"]})
         row["predicted_peak_bytes"] = estimate(specs[shape], recipe).peak_bytes
         row["error"] = row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1

@@ -336,16 +336,21 @@ def qwen2_7b_workspace(workspace):
     return tmp_path, model, data
 
 
-def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
-    from autotune.study import budget_fit
-
-    settings = settings_for(
-        qwen2_7b_workspace,
+def qwen2_7b_settings(workspace, trials: int) -> RunSettings:
+    """The 7B study of the GPU benchmark: default space, 24 GB, seq 1024."""
+    return settings_for(
+        workspace,
         budget_bytes=24 * 10**9,
         space_path=DEMO.parent / "search_spaces" / "default.yaml",
         seq_len=1024,
-        trials=12,
+        trials=trials,
     )
+
+
+def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
+    from autotune.study import budget_fit
+
+    settings = qwen2_7b_settings(qwen2_7b_workspace, trials=12)
     prepared = prepare_run(settings)
     spec, space = prepared.spec, prepared.space
     ruled_out = prepared.ruled_out_choices
@@ -403,13 +408,7 @@ def test_weight_cache_reaches_every_probe(workspace):
 def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
     from autotune.study import REPAIR_DIMENSIONS, nearest_fitting_params
 
-    settings = settings_for(
-        qwen2_7b_workspace,
-        budget_bytes=24 * 10**9,
-        space_path=DEMO.parent / "search_spaces" / "default.yaml",
-        seq_len=1024,
-        trials=16,
-    )
+    settings = qwen2_7b_settings(qwen2_7b_workspace, trials=16)
     prepared = prepare_run(settings)
     summaries = []
     study = run_study(prepared, FakeRunner(), RunEvents(trial_finished=summaries.append))
