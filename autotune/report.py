@@ -41,6 +41,14 @@ class ReportData(NamedTuple):
     """Trials and probes an hour, and where the median probe's time went."""
 
 
+def trial_seconds(trial: Any) -> float | None:
+    """From the trial's start to its end (None until it ends): a study resumed later is timed
+    without the pause between runs."""
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+
+
 def trials_frame(study: Any) -> Any:
     """One row per trial: recipe fields, predicted and measured figures, status and reason."""
     import pandas as pd
@@ -60,9 +68,7 @@ def trials_frame(study: Any) -> Any:
             "feasible": bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values()),
             "on_frontier": trial.number in front,
             "predicted_peak_bytes": attrs.get("predicted_peak_bytes"),
-            "trial_seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start
-            else None,
+            "trial_seconds": trial_seconds(trial),
         }
         measured = status == "measured"
         for name, value in zip(OBJECTIVE_NAMES, values):

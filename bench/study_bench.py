@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa
 
 from autotune.pareto import frontier  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
+from autotune.report import probed_rows, trial_seconds, trials_frame  # noqa: E402
 from autotune.study import (  # noqa: E402
     NOISE_ATTR,
     RunEvents,
@@ -44,21 +44,18 @@ from autotune.study import (  # noqa: E402
     prepare_run,
     run_study,
 )
+from autotune.training.io import PROBE_PHASES  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
-
-
-def trial_seconds(trial) -> float:
-    if trial.datetime_start and trial.datetime_complete:
-        return (trial.datetime_complete - trial.datetime_start).total_seconds()
-    return 0.0
 
 
 def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, list[dict]]:
     """Rates over the trials' own durations, so a study resumed across several calls is timed
     as one run: each trial counts from its start to its end, probe and bookkeeping included."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete]
-    probed = [t for t in trials if "probe_status" in t.user_attrs]
-    hours = sum(trial_seconds(t) for t in trials) / 3600
+    frame = trials_frame(study)
+    # trials that ran a probe of their own, as the report counts them (not duplicates)
+    probed = probed_rows(frame[frame["trial_seconds"].notna()])
+    hours = frame["trial_seconds"].sum() / 3600
     default = next((t for t in trials if t.user_attrs.get("baseline") == "qlora_default"), None)
     default_speed = default_loss = None
     if default and default.user_attrs.get("status") == "measured":
@@ -66,11 +63,6 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
     noise = study.user_attrs.get(NOISE_ATTR)
     points = frontier(measured_points(study))
     fastest = max(points, key=lambda p: p.tokens_per_second, default=None)
-    phases: dict[str, list[float]] = {}
-    for trial in probed:
-        for key, value in trial.user_attrs.items():
-            if key.startswith("probe_seconds_"):
-                phases.setdefault(key.removeprefix("probe_seconds_"), []).append(value)
     by_number = {t.number: t for t in trials}
     confirmed = confirmations(study)
     summary = {
@@ -82,15 +74,19 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
         "wall_seconds_this_call": round(wall_seconds, 1),
         "trials_per_hour": round(len(trials) / hours, 1) if hours else None,
         "probes_per_hour": round(len(probed) / hours, 1) if hours else None,
-        "median_seconds_per_probe": round(statistics.median(trial_seconds(t) for t in probed), 1)
-        if probed
+        "median_seconds_per_probe": round(probed["trial_seconds"].median(), 1)
+        if len(probed)
         else None,
         "default_tokens_per_second": default_speed,
         "fastest_tokens_per_second": fastest.tokens_per_second if fastest else None,
         "speedup_over_default": round(fastest.tokens_per_second / default_speed, 2)
         if fastest and default_speed
         else None,
-        "median_seconds_per_phase": {k: round(statistics.median(v), 2) for k, v in phases.items()},
+        "median_seconds_per_phase": {
+            phase: round(probed[f"seconds_{phase}"].median(), 2)
+            for phase in (*PROBE_PHASES, "total")
+            if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
+        },
         "noise": noise,
         "confirmations": confirmed,
     }
