@@ -23,6 +23,14 @@ def run_bench(script: str, *args: str, device: str | None = "cpu") -> subprocess
     )
 
 
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_memory_bench_cpu_path(tmp_path):
     out = tmp_path / "memory.json"
     done = run_bench(
@@ -57,11 +65,7 @@ def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
     # the picked hold-out recipes and three drawn ones; the first two were not probed again
     assert len(rows) == 4 + 3 and rows[:2] == measured
     assert all(r["status"] == "ok" for r in rows)
-    spec = importlib.util.spec_from_file_location(
-        "memory_bench", ROOT / "bench" / "memory_bench.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("memory_bench")
     calibration = [json.dumps(r, sort_keys=True) for r in bench.grid("demo")]
     assert not {json.dumps(r["fields"], sort_keys=True) for r in rows} & set(calibration)
 
@@ -172,3 +176,66 @@ def test_search_bench_counts_what_the_trials_were_spent_on(tmp_path):
     # with the choices no recipe fits left out, the full fine-tune baseline is not even tried
     assert rows[True]["first_3x_trial"] == 1
     assert results["summary"]["pruned"]["studies"] == 1
+
+
+def test_allocation_tracer_follows_storages_from_creation_to_release():
+    import torch
+
+    trace = load_bench("memory_trace")
+    weight = torch.ones(1024)  # 4 KiB that existed before: not counted
+    tracer = trace.allocation_tracer([weight])
+    with tracer:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[:10]  # no new storage
+        b = weight * 2  # 4096 bytes
+        del a, view
+        c = torch.zeros(250)  # 1000 bytes, after 4000 were released
+        weight.add_(1)  # in place: no new storage
+    assert tracer.peak == 4000 + 4096
+    assert tracer.now == 4096 + 1000
+    assert sorted(t.nbytes for t in tracer.at_peak) == [4000, 4096]
+    assert {t.op for t in tracer.at_peak} == {"zeros", "mul"}
+    del b, c
+
+
+def test_memory_trace_shows_the_loss_buffers_at_the_peak(tmp_path):
+    """The cross-entropy peak the memory model prices: at the start of backward three fp32
+    vocabulary-wide buffers are alive together (log-softmax, its gradient in and out)."""
+    trace = load_bench("memory_trace")
+    config = json.loads((ROOT / "bench" / "configs" / "qwen2-0.5b.json").read_text())
+    config.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=4096,
+    )
+    config.pop("head_dim", None)
+    model_dir = trace.build_cut_model(config, tmp_path / "model")
+    from autotune.recipe import Recipe
+
+    recipe = Recipe.from_dict(
+        {
+            "model": str(model_dir),
+            "method": "lora",
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "lora_target_modules": ["q_proj", "v_proj"],
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": True,
+            "seq_len": 128,
+        }
+    )
+    result = trace.trace_step(model_dir, recipe)
+    logits_fp32 = 2 * 128 * 4096 * 4
+    top = result.at_peak[:3]
+    assert [t.nbytes for t in top] == [logits_fp32] * 3
+    assert {t.op for t in top} == {
+        "_log_softmax",
+        "nll_loss_backward",
+        "_log_softmax_backward_data",
+    }
+    assert result.peak_bytes >= result.before_bytes + 3 * logits_fp32
