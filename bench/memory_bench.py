@@ -287,9 +287,13 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def rescore(rows: list[dict]) -> dict[str, dict]:
-    """Predict every measured row again with the current model: error summary per grid."""
+    """Predict every measured row again with the current model: error summary per grid. Where a
+    row has the allocated peak too, the model's allocated part (estimate less allocator overhead
+    and CUDA context) is scored against it apart, so the tensors' accounting and the caching
+    allocator's overhead can be told apart."""
     specs: dict[str, ModelSpec] = {}
     errors: dict[str, list[float]] = {}
+    allocated_errors: dict[str, list[float]] = {}
     for row in rows:
         if not row.get("measured_peak_bytes"):
             continue
@@ -297,18 +301,32 @@ def rescore(rows: list[dict]) -> dict[str, dict]:
         if shape not in specs:
             specs[shape] = load_model_spec(str(CONFIGS[shape]))
         recipe = Recipe.from_dict({"model": shape, **row["fields"]})
-        row["predicted_peak_bytes"] = estimate(specs[shape], recipe).peak_bytes
+        predicted = estimate(specs[shape], recipe)
+        row["predicted_peak_bytes"] = predicted.peak_bytes
         row["error"] = row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1
-        errors.setdefault(row.get("grid", "calibration"), []).append(row["error"])
-    return {
-        grid: {
+        grid_name = row.get("grid", "calibration")
+        errors.setdefault(grid_name, []).append(row["error"])
+        if row.get("measured_allocated_bytes"):
+            parts = predicted.breakdown
+            allocated = predicted.peak_bytes - parts["allocator_overhead"] - parts["cuda_context"]
+            row["predicted_allocated_bytes"] = allocated
+            row["allocated_error"] = allocated / row["measured_allocated_bytes"] - 1
+            allocated_errors.setdefault(grid_name, []).append(row["allocated_error"])
+    summary = {}
+    for grid_name, values in errors.items():
+        summary[grid_name] = {
             "measured": len(values),
             "median_abs_error": statistics.median(abs(v) for v in values),
             "max_abs_error": max(abs(v) for v in values),
             "worst_under_prediction": min(values),
         }
-        for grid, values in errors.items()
-    }
+        if allocated_errors.get(grid_name):
+            allocated = allocated_errors[grid_name]
+            summary[grid_name]["allocated_median_abs_error"] = statistics.median(
+                abs(v) for v in allocated
+            )
+            summary[grid_name]["allocated_max_abs_error"] = max(abs(v) for v in allocated)
+    return summary
 
 
 def print_rescored(path: Path) -> None:
@@ -316,10 +334,13 @@ def print_rescored(path: Path) -> None:
     summary = rescore(record["rows"])
     for row in record["rows"]:
         if "error" in row:
+            allocated = (
+                f" (allocated {row['allocated_error']:+.1%})" if "allocated_error" in row else ""
+            )
             print(
                 f"{row['grid']:<11} {row['shape']:>12} {row['recipe']:<44} seq {row['seq_len']:>5} "
                 f"predicted {row['predicted_peak_bytes'] / 2**30:6.2f} GiB measured "
-                f"{row['measured_peak_bytes'] / 2**30:6.2f} GiB {row['error']:+.1%}"
+                f"{row['measured_peak_bytes'] / 2**30:6.2f} GiB {row['error']:+.1%}{allocated}"
             )
     print(json.dumps(summary, indent=1))
 
