@@ -110,17 +110,27 @@ def allocation_tracer(existing: list) -> object:
     return AllocationTracer()
 
 
-def cut_config(shape: str, args: argparse.Namespace) -> dict:
-    """The shape's config with its widths cut to CPU size (architecture and ratios kept)."""
+def cut_config(
+    shape: str,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    seq_len: int,
+) -> dict:
+    """The shape's config with its widths cut to CPU size (architecture kept)."""
     config = json.loads(CONFIGS[shape].read_text(encoding="utf-8"))
     config.update(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(config.get("max_position_embeddings", 0), args.seq_len),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max(config.get("max_position_embeddings", 0), seq_len),
     )
     config.pop("head_dim", None)
     config.pop("layer_types", None)
@@ -128,7 +138,7 @@ def cut_config(shape: str, args: argparse.Namespace) -> dict:
     return config
 
 
-def trace_step(model_dir: Path, recipe: Recipe, seed: int = 0) -> Trace:
+def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
     the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
     import torch
@@ -205,9 +215,19 @@ def main() -> int:
         }
     )
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = build_cut_model(cut_config(args.shape, args), Path(scratch) / "model")
+        config = cut_config(
+            args.shape,
+            hidden=args.hidden,
+            intermediate=args.intermediate,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            vocab=args.vocab,
+            seq_len=args.seq_len,
+        )
+        model_dir = build_cut_model(config, Path(scratch) / "model")
         recipe = Recipe.from_dict({**fields, "model": str(model_dir), "seq_len": args.seq_len})
-        trace = trace_step(model_dir, recipe)
+        trace = trace_step(recipe)
         predicted = estimate(load_model_spec(str(model_dir)), recipe)
     parts = predicted.breakdown
     allocated = predicted.peak_bytes - sum(parts[k] for k in UNALLOCATED)

@@ -202,16 +202,16 @@ def test_memory_trace_shows_the_loss_buffers_at_the_peak(tmp_path):
     """The cross-entropy peak the memory model prices: at the start of backward three fp32
     vocabulary-wide buffers are alive together (log-softmax, its gradient in and out)."""
     trace = load_bench("memory_trace")
-    config = json.loads((ROOT / "bench" / "configs" / "qwen2-0.5b.json").read_text())
-    config.update(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=4096,
+    config = trace.cut_config(
+        "qwen2-0.5b",
+        hidden=64,
+        intermediate=128,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        vocab=4096,
+        seq_len=128,
     )
-    config.pop("head_dim", None)
     model_dir = trace.build_cut_model(config, tmp_path / "model")
     from autotune.recipe import Recipe
 
@@ -229,7 +229,7 @@ def test_memory_trace_shows_the_loss_buffers_at_the_peak(tmp_path):
             "seq_len": 128,
         }
     )
-    result = trace.trace_step(model_dir, recipe)
+    result = trace.trace_step(recipe)
     logits_fp32 = 2 * 128 * 4096 * 4
     top = result.at_peak[:3]
     assert [t.nbytes for t in top] == [logits_fp32] * 3
