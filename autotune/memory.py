@@ -51,12 +51,22 @@ On a GPU larger than the budget they stay resident, so a probe there does not pa
 that a card of the budget's size would."""
 
 
+UNALLOCATED_PARTS = ("allocator_overhead", "cuda_context")
+"""Parts of an estimate that no tensor holds: the caching allocator's reserve beyond what is
+allocated, and the CUDA context."""
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
     breakdown: dict[str, int]
     paged_bytes: int = 0
     """Paged optimizer states in unified memory, outside the peak (see PAGED_MIN_ELEMENTS)."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak less what no tensor holds: what `torch.cuda.max_memory_allocated()` sees."""
+        return self.peak_bytes - sum(self.breakdown.get(k, 0) for k in UNALLOCATED_PARTS)
 
     def as_json(self) -> dict[str, object]:
         record: dict[str, object] = {

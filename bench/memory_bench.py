@@ -307,8 +307,7 @@ def rescore(rows: list[dict]) -> dict[str, dict]:
         grid_name = row.get("grid", "calibration")
         errors.setdefault(grid_name, []).append(row["error"])
         if row.get("measured_allocated_bytes"):
-            parts = predicted.breakdown
-            allocated = predicted.peak_bytes - parts["allocator_overhead"] - parts["cuda_context"]
+            allocated = predicted.allocated_bytes
             row["predicted_allocated_bytes"] = allocated
             row["allocated_error"] = allocated / row["measured_allocated_bytes"] - 1
             allocated_errors.setdefault(grid_name, []).append(row["allocated_error"])

@@ -34,9 +34,6 @@ from shared import CONFIGS  # noqa: E402
 
 from autotune.recipe import Recipe  # noqa: E402
 
-UNALLOCATED = ("allocator_overhead", "cuda_context")
-"""Parts of the memory model's estimate that no tensor holds."""
-
 
 @dataclass(frozen=True)
 class LiveTensor:
@@ -67,7 +64,8 @@ class Trace:
 
 def allocation_tracer(existing: list) -> object:
     """A dispatch mode that follows every storage the ops under it allocate; storages of the
-    `existing` tensors (weights, optimizer states) are known and not counted again."""
+    `existing` tensors (weights, optimizer states) are known and not counted again; their
+    bytes, each storage once, are `before`."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -75,7 +73,9 @@ def allocation_tracer(existing: list) -> object:
     class AllocationTracer(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.known = {t.untyped_storage()._cdata for t in existing}
+            known = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}
+            self.known = set(known)
+            self.before = sum(known.values())
             self.live: dict[int, LiveTensor] = {}
             self.now = self.peak = 0
             self.at_peak: list[LiveTensor] = []
@@ -162,14 +162,13 @@ def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     existing = [*model.parameters(), *model.buffers(), *states]
-    before = sum(
-        {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}.values()
-    )
     tracer = allocation_tracer(existing)
     with tracer:
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)
-    return Trace(peak_bytes=before + tracer.peak, before_bytes=before, at_peak=at_peak)
+    return Trace(
+        peak_bytes=tracer.before + tracer.peak, before_bytes=tracer.before, at_peak=at_peak
+    )
 
 
 def build_cut_model(config: dict, target: Path) -> Path:
@@ -197,7 +196,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    from autotune.memory import estimate
+    from autotune.memory import UNALLOCATED_PARTS, estimate
     from autotune.model_spec import load_model_spec
 
     fields = (
@@ -230,7 +229,7 @@ def main() -> int:
         trace = trace_step(recipe)
         predicted = estimate(load_model_spec(str(model_dir)), recipe)
     parts = predicted.breakdown
-    allocated = predicted.peak_bytes - sum(parts[k] for k in UNALLOCATED)
+    allocated = predicted.allocated_bytes
     mib = 2**20
     print(
         f"{args.shape} cut to hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
@@ -241,7 +240,7 @@ def main() -> int:
         f"({trace.before_bytes / mib:.1f} MiB before the step)"
     )
     error = allocated / trace.peak_bytes - 1
-    shown = [f"{k} {v / mib:.1f}" for k, v in parts.items() if v and k not in UNALLOCATED]
+    shown = [f"{k} {v / mib:.1f}" for k, v in parts.items() if v and k not in UNALLOCATED_PARTS]
     print(f"model's allocated     {allocated / mib:9.1f} MiB ({error:+.1%}): " + ", ".join(shown))
     print("alive at the peak, by the op that made them:")
     for op, dtype, total, count in trace.by_op()[: args.top]:

@@ -191,6 +191,7 @@ def test_allocation_tracer_follows_storages_from_creation_to_release():
         del a, view
         c = torch.zeros(250)  # 1000 bytes, after 4000 were released
         weight.add_(1)  # in place: no new storage
+    assert tracer.before == 4096
     assert tracer.peak == 4000 + 4096
     assert tracer.now == 4096 + 1000
     assert sorted(t.nbytes for t in tracer.at_peak) == [4000, 4096]
