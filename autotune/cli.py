@@ -90,6 +90,12 @@ def _frontier_table(study: Any) -> Any:
     return table
 
 
+MEMORY_MODEL_HELP = (
+    "replay: run the recipe's probe on torch's meta device through a model of the CUDA caching "
+    "allocator (seconds; int8 falls back to formula). formula: closed-form estimate (instant)."
+)
+
+
 @app.command()
 def run(
     model: str = typer.Option(
@@ -136,6 +142,7 @@ def run(
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPU indices, e.g. 0,1,2,3: one probe per GPU at a time."
     ),
+    memory_model: str = typer.Option("replay", "--memory-model", help=MEMORY_MODEL_HELP),
     report_path: Path | None = typer.Option(
         None, "--report", help="HTML report path (default: reports/<study>.html)."
     ),
@@ -178,6 +185,7 @@ def run(
         workers=workers,
         confirm_top=confirm,
         weight_cache=weight_cache,
+        memory_model=memory_model,
         skip_bad_rows=skip_bad_rows,
         eval_rows=eval_rows,
         gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
@@ -459,13 +467,15 @@ def estimate(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
     as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
+    memory_model: str = typer.Option("replay", "--memory-model", help=MEMORY_MODEL_HELP),
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
-    from autotune.memory import estimate as estimate_memory
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
+    from autotune.replay import check_memory_model, load_config, not_replayable, predict
     from autotune.units import format_bytes
 
+    check_memory_model(memory_model)
     spec = load_model_spec(model)
     loaded = Recipe.load(recipe).replace(model=model)
     if seq_len is not None and seq_len < 1:
@@ -477,15 +487,18 @@ def estimate(
         )
     if loaded.method == "lora":
         spec.target_linears(loaded.lora_target_modules or "all-linear")
-    result = estimate_memory(spec, loaded, seq_len)
+    config = load_config(model) if memory_model == "replay" else None
+    result, used = predict(spec, loaded, config, seq_len, memory_model)
     if as_json:
-        typer.echo(json.dumps(result.as_json()))
+        typer.echo(json.dumps({**result.as_json(), "memory_model": used}))
         return
+    if used != memory_model:
+        typer.echo(f"memory model: formula ({not_replayable(loaded)})")
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
     typer.echo(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes)"
+        f"({result.peak_bytes} bytes, {used})"
     )
     if result.paged_bytes:
         typer.echo(

@@ -68,6 +68,7 @@ def trials_frame(study: Any) -> Any:
             "feasible": bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values()),
             "on_frontier": trial.number in front,
             "predicted_peak_bytes": attrs.get("predicted_peak_bytes"),
+            "memory_model": attrs.get("memory_model", "formula"),
             "trial_seconds": trial_seconds(trial),
         }
         measured = status == "measured"
@@ -476,6 +477,7 @@ TABLE_COLUMNS = (
     "on_frontier",
     "held_up",
     "predicted_peak_bytes",
+    "memory_model",
     "peak_memory_bytes",
     "tokens_per_second",
     "confirm_tokens_per_second",

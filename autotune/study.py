@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import queue
@@ -27,11 +28,12 @@ from autotune.data import (
     usable_rows,
 )
 from autotune.errors import UsageError
-from autotune.memory import estimate
+from autotune.memory import MemoryEstimate, estimate
 from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
+from autotune.replay import check_memory_model, load_config, not_replayable, replay_in_worker
 from autotune.space import SHARED_DIMENSIONS, SearchSpace
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
@@ -128,6 +130,14 @@ class RunSettings:
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
     """QLoRA probes load the base from an NF4 copy the first one writes to trials/cache."""
+    memory_model: str = "replay"
+    """How each trial's peak is predicted before its probe: replay (autotune.replay) or formula
+    (autotune.memory). The search space is pruned with the formula either way (it is instant)."""
+
+
+REPLAY_BAND = 1.25
+"""Trials the formula puts above this many budgets are over the budget whatever the replay says
+(the formula's largest miss on the H100 rows is under 20%), so they are not replayed."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +233,8 @@ class PreparedRun:
     skipped_rows: int = 0
     token_cache: str | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
+    model_config: Any = None
+    """The model's transformers config, for the replay memory model."""
     """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
 
 
@@ -286,7 +298,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--probe-steps must be at least 1, got {settings.probe_steps}")
     if settings.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
+    check_memory_model(settings.memory_model)
     spec = load_model_spec(settings.model)
+    model_config = load_config(settings.model) if settings.memory_model == "replay" else None
     space = SearchSpace.load(settings.space_path)
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
@@ -346,6 +360,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         skipped_rows=len(data_scan.bad),
         data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
+        model_config=model_config,
     )
 
 
@@ -486,6 +501,37 @@ def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
     return fits
 
 
+def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEstimate, str]]:
+    """Each trial's predicted peak and the model that gave it: the replay where the formula puts
+    the recipe within REPLAY_BAND of the budget (once per recipe as memory sees it), the
+    formula elsewhere and where the replay cannot run."""
+    settings = prepared.settings
+    replayed: dict[str, MemoryEstimate] = {}
+
+    def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
+        formula = estimate(prepared.spec, recipe)
+        if (
+            settings.memory_model != "replay"
+            or prepared.model_config is None
+            or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
+            or not_replayable(recipe)
+        ):
+            return formula, "formula"
+        fields = recipe.to_dict()
+        fields.pop("learning_rate", None)
+        fields.pop("lora_alpha", None)
+        fields["gradient_accumulation_steps"] = min(recipe.gradient_accumulation_steps, 2)
+        key = json.dumps(fields, sort_keys=True, default=str)
+        if key not in replayed:
+            try:
+                replayed[key] = replay_in_worker(recipe, prepared.model_config).estimate()
+            except Exception:  # noqa: BLE001 - an architecture the meta device cannot run
+                return formula, "formula"
+        return replayed[key], "replay"
+
+    return predict_trial
+
+
 REPAIR_DIMENSIONS = ("gradient_checkpointing", "micro_batch_size", "optimizer")
 """What a recipe over the budget may change to fit: they change speed, not what is learnt."""
 
@@ -603,11 +649,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             gpu_pool.put(gpu)
 
     fits = fits_budget(prepared)
+    predict_trial = trial_predictor(prepared)
 
     def objective(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
-        prediction = estimate(spec, recipe)
+        prediction, memory_model = predict_trial(recipe)
         workdir = trials_dir / f"trial-{trial.number:04d}"
 
         def record(
@@ -651,6 +698,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         trial.set_user_attr("recipe_label", recipe.label())
         trial.set_user_attr("predicted_peak_bytes", prediction.peak_bytes)
         trial.set_user_attr("predicted_breakdown", prediction.breakdown)
+        trial.set_user_attr("memory_model", memory_model)
         events.trial_started(trial.number, recipe.label())
 
         def finish(

@@ -286,14 +286,29 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def rescore(rows: list[dict]) -> dict[str, dict]:
-    """Predict every measured row again with the current model: error summary per grid. Where a
-    row has the allocated peak too, the model's allocated part (estimate less allocator overhead
-    and CUDA context) is scored against it apart, so the tensors' accounting and the caching
-    allocator's overhead can be told apart."""
+def _error_summary(values: list[float]) -> dict:
+    return {
+        "measured": len(values),
+        "median_abs_error": statistics.median(abs(v) for v in values),
+        "max_abs_error": max(abs(v) for v in values),
+        "worst_under_prediction": min(values),
+    }
+
+
+def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
+    """Predict every measured row again with the current formula: error summary per grid. Where
+    a row has the allocated peak too, the formula's allocated part (estimate less allocator
+    overhead and CUDA context) is scored against it apart, so the tensors' accounting and the
+    caching allocator's overhead can be told apart. With memory_model "replay" each row is also
+    predicted as a study predicts it (the replay, the formula where the replay cannot run) and
+    scored per grid under "replay"."""
+    from autotune.replay import load_config, predict
+
     specs: dict[str, ModelSpec] = {}
+    configs: dict[str, object] = {}
     errors: dict[str, list[float]] = {}
     allocated_errors: dict[str, list[float]] = {}
+    replay_errors: dict[str, list[float]] = {}
     for row in rows:
         if not row.get("measured_peak_bytes"):
             continue
@@ -311,37 +326,55 @@ def rescore(rows: list[dict]) -> dict[str, dict]:
             row["predicted_allocated_bytes"] = allocated
             row["allocated_error"] = allocated / row["measured_allocated_bytes"] - 1
             allocated_errors.setdefault(grid_name, []).append(row["allocated_error"])
-    summary = {}
+        if memory_model == "replay":
+            if shape not in configs:
+                configs[shape] = load_config(str(CONFIGS[shape]))
+            replayed, used = predict(specs[shape], recipe, configs[shape])
+            row["replay_peak_bytes"] = replayed.peak_bytes
+            row["replay_memory_model"] = used
+            row["replay_error"] = replayed.peak_bytes / row["measured_peak_bytes"] - 1
+            replay_errors.setdefault(grid_name, []).append(row["replay_error"])
+    summary: dict[str, dict] = {}
     for grid_name, values in errors.items():
-        summary[grid_name] = {
-            "measured": len(values),
-            "median_abs_error": statistics.median(abs(v) for v in values),
-            "max_abs_error": max(abs(v) for v in values),
-            "worst_under_prediction": min(values),
-        }
+        summary[grid_name] = _error_summary(values)
         if allocated_errors.get(grid_name):
             allocated = allocated_errors[grid_name]
             summary[grid_name]["allocated_median_abs_error"] = statistics.median(
                 abs(v) for v in allocated
             )
             summary[grid_name]["allocated_max_abs_error"] = max(abs(v) for v in allocated)
+    if replay_errors:
+        summary["replay"] = {name: _error_summary(v) for name, v in replay_errors.items()}
+        summary["replay"]["all"] = _error_summary([v for vs in replay_errors.values() for v in vs])
+        summary["formula_all"] = _error_summary([v for vs in errors.values() for v in vs])
     return summary
 
 
-def print_rescored(path: Path) -> None:
+def print_rescored(path: Path, memory_model: str = "formula", out: Path | None = None) -> None:
     record = json.loads(path.read_text(encoding="utf-8"))
-    summary = rescore(record["rows"])
+    summary = rescore(record["rows"], memory_model)
     for row in record["rows"]:
         if "error" in row:
             allocated = (
                 f" (allocated {row['allocated_error']:+.1%})" if "allocated_error" in row else ""
             )
+            replayed = (
+                f" | {row['replay_memory_model']} {row['replay_peak_bytes'] / 2**30:6.2f} GiB "
+                f"{row['replay_error']:+.1%}"
+                if "replay_error" in row
+                else ""
+            )
             print(
                 f"{row['grid']:<11} {row['shape']:>12} {row['recipe']:<44} seq {row['seq_len']:>5} "
                 f"predicted {row['predicted_peak_bytes'] / 2**30:6.2f} GiB measured "
                 f"{row['measured_peak_bytes'] / 2**30:6.2f} GiB {row['error']:+.1%}{allocated}"
+                f"{replayed}"
             )
     print(json.dumps(summary, indent=1))
+    if out:
+        rows = [r for r in record["rows"] if "error" in r]
+        write_results(out, "memory_bench.py", "cpu", summary, rows=rows, measured_in=[str(path)])
+        print(f"wrote {out}")
 
 
 def main() -> int:
@@ -370,15 +403,22 @@ def main() -> int:
         "--deadline-minutes", type=float, default=0, help="start no probe after this long"
     )
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/memory.json)")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     parser.add_argument(
         "--rescore", type=Path, help="predict a results file's measurements again; no GPU needed"
     )
+    parser.add_argument(
+        "--memory-model",
+        choices=("formula", "replay"),
+        default="formula",
+        help="with --rescore: also predict each row as a study does (replay) and score it",
+    )
     args = parser.parse_args()
     if args.rescore:
-        print_rescored(args.rescore)
+        print_rescored(args.rescore, args.memory_model, args.out)
         return 0
+    args.out = args.out or ROOT / "bench" / "results" / "memory.json"
 
     started = time.perf_counter()
     workdir = args.models_dir / "work"

@@ -138,6 +138,7 @@ def main() -> int:
                     study_name=f"sim-{prune}-{seed}",
                     storage=f"sqlite:///{work}/sim.db",
                     confirm_top=0,
+                    memory_model="formula",
                     seed=seed,
                 )
                 row = one_study(settings, prune, spec)

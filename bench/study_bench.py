@@ -127,6 +127,7 @@ def trial_rows(study) -> list[dict]:
                 "baseline": attrs.get("baseline"),
                 "status": attrs.get("status"),
                 "predicted_peak_bytes": attrs.get("predicted_peak_bytes"),
+                "memory_model": attrs.get("memory_model"),
                 "peak_memory_bytes": attrs.get("probe_peak_memory_bytes"),
                 "tokens_per_second": attrs.get("probe_tokens_per_second"),
                 "eval_loss": attrs.get("probe_eval_loss"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,36 @@ QUICK_CPU_RUN = [
     "0",
 ]
 """`autotune run` options that keep a study of the tiny model quick on the CPU."""
+
+
+def load_bench(name: str):
+    """A module of bench/ (not a package), loaded by path."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", "").startswith(
+        str(ROOT / "bench")
+    ):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def cut_model(tmp_path_factory) -> Path:
+    """Qwen2-0.5B's architecture cut to CPU widths (bench/memory_trace.py), saved."""
+    trace = load_bench("memory_trace")
+    config = trace.cut_config(
+        "qwen2-0.5b",
+        hidden=128,
+        intermediate=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab=4096,
+        seq_len=128,
+    )
+    return trace.build_cut_model(config, tmp_path_factory.mktemp("cut") / "model")
 
 
 def pytest_collection_modifyitems(config, items):

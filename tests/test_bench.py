@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,14 +22,6 @@ def run_bench(script: str, *args: str, device: str | None = "cpu") -> subprocess
         text=True,
         timeout=600,
     )
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_memory_bench_cpu_path(tmp_path):
@@ -199,21 +192,11 @@ def test_allocation_tracer_follows_storages_from_creation_to_release():
     del b, c
 
 
-def test_memory_trace_shows_the_loss_buffers_at_the_peak(tmp_path):
+def test_memory_trace_shows_the_loss_buffers_at_the_peak(cut_model):
     """The cross-entropy peak the memory model prices: at the start of backward three fp32
     vocabulary-wide buffers are alive together (log-softmax, its gradient in and out)."""
     trace = load_bench("memory_trace")
-    config = trace.cut_config(
-        "qwen2-0.5b",
-        hidden=64,
-        intermediate=128,
-        layers=2,
-        heads=2,
-        kv_heads=1,
-        vocab=4096,
-        seq_len=128,
-    )
-    model_dir = trace.build_cut_model(config, tmp_path / "model")
+    model_dir = cut_model
     from autotune.recipe import Recipe
 
     recipe = Recipe.from_dict(

@@ -178,12 +178,14 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
         "--recipe",
         str(recipe_path),
         "--json",
+        "--memory-model",
+        "formula",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     expected = estimate(load_model_spec(str(config_only)), Recipe.load(recipe_path))
-    assert printed == expected.as_json()
+    assert printed == {**expected.as_json(), "memory_model": "formula"}
     longer = autotune(
         "estimate",
         "--model",
@@ -193,12 +195,44 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
         "--json",
         "--seq-len",
         "512",
+        "--memory-model",
+        "formula",
         cwd=tmp_path,
     )
     assert json.loads(longer.stdout)["peak_bytes"] > printed["peak_bytes"]
-    table = autotune("estimate", "-m", str(config_only), "-r", str(recipe_path), cwd=tmp_path)
+    table = autotune(
+        "estimate",
+        "-m",
+        str(config_only),
+        "-r",
+        str(recipe_path),
+        "--memory-model",
+        "formula",
+        cwd=tmp_path,
+    )
     assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
     assert "paged optimizer states" not in table.stdout
+
+
+def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
+    from autotune.replay import load_config, replay
+
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("method: lora\nquantization: nf4\nlora_r: 8\nseq_len: 256\n")
+    done = autotune(
+        "estimate", "-m", str(config_only), "-r", str(recipe_path), "--json", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    expected = replay(Recipe.load(recipe_path), load_config(str(config_only))).estimate()
+    assert printed == {**expected.as_json(), "memory_model": "replay"}
+    assert set(printed["breakdown"]) >= {"weights", "activations", "allocator_overhead"}
+    int8 = tmp_path / "int8.yaml"
+    int8.write_text("method: lora\nquantization: int8\nlora_r: 8\nseq_len: 256\n")
+    table = autotune("estimate", "-m", str(config_only), "-r", str(int8), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "memory model: formula (bitsandbytes int8" in table.stdout
+    assert "logits_and_loss" in table.stdout
 
 
 def test_estimate_shows_paged_optimizer_states_apart_from_the_peak(config_only, tmp_path):
@@ -211,7 +245,15 @@ def test_estimate_shows_paged_optimizer_states_apart_from_the_peak(config_only, 
     printed = {
         name: json.loads(
             autotune(
-                "estimate", "-m", str(config_only), "-r", str(path), "--json", cwd=tmp_path
+                "estimate",
+                "-m",
+                str(config_only),
+                "-r",
+                str(path),
+                "--json",
+                "--memory-model",
+                "formula",
+                cwd=tmp_path,
             ).stdout
         )
         for name, path in recipes.items()

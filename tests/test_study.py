@@ -84,6 +84,9 @@ def settings_for(workspace, **changes) -> RunSettings:
         device="cpu",
         storage=f"sqlite:///{tmp_path}/study.db",
         study_name="s",
+        # the tests reason about the formula's predictions; test_trials_are_predicted_by_replay
+        # runs the replay memory model
+        memory_model="formula",
     )
     return RunSettings(**{**base, **changes})
 
@@ -437,3 +440,31 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
     nearest = nearest_fitting_params(space, params, fits)
     assert nearest == {**params, "micro_batch_size": 2}
     assert nearest_fitting_params(space, params, lambda p: False) is None
+
+
+def test_trials_are_predicted_by_replay(workspace):
+    """With the replay memory model each trial's prediction is the replay of its recipe on the
+    model's config (the formula only prunes the space), and the trial says which model gave it."""
+    from autotune.replay import load_config, replay
+
+    tmp_path, model, data = workspace
+    study = run_study(
+        prepare_run(settings_for(workspace, trials=5, memory_model="replay")), FakeRunner()
+    )
+    config = load_config(str(model))
+    checked = 0
+    for trial in study.trials:
+        if trial.user_attrs["status"] == "duplicate":
+            continue
+        recipe = Recipe.from_dict(trial.user_attrs["recipe"])
+        assert trial.user_attrs["memory_model"] == "replay"
+        assert (
+            trial.user_attrs["predicted_peak_bytes"] == replay(recipe, config).estimate().peak_bytes
+        )
+        checked += 1
+    assert checked >= 3
+
+
+def test_unknown_memory_model_is_refused(workspace):
+    with pytest.raises(UsageError, match="--memory-model must be one of replay, formula"):
+        prepare_run(settings_for(workspace, memory_model="guess"))

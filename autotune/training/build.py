@@ -45,7 +45,7 @@ def load_tokenizer(model_name: str) -> Any:
     return tokenizer
 
 
-def _quantization_config(recipe: Recipe) -> Any | None:
+def quantization_config(recipe: Recipe) -> Any | None:
     if recipe.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -109,7 +109,7 @@ def load_model(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    quantization = _quantization_config(recipe)
+    quantization = quantization_config(recipe)
     copy = nf4_copy_dir(recipe, weight_cache) if weight_cache else None
     options = {"device_map": {"": device}, "attn_implementation": recipe.attention}
     if copy is not None and (copy / "config.json").exists():

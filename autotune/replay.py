@@ -1,0 +1,619 @@
+"""Predict a recipe's peak GPU memory by replaying its probe on the meta device.
+
+The model is built from its config on torch's meta device (shapes and dtypes, no data, no GPU),
+loaded, quantized, adapted and trained for a few steps by the same code a probe runs:
+transformers' model, bitsandbytes' quantization and 8-bit optimizers (their fake kernels),
+peft's adapters and k-bit preparation, the probe's own `prepare_model` and `build_optimizer`.
+Every storage the replay allocates and frees goes, in order, through a model of PyTorch's
+CUDA caching allocator (autotune.allocator), whose peak reserved bytes plus the CUDA context is
+the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU.
+
+What the meta device cannot run is emulated with CUDA's memory behaviour:
+- SDPA picks its kernel as on CUDA: flash attention for fp16/bf16 without a mask (output and a
+  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel for
+  fp32 without grouped-query heads, the math path (the real ops) otherwise;
+- dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
+- amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
+  casts of trainable weights over the forward, as torch.autocast does;
+- cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
+- transformers' loader reserves one block of the weights' size before loading them
+  (caching_allocator_warmup), and quantizes each weight from a half-precision copy;
+- bitsandbytes' int8 matmul runs without outlier columns (their count depends on the data);
+- paged optimizer states live in CUDA unified memory, outside the allocator.
+Rows are full length (the probe's first step holds the longest examples); packed and
+padding-free batches are replayed as one causal sequence per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.allocator import CachingAllocator
+from autotune.errors import UsageError
+from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
+from autotune.model_spec import ModelSpec, check_model_reference
+from autotune.recipe import Recipe
+
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+"""cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
+
+REPLAY_STEPS = 2
+"""Optimizer steps replayed: the first makes the optimizer states, the second runs with them
+(a third changed no prediction on the H100 rows)."""
+
+REPLAY_MICRO_BATCHES = 2
+"""Micro-batches replayed per step: gradients are made by the first and accumulated in place by
+the rest, so a third adds nothing new to the allocator's picture."""
+
+REPLAY_EVAL_BATCHES = 1
+
+PAGED_MIN_ELEMENTS = 100_000
+"""bitsandbytes pages the states of tensors at least this large (the rest stay on the device)."""
+
+PHASES = ("weights", "activations", "gradients", "optimizer", "eval")
+"""What the tensors alive at the allocated peak were made for, as the breakdown names them."""
+
+MEMORY_MODELS = ("replay", "formula")
+"""How a recipe's peak is predicted: this module's replay (seconds), or autotune.memory's
+closed-form estimate (microseconds), which also stands in where the replay cannot run."""
+
+_LOCK = threading.Lock()
+"""A replay patches module attributes (torch, transformers, peft): one at a time per process."""
+
+
+@dataclass
+class Replay:
+    peak_reserved_bytes: int
+    peak_allocated_bytes: int
+    at_peak: dict[str, int]
+    """Bytes alive at the allocated peak, by the phase that allocated them."""
+    paged_bytes: int = 0
+    seconds: float = 0.0
+    ops_at_peak: list[tuple[str, int]] = field(default_factory=list)
+
+    def estimate(self) -> MemoryEstimate:
+        parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
+        parts["allocator_overhead"] = self.peak_reserved_bytes - self.peak_allocated_bytes
+        parts["cuda_context"] = CUDA_CONTEXT_BYTES
+        return MemoryEstimate(
+            peak_bytes=self.peak_reserved_bytes + CUDA_CONTEXT_BYTES,
+            breakdown=parts,
+            paged_bytes=self.paged_bytes,
+        )
+
+
+class _Recorder:
+    """Follows every meta storage the ops under it allocate, allocating and freeing it in the
+    caching allocator model when it is made and released; counts what is alive by phase."""
+
+    def __init__(self, allocator: CachingAllocator) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.allocator = allocator
+        self.phase = "weights"
+        self.live: dict[int, tuple[Any, str, str]] = {}
+        self.by_phase: dict[str, int] = defaultdict(int)
+        self.by_op: dict[str, int] = defaultdict(int)
+        self.at_peak: dict[str, int] = {}
+        self.ops_at_peak: dict[str, int] = {}
+        self.paused = False
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                from torch.utils._pytree import tree_leaves
+
+                if func is torch.ops.aten._safe_softmax.default:
+                    return recorder.safe_softmax(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_leaves(out):
+                    recorder.track(tensor, func.overloadpacket.__name__)
+                return out
+
+        self.mode = Mode()
+
+    def track(self, tensor: Any, op: str = "load") -> None:
+        import torch
+
+        if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live or storage.nbytes() == 0:
+            return
+        block = self.allocator.malloc(storage.nbytes())
+        self.live[key] = (block, self.phase, op)
+        self.by_phase[self.phase] += block.size
+        self.by_op[op] += block.size
+        weakref.finalize(storage, self._release, key)
+        if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
+            self.at_peak = dict(self.by_phase)
+            self.ops_at_peak = dict(self.by_op)
+
+    def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
+        """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
+        the softmax, then rows that are all -inf zeroed in place through a mask of them."""
+        import torch
+
+        out = torch.softmax(scores, dim, dtype=dtype)
+        self.track(out, "_safe_softmax")
+        masked = scores.isneginf()
+        self.track(masked, "_safe_softmax")
+        rows = torch.all(masked, dim=dim, keepdim=True)
+        self.track(rows, "_safe_softmax")
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            block, phase, op = entry
+            self.by_phase[phase] -= block.size
+            self.by_op[op] -= block.size
+            self.allocator.free(block)
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+
+class _Autocast:
+    """torch.autocast's lower-precision casts for meta tensors: the matmul functions are wrapped
+    (above autograd, so the casts are saved for backward as the real ones are, and checkpoint
+    recomputes see them); casts of trainable leaves are cached over a forward."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = dtype
+        self.cache: dict[int, Any] = {}
+        self.caching = True
+
+    def cast(self, tensor: Any) -> Any:
+        import torch
+
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or tensor.dtype == self.dtype
+        ):
+            return tensor
+        if self.caching and tensor.is_leaf and tensor.requires_grad:
+            if id(tensor) not in self.cache:
+                self.cache[id(tensor)] = tensor.to(self.dtype)
+            return self.cache[id(tensor)]
+        return tensor.to(self.dtype)
+
+    def wrap(self, function: Any) -> Any:
+        from torch.utils._pytree import tree_map
+
+        def cast_then_call(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = tree_map(self.cast, (args, kwargs))
+            return function(*args, **kwargs)
+
+        return cast_then_call
+
+
+def _attention_functions() -> tuple[Any, Any]:
+    """Autograd functions with the memory of CUDA's flash and memory-efficient SDPA kernels."""
+    import torch
+
+    def like_flash_output(q: Any, v: Any) -> Any:
+        # (batch, seq, heads, dim) in memory, seen as (batch, heads, seq, dim)
+        b, h, s, _ = q.shape
+        return q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+
+    class Kernel(torch.autograd.Function):
+        lse_multiple = 1
+
+        @classmethod
+        def forward(cls, ctx, query, key, value):  # noqa: ANN001
+            out = like_flash_output(query, value)
+            b, h, s, _ = query.shape
+            padded = -(-s // cls.lse_multiple) * cls.lse_multiple
+            lse = query.new_empty((b, h, padded), dtype=torch.float32)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001
+            query, key, value, out, lse = ctx.saved_tensors
+            accumulator = None
+            if query.dtype != torch.float32:
+                accumulator = query.new_empty(query.shape, dtype=torch.float32)
+            delta = lse.new_empty(lse.shape)
+            grad_query = torch.empty_like(query)
+            if key.shape[1] != query.shape[1]:
+                # grouped-query heads: gradients per query head, then summed per key head
+                expanded = (query.shape[0], query.shape[1], key.shape[2], key.shape[3])
+                grad_key_heads = key.new_empty(expanded)
+                grad_value_heads = value.new_empty(expanded)
+                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+                del grad_key_heads, grad_value_heads
+            else:
+                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+            del accumulator, delta
+            return grad_query, grad_key, grad_value
+
+    class Flash(Kernel):
+        lse_multiple = 1
+
+    class Efficient(Kernel):
+        lse_multiple = 32
+
+    return Flash, Efficient
+
+
+@contextlib.contextmanager
+def _cuda_behaviour(recipe: Recipe, autocast: _Autocast | None) -> Iterator[None]:
+    """Patch what runs differently on meta than on CUDA for the replay's duration."""
+    import torch
+    import torch.nn.functional as F
+    import transformers.masking_utils as masking
+
+    flash, efficient = _attention_functions()
+    original_sdpa = F.scaled_dot_product_attention
+    force_flash = recipe.attention == "flash_attention_2"
+
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):  # noqa: ANN001
+        if autocast is not None:
+            query, key, value = (autocast.cast(t) for t in (query, key, value))
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if attn_mask is None and (force_flash or (half and query.shape[-1] <= 256)):
+            return flash.apply(query, key, value)
+        if key.shape[1] == query.shape[1]:
+            return efficient.apply(query, key, value)
+        return original_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+    def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
+        return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
+
+    patches = [
+        (F, "scaled_dot_product_attention", sdpa),
+        (F, "dropout", dropout),
+        # which rows of a batch are packed sequences is read from the data
+        (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+    ]
+    if autocast is not None:
+        for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):
+            patches.append((owner, name, autocast.wrap(getattr(owner, name))))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def _fresh_bitsandbytes_caches() -> Iterator[None]:
+    """bitsandbytes keeps the code map of blockwise quantization in a module dict once made
+    (on the device of its first use): empty it for the replay, so the replay makes and keeps it
+    as a fresh probe process does, and put back what this process had."""
+    import bitsandbytes.functional as bnb_functional
+
+    cached = getattr(bnb_functional, "name2qmap", {})
+    kept = dict(cached)
+    cached.clear()
+    try:
+        yield
+    finally:
+        cached.clear()
+        cached.update(kept)
+
+
+def _meta_model(recipe: Recipe, config: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autotune.training.build import compute_dtype, quantization_config, storage_dtype
+
+    quantization = quantization_config(recipe)
+    dtype = compute_dtype(recipe) if quantization is not None else storage_dtype(recipe)
+    config.use_cache = False
+    attention = "eager" if recipe.attention == "eager" else "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if quantization is not None:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+        head = model.get_output_embeddings()
+        skip = ["lm_head"] + [name for name, module in model.named_modules() if module is head]
+        model = replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=quantization
+        )
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                module.state.threshold = 0.0  # outlier columns depend on the data
+        model.is_quantized = True
+        model.quantization_method = "bitsandbytes"
+        model.is_loaded_in_4bit = recipe.quantization == "nf4"
+        model.is_loaded_in_8bit = recipe.quantization == "int8"
+    return model
+
+
+def _load(model: Any, recipe: Recipe, recorder: _Recorder) -> None:
+    """Put the weights on the 'device' as transformers' loader does: one warm-up block of their
+    size reserved and freed, then each weight in checkpoint (name) order, bitsandbytes weights
+    quantized from a half-precision copy."""
+    import bitsandbytes as bnb
+    import torch
+
+    from autotune.training.build import compute_dtype
+
+    quantized_size = {"nf4": 0.5, "int8": 1.0}.get(recipe.quantization)
+    seen: dict[int, tuple[str, Any]] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        seen.setdefault(tensor.untyped_storage()._cdata, (name, tensor))
+    modules = dict(model.named_modules())
+    warmup = 0.0
+    for name, tensor in seen.values():
+        module = modules.get(name.rpartition(".")[0])
+        is_quantized = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        if is_quantized and name.endswith(".weight"):
+            warmup += tensor.numel() * quantized_size
+        else:
+            warmup += tensor.numel() * tensor.element_size()
+    if warmup:
+        recorder.allocator.free(recorder.allocator.malloc(int(warmup) // 2 * 2))
+    half = compute_dtype(recipe)
+    for name, tensor in sorted(seen.values(), key=lambda item: item[0]):
+        module = modules.get(name.rpartition(".")[0])
+        if isinstance(module, bnb.nn.Linear4bit) and name.endswith(".weight"):
+            source = torch.empty(module.out_features, module.in_features, dtype=half, device="meta")
+            weight = bnb.nn.Params4bit(
+                source,
+                requires_grad=False,
+                quant_type=tensor.quant_type,
+                compress_statistics=tensor.compress_statistics,
+                quant_storage=tensor.quant_storage,
+                blocksize=tensor.blocksize,
+                module=module,
+            )
+            weight._quantize("meta")
+            del source
+            module.weight = weight
+        elif isinstance(module, bnb.nn.Linear8bitLt) and name.endswith(".weight"):
+            source = torch.empty(module.out_features, module.in_features, dtype=half, device="meta")
+            weight = bnb.nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
+            weight._quantize("meta")
+            del source
+            module.weight = weight
+        else:
+            recorder.track(tensor)
+
+
+def _optimizer(model: Any, recipe: Recipe, recorder: _Recorder) -> tuple[Any, list[int]]:
+    """The probe's optimizer; torch's AdamW on its CUDA default (foreach), paged states kept
+    out of the allocator (their bytes are counted apart)."""
+    from autotune.training.build import build_optimizer
+
+    optimizer = build_optimizer(model, recipe)
+    paged: list[int] = []
+    if recipe.optimizer == "adamw":
+        for group in optimizer.param_groups:
+            group["foreach"] = True
+    elif recipe.optimizer == "paged_adamw_8bit":
+        import torch
+
+        def state_buffer(A, dtype=torch.float32):  # noqa: ANN001, N803
+            if A.numel() < PAGED_MIN_ELEMENTS:
+                return torch.zeros_like(A, dtype=dtype, device=A.device)
+            with recorder.pause():
+                buffer = torch.zeros_like(A, dtype=dtype, device=A.device)
+            paged.append(buffer.numel() * buffer.element_size())
+            return buffer
+
+        optimizer.get_state_buffer = state_buffer
+    return optimizer, paged
+
+
+def replay(
+    recipe: Recipe,
+    config: Any,
+    seq_len: int | None = None,
+    steps: int = REPLAY_STEPS,
+    eval_batches: int = REPLAY_EVAL_BATCHES,
+    cublas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES,
+) -> Replay:
+    """Replay `recipe` on the model of `config` (a transformers PretrainedConfig)."""
+    import warnings
+
+    with _LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _replay(recipe, config, seq_len, steps, eval_batches, cublas_workspace_bytes)
+
+
+def _replay(
+    recipe: Recipe,
+    config: Any,
+    seq_len: int | None,
+    steps: int,
+    eval_batches: int,
+    cublas_workspace_bytes: int,
+) -> Replay:
+    import copy
+    import time
+
+    import peft
+    import torch
+
+    from autotune.training.build import autocast_dtype, prepare_model
+
+    started = time.perf_counter()
+    seq_len = seq_len or recipe.seq_len
+    allocator = CachingAllocator(expandable_segments=recipe.expandable_segments)
+    recorder = _Recorder(allocator)
+    amp = autocast_dtype(recipe)
+    autocast = _Autocast(amp) if amp is not None else None
+    original_prepare = peft.prepare_model_for_kbit_training
+    clears_cache = "auto_clear_cache" in inspect.signature(original_prepare).parameters
+
+    def prepare_for_kbit(*args: Any, **kwargs: Any) -> Any:
+        prepared = original_prepare(*args, **kwargs)
+        if clears_cache and kwargs.get("auto_clear_cache", True):
+            allocator.empty_cache()
+        return prepared
+
+    model = _meta_model(recipe, copy.deepcopy(config))
+    with _fresh_bitsandbytes_caches(), _cuda_behaviour(recipe, autocast), recorder.mode:
+        recorder.track(torch.zeros(1, device="meta"), "context")
+        _load(model, recipe, recorder)
+        peft.prepare_model_for_kbit_training = prepare_for_kbit
+        try:
+            model = prepare_model(model, recipe)
+        finally:
+            peft.prepare_model_for_kbit_training = original_prepare
+        recorder.phase = "optimizer"
+        optimizer, paged = _optimizer(model, recipe, recorder)
+        workspaces = []
+        shape = (recipe.micro_batch_size, seq_len)
+        for _ in range(steps):
+            for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
+                recorder.phase = "activations"
+                input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
+                attention_mask = torch.ones(shape, dtype=torch.long, device="meta")
+                labels = torch.zeros(shape, dtype=torch.long, device="meta")
+                if len(workspaces) < 1:
+                    workspaces.append(
+                        torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
+                    )
+                if autocast is not None:
+                    autocast.caching = True
+                loss = model(input_ids=input_ids, labels=labels).loss * 1.0
+                if autocast is not None:
+                    autocast.cache.clear()
+                    autocast.caching = False
+                recorder.phase = "gradients"
+                if len(workspaces) < 2:
+                    workspaces.append(
+                        torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
+                    )
+                loss.backward()
+                del loss, input_ids, attention_mask, labels
+            recorder.phase = "optimizer"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        recorder.phase = "eval"
+        model.eval()
+        with torch.no_grad():
+            for _ in range(eval_batches):
+                input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
+                labels = torch.zeros(shape, dtype=torch.long, device="meta")
+                if autocast is not None:
+                    autocast.caching = True
+                loss = model(input_ids=input_ids, labels=labels).loss
+                if autocast is not None:
+                    autocast.cache.clear()
+                del loss, input_ids, labels
+        model.train()
+    ops = sorted(recorder.ops_at_peak.items(), key=lambda item: -item[1])
+    return Replay(
+        peak_reserved_bytes=allocator.peak_reserved_bytes,
+        peak_allocated_bytes=allocator.peak_allocated_bytes,
+        at_peak={k: v for k, v in recorder.at_peak.items() if v},
+        paged_bytes=sum(paged),
+        seconds=time.perf_counter() - started,
+        ops_at_peak=[(op, size) for op, size in ops if size],
+    )
+
+
+def check_memory_model(memory_model: str) -> None:
+    if memory_model not in MEMORY_MODELS:
+        raise UsageError(
+            f"--memory-model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}"
+        )
+
+
+def not_replayable(recipe: Recipe) -> str | None:
+    """Why `recipe` cannot be replayed faithfully, or None."""
+    if recipe.quantization == "int8":
+        # On an H100 bitsandbytes' int8 training held 6-7 bytes per quantized weight at its
+        # peak; the replay of the same code holds under 2, so something outside what the
+        # replay sees keeps higher-precision copies (bench/results/memory_h100.json).
+        return "bitsandbytes int8 training holds copies the replay does not see"
+    return None
+
+
+def load_config(model: str) -> Any:
+    """The transformers config of a hub id or local directory (config.json is enough)."""
+    check_model_reference(model)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as error:  # noqa: BLE001 - unknown architectures, bad JSON, no network
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot build model {model!r} from its config: {first}") from None
+
+
+_WORKER: Any = None
+
+
+def _hide_gpus() -> None:
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
+    """`replay` in a long-lived child process that sees no GPU. A study's own process must hold
+    no CUDA context while its probes measure theirs, and importing bitsandbytes queries the GPU;
+    the child imports torch and the rest once and serves every replay of the process."""
+    global _WORKER
+    if _WORKER is None:
+        import atexit
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _WORKER = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_hide_gpus,
+        )
+        atexit.register(_WORKER.shutdown, cancel_futures=True)
+    return _WORKER.submit(replay, recipe, config, seq_len).result()
+
+
+def predict(
+    spec: ModelSpec,
+    recipe: Recipe,
+    config: Any,
+    seq_len: int | None = None,
+    memory_model: str = "replay",
+) -> tuple[MemoryEstimate, str]:
+    """The predicted peak of `recipe`, and which model gave it ("replay" or "formula")."""
+    if memory_model == "replay" and not_replayable(recipe) is None:
+        return replay(recipe, config, seq_len).estimate(), "replay"
+    return estimate(spec, recipe, seq_len), "formula"

@@ -1,0 +1,87 @@
+"""The caching allocator model against the rules of PyTorch's CUDACachingAllocator."""
+
+from __future__ import annotations
+
+from autotune.allocator import MIB, CachingAllocator, rounded_bytes, segment_bytes
+
+
+def test_requests_round_to_512_bytes_and_pick_their_segment_size():
+    assert rounded_bytes(1) == 512
+    assert rounded_bytes(513) == 1024
+    assert segment_bytes(rounded_bytes(100)) == 2 * MIB  # small pool
+    assert segment_bytes(rounded_bytes(1 * MIB + 1)) == 20 * MIB  # large, under 10 MiB
+    assert segment_bytes(rounded_bytes(15 * MIB + 3)) == 16 * MIB  # rounded up to 2 MiB
+
+
+def test_small_requests_share_one_small_segment_and_large_ones_reserve_their_own():
+    allocator = CachingAllocator()
+    for _ in range(4):
+        allocator.malloc(100 * 1024)
+    assert allocator.reserved_bytes == 2 * MIB
+    allocator.malloc(3 * MIB)
+    allocator.malloc(3 * MIB)  # the rest of the first 20 MiB segment serves it
+    assert allocator.reserved_bytes == 2 * MIB + 20 * MIB
+    allocator.malloc(30 * MIB)
+    assert allocator.reserved_bytes == 2 * MIB + 20 * MIB + 30 * MIB
+    assert allocator.allocated_bytes == 4 * 100 * 1024 + 6 * MIB + 30 * MIB
+
+
+def test_freed_blocks_are_reused_best_fit_and_merge_with_free_neighbours():
+    allocator = CachingAllocator()
+    a = allocator.malloc(40 * MIB)
+    b = allocator.malloc(60 * MIB)
+    allocator.free(a)
+    allocator.free(b)
+    # 30 MiB fits both cached segments; the smaller (40 MiB) is taken and split
+    c = allocator.malloc(30 * MIB)
+    assert c.segment == a.segment and allocator.reserved_bytes == 100 * MIB
+    allocator.malloc(60 * MIB)  # the 60 MiB segment, whole
+    assert allocator.reserved_bytes == 100 * MIB
+    allocator.free(c)
+    # the 30 MiB block merged back with the 10 MiB rest: 40 MiB free again, no new segment
+    allocator.malloc(40 * MIB)
+    assert allocator.reserved_bytes == 100 * MIB
+
+
+def test_fragmentation_reserves_a_new_segment_though_enough_bytes_are_free():
+    allocator = CachingAllocator()
+    blocks = [allocator.malloc(20 * MIB) for _ in range(3)]
+    for block in blocks:
+        allocator.free(block)
+    allocator.malloc(30 * MIB)  # no 20 MiB segment holds it: 60 MiB free, 30 more reserved
+    assert allocator.reserved_bytes == 90 * MIB
+    assert allocator.peak_allocated_bytes == 60 * MIB
+
+
+def test_a_remainder_of_one_mib_or_less_is_not_split_off_a_large_block():
+    allocator = CachingAllocator()
+    first = allocator.malloc(12 * MIB)
+    allocator.free(first)
+    block = allocator.malloc(11 * MIB + 512 * 1024)
+    assert block.size == 12 * MIB  # the 0.5 MiB rest stays with the block
+    assert allocator.allocated_bytes == 12 * MIB
+
+
+def test_empty_cache_returns_only_segments_with_nothing_allocated():
+    allocator = CachingAllocator()
+    kept = allocator.malloc(40 * MIB)
+    freed = allocator.malloc(50 * MIB)
+    allocator.free(freed)
+    allocator.empty_cache()
+    assert allocator.reserved_bytes == 40 * MIB
+    assert allocator.peak_reserved_bytes == 90 * MIB
+    allocator.free(kept)
+    allocator.empty_cache()
+    assert allocator.reserved_bytes == 0
+
+
+def test_expandable_segments_grow_the_free_tail_instead_of_reserving_a_segment():
+    plain, expandable = CachingAllocator(), CachingAllocator(expandable_segments=True)
+    for allocator in (plain, expandable):
+        blocks = [allocator.malloc(20 * MIB) for _ in range(3)]
+        allocator.free(blocks[2])
+        allocator.malloc(30 * MIB)
+    assert plain.reserved_bytes == 90 * MIB
+    # the last 20 MiB block is free at the end: mapping 20 MiB more (a page) serves 30 MiB
+    assert expandable.reserved_bytes == 80 * MIB
+    assert expandable.allocated_bytes == plain.allocated_bytes == 70 * MIB
