@@ -79,6 +79,8 @@ class CachingAllocator:
         self._segments: dict[int, int] = {}  # segment id -> reserved bytes
         self._tails: dict[bool, Block] = {}  # expandable: each pool's last block
         self._next_segment = 0
+        self.reservations: list[tuple[int, int]] = []
+        """(bytes reserved, bytes requested) of every new segment or mapping, in order."""
 
     # -- free lists: (size, segment, offset, block), sorted, so the first fit is the best fit
     def _insert_free(self, block: Block) -> None:
@@ -102,7 +104,8 @@ class CachingAllocator:
         self._remove_free(block)
         return block
 
-    def _reserve(self, nbytes: int, segment: int) -> None:
+    def _reserve(self, nbytes: int, segment: int, requested: int) -> None:
+        self.reservations.append((nbytes, requested))
         self._segments[segment] = self._segments.get(segment, 0) + nbytes
         self.reserved_bytes += nbytes
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
@@ -110,7 +113,7 @@ class CachingAllocator:
     def _new_segment(self, size: int, small: bool) -> Block:
         self._next_segment += 1
         nbytes = segment_bytes(size)
-        self._reserve(nbytes, self._next_segment)
+        self._reserve(nbytes, self._next_segment, size)
         return Block(self._next_segment, 0, nbytes, small)
 
     def _grow_expandable(self, size: int, small: bool) -> Block:
@@ -126,7 +129,7 @@ class CachingAllocator:
         else:
             segment, offset, have = tail.segment, tail.offset + tail.size, 0
         mapped = -(-(size - have) // page) * page
-        self._reserve(mapped, segment)
+        self._reserve(mapped, segment, size)
         block = Block(segment, offset, have + mapped, small)
         if tail is not None and tail.free:
             block.prev = tail.prev

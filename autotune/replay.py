@@ -77,6 +77,8 @@ class Replay:
     paged_bytes: int = 0
     seconds: float = 0.0
     ops_at_peak: list[tuple[str, int]] = field(default_factory=list)
+    reservations: list[tuple[int, int]] = field(default_factory=list)
+    """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
 
     def estimate(self) -> MemoryEstimate:
         parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
@@ -439,6 +441,25 @@ def _optimizer(model: Any, recipe: Recipe, recorder: _Recorder) -> tuple[Any, li
     return optimizer, paged
 
 
+def _forward_loss(
+    model: Any, shape: tuple[int, int], autocast: _Autocast | None
+) -> tuple[Any, list[Any]]:
+    """A micro-batch's loss on full-length rows, and the batch tensors the probe makes for it
+    (input ids, attention mask, labels), which live until the next micro-batch's are made."""
+    import torch
+
+    input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
+    batch = [input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)]
+    if autocast is not None:
+        autocast.caching = True
+    # all-ones masks are dropped by transformers; the meta device cannot read them to see so
+    loss = model(input_ids=input_ids, labels=batch[2]).loss
+    if autocast is not None:
+        autocast.cache.clear()  # autocast's cast cache lives as long as its forward
+        autocast.caching = False
+    return loss, batch
+
+
 def replay(
     recipe: Recipe,
     config: Any,
@@ -497,31 +518,25 @@ def _replay(
             peft.prepare_model_for_kbit_training = original_prepare
         recorder.phase = "optimizer"
         optimizer, paged = _optimizer(model, recipe, recorder)
-        workspaces = []
+        workspaces: list[Any] = []
+        batch: list[Any] = []
         shape = (recipe.micro_batch_size, seq_len)
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
                 recorder.phase = "activations"
-                input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
-                attention_mask = torch.ones(shape, dtype=torch.long, device="meta")
-                labels = torch.zeros(shape, dtype=torch.long, device="meta")
-                if len(workspaces) < 1:
+                if not workspaces:  # cuBLAS's, for the forward's thread
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                if autocast is not None:
-                    autocast.caching = True
-                loss = model(input_ids=input_ids, labels=labels).loss * 1.0
-                if autocast is not None:
-                    autocast.cache.clear()
-                    autocast.caching = False
+                loss, batch = _forward_loss(model, shape, autocast)
+                loss = loss * 1.0  # scaled by its share of the step's tokens
                 recorder.phase = "gradients"
-                if len(workspaces) < 2:
+                if len(workspaces) == 1:  # and for backward's
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
                 loss.backward()
-                del loss, input_ids, attention_mask, labels
+                del loss
             recorder.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -529,14 +544,8 @@ def _replay(
         model.eval()
         with torch.no_grad():
             for _ in range(eval_batches):
-                input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
-                labels = torch.zeros(shape, dtype=torch.long, device="meta")
-                if autocast is not None:
-                    autocast.caching = True
-                loss = model(input_ids=input_ids, labels=labels).loss
-                if autocast is not None:
-                    autocast.cache.clear()
-                del loss, input_ids, labels
+                loss, batch = _forward_loss(model, shape, autocast)
+                del loss
         model.train()
     ops = sorted(recorder.ops_at_peak.items(), key=lambda item: -item[1])
     return Replay(
@@ -546,6 +555,7 @@ def _replay(
         paged_bytes=sum(paged),
         seconds=time.perf_counter() - started,
         ops_at_peak=[(op, size) for op, size in ops if size],
+        reservations=list(allocator.reservations),
     )
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -31,6 +33,7 @@ from autotune.model_spec import ModelSpec, load_model_spec  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
+from autotune.training.child import MEMORY_HISTORY_ENV, MEMORY_SNAPSHOT_NAME  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
 
 
@@ -409,6 +412,12 @@ def main() -> int:
         "--rescore", type=Path, help="predict a results file's measurements again; no GPU needed"
     )
     parser.add_argument(
+        "--snapshots",
+        type=Path,
+        help="record each probe's allocations (torch.cuda.memory snapshots) into this directory, "
+        "for bench/replay_diff.py",
+    )
+    parser.add_argument(
         "--memory-model",
         choices=("formula", "replay"),
         default="formula",
@@ -421,6 +430,9 @@ def main() -> int:
     args.out = args.out or ROOT / "bench" / "results" / "memory.json"
 
     started = time.perf_counter()
+    if args.snapshots:
+        args.snapshots.mkdir(parents=True, exist_ok=True)
+        os.environ[MEMORY_HISTORY_ENV] = "1"  # the probes' environment is this one
     workdir = args.models_dir / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     data = long_rows(workdir / "long.jsonl", rows=160)
@@ -462,7 +474,11 @@ def main() -> int:
                 seed=0,
                 token_cache=str(token_cache),
             )
-            result = runner.run(request, workdir / f"{shape}-{args.grid}-{number:03d}-{attempt}")
+            name = f"{shape}-{args.grid}-{number:03d}-{attempt}"
+            result = runner.run(request, workdir / name)
+            snapshot = workdir / name / MEMORY_SNAPSHOT_NAME
+            if args.snapshots and snapshot.exists():
+                shutil.copy(snapshot, args.snapshots / f"{name}.pickle")
             measured = result.peak_memory_bytes if result.status == "ok" else None
             error = (predicted.peak_bytes - measured) / measured if measured else None
             rows.append(
@@ -470,6 +486,7 @@ def main() -> int:
                     "shape": shape,
                     "grid": args.grid,
                     "recipe": recipe.label(),
+                    "probe": name,
                     "seq_len": recipe.seq_len,
                     "fields": fields,
                     "attempt": attempt,

@@ -223,3 +223,46 @@ def test_memory_trace_shows_the_loss_buffers_at_the_peak(cut_model):
         "_log_softmax_backward_data",
     }
     assert result.peak_bytes >= result.before_bytes + 3 * logits_fp32
+
+
+def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
+    """A snapshot trace that reserves what the replay reserves reads back as the same segments
+    (each with the request that made it) and the same peak; one extra GPU segment is marked."""
+    import pickle
+
+    from autotune.recipe import Recipe
+    from autotune.replay import load_config, replay
+
+    diff = load_bench("replay_diff")
+    fields = {"method": "lora", "lora_r": 4, "seq_len": 64, "micro_batch_size": 2}
+    replayed = replay(
+        Recipe.from_dict({"model": "demo", **fields}), load_config(str(ROOT / "demo"))
+    )
+    events = []
+    for reserved, requested in replayed.reservations:
+        events += [
+            {"action": "segment_alloc", "size": reserved},
+            {"action": "alloc", "size": requested},
+            {"action": "free_completed", "size": requested},
+        ]
+    gpu, peak = diff.gpu_reservations({"device_traces": [events]})
+    assert gpu == replayed.reservations
+    assert peak == sum(size for size, _ in replayed.reservations)
+    events.insert(3, {"action": "segment_alloc", "size": 20 * 2**20})
+    events.insert(4, {"action": "alloc", "size": 3 * 2**20})
+    extra, _ = diff.gpu_reservations({"device_traces": [events]})
+    lines = diff.side_by_side(extra, replayed.reservations)
+    assert "first difference" in lines[1] and "for      3.00 MiB" in lines[1]
+    snapshot = tmp_path / "memory_snapshot.pickle"
+    snapshot.write_bytes(pickle.dumps({"device_traces": [events]}))
+    done = run_bench(
+        "replay_diff.py",
+        str(snapshot),
+        "--shape",
+        "demo",
+        "--fields",
+        json.dumps(fields),
+        device=None,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "first difference" in done.stdout and "peak reserved: GPU" in done.stdout

@@ -129,3 +129,37 @@ def test_nf4_copy_on_cuda_trains_like_the_original(mid_model, qa_data, tmp_path)
     assert (first.weights, second.weights) == ("original, nf4 cache written", "nf4 cache")
     assert second.eval_loss == pytest.approx(first.eval_loss, abs=1e-3)
     assert second.peak_memory_bytes <= first.peak_memory_bytes * 1.02
+
+
+def test_a_probe_records_its_allocations_and_the_replay_reads_them(
+    mid_model, qa_data, tmp_path, monkeypatch
+):
+    """With AUTOTUNE_MEMORY_HISTORY=1 a probe dumps the caching allocator's trace; its peak of
+    reserved bytes is the probe's measured peak less the context, and bench/replay_diff.py
+    sets it beside the replay's segments (the data's rows are shorter than the replay's, so
+    only the first segments, the weights', are expected to agree)."""
+    import pickle
+
+    from autotune.replay import load_config, replay
+    from autotune.training.child import MEMORY_HISTORY_ENV, MEMORY_SNAPSHOT_NAME
+    from tests.conftest import load_bench
+
+    monkeypatch.setenv(MEMORY_HISTORY_ENV, "1")
+    request = request_for(
+        mid_model,
+        qa_data,
+        device="cuda",
+        steps=2,
+        method="lora",
+        micro_batch_size=2,
+        seq_len=128,
+    )
+    result = SubprocessProbeRunner(timeout_seconds=300).run(request, tmp_path / "probe")
+    assert result.status == "ok", result.reason
+    snapshot = pickle.loads((tmp_path / "probe" / MEMORY_SNAPSHOT_NAME).read_bytes())
+    gpu, peak = load_bench("replay_diff").gpu_reservations(snapshot)
+    assert gpu and peak == result.peak_memory_bytes - result.cuda_context_bytes
+    replayed = replay(request.recipe, load_config(str(mid_model)))
+    assert gpu[0] == replayed.reservations[0]  # the context's small segment
+    lines = load_bench("replay_diff").side_by_side(gpu, replayed.reservations)
+    assert len(lines) == max(len(gpu), len(replayed.reservations))

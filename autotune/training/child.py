@@ -20,6 +20,10 @@ FORKED_ENV = "AUTOTUNE_PROBE_FORKED"
 """Set by the warm probe server (autotune.training.zygote) in the processes it forks."""
 PARENT_ENV = "AUTOTUNE_PROBE_PARENT_PID"
 """The study process; when it dies (kill -9 included) the probe stops too, freeing the GPU."""
+MEMORY_HISTORY_ENV = "AUTOTUNE_MEMORY_HISTORY"
+"""Set to 1: a CUDA probe records every allocation and free of the caching allocator and dumps
+them (torch.cuda.memory._dump_snapshot) next to its result file, as memory_snapshot.pickle."""
+MEMORY_SNAPSHOT_NAME = "memory_snapshot.pickle"
 
 
 def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
@@ -62,6 +66,12 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         result.seconds[name] = now - phase_started
         phase_started = now
 
+    if os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda"):
+        import torch
+
+        # from the first allocation on, the context's own tensor included; sizes and order
+        # only (no stack per event), so a 7B probe's trace stays a few MB
+        torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
     meter = MemoryMeter(request.device)
     meter_holder.append(meter)
     result.memory_source = meter.source
@@ -139,6 +149,11 @@ def main(argv: list[str]) -> int:
     finally:
         if meters:
             result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()
+            if os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda"):
+                import torch
+
+                snapshot = os.path.join(os.path.dirname(result_path), MEMORY_SNAPSHOT_NAME)
+                torch.cuda.memory._dump_snapshot(snapshot)
         result.write(result_path)
     return 0
 
