@@ -472,7 +472,7 @@ def estimate(
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
-    from autotune.replay import check_memory_model, load_config, not_replayable, predict
+    from autotune.replay import check_memory_model, load_config, predict
     from autotune.units import format_bytes
 
     check_memory_model(memory_model)
@@ -490,15 +490,15 @@ def estimate(
     config = load_config(model) if memory_model == "replay" else None
     result, used = predict(spec, loaded, config, seq_len, memory_model)
     if as_json:
-        typer.echo(json.dumps({**result.as_json(), "memory_model": used}))
+        typer.echo(json.dumps({**result.as_json(), "memory_model": used.split(" ")[0]}))
         return
     if used != memory_model:
-        typer.echo(f"memory model: formula ({not_replayable(loaded)})")
+        typer.echo(f"memory model: {used}")
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
     typer.echo(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes, {used})"
+        f"({result.peak_bytes} bytes, {used.split(' ')[0]})"
     )
     if result.paged_bytes:
         typer.echo(

@@ -623,7 +623,15 @@ def predict(
     seq_len: int | None = None,
     memory_model: str = "replay",
 ) -> tuple[MemoryEstimate, str]:
-    """The predicted peak of `recipe`, and which model gave it ("replay" or "formula")."""
-    if memory_model == "replay" and not_replayable(recipe) is None:
-        return replay(recipe, config, seq_len).estimate(), "replay"
-    return estimate(spec, recipe, seq_len), "formula"
+    """The predicted peak of `recipe`, and which model gave it: "replay", or "formula" with
+    the reason the replay did not (none when the formula was asked for)."""
+    if memory_model == "formula":
+        return estimate(spec, recipe, seq_len), "formula"
+    reason = not_replayable(recipe)
+    if reason is None:
+        try:
+            return replay(recipe, config, seq_len).estimate(), "replay"
+        except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            reason = f"the replay failed: {type(error).__name__}: {first}"
+    return estimate(spec, recipe, seq_len), f"formula ({reason})"

@@ -233,9 +233,9 @@ class PreparedRun:
     skipped_rows: int = 0
     token_cache: str | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
+    """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
     model_config: Any = None
     """The model's transformers config, for the replay memory model."""
-    """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,7 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
                 configs[shape] = load_config(str(CONFIGS[shape]))
             replayed, used = predict(specs[shape], recipe, configs[shape])
             row["replay_peak_bytes"] = replayed.peak_bytes
-            row["replay_memory_model"] = used
+            row["replay_memory_model"] = used.split(" ")[0]
             row["replay_error"] = replayed.peak_bytes / row["measured_peak_bytes"] - 1
             replay_errors.setdefault(grid_name, []).append(row["replay_error"])
     summary: dict[str, dict] = {}
