@@ -71,6 +71,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
 
         # from the first allocation on, the context's own tensor included; sizes and order
         # only (no stack per event), so a 7B probe's trace stays a few MB
+        torch.cuda.init()
         torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
     meter = MemoryMeter(request.device)
     meter_holder.append(meter)
