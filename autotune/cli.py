@@ -488,17 +488,17 @@ def estimate(
     if loaded.method == "lora":
         spec.target_linears(loaded.lora_target_modules or "all-linear")
     config = load_config(model) if memory_model == "replay" else None
-    result, used = predict(spec, loaded, config, seq_len, memory_model)
+    result, used, reason = predict(spec, loaded, config, seq_len, memory_model)
     if as_json:
-        typer.echo(json.dumps({**result.as_json(), "memory_model": used.split(" ")[0]}))
+        typer.echo(json.dumps({**result.as_json(), "memory_model": used}))
         return
-    if used != memory_model:
-        typer.echo(f"memory model: {used}")
+    if reason:
+        typer.echo(f"memory model: {used} ({reason})")
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
     typer.echo(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes, {used.split(' ')[0]})"
+        f"({result.peak_bytes} bytes, {used})"
     )
     if result.paged_bytes:
         typer.echo(

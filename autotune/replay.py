@@ -31,7 +31,7 @@ import inspect
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +75,6 @@ class Replay:
     at_peak: dict[str, int]
     """Bytes alive at the allocated peak, by the phase that allocated them."""
     paged_bytes: int = 0
-    seconds: float = 0.0
-    ops_at_peak: list[tuple[str, int]] = field(default_factory=list)
     reservations: list[tuple[int, int]] = field(default_factory=list)
     """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
 
@@ -101,11 +99,9 @@ class _Recorder:
 
         self.allocator = allocator
         self.phase = "weights"
-        self.live: dict[int, tuple[Any, str, str]] = {}
+        self.live: dict[int, tuple[Any, str]] = {}
         self.by_phase: dict[str, int] = defaultdict(int)
-        self.by_op: dict[str, int] = defaultdict(int)
         self.at_peak: dict[str, int] = {}
-        self.ops_at_peak: dict[str, int] = {}
         self.paused = False
         recorder = self
 
@@ -117,12 +113,12 @@ class _Recorder:
                     return recorder.safe_softmax(*args, **(kwargs or {}))
                 out = func(*args, **(kwargs or {}))
                 for tensor in tree_leaves(out):
-                    recorder.track(tensor, func.overloadpacket.__name__)
+                    recorder.track(tensor)
                 return out
 
         self.mode = Mode()
 
-    def track(self, tensor: Any, op: str = "load") -> None:
+    def track(self, tensor: Any) -> None:
         import torch
 
         if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
@@ -132,13 +128,11 @@ class _Recorder:
         if key in self.live or storage.nbytes() == 0:
             return
         block = self.allocator.malloc(storage.nbytes())
-        self.live[key] = (block, self.phase, op)
+        self.live[key] = (block, self.phase)
         self.by_phase[self.phase] += block.size
-        self.by_op[op] += block.size
         weakref.finalize(storage, self._release, key)
         if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
             self.at_peak = dict(self.by_phase)
-            self.ops_at_peak = dict(self.by_op)
 
     def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
         """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
@@ -146,19 +140,18 @@ class _Recorder:
         import torch
 
         out = torch.softmax(scores, dim, dtype=dtype)
-        self.track(out, "_safe_softmax")
+        self.track(out)
         masked = scores.isneginf()
-        self.track(masked, "_safe_softmax")
+        self.track(masked)
         rows = torch.all(masked, dim=dim, keepdim=True)
-        self.track(rows, "_safe_softmax")
+        self.track(rows)
         return out
 
     def _release(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry is not None:
-            block, phase, op = entry
+            block, phase = entry
             self.by_phase[phase] -= block.size
-            self.by_op[op] -= block.size
             self.allocator.free(block)
 
     @contextlib.contextmanager
@@ -485,14 +478,12 @@ def _replay(
     cublas_workspace_bytes: int,
 ) -> Replay:
     import copy
-    import time
 
     import peft
     import torch
 
     from autotune.training.build import autocast_dtype, prepare_model
 
-    started = time.perf_counter()
     seq_len = seq_len or recipe.seq_len
     allocator = CachingAllocator(expandable_segments=recipe.expandable_segments)
     recorder = _Recorder(allocator)
@@ -509,7 +500,7 @@ def _replay(
 
     model = _meta_model(recipe, copy.deepcopy(config))
     with _fresh_bitsandbytes_caches(), _cuda_behaviour(recipe, autocast), recorder.mode:
-        recorder.track(torch.zeros(1, device="meta"), "context")
+        recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
         peft.prepare_model_for_kbit_training = prepare_for_kbit
         try:
@@ -547,14 +538,11 @@ def _replay(
                 loss, batch = _forward_loss(model, shape, autocast)
                 del loss
         model.train()
-    ops = sorted(recorder.ops_at_peak.items(), key=lambda item: -item[1])
     return Replay(
         peak_reserved_bytes=allocator.peak_reserved_bytes,
         peak_allocated_bytes=allocator.peak_allocated_bytes,
         at_peak={k: v for k, v in recorder.at_peak.items() if v},
         paged_bytes=sum(paged),
-        seconds=time.perf_counter() - started,
-        ops_at_peak=[(op, size) for op, size in ops if size],
         reservations=list(allocator.reservations),
     )
 
@@ -616,22 +604,39 @@ def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) ->
     return _WORKER.submit(replay, recipe, config, seq_len).result()
 
 
+def replay_key(recipe: Recipe) -> str:
+    """The recipe as far as its replay sees it: recipes with the same key replay alike (the
+    learning rate and LoRA's alpha change no size; accumulation past REPLAY_MICRO_BATCHES is not
+    replayed)."""
+    import json
+
+    fields = recipe.to_dict()
+    fields.pop("learning_rate", None)
+    fields.pop("lora_alpha", None)
+    fields["gradient_accumulation_steps"] = min(
+        recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
+    )
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
 def predict(
     spec: ModelSpec,
     recipe: Recipe,
     config: Any,
     seq_len: int | None = None,
     memory_model: str = "replay",
-) -> tuple[MemoryEstimate, str]:
-    """The predicted peak of `recipe`, and which model gave it: "replay", or "formula" with
-    the reason the replay did not (none when the formula was asked for)."""
+    run: Callable[[Recipe, Any, int | None], Replay] = replay,
+) -> tuple[MemoryEstimate, str, str]:
+    """The predicted peak of `recipe`, the model that gave it ("replay" or "formula") and, when
+    the replay was asked for and the formula answered, why. `run` replays (`replay`, or
+    `replay_in_worker` in a process that must stay off the GPU)."""
     if memory_model == "formula":
-        return estimate(spec, recipe, seq_len), "formula"
+        return estimate(spec, recipe, seq_len), "formula", ""
     reason = not_replayable(recipe)
     if reason is None:
         try:
-            return replay(recipe, config, seq_len).estimate(), "replay"
+            return run(recipe, config, seq_len).estimate(), "replay", ""
         except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             reason = f"the replay failed: {type(error).__name__}: {first}"
-    return estimate(spec, recipe, seq_len), f"formula ({reason})"
+    return estimate(spec, recipe, seq_len), "formula", reason

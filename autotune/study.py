@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import queue
@@ -33,7 +32,13 @@ from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
-from autotune.replay import check_memory_model, load_config, not_replayable, replay_in_worker
+from autotune.replay import (
+    check_memory_model,
+    load_config,
+    predict,
+    replay_in_worker,
+    replay_key,
+)
 from autotune.space import SHARED_DIMENSIONS, SearchSpace
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
@@ -502,11 +507,11 @@ def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
 
 
 def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEstimate, str]]:
-    """Each trial's predicted peak and the model that gave it: the replay where the formula puts
-    the recipe within REPLAY_BAND of the budget (once per recipe as memory sees it), the
-    formula elsewhere and where the replay cannot run."""
+    """Each trial's predicted peak and the model that gave it: the replay (in a worker process
+    that sees no GPU, once per recipe as memory sees it) where the formula puts the recipe
+    within REPLAY_BAND of the budget, the formula elsewhere and where the replay cannot run."""
     settings = prepared.settings
-    replayed: dict[str, MemoryEstimate] = {}
+    predicted: dict[str, tuple[MemoryEstimate, str]] = {}
 
     def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
         formula = estimate(prepared.spec, recipe)
@@ -514,20 +519,15 @@ def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEst
             settings.memory_model != "replay"
             or prepared.model_config is None
             or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
-            or not_replayable(recipe)
         ):
             return formula, "formula"
-        fields = recipe.to_dict()
-        fields.pop("learning_rate", None)
-        fields.pop("lora_alpha", None)
-        fields["gradient_accumulation_steps"] = min(recipe.gradient_accumulation_steps, 2)
-        key = json.dumps(fields, sort_keys=True, default=str)
-        if key not in replayed:
-            try:
-                replayed[key] = replay_in_worker(recipe, prepared.model_config).estimate()
-            except Exception:  # noqa: BLE001 - an architecture the meta device cannot run
-                return formula, "formula"
-        return replayed[key], "replay"
+        key = replay_key(recipe)
+        if key not in predicted:
+            result, used, _ = predict(
+                prepared.spec, recipe, prepared.model_config, run=replay_in_worker
+            )
+            predicted[key] = (result, used)
+        return predicted[key]
 
     return predict_trial
 

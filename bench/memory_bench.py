@@ -332,20 +332,18 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
         if memory_model == "replay":
             if shape not in configs:
                 configs[shape] = load_config(str(CONFIGS[shape]))
-            replayed, used = predict(specs[shape], recipe, configs[shape])
+            replayed, used, _ = predict(specs[shape], recipe, configs[shape])
             row["replay_peak_bytes"] = replayed.peak_bytes
-            row["replay_memory_model"] = used.split(" ")[0]
+            row["replay_memory_model"] = used
             row["replay_error"] = replayed.peak_bytes / row["measured_peak_bytes"] - 1
             replay_errors.setdefault(grid_name, []).append(row["replay_error"])
     summary: dict[str, dict] = {}
     for grid_name, values in errors.items():
         summary[grid_name] = _error_summary(values)
         if allocated_errors.get(grid_name):
-            allocated = allocated_errors[grid_name]
-            summary[grid_name]["allocated_median_abs_error"] = statistics.median(
-                abs(v) for v in allocated
-            )
-            summary[grid_name]["allocated_max_abs_error"] = max(abs(v) for v in allocated)
+            allocated = _error_summary(allocated_errors[grid_name])
+            summary[grid_name]["allocated_median_abs_error"] = allocated["median_abs_error"]
+            summary[grid_name]["allocated_max_abs_error"] = allocated["max_abs_error"]
     if replay_errors:
         summary["replay"] = {name: _error_summary(v) for name, v in replay_errors.items()}
         summary["replay"]["all"] = _error_summary([v for vs in replay_errors.values() for v in vs])

@@ -102,14 +102,15 @@ def test_int8_recipes_fall_back_to_the_formula():
     spec = load_model_spec(str(CONFIGS["qwen2-0.5b"]))
     int8 = Recipe.from_dict({"model": "m", "method": "lora", "lora_r": 8, "quantization": "int8"})
     nf4 = int8.replace(quantization="nf4")
-    assert predict(spec, int8, config)[1].startswith("formula (bitsandbytes int8")
-    assert predict(spec, nf4, config)[1] == "replay"
-    assert predict(spec, nf4, config, memory_model="formula")[1] == "formula"
+    _, used, reason = predict(spec, int8, config)
+    assert used == "formula" and reason.startswith("bitsandbytes int8")
+    assert predict(spec, nf4, config)[1:] == ("replay", "")
+    assert predict(spec, nf4, config, memory_model="formula")[1:] == ("formula", "")
 
 
 def test_a_replay_that_cannot_run_falls_back_to_the_formula_with_its_reason():
     spec = load_model_spec(str(CONFIGS["qwen2-0.5b"]))
     recipe = Recipe.from_dict({"model": "m", "method": "lora", "lora_r": 8})
-    result, used = predict(spec, recipe, config=None)  # no config: the model cannot be built
-    assert used.startswith("formula (the replay failed: ")
+    result, used, reason = predict(spec, recipe, config=None)  # no config: cannot be built
+    assert used == "formula" and reason.startswith("the replay failed: ")
     assert result.peak_bytes == predict(spec, recipe, None, memory_model="formula")[0].peak_bytes

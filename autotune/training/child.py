@@ -26,6 +26,10 @@ them (torch.cuda.memory._dump_snapshot) next to its result file, as memory_snaps
 MEMORY_SNAPSHOT_NAME = "memory_snapshot.pickle"
 
 
+def records_memory_history(request: ProbeRequest) -> bool:
+    return os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda")
+
+
 def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
     """Kill this process as soon as its parent is gone, so no orphan keeps the GPU busy."""
     import signal
@@ -66,7 +70,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         result.seconds[name] = now - phase_started
         phase_started = now
 
-    if os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda"):
+    if records_memory_history(request):
         import torch
 
         # from the first allocation on, the context's own tensor included; sizes and order
@@ -150,7 +154,7 @@ def main(argv: list[str]) -> int:
     finally:
         if meters:
             result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()
-            if os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda"):
+            if records_memory_history(request):
                 import torch
 
                 snapshot = os.path.join(os.path.dirname(result_path), MEMORY_SNAPSHOT_NAME)
