@@ -159,6 +159,7 @@ def run(
         RunSettings,
         TrialSummary,
         describe_ruled_out,
+        describe_unsupported,
         finished_trial_count,
         measured_points,
         prepare_run,
@@ -200,6 +201,11 @@ def run(
         f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
         f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
     )
+    if prepared.unsupported_choices:
+        console.print(
+            "not searched, the model cannot run them: "
+            + describe_unsupported(prepared.unsupported_choices)
+        )
     if prepared.ruled_out_choices:
         console.print(
             "not searched, no recipe with them fits the budget (predicted): "
@@ -376,9 +382,11 @@ def train(
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     import yaml
 
+    from autotune.architecture import check_recipe
     from autotune.memory import estimate as estimate_memory
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
+    from autotune.replay import load_config
     from autotune.study import resolve_device
     from autotune.training.train import train as train_model
     from autotune.units import format_bytes, parse_bytes
@@ -390,6 +398,8 @@ def train(
     loaded = Recipe.load(recipe)
     measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
     spec = load_model_spec(loaded.model) if loaded.model else None
+    if loaded.model:
+        check_recipe(loaded, load_config(loaded.model), str(recipe))
     budget_bytes = parse_bytes(budget) if budget else None
     device_name = resolve_device(device)
     console = _console()
@@ -470,6 +480,7 @@ def estimate(
     memory_model: str = typer.Option("replay", "--memory-model", help=MEMORY_MODEL_HELP),
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
+    from autotune.architecture import check_recipe
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
     from autotune.replay import check_memory_model, load_config, predict
@@ -487,7 +498,10 @@ def estimate(
         )
     if loaded.method == "lora":
         spec.target_linears(loaded.lora_target_modules or "all-linear")
-    config = load_config(model) if memory_model == "replay" else None
+    config = None
+    if memory_model == "replay":
+        config = load_config(model)
+        check_recipe(loaded, config, str(recipe))
     result, used, reason = predict(spec, loaded, config, seq_len, memory_model)
     if as_json:
         typer.echo(json.dumps({**result.as_json(), "memory_model": used}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 import queue
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.architecture import Architecture, read_architecture
 from autotune.data import (
     cached_splits,
     check_enough_rows,
@@ -241,6 +243,8 @@ class PreparedRun:
     """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
     model_config: Any = None
     """The model's transformers config, for the replay memory model."""
+    unsupported_choices: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> choice of the space file -> why the model cannot run it (not searched)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,49 @@ def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
         f"{name} {choice} ({format_bytes(peak)} at least)"
         for name, peaks in ruled_out.items()
         for choice, peak in peaks.items()
+    )
+
+
+def supported_space(
+    space: SearchSpace, architecture: Architecture | None
+) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
+    """The space without the LoRA target sets and attention implementations the model cannot
+    run, and why each left out; where none of a dimension's choices runs, what always does
+    (all-linear, eager) takes their place, so a space written for the Llama family still
+    searches Gemma 2 or GPT-NeoX."""
+    if architecture is None:
+        return space, {}
+    unsupported: dict[str, dict[str, str]] = {}
+    for name, targets in space.lora_target_modules.items():
+        missing = architecture.missing_targets(targets)
+        if missing:
+            unsupported.setdefault("lora_target_modules", {})[name] = (
+                f"{architecture.name} has no {', '.join(missing)}"
+            )
+    for choice in space.attention:
+        refusal = architecture.attention_refusals.get(choice)
+        if refusal:
+            unsupported.setdefault("attention", {})[choice] = refusal
+    if not unsupported:
+        return space, {}
+    targets = {
+        name: modules
+        for name, modules in space.lora_target_modules.items()
+        if name not in unsupported.get("lora_target_modules", {})
+    } or {"all-linear": "all-linear"}
+    attention = tuple(c for c in space.attention if c not in unsupported.get("attention", {}))
+    space = dataclasses.replace(
+        space, lora_target_modules=targets, attention=attention or ("eager",)
+    )
+    return space, unsupported
+
+
+def describe_unsupported(unsupported: dict[str, dict[str, str]]) -> str:
+    """'lora_target_modules qv (GPTNeoXForCausalLM has no q_proj, v_proj), ...'"""
+    return ", ".join(
+        f"{name} {choice} ({why})"
+        for name, reasons in unsupported.items()
+        for choice, why in reasons.items()
     )
 
 
@@ -305,8 +352,14 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
     check_memory_model(settings.memory_model)
     spec = load_model_spec(settings.model)
-    model_config = load_config(settings.model) if settings.memory_model == "replay" else None
-    space = SearchSpace.load(settings.space_path)
+    try:
+        model_config = load_config(settings.model)
+    except UsageError:
+        if settings.memory_model == "replay":
+            raise
+        model_config = None  # the formula reads config.json itself; the probes will judge
+    architecture = read_architecture(model_config) if model_config is not None else None
+    space, unsupported = supported_space(SearchSpace.load(settings.space_path), architecture)
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
     fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)
@@ -366,18 +419,41 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
         model_config=model_config,
+        unsupported_choices=unsupported,
     )
+
+
+class _ReportedCrashes(logging.Filter):
+    """Drops Optuna's warnings for a trial whose probe crashed: the run already printed the
+    trial and the probe's own error, and the traceback Optuna adds is of the objective raising
+    ProbeCrashed, which says nothing more. A failure of anything else keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashed: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        trial = message.split(" failed with ", 1)[0]
+        if isinstance(error, ProbeCrashed):
+            self.crashed.add(trial)
+            return False
+        return not (" failed with value " in message and trial in self.crashed)
 
 
 def _quiet_optuna() -> None:
     """Optuna marks heartbeats, group sampling and metric names experimental; users need not
-    see that on every run."""
+    see that on every run, nor a second report of a crashed probe."""
     import warnings
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _ReportedCrashes) for f in optimize_logger.filters):
+        optimize_logger.addFilter(_ReportedCrashes())
 
 
 def make_storage(url: str) -> Any:
@@ -852,6 +928,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if new_study and prepared.fitting_choices:
         study.set_user_attr(SPACE_CHOICES_ATTR, prepared.fitting_choices)
         study.set_user_attr("ruled_out_choices", prepared.ruled_out_choices)
+        if prepared.unsupported_choices:
+            study.set_user_attr("unsupported_choices", prepared.unsupported_choices)
     # A resumed study keeps the choices it started with: Optuna refuses other ones.
     choices = study.user_attrs.get(SPACE_CHOICES_ATTR)
     if choices:

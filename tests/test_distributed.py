@@ -108,7 +108,9 @@ def test_two_workers_on_postgres_complete_a_study(tiny_model, qa_data, tmp_path,
     assert len(numbers) == len(set(numbers))
     assert 4 <= finished_trial_count(study) <= 5  # at most one in flight past the target
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took trials
+    # both took trials; a baseline that both workers enqueued at once may be left waiting
+    ran = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
+    assert len({t.user_attrs["worker"] for t in ran}) == 2
     written = [*outputs, *(p.read_text() for p in tmp_path.glob("host-*/reports/*"))]
     assert all(PASSWORD not in text for text in written)
     assert any("autotune:***@127.0.0.1" in text for text in outputs)

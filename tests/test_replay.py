@@ -97,6 +97,44 @@ def test_paged_states_stay_outside_the_allocator():
     assert paged.peak_allocated_bytes < eight_bit.peak_allocated_bytes - 0.9 * paged.paged_bytes
 
 
+def test_replay_of_int8_allocates_what_bitsandbytes_cuda_path_allocates_on_the_cpu(
+    cut_model, monkeypatch
+):
+    """bitsandbytes trains int8 on the CPU through another autograd function (MatMul8bitFp);
+    sent through the one CUDA uses (MatMul8bitLt, with bitsandbytes' CPU kernels, real data,
+    the outlier threshold of 6), a real step allocates what the replay of it does. So the
+    GPU's larger int8 peaks (why int8 stays on the formula) come from the CUDA kernels or
+    the loader on CUDA, not from the Python path the replay runs."""
+    import bitsandbytes
+    import bitsandbytes.autograd._functions as functions
+
+    calls = []
+
+    def cuda_path(A, B, out=None, state=None, threshold=0.0, bias=None):  # noqa: N803
+        state = state or functions.MatmulLtState()
+        calls.append(state.threshold)
+        return functions.MatMul8bitLt.apply(A, B, out, bias, state)
+
+    monkeypatch.setattr(bitsandbytes, "matmul", cuda_path)
+    recipe = Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "method": "lora",
+            "lora_r": 8,
+            "lora_dropout": 0.0,
+            "quantization": "int8",
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+        }
+    )
+    traced = load_bench("memory_trace").trace_step(recipe).peak_bytes
+    assert calls and set(calls) == {6.0}  # transformers' default llm_int8_threshold
+    replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
+    assert abs(replayed.peak_allocated_bytes - traced) <= 0.03 * traced
+
+
 def test_int8_recipes_fall_back_to_the_formula():
     config = load_config(str(CONFIGS["qwen2-0.5b"]))
     spec = load_model_spec(str(CONFIGS["qwen2-0.5b"]))

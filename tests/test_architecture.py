@@ -1,0 +1,184 @@
+"""What a model's code can run: LoRA targets and attention implementations, checked before any
+probe, in `estimate`, `train` and the study's search space."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autotune.architecture import read_architecture
+from autotune.recipe import Recipe
+from autotune.replay import load_config
+from autotune.space import SearchSpace
+from autotune.study import (
+    ProbeCrashed,
+    RunSettings,
+    _ReportedCrashes,
+    prepare_run,
+    supported_space,
+)
+from tests.conftest import DEMO, ROOT, write_jsonl
+
+AUTOTUNE = str(Path(sys.executable).parent / "autotune")
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+"""Fields every family below reads; each keeps its own block layout and attention code."""
+
+
+def config_dir(tmp_path: Path, model_type: str) -> Path:
+    """A directory with only a config.json of `model_type` (and the demo tokenizer)."""
+    directory = tmp_path / model_type
+    directory.mkdir()
+    fields = dict(SMALL, model_type=model_type)
+    if model_type == "gpt_neox":
+        fields.pop("num_key_value_heads")
+    (directory / "config.json").write_text(json.dumps(fields), encoding="utf-8")
+    for item in (DEMO / "tokenizer").iterdir():
+        shutil.copy(item, directory / item.name)
+    return directory
+
+
+def test_linear_names_and_attention_come_from_the_model_code(tmp_path):
+    qwen2 = read_architecture(load_config(str(DEMO)))
+    assert qwen2.name == "Qwen2ForCausalLM"
+    assert set(qwen2.linear_names) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert "sdpa" not in qwen2.attention_refusals
+    assert "eager" not in qwen2.attention_refusals
+
+    neox = read_architecture(load_config(str(config_dir(tmp_path, "gpt_neox"))))
+    assert "query_key_value" in neox.linear_names and "lm_head" not in neox.linear_names
+    assert neox.missing_targets(("q_proj", "v_proj")) == ("q_proj", "v_proj")
+    assert neox.missing_targets("all-linear") == ()
+
+    gemma2 = read_architecture(load_config(str(config_dir(tmp_path, "gemma2"))))
+    assert "sdpa" in gemma2.attention_refusals and "eager" not in gemma2.attention_refusals
+    recipe = Recipe.from_dict({"method": "lora", "lora_target_modules": ["q_proj", "v_proj"]})
+    assert gemma2.recipe_problems(recipe) == [
+        f"attention sdpa: {gemma2.attention_refusals['sdpa']}"
+    ]
+    assert gemma2.recipe_problems(recipe.replace(attention="eager")) == []
+
+
+def test_estimate_and_train_refuse_a_recipe_the_model_cannot_run(tmp_path):
+    neox = config_dir(tmp_path, "gpt_neox")
+    recipe = tmp_path / "qv.yaml"
+    recipe.write_text(
+        f"model: {neox}\nmethod: lora\nlora_target_modules: [q_proj, v_proj]\nseq_len: 64\n"
+    )
+    result = subprocess.run(
+        [AUTOTUNE, "estimate", "--model", str(neox), "--recipe", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "q_proj, v_proj" in result.stderr and "query_key_value" in result.stderr
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(8)])
+    result = subprocess.run(
+        [
+            AUTOTUNE,
+            "train",
+            "--recipe",
+            str(recipe),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "query_key_value" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "dimension", "dropped", "kept"),
+    [
+        ("gpt_neox", "lora_target_modules", {"qv", "attention"}, {"all-linear"}),
+        ("gemma2", "attention", {"sdpa"}, {"eager"}),
+    ],
+)
+def test_the_search_space_keeps_what_the_model_can_run(
+    tmp_path, monkeypatch, model_type, dimension, dropped, kept
+):
+    monkeypatch.chdir(tmp_path)
+    model = config_dir(tmp_path, model_type)
+    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    architecture = read_architecture(load_config(str(model)))
+    space, unsupported = supported_space(default, architecture)
+    assert set(unsupported[dimension]) == dropped
+    assert set(space.choices()[dimension]) == kept
+    untouched = [name for name in default.choices() if name != dimension]
+    assert all(space.choices()[n] == default.choices()[n] for n in untouched)
+    # the same through the run's preparation, which the CLI prints and the study records
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    prepared = prepare_run(
+        RunSettings(
+            model=str(model),
+            data_path=data,
+            budget_bytes=10**10,
+            space_path=ROOT / "search_spaces" / "default.yaml",
+            trials=2,
+            probe_steps=1,
+            seq_len=32,
+            device="cpu",
+            storage=f"sqlite:///{tmp_path}/study.db",
+            study_name="s",
+            memory_model="formula",
+        )
+    )
+    assert prepared.unsupported_choices == unsupported
+    assert set(prepared.space.choices()[dimension]) == kept
+
+
+def test_a_model_with_everything_supported_keeps_the_space():
+    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    space, unsupported = supported_space(default, read_architecture(load_config(str(DEMO))))
+    # flash_attention_2 is not in the default space, so nothing is refused
+    assert unsupported == {} and space == default
+
+
+def test_optuna_does_not_repeat_a_crashed_probe_with_a_traceback():
+    def record(message: str, error: BaseException | None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("optuna", logging.WARNING, __file__, 1, message, None, exc_info)
+
+    quiet = _ReportedCrashes()
+    crash = ProbeCrashed("OSError: no weights")
+    assert not quiet.filter(record("Trial 3 failed with parameters: {} because ...", crash))
+    assert not quiet.filter(record("Trial 3 failed with value None.", None))
+    bug = ValueError("a bug in the objective")
+    assert quiet.filter(record("Trial 4 failed with parameters: {} because ...", bug))
+    assert quiet.filter(record("Trial 4 failed with value None.", None))
