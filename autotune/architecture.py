@@ -1,18 +1,20 @@
-"""What a model's code can run, read from its config: the linear layers LoRA can target and the
-attention implementations transformers accepts for it.
+"""What a model's code can run, read from its config: the linear layers LoRA can target, the
+LoRA target sets peft accepts on it, and the attention implementations transformers accepts.
 
 The model is built from its config on torch's meta device (shapes only: no weights, no GPU, about
-two seconds for a 7B model), once per config in a process. A recipe that names a layer the model
-does not have, or an attention implementation its class refuses (Gemma 2 has no SDPA path in
-transformers 5; flash_attention_2 needs the flash-attn package), is refused before a probe
-spends minutes loading weights to find out.
+two seconds for a 7B model), once per config in a process, and peft adapts a fresh one to try a
+target set. A recipe that names a layer the model does not have, a target set peft refuses
+(dropout on a mixture of experts' stacked weights) or an attention implementation the model's
+class refuses (Gemma 2 has no SDPA path in transformers 5; flash_attention_2 needs the
+flash-attn package) is refused before a probe spends minutes loading weights to find out.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from autotune.errors import UsageError
@@ -29,23 +31,50 @@ class Architecture:
     attention_refusals: dict[str, str]
     """Attention implementation a recipe may name -> why this model cannot use it; those that
     work are absent."""
+    stacked_weights: bool = False
+    """Whether the model holds weights that are not in linear layers but that peft may adapt
+    (a mixture of experts' stacked expert weights): only then is peft asked about a target set
+    whose layers are all there."""
+    config: Any = field(default=None, compare=False, repr=False)
+    run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    """Runs peft's check (a function and its arguments); None: in this process. A study
+    passes autotune.offgpu.run_off_gpu, because peft imports bitsandbytes."""
 
     def missing_targets(self, targets: str | tuple[str, ...] | None) -> tuple[str, ...]:
-        """The LoRA targets that match no linear layer of the model (all-linear always works)."""
+        """The LoRA targets that match no linear layer of the model (all-linear matches any)."""
         if targets is None or targets == "all-linear":
             return ()
         return tuple(t for t in targets if t not in self.linear_names)
+
+    def lora_refusal(self, targets: str | tuple[str, ...] | None, dropout: float) -> str:
+        """Why LoRA on `targets` cannot be put on this model ("" when it can): a target it
+        lacks, or whatever peft refuses when it adapts the model (built on the meta device),
+        e.g. dropout on the stacked expert weights that peft targets in a mixture of experts."""
+        missing = self.missing_targets(targets)
+        if missing:
+            return (
+                f"{self.name} has no {', '.join(missing)} (its linear layers: "
+                f"{', '.join(self.linear_names)}; or use all-linear)"
+            )
+        if self.config is None or not self.stacked_weights:
+            return ""
+        key = (self.config.to_json_string(use_diff=False), str(targets), float(dropout))
+        if key not in _PEFT_REFUSALS:
+            args = (self.config, targets or "all-linear", float(dropout))
+            _PEFT_REFUSALS[key] = (
+                self.run(_peft_refusal, *args) if self.run else _peft_refusal(*args)
+            )
+        return _PEFT_REFUSALS[key]
 
     def recipe_problems(self, recipe: Recipe) -> list[str]:
         """Why `recipe` cannot run on this model, one line per problem; empty when it can."""
         problems = []
         if recipe.method == "lora":
-            missing = self.missing_targets(recipe.lora_target_modules)
-            if missing:
-                problems.append(
-                    f"lora_target_modules {', '.join(missing)}: {self.name} has no such linear "
-                    f"layers (its layers: {', '.join(self.linear_names)}; or use all-linear)"
-                )
+            targets = recipe.lora_target_modules
+            refusal = self.lora_refusal(targets, recipe.lora_dropout or 0.0)
+            if refusal:
+                shown = targets if isinstance(targets, str) else ", ".join(targets or ())
+                problems.append(f"lora_target_modules {shown}: {refusal}")
         refusal = self.attention_refusals.get(recipe.attention)
         if refusal:
             problems.append(f"attention {recipe.attention}: {refusal}")
@@ -68,38 +97,72 @@ def _refusals(model: Any) -> dict[str, str]:
     return refusals
 
 
-def _read(config: Any) -> Architecture:
+def _meta_model(config: Any) -> Any:
     import warnings
 
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     config = copy.deepcopy(config)
     config.use_cache = False
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def _peft_refusal(config: Any, targets: str | tuple[str, ...], dropout: float) -> str:
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=8,
+        lora_dropout=dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(_meta_model(config), lora)
+    except Exception as error:  # noqa: BLE001 - peft's refusals are ValueError, TypeError, ...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"peft refuses it: {first[:200]}"
+    return ""
+
+
+_PEFT_REFUSALS: dict[tuple[str, str, float], str] = {}
+
+
+def _read(config: Any, run: Callable[..., Any] | None) -> Architecture:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    model = _meta_model(config)
     head = model.get_output_embeddings()
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
     }
-    return Architecture(type(model).__name__, tuple(sorted(names)), _refusals(model))
+    stacked = any(parameter.dim() > 2 for parameter in model.parameters())
+    return Architecture(
+        type(model).__name__, tuple(sorted(names)), _refusals(model), stacked, config, run
+    )
 
 
-_READ: dict[str, Architecture | None] = {}
+_READ: dict[tuple[str, Any], Architecture | None] = {}
 
 
-def read_architecture(config: Any) -> Architecture | None:
+def read_architecture(config: Any, run: Callable[..., Any] | None = None) -> Architecture | None:
     """The architecture of a transformers config, or None where transformers cannot build the
     model from it (custom code, a family this transformers version does not know): then the
-    probes are the only judge. Read once per config in a process."""
-    key = config.to_json_string(use_diff=False)
+    probes are the only judge. Read once per config in a process; `run` runs peft's checks
+    (see Architecture.run)."""
+    key = (config.to_json_string(use_diff=False), run)
     if key not in _READ:
         try:
-            _READ[key] = _read(config)
+            _READ[key] = _read(config, run)
         except Exception:  # noqa: BLE001 - whatever stops the build, a probe will report it
             _READ[key] = None
     return _READ[key]

@@ -105,6 +105,7 @@ def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
     else:
         blocks = max(spec.num_layers - recipe.frozen_layers, 0)
     block = [(a * b, blocks) for a, b in spec.linear_shapes().values()]
+    block += [(n, blocks) for n in spec.expert_tensors()]
     block.append((spec.hidden_size, 2 * blocks))
     if spec.attention_bias:
         block += [(spec.q_dim, blocks), (spec.kv_dim, 2 * blocks)]
@@ -166,6 +167,12 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
     attention = a * (2 * q + 2 * kv)
     # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
     mlp = 3 * a * i
+    if spec.experts:
+        # Each of the token's experts (grouped matmuls over token-expert pairs): its copy of
+        # the input, the gate/up output, the gated product and the down output; the router's
+        # fp32 logits and probabilities.
+        pairs = spec.experts_per_token
+        mlp += a * pairs * (2 * h + 4 * spec.expert_intermediate_size) + 8 * spec.experts
     span = _row_tokens(recipe, seq_len)
     if recipe.attention == "eager":
         # The full attention matrix: fp32 softmax kept for backward and its cast for the

@@ -39,6 +39,14 @@ class ModelSpec:
     vocab_size: int
     tie_word_embeddings: bool
     attention_bias: bool = False
+    experts: int = 0
+    """Routed experts in each block's MLP (Mixtral, Qwen-MoE); 0 for a dense MLP."""
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys (Qwen3)."""
+    """Each routed expert's SwiGLU width; `intermediate_size` is then the shared expert's (0
+    where there is none, as in Mixtral)."""
 
     @property
     def q_dim(self) -> int:
@@ -49,17 +57,32 @@ class ModelSpec:
         return self.num_key_value_heads * self.head_dim
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer in one decoder block."""
+        """(in_features, out_features) of each linear layer in one decoder block. A MoE block's
+        routed experts are not linear layers (transformers keeps them as stacked weights, which
+        LoRA's all-linear and bitsandbytes' quantization pass by): see block_expert_params."""
         h, i = self.hidden_size, self.intermediate_size
-        return {
+        shapes = {
             "q_proj": (h, self.q_dim),
             "k_proj": (h, self.kv_dim),
             "v_proj": (h, self.kv_dim),
             "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
         }
+        if i:
+            shapes.update(gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
+        return shapes
+
+    def expert_tensors(self) -> list[int]:
+        """Elements of each stacked expert weight of one block: gate and up projections, down
+        projection, the router (and the shared expert's one-output gate where there is one)."""
+        if not self.experts:
+            return []
+        h, e, i = self.hidden_size, self.experts, self.expert_intermediate_size
+        tensors = [e * 2 * i * h, e * h * i, e * h]
+        return tensors + ([h] if self.intermediate_size else [])
+
+    @property
+    def block_expert_params(self) -> int:
+        return sum(self.expert_tensors())
 
     @property
     def block_linear_params(self) -> int:
@@ -69,7 +92,7 @@ class ModelSpec:
     def block_other_params(self) -> int:
         """Norm weights and attention biases of one block: small, never quantized."""
         bias = self.q_dim + 2 * self.kv_dim if self.attention_bias else 0
-        return 2 * self.hidden_size + bias
+        return 2 * self.hidden_size + bias + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def embedding_params(self) -> int:
@@ -82,7 +105,7 @@ class ModelSpec:
 
     @property
     def total_params(self) -> int:
-        per_block = self.block_linear_params + self.block_other_params
+        per_block = self.block_linear_params + self.block_other_params + self.block_expert_params
         return (
             self.num_layers * per_block
             + self.embedding_params
@@ -92,13 +115,14 @@ class ModelSpec:
 
     def target_linears(self, targets: str | tuple[str, ...]) -> tuple[str, ...]:
         """The block linears a LoRA target list selects (peft's all-linear excludes lm_head)."""
+        linears = tuple(self.linear_shapes())
         if targets == "all-linear":
-            return BLOCK_LINEARS
-        unknown = [t for t in targets if t not in BLOCK_LINEARS]
+            return linears
+        unknown = [t for t in targets if t not in linears]
         if unknown:
             raise UsageError(
                 f"lora_target_modules {', '.join(unknown)} are not linear layers of a "
-                f"{self.model_type} block; choose from {', '.join(BLOCK_LINEARS)}"
+                f"{self.model_type} block; choose from {', '.join(linears)}"
             )
         return tuple(targets)
 
@@ -115,17 +139,35 @@ class ModelSpec:
             )
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
+        # Mixtral names its experts num_local_experts, the Qwen MoE models num_experts; every
+        # block is taken as MoE (as in the released Qwen-MoE configs: decoder_sparse_step 1).
+        experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+        intermediate = int(config["intermediate_size"])
+        moe: dict[str, int] = {}
+        if experts > 1:
+            moe = {
+                "experts": experts,
+                "experts_per_token": int(config.get("num_experts_per_tok") or 1),
+                "expert_intermediate_size": int(
+                    config.get("moe_intermediate_size") or intermediate
+                ),
+            }
+            intermediate = int(config.get("shared_expert_intermediate_size") or 0)
         return cls(
             model_type=str(config.get("model_type", "unknown")),
             num_layers=int(config["num_hidden_layers"]),
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
+            intermediate_size=intermediate,
             num_attention_heads=heads,
             num_key_value_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             vocab_size=int(config["vocab_size"]),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            attention_bias=bool(
+                config.get("attention_bias", config.get("model_type") in ("qwen2", "qwen2_moe"))
+            ),
+            qk_norm=config.get("model_type") in ("qwen3", "qwen3_moe"),
+            **moe,
         )
 
 

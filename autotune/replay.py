@@ -576,32 +576,11 @@ def load_config(model: str) -> Any:
         raise UsageError(f"cannot build model {model!r} from its config: {first}") from None
 
 
-_WORKER: Any = None
-
-
-def _hide_gpus() -> None:
-    import os
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-
 def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
-    """`replay` in a long-lived child process that sees no GPU. A study's own process must hold
-    no CUDA context while its probes measure theirs, and importing bitsandbytes queries the GPU;
-    the child imports torch and the rest once and serves every replay of the process."""
-    global _WORKER
-    if _WORKER is None:
-        import atexit
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    """`replay` in the long-lived child process that sees no GPU (autotune.offgpu)."""
+    from autotune.offgpu import run_off_gpu
 
-        _WORKER = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_hide_gpus,
-        )
-        atexit.register(_WORKER.shutdown, cancel_futures=True)
-    return _WORKER.submit(replay, recipe, config, seq_len).result()
+    return run_off_gpu(replay, recipe, config, seq_len)
 
 
 def replay_key(recipe: Recipe) -> str:

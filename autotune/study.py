@@ -31,6 +31,7 @@ from autotune.data import (
 from autotune.errors import UsageError
 from autotune.memory import MemoryEstimate, estimate
 from autotune.model_spec import ModelSpec, load_model_spec
+from autotune.offgpu import run_off_gpu
 from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
@@ -271,34 +272,44 @@ def supported_space(
     space: SearchSpace, architecture: Architecture | None
 ) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
     """The space without the LoRA target sets and attention implementations the model cannot
-    run, and why each left out; where none of a dimension's choices runs, what always does
+    run, and why each left out; where none of a dimension's choices runs, what usually does
     (all-linear, eager) takes their place, so a space written for the Llama family still
-    searches Gemma 2 or GPT-NeoX."""
+    searches Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the
+    stacked expert weights of a mixture of experts), the other methods are searched."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
-    for name, targets in space.lora_target_modules.items():
-        missing = architecture.missing_targets(targets)
-        if missing:
-            unsupported.setdefault("lora_target_modules", {})[name] = (
-                f"{architecture.name} has no {', '.join(missing)}"
-            )
+    if "lora" in space.method:
+        for name, targets in space.lora_target_modules.items():
+            refusal = architecture.lora_refusal(targets, space.lora_dropout)
+            if refusal:
+                unsupported.setdefault("lora_target_modules", {})[name] = refusal
     for choice in space.attention:
         refusal = architecture.attention_refusals.get(choice)
         if refusal:
             unsupported.setdefault("attention", {})[choice] = refusal
     if not unsupported:
         return space, {}
-    targets = {
-        name: modules
-        for name, modules in space.lora_target_modules.items()
-        if name not in unsupported.get("lora_target_modules", {})
-    } or {"all-linear": "all-linear"}
+    refused = unsupported.get("lora_target_modules", {})
+    targets = {n: t for n, t in space.lora_target_modules.items() if n not in refused}
+    if not targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
+        targets = {"all-linear": "all-linear"}
+    changes: dict[str, Any] = {"lora_target_modules": targets}
+    if not targets:
+        # no LoRA at all on this model with this space: search the other methods
+        changes["method"] = tuple(m for m in space.method if m != "lora")
+        changes["quantization"] = ("none",)
+        changes["lora_target_modules"] = space.lora_target_modules
+        unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
+        if not changes["method"]:
+            raise UsageError(
+                f"{space.source}: no LoRA target set runs on {architecture.name} ("
+                + describe_unsupported({"lora_target_modules": refused})
+                + ") and the space has no other method"
+            )
     attention = tuple(c for c in space.attention if c not in unsupported.get("attention", {}))
-    space = dataclasses.replace(
-        space, lora_target_modules=targets, attention=attention or ("eager",)
-    )
-    return space, unsupported
+    changes["attention"] = attention or ("eager",)
+    return dataclasses.replace(space, **changes), unsupported
 
 
 def describe_unsupported(unsupported: dict[str, dict[str, str]]) -> str:
@@ -358,7 +369,11 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         if settings.memory_model == "replay":
             raise
         model_config = None  # the formula reads config.json itself; the probes will judge
-    architecture = read_architecture(model_config) if model_config is not None else None
+    device = resolve_device(settings.device)
+    # peft's checks import bitsandbytes, which gives a process a CUDA context where there is a
+    # GPU: off this process then, so the probes keep the memory; on a CPU here, in it
+    run = None if device == "cpu" else run_off_gpu
+    architecture = read_architecture(model_config, run) if model_config is not None else None
     space, unsupported = supported_space(SearchSpace.load(settings.space_path), architecture)
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
@@ -399,7 +414,6 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         row_count=data_scan.usable_rows,
         progress=settings.tokenize_progress,
     )
-    device = resolve_device(settings.device)
     check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes

@@ -3,6 +3,7 @@ probe, in `estimate`, `train` and the study's search space."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from autotune.architecture import read_architecture
+from autotune.errors import UsageError
+from autotune.offgpu import run_off_gpu
 from autotune.recipe import Recipe
 from autotune.replay import load_config
 from autotune.space import SearchSpace
@@ -182,3 +185,33 @@ def test_optuna_does_not_repeat_a_crashed_probe_with_a_traceback():
     bug = ValueError("a bug in the objective")
     assert quiet.filter(record("Trial 4 failed with parameters: {} because ...", bug))
     assert quiet.filter(record("Trial 4 failed with value None.", None))
+
+
+def test_peft_refusals_on_a_mixture_of_experts_leave_lora_out_where_nothing_runs(tmp_path):
+    """peft puts all-linear LoRA on Mixtral's stacked expert weights too, and refuses dropout
+    there: the recipe is refused, the space keeps the target sets that run, and a space whose
+    only LoRA cannot run searches its other methods."""
+    mixtral = read_architecture(load_config(str(config_dir(tmp_path, "mixtral"))))
+    assert "peft refuses it" in mixtral.lora_refusal("all-linear", 0.05)
+    assert mixtral.lora_refusal("all-linear", 0.0) == ""
+    assert mixtral.lora_refusal(("q_proj", "v_proj"), 0.05) == ""
+    # where a GPU is, a study asks peft in the process that sees none: the same answer
+    config = load_config(str(tmp_path / "mixtral"))
+    config.num_experts_per_tok = 1  # another config, so neither cache answers
+    in_worker = read_architecture(config, run=run_off_gpu)
+    assert in_worker.lora_refusal("all-linear", 0.05) == mixtral.lora_refusal("all-linear", 0.05)
+    recipe = Recipe.from_dict({"method": "lora", "lora_dropout": 0.05})
+    assert mixtral.recipe_problems(recipe)[0].startswith("lora_target_modules all-linear: peft")
+
+    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    space, unsupported = supported_space(default, mixtral)
+    assert set(unsupported["lora_target_modules"]) == {"all-linear"}
+    assert set(space.lora_target_modules) == {"qv", "attention"} and "lora" in space.method
+
+    only_all_linear = dataclasses.replace(default, lora_target_modules={"all-linear": "all-linear"})
+    space, unsupported = supported_space(only_all_linear, mixtral)
+    assert "lora" not in space.method and space.quantization == ("none",)
+    assert set(unsupported["method"]) == {"lora"}
+    no_other_method = dataclasses.replace(only_all_linear, method=("lora",))
+    with pytest.raises(UsageError, match="no LoRA target set runs on MixtralForCausalLM"):
+        supported_space(no_other_method, mixtral)

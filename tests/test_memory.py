@@ -55,6 +55,46 @@ def test_param_counts_match_published_sizes():
     assert QWEN2_7B.total_params == pytest.approx(7.616e9, rel=0.01)
 
 
+MOE_FIELDS = {
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 96,
+        "shared_expert_intermediate_size": 256,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "model_type", ["qwen2", "llama", "mistral", "qwen3", "mixtral", "qwen2_moe"]
+)
+def test_param_counts_match_the_model_code(model_type):
+    """Every weight the formula counts, the transformers model built from the same config has:
+    the dense families and the mixtures of experts (stacked expert weights, router, shared
+    expert), exactly."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 512,
+        **MOE_FIELDS.get(model_type, {}),
+    }
+    config = AutoConfig.for_model(**fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    spec = ModelSpec.from_config_dict(config.to_dict())
+    assert spec.total_params == sum(p.numel() for p in model.parameters())
+    assert bool(spec.experts) == (model_type in MOE_FIELDS)
+
+
 def test_breakdown_sums_to_peak():
     result = estimate(QWEN2_7B, lora(quantization="nf4"))
     assert sum(result.breakdown.values()) == result.peak_bytes

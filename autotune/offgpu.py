@@ -1,0 +1,39 @@
+"""A long-lived child process that sees no GPU.
+
+Work that imports bitsandbytes (the replay memory model; peft's check of a LoRA target set, as
+peft imports it) must not run in a study's own process: importing bitsandbytes queries the GPU,
+and the CUDA context that gives the study would take memory from the probes it measures. The
+child imports torch and the rest once and serves every call of the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+Result = TypeVar("Result")
+
+_WORKER: Any = None
+
+
+def _hide_gpus() -> None:
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` in the child (both must pickle: a module-level function)."""
+    global _WORKER
+    if _WORKER is None:
+        import atexit
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _WORKER = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_hide_gpus,
+        )
+        atexit.register(_WORKER.shutdown, cancel_futures=True)
+    return _WORKER.submit(function, *args).result()
