@@ -496,12 +496,13 @@ def estimate(
             f"{recipe}: frozen_layers {loaded.frozen_layers} leaves nothing to train in a "
             f"{spec.num_layers}-layer model"
         )
-    if loaded.method == "lora":
-        spec.target_linears(loaded.lora_target_modules or "all-linear")
     config = None
     if memory_model == "replay":
         config = load_config(model)
         check_recipe(loaded, config, str(recipe))
+    elif loaded.method == "lora":
+        # the formula prices the Llama family's linear layers by name
+        spec.target_linears(loaded.lora_target_modules or "all-linear")
     result, used, reason = predict(spec, loaded, config, seq_len, memory_model)
     if as_json:
         typer.echo(json.dumps({**result.as_json(), "memory_model": used}))

@@ -101,6 +101,17 @@ def test_estimate_and_train_refuse_a_recipe_the_model_cannot_run(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "q_proj, v_proj" in result.stderr and "query_key_value" in result.stderr
+    # the layer the model has is fine: the replay runs the model's own code
+    own = tmp_path / "qkv.yaml"
+    own.write_text(f"model: {neox}\nmethod: lora\nlora_target_modules: [query_key_value]\n")
+    result = subprocess.run(
+        [AUTOTUNE, "estimate", "--model", str(neox), "--recipe", str(own), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["memory_model"] == "replay"
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(8)])
     result = subprocess.run(
         [
