@@ -21,12 +21,12 @@ from autotune.replay import load_config
 from autotune.space import SearchSpace
 from autotune.study import (
     ProbeCrashed,
-    RunSettings,
     _ReportedCrashes,
     prepare_run,
     supported_space,
 )
 from tests.conftest import DEMO, ROOT, write_jsonl
+from tests.test_study import settings_for
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 SMALL = {
@@ -158,21 +158,10 @@ def test_the_search_space_keeps_what_the_model_can_run(
     assert all(space.choices()[n] == default.choices()[n] for n in untouched)
     # the same through the run's preparation, which the CLI prints and the study records
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
-    prepared = prepare_run(
-        RunSettings(
-            model=str(model),
-            data_path=data,
-            budget_bytes=10**10,
-            space_path=ROOT / "search_spaces" / "default.yaml",
-            trials=2,
-            probe_steps=1,
-            seq_len=32,
-            device="cpu",
-            storage=f"sqlite:///{tmp_path}/study.db",
-            study_name="s",
-            memory_model="formula",
-        )
+    settings = settings_for(
+        (tmp_path, model, data), space_path=ROOT / "search_spaces" / "default.yaml"
     )
+    prepared = prepare_run(settings)
     assert prepared.unsupported_choices == unsupported
     assert set(prepared.space.choices()[dimension]) == kept
 
