@@ -301,6 +301,9 @@ def supported_space(
         changes["quantization"] = ("none",)
         changes["lora_target_modules"] = space.lora_target_modules
         unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
+        for choice in space.quantization:
+            if choice != "none":
+                unsupported.setdefault("quantization", {})[choice] = "trains LoRA only"
         if not changes["method"]:
             raise UsageError(
                 f"{space.source}: no LoRA target set runs on {architecture.name} ("
@@ -310,6 +313,46 @@ def supported_space(
     attention = tuple(c for c in space.attention if c not in unsupported.get("attention", {}))
     changes["attention"] = attention or ("eager",)
     return dataclasses.replace(space, **changes), unsupported
+
+
+def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[SearchSpace, str]:
+    """The space of a study being resumed: the choices it started with. Optuna samples each
+    dimension from one fixed set of choices for the life of a study, so a choice the study
+    holds that this run does not search (the space file changed, or the model cannot run it)
+    is refused in one line before any trial; a choice this run would add is left out, and the
+    returned note says so."""
+    space = prepared.space
+    current = space.choices()
+    dropped = {
+        name: [c for c in kept if c not in current.get(name, [])]
+        for name, kept in stored.items()
+        if name in current
+    }
+    dropped = {name: choices for name, choices in dropped.items() if choices}
+    if dropped:
+        reasons = []
+        for name, choices in dropped.items():
+            for choice in choices:
+                why = prepared.unsupported_choices.get(name, {}).get(str(choice))
+                reasons.append(f"{name} {choice} ({why or f'not in {space.source}'})")
+        raise UsageError(
+            f"study {prepared.study_name} was started with choices this run does not search: "
+            + ", ".join(reasons)
+            + "; resume it with the space it started with, or start a new study with --study"
+        )
+    added = {
+        name: [c for c in fitting if c not in stored.get(name, [])]
+        for name, fitting in prepared.fitting_choices.items()
+    }
+    added = {name: choices for name, choices in added.items() if choices}
+    note = ""
+    if added:
+        note = (
+            f"study {prepared.study_name} keeps the choices it started with; not searched: "
+            + ", ".join(f"{name} {', '.join(map(str, choices))}" for name, choices in added.items())
+            + " (start a new study with --study to search them)"
+        )
+    return space.restricted(stored), note
 
 
 def describe_unsupported(unsupported: dict[str, dict[str, str]]) -> str:
@@ -947,7 +990,10 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     # A resumed study keeps the choices it started with: Optuna refuses other ones.
     choices = study.user_attrs.get(SPACE_CHOICES_ATTR)
     if choices:
-        prepared = dataclasses.replace(prepared, space=prepared.space.restricted(choices))
+        space, note = resumed_space(prepared, choices)
+        prepared = dataclasses.replace(prepared, space=space)
+        if note:
+            events.notes.append(note)
     if new_study:
         for key, value in {
             "model": settings.model,

@@ -12,8 +12,16 @@ import optuna
 import pytest
 
 from autotune.errors import UsageError
-from autotune.study import finished_trial_count, prepare_run, run_study, worker_id
-from tests.conftest import QUICK_CPU_RUN
+from autotune.study import (
+    SPACE_CHOICES_ATTR,
+    RunEvents,
+    finished_trial_count,
+    open_study,
+    prepare_run,
+    run_study,
+    worker_id,
+)
+from tests.conftest import QUICK_CPU_RUN, write_jsonl
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,3 +151,58 @@ def test_gpus_must_exist(workspace, monkeypatch):  # noqa: F811
         prepare_run(settings_for(workspace, device="cuda", gpus=("1", "1")))
     prepared = prepare_run(settings_for(workspace, device="cuda", gpus=("0", "1")))
     assert prepared.device == "cuda"
+
+
+def _space_file(tmp_path: Path, line: str, replacement: str) -> Path:
+    demo = (ROOT / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
+    assert line in demo
+    path = tmp_path / f"space-{len(list(tmp_path.glob('space-*')))}.yaml"
+    path.write_text(demo.replace(line, replacement))
+    return path
+
+
+def test_a_resumed_study_refuses_a_space_without_its_choices(workspace):  # noqa: F811
+    """Optuna samples a dimension from one fixed set of choices for the life of a study: a run
+    whose space lost one of them is refused before any trial, in one line."""
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
+    smaller = settings_for(workspace, trials=5, space_path=space)
+    runner = FakeRunner()
+    with pytest.raises(UsageError, match=r"started with choices .*: micro_batch_size 4 \(not in"):
+        run_study(prepare_run(smaller), runner)
+    assert runner.requests == []
+    study = optuna.load_study(study_name="s", storage=smaller.storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and "FAIL" not in states
+
+
+def test_a_resumed_study_says_which_new_choices_it_leaves_out(workspace):  # noqa: F811
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    space = _space_file(workspace[0], "lora_r: [4, 8]", "lora_r: [4, 8, 16]")
+    larger = settings_for(workspace, trials=6, space_path=space)
+    events = RunEvents()
+    runner = FakeRunner()
+    study = run_study(prepare_run(larger), runner, events)
+    assert any("not searched: lora_r 16" in note for note in events.notes)
+    assert finished_trial_count(study) == 6
+    assert {r.recipe.lora_r for r in runner.requests} <= {4, 8, None}
+
+
+def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_path, monkeypatch):
+    """A Gemma 2 study started (before the architecture check) with SDPA, which Gemma 2's code
+    refuses: resuming it says so instead of failing in Optuna."""
+    from tests.test_architecture import config_dir
+
+    monkeypatch.chdir(tmp_path)
+    model = config_dir(tmp_path, "gemma2")
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    settings = settings_for(
+        (tmp_path, model, data), space_path=ROOT / "search_spaces" / "default.yaml"
+    )
+    prepared = prepare_run(settings)
+    assert "sdpa" in prepared.unsupported_choices["attention"]
+    old = open_study(settings.storage, "s")
+    old.set_user_attr(SPACE_CHOICES_ATTR, {**prepared.fitting_choices, "attention": ["sdpa"]})
+    old.enqueue_trial({"attention": "sdpa"})  # not a new study: it holds a trial
+    with pytest.raises(UsageError, match=r"attention sdpa \(Gemma2ForCausalLM has no SDPA"):
+        run_study(prepared, FakeRunner())
