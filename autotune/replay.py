@@ -111,6 +111,8 @@ class _Recorder:
 
                 if func is torch.ops.aten._safe_softmax.default:
                     return recorder.safe_softmax(*args, **(kwargs or {}))
+                if func is torch.ops.aten._grouped_mm.default:
+                    return recorder.grouped_mm(*args, **(kwargs or {}))
                 out = func(*args, **(kwargs or {}))
                 for tensor in tree_leaves(out):
                     recorder.track(tensor)
@@ -145,6 +147,28 @@ class _Recorder:
         self.track(masked)
         rows = torch.all(masked, dim=dim, keepdim=True)
         self.track(rows)
+        return out
+
+    def grouped_mm(
+        self, mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None
+    ) -> Any:
+        """The stacked experts' matmul as CUDA runs it for any dtype (bf16 takes the grouped
+        kernel, others a loop of matmuls into the one output); the meta kernel takes bf16 only,
+        and peft's k-bit preparation leaves the experts in fp32. Only the output is allocated."""
+        import torch
+
+        def bf16(tensor: Any) -> Any:
+            if tensor is None or tensor.dtype != torch.float32 and tensor.dtype != torch.float16:
+                return tensor
+            return torch.empty_strided(
+                tensor.shape, tensor.stride(), dtype=torch.bfloat16, device=tensor.device
+            )
+
+        shaped = torch.ops.aten._grouped_mm.default(bf16(mat_a), bf16(mat_b), offs, bf16(bias))
+        out = torch.empty_strided(
+            shaped.shape, shaped.stride(), dtype=out_dtype or mat_a.dtype, device=mat_a.device
+        )
+        self.track(out)
         return out
 
     def _release(self, key: int) -> None:
