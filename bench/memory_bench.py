@@ -36,9 +36,50 @@ from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.child import MEMORY_HISTORY_ENV, MEMORY_SNAPSHOT_NAME  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
 
+MOE_SHAPES = ("qwen1.5-moe-a2.7b",)
+"""Mixtures of experts: 14.3B weights, so LoRA only (a full fine-tune needs more than a card)."""
+
+MOE_GRID = [
+    {"lora_target_modules": ["q_proj", "v_proj"], "micro_batch_size": 1, "seq_len": 1024},
+    {
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "micro_batch_size": 4,
+        "seq_len": 512,
+        "gradient_checkpointing": False,
+    },
+    {
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "quantization": "nf4",
+        "micro_batch_size": 2,
+        "seq_len": 1024,
+    },
+    {
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "quantization": "nf4",
+        "micro_batch_size": 1,
+        "seq_len": 4096,
+    },
+    {
+        # the shared expert's MLP: linear layers, unlike the routed experts' stacked weights
+        "lora_target_modules": ["gate_proj", "up_proj", "down_proj"],
+        "micro_batch_size": 2,
+        "seq_len": 2048,
+    },
+    {
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "micro_batch_size": 8,
+        "seq_len": 1024,
+        "optimizer": "adamw_8bit",
+    },
+]
+"""LoRA and QLoRA on the MoE shape (checkpointing on unless it says otherwise)."""
+
 
 def grid(shape: str) -> list[dict]:
     """Recipes across methods, quantization, precision, optimizers, batch, length, checkpointing."""
+    if shape in MOE_SHAPES:
+        base = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+        return [{**base, "gradient_checkpointing": True, **r} for r in MOE_GRID]
     lora = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
     recipes: list[dict] = []
     for seq_len in (512, 1024, 4096):
@@ -193,14 +234,19 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     """`count` recipes drawn at random (fixed seed) across every setting the model prices, none
     of them in `grid`, each predicted to fit the card with room for a 20% miss and to train at
     most 16k tokens a step on the 7B shape (so a probe takes seconds, not minutes)."""
+    from autotune.architecture import read_architecture
+    from autotune.replay import load_config
+
     spec = load_model_spec(str(CONFIGS[shape]))
+    architecture = read_architecture(load_config(str(CONFIGS[shape])))
     rng = random.Random(f"{shape}-{seed}")
     seen = {json.dumps(r, sort_keys=True) for r in grid(shape) + holdout_picked(shape)}
     recipes: list[dict] = []
     for _ in range(200 * count):
         if len(recipes) == count:
             break
-        kind = rng.choice(("lora", "qlora", "int8", "full", "freeze"))
+        kinds = ("lora", "qlora") if shape in MOE_SHAPES else ("lora", "qlora", "int8")
+        kind = rng.choice(kinds + (() if shape in MOE_SHAPES else ("full", "freeze")))
         fields: dict = {
             "micro_batch_size": rng.choice((1, 2, 4, 8)),
             "seq_len": rng.choice((512, 1024, 2048, 4096)),
@@ -229,19 +275,23 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
                 fields["frozen_layers"] = rng.randint(1, spec.num_layers - 1)
         step_tokens = fields["micro_batch_size"] * fields["gradient_accumulation_steps"]
         step_tokens *= fields["seq_len"]
-        if shape == "qwen2-7b" and step_tokens > 16384:
+        if (shape == "qwen2-7b" or shape in MOE_SHAPES) and step_tokens > 16384:
             continue
         fields = for_shape(shape, [fields])[0]
         key = json.dumps(fields, sort_keys=True)
         recipe = Recipe.from_dict({"model": shape, **fields})
         if key in seen or estimate(spec, recipe).peak_bytes * 1.2 > card_bytes:
             continue
+        if architecture.recipe_problems(recipe):
+            continue  # the model's code cannot run it (all-linear with dropout on the experts)
         seen.add(key)
         recipes.append(fields)
     return recipes
 
 
 def holdout_picked(shape: str) -> list[dict]:
+    if shape in MOE_SHAPES:
+        return []  # its grid has not been measured yet: drawn recipes only
     return for_shape(shape, HOLDOUT_PICKED["qwen2-7b" if shape == "qwen2-7b" else "small"])
 
 

@@ -17,6 +17,7 @@ CONFIGS = {
     "qwen2-0.5b": ROOT / "bench" / "configs" / "qwen2-0.5b.json",
     "llama-3.2-1b": ROOT / "bench" / "configs" / "llama-3.2-1b.json",
     "qwen2-7b": ROOT / "bench" / "configs" / "qwen2-7b.json",
+    "qwen1.5-moe-a2.7b": ROOT / "bench" / "configs" / "qwen1.5-moe-a2.7b.json",
     "demo": ROOT / "demo" / "config.json",
 }
 TOKENIZER = ROOT / "demo" / "tokenizer"

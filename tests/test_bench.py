@@ -63,6 +63,32 @@ def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
     assert not {json.dumps(r["fields"], sort_keys=True) for r in rows} & set(calibration)
 
 
+def test_the_mixture_of_experts_shape_plans_only_recipes_that_run_and_fit():
+    """`memory_bench --shapes qwen1.5-moe-a2.7b` (14.3B weights, 60 stacked experts): LoRA and
+    QLoRA only, each predicted to fit an 80 GB card and accepted by the model's code and peft."""
+    from autotune.architecture import read_architecture
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.replay import load_config
+
+    bench = load_bench("memory_bench")
+    shape = "qwen1.5-moe-a2.7b"
+    config_path = str(load_bench("shared").CONFIGS[shape])
+    spec = load_model_spec(config_path)
+    assert spec.experts == 60 and 14.0e9 < spec.total_params < 14.5e9
+    architecture = read_architecture(load_config(config_path))
+    drawn = bench.holdout(shape, count=6)
+    assert len(drawn) == 6
+    plan = bench.grid(shape) + drawn
+    recipes = [Recipe.from_dict({"model": shape, **fields}) for fields in plan]
+    assert {r.method for r in recipes} == {"lora"}
+    assert {r.quantization for r in recipes} == {"none", "nf4"}
+    for recipe in recipes:
+        assert architecture.recipe_problems(recipe) == [], recipe.label()
+        assert estimate(spec, recipe).peak_bytes * 1.2 < 79 * 2**30, recipe.label()
+
+
 def test_study_bench_cpu_path_resumes_and_measures_noise(tmp_path):
     out = tmp_path / "study.json"
     common = (

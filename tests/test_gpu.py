@@ -163,3 +163,46 @@ def test_a_probe_records_its_allocations_and_the_replay_reads_them(
     assert gpu[0] == replayed.reservations[0]  # the context's small segment
     lines = load_bench("replay_diff").side_by_side(gpu, replayed.reservations)
     assert len(lines) == max(len(gpu), len(replayed.reservations))
+
+
+MID_MIXTRAL = {
+    **{k: v for k, v in MID_SIZE.items() if k not in ("model_type", "architectures")},
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "intermediate_size": 1408,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+"""About 200M parameters, most of them in stacked expert weights."""
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_mixture_of_experts_allocates_on_cuda_what_the_replay_predicts(
+    tmp_path_factory, quantization
+):
+    """The experts' grouped matmul on CUDA (bf16 kernel; under QLoRA fp32 stacked weights and
+    the loop of matmuls) against the replay of the same probe: allocated peaks within 5%."""
+    from autotune.replay import load_config, replay
+    from tests.conftest import load_bench
+
+    models = tmp_path_factory.mktemp("moe")
+    model = build_random_model(MID_MIXTRAL, models / "mid-mixtral", DEMO / "tokenizer")
+    # rows far longer than seq_len: every probe row is full length, as the replay's are
+    data = load_bench("shared").long_rows(models / "long.jsonl", rows=40)
+    request = request_for(
+        model,
+        data,
+        device="cuda",
+        steps=2,
+        lora_target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        quantization=quantization,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        seq_len=512,
+        gradient_checkpointing=True,
+    )
+    result = SubprocessProbeRunner(timeout_seconds=300).run(request, models / quantization)
+    assert result.status == "ok", result.reason
+    replayed = replay(request.recipe, load_config(str(model)))
+    assert replayed.peak_allocated_bytes == pytest.approx(result.peak_allocated_bytes, rel=0.05)
