@@ -144,12 +144,15 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
     other = spec.total_params - linear
     if recipe.quantization == "none":
         return spec.total_params * weight_bytes_per_param(recipe)
-    # prepare_model_for_kbit_training upcasts everything that is not quantized to fp32.
+    # k-bit preparation upcasts what is not quantized to fp32, except the routed experts'
+    # stacked weights, which keep the dtype they were loaded in (training.build.prepare_kbit_base)
     if recipe.quantization == "nf4":
         quantized = linear * NF4_BYTES_PER_PARAM
     else:
         quantized = linear * INT8_BYTES_PER_PARAM
-    return int(quantized + 4 * other)
+    stacked = spec.num_layers * spec.block_stacked_expert_params
+    loaded_bytes = 4 if recipe.precision == "fp32" else 2
+    return int(quantized + 4 * (other - stacked) + loaded_bytes * stacked)
 
 
 def _row_tokens(recipe: Recipe, seq_len: int) -> int:

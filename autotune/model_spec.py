@@ -85,6 +85,11 @@ class ModelSpec:
         return sum(self.expert_tensors())
 
     @property
+    def block_stacked_expert_params(self) -> int:
+        """The routed experts' stacked (3-D) weights of one block, without router and gate."""
+        return sum(self.expert_tensors()[:2])
+
+    @property
     def block_linear_params(self) -> int:
         return sum(a * b for a, b in self.linear_shapes().values())
 

@@ -3,7 +3,7 @@
 The model is built from its config on torch's meta device (shapes and dtypes, no data, no GPU),
 loaded, quantized, adapted and trained for a few steps by the same code a probe runs:
 transformers' model, bitsandbytes' quantization and 8-bit optimizers (their fake kernels),
-peft's adapters and k-bit preparation, the probe's own `prepare_model` and `build_optimizer`.
+peft's adapters, the probe's own k-bit preparation, `prepare_model` and `build_optimizer`.
 Every storage the replay allocates and frees goes, in order, through a model of PyTorch's
 CUDA caching allocator (autotune.allocator), whose peak reserved bytes plus the CUDA context is
 the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU.
@@ -27,7 +27,6 @@ padding-free batches are replayed as one causal sequence per row.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 import weakref
 from collections import defaultdict
@@ -154,7 +153,7 @@ class _Recorder:
     ) -> Any:
         """The stacked experts' matmul as CUDA runs it for any dtype (bf16 takes the grouped
         kernel, others a loop of matmuls into the one output); the meta kernel takes bf16 only,
-        and peft's k-bit preparation leaves the experts in fp32. Only the output is allocated."""
+        and amp precisions keep the experts in fp32. Only the output is allocated."""
         import torch
 
         def bf16(tensor: Any) -> Any:
@@ -503,9 +502,9 @@ def _replay(
 ) -> Replay:
     import copy
 
-    import peft
     import torch
 
+    from autotune.training import build
     from autotune.training.build import autocast_dtype, prepare_model
 
     seq_len = seq_len or recipe.seq_len
@@ -513,24 +512,16 @@ def _replay(
     recorder = _Recorder(allocator)
     amp = autocast_dtype(recipe)
     autocast = _Autocast(amp) if amp is not None else None
-    original_prepare = peft.prepare_model_for_kbit_training
-    clears_cache = "auto_clear_cache" in inspect.signature(original_prepare).parameters
-
-    def prepare_for_kbit(*args: Any, **kwargs: Any) -> Any:
-        prepared = original_prepare(*args, **kwargs)
-        if clears_cache and kwargs.get("auto_clear_cache", True):
-            allocator.empty_cache()
-        return prepared
-
     model = _meta_model(recipe, copy.deepcopy(config))
     with _fresh_bitsandbytes_caches(), _cuda_behaviour(recipe, autocast), recorder.mode:
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
-        peft.prepare_model_for_kbit_training = prepare_for_kbit
+        original_release = build.release_cached_memory
+        build.release_cached_memory = allocator.empty_cache  # torch.cuda.empty_cache()
         try:
             model = prepare_model(model, recipe)
         finally:
-            peft.prepare_model_for_kbit_training = original_prepare
+            build.release_cached_memory = original_release
         recorder.phase = "optimizer"
         optimizer, paged = _optimizer(model, recipe, recorder)
         workspaces: list[Any] = []

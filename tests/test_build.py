@@ -69,3 +69,43 @@ def test_eight_bit_optimizers(tiny_model):
 def test_attention_implementation_follows_the_recipe(tiny_model):
     _, model = build(tiny_model, lora_r=4, attention="eager")
     assert model.get_base_model().config._attn_implementation == "eager"
+
+
+def test_kbit_preparation_upcasts_what_peft_does_but_the_stacked_experts(tmp_path):
+    """Under QLoRA a mixture's routed experts (stacked 3-D weights, never quantized) stay in
+    bf16; router, norms and head go to fp32 as peft's preparation takes them; on a dense
+    model the result is peft's own. The formula prices the weights as built."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.training.build import load_model, prepare_kbit_base
+    from tests.conftest import load_bench
+    from tests.test_replay import MIXTRAL_CUT
+
+    mixtral = load_bench("memory_trace").build_cut_model(MIXTRAL_CUT, tmp_path / "mixtral")
+    recipe, model = build(
+        mixtral, quantization="nf4", lora_r=4, lora_target_modules=["q_proj", "v_proj"]
+    )
+    half = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert half == {"gate_up_proj", "down_proj"}
+    router = model.get_base_model().model.layers[0].mlp.gate.weight
+    assert router.dtype == torch.float32
+    assert model.get_base_model().lm_head.weight.dtype == torch.float32
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    frozen += sum(b.numel() * b.element_size() for b in model.buffers())
+    priced = estimate(load_model_spec(str(mixtral)), recipe).breakdown["weights"]
+    assert priced == pytest.approx(frozen, rel=0.01)
+
+    dense = tmp_path / "dense"
+    qwen2 = {k: v for k, v in MIXTRAL_CUT.items() if "expert" not in k}
+    load_bench("memory_trace").build_cut_model({**qwen2, "model_type": "qwen2"}, dense)
+    dense_recipe = recipe.replace(model=str(dense))
+    ours = prepare_kbit_base(load_model(dense_recipe, "cpu")[0])
+    peft_s = prepare_model_for_kbit_training(
+        load_model(dense_recipe, "cpu")[0], use_gradient_checkpointing=False
+    )
+    assert [(n, p.dtype, p.requires_grad) for n, p in ours.named_parameters()] == [
+        (n, p.dtype, p.requires_grad) for n, p in peft_s.named_parameters()
+    ]

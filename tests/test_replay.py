@@ -59,13 +59,15 @@ MIXTRAL_CUT = {
 """Mixtral's architecture (stacked expert weights, router) at CPU widths."""
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize(
+    ("quantization", "precision"), [("none", "bf16"), ("nf4", "bf16"), ("none", "amp_bf16")]
+)
 def test_replay_of_a_mixture_of_experts_allocates_what_a_real_step_allocates(
-    tmp_path, quantization
+    tmp_path, quantization, precision
 ):
-    """The experts' grouped matmul has a meta kernel for bf16 only; under QLoRA peft's k-bit
-    preparation leaves the stacked experts in fp32, which CUDA multiplies in a loop of matmuls
-    into one output. The replay follows that, and a real CPU step agrees."""
+    """The experts' grouped matmul has a meta kernel for bf16 only; with fp32 stacked experts
+    (amp_bf16 keeps fp32 weights) CUDA multiplies them in a loop of matmuls into one output.
+    The replay follows both, and a real CPU step agrees (QLoRA keeps the experts in bf16)."""
     model = load_bench("memory_trace").build_cut_model(MIXTRAL_CUT, tmp_path / "mixtral")
     recipe = Recipe.from_dict(
         {
@@ -75,6 +77,7 @@ def test_replay_of_a_mixture_of_experts_allocates_what_a_real_step_allocates(
             "lora_dropout": 0.0,
             "lora_target_modules": ["q_proj", "v_proj"],
             "quantization": quantization,
+            "precision": precision,
             "attention": "eager",
             "micro_batch_size": 2,
             "gradient_accumulation_steps": 1,

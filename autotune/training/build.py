@@ -148,16 +148,46 @@ def _write_copy(model: Any, target: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def prepare_kbit_base(model: Any) -> Any:
+    """peft's k-bit preparation (`prepare_model_for_kbit_training`, less the checkpointing that
+    `prepare_model` sets up itself): every base weight frozen, and what bitsandbytes did not
+    quantize upcast to fp32 for stable norms and head, in peft's order, then the CUDA cache
+    emptied. One difference: the stacked weights of a mixture's routed experts (3-D, not linear
+    layers, so never quantized) stay in their half dtype. Frozen, they gain nothing from fp32,
+    which would double the model's largest part and send the experts' grouped matmul from its
+    bf16 kernel to a loop of fp32 matmuls."""
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in model.parameters():
+        if (
+            param.dtype in (torch.float16, torch.bfloat16)
+            and type(param).__name__ != "Params4bit"
+            and param.dim() < 3
+        ):
+            param.data = param.data.to(torch.float32)
+    release_cached_memory()
+    return model
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's unused segments back, as peft does after upcasting."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def prepare_model(model: Any, recipe: Recipe) -> Any:
     """Make a loaded base trainable as the recipe says: k-bit preparation, adapters, frozen
     blocks, checkpointing; in training mode."""
     checkpointing_kwargs = {"use_reentrant": False}
     if recipe.method == "lora":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
 
         if recipe.quantization != "none":
-            # Upcasts what is not quantized to fp32; checkpointing is switched on below.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model = prepare_kbit_base(model)  # checkpointing is switched on below
         targets = recipe.lora_target_modules
         model = get_peft_model(
             model,
