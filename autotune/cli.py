@@ -383,10 +383,9 @@ def train(
     import yaml
 
     from autotune.architecture import check_recipe
-    from autotune.memory import estimate as estimate_memory
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
-    from autotune.replay import load_config
+    from autotune.replay import load_config, predict
     from autotune.study import resolve_device
     from autotune.training.train import train as train_model
     from autotune.units import format_bytes, parse_bytes
@@ -398,8 +397,9 @@ def train(
     loaded = Recipe.load(recipe)
     measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
     spec = load_model_spec(loaded.model) if loaded.model else None
-    if loaded.model:
-        check_recipe(loaded, load_config(loaded.model), str(recipe))
+    config = load_config(loaded.model) if loaded.model else None
+    if config is not None:
+        check_recipe(loaded, config, str(recipe))
     budget_bytes = parse_bytes(budget) if budget else None
     device_name = resolve_device(device)
     console = _console()
@@ -433,7 +433,11 @@ def train(
     memory = format_bytes(report.peak_memory_bytes)
     if report.memory_source == "cpu_peak_rss_delta":
         memory = f"{memory} (CPU RSS growth, not GPU memory)"
-    predicted = format_bytes(estimate_memory(spec, loaded).peak_bytes) if spec else "?"
+    predicted = "?"
+    if spec is not None:
+        # as `estimate` and a study predict it: the replay, the formula where it cannot run
+        estimated, memory_model, _ = predict(spec, loaded, config)
+        predicted = f"{format_bytes(estimated.peak_bytes)} ({memory_model})"
     probe_speed = measured.get("tokens_per_second")
     console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
     console.print(

@@ -15,6 +15,7 @@ import yaml
 from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
+from autotune.units import format_bytes
 from tests.conftest import DEMO, write_jsonl
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
@@ -127,6 +128,14 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     )
     assert trained.returncode == 0, trained.stderr
     assert "trained 2 steps" in trained.stdout and "probe measured" in trained.stdout
+    # the prediction beside the measured peak is the one `estimate` and the study make
+    estimated = autotune(
+        "estimate",
+        *("--model", str(tiny_model), "--recipe", "reports/e2e-recipe.yaml", "--json"),
+        cwd=tmp_path,
+    )
+    predicted = format_bytes(json.loads(estimated.stdout)["peak_bytes"])
+    assert f"predicted {predicted} (replay)" in " ".join(trained.stdout.split())  # unwrapped
     assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
     assert any((tmp_path / "model-out").glob("*.safetensors"))
     assert (tmp_path / "model-out" / "adapter_config.json").exists()
