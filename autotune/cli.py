@@ -158,10 +158,9 @@ def run(
         RunEvents,
         RunSettings,
         TrialSummary,
-        describe_ruled_out,
-        describe_unsupported,
         finished_trial_count,
         measured_points,
+        not_searched,
         prepare_run,
         redact_url,
         run_study,
@@ -201,16 +200,8 @@ def run(
         f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
         f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
     )
-    if prepared.unsupported_choices:
-        console.print(
-            "not searched, the model cannot run them: "
-            + describe_unsupported(prepared.unsupported_choices)
-        )
-    if prepared.ruled_out_choices:
-        console.print(
-            "not searched, no recipe with them fits the budget (predicted): "
-            + describe_ruled_out(prepared.ruled_out_choices)
-        )
+    for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
+        console.print(line)
     with _progress(console, transient=True) as progress:
         task = progress.add_task("trials", total=trials)
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from autotune.export import write_text
 from autotune.pareto import frontier
-from autotune.study import OBJECTIVE_NAMES, confirmations, measured_points
+from autotune.study import OBJECTIVE_NAMES, confirmations, measured_points, not_searched
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
@@ -39,6 +39,8 @@ class ReportData(NamedTuple):
     """Objective -> parameter -> importance (Optuna's evaluator), where it could be computed."""
     time_text: str = ""
     """Trials and probes an hour, and where the median probe's time went."""
+    space_lines: tuple[str, ...] = ()
+    """Choices of the space file the study left out, and why."""
 
 
 def trial_seconds(trial: Any) -> float | None:
@@ -103,6 +105,12 @@ def report_data(study: Any) -> ReportData:
         ),
         importances=objective_importances(study),
         time_text=time_description(frame),
+        space_lines=tuple(
+            not_searched(
+                study.user_attrs.get("unsupported_choices") or {},
+                study.user_attrs.get("ruled_out_choices") or {},
+            )
+        ),
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
         if len(frame)
@@ -517,6 +525,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}</style></head><body>
 <p>Memory figures: {html.escape(sources)}.</p>
 <p>{html.escape(data.data_text)}</p>
 <p>{html.escape(data.time_text)}</p>
+{"".join(f"<p>{html.escape(line[0].upper() + line[1:])}.</p>" for line in data.space_lines)}
 <ul class="readings">{"".join(f"<li>{html.escape(line)}</li>" for line in data.readings)}</ul>
 {"".join(charts)}
 <h2>Trials</h2>

@@ -364,6 +364,23 @@ def describe_unsupported(unsupported: dict[str, dict[str, str]]) -> str:
     )
 
 
+def not_searched(
+    unsupported: dict[str, dict[str, str]], ruled_out: dict[str, dict[str, int]]
+) -> list[str]:
+    """What a study leaves out of its space file and why, a line per reason (CLI and report)."""
+    lines = []
+    if unsupported:
+        lines.append(
+            "not searched, the model cannot run them: " + describe_unsupported(unsupported)
+        )
+    if ruled_out:
+        lines.append(
+            "not searched, no recipe with them fits the budget (predicted): "
+            + describe_ruled_out(ruled_out)
+        )
+    return lines
+
+
 def budget_fit(
     space: SearchSpace, model: str, spec: ModelSpec, seq_len: int, budget_bytes: int
 ) -> BudgetFit:

@@ -18,15 +18,18 @@ from autotune.errors import UsageError
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import Recipe
 from autotune.replay import load_config
+from autotune.report import render_html, report_data
 from autotune.space import SearchSpace
 from autotune.study import (
     ProbeCrashed,
     _ReportedCrashes,
+    describe_unsupported,
     prepare_run,
+    run_study,
     supported_space,
 )
 from tests.conftest import DEMO, ROOT, write_jsonl
-from tests.test_study import settings_for
+from tests.test_study import FakeRunner, settings_for
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 SMALL = {
@@ -164,6 +167,10 @@ def test_the_search_space_keeps_what_the_model_can_run(
     prepared = prepare_run(settings)
     assert prepared.unsupported_choices == unsupported
     assert set(prepared.space.choices()[dimension]) == kept
+    fewer = dataclasses.replace(prepared.settings, trials=2)
+    study = run_study(dataclasses.replace(prepared, settings=fewer), FakeRunner())
+    page = render_html(report_data(study))
+    assert "Not searched, the model cannot run them: " + describe_unsupported(unsupported) in page
 
 
 def test_a_model_with_everything_supported_keeps_the_space():

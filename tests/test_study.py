@@ -28,6 +28,7 @@ from autotune.study import (
     run_study,
 )
 from autotune.training.io import ProbeRequest, ProbeResult
+from autotune.units import format_bytes
 from tests.conftest import DEMO, write_jsonl
 
 DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
@@ -376,6 +377,11 @@ def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
 
     study = run_study(prepared, FakeRunner())
     assert study.user_attrs["space_choices"] == prepared.fitting_choices
+    # the report says what was left out and why, as the run did
+    page = render_html(report_data(study))
+    smallest = format_bytes(ruled_out["method"]["full"])
+    assert "Not searched, no recipe with them fits the budget (predicted): " in page
+    assert f"method full ({smallest} at least)" in page
     for trial in study.trials:
         for name, value in trial.params.items():
             assert value in prepared.fitting_choices[name]
