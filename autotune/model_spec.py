@@ -71,14 +71,22 @@ class ModelSpec:
             shapes.update(gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
         return shapes
 
-    def expert_tensors(self) -> list[int]:
-        """Elements of each stacked expert weight of one block: gate and up projections, down
-        projection, the router (and the shared expert's one-output gate where there is one)."""
+    def stacked_expert_tensors(self) -> list[int]:
+        """Elements of the routed experts' stacked (3-D) weights of one block: the gate and up
+        projections, and the down projection."""
         if not self.experts:
             return []
         h, e, i = self.hidden_size, self.experts, self.expert_intermediate_size
-        tensors = [e * 2 * i * h, e * h * i, e * h]
-        return tensors + ([h] if self.intermediate_size else [])
+        return [e * 2 * i * h, e * h * i]
+
+    def expert_tensors(self) -> list[int]:
+        """Elements of each expert weight of one block: the stacked ones, the router (and the
+        shared expert's one-output gate where there is one)."""
+        if not self.experts:
+            return []
+        router = [self.experts * self.hidden_size]
+        gate = [self.hidden_size] if self.intermediate_size else []
+        return self.stacked_expert_tensors() + router + gate
 
     @property
     def block_expert_params(self) -> int:
@@ -86,8 +94,7 @@ class ModelSpec:
 
     @property
     def block_stacked_expert_params(self) -> int:
-        """The routed experts' stacked (3-D) weights of one block, without router and gate."""
-        return sum(self.expert_tensors()[:2])
+        return sum(self.stacked_expert_tensors())
 
     @property
     def block_linear_params(self) -> int:

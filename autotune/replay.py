@@ -157,7 +157,7 @@ class _Recorder:
         import torch
 
         def bf16(tensor: Any) -> Any:
-            if tensor is None or tensor.dtype != torch.float32 and tensor.dtype != torch.float16:
+            if tensor is None or tensor.dtype not in (torch.float32, torch.float16):
                 return tensor
             return torch.empty_strided(
                 tensor.shape, tensor.stride(), dtype=torch.bfloat16, device=tensor.device

@@ -245,8 +245,12 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     for _ in range(200 * count):
         if len(recipes) == count:
             break
-        kinds = ("lora", "qlora") if shape in MOE_SHAPES else ("lora", "qlora", "int8")
-        kind = rng.choice(kinds + (() if shape in MOE_SHAPES else ("full", "freeze")))
+        kinds = (
+            ("lora", "qlora")
+            if shape in MOE_SHAPES
+            else ("lora", "qlora", "int8", "full", "freeze")
+        )
+        kind = rng.choice(kinds)
         fields: dict = {
             "micro_batch_size": rng.choice((1, 2, 4, 8)),
             "seq_len": rng.choice((512, 1024, 2048, 4096)),
