@@ -261,10 +261,11 @@ class BudgetFit:
 
 def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
     """'method full (31.95 GiB at least), micro_batch_size 8 (32.88 GiB at least), ...'"""
-    return ", ".join(
-        f"{name} {choice} ({format_bytes(peak)} at least)"
-        for name, peaks in ruled_out.items()
-        for choice, peak in peaks.items()
+    return describe_unsupported(
+        {
+            name: {choice: f"{format_bytes(peak)} at least" for choice, peak in peaks.items()}
+            for name, peaks in ruled_out.items()
+        }
     )
 
 

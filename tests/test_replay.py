@@ -127,6 +127,26 @@ def test_replay_predicts_measured_h100_peaks(shape, label, seq_len):
     assert sum(estimate.breakdown.values()) == estimate.peak_bytes
 
 
+@pytest.mark.parametrize(
+    ("shape", "label", "seq_len"),
+    [
+        ("qwen2-0.5b", "freeze 8 bf16 mb4", 1024),
+        ("qwen2-0.5b", "LoRA r16 all-linear amp_bf16 mb4 gc", 2048),
+    ],
+)
+def test_replay_misses_of_the_reserved_peak_are_the_allocators(shape, label, seq_len):
+    """The two H100 rows whose reserved peak the replay misses most (besides int8 and QLoRA at
+    seq 4096): the GPU reserved 10-18% more than the replay, yet allocated what the replay
+    allocates, so the tensors are right and what is left is the caching allocator's model
+    (bench/results/memory_replay_h100.json, replay_allocated_error)."""
+    row = _h100_row(shape, label, seq_len)
+    recipe = Recipe.from_dict({"model": shape, **row["fields"]})
+    result = replay(recipe, load_config(str(CONFIGS[shape])))
+    assert result.peak_allocated_bytes == pytest.approx(row["measured_allocated_bytes"], rel=0.002)
+    measured_reserved = row["measured_peak_bytes"] - row["cuda_context_bytes"]
+    assert result.peak_reserved_bytes < 0.95 * measured_reserved
+
+
 def test_paged_states_stay_outside_the_allocator():
     config = load_config(str(CONFIGS["llama-3.2-1b"]))
     fields = {"method": "full", "micro_batch_size": 1, "seq_len": 256}
