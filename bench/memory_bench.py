@@ -77,10 +77,9 @@ MOE_GRID = [
 
 def grid(shape: str) -> list[dict]:
     """Recipes across methods, quantization, precision, optimizers, batch, length, checkpointing."""
-    if shape in MOE_SHAPES:
-        base = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
-        return [{**base, "gradient_checkpointing": True, **r} for r in MOE_GRID]
     lora = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+    if shape in MOE_SHAPES:
+        return [{**lora, "gradient_checkpointing": True, **r} for r in MOE_GRID]
     recipes: list[dict] = []
     for seq_len in (512, 1024, 4096):
         for micro in (1, 4, 8):
@@ -241,15 +240,13 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     architecture = read_architecture(load_config(str(CONFIGS[shape])))
     rng = random.Random(f"{shape}-{seed}")
     seen = {json.dumps(r, sort_keys=True) for r in grid(shape) + holdout_picked(shape)}
+    kinds = (
+        ("lora", "qlora") if shape in MOE_SHAPES else ("lora", "qlora", "int8", "full", "freeze")
+    )
     recipes: list[dict] = []
     for _ in range(200 * count):
         if len(recipes) == count:
             break
-        kinds = (
-            ("lora", "qlora")
-            if shape in MOE_SHAPES
-            else ("lora", "qlora", "int8", "full", "freeze")
-        )
         kind = rng.choice(kinds)
         fields: dict = {
             "micro_batch_size": rng.choice((1, 2, 4, 8)),
@@ -366,7 +363,7 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
     errors: dict[str, list[float]] = {}
     allocated_errors: dict[str, list[float]] = {}
     replay_errors: dict[str, list[float]] = {}
-    replay_allocated_errors: dict[str, list[float]] = {}
+    replay_allocated_errors: list[float] = []
     for row in rows:
         if not row.get("measured_peak_bytes"):
             continue
@@ -399,9 +396,7 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
                 row["replay_allocated_error"] = (
                     replayed.allocated_bytes / row["measured_allocated_bytes"] - 1
                 )
-                replay_allocated_errors.setdefault(grid_name, []).append(
-                    row["replay_allocated_error"]
-                )
+                replay_allocated_errors.append(row["replay_allocated_error"])
     summary: dict[str, dict] = {}
     for grid_name, values in errors.items():
         summary[grid_name] = _error_summary(values)
@@ -412,9 +407,8 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
     if replay_errors:
         summary["replay"] = {name: _error_summary(v) for name, v in replay_errors.items()}
         summary["replay"]["all"] = _error_summary([v for vs in replay_errors.values() for v in vs])
-        allocated = [v for vs in replay_allocated_errors.values() for v in vs]
-        if allocated:
-            summary["replay"]["all_allocated"] = _error_summary(allocated)
+        if replay_allocated_errors:
+            summary["replay"]["all_allocated"] = _error_summary(replay_allocated_errors)
         summary["formula_all"] = _error_summary([v for vs in errors.values() for v in vs])
     return summary
 

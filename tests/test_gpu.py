@@ -180,8 +180,9 @@ MID_MIXTRAL = {
 def test_a_mixture_of_experts_allocates_on_cuda_what_the_replay_predicts(
     tmp_path_factory, quantization
 ):
-    """The experts' grouped matmul on CUDA (bf16 kernel; under QLoRA fp32 stacked weights and
-    the loop of matmuls) against the replay of the same probe: allocated peaks within 5%."""
+    """The experts' grouped matmul on CUDA (its bf16 kernel; k-bit preparation keeps the stacked
+    weights in bf16 under QLoRA too) against the replay of the same probe: allocated peaks
+    within 5%."""
     from autotune.replay import load_config, replay
     from tests.conftest import load_bench
 
