@@ -6,25 +6,47 @@ BIN := $(VENV)/bin
 # (PIP_FIND_LINKS), else from PyTorch's CPU index. With a GPU, PyPI's CUDA build.
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Exact versions of every package the tests passed with; `make lock` refreshes it.
+LOCK := constraints.txt
+LOCK_VENV := .lock-venv
 
 DEMO_ARGS := --model demo/model --data demo/train.jsonl --budget 4GB \
-	--space search_spaces/demo.yaml --trials 8 --probe-steps 6 --seq-len 128 --study demo
+	--space autotune/search_spaces/demo.yaml --trials 8 --probe-steps 6 --seq-len 128 --study demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# torch first: the CPU build where there is no GPU (from pip's local wheels or PyTorch's CPU
+# index), so that resolving the rest does not pull PyPI's CUDA build.
+define install_torch
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: torch with CUDA comes from PyPI"; \
 	else \
 		echo "no GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(BIN)/pip install --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(BIN)/pip install --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(1)/pip install --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(1)/pip install --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e '.[dev]'
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(call install_torch,$(BIN))
+	$(BIN)/pip install -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Resolve pyproject's ranges afresh in a new environment and pin what that gives. torch is
+# pinned without its local label (+cpu), so the same file serves CUDA builds.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(call install_torch,$(LOCK_VENV)/bin)
+	$(LOCK_VENV)/bin/pip install '.[dev]'
+	{ echo "# Exact versions for make setup and CI: pip install -c $(LOCK) -e '.[dev]'."; \
+	  echo "# Made by \`make lock\` on $$(date -u +%Y-%m-%d) with Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -iv '^autotune[ =@]' | sed 's/+cpu$$//'; \
+	} > $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 demo/model/model.safetensors: demo/config.json demo/tokenizer/tokenizer.json | setup
 	$(BIN)/python -m autotune.random_model demo/config.json demo/model --tokenizer demo/tokenizer
@@ -39,4 +61,4 @@ lint: setup
 	$(BIN)/ruff check autotune tests bench
 
 clean:
-	rm -rf demo/model trials/*.db trials/*/ reports/*.html reports/*.yaml
+	rm -rf $(LOCK_VENV) demo/model trials/*.db trials/*/ reports/*.html reports/*.yaml

@@ -31,6 +31,9 @@ class Architecture:
     attention_refusals: dict[str, str]
     """Attention implementation a recipe may name -> why this model cannot use it; those that
     work are absent."""
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()
+    """(last name, output width, input width) of each distinct linear layer below the head:
+    the layers bitsandbytes quantizes."""
     stacked_weights: bool = False
     """Whether the model holds weights that are not in linear layers but that peft may adapt
     (a mixture of experts' stacked expert weights): only then is peft asked about a target set
@@ -66,9 +69,22 @@ class Architecture:
             )
         return _PEFT_REFUSALS[key]
 
-    def recipe_problems(self, recipe: Recipe) -> list[str]:
-        """Why `recipe` cannot run on this model, one line per problem; empty when it can."""
+    def quantization_refusal(self, quantization: str, device: str | None) -> str:
+        """Why this model cannot run `quantization` on `device` ("" when it can): NF4 on a CPU
+        whose bitsandbytes kernel refuses some of its layer widths (autotune.cpu_nf4)."""
+        if quantization != "nf4" or device != "cpu":
+            return ""
+        from autotune.cpu_nf4 import nf4_cpu_refusal
+
+        return nf4_cpu_refusal(self.linear_shapes)
+
+    def recipe_problems(self, recipe: Recipe, device: str | None = None) -> list[str]:
+        """Why `recipe` cannot run on this model (on `device`, where it matters), one line per
+        problem; empty when it can."""
         problems = []
+        refusal = self.quantization_refusal(recipe.quantization, device)
+        if refusal:
+            problems.append(f"quantization {recipe.quantization}: {refusal}")
         if recipe.method == "lora":
             targets = recipe.lora_target_modules
             refusal = self.lora_refusal(targets, recipe.lora_dropout or 0.0)
@@ -140,14 +156,25 @@ def _read(config: Any, run: Callable[..., Any] | None) -> Architecture:
 
     model = _meta_model(config)
     head = model.get_output_embeddings()
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
-    }
+    shapes = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear):
+            shapes.add((last, module.out_features, module.in_features))
+        elif isinstance(module, Conv1D):  # weight stored (in, out)
+            shapes.add((last, module.nf, module.weight.shape[0]))
+    names = {name for name, _, _ in shapes}
     stacked = any(parameter.dim() > 2 for parameter in model.parameters())
     return Architecture(
-        type(model).__name__, tuple(sorted(names)), _refusals(model), stacked, config, run
+        type(model).__name__,
+        tuple(sorted(names)),
+        _refusals(model),
+        tuple(sorted(shapes)),
+        stacked,
+        config,
+        run,
     )
 
 
@@ -168,9 +195,10 @@ def read_architecture(config: Any, run: Callable[..., Any] | None = None) -> Arc
     return _READ[key]
 
 
-def check_recipe(recipe: Recipe, config: Any, source: str) -> None:
-    """Raise UsageError with what of `recipe` the model of `config` cannot run, if anything."""
+def check_recipe(recipe: Recipe, config: Any, source: str, device: str | None = None) -> None:
+    """Raise UsageError with what of `recipe` the model of `config` cannot run (on `device`,
+    where it matters), if anything."""
     architecture = read_architecture(config)
-    problems = architecture.recipe_problems(recipe) if architecture else []
+    problems = architecture.recipe_problems(recipe, device) if architecture else []
     if problems:
         raise UsageError.collect(problems, source)

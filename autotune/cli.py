@@ -104,7 +104,7 @@ def run(
     data: Path = typer.Option(..., "--data", "-d", help="JSONL training data."),
     budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
     space: Path | None = typer.Option(
-        None, "--space", help="Search space YAML (default: search_spaces/default.yaml)."
+        None, "--space", help="Search space YAML (default: the one shipped with autotune)."
     ),
     trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold."),
     timeout: str | None = typer.Option(
@@ -161,6 +161,7 @@ def run(
         finished_trial_count,
         measured_points,
         not_searched,
+        nothing_measured_line,
         prepare_run,
         redact_url,
         run_study,
@@ -283,7 +284,7 @@ def run(
         )
         console.print(f"recipe (balanced): {recipe_file}")
     else:
-        console.print("no recipe was measured within the budget, so none was exported")
+        console.print(nothing_measured_line(result_study))
 
 
 @app.command()
@@ -389,10 +390,10 @@ def train(
     measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
     spec = load_model_spec(loaded.model) if loaded.model else None
     config = load_config(loaded.model) if loaded.model else None
-    if config is not None:
-        check_recipe(loaded, config, str(recipe))
     budget_bytes = parse_bytes(budget) if budget else None
     device_name = resolve_device(device)
+    if config is not None:
+        check_recipe(loaded, config, str(recipe), device_name)
     console = _console()
     with _progress(console, transient=False) as progress:
         task = progress.add_task("training", total=None)
@@ -551,6 +552,9 @@ def data_inspect(
 
 
 def main() -> None:
+    from autotune.cpu_nf4 import quiet_kernel_hub_notice
+
+    quiet_kernel_hub_notice()
     try:
         app()
     except UsageError as error:

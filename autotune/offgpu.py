@@ -16,10 +16,15 @@ Result = TypeVar("Result")
 _WORKER: Any = None
 
 
-def _hide_gpus() -> None:
+def _start_worker(parent_pid: int) -> None:
     import os
 
+    from autotune.cpu_nf4 import quiet_kernel_hub_notice
+    from autotune.lifetime import exit_with_parent
+
+    exit_with_parent(parent_pid)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    quiet_kernel_hub_notice()
 
 
 def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
@@ -28,12 +33,14 @@ def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
     if _WORKER is None:
         import atexit
         import multiprocessing
+        import os
         from concurrent.futures import ProcessPoolExecutor
 
         _WORKER = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_hide_gpus,
+            initializer=_start_worker,
+            initargs=(os.getpid(),),
         )
         atexit.register(_WORKER.shutdown, cancel_futures=True)
     return _WORKER.submit(function, *args).result()

@@ -142,6 +142,7 @@ class ProbeServer:
         env = dict(os.environ)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        env[PARENT_ENV] = str(os.getpid())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "autotune.training.zygote"],
             stdin=subprocess.PIPE,

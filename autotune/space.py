@@ -1,4 +1,5 @@
-"""The search space: which recipes a study may try, read from search_spaces/*.yaml.
+"""The search space: which recipes a study may try, read from a YAML file (the
+shipped ones are in autotune/search_spaces/).
 
 A space file names the choices of each dimension; `suggest` turns an Optuna trial into a Recipe
 and `recipe_params` turns a Recipe back into trial parameters (for enqueued baselines).
@@ -27,7 +28,7 @@ from autotune.recipe import (
     Recipe,
 )
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
 
 # The trial parameter names; a space file uses the same names for its dimensions.

@@ -270,13 +270,14 @@ def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
 
 
 def supported_space(
-    space: SearchSpace, architecture: Architecture | None
+    space: SearchSpace, architecture: Architecture | None, device: str | None = None
 ) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
-    """The space without the LoRA target sets and attention implementations the model cannot
-    run, and why each left out; where none of a dimension's choices runs, what usually does
-    (all-linear, eager) takes their place, so a space written for the Llama family still
-    searches Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the
-    stacked expert weights of a mixture of experts), the other methods are searched."""
+    """The space without the LoRA target sets, quantizations (on `device`) and attention
+    implementations the model cannot run, and why each left out; where none of a dimension's
+    choices runs, what usually does (all-linear, eager, no quantization) takes their place,
+    so a space written for the Llama family still searches Gemma 2 or GPT-NeoX; where no LoRA
+    runs at all (peft refuses dropout on the stacked expert weights of a mixture of experts),
+    the other methods are searched."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
@@ -289,13 +290,24 @@ def supported_space(
         refusal = architecture.attention_refusals.get(choice)
         if refusal:
             unsupported.setdefault("attention", {})[choice] = refusal
+    if "lora" in space.method:
+        for choice in space.quantization:
+            refusal = architecture.quantization_refusal(choice, device)
+            if refusal:
+                unsupported.setdefault("quantization", {})[choice] = refusal
     if not unsupported:
         return space, {}
     refused = unsupported.get("lora_target_modules", {})
     targets = {n: t for n, t in space.lora_target_modules.items() if n not in refused}
     if not targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
         targets = {"all-linear": "all-linear"}
-    changes: dict[str, Any] = {"lora_target_modules": targets}
+    quantization = tuple(
+        c for c in space.quantization if c not in unsupported.get("quantization", {})
+    )
+    changes: dict[str, Any] = {
+        "lora_target_modules": targets,
+        "quantization": quantization or ("none",),
+    }
     if not targets:
         # no LoRA at all on this model with this space: search the other methods
         changes["method"] = tuple(m for m in space.method if m != "lora")
@@ -304,7 +316,7 @@ def supported_space(
         unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
         for choice in space.quantization:
             if choice != "none":
-                unsupported.setdefault("quantization", {})[choice] = "trains LoRA only"
+                unsupported.setdefault("quantization", {}).setdefault(choice, "trains LoRA only")
         if not changes["method"]:
             raise UsageError(
                 f"{space.source}: no LoRA target set runs on {architecture.name} ("
@@ -435,7 +447,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     # GPU: off this process then, so the probes keep the memory; on a CPU here, in it
     run = None if device == "cpu" else run_off_gpu
     architecture = read_architecture(model_config, run) if model_config is not None else None
-    space, unsupported = supported_space(SearchSpace.load(settings.space_path), architecture)
+    space, unsupported = supported_space(
+        SearchSpace.load(settings.space_path), architecture, device
+    )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
     fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)
@@ -1217,6 +1231,38 @@ def measured_points(study: Any) -> list[Point]:
             memory, speed, loss = trial.values
             points.append(Point(trial.number, memory, speed, loss))
     return points
+
+
+PROBE_FAILURE_WORDS = {
+    "crash": "crashed",
+    "timeout": "timed out",
+    "oom": "ran out of memory",
+    "nan": "had a non-finite loss",
+    "interrupted": "was interrupted",
+}
+"""A trial's status when its probe did not finish -> how the run's end says it."""
+
+
+def nothing_measured_line(study: Any) -> str:
+    """Why a study has no measured recipe, in one line: the probes that did not finish, with
+    the first reason of each kind, or that nothing measured fit the budget."""
+    from collections import Counter
+
+    trials = study.get_trials(deepcopy=False)
+    statuses = [t.user_attrs.get("status") for t in trials]
+    if "measured" in statuses or not any(s in PROBE_FAILURE_WORDS for s in statuses):
+        return "no recipe was measured within the budget, so none was exported"
+    counts = Counter(s for s in statuses if s in PROBE_FAILURE_WORDS)
+    reasons: dict[str, str] = {}
+    for trial in trials:
+        status = trial.user_attrs.get("status")
+        if status in counts and status not in reasons:
+            reasons[status] = str(trial.user_attrs.get("reason") or "no reason recorded")
+    parts = [
+        f"{count} trial{'s' if count > 1 else ''} {PROBE_FAILURE_WORDS[status]}: {reasons[status]}"
+        for status, count in counts.most_common()
+    ]
+    return "no recipe ran: " + "; ".join(parts)
 
 
 def recipe_of(trial: Any) -> Recipe:

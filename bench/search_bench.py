@@ -29,6 +29,7 @@ from shared import CONFIGS, ROOT, TOKENIZER, long_rows, write_results  # noqa: E
 
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
+from autotune.space import SPACES_DIR  # noqa: E402
 from autotune.study import RunSettings, prepare_run, run_study  # noqa: E402
 from autotune.training.io import ProbeResult  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "default.yaml")
+    parser.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = parser.parse_args()
 

@@ -32,6 +32,7 @@ from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa
 from autotune.pareto import frontier  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.report import probed_rows, trial_seconds, trials_frame  # noqa: E402
+from autotune.space import SPACES_DIR  # noqa: E402
 from autotune.study import (  # noqa: E402
     NOISE_ATTR,
     RunEvents,
@@ -150,7 +151,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--probe-steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "default.yaml")
+    parser.add_argument("--space", type=Path, default=SPACES_DIR / "default.yaml")
     parser.add_argument(
         "--confirm",
         type=int,

@@ -2,8 +2,9 @@
 
     python scripts/kill_and_resume.py --model DIR --data FILE --trials 5 --kills 10 -- [run args]
 
-After every kill: each trial that had finished is still there with the same values, and no probe
-process outlives the killed run. After the final, uninterrupted run: the study holds exactly
+After every kill: no process the run started (probe server, probes, the GPU-less worker, the
+resource tracker) is alive --grace seconds later, and each trial that had finished is still
+there with the same values. After the final, uninterrupted run: the study holds exactly
 --trials finished trials and none is left RUNNING. Exits non-zero with the reason otherwise.
 """
 
@@ -33,18 +34,38 @@ def finished_values(storage: str, study: str) -> dict[int, tuple]:
     }
 
 
-def probe_processes(marker: str) -> list[int]:
-    pids = []
+MARKER_ENV = "AUTOTUNE_KILL_AND_RESUME_RUN"
+"""Set in each run's environment, which every process it starts inherits: after the run is
+killed (and its orphans reparented away from it), its descendants are still found by it."""
+EARLY_SECONDS = 15.0
+"""Half the kills fall in a run's first seconds (loading, the probe server starting, before any
+probe), half after (during probes)."""
+
+
+def processes_of_run(marker: str) -> dict[int, str]:
+    """pid -> command line of each live process (zombies left out) started by the run."""
+    found = {}
+    needle = f"{MARKER_ENV}={marker}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, IndexError):
             continue
-        if "autotune.training.child" in cmdline and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
+        if state not in ("Z", "X"):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def kill_delay(rng: random.Random, kill: int, max_delay: float) -> float:
+    early = min(EARLY_SECONDS, max_delay)
+    if kill % 2 == 0 or max_delay <= early:
+        return rng.uniform(0.3, early)
+    return rng.uniform(early, max_delay)
 
 
 def main() -> int:
@@ -55,6 +76,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--max-delay", type=float, default=10.0, help="seconds before a kill")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--grace", type=float, default=3.0, help="seconds after a kill by which all must be gone"
+    )
     parser.add_argument("--workdir", default=".")
     parser.add_argument("run_args", nargs="*", help="more `autotune run` arguments")
     args = parser.parse_args()
@@ -83,26 +107,39 @@ def main() -> int:
     rng = random.Random(args.seed)
     seen: dict[int, tuple] = {}
     for kill in range(args.kills):
+        marker = f"{os.getpid()}-{kill}"
         process = subprocess.Popen(
-            command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, MARKER_ENV: marker},
         )
-        delay = rng.uniform(0.3, args.max_delay)
+        delay = kill_delay(rng, kill, args.max_delay)
         time.sleep(delay)
+        at_kill = processes_of_run(marker)
+        probing = sum("autotune.training.child" in c or "zygote" in c for c in at_kill.values())
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
+        time.sleep(args.grace)
+        left = processes_of_run(marker)
+        if left:
+            print(f"kill {kill + 1}: {len(left)} processes outlived the run by {args.grace:g} s:")
+            for pid, cmdline in left.items():
+                print(f"  {pid} {cmdline[:200]}")
+                os.kill(pid, signal.SIGKILL)
+            return 1
         now = finished_values(storage, study)
         lost = {n: v for n, v in seen.items() if now.get(n) != v}
         if lost:
             print(f"kill {kill + 1}: finished trials lost or changed: {sorted(lost)}")
             return 1
-        deadline = time.time() + 5
-        while probe_processes(str(workdir)) and time.time() < deadline:
-            time.sleep(0.2)
-        if probe_processes(str(workdir)):
-            print(f"kill {kill + 1}: probes outlived the run: {probe_processes(str(workdir))}")
-            return 1
-        print(f"kill {kill + 1} after {delay:.1f} s: {len(now)} finished trials kept")
+        print(
+            f"kill {kill + 1} after {delay:.1f} s ({len(at_kill) - 1} processes of the run, "
+            f"{probing} probe server or probes): none alive {args.grace:g} s later, "
+            f"{len(now)} finished trials kept"
+        )
         seen = now
 
     final = subprocess.run(command, cwd=workdir, capture_output=True, text=True)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
 QUICK_CPU_RUN = [
     "--space",
-    str(ROOT / "search_spaces" / "demo.yaml"),
+    str(ROOT / "autotune" / "search_spaces" / "demo.yaml"),
     "--probe-steps",
     "2",
     "--seq-len",

@@ -152,7 +152,7 @@ def test_the_search_space_keeps_what_the_model_can_run(
 ):
     monkeypatch.chdir(tmp_path)
     model = config_dir(tmp_path, model_type)
-    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
     architecture = read_architecture(load_config(str(model)))
     space, unsupported = supported_space(default, architecture)
     assert set(unsupported[dimension]) == dropped
@@ -162,7 +162,7 @@ def test_the_search_space_keeps_what_the_model_can_run(
     # the same through the run's preparation, which the CLI prints and the study records
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
     settings = settings_for(
-        (tmp_path, model, data), space_path=ROOT / "search_spaces" / "default.yaml"
+        (tmp_path, model, data), space_path=ROOT / "autotune" / "search_spaces" / "default.yaml"
     )
     prepared = prepare_run(settings)
     assert prepared.unsupported_choices == unsupported
@@ -174,7 +174,7 @@ def test_the_search_space_keeps_what_the_model_can_run(
 
 
 def test_a_model_with_everything_supported_keeps_the_space():
-    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
     space, unsupported = supported_space(default, read_architecture(load_config(str(DEMO))))
     # flash_attention_2 is not in the default space, so nothing is refused
     assert unsupported == {} and space == default
@@ -210,7 +210,7 @@ def test_peft_refusals_on_a_mixture_of_experts_leave_lora_out_where_nothing_runs
     recipe = Recipe.from_dict({"method": "lora", "lora_dropout": 0.05})
     assert mixtral.recipe_problems(recipe)[0].startswith("lora_target_modules all-linear: peft")
 
-    default = SearchSpace.load(ROOT / "search_spaces" / "default.yaml")
+    default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
     space, unsupported = supported_space(default, mixtral)
     assert set(unsupported["lora_target_modules"]) == {"all-linear"}
     assert set(space.lora_target_modules) == {"qv", "attention"} and "lora" in space.method

@@ -93,7 +93,7 @@ def test_study_bench_cpu_path_resumes_and_measures_noise(tmp_path):
     out = tmp_path / "study.json"
     common = (
         *("--shape", "demo", "--budget", "4GB", "--probe-steps", "2", "--seq-len", "48"),
-        *("--space", str(ROOT / "search_spaces" / "demo.yaml"), "--study-name", "cut"),
+        *("--space", str(ROOT / "autotune" / "search_spaces" / "demo.yaml"), "--study-name", "cut"),
         *("--workdir", str(tmp_path / "work"), "--models-dir", str(tmp_path / "models")),
         *("--out", str(out)),
     )

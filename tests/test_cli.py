@@ -15,11 +15,12 @@ import yaml
 from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
+from autotune.space import SPACES_DIR
 from autotune.units import format_bytes
 from tests.conftest import DEMO, write_jsonl
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
-DEMO_SPACE = str(Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml")
+DEMO_SPACE = str(SPACES_DIR / "demo.yaml")
 
 
 def autotune(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -129,7 +129,7 @@ def test_run_stops_on_bad_rows_unless_skipped(tmp_path, tiny_model):
         model=str(tiny_model),
         data_path=data,
         budget_bytes=10**10,
-        space_path=DEMO / ".." / "search_spaces" / "demo.yaml",
+        space_path=DEMO / ".." / "autotune" / "search_spaces" / "demo.yaml",
         seq_len=32,
         device="cpu",
     )

@@ -154,7 +154,7 @@ def test_gpus_must_exist(workspace, monkeypatch):  # noqa: F811
 
 
 def _space_file(tmp_path: Path, line: str, replacement: str) -> Path:
-    demo = (ROOT / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
+    demo = (ROOT / "autotune" / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
     assert line in demo
     path = tmp_path / f"space-{len(list(tmp_path.glob('space-*')))}.yaml"
     path.write_text(demo.replace(line, replacement))
@@ -197,7 +197,7 @@ def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_p
     model = config_dir(tmp_path, "gemma2")
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
     settings = settings_for(
-        (tmp_path, model, data), space_path=ROOT / "search_spaces" / "default.yaml"
+        (tmp_path, model, data), space_path=ROOT / "autotune" / "search_spaces" / "default.yaml"
     )
     prepared = prepare_run(settings)
     assert "sdpa" in prepared.unsupported_choices["attention"]

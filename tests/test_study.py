@@ -31,7 +31,7 @@ from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
 from tests.conftest import DEMO, write_jsonl
 
-DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+DEMO_SPACE = Path(__file__).resolve().parent.parent / "autotune" / "search_spaces" / "demo.yaml"
 
 
 class FakeRunner:
@@ -345,7 +345,7 @@ def qwen2_7b_settings(workspace, trials: int) -> RunSettings:
     return settings_for(
         workspace,
         budget_bytes=24 * 10**9,
-        space_path=DEMO.parent / "search_spaces" / "default.yaml",
+        space_path=DEMO.parent / "autotune" / "search_spaces" / "default.yaml",
         seq_len=1024,
         trials=trials,
     )

@@ -127,6 +127,10 @@ def load_model(
             _write_copy(model, copy)
             weights = "original, nf4 cache written"
     model.config.use_cache = False
+    if recipe.quantization == "nf4" and device == "cpu":
+        from autotune.cpu_nf4 import apply_cpu_nf4_path
+
+        apply_cpu_nf4_path(model)
     return model, weights
 
 

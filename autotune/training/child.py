@@ -30,20 +30,6 @@ def records_memory_history(request: ProbeRequest) -> bool:
     return os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda")
 
 
-def watch_parent(parent_pid: int, interval_seconds: float = 0.5) -> None:
-    """Kill this process as soon as its parent is gone, so no orphan keeps the GPU busy."""
-    import signal
-    import threading
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(interval_seconds)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
     from autotune.data import load_splits, load_token_cache, step_batches
     from autotune.training.build import (
@@ -127,7 +113,11 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
 def main(argv: list[str]) -> int:
     request_path, result_path = argv
     if os.environ.get(PARENT_ENV):
-        watch_parent(int(os.environ[PARENT_ENV]))
+        from autotune.lifetime import exit_with_parent
+
+        # the trial's thread (or the probe server) waits for this process: the kernel's
+        # signal is safe here, and acts while torch imports
+        exit_with_parent(int(os.environ[PARENT_ENV]), starter_outlives_child=True)
     with open(request_path, encoding="utf-8") as handle:
         request = ProbeRequest.from_json(handle.read())
     result = ProbeResult(

@@ -137,10 +137,19 @@ def main() -> int:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
+    from autotune.lifetime import die_with_parent, set_parent_death_signal
+    from autotune.training.child import PARENT_ENV
+
+    # While the libraries load, the kernel kills this server with the study (the study's thread
+    # that started it waits for it to be ready); from the first fork on, the end of stdin says
+    # the study is gone, and the signal is cleared, since the thread may end before the server.
+    if os.environ.get(PARENT_ENV):
+        die_with_parent(int(os.environ[PARENT_ENV]))
     try:
         refused = preload()
     except Exception as error:  # noqa: BLE001 - reported to the runner, which starts cold
         refused = f"{type(error).__name__}: {error}"
+    set_parent_death_signal(0)
     if refused:
         answer({"refused": refused})
         return 1

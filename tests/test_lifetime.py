@@ -1,0 +1,140 @@
+"""Nothing a run starts outlives it: each kind of process the run starts dies with it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kill_script():
+    spec = importlib.util.spec_from_file_location(
+        "kill_and_resume", ROOT / "scripts" / "kill_and_resume.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KILL = _kill_script()
+
+
+def run_parent(code: str, marker: str, ready_processes: int, timeout_seconds: float = 120):
+    """Start `code` as a parent process whose descendants carry `marker`; return it once
+    `ready_processes` processes (itself included) carry it."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, KILL.MARKER_ENV: marker},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + timeout_seconds
+    while len(KILL.processes_of_run(marker)) < ready_processes:
+        assert parent.poll() is None, "the parent ended early"
+        assert time.time() < deadline, KILL.processes_of_run(marker)
+        time.sleep(0.1)
+    return parent
+
+
+def kill_and_count_survivors(parent: subprocess.Popen, marker: str, after_seconds: float = 2.0):
+    before = KILL.processes_of_run(marker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    time.sleep(after_seconds)
+    left = KILL.processes_of_run(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return before, left
+
+
+@pytest.mark.parametrize("kernel_signal", [True, False], ids=["kernel-signal", "watch-thread"])
+def test_a_child_dies_with_its_parent(kernel_signal):
+    marker = f"lifetime-child-{kernel_signal}"
+    parent = run_parent(
+        f"""
+        import os, subprocess, sys, time
+        child = (
+            "import sys, time; from autotune.lifetime import exit_with_parent; "
+            "exit_with_parent(int(sys.argv[1]), {kernel_signal}); time.sleep(600)"
+        )
+        subprocess.Popen([sys.executable, "-c", child, str(os.getpid())])
+        time.sleep(600)
+        """,
+        marker,
+        ready_processes=2,
+    )
+    time.sleep(1.0)  # the child is past its start
+    before, left = kill_and_count_survivors(parent, marker)
+    assert len(before) == 2 and left == {}
+
+
+def test_a_child_whose_parent_died_before_it_watched_dies_at_once():
+    marker = "lifetime-late"
+    parent = run_parent(
+        """
+        import os, subprocess, sys, time
+        child = (
+            "import sys, time; time.sleep(1.5); from autotune.lifetime import exit_with_parent; "
+            "exit_with_parent(int(sys.argv[1]), True); print('survived'); time.sleep(600)"
+        )
+        subprocess.Popen([sys.executable, "-c", child, str(os.getpid())])
+        time.sleep(600)
+        """,
+        marker,
+        ready_processes=2,
+    )
+    before, left = kill_and_count_survivors(parent, marker, after_seconds=3.0)
+    assert len(before) == 2 and left == {}
+
+
+def test_the_probe_server_dies_with_the_run_while_it_loads_and_while_it_serves():
+    for phase, wait_ready in (("loading", False), ("serving", True)):
+        marker = f"lifetime-zygote-{phase}"
+        parent = run_parent(
+            f"""
+            from autotune.probe import ProbeServer
+            import time
+            server = ProbeServer()
+            if {wait_ready}:
+                assert server._start()
+                print("ready", flush=True)
+            else:
+                server._start()
+            time.sleep(600)
+            """,
+            marker,
+            ready_processes=2,
+        )
+        if wait_ready:
+            assert parent.stdout.readline().strip() == "ready"
+        before, left = kill_and_count_survivors(parent, marker)
+        assert any("autotune.training.zygote" in c for c in before.values()), phase
+        assert left == {}, phase
+
+
+def test_the_gpu_less_worker_and_the_resource_tracker_die_with_the_run():
+    marker = "lifetime-worker"
+    parent = run_parent(
+        """
+        import os, time
+        from autotune.offgpu import run_off_gpu
+        print(run_off_gpu(os.getpid), flush=True)
+        time.sleep(600)
+        """,
+        marker,
+        ready_processes=3,
+    )
+    worker_pid = int(parent.stdout.readline())
+    before, left = kill_and_count_survivors(parent, marker)
+    assert worker_pid in before
+    assert any("resource_tracker" in c for c in before.values())
+    assert left == {}
