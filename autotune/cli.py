@@ -6,6 +6,7 @@ Heavy libraries load inside the commands so `autotune --help` stays instant.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +166,7 @@ def run(
         prepare_run,
         redact_url,
         run_study,
+        study_file_name,
     )
     from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
     from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
@@ -272,15 +274,14 @@ def run(
     for note in events.notes:
         console.print(note)
     console.print(_frontier_table(result_study))
-    report_file = write_report(
-        result_study, report_path or Path("reports") / f"{prepared.study_name}.html"
-    )
+    file_stem = study_file_name(prepared.study_name)
+    report_file = write_report(result_study, report_path or Path("reports") / f"{file_stem}.html")
     console.print(f"report: {report_file}")
     if measured_points(result_study):
         _, recipe_file = write_recipe(
             result_study,
             "balanced",
-            recipe_path or Path("reports") / f"{prepared.study_name}-recipe.yaml",
+            recipe_path or Path("reports") / f"{file_stem}-recipe.yaml",
         )
         console.print(f"recipe (balanced): {recipe_file}")
     else:
@@ -332,10 +333,11 @@ def report(
 ) -> None:
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.report import write_report
-    from autotune.study import load_existing_study
+    from autotune.study import load_existing_study, study_file_name
 
     found = load_existing_study(storage, study)
-    path = write_report(found, output or Path("reports") / f"{found.study_name}.html", csv)
+    default = Path("reports") / f"{study_file_name(found.study_name)}.html"
+    path = write_report(found, output or default, csv)
     typer.echo(f"report: {path}")
     if csv is not None:
         typer.echo(f"trials table: {csv}")
@@ -362,6 +364,11 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the latest checkpoint in --output."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Write into a non-empty --output (its files of the same names are replaced).",
+    ),
     budget: str | None = typer.Option(
         None, "--budget", "-b", help=BUDGET_HELP + " Enforced on CUDA."
     ),
@@ -384,8 +391,12 @@ def train(
 
     if epochs is not None and max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
-    if (epochs is not None and epochs <= 0) or (max_steps is not None and max_steps < 1):
-        raise UsageError("--epochs and --max-steps must be positive")
+    if (epochs is not None and not 0 < epochs < math.inf) or (
+        max_steps is not None and max_steps < 1
+    ):
+        raise UsageError("--epochs and --max-steps must be positive and finite")
+    if save_steps < 1:
+        raise UsageError(f"--save-steps must be at least 1, got {save_steps}")
     loaded = Recipe.load(recipe)
     measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
     spec = load_model_spec(loaded.model) if loaded.model else None
@@ -413,6 +424,7 @@ def train(
             epochs=epochs,
             max_steps=max_steps,
             resume=resume,
+            overwrite=overwrite,
             budget_bytes=budget_bytes,
             device=device_name,
             seed=seed,

@@ -190,6 +190,29 @@ def default_study_name(model: str, data_path: Path, budget_bytes: int) -> str:
     return f"{model_name}-{Path(data_path).stem}-{budget_bytes / 1e9:g}GB"
 
 
+STUDY_FILE_NAME_CHARS = 80
+"""At most this many characters of a study's name go into its file names (then a hash)."""
+
+
+def study_file_name(study_name: str) -> str:
+    """The name of a study's trial folder, report and recipe: the study name with letters,
+    digits, '.', '_' and '-' kept and every other run of characters one '-', so no name (from
+    --study, or from a storage someone else writes) reaches outside trials/ or reports/; a
+    name that changed or ran long gets a hash of the whole, so two studies never share files."""
+    import hashlib
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", study_name).strip("-.")
+    if not slug:
+        raise UsageError(
+            f"study name {study_name!r} has no letter or digit to name its files by; "
+            "choose another with --study"
+        )
+    if slug != study_name or len(slug) > STUDY_FILE_NAME_CHARS:
+        digest = hashlib.sha256(study_name.encode("utf-8")).hexdigest()[:8]
+        slug = f"{slug[:STUDY_FILE_NAME_CHARS].rstrip('-.')}-{digest}"
+    return slug
+
+
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"device {device!r} is not one of auto, cuda, cpu")
@@ -434,6 +457,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--probe-steps must be at least 1, got {settings.probe_steps}")
     if settings.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
+    if settings.study_name is not None:
+        study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)
     spec = load_model_spec(settings.model)
     try:
@@ -806,7 +831,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     settings, spec, space = prepared.settings, prepared.spec, prepared.space
     budget = settings.budget_bytes
     unmeasured_loss = loss_when_unmeasured(spec)
-    trials_dir = TRIALS_DIR / prepared.study_name
+    trials_dir = TRIALS_DIR / study_file_name(prepared.study_name)
     gpu_pool: queue.Queue[str] | None = None
     if settings.gpus:
         gpu_pool = queue.Queue()
@@ -1114,7 +1139,7 @@ def measure_noise(
     request = probe_request(
         prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
     )
-    result = runner.run(request, TRIALS_DIR / prepared.study_name / f"noise-{number:04d}")
+    result = runner.run(request, TRIALS_DIR / study_file_name(prepared.study_name) / f"noise-{number:04d}")
     if result.status != "ok":
         return None
 
@@ -1177,7 +1202,7 @@ def confirm_frontier(
         request = probe_request(
             prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1
         )
-        result = runner.run(request, TRIALS_DIR / prepared.study_name / f"confirm-{number:04d}")
+        result = runner.run(request, TRIALS_DIR / study_file_name(prepared.study_name) / f"confirm-{number:04d}")
         fits = (
             not prepared.device.startswith("cuda")
             or (result.peak_memory_bytes or 0) <= settings.budget_bytes

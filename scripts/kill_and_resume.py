@@ -119,7 +119,8 @@ def main() -> int:
         time.sleep(delay)
         at_kill = processes_of_run(marker)
         probing = sum("autotune.training.child" in c or "zygote" in c for c in at_kill.values())
-        if process.poll() is None:
+        ended = process.poll() is not None
+        if not ended:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
         time.sleep(args.grace)
@@ -135,10 +136,14 @@ def main() -> int:
         if lost:
             print(f"kill {kill + 1}: finished trials lost or changed: {sorted(lost)}")
             return 1
+        state = (
+            "the run had ended"
+            if ended
+            else f"{len(at_kill) - 1} processes of the run, {probing} probe server or probes"
+        )
         print(
-            f"kill {kill + 1} after {delay:.1f} s ({len(at_kill) - 1} processes of the run, "
-            f"{probing} probe server or probes): none alive {args.grace:g} s later, "
-            f"{len(now)} finished trials kept"
+            f"kill {kill + 1} after {delay:.1f} s ({state}): none alive {args.grace:g} s "
+            f"later, {len(now)} finished trials kept"
         )
         seen = now
 

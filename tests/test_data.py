@@ -56,6 +56,10 @@ def test_chat_uses_the_tokenizers_template():
     ("content", "needle"),
     [
         (b'{"text": "ok"}\n{"text": \n', "line 2: not valid JSON"),
+        (
+            b'{"text": "ok"}\n{"text": "a\x01b"}\n',
+            r"line 2: not valid JSON \(Invalid control character at column 12\)",
+        ),
         (b'{"text": "ok"}\n{"prompt": "x"}\n', "line 2: no known fields"),
         (b'{"input": "q", "output": ""}\n', 'line 1: field "output" is empty'),
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),

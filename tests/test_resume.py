@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
             "--data",
             str(qa_data),
             "--trials",
-            "4",
+            "6",
             "--kills",
             "10",
             "--max-delay",
@@ -54,8 +55,18 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("kill ") == 10
-    assert "final: 4 finished trials, 0 running" in done.stdout
+    assert done.stdout.count("none alive 3 s later") == 10, done.stdout
+    kills = re.findall(
+        r"kill \d+ after ([\d.]+) s \((\d+) processes of the run, (\d+) probe server or "
+        r"probes\): none alive",
+        done.stdout,
+    )
+    # the kills hit a live run, half in its first 15 s (before the first probe), some while
+    # probes ran
+    assert len(kills) >= 8, done.stdout
+    assert sum(float(delay) < 15 for delay, _, _ in kills) >= 4
+    assert any(int(probing) > 0 for _, _, probing in kills), done.stdout
+    assert "final: 6 finished trials, 0 running" in done.stdout
 
 
 def _dead_pid() -> int:

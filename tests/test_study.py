@@ -474,3 +474,63 @@ def test_trials_are_predicted_by_replay(workspace):
 def test_unknown_memory_model_is_refused(workspace):
     with pytest.raises(UsageError, match="--memory-model must be one of replay, formula"):
         prepare_run(settings_for(workspace, memory_model="guess"))
+
+
+def test_the_end_of_a_run_says_why_nothing_was_measured(workspace):
+    from autotune.study import nothing_measured_line
+
+    crashed = run_study(
+        prepare_run(settings_for(workspace, trials=2, study_name="crashed")),
+        FakeRunner(fail={"": "crash"}),
+    )
+    assert nothing_measured_line(crashed) == "no recipe ran: 2 trials crashed: fake crash"
+    mixed = run_study(
+        prepare_run(settings_for(workspace, trials=3, study_name="mixed")),
+        FakeRunner(fail={"QLoRA": "timeout", "": "crash"}),
+    )
+    line = nothing_measured_line(mixed)
+    assert line.startswith("no recipe ran: ") and "timed out: fake timeout" in line
+    assert "crashed: fake crash" in line
+    # a study with measured recipes, none within the budget, keeps the budget's wording
+    measured = run_study(
+        prepare_run(settings_for(workspace, trials=1, study_name="measured")), FakeRunner()
+    )
+    assert nothing_measured_line(measured).startswith("no recipe was measured within the budget")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("night-1", "night-1"),
+        ("Qwen2.5_7B-train-24GB", "Qwen2.5_7B-train-24GB"),
+        ("../../escape", "escape-"),
+        ("a/b", "a-b-"),
+        ("/etc/passwd", "etc-passwd-"),
+        ("x" * 300, "x" * 80 + "-"),
+    ],
+)
+def test_study_file_names_stay_in_their_folder(name, expected):
+    from autotune.study import study_file_name
+
+    stem = study_file_name(name)
+    assert stem.startswith(expected) and "/" not in stem and not stem.startswith(".")
+    assert len(stem) <= 89
+    if stem != name:
+        assert len(stem) == len(expected) + 8  # the hash that keeps a-b and a/b apart
+    assert study_file_name("a/b") != study_file_name("a-b")
+
+
+@pytest.mark.parametrize("name", ["..", "/", "...///", " "])
+def test_a_study_name_with_nothing_to_name_files_by_is_refused(workspace, name):
+    with pytest.raises(UsageError, match="no letter or digit"):
+        prepare_run(settings_for(workspace, study_name=name))
+
+
+def test_a_hostile_study_name_writes_only_under_trials(workspace):
+    tmp_path = workspace[0]
+    run_study(prepare_run(settings_for(workspace, trials=1, study_name="../../escape")), FakeRunner())
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
+    assert written <= {"trials", "config-only-model", "rows.jsonl", "study.db"}, written
+    assert not (tmp_path.parent / "escape").exists()
+    [folder] = [p for p in (tmp_path / "trials").iterdir() if p.name.startswith("escape")]
+    assert (folder / "trial-0000").is_dir()

@@ -130,6 +130,10 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         (["--recipe", str(missing)], "missing required key method"),
         (["--recipe", str(good), "--output", str(blocker / "out")], "not writable"),
         (["--recipe", str(good), "--epochs", "1", "--max-steps", "3"], "not both"),
+        (["--recipe", str(good), "--output", str(tiny_model)], "inside the model's directory"),
+        (["--recipe", str(good), "--save-steps", "0"], "--save-steps must be at least 1"),
+        (["--recipe", str(good), "--epochs", "nan"], "positive and finite"),
+        (["--recipe", str(good), "--epochs", "inf"], "positive and finite"),
     ]
     for args, needle in cases:
         done = subprocess.run(
@@ -140,3 +144,59 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         )
         assert done.returncode == 2, done.stderr
         assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_output_is_never_the_model_and_never_a_stranger_s_files(tiny_model, qa_data, tmp_path):
+    import shutil
+
+    recipe = lora_recipe(tiny_model)
+    model_copy = tmp_path / "model"
+    shutil.copytree(tiny_model, model_copy)
+    before = {p.name: p.read_bytes() for p in model_copy.iterdir() if p.is_file()}
+    own = lora_recipe(model_copy)
+    for output in (model_copy, model_copy / "runs" / "a"):
+        for overwrite in (False, True):
+            with pytest.raises(UsageError, match="inside the model's directory"):
+                train(own, qa_data, output, max_steps=1, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in model_copy.iterdir() if p.is_file()} == before
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "README.md").write_text("mine")
+    (stranger / "adapter_config.json").write_text("{}")
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty .*README.md.* add --overwrite"):
+        train(recipe, qa_data, stranger, max_steps=1)
+    assert (stranger / "adapter_config.json").read_text() == "{}"
+    train(recipe, qa_data, stranger, max_steps=1, overwrite=True)
+    assert (stranger / "notes.txt").read_text() == "mine"  # only same-named files replaced
+    assert (stranger / "adapter_config.json").read_text() != "{}"
+
+    # an earlier run: resume it or start it again, never silently
+    with pytest.raises(UsageError, match="earlier autotune train run; add --resume"):
+        train(recipe, qa_data, stranger, max_steps=1)
+    again = train(recipe, qa_data, stranger, max_steps=2, overwrite=True)
+    assert again.resumed_from_step == 0 and again.steps == 2
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_model, qa_data, tmp_path):
+    recipe = lora_recipe(tiny_model)
+    train(recipe, qa_data, tmp_path / "out", max_steps=2)
+    [checkpoint] = list((tmp_path / "out").glob("checkpoint-*"))
+    state = torch.load(checkpoint / "state.pt", weights_only=True)  # what autotune writes
+    assert isinstance(state["rng"]["cpu"], torch.Tensor)
+    marker = tmp_path / "code-ran"
+    state["payload"] = _RunsCode(str(marker))
+    torch.save(state, checkpoint / "state.pt")
+    with pytest.raises(UsageError, match="holds more than tensors and plain values") as error:
+        train(recipe, qa_data, tmp_path / "out", max_steps=4, resume=True)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))

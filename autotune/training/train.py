@@ -38,8 +38,38 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
 
 
-def check_output_dir(path: Path) -> None:
-    """Fail early, with one line, when the output directory cannot be written."""
+RUN_MARKER = "autotune_recipe.yaml"
+"""Written first into an output directory: the directory holds a run of `autotune train`."""
+
+
+def holds_a_run(path: Path) -> bool:
+    return (path / RUN_MARKER).is_file() or bool(_checkpoints(path))
+
+
+def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Fail early, with one line, when the output directory is the model's own, holds files
+    that are not an autotune run's (unless `overwrite`), holds a run that is neither resumed
+    nor overwritten, or cannot be written."""
+    model_dir = Path(model).expanduser()
+    if model_dir.is_dir():
+        target, source = path.expanduser().resolve(), model_dir.resolve()
+        if target == source or source in target.parents:
+            raise UsageError(
+                f"--output {path} is inside the model's directory {model_dir}; training never "
+                "writes there, choose another directory"
+            )
+    existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if existing and not resume and not overwrite:
+        if holds_a_run(path):
+            raise UsageError(
+                f"--output {path} holds an earlier autotune train run; add --resume to continue "
+                "it, --overwrite to start it again, or choose another directory"
+            )
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise UsageError(
+            f"--output {path} is not empty ({shown}) and holds no autotune run; choose an empty "
+            "or new directory, or add --overwrite to replace files of the same names"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".autotune-write-test"
@@ -97,12 +127,18 @@ def _save_checkpoint(
     path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     path.mkdir(parents=True, exist_ok=True)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    # Tensors and plain values only, so that resuming loads it with weights_only=True: a
+    # checkpoint is a file someone may hand over, and it must not be able to run code.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     torch.save(
         {
             "step": step,
             "trainable": trainable,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "rng": rng,
         },
         path / "state.pt.tmp",
     )
@@ -115,13 +151,30 @@ def _save_checkpoint(
 def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> int:
     import torch
 
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    import pickle
+
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"checkpoint {path / 'state.pt'} holds more than tensors and plain values, so it is "
+            "not loaded (unpickling it could run code); resume from a checkpoint autotune wrote "
+            "or start again without --resume"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"checkpoint {path / 'state.pt'} cannot be read: {first[:200]}") from None
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
             parameters[name].copy_(value.to(parameters[name].device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    rng = state.get("rng", {})
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
     return int(state["step"])
 
 
@@ -133,6 +186,7 @@ def train(
     epochs: float | None = None,
     max_steps: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     budget_bytes: int | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -154,7 +208,10 @@ def train(
     from autotune.data import checked_scan
 
     data_scan = checked_scan(data_path, skip_bad_rows)
-    check_output_dir(output_dir)
+    check_output_dir(output_dir, recipe.model, resume, overwrite)
+    if overwrite and not resume:
+        for old in _checkpoints(output_dir):  # a new run: no old step may be resumed later
+            shutil.rmtree(old)
     if recipe.expandable_segments:
         # Read when the CUDA allocator starts, which is at the first allocation below.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -181,6 +238,7 @@ def train(
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
         start_step = _load_checkpoint(model, optimizer, scheduler, checkpoint)
+    (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
     if on_start:
         on_start(start_step, total_steps)
 
@@ -210,7 +268,6 @@ def train(
     eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    (output_dir / "autotune_recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     peak, _ = meter.peak_bytes()
     report = TrainReport(
         steps=step,
