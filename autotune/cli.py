@@ -91,6 +91,15 @@ def _frontier_table(study: Any) -> Any:
     return table
 
 
+TRUST_REMOTE_CODE_HELP = (
+    "Run code the model ships with itself (auto_map in its config); off by default. Read it first."
+)
+
+
+def _trust_remote_code() -> Any:
+    return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
+
+
 MEMORY_MODEL_HELP = (
     "replay: run the recipe's probe on torch's meta device through a model of the CUDA caching "
     "allocator (seconds; int8 falls back to formula). formula: closed-form estimate (instant)."
@@ -150,10 +159,12 @@ def run(
     recipe_path: Path | None = typer.Option(
         None, "--recipe-out", help="Exported recipe path (default: reports/<study>-recipe.yaml)."
     ),
+    trust_remote_code: bool = _trust_remote_code(),
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     from autotune.export import write_recipe
     from autotune.probe import SubprocessProbeRunner
+    from autotune.remote_code import allow_remote_code
     from autotune.report import write_report
     from autotune.study import (
         RunEvents,
@@ -171,6 +182,7 @@ def run(
     from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
     from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
 
+    allow_remote_code(trust_remote_code)
     settings = RunSettings(
         model=model,
         data_path=data,
@@ -377,6 +389,7 @@ def train(
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
     eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
+    trust_remote_code: bool = _trust_remote_code(),
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     import yaml
@@ -384,11 +397,13 @@ def train(
     from autotune.architecture import check_recipe
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
+    from autotune.remote_code import allow_remote_code
     from autotune.replay import load_config, predict
     from autotune.study import resolve_device
     from autotune.training.train import train as train_model
     from autotune.units import format_bytes, parse_bytes
 
+    allow_remote_code(trust_remote_code)
     if epochs is not None and max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
     if (epochs is not None and not 0 < epochs < math.inf) or (
@@ -486,14 +501,17 @@ def estimate(
     seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
     as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
     memory_model: str = typer.Option("replay", "--memory-model", help=MEMORY_MODEL_HELP),
+    trust_remote_code: bool = _trust_remote_code(),
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.architecture import check_recipe
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
+    from autotune.remote_code import allow_remote_code
     from autotune.replay import check_memory_model, load_config, predict
     from autotune.units import format_bytes
 
+    allow_remote_code(trust_remote_code)
     check_memory_model(memory_model)
     spec = load_model_spec(model)
     loaded = Recipe.load(recipe).replace(model=model)
@@ -541,11 +559,14 @@ def data_inspect(
         None, "--model", "-m", help="Tokenize with this model's tokenizer."
     ),
     seq_len: int = typer.Option(1024, "--seq-len", help="Truncation length to check against."),
+    trust_remote_code: bool = _trust_remote_code(),
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.data import describe_bad_rows, summarize
+    from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
 
+    allow_remote_code(trust_remote_code)
     tokenizer = tokenizer_for(model) if model else None
     summary = summarize(data, tokenizer, seq_len)
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
+from autotune.remote_code import check_remote_code, remote_code_allowed
 
 # Decoder blocks of the Llama family (Llama, Qwen2/3, Mistral, DeepSeek-R1 distills, ...):
 # attention q/k/v/o and a gated (SwiGLU) MLP. Each name maps to (in_features, out_features).
@@ -210,11 +211,14 @@ def load_model_spec(model: str) -> ModelSpec:
             raise UsageError(f"{config_path} is not a readable JSON config: {error}") from None
         if not isinstance(config, dict):
             raise UsageError(f"{config_path} is not a JSON object")
+        check_remote_code(config, model)
         return ModelSpec.from_config_dict(config, source=str(config_path))
     try:
         from transformers import AutoConfig
 
-        config_obj = AutoConfig.from_pretrained(model)
+        config_obj = AutoConfig.from_pretrained(
+            model, trust_remote_code=remote_code_allowed()
+        )
     except Exception as error:  # noqa: BLE001 - hub, network and parsing errors all mean "cannot read"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot read the config of model {model!r}: {first}") from None

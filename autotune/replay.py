@@ -584,8 +584,10 @@ def load_config(model: str) -> Any:
     check_model_reference(model)
     from transformers import AutoConfig
 
+    from autotune.remote_code import remote_code_allowed
+
     try:
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, trust_remote_code=remote_code_allowed())
     except Exception as error:  # noqa: BLE001 - unknown architectures, bad JSON, no network
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot build model {model!r} from its config: {first}") from None

@@ -180,9 +180,45 @@ class ProbeCrashed(Exception):
     """A probe failed for a reason that says nothing about the recipe; recorded as FAIL."""
 
 
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key")
+"""Query parameters of a storage URL that are masked like its password (any key containing one)."""
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>.*)@")
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&][^=&#]*(?:" + "|".join(SECRET_QUERY_KEYS) + r")[^=&#]*=)(?P<value>[^&#]*)",
+    re.IGNORECASE,
+)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password (as written and decoded) and the secret query values of a storage URL."""
+    from urllib.parse import unquote
+
+    secrets = []
+    match = _USERINFO.match(url)
+    if match and ":" in match["userinfo"]:
+        secrets.append(match["userinfo"].split(":", 1)[1])
+    secrets += [m["value"] for m in _QUERY_SECRET.finditer(url)]
+    secrets += [unquote(s) for s in secrets]
+    return sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
 def redact_url(url: str) -> str:
-    """A storage URL with any password replaced, safe for logs and reports."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """A storage URL with its password and secret query parameters replaced by ***, safe for
+    output, logs and reports. The user part ends at the *last* '@': a password holding an
+    unescaped '@' is masked whole (SQLAlchemy's parser would end it at the first '@' and print
+    the rest as the host), and an empty user keeps its password masked too."""
+    match = _USERINFO.match(url)
+    if match and ":" in match["userinfo"]:
+        user = match["userinfo"].split(":", 1)[0]
+        url = f"{match['scheme']}{user}:***@" + url[match.end() :]
+    return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+
+
+def without_secrets(text: str, url: str) -> str:
+    """`text` (a driver's error, say) with every secret of the storage URL `url` masked."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def default_study_name(model: str, data_path: Path, budget_bytes: int) -> str:
@@ -211,6 +247,11 @@ def study_file_name(study_name: str) -> str:
         digest = hashlib.sha256(study_name.encode("utf-8")).hexdigest()[:8]
         slug = f"{slug[:STUDY_FILE_NAME_CHARS].rstrip('-.')}-{digest}"
     return slug
+
+
+def trials_dir_of(prepared: PreparedRun) -> Path:
+    """Where a study's probes keep their files: trials/<the study's file name>/."""
+    return TRIALS_DIR / study_file_name(prepared.study_name)
 
 
 def resolve_device(device: str) -> str:
@@ -583,7 +624,9 @@ def make_storage(url: str) -> Any:
                 time.sleep(0.5 + attempt)
                 continue
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UsageError(f"cannot open storage {redact_url(url)}: {first[:200]}") from None
+            raise UsageError(
+                f"cannot open storage {redact_url(url)}: {without_secrets(first[:200], url)}"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -831,7 +874,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     settings, spec, space = prepared.settings, prepared.spec, prepared.space
     budget = settings.budget_bytes
     unmeasured_loss = loss_when_unmeasured(spec)
-    trials_dir = TRIALS_DIR / study_file_name(prepared.study_name)
+    trials_dir = trials_dir_of(prepared)
     gpu_pool: queue.Queue[str] | None = None
     if settings.gpus:
         gpu_pool = queue.Queue()
@@ -1139,7 +1182,7 @@ def measure_noise(
     request = probe_request(
         prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
     )
-    result = runner.run(request, TRIALS_DIR / study_file_name(prepared.study_name) / f"noise-{number:04d}")
+    result = runner.run(request, trials_dir_of(prepared) / f"noise-{number:04d}")
     if result.status != "ok":
         return None
 
@@ -1202,7 +1245,7 @@ def confirm_frontier(
         request = probe_request(
             prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1
         )
-        result = runner.run(request, TRIALS_DIR / study_file_name(prepared.study_name) / f"confirm-{number:04d}")
+        result = runner.run(request, trials_dir_of(prepared) / f"confirm-{number:04d}")
         fits = (
             not prepared.device.startswith("cuda")
             or (result.peak_memory_bytes or 0) <= settings.budget_bytes

@@ -340,6 +340,18 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             run + ["--budget", "4GB", "--storage", "postgresql://me:pw@127.0.0.1:1/none"],
             "cannot open storage postgresql://me:***@127.0.0.1:1/none",
         ),
+        (
+            run + ["--budget", "4GB", "--storage", "postgresql://:hunter2@127.0.0.1:1/none"],
+            "cannot open storage postgresql://:***@127.0.0.1:1/none",
+        ),
+        (
+            run + ["--budget", "4GB", "--storage", "postgresql://me:p@ss@127.0.0.1:1/none"],
+            "cannot open storage postgresql://me:***@127.0.0.1:1/none",
+        ),
+        (
+            ["export", "--storage", "postgresql://me@127.0.0.1:1/none?password=hunter2"],
+            "cannot open storage postgresql://me@127.0.0.1:1/none?password=***",
+        ),
         (run + ["--budget", "4GB", "--gpus", "7"], "needs CUDA"),
         (
             ["estimate", "--model", str(config_only), "--recipe", str(full_with_lora)],
@@ -365,3 +377,5 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
         assert needle in lines[0], (args, lines[0])
+        # the storage passwords above never show, wherever the URL parser would split them
+        assert "hunter2" not in done.stdout + done.stderr and "p@ss" not in done.stderr

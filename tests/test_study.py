@@ -528,7 +528,8 @@ def test_a_study_name_with_nothing_to_name_files_by_is_refused(workspace, name):
 
 def test_a_hostile_study_name_writes_only_under_trials(workspace):
     tmp_path = workspace[0]
-    run_study(prepare_run(settings_for(workspace, trials=1, study_name="../../escape")), FakeRunner())
+    settings = settings_for(workspace, trials=1, study_name="../../escape")
+    run_study(prepare_run(settings), FakeRunner())
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
     assert written <= {"trials", "config-only-model", "rows.jsonl", "study.db"}, written
     assert not (tmp_path.parent / "escape").exists()

@@ -39,7 +39,11 @@ def autocast_dtype(recipe: Recipe) -> Any | None:
 def load_tokenizer(model_name: str) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    from autotune.remote_code import remote_code_allowed
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name, trust_remote_code=remote_code_allowed()
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -111,7 +115,13 @@ def load_model(
     transformers_logging.disable_progress_bar()
     quantization = quantization_config(recipe)
     copy = nf4_copy_dir(recipe, weight_cache) if weight_cache else None
-    options = {"device_map": {"": device}, "attn_implementation": recipe.attention}
+    from autotune.remote_code import remote_code_allowed
+
+    options = {
+        "device_map": {"": device},
+        "attn_implementation": recipe.attention,
+        "trust_remote_code": remote_code_allowed(),
+    }
     if copy is not None and (copy / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(copy, dtype=compute_dtype(recipe), **options)
         weights = "nf4 cache"

@@ -149,9 +149,9 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> int:
-    import torch
-
     import pickle
+
+    import torch
 
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
