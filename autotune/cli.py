@@ -348,6 +348,10 @@ def report(
     from autotune.study import load_existing_study, study_file_name
 
     found = load_existing_study(storage, study)
+    if not found.trials:
+        raise UsageError(
+            f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
+        )
     default = Path("reports") / f"{study_file_name(found.study_name)}.html"
     path = write_report(found, output or default, csv)
     typer.echo(f"report: {path}")
@@ -415,6 +419,8 @@ def train(
     loaded = Recipe.load(recipe)
     measured = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("measured") or {}
     spec = load_model_spec(loaded.model) if loaded.model else None
+    if spec is not None:
+        spec.check_recipe(loaded, str(recipe))
     config = load_config(loaded.model) if loaded.model else None
     budget_bytes = parse_bytes(budget) if budget else None
     device_name = resolve_device(device)
@@ -506,7 +512,7 @@ def estimate(
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.architecture import check_recipe
     from autotune.model_spec import load_model_spec
-    from autotune.recipe import Recipe
+    from autotune.recipe import UPPER_BOUNDS, Recipe
     from autotune.remote_code import allow_remote_code
     from autotune.replay import check_memory_model, load_config, predict
     from autotune.units import format_bytes
@@ -515,13 +521,9 @@ def estimate(
     check_memory_model(memory_model)
     spec = load_model_spec(model)
     loaded = Recipe.load(recipe).replace(model=model)
-    if seq_len is not None and seq_len < 1:
-        raise UsageError(f"--seq-len must be positive, got {seq_len}")
-    if loaded.method == "freeze" and loaded.frozen_layers >= spec.num_layers:
-        raise UsageError(
-            f"{recipe}: frozen_layers {loaded.frozen_layers} leaves nothing to train in a "
-            f"{spec.num_layers}-layer model"
-        )
+    if seq_len is not None and not 1 <= seq_len <= UPPER_BOUNDS["seq_len"]:
+        raise UsageError(f"--seq-len must be from 1 to {UPPER_BOUNDS['seq_len']}, got {seq_len}")
+    spec.check_recipe(loaded, str(recipe))
     config = None
     if memory_model == "replay":
         config = load_config(model)
@@ -563,10 +565,13 @@ def data_inspect(
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.data import describe_bad_rows, summarize
+    from autotune.recipe import UPPER_BOUNDS
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
 
     allow_remote_code(trust_remote_code)
+    if not 1 <= seq_len <= UPPER_BOUNDS["seq_len"]:
+        raise UsageError(f"--seq-len must be from 1 to {UPPER_BOUNDS['seq_len']}, got {seq_len}")
     tokenizer = tokenizer_for(model) if model else None
     summary = summarize(data, tokenizer, seq_len)
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
@@ -585,11 +590,30 @@ def data_inspect(
 
 
 def main() -> None:
+    import warnings
+
     from autotune.cpu_nf4 import quiet_kernel_hub_notice
 
     quiet_kernel_hub_notice()
+    # libraries' notices of their own coming changes are for their callers' code, not for
+    # the person running autotune; they would make a one-line error three lines
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from typer.exceptions import TyperException
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except TyperException as error:  # click's errors, as typer ships them
+        if type(error).__name__ == "NoArgsIsHelpError":
+            error.show()  # `autotune` or `autotune data` alone: the help
+            sys.exit(0)
+        # a bad flag or value: one line, like every other input error, not click's panel
+        message = " ".join(error.format_message().split())
+        print(f"autotune: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("autotune: interrupted; finished trials are kept in the study", file=sys.stderr)
+        sys.exit(130)
     except UsageError as error:
         if _state["debug"]:
             raise
@@ -598,6 +622,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("autotune: interrupted; finished trials are kept in the study", file=sys.stderr)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UsageError
 from autotune.remote_code import check_remote_code, remote_code_allowed
+
+if TYPE_CHECKING:
+    from autotune.recipe import Recipe
 
 # Decoder blocks of the Llama family (Llama, Qwen2/3, Mistral, DeepSeek-R1 distills, ...):
 # attention q/k/v/o and a gated (SwiGLU) MLP. Each name maps to (in_features, out_features).
@@ -126,6 +129,28 @@ class ModelSpec:
             + self.hidden_size
         )
 
+    def recipe_problems(self, recipe: Recipe) -> list[str]:
+        """What of `recipe` this model's shape rules out, one line each: a LoRA rank beyond the
+        model's width (no layer has a higher rank; pricing one would take the machine's
+        memory), or freezing every block."""
+        problems = []
+        if recipe.method == "lora" and (recipe.lora_r or 0) > self.hidden_size:
+            problems.append(
+                f"lora_r {recipe.lora_r} exceeds the model's width {self.hidden_size}; a "
+                "rank is at most the width of the layers it adapts"
+            )
+        if recipe.method == "freeze" and recipe.frozen_layers >= self.num_layers:
+            problems.append(
+                f"frozen_layers {recipe.frozen_layers} leaves nothing to train in a "
+                f"{self.num_layers}-layer model"
+            )
+        return problems
+
+    def check_recipe(self, recipe: Recipe, source: str) -> None:
+        problems = self.recipe_problems(recipe)
+        if problems:
+            raise UsageError.collect(problems, source)
+
     def target_linears(self, targets: str | tuple[str, ...]) -> tuple[str, ...]:
         """The block linears a LoRA target list selects (peft's all-linear excludes lm_head)."""
         linears = tuple(self.linear_shapes())
@@ -195,6 +220,43 @@ def check_model_reference(model: str) -> None:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model
     if looks_like_path:
         raise UsageError(f"model path {model!r} does not exist")
+    check_hub_reachable(model)
+
+
+HUB_CONNECT_TIMEOUT_SECONDS = 5.0
+_HUB_REACHABLE: dict[str, str] = {}
+
+
+def check_hub_reachable(model: str) -> None:
+    """Fail fast, in one line, when a hub id can neither be fetched nor read from the local
+    cache: without this the hub client retries for half a minute over a dozen log lines."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_REACHABLE:
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection(
+                (parts.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT_SECONDS
+            ).close()
+            _HUB_REACHABLE[endpoint] = ""
+        except OSError as error:
+            _HUB_REACHABLE[endpoint] = str(error) or type(error).__name__
+    if _HUB_REACHABLE[endpoint]:
+        raise UsageError(
+            f"model {model!r} is not a local directory nor in the Hugging Face cache, and the "
+            f"hub ({endpoint}) cannot be reached: {_HUB_REACHABLE[endpoint]}"
+        )
 
 
 def load_model_spec(model: str) -> ModelSpec:

@@ -7,6 +7,7 @@ edge and reports all problems in one error.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -25,6 +26,16 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Batching = Literal["padded", "padding_free", "packed"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+UPPER_BOUNDS = {
+    "micro_batch_size": 4096,
+    "gradient_accumulation_steps": 65536,
+    "seq_len": 1 << 20,
+    "lora_r": 65536,
+    "frozen_layers": 10_000,
+}
+"""Beyond these no recipe is meant: a value past one is a typo, and pricing it could take the
+machine's memory (the model-tied bounds, rank within the layer width, come with the model)."""
+MAX_LEARNING_RATE = 1.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,17 @@ def _choices(literal: Any) -> tuple[str, ...]:
     return get_args(literal)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not nan or inf)."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
 def recipe_problems(recipe: Recipe) -> list[str]:
     """Every way this recipe contradicts itself or the schema (empty when it is sound)."""
     problems: list[str] = []
@@ -218,24 +240,37 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         value = getattr(recipe, name)
         if value not in _choices(literal):
             problems.append(f"{name} {value!r} is not one of {', '.join(_choices(literal))}")
+    if not isinstance(recipe.model, str):
+        problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len"):
         value = getattr(recipe, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(recipe.frozen_layers, int) or recipe.frozen_layers < 0:
+        if not _is_int(value) or not 1 <= value <= UPPER_BOUNDS[name]:
+            problems.append(
+                f"{name} must be an integer from 1 to {UPPER_BOUNDS[name]}, got {value!r}"
+            )
+    frozen = recipe.frozen_layers
+    if not _is_int(frozen) or not 0 <= frozen <= UPPER_BOUNDS["frozen_layers"]:
         problems.append(f"frozen_layers must be an integer >= 0, got {recipe.frozen_layers!r}")
     for name in ("gradient_checkpointing", "expandable_segments"):
         if not isinstance(getattr(recipe, name), bool):
             problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
-    if not isinstance(recipe.learning_rate, (int, float)) or not recipe.learning_rate > 0:
-        problems.append(f"learning_rate must be a positive number, got {recipe.learning_rate!r}")
+    if not _is_number(recipe.learning_rate) or not 0 < recipe.learning_rate <= MAX_LEARNING_RATE:
+        problems.append(
+            f"learning_rate must be a number above 0 and at most {MAX_LEARNING_RATE:g}, "
+            f"got {recipe.learning_rate!r}"
+        )
     if recipe.method == "lora":
-        if not isinstance(recipe.lora_r, int) or recipe.lora_r < 1:
-            problems.append(f"lora_r must be a positive integer, got {recipe.lora_r!r}")
-        if not isinstance(recipe.lora_alpha, (int, float)) or recipe.lora_alpha <= 0:
-            problems.append(f"lora_alpha must be a positive number, got {recipe.lora_alpha!r}")
+        if not _is_int(recipe.lora_r) or not 1 <= recipe.lora_r <= UPPER_BOUNDS["lora_r"]:
+            problems.append(
+                f"lora_r must be an integer from 1 to {UPPER_BOUNDS['lora_r']}, "
+                f"got {recipe.lora_r!r}"
+            )
+        if not _is_number(recipe.lora_alpha) or recipe.lora_alpha <= 0:
+            problems.append(
+                f"lora_alpha must be a positive finite number, got {recipe.lora_alpha!r}"
+            )
         dropout = recipe.lora_dropout
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if not _is_number(dropout) or not 0 <= dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {dropout!r}")
         targets = recipe.lora_target_modules
         if not (

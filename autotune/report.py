@@ -547,18 +547,37 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
 
     from autotune.errors import UsageError
 
-    figure = _pareto_figure(report_data(study))
     png_path = Path(png_path)
+    if png_path.is_dir():
+        raise UsageError(f"--png {png_path} is a directory; give a file name such as chart.png")
+    existed = png_path.exists()
+    before_ns = png_path.stat().st_mtime_ns if existed else 0
+    try:  # a place that cannot be written is said before any rendering
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        with png_path.open("ab"):
+            pass
+        if not existed:
+            png_path.unlink()
+    except OSError as error:
+        raise UsageError(f"--png {png_path} cannot be written: {error.strerror}") from None
+    figure = _pareto_figure(report_data(study))
     try:
         figure.write_image(str(png_path), width=1000, height=650)
-        return png_path
     except Exception:  # noqa: BLE001 - kaleido missing or without a browser: try Chromium
-        pass
-    from autotune.browser import find_chromium, screenshot
+        from autotune.browser import find_chromium, screenshot
 
-    if find_chromium() is None:
-        raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH")
-    with tempfile.TemporaryDirectory() as scratch:
-        page = Path(scratch) / "chart.html"
-        page.write_text(figure.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
-        return screenshot(page, png_path)
+        if find_chromium() is None:
+            raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH") from None
+        with tempfile.TemporaryDirectory() as scratch:
+            page = Path(scratch) / "chart.html"
+            page.write_text(
+                figure.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8"
+            )
+            try:
+                screenshot(page, png_path)
+            except RuntimeError as error:
+                raise UsageError(f"no PNG: {str(error).splitlines()[0][:200]}") from None
+    written = png_path.is_file() and png_path.stat().st_size > 0
+    if not written or (existed and png_path.stat().st_mtime_ns == before_ns):
+        raise UsageError(f"no PNG was written to {png_path}")
+    return png_path

@@ -19,6 +19,7 @@ import yaml
 from autotune.errors import UsageError
 from autotune.model_spec import BLOCK_LINEARS, ModelSpec
 from autotune.recipe import (
+    UPPER_BOUNDS,
     Attention,
     Batching,
     Method,
@@ -132,11 +133,13 @@ class SearchSpace:
                 problems.append(f"{name} lists a choice twice")
             lists[name] = choices
         for name in ("lora_r", "micro_batch_size"):
+            top = UPPER_BOUNDS[name]
             if not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in lists[name]
+                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= top
+                for c in lists[name]
             ):
                 problems.append(
-                    f"{name} choices must be positive integers, got {list(lists[name])}"
+                    f"{name} choices must be integers from 1 to {top}, got {list(lists[name])}"
                 )
         fractions = lists["frozen_layers_fraction"]
         if not all(isinstance(c, (int, float)) and 0 < c < 1 for c in fractions):

@@ -34,7 +34,7 @@ from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.pareto import PICK_POLICIES, Point, frontier, pick
 from autotune.probe import ProbeRunner
-from autotune.recipe import Recipe
+from autotune.recipe import UPPER_BOUNDS, Recipe
 from autotune.replay import (
     check_memory_model,
     load_config,
@@ -481,13 +481,10 @@ def budget_fit(
 
 
 def tokenizer_for(model: str) -> Any:
-    try:
-        from autotune.training.build import load_tokenizer
+    """The model's tokenizer (UsageError in one line where it cannot be loaded)."""
+    from autotune.training.build import load_tokenizer
 
-        return load_tokenizer(model)
-    except Exception as error:  # noqa: BLE001 - missing files, hub errors: cannot tokenize
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"cannot load the tokenizer of model {model!r}: {first[:200]}") from None
+    return load_tokenizer(model)
 
 
 def prepare_run(settings: RunSettings) -> PreparedRun:
@@ -496,8 +493,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--trials must be at least 1, got {settings.trials}")
     if settings.probe_steps < 1:
         raise UsageError(f"--probe-steps must be at least 1, got {settings.probe_steps}")
-    if settings.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {settings.seq_len}")
+    if not 2 <= settings.seq_len <= UPPER_BOUNDS["seq_len"]:
+        raise UsageError(
+            f"--seq-len must be from 2 to {UPPER_BOUNDS['seq_len']}, got {settings.seq_len}"
+        )
+    if settings.confirm_top < 0:
+        raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)
@@ -516,6 +517,11 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space, unsupported = supported_space(
         SearchSpace.load(settings.space_path), architecture, device
     )
+    if "lora" in space.method and max(space.lora_r) > spec.hidden_size:
+        raise UsageError(
+            f"{space.source}: lora_r {max(space.lora_r)} exceeds the model's width "
+            f"{spec.hidden_size}; a rank is at most the width of the layers it adapts"
+        )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
     fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,17 @@ AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 DEMO_SPACE = str(SPACES_DIR / "demo.yaml")
 
 
-def autotune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([AUTOTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+def autotune(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [AUTOTUNE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
@@ -379,3 +389,62 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
         assert needle in lines[0], (args, lines[0])
         # the storage passwords above never show, wherever the URL parser would split them
         assert "hunter2" not in done.stdout + done.stderr and "p@ss" not in done.stderr
+
+
+def test_more_bad_input_is_one_line(tmp_path, config_only):
+    """Values past sane bounds, a bad flag value, a report with nothing to show or nowhere to
+    go, a hub id with no network: one line on stderr and exit code 2 each."""
+    import optuna as _optuna
+
+    from autotune.study import RunSettings, prepare_run, run_study
+    from tests.test_study import FakeRunner
+
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    storage = f"sqlite:///{tmp_path}/s.db"
+    _optuna.create_study(
+        study_name="empty", storage=storage, directions=["minimize", "maximize", "minimize"]
+    )
+    settings = RunSettings(
+        model=str(config_only),
+        data_path=data,
+        budget_bytes=10**10,
+        space_path=Path(DEMO_SPACE),
+        trials=1,
+        probe_steps=2,
+        seq_len=64,
+        device="cpu",
+        storage=storage,
+        study_name="one",
+        memory_model="formula",
+    )
+    run_study(prepare_run(settings), FakeRunner())
+    huge_rank = tmp_path / "huge.yaml"
+    huge_rank.write_text("method: lora\nlora_r: 100000000\n")
+    wide_rank = tmp_path / "wide.yaml"
+    wide_rank.write_text("method: lora\nlora_r: 128\n")  # the model is 64 wide
+    (tmp_path / "adir.png").mkdir()
+    run = ["run", "--model", str(config_only), "--data", str(data), "--budget", "4GB"]
+    report = ["report", "--storage", storage]
+    cases = [
+        (["estimate", "--model", str(config_only), "--recipe", str(huge_rank)], "lora_r must be"),
+        (
+            ["estimate", "--model", str(config_only), "--recipe", str(wide_rank)],
+            "exceeds the model's width 64",
+        ),
+        (run + ["--trials", "abc"], "Invalid value for '--trials'"),
+        (run + ["--confirm", "-1"], "--confirm must be 0 or more"),
+        (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
+        (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
+        (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
+        (report + ["--study", "empty"], "holds no trials yet"),
+        (report + ["--study", "one", "--png", str(tmp_path / "adir.png")], "is a directory"),
+        (report + ["--study", "one", "--png", "/proc/chart.png"], "cannot be written"),
+        (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
+    ]
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there
+    for args, needle in cases:
+        done = autotune(*args, cwd=tmp_path, env=env)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert needle in lines[0], (args, lines[0])

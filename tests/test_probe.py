@@ -68,8 +68,9 @@ def test_probe_measures_a_recipe(tiny_model, qa_data, tmp_path, recipe):
 
 
 def test_probe_timeout_kills_the_child(tiny_model, qa_data, tmp_path):
+    # a forked probe of the tiny model finishes 3 steps in about 0.3 s: ask for far more
     result = SubprocessProbeRunner(timeout_seconds=0.5).run(
-        request_for(tiny_model, qa_data), tmp_path / "probe"
+        request_for(tiny_model, qa_data, steps=100_000), tmp_path / "probe"
     )
     assert result.status == "timeout"
     assert "within 0.5 s" in result.reason

@@ -73,7 +73,18 @@ def test_all_problems_reported_at_once():
         ),
         ({"frozen_layers": 2}, "frozen_layers is for method freeze"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"lora_dropout": float("nan")}, "lora_dropout"),
         ({"bogus": 1}, "unknown keys bogus"),
+        ({"lora_r": 100_000_000}, "lora_r must be an integer from 1 to 65536"),
+        ({"micro_batch_size": 1_000_000_000}, "micro_batch_size must be an integer from 1"),
+        ({"seq_len": 0}, "seq_len must be an integer from 1"),
+        ({"seq_len": 1 << 30}, "seq_len must be an integer from 1"),
+        ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps must be"),
+        ({"learning_rate": float("inf")}, "learning_rate must be a number above 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a number above 0"),
+        ({"learning_rate": 5.0}, "at most 1"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a positive finite number"),
+        ({"model": [1, 2]}, "model must be a hub id or a directory"),
     ],
 )
 def test_contradictions(changes, needle):

@@ -125,7 +125,23 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
     good.write_text(lora_recipe(tiny_model).to_yaml())
     blocker = tmp_path / "file"
     blocker.write_text("")
+    unweighted_model = tmp_path / "unweighted"  # config and tokenizer, no weights
+    weights_only = tmp_path / "weights-only"  # config and weights, no tokenizer
+    for folder, keep in ((unweighted_model, "token"), (weights_only, "")):
+        folder.mkdir()
+        for item in tiny_model.iterdir():
+            if item.name == "config.json" or ("token" in item.name) == bool(keep):
+                (folder / item.name).write_bytes(item.read_bytes())
+    unweighted = tmp_path / "unweighted.yaml"
+    unweighted.write_text(lora_recipe(unweighted_model).to_yaml())
+    untokenized = tmp_path / "untokenized.yaml"
+    untokenized.write_text(lora_recipe(weights_only).to_yaml())
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("model: [1, 2]\nmethod: lora\n")
     cases = [
+        (["--recipe", str(untokenized)], "cannot load the tokenizer"),
+        (["--recipe", str(unweighted)], "cannot load the weights of model"),
+        (["--recipe", str(listed)], "model must be a hub id or a directory"),
         (["--recipe", str(unknown)], "unknown keys rank"),
         (["--recipe", str(missing)], "missing required key method"),
         (["--recipe", str(good), "--output", str(blocker / "out")], "not writable"),

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autotune.errors import UsageError
 from autotune.recipe import Recipe
 
 HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "amp_bf16": "bfloat16", "amp_fp16": "float16"}
@@ -41,9 +42,22 @@ def load_tokenizer(model_name: str) -> Any:
 
     from autotune.remote_code import remote_code_allowed
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_name, trust_remote_code=remote_code_allowed()
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_name, trust_remote_code=remote_code_allowed()
+        )
+    except Exception as error:  # noqa: BLE001 - missing files, hub errors: cannot tokenize
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"cannot load the tokenizer of model {model_name!r}: {first[:200]}"
+        ) from None
+    if len(tokenizer) < 2:
+        # transformers 5 builds an empty tokenizer of the model's class where no tokenizer
+        # file is found; it turns every text into no tokens
+        raise UsageError(
+            f"cannot load the tokenizer of model {model_name!r}: no tokenizer files there "
+            "(tokenizer.json, tokenizer_config.json, ...)"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

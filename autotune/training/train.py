@@ -229,7 +229,13 @@ def train(
             f"of {recipe.effective_batch_size}"
         )
     total_steps = max_steps or max(1, math.ceil(steps_per_epoch * (epochs or 1.0)))
-    model = build_model(recipe, device)
+    try:
+        model = build_model(recipe, device)
+    except (OSError, ValueError) as error:  # no weights, unreadable or mismatched files
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(
+            f"cannot load the weights of model {recipe.model!r}: {first[:200]}"
+        ) from None
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
     start_step = 0
