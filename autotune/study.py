@@ -7,7 +7,9 @@ exceeds the budget, and otherwise probes it in a child process. Every outcome is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -235,8 +237,6 @@ def study_file_name(study_name: str) -> str:
     digits, '.', '_' and '-' kept and every other run of characters one '-', so no name (from
     --study, or from a storage someone else writes) reaches outside trials/ or reports/; a
     name that changed or ran long gets a hash of the whole, so two studies never share files."""
-    import hashlib
-
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", study_name).strip("-.")
     if not slug:
         raise UsageError(
@@ -892,6 +892,13 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
 
     def objective(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
+        if beyond_target(trial.study, trial.number, settings.trials):
+            # Another run on this study took the last slot first: give this one up uncounted.
+            import optuna
+
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study reached its target of trials")
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
         prediction, memory_model = predict_trial(recipe)
         workdir = trials_dir / f"trial-{trial.number:04d}"
@@ -1072,14 +1079,118 @@ def fail_interrupted_trials(study: Any) -> list[int]:
     return failed
 
 
+SURPLUS_ATTR = "surplus"
+"""Trial attribute: started by one run after others had already taken the study's last slot."""
+
+
 def finished_trial_count(study: Any) -> int:
-    """Finished trials, not counting a failed trial that was retried (its retry counts)."""
+    """Finished trials, not counting a failed trial that was retried (its retry counts) or a
+    surplus one (never run)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return sum(1 for t in trials if t.state in finished and t.number not in retried)
+    return sum(
+        1
+        for t in trials
+        if t.state in finished and t.number not in retried and not t.user_attrs.get(SURPLUS_ATTR)
+    )
+
+
+def beyond_target(study: Any, number: int, target: int) -> bool:
+    """Whether trial `number`, just started, would make the study hold more than `target`
+    trials: the finished ones and those running that started before it already reach it. Of
+    two runs that start the last trial at once, the later-numbered one yields."""
+    from optuna.trial import TrialState
+
+    ahead = sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.number < number
+    )
+    return finished_trial_count(study) + ahead >= target
+
+
+CLAIM_PREFIX = "claim:"
+CLAIM_SETTLE_SECONDS = 1.0
+"""How long a claim is left before it is read back: longer than the gap between another
+run's reading that nothing is claimed and its writing its own claim."""
+
+
+def claim_once(study: Any, job: str, settle_seconds: float | None = None) -> bool:
+    """Whether this process takes the one-time `job` of the study (a confirmation, the noise
+    probe), claimed through the storage so that two runs on one study never both do it. A
+    claim stands unless its run, on this host, is gone; the last writer of concurrent claims
+    wins, and each reads the claim back after `settle_seconds`."""
+    attr = CLAIM_PREFIX + job
+    me = worker_id()
+    holder = study.user_attrs.get(attr)
+    if holder == me:
+        return True
+    if holder is not None:
+        host, _, pid = str(holder).rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit() or _process_alive(int(pid)):
+            return False
+    study.set_user_attr(attr, me)
+    time.sleep(CLAIM_SETTLE_SECONDS if settle_seconds is None else settle_seconds)
+    return study.user_attrs.get(attr) == me
+
+
+MEASURED_UNDER_ATTR = "measured_under"
+"""Study attribute: the settings under which its trials were measured (see measured_under)."""
+
+
+def measured_under(prepared: PreparedRun) -> dict[str, Any]:
+    """What makes two trials' figures comparable on one frontier: the same data and tokenizer
+    (the token cache's key, which also covers seq_len, the split seed and size), the same
+    model shape, probe length, budget and kind of device."""
+    spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
+    return {
+        "data": Path(prepared.token_cache).name if prepared.token_cache else None,
+        "model": hashlib.sha256(spec.encode()).hexdigest()[:16],
+        "seq_len": prepared.settings.seq_len,
+        "probe_steps": prepared.settings.probe_steps,
+        "budget_bytes": prepared.settings.budget_bytes,
+        "device": prepared.device.split(":")[0],
+    }
+
+
+_MEASURED_UNDER_WORDS = {
+    "data": "the data, its tokenizer or its split (seed, --eval-rows)",
+    "model": "the model's shape",
+    "seq_len": "--seq-len",
+    "probe_steps": "--probe-steps",
+    "budget_bytes": "--budget",
+    "device": "the device",
+}
+
+
+def check_comparable(study: Any, prepared: PreparedRun) -> None:
+    """Refuse to resume a study under settings that would put figures measured differently
+    on one frontier; a study from before this record is checked on what it stored."""
+    current = measured_under(prepared)
+    stored = study.user_attrs.get(MEASURED_UNDER_ATTR) or {
+        key: study.user_attrs[key]
+        for key in ("seq_len", "probe_steps", "budget_bytes")
+        if key in study.user_attrs
+    }
+    changed = [key for key in current if key in stored and stored[key] != current[key]]
+    if not changed:
+        return
+    shown = []
+    for key in changed:
+        if key in ("data", "model"):
+            shown.append(f"{_MEASURED_UNDER_WORDS[key]} changed")
+        else:
+            value = format_bytes(stored[key]) if key == "budget_bytes" else stored[key]
+            now = format_bytes(current[key]) if key == "budget_bytes" else current[key]
+            shown.append(f"{_MEASURED_UNDER_WORDS[key]} was {value}, now {now}")
+    raise UsageError(
+        f"study {prepared.study_name} was measured under other settings ({'; '.join(shown)}), "
+        "so its trials and this run's would not be comparable; run with its settings, or "
+        "start a new study with --study NAME"
+    )
 
 
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
@@ -1088,6 +1199,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     settings = prepared.settings
     study = open_study(prepared.storage, prepared.study_name, settings.seed)
     new_study = not study.get_trials(deepcopy=False)
+    if not new_study:
+        check_comparable(study, prepared)
     if new_study and prepared.fitting_choices:
         study.set_user_attr(SPACE_CHOICES_ATTR, prepared.fitting_choices)
         study.set_user_attr("ruled_out_choices", prepared.ruled_out_choices)
@@ -1112,6 +1225,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             "seed": settings.seed,
             "vocab_size": prepared.spec.vocab_size,
             "num_layers": prepared.spec.num_layers,
+            MEASURED_UNDER_ATTR: measured_under(prepared),
         }.items():
             study.set_user_attr(key, value)
         for name, params in baseline_params(prepared.space, fits_budget(prepared)):
@@ -1185,6 +1299,8 @@ def measure_noise(
     )
     number = default if default is not None else pick(points, "fastest").number
     point = by_number[number]
+    if not claim_once(study, NOISE_ATTR):
+        return None
     request = probe_request(
         prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
     )
@@ -1244,7 +1360,7 @@ def confirm_frontier(
             chosen.append(number)
     done = confirmations(study)
     for number in chosen[: settings.confirm_top]:
-        if number in done:
+        if number in done or not claim_once(study, f"{CONFIRMATION_PREFIX}{number}"):
             continue
         trial = study.trials[number]
         speed = trial.values[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -217,3 +218,96 @@ def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_p
     old.enqueue_trial({"attention": "sdpa"})  # not a new study: it holds a trial
     with pytest.raises(UsageError, match=r"attention sdpa \(Gemma2ForCausalLM has no SDPA"):
         run_study(prepared, FakeRunner())
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"seq_len": 48}, "--seq-len was 64, now 48"),
+        ({"probe_steps": 5}, "--probe-steps was 3, now 5"),
+        ({"budget_bytes": 2 * 10**10}, "--budget was"),
+        ({"seed": 1}, "the data, its tokenizer or its split"),
+        ({"eval_rows": 5}, "the data, its tokenizer or its split"),
+    ],
+)
+def test_a_resume_under_other_settings_is_refused(workspace, change, needle):  # noqa: F811
+    first = prepare_run(settings_for(workspace, trials=1))
+    run_study(first, FakeRunner())
+    changed = prepare_run(settings_for(workspace, trials=2, **change))
+    with pytest.raises(UsageError, match="was measured under other settings") as error:
+        run_study(changed, FakeRunner())
+    assert needle in str(error.value) and "--study NAME" in str(error.value)
+    # the same settings resume
+    assert (
+        finished_trial_count(
+            run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+        )
+        == 2
+    )
+
+
+def test_a_resume_on_changed_data_is_refused(workspace):  # noqa: F811
+    tmp_path, _, data = workspace
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    write_jsonl(data, [{"text": f"other row {i}"} for i in range(30)])
+    with pytest.raises(UsageError, match="the data, its tokenizer or its split"):
+        run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+
+
+def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(workspace):  # noqa: F811
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    rival = study.ask()  # another run's trial, started first and still running
+    rival.set_user_attr("worker", worker_id())
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), runner)
+    surplus = [t for t in study.trials if t.user_attrs.get("surplus")]
+    assert len(surplus) == 1 and surplus[0].state == optuna.trial.TrialState.PRUNED
+    assert surplus[0].number > rival.number
+    assert finished_trial_count(study) == 1  # the rival's trial will be the second
+    # no trial was probed (trial probes use the run's seed; confirmations and noise the next)
+    assert all(request.seed != 0 for request in runner.requests)
+
+
+CLAIMER = """
+import sys, time
+import optuna
+from autotune.study import claim_once
+study = optuna.load_study(study_name="s", storage=sys.argv[1])
+time.sleep(float(sys.argv[2]) - time.time())  # both ask at the same moment
+print(claim_once(study, "confirmation:0", settle_seconds=1.0))
+"""
+
+
+def test_two_runs_never_both_take_one_confirmation(workspace):  # noqa: F811
+    storage = f"sqlite:///{workspace[0]}/study.db"
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    for _ in range(3):
+        study = open_study(storage, "s")
+        for key in [k for k in study.user_attrs if k.startswith("claim:")]:
+            study._storage.set_study_user_attr(study._study_id, key, None)
+        start = time.time() + 3
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLAIMER, storage, str(start)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        answers = sorted(run.communicate(timeout=60)[0].strip() for run in runs)
+        assert answers == ["False", "True"]
+
+
+def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F811
+    from autotune.study import claim_once
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    host = worker_id().rsplit(":", 1)[0]
+    study.set_user_attr("claim:noise", f"{host}:{_dead_pid()}")
+    assert claim_once(study, "noise")
+    study.set_user_attr("claim:noise", f"{host}:{os.getppid()}")  # alive: its claim stands
+    assert not claim_once(study, "noise")
+    study.set_user_attr("claim:noise", "another-host:1")  # cannot be checked: it stands
+    assert not claim_once(study, "noise")
