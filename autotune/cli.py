@@ -487,11 +487,12 @@ def dashboard(
     port: int = typer.Option(8080, "--port", help="TCP port."),
 ) -> None:
     """Serve optuna-dashboard on the study storage (loopback only unless --host says otherwise)."""
-    from autotune.dashboard import is_loopback, serve
+    from autotune.dashboard import address, is_loopback, serve
 
     if not is_loopback(host):
         typer.echo(
-            f"warning: the dashboard has no authentication; anyone who can reach {host}:{port} "
+            "warning: the dashboard has no authentication; anyone who can reach "
+            f"{address(host, port)} "
             "can read and change the studies",
             err=True,
         )

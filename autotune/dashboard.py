@@ -25,6 +25,11 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def address(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets as URLs write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def serve(storage_url: str | None, host: str, port: int) -> None:
     """Block serving the dashboard until interrupted."""
     from optuna_dashboard import run_server
@@ -33,10 +38,13 @@ def serve(storage_url: str | None, host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")
     storage = make_storage(url)
-    with socket.socket() as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    print(f"dashboard for {redact_url(url)} at http://{host}:{port}/dashboard", flush=True)
+            raise UsageError(
+                f"cannot listen on {address(host, port)}: {error.strerror}"
+            ) from None
+    print(f"dashboard for {redact_url(url)} at http://{address(host, port)}/dashboard", flush=True)
     run_server(storage, host=host, port=port, artifact_store=artifact_store())

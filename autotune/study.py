@@ -549,6 +549,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             settings.seq_len,
         ),
     }
+    make_trials_dir()
     # Tokenize once for every probe and worker of this study (and later studies on the data);
     # this also refuses data that truncation at seq_len leaves without an answer token.
     _, token_cache = cached_splits(
@@ -617,8 +618,16 @@ def _quiet_optuna() -> None:
         optimize_logger.addFilter(_ReportedCrashes())
 
 
+def make_trials_dir() -> None:
+    """trials/, readable by its owner only where this run creates it: it holds the token
+    cache (the training data), probe logs and the study database."""
+    TRIALS_DIR.mkdir(mode=0o700, exist_ok=True)
+
+
 def make_storage(url: str) -> Any:
     _quiet_optuna()
+    if url == DEFAULT_STORAGE:
+        make_trials_dir()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
@@ -711,8 +720,13 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
 def existing_storage_url(storage_url: str | None) -> str:
     """The storage to read: the given URL, or the default one if a run has created it."""
     url = storage_url or DEFAULT_STORAGE
-    if url == DEFAULT_STORAGE and not Path(url.removeprefix("sqlite:///")).exists():
-        raise UsageError(f"no study storage at {url}; run `autotune run` first or pass --storage")
+    # a command that only reads must not create an empty SQLite database where none was
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UsageError(
+            f"no study storage at {url}; run `autotune run` first or pass --storage"
+            if url == DEFAULT_STORAGE
+            else f"no SQLite database at {url.removeprefix('sqlite:///')}; check --storage"
+        )
     return url
 
 

@@ -219,3 +219,39 @@ def test_dashboard_off_loopback_warns(workspace):  # noqa: F811
         server.terminate()
         _, stderr = server.communicate(timeout=10)
     assert "no authentication" in stderr
+
+
+def test_dashboard_listens_on_an_ipv6_address(workspace):  # noqa: F811
+    tmp_path, _, _ = workspace
+    settings = settings_for(workspace, trials=1)
+    run_study(prepare_run(settings), FakeRunner())
+    port = _free_port()
+    server = subprocess.Popen(
+        [AUTOTUNE, "dashboard", "--storage", settings.storage]
+        + ["--host", "::1", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        studies = _get_json(f"http://[::1]:{port}/api/studies")
+    finally:
+        server.terminate()
+        stdout, stderr = server.communicate(timeout=10)
+    assert [s["study_name"] for s in studies["study_summaries"]] == ["s"], stderr
+    assert f"http://[::1]:{port}/dashboard" in stdout
+
+
+def test_reading_commands_never_create_a_database(tmp_path):
+    missing = tmp_path / "typo.db"
+    for command in (["export"], ["report"], ["dashboard", "--port", str(_free_port())]):
+        done = subprocess.run(
+            [AUTOTUNE, *command, "--storage", f"sqlite:///{missing}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "no SQLite database at" in done.stderr, done.stderr
+        assert not missing.exists()

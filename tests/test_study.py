@@ -535,3 +535,11 @@ def test_a_hostile_study_name_writes_only_under_trials(workspace):
     assert not (tmp_path.parent / "escape").exists()
     [folder] = [p for p in (tmp_path / "trials").iterdir() if p.name.startswith("escape")]
     assert (folder / "trial-0000").is_dir()
+
+
+def test_the_trials_folder_is_its_owner_s_alone(workspace):
+    import stat
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    mode = stat.S_IMODE((workspace[0] / "trials").stat().st_mode)
+    assert mode & 0o077 == 0, oct(mode)
