@@ -35,7 +35,7 @@ UPPER_BOUNDS = {
 }
 """Beyond these no recipe is meant: a value past one is a typo, and pricing it could take the
 machine's memory (the model-tied bounds, rank within the layer width, come with the model)."""
-MAX_LEARNING_RATE = 1.0
+
 
 
 @dataclass(frozen=True)
@@ -254,10 +254,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     for name in ("gradient_checkpointing", "expandable_segments"):
         if not isinstance(getattr(recipe, name), bool):
             problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
-    if not _is_number(recipe.learning_rate) or not 0 < recipe.learning_rate <= MAX_LEARNING_RATE:
+    if not _is_number(recipe.learning_rate) or recipe.learning_rate <= 0:
         problems.append(
-            f"learning_rate must be a number above 0 and at most {MAX_LEARNING_RATE:g}, "
-            f"got {recipe.learning_rate!r}"
+            f"learning_rate must be a finite number above 0, got {recipe.learning_rate!r}"
         )
     if recipe.method == "lora":
         if not _is_int(recipe.lora_r) or not 1 <= recipe.lora_r <= UPPER_BOUNDS["lora_r"]:

@@ -375,7 +375,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             ["estimate", "--model", str(tmp_path), "--recipe", str(full_with_lora)],
             "has no config.json",
         ),
-        (["export", "--storage", f"sqlite:///{tmp_path}/none.db", "--study", "x"], "no study"),
+        (
+            ["export", "--storage", f"sqlite:///{tmp_path}/none.db", "--study", "x"],
+            "no SQLite database at",
+        ),
         (["export", "--pick", "cheapest"], "no study storage"),
     ]
 

@@ -162,11 +162,14 @@ def test_without_the_packed_path_any_width_probes(tmp_path, qa_data, monkeypatch
 
 
 @pytest.mark.skipif(not CPU_HAS_AVX512_BF16, reason="the packed kernel needs AVX512-BF16")
-def test_the_packed_kernel_still_refuses_the_widths_the_check_refuses(tmp_path, qa_data):
+def test_the_packed_kernel_still_refuses_the_widths_the_check_refuses(
+    tmp_path, qa_data, monkeypatch
+):
     """What the refusal guards against, on a CPU that has the packed path: the probe's eval
     stops in bitsandbytes. If a bitsandbytes release lifts the limit, this test says so."""
     from autotune.random_model import build_random_model
 
+    monkeypatch.setenv(AVX512_BF16_ENV, "1")
     source = misaligned_model(tmp_path)
     model = build_random_model(source / "config.json", tmp_path / "built", DEMO / "tokenizer")
     result = SubprocessProbeRunner(timeout_seconds=300, warm=False).run(

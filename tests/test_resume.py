@@ -39,7 +39,7 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
             "--data",
             str(qa_data),
             "--trials",
-            "6",
+            "40",
             "--kills",
             "10",
             "--max-delay",
@@ -67,7 +67,7 @@ def test_kill_nine_at_random_points_loses_nothing(tiny_model, qa_data, tmp_path)
     assert len(kills) >= 8, done.stdout
     assert sum(float(delay) < 15 for delay, _, _ in kills) >= 4
     assert any(int(probing) > 0 for _, _, probing in kills), done.stdout
-    assert "final: 6 finished trials, 0 running" in done.stdout
+    assert "final: 40 finished trials, 0 running" in done.stdout
 
 
 def _dead_pid() -> int:

@@ -43,7 +43,7 @@ def _default_dict():
     [
         ({"rank": [8]}, "unknown keys rank"),
         ({"micro_batch_size": [3]}, "do not divide effective_batch_size"),
-        ({"micro_batch_size": [0, 2]}, "positive integers"),
+        ({"micro_batch_size": [0, 2]}, "integers from 1 to 4096"),
         ({"method": ["lora", "prefix"]}, "method choices"),
         ({"frozen_layers_fraction": [1.5]}, "frozen_layers_fraction"),
         ({"lora_target_modules": {"odd": ["q_proj", "wq"]}}, "lora_target_modules.odd"),
