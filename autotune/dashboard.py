@@ -10,7 +10,12 @@ import ipaddress
 import socket
 
 from autotune.errors import UsageError
-from autotune.study import artifact_store, existing_storage_url, make_storage, redact_url
+from autotune.study.storage import (
+    artifact_store,
+    existing_storage_url,
+    make_storage,
+    redact_url,
+)
 
 
 def is_loopback(host: str) -> bool:

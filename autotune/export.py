@@ -8,7 +8,7 @@ from typing import Any
 from autotune.errors import UsageError
 from autotune.pareto import PICK_POLICIES, pick
 from autotune.recipe import Recipe
-from autotune.study import confirmations, measured_points, recipe_of
+from autotune.study.records import confirmations, measured_points, recipe_of
 
 
 def measured_figures(trial: Any, confirmation: dict[str, Any] | None = None) -> dict[str, Any]:

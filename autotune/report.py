@@ -12,7 +12,12 @@ from typing import Any, NamedTuple
 
 from autotune.export import write_text
 from autotune.pareto import frontier
-from autotune.study import OBJECTIVE_NAMES, confirmations, measured_points, not_searched
+from autotune.study.records import (
+    OBJECTIVE_NAMES,
+    confirmations,
+    measured_points,
+    not_searched,
+)
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
@@ -221,7 +226,7 @@ def objective_importances(study: Any) -> dict[str, dict[str, float]]:
 
     import optuna
 
-    from autotune.study import DIRECTIONS
+    from autotune.study.records import DIRECTIONS
 
     states = (optuna.trial.TrialState.COMPLETE,)
     measured = [

@@ -97,6 +97,6 @@ def qa_data(tmp_path) -> Path:
 def _claims_settle_at_once(monkeypatch):
     """A study run in a test process has no rival run: its claims need no settling pause
     (test_resume.py's claim test sets its own)."""
-    import autotune.study
+    import autotune.study.workers
 
-    monkeypatch.setattr(autotune.study, "CLAIM_SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(autotune.study.workers, "CLAIM_SETTLE_SECONDS", 0.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-import autotune.study as study_module
+import autotune.study.storage as study_storage
 from autotune.study import finished_trial_count, prepare_run, run_study
 from tests.conftest import QUICK_CPU_RUN
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
@@ -117,8 +117,8 @@ def test_two_workers_on_postgres_complete_a_study(tiny_model, qa_data, tmp_path,
 
 
 def test_dead_hosts_trial_goes_stale_and_is_retried(workspace, postgres_url, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(study_module, "STALE_AFTER_SECONDS", 2)
+    monkeypatch.setattr(study_storage, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_storage, "STALE_AFTER_SECONDS", 2)
     settings = settings_for(workspace, storage=postgres_url, study_name="stale", trials=3)
     prepared = prepare_run(settings)
     study = run_study(

@@ -225,7 +225,6 @@ def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_p
     [
         ({"seq_len": 48}, "--seq-len was 64, now 48"),
         ({"probe_steps": 5}, "--probe-steps was 3, now 5"),
-        ({"budget_bytes": 2 * 10**10}, "--budget was"),
         ({"seed": 1}, "the data, its tokenizer or its split"),
         ({"eval_rows": 5}, "the data, its tokenizer or its split"),
     ],

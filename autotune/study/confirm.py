@@ -1,0 +1,129 @@
+"""After the trials: the top frontier recipes probed again for longer, and one probed again with
+another seed to measure the noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.pareto import PICK_POLICIES, frontier, pick
+from autotune.probe import ProbeRunner
+from autotune.study.objective import RunEvents, probe_request
+from autotune.study.records import (
+    CONFIRMATION_PREFIX,
+    NOISE_ATTR,
+    confirmations,
+    measured_points,
+    recipe_of,
+)
+from autotune.study.settings import PreparedRun, trials_dir_of
+from autotune.study.workers import claim_once
+
+
+def measure_noise(
+    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
+) -> dict[str, Any] | None:
+    """How far a probe's figures move when only chance changes: the yardstick for differences.
+
+    The QLoRA default (or, without it, the fastest frontier recipe) is probed again with the
+    same steps and another seed, so the data order and the adapter's initialisation change and
+    nothing else: it reads the study's token cache, so the eval subset is the same. An
+    eval-loss difference between two recipes smaller than this one is noise.
+    Runs once per study, with the confirmations (`--confirm 0` turns both off).
+    """
+    events = events or RunEvents()
+    settings = prepared.settings
+    if NOISE_ATTR in study.user_attrs:
+        return study.user_attrs[NOISE_ATTR]
+    points = measured_points(study)
+    if not points or settings.confirm_top < 1:
+        return None
+    by_number = {p.number: p for p in points}
+    default = next(
+        (
+            t.number
+            for t in study.trials
+            if t.user_attrs.get("baseline") == "qlora_default" and t.number in by_number
+        ),
+        None,
+    )
+    number = default if default is not None else pick(points, "fastest").number
+    point = by_number[number]
+    if not claim_once(study, NOISE_ATTR):
+        return None
+    request = probe_request(
+        prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
+    )
+    result = runner.run(request, trials_dir_of(prepared) / f"noise-{number:04d}")
+    if result.status != "ok":
+        return None
+
+    def change(now: float | None, before: float) -> float | None:
+        return round(now / before - 1, 4) if now is not None and before else None
+
+    noise = {
+        "trial": number,
+        "seed": request.seed,
+        "steps": request.steps,
+        "eval_loss": result.eval_loss,
+        "eval_loss_difference": round(abs(result.eval_loss - point.eval_loss), 6),
+        "tokens_per_second_change": change(result.tokens_per_second, point.tokens_per_second),
+        "peak_memory_change": change(result.peak_memory_bytes, point.peak_memory_bytes),
+    }
+    study.set_user_attr(NOISE_ATTR, noise)
+    events.noise_measured(noise)
+    return noise
+CONFIRM_SPEED_TOLERANCE = 0.15
+"""A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
+
+
+def confirm_frontier(
+    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
+) -> dict[int, dict[str, Any]]:
+    """Re-probe the top frontier recipes with twice the steps and another seed.
+
+    Short probes can flatter a recipe (a lucky data order, a warm cache). A recipe holds up when
+    the longer probe finishes, stays within the budget and keeps its speed within 15%.
+    """
+    events = events or RunEvents()
+    settings = prepared.settings
+    points = measured_points(study)
+    if not points or settings.confirm_top < 1:
+        return confirmations(study)
+    chosen: list[int] = []
+    for number in [pick(points, policy).number for policy in PICK_POLICIES] + [
+        p.number for p in frontier(points)
+    ]:
+        if number not in chosen:
+            chosen.append(number)
+    done = confirmations(study)
+    for number in chosen[: settings.confirm_top]:
+        if number in done or not claim_once(study, f"{CONFIRMATION_PREFIX}{number}"):
+            continue
+        trial = study.trials[number]
+        speed = trial.values[1]
+        request = probe_request(
+            prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1
+        )
+        result = runner.run(request, trials_dir_of(prepared) / f"confirm-{number:04d}")
+        fits = (
+            not prepared.device.startswith("cuda")
+            or (result.peak_memory_bytes or 0) <= settings.budget_bytes
+        )
+        speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
+        confirmation = {
+            "status": result.status,
+            "reason": result.reason,
+            "steps": request.steps,
+            "seed": request.seed,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "tokens_per_second": result.tokens_per_second,
+            "eval_loss": result.eval_loss,
+            "speed_change": round(speed_change, 4),
+            "held_up": result.status == "ok"
+            and fits
+            and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        }
+        study.set_user_attr(f"{CONFIRMATION_PREFIX}{number}", confirmation)
+        events.confirmed(number, confirmation)
+    return confirmations(study)

@@ -1,0 +1,253 @@
+"""The objective: one trial's recipe predicted, probed or ruled out, and every outcome recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.model_spec import ModelSpec
+from autotune.probe import ProbeRunner
+from autotune.recipe import Recipe
+from autotune.study.records import (
+    CONSTRAINT_KEY,
+    SURPLUS_ATTR,
+    UNMEASURED_TOKENS_PER_SECOND,
+    ProbeCrashed,
+)
+from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
+from autotune.study.settings import PreparedRun, trials_dir_of
+from autotune.study.storage import TRIALS_DIR, artifact_store
+from autotune.study.workers import beyond_target, worker_id
+from autotune.training.io import ProbeRequest, ProbeResult
+from autotune.units import format_bytes
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    number: int
+    label: str
+    status: str
+    predicted_peak_bytes: int
+    peak_memory_bytes: float | None = None
+    memory_source: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Where the probe's time went: start, device_init, data, load, warmup, steps, eval, total."""
+    tokens_per_second: float | None = None
+    eval_loss: float | None = None
+    reason: str = ""
+    repair_of: int | None = None
+    """The trial over the budget this one stands in for, as the nearest recipe that fits."""
+
+
+@dataclass
+class RunEvents:
+    """Hooks the CLI uses to show progress; the study itself prints nothing."""
+
+    trial_started: Callable[[int, str], None] = lambda number, label: None
+    trial_finished: Callable[[TrialSummary], None] = lambda summary: None
+    confirmed: Callable[[int, dict[str, Any]], None] = lambda number, confirmation: None
+    noise_measured: Callable[[dict[str, Any]], None] = lambda noise: None
+    notes: list[str] = field(default_factory=list)
+
+
+def loss_when_unmeasured(spec: ModelSpec) -> float:
+    return math.log(spec.vocab_size)
+
+
+def _record_constraint(trial: Any, value: float) -> None:
+    trial.set_constraint(CONSTRAINT_KEY, value)
+    # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+
+
+def _attach_artifacts(trial: Any, recipe: Recipe, workdir: Path) -> None:
+    """The trial's recipe and, where a probe ran, its log, for the dashboard's artifact view."""
+    import optuna
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe_path = workdir / "recipe.yaml"
+    recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+    store = artifact_store()
+    for path in (recipe_path, workdir / "probe.log"):
+        if path.exists():
+            optuna.artifacts.upload_artifact(
+                artifact_store=store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="text/plain",
+            )
+
+
+def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents) -> Callable:
+    settings, spec, space = prepared.settings, prepared.spec, prepared.space
+    budget = settings.budget_bytes
+    unmeasured_loss = loss_when_unmeasured(spec)
+    trials_dir = trials_dir_of(prepared)
+    gpu_pool: queue.Queue[str] | None = None
+    if settings.gpus:
+        gpu_pool = queue.Queue()
+        for gpu in settings.gpus:
+            gpu_pool.put(gpu)
+
+    fits = fits_budget(prepared)
+    predict_trial = trial_predictor(prepared)
+
+    def objective(trial: Any) -> tuple[float, float, float]:
+        trial.set_user_attr("worker", worker_id())
+        if beyond_target(trial.study, trial.number, settings.trials):
+            # Another run on this study took the last slot first: give this one up uncounted.
+            import optuna
+
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study reached its target of trials")
+        recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
+        prediction, memory_model = predict_trial(recipe)
+        workdir = trials_dir / f"trial-{trial.number:04d}"
+
+        def record(
+            status: str,
+            reason: str,
+            values: tuple[float, ...] | None = None,
+            result: ProbeResult | None = None,
+        ) -> None:
+            """Status and reason on the trial, its artifacts, and the event the CLI shows."""
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("reason", reason)
+            _attach_artifacts(trial, recipe, workdir)
+            measured = status == "measured" and values is not None
+            events.trial_finished(
+                TrialSummary(
+                    number=trial.number,
+                    label=recipe.label(),
+                    status=status,
+                    predicted_peak_bytes=prediction.peak_bytes,
+                    peak_memory_bytes=result.peak_memory_bytes if result else None,
+                    memory_source=result.memory_source if result else "",
+                    seconds=dict(result.seconds) if result else {},
+                    tokens_per_second=values[1] if measured else None,
+                    eval_loss=values[2] if measured else None,
+                    reason=reason,
+                    repair_of=trial.user_attrs.get("repair_of"),
+                )
+            )
+
+        earlier = _earlier_trial_with_params(trial)
+        if earlier is not None:
+            # The sampler proposed a recipe already tried: reuse its figures instead of paying
+            # for another probe, and keep it off the frontier so no recipe shows twice.
+            for key, value in earlier.user_attrs.items():
+                if key not in ("baseline", "worker", "repair_of"):
+                    trial.set_user_attr(key, value)
+            _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
+            record("duplicate", f"same recipe as trial {earlier.number}")
+            return tuple(earlier.values)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("recipe_label", recipe.label())
+        trial.set_user_attr("predicted_peak_bytes", prediction.peak_bytes)
+        trial.set_user_attr("predicted_breakdown", prediction.breakdown)
+        trial.set_user_attr("memory_model", memory_model)
+        events.trial_started(trial.number, recipe.label())
+
+        def finish(
+            status: str,
+            values: tuple[float, float, float],
+            constraint: float,
+            reason: str = "",
+            result: ProbeResult | None = None,
+        ) -> tuple[float, float, float]:
+            _record_constraint(trial, constraint)
+            record(status, reason, values, result)
+            return values
+
+        if prediction.peak_bytes > budget:
+            nearest = nearest_fitting_params(space, trial.params, fits)
+            if nearest is not None and "repair_of" not in trial.user_attrs:
+                # Probe the closest recipe that fits next: the sampler asked for this region.
+                trial.study.enqueue_trial(
+                    nearest, user_attrs={"repair_of": trial.number}, skip_if_exists=True
+                )
+            return finish(
+                "over_budget_predicted",
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                (prediction.peak_bytes - budget) / budget,
+                f"predicted {format_bytes(prediction.peak_bytes)} > budget {format_bytes(budget)}",
+            )
+
+        gpu = gpu_pool.get() if gpu_pool else None
+        try:
+            request = probe_request(prepared, recipe, settings.probe_steps, settings.seed, gpu)
+            trial.set_user_attr("probe_dir", str(workdir))
+            if gpu is not None:
+                trial.set_user_attr("gpu", gpu)
+            result = runner.run(request, workdir)
+        finally:
+            if gpu_pool is not None and gpu is not None:
+                gpu_pool.put(gpu)
+        for key, value in result.user_attrs().items():
+            trial.set_user_attr(key, value)
+
+        if result.status == "ok":
+            measured = float(result.peak_memory_bytes or 0)
+            # On CUDA the measured peak is what the budget bounds; a CPU run's RSS is not GPU
+            # memory, so there feasibility rests on the prediction.
+            bound = measured if prepared.device.startswith("cuda") else prediction.peak_bytes
+            return finish(
+                "measured",
+                (measured, float(result.tokens_per_second or 0.0), float(result.eval_loss or 0.0)),
+                (bound - budget) / budget,
+                result=result,
+            )
+        if result.status == "crash":
+            record("crash", result.reason)
+            raise ProbeCrashed(result.reason)
+        # Out of memory, NaN loss and timeout are properties of the recipe: infeasible.
+        memory = float(
+            max(
+                result.peak_memory_bytes or 0,
+                prediction.peak_bytes,
+                budget if result.status == "oom" else 0,
+            )
+        )
+        return finish(
+            result.status,
+            (memory, UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+            1.0,
+            result.reason,
+            result,
+        )
+
+    return objective
+
+
+def _earlier_trial_with_params(trial: Any) -> Any | None:
+    from optuna.trial import TrialState
+
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == trial.params and other.number != trial.number:
+            return other
+    return None
+
+
+def probe_request(
+    prepared: PreparedRun, recipe: Recipe, steps: int, seed: int, visible_gpu: str | None = None
+) -> ProbeRequest:
+    """A probe of `recipe` on the study's data, device, budget, eval rows and caches."""
+    settings = prepared.settings
+    return ProbeRequest(
+        recipe=recipe,
+        data_path=str(settings.data_path),
+        steps=steps,
+        device=prepared.device,
+        budget_bytes=settings.budget_bytes,
+        seed=seed,
+        visible_gpu=visible_gpu,
+        token_cache=prepared.token_cache,
+        eval_rows=settings.eval_rows,
+        weight_cache=str((TRIALS_DIR / "cache").resolve()) if settings.weight_cache else None,
+    )

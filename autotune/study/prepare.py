@@ -1,0 +1,137 @@
+"""`prepare_run`: every input checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+from autotune.architecture import read_architecture
+from autotune.data import (
+    cached_splits,
+    check_enough_rows,
+    checked_scan,
+    length_stats,
+    usable_rows,
+)
+from autotune.errors import UsageError
+from autotune.model_spec import load_model_spec
+from autotune.offgpu import run_off_gpu
+from autotune.recipe import UPPER_BOUNDS
+from autotune.replay import (
+    check_memory_model,
+    load_config,
+)
+from autotune.space import SearchSpace
+from autotune.study.pruning import budget_fit, supported_space
+from autotune.study.settings import (
+    LENGTH_STATS_ROWS,
+    PreparedRun,
+    RunSettings,
+    check_workers,
+    default_study_name,
+    resolve_device,
+    study_file_name,
+    tokenizer_for,
+)
+from autotune.study.storage import DEFAULT_STORAGE, TRIALS_DIR, make_trials_dir
+from autotune.units import format_bytes
+
+
+def prepare_run(settings: RunSettings) -> PreparedRun:
+    """Check every input before anything runs; bad input raises UsageError."""
+    if settings.trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {settings.trials}")
+    if settings.probe_steps < 1:
+        raise UsageError(f"--probe-steps must be at least 1, got {settings.probe_steps}")
+    if not 2 <= settings.seq_len <= UPPER_BOUNDS["seq_len"]:
+        raise UsageError(
+            f"--seq-len must be from 2 to {UPPER_BOUNDS['seq_len']}, got {settings.seq_len}"
+        )
+    if settings.confirm_top < 0:
+        raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
+    if settings.study_name is not None:
+        study_file_name(settings.study_name)  # refuses a name no file can be named by
+    check_memory_model(settings.memory_model)
+    spec = load_model_spec(settings.model)
+    try:
+        model_config = load_config(settings.model)
+    except UsageError:
+        if settings.memory_model == "replay":
+            raise
+        model_config = None  # the formula reads config.json itself; the probes will judge
+    device = resolve_device(settings.device)
+    # peft's checks import bitsandbytes, which gives a process a CUDA context where there is a
+    # GPU: off this process then, so the probes keep the memory; on a CPU here, in it
+    run = None if device == "cpu" else run_off_gpu
+    architecture = read_architecture(model_config, run) if model_config is not None else None
+    space, unsupported = supported_space(
+        SearchSpace.load(settings.space_path), architecture, device
+    )
+    if "lora" in space.method and max(space.lora_r) > spec.hidden_size:
+        raise UsageError(
+            f"{space.source}: lora_r {max(space.lora_r)} exceeds the model's width "
+            f"{spec.hidden_size}; a rank is at most the width of the layers it adapts"
+        )
+    data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
+    check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
+    fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)
+    smallest = fit.smallest_peak_bytes
+    if smallest > settings.budget_bytes:
+        raise UsageError(
+            f"budget {format_bytes(settings.budget_bytes)} is below the "
+            f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
+            f"{space.source} needs at seq_len {settings.seq_len}; "
+            "raise --budget or shorten --seq-len"
+        )
+    # Recipes and probe requests name local paths absolutely so they work from anywhere.
+    settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
+    if Path(settings.model).expanduser().exists():
+        settings = dataclasses.replace(
+            settings, model=str(Path(settings.model).expanduser().resolve())
+        )
+    tokenizer = tokenizer_for(settings.model)
+    data_stats = {
+        "rows": data_scan.usable_rows,
+        "skipped_rows": len(data_scan.bad),
+        **length_stats(
+            itertools.islice(usable_rows(settings.data_path), LENGTH_STATS_ROWS),
+            tokenizer,
+            settings.seq_len,
+        ),
+    }
+    make_trials_dir()
+    # Tokenize once for every probe and worker of this study (and later studies on the data);
+    # this also refuses data that truncation at seq_len leaves without an answer token.
+    _, token_cache = cached_splits(
+        settings.data_path,
+        tokenizer,
+        settings.seq_len,
+        settings.seed,
+        TRIALS_DIR / "cache",
+        settings.eval_rows,
+        row_count=data_scan.usable_rows,
+        progress=settings.tokenize_progress,
+    )
+    check_workers(settings, device)
+    study_name = settings.study_name or default_study_name(
+        settings.model, settings.data_path, settings.budget_bytes
+    )
+    storage = settings.storage or DEFAULT_STORAGE
+    return PreparedRun(
+        settings,
+        spec,
+        space,
+        device,
+        study_name,
+        storage,
+        smallest,
+        fitting_choices=fit.choices,
+        ruled_out_choices=fit.ruled_out,
+        skipped_rows=len(data_scan.bad),
+        data_stats=data_stats,
+        token_cache=str(token_cache.resolve()),
+        model_config=model_config,
+        unsupported_choices=unsupported,
+    )

@@ -1,0 +1,141 @@
+"""The space a study searches: choices the model's code cannot run or the budget cannot hold are
+left out before any trial, and a resumed study keeps the choices it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from autotune.architecture import Architecture
+from autotune.errors import UsageError
+from autotune.memory import estimate
+from autotune.model_spec import ModelSpec
+from autotune.space import SearchSpace
+from autotune.study.records import describe_unsupported
+from autotune.study.settings import BudgetFit, PreparedRun
+
+
+def supported_space(
+    space: SearchSpace, architecture: Architecture | None, device: str | None = None
+) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
+    """The space without the LoRA target sets, quantizations (on `device`) and attention
+    implementations the model cannot run, and why each left out; where none of a dimension's
+    choices runs, what usually does (all-linear, eager, no quantization) takes their place,
+    so a space written for the Llama family still searches Gemma 2 or GPT-NeoX; where no LoRA
+    runs at all (peft refuses dropout on the stacked expert weights of a mixture of experts),
+    the other methods are searched."""
+    if architecture is None:
+        return space, {}
+    unsupported: dict[str, dict[str, str]] = {}
+    if "lora" in space.method:
+        for name, targets in space.lora_target_modules.items():
+            refusal = architecture.lora_refusal(targets, space.lora_dropout)
+            if refusal:
+                unsupported.setdefault("lora_target_modules", {})[name] = refusal
+    for choice in space.attention:
+        refusal = architecture.attention_refusals.get(choice)
+        if refusal:
+            unsupported.setdefault("attention", {})[choice] = refusal
+    if "lora" in space.method:
+        for choice in space.quantization:
+            refusal = architecture.quantization_refusal(choice, device)
+            if refusal:
+                unsupported.setdefault("quantization", {})[choice] = refusal
+    if not unsupported:
+        return space, {}
+    refused = unsupported.get("lora_target_modules", {})
+    targets = {n: t for n, t in space.lora_target_modules.items() if n not in refused}
+    if not targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
+        targets = {"all-linear": "all-linear"}
+    quantization = tuple(
+        c for c in space.quantization if c not in unsupported.get("quantization", {})
+    )
+    changes: dict[str, Any] = {
+        "lora_target_modules": targets,
+        "quantization": quantization or ("none",),
+    }
+    if not targets:
+        # no LoRA at all on this model with this space: search the other methods
+        changes["method"] = tuple(m for m in space.method if m != "lora")
+        changes["quantization"] = ("none",)
+        changes["lora_target_modules"] = space.lora_target_modules
+        unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
+        for choice in space.quantization:
+            if choice != "none":
+                unsupported.setdefault("quantization", {}).setdefault(choice, "trains LoRA only")
+        if not changes["method"]:
+            raise UsageError(
+                f"{space.source}: no LoRA target set runs on {architecture.name} ("
+                + describe_unsupported({"lora_target_modules": refused})
+                + ") and the space has no other method"
+            )
+    attention = tuple(c for c in space.attention if c not in unsupported.get("attention", {}))
+    changes["attention"] = attention or ("eager",)
+    return dataclasses.replace(space, **changes), unsupported
+
+
+def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[SearchSpace, str]:
+    """The space of a study being resumed: the choices it started with. Optuna samples each
+    dimension from one fixed set of choices for the life of a study, so a choice the study
+    holds that this run does not search (the space file changed, or the model cannot run it)
+    is refused in one line before any trial; a choice this run would add is left out, and the
+    returned note says so."""
+    space = prepared.space
+    current = space.choices()
+    dropped = {
+        name: [c for c in kept if c not in current.get(name, [])]
+        for name, kept in stored.items()
+        if name in current
+    }
+    dropped = {name: choices for name, choices in dropped.items() if choices}
+    if dropped:
+        reasons = []
+        for name, choices in dropped.items():
+            for choice in choices:
+                why = prepared.unsupported_choices.get(name, {}).get(str(choice))
+                reasons.append(f"{name} {choice} ({why or f'not in {space.source}'})")
+        raise UsageError(
+            f"study {prepared.study_name} was started with choices this run does not search: "
+            + ", ".join(reasons)
+            + "; resume it with the space it started with, or start a new study with --study"
+        )
+    added = {
+        name: [c for c in fitting if c not in stored.get(name, [])]
+        for name, fitting in prepared.fitting_choices.items()
+    }
+    added = {name: choices for name, choices in added.items() if choices}
+    note = ""
+    if added:
+        note = (
+            f"study {prepared.study_name} keeps the choices it started with; not searched: "
+            + ", ".join(f"{name} {', '.join(map(str, choices))}" for name, choices in added.items())
+            + " (start a new study with --study to search them)"
+        )
+    return space.restricted(stored), note
+
+
+
+
+
+
+def budget_fit(
+    space: SearchSpace, model: str, spec: ModelSpec, seq_len: int, budget_bytes: int
+) -> BudgetFit:
+    """Predict every point of the space (milliseconds each): a choice that only recipes over
+    the budget use would only ever be ruled out, so the search need not spend trials on it."""
+    smallest: dict[str, dict[Any, int]] = {}
+    for params in space.all_params():
+        peak = estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
+        for name, value in params.items():
+            seen = smallest.setdefault(name, {})
+            seen[value] = min(seen.get(value, peak), peak)
+    fitting: dict[str, list[Any]] = {}
+    ruled_out: dict[str, dict[str, int]] = {}
+    for name, choices in space.choices().items():
+        peaks = smallest.get(name, {})
+        fitting[name] = [c for c in choices if peaks.get(c, budget_bytes + 1) <= budget_bytes]
+        over = {str(c): peaks[c] for c in choices if c in peaks and peaks[c] > budget_bytes}
+        if over:
+            ruled_out[name] = over
+    return BudgetFit(min(smallest["method"].values()), fitting, ruled_out)

@@ -1,0 +1,148 @@
+"""`run_study`: run or resume a study until it holds its trials, then confirm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+from autotune.probe import ProbeRunner
+from autotune.study.confirm import confirm_frontier, measure_noise
+from autotune.study.objective import RunEvents, make_objective
+from autotune.study.pruning import resumed_space
+from autotune.study.records import (
+    MEASURED_UNDER_ATTR,
+    SPACE_CHOICES_ATTR,
+    ProbeCrashed,
+    finished_trial_count,
+)
+from autotune.study.seeding import baseline_params, fits_budget
+from autotune.study.settings import PreparedRun
+from autotune.study.storage import open_study
+from autotune.study.workers import fail_interrupted_trials
+
+
+def measured_under(prepared: PreparedRun) -> dict[str, Any]:
+    """What makes two trials' figures comparable on one frontier: the same data and tokenizer
+    (the token cache's key, which also covers seq_len, the split seed and size), the same
+    model shape, probe length and kind of device. The budget may change: a study resumed
+    under another keeps the choices it started with, and each trial records its constraint."""
+    spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
+    return {
+        "data": Path(prepared.token_cache).name if prepared.token_cache else None,
+        "model": hashlib.sha256(spec.encode()).hexdigest()[:16],
+        "seq_len": prepared.settings.seq_len,
+        "probe_steps": prepared.settings.probe_steps,
+        "device": prepared.device.split(":")[0],
+    }
+
+
+_MEASURED_UNDER_WORDS = {
+    "data": "the data, its tokenizer or its split (seed, --eval-rows)",
+    "model": "the model's shape",
+    "seq_len": "--seq-len",
+    "probe_steps": "--probe-steps",
+    "device": "the device",
+}
+
+
+def check_comparable(study: Any, prepared: PreparedRun) -> None:
+    """Refuse to resume a study under settings that would put figures measured differently
+    on one frontier; a study from before this record is checked on what it stored."""
+    current = measured_under(prepared)
+    stored = study.user_attrs.get(MEASURED_UNDER_ATTR) or {
+        key: study.user_attrs[key]
+        for key in ("seq_len", "probe_steps")
+        if key in study.user_attrs
+    }
+    changed = [key for key in current if key in stored and stored[key] != current[key]]
+    if not changed:
+        return
+    shown = []
+    for key in changed:
+        if key in ("data", "model"):
+            shown.append(f"{_MEASURED_UNDER_WORDS[key]} changed")
+        else:
+            shown.append(f"{_MEASURED_UNDER_WORDS[key]} was {stored[key]}, now {current[key]}")
+    raise UsageError(
+        f"study {prepared.study_name} was measured under other settings ({'; '.join(shown)}), "
+        "so its trials and this run's would not be comparable; run with its settings, or "
+        "start a new study with --study NAME"
+    )
+
+
+def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
+    """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
+    events = events or RunEvents()
+    settings = prepared.settings
+    study = open_study(prepared.storage, prepared.study_name, settings.seed)
+    new_study = not study.get_trials(deepcopy=False)
+    if not new_study:
+        check_comparable(study, prepared)
+    if new_study and prepared.fitting_choices:
+        study.set_user_attr(SPACE_CHOICES_ATTR, prepared.fitting_choices)
+        study.set_user_attr("ruled_out_choices", prepared.ruled_out_choices)
+        if prepared.unsupported_choices:
+            study.set_user_attr("unsupported_choices", prepared.unsupported_choices)
+    # A resumed study keeps the choices it started with: Optuna refuses other ones.
+    choices = study.user_attrs.get(SPACE_CHOICES_ATTR)
+    if choices:
+        space, note = resumed_space(prepared, choices)
+        prepared = dataclasses.replace(prepared, space=space)
+        if note:
+            events.notes.append(note)
+    if new_study:
+        for key, value in {
+            "model": settings.model,
+            "data_path": str(settings.data_path),
+            "budget_bytes": settings.budget_bytes,
+            "seq_len": settings.seq_len,
+            "probe_steps": settings.probe_steps,
+            "device": prepared.device,
+            "space": prepared.space.source,
+            "seed": settings.seed,
+            "vocab_size": prepared.spec.vocab_size,
+            "num_layers": prepared.spec.num_layers,
+            MEASURED_UNDER_ATTR: measured_under(prepared),
+        }.items():
+            study.set_user_attr(key, value)
+        for name, params in baseline_params(prepared.space, fits_budget(prepared)):
+            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+    study.set_user_attr("data_stats", prepared.data_stats)
+    interrupted = fail_interrupted_trials(study)
+    if interrupted:
+        events.notes.append(
+            f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
+            "and queued to run again"
+        )
+    remaining = settings.trials - finished_trial_count(study)
+    if remaining <= 0:
+        events.notes.append(
+            f"study {prepared.study_name} already holds {settings.trials} finished trials; "
+            "raise --trials to run more"
+        )
+        confirm_frontier(prepared, runner, study, events)
+        measure_noise(prepared, runner, study, events)
+        return study
+
+    def stop_at_target(study: Any, trial: Any) -> None:
+        # Other workers or commands may feed the same study: stop at the shared total.
+        if finished_trial_count(study) >= settings.trials:
+            study.stop()
+
+    study.optimize(
+        make_objective(prepared, runner, events),
+        n_trials=remaining,
+        timeout=settings.timeout_seconds,
+        n_jobs=max(settings.workers, len(settings.gpus) or 1),
+        catch=(ProbeCrashed,),
+        callbacks=[stop_at_target],
+        gc_after_trial=False,
+    )
+    confirm_frontier(prepared, runner, study, events)
+    measure_noise(prepared, runner, study, events)
+    return study

@@ -1,0 +1,207 @@
+"""A run's settings and what preparing them gives: the checked inputs, the space the model can run,
+the budget's fit; names and folders derived from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+from autotune.model_spec import ModelSpec
+from autotune.space import SearchSpace
+from autotune.study.storage import TRIALS_DIR
+
+LENGTH_STATS_ROWS = 2000
+"""Rows the report's token-length distribution and truncation figures are taken over."""
+
+# Known-good starting points, tried first so the frontier is not empty by morning. Each value
+# is a preference; where the space lacks it, the nearest choice the space has is used.
+BASELINES: dict[str, dict[str, Any]] = {
+    "qlora_default": {
+        "method": "lora",
+        "quantization": "nf4",
+        "lora_r": 16,
+        "lora_target_modules": "all-linear",
+        "precision": "bf16",
+        "micro_batch_size": "smallest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw",
+        "expandable_segments": False,
+        "attention": "sdpa",
+        "batching": "padded",
+    },
+    "full_8bit_adam": {
+        "method": "full",
+        "precision": "bf16",
+        "micro_batch_size": "smallest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw_8bit",
+        "expandable_segments": True,
+        "attention": "sdpa",
+        "batching": "padded",
+    },
+    "bf16_lora_qv": {
+        "method": "lora",
+        "quantization": "none",
+        "lora_r": 16,
+        "lora_target_modules": "qv",
+        "precision": "bf16",
+        "micro_batch_size": "largest",
+        "gradient_checkpointing": True,
+        "optimizer": "adamw",
+        "expandable_segments": True,
+        "attention": "sdpa",
+        "batching": "padded",
+    },
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model: str
+    data_path: Path
+    budget_bytes: int
+    space_path: Path | None = None
+    trials: int = 20
+    timeout_seconds: float | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    probe_steps: int = 20
+    probe_timeout_seconds: float = 900.0
+    seq_len: int = 1024
+    device: str = "auto"
+    seed: int = 0
+    confirm_top: int = 3
+    """Frontier recipes re-probed after the search, twice as long and with another seed."""
+    workers: int = 1
+    """Probes run at once on this machine (one thread each, each probe its own process)."""
+    skip_bad_rows: bool = False
+    """Go on without malformed data rows instead of stopping before any probe."""
+    eval_rows: int | None = None
+    """Rows held out for eval loss (default: a tenth of the data, at most 64)."""
+    gpus: tuple[str, ...] = ()
+    """CUDA device indices; each probe gets one of them as its only visible GPU."""
+    tokenize_progress: Callable[[int, int], None] | None = None
+    """Called with (rows done, rows) while the data is tokenized into the cache."""
+    weight_cache: bool = False
+    """QLoRA probes load the base from an NF4 copy the first one writes to trials/cache."""
+    memory_model: str = "replay"
+    """How each trial's peak is predicted before its probe: replay (autotune.replay) or formula
+    (autotune.memory). The search space is pruned with the formula either way (it is instant)."""
+
+
+REPLAY_BAND = 1.25
+"""Trials the formula puts above this many budgets are over the budget whatever the replay says
+(the formula's largest miss on the H100 rows is under 20%), so they are not replayed."""
+
+
+def default_study_name(model: str, data_path: Path, budget_bytes: int) -> str:
+    model_name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return f"{model_name}-{Path(data_path).stem}-{budget_bytes / 1e9:g}GB"
+
+
+STUDY_FILE_NAME_CHARS = 80
+"""At most this many characters of a study's name go into its file names (then a hash)."""
+
+
+def study_file_name(study_name: str) -> str:
+    """The name of a study's trial folder, report and recipe: the study name with letters,
+    digits, '.', '_' and '-' kept and every other run of characters one '-', so no name (from
+    --study, or from a storage someone else writes) reaches outside trials/ or reports/; a
+    name that changed or ran long gets a hash of the whole, so two studies never share files."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", study_name).strip("-.")
+    if not slug:
+        raise UsageError(
+            f"study name {study_name!r} has no letter or digit to name its files by; "
+            "choose another with --study"
+        )
+    if slug != study_name or len(slug) > STUDY_FILE_NAME_CHARS:
+        digest = hashlib.sha256(study_name.encode("utf-8")).hexdigest()[:8]
+        slug = f"{slug[:STUDY_FILE_NAME_CHARS].rstrip('-.')}-{digest}"
+    return slug
+
+
+def trials_dir_of(prepared: PreparedRun) -> Path:
+    """Where a study's probes keep their files: trials/<the study's file name>/."""
+    return TRIALS_DIR / study_file_name(prepared.study_name)
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"device {device!r} is not one of auto, cuda, cpu")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    if device == "auto":
+        return "cpu"
+    raise UsageError(f"device {device} was asked for but torch sees no CUDA GPU here")
+
+
+def check_workers(settings: RunSettings, device: str) -> None:
+    if settings.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {settings.workers}")
+    if not settings.gpus:
+        return
+    if not device.startswith("cuda"):
+        raise UsageError(f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}")
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [g for g in settings.gpus if not (g.isdigit() and int(g) < count)]
+    if missing:
+        raise UsageError(
+            f"--gpus names {', '.join(missing)}, but this machine has GPUs 0-{count - 1}"
+            if count
+            else f"--gpus names {', '.join(missing)}, but this machine has no GPU"
+        )
+    if len(set(settings.gpus)) != len(settings.gpus):
+        raise UsageError(f"--gpus lists a GPU twice: {','.join(settings.gpus)}")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    settings: RunSettings
+    spec: ModelSpec
+    space: SearchSpace
+    device: str
+    study_name: str
+    storage: str
+    smallest_peak_bytes: int
+    fitting_choices: dict[str, list[Any]] = field(default_factory=dict)
+    """Each dimension's choices that some recipe predicted to fit the budget uses."""
+    ruled_out_choices: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Dimension -> choice -> the smallest predicted peak of a recipe with it (over budget)."""
+    skipped_rows: int = 0
+    token_cache: str | None = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    """Rows, skipped rows, token lengths and truncation of the data (first 2000 rows)."""
+    model_config: Any = None
+    """The model's transformers config, for the replay memory model."""
+    unsupported_choices: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> choice of the space file -> why the model cannot run it (not searched)."""
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """What the memory model says of a whole space under a budget, before any trial."""
+
+    smallest_peak_bytes: int
+    choices: dict[str, list[Any]]
+    """Each dimension's choices that at least one recipe predicted to fit uses."""
+    ruled_out: dict[str, dict[str, int]]
+    """Dimension -> choice no fitting recipe uses -> the smallest peak predicted with it."""
+
+
+def tokenizer_for(model: str) -> Any:
+    """The model's tokenizer (UsageError in one line where it cannot be loaded)."""
+    from autotune.training.build import load_tokenizer
+
+    return load_tokenizer(model)

@@ -1,0 +1,234 @@
+"""Where studies live: Optuna storages (SQLite, journal, PostgreSQL), opening and loading studies,
+artifacts, and storage URLs printed without their secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError
+from autotune.study.records import DIRECTIONS, OBJECTIVE_NAMES, ProbeCrashed
+
+TRIALS_DIR = Path("trials")
+HEARTBEAT_SECONDS = 10
+"""How often a running trial tells the storage it is alive (RDB storages)."""
+STALE_AFTER_SECONDS = 40
+"""A running trial silent this long belongs to a dead worker: it is failed and retried once."""
+DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
+ARTIFACTS_DIR = TRIALS_DIR / "artifacts"
+"""Each trial's recipe YAML and probe log, as Optuna artifacts optuna-dashboard shows."""
+
+
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key")
+"""Query parameters of a storage URL that are masked like its password (any key containing one)."""
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>.*)@")
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&][^=&#]*(?:" + "|".join(SECRET_QUERY_KEYS) + r")[^=&#]*=)(?P<value>[^&#]*)",
+    re.IGNORECASE,
+)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password (as written and decoded) and the secret query values of a storage URL."""
+    from urllib.parse import unquote
+
+    secrets = []
+    match = _USERINFO.match(url)
+    if match and ":" in match["userinfo"]:
+        secrets.append(match["userinfo"].split(":", 1)[1])
+    secrets += [m["value"] for m in _QUERY_SECRET.finditer(url)]
+    secrets += [unquote(s) for s in secrets]
+    return sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
+def redact_url(url: str) -> str:
+    """A storage URL with its password and secret query parameters replaced by ***, safe for
+    output, logs and reports. The user part ends at the *last* '@': a password holding an
+    unescaped '@' is masked whole (SQLAlchemy's parser would end it at the first '@' and print
+    the rest as the host), and an empty user keeps its password masked too."""
+    match = _USERINFO.match(url)
+    if match and ":" in match["userinfo"]:
+        user = match["userinfo"].split(":", 1)[0]
+        url = f"{match['scheme']}{user}:***@" + url[match.end() :]
+    return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+
+
+def without_secrets(text: str, url: str) -> str:
+    """`text` (a driver's error, say) with every secret of the storage URL `url` masked."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+class _ReportedCrashes(logging.Filter):
+    """Drops Optuna's warnings for a trial whose probe crashed: the run already printed the
+    trial and the probe's own error, and the traceback Optuna adds is of the objective raising
+    ProbeCrashed, which says nothing more. A failure of anything else keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashed: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        trial = message.split(" failed with ", 1)[0]
+        if isinstance(error, ProbeCrashed):
+            self.crashed.add(trial)
+            return False
+        return not (" failed with value " in message and trial in self.crashed)
+
+
+def _quiet_optuna() -> None:
+    """Optuna marks heartbeats, group sampling and metric names experimental; users need not
+    see that on every run, nor a second report of a crashed probe."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _ReportedCrashes) for f in optimize_logger.filters):
+        optimize_logger.addFilter(_ReportedCrashes())
+
+
+def make_trials_dir() -> None:
+    """trials/, readable by its owner only where this run creates it: it holds the token
+    cache (the training data), probe logs and the study database."""
+    TRIALS_DIR.mkdir(mode=0o700, exist_ok=True)
+
+
+def make_storage(url: str) -> Any:
+    _quiet_optuna()
+    if url == DEFAULT_STORAGE:
+        make_trials_dir()
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        try:
+            return _open_storage(url)
+        except Exception as error:  # noqa: BLE001 - driver errors vary; all mean "cannot open"
+            # Two workers creating a new database at once race on its tables; the loser retries.
+            if "already exists" in str(error) and attempt < 2:
+                time.sleep(0.5 + attempt)
+                continue
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UsageError(
+                f"cannot open storage {redact_url(url)}: {without_secrets(first[:200], url)}"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _open_storage(url: str) -> Any:
+    import optuna
+
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.get_storage(url)
+    sqlite = url.startswith("sqlite")
+    # SQLite serialises writers; a long lock timeout lets a few local workers share it.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=STALE_AFTER_SECONDS,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
+    )
+    if sqlite:
+        _serialise_sqlite_transactions(storage.engine)
+    return storage
+
+
+def _serialise_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins (BEGIN IMMEDIATE).
+
+    Optuna reads a trial's state and then writes it (e.g. WAITING -> RUNNING when a worker
+    takes an enqueued trial). SQLite ignores SELECT ... FOR UPDATE, so two workers could both
+    read WAITING and both run the trial; an immediate transaction closes that gap.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
+def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
+    """Create the study or load it to resume; refuse one that has other objectives."""
+    import optuna
+
+    storage = make_storage(storage_url)
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=5
+    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            directions=list(DIRECTIONS),
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    except ValueError as error:
+        raise UsageError(f"study {study_name!r}: {error}") from None
+    directions = [d.name.lower() for d in study.directions]
+    if directions != list(DIRECTIONS) or (
+        study.metric_names and list(study.metric_names) != list(OBJECTIVE_NAMES)
+    ):
+        raise UsageError(
+            f"study {study_name!r} exists in {redact_url(storage_url)} with other objectives "
+            f"({', '.join(study.metric_names or directions)}); choose another --study name"
+        )
+    study.set_metric_names(list(OBJECTIVE_NAMES))
+    return study
+
+
+def existing_storage_url(storage_url: str | None) -> str:
+    """The storage to read: the given URL, or the default one if a run has created it."""
+    url = storage_url or DEFAULT_STORAGE
+    # a command that only reads must not create an empty SQLite database where none was
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise UsageError(
+            f"no study storage at {url}; run `autotune run` first or pass --storage"
+            if url == DEFAULT_STORAGE
+            else f"no SQLite database at {url.removeprefix('sqlite:///')}; check --storage"
+        )
+    return url
+
+
+def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
+    """A study to export or report on; without a name, the storage's only (or newest) study."""
+    import optuna
+
+    url = existing_storage_url(storage_url)
+    storage = make_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if study_name is None:
+        if not names:
+            raise UsageError(f"storage {redact_url(url)} holds no study yet")
+        study_name = names[-1]
+    elif study_name not in names:
+        raise UsageError(
+            f"no study {study_name!r} in {redact_url(url)}; it holds: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def artifact_store() -> Any:
+    import optuna
+
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(base_path=str(ARTIFACTS_DIR))
