@@ -58,7 +58,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check autotune tests bench
+	$(BIN)/ruff check autotune tests bench scripts
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(LOCK_VENV) demo/model trials/*.db trials/*/ reports/*.html reports/*.yaml

@@ -91,7 +91,7 @@ class Architecture:
             if refusal:
                 shown = targets if isinstance(targets, str) else ", ".join(targets or ())
                 problems.append(f"lora_target_modules {shown}: {refusal}")
-        refusal = self.attention_refusals.get(recipe.attention)
+        refusal = self.attention_refusals.get(recipe.attention, "")
         if refusal:
             problems.append(f"attention {recipe.attention}: {refusal}")
         return problems

@@ -606,7 +606,7 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TyperException as error:  # click's errors, as typer ships them
         if type(error).__name__ == "NoArgsIsHelpError":
-            error.show()  # `autotune` or `autotune data` alone: the help
+            getattr(error, "show")()  # `autotune` or `autotune data` alone: the help
             sys.exit(0)
         # a bad flag or value: one line, like every other input error, not click's panel
         message = " ".join(error.format_message().split())

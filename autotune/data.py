@@ -206,7 +206,7 @@ def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
 
 def scan(path: str | Path) -> DataScan:
     """Count usable rows and formats and collect the bad rows, reading the file once."""
-    usable, bad, formats = 0, [], {}
+    usable, bad, formats = 0, [], {}  # type: tuple[int, list[BadRow], dict[str, int]]
     for record in _checked_records(path):
         if isinstance(record, BadRow):
             bad.append(record)

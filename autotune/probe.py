@@ -220,7 +220,7 @@ class SubprocessProbeRunner:
         if self.server is not None:
             exit_path = log_path.with_name("exit_code")
             exit_path.unlink(missing_ok=True)
-            order = {
+            order: dict[str, object] = {
                 "request": str(request_path),
                 "result": str(result_path),
                 "log": str(log_path),

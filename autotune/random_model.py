@@ -28,16 +28,18 @@ def build_random_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not isinstance(config, dict):
-        config = json.loads(Path(config).read_text(encoding="utf-8"))
-    config = dict(config)
-    model_type = config.pop("model_type")
+    values: dict[str, Any] = (
+        dict(config)
+        if isinstance(config, dict)
+        else json.loads(Path(config).read_text(encoding="utf-8"))
+    )
+    model_type = values.pop("model_type")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(model_type, **config), dtype=getattr(torch, dtype)
+            AutoConfig.for_model(model_type, **values), dtype=getattr(torch, dtype)
         )
     model.save_pretrained(out_dir)
     del model

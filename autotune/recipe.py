@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
@@ -215,11 +215,11 @@ def _choices(literal: Any) -> tuple[str, ...]:
     return get_args(literal)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     """A finite int or float (not a bool, not nan or inf)."""
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -424,10 +424,10 @@ def _load(model: Any, recipe: Recipe, recorder: _Recorder) -> None:
             module.weight = weight
         elif isinstance(module, bnb.nn.Linear8bitLt) and name.endswith(".weight"):
             source = torch.empty(module.out_features, module.in_features, dtype=half, device="meta")
-            weight = bnb.nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
-            weight._quantize("meta")
+            int8_weight = bnb.nn.Int8Params(source, requires_grad=False, has_fp16_weights=False)
+            int8_weight._quantize("meta")
             del source
-            module.weight = weight
+            module.weight = int8_weight
         else:
             recorder.track(tensor)
 

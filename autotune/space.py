@@ -231,7 +231,7 @@ class SearchSpace:
         method = params["method"]
         lora: dict[str, Any] = {}
         frozen_layers = 0
-        quantization = "none"
+        quantization: Any = "none"  # one of the space's choices, checked when it was loaded
         if method == "lora":
             rank = int(params["lora_r"])
             quantization = params["quantization"]

@@ -61,6 +61,7 @@ def measure_noise(
     def change(now: float | None, before: float) -> float | None:
         return round(now / before - 1, 4) if now is not None and before else None
 
+    assert result.eval_loss is not None  # a probe that ended ok measured it
     noise = {
         "trial": number,
         "seed": request.seed,

@@ -130,8 +130,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     peak_memory_bytes=result.peak_memory_bytes if result else None,
                     memory_source=result.memory_source if result else "",
                     seconds=dict(result.seconds) if result else {},
-                    tokens_per_second=values[1] if measured else None,
-                    eval_loss=values[2] if measured else None,
+                    tokens_per_second=values[1] if measured and values else None,
+                    eval_loss=values[2] if measured and values else None,
                     reason=reason,
                     repair_of=trial.user_attrs.get("repair_of"),
                 )

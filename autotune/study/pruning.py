@@ -34,7 +34,7 @@ def supported_space(
             if refusal:
                 unsupported.setdefault("lora_target_modules", {})[name] = refusal
     for choice in space.attention:
-        refusal = architecture.attention_refusals.get(choice)
+        refusal = architecture.attention_refusals.get(choice, "")
         if refusal:
             unsupported.setdefault("attention", {})[choice] = refusal
     if "lora" in space.method:
@@ -45,17 +45,19 @@ def supported_space(
     if not unsupported:
         return space, {}
     refused = unsupported.get("lora_target_modules", {})
-    targets = {n: t for n, t in space.lora_target_modules.items() if n not in refused}
-    if not targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
-        targets = {"all-linear": "all-linear"}
+    kept_targets: dict[str, str | tuple[str, ...]] = {
+        n: t for n, t in space.lora_target_modules.items() if n not in refused
+    }
+    if not kept_targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
+        kept_targets = {"all-linear": "all-linear"}
     quantization = tuple(
         c for c in space.quantization if c not in unsupported.get("quantization", {})
     )
     changes: dict[str, Any] = {
-        "lora_target_modules": targets,
+        "lora_target_modules": kept_targets,
         "quantization": quantization or ("none",),
     }
-    if not targets:
+    if not kept_targets:
         # no LoRA at all on this model with this space: search the other methods
         changes["method"] = tuple(m for m in space.method if m != "lora")
         changes["quantization"] = ("none",)

@@ -178,7 +178,7 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
-            directions=list(DIRECTIONS),
+            directions=[optuna.study.StudyDirection[d.upper()] for d in DIRECTIONS],
             sampler=sampler,
             load_if_exists=True,
         )

@@ -217,12 +217,14 @@ def prepare_model(model: Any, recipe: Recipe) -> Any:
         if recipe.quantization != "none":
             model = prepare_kbit_base(model)  # checkpointing is switched on below
         targets = recipe.lora_target_modules
+        # a validated LoRA recipe has all three (Recipe.from_dict fills them in)
+        assert recipe.lora_r is not None and recipe.lora_alpha is not None
         model = get_peft_model(
             model,
             LoraConfig(
                 r=recipe.lora_r,
                 lora_alpha=recipe.lora_alpha,
-                lora_dropout=recipe.lora_dropout,
+                lora_dropout=recipe.lora_dropout or 0.0,
                 target_modules=targets if isinstance(targets, str) else list(targets or ()),
                 task_type="CAUSAL_LM",
             ),

@@ -11,7 +11,7 @@ import math
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -81,12 +81,14 @@ def _examples_of(micro: list[Any], recipe: Recipe) -> list[TokenizedExample]:
 
 
 def model_inputs(
-    examples: Sequence[TokenizedExample], recipe: Recipe, device: str, pad_token_id: int
+    examples: Sequence[Any], recipe: Recipe, device: str, pad_token_id: int
 ) -> tuple[dict[str, Any], int]:
-    """The forward's keyword arguments for a micro-batch, and its real (non-padding) tokens."""
+    """The forward's keyword arguments for a micro-batch (its examples, or with batching
+    packed its packed rows), and its real (non-padding) tokens."""
     if recipe.batching == "packed":
-        batch = _to_tensors(collate_packed(examples, pad_token_id), device)
-        return batch, sum(len(e.input_ids) for row in examples for e in row)
+        rows: Sequence[Sequence[TokenizedExample]] = examples
+        batch = _to_tensors(collate_packed(rows, pad_token_id), device)
+        return batch, sum(len(e.input_ids) for row in rows for e in row)
     if recipe.batching != "padding_free":
         batch = _to_tensors(collate(examples, pad_token_id), device)
         return batch, int(batch["attention_mask"].sum())
@@ -208,7 +210,7 @@ def _current_rss_bytes() -> int:
 def train_steps(
     model: Any,
     optimizer: Any,
-    step_examples: Sequence[Sequence[TokenizedExample]],
+    step_examples: Iterable[Sequence[TokenizedExample]],
     recipe: Recipe,
     device: str,
     pad_token_id: int,
