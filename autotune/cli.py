@@ -590,6 +590,9 @@ def data_inspect(
         )
 
 
+INTERRUPTED = "autotune: interrupted; finished trials are kept in the study"
+
+
 def main() -> None:
     import warnings
 
@@ -606,14 +609,14 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TyperException as error:  # click's errors, as typer ships them
         if type(error).__name__ == "NoArgsIsHelpError":
-            getattr(error, "show")()  # `autotune` or `autotune data` alone: the help
+            error.show()  # type: ignore[attr-defined]  # `autotune` or `autotune data` alone
             sys.exit(0)
         # a bad flag or value: one line, like every other input error, not click's panel
         message = " ".join(error.format_message().split())
         print(f"autotune: error: {message}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
-        print("autotune: interrupted; finished trials are kept in the study", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except UsageError as error:
         if _state["debug"]:
@@ -621,8 +624,10 @@ def main() -> None:
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("autotune: interrupted; finished trials are kept in the study", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    if code == 130:  # Ctrl-C, which typer turns into an exit code
+        print(INTERRUPTED, file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)
 

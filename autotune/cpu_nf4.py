@@ -2,8 +2,9 @@
 
 On such a CPU, a `Linear4bit` that runs without grad and outside training mode (a probe's eval,
 `autotune train`'s eval) repacks its weight for a faster kernel, which takes only output widths
-that are multiples of 32 and even input widths; any other layer stops the run with
-`AssertionError: N must be divisible by block_n`. The architecture check refuses such recipes up
+that are multiples of 32 and input widths that are whole quantization blocks (64); any other
+layer stops the run (`AssertionError: N must be divisible by block_n`, or a reshape error). The
+architecture check refuses such recipes up
 front, and the probe's child applies the same answer to every NF4 layer it loads, so the two
 never disagree (and a test can force either path on any CPU with AUTOTUNE_CPU_AVX512_BF16).
 """
@@ -20,6 +21,9 @@ AVX512_BF16_ENV = "AUTOTUNE_CPU_AVX512_BF16"
 Forcing it on where the CPU lacks AVX512-BF16 runs instructions the CPU does not have."""
 PACKED_OUT_FEATURES_MULTIPLE = 32
 """bitsandbytes' block_n: the packed kernel's output-width granule."""
+PACKED_IN_FEATURES_MULTIPLE = 64
+"""The NF4 quantization block (bitsandbytes' and transformers' default blocksize): the repack
+lays the scales out as (outputs, inputs / block), so the input width must be whole blocks."""
 
 
 def cpu_packs_nf4() -> bool:
@@ -45,7 +49,7 @@ def packed_nf4_misfits(shapes: Iterable[tuple[str, int, int]]) -> list[str]:
     for name, out_features, in_features in shapes:
         if out_features % PACKED_OUT_FEATURES_MULTIPLE:
             misfits.add(f"{name} ({out_features} outputs)")
-        elif in_features % 2:
+        elif in_features % PACKED_IN_FEATURES_MULTIPLE:
             misfits.add(f"{name} ({in_features} inputs)")
     return sorted(misfits)
 
@@ -58,7 +62,8 @@ def nf4_cpu_refusal(shapes: Iterable[tuple[str, int, int]]) -> str:
         return ""
     return (
         "bitsandbytes' NF4 kernel on this CPU (AVX512-BF16) needs output widths that are "
-        f"multiples of {PACKED_OUT_FEATURES_MULTIPLE}; the model has {', '.join(misfits)}"
+        f"multiples of {PACKED_OUT_FEATURES_MULTIPLE} and input widths that are multiples of "
+        f"{PACKED_IN_FEATURES_MULTIPLE}; the model has {', '.join(misfits)}"
     )
 
 

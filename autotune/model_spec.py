@@ -224,6 +224,8 @@ def check_model_reference(model: str) -> None:
 
 
 HUB_CONNECT_TIMEOUT_SECONDS = 5.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+"""Where one is set (either case), the hub is reached through a proxy: not checked directly."""
 _HUB_REACHABLE: dict[str, str] = {}
 
 
@@ -234,6 +236,8 @@ def check_hub_reachable(model: str) -> None:
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return
+    if any(os.environ.get(name) or os.environ.get(name.lower()) for name in PROXY_VARIABLES):
+        return  # the hub client goes through the proxy; a direct connection proves nothing
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(model, "config.json"), str):

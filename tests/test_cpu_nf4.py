@@ -58,8 +58,16 @@ def test_the_cpu_feature_is_read_from_the_cpu_unless_forced(monkeypatch):
 
 
 def test_misfits_name_each_layer_width_once():
-    shapes = [("gate_proj", 176, 64), ("up_proj", 176, 64), ("q_proj", 64, 64), ("x", 32, 3)]
+    shapes = [
+        ("gate_proj", 176, 64),
+        ("up_proj", 176, 64),
+        ("q_proj", 64, 64),
+        ("down_proj", 32, 96),
+        ("x", 32, 3),
+        ("wide", 288, 448),
+    ]
     assert packed_nf4_misfits(shapes) == [
+        "down_proj (96 inputs)",
         "gate_proj (176 outputs)",
         "up_proj (176 outputs)",
         "x (3 inputs)",

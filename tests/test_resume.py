@@ -253,19 +253,51 @@ def test_a_resume_on_changed_data_is_refused(workspace):  # noqa: F811
         run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
 
 
-def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(workspace):  # noqa: F811
+def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    import autotune.study.workers
+
+    monkeypatch.setattr(autotune.study.workers, "TARGET_POLL_SECONDS", 0.2)
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
     rival = study.ask()  # another run's trial, started first and still running
     rival.set_user_attr("worker", worker_id())
+    # the rival ends while this run's trial waits for it
+    ends = threading.Timer(1.5, lambda: study.tell(rival, state=optuna.trial.TrialState.FAIL))
+    ends.start()
     runner = FakeRunner()
     study = run_study(prepare_run(settings_for(workspace, trials=2)), runner)
+    ends.join()
     surplus = [t for t in study.trials if t.user_attrs.get("surplus")]
     assert len(surplus) == 1 and surplus[0].state == optuna.trial.TrialState.PRUNED
     assert surplus[0].number > rival.number
-    assert finished_trial_count(study) == 1  # the rival's trial will be the second
+    assert finished_trial_count(study) == 2  # the rival's trial was the second
     # no trial was probed (trial probes use the run's seed; confirmations and noise the next)
     assert all(request.seed != 0 for request in runner.requests)
+
+
+def test_a_trial_waiting_on_a_rival_that_dies_runs_in_its_place(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    import autotune.study.workers
+
+    monkeypatch.setattr(autotune.study.workers, "TARGET_POLL_SECONDS", 0.2)
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    rival_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    threading.Thread(target=rival_run.wait, daemon=True).start()  # reaped when it ends
+    rival = study.ask()
+    host = worker_id().rsplit(":", 1)[0]
+    rival.set_user_attr("worker", f"{host}:{rival_run.pid}")
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), runner)
+    assert study.trials[rival.number].state == optuna.trial.TrialState.FAIL
+    assert not [t for t in study.trials if t.user_attrs.get("surplus")]
+    assert finished_trial_count(study) == 2
+    assert any(request.seed == 0 for request in runner.requests)  # a trial was probed
 
 
 CLAIMER = """
@@ -304,9 +336,13 @@ def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
     host = worker_id().rsplit(":", 1)[0]
-    study.set_user_attr("claim:noise", f"{host}:{_dead_pid()}")
+    now = time.time()
+    study.set_user_attr("claim:noise", {"worker": f"{host}:{_dead_pid()}", "at": now})
     assert claim_once(study, "noise")
-    study.set_user_attr("claim:noise", f"{host}:{os.getppid()}")  # alive: its claim stands
+    alive = {"worker": f"{host}:{os.getppid()}", "at": now}
+    study.set_user_attr("claim:noise", alive)  # alive: its claim stands
     assert not claim_once(study, "noise")
-    study.set_user_attr("claim:noise", "another-host:1")  # cannot be checked: it stands
-    assert not claim_once(study, "noise")
+    study.set_user_attr("claim:noise", {"worker": "another-host:1", "at": now})
+    assert not claim_once(study, "noise")  # cannot be checked: it stands until it is stale
+    study.set_user_attr("claim:noise", {"worker": "another-host:1", "at": now - 3 * 3600})
+    assert claim_once(study, "noise")

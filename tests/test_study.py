@@ -507,6 +507,9 @@ def test_the_end_of_a_run_says_why_nothing_was_measured(workspace):
         ("a/b", "a-b-"),
         ("/etc/passwd", "etc-passwd-"),
         ("x" * 300, "x" * 80 + "-"),
+        ("cache", "cache-"),
+        ("autotune.db", "autotune.db-"),
+        ("a-b-c8687a08", "a-b-c8687a08-"),
     ],
 )
 def test_study_file_names_stay_in_their_folder(name, expected):
@@ -518,6 +521,7 @@ def test_study_file_names_stay_in_their_folder(name, expected):
     if stem != name:
         assert len(stem) == len(expected) + 8  # the hash that keeps a-b and a/b apart
     assert study_file_name("a/b") != study_file_name("a-b")
+    assert study_file_name("a b") != study_file_name(study_file_name("a b"))
 
 
 @pytest.mark.parametrize("name", ["..", "/", "...///", " "])

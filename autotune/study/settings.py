@@ -109,6 +109,10 @@ STUDY_FILE_NAME_CHARS = 80
 """At most this many characters of a study's name go into its file names (then a hash)."""
 
 
+RESERVED_FILE_NAMES = {"cache", "artifacts", "autotune.db", "autotune.db-journal"}
+"""What trials/ holds besides the studies' folders."""
+
+
 def study_file_name(study_name: str) -> str:
     """The name of a study's trial folder, report and recipe: the study name with letters,
     digits, '.', '_' and '-' kept and every other run of characters one '-', so no name (from
@@ -120,7 +124,10 @@ def study_file_name(study_name: str) -> str:
             f"study name {study_name!r} has no letter or digit to name its files by; "
             "choose another with --study"
         )
-    if slug != study_name or len(slug) > STUDY_FILE_NAME_CHARS:
+    # names trials/ holds for itself, and names that look like an earlier slug with its hash,
+    # get a hash too, so no study shares a folder with the cache, the database or another study
+    reserved = slug.lower() in RESERVED_FILE_NAMES or re.search(r"-[0-9a-f]{8}$", slug)
+    if slug != study_name or len(slug) > STUDY_FILE_NAME_CHARS or reserved:
         digest = hashlib.sha256(study_name.encode("utf-8")).hexdigest()[:8]
         slug = f"{slug[:STUDY_FILE_NAME_CHARS].rstrip('-.')}-{digest}"
     return slug

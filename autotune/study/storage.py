@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from autotune.errors import UsageError
 from autotune.study.records import DIRECTIONS, OBJECTIVE_NAMES, ProbeCrashed
@@ -33,15 +34,19 @@ _QUERY_SECRET = re.compile(
 
 
 def _url_secrets(url: str) -> list[str]:
-    """The password (as written and decoded) and the secret query values of a storage URL."""
-    from urllib.parse import unquote
+    """The password and the secret query values of a storage URL, as written and decoded, and
+    each '@'-separated piece of the password: a driver that ends the password at its first '@'
+    prints the rest as part of the host."""
+    from urllib.parse import unquote, unquote_plus
 
     secrets = []
     match = _USERINFO.match(url)
     if match and ":" in match["userinfo"]:
-        secrets.append(match["userinfo"].split(":", 1)[1])
+        password = match["userinfo"].split(":", 1)[1]
+        secrets += [password, *(p for p in password.split("@") if len(p) > 1)]
+    secrets += [m["value"] for m in _QUERY_SECRET.finditer(unquote(url))]
     secrets += [m["value"] for m in _QUERY_SECRET.finditer(url)]
-    secrets += [unquote(s) for s in secrets]
+    secrets += [unquote(s) for s in secrets] + [unquote_plus(s) for s in secrets]
     return sorted({s for s in secrets if s}, key=len, reverse=True)
 
 
@@ -54,14 +59,21 @@ def redact_url(url: str) -> str:
     if match and ":" in match["userinfo"]:
         user = match["userinfo"].split(":", 1)[0]
         url = f"{match['scheme']}{user}:***@" + url[match.end() :]
-    return _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+    url = _QUERY_SECRET.sub(lambda m: m["key"] + "***", url)
+    # a key written percent-encoded (?pass%77ord=) is a secret key too
+    return re.sub(
+        r"([?&])([^=&#]*%[^=&#]*)=([^&#]*)",
+        lambda m: f"{m[1]}{m[2]}=***" if _QUERY_SECRET.match(f"?{unquote(m[2])}=") else m[0],
+        url,
+    )
 
 
 def without_secrets(text: str, url: str) -> str:
-    """`text` (a driver's error, say) with every secret of the storage URL `url` masked."""
+    """`text` (a driver's error, say) with every secret of the storage URL `url` masked, and
+    any user part left in it (word@host) too."""
     for secret in _url_secrets(url):
         text = text.replace(secret, "***")
-    return text
+    return re.sub(r"[^\s'\"@]+@", "***@", text)
 
 
 class _ReportedCrashes(logging.Filter):

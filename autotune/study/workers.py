@@ -64,37 +64,61 @@ def fail_interrupted_trials(study: Any) -> list[int]:
     return failed
 
 
+TARGET_POLL_SECONDS = 5.0
+"""How often a trial that may be one too many looks again at the trials running ahead of it."""
+
+
 def beyond_target(study: Any, number: int, target: int) -> bool:
     """Whether trial `number`, just started, would make the study hold more than `target`
-    trials: the finished ones and those running that started before it already reach it. Of
-    two runs that start the last trial at once, the later-numbered one yields."""
+    trials. While the finished trials and those running ahead of it (started before it, by
+    this or another run) reach the target, it waits for those to end: when one fails (its
+    worker died, here at once, elsewhere once its heartbeat is stale) this trial runs in its
+    place; when they finish, it is one too many."""
     from optuna.trial import TrialState
 
-    ahead = sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.number < number
-    )
-    return finished_trial_count(study) + ahead >= target
+    while True:
+        finished = finished_trial_count(study)
+        if finished >= target:
+            return True
+        ahead = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number < number
+        ]
+        if finished + len(ahead) < target:
+            return False
+        time.sleep(TARGET_POLL_SECONDS)
+        fail_interrupted_trials(study)
+
+
 CLAIM_SETTLE_SECONDS = 1.0
 """How long a claim is left before it is read back: longer than the gap between another
 run's reading that nothing is claimed and its writing its own claim."""
 
 
+CLAIM_STALE_SECONDS = 2 * 3600.0
+"""A claim this old is free whoever made it: its job (one probe) has long ended or died."""
+
+
 def claim_once(study: Any, job: str, settle_seconds: float | None = None) -> bool:
     """Whether this process takes the one-time `job` of the study (a confirmation, the noise
-    probe), claimed through the storage so that two runs on one study never both do it. A
-    claim stands unless its run, on this host, is gone; the last writer of concurrent claims
-    wins, and each reads the claim back after `settle_seconds`."""
+    probe), claimed through the storage so that two runs on one study do not both do it. A
+    claim stands unless its run, on this host, is gone, or it is older than
+    CLAIM_STALE_SECONDS; of concurrent claims the last writer wins, each reading the claim back
+    after `settle_seconds`. (Not a lock: a write delayed past the settling pause by a busy
+    database can still let two runs through.)"""
     attr = CLAIM_PREFIX + job
     me = worker_id()
     holder = study.user_attrs.get(attr)
-    if holder == me:
-        return True
-    if holder is not None:
-        host, _, pid = str(holder).rpartition(":")
-        if host != socket.gethostname() or not pid.isdigit() or _process_alive(int(pid)):
+    if isinstance(holder, dict):
+        if holder.get("worker") == me:
+            return True
+        host, _, pid = str(holder.get("worker")).rpartition(":")
+        fresh = time.time() - float(holder.get("at", 0)) < CLAIM_STALE_SECONDS
+        dead_here = host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+        if fresh and not dead_here:
             return False
-    study.set_user_attr(attr, me)
+    study.set_user_attr(attr, {"worker": me, "at": time.time()})
     time.sleep(CLAIM_SETTLE_SECONDS if settle_seconds is None else settle_seconds)
-    return study.user_attrs.get(attr) == me
+    claimed = study.user_attrs.get(attr)
+    return isinstance(claimed, dict) and claimed.get("worker") == me

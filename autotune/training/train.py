@@ -120,7 +120,13 @@ def _schedule(total_steps: int) -> Callable[[int], float]:
 
 
 def _save_checkpoint(
-    model: Any, optimizer: Any, scheduler: Any, step: int, output_dir: Path, keep: int = 2
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    output_dir: Path,
+    device: str,
+    keep: int = 2,
 ) -> Path:
     import torch
 
@@ -130,8 +136,8 @@ def _save_checkpoint(
     # Tensors and plain values only, so that resuming loads it with weights_only=True: a
     # checkpoint is a file someone may hand over, and it must not be able to run code.
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    if device.startswith("cuda"):  # the training device's generator only
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save(
         {
             "step": step,
@@ -148,7 +154,7 @@ def _save_checkpoint(
     return path
 
 
-def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> int:
+def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path, device: str) -> int:
     import pickle
 
     import torch
@@ -173,8 +179,8 @@ def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path) -> 
     rng = state.get("rng", {})
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    if "cuda" in rng and device.startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return int(state["step"])
 
 
@@ -243,7 +249,7 @@ def train(
     if resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
-        start_step = _load_checkpoint(model, optimizer, scheduler, checkpoint)
+        start_step = _load_checkpoint(model, optimizer, scheduler, checkpoint, device)
     (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
     if on_start:
         on_start(start_step, total_steps)
@@ -262,7 +268,7 @@ def train(
             scheduler.step()
             losses.append(record.loss)
             if current % save_every_steps == 0 and current < total_steps:
-                _save_checkpoint(model, optimizer, scheduler, current, output_dir)
+                _save_checkpoint(model, optimizer, scheduler, current, output_dir, device)
             if on_step:
                 on_step(current, record.loss)
 
@@ -270,7 +276,7 @@ def train(
             model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
         )
         step += len(chunk_indices)
-    _save_checkpoint(model, optimizer, scheduler, step, output_dir)
+    _save_checkpoint(model, optimizer, scheduler, step, output_dir, device)
     eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

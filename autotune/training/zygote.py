@@ -89,7 +89,7 @@ def write_exit(exit_path: str, code: int) -> None:
     os.replace(exit_path + ".tmp", exit_path)
 
 
-def run_child(order: dict) -> int:
+def run_child(order: dict, server_pid: int) -> int:
     """In the forked process: become the probe `python -m autotune.training.child` would be."""
     from autotune.training import child
 
@@ -97,7 +97,9 @@ def run_child(order: dict) -> int:
     os.setsid()
     os.environ.clear()
     os.environ.update(order["env"])
-    os.environ[child.PARENT_ENV] = str(os.getppid())
+    # the server's pid as it was before the fork: if the server is already gone, the child's
+    # parent is not it, and the child's watch ends it at once
+    os.environ[child.PARENT_ENV] = str(server_pid)
     os.environ[child.FORKED_ENV] = "1"
     log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
@@ -117,11 +119,12 @@ def serve(lines, answer) -> None:
         order = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
+        server_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = run_child(order)
+                code = run_child(order, server_pid)
             except BaseException:  # noqa: BLE001 - the child must never return into the loop
                 traceback.print_exc()
             finally:
