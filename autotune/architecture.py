@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.recipe import Attention, Recipe
 
 
@@ -142,8 +142,7 @@ def _peft_refusal(config: Any, targets: str | tuple[str, ...], dropout: float) -
             warnings.simplefilter("ignore")
             get_peft_model(_meta_model(config), lora)
     except Exception as error:  # noqa: BLE001 - peft's refusals are ValueError, TypeError, ...
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"peft refuses it: {first[:200]}"
+        return f"peft refuses it: {first_line(error)}"
     return ""
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (prompt and padding), as torch's cross_entropy expects."""
@@ -200,8 +200,7 @@ def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - pyarrow/datasets/csv errors: unreadable file
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"data file {path} cannot be read: {first[:200]}") from None
+        raise UsageError(f"data file {path} cannot be read: {first_line(error)}") from None
 
 
 def scan(path: str | Path) -> DataScan:

@@ -13,3 +13,18 @@ class UsageError(Exception):
     def collect(cls, problems: list[str], what: str) -> UsageError:
         """One error that lists every problem found in `what`, so a user fixes them all at once."""
         return cls(f"{what}: " + "; ".join(problems))
+
+
+FIRST_LINE_CHARS = 200
+
+
+def first_line(
+    error: BaseException, limit: int = FIRST_LINE_CHARS, fallback: str | None = None
+) -> str:
+    """The first line of an exception's message, at most `limit` characters: what a one-line
+    error quotes of a library's (the exception's type name, or `fallback`, when it says
+    nothing)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if fallback is None else fallback
+    return text.splitlines()[0][:limit]

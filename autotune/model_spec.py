@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.remote_code import check_remote_code, remote_code_allowed
 
 if TYPE_CHECKING:
@@ -286,6 +286,7 @@ def load_model_spec(model: str) -> ModelSpec:
             model, trust_remote_code=remote_code_allowed()
         )
     except Exception as error:  # noqa: BLE001 - hub, network and parsing errors all mean "cannot read"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot read the config of model {model!r}: {first}") from None
+        raise UsageError(
+            f"cannot read the config of model {model!r}: {first_line(error)}"
+        ) from None
     return ModelSpec.from_config_dict(config_obj.to_dict(), source=model)

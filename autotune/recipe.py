@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 
 RECIPE_FORMAT_VERSION = 1
 
@@ -189,7 +189,7 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise UsageError(f"{source}: not valid YAML ({_first_line(error)})") from None
+            raise UsageError(f"{source}: not valid YAML ({first_line(error)})") from None
         return cls.from_dict(data, source)
 
     @classmethod
@@ -200,15 +200,11 @@ class Recipe:
         except FileNotFoundError:
             raise UsageError(f"recipe file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"recipe file {path} cannot be read: {_first_line(error)}") from None
+            raise UsageError(f"recipe file {path} cannot be read: {first_line(error)}") from None
         return cls.from_yaml(text, source=str(path))
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _choices(literal: Any) -> tuple[str, ...]:

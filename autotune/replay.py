@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.allocator import CachingAllocator
-from autotune.errors import UsageError
-from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
+from autotune.errors import UsageError, first_line
+from autotune.memory import CUDA_CONTEXT_BYTES, PAGED_MIN_ELEMENTS, MemoryEstimate, estimate
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.recipe import Recipe
 
@@ -52,9 +52,6 @@ REPLAY_MICRO_BATCHES = 2
 the rest, so a third adds nothing new to the allocator's picture."""
 
 REPLAY_EVAL_BATCHES = 1
-
-PAGED_MIN_ELEMENTS = 100_000
-"""bitsandbytes pages the states of tensors at least this large (the rest stay on the device)."""
 
 PHASES = ("weights", "activations", "gradients", "optimizer", "eval")
 """What the tensors alive at the allocated peak were made for, as the breakdown names them."""
@@ -589,8 +586,9 @@ def load_config(model: str) -> Any:
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=remote_code_allowed())
     except Exception as error:  # noqa: BLE001 - unknown architectures, bad JSON, no network
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot build model {model!r} from its config: {first}") from None
+        raise UsageError(
+            f"cannot build model {model!r} from its config: {first_line(error)}"
+        ) from None
 
 
 def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
@@ -633,6 +631,5 @@ def predict(
         try:
             return run(recipe, config, seq_len).estimate(), "replay", ""
         except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            reason = f"the replay failed: {type(error).__name__}: {first}"
+            reason = f"the replay failed: {type(error).__name__}: {first_line(error, fallback='')}"
     return estimate(spec, recipe, seq_len), "formula", reason

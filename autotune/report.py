@@ -550,7 +550,7 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
     """The Pareto chart as a PNG: plotly's kaleido where it works, else headless Chromium."""
     import tempfile
 
-    from autotune.errors import UsageError
+    from autotune.errors import UsageError, first_line
 
     png_path = Path(png_path)
     if png_path.is_dir():
@@ -581,7 +581,7 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
             try:
                 screenshot(page, png_path)
             except RuntimeError as error:
-                raise UsageError(f"no PNG: {str(error).splitlines()[0][:200]}") from None
+                raise UsageError(f"no PNG: {first_line(error)}") from None
     written = png_path.is_file() and png_path.stat().st_size > 0
     if not written or (existed and png_path.stat().st_mtime_ns == before_ns):
         raise UsageError(f"no PNG was written to {png_path}")

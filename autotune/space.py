@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 import yaml
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.model_spec import BLOCK_LINEARS, ModelSpec
 from autotune.recipe import (
     UPPER_BOUNDS,
@@ -92,8 +92,9 @@ class SearchSpace:
         except FileNotFoundError:
             raise UsageError(f"search space file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            first = str(error).strip().splitlines()[0]
-            raise UsageError(f"search space file {path} cannot be read: {first}") from None
+            raise UsageError(
+                f"search space file {path} cannot be read: {first_line(error)}"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.study.records import DIRECTIONS, OBJECTIVE_NAMES, ProbeCrashed
 
 TRIALS_DIR = Path("trials")
@@ -129,9 +129,9 @@ def make_storage(url: str) -> Any:
             if "already exists" in str(error) and attempt < 2:
                 time.sleep(0.5 + attempt)
                 continue
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UsageError(
-                f"cannot open storage {redact_url(url)}: {without_secrets(first[:200], url)}"
+                f"cannot open storage {redact_url(url)}: "
+                f"{without_secrets(first_line(error), url)}"
             ) from None
     raise AssertionError("unreachable")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.recipe import Recipe
 
 HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "amp_bf16": "bfloat16", "amp_fp16": "float16"}
@@ -47,9 +47,8 @@ def load_tokenizer(model_name: str) -> Any:
             model_name, trust_remote_code=remote_code_allowed()
         )
     except Exception as error:  # noqa: BLE001 - missing files, hub errors: cannot tokenize
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(
-            f"cannot load the tokenizer of model {model_name!r}: {first[:200]}"
+            f"cannot load the tokenizer of model {model_name!r}: {first_line(error)}"
         ) from None
     if len(tokenizer) < 2:
         # transformers 5 builds an empty tokenizer of the model's class where no tokenizer

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 
+from autotune.errors import first_line
 from autotune.training.io import ProbeRequest, ProbeResult
 
 STARTED_ENV = "AUTOTUNE_PROBE_STARTED_AT"
@@ -133,14 +134,14 @@ def main(argv: list[str]) -> int:
         from autotune.training.loop import NonFiniteLoss, is_out_of_memory
 
         traceback.print_exc()
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        first = first_line(error, 300, fallback="")
         if isinstance(error, NonFiniteLoss):
             result.status = "nan"
         elif is_out_of_memory(error):
             result.status = "oom"
         else:
             result.status = "crash"
-        result.reason = f"{type(error).__name__}: {first_line}"
+        result.reason = f"{type(error).__name__}: {first}"
     finally:
         if meters:
             result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, first_line
 from autotune.recipe import Recipe
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -168,8 +168,9 @@ def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path, dev
             "or start again without --resume"
         ) from None
     except (OSError, RuntimeError, EOFError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"checkpoint {path / 'state.pt'} cannot be read: {first[:200]}") from None
+        raise UsageError(
+            f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
+        ) from None
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -238,9 +239,8 @@ def train(
     try:
         model = build_model(recipe, device)
     except (OSError, ValueError) as error:  # no weights, unreadable or mismatched files
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(
-            f"cannot load the weights of model {recipe.model!r}: {first[:200]}"
+            f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
         ) from None
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
