@@ -169,6 +169,7 @@ def run(
     from autotune.study import (
         RunEvents,
         RunSettings,
+        TrialStatus,
         TrialSummary,
         finished_trial_count,
         measured_points,
@@ -225,7 +226,7 @@ def run(
 
         def finished(summary: TrialSummary) -> None:
             progress.advance(task)
-            if summary.status == "measured":
+            if summary.status == TrialStatus.MEASURED:
                 memory = format_bytes(summary.peak_memory_bytes or 0)
                 if summary.memory_source == CPU_MEMORY_SOURCE:
                     memory = f"CPU RSS +{memory}"

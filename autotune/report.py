@@ -14,12 +14,17 @@ from autotune.export import write_text
 from autotune.pareto import frontier
 from autotune.study.records import (
     OBJECTIVE_NAMES,
+    TrialStatus,
     confirmations,
     measured_points,
     not_searched,
+    trial_status,
 )
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
+
+MEASURED = TrialStatus.MEASURED.value
+DUPLICATE = TrialStatus.DUPLICATE.value
 
 MEMORY_SOURCE_TEXT = {
     CUDA_MEMORY_SOURCE: "peak memory is torch.cuda.max_memory_reserved() over train and eval "
@@ -66,7 +71,8 @@ def trials_frame(study: Any) -> Any:
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         values = trial.values or [None, None, None]
-        status = attrs.get("status") or trial.state.name.lower()
+        known = trial_status(trial)
+        status = known.value if known else trial.state.name.lower()
         row: dict[str, Any] = {
             "trial": trial.number,
             "state": trial.state.name,
@@ -78,7 +84,7 @@ def trials_frame(study: Any) -> Any:
             "memory_model": attrs.get("memory_model", "formula"),
             "trial_seconds": trial_seconds(trial),
         }
-        measured = status == "measured"
+        measured = status == MEASURED
         for name, value in zip(OBJECTIVE_NAMES, values):
             row[name] = value if measured else None
         confirmation = confirmed.get(trial.number)
@@ -144,7 +150,7 @@ def probed_rows(frame: Any) -> Any:
     """Trials that ran a probe of their own (a duplicate carries its original's times)."""
     if "seconds_total" not in frame.columns:
         return frame.iloc[0:0]
-    return frame[frame["seconds_total"].notna() & (frame["status"] != "duplicate")]
+    return frame[frame["seconds_total"].notna() & (frame["status"] != DUPLICATE)]
 
 
 def time_description(frame: Any) -> str:
@@ -177,7 +183,7 @@ def frontier_readings(
     if not len(frame):
         return []
     front = frame[frame["on_frontier"]]
-    default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == "measured")]
+    default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
     budget = f"{budget_bytes / 1e9:g} GB"
     roles = {
         "fastest": front.sort_values("tokens_per_second", ascending=False),
@@ -232,7 +238,7 @@ def objective_importances(study: Any) -> dict[str, dict[str, float]]:
     measured = [
         t
         for t in study.get_trials(deepcopy=False, states=states)
-        if t.user_attrs.get("status") == "measured"
+        if trial_status(t) == TrialStatus.MEASURED
     ]
     if len(measured) < 4:
         return {}
@@ -242,7 +248,7 @@ def objective_importances(study: Any) -> dict[str, dict[str, float]]:
         sign = -1.0 if direction == "maximize" else 1.0
 
         def target(trial: Any, i: int = index, s: float = sign) -> float:
-            if trial.user_attrs.get("status") != "measured":
+            if trial_status(trial) != TrialStatus.MEASURED:
                 return float("nan")
             return s * trial.values[i]
 
@@ -259,7 +265,7 @@ def _projection_figures(data: ReportData) -> list[Any]:
     """The other two objective pairs, and all three in 3-D."""
     import plotly.graph_objects as go
 
-    measured = data.frame[data.frame["status"] == "measured"]
+    measured = data.frame[data.frame["status"] == MEASURED]
     if not len(measured):
         return []
     gib = 2**30
@@ -349,10 +355,10 @@ def _pareto_figure(data: ReportData) -> Any:
     import plotly.graph_objects as go
 
     frame = data.frame
-    measured = frame[frame["status"] == "measured"]
+    measured = frame[frame["status"] == MEASURED]
     on_front = measured[measured["on_frontier"]]
     others = measured[~measured["on_frontier"]]
-    unmeasured = frame[~frame["status"].isin(["measured", "duplicate"])]
+    unmeasured = frame[~frame["status"].isin([MEASURED, DUPLICATE])]
     figure = go.Figure()
     gib = 2**30
     loss_range = (
@@ -362,7 +368,7 @@ def _pareto_figure(data: ReportData) -> Any:
     )
     for subset, name, symbol in (
         (on_front, "Pareto frontier", "star"),
-        (others, "measured", "circle"),
+        (others, MEASURED, "circle"),
     ):
         figure.add_trace(
             go.Scatter(
@@ -420,7 +426,7 @@ def _pareto_figure(data: ReportData) -> Any:
 def _memory_figure(data: ReportData) -> Any:
     import plotly.graph_objects as go
 
-    measured = data.frame[data.frame["status"] == "measured"]
+    measured = data.frame[data.frame["status"] == MEASURED]
     gib = 2**30
     figure = go.Figure(
         go.Scatter(

@@ -263,7 +263,8 @@ def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
     rival = study.ask()  # another run's trial, started first and still running
-    rival.set_user_attr("worker", worker_id())
+    host = worker_id().rsplit(":", 1)[0]
+    rival.set_user_attr("worker", f"{host}:{os.getppid()}")  # a live process, not this one
     # the rival ends while this run's trial waits for it
     ends = threading.Timer(1.5, lambda: study.tell(rival, state=optuna.trial.TrialState.FAIL))
     ends.start()
@@ -346,3 +347,16 @@ def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F
     assert not claim_once(study, "noise")  # cannot be checked: it stands until it is stale
     study.set_user_attr("claim:noise", {"worker": "another-host:1", "at": now - 3 * 3600})
     assert claim_once(study, "noise")
+
+
+def test_a_running_trial_with_no_worker_is_failed_once_stale(workspace, monkeypatch):  # noqa: F811
+    import autotune.study.storage
+    from autotune.study import fail_interrupted_trials
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    orphan = study.ask()  # started by something that never said which worker it is
+    assert fail_interrupted_trials(study) == []  # fresh: left alone
+    monkeypatch.setattr(autotune.study.storage, "STALE_AFTER_SECONDS", 0)
+    assert fail_interrupted_trials(study) == [orphan.number]
+    assert study.trials[orphan.number].user_attrs["status"] == "interrupted"

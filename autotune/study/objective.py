@@ -18,6 +18,8 @@ from autotune.study.records import (
     SURPLUS_ATTR,
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
+    TrialStatus,
+    record_status,
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
 from autotune.study.settings import PreparedRun, trials_dir_of
@@ -31,7 +33,7 @@ from autotune.units import format_bytes
 class TrialSummary:
     number: int
     label: str
-    status: str
+    status: TrialStatus
     predicted_peak_bytes: int
     peak_memory_bytes: float | None = None
     memory_source: str = ""
@@ -97,9 +99,18 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
 
+    running_here: set[int] = set()  # the trials this process's threads are running now
+
     def objective(trial: Any) -> tuple[float, float, float]:
+        running_here.add(trial.number)
+        try:
+            return run_trial(trial)
+        finally:
+            running_here.discard(trial.number)
+
+    def run_trial(trial: Any) -> tuple[float, float, float]:
         trial.set_user_attr("worker", worker_id())
-        if beyond_target(trial.study, trial.number, settings.trials):
+        if beyond_target(trial.study, trial.number, settings.trials, running_here):
             # Another run on this study took the last slot first: give this one up uncounted.
             import optuna
 
@@ -111,16 +122,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         workdir = trials_dir / f"trial-{trial.number:04d}"
 
         def record(
-            status: str,
+            status: TrialStatus,
             reason: str,
             values: tuple[float, ...] | None = None,
             result: ProbeResult | None = None,
         ) -> None:
             """Status and reason on the trial, its artifacts, and the event the CLI shows."""
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("reason", reason)
+            record_status(trial, status, reason)
             _attach_artifacts(trial, recipe, workdir)
-            measured = status == "measured" and values is not None
+            measured = status == TrialStatus.MEASURED and values is not None
             events.trial_finished(
                 TrialSummary(
                     number=trial.number,
@@ -145,7 +155,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 if key not in ("baseline", "worker", "repair_of"):
                     trial.set_user_attr(key, value)
             _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
-            record("duplicate", f"same recipe as trial {earlier.number}")
+            record(TrialStatus.DUPLICATE, f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_label", recipe.label())
@@ -155,7 +165,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         events.trial_started(trial.number, recipe.label())
 
         def finish(
-            status: str,
+            status: TrialStatus,
             values: tuple[float, float, float],
             constraint: float,
             reason: str = "",
@@ -173,7 +183,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     nearest, user_attrs={"repair_of": trial.number}, skip_if_exists=True
                 )
             return finish(
-                "over_budget_predicted",
+                TrialStatus.OVER_BUDGET_PREDICTED,
                 (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
                 (prediction.peak_bytes - budget) / budget,
                 f"predicted {format_bytes(prediction.peak_bytes)} > budget {format_bytes(budget)}",
@@ -198,13 +208,13 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # memory, so there feasibility rests on the prediction.
             bound = measured if prepared.device.startswith("cuda") else prediction.peak_bytes
             return finish(
-                "measured",
+                TrialStatus.MEASURED,
                 (measured, float(result.tokens_per_second or 0.0), float(result.eval_loss or 0.0)),
                 (bound - budget) / budget,
                 result=result,
             )
         if result.status == "crash":
-            record("crash", result.reason)
+            record(TrialStatus.CRASH, result.reason)
             raise ProbeCrashed(result.reason)
         # Out of memory, NaN loss and timeout are properties of the recipe: infeasible.
         memory = float(
@@ -215,7 +225,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             )
         )
         return finish(
-            result.status,
+            TrialStatus(result.status),
             (memory, UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
             1.0,
             result.reason,

@@ -5,6 +5,7 @@ dashboard) need only this module and storage.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from autotune.pareto import Point
@@ -21,6 +22,51 @@ those the memory model rules out under the budget)."""
 # What the study reports for a recipe it did not measure: zero speed and the eval loss of a
 # uniform guess over the vocabulary, ln(V). Finite, so samplers learn from these trials.
 UNMEASURED_TOKENS_PER_SECOND = 0.0
+
+
+class TrialStatus(str, Enum):
+    """What became of a trial (its `status` attribute): the closed set every reader uses."""
+
+    MEASURED = "measured"
+    """The probe ran and measured memory, speed and eval loss."""
+    OVER_BUDGET_PREDICTED = "over_budget_predicted"
+    """The memory model put the recipe over the budget: not probed, infeasible."""
+    DUPLICATE = "duplicate"
+    """The sampler proposed a recipe already tried: that trial's figures, not probed again."""
+    OOM = "oom"
+    NAN = "nan"
+    TIMEOUT = "timeout"
+    """The probe ran out of memory, hit a non-finite loss, or ran past its time: infeasible."""
+    CRASH = "crash"
+    """The probe failed for a reason that says nothing about the recipe: a failed trial."""
+    INTERRUPTED = "interrupted"
+    """Its worker died while it ran: failed, and queued once more."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUS_ATTR = "status"
+REASON_ATTR = "reason"
+
+
+def trial_status(trial: Any) -> TrialStatus | None:
+    """A trial's status, None where it has none (running, or written by another tool)."""
+    value = trial.user_attrs.get(STATUS_ATTR)
+    try:
+        return TrialStatus(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def trial_reason(trial: Any) -> str:
+    return str(trial.user_attrs.get(REASON_ATTR) or "")
+
+
+def record_status(trial: Any, status: TrialStatus, reason: str) -> None:
+    """Write a trial's status and reason (the one writer of both)."""
+    trial.set_user_attr(STATUS_ATTR, status.value)
+    trial.set_user_attr(REASON_ATTR, reason)
 
 
 class ProbeCrashed(Exception):
@@ -76,18 +122,18 @@ def measured_points(study: Any) -> list[Point]:
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         feasible = all(v <= 0 for v in trial.constraints.values())
-        if feasible and trial.user_attrs.get("status") == "measured":
+        if feasible and trial_status(trial) == TrialStatus.MEASURED:
             memory, speed, loss = trial.values
             points.append(Point(trial.number, memory, speed, loss))
     return points
 
 
 PROBE_FAILURE_WORDS = {
-    "crash": "crashed",
-    "timeout": "timed out",
-    "oom": "ran out of memory",
-    "nan": "had a non-finite loss",
-    "interrupted": "was interrupted",
+    TrialStatus.CRASH: "crashed",
+    TrialStatus.TIMEOUT: "timed out",
+    TrialStatus.OOM: "ran out of memory",
+    TrialStatus.NAN: "had a non-finite loss",
+    TrialStatus.INTERRUPTED: "was interrupted",
 }
 """A trial's status when its probe did not finish -> how the run's end says it."""
 
@@ -98,15 +144,14 @@ def nothing_measured_line(study: Any) -> str:
     from collections import Counter
 
     trials = study.get_trials(deepcopy=False)
-    statuses = [t.user_attrs.get("status") for t in trials]
-    if "measured" in statuses or not any(s in PROBE_FAILURE_WORDS for s in statuses):
+    statuses = [trial_status(t) for t in trials]
+    if TrialStatus.MEASURED in statuses or not any(s in PROBE_FAILURE_WORDS for s in statuses):
         return "no recipe was measured within the budget, so none was exported"
     counts = Counter(s for s in statuses if s in PROBE_FAILURE_WORDS)
-    reasons: dict[str, str] = {}
-    for trial in trials:
-        status = trial.user_attrs.get("status")
-        if status in counts and status not in reasons:
-            reasons[status] = str(trial.user_attrs.get("reason") or "no reason recorded")
+    reasons: dict[TrialStatus, str] = {}
+    for trial, status in zip(trials, statuses):
+        if status is not None and status in counts and status not in reasons:
+            reasons[status] = trial_reason(trial) or "no reason recorded"
     parts = [
         f"{count} trial{'s' if count > 1 else ''} {PROBE_FAILURE_WORDS[status]}: {reasons[status]}"
         for status, count in counts.most_common()

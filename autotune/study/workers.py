@@ -9,7 +9,14 @@ import socket
 import time
 from typing import Any
 
-from autotune.study.records import CLAIM_PREFIX, finished_trial_count
+from autotune.study import storage as study_storage
+from autotune.study.records import (
+    CLAIM_PREFIX,
+    REASON_ATTR,
+    STATUS_ATTR,
+    TrialStatus,
+    finished_trial_count,
+)
 
 
 def worker_id() -> str:
@@ -46,13 +53,17 @@ def fail_interrupted_trials(study: Any) -> list[int]:
         worker_host, _, pid = worker.rpartition(":")
         started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
         dead = (worker_host == host and pid.isdigit() and not _process_alive(int(pid))) or (
-            not worker and time.time() - started > storage.STALE_AFTER_SECONDS
+            not worker and time.time() - started > study_storage.STALE_AFTER_SECONDS
         )
         if not dead:
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-            storage.set_trial_user_attr(trial._trial_id, "reason", f"worker {worker or '?'} died")
+            storage.set_trial_user_attr(
+                trial._trial_id, STATUS_ATTR, TrialStatus.INTERRUPTED.value
+            )
+            storage.set_trial_user_attr(
+                trial._trial_id, REASON_ATTR, f"worker {worker or '?'} died"
+            )
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -68,14 +79,18 @@ TARGET_POLL_SECONDS = 5.0
 """How often a trial that may be one too many looks again at the trials running ahead of it."""
 
 
-def beyond_target(study: Any, number: int, target: int) -> bool:
+def beyond_target(
+    study: Any, number: int, target: int, running_here: set[int] | None = None
+) -> bool:
     """Whether trial `number`, just started, would make the study hold more than `target`
     trials. While the finished trials and those running ahead of it (started before it, by
     this or another run) reach the target, it waits for those to end: when one fails (its
     worker died, here at once, elsewhere once its heartbeat is stale) this trial runs in its
-    place; when they finish, it is one too many."""
+    place; when they finish, it is one too many. A trial of this very process that none of
+    its threads runs (`running_here` says which do) will never end, and is not waited for."""
     from optuna.trial import TrialState
 
+    me = worker_id()
     while True:
         finished = finished_trial_count(study)
         if finished >= target:
@@ -84,6 +99,11 @@ def beyond_target(study: Any, number: int, target: int) -> bool:
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.number < number
+            and not (
+                running_here is not None
+                and t.user_attrs.get("worker") == me
+                and t.number not in running_here
+            )
         ]
         if finished + len(ahead) < target:
             return False
