@@ -547,3 +547,20 @@ def test_the_trials_folder_is_its_owner_s_alone(workspace):
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     mode = stat.S_IMODE((workspace[0] / "trials").stat().st_mode)
     assert mode & 0o077 == 0, oct(mode)
+
+
+def test_reading_a_study_does_not_load_the_code_that_runs_one():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, autotune.report, autotune.export, autotune.dashboard\n"
+        "print(sorted(m for m in sys.modules if m.startswith('autotune')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    modules = loaded.stdout
+    assert "autotune.study.records" in modules and "autotune.study.storage" in modules
+    for running in ("objective", "run", "prepare", "confirm", "workers", "seeding"):
+        assert f"autotune.study.{running}'" not in modules, modules
+    assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
