@@ -564,3 +564,24 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     for running in ("objective", "run", "prepare", "confirm", "workers", "seeding"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
+
+
+def test_every_name_of_the_study_package_is_reachable_from_it():
+    import ast
+    import importlib
+
+    import autotune.study
+
+    package = Path(autotune.study.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        module = importlib.import_module(f"autotune.study.{path.stem}")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = (
+                [node.name]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            )
+            for name in names:
+                assert getattr(autotune.study, name) is getattr(module, name), name
