@@ -192,53 +192,36 @@ def test_dashboard_shows_objectives_infeasible_trials_and_artifacts(workspace): 
         server.wait(timeout=10)
 
 
-def test_dashboard_off_loopback_warns(workspace):  # noqa: F811
-    tmp_path, _, _ = workspace
-    settings = settings_for(workspace, trials=1)
-    run_study(prepare_run(settings), FakeRunner())
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            AUTOTUNE,
-            "dashboard",
-            "--storage",
-            settings.storage,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _get_json(f"http://127.0.0.1:{port}/api/studies")
-    finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=10)
-    assert "no authentication" in stderr
-
-
-def test_dashboard_listens_on_an_ipv6_address(workspace):  # noqa: F811
+def _dashboard_on(workspace, host: str, url_host: str):  # noqa: F811
+    """Serve a one-trial study on `host`; its study list read at `url_host`, the port, and
+    what the dashboard printed."""
     tmp_path, _, _ = workspace
     settings = settings_for(workspace, trials=1)
     run_study(prepare_run(settings), FakeRunner())
     port = _free_port()
     server = subprocess.Popen(
         [AUTOTUNE, "dashboard", "--storage", settings.storage]
-        + ["--host", "::1", "--port", str(port)],
+        + ["--host", host, "--port", str(port)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        studies = _get_json(f"http://[::1]:{port}/api/studies")
+        studies = _get_json(f"http://{url_host}:{port}/api/studies")
     finally:
         server.terminate()
         stdout, stderr = server.communicate(timeout=10)
+    return studies, port, stdout, stderr
+
+
+def test_dashboard_off_loopback_warns(workspace):  # noqa: F811
+    _, _, _, stderr = _dashboard_on(workspace, "0.0.0.0", "127.0.0.1")
+    assert "no authentication" in stderr
+
+
+def test_dashboard_listens_on_an_ipv6_address(workspace):  # noqa: F811
+    studies, port, stdout, stderr = _dashboard_on(workspace, "::1", "[::1]")
     assert [s["study_name"] for s in studies["study_summaries"]] == ["s"], stderr
     assert f"http://[::1]:{port}/dashboard" in stdout
 

@@ -56,21 +56,27 @@ def kill_and_count_survivors(parent: subprocess.Popen, marker: str, after_second
     return before, left
 
 
-@pytest.mark.parametrize("kernel_signal", [True, False], ids=["kernel-signal", "watch-thread"])
-def test_a_child_dies_with_its_parent(kernel_signal):
-    marker = f"lifetime-child-{kernel_signal}"
-    parent = run_parent(
+def parent_of_one_child(child_code: str, marker: str):
+    """A parent process that starts `child_code` (given the parent's pid as argv[1]) and
+    sleeps; returned once both carry `marker`."""
+    return run_parent(
         f"""
         import os, subprocess, sys, time
-        child = (
-            "import sys, time; from autotune.lifetime import exit_with_parent; "
-            "exit_with_parent(int(sys.argv[1]), {kernel_signal}); time.sleep(600)"
-        )
-        subprocess.Popen([sys.executable, "-c", child, str(os.getpid())])
+        subprocess.Popen([sys.executable, "-c", {child_code!r}, str(os.getpid())])
         time.sleep(600)
         """,
         marker,
         ready_processes=2,
+    )
+
+
+@pytest.mark.parametrize("kernel_signal", [True, False], ids=["kernel-signal", "watch-thread"])
+def test_a_child_dies_with_its_parent(kernel_signal):
+    marker = f"lifetime-child-{kernel_signal}"
+    parent = parent_of_one_child(
+        "import sys, time; from autotune.lifetime import exit_with_parent; "
+        f"exit_with_parent(int(sys.argv[1]), {kernel_signal}); time.sleep(600)",
+        marker,
     )
     time.sleep(1.0)  # the child is past its start
     before, left = kill_and_count_survivors(parent, marker)
@@ -79,18 +85,10 @@ def test_a_child_dies_with_its_parent(kernel_signal):
 
 def test_a_child_whose_parent_died_before_it_watched_dies_at_once():
     marker = "lifetime-late"
-    parent = run_parent(
-        """
-        import os, subprocess, sys, time
-        child = (
-            "import sys, time; time.sleep(1.5); from autotune.lifetime import exit_with_parent; "
-            "exit_with_parent(int(sys.argv[1]), True); print('survived'); time.sleep(600)"
-        )
-        subprocess.Popen([sys.executable, "-c", child, str(os.getpid())])
-        time.sleep(600)
-        """,
+    parent = parent_of_one_child(
+        "import sys, time; time.sleep(1.5); from autotune.lifetime import exit_with_parent; "
+        "exit_with_parent(int(sys.argv[1]), True); print('survived'); time.sleep(600)",
         marker,
-        ready_processes=2,
     )
     before, left = kill_and_count_survivors(parent, marker, after_seconds=3.0)
     assert len(before) == 2 and left == {}

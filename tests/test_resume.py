@@ -253,18 +253,26 @@ def test_a_resume_on_changed_data_is_refused(workspace):  # noqa: F811
         run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
 
 
-def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(
-    workspace,  # noqa: F811
-    monkeypatch,
-):
+def _study_with_a_rival(workspace, monkeypatch, rival_pid: int):  # noqa: F811
+    """A study holding one finished trial and a trial started first by another run (process
+    `rival_pid` on this host), still running; trials look again at it five times a second."""
     import autotune.study.workers
 
     monkeypatch.setattr(autotune.study.workers, "TARGET_POLL_SECONDS", 0.2)
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
-    rival = study.ask()  # another run's trial, started first and still running
+    rival = study.ask()
     host = worker_id().rsplit(":", 1)[0]
-    rival.set_user_attr("worker", f"{host}:{os.getppid()}")  # a live process, not this one
+    rival.set_user_attr("worker", f"{host}:{rival_pid}")
+    return study, rival
+
+
+def test_a_run_that_starts_a_trial_beyond_the_target_gives_it_up(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    # a live process, not this one
+    study, rival = _study_with_a_rival(workspace, monkeypatch, os.getppid())
     # the rival ends while this run's trial waits for it
     ends = threading.Timer(1.5, lambda: study.tell(rival, state=optuna.trial.TrialState.FAIL))
     ends.start()
@@ -283,16 +291,9 @@ def test_a_trial_waiting_on_a_rival_that_dies_runs_in_its_place(
     workspace,  # noqa: F811
     monkeypatch,
 ):
-    import autotune.study.workers
-
-    monkeypatch.setattr(autotune.study.workers, "TARGET_POLL_SECONDS", 0.2)
-    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
-    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
     rival_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
     threading.Thread(target=rival_run.wait, daemon=True).start()  # reaped when it ends
-    rival = study.ask()
-    host = worker_id().rsplit(":", 1)[0]
-    rival.set_user_attr("worker", f"{host}:{rival_run.pid}")
+    study, rival = _study_with_a_rival(workspace, monkeypatch, rival_run.pid)
     runner = FakeRunner()
     study = run_study(prepare_run(settings_for(workspace, trials=2)), runner)
     assert study.trials[rival.number].state == optuna.trial.TrialState.FAIL

@@ -33,6 +33,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def gone_from_this_host(worker: str) -> bool:
+    """Whether `worker` ("host:pid", as worker_id writes it) ran on this host and has ended;
+    a worker of another host cannot be checked from here, and counts as not gone."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+
+
 def fail_interrupted_trials(study: Any) -> list[int]:
     """Fail the RUNNING trials whose worker is gone, and enqueue each once more.
 
@@ -46,13 +53,11 @@ def fail_interrupted_trials(study: Any) -> list[int]:
 
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
-    host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", "")
-        worker_host, _, pid = worker.rpartition(":")
         started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-        dead = (worker_host == host and pid.isdigit() and not _process_alive(int(pid))) or (
+        dead = gone_from_this_host(worker) or (
             not worker and time.time() - started > study_storage.STALE_AFTER_SECONDS
         )
         if not dead:
@@ -133,10 +138,8 @@ def claim_once(study: Any, job: str, settle_seconds: float | None = None) -> boo
     if isinstance(holder, dict):
         if holder.get("worker") == me:
             return True
-        host, _, pid = str(holder.get("worker")).rpartition(":")
         fresh = time.time() - float(holder.get("at", 0)) < CLAIM_STALE_SECONDS
-        dead_here = host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
-        if fresh and not dead_here:
+        if fresh and not gone_from_this_host(str(holder.get("worker"))):
             return False
     study.set_user_attr(attr, {"worker": me, "at": time.time()})
     time.sleep(CLAIM_SETTLE_SECONDS if settle_seconds is None else settle_seconds)
