@@ -2,7 +2,8 @@
 shipped ones are in autotune/search_spaces/).
 
 A space file names the choices of each dimension; `suggest` turns an Optuna trial into a Recipe
-and `recipe_params` turns a Recipe back into trial parameters (for enqueued baselines).
+and `params_of` turns a Recipe back into trial parameters (for enqueued baselines). What each
+dimension accepts and the recipe fields it becomes are declared once, in dimensions.py.
 """
 
 from __future__ import annotations
@@ -12,74 +13,39 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 
-from autotune.errors import UsageError, first_line
-from autotune.model_spec import BLOCK_LINEARS, ModelSpec
-from autotune.recipe import (
-    UPPER_BOUNDS,
-    Attention,
-    Batching,
-    Method,
-    Optimizer,
-    Precision,
-    Quantization,
-    Recipe,
+from autotune.dimensions import (
+    DIMENSIONS,
+    METHODS,
+    NOT_EXPRESSIBLE,
+    SCALAR_KEYS,
+    Dimension,
+    check_choices,
+    parameter_name,
+    read_target_sets,
 )
+from autotune.errors import UsageError, first_line
+from autotune.model_spec import ModelSpec
+from autotune.recipe import Recipe
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
 
-# The trial parameter names; a space file uses the same names for its dimensions.
-LIST_DIMENSIONS = {
-    "method": get_args(Method),
-    "quantization": get_args(Quantization),
-    "precision": get_args(Precision),
-    "optimizer": get_args(Optimizer),
-    "lora_r": None,
-    "frozen_layers_fraction": None,
-    "micro_batch_size": None,
-    "gradient_checkpointing": (True, False),
-    "expandable_segments": (True, False),
-    "attention": get_args(Attention),
-    "batching": get_args(Batching),
-}
-SCALAR_KEYS = ("lora_alpha_over_r", "lora_dropout", "effective_batch_size")
-OPTIONAL_DEFAULTS: dict[str, Any] = {"attention": ["sdpa"], "batching": ["padded"]}
-"""Dimensions a space file may leave out, and the choice they then take."""
-KNOWN_KEYS = set(LIST_DIMENSIONS) | set(SCALAR_KEYS) | {"lora_target_modules", "learning_rate"}
-SHARED_DIMENSIONS = (
-    "precision",
-    "micro_batch_size",
-    "gradient_checkpointing",
-    "optimizer",
-    "expandable_segments",
-    "attention",
-    "batching",
-)
-"""Dimensions every method has (the others depend on the method)."""
-
 
 @dataclass(frozen=True)
 class SearchSpace:
-    method: tuple[str, ...]
-    quantization: tuple[str, ...]
-    precision: tuple[str, ...]
-    optimizer: tuple[str, ...]
-    lora_r: tuple[int, ...]
+    """The choices of each trial parameter, and the fixed values that relate them to recipes."""
+
+    choices_by_parameter: dict[str, tuple[Any, ...]]
+    """Each dimension's choices by trial parameter name (see `parameter_name`), in the order of
+    DIMENSIONS; a dimension that is not `always_searched` with one choice is a fixed value."""
+    target_sets: dict[str, str | tuple[str, ...]]
+    """LoRA target sets by the name trials choose."""
     lora_alpha_over_r: float
-    lora_dropout: float
-    lora_target_modules: dict[str, str | tuple[str, ...]]
-    frozen_layers_fraction: tuple[float, ...]
-    micro_batch_size: tuple[int, ...]
     effective_batch_size: int
-    gradient_checkpointing: tuple[bool, ...]
-    expandable_segments: tuple[bool, ...]
-    attention: tuple[str, ...]
-    batching: tuple[str, ...]
-    learning_rate: dict[str, float]
     source: str = "search space"
 
     # ---- loading -------------------------------------------------------------------------
@@ -101,60 +67,36 @@ class SearchSpace:
     def from_dict(cls, data: Any, source: str = "search space") -> SearchSpace:
         if not isinstance(data, dict):
             raise UsageError(f"{source}: expected a mapping of dimensions")
+        known = {d.name for d in DIMENSIONS} | set(SCALAR_KEYS)
         problems: list[str] = []
-        unknown = sorted(set(data) - KNOWN_KEYS)
+        unknown = sorted(set(data) - known)
         if unknown:
             problems.append(
-                f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})"
+                f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        data = {**OPTIONAL_DEFAULTS, **data}
-        missing = sorted(KNOWN_KEYS - set(data))
+        data = {**{d.name: list(d.default) for d in DIMENSIONS if d.default}, **data}
+        missing = sorted(known - set(data))
         if missing:
             problems.append(f"missing keys {', '.join(missing)}")
         if problems:
             raise UsageError.collect(problems, source)
 
-        lists: dict[str, tuple[Any, ...]] = {}
-        for name, allowed in LIST_DIMENSIONS.items():
-            value = data[name]
-            choices = tuple(value) if isinstance(value, list) else (value,)
-            if not choices:
-                problems.append(f"{name} has no choices")
-            if allowed is not None:
-                bad = [
-                    c
-                    for c in choices
-                    if c not in allowed or isinstance(c, bool) != isinstance(allowed[0], bool)
-                ]
-                if bad:
-                    problems.append(
-                        f"{name} choices {bad} are not among {', '.join(map(str, allowed))}"
-                    )
-            if len(set(choices)) != len(choices):
-                problems.append(f"{name} lists a choice twice")
-            lists[name] = choices
-        for name in ("lora_r", "micro_batch_size"):
-            top = UPPER_BOUNDS[name]
-            if not all(
-                isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= top
-                for c in lists[name]
-            ):
-                problems.append(
-                    f"{name} choices must be integers from 1 to {top}, got {list(lists[name])}"
-                )
-        fractions = lists["frozen_layers_fraction"]
-        if not all(isinstance(c, (int, float)) and 0 < c < 1 for c in fractions):
-            problems.append(
-                f"frozen_layers_fraction choices must lie in (0, 1), got {list(fractions)}"
-            )
-
+        target_sets, problems = read_target_sets(data["lora_target_modules"])
+        chosen: dict[str, tuple[Any, ...]] = {}
+        for dimension in DIMENSIONS:
+            for name, choices, where in _file_choices(dimension, data, chosen, target_sets):
+                found = check_choices(dimension, choices, where)
+                problems += found
+                if not found and dimension.cast is not None:
+                    choices = tuple(dimension.cast(c) for c in choices)
+                chosen[name] = choices
         effective = data["effective_batch_size"]
         if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
             problems.append(f"effective_batch_size must be a positive integer, got {effective!r}")
         else:
             bad_micro = [
                 m
-                for m in lists["micro_batch_size"]
+                for m in chosen["micro_batch_size"]
                 if isinstance(m, int) and m > 0 and effective % m
             ]
             if bad_micro:
@@ -165,200 +107,150 @@ class SearchSpace:
         alpha = data["lora_alpha_over_r"]
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
             problems.append(f"lora_alpha_over_r must be a positive number, got {alpha!r}")
-        dropout = data["lora_dropout"]
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            problems.append(f"lora_dropout must lie in [0, 1), got {dropout!r}")
-
-        targets = data["lora_target_modules"]
-        target_sets: dict[str, str | tuple[str, ...]] = {}
-        if not isinstance(targets, dict) or not targets:
-            problems.append("lora_target_modules must map a name to all-linear or a module list")
-        else:
-            for name, modules in targets.items():
-                if modules == "all-linear":
-                    target_sets[str(name)] = "all-linear"
-                elif (
-                    isinstance(modules, list)
-                    and modules
-                    and all(m in BLOCK_LINEARS for m in modules)
-                ):
-                    target_sets[str(name)] = tuple(modules)
-                else:
-                    problems.append(
-                        f"lora_target_modules.{name} must be all-linear or a list drawn from "
-                        f"{', '.join(BLOCK_LINEARS)}"
-                    )
-        rates = data["learning_rate"]
-        learning_rate: dict[str, float] = {}
-        if isinstance(rates, (int, float)) and not isinstance(rates, bool):
-            rates = {m: rates for m in lists["method"]}
-        if not isinstance(rates, dict):
-            problems.append("learning_rate must be a number or a mapping method -> number")
-        else:
-            for method in lists["method"]:
-                rate = rates.get(method)
-                if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-                    problems.append(f"learning_rate.{method} must be a positive number")
-                else:
-                    learning_rate[str(method)] = float(rate)
-        if "lora" not in lists["method"] and set(lists["quantization"]) - {"none"}:
+        if "lora" not in chosen["method"] and set(chosen["quantization"]) - {"none"}:
             problems.append("quantization other than none needs method lora in the space")
         if problems:
             raise UsageError.collect(problems, source)
         return cls(
-            method=lists["method"],
-            quantization=lists["quantization"],
-            precision=lists["precision"],
-            optimizer=lists["optimizer"],
-            lora_r=lists["lora_r"],
+            choices_by_parameter=chosen,
+            target_sets=target_sets,
             lora_alpha_over_r=float(alpha),
-            lora_dropout=float(dropout),
-            lora_target_modules=target_sets,
-            frozen_layers_fraction=tuple(float(f) for f in fractions),
-            micro_batch_size=lists["micro_batch_size"],
             effective_batch_size=int(effective),
-            gradient_checkpointing=lists["gradient_checkpointing"],
-            expandable_segments=lists["expandable_segments"],
-            attention=lists["attention"],
-            batching=lists["batching"],
-            learning_rate=learning_rate,
             source=source,
         )
+
+    # ---- the table, as this space has it --------------------------------------------------
+
+    def choices_of(self, name: str) -> tuple[Any, ...]:
+        """The choices of a trial parameter (a fixed value is its one choice)."""
+        return self.choices_by_parameter[name]
+
+    def searched(self, name: str) -> bool:
+        return _DIMENSION_OF[name].always_searched or len(self.choices_of(name)) > 1
+
+    def _parameters(self, method: str) -> list[tuple[str, Dimension]]:
+        """The parameters (and fixed values) under `method` besides the method, table order."""
+        return [
+            (parameter_name(d, method), d)
+            for d in DIMENSIONS
+            if d.name != "method"
+            and method in d.methods
+            and parameter_name(d, method) in self.choices_by_parameter
+        ]
 
     # ---- trial <-> recipe ----------------------------------------------------------------
 
     def build(self, params: dict[str, Any], model: str, spec: ModelSpec, seq_len: int) -> Recipe:
         """The recipe that a set of trial parameters stands for."""
         method = params["method"]
-        lora: dict[str, Any] = {}
-        frozen_layers = 0
-        quantization: Any = "none"  # one of the space's choices, checked when it was loaded
-        if method == "lora":
-            rank = int(params["lora_r"])
-            quantization = params["quantization"]
-            lora = {
-                "lora_r": rank,
-                "lora_alpha": int(round(rank * self.lora_alpha_over_r)),
-                "lora_dropout": self.lora_dropout,
-                "lora_target_modules": self.lora_target_modules[params["lora_target_modules"]],
-            }
-        elif method == "freeze":
-            frozen_layers = frozen_layer_count(spec, params["frozen_layers_fraction"])
-        micro_batch_size = int(params["micro_batch_size"])
-        return Recipe(
-            model=model,
-            method=method,
-            quantization=quantization,
-            precision=params["precision"],
-            frozen_layers=frozen_layers,
-            micro_batch_size=micro_batch_size,
-            gradient_accumulation_steps=self.effective_batch_size // micro_batch_size,
-            gradient_checkpointing=bool(params["gradient_checkpointing"]),
-            optimizer=params["optimizer"],
-            learning_rate=self.learning_rate[method],
-            seq_len=seq_len,
-            expandable_segments=bool(params["expandable_segments"]),
-            attention=params.get("attention", "sdpa"),
-            batching=params.get("batching", "padded"),
-            **lora,
-        )
+        fields: dict[str, Any] = {"method": method}
+        for name, dimension in self._parameters(method):
+            if not self.searched(name):
+                value = self.choices_of(name)[0]
+            elif name in params or dimension.default is None:
+                value = params[name]
+            else:  # a trial stored before the dimension existed
+                value = dimension.default[0]
+            fields.update(dimension.to_recipe(value, self, spec))
+        return Recipe(model=model, seq_len=seq_len, **fields)
 
     def suggest(self, trial: Any, model: str, spec: ModelSpec, seq_len: int) -> Recipe:
         """Sample a recipe with an Optuna trial; conditional dimensions only where they apply."""
-        params: dict[str, Any] = {"method": trial.suggest_categorical("method", self.method)}
-        if params["method"] == "lora":
-            params["quantization"] = trial.suggest_categorical("quantization", self.quantization)
-            params["lora_r"] = trial.suggest_categorical("lora_r", self.lora_r)
-            params["lora_target_modules"] = trial.suggest_categorical(
-                "lora_target_modules", tuple(self.lora_target_modules)
-            )
-        elif params["method"] == "freeze":
-            params["frozen_layers_fraction"] = trial.suggest_categorical(
-                "frozen_layers_fraction", self.frozen_layers_fraction
-            )
-        for name in SHARED_DIMENSIONS:
-            params[name] = trial.suggest_categorical(name, getattr(self, name))
+        params: dict[str, Any] = {
+            "method": trial.suggest_categorical("method", self.choices_of("method"))
+        }
+        for name, _ in self._parameters(params["method"]):
+            if self.searched(name):
+                params[name] = trial.suggest_categorical(name, self.choices_of(name))
         return self.build(params, model, spec, seq_len)
 
     def params_of(self, recipe: Recipe, spec: ModelSpec) -> dict[str, Any] | None:
         """Trial parameters that give `recipe`, or None when the space cannot express it."""
-        params: dict[str, Any] = {
-            "method": recipe.method,
-            "precision": recipe.precision,
-            "micro_batch_size": recipe.micro_batch_size,
-            "gradient_checkpointing": recipe.gradient_checkpointing,
-            "optimizer": recipe.optimizer,
-            "expandable_segments": recipe.expandable_segments,
-            "attention": recipe.attention,
-            "batching": recipe.batching,
-        }
-        if recipe.method == "lora":
-            names = [
-                n for n, t in self.lora_target_modules.items() if t == recipe.lora_target_modules
-            ]
-            if not names:
-                return None
-            params.update(
-                quantization=recipe.quantization,
-                lora_r=recipe.lora_r,
-                lora_target_modules=names[0],
-            )
-        elif recipe.method == "freeze":
-            fractions = [
-                f
-                for f in self.frozen_layers_fraction
-                if frozen_layer_count(spec, f) == recipe.frozen_layers
-            ]
-            if not fractions:
-                return None
-            params["frozen_layers_fraction"] = fractions[0]
-        for name, value in params.items():
-            choices = (
-                tuple(self.lora_target_modules)
-                if name == "lora_target_modules"
-                else getattr(self, name)
-            )
-            if value not in choices:
-                return None
+        if recipe.method not in self.choices_of("method"):
+            return None
+        params: dict[str, Any] = {"method": recipe.method}
+        for name, dimension in self._parameters(recipe.method):
+            if self.searched(name):
+                value = dimension.of_recipe(recipe, self, spec)
+                if value is NOT_EXPRESSIBLE or value not in self.choices_of(name):
+                    return None
+                params[name] = value
+        return params
+
+    def params_like(self, wanted: dict[str, Any]) -> dict[str, Any]:
+        """A point of the space under `wanted["method"]`: `wanted`'s value where it is a choice,
+        the first choice elsewhere."""
+        method = wanted["method"]
+        params: dict[str, Any] = {"method": method}
+        for name, _ in self._parameters(method):
+            if self.searched(name):
+                choices = self.choices_of(name)
+                params[name] = wanted[name] if wanted.get(name) in choices else choices[0]
         return params
 
     def all_params(self) -> Iterator[dict[str, Any]]:
         """Every point of the space (for bounds such as the smallest recipe's memory)."""
-        shared = SHARED_DIMENSIONS
-        for method in self.method:
-            if method == "lora":
-                specific = {
-                    "quantization": self.quantization,
-                    "lora_r": self.lora_r,
-                    "lora_target_modules": tuple(self.lora_target_modules),
-                }
-            elif method == "freeze":
-                specific = {"frozen_layers_fraction": self.frozen_layers_fraction}
-            else:
-                specific = {}
-            names = list(specific) + list(shared)
-            pools = list(specific.values()) + [getattr(self, n) for n in shared]
-            for values in itertools.product(*pools):
+        for method in self.choices_of("method"):
+            names = [n for n, _ in self._parameters(method) if self.searched(n)]
+            for values in itertools.product(*(self.choices_of(n) for n in names)):
                 yield {"method": method, **dict(zip(names, values))}
 
     def choices(self) -> dict[str, list[Any]]:
-        """Each searched dimension's choices (LoRA target sets by name), as JSON-ready lists."""
-        names = ("method", "quantization", "lora_r", "frozen_layers_fraction")
+        """Each searched parameter's choices (LoRA target sets by name), as JSON-ready lists."""
         return {
-            **{name: list(getattr(self, name)) for name in names},
-            "lora_target_modules": list(self.lora_target_modules),
-            **{name: list(getattr(self, name)) for name in SHARED_DIMENSIONS},
+            name: list(choices)
+            for name, choices in self.choices_by_parameter.items()
+            if self.searched(name)
         }
 
-    def restricted(self, keep: dict[str, list[Any]]) -> SearchSpace:
-        """This space with only the choices `keep` names (in this space's order)."""
-        changes: dict[str, Any] = {}
+    def restricted(
+        self,
+        keep: dict[str, Any],
+        target_sets: dict[str, str | tuple[str, ...]] | None = None,
+    ) -> SearchSpace:
+        """This space with only the choices `keep` names (in this space's order); with
+        `target_sets`, those LoRA target sets (a name `keep` adds must be among them)."""
+        sets = self.target_sets if target_sets is None else target_sets
+        changed = dict(self.choices_by_parameter)
         for name, kept in keep.items():
-            if name == "lora_target_modules":
-                changes[name] = {k: v for k, v in self.lora_target_modules.items() if k in kept}
-            else:
-                changes[name] = tuple(c for c in getattr(self, name) if c in kept)
-        return dataclasses.replace(self, **changes)
+            current = changed[name]
+            added = tuple(c for c in kept if c not in current)
+            changed[name] = tuple(c for c in current if c in kept) + added
+        return dataclasses.replace(self, choices_by_parameter=changed, target_sets=sets)
+
+
+def _file_choices(
+    dimension: Dimension,
+    data: dict[str, Any],
+    chosen: dict[str, tuple[Any, ...]],
+    target_sets: dict[str, Any],
+) -> Iterator[tuple[str, tuple[Any, ...], str]]:
+    """A dimension's choices as a space file gives them: (parameter, choices, the key's path);
+    a `per_method` one once per method of the space (`chosen` holds the methods by then)."""
+    value = data[dimension.name]
+    if dimension.named:
+        yield dimension.name, tuple(target_sets), dimension.name
+        return
+    if not dimension.per_method:
+        yield dimension.name, _as_choices(value), dimension.name
+        return
+    for method in chosen["method"]:
+        where = f"{dimension.name}.{method}"
+        given = value.get(method) if isinstance(value, dict) else value
+        yield (
+            parameter_name(dimension, method),
+            _as_choices(given) if given is not None else (),
+            where,
+        )
+
+
+def _as_choices(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+_DIMENSION_OF = {
+    parameter_name(d, m): d for d in DIMENSIONS for m in (METHODS if d.per_method else ("",))
+}
 
 
 def frozen_layer_count(spec: ModelSpec, fraction: float) -> int:

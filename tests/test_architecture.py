@@ -213,12 +213,14 @@ def test_peft_refusals_on_a_mixture_of_experts_leave_lora_out_where_nothing_runs
     default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
     space, unsupported = supported_space(default, mixtral)
     assert set(unsupported["lora_target_modules"]) == {"all-linear"}
-    assert set(space.lora_target_modules) == {"qv", "attention"} and "lora" in space.method
+    assert set(space.choices_of("lora_target_modules")) == {"qv", "attention"}
+    assert "lora" in space.choices_of("method")
 
-    only_all_linear = dataclasses.replace(default, lora_target_modules={"all-linear": "all-linear"})
+    only_all_linear = default.restricted({"lora_target_modules": ["all-linear"]})
     space, unsupported = supported_space(only_all_linear, mixtral)
-    assert "lora" not in space.method and space.quantization == ("none",)
+    assert "lora" not in space.choices_of("method")
+    assert space.choices_of("quantization") == ("none",)
     assert set(unsupported["method"]) == {"lora"}
-    no_other_method = dataclasses.replace(only_all_linear, method=("lora",))
+    no_other_method = only_all_linear.restricted({"method": ["lora"]})
     with pytest.raises(UsageError, match="no LoRA target set runs on MixtralForCausalLM"):
         supported_space(no_other_method, mixtral)

@@ -105,11 +105,13 @@ def test_a_run_on_a_packing_cpu_leaves_nf4_out_with_its_reason(tmp_path, monkeyp
     space, unsupported = supported_space(default, read_architecture(load_config(str(model))), "cpu")
     assert set(unsupported) == {"quantization"}
     assert "176 outputs" in unsupported["quantization"]["nf4"]
-    assert "nf4" not in space.quantization and "none" in space.quantization
+    quantization = space.choices_of("quantization")
+    assert "nf4" not in quantization and "none" in quantization
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
     prepared = prepare_run(settings_for((tmp_path, model, data), space_path=DEMO_SPACE))
     assert "nf4" in prepared.unsupported_choices["quantization"]
-    assert prepared.space.quantization == ("none",)  # the demo space's only other choice
+    # the demo space's only other choice
+    assert prepared.space.choices_of("quantization") == ("none",)
     # on CUDA the same space keeps NF4
     _, on_gpu = supported_space(default, read_architecture(load_config(str(model))), "cuda")
     assert on_gpu == {}

@@ -108,9 +108,8 @@ def test_default_space_path_exists():
 
 def test_attention_is_optional_and_checked(tmp_path):
     demo = yaml.safe_load((SPACES_DIR / "demo.yaml").read_text())
-    assert "attention" not in demo and SearchSpace.load(SPACES_DIR / "demo.yaml").attention == (
-        "sdpa",
-    )
+    demo_space = SearchSpace.load(SPACES_DIR / "demo.yaml")
+    assert "attention" not in demo and demo_space.choices_of("attention") == ("sdpa",)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({**demo, "attention": ["sdpa", "eager"]}))
     space = SearchSpace.load(path)
@@ -121,3 +120,80 @@ def test_attention_is_optional_and_checked(tmp_path):
     path.write_text(yaml.safe_dump({**demo, "attention": ["xformers"]}))
     with pytest.raises(UsageError, match="attention choices"):
         SearchSpace.load(path)
+
+
+def _space_with(tmp_path, **changes):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**_default_dict(), **changes}))
+    return SearchSpace.load(path)
+
+
+def test_one_value_is_fixed_and_several_are_searched(tmp_path):
+    """lora_dropout and learning_rate are trial parameters only where a space lists several
+    values; a learning rate given per method is searched per method."""
+    fixed = SearchSpace.load()
+    assert not {"lora_dropout", "lora_learning_rate", "learning_rate"} & set(fixed.choices())
+    space = _space_with(
+        tmp_path,
+        lora_dropout=[0.0, 0.1],
+        learning_rate={"lora": [1.0e-4, 3.0e-4], "freeze": 2.0e-5, "full": 1.0e-5},
+    )
+    choices = space.choices()
+    assert choices["lora_dropout"] == [0.0, 0.1]
+    assert choices["lora_learning_rate"] == [1.0e-4, 3.0e-4]
+    assert "freeze_learning_rate" not in choices and "full_learning_rate" not in choices
+    lora_points = [p for p in space.all_params() if p["method"] == "lora"]
+    fixed_lora_points = [p for p in fixed.all_params() if p["method"] == "lora"]
+    assert len(lora_points) == 4 * len(fixed_lora_points)
+    assert {(p["lora_dropout"], p["lora_learning_rate"]) for p in lora_points} == {
+        (d, r) for d in (0.0, 0.1) for r in (1.0e-4, 3.0e-4)
+    }
+    for params in lora_points[:: max(1, len(lora_points) // 40)] + lora_points[-3:]:
+        recipe = space.build(params, "m", SPEC, 128)
+        assert (recipe.lora_dropout, recipe.learning_rate) == (
+            params["lora_dropout"],
+            params["lora_learning_rate"],
+        )
+        assert space.params_of(recipe, SPEC) == params
+    full = space.build({**fixed.params_like({"method": "full"})}, "m", SPEC, 128)
+    assert full.learning_rate == 1.0e-5 and full.lora_dropout is None
+
+    study = optuna.create_study(directions=["minimize"] * 3)
+    sampled = set()
+    for _ in range(40):
+        trial = study.ask()
+        recipe = space.suggest(trial, "m", SPEC, 128)
+        if recipe.method == "lora":
+            assert trial.params["lora_dropout"] == recipe.lora_dropout
+            sampled.add(recipe.learning_rate)
+        else:
+            assert "lora_dropout" not in trial.params
+            assert "lora_learning_rate" not in trial.params
+        study.tell(trial, [1.0, 1.0, 1.0])
+    assert sampled == {1.0e-4, 3.0e-4}
+    for _, params in baseline_params(space):
+        assert space.params_of(space.build(params, "m", SPEC, 128), SPEC) == params
+
+
+def test_a_learning_rate_list_is_searched_for_every_method(tmp_path):
+    space = _space_with(tmp_path, learning_rate=[1.0e-5, 1.0e-4])
+    assert {n: c for n, c in space.choices().items() if n.endswith("learning_rate")} == {
+        f"{m}_learning_rate": [1.0e-5, 1.0e-4] for m in ("lora", "freeze", "full")
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"lora_dropout": [0.1, 1.5]}, r"lora_dropout choices must be numbers in \[0, 1\)"),
+        ({"lora_dropout": [0.1, 0.1]}, "lora_dropout lists a choice twice"),
+        (
+            {"learning_rate": {"lora": [1.0e-4, "1e-4"], "freeze": 1.0, "full": 1.0}},
+            "learning_rate.lora",
+        ),
+        ({"learning_rate": [1.0e-4, -1.0]}, "learning_rate.lora choices must be positive"),
+    ],
+)
+def test_bad_searched_values_are_refused(tmp_path, changes, needle):
+    with pytest.raises(UsageError, match=needle):
+        _space_with(tmp_path, **changes)

@@ -389,7 +389,7 @@ def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
     qv = next(t for t in study.trials if t.user_attrs.get("baseline") == "bf16_lora_qv")
     recipe = Recipe.from_dict(qv.user_attrs["recipe"])
     assert qv.user_attrs["predicted_peak_bytes"] <= settings.budget_bytes
-    bigger = [m for m in space.micro_batch_size if m > recipe.micro_batch_size]
+    bigger = [m for m in space.choices_of("micro_batch_size") if m > recipe.micro_batch_size]
     for size in bigger:
         larger = recipe.replace(
             micro_batch_size=size, gradient_accumulation_steps=max(8 // size, 1)

@@ -69,9 +69,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space, unsupported = supported_space(
         SearchSpace.load(settings.space_path), architecture, device
     )
-    if "lora" in space.method and max(space.lora_r) > spec.hidden_size:
+    if "lora" in space.choices_of("method") and max(space.choices_of("lora_r")) > spec.hidden_size:
         raise UsageError(
-            f"{space.source}: lora_r {max(space.lora_r)} exceeds the model's width "
+            f"{space.source}: lora_r {max(space.choices_of('lora_r'))} exceeds the model's width "
             f"{spec.hidden_size}; a rank is at most the width of the layers it adapts"
         )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)

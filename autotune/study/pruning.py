@@ -4,7 +4,6 @@ left out before any trial, and a resumed study keeps the choices it started with
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from autotune.architecture import Architecture
@@ -28,42 +27,46 @@ def supported_space(
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
-    if "lora" in space.method:
-        for name, targets in space.lora_target_modules.items():
-            refusal = architecture.lora_refusal(targets, space.lora_dropout)
+    methods = space.choices_of("method")
+    # a target set is refused where any dropout the space tries is refused on it
+    dropout = max(space.choices_of("lora_dropout"))
+    target_names = space.choices_of("lora_target_modules")
+    if "lora" in methods:
+        for name in target_names:
+            refusal = architecture.lora_refusal(space.target_sets[name], dropout)
             if refusal:
                 unsupported.setdefault("lora_target_modules", {})[name] = refusal
-    for choice in space.attention:
+    for choice in space.choices_of("attention"):
         refusal = architecture.attention_refusals.get(choice, "")
         if refusal:
             unsupported.setdefault("attention", {})[choice] = refusal
-    if "lora" in space.method:
-        for choice in space.quantization:
+    if "lora" in methods:
+        for choice in space.choices_of("quantization"):
             refusal = architecture.quantization_refusal(choice, device)
             if refusal:
                 unsupported.setdefault("quantization", {})[choice] = refusal
     if not unsupported:
         return space, {}
     refused = unsupported.get("lora_target_modules", {})
-    kept_targets: dict[str, str | tuple[str, ...]] = {
-        n: t for n, t in space.lora_target_modules.items() if n not in refused
-    }
-    if not kept_targets and not architecture.lora_refusal("all-linear", space.lora_dropout):
-        kept_targets = {"all-linear": "all-linear"}
+    kept_targets = tuple(n for n in target_names if n not in refused)
+    target_sets = space.target_sets
+    if not kept_targets and not architecture.lora_refusal("all-linear", dropout):
+        kept_targets = ("all-linear",)
+        target_sets = {**target_sets, "all-linear": "all-linear"}
     quantization = tuple(
-        c for c in space.quantization if c not in unsupported.get("quantization", {})
+        c for c in space.choices_of("quantization") if c not in unsupported.get("quantization", {})
     )
-    changes: dict[str, Any] = {
+    changes: dict[str, tuple[Any, ...]] = {
         "lora_target_modules": kept_targets,
         "quantization": quantization or ("none",),
     }
     if not kept_targets:
         # no LoRA at all on this model with this space: search the other methods
-        changes["method"] = tuple(m for m in space.method if m != "lora")
+        changes["method"] = tuple(m for m in methods if m != "lora")
         changes["quantization"] = ("none",)
-        changes["lora_target_modules"] = space.lora_target_modules
+        changes["lora_target_modules"] = target_names
         unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
-        for choice in space.quantization:
+        for choice in space.choices_of("quantization"):
             if choice != "none":
                 unsupported.setdefault("quantization", {}).setdefault(choice, "trains LoRA only")
         if not changes["method"]:
@@ -72,9 +75,11 @@ def supported_space(
                 + describe_unsupported({"lora_target_modules": refused})
                 + ") and the space has no other method"
             )
-    attention = tuple(c for c in space.attention if c not in unsupported.get("attention", {}))
+    attention = tuple(
+        c for c in space.choices_of("attention") if c not in unsupported.get("attention", {})
+    )
     changes["attention"] = attention or ("eager",)
-    return dataclasses.replace(space, **changes), unsupported
+    return space.restricted(changes, target_sets), unsupported
 
 
 def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[SearchSpace, str]:
@@ -115,10 +120,6 @@ def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[
             + " (start a new study with --study to search them)"
         )
     return space.restricted(stored), note
-
-
-
-
 
 
 def budget_fit(

@@ -4,6 +4,7 @@ enqueued baselines, and the nearest recipe that fits when a proposal does not.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from autotune.replay import (
     replay_in_worker,
     replay_key,
 )
-from autotune.space import SHARED_DIMENSIONS, SearchSpace
+from autotune.space import SearchSpace
 from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 
@@ -65,17 +66,12 @@ def nearest_fitting_params(
     """The recipe closest to `params` that fits: fewest of REPAIR_DIMENSIONS changed, then the
     largest micro-batch, then the order the space lists choices in; None when none fits."""
     candidates = []
-    for checkpointing in space.gradient_checkpointing:
-        for micro_batch in space.micro_batch_size:
-            for optimizer in space.optimizer:
-                changed = {
-                    "gradient_checkpointing": checkpointing,
-                    "micro_batch_size": micro_batch,
-                    "optimizer": optimizer,
-                }
-                distance = sum(changed[k] != params.get(k) for k in REPAIR_DIMENSIONS)
-                if distance:
-                    candidates.append((distance, -micro_batch, {**params, **changed}))
+    pools = [space.choices_of(name) for name in REPAIR_DIMENSIONS]
+    for values in itertools.product(*pools):
+        changed = dict(zip(REPAIR_DIMENSIONS, values))
+        distance = sum(changed[k] != params.get(k) for k in REPAIR_DIMENSIONS)
+        if distance:
+            candidates.append((distance, -changed["micro_batch_size"], {**params, **changed}))
     for _, _, candidate in sorted(candidates, key=lambda c: c[:2]):
         if fits(candidate):
             return candidate
@@ -89,37 +85,30 @@ def baseline_params(
     with `fits`, a "largest" micro-batch is the largest that fits the budget."""
     chosen: list[tuple[str, dict[str, Any]]] = []
     for baseline_name, preferences in BASELINES.items():
-        if preferences["method"] not in space.method:
+        if preferences["method"] not in space.choices_of("method"):
             continue
-        method = preferences["method"]
-        params: dict[str, Any] = {"method": method}
-        names = list(SHARED_DIMENSIONS)
-        if method == "lora":
-            names = ["quantization", "lora_r", "lora_target_modules"] + names
-        elif method == "freeze":
-            params["frozen_layers_fraction"] = space.frozen_layers_fraction[0]
-        for name in names:
-            choices = (
-                tuple(space.lora_target_modules)
-                if name == "lora_target_modules"
-                else getattr(space, name)
-            )
-            wanted = preferences[name]
+        # a point of the space: each parameter of the method as the baseline prefers it, or
+        # the nearest choice; one the baseline does not name takes the space's first choice
+        params = space.params_like(preferences)
+        for name, choices in ((n, space.choices_of(n)) for n in params if n != "method"):
+            wanted = preferences.get(name)
             if wanted == "smallest":
                 params[name] = min(choices)
             elif wanted == "largest":
                 params[name] = max(choices)
             elif wanted in choices:
                 params[name] = wanted
-            elif all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+            elif wanted is not None and all(_is_number(c) for c in choices):
                 params[name] = min(choices, key=lambda c: abs(c - wanted))
-            else:
-                params[name] = choices[0]
         if fits and preferences["micro_batch_size"] == "largest":
-            for size in sorted(space.micro_batch_size, reverse=True):
+            for size in sorted(space.choices_of("micro_batch_size"), reverse=True):
                 if fits({**params, "micro_batch_size": size}):
                     params["micro_batch_size"] = size
                     break
         if all(params != other for _, other in chosen):
             chosen.append((baseline_name, params))
     return chosen
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
