@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
 from autotune.model_spec import BLOCK_LINEARS
+from autotune.optimizers import OPTIMIZERS
 from autotune.recipe import (
     UPPER_BOUNDS,
     Attention,
     Batching,
     Method,
-    Optimizer,
     Precision,
     Quantization,
     Recipe,
@@ -181,7 +181,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _field("gradient_checkpointing"),
         allowed=(True, False),
     ),
-    Dimension("optimizer", _same("optimizer"), _field("optimizer"), allowed=get_args(Optimizer)),
+    Dimension("optimizer", _same("optimizer"), _field("optimizer"), allowed=tuple(OPTIMIZERS)),
     Dimension(
         "expandable_segments",
         _same("expandable_segments"),

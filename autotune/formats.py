@@ -11,15 +11,11 @@ from typing import Any
 
 import yaml
 
+from autotune.optimizers import OPTIMIZERS
 from autotune.recipe import Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
 
-HF_OPTIMIZERS = {
-    "adamw": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-}
 
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
@@ -42,7 +38,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
-        "optim": HF_OPTIMIZERS[recipe.optimizer],
+        "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         **_half_flags(recipe),
@@ -117,7 +113,7 @@ def axolotl_config(
         "micro_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "num_epochs": 1,
-        "optimizer": HF_OPTIMIZERS[recipe.optimizer],
+        "optimizer": OPTIMIZERS[recipe.optimizer].trainer_name,
         "learning_rate": recipe.learning_rate,
         "train_on_inputs": False,
         "gradient_checkpointing": recipe.gradient_checkpointing,
@@ -171,7 +167,7 @@ def llamafactory_config(
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
         "num_train_epochs": 1.0,
-        "optim": HF_OPTIMIZERS[recipe.optimizer],
+        "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
         "flash_attn": {"sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}[
             recipe.attention

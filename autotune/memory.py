@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autotune.model_spec import ModelSpec
+from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.recipe import Recipe
 
 CUDA_CONTEXT_BYTES = 610 * 2**20
@@ -39,18 +40,6 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 ADAPTER_BYTES = 4
 """peft keeps LoRA weights in fp32 (autocast_adapter_dtype) whatever the base dtype."""
 
-EIGHT_BIT_MIN_ELEMENTS = 4096
-"""bitsandbytes' 8-bit optimizers keep fp32 states for tensors smaller than this
-(min_8bit_size): norm weights and biases."""
-
-PAGED_MIN_ELEMENTS = 100_000
-"""bitsandbytes' paged optimizers put the states of tensors this large or larger in CUDA
-unified memory (cudaMallocManaged): outside torch's caching allocator, and moved to the host
-when the GPU runs short, so they count against no budget; smaller ones stay on the device.
-On a GPU larger than the budget they stay resident, so a probe there does not pay the paging
-that a card of the budget's size would."""
-
-
 UNALLOCATED_PARTS = ("allocator_overhead", "cuda_context")
 """Parts of an estimate that no tensor holds: the caching allocator's reserve beyond what is
 allocated, and the CUDA context."""
@@ -61,7 +50,8 @@ class MemoryEstimate:
     peak_bytes: int
     breakdown: dict[str, int]
     paged_bytes: int = 0
-    """Paged optimizer states in unified memory, outside the peak (see PAGED_MIN_ELEMENTS)."""
+    """Paged optimizer states in unified memory, outside the peak (see
+    optimizers.PAGED_MIN_ELEMENTS)."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -125,14 +115,13 @@ def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int
 def _optimizer_states(
     tensors: list[tuple[int, int]], recipe: Recipe, trainable_bytes: int
 ) -> tuple[int, int]:
-    """AdamW's two moments of the trainable `tensors`: (bytes in the caching allocator, bytes
-    paged in unified memory)."""
-    if recipe.optimizer == "adamw":
-        return 2 * trainable_bytes * sum(n * count for n, count in tensors), 0
+    """The optimizer's states of the trainable `tensors`: (bytes in the caching allocator,
+    bytes paged in unified memory)."""
+    kind = OPTIMIZERS[recipe.optimizer]
     device = paged = 0
     for n, count in tensors:
-        size = 2 * count * n * (1 if n >= EIGHT_BIT_MIN_ELEMENTS else 4)
-        if recipe.optimizer == "paged_adamw_8bit" and n >= PAGED_MIN_ELEMENTS:
+        size = count * n * kind.state_bytes(n, trainable_bytes)
+        if kind.paged and n >= PAGED_MIN_ELEMENTS:
             paged += size
         else:
             device += size
@@ -260,7 +249,9 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         backward_phase += _head_gradient(spec, recipe, trainable_bytes)
     # AdamW's foreach step makes temporaries as large as the gradients; bitsandbytes' 8-bit
     # optimizers update each tensor in place with a fused kernel.
-    step_temporaries = trainable * trainable_bytes if recipe.optimizer == "adamw" else 0
+    step_temporaries = (
+        trainable * trainable_bytes if OPTIMIZERS[recipe.optimizer].step_temporaries else 0
+    )
     step_phase = gradients + step_temporaries
     parts: dict[str, int] = {
         "weights": weights,

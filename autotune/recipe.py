@@ -15,13 +15,15 @@ from typing import Any, Literal, TypeGuard, get_args
 import yaml
 
 from autotune.errors import UsageError, first_line
+from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 
 RECIPE_FORMAT_VERSION = 1
 
 Method = Literal["full", "lora", "freeze"]
 Quantization = Literal["none", "int8", "nf4"]
 Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+Optimizer = str
+"""A name in the optimizer registry (optimizers.OPTIMIZERS)."""
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Batching = Literal["padded", "padding_free", "packed"]
 
@@ -67,7 +69,7 @@ class Recipe:
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool = True
     """Recompute block activations in backward instead of storing them."""
-    optimizer: Optimizer = "adamw"
+    optimizer: Optimizer = DEFAULT_OPTIMIZER
     """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."""
     learning_rate: float = 2.0e-4
     """Peak learning rate."""
@@ -93,7 +95,7 @@ class Recipe:
 
     @property
     def uses_bitsandbytes(self) -> bool:
-        return self.quantization != "none" or self.optimizer != "adamw"
+        return self.quantization != "none" or OPTIMIZERS[self.optimizer].bitsandbytes
 
     def label(self) -> str:
         """A short human name: 'QLoRA nf4 r16 all-linear mb1 gc'."""
@@ -113,7 +115,7 @@ class Recipe:
         parts = [head, self.precision, f"mb{self.micro_batch_size}"]
         if self.gradient_checkpointing:
             parts.append("gc")
-        if self.optimizer != "adamw":
+        if self.optimizer != DEFAULT_OPTIMIZER:
             parts.append(self.optimizer)
         if self.attention != "sdpa":
             parts.append(self.attention)
@@ -229,13 +231,16 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("method", Method),
         ("quantization", Quantization),
         ("precision", Precision),
-        ("optimizer", Optimizer),
         ("attention", Attention),
         ("batching", Batching),
     ):
         value = getattr(recipe, name)
         if value not in _choices(literal):
             problems.append(f"{name} {value!r} is not one of {', '.join(_choices(literal))}")
+    if recipe.optimizer not in OPTIMIZERS:
+        problems.append(
+            f"optimizer {recipe.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
+        )
     if not isinstance(recipe.model, str):
         problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len"):

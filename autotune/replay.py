@@ -36,8 +36,9 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.errors import UsageError, first_line
-from autotune.memory import CUDA_CONTEXT_BYTES, PAGED_MIN_ELEMENTS, MemoryEstimate, estimate
+from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
 from autotune.model_spec import ModelSpec, check_model_reference
+from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.recipe import Recipe
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
@@ -436,10 +437,11 @@ def _optimizer(model: Any, recipe: Recipe, recorder: _Recorder) -> tuple[Any, li
 
     optimizer = build_optimizer(model, recipe)
     paged: list[int] = []
-    if recipe.optimizer == "adamw":
+    kind = OPTIMIZERS[recipe.optimizer]
+    if kind.step_temporaries:
         for group in optimizer.param_groups:
             group["foreach"] = True
-    elif recipe.optimizer == "paged_adamw_8bit":
+    elif kind.paged:
         import torch
 
         def state_buffer(A, dtype=torch.float32):  # noqa: ANN001, N803

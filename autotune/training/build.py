@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError, first_line
+from autotune.optimizers import OPTIMIZERS
 from autotune.recipe import Recipe
 
 HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "amp_bf16": "bfloat16", "amp_fp16": "float16"}
@@ -259,14 +260,4 @@ def build_optimizer(model: Any, recipe: Recipe) -> Any:
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the recipe leaves no trainable parameter")
-    if recipe.optimizer == "adamw":
-        import torch
-
-        return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
-    import bitsandbytes as bnb
-
-    optimizer_class = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    }[recipe.optimizer]
-    return optimizer_class(params, lr=recipe.learning_rate, weight_decay=0.0)
+    return OPTIMIZERS[recipe.optimizer].build(params, recipe.learning_rate)

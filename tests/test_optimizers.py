@@ -1,0 +1,69 @@
+"""The optimizer registry is the one place an optimizer is declared: the recipe schema, the
+memory model, the export formats and the builder all read it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from autotune.formats import axolotl_config, hf_config, llamafactory_config
+from autotune.memory import estimate
+from autotune.model_spec import ModelSpec
+from autotune.optimizers import OPTIMIZERS, OptimizerKind
+from autotune.recipe import Recipe
+from autotune.training.build import build_optimizer
+
+SPEC = ModelSpec.from_config_dict(
+    {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+    }
+)
+
+
+def _sgd(params, learning_rate):
+    return torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
+
+
+SGD = OptimizerKind(
+    "sgd_momentum",
+    state_bytes=lambda elements, trainable_bytes: trainable_bytes,  # one momentum buffer
+    build=_sgd,
+    trainer_name="sgd",
+)
+
+
+def test_a_registered_optimizer_is_known_everywhere(monkeypatch):
+    with pytest.raises(Exception, match="optimizer 'sgd_momentum' is not one of"):
+        Recipe.from_dict({"method": "full", "optimizer": "sgd_momentum"})
+    monkeypatch.setitem(OPTIMIZERS, SGD.name, SGD)
+    recipe = Recipe.from_dict({"method": "full", "optimizer": "sgd_momentum", "precision": "fp32"})
+    adamw = dataclasses.replace(recipe, optimizer="adamw")
+    states = estimate(SPEC, recipe).breakdown["optimizer_states"]
+    assert states == 4 * SPEC.total_params
+    assert estimate(SPEC, adamw).breakdown["optimizer_states"] == 2 * states
+    assert hf_config(recipe)["training_arguments"]["optim"] == "sgd"
+    assert axolotl_config(recipe)["optimizer"] == "sgd"
+    assert llamafactory_config(recipe)["optim"] == "sgd"
+    assert "sgd_momentum" in recipe.label() and not recipe.uses_bitsandbytes
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(model, recipe)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == recipe.learning_rate
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_prices_its_states(name):
+    recipe = Recipe.from_dict({"method": "full", "optimizer": name})
+    result = estimate(SPEC, recipe)
+    kind = OPTIMIZERS[name]
+    assert result.breakdown["optimizer_states"] + result.paged_bytes > 0
+    # with short sequences the optimizer step is the peak: its temporaries count where made
+    step = estimate(SPEC, dataclasses.replace(recipe, seq_len=8)).breakdown
+    assert (step.get("optimizer_step_temporaries", 0) > 0) == kind.step_temporaries
+    assert recipe.uses_bitsandbytes == kind.bitsandbytes
