@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from autotune.model_spec import BLOCK_LINEARS
 from autotune.optimizers import OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
     UPPER_BOUNDS,
     Attention,
     Batching,
     Method,
-    Precision,
-    Quantization,
     Recipe,
 )
 
@@ -135,7 +135,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _same("quantization"),
         _field("quantization"),
         methods=LORA,
-        allowed=get_args(Quantization),
+        allowed=tuple(QUANTIZATIONS),
         help="base weights in bitsandbytes int8 or NF4 (QLoRA)",
     ),
     Dimension(
@@ -167,7 +167,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         rule="numbers in (0, 1)",
         cast=float,
     ),
-    Dimension("precision", _same("precision"), _field("precision"), allowed=get_args(Precision)),
+    Dimension("precision", _same("precision"), _field("precision"), allowed=tuple(PRECISIONS)),
     Dimension(
         "micro_batch_size",
         _micro_batch,

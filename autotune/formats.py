@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from autotune.optimizers import OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
@@ -21,8 +23,8 @@ EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
     """bf16/fp16 flags as Trainer-based tools read them (autocast, fp32 master weights)."""
     return {
-        "bf16": recipe.precision in ("bf16", "amp_bf16"),
-        "fp16": recipe.precision in ("fp16", "amp_fp16"),
+        "bf16": PRECISIONS[recipe.precision].compute_dtype == "bfloat16",
+        "fp16": PRECISIONS[recipe.precision].compute_dtype == "float16",
     }
 
 
@@ -57,15 +59,10 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
             "target_modules": _target_list(recipe),
             "task_type": "CAUSAL_LM",
         }
-    if recipe.quantization == "nf4":
-        config["bits_and_bytes_config"] = {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "float16" if _half_flags(recipe)["fp16"] else "bfloat16",
-        }
-    elif recipe.quantization == "int8":
-        config["bits_and_bytes_config"] = {"load_in_8bit": True}
+    bitsandbytes_config = QUANTIZATIONS[recipe.quantization].bitsandbytes_config
+    if bitsandbytes_config is not None:
+        compute = "float16" if _half_flags(recipe)["fp16"] else "bfloat16"
+        config["bits_and_bytes_config"] = bitsandbytes_config(compute)
     if recipe.method == "freeze":
         config["frozen_layers"] = recipe.frozen_layers
     if recipe.batching != "padded":
@@ -104,8 +101,8 @@ def axolotl_config(
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "base_model": recipe.model,
-        "load_in_8bit": recipe.quantization == "int8",
-        "load_in_4bit": recipe.quantization == "nf4",
+        "load_in_8bit": QUANTIZATIONS[recipe.quantization].bits == 8,
+        "load_in_4bit": QUANTIZATIONS[recipe.quantization].bits == 4,
         "datasets": [_axolotl_dataset(data_path, data_format)],
         "val_set_size": 0.05,
         "output_dir": output_dir,
@@ -127,7 +124,7 @@ def axolotl_config(
         config["flash_attention"] = True
     if recipe.method == "lora":
         config.update(
-            adapter="qlora" if recipe.quantization == "nf4" else "lora",
+            adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
             lora_r=recipe.lora_r,
             lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout,
@@ -185,9 +182,10 @@ def llamafactory_config(
             lora_dropout=recipe.lora_dropout,
             lora_target="all" if targets == "all-linear" else ",".join(targets or ()),
         )
-        if recipe.quantization != "none":
+        bits = QUANTIZATIONS[recipe.quantization].bits
+        if bits is not None:
             config.update(
-                quantization_bit=4 if recipe.quantization == "nf4" else 8,
+                quantization_bit=bits,
                 quantization_method="bitsandbytes",
             )
     elif recipe.method == "freeze":

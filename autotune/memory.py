@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 CUDA_CONTEXT_BYTES = 610 * 2**20
@@ -27,15 +29,6 @@ expandable_segments, in bench/results/memory_h100.json)."""
 ALLOCATOR_FIXED_BYTES = 300 * 2**20
 """Reserved beyond allocated, part 3: cuBLAS workspaces and the small-block pool, whatever the
 model size (what the smallest recipes on H100 show above their allocated peak)."""
-
-INT8_BYTES_PER_PARAM = 6.5
-"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training: the int8 codes plus
-higher-precision copies kept for backward (measured on H100 with bitsandbytes 0.50: 5.9 bytes on
-Llama-3.2-1B, 6.6 on Qwen2-7B before allocator overhead; the per-row fp32 scales included)."""
-
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-"""4-bit codes, one 8-bit absmax per 64-weight block, one fp32 constant per 256 absmax blocks
-(bitsandbytes double quantization)."""
 
 ADAPTER_BYTES = 4
 """peft keeps LoRA weights in fp32 (autocast_adapter_dtype) whatever the base dtype."""
@@ -69,13 +62,13 @@ class MemoryEstimate:
 
 
 def weight_bytes_per_param(recipe: Recipe) -> int:
-    return 2 if recipe.precision in ("bf16", "fp16") else 4
+    return PRECISIONS[recipe.precision].weight_bytes
 
 
 def activation_bytes_per_element(recipe: Recipe) -> int:
     """Activations follow the compute dtype, except that a k-bit base prepared for training runs
     its residual stream, norms and layer outputs in fp32 (bitsandbytes returns the input dtype)."""
-    return 4 if recipe.precision == "fp32" or recipe.quantization != "none" else 2
+    return 4 if recipe.quantization != "none" else PRECISIONS[recipe.precision].compute_bytes
 
 
 def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
@@ -135,12 +128,9 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
         return spec.total_params * weight_bytes_per_param(recipe)
     # k-bit preparation upcasts what is not quantized to fp32, except the routed experts'
     # stacked weights, which keep the dtype they were loaded in (training.build.prepare_kbit_base)
-    if recipe.quantization == "nf4":
-        quantized = linear * NF4_BYTES_PER_PARAM
-    else:
-        quantized = linear * INT8_BYTES_PER_PARAM
+    quantized = linear * QUANTIZATIONS[recipe.quantization].linear_bytes_per_param
     stacked = spec.num_layers * spec.block_stacked_expert_params
-    loaded_bytes = 4 if recipe.precision == "fp32" else 2
+    loaded_bytes = PRECISIONS[recipe.precision].compute_bytes
     return int(quantized + 4 * (other - stacked) + loaded_bytes * stacked)
 
 
@@ -221,7 +211,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         trainable_linear = spec.num_layers * spec.block_linear_params
     elif recipe.method == "freeze":
         trainable_linear = _blocks_with_activations(spec, recipe) * spec.block_linear_params
-    amp_copies = 2 * trainable_linear if recipe.precision.startswith("amp") else 0
+    amp_copies = 2 * trainable_linear if PRECISIONS[recipe.precision].autocast else 0
 
     blocks = _blocks_with_activations(spec, recipe)
     per_block_token = _activations_per_token(spec, recipe, seq_len) + _lora_activations_per_token(

@@ -16,12 +16,16 @@ import yaml
 
 from autotune.errors import UsageError, first_line
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 
 RECIPE_FORMAT_VERSION = 1
 
 Method = Literal["full", "lora", "freeze"]
-Quantization = Literal["none", "int8", "nf4"]
-Precision = Literal["bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"]
+Quantization = str
+"""A name in quantizations.QUANTIZATIONS."""
+Precision = str
+"""A name in precisions.PRECISIONS."""
 Optimizer = str
 """A name in the optimizer registry (optimizers.OPTIMIZERS)."""
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
@@ -100,7 +104,7 @@ class Recipe:
     def label(self) -> str:
         """A short human name: 'QLoRA nf4 r16 all-linear mb1 gc'."""
         if self.method == "lora":
-            name = {"none": "LoRA", "int8": "LoRA int8", "nf4": "QLoRA nf4"}[self.quantization]
+            name = QUANTIZATIONS[self.quantization].adapter_name
             targets = self.lora_target_modules
             target_text = (
                 targets
@@ -229,18 +233,20 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     for name, literal in (
         ("method", Method),
-        ("quantization", Quantization),
-        ("precision", Precision),
         ("attention", Attention),
         ("batching", Batching),
     ):
         value = getattr(recipe, name)
         if value not in _choices(literal):
             problems.append(f"{name} {value!r} is not one of {', '.join(_choices(literal))}")
-    if recipe.optimizer not in OPTIMIZERS:
-        problems.append(
-            f"optimizer {recipe.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
-        )
+    for name, registry in (
+        ("quantization", QUANTIZATIONS),
+        ("precision", PRECISIONS),
+        ("optimizer", OPTIMIZERS),
+    ):
+        value = getattr(recipe, name)
+        if value not in registry:
+            problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
     if not isinstance(recipe.model, str):
         problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len"):

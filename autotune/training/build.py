@@ -13,29 +13,27 @@ from typing import Any
 
 from autotune.errors import UsageError, first_line
 from autotune.optimizers import OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
-
-HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "amp_bf16": "bfloat16", "amp_fp16": "float16"}
 
 
 def compute_dtype(recipe: Recipe) -> Any:
     """The dtype matrix multiplies run in."""
     import torch
 
-    return getattr(torch, HALF_DTYPES.get(recipe.precision, "float32"))
+    return getattr(torch, PRECISIONS[recipe.precision].compute_dtype)
 
 
 def storage_dtype(recipe: Recipe) -> Any:
     """The dtype weights are stored in: amp_* keeps fp32 weights and autocasts."""
     import torch
 
-    if recipe.precision in ("bf16", "fp16"):
-        return getattr(torch, HALF_DTYPES[recipe.precision])
-    return torch.float32
+    return getattr(torch, PRECISIONS[recipe.precision].weight_dtype)
 
 
 def autocast_dtype(recipe: Recipe) -> Any | None:
-    return compute_dtype(recipe) if recipe.precision.startswith("amp_") else None
+    return compute_dtype(recipe) if PRECISIONS[recipe.precision].autocast else None
 
 
 def load_tokenizer(model_name: str) -> Any:
@@ -64,18 +62,12 @@ def load_tokenizer(model_name: str) -> Any:
 
 
 def quantization_config(recipe: Recipe) -> Any | None:
-    if recipe.quantization == "none":
+    settings = QUANTIZATIONS[recipe.quantization].bitsandbytes_config
+    if settings is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    if recipe.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(recipe),
-    )
+    return BitsAndBytesConfig(**settings(compute_dtype(recipe)))
 
 
 def decoder_blocks(model: Any) -> Any:

@@ -24,6 +24,7 @@ from autotune.data import (
     collate_padding_free,
     pack_rows,
 )
+from autotune.precisions import PRECISIONS
 from autotune.recipe import Recipe
 from autotune.training.build import autocast_dtype
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
@@ -220,7 +221,8 @@ def train_steps(
     import torch
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    scaler = torch.amp.GradScaler(device_type) if recipe.precision == "amp_fp16" else None
+    scaling = PRECISIONS[recipe.precision].scales_loss
+    scaler = torch.amp.GradScaler(device_type) if scaling else None
     records: list[StepRecord] = []
     model.train()
     for step, examples in enumerate(step_examples):

@@ -1,5 +1,6 @@
-"""The optimizer registry is the one place an optimizer is declared: the recipe schema, the
-memory model, the export formats and the builder all read it."""
+"""The registries of names a recipe chooses (optimizers, precisions, quantizations) are the one
+place each is declared: the recipe schema, the memory model, the export formats and the builder
+all read them."""
 
 import dataclasses
 
@@ -7,11 +8,19 @@ import pytest
 import torch
 
 from autotune.formats import axolotl_config, hf_config, llamafactory_config
-from autotune.memory import estimate
+from autotune.memory import estimate, weight_bytes_per_param
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import OPTIMIZERS, OptimizerKind
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
-from autotune.training.build import build_optimizer
+from autotune.training.build import (
+    autocast_dtype,
+    build_optimizer,
+    compute_dtype,
+    quantization_config,
+    storage_dtype,
+)
 
 SPEC = ModelSpec.from_config_dict(
     {
@@ -67,3 +76,35 @@ def test_every_optimizer_prices_its_states(name):
     step = estimate(SPEC, dataclasses.replace(recipe, seq_len=8)).breakdown
     assert (step.get("optimizer_step_temporaries", 0) > 0) == kind.step_temporaries
     assert recipe.uses_bitsandbytes == kind.bitsandbytes
+
+
+@pytest.mark.parametrize("name", sorted(PRECISIONS))
+def test_every_precision_is_read_alike_by_the_builder_the_memory_model_and_the_exports(name):
+    kind = PRECISIONS[name]
+    recipe = Recipe.from_dict({"method": "full", "precision": name})
+    assert storage_dtype(recipe).itemsize == kind.weight_bytes == weight_bytes_per_param(recipe)
+    assert compute_dtype(recipe).itemsize == kind.compute_bytes
+    assert (autocast_dtype(recipe) is not None) == kind.autocast == name.startswith("amp_")
+    flags = hf_config(recipe)["training_arguments"]
+    assert (flags["bf16"], flags["fp16"]) == (
+        compute_dtype(recipe) == torch.bfloat16,
+        compute_dtype(recipe) == torch.float16,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZATIONS))
+def test_every_quantization_is_read_alike_by_the_loader_and_the_exports(name):
+    kind = QUANTIZATIONS[name]
+    recipe = Recipe.from_dict({"method": "lora", "lora_r": 8, "quantization": name})
+    config = quantization_config(recipe)
+    hf = hf_config(recipe).get("bits_and_bytes_config")
+    axolotl = axolotl_config(recipe)
+    factory = llamafactory_config(recipe)
+    if kind.bits is None:
+        assert config is None and hf is None and "quantization_bit" not in factory
+        assert not axolotl["load_in_4bit"] and not axolotl["load_in_8bit"]
+        return
+    assert {4: config.load_in_4bit, 8: config.load_in_8bit}[kind.bits]
+    assert hf[f"load_in_{kind.bits}bit"] and axolotl[f"load_in_{kind.bits}bit"]
+    assert factory["quantization_bit"] == kind.bits
+    assert recipe.label().startswith(kind.adapter_name)

@@ -1,0 +1,276 @@
+"""What the meta device cannot run, emulated with CUDA's memory behaviour for the replay
+(autotune.replay): a recorder that puts every meta storage through the caching allocator model,
+autocast's casts, SDPA's kernel choice, and bitsandbytes' caches kept apart per replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from autotune.allocator import CachingAllocator
+from autotune.recipe import Recipe
+
+
+class Recorder:
+    """Follows every meta storage the ops under it allocate, allocating and freeing it in the
+    caching allocator model when it is made and released; counts what is alive by phase."""
+
+    def __init__(self, allocator: CachingAllocator) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.allocator = allocator
+        self.phase = "weights"
+        self.live: dict[int, tuple[Any, str]] = {}
+        self.by_phase: dict[str, int] = defaultdict(int)
+        self.at_peak: dict[str, int] = {}
+        self.paused = False
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                from torch.utils._pytree import tree_leaves
+
+                if func is torch.ops.aten._safe_softmax.default:
+                    return recorder.safe_softmax(*args, **(kwargs or {}))
+                if func is torch.ops.aten._grouped_mm.default:
+                    return recorder.grouped_mm(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_leaves(out):
+                    recorder.track(tensor)
+                return out
+
+        self.mode = Mode()
+
+    def track(self, tensor: Any) -> None:
+        import torch
+
+        if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live or storage.nbytes() == 0:
+            return
+        block = self.allocator.malloc(storage.nbytes())
+        self.live[key] = (block, self.phase)
+        self.by_phase[self.phase] += block.size
+        weakref.finalize(storage, self._release, key)
+        if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
+            self.at_peak = dict(self.by_phase)
+
+    def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
+        """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
+        the softmax, then rows that are all -inf zeroed in place through a mask of them."""
+        import torch
+
+        out = torch.softmax(scores, dim, dtype=dtype)
+        self.track(out)
+        masked = scores.isneginf()
+        self.track(masked)
+        rows = torch.all(masked, dim=dim, keepdim=True)
+        self.track(rows)
+        return out
+
+    def grouped_mm(
+        self, mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None
+    ) -> Any:
+        """The stacked experts' matmul as CUDA runs it for any dtype (bf16 takes the grouped
+        kernel, others a loop of matmuls into the one output); the meta kernel takes bf16 only,
+        and amp precisions keep the experts in fp32. Only the output is allocated."""
+        import torch
+
+        def bf16(tensor: Any) -> Any:
+            if tensor is None or tensor.dtype not in (torch.float32, torch.float16):
+                return tensor
+            return torch.empty_strided(
+                tensor.shape, tensor.stride(), dtype=torch.bfloat16, device=tensor.device
+            )
+
+        shaped = torch.ops.aten._grouped_mm.default(bf16(mat_a), bf16(mat_b), offs, bf16(bias))
+        out = torch.empty_strided(
+            shaped.shape, shaped.stride(), dtype=out_dtype or mat_a.dtype, device=mat_a.device
+        )
+        self.track(out)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            block, phase = entry
+            self.by_phase[phase] -= block.size
+            self.allocator.free(block)
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+
+class Autocast:
+    """torch.autocast's lower-precision casts for meta tensors: the matmul functions are wrapped
+    (above autograd, so the casts are saved for backward as the real ones are, and checkpoint
+    recomputes see them); casts of trainable leaves are cached over a forward."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = dtype
+        self.cache: dict[int, Any] = {}
+        self.caching = True
+
+    def cast(self, tensor: Any) -> Any:
+        import torch
+
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or tensor.dtype == self.dtype
+        ):
+            return tensor
+        if self.caching and tensor.is_leaf and tensor.requires_grad:
+            if id(tensor) not in self.cache:
+                self.cache[id(tensor)] = tensor.to(self.dtype)
+            return self.cache[id(tensor)]
+        return tensor.to(self.dtype)
+
+    def wrap(self, function: Any) -> Any:
+        from torch.utils._pytree import tree_map
+
+        def cast_then_call(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = tree_map(self.cast, (args, kwargs))
+            return function(*args, **kwargs)
+
+        return cast_then_call
+
+
+def attention_functions() -> tuple[Any, Any]:
+    """Autograd functions with the memory of CUDA's flash and memory-efficient SDPA kernels."""
+    import torch
+
+    def like_flash_output(q: Any, v: Any) -> Any:
+        # (batch, seq, heads, dim) in memory, seen as (batch, heads, seq, dim)
+        b, h, s, _ = q.shape
+        return q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+
+    class Kernel(torch.autograd.Function):
+        lse_multiple = 1
+
+        @classmethod
+        def forward(cls, ctx, query, key, value):  # noqa: ANN001
+            out = like_flash_output(query, value)
+            b, h, s, _ = query.shape
+            padded = -(-s // cls.lse_multiple) * cls.lse_multiple
+            lse = query.new_empty((b, h, padded), dtype=torch.float32)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001
+            query, key, value, out, lse = ctx.saved_tensors
+            accumulator = None
+            if query.dtype != torch.float32:
+                accumulator = query.new_empty(query.shape, dtype=torch.float32)
+            delta = lse.new_empty(lse.shape)
+            grad_query = torch.empty_like(query)
+            if key.shape[1] != query.shape[1]:
+                # grouped-query heads: gradients per query head, then summed per key head
+                expanded = (query.shape[0], query.shape[1], key.shape[2], key.shape[3])
+                grad_key_heads = key.new_empty(expanded)
+                grad_value_heads = value.new_empty(expanded)
+                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+                del grad_key_heads, grad_value_heads
+            else:
+                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+            del accumulator, delta
+            return grad_query, grad_key, grad_value
+
+    class Flash(Kernel):
+        lse_multiple = 1
+
+    class Efficient(Kernel):
+        lse_multiple = 32
+
+    return Flash, Efficient
+
+
+@contextlib.contextmanager
+def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
+    """Patch what runs differently on meta than on CUDA for the replay's duration."""
+    import torch
+    import torch.nn.functional as F
+    import transformers.masking_utils as masking
+
+    flash, efficient = attention_functions()
+    original_sdpa = F.scaled_dot_product_attention
+    force_flash = recipe.attention == "flash_attention_2"
+
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):  # noqa: ANN001
+        if autocast is not None:
+            query, key, value = (autocast.cast(t) for t in (query, key, value))
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if attn_mask is None and (force_flash or (half and query.shape[-1] <= 256)):
+            return flash.apply(query, key, value)
+        if key.shape[1] == query.shape[1]:
+            return efficient.apply(query, key, value)
+        return original_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+    def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
+        return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
+
+    patches = [
+        (F, "scaled_dot_product_attention", sdpa),
+        (F, "dropout", dropout),
+        # which rows of a batch are packed sequences is read from the data
+        (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+    ]
+    if autocast is not None:
+        for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):
+            patches.append((owner, name, autocast.wrap(getattr(owner, name))))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def fresh_bitsandbytes_caches() -> Iterator[None]:
+    """bitsandbytes keeps the code map of blockwise quantization in a module dict once made
+    (on the device of its first use): empty it for the replay, so the replay makes and keeps it
+    as a fresh probe process does, and put back what this process had."""
+    import bitsandbytes.functional as bnb_functional
+
+    cached = getattr(bnb_functional, "name2qmap", {})
+    kept = dict(cached)
+    cached.clear()
+    try:
+        yield
+    finally:
+        cached.clear()
+        cached.update(kept)
