@@ -29,7 +29,7 @@ from autotune.study import (
 )
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
-from tests.conftest import DEMO, write_jsonl
+from tests.conftest import DEMO, ROOT, write_jsonl
 
 DEMO_SPACE = Path(__file__).resolve().parent.parent / "autotune" / "search_spaces" / "demo.yaml"
 
@@ -564,6 +564,21 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     for running in ("objective", "run", "prepare", "confirm", "workers", "seeding"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
+
+
+@pytest.mark.parametrize(
+    "module", sorted(p.stem for p in (ROOT / "autotune" / "study").glob("[!_]*.py"))
+)
+def test_each_study_module_imports_first_in_a_fresh_process(module):
+    # a module imported before the others must not meet a half-made one (the package's lazy
+    # names once imported every module to find a submodule, in a cycle)
+    import subprocess
+    import sys
+
+    started = subprocess.run(
+        [sys.executable, "-c", f"import autotune.study.{module}"], capture_output=True, text=True
+    )
+    assert started.returncode == 0, started.stderr
 
 
 def test_every_name_of_the_study_package_is_reachable_from_it():

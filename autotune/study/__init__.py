@@ -29,7 +29,9 @@ lives in records or storage never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MODULES:  # `from autotune.study import storage` asks for the module itself
+    if name in _MODULES:
+        # `from autotune.study import storage` asks for the submodule by name first; looking
+        # it up in the other modules would import them all, in a cycle when one is half-made
         return importlib.import_module(f"autotune.study.{name}")
     for module_name in _MODULES:
         module = importlib.import_module(f"autotune.study.{module_name}")
