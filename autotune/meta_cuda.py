@@ -1,6 +1,7 @@
 """What the meta device cannot run, emulated with CUDA's memory behaviour for the replay
 (autotune.replay): a recorder that puts every meta storage through the caching allocator model,
-autocast's casts, SDPA's kernel choice, and bitsandbytes' caches kept apart per replay.
+autocast's casts, SDPA's kernel choice, fused AdamW on meta tensors, and bitsandbytes' caches
+kept apart per replay.
 """
 
 from __future__ import annotations
@@ -240,8 +241,12 @@ def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
     def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
         return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
 
+    from torch.optim import adam
+
     patches = [
         (F, "scaled_dot_product_attention", sdpa),
+        # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
+        (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
         (F, "dropout", dropout),
         # which rows of a batch are packed sequences is read from the data
         (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),

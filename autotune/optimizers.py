@@ -31,18 +31,41 @@ class OptimizerKind:
     """(trainable parameters, learning rate) -> the torch optimizer (imports lazily)."""
     trainer_name: str
     """Its name for transformers' TrainingArguments `optim` (axolotl and LLaMA-Factory too)."""
+    implementation: str
+    """The code that runs it, as a person would write it."""
     paged: bool = False
     """States of tensors of PAGED_MIN_ELEMENTS or more live in unified memory."""
     step_temporaries: bool = False
     """The step makes temporaries as large as the gradients (torch's foreach AdamW)."""
+    fused: bool = False
+    """One fused kernel updates every tensor in place (torch's fused AdamW)."""
     bitsandbytes: bool = False
     """It needs bitsandbytes."""
 
 
-def _torch_adamw(params: list[Any], learning_rate: float) -> Any:
+def fused_kernel_devices() -> tuple[str, ...]:
+    """The device types torch's fused optimizers run on."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch that moved it: the devices it has long supported
+        return ("cuda", "cpu")
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def _fused_adamw(params: list[Any], learning_rate: float) -> Any:
+    """torch's AdamW with its fused kernel, where every parameter is on a device that has it
+    (transformers' Trainer default, adamw_torch_fused); the foreach path elsewhere."""
     import torch
 
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    devices = fused_kernel_devices()
+    fused = all(p.is_floating_point() and p.device.type in devices for p in params)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=fused or None)
+
+
+def _foreach_adamw(params: list[Any], learning_rate: float) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, foreach=True)
 
 
 def _bitsandbytes(class_name: str) -> Callable[[list[Any], float], Any]:
@@ -69,8 +92,17 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
         OptimizerKind(
             "adamw",
             _two_moments,
-            _torch_adamw,
+            _fused_adamw,
+            "adamw_torch_fused",
+            "torch.optim.AdamW(fused=True)",
+            fused=True,
+        ),
+        OptimizerKind(
+            "adamw_foreach",
+            _two_moments,
+            _foreach_adamw,
             "adamw_torch",
+            "torch.optim.AdamW(foreach=True)",
             step_temporaries=True,
         ),
         OptimizerKind(
@@ -78,6 +110,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             _two_8bit_moments,
             _bitsandbytes("AdamW8bit"),
             "adamw_bnb_8bit",
+            "bitsandbytes.optim.AdamW8bit",
             bitsandbytes=True,
         ),
         OptimizerKind(
@@ -85,6 +118,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             _two_8bit_moments,
             _bitsandbytes("PagedAdamW8bit"),
             "paged_adamw_8bit",
+            "bitsandbytes.optim.PagedAdamW8bit",
             paged=True,
             bitsandbytes=True,
         ),

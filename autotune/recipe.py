@@ -74,7 +74,8 @@ class Recipe:
     gradient_checkpointing: bool = True
     """Recompute block activations in backward instead of storing them."""
     optimizer: Optimizer = DEFAULT_OPTIMIZER
-    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."""
+    """adamw (torch's fused AdamW), adamw_foreach (torch's foreach AdamW), adamw_8bit or
+    paged_adamw_8bit (bitsandbytes); see optimizers.OPTIMIZERS."""
     learning_rate: float = 2.0e-4
     """Peak learning rate."""
     seq_len: int = 1024

@@ -174,14 +174,17 @@ def _load(model: Any, recipe: Recipe, recorder: Recorder) -> None:
 
 
 def _optimizer(model: Any, recipe: Recipe, recorder: Recorder) -> tuple[Any, list[int]]:
-    """The probe's optimizer; torch's AdamW on its CUDA default (foreach), paged states kept
-    out of the allocator (their bytes are counted apart)."""
+    """The probe's optimizer as it runs on CUDA: torch's AdamW fused or foreach as the registry
+    names it, paged states kept out of the allocator (their bytes are counted apart)."""
     from autotune.training.build import build_optimizer
 
     optimizer = build_optimizer(model, recipe)
     paged: list[int] = []
     kind = OPTIMIZERS[recipe.optimizer]
-    if kind.step_temporaries:
+    if kind.fused:  # the meta device has the fused kernel too (cuda_behaviour lets it run)
+        for group in optimizer.param_groups:
+            group.update(fused=True, foreach=False)
+    elif kind.step_temporaries:
         for group in optimizer.param_groups:
             group["foreach"] = True
     elif kind.paged:

@@ -66,7 +66,8 @@ LLAMAFACTORY_OWN_KEYS = {
     "packing",
     "neat_packing",
 }
-OPTIMIZER_NAMES = {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
+OPTIMIZER_NAMES = {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
+"""Names transformers' TrainingArguments takes (checked against its OptimizerNames below)."""
 
 RECIPES = {
     "qlora": {
@@ -108,6 +109,9 @@ def test_hf_keywords_construct_the_real_classes(name):
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert set(config["training_arguments"]) <= fields
     assert config["training_arguments"]["optim"] in OPTIMIZER_NAMES
+    from transformers.training_args import OptimizerNames
+
+    assert OPTIMIZER_NAMES <= {o.value for o in OptimizerNames}
     if "lora_config" in config:
         lora = LoraConfig(**config["lora_config"])
         assert lora.r == recipe(name).lora_r

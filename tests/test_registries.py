@@ -44,6 +44,7 @@ SGD = OptimizerKind(
     state_bytes=lambda elements, trainable_bytes: trainable_bytes,  # one momentum buffer
     build=_sgd,
     trainer_name="sgd",
+    implementation="torch.optim.SGD(momentum=0.9)",
 )
 
 
@@ -108,3 +109,20 @@ def test_every_quantization_is_read_alike_by_the_loader_and_the_exports(name):
     assert hf[f"load_in_{kind.bits}bit"] and axolotl[f"load_in_{kind.bits}bit"]
     assert factory["quantization_bit"] == kind.bits
     assert recipe.label().startswith(kind.adapter_name)
+
+
+def test_adamw_is_torchs_fused_kernel_where_the_device_has_it():
+    fused = Recipe.from_dict({"method": "full"})
+    foreach = dataclasses.replace(fused, optimizer="adamw_foreach")
+    model = torch.nn.Linear(8, 8)
+    assert build_optimizer(model, fused).defaults["fused"] is True
+    assert build_optimizer(model, foreach).defaults["foreach"] is True
+    with torch.device("meta"):  # no fused kernel checks pass there: the foreach default
+        assert not build_optimizer(torch.nn.Linear(8, 8), fused).defaults["fused"]
+    # the step of the foreach path holds a copy of the gradients the fused kernel does not
+    short = {"seq_len": 8}
+    step_peak = estimate(SPEC, dataclasses.replace(foreach, **short)).breakdown
+    fused_peak = estimate(SPEC, dataclasses.replace(fused, **short)).breakdown
+    assert step_peak["optimizer_step_temporaries"] == 2 * SPEC.total_params
+    assert fused_peak["optimizer_step_temporaries"] == 0
+    assert hf_config(fused)["training_arguments"]["optim"] == "adamw_torch_fused"

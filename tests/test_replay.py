@@ -22,6 +22,7 @@ H100_ROWS = ROOT / "bench" / "results" / "memory_h100.json"
         {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": True},
         {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": False},
         {"method": "full", "gradient_checkpointing": True},
+        {"method": "full", "gradient_checkpointing": True, "optimizer": "adamw_foreach"},
     ],
 )
 def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
