@@ -143,7 +143,7 @@ def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
     the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
     import torch
 
-    from autotune.data import TokenizedExample
+    from autotune.data.tokens import TokenizedExample
     from autotune.training.build import build_model, build_optimizer
     from autotune.training.loop import train_steps
 
