@@ -41,7 +41,7 @@ def _main_options(
 
 def _tokenize_progress(data: Path) -> Callable[[int, int], None]:
     """Progress lines while a large dataset is tokenized into the cache (small ones are quick)."""
-    from autotune.data import TOKENIZE_PROGRESS_ROWS
+    from autotune.data.splits import TOKENIZE_PROGRESS_ROWS
 
     def show(done: int, total: int) -> None:
         if total >= TOKENIZE_PROGRESS_ROWS:
@@ -566,7 +566,8 @@ def data_inspect(
     trust_remote_code: bool = _trust_remote_code(),
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
-    from autotune.data import describe_bad_rows, summarize
+    from autotune.data.rows import describe_bad_rows
+    from autotune.data.summary import summarize
     from autotune.recipe import UPPER_BOUNDS
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for

@@ -45,7 +45,7 @@ def picked_trial(study: Any, policy: str) -> Any:
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
     """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory)."""
-    from autotune.data import first_row_format
+    from autotune.data.rows import first_row_format
     from autotune.formats import EXPORT_FORMATS, render
 
     if fmt not in EXPORT_FORMATS:

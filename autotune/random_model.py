@@ -2,6 +2,8 @@
 
 A model built this way has the real architecture's shapes, so it behaves like the trained model
 for memory and speed; its loss is meaningless until trained, which is all a probe needs.
+A real architecture's config cut to CPU widths (cut_config) gives a model with that
+architecture's code paths at a size the CPU tests and traces can run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,43 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+
+def _config_values(config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """A copy of the config's fields, from a dict or a config.json."""
+    if isinstance(config, dict):
+        return dict(config)
+    values: dict[str, Any] = json.loads(Path(config).read_text(encoding="utf-8"))
+    return values
+
+
+def cut_config(
+    config: dict[str, Any] | str | Path,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    seq_len: int,
+) -> dict[str, Any]:
+    """The config with its widths cut to CPU size, its architecture kept: a real model's code
+    paths (attention, MLP, norms, tied head) at a size a CPU step traces in seconds."""
+    values = _config_values(config)
+    values.update(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max(values.get("max_position_embeddings", 0), seq_len),
+    )
+    # fields that follow the real widths or depth, which the cut config would contradict
+    for name in ("head_dim", "layer_types", "max_window_layers"):
+        values.pop(name, None)
+    return values
 
 
 def build_random_model(
@@ -28,11 +67,7 @@ def build_random_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values: dict[str, Any] = (
-        dict(config)
-        if isinstance(config, dict)
-        else json.loads(Path(config).read_text(encoding="utf-8"))
-    )
+    values = _config_values(config)
     model_type = values.pop("model_type")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

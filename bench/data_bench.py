@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import MODELS_DIR, ROOT, TOKENIZER, WORDS, write_results  # noqa: E402
 
-from autotune.data import cached_splits, checked_scan, length_stats, usable_rows  # noqa: E402
+from autotune.data.rows import checked_scan, usable_rows  # noqa: E402
+from autotune.data.summary import length_stats  # noqa: E402
+from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
 
 

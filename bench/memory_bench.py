@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import CONFIGS, MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
-from autotune.data import cached_splits  # noqa: E402
+from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import ModelSpec, load_model_spec  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402

@@ -5,11 +5,11 @@
 builds a model of the shape's architecture with its widths cut down to CPU size (`--hidden`,
 `--intermediate`, `--layers`, `--heads`, `--kv-heads`, `--vocab`), runs one optimizer step of the
 recipe with the probe's own loader, builder and step loop, then traces every tensor a second step
-allocates (a torch dispatch mode: each storage counted once, from the op that made it until it is
-released). It prints the traced peak of allocated bytes next to the memory model's allocated part
-(its estimate less allocator overhead and CUDA context) for the same cut-down config, and the
-tensors alive at the peak grouped by the op that made them: which buffers coexist at the peak,
-which is what the memory model's phases have to get right.
+allocates (autotune.step_trace: a torch dispatch mode, each storage counted once, from the op that
+made it until it is released). It prints the traced peak of allocated bytes next to the memory
+model's allocated part (its estimate less allocator overhead and CUDA context) for the same
+cut-down config, and the tensors alive at the peak grouped by the op that made them: which buffers
+coexist at the peak, which is what the memory model's phases have to get right.
 
 What this cannot show: the caching allocator's reserved-minus-allocated (no CUDA here), and
 kernels whose CPU versions allocate differently from CUDA's (dropout keeps an fp32 mask on the
@@ -23,162 +23,15 @@ import argparse
 import json
 import sys
 import tempfile
-import weakref
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import CONFIGS  # noqa: E402
 
+from autotune.random_model import build_random_model, cut_config  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
-
-
-@dataclass(frozen=True)
-class LiveTensor:
-    nbytes: int
-    op: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass
-class Trace:
-    peak_bytes: int
-    """Allocated bytes at the peak: what existed before the step plus what the step made."""
-    before_bytes: int
-    at_peak: list[LiveTensor] = field(default_factory=list)
-    """Tensors the step made that were alive at the peak, largest first."""
-
-    def by_op(self) -> list[tuple[str, str, int, int]]:
-        """(op, dtype, bytes, count) of the tensors alive at the peak, largest total first."""
-        groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for tensor in self.at_peak:
-            group = groups[(tensor.op, tensor.dtype)]
-            group[0] += tensor.nbytes
-            group[1] += 1
-        rows = [(op, dtype, total, count) for (op, dtype), (total, count) in groups.items()]
-        return sorted(rows, key=lambda row: -row[2])
-
-
-def allocation_tracer(existing: list) -> object:
-    """A dispatch mode that follows every storage the ops under it allocate; storages of the
-    `existing` tensors (weights, optimizer states) are known and not counted again; their
-    bytes, each storage once, are `before`."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class AllocationTracer(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            known = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}
-            self.known = set(known)
-            self.before = sum(known.values())
-            self.live: dict[int, LiveTensor] = {}
-            self.now = self.peak = 0
-            self.at_peak: list[LiveTensor] = []
-
-        def _released(self, key: int) -> None:
-            tensor = self.live.pop(key, None)
-            if tensor is not None:
-                self.now -= tensor.nbytes
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            out = func(*args, **(kwargs or {}))
-            for tensor in tree_leaves(out):
-                if not isinstance(tensor, torch.Tensor):
-                    continue
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                if key in self.known or key in self.live or storage.nbytes() == 0:
-                    continue
-                self.live[key] = LiveTensor(
-                    storage.nbytes(),
-                    str(func.overloadpacket.__name__),
-                    tuple(tensor.shape),
-                    str(tensor.dtype).removeprefix("torch."),
-                )
-                self.now += storage.nbytes()
-                weakref.finalize(storage, self._released, key)
-                if self.now > self.peak:
-                    self.peak = self.now
-                    self.at_peak = list(self.live.values())
-            return out
-
-    return AllocationTracer()
-
-
-def cut_config(
-    shape: str,
-    *,
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    vocab: int,
-    seq_len: int,
-) -> dict:
-    """The shape's config with its widths cut to CPU size (architecture kept)."""
-    config = json.loads(CONFIGS[shape].read_text(encoding="utf-8"))
-    config.update(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max(config.get("max_position_embeddings", 0), seq_len),
-    )
-    config.pop("head_dim", None)
-    config.pop("layer_types", None)
-    config.pop("max_window_layers", None)
-    return config
-
-
-def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
-    """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
-    the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
-    import torch
-
-    from autotune.data import TokenizedExample
-    from autotune.training.build import build_model, build_optimizer
-    from autotune.training.loop import train_steps
-
-    torch.manual_seed(seed)
-    model = build_model(recipe, "cpu")
-    optimizer = build_optimizer(model, recipe)
-    vocab = model.config.vocab_size
-    generator = torch.Generator().manual_seed(seed)
-    examples = [
-        TokenizedExample(
-            input_ids=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
-            labels=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
-        )
-        for _ in range(recipe.effective_batch_size)
-    ]
-    train_steps(model, optimizer, [examples], recipe, "cpu", 0)
-    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    existing = [*model.parameters(), *model.buffers(), *states]
-    tracer = allocation_tracer(existing)
-    with tracer:
-        train_steps(model, optimizer, [examples], recipe, "cpu", 0)
-    at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)
-    return Trace(
-        peak_bytes=tracer.before + tracer.peak, before_bytes=tracer.before, at_peak=at_peak
-    )
-
-
-def build_cut_model(config: dict, target: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
-    model.save_pretrained(target)
-    return target
+from autotune.step_trace import trace_step  # noqa: E402
 
 
 def main() -> int:
@@ -215,7 +68,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         config = cut_config(
-            args.shape,
+            CONFIGS[args.shape],
             hidden=args.hidden,
             intermediate=args.intermediate,
             layers=args.layers,
@@ -224,7 +77,7 @@ def main() -> int:
             vocab=args.vocab,
             seq_len=args.seq_len,
         )
-        model_dir = build_cut_model(config, Path(scratch) / "model")
+        model_dir = build_random_model(config, Path(scratch) / "model")
         recipe = Recipe.from_dict({**fields, "model": str(model_dir), "seq_len": args.seq_len})
         trace = trace_step(recipe)
         predicted = estimate(load_model_spec(str(model_dir)), recipe)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
-from autotune.data import cached_splits  # noqa: E402
+from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402

@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
+SHAPE_CONFIGS = ROOT / "bench" / "configs"
+"""Real models' config.json files (qwen2-0.5b.json, llama-3.2-1b.json, ...), as data."""
 QUICK_CPU_RUN = [
     "--space",
     str(ROOT / "autotune" / "search_spaces" / "demo.yaml"),
@@ -41,10 +43,11 @@ def load_bench(name: str):
 
 @pytest.fixture(scope="session")
 def cut_model(tmp_path_factory) -> Path:
-    """Qwen2-0.5B's architecture cut to CPU widths (bench/memory_trace.py), saved."""
-    trace = load_bench("memory_trace")
-    config = trace.cut_config(
-        "qwen2-0.5b",
+    """Qwen2-0.5B's architecture cut to CPU widths, saved."""
+    from autotune.random_model import build_random_model, cut_config
+
+    config = cut_config(
+        SHAPE_CONFIGS / "qwen2-0.5b.json",
         hidden=128,
         intermediate=256,
         layers=2,
@@ -53,7 +56,7 @@ def cut_model(tmp_path_factory) -> Path:
         vocab=4096,
         seq_len=128,
     )
-    return trace.build_cut_model(config, tmp_path_factory.mktemp("cut") / "model")
+    return build_random_model(config, tmp_path_factory.mktemp("cut") / "model")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,13 +1,17 @@
-"""Padding-free batching: the same loss as padded batches, with no token spent on padding."""
+"""Batching: the examples of each step, and padded, padding-free and packed layouts of them
+(padding-free and packed give the same loss as padded batches, with fewer tokens spent)."""
 
 from __future__ import annotations
 
 import pytest
 
-from autotune.data import IGNORE_INDEX, TokenizedExample, collate_padding_free
+from autotune.data.splits import load_splits
+from autotune.data.tokens import IGNORE_INDEX, TokenizedExample
 from autotune.recipe import Recipe
-from autotune.training.build import build_model
+from autotune.training.batching import collate, collate_padding_free, pack_rows, step_batches
+from autotune.training.build import build_model, load_tokenizer
 from autotune.training.loop import model_inputs
+from tests.conftest import DEMO, write_jsonl
 
 
 def examples() -> list[TokenizedExample]:
@@ -69,7 +73,6 @@ def test_padding_free_layout():
 def test_packed_rows_match_padded_loss_with_fewer_passes(tiny_model):
     import torch
 
-    from autotune.data import pack_rows
     from autotune.training.loop import micro_batches
 
     fields = {
@@ -116,3 +119,24 @@ def test_packed_rows_match_padded_loss_with_fewer_passes(tiny_model):
     assert two_rows["input_ids"].shape == (2, 32)
     assert two_rows["position_ids"][1].tolist() == list(range(5)) + list(range(27))
     assert (two_rows["labels"][1][5:] == IGNORE_INDEX).all()
+
+
+def test_step_batches_start_with_the_longest_and_repeat_by_seed(tmp_path):
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "word " * n} for n in range(1, 41)])
+    splits = load_splits(path, tokenizer, seq_len=16, seed=0)
+    batches = step_batches(splits.train, steps=5, effective_batch_size=4, seed=0)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    longest = max(len(e.input_ids) for e in splits.train)
+    assert all(len(e.input_ids) == longest == 16 for e in batches[0])  # truncated at seq_len
+    assert batches == step_batches(splits.train, steps=5, effective_batch_size=4, seed=0)
+
+
+def test_collate_pads_without_loss():
+    batch = collate(
+        [TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), TokenizedExample([4], [4])],
+        pad_token_id=0,
+    )
+    assert batch["input_ids"] == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"][1] == [4, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["attention_mask"][1] == [1, 0, 0]

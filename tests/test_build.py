@@ -80,11 +80,11 @@ def test_kbit_preparation_upcasts_what_peft_does_but_the_stacked_experts(tmp_pat
 
     from autotune.memory import estimate
     from autotune.model_spec import load_model_spec
+    from autotune.random_model import build_random_model
     from autotune.training.build import load_model, prepare_kbit_base
-    from tests.conftest import load_bench
     from tests.test_replay import MIXTRAL_CUT
 
-    mixtral = load_bench("memory_trace").build_cut_model(MIXTRAL_CUT, tmp_path / "mixtral")
+    mixtral = build_random_model(MIXTRAL_CUT, tmp_path / "mixtral")
     recipe, model = build(
         mixtral, quantization="nf4", lora_r=4, lora_target_modules=["q_proj", "v_proj"]
     )
@@ -100,7 +100,7 @@ def test_kbit_preparation_upcasts_what_peft_does_but_the_stacked_experts(tmp_pat
 
     dense = tmp_path / "dense"
     qwen2 = {k: v for k, v in MIXTRAL_CUT.items() if "expert" not in k}
-    load_bench("memory_trace").build_cut_model({**qwen2, "model_type": "qwen2"}, dense)
+    build_random_model({**qwen2, "model_type": "qwen2"}, dense)
     dense_recipe = recipe.replace(model=str(dense))
     ours = prepare_kbit_base(load_model(dense_recipe, "cpu")[0])
     peft_s = prepare_model_for_kbit_training(

@@ -143,7 +143,7 @@ def test_nf4_eval_takes_the_forced_path(tiny_model, monkeypatch, forced):
 
 
 def _example(tokens: list[int]):
-    from autotune.data import TokenizedExample
+    from autotune.data.tokens import TokenizedExample
 
     return TokenizedExample(input_ids=tokens, labels=tokens)
 

@@ -1,17 +1,8 @@
 import pytest
 
-from autotune.data import (
-    IGNORE_INDEX,
-    check_enough_rows,
-    checked_scan,
-    collate,
-    detect_format,
-    eval_indices,
-    load_splits,
-    step_batches,
-    to_example,
-    tokenize,
-)
+from autotune.data.rows import checked_scan, detect_format, to_example
+from autotune.data.splits import check_enough_rows, eval_indices, load_splits
+from autotune.data.tokens import IGNORE_INDEX, tokenize
 from autotune.errors import UsageError
 from autotune.training.build import load_tokenizer
 from tests.conftest import DEMO, write_jsonl
@@ -44,7 +35,7 @@ def test_formats_are_detected_and_masked(kind, tmp_path):
 
 def test_chat_uses_the_tokenizers_template():
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
-    from autotune.data import chat_template_of
+    from autotune.data.tokens import chat_template_of
 
     example = to_example(ROWS["chat"], chat_template_of(tokenizer))
     assert example.prompt == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -106,35 +97,12 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
             eval_indices(50, seed=3, eval_rows=bad)
 
 
-def test_step_batches_start_with_the_longest_and_repeat_by_seed(tmp_path):
-    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "word " * n} for n in range(1, 41)])
-    splits = load_splits(path, tokenizer, seq_len=16, seed=0)
-    batches = step_batches(splits.train, steps=5, effective_batch_size=4, seed=0)
-    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
-    longest = max(len(e.input_ids) for e in splits.train)
-    assert all(len(e.input_ids) == longest == 16 for e in batches[0])  # truncated at seq_len
-    assert batches == step_batches(splits.train, steps=5, effective_batch_size=4, seed=0)
-
-
-def test_collate_pads_without_loss():
-    from autotune.data import TokenizedExample
-
-    batch = collate(
-        [TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), TokenizedExample([4], [4])],
-        pad_token_id=0,
-    )
-    assert batch["input_ids"] == [[1, 2, 3], [4, 0, 0]]
-    assert batch["labels"][1] == [4, IGNORE_INDEX, IGNORE_INDEX]
-    assert batch["attention_mask"][1] == [1, 0, 0]
-
-
 def test_tokenizing_streams_rows_and_keeps_tokens_compact(tmp_path):
     import tracemalloc
 
     import numpy as np
 
-    from autotune.data import cached_splits
+    from autotune.data.token_cache import cached_splits
 
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     words = "alpha beta gamma delta epsilon zeta theta kappa".split()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from autotune.data import checked_scan, load_splits, scan, summarize, usable_rows
+from autotune.data.rows import checked_scan, scan, usable_rows
+from autotune.data.splits import load_splits
+from autotune.data.summary import summarize
 from autotune.errors import UsageError
 from autotune.probe import SubprocessProbeRunner
 from autotune.recipe import Recipe
@@ -180,7 +182,7 @@ def test_inspect_command(tmp_path, tiny_model):
 
 
 def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
-    from autotune.data import cached_splits, load_splits, token_cache_key
+    from autotune.data.token_cache import cached_splits, token_cache_key
 
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
@@ -199,7 +201,7 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
 
 
 def test_probe_reads_the_studys_token_cache(tmp_path, tiny_model):
-    from autotune.data import cached_splits
+    from autotune.data.token_cache import cached_splits
 
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
     _, cache_file = cached_splits(data, load_tokenizer(str(tiny_model)), 32, 0, tmp_path / "c")

@@ -8,11 +8,12 @@ import pytest
 
 from autotune.memory import CUDA_CONTEXT_BYTES
 from autotune.model_spec import load_model_spec
+from autotune.random_model import build_random_model
 from autotune.recipe import Recipe
 from autotune.replay import load_config, predict, replay
-from tests.conftest import ROOT, load_bench
+from autotune.step_trace import trace_step
+from tests.conftest import ROOT, SHAPE_CONFIGS
 
-CONFIGS = load_bench("shared").CONFIGS
 H100_ROWS = ROOT / "bench" / "results" / "memory_h100.json"
 
 
@@ -39,7 +40,7 @@ def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
             **fields,
         }
     )
-    traced = load_bench("memory_trace").trace_step(recipe).peak_bytes
+    traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     # the replay's blocks are rounded to 512 bytes, the trace counts bytes
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
@@ -69,7 +70,7 @@ def test_replay_of_a_mixture_of_experts_allocates_what_a_real_step_allocates(
     """The experts' grouped matmul has a meta kernel for bf16 only; with fp32 stacked experts
     (amp_bf16 keeps fp32 weights) CUDA multiplies them in a loop of matmuls into one output.
     The replay follows both, and a real CPU step agrees (QLoRA keeps the experts in bf16)."""
-    model = load_bench("memory_trace").build_cut_model(MIXTRAL_CUT, tmp_path / "mixtral")
+    model = build_random_model(MIXTRAL_CUT, tmp_path / "mixtral")
     recipe = Recipe.from_dict(
         {
             "model": str(model),
@@ -85,7 +86,7 @@ def test_replay_of_a_mixture_of_experts_allocates_what_a_real_step_allocates(
             "seq_len": 128,
         }
     )
-    traced = load_bench("memory_trace").trace_step(recipe).peak_bytes
+    traced = trace_step(recipe).peak_bytes
     config = load_config(str(model))
     replayed = replay(recipe, config, cublas_workspace_bytes=0)
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
@@ -116,7 +117,7 @@ def test_replay_predicts_measured_h100_peaks(shape, label, seq_len):
     amp, QLoRA, paged and LoRA recipes; the formula missed the first two by 11% and 16%."""
     row = _h100_row(shape, label, seq_len)
     recipe = Recipe.from_dict({"model": shape, **row["fields"]})
-    result = replay(recipe, load_config(str(CONFIGS[shape])))
+    result = replay(recipe, load_config(str(SHAPE_CONFIGS / f"{shape}.json")))
     measured_reserved = row["measured_peak_bytes"] - row["cuda_context_bytes"]
     assert result.peak_reserved_bytes == pytest.approx(measured_reserved, rel=0.01)
     if row.get("measured_allocated_bytes"):
@@ -142,14 +143,14 @@ def test_replay_misses_of_the_reserved_peak_are_the_allocators(shape, label, seq
     (bench/results/memory_replay_h100.json, replay_allocated_error)."""
     row = _h100_row(shape, label, seq_len)
     recipe = Recipe.from_dict({"model": shape, **row["fields"]})
-    result = replay(recipe, load_config(str(CONFIGS[shape])))
+    result = replay(recipe, load_config(str(SHAPE_CONFIGS / f"{shape}.json")))
     assert result.peak_allocated_bytes == pytest.approx(row["measured_allocated_bytes"], rel=0.002)
     measured_reserved = row["measured_peak_bytes"] - row["cuda_context_bytes"]
     assert result.peak_reserved_bytes < 0.95 * measured_reserved
 
 
 def test_paged_states_stay_outside_the_allocator():
-    config = load_config(str(CONFIGS["llama-3.2-1b"]))
+    config = load_config(str(SHAPE_CONFIGS / "llama-3.2-1b.json"))
     fields = {"method": "full", "micro_batch_size": 1, "seq_len": 256}
     eight_bit = replay(
         Recipe.from_dict({"model": "m", **fields, "optimizer": "adamw_8bit"}), config
@@ -160,7 +161,7 @@ def test_paged_states_stay_outside_the_allocator():
     assert eight_bit.paged_bytes == 0
     # two one-byte states per element of every tensor of 1e5 elements or more: the embedding
     # (tied head) and the 16 blocks' seven linears
-    spec = load_model_spec(str(CONFIGS["llama-3.2-1b"]))
+    spec = load_model_spec(str(SHAPE_CONFIGS / "llama-3.2-1b.json"))
     large = spec.embedding_params + spec.num_layers * spec.block_linear_params
     assert paged.paged_bytes == 2 * large
     assert paged.peak_allocated_bytes < eight_bit.peak_allocated_bytes - 0.9 * paged.paged_bytes
@@ -198,15 +199,15 @@ def test_replay_of_int8_allocates_what_bitsandbytes_cuda_path_allocates_on_the_c
             "seq_len": 128,
         }
     )
-    traced = load_bench("memory_trace").trace_step(recipe).peak_bytes
+    traced = trace_step(recipe).peak_bytes
     assert calls and set(calls) == {6.0}  # transformers' default llm_int8_threshold
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.03 * traced
 
 
 def test_int8_recipes_fall_back_to_the_formula():
-    config = load_config(str(CONFIGS["qwen2-0.5b"]))
-    spec = load_model_spec(str(CONFIGS["qwen2-0.5b"]))
+    config = load_config(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
     int8 = Recipe.from_dict({"model": "m", "method": "lora", "lora_r": 8, "quantization": "int8"})
     nf4 = int8.replace(quantization="nf4")
     _, used, reason = predict(spec, int8, config)
@@ -216,7 +217,7 @@ def test_int8_recipes_fall_back_to_the_formula():
 
 
 def test_a_replay_that_cannot_run_falls_back_to_the_formula_with_its_reason():
-    spec = load_model_spec(str(CONFIGS["qwen2-0.5b"]))
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
     recipe = Recipe.from_dict({"model": "m", "method": "lora", "lora_r": 8})
     result, used, reason = predict(spec, recipe, config=None)  # no config: cannot be built
     assert used == "formula" and reason.startswith("the replay failed: ")

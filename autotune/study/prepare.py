@@ -8,13 +8,10 @@ import itertools
 from pathlib import Path
 
 from autotune.architecture import read_architecture
-from autotune.data import (
-    cached_splits,
-    check_enough_rows,
-    checked_scan,
-    length_stats,
-    usable_rows,
-)
+from autotune.data.rows import checked_scan, usable_rows
+from autotune.data.splits import check_enough_rows
+from autotune.data.summary import length_stats
+from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu

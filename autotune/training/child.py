@@ -32,7 +32,9 @@ def records_memory_history(request: ProbeRequest) -> bool:
 
 
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
-    from autotune.data import load_splits, load_token_cache, step_batches
+    from autotune.data.splits import load_splits
+    from autotune.data.token_cache import load_token_cache
+    from autotune.training.batching import step_batches
     from autotune.training.build import (
         build_optimizer,
         load_model,

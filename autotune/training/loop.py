@@ -16,16 +16,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.data import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    collate,
-    collate_packed,
-    collate_padding_free,
-    pack_rows,
-)
+from autotune.data.tokens import IGNORE_INDEX, TokenizedExample
 from autotune.precisions import PRECISIONS
 from autotune.recipe import Recipe
+from autotune.training.batching import collate, collate_packed, collate_padding_free, pack_rows
 from autotune.training.build import autocast_dtype
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 

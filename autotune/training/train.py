@@ -206,13 +206,13 @@ def train(
     """Fine-tune with `recipe` and save the adapter or model to `output_dir`."""
     import torch
 
-    from autotune.data import load_splits
+    from autotune.data.splits import load_splits
     from autotune.training.build import build_model, build_optimizer, load_tokenizer
     from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
 
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
-    from autotune.data import checked_scan
+    from autotune.data.rows import checked_scan
 
     data_scan = checked_scan(data_path, skip_bad_rows)
     check_output_dir(output_dir, recipe.model, resume, overwrite)

@@ -37,7 +37,9 @@ def preload() -> str | None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import autotune.data  # noqa: F401
+    import autotune.data.splits  # noqa: F401
+    import autotune.data.token_cache  # noqa: F401
+    import autotune.training.batching  # noqa: F401
     import autotune.training.build  # noqa: F401
     import autotune.training.child  # noqa: F401
     import autotune.training.loop  # noqa: F401

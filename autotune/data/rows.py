@@ -1,0 +1,270 @@
+"""Data rows: read from a file, checked, and turned into (prompt, answer) examples.
+
+A data file is JSONL, CSV, Parquet or a datasets save_to_disk directory. Rows may be
+{"input","output"}, {"instruction","input","output"} (alpaca), {"messages":[...]} (chat) or
+{"text"}. Every row is checked before any probe runs; a bad line is named.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UsageError, first_line
+
+PLAIN_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
+"""How chat rows are rendered when the tokenizer has no chat template of its own."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample: prompt text (no loss) and answer text (loss); text rows have no prompt."""
+
+    prompt: str
+    answer: str
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    if "messages" in row:
+        return "chat"
+    if "instruction" in row:
+        return "alpaca"
+    if "output" in row:
+        return "input_output"
+    if "text" in row:
+        return "text"
+    return "unknown"
+
+
+def _row_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    kind = detect_format(row)
+    if kind == "unknown":
+        return 'no known fields: expected "text", "input"/"output", "instruction" or "messages"'
+    if kind == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return '"messages" must be a non-empty list'
+        for number, message in enumerate(messages):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                return f'message {number} needs string "role" and "content"'
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            return "the last message must be a non-empty assistant answer"
+        return None
+    fields = {
+        "alpaca": ("instruction", "output"),
+        "input_output": ("input", "output"),
+        "text": ("text",),
+    }[kind]
+    for name in fields + (("input",) if kind == "alpaca" and "input" in row else ()):
+        if not isinstance(row.get(name), str):
+            return f'field "{name}" must be a string'
+    answer_field = "text" if kind == "text" else "output"
+    if not row[answer_field].strip():
+        return f'field "{answer_field}" is empty'
+    return None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    """1-based line (JSONL, CSV with its header as line 1) or row number (Parquet, datasets)."""
+    problem: str
+
+
+MAX_BAD_ROWS_SHOWN = 3
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_number, BadRow(line_number, "not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield line_number, BadRow(
+                    line_number, f"not valid JSON ({error.msg} column {error.colno})"
+                )
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="", errors="strict") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                yield reader.line_num, _decode_cells(row)
+        except UnicodeDecodeError:
+            yield reader.line_num + 1, BadRow(reader.line_num + 1, "not UTF-8 text")
+
+
+def _decode_cells(row: dict[str, Any], empty_is_missing: bool = True) -> dict[str, Any]:
+    """Table cells: a messages cell may hold the message list as JSON; CSV has no null, so
+    there an empty cell means a missing field."""
+    missing = (None, "") if empty_is_missing else (None,)
+    row = {k: v for k, v in row.items() if k is not None and v not in missing}
+    if isinstance(row.get("messages"), str):
+        try:
+            row["messages"] = json.loads(row["messages"])
+        except json.JSONDecodeError:
+            pass
+    return row
+
+
+def _table_records(rows: Iterator[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
+    for number, row in enumerate(rows, start=1):
+        yield number, _decode_cells(row, empty_is_missing=False)
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+    return _table_records(rows())
+
+
+def _datasets_records(path: Path) -> Iterator[tuple[int, Any]]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    assert isinstance(loaded, Dataset)
+    return _table_records(iter(loaded))
+
+
+def records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, row or BadRow) of a JSONL, CSV or Parquet file or a datasets dir."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file {path} does not exist")
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise UsageError(
+                f"data path {path} is a directory but not a datasets save_to_disk directory"
+            )
+        return _datasets_records(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix in (".parquet", ".pq"):
+        return _parquet_records(path)
+    return _jsonl_records(path)
+
+
+@dataclass(frozen=True)
+class DataScan:
+    """One streaming pass over a data file: no row is kept, only what the checks need."""
+
+    usable_rows: int
+    bad: list[BadRow]
+    formats: dict[str, int]
+
+
+def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
+    """Every row in file order, as the row or as the BadRow saying what is wrong with it."""
+    try:
+        for number, record in records(path):
+            if isinstance(record, BadRow):
+                yield record
+                continue
+            problem = _row_problem(record)
+            yield BadRow(number, problem) if problem else record
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pyarrow/datasets/csv errors: unreadable file
+        raise UsageError(f"data file {path} cannot be read: {first_line(error)}") from None
+
+
+def scan(path: str | Path) -> DataScan:
+    """Count usable rows and formats and collect the bad rows, reading the file once."""
+    usable, bad, formats = 0, [], {}  # type: tuple[int, list[BadRow], dict[str, int]]
+    for record in _checked_records(path):
+        if isinstance(record, BadRow):
+            bad.append(record)
+            continue
+        usable += 1
+        kind = detect_format(record)
+        formats[kind] = formats.get(kind, 0) + 1
+    return DataScan(usable, bad, formats)
+
+
+def usable_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The usable rows in file order, one at a time (bad ones left out)."""
+    for record in _checked_records(path):
+        if not isinstance(record, BadRow):
+            yield record
+
+
+def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
+    shown = "; ".join(f"line {b.line}: {b.problem}" for b in bad[:MAX_BAD_ROWS_SHOWN])
+    more = f"; and {len(bad) - MAX_BAD_ROWS_SHOWN} more" if len(bad) > MAX_BAD_ROWS_SHOWN else ""
+    noun = "bad row" if len(bad) == 1 else "bad rows"
+    return f"{path}: {len(bad)} {noun}: {shown}{more}"
+
+
+def check_rows(path: str | Path, data_scan: DataScan, skip_bad_rows: bool) -> None:
+    """Bad rows stop a run, naming their lines, unless skipped; no usable row stops it too."""
+    if data_scan.bad and not skip_bad_rows:
+        raise UsageError(
+            describe_bad_rows(path, data_scan.bad) + " (fix them or pass --skip-bad-rows)"
+        )
+    if not data_scan.usable_rows:
+        raise UsageError(
+            f"data file {path} is empty"
+            if not data_scan.bad
+            else f"data file {path} has no usable row: " + describe_bad_rows(path, data_scan.bad)
+        )
+
+
+def checked_scan(path: str | Path, skip_bad_rows: bool = False) -> DataScan:
+    """scan() then check_rows(): the scan of a file a run may use."""
+    data_scan = scan(path)
+    check_rows(path, data_scan, skip_bad_rows)
+    return data_scan
+
+
+def first_row_format(path: str | Path) -> str | None:
+    """The format of the first usable row, reading no further than it."""
+    for _, record in records(path):
+        if not isinstance(record, BadRow) and _row_problem(record) is None:
+            return detect_format(record)
+    return None
+
+
+def to_example(row: dict[str, Any], chat_template: Any = None) -> Example:
+    """Prompt and answer of a row; `chat_template` renders message lists (None: plain template)."""
+    kind = detect_format(row)
+    if kind == "text":
+        return Example(prompt="", answer=row["text"])
+    if kind == "input_output":
+        return Example(prompt=f"{row['input']}\n", answer=row["output"])
+    if kind == "alpaca":
+        context = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
+        prompt = f"### Instruction:\n{row['instruction']}\n\n{context}### Response:\n"
+        return Example(prompt=prompt, answer=row["output"])
+    messages = row["messages"]
+    history, answer = messages[:-1], messages[-1]["content"]
+    if chat_template is not None:
+        prompt = chat_template(history)
+    else:
+        prompt = "".join(PLAIN_CHAT_TEMPLATE.format(**m) for m in history) + "<|assistant|>\n"
+    return Example(prompt=prompt, answer=answer)

@@ -1,0 +1,129 @@
+"""What a training step holds at its memory peak, tensor by tensor, traced on the CPU.
+
+`trace_step` runs one optimizer step of a recipe with the probe's own builder and step loop,
+then follows every storage a second step allocates (a torch dispatch mode: each storage counted
+once, from the op that made it until it is released). Its peak of allocated bytes is what the
+replay memory model (autotune.replay) has to reach, and the tensors alive at the peak say which
+buffers coexist there. bench/memory_trace.py prints it next to the memory model's figure.
+
+What this cannot show: the caching allocator's reserved-minus-allocated (no CUDA here), and
+kernels whose CPU versions allocate differently from CUDA's (dropout keeps an fp32 mask on the
+CPU where CUDA keeps one byte; SDPA's CPU kernels; bitsandbytes' CPU paths).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    nbytes: int
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Trace:
+    peak_bytes: int
+    """Allocated bytes at the peak: what existed before the step plus what the step made."""
+    before_bytes: int
+    at_peak: list[LiveTensor] = field(default_factory=list)
+    """Tensors the step made that were alive at the peak, largest first."""
+
+    def by_op(self) -> list[tuple[str, str, int, int]]:
+        """(op, dtype, bytes, count) of the tensors alive at the peak, largest total first."""
+        groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for tensor in self.at_peak:
+            group = groups[(tensor.op, tensor.dtype)]
+            group[0] += tensor.nbytes
+            group[1] += 1
+        rows = [(op, dtype, total, count) for (op, dtype), (total, count) in groups.items()]
+        return sorted(rows, key=lambda row: -row[2])
+
+
+def allocation_tracer(existing: list[Any]) -> Any:
+    """A dispatch mode that follows every storage the ops under it allocate; storages of the
+    `existing` tensors (weights, optimizer states) are known and not counted again; their
+    bytes, each storage once, are `before`. (Its class is made here, where torch is imported.)"""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class AllocationTracer(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            known = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in existing}
+            self.known = set(known)
+            self.before = sum(known.values())
+            self.live: dict[int, LiveTensor] = {}
+            self.now = self.peak = 0
+            self.at_peak: list[LiveTensor] = []
+
+        def _released(self, key: int) -> None:
+            tensor = self.live.pop(key, None)
+            if tensor is not None:
+                self.now -= tensor.nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(out):
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key in self.known or key in self.live or storage.nbytes() == 0:
+                    continue
+                self.live[key] = LiveTensor(
+                    storage.nbytes(),
+                    str(func.overloadpacket.__name__),
+                    tuple(tensor.shape),
+                    str(tensor.dtype).removeprefix("torch."),
+                )
+                self.now += storage.nbytes()
+                weakref.finalize(storage, self._released, key)
+                if self.now > self.peak:
+                    self.peak = self.now
+                    self.at_peak = list(self.live.values())
+            return out
+
+    return AllocationTracer()
+
+
+def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
+    """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
+    the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
+    import torch
+
+    from autotune.data.tokens import TokenizedExample
+    from autotune.training.build import build_model, build_optimizer
+    from autotune.training.loop import train_steps
+
+    torch.manual_seed(seed)
+    model = build_model(recipe, "cpu")
+    optimizer = build_optimizer(model, recipe)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    examples = [
+        TokenizedExample(
+            input_ids=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
+            labels=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
+        )
+        for _ in range(recipe.effective_batch_size)
+    ]
+    train_steps(model, optimizer, [examples], recipe, "cpu", 0)
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    existing = [*model.parameters(), *model.buffers(), *states]
+    tracer = allocation_tracer(existing)
+    with tracer:
+        train_steps(model, optimizer, [examples], recipe, "cpu", 0)
+    at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)
+    return Trace(
+        peak_bytes=tracer.before + tracer.peak, before_bytes=tracer.before, at_peak=at_peak
+    )
