@@ -442,6 +442,76 @@ def print_rescored(path: Path, memory_model: str = "formula", out: Path | None =
         print(f"wrote {out}")
 
 
+REPLAY_RESCORE = ROOT / "bench" / "results" / "memory_replay_h100.json"
+REPORTED_PEAKS = ROOT / "bench" / "results" / "memory_h100_reported.json"
+
+
+def margin_rows(rescored: Path = REPLAY_RESCORE, reported: Path = REPORTED_PEAKS) -> list[dict]:
+    """Every measured H100 peak scored by the model that answers for it in a study: the
+    formula on each row, the replay where it ran (rows it leaves to the formula count once).
+    The rescored rows carry both predictions; the reported rows carry the replay's as reported
+    and get the formula's now."""
+    from autotune.memory import CUDA_CONTEXT_BYTES
+
+    rows = []
+    for row in json.loads(rescored.read_text(encoding="utf-8"))["rows"]:
+        quantization = row["fields"].get("quantization", "none")
+        rows.append(
+            {"memory_model": "formula", "quantization": quantization, "error": row["error"]}
+        )
+        if row.get("replay_memory_model") == "replay":
+            rows.append(
+                {
+                    "memory_model": "replay",
+                    "quantization": quantization,
+                    "error": row["replay_error"],
+                }
+            )
+    for row in json.loads(reported.read_text(encoding="utf-8"))["rows"]:
+        quantization = row["fields"].get("quantization", "none")
+        measured = row["measured_reserved_gib"] * 2**30
+        recipe = Recipe.from_dict({"model": row["shape"], **row["fields"]})
+        formula = estimate(load_model_spec(str(CONFIGS[row["shape"]])), recipe).peak_bytes
+        rows.append(
+            {
+                "memory_model": "formula",
+                "quantization": quantization,
+                "error": (formula - CUDA_CONTEXT_BYTES) / measured - 1,
+            }
+        )
+        replay_gib = row.get("reported_prediction", {}).get("replay")
+        if replay_gib is not None:
+            rows.append(
+                {
+                    "memory_model": "replay",
+                    "quantization": quantization,
+                    "error": replay_gib / row["measured_reserved_gib"] - 1,
+                }
+            )
+    return rows
+
+
+def write_margins(out: Path) -> None:
+    """The margin table a study adds to its predictions (autotune/memory_margins.json)."""
+    from autotune.margins import margins_of
+
+    table = margins_of(margin_rows())
+    record = {
+        "command": " ".join(["python", "bench/memory_bench.py", *sys.argv[1:]]),
+        "measured_in": [str(p.relative_to(ROOT)) for p in (REPLAY_RESCORE, REPORTED_PEAKS)],
+        "margins": table,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    for model, by_kind in table.items():
+        for kind, entry in by_kind.items():
+            print(
+                f"{model:8} {kind:5} {entry['rows']:3} rows  worst "
+                f"{100 * entry['worst_under_prediction']:+6.1f}%  margin "
+                f"{100 * entry['fraction']:5.1f}%"
+            )
+    print(f"wrote {out}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen2-0.5b,llama-3.2-1b,qwen2-7b")
@@ -485,7 +555,16 @@ def main() -> int:
         default="formula",
         help="with --rescore: also predict each row as a study does (replay) and score it",
     )
+    parser.add_argument(
+        "--margins",
+        type=Path,
+        help="write the margin table a study adds to predictions (autotune/memory_margins.json) "
+        "from the committed H100 measurements; no GPU needed",
+    )
     args = parser.parse_args()
+    if args.margins:
+        write_margins(args.margins)
+        return 0
     if args.rescore:
         print_rescored(args.rescore, args.memory_model, args.out)
         return 0

@@ -238,3 +238,25 @@ def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "first difference" in done.stdout and "peak reserved: GPU" in done.stdout
+
+
+def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
+    """autotune/memory_margins.json is what `python bench/memory_bench.py --margins` makes of
+    the committed H100 rows: a changed model or a new measured row without a new table fails."""
+    from autotune.margins import MARGINS_FILE, fraction_for, margins_of, memory_margin
+
+    bench = load_bench("memory_bench")
+    rows = bench.margin_rows()
+    shipped = json.loads(MARGINS_FILE.read_text())["margins"]
+    assert shipped == margins_of(rows)
+    worst_replay_nf4 = min(
+        r["error"] for r in rows if (r["memory_model"], r["quantization"]) == ("replay", "nf4")
+    )
+    assert worst_replay_nf4 < -0.1  # the reported QLoRA misses are counted
+    margin = memory_margin("replay", "nf4")
+    assert margin.fraction == pytest.approx(fraction_for(worst_replay_nf4), abs=1e-6)
+    # a peak under-predicted by the worst miss fits once the margin is added
+    predicted = 10 * 2**30
+    measured = predicted / (1 + worst_replay_nf4)
+    assert margin.bytes_of(predicted) >= measured
+    assert memory_margin("replay", "int8").fraction == shipped["replay"]["all"]["fraction"]

@@ -69,6 +69,7 @@ def test_the_wheel_carries_the_search_spaces_and_the_installed_package_loads_the
     names = zipfile.ZipFile(wheel).namelist()
     assert "autotune/search_spaces/default.yaml" in names
     assert "autotune/search_spaces/demo.yaml" in names
+    assert "autotune/memory_margins.json" in names
     site = tmp_path / "site"
     installed = subprocess.run(
         [
@@ -93,13 +94,15 @@ def test_the_wheel_carries_the_search_spaces_and_the_installed_package_loads_the
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = (
         "import autotune.space as s; space = s.SearchSpace.load(); "
-        "print(s.DEFAULT_SPACE); print(len(space.choices()))"
+        "print(s.DEFAULT_SPACE); print(len(space.choices())); "
+        "from autotune.margins import memory_margin; print(memory_margin('replay', 'nf4').fraction)"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert loaded.returncode == 0, loaded.stderr
-    default_path, dimensions = loaded.stdout.split()
+    default_path, dimensions, margin = loaded.stdout.split()
+    assert float(margin) > 0  # the margin table ships with the package
     assert Path(default_path).is_relative_to(site) and Path(default_path).is_file()
     assert int(dimensions) > 5
     helped = subprocess.run(
