@@ -1,6 +1,8 @@
-"""What a study stores and how it is read back: objective names, attribute keys, trial statuses,
-the measured points and the recipe of a trial. Readers of a finished study (report, export,
-dashboard) need only this module and storage.
+"""What a trial stores and how it is read back: objective names, trial statuses, the trial's
+recipe, prediction and probe figures (one writer and one reader each; no other module spells
+their attribute keys), and the measured points. What the study stores about itself is in
+study_records. Readers of a finished study (report, export, dashboard) need only these two
+modules and storage.
 """
 
 from __future__ import annotations
