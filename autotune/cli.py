@@ -73,7 +73,7 @@ def _frontier_table(study: Any) -> Any:
     from rich.table import Table
 
     from autotune.pareto import frontier
-    from autotune.study import measured_points
+    from autotune.study import measured_points, trial_record
     from autotune.units import format_bytes
 
     table = Table(title="Pareto frontier (measured, within budget)")
@@ -83,7 +83,7 @@ def _frontier_table(study: Any) -> Any:
         trial = study.trials[point.number]
         table.add_row(
             str(point.number),
-            trial.user_attrs.get("recipe_label", ""),
+            trial_record(trial).label,
             format_bytes(point.peak_memory_bytes),
             f"{point.tokens_per_second:,.0f}",
             f"{point.eval_loss:.4f}",
@@ -250,24 +250,24 @@ def run(
                     style="dim",
                 )
 
-        def confirmed(number: int, confirmation: dict) -> None:
-            verdict = "[green]held up[/]" if confirmation["held_up"] else "[red]did not hold up[/]"
-            speed = confirmation.get("tokens_per_second")
+        def confirmed(number: int, confirmation: Any) -> None:
+            verdict = "[green]held up[/]" if confirmation.held_up else "[red]did not hold up[/]"
+            speed = confirmation.tokens_per_second
             detail = (
-                f"{speed:,.0f} tok/s ({confirmation['speed_change']:+.0%})"
-                if confirmation["status"] == "ok"
-                else confirmation["reason"]
+                f"{speed:,.0f} tok/s ({confirmation.speed_change:+.0%})"
+                if confirmation.status == "ok"
+                else confirmation.reason
             )
             progress.console.print(
-                f"confirm trial {number} ({confirmation['steps']} steps, seed "
-                f"{confirmation['seed']}): {verdict}: {detail}"
+                f"confirm trial {number} ({confirmation.steps} steps, seed "
+                f"{confirmation.seed}): {verdict}: {detail}"
             )
 
-        def noise_measured(noise: dict) -> None:
+        def noise_measured(noise: Any) -> None:
             progress.console.print(
-                f"noise: trial {noise['trial']} again with seed {noise['seed']}: eval loss moved "
-                f"{noise['eval_loss_difference']:.4f}, tokens/s "
-                f"{(noise['tokens_per_second_change'] or 0):+.1%}"
+                f"noise: trial {noise.trial} again with seed {noise.seed}: eval loss moved "
+                f"{noise.eval_loss_difference:.4f}, tokens/s "
+                f"{(noise.tokens_per_second_change or 0):+.1%}"
             )
 
         events = RunEvents(

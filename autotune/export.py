@@ -8,26 +8,34 @@ from typing import Any
 from autotune.errors import UsageError
 from autotune.pareto import PICK_POLICIES, pick
 from autotune.recipe import Recipe
-from autotune.study.records import confirmations, measured_points, recipe_of
+from autotune.study.records import measured_points, recipe_of, trial_record
+from autotune.study.study_records import Confirmation, confirmations, study_setup
 
 
-def measured_figures(trial: Any, confirmation: dict[str, Any] | None = None) -> dict[str, Any]:
+def measured_figures(trial: Any, confirmation: Confirmation | None = None) -> dict[str, Any]:
     """What the probe measured for a trial, as written under `measured:`."""
     memory, speed, loss = trial.values
-    attrs = trial.user_attrs
+    record = trial_record(trial)
+    probe = record.probe
     figures = {
         "peak_memory_bytes": int(memory),
         "tokens_per_second": round(float(speed), 2),
         "eval_loss": round(float(loss), 5),
-        "memory_source": attrs.get("probe_memory_source", ""),
-        "device": attrs.get("probe_device", ""),
-        "predicted_peak_bytes": attrs.get("predicted_peak_bytes"),
-        "probe_steps_done": attrs.get("probe_steps_done"),
+        "memory_source": probe.memory_source if probe else "",
+        "device": probe.device if probe else "",
+        "predicted_peak_bytes": record.predicted_peak_bytes,
+        "probe_steps_done": probe.steps_done if probe else None,
         "trial": trial.number,
     }
     if confirmation:
-        keys = ("held_up", "steps", "seed", "tokens_per_second", "peak_memory_bytes", "eval_loss")
-        figures["confirmation"] = {k: confirmation.get(k) for k in keys}
+        figures["confirmation"] = {
+            "held_up": confirmation.held_up,
+            "steps": confirmation.steps,
+            "seed": confirmation.seed,
+            "tokens_per_second": confirmation.tokens_per_second,
+            "peak_memory_bytes": confirmation.peak_memory_bytes,
+            "eval_loss": confirmation.eval_loss,
+        }
     return figures
 
 
@@ -53,7 +61,8 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
     trial = picked_trial(study, policy)
     recipe = recipe_of(trial)
     measured = measured_figures(trial, confirmations(study).get(trial.number))
-    data_path = study.user_attrs.get("data_path")
+    setup = study_setup(study)
+    data_path = setup.data_path or None
     data_format = "alpaca"
     if fmt == "axolotl" and data_path and Path(data_path).exists():
         data_format = first_row_format(data_path) or data_format
@@ -63,7 +72,7 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
         measured,
         data_path=data_path,
         data_format=data_format,
-        num_layers=study.user_attrs.get("num_layers"),
+        num_layers=setup.num_layers,
     )
 
 

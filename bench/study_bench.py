@@ -34,7 +34,6 @@ from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.report import probed_rows, trial_seconds, trials_frame  # noqa: E402
 from autotune.space import SPACES_DIR  # noqa: E402
 from autotune.study import (  # noqa: E402
-    NOISE_ATTR,
     RunEvents,
     RunSettings,
     TrialSummary,
@@ -44,6 +43,7 @@ from autotune.study import (  # noqa: E402
     open_study,
     prepare_run,
     run_study,
+    study_noise,
 )
 from autotune.training.io import PROBE_PHASES  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
@@ -61,11 +61,11 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
     default_speed = default_loss = None
     if default and default.user_attrs.get("status") == "measured":
         default_speed, default_loss = default.values[1], default.values[2]
-    noise = study.user_attrs.get(NOISE_ATTR)
+    noise = study_noise(study)
     points = frontier(measured_points(study))
     fastest = max(points, key=lambda p: p.tokens_per_second, default=None)
     by_number = {t.number: t for t in trials}
-    confirmed = confirmations(study)
+    confirmed = {number: dataclasses.asdict(c) for number, c in confirmations(study).items()}
     summary = {
         "study": study.study_name,
         "complete": finished_trial_count(study) >= target_trials,
@@ -88,10 +88,10 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
             for phase in (*PROBE_PHASES, "total")
             if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
         },
-        "noise": noise,
+        "noise": dataclasses.asdict(noise) if noise else None,
         "confirmations": confirmed,
     }
-    noise_loss = noise["eval_loss_difference"] if noise else None
+    noise_loss = noise.eval_loss_difference if noise else None
     rows = []
     for point in sorted(points, key=lambda p: -p.tokens_per_second):
         difference = point.eval_loss - default_loss if default_loss is not None else None

@@ -203,8 +203,8 @@ def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
     assert len(confirmed) == 2
     for number, confirmation in confirmed.items():
         slower = study.trials[number].user_attrs["recipe"]["micro_batch_size"] == 4
-        assert confirmation["held_up"] is (not slower)
-        assert confirmation["speed_change"] == pytest.approx(-0.3 if slower else 0.0)
+        assert confirmation.held_up is (not slower)
+        assert confirmation.speed_change == pytest.approx(-0.3 if slower else 0.0)
     frame = report_data(study).frame
     assert set(frame.loc[frame["held_up"].notna(), "trial"]) == set(confirmed)
     # Resuming does not confirm the same recipes again.
@@ -561,6 +561,7 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     assert loaded.returncode == 0, loaded.stderr
     modules = loaded.stdout
     assert "autotune.study.records" in modules and "autotune.study.storage" in modules
+    assert "autotune.study.study_records" in modules
     for running in ("objective", "run", "prepare", "confirm", "workers", "seeding"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules

@@ -14,6 +14,7 @@ from typing import Any
 
 _MODULES = (
     "records",
+    "study_records",
     "storage",
     "settings",
     "pruning",
@@ -25,13 +26,11 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in records or storage never loads the modules that run a study."""
+lives in records, study_records or storage never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MODULES:
-        # `from autotune.study import storage` asks for the submodule by name first; looking
-        # it up in the other modules would import them all, in a cycle when one is half-made
+    if name in _MODULES:  # `from autotune.study import storage` before it was imported
         return importlib.import_module(f"autotune.study.{name}")
     for module_name in _MODULES:
         module = importlib.import_module(f"autotune.study.{module_name}")

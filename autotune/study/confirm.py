@@ -9,20 +9,24 @@ from typing import Any
 from autotune.pareto import PICK_POLICIES, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.study.objective import RunEvents, probe_request
-from autotune.study.records import (
-    CONFIRMATION_PREFIX,
-    NOISE_ATTR,
-    confirmations,
-    measured_points,
-    recipe_of,
-)
+from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.settings import PreparedRun, trials_dir_of
+from autotune.study.study_records import (
+    NOISE_ATTR,
+    Confirmation,
+    Noise,
+    confirmation_job,
+    confirmations,
+    record_confirmation,
+    record_noise,
+    study_noise,
+)
 from autotune.study.workers import claim_once
 
 
 def measure_noise(
     prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
-) -> dict[str, Any] | None:
+) -> Noise | None:
     """How far a probe's figures move when only chance changes: the yardstick for differences.
 
     The QLoRA default (or, without it, the fastest frontier recipe) is probed again with the
@@ -33,8 +37,9 @@ def measure_noise(
     """
     events = events or RunEvents()
     settings = prepared.settings
-    if NOISE_ATTR in study.user_attrs:
-        return study.user_attrs[NOISE_ATTR]
+    measured = study_noise(study)
+    if measured is not None:
+        return measured
     points = measured_points(study)
     if not points or settings.confirm_top < 1:
         return None
@@ -43,7 +48,7 @@ def measure_noise(
         (
             t.number
             for t in study.trials
-            if t.user_attrs.get("baseline") == "qlora_default" and t.number in by_number
+            if t.number in by_number and trial_record(t).baseline == "qlora_default"
         ),
         None,
     )
@@ -62,25 +67,27 @@ def measure_noise(
         return round(now / before - 1, 4) if now is not None and before else None
 
     assert result.eval_loss is not None  # a probe that ended ok measured it
-    noise = {
-        "trial": number,
-        "seed": request.seed,
-        "steps": request.steps,
-        "eval_loss": result.eval_loss,
-        "eval_loss_difference": round(abs(result.eval_loss - point.eval_loss), 6),
-        "tokens_per_second_change": change(result.tokens_per_second, point.tokens_per_second),
-        "peak_memory_change": change(result.peak_memory_bytes, point.peak_memory_bytes),
-    }
-    study.set_user_attr(NOISE_ATTR, noise)
+    noise = Noise(
+        trial=number,
+        seed=request.seed,
+        steps=request.steps,
+        eval_loss=result.eval_loss,
+        eval_loss_difference=round(abs(result.eval_loss - point.eval_loss), 6),
+        tokens_per_second_change=change(result.tokens_per_second, point.tokens_per_second),
+        peak_memory_change=change(result.peak_memory_bytes, point.peak_memory_bytes),
+    )
+    record_noise(study, noise)
     events.noise_measured(noise)
     return noise
+
+
 CONFIRM_SPEED_TOLERANCE = 0.15
 """A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
 
 
 def confirm_frontier(
     prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents | None = None
-) -> dict[int, dict[str, Any]]:
+) -> dict[int, Confirmation]:
     """Re-probe the top frontier recipes with twice the steps and another seed.
 
     Short probes can flatter a recipe (a lucky data order, a warm cache). A recipe holds up when
@@ -99,7 +106,7 @@ def confirm_frontier(
             chosen.append(number)
     done = confirmations(study)
     for number in chosen[: settings.confirm_top]:
-        if number in done or not claim_once(study, f"{CONFIRMATION_PREFIX}{number}"):
+        if number in done or not claim_once(study, confirmation_job(number)):
             continue
         trial = study.trials[number]
         speed = trial.values[1]
@@ -112,19 +119,17 @@ def confirm_frontier(
             or (result.peak_memory_bytes or 0) <= settings.budget_bytes
         )
         speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
-        confirmation = {
-            "status": result.status,
-            "reason": result.reason,
-            "steps": request.steps,
-            "seed": request.seed,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "tokens_per_second": result.tokens_per_second,
-            "eval_loss": result.eval_loss,
-            "speed_change": round(speed_change, 4),
-            "held_up": result.status == "ok"
-            and fits
-            and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
-        }
-        study.set_user_attr(f"{CONFIRMATION_PREFIX}{number}", confirmation)
+        confirmation = Confirmation(
+            status=result.status,
+            reason=result.reason,
+            steps=request.steps,
+            seed=request.seed,
+            peak_memory_bytes=result.peak_memory_bytes,
+            tokens_per_second=result.tokens_per_second,
+            eval_loss=result.eval_loss,
+            speed_change=round(speed_change, 4),
+            held_up=result.status == "ok" and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        )
+        record_confirmation(study, number, confirmation)
         events.confirmed(number, confirmation)
     return confirmations(study)

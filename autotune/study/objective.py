@@ -14,16 +14,24 @@ from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
 from autotune.study.records import (
-    CONSTRAINT_KEY,
-    SURPLUS_ATTR,
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
     TrialStatus,
+    copy_measurement,
+    mark_surplus,
+    record_constraint,
+    record_prediction,
+    record_probe_place,
+    record_probe_result,
     record_status,
+    record_worker,
+    repair_attrs,
+    trial_record,
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
+from autotune.study.study_records import Confirmation, Noise
 from autotune.study.workers import beyond_target, worker_id
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
@@ -52,19 +60,13 @@ class RunEvents:
 
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
-    confirmed: Callable[[int, dict[str, Any]], None] = lambda number, confirmation: None
-    noise_measured: Callable[[dict[str, Any]], None] = lambda noise: None
+    confirmed: Callable[[int, Confirmation], None] = lambda number, confirmation: None
+    noise_measured: Callable[[Noise], None] = lambda noise: None
     notes: list[str] = field(default_factory=list)
 
 
 def loss_when_unmeasured(spec: ModelSpec) -> float:
     return math.log(spec.vocab_size)
-
-
-def _record_constraint(trial: Any, value: float) -> None:
-    trial.set_constraint(CONSTRAINT_KEY, value)
-    # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
-    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
 
 def _attach_artifacts(trial: Any, recipe: Recipe, workdir: Path) -> None:
@@ -109,12 +111,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             running_here.discard(trial.number)
 
     def run_trial(trial: Any) -> tuple[float, float, float]:
-        trial.set_user_attr("worker", worker_id())
+        record_worker(trial, worker_id())
         if beyond_target(trial.study, trial.number, settings.trials, running_here):
             # Another run on this study took the last slot first: give this one up uncounted.
             import optuna
 
-            trial.set_user_attr(SURPLUS_ATTR, True)
+            mark_surplus(trial)
             trial.study.stop()
             raise optuna.TrialPruned("the study reached its target of trials")
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
@@ -143,7 +145,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     tokens_per_second=values[1] if measured and values else None,
                     eval_loss=values[2] if measured and values else None,
                     reason=reason,
-                    repair_of=trial.user_attrs.get("repair_of"),
+                    repair_of=trial_record(trial).repair_of,
                 )
             )
 
@@ -151,17 +153,13 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         if earlier is not None:
             # The sampler proposed a recipe already tried: reuse its figures instead of paying
             # for another probe, and keep it off the frontier so no recipe shows twice.
-            for key, value in earlier.user_attrs.items():
-                if key not in ("baseline", "worker", "repair_of"):
-                    trial.set_user_attr(key, value)
-            _record_constraint(trial, max(earlier.constraints.values(), default=0.0))
+            copy_measurement(earlier, trial)
+            record_constraint(trial, max(earlier.constraints.values(), default=0.0))
             record(TrialStatus.DUPLICATE, f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
-        trial.set_user_attr("recipe", recipe.to_dict())
-        trial.set_user_attr("recipe_label", recipe.label())
-        trial.set_user_attr("predicted_peak_bytes", prediction.peak_bytes)
-        trial.set_user_attr("predicted_breakdown", prediction.breakdown)
-        trial.set_user_attr("memory_model", memory_model)
+        record_prediction(
+            trial, recipe, prediction.peak_bytes, prediction.breakdown, memory_model
+        )
         events.trial_started(trial.number, recipe.label())
 
         def finish(
@@ -171,16 +169,16 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             reason: str = "",
             result: ProbeResult | None = None,
         ) -> tuple[float, float, float]:
-            _record_constraint(trial, constraint)
+            record_constraint(trial, constraint)
             record(status, reason, values, result)
             return values
 
         if prediction.peak_bytes > budget:
             nearest = nearest_fitting_params(space, trial.params, fits)
-            if nearest is not None and "repair_of" not in trial.user_attrs:
+            if nearest is not None and trial_record(trial).repair_of is None:
                 # Probe the closest recipe that fits next: the sampler asked for this region.
                 trial.study.enqueue_trial(
-                    nearest, user_attrs={"repair_of": trial.number}, skip_if_exists=True
+                    nearest, user_attrs=repair_attrs(trial.number), skip_if_exists=True
                 )
             return finish(
                 TrialStatus.OVER_BUDGET_PREDICTED,
@@ -192,15 +190,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         gpu = gpu_pool.get() if gpu_pool else None
         try:
             request = probe_request(prepared, recipe, settings.probe_steps, settings.seed, gpu)
-            trial.set_user_attr("probe_dir", str(workdir))
-            if gpu is not None:
-                trial.set_user_attr("gpu", gpu)
+            record_probe_place(trial, str(workdir), gpu)
             result = runner.run(request, workdir)
         finally:
             if gpu_pool is not None and gpu is not None:
                 gpu_pool.put(gpu)
-        for key, value in result.user_attrs().items():
-            trial.set_user_attr(key, value)
+        record_probe_result(trial, result)
 
         if result.status == "ok":
             measured = float(result.peak_memory_bytes or 0)

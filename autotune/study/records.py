@@ -1,23 +1,25 @@
-"""What a study stores and how it is read back: objective names, attribute keys, trial statuses,
-the measured points and the recipe of a trial. Readers of a finished study (report, export,
-dashboard) need only this module and storage.
+"""What a trial stores and how it is read back: objective names, trial statuses, the trial's
+recipe, prediction and probe figures (one writer and one reader each; no other module spells
+their attribute keys), and the measured points. What the study stores about itself is in
+study_records. Readers of a finished study (report, export, dashboard) need only these two
+modules and storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from autotune.pareto import Point
 from autotune.recipe import Recipe
+from autotune.training.io import ProbeResult
 from autotune.units import format_bytes
 
 OBJECTIVE_NAMES = ("peak_memory_bytes", "tokens_per_second", "eval_loss")
 DIRECTIONS = ("minimize", "maximize", "minimize")
 CONSTRAINT_KEY = "memory_over_budget"
-SPACE_CHOICES_ATTR = "space_choices"
-"""Study attribute: the choices of each dimension the study searches (the space file's, less
-those the memory model rules out under the budget)."""
 
 # What the study reports for a recipe it did not measure: zero speed and the eval loss of a
 # uniform guess over the vocabulary, ln(V). Finite, so samplers learn from these trials.
@@ -63,10 +65,130 @@ def trial_reason(trial: Any) -> str:
     return str(trial.user_attrs.get(REASON_ATTR) or "")
 
 
-def record_status(trial: Any, status: TrialStatus, reason: str) -> None:
-    """Write a trial's status and reason (the one writer of both)."""
-    trial.set_user_attr(STATUS_ATTR, status.value)
-    trial.set_user_attr(REASON_ATTR, reason)
+def record_status(trial: Any, status: TrialStatus, reason: str, storage: Any = None) -> None:
+    """Write a trial's status and reason (the one writer of both): on the running trial, or,
+    given the `storage`, on a frozen trial that another process ran."""
+    for key, value in ((STATUS_ATTR, status.value), (REASON_ATTR, reason)):
+        if storage is None:
+            trial.set_user_attr(key, value)
+        else:
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def record_constraint(trial: Any, value: float) -> None:
+    """The trial's memory constraint: > 0 is over the budget (infeasible)."""
+    trial.set_constraint(CONSTRAINT_KEY, value)
+    # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+
+
+WORKER_ATTR = "worker"
+BASELINE_ATTR = "baseline"
+REPAIR_OF_ATTR = "repair_of"
+RECIPE_ATTR = "recipe"
+PROBE_PREFIX = "probe_"
+"""Trial attributes `probe_<field>` and `probe_seconds_<phase>`: what its probe reported."""
+
+
+def record_worker(trial: Any, worker: str) -> None:
+    """The process running the trial (workers.worker_id), so that its death can be told."""
+    trial.set_user_attr(WORKER_ATTR, worker)
+
+
+def baseline_attrs(name: str) -> dict[str, Any]:
+    """The attributes of an enqueued baseline trial (the QLoRA default and the like)."""
+    return {BASELINE_ATTR: name}
+
+
+def repair_attrs(number: int) -> dict[str, Any]:
+    """The attributes of a trial enqueued as the nearest fitting recipe to trial `number`."""
+    return {REPAIR_OF_ATTR: number}
+
+
+def record_prediction(
+    trial: Any, recipe: Recipe, peak_bytes: int, breakdown: dict[str, Any], memory_model: str
+) -> None:
+    """The trial's recipe and the memory predicted for it, before it is probed or ruled out."""
+    trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
+    trial.set_user_attr("recipe_label", recipe.label())
+    trial.set_user_attr("predicted_peak_bytes", peak_bytes)
+    trial.set_user_attr("predicted_breakdown", breakdown)
+    trial.set_user_attr("memory_model", memory_model)
+
+
+def record_probe_place(trial: Any, workdir: str, gpu: str | None) -> None:
+    """Where the trial's probe runs: its folder and, with several GPUs, its GPU."""
+    trial.set_user_attr("probe_dir", workdir)
+    if gpu is not None:
+        trial.set_user_attr("gpu", gpu)
+
+
+_PROBE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ProbeResult) if f.name not in ("seconds", "step_seconds")
+)
+
+
+def record_probe_result(trial: Any, result: ProbeResult) -> None:
+    """What the probe reported, as flat JSON attributes (its step times left out)."""
+    for name in _PROBE_FIELDS:
+        trial.set_user_attr(f"{PROBE_PREFIX}{name}", getattr(result, name))
+    for phase, seconds in result.seconds.items():
+        trial.set_user_attr(f"{PROBE_PREFIX}seconds_{phase}", round(seconds, 3))
+
+
+def copy_measurement(earlier: Any, trial: Any) -> None:
+    """Give a duplicate trial the recipe, prediction and probe figures of the `earlier` trial
+    with its recipe (not who ran it, nor why it was enqueued)."""
+    for key, value in earlier.user_attrs.items():
+        if key not in (BASELINE_ATTR, WORKER_ATTR, REPAIR_OF_ATTR):
+            trial.set_user_attr(key, value)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What a trial stores about itself besides its status and values (read with trial_record)."""
+
+    label: str = ""
+    """The recipe in a few words."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """The recipe as stored (recipe_of reads it as a Recipe)."""
+    predicted_peak_bytes: int | None = None
+    memory_model: str = "formula"
+    baseline: str = ""
+    repair_of: int | None = None
+    worker: str = ""
+    probe: ProbeResult | None = None
+    """What its probe reported (a duplicate carries its original's); None if none ran."""
+
+
+def trial_record(trial: Any) -> TrialRecord:
+    attrs = trial.user_attrs
+    probe = None
+    if f"{PROBE_PREFIX}status" in attrs:
+        stored = {
+            n: attrs[f"{PROBE_PREFIX}{n}"] for n in _PROBE_FIELDS if PROBE_PREFIX + n in attrs
+        }
+        seconds_prefix = f"{PROBE_PREFIX}seconds_"
+        seconds = {
+            k.removeprefix(seconds_prefix): v
+            for k, v in attrs.items()
+            if k.startswith(seconds_prefix)
+        }
+        probe = ProbeResult(**stored, seconds=seconds)
+    return TrialRecord(
+        label=attrs.get("recipe_label", ""),
+        recipe=attrs.get(RECIPE_ATTR) or {},
+        predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
+        memory_model=attrs.get("memory_model", "formula"),
+        baseline=attrs.get(BASELINE_ATTR, ""),
+        repair_of=attrs.get(REPAIR_OF_ATTR),
+        worker=attrs.get(WORKER_ATTR, ""),
+        probe=probe,
+    )
+
+
+def recipe_of(trial: Any) -> Recipe:
+    return Recipe.from_dict(trial.user_attrs[RECIPE_ATTR], source=f"trial {trial.number}")
 
 
 class ProbeCrashed(Exception):
@@ -75,6 +197,10 @@ class ProbeCrashed(Exception):
 
 SURPLUS_ATTR = "surplus"
 """Trial attribute: started by one run after others had already taken the study's last slot."""
+
+
+def mark_surplus(trial: Any) -> None:
+    trial.set_user_attr(SURPLUS_ATTR, True)
 
 
 def finished_trial_count(study: Any) -> int:
@@ -90,29 +216,6 @@ def finished_trial_count(study: Any) -> int:
         for t in trials
         if t.state in finished and t.number not in retried and not t.user_attrs.get(SURPLUS_ATTR)
     )
-
-
-CLAIM_PREFIX = "claim:"
-
-
-MEASURED_UNDER_ATTR = "measured_under"
-"""Study attribute: the settings under which its trials were measured (see measured_under)."""
-
-
-NOISE_ATTR = "noise"
-"""Study attribute: one recipe probed again with another seed and the same steps."""
-
-
-CONFIRMATION_PREFIX = "confirmation:"
-
-
-def confirmations(study: Any) -> dict[int, dict[str, Any]]:
-    """Trial number -> what its longer, reseeded re-probe measured and whether it held up."""
-    return {
-        int(key.removeprefix(CONFIRMATION_PREFIX)): value
-        for key, value in study.user_attrs.items()
-        if key.startswith(CONFIRMATION_PREFIX)
-    }
 
 
 def measured_points(study: Any) -> list[Point]:
@@ -157,10 +260,6 @@ def nothing_measured_line(study: Any) -> str:
         for status, count in counts.most_common()
     ]
     return "no recipe ran: " + "; ".join(parts)
-
-
-def recipe_of(trial: Any) -> Recipe:
-    return Recipe.from_dict(trial.user_attrs["recipe"], source=f"trial {trial.number}")
 
 
 def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:

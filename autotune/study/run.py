@@ -14,15 +14,19 @@ from autotune.probe import ProbeRunner
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.pruning import resumed_space
-from autotune.study.records import (
-    MEASURED_UNDER_ATTR,
-    SPACE_CHOICES_ATTR,
-    ProbeCrashed,
-    finished_trial_count,
-)
+from autotune.study.records import ProbeCrashed, baseline_attrs, finished_trial_count
 from autotune.study.seeding import baseline_params, fits_budget
 from autotune.study.settings import PreparedRun
 from autotune.study.storage import open_study
+from autotune.study.study_records import (
+    SpaceChoices,
+    StudySetup,
+    record_data_stats,
+    record_setup,
+    record_space_choices,
+    space_choices,
+    study_setup,
+)
 from autotune.study.workers import fail_interrupted_trials
 
 
@@ -54,11 +58,7 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     """Refuse to resume a study under settings that would put figures measured differently
     on one frontier; a study from before this record is checked on what it stored."""
     current = measured_under(prepared)
-    stored = study.user_attrs.get(MEASURED_UNDER_ATTR) or {
-        key: study.user_attrs[key]
-        for key in ("seq_len", "probe_steps")
-        if key in study.user_attrs
-    }
+    stored = study_setup(study).measured_under
     changed = [key for key in current if key in stored and stored[key] != current[key]]
     if not changed:
         return
@@ -84,35 +84,41 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if not new_study:
         check_comparable(study, prepared)
     if new_study and prepared.fitting_choices:
-        study.set_user_attr(SPACE_CHOICES_ATTR, prepared.fitting_choices)
-        study.set_user_attr("ruled_out_choices", prepared.ruled_out_choices)
-        if prepared.unsupported_choices:
-            study.set_user_attr("unsupported_choices", prepared.unsupported_choices)
+        record_space_choices(
+            study,
+            SpaceChoices(
+                prepared.fitting_choices,
+                prepared.ruled_out_choices,
+                prepared.unsupported_choices,
+            ),
+        )
     # A resumed study keeps the choices it started with: Optuna refuses other ones.
-    choices = study.user_attrs.get(SPACE_CHOICES_ATTR)
+    choices = space_choices(study)
     if choices:
-        space, note = resumed_space(prepared, choices)
+        space, note = resumed_space(prepared, choices.fitting)
         prepared = dataclasses.replace(prepared, space=space)
         if note:
             events.notes.append(note)
     if new_study:
-        for key, value in {
-            "model": settings.model,
-            "data_path": str(settings.data_path),
-            "budget_bytes": settings.budget_bytes,
-            "seq_len": settings.seq_len,
-            "probe_steps": settings.probe_steps,
-            "device": prepared.device,
-            "space": prepared.space.source,
-            "seed": settings.seed,
-            "vocab_size": prepared.spec.vocab_size,
-            "num_layers": prepared.spec.num_layers,
-            MEASURED_UNDER_ATTR: measured_under(prepared),
-        }.items():
-            study.set_user_attr(key, value)
+        record_setup(
+            study,
+            StudySetup(
+                model=settings.model,
+                data_path=str(settings.data_path),
+                budget_bytes=settings.budget_bytes,
+                seq_len=settings.seq_len,
+                probe_steps=settings.probe_steps,
+                device=prepared.device,
+                space=prepared.space.source,
+                seed=settings.seed,
+                vocab_size=prepared.spec.vocab_size,
+                num_layers=prepared.spec.num_layers,
+                measured_under=measured_under(prepared),
+            ),
+        )
         for name, params in baseline_params(prepared.space, fits_budget(prepared)):
-            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-    study.set_user_attr("data_stats", prepared.data_stats)
+            study.enqueue_trial(params, user_attrs=baseline_attrs(name), skip_if_exists=True)
+    record_data_stats(study, prepared.data_stats)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(

@@ -11,12 +11,12 @@ from typing import Any
 
 from autotune.study import storage as study_storage
 from autotune.study.records import (
-    CLAIM_PREFIX,
-    REASON_ATTR,
-    STATUS_ATTR,
     TrialStatus,
     finished_trial_count,
+    record_status,
+    trial_record,
 )
+from autotune.study.study_records import Claim, claim_of, record_claim
 
 
 def worker_id() -> str:
@@ -55,7 +55,7 @@ def fail_interrupted_trials(study: Any) -> list[int]:
     storage = study._storage
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
+        worker = trial_record(trial).worker
         started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
         dead = gone_from_this_host(worker) or (
             not worker and time.time() - started > study_storage.STALE_AFTER_SECONDS
@@ -63,11 +63,8 @@ def fail_interrupted_trials(study: Any) -> list[int]:
         if not dead:
             continue
         try:
-            storage.set_trial_user_attr(
-                trial._trial_id, STATUS_ATTR, TrialStatus.INTERRUPTED.value
-            )
-            storage.set_trial_user_attr(
-                trial._trial_id, REASON_ATTR, f"worker {worker or '?'} died"
+            record_status(
+                trial, TrialStatus.INTERRUPTED, f"worker {worker or '?'} died", storage=storage
             )
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 continue
@@ -106,7 +103,7 @@ def beyond_target(
             if t.number < number
             and not (
                 running_here is not None
-                and t.user_attrs.get("worker") == me
+                and trial_record(t).worker == me
                 and t.number not in running_here
             )
         ]
@@ -132,16 +129,15 @@ def claim_once(study: Any, job: str, settle_seconds: float | None = None) -> boo
     CLAIM_STALE_SECONDS; of concurrent claims the last writer wins, each reading the claim back
     after `settle_seconds`. (Not a lock: a write delayed past the settling pause by a busy
     database can still let two runs through.)"""
-    attr = CLAIM_PREFIX + job
     me = worker_id()
-    holder = study.user_attrs.get(attr)
-    if isinstance(holder, dict):
-        if holder.get("worker") == me:
+    holder = claim_of(study, job)
+    if holder is not None:
+        if holder.worker == me:
             return True
-        fresh = time.time() - float(holder.get("at", 0)) < CLAIM_STALE_SECONDS
-        if fresh and not gone_from_this_host(str(holder.get("worker"))):
+        fresh = time.time() - float(holder.at) < CLAIM_STALE_SECONDS
+        if fresh and not gone_from_this_host(str(holder.worker)):
             return False
-    study.set_user_attr(attr, {"worker": me, "at": time.time()})
+    record_claim(study, job, Claim(me, time.time()))
     time.sleep(CLAIM_SETTLE_SECONDS if settle_seconds is None else settle_seconds)
-    claimed = study.user_attrs.get(attr)
-    return isinstance(claimed, dict) and claimed.get("worker") == me
+    claimed = claim_of(study, job)
+    return claimed is not None and claimed.worker == me

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from autotune.recipe import Recipe
 
@@ -91,13 +91,3 @@ class ProbeResult:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(self.to_json(), encoding="utf-8")
         temporary.replace(path)
-
-    def user_attrs(self) -> dict[str, Any]:
-        """Flat attributes for an Optuna trial (JSON types only)."""
-        attrs = {
-            k: v
-            for k, v in dataclasses.asdict(self).items()
-            if k not in ("seconds", "step_seconds")
-        }
-        attrs.update({f"seconds_{k}": round(v, 3) for k, v in self.seconds.items()})
-        return {f"probe_{k}": v for k, v in attrs.items()}

@@ -1,0 +1,173 @@
+"""What the report says, computed before anything is drawn: the trials table, the readings of
+the frontier, the time, the data and the parameter importances (no plotly here; tests check
+this, and the page only draws it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from autotune.report.frame import MEASURED, probed_rows, trials_frame
+from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
+from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
+from autotune.training.io import PROBE_PHASES
+from autotune.units import format_bytes
+
+
+class ReportData(NamedTuple):
+    frame: Any  # pandas.DataFrame, one row per trial
+    frontier_numbers: list[int]
+    budget_bytes: int
+    memory_sources: list[str]
+    study_name: str
+    model: str
+    data_text: str
+    """The data's rows, token lengths and what truncation at seq_len cut."""
+    readings: list[str]
+    """One line per frontier recipe, compared with the QLoRA default where it was measured."""
+    importances: dict[str, dict[str, float]]
+    """Objective -> parameter -> importance (Optuna's evaluator), where it could be computed."""
+    time_text: str = ""
+    """Trials and probes an hour, and where the median probe's time went."""
+    space_lines: tuple[str, ...] = ()
+    """Choices of the space file the study left out, and why."""
+
+
+def report_data(study: Any) -> ReportData:
+    frame = trials_frame(study)
+    setup = study_setup(study)
+    choices = space_choices(study)
+    sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
+    return ReportData(
+        data_text=data_description(data_stats(study), setup.seq_len),
+        readings=frontier_readings(frame, setup.budget_bytes, study_noise(study)),
+        importances=objective_importances(study),
+        time_text=time_description(frame),
+        space_lines=tuple(not_searched(choices.unsupported, choices.ruled_out) if choices else ()),
+        frame=frame,
+        frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
+        if len(frame)
+        else [],
+        budget_bytes=setup.budget_bytes,
+        memory_sources=sources,
+        study_name=study.study_name,
+        model=setup.model,
+    )
+
+
+def data_description(stats: dict[str, Any], seq_len: int | None) -> str:
+    if not stats.get("token_length_percentiles"):
+        return ""
+    lengths = ", ".join(f"{k} {v}" for k, v in stats["token_length_percentiles"].items())
+    skipped = f" ({stats['skipped_rows']} bad rows skipped)" if stats.get("skipped_rows") else ""
+    return (
+        f"Data: {stats['rows']} rows{skipped}; tokens per row {lengths}; "
+        f"{stats['truncated_share']:.1%} longer than seq_len {seq_len} and "
+        f"truncated; {stats['rows_without_answer_tokens']} lose their whole answer."
+    )
+
+
+def time_description(frame: Any) -> str:
+    """'Time: 40 trials in 58.0 min of trials (41 an hour), 16 probed (17 an hour); median
+    probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' Trial durations run from each trial's start to
+    its end, so a study resumed later is timed without the pause."""
+    finished = frame[frame["trial_seconds"].notna()] if len(frame) else frame
+    probed = probed_rows(finished)
+    busy_hours = finished["trial_seconds"].sum() / 3600 if len(finished) else 0
+    if not len(probed) or not busy_hours:
+        return ""
+    phases = ", ".join(
+        f"{phase} {probed[f'seconds_{phase}'].median():.1f} s"
+        for phase in PROBE_PHASES
+        if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
+    )
+    return (
+        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min of trials "
+        f"({len(finished) / busy_hours:.0f} an hour), {len(probed)} probed "
+        f"({len(probed) / busy_hours:.0f} an hour); median probe "
+        f"{probed['seconds_total'].median():.1f} s: {phases}."
+    )
+
+
+def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None) -> list[str]:
+    """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss',
+    with the eval-loss noise of one recipe probed twice, so a difference can be told from chance."""
+    if not len(frame):
+        return []
+    front = frame[frame["on_frontier"]]
+    default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
+    budget = f"{budget_bytes / 1e9:g} GB"
+    roles = {
+        "fastest": front.sort_values("tokens_per_second", ascending=False),
+        "smallest": front.sort_values("peak_memory_bytes"),
+        "best eval loss": front.sort_values("eval_loss"),
+    }
+    lines = []
+    for role, ordered in roles.items():
+        if not len(ordered):
+            continue
+        row = ordered.iloc[0]
+        line = (
+            f"{role} under {budget}: {row['recipe']} (trial {row['trial']}) — "
+            f"{format_bytes(row['peak_memory_bytes'])}, {row['tokens_per_second']:,.0f} tok/s, "
+            f"eval loss {row['eval_loss']:.4f}"
+        )
+        if len(default) and int(default.iloc[0]["trial"]) != int(row["trial"]):
+            base = default.iloc[0]
+            difference = row["eval_loss"] - base["eval_loss"]
+            line += (
+                f"; {row['tokens_per_second'] / base['tokens_per_second']:.1f}x the QLoRA "
+                f"default, {difference:+.3f} eval loss"
+            )
+            if noise:
+                within = abs(difference) <= noise.eval_loss_difference
+                line += " (within noise)" if within else " (beyond noise)"
+        lines.append(line)
+    if noise:
+        lines.append(
+            f"Noise: trial {noise.trial} probed again with seed {noise.seed} moved eval "
+            f"loss by {noise.eval_loss_difference:.3f}, tokens/s by "
+            f"{_percent(noise.tokens_per_second_change)} and peak memory by "
+            f"{_percent(noise.peak_memory_change)}; eval-loss differences smaller than that "
+            "are chance."
+        )
+    return lines
+
+
+def _percent(change: float | None) -> str:
+    return "n/a" if change is None else f"{change:+.1%}"
+
+
+def objective_importances(study: Any) -> dict[str, dict[str, float]]:
+    """Parameter importances per objective over measured trials; empty where too few."""
+    import warnings
+
+    import optuna
+
+    from autotune.study.records import DIRECTIONS
+
+    states = (optuna.trial.TrialState.COMPLETE,)
+    measured = [
+        t
+        for t in study.get_trials(deepcopy=False, states=states)
+        if trial_status(t) == TrialStatus.MEASURED
+    ]
+    if len(measured) < 4:
+        return {}
+    result: dict[str, dict[str, float]] = {}
+    for index, (name, direction) in enumerate(zip(OBJECTIVE_NAMES, DIRECTIONS)):
+        # The evaluator explains low values; flip the sign of what is maximised.
+        sign = -1.0 if direction == "maximize" else 1.0
+
+        def target(trial: Any, i: int = index, s: float = sign) -> float:
+            if trial_status(trial) != TrialStatus.MEASURED:
+                return float("nan")
+            return s * trial.values[i]
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                result[name] = dict(optuna.importance.get_param_importances(study, target=target))
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue
+    return result

@@ -1,0 +1,239 @@
+"""The report's charts (plotly, imported only when one is drawn)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.report.data import ReportData
+from autotune.report.frame import DUPLICATE, MEASURED, probed_rows
+from autotune.study.records import OBJECTIVE_NAMES
+from autotune.training.io import PROBE_PHASES
+from autotune.units import format_bytes
+
+
+def projection_figures(data: ReportData) -> list[Any]:
+    """The other two objective pairs, and all three in 3-D."""
+    import plotly.graph_objects as go
+
+    measured = data.frame[data.frame["status"] == MEASURED]
+    if not len(measured):
+        return []
+    gib = 2**30
+    symbols = ["star" if f else "circle" for f in measured["on_frontier"]]
+    pairs = [
+        ("peak_memory_bytes", "eval_loss", "tokens_per_second", "Peak memory vs eval loss"),
+        ("tokens_per_second", "eval_loss", "peak_memory_bytes", "Tokens/s vs eval loss"),
+    ]
+    figures = []
+    for x, y, colour, title in pairs:
+        xs = measured[x] / gib if x == "peak_memory_bytes" else measured[x]
+        figures.append(
+            go.Figure(
+                go.Scatter(
+                    x=xs,
+                    y=measured[y],
+                    mode="markers",
+                    text=measured["recipe"],
+                    marker=dict(
+                        symbol=symbols,
+                        size=10,
+                        color=measured[colour],
+                        colorscale="Viridis",
+                        showscale=True,
+                        colorbar=dict(title=colour),
+                    ),
+                )
+            ).update_layout(title=title, xaxis_title=x.replace("_bytes", " (GiB)"), yaxis_title=y)
+        )
+    figures.append(
+        go.Figure(
+            go.Scatter3d(
+                x=measured["peak_memory_bytes"] / gib,
+                y=measured["tokens_per_second"],
+                z=measured["eval_loss"],
+                mode="markers",
+                text=measured["recipe"],
+                marker=dict(
+                    size=5, color=["crimson" if f else "steelblue" for f in measured["on_frontier"]]
+                ),
+            )
+        ).update_layout(
+            title="All three objectives (red: frontier)",
+            scene=dict(
+                xaxis_title="peak memory (GiB)", yaxis_title="tokens/s", zaxis_title="eval loss"
+            ),
+        )
+    )
+    params = [
+        c
+        for c in measured.columns
+        if c.startswith("param_") and measured[c].nunique(dropna=True) > 1
+    ]
+    dimensions = []
+    for column in params:
+        values = [str(v) if v is not None and v == v else "-" for v in measured[column]]
+        codes = {v: i for i, v in enumerate(sorted(set(values)))}
+        dimensions.append(
+            dict(
+                label=column.removeprefix("param_"),
+                values=[codes[v] for v in values],
+                tickvals=list(codes.values()),
+                ticktext=list(codes),
+            )
+        )
+    for name in OBJECTIVE_NAMES:
+        dimensions.append(dict(label=name, values=measured[name]))
+    figures.append(
+        go.Figure(
+            go.Parcoords(
+                line=dict(color=measured["tokens_per_second"], colorscale="Viridis"),
+                dimensions=dimensions,
+            )
+        ).update_layout(title="Parameters and objectives of measured recipes")
+    )
+    if data.importances:
+        figure = go.Figure()
+        for objective, scores in data.importances.items():
+            figure.add_trace(go.Bar(name=objective, x=list(scores), y=list(scores.values())))
+        figures.append(
+            figure.update_layout(title="Parameter importance per objective", barmode="group")
+        )
+    return figures
+
+
+def pareto_figure(data: ReportData) -> Any:
+    import plotly.graph_objects as go
+
+    frame = data.frame
+    measured = frame[frame["status"] == MEASURED]
+    on_front = measured[measured["on_frontier"]]
+    others = measured[~measured["on_frontier"]]
+    unmeasured = frame[~frame["status"].isin([MEASURED, DUPLICATE])]
+    figure = go.Figure()
+    gib = 2**30
+    loss_range = (
+        dict(cmin=measured["eval_loss"].min(), cmax=measured["eval_loss"].max())
+        if len(measured)
+        else {}
+    )
+    for subset, name, symbol in (
+        (on_front, "Pareto frontier", "star"),
+        (others, MEASURED, "circle"),
+    ):
+        figure.add_trace(
+            go.Scatter(
+                x=subset["peak_memory_bytes"] / gib,
+                y=subset["tokens_per_second"],
+                mode="markers",
+                name=name,
+                text=subset["recipe"],
+                customdata=subset[["trial", "eval_loss"]],
+                hovertemplate="trial %{customdata[0]}: %{text}<br>%{x:.2f} GiB, %{y:.0f} tok/s, "
+                "eval loss %{customdata[1]:.4f}<extra></extra>",
+                marker=dict(
+                    symbol=symbol,
+                    size=14 if symbol == "star" else 9,
+                    color=subset["eval_loss"],
+                    colorscale="Viridis",
+                    showscale=symbol == "star",
+                    colorbar=dict(title="eval loss"),
+                    **loss_range,
+                ),
+            )
+        )
+    if len(unmeasured):
+        figure.add_trace(
+            go.Scatter(
+                x=unmeasured["predicted_peak_bytes"] / gib,
+                y=[0] * len(unmeasured),
+                mode="markers",
+                name="not measured (infeasible or failed)",
+                text=unmeasured["status"]
+                + ": "
+                + unmeasured["recipe"]
+                + " — "
+                + unmeasured["reason"].fillna(""),
+                hovertemplate="%{text}<br>predicted %{x:.2f} GiB<extra></extra>",
+                marker=dict(symbol="x", size=8, color="grey"),
+            )
+        )
+    if data.budget_bytes:
+        figure.add_vline(
+            x=data.budget_bytes / gib,
+            line_dash="dash",
+            line_color="red",
+            annotation_text=f"budget {format_bytes(data.budget_bytes)}",
+        )
+    figure.update_layout(
+        title="Peak memory vs tokens/s (colour: eval loss)",
+        xaxis_title="peak memory (GiB)",
+        yaxis_title="tokens per second",
+        legend=dict(orientation="h", y=-0.2),
+    )
+    return figure
+
+
+def memory_figure(data: ReportData) -> Any:
+    import plotly.graph_objects as go
+
+    measured = data.frame[data.frame["status"] == MEASURED]
+    gib = 2**30
+    figure = go.Figure(
+        go.Scatter(
+            x=measured["predicted_peak_bytes"] / gib,
+            y=measured["peak_memory_bytes"] / gib,
+            mode="markers",
+            text=measured["recipe"],
+            name="trials",
+            hovertemplate="%{text}<br>predicted %{x:.2f} GiB, measured %{y:.2f} GiB<extra></extra>",
+        )
+    )
+    if len(measured):
+        top = (
+            float(max(measured["predicted_peak_bytes"].max(), measured["peak_memory_bytes"].max()))
+            / gib
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=[0, top],
+                y=[0, top],
+                mode="lines",
+                name="measured = predicted",
+                line=dict(dash="dot", color="grey"),
+            )
+        )
+    figure.update_layout(
+        title="Predicted vs measured peak memory",
+        xaxis_title="predicted (GiB)",
+        yaxis_title="measured (GiB)",
+    )
+    return figure
+
+
+def time_figure(data: ReportData) -> Any:
+    """One bar per probe, split into the phases its time went to."""
+    import plotly.graph_objects as go
+
+    probed = probed_rows(data.frame)
+    labels = [f"trial {n}" for n in probed["trial"]] if len(probed) else []
+    figure = go.Figure()
+    for phase in PROBE_PHASES:
+        column = f"seconds_{phase}"
+        if column in probed.columns:
+            figure.add_trace(
+                go.Bar(
+                    name=phase,
+                    y=labels,
+                    x=probed[column].fillna(0),
+                    orientation="h",
+                    text=probed["recipe"],
+                    hovertemplate=f"%{{y}} %{{text}}: {phase} %{{x:.1f}} s<extra></extra>",
+                )
+            )
+    return figure.update_layout(
+        title="Where each probe's time went",
+        barmode="stack",
+        xaxis_title="seconds",
+        yaxis=dict(autorange="reversed"),
+        height=max(300, 22 * len(labels) + 150),
+    )

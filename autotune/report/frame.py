@@ -1,0 +1,77 @@
+"""The study as a table (pandas): one row per trial, what the report's text and charts read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.pareto import frontier
+from autotune.study.records import (
+    OBJECTIVE_NAMES,
+    TrialStatus,
+    measured_points,
+    trial_reason,
+    trial_record,
+    trial_status,
+)
+from autotune.study.study_records import confirmations
+
+MEASURED = TrialStatus.MEASURED.value
+DUPLICATE = TrialStatus.DUPLICATE.value
+
+
+def trial_seconds(trial: Any) -> float | None:
+    """From the trial's start to its end (None until it ends): a study resumed later is timed
+    without the pause between runs."""
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+
+
+def trials_frame(study: Any) -> Any:
+    """One row per trial: recipe fields, predicted and measured figures, status and reason."""
+    import pandas as pd
+
+    front = {p.number for p in frontier(measured_points(study))}
+    confirmed = confirmations(study)
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        record = trial_record(trial)
+        probe = record.probe
+        values = trial.values or [None, None, None]
+        known = trial_status(trial)
+        status = known.value if known else trial.state.name.lower()
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            "state": trial.state.name,
+            "status": status,
+            "recipe": record.label,
+            "feasible": bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values()),
+            "on_frontier": trial.number in front,
+            "predicted_peak_bytes": record.predicted_peak_bytes,
+            "memory_model": record.memory_model,
+            "trial_seconds": trial_seconds(trial),
+        }
+        measured = status == MEASURED
+        for name, value in zip(OBJECTIVE_NAMES, values):
+            row[name] = value if measured else None
+        confirmation = confirmed.get(trial.number)
+        row["held_up"] = None if confirmation is None else bool(confirmation.held_up)
+        row["confirm_tokens_per_second"] = confirmation and confirmation.tokens_per_second
+        row["baseline"] = record.baseline
+        row["memory_source"] = probe.memory_source if probe else ""
+        row["peak_allocated_bytes"] = probe.peak_allocated_bytes if probe else None
+        row["reason"] = trial_reason(trial)
+        for phase, seconds in (probe.seconds if probe else {}).items():
+            row[f"seconds_{phase}"] = seconds
+        for key, value in record.recipe.items():
+            if key not in ("model", "autotune_recipe"):
+                row[f"param_{key}"] = ",".join(value) if isinstance(value, list) else value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def probed_rows(frame: Any) -> Any:
+    """Trials that ran a probe of their own (a duplicate carries its original's times)."""
+    if "seconds_total" not in frame.columns:
+        return frame.iloc[0:0]
+    return frame[frame["seconds_total"].notna() & (frame["status"] != DUPLICATE)]

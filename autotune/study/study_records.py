@@ -1,0 +1,201 @@
+"""What a study stores about itself, beside its trials: the run that set it up, the choices it
+searches, its data, the confirmations of its frontier and its noise figure. Each has one writer
+and one reader here, and no other module spells their attribute keys. (What a trial stores is
+in records.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_Record = TypeVar("_Record")
+
+
+def _from_stored(cls: type[_Record], stored: dict[str, Any]) -> _Record:
+    """A record from the dict a study stored: keys it does not know are left out, so a study
+    written by another version still reads."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{key: value for key, value in stored.items() if key in known})
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """The settings a study was started with, each stored as a study attribute of its name."""
+
+    model: str = ""
+    data_path: str = ""
+    budget_bytes: int = 0
+    seq_len: int | None = None
+    probe_steps: int | None = None
+    device: str = ""
+    space: str = ""
+    """The space file's path."""
+    seed: int | None = None
+    vocab_size: int | None = None
+    num_layers: int | None = None
+    measured_under: dict[str, Any] = field(default_factory=dict)
+    """What makes two trials' figures comparable (see run.measured_under); for a study from
+    before this record, the seq_len and probe_steps it stored."""
+
+
+MEASURED_UNDER_ATTR = "measured_under"
+
+
+def record_setup(study: Any, setup: StudySetup) -> None:
+    for name, value in dataclasses.asdict(setup).items():
+        study.set_user_attr(name, value)
+
+
+def study_setup(study: Any) -> StudySetup:
+    attrs = study.user_attrs
+    setup = _from_stored(StudySetup, attrs)
+    if MEASURED_UNDER_ATTR not in attrs:
+        # Studies from before the record compared only what they stored of these.
+        earlier = {k: attrs[k] for k in ("seq_len", "probe_steps") if k in attrs}
+        setup = dataclasses.replace(setup, measured_under=earlier)
+    return setup
+
+
+@dataclass(frozen=True)
+class SpaceChoices:
+    """The choices a study searches, and those of its space file it leaves out and why."""
+
+    fitting: dict[str, list[Any]]
+    """Dimension -> the choices searched: the space file's, less those the memory model rules
+    out under the budget."""
+    ruled_out: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Dimension -> choice -> the least peak (bytes) predicted of any recipe with it."""
+    unsupported: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> choice -> why the model cannot run it."""
+
+
+SPACE_CHOICES_ATTR = "space_choices"
+RULED_OUT_CHOICES_ATTR = "ruled_out_choices"
+UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
+
+
+def record_space_choices(study: Any, choices: SpaceChoices) -> None:
+    study.set_user_attr(SPACE_CHOICES_ATTR, choices.fitting)
+    study.set_user_attr(RULED_OUT_CHOICES_ATTR, choices.ruled_out)
+    if choices.unsupported:
+        study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
+
+
+def space_choices(study: Any) -> SpaceChoices | None:
+    """None for a study that stored no choices (its space file was searched whole)."""
+    attrs = study.user_attrs
+    if not attrs.get(SPACE_CHOICES_ATTR):
+        return None
+    return SpaceChoices(
+        attrs[SPACE_CHOICES_ATTR],
+        attrs.get(RULED_OUT_CHOICES_ATTR) or {},
+        attrs.get(UNSUPPORTED_CHOICES_ATTR) or {},
+    )
+
+
+DATA_STATS_ATTR = "data_stats"
+
+
+def record_data_stats(study: Any, stats: dict[str, Any]) -> None:
+    """The data's rows, token lengths and what truncation cut (data.data_stats), every run."""
+    study.set_user_attr(DATA_STATS_ATTR, stats)
+
+
+def data_stats(study: Any) -> dict[str, Any]:
+    return dict(study.user_attrs.get(DATA_STATS_ATTR) or {})
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A frontier recipe probed again with twice the steps and another seed."""
+
+    status: str
+    """The probe's status: ok, oom, nan, timeout or crash."""
+    reason: str
+    steps: int
+    seed: int
+    peak_memory_bytes: int | None
+    tokens_per_second: float | None
+    eval_loss: float | None
+    speed_change: float
+    """Tokens/s relative to the first probe, minus one (-1.0 where that measured none)."""
+    held_up: bool
+    """Finished, within the budget and within the speed tolerance of the first probe."""
+
+
+CONFIRMATION_PREFIX = "confirmation:"
+"""Study attribute `confirmation:N`: trial N's confirmation. Also the name of its claim."""
+
+
+def confirmation_job(number: int) -> str:
+    """The one-time job (see workers.claim_once) and attribute of trial `number`'s confirmation."""
+    return f"{CONFIRMATION_PREFIX}{number}"
+
+
+def record_confirmation(study: Any, number: int, confirmation: Confirmation) -> None:
+    study.set_user_attr(confirmation_job(number), dataclasses.asdict(confirmation))
+
+
+def confirmations(study: Any) -> dict[int, Confirmation]:
+    """Trial number -> what its longer, reseeded re-probe measured and whether it held up."""
+    return {
+        int(key.removeprefix(CONFIRMATION_PREFIX)): _from_stored(Confirmation, value)
+        for key, value in study.user_attrs.items()
+        if key.startswith(CONFIRMATION_PREFIX)
+    }
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One measured recipe probed again with the same steps and another seed: how far its
+    figures move when only chance changes."""
+
+    trial: int
+    seed: int
+    steps: int
+    eval_loss: float
+    eval_loss_difference: float
+    """|eval loss now - eval loss first|: a smaller difference between two recipes is chance."""
+    tokens_per_second_change: float | None
+    peak_memory_change: float | None
+    """Relative to the first probe, minus one; None where either measured none."""
+
+
+NOISE_ATTR = "noise"
+"""Study attribute holding the Noise. Also the name of its claim."""
+
+
+def record_noise(study: Any, noise: Noise) -> None:
+    study.set_user_attr(NOISE_ATTR, dataclasses.asdict(noise))
+
+
+def study_noise(study: Any) -> Noise | None:
+    """None until the noise probe has run."""
+    stored = study.user_attrs.get(NOISE_ATTR)
+    return _from_stored(Noise, stored) if stored else None
+
+
+CLAIM_PREFIX = "claim:"
+"""Study attribute `claim:JOB`: which run took a one-time job (see workers.claim_once)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Which run took a one-time job of the study, and when."""
+
+    worker: str = ""
+    """workers.worker_id() of the run: host:pid."""
+    at: float = 0.0
+    """Epoch seconds."""
+
+
+def claim_of(study: Any, job: str) -> Claim | None:
+    """None while nobody has claimed `job`."""
+    holder = study.user_attrs.get(CLAIM_PREFIX + job)
+    return _from_stored(Claim, holder) if isinstance(holder, dict) else None
+
+
+def record_claim(study: Any, job: str, claim: Claim) -> None:
+    study.set_user_attr(CLAIM_PREFIX + job, dataclasses.asdict(claim))

@@ -1,0 +1,116 @@
+"""What a study stores reads back through its one reader, in the form earlier versions wrote."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autotune.recipe import Recipe
+from autotune.study.records import (
+    record_prediction,
+    record_probe_result,
+    trial_record,
+)
+from autotune.study.study_records import (
+    Claim,
+    Confirmation,
+    Noise,
+    SpaceChoices,
+    StudySetup,
+    claim_of,
+    confirmations,
+    record_claim,
+    record_confirmation,
+    record_noise,
+    record_setup,
+    record_space_choices,
+    space_choices,
+    study_noise,
+    study_setup,
+)
+from autotune.training.io import ProbeResult
+
+
+@pytest.fixture
+def study():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(directions=["minimize", "maximize", "minimize"])
+
+
+# As the study stored them before the typed records, key for key.
+STORED_CONFIRMATION = {
+    "status": "ok",
+    "reason": "",
+    "steps": 20,
+    "seed": 1,
+    "peak_memory_bytes": 123,
+    "tokens_per_second": 900.0,
+    "eval_loss": 2.5,
+    "speed_change": -0.1,
+    "held_up": True,
+}
+STORED_NOISE = {
+    "trial": 3,
+    "seed": 1,
+    "steps": 10,
+    "eval_loss": 2.52,
+    "eval_loss_difference": 0.02,
+    "tokens_per_second_change": 0.03,
+    "peak_memory_change": None,
+}
+
+
+def test_confirmations_and_noise_stored_as_dicts_read_back(study):
+    study.set_user_attr("confirmation:3", STORED_CONFIRMATION)
+    study.set_user_attr("noise", {**STORED_NOISE, "written_by": "a later version"})
+    assert confirmations(study) == {3: Confirmation(**STORED_CONFIRMATION)}
+    assert study_noise(study) == Noise(**STORED_NOISE)
+
+
+def test_each_writer_stores_the_form_its_reader_reads(study):
+    record_confirmation(study, 5, Confirmation(**STORED_CONFIRMATION))
+    record_noise(study, Noise(**STORED_NOISE))
+    assert study.user_attrs["confirmation:5"] == STORED_CONFIRMATION
+    assert study.user_attrs["noise"] == STORED_NOISE
+    assert confirmations(study)[5].held_up is True and study_noise(study).trial == 3
+    record_claim(study, "noise", Claim("host:1", 10.0))
+    assert study.user_attrs["claim:noise"] == {"worker": "host:1", "at": 10.0}
+    assert claim_of(study, "noise") == Claim("host:1", 10.0) and claim_of(study, "x") is None
+    record_space_choices(study, SpaceChoices({"lora_r": [8, 16]}, {"method": {"full": 9}}))
+    assert study.user_attrs["space_choices"] == {"lora_r": [8, 16]}
+    assert "unsupported_choices" not in study.user_attrs
+    assert space_choices(study) == SpaceChoices({"lora_r": [8, 16]}, {"method": {"full": 9}})
+
+
+def test_a_study_from_before_measured_under_compares_what_it_stored(study):
+    assert study_noise(study) is None and space_choices(study) is None
+    for key, value in {"model": "m", "budget_bytes": 5, "seq_len": 64, "probe_steps": 4}.items():
+        study.set_user_attr(key, value)
+    setup = study_setup(study)
+    assert setup.budget_bytes == 5 and setup.model == "m"
+    assert setup.measured_under == {"seq_len": 64, "probe_steps": 4}
+    record_setup(study, StudySetup(model="m", seq_len=64, measured_under={"device": "cpu"}))
+    assert study.user_attrs["seq_len"] == 64
+    assert study_setup(study).measured_under == {"device": "cpu"}
+
+
+def test_a_trial_s_probe_figures_read_back_from_their_flat_attributes(study):
+    trial = study.ask()
+    recipe = Recipe(model="demo")
+    record_prediction(trial, recipe, 1000, {"weights": 600}, "replay")
+    result = ProbeResult(
+        status="ok", device="cpu", peak_memory_bytes=2000, steps_done=4, seconds={"total": 1.23456}
+    )
+    record_probe_result(trial, result)
+    attrs = study.trials[0].user_attrs
+    # The flat form earlier versions wrote: probe_<field>, probe_seconds_<phase>.
+    assert attrs["probe_peak_memory_bytes"] == 2000 and attrs["probe_seconds_total"] == 1.235
+    assert "probe_step_seconds" not in attrs
+    record = trial_record(study.trials[0])
+    assert record.label == recipe.label() and record.predicted_peak_bytes == 1000
+    assert record.memory_model == "replay" and record.recipe == recipe.to_dict()
+    assert record.probe == ProbeResult(
+        status="ok", device="cpu", peak_memory_bytes=2000, steps_done=4, seconds={"total": 1.235}
+    )
+    unprobed = study.ask()
+    assert trial_record(unprobed).probe is None and trial_record(unprobed).repair_of is None
