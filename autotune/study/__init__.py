@@ -29,6 +29,8 @@ lives in records or storage never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:  # `from autotune.study import storage` asks here before importing it
+        return importlib.import_module(f"autotune.study.{name}")
     for module_name in _MODULES:
         module = importlib.import_module(f"autotune.study.{module_name}")
         if name in vars(module):
