@@ -76,9 +76,11 @@ def setting_option(name: str, *flags: str) -> Any:
 
 
 def settings_from_options(options: dict[str, Any], **more: Any) -> RunSettings:
-    """RunSettings from the run command's options (named as the fields), text parsed."""
+    """RunSettings from the run command's options (named as the fields), text parsed; a text
+    option not given leaves its field's default."""
     parsed = {
-        name: TEXT_FORMS[name].parse(value) if name in TEXT_FORMS and value is not None else value
+        name: TEXT_FORMS[name].parse(value) if name in TEXT_FORMS else value
         for name, value in options.items()
+        if not (name in TEXT_FORMS and value is None)
     }
     return RunSettings(**parsed, **more)

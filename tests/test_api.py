@@ -102,6 +102,21 @@ def test_option_help_and_defaults_are_the_settings_fields():
     assert export["--study"].help == docs["study_name"]
 
 
+def test_the_run_command_s_defaults_are_the_settings_defaults():
+    from autotune.cli import app
+    from autotune.options import settings_from_options
+
+    run = typer.main.get_command(app).commands["run"]
+    given = ["--model", "m", "--data", "d.jsonl", "--budget", "4GB"]
+    assert settings_from_options(run.make_context("run", list(given)).params) == RunSettings(
+        model="m", data_path=Path("d.jsonl"), budget_bytes=4 * 10**9
+    )
+    more = given + ["--gpus", "0, 1", "--timeout", "1h30m", "--probe-timeout", "90s"]
+    parsed = settings_from_options(run.make_context("run", more).params)
+    assert parsed.gpus == ("0", "1") and parsed.timeout_seconds == 5400
+    assert parsed.probe_timeout_seconds == 90
+
+
 def test_importing_autotune_loads_no_heavy_library():
     code = (
         "import sys, autotune\n"
