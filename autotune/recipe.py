@@ -193,14 +193,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise UsageError(f"{source}: not valid YAML ({first_line(error)})") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(_yaml_mapping(text, source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
+        return cls.load_measured(path)[0]
+
+    @classmethod
+    def load_measured(cls, path: str | Path) -> tuple[Recipe, dict[str, Any]]:
+        """The recipe in a file and the figures under its `measured:` (empty where it has none),
+        from one read of the file."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -208,10 +210,20 @@ class Recipe:
             raise UsageError(f"recipe file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UsageError(f"recipe file {path} cannot be read: {first_line(error)}") from None
-        return cls.from_yaml(text, source=str(path))
+        data = _yaml_mapping(text, str(path))
+        recipe = cls.from_dict(data, str(path))  # refuses anything but a mapping
+        measured = data.get("measured")
+        return recipe, measured if isinstance(measured, dict) else {}
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+
+def _yaml_mapping(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UsageError(f"{source}: not valid YAML ({first_line(error)})") from None
 
 
 def _choices(literal: Any) -> tuple[str, ...]:

@@ -64,3 +64,11 @@ def parse_duration_seconds(text: str, what: str = "duration") -> float:
     if seconds <= 0:
         raise UsageError(f"{what} {text!r} must be longer than zero")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Whole seconds as parse_duration_seconds reads them: 900 -> "15m", 5400 -> "1h30m"."""
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, whole_seconds = divmod(rest, 60)
+    parts = ((hours, "h"), (minutes, "m"), (whole_seconds, "s"))
+    return "".join(f"{count}{unit}" for count, unit in parts if count) or "0s"

@@ -601,3 +601,16 @@ def test_every_name_of_the_study_package_is_reachable_from_it():
             )
             for name in names:
                 assert getattr(autotune.study, name) is getattr(module, name), name
+
+
+def test_each_module_of_the_study_package_imports_first():
+    """A module imported before the package's others (as conftest imports workers) finds the
+    names it takes from its siblings: asking the package for a module is not a name lookup."""
+    import subprocess
+    import sys
+
+    package = Path(__file__).resolve().parent.parent / "autotune" / "study"
+    for path in sorted(package.glob("*.py")):
+        code = f"import autotune.study.{path.stem}"
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert loaded.returncode == 0, (path.stem, loaded.stderr)

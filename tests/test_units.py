@@ -1,7 +1,7 @@
 import pytest
 
 from autotune.errors import UsageError
-from autotune.units import format_bytes, parse_bytes, parse_duration_seconds
+from autotune.units import format_bytes, format_duration, parse_bytes, parse_duration_seconds
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,8 @@ def test_durations():
 def test_format_bytes():
     assert format_bytes(24 * 2**30) == "24.00 GiB"
     assert format_bytes(3 * 2**20) == "3.0 MiB"
+
+
+@pytest.mark.parametrize("seconds, text", [(900, "15m"), (5400, "1h30m"), (45, "45s")])
+def test_durations_are_written_as_they_are_read(seconds, text):
+    assert format_duration(seconds) == text and parse_duration_seconds(text) == seconds

@@ -56,8 +56,10 @@ class TrialSummary:
 
 @dataclass
 class RunEvents:
-    """Hooks the CLI uses to show progress; the study itself prints nothing."""
+    """Hooks a run calls as it goes (autotune.console shows them); the study prints nothing."""
 
+    run_started: Callable[[PreparedRun], None] = lambda prepared: None
+    """The inputs are checked; the study is about to start or resume."""
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
     confirmed: Callable[[int, Confirmation], None] = lambda number, confirmation: None

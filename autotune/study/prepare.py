@@ -16,6 +16,7 @@ from autotune.errors import UsageError
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import UPPER_BOUNDS
+from autotune.remote_code import allow_remote_code
 from autotune.replay import (
     check_memory_model,
     load_config,
@@ -38,6 +39,7 @@ from autotune.units import format_bytes
 
 def prepare_run(settings: RunSettings) -> PreparedRun:
     """Check every input before anything runs; bad input raises UsageError."""
+    allow_remote_code(settings.trust_remote_code)
     if settings.trials < 1:
         raise UsageError(f"--trials must be at least 1, got {settings.trials}")
     if settings.probe_steps < 1:

@@ -78,6 +78,7 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
     """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
     events = events or RunEvents()
+    events.run_started(prepared)
     settings = prepared.settings
     study = open_study(prepared.storage, prepared.study_name, settings.seed)
     new_study = not study.get_trials(deepcopy=False)

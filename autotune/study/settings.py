@@ -63,36 +63,63 @@ BASELINES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class RunSettings:
+    """What `autotune run` and `autotune.run` are asked to do. The docstring under each field is
+    also its option's help on the command line (autotune.options reads it from here)."""
+
     model: str
+    """Hugging Face model id or local directory."""
     data_path: Path
+    """JSONL training data."""
     budget_bytes: int
+    """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB. GB/MB are
+    decimal (10^9/10^6 bytes), GiB/MiB binary (2^30/2^20 bytes)."""
     space_path: Path | None = None
+    """Search space YAML (default: the one shipped with autotune)."""
     trials: int = 20
+    """Finished trials the study should hold."""
     timeout_seconds: float | None = None
+    """Stop starting trials after this long, e.g. 8h, 90m (seconds in Python)."""
     study_name: str | None = None
+    """Study name (default: derived from model, data and budget; or the storage's newest)."""
     storage: str | None = None
+    """Optuna storage URL (default: sqlite:///trials/autotune.db)."""
     probe_steps: int = 20
+    """Optimizer steps per probe."""
     probe_timeout_seconds: float = 900.0
+    """Kill a probe that runs longer than this (seconds in Python)."""
     seq_len: int = 1024
+    """Tokens per sequence (longer samples are truncated)."""
     device: str = "auto"
+    """auto, cuda or cpu."""
     seed: int = 0
+    """Seed for the sampler, data order and split."""
     confirm_top: int = 3
-    """Frontier recipes re-probed after the search, twice as long and with another seed."""
+    """Re-probe this many top frontier recipes after the search, 2x longer, new seed."""
     workers: int = 1
-    """Probes run at once on this machine (one thread each, each probe its own process)."""
+    """Probes at once on this machine, each in its own process (see --gpus)."""
     skip_bad_rows: bool = False
-    """Go on without malformed data rows instead of stopping before any probe."""
+    """Go on without malformed data rows (they are counted) instead of stopping before any
+    probe."""
     eval_rows: int | None = None
-    """Rows held out for eval loss (default: a tenth of the data, at most 64)."""
+    """Rows held out for eval loss (default: 10%, at most 64)."""
     gpus: tuple[str, ...] = ()
-    """CUDA device indices; each probe gets one of them as its only visible GPU."""
+    """GPU indices, e.g. 0,1,2,3: one probe per GPU at a time, which is its only visible GPU."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
-    """QLoRA probes load the base from an NF4 copy the first one writes to trials/cache."""
+    """QLoRA probes read the base already quantized from an NF4 copy in trials/cache (the first
+    one writes it)."""
     memory_model: str = "replay"
-    """How each trial's peak is predicted before its probe: replay (autotune.replay) or formula
-    (autotune.memory). The search space is pruned with the formula either way (it is instant)."""
+    """How a recipe's peak memory is predicted. replay: run the recipe's probe on torch's meta
+    device through a model of the CUDA caching allocator (seconds; int8 falls back to formula).
+    formula: closed-form estimate (instant; a study prunes its space with it either way)."""
+    report_path: Path | None = None
+    """HTML report path (default: reports/<study>.html)."""
+    recipe_path: Path | None = None
+    """Exported recipe path (default: reports/<study>-recipe.yaml)."""
+    trust_remote_code: bool = False
+    """Run code the model ships with itself (auto_map in its config); off by default. Read it
+    first."""
 
 
 REPLAY_BAND = 1.25

@@ -185,6 +185,17 @@ def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path, dev
     return int(state["step"])
 
 
+def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
+    if epochs is not None and max_steps is not None:
+        raise UsageError("give --epochs or --max-steps, not both")
+    if (epochs is not None and not 0 < epochs < math.inf) or (
+        max_steps is not None and max_steps < 1
+    ):
+        raise UsageError("--epochs and --max-steps must be positive and finite")
+    if save_every_steps < 1:
+        raise UsageError(f"--save-steps must be at least 1, got {save_every_steps}")
+
+
 def train(
     recipe: Recipe,
     data_path: Path,
@@ -204,6 +215,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainReport:
     """Fine-tune with `recipe` and save the adapter or model to `output_dir`."""
+    _check_length(epochs, max_steps, save_every_steps)
     import torch
 
     from autotune.data.splits import load_splits

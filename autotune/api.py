@@ -1,0 +1,245 @@
+"""autotune from Python: each `autotune` command is one call here that returns what it made, and
+the command line is a thin layer over these (parse, call, print). They print nothing themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autotune.errors import UsageError
+from autotune.study.settings import RunSettings, study_file_name
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autotune.data.summary import DataSummary
+    from autotune.memory import MemoryEstimate
+    from autotune.pareto import Point
+    from autotune.probe import ProbeRunner
+    from autotune.recipe import Recipe
+    from autotune.study.objective import RunEvents
+    from autotune.training.train import TrainReport
+
+REPORTS_DIR = Path("reports")
+"""Where a run's report and recipe go unless told otherwise."""
+
+
+def report_path_for(study_name: str) -> Path:
+    return REPORTS_DIR / f"{study_file_name(study_name)}.html"
+
+
+def recipe_path_for(study_name: str) -> Path:
+    return REPORTS_DIR / f"{study_file_name(study_name)}-recipe.yaml"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run made: the study, its measured frontier, the report and the exported recipe."""
+
+    study: optuna.Study
+    frontier: list[Point]
+    """The measured recipes within the budget that no other beats on all three objectives,
+    fastest first; each point's `number` is its trial's in `study`."""
+    report_path: Path
+    recipe: Recipe | None
+    """The balanced pick of the frontier; None where nothing was measured within the budget."""
+    recipe_path: Path | None
+    notes: list[str]
+    """What the run has to say besides its trials (a resumed study, interrupted trials)."""
+
+
+def run(
+    settings: RunSettings | None = None,
+    *,
+    events: RunEvents | None = None,
+    runner: ProbeRunner | None = None,
+    **fields: Any,
+) -> RunResult:
+    """Search fine-tuning recipes for a model on data within a memory budget, then write the
+    HTML report and the balanced recipe (to reports/<study>... unless the settings say where).
+
+    Give a RunSettings, or its fields as keywords (with settings, they replace its fields).
+    `events` hears of each trial (autotune.console.ConsoleReporter prints them); `runner`
+    probes a recipe (default: each in a process of its own). Bad input raises UsageError.
+    """
+    from autotune.export import write_recipe
+    from autotune.pareto import frontier
+    from autotune.probe import SubprocessProbeRunner
+    from autotune.report import write_report
+    from autotune.study import RunEvents, measured_points, prepare_run, run_study
+
+    if settings is None:
+        settings = RunSettings(**fields)
+    elif fields:
+        settings = dataclasses.replace(settings, **fields)
+    events = events if events is not None else RunEvents()
+    prepared = prepare_run(settings)
+    runner = runner or SubprocessProbeRunner(settings.probe_timeout_seconds)
+    study = run_study(prepared, runner, events)
+    report_path = write_report(study, settings.report_path or report_path_for(prepared.study_name))
+    points = measured_points(study)
+    recipe = recipe_path = None
+    if points:
+        recipe, recipe_path = write_recipe(
+            study, "balanced", settings.recipe_path or recipe_path_for(prepared.study_name)
+        )
+    return RunResult(study, frontier(points), report_path, recipe, recipe_path, list(events.notes))
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    estimate: MemoryEstimate
+    memory_model: str
+    """The memory model that answered: replay or formula."""
+    fallback_reason: str = ""
+    """Why the formula answered where the replay was asked for ("" where it was not)."""
+
+
+def _check_seq_len(seq_len: int) -> None:
+    from autotune.recipe import UPPER_BOUNDS
+
+    if not 1 <= seq_len <= UPPER_BOUNDS["seq_len"]:
+        raise UsageError(f"--seq-len must be from 1 to {UPPER_BOUNDS['seq_len']}, got {seq_len}")
+
+
+def estimate(
+    model: str,
+    recipe_path: str | Path,
+    *,
+    seq_len: int | None = None,
+    memory_model: str = "replay",
+    trust_remote_code: bool = False,
+) -> MemoryPrediction:
+    """A recipe's peak GPU memory for `model`, from its config alone (no weights are loaded)."""
+    from autotune.architecture import check_recipe
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.remote_code import allow_remote_code
+    from autotune.replay import check_memory_model, load_config, predict
+
+    allow_remote_code(trust_remote_code)
+    check_memory_model(memory_model)
+    spec = load_model_spec(model)
+    recipe = Recipe.load(recipe_path).replace(model=model)
+    if seq_len is not None:
+        _check_seq_len(seq_len)
+    spec.check_recipe(recipe, str(recipe_path))
+    config = None
+    if memory_model == "replay":
+        config = load_config(model)
+        check_recipe(recipe, config, str(recipe_path))
+    elif recipe.method == "lora":
+        # the formula prices the Llama family's linear layers by name
+        spec.target_linears(recipe.lora_target_modules or "all-linear")
+    return MemoryPrediction(*predict(spec, recipe, config, seq_len, memory_model))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    report: TrainReport
+    predicted: MemoryPrediction | None
+    """The recipe's peak as `estimate` and a study predict it; None where it names no model."""
+    probe_measured: dict[str, Any]
+    """What the study's probe measured for the recipe (its file's `measured:`; may be empty)."""
+
+
+def train(
+    recipe_path: str | Path,
+    data_path: str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> TrainResult:
+    """Fine-tune with the recipe in `recipe_path`; the adapter or model goes to `output_dir`.
+    `options` are autotune.training.train.train's (epochs, max_steps, resume, budget_bytes...)."""
+    from autotune.architecture import check_recipe
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.remote_code import allow_remote_code
+    from autotune.replay import load_config, predict
+    from autotune.study import resolve_device
+    from autotune.training.train import train as train_model
+
+    allow_remote_code(trust_remote_code)
+    recipe, measured = Recipe.load_measured(recipe_path)
+    spec = load_model_spec(recipe.model) if recipe.model else None
+    if spec is not None:
+        spec.check_recipe(recipe, str(recipe_path))
+    config = load_config(recipe.model) if recipe.model else None
+    device_name = resolve_device(device)
+    if config is not None:
+        check_recipe(recipe, config, str(recipe_path), device_name)
+    report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
+    # as `estimate` and a study predict it: the replay, the formula where it cannot run
+    predicted = MemoryPrediction(*predict(spec, recipe, config)) if spec is not None else None
+    return TrainResult(report, predicted, measured)
+
+
+def inspect_data(
+    data_path: str | Path,
+    model: str | None = None,
+    seq_len: int = 1024,
+    *,
+    trust_remote_code: bool = False,
+) -> DataSummary:
+    """Rows, formats and bad rows of a data file and, given a model, its token lengths."""
+    from autotune.data.summary import summarize
+    from autotune.remote_code import allow_remote_code
+    from autotune.study import tokenizer_for
+
+    allow_remote_code(trust_remote_code)
+    _check_seq_len(seq_len)
+    tokenizer = tokenizer_for(model) if model else None
+    return summarize(data_path, tokenizer, seq_len)
+
+
+def export_recipe(
+    storage: str | None,
+    study_name: str | None,
+    pick: str = "balanced",
+    fmt: str = "autotune",
+    output: str | Path | None = None,
+) -> str:
+    """The picked frontier recipe of a stored study as YAML in `fmt`, written to `output` if
+    given (see autotune.pareto.PICK_HELP and autotune.formats.EXPORT_FORMATS)."""
+    from autotune.export import recipe_yaml, write_text
+    from autotune.study import load_existing_study
+
+    _, text = recipe_yaml(load_existing_study(storage, study_name), pick, fmt)
+    if output is not None:
+        write_text(output, text)
+    return text
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    report_path: Path
+    csv_path: Path | None
+    png_path: Path | None
+
+
+def write_study_report(
+    storage: str | None,
+    study_name: str | None,
+    output: str | Path | None = None,
+    csv: str | Path | None = None,
+    png: str | Path | None = None,
+) -> StudyReport:
+    """The HTML report of a stored study (default reports/<study>.html) and, if asked, its
+    trials as CSV and its Pareto chart as PNG."""
+    from autotune.report import write_main_chart_png, write_report
+    from autotune.study import load_existing_study
+
+    found = load_existing_study(storage, study_name)
+    if not found.trials:
+        raise UsageError(
+            f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
+        )
+    path = write_report(found, output or report_path_for(found.study_name), csv)
+    png_path = write_main_chart_png(found, png) if png is not None else None
+    return StudyReport(path, Path(csv) if csv is not None else None, png_path)

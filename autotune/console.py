@@ -1,0 +1,238 @@
+"""What `autotune run` and `autotune train` show on the terminal: the run's events as a progress
+bar with a line per trial, and the results. rich loads when a console is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from autotune.study.objective import RunEvents, TrialSummary
+from autotune.study.records import TrialStatus
+from autotune.units import format_bytes
+
+if TYPE_CHECKING:
+    from autotune.api import RunResult, TrainResult
+    from autotune.study.settings import PreparedRun
+    from autotune.study.study_records import Confirmation, Noise
+
+
+def make_console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def progress_bar(console: Any, transient: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
+    """Progress lines while a large dataset is tokenized into the cache (small ones are quick)."""
+    from autotune.data.splits import TOKENIZE_PROGRESS_ROWS
+
+    def show(done: int, total: int) -> None:
+        if total >= TOKENIZE_PROGRESS_ROWS:
+            make_console(stderr=True).print(f"tokenizing {data_path}: {done:,} of {total:,} rows")
+
+    return show
+
+
+class ConsoleReporter(RunEvents):
+    """A run's events on the terminal: its setup, then a progress bar over the trials with a
+    line per finished trial, confirmation and noise measurement. Use it in a `with` block, so
+    the bar ends however the run does; `show_result` prints what the run made."""
+
+    def __init__(self, console: Any = None) -> None:
+        super().__init__(
+            run_started=self._run_started,
+            trial_started=self._trial_started,
+            trial_finished=self._trial_finished,
+            confirmed=self._confirmed,
+            noise_measured=self._noise_measured,
+        )
+        self.console = console or make_console()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ConsoleReporter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def _run_started(self, prepared: PreparedRun) -> None:
+        from autotune.study.records import not_searched
+        from autotune.study.storage import redact_url
+
+        settings = prepared.settings
+        if prepared.skipped_rows:
+            self.console.print(f"skipped {prepared.skipped_rows} bad rows of {settings.data_path}")
+        self.console.print(
+            f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
+            f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
+            f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
+        )
+        for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
+            self.console.print(line)
+        self._progress = progress_bar(self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("trials", total=settings.trials)
+
+    def _trial_started(self, number: int, label: str) -> None:
+        self._progress.update(self._task, description=f"trial {number}: {label}")
+
+    def _trial_finished(self, summary: TrialSummary) -> None:
+        from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
+
+        self._progress.advance(self._task)
+        if summary.status == TrialStatus.MEASURED:
+            memory = format_bytes(summary.peak_memory_bytes or 0)
+            if summary.memory_source == CPU_MEMORY_SOURCE:
+                memory = f"CPU RSS +{memory}"
+            text = (
+                f"[green]measured[/] {memory} "
+                f"(predicted GPU {format_bytes(summary.predicted_peak_bytes)}), "
+                f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}"
+            )
+        else:
+            text = f"[yellow]{summary.status}[/]: {summary.reason}"
+        if summary.repair_of is not None:
+            text += f" (nearest recipe that fits, for trial {summary.repair_of})"
+        self.console.print(f"trial {summary.number:>3} {summary.label}: {text}")
+        if summary.seconds:
+            phases = (*PROBE_PHASES, "total")
+            self.console.print(
+                "      time: "
+                + ", ".join(
+                    f"{p} {summary.seconds[p]:.1f}s" for p in phases if p in summary.seconds
+                ),
+                style="dim",
+            )
+
+    def _confirmed(self, number: int, confirmation: Confirmation) -> None:
+        verdict = "[green]held up[/]" if confirmation.held_up else "[red]did not hold up[/]"
+        speed = confirmation.tokens_per_second
+        detail = (
+            f"{speed:,.0f} tok/s ({confirmation.speed_change:+.0%})"
+            if confirmation.status == "ok"
+            else confirmation.reason
+        )
+        self.console.print(
+            f"confirm trial {number} ({confirmation.steps} steps, seed "
+            f"{confirmation.seed}): {verdict}: {detail}"
+        )
+
+    def _noise_measured(self, noise: Noise) -> None:
+        self.console.print(
+            f"noise: trial {noise.trial} again with seed {noise.seed}: eval loss moved "
+            f"{noise.eval_loss_difference:.4f}, tokens/s "
+            f"{(noise.tokens_per_second_change or 0):+.1%}"
+        )
+
+    def show_result(self, result: RunResult) -> None:
+        """The run's notes, its frontier as a table, and where the report and recipe went."""
+        from autotune.study.records import nothing_measured_line
+
+        for note in result.notes:
+            self.console.print(note)
+        self.console.print(frontier_table(result))
+        self.console.print(f"report: {result.report_path}")
+        if result.recipe_path is not None:
+            self.console.print(f"recipe (balanced): {result.recipe_path}")
+        else:
+            self.console.print(nothing_measured_line(result.study))
+
+
+def frontier_table(result: RunResult) -> Any:
+    from rich.table import Table
+
+    from autotune.study.records import trial_record
+
+    table = Table(title="Pareto frontier (measured, within budget)")
+    for column in ("trial", "recipe", "peak memory", "tokens/s", "eval loss"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for point in result.frontier:
+        trial = result.study.trials[point.number]
+        table.add_row(
+            str(point.number),
+            trial_record(trial).label,
+            format_bytes(point.peak_memory_bytes),
+            f"{point.tokens_per_second:,.0f}",
+            f"{point.eval_loss:.4f}",
+        )
+    return table
+
+
+class TrainProgress:
+    """`autotune train`'s progress bar: optimizer steps done of all, and the latest loss."""
+
+    def __init__(self, console: Any) -> None:
+        self._progress = progress_bar(console, transient=False)
+        self._task: Any = None
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        self._task = self._progress.add_task("training", total=None)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def started(self, start_step: int, total_steps: int) -> None:
+        self._progress.update(self._task, total=total_steps, completed=start_step)
+        if start_step:
+            self._progress.console.print(f"resumed from step {start_step}")
+
+    def stepped(self, step: int, loss: float) -> None:
+        self._progress.update(self._task, completed=step, description=f"training, loss {loss:.4f}")
+
+
+def show_trained(console: Any, result: TrainResult) -> None:
+    """What a training run measured, beside what the recipe's prediction and probe said."""
+    report, measured = result.report, result.probe_measured
+    memory = format_bytes(report.peak_memory_bytes)
+    if report.memory_source == "cpu_peak_rss_delta":
+        memory = f"{memory} (CPU RSS growth, not GPU memory)"
+    predicted = "?"
+    if result.predicted is not None:
+        peak_bytes = result.predicted.estimate.peak_bytes
+        predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
+    probe_speed = measured.get("tokens_per_second")
+    console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
+    console.print(
+        f"peak memory {memory}; predicted {predicted}"
+        + (
+            f"; probe measured {format_bytes(measured['peak_memory_bytes'])}"
+            if measured.get("peak_memory_bytes")
+            else ""
+        )
+    )
+    console.print(
+        f"tokens/s {report.tokens_per_second:,.0f}"
+        + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
+    )
+    console.print(f"saved to {report.output_dir}")
