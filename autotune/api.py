@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import optuna
 
     from autotune.data.summary import DataSummary
+    from autotune.margins import MemoryMargin
     from autotune.memory import MemoryEstimate
     from autotune.pareto import Point
     from autotune.probe import ProbeRunner
@@ -49,6 +50,8 @@ class RunResult:
     recipe_path: Path | None
     notes: list[str]
     """What the run has to say besides its trials (a resumed study, interrupted trials)."""
+    recipe_fit: str = ""
+    """How the picked recipe's predicted peak, with its margin, stands against the budget."""
 
 
 def run(
@@ -65,7 +68,7 @@ def run(
     `events` hears of each trial (autotune.console.ConsoleReporter prints them); `runner`
     probes a recipe (default: each in a process of its own). Bad input raises UsageError.
     """
-    from autotune.export import write_recipe
+    from autotune.export import measured_figures, picked_trial, write_recipe
     from autotune.pareto import frontier
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
@@ -82,11 +85,16 @@ def run(
     report_path = write_report(study, settings.report_path or report_path_for(prepared.study_name))
     points = measured_points(study)
     recipe = recipe_path = None
+    fit = ""
     if points:
         recipe, recipe_path = write_recipe(
             study, "balanced", settings.recipe_path or recipe_path_for(prepared.study_name)
         )
-    return RunResult(study, frontier(points), report_path, recipe, recipe_path, list(events.notes))
+        picked = picked_trial(study, "balanced")
+        fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
+    return RunResult(
+        study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit
+    )
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,26 @@ class MemoryPrediction:
     estimate: MemoryEstimate
     memory_model: str
     """The memory model that answered: replay or formula."""
-    fallback_reason: str = ""
+    fallback_reason: str
     """Why the formula answered where the replay was asked for ("" where it was not)."""
+    margin: MemoryMargin
+    """What a study adds to the peak before it holds it to a budget."""
+
+    @property
+    def peak_with_margin_bytes(self) -> int:
+        return self.margin.bytes_of(self.estimate.peak_bytes)
+
+
+def memory_prediction(
+    spec: Any, recipe: Recipe, config: Any, seq_len: int | None = None, **options: Any
+) -> MemoryPrediction:
+    """The peak a study would predict for `recipe` (`predict`'s options), with its margin."""
+    from autotune.margins import margin_for
+    from autotune.replay import predict
+
+    margin = options.pop("memory_margin", None)
+    peak, used, fallback = predict(spec, recipe, config, seq_len, **options)
+    return MemoryPrediction(peak, used, fallback, margin_for(margin, used, recipe.quantization))
 
 
 def _check_seq_len(seq_len: int) -> None:
@@ -112,16 +138,20 @@ def estimate(
     seq_len: int | None = None,
     memory_model: str = "replay",
     trust_remote_code: bool = False,
+    memory_margin: float | None = None,
 ) -> MemoryPrediction:
-    """A recipe's peak GPU memory for `model`, from its config alone (no weights are loaded)."""
+    """A recipe's peak GPU memory for `model`, from its config alone (no weights are loaded),
+    and the margin a study adds to it (`memory_margin`, else the measured one)."""
     from autotune.architecture import check_recipe
+    from autotune.margins import check_margin
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
-    from autotune.replay import check_memory_model, load_config, predict
+    from autotune.replay import check_memory_model, load_config
 
     allow_remote_code(trust_remote_code)
     check_memory_model(memory_model)
+    check_margin(memory_margin)
     spec = load_model_spec(model)
     recipe = Recipe.load(recipe_path).replace(model=model)
     if seq_len is not None:
@@ -134,7 +164,9 @@ def estimate(
     elif recipe.method == "lora":
         # the formula prices the Llama family's linear layers by name
         spec.target_linears(recipe.lora_target_modules or "all-linear")
-    return MemoryPrediction(*predict(spec, recipe, config, seq_len, memory_model))
+    return memory_prediction(
+        spec, recipe, config, seq_len, memory_model=memory_model, memory_margin=memory_margin
+    )
 
 
 @dataclass(frozen=True)
@@ -161,7 +193,7 @@ def train(
     from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
-    from autotune.replay import load_config, predict
+    from autotune.replay import load_config
     from autotune.study import resolve_device
     from autotune.training.train import train as train_model
 
@@ -176,7 +208,7 @@ def train(
         check_recipe(recipe, config, str(recipe_path), device_name)
     report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
     # as `estimate` and a study predict it: the replay, the formula where it cannot run
-    predicted = MemoryPrediction(*predict(spec, recipe, config)) if spec is not None else None
+    predicted = memory_prediction(spec, recipe, config) if spec is not None else None
     return TrainResult(report, predicted, measured)
 
 

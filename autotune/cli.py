@@ -52,6 +52,7 @@ def run(
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
+    memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),
     recipe_path: Path | None = setting_option("recipe_path", "--recipe-out"),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
@@ -208,22 +209,35 @@ def estimate(
     seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
     as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
     memory_model: str = setting_option("memory_model", "--memory-model"),
+    memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
+    budget: str | None = typer.Option(
+        None, "--budget", "-b", help="Say whether the peak, with its margin, fits this budget."
+    ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.api import estimate as estimate_peak
-    from autotune.units import format_bytes
+    from autotune.margins import fit_words
+    from autotune.units import format_bytes, parse_bytes
 
+    budget_bytes = parse_bytes(budget) if budget is not None else None
     predicted = estimate_peak(
         model,
         recipe,
         seq_len=seq_len,
         memory_model=memory_model,
         trust_remote_code=trust_remote_code,
+        memory_margin=memory_margin,
     )
-    result, used = predicted.estimate, predicted.memory_model
+    result, used, margin = predicted.estimate, predicted.memory_model, predicted.margin
     if as_json:
-        typer.echo(json.dumps({**result.as_json(), "memory_model": used}))
+        figures = {
+            **result.as_json(),
+            "memory_model": used,
+            "margin": margin.fraction,
+            "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
+        }
+        typer.echo(json.dumps(figures))
         return
     if predicted.fallback_reason:
         typer.echo(f"memory model: {used} ({predicted.fallback_reason})")
@@ -233,11 +247,17 @@ def estimate(
         f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
         f"({result.peak_bytes} bytes, {used})"
     )
+    typer.echo(
+        f"{'with margin':>28}  {format_bytes(predicted.peak_with_margin_bytes):>12}  "
+        f"(+{100 * margin.fraction:.1f}%: {margin.why})"
+    )
     if result.paged_bytes:
         typer.echo(
             f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
         )
+    if budget_bytes is not None:
+        typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")

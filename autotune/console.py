@@ -158,6 +158,8 @@ class ConsoleReporter(RunEvents):
         self.console.print(f"report: {result.report_path}")
         if result.recipe_path is not None:
             self.console.print(f"recipe (balanced): {result.recipe_path}")
+            if result.recipe_fit:
+                self.console.print(f"memory: {result.recipe_fit}")
         else:
             self.console.print(nothing_measured_line(result.study))
 

@@ -6,14 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
+from autotune.margins import fit_words, stored_margin
 from autotune.pareto import PICK_POLICIES, pick
 from autotune.recipe import Recipe
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.study_records import Confirmation, confirmations, study_setup
 
 
-def measured_figures(trial: Any, confirmation: Confirmation | None = None) -> dict[str, Any]:
-    """What the probe measured for a trial, as written under `measured:`."""
+def measured_figures(
+    trial: Any, confirmation: Confirmation | None = None, budget_bytes: int = 0
+) -> dict[str, Any]:
+    """What the probe measured for a trial, as written under `measured:`; with the study's
+    budget, how the predicted peak with its margin stands against it."""
     memory, speed, loss = trial.values
     record = trial_record(trial)
     probe = record.probe
@@ -24,9 +28,16 @@ def measured_figures(trial: Any, confirmation: Confirmation | None = None) -> di
         "memory_source": probe.memory_source if probe else "",
         "device": probe.device if probe else "",
         "predicted_peak_bytes": record.predicted_peak_bytes,
+        "memory_model": record.memory_model,
+        "memory_margin": record.memory_margin,
         "probe_steps_done": probe.steps_done if probe else None,
         "trial": trial.number,
     }
+    if budget_bytes and record.predicted_peak_bytes:
+        margin = stored_margin(
+            record.memory_margin, record.memory_model, recipe_of(trial).quantization
+        )
+        figures["predicted_fit"] = fit_words(record.predicted_peak_bytes, margin, budget_bytes)
     if confirmation:
         figures["confirmation"] = {
             "held_up": confirmation.held_up,
@@ -60,8 +71,10 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     trial = picked_trial(study, policy)
     recipe = recipe_of(trial)
-    measured = measured_figures(trial, confirmations(study).get(trial.number))
     setup = study_setup(study)
+    measured = measured_figures(
+        trial, confirmations(study).get(trial.number), setup.budget_bytes
+    )
     data_path = setup.data_path or None
     data_format = "alpaca"
     if fmt == "axolotl" and data_path and Path(data_path).exists():

@@ -85,8 +85,49 @@ def memory_margin(memory_model: str, quantization: str) -> MemoryMargin:
     return MemoryMargin(entry["fraction"], why)
 
 
-def given_margin(fraction: float) -> MemoryMargin:
-    return MemoryMargin(fraction, "--memory-margin")
+def margin_for(given: float | None, memory_model: str, quantization: str) -> MemoryMargin:
+    """The margin a study adds: the one a person gave (--memory-margin), else the measured one."""
+    if given is not None:
+        return MemoryMargin(given, f"--memory-margin {given:g}")
+    return memory_margin(memory_model, quantization)
+
+
+def stored_margin(fraction: float, memory_model: str, quantization: str) -> MemoryMargin:
+    """The margin a trial stored (its fraction), with where it came from: the measured table's
+    entry where the fraction is that entry's, else a margin given to the run."""
+    measured = memory_margin(memory_model, quantization)
+    if measured.fraction == fraction:
+        return measured
+    return MemoryMargin(fraction, "given to the run" if fraction else "none")
+
+
+MAX_MARGIN = 1.0
+"""A given margin above this (doubling every prediction) is a typo for a percentage."""
+
+
+def check_margin(given: float | None) -> None:
+    from autotune.errors import UsageError
+
+    if given is not None and not 0 <= given <= MAX_MARGIN:
+        raise UsageError(
+            f"--memory-margin must be a share from 0 to {MAX_MARGIN:g} (0.1 is 10%), got {given}"
+        )
+
+
+def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int) -> str:
+    """How a predicted peak stands against the budget once the margin is added, in words."""
+    from autotune.units import format_bytes
+
+    margined = margin.bytes_of(peak_bytes)
+    if margined <= budget_bytes:
+        spare = format_bytes(budget_bytes - margined)
+        verdict = f"fits {format_bytes(budget_bytes)} with {spare} to spare"
+    else:
+        verdict = f"over {format_bytes(budget_bytes)} by {format_bytes(margined - budget_bytes)}"
+    return (
+        f"predicted {format_bytes(peak_bytes)}, {format_bytes(margined)} with a "
+        f"{100 * margin.fraction:.1f}% margin ({margin.why}): {verdict}"
+    )
 
 
 _KIND_WORDS = {"none": "unquantized bases", "int8": "int8 bases", "nf4": "NF4 bases"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from autotune.margins import memory_margin
 from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
@@ -207,7 +209,13 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     expected = estimate(load_model_spec(str(config_only)), Recipe.load(recipe_path))
-    assert printed == {**expected.as_json(), "memory_model": "formula"}
+    margin = memory_margin("formula", "nf4")
+    assert printed == {
+        **expected.as_json(),
+        "memory_model": "formula",
+        "margin": margin.fraction,
+        "peak_bytes_with_margin": margin.bytes_of(expected.peak_bytes),
+    }
     longer = autotune(
         "estimate",
         "--model",
@@ -234,6 +242,23 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     )
     assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
     assert "paged optimizer states" not in table.stdout
+    assert f"(+{100 * margin.fraction:.1f}%: the formula's worst under-prediction" in table.stdout
+    # with a budget: whether the peak with its margin fits, and by how much
+    margined = margin.bytes_of(expected.peak_bytes)
+    for budget, verdict in ((margined + 10**6, "fits"), (margined - 10**6, "over")):
+        fit = autotune(
+            "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model",
+            "formula", "--budget", f"{budget}B", cwd=tmp_path,
+        )  # fmt: skip
+        assert fit.returncode == 0, fit.stderr
+        assert f": {verdict} " in fit.stdout.splitlines()[-1]
+    given = autotune(
+        "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model", "formula",
+        "--memory-margin", "0.25", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert json.loads(given.stdout)["peak_bytes_with_margin"] == math.ceil(
+        expected.peak_bytes * 1.25
+    )
 
 
 def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
@@ -247,7 +272,13 @@ def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     expected = replay(Recipe.load(recipe_path), load_config(str(config_only))).estimate()
-    assert printed == {**expected.as_json(), "memory_model": "replay"}
+    margin = memory_margin("replay", "nf4")
+    assert printed == {
+        **expected.as_json(),
+        "memory_model": "replay",
+        "margin": margin.fraction,
+        "peak_bytes_with_margin": margin.bytes_of(expected.peak_bytes),
+    }
     assert set(printed["breakdown"]) >= {"weights", "activations", "allocator_overhead"}
     int8 = tmp_path / "int8.yaml"
     int8.write_text("method: lora\nquantization: int8\nlora_r: 8\nseq_len: 256\n")
@@ -370,6 +401,11 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         (
             ["estimate", "--model", str(config_only), "--recipe", str(too_frozen)],
             "leaves nothing to train",
+        ),
+        (
+            ["estimate", "-m", str(config_only), "-r", str(full_with_lora)]
+            + ["--memory-margin", "10"],
+            "--memory-margin must be a share from 0 to 1",
         ),
         (
             ["estimate", "--model", str(tmp_path), "--recipe", str(full_with_lora)],

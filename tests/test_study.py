@@ -13,6 +13,7 @@ import yaml
 
 from autotune.errors import UsageError
 from autotune.export import recipe_yaml
+from autotune.margins import memory_margin
 from autotune.memory import estimate
 from autotune.recipe import Recipe
 from autotune.report import render_html, report_data
@@ -22,10 +23,12 @@ from autotune.study import (
     RunEvents,
     RunSettings,
     load_existing_study,
+    make_objective,
     measured_points,
     open_study,
     prepare_run,
     run_study,
+    trial_record,
 )
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
@@ -85,9 +88,11 @@ def settings_for(workspace, **changes) -> RunSettings:
         device="cpu",
         storage=f"sqlite:///{tmp_path}/study.db",
         study_name="s",
-        # the tests reason about the formula's predictions; test_trials_are_predicted_by_replay
-        # runs the replay memory model
+        # the tests reason about the formula's predictions, as they are (no margin);
+        # test_trials_are_predicted_by_replay runs the replay memory model, and
+        # test_the_measured_margin_rules_out_what_only_fits_without_it the margin
         memory_model="formula",
+        memory_margin=0.0,
     )
     return RunSettings(**{**base, **changes})
 
@@ -157,6 +162,14 @@ def test_export_and_report_from_the_study(workspace):
     assert Recipe.from_yaml(text) == recipe
     fastest = max(measured_points(study), key=lambda p: p.tokens_per_second)
     assert data["measured"]["tokens_per_second"] == pytest.approx(fastest.tokens_per_second)
+    # the prediction with the margin the study held it to (none in these tests), against the
+    # budget: 10 GB with the prediction's distance to it to spare
+    predicted = data["measured"]["predicted_peak_bytes"]
+    assert data["measured"]["memory_margin"] == 0.0
+    assert data["measured"]["predicted_fit"].startswith(f"predicted {format_bytes(predicted)}")
+    assert f"fits {format_bytes(10**10)} with {format_bytes(10**10 - predicted)} to spare" in (
+        data["measured"]["predicted_fit"]
+    )
     report = report_data(study)
     assert report.frontier_numbers and fastest.number in report.frontier_numbers
     assert report.data_text.startswith("Data: 30 rows; tokens per row p50 ")
@@ -614,3 +627,60 @@ def test_each_module_of_the_study_package_imports_first():
         code = f"import autotune.study.{path.stem}"
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert loaded.returncode == 0, (path.stem, loaded.stderr)
+
+
+def test_the_measured_margin_rules_out_what_only_fits_without_it(workspace):
+    """By default a predicted peak is held to the budget with the memory model's worst measured
+    under-prediction added (autotune/memory_margins.json): a recipe that fits only without it
+    is ruled out with the margin named; --memory-margin 0 probes it."""
+    tmp_path, model, data = workspace
+    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
+    peaks = {}
+    for params in prepared.space.all_params():
+        recipe = prepared.space.build(params, str(model), prepared.spec, 64)
+        peaks[recipe.label()] = (estimate(prepared.spec, recipe).peak_bytes, recipe.quantization)
+    assert memory_margin("formula", "none").fraction > 0.05  # the formula's misses are not small
+    smallest = min(peak for peak, _ in peaks.values())
+    smallest_margined = min(
+        memory_margin("formula", quantization).bytes_of(peak)
+        for peak, quantization in peaks.values()
+    )
+    budget = (smallest + smallest_margined) // 2  # the smallest fits bare, none with its margin
+    with pytest.raises(UsageError, match="with the memory model's margin"):
+        prepare_run(settings_for(workspace, budget_bytes=budget, memory_margin=None))
+    study = run_study(
+        prepare_run(settings_for(workspace, budget_bytes=10**12, memory_margin=None, trials=2)),
+        FakeRunner(),
+    )
+    records = [trial_record(t) for t in study.trials]
+    assert [r for r in records if r.recipe]
+    for record in records:
+        if record.recipe:
+            quantization = Recipe.from_dict(record.recipe).quantization
+            assert record.memory_margin == memory_margin("formula", quantization).fraction
+    # a margin of 50% given: the smallest recipe fits with it; a larger one that fits bare
+    # but not with the margin is ruled out, and probed at margin 0
+    budget = math.ceil(smallest * 1.5)
+    build = prepared.space.build
+    peak, params = max(
+        (
+            (estimate(prepared.spec, build(p, str(model), prepared.spec, 64)).peak_bytes, p)
+            for p in prepared.space.all_params()
+        ),
+        key=lambda point: point[0] if point[0] <= budget else 0,
+    )
+    assert smallest < peak <= budget < peak * 1.5
+    outcomes = {}
+    for given in (0.5, 0.0):
+        settings = settings_for(workspace, budget_bytes=budget, memory_margin=given)
+        study = optuna.create_study(directions=["minimize", "maximize", "minimize"])
+        study.enqueue_trial(params)
+        runner = FakeRunner()
+        study.optimize(make_objective(prepare_run(settings), runner, RunEvents()), n_trials=1)
+        outcomes[given] = (study.trials[0].user_attrs, len(runner.requests))
+    ruled, probes = outcomes[0.5]
+    assert ruled["status"] == "over_budget_predicted" and probes == 0
+    assert "+ 50.0% margin > budget" in ruled["reason"]
+    assert trial_record(study.trials[0]).memory_margin == 0.0
+    probed, probes = outcomes[0.0]
+    assert probed["status"] == "measured" and probes == 1

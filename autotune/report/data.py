@@ -112,6 +112,12 @@ def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None)
             f"{format_bytes(row['peak_memory_bytes'])}, {row['tokens_per_second']:,.0f} tok/s, "
             f"eval loss {row['eval_loss']:.4f}"
         )
+        if row["predicted_with_margin_bytes"]:
+            line += (
+                f" (predicted {format_bytes(row['predicted_with_margin_bytes'])} with its "
+                f"{100 * row['memory_margin']:.1f}% margin, "
+                f"{format_bytes(budget_bytes - row['predicted_with_margin_bytes'])} to spare)"
+            )
         if len(default) and int(default.iloc[0]["trial"]) != int(row["trial"]):
             base = default.iloc[0]
             difference = row["eval_loss"] - base["eval_loss"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from autotune.pareto import frontier
@@ -48,6 +49,12 @@ def trials_frame(study: Any) -> Any:
             "feasible": bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values()),
             "on_frontier": trial.number in front,
             "predicted_peak_bytes": record.predicted_peak_bytes,
+            "memory_margin": record.memory_margin,
+            "predicted_with_margin_bytes": (
+                math.ceil(record.predicted_peak_bytes * (1 + record.memory_margin))
+                if record.predicted_peak_bytes
+                else None
+            ),
             "memory_model": record.memory_model,
             "trial_seconds": trial_seconds(trial),
         }

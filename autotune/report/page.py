@@ -29,6 +29,8 @@ TABLE_COLUMNS = (
     "on_frontier",
     "held_up",
     "predicted_peak_bytes",
+    "memory_margin",
+    "predicted_with_margin_bytes",
     "memory_model",
     "peak_memory_bytes",
     "tokens_per_second",
@@ -53,7 +55,7 @@ def render_html(data: ReportData) -> str:
         for index, figure in enumerate(figures)
     ]
     table = data.frame[[c for c in TABLE_COLUMNS if c in data.frame.columns]].copy()
-    for column in ("predicted_peak_bytes", "peak_memory_bytes"):
+    for column in ("predicted_peak_bytes", "predicted_with_margin_bytes", "peak_memory_bytes"):
         table[column] = table[column].map(
             lambda v: format_bytes(v) if v == v and v is not None else ""
         )

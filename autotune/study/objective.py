@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
 from autotune.recipe import Recipe
@@ -123,6 +124,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             raise optuna.TrialPruned("the study reached its target of trials")
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
         prediction, memory_model = predict_trial(recipe)
+        margin = margin_for(settings.memory_margin, memory_model, recipe.quantization)
+        margined_peak = margin.bytes_of(prediction.peak_bytes)
         workdir = trials_dir / f"trial-{trial.number:04d}"
 
         def record(
@@ -160,7 +163,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             record(TrialStatus.DUPLICATE, f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
         record_prediction(
-            trial, recipe, prediction.peak_bytes, prediction.breakdown, memory_model
+            trial,
+            recipe,
+            prediction.peak_bytes,
+            prediction.breakdown,
+            memory_model,
+            margin.fraction,
         )
         events.trial_started(trial.number, recipe.label())
 
@@ -175,7 +183,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             record(status, reason, values, result)
             return values
 
-        if prediction.peak_bytes > budget:
+        if margined_peak > budget:
             nearest = nearest_fitting_params(space, trial.params, fits)
             if nearest is not None and trial_record(trial).repair_of is None:
                 # Probe the closest recipe that fits next: the sampler asked for this region.
@@ -185,8 +193,10 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             return finish(
                 TrialStatus.OVER_BUDGET_PREDICTED,
                 (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
-                (prediction.peak_bytes - budget) / budget,
-                f"predicted {format_bytes(prediction.peak_bytes)} > budget {format_bytes(budget)}",
+                (margined_peak - budget) / budget,
+                f"predicted {format_bytes(prediction.peak_bytes)}"
+                + (f" + {100 * margin.fraction:.1f}% margin" if margin.fraction else "")
+                + f" > budget {format_bytes(budget)}",
             )
 
         gpu = gpu_pool.get() if gpu_pool else None
@@ -203,7 +213,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             measured = float(result.peak_memory_bytes or 0)
             # On CUDA the measured peak is what the budget bounds; a CPU run's RSS is not GPU
             # memory, so there feasibility rests on the prediction.
-            bound = measured if prepared.device.startswith("cuda") else prediction.peak_bytes
+            bound = measured if prepared.device.startswith("cuda") else margined_peak
             return finish(
                 TrialStatus.MEASURED,
                 (measured, float(result.tokens_per_second or 0.0), float(result.eval_loss or 0.0)),

@@ -13,6 +13,7 @@ from autotune.data.splits import check_enough_rows
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError
+from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import UPPER_BOUNDS
@@ -75,14 +76,17 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
     check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
-    fit = budget_fit(space, settings.model, spec, settings.seq_len, settings.budget_bytes)
+    check_margin(settings.memory_margin)
+    fit = budget_fit(
+        space, settings.model, spec, settings.seq_len, settings.budget_bytes, settings.memory_margin
+    )
     smallest = fit.smallest_peak_bytes
     if smallest > settings.budget_bytes:
         raise UsageError(
             f"budget {format_bytes(settings.budget_bytes)} is below the "
             f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
-            f"{space.source} needs at seq_len {settings.seq_len}; "
-            "raise --budget or shorten --seq-len"
+            f"{space.source} needs at seq_len {settings.seq_len}, with the memory model's "
+            "margin; raise --budget or shorten --seq-len (or set --memory-margin)"
         )
     # Recipes and probe requests name local paths absolutely so they work from anywhere.
     settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())

@@ -8,6 +8,7 @@ from typing import Any
 
 from autotune.architecture import Architecture
 from autotune.errors import UsageError
+from autotune.margins import margin_for
 from autotune.memory import estimate
 from autotune.model_spec import ModelSpec
 from autotune.space import SearchSpace
@@ -123,13 +124,22 @@ def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[
 
 
 def budget_fit(
-    space: SearchSpace, model: str, spec: ModelSpec, seq_len: int, budget_bytes: int
+    space: SearchSpace,
+    model: str,
+    spec: ModelSpec,
+    seq_len: int,
+    budget_bytes: int,
+    margin: float | None = None,
 ) -> BudgetFit:
-    """Predict every point of the space (milliseconds each): a choice that only recipes over
-    the budget use would only ever be ruled out, so the search need not spend trials on it."""
+    """Predict every point of the space (milliseconds each), with the formula's margin (or the
+    one given): a choice that only recipes over the budget use would only ever be ruled out,
+    so the search need not spend trials on it."""
     smallest: dict[str, dict[Any, int]] = {}
     for params in space.all_params():
-        peak = estimate(spec, space.build(params, model, spec, seq_len)).peak_bytes
+        recipe = space.build(params, model, spec, seq_len)
+        peak = margin_for(margin, "formula", recipe.quantization).bytes_of(
+            estimate(spec, recipe).peak_bytes
+        )
         for name, value in params.items():
             seen = smallest.setdefault(name, {})
             seen[value] = min(seen.get(value, peak), peak)

@@ -105,15 +105,25 @@ def repair_attrs(number: int) -> dict[str, Any]:
     return {REPAIR_OF_ATTR: number}
 
 
+MEMORY_MARGIN_ATTR = "memory_margin"
+
+
 def record_prediction(
-    trial: Any, recipe: Recipe, peak_bytes: int, breakdown: dict[str, Any], memory_model: str
+    trial: Any,
+    recipe: Recipe,
+    peak_bytes: int,
+    breakdown: dict[str, Any],
+    memory_model: str,
+    margin: float = 0.0,
 ) -> None:
-    """The trial's recipe and the memory predicted for it, before it is probed or ruled out."""
+    """The trial's recipe, the memory predicted for it and the margin added to that before it
+    was held to the budget, before it is probed or ruled out."""
     trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
     trial.set_user_attr("recipe_label", recipe.label())
     trial.set_user_attr("predicted_peak_bytes", peak_bytes)
     trial.set_user_attr("predicted_breakdown", breakdown)
     trial.set_user_attr("memory_model", memory_model)
+    trial.set_user_attr(MEMORY_MARGIN_ATTR, margin)
 
 
 def record_probe_place(trial: Any, workdir: str, gpu: str | None) -> None:
@@ -154,6 +164,9 @@ class TrialRecord:
     """The recipe as stored (recipe_of reads it as a Recipe)."""
     predicted_peak_bytes: int | None = None
     memory_model: str = "formula"
+    memory_margin: float = 0.0
+    """The share added to the predicted peak before it was held to the budget (0 in studies
+    that predate margins)."""
     baseline: str = ""
     repair_of: int | None = None
     worker: str = ""
@@ -180,6 +193,7 @@ def trial_record(trial: Any) -> TrialRecord:
         recipe=attrs.get(RECIPE_ATTR) or {},
         predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
         memory_model=attrs.get("memory_model", "formula"),
+        memory_margin=attrs.get(MEMORY_MARGIN_ATTR, 0.0),
         baseline=attrs.get(BASELINE_ATTR, ""),
         repair_of=attrs.get(REPAIR_OF_ATTR),
         worker=attrs.get(WORKER_ATTR, ""),

@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from autotune.margins import margin_for
 from autotune.memory import MemoryEstimate, estimate
 from autotune.recipe import Recipe
 from autotune.replay import (
@@ -20,12 +21,14 @@ from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 
 def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
-    """Whether the recipe a set of trial parameters stands for is predicted to fit the budget."""
+    """Whether the recipe a set of trial parameters stands for is predicted to fit the budget
+    (the formula's prediction, with its margin)."""
     settings = prepared.settings
 
     def fits(params: dict[str, Any]) -> bool:
         recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
-        return estimate(prepared.spec, recipe).peak_bytes <= settings.budget_bytes
+        margin = margin_for(settings.memory_margin, "formula", recipe.quantization)
+        return margin.bytes_of(estimate(prepared.spec, recipe).peak_bytes) <= settings.budget_bytes
 
     return fits
 
