@@ -20,29 +20,15 @@ from autotune.study import RunEvents, RunSettings, TrialStatus, measured_points,
 from tests.conftest import DEMO, ROOT
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401 - a fixture
 
-README_EXAMPLE = """
-import autotune
 
-result = autotune.run(
-    model="demo/model",  # built by `make demo`
-    data_path="demo/train.jsonl",
-    budget_bytes=4 * 10**9,
-    space_path="autotune/search_spaces/demo.yaml",
-    trials=3,
-    probe_steps=2,
-    seq_len=48,
-    confirm_top=0,
-    study_name="from-python",
-)
-for point in result.frontier:  # measured within the budget, fastest first
-    print(
-        f"trial {point.number}: {point.peak_memory_bytes / 2**30:.2f} GiB, "
-        f"{point.tokens_per_second:,.0f} tokens/s, eval loss {point.eval_loss:.3f}"
-    )
-print("balanced pick:", result.recipe.label() if result.recipe else "none measured")
-print("report:", result.report_path)  # reports/from-python.html
-print("recipe:", result.recipe_path)  # reports/from-python-recipe.yaml
-"""
+def _readme_example() -> str:
+    """The first Python block under the README's "Python API" heading."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+README_EXAMPLE = _readme_example()
 """The README's example of the Python API, run verbatim by test_the_readme_example_runs."""
 
 
