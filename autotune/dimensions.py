@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.model_spec import BLOCK_LINEARS
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
     UPPER_BOUNDS,
-    Attention,
-    Batching,
     Method,
     Recipe,
 )
@@ -192,14 +192,14 @@ DIMENSIONS: tuple[Dimension, ...] = (
         "attention",
         _same("attention"),
         _field("attention"),
-        allowed=get_args(Attention),
+        allowed=tuple(ATTENTIONS),
         default=("sdpa",),
     ),
     Dimension(
         "batching",
         _same("batching"),
         _field("batching"),
-        allowed=get_args(Batching),
+        allowed=tuple(BATCHINGS),
         default=("padded",),
     ),
     Dimension(

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
@@ -65,13 +67,10 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         config["bits_and_bytes_config"] = bitsandbytes_config(compute)
     if recipe.method == "freeze":
         config["frozen_layers"] = recipe.frozen_layers
-    if recipe.batching != "padded":
+    sft_config = BATCHINGS[recipe.batching].sft_config
+    if sft_config is not None:
         # TRL's SFTConfig: packing to max_length, or padding-free micro-batches
-        config["sft_config"] = (
-            {"packing": True, "padding_free": True}
-            if recipe.batching == "packed"
-            else {"padding_free": True}
-        )
+        config["sft_config"] = dict(sft_config)
     return config
 
 
@@ -116,12 +115,8 @@ def axolotl_config(
         "gradient_checkpointing": recipe.gradient_checkpointing,
         **_half_flags(recipe),
     }
-    if recipe.batching == "packed":
-        config["sample_packing"] = True
-    if recipe.attention == "sdpa":
-        config["sdp_attention"] = True
-    elif recipe.attention == "flash_attention_2":
-        config["flash_attention"] = True
+    config.update(BATCHINGS[recipe.batching].axolotl)
+    config.update(ATTENTIONS[recipe.attention].axolotl)
     if recipe.method == "lora":
         config.update(
             adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
@@ -166,14 +161,10 @@ def llamafactory_config(
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
-        "flash_attn": {"sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}[
-            recipe.attention
-        ],
+        "flash_attn": ATTENTIONS[recipe.attention].llamafactory,
         **_half_flags(recipe),
     }
-    if recipe.batching == "packed":
-        # neat packing keeps attention inside each packed sequence
-        config.update(packing=True, neat_packing=True)
+    config.update(BATCHINGS[recipe.batching].llamafactory)
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(

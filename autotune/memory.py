@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.precisions import PRECISIONS
@@ -136,7 +138,7 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
 
 def _row_tokens(recipe: Recipe, seq_len: int) -> int:
     """Tokens one attention row spans: a padding-free row holds the whole micro-batch."""
-    return seq_len * (recipe.micro_batch_size if recipe.batching == "padding_free" else 1)
+    return seq_len * (recipe.micro_batch_size if BATCHINGS[recipe.batching].one_row else 1)
 
 
 def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> float:
@@ -156,7 +158,7 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
         pairs = spec.experts_per_token
         mlp += a * pairs * (2 * h + 4 * spec.expert_intermediate_size) + 8 * spec.experts
     span = _row_tokens(recipe, seq_len)
-    if recipe.attention == "eager":
+    if ATTENTIONS[recipe.attention].keeps_matrix:
         # The full attention matrix: fp32 softmax kept for backward and its cast for the
         # matmul with v, one row of the span per head and token.
         attention += spec.num_attention_heads * span * (4 + a)
@@ -223,7 +225,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
     else:
         activations = tokens * blocks * per_block_token
-    if recipe.batching != "padded" and recipe.attention != "flash_attention_2":
+    if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
         activations += tokens * _row_tokens(recipe, seq_len)
     # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from autotune.allocator import CachingAllocator
+from autotune.attentions import ATTENTIONS
 from autotune.recipe import Recipe
 
 
@@ -208,7 +209,7 @@ def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
 
     flash, efficient = attention_functions()
     original_sdpa = F.scaled_dot_product_attention
-    force_flash = recipe.attention == "flash_attention_2"
+    force_flash = ATTENTIONS[recipe.attention].flash
 
     def sdpa(
         query,

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeGuard, get_args
 
 import yaml
 
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from autotune.precisions import PRECISIONS
@@ -28,8 +30,10 @@ Precision = str
 """A name in precisions.PRECISIONS."""
 Optimizer = str
 """A name in the optimizer registry (optimizers.OPTIMIZERS)."""
-Attention = Literal["sdpa", "eager", "flash_attention_2"]
-Batching = Literal["padded", "padding_free", "packed"]
+Attention = str
+"""A name in attentions.ATTENTIONS."""
+Batching = str
+"""A name in batchings.BATCHINGS."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -244,18 +248,13 @@ def _is_number(value: Any) -> TypeGuard[float]:
 def recipe_problems(recipe: Recipe) -> list[str]:
     """Every way this recipe contradicts itself or the schema (empty when it is sound)."""
     problems: list[str] = []
-    for name, literal in (
-        ("method", Method),
-        ("attention", Attention),
-        ("batching", Batching),
-    ):
-        value = getattr(recipe, name)
-        if value not in _choices(literal):
-            problems.append(f"{name} {value!r} is not one of {', '.join(_choices(literal))}")
     for name, registry in (
+        ("method", _choices(Method)),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),
+        ("attention", ATTENTIONS),
+        ("batching", BATCHINGS),
     ):
         value = getattr(recipe, name)
         if value not in registry:

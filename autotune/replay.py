@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.allocator import CachingAllocator
+from autotune.attentions import ATTENTIONS
 from autotune.errors import UsageError, first_line
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
 from autotune.meta_cuda import (
@@ -99,7 +100,7 @@ def _meta_model(recipe: Recipe, config: Any) -> Any:
     quantization = quantization_config(recipe)
     dtype = compute_dtype(recipe) if quantization is not None else storage_dtype(recipe)
     config.use_cache = False
-    attention = "eager" if recipe.attention == "eager" else "sdpa"
+    attention = ATTENTIONS[recipe.attention].replayed_as
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if quantization is not None:

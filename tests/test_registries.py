@@ -7,6 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
+from autotune.data.tokens import TokenizedExample
 from autotune.formats import axolotl_config, hf_config, llamafactory_config
 from autotune.memory import estimate, weight_bytes_per_param
 from autotune.model_spec import ModelSpec
@@ -21,6 +24,7 @@ from autotune.training.build import (
     quantization_config,
     storage_dtype,
 )
+from autotune.training.loop import micro_batches, model_inputs
 
 SPEC = ModelSpec.from_config_dict(
     {
@@ -126,3 +130,34 @@ def test_adamw_is_torchs_fused_kernel_where_the_device_has_it():
     assert step_peak["optimizer_step_temporaries"] == 2 * SPEC.total_params
     assert fused_peak["optimizer_step_temporaries"] == 0
     assert hf_config(fused)["training_arguments"]["optim"] == "adamw_torch_fused"
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_every_attention_is_read_alike_by_the_memory_model_and_the_exports(name):
+    kind = ATTENTIONS[name]
+    recipe = Recipe.from_dict({"method": "lora", "lora_r": 8, "attention": name})
+    assert hf_config(recipe)["attn_implementation"] == name
+    assert llamafactory_config(recipe)["flash_attn"] == kind.llamafactory in {
+        "sdpa",
+        "disabled",
+        "fa2",
+    }
+    axolotl = axolotl_config(recipe)
+    assert {k for k in ("sdp_attention", "flash_attention") if axolotl.get(k)} == set(kind.axolotl)
+    # only an implementation that keeps the matrix pays for it, per head and token pair
+    sdpa = estimate(SPEC, dataclasses.replace(recipe, attention="sdpa"))
+    grown = estimate(SPEC, recipe).breakdown["activations"] - sdpa.breakdown["activations"]
+    assert (grown > 0) == kind.keeps_matrix
+
+
+@pytest.mark.parametrize("name", sorted(BATCHINGS))
+def test_every_batching_is_read_alike_by_the_loop_the_memory_model_and_the_exports(name):
+    kind = BATCHINGS[name]
+    recipe = Recipe.from_dict({"method": "lora", "lora_r": 8, "batching": name})
+    assert hf_config(recipe).get("sft_config") == kind.sft_config
+    assert bool(axolotl_config(recipe).get("sample_packing")) == kind.packs_rows
+    assert bool(llamafactory_config(recipe).get("packing")) == kind.packs_rows
+    examples = [TokenizedExample([1, 2, 3], [-100, 2, 3]) for _ in range(4)]
+    inputs, tokens = model_inputs(micro_batches(examples, recipe)[0], recipe, "cpu", 0)
+    assert tokens == 3 * min(len(examples), recipe.micro_batch_size * (4 if kind.packs_rows else 1))
+    assert ("attention_mask" in inputs) == (not kind.masks_rows)

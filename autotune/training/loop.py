@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from autotune.batchings import BATCHINGS
 from autotune.data.tokens import IGNORE_INDEX, TokenizedExample
 from autotune.precisions import PRECISIONS
 from autotune.recipe import Recipe
@@ -65,14 +66,14 @@ def micro_batches(examples: Sequence[TokenizedExample], recipe: Recipe) -> list[
     """The passes of one step: micro_batch_size examples each, or with batching packed,
     micro_batch_size packed rows each (a row: the examples packed into it)."""
     units: Sequence[Any] = (
-        pack_rows(examples, recipe.seq_len) if recipe.batching == "packed" else examples
+        pack_rows(examples, recipe.seq_len) if BATCHINGS[recipe.batching].packs_rows else examples
     )
     size = recipe.micro_batch_size
     return [list(units[start : start + size]) for start in range(0, len(units), size)]
 
 
 def _examples_of(micro: list[Any], recipe: Recipe) -> list[TokenizedExample]:
-    return [e for row in micro for e in row] if recipe.batching == "packed" else micro
+    return [e for row in micro for e in row] if BATCHINGS[recipe.batching].packs_rows else micro
 
 
 def model_inputs(
@@ -80,11 +81,12 @@ def model_inputs(
 ) -> tuple[dict[str, Any], int]:
     """The forward's keyword arguments for a micro-batch (its examples, or with batching
     packed its packed rows), and its real (non-padding) tokens."""
-    if recipe.batching == "packed":
+    batching = BATCHINGS[recipe.batching]
+    if batching.packs_rows:
         rows: Sequence[Sequence[TokenizedExample]] = examples
         batch = _to_tensors(collate_packed(rows, pad_token_id), device)
         return batch, sum(len(e.input_ids) for row in rows for e in row)
-    if recipe.batching != "padding_free":
+    if not batching.one_row:
         batch = _to_tensors(collate(examples, pad_token_id), device)
         return batch, int(batch["attention_mask"].sum())
     # No attention mask: from positions that restart at 0, transformers builds the
