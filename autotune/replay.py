@@ -18,7 +18,8 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
 - cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
 - transformers' loader reserves one block of the weights' size before loading them
   (caching_allocator_warmup), and quantizes each weight from a half-precision copy;
-- bitsandbytes' int8 matmul runs without outlier columns (their count depends on the data);
+- bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), every
+  input column taken as an outlier column (their count depends on the data);
 - paged optimizer states live in CUDA unified memory, outside the allocator.
 Rows are full length (the probe's first step holds the longest examples); packed and
 padding-free batches are replayed as one causal sequence per row.
@@ -40,6 +41,7 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
+from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.quantizations import QUANTIZATIONS
@@ -110,11 +112,6 @@ def _meta_model(recipe: Recipe, config: Any) -> Any:
         model = replace_with_bnb_linear(
             model, modules_to_not_convert=skip, quantization_config=quantization
         )
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                module.state.threshold = 0.0  # outlier columns depend on the data
         model.is_quantized = True
         model.quantization_method = "bitsandbytes"
         model.is_loaded_in_4bit = recipe.quantization == "nf4"
@@ -255,6 +252,7 @@ def _replay(
     seq_len = seq_len or recipe.seq_len
     allocator = CachingAllocator(expandable_segments=recipe.expandable_segments)
     recorder = Recorder(allocator)
+    recorder.kernels.update(int8_cuda_kernels(recorder.track))
     amp = autocast_dtype(recipe)
     autocast = Autocast(amp) if amp is not None else None
     model = _meta_model(recipe, copy.deepcopy(config))
