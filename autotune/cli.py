@@ -102,7 +102,7 @@ def _trust_remote_code() -> Any:
 
 MEMORY_MODEL_HELP = (
     "replay: run the recipe's probe on torch's meta device through a model of the CUDA caching "
-    "allocator (seconds; int8 falls back to formula). formula: closed-form estimate (instant)."
+    "allocator (seconds). formula: closed-form estimate (instant)."
 )
 
 

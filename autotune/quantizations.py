@@ -54,13 +54,6 @@ QUANTIZATIONS: dict[str, QuantizationKind] = {
             INT8_BYTES_PER_PARAM,
             lambda compute_dtype: {"load_in_8bit": True},
             "LoRA int8",
-            # The replay emulates bitsandbytes' CUDA int8 kernels (autotune.meta_int8), every
-            # input column an outlier column; against the H100 int8 rows (reserved peak,
-            # bench/results/memory_h100.json) it is +2.6% on Llama-3.2-1B and -5.0% on
-            # Qwen2-0.5B, but -13.5% on Qwen2-7B (also at mb 2), where the formula is closer:
-            # something that grows with the model and the batch is still unseen.
-            replay_refusal="bitsandbytes int8 training holds memory the replay does not see "
-            "on large models (Qwen2-7B: 13% under its measured peak)",
         ),
         QuantizationKind("nf4", 4, NF4_BYTES_PER_PARAM, _nf4, "QLoRA nf4"),
     )

@@ -18,8 +18,8 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
 - cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
 - transformers' loader reserves one block of the weights' size before loading them
   (caching_allocator_warmup), and quantizes each weight from a half-precision copy;
-- bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), every
-  input column taken as an outlier column (their count depends on the data);
+- bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), with
+  outlier columns (their count depends on the data) from the size where they emerge;
 - paged optimizer states live in CUDA unified memory, outside the allocator.
 Rows are full length (the probe's first step holds the longest examples); packed and
 padding-free batches are replayed as one causal sequence per row.
@@ -252,10 +252,11 @@ def _replay(
     seq_len = seq_len or recipe.seq_len
     allocator = CachingAllocator(expandable_segments=recipe.expandable_segments)
     recorder = Recorder(allocator)
-    recorder.kernels.update(int8_cuda_kernels(recorder.track))
     amp = autocast_dtype(recipe)
     autocast = Autocast(amp) if amp is not None else None
     model = _meta_model(recipe, copy.deepcopy(config))
+    parameters = sum(p.numel() for p in model.parameters())
+    recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
     with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast), recorder.mode:
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
@@ -269,6 +270,7 @@ def _replay(
         optimizer, paged = _optimizer(model, recipe, recorder)
         workspaces: list[Any] = []
         batch: list[Any] = []
+        loss = scaled = None
         shape = (recipe.micro_batch_size, seq_len)
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
@@ -278,17 +280,20 @@ def _replay(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
                 loss, batch = _forward_loss(model, shape, autocast)
-                loss = loss * 1.0  # scaled by its share of the step's tokens
+                # scaled by its share of the step's tokens; the probe's loop names it until the
+                # next micro-batch's is made, so its graph lives that long, and with it what
+                # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
+                scaled = loss * 1.0
                 recorder.phase = "gradients"
                 if len(workspaces) == 1:  # and for backward's
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                loss.backward()
-                del loss
+                scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        loss = scaled = None  # the probe's loop returns before the eval
         recorder.phase = "eval"
         model.eval()
         with torch.no_grad():
