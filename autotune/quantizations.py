@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 INT8_BYTES_PER_PARAM = 6.5
-"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training: the int8 codes plus
-higher-precision copies kept for backward (measured on H100 with bitsandbytes 0.50: 5.9 bytes on
-Llama-3.2-1B, 6.6 on Qwen2-7B before allocator overhead; the per-row fp32 scales included)."""
+"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training, for the formula
+(measured on H100 with bitsandbytes 0.50: 5.9 bytes on Llama-3.2-1B, 6.6 on Qwen2-7B before
+allocator overhead; the per-row fp32 scales included). Most of it is not per weight but per
+token: the matmuls' inputs, which MatMul8bitLt keeps on the graph (autotune.meta_int8)."""
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """4-bit codes, one 8-bit absmax per 64-weight block, one fp32 constant per 256 absmax blocks

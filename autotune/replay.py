@@ -22,7 +22,8 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
   outlier columns (their count depends on the data) from the size where they emerge;
 - paged optimizer states live in CUDA unified memory, outside the allocator.
 Rows are full length (the probe's first step holds the longest examples); packed and
-padding-free batches are replayed as one causal sequence per row.
+padding-free batches are replayed as one causal sequence per row. Each micro-batch's loss, and
+its graph, lives until the next one's is made, as in the probe's step loop.
 """
 
 from __future__ import annotations

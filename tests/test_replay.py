@@ -136,8 +136,8 @@ def test_replay_predicts_measured_h100_peaks(shape, label, seq_len):
     ],
 )
 def test_replay_misses_of_the_reserved_peak_are_the_allocators(shape, label, seq_len):
-    """The two H100 rows whose reserved peak the replay misses most (besides int8 and QLoRA at
-    seq 4096): the GPU reserved 10-18% more than the replay, yet allocated what the replay
+    """The two H100 rows whose reserved peak the replay misses most (besides QLoRA at seq
+    4096): the GPU reserved 10-18% more than the replay, yet allocated what the replay
     allocates, so the tensors are right and what is left is the caching allocator's model
     (bench/results/memory_replay_h100.json, replay_allocated_error)."""
     row = _h100_row(shape, label, seq_len)
