@@ -31,16 +31,20 @@ class Recorder:
         self.by_phase: dict[str, int] = defaultdict(int)
         self.at_peak: dict[str, int] = {}
         self.paused = False
+        self.kernels: dict[Any, Any] = {
+            torch.ops.aten._safe_softmax.default: self.safe_softmax,
+            torch.ops.aten._grouped_mm.default: self.grouped_mm,
+        }
+        """Ops run by a replacement that allocates (and tracks) what CUDA's kernel does."""
         recorder = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 from torch.utils._pytree import tree_leaves
 
-                if func is torch.ops.aten._safe_softmax.default:
-                    return recorder.safe_softmax(*args, **(kwargs or {}))
-                if func is torch.ops.aten._grouped_mm.default:
-                    return recorder.grouped_mm(*args, **(kwargs or {}))
+                kernel = recorder.kernels.get(func)
+                if kernel is not None:
+                    return kernel(*args, **(kwargs or {}))
                 out = func(*args, **(kwargs or {}))
                 for tensor in tree_leaves(out):
                     recorder.track(tensor)

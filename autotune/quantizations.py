@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 INT8_BYTES_PER_PARAM = 6.5
-"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training: the int8 codes plus
-higher-precision copies kept for backward (measured on H100 with bitsandbytes 0.50: 5.9 bytes on
-Llama-3.2-1B, 6.6 on Qwen2-7B before allocator overhead; the per-row fp32 scales included)."""
+"""What bitsandbytes int8 (LLM.int8) linears hold per weight while training, for the formula
+(measured on H100 with bitsandbytes 0.50: 5.9 bytes on Llama-3.2-1B, 6.6 on Qwen2-7B before
+allocator overhead; the per-row fp32 scales included). Most of it is not per weight but per
+token: the matmuls' inputs, which MatMul8bitLt keeps on the graph (autotune.meta_int8)."""
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """4-bit codes, one 8-bit absmax per 64-weight block, one fp32 constant per 256 absmax blocks
@@ -54,10 +55,6 @@ QUANTIZATIONS: dict[str, QuantizationKind] = {
             INT8_BYTES_PER_PARAM,
             lambda compute_dtype: {"load_in_8bit": True},
             "LoRA int8",
-            # On an H100 bitsandbytes' int8 training held 6-7 bytes per quantized weight at its
-            # peak; the replay of the same code holds under 2, so something outside what the
-            # replay sees keeps higher-precision copies (bench/results/memory_h100.json).
-            replay_refusal="bitsandbytes int8 training holds copies the replay does not see",
         ),
         QuantizationKind("nf4", 4, NF4_BYTES_PER_PARAM, _nf4, "QLoRA nf4"),
     )

@@ -18,10 +18,12 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
 - cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
 - transformers' loader reserves one block of the weights' size before loading them
   (caching_allocator_warmup), and quantizes each weight from a half-precision copy;
-- bitsandbytes' int8 matmul runs without outlier columns (their count depends on the data);
+- bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), with
+  outlier columns (their count depends on the data) from the size where they emerge;
 - paged optimizer states live in CUDA unified memory, outside the allocator.
 Rows are full length (the probe's first step holds the longest examples); packed and
-padding-free batches are replayed as one causal sequence per row.
+padding-free batches are replayed as one causal sequence per row. Each micro-batch's loss, and
+its graph, lives until the next one's is made, as in the probe's step loop.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
+from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.quantizations import QUANTIZATIONS
@@ -111,11 +114,6 @@ def _meta_model(recipe: Recipe, config: Any) -> Any:
         model = replace_with_bnb_linear(
             model, modules_to_not_convert=skip, quantization_config=quantization
         )
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                module.state.threshold = 0.0  # outlier columns depend on the data
         model.is_quantized = True
         model.quantization_method = "bitsandbytes"
         model.is_loaded_in_4bit = recipe.quantization == "nf4"
@@ -259,6 +257,8 @@ def _replay(
     amp = autocast_dtype(recipe)
     autocast = Autocast(amp) if amp is not None else None
     model = _meta_model(recipe, copy.deepcopy(config))
+    parameters = sum(p.numel() for p in model.parameters())
+    recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
     with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast), recorder.mode:
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
@@ -272,6 +272,7 @@ def _replay(
         optimizer, paged = _optimizer(model, recipe, recorder)
         workspaces: list[Any] = []
         batch: list[Any] = []
+        loss = scaled = None
         shape = (recipe.micro_batch_size, seq_len)
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
@@ -281,17 +282,20 @@ def _replay(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
                 loss, batch = _forward_loss(model, shape, autocast)
-                loss = loss * 1.0  # scaled by its share of the step's tokens
+                # scaled by its share of the step's tokens; the probe's loop names it until the
+                # next micro-batch's is made, so its graph lives that long, and with it what
+                # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
+                scaled = loss * 1.0
                 recorder.phase = "gradients"
                 if len(workspaces) == 1:  # and for backward's
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                loss.backward()
-                del loss
+                scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        loss = scaled = None  # the probe's loop returns before the eval
         recorder.phase = "eval"
         model.eval()
         with torch.no_grad():

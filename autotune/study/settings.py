@@ -115,8 +115,9 @@ class RunSettings:
     from autotune/memory_margins.json)."""
     memory_model: str = "replay"
     """How a recipe's peak memory is predicted. replay: run the recipe's probe on torch's meta
-    device through a model of the CUDA caching allocator (seconds; int8 falls back to formula).
-    formula: closed-form estimate (instant; a study prunes its space with it either way)."""
+    device through a model of the CUDA caching allocator (seconds; the formula answers where the
+    replay cannot run). formula: closed-form estimate (instant; a study prunes its space with it
+    either way)."""
     report_path: Path | None = None
     """HTML report path (default: reports/<study>.html)."""
     recipe_path: Path | None = None
