@@ -41,10 +41,16 @@ def fraction_for(worst_under_prediction: float) -> float:
     return 1 / (1 + worst_under_prediction) - 1
 
 
+MIN_ROWS_OF_A_KIND = 5
+"""A kind of base measured fewer times than this gets its model's worst miss over all kinds
+where that is worse: a few rows are thin evidence that a model is better on them."""
+
+
 def margins_of(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The margin table of scored rows, each {"memory_model", "quantization", "error"}: per
     memory model, per quantization kind and over all kinds ("all"), the rows, the worst
-    under-prediction and the fraction it asks for."""
+    under-prediction (the model's worst over all kinds for a kind of fewer than
+    MIN_ROWS_OF_A_KIND rows, where that is worse) and the fraction it asks for."""
     errors: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         by_kind = errors.setdefault(row["memory_model"], {})
@@ -55,6 +61,8 @@ def margins_of(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
         table[model] = {}
         for kind, values in sorted(by_kind.items()):
             worst = min(values)
+            if len(values) < MIN_ROWS_OF_A_KIND:
+                worst = min(worst, min(by_kind["all"]))
             table[model][kind] = {
                 "rows": len(values),
                 "worst_under_prediction": round(min(worst, 0.0), 6),
