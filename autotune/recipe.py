@@ -30,6 +30,7 @@ Optimizer = str
 """A name in the optimizer registry (optimizers.OPTIMIZERS)."""
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Batching = Literal["padded", "padding_free", "packed"]
+Loss = Literal["standard", "chunked", "fused_linear"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -91,6 +92,12 @@ class Recipe:
     inside each sequence, so no compute or memory goes to padding; packed: a step's sequences
     are packed into rows of up to seq_len tokens (first fit, longest first), micro_batch_size
     rows per pass, attention kept inside each sequence."""
+    loss: Loss = "standard"
+    """standard: the model's own cross-entropy over the whole micro-batch's logits; chunked:
+    the output head and the cross-entropy applied to chunks of the tokens, each recomputed in
+    backward, so one chunk's logits exist at a time (pure PyTorch, any device); fused_linear:
+    Liger's fused linear cross-entropy (the liger-kernel package, CUDA only). The same loss and
+    gradients; the last two keep far less memory on large vocabularies."""
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -126,6 +133,8 @@ class Recipe:
             parts.append(self.attention)
         if self.batching != "padded":
             parts.append(self.batching.replace("_", "-"))
+        if self.loss != "standard":
+            parts.append(f"{self.loss.replace('_', '-')}-loss")
         return " ".join(parts)
 
     # ---- (de)serialisation ---------------------------------------------------------------
@@ -236,6 +245,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("method", Method),
         ("attention", Attention),
         ("batching", Batching),
+        ("loss", Loss),
     ):
         value = getattr(recipe, name)
         if value not in _choices(literal):
@@ -303,4 +313,4 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-__all__ = ["Attention", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]
+__all__ = ["Attention", "Loss", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]
