@@ -133,3 +133,35 @@ def test_estimate_of_qwen2_7b_qlora_holds_4_gib_less_with_the_chunked_loss(
         assert printed["memory_model"] == memory_model
         peaks[loss] = printed["peak_bytes"]
     assert peaks["standard"] - peaks["chunked"] >= 4 * 2**30
+
+
+def test_a_study_on_the_cpu_leaves_the_fused_loss_out_with_its_reason(tmp_path):
+    from autotune.architecture import read_architecture
+    from autotune.replay import load_config
+    from autotune.space import SearchSpace
+    from autotune.study import supported_space
+    from tests.conftest import DEMO, ROOT
+
+    text = (ROOT / "autotune" / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\nloss: [standard, fused_linear, chunked]\n", encoding="utf-8")
+    architecture = read_architecture(load_config(str(DEMO)))
+    space, unsupported = supported_space(SearchSpace.load(path), architecture, "cpu")
+    assert space.choices_of("loss") == ("standard", "chunked")
+    assert "CUDA" in unsupported["loss"]["fused_linear"]
+    assert SearchSpace.load(path).searched("loss")
+    only_fused = tmp_path / "fused.yaml"
+    only_fused.write_text(text + "\nloss: fused_linear\n", encoding="utf-8")
+    space, unsupported = supported_space(SearchSpace.load(only_fused), architecture, "cpu")
+    assert space.choices_of("loss") == ("standard",) and not space.searched("loss")
+
+
+def test_a_recipe_names_its_loss():
+    from autotune.errors import UsageError
+
+    chunked = Recipe.from_dict({"method": "lora", "loss": "chunked"})
+    assert Recipe.from_yaml(chunked.to_yaml()) == chunked
+    assert chunked.label().endswith("chunked-loss")
+    assert "loss" not in Recipe.from_dict({"method": "lora"}).label()
+    with pytest.raises(UsageError, match="loss 'fused' is not one of standard, chunked"):
+        Recipe.from_dict({"method": "lora", "loss": "fused"})
