@@ -22,17 +22,17 @@ def _examples(vocab: int) -> list[TokenizedExample]:
     return examples
 
 
-def _loss_and_gradients(model, recipe, examples):
+def _loss_and_gradients(model, recipe, examples, device="cpu"):
     from autotune.training.loop import _autocast, micro_batches, model_inputs
 
     model.zero_grad(set_to_none=True)
     (micro,) = micro_batches(examples, recipe)
-    batch, _ = model_inputs(micro, recipe, "cpu", 0)
-    with _autocast(recipe, "cpu"):
+    batch, _ = model_inputs(micro, recipe, device, 0)
+    with _autocast(recipe, device):
         loss = loss_module.causal_lm_loss(model, batch, recipe)
     loss.backward()
     gradients = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(loss), gradients
+    return float(loss.detach()), gradients
 
 
 @pytest.mark.parametrize("batching", ["padded", "padding_free", "packed"])
@@ -165,3 +165,32 @@ def test_a_recipe_names_its_loss():
     assert "loss" not in Recipe.from_dict({"method": "lora"}).label()
     with pytest.raises(UsageError, match="loss 'fused' is not one of standard, chunked"):
         Recipe.from_dict({"method": "lora", "loss": "fused"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["chunked", "fused_linear"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_on_cuda_the_chunked_and_fused_losses_give_the_standard_loss_and_gradients(
+    tiny_model, monkeypatch, loss, method
+):
+    import torch
+
+    from autotune.training.build import build_model
+
+    if loss == "fused_linear":
+        pytest.importorskip("liger_kernel")
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)
+    recipe = Recipe.from_dict(
+        {"model": str(tiny_model), "method": method, "precision": "fp32", "micro_batch_size": 3}
+    )
+    if method == "lora":
+        recipe = recipe.replace(lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(recipe, "cuda")
+    examples = _examples(model.config.vocab_size)
+    standard, standard_gradients = _loss_and_gradients(model, recipe, examples, "cuda")
+    other, other_gradients = _loss_and_gradients(model, recipe.replace(loss=loss), examples, "cuda")
+    assert other == pytest.approx(standard, rel=1e-4)
+    assert other_gradients.keys() == standard_gradients.keys() and standard_gradients
+    for name, gradient in standard_gradients.items():
+        torch.testing.assert_close(other_gradients[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
