@@ -77,6 +77,48 @@ def test_chunked_loss_gives_the_standard_loss_and_gradients(
         )
 
 
+@pytest.mark.parametrize(
+    ("model_type", "head_fields"),
+    [
+        ("gemma2", {"final_logit_softcapping": 3.0}),
+        ("cohere", {"logit_scale": 0.25}),
+        ("granite", {"logits_scaling": 4.0}),
+    ],
+)
+def test_chunked_loss_follows_what_the_head_does_to_the_logits(
+    monkeypatch, model_type, head_fields
+):
+    """Gemma 2 soft-caps its logits, Cohere scales them, Granite divides them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        **head_fields,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    recipe = Recipe.from_dict({"method": "full", "precision": "fp32", "micro_batch_size": 3})
+    examples = _examples(config.vocab_size)
+    standard, standard_gradients = _loss_and_gradients(model, recipe, examples)
+    chunked, chunked_gradients = _loss_and_gradients(
+        model, recipe.replace(loss="chunked"), examples
+    )
+    assert chunked == pytest.approx(standard, rel=1e-5)
+    for name, gradient in standard_gradients.items():
+        torch.testing.assert_close(
+            chunked_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name
+        )
+
+
 def test_chunked_loss_under_no_grad_is_the_evaluation_loss(tiny_model):
     import torch
 

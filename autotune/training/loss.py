@@ -102,14 +102,16 @@ def _fused_linear_loss(model: Any, head: Any, hidden: Any, targets: Any) -> Any:
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     softcap, scale = _logit_transform(model.config)
-    if scale is not None:
-        raise ValueError("the fused linear cross-entropy has no logit scale; use loss chunked")
     flat = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
+    bias = getattr(head, "bias", None)
+    if scale is not None:  # (h W^T + b) s = (h s) W^T + b s: Liger's kernel takes no scale
+        flat = flat * scale
+        bias = bias * scale if bias is not None else None
     return liger_fused_linear_cross_entropy(
         flat,
         head.weight,
         targets,
-        getattr(head, "bias", None),
+        bias,
         ignore_index=IGNORE_INDEX,
         reduction="mean",
         softcap=softcap,
