@@ -21,10 +21,9 @@ def supported_space(
     """The space without the LoRA target sets, quantizations and losses (on `device`) and
     attention implementations the model cannot run, and why each left out; where none of a
     dimension's choices runs, what usually does (all-linear, eager, no quantization, the
-    standard loss) takes their place,
-    so a space written for the Llama family still searches Gemma 2 or GPT-NeoX; where no LoRA
-    runs at all (peft refuses dropout on the stacked expert weights of a mixture of experts),
-    the other methods are searched."""
+    standard loss) takes their place, so a space written for the Llama family still searches
+    Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked expert
+    weights of a mixture of experts), the other methods are searched."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
