@@ -6,7 +6,8 @@ two seconds for a 7B model), once per config in a process, and peft adapts a fre
 target set. A recipe that names a layer the model does not have, a target set peft refuses
 (dropout on a mixture of experts' stacked weights) or an attention implementation the model's
 class refuses (Gemma 2 has no SDPA path in transformers 5; flash_attention_2 needs the
-flash-attn package) is refused before a probe spends minutes loading weights to find out.
+flash-attn package) is refused before a probe spends minutes loading weights to find out; so
+is a loss the device cannot run (Liger's fused kernel off CUDA).
 """
 
 from __future__ import annotations
@@ -94,7 +95,22 @@ class Architecture:
         refusal = self.attention_refusals.get(recipe.attention, "")
         if refusal:
             problems.append(f"attention {recipe.attention}: {refusal}")
+        refusal = loss_refusal(recipe.loss, device)
+        if refusal:
+            problems.append(f"loss {recipe.loss}: {refusal}")
         return problems
+
+
+def loss_refusal(loss: str, device: str | None) -> str:
+    """Why `loss` cannot run on `device` ("" when it can, or when no device is named): Liger's
+    fused linear cross-entropy is a Triton kernel, for CUDA GPUs with the liger-kernel package."""
+    if loss != "fused_linear" or device is None:
+        return ""
+    if not device.startswith("cuda"):
+        return "Liger's fused linear cross-entropy needs a CUDA GPU; use loss chunked"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "the liger-kernel package is not installed (pip install 'autotune[liger]')"
+    return ""
 
 
 def _refusals(model: Any) -> dict[str, str]:

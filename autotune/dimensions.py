@@ -20,6 +20,7 @@ from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
     UPPER_BOUNDS,
+    Loss,
     Method,
     Recipe,
 )
@@ -201,6 +202,16 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _field("batching"),
         allowed=tuple(BATCHINGS),
         default=("padded",),
+    ),
+    Dimension(
+        "loss",
+        _same("loss"),
+        _field("loss"),
+        allowed=get_args(Loss),
+        default=("standard",),
+        # studies from before the dimension hold no loss parameter: one choice stays fixed
+        always_searched=False,
+        help="the cross-entropy over the whole micro-batch, in chunks, or Liger's fused one",
     ),
     Dimension(
         "learning_rate",

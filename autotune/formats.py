@@ -20,6 +20,13 @@ from autotune.recipe import Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
 
+AUTOTUNE_ONLY: dict[tuple[str, str], str] = {
+    ("hf", "chunked"): "loss chunked",
+    ("llamafactory", "chunked"): "loss chunked",
+}
+"""(format, recipe value) -> what of a recipe the format has no option for: its config trains
+with the standard loss, and the header says so (`autotune train` runs the recipe as it is)."""
+
 
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
@@ -47,6 +54,19 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         **_half_flags(recipe),
     }
+    if recipe.loss == "fused_linear":
+        # Liger's fused linear cross-entropy alone, as autotune runs it (the default also
+        # swaps RoPE, RMSNorm and SwiGLU for Liger's kernels)
+        training.update(
+            use_liger_kernel=True,
+            liger_kernel_config={
+                "fused_linear_cross_entropy": True,
+                "cross_entropy": False,
+                "rope": False,
+                "rms_norm": False,
+                "swiglu": False,
+            },
+        )
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "max_seq_length": recipe.seq_len,
@@ -116,6 +136,11 @@ def axolotl_config(
         **_half_flags(recipe),
     }
     config.update(BATCHINGS[recipe.batching].axolotl)
+    if recipe.loss == "chunked":
+        config["chunked_cross_entropy"] = True
+    elif recipe.loss == "fused_linear":
+        config["plugins"] = ["axolotl.integrations.liger.LigerPlugin"]
+        config["liger_fused_linear_cross_entropy"] = True
     config.update(ATTENTIONS[recipe.attention].axolotl)
     if recipe.method == "lora":
         config.update(
@@ -165,6 +190,9 @@ def llamafactory_config(
         **_half_flags(recipe),
     }
     config.update(BATCHINGS[recipe.batching].llamafactory)
+    if recipe.loss == "fused_linear":
+        # LLaMA-Factory's switch patches in all of Liger's kernels for the model's family
+        config["enable_liger_kernel"] = True
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(
@@ -210,6 +238,12 @@ def render(
     for key, value in (measured or {}).items():
         if not isinstance(value, dict):
             header.append(f"# measured {key}: {value}")
+    missing = AUTOTUNE_ONLY.get((fmt, recipe.loss))
+    if missing:
+        header.append(
+            f"# {missing} is autotune-only: {fmt} has no equivalent, so this config trains with "
+            "the standard loss and more memory (autotune train runs the recipe as it is)"
+        )
     if fmt == "llamafactory":
         header.append(
             f"# register dataset {body['dataset']!r} in data/dataset_info.json "

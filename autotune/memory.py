@@ -194,6 +194,21 @@ def _blocks_with_activations(spec: ModelSpec, recipe: Recipe) -> int:
     return spec.num_layers
 
 
+def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
+    """Tokens whose vocabulary-wide logits the loss holds at once: the micro-batch's `tokens`
+    for the standard loss, one chunk for the chunked one (training.loss.CHUNK_TOKENS), and for
+    Liger's fused kernel its own chunk, sized so that the chunk's logits are about as large as
+    the micro-batch's hidden states (a power of two of tokens)."""
+    from autotune.training.loss import CHUNK_TOKENS
+
+    if recipe.loss == "chunked":
+        return min(tokens, CHUNK_TOKENS)
+    if recipe.loss == "fused_linear":
+        chunks = -(-spec.vocab_size // spec.hidden_size)
+        return min(tokens, 1 << max(-(-tokens // chunks) - 1, 0).bit_length())
+    return tokens
+
+
 def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
     """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`."""
     seq_len = seq_len or recipe.seq_len
@@ -228,9 +243,15 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
         activations += tokens * _row_tokens(recipe, seq_len)
+    logit_tokens = loss_logit_tokens(spec, recipe, tokens)
     # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss
-    # keeps for backward, and the fp32 gradient of the logits.
-    logits_and_loss = tokens * spec.vocab_size * (a + 8)
+    # keeps for backward, and the fp32 gradient of the logits: of the whole micro-batch, or of
+    # one chunk of it for the chunked loss; Liger's fused kernel keeps one chunk's logits and
+    # their gradient, and the hidden states' gradient it computes in forward.
+    if recipe.loss == "fused_linear":
+        logits_and_loss = logit_tokens * spec.vocab_size * (a + 4) + tokens * spec.hidden_size * a
+    else:
+        logits_and_loss = logit_tokens * spec.vocab_size * (a + 8)
 
     # Two moments compete for the peak: the start of backward (activations, logits, gradients
     # kept across accumulation) and the optimizer step (gradients plus foreach temporaries).
@@ -261,7 +282,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     parts["allocator_overhead"] = int(
         ALLOCATOR_FIXED_BYTES
         + allocated * ALLOCATOR_OVERHEAD_FRACTION
-        + LOGITS_FRAGMENTATION * tokens * spec.vocab_size * 4
+        + LOGITS_FRAGMENTATION * logit_tokens * spec.vocab_size * 4
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
     return MemoryEstimate(

@@ -34,6 +34,7 @@ Attention = str
 """A name in attentions.ATTENTIONS."""
 Batching = str
 """A name in batchings.BATCHINGS."""
+Loss = Literal["standard", "chunked", "fused_linear"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -95,6 +96,12 @@ class Recipe:
     inside each sequence, so no compute or memory goes to padding; packed: a step's sequences
     are packed into rows of up to seq_len tokens (first fit, longest first), micro_batch_size
     rows per pass, attention kept inside each sequence."""
+    loss: Loss = "standard"
+    """standard: the model's own cross-entropy over the whole micro-batch's logits; chunked:
+    the output head and the cross-entropy applied to chunks of the tokens, each recomputed in
+    backward, so one chunk's logits exist at a time (pure PyTorch, any device); fused_linear:
+    Liger's fused linear cross-entropy (the liger-kernel package, CUDA only). The same loss and
+    gradients; the last two keep far less memory on large vocabularies."""
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -130,6 +137,8 @@ class Recipe:
             parts.append(self.attention)
         if self.batching != "padded":
             parts.append(self.batching.replace("_", "-"))
+        if self.loss != "standard":
+            parts.append(f"{self.loss.replace('_', '-')}-loss")
         return " ".join(parts)
 
     # ---- (de)serialisation ---------------------------------------------------------------
@@ -250,6 +259,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     for name, registry in (
         ("method", _choices(Method)),
+        ("loss", _choices(Loss)),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),
@@ -314,4 +324,4 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-__all__ = ["Attention", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]
+__all__ = ["Attention", "Loss", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]

@@ -202,18 +202,21 @@ def _optimizer(model: Any, recipe: Recipe, recorder: Recorder) -> tuple[Any, lis
 
 
 def _forward_loss(
-    model: Any, shape: tuple[int, int], autocast: Autocast | None
+    model: Any, recipe: Recipe, shape: tuple[int, int], autocast: Autocast | None
 ) -> tuple[Any, list[Any]]:
-    """A micro-batch's loss on full-length rows, and the batch tensors the probe makes for it
-    (input ids, attention mask, labels), which live until the next micro-batch's are made."""
+    """A micro-batch's loss on full-length rows, computed as the step loop computes it, and the
+    batch tensors the probe makes for it (input ids, attention mask, labels), which live until
+    the next micro-batch's are made."""
     import torch
+
+    from autotune.training.loss import causal_lm_loss
 
     input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
     batch = [input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)]
     if autocast is not None:
         autocast.caching = True
     # all-ones masks are dropped by transformers; the meta device cannot read them to see so
-    loss = model(input_ids=input_ids, labels=batch[2]).loss
+    loss = causal_lm_loss(model, {"input_ids": input_ids, "labels": batch[2]}, recipe)
     if autocast is not None:
         autocast.cache.clear()  # autocast's cast cache lives as long as its forward
         autocast.caching = False
@@ -281,7 +284,7 @@ def _replay(
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                loss, batch = _forward_loss(model, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
@@ -300,7 +303,7 @@ def _replay(
         model.eval()
         with torch.no_grad():
             for _ in range(eval_batches):
-                loss, batch = _forward_loss(model, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast)
                 del loss
         model.train()
     return Replay(
@@ -321,6 +324,8 @@ def check_memory_model(memory_model: str) -> None:
 
 def not_replayable(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be replayed faithfully, or None."""
+    if recipe.loss == "fused_linear":
+        return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None
 
 

@@ -3,7 +3,9 @@
 Hugging Face names are checked against the installed classes themselves. axolotl and
 LLaMA-Factory are not installed here; their names are those of axolotl's config reference
 (docs/config-reference.qmd: base_model, load_in_4bit, adapter, lora_target_linear,
-unfrozen_parameters, ...) and of LLaMA-Factory's argument dataclasses (ModelArguments,
+unfrozen_parameters, chunked_cross_entropy, ...; its Liger integration's README:
+plugins, liger_fused_linear_cross_entropy) and of LLaMA-Factory's argument dataclasses
+(ModelArguments, with enable_liger_kernel,
 DataArguments, FinetuningArguments, plus Seq2SeqTrainingArguments) and examples/train_*/*.yaml.
 """
 
@@ -44,6 +46,9 @@ AXOLOTL_KEYS = {
     "sdp_attention",
     "sample_packing",
     "flash_attention",
+    "chunked_cross_entropy",
+    "plugins",
+    "liger_fused_linear_cross_entropy",
 }
 AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
 LLAMAFACTORY_OWN_KEYS = {
@@ -65,6 +70,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "flash_attn",
     "packing",
     "neat_packing",
+    "enable_liger_kernel",
 }
 OPTIMIZER_NAMES = {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 """Names transformers' TrainingArguments takes (checked against its OptimizerNames below)."""
@@ -86,6 +92,8 @@ RECIPES = {
     "full-8bit": {"method": "full", "optimizer": "adamw_8bit", "precision": "fp16"},
     "freeze": {"method": "freeze", "frozen_layers": 20},
     "packed": {"method": "lora", "lora_r": 16, "batching": "packed"},
+    "chunked": {"method": "lora", "quantization": "nf4", "loss": "chunked"},
+    "fused": {"method": "full", "loss": "fused_linear"},
 }
 
 
@@ -122,6 +130,14 @@ def test_hf_keywords_construct_the_real_classes(name):
     assert config.get("sft_config") == (
         {"packing": True, "padding_free": True} if name == "packed" else None
     )
+    training = config["training_arguments"]
+    assert training.get("use_liger_kernel", False) == (name == "fused")
+    if name == "fused":
+        # the keys transformers passes to liger-kernel's _apply_liger_kernel_to_instance
+        assert training["liger_kernel_config"]["fused_linear_cross_entropy"] is True
+        others = dict(training["liger_kernel_config"])
+        others.pop("fused_linear_cross_entropy")
+        assert not any(others.values())
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -133,6 +149,12 @@ def test_axolotl_keys(name):
     if name == "qlora":
         assert config["adapter"] == "qlora" and config["lora_target_linear"] is True
     assert config.get("sample_packing") == (True if name == "packed" else None)
+    assert config.get("chunked_cross_entropy") == (True if name == "chunked" else None)
+    if name == "fused":
+        assert config["plugins"] == ["axolotl.integrations.liger.LigerPlugin"]
+        assert config["liger_fused_linear_cross_entropy"] is True
+    else:
+        assert "liger_fused_linear_cross_entropy" not in config
     if name == "freeze":
         patterns = config["unfrozen_parameters"]
         assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
@@ -155,6 +177,7 @@ def test_llamafactory_keys(name):
         assert config["freeze_trainable_layers"] == 8
     if name == "packed":
         assert config["packing"] is True and config["neat_packing"] is True
+    assert config.get("enable_liger_kernel") == (True if name == "fused" else None)
 
 
 def test_render_puts_measured_figures_in_comments():
@@ -169,3 +192,11 @@ def test_render_puts_measured_figures_in_comments():
     assert "# measured tokens_per_second: 1234.5" in text
     assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
+def test_a_loss_a_format_has_no_option_for_is_named_autotune_only(fmt):
+    text = render(fmt, recipe("chunked"), None, num_layers=28)
+    assert ("loss chunked is autotune-only" in text) == (fmt != "axolotl")
+    assert "autotune-only" not in render(fmt, recipe("fused"), None, num_layers=28)
+    assert "autotune-only" not in render(fmt, recipe("qlora"), None, num_layers=28)

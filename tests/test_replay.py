@@ -46,6 +46,40 @@ def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": True},
+        {"method": "full", "gradient_checkpointing": True},
+    ],
+)
+def test_replay_of_the_chunked_loss_allocates_what_a_real_step_allocates(
+    cut_model, monkeypatch, fields
+):
+    """The chunked loss, four chunks a micro-batch here, traced for real on the CPU and
+    replayed: the same allocated peak, below the standard loss's."""
+    from autotune.training import loss
+
+    monkeypatch.setattr(loss, "CHUNK_TOKENS", 64)
+    recipe = Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            "loss": "chunked",
+            **fields,
+        }
+    )
+    config = load_config(str(cut_model))
+    traced = trace_step(recipe).peak_bytes
+    replayed = replay(recipe, config, cublas_workspace_bytes=0)
+    assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
+    standard = replay(recipe.replace(loss="standard"), config, cublas_workspace_bytes=0)
+    assert replayed.peak_allocated_bytes < standard.peak_allocated_bytes
+
+
 MIXTRAL_CUT = {
     "model_type": "mixtral",
     "hidden_size": 128,

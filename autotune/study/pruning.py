@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune.architecture import Architecture
+from autotune.architecture import Architecture, loss_refusal
 from autotune.errors import UsageError
 from autotune.margins import margin_for
 from autotune.memory import estimate
@@ -19,12 +19,12 @@ from autotune.study.settings import BudgetFit, PreparedRun
 def supported_space(
     space: SearchSpace, architecture: Architecture | None, device: str | None = None
 ) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
-    """The space without the LoRA target sets, quantizations (on `device`) and attention
-    implementations the model cannot run, and why each left out; where none of a dimension's
-    choices runs, what usually does (all-linear, eager, no quantization) takes their place,
-    so a space written for the Llama family still searches Gemma 2 or GPT-NeoX; where no LoRA
-    runs at all (peft refuses dropout on the stacked expert weights of a mixture of experts),
-    the other methods are searched."""
+    """The space without the LoRA target sets, quantizations and losses (on `device`) and
+    attention implementations the model cannot run, and why each left out; where none of a
+    dimension's choices runs, what usually does (all-linear, eager, no quantization, the
+    standard loss) takes their place, so a space written for the Llama family still searches
+    Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked expert
+    weights of a mixture of experts), the other methods are searched."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
@@ -41,6 +41,10 @@ def supported_space(
         refusal = architecture.attention_refusals.get(choice, "")
         if refusal:
             unsupported.setdefault("attention", {})[choice] = refusal
+    for choice in space.choices_of("loss"):
+        refusal = loss_refusal(choice, device)
+        if refusal:
+            unsupported.setdefault("loss", {})[choice] = refusal
     if "lora" in methods:
         for choice in space.choices_of("quantization"):
             refusal = architecture.quantization_refusal(choice, device)
@@ -80,6 +84,8 @@ def supported_space(
         c for c in space.choices_of("attention") if c not in unsupported.get("attention", {})
     )
     changes["attention"] = attention or ("eager",)
+    loss = tuple(c for c in space.choices_of("loss") if c not in unsupported.get("loss", {}))
+    changes["loss"] = loss or ("standard",)
     return space.restricted(changes, target_sets), unsupported
 
 

@@ -23,6 +23,7 @@ from autotune.recipe import Recipe
 from autotune.training.batching import collate, collate_packed, collate_padding_free, pack_rows
 from autotune.training.build import autocast_dtype
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
+from autotune.training.loss import causal_lm_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -232,7 +233,7 @@ def train_steps(
             tokens += real_tokens
             share = sum(_loss_tokens(e) for e in _examples_of(micro, recipe)) / step_loss_tokens
             with _autocast(recipe, device):
-                loss = model(**batch).loss * share
+                loss = causal_lm_loss(model, batch, recipe) * share
             (scaler.scale(loss) if scaler else loss).backward()
             loss_total += float(loss.detach())
         if not math.isfinite(loss_total):
@@ -268,7 +269,7 @@ def evaluate(
             batch, _ = model_inputs(micro, recipe, device, pad_token_id)
             count = sum(_loss_tokens(e) for e in _examples_of(micro, recipe))
             with _autocast(recipe, device):
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch, recipe)
             total_loss += float(loss) * count
             total_tokens += count
     model.train()
