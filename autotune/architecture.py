@@ -16,10 +16,12 @@ import copy
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any
 
+from autotune.attentions import ATTENTIONS
 from autotune.errors import UsageError, first_line
-from autotune.recipe import Attention, Recipe
+from autotune.losses import LOSSES
+from autotune.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Architecture:
 def loss_refusal(loss: str, device: str | None) -> str:
     """Why `loss` cannot run on `device` ("" when it can, or when no device is named): Liger's
     fused linear cross-entropy is a Triton kernel, for CUDA GPUs with the liger-kernel package."""
-    if loss != "fused_linear" or device is None:
+    if not LOSSES[loss].fused or device is None:
         return ""
     if not device.startswith("cuda"):
         return "Liger's fused linear cross-entropy needs a CUDA GPU; use loss chunked"
@@ -116,7 +118,7 @@ def loss_refusal(loss: str, device: str | None) -> str:
 def _refusals(model: Any) -> dict[str, str]:
     name = type(model).__name__
     refusals: dict[str, str] = {}
-    for implementation in get_args(Attention):
+    for implementation in ATTENTIONS:
         if implementation == "sdpa" and not getattr(model, "_supports_sdpa", False):
             refusals[implementation] = (
                 f"{name} has no SDPA attention in this transformers version; use eager"

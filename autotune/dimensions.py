@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.losses import LOSSES
 from autotune.model_spec import BLOCK_LINEARS
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
     UPPER_BOUNDS,
-    Loss,
     Method,
     Recipe,
 )
@@ -207,7 +207,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         "loss",
         _same("loss"),
         _field("loss"),
-        allowed=get_args(Loss),
+        allowed=tuple(LOSSES),
         default=("standard",),
         # studies from before the dimension hold no loss parameter: one choice stays fixed
         always_searched=False,

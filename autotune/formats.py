@@ -6,6 +6,7 @@ adds a comment header with what autotune measured, since those tools reject unkn
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +14,13 @@ import yaml
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
-
-AUTOTUNE_ONLY: dict[tuple[str, str], str] = {
-    ("hf", "chunked"): "loss chunked",
-    ("llamafactory", "chunked"): "loss chunked",
-}
-"""(format, recipe value) -> what of a recipe the format has no option for: its config trains
-with the standard loss, and the header says so (`autotune train` runs the recipe as it is)."""
-
-
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
     """bf16/fp16 flags as Trainer-based tools read them (autocast, fp32 master weights)."""
@@ -54,19 +47,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         **_half_flags(recipe),
     }
-    if recipe.loss == "fused_linear":
-        # Liger's fused linear cross-entropy alone, as autotune runs it (the default also
-        # swaps RoPE, RMSNorm and SwiGLU for Liger's kernels)
-        training.update(
-            use_liger_kernel=True,
-            liger_kernel_config={
-                "fused_linear_cross_entropy": True,
-                "cross_entropy": False,
-                "rope": False,
-                "rms_norm": False,
-                "swiglu": False,
-            },
-        )
+    training.update(copy.deepcopy(LOSSES[recipe.loss].trainer))
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "max_seq_length": recipe.seq_len,
@@ -136,11 +117,7 @@ def axolotl_config(
         **_half_flags(recipe),
     }
     config.update(BATCHINGS[recipe.batching].axolotl)
-    if recipe.loss == "chunked":
-        config["chunked_cross_entropy"] = True
-    elif recipe.loss == "fused_linear":
-        config["plugins"] = ["axolotl.integrations.liger.LigerPlugin"]
-        config["liger_fused_linear_cross_entropy"] = True
+    config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))
     config.update(ATTENTIONS[recipe.attention].axolotl)
     if recipe.method == "lora":
         config.update(
@@ -190,9 +167,7 @@ def llamafactory_config(
         **_half_flags(recipe),
     }
     config.update(BATCHINGS[recipe.batching].llamafactory)
-    if recipe.loss == "fused_linear":
-        # LLaMA-Factory's switch patches in all of Liger's kernels for the model's family
-        config["enable_liger_kernel"] = True
+    config.update(LOSSES[recipe.loss].llamafactory)
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(
@@ -238,11 +213,11 @@ def render(
     for key, value in (measured or {}).items():
         if not isinstance(value, dict):
             header.append(f"# measured {key}: {value}")
-    missing = AUTOTUNE_ONLY.get((fmt, recipe.loss))
-    if missing:
+    if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
-            f"# {missing} is autotune-only: {fmt} has no equivalent, so this config trains with "
-            "the standard loss and more memory (autotune train runs the recipe as it is)"
+            f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "
+            "trains with the standard loss and more memory (autotune train runs the recipe as "
+            "it is)"
         )
     if fmt == "llamafactory":
         header.append(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.losses import LOSSES
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.precisions import PRECISIONS
@@ -201,9 +202,10 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
     the micro-batch's hidden states (a power of two of tokens)."""
     from autotune.training.loss import CHUNK_TOKENS
 
-    if recipe.loss == "chunked":
+    kind = LOSSES[recipe.loss]
+    if kind.chunked:
         return min(tokens, CHUNK_TOKENS)
-    if recipe.loss == "fused_linear":
+    if kind.fused:
         chunks = -(-spec.vocab_size // spec.hidden_size)
         return min(tokens, 1 << max(-(-tokens // chunks) - 1, 0).bit_length())
     return tokens
@@ -248,7 +250,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     # keeps for backward, and the fp32 gradient of the logits: of the whole micro-batch, or of
     # one chunk of it for the chunked loss; Liger's fused kernel keeps one chunk's logits and
     # their gradient, and the hidden states' gradient it computes in forward.
-    if recipe.loss == "fused_linear":
+    if LOSSES[recipe.loss].fused:
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 4) + tokens * spec.hidden_size * a
     else:
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 8)

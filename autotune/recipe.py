@@ -17,6 +17,7 @@ import yaml
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
+from autotune.losses import DEFAULT_LOSS, LOSSES
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
@@ -34,7 +35,8 @@ Attention = str
 """A name in attentions.ATTENTIONS."""
 Batching = str
 """A name in batchings.BATCHINGS."""
-Loss = Literal["standard", "chunked", "fused_linear"]
+Loss = str
+"""A name in losses.LOSSES."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -96,7 +98,7 @@ class Recipe:
     inside each sequence, so no compute or memory goes to padding; packed: a step's sequences
     are packed into rows of up to seq_len tokens (first fit, longest first), micro_batch_size
     rows per pass, attention kept inside each sequence."""
-    loss: Loss = "standard"
+    loss: Loss = DEFAULT_LOSS
     """standard: the model's own cross-entropy over the whole micro-batch's logits; chunked:
     the output head and the cross-entropy applied to chunks of the tokens, each recomputed in
     backward, so one chunk's logits exist at a time (pure PyTorch, any device); fused_linear:
@@ -137,7 +139,7 @@ class Recipe:
             parts.append(self.attention)
         if self.batching != "padded":
             parts.append(self.batching.replace("_", "-"))
-        if self.loss != "standard":
+        if self.loss != DEFAULT_LOSS:
             parts.append(f"{self.loss.replace('_', '-')}-loss")
         return " ".join(parts)
 
@@ -259,7 +261,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     for name, registry in (
         ("method", _choices(Method)),
-        ("loss", _choices(Loss)),
+        ("loss", LOSSES),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),

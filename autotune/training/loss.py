@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from autotune.data.tokens import IGNORE_INDEX
+from autotune.losses import LOSSES
 from autotune.recipe import Recipe
 
 CHUNK_TOKENS = 1024
@@ -29,14 +30,15 @@ rest of the step dominates) and make the head's matmul too thin to keep a GPU bu
 def causal_lm_loss(model: Any, batch: dict[str, Any], recipe: Recipe) -> Any:
     """The micro-batch's mean loss per trained token; `batch` is the forward's keyword
     arguments, labels included (unshifted, IGNORE_INDEX where no loss is taken)."""
-    if recipe.loss == "standard":
+    kind = LOSSES[recipe.loss]
+    if not (kind.chunked or kind.fused):
         return model(**batch).loss
     inputs = {name: value for name, value in batch.items() if name != "labels"}
     labels = batch["labels"]
     hidden = model.get_decoder()(**inputs).last_hidden_state
     head = model.get_output_embeddings()
     targets = _shifted(labels)
-    if recipe.loss == "fused_linear":
+    if kind.fused:
         return _fused_linear_loss(model, head, hidden, targets)
     return _chunked_loss(model, head, hidden, targets)
 
