@@ -290,6 +290,54 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     return recipes
 
 
+UNMEASURED = [
+    # torch's fused AdamW (adamw) against its foreach path, where the step can be the peak
+    {"method": "full", "precision": "amp_bf16", "micro_batch_size": 1, "seq_len": 1024},
+    {
+        "method": "full",
+        "precision": "amp_bf16",
+        "micro_batch_size": 1,
+        "seq_len": 1024,
+        "optimizer": "adamw_foreach",
+    },
+    {"method": "freeze", "frozen_layers": 8, "micro_batch_size": 4, "seq_len": 1024},
+    # the chunked loss against the standard one
+    {
+        "method": "lora",
+        "quantization": "nf4",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "micro_batch_size": 4,
+        "seq_len": 1024,
+        "gradient_checkpointing": True,
+        "loss": "chunked",
+    },
+    {
+        "method": "lora",
+        "quantization": "nf4",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "micro_batch_size": 4,
+        "seq_len": 1024,
+        "gradient_checkpointing": True,
+    },
+    # the int8 replay at a micro-batch its three rows do not have
+    {
+        "method": "lora",
+        "quantization": "int8",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "micro_batch_size": 2,
+        "seq_len": 1024,
+        "gradient_checkpointing": True,
+    },
+]
+"""Recipes on paths no H100 row has measured: fused AdamW, the chunked loss, the int8 replay at
+micro-batch 2 (`--grid unmeasured`; each shape in turn, so a run cut short covers them all)."""
+
+
 def holdout_picked(shape: str) -> list[dict]:
     if shape in MOE_SHAPES:
         return []  # its grid has not been measured yet: drawn recipes only
@@ -520,9 +568,10 @@ def main() -> int:
     parser.add_argument("--max-recipes", type=int, default=0, help="sample this many per shape")
     parser.add_argument(
         "--grid",
-        choices=("calibration", "holdout"),
+        choices=("calibration", "holdout", "unmeasured"),
         default="calibration",
-        help="the recipes the model was fit to, or others to check it on",
+        help="the recipes the model was fit to, others to check it on, or recipes on paths no "
+        "H100 row has measured yet (fused AdamW, chunked loss, int8 at micro-batch 2)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="probes of each recipe")
     parser.add_argument(
@@ -588,6 +637,8 @@ def main() -> int:
     for shape in args.shapes.split(","):
         if args.grid == "holdout":
             plans[shape] = holdout(shape, args.holdout_count, int(args.card_gib * 2**30))
+        elif args.grid == "unmeasured":
+            plans[shape] = for_shape(shape, UNMEASURED)
         else:
             plans[shape] = grid(shape)
         if args.max_recipes:

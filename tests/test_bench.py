@@ -41,6 +41,25 @@ def test_memory_bench_cpu_path(tmp_path):
     assert "bench/memory_bench.py --device cpu" in results["command"]
 
 
+def test_memory_bench_measures_the_unmeasured_paths_on_the_cpu(tmp_path):
+    """`--grid unmeasured` (fused and foreach AdamW, the chunked loss, int8 at micro-batch 2)
+    runs end to end on the CPU as it would on a GPU, each row predicted and measured."""
+    out = tmp_path / "unmeasured.json"
+    done = run_bench(
+        "memory_bench.py",
+        *("--shapes", "demo", "--grid", "unmeasured", "--steps", "1"),
+        *("--out", str(out), "--models-dir", str(tmp_path / "models")),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    bench = load_bench("memory_bench")
+    assert len(rows) == len(bench.UNMEASURED) and {r["grid"] for r in rows} == {"unmeasured"}
+    assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
+    fields = [r["fields"] for r in rows]
+    assert {f.get("optimizer", "adamw") for f in fields} >= {"adamw", "adamw_foreach"}
+    assert {f.get("loss", "standard") for f in fields} == {"standard", "chunked"}
+
+
 def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
     out = tmp_path / "holdout.json"
     common = (
