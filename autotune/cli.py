@@ -169,6 +169,15 @@ def train(
     merge_dtype: str | None = typer.Option(
         None, "--merge-dtype", help="Precision of the merged model: bf16 (default), fp16, fp32."
     ),
+    report_to: str = typer.Option(
+        "none",
+        "--report-to",
+        help="none, tensorboard (in --output/runs) or wandb (offline without a network): train "
+        "and eval loss, learning rate, tokens/s, peak memory beside the predicted peak.",
+    ),
+    logging_steps: int = typer.Option(
+        10, "--logging-steps", help="With --report-to: log every N optimizer steps."
+    ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
@@ -199,6 +208,8 @@ def train(
             eval_steps=eval_steps,
             early_stopping_patience=early_stopping_patience,
             merge_dtype=(merge_dtype or "bf16") if merge else None,
+            report_to=report_to,
+            logging_steps=logging_steps,
             on_start=progress.started,
             on_step=progress.stepped,
             on_eval=progress.evaluated,

@@ -245,6 +245,8 @@ def show_trained(console: Any, result: TrainResult) -> None:
         + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
     )
     console.print(f"saved to {report.output_dir}")
+    if report.monitor_location is not None:
+        console.print(f"run records: {report.monitor_location}")
     if report.merged_dir is not None:
         console.print(f"merged model (loads without peft) in {report.merged_dir}")
         if report.merge_note:

@@ -33,6 +33,7 @@ from autotune.training.early_stopping import (
     save_best,
 )
 from autotune.training.merge import check_merge, merge_adapter, merge_note
+from autotune.training.monitor import check_report_to, open_monitor
 
 WARMUP_FRACTION = 0.03
 
@@ -58,6 +59,8 @@ class TrainReport:
     """Where the base with the adapter merged was saved (--merge)."""
     merge_note: str | None = None
     """What the merge did that a user should know (a QLoRA base merged dequantized)."""
+    monitor_location: str | None = None
+    """Where --report-to wrote the run's records."""
 
 
 RUN_MARKER = "autotune_recipe.yaml"
@@ -153,6 +156,9 @@ def train(
     eval_steps: int | None = None,
     early_stopping_patience: int | None = None,
     merge_dtype: str | None = None,
+    report_to: str = "none",
+    logging_steps: int = 10,
+    predicted_peak_bytes: int | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, float, bool], None] | None = None,
@@ -163,8 +169,13 @@ def train(
     the end; the run stops after `early_stopping_patience` evaluations without a better eval
     loss (default 3; 0 never stops) and the best weights are the ones saved. With `merge_dtype`
     (LoRA recipes), the base with the adapter merged is saved too, in `output_dir`/merged.
-    `on_eval(step, eval_loss, is_best)` is called after each evaluation."""
+    With `report_to` tensorboard or wandb, train loss, learning rate, tokens/s and peak memory
+    (beside `predicted_peak_bytes`) are logged every `logging_steps` steps, eval losses as
+    they come. `on_eval(step, eval_loss, is_best)` is called after each evaluation."""
     _check_length(epochs, max_steps, save_every_steps)
+    check_report_to(report_to)
+    if logging_steps < 1:
+        raise UsageError(f"--logging-steps must be at least 1, got {logging_steps}")
     patience = check_evaluation(eval_steps, early_stopping_patience)
     if merge_dtype is not None:
         check_merge(recipe, merge_dtype)
@@ -222,9 +233,26 @@ def train(
     if on_start:
         on_start(start_step, total_steps)
 
+    monitor = open_monitor(report_to, output_dir, recipe)
+
+    def log_step(at_step: int, record: Any) -> None:
+        if monitor is None or (at_step % logging_steps and at_step != total_steps):
+            return
+        scalars = {
+            "train/loss": record.loss,
+            "train/learning_rate": scheduler.get_last_lr()[0],
+            "train/tokens_per_second": record.tokens / record.seconds,
+            "memory/peak_bytes": meter.peak_bytes()[0],
+        }
+        if predicted_peak_bytes is not None:
+            scalars["memory/predicted_peak_bytes"] = predicted_peak_bytes
+        monitor.log(at_step, scalars)
+
     def run_eval(at_step: int) -> None:
         assert stopper is not None
         eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+        if monitor is not None:
+            monitor.log(at_step, {"eval/loss": eval_loss})
         is_best = stopper.observe(at_step, eval_loss)
         if is_best:
             save_best(model, output_dir, at_step, eval_loss)
@@ -241,38 +269,49 @@ def train(
     records = []
     losses: list[float] = []
     step = start_step
-    while step < total_steps and not stopping():
-        epoch, offset = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
-        chunk_indices = batches[offset : offset + (total_steps - step)]
-        # Lazy, so that an evaluation that stops the run takes effect before the next step.
-        chunk = ([splits.train[i] for i in indices] for indices in chunk_indices if not stopping())
-
-        def after_step(index: int, record: Any, first: int = step) -> None:
-            current = first + index + 1
-            scheduler.step()
-            losses.append(record.loss)
-            if eval_steps and current % eval_steps == 0:
-                run_eval(current)
-            if current % save_every_steps == 0 and current < total_steps and not stopping():
-                checkpoint_at(current)
-            if on_step:
-                on_step(current, record.loss)
-
-        done = train_steps(
-            model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
-        )
-        records += done
-        step += len(done)
-    if stopper is not None and stopper.last_step != step:
-        run_eval(step)  # the end is scored too, so that it can be the best
-    checkpoint_at(step)  # the last trained state, for --resume, whatever is kept as best
     best_step: int | None = None
-    if stopper is not None:
-        best_step = restore_best(model, output_dir)
-        eval_loss = stopper.best_loss
-    else:
-        eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+    try:
+        while step < total_steps and not stopping():
+            epoch, offset = divmod(step, steps_per_epoch)
+            batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
+            chunk_indices = batches[offset : offset + (total_steps - step)]
+            # Lazy, so that an evaluation that stops the run takes effect before the next step.
+            chunk = (
+                [splits.train[i] for i in indices]
+                for indices in chunk_indices
+                if not stopping()
+            )
+
+            def after_step(index: int, record: Any, first: int = step) -> None:
+                current = first + index + 1
+                losses.append(record.loss)
+                log_step(current, record)  # with the learning rate this step used
+                scheduler.step()
+                if eval_steps and current % eval_steps == 0:
+                    run_eval(current)
+                if current % save_every_steps == 0 and current < total_steps and not stopping():
+                    checkpoint_at(current)
+                if on_step:
+                    on_step(current, record.loss)
+
+            done = train_steps(
+                model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
+            )
+            records += done
+            step += len(done)
+        if stopper is not None and stopper.last_step != step:
+            run_eval(step)  # the end is scored too, so that it can be the best
+        checkpoint_at(step)  # the last trained state, for --resume, whatever is kept as best
+        if stopper is not None:
+            best_step = restore_best(model, output_dir)
+            eval_loss = stopper.best_loss
+        else:
+            eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+            if monitor is not None:
+                monitor.log(step, {"eval/loss": eval_loss})
+    finally:
+        if monitor is not None:
+            monitor.close()
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     peak, _ = meter.peak_bytes()
@@ -296,6 +335,7 @@ def train(
         evaluations=list(stopper.history) if stopper else [],
         merged_dir=merged_dir,
         merge_note=merge_note(recipe) if merged_dir else None,
+        monitor_location=monitor.location if monitor else None,
     )
     (output_dir / "train_metrics.json").write_text(
         json.dumps(
