@@ -34,6 +34,9 @@ Attention = str
 """A name in attentions.ATTENTIONS."""
 Batching = str
 """A name in batchings.BATCHINGS."""
+LrSchedule = Literal["cosine", "linear", "constant"]
+WARMUP_FRACTION = 0.03
+"""Warm-up when a recipe gives no warmup_steps: this share of the run's steps (at least 1)."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -82,6 +85,12 @@ class Recipe:
     paged_adamw_8bit (bitsandbytes); see optimizers.OPTIMIZERS."""
     learning_rate: float = 2.0e-4
     """Peak learning rate."""
+    lr_schedule: LrSchedule = "cosine"
+    """After warm-up, the learning rate falls from learning_rate to 0 at the run's last step
+    along a half cosine (cosine) or a straight line (linear), or stays (constant)."""
+    warmup_steps: int | None = None
+    """Optimizer steps over which the learning rate rises linearly to learning_rate; unset: 3%
+    of the run's steps, at least 1."""
     seq_len: int = 1024
     """Tokens per sequence; longer samples are truncated."""
     expandable_segments: bool = False
@@ -250,6 +259,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     for name, registry in (
         ("method", _choices(Method)),
+        ("lr_schedule", _choices(LrSchedule)),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),
@@ -277,6 +287,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"learning_rate must be a finite number above 0, got {recipe.learning_rate!r}"
         )
+    warmup = recipe.warmup_steps
+    if warmup is not None and (not _is_int(warmup) or warmup < 0):
+        problems.append(f"warmup_steps must be an integer >= 0 (or left out), got {warmup!r}")
     if recipe.method == "lora":
         if not _is_int(recipe.lora_r) or not 1 <= recipe.lora_r <= UPPER_BOUNDS["lora_r"]:
             problems.append(

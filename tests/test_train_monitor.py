@@ -9,6 +9,7 @@ import pytest
 
 from autotune.errors import UsageError
 from autotune.training import monitor
+from autotune.training.schedule import lr_factor
 from autotune.training.train import train
 from tests.test_train import AUTOTUNE, lora_recipe
 
@@ -18,8 +19,9 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tiny_model, qa_data, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
+    recipe = lora_recipe(tiny_model)
     report = train(
-        lora_recipe(tiny_model),
+        recipe,
         qa_data,
         out,
         max_steps=5,
@@ -44,7 +46,10 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tiny_model, qa_data, tm
     assert [s for s, _ in evaluations] == [s for s, _ in report.evaluations] == [2, 4, 5]
     assert [v for _, v in evaluations] == pytest.approx([v for _, v in report.evaluations], 1e-5)
     assert all(v > 0 for _, v in series("train/tokens_per_second"))
-    assert all(v > 0 for _, v in series("train/learning_rate"))
+    factor = lr_factor(recipe, 5)  # the learning rate each logged step trained with
+    assert [v for _, v in series("train/learning_rate")] == pytest.approx(
+        [recipe.learning_rate * factor(s - 1) for s in logged], rel=1e-5
+    )
     assert all(v >= 0 for _, v in series("memory/peak_bytes"))
     assert series("memory/predicted_peak_bytes") == [(s, 123_000_000) for s in logged]
 

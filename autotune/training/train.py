@@ -34,8 +34,7 @@ from autotune.training.early_stopping import (
 )
 from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
-
-WARMUP_FRACTION = 0.03
+from autotune.training.schedule import lr_factor
 
 
 @dataclass
@@ -114,17 +113,6 @@ def _epoch_batches(
         order[i : i + effective_batch_size]
         for i in range(0, len(order) - effective_batch_size + 1, effective_batch_size)
     ]
-
-
-def _schedule(total_steps: int) -> Callable[[int], float]:
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
 
 
 def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
@@ -219,7 +207,7 @@ def train(
             f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
         ) from None
     optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total_steps))
     stopper = EarlyStopping(patience) if patience is not None else None
     start_step = 0
     checkpoint = latest_checkpoint(output_dir) if resume else None
