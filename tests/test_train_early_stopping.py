@@ -139,3 +139,34 @@ def test_cli_evaluates_names_the_best_step_and_merges(tiny_model, qa_data, tmp_p
         )
         assert done.returncode == 2, done.stderr
         assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_keeps_counting_and_keeps_its_best(tiny_model, conflicting_data, tmp_path):
+    from tests.test_train import _Stop, _stop_after
+
+    recipe = lora_recipe(tiny_model)
+    options = {"max_steps": 30, "eval_rows": EVAL_ROWS, "eval_steps": 1, "save_every_steps": 1}
+    straight = train(recipe, conflicting_data, tmp_path / "straight", **options)
+    assert straight.stopped_early and straight.best_step is not None
+    dies_after = straight.best_step + 1  # past the best, one evaluation without improvement
+    with pytest.raises(_Stop):
+        train(
+            recipe,
+            conflicting_data,
+            tmp_path / "resumed",
+            on_step=lambda step, loss: _stop_after(step, dies_after),
+            **options,
+        )
+    resumed = train(recipe, conflicting_data, tmp_path / "resumed", resume=True, **options)
+    assert resumed.resumed_from_step == dies_after
+    assert (resumed.steps, resumed.best_step, resumed.stopped_early) == (
+        straight.steps,
+        straight.best_step,
+        True,
+    )
+    assert [s for s, _ in resumed.evaluations] == [s for s, _ in straight.evaluations]
+    assert [v for _, v in resumed.evaluations] == pytest.approx(
+        [v for _, v in straight.evaluations], rel=1e-4
+    )
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
