@@ -81,10 +81,13 @@ def test_cli_report_to_a_missing_library_fails_in_one_line(tiny_model, qa_data, 
     missing = [n for n in ("tensorboard", "wandb") if importlib.util.find_spec(n) is None]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(lora_recipe(tiny_model).to_yaml())
-    for name, needle in [("mlflow", "must be one of")] + [(n, f"needs the {n}") for n in missing]:
+    cases = [(["--report-to", "mlflow"], "must be one of")]
+    cases += [(["--report-to", n], f"needs the {n}") for n in missing]
+    cases += [(["--logging-steps", "0"], "--logging-steps must be at least 1")]
+    for args, needle in cases:
         done = subprocess.run(
             [AUTOTUNE, "train", "--recipe", str(recipe), "--data", str(qa_data)]
-            + ["--output", str(tmp_path / "out"), "--report-to", name],
+            + ["--output", str(tmp_path / "out"), *args],
             capture_output=True,
             text=True,
         )
