@@ -144,11 +144,14 @@ class Recipe:
     # ---- (de)serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML mapping, keys in the documented order, LoRA keys only for method lora."""
+        """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
+        warmup_steps only when set."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in LORA_KEYS and self.method != "lora":
+                continue
+            if f.name == "warmup_steps" and value is None:  # left out: the default share
                 continue
             if isinstance(value, tuple):
                 value = list(value)
