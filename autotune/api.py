@@ -206,9 +206,11 @@ def train(
     device_name = resolve_device(device)
     if config is not None:
         check_recipe(recipe, config, str(recipe_path), device_name)
-    report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
     # as `estimate` and a study predict it: the replay, the formula where it cannot run
     predicted = memory_prediction(spec, recipe, config) if spec is not None else None
+    if predicted is not None:  # logged beside the measured peak with --report-to
+        options.setdefault("predicted_peak_bytes", predicted.estimate.peak_bytes)
+    report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
     return TrainResult(report, predicted, measured)
 
 

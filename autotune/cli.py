@@ -150,6 +150,34 @@ def train(
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
     eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
+    eval_steps: int | None = typer.Option(
+        None,
+        "--eval-steps",
+        help="Score the held-out rows every N optimizer steps; the best weights are saved.",
+    ),
+    early_stopping_patience: int | None = typer.Option(
+        None,
+        "--early-stopping-patience",
+        help="With --eval-steps: stop after K evaluations without a better eval loss "
+        "(default 3; 0 never stops).",
+    ),
+    merge: bool = typer.Option(
+        False,
+        "--merge",
+        help="LoRA: also save the base with the adapter merged, a plain model, in --output/merged.",
+    ),
+    merge_dtype: str | None = typer.Option(
+        None, "--merge-dtype", help="Precision of the merged model: bf16 (default), fp16, fp32."
+    ),
+    report_to: str = typer.Option(
+        "none",
+        "--report-to",
+        help="none, tensorboard (in --output/runs) or wandb (offline without a network): train "
+        "and eval loss, learning rate, tokens/s, peak memory beside the predicted peak.",
+    ),
+    logging_steps: int = typer.Option(
+        10, "--logging-steps", help="With --report-to: log every N optimizer steps."
+    ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
@@ -158,6 +186,8 @@ def train(
     from autotune.units import parse_bytes
 
     budget_bytes = parse_bytes(budget) if budget else None
+    if merge_dtype is not None and not merge:
+        raise UsageError("--merge-dtype needs --merge")
     console = make_console()
     with TrainProgress(console) as progress:
         result = train_with_recipe(
@@ -175,8 +205,14 @@ def train(
             save_every_steps=save_steps,
             skip_bad_rows=skip_bad_rows,
             eval_rows=eval_rows,
+            eval_steps=eval_steps,
+            early_stopping_patience=early_stopping_patience,
+            merge_dtype=(merge_dtype or "bf16") if merge else None,
+            report_to=report_to,
+            logging_steps=logging_steps,
             on_start=progress.started,
             on_step=progress.stepped,
+            on_eval=progress.evaluated,
         )
     show_trained(console, result)
 

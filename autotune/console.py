@@ -212,6 +212,10 @@ class TrainProgress:
     def stepped(self, step: int, loss: float) -> None:
         self._progress.update(self._task, completed=step, description=f"training, loss {loss:.4f}")
 
+    def evaluated(self, step: int, eval_loss: float, is_best: bool) -> None:
+        best = " (best so far)" if is_best else ""
+        self._progress.console.print(f"step {step}: eval loss {eval_loss:.4f}{best}")
+
 
 def show_trained(console: Any, result: TrainResult) -> None:
     """What a training run measured, beside what the recipe's prediction and probe said."""
@@ -225,6 +229,9 @@ def show_trained(console: Any, result: TrainResult) -> None:
         predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
     probe_speed = measured.get("tokens_per_second")
     console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
+    if report.best_step is not None:
+        stopped = "stopped early; " if report.stopped_early else ""
+        console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
     console.print(
         f"peak memory {memory}; predicted {predicted}"
         + (
@@ -238,3 +245,9 @@ def show_trained(console: Any, result: TrainResult) -> None:
         + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
     )
     console.print(f"saved to {report.output_dir}")
+    if report.monitor_location is not None:
+        console.print(f"run records: {report.monitor_location}")
+    if report.merged_dir is not None:
+        console.print(f"merged model (loads without peft) in {report.merged_dir}")
+        if report.merge_note:
+            console.print(f"note: {report.merge_note}")

@@ -18,7 +18,7 @@ from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
-from autotune.recipe import Recipe
+from autotune.recipe import WARMUP_FRACTION, Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
 
@@ -27,6 +27,23 @@ def _half_flags(recipe: Recipe) -> dict[str, bool]:
     return {
         "bf16": PRECISIONS[recipe.precision].compute_dtype == "bfloat16",
         "fp16": PRECISIONS[recipe.precision].compute_dtype == "float16",
+    }
+
+
+HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+"""lr_schedule -> transformers' lr_scheduler_type (each with a linear warm-up, as autotune's)."""
+
+
+def _warmup(recipe: Recipe) -> int | float:
+    """warmup_steps, or the share of the run's steps autotune warms up over when unset."""
+    return recipe.warmup_steps if recipe.warmup_steps is not None else WARMUP_FRACTION
+
+
+def _schedule_keys(recipe: Recipe) -> dict[str, Any]:
+    """Trainer-based tools: warmup_steps takes steps (int) or a share of the run (float < 1)."""
+    return {
+        "lr_scheduler_type": HF_SCHEDULERS[recipe.lr_schedule],
+        "warmup_steps": _warmup(recipe),
     }
 
 
@@ -42,6 +59,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
+        **_schedule_keys(recipe),
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
@@ -112,6 +130,9 @@ def axolotl_config(
         "num_epochs": 1,
         "optimizer": OPTIMIZERS[recipe.optimizer].trainer_name,
         "learning_rate": recipe.learning_rate,
+        "lr_scheduler": HF_SCHEDULERS[recipe.lr_schedule],
+        # axolotl keeps the two apart: warmup_steps counts steps, warmup_ratio is a share
+        ("warmup_steps" if recipe.warmup_steps is not None else "warmup_ratio"): _warmup(recipe),
         "train_on_inputs": False,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         **_half_flags(recipe),
@@ -160,6 +181,7 @@ def llamafactory_config(
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
+        **_schedule_keys(recipe),
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,

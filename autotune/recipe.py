@@ -37,6 +37,9 @@ Batching = str
 """A name in batchings.BATCHINGS."""
 Loss = str
 """A name in losses.LOSSES."""
+LrSchedule = Literal["cosine", "linear", "constant"]
+WARMUP_FRACTION = 0.03
+"""Warm-up when a recipe gives no warmup_steps: this share of the run's steps (at least 1)."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 UPPER_BOUNDS = {
@@ -85,6 +88,12 @@ class Recipe:
     paged_adamw_8bit (bitsandbytes); see optimizers.OPTIMIZERS."""
     learning_rate: float = 2.0e-4
     """Peak learning rate."""
+    lr_schedule: LrSchedule = "cosine"
+    """After warm-up, the learning rate falls from learning_rate to 0 at the run's last step
+    along a half cosine (cosine) or a straight line (linear), or stays (constant)."""
+    warmup_steps: int | None = None
+    """Optimizer steps over which the learning rate rises linearly to learning_rate; unset: 3%
+    of the run's steps, at least 1."""
     seq_len: int = 1024
     """Tokens per sequence; longer samples are truncated."""
     expandable_segments: bool = False
@@ -146,11 +155,14 @@ class Recipe:
     # ---- (de)serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML mapping, keys in the documented order, LoRA keys only for method lora."""
+        """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
+        warmup_steps only when set."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in LORA_KEYS and self.method != "lora":
+                continue
+            if f.name == "warmup_steps" and value is None:  # left out: the default share
                 continue
             if isinstance(value, tuple):
                 value = list(value)
@@ -262,6 +274,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     for name, registry in (
         ("method", _choices(Method)),
         ("loss", LOSSES),
+        ("lr_schedule", _choices(LrSchedule)),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),
@@ -289,6 +302,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"learning_rate must be a finite number above 0, got {recipe.learning_rate!r}"
         )
+    warmup = recipe.warmup_steps
+    if warmup is not None and (not _is_int(warmup) or warmup < 0):
+        problems.append(f"warmup_steps must be an integer >= 0 (or left out), got {warmup!r}")
     if recipe.method == "lora":
         if not _is_int(recipe.lora_r) or not 1 <= recipe.lora_r <= UPPER_BOUNDS["lora_r"]:
             problems.append(

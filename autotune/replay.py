@@ -354,13 +354,13 @@ def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) ->
 
 def replay_key(recipe: Recipe) -> str:
     """The recipe as far as its replay sees it: recipes with the same key replay alike (the
-    learning rate and LoRA's alpha change no size; accumulation past REPLAY_MICRO_BATCHES is not
-    replayed)."""
+    learning rate, its schedule and LoRA's alpha change no size; accumulation past
+    REPLAY_MICRO_BATCHES is not replayed)."""
     import json
 
     fields = recipe.to_dict()
-    fields.pop("learning_rate", None)
-    fields.pop("lora_alpha", None)
+    for size_free in ("learning_rate", "lr_schedule", "warmup_steps", "lora_alpha"):
+        fields.pop(size_free, None)
     fields["gradient_accumulation_steps"] = min(
         recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
     )

@@ -19,9 +19,22 @@ from typing import Any
 
 from autotune.errors import UsageError, first_line
 from autotune.recipe import Recipe
-
-CHECKPOINT_PREFIX = "checkpoint-"
-WARMUP_FRACTION = 0.03
+from autotune.training.checkpoints import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from autotune.training.early_stopping import (
+    EarlyStopping,
+    check_evaluation,
+    forget_best,
+    restore_best,
+    save_best,
+)
+from autotune.training.merge import check_merge, merge_adapter, merge_note
+from autotune.training.monitor import check_report_to, open_monitor
+from autotune.training.schedule import lr_factor
 
 
 @dataclass
@@ -36,6 +49,17 @@ class TrainReport:
     output_dir: Path
     budget_enforced: bool
     losses: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    """With evaluation during training: the step whose weights were saved (the best eval loss)."""
+    stopped_early: bool = False
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval loss) of each evaluation during training."""
+    merged_dir: Path | None = None
+    """Where the base with the adapter merged was saved (--merge)."""
+    merge_note: str | None = None
+    """What the merge did that a user should know (a QLoRA base merged dequantized)."""
+    monitor_location: str | None = None
+    """Where --report-to wrote the run's records."""
 
 
 RUN_MARKER = "autotune_recipe.yaml"
@@ -43,7 +67,7 @@ RUN_MARKER = "autotune_recipe.yaml"
 
 
 def holds_a_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() or bool(_checkpoints(path))
+    return (path / RUN_MARKER).is_file() or bool(checkpoints(path))
 
 
 def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
@@ -79,23 +103,6 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
         raise UsageError(f"output directory {path} is not writable: {error.strerror}") from None
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest step first."""
-    found = [
-        p
-        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir()
-        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        and (p / "state.pt").exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = _checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
 def _epoch_batches(
     example_count: int, effective_batch_size: int, seed: int, epoch: int
 ) -> list[list[int]]:
@@ -106,83 +113,6 @@ def _epoch_batches(
         order[i : i + effective_batch_size]
         for i in range(0, len(order) - effective_batch_size + 1, effective_batch_size)
     ]
-
-
-def _schedule(total_steps: int) -> Callable[[int], float]:
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
-
-
-def _save_checkpoint(
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    step: int,
-    output_dir: Path,
-    device: str,
-    keep: int = 2,
-) -> Path:
-    import torch
-
-    path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    path.mkdir(parents=True, exist_ok=True)
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    # Tensors and plain values only, so that resuming loads it with weights_only=True: a
-    # checkpoint is a file someone may hand over, and it must not be able to run code.
-    rng = {"cpu": torch.get_rng_state()}
-    if device.startswith("cuda"):  # the training device's generator only
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    torch.save(
-        {
-            "step": step,
-            "trainable": trainable,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng,
-        },
-        path / "state.pt.tmp",
-    )
-    (path / "state.pt.tmp").replace(path / "state.pt")
-    for old in _checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _load_checkpoint(model: Any, optimizer: Any, scheduler: Any, path: Path, device: str) -> int:
-    import pickle
-
-    import torch
-
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(
-            f"checkpoint {path / 'state.pt'} holds more than tensors and plain values, so it is "
-            "not loaded (unpickling it could run code); resume from a checkpoint autotune wrote "
-            "or start again without --resume"
-        ) from None
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UsageError(
-            f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
-        ) from None
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            parameters[name].copy_(value.to(parameters[name].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state.get("rng", {})
-    if "cpu" in rng:
-        torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and device.startswith("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return int(state["step"])
 
 
 def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
@@ -211,11 +141,32 @@ def train(
     save_every_steps: int = 100,
     skip_bad_rows: bool = False,
     eval_rows: int | None = None,
+    eval_steps: int | None = None,
+    early_stopping_patience: int | None = None,
+    merge_dtype: str | None = None,
+    report_to: str = "none",
+    logging_steps: int = 10,
+    predicted_peak_bytes: int | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float, bool], None] | None = None,
 ) -> TrainReport:
-    """Fine-tune with `recipe` and save the adapter or model to `output_dir`."""
+    """Fine-tune with `recipe` and save the adapter or model to `output_dir`.
+
+    With `eval_steps`, the held-out split is scored every `eval_steps` optimizer steps and at
+    the end; the run stops after `early_stopping_patience` evaluations without a better eval
+    loss (default 3; 0 never stops) and the best weights are the ones saved. With `merge_dtype`
+    (LoRA recipes), the base with the adapter merged is saved too, in `output_dir`/merged.
+    With `report_to` tensorboard or wandb, train loss, learning rate, tokens/s and peak memory
+    (beside `predicted_peak_bytes`) are logged every `logging_steps` steps, eval losses as
+    they come. `on_eval(step, eval_loss, is_best)` is called after each evaluation."""
     _check_length(epochs, max_steps, save_every_steps)
+    check_report_to(report_to)
+    if logging_steps < 1:
+        raise UsageError(f"--logging-steps must be at least 1, got {logging_steps}")
+    patience = check_evaluation(eval_steps, early_stopping_patience)
+    if merge_dtype is not None:
+        check_merge(recipe, merge_dtype)
     import torch
 
     from autotune.data.splits import load_splits
@@ -229,8 +180,9 @@ def train(
     data_scan = checked_scan(data_path, skip_bad_rows)
     check_output_dir(output_dir, recipe.model, resume, overwrite)
     if overwrite and not resume:
-        for old in _checkpoints(output_dir):  # a new run: no old step may be resumed later
+        for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
+        forget_best(output_dir)
     if recipe.expandable_segments:
         # Read when the CUDA allocator starts, which is at the first allocation below.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -255,44 +207,106 @@ def train(
             f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
         ) from None
     optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total_steps))
+    stopper = EarlyStopping(patience) if patience is not None else None
     start_step = 0
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
-        start_step = _load_checkpoint(model, optimizer, scheduler, checkpoint, device)
+        start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
+        if stopper is not None and "early_stopping" in extra:
+            stopper.load_state_dict(extra["early_stopping"])
     (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
     if on_start:
         on_start(start_step, total_steps)
 
+    monitor = open_monitor(report_to, output_dir, recipe)
+
+    def log_step(at_step: int, record: Any) -> None:
+        if monitor is None or (at_step % logging_steps and at_step != total_steps):
+            return
+        scalars = {
+            "train/loss": record.loss,
+            "train/learning_rate": scheduler.get_last_lr()[0],
+            "train/tokens_per_second": record.tokens / record.seconds,
+            "memory/peak_bytes": meter.peak_bytes()[0],
+        }
+        if predicted_peak_bytes is not None:
+            scalars["memory/predicted_peak_bytes"] = predicted_peak_bytes
+        monitor.log(at_step, scalars)
+
+    def run_eval(at_step: int) -> None:
+        assert stopper is not None
+        eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+        if monitor is not None:
+            monitor.log(at_step, {"eval/loss": eval_loss})
+        is_best = stopper.observe(at_step, eval_loss)
+        if is_best:
+            save_best(model, output_dir, at_step, eval_loss)
+        if on_eval:
+            on_eval(at_step, eval_loss, is_best)
+
+    def checkpoint_at(at_step: int) -> None:
+        extra = {"early_stopping": stopper.state_dict()} if stopper else None
+        save_checkpoint(model, optimizer, scheduler, at_step, output_dir, device, extra=extra)
+
+    def stopping() -> bool:
+        return stopper is not None and stopper.should_stop
+
     records = []
     losses: list[float] = []
     step = start_step
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
-        chunk_indices = batches[offset : offset + (total_steps - step)]
-        chunk = ([splits.train[i] for i in indices] for indices in chunk_indices)
+    best_step: int | None = None
+    try:
+        while step < total_steps and not stopping():
+            epoch, offset = divmod(step, steps_per_epoch)
+            batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
+            chunk_indices = batches[offset : offset + (total_steps - step)]
+            # Lazy, so that an evaluation that stops the run takes effect before the next step.
+            chunk = (
+                [splits.train[i] for i in indices]
+                for indices in chunk_indices
+                if not stopping()
+            )
 
-        def after_step(index: int, record: Any, first: int = step) -> None:
-            current = first + index + 1
-            scheduler.step()
-            losses.append(record.loss)
-            if current % save_every_steps == 0 and current < total_steps:
-                _save_checkpoint(model, optimizer, scheduler, current, output_dir, device)
-            if on_step:
-                on_step(current, record.loss)
+            def after_step(index: int, record: Any, first: int = step) -> None:
+                current = first + index + 1
+                losses.append(record.loss)
+                log_step(current, record)  # with the learning rate this step used
+                scheduler.step()
+                if eval_steps and current % eval_steps == 0:
+                    run_eval(current)
+                if current % save_every_steps == 0 and current < total_steps and not stopping():
+                    checkpoint_at(current)
+                if on_step:
+                    on_step(current, record.loss)
 
-        records += train_steps(
-            model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
-        )
-        step += len(chunk_indices)
-    _save_checkpoint(model, optimizer, scheduler, step, output_dir, device)
-    eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+            done = train_steps(
+                model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
+            )
+            records += done
+            step += len(done)
+        if stopper is not None and stopper.last_step != step:
+            run_eval(step)  # the end is scored too, so that it can be the best
+        checkpoint_at(step)  # the last trained state, for --resume, whatever is kept as best
+        if stopper is not None:
+            best_step = restore_best(model, output_dir)
+            eval_loss = stopper.best_loss
+        else:
+            eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+            if monitor is not None:
+                monitor.log(step, {"eval/loss": eval_loss})
+    finally:
+        if monitor is not None:
+            monitor.close()
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     peak, _ = meter.peak_bytes()
+    merged_dir = None
+    if merge_dtype is not None:
+        del model, optimizer  # the merge loads the base afresh
+        merged_dir = merge_adapter(recipe, output_dir, merge_dtype, device)
     report = TrainReport(
         steps=step,
         resumed_from_step=start_step,
@@ -304,6 +318,12 @@ def train(
         output_dir=output_dir,
         budget_enforced=budget_enforced,
         losses=losses,
+        best_step=best_step,
+        stopped_early=stopper is not None and stopper.should_stop,
+        evaluations=list(stopper.history) if stopper else [],
+        merged_dir=merged_dir,
+        merge_note=merge_note(recipe) if merged_dir else None,
+        monitor_location=monitor.location if monitor else None,
     )
     (output_dir / "train_metrics.json").write_text(
         json.dumps(
