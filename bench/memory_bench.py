@@ -290,49 +290,27 @@ def drawn(shape: str, count: int, card_bytes: int, seed: int = 0) -> list[dict]:
     return recipes
 
 
+_FULL_AMP = {"method": "full", "precision": "amp_bf16", "micro_batch_size": 1, "seq_len": 1024}
+_QLORA_MB4 = {
+    "method": "lora",
+    "quantization": "nf4",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "micro_batch_size": 4,
+    "seq_len": 1024,
+    "gradient_checkpointing": True,
+}
 UNMEASURED = [
     # torch's fused AdamW (adamw) against its foreach path, where the step can be the peak
-    {"method": "full", "precision": "amp_bf16", "micro_batch_size": 1, "seq_len": 1024},
-    {
-        "method": "full",
-        "precision": "amp_bf16",
-        "micro_batch_size": 1,
-        "seq_len": 1024,
-        "optimizer": "adamw_foreach",
-    },
+    _FULL_AMP,
+    {**_FULL_AMP, "optimizer": "adamw_foreach"},
     {"method": "freeze", "frozen_layers": 8, "micro_batch_size": 4, "seq_len": 1024},
     # the chunked loss against the standard one
-    {
-        "method": "lora",
-        "quantization": "nf4",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "micro_batch_size": 4,
-        "seq_len": 1024,
-        "gradient_checkpointing": True,
-        "loss": "chunked",
-    },
-    {
-        "method": "lora",
-        "quantization": "nf4",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "micro_batch_size": 4,
-        "seq_len": 1024,
-        "gradient_checkpointing": True,
-    },
+    {**_QLORA_MB4, "loss": "chunked"},
+    _QLORA_MB4,
     # the int8 replay at a micro-batch its three rows do not have
-    {
-        "method": "lora",
-        "quantization": "int8",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "micro_batch_size": 2,
-        "seq_len": 1024,
-        "gradient_checkpointing": True,
-    },
+    {**_QLORA_MB4, "quantization": "int8", "lora_dropout": 0.05, "micro_batch_size": 2},
 ]
 """Recipes on paths no H100 row has measured: fused AdamW, the chunked loss, the int8 replay at
 micro-batch 2 (`--grid unmeasured`; each shape in turn, so a run cut short covers them all)."""

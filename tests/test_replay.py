@@ -17,6 +17,20 @@ from tests.conftest import ROOT, SHAPE_CONFIGS
 H100_ROWS = ROOT / "bench" / "results" / "memory_h100.json"
 
 
+def _cut_step(cut_model, **fields) -> Recipe:
+    """A step of two 128-token sequences on the cut model, eager attention, no accumulation."""
+    return Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            **fields,
+        }
+    )
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -30,16 +44,7 @@ def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
     """The same step run for real on the CPU (every storage traced) and replayed on the meta
     device reach the same allocated peak; eager attention and no dropout, whose CPU kernels
     allocate differently from CUDA's, which the replay follows."""
-    recipe = Recipe.from_dict(
-        {
-            "model": str(cut_model),
-            "attention": "eager",
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "seq_len": 128,
-            **fields,
-        }
-    )
+    recipe = _cut_step(cut_model, **fields)
     traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     # the replay's blocks are rounded to 512 bytes, the trace counts bytes
@@ -61,17 +66,7 @@ def test_replay_of_the_chunked_loss_allocates_what_a_real_step_allocates(
     from autotune.training import loss
 
     monkeypatch.setattr(loss, "CHUNK_TOKENS", 64)
-    recipe = Recipe.from_dict(
-        {
-            "model": str(cut_model),
-            "attention": "eager",
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "seq_len": 128,
-            "loss": "chunked",
-            **fields,
-        }
-    )
+    recipe = _cut_step(cut_model, loss="chunked", **fields)
     config = load_config(str(cut_model))
     traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, config, cublas_workspace_bytes=0)
