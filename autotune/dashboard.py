@@ -48,8 +48,6 @@ def serve(storage_url: str | None, host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise UsageError(
-                f"cannot listen on {address(host, port)}: {error.strerror}"
-            ) from None
+            raise UsageError(f"cannot listen on {address(host, port)}: {error.strerror}") from None
     print(f"dashboard for {redact_url(url)} at http://{address(host, port)}/dashboard", flush=True)
     run_server(storage, host=host, port=port, artifact_store=artifact_store())

@@ -23,6 +23,7 @@ from autotune.recipe import (
     UPPER_BOUNDS,
     Method,
     Recipe,
+    TrainModules,
 )
 
 if TYPE_CHECKING:
@@ -167,6 +168,17 @@ DIMENSIONS: tuple[Dimension, ...] = (
         check=lambda c: _number(c) and 0 < c < 1,
         rule="numbers in (0, 1)",
         cast=float,
+    ),
+    Dimension(
+        "train_modules",
+        _same("train_modules"),
+        _field("train_modules"),
+        methods=("freeze",),
+        allowed=get_args(TrainModules),
+        default=("all",),
+        # studies from before the dimension hold no train_modules parameter
+        always_searched=False,
+        help="what trains in the blocks above the frozen ones: all, attention or mlp",
     ),
     Dimension("precision", _same("precision"), _field("precision"), allowed=tuple(PRECISIONS)),
     Dimension(

@@ -72,9 +72,7 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
     trial = picked_trial(study, policy)
     recipe = recipe_of(trial)
     setup = study_setup(study)
-    measured = measured_figures(
-        trial, confirmations(study).get(trial.number), setup.budget_bytes
-    )
+    measured = measured_figures(trial, confirmations(study).get(trial.number), setup.budget_bytes)
     data_path = setup.data_path or None
     data_format = "alpaca"
     if fmt == "axolotl" and data_path and Path(data_path).exists():

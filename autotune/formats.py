@@ -22,6 +22,7 @@ from autotune.recipe import WARMUP_FRACTION, Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
 
+
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
     """bf16/fp16 flags as Trainer-based tools read them (autocast, fp32 master weights)."""
     return {
@@ -31,6 +32,8 @@ def _half_flags(recipe: Recipe) -> dict[str, bool]:
 
 
 HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+LLAMAFACTORY_MODULES = {"all": "all", "attention": "self_attn", "mlp": "mlp"}
+"""LLaMA-Factory's freeze_trainable_modules for each train_modules."""
 """lr_schedule -> transformers' lr_scheduler_type (each with a linear warm-up, as autotune's)."""
 
 
@@ -86,6 +89,8 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         config["bits_and_bytes_config"] = bitsandbytes_config(compute)
     if recipe.method == "freeze":
         config["frozen_layers"] = recipe.frozen_layers
+        if recipe.train_modules != "all":
+            config["train_modules"] = recipe.train_modules
     sft_config = BATCHINGS[recipe.batching].sft_config
     if sft_config is not None:
         # TRL's SFTConfig: packing to max_length, or padding-free micro-batches
@@ -152,11 +157,12 @@ def axolotl_config(
         else:
             config["lora_target_modules"] = _target_list(recipe)
     elif recipe.method == "freeze":
-        # Everything not listed stays frozen: the decoder blocks from frozen_layers up, the
-        # final norm and the output head.
+        # Everything not listed stays frozen: the decoder blocks from frozen_layers up (only
+        # their attention or MLP where train_modules says so), the final norm and the head.
         layers = range(recipe.frozen_layers, num_layers or recipe.frozen_layers + 1)
+        part = {"all": "", "attention": r"self_attn\.", "mlp": r"mlp\."}[recipe.train_modules]
         config["unfrozen_parameters"] = [
-            *(rf"^model\.layers\.{i}\..*" for i in layers),
+            *(rf"^model\.layers\.{i}\.{part}.*" for i in layers),
             r"^model\.norm\..*",
             r"^lm_head\..*",
         ]
@@ -209,7 +215,8 @@ def llamafactory_config(
         config["freeze_trainable_layers"] = (num_layers or recipe.frozen_layers + 1) - (
             recipe.frozen_layers
         )
-        config["freeze_trainable_modules"] = "all"
+        # LLaMA-Factory names the blocks' sub-modules; all is every one of them
+        config["freeze_trainable_modules"] = LLAMAFACTORY_MODULES[recipe.train_modules]
     return config
 
 

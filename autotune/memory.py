@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.losses import LOSSES
-from autotune.model_spec import ModelSpec
+from autotune.model_spec import ATTENTION_LINEARS, BLOCK_LINEARS, MLP_LINEARS, ModelSpec
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
@@ -90,12 +90,32 @@ def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
         head.append((spec.embedding_params, 1))
     else:
         blocks = max(spec.num_layers - recipe.frozen_layers, 0)
-    block = [(a * b, blocks) for a, b in spec.linear_shapes().values()]
-    block += [(n, blocks) for n in spec.expert_tensors()]
-    block.append((spec.hidden_size, 2 * blocks))
-    if spec.attention_bias:
+    modules = _trained_modules(recipe)
+    shapes = spec.linear_shapes()
+    block = [(a * b, blocks) for name, (a, b) in shapes.items() if name in _linears(modules)]
+    if modules != "attention":
+        block += [(n, blocks) for n in spec.expert_tensors()]
+    if modules == "all":
+        block.append((spec.hidden_size, 2 * blocks))
+    if spec.attention_bias and modules != "mlp":
         block += [(spec.q_dim, blocks), (spec.kv_dim, 2 * blocks)]
     return [(n, count) for n, count in [*block, *head, (spec.hidden_size, 1)] if n and count]
+
+
+def _trained_modules(recipe: Recipe) -> str:
+    """What trains in a trained block: a freeze recipe's train_modules, else all."""
+    return recipe.train_modules if recipe.method == "freeze" else "all"
+
+
+def _linears(train_modules: str) -> tuple[str, ...]:
+    """The block linears whose weights train under a freeze recipe's `train_modules`."""
+    return {"attention": ATTENTION_LINEARS, "mlp": MLP_LINEARS}.get(train_modules, BLOCK_LINEARS)
+
+
+def _trained_linear_params(spec: ModelSpec, recipe: Recipe) -> int:
+    """Weights of one trained block's linears (all of them unless freeze trains a part)."""
+    linears = _linears(_trained_modules(recipe))
+    return sum(a * b for name, (a, b) in spec.linear_shapes().items() if name in linears)
 
 
 def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int:
@@ -167,11 +187,15 @@ def _activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> flo
         # SDPA has no fused kernel for fp32 q/k/v with a mask, so it takes the math path and
         # keeps the fp32 softmax: what a k-bit base (fp32 residual stream) pays per token.
         attention += spec.num_attention_heads * span * 4
+    # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
+    # ones need only the weight to pass the gradient on.
     weight_inputs = 0
     if recipe.method != "lora":
-        # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
-        # ones need only the weight to pass the gradient on.
-        weight_inputs = a * (2 * h + h + q + h + i)
+        weight_inputs = {
+            "all": a * (2 * h + h + q + h + i),  # the two norms, q/k/v, o, gate/up, down
+            "attention": a * (h + q),
+            "mlp": a * (h + i),
+        }[_trained_modules(recipe)]
     return norms + attention + mlp + weight_inputs
 
 
@@ -229,7 +253,9 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     if recipe.method == "full":
         trainable_linear = spec.num_layers * spec.block_linear_params
     elif recipe.method == "freeze":
-        trainable_linear = _blocks_with_activations(spec, recipe) * spec.block_linear_params
+        trainable_linear = _blocks_with_activations(spec, recipe) * _trained_linear_params(
+            spec, recipe
+        )
     amp_copies = 2 * trainable_linear if PRECISIONS[recipe.precision].autocast else 0
 
     blocks = _blocks_with_activations(spec, recipe)

@@ -282,9 +282,7 @@ def load_model_spec(model: str) -> ModelSpec:
     try:
         from transformers import AutoConfig
 
-        config_obj = AutoConfig.from_pretrained(
-            model, trust_remote_code=remote_code_allowed()
-        )
+        config_obj = AutoConfig.from_pretrained(model, trust_remote_code=remote_code_allowed())
     except Exception as error:  # noqa: BLE001 - hub, network and parsing errors all mean "cannot read"
         raise UsageError(
             f"cannot read the config of model {model!r}: {first_line(error)}"

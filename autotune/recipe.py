@@ -25,6 +25,7 @@ from autotune.quantizations import QUANTIZATIONS
 RECIPE_FORMAT_VERSION = 1
 
 Method = Literal["full", "lora", "freeze"]
+TrainModules = Literal["all", "attention", "mlp"]
 Quantization = str
 """A name in quantizations.QUANTIZATIONS."""
 Precision = str
@@ -53,7 +54,6 @@ UPPER_BOUNDS = {
 machine's memory (the model-tied bounds, rank within the layer width, come with the model)."""
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """One way to fine-tune one model. Field docs double as the YAML reference."""
@@ -77,6 +77,11 @@ class Recipe:
     """"all-linear" or a list of linear module names such as [q_proj, v_proj]."""
     frozen_layers: int = 0
     """The lowest N decoder blocks get no gradient (method freeze only)."""
+    train_modules: TrainModules = "all"
+    """What trains in the decoder blocks above the frozen ones (method freeze only): all of
+    each block; attention (its self-attention only: q/k/v/o, their biases and q/k norms); mlp
+    (its feed-forward only, experts and router included). The blocks' two norms train only
+    with all; the final norm and an untied output head train in every case."""
     micro_batch_size: int = 1
     """Sequences per forward/backward pass."""
     gradient_accumulation_steps: int = 1
@@ -137,6 +142,8 @@ class Recipe:
             head = f"{name} r{self.lora_r} {target_text}"
         elif self.method == "freeze":
             head = f"freeze {self.frozen_layers}"
+            if self.train_modules != "all":
+                head += f" {self.train_modules}"
         else:
             head = "full"
         parts = [head, self.precision, f"mb{self.micro_batch_size}"]
@@ -156,13 +163,16 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
-        warmup_steps only when set."""
+        warmup_steps only when set, train_modules only when not all (recipes from before it
+        read and hash as they did)."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in LORA_KEYS and self.method != "lora":
                 continue
             if f.name == "warmup_steps" and value is None:  # left out: the default share
+                continue
+            if f.name == "train_modules" and value == "all":
                 continue
             if isinstance(value, tuple):
                 value = list(value)
@@ -263,9 +273,7 @@ def _is_int(value: Any) -> TypeGuard[int]:
 
 def _is_number(value: Any) -> TypeGuard[float]:
     """A finite int or float (not a bool, not nan or inf)."""
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def recipe_problems(recipe: Recipe) -> list[str]:
@@ -275,6 +283,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("method", _choices(Method)),
         ("loss", LOSSES),
         ("lr_schedule", _choices(LrSchedule)),
+        ("train_modules", _choices(TrainModules)),
         ("quantization", QUANTIZATIONS),
         ("precision", PRECISIONS),
         ("optimizer", OPTIMIZERS),
@@ -337,6 +346,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             )
     if recipe.method == "freeze" and recipe.frozen_layers < 1:
         problems.append("method freeze needs frozen_layers >= 1")
+    if recipe.method != "freeze" and recipe.train_modules != "all":
+        problems.append(f"train_modules is for method freeze, not {recipe.method}")
     if recipe.method == "full" and recipe.frozen_layers:
         problems.append("frozen_layers must be 0 for method full (use method freeze)")
     return problems

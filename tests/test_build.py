@@ -52,6 +52,20 @@ def test_freeze_freezes_the_lowest_blocks_and_embeddings(tiny_model):
     assert build_optimizer(model, recipe).param_groups[0]["lr"] == recipe.learning_rate
 
 
+@pytest.mark.parametrize(("modules", "trained"), [("attention", "self_attn"), ("mlp", "mlp")])
+def test_freeze_trains_one_sub_module_of_the_blocks_above(tiny_model, modules, trained):
+    _, model = build(tiny_model, method="freeze", frozen_layers=2, train_modules=modules)
+    blocks = list(decoder_blocks(model))
+    assert not any(p.requires_grad for b in blocks[:2] for p in b.parameters())
+    for block in blocks[2:]:
+        names = {n for n, p in block.named_parameters() if p.requires_grad}
+        assert names and all(n.startswith(f"{trained}.") for n in names)
+        assert names == {f"{trained}.{n}" for n, _ in getattr(block, trained).named_parameters()}
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.get_output_embeddings().weight.requires_grad
+    assert model.model.norm.weight.requires_grad
+
+
 def test_precisions_store_weights_as_asked(tiny_model):
     import torch
 

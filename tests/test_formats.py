@@ -94,6 +94,8 @@ RECIPES = {
     },
     "full-8bit": {"method": "full", "optimizer": "adamw_8bit", "precision": "fp16"},
     "freeze": {"method": "freeze", "frozen_layers": 20},
+    "freeze-attention": {"method": "freeze", "frozen_layers": 20, "train_modules": "attention"},
+    "freeze-mlp": {"method": "freeze", "frozen_layers": 20, "train_modules": "mlp"},
     "packed": {"method": "lora", "lora_r": 16, "batching": "packed"},
     "chunked": {"method": "lora", "quantization": "nf4", "loss": "chunked"},
     "fused": {"method": "full", "loss": "fused_linear"},
@@ -133,6 +135,8 @@ def test_hf_keywords_construct_the_real_classes(name):
     assert config.get("sft_config") == (
         {"packing": True, "padding_free": True} if name == "packed" else None
     )
+    # the part of the blocks that trains is autotune's key, as frozen_layers is
+    assert config.get("train_modules") == RECIPES[name].get("train_modules")
     training = config["training_arguments"]
     assert training.get("use_liger_kernel", False) == (name == "fused")
     if name == "fused":
@@ -162,6 +166,14 @@ def test_axolotl_keys(name):
         patterns = config["unfrozen_parameters"]
         assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
         assert r"^model\.layers\.19\..*" not in patterns
+    if name == "freeze-attention":
+        patterns = config["unfrozen_parameters"]
+        assert r"^model\.layers\.20\.self_attn\..*" in patterns
+        assert not any("mlp" in p or r"layers\.19" in p for p in patterns)
+    if name == "freeze-mlp":
+        patterns = config["unfrozen_parameters"]
+        assert r"^model\.layers\.27\.mlp\..*" in patterns
+        assert not any("self_attn" in p for p in patterns)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -176,8 +188,11 @@ def test_llamafactory_keys(name):
         assert config["quantization_bit"] == 4 and config["lora_target"] == "all"
     if name == "lora-qv-int8":
         assert config["lora_target"] == "q_proj,v_proj" and config["quantization_bit"] == 8
-    if name == "freeze":
+    if name.startswith("freeze"):
         assert config["freeze_trainable_layers"] == 8
+        # LLaMA-Factory's documented values: all, or the blocks' sub-module names
+        modules = {"freeze": "all", "freeze-attention": "self_attn", "freeze-mlp": "mlp"}
+        assert config["freeze_trainable_modules"] == modules[name]
     if name == "packed":
         assert config["packing"] is True and config["neat_packing"] is True
     assert config.get("enable_liger_kernel") == (True if name == "fused" else None)

@@ -142,9 +142,7 @@ def test_fused_linear_is_refused_off_cuda_and_without_liger(monkeypatch):
 
 
 @pytest.mark.parametrize("memory_model", ["formula", "replay"])
-def test_estimate_of_qwen2_7b_qlora_holds_4_gib_less_with_the_chunked_loss(
-    tmp_path, memory_model
-):
+def test_estimate_of_qwen2_7b_qlora_holds_4_gib_less_with_the_chunked_loss(tmp_path, memory_model):
     """QLoRA r16 all-linear, micro-batch 4, seq 1024, checkpointing: the standard loss holds
     12 bytes per logit of a 150k vocabulary (about 7 GB), the chunked one a chunk's worth."""
     import json

@@ -199,6 +199,32 @@ def test_head_gradient_is_held_with_the_logits_at_the_start_of_backward():
     assert frozen.breakdown["gradients"] == 0
 
 
+def test_freezing_attention_or_mlp_prices_only_the_trained_sub_modules():
+    from autotune.model_spec import ATTENTION_LINEARS, MLP_LINEARS
+
+    def freeze(modules):
+        return estimate(
+            LLAMA_1B, full(method="freeze", frozen_layers=8, train_modules=modules)
+        ).breakdown
+
+    everything, attention, mlp = freeze("all"), freeze("attention"), freeze("mlp")
+    shapes = LLAMA_1B.linear_shapes()
+    trained_blocks = LLAMA_1B.num_layers - 8
+    attention_params = sum(a * b for n, (a, b) in shapes.items() if n in ATTENTION_LINEARS)
+    mlp_params = sum(a * b for n, (a, b) in shapes.items() if n in MLP_LINEARS)
+    norms = 2 * LLAMA_1B.hidden_size
+    state_bytes = 2 * 2  # fused AdamW: two bf16 states per trained element
+    assert everything["optimizer_states"] - attention["optimizer_states"] == (
+        trained_blocks * (mlp_params + norms) * state_bytes
+    )
+    assert everything["optimizer_states"] - mlp["optimizer_states"] == (
+        trained_blocks * (attention_params + norms) * state_bytes
+    )
+    assert everything["gradients"] == attention["gradients"] == mlp["gradients"] == 0  # tied head
+    assert mlp["activations"] < everything["activations"]
+    assert attention["activations"] < everything["activations"]
+
+
 def test_logits_dominate_small_models_with_big_vocabularies():
     result = estimate(LLAMA_1B, lora())
     assert result.breakdown["logits_and_loss"] > result.breakdown["activations"]

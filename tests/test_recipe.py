@@ -72,6 +72,8 @@ def test_all_problems_reported_at_once():
             "frozen_layers >= 1",
         ),
         ({"frozen_layers": 2}, "frozen_layers is for method freeze"),
+        ({"train_modules": "attention"}, "train_modules is for method freeze, not lora"),
+        ({"train_modules": "heads"}, "train_modules 'heads' is not one of all, attention, mlp"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"lora_dropout": float("nan")}, "lora_dropout"),
         ({"bogus": 1}, "unknown keys bogus"),
@@ -115,4 +117,11 @@ def test_measured_block_is_ignored_on_read():
 
 
 def test_label_names_the_strategy():
+    frozen = {"method": "freeze", "frozen_layers": 2, "precision": "bf16", "micro_batch_size": 4}
+    assert Recipe.from_dict(frozen).label() == "freeze 2 bf16 mb4 gc"
+    assert (
+        Recipe.from_dict({**frozen, "train_modules": "mlp"}).label() == "freeze 2 mlp bf16 mb4 gc"
+    )
+    assert "train_modules" not in Recipe.from_dict(frozen).to_dict()
+    assert Recipe.from_dict({**frozen, "train_modules": "mlp"}).to_dict()["train_modules"] == "mlp"
     assert Recipe.from_dict(QLORA).label() == "QLoRA nf4 r16 all-linear bf16 mb4 gc"

@@ -137,11 +137,15 @@ def test_every_attention_is_read_alike_by_the_memory_model_and_the_exports(name)
     kind = ATTENTIONS[name]
     recipe = Recipe.from_dict({"method": "lora", "lora_r": 8, "attention": name})
     assert hf_config(recipe)["attn_implementation"] == name
-    assert llamafactory_config(recipe)["flash_attn"] == kind.llamafactory in {
-        "sdpa",
-        "disabled",
-        "fa2",
-    }
+    assert (
+        llamafactory_config(recipe)["flash_attn"]
+        == kind.llamafactory
+        in {
+            "sdpa",
+            "disabled",
+            "fa2",
+        }
+    )
     axolotl = axolotl_config(recipe)
     assert {k for k in ("sdp_attention", "flash_attention") if axolotl.get(k)} == set(kind.axolotl)
     # only an implementation that keeps the matrix pays for it, per head and token pair

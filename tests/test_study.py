@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,33 @@ def test_run_records_measured_trials_and_resumes(workspace):
     assert len(more.trials) == 8
 
 
+def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
+    tmp_path, _, _ = workspace
+    space = tmp_path / "freeze.yaml"
+    text = DEMO_SPACE.read_text()
+    for key, choices in (
+        ("method", "[freeze]"),
+        ("quantization", "[none]"),
+        ("micro_batch_size", "[1]"),
+        ("gradient_checkpointing", "[true]"),
+        ("optimizer", "[adamw]"),
+    ):
+        text = re.sub(rf"^{key}: .*$", f"{key}: {choices}", text, flags=re.M)
+    space.write_text(text + "train_modules: [all, attention, mlp]\n")
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, space_path=space, trials=8)), runner)
+    assert len(study.trials) == 8
+    chosen = {Recipe.from_dict(t.user_attrs["recipe"]).train_modules for t in study.trials}
+    assert chosen == {"all", "attention", "mlp"}
+    assert {t.params["train_modules"] for t in study.trials} == chosen
+    assert {r.recipe.train_modules for r in runner.requests if r.seed == 0} == chosen
+    predicted = {
+        Recipe.from_dict(t.user_attrs["recipe"]).train_modules: t.user_attrs["predicted_peak_bytes"]
+        for t in study.trials
+    }
+    assert predicted["attention"] < predicted["all"] and predicted["mlp"] < predicted["all"]
+
+
 def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
     tmp_path, model, data = workspace
     prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
@@ -167,8 +195,9 @@ def test_export_and_report_from_the_study(workspace):
     predicted = data["measured"]["predicted_peak_bytes"]
     assert data["measured"]["memory_margin"] == 0.0
     assert data["measured"]["predicted_fit"].startswith(f"predicted {format_bytes(predicted)}")
-    assert f"fits {format_bytes(10**10)} with {format_bytes(10**10 - predicted)} to spare" in (
-        data["measured"]["predicted_fit"]
+    assert (
+        f"fits {format_bytes(10**10)} with {format_bytes(10**10 - predicted)} to spare"
+        in (data["measured"]["predicted_fit"])
     )
     report = report_data(study)
     assert report.frontier_numbers and fastest.number in report.frontier_numbers

@@ -107,6 +107,49 @@ def test_full_model_is_saved_for_freeze(tiny_model, qa_data, tmp_path):
     assert not torch.equal(trained.state_dict()[trainable], original.state_dict()[trainable])
 
 
+@pytest.mark.parametrize(
+    ("modules", "trained", "frozen"),
+    [
+        ("attention", "self_attn.q_proj", "mlp.up_proj"),
+        ("mlp", "mlp.up_proj", "self_attn.q_proj"),
+    ],
+)
+def test_freeze_of_attention_or_mlp_trains_only_those(
+    tiny_model, qa_data, tmp_path, modules, trained, frozen
+):
+    recipe = Recipe.from_dict(
+        {
+            "model": str(tiny_model),
+            "method": "freeze",
+            "frozen_layers": 2,
+            "train_modules": modules,
+            "micro_batch_size": 2,
+            "seq_len": 48,
+            "learning_rate": 5e-3,
+            "lr_schedule": "constant",
+            "precision": "fp32",
+        }
+    )
+    report = train(recipe, qa_data, tmp_path / "out", max_steps=6)
+    # a random model's loss starts near ln(vocabulary) and falls as the trained half learns
+    assert all(torch.isfinite(torch.tensor(report.losses)))
+    assert report.losses[-1] < report.losses[0]
+    from transformers import AutoModelForCausalLM
+
+    after = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    before = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
+    assert not torch.equal(
+        after[f"model.layers.3.{trained}.weight"], before[f"model.layers.3.{trained}.weight"]
+    )
+    assert torch.equal(
+        after[f"model.layers.3.{frozen}.weight"], before[f"model.layers.3.{frozen}.weight"]
+    )
+    assert torch.equal(
+        after["model.layers.3.input_layernorm.weight"],
+        before["model.layers.3.input_layernorm.weight"],
+    )
+
+
 def test_resume_without_checkpoint_and_unwritable_output(tiny_model, qa_data, tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(lora_recipe(tiny_model), qa_data, tmp_path / "empty", max_steps=1, resume=True)

@@ -24,9 +24,7 @@ def test_merged_model_loads_plain_and_gives_the_adapter_s_logits(tiny_model, qa_
     merged = AutoModelForCausalLM.from_pretrained(str(report.merged_dir)).eval()
     assert not any("lora" in name for name in merged.state_dict())
     assert merged.dtype == torch.float32
-    assert "quantization_config" not in json.loads(
-        (report.merged_dir / "config.json").read_text()
-    )
+    assert "quantization_config" not in json.loads((report.merged_dir / "config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(report.merged_dir))

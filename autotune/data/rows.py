@@ -96,8 +96,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as error:
-                yield line_number, BadRow(
-                    line_number, f"not valid JSON ({error.msg} column {error.colno})"
+                yield (
+                    line_number,
+                    BadRow(line_number, f"not valid JSON ({error.msg} column {error.colno})"),
                 )
 
 

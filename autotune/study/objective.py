@@ -1,5 +1,4 @@
-"""The objective: one trial's recipe predicted, probed or ruled out, and every outcome recorded.
-"""
+"""The objective: one trial's recipe predicted, probed or ruled out, and every outcome recorded."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""`prepare_run`: every input checked before anything runs.
-"""
+"""`prepare_run`: every input checked before anything runs."""
 
 from __future__ import annotations
 

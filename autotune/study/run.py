@@ -1,5 +1,4 @@
-"""`run_study`: run or resume a study until it holds its trials, then confirm.
-"""
+"""`run_study`: run or resume a study until it holds its trials, then confirm."""
 
 from __future__ import annotations
 

@@ -130,8 +130,7 @@ def make_storage(url: str) -> Any:
                 time.sleep(0.5 + attempt)
                 continue
             raise UsageError(
-                f"cannot open storage {redact_url(url)}: "
-                f"{without_secrets(first_line(error), url)}"
+                f"cannot open storage {redact_url(url)}: {without_secrets(first_line(error), url)}"
             ) from None
     raise AssertionError("unreachable")
 

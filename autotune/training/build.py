@@ -225,8 +225,14 @@ def prepare_model(model: Any, recipe: Recipe) -> Any:
         model.get_input_embeddings().requires_grad_(False)
         if model.config.tie_word_embeddings:
             model.get_output_embeddings().requires_grad_(False)
-        for block in list(decoder_blocks(model))[: recipe.frozen_layers]:
-            block.requires_grad_(False)
+        for index, block in enumerate(decoder_blocks(model)):
+            if index < recipe.frozen_layers:
+                block.requires_grad_(False)
+            elif recipe.train_modules != "all":
+                # only the chosen sub-module of the block trains (its norms stay frozen)
+                block.requires_grad_(False)
+                trained = block.self_attn if recipe.train_modules == "attention" else block.mlp
+                trained.requires_grad_(True)
     if recipe.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20

@@ -265,9 +265,7 @@ def train(
             chunk_indices = batches[offset : offset + (total_steps - step)]
             # Lazy, so that an evaluation that stops the run takes effect before the next step.
             chunk = (
-                [splits.train[i] for i in indices]
-                for indices in chunk_indices
-                if not stopping()
+                [splits.train[i] for i in indices] for indices in chunk_indices if not stopping()
             )
 
             def after_step(index: int, record: Any, first: int = step) -> None:
