@@ -38,6 +38,11 @@ def _cut_step(cut_model, **fields) -> Recipe:
         {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": False},
         {"method": "full", "gradient_checkpointing": True},
         {"method": "full", "gradient_checkpointing": True, "optimizer": "adamw_foreach"},
+        {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False},
+        *(
+            {"method": "freeze", "frozen_layers": 1, "train_modules": modules}
+            for modules in ("attention", "mlp")
+        ),
     ],
 )
 def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
@@ -49,6 +54,21 @@ def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     # the replay's blocks are rounded to 512 bytes, the trace counts bytes
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
+
+
+def test_freezing_attention_or_mlp_replays_below_freezing_neither(cut_model):
+    """Training only the attention (the smaller half here) or only the MLP of the block above
+    the frozen one keeps fewer optimizer states and saved inputs than training all of it."""
+    config = load_config(str(cut_model))
+    peaks = {
+        modules: replay(
+            _cut_step(cut_model, method="freeze", frozen_layers=1, train_modules=modules),
+            config,
+            cublas_workspace_bytes=0,
+        ).peak_allocated_bytes
+        for modules in ("all", "attention", "mlp")
+    }
+    assert peaks["attention"] < peaks["mlp"] < peaks["all"]
 
 
 @pytest.mark.parametrize(
