@@ -113,15 +113,21 @@ class MemoryPrediction:
 
 
 def memory_prediction(
-    spec: Any, recipe: Recipe, config: Any, seq_len: int | None = None, **options: Any
+    spec: Any,
+    recipe: Recipe,
+    config: Any,
+    seq_len: int | None = None,
+    memory_model: str = "replay",
+    memory_margin: float | None = None,
 ) -> MemoryPrediction:
-    """The peak a study would predict for `recipe` (`predict`'s options), with its margin."""
+    """The peak a study would predict for `recipe`, with the margin it would add."""
     from autotune.margins import margin_for
     from autotune.replay import predict
 
-    margin = options.pop("memory_margin", None)
-    peak, used, fallback = predict(spec, recipe, config, seq_len, **options)
-    return MemoryPrediction(peak, used, fallback, margin_for(margin, used, recipe.quantization))
+    peak, used, fallback = predict(spec, recipe, config, seq_len, memory_model)
+    return MemoryPrediction(
+        peak, used, fallback, margin_for(memory_margin, used, recipe.quantization)
+    )
 
 
 def _check_seq_len(seq_len: int) -> None:

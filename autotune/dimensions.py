@@ -84,7 +84,6 @@ class Dimension:
     per_method: bool = False
     """The file may give each method its own choices (a mapping method -> value or list); each
     method's choices are then their own trial parameter, `<method>_<name>`."""
-    help: str = ""
 
 
 NOT_EXPRESSIBLE = object()
@@ -138,7 +137,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _field("quantization"),
         methods=LORA,
         allowed=tuple(QUANTIZATIONS),
-        help="base weights in bitsandbytes int8 or NF4 (QLoRA)",
+        # base weights in bitsandbytes int8 or NF4 (QLoRA)
     ),
     Dimension(
         "lora_r", _lora_r, _field("lora_r"), methods=LORA, check=_rank_check, rule=_rank_rule
@@ -178,7 +177,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         default=("all",),
         # studies from before the dimension hold no train_modules parameter
         always_searched=False,
-        help="what trains in the blocks above the frozen ones: all, attention or mlp",
+        # what trains in the blocks above the frozen ones: all, attention or mlp
     ),
     Dimension("precision", _same("precision"), _field("precision"), allowed=tuple(PRECISIONS)),
     Dimension(
@@ -223,7 +222,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         default=("standard",),
         # studies from before the dimension hold no loss parameter: one choice stays fixed
         always_searched=False,
-        help="the cross-entropy over the whole micro-batch, in chunks, or Liger's fused one",
+        # the cross-entropy over the whole micro-batch, in chunks, or Liger's fused one
     ),
     Dimension(
         "learning_rate",

@@ -90,8 +90,9 @@ def baseline_params(
     for baseline_name, preferences in BASELINES.items():
         if preferences["method"] not in space.choices_of("method"):
             continue
-        # a point of the space: each parameter of the method as the baseline prefers it, or
-        # the nearest choice; one the baseline does not name takes the space's first choice
+        # a point of the space: each parameter of the method as the baseline prefers it
+        # (params_like: where it is a choice, else the first), "smallest"/"largest" of the
+        # choices, or the nearest number
         params = space.params_like(preferences)
         for name, choices in ((n, space.choices_of(n)) for n in params if n != "method"):
             wanted = preferences.get(name)
@@ -99,10 +100,9 @@ def baseline_params(
                 params[name] = min(choices)
             elif wanted == "largest":
                 params[name] = max(choices)
-            elif wanted in choices:
-                params[name] = wanted
-            elif wanted is not None and all(_is_number(c) for c in choices):
-                params[name] = min(choices, key=lambda c: abs(c - wanted))
+            elif wanted not in choices and _is_number(wanted):
+                if all(_is_number(c) for c in choices):
+                    params[name] = min(choices, key=lambda c: abs(c - wanted))
         if fits and preferences["micro_batch_size"] == "largest":
             for size in sorted(space.choices_of("micro_batch_size"), reverse=True):
                 if fits({**params, "micro_batch_size": size}):
