@@ -94,12 +94,3 @@ def qa_data(tmp_path) -> Path:
         {"input": f"Add {a} and {a + 3}.", "output": f"The sum is {2 * a + 3}."} for a in range(30)
     ] + [{"text": f"Counting: {' '.join(str(i) for i in range(n))}."} for n in range(3, 13)]
     return write_jsonl(tmp_path / "qa.jsonl", rows)
-
-
-@pytest.fixture(autouse=True)
-def _claims_settle_at_once(monkeypatch):
-    """A study run in a test process has no rival run: its claims need no settling pause
-    (test_resume.py's claim test sets its own)."""
-    import autotune.study.workers
-
-    monkeypatch.setattr(autotune.study.workers, "CLAIM_SETTLE_SECONDS", 0.0)

@@ -191,6 +191,11 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path):
     again, same_file = cached_splits(data, tokenizer, 32, 0, tmp_path / "cache")
     assert same_file == cache_file and again == first == load_splits(data, tokenizer, 32, 0)
     key = token_cache_key(data, tokenizer, 32, 0)
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(data.read_bytes())  # the same content under another name: the same cache
+    assert cached_splits(moved, tokenizer, 32, 0, tmp_path / "cache")[1] == cache_file
+    assert token_cache_key(moved.rename(moved.with_suffix(".csv")), tokenizer, 32, 0) != key
     assert token_cache_key(data, tokenizer, 64, 0) != key
     assert token_cache_key(data, tokenizer, 32, 1) != key
     tokenizer.chat_template = "{{ messages[0]['content'] }}"

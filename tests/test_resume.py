@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -253,6 +255,36 @@ def test_a_resume_on_changed_data_is_refused(workspace):  # noqa: F811
         run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
 
 
+def test_a_study_made_when_the_data_key_held_the_file_name_resumes(workspace):  # noqa: F811
+    """Studies made before token cache version 3 stored a data key that held the file's name:
+    the same data still resumes them; other data is still refused."""
+    from autotune.data.token_cache import token_cache_key
+    from autotune.study.settings import tokenizer_for
+    from autotune.study.study_records import record_setup, study_setup
+
+    tmp_path, model, data = workspace
+    settings = settings_for(workspace, trials=1)
+    run_study(prepare_run(settings), FakeRunner())
+    study = open_study(settings.storage, "s")
+    old_key = token_cache_key(data, tokenizer_for(str(model)), 64, 0, None, version=2)
+    setup = study_setup(study)
+    record_setup(
+        study,
+        dataclasses.replace(
+            setup, measured_under={**setup.measured_under, "data": f"tokens-{old_key}"}
+        ),
+    )
+    assert (
+        finished_trial_count(
+            run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+        )
+        == 2
+    )
+    write_jsonl(data, [{"text": f"other row {i}"} for i in range(30)])
+    with pytest.raises(UsageError, match="the data, its tokenizer or its split"):
+        run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+
+
 def _study_with_a_rival(workspace, monkeypatch, rival_pid: int):  # noqa: F811
     """A study holding one finished trial and a trial started first by another run (process
     `rival_pid` on this host), still running; trials look again at it five times a second."""
@@ -307,29 +339,58 @@ import sys, time
 import optuna
 from autotune.study import claim_once
 study = optuna.load_study(study_name="s", storage=sys.argv[1])
-time.sleep(float(sys.argv[2]) - time.time())  # both ask at the same moment
-print(claim_once(study, "confirmation:0", settle_seconds=1.0))
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all ask at the same moment
+print(claim_once(study, "race"))  # a job no run of the study has
 """
 
 
-def test_two_runs_never_both_take_one_confirmation(workspace):  # noqa: F811
-    storage = f"sqlite:///{workspace[0]}/study.db"
-    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
-    for _ in range(3):
-        study = open_study(storage, "s")
-        for key in [k for k in study.user_attrs if k.startswith("claim:")]:
-            study._storage.set_study_user_attr(study._study_id, key, None)
-        start = time.time() + 3
-        runs = [
-            subprocess.Popen(
-                [sys.executable, "-c", CLAIMER, storage, str(start)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        answers = sorted(run.communicate(timeout=60)[0].strip() for run in runs)
-        assert answers == ["False", "True"]
+JOURNAL_CLAIMER = CLAIMER.replace(
+    "storage=sys.argv[1]",
+    "storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(sys.argv[1]))",
+)
+
+
+def _claim_race(script: str, storage: str, runs: int = 3) -> list[str]:
+    start = time.time() + 4
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, storage, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(runs)
+    ]
+    answers = [claimer.communicate(timeout=90) for claimer in claimers]
+    assert all(claimer.returncode == 0 for claimer in claimers), answers
+    return sorted(out.strip() for out, _ in answers)
+
+
+def _set_claim(study, job: str, worker: str, at: float) -> None:
+    """Stands for a claim another run made: its claim study, holding `worker`."""
+    from autotune.study.study_records import Claim, claim_study_name, record_claim
+
+    storage = study._storage
+    for generation in itertools.count():  # the job's next claim
+        name = claim_study_name(study.study_name, job, generation)
+        if name not in [s.study_name for s in storage.get_all_studies()]:
+            break
+    claim_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
+    record_claim(storage, claim_id, Claim(worker, at))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_of_runs_claiming_one_confirmation_at_once_exactly_one_takes_it(workspace, kind):  # noqa: F811
+    if kind == "sqlite":
+        storage, script = f"sqlite:///{workspace[0]}/study.db", CLAIMER
+        run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    else:
+        storage, script = str(workspace[0] / "journal.log"), JOURNAL_CLAIMER
+        backend = optuna.storages.journal.JournalFileBackend(storage)
+        optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(backend))
+    assert _claim_race(script, storage) == ["False", "False", "True"]
+    # the winner is dead now: of the runs that find its claim, exactly one takes it over
+    assert _claim_race(script, storage) == ["False", "False", "True"]
 
 
 def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F811
@@ -339,15 +400,28 @@ def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F
     study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
     host = worker_id().rsplit(":", 1)[0]
     now = time.time()
-    study.set_user_attr("claim:noise", {"worker": f"{host}:{_dead_pid()}", "at": now})
+    _set_claim(study, "noise", f"{host}:{_dead_pid()}", now)
     assert claim_once(study, "noise")
-    alive = {"worker": f"{host}:{os.getppid()}", "at": now}
-    study.set_user_attr("claim:noise", alive)  # alive: its claim stands
+    assert claim_once(study, "noise")  # its own claim stands for the run that holds it
+    _set_claim(study, "noise", f"{host}:{os.getppid()}", now)  # alive: its claim stands
     assert not claim_once(study, "noise")
-    study.set_user_attr("claim:noise", {"worker": "another-host:1", "at": now})
+    _set_claim(study, "noise", "another-host:1", now)
     assert not claim_once(study, "noise")  # cannot be checked: it stands until it is stale
-    study.set_user_attr("claim:noise", {"worker": "another-host:1", "at": now - 3 * 3600})
+    _set_claim(study, "noise", "another-host:1", now - 3 * 3600)
     assert claim_once(study, "noise")
+
+
+def test_claims_are_not_studies_to_report_or_to_name(workspace):  # noqa: F811
+    from autotune.study import claim_once
+    from autotune.study.settings import study_file_name
+    from autotune.study.storage import load_existing_study
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    storage = f"sqlite:///{workspace[0]}/study.db"
+    assert claim_once(open_study(storage, "s"), "zzz")  # its study is the storage's newest
+    assert load_existing_study(storage, None).study_name == "s"
+    with pytest.raises(UsageError, match="#claim:"):
+        study_file_name("s#claim:noise")
 
 
 def test_a_running_trial_with_no_worker_is_failed_once_stale(workspace, monkeypatch):  # noqa: F811

@@ -13,14 +13,17 @@ from typing import Any
 from autotune.data.splits import Splits, load_splits
 from autotune.data.tokens import TokenTable
 
-TOKEN_CACHE_VERSION = 2
+TOKEN_CACHE_VERSION = 3
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, named: bool = False) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        # a directory's layout is part of its content; a single file's name is not (a renamed
+        # or moved copy is the same data), but its suffix says how it is read
+        name = file.name if named else file.suffix
+        digest.update(str(file.relative_to(path) if path.is_dir() else name).encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -46,10 +49,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def token_cache_key(
-    path: str | Path, tokenizer: Any, seq_len: int, seed: int, eval_rows: int | None = None
+    path: str | Path,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    eval_rows: int | None = None,
+    version: int = TOKEN_CACHE_VERSION,
 ) -> str:
-    """One key per (data content, tokenizer, seq_len, split seed and size)."""
-    text = f"{TOKEN_CACHE_VERSION}:{_file_digest(Path(path))}:{tokenizer_fingerprint(tokenizer)}"
+    """One key per (data content, tokenizer, seq_len, split seed and size). Version 2 keyed a
+    single file by its name too: kept to recognise the data of studies made then."""
+    digest = _file_digest(Path(path), named=version < 3)
+    text = f"{version}:{digest}:{tokenizer_fingerprint(tokenizer)}"
     return hashlib.sha256(f"{text}:{seq_len}:{seed}:{eval_rows}".encode()).hexdigest()[:24]
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autotune.data.token_cache import token_cache_key
 from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
 from autotune.study.confirm import confirm_frontier, measure_noise
@@ -15,7 +16,7 @@ from autotune.study.objective import RunEvents, make_objective
 from autotune.study.pruning import resumed_space
 from autotune.study.records import ProbeCrashed, baseline_attrs, finished_trial_count
 from autotune.study.seeding import baseline_params, fits_budget
-from autotune.study.settings import PreparedRun
+from autotune.study.settings import PreparedRun, tokenizer_for
 from autotune.study.storage import open_study
 from autotune.study.study_records import (
     SpaceChoices,
@@ -44,6 +45,19 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     }
 
 
+def _data_key_before_version_3(prepared: PreparedRun) -> str:
+    settings = prepared.settings
+    key = token_cache_key(
+        settings.data_path,
+        tokenizer_for(settings.model),
+        settings.seq_len,
+        settings.seed,
+        settings.eval_rows,
+        version=2,
+    )
+    return f"tokens-{key}"
+
+
 _MEASURED_UNDER_WORDS = {
     "data": "the data, its tokenizer or its split (seed, --eval-rows)",
     "model": "the model's shape",
@@ -59,6 +73,8 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     current = measured_under(prepared)
     stored = study_setup(study).measured_under
     changed = [key for key in current if key in stored and stored[key] != current[key]]
+    if "data" in changed and stored["data"] == _data_key_before_version_3(prepared):
+        changed.remove("data")  # the same data, keyed as studies made before version 3 were
     if not changed:
         return
     shown = []

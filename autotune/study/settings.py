@@ -15,6 +15,7 @@ from autotune.errors import UsageError
 from autotune.model_spec import ModelSpec
 from autotune.space import SearchSpace
 from autotune.study.storage import TRIALS_DIR
+from autotune.study.study_records import CLAIM_SEPARATOR, is_claim_study
 
 LENGTH_STATS_ROWS = 2000
 """Rows the report's token-length distribution and truncation figures are taken over."""
@@ -150,6 +151,11 @@ def study_file_name(study_name: str) -> str:
     digits, '.', '_' and '-' kept and every other run of characters one '-', so no name (from
     --study, or from a storage someone else writes) reaches outside trials/ or reports/; a
     name that changed or ran long gets a hash of the whole, so two studies never share files."""
+    if is_claim_study(study_name):
+        raise UsageError(
+            f"study name {study_name!r} holds {CLAIM_SEPARATOR!r}, which names autotune's "
+            "claims of one-time jobs; choose another with --study"
+        )
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", study_name).strip("-.")
     if not slug:
         raise UsageError(

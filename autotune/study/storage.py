@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 from autotune.errors import UsageError, first_line
 from autotune.study.records import DIRECTIONS, OBJECTIVE_NAMES, ProbeCrashed
+from autotune.study.study_records import is_claim_study
 
 TRIALS_DIR = Path("trials")
 HEARTBEAT_SECONDS = 10
@@ -226,7 +227,11 @@ def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
 
     url = existing_storage_url(storage_url)
     storage = make_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    names = [
+        summary.study_name
+        for summary in optuna.get_all_study_summaries(storage)
+        if not is_claim_study(summary.study_name)
+    ]
     if study_name is None:
         if not names:
             raise UsageError(f"storage {redact_url(url)} holds no study yet")

@@ -177,8 +177,10 @@ def study_noise(study: Any) -> Noise | None:
     return _from_stored(Noise, stored) if stored else None
 
 
-CLAIM_PREFIX = "claim:"
-"""Study attribute `claim:JOB`: which run took a one-time job (see workers.claim_once)."""
+CLAIM_SEPARATOR = "#claim:"
+"""A one-time job of study S (see workers.claim_once) is claimed by creating the Optuna study
+`S#claim:JOB` in the same storage: study names are unique in every Optuna storage, so of two
+runs creating it at once exactly one succeeds. Its user attribute `claim` says who holds it."""
 
 
 @dataclass(frozen=True)
@@ -191,11 +193,22 @@ class Claim:
     """Epoch seconds."""
 
 
-def claim_of(study: Any, job: str) -> Claim | None:
-    """None while nobody has claimed `job`."""
-    holder = study.user_attrs.get(CLAIM_PREFIX + job)
+def claim_study_name(study_name: str, job: str, generation: int = 0) -> str:
+    """A claim's study; a claim whose run died is followed by the next generation's."""
+    name = f"{study_name}{CLAIM_SEPARATOR}{job}"
+    return f"{name}#{generation}" if generation else name
+
+
+def is_claim_study(study_name: str) -> bool:
+    """Whether a study of the storage only records a claim (listings leave it out)."""
+    return CLAIM_SEPARATOR in study_name
+
+
+def claim_of(storage: Any, claim_study_id: int) -> Claim | None:
+    """None while the claim's creator has not yet said who it is."""
+    holder = storage.get_study_user_attrs(claim_study_id).get("claim")
     return _from_stored(Claim, holder) if isinstance(holder, dict) else None
 
 
-def record_claim(study: Any, job: str, claim: Claim) -> None:
-    study.set_user_attr(CLAIM_PREFIX + job, dataclasses.asdict(claim))
+def record_claim(storage: Any, claim_study_id: int, claim: Claim) -> None:
+    storage.set_study_user_attr(claim_study_id, "claim", dataclasses.asdict(claim))

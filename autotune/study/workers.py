@@ -16,7 +16,7 @@ from autotune.study.records import (
     record_status,
     trial_record,
 )
-from autotune.study.study_records import Claim, claim_of, record_claim
+from autotune.study.study_records import Claim, claim_of, claim_study_name, record_claim
 
 
 def worker_id() -> str:
@@ -113,31 +113,44 @@ def beyond_target(
         fail_interrupted_trials(study)
 
 
-CLAIM_SETTLE_SECONDS = 1.0
-"""How long a claim is left before it is read back: longer than the gap between another
-run's reading that nothing is claimed and its writing its own claim."""
-
-
 CLAIM_STALE_SECONDS = 2 * 3600.0
 """A claim this old is free whoever made it: its job (one probe) has long ended or died."""
 
 
-def claim_once(study: Any, job: str, settle_seconds: float | None = None) -> bool:
+def claim_once(study: Any, job: str) -> bool:
     """Whether this process takes the one-time `job` of the study (a confirmation, the noise
-    probe), claimed through the storage so that two runs on one study do not both do it. A
-    claim stands unless its run, on this host, is gone, or it is older than
-    CLAIM_STALE_SECONDS; of concurrent claims the last writer wins, each reading the claim back
-    after `settle_seconds`. (Not a lock: a write delayed past the settling pause by a busy
-    database can still let two runs through.)"""
-    me = worker_id()
-    holder = claim_of(study, job)
-    if holder is not None:
-        if holder.worker == me:
+    probe), so that two runs on one study never both do it. The claim is the creation of a
+    study named after the job (study_records.CLAIM_SEPARATOR), which the storage lets exactly
+    one run do. A claim stands unless its run, on this host, is gone, or it is older than
+    CLAIM_STALE_SECONDS; then the job's next claim (its generation + 1) is free, and again
+    exactly one run creates it."""
+    import optuna
+
+    storage = study._storage
+    me = Claim(worker_id(), time.time())
+    generation = 0
+    while True:
+        name = claim_study_name(study.study_name, job, generation)
+        try:
+            claim_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+        else:
+            record_claim(storage, claim_id, me)
             return True
-        fresh = time.time() - float(holder.at) < CLAIM_STALE_SECONDS
+        try:  # a later generation took over this one: it is the one that counts
+            storage.get_study_id_from_name(claim_study_name(study.study_name, job, generation + 1))
+        except KeyError:
+            pass
+        else:
+            generation += 1
+            continue
+        holder = claim_of(storage, storage.get_study_id_from_name(name))
+        if holder is None:  # its creator is about to say who it is (or died in between, and
+            return False  # the job stays undone: the report shows it as not confirmed)
+        if holder.worker == me.worker:
+            return True
+        fresh = me.at - float(holder.at) < CLAIM_STALE_SECONDS
         if fresh and not gone_from_this_host(str(holder.worker)):
             return False
-    record_claim(study, job, Claim(me, time.time()))
-    time.sleep(CLAIM_SETTLE_SECONDS if settle_seconds is None else settle_seconds)
-    claimed = claim_of(study, job)
-    return claimed is not None and claimed.worker == me
+        generation += 1
