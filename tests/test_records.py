@@ -73,9 +73,12 @@ def test_each_writer_stores_the_form_its_reader_reads(study):
     assert study.user_attrs["confirmation:5"] == STORED_CONFIRMATION
     assert study.user_attrs["noise"] == STORED_NOISE
     assert confirmations(study)[5].held_up is True and study_noise(study).trial == 3
-    record_claim(study, "noise", Claim("host:1", 10.0))
-    assert study.user_attrs["claim:noise"] == {"worker": "host:1", "at": 10.0}
-    assert claim_of(study, "noise") == Claim("host:1", 10.0) and claim_of(study, "x") is None
+    storage = study._storage
+    claim_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s#claim:noise")
+    assert claim_of(storage, claim_id) is None  # created, its holder not yet written
+    record_claim(storage, claim_id, Claim("host:1", 10.0))
+    assert storage.get_study_user_attrs(claim_id)["claim"] == {"worker": "host:1", "at": 10.0}
+    assert claim_of(storage, claim_id) == Claim("host:1", 10.0)
     record_space_choices(study, SpaceChoices({"lora_r": [8, 16]}, {"method": {"full": 9}}))
     assert study.user_attrs["space_choices"] == {"lora_r": [8, 16]}
     assert "unsupported_choices" not in study.user_attrs
