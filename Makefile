@@ -13,7 +13,7 @@ LOCK_VENV := .lock-venv
 DEMO_ARGS := --model demo/model --data demo/train.jsonl --budget 4GB \
 	--space autotune/search_spaces/demo.yaml --trials 8 --probe-steps 6 --seq-len 128 --study demo
 
-.PHONY: setup demo test lint lock clean
+.PHONY: setup demo test lint lock clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,16 @@ test: setup
 lint: setup
 	$(BIN)/ruff check autotune tests bench scripts
 	$(BIN)/mypy
+
+# What a lent CUDA machine (Python 3.12, x86-64, no network) lacks, as wheels for the device
+# tool to carry: the versions of the lock, and bitsandbytes with its CUDA 13 kernels.
+GPU_WHEELS := bitsandbytes optuna alembic colorlog mako transformers
+gpu-wheels:
+	rm -rf .wheels && mkdir -p .wheels
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux2014_x86_64 -d .wheels \
+		$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" $(LOCK); done)
 
 clean:
 	rm -rf $(LOCK_VENV) demo/model trials/*.db trials/*/ reports/*.html reports/*.yaml
