@@ -82,7 +82,6 @@ def run(
     prepared = prepare_run(settings)
     runner = runner or SubprocessProbeRunner(settings.probe_timeout_seconds)
     study = run_study(prepared, runner, events)
-    report_path = write_report(study, settings.report_path or report_path_for(prepared.study_name))
     points = measured_points(study)
     recipe = recipe_path = None
     fit = ""
@@ -92,6 +91,11 @@ def run(
         )
         picked = picked_trial(study, "balanced")
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
+    report_path = write_report(
+        study,
+        settings.report_path or report_path_for(prepared.study_name),
+        recipe_path=recipe_path,
+    )
     return RunResult(
         study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit
     )
@@ -280,6 +284,16 @@ def write_study_report(
         raise UsageError(
             f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
         )
-    path = write_report(found, output or report_path_for(found.study_name), csv)
+    from autotune.study.storage import redact_url
+
+    recipe_path = recipe_path_for(found.study_name)
+    path = write_report(
+        found,
+        output or report_path_for(found.study_name),
+        csv,
+        recipe_path=recipe_path,
+        exported=recipe_path.is_file(),
+        storage_url=redact_url(storage) if storage else None,
+    )
     png_path = write_main_chart_png(found, png) if png is not None else None
     return StudyReport(path, Path(csv) if csv is not None else None, png_path)
