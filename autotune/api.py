@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from autotune.probe import ProbeRunner
     from autotune.recipe import Recipe
     from autotune.study.objective import RunEvents
+    from autotune.study.overview import StudyOverview, StudyStatus
     from autotune.training.train import TrainReport
 
 REPORTS_DIR = Path("reports")
@@ -297,3 +298,18 @@ def write_study_report(
     )
     png_path = write_main_chart_png(found, png) if png is not None else None
     return StudyReport(path, Path(csv) if csv is not None else None, png_path)
+
+
+def list_studies(storage: str | None = None) -> list[StudyOverview]:
+    """Every study in a storage: its model, budget, trials finished and running, and the recipe
+    each pick chooses now."""
+    from autotune.study.overview import study_overviews
+
+    return study_overviews(storage)
+
+
+def study_status(storage: str | None = None, study_name: str | None = None) -> StudyStatus:
+    """A study's progress, while it runs or after: trials, probes an hour, its frontier so far."""
+    from autotune.study.overview import study_status as status_of
+
+    return status_of(storage, study_name)

@@ -126,6 +126,28 @@ def report(
 
 
 @app.command()
+def studies(storage: str | None = setting_option("storage", "--storage")) -> None:
+    """Every study in the storage: model, budget, trials finished and running, best per pick."""
+    from autotune.api import list_studies
+    from autotune.console import overview_lines
+
+    lines = [line for overview in list_studies(storage) for line in overview_lines(overview)]
+    typer.echo("\n".join(lines) or "no study in this storage yet")
+
+
+@app.command()
+def status(
+    study: str | None = setting_option("study_name", "--study"),
+    storage: str | None = setting_option("storage", "--storage"),
+) -> None:
+    """A study's progress, while it runs or after: trials, probes an hour, frontier so far."""
+    from autotune.api import study_status
+    from autotune.console import status_lines
+
+    typer.echo("\n".join(status_lines(study_status(storage, study))))
+
+
+@app.command()
 def train(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML (from autotune export)."),
     data: Path = setting_option("data_path", "--data", "-d"),
