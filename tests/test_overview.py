@@ -77,9 +77,10 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
 
 def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F811
     tmp_path = workspace[0]
-    missing = autotune("status", "--storage", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
-    assert "no SQLite database" in missing.stderr
+    for command in ("status", "studies"):  # they only read: no database appears
+        missing = autotune(command, "--storage", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
+        assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+        assert "no SQLite database" in missing.stderr and not (tmp_path / "none.db").exists()
     run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
     url = f"sqlite:///{tmp_path}/study.db"
     wrong = autotune("status", "--storage", url, "--study", "nope", cwd=tmp_path)

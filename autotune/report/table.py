@@ -26,6 +26,7 @@ STATUS_WORDS = {
     TrialStatus.INTERRUPTED.value: "interrupted",
     "running": "running",
     "waiting": "queued",
+    "fail": "failed",
 }
 
 
