@@ -129,10 +129,9 @@ def report(
 def studies(storage: str | None = setting_option("storage", "--storage")) -> None:
     """Every study in the storage: model, budget, trials finished and running, best per pick."""
     from autotune.api import list_studies
-    from autotune.console import overview_lines
+    from autotune.console import studies_text
 
-    lines = [line for overview in list_studies(storage) for line in overview_lines(overview)]
-    typer.echo("\n".join(lines) or "no study in this storage yet")
+    typer.echo(studies_text(list_studies(storage)))
 
 
 @app.command()
@@ -142,9 +141,9 @@ def status(
 ) -> None:
     """A study's progress, while it runs or after: trials, probes an hour, frontier so far."""
     from autotune.api import study_status
-    from autotune.console import status_lines
+    from autotune.console import status_text
 
-    typer.echo("\n".join(status_lines(study_status(storage, study))))
+    typer.echo(status_text(study_status(storage, study)))
 
 
 @app.command()

@@ -261,8 +261,14 @@ def _recipe_line(recipe: MeasuredRecipe) -> str:
     )
 
 
+def studies_text(studies: list[StudyOverview]) -> str:
+    """`autotune studies`: each study's lines, one after the other."""
+    lines = [line for study in studies for line in overview_lines(study)]
+    return "\n".join(lines) or "no study in this storage yet"
+
+
 def overview_lines(study: StudyOverview) -> list[str]:
-    """`autotune studies`: a heading line per study, then its current pick per policy."""
+    """A heading line for the study, then its current pick per policy."""
     budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
     lines = [
         f"{study.name}: model {study.model or '?'}, budget {budget}; "
@@ -275,7 +281,7 @@ def overview_lines(study: StudyOverview) -> list[str]:
     return lines
 
 
-def status_lines(status: StudyStatus) -> list[str]:
+def status_text(status: StudyStatus) -> str:
     """`autotune status`: trials done and running, probes an hour, the frontier so far."""
     from autotune.units import format_duration
 
@@ -295,4 +301,4 @@ def status_lines(status: StudyStatus) -> list[str]:
         "frontier so far, fastest first:" if status.frontier else "frontier: nothing measured yet"
     )
     lines += [f"  {_recipe_line(r)}" for r in status.frontier]
-    return lines
+    return "\n".join(lines)
