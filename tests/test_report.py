@@ -48,8 +48,9 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
         row = frame.loc[card.trial]
         assert card.epoch_seconds == pytest.approx(train_tokens / row["tokens_per_second"])
         if card.trial == default["trial"]:
-            assert card.speedup is None and card.default_epoch_seconds is None
+            assert card.is_default and card.speedup is None and card.default_epoch_seconds is None
             continue
+        assert not card.is_default
         assert card.speedup == pytest.approx(
             row["tokens_per_second"] / default["tokens_per_second"]
         )
@@ -71,6 +72,8 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     assert "balanced · trial" in card and data.commands[-1] in card
     assert f"of the {format_bytes(settings.budget_bytes)} budget" in card
     assert "the QLoRA default" in card and "measured noise" in card
+    is_picked = any(c.is_default for c in data.cards)
+    assert ("(this is the QLoRA default)" in card) is is_picked
     frontier = _table(page, "frontier-table")
     assert frontier.count("<tr>") == 1 + len(data.frontier_numbers)
 

@@ -37,10 +37,8 @@ class PickCard:
     epoch_seconds: float | None = None
     default_epoch_seconds: float | None = None
     """One epoch of the study's training tokens at this speed and at the default's."""
-
-    @property
-    def is_default(self) -> bool:
-        return self.speedup is None and self.default_epoch_seconds is None
+    is_default: bool = False
+    """This is the QLoRA default itself."""
 
 
 def pick_cards(
@@ -81,6 +79,7 @@ def _card(
         loss,
         None if held is None or held != held else bool(held),
         epoch_seconds=train_tokens / speed if train_tokens and speed else None,
+        is_default=bool(row["baseline"] == "qlora_default"),
     )
     if base is None or int(base["trial"]) == number:
         return card

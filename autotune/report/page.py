@@ -54,71 +54,54 @@ figcaption{font-size:13px;color:#444} .note{font-size:13px;color:#444}"""
 def _noise_words(beyond: bool | None) -> str:
     if beyond is None:
         return ""
-    return (
-        ' <span class="beyond">(beyond the measured noise)</span>'
-        if beyond
-        else ' <span class="within">(within the measured noise)</span>'
-    )
+    kind, words = ("beyond", "beyond") if beyond else ("within", "within")
+    return f' <span class="{kind}">({words} the measured noise)</span>'
 
 
 def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     """One pick as a card: recipe, memory against the budget, speed and loss against the QLoRA
     default, the confirmation, one epoch's time; the primary card says how to train it."""
+    esc = html.escape
     budget = data.budget_bytes
     fraction = card.peak_memory_bytes / budget if budget else 0.0
     share = f" ({fraction:.0%})" if fraction >= 0.01 else " (under 1%)" if budget else ""
-    speed = f"{card.tokens_per_second:,.0f} tokens/s"
-    loss = f"{card.eval_loss:.4f}"
+    speed = esc(f"{card.tokens_per_second:,.0f} tokens/s")
+    loss = esc(f"{card.eval_loss:.4f}")
     if card.speedup is not None:
-        speed += f", {card.speedup:.2f}× the QLoRA default" + _noise_words(card.speed_beyond_noise)
+        speed += esc(f", {card.speedup:.2f}× the QLoRA default")
+        speed += _noise_words(card.speed_beyond_noise)
     if card.eval_loss_change is not None:
-        loss += f", {card.eval_loss_change:+.4f} vs the QLoRA default" + _noise_words(
-            card.loss_beyond_noise
-        )
-    if card.speedup is None and card.eval_loss_change is None:
-        speed += " (this is the QLoRA default)" if _is_default(data, card) else ""
+        loss += esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
+        loss += _noise_words(card.loss_beyond_noise)
+    if card.is_default:
+        speed += " (this is the QLoRA default)"
     held = {None: "not confirmed", True: "held up", False: "did not hold up"}[card.held_up]
+    if card.held_up is not None:
+        held += " (probed again, longer, with another seed)"
+    memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
     rows = [
-        (
-            "Peak memory",
-            f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}",
-        ),
+        ("Peak memory", esc(memory)),
         ("Speed", speed),
         ("Eval loss", loss),
-        (
-            "Confirmation",
-            held + (" (probed again longer, another seed)" if card.held_up is not None else ""),
-        ),
+        ("Confirmation", esc(held)),
     ]
     if card.epoch_seconds is not None:
         epoch = format_seconds(card.epoch_seconds)
         if card.default_epoch_seconds is not None:
             epoch += f" (QLoRA default: {format_seconds(card.default_epoch_seconds)})"
-        rows.append(("One epoch", f"{epoch} for {data.train_tokens:,} tokens"))
-    terms = "".join(f"<dt>{html.escape(k)}</dt><dd>{_safe(v)}</dd>" for k, v in rows)
-    picks = " · ".join(card.picks)
+        rows.append(("One epoch", esc(f"{epoch} for {data.train_tokens:,} tokens")))
+    terms = "".join(f"<dt>{esc(term)}</dt><dd>{value}</dd>" for term, value in rows)
     commands = ""
     if primary and data.commands:
-        commands = "".join(f"<code>{html.escape(c)}</code>" for c in data.commands)
+        commands = "".join(f"<code>{esc(c)}</code>" for c in data.commands)
     elif not primary:
-        commands = f"<code>autotune export --pick {html.escape(card.picks[0])}</code>"
+        commands = f"<code>autotune export --pick {esc(card.picks[0])}</code>"
     kind = "card primary" if primary else "card"
     return (
-        f'<div class="{kind}"><div class="pick">{html.escape(picks)} · trial {card.trial}</div>'
-        f'<div class="recipe">{html.escape(card.recipe)}</div><dl>{terms}</dl>{commands}</div>'
+        f'<div class="{kind}"><div class="pick">{esc(" · ".join(card.picks))} · trial '
+        f'{card.trial}</div><div class="recipe">{esc(card.recipe)}</div><dl>{terms}</dl>'
+        f"{commands}</div>"
     )
-
-
-def _safe(text: str) -> str:
-    """Escaped, but for the noise spans this module wrote."""
-    parts = text.split(" <span")
-    return html.escape(parts[0]) + "".join(" <span" + p for p in parts[1:])
-
-
-def _is_default(data: ReportData, card: PickCard) -> bool:
-    frame = data.frame
-    rows = frame[frame["trial"] == card.trial]
-    return bool(len(rows)) and rows.iloc[0]["baseline"] == "qlora_default"
 
 
 def charts(data: ReportData) -> tuple[list[tuple[Any, str]], list[str]]:
