@@ -74,6 +74,7 @@ def run(
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
     from autotune.study import RunEvents, measured_points, prepare_run, run_study
+    from autotune.study.storage import redact_url
 
     if settings is None:
         settings = RunSettings(**fields)
@@ -96,6 +97,7 @@ def run(
         study,
         settings.report_path or report_path_for(prepared.study_name),
         recipe_path=recipe_path,
+        storage_url=redact_url(settings.storage) if settings.storage else None,
     )
     return RunResult(
         study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit

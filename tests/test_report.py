@@ -74,6 +74,14 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     assert "the QLoRA default" in card and "measured noise" in card
     is_picked = any(c.is_default for c in data.cards)
     assert ("(this is the QLoRA default)" in card) is is_picked
+    for other in data.cards[1:]:  # the other picks say how to export them
+        assert f"autotune export --study s --pick {other.picks[0]}</code>" in card
+    # where the run wrote no recipe (autotune report), the export that writes it comes first
+    unexported = report_data(study, "reports/s-recipe.yaml", False, "sqlite:///x.db").commands
+    assert unexported[0] == (
+        "autotune export --study s --storage sqlite:///x.db --output reports/s-recipe.yaml"
+    )
+    assert unexported[1] == data.commands[-1]
     frontier = _table(page, "frontier-table")
     assert frontier.count("<tr>") == 1 + len(data.frontier_numbers)
 

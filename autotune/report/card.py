@@ -102,6 +102,15 @@ def _card(
     )
 
 
+def export_command(
+    study_name: str, storage_url: str | None, pick_name: str, output: str | None = None
+) -> str:
+    storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
+    pick_flag = "" if pick_name == "balanced" else f" --pick {pick_name}"
+    out = f" --output {shlex.quote(output)}" if output else ""
+    return f"autotune export --study {shlex.quote(study_name)}{storage}{pick_flag}{out}"
+
+
 def train_commands(
     study_name: str, data_path: str, recipe_path: str, exported: bool, storage_url: str | None
 ) -> list[str]:
@@ -109,13 +118,9 @@ def train_commands(
     it where none was written."""
     from autotune.study.settings import study_file_name
 
-    commands = []
-    if not exported:
-        storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
-        commands.append(
-            f"autotune export --study {shlex.quote(study_name)}{storage} "
-            f"--output {shlex.quote(recipe_path)}"
-        )
+    commands = (
+        [] if exported else [export_command(study_name, storage_url, "balanced", recipe_path)]
+    )
     output = f"outputs/{study_file_name(study_name)}"
     commands.append(
         f"autotune train --recipe {shlex.quote(recipe_path)} "

@@ -36,6 +36,8 @@ class ReportData(NamedTuple):
     """The answer: one card per recipe the picks choose, balanced first."""
     commands: tuple[str, ...] = ()
     """How to train the balanced pick."""
+    storage_url: str | None = None
+    """The storage as commands name it (None: the default one)."""
     measured_count: int = 0
     """Measured trials: what the importances need MIN_MEASURED_FOR_IMPORTANCE of."""
     noise: Noise | None = None
@@ -70,6 +72,7 @@ def report_data(
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
         cards=tuple(pick_cards(study, frame, noise, train_tokens)),
         commands=commands,
+        storage_url=storage_url,
         measured_count=measured,
         noise=noise,
         train_tokens=train_tokens,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.export import write_text
-from autotune.report.card import PickCard, format_seconds, frontier_frame
+from autotune.report.card import PickCard, export_command, format_seconds, frontier_frame
 from autotune.report.data import MIN_MEASURED_FOR_IMPORTANCE, ReportData, report_data
 from autotune.report.figures import (
     importance_figure,
@@ -41,7 +41,7 @@ h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.2em 0 .4em}
 .card .recipe{font-family:monospace;font-size:13px;margin:.2em 0}
 .card dl{display:grid;grid-template-columns:max-content auto;gap:.1em .8em;margin:.3em 0}
 .card dt{color:#555} .card dd{margin:0} .card code{display:block;font-size:12px;
-background:#f4f4f4;padding:.2em .4em;margin:.2em 0;white-space:pre-wrap;word-break:break-all}
+background:#f4f4f4;padding:.2em .4em;margin:.2em 0;white-space:pre-wrap;overflow-wrap:anywhere}
 .beyond{color:#2a6} .within{color:#888}
 .table-box{overflow:auto;max-width:100%;max-height:32em;border:1px solid #ddd}
 table{border-collapse:collapse;font-size:12px} th{position:sticky;top:0;background:#f0f0f0;
@@ -95,7 +95,8 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     if primary and data.commands:
         commands = "".join(f"<code>{esc(c)}</code>" for c in data.commands)
     elif not primary:
-        commands = f"<code>autotune export --pick {esc(card.picks[0])}</code>"
+        command = export_command(data.study_name, data.storage_url, card.picks[0])
+        commands = f"<code>{esc(command)}</code>"
     kind = "card primary" if primary else "card"
     return (
         f'<div class="{kind}"><div class="pick">{esc(" · ".join(card.picks))} · trial '
