@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from autotune.probe import ProbeRunner
     from autotune.recipe import Recipe
     from autotune.study.objective import RunEvents
+    from autotune.study.overview import StudyOverview, StudyStatus
     from autotune.training.train import TrainReport
 
 REPORTS_DIR = Path("reports")
@@ -73,6 +74,7 @@ def run(
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
     from autotune.study import RunEvents, measured_points, prepare_run, run_study
+    from autotune.study.storage import redact_url
 
     if settings is None:
         settings = RunSettings(**fields)
@@ -82,7 +84,6 @@ def run(
     prepared = prepare_run(settings)
     runner = runner or SubprocessProbeRunner(settings.probe_timeout_seconds)
     study = run_study(prepared, runner, events)
-    report_path = write_report(study, settings.report_path or report_path_for(prepared.study_name))
     points = measured_points(study)
     recipe = recipe_path = None
     fit = ""
@@ -92,6 +93,12 @@ def run(
         )
         picked = picked_trial(study, "balanced")
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
+    report_path = write_report(
+        study,
+        settings.report_path or report_path_for(prepared.study_name),
+        recipe_path=recipe_path,
+        storage_url=redact_url(settings.storage) if settings.storage else None,
+    )
     return RunResult(
         study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit
     )
@@ -280,6 +287,31 @@ def write_study_report(
         raise UsageError(
             f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
         )
-    path = write_report(found, output or report_path_for(found.study_name), csv)
+    from autotune.study.storage import redact_url
+
+    recipe_path = recipe_path_for(found.study_name)
+    path = write_report(
+        found,
+        output or report_path_for(found.study_name),
+        csv,
+        recipe_path=recipe_path,
+        exported=recipe_path.is_file(),
+        storage_url=redact_url(storage) if storage else None,
+    )
     png_path = write_main_chart_png(found, png) if png is not None else None
     return StudyReport(path, Path(csv) if csv is not None else None, png_path)
+
+
+def list_studies(storage: str | None = None) -> list[StudyOverview]:
+    """Every study in a storage: its model, budget, trials finished and running, and the recipe
+    each pick chooses now."""
+    from autotune.study.overview import study_overviews
+
+    return study_overviews(storage)
+
+
+def study_status(storage: str | None = None, study_name: str | None = None) -> StudyStatus:
+    """A study's progress, while it runs or after: trials, probes an hour, its frontier so far."""
+    from autotune.study.overview import study_status as status_of
+
+    return status_of(storage, study_name)

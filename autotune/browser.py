@@ -42,10 +42,19 @@ def _run(args: list[str], timeout_seconds: float) -> subprocess.CompletedProcess
         )
 
 
-def rendered_dom(html_path: Path, timeout_seconds: float = 120) -> str:
-    """The page's DOM after its scripts ran (plotly draws its SVG then)."""
+def rendered_dom(
+    html_path: Path, timeout_seconds: float = 120, width: int = 1280, height: int = 900
+) -> str:
+    """The page's DOM after its scripts ran (plotly draws its SVG then), in a window of
+    `width` x `height` pixels."""
     done = _run(
-        ["--virtual-time-budget=10000", "--dump-dom", html_path.resolve().as_uri()], timeout_seconds
+        [
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            html_path.resolve().as_uri(),
+        ],
+        timeout_seconds,
     )
     return done.stdout
 

@@ -60,8 +60,13 @@ def run(
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields
     from autotune.api import run as run_autotune
+    from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, tokenize_progress
 
+    budget = resolve_budget(budget_bytes, gpus.split(",")[0] if gpus else None)
+    if budget.note:  # a card name or auto: say what size it became
+        typer.echo(budget.note)
+    options["budget_bytes"] = str(budget.bytes)
     settings = settings_from_options(options, tokenize_progress=tokenize_progress(data_path))
     with ConsoleReporter() as reporter:
         result = run_autotune(settings, events=reporter)
@@ -118,6 +123,27 @@ def report(
         typer.echo(f"trials table: {written.csv_path}")
     if written.png_path is not None:
         typer.echo(f"chart: {written.png_path}")
+
+
+@app.command()
+def studies(storage: str | None = setting_option("storage", "--storage")) -> None:
+    """Every study in the storage: model, budget, trials finished and running, best per pick."""
+    from autotune.api import list_studies
+    from autotune.console import studies_text
+
+    typer.echo(studies_text(list_studies(storage)))
+
+
+@app.command()
+def status(
+    study: str | None = setting_option("study_name", "--study"),
+    storage: str | None = setting_option("storage", "--storage"),
+) -> None:
+    """A study's progress, while it runs or after: trials, probes an hour, frontier so far."""
+    from autotune.api import study_status
+    from autotune.console import status_text
+
+    typer.echo(status_text(study_status(storage, study)))
 
 
 @app.command()
@@ -182,10 +208,10 @@ def train(
 ) -> None:
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     from autotune.api import train as train_with_recipe
+    from autotune.budgets import parse_budget
     from autotune.console import TrainProgress, make_console, show_trained
-    from autotune.units import parse_bytes
 
-    budget_bytes = parse_bytes(budget) if budget else None
+    budget_bytes = parse_budget(budget) if budget else None
     if merge_dtype is not None and not merge:
         raise UsageError("--merge-dtype needs --merge")
     console = make_console()
@@ -253,10 +279,11 @@ def estimate(
 ) -> None:
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.api import estimate as estimate_peak
+    from autotune.budgets import parse_budget
     from autotune.margins import fit_words
-    from autotune.units import format_bytes, parse_bytes
+    from autotune.units import format_bytes
 
-    budget_bytes = parse_bytes(budget) if budget is not None else None
+    budget_bytes = parse_budget(budget) if budget is not None else None
     predicted = estimate_peak(
         model,
         recipe,

@@ -15,6 +15,7 @@ from autotune.units import format_bytes
 
 if TYPE_CHECKING:
     from autotune.api import RunResult, TrainResult
+    from autotune.study.overview import MeasuredRecipe, StudyOverview, StudyStatus
     from autotune.study.settings import PreparedRun
     from autotune.study.study_records import Confirmation, Noise
 
@@ -251,3 +252,53 @@ def show_trained(console: Any, result: TrainResult) -> None:
         console.print(f"merged model (loads without peft) in {report.merged_dir}")
         if report.merge_note:
             console.print(f"note: {report.merge_note}")
+
+
+def _recipe_line(recipe: MeasuredRecipe) -> str:
+    return (
+        f"trial {recipe.trial}  {recipe.recipe}  {format_bytes(recipe.peak_memory_bytes)}  "
+        f"{recipe.tokens_per_second:,.0f} tokens/s  eval loss {recipe.eval_loss:.4f}"
+    )
+
+
+def studies_text(studies: list[StudyOverview]) -> str:
+    """`autotune studies`: each study's lines, one after the other."""
+    lines = [line for study in studies for line in overview_lines(study)]
+    return "\n".join(lines) or "no study in this storage yet"
+
+
+def overview_lines(study: StudyOverview) -> list[str]:
+    """A heading line for the study, then its current pick per policy."""
+    budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
+    lines = [
+        f"{study.name}: model {study.model or '?'}, budget {budget}; "
+        f"{study.finished} trials finished, {study.running} running"
+    ]
+    if not study.picks:
+        lines.append("  nothing measured within the budget yet")
+    width = max(map(len, study.picks), default=0)
+    lines += [f"  {p:<{width}}  {_recipe_line(r)}" for p, r in study.picks.items()]
+    return lines
+
+
+def status_text(status: StudyStatus) -> str:
+    """`autotune status`: trials done and running, probes an hour, the frontier so far."""
+    from autotune.units import format_duration
+
+    study = status.overview
+    per_hour = status.probes_per_hour
+    rate = f", {per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
+    lines = [
+        *overview_lines(study)[:1],
+        f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
+        f"running, {status.waiting} queued; {status.probes} probes{rate}",
+    ]
+    lines += [
+        f"running: trial {r.trial}  {r.recipe or '(sampling)'}  for {format_duration(r.seconds)}"
+        for r in status.running_trials
+    ]
+    lines.append(
+        "frontier so far, fastest first:" if status.frontier else "frontier: nothing measured yet"
+    )
+    lines += [f"  {_recipe_line(r)}" for r in status.frontier]
+    return "\n".join(lines)

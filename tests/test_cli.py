@@ -101,6 +101,9 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     assert recipe.model == str(tiny_model) and recipe.seq_len == 64
     page = (tmp_path / "reports" / "e2e.html").read_text()
     assert "Plotly.newPlot" in page and "not GPU memory" in page
+    # the answer opens the page, with the command that trains the recipe the run exported
+    assert page.index('id="recommendation"') < page.index("Plotly.newPlot")
+    assert "autotune train --recipe reports/e2e-recipe.yaml --data " in page
 
     fastest = autotune(
         "export", "--storage", storage, "--pick", "fastest", "-o", "fast.yaml", cwd=tmp_path

@@ -367,7 +367,7 @@ def test_report_shows_where_each_probe_spent_its_time(workspace):
     assert f"load {probed['seconds_load'].median():.1f} s" in report.time_text
     assert "prepare 0.4 s" in report.time_text and "eval 0.6 s" in report.time_text
     page = render_html(report)
-    assert "Where each probe" in page and "seconds_prepare" in page
+    assert "Where each probe" in page and "Probe prepare (s)" in page
 
 
 @pytest.fixture()

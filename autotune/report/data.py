@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
 from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
 from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
@@ -31,17 +32,50 @@ class ReportData(NamedTuple):
     """Trials and probes an hour, and where the median probe's time went."""
     space_lines: tuple[str, ...] = ()
     """Choices of the space file the study left out, and why."""
+    cards: tuple[PickCard, ...] = ()
+    """The answer: one card per recipe the picks choose, balanced first."""
+    commands: tuple[str, ...] = ()
+    """How to train the balanced pick."""
+    storage_url: str | None = None
+    """The storage as commands name it (None: the default one)."""
+    measured_count: int = 0
+    """Measured trials: what the importances need MIN_MEASURED_FOR_IMPORTANCE of."""
+    noise: Noise | None = None
+    train_tokens: int | None = None
+    """Non-padding tokens of one epoch of the study's training split (None: not recorded)."""
 
 
-def report_data(study: Any) -> ReportData:
+def report_data(
+    study: Any,
+    recipe_path: str | None = None,
+    exported: bool = True,
+    storage_url: str | None = None,
+) -> ReportData:
+    """Everything the page shows; `recipe_path` is where the balanced recipe was exported
+    (or, not `exported`, where `autotune export` would write it)."""
     frame = trials_frame(study)
     setup = study_setup(study)
     choices = space_choices(study)
+    stats = data_stats(study)
+    noise = study_noise(study)
+    train_tokens = stats.get("train_tokens")
     sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
+    measured = int((frame["status"] == MEASURED).sum()) if len(frame) else 0
+    commands: tuple[str, ...] = ()
+    if recipe_path is not None:
+        commands = tuple(
+            train_commands(study.study_name, setup.data_path, recipe_path, exported, storage_url)
+        )
     return ReportData(
-        data_text=data_description(data_stats(study), setup.seq_len),
-        readings=frontier_readings(frame, setup.budget_bytes, study_noise(study)),
-        importances=objective_importances(study),
+        data_text=data_description(stats, setup.seq_len),
+        readings=frontier_readings(frame, setup.budget_bytes, noise),
+        importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
+        cards=tuple(pick_cards(study, frame, noise, train_tokens)),
+        commands=commands,
+        storage_url=storage_url,
+        measured_count=measured,
+        noise=noise,
+        train_tokens=train_tokens,
         time_text=time_description(frame),
         space_lines=tuple(not_searched(choices.unsupported, choices.ruled_out) if choices else ()),
         frame=frame,
@@ -144,36 +178,44 @@ def _percent(change: float | None) -> str:
     return "n/a" if change is None else f"{change:+.1%}"
 
 
+MIN_MEASURED_FOR_IMPORTANCE = 10
+"""Measured trials before importances are shown: from fewer, which parameter 'matters' is
+mostly which happened to vary with chance."""
+
+
 def objective_importances(study: Any) -> dict[str, dict[str, float]]:
-    """Parameter importances per objective over measured trials; empty where too few."""
+    """Parameter importances per objective (Optuna's default evaluator), each over the
+    measured trials alone and their own values of that objective; empty where it cannot say."""
     import warnings
 
     import optuna
 
     from autotune.study.records import DIRECTIONS
 
-    states = (optuna.trial.TrialState.COMPLETE,)
     measured = [
         t
-        for t in study.get_trials(deepcopy=False, states=states)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if trial_status(t) == TrialStatus.MEASURED
     ]
-    if len(measured) < 4:
-        return {}
     result: dict[str, dict[str, float]] = {}
     for index, (name, direction) in enumerate(zip(OBJECTIVE_NAMES, DIRECTIONS)):
-        # The evaluator explains low values; flip the sign of what is maximised.
-        sign = -1.0 if direction == "maximize" else 1.0
-
-        def target(trial: Any, i: int = index, s: float = sign) -> float:
-            if trial_status(trial) != TrialStatus.MEASURED:
-                return float("nan")
-            return s * trial.values[i]
-
+        # A study of this objective alone: trials predicted over the budget or failed carry
+        # stand-in values that would explain nothing but themselves.
+        single = optuna.create_study(direction=optuna.study.StudyDirection[direction.upper()])
+        single.add_trials(
+            optuna.trial.create_trial(
+                params=t.params, distributions=t.distributions, value=t.values[index]
+            )
+            for t in measured
+        )
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                result[name] = dict(optuna.importance.get_param_importances(study, target=target))
+                warnings.simplefilter("ignore")
+                scores = optuna.importance.get_param_importances(single)
         except (RuntimeError, ValueError, ZeroDivisionError):
             continue
+        # a parameter the measured trials all share was not searched: nothing to explain
+        varied = {p for p in scores if len({repr(t.params.get(p)) for t in measured}) > 1}
+        if varied:
+            result[name] = {p: v for p, v in scores.items() if p in varied}
     return result

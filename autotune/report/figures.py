@@ -7,12 +7,19 @@ from typing import Any
 from autotune.report.data import ReportData
 from autotune.report.frame import DUPLICATE, MEASURED, probed_rows
 from autotune.study.records import OBJECTIVE_NAMES
-from autotune.training.io import PROBE_PHASES
+from autotune.training.io import CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
+OBJECTIVE_WORDS = {
+    "peak_memory_bytes": "peak memory (GiB)",
+    "tokens_per_second": "tokens/s",
+    "eval_loss": "eval loss",
+}
 
-def projection_figures(data: ReportData) -> list[Any]:
-    """The other two objective pairs, and all three in 3-D."""
+
+def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
+    """The other two objective pairs, all three in 3-D, and parameters against objectives; each
+    with its caption."""
     import plotly.graph_objects as go
 
     measured = data.frame[data.frame["status"] == MEASURED]
@@ -23,6 +30,13 @@ def projection_figures(data: ReportData) -> list[Any]:
     pairs = [
         ("peak_memory_bytes", "eval_loss", "tokens_per_second", "Peak memory vs eval loss"),
         ("tokens_per_second", "eval_loss", "peak_memory_bytes", "Tokens/s vs eval loss"),
+    ]
+    captions = [
+        "What memory buys in quality: lower and further left is better; stars are the frontier.",
+        "What speed costs in quality: lower and further right is better; stars are the frontier.",
+        "All three objectives at once (drag to turn); red points are the frontier.",
+        "One line per measured recipe through its choices and its figures; drag along an axis "
+        "to keep only the lines that pass there.",
     ]
     figures = []
     for x, y, colour, title in pairs:
@@ -40,10 +54,12 @@ def projection_figures(data: ReportData) -> list[Any]:
                         color=measured[colour],
                         colorscale="Viridis",
                         showscale=True,
-                        colorbar=dict(title=colour),
+                        colorbar=dict(title=OBJECTIVE_WORDS[colour]),
                     ),
                 )
-            ).update_layout(title=title, xaxis_title=x.replace("_bytes", " (GiB)"), yaxis_title=y)
+            ).update_layout(
+                title=title, xaxis_title=OBJECTIVE_WORDS[x], yaxis_title=OBJECTIVE_WORDS[y]
+            )
         )
     figures.append(
         go.Figure(
@@ -82,7 +98,8 @@ def projection_figures(data: ReportData) -> list[Any]:
             )
         )
     for name in OBJECTIVE_NAMES:
-        dimensions.append(dict(label=name, values=measured[name]))
+        values = measured[name] / gib if name == "peak_memory_bytes" else measured[name]
+        dimensions.append(dict(label=OBJECTIVE_WORDS[name], values=values))
     figures.append(
         go.Figure(
             go.Parcoords(
@@ -91,14 +108,23 @@ def projection_figures(data: ReportData) -> list[Any]:
             )
         ).update_layout(title="Parameters and objectives of measured recipes")
     )
-    if data.importances:
-        figure = go.Figure()
-        for objective, scores in data.importances.items():
-            figure.add_trace(go.Bar(name=objective, x=list(scores), y=list(scores.values())))
-        figures.append(
-            figure.update_layout(title="Parameter importance per objective", barmode="group")
+    return list(zip(figures, captions))
+
+
+def importance_figure(data: ReportData) -> Any:
+    """One group of bars per objective; None where no objective has importances."""
+    import plotly.graph_objects as go
+
+    if not data.importances:
+        return None
+    figure = go.Figure()
+    for objective, scores in data.importances.items():
+        figure.add_trace(
+            go.Bar(name=OBJECTIVE_WORDS[objective], x=list(scores), y=list(scores.values()))
         )
-    return figures
+    return figure.update_layout(
+        title="Parameter importance per objective", barmode="group", yaxis_title="share"
+    )
 
 
 def pareto_figure(data: ReportData) -> Any:
@@ -174,9 +200,14 @@ def pareto_figure(data: ReportData) -> Any:
 
 
 def memory_figure(data: ReportData) -> Any:
+    """Predicted against measured peak for the probes measured on a GPU; None where none was
+    (a CPU probe's resident-set growth is not the GPU memory the prediction is of)."""
     import plotly.graph_objects as go
 
-    measured = data.frame[data.frame["status"] == MEASURED]
+    frame = data.frame
+    measured = frame[(frame["status"] == MEASURED) & (frame["memory_source"] == CUDA_MEMORY_SOURCE)]
+    if not len(measured):
+        return None
     gib = 2**30
     figure = go.Figure(
         go.Scatter(
@@ -188,20 +219,19 @@ def memory_figure(data: ReportData) -> Any:
             hovertemplate="%{text}<br>predicted %{x:.2f} GiB, measured %{y:.2f} GiB<extra></extra>",
         )
     )
-    if len(measured):
-        top = (
-            float(max(measured["predicted_peak_bytes"].max(), measured["peak_memory_bytes"].max()))
-            / gib
+    top = (
+        float(max(measured["predicted_peak_bytes"].max(), measured["peak_memory_bytes"].max()))
+        / gib
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=[0, top],
+            y=[0, top],
+            mode="lines",
+            name="measured = predicted",
+            line=dict(dash="dot", color="grey"),
         )
-        figure.add_trace(
-            go.Scatter(
-                x=[0, top],
-                y=[0, top],
-                mode="lines",
-                name="measured = predicted",
-                line=dict(dash="dot", color="grey"),
-            )
-        )
+    )
     figure.update_layout(
         title="Predicted vs measured peak memory",
         xaxis_title="predicted (GiB)",

@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from autotune.export import write_text
-from autotune.report.data import ReportData, report_data
-from autotune.report.figures import memory_figure, pareto_figure, projection_figures, time_figure
-from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
+from autotune.report.card import PickCard, export_command, format_seconds, frontier_frame
+from autotune.report.data import MIN_MEASURED_FOR_IMPORTANCE, ReportData, report_data
+from autotune.report.figures import (
+    importance_figure,
+    memory_figure,
+    pareto_figure,
+    projection_figures,
+    time_figure,
+)
+from autotune.report.table import FRONTIER_COLUMNS, SORT_SCRIPT, TRIAL_COLUMNS, html_table
+from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.units import format_bytes
 
 MEMORY_SOURCE_TEXT = {
@@ -22,66 +30,191 @@ MEMORY_SOURCE_TEXT = {
 }
 
 
-TABLE_COLUMNS = (
-    "trial",
-    "status",
-    "recipe",
-    "on_frontier",
-    "held_up",
-    "predicted_peak_bytes",
-    "memory_margin",
-    "predicted_with_margin_bytes",
-    "memory_model",
-    "peak_memory_bytes",
-    "tokens_per_second",
-    "confirm_tokens_per_second",
-    "eval_loss",
-    *(f"seconds_{phase}" for phase in PROBE_PHASES),
-    "seconds_total",
-    "reason",
-)
+TABLE_COLUMNS = tuple(column.key for column in TRIAL_COLUMNS)
+"""The frame's columns the trial table shows (TRIAL_COLUMNS says under what heading)."""
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.2em 2em;color:#222}
+h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.2em 0 .4em}
+.sub{color:#555;margin:0 0 .8em} .cards{display:flex;flex-wrap:wrap;gap:.8em}
+.card{border:1px solid #ccc;border-radius:6px;padding:.5em .8em;font-size:13px;flex:1 1 16em}
+.card.primary{border:2px solid #2a6;flex:2 1 26em} .card .pick{font-weight:600;color:#2a6}
+.card .recipe{font-family:monospace;font-size:13px;margin:.2em 0}
+.card dl{display:grid;grid-template-columns:max-content auto;gap:.1em .8em;margin:.3em 0}
+.card dt{color:#555} .card dd{margin:0} .card code{display:block;font-size:12px;
+background:#f4f4f4;padding:.2em .4em;margin:.2em 0;white-space:pre-wrap;overflow-wrap:anywhere}
+.beyond{color:#2a6} .within{color:#888}
+.table-box{overflow:auto;max-width:100%;max-height:32em;border:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px} th{position:sticky;top:0;background:#f0f0f0;
+cursor:pointer;white-space:nowrap} td,th{border:1px solid #ddd;padding:2px 6px}
+td{white-space:nowrap} th[data-order=asc]::after{content:" \\25B2"}
+th[data-order=desc]::after{content:" \\25BC"} figure{margin:1em 0}
+figcaption{font-size:13px;color:#444} .note{font-size:13px;color:#444}"""
+
+
+def _noise_words(beyond: bool | None) -> str:
+    if beyond is None:
+        return ""
+    kind, words = ("beyond", "beyond") if beyond else ("within", "within")
+    return f' <span class="{kind}">({words} the measured noise)</span>'
+
+
+def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
+    """One pick as a card: recipe, memory against the budget, speed and loss against the QLoRA
+    default, the confirmation, one epoch's time; the primary card says how to train it."""
+    esc = html.escape
+    budget = data.budget_bytes
+    fraction = card.peak_memory_bytes / budget if budget else 0.0
+    share = f" ({fraction:.0%})" if fraction >= 0.01 else " (under 1%)" if budget else ""
+    speed = esc(f"{card.tokens_per_second:,.0f} tokens/s")
+    loss = esc(f"{card.eval_loss:.4f}")
+    if card.speedup is not None:
+        speed += esc(f", {card.speedup:.2f}× the QLoRA default")
+        speed += _noise_words(card.speed_beyond_noise)
+    if card.eval_loss_change is not None:
+        loss += esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
+        loss += _noise_words(card.loss_beyond_noise)
+    if card.is_default:
+        speed += " (this is the QLoRA default)"
+    held = {None: "not confirmed", True: "held up", False: "did not hold up"}[card.held_up]
+    if card.held_up is not None:
+        held += " (probed again, longer, with another seed)"
+    memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
+    rows = [
+        ("Peak memory", esc(memory)),
+        ("Speed", speed),
+        ("Eval loss", loss),
+        ("Confirmation", esc(held)),
+    ]
+    if card.epoch_seconds is not None:
+        epoch = format_seconds(card.epoch_seconds)
+        if card.default_epoch_seconds is not None:
+            epoch += f" (QLoRA default: {format_seconds(card.default_epoch_seconds)})"
+        rows.append(("One epoch", esc(f"{epoch} for {data.train_tokens:,} tokens")))
+    terms = "".join(f"<dt>{esc(term)}</dt><dd>{value}</dd>" for term, value in rows)
+    commands = ""
+    if primary and data.commands:
+        commands = "".join(f"<code>{esc(c)}</code>" for c in data.commands)
+    elif not primary:
+        command = export_command(data.study_name, data.storage_url, card.picks[0])
+        commands = f"<code>{esc(command)}</code>"
+    kind = "card primary" if primary else "card"
+    return (
+        f'<div class="{kind}"><div class="pick">{esc(" · ".join(card.picks))} · trial '
+        f'{card.trial}</div><div class="recipe">{esc(card.recipe)}</div><dl>{terms}</dl>'
+        f"{commands}</div>"
+    )
+
+
+def charts(data: ReportData) -> tuple[list[tuple[Any, str]], list[str]]:
+    """The charts with their captions, and a line for each chart left out saying why."""
+    drawn: list[tuple[Any, str]] = [
+        (
+            pareto_figure(data),
+            "Each point a recipe: further left uses less memory, higher is faster, colour is "
+            "eval loss; stars are the frontier (no recipe beats them on all three), the dashed "
+            "line the budget, crosses recipes not measured.",
+        ),
+        *projection_figures(data),
+    ]
+    left_out = []
+    importance = importance_figure(data)
+    rule = (
+        f"shown once {MIN_MEASURED_FOR_IMPORTANCE} trials are measured, each objective over "
+        "the measured trials' own values"
+    )
+    if importance is not None:
+        drawn.append(
+            (
+                importance,
+                f"How much of each objective's spread each parameter "
+                f"explains (Optuna's importance evaluator; {rule}).",
+            )
+        )
+    else:
+        left_out.append(
+            f"No parameter importances: {data.measured_count} measured trials, and "
+            f"they are {rule}; from fewer they mostly rank chance."
+        )
+    memory = memory_figure(data)
+    if memory is not None:
+        drawn.append(
+            (
+                memory,
+                "Each probe measured on a GPU: above the dotted line the memory "
+                "model predicted too little, below it too much.",
+            )
+        )
+    else:
+        left_out.append(
+            "No predicted-vs-measured memory chart: no probe ran on a GPU, and a CPU "
+            "probe's resident-set growth is not comparable with a GPU prediction."
+        )
+    drawn.append(
+        (
+            time_figure(data),
+            "Where each probe's seconds went, phase by phase: long "
+            "load bars are model loading, long steps bars the training itself.",
+        )
+    )
+    return drawn, left_out
 
 
 def render_html(data: ReportData) -> str:
-    """One HTML page with plotly.js inline: the charts and the trial table."""
-    figures = [
-        pareto_figure(data),
-        *projection_figures(data),
-        memory_figure(data),
-        time_figure(data),
-    ]
-    charts = [
-        figure.to_html(full_html=False, include_plotlyjs=(index == 0), div_id=f"chart-{index}")
-        for index, figure in enumerate(figures)
-    ]
-    table = data.frame[[c for c in TABLE_COLUMNS if c in data.frame.columns]].copy()
-    for column in ("predicted_peak_bytes", "predicted_with_margin_bytes", "peak_memory_bytes"):
-        table[column] = table[column].map(
-            lambda v: format_bytes(v) if v == v and v is not None else ""
-        )
+    """One HTML page with plotly.js inline: the answer (pick cards), the frontier table, the
+    charts, all trials, then notes."""
+    drawn, left_out = charts(data)
+    figures = "".join(
+        "<figure>"
+        + figure.to_html(full_html=False, include_plotlyjs=index == 0, div_id=f"chart-{index}")
+        + f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for index, (figure, caption) in enumerate(drawn)
+    )
+    cards = "".join(card_html(c, data, index == 0) for index, c in enumerate(data.cards))
+    if not cards:
+        cards = '<p class="note">No recipe was measured within the budget yet.</p>'
+    front = frontier_frame(data.frame, data.cards)
     sources = "; ".join(MEMORY_SOURCE_TEXT.get(s, s) for s in data.memory_sources) or "no probe ran"
-    frontier_text = ", ".join(map(str, data.frontier_numbers)) or "none yet"
+    notes = [
+        f"Memory figures: {sources}.",
+        data.data_text,
+        data.time_text,
+        *(line[0].upper() + line[1:] + "." for line in data.space_lines),
+        *(line for line in data.readings if line.startswith("Noise:")),
+        *left_out,
+    ]
+    measured = data.measured_count
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>autotune: {html.escape(data.study_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px}}</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>autotune study {html.escape(data.study_name)}</h1>
-<p>Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
-{len(data.frame)} trials; Pareto frontier: trials {frontier_text}.</p>
-<p>Memory figures: {html.escape(sources)}.</p>
-<p>{html.escape(data.data_text)}</p>
-<p>{html.escape(data.time_text)}</p>
-{"".join(f"<p>{html.escape(line[0].upper() + line[1:])}.</p>" for line in data.space_lines)}
-<ul class="readings">{"".join(f"<li>{html.escape(line)}</li>" for line in data.readings)}</ul>
-{"".join(charts)}
-<h2>Trials</h2>
-{table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", classes="trials")}
+<p class="sub">Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
+{len(data.frame)} trials, {measured} measured.</p>
+<section id="recommendation"><div class="cards">{cards}</div></section>
+<h2 id="frontier">Frontier: no other recipe beats these on all three objectives</h2>
+{html_table(front, FRONTIER_COLUMNS, "frontier-table") if len(front) else ""}
+<h2>Charts</h2>
+{figures}
+<h2 id="trials">All trials</h2>
+{html_table(data.frame, TRIAL_COLUMNS, "trials-table") if len(data.frame) else ""}
+<h2>Notes</h2>
+{"".join(f'<p class="note">{html.escape(line)}</p>' for line in notes if line)}
+{SORT_SCRIPT}
 </body></html>
 """
 
 
-def write_report(study: Any, path: str | Path, csv_path: str | Path | None = None) -> Path:
-    data = report_data(study)
+def write_report(
+    study: Any,
+    path: str | Path,
+    csv_path: str | Path | None = None,
+    recipe_path: str | Path | None = None,
+    exported: bool = True,
+    storage_url: str | None = None,
+) -> Path:
+    """The HTML report (and the raw trials table as CSV); `recipe_path` as report_data's."""
+    data = report_data(
+        study, None if recipe_path is None else str(recipe_path), exported, storage_url
+    )
     if csv_path is not None:
         write_text(csv_path, data.frame.to_csv(index=False))
     return write_text(path, render_html(data))

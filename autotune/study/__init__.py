@@ -16,6 +16,7 @@ _MODULES = (
     "records",
     "study_records",
     "storage",
+    "overview",
     "settings",
     "pruning",
     "prepare",
@@ -26,7 +27,7 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in records, study_records or storage never loads the modules that run a study."""
+lives in records, study_records, storage or overview never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:

@@ -106,7 +106,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     make_trials_dir()
     # Tokenize once for every probe and worker of this study (and later studies on the data);
     # this also refuses data that truncation at seq_len leaves without an answer token.
-    _, token_cache = cached_splits(
+    splits, token_cache = cached_splits(
         settings.data_path,
         tokenizer,
         settings.seq_len,
@@ -116,6 +116,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         row_count=data_scan.usable_rows,
         progress=settings.tokenize_progress,
     )
+    # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
+    data_stats["train_tokens"] = splits.train.tokens
     check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes

@@ -72,8 +72,9 @@ class RunSettings:
     data_path: Path
     """JSONL training data."""
     budget_bytes: int
-    """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB. GB/MB are
-    decimal (10^9/10^6 bytes), GiB/MiB binary (2^30/2^20 bytes)."""
+    """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB (GB/MB are
+    decimal, 10^9/10^6 bytes, GiB/MiB binary, 2^30/2^20), a card's name (rtx4090, a100-80gb,
+    h100-80gb, ...: docs/study.md) or auto (the free memory of the probes' GPU)."""
     space_path: Path | None = None
     """Search space YAML (default: the one shipped with autotune)."""
     trials: int = 20

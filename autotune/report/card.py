@@ -1,0 +1,159 @@
+"""The report's answer, computed before it is drawn: each pick of the frontier against the QLoRA
+default (speed, eval loss, each change told from the measured noise), whether it held up on
+confirmation, what one epoch of the study's data takes at its speed, and how to train it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from autotune.pareto import PICK_POLICIES, pick
+from autotune.report.frame import MEASURED
+from autotune.study.records import measured_points
+from autotune.study.study_records import Noise
+
+
+@dataclass(frozen=True)
+class PickCard:
+    """One recipe of the frontier and the picks that chose it (balanced first)."""
+
+    picks: tuple[str, ...]
+    trial: int
+    recipe: str
+    peak_memory_bytes: float
+    tokens_per_second: float
+    eval_loss: float
+    held_up: bool | None
+    """None where the recipe was not confirmed."""
+    speedup: float | None = None
+    """Tokens/s over the QLoRA default's; None where the default was not measured or this is it."""
+    eval_loss_change: float | None = None
+    speed_beyond_noise: bool | None = None
+    loss_beyond_noise: bool | None = None
+    """Whether the change exceeds what the noise probe saw; None without a noise probe."""
+    epoch_seconds: float | None = None
+    default_epoch_seconds: float | None = None
+    """One epoch of the study's training tokens at this speed and at the default's."""
+    is_default: bool = False
+    """This is the QLoRA default itself."""
+
+
+def pick_cards(
+    study: Any, frame: Any, noise: Noise | None, train_tokens: int | None
+) -> list[PickCard]:
+    """One card per distinct recipe the pick policies choose, in PICK_POLICIES order."""
+    points = measured_points(study)
+    if not points or not len(frame):
+        return []
+    chosen: dict[int, list[str]] = {}
+    for policy in PICK_POLICIES:
+        chosen.setdefault(pick(points, policy).number, []).append(policy)
+    rows = frame.set_index("trial")
+    default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
+    base = default.iloc[0] if len(default) else None
+    return [
+        _card(rows.loc[number], number, tuple(policies), base, noise, train_tokens)
+        for number, policies in chosen.items()
+    ]
+
+
+def _card(
+    row: Any,
+    number: int,
+    picks: tuple[str, ...],
+    base: Any,
+    noise: Noise | None,
+    train_tokens: int | None,
+) -> PickCard:
+    speed, loss = float(row["tokens_per_second"]), float(row["eval_loss"])
+    held = row["held_up"]
+    card = PickCard(
+        picks,
+        number,
+        str(row["recipe"]),
+        float(row["peak_memory_bytes"]),
+        speed,
+        loss,
+        None if held is None or held != held else bool(held),
+        epoch_seconds=train_tokens / speed if train_tokens and speed else None,
+        is_default=bool(row["baseline"] == "qlora_default"),
+    )
+    if base is None or int(base["trial"]) == number:
+        return card
+    base_speed, base_loss = float(base["tokens_per_second"]), float(base["eval_loss"])
+    speedup = speed / base_speed if base_speed else None
+    change = loss - base_loss
+    speed_noise = noise.tokens_per_second_change if noise else None
+    return dataclasses.replace(
+        card,
+        speedup=speedup,
+        eval_loss_change=change,
+        # a change the size of the noise is chance (the tolerance: float rounding)
+        loss_beyond_noise=None
+        if noise is None
+        else abs(change) > noise.eval_loss_difference + 1e-9,
+        speed_beyond_noise=None
+        if speed_noise is None or speedup is None
+        else abs(speedup - 1) > abs(speed_noise) + 1e-9,
+        default_epoch_seconds=train_tokens / base_speed if train_tokens and base_speed else None,
+    )
+
+
+def export_command(
+    study_name: str, storage_url: str | None, pick_name: str, output: str | None = None
+) -> str:
+    storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
+    pick_flag = "" if pick_name == "balanced" else f" --pick {pick_name}"
+    out = f" --output {shlex.quote(output)}" if output else ""
+    return f"autotune export --study {shlex.quote(study_name)}{storage}{pick_flag}{out}"
+
+
+def train_commands(
+    study_name: str, data_path: str, recipe_path: str, exported: bool, storage_url: str | None
+) -> list[str]:
+    """How to train the balanced pick: from its exported recipe, after the export that writes
+    it where none was written."""
+    from autotune.study.settings import study_file_name
+
+    commands = (
+        [] if exported else [export_command(study_name, storage_url, "balanced", recipe_path)]
+    )
+    output = f"outputs/{study_file_name(study_name)}"
+    commands.append(
+        f"autotune train --recipe {shlex.quote(recipe_path)} "
+        f"--data {shlex.quote(data_path or 'DATA')} --output {shlex.quote(output)}"
+    )
+    return commands
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as people say it: '42 s', '12 min', '3 h 05 min', '2.5 days'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02d} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+def frontier_frame(frame: Any, cards: list[PickCard] | tuple[PickCard, ...]) -> Any:
+    """The frontier's rows, fastest first, with the picks that chose each and its speed and eval
+    loss against the QLoRA default."""
+    if not len(frame):
+        return frame
+    front = frame[frame["on_frontier"]].sort_values("tokens_per_second", ascending=False).copy()
+    default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
+    picks = {card.trial: ", ".join(card.picks) for card in cards}
+    front["picks"] = [picks.get(int(n), "") for n in front["trial"]]
+    if len(default):
+        base = default.iloc[0]
+        front["speedup"] = front["tokens_per_second"] / base["tokens_per_second"]
+        front["eval_loss_change"] = front["eval_loss"] - base["eval_loss"]
+    return front

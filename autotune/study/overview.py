@@ -1,0 +1,142 @@
+"""Where stored studies stand, read without running anything: every study of a storage with its
+best recipe per pick (`autotune studies`), and one study's progress (`autotune status`).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from autotune.pareto import PICK_POLICIES, frontier, pick
+from autotune.study.records import (
+    TrialStatus,
+    finished_trial_count,
+    measured_points,
+    trial_record,
+    trial_status,
+)
+from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
+from autotune.study.study_records import study_setup
+
+
+@dataclass(frozen=True)
+class MeasuredRecipe:
+    trial: int
+    recipe: str
+    peak_memory_bytes: float
+    tokens_per_second: float
+    eval_loss: float
+
+
+@dataclass(frozen=True)
+class StudyOverview:
+    """One study of a storage: what it searches for and its current best per pick."""
+
+    name: str
+    model: str
+    budget_bytes: int
+    finished: int
+    running: int
+    picks: dict[str, MeasuredRecipe]
+    """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
+
+
+@dataclass(frozen=True)
+class RunningTrial:
+    trial: int
+    recipe: str
+    seconds: float
+    """Since it started."""
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """A study's progress: trials done and running, probes an hour, and its frontier so far."""
+
+    overview: StudyOverview
+    measured: int
+    waiting: int
+    probes: int
+    """Trials that ran a probe of their own (a repeated recipe runs none)."""
+    probes_per_hour: float | None
+    """Probes over the wall time from the first trial's start to the last end (now, while any
+    runs); None before a probe finished."""
+    running_trials: list[RunningTrial]
+    frontier: list[MeasuredRecipe]
+    """Fastest first."""
+
+
+def _measured(study: Any, number: int) -> MeasuredRecipe:
+    trial = study.trials[number]
+    memory, speed, loss = trial.values
+    return MeasuredRecipe(number, trial_record(trial).label, memory, speed, loss)
+
+
+def _state_count(study: Any, state: str) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState[state],)))
+
+
+def study_overview(study: Any) -> StudyOverview:
+    setup = study_setup(study)
+    points = measured_points(study)
+    picks = {p: _measured(study, pick(points, p).number) for p in PICK_POLICIES} if points else {}
+    return StudyOverview(
+        study.study_name,
+        setup.model,
+        setup.budget_bytes,
+        finished_trial_count(study),
+        _state_count(study, "RUNNING"),
+        picks,
+    )
+
+
+def study_overviews(storage_url: str | None) -> list[StudyOverview]:
+    """Every study in the storage (default: the one `autotune run` writes), oldest first."""
+    import optuna
+
+    storage = make_storage(existing_storage_url(storage_url))
+    return [
+        study_overview(optuna.load_study(study_name=summary.study_name, storage=storage))
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
+
+
+def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus:
+    """The named study's progress (without a name, the storage's only or newest study)."""
+    study = load_existing_study(storage_url, study_name)
+    trials = study.get_trials(deepcopy=False)
+    now = datetime.datetime.now()
+    probed = [
+        t
+        for t in trials
+        if t.datetime_complete
+        and trial_record(t).probe is not None
+        and trial_status(t) != TrialStatus.DUPLICATE
+    ]
+    running = [t for t in trials if t.state.name == "RUNNING"]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    rate = None
+    if probed and starts and ends:
+        last = now if running else max(ends)
+        hours = (last - min(starts)).total_seconds() / 3600
+        rate = len(probed) / hours if hours > 0 else None
+    return StudyStatus(
+        overview=study_overview(study),
+        measured=sum(1 for t in trials if trial_status(t) == TrialStatus.MEASURED),
+        waiting=_state_count(study, "WAITING"),
+        probes=len(probed),
+        probes_per_hour=rate,
+        running_trials=[
+            RunningTrial(
+                t.number,
+                trial_record(t).label,
+                (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0,
+            )
+            for t in running
+        ],
+        frontier=[_measured(study, p.number) for p in frontier(measured_points(study))],
+    )

@@ -1,0 +1,91 @@
+"""`autotune studies` and `autotune status` on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autotune.api import list_studies, study_status
+from autotune.pareto import PICK_POLICIES, frontier, pick
+from autotune.study import measured_points, prepare_run, run_study
+from autotune.units import format_bytes
+from tests.test_cli import autotune
+from tests.test_distributed import postgres_url  # noqa: F401
+from tests.test_study import FakeRunner, TimedRunner, settings_for, workspace  # noqa: F401
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, workspace):  # noqa: F811
+    if request.param == "sqlite":
+        return f"sqlite:///{workspace[0]}/overview.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  # noqa: F811
+    tmp_path = workspace[0]
+    # a name of its own per storage: the PostgreSQL server lives for the whole module
+    name = f"overview-{storage_url.split(':')[0]}"
+    first = run_study(
+        prepare_run(settings_for(workspace, storage=storage_url, study_name=name, trials=7)),
+        TimedRunner(),
+    )
+    other = f"{name}-small"
+    run_study(
+        prepare_run(
+            settings_for(
+                workspace, storage=storage_url, study_name=other, trials=2, budget_bytes=10**9
+            )
+        ),
+        FakeRunner(),
+    )
+    # one trial still running, as a worker elsewhere would hold it
+    running = optuna.load_study(study_name=name, storage=storage_url).ask()
+
+    overviews = {o.name: o for o in list_studies(storage_url)}
+    assert {name, other} <= set(overviews)
+    overview = overviews[name]
+    assert (overview.finished, overview.running) == (7, 1)
+    assert overview.budget_bytes == 10**10 and overview.model.endswith("config-only-model")
+    points = measured_points(first)
+    for policy in PICK_POLICIES:
+        assert overview.picks[policy].trial == pick(points, policy).number
+    assert overviews[other].budget_bytes == 10**9 and overviews[other].finished == 2
+
+    status = study_status(storage_url, name)
+    assert status.overview.running == 1 and [r.trial for r in status.running_trials] == [
+        running.number
+    ]
+    assert [r.trial for r in status.frontier] == [p.number for p in frontier(points)]
+    measured = sum(1 for t in first.trials if t.user_attrs.get("status") == "measured")
+    assert status.measured == measured and 0 < status.probes <= 7
+    assert status.probes_per_hour and status.probes_per_hour > 0
+
+    listed = autotune("studies", "--storage", storage_url, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{name}: model " in listed.stdout and f"budget {format_bytes(10**10)}" in listed.stdout
+    assert "7 trials finished, 1 running" in listed.stdout
+    balanced = overview.picks["balanced"]
+    assert f"balanced   trial {balanced.trial}  {balanced.recipe}" in listed.stdout
+    assert f"{other}: model " in listed.stdout
+    shown = autotune("status", "--storage", storage_url, "--study", name, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"7 finished ({measured} measured), 1 running" in shown.stdout
+    assert f"running: trial {running.number}" in shown.stdout
+    assert "an hour" in shown.stdout and "frontier so far, fastest first:" in shown.stdout
+    assert shown.stdout.count("tokens/s") == len(status.frontier)
+
+
+def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F811
+    tmp_path = workspace[0]
+    for command in ("status", "studies"):  # they only read: no database appears
+        missing = autotune(command, "--storage", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
+        assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+        assert "no SQLite database" in missing.stderr and not (tmp_path / "none.db").exists()
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    url = f"sqlite:///{tmp_path}/study.db"
+    wrong = autotune("status", "--storage", url, "--study", "nope", cwd=tmp_path)
+    assert wrong.returncode == 2 and "no study 'nope'" in wrong.stderr
+    empty = tmp_path / "empty.db"
+    optuna.storages.RDBStorage(f"sqlite:///{empty}")
+    none = autotune("studies", "--storage", f"sqlite:///{empty}", cwd=tmp_path)
+    assert none.returncode == 0 and none.stdout.strip() == "no study in this storage yet"

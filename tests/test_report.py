@@ -1,0 +1,161 @@
+"""The report answers first: the pick cards against the QLoRA default and the noise, the frontier
+table, charts that mean what they say, and a trial table for people."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from autotune.data.token_cache import load_token_cache
+from autotune.pareto import pick
+from autotune.report import render_html, report_data
+from autotune.report.data import MIN_MEASURED_FOR_IMPORTANCE
+from autotune.report.table import TRIAL_COLUMNS
+from autotune.study import measured_points, prepare_run, run_study
+from autotune.training.io import CUDA_MEMORY_SOURCE, ProbeResult
+from autotune.units import format_bytes
+from tests.test_study import FakeRunner, NoisyRunner, settings_for, workspace  # noqa: F401
+
+
+def _table(page: str, table_id: str) -> str:
+    start = page.index(f'id="{table_id}"')
+    return page[start : page.index("</table>", start)]
+
+
+def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(workspace):  # noqa: F811
+    settings = settings_for(workspace, trials=8, confirm_top=1)
+    prepared = prepare_run(settings)
+    study = run_study(prepared, NoisyRunner())
+    data = report_data(study, "reports/s-recipe.yaml")
+    points = measured_points(study)
+    balanced = pick(points, "balanced").number
+    assert data.cards[0].trial == balanced and data.cards[0].picks[0] == "balanced"
+    assert {p for card in data.cards for p in card.picks} == {
+        "balanced",
+        "fastest",
+        "smallest",
+        "best-loss",
+    }
+    # one epoch is the study's training tokens (as its token cache holds them) at each speed
+    train_tokens = load_token_cache(prepared.token_cache).train.tokens
+    assert data.train_tokens == train_tokens > 0
+    frame = data.frame.set_index("trial")
+    default = data.frame[data.frame["baseline"] == "qlora_default"].iloc[0]
+    noise = data.noise
+    assert noise is not None
+    for card in data.cards:
+        row = frame.loc[card.trial]
+        assert card.epoch_seconds == pytest.approx(train_tokens / row["tokens_per_second"])
+        if card.trial == default["trial"]:
+            assert card.is_default and card.speedup is None and card.default_epoch_seconds is None
+            continue
+        assert not card.is_default
+        assert card.speedup == pytest.approx(
+            row["tokens_per_second"] / default["tokens_per_second"]
+        )
+        change = row["eval_loss"] - default["eval_loss"]
+        assert card.eval_loss_change == pytest.approx(change)
+        assert card.loss_beyond_noise is bool(abs(change) > noise.eval_loss_difference + 1e-9)
+        assert card.default_epoch_seconds == pytest.approx(
+            train_tokens / default["tokens_per_second"]
+        )
+    held = frame.loc[balanced, "held_up"]
+    assert data.cards[0].held_up is (None if held != held or held is None else bool(held))
+    assert data.commands[-1].startswith("autotune train --recipe reports/s-recipe.yaml --data ")
+
+    page = render_html(data)
+    # the answer first, then the frontier, the charts and all trials
+    order = [page.index(s) for s in ('id="recommendation"', 'id="frontier-table"', "chart-0")]
+    assert order == sorted(order) and order[-1] < page.index('id="trials-table"')
+    card = page[page.index('id="recommendation"') : page.index('id="frontier"')]
+    assert "balanced · trial" in card and data.commands[-1] in card
+    assert f"of the {format_bytes(settings.budget_bytes)} budget" in card
+    assert "the QLoRA default" in card and "measured noise" in card
+    is_picked = any(c.is_default for c in data.cards)
+    assert ("(this is the QLoRA default)" in card) is is_picked
+    for other in data.cards[1:]:  # the other picks say how to export them
+        assert f"autotune export --study s --pick {other.picks[0]}</code>" in card
+    # where the run wrote no recipe (autotune report), the export that writes it comes first
+    unexported = report_data(study, "reports/s-recipe.yaml", False, "sqlite:///x.db").commands
+    assert unexported[0] == (
+        "autotune export --study s --storage sqlite:///x.db --output reports/s-recipe.yaml"
+    )
+    assert unexported[1] == data.commands[-1]
+    frontier = _table(page, "frontier-table")
+    assert frontier.count("<tr>") == 1 + len(data.frontier_numbers)
+
+
+def test_the_trial_table_is_for_people(workspace):  # noqa: F811
+    runner = FakeRunner(fail={"freeze": "oom"})
+    study = run_study(prepare_run(settings_for(workspace, trials=8)), runner)
+    page = render_html(report_data(study))
+    table = _table(page, "trials-table")
+    cells = re.findall(r"<t[dh][^>]*>([^<]*)</t[dh]>", table)
+    raw_names = set(report_data(study).frame.columns) - {"trial", "status", "recipe", "reason"}
+    assert not raw_names & set(cells) and "predicted_peak_bytes" not in table
+    assert not [c for c in cells if re.search(r"\d[eE][+-]?\d", c)]  # no exponent notation
+    assert not {"None", "nan", "NaN", "True", "False"} & set(cells)
+    headings = [c.heading for c in TRIAL_COLUMNS]
+    assert "Measured peak memory" in cells and "Tokens/s" in cells and "Eval loss" in cells
+    assert set(cells) & set(headings)
+    assert "out of memory" in cells  # the status in words
+    assert any(re.fullmatch(r"\d+\.\d (MiB|GiB)|\d+\.\d\d GiB", c) for c in cells)
+    assert all(re.fullmatch(r"\d{1,3}(,\d{3})*", c) for c in re.findall(r">([\d,]+)</td>", table))
+    assert '<div class="table-box">' in page and "table.sortable th" in page  # scrolls, sorts
+
+
+class DrivenRunner(FakeRunner):
+    """Each objective follows one parameter alone: memory the micro-batch, speed gradient
+    checkpointing, eval loss the optimizer."""
+
+    memory_source = "cpu_peak_rss_delta"
+
+    def run(self, request, workdir):
+        recipe = request.recipe
+        return ProbeResult(
+            status="ok",
+            device="cpu",
+            memory_source=self.memory_source,
+            peak_memory_bytes=10_000_000 * recipe.micro_batch_size,
+            tokens_per_second=1000.0 if recipe.gradient_checkpointing else 3000.0,
+            eval_loss=3.0 - (0.1 if recipe.optimizer == "adamw" else 0.0),
+            steps_done=request.steps,
+        )
+
+
+def test_importances_tell_the_objectives_apart_and_wait_for_enough_trials(workspace):  # noqa: F811
+    few = run_study(
+        prepare_run(settings_for(workspace, trials=6, study_name="few")), DrivenRunner()
+    )
+    data = report_data(few)
+    assert data.measured_count < MIN_MEASURED_FOR_IMPORTANCE and data.importances == {}
+    assert f"No parameter importances: {data.measured_count} measured trials" in render_html(data)
+
+    study = run_study(prepare_run(settings_for(workspace, trials=16)), DrivenRunner())
+    data = report_data(study)
+    assert data.measured_count >= MIN_MEASURED_FOR_IMPORTANCE
+    top = {name: max(scores, key=scores.get) for name, scores in data.importances.items()}
+    assert top == {
+        "peak_memory_bytes": "micro_batch_size",
+        "tokens_per_second": "gradient_checkpointing",
+        "eval_loss": "optimizer",
+    }
+    assert "precision" not in data.importances["eval_loss"]  # one value: not searched
+    assert "Parameter importance per objective" in render_html(data)
+
+
+def test_a_cpu_run_draws_no_gpu_memory_comparison(workspace):  # noqa: F811
+    study = run_study(prepare_run(settings_for(workspace, trials=4)), DrivenRunner())
+    page = render_html(report_data(study))
+    assert "Predicted vs measured peak memory" not in page
+    assert "No predicted-vs-measured memory chart: no probe ran on a GPU" in page
+
+    class OnGpu(DrivenRunner):
+        memory_source = CUDA_MEMORY_SOURCE
+
+    gpu = run_study(prepare_run(settings_for(workspace, trials=4, study_name="gpu")), OnGpu())
+    page = render_html(report_data(gpu))
+    assert "Predicted vs measured peak memory" in page and "No predicted-vs-measured" not in page
+    # every drawn chart carries its caption
+    assert page.count("<figcaption>") == page.count("Plotly.newPlot")
