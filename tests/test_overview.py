@@ -7,7 +7,7 @@ import pytest
 
 from autotune.api import list_studies, study_status
 from autotune.pareto import PICK_POLICIES, frontier, pick
-from autotune.study import measured_points, prepare_run, run_study
+from autotune.study import claim_once, measured_points, prepare_run, run_study
 from autotune.units import format_bytes
 from tests.test_cli import autotune
 from tests.test_distributed import postgres_url  # noqa: F401
@@ -40,9 +40,11 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
     )
     # one trial still running, as a worker elsewhere would hold it
     running = optuna.load_study(study_name=name, storage=storage_url).ask()
+    # and a one-time job claimed, whose claim is a study of the storage but not one to list
+    assert claim_once(optuna.load_study(study_name=name, storage=storage_url), "a job")
 
     overviews = {o.name: o for o in list_studies(storage_url)}
-    assert {name, other} <= set(overviews)
+    assert {name, other} <= set(overviews) and not [n for n in overviews if "#claim:" in n]
     overview = overviews[name]
     assert (overview.finished, overview.running) == (7, 1)
     assert overview.budget_bytes == 10**10 and overview.model.endswith("config-only-model")

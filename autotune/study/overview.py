@@ -17,7 +17,7 @@ from autotune.study.records import (
     trial_status,
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
-from autotune.study.study_records import study_setup
+from autotune.study.study_records import is_claim_study, study_setup
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def study_overviews(storage_url: str | None) -> list[StudyOverview]:
     return [
         study_overview(optuna.load_study(study_name=summary.study_name, storage=storage))
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if not is_claim_study(summary.study_name)
     ]
 
 
