@@ -125,6 +125,12 @@ class RunSettings:
     trust_remote_code: bool = False
     """Run code the model ships with itself (auto_map in its config); off by default. Read it
     first."""
+    quality: str = "eval_loss"
+    """The third objective: eval_loss, or exact_match or rouge_l of greedy generations from the
+    eval prompts after each probe (recorded as 1 - the score, so lower is better)."""
+    promote_rounds: int = 0
+    """After the search, this many rounds of successive halving: the better half by eval loss
+    of the recipes that fit is probed again with twice the steps of the round before."""
 
 
 REPLAY_BAND = 1.25
