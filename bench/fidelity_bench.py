@@ -4,11 +4,13 @@ On the CPU, with a small Llama-architecture model pretrained here on real text:
 
     nice -n 19 python bench/fidelity_bench.py --out bench/results/fidelity_cpu.json
 
-1. pretrains the model (hidden 128, 4 layers, a 2,048-token byte-level BPE; 1.3M parameters)
+1. pretrains the model (hidden 128, 3 layers, a 1,024-token byte-level BPE; 0.7M
+   parameters: what two shared CPU cores train in minutes)
    on the Python standard library's sources (`sysconfig`'s stdlib directory), cached under
    `bench/.models/fidelity/`;
 2. builds the fine-tuning task from other real text, held apart from the pretraining text:
-   functions of installed third-party packages (`--task-packages`, default numpy and optuna),
+   functions of installed third-party packages (`--task-packages`, default numpy, optuna and
+   networkx),
    docstring summary as the prompt (`input`), the function's code without its docstring as
    the answer (`output`);
 3. probes each recipe with autotune's own probe (a child process per probe, the study's token
@@ -70,15 +72,13 @@ RECIPES: dict[str, dict] = {
     "full-lr3e-5": {"method": "full", "learning_rate": 3e-5},
 }
 """Recipes that differ in what changes quality; LoRA learning rate 1e-3 unless given."""
-DEFAULT_RECIPES = [name for name in RECIPES if name != "full-lr3e-5"]
-"""Nine: what two shared CPU cores measure in under an hour."""
 
 PRETRAIN_CONFIG = {
     "model_type": "llama",
-    "vocab_size": 2048,
+    "vocab_size": 1024,
     "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
@@ -261,30 +261,36 @@ def recipe_for(name: str, model: str, seq_len: int, batch: int, precision: str):
     )
 
 
-def probe_row(runner, recipe, data: Path, cache: Path, steps, seed, device, eval_rows, workdir):
+def probe_rows(runner, recipe, data: Path, cache: Path, steps, seed, device, eval_rows, workdir):
+    """One probe of the longest length, its eval loss measured at each length on the way: the
+    probe's learning rate is constant and its batches a prefix of a longer probe's, so that is
+    what the shorter probes with this seed measure."""
     from autotune.training.io import ProbeRequest
 
     request = ProbeRequest(
         recipe=recipe,
         data_path=str(data),
-        steps=steps,
+        steps=max(steps),
         device=device,
         budget_bytes=10**15,
         seed=seed,
         token_cache=str(cache),
         eval_rows=eval_rows,
+        eval_at_steps=tuple(steps),
     )
     result = runner.run(request, workdir)
     return {
         "status": result.status,
         "reason": result.reason,
-        "eval_loss": result.eval_loss,
+        "eval_losses": result.eval_losses,
         "trained_tokens": result.trained_tokens,
         "seconds": round(result.seconds.get("total", 0.0), 2),
     }
 
 
-def long_row(recipe, data: Path, steps: int, device: str, eval_rows: int, out_dir: Path) -> dict:
+def long_row(
+    recipe, data: Path, steps: int, device: str, eval_rows: int, out_dir: Path, seed: int
+) -> dict:
     from autotune.training.train import train
 
     started = time.perf_counter()
@@ -296,7 +302,7 @@ def long_row(recipe, data: Path, steps: int, device: str, eval_rows: int, out_di
             max_steps=steps,
             overwrite=True,
             device=device,
-            seed=0,
+            seed=seed,
             save_every_steps=10**9,
             eval_rows=eval_rows,
             logging_steps=10**9,
@@ -321,8 +327,10 @@ def summarize(probes: dict, longs: dict, probe_steps: list[int], seeds: int) -> 
         row = probes.get(f"{name}/{steps}/{seed}")
         return row["eval_loss"] if row and row.get("status") == "ok" else None
 
+    best_means: dict[int, dict[str, float]] = {}
     for steps in probe_steps:
         means, per_seed = {}, []
+        best_means[steps] = means
         for name in names:
             values = [v for s in range(seeds) if (v := loss(name, steps, s)) is not None]
             if values:
@@ -350,6 +358,16 @@ def summarize(probes: dict, longs: dict, probe_steps: list[int], seeds: int) -> 
                 ),
                 "single_seed": [round(r, 3) for r in per_seed],
             }
+    summary["long_spread"] = {
+        n: round(max(v) - min(v), 4) for n in names if len(v := longs[n].get("seed_losses", [])) > 1
+    }
+    summary["best"] = {
+        "long": min(names, key=lambda n: longs[n]["eval_loss"]) if names else None,
+        **{
+            str(steps): min(means, key=means.get) if names and len(means) == len(names) else None
+            for steps, means in best_means.items()
+        },
+    }
     spreads = [s[k]["stdev"] for s in summary["spread"].values() for k in s]
     summary["median_seed_stdev"] = round(statistics.median(spreads), 4) if spreads else None
     summary["halving"] = halving(probes, longs, names, probe_steps)
@@ -390,17 +408,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id or path: measure it instead of pretraining")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=", ".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=", ".join(RECIPES))
     parser.add_argument("--probe-steps", default="20,40,80")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--long-steps", type=int, default=400)
+    parser.add_argument("--long-seeds", type=int, default=2, help="long runs per recipe")
     parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--pretrain-bytes", type=int, default=6_000_000)
-    parser.add_argument("--task-packages", default="numpy,optuna")
+    parser.add_argument("--pretrain-bytes", type=int, default=2_000_000)
+    parser.add_argument("--task-packages", default="numpy,optuna,networkx")
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--eval-rows", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=4, help="rows per optimizer step")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--toy", action="store_true", help="tiny sizes: the CPU test")
     parser.add_argument("--cache", type=Path, default=MODELS_DIR / "fidelity")
@@ -462,47 +481,74 @@ def main() -> int:
         )
         return summary
 
-    def probe(name: str, steps: int, seed: int) -> None:
-        key = f"{name}/{steps}/{seed}"
-        workdir = cache / "runs" / name / f"{steps}-{seed}"
-        probes[key] = cached(
+    def probe(name: str, seed: int) -> None:
+        workdir = cache / "runs" / name / f"seed-{seed}"
+        row = cached(
             workdir / "row.json",
-            lambda: probe_row(
+            lambda: probe_rows(
                 runner,
                 recipes[name],
                 data,
                 token_cache,
-                steps,
+                probe_steps,
                 seed,
                 args.device,
                 args.eval_rows,
                 workdir,
             ),
         )
-        row = probes[key]
-        print(f"{key:<34} {row['status']:<5} eval loss {row.get('eval_loss') or 0:.4f}", flush=True)
+        for steps in probe_steps:
+            loss = row["eval_losses"].get(str(steps))
+            probes[f"{name}/{steps}/{seed}"] = {
+                "status": row["status"] if loss is not None else "crash",
+                "reason": row["reason"],
+                "eval_loss": loss,
+            }
+        losses = ", ".join(f"{k}: {v:.4f}" for k, v in row["eval_losses"].items())
+        print(f"{name:<24} seed {seed}: {row['status']:<5} eval loss {losses}", flush=True)
 
     # seed 0 at every length, then the long runs, then the other seeds: an interrupted run
     # still has a ranking to compare
     for name in names:
-        for steps in probe_steps:
-            probe(name, steps, 0)
+        probe(name, 0)
         write()
-    for name in names:
-        workdir = cache / "runs" / name / "long"
-        longs[name] = cached(
+    long_runs: dict[str, dict[int, dict]] = {}
+
+    def long_run(name: str, seed: int) -> None:
+        workdir = cache / "runs" / name / ("long" if seed == 0 else f"long-seed-{seed}")
+        row = cached(
             workdir / "row.json",
-            lambda name=name, out=workdir / "out": long_row(
-                recipes[name], data, args.long_steps, args.device, args.eval_rows, out
+            lambda: long_row(
+                recipes[name],
+                data,
+                args.long_steps,
+                args.device,
+                args.eval_rows,
+                workdir / "out",
+                seed,
             ),
         )
-        print(f"{name:<34} long  eval loss {longs[name].get('eval_loss') or 0:.4f}", flush=True)
+        runs = long_runs.setdefault(name, {})
+        runs[seed] = row
+        ok = [r["eval_loss"] for r in runs.values() if r.get("status") == "ok"]
+        longs[name] = {
+            **runs[min(runs)],
+            "status": "ok" if ok else row["status"],
+            "eval_loss": statistics.mean(ok) if ok else None,
+            "seed_losses": ok,
+        }
+        print(f"{name:<24} long seed {seed}: eval loss {row.get('eval_loss') or 0:.4f}", flush=True)
         write()
+
+    for name in names:
+        long_run(name, 0)
     for seed in range(1, args.seeds):
         for name in names:
-            for steps in probe_steps:
-                probe(name, steps, seed)
+            probe(name, seed)
             write()
+    for seed in range(1, args.long_seeds):
+        for name in names:
+            long_run(name, seed)
     runner.close()
     summary = write()
     print_table(summary, probes, longs, names, probe_steps, args.seeds)

@@ -291,7 +291,7 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
         "fidelity_bench.py",
         *("--toy", "--pretrain-steps", "20", "--pretrain-bytes", "200000"),
         *("--rows", "120", "--eval-rows", "16", "--seq-len", "64", "--long-steps", "8"),
-        *("--probe-steps", "2,4", "--seeds", "2"),
+        *("--probe-steps", "2,4", "--seeds", "2", "--long-seeds", "2"),
         *("--recipes", "lora-r4-qv,qlora-nf4-r16-all,freeze-half-mlp,full"),
         *("--cache", str(tmp_path / "cache"), "--out", str(out)),
     )
@@ -314,7 +314,11 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
         expected = spearman(list(probe.values()), [longs[name] for name in probe])
         assert summary["rho"][str(steps)]["seed_mean"] == pytest.approx(expected, abs=1e-3)
         assert len(summary["rho"][str(steps)]["single_seed"]) == 2
-    assert set(summary["spread"]) == set(longs)
+    assert set(summary["spread"]) == set(longs) == set(summary["long_spread"])
+    for row in results["long_runs"]:  # the long run's loss is the mean of its two seeds
+        assert len(row["seed_losses"]) == 2
+        assert row["eval_loss"] == pytest.approx(sum(row["seed_losses"]) / 2)
+    assert summary["best"]["long"] == min(longs, key=longs.get)
     assert summary["halving"]["probe_steps_spent"] == 4 * 2 + 2 * 4
     assert "rho at 2 steps" in done.stdout
     # a rerun continues from the cached results: nothing is probed again
