@@ -314,10 +314,11 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
         expected = spearman(list(probe.values()), [longs[name] for name in probe])
         assert summary["rho"][str(steps)]["seed_mean"] == pytest.approx(expected, abs=1e-3)
         assert len(summary["rho"][str(steps)]["single_seed"]) == 2
-    assert set(summary["spread"]) == set(longs) == set(summary["long_spread"])
-    for row in results["long_runs"]:  # the long run's loss is the mean of its two seeds
-        assert len(row["seed_losses"]) == 2
-        assert row["eval_loss"] == pytest.approx(sum(row["seed_losses"]) / 2)
+    assert set(summary["spread"]) == set(longs)
+    other = {row["recipe"]: row["other_seeds"]["1"] for row in results["long_runs"]}
+    assert summary["long_rho_seed_0_vs_1"] == pytest.approx(
+        spearman(list(longs.values()), [other[name] for name in longs]), abs=1e-3
+    )
     assert summary["best"]["long"] == min(longs, key=longs.get)
     assert summary["halving"]["probe_steps_spent"] == 4 * 2 + 2 * 4
     assert "rho at 2 steps" in done.stdout
