@@ -7,7 +7,15 @@ import math
 
 import pytest
 
-from autotune.fidelity import indistinguishable_groups, ranks, spearman_rho, successive_halving
+from autotune.fidelity import (
+    FIDELITY_READING,
+    indistinguishable_groups,
+    noise_groups_line,
+    ranks,
+    spearman_rho,
+    successive_halving,
+)
+from tests.test_study import NoisyRunner, settings_for, workspace  # noqa: F401
 
 
 def test_ranks_share_the_mean_rank_on_ties():
@@ -38,3 +46,32 @@ def test_successive_halving_keeps_the_better_half():
     assert successive_halving({"a": 3.0, "b": 1.0, "c": 2.0, "d": 4.0}) == ["b", "c"]
     assert successive_halving({"a": 3.0, "b": 1.0, "c": 2.0}) == ["b"]
     assert successive_halving({"a": 1.0}) == ["a"]
+
+
+def test_the_noise_groups_reading_names_the_groups_only():
+    line = noise_groups_line({7: 1.50, 3: 1.52, 9: 1.60, 1: 2.0}, noise=0.03)
+    assert line is not None and line.endswith("so not ranked: trials 7, 3.")
+    assert "0.030" in line
+    assert noise_groups_line({7: 1.5, 9: 1.6}, noise=0.03) is None
+
+
+def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa: F811
+    from autotune.report import report_data
+    from autotune.study import prepare_run, run_study
+
+    class SameLoss(NoisyRunner):
+        """Every recipe's eval loss 3.0 (0.02 more with another seed): all inside the noise."""
+
+        def run(self, request, workdir):
+            result = super().run(request, workdir)
+            if result.eval_loss is not None:
+                result.eval_loss = 3.0 + (0.02 if request.seed else 0.0)
+            return result
+
+    study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=1)), SameLoss())
+    readings = report_data(study).readings
+    assert FIDELITY_READING in readings
+    [grouped] = [line for line in readings if line.startswith("Indistinguishable")]
+    frame = report_data(study).frame
+    front = sorted(int(t) for t in frame.loc[frame["on_frontier"], "trial"])
+    assert len(front) > 1 and grouped.endswith(f"trials {', '.join(map(str, front))}.")
