@@ -56,6 +56,8 @@ def run(
     report_path: Path | None = setting_option("report_path", "--report"),
     recipe_path: Path | None = setting_option("recipe_path", "--recipe-out"),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
+    quality: str = setting_option("quality", "--quality"),
+    promote_rounds: int = setting_option("promote_rounds", "--promote"),
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields

@@ -283,3 +283,50 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
     measured = predicted / (1 + worst_replay_nf4)
     assert margin.bytes_of(predicted) >= measured
     assert memory_margin("replay", "int8").fraction == shipped["replay"]["all"]["fraction"]
+
+
+def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
+    out = tmp_path / "fidelity.json"
+    done = run_bench(
+        "fidelity_bench.py",
+        *("--toy", "--pretrain-steps", "20", "--pretrain-bytes", "200000"),
+        *("--rows", "120", "--eval-rows", "16", "--seq-len", "64", "--long-steps", "8"),
+        *("--probe-steps", "2,4", "--seeds", "2", "--long-seeds", "2"),
+        *("--recipes", "lora-r4-qv,qlora-nf4-r16-all,freeze-half-mlp,full"),
+        *("--cache", str(tmp_path / "cache"), "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    assert summary["pretraining"]["steps"] == 20 and summary["pretraining"]["parameters"] > 0
+    assert len(results["probes"]) == 4 * 2 * 2
+    assert all(row["status"] == "ok" for row in results["probes"] + results["long_runs"])
+    # the summary's rho is the rank correlation of the rows it came from
+    fidelity = load_bench("fidelity_bench")
+    spearman = fidelity.spearman_rho
+    longs = {row["recipe"]: row["eval_loss"] for row in results["long_runs"]}
+    for steps in (2, 4):
+        rows = results["probes"]
+        probe = {
+            name: sum(r["eval_loss"] for r in rows if r["key"].startswith(f"{name}/{steps}/")) / 2
+            for name in longs
+        }
+        expected = spearman(list(probe.values()), [longs[name] for name in probe])
+        assert summary["rho"][str(steps)]["seed_mean"] == pytest.approx(expected, abs=1e-3)
+        assert len(summary["rho"][str(steps)]["single_seed"]) == 2
+    assert set(summary["spread"]) == set(longs)
+    other = {row["recipe"]: row["other_seeds"]["1"] for row in results["long_runs"]}
+    assert summary["long_rho_seed_0_vs_1"] == pytest.approx(
+        spearman(list(longs.values()), [other[name] for name in longs]), abs=1e-3
+    )
+    assert summary["best"]["long"] == min(longs, key=longs.get)
+    assert summary["halving"]["probe_steps_spent"] == 4 * 2 + 2 * 4
+    assert "rho at 2 steps" in done.stdout
+    # a rerun continues from the cached results: nothing is probed again
+    again = run_bench(
+        "fidelity_bench.py",
+        *done.args[4:],
+    )
+    assert again.returncode == 0, again.stderr
+    assert "pretrain step" not in again.stdout
+    assert json.loads(out.read_text())["probes"] == results["probes"]

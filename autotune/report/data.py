@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from autotune.fidelity import FIDELITY_READING, noise_groups_line
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
 from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
@@ -163,6 +164,10 @@ def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None)
                 within = abs(difference) <= noise.eval_loss_difference
                 line += " (within noise)" if within else " (beyond noise)"
         lines.append(line)
+    if noise:
+        losses = {int(t): float(v) for t, v in zip(front["trial"], front["eval_loss"])}
+        lines += filter(None, [noise_groups_line(losses, noise.eval_loss_difference)])
+    lines.append(FIDELITY_READING)
     if noise:
         lines.append(
             f"Noise: trial {noise.trial} probed again with seed {noise.seed} moved eval "

@@ -24,6 +24,7 @@ _MODULES = (
     "workers",
     "objective",
     "confirm",
+    "promotion",
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that

@@ -12,6 +12,7 @@ from typing import Any
 from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
+from autotune.quality import quality_cost
 from autotune.recipe import Recipe
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
@@ -213,9 +214,10 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # On CUDA the measured peak is what the budget bounds; a CPU run's RSS is not GPU
             # memory, so there feasibility rests on the prediction.
             bound = measured if prepared.device.startswith("cuda") else margined_peak
+            quality = quality_cost(settings.quality, result.eval_loss or 0.0, result.quality_score)
             return finish(
                 TrialStatus.MEASURED,
-                (measured, float(result.tokens_per_second or 0.0), float(result.eval_loss or 0.0)),
+                (measured, float(result.tokens_per_second or 0.0), quality),
                 (bound - budget) / budget,
                 result=result,
             )
@@ -265,5 +267,6 @@ def probe_request(
         visible_gpu=visible_gpu,
         token_cache=prepared.token_cache,
         eval_rows=settings.eval_rows,
+        quality=settings.quality,
         weight_cache=str((TRIALS_DIR / "cache").resolve()) if settings.weight_cache else None,
     )

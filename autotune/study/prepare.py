@@ -15,6 +15,7 @@ from autotune.errors import UsageError
 from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
+from autotune.quality import check_quality
 from autotune.recipe import UPPER_BOUNDS
 from autotune.remote_code import allow_remote_code
 from autotune.replay import (
@@ -50,6 +51,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         )
     if settings.confirm_top < 0:
         raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
+    if settings.promote_rounds < 0:
+        raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
+    check_quality(settings.quality)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)

@@ -13,6 +13,7 @@ from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.objective import RunEvents, make_objective
+from autotune.study.promotion import promote
 from autotune.study.pruning import resumed_space
 from autotune.study.records import ProbeCrashed, baseline_attrs, finished_trial_count
 from autotune.study.seeding import baseline_params, fits_budget
@@ -42,6 +43,7 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
         "seq_len": prepared.settings.seq_len,
         "probe_steps": prepared.settings.probe_steps,
         "device": prepared.device.split(":")[0],
+        "quality": prepared.settings.quality,
     }
 
 
@@ -64,6 +66,7 @@ _MEASURED_UNDER_WORDS = {
     "seq_len": "--seq-len",
     "probe_steps": "--probe-steps",
     "device": "the device",
+    "quality": "--quality",
 }
 
 
@@ -147,6 +150,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             f"study {prepared.study_name} already holds {settings.trials} finished trials; "
             "raise --trials to run more"
         )
+        promote(prepared, runner, study, events)
         confirm_frontier(prepared, runner, study, events)
         measure_noise(prepared, runner, study, events)
         return study
@@ -165,6 +169,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         callbacks=[stop_at_target],
         gc_after_trial=False,
     )
+    promote(prepared, runner, study, events)
     confirm_frontier(prepared, runner, study, events)
     measure_noise(prepared, runner, study, events)
     return study

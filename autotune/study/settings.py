@@ -85,8 +85,11 @@ class RunSettings:
     """Study name (default: derived from model, data and budget; or the storage's newest)."""
     storage: str | None = None
     """Optuna storage URL (default: sqlite:///trials/autotune.db)."""
-    probe_steps: int = 20
+    probe_steps: int = 40
     """Optimizer steps per probe."""
+    # 40, not 20: on bench/fidelity_bench.py's pretrained model, 20-step probes ranked ten
+    # recipes by eval loss with Spearman's rho 0.72 against 400-step runs, 40-step ones 0.90
+    # and 80-step ones 0.92 (bench/README.md#fidelity_benchpy)
     probe_timeout_seconds: float = 900.0
     """Kill a probe that runs longer than this (seconds in Python)."""
     seq_len: int = 1024
@@ -127,6 +130,12 @@ class RunSettings:
     trust_remote_code: bool = False
     """Run code the model ships with itself (auto_map in its config); off by default. Read it
     first."""
+    quality: str = "eval_loss"
+    """The third objective: eval_loss, or exact_match or rouge_l of greedy generations from the
+    eval prompts after each probe (recorded as 1 - the score, so lower is better)."""
+    promote_rounds: int = 0
+    """After the search, this many rounds of successive halving: the better half by eval loss
+    of the recipes that fit is probed again with twice the steps of the round before."""
 
 
 REPLAY_BAND = 1.25

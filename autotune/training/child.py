@@ -96,6 +96,11 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
             f"loss {record.loss:.4f}",
             flush=True,
         )
+        if step + 1 in request.eval_at_steps and step + 1 < request.steps:
+            # between steps, outside their timing
+            result.eval_losses[str(step + 1)] = evaluate(
+                model, splits.eval, recipe, request.device, tokenizer.pad_token_id
+            )
 
     records = train_steps(
         model, optimizer, batches, recipe, request.device, tokenizer.pad_token_id, progress
@@ -110,6 +115,14 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     result.train_loss = records[-1].loss
 
     result.eval_loss = evaluate(model, splits.eval, recipe, request.device, tokenizer.pad_token_id)
+    if request.steps in request.eval_at_steps:
+        result.eval_losses[str(request.steps)] = result.eval_loss
+    if request.quality != "eval_loss":
+        from autotune.quality import generation_score
+
+        result.quality_score = generation_score(
+            model, splits.eval, tokenizer, request.quality, request.device
+        )
     lap("eval")
 
 

@@ -41,6 +41,11 @@ class ProbeRequest:
     weight_cache: str | None = None
     """Directory for an NF4-quantized copy of the base weights (QLoRA probes load from it,
     the first one writes it); None: always load and quantize the original weights."""
+    eval_at_steps: tuple[int, ...] = ()
+    """Also measure eval loss after these steps (ProbeResult.eval_losses): the probe's learning
+    rate is constant, so its state there is a shorter probe's with the same seed."""
+    quality: str = "eval_loss"
+    """The third objective (autotune.quality): with a task metric the probe also generates."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -51,6 +56,7 @@ class ProbeRequest:
     def from_json(cls, text: str) -> ProbeRequest:
         data = json.loads(text)
         data["recipe"] = Recipe.from_dict(data["recipe"])
+        data["eval_at_steps"] = tuple(data.get("eval_at_steps", ()))
         return cls(**data)
 
 
@@ -65,6 +71,10 @@ class ProbeResult:
     cuda_context_bytes: int | None = None
     tokens_per_second: float | None = None
     eval_loss: float | None = None
+    eval_losses: dict[str, float] = field(default_factory=dict)
+    """Step (as text: JSON keys) -> eval loss, for the request's eval_at_steps."""
+    quality_score: float | None = None
+    """The task metric's mean over the eval prompts, where the request's quality is one."""
     train_loss: float | None = None
     steps_done: int = 0
     trained_tokens: int = 0

@@ -1,0 +1,604 @@
+"""Does a short probe's eval loss rank recipes the way a long training run does?
+
+On the CPU, with a small Llama-architecture model pretrained here on real text:
+
+    nice -n 19 python bench/fidelity_bench.py --out bench/results/fidelity_cpu.json
+
+1. pretrains the model (hidden 128, 3 layers, a 1,024-token byte-level BPE; 0.7M
+   parameters: what two shared CPU cores train in minutes)
+   on the Python standard library's sources (`sysconfig`'s stdlib directory), cached under
+   `bench/.models/fidelity/`;
+2. builds the fine-tuning task from other real text, held apart from the pretraining text:
+   functions of installed third-party packages (`--task-packages`, default numpy, optuna and
+   networkx),
+   docstring summary as the prompt (`input`), the function's code without its docstring as
+   the answer (`output`);
+3. probes each recipe with autotune's own probe (a child process per probe, the study's token
+   cache, so every probe evaluates on the same rows) at `--probe-steps` (20, 40, 80) with
+   `--seeds` seeds (data order and adapter initialisation change), and fine-tunes it with
+   autotune's own training (`autotune.training.train.train`, cosine schedule with warm-up) for
+   `--long-steps` steps (400: 20 times the 20-step probe's tokens);
+4. reports Spearman's rho between the probes' and the long runs' eval-loss rankings at each
+   probe length, each recipe's spread across seeds, and what successive halving (all recipes
+   at the shortest probe, the better half promoted to the next length) ranks.
+
+Every probe's and long run's result is cached under the cache directory: a rerun continues.
+`--model <hub id or path>` skips the pretraining and measures that model (on CUDA: `--device
+cuda`); `--toy` cuts every size so the pipeline runs end to end in a minute (the CPU test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import json
+import random
+import statistics
+import sys
+import sysconfig
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shared import MODELS_DIR, ROOT, write_results  # noqa: E402
+
+from autotune.fidelity import spearman_rho, successive_halving  # noqa: E402
+
+LORA = {"method": "lora", "lora_alpha_over_r": 2, "lora_dropout": 0.0}
+RECIPES: dict[str, dict] = {
+    "lora-r4-qv": {**LORA, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]},
+    "lora-r16-all": {**LORA, "lora_r": 16},
+    "lora-r16-all-lr1e-4": {**LORA, "lora_r": 16, "learning_rate": 1e-4},
+    "lora-r64-all": {**LORA, "lora_r": 64, "learning_rate": 3e-4},
+    "qlora-nf4-r16-all": {**LORA, "lora_r": 16, "quantization": "nf4"},
+    "lora-int8-r16-all": {**LORA, "lora_r": 16, "quantization": "int8"},
+    "freeze-half-attention": {
+        "method": "freeze",
+        "frozen_layers_fraction": 0.5,
+        "train_modules": "attention",
+        "learning_rate": 3e-4,
+    },
+    "freeze-half-mlp": {
+        "method": "freeze",
+        "frozen_layers_fraction": 0.5,
+        "train_modules": "mlp",
+        "learning_rate": 3e-4,
+    },
+    "full": {"method": "full", "learning_rate": 3e-4},
+    "full-lr3e-5": {"method": "full", "learning_rate": 3e-5},
+}
+"""Recipes that differ in what changes quality; LoRA learning rate 1e-3 unless given."""
+
+PRETRAIN_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 1024,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+TOY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}  # nf4 blocks: 64
+TOY_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 384}
+
+
+def stdlib_texts(max_bytes: int) -> list[str]:
+    """The standard library's .py files (tests left out), in path order, up to max_bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "test" in path.relative_to(root).parts[0] or "site-packages" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def function_rows(source: str, max_body_lines: int = 8) -> list[dict]:
+    """{"input": docstring summary, "output": the function's code without its docstring} for
+    every function of `source` that has a docstring and code after it."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    rows = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node)
+        if not docstring or len(node.body) < 2:
+            continue
+        summary = inspect.cleandoc(docstring).split("\n\n")[0].strip()
+        if not 20 <= len(summary) <= 300:
+            continue
+        header = lines[node.lineno - 1 : node.body[0].lineno - 1]
+        end = node.body[0].end_lineno or node.body[0].lineno
+        body = lines[end : min(end + max_body_lines, node.end_lineno or end)]
+        code = textwrap.dedent("\n".join(header + body)).strip()
+        if code:
+            rows.append({"input": summary, "output": code})
+    return rows
+
+
+def task_rows(packages: list[str], count: int, seed: int) -> list[dict]:
+    """`count` rows from the packages' functions, shuffled with `seed`."""
+    rows: list[dict] = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"--task-packages: {package} is not an installed package")
+        for root in spec.submodule_search_locations:
+            for path in sorted(Path(root).rglob("*.py")):
+                if "tests" in path.parts:
+                    continue
+                rows.extend(function_rows(path.read_text(encoding="utf-8", errors="replace")))
+    random.Random(seed).shuffle(rows)
+    if len(rows) < count:
+        raise SystemExit(f"the packages give {len(rows)} task rows, fewer than {count}")
+    return rows[:count]
+
+
+def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(out_dir)
+
+
+def pretrain(out_dir: Path, config: dict, texts: list[str], steps: int, seq_len: int) -> dict:
+    """Build the tokenizer and pretrain the model on `texts`; cached in out_dir."""
+    done = out_dir / "pretraining.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(texts, out_dir, config["vocab_size"])
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"] + [eos])
+    tokens = torch.tensor(ids, dtype=torch.long)
+    values = dict(config)
+    model_type = values.pop("model_type")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            model_type, bos_token_id=None, eos_token_id=eos, pad_token_id=eos, **values
+        )
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - max(0, s - warmup) / steps),
+    )
+    generator = torch.Generator().manual_seed(0)
+    batch_rows, losses = 16, []
+    for step in range(steps):
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_rows,), generator=generator)
+        batch = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        if step % 50 == 0 or step == steps - 1:
+            print(f"pretrain step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
+    model.save_pretrained(out_dir)
+    record = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_in_corpus": len(ids),
+        "steps": steps,
+        "tokens_trained": steps * batch_rows * seq_len,
+        "final_loss": statistics.mean(losses[-20:]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    done.write_text(json.dumps(record), encoding="utf-8")
+    return record
+
+
+def cached(path: Path, run) -> dict:
+    """The result stored at `path`, or run() stored there first: a rerun continues."""
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    result = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result), encoding="utf-8")
+    return result
+
+
+def recipe_for(name: str, model: str, seq_len: int, batch: int, precision: str):
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+    from autotune.space import frozen_layer_count
+
+    fields = {"learning_rate": 1e-3, **RECIPES[name]}
+    if "frozen_layers_fraction" in fields:
+        fraction = fields.pop("frozen_layers_fraction")
+        fields["frozen_layers"] = frozen_layer_count(load_model_spec(model), fraction)
+    if "lora_alpha_over_r" in fields:
+        fields["lora_alpha"] = fields.pop("lora_alpha_over_r") * fields["lora_r"]
+    return Recipe.from_dict(
+        {
+            **fields,
+            "model": model,
+            "seq_len": seq_len,
+            "micro_batch_size": batch,
+            "precision": precision,
+            "gradient_checkpointing": False,
+        }
+    )
+
+
+def probe_rows(runner, recipe, data: Path, cache: Path, steps, seed, device, eval_rows, workdir):
+    """One probe of the longest length, its eval loss measured at each length on the way: the
+    probe's learning rate is constant and its batches a prefix of a longer probe's, so that is
+    what the shorter probes with this seed measure."""
+    from autotune.training.io import ProbeRequest
+
+    request = ProbeRequest(
+        recipe=recipe,
+        data_path=str(data),
+        steps=max(steps),
+        device=device,
+        budget_bytes=10**15,
+        seed=seed,
+        token_cache=str(cache),
+        eval_rows=eval_rows,
+        eval_at_steps=tuple(steps),
+    )
+    result = runner.run(request, workdir)
+    return {
+        "status": result.status,
+        "reason": result.reason,
+        "eval_losses": result.eval_losses,
+        "trained_tokens": result.trained_tokens,
+        "seconds": round(result.seconds.get("total", 0.0), 2),
+    }
+
+
+def long_row(
+    recipe, data: Path, steps: int, device: str, eval_rows: int, out_dir: Path, seed: int
+) -> dict:
+    from autotune.training.train import train
+
+    started = time.perf_counter()
+    try:
+        report = train(
+            recipe,
+            data,
+            out_dir,
+            max_steps=steps,
+            overwrite=True,
+            device=device,
+            seed=seed,
+            save_every_steps=10**9,
+            eval_rows=eval_rows,
+            logging_steps=10**9,
+        )
+    except Exception as error:  # noqa: BLE001 - a recipe that fails is a row, not a stop
+        return {"status": "crash", "reason": f"{type(error).__name__}: {error}"[:300]}
+    return {
+        "status": "ok",
+        "eval_loss": report.eval_loss,
+        "train_loss": report.train_loss,
+        "steps": report.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def summarize(probes: dict, longs: dict, probe_steps: list[int], seeds: int) -> dict:
+    """rho per probe length (seed-mean probe loss, and each seed alone), spreads, halving."""
+    names = [n for n in longs if longs[n].get("status") == "ok"]
+    summary: dict = {"recipes_with_long_run": len(names), "rho": {}, "spread": {}}
+
+    def loss(name: str, steps: int, seed: int) -> float | None:
+        row = probes.get(f"{name}/{steps}/{seed}")
+        return row["eval_loss"] if row and row.get("status") == "ok" else None
+
+    best_means: dict[int, dict[str, float]] = {}
+    for steps in probe_steps:
+        means, per_seed = {}, []
+        best_means[steps] = means
+        for name in names:
+            values = [v for s in range(seeds) if (v := loss(name, steps, s)) is not None]
+            if values:
+                means[name] = statistics.mean(values)
+            if len(values) > 1:
+                summary["spread"].setdefault(name, {})[steps] = {
+                    "seeds": len(values),
+                    "range": round(max(values) - min(values), 4),
+                    "stdev": round(statistics.stdev(values), 4),
+                }
+        for seed in range(seeds):
+            both = [n for n in names if loss(n, steps, seed) is not None]
+            if len(both) >= 3:
+                per_seed.append(
+                    spearman_rho(
+                        [loss(n, steps, seed) for n in both],  # type: ignore[misc]
+                        [longs[n]["eval_loss"] for n in both],
+                    )
+                )
+        if len(means) >= 3:
+            summary["rho"][steps] = {
+                "recipes": len(means),
+                "seed_mean": round(
+                    spearman_rho(list(means.values()), [longs[n]["eval_loss"] for n in means]), 3
+                ),
+                "single_seed": [round(r, 3) for r in per_seed],
+            }
+    other = [n for n in names if longs[n].get("other_seeds", {}).get(1) is not None]
+    if len(other) >= 3:
+        # how far the long run's own ranking moves with another data order, initialisation
+        # and eval split: the most a probe could agree with it
+        summary["long_rho_seed_0_vs_1"] = round(
+            spearman_rho(
+                [longs[n]["eval_loss"] for n in other], [longs[n]["other_seeds"][1] for n in other]
+            ),
+            3,
+        )
+    summary["best"] = {
+        "long": min(names, key=lambda n: longs[n]["eval_loss"]) if names else None,
+        **{
+            str(steps): min(means, key=means.get) if names and len(means) == len(names) else None
+            for steps, means in best_means.items()
+        },
+    }
+    spreads = [s[k]["stdev"] for s in summary["spread"].values() for k in s]
+    summary["median_seed_stdev"] = round(statistics.median(spreads), 4) if spreads else None
+    summary["halving"] = halving(probes, longs, names, probe_steps)
+    return summary
+
+
+def halving(probes: dict, longs: dict, names: list[str], probe_steps: list[int]) -> dict | None:
+    """Successive halving from seed 0's probes: every recipe at the shortest length, the better
+    half promoted to each next length. Ranked by the longest probe each recipe reached (the
+    promoted ahead of the rest); rho against the long runs, and the probe steps it spent."""
+    scores = {}
+    for name in names:
+        row = probes.get(f"{name}/{probe_steps[0]}/0")
+        if row and row.get("status") == "ok":
+            scores[name] = row["eval_loss"]
+    if len(scores) < 3:
+        return None
+    order: list[str] = []
+    spent = probe_steps[0] * len(scores)
+    for steps in probe_steps[1:]:
+        promoted = successive_halving(scores)
+        order = [
+            n for n in sorted(scores, key=lambda n: (scores[n], n)) if n not in promoted
+        ] + order
+        scores = {}
+        for name in promoted:
+            row = probes.get(f"{name}/{steps}/0")
+            if row and row.get("status") == "ok":
+                scores[name] = row["eval_loss"]
+        spent += steps * len(promoted)
+    order = sorted(scores, key=lambda n: (scores[n], n)) + order
+    position = {name: rank for rank, name in enumerate(order)}
+    rho = spearman_rho([position[n] for n in order], [longs[n]["eval_loss"] for n in order])
+    return {"rho": round(rho, 3), "probe_steps_spent": spent, "order": order}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="hub id or path: measure it instead of pretraining")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=", ".join(RECIPES))
+    parser.add_argument("--probe-steps", default="20,40,80")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--long-steps", type=int, default=400)
+    parser.add_argument(
+        "--long-seeds",
+        type=int,
+        default=2,
+        help="long runs per recipe; the probes are ranked against seed 0's (the same eval rows)",
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--pretrain-bytes", type=int, default=2_000_000)
+    parser.add_argument("--task-packages", default="numpy,optuna,networkx")
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--eval-rows", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=4, help="rows per optimizer step")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--toy", action="store_true", help="tiny sizes: the CPU test")
+    parser.add_argument("--cache", type=Path, default=MODELS_DIR / "fidelity")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/fidelity.json")
+    args = parser.parse_args()
+
+    from autotune.data.token_cache import cached_splits
+    from autotune.probe import SubprocessProbeRunner
+    from autotune.training.build import load_tokenizer
+
+    probe_steps = [int(s) for s in args.probe_steps.split(",")]
+    names = [n.strip() for n in args.recipes.split(",")]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(
+            f"--recipes: unknown {', '.join(unknown)} (known: {', '.join(RECIPES)})",
+            file=sys.stderr,
+        )
+        return 2
+    cache = args.cache
+    pretraining: dict = {}
+    if args.model:
+        model = args.model
+        cache = cache / model.replace("/", "--")
+    else:
+        config = {**PRETRAIN_CONFIG, **(TOY | TOY_HEADS if args.toy else {})}
+        model_dir = cache / "model"
+        texts = stdlib_texts(args.pretrain_bytes)
+        pretraining = pretrain(model_dir, config, texts, args.pretrain_steps, args.seq_len)
+        print(f"pretrained model: {pretraining}", flush=True)
+        model = str(model_dir)
+    data = cache / "task.jsonl"
+    if not data.exists():
+        rows = task_rows(args.task_packages.split(","), args.rows, seed=0)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    # one eval split for every probe and long run: seed 0's, as a study's token cache holds
+    _, token_cache = cached_splits(
+        data, load_tokenizer(model), args.seq_len, 0, cache / "tokens", args.eval_rows
+    )
+    precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    recipes = {n: recipe_for(n, model, args.seq_len, args.batch, precision) for n in names}
+    runner = SubprocessProbeRunner(args.timeout)
+    probes: dict[str, dict] = {}
+    longs: dict[str, dict] = {}
+
+    def write() -> dict:
+        summary = summarize(probes, longs, probe_steps, args.seeds)
+        summary["pretraining"] = pretraining
+        summary["task"] = f"{args.rows} rows from {args.task_packages}: docstring -> code"
+        summary["versions"] = versions()
+        write_results(
+            args.out,
+            "fidelity_bench.py",
+            args.device,
+            summary,
+            probes=[{"key": k, **v} for k, v in probes.items()],
+            long_runs=[{"recipe": k, **v} for k, v in longs.items()],
+        )
+        return summary
+
+    def probe(name: str, seed: int) -> None:
+        workdir = cache / "runs" / name / f"seed-{seed}"
+        row = cached(
+            workdir / "row.json",
+            lambda: probe_rows(
+                runner,
+                recipes[name],
+                data,
+                token_cache,
+                probe_steps,
+                seed,
+                args.device,
+                args.eval_rows,
+                workdir,
+            ),
+        )
+        for steps in probe_steps:
+            loss = row["eval_losses"].get(str(steps))
+            probes[f"{name}/{steps}/{seed}"] = {
+                "status": row["status"] if loss is not None else "crash",
+                "reason": row["reason"],
+                "eval_loss": loss,
+            }
+        losses = ", ".join(f"{k}: {v:.4f}" for k, v in row["eval_losses"].items())
+        print(f"{name:<24} seed {seed}: {row['status']:<5} eval loss {losses}", flush=True)
+
+    # seed 0 at every length, then the long runs, then the other seeds: an interrupted run
+    # still has a ranking to compare
+    for name in names:
+        probe(name, 0)
+        write()
+    long_runs: dict[str, dict[int, dict]] = {}
+
+    def long_run(name: str, seed: int) -> None:
+        workdir = cache / "runs" / name / ("long" if seed == 0 else f"long-seed-{seed}")
+        row = cached(
+            workdir / "row.json",
+            lambda: long_row(
+                recipes[name],
+                data,
+                args.long_steps,
+                args.device,
+                args.eval_rows,
+                workdir / "out",
+                seed,
+            ),
+        )
+        runs = long_runs.setdefault(name, {})
+        runs[seed] = row
+        # seed 0's run is what the probes are ranked against: the same eval rows (another
+        # seed of `autotune train` also draws another eval split)
+        longs[name] = {
+            **runs[min(runs)],
+            "other_seeds": {s: r.get("eval_loss") for s, r in runs.items() if s != min(runs)},
+        }
+        print(f"{name:<24} long seed {seed}: eval loss {row.get('eval_loss') or 0:.4f}", flush=True)
+        write()
+
+    for name in names:
+        long_run(name, 0)
+    for seed in range(1, args.seeds):
+        for name in names:
+            probe(name, seed)
+            write()
+    for seed in range(1, args.long_seeds):
+        for name in names:
+            long_run(name, seed)
+    runner.close()
+    summary = write()
+    print_table(summary, probes, longs, names, probe_steps, args.seeds)
+    return 0
+
+
+def versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def print_table(summary, probes, longs, names, probe_steps, seeds) -> None:
+    header = "recipe".ljust(24) + "".join(f"{s:>8}-step" for s in probe_steps) + "      long"
+    print(header)
+    for name in names:
+        cells = []
+        for steps in probe_steps:
+            values = [
+                probes[k]["eval_loss"]
+                for s in range(seeds)
+                if (k := f"{name}/{steps}/{s}") in probes and probes[k].get("eval_loss")
+            ]
+            cells.append(f"{statistics.mean(values):>13.4f}" if values else f"{'-':>13}")
+        long = longs.get(name, {}).get("eval_loss")
+        print(name.ljust(24) + "".join(cells) + (f"{long:>10.4f}" if long else f"{'-':>10}"))
+    for steps, rho in summary["rho"].items():
+        print(f"rho at {steps} steps: {rho['seed_mean']} (single seeds {rho['single_seed']})")
+    if summary.get("halving"):
+        rho, spent = summary["halving"]["rho"], summary["halving"]["probe_steps_spent"]
+        print(f"successive halving: rho {rho}, {spent} probe steps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

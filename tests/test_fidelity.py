@@ -1,0 +1,77 @@
+"""Rank correlation, noise groups and successive halving (autotune.fidelity), against cases
+worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from autotune.fidelity import (
+    FIDELITY_READING,
+    indistinguishable_groups,
+    noise_groups_line,
+    ranks,
+    spearman_rho,
+    successive_halving,
+)
+from tests.test_study import NoisyRunner, settings_for, workspace  # noqa: F401
+
+
+def test_ranks_share_the_mean_rank_on_ties():
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_spearman_rho_against_hand_computed_cases():
+    assert spearman_rho([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman_rho([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # one swapped neighbour pair among 4: 1 - 6 * (1 + 1) / (4 * (16 - 1)) = 0.8
+    assert spearman_rho([0.1, 0.2, 0.3, 0.4], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+    # ties: ranks x = (1.5, 1.5, 3), y = (1, 2, 3), both of mean 2; deviations (-.5, -.5, 1)
+    # and (-1, 0, 1): covariance 1.5, spreads sqrt(1.5) and sqrt(2)
+    assert spearman_rho([5, 5, 7], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
+    assert math.isnan(spearman_rho([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        spearman_rho([1], [1])
+
+
+def test_recipes_within_the_noise_form_one_group():
+    losses = {7: 1.50, 3: 1.52, 9: 1.60, 4: 1.61, 1: 2.0}
+    assert indistinguishable_groups(losses, noise=0.03) == [[7, 3], [9, 4], [1]]
+    assert indistinguishable_groups(losses, noise=0.0) == [[7], [3], [9], [4], [1]]
+    assert indistinguishable_groups(losses, noise=1.0) == [[7, 3, 9, 4, 1]]
+
+
+def test_successive_halving_keeps_the_better_half():
+    assert successive_halving({"a": 3.0, "b": 1.0, "c": 2.0, "d": 4.0}) == ["b", "c"]
+    assert successive_halving({"a": 3.0, "b": 1.0, "c": 2.0}) == ["b"]
+    assert successive_halving({"a": 1.0}) == ["a"]
+
+
+def test_the_noise_groups_reading_names_the_groups_only():
+    line = noise_groups_line({7: 1.50, 3: 1.52, 9: 1.60, 1: 2.0}, noise=0.03)
+    assert line is not None and line.endswith("so not ranked: trials 7, 3.")
+    assert "0.030" in line
+    assert noise_groups_line({7: 1.5, 9: 1.6}, noise=0.03) is None
+
+
+def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa: F811
+    from autotune.report import report_data
+    from autotune.study import prepare_run, run_study
+
+    class SameLoss(NoisyRunner):
+        """Every recipe's eval loss 3.0 (0.02 more with another seed): all inside the noise."""
+
+        def run(self, request, workdir):
+            result = super().run(request, workdir)
+            if result.eval_loss is not None:
+                result.eval_loss = 3.0 + (0.02 if request.seed else 0.0)
+            return result
+
+    study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=1)), SameLoss())
+    readings = report_data(study).readings
+    assert FIDELITY_READING in readings
+    [grouped] = [line for line in readings if line.startswith("Indistinguishable")]
+    frame = report_data(study).frame
+    front = sorted(int(t) for t in frame.loc[frame["on_frontier"], "trial"])
+    assert len(front) > 1 and grouped.endswith(f"trials {', '.join(map(str, front))}.")
