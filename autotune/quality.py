@@ -12,6 +12,21 @@ from collections.abc import Sequence
 from typing import Any
 
 QUALITY_METRICS = ("eval_loss", "exact_match", "rouge_l")
+QUALITY_WORDS = {
+    "exact_match": "1 - exact match of the greedy answers to the eval prompts",
+    "rouge_l": "1 - ROUGE-L F1 of the greedy answers to the eval prompts",
+}
+"""What the third objective is under each task metric (it is eval loss otherwise)."""
+
+
+def quality_reading(metric: str) -> str | None:
+    """The line a report opens its readings with when the third objective is not eval loss."""
+    if metric not in QUALITY_WORDS:
+        return None
+    return (
+        f"Quality is {QUALITY_WORDS[metric]} (--quality {metric}; lower is better): the "
+        "figures labelled eval loss below are that, not a loss."
+    )
 
 
 def check_quality(metric: str) -> None:

@@ -3,6 +3,7 @@ worked out by hand."""
 
 from __future__ import annotations
 
+import html
 import math
 
 import pytest
@@ -57,6 +58,7 @@ def test_the_noise_groups_reading_names_the_groups_only():
 
 def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa: F811
     from autotune.report import report_data
+    from autotune.report.page import render_html
     from autotune.study import prepare_run, run_study
 
     class SameLoss(NoisyRunner):
@@ -69,9 +71,12 @@ def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa
             return result
 
     study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=1)), SameLoss())
-    readings = report_data(study).readings
-    assert FIDELITY_READING in readings
-    [grouped] = [line for line in readings if line.startswith("Indistinguishable")]
-    frame = report_data(study).frame
+    data = report_data(study)
+    assert FIDELITY_READING in data.quality_notes
+    [grouped] = [line for line in data.quality_notes if line.startswith("Indistinguishable")]
+    frame = data.frame
     front = sorted(int(t) for t in frame.loc[frame["on_frontier"], "trial"])
     assert len(front) > 1 and grouped.endswith(f"trials {', '.join(map(str, front))}.")
+    page = render_html(data)  # stated under the frontier table, before the charts
+    assert page.index("frontier-table") < page.index(grouped) < page.index("<h2>Charts")
+    assert page.index(html.escape(FIDELITY_READING)) < page.index("<h2>Charts")

@@ -69,6 +69,10 @@ def test_exact_match_is_the_third_objective_of_a_tiny_study(tiny_model, tmp_path
     for rounds in promoted.values():
         assert [(r["round"], r["steps"], r["status"]) for r in rounds] == [(1, 4, "ok")]
         assert 0.0 <= rounds[0]["quality"] <= 1.0  # 1 - the promoted probe's exact match
+    page = tmp_path / "em.html"
+    shown = autotune("report", "--storage", storage, "--study", "em", "-o", str(page), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "Quality is 1 - exact match of the greedy answers" in page.read_text()
 
 
 def test_an_unknown_quality_metric_is_refused(tiny_model, tmp_path):

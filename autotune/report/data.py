@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from autotune.fidelity import FIDELITY_READING, noise_groups_line
+from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
 from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
@@ -44,6 +45,8 @@ class ReportData(NamedTuple):
     noise: Noise | None = None
     train_tokens: int | None = None
     """Non-padding tokens of one epoch of the study's training split (None: not recorded)."""
+    quality_notes: tuple[str, ...] = ()
+    """What the quality axis is and how far its ranking holds (quality_axis_notes)."""
 
 
 def report_data(
@@ -70,6 +73,9 @@ def report_data(
     return ReportData(
         data_text=data_description(stats, setup.seq_len),
         readings=frontier_readings(frame, setup.budget_bytes, noise),
+        quality_notes=quality_axis_notes(
+            frame, setup.measured_under.get("quality", "eval_loss"), noise
+        ),
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
         cards=tuple(pick_cards(study, frame, noise, train_tokens)),
         commands=commands,
@@ -124,6 +130,18 @@ def time_description(frame: Any) -> str:
     )
 
 
+def quality_axis_notes(frame: Any, metric: str, noise: Noise | None) -> tuple[str, ...]:
+    """What the quality axis is, which frontier recipes the measured noise cannot tell apart on
+    it, and how far a probe's ranking on it was measured to hold (bench/fidelity_bench.py)."""
+    lines = [quality_reading(metric)]
+    if noise and len(frame):
+        front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)]
+        losses = {int(t): float(v) for t, v in zip(front["trial"], front["eval_loss"])}
+        lines.append(noise_groups_line(losses, noise.eval_loss_difference))
+    lines.append(FIDELITY_READING)
+    return tuple(line for line in lines if line)
+
+
 def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None) -> list[str]:
     """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss',
     with the eval-loss noise of one recipe probed twice, so a difference can be told from chance."""
@@ -164,10 +182,6 @@ def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None)
                 within = abs(difference) <= noise.eval_loss_difference
                 line += " (within noise)" if within else " (beyond noise)"
         lines.append(line)
-    if noise:
-        losses = {int(t): float(v) for t, v in zip(front["trial"], front["eval_loss"])}
-        lines += filter(None, [noise_groups_line(losses, noise.eval_loss_difference)])
-    lines.append(FIDELITY_READING)
     if noise:
         lines.append(
             f"Noise: trial {noise.trial} probed again with seed {noise.seed} moved eval "
