@@ -51,6 +51,7 @@ def run(
     workers: int = setting_option("workers", "--workers", "-j"),
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
+    gpus_per_probe: int = setting_option("gpus_per_probe", "--gpus-per-probe"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),

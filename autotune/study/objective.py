@@ -29,7 +29,7 @@ from autotune.study.records import (
     trial_record,
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
-from autotune.study.settings import PreparedRun, trials_dir_of
+from autotune.study.settings import PreparedRun, gpu_groups, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
 from autotune.study.study_records import Confirmation, Noise
 from autotune.study.workers import beyond_target, worker_id
@@ -95,10 +95,11 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     unmeasured_loss = loss_when_unmeasured(spec)
     trials_dir = trials_dir_of(prepared)
     gpu_pool: queue.Queue[str] | None = None
-    if settings.gpus:
+    groups = gpu_groups(settings, prepared.device)
+    if groups:
         gpu_pool = queue.Queue()
-        for gpu in settings.gpus:
-            gpu_pool.put(gpu)
+        for group in groups:
+            gpu_pool.put(group)
 
     fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)

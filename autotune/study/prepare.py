@@ -22,7 +22,7 @@ from autotune.replay import (
     load_config,
 )
 from autotune.space import SearchSpace
-from autotune.study.pruning import budget_fit, supported_space
+from autotune.study.pruning import budget_fit, distributed_space, supported_space
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
     PreparedRun,
@@ -68,6 +68,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space, unsupported = supported_space(
         SearchSpace.load(settings.space_path), architecture, device
     )
+    space = distributed_space(space, settings.gpus_per_probe, unsupported)
     if "lora" in space.choices_of("method") and max(space.choices_of("lora_r")) > spec.hidden_size:
         raise UsageError(
             f"{space.source}: lora_r {max(space.choices_of('lora_r'))} exceeds the model's width "

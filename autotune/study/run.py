@@ -144,7 +144,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         make_objective(prepared, runner, events),
         n_trials=remaining,
         timeout=settings.timeout_seconds,
-        n_jobs=max(settings.workers, len(settings.gpus) or 1),
+        n_jobs=max(settings.workers, len(settings.gpus) // settings.gpus_per_probe or 1),
         catch=(ProbeCrashed,),
         callbacks=[stop_at_target],
         gc_after_trial=False,

@@ -1,0 +1,155 @@
+"""The ways a recipe may spread one training over several GPUs, each registered once: whether it
+shards what each GPU holds, whether autotune probes it, which combinations cannot run (and why),
+and its names in other tools' configs.
+
+A recipe's `distributed` names one of these and `num_gpus` how many GPUs (processes) it runs
+on; the effective batch (micro-batch x accumulation x num_gpus) is what a study holds fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autotune.recipe import Recipe
+
+DEFAULT_DISTRIBUTED = "none"
+
+DDP_BUCKET_CAP_MB = 25
+"""torch's DistributedDataParallel default bucket_cap_mb: gradients are all-reduced in flat
+buckets of about this size, together as large as the gradients (gradient_as_bucket_view off)."""
+
+
+@dataclass(frozen=True)
+class DistributedKind:
+    name: str
+    """The recipe's `distributed` value."""
+    shards_states: bool = False
+    """Each GPU keeps 1/num_gpus of the parameters, gradients and optimizer states (FSDP,
+    ZeRO-3); ZeRO-2 shards gradients and optimizer states only."""
+    shards_parameters: bool = False
+    probed: bool = False
+    """autotune's probes run it (torch's DDP and FSDP2); the others are exported only."""
+    deepspeed_stage: int | None = None
+    """The ZeRO stage of a DeepSpeed strategy."""
+
+
+DISTRIBUTED: dict[str, DistributedKind] = {
+    kind.name: kind
+    for kind in (
+        DistributedKind("none", probed=True),
+        DistributedKind("ddp", probed=True),
+        DistributedKind("fsdp", shards_states=True, shards_parameters=True, probed=True),
+        DistributedKind("deepspeed_zero2", shards_states=True, deepspeed_stage=2),
+        DistributedKind(
+            "deepspeed_zero3", shards_states=True, shards_parameters=True, deepspeed_stage=3
+        ),
+    )
+}
+
+MAX_GPUS = 1024
+"""Past this a num_gpus is a typo."""
+
+
+def combination_refusals(recipe: Recipe) -> list[str]:
+    """Why a recipe's distributed strategy cannot run with the rest of it (empty: it can)."""
+    from autotune.optimizers import OPTIMIZERS
+
+    kind = DISTRIBUTED.get(recipe.distributed)
+    gpus = recipe.num_gpus
+    if kind is None or not isinstance(gpus, int) or isinstance(gpus, bool):
+        return []  # the schema check names these
+    problems = []
+    if kind.name == "none" and gpus != 1:
+        problems.append(f"num_gpus {gpus} needs a distributed strategy (ddp, fsdp, deepspeed_*)")
+    if kind.name != "none" and gpus < 2:
+        problems.append(f"distributed {kind.name} needs num_gpus of 2 or more")
+    if kind.name == "none":
+        return problems
+    if recipe.quantization != "none" and kind.shards_parameters:
+        # peft's FSDP-QLoRA path needs FSDP1 with bnb_4bit_quant_storage; bitsandbytes'
+        # Params4bit/Int8Params are no DTensor FSDP2's fully_shard can shard, and DeepSpeed
+        # ZeRO-3 cannot partition them either
+        problems.append(
+            f"quantization {recipe.quantization} with {kind.name}: bitsandbytes' quantized "
+            "weights cannot be sharded by FSDP2 or ZeRO-3"
+        )
+    optimizer = OPTIMIZERS.get(recipe.optimizer)
+    if kind.shards_parameters and optimizer is not None and optimizer.bitsandbytes:
+        problems.append(
+            f"optimizer {recipe.optimizer} with {kind.name}: bitsandbytes' optimizers update "
+            "plain tensors, not sharded ones"
+        )
+    if recipe.loss != "standard" and kind.probed:
+        problems.append(
+            f"loss {recipe.loss} with {kind.name}: it calls the decoder past the wrapper's "
+            "forward, which DDP and FSDP need to sync gradients and gather weights"
+        )
+    return problems
+
+
+def schema_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    if recipe.distributed not in DISTRIBUTED:
+        problems.append(
+            f"distributed {recipe.distributed!r} is not one of {', '.join(DISTRIBUTED)}"
+        )
+    gpus = recipe.num_gpus
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= MAX_GPUS:
+        problems.append(f"num_gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
+    return problems + combination_refusals(recipe)
+
+
+def probe_refusal(recipe: Recipe) -> str:
+    """Why autotune cannot probe this recipe's strategy ('' where it can)."""
+    if not DISTRIBUTED[recipe.distributed].probed:
+        return (
+            f"distributed {recipe.distributed} is exported but not probed "
+            "(autotune probes torch's DDP and FSDP2)"
+        )
+    return ""
+
+
+def label_part(recipe: Recipe) -> str:
+    """'fsdp x4' for a distributed recipe, '' otherwise."""
+    if recipe.distributed == DEFAULT_DISTRIBUTED:
+        return ""
+    return f"{recipe.distributed.replace('deepspeed_', '')} x{recipe.num_gpus}"
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed JSON of a ZeRO recipe, "auto" where the HF integration fills values in."""
+    stage = DISTRIBUTED[recipe.distributed].deepspeed_stage
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    if stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
+"""The file exports write beside the recipe's config for a DeepSpeed recipe."""
+
+FSDP_LAYER_WRAP = "TRANSFORMER_BASED_WRAP"
+"""accelerate's auto-wrap policy: each decoder block its own FSDP unit, as the probes shard."""
+
+
+def accelerate_fsdp_config() -> dict[str, Any]:
+    """accelerate's fsdp_config keys (FSDP2, full sharding), as `accelerate config` writes them
+    and TrainingArguments' fsdp_config reads them."""
+    return {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": FSDP_LAYER_WRAP,
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_activation_checkpointing": False,
+    }
