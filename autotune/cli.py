@@ -281,7 +281,7 @@ def estimate(
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
     typer.echo(
-        f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
+        f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
         f"({result.peak_bytes} bytes, {used})"
     )
     typer.echo(

@@ -236,7 +236,8 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
 
 
 def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
-    """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`."""
+    """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`; of
+    each GPU for a distributed recipe (distributed_memory.py)."""
     seq_len = seq_len or recipe.seq_len
     tokens = recipe.micro_batch_size * seq_len
     a = activation_bytes_per_element(recipe)
@@ -313,6 +314,11 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         + LOGITS_FRAGMENTATION * logit_tokens * spec.vocab_size * 4
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
-    return MemoryEstimate(
+    single = MemoryEstimate(
         peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged_states
     )
+    if recipe.num_gpus == 1:
+        return single
+    from autotune.distributed_memory import per_gpu_estimate
+
+    return per_gpu_estimate(spec, recipe, single, trainable, trainable_bytes)

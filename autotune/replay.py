@@ -325,6 +325,8 @@ def check_memory_model(memory_model: str) -> None:
 
 def not_replayable(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be replayed faithfully, or None."""
+    if recipe.num_gpus > 1:
+        return "a distributed recipe is predicted per GPU by the formula"
     if LOSSES[recipe.loss].fused:
         return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None

@@ -1,0 +1,184 @@
+"""Recipes on several GPUs: the keys, the space, the per-GPU memory model, and real DDP and FSDP2
+probes, with gloo processes standing in for the GPUs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import yaml
+
+import autotune.probe as probe_module
+from autotune.errors import UsageError
+from autotune.memory import estimate
+from autotune.model_spec import load_model_spec
+from autotune.probe import SubprocessProbeRunner
+from autotune.recipe import Recipe
+from autotune.space import SearchSpace
+from autotune.study.pruning import distributed_space
+from tests.conftest import ROOT, SHAPE_CONFIGS
+from tests.test_probe import request_for
+
+DEMO_SPACE = ROOT / "autotune" / "search_spaces" / "demo.yaml"
+FULL = {"method": "full", "precision": "bf16", "micro_batch_size": 1, "seq_len": 1024}
+
+
+def test_defaults_leave_recipes_as_they_were_and_keys_round_trip():
+    single = Recipe.from_dict({"method": "full"})
+    assert "distributed" not in single.to_dict() and "num_gpus" not in single.to_dict()
+    sharded = Recipe.from_dict({**FULL, "distributed": "fsdp", "num_gpus": 4})
+    assert Recipe.from_yaml(sharded.to_yaml()) == sharded
+    assert sharded.to_dict()["distributed"] == "fsdp" and sharded.effective_batch_size == 4
+    assert "fsdp x4" in sharded.label()
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"num_gpus": 2}, "num_gpus 2 needs a distributed strategy"),
+        ({"distributed": "ddp"}, "needs num_gpus of 2 or more"),
+        ({"distributed": "zero9", "num_gpus": 2}, "distributed 'zero9' is not one of"),
+        (
+            {"method": "lora", "quantization": "nf4", "distributed": "fsdp", "num_gpus": 2},
+            "cannot be sharded by FSDP2 or ZeRO-3",
+        ),
+        (
+            {"optimizer": "adamw_8bit", "distributed": "deepspeed_zero3", "num_gpus": 2},
+            "bitsandbytes' optimizers",
+        ),
+        ({"loss": "chunked", "distributed": "ddp", "num_gpus": 2}, "past the wrapper's forward"),
+    ],
+)
+def test_combinations_that_cannot_run_are_refused_with_reasons(fields, problem):
+    with pytest.raises(UsageError, match=problem):
+        Recipe.from_dict({"method": "full", **fields})
+
+
+def test_the_effective_batch_stays_fixed_over_gpus():
+    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), 2, {})
+    assert 8 not in space.choices_of("micro_batch_size")  # 8 x 2 GPUs > the batch of 8
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
+    for micro in space.choices_of("micro_batch_size"):
+        params = space.params_like({"method": "full", "micro_batch_size": micro})
+        recipe = space.build(params, "m", spec, 256)
+        assert recipe.num_gpus == 2 and recipe.distributed == "fsdp"
+        assert recipe.effective_batch_size == space.effective_batch_size
+
+
+def test_the_space_on_two_gpus_leaves_out_what_cannot_run(tmp_path):
+    unsupported: dict[str, dict[str, str]] = {}
+    demo = SearchSpace.load(DEMO_SPACE)
+    space = distributed_space(demo, 2, unsupported)
+    assert space.choices_of("distributed") == ("ddp", "fsdp")
+    assert space.choices_of("num_gpus") == (2,)
+    assert space.choices_of("quantization") == ("none",)
+    assert space.choices_of("optimizer") == ("adamw",)
+    assert space.choices_of("micro_batch_size") == (1, 2)  # 4 x 2 GPUs > the batch of 4
+    assert "FSDP2" in unsupported["quantization"]["nf4"]
+    assert "does not divide" in unsupported["micro_batch_size"]["4"]
+    exported_only = SearchSpace.from_dict(
+        {
+            **yaml.safe_load(DEMO_SPACE.read_text()),
+            "distributed": ["ddp", "deepspeed_zero2"],
+        }
+    )
+    unsupported = {}
+    assert distributed_space(exported_only, 2, unsupported).choices_of("distributed") == ("ddp",)
+    assert "not probed" in unsupported["distributed"]["deepspeed_zero2"]
+
+
+def qwen2_7b_peak(**fields) -> int:
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict({**FULL, "optimizer": "adamw", **fields})
+    return estimate(spec, recipe).peak_bytes
+
+
+def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
+    single = qwen2_7b_peak(gradient_accumulation_steps=8)
+    fsdp4 = qwen2_7b_peak(gradient_accumulation_steps=2, distributed="fsdp", num_gpus=4)
+    fsdp2 = qwen2_7b_peak(gradient_accumulation_steps=4, distributed="fsdp", num_gpus=2)
+    ddp4 = qwen2_7b_peak(gradient_accumulation_steps=2, distributed="ddp", num_gpus=4)
+    assert fsdp4 <= 0.45 * single
+    assert fsdp4 < fsdp2 < single < ddp4  # DDP adds its gradient buckets to a full replica
+
+
+def test_ddp_and_fsdp_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path):
+    """Two ranks each, through gloo: both train the effective batch a single process would."""
+    runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
+    fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
+    single = runner.run(
+        request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+        tmp_path / "single",
+    )
+    assert single.status == "ok", single.reason
+    for strategy in ("ddp", "fsdp"):
+        workdir = tmp_path / strategy
+        request = request_for(
+            tiny_model,
+            qa_data,
+            steps=2,
+            gradient_accumulation_steps=2,
+            distributed=strategy,
+            num_gpus=2,
+            **fields,
+        )
+        result = runner.run(request, workdir)
+        assert result.status == "ok", result.reason
+        assert result.trained_tokens == single.trained_tokens  # tokens of all ranks
+        assert result.peak_memory_bytes > 0 and result.tokens_per_second > 0
+        assert abs(result.eval_loss - single.eval_loss) < 0.05
+        assert "step 2/2" in (workdir / "probe.rank1.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    launched = []
+    original = probe_module.launch_ranks
+
+    def recording(*args, **kwargs):
+        launched.append(original(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(probe_module, "launch_ranks", recording)
+    request = request_for(
+        tiny_model,
+        qa_data,
+        steps=200,
+        method="full",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        distributed="ddp",
+        num_gpus=2,
+    )
+    outcome = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(
+            SubprocessProbeRunner(timeout_seconds=300, warm=False).run(request, tmp_path / "p")
+        )
+    )
+    thread.start()
+    log = tmp_path / "p" / "probe.rank1.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and "step 1/" in log.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.2)
+    ranks = launched[0].processes
+    os.kill(ranks[1].pid, 9)
+    thread.join(60)
+    assert not thread.is_alive()
+    result = outcome[0]
+    assert result.status == "crash"
+    assert "rank 1 of 2 was killed by signal 9" in result.reason
+    assert not any(_alive(p.pid) for p in ranks)
