@@ -182,3 +182,47 @@ def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
     assert result.status == "crash"
     assert "rank 1 of 2 was killed by signal 9" in result.reason
     assert not any(_alive(p.pid) for p in ranks)
+
+
+def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    from autotune.study import RunSettings, prepare_run, run_study, trial_record
+    from autotune.study.records import trial_status
+
+    monkeypatch.chdir(tmp_path)
+    space = yaml.safe_load(DEMO_SPACE.read_text())
+    space.update(
+        method=["full"],
+        quantization=["none"],
+        precision=["fp32"],
+        micro_batch_size=[1],
+        gradient_checkpointing=[False],
+        optimizer=["adamw"],
+        distributed=["ddp", "fsdp"],
+    )
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    settings = RunSettings(
+        model=str(tiny_model),
+        data_path=qa_data,
+        budget_bytes=10**10,
+        space_path=space_path,
+        trials=2,
+        probe_steps=2,
+        seq_len=48,
+        device="cpu",
+        confirm_top=0,
+        gpus_per_probe=2,
+        memory_model="formula",
+        storage=f"sqlite:///{tmp_path}/study.db",
+        study_name="two-ranks",
+    )
+    prepared = prepare_run(settings)
+    study = run_study(prepared, SubprocessProbeRunner(timeout_seconds=300, warm=False))
+    trials = {t.params["distributed"]: t for t in study.trials}
+    assert set(trials) == {"ddp", "fsdp"}
+    for strategy, trial in trials.items():
+        assert str(trial_status(trial)) == "measured", trial.user_attrs.get("reason")
+        assert trial_record(trial).recipe["distributed"] == strategy
+        assert trial_record(trial).recipe["num_gpus"] == 2
