@@ -135,21 +135,51 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     return config
 
 
-DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
-"""The file exports write beside the recipe's config for a DeepSpeed recipe."""
-
-FSDP_LAYER_WRAP = "TRANSFORMER_BASED_WRAP"
-"""accelerate's auto-wrap policy: each decoder block its own FSDP unit, as the probes shard."""
+FSDP2_KEYS = {"reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+"""FSDP2 as the probes shard: each decoder block a unit (transformers and axolotl find the block
+class from the model's _no_split_modules), parameters resharded after forward."""
 
 
-def accelerate_fsdp_config() -> dict[str, Any]:
-    """accelerate's fsdp_config keys (FSDP2, full sharding), as `accelerate config` writes them
-    and TrainingArguments' fsdp_config reads them."""
-    return {
-        "fsdp_version": 2,
-        "fsdp_auto_wrap_policy": FSDP_LAYER_WRAP,
-        "fsdp_reshard_after_forward": True,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-        "fsdp_cpu_ram_efficient_loading": True,
-        "fsdp_activation_checkpointing": False,
-    }
+def hf_training_keys(recipe: Recipe) -> dict[str, Any]:
+    """TrainingArguments keywords of the strategy (fsdp_config keys as its docstring lists)."""
+    kind = DISTRIBUTED[recipe.distributed]
+    if kind.name == "ddp":
+        return {"ddp_bucket_cap_mb": DDP_BUCKET_CAP_MB}
+    if kind.name == "fsdp":
+        return {"fsdp": True, "fsdp_config": {"version": 2, **FSDP2_KEYS}}
+    if kind.deepspeed_stage is not None:
+        return {"deepspeed": deepspeed_config(recipe)}  # a dict is accepted as well as a path
+    return {}
+
+
+def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
+    """axolotl's fsdp_version/fsdp_config, or deepspeed naming the JSON it ships."""
+    kind = DISTRIBUTED[recipe.distributed]
+    if kind.name == "fsdp":
+        return {"fsdp_version": 2, "fsdp_config": dict(FSDP2_KEYS)}
+    if kind.deepspeed_stage is not None:
+        return {"deepspeed": f"deepspeed_configs/zero{kind.deepspeed_stage}.json"}
+    return {}
+
+
+def llamafactory_keys(recipe: Recipe) -> dict[str, Any]:
+    """LLaMA-Factory's deepspeed, naming the JSON it ships (FSDP goes by its launch)."""
+    stage = DISTRIBUTED[recipe.distributed].deepspeed_stage
+    return {"deepspeed": f"examples/deepspeed/ds_z{stage}_config.json"} if stage else {}
+
+
+def launch_line(recipe: Recipe, fmt: str) -> str:
+    """How the exported config is started on num_gpus GPUs ('' for one)."""
+    if recipe.distributed == DEFAULT_DISTRIBUTED:
+        return ""
+    gpus = recipe.num_gpus
+    if fmt == "llamafactory":
+        if recipe.distributed == "fsdp":
+            return (
+                f"accelerate launch --num_processes {gpus} --config_file "
+                "examples/accelerate/fsdp2_config.yaml src/train.py CONFIG"
+            )
+        return f"FORCE_TORCHRUN=1 NPROC_PER_NODE={gpus} llamafactory-cli train CONFIG"
+    if fmt == "axolotl":
+        return f"accelerate launch --num_processes {gpus} -m axolotl.cli.train CONFIG"
+    return f"accelerate launch --num_processes {gpus} YOUR_TRAINING_SCRIPT"

@@ -14,6 +14,7 @@ import yaml
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.distributed import axolotl_keys, hf_training_keys, launch_line, llamafactory_keys
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
@@ -69,6 +70,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         **_half_flags(recipe),
     }
     training.update(copy.deepcopy(LOSSES[recipe.loss].trainer))
+    training.update(hf_training_keys(recipe))
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "max_seq_length": recipe.seq_len,
@@ -145,6 +147,7 @@ def axolotl_config(
     config.update(BATCHINGS[recipe.batching].axolotl)
     config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))
     config.update(ATTENTIONS[recipe.attention].axolotl)
+    config.update(axolotl_keys(recipe))
     if recipe.method == "lora":
         config.update(
             adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
@@ -196,6 +199,7 @@ def llamafactory_config(
     }
     config.update(BATCHINGS[recipe.batching].llamafactory)
     config.update(LOSSES[recipe.loss].llamafactory)
+    config.update(llamafactory_keys(recipe))
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(
@@ -242,6 +246,8 @@ def render(
     for key, value in (measured or {}).items():
         if not isinstance(value, dict):
             header.append(f"# measured {key}: {value}")
+    if launch_line(recipe, fmt):
+        header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
     if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "

@@ -226,3 +226,50 @@ def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
         assert str(trial_status(trial)) == "measured", trial.user_attrs.get("reason")
         assert trial_record(trial).recipe["distributed"] == strategy
         assert trial_record(trial).recipe["num_gpus"] == 2
+
+
+def _documented_fsdp_config_keys() -> set[str]:
+    """The fsdp_config keys TrainingArguments' docstring lists under "Supported keys"."""
+    import re
+
+    from transformers import TrainingArguments
+
+    doc = TrainingArguments.__doc__
+    section = doc[doc.index("fsdp_config (") : doc.index("deepspeed (")]
+    return set(re.findall(r"^\s+- (\w+) \(", section, re.MULTILINE))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_exports_carry_the_strategy_under_the_tools_names(strategy):
+    from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
+
+    recipe = Recipe.from_dict({**FULL, "distributed": strategy, "num_gpus": 2})
+    training = hf_config(recipe)["training_arguments"]
+    axolotl = axolotl_config(recipe)
+    llamafactory = llamafactory_config(recipe)
+    stage = strategy.removeprefix("deepspeed_zero")
+    if strategy == "ddp":
+        assert training["ddp_bucket_cap_mb"] == 25
+    elif strategy == "fsdp":
+        assert training["fsdp"] is True and training["fsdp_config"]["version"] == 2
+        assert set(training["fsdp_config"]) <= _documented_fsdp_config_keys()
+        # axolotl's FSDPConfig schema (src/axolotl/utils/schemas/fsdp.py)
+        assert axolotl["fsdp_version"] == 2
+        assert set(axolotl["fsdp_config"]) <= {
+            "activation_checkpointing",
+            "offload_params",
+            "cpu_ram_efficient_loading",
+            "state_dict_type",
+            "auto_wrap_policy",
+            "transformer_layer_cls_to_wrap",
+            "reshard_after_forward",
+        }
+        assert "fsdp2_config.yaml" in render("llamafactory", recipe, None)
+    else:
+        assert training["deepspeed"]["zero_optimization"]["stage"] == int(stage)
+        # the JSON files axolotl and LLaMA-Factory ship
+        assert axolotl["deepspeed"] == f"deepspeed_configs/zero{stage}.json"
+        assert llamafactory["deepspeed"] == f"examples/deepspeed/ds_z{stage}_config.json"
+    for fmt in ("hf", "axolotl", "llamafactory"):
+        assert "# on 2 GPUs: " in render(fmt, recipe, None)
+    assert Recipe.from_yaml(render("autotune", recipe, None)) == recipe
