@@ -57,6 +57,7 @@ class Recorder:
 
         if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
             return
+        tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard (FSDP2)
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.live or storage.nbytes() == 0:

@@ -28,6 +28,7 @@ its graph, lives until the next one's is made, as in the probe's step loop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
+from autotune.meta_fsdp import fsdp_on_meta, shard_on_meta
 from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
@@ -263,7 +265,13 @@ def _replay(
     model = _meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
-    with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast), recorder.mode:
+    sharded = recipe.distributed == "fsdp"
+    with (
+        fresh_bitsandbytes_caches(),
+        cuda_behaviour(recipe, autocast),
+        fsdp_on_meta() if sharded else contextlib.nullcontext(),
+        recorder.mode,
+    ):
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
         original_release = build.release_cached_memory
@@ -272,6 +280,8 @@ def _replay(
             model = prepare_model(model, recipe)
         finally:
             build.release_cached_memory = original_release
+        if sharded:  # rank 0 of num_gpus, over a fake process group
+            model = shard_on_meta(model, recipe)
         recorder.phase = "optimizer"
         optimizer, paged = _optimizer(model, recipe, recorder)
         workspaces: list[Any] = []
@@ -325,8 +335,8 @@ def check_memory_model(memory_model: str) -> None:
 
 def not_replayable(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be replayed faithfully, or None."""
-    if recipe.num_gpus > 1:
-        return "a distributed recipe is predicted per GPU by the formula"
+    if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
+        return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
     if LOSSES[recipe.loss].fused:
         return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None

@@ -16,9 +16,12 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from autotune.training.ranks import RankPlace
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def allocation_tracer(existing: list[Any]) -> Any:
             for tensor in tree_leaves(out):
                 if not isinstance(tensor, torch.Tensor):
                     continue
+                tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
                 storage = tensor.untyped_storage()
                 key = storage._cdata
                 if key in self.known or key in self.live or storage.nbytes() == 0:
@@ -96,17 +100,22 @@ def allocation_tracer(existing: list[Any]) -> Any:
     return AllocationTracer()
 
 
-def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
+def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
-    the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
+    the optimizer states), with the probe's loader, builder and step loop, on the CPU; with
+    `place`, of that rank of a distributed recipe (its process group joined), its share of the
+    step's sequences."""
     import torch
 
     from autotune.data.tokens import TokenizedExample
     from autotune.training.build import build_model, build_optimizer
     from autotune.training.loop import train_steps
+    from autotune.training.ranks import distribute_model
 
     torch.manual_seed(seed)
     model = build_model(recipe, "cpu")
+    if place is not None:
+        model = distribute_model(model, recipe, place)
     optimizer = build_optimizer(model, recipe)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -115,11 +124,13 @@ def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
             input_ids=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
             labels=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
         )
-        for _ in range(recipe.effective_batch_size)
+        for _ in range(recipe.per_gpu_batch_size)
     ]
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    existing = [*model.parameters(), *model.buffers(), *states]
+    existing = [
+        getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
+    ]
     tracer = allocation_tracer(existing)
     with tracer:
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)

@@ -273,3 +273,74 @@ def test_exports_carry_the_strategy_under_the_tools_names(strategy):
     for fmt in ("hf", "axolotl", "llamafactory"):
         assert "# on 2 GPUs: " in render(fmt, recipe, None)
     assert Recipe.from_yaml(render("autotune", recipe, None)) == recipe
+
+
+RANK_TRACE = """
+import json, sys
+from autotune.recipe import Recipe
+from autotune.step_trace import trace_step
+from autotune.training.ranks import join_process_group, leave_process_group
+recipe = Recipe.from_yaml(sys.stdin.read())
+print(json.dumps(trace_step(recipe, place=join_process_group(recipe, "cpu")).peak_bytes))
+leave_process_group()
+"""
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "full", "gradient_checkpointing": True},
+        {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": False},
+    ],
+)
+def test_the_fsdp_replay_allocates_what_a_real_gloo_rank_allocates(cut_model, tmp_path, fields):
+    """Two real ranks run FSDP2 over gloo, every storage of their second step traced; the
+    replay runs the same FSDP2 code for rank 0 on the meta device over a fake process group."""
+    import json
+    import subprocess
+    import sys
+
+    from autotune.probe_ranks import RENDEZVOUS_ENV
+    from autotune.replay import load_config, replay
+
+    recipe = Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            "distributed": "fsdp",
+            "num_gpus": 2,
+            **fields,
+        }
+    )
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_TRACE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                RENDEZVOUS_ENV: str(tmp_path / "rendezvous"),
+            },
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        rank.stdin.write(recipe.to_yaml())
+        rank.stdin.close()
+    traced = [json.loads(rank.stdout.read().strip().splitlines()[-1]) for rank in ranks]
+    assert all(rank.wait(120) == 0 for rank in ranks)
+    replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
+    for peak in traced:
+        assert abs(replayed.peak_allocated_bytes - peak) <= 0.01 * peak
+    single = replay(
+        recipe.replace(distributed="none", num_gpus=1, gradient_accumulation_steps=2),
+        load_config(str(cut_model)),
+        cublas_workspace_bytes=0,
+    )
+    assert replayed.at_peak["weights"] < 0.6 * single.at_peak["weights"]  # half of them each
