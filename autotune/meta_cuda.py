@@ -104,6 +104,10 @@ class Recorder:
         self.track(out)
         return out
 
+    def release(self, tensor: Any) -> None:
+        """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
+        self._release(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
+
     def _release(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry is not None:

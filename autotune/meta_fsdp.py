@@ -12,7 +12,7 @@ must be materialised before training for real) is lifted for the replay.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from autotune.recipe import Recipe
@@ -32,8 +32,8 @@ def _fake_group(world_size: int) -> Any:
 
 
 @contextlib.contextmanager
-def fsdp_on_meta() -> Iterator[None]:
-    """FSDP2's device is meta while this lasts."""
+def fsdp_on_meta(on_alloc: Callable[[Any], None], on_free: Callable[[Any], None]) -> Iterator[None]:
+    """FSDP2's device is meta while this lasts, its storage resizes told to a tracker."""
     import torch
     import torch.distributed.fsdp._fully_shard._fsdp_init as fsdp_init
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
@@ -52,13 +52,43 @@ def fsdp_on_meta() -> Iterator[None]:
     for owner, name, value in patches:
         setattr(owner, name, value)
     try:
-        yield
+        with fsdp_storage_resizes(on_alloc, on_free):
+            yield
     finally:
         for owner, name, value in saved:
             if value is None:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def fsdp_storage_resizes(
+    on_alloc: Callable[[Any], None], on_free: Callable[[Any], None]
+) -> Iterator[None]:
+    """FSDP2 frees its unsharded parameters after use and makes them again before the next
+    by resizing their storages, which no dispatch mode sees: tell a tracker of each (a
+    tensor whose storage was just given its bytes back, or is about to lose them)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param as fsdp_param
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+    alloc_storage, free_storage = fsdp_param.alloc_storage, fsdp_param.free_storage
+
+    def alloc(tensor: Any) -> None:
+        alloc_storage(tensor)
+        on_alloc(tensor)
+
+    def free(tensor: Any) -> None:
+        on_free(tensor)
+        free_storage(tensor)
+
+    fsdp_param.alloc_storage = param_group.alloc_storage = alloc
+    fsdp_param.free_storage = free
+    try:
+        yield
+    finally:
+        fsdp_param.alloc_storage = param_group.alloc_storage = alloc_storage
+        fsdp_param.free_storage = free_storage
 
 
 def shard_on_meta(model: Any, recipe: Recipe) -> Any:

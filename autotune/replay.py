@@ -269,7 +269,7 @@ def _replay(
     with (
         fresh_bitsandbytes_caches(),
         cuda_behaviour(recipe, autocast),
-        fsdp_on_meta() if sharded else contextlib.nullcontext(),
+        fsdp_on_meta(recorder.track, recorder.release) if sharded else contextlib.nullcontext(),
         recorder.mode,
     ):
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor

@@ -74,30 +74,47 @@ def allocation_tracer(existing: list[Any]) -> Any:
             if tensor is not None:
                 self.now -= tensor.nbytes
 
+        def release(self, tensor: Any) -> None:
+            """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
+            self._released(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
+
+        def track(self, tensor: Any, op: str = "resize_") -> None:
+            tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self.known or key in self.live or storage.nbytes() == 0:
+                return
+            self.live[key] = LiveTensor(
+                storage.nbytes(),
+                op,
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+            )
+            self.now += storage.nbytes()
+            weakref.finalize(storage, self._released, key)
+            if self.now > self.peak:
+                self.peak = self.now
+                self.at_peak = list(self.live.values())
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for tensor in tree_leaves(out):
-                if not isinstance(tensor, torch.Tensor):
-                    continue
-                tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                if key in self.known or key in self.live or storage.nbytes() == 0:
-                    continue
-                self.live[key] = LiveTensor(
-                    storage.nbytes(),
-                    str(func.overloadpacket.__name__),
-                    tuple(tensor.shape),
-                    str(tensor.dtype).removeprefix("torch."),
-                )
-                self.now += storage.nbytes()
-                weakref.finalize(storage, self._released, key)
-                if self.now > self.peak:
-                    self.peak = self.now
-                    self.at_peak = list(self.live.values())
+                if isinstance(tensor, torch.Tensor):
+                    self.track(tensor, str(func.overloadpacket.__name__))
             return out
 
     return AllocationTracer()
+
+
+def _resizes_seen(recipe: Recipe, tracer: Any) -> Any:
+    """FSDP2's storage resizes, told to the tracer (nothing to tell otherwise)."""
+    import contextlib
+
+    from autotune.meta_fsdp import fsdp_storage_resizes
+
+    if recipe.distributed != "fsdp":
+        return contextlib.nullcontext()
+    return fsdp_storage_resizes(tracer.track, tracer.release)
 
 
 def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
@@ -132,7 +149,7 @@ def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) ->
         getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
     ]
     tracer = allocation_tracer(existing)
-    with tracer:
+    with tracer, _resizes_seen(recipe, tracer):
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)
     return Trace(

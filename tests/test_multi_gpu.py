@@ -95,6 +95,20 @@ def qwen2_7b_peak(**fields) -> int:
     return estimate(spec, recipe).peak_bytes
 
 
+def test_the_replay_of_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu():
+    """`autotune estimate`'s default memory model: FSDP2 itself, replayed for one rank."""
+    from autotune.replay import load_config, predict
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    config = load_config(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    single = Recipe.from_dict({**FULL, "gradient_accumulation_steps": 8})
+    sharded = single.replace(gradient_accumulation_steps=2, distributed="fsdp", num_gpus=4)
+    one, used_one, _ = predict(spec, single, config)
+    per_gpu, used, _ = predict(spec, sharded, config)
+    assert used == used_one == "replay"
+    assert per_gpu.peak_bytes <= 0.45 * one.peak_bytes
+
+
 def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
     single = qwen2_7b_peak(gradient_accumulation_steps=8)
     fsdp4 = qwen2_7b_peak(gradient_accumulation_steps=2, distributed="fsdp", num_gpus=4)
