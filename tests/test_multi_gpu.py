@@ -358,3 +358,26 @@ def test_the_fsdp_replay_allocates_what_a_real_gloo_rank_allocates(cut_model, tm
         cublas_workspace_bytes=0,
     )
     assert replayed.at_peak["weights"] < 0.6 * single.at_peak["weights"]  # half of them each
+
+
+def test_gpus_are_cut_into_groups_of_gpus_per_probe(tmp_path):
+    from autotune.study.settings import RunSettings, check_workers, gpu_groups
+
+    def settings(**changes):
+        return RunSettings(model="m", data_path=tmp_path, budget_bytes=1, **changes)
+
+    four = settings(gpus=("0", "1", "2", "3"), gpus_per_probe=2)
+    assert gpu_groups(four, "cuda") == ["0,1", "2,3"]
+    assert gpu_groups(settings(gpus_per_probe=3), "cuda") == ["0,1,2"]
+    assert gpu_groups(settings(gpus_per_probe=2), "cpu") == []
+    assert gpu_groups(settings(gpus=("0", "1")), "cuda") == ["0", "1"]
+    with pytest.raises(UsageError, match="divide the 3 GPUs"):
+        check_workers(settings(gpus=("0", "1", "2"), gpus_per_probe=2), "cpu")
+
+
+def test_train_refuses_a_distributed_recipe_in_one_line(tmp_path):
+    from autotune.training.train import train
+
+    recipe = Recipe.from_dict({**FULL, "model": "m", "distributed": "ddp", "num_gpus": 2})
+    with pytest.raises(UsageError, match="runs one process"):
+        train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
