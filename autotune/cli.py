@@ -87,7 +87,8 @@ def export(
         "--format",
         "-f",
         help="autotune (the recipe schema), hf (TrainingArguments, LoraConfig and "
-        "BitsAndBytesConfig keyword arguments), axolotl or llamafactory.",
+        "BitsAndBytesConfig keyword arguments), axolotl, llamafactory or accelerate (an "
+        "accelerate launch config for a recipe's GPUs).",
     ),
 ) -> None:
     """Write the picked frontier recipe as YAML, with its measured figures."""

@@ -168,6 +168,36 @@ def llamafactory_keys(recipe: Recipe) -> dict[str, Any]:
     return {"deepspeed": f"examples/deepspeed/ds_z{stage}_config.json"} if stage else {}
 
 
+ACCELERATE_TYPES = {
+    "none": "NO",
+    "ddp": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
+"""accelerate's distributed_type of each strategy."""
+
+
+def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
+    """The strategy's part of an `accelerate launch` config (ClusterConfig's keys, as `accelerate
+    config` writes them)."""
+    kind = DISTRIBUTED[recipe.distributed]
+    keys: dict[str, Any] = {
+        "distributed_type": ACCELERATE_TYPES[kind.name],
+        "num_processes": recipe.num_gpus,
+        "num_machines": 1,
+        "machine_rank": 0,
+    }
+    if kind.name == "fsdp":
+        keys["fsdp_config"] = {"fsdp_version": 2} | {f"fsdp_{k}": v for k, v in FSDP2_KEYS.items()}
+    if kind.deepspeed_stage is not None:
+        keys["deepspeed_config"] = {
+            "zero_stage": kind.deepspeed_stage,
+            "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        }
+    return keys
+
+
 def launch_line(recipe: Recipe, fmt: str) -> str:
     """How the exported config is started on num_gpus GPUs ('' for one)."""
     if recipe.distributed == DEFAULT_DISTRIBUTED:
@@ -180,6 +210,8 @@ def launch_line(recipe: Recipe, fmt: str) -> str:
                 "examples/accelerate/fsdp2_config.yaml src/train.py CONFIG"
             )
         return f"FORCE_TORCHRUN=1 NPROC_PER_NODE={gpus} llamafactory-cli train CONFIG"
+    if fmt == "accelerate":
+        return "accelerate launch --config_file THIS_FILE YOUR_TRAINING_SCRIPT"
     if fmt == "axolotl":
         return f"accelerate launch --num_processes {gpus} -m axolotl.cli.train CONFIG"
     return f"accelerate launch --num_processes {gpus} YOUR_TRAINING_SCRIPT"

@@ -14,14 +14,20 @@ import yaml
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
-from autotune.distributed import axolotl_keys, hf_training_keys, launch_line, llamafactory_keys
+from autotune.distributed import (
+    accelerate_keys,
+    axolotl_keys,
+    hf_training_keys,
+    launch_line,
+    llamafactory_keys,
+)
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import WARMUP_FRACTION, Recipe
 
-EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
+EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory", "accelerate")
 
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
@@ -224,6 +230,19 @@ def llamafactory_config(
     return config
 
 
+def accelerate_config(recipe: Recipe) -> dict[str, Any]:
+    """An `accelerate launch --config_file` config: the machine's processes and the strategy;
+    the training keys go to the script it launches (export --format hf)."""
+    half = _half_flags(recipe)
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "mixed_precision": "bf16" if half["bf16"] else "fp16" if half["fp16"] else "no",
+        "use_cpu": False,
+        "debug": False,
+        **accelerate_keys(recipe),
+    }
+
+
 def render(
     fmt: str,
     recipe: Recipe,
@@ -240,6 +259,8 @@ def render(
         body = hf_config(recipe)
     elif fmt == "axolotl":
         body = axolotl_config(recipe, data_path, data_format, num_layers)
+    elif fmt == "accelerate":
+        body = accelerate_config(recipe)
     else:
         body = llamafactory_config(recipe, num_layers)
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]

@@ -381,3 +381,24 @@ def test_train_refuses_a_distributed_recipe_in_one_line(tmp_path):
     recipe = Recipe.from_dict({**FULL, "model": "m", "distributed": "ddp", "num_gpus": 2})
     with pytest.raises(UsageError, match="runs one process"):
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
+def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from autotune.formats import render
+
+    gpus = 1 if strategy == "none" else 4
+    recipe = Recipe.from_dict({**FULL, "distributed": strategy, "num_gpus": gpus})
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(render("accelerate", recipe, {"tokens_per_second": 1.0}))
+    config = ClusterConfig.from_yaml_file(str(path))  # refuses keys it does not know
+    assert config.num_processes == gpus and config.mixed_precision == "bf16"
+    expected = {"none": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    assert config.distributed_type == DistributedType(expected[strategy])
+    if strategy == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if strategy == "deepspeed_zero3":
+        assert config.deepspeed_config["zero_stage"] == 3
