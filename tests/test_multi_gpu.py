@@ -20,6 +20,7 @@ from autotune.space import SearchSpace
 from autotune.study.pruning import distributed_space
 from tests.conftest import ROOT, SHAPE_CONFIGS
 from tests.test_probe import request_for
+from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
 DEMO_SPACE = ROOT / "autotune" / "search_spaces" / "demo.yaml"
 FULL = {"method": "full", "precision": "bf16", "micro_batch_size": 1, "seq_len": 1024}
@@ -402,3 +403,11 @@ def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
         assert config.fsdp_config["fsdp_version"] == 2
     if strategy == "deepspeed_zero3":
         assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_a_study_resumed_on_other_gpus_per_probe_is_refused(workspace):  # noqa: F811
+    from autotune.study import prepare_run, run_study
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    with pytest.raises(UsageError, match="--gpus-per-probe was 1, now 2"):
+        run_study(prepare_run(settings_for(workspace, trials=2, gpus_per_probe=2)), FakeRunner())

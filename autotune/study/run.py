@@ -32,8 +32,9 @@ from autotune.study.workers import fail_interrupted_trials
 def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     """What makes two trials' figures comparable on one frontier: the same data and tokenizer
     (the token cache's key, which also covers seq_len, the split seed and size), the same
-    model shape, probe length and kind of device. The budget may change: a study resumed
-    under another keeps the choices it started with, and each trial records its constraint."""
+    model shape, probe length, kind of device and GPUs per probe. The budget may change: a
+    study resumed under another keeps the choices it started with, and each trial records its
+    constraint."""
     spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
     return {
         "data": Path(prepared.token_cache).name if prepared.token_cache else None,
@@ -41,6 +42,7 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
         "seq_len": prepared.settings.seq_len,
         "probe_steps": prepared.settings.probe_steps,
         "device": prepared.device.split(":")[0],
+        "gpus_per_probe": prepared.settings.gpus_per_probe,
     }
 
 
@@ -50,6 +52,7 @@ _MEASURED_UNDER_WORDS = {
     "seq_len": "--seq-len",
     "probe_steps": "--probe-steps",
     "device": "the device",
+    "gpus_per_probe": "--gpus-per-probe",
 }
 
 
