@@ -268,6 +268,12 @@ def test_exports_carry_the_strategy_under_the_tools_names(strategy):
     elif strategy == "fsdp":
         assert training["fsdp"] is True and training["fsdp_config"]["version"] == 2
         assert set(training["fsdp_config"]) <= _documented_fsdp_config_keys()
+        from transformers import TrainingArguments
+
+        built = TrainingArguments(
+            **{**training, "output_dir": "out", "use_cpu": True, "bf16": False}
+        )
+        assert built.fsdp and built.fsdp_config["reshard_after_forward"] is True
         # axolotl's FSDPConfig schema (src/axolotl/utils/schemas/fsdp.py)
         assert axolotl["fsdp_version"] == 2
         assert set(axolotl["fsdp_config"]) <= {
