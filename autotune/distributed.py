@@ -68,12 +68,12 @@ def combination_refusals(recipe: Recipe) -> list[str]:
     if kind.name == "none":
         return problems
     if recipe.quantization != "none" and kind.shards_parameters:
-        # peft's FSDP-QLoRA path needs FSDP1 with bnb_4bit_quant_storage; bitsandbytes'
-        # Params4bit/Int8Params are no DTensor FSDP2's fully_shard can shard, and DeepSpeed
-        # ZeRO-3 cannot partition them either
+        # bitsandbytes' documented FSDP-QLoRA path stores the 4-bit weights in a float dtype
+        # (bnb_4bit_quant_storage) under FSDP1; with the uint8 storage the probes load, FSDP2's
+        # fully_shard fails on them or loses their quant state (accelerate issue 3983)
         problems.append(
             f"quantization {recipe.quantization} with {kind.name}: bitsandbytes' quantized "
-            "weights cannot be sharded by FSDP2 or ZeRO-3"
+            "weights (uint8 storage) cannot be sharded by FSDP2 or ZeRO-3"
         )
     optimizer = OPTIMIZERS.get(recipe.optimizer)
     if kind.shards_parameters and optimizer is not None and optimizer.bitsandbytes:
