@@ -294,6 +294,8 @@ def estimate(
             f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
         )
+    if result.host_bytes:
+        typer.echo(f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  (offload)")
     if budget_bytes is not None:
         typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))
 

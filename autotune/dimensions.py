@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
-from autotune.distributed import DISTRIBUTED, MAX_GPUS
+from autotune.distributed import DISTRIBUTED, MAX_GPUS, OFFLOADS
 from autotune.losses import LOSSES
 from autotune.model_spec import BLOCK_LINEARS
 from autotune.optimizers import OPTIMIZERS
@@ -243,6 +243,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
         for name, default, k in (
             ("distributed", "none", {"allowed": tuple(DISTRIBUTED)}),
             ("num_gpus", 1, {"check": _gpus_check, "rule": _gpus_rule}),
+            ("offload", "none", {"allowed": OFFLOADS}),
         )
     ),
 )

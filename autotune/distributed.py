@@ -51,6 +51,11 @@ DISTRIBUTED: dict[str, DistributedKind] = {
 MAX_GPUS = 1024
 """Past this a num_gpus is a typo."""
 
+OFFLOADS = ("none", "optimizer", "optimizer_and_params")
+"""What a sharded strategy keeps in host memory: nothing; the optimizer states and their step
+(ZeRO-Offload); those and the parameter and gradient shards too (FSDP's CPU offload, ZeRO-3's
+offload_param)."""
+
 
 def combination_refusals(recipe: Recipe) -> list[str]:
     """Why a recipe's distributed strategy cannot run with the rest of it (empty: it can)."""
@@ -65,6 +70,14 @@ def combination_refusals(recipe: Recipe) -> list[str]:
         problems.append(f"num_gpus {gpus} needs a distributed strategy (ddp, fsdp, deepspeed_*)")
     if kind.name != "none" and gpus < 2:
         problems.append(f"distributed {kind.name} needs num_gpus of 2 or more")
+    if recipe.offload != "none" and not kind.shards_states:
+        problems.append(f"offload {recipe.offload} needs fsdp or deepspeed, not {kind.name}")
+    if kind.name == "fsdp" and recipe.offload == "optimizer":
+        # FSDP2's CPUOffloadPolicy offloads the parameter shards, and their gradients and
+        # optimizer states with them; it has no optimizer-only offload
+        problems.append("offload optimizer with fsdp: FSDP offloads parameters with the optimizer")
+    if kind.deepspeed_stage == 2 and recipe.offload == "optimizer_and_params":
+        problems.append("offload optimizer_and_params needs deepspeed_zero3 (ZeRO-2 keeps them)")
     if kind.name == "none":
         return problems
     if recipe.quantization != "none" and kind.shards_parameters:
@@ -95,6 +108,8 @@ def schema_problems(recipe: Recipe) -> list[str]:
         problems.append(
             f"distributed {recipe.distributed!r} is not one of {', '.join(DISTRIBUTED)}"
         )
+    if recipe.offload not in OFFLOADS:
+        problems.append(f"offload {recipe.offload!r} is not one of {', '.join(OFFLOADS)}")
     gpus = recipe.num_gpus
     if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= MAX_GPUS:
         problems.append(f"num_gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
@@ -111,11 +126,21 @@ def probe_refusal(recipe: Recipe) -> str:
     return ""
 
 
+def replay_refusal(recipe: Recipe) -> str:
+    """Why the replay leaves this recipe's per-GPU peak to the formula ('' where it replays)."""
+    if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
+        return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
+    if recipe.offload != "none":
+        return "offload is predicted by the formula (a replay would hold the host's share)"
+    return ""
+
+
 def label_part(recipe: Recipe) -> str:
     """'fsdp x4' for a distributed recipe, '' otherwise."""
     if recipe.distributed == DEFAULT_DISTRIBUTED:
         return ""
-    return f"{recipe.distributed.replace('deepspeed_', '')} x{recipe.num_gpus}"
+    offload = "" if recipe.offload == "none" else f" offload-{recipe.offload.replace('_', '-')}"
+    return f"{recipe.distributed.replace('deepspeed_', '')} x{recipe.num_gpus}{offload}"
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
@@ -132,6 +157,11 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     }
     if stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    host = {"device": "cpu", "pin_memory": True}
+    if recipe.offload != "none":
+        config["zero_optimization"]["offload_optimizer"] = dict(host)
+    if recipe.offload == "optimizer_and_params":
+        config["zero_optimization"]["offload_param"] = dict(host)
     return config
 
 
@@ -146,18 +176,23 @@ def hf_training_keys(recipe: Recipe) -> dict[str, Any]:
     if kind.name == "ddp":
         return {"ddp_bucket_cap_mb": DDP_BUCKET_CAP_MB}
     if kind.name == "fsdp":
-        return {"fsdp": True, "fsdp_config": {"version": 2, **FSDP2_KEYS}}
+        offload = {"cpu_offload": True} if recipe.offload != "none" else {}
+        return {"fsdp": True, "fsdp_config": {"version": 2, **FSDP2_KEYS, **offload}}
     if kind.deepspeed_stage is not None:
         return {"deepspeed": deepspeed_config(recipe)}  # a dict is accepted as well as a path
     return {}
 
 
 def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
-    """axolotl's fsdp_version/fsdp_config, or deepspeed naming the JSON it ships."""
+    """axolotl's fsdp_version/fsdp_config, or deepspeed naming the JSON it ships (the config
+    itself with offload, which no shipped file matches for every case)."""
     kind = DISTRIBUTED[recipe.distributed]
     if kind.name == "fsdp":
-        return {"fsdp_version": 2, "fsdp_config": dict(FSDP2_KEYS)}
+        offload = {"offload_params": True} if recipe.offload != "none" else {}
+        return {"fsdp_version": 2, "fsdp_config": {**FSDP2_KEYS, **offload}}
     if kind.deepspeed_stage is not None:
+        if recipe.offload != "none":  # its deepspeed takes a mapping as well as a path
+            return {"deepspeed": deepspeed_config(recipe)}
         return {"deepspeed": f"deepspeed_configs/zero{kind.deepspeed_stage}.json"}
     return {}
 
@@ -165,7 +200,8 @@ def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
 def llamafactory_keys(recipe: Recipe) -> dict[str, Any]:
     """LLaMA-Factory's deepspeed, naming the JSON it ships (FSDP goes by its launch)."""
     stage = DISTRIBUTED[recipe.distributed].deepspeed_stage
-    return {"deepspeed": f"examples/deepspeed/ds_z{stage}_config.json"} if stage else {}
+    offload = "_offload" if recipe.offload != "none" else ""
+    return {"deepspeed": f"examples/deepspeed/ds_z{stage}{offload}_config.json"} if stage else {}
 
 
 ACCELERATE_TYPES = {
@@ -190,6 +226,7 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
     }
     if kind.name == "fsdp":
         keys["fsdp_config"] = {"fsdp_version": 2} | {f"fsdp_{k}": v for k, v in FSDP2_KEYS.items()}
+        keys["fsdp_config"]["fsdp_offload_params"] = recipe.offload != "none"
     if kind.deepspeed_stage is not None:
         keys["deepspeed_config"] = {
             "zero_stage": kind.deepspeed_stage,

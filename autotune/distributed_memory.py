@@ -12,7 +12,8 @@ what changes is what each GPU holds of the model and its training state:
   and the prefetched next one) and the reduce-scatter buffers of the largest trained unit (its
   unsharded gradient and the flat copy reduce-scatter reads);
 - deepspeed_zero2: gradients and optimizer states divided, weights whole; deepspeed_zero3 as
-  fsdp. DeepSpeed's own estimators need DeepSpeed installed; these are the same terms.
+  fsdp. DeepSpeed's own estimators need DeepSpeed installed; these are the same terms;
+- offload: the shares that move to host memory leave the GPU's peak and make the host figure.
 """
 
 from __future__ import annotations
@@ -73,7 +74,24 @@ def per_gpu_estimate(
             parts["gathered_units"] = int((root + 2 * block) * weight_bytes)
             trained_block, trained_root = trained_unit_params(spec, recipe, trainable)
             parts["reduce_scatter_buffers"] = 2 * max(trained_block, trained_root) * trainable_bytes
+    host = 0
+    for name in offloaded_parts(recipe):
+        host += parts.pop(name, 0)
     allocated = sum(v for k, v in parts.items() if k not in UNALLOCATED_PARTS)
     parts["allocator_overhead"] += int(ALLOCATOR_OVERHEAD_FRACTION * (allocated - allocated_before))
     paged = single.paged_bytes // gpus if kind.shards_states else single.paged_bytes
-    return MemoryEstimate(peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged)
+    return MemoryEstimate(
+        peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged, host_bytes=host
+    )
+
+
+def offloaded_parts(recipe: Recipe) -> tuple[str, ...]:
+    """The per-GPU parts an offloading recipe keeps in host memory instead: the optimizer
+    states and their step's temporaries (the step runs on the CPU), and with the parameters
+    also their shards and their gradients' shards."""
+    if recipe.offload == "none":
+        return ()
+    optimizer = ("optimizer_states", "optimizer_step_temporaries")
+    if recipe.offload == "optimizer":
+        return optimizer
+    return (*optimizer, "weights", "gradients")

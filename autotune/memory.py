@@ -48,6 +48,8 @@ class MemoryEstimate:
     paged_bytes: int = 0
     """Paged optimizer states in unified memory, outside the peak (see
     optimizers.PAGED_MIN_ELEMENTS)."""
+    host_bytes: int = 0
+    """What an offloading recipe keeps in host memory, outside the peak (distributed_memory)."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -61,6 +63,8 @@ class MemoryEstimate:
         }
         if self.paged_bytes:
             record["paged_bytes"] = self.paged_bytes
+        if self.host_bytes:
+            record["host_bytes"] = self.host_bytes
         return record
 
 

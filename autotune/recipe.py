@@ -129,6 +129,10 @@ class Recipe:
     num_gpus: int = 1
     """GPUs (one process each) the recipe trains on; each takes micro_batch_size x
     gradient_accumulation_steps sequences of a step."""
+    offload: str = "none"
+    """With fsdp or deepspeed: what lives in host memory. optimizer: the optimizer states and
+    their step (ZeRO-Offload); optimizer_and_params: those and the parameter and gradient shards
+    (FSDP's CPU offload, ZeRO-3's offload_param). See distributed.OFFLOADS."""
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -275,7 +279,7 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-_LEFT_OUT_AT_DEFAULT = ("train_modules", "distributed", "num_gpus")
+_LEFT_OUT_AT_DEFAULT = ("train_modules", "distributed", "num_gpus", "offload")
 
 
 def _yaml_mapping(text: str, source: str) -> Any:

@@ -36,6 +36,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.distributed import replay_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
@@ -335,8 +336,8 @@ def check_memory_model(memory_model: str) -> None:
 
 def not_replayable(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be replayed faithfully, or None."""
-    if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
-        return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
+    if replay_refusal(recipe):
+        return replay_refusal(recipe)
     if LOSSES[recipe.loss].fused:
         return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None

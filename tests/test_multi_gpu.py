@@ -50,6 +50,13 @@ def test_defaults_leave_recipes_as_they_were_and_keys_round_trip():
             "bitsandbytes' optimizers",
         ),
         ({"loss": "chunked", "distributed": "ddp", "num_gpus": 2}, "past the wrapper's forward"),
+        ({"offload": "optimizer", "distributed": "ddp", "num_gpus": 2}, "needs fsdp or deepspeed"),
+        ({"offload": "optimizer", "distributed": "fsdp", "num_gpus": 2}, "offloads parameters"),
+        (
+            {"offload": "optimizer_and_params", "distributed": "deepspeed_zero2", "num_gpus": 2},
+            "needs deepspeed_zero3",
+        ),
+        ({"offload": "disk", "distributed": "fsdp", "num_gpus": 2}, "offload 'disk' is not one of"),
     ],
 )
 def test_combinations_that_cannot_run_are_refused_with_reasons(fields, problem):
@@ -417,3 +424,41 @@ def test_a_study_resumed_on_other_gpus_per_probe_is_refused(workspace):  # noqa:
     run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     with pytest.raises(UsageError, match="--gpus-per-probe was 1, now 2"):
         run_study(prepare_run(settings_for(workspace, trials=2, gpus_per_probe=2)), FakeRunner())
+
+
+def test_offload_moves_the_shards_to_host_memory_in_the_prediction_and_the_exports():
+    from autotune.formats import accelerate_config, axolotl_config, hf_config, llamafactory_config
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    sharded = Recipe.from_dict(
+        {**FULL, "gradient_accumulation_steps": 2, "distributed": "fsdp", "num_gpus": 4}
+    )
+    offloaded = sharded.replace(offload="optimizer_and_params")
+    assert "offload" not in sharded.to_dict() and Recipe.from_yaml(offloaded.to_yaml()) == offloaded
+    on_gpu, with_offload = estimate(spec, sharded), estimate(spec, offloaded)
+    moved = sum(on_gpu.breakdown[k] for k in ("weights", "gradients", "optimizer_states"))
+    assert with_offload.host_bytes == moved + on_gpu.breakdown.get("optimizer_step_temporaries", 0)
+    assert with_offload.peak_bytes < on_gpu.peak_bytes - moved + 2**30
+    assert "weights" not in with_offload.breakdown and on_gpu.host_bytes == 0
+    assert hf_config(offloaded)["training_arguments"]["fsdp_config"]["cpu_offload"] is True
+    assert "cpu_offload" in _documented_fsdp_config_keys()
+    assert axolotl_config(offloaded)["fsdp_config"]["offload_params"] is True
+    assert accelerate_config(offloaded)["fsdp_config"]["fsdp_offload_params"] is True
+    zero3 = offloaded.replace(distributed="deepspeed_zero3")
+    zero = hf_config(zero3)["training_arguments"]["deepspeed"]["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert axolotl_config(zero3)["deepspeed"]["zero_optimization"] == zero  # a mapping
+    # the offload JSON LLaMA-Factory ships
+    assert llamafactory_config(zero3)["deepspeed"] == "examples/deepspeed/ds_z3_offload_config.json"
+
+
+def test_offload_is_left_out_on_the_cpu_with_its_reason():
+    space = SearchSpace.from_dict(
+        {**yaml.safe_load(DEMO_SPACE.read_text()), "offload": ["none", "optimizer_and_params"]}
+    )
+    unsupported: dict[str, dict[str, str]] = {}
+    on_cpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, unsupported, "cpu")
+    assert on_cpu.choices_of("offload") == ("none",)
+    assert "no GPU here" in unsupported["offload"]["optimizer_and_params"]
+    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, {}, "cuda")
+    assert on_gpu.choices_of("offload") == ("none", "optimizer_and_params")

@@ -68,7 +68,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space, unsupported = supported_space(
         SearchSpace.load(settings.space_path), architecture, device
     )
-    space = distributed_space(space, settings.gpus_per_probe, unsupported)
+    space = distributed_space(space, settings.gpus_per_probe, unsupported, device)
     if "lora" in space.choices_of("method") and max(space.choices_of("lora_r")) > spec.hidden_size:
         raise UsageError(
             f"{space.source}: lora_r {max(space.choices_of('lora_r'))} exceeds the model's width "

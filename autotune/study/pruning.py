@@ -90,12 +90,15 @@ def supported_space(
 
 
 def distributed_space(
-    space: SearchSpace, gpus_per_probe: int, unsupported: dict[str, dict[str, str]]
+    space: SearchSpace,
+    gpus_per_probe: int,
+    unsupported: dict[str, dict[str, str]],
+    device: str = "cuda",
 ) -> SearchSpace:
     """The space on `gpus_per_probe` GPUs per probe: num_gpus fixed to it, the distributed
     strategies that run on that many (ddp and fsdp where the space names none), and without
-    the choices a searched strategy cannot run with; each left out choice is added to
-    `unsupported` with its reason."""
+    the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
+    choice is added to `unsupported` with its reason."""
     from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
 
@@ -127,6 +130,7 @@ def distributed_space(
         ("quantization", "lora"),
         ("optimizer", "full"),
         ("loss", "full"),
+        ("offload", "full"),
     )
     for name, method in methods:
         kept = []
@@ -140,6 +144,8 @@ def distributed_space(
                     )
                 )
             ]
+            if name == "offload" and choice != "none" and device == "cpu":
+                refusals.append("offload moves GPU memory to the host; there is no GPU here")
             if refusals:
                 leave_out(name, choice, refusals[0])
             else:

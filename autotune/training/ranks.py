@@ -74,18 +74,20 @@ def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
         on_cuda = place.device.startswith("cuda")
         return DistributedDataParallel(model, device_ids=[place.rank] if on_cuda else None)
     if recipe.distributed == "fsdp":
-        shard_blocks(model)
+        shard_blocks(model, offload=recipe.offload != "none")
     return model
 
 
-def shard_blocks(model: Any, mesh: Any = None) -> None:
+def shard_blocks(model: Any, mesh: Any = None, offload: bool = False) -> None:
     """FSDP2 as accelerate's transformer-based wrap does it: each decoder block one unit, the
-    rest (embeddings, final norm, head) the root's; parameters resharded after forward."""
-    from torch.distributed.fsdp import fully_shard
+    rest (embeddings, final norm, head) the root's; parameters resharded after forward; with
+    `offload`, the shards (and their gradients and optimizer states) in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     from autotune.training.build import decoder_blocks
 
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for block in decoder_blocks(base):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
