@@ -52,6 +52,7 @@ def run(
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
     gpus_per_probe: int = setting_option("gpus_per_probe", "--gpus-per-probe"),
+    host_budget_bytes: str | None = setting_option("host_budget_bytes", "--host-budget"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),

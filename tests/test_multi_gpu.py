@@ -462,3 +462,27 @@ def test_offload_is_left_out_on_the_cpu_with_its_reason():
     assert "no GPU here" in unsupported["offload"]["optimizer_and_params"]
     on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, {}, "cuda")
     assert on_gpu.choices_of("offload") == ("none", "optimizer_and_params")
+
+
+def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # noqa: F811
+    import dataclasses
+
+    from autotune.study import prepare_run, run_study
+    from autotune.study.records import trial_status
+    from autotune.study.settings import host_budget_bytes
+
+    settings = settings_for(workspace, trials=2, gpus_per_probe=2, host_budget_bytes=1000)
+    prepared = prepare_run(settings)
+    offloading = prepared.space.restricted(
+        {"distributed": ("fsdp",), "offload": ("optimizer_and_params",)}
+    )
+    runner = FakeRunner()
+    study = run_study(dataclasses.replace(prepared, space=offloading, fitting_choices={}), runner)
+    assert not runner.requests
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 2
+    for trial in finished:
+        assert str(trial_status(trial)) == "over_budget_predicted"
+        assert "of host memory > host budget" in trial.user_attrs["reason"]
+    default = host_budget_bytes(dataclasses.replace(settings, host_budget_bytes=None))
+    assert 0 < default < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

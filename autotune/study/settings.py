@@ -108,6 +108,9 @@ class RunSettings:
     """GPUs (one process each) every probe trains on, with the space's distributed strategies
     (ddp and fsdp unless it names others); --gpus is then cut into groups of this many. On
     --device cpu, this many gloo processes stand in for the GPUs."""
+    host_budget_bytes: int | None = None
+    """Host memory the recipes that offload to it may hold, all ranks together, e.g. 200GB
+    (default: the machine's available memory less 10%)."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
@@ -259,6 +262,25 @@ def gpu_groups(settings: RunSettings, device: str) -> list[str]:
     if not device.startswith("cuda") or not gpus:
         return []
     return [",".join(gpus[i : i + size]) for i in range(0, len(gpus), size)]
+
+
+HOST_MARGIN = 0.10
+"""Share of the available host memory the default host budget keeps free."""
+
+
+def host_budget_bytes(settings: RunSettings) -> int:
+    """--host-budget, or the machine's available memory (MemAvailable) less HOST_MARGIN."""
+    if settings.host_budget_bytes is not None:
+        return settings.host_budget_bytes
+    import os
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int(available * (1 - HOST_MARGIN))
 
 
 def tokenizer_for(model: str) -> Any:
