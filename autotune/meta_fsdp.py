@@ -91,6 +91,15 @@ def fsdp_storage_resizes(
         fsdp_param.free_storage = free_storage
 
 
+def fsdp_replayed(
+    recipe: Recipe, on_alloc: Callable[[Any], None], on_free: Callable[[Any], None]
+) -> Any:
+    """`fsdp_on_meta` for a recipe that FSDP shards, nothing for the others."""
+    if recipe.distributed != "fsdp":
+        return contextlib.nullcontext()
+    return fsdp_on_meta(on_alloc, on_free)
+
+
 def shard_on_meta(model: Any, recipe: Recipe) -> Any:
     """The meta model as rank 0 of the recipe's num_gpus holds it under FSDP2 (call inside
     `fsdp_on_meta`)."""

@@ -28,7 +28,6 @@ its graph, lives until the next one's is made, as in the probe's step loop.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
-from autotune.meta_fsdp import fsdp_on_meta, shard_on_meta
+from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
 from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
@@ -266,11 +265,10 @@ def _replay(
     model = _meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
-    sharded = recipe.distributed == "fsdp"
     with (
         fresh_bitsandbytes_caches(),
         cuda_behaviour(recipe, autocast),
-        fsdp_on_meta(recorder.track, recorder.release) if sharded else contextlib.nullcontext(),
+        fsdp_replayed(recipe, recorder.track, recorder.release),
         recorder.mode,
     ):
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
@@ -281,7 +279,7 @@ def _replay(
             model = prepare_model(model, recipe)
         finally:
             build.release_cached_memory = original_release
-        if sharded:  # rank 0 of num_gpus, over a fake process group
+        if recipe.distributed == "fsdp":  # rank 0 of num_gpus, over a fake process group
             model = shard_on_meta(model, recipe)
         recorder.phase = "optimizer"
         optimizer, paged = _optimizer(model, recipe, recorder)
