@@ -113,6 +113,12 @@ class MemoryPrediction:
     """Why the formula answered where the replay was asked for ("" where it was not)."""
     margin: MemoryMargin
     """What a study adds to the peak before it holds it to a budget."""
+    num_gpus: int = 1
+    """The GPUs the recipe trains on: the peak is each one's where several."""
+
+    @property
+    def peak_name(self) -> str:
+        return "predicted peak" + (f" per GPU (x{self.num_gpus})" if self.num_gpus > 1 else "")
 
     @property
     def peak_with_margin_bytes(self) -> int:
@@ -133,7 +139,7 @@ def memory_prediction(
 
     peak, used, fallback = predict(spec, recipe, config, seq_len, memory_model)
     return MemoryPrediction(
-        peak, used, fallback, margin_for(memory_margin, used, recipe.quantization)
+        peak, used, fallback, margin_for(memory_margin, used, recipe.quantization), recipe.num_gpus
     )
 
 

@@ -51,6 +51,8 @@ def run(
     workers: int = setting_option("workers", "--workers", "-j"),
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
+    gpus_per_probe: int = setting_option("gpus_per_probe", "--gpus-per-probe"),
+    host_budget_bytes: str | None = setting_option("host_budget_bytes", "--host-budget"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),
@@ -93,7 +95,8 @@ def export(
         "--format",
         "-f",
         help="autotune (the recipe schema), hf (TrainingArguments, LoraConfig and "
-        "BitsAndBytesConfig keyword arguments), axolotl or llamafactory.",
+        "BitsAndBytesConfig keyword arguments), axolotl, llamafactory or accelerate (an "
+        "accelerate launch config for a recipe's GPUs).",
     ),
 ) -> None:
     """Write the picked frontier recipe as YAML, with its measured figures."""
@@ -309,7 +312,7 @@ def estimate(
     for name, size in result.breakdown.items():
         typer.echo(f"{name:>28}  {format_bytes(size):>12}")
     typer.echo(
-        f"{'predicted peak':>28}  {format_bytes(result.peak_bytes):>12}  "
+        f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
         f"({result.peak_bytes} bytes, {used})"
     )
     typer.echo(
@@ -321,6 +324,8 @@ def estimate(
             f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
         )
+    if result.host_bytes:
+        typer.echo(f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  (offload)")
     if budget_bytes is not None:
         typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.distributed import DISTRIBUTED, MAX_GPUS, OFFLOADS
 from autotune.losses import LOSSES
 from autotune.model_spec import BLOCK_LINEARS
 from autotune.optimizers import OPTIMIZERS
@@ -127,6 +128,7 @@ def _micro_batch(choice: Any, space: SearchSpace, spec: ModelSpec) -> dict[str, 
 
 _rank_check, _rank_rule = _integer_up_to(UPPER_BOUNDS["lora_r"])
 _micro_check, _micro_rule = _integer_up_to(UPPER_BOUNDS["micro_batch_size"])
+_gpus_check, _gpus_rule = _integer_up_to(MAX_GPUS)
 LORA = ("lora",)
 
 DIMENSIONS: tuple[Dimension, ...] = (
@@ -233,6 +235,16 @@ DIMENSIONS: tuple[Dimension, ...] = (
         cast=float,
         always_searched=False,
         per_method=True,
+    ),
+    # several GPUs per probe (--gpus-per-probe sets num_gpus; SearchSpace.build divides the
+    # accumulation by it so the effective batch stays fixed)
+    *(
+        Dimension(name, _same(name), _field(name), default=(default,), always_searched=False, **k)
+        for name, default, k in (
+            ("distributed", "none", {"allowed": tuple(DISTRIBUTED)}),
+            ("num_gpus", 1, {"check": _gpus_check, "rule": _gpus_rule}),
+            ("offload", "none", {"allowed": OFFLOADS}),
+        )
     ),
 )
 DIMENSION_BY_NAME = {d.name: d for d in DIMENSIONS}

@@ -14,13 +14,20 @@ import yaml
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.distributed import (
+    accelerate_keys,
+    axolotl_keys,
+    hf_training_keys,
+    launch_line,
+    llamafactory_keys,
+)
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import WARMUP_FRACTION, Recipe
 
-EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory")
+EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory", "accelerate")
 
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
@@ -69,6 +76,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         **_half_flags(recipe),
     }
     training.update(copy.deepcopy(LOSSES[recipe.loss].trainer))
+    training.update(hf_training_keys(recipe))
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "max_seq_length": recipe.seq_len,
@@ -145,6 +153,7 @@ def axolotl_config(
     config.update(BATCHINGS[recipe.batching].axolotl)
     config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))
     config.update(ATTENTIONS[recipe.attention].axolotl)
+    config.update(axolotl_keys(recipe))
     if recipe.method == "lora":
         config.update(
             adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
@@ -196,6 +205,7 @@ def llamafactory_config(
     }
     config.update(BATCHINGS[recipe.batching].llamafactory)
     config.update(LOSSES[recipe.loss].llamafactory)
+    config.update(llamafactory_keys(recipe))
     if recipe.method == "lora":
         targets = recipe.lora_target_modules
         config.update(
@@ -220,6 +230,19 @@ def llamafactory_config(
     return config
 
 
+def accelerate_config(recipe: Recipe) -> dict[str, Any]:
+    """An `accelerate launch --config_file` config: the machine's processes and the strategy;
+    the training keys go to the script it launches (export --format hf)."""
+    half = _half_flags(recipe)
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "mixed_precision": "bf16" if half["bf16"] else "fp16" if half["fp16"] else "no",
+        "use_cpu": False,
+        "debug": False,
+        **accelerate_keys(recipe),
+    }
+
+
 def render(
     fmt: str,
     recipe: Recipe,
@@ -236,12 +259,16 @@ def render(
         body = hf_config(recipe)
     elif fmt == "axolotl":
         body = axolotl_config(recipe, data_path, data_format, num_layers)
+    elif fmt == "accelerate":
+        body = accelerate_config(recipe)
     else:
         body = llamafactory_config(recipe, num_layers)
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
         if not isinstance(value, dict):
             header.append(f"# measured {key}: {value}")
+    if launch_line(recipe, fmt):
+        header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
     if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "

@@ -48,6 +48,8 @@ class MemoryEstimate:
     paged_bytes: int = 0
     """Paged optimizer states in unified memory, outside the peak (see
     optimizers.PAGED_MIN_ELEMENTS)."""
+    host_bytes: int = 0
+    """What an offloading recipe keeps in host memory, outside the peak (distributed_memory)."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -61,6 +63,8 @@ class MemoryEstimate:
         }
         if self.paged_bytes:
             record["paged_bytes"] = self.paged_bytes
+        if self.host_bytes:
+            record["host_bytes"] = self.host_bytes
         return record
 
 
@@ -236,7 +240,8 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
 
 
 def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
-    """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`."""
+    """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`; of
+    each GPU for a distributed recipe (distributed_memory.py)."""
     seq_len = seq_len or recipe.seq_len
     tokens = recipe.micro_batch_size * seq_len
     a = activation_bytes_per_element(recipe)
@@ -313,6 +318,11 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         + LOGITS_FRAGMENTATION * logit_tokens * spec.vocab_size * 4
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
-    return MemoryEstimate(
+    single = MemoryEstimate(
         peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged_states
     )
+    if recipe.num_gpus == 1:
+        return single
+    from autotune.distributed_memory import per_gpu_estimate
+
+    return per_gpu_estimate(spec, recipe, single, trainable, trainable_bytes)

@@ -57,6 +57,7 @@ class Recorder:
 
         if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
             return
+        tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard (FSDP2)
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.live or storage.nbytes() == 0:
@@ -102,6 +103,10 @@ class Recorder:
         )
         self.track(out)
         return out
+
+    def release(self, tensor: Any) -> None:
+        """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
+        self._release(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
 
     def _release(self, key: int) -> None:
         entry = self.live.pop(key, None)

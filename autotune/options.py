@@ -16,7 +16,7 @@ import typer
 
 from autotune.budgets import parse_budget
 from autotune.study.settings import RunSettings
-from autotune.units import format_duration, parse_duration_seconds
+from autotune.units import format_duration, parse_bytes, parse_duration_seconds
 
 
 @cache
@@ -53,6 +53,7 @@ class TextForm:
 
 TEXT_FORMS = {
     "budget_bytes": TextForm(parse_budget, str),
+    "host_budget_bytes": TextForm(parse_bytes, str),
     "timeout_seconds": TextForm(partial(parse_duration_seconds, what="--timeout"), format_duration),
     "probe_timeout_seconds": TextForm(
         partial(parse_duration_seconds, what="--probe-timeout"), format_duration

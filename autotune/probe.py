@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from autotune.probe_ranks import RankProcesses, launch_ranks, merged_result
 from autotune.training.child import PARENT_ENV, STARTED_ENV
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.training.zygote import READY
@@ -256,7 +257,13 @@ class SubprocessProbeRunner:
         result_path.unlink(missing_ok=True)
         request_path.write_text(request.to_json(), encoding="utf-8")
         started = time.perf_counter()
-        process = self._launch(request, request_path, result_path, log_path)
+        process: ColdProcess | ForkedProcess | RankProcesses
+        if request.recipe.num_gpus > 1:
+            process = launch_ranks(
+                request, request_path, result_path, log_path, child_environment(request)
+            )
+        else:
+            process = self._launch(request, request_path, result_path, log_path)
         try:
             if not process.wait(self.timeout_seconds):
                 process.kill()
@@ -271,6 +278,12 @@ class SubprocessProbeRunner:
             # Also on Ctrl-C or kill of the parent's Python: no orphan keeps the GPU.
             if process.exit_code() is None:
                 process.kill()
+        if isinstance(process, RankProcesses):
+            result = merged_result(process, _log_tail)
+            result.device = request.device
+            result.steps_done = result.steps_done or _steps_logged(log_path)
+            result.seconds["total"] = time.perf_counter() - started
+            return result
         if not result_path.exists():
             return ProbeResult(
                 status="crash",

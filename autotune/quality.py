@@ -29,11 +29,17 @@ def quality_reading(metric: str) -> str | None:
     )
 
 
-def check_quality(metric: str) -> None:
+def check_quality(metric: str, gpus_per_probe: int = 1) -> None:
     from autotune.errors import UsageError
 
     if metric not in QUALITY_METRICS:
         raise UsageError(f"--quality {metric!r} is not one of {', '.join(QUALITY_METRICS)}")
+    if metric != "eval_loss" and gpus_per_probe > 1:
+        # generation on a DDP wrapper or sharded ranks would need every rank in lockstep
+        raise UsageError(
+            f"--quality {metric} scores generations of a one-GPU probe; "
+            "run it without --gpus-per-probe"
+        )
 
 
 def exact_match(prediction: str, reference: str) -> float:

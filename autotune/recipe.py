@@ -16,6 +16,9 @@ import yaml
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.distributed import DEFAULT_DISTRIBUTED
+from autotune.distributed import label_part as distributed_label
+from autotune.distributed import schema_problems as distributed_problems
 from autotune.errors import UsageError, first_line
 from autotune.losses import DEFAULT_LOSS, LOSSES
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
@@ -118,11 +121,29 @@ class Recipe:
     backward, so one chunk's logits exist at a time (pure PyTorch, any device); fused_linear:
     Liger's fused linear cross-entropy (the liger-kernel package, CUDA only). The same loss and
     gradients; the last two keep far less memory on large vocabularies."""
+    distributed: str = DEFAULT_DISTRIBUTED
+    """none: one GPU; ddp: torch's DistributedDataParallel (a full replica per GPU); fsdp:
+    torch's FSDP2 (parameters, gradients and optimizer states sharded over the GPUs, each
+    decoder block a unit); deepspeed_zero2 / deepspeed_zero3: DeepSpeed ZeRO (exported, not
+    probed). See distributed.DISTRIBUTED."""
+    num_gpus: int = 1
+    """GPUs (one process each) the recipe trains on; each takes micro_batch_size x
+    gradient_accumulation_steps sequences of a step."""
+    offload: str = "none"
+    """With fsdp or deepspeed: what lives in host memory. optimizer: the optimizer states and
+    their step (ZeRO-Offload); optimizer_and_params: those and the parameter and gradient shards
+    (FSDP's CPU offload, ZeRO-3's offload_param). See distributed.OFFLOADS."""
 
     # ---- derived -------------------------------------------------------------------------
 
     @property
     def effective_batch_size(self) -> int:
+        """Sequences per optimizer step over all GPUs."""
+        return self.per_gpu_batch_size * self.num_gpus
+
+    @property
+    def per_gpu_batch_size(self) -> int:
+        """Sequences per optimizer step on each GPU."""
         return self.micro_batch_size * self.gradient_accumulation_steps
 
     @property
@@ -157,14 +178,16 @@ class Recipe:
             parts.append(self.batching.replace("_", "-"))
         if self.loss != DEFAULT_LOSS:
             parts.append(f"{self.loss.replace('_', '-')}-loss")
+        if distributed_label(self):
+            parts.append(distributed_label(self))
         return " ".join(parts)
 
     # ---- (de)serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
-        warmup_steps only when set, train_modules only when not all (recipes from before it
-        read and hash as they did)."""
+        warmup_steps only when set, train_modules, distributed and num_gpus only when not their
+        defaults (recipes from before them read and hash as they did)."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -172,7 +195,7 @@ class Recipe:
                 continue
             if f.name == "warmup_steps" and value is None:  # left out: the default share
                 continue
-            if f.name == "train_modules" and value == "all":
+            if f.name in _LEFT_OUT_AT_DEFAULT and value == f.default:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
@@ -254,6 +277,9 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+
+_LEFT_OUT_AT_DEFAULT = ("train_modules", "distributed", "num_gpus", "offload")
 
 
 def _yaml_mapping(text: str, source: str) -> Any:
@@ -350,7 +376,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         problems.append(f"train_modules is for method freeze, not {recipe.method}")
     if recipe.method == "full" and recipe.frozen_layers:
         problems.append("frozen_layers must be 0 for method full (use method freeze)")
-    return problems
+    return problems + distributed_problems(recipe)
 
 
 __all__ = ["Attention", "Loss", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]

@@ -35,6 +35,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.distributed import replay_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
@@ -44,6 +45,7 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
+from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
 from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import ModelSpec, check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
@@ -263,7 +265,12 @@ def _replay(
     model = _meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
-    with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast), recorder.mode:
+    with (
+        fresh_bitsandbytes_caches(),
+        cuda_behaviour(recipe, autocast),
+        fsdp_replayed(recipe, recorder.track, recorder.release),
+        recorder.mode,
+    ):
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
         original_release = build.release_cached_memory
@@ -272,6 +279,8 @@ def _replay(
             model = prepare_model(model, recipe)
         finally:
             build.release_cached_memory = original_release
+        if recipe.distributed == "fsdp":  # rank 0 of num_gpus, over a fake process group
+            model = shard_on_meta(model, recipe)
         recorder.phase = "optimizer"
         optimizer, paged = _optimizer(model, recipe, recorder)
         workspaces: list[Any] = []
@@ -325,6 +334,8 @@ def check_memory_model(memory_model: str) -> None:
 
 def not_replayable(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be replayed faithfully, or None."""
+    if replay_refusal(recipe):
+        return replay_refusal(recipe)
     if LOSSES[recipe.loss].fused:
         return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None

@@ -152,6 +152,10 @@ class SearchSpace:
             else:  # a trial stored before the dimension existed
                 value = dimension.default[0]
             fields.update(dimension.to_recipe(value, self, spec))
+        gpus = fields.get("num_gpus", 1)
+        if gpus > 1:  # each GPU accumulates its share of the fixed effective batch
+            per_gpu = self.effective_batch_size // gpus
+            fields["gradient_accumulation_steps"] = max(per_gpu // fields["micro_batch_size"], 1)
         return Recipe(model=model, seq_len=seq_len, **fields)
 
     def suggest(self, trial: Any, model: str, spec: ModelSpec, seq_len: int) -> Recipe:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from autotune.training.ranks import RankPlace
 
 
 @dataclass(frozen=True)
@@ -71,42 +74,65 @@ def allocation_tracer(existing: list[Any]) -> Any:
             if tensor is not None:
                 self.now -= tensor.nbytes
 
+        def release(self, tensor: Any) -> None:
+            """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
+            self._released(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
+
+        def track(self, tensor: Any, op: str = "resize_") -> None:
+            tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self.known or key in self.live or storage.nbytes() == 0:
+                return
+            self.live[key] = LiveTensor(
+                storage.nbytes(),
+                op,
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+            )
+            self.now += storage.nbytes()
+            weakref.finalize(storage, self._released, key)
+            if self.now > self.peak:
+                self.peak = self.now
+                self.at_peak = list(self.live.values())
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for tensor in tree_leaves(out):
-                if not isinstance(tensor, torch.Tensor):
-                    continue
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                if key in self.known or key in self.live or storage.nbytes() == 0:
-                    continue
-                self.live[key] = LiveTensor(
-                    storage.nbytes(),
-                    str(func.overloadpacket.__name__),
-                    tuple(tensor.shape),
-                    str(tensor.dtype).removeprefix("torch."),
-                )
-                self.now += storage.nbytes()
-                weakref.finalize(storage, self._released, key)
-                if self.now > self.peak:
-                    self.peak = self.now
-                    self.at_peak = list(self.live.values())
+                if isinstance(tensor, torch.Tensor):
+                    self.track(tensor, str(func.overloadpacket.__name__))
             return out
 
     return AllocationTracer()
 
 
-def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
+def _resizes_seen(recipe: Recipe, tracer: Any) -> Any:
+    """FSDP2's storage resizes, told to the tracer (nothing to tell otherwise)."""
+    import contextlib
+
+    from autotune.meta_fsdp import fsdp_storage_resizes
+
+    if recipe.distributed != "fsdp":
+        return contextlib.nullcontext()
+    return fsdp_storage_resizes(tracer.track, tracer.release)
+
+
+def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
-    the optimizer states), with the probe's loader, builder and step loop, on the CPU."""
+    the optimizer states), with the probe's loader, builder and step loop, on the CPU; with
+    `place`, of that rank of a distributed recipe (its process group joined), its share of the
+    step's sequences."""
     import torch
 
     from autotune.data.tokens import TokenizedExample
     from autotune.training.build import build_model, build_optimizer
     from autotune.training.loop import train_steps
+    from autotune.training.ranks import distribute_model
 
     torch.manual_seed(seed)
     model = build_model(recipe, "cpu")
+    if place is not None:
+        model = distribute_model(model, recipe, place)
     optimizer = build_optimizer(model, recipe)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -115,13 +141,15 @@ def trace_step(recipe: Recipe, seed: int = 0) -> Trace:
             input_ids=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
             labels=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
         )
-        for _ in range(recipe.effective_batch_size)
+        for _ in range(recipe.per_gpu_batch_size)
     ]
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    existing = [*model.parameters(), *model.buffers(), *states]
+    existing = [
+        getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
+    ]
     tracer = allocation_tracer(existing)
-    with tracer:
+    with tracer, _resizes_seen(recipe, tracer):
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)
     return Trace(

@@ -52,6 +52,9 @@ AXOLOTL_KEYS = {
     "chunked_cross_entropy",
     "plugins",
     "liger_fused_linear_cross_entropy",
+    "fsdp_version",
+    "fsdp_config",
+    "deepspeed",
 }
 AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
 LLAMAFACTORY_OWN_KEYS = {
@@ -93,6 +96,9 @@ RECIPES = {
         "precision": "amp_bf16",
     },
     "full-8bit": {"method": "full", "optimizer": "adamw_8bit", "precision": "fp16"},
+    "ddp": {"method": "full", "distributed": "ddp", "num_gpus": 2},
+    "fsdp": {"method": "full", "distributed": "fsdp", "num_gpus": 4},
+    "zero3": {"method": "lora", "lora_r": 8, "distributed": "deepspeed_zero3", "num_gpus": 2},
     "freeze": {"method": "freeze", "frozen_layers": 20},
     "freeze-attention": {"method": "freeze", "frozen_layers": 20, "train_modules": "attention"},
     "freeze-mlp": {"method": "freeze", "frozen_layers": 20, "train_modules": "mlp"},

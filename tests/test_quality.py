@@ -84,3 +84,14 @@ def test_an_unknown_quality_metric_is_refused(tiny_model, tmp_path):
     )
     assert done.returncode == 2
     assert "--quality 'bleu' is not one of eval_loss, exact_match, rouge_l" in done.stderr
+
+
+def test_a_task_metric_with_several_gpus_per_probe_is_refused(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": "b"}] * 10)
+    done = autotune(
+        *("run", "--model", str(tiny_model), "--data", str(data), "--budget", "4GB"),
+        *("--quality", "rouge_l", "--device", "cpu", "--gpus-per-probe", "2"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--quality rouge_l scores generations of a one-GPU probe" in done.stderr

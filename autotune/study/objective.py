@@ -30,7 +30,7 @@ from autotune.study.records import (
     trial_record,
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
-from autotune.study.settings import PreparedRun, trials_dir_of
+from autotune.study.settings import PreparedRun, gpu_groups, host_budget_bytes, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
 from autotune.study.study_records import Confirmation, Noise
 from autotune.study.workers import beyond_target, worker_id
@@ -96,10 +96,11 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
     unmeasured_loss = loss_when_unmeasured(spec)
     trials_dir = trials_dir_of(prepared)
     gpu_pool: queue.Queue[str] | None = None
-    if settings.gpus:
+    groups = gpu_groups(settings, prepared.device)
+    if groups:
         gpu_pool = queue.Queue()
-        for gpu in settings.gpus:
-            gpu_pool.put(gpu)
+        for group in groups:
+            gpu_pool.put(group)
 
     fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
@@ -197,6 +198,17 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 f"predicted {format_bytes(prediction.peak_bytes)}"
                 + (f" + {100 * margin.fraction:.1f}% margin" if margin.fraction else "")
                 + f" > budget {format_bytes(budget)}",
+            )
+
+        host_bytes = prediction.host_bytes * recipe.num_gpus  # every rank on this machine
+        host_budget = host_budget_bytes(settings)
+        if host_bytes > host_budget:
+            return finish(
+                TrialStatus.OVER_BUDGET_PREDICTED,
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                (host_bytes - host_budget) / host_budget,
+                f"offload holds {format_bytes(host_bytes)} of host memory "
+                f"> host budget {format_bytes(host_budget)}",
             )
 
         gpu = gpu_pool.get() if gpu_pool else None

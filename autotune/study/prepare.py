@@ -23,7 +23,7 @@ from autotune.replay import (
     load_config,
 )
 from autotune.space import SearchSpace
-from autotune.study.pruning import budget_fit, supported_space
+from autotune.study.pruning import budget_fit, distributed_space, supported_space
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
     PreparedRun,
@@ -53,7 +53,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
-    check_quality(settings.quality)
+    check_quality(settings.quality, settings.gpus_per_probe)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)
@@ -72,6 +72,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     space, unsupported = supported_space(
         SearchSpace.load(settings.space_path), architecture, device
     )
+    space = distributed_space(space, settings.gpus_per_probe, unsupported, device)
     if "lora" in space.choices_of("method") and max(space.choices_of("lora_r")) > spec.hidden_size:
         raise UsageError(
             f"{space.source}: lora_r {max(space.choices_of('lora_r'))} exceeds the model's width "

@@ -89,6 +89,93 @@ def supported_space(
     return space.restricted(changes, target_sets), unsupported
 
 
+def distributed_space(
+    space: SearchSpace,
+    gpus_per_probe: int,
+    unsupported: dict[str, dict[str, str]],
+    device: str = "cuda",
+) -> SearchSpace:
+    """The space on `gpus_per_probe` GPUs per probe: num_gpus fixed to it, the distributed
+    strategies that run on that many (ddp and fsdp where the space names none), and without
+    the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
+    choice is added to `unsupported` with its reason."""
+    from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
+    from autotune.recipe import Method, Recipe
+
+    def leave_out(name: str, choice: Any, why: str) -> None:
+        unsupported.setdefault(name, {}).setdefault(str(choice), why)
+
+    named = space.choices_of("distributed")
+    if gpus_per_probe == 1:
+        strategies: tuple[Any, ...] = ("none",)
+        for choice in named:
+            if choice != "none":
+                leave_out("distributed", choice, "needs --gpus-per-probe 2 or more")
+    else:
+        wanted = tuple(c for c in named if c != "none") or ("ddp", "fsdp")
+        if "none" in named:
+            leave_out("distributed", "none", f"one GPU, not {gpus_per_probe}")
+        for choice in wanted:
+            why = probe_refusal(Recipe(distributed=choice, num_gpus=gpus_per_probe))
+            if why:
+                leave_out("distributed", choice, why)
+        strategies = tuple(c for c in wanted if DISTRIBUTED[c].probed)
+        if not strategies:
+            raise UsageError(f"{space.source}: no distributed strategy it names is probed")
+    changes: dict[str, tuple[Any, ...]] = {
+        "distributed": strategies,
+        "num_gpus": (gpus_per_probe,),
+    }
+    methods: tuple[tuple[str, Method], ...] = (
+        ("quantization", "lora"),
+        ("optimizer", "full"),
+        ("loss", "full"),
+        ("offload", "full"),
+    )
+    for name, method in methods:
+        kept = []
+        for choice in space.choices_of(name):
+            refusals = [
+                why
+                for strategy in strategies
+                for why in combination_refusals(
+                    Recipe(method=method, distributed=strategy, num_gpus=gpus_per_probe).replace(
+                        **{name: choice}
+                    )
+                )
+            ]
+            if name == "offload" and choice != "none" and device == "cpu":
+                refusals.append("offload moves GPU memory to the host; there is no GPU here")
+            if refusals:
+                leave_out(name, choice, refusals[0])
+            else:
+                kept.append(choice)
+        if not kept:
+            raise UsageError(
+                f"{space.source}: no {name} choice runs with {', '.join(strategies)} "
+                f"({refusals[0]})"
+            )
+        changes[name] = tuple(kept)
+    micro = []
+    for size in space.choices_of("micro_batch_size"):
+        if space.effective_batch_size % (size * gpus_per_probe):
+            leave_out(
+                "micro_batch_size",
+                size,
+                f"x {gpus_per_probe} GPUs does not divide effective_batch_size "
+                f"{space.effective_batch_size}",
+            )
+        else:
+            micro.append(size)
+    if not micro:
+        raise UsageError(
+            f"{space.source}: no micro_batch_size choice times {gpus_per_probe} GPUs divides "
+            f"effective_batch_size {space.effective_batch_size}"
+        )
+    changes["micro_batch_size"] = tuple(micro)
+    return space.restricted(changes)
+
+
 def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[SearchSpace, str]:
     """The space of a study being resumed: the choices it started with. Optuna samples each
     dimension from one fixed set of choices for the life of a study, so a choice the study

@@ -34,8 +34,9 @@ from autotune.study.workers import fail_interrupted_trials
 def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     """What makes two trials' figures comparable on one frontier: the same data and tokenizer
     (the token cache's key, which also covers seq_len, the split seed and size), the same
-    model shape, probe length and kind of device. The budget may change: a study resumed
-    under another keeps the choices it started with, and each trial records its constraint."""
+    model shape, probe length, kind of device and GPUs per probe. The budget may change: a
+    study resumed under another keeps the choices it started with, and each trial records its
+    constraint."""
     spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
     return {
         "data": Path(prepared.token_cache).name if prepared.token_cache else None,
@@ -44,6 +45,7 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
         "probe_steps": prepared.settings.probe_steps,
         "device": prepared.device.split(":")[0],
         "quality": prepared.settings.quality,
+        "gpus_per_probe": prepared.settings.gpus_per_probe,
     }
 
 
@@ -67,6 +69,7 @@ _MEASURED_UNDER_WORDS = {
     "probe_steps": "--probe-steps",
     "device": "the device",
     "quality": "--quality",
+    "gpus_per_probe": "--gpus-per-probe",
 }
 
 
@@ -164,7 +167,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         make_objective(prepared, runner, events),
         n_trials=remaining,
         timeout=settings.timeout_seconds,
-        n_jobs=max(settings.workers, len(settings.gpus) or 1),
+        n_jobs=max(settings.workers, len(settings.gpus) // settings.gpus_per_probe or 1),
         catch=(ProbeCrashed,),
         callbacks=[stop_at_target],
         gc_after_trial=False,

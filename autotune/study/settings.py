@@ -109,6 +109,13 @@ class RunSettings:
     """Rows held out for eval loss (default: 10%, at most 64)."""
     gpus: tuple[str, ...] = ()
     """GPU indices, e.g. 0,1,2,3: one probe per GPU at a time, which is its only visible GPU."""
+    gpus_per_probe: int = 1
+    """GPUs (one process each) every probe trains on, with the space's distributed strategies
+    (ddp and fsdp unless it names others); --gpus is then cut into groups of this many. On
+    --device cpu, this many gloo processes stand in for the GPUs."""
+    host_budget_bytes: int | None = None
+    """Host memory the recipes that offload to it may hold, all ranks together, e.g. 200GB
+    (default: the machine's available memory less 10%)."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
@@ -203,6 +210,14 @@ def resolve_device(device: str) -> str:
 def check_workers(settings: RunSettings, device: str) -> None:
     if settings.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {settings.workers}")
+    per_probe = settings.gpus_per_probe
+    if per_probe < 1 or (settings.gpus and len(settings.gpus) % per_probe):
+        raise UsageError(
+            f"--gpus-per-probe must be at least 1 and divide the {len(settings.gpus)} GPUs of "
+            f"--gpus, got {per_probe}"
+            if settings.gpus
+            else f"--gpus-per-probe must be at least 1, got {per_probe}"
+        )
     if not settings.gpus:
         return
     if not device.startswith("cuda"):
@@ -253,6 +268,35 @@ class BudgetFit:
     """Each dimension's choices that at least one recipe predicted to fit uses."""
     ruled_out: dict[str, dict[str, int]]
     """Dimension -> choice no fitting recipe uses -> the smallest peak predicted with it."""
+
+
+def gpu_groups(settings: RunSettings, device: str) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES of each probe slot: --gpus cut into groups of --gpus-per-probe
+    (the first that many GPUs where --gpus is not given); none on the CPU or for one GPU."""
+    size = settings.gpus_per_probe
+    gpus = settings.gpus or (tuple(map(str, range(size))) if size > 1 else ())
+    if not device.startswith("cuda") or not gpus:
+        return []
+    return [",".join(gpus[i : i + size]) for i in range(0, len(gpus), size)]
+
+
+HOST_MARGIN = 0.10
+"""Share of the available host memory the default host budget keeps free."""
+
+
+def host_budget_bytes(settings: RunSettings) -> int:
+    """--host-budget, or the machine's available memory (MemAvailable) less HOST_MARGIN."""
+    if settings.host_budget_bytes is not None:
+        return settings.host_budget_bytes
+    import os
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int(available * (1 - HOST_MARGIN))
 
 
 def tokenizer_for(model: str) -> Any:

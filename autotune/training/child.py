@@ -49,9 +49,12 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         train_steps,
         warmup_steps,
     )
+    from autotune.training.ranks import distribute_model, join_process_group, rank_share
 
     recipe = request.recipe
     phase_started = time.perf_counter()
+    place = join_process_group(recipe, request.device)
+    device = place.device
 
     def lap(name: str) -> None:
         nonlocal phase_started
@@ -66,7 +69,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         # only (no stack per event), so a 7B probe's trace stays a few MB
         torch.cuda.init()
         torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
-    meter = MemoryMeter(request.device)
+    meter = MemoryMeter(device)
     meter_holder.append(meter)
     result.memory_source = meter.source
     result.cuda_context_bytes = meter.context_bytes or None
@@ -80,12 +83,14 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         splits = load_splits(
             request.data_path, tokenizer, recipe.seq_len, request.seed, request.eval_rows
         )
-    batches = step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed)
+    batches = rank_share(
+        step_batches(splits.train, request.steps, recipe.effective_batch_size, request.seed), place
+    )
     lap("data")
 
-    model, result.weights = load_model(recipe, request.device, request.weight_cache)
+    model, result.weights = load_model(recipe, device, request.weight_cache)
     lap("load")
-    model = prepare_model(model, recipe)
+    model = distribute_model(prepare_model(model, recipe), recipe, place)
     optimizer = build_optimizer(model, recipe)
     lap("prepare")
 
@@ -99,11 +104,11 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         if step + 1 in request.eval_at_steps and step + 1 < request.steps:
             # between steps, outside their timing
             result.eval_losses[str(step + 1)] = evaluate(
-                model, splits.eval, recipe, request.device, tokenizer.pad_token_id
+                model, splits.eval, recipe, device, tokenizer.pad_token_id
             )
 
     records = train_steps(
-        model, optimizer, batches, recipe, request.device, tokenizer.pad_token_id, progress
+        model, optimizer, batches, recipe, device, tokenizer.pad_token_id, progress
     )
     warmup = warmup_steps(len(records))
     result.seconds["warmup"] = sum(r.seconds for r in records[:warmup])
@@ -114,14 +119,15 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     result.trained_tokens = sum(r.tokens for r in records)
     result.train_loss = records[-1].loss
 
-    result.eval_loss = evaluate(model, splits.eval, recipe, request.device, tokenizer.pad_token_id)
+    # every rank evaluates the same rows: FSDP's gathers need all ranks in each forward
+    result.eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
     if request.steps in request.eval_at_steps:
         result.eval_losses[str(request.steps)] = result.eval_loss
     if request.quality != "eval_loss":
         from autotune.quality import generation_score
 
         result.quality_score = generation_score(
-            model, splits.eval, tokenizer, request.quality, request.device
+            model, splits.eval, tokenizer, request.quality, device
         )
     lap("eval")
 
@@ -160,12 +166,17 @@ def main(argv: list[str]) -> int:
     finally:
         if meters:
             result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()
+
             if records_memory_history(request):
                 import torch
 
                 snapshot = os.path.join(os.path.dirname(result_path), MEMORY_SNAPSHOT_NAME)
                 torch.cuda.memory._dump_snapshot(snapshot)
-        result.write(result_path)
+        result.write(result_path)  # first: the launcher judges the ranks by their results
+        if request.recipe.num_gpus > 1:
+            from autotune.training.ranks import leave_process_group
+
+            leave_process_group()
     return 0
 
 

@@ -228,13 +228,18 @@ def train_steps(
         step_loss_tokens = sum(_loss_tokens(e) for e in examples) or 1
         loss_total = 0.0
         tokens = 0
-        for micro in micro_batches(examples, recipe):
+        passes = micro_batches(examples, recipe)
+        for index, micro in enumerate(passes):
             batch, real_tokens = model_inputs(micro, recipe, device, pad_token_id)
             tokens += real_tokens
             share = sum(_loss_tokens(e) for e in _examples_of(micro, recipe)) / step_loss_tokens
-            with _autocast(recipe, device):
-                loss = causal_lm_loss(model, batch, recipe) * share
-            (scaler.scale(loss) if scaler else loss).backward()
+            # DDP all-reduces the gradients once per step, after the last micro-batch
+            last = index == len(passes) - 1
+            syncing = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with syncing:
+                with _autocast(recipe, device):
+                    loss = causal_lm_loss(model, batch, recipe) * share
+                (scaler.scale(loss) if scaler else loss).backward()
             loss_total += float(loss.detach())
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(f"loss is {loss_total} at step {step}")

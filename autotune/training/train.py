@@ -175,6 +175,11 @@ def train(
 
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
+    if recipe.num_gpus > 1:
+        raise UsageError(
+            f"the recipe trains on {recipe.num_gpus} GPUs ({recipe.distributed}); autotune train "
+            "runs one process: export it (--format hf, axolotl or llamafactory) and launch it"
+        )
     from autotune.data.rows import checked_scan
 
     data_scan = checked_scan(data_path, skip_bad_rows)

@@ -1,0 +1,254 @@
+"""The ways a recipe may spread one training over several GPUs, each registered once: whether it
+shards what each GPU holds, whether autotune probes it, which combinations cannot run (and why),
+and its names in other tools' configs.
+
+A recipe's `distributed` names one of these and `num_gpus` how many GPUs (processes) it runs
+on; the effective batch (micro-batch x accumulation x num_gpus) is what a study holds fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autotune.recipe import Recipe
+
+DEFAULT_DISTRIBUTED = "none"
+
+DDP_BUCKET_CAP_MB = 25
+"""torch's DistributedDataParallel default bucket_cap_mb: gradients are all-reduced in flat
+buckets of about this size, together as large as the gradients (gradient_as_bucket_view off)."""
+
+
+@dataclass(frozen=True)
+class DistributedKind:
+    name: str
+    """The recipe's `distributed` value."""
+    shards_states: bool = False
+    """Each GPU keeps 1/num_gpus of the parameters, gradients and optimizer states (FSDP,
+    ZeRO-3); ZeRO-2 shards gradients and optimizer states only."""
+    shards_parameters: bool = False
+    probed: bool = False
+    """autotune's probes run it (torch's DDP and FSDP2); the others are exported only."""
+    deepspeed_stage: int | None = None
+    """The ZeRO stage of a DeepSpeed strategy."""
+
+
+DISTRIBUTED: dict[str, DistributedKind] = {
+    kind.name: kind
+    for kind in (
+        DistributedKind("none", probed=True),
+        DistributedKind("ddp", probed=True),
+        DistributedKind("fsdp", shards_states=True, shards_parameters=True, probed=True),
+        DistributedKind("deepspeed_zero2", shards_states=True, deepspeed_stage=2),
+        DistributedKind(
+            "deepspeed_zero3", shards_states=True, shards_parameters=True, deepspeed_stage=3
+        ),
+    )
+}
+
+MAX_GPUS = 1024
+"""Past this a num_gpus is a typo."""
+
+OFFLOADS = ("none", "optimizer", "optimizer_and_params")
+"""What a sharded strategy keeps in host memory: nothing; the optimizer states and their step
+(ZeRO-Offload); those and the parameter and gradient shards too (FSDP's CPU offload, ZeRO-3's
+offload_param)."""
+
+
+def combination_refusals(recipe: Recipe) -> list[str]:
+    """Why a recipe's distributed strategy cannot run with the rest of it (empty: it can)."""
+    from autotune.optimizers import OPTIMIZERS
+
+    kind = DISTRIBUTED.get(recipe.distributed)
+    gpus = recipe.num_gpus
+    if kind is None or not isinstance(gpus, int) or isinstance(gpus, bool):
+        return []  # the schema check names these
+    problems = []
+    if kind.name == "none" and gpus != 1:
+        problems.append(f"num_gpus {gpus} needs a distributed strategy (ddp, fsdp, deepspeed_*)")
+    if kind.name != "none" and gpus < 2:
+        problems.append(f"distributed {kind.name} needs num_gpus of 2 or more")
+    if recipe.offload != "none" and not kind.shards_states:
+        problems.append(f"offload {recipe.offload} needs fsdp or deepspeed, not {kind.name}")
+    if kind.name == "fsdp" and recipe.offload == "optimizer":
+        # FSDP2's CPUOffloadPolicy offloads the parameter shards, and their gradients and
+        # optimizer states with them; it has no optimizer-only offload
+        problems.append("offload optimizer with fsdp: FSDP offloads parameters with the optimizer")
+    if kind.deepspeed_stage == 2 and recipe.offload == "optimizer_and_params":
+        problems.append("offload optimizer_and_params needs deepspeed_zero3 (ZeRO-2 keeps them)")
+    if kind.name == "none":
+        return problems
+    if recipe.quantization != "none" and kind.shards_parameters:
+        # bitsandbytes' documented FSDP-QLoRA path stores the 4-bit weights in a float dtype
+        # (bnb_4bit_quant_storage) under FSDP1; with the uint8 storage the probes load, FSDP2's
+        # fully_shard fails on them or loses their quant state (accelerate issue 3983)
+        problems.append(
+            f"quantization {recipe.quantization} with {kind.name}: bitsandbytes' quantized "
+            "weights (uint8 storage) cannot be sharded by FSDP2 or ZeRO-3"
+        )
+    optimizer = OPTIMIZERS.get(recipe.optimizer)
+    if kind.shards_parameters and optimizer is not None and optimizer.bitsandbytes:
+        problems.append(
+            f"optimizer {recipe.optimizer} with {kind.name}: bitsandbytes' optimizers update "
+            "plain tensors, not sharded ones"
+        )
+    if recipe.loss != "standard" and kind.probed:
+        problems.append(
+            f"loss {recipe.loss} with {kind.name}: it calls the decoder past the wrapper's "
+            "forward, which DDP and FSDP need to sync gradients and gather weights"
+        )
+    return problems
+
+
+def schema_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    if recipe.distributed not in DISTRIBUTED:
+        problems.append(
+            f"distributed {recipe.distributed!r} is not one of {', '.join(DISTRIBUTED)}"
+        )
+    if recipe.offload not in OFFLOADS:
+        problems.append(f"offload {recipe.offload!r} is not one of {', '.join(OFFLOADS)}")
+    gpus = recipe.num_gpus
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= MAX_GPUS:
+        problems.append(f"num_gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
+    return problems + combination_refusals(recipe)
+
+
+def probe_refusal(recipe: Recipe) -> str:
+    """Why autotune cannot probe this recipe's strategy ('' where it can)."""
+    if not DISTRIBUTED[recipe.distributed].probed:
+        return (
+            f"distributed {recipe.distributed} is exported but not probed "
+            "(autotune probes torch's DDP and FSDP2)"
+        )
+    return ""
+
+
+def replay_refusal(recipe: Recipe) -> str:
+    """Why the replay leaves this recipe's per-GPU peak to the formula ('' where it replays)."""
+    if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
+        return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
+    if recipe.offload != "none":
+        return "offload is predicted by the formula (a replay would hold the host's share)"
+    return ""
+
+
+def label_part(recipe: Recipe) -> str:
+    """'fsdp x4' for a distributed recipe, '' otherwise."""
+    if recipe.distributed == DEFAULT_DISTRIBUTED:
+        return ""
+    offload = "" if recipe.offload == "none" else f" offload-{recipe.offload.replace('_', '-')}"
+    return f"{recipe.distributed.replace('deepspeed_', '')} x{recipe.num_gpus}{offload}"
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed JSON of a ZeRO recipe, "auto" where the HF integration fills values in."""
+    stage = DISTRIBUTED[recipe.distributed].deepspeed_stage
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    if stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    host = {"device": "cpu", "pin_memory": True}
+    if recipe.offload != "none":
+        config["zero_optimization"]["offload_optimizer"] = dict(host)
+    if recipe.offload == "optimizer_and_params":
+        config["zero_optimization"]["offload_param"] = dict(host)
+    return config
+
+
+FSDP2_KEYS = {"reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+"""FSDP2 as the probes shard: each decoder block a unit (transformers and axolotl find the block
+class from the model's _no_split_modules), parameters resharded after forward."""
+
+
+def hf_training_keys(recipe: Recipe) -> dict[str, Any]:
+    """TrainingArguments keywords of the strategy (fsdp_config keys as its docstring lists)."""
+    kind = DISTRIBUTED[recipe.distributed]
+    if kind.name == "ddp":
+        return {"ddp_bucket_cap_mb": DDP_BUCKET_CAP_MB}
+    if kind.name == "fsdp":
+        offload = {"cpu_offload": True} if recipe.offload != "none" else {}
+        return {"fsdp": True, "fsdp_config": {"version": 2, **FSDP2_KEYS, **offload}}
+    if kind.deepspeed_stage is not None:
+        return {"deepspeed": deepspeed_config(recipe)}  # a dict is accepted as well as a path
+    return {}
+
+
+def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
+    """axolotl's fsdp_version/fsdp_config, or deepspeed naming the JSON it ships (the config
+    itself with offload, which no shipped file matches for every case)."""
+    kind = DISTRIBUTED[recipe.distributed]
+    if kind.name == "fsdp":
+        offload = {"offload_params": True} if recipe.offload != "none" else {}
+        return {"fsdp_version": 2, "fsdp_config": {**FSDP2_KEYS, **offload}}
+    if kind.deepspeed_stage is not None:
+        if recipe.offload != "none":  # its deepspeed takes a mapping as well as a path
+            return {"deepspeed": deepspeed_config(recipe)}
+        return {"deepspeed": f"deepspeed_configs/zero{kind.deepspeed_stage}.json"}
+    return {}
+
+
+def llamafactory_keys(recipe: Recipe) -> dict[str, Any]:
+    """LLaMA-Factory's deepspeed, naming the JSON it ships (FSDP goes by its launch)."""
+    stage = DISTRIBUTED[recipe.distributed].deepspeed_stage
+    offload = "_offload" if recipe.offload != "none" else ""
+    return {"deepspeed": f"examples/deepspeed/ds_z{stage}{offload}_config.json"} if stage else {}
+
+
+ACCELERATE_TYPES = {
+    "none": "NO",
+    "ddp": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
+"""accelerate's distributed_type of each strategy."""
+
+
+def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
+    """The strategy's part of an `accelerate launch` config (ClusterConfig's keys, as `accelerate
+    config` writes them)."""
+    kind = DISTRIBUTED[recipe.distributed]
+    keys: dict[str, Any] = {
+        "distributed_type": ACCELERATE_TYPES[kind.name],
+        "num_processes": recipe.num_gpus,
+        "num_machines": 1,
+        "machine_rank": 0,
+    }
+    if kind.name == "fsdp":
+        keys["fsdp_config"] = {"fsdp_version": 2} | {f"fsdp_{k}": v for k, v in FSDP2_KEYS.items()}
+        keys["fsdp_config"]["fsdp_offload_params"] = recipe.offload != "none"
+    if kind.deepspeed_stage is not None:
+        keys["deepspeed_config"] = {
+            "zero_stage": kind.deepspeed_stage,
+            "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        }
+    return keys
+
+
+def launch_line(recipe: Recipe, fmt: str) -> str:
+    """How the exported config is started on num_gpus GPUs ('' for one)."""
+    if recipe.distributed == DEFAULT_DISTRIBUTED:
+        return ""
+    gpus = recipe.num_gpus
+    if fmt == "llamafactory":
+        if recipe.distributed == "fsdp":
+            return (
+                f"accelerate launch --num_processes {gpus} --config_file "
+                "examples/accelerate/fsdp2_config.yaml src/train.py CONFIG"
+            )
+        return f"FORCE_TORCHRUN=1 NPROC_PER_NODE={gpus} llamafactory-cli train CONFIG"
+    if fmt == "accelerate":
+        return "accelerate launch --config_file THIS_FILE YOUR_TRAINING_SCRIPT"
+    if fmt == "axolotl":
+        return f"accelerate launch --num_processes {gpus} -m axolotl.cli.train CONFIG"
+    return f"accelerate launch --num_processes {gpus} YOUR_TRAINING_SCRIPT"

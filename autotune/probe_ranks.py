@@ -1,0 +1,163 @@
+"""A probe of a distributed recipe: one process per GPU (rank), started together, judged together.
+
+Every rank is `python -m autotune.training.child` with torch's launcher variables (RANK,
+WORLD_SIZE, LOCAL_RANK) and a file rendezvous in the probe's folder, so each joins one real
+process group (nccl on CUDA, gloo on the CPU). All ranks share one process group of the OS,
+led by rank 0 and apart from the study's, so one signal ends them all; each also dies with the
+study process (autotune/lifetime.py). A rank that exits without its result, or with a failure,
+fails the whole probe at once: the others are killed rather than left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from autotune.training.io import ProbeRequest, ProbeResult
+
+RENDEZVOUS_NAME = "rendezvous"
+"""The file torch.distributed's FileStore meets in, inside the probe's folder."""
+
+RANK_POLL_SECONDS = 0.1
+
+
+def rank_result_path(result_path: Path, rank: int) -> Path:
+    return result_path if rank == 0 else result_path.with_name(f"result.rank{rank}.json")
+
+
+def rank_log_path(log_path: Path, rank: int) -> Path:
+    return log_path if rank == 0 else log_path.with_name(f"probe.rank{rank}.log")
+
+
+class RankProcesses:
+    """The ranks of one probe, in one process group of the OS."""
+
+    def __init__(self, processes: list[subprocess.Popen], result_path: Path) -> None:
+        self.processes = processes
+        self.result_path = result_path
+        self.first_failed: int | None = None
+        """The rank whose failure ended the probe (the others were killed after it)."""
+
+    def failed_rank(self) -> int | None:
+        """A rank that ended without a good result, while others may still run."""
+        for rank, process in enumerate(self.processes):
+            code = process.poll()
+            if code is None:
+                continue
+            path = rank_result_path(self.result_path, rank)
+            if code != 0 or not path.exists():
+                return rank
+            if ProbeResult.from_json(path.read_text(encoding="utf-8")).status != "ok":
+                return rank
+        return None
+
+    def wait(self, timeout_seconds: float) -> bool:
+        """True once every rank ended or one failed; False at the timeout."""
+        deadline = time.monotonic() + timeout_seconds
+        while any(p.poll() is None for p in self.processes):
+            self.first_failed = self.failed_rank()
+            if self.first_failed is not None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(RANK_POLL_SECONDS)
+        return True
+
+    def exit_code(self) -> int | None:
+        codes = [p.poll() for p in self.processes]
+        if any(code is None for code in codes):
+            return None
+        return next((code for code in codes if code), 0)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.processes[0].pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for process in self.processes:
+            process.wait()
+
+
+def launch_ranks(
+    request: ProbeRequest, request_path: Path, result_path: Path, log_path: Path, env: dict
+) -> RankProcesses:
+    """Start the recipe's num_gpus ranks, rank 0 leading a new process group."""
+    world = request.recipe.num_gpus
+    rendezvous = result_path.with_name(RENDEZVOUS_NAME)
+    rendezvous.unlink(missing_ok=True)  # a FileStore left by an earlier run would not meet
+    for rank in range(world):
+        rank_result_path(result_path, rank).unlink(missing_ok=True)
+    processes: list[subprocess.Popen] = []
+    for rank in range(world):
+        rank_env = {
+            **env,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            RENDEZVOUS_ENV: str(rendezvous),
+        }
+        with rank_log_path(log_path, rank).open("w", encoding="utf-8") as log:
+            # a new group led by rank 0 (a group cannot span sessions, so no new session)
+            leader = processes[0].pid if processes else 0
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "autotune.training.child",
+                        str(request_path),
+                        str(rank_result_path(result_path, rank)),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=rank_env,
+                    process_group=leader,
+                )
+            )
+    return RankProcesses(processes, result_path)
+
+
+RENDEZVOUS_ENV = "AUTOTUNE_RENDEZVOUS_FILE"
+
+
+def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> ProbeResult:
+    """One result of the ranks': the first failure (naming its rank), or the figures of all:
+    the peak memory the largest of any rank, tokens/s and trained tokens summed over ranks
+    (they step together), the losses rank 0's."""
+    results: list[ProbeResult] = []
+    order = list(range(len(ranks.processes)))
+    if ranks.first_failed is not None:  # its failure, not the kill of the others, is the news
+        order.remove(ranks.first_failed)
+        order.insert(0, ranks.first_failed)
+    for rank in order:
+        process = ranks.processes[rank]
+        path = rank_result_path(ranks.result_path, rank)
+        if not path.exists():
+            code = process.returncode
+            how = f"was killed by signal {-code}" if code and code < 0 else f"exited with {code}"
+            return ProbeResult(
+                status="crash",
+                device="",
+                reason=f"rank {rank} of {len(ranks.processes)} {how} without a result: "
+                f"{log_tail(rank_log_path(ranks.result_path.with_name('probe.log'), rank))}",
+            )
+        results.append(ProbeResult.from_json(path.read_text(encoding="utf-8")))
+    for rank, result in zip(order, results):
+        if result.status != "ok":
+            result.reason = f"rank {rank} of {len(results)}: {result.reason}"
+            return result
+    merged = results[order.index(0)]
+    peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
+    merged.peak_memory_bytes = max(peaks) if peaks else None
+    allocated = [r.peak_allocated_bytes for r in results if r.peak_allocated_bytes is not None]
+    merged.peak_allocated_bytes = max(allocated) if allocated else None
+    merged.tokens_per_second = sum(r.tokens_per_second or 0.0 for r in results)
+    merged.trained_tokens = sum(r.trained_tokens for r in results)
+    merged.budget_enforced = all(r.budget_enforced for r in results)
+    return merged

@@ -1,0 +1,93 @@
+"""One rank of a distributed probe: joining the process group, wrapping the model as the
+recipe's strategy says (torch's DDP, or FSDP2 with each decoder block a unit), and taking this
+rank's share of each step's sequences.
+
+The probe launcher (autotune/probe_ranks.py) sets RANK, WORLD_SIZE and the rendezvous file; on
+CUDA rank r trains on the r-th visible GPU through nccl, on the CPU through gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from autotune.recipe import Recipe
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    rank: int
+    world_size: int
+    device: str
+    """This rank's device: cuda:<rank> or cpu."""
+
+
+def join_process_group(recipe: Recipe, device: str) -> RankPlace:
+    """This process's rank, after joining the probe's process group (a single-GPU recipe:
+    rank 0 of 1 on `device`, no group)."""
+    if recipe.num_gpus < 2:
+        return RankPlace(0, 1, device)
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from autotune.probe_ranks import RENDEZVOUS_ENV
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(
+        backend="nccl" if device.startswith("cuda") else "gloo",
+        init_method=f"file://{os.environ[RENDEZVOUS_ENV]}",
+        rank=rank,
+        world_size=world,
+        # a rank that died is noticed by the launcher; this only bounds a lost collective
+        timeout=datetime.timedelta(minutes=10),
+    )
+    return RankPlace(rank, world, device)
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_share(step_examples: Sequence[Sequence[T]], place: RankPlace) -> list[list[T]]:
+    """This rank's sequences of each step: every world_size-th, from its rank on."""
+    return [list(step[place.rank :: place.world_size]) for step in step_examples]
+
+
+def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
+    """The model as the recipe's strategy trains it; build the optimizer after this (FSDP2
+    replaces the parameters by their shards)."""
+    if recipe.distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_cuda = place.device.startswith("cuda")
+        return DistributedDataParallel(model, device_ids=[place.rank] if on_cuda else None)
+    if recipe.distributed == "fsdp":
+        shard_blocks(model, offload=recipe.offload != "none")
+    return model
+
+
+def shard_blocks(model: Any, mesh: Any = None, offload: bool = False) -> None:
+    """FSDP2 as accelerate's transformer-based wrap does it: each decoder block one unit, the
+    rest (embeddings, final norm, head) the root's; parameters resharded after forward; with
+    `offload`, the shards (and their gradients and optimizer states) in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    from autotune.training.build import decoder_blocks
+
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in decoder_blocks(base):
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)

@@ -1,0 +1,488 @@
+"""Recipes on several GPUs: the keys, the space, the per-GPU memory model, and real DDP and FSDP2
+probes, with gloo processes standing in for the GPUs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import yaml
+
+import autotune.probe as probe_module
+from autotune.errors import UsageError
+from autotune.memory import estimate
+from autotune.model_spec import load_model_spec
+from autotune.probe import SubprocessProbeRunner
+from autotune.recipe import Recipe
+from autotune.space import SearchSpace
+from autotune.study.pruning import distributed_space
+from tests.conftest import ROOT, SHAPE_CONFIGS
+from tests.test_probe import request_for
+from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
+
+DEMO_SPACE = ROOT / "autotune" / "search_spaces" / "demo.yaml"
+FULL = {"method": "full", "precision": "bf16", "micro_batch_size": 1, "seq_len": 1024}
+
+
+def test_defaults_leave_recipes_as_they_were_and_keys_round_trip():
+    single = Recipe.from_dict({"method": "full"})
+    assert "distributed" not in single.to_dict() and "num_gpus" not in single.to_dict()
+    sharded = Recipe.from_dict({**FULL, "distributed": "fsdp", "num_gpus": 4})
+    assert Recipe.from_yaml(sharded.to_yaml()) == sharded
+    assert sharded.to_dict()["distributed"] == "fsdp" and sharded.effective_batch_size == 4
+    assert "fsdp x4" in sharded.label()
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"num_gpus": 2}, "num_gpus 2 needs a distributed strategy"),
+        ({"distributed": "ddp"}, "needs num_gpus of 2 or more"),
+        ({"distributed": "zero9", "num_gpus": 2}, "distributed 'zero9' is not one of"),
+        (
+            {"method": "lora", "quantization": "nf4", "distributed": "fsdp", "num_gpus": 2},
+            "cannot be sharded by FSDP2 or ZeRO-3",
+        ),
+        (
+            {"optimizer": "adamw_8bit", "distributed": "deepspeed_zero3", "num_gpus": 2},
+            "bitsandbytes' optimizers",
+        ),
+        ({"loss": "chunked", "distributed": "ddp", "num_gpus": 2}, "past the wrapper's forward"),
+        ({"offload": "optimizer", "distributed": "ddp", "num_gpus": 2}, "needs fsdp or deepspeed"),
+        ({"offload": "optimizer", "distributed": "fsdp", "num_gpus": 2}, "offloads parameters"),
+        (
+            {"offload": "optimizer_and_params", "distributed": "deepspeed_zero2", "num_gpus": 2},
+            "needs deepspeed_zero3",
+        ),
+        ({"offload": "disk", "distributed": "fsdp", "num_gpus": 2}, "offload 'disk' is not one of"),
+    ],
+)
+def test_combinations_that_cannot_run_are_refused_with_reasons(fields, problem):
+    with pytest.raises(UsageError, match=problem):
+        Recipe.from_dict({"method": "full", **fields})
+
+
+def test_the_effective_batch_stays_fixed_over_gpus():
+    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), 2, {})
+    assert 8 not in space.choices_of("micro_batch_size")  # 8 x 2 GPUs > the batch of 8
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
+    for micro in space.choices_of("micro_batch_size"):
+        params = space.params_like({"method": "full", "micro_batch_size": micro})
+        recipe = space.build(params, "m", spec, 256)
+        assert recipe.num_gpus == 2 and recipe.distributed == "fsdp"
+        assert recipe.effective_batch_size == space.effective_batch_size
+
+
+def test_the_space_on_two_gpus_leaves_out_what_cannot_run(tmp_path):
+    unsupported: dict[str, dict[str, str]] = {}
+    demo = SearchSpace.load(DEMO_SPACE)
+    space = distributed_space(demo, 2, unsupported)
+    assert space.choices_of("distributed") == ("ddp", "fsdp")
+    assert space.choices_of("num_gpus") == (2,)
+    assert space.choices_of("quantization") == ("none",)
+    assert space.choices_of("optimizer") == ("adamw",)
+    assert space.choices_of("micro_batch_size") == (1, 2)  # 4 x 2 GPUs > the batch of 4
+    assert "FSDP2" in unsupported["quantization"]["nf4"]
+    assert "does not divide" in unsupported["micro_batch_size"]["4"]
+    exported_only = SearchSpace.from_dict(
+        {
+            **yaml.safe_load(DEMO_SPACE.read_text()),
+            "distributed": ["ddp", "deepspeed_zero2"],
+        }
+    )
+    unsupported = {}
+    assert distributed_space(exported_only, 2, unsupported).choices_of("distributed") == ("ddp",)
+    assert "not probed" in unsupported["distributed"]["deepspeed_zero2"]
+
+
+def qwen2_7b_peak(**fields) -> int:
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict({**FULL, "optimizer": "adamw", **fields})
+    return estimate(spec, recipe).peak_bytes
+
+
+def test_the_replay_of_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu():
+    """`autotune estimate`'s default memory model: FSDP2 itself, replayed for one rank."""
+    from autotune.replay import load_config, predict
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    config = load_config(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    single = Recipe.from_dict({**FULL, "gradient_accumulation_steps": 8})
+    sharded = single.replace(gradient_accumulation_steps=2, distributed="fsdp", num_gpus=4)
+    one, used_one, _ = predict(spec, single, config)
+    per_gpu, used, _ = predict(spec, sharded, config)
+    assert used == used_one == "replay"
+    assert per_gpu.peak_bytes <= 0.45 * one.peak_bytes
+
+
+def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
+    single = qwen2_7b_peak(gradient_accumulation_steps=8)
+    fsdp4 = qwen2_7b_peak(gradient_accumulation_steps=2, distributed="fsdp", num_gpus=4)
+    fsdp2 = qwen2_7b_peak(gradient_accumulation_steps=4, distributed="fsdp", num_gpus=2)
+    ddp4 = qwen2_7b_peak(gradient_accumulation_steps=2, distributed="ddp", num_gpus=4)
+    assert fsdp4 <= 0.45 * single
+    assert fsdp4 < fsdp2 < single < ddp4  # DDP adds its gradient buckets to a full replica
+
+
+def test_ddp_and_fsdp_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path):
+    """Two ranks each, through gloo: both train the effective batch a single process would."""
+    runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
+    fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
+    single = runner.run(
+        request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+        tmp_path / "single",
+    )
+    assert single.status == "ok", single.reason
+    for strategy in ("ddp", "fsdp"):
+        workdir = tmp_path / strategy
+        request = request_for(
+            tiny_model,
+            qa_data,
+            steps=2,
+            gradient_accumulation_steps=2,
+            distributed=strategy,
+            num_gpus=2,
+            **fields,
+        )
+        result = runner.run(request, workdir)
+        assert result.status == "ok", result.reason
+        assert result.trained_tokens == single.trained_tokens  # tokens of all ranks
+        assert result.peak_memory_bytes > 0 and result.tokens_per_second > 0
+        assert abs(result.eval_loss - single.eval_loss) < 0.05
+        assert "step 2/2" in (workdir / "probe.rank1.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    launched = []
+    original = probe_module.launch_ranks
+
+    def recording(*args, **kwargs):
+        launched.append(original(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(probe_module, "launch_ranks", recording)
+    request = request_for(
+        tiny_model,
+        qa_data,
+        steps=200,
+        method="full",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        distributed="ddp",
+        num_gpus=2,
+    )
+    outcome = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(
+            SubprocessProbeRunner(timeout_seconds=300, warm=False).run(request, tmp_path / "p")
+        )
+    )
+    thread.start()
+    log = tmp_path / "p" / "probe.rank1.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and "step 1/" in log.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.2)
+    ranks = launched[0].processes
+    os.kill(ranks[1].pid, 9)
+    thread.join(60)
+    assert not thread.is_alive()
+    result = outcome[0]
+    assert result.status == "crash"
+    assert "rank 1 of 2 was killed by signal 9" in result.reason
+    assert not any(_alive(p.pid) for p in ranks)
+
+
+def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    from autotune.study import RunSettings, prepare_run, run_study, trial_record
+    from autotune.study.records import trial_status
+
+    monkeypatch.chdir(tmp_path)
+    space = yaml.safe_load(DEMO_SPACE.read_text())
+    space.update(
+        method=["full"],
+        quantization=["none"],
+        precision=["fp32"],
+        micro_batch_size=[1],
+        gradient_checkpointing=[False],
+        optimizer=["adamw"],
+        distributed=["ddp", "fsdp"],
+    )
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    settings = RunSettings(
+        model=str(tiny_model),
+        data_path=qa_data,
+        budget_bytes=10**10,
+        space_path=space_path,
+        trials=2,
+        probe_steps=2,
+        seq_len=48,
+        device="cpu",
+        confirm_top=0,
+        gpus_per_probe=2,
+        memory_model="formula",
+        storage=f"sqlite:///{tmp_path}/study.db",
+        study_name="two-ranks",
+    )
+    prepared = prepare_run(settings)
+    study = run_study(prepared, SubprocessProbeRunner(timeout_seconds=300, warm=False))
+    trials = {t.params["distributed"]: t for t in study.trials}
+    assert set(trials) == {"ddp", "fsdp"}
+    for strategy, trial in trials.items():
+        assert str(trial_status(trial)) == "measured", trial.user_attrs.get("reason")
+        assert trial_record(trial).recipe["distributed"] == strategy
+        assert trial_record(trial).recipe["num_gpus"] == 2
+
+
+def _documented_fsdp_config_keys() -> set[str]:
+    """The fsdp_config keys TrainingArguments' docstring lists under "Supported keys"."""
+    import re
+
+    from transformers import TrainingArguments
+
+    doc = TrainingArguments.__doc__
+    section = doc[doc.index("fsdp_config (") : doc.index("deepspeed (")]
+    return set(re.findall(r"^\s+- (\w+) \(", section, re.MULTILINE))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_exports_carry_the_strategy_under_the_tools_names(strategy):
+    from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
+
+    recipe = Recipe.from_dict({**FULL, "distributed": strategy, "num_gpus": 2})
+    training = hf_config(recipe)["training_arguments"]
+    axolotl = axolotl_config(recipe)
+    llamafactory = llamafactory_config(recipe)
+    stage = strategy.removeprefix("deepspeed_zero")
+    if strategy == "ddp":
+        assert training["ddp_bucket_cap_mb"] == 25
+    elif strategy == "fsdp":
+        assert training["fsdp"] is True and training["fsdp_config"]["version"] == 2
+        assert set(training["fsdp_config"]) <= _documented_fsdp_config_keys()
+        from transformers import TrainingArguments
+
+        built = TrainingArguments(
+            **{**training, "output_dir": "out", "use_cpu": True, "bf16": False}
+        )
+        assert built.fsdp and built.fsdp_config["reshard_after_forward"] is True
+        # axolotl's FSDPConfig schema (src/axolotl/utils/schemas/fsdp.py)
+        assert axolotl["fsdp_version"] == 2
+        assert set(axolotl["fsdp_config"]) <= {
+            "activation_checkpointing",
+            "offload_params",
+            "cpu_ram_efficient_loading",
+            "state_dict_type",
+            "auto_wrap_policy",
+            "transformer_layer_cls_to_wrap",
+            "reshard_after_forward",
+        }
+        assert "fsdp2_config.yaml" in render("llamafactory", recipe, None)
+    else:
+        assert training["deepspeed"]["zero_optimization"]["stage"] == int(stage)
+        # the JSON files axolotl and LLaMA-Factory ship
+        assert axolotl["deepspeed"] == f"deepspeed_configs/zero{stage}.json"
+        assert llamafactory["deepspeed"] == f"examples/deepspeed/ds_z{stage}_config.json"
+    for fmt in ("hf", "axolotl", "llamafactory"):
+        assert "# on 2 GPUs: " in render(fmt, recipe, None)
+    assert Recipe.from_yaml(render("autotune", recipe, None)) == recipe
+
+
+RANK_TRACE = """
+import json, sys
+from autotune.recipe import Recipe
+from autotune.step_trace import trace_step
+from autotune.training.ranks import join_process_group, leave_process_group
+recipe = Recipe.from_yaml(sys.stdin.read())
+print(json.dumps(trace_step(recipe, place=join_process_group(recipe, "cpu")).peak_bytes))
+leave_process_group()
+"""
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "full", "gradient_checkpointing": True},
+        {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": False},
+    ],
+)
+def test_the_fsdp_replay_allocates_what_a_real_gloo_rank_allocates(cut_model, tmp_path, fields):
+    """Two real ranks run FSDP2 over gloo, every storage of their second step traced; the
+    replay runs the same FSDP2 code for rank 0 on the meta device over a fake process group."""
+    import json
+    import subprocess
+    import sys
+
+    from autotune.probe_ranks import RENDEZVOUS_ENV
+    from autotune.replay import load_config, replay
+
+    recipe = Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            "distributed": "fsdp",
+            "num_gpus": 2,
+            **fields,
+        }
+    )
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_TRACE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                RENDEZVOUS_ENV: str(tmp_path / "rendezvous"),
+            },
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        rank.stdin.write(recipe.to_yaml())
+        rank.stdin.close()
+    traced = [json.loads(rank.stdout.read().strip().splitlines()[-1]) for rank in ranks]
+    assert all(rank.wait(120) == 0 for rank in ranks)
+    replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
+    for peak in traced:
+        assert abs(replayed.peak_allocated_bytes - peak) <= 0.01 * peak
+    single = replay(
+        recipe.replace(distributed="none", num_gpus=1, gradient_accumulation_steps=2),
+        load_config(str(cut_model)),
+        cublas_workspace_bytes=0,
+    )
+    assert replayed.at_peak["weights"] < 0.6 * single.at_peak["weights"]  # half of them each
+
+
+def test_gpus_are_cut_into_groups_of_gpus_per_probe(tmp_path):
+    from autotune.study.settings import RunSettings, check_workers, gpu_groups
+
+    def settings(**changes):
+        return RunSettings(model="m", data_path=tmp_path, budget_bytes=1, **changes)
+
+    four = settings(gpus=("0", "1", "2", "3"), gpus_per_probe=2)
+    assert gpu_groups(four, "cuda") == ["0,1", "2,3"]
+    assert gpu_groups(settings(gpus_per_probe=3), "cuda") == ["0,1,2"]
+    assert gpu_groups(settings(gpus_per_probe=2), "cpu") == []
+    assert gpu_groups(settings(gpus=("0", "1")), "cuda") == ["0", "1"]
+    with pytest.raises(UsageError, match="divide the 3 GPUs"):
+        check_workers(settings(gpus=("0", "1", "2"), gpus_per_probe=2), "cpu")
+
+
+def test_train_refuses_a_distributed_recipe_in_one_line(tmp_path):
+    from autotune.training.train import train
+
+    recipe = Recipe.from_dict({**FULL, "model": "m", "distributed": "ddp", "num_gpus": 2})
+    with pytest.raises(UsageError, match="runs one process"):
+        train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
+def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from autotune.formats import render
+
+    gpus = 1 if strategy == "none" else 4
+    recipe = Recipe.from_dict({**FULL, "distributed": strategy, "num_gpus": gpus})
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(render("accelerate", recipe, {"tokens_per_second": 1.0}))
+    config = ClusterConfig.from_yaml_file(str(path))  # refuses keys it does not know
+    assert config.num_processes == gpus and config.mixed_precision == "bf16"
+    expected = {"none": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    assert config.distributed_type == DistributedType(expected[strategy])
+    if strategy == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if strategy == "deepspeed_zero3":
+        assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_a_study_resumed_on_other_gpus_per_probe_is_refused(workspace):  # noqa: F811
+    from autotune.study import prepare_run, run_study
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    with pytest.raises(UsageError, match="--gpus-per-probe was 1, now 2"):
+        run_study(prepare_run(settings_for(workspace, trials=2, gpus_per_probe=2)), FakeRunner())
+
+
+def test_offload_moves_the_shards_to_host_memory_in_the_prediction_and_the_exports():
+    from autotune.formats import accelerate_config, axolotl_config, hf_config, llamafactory_config
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    sharded = Recipe.from_dict(
+        {**FULL, "gradient_accumulation_steps": 2, "distributed": "fsdp", "num_gpus": 4}
+    )
+    offloaded = sharded.replace(offload="optimizer_and_params")
+    assert "offload" not in sharded.to_dict() and Recipe.from_yaml(offloaded.to_yaml()) == offloaded
+    on_gpu, with_offload = estimate(spec, sharded), estimate(spec, offloaded)
+    moved = sum(on_gpu.breakdown[k] for k in ("weights", "gradients", "optimizer_states"))
+    assert with_offload.host_bytes == moved + on_gpu.breakdown.get("optimizer_step_temporaries", 0)
+    assert with_offload.peak_bytes < on_gpu.peak_bytes - moved + 2**30
+    assert "weights" not in with_offload.breakdown and on_gpu.host_bytes == 0
+    assert hf_config(offloaded)["training_arguments"]["fsdp_config"]["cpu_offload"] is True
+    assert "cpu_offload" in _documented_fsdp_config_keys()
+    assert axolotl_config(offloaded)["fsdp_config"]["offload_params"] is True
+    assert accelerate_config(offloaded)["fsdp_config"]["fsdp_offload_params"] is True
+    zero3 = offloaded.replace(distributed="deepspeed_zero3")
+    zero = hf_config(zero3)["training_arguments"]["deepspeed"]["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert axolotl_config(zero3)["deepspeed"]["zero_optimization"] == zero  # a mapping
+    # the offload JSON LLaMA-Factory ships
+    assert llamafactory_config(zero3)["deepspeed"] == "examples/deepspeed/ds_z3_offload_config.json"
+
+
+def test_offload_is_left_out_on_the_cpu_with_its_reason():
+    space = SearchSpace.from_dict(
+        {**yaml.safe_load(DEMO_SPACE.read_text()), "offload": ["none", "optimizer_and_params"]}
+    )
+    unsupported: dict[str, dict[str, str]] = {}
+    on_cpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, unsupported, "cpu")
+    assert on_cpu.choices_of("offload") == ("none",)
+    assert "no GPU here" in unsupported["offload"]["optimizer_and_params"]
+    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, {}, "cuda")
+    assert on_gpu.choices_of("offload") == ("none", "optimizer_and_params")
+
+
+def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # noqa: F811
+    import dataclasses
+
+    from autotune.study import prepare_run, run_study
+    from autotune.study.records import trial_status
+    from autotune.study.settings import host_budget_bytes
+
+    settings = settings_for(workspace, trials=2, gpus_per_probe=2, host_budget_bytes=1000)
+    prepared = prepare_run(settings)
+    offloading = prepared.space.restricted(
+        {"distributed": ("fsdp",), "offload": ("optimizer_and_params",)}
+    )
+    runner = FakeRunner()
+    study = run_study(dataclasses.replace(prepared, space=offloading, fitting_choices={}), runner)
+    assert not runner.requests
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 2
+    for trial in finished:
+        assert str(trial_status(trial)) == "over_budget_predicted"
+        assert "of host memory > host budget" in trial.user_attrs["reason"]
+    default = host_budget_bytes(dataclasses.replace(settings, host_budget_bytes=None))
+    assert 0 < default < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
