@@ -160,6 +160,16 @@ DIMENSIONS: tuple[Dimension, ...] = (
         always_searched=False,
     ),
     Dimension(
+        "use_dora",
+        _same("use_dora"),
+        _field("use_dora"),
+        methods=LORA,
+        allowed=(False, True),
+        default=(False,),
+        # studies from before the dimension hold no use_dora parameter
+        always_searched=False,
+    ),
+    Dimension(
         "frozen_layers_fraction",
         _frozen_layers,
         _frozen_fraction,
@@ -192,6 +202,14 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _same("gradient_checkpointing"),
         _field("gradient_checkpointing"),
         allowed=(True, False),
+    ),
+    Dimension(
+        "activation_offload",
+        _same("activation_offload"),
+        _field("activation_offload"),
+        allowed=(False, True),
+        default=(False,),
+        always_searched=False,
     ),
     Dimension("optimizer", _same("optimizer"), _field("optimizer"), allowed=tuple(OPTIMIZERS)),
     Dimension(

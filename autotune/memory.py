@@ -83,6 +83,8 @@ def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
         for target in spec.target_linears(recipe.lora_target_modules or "all-linear"):
             fan_in, fan_out = shapes[target]
             tensors += [(rank * fan_in, spec.num_layers), (fan_out * rank, spec.num_layers)]
+            if recipe.use_dora:  # DoRA's magnitude: one per output feature
+                tensors.append((fan_out, spec.num_layers))
         return tensors
     blocks = spec.num_layers
     head = [(spec.lm_head_params, 1)]
@@ -206,9 +208,33 @@ def _lora_activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
     shapes = spec.linear_shapes()
     dropout_mask = 1 if (recipe.lora_dropout or 0) > 0 else 0
     rank = recipe.lora_r or 0
+    # DoRA's rescaling multiplies the base output and the adapter's (fp32) by the magnitude,
+    # which trains, so both are kept
+    dora = activation_bytes_per_element(recipe) + ADAPTER_BYTES if recipe.use_dora else 0
     return sum(
-        shapes[t][0] * (ADAPTER_BYTES + dropout_mask) + ADAPTER_BYTES * rank
+        shapes[t][0] * (ADAPTER_BYTES + dropout_mask) + ADAPTER_BYTES * rank + shapes[t][1] * dora
         for t in spec.target_linears(recipe.lora_target_modules or "all-linear")
+    )
+
+
+def dora_weight_bytes(spec: ModelSpec, recipe: Recipe) -> int:
+    """What DoRA's forward makes for its largest adapted linear and frees after it (peft's
+    dora.py): the adapter's product BA through an fp32 identity as wide as the input (kept with
+    its graph until the layer returns), the base weight cast to the adapter's fp32 (after
+    dequantizing a k-bit one), and W + scaling * BA for the column norms."""
+    if recipe.method != "lora" or not recipe.use_dora:
+        return 0
+    shapes = spec.linear_shapes()
+    rank = recipe.lora_r or 0
+    cast = 0 if PRECISIONS[recipe.precision].weight_bytes == 4 else 4  # an fp32 base is used as is
+    if recipe.quantization != "none":
+        cast = 4 + PRECISIONS[recipe.precision].compute_bytes  # dequantized, then cast
+    return max(
+        ADAPTER_BYTES * (fan_in * fan_in + fan_in * rank + 3 * fan_in * fan_out)
+        + cast * fan_in * fan_out
+        for fan_in, fan_out in (
+            shapes[t] for t in spec.target_linears(recipe.lora_target_modules or "all-linear")
+        )
     )
 
 
@@ -280,6 +306,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 4) + tokens * spec.hidden_size * a
     else:
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 8)
+
+    # DoRA's merged weight exists inside one layer's forward (or its recompute), never while
+    # the loss's buffers do: the larger of the two counts.
+    logits_and_loss = max(logits_and_loss, dora_weight_bytes(spec, recipe))
 
     # Two moments compete for the peak: the start of backward (activations, logits, gradients
     # kept across accumulation) and the optimizer step (gradients plus foreach temporaries).

@@ -43,6 +43,8 @@ WARMUP_FRACTION = 0.03
 """Warm-up when a recipe gives no warmup_steps: this share of the run's steps (at least 1)."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+OFF_BY_DEFAULT = ("use_dora", "activation_offload")
+"""Switches a recipe writes only when they are on (added after recipes were first hashed)."""
 UPPER_BOUNDS = {
     "micro_batch_size": 4096,
     "gradient_accumulation_steps": 65536,
@@ -75,6 +77,10 @@ class Recipe:
     """Dropout on the adapter input (method lora only)."""
     lora_target_modules: str | tuple[str, ...] | None = None
     """"all-linear" or a list of linear module names such as [q_proj, v_proj]."""
+    use_dora: bool = False
+    """DoRA (peft's use_dora, method lora only): each adapted linear also trains a magnitude
+    per output feature and runs as magnitude * (W + BA) / ||W + BA||, the base weight merged
+    with the adapter in every forward (more memory and time than LoRA, often better quality)."""
     frozen_layers: int = 0
     """The lowest N decoder blocks get no gradient (method freeze only)."""
     train_modules: TrainModules = "all"
@@ -88,6 +94,10 @@ class Recipe:
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool = True
     """Recompute block activations in backward instead of storing them."""
+    activation_offload: bool = False
+    """Move the tensors the forward saves for backward to (pinned) host memory as they are
+    made, and back when backward needs them (torch's save_on_cpu): less GPU memory for
+    host memory and transfer time; the same loss and gradients."""
     optimizer: Optimizer = DEFAULT_OPTIMIZER
     """adamw (torch's fused AdamW), adamw_foreach (torch's foreach AdamW), adamw_8bit or
     paged_adamw_8bit (bitsandbytes); see optimizers.OPTIMIZERS."""
@@ -140,6 +150,8 @@ class Recipe:
                 else "/".join(t.removesuffix("_proj") for t in targets or ())
             )
             head = f"{name} r{self.lora_r} {target_text}"
+            if self.use_dora:
+                head = head.replace("LoRA", "DoRA", 1)
         elif self.method == "freeze":
             head = f"freeze {self.frozen_layers}"
             if self.train_modules != "all":
@@ -149,6 +161,8 @@ class Recipe:
         parts = [head, self.precision, f"mb{self.micro_batch_size}"]
         if self.gradient_checkpointing:
             parts.append("gc")
+        if self.activation_offload:
+            parts.append("offload")
         if self.optimizer != DEFAULT_OPTIMIZER:
             parts.append(self.optimizer)
         if self.attention != "sdpa":
@@ -163,8 +177,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
-        warmup_steps only when set, train_modules only when not all (recipes from before it
-        read and hash as they did)."""
+        warmup_steps only when set, train_modules only when not all, the OFF_BY_DEFAULT
+        switches only when on (recipes from before them read and hash as they did)."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -173,6 +187,8 @@ class Recipe:
             if f.name == "warmup_steps" and value is None:  # left out: the default share
                 continue
             if f.name == "train_modules" and value == "all":
+                continue
+            if f.name in OFF_BY_DEFAULT and value is False:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
@@ -304,7 +320,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     frozen = recipe.frozen_layers
     if not _is_int(frozen) or not 0 <= frozen <= UPPER_BOUNDS["frozen_layers"]:
         problems.append(f"frozen_layers must be an integer >= 0, got {recipe.frozen_layers!r}")
-    for name in ("gradient_checkpointing", "expandable_segments"):
+    for name in ("gradient_checkpointing", "expandable_segments", *OFF_BY_DEFAULT):
         if not isinstance(getattr(recipe, name), bool):
             problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
     if not _is_number(recipe.learning_rate) or recipe.learning_rate <= 0:
@@ -346,6 +362,8 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             )
     if recipe.method == "freeze" and recipe.frozen_layers < 1:
         problems.append("method freeze needs frozen_layers >= 1")
+    if recipe.method != "lora" and recipe.use_dora is True:
+        problems.append(f"use_dora is for method lora, not {recipe.method}")
     if recipe.method != "freeze" and recipe.train_modules != "all":
         problems.append(f"train_modules is for method freeze, not {recipe.method}")
     if recipe.method == "full" and recipe.frozen_layers:

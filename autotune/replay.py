@@ -269,7 +269,10 @@ def _replay(
         original_release = build.release_cached_memory
         build.release_cached_memory = allocator.empty_cache  # torch.cuda.empty_cache()
         try:
-            model = prepare_model(model, recipe)
+            # tensors made without a device land on meta: DoRA deep-copies a QLoRA base layer,
+            # and bitsandbytes' copy starts from an empty tensor it then sets the data of
+            with torch.device("meta"):
+                model = prepare_model(model, recipe)
         finally:
             build.release_cached_memory = original_release
         recorder.phase = "optimizer"

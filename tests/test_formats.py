@@ -44,6 +44,8 @@ AXOLOTL_KEYS = {
     "lora_alpha",
     "lora_dropout",
     "lora_target_linear",
+    "peft_use_dora",
+    "activation_offloading",
     "lora_target_modules",
     "unfrozen_parameters",
     "sdp_attention",
@@ -66,6 +68,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "lora_dropout",
     "lora_target",
     "quantization_bit",
+    "use_dora",
     "quantization_method",
     "freeze_trainable_layers",
     "freeze_trainable_modules",
@@ -99,6 +102,8 @@ RECIPES = {
     "packed": {"method": "lora", "lora_r": 16, "batching": "packed"},
     "chunked": {"method": "lora", "quantization": "nf4", "loss": "chunked"},
     "fused": {"method": "full", "loss": "fused_linear"},
+    "qdora": {"method": "lora", "quantization": "nf4", "use_dora": True},
+    "offload": {"method": "full", "activation_offload": True},
 }
 
 
@@ -128,6 +133,7 @@ def test_hf_keywords_construct_the_real_classes(name):
     if "lora_config" in config:
         lora = LoraConfig(**config["lora_config"])
         assert lora.r == recipe(name).lora_r
+        assert lora.use_dora == (name == "qdora")
     if "bits_and_bytes_config" in config:
         bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
         assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
@@ -162,6 +168,9 @@ def test_axolotl_keys(name):
         assert config["liger_fused_linear_cross_entropy"] is True
     else:
         assert "liger_fused_linear_cross_entropy" not in config
+    # axolotl's documented names (its config reference): peft_use_dora, activation_offloading
+    assert config.get("peft_use_dora") == (True if name == "qdora" else None)
+    assert config.get("activation_offloading") == (True if name == "offload" else None)
     if name == "freeze":
         patterns = config["unfrozen_parameters"]
         assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
@@ -196,6 +205,7 @@ def test_llamafactory_keys(name):
     if name == "packed":
         assert config["packing"] is True and config["neat_packing"] is True
     assert config.get("enable_liger_kernel") == (True if name == "fused" else None)
+    assert config.get("use_dora") == (True if name == "qdora" else None)  # its FinetuningArguments
 
 
 def test_render_puts_measured_figures_in_comments():
@@ -218,3 +228,10 @@ def test_a_loss_a_format_has_no_option_for_is_named_autotune_only(fmt):
     assert ("loss chunked is autotune-only" in text) == (fmt != "axolotl")
     assert "autotune-only" not in render(fmt, recipe("fused"), None, num_layers=28)
     assert "autotune-only" not in render(fmt, recipe("qlora"), None, num_layers=28)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
+def test_activation_offload_is_named_autotune_only_where_a_format_has_no_option(fmt):
+    text = render(fmt, recipe("offload"), None, num_layers=28)
+    assert ("activation_offload is autotune-only" in text) == (fmt != "axolotl")
+    assert "autotune-only" not in render(fmt, recipe("qdora"), None, num_layers=28)
