@@ -35,6 +35,7 @@ def run(
     model: str = setting_option("model", "--model", "-m"),
     data_path: Path = setting_option("data_path", "--data", "-d"),
     budget_bytes: str = setting_option("budget_bytes", "--budget", "-b"),
+    host_budget_bytes: str | None = setting_option("host_budget_bytes", "--host-budget"),
     space_path: Path | None = setting_option("space_path", "--space"),
     trials: int = setting_option("trials", "--trials", "-n"),
     timeout_seconds: str | None = setting_option("timeout_seconds", "--timeout"),
@@ -291,6 +292,11 @@ def estimate(
         typer.echo(
             f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
+        )
+    if result.host_bytes:
+        typer.echo(
+            f"{'host memory':>28}  {format_bytes(result.host_bytes):>12}  "
+            "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
         typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))

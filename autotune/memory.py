@@ -48,6 +48,9 @@ class MemoryEstimate:
     paged_bytes: int = 0
     """Paged optimizer states in unified memory, outside the peak (see
     optimizers.PAGED_MIN_ELEMENTS)."""
+    host_bytes: int = 0
+    """Host memory the recipe holds at its peak outside the GPU: offloaded activations and
+    optimizer states; budgeted against the machine's RAM, not the card's."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -61,6 +64,8 @@ class MemoryEstimate:
         }
         if self.paged_bytes:
             record["paged_bytes"] = self.paged_bytes
+        if self.host_bytes:
+            record["host_peak_bytes"] = self.host_bytes
         return record
 
 
@@ -261,6 +266,36 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
     return tokens
 
 
+OFFLOAD_ROUNDING = 1.75
+"""Host bytes per saved byte when a block's many saved tensors go to pinned host blocks, each
+rounded up to a power of two (fitted to the replay's count on Qwen2-0.5B and -7B shapes)."""
+
+
+def _pinned(nbytes: float) -> int:
+    """A pinned host block: CUDA's host caching allocator rounds each up to a power of two."""
+    return 1 << max(int(nbytes) - 1, 0).bit_length()
+
+
+def offloaded_bytes(spec: ModelSpec, recipe: Recipe, tokens: int, per_block_token: float) -> int:
+    """Host memory activation offload fills (training.offload): every tensor the forward saves
+    for backward, each saved reference copied apart; with checkpointing, each block's input."""
+    if not recipe.activation_offload:
+        return 0
+    a = activation_bytes_per_element(recipe)
+    blocks = _blocks_with_activations(spec, recipe)
+    if recipe.gradient_checkpointing:
+        saved = blocks * _pinned(tokens * spec.hidden_size * a)
+    else:
+        saved = int(blocks * tokens * per_block_token * OFFLOAD_ROUNDING)
+    kind = LOSSES[recipe.loss]
+    if kind.chunked or kind.fused:
+        saved += _pinned(tokens * spec.hidden_size * a)  # the hidden states the loss takes
+    else:
+        # log_softmax and nll_loss each save the fp32 log-probabilities: two host copies
+        saved += 2 * _pinned(tokens * spec.vocab_size * 4)
+    return saved
+
+
 def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
     """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`."""
     seq_len = seq_len or recipe.seq_len
@@ -289,7 +324,12 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         spec, recipe
     )
     residual_bytes = a
-    if recipe.gradient_checkpointing:
+    host = offloaded_bytes(spec, recipe, tokens, per_block_token)
+    if recipe.activation_offload:
+        # Saved tensors wait in host memory; backward brings back one node's at a time, and a
+        # checkpointed block recomputes its own on the GPU.
+        activations = tokens * per_block_token if recipe.gradient_checkpointing else 0.0
+    elif recipe.gradient_checkpointing:
         # Each block keeps only its input; one block at a time is recomputed in backward.
         activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
     else:
@@ -344,5 +384,8 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
     return MemoryEstimate(
-        peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged_states
+        peak_bytes=int(sum(parts.values())),
+        breakdown=parts,
+        paged_bytes=paged_states,
+        host_bytes=host,
     )

@@ -119,6 +119,49 @@ class Recorder:
             self.paused = False
 
 
+PINNED_BLOCK_MIN_BYTES = 512
+"""The smallest block CUDA's pinned host allocator hands out."""
+
+
+class HostMemory:
+    """Host memory that activation offload fills in the replay (autotune.training.offload): each
+    saved tensor, from the forward that saves it until its graph is freed, in a pinned block of
+    its size rounded up to a power of two (CUDA's host caching allocator). Backward's copy back
+    is an empty device tensor the recorder follows; the meta device has no data to copy."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def hooks(self) -> Any:
+        import torch
+
+        from autotune.training.offload import is_weight
+
+        memory = self
+
+        class HostCopy:
+            def __init__(self, tensor: Any) -> None:
+                self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+                size = max(tensor.numel() * tensor.element_size(), PINNED_BLOCK_MIN_BYTES)
+                self.nbytes = 1 << (size - 1).bit_length()
+                memory.bytes += self.nbytes
+                memory.peak_bytes = max(memory.peak_bytes, memory.bytes)
+
+            def __del__(self) -> None:
+                memory.bytes -= self.nbytes
+
+        def pack(tensor: Any) -> Any:
+            return tensor if is_weight(tensor) else HostCopy(tensor)
+
+        def unpack(packed: Any) -> Any:
+            if isinstance(packed, torch.Tensor):
+                return packed
+            return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class Autocast:
     """torch.autocast's lower-precision casts for meta tensors: the matmul functions are wrapped
     (above autograd, so the casts are saved for backward as the real ones are, and checkpoint
@@ -205,11 +248,16 @@ def attention_functions() -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
-    """Patch what runs differently on meta than on CUDA for the replay's duration."""
+def cuda_behaviour(
+    recipe: Recipe, autocast: Autocast | None, host: HostMemory | None = None
+) -> Iterator[None]:
+    """Patch what runs differently on meta than on CUDA for the replay's duration; offloaded
+    activations are counted in `host`."""
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as masking
+
+    from autotune.training import offload
 
     flash, efficient = attention_functions()
     original_sdpa = F.scaled_dot_product_attention
@@ -255,6 +303,7 @@ def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
         (F, "dropout", dropout),
         # which rows of a batch are packed sequences is read from the data
         (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        (offload, "host_hooks", (host or HostMemory()).hooks),
     ]
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):

@@ -52,6 +52,7 @@ class TextForm:
 
 TEXT_FORMS = {
     "budget_bytes": TextForm(parse_bytes, str),
+    "host_budget_bytes": TextForm(parse_bytes, str),
     "timeout_seconds": TextForm(partial(parse_duration_seconds, what="--timeout"), format_duration),
     "probe_timeout_seconds": TextForm(
         partial(parse_duration_seconds, what="--probe-timeout"), format_duration

@@ -40,6 +40,7 @@ from autotune.losses import LOSSES
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
 from autotune.meta_cuda import (
     Autocast,
+    HostMemory,
     Recorder,
     cuda_behaviour,
     fresh_bitsandbytes_caches,
@@ -83,6 +84,8 @@ class Replay:
     paged_bytes: int = 0
     reservations: list[tuple[int, int]] = field(default_factory=list)
     """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
+    host_peak_bytes: int = 0
+    """Peak host memory of offloaded activations (pinned blocks)."""
 
     def estimate(self) -> MemoryEstimate:
         parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
@@ -92,6 +95,7 @@ class Replay:
             peak_bytes=self.peak_reserved_bytes + CUDA_CONTEXT_BYTES,
             breakdown=parts,
             paged_bytes=self.paged_bytes,
+            host_bytes=self.host_peak_bytes,
         )
 
 
@@ -263,7 +267,8 @@ def _replay(
     model = _meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
-    with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast), recorder.mode:
+    host = HostMemory()
+    with fresh_bitsandbytes_caches(), cuda_behaviour(recipe, autocast, host), recorder.mode:
         recorder.track(torch.zeros(1, device="meta"))  # the CUDA context's first tensor
         _load(model, recipe, recorder)
         original_release = build.release_cached_memory
@@ -316,6 +321,7 @@ def _replay(
         at_peak={k: v for k, v in recorder.at_peak.items() if v},
         paged_bytes=sum(paged),
         reservations=list(allocator.reservations),
+        host_peak_bytes=host.peak_bytes,
     )
 
 

@@ -7,6 +7,7 @@ import torch
 
 from autotune.recipe import Recipe
 from autotune.training.train import train
+from tests.test_study import workspace  # noqa: F401 - the fixture
 from tests.test_train import adapter_weights, lora_recipe
 
 
@@ -55,3 +56,140 @@ def test_the_formula_prices_dora_s_magnitudes_and_merged_weight():
     # with the chunked loss, DoRA's merged weight is the larger of the two
     assert with_dora["logits_and_loss"] == dora_weight_bytes(spec, dora)
     assert dora_weight_bytes(spec, lora) == 0
+
+
+def test_activation_offload_trains_to_the_same_losses(tiny_model, qa_data, tmp_path):
+    """The saved tensors' round trip through host memory is exact: the same losses step by
+    step as the run without it."""
+    runs = {
+        offload: train(
+            lora_recipe(tiny_model, activation_offload=offload, gradient_checkpointing=False),
+            qa_data,
+            tmp_path / f"out-{offload}",
+            max_steps=3,
+        ).losses
+        for offload in (False, True)
+    }
+    assert runs[True] == runs[False]
+    assert runs[True][-1] < runs[True][0]
+
+
+def test_offloaded_activations_are_saved_in_host_memory(tiny_model):
+    """Under the hooks, what autograd saves is a host copy (not the tensor the op made), and
+    weights stay as they are; backward gives the gradients of the step without them."""
+    from autotune.training.offload import offloaded_forward
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    recipe = Recipe.from_dict({"method": "full", "activation_offload": True})
+    with offloaded_forward(recipe):
+        hidden = layer(x)
+        out = torch.tanh(hidden)
+    # tanh saves its output: what backward reads is the host copy brought back, not the output
+    assert out.grad_fn._saved_result.data_ptr() != out.data_ptr()
+    assert torch.equal(out.grad_fn._saved_result, out)
+    # the linear saves its weight (transposed), which stays the parameter's own storage
+    assert hidden.grad_fn._saved_mat2.data_ptr() == layer.weight.data_ptr()
+    plain = torch.tanh(layer(x))
+    assert plain.grad_fn._saved_result.data_ptr() == plain.data_ptr()
+    out.sum().backward()
+    offloaded_grad = x.grad.clone()
+    x.grad = None
+    torch.tanh(layer(x)).sum().backward()
+    assert torch.equal(offloaded_grad, x.grad)
+
+
+def test_the_replay_counts_offloaded_activations_as_host_memory(cut_model):
+    """The meta device has no data to copy: the replay's hooks count each saved tensor's
+    pinned block in host memory and bring back an empty device tensor in backward."""
+    from autotune.replay import load_config, replay
+    from tests.test_replay import _cut_step
+
+    config = load_config(str(cut_model))
+    recipe = _cut_step(cut_model, method="full", gradient_checkpointing=False)
+    kept = replay(recipe, config, cublas_workspace_bytes=0)
+    offloaded = replay(recipe.replace(activation_offload=True), config, cublas_workspace_bytes=0)
+    assert kept.host_peak_bytes == 0 and offloaded.host_peak_bytes > 0
+    assert offloaded.at_peak.get("activations", 0) < kept.at_peak["activations"]
+    assert offloaded.estimate().host_bytes == offloaded.host_peak_bytes
+
+
+def test_the_formula_prices_offloaded_activations_on_the_host():
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from tests.conftest import SHAPE_CONFIGS
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict(
+        {"method": "lora", "quantization": "nf4", "micro_batch_size": 4, "loss": "chunked"}
+    )
+    for checkpointing in (True, False):
+        kept = estimate(spec, recipe.replace(gradient_checkpointing=checkpointing))
+        offloaded = estimate(
+            spec, recipe.replace(gradient_checkpointing=checkpointing, activation_offload=True)
+        )
+        assert kept.host_bytes == 0
+        # what left the GPU is on the host (in pinned blocks rounded up to powers of two)
+        left = kept.breakdown["activations"] - offloaded.breakdown.get("activations", 0)
+        assert 0 < left <= offloaded.host_bytes
+        assert offloaded.peak_bytes < kept.peak_bytes
+
+
+def test_a_study_searches_dora_and_offload_and_holds_offload_to_the_host_budget(
+    workspace,  # noqa: F811 - the fixture imported above
+):
+    """A space with both switches completes; with a host budget below what offload needs, the
+    offloaded trials are ruled out before any probe, with the reason."""
+    import re
+
+    from autotune.study import prepare_run, run_study
+    from tests.test_study import DEMO_SPACE, FakeRunner, settings_for
+
+    tmp_path, _, _ = workspace
+    space = tmp_path / "techniques.yaml"
+    text = DEMO_SPACE.read_text()
+    for key, choices in (
+        ("method", "[lora]"),
+        ("micro_batch_size", "[1]"),
+        ("optimizer", "[adamw]"),
+    ):
+        text = re.sub(rf"^{key}: .*$", f"{key}: {choices}", text, flags=re.M)
+    space.write_text(text + "use_dora: [false, true]\nactivation_offload: [false, true]\n")
+    runner = FakeRunner()
+    settings = settings_for(workspace, space_path=space, trials=10, host_budget_bytes=1)
+    study = run_study(prepare_run(settings), runner)
+    assert len(study.trials) == 10
+    recipes = {t.number: Recipe.from_dict(t.user_attrs["recipe"]) for t in study.trials}
+    assert {r.use_dora for r in recipes.values()} == {False, True}
+    offloaded = [t for t in study.trials if recipes[t.number].activation_offload]
+    assert offloaded
+    for trial in offloaded:
+        assert trial.user_attrs["status"] == "over_budget_predicted"
+        assert re.fullmatch(
+            r"predicted host memory .* > host budget .*", trial.user_attrs["reason"]
+        )
+    assert not any(r.recipe.activation_offload for r in runner.requests)
+    assert any(not r.recipe.activation_offload for r in runner.requests)
+
+
+def test_estimate_shows_the_host_memory_of_an_offloaded_recipe(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from tests.conftest import SHAPE_CONFIGS
+
+    recipe = tmp_path / "offload.yaml"
+    recipe.write_text(
+        Recipe.from_dict(
+            {"method": "lora", "quantization": "nf4", "activation_offload": True}
+        ).to_yaml()
+    )
+    model = str(SHAPE_CONFIGS / "qwen2-7b.json")
+    args = ["estimate", "-m", model, "-r", str(recipe), "--memory-model", "formula"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "host memory" in shown.output
+    figures = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
+    assert figures["host_peak_bytes"] > 0

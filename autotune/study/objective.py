@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.host_memory import host_budget
 from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
@@ -100,6 +101,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         for gpu in settings.gpus:
             gpu_pool.put(gpu)
 
+    host_budget_bytes = host_budget(settings.host_budget_bytes)
     fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
 
@@ -198,6 +200,14 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 + f" > budget {format_bytes(budget)}",
             )
 
+        if prediction.host_bytes > host_budget_bytes:
+            return finish(
+                TrialStatus.OVER_BUDGET_PREDICTED,
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                (prediction.host_bytes - host_budget_bytes) / host_budget_bytes,
+                f"predicted host memory {format_bytes(prediction.host_bytes)} > host budget "
+                f"{format_bytes(host_budget_bytes)}",
+            )
         gpu = gpu_pool.get() if gpu_pool else None
         try:
             request = probe_request(prepared, recipe, settings.probe_steps, settings.seed, gpu)

@@ -73,6 +73,10 @@ class RunSettings:
     budget_bytes: int
     """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB. GB/MB are
     decimal (10^9/10^6 bytes), GiB/MiB binary (2^30/2^20 bytes)."""
+    host_budget_bytes: int | None = None
+    """Host memory for what a recipe keeps off the GPU (offloaded activations, optimizer states
+    on the host), e.g. 64GB; a trial predicted above it is ruled out (default: the RAM available
+    when the study starts, less 10%)."""
     space_path: Path | None = None
     """Search space YAML (default: the one shipped with autotune)."""
     trials: int = 20
