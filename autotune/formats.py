@@ -228,6 +228,16 @@ def llamafactory_config(
     return config
 
 
+def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
+    """(key, what the exported config does instead) of each recipe key `fmt` cannot carry."""
+    keys = []
+    if recipe.activation_offload and fmt != "axolotl":
+        keys.append(("activation_offload", "keeps the saved activations on the GPU"))
+    if OPTIMIZERS[recipe.optimizer].host_states:
+        keys.append((f"optimizer {recipe.optimizer}", "keeps the optimizer's states on the GPU"))
+    return keys
+
+
 def render(
     fmt: str,
     recipe: Recipe,
@@ -256,11 +266,10 @@ def render(
             "trains with the standard loss and more memory (autotune train runs the recipe as "
             "it is)"
         )
-    if recipe.activation_offload and fmt != "axolotl":
+    for key, instead in _autotune_only(recipe, fmt):
         header.append(
-            f"# activation_offload is autotune-only: {fmt} has no equivalent, so this config "
-            "keeps the saved activations on the GPU and needs more memory (autotune train runs "
-            "the recipe as it is)"
+            f"# {key} is autotune-only: {fmt} has no equivalent, so this config {instead} and "
+            "needs more GPU memory (autotune train runs the recipe as it is)"
         )
     if fmt == "llamafactory":
         header.append(

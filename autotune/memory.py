@@ -12,7 +12,7 @@ from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.losses import LOSSES
 from autotune.model_spec import ATTENTION_LINEARS, BLOCK_LINEARS, MLP_LINEARS, ModelSpec
-from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
+from autotune.optimizers import HOST_MIN_ELEMENTS, OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
@@ -137,18 +137,21 @@ def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int
 
 def _optimizer_states(
     tensors: list[tuple[int, int]], recipe: Recipe, trainable_bytes: int
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """The optimizer's states of the trainable `tensors`: (bytes in the caching allocator,
-    bytes paged in unified memory)."""
+    bytes paged in unified memory, bytes in host memory). A CPU-offload optimizer keeps a
+    pinned host copy of each large tensor and of its gradient, and the states beside them."""
     kind = OPTIMIZERS[recipe.optimizer]
-    device = paged = 0
+    device = paged = host = 0
     for n, count in tensors:
         size = count * n * kind.state_bytes(n, trainable_bytes)
         if kind.paged and n >= PAGED_MIN_ELEMENTS:
             paged += size
+        elif kind.host_states and n >= HOST_MIN_ELEMENTS:
+            host += size + count * 2 * _pinned(n * trainable_bytes)
         else:
             device += size
-    return device, paged
+    return device, paged, host
 
 
 def _weights(spec: ModelSpec, recipe: Recipe) -> int:
@@ -307,7 +310,9 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
 
     weights = _weights(spec, recipe)
     gradients = trainable * trainable_bytes
-    optimizer_states, paged_states = _optimizer_states(tensors, recipe, trainable_bytes)
+    optimizer_states, paged_states, host_states = _optimizer_states(
+        tensors, recipe, trainable_bytes
+    )
     # autocast caches a bf16 copy of each weight that requires grad for the whole forward;
     # frozen weights (the base under LoRA, frozen blocks) are cast per use and freed.
     trainable_linear = 0
@@ -324,7 +329,7 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         spec, recipe
     )
     residual_bytes = a
-    host = offloaded_bytes(spec, recipe, tokens, per_block_token)
+    host = offloaded_bytes(spec, recipe, tokens, per_block_token) + host_states
     if recipe.activation_offload:
         # Saved tensors wait in host memory; backward brings back one node's at a time, and a
         # checkpointed block recomputes its own on the GPU.

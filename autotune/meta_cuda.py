@@ -133,6 +133,40 @@ class HostMemory:
         self.bytes = 0
         self.peak_bytes = 0
 
+    def hold(self, nbytes: int) -> None:
+        """Bytes held in host memory from now on (a CPU-offload optimizer's)."""
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def offload_optimizer(self, params: list[Any], learning_rate: float) -> Any:
+        """torchao's CPUOffloadOptimizer as it runs on CUDA, which the meta device cannot run:
+        each tensor of HOST_MIN_ELEMENTS or more gets a pinned host copy and a pinned host
+        gradient, and AdamW's two states beside them (host memory here), and its step on the
+        host writes the GPU tensor in place; smaller ones keep a fused AdamW on the device."""
+        import torch
+
+        from autotune.memory import _pinned
+        from autotune.optimizers import HOST_MIN_ELEMENTS
+
+        large = [p for p in params if p.numel() >= HOST_MIN_ELEMENTS]
+        for param in large:
+            nbytes = param.numel() * param.element_size()
+            self.hold(2 * _pinned(nbytes) + 2 * nbytes)
+        small = [p for p in params if p.numel() < HOST_MIN_ELEMENTS]
+
+        class Offloaded:
+            device = torch.optim.AdamW(small, lr=learning_rate, fused=True) if small else None
+
+            def step(self) -> None:
+                if self.device is not None:
+                    self.device.step()
+
+            def zero_grad(self, set_to_none: bool = True) -> None:
+                for param in params:
+                    param.grad = None
+
+        return Offloaded()
+
     def hooks(self) -> Any:
         import torch
 
@@ -145,8 +179,7 @@ class HostMemory:
                 self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
                 size = max(tensor.numel() * tensor.element_size(), PINNED_BLOCK_MIN_BYTES)
                 self.nbytes = 1 << (size - 1).bit_length()
-                memory.bytes += self.nbytes
-                memory.peak_bytes = max(memory.peak_bytes, memory.bytes)
+                memory.hold(self.nbytes)
 
             def __del__(self) -> None:
                 memory.bytes -= self.nbytes

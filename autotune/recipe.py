@@ -362,6 +362,16 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             )
     if recipe.method == "freeze" and recipe.frozen_layers < 1:
         problems.append("method freeze needs frozen_layers >= 1")
+    if (
+        recipe.optimizer in OPTIMIZERS
+        and recipe.precision in PRECISIONS
+        and OPTIMIZERS[recipe.optimizer].host_states
+        and PRECISIONS[recipe.precision].scales_loss
+    ):
+        # the gradients reach the host as backward makes them, before the scaler unscales them
+        problems.append(
+            f"optimizer {recipe.optimizer} cannot run with {recipe.precision}'s loss scaling"
+        )
     if recipe.method != "lora" and recipe.use_dora is True:
         problems.append(f"use_dora is for method lora, not {recipe.method}")
     if recipe.method != "freeze" and recipe.train_modules != "all":

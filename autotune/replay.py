@@ -177,14 +177,19 @@ def _load(model: Any, recipe: Recipe, recorder: Recorder) -> None:
             recorder.track(tensor)
 
 
-def _optimizer(model: Any, recipe: Recipe, recorder: Recorder) -> tuple[Any, list[int]]:
+def _optimizer(
+    model: Any, recipe: Recipe, recorder: Recorder, host: HostMemory
+) -> tuple[Any, list[int]]:
     """The probe's optimizer as it runs on CUDA: torch's AdamW fused or foreach as the registry
-    names it, paged states kept out of the allocator (their bytes are counted apart)."""
-    from autotune.training.build import build_optimizer
+    names it, paged states kept out of the allocator (their bytes are counted apart), host
+    states counted in `host`."""
+    from autotune.training.build import build_optimizer, trainable_parameters
 
+    kind = OPTIMIZERS[recipe.optimizer]
+    if kind.host_states:
+        return host.offload_optimizer(trainable_parameters(model), recipe.learning_rate), []
     optimizer = build_optimizer(model, recipe)
     paged: list[int] = []
-    kind = OPTIMIZERS[recipe.optimizer]
     if kind.fused:  # the meta device has the fused kernel too (cuda_behaviour lets it run)
         for group in optimizer.param_groups:
             group.update(fused=True, foreach=False)
@@ -281,7 +286,7 @@ def _replay(
         finally:
             build.release_cached_memory = original_release
         recorder.phase = "optimizer"
-        optimizer, paged = _optimizer(model, recipe, recorder)
+        optimizer, paged = _optimizer(model, recipe, recorder, host)
         workspaces: list[Any] = []
         batch: list[Any] = []
         loss = scaled = None

@@ -104,6 +104,7 @@ RECIPES = {
     "fused": {"method": "full", "loss": "fused_linear"},
     "qdora": {"method": "lora", "quantization": "nf4", "use_dora": True},
     "offload": {"method": "full", "activation_offload": True},
+    "cpu-offload-optimizer": {"method": "lora", "optimizer": "adamw_cpu_offload"},
 }
 
 
@@ -235,3 +236,9 @@ def test_activation_offload_is_named_autotune_only_where_a_format_has_no_option(
     text = render(fmt, recipe("offload"), None, num_layers=28)
     assert ("activation_offload is autotune-only" in text) == (fmt != "axolotl")
     assert "autotune-only" not in render(fmt, recipe("qdora"), None, num_layers=28)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
+def test_the_cpu_offload_optimizer_is_named_autotune_only(fmt):
+    text = render(fmt, recipe("cpu-offload-optimizer"), None, num_layers=28)
+    assert "optimizer adamw_cpu_offload is autotune-only" in text

@@ -75,6 +75,10 @@ def test_all_problems_reported_at_once():
         ({"train_modules": "attention"}, "train_modules is for method freeze, not lora"),
         ({"train_modules": "heads"}, "train_modules 'heads' is not one of all, attention, mlp"),
         ({"use_dora": "yes"}, "use_dora must be true or false"),
+        (
+            {"optimizer": "adamw_cpu_offload", "precision": "amp_fp16"},
+            "optimizer adamw_cpu_offload cannot run with amp_fp16's loss scaling",
+        ),
         ({"activation_offload": 1}, "activation_offload must be true or false"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"lora_dropout": float("nan")}, "lora_dropout"),

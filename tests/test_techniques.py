@@ -3,6 +3,7 @@ recipe says, and both memory models price them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autotune.recipe import Recipe
@@ -193,3 +194,61 @@ def test_estimate_shows_the_host_memory_of_an_offloaded_recipe(tmp_path):
     assert "host memory" in shown.output
     figures = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
     assert figures["host_peak_bytes"] > 0
+
+
+def test_a_study_on_the_cpu_leaves_the_cpu_offload_optimizer_out_with_its_reason(tmp_path):
+    import re
+
+    from autotune.architecture import read_architecture
+    from autotune.optimizers import optimizer_refusal
+    from autotune.replay import load_config
+    from autotune.space import SearchSpace
+    from autotune.study import supported_space
+    from tests.conftest import DEMO, ROOT
+
+    text = (ROOT / "autotune" / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
+    text = re.sub(r"^optimizer: .*$", "optimizer: [adamw, adamw_cpu_offload]", text, flags=re.M)
+    path = tmp_path / "space.yaml"
+    path.write_text(text, encoding="utf-8")
+    architecture = read_architecture(load_config(str(DEMO)))
+    space, unsupported = supported_space(SearchSpace.load(path), architecture, "cpu")
+    assert space.choices_of("optimizer") == ("adamw",)
+    assert "CUDA" in unsupported["optimizer"]["adamw_cpu_offload"]
+    assert optimizer_refusal("adamw_cpu_offload", None) == ""  # an estimate runs nowhere
+    assert optimizer_refusal("adamw", "cpu") == ""
+
+
+def test_both_memory_models_put_the_cpu_offload_optimizer_s_states_on_the_host(cut_model):
+    """The GPU keeps the parameters, their gradients and the small tensors' states; the host
+    the large tensors' copies, gradients and states. The replay emulates torchao's optimizer
+    (it needs CUDA tensors) and agrees with the formula on the host bytes."""
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.replay import load_config, replay
+    from tests.test_replay import _cut_step
+
+    recipe = _cut_step(cut_model, method="full", gradient_checkpointing=True)
+    offloaded = recipe.replace(optimizer="adamw_cpu_offload")
+    spec = load_model_spec(str(cut_model))
+    on_gpu, on_host = estimate(spec, recipe), estimate(spec, offloaded)
+    assert on_gpu.host_bytes == 0 and on_host.host_bytes > on_gpu.breakdown["optimizer_states"]
+    assert on_host.breakdown["optimizer_states"] < on_gpu.breakdown["optimizer_states"] / 10
+    config = load_config(str(cut_model))
+    kept = replay(recipe, config, cublas_workspace_bytes=0)
+    moved = replay(offloaded, config, cublas_workspace_bytes=0)
+    assert moved.host_peak_bytes == on_host.host_bytes
+    assert moved.peak_allocated_bytes < kept.peak_allocated_bytes
+
+
+@pytest.mark.gpu
+def test_the_cpu_offload_optimizer_trains_on_cuda_with_its_states_on_the_host(
+    tiny_model, qa_data, tmp_path
+):
+    pytest.importorskip("torchao")
+    from autotune.training.build import build_model, build_optimizer
+
+    recipe = lora_recipe(tiny_model, optimizer="adamw_cpu_offload", lr_schedule="constant")
+    optimizer = build_optimizer(build_model(recipe, "cuda"), recipe)
+    assert type(optimizer).__name__ == "CPUOffloadOptimizer"
+    report = train(recipe, qa_data, tmp_path / "out", max_steps=6)
+    assert report.losses[-1] < report.losses[0]
