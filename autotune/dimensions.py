@@ -20,6 +20,7 @@ from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
+    LEFT_OUT_METHODS,
     UPPER_BOUNDS,
     Method,
     Recipe,
@@ -269,6 +270,13 @@ def check_choices(dimension: Dimension, choices: tuple[Any, ...], where: str) ->
     problems = []
     if not choices:
         problems.append(f"{where} has no choices")
+    if dimension.name == "method":
+        problems += [
+            f"{where} {c} is left out: {LEFT_OUT_METHODS[c]}"
+            for c in choices
+            if c in LEFT_OUT_METHODS
+        ]
+        choices = tuple(c for c in choices if c not in LEFT_OUT_METHODS)
     if dimension.allowed is not None:
         allowed = dimension.allowed
         bad = [

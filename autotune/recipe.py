@@ -25,6 +25,11 @@ from autotune.quantizations import QUANTIZATIONS
 RECIPE_FORMAT_VERSION = 1
 
 Method = Literal["full", "lora", "freeze"]
+LEFT_OUT_METHODS = {
+    "bottleneck": "bottleneck adapters come from the adapters library, whose newest release "
+    "(1.3.0) needs transformers 4.57 and autotune runs on transformers 5; use lora",
+}
+"""Methods users ask for that autotune does not run, and why (one line each)."""
 TrainModules = Literal["all", "attention", "mlp"]
 Quantization = str
 """A name in quantizations.QUANTIZATIONS."""
@@ -307,7 +312,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("batching", BATCHINGS),
     ):
         value = getattr(recipe, name)
-        if value not in registry:
+        if name == "method" and value in LEFT_OUT_METHODS:
+            problems.append(f"method {value} is left out: {LEFT_OUT_METHODS[value]}")
+        elif value not in registry:
             problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
     if not isinstance(recipe.model, str):
         problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")

@@ -252,3 +252,21 @@ def test_the_cpu_offload_optimizer_trains_on_cuda_with_its_states_on_the_host(
     assert type(optimizer).__name__ == "CPUOffloadOptimizer"
     report = train(recipe, qa_data, tmp_path / "out", max_steps=6)
     assert report.losses[-1] < report.losses[0]
+
+
+def test_bottleneck_adapters_are_left_out_with_their_reason(tmp_path):
+    """The adapters library's newest release pins transformers 4.57: a recipe or a space that
+    asks for them is refused in one line that says so, not as an unknown method."""
+    import re
+
+    from autotune.errors import UsageError
+    from autotune.space import SearchSpace
+    from tests.test_study import DEMO_SPACE
+
+    with pytest.raises(UsageError, match="method bottleneck is left out: .*transformers 4.57"):
+        Recipe.from_dict({"method": "bottleneck"})
+    space = tmp_path / "space.yaml"
+    text = re.sub(r"^method: .*$", "method: [lora, bottleneck]", DEMO_SPACE.read_text(), flags=re.M)
+    space.write_text(text)
+    with pytest.raises(UsageError, match="bottleneck is left out: .*adapters library"):
+        SearchSpace.load(space)
