@@ -148,7 +148,7 @@ def _optimizer_states(
         if kind.paged and n >= PAGED_MIN_ELEMENTS:
             paged += size
         elif kind.host_states and n >= HOST_MIN_ELEMENTS:
-            host += size + count * 2 * _pinned(n * trainable_bytes)
+            host += size + count * 2 * pinned_host_bytes(n * trainable_bytes)
         else:
             device += size
     return device, paged, host
@@ -274,9 +274,14 @@ OFFLOAD_ROUNDING = 1.75
 rounded up to a power of two (fitted to the replay's count on Qwen2-0.5B and -7B shapes)."""
 
 
-def _pinned(nbytes: float) -> int:
-    """A pinned host block: CUDA's host caching allocator rounds each up to a power of two."""
-    return 1 << max(int(nbytes) - 1, 0).bit_length()
+PINNED_BLOCK_MIN_BYTES = 512
+"""The smallest block CUDA's pinned host allocator hands out."""
+
+
+def pinned_host_bytes(nbytes: float) -> int:
+    """The pinned host block `nbytes` take: CUDA's host caching allocator rounds each request
+    up to a power of two."""
+    return 1 << (max(int(nbytes), PINNED_BLOCK_MIN_BYTES) - 1).bit_length()
 
 
 def offloaded_bytes(spec: ModelSpec, recipe: Recipe, tokens: int, per_block_token: float) -> int:
@@ -287,15 +292,16 @@ def offloaded_bytes(spec: ModelSpec, recipe: Recipe, tokens: int, per_block_toke
     a = activation_bytes_per_element(recipe)
     blocks = _blocks_with_activations(spec, recipe)
     if recipe.gradient_checkpointing:
-        saved = blocks * _pinned(tokens * spec.hidden_size * a)
+        saved = blocks * pinned_host_bytes(tokens * spec.hidden_size * a)
     else:
         saved = int(blocks * tokens * per_block_token * OFFLOAD_ROUNDING)
     kind = LOSSES[recipe.loss]
     if kind.chunked or kind.fused:
-        saved += _pinned(tokens * spec.hidden_size * a)  # the hidden states the loss takes
+        # the hidden states the loss takes
+        saved += pinned_host_bytes(tokens * spec.hidden_size * a)
     else:
         # log_softmax and nll_loss each save the fp32 log-probabilities: two host copies
-        saved += 2 * _pinned(tokens * spec.vocab_size * 4)
+        saved += 2 * pinned_host_bytes(tokens * spec.vocab_size * 4)
     return saved
 
 

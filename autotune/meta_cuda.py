@@ -119,10 +119,6 @@ class Recorder:
             self.paused = False
 
 
-PINNED_BLOCK_MIN_BYTES = 512
-"""The smallest block CUDA's pinned host allocator hands out."""
-
-
 class HostMemory:
     """Host memory that activation offload fills in the replay (autotune.training.offload): each
     saved tensor, from the forward that saves it until its graph is freed, in a pinned block of
@@ -145,13 +141,13 @@ class HostMemory:
         host writes the GPU tensor in place; smaller ones keep a fused AdamW on the device."""
         import torch
 
-        from autotune.memory import _pinned
+        from autotune.memory import pinned_host_bytes
         from autotune.optimizers import HOST_MIN_ELEMENTS
 
         large = [p for p in params if p.numel() >= HOST_MIN_ELEMENTS]
         for param in large:
             nbytes = param.numel() * param.element_size()
-            self.hold(2 * _pinned(nbytes) + 2 * nbytes)
+            self.hold(2 * pinned_host_bytes(nbytes) + 2 * nbytes)
         small = [p for p in params if p.numel() < HOST_MIN_ELEMENTS]
 
         class Offloaded:
@@ -170,6 +166,7 @@ class HostMemory:
     def hooks(self) -> Any:
         import torch
 
+        from autotune.memory import pinned_host_bytes
         from autotune.training.offload import is_weight
 
         memory = self
@@ -177,8 +174,7 @@ class HostMemory:
         class HostCopy:
             def __init__(self, tensor: Any) -> None:
                 self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
-                size = max(tensor.numel() * tensor.element_size(), PINNED_BLOCK_MIN_BYTES)
-                self.nbytes = 1 << (size - 1).bit_length()
+                self.nbytes = pinned_host_bytes(tensor.numel() * tensor.element_size())
                 memory.hold(self.nbytes)
 
             def __del__(self) -> None:

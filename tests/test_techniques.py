@@ -270,3 +270,35 @@ def test_bottleneck_adapters_are_left_out_with_their_reason(tmp_path):
     space.write_text(text)
     with pytest.raises(UsageError, match="bottleneck is left out: .*adapters library"):
         SearchSpace.load(space)
+
+
+def test_train_refuses_the_cpu_offload_optimizer_off_cuda(tiny_model, qa_data, tmp_path):
+    from autotune.api import train as train_recipe
+    from autotune.errors import UsageError
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(lora_recipe(tiny_model, optimizer="adamw_cpu_offload").to_yaml())
+    with pytest.raises(UsageError, match="optimizer adamw_cpu_offload: .*needs CUDA"):
+        train_recipe(path, qa_data, tmp_path / "out", device="cpu", max_steps=1)
+
+
+def test_the_default_space_fits_micro_batch_8_of_qwen2_7b_in_24gb_through_the_new_techniques():
+    """Before the default space searched them, no recipe of micro-batch 8 fit Qwen2-7B in 24 GB
+    (tests/test_study.py keeps that space); the chunked loss and activation offload make room."""
+    import time
+
+    from autotune.model_spec import load_model_spec
+    from autotune.space import SPACES_DIR, SearchSpace
+    from autotune.study import budget_fit
+    from tests.conftest import SHAPE_CONFIGS
+
+    model = str(SHAPE_CONFIGS / "qwen2-7b.json")
+    spec = load_model_spec(model)
+    space = SearchSpace.load(SPACES_DIR / "default.yaml")
+    assert space.searched("use_dora") and space.searched("activation_offload")
+    started = time.perf_counter()
+    fit = budget_fit(space, model, spec, 1024, 24 * 10**9, margin=0.0)
+    print(f"budget_fit of the default space: {time.perf_counter() - started:.1f} s")
+    assert 8 in fit.choices["micro_batch_size"]
+    assert set(fit.choices["loss"]) == {"standard", "chunked"}
+    assert set(fit.choices["activation_offload"]) == {False, True}
