@@ -1,5 +1,5 @@
-"""The host memory budget: what a recipe keeps off the GPU (offloaded activations, optimizer
-states on the host) has to fit the machine's RAM as its GPU peak fits the card."""
+"""Host memory: what a recipe keeps off the GPU (offloaded activations, optimizer states on the
+host) sits in pinned blocks, and has to fit the machine's RAM as its GPU peak fits the card."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from pathlib import Path
 HOST_MARGIN_FRACTION = 0.10
 """Left to the rest of the machine when the budget is the RAM available: the probe process's
 own memory (its data, tokenizer, Python) and whatever else runs."""
+
+
+PINNED_BLOCK_MIN_BYTES = 512
+"""The smallest block CUDA's pinned host allocator hands out."""
+
+
+def pinned_host_bytes(nbytes: float) -> int:
+    """The pinned host block `nbytes` take: CUDA's host caching allocator rounds each request
+    up to a power of two."""
+    return 1 << (max(int(nbytes), PINNED_BLOCK_MIN_BYTES) - 1).bit_length()
 
 
 def available_host_bytes() -> int:

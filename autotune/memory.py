@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.host_memory import pinned_host_bytes
 from autotune.losses import LOSSES
 from autotune.model_spec import ATTENTION_LINEARS, BLOCK_LINEARS, MLP_LINEARS, ModelSpec
 from autotune.optimizers import HOST_MIN_ELEMENTS, OPTIMIZERS, PAGED_MIN_ELEMENTS
@@ -246,6 +247,17 @@ def dora_weight_bytes(spec: ModelSpec, recipe: Recipe) -> int:
     )
 
 
+def dora_saved_weight_bytes(spec: ModelSpec, recipe: Recipe) -> int:
+    """What DoRA keeps per block when the adapter has dropout: peft then recomputes the base
+    output from the dropped-out input with the fp32 (cast or dequantized) base weight, which
+    that linear saves for backward: every adapted weight of the block in fp32."""
+    if recipe.method != "lora" or not recipe.use_dora or not (recipe.lora_dropout or 0) > 0:
+        return 0
+    shapes = spec.linear_shapes()
+    targets = spec.target_linears(recipe.lora_target_modules or "all-linear")
+    return ADAPTER_BYTES * sum(shapes[t][0] * shapes[t][1] for t in targets)
+
+
 def _blocks_with_activations(spec: ModelSpec, recipe: Recipe) -> int:
     """Blocks below the first trainable one need no activations: nothing flows back to them."""
     if recipe.method == "freeze":
@@ -272,16 +284,6 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
 OFFLOAD_ROUNDING = 1.75
 """Host bytes per saved byte when a block's many saved tensors go to pinned host blocks, each
 rounded up to a power of two (fitted to the replay's count on Qwen2-0.5B and -7B shapes)."""
-
-
-PINNED_BLOCK_MIN_BYTES = 512
-"""The smallest block CUDA's pinned host allocator hands out."""
-
-
-def pinned_host_bytes(nbytes: float) -> int:
-    """The pinned host block `nbytes` take: CUDA's host caching allocator rounds each request
-    up to a power of two."""
-    return 1 << (max(int(nbytes), PINNED_BLOCK_MIN_BYTES) - 1).bit_length()
 
 
 def offloaded_bytes(spec: ModelSpec, recipe: Recipe, tokens: int, per_block_token: float) -> int:
@@ -335,16 +337,19 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         spec, recipe
     )
     residual_bytes = a
+    dora_weights = dora_saved_weight_bytes(spec, recipe)  # per block, whatever the tokens
     host = offloaded_bytes(spec, recipe, tokens, per_block_token) + host_states
     if recipe.activation_offload:
         # Saved tensors wait in host memory; backward brings back one node's at a time, and a
         # checkpointed block recomputes its own on the GPU.
         activations = tokens * per_block_token if recipe.gradient_checkpointing else 0.0
+        host += 0 if recipe.gradient_checkpointing else blocks * dora_weights
     elif recipe.gradient_checkpointing:
         # Each block keeps only its input; one block at a time is recomputed in backward.
         activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
+        activations += dora_weights
     else:
-        activations = tokens * blocks * per_block_token
+        activations = tokens * blocks * per_block_token + blocks * dora_weights
     if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
         activations += tokens * _row_tokens(recipe, seq_len)

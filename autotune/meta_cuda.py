@@ -141,7 +141,7 @@ class HostMemory:
         host writes the GPU tensor in place; smaller ones keep a fused AdamW on the device."""
         import torch
 
-        from autotune.memory import pinned_host_bytes
+        from autotune.host_memory import pinned_host_bytes
         from autotune.optimizers import HOST_MIN_ELEMENTS
 
         large = [p for p in params if p.numel() >= HOST_MIN_ELEMENTS]
@@ -166,7 +166,7 @@ class HostMemory:
     def hooks(self) -> Any:
         import torch
 
-        from autotune.memory import pinned_host_bytes
+        from autotune.host_memory import pinned_host_bytes
         from autotune.training.offload import is_weight
 
         memory = self
