@@ -21,6 +21,7 @@ from typing import Any
 from autotune.attentions import ATTENTIONS
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
+from autotune.optimizers import optimizer_refusal
 from autotune.recipe import Recipe
 
 
@@ -100,6 +101,9 @@ class Architecture:
         refusal = loss_refusal(recipe.loss, device)
         if refusal:
             problems.append(f"loss {recipe.loss}: {refusal}")
+        refusal = optimizer_refusal(recipe.optimizer, device)
+        if refusal:
+            problems.append(f"optimizer {recipe.optimizer}: {refusal}")
         return problems
 
 

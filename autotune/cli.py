@@ -35,6 +35,7 @@ def run(
     model: str = setting_option("model", "--model", "-m"),
     data_path: Path = setting_option("data_path", "--data", "-d"),
     budget_bytes: str = setting_option("budget_bytes", "--budget", "-b"),
+    host_budget_bytes: str | None = setting_option("host_budget_bytes", "--host-budget"),
     space_path: Path | None = setting_option("space_path", "--space"),
     trials: int = setting_option("trials", "--trials", "-n"),
     timeout_seconds: str | None = setting_option("timeout_seconds", "--timeout"),
@@ -52,7 +53,6 @@ def run(
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
     gpus_per_probe: int = setting_option("gpus_per_probe", "--gpus-per-probe"),
-    host_budget_bytes: str | None = setting_option("host_budget_bytes", "--host-budget"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),
@@ -325,7 +325,10 @@ def estimate(
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
         )
     if result.host_bytes:
-        typer.echo(f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  (offload)")
+        typer.echo(
+            f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  "
+            "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
+        )
     if budget_bytes is not None:
         typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))
 

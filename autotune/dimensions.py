@@ -21,6 +21,7 @@ from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import (
+    LEFT_OUT_METHODS,
     UPPER_BOUNDS,
     Method,
     Recipe,
@@ -162,6 +163,16 @@ DIMENSIONS: tuple[Dimension, ...] = (
         always_searched=False,
     ),
     Dimension(
+        "use_dora",
+        _same("use_dora"),
+        _field("use_dora"),
+        methods=LORA,
+        allowed=(False, True),
+        default=(False,),
+        # studies from before the dimension hold no use_dora parameter
+        always_searched=False,
+    ),
+    Dimension(
         "frozen_layers_fraction",
         _frozen_layers,
         _frozen_fraction,
@@ -194,6 +205,14 @@ DIMENSIONS: tuple[Dimension, ...] = (
         _same("gradient_checkpointing"),
         _field("gradient_checkpointing"),
         allowed=(True, False),
+    ),
+    Dimension(
+        "activation_offload",
+        _same("activation_offload"),
+        _field("activation_offload"),
+        allowed=(False, True),
+        default=(False,),
+        always_searched=False,
     ),
     Dimension("optimizer", _same("optimizer"), _field("optimizer"), allowed=tuple(OPTIMIZERS)),
     Dimension(
@@ -263,6 +282,13 @@ def check_choices(dimension: Dimension, choices: tuple[Any, ...], where: str) ->
     problems = []
     if not choices:
         problems.append(f"{where} has no choices")
+    if dimension.name == "method":
+        problems += [
+            f"{where} {c} is left out: {LEFT_OUT_METHODS[c]}"
+            for c in choices
+            if c in LEFT_OUT_METHODS
+        ]
+        choices = tuple(c for c in choices if c not in LEFT_OUT_METHODS)
     if dimension.allowed is not None:
         allowed = dimension.allowed
         bad = [

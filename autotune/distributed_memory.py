@@ -81,7 +81,10 @@ def per_gpu_estimate(
     parts["allocator_overhead"] += int(ALLOCATOR_OVERHEAD_FRACTION * (allocated - allocated_before))
     paged = single.paged_bytes // gpus if kind.shards_states else single.paged_bytes
     return MemoryEstimate(
-        peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged, host_bytes=host
+        peak_bytes=int(sum(parts.values())),
+        breakdown=parts,
+        paged_bytes=paged,
+        host_bytes=single.host_bytes + host,  # offloaded activations stay per rank
     )
 
 

@@ -91,6 +91,8 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
             "target_modules": _target_list(recipe),
             "task_type": "CAUSAL_LM",
         }
+        if recipe.use_dora:
+            config["lora_config"]["use_dora"] = True
     bitsandbytes_config = QUANTIZATIONS[recipe.quantization].bitsandbytes_config
     if bitsandbytes_config is not None:
         compute = "float16" if _half_flags(recipe)["fp16"] else "bfloat16"
@@ -154,6 +156,8 @@ def axolotl_config(
     config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))
     config.update(ATTENTIONS[recipe.attention].axolotl)
     config.update(axolotl_keys(recipe))
+    if recipe.activation_offload:
+        config["activation_offloading"] = True  # saved activations to host memory
     if recipe.method == "lora":
         config.update(
             adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
@@ -161,6 +165,8 @@ def axolotl_config(
             lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout,
         )
+        if recipe.use_dora:
+            config["peft_use_dora"] = True
         if recipe.lora_target_modules == "all-linear":
             config["lora_target_linear"] = True
         else:
@@ -214,6 +220,8 @@ def llamafactory_config(
             lora_dropout=recipe.lora_dropout,
             lora_target="all" if targets == "all-linear" else ",".join(targets or ()),
         )
+        if recipe.use_dora:
+            config["use_dora"] = True
         bits = QUANTIZATIONS[recipe.quantization].bits
         if bits is not None:
             config.update(
@@ -241,6 +249,16 @@ def accelerate_config(recipe: Recipe) -> dict[str, Any]:
         "debug": False,
         **accelerate_keys(recipe),
     }
+
+
+def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
+    """(key, what the exported config does instead) of each recipe key `fmt` cannot carry."""
+    keys = []
+    if recipe.activation_offload and fmt != "axolotl":
+        keys.append(("activation_offload", "keeps the saved activations on the GPU"))
+    if OPTIMIZERS[recipe.optimizer].host_states:
+        keys.append((f"optimizer {recipe.optimizer}", "keeps the optimizer's states on the GPU"))
+    return keys
 
 
 def render(
@@ -274,6 +292,11 @@ def render(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "
             "trains with the standard loss and more memory (autotune train runs the recipe as "
             "it is)"
+        )
+    for key, instead in _autotune_only(recipe, fmt):
+        header.append(
+            f"# {key} is autotune-only: {fmt} has no equivalent, so this config {instead} and "
+            "needs more GPU memory (autotune train runs the recipe as it is)"
         )
     if fmt == "llamafactory":
         header.append(

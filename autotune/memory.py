@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.host_memory import pinned_host_bytes
 from autotune.losses import LOSSES
 from autotune.model_spec import ATTENTION_LINEARS, BLOCK_LINEARS, MLP_LINEARS, ModelSpec
-from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
+from autotune.optimizers import HOST_MIN_ELEMENTS, OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
@@ -49,7 +50,9 @@ class MemoryEstimate:
     """Paged optimizer states in unified memory, outside the peak (see
     optimizers.PAGED_MIN_ELEMENTS)."""
     host_bytes: int = 0
-    """What an offloading recipe keeps in host memory, outside the peak (distributed_memory)."""
+    """Host memory the recipe holds at its peak outside the GPU, per GPU: offloaded activations,
+    optimizer states (and, sharded with offload, parameters); budgeted against the machine's RAM,
+    not the card's."""
 
     @property
     def allocated_bytes(self) -> int:
@@ -64,7 +67,7 @@ class MemoryEstimate:
         if self.paged_bytes:
             record["paged_bytes"] = self.paged_bytes
         if self.host_bytes:
-            record["host_bytes"] = self.host_bytes
+            record["host_peak_bytes"] = self.host_bytes
         return record
 
 
@@ -87,6 +90,8 @@ def trainable_tensors(spec: ModelSpec, recipe: Recipe) -> list[tuple[int, int]]:
         for target in spec.target_linears(recipe.lora_target_modules or "all-linear"):
             fan_in, fan_out = shapes[target]
             tensors += [(rank * fan_in, spec.num_layers), (fan_out * rank, spec.num_layers)]
+            if recipe.use_dora:  # DoRA's magnitude: one per output feature
+                tensors.append((fan_out, spec.num_layers))
         return tensors
     blocks = spec.num_layers
     head = [(spec.lm_head_params, 1)]
@@ -134,18 +139,21 @@ def _head_gradient(spec: ModelSpec, recipe: Recipe, trainable_bytes: int) -> int
 
 def _optimizer_states(
     tensors: list[tuple[int, int]], recipe: Recipe, trainable_bytes: int
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """The optimizer's states of the trainable `tensors`: (bytes in the caching allocator,
-    bytes paged in unified memory)."""
+    bytes paged in unified memory, bytes in host memory). A CPU-offload optimizer keeps a
+    pinned host copy of each large tensor and of its gradient, and the states beside them."""
     kind = OPTIMIZERS[recipe.optimizer]
-    device = paged = 0
+    device = paged = host = 0
     for n, count in tensors:
         size = count * n * kind.state_bytes(n, trainable_bytes)
         if kind.paged and n >= PAGED_MIN_ELEMENTS:
             paged += size
+        elif kind.host_states and n >= HOST_MIN_ELEMENTS:
+            host += size + count * 2 * pinned_host_bytes(n * trainable_bytes)
         else:
             device += size
-    return device, paged
+    return device, paged, host
 
 
 def _weights(spec: ModelSpec, recipe: Recipe) -> int:
@@ -210,10 +218,45 @@ def _lora_activations_per_token(spec: ModelSpec, recipe: Recipe) -> float:
     shapes = spec.linear_shapes()
     dropout_mask = 1 if (recipe.lora_dropout or 0) > 0 else 0
     rank = recipe.lora_r or 0
+    # DoRA's rescaling multiplies the base output and the adapter's (fp32) by the magnitude,
+    # which trains, so both are kept
+    dora = activation_bytes_per_element(recipe) + ADAPTER_BYTES if recipe.use_dora else 0
     return sum(
-        shapes[t][0] * (ADAPTER_BYTES + dropout_mask) + ADAPTER_BYTES * rank
+        shapes[t][0] * (ADAPTER_BYTES + dropout_mask) + ADAPTER_BYTES * rank + shapes[t][1] * dora
         for t in spec.target_linears(recipe.lora_target_modules or "all-linear")
     )
+
+
+def dora_weight_bytes(spec: ModelSpec, recipe: Recipe) -> int:
+    """What DoRA's forward makes for its largest adapted linear and frees after it (peft's
+    dora.py): the adapter's product BA through an fp32 identity as wide as the input (kept with
+    its graph until the layer returns), the base weight cast to the adapter's fp32 (after
+    dequantizing a k-bit one), and W + scaling * BA for the column norms."""
+    if recipe.method != "lora" or not recipe.use_dora:
+        return 0
+    shapes = spec.linear_shapes()
+    rank = recipe.lora_r or 0
+    cast = 0 if PRECISIONS[recipe.precision].weight_bytes == 4 else 4  # an fp32 base is used as is
+    if recipe.quantization != "none":
+        cast = 4 + PRECISIONS[recipe.precision].compute_bytes  # dequantized, then cast
+    return max(
+        ADAPTER_BYTES * (fan_in * fan_in + fan_in * rank + 3 * fan_in * fan_out)
+        + cast * fan_in * fan_out
+        for fan_in, fan_out in (
+            shapes[t] for t in spec.target_linears(recipe.lora_target_modules or "all-linear")
+        )
+    )
+
+
+def dora_saved_weight_bytes(spec: ModelSpec, recipe: Recipe) -> int:
+    """What DoRA keeps per block when the adapter has dropout: peft then recomputes the base
+    output from the dropped-out input with the fp32 (cast or dequantized) base weight, which
+    that linear saves for backward: every adapted weight of the block in fp32."""
+    if recipe.method != "lora" or not recipe.use_dora or not (recipe.lora_dropout or 0) > 0:
+        return 0
+    shapes = spec.linear_shapes()
+    targets = spec.target_linears(recipe.lora_target_modules or "all-linear")
+    return ADAPTER_BYTES * sum(shapes[t][0] * shapes[t][1] for t in targets)
 
 
 def _blocks_with_activations(spec: ModelSpec, recipe: Recipe) -> int:
@@ -239,6 +282,32 @@ def loss_logit_tokens(spec: ModelSpec, recipe: Recipe, tokens: int) -> int:
     return tokens
 
 
+OFFLOAD_ROUNDING = 1.75
+"""Host bytes per saved byte when a block's many saved tensors go to pinned host blocks, each
+rounded up to a power of two (fitted to the replay's count on Qwen2-0.5B and -7B shapes)."""
+
+
+def offloaded_bytes(spec: ModelSpec, recipe: Recipe, tokens: int, per_block_token: float) -> int:
+    """Host memory activation offload fills (training.offload): every tensor the forward saves
+    for backward, each saved reference copied apart; with checkpointing, each block's input."""
+    if not recipe.activation_offload:
+        return 0
+    a = activation_bytes_per_element(recipe)
+    blocks = _blocks_with_activations(spec, recipe)
+    if recipe.gradient_checkpointing:
+        saved = blocks * pinned_host_bytes(tokens * spec.hidden_size * a)
+    else:
+        saved = int(blocks * tokens * per_block_token * OFFLOAD_ROUNDING)
+    kind = LOSSES[recipe.loss]
+    if kind.chunked or kind.fused:
+        # the hidden states the loss takes
+        saved += pinned_host_bytes(tokens * spec.hidden_size * a)
+    else:
+        # log_softmax and nll_loss each save the fp32 log-probabilities: two host copies
+        saved += 2 * pinned_host_bytes(tokens * spec.vocab_size * 4)
+    return saved
+
+
 def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
     """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`; of
     each GPU for a distributed recipe (distributed_memory.py)."""
@@ -251,7 +320,9 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
 
     weights = _weights(spec, recipe)
     gradients = trainable * trainable_bytes
-    optimizer_states, paged_states = _optimizer_states(tensors, recipe, trainable_bytes)
+    optimizer_states, paged_states, host_states = _optimizer_states(
+        tensors, recipe, trainable_bytes
+    )
     # autocast caches a bf16 copy of each weight that requires grad for the whole forward;
     # frozen weights (the base under LoRA, frozen blocks) are cast per use and freed.
     trainable_linear = 0
@@ -268,11 +339,19 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         spec, recipe
     )
     residual_bytes = a
-    if recipe.gradient_checkpointing:
+    dora_weights = dora_saved_weight_bytes(spec, recipe)  # per block, whatever the tokens
+    host = offloaded_bytes(spec, recipe, tokens, per_block_token) + host_states
+    if recipe.activation_offload:
+        # Saved tensors wait in host memory; backward brings back one node's at a time, and a
+        # checkpointed block recomputes its own on the GPU.
+        activations = tokens * per_block_token if recipe.gradient_checkpointing else 0.0
+        host += 0 if recipe.gradient_checkpointing else blocks * dora_weights
+    elif recipe.gradient_checkpointing:
         # Each block keeps only its input; one block at a time is recomputed in backward.
         activations = tokens * (blocks * residual_bytes * spec.hidden_size + per_block_token)
+        activations += dora_weights
     else:
-        activations = tokens * blocks * per_block_token
+        activations = tokens * blocks * per_block_token + blocks * dora_weights
     if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
         activations += tokens * _row_tokens(recipe, seq_len)
@@ -285,6 +364,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 4) + tokens * spec.hidden_size * a
     else:
         logits_and_loss = logit_tokens * spec.vocab_size * (a + 8)
+
+    # DoRA's merged weight exists inside one layer's forward (or its recompute), never while
+    # the loss's buffers do: the larger of the two counts.
+    logits_and_loss = max(logits_and_loss, dora_weight_bytes(spec, recipe))
 
     # Two moments compete for the peak: the start of backward (activations, logits, gradients
     # kept across accumulation) and the optimizer step (gradients plus foreach temporaries).
@@ -319,7 +402,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     )
     parts["cuda_context"] = CUDA_CONTEXT_BYTES
     single = MemoryEstimate(
-        peak_bytes=int(sum(parts.values())), breakdown=parts, paged_bytes=paged_states
+        peak_bytes=int(sum(parts.values())),
+        breakdown=parts,
+        paged_bytes=paged_states,
+        host_bytes=host,
     )
     if recipe.num_gpus == 1:
         return single

@@ -124,6 +124,78 @@ class Recorder:
             self.paused = False
 
 
+class HostMemory:
+    """Host memory that activation offload fills in the replay (autotune.training.offload): each
+    saved tensor, from the forward that saves it until its graph is freed, in a pinned block of
+    its size rounded up to a power of two (CUDA's host caching allocator). Backward's copy back
+    is an empty device tensor the recorder follows; the meta device has no data to copy."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def hold(self, nbytes: int) -> None:
+        """Bytes held in host memory from now on (a CPU-offload optimizer's)."""
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def offload_optimizer(self, params: list[Any], learning_rate: float) -> Any:
+        """torchao's CPUOffloadOptimizer as it runs on CUDA, which the meta device cannot run:
+        each tensor of HOST_MIN_ELEMENTS or more gets a pinned host copy and a pinned host
+        gradient, and AdamW's two states beside them (host memory here), and its step on the
+        host writes the GPU tensor in place; smaller ones keep a fused AdamW on the device."""
+        import torch
+
+        from autotune.host_memory import pinned_host_bytes
+        from autotune.optimizers import HOST_MIN_ELEMENTS
+
+        large = [p for p in params if p.numel() >= HOST_MIN_ELEMENTS]
+        for param in large:
+            nbytes = param.numel() * param.element_size()
+            self.hold(2 * pinned_host_bytes(nbytes) + 2 * nbytes)
+        small = [p for p in params if p.numel() < HOST_MIN_ELEMENTS]
+
+        class Offloaded:
+            device = torch.optim.AdamW(small, lr=learning_rate, fused=True) if small else None
+
+            def step(self) -> None:
+                if self.device is not None:
+                    self.device.step()
+
+            def zero_grad(self, set_to_none: bool = True) -> None:
+                for param in params:
+                    param.grad = None
+
+        return Offloaded()
+
+    def hooks(self) -> Any:
+        import torch
+
+        from autotune.host_memory import pinned_host_bytes
+        from autotune.training.offload import is_weight
+
+        memory = self
+
+        class HostCopy:
+            def __init__(self, tensor: Any) -> None:
+                self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+                self.nbytes = pinned_host_bytes(tensor.numel() * tensor.element_size())
+                memory.hold(self.nbytes)
+
+            def __del__(self) -> None:
+                memory.bytes -= self.nbytes
+
+        def pack(tensor: Any) -> Any:
+            return tensor if is_weight(tensor) else HostCopy(tensor)
+
+        def unpack(packed: Any) -> Any:
+            if isinstance(packed, torch.Tensor):
+                return packed
+            return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class Autocast:
     """torch.autocast's lower-precision casts for meta tensors: the matmul functions are wrapped
     (above autograd, so the casts are saved for backward as the real ones are, and checkpoint
@@ -210,11 +282,16 @@ def attention_functions() -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
-    """Patch what runs differently on meta than on CUDA for the replay's duration."""
+def cuda_behaviour(
+    recipe: Recipe, autocast: Autocast | None, host: HostMemory | None = None
+) -> Iterator[None]:
+    """Patch what runs differently on meta than on CUDA for the replay's duration; offloaded
+    activations are counted in `host`."""
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as masking
+
+    from autotune.training import offload
 
     flash, efficient = attention_functions()
     original_sdpa = F.scaled_dot_product_attention
@@ -260,6 +337,7 @@ def cuda_behaviour(recipe: Recipe, autocast: Autocast | None) -> Iterator[None]:
         (F, "dropout", dropout),
         # which rows of a batch are packed sequences is read from the data
         (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        (offload, "host_hooks", (host or HostMemory()).hooks),
     ]
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):

@@ -20,6 +20,11 @@ On a GPU larger than the budget they stay resident, so a probe there does not pa
 that a card of the budget's size would."""
 
 
+HOST_MIN_ELEMENTS = 4096
+"""torchao's CPUOffloadOptimizer keeps tensors smaller than this (minimal_size) and their
+states on the GPU, with an ordinary AdamW: norm weights and biases."""
+
+
 @dataclass(frozen=True)
 class OptimizerKind:
     name: str
@@ -41,6 +46,11 @@ class OptimizerKind:
     """One fused kernel updates every tensor in place (torch's fused AdamW)."""
     bitsandbytes: bool = False
     """It needs bitsandbytes."""
+    host_states: bool = False
+    """The states of tensors of HOST_MIN_ELEMENTS or more, a host copy of those tensors and of
+    their gradients live in host memory and the step runs on the CPU (torchao's
+    CPUOffloadOptimizer): CUDA only, and autotune-only in the exports (their tools have no
+    such optimizer)."""
 
 
 def fused_kernel_devices() -> tuple[str, ...]:
@@ -76,6 +86,35 @@ def _bitsandbytes(class_name: str) -> Callable[[list[Any], float], Any]:
         return optimizer_class(params, lr=learning_rate, weight_decay=0.0)
 
     return build
+
+
+def _cpu_offload_adamw(params: list[Any], learning_rate: float) -> Any:
+    """torchao's CPUOffloadOptimizer around torch's AdamW (fused on the CPU): each large
+    tensor's step on a pinned host copy, copied back to the GPU after the step."""
+    import torch
+    from torchao.optim import CPUOffloadOptimizer
+
+    return CPUOffloadOptimizer(
+        params,
+        torch.optim.AdamW,
+        minimal_size=HOST_MIN_ELEMENTS,
+        lr=learning_rate,
+        weight_decay=0.0,
+    )
+
+
+def optimizer_refusal(optimizer: str, device: str | None) -> str:
+    """Why `optimizer` cannot run on `device` ("" when it can, or when no device is named):
+    torchao's CPU-offload optimizer moves CUDA parameters' steps to the host."""
+    if not OPTIMIZERS[optimizer].host_states or device is None:
+        return ""
+    if not device.startswith("cuda"):
+        return "torchao's CPU-offload optimizer needs CUDA parameters; use adamw"
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return "the torchao package is not installed (pip install 'autotune[offload]')"
+    return ""
 
 
 def _two_moments(elements: int, trainable_bytes: int) -> int:
@@ -121,6 +160,14 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             "bitsandbytes.optim.PagedAdamW8bit",
             paged=True,
             bitsandbytes=True,
+        ),
+        OptimizerKind(
+            "adamw_cpu_offload",
+            _two_moments,
+            _cpu_offload_adamw,
+            "adamw_torch_fused",
+            "torchao.optim.CPUOffloadOptimizer(torch.optim.AdamW)",
+            host_states=True,
         ),
     )
 }

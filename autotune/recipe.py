@@ -28,6 +28,11 @@ from autotune.quantizations import QUANTIZATIONS
 RECIPE_FORMAT_VERSION = 1
 
 Method = Literal["full", "lora", "freeze"]
+LEFT_OUT_METHODS = {
+    "bottleneck": "bottleneck adapters come from the adapters library, whose newest release "
+    "(1.3.0) needs transformers 4.57 and autotune runs on transformers 5; use lora",
+}
+"""Methods users ask for that autotune does not run, and why (one line each)."""
 TrainModules = Literal["all", "attention", "mlp"]
 Quantization = str
 """A name in quantizations.QUANTIZATIONS."""
@@ -46,6 +51,8 @@ WARMUP_FRACTION = 0.03
 """Warm-up when a recipe gives no warmup_steps: this share of the run's steps (at least 1)."""
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+OFF_BY_DEFAULT = ("use_dora", "activation_offload")
+"""Switches a recipe writes only when they are on (added after recipes were first hashed)."""
 UPPER_BOUNDS = {
     "micro_batch_size": 4096,
     "gradient_accumulation_steps": 65536,
@@ -78,6 +85,10 @@ class Recipe:
     """Dropout on the adapter input (method lora only)."""
     lora_target_modules: str | tuple[str, ...] | None = None
     """"all-linear" or a list of linear module names such as [q_proj, v_proj]."""
+    use_dora: bool = False
+    """DoRA (peft's use_dora, method lora only): each adapted linear also trains a magnitude
+    per output feature and runs as magnitude * (W + BA) / ||W + BA||, the base weight merged
+    with the adapter in every forward (more memory and time than LoRA, often better quality)."""
     frozen_layers: int = 0
     """The lowest N decoder blocks get no gradient (method freeze only)."""
     train_modules: TrainModules = "all"
@@ -91,6 +102,10 @@ class Recipe:
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool = True
     """Recompute block activations in backward instead of storing them."""
+    activation_offload: bool = False
+    """Move the tensors the forward saves for backward to (pinned) host memory as they are
+    made, and back when backward needs them (torch's save_on_cpu): less GPU memory for
+    host memory and transfer time; the same loss and gradients."""
     optimizer: Optimizer = DEFAULT_OPTIMIZER
     """adamw (torch's fused AdamW), adamw_foreach (torch's foreach AdamW), adamw_8bit or
     paged_adamw_8bit (bitsandbytes); see optimizers.OPTIMIZERS."""
@@ -161,6 +176,8 @@ class Recipe:
                 else "/".join(t.removesuffix("_proj") for t in targets or ())
             )
             head = f"{name} r{self.lora_r} {target_text}"
+            if self.use_dora:
+                head = head.replace("LoRA", "DoRA", 1)
         elif self.method == "freeze":
             head = f"freeze {self.frozen_layers}"
             if self.train_modules != "all":
@@ -170,6 +187,8 @@ class Recipe:
         parts = [head, self.precision, f"mb{self.micro_batch_size}"]
         if self.gradient_checkpointing:
             parts.append("gc")
+        if self.activation_offload:
+            parts.append("offload")
         if self.optimizer != DEFAULT_OPTIMIZER:
             parts.append(self.optimizer)
         if self.attention != "sdpa":
@@ -187,7 +206,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping, keys in the documented order, LoRA keys only for method lora,
         warmup_steps only when set, train_modules, distributed and num_gpus only when not their
-        defaults (recipes from before them read and hash as they did)."""
+        defaults, the OFF_BY_DEFAULT switches only when on (recipes from before them read and
+        hash as they did)."""
         data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -196,6 +216,8 @@ class Recipe:
             if f.name == "warmup_steps" and value is None:  # left out: the default share
                 continue
             if f.name in _LEFT_OUT_AT_DEFAULT and value == f.default:
+                continue
+            if f.name in OFF_BY_DEFAULT and value is False:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
@@ -317,7 +339,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("batching", BATCHINGS),
     ):
         value = getattr(recipe, name)
-        if value not in registry:
+        if name == "method" and value in LEFT_OUT_METHODS:
+            problems.append(f"method {value} is left out: {LEFT_OUT_METHODS[value]}")
+        elif value not in registry:
             problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
     if not isinstance(recipe.model, str):
         problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")
@@ -330,7 +354,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     frozen = recipe.frozen_layers
     if not _is_int(frozen) or not 0 <= frozen <= UPPER_BOUNDS["frozen_layers"]:
         problems.append(f"frozen_layers must be an integer >= 0, got {recipe.frozen_layers!r}")
-    for name in ("gradient_checkpointing", "expandable_segments"):
+    for name in ("gradient_checkpointing", "expandable_segments", *OFF_BY_DEFAULT):
         if not isinstance(getattr(recipe, name), bool):
             problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
     if not _is_number(recipe.learning_rate) or recipe.learning_rate <= 0:
@@ -372,6 +396,18 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             )
     if recipe.method == "freeze" and recipe.frozen_layers < 1:
         problems.append("method freeze needs frozen_layers >= 1")
+    if (
+        recipe.optimizer in OPTIMIZERS
+        and recipe.precision in PRECISIONS
+        and OPTIMIZERS[recipe.optimizer].host_states
+        and PRECISIONS[recipe.precision].scales_loss
+    ):
+        # the gradients reach the host as backward makes them, before the scaler unscales them
+        problems.append(
+            f"optimizer {recipe.optimizer} cannot run with {recipe.precision}'s loss scaling"
+        )
+    if recipe.method != "lora" and recipe.use_dora is True:
+        problems.append(f"use_dora is for method lora, not {recipe.method}")
     if recipe.method != "freeze" and recipe.train_modules != "all":
         problems.append(f"train_modules is for method freeze, not {recipe.method}")
     if recipe.method == "full" and recipe.frozen_layers:

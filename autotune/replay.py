@@ -41,6 +41,7 @@ from autotune.losses import LOSSES
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
 from autotune.meta_cuda import (
     Autocast,
+    HostMemory,
     Recorder,
     cuda_behaviour,
     fresh_bitsandbytes_caches,
@@ -85,6 +86,8 @@ class Replay:
     paged_bytes: int = 0
     reservations: list[tuple[int, int]] = field(default_factory=list)
     """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
+    host_peak_bytes: int = 0
+    """Peak host memory of offloaded activations (pinned blocks)."""
 
     def estimate(self) -> MemoryEstimate:
         parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
@@ -94,6 +97,7 @@ class Replay:
             peak_bytes=self.peak_reserved_bytes + CUDA_CONTEXT_BYTES,
             breakdown=parts,
             paged_bytes=self.paged_bytes,
+            host_bytes=self.host_peak_bytes,
         )
 
 
@@ -175,14 +179,19 @@ def _load(model: Any, recipe: Recipe, recorder: Recorder) -> None:
             recorder.track(tensor)
 
 
-def _optimizer(model: Any, recipe: Recipe, recorder: Recorder) -> tuple[Any, list[int]]:
+def _optimizer(
+    model: Any, recipe: Recipe, recorder: Recorder, host: HostMemory
+) -> tuple[Any, list[int]]:
     """The probe's optimizer as it runs on CUDA: torch's AdamW fused or foreach as the registry
-    names it, paged states kept out of the allocator (their bytes are counted apart)."""
-    from autotune.training.build import build_optimizer
+    names it, paged states kept out of the allocator (their bytes are counted apart), host
+    states counted in `host`."""
+    from autotune.training.build import build_optimizer, trainable_parameters
 
+    kind = OPTIMIZERS[recipe.optimizer]
+    if kind.host_states:
+        return host.offload_optimizer(trainable_parameters(model), recipe.learning_rate), []
     optimizer = build_optimizer(model, recipe)
     paged: list[int] = []
-    kind = OPTIMIZERS[recipe.optimizer]
     if kind.fused:  # the meta device has the fused kernel too (cuda_behaviour lets it run)
         for group in optimizer.param_groups:
             group.update(fused=True, foreach=False)
@@ -265,9 +274,10 @@ def _replay(
     model = _meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
+    host = HostMemory()
     with (
         fresh_bitsandbytes_caches(),
-        cuda_behaviour(recipe, autocast),
+        cuda_behaviour(recipe, autocast, host),
         fsdp_replayed(recipe, recorder.track, recorder.release),
         recorder.mode,
     ):
@@ -276,13 +286,16 @@ def _replay(
         original_release = build.release_cached_memory
         build.release_cached_memory = allocator.empty_cache  # torch.cuda.empty_cache()
         try:
-            model = prepare_model(model, recipe)
+            # tensors made without a device land on meta: DoRA deep-copies a QLoRA base layer,
+            # and bitsandbytes' copy starts from an empty tensor it then sets the data of
+            with torch.device("meta"):
+                model = prepare_model(model, recipe)
         finally:
             build.release_cached_memory = original_release
         if recipe.distributed == "fsdp":  # rank 0 of num_gpus, over a fake process group
             model = shard_on_meta(model, recipe)
         recorder.phase = "optimizer"
-        optimizer, paged = _optimizer(model, recipe, recorder)
+        optimizer, paged = _optimizer(model, recipe, recorder, host)
         workspaces: list[Any] = []
         batch: list[Any] = []
         loss = scaled = None
@@ -322,6 +335,7 @@ def _replay(
         at_peak={k: v for k, v in recorder.at_peak.items() if v},
         paged_bytes=sum(paged),
         reservations=list(allocator.reservations),
+        host_peak_bytes=host.peak_bytes,
     )
 
 

@@ -311,9 +311,19 @@ UNMEASURED = [
     _QLORA_MB4,
     # the int8 replay at a micro-batch its three rows do not have
     {**_QLORA_MB4, "quantization": "int8", "lora_dropout": 0.05, "micro_batch_size": 2},
+    # QDoRA's merged weight per adapted linear; activation offload's GPU side
+    {**_QLORA_MB4, "use_dora": True, "loss": "chunked"},
+    {**_QLORA_MB4, "activation_offload": True, "gradient_checkpointing": False},
 ]
 """Recipes on paths no H100 row has measured: fused AdamW, the chunked loss, the int8 replay at
-micro-batch 2 (`--grid unmeasured`; each shape in turn, so a run cut short covers them all)."""
+micro-batch 2, QDoRA, activation offload (`--grid unmeasured`; each shape in turn, so a run cut
+short covers them all)."""
+UNMEASURED_CUDA = [
+    # torchao's CPU-offload AdamW (the offload extra): states and step on the host
+    {**_QLORA_MB4, "optimizer": "adamw_cpu_offload"},
+    {"method": "full", "micro_batch_size": 1, "seq_len": 1024, "optimizer": "adamw_cpu_offload"},
+]
+"""Unmeasured recipes that run on CUDA only, added to `--grid unmeasured` there."""
 
 
 def holdout_picked(shape: str) -> list[dict]:
@@ -616,7 +626,8 @@ def main() -> int:
         if args.grid == "holdout":
             plans[shape] = holdout(shape, args.holdout_count, int(args.card_gib * 2**30))
         elif args.grid == "unmeasured":
-            plans[shape] = for_shape(shape, UNMEASURED)
+            cuda_only = UNMEASURED_CUDA if args.device.startswith("cuda") else []
+            plans[shape] = for_shape(shape, UNMEASURED + cuda_only)
         else:
             plans[shape] = grid(shape)
         if args.max_recipes:

@@ -44,6 +44,8 @@ AXOLOTL_KEYS = {
     "lora_alpha",
     "lora_dropout",
     "lora_target_linear",
+    "peft_use_dora",
+    "activation_offloading",
     "lora_target_modules",
     "unfrozen_parameters",
     "sdp_attention",
@@ -69,6 +71,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "lora_dropout",
     "lora_target",
     "quantization_bit",
+    "use_dora",
     "quantization_method",
     "freeze_trainable_layers",
     "freeze_trainable_modules",
@@ -105,6 +108,9 @@ RECIPES = {
     "packed": {"method": "lora", "lora_r": 16, "batching": "packed"},
     "chunked": {"method": "lora", "quantization": "nf4", "loss": "chunked"},
     "fused": {"method": "full", "loss": "fused_linear"},
+    "qdora": {"method": "lora", "quantization": "nf4", "use_dora": True},
+    "offload": {"method": "full", "activation_offload": True},
+    "cpu-offload-optimizer": {"method": "lora", "optimizer": "adamw_cpu_offload"},
 }
 
 
@@ -134,6 +140,7 @@ def test_hf_keywords_construct_the_real_classes(name):
     if "lora_config" in config:
         lora = LoraConfig(**config["lora_config"])
         assert lora.r == recipe(name).lora_r
+        assert lora.use_dora == (name == "qdora")
     if "bits_and_bytes_config" in config:
         bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
         assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
@@ -168,6 +175,9 @@ def test_axolotl_keys(name):
         assert config["liger_fused_linear_cross_entropy"] is True
     else:
         assert "liger_fused_linear_cross_entropy" not in config
+    # axolotl's documented names (its config reference): peft_use_dora, activation_offloading
+    assert config.get("peft_use_dora") == (True if name == "qdora" else None)
+    assert config.get("activation_offloading") == (True if name == "offload" else None)
     if name == "freeze":
         patterns = config["unfrozen_parameters"]
         assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
@@ -202,6 +212,7 @@ def test_llamafactory_keys(name):
     if name == "packed":
         assert config["packing"] is True and config["neat_packing"] is True
     assert config.get("enable_liger_kernel") == (True if name == "fused" else None)
+    assert config.get("use_dora") == (True if name == "qdora" else None)  # its FinetuningArguments
 
 
 def test_render_puts_measured_figures_in_comments():
@@ -224,3 +235,16 @@ def test_a_loss_a_format_has_no_option_for_is_named_autotune_only(fmt):
     assert ("loss chunked is autotune-only" in text) == (fmt != "axolotl")
     assert "autotune-only" not in render(fmt, recipe("fused"), None, num_layers=28)
     assert "autotune-only" not in render(fmt, recipe("qlora"), None, num_layers=28)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
+def test_activation_offload_is_named_autotune_only_where_a_format_has_no_option(fmt):
+    text = render(fmt, recipe("offload"), None, num_layers=28)
+    assert ("activation_offload is autotune-only" in text) == (fmt != "axolotl")
+    assert "autotune-only" not in render(fmt, recipe("qdora"), None, num_layers=28)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
+def test_the_cpu_offload_optimizer_is_named_autotune_only(fmt):
+    text = render(fmt, recipe("cpu-offload-optimizer"), None, num_layers=28)
+    assert "optimizer adamw_cpu_offload is autotune-only" in text

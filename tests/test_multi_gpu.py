@@ -4,6 +4,7 @@ probes, with gloo processes standing in for the GPUs."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -467,9 +468,9 @@ def test_offload_is_left_out_on_the_cpu_with_its_reason():
 def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # noqa: F811
     import dataclasses
 
+    from autotune.host_memory import host_budget
     from autotune.study import prepare_run, run_study
     from autotune.study.records import trial_status
-    from autotune.study.settings import host_budget_bytes
 
     settings = settings_for(workspace, trials=2, gpus_per_probe=2, host_budget_bytes=1000)
     prepared = prepare_run(settings)
@@ -483,6 +484,8 @@ def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # n
     assert len(finished) == 2
     for trial in finished:
         assert str(trial_status(trial)) == "over_budget_predicted"
-        assert "of host memory > host budget" in trial.user_attrs["reason"]
-    default = host_budget_bytes(dataclasses.replace(settings, host_budget_bytes=None))
+        assert re.search(
+            r"predicted host memory .* \(2 ranks\) > host budget", trial.user_attrs["reason"]
+        )
+    default = host_budget(None)
     assert 0 < default < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -74,6 +74,12 @@ def test_all_problems_reported_at_once():
         ({"frozen_layers": 2}, "frozen_layers is for method freeze"),
         ({"train_modules": "attention"}, "train_modules is for method freeze, not lora"),
         ({"train_modules": "heads"}, "train_modules 'heads' is not one of all, attention, mlp"),
+        ({"use_dora": "yes"}, "use_dora must be true or false"),
+        (
+            {"optimizer": "adamw_cpu_offload", "precision": "amp_fp16"},
+            "optimizer adamw_cpu_offload cannot run with amp_fp16's loss scaling",
+        ),
+        ({"activation_offload": 1}, "activation_offload must be true or false"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"lora_dropout": float("nan")}, "lora_dropout"),
         ({"bogus": 1}, "unknown keys bogus"),
@@ -125,3 +131,15 @@ def test_label_names_the_strategy():
     assert "train_modules" not in Recipe.from_dict(frozen).to_dict()
     assert Recipe.from_dict({**frozen, "train_modules": "mlp"}).to_dict()["train_modules"] == "mlp"
     assert Recipe.from_dict(QLORA).label() == "QLoRA nf4 r16 all-linear bf16 mb4 gc"
+
+
+def test_dora_and_offload_are_written_only_when_on():
+    """Recipes from before the switches read, write and hash as they did."""
+    assert not {"use_dora", "activation_offload"} & set(Recipe.from_dict(QLORA).to_dict())
+    switched = Recipe.from_dict({**QLORA, "use_dora": True, "activation_offload": True})
+    assert switched.to_dict()["use_dora"] is True
+    assert switched.to_dict()["activation_offload"] is True
+    assert Recipe.from_yaml(switched.to_yaml()) == switched
+    assert switched.label() == "QDoRA nf4 r16 all-linear bf16 mb4 gc offload"
+    with pytest.raises(UsageError, match="use_dora is for method lora, not full"):
+        Recipe.from_dict({"method": "full", "use_dora": True})

@@ -38,6 +38,10 @@ def _cut_step(cut_model, **fields) -> Recipe:
         {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "gradient_checkpointing": False},
         {"method": "full", "gradient_checkpointing": True},
         {"method": "full", "gradient_checkpointing": True, "optimizer": "adamw_foreach"},
+        *(
+            {"method": "lora", "lora_r": 8, "lora_dropout": 0.0, "use_dora": True, **gc}
+            for gc in ({"gradient_checkpointing": True}, {"gradient_checkpointing": False})
+        ),
         {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False},
         *(
             {"method": "freeze", "frozen_layers": 1, "train_modules": modules}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.host_memory import host_budget
 from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
@@ -30,7 +31,7 @@ from autotune.study.records import (
     trial_record,
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
-from autotune.study.settings import PreparedRun, gpu_groups, host_budget_bytes, trials_dir_of
+from autotune.study.settings import PreparedRun, gpu_groups, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
 from autotune.study.study_records import Confirmation, Noise
 from autotune.study.workers import beyond_target, worker_id
@@ -102,6 +103,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         for group in groups:
             gpu_pool.put(group)
 
+    host_budget_bytes = host_budget(settings.host_budget_bytes)
     fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
 
@@ -201,14 +203,14 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             )
 
         host_bytes = prediction.host_bytes * recipe.num_gpus  # every rank on this machine
-        host_budget = host_budget_bytes(settings)
-        if host_bytes > host_budget:
+        if host_bytes > host_budget_bytes:
+            ranks = f" ({recipe.num_gpus} ranks)" if recipe.num_gpus > 1 else ""
             return finish(
                 TrialStatus.OVER_BUDGET_PREDICTED,
                 (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
-                (host_bytes - host_budget) / host_budget,
-                f"offload holds {format_bytes(host_bytes)} of host memory "
-                f"> host budget {format_bytes(host_budget)}",
+                (host_bytes - host_budget_bytes) / host_budget_bytes,
+                f"predicted host memory {format_bytes(host_bytes)}{ranks} > host budget "
+                f"{format_bytes(host_budget_bytes)}",
             )
 
         gpu = gpu_pool.get() if gpu_pool else None

@@ -11,6 +11,7 @@ from autotune.errors import UsageError
 from autotune.margins import margin_for
 from autotune.memory import estimate
 from autotune.model_spec import ModelSpec
+from autotune.optimizers import optimizer_refusal
 from autotune.space import SearchSpace
 from autotune.study.records import describe_unsupported
 from autotune.study.settings import BudgetFit, PreparedRun
@@ -19,12 +20,12 @@ from autotune.study.settings import BudgetFit, PreparedRun
 def supported_space(
     space: SearchSpace, architecture: Architecture | None, device: str | None = None
 ) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
-    """The space without the LoRA target sets, quantizations and losses (on `device`) and
-    attention implementations the model cannot run, and why each left out; where none of a
-    dimension's choices runs, what usually does (all-linear, eager, no quantization, the
-    standard loss) takes their place, so a space written for the Llama family still searches
-    Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked expert
-    weights of a mixture of experts), the other methods are searched."""
+    """The space without the LoRA target sets, quantizations, losses and optimizers (on
+    `device`) and attention implementations the model cannot run, and why each left out; where
+    none of a dimension's choices runs, what usually does (all-linear, eager, no quantization,
+    the standard loss, adamw) takes their place, so a space written for the Llama family still
+    searches Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked
+    expert weights of a mixture of experts), the other methods are searched."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
@@ -45,6 +46,10 @@ def supported_space(
         refusal = loss_refusal(choice, device)
         if refusal:
             unsupported.setdefault("loss", {})[choice] = refusal
+    for choice in space.choices_of("optimizer"):
+        refusal = optimizer_refusal(choice, device)
+        if refusal:
+            unsupported.setdefault("optimizer", {})[choice] = refusal
     if "lora" in methods:
         for choice in space.choices_of("quantization"):
             refusal = architecture.quantization_refusal(choice, device)
@@ -86,6 +91,10 @@ def supported_space(
     changes["attention"] = attention or ("eager",)
     loss = tuple(c for c in space.choices_of("loss") if c not in unsupported.get("loss", {}))
     changes["loss"] = loss or ("standard",)
+    optimizer = tuple(
+        c for c in space.choices_of("optimizer") if c not in unsupported.get("optimizer", {})
+    )
+    changes["optimizer"] = optimizer or ("adamw",)
     return space.restricted(changes, target_sets), unsupported
 
 

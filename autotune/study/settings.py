@@ -75,6 +75,11 @@ class RunSettings:
     """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB (GB/MB are
     decimal, 10^9/10^6 bytes, GiB/MiB binary, 2^30/2^20), a card's name (rtx4090, a100-80gb,
     h100-80gb, ...: docs/study.md) or auto (the free memory of the probes' GPU)."""
+    host_budget_bytes: int | None = None
+    """Host memory for what a recipe keeps off the GPU (offloaded activations, optimizer states
+    and sharded parameters on the host; all ranks of a probe together), e.g. 64GB; a trial
+    predicted above it is ruled out (default: the RAM available when the study starts, less
+    10%)."""
     space_path: Path | None = None
     """Search space YAML (default: the one shipped with autotune)."""
     trials: int = 20
@@ -113,9 +118,6 @@ class RunSettings:
     """GPUs (one process each) every probe trains on, with the space's distributed strategies
     (ddp and fsdp unless it names others); --gpus is then cut into groups of this many. On
     --device cpu, this many gloo processes stand in for the GPUs."""
-    host_budget_bytes: int | None = None
-    """Host memory the recipes that offload to it may hold, all ranks together, e.g. 200GB
-    (default: the machine's available memory less 10%)."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
@@ -278,25 +280,6 @@ def gpu_groups(settings: RunSettings, device: str) -> list[str]:
     if not device.startswith("cuda") or not gpus:
         return []
     return [",".join(gpus[i : i + size]) for i in range(0, len(gpus), size)]
-
-
-HOST_MARGIN = 0.10
-"""Share of the available host memory the default host budget keeps free."""
-
-
-def host_budget_bytes(settings: RunSettings) -> int:
-    """--host-budget, or the machine's available memory (MemAvailable) less HOST_MARGIN."""
-    if settings.host_budget_bytes is not None:
-        return settings.host_budget_bytes
-    import os
-
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            fields = dict(line.split(":", 1) for line in handle)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return int(available * (1 - HOST_MARGIN))
 
 
 def tokenizer_for(model: str) -> Any:

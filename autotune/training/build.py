@@ -218,6 +218,7 @@ def prepare_model(model: Any, recipe: Recipe) -> Any:
                 lora_alpha=recipe.lora_alpha,
                 lora_dropout=recipe.lora_dropout or 0.0,
                 target_modules=targets if isinstance(targets, str) else list(targets or ()),
+                use_dora=recipe.use_dora,
                 task_type="CAUSAL_LM",
             ),
         )

@@ -29,7 +29,15 @@ rest of the step dominates) and make the head's matmul too thin to keep a GPU bu
 
 def causal_lm_loss(model: Any, batch: dict[str, Any], recipe: Recipe) -> Any:
     """The micro-batch's mean loss per trained token; `batch` is the forward's keyword
-    arguments, labels included (unshifted, IGNORE_INDEX where no loss is taken)."""
+    arguments, labels included (unshifted, IGNORE_INDEX where no loss is taken). With the
+    recipe's activation_offload, what the forward saves for backward is held in host memory."""
+    from autotune.training.offload import offloaded_forward
+
+    with offloaded_forward(recipe):
+        return _loss(model, batch, recipe)
+
+
+def _loss(model: Any, batch: dict[str, Any], recipe: Recipe) -> Any:
     kind = LOSSES[recipe.loss]
     if not (kind.chunked or kind.fused):
         return model(**batch).loss
