@@ -411,6 +411,21 @@ def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F
     assert claim_once(study, "noise")
 
 
+def test_an_ended_job_leaves_no_claim_and_is_not_taken_again(workspace):  # noqa: F811
+    from autotune.study import claim_once
+    from autotune.study.study_records import confirmation_job, confirmations, study_noise
+
+    run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    assert confirmations(study) and study_noise(study) is not None
+    storage = study._storage
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+    number = next(iter(confirmations(study)))
+    # a run that read "not confirmed" just before the holder recorded it and let it go
+    assert not claim_once(study, confirmation_job(number), done=lambda: True)
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+
+
 def test_claims_are_not_studies_to_report_or_to_name(workspace):  # noqa: F811
     from autotune.study import claim_once
     from autotune.study.settings import study_file_name

@@ -4,6 +4,7 @@ another seed to measure the noise.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, frontier, pick
@@ -21,7 +22,7 @@ from autotune.study.study_records import (
     record_noise,
     study_noise,
 )
-from autotune.study.workers import claim_once
+from autotune.study.workers import claim_once, release_claim
 
 
 def measure_noise(
@@ -54,8 +55,23 @@ def measure_noise(
     )
     number = default if default is not None else pick(points, "fastest").number
     point = by_number[number]
-    if not claim_once(study, NOISE_ATTR):
-        return None
+    if not claim_once(study, NOISE_ATTR, done=lambda: study_noise(study) is not None):
+        return study_noise(study)
+    try:
+        return _probe_noise(prepared, runner, study, events, number, point)
+    finally:
+        release_claim(study, NOISE_ATTR)
+
+
+def _probe_noise(
+    prepared: PreparedRun,
+    runner: ProbeRunner,
+    study: Any,
+    events: RunEvents,
+    number: int,
+    point: Any,
+) -> Noise | None:
+    settings = prepared.settings
     request = probe_request(
         prepared, recipe_of(study.trials[number]), settings.probe_steps, settings.seed + 1
     )
@@ -106,30 +122,44 @@ def confirm_frontier(
             chosen.append(number)
     done = confirmations(study)
     for number in chosen[: settings.confirm_top]:
-        if number in done or not claim_once(study, confirmation_job(number)):
+        job = confirmation_job(number)
+        confirmed = functools.partial(_confirmed, study, number)
+        if number in done or not claim_once(study, job, done=confirmed):
             continue
-        trial = study.trials[number]
-        speed = trial.values[1]
-        request = probe_request(
-            prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1
-        )
-        result = runner.run(request, trials_dir_of(prepared) / f"confirm-{number:04d}")
-        fits = (
-            not prepared.device.startswith("cuda")
-            or (result.peak_memory_bytes or 0) <= settings.budget_bytes
-        )
-        speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
-        confirmation = Confirmation(
-            status=result.status,
-            reason=result.reason,
-            steps=request.steps,
-            seed=request.seed,
-            peak_memory_bytes=result.peak_memory_bytes,
-            tokens_per_second=result.tokens_per_second,
-            eval_loss=result.eval_loss,
-            speed_change=round(speed_change, 4),
-            held_up=result.status == "ok" and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
-        )
-        record_confirmation(study, number, confirmation)
-        events.confirmed(number, confirmation)
+        try:
+            _confirm(prepared, runner, study, events, number)
+        finally:
+            release_claim(study, job)
     return confirmations(study)
+
+
+def _confirmed(study: Any, number: int) -> bool:
+    return number in confirmations(study)
+
+
+def _confirm(
+    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents, number: int
+) -> None:
+    settings = prepared.settings
+    trial = study.trials[number]
+    speed = trial.values[1]
+    request = probe_request(prepared, recipe_of(trial), 2 * settings.probe_steps, settings.seed + 1)
+    result = runner.run(request, trials_dir_of(prepared) / f"confirm-{number:04d}")
+    fits = (
+        not prepared.device.startswith("cuda")
+        or (result.peak_memory_bytes or 0) <= settings.budget_bytes
+    )
+    speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
+    confirmation = Confirmation(
+        status=result.status,
+        reason=result.reason,
+        steps=request.steps,
+        seed=request.seed,
+        peak_memory_bytes=result.peak_memory_bytes,
+        tokens_per_second=result.tokens_per_second,
+        eval_loss=result.eval_loss,
+        speed_change=round(speed_change, 4),
+        held_up=result.status == "ok" and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+    )
+    record_confirmation(study, number, confirmation)
+    events.confirmed(number, confirmation)

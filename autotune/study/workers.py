@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from autotune.study import storage as study_storage
@@ -117,13 +118,15 @@ CLAIM_STALE_SECONDS = 2 * 3600.0
 """A claim this old is free whoever made it: its job (one probe) has long ended or died."""
 
 
-def claim_once(study: Any, job: str) -> bool:
+def claim_once(study: Any, job: str, done: Callable[[], bool] | None = None) -> bool:
     """Whether this process takes the one-time `job` of the study (a confirmation, the noise
     probe), so that two runs on one study never both do it. The claim is the creation of a
     study named after the job (study_records.CLAIM_SEPARATOR), which the storage lets exactly
     one run do. A claim stands unless its run, on this host, is gone, or it is older than
     CLAIM_STALE_SECONDS; then the job's next claim (its generation + 1) is free, and again
-    exactly one run creates it."""
+    exactly one run creates it. The holder records the job's result, then releases the claim
+    (release_claim), so a run that claims after it finds the result through `done`, read again
+    once the claim is taken."""
     import optuna
 
     storage = study._storage
@@ -137,6 +140,9 @@ def claim_once(study: Any, job: str) -> bool:
             pass
         else:
             record_claim(storage, claim_id, me)
+            if done is not None and done():  # its last holder finished it and let it go
+                release_claim(study, job)
+                return False
             return True
         try:  # a later generation took over this one: it is the one that counts
             storage.get_study_id_from_name(claim_study_name(study.study_name, job, generation + 1))
@@ -153,4 +159,19 @@ def claim_once(study: Any, job: str) -> bool:
         fresh = me.at - float(holder.at) < CLAIM_STALE_SECONDS
         if fresh and not gone_from_this_host(str(holder.worker)):
             return False
+        generation += 1
+
+
+def release_claim(study: Any, job: str) -> None:
+    """Delete the claims of `job` (every generation), once its holder has recorded its result:
+    the storage keeps no claim of an ended job (the dashboard lists every study)."""
+    storage = study._storage
+    generation = 0
+    while True:
+        name = claim_study_name(study.study_name, job, generation)
+        try:
+            storage.delete_study(storage.get_study_id_from_name(name))
+        except KeyError:
+            if generation > 0:
+                return  # generation 0 may be gone already: a later one is what was held
         generation += 1
