@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.attentions import ATTENTIONS
+from autotune.cuda_only import cuda_only_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
 from autotune.optimizers import optimizer_refusal
@@ -112,11 +113,9 @@ def loss_refusal(loss: str, device: str | None) -> str:
     fused linear cross-entropy is a Triton kernel, for CUDA GPUs with the liger-kernel package."""
     if not LOSSES[loss].fused or device is None:
         return ""
-    if not device.startswith("cuda"):
-        return "Liger's fused linear cross-entropy needs a CUDA GPU; use loss chunked"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "the liger-kernel package is not installed (pip install 'autotune[liger]')"
-    return ""
+    return cuda_only_refusal(
+        device, "Liger's fused linear cross-entropy", "liger-kernel", "liger", "loss chunked"
+    )
 
 
 def _refusals(model: Any) -> dict[str, str]:

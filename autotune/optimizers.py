@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from autotune.cuda_only import cuda_only_refusal
+
 EIGHT_BIT_MIN_ELEMENTS = 4096
 """bitsandbytes' 8-bit optimizers keep fp32 states for tensors smaller than this
 (min_8bit_size): norm weights and biases."""
@@ -108,13 +110,9 @@ def optimizer_refusal(optimizer: str, device: str | None) -> str:
     torchao's CPU-offload optimizer moves CUDA parameters' steps to the host."""
     if not OPTIMIZERS[optimizer].host_states or device is None:
         return ""
-    if not device.startswith("cuda"):
-        return "torchao's CPU-offload optimizer needs CUDA parameters; use adamw"
-    import importlib.util
-
-    if importlib.util.find_spec("torchao") is None:
-        return "the torchao package is not installed (pip install 'autotune[offload]')"
-    return ""
+    return cuda_only_refusal(
+        device, "torchao's CPU-offload optimizer", "torchao", "offload", "adamw"
+    )
 
 
 def _two_moments(elements: int, trainable_bytes: int) -> int:

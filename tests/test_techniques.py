@@ -278,7 +278,7 @@ def test_train_refuses_the_cpu_offload_optimizer_off_cuda(tiny_model, qa_data, t
 
     path = tmp_path / "recipe.yaml"
     path.write_text(lora_recipe(tiny_model, optimizer="adamw_cpu_offload").to_yaml())
-    with pytest.raises(UsageError, match="optimizer adamw_cpu_offload: .*needs CUDA"):
+    with pytest.raises(UsageError, match="optimizer adamw_cpu_offload: .*needs a CUDA GPU"):
         train_recipe(path, qa_data, tmp_path / "out", device="cpu", max_steps=1)
 
 
