@@ -207,6 +207,50 @@ def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
     assert not any(_alive(p.pid) for p in ranks)
 
 
+def test_a_hung_rank_fails_the_probe_at_its_timeout_and_leaves_no_process(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    """Rank 1 stopped (SIGSTOP) after its first step stands for a rank that hangs: rank 0
+    waits in its gradient all-reduce, and the probe's timeout ends both."""
+    import signal
+
+    launched = []
+    original = probe_module.launch_ranks
+
+    def recording(*args, **kwargs):
+        launched.append(original(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(probe_module, "launch_ranks", recording)
+    request = request_for(
+        tiny_model,
+        qa_data,
+        steps=100_000,
+        method="full",
+        precision="fp32",
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        distributed="ddp",
+        num_gpus=2,
+    )
+    runner = SubprocessProbeRunner(timeout_seconds=90, warm=False)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(request, tmp_path / "p")))
+    thread.start()
+    log = tmp_path / "p" / "probe.rank1.log"
+    deadline = time.monotonic() + 85
+    while not (log.exists() and "step 1/" in log.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.2)
+    ranks = launched[0].processes
+    os.kill(ranks[1].pid, signal.SIGSTOP)
+    thread.join(120)
+    assert not thread.is_alive()
+    result = outcome[0]
+    assert result.status == "timeout" and "no result within 90 s" in result.reason
+    assert not any(_alive(p.pid) for p in ranks)
+
+
 def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
     tiny_model, qa_data, tmp_path, monkeypatch
 ):
