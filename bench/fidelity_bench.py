@@ -53,6 +53,7 @@ RECIPES: dict[str, dict] = {
     "lora-r4-qv": {**LORA, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]},
     "lora-r16-all": {**LORA, "lora_r": 16},
     "lora-r16-all-lr1e-4": {**LORA, "lora_r": 16, "learning_rate": 1e-4},
+    "dora-r16-all": {**LORA, "lora_r": 16, "use_dora": True},
     "lora-r64-all": {**LORA, "lora_r": 64, "learning_rate": 3e-4},
     "qlora-nf4-r16-all": {**LORA, "lora_r": 16, "quantization": "nf4"},
     "lora-int8-r16-all": {**LORA, "lora_r": 16, "quantization": "int8"},

@@ -292,14 +292,14 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
         *("--toy", "--pretrain-steps", "20", "--pretrain-bytes", "200000"),
         *("--rows", "120", "--eval-rows", "16", "--seq-len", "64", "--long-steps", "8"),
         *("--probe-steps", "2,4", "--seeds", "2", "--long-seeds", "2"),
-        *("--recipes", "lora-r4-qv,qlora-nf4-r16-all,freeze-half-mlp,full"),
+        *("--recipes", "lora-r4-qv,qlora-nf4-r16-all,dora-r16-all,freeze-half-mlp,full"),
         *("--cache", str(tmp_path / "cache"), "--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     summary = results["summary"]
     assert summary["pretraining"]["steps"] == 20 and summary["pretraining"]["parameters"] > 0
-    assert len(results["probes"]) == 4 * 2 * 2
+    assert len(results["probes"]) == 5 * 2 * 2
     assert all(row["status"] == "ok" for row in results["probes"] + results["long_runs"])
     # the summary's rho is the rank correlation of the rows it came from
     fidelity = load_bench("fidelity_bench")
@@ -320,7 +320,7 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
         spearman(list(longs.values()), [other[name] for name in longs]), abs=1e-3
     )
     assert summary["best"]["long"] == min(longs, key=longs.get)
-    assert summary["halving"]["probe_steps_spent"] == 4 * 2 + 2 * 4
+    assert summary["halving"]["probe_steps_spent"] == 5 * 2 + 2 * 4
     assert "rho at 2 steps" in done.stdout
     # a rerun continues from the cached results: nothing is probed again
     again = run_bench(
