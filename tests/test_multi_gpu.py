@@ -163,9 +163,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
-    tiny_model, qa_data, tmp_path, monkeypatch
+def _ddp_probe_past_its_first_step(
+    tiny_model,
+    qa_data,
+    workdir,
+    monkeypatch,
+    steps: int,
+    timeout_seconds: float,
+    first_step_seconds: float,
 ):
+    """A two-rank DDP probe running in a thread, once rank 1 has logged its first step: the
+    thread, where its result will be put, and the ranks' processes."""
     launched = []
     original = probe_module.launch_ranks
 
@@ -177,7 +185,7 @@ def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
     request = request_for(
         tiny_model,
         qa_data,
-        steps=200,
+        steps=steps,
         method="full",
         precision="fp32",
         micro_batch_size=1,
@@ -185,19 +193,30 @@ def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
         distributed="ddp",
         num_gpus=2,
     )
-    outcome = []
-    thread = threading.Thread(
-        target=lambda: outcome.append(
-            SubprocessProbeRunner(timeout_seconds=300, warm=False).run(request, tmp_path / "p")
-        )
-    )
+    runner = SubprocessProbeRunner(timeout_seconds=timeout_seconds, warm=False)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(request, workdir)))
     thread.start()
-    log = tmp_path / "p" / "probe.rank1.log"
-    deadline = time.monotonic() + 240
+    log = workdir / "probe.rank1.log"
+    deadline = time.monotonic() + first_step_seconds
     while not (log.exists() and "step 1/" in log.read_text()):
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.2)
-    ranks = launched[0].processes
+    return thread, outcome, launched[0].processes
+
+
+def test_a_killed_rank_fails_the_probe_and_leaves_no_process(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    thread, outcome, ranks = _ddp_probe_past_its_first_step(
+        tiny_model,
+        qa_data,
+        tmp_path / "p",
+        monkeypatch,
+        steps=200,
+        timeout_seconds=300,
+        first_step_seconds=240,
+    )
     os.kill(ranks[1].pid, 9)
     thread.join(60)
     assert not thread.is_alive()
@@ -214,35 +233,15 @@ def test_a_hung_rank_fails_the_probe_at_its_timeout_and_leaves_no_process(
     waits in its gradient all-reduce, and the probe's timeout ends both."""
     import signal
 
-    launched = []
-    original = probe_module.launch_ranks
-
-    def recording(*args, **kwargs):
-        launched.append(original(*args, **kwargs))
-        return launched[-1]
-
-    monkeypatch.setattr(probe_module, "launch_ranks", recording)
-    request = request_for(
+    thread, outcome, ranks = _ddp_probe_past_its_first_step(
         tiny_model,
         qa_data,
+        tmp_path / "p",
+        monkeypatch,
         steps=100_000,
-        method="full",
-        precision="fp32",
-        micro_batch_size=1,
-        gradient_accumulation_steps=2,
-        distributed="ddp",
-        num_gpus=2,
+        timeout_seconds=90,
+        first_step_seconds=85,
     )
-    runner = SubprocessProbeRunner(timeout_seconds=90, warm=False)
-    outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(runner.run(request, tmp_path / "p")))
-    thread.start()
-    log = tmp_path / "p" / "probe.rank1.log"
-    deadline = time.monotonic() + 85
-    while not (log.exists() and "step 1/" in log.read_text()):
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.2)
-    ranks = launched[0].processes
     os.kill(ranks[1].pid, signal.SIGSTOP)
     thread.join(120)
     assert not thread.is_alive()
