@@ -151,7 +151,10 @@ def claim_once(study: Any, job: str, done: Callable[[], bool] | None = None) -> 
         else:
             generation += 1
             continue
-        holder = claim_of(storage, storage.get_study_id_from_name(name))
+        try:
+            holder = claim_of(storage, storage.get_study_id_from_name(name))
+        except KeyError:  # released by its holder since: this generation is free again
+            continue
         if holder is None:  # its creator is about to say who it is (or died in between, and
             return False  # the job stays undone: the report shows it as not confirmed)
         if holder.worker == me.worker:
