@@ -426,6 +426,26 @@ def test_an_ended_job_leaves_no_claim_and_is_not_taken_again(workspace):  # noqa
     assert [s.study_name for s in storage.get_all_studies()] == ["s"]
 
 
+def test_a_claim_released_while_it_is_read_is_claimed_again(workspace):  # noqa: F811
+    from autotune.study import claim_once
+
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    study = open_study(f"sqlite:///{workspace[0]}/study.db", "s")
+    _set_claim(study, "race", "another-host:1", time.time())  # held elsewhere, alive
+    storage = study._storage
+    lookup = storage.get_study_id_from_name
+
+    def released_first(name):  # its holder deletes it just before it is read
+        if name == "s#claim:race":
+            storage.get_study_id_from_name = lookup
+            storage.delete_study(lookup(name))
+            raise KeyError(name)
+        return lookup(name)
+
+    storage.get_study_id_from_name = released_first
+    assert claim_once(study, "race")
+
+
 def test_claims_are_not_studies_to_report_or_to_name(workspace):  # noqa: F811
     from autotune.study import claim_once
     from autotune.study.settings import study_file_name
