@@ -114,6 +114,13 @@ class ConsoleReporter(RunEvents):
                 f"(predicted GPU {format_bytes(summary.predicted_peak_bytes)}), "
                 f"{summary.tokens_per_second:,.0f} tok/s, eval loss {summary.eval_loss:.4f}"
             )
+            if summary.host_peak_bytes is not None:
+                text += (
+                    f", host {format_bytes(summary.host_peak_bytes)} "
+                    f"(predicted {format_bytes(summary.predicted_host_bytes)})"
+                )
+            if summary.reason:
+                text += f"; [red]does not fit[/]: {summary.reason}"
         else:
             text = f"[yellow]{summary.status}[/]: {summary.reason}"
         if summary.repair_of is not None:
@@ -171,17 +178,25 @@ def frontier_table(result: RunResult) -> Any:
     from autotune.study.records import trial_record
 
     table = Table(title="Pareto frontier (measured, within budget)")
-    for column in ("trial", "recipe", "peak memory", "tokens/s", "eval loss"):
+    records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}
+    hosts = {n: r.probe.host_peak_bytes if r.probe else None for n, r in records.items()}
+    columns = ["trial", "recipe", "peak memory", "tokens/s", "eval loss"]
+    if any(h is not None for h in hosts.values()):  # a frontier recipe offloads
+        columns.insert(3, "host peak")
+    for column in columns:
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for point in result.frontier:
-        trial = result.study.trials[point.number]
-        table.add_row(
+        host = hosts[point.number]
+        cells = [
             str(point.number),
-            trial_record(trial).label,
+            records[point.number].label,
             format_bytes(point.peak_memory_bytes),
             f"{point.tokens_per_second:,.0f}",
             f"{point.eval_loss:.4f}",
-        )
+        ]
+        if "host peak" in columns:
+            cells.insert(3, format_bytes(host) if host is not None else "")
+        table.add_row(*cells)
     return table
 
 
@@ -255,8 +270,13 @@ def show_trained(console: Any, result: TrainResult) -> None:
 
 
 def _recipe_line(recipe: MeasuredRecipe) -> str:
+    host = (
+        f" (host {format_bytes(recipe.host_peak_bytes)})"
+        if recipe.host_peak_bytes is not None
+        else ""
+    )
     return (
-        f"trial {recipe.trial}  {recipe.recipe}  {format_bytes(recipe.peak_memory_bytes)}  "
+        f"trial {recipe.trial}  {recipe.recipe}  {format_bytes(recipe.peak_memory_bytes)}{host}  "
         f"{recipe.tokens_per_second:,.0f} tokens/s  eval loss {recipe.eval_loss:.4f}"
     )
 

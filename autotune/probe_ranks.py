@@ -129,7 +129,7 @@ RENDEZVOUS_ENV = "AUTOTUNE_RENDEZVOUS_FILE"
 def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> ProbeResult:
     """One result of the ranks': the first failure (naming its rank), or the figures of all:
     the peak memory the largest of any rank, tokens/s and trained tokens summed over ranks
-    (they step together), the losses rank 0's."""
+    (they step together), host memory summed (the ranks share the host), the losses rank 0's."""
     results: list[ProbeResult] = []
     order = list(range(len(ranks.processes)))
     if ranks.first_failed is not None:  # its failure, not the kill of the others, is the news
@@ -160,4 +160,7 @@ def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> Prob
     merged.tokens_per_second = sum(r.tokens_per_second or 0.0 for r in results)
     merged.trained_tokens = sum(r.trained_tokens for r in results)
     merged.budget_enforced = all(r.budget_enforced for r in results)
+    for name in ("host_peak_bytes", "host_rss_growth_bytes"):  # every rank on this machine
+        held = [getattr(r, name) for r in results if getattr(r, name) is not None]
+        setattr(merged, name, sum(held) if held else None)
     return merged

@@ -34,7 +34,7 @@ from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.child import MEMORY_HISTORY_ENV, MEMORY_SNAPSHOT_NAME  # noqa: E402
-from autotune.training.io import ProbeRequest  # noqa: E402
+from autotune.training.io import ProbeRequest, ProbeResult  # noqa: E402
 
 MOE_SHAPES = ("qwen1.5-moe-a2.7b",)
 """Mixtures of experts: 14.3B weights, so LoRA only (a full fine-tune needs more than a card)."""
@@ -548,6 +548,28 @@ def write_margins(out: Path) -> None:
     print(f"wrote {out}")
 
 
+def host_fields(predicted_host_bytes: int, result: ProbeResult) -> dict:
+    """A row's host memory where the recipe offloads: predicted, and what the probe's
+    offloading held (counted from its tensors) with its peak RSS growth beside it."""
+    if not predicted_host_bytes and result.host_peak_bytes is None:
+        return {}
+    measured = result.host_peak_bytes
+    return {
+        "predicted_host_bytes": predicted_host_bytes,
+        "measured_host_bytes": measured,
+        "host_rss_growth_bytes": result.host_rss_growth_bytes,
+        "host_error": predicted_host_bytes / measured - 1 if measured else None,
+    }
+
+
+def host_text(row: dict) -> str:
+    if "predicted_host_bytes" not in row:
+        return ""
+    measured = row["measured_host_bytes"]
+    shown = f"{measured / 2**30:.2f} GiB" if measured is not None else "not measured"
+    return f"; host predicted {row['predicted_host_bytes'] / 2**30:.2f} GiB measured {shown}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen2-0.5b,llama-3.2-1b,qwen2-7b")
@@ -684,6 +706,7 @@ def main() -> int:
                     "seconds": result.seconds,
                     "error": error,
                     "breakdown": predicted.breakdown,
+                    **host_fields(predicted.host_bytes, result),
                 }
             )
             shown = f"{error:+.1%}" if error is not None else result.status
@@ -691,7 +714,7 @@ def main() -> int:
                 f"{shape:>13} {recipe.label():<48} seq {recipe.seq_len:>5} predicted "
                 f"{predicted.peak_bytes / 2**30:7.2f} GiB measured "
                 f"{(measured or 0) / 2**30:7.2f} GiB  {shown}  "
-                f"({result.seconds.get('total', 0):.0f} s)",
+                f"({result.seconds.get('total', 0):.0f} s){host_text(rows[-1])}",
                 flush=True,
             )
             # written after every probe, so a run cut short still leaves its measurements

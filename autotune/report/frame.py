@@ -67,6 +67,11 @@ def trials_frame(study: Any) -> Any:
         row["baseline"] = record.baseline
         row["memory_source"] = probe.memory_source if probe else ""
         row["peak_allocated_bytes"] = probe.peak_allocated_bytes if probe else None
+        # host columns only where a recipe offloads (a frame without them shows none)
+        if record.predicted_host_bytes:
+            row["predicted_host_bytes"] = record.predicted_host_bytes
+        if probe and probe.host_peak_bytes is not None:
+            row["host_peak_bytes"] = probe.host_peak_bytes
         row["reason"] = trial_reason(trial)
         for phase, seconds in (probe.seconds if probe else {}).items():
             row[f"seconds_{phase}"] = seconds

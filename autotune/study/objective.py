@@ -54,6 +54,9 @@ class TrialSummary:
     reason: str = ""
     repair_of: int | None = None
     """The trial over the budget this one stands in for, as the nearest recipe that fits."""
+    host_peak_bytes: int | None = None
+    """Where the recipe offloads: the host memory its probe measured, all ranks together."""
+    predicted_host_bytes: int = 0
 
 
 @dataclass
@@ -129,6 +132,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         prediction, memory_model = predict_trial(recipe)
         margin = margin_for(settings.memory_margin, memory_model, recipe.quantization)
         margined_peak = margin.bytes_of(prediction.peak_bytes)
+        host_bytes = prediction.host_bytes * recipe.num_gpus  # every rank on this machine
         workdir = trials_dir / f"trial-{trial.number:04d}"
 
         def record(
@@ -154,6 +158,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                     eval_loss=values[2] if measured and values else None,
                     reason=reason,
                     repair_of=trial_record(trial).repair_of,
+                    host_peak_bytes=result.host_peak_bytes if result else None,
+                    predicted_host_bytes=host_bytes,
                 )
             )
 
@@ -172,6 +178,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             prediction.breakdown,
             memory_model,
             margin.fraction,
+            host_bytes,
         )
         events.trial_started(trial.number, recipe.label())
 
@@ -202,7 +209,6 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
                 + f" > budget {format_bytes(budget)}",
             )
 
-        host_bytes = prediction.host_bytes * recipe.num_gpus  # every rank on this machine
         if host_bytes > host_budget_bytes:
             ranks = f" ({recipe.num_gpus} ranks)" if recipe.num_gpus > 1 else ""
             return finish(
@@ -229,10 +235,19 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # memory, so there feasibility rests on the prediction.
             bound = measured if prepared.device.startswith("cuda") else margined_peak
             quality = quality_cost(settings.quality, result.eval_loss or 0.0, result.quality_score)
+            constraint, reason = (bound - budget) / budget, ""
+            held = result.host_peak_bytes or 0
+            if held > host_budget_bytes:  # does not fit the machine, as over the card would not
+                constraint = max(constraint, (held - host_budget_bytes) / host_budget_bytes)
+                reason = (
+                    f"measured host memory {format_bytes(held)} > host budget "
+                    f"{format_bytes(host_budget_bytes)}"
+                )
             return finish(
                 TrialStatus.MEASURED,
                 (measured, float(result.tokens_per_second or 0.0), quality),
-                (bound - budget) / budget,
+                constraint,
+                reason,
                 result=result,
             )
         if result.status == "crash":

@@ -27,6 +27,8 @@ class MeasuredRecipe:
     peak_memory_bytes: float
     tokens_per_second: float
     eval_loss: float
+    host_peak_bytes: int | None = None
+    """Where it offloads: the host memory its probe measured."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ class StudyStatus:
 def _measured(study: Any, number: int) -> MeasuredRecipe:
     trial = study.trials[number]
     memory, speed, loss = trial.values
-    return MeasuredRecipe(number, trial_record(trial).label, memory, speed, loss)
+    record = trial_record(trial)
+    host = record.probe.host_peak_bytes if record.probe else None
+    return MeasuredRecipe(number, record.label, memory, speed, loss, host)
 
 
 def _state_count(study: Any, state: str) -> int:

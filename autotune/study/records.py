@@ -106,6 +106,7 @@ def repair_attrs(number: int) -> dict[str, Any]:
 
 
 MEMORY_MARGIN_ATTR = "memory_margin"
+PREDICTED_HOST_ATTR = "predicted_host_bytes"
 
 
 def record_prediction(
@@ -115,15 +116,19 @@ def record_prediction(
     breakdown: dict[str, Any],
     memory_model: str,
     margin: float = 0.0,
+    host_bytes: int = 0,
 ) -> None:
     """The trial's recipe, the memory predicted for it and the margin added to that before it
-    was held to the budget, before it is probed or ruled out."""
+    was held to the budget, before it is probed or ruled out; `host_bytes`, the host memory
+    predicted for all its ranks, where it offloads."""
     trial.set_user_attr(RECIPE_ATTR, recipe.to_dict())
     trial.set_user_attr("recipe_label", recipe.label())
     trial.set_user_attr("predicted_peak_bytes", peak_bytes)
     trial.set_user_attr("predicted_breakdown", breakdown)
     trial.set_user_attr("memory_model", memory_model)
     trial.set_user_attr(MEMORY_MARGIN_ATTR, margin)
+    if host_bytes:
+        trial.set_user_attr(PREDICTED_HOST_ATTR, host_bytes)
 
 
 def record_probe_place(trial: Any, workdir: str, gpu: str | None) -> None:
@@ -172,6 +177,9 @@ class TrialRecord:
     worker: str = ""
     probe: ProbeResult | None = None
     """What its probe reported (a duplicate carries its original's); None if none ran."""
+    predicted_host_bytes: int | None = None
+    """Host memory predicted for all its ranks, where it offloads (None: it offloads nothing,
+    or the study predates host figures); the measured one is probe.host_peak_bytes."""
 
 
 def trial_record(trial: Any) -> TrialRecord:
@@ -198,6 +206,7 @@ def trial_record(trial: Any) -> TrialRecord:
         repair_of=attrs.get(REPAIR_OF_ATTR),
         worker=attrs.get(WORKER_ATTR, ""),
         probe=probe,
+        predicted_host_bytes=attrs.get(PREDICTED_HOST_ATTR),
     )
 
 

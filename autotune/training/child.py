@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Any
 
 from autotune.errors import first_line
 from autotune.training.io import ProbeRequest, ProbeResult
@@ -41,6 +42,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         load_tokenizer,
         prepare_model,
     )
+    from autotune.training.host_held import HOST_HELD, offloads
     from autotune.training.loop import (
         MemoryMeter,
         StepRecord,
@@ -52,6 +54,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     from autotune.training.ranks import distribute_model, join_process_group, rank_share
 
     recipe = request.recipe
+    HOST_HELD.reset()
     phase_started = time.perf_counter()
     place = join_process_group(recipe, request.device)
     device = place.device
@@ -107,8 +110,18 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
                 model, splits.eval, recipe, device, tokenizer.pad_token_id
             )
 
+    def count_host_states() -> None:
+        HOST_HELD.count_states(model, optimizer, device)
+
     records = train_steps(
-        model, optimizer, batches, recipe, device, tokenizer.pad_token_id, progress
+        model,
+        optimizer,
+        batches,
+        recipe,
+        device,
+        tokenizer.pad_token_id,
+        progress,
+        after_update=count_host_states if offloads(recipe) else None,
     )
     warmup = warmup_steps(len(records))
     result.seconds["warmup"] = sum(r.seconds for r in records[:warmup])
@@ -130,6 +143,16 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
             model, splits.eval, tokenizer, request.quality, device
         )
     lap("eval")
+
+
+def record_host_memory(request: ProbeRequest, result: ProbeResult, meter: Any) -> None:
+    """Where the recipe offloads: the host peak its offloading held, and the growth of the
+    process's peak resident set beside it."""
+    from autotune.training.host_held import HOST_HELD, offloads
+
+    if offloads(request.recipe):
+        result.host_peak_bytes = HOST_HELD.peak_bytes
+        result.host_rss_growth_bytes = meter.rss_growth_bytes()
 
 
 def main(argv: list[str]) -> int:
@@ -166,6 +189,7 @@ def main(argv: list[str]) -> int:
     finally:
         if meters:
             result.peak_memory_bytes, result.peak_allocated_bytes = meters[0].peak_bytes()
+            record_host_memory(request, result, meters[0])
 
             if records_memory_history(request):
                 import torch

@@ -69,6 +69,13 @@ class ProbeResult:
     peak_memory_bytes: int | None = None
     peak_allocated_bytes: int | None = None
     cuda_context_bytes: int | None = None
+    host_peak_bytes: int | None = None
+    """Where the recipe offloads (activations, optimizer, FSDP shards): the host memory its
+    offloading held at the peak, counted from the tensors held (training.host_held); None
+    where it offloads nothing."""
+    host_rss_growth_bytes: int | None = None
+    """Where the recipe offloads: the growth of the process's peak resident set over the
+    probe, everything it loaded included (a coarse check of host_peak_bytes)."""
     tokens_per_second: float | None = None
     eval_loss: float | None = None
     eval_losses: dict[str, float] = field(default_factory=dict)

@@ -8,7 +8,6 @@ the micro-batch size (only speed and memory change).
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ from autotune.precisions import PRECISIONS
 from autotune.recipe import Recipe
 from autotune.training.batching import collate, collate_packed, collate_padding_free, pack_rows
 from autotune.training.build import autocast_dtype
+from autotune.training.host_held import current_rss_bytes, peak_rss_bytes
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.training.loss import causal_lm_loss
 
@@ -134,8 +134,7 @@ class MemoryMeter:
             import peft  # noqa: F401
             import transformers  # noqa: F401
             from transformers import AutoModelForCausalLM  # noqa: F401
-
-            self.baseline_rss_bytes = _current_rss_bytes()
+        self.baseline_rss_bytes = current_rss_bytes()
 
     @property
     def source(self) -> str:
@@ -162,8 +161,12 @@ class MemoryMeter:
                 torch.cuda.max_memory_reserved() + self.context_bytes,
                 torch.cuda.max_memory_allocated(),
             )
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(peak_rss - self.baseline_rss_bytes, 0), None
+        return self.rss_growth_bytes(), None
+
+    def rss_growth_bytes(self) -> int:
+        """Growth of the process's peak resident set since the meter was made: host memory
+        of every kind (on CUDA after the context and libraries, on the CPU after the libraries)."""
+        return max(peak_rss_bytes() - self.baseline_rss_bytes, 0)
 
 
 def cuda_context_bytes(device_used_bytes: int) -> int:
@@ -198,13 +201,6 @@ def cuda_context_bytes(device_used_bytes: int) -> int:
     return max(device_used_bytes - reserved, 0)
 
 
-def _current_rss_bytes() -> int:
-    import os
-
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def train_steps(
     model: Any,
     optimizer: Any,
@@ -213,8 +209,10 @@ def train_steps(
     device: str,
     pad_token_id: int,
     on_step: Callable[[int, StepRecord], None] | None = None,
+    after_update: Callable[[], None] | None = None,
 ) -> list[StepRecord]:
-    """Run one optimizer step per entry of `step_examples`; stop with NonFiniteLoss on NaN."""
+    """Run one optimizer step per entry of `step_examples`; stop with NonFiniteLoss on NaN.
+    `after_update` is called after each optimizer step, before the gradients are let go."""
     import torch
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -248,6 +246,8 @@ def train_steps(
             scaler.update()
         else:
             optimizer.step()
+        if after_update:
+            after_update()
         optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         record = StepRecord(tokens=tokens, seconds=time.perf_counter() - started, loss=loss_total)

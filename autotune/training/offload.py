@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from autotune.recipe import Recipe
+from autotune.training.host_held import HOST_HELD, host_block_bytes
 
 
 def is_weight(tensor: Any) -> bool:
@@ -26,8 +27,24 @@ def is_weight(tensor: Any) -> bool:
     return isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
 
 
+class _HostCopy:
+    """A saved tensor's host copy, counted in HOST_HELD from its making until autograd frees
+    it (when backward has used it, or the graph is dropped)."""
+
+    __slots__ = ("device", "host", "nbytes")
+
+    def __init__(self, device: Any, host: Any) -> None:
+        self.device, self.host = device, host
+        self.nbytes = host_block_bytes(host)
+        HOST_HELD.hold_activation(self.nbytes)
+
+    def __del__(self) -> None:
+        HOST_HELD.free_activation(self.nbytes)
+
+
 def _host_hooks() -> Any:
-    """Pack and unpack hooks that hold saved tensors in host memory (pinned where CUDA is)."""
+    """Pack and unpack hooks that hold saved tensors in host memory (pinned where CUDA is),
+    each copy counted in HOST_HELD while it lives."""
     import torch
 
     pin = torch.cuda.is_available()
@@ -37,13 +54,12 @@ def _host_hooks() -> Any:
             return tensor
         host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin)
         host.copy_(tensor)
-        return (tensor.device, host)
+        return _HostCopy(tensor.device, host)
 
     def unpack(packed: Any) -> Any:
         if isinstance(packed, torch.Tensor):
             return packed
-        device, host = packed
-        return host.to(device, non_blocking=pin)
+        return packed.host.to(packed.device, non_blocking=pin)
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
