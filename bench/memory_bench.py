@@ -35,6 +35,7 @@ from autotune.recipe import Recipe  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.child import MEMORY_HISTORY_ENV, MEMORY_SNAPSHOT_NAME  # noqa: E402
 from autotune.training.io import ProbeRequest, ProbeResult  # noqa: E402
+from autotune.units import format_bytes  # noqa: E402
 
 MOE_SHAPES = ("qwen1.5-moe-a2.7b",)
 """Mixtures of experts: 14.3B weights, so LoRA only (a full fine-tune needs more than a card)."""
@@ -566,8 +567,8 @@ def host_text(row: dict) -> str:
     if "predicted_host_bytes" not in row:
         return ""
     measured = row["measured_host_bytes"]
-    shown = f"{measured / 2**30:.2f} GiB" if measured is not None else "not measured"
-    return f"; host predicted {row['predicted_host_bytes'] / 2**30:.2f} GiB measured {shown}"
+    shown = format_bytes(measured) if measured is not None else "not measured"
+    return f"; host predicted {format_bytes(row['predicted_host_bytes'])} measured {shown}"
 
 
 def main() -> int:

@@ -58,6 +58,13 @@ def test_memory_bench_measures_the_unmeasured_paths_on_the_cpu(tmp_path):
     fields = [r["fields"] for r in rows]
     assert {f.get("optimizer", "adamw") for f in fields} >= {"adamw", "adamw_foreach"}
     assert {f.get("loss", "standard") for f in fields} == {"standard", "chunked"}
+    # the offloading row carries its host memory, predicted and measured; the others none
+    for row in rows:
+        if row["fields"].get("activation_offload"):
+            assert row["measured_host_bytes"] > 0 and row["predicted_host_bytes"] > 0
+            assert row["host_rss_growth_bytes"] > 0
+        else:
+            assert "measured_host_bytes" not in row
 
 
 def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
