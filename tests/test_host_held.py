@@ -203,6 +203,21 @@ def test_a_measured_host_peak_over_the_host_budget_does_not_fit(workspace):  # n
     frontier_lines = shown.split("frontier so far")[1]
     assert not any(f"trial {t.number} " in frontier_lines for t in over)
 
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from autotune.console import frontier_table
+    from autotune.pareto import frontier
+    from autotune.study.records import measured_points
+
+    console = Console(record=True, width=300)
+    console.print(
+        frontier_table(SimpleNamespace(frontier=frontier(measured_points(study)), study=study))
+    )
+    table = console.export_text()
+    assert "host peak" in table and format_bytes(5 * 2**20) in table
+
 
 @pytest.mark.gpu
 def test_a_cuda_probe_counts_its_offloaded_activations_in_pinned_blocks(tiny_model, tmp_path):
