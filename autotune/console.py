@@ -168,20 +168,31 @@ class ConsoleReporter(RunEvents):
 def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
+    from autotune.study.ranking import quality_ranking
     from autotune.study.records import trial_record
 
+    ranking = quality_ranking(result.study)
+    promoted = len(ranking.steps) > 1  # --promote ran: the longer probes' eval loss too
     table = Table(title="Pareto frontier (measured, within budget)")
-    for column in ("trial", "recipe", "peak memory", "tokens/s", "eval loss"):
+    columns = ["trial", "recipe", "peak memory", "tokens/s", "eval loss"]
+    if promoted:
+        columns[-1] += f" ({ranking.steps[0]} steps)"
+        columns.append("longer probe eval loss")
+    for column in columns:
         table.add_column(column, justify="left" if column == "recipe" else "right")
     for point in result.frontier:
         trial = result.study.trials[point.number]
-        table.add_row(
+        cells = [
             str(point.number),
             trial_record(trial).label,
             format_bytes(point.peak_memory_bytes),
             f"{point.tokens_per_second:,.0f}",
             f"{point.eval_loss:.4f}",
-        )
+        ]
+        longer = ranking.longest(point.number)
+        if promoted:
+            cells.append(f"{longer[1]:.4f} ({longer[0]} steps)" if longer else "")
+        table.add_row(*cells)
     return table
 
 

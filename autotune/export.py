@@ -7,8 +7,9 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.margins import fit_words, stored_margin
-from autotune.pareto import PICK_POLICIES, pick
+from autotune.pareto import PICK_POLICIES
 from autotune.recipe import Recipe
+from autotune.study.ranking import pick_number
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.study_records import Confirmation, confirmations, study_setup
 
@@ -59,7 +60,7 @@ def picked_trial(study: Any, policy: str) -> Any:
             f"study {study.study_name!r} has no measured recipe within its budget yet; "
             "run more trials or raise --budget"
         )
-    return study.trials[pick(points, policy).number]
+    return study.trials[pick_number(study, policy, points)]
 
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:

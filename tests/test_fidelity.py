@@ -11,6 +11,8 @@ import pytest
 from autotune.fidelity import (
     FIDELITY_READING,
     indistinguishable_groups,
+    ladder_groups,
+    ladder_order,
     noise_groups_line,
     ranks,
     spearman_rho,
@@ -50,10 +52,25 @@ def test_successive_halving_keeps_the_better_half():
 
 
 def test_the_noise_groups_reading_names_the_groups_only():
-    line = noise_groups_line({7: 1.50, 3: 1.52, 9: 1.60, 1: 2.0}, noise=0.03)
+    line = noise_groups_line({7: [1.50], 3: [1.52], 9: [1.60], 1: [2.0]}, noise=0.03)
     assert line is not None and line.endswith("so not ranked: trials 7, 3.")
-    assert "0.030" in line
-    assert noise_groups_line({7: 1.5, 9: 1.6}, noise=0.03) is None
+    assert "0.030" in line and "longest probe" not in line
+    assert noise_groups_line({7: [1.5], 9: [1.6]}, noise=0.03) is None
+
+
+def test_promoted_recipes_are_ranked_at_the_longest_probe_both_reached():
+    # base probe, then promotion rounds: 5 and 2 reached round 2, 8 round 1 only, 6 none
+    ladders = {6: [1.40], 8: [1.20, 1.15], 5: [1.10, 1.00, 0.90], 2: [1.05, 1.02, 0.80]}
+    # at the base length 2 leads 5; at round 2 (the longest both reached) 5 trails 2 by 0.10
+    assert ladder_order(ladders) == [2, 5, 8, 6]
+    # neighbours: 2-5 at round 2 (0.10 apart), 5-8 at round 1 (1.15 - 1.00 = 0.15), 8-6 at the
+    # base length (1.40 - 1.20 = 0.20)
+    assert ladder_groups(ladders, noise=0.12) == [[2, 5], [8], [6]]
+    assert ladder_groups(ladders, noise=0.16) == [[2, 5, 8], [6]]
+    assert ladder_groups(ladders, noise=0.05) == [[2], [5], [8], [6]]
+    line = noise_groups_line(ladders, noise=0.12)
+    assert line is not None and "compared at the longest probe both reached" in line
+    assert line.endswith("so not ranked: trials 2, 5.")
 
 
 def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa: F811

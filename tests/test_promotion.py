@@ -49,3 +49,50 @@ def test_without_promote_nothing_is_probed_again(workspace):  # noqa: F811
     runner = LearnsWithSteps()
     study = run_study(prepare_run(settings_for(workspace, trials=6, confirm_top=0)), runner)
     assert promotions(study) == {} and {r.steps for r in runner.requests} == {3}
+
+
+class SlowStartersWin(FakeRunner):
+    """At the study's probe length the larger LoRA rank leads; on a longer probe the order
+    turns over (a smaller rank ends lower), as recipes that start slowly do."""
+
+    def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        result = super().run(request, workdir)
+        if result.eval_loss is not None and request.steps > 3:
+            result.eval_loss = 2.0 + 0.01 * (request.recipe.lora_r or 10) + 0.001 * request.steps
+        return result
+
+
+def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace):  # noqa: F811
+    from autotune.pareto import frontier, pick
+    from autotune.report import render_html, report_data
+    from autotune.study import measured_points, pick_number, quality_ranking
+
+    settings = settings_for(workspace, trials=10, confirm_top=0, promote_rounds=1)
+    study = run_study(prepare_run(settings), SlowStartersWin())
+    points = measured_points(study)
+    front = {p.number for p in frontier(points)}
+    longer = promoted_quality(study)
+    promoted_front = [n for n in longer if n in front]
+    assert len(promoted_front) >= 2
+    # the frontier's third objective stays the 3-step probe of every trial
+    assert {p.number: p.eval_loss for p in points} == {
+        t.number: t.values[2] for t in study.trials if t.number in {p.number for p in points}
+    }
+    by_base = pick(points, "best-loss").number
+    by_longer = min(promoted_front, key=lambda n: (longer[n], n))
+    assert by_base != by_longer  # the case turns the order over
+    assert pick_number(study, "best-loss") == by_longer
+    ranking = quality_ranking(study)
+    assert ranking.steps == (3, 6) and ranking.longest(by_longer) == (6, longer[by_longer])
+
+    data = report_data(study)
+    [card] = [c for c in data.cards if "best-loss" in c.picks]
+    assert card.trial == by_longer and card.longer_probe == (6, longer[by_longer])
+    [line] = [n for n in data.quality_notes if n.startswith("Quality ranking")]
+    promoted_words = ", ".join(map(str, sorted(promoted_front)))
+    assert f"trials {promoted_words} at 6 steps (promoted probe)" in line
+    assert "3-step probe of every trial" in line
+    page = render_html(data)
+    assert page.count("Longer probe eval loss (6 steps)") == 2  # frontier and trial tables
+    assert f"{longer[by_longer]:.4f} on a longer probe (6 steps)" in page
+    assert page.index("frontier-table") < page.index("Quality ranking") < page.index("Charts")
