@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from autotune.study import prepare_run, promoted_quality, promotions, run_study
 from autotune.training.io import ProbeRequest, ProbeResult
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
@@ -82,10 +84,18 @@ def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace): 
     by_longer = min(promoted_front, key=lambda n: (longer[n], n))
     assert by_base != by_longer  # the case turns the order over
     assert pick_number(study, "best-loss") == by_longer
+    # every place a pick is read: export, `autotune studies`, the report's readings
+    from autotune.export import picked_trial
+    from autotune.study.overview import study_overview
+
+    assert picked_trial(study, "best-loss").number == by_longer
+    assert study_overview(study).picks["best-loss"].trial == by_longer
     ranking = quality_ranking(study)
     assert ranking.steps == (3, 6) and ranking.longest(by_longer) == (6, longer[by_longer])
 
     data = report_data(study)
+    [best] = [line for line in data.readings if line.startswith("best eval loss")]
+    assert f"(trial {by_longer})" in best
     [card] = [c for c in data.cards if "best-loss" in c.picks]
     assert card.trial == by_longer and card.longer_probe == (6, longer[by_longer])
     [line] = [n for n in data.quality_notes if n.startswith("Quality ranking")]
@@ -96,3 +106,34 @@ def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace): 
     assert page.count("Longer probe eval loss (6 steps)") == 2  # frontier and trial tables
     assert f"{longer[by_longer]:.4f} on a longer probe (6 steps)" in page
     assert page.index("frontier-table") < page.index("Quality ranking") < page.index("Charts")
+
+
+def test_a_card_compares_with_the_default_at_the_longest_probe_both_reached():
+    import pandas as pd
+
+    from autotune.report.card import _card
+    from autotune.study.ranking import QualityRanking
+    from autotune.study.study_records import Noise
+
+    rows = pd.DataFrame(
+        {
+            "trial": [0, 1],
+            "recipe": ["QLoRA", "full"],
+            "peak_memory_bytes": [1e9, 2e9],
+            "tokens_per_second": [1000.0, 2000.0],
+            "eval_loss": [2.92, 2.90],
+            "held_up": [None, None],
+            "baseline": ["qlora_default", ""],
+        }
+    ).set_index("trial", drop=False)
+    # the default (trial 0) reached round 1, trial 1 round 2: they compare at round 1, 6 steps
+    ranking = QualityRanking({0: [2.92, 2.20], 1: [2.90, 2.10, 2.05]}, (3, 6, 12))
+    noise = Noise(0, 1, 3, 2.93, 0.05, None, None)  # another seed moved eval loss by 0.05
+    card = _card(rows.loc[1], 1, ("best-loss",), rows.loc[0], noise, None, ranking)
+    assert card.longer_probe == (12, 2.05) and card.change_at_steps == 6
+    assert card.eval_loss_change == pytest.approx(2.10 - 2.20) and card.loss_beyond_noise
+    # not promoted together: the study's probe, as without --promote
+    alone = QualityRanking({0: [2.92], 1: [2.90, 2.10]}, (3, 6))
+    card = _card(rows.loc[1], 1, ("best-loss",), rows.loc[0], noise, None, alone)
+    assert card.change_at_steps is None and card.eval_loss_change == pytest.approx(-0.02)
+    assert card.loss_beyond_noise is False

@@ -76,14 +76,19 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     if card.speedup is not None:
         speed += esc(f", {card.speedup:.2f}× the QLoRA default")
         speed += _noise_words(card.speed_beyond_noise)
+    against_default = ""
+    if card.eval_loss_change is not None:
+        against_default = esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
+        if card.change_at_steps is not None:
+            against_default += esc(f" at {card.change_at_steps} steps")
+        against_default += _noise_words(card.loss_beyond_noise)
+    if card.change_at_steps is None:
+        loss += against_default
     if card.longer_probe is not None:
         steps, longer = card.longer_probe
         loss += esc(f"; {longer:.4f} on a longer probe ({steps} steps)")
-    if card.eval_loss_change is not None:
-        loss += esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
-        if card.change_at_steps is not None:
-            loss += esc(f" at {card.change_at_steps} steps")
-        loss += _noise_words(card.loss_beyond_noise)
+    if card.change_at_steps is not None:
+        loss += against_default
     if card.is_default:
         speed += " (this is the QLoRA default)"
     held = {None: "not confirmed", True: "held up", False: "did not hold up"}[card.held_up]
