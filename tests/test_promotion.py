@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from autotune.study import prepare_run, promoted_quality, promotions, run_study
 from autotune.training.io import ProbeRequest, ProbeResult
@@ -89,6 +90,10 @@ def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace): 
     from autotune.study.overview import study_overview
 
     assert picked_trial(study, "best-loss").number == by_longer
+    from autotune.export import recipe_yaml
+
+    measured = yaml.safe_load(recipe_yaml(study, "best-loss")[1])["measured"]
+    assert measured["longer_probe"] == {"steps": 6, "eval_loss": round(longer[by_longer], 5)}
     assert study_overview(study).picks["best-loss"].trial == by_longer
     ranking = quality_ranking(study)
     assert ranking.steps == (3, 6) and ranking.longest(by_longer) == (6, longer[by_longer])
