@@ -175,12 +175,18 @@ class ConsoleReporter(RunEvents):
 def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
+    from autotune.study.ranking import quality_ranking
     from autotune.study.records import trial_record
 
+    ranking = quality_ranking(result.study)
+    promoted = len(ranking.steps) > 1  # --promote ran: the longer probes' eval loss too
     table = Table(title="Pareto frontier (measured, within budget)")
     records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}
     hosts = {n: r.probe.host_peak_bytes if r.probe else None for n, r in records.items()}
     columns = ["trial", "recipe", "peak memory", "tokens/s", "eval loss"]
+    if promoted:
+        columns[-1] += f" ({ranking.steps[0]} steps)"
+        columns.append("longer probe eval loss")
     if any(h is not None for h in hosts.values()):  # a frontier recipe offloads
         columns.insert(3, "host peak")
     for column in columns:
@@ -196,6 +202,9 @@ def frontier_table(result: RunResult) -> Any:
         ]
         if "host peak" in columns:
             cells.insert(3, format_bytes(host) if host is not None else "")
+        longer = ranking.longest(point.number)
+        if promoted:
+            cells.append(f"{longer[1]:.4f} ({longer[0]} steps)" if longer else "")
         table.add_row(*cells)
     return table
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.margins import fit_words, stored_margin
-from autotune.pareto import PICK_POLICIES, pick
+from autotune.pareto import PICK_POLICIES
 from autotune.recipe import Recipe
+from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.study_records import Confirmation, confirmations, study_setup
 
@@ -59,7 +60,7 @@ def picked_trial(study: Any, policy: str) -> Any:
             f"study {study.study_name!r} has no measured recipe within its budget yet; "
             "run more trials or raise --budget"
         )
-    return study.trials[pick(points, policy).number]
+    return study.trials[pick_number(study, policy, points)]
 
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
@@ -73,6 +74,9 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
     recipe = recipe_of(trial)
     setup = study_setup(study)
     measured = measured_figures(trial, confirmations(study).get(trial.number), setup.budget_bytes)
+    longer = quality_ranking(study).longest(trial.number)
+    if longer is not None:  # --promote probed it again for longer
+        measured["longer_probe"] = {"steps": longer[0], "eval_loss": round(longer[1], 5)}
     data_path = setup.data_path or None
     data_format = "alpaca"
     if fmt == "axolotl" and data_path and Path(data_path).exists():

@@ -7,7 +7,7 @@ study measured (autotune.study.confirm.measure_noise).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TypeVar
 
 Key = TypeVar("Key", bound=Hashable)
@@ -53,13 +53,30 @@ def indistinguishable_groups(losses: dict[int, float], noise: float) -> list[lis
     A group is a chain (each member within `noise` of the next), so its ends can lie further
     apart than `noise` when the chain is long; that still says no member clearly beats the next.
     """
-    ordered = sorted(losses, key=lambda key: (losses[key], key))
-    groups: list[list[int]] = []
-    for key in ordered:
-        if groups and losses[key] - losses[groups[-1][-1]] <= noise:
-            groups[-1].append(key)
-        else:
-            groups.append([key])
+    return ladder_groups({key: [loss] for key, loss in losses.items()}, noise)
+
+
+def ladder_order(ladders: Mapping[Key, Sequence[float]]) -> list[Key]:
+    """Keys best first, where each key's ladder is its eval loss at each probe length it
+    reached (the shortest first, as successive halving promotes): a recipe that reached a longer
+    probe comes before one that did not, and recipes that reached the same length are ordered
+    by their loss at it. Any two are so ordered by the longest probe both reached, as halving
+    promoted the lower of them at each shorter one."""
+    return sorted(ladders, key=lambda key: (-len(ladders[key]), ladders[key][-1], key))
+
+
+def ladder_groups(ladders: Mapping[Key, Sequence[float]], noise: float) -> list[list[Key]]:
+    """ladder_order's keys grouped where a neighbour's loss, at the longest probe both reached,
+    is no more than `noise` above the one before it (indistinguishable_groups with ladders)."""
+    groups: list[list[Key]] = []
+    for key in ladder_order(ladders):
+        if groups:
+            before = ladders[groups[-1][-1]]
+            common = min(len(before), len(ladders[key])) - 1
+            if ladders[key][common] - before[common] <= noise:
+                groups[-1].append(key)
+                continue
+        groups.append([key])
     return groups
 
 
@@ -73,16 +90,22 @@ def successive_halving(
     return sorted(scores, key=lambda key: scores[key])[:count]
 
 
-def noise_groups_line(losses: dict[int, float], noise: float) -> str | None:
-    """The report's reading of the frontier trials (number -> eval loss) that the noise does
-    not tell apart; None when each stands apart from the next."""
-    groups = [g for g in indistinguishable_groups(losses, noise) if len(g) > 1]
+def noise_groups_line(ladders: Mapping[int, Sequence[float]], noise: float) -> str | None:
+    """The report's reading of the frontier trials (number -> eval loss at each probe length
+    it reached, as ladder_groups reads them) that the noise does not tell apart; None when each
+    stands apart from the next."""
+    groups = [g for g in ladder_groups(ladders, noise) if len(g) > 1]
     if not groups:
         return None
     shown = "; ".join("trials " + ", ".join(map(str, group)) for group in groups)
+    compared = (
+        ", each pair compared at the longest probe both reached"
+        if any(len(ladder) > 1 for ladder in ladders.values())
+        else ""
+    )
     return (
         f"Indistinguishable on eval loss (neighbours apart by no more than the noise, "
-        f"{noise:.3f}), so not ranked: {shown}."
+        f"{noise:.3f}{compared}), so not ranked: {shown}."
     )
 
 

@@ -47,8 +47,10 @@ def frontier(points: Sequence[Point]) -> list[Point]:
     return sorted(front, key=lambda p: -p.tokens_per_second)
 
 
-def pick(points: Sequence[Point], policy: str) -> Point:
-    """One point of the frontier of `points` by `policy` (see PICK_HELP)."""
+def pick(points: Sequence[Point], policy: str, quality_order: Sequence[int] = ()) -> Point:
+    """One point of the frontier of `points` by `policy` (see PICK_HELP). `quality_order`:
+    trial numbers best first by longer probes (autotune.study.ranking); best-loss takes the
+    first of them on the frontier, and the lowest eval loss where none is."""
     front = frontier(points)
     if not front:
         raise ValueError("no measured feasible recipe to pick from")
@@ -57,7 +59,12 @@ def pick(points: Sequence[Point], policy: str) -> Point:
     if policy == "smallest":
         return min(front, key=lambda p: (p.peak_memory_bytes, -p.tokens_per_second))
     if policy == "best-loss":
-        return min(front, key=lambda p: (p.eval_loss, -p.tokens_per_second))
+        position = {number: index for index, number in enumerate(quality_order)}
+
+        def quality_rank(p: Point) -> tuple[int, float, float]:
+            return (position.get(p.number, len(position)), p.eval_loss, -p.tokens_per_second)
+
+        return min(front, key=quality_rank)
     if policy != "balanced":
         raise ValueError(f"unknown pick policy {policy!r}")
     columns = list(zip(*(p.costs() for p in front)))

@@ -20,11 +20,13 @@ On the CPU, with a small Llama-architecture model pretrained here on real text:
    `--long-steps` steps (400: 20 times the 20-step probe's tokens);
 4. reports Spearman's rho between the probes' and the long runs' eval-loss rankings at each
    probe length, each recipe's spread across seeds, and what successive halving (all recipes
-   at the shortest probe, the better half promoted to the next length) ranks.
+   at the shortest probe, the better half promoted to the next length) ranks, also against
+   plain probes that spend the same probe steps (bench/fidelity_summary.py).
 
 Every probe's and long run's result is cached under the cache directory: a rerun continues.
 `--model <hub id or path>` skips the pretraining and measures that model (on CUDA: `--device
-cuda`); `--toy` cuts every size so the pipeline runs end to end in a minute (the CPU test).
+cuda`); `--toy` cuts every size so the pipeline runs end to end in a minute (the CPU test);
+`--summarize FILE` recomputes a results file's summary from its rows without running anything.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fidelity_summary import print_table, summarize, summarize_file  # noqa: E402
 from shared import MODELS_DIR, ROOT, write_results  # noqa: E402
 
-from autotune.fidelity import spearman_rho, successive_halving  # noqa: E402
+from autotune.fidelity import spearman_rho  # noqa: E402, F401 - the CPU test checks rho with it
 
 LORA = {"method": "lora", "lora_alpha_over_r": 2, "lora_dropout": 0.0}
 RECIPES: dict[str, dict] = {
@@ -319,99 +322,6 @@ def long_row(
     }
 
 
-def summarize(probes: dict, longs: dict, probe_steps: list[int], seeds: int) -> dict:
-    """rho per probe length (seed-mean probe loss, and each seed alone), spreads, halving."""
-    names = [n for n in longs if longs[n].get("status") == "ok"]
-    summary: dict = {"recipes_with_long_run": len(names), "rho": {}, "spread": {}}
-
-    def loss(name: str, steps: int, seed: int) -> float | None:
-        row = probes.get(f"{name}/{steps}/{seed}")
-        return row["eval_loss"] if row and row.get("status") == "ok" else None
-
-    best_means: dict[int, dict[str, float]] = {}
-    for steps in probe_steps:
-        means, per_seed = {}, []
-        best_means[steps] = means
-        for name in names:
-            values = [v for s in range(seeds) if (v := loss(name, steps, s)) is not None]
-            if values:
-                means[name] = statistics.mean(values)
-            if len(values) > 1:
-                summary["spread"].setdefault(name, {})[steps] = {
-                    "seeds": len(values),
-                    "range": round(max(values) - min(values), 4),
-                    "stdev": round(statistics.stdev(values), 4),
-                }
-        for seed in range(seeds):
-            both = [n for n in names if loss(n, steps, seed) is not None]
-            if len(both) >= 3:
-                per_seed.append(
-                    spearman_rho(
-                        [loss(n, steps, seed) for n in both],  # type: ignore[misc]
-                        [longs[n]["eval_loss"] for n in both],
-                    )
-                )
-        if len(means) >= 3:
-            summary["rho"][steps] = {
-                "recipes": len(means),
-                "seed_mean": round(
-                    spearman_rho(list(means.values()), [longs[n]["eval_loss"] for n in means]), 3
-                ),
-                "single_seed": [round(r, 3) for r in per_seed],
-            }
-    other = [n for n in names if longs[n].get("other_seeds", {}).get(1) is not None]
-    if len(other) >= 3:
-        # how far the long run's own ranking moves with another data order, initialisation
-        # and eval split: the most a probe could agree with it
-        summary["long_rho_seed_0_vs_1"] = round(
-            spearman_rho(
-                [longs[n]["eval_loss"] for n in other], [longs[n]["other_seeds"][1] for n in other]
-            ),
-            3,
-        )
-    summary["best"] = {
-        "long": min(names, key=lambda n: longs[n]["eval_loss"]) if names else None,
-        **{
-            str(steps): min(means, key=means.get) if names and len(means) == len(names) else None
-            for steps, means in best_means.items()
-        },
-    }
-    spreads = [s[k]["stdev"] for s in summary["spread"].values() for k in s]
-    summary["median_seed_stdev"] = round(statistics.median(spreads), 4) if spreads else None
-    summary["halving"] = halving(probes, longs, names, probe_steps)
-    return summary
-
-
-def halving(probes: dict, longs: dict, names: list[str], probe_steps: list[int]) -> dict | None:
-    """Successive halving from seed 0's probes: every recipe at the shortest length, the better
-    half promoted to each next length. Ranked by the longest probe each recipe reached (the
-    promoted ahead of the rest); rho against the long runs, and the probe steps it spent."""
-    scores = {}
-    for name in names:
-        row = probes.get(f"{name}/{probe_steps[0]}/0")
-        if row and row.get("status") == "ok":
-            scores[name] = row["eval_loss"]
-    if len(scores) < 3:
-        return None
-    order: list[str] = []
-    spent = probe_steps[0] * len(scores)
-    for steps in probe_steps[1:]:
-        promoted = successive_halving(scores)
-        order = [
-            n for n in sorted(scores, key=lambda n: (scores[n], n)) if n not in promoted
-        ] + order
-        scores = {}
-        for name in promoted:
-            row = probes.get(f"{name}/{steps}/0")
-            if row and row.get("status") == "ok":
-                scores[name] = row["eval_loss"]
-        spent += steps * len(promoted)
-    order = sorted(scores, key=lambda n: (scores[n], n)) + order
-    position = {name: rank for rank, name in enumerate(order)}
-    rho = spearman_rho([position[n] for n in order], [longs[n]["eval_loss"] for n in order])
-    return {"rho": round(rho, 3), "probe_steps_spent": spent, "order": order}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id or path: measure it instead of pretraining")
@@ -436,8 +346,23 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--toy", action="store_true", help="tiny sizes: the CPU test")
     parser.add_argument("--cache", type=Path, default=MODELS_DIR / "fidelity")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/fidelity.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/fidelity.json")
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        metavar="FILE",
+        help="recompute the summary of the results file FILE from its rows, run nothing, and "
+        "write it to --out if given, else back to FILE",
+    )
     args = parser.parse_args()
+    if args.summarize is not None:
+        if not args.summarize.is_file():
+            print(f"--summarize: no results file {args.summarize}", file=sys.stderr)
+            return 2
+        summary = summarize_file(args.summarize, args.out)
+        print(json.dumps({k: summary[k] for k in ("rho", "halving", "halving_at_equal_steps")}))
+        return 0
+    out_path = args.out or ROOT / "bench/results/fidelity.json"
 
     from autotune.data.token_cache import cached_splits
     from autotune.probe import SubprocessProbeRunner
@@ -485,7 +410,7 @@ def main() -> int:
         summary["task"] = f"{args.rows} rows from {args.task_packages}: docstring -> code"
         summary["versions"] = versions()
         write_results(
-            args.out,
+            out_path,
             "fidelity_bench.py",
             args.device,
             summary,
@@ -578,27 +503,6 @@ def versions() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def print_table(summary, probes, longs, names, probe_steps, seeds) -> None:
-    header = "recipe".ljust(24) + "".join(f"{s:>8}-step" for s in probe_steps) + "      long"
-    print(header)
-    for name in names:
-        cells = []
-        for steps in probe_steps:
-            values = [
-                probes[k]["eval_loss"]
-                for s in range(seeds)
-                if (k := f"{name}/{steps}/{s}") in probes and probes[k].get("eval_loss")
-            ]
-            cells.append(f"{statistics.mean(values):>13.4f}" if values else f"{'-':>13}")
-        long = longs.get(name, {}).get("eval_loss")
-        print(name.ljust(24) + "".join(cells) + (f"{long:>10.4f}" if long else f"{'-':>10}"))
-    for steps, rho in summary["rho"].items():
-        print(f"rho at {steps} steps: {rho['seed_mean']} (single seeds {rho['single_seed']})")
-    if summary.get("halving"):
-        rho, spent = summary["halving"]["rho"], summary["halving"]["probe_steps_spent"]
-        print(f"successive halving: rho {rho}, {spent} probe steps")
 
 
 if __name__ == "__main__":

@@ -328,7 +328,16 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
     )
     assert summary["best"]["long"] == min(longs, key=longs.get)
     assert summary["halving"]["probe_steps_spent"] == 5 * 2 + 2 * 4
+    [equal] = summary["halving_at_equal_steps"]
+    assert (equal["halving_probe_steps"], equal["plain_probe_steps"]) == (5 * 2 + 2 * 4, 5 * 4)
+    assert equal["rho_plain"] == summary["rho"]["4"]["single_seed"]
     assert "rho at 2 steps" in done.stdout
+    # --summarize recomputes the same summary from the file's rows, running nothing
+    redone = run_bench("fidelity_bench.py", "--summarize", str(out), "--out", str(out) + ".again")
+    assert redone.returncode == 0, redone.stderr
+    assert json.loads(Path(str(out) + ".again").read_text())["summary"] == summary
+    missing = run_bench("fidelity_bench.py", "--summarize", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and missing.stderr.startswith("--summarize: no results file")
     # a rerun continues from the cached results: nothing is probed again
     again = run_bench(
         "fidelity_bench.py",

@@ -11,11 +11,14 @@ import pytest
 from autotune.fidelity import (
     FIDELITY_READING,
     indistinguishable_groups,
+    ladder_groups,
+    ladder_order,
     noise_groups_line,
     ranks,
     spearman_rho,
     successive_halving,
 )
+from tests.conftest import load_bench
 from tests.test_study import NoisyRunner, settings_for, workspace  # noqa: F401
 
 
@@ -50,10 +53,25 @@ def test_successive_halving_keeps_the_better_half():
 
 
 def test_the_noise_groups_reading_names_the_groups_only():
-    line = noise_groups_line({7: 1.50, 3: 1.52, 9: 1.60, 1: 2.0}, noise=0.03)
+    line = noise_groups_line({7: [1.50], 3: [1.52], 9: [1.60], 1: [2.0]}, noise=0.03)
     assert line is not None and line.endswith("so not ranked: trials 7, 3.")
-    assert "0.030" in line
-    assert noise_groups_line({7: 1.5, 9: 1.6}, noise=0.03) is None
+    assert "0.030" in line and "longest probe" not in line
+    assert noise_groups_line({7: [1.5], 9: [1.6]}, noise=0.03) is None
+
+
+def test_promoted_recipes_are_ranked_at_the_longest_probe_both_reached():
+    # base probe, then promotion rounds: 5 and 2 reached round 2, 8 round 1 only, 6 none
+    ladders = {6: [1.40], 8: [1.20, 1.15], 5: [1.10, 1.00, 0.90], 2: [1.05, 1.02, 0.80]}
+    # at the base length 2 leads 5; at round 2 (the longest both reached) 5 trails 2 by 0.10
+    assert ladder_order(ladders) == [2, 5, 8, 6]
+    # neighbours: 2-5 at round 2 (0.10 apart), 5-8 at round 1 (1.15 - 1.00 = 0.15), 8-6 at the
+    # base length (1.40 - 1.20 = 0.20)
+    assert ladder_groups(ladders, noise=0.12) == [[2, 5], [8], [6]]
+    assert ladder_groups(ladders, noise=0.16) == [[2, 5, 8], [6]]
+    assert ladder_groups(ladders, noise=0.05) == [[2], [5], [8], [6]]
+    line = noise_groups_line(ladders, noise=0.12)
+    assert line is not None and "compared at the longest probe both reached" in line
+    assert line.endswith("so not ranked: trials 2, 5.")
 
 
 def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa: F811
@@ -80,3 +98,25 @@ def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa
     page = render_html(data)  # stated under the frontier table, before the charts
     assert page.index("frontier-table") < page.index(grouped) < page.index("<h2>Charts")
     assert page.index(html.escape(FIDELITY_READING)) < page.index("<h2>Charts")
+
+
+def test_halving_against_plain_probes_of_the_same_probe_steps_by_hand():
+    summary = load_bench("fidelity_summary")
+    # four recipes whose long runs rank a < b < c < d; at 10 steps a starts slowest
+    longs = {name: {"status": "ok", "eval_loss": loss} for name, loss in zip("abcd", (1, 2, 3, 4))}
+    at_10 = {"a": 5.0, "b": 4.0, "c": 4.1, "d": 4.5}
+    at_20 = {"a": 3.0, "b": 3.5, "c": 3.4, "d": 3.9}
+    probes = {
+        f"{name}/{steps}/0": {"status": "ok", "eval_loss": losses[name]}
+        for steps, losses in ((10, at_10), (20, at_20))
+        for name in "abcd"
+    }
+    [entry] = summary.halving_at_equal_steps(probes, longs, list("abcd"), [10, 20], seeds=1)
+    # halving: b and c (the better half at 10 steps) again at 20, where c leads; then d, a by
+    # their 10-step loss: ranks a 4, b 2, c 1, d 3 against 1, 2, 3, 4, squared differences
+    # 9 + 0 + 4 + 1 = 14, rho = 1 - 6 * 14 / (4 * 15) = -0.4, in 4 * 10 + 2 * 20 = 80 steps
+    # plain 20-step probes: ranks a 1, c 2, b 3, d 4: 1 - 6 * 2 / 60 = 0.8, in 4 * 20 = 80 steps
+    assert entry["halving_probe_steps"] == entry["plain_probe_steps"] == 80
+    assert entry["rho_halving"] == [pytest.approx(-0.4)]
+    assert entry["rho_plain"] == [pytest.approx(0.8)]
+    assert (entry["halving"], entry["recipes"]) == ("10 -> 20", 4)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import yaml
+
 from autotune.study import prepare_run, promoted_quality, promotions, run_study
 from autotune.training.io import ProbeRequest, ProbeResult
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
@@ -49,3 +52,93 @@ def test_without_promote_nothing_is_probed_again(workspace):  # noqa: F811
     runner = LearnsWithSteps()
     study = run_study(prepare_run(settings_for(workspace, trials=6, confirm_top=0)), runner)
     assert promotions(study) == {} and {r.steps for r in runner.requests} == {3}
+
+
+class SlowStartersWin(FakeRunner):
+    """At the study's probe length the larger LoRA rank leads; on a longer probe the order
+    turns over (a smaller rank ends lower), as recipes that start slowly do."""
+
+    def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
+        result = super().run(request, workdir)
+        if result.eval_loss is not None and request.steps > 3:
+            result.eval_loss = 2.0 + 0.01 * (request.recipe.lora_r or 10) + 0.001 * request.steps
+        return result
+
+
+def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace):  # noqa: F811
+    from autotune.pareto import frontier, pick
+    from autotune.report import render_html, report_data
+    from autotune.study import measured_points, pick_number, quality_ranking
+
+    settings = settings_for(workspace, trials=10, confirm_top=0, promote_rounds=1)
+    study = run_study(prepare_run(settings), SlowStartersWin())
+    points = measured_points(study)
+    front = {p.number for p in frontier(points)}
+    longer = promoted_quality(study)
+    promoted_front = [n for n in longer if n in front]
+    assert len(promoted_front) >= 2
+    # the frontier's third objective stays the 3-step probe of every trial
+    assert {p.number: p.eval_loss for p in points} == {
+        t.number: t.values[2] for t in study.trials if t.number in {p.number for p in points}
+    }
+    by_base = pick(points, "best-loss").number
+    by_longer = min(promoted_front, key=lambda n: (longer[n], n))
+    assert by_base != by_longer  # the case turns the order over
+    assert pick_number(study, "best-loss") == by_longer
+    # every place a pick is read: export, `autotune studies`, the report's readings
+    from autotune.export import picked_trial
+    from autotune.study.overview import study_overview
+
+    assert picked_trial(study, "best-loss").number == by_longer
+    from autotune.export import recipe_yaml
+
+    measured = yaml.safe_load(recipe_yaml(study, "best-loss")[1])["measured"]
+    assert measured["longer_probe"] == {"steps": 6, "eval_loss": round(longer[by_longer], 5)}
+    assert study_overview(study).picks["best-loss"].trial == by_longer
+    ranking = quality_ranking(study)
+    assert ranking.steps == (3, 6) and ranking.longest(by_longer) == (6, longer[by_longer])
+
+    data = report_data(study)
+    [best] = [line for line in data.readings if line.startswith("best eval loss")]
+    assert f"(trial {by_longer})" in best
+    [card] = [c for c in data.cards if "best-loss" in c.picks]
+    assert card.trial == by_longer and card.longer_probe == (6, longer[by_longer])
+    [line] = [n for n in data.quality_notes if n.startswith("Quality ranking")]
+    promoted_words = ", ".join(map(str, sorted(promoted_front)))
+    assert f"trials {promoted_words} at 6 steps (promoted probe)" in line
+    assert "3-step probe of every trial" in line
+    page = render_html(data)
+    assert page.count("Longer probe eval loss (6 steps)") == 2  # frontier and trial tables
+    assert f"{longer[by_longer]:.4f} on a longer probe (6 steps)" in page
+    assert page.index("frontier-table") < page.index("Quality ranking") < page.index("Charts")
+
+
+def test_a_card_compares_with_the_default_at_the_longest_probe_both_reached():
+    import pandas as pd
+
+    from autotune.report.card import _card
+    from autotune.study.ranking import QualityRanking
+    from autotune.study.study_records import Noise
+
+    rows = pd.DataFrame(
+        {
+            "trial": [0, 1],
+            "recipe": ["QLoRA", "full"],
+            "peak_memory_bytes": [1e9, 2e9],
+            "tokens_per_second": [1000.0, 2000.0],
+            "eval_loss": [2.92, 2.90],
+            "held_up": [None, None],
+            "baseline": ["qlora_default", ""],
+        }
+    ).set_index("trial", drop=False)
+    # the default (trial 0) reached round 1, trial 1 round 2: they compare at round 1, 6 steps
+    ranking = QualityRanking({0: [2.92, 2.20], 1: [2.90, 2.10, 2.05]}, (3, 6, 12))
+    noise = Noise(0, 1, 3, 2.93, 0.05, None, None)  # another seed moved eval loss by 0.05
+    card = _card(rows.loc[1], 1, ("best-loss",), rows.loc[0], noise, None, ranking)
+    assert card.longer_probe == (12, 2.05) and card.change_at_steps == 6
+    assert card.eval_loss_change == pytest.approx(2.10 - 2.20) and card.loss_beyond_noise
+    # not promoted together: the study's probe, as without --promote
+    alone = QualityRanking({0: [2.92], 1: [2.90, 2.10]}, (3, 6))
+    card = _card(rows.loc[1], 1, ("best-loss",), rows.loc[0], noise, None, alone)
+    assert card.change_at_steps is None and card.eval_loss_change == pytest.approx(-0.02)
+    assert card.loss_beyond_noise is False

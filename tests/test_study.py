@@ -612,7 +612,8 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     modules = loaded.stdout
     assert "autotune.study.records" in modules and "autotune.study.storage" in modules
     assert "autotune.study.study_records" in modules
-    for running in ("objective", "run", "prepare", "confirm", "workers", "seeding"):
+    assert "autotune.study.ranking" in modules  # the picks read promoted probes
+    for running in ("objective", "run", "prepare", "confirm", "workers", "seeding", "promotion"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
 

@@ -10,8 +10,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.pareto import PICK_POLICIES, pick
+from autotune.pareto import PICK_POLICIES
 from autotune.report.frame import MEASURED
+from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
 from autotune.study.records import measured_points
 from autotune.study.study_records import Noise
 
@@ -39,6 +40,11 @@ class PickCard:
     """One epoch of the study's training tokens at this speed and at the default's."""
     is_default: bool = False
     """This is the QLoRA default itself."""
+    longer_probe: tuple[int, float] | None = None
+    """(steps, eval loss) of its longest promoted probe (--promote); None if not promoted."""
+    change_at_steps: int | None = None
+    """The probe length eval_loss_change compares at, where both were promoted to a longer one
+    than the study's probe (None: the study's probe)."""
 
 
 def pick_cards(
@@ -48,14 +54,15 @@ def pick_cards(
     points = measured_points(study)
     if not points or not len(frame):
         return []
+    ranking = quality_ranking(study, points)
     chosen: dict[int, list[str]] = {}
     for policy in PICK_POLICIES:
-        chosen.setdefault(pick(points, policy).number, []).append(policy)
+        chosen.setdefault(pick_number(study, policy, points, ranking), []).append(policy)
     rows = frame.set_index("trial")
     default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
     base = default.iloc[0] if len(default) else None
     return [
-        _card(rows.loc[number], number, tuple(policies), base, noise, train_tokens)
+        _card(rows.loc[number], number, tuple(policies), base, noise, train_tokens, ranking)
         for number, policies in chosen.items()
     ]
 
@@ -67,6 +74,7 @@ def _card(
     base: Any,
     noise: Noise | None,
     train_tokens: int | None,
+    ranking: QualityRanking,
 ) -> PickCard:
     speed, loss = float(row["tokens_per_second"]), float(row["eval_loss"])
     held = row["held_up"]
@@ -80,17 +88,23 @@ def _card(
         None if held is None or held != held else bool(held),
         epoch_seconds=train_tokens / speed if train_tokens and speed else None,
         is_default=bool(row["baseline"] == "qlora_default"),
+        longer_probe=ranking.longest(number),
     )
     if base is None or int(base["trial"]) == number:
         return card
     base_speed, base_loss = float(base["tokens_per_second"]), float(base["eval_loss"])
     speedup = speed / base_speed if base_speed else None
     change = loss - base_loss
+    change_at_steps = None
+    common = ranking.common(number, int(base["trial"]))
+    if common is not None and common[0] != ranking.steps[0]:
+        change_at_steps, change = common[0], common[1] - common[2]
     speed_noise = noise.tokens_per_second_change if noise else None
     return dataclasses.replace(
         card,
         speedup=speedup,
         eval_loss_change=change,
+        change_at_steps=change_at_steps,
         # a change the size of the noise is chance (the tolerance: float rounding)
         loss_beyond_noise=None
         if noise is None

@@ -5,12 +5,14 @@ this, and the page only draws it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from autotune.fidelity import FIDELITY_READING, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
+from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
 from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
 from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
 from autotune.training.io import PROBE_PHASES
@@ -47,6 +49,8 @@ class ReportData(NamedTuple):
     """Non-padding tokens of one epoch of the study's training split (None: not recorded)."""
     quality_notes: tuple[str, ...] = ()
     """What the quality axis is and how far its ranking holds (quality_axis_notes)."""
+    promoted_steps: tuple[int, ...] = ()
+    """The probe length of each promotion round the study ran (--promote), shortest first."""
 
 
 def report_data(
@@ -58,6 +62,7 @@ def report_data(
     """Everything the page shows; `recipe_path` is where the balanced recipe was exported
     (or, not `exported`, where `autotune export` would write it)."""
     frame = trials_frame(study)
+    ranking = quality_ranking(study)
     setup = study_setup(study)
     choices = space_choices(study)
     stats = data_stats(study)
@@ -72,10 +77,11 @@ def report_data(
         )
     return ReportData(
         data_text=data_description(stats, setup.seq_len),
-        readings=frontier_readings(frame, setup.budget_bytes, noise),
+        readings=frontier_readings(frame, setup.budget_bytes, noise, ranking.promoted_order()),
         quality_notes=quality_axis_notes(
-            frame, setup.measured_under.get("quality", "eval_loss"), noise
+            frame, setup.measured_under.get("quality", "eval_loss"), noise, ranking
         ),
+        promoted_steps=ranking.steps[1:],
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
         cards=tuple(pick_cards(study, frame, noise, train_tokens)),
         commands=commands,
@@ -130,21 +136,38 @@ def time_description(frame: Any) -> str:
     )
 
 
-def quality_axis_notes(frame: Any, metric: str, noise: Noise | None) -> tuple[str, ...]:
-    """What the quality axis is, which frontier recipes the measured noise cannot tell apart on
-    it, and how far a probe's ranking on it was measured to hold (bench/fidelity_bench.py)."""
+def quality_axis_notes(
+    frame: Any, metric: str, noise: Noise | None, ranking: QualityRanking | None = None
+) -> tuple[str, ...]:
+    """What the quality axis is, on which probe lengths its ranking of the frontier rests
+    (--promote), which frontier recipes the measured noise cannot tell apart on it, and how far
+    a probe's ranking on it was measured to hold (bench/fidelity_bench.py)."""
     lines = [quality_reading(metric)]
-    if noise and len(frame):
-        front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)]
-        losses = {int(t): float(v) for t, v in zip(front["trial"], front["eval_loss"])}
-        lines.append(noise_groups_line(losses, noise.eval_loss_difference))
+    front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)] if len(frame) else frame
+    numbers = [int(t) for t in front["trial"]] if len(front) else []
+    if ranking is not None and numbers:
+        lines.append(ranking_line(ranking, numbers))
+    if noise and numbers:
+        ladders = (
+            ranking.ladders_of(numbers)
+            if ranking is not None
+            else {int(t): [float(v)] for t, v in zip(front["trial"], front["eval_loss"])}
+        )
+        lines.append(noise_groups_line(ladders, noise.eval_loss_difference))
     lines.append(FIDELITY_READING)
     return tuple(line for line in lines if line)
 
 
-def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None) -> list[str]:
+def frontier_readings(
+    frame: Any,
+    budget_bytes: int,
+    noise: Noise | None = None,
+    quality_order: Sequence[int] = (),
+) -> list[str]:
     """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss',
-    with the eval-loss noise of one recipe probed twice, so a difference can be told from chance."""
+    with the eval-loss noise of one recipe probed twice, so a difference can be told from chance.
+    The best eval loss is the first of `quality_order` (promoted trials, best first by their
+    longer probes) on the frontier, where one is."""
     if not len(frame):
         return []
     front = frame[frame["on_frontier"]]
@@ -153,7 +176,7 @@ def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None)
     roles = {
         "fastest": front.sort_values("tokens_per_second", ascending=False),
         "smallest": front.sort_values("peak_memory_bytes"),
-        "best eval loss": front.sort_values("eval_loss"),
+        "best eval loss": _by_quality(front, quality_order),
     }
     lines = []
     for role, ordered in roles.items():
@@ -191,6 +214,12 @@ def frontier_readings(frame: Any, budget_bytes: int, noise: Noise | None = None)
             "are chance."
         )
     return lines
+
+
+def _by_quality(front: Any, quality_order: Sequence[int]) -> Any:
+    position = {number: index for index, number in enumerate(quality_order)}
+    ranked = front.assign(_rank=[position.get(int(n), len(position)) for n in front["trial"]])
+    return ranked.sort_values(["_rank", "eval_loss"]).drop(columns="_rank")
 
 
 def _percent(change: float | None) -> str:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from autotune.pareto import frontier
+from autotune.study.ranking import quality_ranking
 from autotune.study.records import (
     OBJECTIVE_NAMES,
     TrialStatus,
@@ -20,6 +21,11 @@ MEASURED = TrialStatus.MEASURED.value
 DUPLICATE = TrialStatus.DUPLICATE.value
 
 
+def promoted_column(steps: int) -> str:
+    """The frame's column of the eval loss that a promotion round's `steps`-step probe measured."""
+    return f"eval_loss_at_{steps}_steps"
+
+
 def trial_seconds(trial: Any) -> float | None:
     """From the trial's start to its end (None until it ends): a study resumed later is timed
     without the pause between runs."""
@@ -32,7 +38,9 @@ def trials_frame(study: Any) -> Any:
     """One row per trial: recipe fields, predicted and measured figures, status and reason."""
     import pandas as pd
 
-    front = {p.number for p in frontier(measured_points(study))}
+    points = measured_points(study)
+    front = {p.number for p in frontier(points)}
+    ranking = quality_ranking(study, points)
     confirmed = confirmations(study)
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -61,6 +69,9 @@ def trials_frame(study: Any) -> Any:
         measured = status == MEASURED
         for name, value in zip(OBJECTIVE_NAMES, values):
             row[name] = value if measured else None
+        ladder = ranking.ladders.get(trial.number, [])
+        for steps, quality in zip(ranking.steps[1:], ladder[1:]):
+            row[promoted_column(steps)] = quality
         confirmation = confirmed.get(trial.number)
         row["held_up"] = None if confirmation is None else bool(confirmation.held_up)
         row["confirm_tokens_per_second"] = confirmation and confirmation.tokens_per_second

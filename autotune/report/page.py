@@ -18,7 +18,13 @@ from autotune.report.figures import (
     projection_figures,
     time_figure,
 )
-from autotune.report.table import FRONTIER_COLUMNS, SORT_SCRIPT, TRIAL_COLUMNS, html_table
+from autotune.report.table import (
+    FRONTIER_COLUMNS,
+    SORT_SCRIPT,
+    TRIAL_COLUMNS,
+    html_table,
+    with_promoted_columns,
+)
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.units import format_bytes
 
@@ -70,9 +76,19 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     if card.speedup is not None:
         speed += esc(f", {card.speedup:.2f}× the QLoRA default")
         speed += _noise_words(card.speed_beyond_noise)
+    against_default = ""
     if card.eval_loss_change is not None:
-        loss += esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
-        loss += _noise_words(card.loss_beyond_noise)
+        against_default = esc(f", {card.eval_loss_change:+.4f} vs the QLoRA default")
+        if card.change_at_steps is not None:
+            against_default += esc(f" at {card.change_at_steps} steps")
+        against_default += _noise_words(card.loss_beyond_noise)
+    if card.change_at_steps is None:
+        loss += against_default
+    if card.longer_probe is not None:
+        steps, longer = card.longer_probe
+        loss += esc(f"; {longer:.4f} on a longer probe ({steps} steps)")
+    if card.change_at_steps is not None:
+        loss += against_default
     if card.is_default:
         speed += " (this is the QLoRA default)"
     held = {None: "not confirmed", True: "held up", False: "did not hold up"}[card.held_up]
@@ -183,6 +199,8 @@ def render_html(data: ReportData) -> str:
         *left_out,
     ]
     measured = data.measured_count
+    frontier_columns = with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps)
+    trial_columns = with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>autotune: {html.escape(data.study_name)}</title>
 <style>{STYLE}</style></head><body>
@@ -191,12 +209,12 @@ def render_html(data: ReportData) -> str:
 {len(data.frame)} trials, {measured} measured.</p>
 <section id="recommendation"><div class="cards">{cards}</div></section>
 <h2 id="frontier">Frontier: no other recipe beats these on all three objectives</h2>
-{html_table(front, FRONTIER_COLUMNS, "frontier-table") if len(front) else ""}
+{html_table(front, frontier_columns, "frontier-table") if len(front) else ""}
 {"".join(f'<p class="note quality">{html.escape(line)}</p>' for line in data.quality_notes)}
 <h2>Charts</h2>
 {figures}
 <h2 id="trials">All trials</h2>
-{html_table(data.frame, TRIAL_COLUMNS, "trials-table") if len(data.frame) else ""}
+{html_table(data.frame, trial_columns, "trials-table") if len(data.frame) else ""}
 <h2>Notes</h2>
 {"".join(f'<p class="note">{html.escape(line)}</p>' for line in notes if line)}
 {SORT_SCRIPT}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autotune.report.frame import promoted_column
 from autotune.study.records import TrialStatus
 from autotune.training.io import PROBE_PHASES
 from autotune.units import format_bytes
@@ -110,6 +111,16 @@ FRONTIER_COLUMNS = (
     Column("eval_loss_change", "Eval loss vs QLoRA default", "change"),
     Column("held_up", "Held up on confirmation", "yes_no"),
 )
+
+
+def with_promoted_columns(columns: Sequence[Column], steps: Sequence[int]) -> list[Column]:
+    """`columns` with, after the eval loss, one column per promotion round's probe length:
+    each compares the recipes that reached it, at one length."""
+    promoted = [
+        Column(promoted_column(s), f"Longer probe eval loss ({s} steps)", "loss") for s in steps
+    ]
+    at = [c.key for c in columns].index("eval_loss") + 1
+    return [*columns[:at], *promoted, *columns[at:]]
 
 
 def html_table(frame: Any, columns: Sequence[Column], table_id: str) -> str:

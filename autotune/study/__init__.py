@@ -15,6 +15,7 @@ from typing import Any
 _MODULES = (
     "records",
     "study_records",
+    "ranking",
     "storage",
     "overview",
     "settings",
@@ -28,7 +29,8 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in records, study_records, storage or overview never loads the modules that run a study."""
+lives in records, study_records, ranking, storage or overview never loads the modules that run a
+study."""
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.pareto import PICK_POLICIES, frontier, pick
+from autotune.pareto import PICK_POLICIES, frontier
+from autotune.study.ranking import pick_number
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
@@ -86,7 +87,11 @@ def _state_count(study: Any, state: str) -> int:
 def study_overview(study: Any) -> StudyOverview:
     setup = study_setup(study)
     points = measured_points(study)
-    picks = {p: _measured(study, pick(points, p).number) for p in PICK_POLICIES} if points else {}
+    picks = (
+        {p: _measured(study, pick_number(study, p, points)) for p in PICK_POLICIES}
+        if points
+        else {}
+    )
     return StudyOverview(
         study.study_name,
         setup.model,

@@ -8,51 +8,16 @@ bench/fidelity_bench.py measures how far probe length changes the ranking (bench
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from autotune.fidelity import successive_halving
 from autotune.probe import ProbeRunner
 from autotune.quality import quality_cost
 from autotune.study.objective import RunEvents, probe_request
+from autotune.study.ranking import PROMOTION_PREFIX, Promotion, promotions
 from autotune.study.records import measured_points, recipe_of
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.workers import claim_once
-
-PROMOTION_PREFIX = "promotion:"
-"""Study attribute `promotion:N`: trial N's promoted probes, one per round it reached."""
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """One longer probe of a promoted recipe."""
-
-    round: int
-    steps: int
-    status: str
-    eval_loss: float | None = None
-    quality: float | None = None
-    """The quality objective's value (eval loss or 1 - the task metric); None unless ok."""
-    reason: str = ""
-
-
-def promotions(study: Any) -> dict[int, list[Promotion]]:
-    """Trial number -> its promoted probes, first round first."""
-    return {
-        int(key.removeprefix(PROMOTION_PREFIX)): [Promotion(**stored) for stored in value]
-        for key, value in study.user_attrs.items()
-        if key.startswith(PROMOTION_PREFIX)
-    }
-
-
-def promoted_quality(study: Any) -> dict[int, float]:
-    """Trial number -> the quality its longest promoted probe measured (promoted trials only)."""
-    longest: dict[int, float] = {}
-    for number, rounds in promotions(study).items():
-        measured = [p.quality for p in rounds if p.quality is not None]
-        if measured:
-            longest[number] = measured[-1]
-    return longest
 
 
 def _record(study: Any, number: int, rounds: list[Promotion]) -> None:
