@@ -111,7 +111,7 @@ def noise_groups_line(ladders: Mapping[int, Sequence[float]], noise: float) -> s
 
 FIDELITY_READING = (
     "Fidelity of the eval-loss axis: on a small pretrained model (bench/fidelity_bench.py), "
-    "probes ranked ten recipes as 400-step runs did with Spearman's rho 0.72 at 20 steps, "
-    "0.90 at 40 and 0.92 at 80; another seed moved a probe's eval loss by 0.003 (median)."
+    "probes ranked eleven recipes as 400-step runs did with Spearman's rho 0.64 at 20 steps, "
+    "0.86 at 40 and 0.87 at 80; another seed moved a probe's eval loss by 0.004 (median)."
 )
 """What bench/results/fidelity_cpu.json measured, stated next to the quality axis."""

@@ -120,3 +120,19 @@ def test_halving_against_plain_probes_of_the_same_probe_steps_by_hand():
     assert entry["rho_halving"] == [pytest.approx(-0.4)]
     assert entry["rho_plain"] == [pytest.approx(0.8)]
     assert (entry["halving"], entry["recipes"]) == ("10 -> 20", 4)
+
+
+def test_the_fidelity_reading_states_what_the_committed_bench_measured():
+    import json
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "bench/results/fidelity_cpu.json"
+    summary = json.loads(results.read_text(encoding="utf-8"))["summary"]
+    words = {10: "ten", 11: "eleven", 12: "twelve"}
+    assert f"ranked {words[summary['recipes_with_long_run']]} recipes" in FIDELITY_READING
+    stated = [float(x) for x in re.findall(r"(\d\.\d+) at (?:20|40|80)", FIDELITY_READING)]
+    measured = [summary["rho"][steps]["seed_mean"] for steps in ("20", "40", "80")]
+    assert stated == pytest.approx(measured, abs=0.005)
+    noise = float(re.search(r"eval loss by (\d\.\d+)", FIDELITY_READING).group(1))
+    assert noise == pytest.approx(summary["median_seed_stdev"], abs=0.0005)

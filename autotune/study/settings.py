@@ -92,9 +92,9 @@ class RunSettings:
     """Optuna storage URL (default: sqlite:///trials/autotune.db)."""
     probe_steps: int = 40
     """Optimizer steps per probe."""
-    # 40, not 20: on bench/fidelity_bench.py's pretrained model, 20-step probes ranked ten
-    # recipes by eval loss with Spearman's rho 0.72 against 400-step runs, 40-step ones 0.90
-    # and 80-step ones 0.92 (bench/README.md#fidelity_benchpy)
+    # 40, not 20: on bench/fidelity_bench.py's pretrained model, 20-step probes ranked eleven
+    # recipes by eval loss with Spearman's rho 0.64 against 400-step runs, 40-step ones 0.86
+    # and 80-step ones 0.87 (bench/README.md#fidelity_benchpy)
     probe_timeout_seconds: float = 900.0
     """Kill a probe that runs longer than this (seconds in Python)."""
     seq_len: int = 1024
