@@ -126,5 +126,5 @@ def test_deepspeed_recipes_are_refused_in_one_line(tmp_path):
     recipe = Recipe.from_dict(
         {"model": "m", "method": "full", "distributed": "deepspeed_zero2", "num_gpus": 2}
     )
-    with pytest.raises(UsageError, match="not deepspeed_zero2 .DeepSpeed is not part"):
+    with pytest.raises(UsageError, match="not deepspeed_zero2 .it does not drive DeepSpeed"):
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)

@@ -24,10 +24,14 @@ from typing import Any
 
 from autotune.errors import TrainingFailed, UsageError, first_line
 from autotune.recipe import Recipe
-from autotune.training.train_plan import TrainCallbacks, TrainPlan, TrainReport, report_json
+from autotune.training.train_plan import (
+    RANKS_DIR,
+    TrainCallbacks,
+    TrainPlan,
+    TrainReport,
+    report_json,
+)
 
-RANKS_DIR = "ranks"
-"""The run's rank files, under --output: request, results, rendezvous, logs, progress."""
 PROGRESS_NAME = "progress.jsonl"
 
 
@@ -35,8 +39,8 @@ def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
     """Refuse, in one line, what a distributed `autotune train` does not run."""
     if recipe.distributed.startswith("deepspeed"):
         raise UsageError(
-            f"autotune train runs ddp and fsdp recipes, not {recipe.distributed} (DeepSpeed "
-            "is not part of autotune): export it (--format hf, axolotl, llamafactory or "
+            f"autotune train runs ddp and fsdp recipes, not {recipe.distributed} (it does not "
+            "drive DeepSpeed's engine): export it (--format hf, axolotl, llamafactory or "
             "accelerate) and launch it"
         )
     if not device.startswith("cuda"):

@@ -33,7 +33,13 @@ from autotune.training.early_stopping import (
 from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
 from autotune.training.schedule import lr_factor
-from autotune.training.train_plan import TrainCallbacks, TrainPlan, TrainReport, report_json
+from autotune.training.train_plan import (
+    RANKS_DIR,
+    TrainCallbacks,
+    TrainPlan,
+    TrainReport,
+    report_json,
+)
 
 __all__ = ["TrainCallbacks", "TrainPlan", "TrainReport", "run_training", "train"]
 
@@ -43,7 +49,13 @@ RUN_MARKER = "autotune_recipe.yaml"
 
 
 def holds_a_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() or bool(checkpoints(path))
+    """The directory holds a run of `autotune train`: its recipe, a checkpoint, or the rank
+    files of a distributed run (written before rank 0 writes anything)."""
+    return (
+        (path / RUN_MARKER).is_file()
+        or bool(checkpoints(path))
+        or (path / RANKS_DIR / "request.json").is_file()
+    )
 
 
 def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from autotune.recipe import Recipe
 
+RANKS_DIR = "ranks"
+"""A distributed run's rank files, under --output: request, results, rendezvous, logs,
+progress."""
+
 
 @dataclass
 class TrainReport:
