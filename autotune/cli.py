@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from autotune.errors import UsageError
+from autotune.errors import TrainingFailed, UsageError
 from autotune.options import setting_help, setting_option, settings_from_options
 
 app = typer.Typer(
@@ -52,7 +52,7 @@ def run(
     workers: int = setting_option("workers", "--workers", "-j"),
     weight_cache: bool = setting_option("weight_cache", "--weight-cache"),
     gpus: str | None = setting_option("gpus", "--gpus"),
-    gpus_per_probe: int = setting_option("gpus_per_probe", "--gpus-per-probe"),
+    gpus_per_probe: str | None = setting_option("gpus_per_probe", "--gpus-per-probe"),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     report_path: Path | None = setting_option("report_path", "--report"),
@@ -177,6 +177,12 @@ def train(
         None, "--budget", "-b", help=setting_help("budget_bytes") + " Enforced on CUDA."
     ),
     device: str = setting_option("device", "--device"),
+    gpus: str | None = typer.Option(
+        None,
+        "--gpus",
+        help="A recipe on several GPUs: the CUDA indices its ranks train on, one per GPU, e.g. "
+        "0,1 (default: the first num_gpus). On --device cpu, gloo processes stand in.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
@@ -226,6 +232,7 @@ def train(
             data,
             output,
             device=device,
+            gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
             trust_remote_code=trust_remote_code,
             epochs=epochs,
             max_steps=max_steps,
@@ -399,6 +406,11 @@ def main() -> None:
             raise
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFailed as error:
+        if _state["debug"]:
+            raise
+        print(f"autotune: error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)

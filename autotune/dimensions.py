@@ -86,6 +86,9 @@ class Dimension:
     per_method: bool = False
     """The file may give each method its own choices (a mapping method -> value or list); each
     method's choices are then their own trial parameter, `<method>_<name>`."""
+    applies: Callable[[dict[str, Any]], bool] | None = None
+    """Given the choices made before it (by dimension name, in table order): whether it is a
+    trial parameter; where it is not, it takes its first default (None: always)."""
 
 
 NOT_EXPRESSIBLE = object()
@@ -255,13 +258,22 @@ DIMENSIONS: tuple[Dimension, ...] = (
         always_searched=False,
         per_method=True,
     ),
-    # several GPUs per probe (--gpus-per-probe sets num_gpus; SearchSpace.build divides the
-    # accumulation by it so the effective batch stays fixed)
+    # several GPUs per probe (--gpus-per-probe sets num_gpus, searched where it gives several
+    # counts; one GPU is distributed none; SearchSpace.build divides the accumulation by it so
+    # the effective batch stays fixed)
     *(
         Dimension(name, _same(name), _field(name), default=(default,), always_searched=False, **k)
         for name, default, k in (
             ("distributed", "none", {"allowed": tuple(DISTRIBUTED)}),
-            ("num_gpus", 1, {"check": _gpus_check, "rule": _gpus_rule}),
+            (
+                "num_gpus",
+                1,
+                {
+                    "check": _gpus_check,
+                    "rule": _gpus_rule,
+                    "applies": lambda chosen: chosen.get("distributed", "none") != "none",
+                },
+            ),
             ("offload", "none", {"allowed": OFFLOADS}),
         )
     ),

@@ -51,6 +51,32 @@ DISTRIBUTED: dict[str, DistributedKind] = {
 MAX_GPUS = 1024
 """Past this a num_gpus is a typo."""
 
+
+def parse_gpu_counts(text: str) -> tuple[int, ...]:
+    """--gpus-per-probe: one count (2), a list (1,2,4) or a range (1-4, every count from 1 to
+    4); the counts, ascending and each once. Anything else is refused in one line."""
+    from autotune.errors import UsageError
+
+    counts: set[int] = set()
+    for part in str(text).split(","):
+        low, dash, high = part.strip().partition("-")
+        ends = (low, high if dash else low)
+        if not all(e.strip().isdigit() for e in ends) or int(ends[0]) > int(ends[1]):
+            counts = set()
+            break
+        counts.update(range(int(ends[0]), int(ends[1]) + 1))
+    if not counts or min(counts) < 1 or max(counts) > MAX_GPUS:
+        raise UsageError(
+            "--gpus-per-probe takes a count (2), a list (1,2,4) or a range (1-4) of GPUs from "
+            f"1 to {MAX_GPUS}, got {text!r}"
+        )
+    return tuple(sorted(counts))
+
+
+def format_gpu_counts(counts: tuple[int, ...]) -> str:
+    return ",".join(map(str, counts))
+
+
 OFFLOADS = ("none", "optimizer", "optimizer_and_params")
 """What a sharded strategy keeps in host memory: nothing; the optimizer states and their step
 (ZeRO-Offload); those and the parameter and gradient shards too (FSDP's CPU offload, ZeRO-3's

@@ -15,6 +15,11 @@ class UsageError(Exception):
         return cls(f"{what}: " + "; ".join(problems))
 
 
+class TrainingFailed(Exception):
+    """A run that started and failed for a reason that is not the user's input (a rank of a
+    distributed training died). The CLI prints its one-line message and exits with code 1."""
+
+
 FIRST_LINE_CHARS = 200
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from autotune.budgets import parse_budget
+from autotune.distributed import format_gpu_counts, parse_gpu_counts
 from autotune.study.settings import RunSettings
 from autotune.units import format_duration, parse_bytes, parse_duration_seconds
 
@@ -59,6 +60,7 @@ TEXT_FORMS = {
         partial(parse_duration_seconds, what="--probe-timeout"), format_duration
     ),
     "gpus": TextForm(_gpu_indices, ",".join),
+    "gpus_per_probe": TextForm(parse_gpu_counts, format_gpu_counts),
 }
 """RunSettings fields given as text on the command line, by field name."""
 

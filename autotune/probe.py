@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from autotune.probe_ranks import RankProcesses, launch_ranks, merged_result
+from autotune.probe_ranks import RankProcesses, launch_ranks, log_tail, merged_result
 from autotune.training.child import PARENT_ENV, STARTED_ENV
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.training.zygote import READY
-
-LOG_TAIL_CHARS = 400
 
 
 class ProbeRunner(Protocol):
@@ -44,15 +42,6 @@ def child_environment(request: ProbeRequest) -> dict[str, str]:
     else:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     return env
-
-
-def _log_tail(log_path: Path) -> str:
-    try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][-LOG_TAIL_CHARS:] if lines else ""
 
 
 def _steps_logged(log_path: Path) -> int:
@@ -279,7 +268,7 @@ class SubprocessProbeRunner:
             if process.exit_code() is None:
                 process.kill()
         if isinstance(process, RankProcesses):
-            result = merged_result(process, _log_tail)
+            result = merged_result(process, log_tail)
             result.device = request.device
             result.steps_done = result.steps_done or _steps_logged(log_path)
             result.seconds["total"] = time.perf_counter() - started
@@ -289,7 +278,7 @@ class SubprocessProbeRunner:
                 status="crash",
                 device=request.device,
                 reason=f"probe exited with code {process.exit_code()} without a result: "
-                f"{_log_tail(log_path)}",
+                f"{log_tail(log_path)}",
                 steps_done=_steps_logged(log_path),
                 seconds={"total": time.perf_counter() - started},
             )

@@ -1,4 +1,5 @@
 """A probe of a distributed recipe: one process per GPU (rank), started together, judged together.
+`autotune train` starts a distributed recipe's ranks the same way (training/ranked_train.py).
 
 Every rank is `python -m autotune.training.child` with torch's launcher variables (RANK,
 WORLD_SIZE, LOCAL_RANK) and a file rendezvous in the probe's folder, so each joins one real
@@ -10,6 +11,7 @@ fails the whole probe at once: the others are killed rather than left waiting in
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,18 +26,40 @@ RENDEZVOUS_NAME = "rendezvous"
 """The file torch.distributed's FileStore meets in, inside the probe's folder."""
 
 RANK_POLL_SECONDS = 0.1
+LOG_TAIL_CHARS = 400
+
+
+def log_tail(log_path: Path) -> str:
+    """The last line of a log, what a one-line failure quotes of it."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-LOG_TAIL_CHARS:] if lines else ""
+
+
+def _of_rank(path: Path, rank: int) -> Path:
+    """Rank 0's file is `path`; rank r's is named <stem>.rank<r><suffix> beside it."""
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
 def rank_result_path(result_path: Path, rank: int) -> Path:
-    return result_path if rank == 0 else result_path.with_name(f"result.rank{rank}.json")
+    return _of_rank(result_path, rank)
 
 
 def rank_log_path(log_path: Path, rank: int) -> Path:
-    return log_path if rank == 0 else log_path.with_name(f"probe.rank{rank}.log")
+    return _of_rank(log_path, rank)
+
+
+def result_status(path: Path) -> str:
+    """The `status` of a rank's result file (a probe's or a training's: "ok" when it went
+    well)."""
+    return str(json.loads(path.read_text(encoding="utf-8")).get("status"))
 
 
 class RankProcesses:
-    """The ranks of one probe, in one process group of the OS."""
+    """The ranks of one probe (or one `autotune train` run), in one process group of the OS."""
 
     def __init__(self, processes: list[subprocess.Popen], result_path: Path) -> None:
         self.processes = processes
@@ -52,12 +76,13 @@ class RankProcesses:
             path = rank_result_path(self.result_path, rank)
             if code != 0 or not path.exists():
                 return rank
-            if ProbeResult.from_json(path.read_text(encoding="utf-8")).status != "ok":
+            if result_status(path) != "ok":
                 return rank
         return None
 
-    def wait(self, timeout_seconds: float) -> bool:
-        """True once every rank ended or one failed; False at the timeout."""
+    def wait(self, timeout_seconds: float, on_poll: Callable[[], None] | None = None) -> bool:
+        """True once every rank ended or one failed; False at the timeout. `on_poll` is called
+        between looks (to relay progress)."""
         deadline = time.monotonic() + timeout_seconds
         while any(p.poll() is None for p in self.processes):
             self.first_failed = self.failed_rank()
@@ -65,8 +90,28 @@ class RankProcesses:
                 return True
             if time.monotonic() >= deadline:
                 return False
+            if on_poll is not None:
+                on_poll()
             time.sleep(RANK_POLL_SECONDS)
         return True
+
+    def failure_order(self) -> list[int]:
+        """The ranks, the one whose failure ended the run first (its failure, not the kill of
+        the others, is the news)."""
+        order = list(range(len(self.processes)))
+        if self.first_failed is not None:
+            order.remove(self.first_failed)
+            order.insert(0, self.first_failed)
+        return order
+
+    def silent_reason(self, rank: int, log_path: Path, log_tail: Callable[[Path], str]) -> str:
+        """Why `rank` left no result: how it ended, and the tail of its log."""
+        code = self.processes[rank].returncode
+        how = f"was killed by signal {-code}" if code and code < 0 else f"exited with {code}"
+        return (
+            f"rank {rank} of {len(self.processes)} {how} without a result: "
+            f"{log_tail(rank_log_path(log_path, rank))}"
+        )
 
     def exit_code(self) -> int | None:
         codes = [p.poll() for p in self.processes]
@@ -86,8 +131,23 @@ class RankProcesses:
 def launch_ranks(
     request: ProbeRequest, request_path: Path, result_path: Path, log_path: Path, env: dict
 ) -> RankProcesses:
-    """Start the recipe's num_gpus ranks, rank 0 leading a new process group."""
-    world = request.recipe.num_gpus
+    """Start the recipe's num_gpus ranks of the probe child, rank 0 leading a new process
+    group."""
+    return start_ranks(
+        "autotune.training.child",
+        request.recipe.num_gpus,
+        request_path,
+        result_path,
+        log_path,
+        env,
+    )
+
+
+def start_ranks(
+    module: str, world: int, request_path: Path, result_path: Path, log_path: Path, env: dict
+) -> RankProcesses:
+    """Start `world` ranks of `python -m module REQUEST RESULT`, each with its own result and
+    log file and the rendezvous beside the result, rank 0 leading a new process group."""
     rendezvous = result_path.with_name(RENDEZVOUS_NAME)
     rendezvous.unlink(missing_ok=True)  # a FileStore left by an earlier run would not meet
     for rank in range(world):
@@ -110,7 +170,7 @@ def launch_ranks(
                     [
                         sys.executable,
                         "-m",
-                        "autotune.training.child",
+                        module,
                         str(request_path),
                         str(rank_result_path(result_path, rank)),
                     ],
@@ -131,21 +191,13 @@ def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> Prob
     the peak memory the largest of any rank, tokens/s and trained tokens summed over ranks
     (they step together), host memory summed (the ranks share the host), the losses rank 0's."""
     results: list[ProbeResult] = []
-    order = list(range(len(ranks.processes)))
-    if ranks.first_failed is not None:  # its failure, not the kill of the others, is the news
-        order.remove(ranks.first_failed)
-        order.insert(0, ranks.first_failed)
+    order = ranks.failure_order()
     for rank in order:
-        process = ranks.processes[rank]
         path = rank_result_path(ranks.result_path, rank)
         if not path.exists():
-            code = process.returncode
-            how = f"was killed by signal {-code}" if code and code < 0 else f"exited with {code}"
+            log_path = ranks.result_path.with_name("probe.log")
             return ProbeResult(
-                status="crash",
-                device="",
-                reason=f"rank {rank} of {len(ranks.processes)} {how} without a result: "
-                f"{log_tail(rank_log_path(ranks.result_path.with_name('probe.log'), rank))}",
+                status="crash", device="", reason=ranks.silent_reason(rank, log_path, log_tail)
             )
         results.append(ProbeResult.from_json(path.read_text(encoding="utf-8")))
     for rank, result in zip(order, results):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +141,39 @@ class SearchSpace:
 
     # ---- trial <-> recipe ----------------------------------------------------------------
 
+    def _walk(
+        self, method: str, value_of: Callable[[str, Dimension], Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The value of each parameter under `method`, in table order: `value_of` gives the
+        searched ones that apply (given the values before them), a fixed one is its choice,
+        one that does not apply its default. Returns (every value, the trial parameters)."""
+        chosen: dict[str, Any] = {"method": method}  # by dimension name, for `applies`
+        values: dict[str, Any] = {}
+        asked: dict[str, Any] = {}
+        for name, dimension in self._parameters(method):
+            if dimension.applies is not None and not dimension.applies(chosen):
+                assert dimension.default is not None
+                value = dimension.default[0]
+            elif self.searched(name):
+                value = asked[name] = value_of(name, dimension)
+            else:
+                value = self.choices_of(name)[0]
+            values[name] = chosen[dimension.name] = value
+        return values, asked
+
     def build(self, params: dict[str, Any], model: str, spec: ModelSpec, seq_len: int) -> Recipe:
         """The recipe that a set of trial parameters stands for."""
         method = params["method"]
+
+        def given(name: str, dimension: Dimension) -> Any:
+            if name in params or dimension.default is None:
+                return params[name]
+            return dimension.default[0]  # a trial stored before the dimension existed
+
+        values, _ = self._walk(method, given)
         fields: dict[str, Any] = {"method": method}
         for name, dimension in self._parameters(method):
-            if not self.searched(name):
-                value = self.choices_of(name)[0]
-            elif name in params or dimension.default is None:
-                value = params[name]
-            else:  # a trial stored before the dimension existed
-                value = dimension.default[0]
-            fields.update(dimension.to_recipe(value, self, spec))
+            fields.update(dimension.to_recipe(values[name], self, spec))
         gpus = fields.get("num_gpus", 1)
         if gpus > 1:  # each GPU accumulates its share of the fixed effective batch
             per_gpu = self.effective_batch_size // gpus
@@ -160,44 +182,48 @@ class SearchSpace:
 
     def suggest(self, trial: Any, model: str, spec: ModelSpec, seq_len: int) -> Recipe:
         """Sample a recipe with an Optuna trial; conditional dimensions only where they apply."""
-        params: dict[str, Any] = {
-            "method": trial.suggest_categorical("method", self.choices_of("method"))
-        }
-        for name, _ in self._parameters(params["method"]):
-            if self.searched(name):
-                params[name] = trial.suggest_categorical(name, self.choices_of(name))
-        return self.build(params, model, spec, seq_len)
+        method = trial.suggest_categorical("method", self.choices_of("method"))
+        _, asked = self._walk(
+            method, lambda name, _: trial.suggest_categorical(name, self.choices_of(name))
+        )
+        return self.build({"method": method, **asked}, model, spec, seq_len)
 
     def params_of(self, recipe: Recipe, spec: ModelSpec) -> dict[str, Any] | None:
         """Trial parameters that give `recipe`, or None when the space cannot express it."""
         if recipe.method not in self.choices_of("method"):
             return None
-        params: dict[str, Any] = {"method": recipe.method}
-        for name, dimension in self._parameters(recipe.method):
-            if self.searched(name):
-                value = dimension.of_recipe(recipe, self, spec)
-                if value is NOT_EXPRESSIBLE or value not in self.choices_of(name):
-                    return None
-                params[name] = value
-        return params
+        _, asked = self._walk(
+            recipe.method, lambda name, dimension: dimension.of_recipe(recipe, self, spec)
+        )
+        if any(
+            value is NOT_EXPRESSIBLE or value not in self.choices_of(name)
+            for name, value in asked.items()
+        ):
+            return None
+        return {"method": recipe.method, **asked}
 
     def params_like(self, wanted: dict[str, Any]) -> dict[str, Any]:
         """A point of the space under `wanted["method"]`: `wanted`'s value where it is a choice,
         the first choice elsewhere."""
-        method = wanted["method"]
-        params: dict[str, Any] = {"method": method}
-        for name, _ in self._parameters(method):
-            if self.searched(name):
-                choices = self.choices_of(name)
-                params[name] = wanted[name] if wanted.get(name) in choices else choices[0]
-        return params
+
+        def like(name: str, _: Dimension) -> Any:
+            choices = self.choices_of(name)
+            return wanted[name] if wanted.get(name) in choices else choices[0]
+
+        _, asked = self._walk(wanted["method"], like)
+        return {"method": wanted["method"], **asked}
 
     def all_params(self) -> Iterator[dict[str, Any]]:
         """Every point of the space (for bounds such as the smallest recipe's memory)."""
         for method in self.choices_of("method"):
             names = [n for n, _ in self._parameters(method) if self.searched(n)]
+            seen: set[tuple[Any, ...]] = set()
             for values in itertools.product(*(self.choices_of(n) for n in names)):
-                yield {"method": method, **dict(zip(names, values))}
+                _, asked = self._walk(method, partial(_given, dict(zip(names, values))))
+                key = tuple(asked.items())
+                if key not in seen:  # a combination a dimension does not apply in repeats
+                    seen.add(key)
+                    yield {"method": method, **asked}
 
     def choices(self) -> dict[str, list[Any]]:
         """Each searched parameter's choices (LoRA target sets by name), as JSON-ready lists."""
@@ -246,6 +272,10 @@ def _file_choices(
             _as_choices(given) if given is not None else (),
             where,
         )
+
+
+def _given(choices: dict[str, Any], name: str, dimension: Dimension) -> Any:
+    return choices[name]
 
 
 def _as_choices(value: Any) -> tuple[Any, ...]:

@@ -398,6 +398,8 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             "cannot open storage postgresql://me@127.0.0.1:1/none?password=***",
         ),
         (run + ["--budget", "4GB", "--gpus", "7"], "needs CUDA"),
+        (run + ["--budget", "4GB", "--gpus-per-probe", "0"], "--gpus-per-probe takes a count"),
+        (run + ["--budget", "4GB", "--gpus-per-probe", "1-x"], "or a range (1-4) of GPUs"),
         (
             ["estimate", "--model", str(config_only), "--recipe", str(full_with_lora)],
             "given but method is full",

@@ -433,14 +433,6 @@ def test_gpus_are_cut_into_groups_of_gpus_per_probe(tmp_path):
         check_workers(settings(gpus=("0", "1", "2"), gpus_per_probe=2), "cpu")
 
 
-def test_train_refuses_a_distributed_recipe_in_one_line(tmp_path):
-    from autotune.training.train import train
-
-    recipe = Recipe.from_dict({**FULL, "model": "m", "distributed": "ddp", "num_gpus": 2})
-    with pytest.raises(UsageError, match="runs one process"):
-        train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
-
-
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
 def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig

@@ -293,7 +293,8 @@ def probe_request(
         device=prepared.device,
         budget_bytes=settings.budget_bytes,
         seed=seed,
-        visible_gpu=visible_gpu,
+        # a probe on fewer GPUs than its group (--gpus-per-probe a range) sees the first ones
+        visible_gpu=",".join(visible_gpu.split(",")[: recipe.num_gpus]) if visible_gpu else None,
         token_cache=prepared.token_cache,
         eval_rows=settings.eval_rows,
         quality=settings.quality,

@@ -53,7 +53,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
-    check_quality(settings.quality, settings.gpus_per_probe)
+    check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)

@@ -100,13 +100,14 @@ def supported_space(
 
 def distributed_space(
     space: SearchSpace,
-    gpus_per_probe: int,
+    gpus_per_probe: int | tuple[int, ...],
     unsupported: dict[str, dict[str, str]],
     device: str = "cuda",
 ) -> SearchSpace:
-    """The space on `gpus_per_probe` GPUs per probe: num_gpus fixed to it, the distributed
-    strategies that run on that many (ddp and fsdp where the space names none), and without
-    the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
+    """The space on `gpus_per_probe` GPUs per probe (a count, or the counts to search):
+    num_gpus among those above 1, the distributed strategies that run on that many (ddp and
+    fsdp where the space names none) and, where 1 is among them, `none` on one GPU; without the
+    choices a searched strategy (or, for offload, the CPU) cannot run with. Each left out
     choice is added to `unsupported` with its reason."""
     from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
@@ -114,27 +115,33 @@ def distributed_space(
     def leave_out(name: str, choice: Any, why: str) -> None:
         unsupported.setdefault(name, {}).setdefault(str(choice), why)
 
+    counts = (gpus_per_probe,) if isinstance(gpus_per_probe, int) else tuple(gpus_per_probe)
+    several = tuple(c for c in counts if c > 1)
     named = space.choices_of("distributed")
-    if gpus_per_probe == 1:
-        strategies: tuple[Any, ...] = ("none",)
+    strategies: tuple[Any, ...] = ()
+    if not several:
         for choice in named:
             if choice != "none":
                 leave_out("distributed", choice, "needs --gpus-per-probe 2 or more")
     else:
         wanted = tuple(c for c in named if c != "none") or ("ddp", "fsdp")
-        if "none" in named:
-            leave_out("distributed", "none", f"one GPU, not {gpus_per_probe}")
+        if "none" in named and 1 not in counts:
+            leave_out("distributed", "none", f"one GPU, not {', '.join(map(str, counts))}")
         for choice in wanted:
-            why = probe_refusal(Recipe(distributed=choice, num_gpus=gpus_per_probe))
+            why = probe_refusal(Recipe(distributed=choice, num_gpus=several[0]))
             if why:
                 leave_out("distributed", choice, why)
         strategies = tuple(c for c in wanted if DISTRIBUTED[c].probed)
         if not strategies:
             raise UsageError(f"{space.source}: no distributed strategy it names is probed")
+    # (strategy, GPUs) pairs the study probes; a choice one of them cannot run is left out
+    runs = [("none", 1)] if 1 in counts else []
+    runs += [(strategy, several[0]) for strategy in strategies]
     changes: dict[str, tuple[Any, ...]] = {
-        "distributed": strategies,
-        "num_gpus": (gpus_per_probe,),
+        "distributed": tuple(strategy for strategy, _ in runs),
+        "num_gpus": several or (1,),
     }
+    shown = ", ".join(s for s, _ in runs)
     methods: tuple[tuple[str, Method], ...] = (
         ("quantization", "lora"),
         ("optimizer", "full"),
@@ -146,9 +153,9 @@ def distributed_space(
         for choice in space.choices_of(name):
             refusals = [
                 why
-                for strategy in strategies
+                for strategy, gpus in runs
                 for why in combination_refusals(
-                    Recipe(method=method, distributed=strategy, num_gpus=gpus_per_probe).replace(
+                    Recipe(method=method, distributed=strategy, num_gpus=gpus).replace(
                         **{name: choice}
                     )
                 )
@@ -160,25 +167,23 @@ def distributed_space(
             else:
                 kept.append(choice)
         if not kept:
-            raise UsageError(
-                f"{space.source}: no {name} choice runs with {', '.join(strategies)} "
-                f"({refusals[0]})"
-            )
+            raise UsageError(f"{space.source}: no {name} choice runs with {shown} ({refusals[0]})")
         changes[name] = tuple(kept)
     micro = []
     for size in space.choices_of("micro_batch_size"):
-        if space.effective_batch_size % (size * gpus_per_probe):
+        misfit = [gpus for gpus in counts if space.effective_batch_size % (size * gpus)]
+        if misfit:
             leave_out(
                 "micro_batch_size",
                 size,
-                f"x {gpus_per_probe} GPUs does not divide effective_batch_size "
+                f"x {misfit[0]} GPUs does not divide effective_batch_size "
                 f"{space.effective_batch_size}",
             )
         else:
             micro.append(size)
     if not micro:
         raise UsageError(
-            f"{space.source}: no micro_batch_size choice times {gpus_per_probe} GPUs divides "
+            f"{space.source}: no micro_batch_size choice times {max(counts)} GPUs divides "
             f"effective_batch_size {space.effective_batch_size}"
         )
     changes["micro_batch_size"] = tuple(micro)

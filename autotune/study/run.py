@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.data.token_cache import token_cache_key
+from autotune.distributed import format_gpu_counts
 from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
 from autotune.study.confirm import confirm_frontier, measure_noise
@@ -38,6 +39,7 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     study resumed under another keeps the choices it started with, and each trial records its
     constraint."""
     spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
+    counts = prepared.settings.gpus_per_probe
     return {
         "data": Path(prepared.token_cache).name if prepared.token_cache else None,
         "model": hashlib.sha256(spec.encode()).hexdigest()[:16],
@@ -45,7 +47,8 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
         "probe_steps": prepared.settings.probe_steps,
         "device": prepared.device.split(":")[0],
         "quality": prepared.settings.quality,
-        "gpus_per_probe": prepared.settings.gpus_per_probe,
+        # one count as an int, as studies stored it before ranges
+        "gpus_per_probe": counts[0] if len(counts) == 1 else format_gpu_counts(counts),
     }
 
 
@@ -167,7 +170,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         make_objective(prepared, runner, events),
         n_trials=remaining,
         timeout=settings.timeout_seconds,
-        n_jobs=max(settings.workers, len(settings.gpus) // settings.gpus_per_probe or 1),
+        n_jobs=max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1),
         catch=(ProbeCrashed,),
         callbacks=[stop_at_target],
         gc_after_trial=False,

@@ -114,10 +114,11 @@ class RunSettings:
     """Rows held out for eval loss (default: 10%, at most 64)."""
     gpus: tuple[str, ...] = ()
     """GPU indices, e.g. 0,1,2,3: one probe per GPU at a time, which is its only visible GPU."""
-    gpus_per_probe: int = 1
+    gpus_per_probe: tuple[int, ...] = (1,)
     """GPUs (one process each) every probe trains on, with the space's distributed strategies
-    (ddp and fsdp unless it names others); --gpus is then cut into groups of this many. On
-    --device cpu, this many gloo processes stand in for the GPUs."""
+    (ddp and fsdp unless it names others): a count (2), or a list (1,2,4) or range (1-4) to
+    search; --gpus is then cut into groups of the largest. On --device cpu, that many gloo
+    processes stand in for the GPUs."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False
@@ -145,6 +146,15 @@ class RunSettings:
     promote_rounds: int = 0
     """After the search, this many rounds of successive halving: the better half by eval loss
     of the recipes that fit is probed again with twice the steps of the round before."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpus_per_probe, int):  # one count, as the library took it before
+            object.__setattr__(self, "gpus_per_probe", (self.gpus_per_probe,))
+
+    @property
+    def largest_probe_gpus(self) -> int:
+        """The most GPUs a probe trains on: the size of each group --gpus is cut into."""
+        return max(self.gpus_per_probe, default=1)
 
 
 REPLAY_BAND = 1.25
@@ -212,21 +222,33 @@ def resolve_device(device: str) -> str:
 def check_workers(settings: RunSettings, device: str) -> None:
     if settings.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {settings.workers}")
-    per_probe = settings.gpus_per_probe
-    if per_probe < 1 or (settings.gpus and len(settings.gpus) % per_probe):
+    from autotune.distributed import format_gpu_counts, parse_gpu_counts
+
+    counts = settings.gpus_per_probe
+    shown = format_gpu_counts(counts)
+    if parse_gpu_counts(shown) != counts:  # the library's callers give tuples unchecked
+        raise UsageError(f"--gpus-per-probe counts must be ascending and from 1, got {shown}")
+    per_probe = settings.largest_probe_gpus
+    if settings.gpus and len(settings.gpus) % per_probe:
         raise UsageError(
-            f"--gpus-per-probe must be at least 1 and divide the {len(settings.gpus)} GPUs of "
-            f"--gpus, got {per_probe}"
-            if settings.gpus
-            else f"--gpus-per-probe must be at least 1, got {per_probe}"
+            f"--gpus-per-probe {per_probe} is more than the {len(settings.gpus)} GPUs of --gpus"
+            if per_probe > len(settings.gpus)
+            else f"--gpus-per-probe: its largest count must divide the {len(settings.gpus)} "
+            f"GPUs of --gpus, got {shown}"
         )
-    if not settings.gpus:
-        return
     if not device.startswith("cuda"):
-        raise UsageError(f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}")
+        if settings.gpus:
+            raise UsageError(
+                f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}"
+            )
+        return
     import torch
 
     count = torch.cuda.device_count()
+    if not settings.gpus and per_probe > count:
+        raise UsageError(f"--gpus-per-probe {per_probe} is more than the {count} GPUs here")
+    if not settings.gpus:
+        return
     missing = [g for g in settings.gpus if not (g.isdigit() and int(g) < count)]
     if missing:
         raise UsageError(
@@ -273,9 +295,10 @@ class BudgetFit:
 
 
 def gpu_groups(settings: RunSettings, device: str) -> list[str]:
-    """The CUDA_VISIBLE_DEVICES of each probe slot: --gpus cut into groups of --gpus-per-probe
-    (the first that many GPUs where --gpus is not given); none on the CPU or for one GPU."""
-    size = settings.gpus_per_probe
+    """The CUDA_VISIBLE_DEVICES of each probe slot: --gpus cut into groups of the largest
+    --gpus-per-probe (the first that many GPUs where --gpus is not given); none on the CPU or
+    for one GPU. A probe on fewer GPUs sees the first of its group's (probe_request)."""
+    size = settings.largest_probe_gpus
     gpus = settings.gpus or (tuple(map(str, range(size))) if size > 1 else ())
     if not device.startswith("cuda") or not gpus:
         return []

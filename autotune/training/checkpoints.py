@@ -29,14 +29,90 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def in_process_group() -> bool:
+    """This process is a rank of a distributed `autotune train` run."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def writes_files() -> bool:
+    """Rank 0 alone writes a distributed run's files; a single process writes its own."""
+    import torch.distributed as dist
+
+    return not in_process_group() or dist.get_rank() == 0
+
+
+def _full_state_options(**options: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
+
+
 def trainable_weights(model: Any) -> dict[str, Any]:
-    """The weights that train, on the CPU: what a checkpoint keeps of the model."""
+    """The weights that train, on the CPU: what a checkpoint keeps of the model. In a process
+    group (every rank calls it) FSDP's shards are gathered by torch's distributed state-dict
+    API and named without DDP's or FSDP's wrapping; rank 0 gets them, the others nothing."""
+    if in_process_group():
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(
+            model, options=_full_state_options(cpu_offload=True, ignore_frozen_params=True)
+        )
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_model_state(model: Any, trainable_only: bool) -> dict[str, Any]:
+    """In a process group: the whole model's state (or its trainable weights), gathered to
+    rank 0's CPU for saving (the other ranks get nothing)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=_full_state_options(cpu_offload=True, ignore_frozen_params=trainable_only)
+    )
+
+
+def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state; in a process group gathered whole to rank 0 (keyed by parameter
+    name), as torch's distributed state-dict API gives it."""
+    if in_process_group():
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=_full_state_options(cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    if in_process_group():
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=_full_state_options())
+        return
+    optimizer.load_state_dict(state)
+
+
+def read_state(path: Path) -> Any:
+    """A state file autotune wrote (tensors and plain values only); in a process group once
+    rank 0 has written it (every rank calls it)."""
+    import torch
+
+    if in_process_group():
+        import torch.distributed as dist
+
+        dist.barrier()
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_trainable(model: Any, weights: dict[str, Any]) -> None:
     import torch
 
+    if in_process_group():  # every rank holds the whole weights; each keeps its shard
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, weights, options=_full_state_options(strict=False))
+        return
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
@@ -57,6 +133,9 @@ def save_checkpoint(
     restores on resume (the early-stopping state)."""
     import torch
 
+    trainable, optimizer_states = trainable_weights(model), optimizer_state(model, optimizer)
+    if not writes_files():
+        return output_dir / f"{CHECKPOINT_PREFIX}{step}"
     path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     path.mkdir(parents=True, exist_ok=True)
     # Tensors and plain values only, so that resuming loads it with weights_only=True: a
@@ -67,8 +146,8 @@ def save_checkpoint(
     torch.save(
         {
             "step": step,
-            "trainable": trainable_weights(model),
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer_states,
             "scheduler": scheduler.state_dict(),
             "rng": rng,
             "extra": extra or {},
@@ -91,7 +170,7 @@ def load_checkpoint(
     import torch
 
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = read_state(path / "state.pt")
     except pickle.UnpicklingError:
         raise UsageError(
             f"checkpoint {path / 'state.pt'} holds more than tensors and plain values, so it is "
@@ -103,7 +182,7 @@ def load_checkpoint(
             f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
         ) from None
     load_trainable(model, state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state.get("rng", {})
     if "cpu" in rng:

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
-from autotune.training.checkpoints import load_trainable, trainable_weights
+from autotune.training.checkpoints import (
+    load_trainable,
+    read_state,
+    trainable_weights,
+    writes_files,
+)
 
 BEST_CHECKPOINT = "best-checkpoint"
 DEFAULT_PATIENCE = 3
@@ -84,22 +89,23 @@ class EarlyStopping:
 
 
 def save_best(model: Any, output_dir: Path, step: int, eval_loss: float) -> None:
-    """Keep the model's trainable weights as the best so far (written whole, then renamed)."""
+    """Keep the model's trainable weights as the best so far (written whole, then renamed; by
+    rank 0 in a distributed run, where every rank calls it)."""
     import torch
 
+    trainable = trainable_weights(model)
+    if not writes_files():
+        return
     path = output_dir / BEST_CHECKPOINT
     path.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "eval_loss": eval_loss, "trainable": trainable_weights(model)}
+    state = {"step": step, "eval_loss": eval_loss, "trainable": trainable}
     torch.save(state, path / "best.tmp")
     (path / "best.tmp").replace(path / "state.pt")
 
 
 def restore_best(model: Any, output_dir: Path) -> int:
     """Load the kept best weights into the model; returns the step they came from."""
-    import torch
-
-    path = output_dir / BEST_CHECKPOINT / "state.pt"
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(output_dir / BEST_CHECKPOINT / "state.pt")
     load_trainable(model, state["trainable"])
     return int(state["step"])
 

@@ -6,14 +6,12 @@ continues where a run stopped. The result is a peft adapter (LoRA) or a full mod
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import shutil
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +33,15 @@ from autotune.training.early_stopping import (
 from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
 from autotune.training.schedule import lr_factor
+from autotune.training.train_plan import (
+    RANKS_DIR,
+    TrainCallbacks,
+    TrainPlan,
+    TrainReport,
+    report_json,
+)
 
-
-@dataclass
-class TrainReport:
-    steps: int
-    resumed_from_step: int
-    tokens_per_second: float
-    peak_memory_bytes: int
-    memory_source: str
-    eval_loss: float
-    train_loss: float
-    output_dir: Path
-    budget_enforced: bool
-    losses: list[float] = field(default_factory=list)
-    best_step: int | None = None
-    """With evaluation during training: the step whose weights were saved (the best eval loss)."""
-    stopped_early: bool = False
-    evaluations: list[tuple[int, float]] = field(default_factory=list)
-    """(step, eval loss) of each evaluation during training."""
-    merged_dir: Path | None = None
-    """Where the base with the adapter merged was saved (--merge)."""
-    merge_note: str | None = None
-    """What the merge did that a user should know (a QLoRA base merged dequantized)."""
-    monitor_location: str | None = None
-    """Where --report-to wrote the run's records."""
+__all__ = ["TrainCallbacks", "TrainPlan", "TrainReport", "run_training", "train"]
 
 
 RUN_MARKER = "autotune_recipe.yaml"
@@ -67,7 +49,13 @@ RUN_MARKER = "autotune_recipe.yaml"
 
 
 def holds_a_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file() or bool(checkpoints(path))
+    """The directory holds a run of `autotune train`: its recipe, a checkpoint, or the rank
+    files of a distributed run (written before rank 0 writes anything)."""
+    return (
+        (path / RUN_MARKER).is_file()
+        or bool(checkpoints(path))
+        or (path / RANKS_DIR / "request.json").is_file()
+    )
 
 
 def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
@@ -137,6 +125,7 @@ def train(
     overwrite: bool = False,
     budget_bytes: int | None = None,
     device: str = "cpu",
+    gpus: tuple[str, ...] = (),
     seed: int = 0,
     save_every_steps: int = 100,
     skip_bad_rows: bool = False,
@@ -159,7 +148,10 @@ def train(
     (LoRA recipes), the base with the adapter merged is saved too, in `output_dir`/merged.
     With `report_to` tensorboard or wandb, train loss, learning rate, tokens/s and peak memory
     (beside `predicted_peak_bytes`) are logged every `logging_steps` steps, eval losses as
-    they come. `on_eval(step, eval_loss, is_best)` is called after each evaluation."""
+    they come. `on_eval(step, eval_loss, is_best)` is called after each evaluation. A recipe
+    on several GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices;
+    the first num_gpus where none are given) or as gloo processes on the CPU
+    (autotune/training/ranked_train.py)."""
     _check_length(epochs, max_steps, save_every_steps)
     check_report_to(report_to)
     if logging_steps < 1:
@@ -167,18 +159,16 @@ def train(
     patience = check_evaluation(eval_steps, early_stopping_patience)
     if merge_dtype is not None:
         check_merge(recipe, merge_dtype)
-    import torch
-
-    from autotune.data.splits import load_splits
-    from autotune.training.build import build_model, build_optimizer, load_tokenizer
-    from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
-
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
     if recipe.num_gpus > 1:
+        from autotune.training.ranked_train import check_ranked
+
+        check_ranked(recipe, device, gpus)
+    elif gpus:
         raise UsageError(
-            f"the recipe trains on {recipe.num_gpus} GPUs ({recipe.distributed}); autotune train "
-            "runs one process: export it (--format hf, axolotl or llamafactory) and launch it"
+            f"--gpus is for a recipe on several GPUs; this one trains on one (choose it with "
+            f"CUDA_VISIBLE_DEVICES={gpus[0]})"
         )
     from autotune.data.rows import checked_scan
 
@@ -188,62 +178,116 @@ def train(
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
         forget_best(output_dir)
+    plan = TrainPlan(
+        recipe=recipe,
+        data_path=data_path,
+        output_dir=output_dir,
+        device=device,
+        gpus=gpus,
+        usable_rows=data_scan.usable_rows,
+        epochs=epochs,
+        max_steps=max_steps,
+        resume=resume,
+        budget_bytes=budget_bytes,
+        seed=seed,
+        save_every_steps=save_every_steps,
+        eval_rows=eval_rows,
+        eval_steps=eval_steps,
+        patience=patience,
+        merge_dtype=merge_dtype,
+        report_to=report_to,
+        logging_steps=logging_steps,
+        predicted_peak_bytes=predicted_peak_bytes,
+    )
+    callbacks = TrainCallbacks(on_start, on_step, on_eval)
+    if recipe.num_gpus > 1:
+        from autotune.training.ranked_train import train_on_ranks
+
+        return train_on_ranks(plan, callbacks)
+    return run_training(plan, callbacks)
+
+
+def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
+    """The training of a checked plan: in this process, or in each rank of a distributed
+    recipe (it joins the process group; rank 0 alone writes files and calls `callbacks`)."""
+    import torch
+
+    from autotune.data.splits import load_splits
+    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
+    from autotune.training.ranked_train import agreed, over_ranks, save_model
+    from autotune.training.ranks import distribute_model, join_process_group, rank_share
+
+    recipe, output_dir, seed = plan.recipe, plan.output_dir, plan.seed
     if recipe.expandable_segments:
         # Read when the CUDA allocator starts, which is at the first allocation below.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    place = join_process_group(recipe, plan.device)
+    device = place.device
+    writer = place.rank == 0
+    on_start, on_step, on_eval = (
+        (callbacks.on_start, callbacks.on_step, callbacks.on_eval) if writer else (None,) * 3
+    )
     meter = MemoryMeter(device)
-    budget_enforced = meter.enforce_budget(budget_bytes) if budget_bytes else False
+    budget_enforced = meter.enforce_budget(plan.budget_bytes) if plan.budget_bytes else False
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(recipe.model)
     splits = load_splits(
-        data_path, tokenizer, recipe.seq_len, seed, eval_rows, data_scan.usable_rows
+        plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
     )
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
-            f"{data_path} has {len(splits.train)} training rows, fewer than one effective batch "
-            f"of {recipe.effective_batch_size}"
+            f"{plan.data_path} has {len(splits.train)} training rows, fewer than one effective "
+            f"batch of {recipe.effective_batch_size}"
         )
-    total_steps = max_steps or max(1, math.ceil(steps_per_epoch * (epochs or 1.0)))
+    total_steps = plan.max_steps or max(1, math.ceil(steps_per_epoch * (plan.epochs or 1.0)))
     try:
         model = build_model(recipe, device)
     except (OSError, ValueError) as error:  # no weights, unreadable or mismatched files
         raise UsageError(
             f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
         ) from None
+    model = distribute_model(model, recipe, place)  # before the optimizer (FSDP2's shards)
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total_steps))
-    stopper = EarlyStopping(patience) if patience is not None else None
+    stopper = EarlyStopping(plan.patience) if plan.patience is not None else None
     start_step = 0
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
+    checkpoint = latest_checkpoint(output_dir) if plan.resume else None
+    if plan.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
         start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
-    (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
+    if writer:
+        (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
     if on_start:
         on_start(start_step, total_steps)
 
-    monitor = open_monitor(report_to, output_dir, recipe)
+    monitor = open_monitor(plan.report_to, output_dir, recipe) if writer else None
 
-    def log_step(at_step: int, record: Any) -> None:
-        if monitor is None or (at_step % logging_steps and at_step != total_steps):
+    def log_step(at_step: int, record: Any, loss: float) -> None:
+        if monitor is None or (at_step % plan.logging_steps and at_step != total_steps):
             return
         scalars = {
-            "train/loss": record.loss,
+            "train/loss": loss,
             "train/learning_rate": scheduler.get_last_lr()[0],
             "train/tokens_per_second": record.tokens / record.seconds,
             "memory/peak_bytes": meter.peak_bytes()[0],
         }
-        if predicted_peak_bytes is not None:
-            scalars["memory/predicted_peak_bytes"] = predicted_peak_bytes
+        if plan.predicted_peak_bytes is not None:
+            scalars["memory/predicted_peak_bytes"] = plan.predicted_peak_bytes
         monitor.log(at_step, scalars)
+
+    def evaluated() -> float:
+        # every rank scores all rows (FSDP's gathers need every rank in each forward); rank
+        # 0's loss decides for all, so that they stop and keep the same step
+        return agreed(evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id), place)
 
     def run_eval(at_step: int) -> None:
         assert stopper is not None
-        eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+        eval_loss = evaluated()
         if monitor is not None:
             monitor.log(at_step, {"eval/loss": eval_loss})
         is_best = stopper.observe(at_step, eval_loss)
@@ -268,22 +312,31 @@ def train(
             epoch, offset = divmod(step, steps_per_epoch)
             batches = _epoch_batches(len(splits.train), recipe.effective_batch_size, seed, epoch)
             chunk_indices = batches[offset : offset + (total_steps - step)]
-            # Lazy, so that an evaluation that stops the run takes effect before the next step.
+            # Lazy, so that an evaluation that stops the run takes effect before the next step;
+            # each rank trains on its share of every step's sequences.
             chunk = (
-                [splits.train[i] for i in indices] for indices in chunk_indices if not stopping()
+                rank_share([[splits.train[i] for i in indices]], place)[0]
+                for indices in chunk_indices
+                if not stopping()
             )
 
             def after_step(index: int, record: Any, first: int = step) -> None:
                 current = first + index + 1
-                losses.append(record.loss)
-                log_step(current, record)  # with the learning rate this step used
+                # the mean of the ranks' losses: what their averaged gradients descend
+                loss = over_ranks(record.loss, "mean", place)
+                losses.append(loss)
+                log_step(current, record, loss)  # with the learning rate this step used
                 scheduler.step()
-                if eval_steps and current % eval_steps == 0:
+                if plan.eval_steps and current % plan.eval_steps == 0:
                     run_eval(current)
-                if current % save_every_steps == 0 and current < total_steps and not stopping():
+                if (
+                    current % plan.save_every_steps == 0
+                    and current < total_steps
+                    and not stopping()
+                ):
                     checkpoint_at(current)
                 if on_step:
-                    on_step(current, record.loss)
+                    on_step(current, loss)
 
             done = train_steps(
                 model, optimizer, chunk, recipe, device, tokenizer.pad_token_id, after_step
@@ -297,23 +350,25 @@ def train(
             best_step = restore_best(model, output_dir)
             eval_loss = stopper.best_loss
         else:
-            eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+            eval_loss = evaluated()
             if monitor is not None:
                 monitor.log(step, {"eval/loss": eval_loss})
     finally:
         if monitor is not None:
             monitor.close()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    peak, _ = meter.peak_bytes()
+    save_model(model, recipe, output_dir, place)
+    peak = int(over_ranks(meter.peak_bytes()[0], "max", place))
     merged_dir = None
-    if merge_dtype is not None:
-        del model, optimizer  # the merge loads the base afresh
-        merged_dir = merge_adapter(recipe, output_dir, merge_dtype, device)
+    if writer:
+        tokenizer.save_pretrained(output_dir)
+        if plan.merge_dtype is not None:
+            del model, optimizer  # the merge loads the base afresh
+            merged_dir = merge_adapter(recipe, output_dir, plan.merge_dtype, device)
     report = TrainReport(
         steps=step,
         resumed_from_step=start_step,
-        tokens_per_second=tokens_per_second(records) if records else 0.0,
+        # summed over the ranks, which step together
+        tokens_per_second=over_ranks(tokens_per_second(records) if records else 0.0, "sum", place),
         peak_memory_bytes=peak,
         memory_source=meter.source,
         eval_loss=eval_loss,
@@ -328,11 +383,6 @@ def train(
         merge_note=merge_note(recipe) if merged_dir else None,
         monitor_location=monitor.location if monitor else None,
     )
-    (output_dir / "train_metrics.json").write_text(
-        json.dumps(
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in report.__dict__.items()},
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
+    if writer:
+        (output_dir / "train_metrics.json").write_text(report_json(report), encoding="utf-8")
     return report

@@ -1,0 +1,80 @@
+"""What `autotune train` is asked (a checked plan, as every rank of a distributed run receives
+it) and what it reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autotune.recipe import Recipe
+
+RANKS_DIR = "ranks"
+"""A distributed run's rank files, under --output: request, results, rendezvous, logs,
+progress."""
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    resumed_from_step: int
+    tokens_per_second: float
+    peak_memory_bytes: int
+    memory_source: str
+    eval_loss: float
+    train_loss: float
+    output_dir: Path
+    budget_enforced: bool
+    losses: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    """With evaluation during training: the step whose weights were saved (the best eval loss)."""
+    stopped_early: bool = False
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval loss) of each evaluation during training."""
+    merged_dir: Path | None = None
+    """Where the base with the adapter merged was saved (--merge)."""
+    merge_note: str | None = None
+    """What the merge did that a user should know (a QLoRA base merged dequantized)."""
+    monitor_location: str | None = None
+    """Where --report-to wrote the run's records."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A checked `autotune train` run, as every rank of a distributed one receives it."""
+
+    recipe: Recipe
+    data_path: Path
+    output_dir: Path
+    device: str
+    usable_rows: int
+    gpus: tuple[str, ...] = ()
+    """CUDA indices the ranks train on (the first num_gpus where empty)."""
+    epochs: float | None = None
+    max_steps: int | None = None
+    resume: bool = False
+    budget_bytes: int | None = None
+    seed: int = 0
+    save_every_steps: int = 100
+    eval_rows: int | None = None
+    eval_steps: int | None = None
+    patience: int | None = None
+    merge_dtype: str | None = None
+    report_to: str = "none"
+    logging_steps: int = 10
+    predicted_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainCallbacks:
+    on_start: Callable[[int, int], None] | None = None
+    on_step: Callable[[int, float], None] | None = None
+    on_eval: Callable[[int, float, bool], None] | None = None
+
+
+def report_json(report: TrainReport) -> str:
+    return json.dumps(
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in report.__dict__.items()},
+        indent=2,
+    )

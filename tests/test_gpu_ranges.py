@@ -1,0 +1,117 @@
+"""--gpus-per-probe as counts to search: num_gpus a dimension of the study, one GPU being
+distributed none, the effective batch fixed over every count."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from autotune.distributed import parse_gpu_counts
+from autotune.errors import UsageError
+from autotune.model_spec import load_model_spec
+from autotune.space import SearchSpace
+from autotune.study.pruning import distributed_space
+from tests.conftest import ROOT, SHAPE_CONFIGS
+
+DEMO_SPACE = ROOT / "autotune" / "search_spaces" / "demo.yaml"
+
+
+@pytest.mark.parametrize(
+    "text, counts",
+    [("2", (2,)), ("1,2,4", (1, 2, 4)), ("1-4", (1, 2, 3, 4)), ("4,1-2, 2", (1, 2, 4))],
+)
+def test_counts_are_a_count_a_list_or_a_range(text, counts):
+    assert parse_gpu_counts(text) == counts
+
+
+@pytest.mark.parametrize("text", ["0", "", "two", "4-1", "1-", "0-2", "2,,4", "-1", "2000"])
+def test_bad_counts_are_refused_in_one_line(text):
+    with pytest.raises(UsageError, match="takes a count .2., a list .1,2,4. or a range"):
+        parse_gpu_counts(text)
+
+
+def test_more_gpus_per_probe_than_gpus_given_is_refused(tmp_path):
+    from autotune.study.settings import RunSettings, check_workers, gpu_groups
+
+    def settings(**changes):
+        return RunSettings(model="m", data_path=tmp_path, budget_bytes=1, **changes)
+
+    with pytest.raises(UsageError, match="--gpus-per-probe 4 is more than the 2 GPUs of --gpus"):
+        check_workers(settings(gpus=("0", "1"), gpus_per_probe=(1, 4)), "cuda")
+    with pytest.raises(UsageError, match="largest count must divide the 3 GPUs"):
+        check_workers(settings(gpus=("0", "1", "2"), gpus_per_probe=(1, 2)), "cuda")
+    # groups of the largest count: a 1-GPU probe runs on the first GPU of its group
+    four = settings(gpus=("0", "1", "2", "3"), gpus_per_probe=(1, 2))
+    assert gpu_groups(four, "cuda") == ["0,1", "2,3"]
+    assert settings(gpus_per_probe=2).gpus_per_probe == (2,)  # one count, as before
+
+
+def test_a_range_searches_num_gpus_with_the_effective_batch_fixed():
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
+    unsupported: dict[str, dict[str, str]] = {}
+    space = distributed_space(SearchSpace.load(DEMO_SPACE), (1, 2, 4), unsupported)
+    assert space.choices_of("distributed") == ("none", "ddp", "fsdp")
+    assert space.choices_of("num_gpus") == (2, 4) and space.searched("num_gpus")
+    assert "x 4 GPUs does not divide" in unsupported["micro_batch_size"]["2"]
+    points = list(space.all_params())
+    assert len(points) == len({tuple(sorted(p.items())) for p in points})
+    single = [p for p in points if p["distributed"] == "none"]
+    assert single and all("num_gpus" not in p for p in single)  # no rank count on one GPU
+    seen = set()
+    for params in points:
+        recipe = space.build(params, "m", spec, 256)
+        assert recipe.effective_batch_size == space.effective_batch_size
+        assert (recipe.num_gpus == 1) == (recipe.distributed == "none")
+        assert space.params_of(recipe, spec) == params
+        seen.add((recipe.distributed, recipe.num_gpus))
+    assert seen == {("none", 1), ("ddp", 2), ("ddp", 4), ("fsdp", 2), ("fsdp", 4)}
+
+
+def test_a_cpu_study_with_a_range_probes_one_and_two_rank_recipes(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    from autotune.probe import SubprocessProbeRunner
+    from autotune.study import RunSettings, prepare_run, run_study, trial_record
+    from autotune.study.records import trial_status
+
+    monkeypatch.chdir(tmp_path)
+    space = yaml.safe_load(DEMO_SPACE.read_text())
+    space.update(
+        method=["full"],
+        quantization=["none"],
+        precision=["fp32"],
+        micro_batch_size=[1],
+        gradient_checkpointing=[False],
+        optimizer=["adamw"],
+        distributed=["none", "ddp"],
+    )
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    settings = RunSettings(
+        model=str(tiny_model),
+        data_path=qa_data,
+        budget_bytes=10**10,
+        space_path=space_path,
+        trials=2,
+        probe_steps=2,
+        seq_len=48,
+        device="cpu",
+        confirm_top=0,
+        gpus_per_probe=(1, 2),
+        memory_model="formula",
+        storage=f"sqlite:///{tmp_path}/study.db",
+        study_name="one-and-two",
+    )
+    study = run_study(prepare_run(settings), SubprocessProbeRunner(300, warm=False))
+    recipes = {}
+    for trial in study.trials:
+        assert str(trial_status(trial)) == "measured", trial.user_attrs.get("reason")
+        recipe = trial_record(trial).recipe
+        recipes[recipe.get("distributed", "none")] = recipe
+    assert set(recipes) == {"none", "ddp"}
+    assert recipes["ddp"]["num_gpus"] == 2 and "num_gpus" not in recipes["none"]
+    batch = space["effective_batch_size"]
+    assert recipes["none"]["gradient_accumulation_steps"] == batch
+    assert recipes["ddp"]["gradient_accumulation_steps"] * 2 == batch
+    with pytest.raises(UsageError, match="--gpus-per-probe was 1,2, now 2"):
+        run_study(prepare_run(RunSettings(**{**settings.__dict__, "gpus_per_probe": (2,)})), None)

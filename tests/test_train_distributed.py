@@ -1,0 +1,130 @@
+"""`autotune train` of a recipe on several GPUs, with two gloo processes standing in for them:
+DDP and FSDP2 train, rank 0 saves what transformers and peft load, resume continues, and a
+killed rank fails the run and leaves no process."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import autotune.probe_ranks as probe_ranks
+from autotune.errors import TrainingFailed, UsageError
+from autotune.recipe import Recipe
+from autotune.training.train import train
+from tests.test_multi_gpu import _alive
+
+
+def two_rank_recipe(model, strategy: str, method: str) -> Recipe:
+    lora = {"lora_r": 4, "lora_dropout": 0.0} if method == "lora" else {}
+    return Recipe.from_dict(
+        {
+            "model": str(model),
+            "method": method,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,  # x 2 ranks: an effective batch of 4
+            "seq_len": 48,
+            "learning_rate": 5e-3,
+            "precision": "fp32",
+            "distributed": strategy,
+            "num_gpus": 2,
+            **lora,
+        }
+    )
+
+
+def eval_loss_of(model, recipe: Recipe, data) -> float:
+    """The loss of `model` (one process) on the eval split a run of `recipe` on `data` holds out."""
+    from autotune.data.rows import scan
+    from autotune.data.splits import load_splits
+    from autotune.training.build import load_tokenizer
+    from autotune.training.loop import evaluate
+
+    tokenizer = load_tokenizer(recipe.model)
+    splits = load_splits(data, tokenizer, recipe.seq_len, 0, None, scan(data).usable_rows)
+    single = recipe.replace(distributed="none", num_gpus=1)
+    return evaluate(model, splits.eval, single, "cpu", tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("strategy, method", [("ddp", "full"), ("fsdp", "lora")])
+def test_two_ranks_train_and_rank_0_saves_what_the_libraries_load(
+    tiny_model, qa_data, tmp_path, strategy, method
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = two_rank_recipe(tiny_model, strategy, method)
+    out = tmp_path / "out"
+    steps: list[int] = []
+    report = train(
+        recipe,
+        qa_data,
+        out,
+        max_steps=4,
+        eval_steps=2,
+        save_every_steps=2,
+        on_step=lambda step, loss: steps.append(step),
+    )
+    assert report.steps == 4 and steps == [1, 2, 3, 4]  # rank 0's progress, relayed
+    assert [step for step, _ in report.evaluations] == [2, 4]
+    assert (out / "ranks" / "train.rank1.log").exists()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    starting = eval_loss_of(base, recipe, qa_data)
+    if method == "lora":
+        trained = PeftModel.from_pretrained(base, str(out))
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(str(out))
+    loaded = eval_loss_of(trained, recipe, qa_data)
+    assert loaded < starting
+    assert abs(loaded - report.eval_loss) < 1e-3  # the weights saved are the ones scored
+    if strategy == "fsdp":  # the sharded optimizer state comes back from the checkpoint
+        resumed = train(recipe, qa_data, out, max_steps=5, resume=True)
+        assert resumed.resumed_from_step == 4 and resumed.steps == 5
+        assert resumed.losses[0] < report.losses[0]
+
+
+def test_a_killed_rank_fails_the_training_in_one_line_and_leaves_no_process(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    launched = []
+    original = probe_ranks.start_ranks
+
+    def recording(*args, **kwargs):
+        launched.append(original(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(probe_ranks, "start_ranks", recording)
+    recipe = two_rank_recipe(tiny_model, "ddp", "lora")
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train(recipe, qa_data, tmp_path / "out", max_steps=100_000)
+        except TrainingFailed as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    progress = tmp_path / "out" / "ranks" / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and '"step"' in progress.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.2)
+    ranks = launched[0].processes
+    os.kill(ranks[1].pid, 9)
+    thread.join(60)
+    assert not thread.is_alive()
+    [failure] = failures
+    assert str(failure).startswith("rank 1 of 2 was killed by signal 9 without a result")
+    assert "\n" not in str(failure)
+    assert not any(_alive(p.pid) for p in ranks)
+
+
+def test_deepspeed_recipes_are_refused_in_one_line(tmp_path):
+    recipe = Recipe.from_dict(
+        {"model": "m", "method": "full", "distributed": "deepspeed_zero2", "num_gpus": 2}
+    )
+    with pytest.raises(UsageError, match="not deepspeed_zero2 .it does not drive DeepSpeed"):
+        train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
