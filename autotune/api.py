@@ -135,7 +135,7 @@ def memory_prediction(
 ) -> MemoryPrediction:
     """The peak a study would predict for `recipe`, with the margin it would add."""
     from autotune.margins import margin_for
-    from autotune.replay import predict
+    from autotune.prediction import predict
 
     peak, used, fallback = predict(spec, recipe, config, seq_len, memory_model)
     return MemoryPrediction(
@@ -164,9 +164,10 @@ def estimate(
     from autotune.architecture import check_recipe
     from autotune.margins import check_margin
     from autotune.model_spec import load_model_spec
+    from autotune.prediction import check_memory_model
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
-    from autotune.replay import check_memory_model, load_config
+    from autotune.replay import load_config
 
     allow_remote_code(trust_remote_code)
     check_memory_model(memory_model)

@@ -1,28 +1,23 @@
 """Recipe: one fine-tuning strategy, the unit autotune searches over, measures and exports.
 
 The YAML keys are a contract with users and other tools; `from_dict` validates everything at the
-edge and reports all problems in one error.
+edge (recipe_checks.py) and reports all problems in one error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeGuard, get_args
+from typing import Any, Literal
 
 import yaml
 
-from autotune.attentions import ATTENTIONS
-from autotune.batchings import BATCHINGS
 from autotune.distributed import DEFAULT_DISTRIBUTED
 from autotune.distributed import label_part as distributed_label
-from autotune.distributed import schema_problems as distributed_problems
 from autotune.errors import UsageError, first_line
-from autotune.losses import DEFAULT_LOSS, LOSSES
+from autotune.losses import DEFAULT_LOSS
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
-from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 
 RECIPE_FORMAT_VERSION = 1
@@ -263,6 +258,8 @@ class Recipe:
         return recipe
 
     def validate(self, source: str = "recipe") -> None:
+        from autotune.recipe_checks import recipe_problems  # the checks read this module
+
         problems = recipe_problems(self)
         if problems:
             raise UsageError.collect(problems, source)
@@ -311,108 +308,4 @@ def _yaml_mapping(text: str, source: str) -> Any:
         raise UsageError(f"{source}: not valid YAML ({first_line(error)})") from None
 
 
-def _choices(literal: Any) -> tuple[str, ...]:
-    return get_args(literal)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> TypeGuard[float]:
-    """A finite int or float (not a bool, not nan or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def recipe_problems(recipe: Recipe) -> list[str]:
-    """Every way this recipe contradicts itself or the schema (empty when it is sound)."""
-    problems: list[str] = []
-    for name, registry in (
-        ("method", _choices(Method)),
-        ("loss", LOSSES),
-        ("lr_schedule", _choices(LrSchedule)),
-        ("train_modules", _choices(TrainModules)),
-        ("quantization", QUANTIZATIONS),
-        ("precision", PRECISIONS),
-        ("optimizer", OPTIMIZERS),
-        ("attention", ATTENTIONS),
-        ("batching", BATCHINGS),
-    ):
-        value = getattr(recipe, name)
-        if name == "method" and value in LEFT_OUT_METHODS:
-            problems.append(f"method {value} is left out: {LEFT_OUT_METHODS[value]}")
-        elif value not in registry:
-            problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
-    if not isinstance(recipe.model, str):
-        problems.append(f"model must be a hub id or a directory, got {recipe.model!r}")
-    for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len"):
-        value = getattr(recipe, name)
-        if not _is_int(value) or not 1 <= value <= UPPER_BOUNDS[name]:
-            problems.append(
-                f"{name} must be an integer from 1 to {UPPER_BOUNDS[name]}, got {value!r}"
-            )
-    frozen = recipe.frozen_layers
-    if not _is_int(frozen) or not 0 <= frozen <= UPPER_BOUNDS["frozen_layers"]:
-        problems.append(f"frozen_layers must be an integer >= 0, got {recipe.frozen_layers!r}")
-    for name in ("gradient_checkpointing", "expandable_segments", *OFF_BY_DEFAULT):
-        if not isinstance(getattr(recipe, name), bool):
-            problems.append(f"{name} must be true or false, got {getattr(recipe, name)!r}")
-    if not _is_number(recipe.learning_rate) or recipe.learning_rate <= 0:
-        problems.append(
-            f"learning_rate must be a finite number above 0, got {recipe.learning_rate!r}"
-        )
-    warmup = recipe.warmup_steps
-    if warmup is not None and (not _is_int(warmup) or warmup < 0):
-        problems.append(f"warmup_steps must be an integer >= 0 (or left out), got {warmup!r}")
-    if recipe.method == "lora":
-        if not _is_int(recipe.lora_r) or not 1 <= recipe.lora_r <= UPPER_BOUNDS["lora_r"]:
-            problems.append(
-                f"lora_r must be an integer from 1 to {UPPER_BOUNDS['lora_r']}, "
-                f"got {recipe.lora_r!r}"
-            )
-        if not _is_number(recipe.lora_alpha) or recipe.lora_alpha <= 0:
-            problems.append(
-                f"lora_alpha must be a positive finite number, got {recipe.lora_alpha!r}"
-            )
-        dropout = recipe.lora_dropout
-        if not _is_number(dropout) or not 0 <= dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1), got {dropout!r}")
-        targets = recipe.lora_target_modules
-        if not (
-            targets == "all-linear"
-            or (isinstance(targets, tuple) and targets and all(isinstance(t, str) for t in targets))
-        ):
-            problems.append("lora_target_modules must be all-linear or a non-empty list of names")
-        if recipe.frozen_layers:
-            problems.append("frozen_layers is for method freeze; LoRA already freezes the base")
-    else:
-        present = [k for k in LORA_KEYS if getattr(recipe, k) is not None]
-        if present:
-            problems.append(f"{', '.join(present)} given but method is {recipe.method}, not lora")
-        if recipe.quantization != "none":
-            problems.append(
-                f"quantization {recipe.quantization} needs method lora "
-                "(quantized weights cannot be trained directly)"
-            )
-    if recipe.method == "freeze" and recipe.frozen_layers < 1:
-        problems.append("method freeze needs frozen_layers >= 1")
-    if (
-        recipe.optimizer in OPTIMIZERS
-        and recipe.precision in PRECISIONS
-        and OPTIMIZERS[recipe.optimizer].host_states
-        and PRECISIONS[recipe.precision].scales_loss
-    ):
-        # the gradients reach the host as backward makes them, before the scaler unscales them
-        problems.append(
-            f"optimizer {recipe.optimizer} cannot run with {recipe.precision}'s loss scaling"
-        )
-    if recipe.method != "lora" and recipe.use_dora is True:
-        problems.append(f"use_dora is for method lora, not {recipe.method}")
-    if recipe.method != "freeze" and recipe.train_modules != "all":
-        problems.append(f"train_modules is for method freeze, not {recipe.method}")
-    if recipe.method == "full" and recipe.frozen_layers:
-        problems.append("frozen_layers must be 0 for method full (use method freeze)")
-    return problems + distributed_problems(recipe)
-
-
-__all__ = ["Attention", "Loss", "Recipe", "recipe_problems", "RECIPE_FORMAT_VERSION"]
+__all__ = ["Attention", "Loss", "Recipe", "RECIPE_FORMAT_VERSION"]

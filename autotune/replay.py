@@ -29,16 +29,13 @@ its graph, lives until the next one's is made, as in the probe's step loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
-from autotune.distributed import replay_refusal
 from autotune.errors import UsageError, first_line
-from autotune.losses import LOSSES
-from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, estimate
+from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_cuda import (
     Autocast,
     HostMemory,
@@ -48,9 +45,8 @@ from autotune.meta_cuda import (
 )
 from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
 from autotune.meta_int8 import int8_cuda_kernels
-from autotune.model_spec import ModelSpec, check_model_reference
+from autotune.model_spec import check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
-from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
@@ -68,10 +64,6 @@ REPLAY_EVAL_BATCHES = 1
 
 PHASES = ("weights", "activations", "gradients", "optimizer", "eval")
 """What the tensors alive at the allocated peak were made for, as the breakdown names them."""
-
-MEMORY_MODELS = ("replay", "formula")
-"""How a recipe's peak is predicted: this module's replay (seconds), or autotune.memory's
-closed-form estimate (microseconds), which also stands in where the replay cannot run."""
 
 _LOCK = threading.Lock()
 """A replay patches module attributes (torch, transformers, peft): one at a time per process."""
@@ -339,22 +331,6 @@ def _replay(
     )
 
 
-def check_memory_model(memory_model: str) -> None:
-    if memory_model not in MEMORY_MODELS:
-        raise UsageError(
-            f"--memory-model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}"
-        )
-
-
-def not_replayable(recipe: Recipe) -> str | None:
-    """Why `recipe` cannot be replayed faithfully, or None."""
-    if replay_refusal(recipe):
-        return replay_refusal(recipe)
-    if LOSSES[recipe.loss].fused:
-        return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
-    return QUANTIZATIONS[recipe.quantization].replay_refusal or None
-
-
 def load_config(model: str) -> Any:
     """The transformers config of a hub id or local directory (config.json is enough)."""
     check_model_reference(model)
@@ -368,47 +344,3 @@ def load_config(model: str) -> Any:
         raise UsageError(
             f"cannot build model {model!r} from its config: {first_line(error)}"
         ) from None
-
-
-def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
-    """`replay` in the long-lived child process that sees no GPU (autotune.offgpu)."""
-    from autotune.offgpu import run_off_gpu
-
-    return run_off_gpu(replay, recipe, config, seq_len)
-
-
-def replay_key(recipe: Recipe) -> str:
-    """The recipe as far as its replay sees it: recipes with the same key replay alike (the
-    learning rate, its schedule and LoRA's alpha change no size; accumulation past
-    REPLAY_MICRO_BATCHES is not replayed)."""
-    import json
-
-    fields = recipe.to_dict()
-    for size_free in ("learning_rate", "lr_schedule", "warmup_steps", "lora_alpha"):
-        fields.pop(size_free, None)
-    fields["gradient_accumulation_steps"] = min(
-        recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
-    )
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
-def predict(
-    spec: ModelSpec,
-    recipe: Recipe,
-    config: Any,
-    seq_len: int | None = None,
-    memory_model: str = "replay",
-    run: Callable[[Recipe, Any, int | None], Replay] = replay,
-) -> tuple[MemoryEstimate, str, str]:
-    """The predicted peak of `recipe`, the model that gave it ("replay" or "formula") and, when
-    the replay was asked for and the formula answered, why. `run` replays (`replay`, or
-    `replay_in_worker` in a process that must stay off the GPU)."""
-    if memory_model == "formula":
-        return estimate(spec, recipe, seq_len), "formula", ""
-    reason = not_replayable(recipe)
-    if reason is None:
-        try:
-            return run(recipe, config, seq_len).estimate(), "replay", ""
-        except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
-            reason = f"the replay failed: {type(error).__name__}: {first_line(error, fallback='')}"
-    return estimate(spec, recipe, seq_len), "formula", reason

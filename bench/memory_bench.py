@@ -393,7 +393,8 @@ def rescore(rows: list[dict], memory_model: str = "formula") -> dict[str, dict]:
     caching allocator's overhead can be told apart. With memory_model "replay" each row is also
     predicted as a study predicts it (the replay, the formula where the replay cannot run) and
     scored per grid under "replay"."""
-    from autotune.replay import load_config, predict
+    from autotune.prediction import predict
+    from autotune.replay import load_config
 
     specs: dict[str, ModelSpec] = {}
     configs: dict[str, object] = {}

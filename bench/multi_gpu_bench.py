@@ -25,9 +25,10 @@ from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa
 from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
+from autotune.prediction import predict  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
-from autotune.replay import load_config, predict  # noqa: E402
+from autotune.replay import load_config  # noqa: E402
 from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402

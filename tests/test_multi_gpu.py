@@ -106,7 +106,8 @@ def qwen2_7b_peak(**fields) -> int:
 
 def test_the_replay_of_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu():
     """`autotune estimate`'s default memory model: FSDP2 itself, replayed for one rank."""
-    from autotune.replay import load_config, predict
+    from autotune.prediction import predict
+    from autotune.replay import load_config
 
     spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
     config = load_config(str(SHAPE_CONFIGS / "qwen2-7b.json"))

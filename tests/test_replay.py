@@ -8,9 +8,10 @@ import pytest
 
 from autotune.memory import CUDA_CONTEXT_BYTES
 from autotune.model_spec import load_model_spec
+from autotune.prediction import predict
 from autotune.random_model import build_random_model
 from autotune.recipe import Recipe
-from autotune.replay import load_config, predict, replay
+from autotune.replay import load_config, replay
 from autotune.step_trace import trace_step
 from tests.conftest import ROOT, SHAPE_CONFIGS
 

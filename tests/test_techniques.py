@@ -36,7 +36,8 @@ def test_a_dora_recipe_trains_its_magnitudes_and_its_loss_falls(tiny_model, qa_d
 
 
 def test_the_formula_prices_dora_s_magnitudes_and_merged_weight():
-    from autotune.memory import ADAPTER_BYTES, dora_weight_bytes, estimate
+    from autotune.activation_memory import ADAPTER_BYTES, dora_weight_bytes
+    from autotune.memory import estimate
     from autotune.model_spec import load_model_spec
     from tests.conftest import SHAPE_CONFIGS
 

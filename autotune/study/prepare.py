@@ -15,13 +15,11 @@ from autotune.errors import UsageError
 from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
+from autotune.prediction import check_memory_model
 from autotune.quality import check_quality
 from autotune.recipe import UPPER_BOUNDS
 from autotune.remote_code import allow_remote_code
-from autotune.replay import (
-    check_memory_model,
-    load_config,
-)
+from autotune.replay import load_config
 from autotune.space import SearchSpace
 from autotune.study.pruning import budget_fit, distributed_space, supported_space
 from autotune.study.settings import (

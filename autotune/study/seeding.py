@@ -10,12 +10,12 @@ from typing import Any
 
 from autotune.margins import margin_for
 from autotune.memory import MemoryEstimate, estimate
-from autotune.recipe import Recipe
-from autotune.replay import (
+from autotune.prediction import (
     predict,
     replay_in_worker,
     replay_key,
 )
+from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 

@@ -1,0 +1,82 @@
+"""Which memory model predicts a recipe's peak: the replay (replay.py), in this process or in
+the long-lived child process that sees no GPU, or the formula (memory.py) where the replay
+cannot run faithfully or fails; and the key under which recipes replay alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autotune.distributed import replay_refusal
+from autotune.errors import UsageError, first_line
+from autotune.losses import LOSSES
+from autotune.memory import MemoryEstimate, estimate
+from autotune.model_spec import ModelSpec
+from autotune.quantizations import QUANTIZATIONS
+from autotune.recipe import Recipe
+from autotune.replay import REPLAY_MICRO_BATCHES, Replay, replay
+
+MEMORY_MODELS = ("replay", "formula")
+"""How a recipe's peak is predicted: autotune.replay's replay (seconds), or autotune.memory's
+closed-form estimate (microseconds), which also stands in where the replay cannot run."""
+
+
+def check_memory_model(memory_model: str) -> None:
+    if memory_model not in MEMORY_MODELS:
+        raise UsageError(
+            f"--memory-model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}"
+        )
+
+
+def not_replayable(recipe: Recipe) -> str | None:
+    """Why `recipe` cannot be replayed faithfully, or None."""
+    if replay_refusal(recipe):
+        return replay_refusal(recipe)
+    if LOSSES[recipe.loss].fused:
+        return "Liger's fused linear cross-entropy is a Triton kernel the meta device cannot run"
+    return QUANTIZATIONS[recipe.quantization].replay_refusal or None
+
+
+def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
+    """`replay` in the long-lived child process that sees no GPU (autotune.offgpu)."""
+    from autotune.offgpu import run_off_gpu
+
+    return run_off_gpu(replay, recipe, config, seq_len)
+
+
+def replay_key(recipe: Recipe) -> str:
+    """The recipe as far as its replay sees it: recipes with the same key replay alike (the
+    learning rate, its schedule and LoRA's alpha change no size; accumulation past
+    REPLAY_MICRO_BATCHES is not replayed)."""
+    import json
+
+    fields = recipe.to_dict()
+    for size_free in ("learning_rate", "lr_schedule", "warmup_steps", "lora_alpha"):
+        fields.pop(size_free, None)
+    fields["gradient_accumulation_steps"] = min(
+        recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
+    )
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def predict(
+    spec: ModelSpec,
+    recipe: Recipe,
+    config: Any,
+    seq_len: int | None = None,
+    memory_model: str = "replay",
+    run: Callable[[Recipe, Any, int | None], Replay] = replay,
+) -> tuple[MemoryEstimate, str, str]:
+    """The predicted peak of `recipe`, the model that gave it ("replay" or "formula") and, when
+    the replay was asked for and the formula answered, why. `run` replays (`replay`, or
+    `replay_in_worker` in a process that must stay off the GPU)."""
+    if memory_model == "formula":
+        return estimate(spec, recipe, seq_len), "formula", ""
+    reason = not_replayable(recipe)
+    if reason is None:
+        try:
+            return run(recipe, config, seq_len).estimate(), "replay", ""
+        except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
+            reason = f"the replay failed: {type(error).__name__}: {first_line(error, fallback='')}"
+    return estimate(spec, recipe, seq_len), "formula", reason
