@@ -5,7 +5,6 @@ Heavy libraries load inside the commands so `autotune --help` stays instant.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -292,10 +291,8 @@ def estimate(
     """Predict a recipe's peak GPU memory from the model config, without loading weights."""
     from autotune.api import estimate as estimate_peak
     from autotune.budgets import parse_budget
-    from autotune.margins import fit_words
-    from autotune.units import format_bytes
+    from autotune.console import show_estimate
 
-    budget_bytes = parse_budget(budget) if budget is not None else None
     predicted = estimate_peak(
         model,
         recipe,
@@ -304,40 +301,7 @@ def estimate(
         trust_remote_code=trust_remote_code,
         memory_margin=memory_margin,
     )
-    result, used, margin = predicted.estimate, predicted.memory_model, predicted.margin
-    if as_json:
-        figures = {
-            **result.as_json(),
-            "memory_model": used,
-            "margin": margin.fraction,
-            "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
-        }
-        typer.echo(json.dumps(figures))
-        return
-    if predicted.fallback_reason:
-        typer.echo(f"memory model: {used} ({predicted.fallback_reason})")
-    for name, size in result.breakdown.items():
-        typer.echo(f"{name:>28}  {format_bytes(size):>12}")
-    typer.echo(
-        f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes, {used})"
-    )
-    typer.echo(
-        f"{'with margin':>28}  {format_bytes(predicted.peak_with_margin_bytes):>12}  "
-        f"(+{100 * margin.fraction:.1f}%: {margin.why})"
-    )
-    if result.paged_bytes:
-        typer.echo(
-            f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
-            "(unified memory, outside the peak: paged to the host when the GPU runs short)"
-        )
-    if result.host_bytes:
-        typer.echo(
-            f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  "
-            "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
-        )
-    if budget_bytes is not None:
-        typer.echo(fit_words(result.peak_bytes, margin, budget_bytes))
+    show_estimate(predicted, as_json, parse_budget(budget) if budget is not None else None)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")

@@ -4,6 +4,7 @@ bar with a line per trial, and the results. rich loads when a console is made.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -14,7 +15,7 @@ from autotune.study.records import TrialStatus
 from autotune.units import format_bytes
 
 if TYPE_CHECKING:
-    from autotune.api import RunResult, TrainResult
+    from autotune.api import MemoryPrediction, RunResult, TrainResult
     from autotune.study.overview import MeasuredRecipe, StudyOverview, StudyStatus
     from autotune.study.settings import PreparedRun
     from autotune.study.study_records import Confirmation, Noise
@@ -331,3 +332,43 @@ def status_text(status: StudyStatus) -> str:
     )
     lines += [f"  {_recipe_line(r)}" for r in status.frontier]
     return "\n".join(lines)
+
+
+def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int | None) -> None:
+    """`autotune estimate`'s answer: the breakdown and the peak with its margin, or JSON."""
+    from autotune.margins import fit_words
+
+    result, used, margin = predicted.estimate, predicted.memory_model, predicted.margin
+    if as_json:
+        figures = {
+            **result.as_json(),
+            "memory_model": used,
+            "margin": margin.fraction,
+            "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
+        }
+        print(json.dumps(figures))
+        return
+    if predicted.fallback_reason:
+        print(f"memory model: {used} ({predicted.fallback_reason})")
+    for name, size in result.breakdown.items():
+        print(f"{name:>28}  {format_bytes(size):>12}")
+    print(
+        f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
+        f"({result.peak_bytes} bytes, {used})"
+    )
+    print(
+        f"{'with margin':>28}  {format_bytes(predicted.peak_with_margin_bytes):>12}  "
+        f"(+{100 * margin.fraction:.1f}%: {margin.why})"
+    )
+    if result.paged_bytes:
+        print(
+            f"{'paged optimizer states':>28}  {format_bytes(result.paged_bytes):>12}  "
+            "(unified memory, outside the peak: paged to the host when the GPU runs short)"
+        )
+    if result.host_bytes:
+        print(
+            f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  "
+            "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
+        )
+    if budget_bytes is not None:
+        print(fit_words(result.peak_bytes, margin, budget_bytes))
