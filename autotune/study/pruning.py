@@ -108,7 +108,7 @@ def distributed_space(
     strategies that run on that many (ddp and fsdp where the space names none), and without
     the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
     choice is added to `unsupported` with its reason."""
-    from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
+    from autotune.distributed import combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
 
     def leave_out(name: str, choice: Any, why: str) -> None:
@@ -124,11 +124,13 @@ def distributed_space(
         wanted = tuple(c for c in named if c != "none") or ("ddp", "fsdp")
         if "none" in named:
             leave_out("distributed", "none", f"one GPU, not {gpus_per_probe}")
-        for choice in wanted:
-            why = probe_refusal(Recipe(distributed=choice, num_gpus=gpus_per_probe))
+        unprobed = {
+            c: probe_refusal(Recipe(distributed=c, num_gpus=gpus_per_probe)) for c in wanted
+        }
+        for choice, why in unprobed.items():
             if why:
                 leave_out("distributed", choice, why)
-        strategies = tuple(c for c in wanted if DISTRIBUTED[c].probed)
+        strategies = tuple(c for c in wanted if not unprobed[c])
         if not strategies:
             raise UsageError(f"{space.source}: no distributed strategy it names is probed")
     changes: dict[str, tuple[Any, ...]] = {
@@ -140,6 +142,7 @@ def distributed_space(
         ("optimizer", "full"),
         ("loss", "full"),
         ("offload", "full"),
+        ("precision", "full"),
     )
     for name, method in methods:
         kept = []
