@@ -561,3 +561,57 @@ def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # n
         )
     default = host_budget(None)
     assert 0 < default < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.skipif(not distributed.deepspeed_installed(), reason="deepspeed is not installed")
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+@pytest.mark.parametrize(
+    "strategy, offload",
+    [
+        ("deepspeed_zero2", "none"),
+        ("deepspeed_zero2", "optimizer"),
+        ("deepspeed_zero3", "none"),
+        ("deepspeed_zero3", "optimizer"),
+        ("deepspeed_zero3", "optimizer_and_params"),
+    ],
+)
+def test_zero_model_states_are_deepspeeds_own_estimates(strategy, offload, gpus, monkeypatch):
+    """The written-out terms give DeepSpeed's estimators' per-GPU figure to the byte; its host
+    figure adds its additional_buffer_factor of 1.5 (and at least 16 or 18 bytes a parameter
+    for the node, where 4 a GPU are more)."""
+    from autotune import zero_memory
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict(
+        {**FULL, "distributed": strategy, "num_gpus": gpus, "offload": offload}
+    )
+    params = spec.total_params
+    theirs = zero_memory.deepspeed_estimate(spec, recipe)
+    ours = zero_memory.written_out(spec, recipe, 0, params, 8 * params)
+    assert theirs is not None and theirs.source == "deepspeed"
+    assert ours.gpu_bytes == theirs.gpu_bytes
+    if offload == "none":
+        assert ours.host_bytes == theirs.host_bytes == 0
+    elif 4 * gpus <= 16:
+        assert theirs.host_bytes == pytest.approx(1.5 * ours.host_bytes, rel=1e-6)
+    with_deepspeed = estimate(spec, recipe)
+    assert with_deepspeed.breakdown["zero_model_states_deepspeed"] == theirs.gpu_bytes
+    monkeypatch.setattr(zero_memory, "deepspeed_installed", lambda: False)
+    without = estimate(spec, recipe)
+    assert without.breakdown["zero_model_states_formula"] == ours.gpu_bytes
+    assert without.peak_bytes == with_deepspeed.peak_bytes
+
+
+def test_zero_in_16_bits_holds_fp32_master_weights_beside_the_model():
+    """DeepSpeed's bf16 mode keeps fp32 master weights and moments: more per GPU than FSDP's
+    pure bf16 on as many GPUs, ZeRO-3 less than ZeRO-2, and fp32 runs the generic terms."""
+    sharded = {"gradient_accumulation_steps": 2, "num_gpus": 4}
+    fsdp = qwen2_7b_peak(distributed="fsdp", **sharded)
+    zero2 = qwen2_7b_peak(distributed="deepspeed_zero2", **sharded)
+    zero3 = qwen2_7b_peak(distributed="deepspeed_zero3", **sharded)
+    assert fsdp < zero3 < zero2 < qwen2_7b_peak(gradient_accumulation_steps=8)
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    fp32 = Recipe.from_dict(
+        {**FULL, "precision": "fp32", "distributed": "deepspeed_zero3", **sharded}
+    )
+    assert not any(k.startswith("zero_model_states") for k in estimate(spec, fp32).breakdown)
