@@ -140,6 +140,12 @@ def probe_refusal(recipe: Recipe) -> str:
 
 def replay_refusal(recipe: Recipe) -> str:
     """Why the replay leaves this recipe's per-GPU peak to the formula ('' where it replays)."""
+    if DISTRIBUTED[recipe.distributed].deepspeed_stage is not None:
+        # deepspeed.initialize allocates its flat partitions on a real accelerator
+        return (
+            f"{recipe.distributed} is predicted per GPU by the formula, 16-bit model states by "
+            "DeepSpeed's estimators where installed (the replay runs FSDP2, not DeepSpeed)"
+        )
     if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
         return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
     if recipe.offload != "none":
