@@ -100,6 +100,10 @@ def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
     kept = distributed_space(with_zero, 2, unsupported)
     assert kept.choices_of("distributed") == ("ddp", "deepspeed_zero2")
     assert "DeepSpeed scales fp16 losses" in unsupported["precision"]["amp_fp16"]
+    on_cpu = with_zero.restricted({"precision": ("bf16", "fp16")})
+    unsupported = {}
+    assert distributed_space(on_cpu, 2, unsupported, "cpu").choices_of("precision") == ("bf16",)
+    assert "CPU accelerator has no fp16" in unsupported["precision"]["fp16"]
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
     unsupported = {}
     assert distributed_space(with_zero, 2, unsupported).choices_of("distributed") == ("ddp",)
@@ -135,9 +139,11 @@ def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
     assert fsdp4 < fsdp2 < single < ddp4  # DDP adds its gradient buckets to a full replica
 
 
-def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path):
+def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path, monkeypatch):
     """Two ranks each, through gloo: each strategy trains the effective batch a single process
-    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss."""
+    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing."""
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed's JIT builds would go
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
     fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
     single = runner.run(
@@ -167,6 +173,7 @@ def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_
         rank1 = ProbeResult.from_json((workdir / "result.rank1.json").read_text())
         assert 0 < rank1.peak_memory_bytes <= result.peak_memory_bytes  # the peak over ranks
         results[strategy] = result
+    assert not extensions.exists()
     for strategy in zero:  # ZeRO's partitioned update is DDP's update: the same losses
         assert results[strategy].train_loss == pytest.approx(results["ddp"].train_loss, abs=1e-4)
         assert results[strategy].eval_loss == pytest.approx(results["ddp"].eval_loss, abs=1e-4)

@@ -108,7 +108,7 @@ def distributed_space(
     strategies that run on that many (ddp and fsdp where the space names none), and without
     the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
     choice is added to `unsupported` with its reason."""
-    from autotune.distributed import combination_refusals, probe_refusal
+    from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
 
     def leave_out(name: str, choice: Any, why: str) -> None:
@@ -158,6 +158,12 @@ def distributed_space(
             ]
             if name == "offload" and choice != "none" and device == "cpu":
                 refusals.append("offload moves GPU memory to the host; there is no GPU here")
+            zero = [s for s in strategies if DISTRIBUTED[s].deepspeed_stage is not None]
+            if name == "precision" and choice == "fp16" and device == "cpu" and zero:
+                refusals.append(
+                    f"fp16 with {zero[0]} on the CPU: DeepSpeed's CPU accelerator has no fp16 "
+                    "mode ('Type fp16 is not supported on your device')"
+                )
             if refusals:
                 leave_out(name, choice, refusals[0])
             else:
