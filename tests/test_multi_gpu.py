@@ -82,7 +82,8 @@ def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
     unsupported: dict[str, dict[str, str]] = {}
     demo = SearchSpace.load(DEMO_SPACE)
     space = distributed_space(demo, 2, unsupported)
-    assert space.choices_of("distributed") == ("ddp", "fsdp")
+    zero = ("deepspeed_zero2", "deepspeed_zero3") if distributed.deepspeed_installed() else ()
+    assert space.choices_of("distributed") == ("ddp", "fsdp", *zero)
     assert space.choices_of("num_gpus") == (2,)
     assert space.choices_of("quantization") == ("none",)
     assert space.choices_of("optimizer") == ("adamw",)

@@ -105,9 +105,9 @@ def distributed_space(
     device: str = "cuda",
 ) -> SearchSpace:
     """The space on `gpus_per_probe` GPUs per probe: num_gpus fixed to it, the distributed
-    strategies that run on that many (ddp and fsdp where the space names none), and without
-    the choices a searched strategy (or, for offload, the CPU) cannot run with; each left out
-    choice is added to `unsupported` with its reason."""
+    strategies that run on that many (every one probed here where the space names none), and
+    without the choices a searched strategy (or, for offload, the CPU) cannot run with; each
+    left out choice is added to `unsupported` with its reason."""
     from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
 
@@ -121,7 +121,9 @@ def distributed_space(
             if choice != "none":
                 leave_out("distributed", choice, "needs --gpus-per-probe 2 or more")
     else:
-        wanted = tuple(c for c in named if c != "none") or ("ddp", "fsdp")
+        wanted = tuple(c for c in named if c != "none") or tuple(
+            c for c in DISTRIBUTED if c != "none"
+        )
         if "none" in named:
             leave_out("distributed", "none", f"one GPU, not {gpus_per_probe}")
         unprobed = {
