@@ -623,3 +623,18 @@ def test_zero_in_16_bits_holds_fp32_master_weights_beside_the_model():
         {**FULL, "precision": "fp32", "distributed": "deepspeed_zero3", **sharded}
     )
     assert not any(k.startswith("zero_model_states") for k in estimate(spec, fp32).breakdown)
+
+
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(offload):
+    from autotune.training.deepspeed_engine import probe_config
+
+    recipe = Recipe.from_dict(
+        {**FULL, "gradient_accumulation_steps": 3, "offload": offload}
+        | {"distributed": "deepspeed_zero2", "num_gpus": 2, "micro_batch_size": 2}
+    )
+    exported, probed = distributed.deepspeed_config(recipe), probe_config(recipe)
+    assert exported["zero_optimization"] == probed["zero_optimization"]
+    assert set(exported) <= set(probed)
+    assert "auto" not in str(probed)
+    assert probed["train_batch_size"] == 2 * 3 * 2 and probed["bf16"] == {"enabled": True}
