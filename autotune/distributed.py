@@ -1,6 +1,7 @@
 """The ways a recipe may spread one training over several GPUs, each registered once: whether it
-shards what each GPU holds, whether autotune probes it, which combinations cannot run (and why),
-and its names in other tools' configs.
+shards what each GPU holds, which combinations cannot run (and why), and its names in other
+tools' configs. The probes run all of them: torch's DDP and FSDP2, and DeepSpeed's ZeRO engine
+where deepspeed is installed (probe_refusal says when it is not).
 
 A recipe's `distributed` names one of these and `num_gpus` how many GPUs (processes) it runs
 on; the effective batch (micro-batch x accumulation x num_gpus) is what a study holds fixed.
@@ -29,8 +30,6 @@ class DistributedKind:
     """Each GPU keeps 1/num_gpus of the parameters, gradients and optimizer states (FSDP,
     ZeRO-3); ZeRO-2 shards gradients and optimizer states only."""
     shards_parameters: bool = False
-    probed: bool = False
-    """autotune's probes run it (torch's DDP and FSDP2); the others are exported only."""
     deepspeed_stage: int | None = None
     """The ZeRO stage of a DeepSpeed strategy."""
 
@@ -38,9 +37,9 @@ class DistributedKind:
 DISTRIBUTED: dict[str, DistributedKind] = {
     kind.name: kind
     for kind in (
-        DistributedKind("none", probed=True),
-        DistributedKind("ddp", probed=True),
-        DistributedKind("fsdp", shards_states=True, shards_parameters=True, probed=True),
+        DistributedKind("none"),
+        DistributedKind("ddp"),
+        DistributedKind("fsdp", shards_states=True, shards_parameters=True),
         DistributedKind("deepspeed_zero2", shards_states=True, deepspeed_stage=2),
         DistributedKind(
             "deepspeed_zero3", shards_states=True, shards_parameters=True, deepspeed_stage=3
@@ -120,10 +119,15 @@ def combination_refusals(recipe: Recipe) -> list[str]:
             f"optimizer {recipe.optimizer} with {kind.name}: bitsandbytes' optimizers update "
             "plain tensors, not sharded ones"
         )
-    if recipe.loss != "standard" and kind.probed:
+    if recipe.loss != "standard":
         problems.append(
             f"loss {recipe.loss} with {kind.name}: it calls the decoder past the wrapper's "
-            "forward, which DDP and FSDP need to sync gradients and gather weights"
+            "forward, which DDP, FSDP and DeepSpeed need to sync gradients and gather weights"
+        )
+    if kind.deepspeed_stage is not None and recipe.precision == "amp_fp16":
+        problems.append(
+            f"precision amp_fp16 with {kind.name}: DeepSpeed scales fp16 losses in its own fp16 "
+            "mode (precision fp16), not through torch's GradScaler"
         )
     return problems
 
@@ -142,18 +146,32 @@ def schema_problems(recipe: Recipe) -> list[str]:
     return problems + combination_refusals(recipe)
 
 
+DEEPSPEED_INSTALL = "pip install 'autotune[deepspeed]'"
+
+
+def deepspeed_installed() -> bool:
+    """Whether deepspeed can be imported (looked up, not imported: it loads torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def probe_refusal(recipe: Recipe) -> str:
     """Why autotune cannot probe this recipe's strategy ('' where it can)."""
-    if not DISTRIBUTED[recipe.distributed].probed:
-        return (
-            f"distributed {recipe.distributed} is exported but not probed "
-            "(autotune probes torch's DDP and FSDP2)"
-        )
+    kind = DISTRIBUTED[recipe.distributed]
+    if kind.deepspeed_stage is not None and not deepspeed_installed():
+        return f"distributed {recipe.distributed} needs DeepSpeed installed ({DEEPSPEED_INSTALL})"
     return ""
 
 
 def replay_refusal(recipe: Recipe) -> str:
     """Why the replay leaves this recipe's per-GPU peak to the formula ('' where it replays)."""
+    if DISTRIBUTED[recipe.distributed].deepspeed_stage is not None:
+        # deepspeed.initialize allocates its flat partitions on a real accelerator
+        return (
+            f"{recipe.distributed} is predicted per GPU by the formula, 16-bit model states by "
+            "DeepSpeed's estimators where installed (the replay runs FSDP2, not DeepSpeed)"
+        )
     if recipe.num_gpus > 1 and recipe.distributed != "fsdp":
         return f"{recipe.distributed} is predicted per GPU by the formula (FSDP is replayed)"
     if recipe.offload != "none":

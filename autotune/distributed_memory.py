@@ -12,7 +12,9 @@ what changes is what each GPU holds of the model and its training state:
   and the prefetched next one) and the reduce-scatter buffers of the largest trained unit (its
   unsharded gradient and the flat copy reduce-scatter reads);
 - deepspeed_zero2: gradients and optimizer states divided, weights whole; deepspeed_zero3 as
-  fsdp. DeepSpeed's own estimators need DeepSpeed installed; these are the same terms;
+  fsdp. That is DeepSpeed in fp32 (precision fp32, amp_bf16); in its 16-bit modes (bf16, fp16)
+  it keeps fp32 master weights beside the 16-bit ones, and its model states come from its own
+  estimators or the same terms written out (zero_memory.py);
 - offload: the shares that move to host memory leave the GPU's peak and make the host figure.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autotune.distributed import DISTRIBUTED
+from autotune.zero_memory import runs_16bit_zero
 
 if TYPE_CHECKING:
     from autotune.memory import MemoryEstimate
@@ -75,6 +78,9 @@ def per_gpu_estimate(
             trained_block, trained_root = trained_unit_params(spec, recipe, trainable)
             parts["reduce_scatter_buffers"] = 2 * max(trained_block, trained_root) * trainable_bytes
     host = 0
+    if runs_16bit_zero(recipe):
+        frozen = single.breakdown["weights"] - trainable * trainable_bytes
+        host = zero_parts(spec, recipe, parts, max(frozen, 0), trainable)
     for name in offloaded_parts(recipe):
         host += parts.pop(name, 0)
     allocated = sum(v for k, v in parts.items() if k not in UNALLOCATED_PARTS)
@@ -88,11 +94,45 @@ def per_gpu_estimate(
     )
 
 
+ZERO_REPLACED_PARTS = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "gathered_units",
+    "reduce_scatter_buffers",
+)
+"""The parts DeepSpeed's 16-bit modes hold as their own model states (zero_memory.py)."""
+
+
+def zero_parts(
+    spec: ModelSpec, recipe: Recipe, parts: dict[str, int], frozen_bytes: int, trainable: int
+) -> int:
+    """Replace the model's parts in `parts` by DeepSpeed's 16-bit model states (named by where
+    the figure came from), the optimizer step's temporaries by those of its fp32 partition;
+    return the host bytes of its offload. `frozen_bytes`: the weights nobody trains."""
+    from autotune.optimizers import OPTIMIZERS
+    from autotune.zero_memory import FP32_BYTES, zero_model_states
+
+    gpus = recipe.num_gpus
+    kind = OPTIMIZERS[recipe.optimizer]
+    state_bytes = kind.state_bytes(max(trainable // gpus, 1), FP32_BYTES) * trainable
+    states = zero_model_states(spec, recipe, frozen_bytes, trainable, state_bytes)
+    for name in ZERO_REPLACED_PARTS:
+        parts.pop(name, None)
+    parts[f"zero_model_states_{states.source}"] = states.gpu_bytes
+    if "optimizer_step_temporaries" in parts:
+        stepped_on_gpu = recipe.offload == "none" and kind.step_temporaries
+        parts["optimizer_step_temporaries"] = (
+            -(-FP32_BYTES * trainable // gpus) if stepped_on_gpu else 0
+        )
+    return states.host_bytes
+
+
 def offloaded_parts(recipe: Recipe) -> tuple[str, ...]:
     """The per-GPU parts an offloading recipe keeps in host memory instead: the optimizer
     states and their step's temporaries (the step runs on the CPU), and with the parameters
-    also their shards and their gradients' shards."""
-    if recipe.offload == "none":
+    also their shards and their gradients' shards (DeepSpeed's 16-bit modes: zero_parts)."""
+    if recipe.offload == "none" or runs_16bit_zero(recipe):
         return ()
     optimizer = ("optimizer_states", "optimizer_step_temporaries")
     if recipe.offload == "optimizer":

@@ -134,8 +134,8 @@ class Recipe:
     distributed: str = DEFAULT_DISTRIBUTED
     """none: one GPU; ddp: torch's DistributedDataParallel (a full replica per GPU); fsdp:
     torch's FSDP2 (parameters, gradients and optimizer states sharded over the GPUs, each
-    decoder block a unit); deepspeed_zero2 / deepspeed_zero3: DeepSpeed ZeRO (exported, not
-    probed). See distributed.DISTRIBUTED."""
+    decoder block a unit); deepspeed_zero2 / deepspeed_zero3: DeepSpeed ZeRO (probed where
+    deepspeed is installed). See distributed.DISTRIBUTED."""
     num_gpus: int = 1
     """GPUs (one process each) the recipe trains on; each takes micro_batch_size x
     gradient_accumulation_steps sequences of a step."""

@@ -4,10 +4,11 @@ On a machine with N GPUs (random-init Qwen2-0.5B shape, seq 1024, 10-step probes
 
     python bench/multi_gpu_bench.py --gpus 4 --out bench/results/multi_gpu.json
 
-probes a full fine-tune (bf16, AdamW, the effective batch fixed) on one GPU, then under DDP and
-FSDP2 on `--gpus` GPUs, one process per GPU as `autotune run --gpus-per-probe` does, and prints
-each probe's peak per GPU (the largest over ranks) beside the replay's and the formula's
-prediction, its tokens/s over all ranks and its speed-up over one GPU. `--shape demo --device cpu
+probes a full fine-tune (bf16, AdamW, the effective batch fixed) on one GPU, then under DDP,
+FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 (where deepspeed is installed) on `--gpus` GPUs, one
+process per GPU as `autotune run --gpus-per-probe` does, and prints each probe's peak per GPU
+(the largest over ranks) beside the replay's and the formula's prediction, its tokens/s over
+all ranks and its speed-up over one GPU. `--shape demo --device cpu
 --gpus 2 --steps 2 --seq-len 32` runs the same path on the CPU, gloo processes standing in for
 the GPUs (a smoke test; its figures say nothing about GPUs).
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
 
 from autotune.data.token_cache import cached_splits  # noqa: E402
+from autotune.distributed import probe_refusal  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
 from autotune.prediction import predict  # noqa: E402
@@ -33,7 +35,7 @@ from autotune.training.build import load_tokenizer  # noqa: E402
 from autotune.training.io import ProbeRequest  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 
-STRATEGIES = ("none", "ddp", "fsdp")
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
 
 def main() -> int:
@@ -41,7 +43,12 @@ def main() -> int:
     parser.add_argument("--shape", default="qwen2-0.5b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
-        "--gpus", type=int, default=2, help="GPUs (ranks) of the ddp and fsdp probes"
+        "--gpus", type=int, default=2, help="GPUs (ranks) of the distributed probes"
+    )
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated, none first (DeepSpeed's left out where it is not installed)",
     )
     parser.add_argument("--budget", default="80GB", help="per GPU")
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -62,7 +69,8 @@ def main() -> int:
     _, cache = cached_splits(data, load_tokenizer(str(directory)), args.seq_len, 0, workdir / "c")
     runner = SubprocessProbeRunner(args.timeout, warm=False)
     rows: list[dict] = []
-    for strategy in STRATEGIES:
+    strategies = [s for s in args.strategies.split(",") if not probe_refusal(_probed(s))]
+    for strategy in strategies:
         gpus = 1 if strategy == "none" else args.gpus
         recipe = Recipe.from_dict(
             {
@@ -125,6 +133,10 @@ def main() -> int:
     write_results(args.out, "multi_gpu_bench.py", args.device, summary, rows=rows)
     print(summary, flush=True)
     return 0
+
+
+def _probed(strategy: str) -> Recipe:
+    return Recipe(distributed=strategy, num_gpus=1 if strategy == "none" else 2)
 
 
 def _ratio(row: dict, single: dict, key: str) -> float | None:

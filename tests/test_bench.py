@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from autotune.distributed import deepspeed_installed
 from tests.conftest import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,18 +350,20 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
 
 
 def test_multi_gpu_bench_cpu_path(tmp_path):
-    """One process, then two gloo ranks under DDP and FSDP2, on the demo model."""
+    """One process, then two gloo ranks under DDP, FSDP2 and ZeRO-3, on the demo model."""
     out = tmp_path / "multi_gpu.json"
     done = run_bench(
         "multi_gpu_bench.py",
         *("--shape", "demo", "--gpus", "2", "--steps", "2", "--seq-len", "32"),
         *("--micro-batch", "1", "--effective-batch", "4"),
+        *("--strategies", "none,ddp,fsdp,deepspeed_zero3"),
         *("--models-dir", str(tmp_path / "models"), "--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     rows = {row["strategy"]: row for row in results["rows"]}
-    assert set(rows) == {"none", "ddp", "fsdp"}
+    zero = {"deepspeed_zero3"} if deepspeed_installed() else set()
+    assert set(rows) == {"none", "ddp", "fsdp"} | zero
     assert all(row["status"] == "ok" for row in rows.values()), rows
     # the effective batch is fixed: every probe trains the same tokens
     assert len({row["trained_tokens"] for row in rows.values()}) == 1
@@ -368,4 +371,5 @@ def test_multi_gpu_bench_cpu_path(tmp_path):
         rows["fsdp"]["predicted_peak_bytes_per_gpu"] < rows["none"]["predicted_peak_bytes_per_gpu"]
     )
     assert rows["fsdp"]["memory_model"] == "replay" and rows["ddp"]["memory_model"] == "formula"
+    assert all(rows[strategy]["memory_model"] == "formula" for strategy in zero)
     assert results["summary"]["none"]["speed_up"] == 1.0

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import autotune.probe as probe_module
+from autotune import distributed
 from autotune.errors import UsageError
 from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
@@ -19,6 +20,7 @@ from autotune.probe import SubprocessProbeRunner
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.pruning import distributed_space
+from autotune.training.io import ProbeResult
 from tests.conftest import ROOT, SHAPE_CONFIGS
 from tests.test_probe import request_for
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
@@ -76,26 +78,37 @@ def test_the_effective_batch_stays_fixed_over_gpus():
         assert recipe.effective_batch_size == space.effective_batch_size
 
 
-def test_the_space_on_two_gpus_leaves_out_what_cannot_run(tmp_path):
+def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
     unsupported: dict[str, dict[str, str]] = {}
     demo = SearchSpace.load(DEMO_SPACE)
     space = distributed_space(demo, 2, unsupported)
-    assert space.choices_of("distributed") == ("ddp", "fsdp")
+    zero = ("deepspeed_zero2", "deepspeed_zero3") if distributed.deepspeed_installed() else ()
+    assert space.choices_of("distributed") == ("ddp", "fsdp", *zero)
     assert space.choices_of("num_gpus") == (2,)
     assert space.choices_of("quantization") == ("none",)
     assert space.choices_of("optimizer") == ("adamw",)
     assert space.choices_of("micro_batch_size") == (1, 2)  # 4 x 2 GPUs > the batch of 4
     assert "FSDP2" in unsupported["quantization"]["nf4"]
     assert "does not divide" in unsupported["micro_batch_size"]["4"]
-    exported_only = SearchSpace.from_dict(
+    with_zero = SearchSpace.from_dict(
         {
             **yaml.safe_load(DEMO_SPACE.read_text()),
             "distributed": ["ddp", "deepspeed_zero2"],
+            "precision": ["bf16", "amp_fp16"],
         }
     )
     unsupported = {}
-    assert distributed_space(exported_only, 2, unsupported).choices_of("distributed") == ("ddp",)
-    assert "not probed" in unsupported["distributed"]["deepspeed_zero2"]
+    kept = distributed_space(with_zero, 2, unsupported)
+    assert kept.choices_of("distributed") == ("ddp", "deepspeed_zero2")
+    assert "DeepSpeed scales fp16 losses" in unsupported["precision"]["amp_fp16"]
+    on_cpu = with_zero.restricted({"precision": ("bf16", "fp16")})
+    unsupported = {}
+    assert distributed_space(on_cpu, 2, unsupported, "cpu").choices_of("precision") == ("bf16",)
+    assert "CPU accelerator has no fp16" in unsupported["precision"]["fp16"]
+    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
+    unsupported = {}
+    assert distributed_space(with_zero, 2, unsupported).choices_of("distributed") == ("ddp",)
+    assert "autotune[deepspeed]" in unsupported["distributed"]["deepspeed_zero2"]
 
 
 def qwen2_7b_peak(**fields) -> int:
@@ -128,8 +141,11 @@ def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
     assert fsdp4 < fsdp2 < single < ddp4  # DDP adds its gradient buckets to a full replica
 
 
-def test_ddp_and_fsdp_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path):
-    """Two ranks each, through gloo: both train the effective batch a single process would."""
+def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path, monkeypatch):
+    """Two ranks each, through gloo: each strategy trains the effective batch a single process
+    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing."""
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed's JIT builds would go
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
     fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
     single = runner.run(
@@ -137,7 +153,9 @@ def test_ddp_and_fsdp_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path)
         tmp_path / "single",
     )
     assert single.status == "ok", single.reason
-    for strategy in ("ddp", "fsdp"):
+    results = {}
+    zero = ("deepspeed_zero2", "deepspeed_zero3") if distributed.deepspeed_installed() else ()
+    for strategy in ("ddp", "fsdp", *zero):
         workdir = tmp_path / strategy
         request = request_for(
             tiny_model,
@@ -154,6 +172,13 @@ def test_ddp_and_fsdp_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path)
         assert result.peak_memory_bytes > 0 and result.tokens_per_second > 0
         assert abs(result.eval_loss - single.eval_loss) < 0.05
         assert "step 2/2" in (workdir / "probe.rank1.log").read_text()
+        rank1 = ProbeResult.from_json((workdir / "result.rank1.json").read_text())
+        assert 0 < rank1.peak_memory_bytes <= result.peak_memory_bytes  # the peak over ranks
+        results[strategy] = result
+    assert not extensions.exists()
+    for strategy in zero:  # ZeRO's partitioned update is DDP's update: the same losses
+        assert results[strategy].train_loss == pytest.approx(results["ddp"].train_loss, abs=1e-4)
+        assert results[strategy].eval_loss == pytest.approx(results["ddp"].eval_loss, abs=1e-4)
 
 
 def _alive(pid: int) -> bool:
@@ -251,8 +276,20 @@ def test_a_hung_rank_fails_the_probe_at_its_timeout_and_leaves_no_process(
     assert not any(_alive(p.pid) for p in ranks)
 
 
-def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
-    tiny_model, qa_data, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "strategies",
+    [
+        ("ddp", "fsdp"),
+        pytest.param(
+            ("deepspeed_zero2", "deepspeed_zero3"),
+            marks=pytest.mark.skipif(
+                not distributed.deepspeed_installed(), reason="deepspeed is not installed"
+            ),
+        ),
+    ],
+)
+def test_a_cpu_study_with_two_gpus_per_probe_probes_each_strategy(
+    tiny_model, qa_data, tmp_path, monkeypatch, strategies
 ):
     from autotune.study import RunSettings, prepare_run, run_study, trial_record
     from autotune.study.records import trial_status
@@ -266,7 +303,7 @@ def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
         micro_batch_size=[1],
         gradient_checkpointing=[False],
         optimizer=["adamw"],
-        distributed=["ddp", "fsdp"],
+        distributed=list(strategies),
     )
     space_path = tmp_path / "space.yaml"
     space_path.write_text(yaml.safe_dump(space))
@@ -288,7 +325,7 @@ def test_a_cpu_study_with_two_gpus_per_probe_probes_ddp_and_fsdp(
     prepared = prepare_run(settings)
     study = run_study(prepared, SubprocessProbeRunner(timeout_seconds=300, warm=False))
     trials = {t.params["distributed"]: t for t in study.trials}
-    assert set(trials) == {"ddp", "fsdp"}
+    assert set(trials) == set(strategies)
     for strategy, trial in trials.items():
         assert str(trial_status(trial)) == "measured", trial.user_attrs.get("reason")
         assert trial_record(trial).recipe["distributed"] == strategy
@@ -525,3 +562,72 @@ def test_offloading_recipes_over_the_host_budget_are_not_probed(workspace):  # n
         )
     default = host_budget(None)
     assert 0 < default < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.skipif(not distributed.deepspeed_installed(), reason="deepspeed is not installed")
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+@pytest.mark.parametrize(
+    "strategy, offload",
+    [
+        ("deepspeed_zero2", "none"),
+        ("deepspeed_zero2", "optimizer"),
+        ("deepspeed_zero3", "none"),
+        ("deepspeed_zero3", "optimizer"),
+        ("deepspeed_zero3", "optimizer_and_params"),
+    ],
+)
+def test_zero_model_states_are_deepspeeds_own_estimates(strategy, offload, gpus, monkeypatch):
+    """The written-out terms give DeepSpeed's estimators' per-GPU figure to the byte; its host
+    figure adds its additional_buffer_factor of 1.5 (and at least 16 or 18 bytes a parameter
+    for the node, where 4 a GPU are more)."""
+    from autotune import zero_memory
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict(
+        {**FULL, "distributed": strategy, "num_gpus": gpus, "offload": offload}
+    )
+    params = spec.total_params
+    theirs = zero_memory.deepspeed_estimate(spec, recipe)
+    ours = zero_memory.written_out(spec, recipe, 0, params, 8 * params)
+    assert theirs is not None and theirs.source == "deepspeed"
+    assert ours.gpu_bytes == theirs.gpu_bytes
+    if offload == "none":
+        assert ours.host_bytes == theirs.host_bytes == 0
+    elif 4 * gpus <= 16:
+        assert theirs.host_bytes == pytest.approx(1.5 * ours.host_bytes, rel=1e-6)
+    with_deepspeed = estimate(spec, recipe)
+    assert with_deepspeed.breakdown["zero_model_states_deepspeed"] == theirs.gpu_bytes
+    monkeypatch.setattr(zero_memory, "deepspeed_installed", lambda: False)
+    without = estimate(spec, recipe)
+    assert without.breakdown["zero_model_states_formula"] == ours.gpu_bytes
+    assert without.peak_bytes == with_deepspeed.peak_bytes
+
+
+def test_zero_in_16_bits_holds_fp32_master_weights_beside_the_model():
+    """DeepSpeed's bf16 mode keeps fp32 master weights and moments: more per GPU than FSDP's
+    pure bf16 on as many GPUs, ZeRO-3 less than ZeRO-2, and fp32 runs the generic terms."""
+    sharded = {"gradient_accumulation_steps": 2, "num_gpus": 4}
+    fsdp = qwen2_7b_peak(distributed="fsdp", **sharded)
+    zero2 = qwen2_7b_peak(distributed="deepspeed_zero2", **sharded)
+    zero3 = qwen2_7b_peak(distributed="deepspeed_zero3", **sharded)
+    assert fsdp < zero3 < zero2 < qwen2_7b_peak(gradient_accumulation_steps=8)
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    fp32 = Recipe.from_dict(
+        {**FULL, "precision": "fp32", "distributed": "deepspeed_zero3", **sharded}
+    )
+    assert not any(k.startswith("zero_model_states") for k in estimate(spec, fp32).breakdown)
+
+
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(offload):
+    from autotune.training.deepspeed_engine import probe_config
+
+    recipe = Recipe.from_dict(
+        {**FULL, "gradient_accumulation_steps": 3, "offload": offload}
+        | {"distributed": "deepspeed_zero2", "num_gpus": 2, "micro_batch_size": 2}
+    )
+    exported, probed = distributed.deepspeed_config(recipe), probe_config(recipe)
+    assert exported["zero_optimization"] == probed["zero_optimization"]
+    assert set(exported) <= set(probed)
+    assert "auto" not in str(probed)
+    assert probed["train_batch_size"] == 2 * 3 * 2 and probed["bf16"] == {"enabled": True}

@@ -105,10 +105,10 @@ def distributed_space(
     device: str = "cuda",
 ) -> SearchSpace:
     """The space on `gpus_per_probe` GPUs per probe (a count, or the counts to search):
-    num_gpus among those above 1, the distributed strategies that run on that many (ddp and
-    fsdp where the space names none) and, where 1 is among them, `none` on one GPU; without the
-    choices a searched strategy (or, for offload, the CPU) cannot run with. Each left out
-    choice is added to `unsupported` with its reason."""
+    num_gpus among those above 1, the distributed strategies that run on that many (every one
+    probed here where the space names none) and, where 1 is among them, `none` on one GPU;
+    without the choices a searched strategy (or, for offload, the CPU) cannot run with. Each
+    left out choice is added to `unsupported` with its reason."""
     from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
     from autotune.recipe import Method, Recipe
 
@@ -124,14 +124,16 @@ def distributed_space(
             if choice != "none":
                 leave_out("distributed", choice, "needs --gpus-per-probe 2 or more")
     else:
-        wanted = tuple(c for c in named if c != "none") or ("ddp", "fsdp")
+        wanted = tuple(c for c in named if c != "none") or tuple(
+            c for c in DISTRIBUTED if c != "none"
+        )
         if "none" in named and 1 not in counts:
             leave_out("distributed", "none", f"one GPU, not {', '.join(map(str, counts))}")
-        for choice in wanted:
-            why = probe_refusal(Recipe(distributed=choice, num_gpus=several[0]))
+        unprobed = {c: probe_refusal(Recipe(distributed=c, num_gpus=several[0])) for c in wanted}
+        for choice, why in unprobed.items():
             if why:
                 leave_out("distributed", choice, why)
-        strategies = tuple(c for c in wanted if DISTRIBUTED[c].probed)
+        strategies = tuple(c for c in wanted if not unprobed[c])
         if not strategies:
             raise UsageError(f"{space.source}: no distributed strategy it names is probed")
     # (strategy, GPUs) pairs the study probes; a choice one of them cannot run is left out
@@ -147,6 +149,7 @@ def distributed_space(
         ("optimizer", "full"),
         ("loss", "full"),
         ("offload", "full"),
+        ("precision", "full"),
     )
     for name, method in methods:
         kept = []
@@ -162,6 +165,12 @@ def distributed_space(
             ]
             if name == "offload" and choice != "none" and device == "cpu":
                 refusals.append("offload moves GPU memory to the host; there is no GPU here")
+            zero = [s for s in strategies if DISTRIBUTED[s].deepspeed_stage is not None]
+            if name == "precision" and choice == "fp16" and device == "cpu" and zero:
+                refusals.append(
+                    f"fp16 with {zero[0]} on the CPU: DeepSpeed's CPU accelerator has no fp16 "
+                    "mode ('Type fp16 is not supported on your device')"
+                )
             if refusals:
                 leave_out(name, choice, refusals[0])
             else:

@@ -51,7 +51,12 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         train_steps,
         warmup_steps,
     )
-    from autotune.training.ranks import distribute_model, join_process_group, rank_share
+    from autotune.training.ranks import (
+        distribute_model,
+        join_process_group,
+        rank_share,
+        train_with_engine,
+    )
 
     recipe = request.recipe
     HOST_HELD.reset()
@@ -94,7 +99,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     model, result.weights = load_model(recipe, device, request.weight_cache)
     lap("load")
     model = distribute_model(prepare_model(model, recipe), recipe, place)
-    optimizer = build_optimizer(model, recipe)
+    model, optimizer = train_with_engine(model, build_optimizer(model, recipe), recipe, place)
     lap("prepare")
 
     def progress(step: int, record: StepRecord) -> None:

@@ -92,7 +92,8 @@ def _optimizer_tensors(optimizer: Any) -> list[Any]:
 def host_state_bytes(model: Any, optimizer: Any, device: str) -> int:
     """Host bytes of the training's parameters, gradients and optimizer states that live off
     `device`: torchao's CPU-offload optimizer's host copies, gradients and states; on a GPU
-    also any parameter, gradient or state on the CPU (FSDP's offloaded shards). On the CPU
+    also any parameter, gradient or state on the CPU (FSDP's offloaded shards, ZeRO-Offload's
+    fp32 partitions and states). On the CPU
     only the former: there every tensor is in host memory, offloaded or not."""
     tensors: dict[int, Any] = {}
 
@@ -112,6 +113,16 @@ def host_state_bytes(model: Any, optimizer: Any, device: str) -> int:
             add(_local(param.grad) if param.grad is not None else None)
         if hasattr(optimizer, "state"):
             for tensor in _optimizer_tensors(optimizer):
+                add(tensor)
+        # DeepSpeed's ZeRO optimizer wraps the client's, which steps its fp32 partitions (on
+        # the host under ZeRO-Offload)
+        inner = getattr(optimizer, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for param in group["params"]:
+                add(param)
+                add(param.grad)
+        if hasattr(inner, "state"):
+            for tensor in _optimizer_tensors(inner):
                 add(tensor)
     return sum(host_block_bytes(t) for t in tensors.values())
 

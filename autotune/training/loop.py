@@ -21,6 +21,7 @@ from autotune.precisions import PRECISIONS
 from autotune.recipe import Recipe
 from autotune.training.batching import collate, collate_packed, collate_padding_free, pack_rows
 from autotune.training.build import autocast_dtype
+from autotune.training.deepspeed_engine import is_engine
 from autotune.training.host_held import current_rss_bytes, peak_rss_bytes
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.training.loss import causal_lm_loss
@@ -218,6 +219,7 @@ def train_steps(
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     scaling = PRECISIONS[recipe.precision].scales_loss
     scaler = torch.amp.GradScaler(device_type) if scaling else None
+    engine = model if is_engine(model) else None  # DeepSpeed: its backward, its step
     records: list[StepRecord] = []
     model.train()
     for step, examples in enumerate(step_examples):
@@ -233,22 +235,30 @@ def train_steps(
             share = sum(_loss_tokens(e) for e in _examples_of(micro, recipe)) / step_loss_tokens
             # DDP all-reduces the gradients once per step, after the last micro-batch
             last = index == len(passes) - 1
-            syncing = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with syncing:
+            if engine is not None:  # ZeRO reduces its gradient partitions at the boundary
+                engine.set_gradient_accumulation_boundary(last)
+            plain = last or engine is not None or not hasattr(model, "no_sync")
+            with nullcontext() if plain else model.no_sync():
                 with _autocast(recipe, device):
                     loss = causal_lm_loss(model, batch, recipe) * share
-                (scaler.scale(loss) if scaler else loss).backward()
+                if engine is not None:  # the loss is already this micro-batch's share
+                    engine.backward(loss, scale_wrt_gas=False)
+                else:
+                    (scaler.scale(loss) if scaler else loss).backward()
             loss_total += float(loss.detach())
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(f"loss is {loss_total} at step {step}")
-        if scaler:
+        if engine is not None:
+            engine.step()  # the optimizer's step and zero_grad
+        elif scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         if after_update:
             after_update()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is None:
+            optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         record = StepRecord(tokens=tokens, seconds=time.perf_counter() - started, loss=loss_total)
         records.append(record)

@@ -1,6 +1,6 @@
 """One rank of a distributed probe: joining the process group, wrapping the model as the
-recipe's strategy says (torch's DDP, or FSDP2 with each decoder block a unit), and taking this
-rank's share of each step's sequences.
+recipe's strategy says (torch's DDP, FSDP2 with each decoder block a unit, or a DeepSpeed ZeRO
+engine), and taking this rank's share of each step's sequences.
 
 The probe launcher (autotune/probe_ranks.py) sets RANK, WORLD_SIZE and the rendezvous file; on
 CUDA rank r trains on the r-th visible GPU through nccl, on the CPU through gloo.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from autotune.recipe import Recipe
+from autotune.training.deepspeed_engine import uses_deepspeed
 
 T = TypeVar("T")
 
@@ -50,6 +51,10 @@ def join_process_group(recipe: Recipe, device: str) -> RankPlace:
         # a rank that died is noticed by the launcher; this only bounds a lost collective
         timeout=datetime.timedelta(minutes=10),
     )
+    if uses_deepspeed(recipe):
+        from autotune.training.deepspeed_engine import prepare_deepspeed
+
+        prepare_deepspeed(device)  # imported before the memory meter's baseline, as torch is
     return RankPlace(rank, world, device)
 
 
@@ -76,6 +81,17 @@ def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
     if recipe.distributed == "fsdp":
         shard_blocks(model, offload=recipe.offload != "none")
     return model
+
+
+def train_with_engine(model: Any, optimizer: Any, recipe: Recipe, place: RankPlace) -> tuple:
+    """(model, optimizer) as the step loop drives them: a DeepSpeed ZeRO recipe's engine and its
+    ZeRO optimizer (autotune/training/deepspeed_engine.py); the others as they are."""
+    if not uses_deepspeed(recipe):
+        return model, optimizer
+    from autotune.training.deepspeed_engine import deepspeed_engine
+
+    engine = deepspeed_engine(model, optimizer, recipe, place.device)
+    return engine, engine.optimizer
 
 
 def shard_blocks(model: Any, mesh: Any = None, offload: bool = False) -> None:
