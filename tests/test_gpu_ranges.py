@@ -3,6 +3,8 @@ distributed none, the effective batch fixed over every count."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import yaml
 
@@ -50,7 +52,9 @@ def test_a_range_searches_num_gpus_with_the_effective_batch_fixed():
     spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
     unsupported: dict[str, dict[str, str]] = {}
     space = distributed_space(SearchSpace.load(DEMO_SPACE), (1, 2, 4), unsupported)
-    assert space.choices_of("distributed") == ("none", "ddp", "fsdp")
+    # every strategy where the space names none; DeepSpeed's where it is installed
+    zero = ("deepspeed_zero2", "deepspeed_zero3") if importlib.util.find_spec("deepspeed") else ()
+    assert space.choices_of("distributed") == ("none", "ddp", "fsdp", *zero)
     assert space.choices_of("num_gpus") == (2, 4) and space.searched("num_gpus")
     assert "x 4 GPUs does not divide" in unsupported["micro_batch_size"]["2"]
     points = list(space.all_params())
@@ -64,7 +68,8 @@ def test_a_range_searches_num_gpus_with_the_effective_batch_fixed():
         assert (recipe.num_gpus == 1) == (recipe.distributed == "none")
         assert space.params_of(recipe, spec) == params
         seen.add((recipe.distributed, recipe.num_gpus))
-    assert seen == {("none", 1), ("ddp", 2), ("ddp", 4), ("fsdp", 2), ("fsdp", 4)}
+    several = {(strategy, gpus) for strategy in ("ddp", "fsdp", *zero) for gpus in (2, 4)}
+    assert seen == {("none", 1)} | several
 
 
 def test_a_cpu_study_with_a_range_probes_one_and_two_rank_recipes(
