@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError, first_line
+from autotune.training.deepspeed_engine import is_engine
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -52,7 +53,12 @@ def _full_state_options(**options: Any) -> Any:
 def trainable_weights(model: Any) -> dict[str, Any]:
     """The weights that train, on the CPU: what a checkpoint keeps of the model. In a process
     group (every rank calls it) FSDP's shards are gathered by torch's distributed state-dict
-    API and named without DDP's or FSDP's wrapping; rank 0 gets them, the others nothing."""
+    API (a DeepSpeed engine's, ZeRO-3's partitions included, by DeepSpeed) and named without
+    DDP's, FSDP's or DeepSpeed's wrapping; rank 0 gets them, the others nothing."""
+    if is_engine(model):
+        from autotune.training.deepspeed_engine import gathered_weights
+
+        return gathered_weights(model, trainable_only=True)
     if in_process_group():
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -65,6 +71,10 @@ def trainable_weights(model: Any) -> dict[str, Any]:
 def full_model_state(model: Any, trainable_only: bool) -> dict[str, Any]:
     """In a process group: the whole model's state (or its trainable weights), gathered to
     rank 0's CPU for saving (the other ranks get nothing)."""
+    if is_engine(model):
+        from autotune.training.deepspeed_engine import gathered_weights
+
+        return gathered_weights(model, trainable_only)
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(
@@ -74,7 +84,10 @@ def full_model_state(model: Any, trainable_only: bool) -> dict[str, Any]:
 
 def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
     """The optimizer's state; in a process group gathered whole to rank 0 (keyed by parameter
-    name), as torch's distributed state-dict API gives it."""
+    name), as torch's distributed state-dict API gives it. A DeepSpeed engine's stays in its
+    ranks' partitions (save_checkpoint writes them)."""
+    if is_engine(model):
+        return {}
     if in_process_group():
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -84,7 +97,14 @@ def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
     return optimizer.state_dict()
 
 
-def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], path: Path) -> None:
+    """Restore the optimizer's state from checkpoint `path`'s `state` (a DeepSpeed engine's:
+    from each rank's partition there)."""
+    if is_engine(model):
+        from autotune.training.deepspeed_engine import load_partition
+
+        load_partition(model, path)
+        return
     if in_process_group():
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -108,6 +128,11 @@ def read_state(path: Path) -> Any:
 def load_trainable(model: Any, weights: dict[str, Any]) -> None:
     import torch
 
+    if is_engine(model):
+        from autotune.training.deepspeed_engine import load_gathered
+
+        load_gathered(model, weights)
+        return
     if in_process_group():  # every rank holds the whole weights; each keeps its shard
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -134,9 +159,16 @@ def save_checkpoint(
     import torch
 
     trainable, optimizer_states = trainable_weights(model), optimizer_state(model, optimizer)
-    if not writes_files():
-        return output_dir / f"{CHECKPOINT_PREFIX}{step}"
     path = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if is_engine(model):  # every rank's partition is written before state.pt completes it
+        import torch.distributed as dist
+
+        from autotune.training.deepspeed_engine import save_partition
+
+        save_partition(model, path)
+        dist.barrier()
+    if not writes_files():
+        return path
     path.mkdir(parents=True, exist_ok=True)
     # Tensors and plain values only, so that resuming loads it with weights_only=True: a
     # checkpoint is a file someone may hand over, and it must not be able to run code.
@@ -182,7 +214,7 @@ def load_checkpoint(
             f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
         ) from None
     load_trainable(model, state["trainable"])
-    load_optimizer_state(model, optimizer, state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"], path)
     scheduler.load_state_dict(state["scheduler"])
     rng = state.get("rng", {})
     if "cpu" in rng:

@@ -18,6 +18,7 @@ through the gloo group the rank already joined and nothing is compiled.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from autotune.distributed import DISTRIBUTED, deepspeed_config
@@ -86,3 +87,120 @@ def deepspeed_engine(model: Any, optimizer: Any, recipe: Recipe, device: str) ->
 def is_engine(model: Any) -> bool:
     """A DeepSpeed engine (without importing deepspeed where the probe does not use it)."""
     return type(model).__name__ == "DeepSpeedEngine"
+
+
+# `autotune train` of a ZeRO recipe keeps autotune's checkpoint format: rank 0's state.pt holds
+# the weights that train gathered whole (as for DDP and FSDP), and each rank writes beside it
+# its own partition of the fp32 master weights and of the optimizer states, tensors and plain
+# values only (DeepSpeed's own checkpoints are unpickled on load, which can run code).
+
+
+def gathered_weights(engine: Any, trainable_only: bool) -> dict[str, Any]:
+    """The engine's model weights (or its trainable ones) whole on rank 0's CPU, named as the
+    unwrapped model names them (tied weights under each name); the other ranks get nothing.
+    ZeRO-3's partitioned parameters are gathered one at a time; ZeRO-2's are whole on every
+    rank. Every rank calls it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank_0 = dist.get_rank() == 0
+    weights: dict[str, Any] = {}
+    by_id: dict[int, Any] = {}
+    for name, parameter in engine.module.named_parameters(remove_duplicate=False):
+        if trainable_only and not parameter.requires_grad:
+            continue
+        if id(parameter) not in by_id:
+            with deepspeed.zero.GatheredParameters([parameter]):
+                by_id[id(parameter)] = parameter.detach().cpu().clone() if rank_0 else None
+        if rank_0:
+            weights[name] = by_id[id(parameter)]
+    return weights
+
+
+def load_gathered(engine: Any, weights: dict[str, Any]) -> None:
+    """Put whole `weights` (every rank holds them) into the engine's model, each rank keeping
+    its partition under ZeRO-3."""
+    import deepspeed
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in engine.module.named_parameters():
+            if name in weights:
+                with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                    parameter.copy_(weights[name].to(parameter.device, parameter.dtype))
+
+
+def _partition_path(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"zero_rank{rank}.pt"
+
+
+def _fp32_partitions(engine: Any) -> list[Any]:
+    """This rank's flat fp32 master weights: ZeRO-2's and ZeRO-3's optimizers name them apart."""
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        return list(zero.single_partition_of_fp32_groups)
+    return list(zero.fp32_partitioned_groups_flat)
+
+
+def save_partition(engine: Any, checkpoint: Path) -> None:
+    """Write this rank's fp32 master weights and optimizer states into `checkpoint` (written
+    whole, then renamed); every rank calls it before rank 0 writes state.pt."""
+    import torch
+    import torch.distributed as dist
+
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    path = _partition_path(checkpoint, dist.get_rank())
+    client = engine.optimizer.optimizer  # the torch optimizer, stepping the flat partitions
+    flats = _fp32_partitions(engine)
+    state = {
+        "fp32": [flat.detach().cpu() for flat in flats],
+        # keyed by partition, since ZeRO-3 empties the groups' params between its steps
+        "states": [
+            {key: _on_cpu(value) for key, value in client.state[flat].items()} for flat in flats
+        ],
+        "groups": [_hyperparameters(group) for group in client.param_groups],
+    }
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_partition(engine: Any, checkpoint: Path) -> None:
+    """Restore this rank's fp32 master weights and optimizer states from `checkpoint`."""
+    import torch
+    import torch.distributed as dist
+
+    from autotune.errors import UsageError
+
+    path = _partition_path(checkpoint, dist.get_rank())
+    if not path.is_file():
+        raise UsageError(
+            f"--resume: {checkpoint} holds no {path.name}; a DeepSpeed checkpoint resumes on "
+            f"the number of ranks that wrote it (this run has {dist.get_world_size()})"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    client, flats = engine.optimizer.optimizer, _fp32_partitions(engine)
+    with torch.no_grad():
+        for flat, saved in zip(flats, state["fp32"], strict=True):
+            flat.copy_(saved.to(flat.device))
+    for flat, saved_state in zip(flats, state["states"], strict=True):
+        client.state[flat] = {  # a step counter stays on the CPU, where torch keeps it
+            key: value.to(flat.device) if _is_tensor(value) and value.dim() else value
+            for key, value in saved_state.items()
+        }
+    for group, saved_group in zip(client.param_groups, state["groups"], strict=True):
+        group.update(saved_group)
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _on_cpu(value: Any) -> Any:
+    return value.detach().cpu() if _is_tensor(value) else value
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's values (learning rate, betas...) without its parameters."""
+    return {key: value for key, value in group.items() if key != "params"}

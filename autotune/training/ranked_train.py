@@ -37,12 +37,11 @@ PROGRESS_NAME = "progress.jsonl"
 
 def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
     """Refuse, in one line, what a distributed `autotune train` does not run."""
-    if recipe.distributed.startswith("deepspeed"):
-        raise UsageError(
-            f"autotune train runs ddp and fsdp recipes, not {recipe.distributed} (it does not "
-            "drive DeepSpeed's engine): export it (--format hf, axolotl, llamafactory or "
-            "accelerate) and launch it"
-        )
+    from autotune.distributed import probe_refusal
+
+    refusal = probe_refusal(recipe)  # DeepSpeed's strategies, where it is not installed
+    if refusal:
+        raise UsageError(f"autotune train cannot run this recipe: {refusal}")
     if not device.startswith("cuda"):
         if gpus:
             raise UsageError(f"--gpus {','.join(gpus)} needs CUDA, but the device is {device}")
@@ -89,8 +88,9 @@ def over_ranks(value: float, how: str, place: Any) -> float:
 
 
 def save_model(model: Any, recipe: Recipe, output_dir: Path, place: Any) -> None:
-    """Save the adapter (LoRA) or the model: on several ranks, FSDP's shards gathered to rank
-    0's CPU (every rank calls this) and saved from there; DDP's module, unwrapped."""
+    """Save the adapter (LoRA) or the model: on several ranks, FSDP's shards or ZeRO-3's
+    partitions gathered to rank 0's CPU (every rank calls this) and saved from there; DDP's
+    module and DeepSpeed's, unwrapped."""
     if place.world_size == 1:
         model.save_pretrained(output_dir)
         return
@@ -98,7 +98,7 @@ def save_model(model: Any, recipe: Recipe, output_dir: Path, place: Any) -> None
 
     state = full_model_state(model, trainable_only=recipe.method == "lora")
     if place.rank == 0:
-        module = getattr(model, "module", model)  # DDP wraps the model; FSDP2 does not
+        module = getattr(model, "module", model)  # DDP and DeepSpeed wrap it; FSDP2 does not
         module.save_pretrained(output_dir, state_dict=state)
 
 

@@ -216,7 +216,12 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     from autotune.training.build import build_model, build_optimizer, load_tokenizer
     from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
-    from autotune.training.ranks import distribute_model, join_process_group, rank_share
+    from autotune.training.ranks import (
+        distribute_model,
+        join_process_group,
+        rank_share,
+        train_with_engine,
+    )
 
     recipe, output_dir, seed = plan.recipe, plan.output_dir, plan.seed
     if recipe.expandable_segments:
@@ -249,8 +254,11 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
             f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
         ) from None
     model = distribute_model(model, recipe, place)  # before the optimizer (FSDP2's shards)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total_steps))
+    client_optimizer = build_optimizer(model, recipe)
+    # a ZeRO recipe trains through DeepSpeed's engine, stepping the client optimizer on its
+    # partitions with the same parameter groups, so the schedule sets their learning rate
+    model, optimizer = train_with_engine(model, client_optimizer, recipe, place)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(client_optimizer, lr_factor(recipe, total_steps))
     stopper = EarlyStopping(plan.patience) if plan.patience is not None else None
     start_step = 0
     checkpoint = latest_checkpoint(output_dir) if plan.resume else None
