@@ -130,8 +130,12 @@ def load_gathered(engine: Any, weights: dict[str, Any]) -> None:
                     parameter.copy_(weights[name].to(parameter.device, parameter.dtype))
 
 
-def _partition_path(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / f"zero_rank{rank}.pt"
+PARTITION_NAME = "zero_rank{rank}.pt"
+"""A rank's partition of the fp32 master weights and optimizer states, in each checkpoint."""
+
+
+def _partition_path(checkpoint: Path, rank: int | str) -> Path:
+    return checkpoint / PARTITION_NAME.format(rank=rank)
 
 
 def _fp32_partitions(engine: Any) -> list[Any]:
@@ -171,11 +175,12 @@ def load_partition(engine: Any, checkpoint: Path) -> None:
 
     from autotune.errors import UsageError
 
-    path = _partition_path(checkpoint, dist.get_rank())
-    if not path.is_file():
+    path, world = _partition_path(checkpoint, dist.get_rank()), dist.get_world_size()
+    written = len(list(checkpoint.glob(_partition_path(checkpoint, "*").name)))
+    if written != world:
         raise UsageError(
-            f"--resume: {checkpoint} holds no {path.name}; a DeepSpeed checkpoint resumes on "
-            f"the number of ranks that wrote it (this run has {dist.get_world_size()})"
+            f"--resume: {checkpoint} was written by {written} DeepSpeed ranks and this run has "
+            f"{world}; a ZeRO checkpoint resumes on the number of ranks that wrote it"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     client, flats = engine.optimizer.optimizer, _fp32_partitions(engine)
