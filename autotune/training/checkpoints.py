@@ -1,5 +1,7 @@
 """Checkpoints of `autotune train`: the trainable weights, optimizer and scheduler state, the
-random generators and the step, so that `--resume` continues exactly where a run stopped."""
+random generators and the step, so that `--resume` continues exactly where a run stopped. A
+DeepSpeed ZeRO run's optimizer states (and fp32 master weights) stay partitioned: each rank
+writes its own beside state.pt (autotune/training/deepspeed_engine.py)."""
 
 from __future__ import annotations
 

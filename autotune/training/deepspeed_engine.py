@@ -1,6 +1,8 @@
-"""One rank of a DeepSpeed ZeRO probe: the model and its optimizer handed to `deepspeed.initialize`
-with the DeepSpeed JSON the exports write (autotune.distributed.deepspeed_config), its "auto"
-values filled in as the HF integration would from the recipe.
+"""One rank of a DeepSpeed ZeRO probe or `autotune train` run: the model and its optimizer
+handed to `deepspeed.initialize` with the DeepSpeed JSON the exports write
+(autotune.distributed.deepspeed_config), its "auto" values filled in as the HF integration
+would from the recipe; for `autotune train`, the weights gathered to rank 0 and each rank's
+partition of a checkpoint.
 
 The optimizer is the recipe's own torch optimizer, given to DeepSpeed as a client optimizer
 (`zero_allow_untested_optimizer`): DeepSpeed's fused Adam and its CPU Adam are C++/CUDA ops that
