@@ -142,3 +142,24 @@ def test_deepspeed_recipes_without_deepspeed_are_refused_in_one_line(tmp_path, m
     )
     with pytest.raises(UsageError, match="needs DeepSpeed installed .pip install 'autotune"):
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
+
+
+@ZERO_3_INSTALLED
+def test_fp16_zero_on_a_processor_without_fp16_is_refused_in_one_line(tmp_path, monkeypatch):
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    monkeypatch.setattr(
+        CPU_Accelerator, "supported_dtypes", lambda self: [torch.float, torch.bfloat16]
+    )
+    recipe = Recipe.from_dict(
+        {
+            "model": "m",
+            "method": "full",
+            "precision": "fp16",
+            "distributed": "deepspeed_zero2",
+            "num_gpus": 2,
+        }
+    )
+    with pytest.raises(UsageError, match="no fp16 on this processor .* choose bf16 or fp32"):
+        train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)

@@ -63,6 +63,22 @@ def probe_config(recipe: Recipe) -> dict[str, Any]:
     return config
 
 
+def cpu_refusal(recipe: Recipe) -> str:
+    """Why DeepSpeed cannot train this recipe on the CPU ('' where it can): its CPU
+    accelerator has an fp16 mode only where oneDNN's fp16 kernels run on the processor."""
+    if not uses_deepspeed(recipe) or recipe.precision != "fp16":
+        return ""
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if torch.float16 in CPU_Accelerator().supported_dtypes():
+        return ""
+    return (
+        f"precision fp16 with {recipe.distributed} on the CPU: DeepSpeed's CPU accelerator has "
+        "no fp16 on this processor (oneDNN lacks it); choose bf16 or fp32, or train on CUDA"
+    )
+
+
 def prepare_deepspeed(device: str) -> None:
     """Import deepspeed with the probe's device as its accelerator; on the CPU, without its
     shared-memory all-reduce (compiled at the engine's start)."""
@@ -149,8 +165,8 @@ def _fp32_partitions(engine: Any) -> list[Any]:
 
 
 def save_partition(engine: Any, checkpoint: Path) -> None:
-    """Write this rank's fp32 master weights and optimizer states into `checkpoint` (written
-    whole, then renamed); every rank calls it before rank 0 writes state.pt."""
+    """Write this rank's fp32 master weights, optimizer states and loss scale into `checkpoint`
+    (written whole, then renamed); every rank calls it before rank 0 writes state.pt."""
     import torch
     import torch.distributed as dist
 
@@ -165,13 +181,15 @@ def save_partition(engine: Any, checkpoint: Path) -> None:
             {key: _on_cpu(value) for key, value in client.state[flat].items()} for flat in flats
         ],
         "groups": [_hyperparameters(group) for group in client.param_groups],
+        "loss_scale": _plain_values(engine.optimizer.loss_scaler),  # fp16's dynamic scale
     }
     torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
 def load_partition(engine: Any, checkpoint: Path) -> None:
-    """Restore this rank's fp32 master weights and optimizer states from `checkpoint`."""
+    """Restore this rank's fp32 master weights, optimizer states and loss scale from
+    `checkpoint`."""
     import torch
     import torch.distributed as dist
 
@@ -196,6 +214,8 @@ def load_partition(engine: Any, checkpoint: Path) -> None:
         }
     for group, saved_group in zip(client.param_groups, state["groups"], strict=True):
         group.update(saved_group)
+    for name, value in state["loss_scale"].items():
+        setattr(engine.optimizer.loss_scaler, name, value)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -206,6 +226,15 @@ def _is_tensor(value: Any) -> bool:
 
 def _on_cpu(value: Any) -> Any:
     return value.detach().cpu() if _is_tensor(value) else value
+
+
+def _plain_values(thing: Any) -> dict[str, Any]:
+    """The numbers and flags among an object's attributes (a loss scaler's scale, its counts)."""
+    return {
+        name: value
+        for name, value in vars(thing).items()
+        if isinstance(value, int | float | bool) or value is None
+    }
 
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,11 @@ def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
     if not device.startswith("cuda"):
         if gpus:
             raise UsageError(f"--gpus {','.join(gpus)} needs CUDA, but the device is {device}")
+        from autotune.training.deepspeed_engine import cpu_refusal
+
+        refusal = cpu_refusal(recipe)
+        if refusal:
+            raise UsageError(f"autotune train cannot run this recipe: {refusal}")
         return
     import torch
 
