@@ -4,15 +4,16 @@ On the CPU, with a small Llama-architecture model pretrained here on real text:
 
     nice -n 19 python bench/fidelity_bench.py --out bench/results/fidelity_cpu.json
 
-1. pretrains the model (hidden 128, 3 layers, a 1,024-token byte-level BPE; 0.7M
-   parameters: what two shared CPU cores train in minutes)
-   on the Python standard library's sources (`sysconfig`'s stdlib directory), cached under
+1. pretrains the model (bench/fidelity_model.py: hidden 128, 3 layers, a 1,024-token
+   byte-level BPE; 0.7M parameters: what two shared CPU cores train in minutes) on the Python
+   standard library's sources (`sysconfig`'s stdlib directory), cached under
    `bench/.models/fidelity/`;
 2. builds the fine-tuning task from other real text, held apart from the pretraining text:
-   functions of installed third-party packages (`--task-packages`, default numpy, optuna and
-   networkx),
-   docstring summary as the prompt (`input`), the function's code without its docstring as
-   the answer (`output`);
+   functions of installed third-party packages (bench/fidelity_tasks.py). `--task code` (the
+   default; numpy, optuna and networkx): the docstring summary as the prompt (`input`), the
+   function's code without its docstring as the answer (`output`); `--task summary` (sympy
+   and pandas): the code as the prompt, the docstring summary as the answer. Each task's
+   rows, token cache and runs sit in their own directory next to the one pretrained model;
 3. probes each recipe with autotune's own probe (a child process per probe, the study's token
    cache, so every probe evaluates on the same rows) at `--probe-steps` (20, 40, 80) with
    `--seeds` seeds (data order and adapter initialisation change), and fine-tunes it with
@@ -25,28 +26,25 @@ On the CPU, with a small Llama-architecture model pretrained here on real text:
 
 Every probe's and long run's result is cached under the cache directory: a rerun continues.
 `--model <hub id or path>` skips the pretraining and measures that model (on CUDA: `--device
-cuda`); `--toy` cuts every size so the pipeline runs end to end in a minute (the CPU test);
+cuda`); `--model-size bigger` pretrains a 2.9M-parameter model instead (hidden 256, 4
+layers; its own cache); `--toy` cuts every size so the pipeline runs end to end in a minute
+(the CPU test);
 `--summarize FILE` recomputes a results file's summary from its rows without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
-import inspect
 import json
-import random
-import statistics
 import sys
-import sysconfig
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fidelity_model import MODEL_SIZES, PRETRAIN_CONFIG, TOY, TOY_HEADS, pretrain  # noqa: E402
 from fidelity_summary import print_table, summarize, summarize_file  # noqa: E402
+from fidelity_tasks import TASK_PACKAGES, TASK_SHAPES, stdlib_texts, task_rows  # noqa: E402
 from shared import MODELS_DIR, ROOT, write_results  # noqa: E402
 
 from autotune.fidelity import spearman_rho  # noqa: E402, F401 - the CPU test checks rho with it
@@ -76,160 +74,6 @@ RECIPES: dict[str, dict] = {
     "full-lr3e-5": {"method": "full", "learning_rate": 3e-5},
 }
 """Recipes that differ in what changes quality; LoRA learning rate 1e-3 unless given."""
-
-PRETRAIN_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
-TOY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}  # nf4 blocks: 64
-TOY_HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 384}
-
-
-def stdlib_texts(max_bytes: int) -> list[str]:
-    """The standard library's .py files (tests left out), in path order, up to max_bytes."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "test" in path.relative_to(root).parts[0] or "site-packages" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        texts.append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    return texts
-
-
-def function_rows(source: str, max_body_lines: int = 8) -> list[dict]:
-    """{"input": docstring summary, "output": the function's code without its docstring} for
-    every function of `source` that has a docstring and code after it."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    lines = source.splitlines()
-    rows = []
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        docstring = ast.get_docstring(node)
-        if not docstring or len(node.body) < 2:
-            continue
-        summary = inspect.cleandoc(docstring).split("\n\n")[0].strip()
-        if not 20 <= len(summary) <= 300:
-            continue
-        header = lines[node.lineno - 1 : node.body[0].lineno - 1]
-        end = node.body[0].end_lineno or node.body[0].lineno
-        body = lines[end : min(end + max_body_lines, node.end_lineno or end)]
-        code = textwrap.dedent("\n".join(header + body)).strip()
-        if code:
-            rows.append({"input": summary, "output": code})
-    return rows
-
-
-def task_rows(packages: list[str], count: int, seed: int) -> list[dict]:
-    """`count` rows from the packages' functions, shuffled with `seed`."""
-    rows: list[dict] = []
-    for package in packages:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"--task-packages: {package} is not an installed package")
-        for root in spec.submodule_search_locations:
-            for path in sorted(Path(root).rglob("*.py")):
-                if "tests" in path.parts:
-                    continue
-                rows.extend(function_rows(path.read_text(encoding="utf-8", errors="replace")))
-    random.Random(seed).shuffle(rows)
-    if len(rows) < count:
-        raise SystemExit(f"the packages give {len(rows)} task rows, fewer than {count}")
-    return rows[:count]
-
-
-def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    fast.save_pretrained(out_dir)
-
-
-def pretrain(out_dir: Path, config: dict, texts: list[str], steps: int, seq_len: int) -> dict:
-    """Build the tokenizer and pretrain the model on `texts`; cached in out_dir."""
-    done = out_dir / "pretraining.json"
-    if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(texts, out_dir, config["vocab_size"])
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"] + [eos])
-    tokens = torch.tensor(ids, dtype=torch.long)
-    values = dict(config)
-    model_type = values.pop("model_type")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(
-            model_type, bos_token_id=None, eos_token_id=eos, pad_token_id=eos, **values
-        )
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - max(0, s - warmup) / steps),
-    )
-    generator = torch.Generator().manual_seed(0)
-    batch_rows, losses = 16, []
-    for step in range(steps):
-        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_rows,), generator=generator)
-        batch = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-        if step % 50 == 0 or step == steps - 1:
-            print(f"pretrain step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
-    model.save_pretrained(out_dir)
-    record = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "tokens_in_corpus": len(ids),
-        "steps": steps,
-        "tokens_trained": steps * batch_rows * seq_len,
-        "final_loss": statistics.mean(losses[-20:]),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    done.write_text(json.dumps(record), encoding="utf-8")
-    return record
 
 
 def cached(path: Path, run) -> dict:
@@ -338,7 +182,24 @@ def main() -> int:
     )
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--pretrain-bytes", type=int, default=2_000_000)
-    parser.add_argument("--task-packages", default="numpy,optuna,networkx")
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASK_PACKAGES),
+        default="code",
+        help="code: docstring summary -> the function's code; summary: code -> docstring summary",
+    )
+    parser.add_argument(
+        "--task-packages",
+        help="packages the task's functions come from (default: "
+        + "; ".join(f"{task}: {packages}" for task, packages in TASK_PACKAGES.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--model-size",
+        choices=list(MODEL_SIZES),
+        default="small",
+        help="the pretrained model's size (small: 0.7M parameters); each its own cache",
+    )
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--eval-rows", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=96)
@@ -377,26 +238,35 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    if args.model and args.model_size != "small":
+        print("--model-size: only for the pretrained model, not with --model", file=sys.stderr)
+        return 2
+    packages = args.task_packages or TASK_PACKAGES[args.task]
     cache = args.cache
+    if args.model_size != "small":
+        cache = cache / f"model-{args.model_size}"
     pretraining: dict = {}
     if args.model:
         model = args.model
         cache = cache / model.replace("/", "--")
     else:
-        config = {**PRETRAIN_CONFIG, **(TOY | TOY_HEADS if args.toy else {})}
+        size = MODEL_SIZES[args.model_size]
+        config = {**PRETRAIN_CONFIG, **size, **(TOY | TOY_HEADS if args.toy else {})}
         model_dir = cache / "model"
         texts = stdlib_texts(args.pretrain_bytes)
         pretraining = pretrain(model_dir, config, texts, args.pretrain_steps, args.seq_len)
         print(f"pretrained model: {pretraining}", flush=True)
         model = str(model_dir)
-    data = cache / "task.jsonl"
+    # the model is shared; each task's rows, token cache and runs have their own directory
+    work = cache if args.task == "code" else cache / args.task
+    data = work / "task.jsonl"
     if not data.exists():
-        rows = task_rows(args.task_packages.split(","), args.rows, seed=0)
+        rows = task_rows(packages.split(","), args.rows, seed=0, task=args.task)
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     # one eval split for every probe and long run: seed 0's, as a study's token cache holds
     _, token_cache = cached_splits(
-        data, load_tokenizer(model), args.seq_len, 0, cache / "tokens", args.eval_rows
+        data, load_tokenizer(model), args.seq_len, 0, work / "tokens", args.eval_rows
     )
     precision = "bf16" if args.device.startswith("cuda") else "fp32"
     recipes = {n: recipe_for(n, model, args.seq_len, args.batch, precision) for n in names}
@@ -407,7 +277,7 @@ def main() -> int:
     def write() -> dict:
         summary = summarize(probes, longs, probe_steps, args.seeds)
         summary["pretraining"] = pretraining
-        summary["task"] = f"{args.rows} rows from {args.task_packages}: docstring -> code"
+        summary["task"] = f"{args.rows} rows from {packages}: {TASK_SHAPES[args.task]}"
         summary["versions"] = versions()
         write_results(
             out_path,
@@ -420,7 +290,7 @@ def main() -> int:
         return summary
 
     def probe(name: str, seed: int) -> None:
-        workdir = cache / "runs" / name / f"seed-{seed}"
+        workdir = work / "runs" / name / f"seed-{seed}"
         row = cached(
             workdir / "row.json",
             lambda: probe_rows(
@@ -453,7 +323,7 @@ def main() -> int:
     long_runs: dict[str, dict[int, dict]] = {}
 
     def long_run(name: str, seed: int) -> None:
-        workdir = cache / "runs" / name / ("long" if seed == 0 else f"long-seed-{seed}")
+        workdir = work / "runs" / name / ("long" if seed == 0 else f"long-seed-{seed}")
         row = cached(
             workdir / "row.json",
             lambda: long_row(

@@ -347,6 +347,52 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "pretrain step" not in again.stdout
     assert json.loads(out.read_text())["probes"] == results["probes"]
+    # the summary task reuses the pretrained model, its rows and runs in their own directory
+    summary_out = tmp_path / "fidelity_summary.json"
+    other = run_bench(
+        "fidelity_bench.py",
+        *("--toy", "--pretrain-steps", "20", "--pretrain-bytes", "200000"),
+        *("--task", "summary", "--task-packages", "jinja2", "--rows", "120"),
+        *("--eval-rows", "16", "--seq-len", "64", "--long-steps", "4", "--probe-steps", "2"),
+        *("--seeds", "1", "--long-seeds", "1", "--recipes", "lora-r4-qv,freeze-half-mlp,full"),
+        *("--cache", str(tmp_path / "cache"), "--out", str(summary_out)),
+    )
+    assert other.returncode == 0, other.stderr
+    assert "pretrain step" not in other.stdout
+    task = json.loads(summary_out.read_text())["summary"]["task"]
+    assert task == "120 rows from jinja2: code -> docstring summary"
+    assert (tmp_path / "cache" / "summary" / "runs" / "full" / "long" / "row.json").is_file()
+    assert (tmp_path / "cache" / "task.jsonl").read_text() != (
+        tmp_path / "cache" / "summary" / "task.jsonl"
+    ).read_text()
+
+
+def test_fidelity_summary_task_rows_are_code_to_docstring_held_apart_from_pretraining():
+    tasks = load_bench("fidelity_tasks")
+    source = (
+        "def area(width, height):\n"
+        '    """Return the area of a rectangle.\n\n    Longer text."""\n'
+        "    product = width * height\n"
+        "    return product\n"
+    )
+    [code_row] = tasks.function_rows(source, "code")
+    assert code_row == {
+        "input": "Return the area of a rectangle.",
+        "output": "def area(width, height):\n    product = width * height\n    return product",
+    }
+    [summary_row] = tasks.function_rows(source, "summary")
+    assert summary_row == {"input": code_row["output"], "output": code_row["input"]}
+    rows = tasks.task_rows(["jinja2"], 100, seed=0, task="summary")
+    assert len(rows) == 100
+    assert all(row["input"].strip() and row["output"].strip() for row in rows)
+    assert all(row["input"].startswith(("def ", "async def ")) for row in rows)
+    assert all(len(row["input"]) <= tasks.SUMMARY_PROMPT_CHARS for row in rows)
+    assert all(len(row["output"]) <= tasks.SUMMARY_ANSWER_CHARS for row in rows)
+    # the rows come from outside the pretraining text
+    pretraining = "\n".join(tasks.stdlib_texts(2_000_000))
+    assert not any(row["input"] in pretraining for row in rows)
+    with pytest.raises(SystemExit, match="json is in the standard library"):
+        tasks.task_rows(["json"], 10, seed=0, task="summary")
 
 
 def test_multi_gpu_bench_cpu_path(tmp_path):
