@@ -82,7 +82,9 @@ def run(
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
     prepared = prepare_run(settings)
-    runner = runner or SubprocessProbeRunner(settings.probe_timeout_seconds)
+    runner = runner or SubprocessProbeRunner(
+        settings.probe_timeout_seconds, timed_steps=settings.probe_steps
+    )
     study = run_study(prepared, runner, events)
     points = measured_points(study)
     recipe = recipe_path = None

@@ -193,8 +193,13 @@ class SubprocessProbeRunner:
     transformers once (autotune.training.zygote); otherwise each starts a new interpreter.
     """
 
-    def __init__(self, timeout_seconds: float, warm: bool | None = None) -> None:
+    def __init__(
+        self, timeout_seconds: float, warm: bool | None = None, timed_steps: int | None = None
+    ) -> None:
         self.timeout_seconds = timeout_seconds
+        self.timed_steps = timed_steps
+        """The steps `timeout_seconds` is for; a probe of more steps (a confirmation, a
+        promoted probe) gets a timeout in proportion. None: the same timeout for every probe."""
         self.server = ProbeServer() if (warm_probes_wanted() if warm is None else warm) else None
         if self.server is not None:
             atexit.register(self.server.close)
@@ -237,8 +242,15 @@ class SubprocessProbeRunner:
                 )
             )
 
+    def timeout_for(self, request: ProbeRequest) -> float:
+        """Seconds `request` may take: the timeout, scaled up for a probe of more steps."""
+        if not self.timed_steps or request.steps <= self.timed_steps:
+            return self.timeout_seconds
+        return self.timeout_seconds * request.steps / self.timed_steps
+
     def run(self, request: ProbeRequest, workdir: Path) -> ProbeResult:
         workdir = workdir.resolve()
+        timeout_seconds = self.timeout_for(request)
         workdir.mkdir(parents=True, exist_ok=True)
         request_path = workdir / "request.json"
         result_path = workdir / "result.json"
@@ -254,12 +266,12 @@ class SubprocessProbeRunner:
         else:
             process = self._launch(request, request_path, result_path, log_path)
         try:
-            if not process.wait(self.timeout_seconds):
+            if not process.wait(timeout_seconds):
                 process.kill()
                 return ProbeResult(
                     status="timeout",
                     device=request.device,
-                    reason=f"no result within {self.timeout_seconds:g} s",
+                    reason=f"no result within {timeout_seconds:g} s",
                     steps_done=_steps_logged(log_path),
                     seconds={"total": time.perf_counter() - started},
                 )

@@ -196,3 +196,14 @@ def test_qlora_probes_read_the_base_from_an_nf4_copy(tiny_model, qa_data, tmp_pa
         "original"
     )
     assert len(list(cache.iterdir())) == 1
+
+
+def test_a_probe_of_more_steps_than_the_timed_ones_gets_its_timeout_in_proportion(tmp_path):
+    request = request_for(tmp_path / "model", tmp_path / "data.jsonl", steps=40)
+    runner = SubprocessProbeRunner(60, warm=False, timed_steps=40)
+    assert runner.timeout_for(request) == 60
+    assert runner.timeout_for(dataclasses.replace(request, steps=80)) == 120  # a confirmation
+    assert runner.timeout_for(dataclasses.replace(request, steps=320)) == 480  # promoted twice
+    assert runner.timeout_for(dataclasses.replace(request, steps=10)) == 60  # never shorter
+    untimed = SubprocessProbeRunner(60, warm=False)
+    assert untimed.timeout_for(dataclasses.replace(request, steps=80)) == 60

@@ -90,13 +90,14 @@ class RunSettings:
     """Study name (default: derived from model, data and budget; or the storage's newest)."""
     storage: str | None = None
     """Optuna storage URL (default: sqlite:///trials/autotune.db)."""
-    probe_steps: int = 40
+    probe_steps: int = 80
     """Optimizer steps per probe."""
-    # 40, not 20: on bench/fidelity_bench.py's pretrained model, 20-step probes ranked eleven
-    # recipes by eval loss with Spearman's rho 0.64 against 400-step runs, 40-step ones 0.86
-    # and 80-step ones 0.87 (bench/README.md#fidelity_benchpy)
+    # 80: on bench/fidelity_bench.py's pretrained models, 80-step probes ranked eleven recipes
+    # by eval loss as 400-step runs did with Spearman's rho 0.87, 0.96 and 0.90 (two tasks, two
+    # model sizes); 40-step ones 0.86, 0.60 and 0.86 (bench/README.md#fidelity_benchpy)
     probe_timeout_seconds: float = 900.0
-    """Kill a probe that runs longer than this (seconds in Python)."""
+    """Kill a probe of --probe-steps steps that runs longer than this (seconds in Python); a
+    confirmation or promoted probe of more steps gets it in proportion."""
     seq_len: int = 1024
     """Tokens per sequence (longer samples are truncated)."""
     device: str = "auto"
