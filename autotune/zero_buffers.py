@@ -82,7 +82,7 @@ def zero_buffer_parts(spec: ModelSpec, recipe: Recipe, logits_bytes: int = 0) ->
     gpus = recipe.num_gpus
     buckets = ipg_bucket_bytes(stage or 0, zero)
     if stage == 2:
-        parts = {"zero_ipg_buckets_beyond_the_loss": max(buckets - logits_bytes, 0)}
+        parts = {"zero_ipg_buckets_past_loss": max(buckets - logits_bytes, 0)}
     else:
         parts = {"zero_ipg_buckets": buckets}
     if stage == 3:

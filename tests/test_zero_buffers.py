@@ -31,13 +31,13 @@ def test_zero2_holds_two_16bit_gradient_buckets_with_overlap_comm():
     """The exported config's overlap_comm double-buffers reduce_bucket_size's 5e8 elements."""
     spec = load_model_spec(QWEN2_7B)
     assert zero_buffer_parts(spec, zero_recipe(2)) == {
-        "zero_ipg_buckets_beyond_the_loss": 2 * 500_000_000 * 2
+        "zero_ipg_buckets_past_loss": 2 * 500_000_000 * 2
     }
     # made at the first gradient, once the loss's buffers are gone: only what exceeds them
     beyond = zero_buffer_parts(spec, zero_recipe(2), logits_bytes=1_500_000_000)
-    assert beyond == {"zero_ipg_buckets_beyond_the_loss": 2 * 500_000_000 * 2 - 1_500_000_000}
+    assert beyond == {"zero_ipg_buckets_past_loss": 2 * 500_000_000 * 2 - 1_500_000_000}
     assert zero_buffer_parts(spec, zero_recipe(2), logits_bytes=3 * 10**9) == {
-        "zero_ipg_buckets_beyond_the_loss": 0
+        "zero_ipg_buckets_past_loss": 0
     }
     zero = {"contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 1000}
     assert ipg_bucket_bytes(2, zero) == 1000 * 2
@@ -60,7 +60,7 @@ def test_estimate_names_the_buckets_in_its_breakdown():
     spec = load_model_spec(QWEN2_7B)
     zero2, zero3 = (estimate(spec, zero_recipe(stage)).breakdown for stage in (2, 3))
     loss = zero2.get("logits_and_loss", 0)  # absent where the step phase is the peak
-    assert zero2["zero_ipg_buckets_beyond_the_loss"] == 2 * 10**9 - loss
+    assert zero2["zero_ipg_buckets_past_loss"] == 2 * 10**9 - loss
     assert zero3["zero_ipg_buckets"] == 10**9
     assert zero3["zero_prefetched_params"] == 10**8
 
@@ -148,6 +148,6 @@ def test_the_zero_prediction_holds_what_a_real_gloo_rank_allocates(
     predicted = sum(v for k, v in breakdown.items() if k not in UNALLOCATED_PARTS)
     for peak in traced:
         assert abs(predicted - peak) <= tolerance * peak, (predicted, peak, breakdown)
-    buckets = breakdown.get("zero_ipg_buckets", breakdown.get("zero_ipg_buckets_beyond_the_loss"))
+    buckets = breakdown.get("zero_ipg_buckets", breakdown.get("zero_ipg_buckets_past_loss"))
     for peak in traced:  # without the buckets, the prediction would fall short
         assert predicted - buckets < peak
