@@ -13,14 +13,19 @@ peak.
   what they exceed those by (traced: a real rank's peak stays at the loss while the buckets
   are smaller). The 16-bit
   gradients of the rank's partition (grads_in_partition) are model states already.
+- ZeRO-2 with offload_optimizer (stage_1_and_2.py, __init__): a 16-bit staging buffer of the
+  largest parameter's elements on the GPU (temp_grad_buffer_for_gpu_offload).
 - ZeRO-3 (runtime/zero/stage3.py, __init__): with contiguous_gradients, one IPG bucket of
   reduce_bucket_size, kept from the start; the prefetched parameters, gathered ahead of their
-  module up to stage3_prefetch_bucket_size elements
-  (partitioned_param_coordinator.py, fetch_sub_module); parameters under
+  module up to stage3_prefetch_bucket_size elements, never more than
+  stage3_max_live_parameters (partitioned_param_coordinator.py, fetch_sub_module); parameters under
   stage3_param_persistence_threshold elements are never partitioned
   (partition_parameters.py, _partition: `param.ds_numel < persistence_threshold`), so each
   rank holds them whole, (N - 1) / N of them beyond its share.
 
+Model states already (zero_memory.py): the fp32 flat partitions (master weights, their
+gradient: ZeRO-3's grad_partitions_flat_buffer, ZeRO-2's single_grad_partition at the step), the
+16-bit gradient partition (ZeRO-2's grads_in_partition), the module ZeRO-3 has gathered.
 The allgather_bucket_size of ZeRO-2 gathers the updated 16-bit partitions into the flat 16-bit
 buffer the weights already view (all_gather_dp_groups): nothing beyond it.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autotune.distributed import DISTRIBUTED
+from autotune.zero_memory import largest_layer_params
 
 if TYPE_CHECKING:
     from autotune.model_spec import ModelSpec
@@ -43,6 +49,7 @@ DEEPSPEED_DEFAULTS: dict[str, Any] = {
     "overlap_comm": False,  # True for stage 3 (DeepSpeedZeroConfig.overlap_comm_valid)
     "reduce_bucket_size": 500_000_000,
     "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
     "stage3_param_persistence_threshold": 100_000,
 }
 """deepspeed/runtime/zero/config.py's defaults of the keys the buffers depend on."""
@@ -85,8 +92,14 @@ def zero_buffer_parts(spec: ModelSpec, recipe: Recipe, logits_bytes: int = 0) ->
         parts = {"zero_ipg_buckets_past_loss": max(buckets - logits_bytes, 0)}
     else:
         parts = {"zero_ipg_buckets": buckets}
+    if stage == 2 and recipe.offload != "none":
+        parts["zero_offload_gradient_staging"] = largest_layer_params(spec) * BUFFER_BYTES
     if stage == 3:
-        prefetch = min(int(zero["stage3_prefetch_bucket_size"]), spec.total_params)
+        prefetch = min(
+            int(zero["stage3_prefetch_bucket_size"]),
+            int(zero["stage3_max_live_parameters"]),
+            spec.total_params,
+        )
         parts["zero_prefetched_params"] = prefetch * BUFFER_BYTES
         whole = persistent_params(spec, int(zero["stage3_param_persistence_threshold"]))
         parts["zero_persistent_params"] = (whole - whole // gpus) * BUFFER_BYTES

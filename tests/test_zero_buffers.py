@@ -44,6 +44,26 @@ def test_zero2_holds_two_16bit_gradient_buckets_with_overlap_comm():
     assert ipg_bucket_bytes(2, {**zero, "contiguous_gradients": False}) == 0
 
 
+def test_zero2_offload_stages_the_largest_parameters_gradient_on_the_gpu():
+    spec = load_model_spec(QWEN2_7B)
+    parts = zero_buffer_parts(spec, zero_recipe(2, offload="optimizer"))
+    assert parts["zero_offload_gradient_staging"] == 152064 * 3584 * 2  # the embedding, bf16
+    assert "zero_offload_gradient_staging" not in zero_buffer_parts(spec, zero_recipe(2))
+
+
+def test_zero3_prefetches_no_more_than_its_live_parameters(monkeypatch):
+    spec = load_model_spec(QWEN2_7B)
+    exported = distributed.deepspeed_config
+
+    def sized(recipe):
+        config = exported(recipe)
+        config["zero_optimization"]["stage3_max_live_parameters"] = 1000
+        return config
+
+    monkeypatch.setattr(distributed, "deepspeed_config", sized)
+    assert zero_buffer_parts(spec, zero_recipe(3))["zero_prefetched_params"] == 1000 * 2
+
+
 def test_zero3_holds_one_bucket_the_prefetched_and_the_persistent_parameters():
     spec = load_model_spec(QWEN2_7B)
     parts = zero_buffer_parts(spec, zero_recipe(3))
