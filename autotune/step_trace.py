@@ -1,8 +1,9 @@
 """What a training step holds at its memory peak, tensor by tensor, traced on the CPU.
 
-`trace_step` runs one optimizer step of a recipe with the probe's own builder and step loop,
-then follows every storage a second step allocates (a torch dispatch mode: each storage counted
-once, from the op that made it until it is released). Its peak of allocated bytes is what the
+`trace_step` runs one optimizer step of a recipe with the probe's own builder and step loop
+(for a distributed recipe's rank, its strategy's wrapping or DeepSpeed's engine), then follows
+every storage a second step allocates (a torch dispatch mode: each storage counted once, from
+the op that made it until it is released). Its peak of allocated bytes is what the
 replay memory model (autotune.replay) has to reach, and the tensors alive at the peak say which
 buffers coexist there. bench/memory_trace.py prints it next to the memory model's figure.
 
@@ -137,7 +138,9 @@ def held_tensors() -> list[Any]:
     import torch
 
     gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"]
+    # type(), not isinstance: a deprecated torch alias warns when its __class__ is read
+    found = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return [t for t in found if t.device.type != "meta"]
 
 
 def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
