@@ -14,7 +14,8 @@ what changes is what each GPU holds of the model and its training state:
 - deepspeed_zero2: gradients and optimizer states divided, weights whole; deepspeed_zero3 as
   fsdp. That is DeepSpeed in fp32 (precision fp32, amp_bf16); in its 16-bit modes (bf16, fp16)
   it keeps fp32 master weights beside the 16-bit ones, and its model states come from its own
-  estimators or the same terms written out (zero_memory.py);
+  estimators or the same terms written out (zero_memory.py), its gradient buckets and
+  ZeRO-3's prefetched and persistent parameters from its config (zero_buffers.py);
 - offload: the shares that move to host memory leave the GPU's peak and make the host figure.
 """
 
@@ -109,8 +110,11 @@ def zero_parts(
 ) -> int:
     """Replace the model's parts in `parts` by DeepSpeed's 16-bit model states (named by where
     the figure came from), the optimizer step's temporaries by those of its fp32 partition;
-    return the host bytes of its offload. `frozen_bytes`: the weights nobody trains."""
+    return the host bytes of its offload. `frozen_bytes`: the weights nobody trains. Its
+    buffers beyond the model states (gradient buckets, ZeRO-3's prefetched and persistent
+    parameters) are parts of their own (zero_buffers.py)."""
     from autotune.optimizers import OPTIMIZERS
+    from autotune.zero_buffers import zero_buffer_parts
     from autotune.zero_memory import FP32_BYTES, zero_model_states
 
     gpus = recipe.num_gpus
@@ -120,6 +124,7 @@ def zero_parts(
     for name in ZERO_REPLACED_PARTS:
         parts.pop(name, None)
     parts[f"zero_model_states_{states.source}"] = states.gpu_bytes
+    parts.update(zero_buffer_parts(spec, recipe, parts.get("logits_and_loss", 0)))
     if "optimizer_step_temporaries" in parts:
         stepped_on_gpu = recipe.offload == "none" and kind.step_temporaries
         parts["optimizer_step_temporaries"] = (

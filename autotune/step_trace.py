@@ -1,8 +1,9 @@
 """What a training step holds at its memory peak, tensor by tensor, traced on the CPU.
 
-`trace_step` runs one optimizer step of a recipe with the probe's own builder and step loop,
-then follows every storage a second step allocates (a torch dispatch mode: each storage counted
-once, from the op that made it until it is released). Its peak of allocated bytes is what the
+`trace_step` runs one optimizer step of a recipe with the probe's own builder and step loop
+(for a distributed recipe's rank, its strategy's wrapping or DeepSpeed's engine), then follows
+every storage a second step allocates (a torch dispatch mode: each storage counted once, from
+the op that made it until it is released). Its peak of allocated bytes is what the
 replay memory model (autotune.replay) has to reach, and the tensors alive at the peak say which
 buffers coexist there. bench/memory_trace.py prints it next to the memory model's figure.
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autotune.recipe import Recipe
+from autotune.training.deepspeed_engine import is_engine
 
 if TYPE_CHECKING:
     from autotune.training.ranks import RankPlace
@@ -117,6 +119,30 @@ def _resizes_seen(recipe: Recipe, tracer: Any) -> Any:
     return fsdp_storage_resizes(tracer.track, tracer.release)
 
 
+def model_tensors(model: Any, optimizer: Any) -> list[Any]:
+    """The tensors a step starts from: parameters (a DTensor's shard), buffers, optimizer
+    states."""
+    import torch
+
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [
+        getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
+    ]
+
+
+def held_tensors() -> list[Any]:
+    """Every tensor the process holds: a DeepSpeed engine keeps flat buffers, partitions and
+    their optimizer states in its own structures, beside the model's parameters."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    # type(), not isinstance: a deprecated torch alias warns when its __class__ is read
+    found = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return [t for t in found if t.device.type != "meta"]
+
+
 def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
     the optimizer states), with the probe's loader, builder and step loop, on the CPU; with
@@ -127,14 +153,16 @@ def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) ->
     from autotune.data.tokens import TokenizedExample
     from autotune.training.build import build_model, build_optimizer
     from autotune.training.loop import train_steps
-    from autotune.training.ranks import distribute_model
+    from autotune.training.ranks import distribute_model, train_with_engine
 
     torch.manual_seed(seed)
     model = build_model(recipe, "cpu")
+    vocab = model.config.vocab_size
     if place is not None:
         model = distribute_model(model, recipe, place)
     optimizer = build_optimizer(model, recipe)
-    vocab = model.config.vocab_size
+    if place is not None:
+        model, optimizer = train_with_engine(model, optimizer, recipe, place)
     generator = torch.Generator().manual_seed(seed)
     examples = [
         TokenizedExample(
@@ -144,10 +172,7 @@ def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) ->
         for _ in range(recipe.per_gpu_batch_size)
     ]
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
-    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    existing = [
-        getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
-    ]
+    existing = held_tensors() if is_engine(model) else model_tensors(model, optimizer)
     tracer = allocation_tracer(existing)
     with tracer, _resizes_seen(recipe, tracer):
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)

@@ -16,8 +16,9 @@ state bytes: 8 for AdamW):
 - offload optimizer: the fp32 partitions (gradients, master weights, states) live in host
   memory; offload optimizer_and_params (ZeRO-3): the 16-bit weight partitions too.
 
-Neither counts DeepSpeed's communication buckets (reduce_bucket_size, allgather_bucket_size)
-or the fp32 copy of the model each process loads before DeepSpeed partitions it.
+Neither counts the buffers DeepSpeed allocates beyond model states (its gradient buckets,
+ZeRO-3's prefetched and persistent parameters: zero_buffers.py) or the fp32 copy of the model
+each process loads before DeepSpeed partitions it.
 fp32 and amp_bf16 recipes run DeepSpeed in fp32 (no master copy): the generic sharding terms
 of distributed_memory.py describe them.
 """
