@@ -78,35 +78,11 @@ def test_a_cpu_study_with_a_range_probes_one_and_two_rank_recipes(
     from autotune.probe import SubprocessProbeRunner
     from autotune.study import RunSettings, prepare_run, run_study, trial_record
     from autotune.study.records import trial_status
+    from tests.test_multi_gpu import full_fp32_cpu_study
 
     monkeypatch.chdir(tmp_path)
-    space = yaml.safe_load(DEMO_SPACE.read_text())
-    space.update(
-        method=["full"],
-        quantization=["none"],
-        precision=["fp32"],
-        micro_batch_size=[1],
-        gradient_checkpointing=[False],
-        optimizer=["adamw"],
-        distributed=["none", "ddp"],
-    )
-    space_path = tmp_path / "space.yaml"
-    space_path.write_text(yaml.safe_dump(space))
-    settings = RunSettings(
-        model=str(tiny_model),
-        data_path=qa_data,
-        budget_bytes=10**10,
-        space_path=space_path,
-        trials=2,
-        probe_steps=2,
-        seq_len=48,
-        device="cpu",
-        confirm_top=0,
-        gpus_per_probe=(1, 2),
-        memory_model="formula",
-        storage=f"sqlite:///{tmp_path}/study.db",
-        study_name="one-and-two",
-    )
+    settings = full_fp32_cpu_study(tiny_model, qa_data, tmp_path, ["none", "ddp"], (1, 2), "1-2")
+    space = yaml.safe_load(settings.space_path.read_text())
     study = run_study(prepare_run(settings), SubprocessProbeRunner(300, warm=False))
     recipes = {}
     for trial in study.trials:

@@ -3,8 +3,11 @@ probes, with gloo processes standing in for the GPUs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -276,6 +279,45 @@ def test_a_hung_rank_fails_the_probe_at_its_timeout_and_leaves_no_process(
     assert not any(_alive(p.pid) for p in ranks)
 
 
+def full_fine_tunes_on_ranks(tmp_path, strategies):
+    """A space of cheap full fp32 fine-tunes on the given strategies, written to tmp_path."""
+    space = yaml.safe_load(DEMO_SPACE.read_text())
+    space.update(
+        method=["full"],
+        quantization=["none"],
+        precision=["fp32"],
+        micro_batch_size=[1],
+        gradient_checkpointing=[False],
+        optimizer=["adamw"],
+        distributed=list(strategies),
+    )
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    return space_path
+
+
+def full_fp32_cpu_study(tiny_model, qa_data, tmp_path, strategies, gpus_per_probe, name):
+    """Settings of a two-trial CPU study of those fine-tunes on `gpus_per_probe` gloo ranks."""
+    from autotune.study import RunSettings
+
+    space_path = full_fine_tunes_on_ranks(tmp_path, strategies)
+    return RunSettings(
+        model=str(tiny_model),
+        data_path=qa_data,
+        budget_bytes=10**10,
+        space_path=space_path,
+        trials=2,
+        probe_steps=2,
+        seq_len=48,
+        device="cpu",
+        confirm_top=0,
+        gpus_per_probe=gpus_per_probe,
+        memory_model="formula",
+        storage=f"sqlite:///{tmp_path}/study.db",
+        study_name=name,
+    )
+
+
 @pytest.mark.parametrize(
     "strategies",
     [
@@ -291,37 +333,11 @@ def test_a_hung_rank_fails_the_probe_at_its_timeout_and_leaves_no_process(
 def test_a_cpu_study_with_two_gpus_per_probe_probes_each_strategy(
     tiny_model, qa_data, tmp_path, monkeypatch, strategies
 ):
-    from autotune.study import RunSettings, prepare_run, run_study, trial_record
+    from autotune.study import prepare_run, run_study, trial_record
     from autotune.study.records import trial_status
 
     monkeypatch.chdir(tmp_path)
-    space = yaml.safe_load(DEMO_SPACE.read_text())
-    space.update(
-        method=["full"],
-        quantization=["none"],
-        precision=["fp32"],
-        micro_batch_size=[1],
-        gradient_checkpointing=[False],
-        optimizer=["adamw"],
-        distributed=list(strategies),
-    )
-    space_path = tmp_path / "space.yaml"
-    space_path.write_text(yaml.safe_dump(space))
-    settings = RunSettings(
-        model=str(tiny_model),
-        data_path=qa_data,
-        budget_bytes=10**10,
-        space_path=space_path,
-        trials=2,
-        probe_steps=2,
-        seq_len=48,
-        device="cpu",
-        confirm_top=0,
-        gpus_per_probe=2,
-        memory_model="formula",
-        storage=f"sqlite:///{tmp_path}/study.db",
-        study_name="two-ranks",
-    )
+    settings = full_fp32_cpu_study(tiny_model, qa_data, tmp_path, strategies, 2, "two-ranks")
     prepared = prepare_run(settings)
     study = run_study(prepared, SubprocessProbeRunner(timeout_seconds=300, warm=False))
     trials = {t.params["distributed"]: t for t in study.trials}
@@ -396,6 +412,45 @@ leave_process_group()
 """
 
 
+def traced_peaks_of_two_ranks(script: str, recipe, tmp_path, *args: str):
+    """Two gloo ranks running `script` (the recipe on its stdin; it prints its traced peak
+    last): their peaks, and their exit codes (None: killed after 120 s)."""
+    from autotune.probe_ranks import RENDEZVOUS_ENV
+
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(tmp_path / f"rank{rank}.log").open("w"),
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                RENDEZVOUS_ENV: str(tmp_path / "rendezvous"),
+            },
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        rank.stdin.write(recipe.to_yaml())
+        rank.stdin.close()
+    printed = [rank.stdout.read().strip().splitlines() for rank in ranks]
+    exit_codes: list[int | None] = []
+    for rank in ranks:
+        try:
+            exit_codes.append(rank.wait(120))
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
+            exit_codes.append(None)
+    for number, lines in enumerate(printed):
+        assert lines, (tmp_path / f"rank{number}.log").read_text()[-3000:]
+    return [json.loads(lines[-1]) for lines in printed], exit_codes
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -406,11 +461,7 @@ leave_process_group()
 def test_the_fsdp_replay_allocates_what_a_real_gloo_rank_allocates(cut_model, tmp_path, fields):
     """Two real ranks run FSDP2 over gloo, every storage of their second step traced; the
     replay runs the same FSDP2 code for rank 0 on the meta device over a fake process group."""
-    import json
-    import subprocess
-    import sys
 
-    from autotune.probe_ranks import RENDEZVOUS_ENV
     from autotune.replay import load_config, replay
 
     recipe = Recipe.from_dict(
@@ -425,26 +476,8 @@ def test_the_fsdp_replay_allocates_what_a_real_gloo_rank_allocates(cut_model, tm
             **fields,
         }
     )
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK_TRACE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-                RENDEZVOUS_ENV: str(tmp_path / "rendezvous"),
-            },
-        )
-        for rank in range(2)
-    ]
-    for rank in ranks:
-        rank.stdin.write(recipe.to_yaml())
-        rank.stdin.close()
-    traced = [json.loads(rank.stdout.read().strip().splitlines()[-1]) for rank in ranks]
-    assert all(rank.wait(120) == 0 for rank in ranks)
+    traced, exit_codes = traced_peaks_of_two_ranks(RANK_TRACE, recipe, tmp_path)
+    assert exit_codes == [0, 0]
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     for peak in traced:
         assert abs(replayed.peak_allocated_bytes - peak) <= 0.01 * peak

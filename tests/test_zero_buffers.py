@@ -4,9 +4,6 @@ hand computation, and the whole per-GPU prediction against a real 2-rank gloo st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +13,7 @@ from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
 from autotune.zero_buffers import ipg_bucket_bytes, persistent_params, zero_buffer_parts
 from tests.conftest import SHAPE_CONFIGS
+from tests.test_multi_gpu import traced_peaks_of_two_ranks
 
 QWEN2_7B = str(SHAPE_CONFIGS / "qwen2-7b.json")
 FULL = {"method": "full", "precision": "bf16", "micro_batch_size": 1, "seq_len": 1024}
@@ -123,8 +121,6 @@ def test_the_zero_prediction_holds_what_a_real_gloo_rank_allocates(
     28.8-29.2 MB (+4.2-5.5%), once in about ten runs 26.8 MB (+13%): ZeRO-3's gathers finish
     asynchronously, so how many gathered buffers are alive at the peak varies. What is left:
     DeepSpeed's estimators count the fp32 gradient partition, which exists only at the step."""
-    from autotune.probe_ranks import RENDEZVOUS_ENV
-
     recipe = Recipe.from_dict(
         {
             "model": str(cut_model),
@@ -139,36 +135,8 @@ def test_the_zero_prediction_holds_what_a_real_gloo_rank_allocates(
         }
     )
     sizes = json.dumps(BUCKETS_FOR_A_TINY_MODEL)
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK_TRACE, sizes],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=(tmp_path / f"rank{rank}.log").open("w"),
-            text=True,
-            env={
-                **os.environ,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": "2",
-                RENDEZVOUS_ENV: str(tmp_path / "rendezvous"),
-            },
-        )
-        for rank in range(2)
-    ]
-    for rank in ranks:
-        rank.stdin.write(recipe.to_yaml())
-        rank.stdin.close()
-    printed = [rank.stdout.read().strip().splitlines() for rank in ranks]
-    for rank in ranks:  # each printed its peak before leaving; reaped whatever its exit
-        try:
-            rank.wait(120)
-        except subprocess.TimeoutExpired:
-            rank.kill()
-            rank.wait()
-    for number, lines in enumerate(printed):
-        assert lines, (tmp_path / f"rank{number}.log").read_text()[-3000:]
-    traced = [json.loads(lines[-1]) for lines in printed]
+    # each rank printed its peak before leaving; the peaks are this test's, whatever the exit
+    traced, _ = traced_peaks_of_two_ranks(RANK_TRACE, recipe, tmp_path, sizes)
     exported = distributed.deepspeed_config
 
     def sized(recipe):
