@@ -365,6 +365,22 @@ def test_fidelity_bench_runs_end_to_end_at_toy_size(tmp_path):
     assert (tmp_path / "cache" / "task.jsonl").read_text() != (
         tmp_path / "cache" / "summary" / "task.jsonl"
     ).read_text()
+    # --model measures a given model (a hub id or, here, a directory) instead of pretraining one
+    given = tmp_path / "cache" / "model"
+    measured = run_bench(
+        "fidelity_bench.py",
+        *("--model", str(given), "--rows", "120", "--eval-rows", "16", "--seq-len", "64"),
+        *("--long-steps", "4", "--probe-steps", "2", "--seeds", "1", "--long-seeds", "1"),
+        *("--recipes", "lora-r4-qv,full", "--cache", str(tmp_path / "given")),
+        *("--out", str(tmp_path / "given.json")),
+    )
+    assert measured.returncode == 0, measured.stderr
+    assert "pretrain" not in measured.stdout
+    given_results = json.loads((tmp_path / "given.json").read_text())
+    assert not given_results["summary"].get("pretraining")
+    assert [row["status"] for row in given_results["probes"]] == ["ok", "ok"]
+    runs = tmp_path / "given" / str(given).replace("/", "--") / "runs"
+    assert (runs / "full" / "long" / "row.json").is_file()
 
 
 def test_fidelity_summary_task_rows_are_code_to_docstring_held_apart_from_pretraining():
