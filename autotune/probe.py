@@ -280,7 +280,7 @@ class SubprocessProbeRunner:
             if process.exit_code() is None:
                 process.kill()
         if isinstance(process, RankProcesses):
-            result = merged_result(process, log_tail)
+            result = merged_result(process)
             result.device = request.device
             result.steps_done = result.steps_done or _steps_logged(log_path)
             result.seconds["total"] = time.perf_counter() - started

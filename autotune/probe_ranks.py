@@ -104,7 +104,7 @@ class RankProcesses:
             order.insert(0, self.first_failed)
         return order
 
-    def silent_reason(self, rank: int, log_path: Path, log_tail: Callable[[Path], str]) -> str:
+    def silent_reason(self, rank: int, log_path: Path) -> str:
         """Why `rank` left no result: how it ended, and the tail of its log."""
         code = self.processes[rank].returncode
         how = f"was killed by signal {-code}" if code and code < 0 else f"exited with {code}"
@@ -186,7 +186,7 @@ def start_ranks(
 RENDEZVOUS_ENV = "AUTOTUNE_RENDEZVOUS_FILE"
 
 
-def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> ProbeResult:
+def merged_result(ranks: RankProcesses) -> ProbeResult:
     """One result of the ranks': the first failure (naming its rank), or the figures of all:
     the peak memory the largest of any rank, tokens/s and trained tokens summed over ranks
     (they step together), host memory summed (the ranks share the host), the losses rank 0's."""
@@ -197,7 +197,7 @@ def merged_result(ranks: RankProcesses, log_tail: Callable[[Path], str]) -> Prob
         if not path.exists():
             log_path = ranks.result_path.with_name("probe.log")
             return ProbeResult(
-                status="crash", device="", reason=ranks.silent_reason(rank, log_path, log_tail)
+                status="crash", device="", reason=ranks.silent_reason(rank, log_path)
             )
         results.append(ProbeResult.from_json(path.read_text(encoding="utf-8")))
     for rank, result in zip(order, results):

@@ -57,16 +57,8 @@ def trainable_weights(model: Any) -> dict[str, Any]:
     group (every rank calls it) FSDP's shards are gathered by torch's distributed state-dict
     API (a DeepSpeed engine's, ZeRO-3's partitions included, by DeepSpeed) and named without
     DDP's, FSDP's or DeepSpeed's wrapping; rank 0 gets them, the others nothing."""
-    if is_engine(model):
-        from autotune.training.deepspeed_engine import gathered_weights
-
-        return gathered_weights(model, trainable_only=True)
-    if in_process_group():
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(
-            model, options=_full_state_options(cpu_offload=True, ignore_frozen_params=True)
-        )
+    if is_engine(model) or in_process_group():
+        return full_model_state(model, trainable_only=True)
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -255,12 +255,16 @@ def train_steps(
             scaler.update()
         else:
             optimizer.step()
+        counting_seconds = 0.0  # what after_update takes is not the step's
         if after_update:
+            counting = time.perf_counter()
             after_update()
+            counting_seconds = time.perf_counter() - counting
         if engine is None:
             optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
-        record = StepRecord(tokens=tokens, seconds=time.perf_counter() - started, loss=loss_total)
+        seconds = time.perf_counter() - started - counting_seconds
+        record = StepRecord(tokens=tokens, seconds=seconds, loss=loss_total)
         records.append(record)
         if on_step:
             on_step(step, record)

@@ -172,7 +172,7 @@ def _progress_writer(path: Path) -> TrainCallbacks:
 
 def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     """Train `plan` as its recipe's num_gpus ranks; rank 0's report, or a one-line failure."""
-    from autotune.probe_ranks import log_tail, rank_result_path, start_ranks
+    from autotune.probe_ranks import rank_result_path, start_ranks
     from autotune.training.child import PARENT_ENV
 
     folder = plan.output_dir / RANKS_DIR
@@ -202,7 +202,7 @@ def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     for rank in ranks.failure_order():
         path = rank_result_path(result_path, rank)
         if not path.exists():
-            raise TrainingFailed(ranks.silent_reason(rank, log_path, log_tail))
+            raise TrainingFailed(ranks.silent_reason(rank, log_path))
         outcome = json.loads(path.read_text(encoding="utf-8"))
         if outcome["status"] == "usage":
             raise UsageError(outcome["reason"])
