@@ -219,7 +219,11 @@ def frontier_readings(
 def _by_quality(front: Any, quality_order: Sequence[int]) -> Any:
     position = {number: index for index, number in enumerate(quality_order)}
     ranked = front.assign(_rank=[position.get(int(n), len(position)) for n in front["trial"]])
-    return ranked.sort_values(["_rank", "eval_loss"]).drop(columns="_rank")
+    # pareto.pick's best-loss order, its tie-break included, so the reading names the card's
+    ordered = ranked.sort_values(
+        ["_rank", "eval_loss", "tokens_per_second"], ascending=[True, True, False]
+    )
+    return ordered.drop(columns="_rank")
 
 
 def _percent(change: float | None) -> str:
