@@ -159,3 +159,28 @@ def test_a_cpu_run_draws_no_gpu_memory_comparison(workspace):  # noqa: F811
     assert "Predicted vs measured peak memory" in page and "No predicted-vs-measured" not in page
     # every drawn chart carries its caption
     assert page.count("<figcaption>") == page.count("Plotly.newPlot")
+
+
+def test_every_chart_gives_peak_memory_in_the_gib_its_label_names(workspace):  # noqa: F811
+    from autotune.report.figures import OBJECTIVE_WORDS, projection_figures
+
+    study = run_study(prepare_run(settings_for(workspace, trials=6)), DrivenRunner())
+    data = report_data(study)
+    measured = data.frame[data.frame["status"] == "measured"]
+    in_gib = sorted(measured["peak_memory_bytes"] / 2**30)
+    label = OBJECTIVE_WORDS["peak_memory_bytes"]
+    seen = 0
+    for figure, _ in projection_figures(data):
+        for trace in figure.data:
+            marker = getattr(trace, "marker", None)
+            if marker is not None and marker.colorbar and marker.colorbar.title.text == label:
+                assert sorted(marker.color) == pytest.approx(in_gib)
+                seen += 1
+            for dimension in getattr(trace, "dimensions", None) or ():
+                if dimension.label == label:
+                    assert sorted(dimension.values) == pytest.approx(in_gib)
+                    seen += 1
+        if figure.layout.xaxis.title.text == label:
+            assert sorted(figure.data[0].x) == pytest.approx(in_gib)
+            seen += 1
+    assert seen >= 3  # the memory colour scale, the memory axis and the parallel coordinate

@@ -17,6 +17,11 @@ OBJECTIVE_WORDS = {
 }
 
 
+def _in_units(frame: Any, name: str) -> Any:
+    """An objective's column as its axis word says: peak memory in GiB, the others as they are."""
+    return frame[name] / 2**30 if name == "peak_memory_bytes" else frame[name]
+
+
 def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     """The other two objective pairs, all three in 3-D, and parameters against objectives; each
     with its caption."""
@@ -25,7 +30,6 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     measured = data.frame[data.frame["status"] == MEASURED]
     if not len(measured):
         return []
-    gib = 2**30
     symbols = ["star" if f else "circle" for f in measured["on_frontier"]]
     pairs = [
         ("peak_memory_bytes", "eval_loss", "tokens_per_second", "Peak memory vs eval loss"),
@@ -40,18 +44,17 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     ]
     figures = []
     for x, y, colour, title in pairs:
-        xs = measured[x] / gib if x == "peak_memory_bytes" else measured[x]
         figures.append(
             go.Figure(
                 go.Scatter(
-                    x=xs,
+                    x=_in_units(measured, x),
                     y=measured[y],
                     mode="markers",
                     text=measured["recipe"],
                     marker=dict(
                         symbol=symbols,
                         size=10,
-                        color=measured[colour],
+                        color=_in_units(measured, colour),
                         colorscale="Viridis",
                         showscale=True,
                         colorbar=dict(title=OBJECTIVE_WORDS[colour]),
@@ -64,7 +67,7 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     figures.append(
         go.Figure(
             go.Scatter3d(
-                x=measured["peak_memory_bytes"] / gib,
+                x=_in_units(measured, "peak_memory_bytes"),
                 y=measured["tokens_per_second"],
                 z=measured["eval_loss"],
                 mode="markers",
@@ -98,8 +101,7 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
             )
         )
     for name in OBJECTIVE_NAMES:
-        values = measured[name] / gib if name == "peak_memory_bytes" else measured[name]
-        dimensions.append(dict(label=OBJECTIVE_WORDS[name], values=values))
+        dimensions.append(dict(label=OBJECTIVE_WORDS[name], values=_in_units(measured, name)))
     figures.append(
         go.Figure(
             go.Parcoords(
