@@ -91,7 +91,8 @@ class ConsoleReporter(RunEvents):
         self.console.print(
             f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
             f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
-            f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (predicted)"
+            f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (the formula's "
+            "prediction, with its margin)"
         )
         for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
             self.console.print(line)
@@ -138,16 +139,13 @@ class ConsoleReporter(RunEvents):
             )
 
     def _confirmed(self, number: int, confirmation: Confirmation) -> None:
-        verdict = "[green]held up[/]" if confirmation.held_up else "[red]did not hold up[/]"
-        speed = confirmation.tokens_per_second
-        detail = (
-            f"{speed:,.0f} tok/s ({confirmation.speed_change:+.0%})"
-            if confirmation.status == "ok"
-            else confirmation.reason
-        )
+        from rich.markup import escape
+
+        verdict, _, detail = confirmation.words().partition(": ")
+        colour = "green" if confirmation.held_up else "red"
         self.console.print(
             f"confirm trial {number} ({confirmation.steps} steps, seed "
-            f"{confirmation.seed}): {verdict}: {detail}"
+            f"{confirmation.seed}): [{colour}]{verdict}[/]: {escape(detail)}"
         )
 
     def _noise_measured(self, noise: Noise) -> None:

@@ -28,6 +28,10 @@ from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import WARMUP_FRACTION, Recipe
 
 EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory", "accelerate")
+PREDICTED_FIGURES = frozenset(
+    {"predicted_peak_bytes", "memory_model", "memory_margin", "predicted_fit"}
+)
+"""The figures a study records beside its measurements that are the memory model's."""
 
 
 def _half_flags(recipe: Recipe) -> dict[str, bool]:
@@ -284,7 +288,9 @@ def render(
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
         if not isinstance(value, dict):
-            header.append(f"# measured {key}: {value}")
+            # the study's record holds the memory model's prediction beside what was measured
+            kind = "" if key in PREDICTED_FIGURES else "measured "
+            header.append(f"# {kind}{key}: {value}")
     if launch_line(recipe, fmt):
         header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
     if fmt in LOSSES[recipe.loss].autotune_only_in:

@@ -219,12 +219,14 @@ def test_render_puts_measured_figures_in_comments():
     text = render(
         "axolotl",
         recipe("qlora"),
-        {"tokens_per_second": 1234.5},
+        {"tokens_per_second": 1234.5, "predicted_peak_bytes": 99},
         data_path="d.jsonl",
         num_layers=28,
     )
     assert text.startswith("# QLoRA nf4 r16")
     assert "# measured tokens_per_second: 1234.5" in text
+    assert "# predicted_peak_bytes: 99" in text  # a prediction is not called measured
+    assert "measured predicted" not in text
     assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
 

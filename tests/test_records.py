@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 
@@ -117,3 +119,16 @@ def test_a_trial_s_probe_figures_read_back_from_their_flat_attributes(study):
     )
     unprobed = study.ask()
     assert trial_record(unprobed).probe is None and trial_record(unprobed).repair_of is None
+
+
+def test_a_confirmation_says_why_it_did_not_hold_up():
+    held = Confirmation(**STORED_CONFIRMATION)
+    assert held.words().startswith("held up: ")
+    faster = dataclasses.replace(held, tokens_per_second=8600.0, speed_change=0.43, held_up=False)
+    assert faster.words() == (
+        "did not hold up: 8,600 tok/s, +43% off the first probe (it holds within ±15%)"
+    )
+    over = dataclasses.replace(held, speed_change=0.01, held_up=False)
+    assert over.words().endswith("but its peak went over the budget")
+    crashed = dataclasses.replace(held, status="oom", reason="CUDA out of memory", held_up=False)
+    assert crashed.words() == "did not hold up: oom: CUDA out of memory"

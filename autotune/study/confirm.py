@@ -14,6 +14,7 @@ from autotune.study.ranking import pick_number
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.study_records import (
+    CONFIRM_SPEED_TOLERANCE,
     NOISE_ATTR,
     Confirmation,
     Noise,
@@ -96,10 +97,6 @@ def _probe_noise(
     record_noise(study, noise)
     events.noise_measured(noise)
     return noise
-
-
-CONFIRM_SPEED_TOLERANCE = 0.15
-"""A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
 
 
 def confirm_frontier(

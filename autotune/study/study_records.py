@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 _Record = TypeVar("_Record")
 
+CONFIRM_SPEED_TOLERANCE = 0.15
+"""A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
+
 
 def _from_stored(cls: type[_Record], stored: dict[str, Any]) -> _Record:
     """A record from the dict a study stored: keys it does not know are left out, so a study
@@ -123,6 +126,18 @@ class Confirmation:
     """Tokens/s relative to the first probe, minus one (-1.0 where that measured none)."""
     held_up: bool
     """Finished, within the budget and within the speed tolerance of the first probe."""
+
+    def words(self) -> str:
+        """The verdict and what it rests on, for people."""
+        if self.status != "ok":
+            return f"did not hold up: {self.status}: {self.reason}"
+        change = f"{self.speed_change:+.0%}"
+        speed = f"{self.tokens_per_second or 0:,.0f} tok/s, {change} off the first probe"
+        if self.held_up:
+            return f"held up: {speed}"
+        if abs(self.speed_change) > CONFIRM_SPEED_TOLERANCE:
+            return f"did not hold up: {speed} (it holds within ±{CONFIRM_SPEED_TOLERANCE:.0%})"
+        return f"did not hold up: {speed}, but its peak went over the budget"
 
 
 CONFIRMATION_PREFIX = "confirmation:"
