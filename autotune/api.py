@@ -73,7 +73,7 @@ def run(
     from autotune.pareto import frontier
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
-    from autotune.study import RunEvents, measured_points, prepare_run, run_study
+    from autotune.study import RunEvents, measured_points, prepare_run, quality_ranking, run_study
     from autotune.study.storage import redact_url
 
     if settings is None:
@@ -93,7 +93,7 @@ def run(
         recipe, recipe_path = write_recipe(
             study, "balanced", settings.recipe_path or recipe_path_for(prepared.study_name)
         )
-        picked = picked_trial(study, "balanced")
+        picked = picked_trial(study, "balanced", points, quality_ranking(study, points))
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
     report_path = write_report(
         study,

@@ -175,9 +175,9 @@ def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
     from autotune.study.ranking import quality_ranking
-    from autotune.study.records import trial_record
+    from autotune.study.records import measured_points, trial_record
 
-    ranking = quality_ranking(result.study)
+    ranking = quality_ranking(result.study, measured_points(result.study))
     promoted = len(ranking.steps) > 1  # --promote ran: the longer probes' eval loss too
     table = Table(title="Pareto frontier (measured, within budget)")
     records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
 from autotune.margins import fit_words, stored_margin
-from autotune.pareto import PICK_POLICIES
+from autotune.pareto import PICK_POLICIES, Point
 from autotune.recipe import Recipe
-from autotune.study.ranking import pick_number, quality_ranking
+from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.study_records import Confirmation, confirmations, study_setup
 
@@ -51,16 +52,17 @@ def measured_figures(
     return figures
 
 
-def picked_trial(study: Any, policy: str) -> Any:
+def picked_trial(study: Any, policy: str, points: Sequence[Point], ranking: QualityRanking) -> Any:
+    """The trial the pick `policy` chooses from the study's measured `points` by their quality
+    `ranking`."""
     if policy not in PICK_POLICIES:
         raise UsageError(f"--pick {policy!r} is not one of {', '.join(PICK_POLICIES)}")
-    points = measured_points(study)
     if not points:
         raise UsageError(
             f"study {study.study_name!r} has no measured recipe within its budget yet; "
             "run more trials or raise --budget"
         )
-    return study.trials[pick_number(study, policy, points)]
+    return study.trials[pick_number(policy, points, ranking)]
 
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
@@ -70,11 +72,13 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
 
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    trial = picked_trial(study, policy)
+    points = measured_points(study)
+    ranking = quality_ranking(study, points)
+    trial = picked_trial(study, policy, points, ranking)
     recipe = recipe_of(trial)
     setup = study_setup(study)
     measured = measured_figures(trial, confirmations(study).get(trial.number), setup.budget_bytes)
-    longer = quality_ranking(study).longest(trial.number)
+    longer = ranking.longest(trial.number)
     if longer is not None:  # --promote probed it again for longer
         measured["longer_probe"] = {"steps": longer[0], "eval_loss": round(longer[1], 5)}
     data_path = setup.data_path or None

@@ -46,16 +46,6 @@ def spearman_rho(xs: Sequence[float], ys: Sequence[float]) -> float:
     return covariance / (spread_x * spread_y)
 
 
-def indistinguishable_groups(losses: dict[int, float], noise: float) -> list[list[int]]:
-    """The recipes (by key) in order of eval loss, grouped where neighbours are no more than
-    `noise` apart: inside a group the order is chance, so the report does not rank it.
-
-    A group is a chain (each member within `noise` of the next), so its ends can lie further
-    apart than `noise` when the chain is long; that still says no member clearly beats the next.
-    """
-    return ladder_groups({key: [loss] for key, loss in losses.items()}, noise)
-
-
 def ladder_order(ladders: Mapping[Key, Sequence[float]]) -> list[Key]:
     """Keys best first, where each key's ladder is its eval loss at each probe length it
     reached (the shortest first, as successive halving promotes): a recipe that reached a longer
@@ -67,7 +57,12 @@ def ladder_order(ladders: Mapping[Key, Sequence[float]]) -> list[Key]:
 
 def ladder_groups(ladders: Mapping[Key, Sequence[float]], noise: float) -> list[list[Key]]:
     """ladder_order's keys grouped where a neighbour's loss, at the longest probe both reached,
-    is no more than `noise` above the one before it (indistinguishable_groups with ladders)."""
+    is no more than `noise` above the one before it: inside a group the order is chance, so the
+    report does not rank it.
+
+    A group is a chain (each member within `noise` of the next), so its ends can lie further
+    apart than `noise` when the chain is long; that still says no member clearly beats the next.
+    """
     groups: list[list[Key]] = []
     for key in ladder_order(ladders):
         if groups:

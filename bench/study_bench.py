@@ -42,6 +42,7 @@ from autotune.study import (  # noqa: E402
     measured_points,
     open_study,
     prepare_run,
+    quality_ranking,
     run_study,
     study_noise,
 )
@@ -53,7 +54,8 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
     """Rates over the trials' own durations, so a study resumed across several calls is timed
     as one run: each trial counts from its start to its end, probe and bookkeeping included."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete]
-    frame = trials_frame(study)
+    measured = measured_points(study)
+    frame = trials_frame(study, measured, quality_ranking(study, measured))
     # trials that ran a probe of their own, as the report counts them (not duplicates)
     probed = probed_rows(frame[frame["trial_seconds"].notna()])
     hours = frame["trial_seconds"].sum() / 3600
@@ -62,7 +64,7 @@ def summarize(study, target_trials: int, wall_seconds: float) -> tuple[dict, lis
     if default and default.user_attrs.get("status") == "measured":
         default_speed, default_loss = default.values[1], default.values[2]
     noise = study_noise(study)
-    points = frontier(measured_points(study))
+    points = frontier(measured)
     fastest = max(points, key=lambda p: p.tokens_per_second, default=None)
     by_number = {t.number: t for t in trials}
     confirmed = {number: dataclasses.asdict(c) for number, c in confirmations(study).items()}

@@ -10,7 +10,6 @@ import pytest
 
 from autotune.fidelity import (
     FIDELITY_READING,
-    indistinguishable_groups,
     ladder_groups,
     ladder_order,
     noise_groups_line,
@@ -40,10 +39,11 @@ def test_spearman_rho_against_hand_computed_cases():
 
 
 def test_recipes_within_the_noise_form_one_group():
-    losses = {7: 1.50, 3: 1.52, 9: 1.60, 4: 1.61, 1: 2.0}
-    assert indistinguishable_groups(losses, noise=0.03) == [[7, 3], [9, 4], [1]]
-    assert indistinguishable_groups(losses, noise=0.0) == [[7], [3], [9], [4], [1]]
-    assert indistinguishable_groups(losses, noise=1.0) == [[7, 3, 9, 4, 1]]
+    # one probe length each: grouped by eval loss alone
+    ladders = {7: [1.50], 3: [1.52], 9: [1.60], 4: [1.61], 1: [2.0]}
+    assert ladder_groups(ladders, noise=0.03) == [[7, 3], [9, 4], [1]]
+    assert ladder_groups(ladders, noise=0.0) == [[7], [3], [9], [4], [1]]
+    assert ladder_groups(ladders, noise=1.0) == [[7, 3, 9, 4, 1]]
 
 
 def test_successive_halving_keeps_the_better_half():

@@ -64,7 +64,13 @@ def test_a_cpu_probe_measures_the_host_memory_of_offloaded_activations_as_replay
     from autotune.replay import load_config, replay
     from autotune.report.frame import trials_frame
     from autotune.report.table import TRIAL_COLUMNS, html_table
-    from autotune.study.records import record_prediction, record_probe_result, trial_record
+    from autotune.study.ranking import quality_ranking
+    from autotune.study.records import (
+        measured_points,
+        record_prediction,
+        record_probe_result,
+        trial_record,
+    )
     from autotune.units import format_bytes
 
     recipe, result = _offload_probe(tiny_model, tmp_path, activation_offload=True)
@@ -88,7 +94,10 @@ def test_a_cpu_probe_measures_the_host_memory_of_offloaded_activations_as_replay
     record = trial_record(study.trials[0])
     assert record.predicted_host_bytes == pinned
     assert record.probe is not None and record.probe.host_peak_bytes == measured
-    page = html_table(trials_frame(study), TRIAL_COLUMNS, "trials")
+    points = measured_points(study)
+    page = html_table(
+        trials_frame(study, points, quality_ranking(study, points)), TRIAL_COLUMNS, "trials"
+    )
     assert "Measured host peak" in page and "Predicted host peak" in page
     assert f">{format_bytes(measured)}<" in page and f">{format_bytes(pinned)}<" in page
 

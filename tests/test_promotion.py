@@ -9,7 +9,7 @@ import optuna
 import pytest
 import yaml
 
-from autotune.study import prepare_run, promoted_quality, promotions, run_study
+from autotune.study import prepare_run, promotions, run_study
 from autotune.training.io import ProbeRequest, ProbeResult
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
@@ -28,7 +28,7 @@ def test_promotion_rounds_probe_the_better_half_for_twice_the_steps(workspace): 
     runner = LearnsWithSteps()
     settings = settings_for(workspace, trials=8, confirm_top=0, promote_rounds=2)
     study = run_study(prepare_run(settings), runner)
-    from autotune.study import measured_points
+    from autotune.study import measured_points, quality_ranking
 
     points = measured_points(study)
     assert len(points) >= 4
@@ -41,9 +41,10 @@ def test_promotion_rounds_probe_the_better_half_for_twice_the_steps(workspace): 
     assert set(recorded) == {p.number for p in best}
     reached_two = {n for n, rounds in recorded.items() if len(rounds) == 2}
     assert len(reached_two) == len(points) // 4
+    ranking = quality_ranking(study, points)
     for number, rounds in recorded.items():
         assert [r.steps for r in rounds] == [6, 12][: len(rounds)]
-        assert promoted_quality(study)[number] == rounds[-1].eval_loss
+        assert ranking.longest(number) == (rounds[-1].steps, rounds[-1].eval_loss)
     # a resumed study reuses its rounds
     run_study(prepare_run(settings), runner)
     assert len([r for r in runner.requests if r.steps in (6, 12)]) == len(first) + len(second)
@@ -80,7 +81,8 @@ def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace): 
     study = run_study(prepare_run(settings), SlowStartersWin())
     points = measured_points(study)
     front = {p.number for p in frontier(points)}
-    longer = promoted_quality(study)
+    # each promoted trial's eval loss on its longest probe, as recorded (one round here)
+    longer = {number: rounds[-1].eval_loss for number, rounds in promotions(study).items()}
     promoted_front = [n for n in longer if n in front]
     assert len(promoted_front) >= 2
     # the frontier's third objective stays the 3-step probe of every trial
@@ -90,18 +92,18 @@ def test_the_best_loss_pick_and_the_report_follow_the_longer_probes(workspace): 
     by_base = pick(points, "best-loss").number
     by_longer = min(promoted_front, key=lambda n: (longer[n], n))
     assert by_base != by_longer  # the case turns the order over
-    assert pick_number(study, "best-loss") == by_longer
+    ranking = quality_ranking(study, points)
+    assert pick_number("best-loss", points, ranking) == by_longer
     # every place a pick is read: export, `autotune studies`, the report's readings
     from autotune.export import picked_trial
     from autotune.study.overview import study_overview
 
-    assert picked_trial(study, "best-loss").number == by_longer
+    assert picked_trial(study, "best-loss", points, ranking).number == by_longer
     from autotune.export import recipe_yaml
 
     measured = yaml.safe_load(recipe_yaml(study, "best-loss")[1])["measured"]
     assert measured["longer_probe"] == {"steps": 6, "eval_loss": round(longer[by_longer], 5)}
-    assert study_overview(study).picks["best-loss"].trial == by_longer
-    ranking = quality_ranking(study)
+    assert study_overview(study, points).picks["best-loss"].trial == by_longer
     assert ranking.steps == (3, 6) and ranking.longest(by_longer) == (6, longer[by_longer])
 
     data = report_data(study)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.pareto import PICK_POLICIES
+from autotune.pareto import PICK_POLICIES, Point
 from autotune.report.frame import MEASURED
-from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
-from autotune.study.records import measured_points
+from autotune.study.ranking import QualityRanking, pick_number
 from autotune.study.study_records import Noise
 
 
@@ -48,16 +48,19 @@ class PickCard:
 
 
 def pick_cards(
-    study: Any, frame: Any, noise: Noise | None, train_tokens: int | None
+    frame: Any,
+    points: Sequence[Point],
+    ranking: QualityRanking,
+    noise: Noise | None,
+    train_tokens: int | None,
 ) -> list[PickCard]:
-    """One card per distinct recipe the pick policies choose, in PICK_POLICIES order."""
-    points = measured_points(study)
+    """One card per distinct recipe the pick policies choose from the measured `points` by
+    their quality `ranking`, in PICK_POLICIES order."""
     if not points or not len(frame):
         return []
-    ranking = quality_ranking(study, points)
     chosen: dict[int, list[str]] = {}
     for policy in PICK_POLICIES:
-        chosen.setdefault(pick_number(study, policy, points, ranking), []).append(policy)
+        chosen.setdefault(pick_number(policy, points, ranking), []).append(policy)
     rows = frame.set_index("trial")
     default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
     base = default.iloc[0] if len(default) else None

@@ -13,7 +13,13 @@ from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
 from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
-from autotune.study.records import OBJECTIVE_NAMES, TrialStatus, not_searched, trial_status
+from autotune.study.records import (
+    OBJECTIVE_NAMES,
+    TrialStatus,
+    measured_points,
+    not_searched,
+    trial_status,
+)
 from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
 from autotune.training.io import PROBE_PHASES
 from autotune.units import format_bytes
@@ -61,8 +67,9 @@ def report_data(
 ) -> ReportData:
     """Everything the page shows; `recipe_path` is where the balanced recipe was exported
     (or, not `exported`, where `autotune export` would write it)."""
-    frame = trials_frame(study)
-    ranking = quality_ranking(study)
+    points = measured_points(study)
+    ranking = quality_ranking(study, points)
+    frame = trials_frame(study, points, ranking)
     setup = study_setup(study)
     choices = space_choices(study)
     stats = data_stats(study)
@@ -83,7 +90,7 @@ def report_data(
         ),
         promoted_steps=ranking.steps[1:],
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
-        cards=tuple(pick_cards(study, frame, noise, train_tokens)),
+        cards=tuple(pick_cards(frame, points, ranking, noise, train_tokens)),
         commands=commands,
         storage_url=storage_url,
         measured_count=measured,
@@ -137,7 +144,7 @@ def time_description(frame: Any) -> str:
 
 
 def quality_axis_notes(
-    frame: Any, metric: str, noise: Noise | None, ranking: QualityRanking | None = None
+    frame: Any, metric: str, noise: Noise | None, ranking: QualityRanking
 ) -> tuple[str, ...]:
     """What the quality axis is, on which probe lengths its ranking of the frontier rests
     (--promote), which frontier recipes the measured noise cannot tell apart on it, and how far
@@ -145,15 +152,10 @@ def quality_axis_notes(
     lines = [quality_reading(metric)]
     front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)] if len(frame) else frame
     numbers = [int(t) for t in front["trial"]] if len(front) else []
-    if ranking is not None and numbers:
+    if numbers:
         lines.append(ranking_line(ranking, numbers))
     if noise and numbers:
-        ladders = (
-            ranking.ladders_of(numbers)
-            if ranking is not None
-            else {int(t): [float(v)] for t, v in zip(front["trial"], front["eval_loss"])}
-        )
-        lines.append(noise_groups_line(ladders, noise.eval_loss_difference))
+        lines.append(noise_groups_line(ranking.ladders_of(numbers), noise.eval_loss_difference))
     lines.append(FIDELITY_READING)
     return tuple(line for line in lines if line)
 

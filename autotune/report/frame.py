@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from autotune.pareto import frontier
-from autotune.study.ranking import quality_ranking
+from autotune.pareto import Point, frontier
+from autotune.study.ranking import QualityRanking
 from autotune.study.records import (
     OBJECTIVE_NAMES,
     TrialStatus,
-    measured_points,
     trial_reason,
     trial_record,
     trial_status,
@@ -34,13 +34,13 @@ def trial_seconds(trial: Any) -> float | None:
     return None
 
 
-def trials_frame(study: Any) -> Any:
-    """One row per trial: recipe fields, predicted and measured figures, status and reason."""
+def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -> Any:
+    """One row per trial: recipe fields, predicted and measured figures, status and reason;
+    `points` are the study's measured points (records.measured_points) and `ranking` their
+    quality ranking (ranking.quality_ranking), which give the frontier and longer-probe columns."""
     import pandas as pd
 
-    points = measured_points(study)
     front = {p.number for p in frontier(points)}
-    ranking = quality_ranking(study, points)
     confirmed = confirmations(study)
     rows = []
     for trial in study.get_trials(deepcopy=False):

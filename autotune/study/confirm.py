@@ -10,7 +10,7 @@ from typing import Any
 from autotune.pareto import PICK_POLICIES, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.study.objective import RunEvents, probe_request
-from autotune.study.ranking import pick_number
+from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.study_records import (
@@ -112,8 +112,9 @@ def confirm_frontier(
     points = measured_points(study)
     if not points or settings.confirm_top < 1:
         return confirmations(study)
+    ranking = quality_ranking(study, points)
     chosen: list[int] = []
-    for number in [pick_number(study, policy, points) for policy in PICK_POLICIES] + [
+    for number in [pick_number(policy, points, ranking) for policy in PICK_POLICIES] + [
         p.number for p in frontier(points)
     ]:
         if number not in chosen:

@@ -5,11 +5,12 @@ best recipe per pick (`autotune studies`), and one study's progress (`autotune s
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.pareto import PICK_POLICIES, frontier
-from autotune.study.ranking import pick_number
+from autotune.pareto import PICK_POLICIES, Point, frontier
+from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
@@ -84,11 +85,12 @@ def _state_count(study: Any, state: str) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState[state],)))
 
 
-def study_overview(study: Any) -> StudyOverview:
+def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
+    """The study and the recipe each pick chooses from its measured `points`."""
     setup = study_setup(study)
-    points = measured_points(study)
+    ranking = quality_ranking(study, points)
     picks = (
-        {p: _measured(study, pick_number(study, p, points)) for p in PICK_POLICIES}
+        {p: _measured(study, pick_number(p, points, ranking)) for p in PICK_POLICIES}
         if points
         else {}
     )
@@ -107,16 +109,18 @@ def study_overviews(storage_url: str | None) -> list[StudyOverview]:
     import optuna
 
     storage = make_storage(existing_storage_url(storage_url))
-    return [
-        study_overview(optuna.load_study(study_name=summary.study_name, storage=storage))
-        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        if not is_claim_study(summary.study_name)
-    ]
+    overviews = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if not is_claim_study(summary.study_name):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            overviews.append(study_overview(study, measured_points(study)))
+    return overviews
 
 
 def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus:
     """The named study's progress (without a name, the storage's only or newest study)."""
     study = load_existing_study(storage_url, study_name)
+    points = measured_points(study)
     trials = study.get_trials(deepcopy=False)
     now = datetime.datetime.now()
     probed = [
@@ -135,7 +139,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         hours = (last - min(starts)).total_seconds() / 3600
         rate = len(probed) / hours if hours > 0 else None
     return StudyStatus(
-        overview=study_overview(study),
+        overview=study_overview(study, points),
         measured=sum(1 for t in trials if trial_status(t) == TrialStatus.MEASURED),
         waiting=_state_count(study, "WAITING"),
         probes=len(probed),
@@ -148,5 +152,5 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
             )
             for t in running
         ],
-        frontier=[_measured(study, p.number) for p in frontier(measured_points(study))],
+        frontier=[_measured(study, p.number) for p in frontier(points)],
     )

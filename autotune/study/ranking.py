@@ -15,7 +15,6 @@ from typing import Any
 
 from autotune.fidelity import ladder_order
 from autotune.pareto import Point, pick
-from autotune.study.records import measured_points
 from autotune.study.study_records import study_setup
 
 PROMOTION_PREFIX = "promotion:"
@@ -41,15 +40,6 @@ def promotions(study: Any) -> dict[int, list[Promotion]]:
         int(key.removeprefix(PROMOTION_PREFIX)): [Promotion(**stored) for stored in value]
         for key, value in study.user_attrs.items()
         if key.startswith(PROMOTION_PREFIX)
-    }
-
-
-def promoted_quality(study: Any) -> dict[int, float]:
-    """Trial number -> the quality its longest promoted probe measured (promoted trials only)."""
-    return {
-        number: rungs[-1].quality
-        for number, rungs in _measured_rungs(promotions(study)).items()
-        if rungs and rungs[-1].quality is not None
     }
 
 
@@ -97,9 +87,9 @@ class QualityRanking:
         return self.steps[rung], self.ladders[a][rung], self.ladders[b][rung]
 
 
-def quality_ranking(study: Any, points: Sequence[Point] | None = None) -> QualityRanking:
-    """The study's quality ranking (without promotions, every ladder is its one probe)."""
-    points = measured_points(study) if points is None else points
+def quality_ranking(study: Any, points: Sequence[Point]) -> QualityRanking:
+    """The study's quality ranking of its measured `points` (records.measured_points; without
+    promotions, every ladder is its one probe)."""
     rungs = _measured_rungs(promotions(study))
     base = study_setup(study).probe_steps
     if base is None:  # a study from before the record: promotion round r probes 2**r times it
@@ -115,16 +105,9 @@ def quality_ranking(study: Any, points: Sequence[Point] | None = None) -> Qualit
     return QualityRanking(ladders, tuple(steps))
 
 
-def pick_number(
-    study: Any,
-    policy: str,
-    points: Sequence[Point] | None = None,
-    ranking: QualityRanking | None = None,
-) -> int:
-    """The trial the pick `policy` chooses from the study's frontier, best-loss by the quality
-    ranking (the longest probes) where promotion rounds ran."""
-    points = measured_points(study) if points is None else points
-    ranking = quality_ranking(study, points) if ranking is None else ranking
+def pick_number(policy: str, points: Sequence[Point], ranking: QualityRanking) -> int:
+    """The trial the pick `policy` chooses from the frontier of the study's measured `points`,
+    best-loss by its quality `ranking` (the longest probes) where promotion rounds ran."""
     return pick(points, policy, ranking.promoted_order()).number
 
 
