@@ -29,6 +29,8 @@ class PickCard:
     eval_loss: float
     held_up: bool | None
     """None where the recipe was not confirmed."""
+    confirmation: str | None = None
+    """The confirmation's verdict and what it rests on; None where there was none."""
     speedup: float | None = None
     """Tokens/s over the QLoRA default's; None where the default was not measured or this is it."""
     eval_loss_change: float | None = None
@@ -92,6 +94,7 @@ def _card(
         epoch_seconds=train_tokens / speed if train_tokens and speed else None,
         is_default=bool(row["baseline"] == "qlora_default"),
         longer_probe=ranking.longest(number),
+        confirmation=row.get("confirmation") or None,
     )
     if base is None or int(base["trial"]) == number:
         return card

@@ -74,6 +74,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
             row[promoted_column(steps)] = quality
         confirmation = confirmed.get(trial.number)
         row["held_up"] = None if confirmation is None else bool(confirmation.held_up)
+        row["confirmation"] = None if confirmation is None else confirmation.words()
         row["confirm_tokens_per_second"] = confirmation and confirmation.tokens_per_second
         row["baseline"] = record.baseline
         row["memory_source"] = probe.memory_source if probe else ""

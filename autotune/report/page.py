@@ -91,9 +91,9 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
         loss += against_default
     if card.is_default:
         speed += " (this is the QLoRA default)"
-    held = {None: "not confirmed", True: "held up", False: "did not hold up"}[card.held_up]
-    if card.held_up is not None:
-        held += " (probed again, longer, with another seed)"
+    held = "not confirmed"
+    if card.confirmation is not None:
+        held = f"{card.confirmation} (probed again, longer, with another seed)"
     memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
     rows = [
         ("Peak memory", esc(memory)),
