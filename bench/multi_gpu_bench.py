@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
+from shared import MODELS_DIR, ROOT, bench_inputs, write_results  # noqa: E402
 
 from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.distributed import probe_refusal  # noqa: E402
@@ -60,10 +60,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multi_gpu.json")
     args = parser.parse_args()
 
-    directory = model_dir(args.shape, args.models_dir, args.device)
-    workdir = args.models_dir / "multi_gpu"
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = long_rows(workdir / "long.jsonl", rows=8 * args.effective_batch)
+    directory, workdir, data = bench_inputs(
+        args.shape, args.models_dir, args.device, "multi_gpu", rows=8 * args.effective_batch
+    )
     spec = load_model_spec(str(directory))
     config = load_config(str(directory))
     _, cache = cached_splits(data, load_tokenizer(str(directory)), args.seq_len, 0, workdir / "c")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
+from shared import MODELS_DIR, ROOT, bench_inputs, write_results  # noqa: E402
 
 from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.probe import SubprocessProbeRunner  # noqa: E402
@@ -47,10 +47,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe_start.json")
     args = parser.parse_args()
 
-    directory = model_dir(args.shape, args.models_dir, args.device)
-    workdir = args.models_dir / "probe-start"
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = long_rows(workdir / "long.jsonl", rows=40)
+    directory, workdir, data = bench_inputs(
+        args.shape, args.models_dir, args.device, "probe-start", rows=40
+    )
     _, cache = cached_splits(data, load_tokenizer(str(directory)), args.seq_len, 0, workdir)
     recipe = Recipe.from_dict(
         {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import MODELS_DIR, ROOT, long_rows, model_dir, write_results  # noqa: E402
+from shared import MODELS_DIR, ROOT, bench_inputs, write_results  # noqa: E402
 
 from autotune.data.token_cache import cached_splits  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
@@ -110,10 +110,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "repeat.json")
     args = parser.parse_args()
 
-    directory = model_dir(args.shape, args.models_dir, args.device)
-    workdir = args.models_dir / "repeat"
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = long_rows(workdir / "long.jsonl", rows=240)
+    directory, workdir, data = bench_inputs(
+        args.shape, args.models_dir, args.device, "repeat", rows=240
+    )
     spec = load_model_spec(str(directory))
     tokenizer = load_tokenizer(str(directory))
     runner = SubprocessProbeRunner(args.timeout)

@@ -62,6 +62,17 @@ def model_dir(shape: str, models_dir: Path, device: str = "cpu") -> Path:
     return target
 
 
+def bench_inputs(
+    shape: str, models_dir: Path, device: str, name: str, rows: int
+) -> tuple[Path, Path, Path]:
+    """What a probing benchmark starts from: the model of `shape` (built once), its work folder
+    `name` under `models_dir`, and `rows` long rows there. Returns (model dir, work dir, data)."""
+    directory = model_dir(shape, models_dir, device)
+    workdir = models_dir / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    return directory, workdir, long_rows(workdir / "long.jsonl", rows=rows)
+
+
 def gpu_name(device: str) -> str:
     if not device.startswith("cuda"):
         return ""
