@@ -165,7 +165,7 @@ def distributed_space(
             ]
             if name == "offload" and choice != "none" and device == "cpu":
                 refusals.append("offload moves GPU memory to the host; there is no GPU here")
-            zero = [s for s in strategies if DISTRIBUTED[s].deepspeed_stage is not None]
+            zero = [s for s in strategies if DISTRIBUTED[s].uses_deepspeed]
             if name == "precision" and choice == "fp16" and device == "cpu" and zero:
                 refusals.append(
                     f"fp16 with {zero[0]} on the CPU: DeepSpeed's CPU accelerator has no fp16 "

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from autotune.distributed import DISTRIBUTED
 from autotune.recipe import Recipe
-from autotune.training.deepspeed_engine import uses_deepspeed
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def join_process_group(recipe: Recipe, device: str) -> RankPlace:
         # a rank that died is noticed by the launcher; this only bounds a lost collective
         timeout=datetime.timedelta(minutes=10),
     )
-    if uses_deepspeed(recipe):
+    if DISTRIBUTED[recipe.distributed].uses_deepspeed:
         from autotune.training.deepspeed_engine import prepare_deepspeed
 
         prepare_deepspeed(device)  # imported before the memory meter's baseline, as torch is
@@ -86,7 +86,7 @@ def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
 def train_with_engine(model: Any, optimizer: Any, recipe: Recipe, place: RankPlace) -> tuple:
     """(model, optimizer) as the step loop drives them: a DeepSpeed ZeRO recipe's engine and its
     ZeRO optimizer (autotune/training/deepspeed_engine.py); the others as they are."""
-    if not uses_deepspeed(recipe):
+    if not DISTRIBUTED[recipe.distributed].uses_deepspeed:
         return model, optimizer
     from autotune.training.deepspeed_engine import deepspeed_engine
 
