@@ -71,7 +71,7 @@ def test_combinations_that_cannot_run_are_refused_with_reasons(fields, problem):
 
 
 def test_the_effective_batch_stays_fixed_over_gpus():
-    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), 2, {})
+    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), (2,), {})
     assert 8 not in space.choices_of("micro_batch_size")  # 8 x 2 GPUs > the batch of 8
     spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
     for micro in space.choices_of("micro_batch_size"):
@@ -84,7 +84,7 @@ def test_the_effective_batch_stays_fixed_over_gpus():
 def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
     unsupported: dict[str, dict[str, str]] = {}
     demo = SearchSpace.load(DEMO_SPACE)
-    space = distributed_space(demo, 2, unsupported)
+    space = distributed_space(demo, (2,), unsupported)
     zero = ("deepspeed_zero2", "deepspeed_zero3") if distributed.deepspeed_installed() else ()
     assert space.choices_of("distributed") == ("ddp", "fsdp", *zero)
     assert space.choices_of("num_gpus") == (2,)
@@ -101,16 +101,16 @@ def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
         }
     )
     unsupported = {}
-    kept = distributed_space(with_zero, 2, unsupported)
+    kept = distributed_space(with_zero, (2,), unsupported)
     assert kept.choices_of("distributed") == ("ddp", "deepspeed_zero2")
     assert "DeepSpeed scales fp16 losses" in unsupported["precision"]["amp_fp16"]
     on_cpu = with_zero.restricted({"precision": ("bf16", "fp16")})
     unsupported = {}
-    assert distributed_space(on_cpu, 2, unsupported, "cpu").choices_of("precision") == ("bf16",)
+    assert distributed_space(on_cpu, (2,), unsupported, "cpu").choices_of("precision") == ("bf16",)
     assert "CPU accelerator has no fp16" in unsupported["precision"]["fp16"]
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
     unsupported = {}
-    assert distributed_space(with_zero, 2, unsupported).choices_of("distributed") == ("ddp",)
+    assert distributed_space(with_zero, (2,), unsupported).choices_of("distributed") == ("ddp",)
     assert "autotune[deepspeed]" in unsupported["distributed"]["deepspeed_zero2"]
 
 
@@ -564,10 +564,12 @@ def test_offload_is_left_out_on_the_cpu_with_its_reason():
         {**yaml.safe_load(DEMO_SPACE.read_text()), "offload": ["none", "optimizer_and_params"]}
     )
     unsupported: dict[str, dict[str, str]] = {}
-    on_cpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, unsupported, "cpu")
+    on_cpu = distributed_space(
+        space.restricted({"distributed": ("fsdp",)}), (2,), unsupported, "cpu"
+    )
     assert on_cpu.choices_of("offload") == ("none",)
     assert "no GPU here" in unsupported["offload"]["optimizer_and_params"]
-    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, {}, "cuda")
+    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), (2,), {}, "cuda")
     assert on_gpu.choices_of("offload") == ("none", "optimizer_and_params")
 
 
