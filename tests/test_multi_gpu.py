@@ -146,13 +146,20 @@ def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
 
 def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path, monkeypatch):
     """Two ranks each, through gloo: each strategy trains the effective batch a single process
-    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing."""
+    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing. The 5
+    eval rows are shared 3 and 2 by DDP's and ZeRO-2's ranks, and every rank reports the mean
+    of all."""
+    import dataclasses
+
     extensions = tmp_path / "torch_extensions"  # where DeepSpeed's JIT builds would go
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
     fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
     single = runner.run(
-        request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+        dataclasses.replace(
+            request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+            eval_rows=5,
+        ),
         tmp_path / "single",
     )
     assert single.status == "ok", single.reason
@@ -169,7 +176,7 @@ def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_
             num_gpus=2,
             **fields,
         )
-        result = runner.run(request, workdir)
+        result = runner.run(dataclasses.replace(request, eval_rows=5), workdir)
         assert result.status == "ok", result.reason
         assert result.trained_tokens == single.trained_tokens  # tokens of all ranks
         assert result.peak_memory_bytes > 0 and result.tokens_per_second > 0
@@ -177,6 +184,7 @@ def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_
         assert "step 2/2" in (workdir / "probe.rank1.log").read_text()
         rank1 = ProbeResult.from_json((workdir / "result.rank1.json").read_text())
         assert 0 < rank1.peak_memory_bytes <= result.peak_memory_bytes  # the peak over ranks
+        assert rank1.eval_loss == pytest.approx(result.eval_loss, rel=1e-12)
         results[strategy] = result
     assert not extensions.exists()
     for strategy in zero:  # ZeRO's partitioned update is DDP's update: the same losses
