@@ -33,6 +33,11 @@ class DistributedKind:
     deepspeed_stage: int | None = None
     """The ZeRO stage of a DeepSpeed strategy."""
 
+    @property
+    def uses_deepspeed(self) -> bool:
+        """Whether DeepSpeed's ZeRO engine trains this strategy (else torch's DDP or FSDP2)."""
+        return self.deepspeed_stage is not None
+
 
 DISTRIBUTED: dict[str, DistributedKind] = {
     kind.name: kind
@@ -124,7 +129,7 @@ def combination_refusals(recipe: Recipe) -> list[str]:
             f"loss {recipe.loss} with {kind.name}: it calls the decoder past the wrapper's "
             "forward, which DDP, FSDP and DeepSpeed need to sync gradients and gather weights"
         )
-    if kind.deepspeed_stage is not None and recipe.precision == "amp_fp16":
+    if kind.uses_deepspeed and recipe.precision == "amp_fp16":
         problems.append(
             f"precision amp_fp16 with {kind.name}: DeepSpeed scales fp16 losses in its own fp16 "
             "mode (precision fp16), not through torch's GradScaler"
@@ -159,14 +164,14 @@ def deepspeed_installed() -> bool:
 def probe_refusal(recipe: Recipe) -> str:
     """Why autotune cannot probe this recipe's strategy ('' where it can)."""
     kind = DISTRIBUTED[recipe.distributed]
-    if kind.deepspeed_stage is not None and not deepspeed_installed():
+    if kind.uses_deepspeed and not deepspeed_installed():
         return f"distributed {recipe.distributed} needs DeepSpeed installed ({DEEPSPEED_INSTALL})"
     return ""
 
 
 def replay_refusal(recipe: Recipe) -> str:
     """Why the replay leaves this recipe's per-GPU peak to the formula ('' where it replays)."""
-    if DISTRIBUTED[recipe.distributed].deepspeed_stage is not None:
+    if DISTRIBUTED[recipe.distributed].uses_deepspeed:
         # deepspeed.initialize allocates its flat partitions on a real accelerator
         return (
             f"{recipe.distributed} is predicted per GPU by the formula, 16-bit model states by "
@@ -222,7 +227,7 @@ def hf_training_keys(recipe: Recipe) -> dict[str, Any]:
     if kind.name == "fsdp":
         offload = {"cpu_offload": True} if recipe.offload != "none" else {}
         return {"fsdp": True, "fsdp_config": {"version": 2, **FSDP2_KEYS, **offload}}
-    if kind.deepspeed_stage is not None:
+    if kind.uses_deepspeed:
         return {"deepspeed": deepspeed_config(recipe)}  # a dict is accepted as well as a path
     return {}
 
@@ -234,7 +239,7 @@ def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
     if kind.name == "fsdp":
         offload = {"offload_params": True} if recipe.offload != "none" else {}
         return {"fsdp_version": 2, "fsdp_config": {**FSDP2_KEYS, **offload}}
-    if kind.deepspeed_stage is not None:
+    if kind.uses_deepspeed:
         if recipe.offload != "none":  # its deepspeed takes a mapping as well as a path
             return {"deepspeed": deepspeed_config(recipe)}
         return {"deepspeed": f"deepspeed_configs/zero{kind.deepspeed_stage}.json"}
@@ -271,7 +276,7 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
     if kind.name == "fsdp":
         keys["fsdp_config"] = {"fsdp_version": 2} | {f"fsdp_{k}": v for k, v in FSDP2_KEYS.items()}
         keys["fsdp_config"]["fsdp_offload_params"] = recipe.offload != "none"
-    if kind.deepspeed_stage is not None:
+    if kind.uses_deepspeed:
         keys["deepspeed_config"] = {
             "zero_stage": kind.deepspeed_stage,
             "gradient_accumulation_steps": recipe.gradient_accumulation_steps,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.recipe import Recipe
 from autotune.training.deepspeed_engine import is_engine
+from autotune.training.host_held import local_shard, optimizer_state_tensors
 
 if TYPE_CHECKING:
     from autotune.training.ranks import RankPlace
@@ -78,10 +79,10 @@ def allocation_tracer(existing: list[Any]) -> Any:
 
         def release(self, tensor: Any) -> None:
             """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
-            self._released(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
+            self._released(local_shard(tensor).untyped_storage()._cdata)
 
         def track(self, tensor: Any, op: str = "resize_") -> None:
-            tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
+            tensor = local_shard(tensor)
             storage = tensor.untyped_storage()
             key = storage._cdata
             if key in self.known or key in self.live or storage.nbytes() == 0:
@@ -122,12 +123,8 @@ def _resizes_seen(recipe: Recipe, tracer: Any) -> Any:
 def model_tensors(model: Any, optimizer: Any) -> list[Any]:
     """The tensors a step starts from: parameters (a DTensor's shard), buffers, optimizer
     states."""
-    import torch
-
-    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return [
-        getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers(), *states)
-    ]
+    weights = [local_shard(t) for t in (*model.parameters(), *model.buffers())]
+    return weights + optimizer_state_tensors(optimizer)
 
 
 def held_tensors() -> list[Any]:

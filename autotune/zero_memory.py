@@ -58,7 +58,7 @@ class ZeroStates:
 def runs_16bit_zero(recipe: Recipe) -> bool:
     """A ZeRO recipe in DeepSpeed's 16-bit mode, the model states this module predicts."""
     kind = DISTRIBUTED[recipe.distributed]
-    return kind.deepspeed_stage is not None and recipe.precision in SIXTEEN_BIT_PRECISIONS
+    return kind.uses_deepspeed and recipe.precision in SIXTEEN_BIT_PRECISIONS
 
 
 def largest_layer_params(spec: ModelSpec) -> int:

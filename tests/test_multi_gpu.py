@@ -71,7 +71,7 @@ def test_combinations_that_cannot_run_are_refused_with_reasons(fields, problem):
 
 
 def test_the_effective_batch_stays_fixed_over_gpus():
-    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), 2, {})
+    space = distributed_space(SearchSpace.load().restricted({"distributed": ("fsdp",)}), (2,), {})
     assert 8 not in space.choices_of("micro_batch_size")  # 8 x 2 GPUs > the batch of 8
     spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-0.5b.json"))
     for micro in space.choices_of("micro_batch_size"):
@@ -84,7 +84,7 @@ def test_the_effective_batch_stays_fixed_over_gpus():
 def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
     unsupported: dict[str, dict[str, str]] = {}
     demo = SearchSpace.load(DEMO_SPACE)
-    space = distributed_space(demo, 2, unsupported)
+    space = distributed_space(demo, (2,), unsupported)
     zero = ("deepspeed_zero2", "deepspeed_zero3") if distributed.deepspeed_installed() else ()
     assert space.choices_of("distributed") == ("ddp", "fsdp", *zero)
     assert space.choices_of("num_gpus") == (2,)
@@ -101,16 +101,16 @@ def test_the_space_on_two_gpus_leaves_out_what_cannot_run(monkeypatch):
         }
     )
     unsupported = {}
-    kept = distributed_space(with_zero, 2, unsupported)
+    kept = distributed_space(with_zero, (2,), unsupported)
     assert kept.choices_of("distributed") == ("ddp", "deepspeed_zero2")
     assert "DeepSpeed scales fp16 losses" in unsupported["precision"]["amp_fp16"]
     on_cpu = with_zero.restricted({"precision": ("bf16", "fp16")})
     unsupported = {}
-    assert distributed_space(on_cpu, 2, unsupported, "cpu").choices_of("precision") == ("bf16",)
+    assert distributed_space(on_cpu, (2,), unsupported, "cpu").choices_of("precision") == ("bf16",)
     assert "CPU accelerator has no fp16" in unsupported["precision"]["fp16"]
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
     unsupported = {}
-    assert distributed_space(with_zero, 2, unsupported).choices_of("distributed") == ("ddp",)
+    assert distributed_space(with_zero, (2,), unsupported).choices_of("distributed") == ("ddp",)
     assert "autotune[deepspeed]" in unsupported["distributed"]["deepspeed_zero2"]
 
 
@@ -146,13 +146,20 @@ def test_fsdp_on_four_gpus_holds_under_45_percent_of_one_gpu_per_gpu():
 
 def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_path, monkeypatch):
     """Two ranks each, through gloo: each strategy trains the effective batch a single process
-    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing."""
+    would; DeepSpeed's ZeRO-2 and ZeRO-3 as DDP does, to the loss, compiling nothing. The 5
+    eval rows are shared 3 and 2 by DDP's and ZeRO-2's ranks, and every rank reports the mean
+    of all."""
+    import dataclasses
+
     extensions = tmp_path / "torch_extensions"  # where DeepSpeed's JIT builds would go
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     runner = SubprocessProbeRunner(timeout_seconds=300, warm=False)
     fields = {"method": "full", "precision": "fp32", "micro_batch_size": 1}
     single = runner.run(
-        request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+        dataclasses.replace(
+            request_for(tiny_model, qa_data, steps=2, gradient_accumulation_steps=4, **fields),
+            eval_rows=5,
+        ),
         tmp_path / "single",
     )
     assert single.status == "ok", single.reason
@@ -169,7 +176,7 @@ def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_
             num_gpus=2,
             **fields,
         )
-        result = runner.run(request, workdir)
+        result = runner.run(dataclasses.replace(request, eval_rows=5), workdir)
         assert result.status == "ok", result.reason
         assert result.trained_tokens == single.trained_tokens  # tokens of all ranks
         assert result.peak_memory_bytes > 0 and result.tokens_per_second > 0
@@ -177,6 +184,7 @@ def test_ddp_fsdp_and_zero_probes_run_real_gloo_groups(tiny_model, qa_data, tmp_
         assert "step 2/2" in (workdir / "probe.rank1.log").read_text()
         rank1 = ProbeResult.from_json((workdir / "result.rank1.json").read_text())
         assert 0 < rank1.peak_memory_bytes <= result.peak_memory_bytes  # the peak over ranks
+        assert rank1.eval_loss == pytest.approx(result.eval_loss, rel=1e-12)
         results[strategy] = result
     assert not extensions.exists()
     for strategy in zero:  # ZeRO's partitioned update is DDP's update: the same losses
@@ -564,10 +572,12 @@ def test_offload_is_left_out_on_the_cpu_with_its_reason():
         {**yaml.safe_load(DEMO_SPACE.read_text()), "offload": ["none", "optimizer_and_params"]}
     )
     unsupported: dict[str, dict[str, str]] = {}
-    on_cpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, unsupported, "cpu")
+    on_cpu = distributed_space(
+        space.restricted({"distributed": ("fsdp",)}), (2,), unsupported, "cpu"
+    )
     assert on_cpu.choices_of("offload") == ("none",)
     assert "no GPU here" in unsupported["offload"]["optimizer_and_params"]
-    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), 2, {}, "cuda")
+    on_gpu = distributed_space(space.restricted({"distributed": ("fsdp",)}), (2,), {}, "cuda")
     assert on_gpu.choices_of("offload") == ("none", "optimizer_and_params")
 
 

@@ -100,11 +100,11 @@ def supported_space(
 
 def distributed_space(
     space: SearchSpace,
-    gpus_per_probe: int | tuple[int, ...],
+    gpus_per_probe: tuple[int, ...],
     unsupported: dict[str, dict[str, str]],
     device: str = "cuda",
 ) -> SearchSpace:
-    """The space on `gpus_per_probe` GPUs per probe (a count, or the counts to search):
+    """The space on `gpus_per_probe` GPUs per probe (the counts to search, as settings hold them):
     num_gpus among those above 1, the distributed strategies that run on that many (every one
     probed here where the space names none) and, where 1 is among them, `none` on one GPU;
     without the choices a searched strategy (or, for offload, the CPU) cannot run with. Each
@@ -115,7 +115,7 @@ def distributed_space(
     def leave_out(name: str, choice: Any, why: str) -> None:
         unsupported.setdefault(name, {}).setdefault(str(choice), why)
 
-    counts = (gpus_per_probe,) if isinstance(gpus_per_probe, int) else tuple(gpus_per_probe)
+    counts = gpus_per_probe
     several = tuple(c for c in counts if c > 1)
     named = space.choices_of("distributed")
     strategies: tuple[Any, ...] = ()
@@ -165,7 +165,7 @@ def distributed_space(
             ]
             if name == "offload" and choice != "none" and device == "cpu":
                 refusals.append("offload moves GPU memory to the host; there is no GPU here")
-            zero = [s for s in strategies if DISTRIBUTED[s].deepspeed_stage is not None]
+            zero = [s for s in strategies if DISTRIBUTED[s].uses_deepspeed]
             if name == "precision" and choice == "fp16" and device == "cpu" and zero:
                 refusals.append(
                     f"fp16 with {zero[0]} on the CPU: DeepSpeed's CPU accelerator has no fp16 "

@@ -46,13 +46,13 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     from autotune.training.loop import (
         MemoryMeter,
         StepRecord,
-        evaluate,
         tokens_per_second,
         train_steps,
         warmup_steps,
     )
     from autotune.training.ranks import (
         distribute_model,
+        evaluate_on_ranks,
         join_process_group,
         rank_share,
         train_with_engine,
@@ -111,8 +111,8 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
         )
         if step + 1 in request.eval_at_steps and step + 1 < request.steps:
             # between steps, outside their timing
-            result.eval_losses[str(step + 1)] = evaluate(
-                model, splits.eval, recipe, device, tokenizer.pad_token_id
+            result.eval_losses[str(step + 1)] = evaluate_on_ranks(
+                model, splits.eval, recipe, place, tokenizer.pad_token_id
             )
 
     def count_host_states() -> None:
@@ -137,8 +137,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     result.trained_tokens = sum(r.tokens for r in records)
     result.train_loss = records[-1].loss
 
-    # every rank evaluates the same rows: FSDP's gathers need all ranks in each forward
-    result.eval_loss = evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id)
+    result.eval_loss = evaluate_on_ranks(model, splits.eval, recipe, place, tokenizer.pad_token_id)
     if request.steps in request.eval_at_steps:
         result.eval_losses[str(request.steps)] = result.eval_loss
     if request.quality != "eval_loss":

@@ -33,10 +33,6 @@ NO_PRINT_STEPS = 10**9
 """steps_per_print: DeepSpeed's own progress lines stay out of the probe log."""
 
 
-def uses_deepspeed(recipe: Recipe) -> bool:
-    return DISTRIBUTED[recipe.distributed].deepspeed_stage is not None
-
-
 def probe_config(recipe: Recipe) -> dict[str, Any]:
     """The exported DeepSpeed JSON with the values its "auto" entries take for this recipe.
 
@@ -66,7 +62,7 @@ def probe_config(recipe: Recipe) -> dict[str, Any]:
 def cpu_refusal(recipe: Recipe) -> str:
     """Why DeepSpeed cannot train this recipe on the CPU ('' where it can): its CPU
     accelerator has an fp16 mode only where oneDNN's fp16 kernels run on the processor."""
-    if not uses_deepspeed(recipe) or recipe.precision != "fp16":
+    if not DISTRIBUTED[recipe.distributed].uses_deepspeed or recipe.precision != "fp16":
         return ""
     import torch
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator

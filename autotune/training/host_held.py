@@ -73,16 +73,18 @@ HOST_HELD = HostHeld()
 """The probe process's count (a probe is one process; the offload hooks add to it)."""
 
 
-def _local(tensor: Any) -> Any:
+def local_shard(tensor: Any) -> Any:
     """A DTensor's shard on this rank; any other tensor as it is."""
     return getattr(tensor, "_local_tensor", tensor)
 
 
-def _optimizer_tensors(optimizer: Any) -> list[Any]:
+def optimizer_state_tensors(optimizer: Any) -> list[Any]:
+    """The tensors of a torch optimizer's per-parameter states (each DTensor's shard on this
+    rank); a storage may appear more than once, so counts go by storage."""
     import torch
 
     return [
-        _local(value)
+        local_shard(value)
         for state in optimizer.state.values()
         for value in state.values()
         if isinstance(value, torch.Tensor)
@@ -105,14 +107,14 @@ def host_state_bytes(model: Any, optimizer: Any, device: str) -> int:
         add(host)
         add(host.grad)
     for inner in getattr(optimizer, "optim_dict", {}).values():
-        for tensor in _optimizer_tensors(inner):
+        for tensor in optimizer_state_tensors(inner):
             add(tensor)
     if not device.startswith("cpu"):
         for param in model.parameters():
-            add(_local(param))
-            add(_local(param.grad) if param.grad is not None else None)
+            add(local_shard(param))
+            add(local_shard(param.grad) if param.grad is not None else None)
         if hasattr(optimizer, "state"):
-            for tensor in _optimizer_tensors(optimizer):
+            for tensor in optimizer_state_tensors(optimizer):
                 add(tensor)
         # DeepSpeed's ZeRO optimizer wraps the client's, which steps its fp32 partitions (on
         # the host under ZeRO-Offload)
@@ -122,7 +124,7 @@ def host_state_bytes(model: Any, optimizer: Any, device: str) -> int:
                 add(param)
                 add(param.grad)
         if hasattr(inner, "state"):
-            for tensor in _optimizer_tensors(inner):
+            for tensor in optimizer_state_tensors(inner):
                 add(tensor)
     return sum(host_block_bytes(t) for t in tensors.values())
 

@@ -279,6 +279,18 @@ def evaluate(
     pad_token_id: int,
 ) -> float:
     """Mean loss per answer token over `examples` (token-weighted, so batching does not matter)."""
+    return mean_eval_loss(*eval_loss_sum(model, examples, recipe, device, pad_token_id))
+
+
+def eval_loss_sum(
+    model: Any,
+    examples: Sequence[TokenizedExample],
+    recipe: Recipe,
+    device: str,
+    pad_token_id: int,
+) -> tuple[float, int]:
+    """The loss summed over the answer tokens of `examples`, and how many there are: sums of
+    parts of a split add up to the split's."""
     import torch
 
     model.eval()
@@ -292,6 +304,10 @@ def evaluate(
             total_loss += float(loss) * count
             total_tokens += count
     model.train()
+    return total_loss, total_tokens
+
+
+def mean_eval_loss(total_loss: float, total_tokens: int) -> float:
     mean = total_loss / max(total_tokens, 1)
     if not math.isfinite(mean):
         raise NonFiniteLoss(f"eval loss is {mean}")

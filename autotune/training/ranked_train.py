@@ -35,6 +35,11 @@ from autotune.training.train_plan import (
 PROGRESS_NAME = "progress.jsonl"
 
 
+def chosen_gpus(gpus: tuple[str, ...], recipe: Recipe) -> tuple[str, ...]:
+    """The CUDA devices a run trains on: those --gpus names, else the first num_gpus."""
+    return gpus or tuple(str(g) for g in range(recipe.num_gpus))
+
+
 def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
     """Refuse, in one line, what a distributed `autotune train` does not run."""
     from autotune.distributed import probe_refusal
@@ -53,7 +58,7 @@ def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
         return
     import torch
 
-    wanted = gpus or tuple(str(g) for g in range(recipe.num_gpus))
+    wanted = chosen_gpus(gpus, recipe)
     if len(wanted) != recipe.num_gpus:
         raise UsageError(
             f"the recipe trains on {recipe.num_gpus} GPUs, but --gpus names {len(wanted)}"
@@ -184,9 +189,7 @@ def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if plan.device.startswith("cuda"):
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(
-            plan.gpus or tuple(str(g) for g in range(plan.recipe.num_gpus))
-        )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(chosen_gpus(plan.gpus, plan.recipe))
     world = plan.recipe.num_gpus
     ranks = start_ranks(
         "autotune.training.ranked_train", world, request_path, result_path, log_path, env
@@ -198,7 +201,7 @@ def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         if ranks.exit_code() is None:
             ranks.kill()
     relay.poll()
-    outcomes = []
+    report: dict[str, Any] = {}
     for rank in ranks.failure_order():
         path = rank_result_path(result_path, rank)
         if not path.exists():
@@ -208,8 +211,9 @@ def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
             raise UsageError(outcome["reason"])
         if outcome["status"] != "ok":
             raise TrainingFailed(f"rank {rank} of {world} failed: {outcome['reason']}")
-        outcomes.append((rank, outcome))
-    return _report_of(dict(outcomes)[0]["report"])
+        if rank == 0:  # rank 0 alone reports; the others' results only say they succeeded
+            report = outcome["report"]
+    return _report_of(report)
 
 
 def main(argv: list[str]) -> int:

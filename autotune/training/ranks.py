@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from autotune.distributed import DISTRIBUTED
 from autotune.recipe import Recipe
-from autotune.training.deepspeed_engine import uses_deepspeed
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def join_process_group(recipe: Recipe, device: str) -> RankPlace:
         # a rank that died is noticed by the launcher; this only bounds a lost collective
         timeout=datetime.timedelta(minutes=10),
     )
-    if uses_deepspeed(recipe):
+    if DISTRIBUTED[recipe.distributed].uses_deepspeed:
         from autotune.training.deepspeed_engine import prepare_deepspeed
 
         prepare_deepspeed(device)  # imported before the memory meter's baseline, as torch is
@@ -70,6 +70,29 @@ def rank_share(step_examples: Sequence[Sequence[T]], place: RankPlace) -> list[l
     return [list(step[place.rank :: place.world_size]) for step in step_examples]
 
 
+def evaluate_on_ranks(
+    model: Any, examples: Sequence[Any], recipe: Recipe, place: RankPlace, pad_token_id: int
+) -> float:
+    """Mean loss per answer token over `examples`, the same on every rank (every rank calls
+    this). FSDP and ZeRO-3 gather each block's weights inside the forward, so there every rank
+    scores every row. DDP's and ZeRO-2's ranks each hold all the weights: each scores its share
+    of the rows on the unwrapped module (no collective runs inside its forward, so shares of
+    unequal length cannot hang), and the loss sums and token counts are added over the ranks."""
+    from autotune.training.loop import eval_loss_sum, evaluate, mean_eval_loss
+
+    if place.world_size == 1 or DISTRIBUTED[recipe.distributed].shards_parameters:
+        return evaluate(model, examples, recipe, place.device, pad_token_id)
+    import torch
+    import torch.distributed as dist
+
+    share = rank_share([examples], place)[0]
+    # the module DDP or DeepSpeed's engine wraps: DDP's own forward broadcasts its buffers
+    loss_sum, tokens = eval_loss_sum(model.module, share, recipe, place.device, pad_token_id)
+    totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=place.device)
+    dist.all_reduce(totals)
+    return mean_eval_loss(float(totals[0]), int(totals[1]))
+
+
 def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
     """The model as the recipe's strategy trains it; build the optimizer after this (FSDP2
     replaces the parameters by their shards)."""
@@ -86,7 +109,7 @@ def distribute_model(model: Any, recipe: Recipe, place: RankPlace) -> Any:
 def train_with_engine(model: Any, optimizer: Any, recipe: Recipe, place: RankPlace) -> tuple:
     """(model, optimizer) as the step loop drives them: a DeepSpeed ZeRO recipe's engine and its
     ZeRO optimizer (autotune/training/deepspeed_engine.py); the others as they are."""
-    if not uses_deepspeed(recipe):
+    if not DISTRIBUTED[recipe.distributed].uses_deepspeed:
         return model, optimizer
     from autotune.training.deepspeed_engine import deepspeed_engine
 

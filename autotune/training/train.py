@@ -214,10 +214,11 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
 
     from autotune.data.splits import load_splits
     from autotune.training.build import build_model, build_optimizer, load_tokenizer
-    from autotune.training.loop import MemoryMeter, evaluate, tokens_per_second, train_steps
+    from autotune.training.loop import MemoryMeter, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
     from autotune.training.ranks import (
         distribute_model,
+        evaluate_on_ranks,
         join_process_group,
         rank_share,
         train_with_engine,
@@ -289,9 +290,9 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         monitor.log(at_step, scalars)
 
     def evaluated() -> float:
-        # every rank scores all rows (FSDP's gathers need every rank in each forward); rank
-        # 0's loss decides for all, so that they stop and keep the same step
-        return agreed(evaluate(model, splits.eval, recipe, device, tokenizer.pad_token_id), place)
+        # rank 0's loss decides for all, so that they stop and keep the same step
+        eval_loss = evaluate_on_ranks(model, splits.eval, recipe, place, tokenizer.pad_token_id)
+        return agreed(eval_loss, place)
 
     def run_eval(at_step: int) -> None:
         assert stopper is not None
