@@ -68,17 +68,21 @@ class RankProcesses:
         """The rank whose failure ended the probe (the others were killed after it)."""
 
     def failed_rank(self) -> int | None:
-        """A rank that ended without a good result, while others may still run."""
-        for rank, process in enumerate(self.processes):
-            code = process.poll()
+        """A rank that ended without a good result, while others may still run. A rank that
+        left no result (killed, or died) comes before one that wrote a failure: ranks that
+        ended between two looks, the others' failures follow from its (a peer's broken
+        connection)."""
+        ended = [(rank, p.poll()) for rank, p in enumerate(self.processes)]
+        silent, failed = [], []
+        for rank, code in ended:
             if code is None:
                 continue
             path = rank_result_path(self.result_path, rank)
             if code != 0 or not path.exists():
-                return rank
-            if result_status(path) != "ok":
-                return rank
-        return None
+                silent.append(rank)
+            elif result_status(path) != "ok":
+                failed.append(rank)
+        return next(iter(silent + failed), None)
 
     def wait(self, timeout_seconds: float, on_poll: Callable[[], None] | None = None) -> bool:
         """True once every rank ended or one failed; False at the timeout. `on_poll` is called
@@ -93,6 +97,7 @@ class RankProcesses:
             if on_poll is not None:
                 on_poll()
             time.sleep(RANK_POLL_SECONDS)
+        self.first_failed = self.failed_rank()  # all ended since the last look
         return True
 
     def failure_order(self) -> list[int]:

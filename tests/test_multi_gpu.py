@@ -413,10 +413,10 @@ RANK_TRACE = """
 import json, sys
 from autotune.recipe import Recipe
 from autotune.step_trace import trace_step
-from autotune.training.ranks import join_process_group, leave_process_group
+from autotune.training.ranks import end_rank, join_process_group
 recipe = Recipe.from_yaml(sys.stdin.read())
 print(json.dumps(trace_step(recipe, place=join_process_group(recipe, "cpu")).peak_bytes))
-leave_process_group()
+end_rank()
 """
 
 

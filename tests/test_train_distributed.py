@@ -145,6 +145,27 @@ def test_a_killed_rank_fails_the_training_in_one_line_and_leaves_no_process(
     assert not any(_alive(p.pid) for p in ranks)
 
 
+def test_a_rank_that_left_no_result_is_named_before_the_peer_its_death_broke(tmp_path):
+    """Both ranks ended between two looks: rank 0 wrote a failure (its peer's connection
+    broke) and exited 0, rank 1 was killed. The killed one is the cause."""
+    import subprocess
+    import sys
+
+    result_path = tmp_path / "result.json"
+    write = f"open({str(result_path)!r}, 'w').write('{{\"status\": \"crash\"}}')"
+    broken = subprocess.Popen([sys.executable, "-c", write])
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    for process in (broken, killed):
+        process.wait()
+    ranks = probe_ranks.RankProcesses([broken, killed], result_path)
+    assert ranks.wait(10) and ranks.first_failed == 1
+    assert ranks.failure_order() == [1, 0]
+    assert ranks.silent_reason(1, tmp_path / "probe.log").startswith(
+        "rank 1 of 2 was killed by signal 9 without a result"
+    )
+
+
 def test_deepspeed_recipes_without_deepspeed_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
     recipe = Recipe.from_dict(

@@ -96,7 +96,7 @@ import json, sys
 import autotune.distributed as d, autotune.training.deepspeed_engine as engine
 from autotune.recipe import Recipe
 from autotune.step_trace import trace_step
-from autotune.training.ranks import join_process_group, leave_process_group
+from autotune.training.ranks import end_rank, join_process_group
 exported = d.deepspeed_config
 def sized(recipe):
     config = exported(recipe)
@@ -106,7 +106,7 @@ d.deepspeed_config = engine.deepspeed_config = sized
 recipe = Recipe.from_yaml(sys.stdin.read())
 print(json.dumps(trace_step(recipe, place=join_process_group(recipe, "cpu")).peak_bytes))
 sys.stdout.flush()
-leave_process_group()
+end_rank()
 """
 
 
@@ -136,7 +136,8 @@ def test_the_zero_prediction_holds_what_a_real_gloo_rank_allocates(
     )
     sizes = json.dumps(BUCKETS_FOR_A_TINY_MODEL)
     # each rank printed its peak before leaving; the peaks are this test's, whatever the exit
-    traced, _ = traced_peaks_of_two_ranks(RANK_TRACE, recipe, tmp_path, sizes)
+    traced, exit_codes = traced_peaks_of_two_ranks(RANK_TRACE, recipe, tmp_path, sizes)
+    assert exit_codes == [0, 0], [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
     exported = distributed.deepspeed_config
 
     def sized(recipe):

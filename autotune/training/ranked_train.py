@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from autotune.errors import TrainingFailed, UsageError, first_line
 from autotune.recipe import Recipe
@@ -216,11 +216,11 @@ def train_on_ranks(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     return _report_of(report)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> NoReturn:
     """One rank: train, then write its outcome (ok with rank 0's report, usage or crash)."""
     from autotune.training.child import PARENT_ENV
     from autotune.training.loop import is_out_of_memory
-    from autotune.training.ranks import leave_process_group
+    from autotune.training.ranks import end_rank
     from autotune.training.train import run_training
 
     request_path, result_path = map(Path, argv)
@@ -245,8 +245,7 @@ def main(argv: list[str]) -> int:
         temporary = result_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(outcome), encoding="utf-8")
         temporary.replace(result_path)  # first: the launcher judges the ranks by their results
-        leave_process_group()
-    return 0
+        end_rank()
 
 
 if __name__ == "__main__":

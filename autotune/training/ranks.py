@@ -9,9 +9,10 @@ CUDA rank r trains on the r-th visible GPU through nccl, on the CPU through gloo
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from autotune.distributed import DISTRIBUTED
 from autotune.recipe import Recipe
@@ -63,6 +64,16 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_rank() -> NoReturn:
+    """Leave the process group and end this rank's process at once, its result written by
+    then. Left to the interpreter's teardown, the threads DeepSpeed and gloo leave behind
+    aborted about one rank exit in ten ("terminate called without an active exception")."""
+    leave_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank_share(step_examples: Sequence[Sequence[T]], place: RankPlace) -> list[list[T]]:
