@@ -52,15 +52,18 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     }
 
 
-def _data_key_before_version_3(prepared: PreparedRun) -> str:
+def _data_key(prepared: PreparedRun, seq_len: int, version: int | None = None) -> str:
+    """The run's data key as measured_under records it, at `seq_len` (the key covers it) and
+    the token cache's `version` (default: the current one)."""
     settings = prepared.settings
+    versioned = {} if version is None else {"version": version}
     key = token_cache_key(
         settings.data_path,
         tokenizer_for(settings.model),
-        settings.seq_len,
+        seq_len,
         settings.seed,
         settings.eval_rows,
-        version=2,
+        **versioned,
     )
     return f"tokens-{key}"
 
@@ -82,8 +85,12 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     current = measured_under(prepared)
     stored = study_setup(study).measured_under
     changed = [key for key in current if key in stored and stored[key] != current[key]]
-    if "data" in changed and stored["data"] == _data_key_before_version_3(prepared):
+    if "data" in changed and stored["data"] == _data_key(prepared, prepared.settings.seq_len, 2):
         changed.remove("data")  # the same data, keyed as studies made before version 3 were
+    if {"data", "seq_len"} <= set(changed) and stored["data"] == _data_key(
+        prepared, stored["seq_len"]
+    ):
+        changed.remove("data")  # the data's key changed with --seq-len alone
     if not changed:
         return
     shown = []
