@@ -153,6 +153,7 @@ def test_freeze_of_attention_or_mlp_trains_only_those(
 def test_resume_without_checkpoint_and_unwritable_output(tiny_model, qa_data, tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(lora_recipe(tiny_model), qa_data, tmp_path / "empty", max_steps=1, resume=True)
+    assert not (tmp_path / "empty").exists()  # a refused --resume leaves nothing behind
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="not writable"):

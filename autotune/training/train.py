@@ -61,7 +61,7 @@ def holds_a_run(path: Path) -> bool:
 def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
     """Fail early, with one line, when the output directory is the model's own, holds files
     that are not an autotune run's (unless `overwrite`), holds a run that is neither resumed
-    nor overwritten, or cannot be written."""
+    nor overwritten, holds no checkpoint to resume, or cannot be written."""
     model_dir = Path(model).expanduser()
     if model_dir.is_dir():
         target, source = path.expanduser().resolve(), model_dir.resolve()
@@ -82,6 +82,8 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
             f"--output {path} is not empty ({shown}) and holds no autotune run; choose an empty "
             "or new directory, or add --overwrite to replace files of the same names"
         )
+    if resume and latest_checkpoint(path) is None:  # before anything is created or loaded
+        raise UsageError(f"--resume: no checkpoint in {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".autotune-write-test"
