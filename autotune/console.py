@@ -104,13 +104,11 @@ class ConsoleReporter(RunEvents):
         self._progress.update(self._task, description=f"trial {number}: {label}")
 
     def _trial_finished(self, summary: TrialSummary) -> None:
-        from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
+        from autotune.training.io import PROBE_PHASES
 
         self._progress.advance(self._task)
         if summary.status == TrialStatus.MEASURED:
-            memory = format_bytes(summary.peak_memory_bytes or 0)
-            if summary.memory_source == CPU_MEMORY_SOURCE:
-                memory = f"CPU RSS +{memory}"
+            memory = measured_memory(summary.peak_memory_bytes or 0, summary.memory_source)
             text = (
                 f"[green]measured[/] {memory} "
                 f"(predicted GPU {format_bytes(summary.predicted_peak_bytes)}), "
@@ -171,6 +169,15 @@ class ConsoleReporter(RunEvents):
             self.console.print(nothing_measured_line(result.study))
 
 
+def measured_memory(peak_bytes: float, memory_source: str) -> str:
+    """A probe's measured peak as it was measured: a CPU probe's is the growth of its resident
+    memory, not GPU memory."""
+    from autotune.training.io import CPU_MEMORY_SOURCE
+
+    memory = format_bytes(peak_bytes)
+    return f"CPU RSS +{memory}" if memory_source == CPU_MEMORY_SOURCE else memory
+
+
 def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
@@ -182,6 +189,7 @@ def frontier_table(result: RunResult) -> Any:
     table = Table(title="Pareto frontier (measured, within budget)")
     records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}
     hosts = {n: r.probe.host_peak_bytes if r.probe else None for n, r in records.items()}
+    sources = {n: r.probe.memory_source if r.probe else "" for n, r in records.items()}
     columns = ["trial", "recipe", "peak memory", "tokens/s", "eval loss"]
     if promoted:
         columns[-1] += f" ({ranking.steps[0]} steps)"
@@ -195,7 +203,7 @@ def frontier_table(result: RunResult) -> Any:
         cells = [
             str(point.number),
             records[point.number].label,
-            format_bytes(point.peak_memory_bytes),
+            measured_memory(point.peak_memory_bytes, sources[point.number]),
             f"{point.tokens_per_second:,.0f}",
             f"{point.eval_loss:.4f}",
         ]
@@ -283,8 +291,9 @@ def _recipe_line(recipe: MeasuredRecipe) -> str:
         if recipe.host_peak_bytes is not None
         else ""
     )
+    memory = measured_memory(recipe.peak_memory_bytes, recipe.memory_source)
     return (
-        f"trial {recipe.trial}  {recipe.recipe}  {format_bytes(recipe.peak_memory_bytes)}{host}  "
+        f"trial {recipe.trial}  {recipe.recipe}  {memory}{host}  "
         f"{recipe.tokens_per_second:,.0f} tokens/s  eval loss {recipe.eval_loss:.4f}"
     )
 

@@ -75,6 +75,9 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
     assert f"running: trial {running.number}" in shown.stdout
     assert "an hour" in shown.stdout and "frontier so far, fastest first:" in shown.stdout
     assert shown.stdout.count("tokens/s") == len(status.frontier)
+    # the probes ran on the CPU: their memory is said to be the CPU's, not the GPU's
+    assert shown.stdout.count("  CPU RSS +") == len(status.frontier)
+    assert listed.stdout.count("  CPU RSS +") == listed.stdout.count("tokens/s")
 
 
 def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F811

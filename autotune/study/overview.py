@@ -31,6 +31,8 @@ class MeasuredRecipe:
     eval_loss: float
     host_peak_bytes: int | None = None
     """Where it offloads: the host memory its probe measured."""
+    memory_source: str = ""
+    """What its probe measured as peak memory (training.io's CUDA or CPU memory source)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def _measured(study: Any, number: int) -> MeasuredRecipe:
     memory, speed, loss = trial.values
     record = trial_record(trial)
     host = record.probe.host_peak_bytes if record.probe else None
-    return MeasuredRecipe(number, record.label, memory, speed, loss, host)
+    source = record.probe.memory_source if record.probe else ""
+    return MeasuredRecipe(number, record.label, memory, speed, loss, host, source)
 
 
 def _state_count(study: Any, state: str) -> int:
