@@ -160,6 +160,14 @@ def test_resume_without_checkpoint_and_unwritable_output(tiny_model, qa_data, tm
         train(lora_recipe(tiny_model), qa_data, blocker / "out", max_steps=1)
 
 
+def test_data_refused_once_tokenized_leaves_no_output_behind(tiny_model, tmp_path):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(f'{{"input": "q{i}", "output": "a{i}"}}\n' for i in range(4)))
+    with pytest.raises(UsageError, match="fewer than one effective batch"):
+        train(lora_recipe(tiny_model), few, tmp_path / "out", max_steps=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_input(tiny_model, qa_data, tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(f"model: {tiny_model}\nmethod: lora\nrank: 8\n")

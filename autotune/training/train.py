@@ -175,6 +175,7 @@ def train(
     from autotune.data.rows import checked_scan
 
     data_scan = checked_scan(data_path, skip_bad_rows)
+    created = not output_dir.exists()
     check_output_dir(output_dir, recipe.model, resume, overwrite)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
@@ -202,11 +203,16 @@ def train(
         predicted_peak_bytes=predicted_peak_bytes,
     )
     callbacks = TrainCallbacks(on_start, on_step, on_eval)
-    if recipe.num_gpus > 1:
-        from autotune.training.ranked_train import train_on_ranks
+    try:
+        if recipe.num_gpus > 1:
+            from autotune.training.ranked_train import train_on_ranks
 
-        return train_on_ranks(plan, callbacks)
-    return run_training(plan, callbacks)
+            return train_on_ranks(plan, callbacks)
+        return run_training(plan, callbacks)
+    except UsageError:  # input found unusable once read (too few rows): no empty --output left
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
 
 
 def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
