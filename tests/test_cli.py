@@ -479,6 +479,7 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (run + ["--trials", "abc"], "Invalid value for '--trials'"),
         (run + ["--confirm", "-1"], "--confirm must be 0 or more"),
         (run + ["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+        (run + ["--report", str(tmp_path)], f"--report {tmp_path} is a directory"),
         (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
