@@ -320,10 +320,11 @@ def data_inspect(
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.api import inspect_data
     from autotune.data.rows import describe_bad_rows
+    from autotune.units import count_of
 
     summary = inspect_data(data, model, seq_len, trust_remote_code=trust_remote_code)
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
-    typer.echo(f"{summary.path}: {summary.rows} rows ({formats or 'none'})")
+    typer.echo(f"{summary.path}: {count_of(summary.rows, 'row')} ({formats or 'none'})")
     if summary.bad_rows:
         typer.echo(describe_bad_rows(data, summary.bad_rows))
     else:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.study.objective import RunEvents, TrialSummary
 from autotune.study.records import TrialStatus
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:
     from autotune.api import MemoryPrediction, RunResult, TrainResult
@@ -260,7 +260,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
         peak_bytes = result.predicted.estimate.peak_bytes
         predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
     probe_speed = measured.get("tokens_per_second")
-    console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
+    console.print(f"trained {count_of(report.steps, 'step')}; eval loss {report.eval_loss:.4f}")
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
         console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
@@ -309,7 +309,7 @@ def overview_lines(study: StudyOverview) -> list[str]:
     budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
     lines = [
         f"{study.name}: model {study.model or '?'}, budget {budget}; "
-        f"{study.finished} trials finished, {study.running} running"
+        f"{count_of(study.finished, 'trial')} finished, {study.running} running"
     ]
     if not study.picks:
         lines.append("  nothing measured within the budget yet")
@@ -328,7 +328,7 @@ def status_text(status: StudyStatus) -> str:
     lines = [
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
-        f"running, {status.waiting} queued; {status.probes} probes{rate}",
+        f"running, {status.waiting} queued; {count_of(status.probes, 'probe')}{rate}",
     ]
     lines += [
         f"running: trial {r.trial}  {r.recipe or '(sampling)'}  for {format_duration(r.seconds)}"
