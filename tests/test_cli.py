@@ -495,3 +495,23 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
         assert needle in lines[0], (args, lines[0])
+
+
+def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_path):
+    import autotune.api
+    from autotune import cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotune.api, "train", stopped)
+    output = tmp_path / "out"
+    argv = ["autotune", "train", "--recipe", "r.yaml", "--data", "d.jsonl", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"autotune: interrupted; the checkpoints saved so far stay in {output} "
+        "(--resume continues from the latest)"
+    )  # not the study's trials of `autotune run`: train has none
