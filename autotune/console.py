@@ -101,12 +101,15 @@ class ConsoleReporter(RunEvents):
         self._task = self._progress.add_task("trials", total=settings.trials)
 
     def _trial_started(self, number: int, label: str) -> None:
-        self._progress.update(self._task, description=f"trial {number}: {label}")
+        if self._progress is not None:  # None once the run ended: after Ctrl-C, another
+            # worker's trial still ends, and is recorded and shown
+            self._progress.update(self._task, description=f"trial {number}: {label}")
 
     def _trial_finished(self, summary: TrialSummary) -> None:
         from autotune.training.io import PROBE_PHASES
 
-        self._progress.advance(self._task)
+        if self._progress is not None:
+            self._progress.advance(self._task)
         if summary.status == TrialStatus.MEASURED:
             memory = measured_memory(summary.peak_memory_bytes or 0, summary.memory_source)
             text = (

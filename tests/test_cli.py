@@ -515,3 +515,31 @@ def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_pa
         f"autotune: interrupted; the checkpoints saved so far stay in {output} "
         "(--resume continues from the latest)"
     )  # not the study's trials of `autotune run`: train has none
+
+
+def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
+    """With --workers, Ctrl-C ends the run's progress bar while another worker's trial runs
+    on; that trial's end must not fail it (its probe measured it)."""
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter, progress_bar
+    from autotune.study.objective import TrialSummary
+    from autotune.study.records import TrialStatus
+
+    console = Console(record=True, width=200)
+    with ConsoleReporter(console) as reporter:
+        reporter._progress = progress_bar(console, transient=True)
+        reporter._task = reporter._progress.add_task("trials", total=2)
+    reporter.trial_started(5, "LoRA r8")
+    reporter.trial_finished(
+        TrialSummary(
+            number=5,
+            label="LoRA r8",
+            status=TrialStatus.MEASURED,
+            predicted_peak_bytes=2**30,
+            peak_memory_bytes=2**29,
+            tokens_per_second=100.0,
+            eval_loss=2.0,
+        )
+    )
+    assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()
