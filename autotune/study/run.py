@@ -157,11 +157,11 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
             "and queued to run again"
         )
-    remaining = settings.trials - finished_trial_count(study)
-    if remaining <= 0:
+    finished = finished_trial_count(study)
+    if finished >= settings.trials:
         events.notes.append(
-            f"study {prepared.study_name} already holds {settings.trials} finished trials; "
-            "raise --trials to run more"
+            f"study {prepared.study_name} already holds {finished} finished trials "
+            f"(--trials {settings.trials}); raise --trials to run more"
         )
         promote(prepared, runner, study, events)
         confirm_frontier(prepared, runner, study, events)
@@ -175,7 +175,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
 
     study.optimize(
         make_objective(prepared, runner, events),
-        n_trials=remaining,
+        n_trials=settings.trials - finished,
         timeout=settings.timeout_seconds,
         n_jobs=max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1),
         catch=(ProbeCrashed,),
