@@ -397,6 +397,11 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             ["export", "--storage", "postgresql://me@127.0.0.1:1/none?password=hunter2"],
             "cannot open storage postgresql://me@127.0.0.1:1/none?password=***",
         ),
+        (
+            ["studies", "--storage", "trials/autotune.db"],
+            "--storage trials/autotune.db is not a database URL; for a SQLite file write "
+            "sqlite:///trials/autotune.db",
+        ),
         (run + ["--budget", "4GB", "--gpus", "7"], "needs CUDA"),
         (run + ["--budget", "4GB", "--gpus-per-probe", "0"], "--gpus-per-probe takes a count"),
         (run + ["--budget", "4GB", "--gpus-per-probe", "1-x"], "or a range (1-4) of GPUs"),

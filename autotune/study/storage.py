@@ -119,6 +119,10 @@ def make_trials_dir() -> None:
 
 def make_storage(url: str) -> Any:
     _quiet_optuna()
+    if "://" not in url:  # a file's path: say how to name it, not SQLAlchemy's parse error
+        raise UsageError(
+            f"--storage {url} is not a database URL; for a SQLite file write sqlite:///{url}"
+        )
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):
