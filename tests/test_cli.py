@@ -343,6 +343,12 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
     full_with_lora.write_text("method: full\nlora_r: 8\n")
     too_frozen = tmp_path / "frozen.yaml"
     too_frozen.write_text("method: freeze\nfrozen_layers: 9\n")
+    unknown_kind = tmp_path / "unknown-kind"
+    unknown_kind.mkdir()
+    config = json.loads((config_only / "config.json").read_text())
+    (unknown_kind / "config.json").write_text(json.dumps({**config, "model_type": "nomodel"}))
+    full = tmp_path / "full-only.yaml"
+    full.write_text("method: full\n")
     run = [
         "run",
         "--model",
@@ -412,6 +418,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         (
             ["estimate", "--model", str(config_only), "--recipe", str(too_frozen)],
             "leaves nothing to train",
+        ),
+        (
+            ["estimate", "--model", str(unknown_kind), "--recipe", str(full)],
+            "its model_type 'nomodel' is not one transformers",
         ),
         (
             ["estimate", "-m", str(config_only), "-r", str(full_with_lora)]
