@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -19,7 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
 )
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "interrupted": "autotune: interrupted"}
+"""--debug, and what Ctrl-C leaves behind in the words of the command it stopped."""
 
 
 @app.callback()
@@ -62,6 +64,7 @@ def run(
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields
+    _state["interrupted"] = "autotune: interrupted; finished trials are kept in the study"
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, tokenize_progress
@@ -221,6 +224,10 @@ def train(
     from autotune.budgets import parse_budget
     from autotune.console import TrainProgress, make_console, show_trained
 
+    _state["interrupted"] = (
+        f"autotune: interrupted; the checkpoints saved so far stay in {output} "
+        "(--resume continues from the latest)"
+    )
     budget_bytes = parse_budget(budget) if budget else None
     if merge_dtype is not None and not merge:
         raise UsageError("--merge-dtype needs --merge")
@@ -320,10 +327,11 @@ def data_inspect(
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.api import inspect_data
     from autotune.data.rows import describe_bad_rows
+    from autotune.units import count_of
 
     summary = inspect_data(data, model, seq_len, trust_remote_code=trust_remote_code)
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
-    typer.echo(f"{summary.path}: {summary.rows} rows ({formats or 'none'})")
+    typer.echo(f"{summary.path}: {count_of(summary.rows, 'row')} ({formats or 'none'})")
     if summary.bad_rows:
         typer.echo(describe_bad_rows(data, summary.bad_rows))
     else:
@@ -335,9 +343,6 @@ def data_inspect(
             f"longer than seq_len {seq_len}: {summary.truncated_share:.1%} of rows; "
             f"{summary.rows_without_answer_tokens} rows lose their whole answer"
         )
-
-
-INTERRUPTED = "autotune: interrupted; finished trials are kept in the study"
 
 
 def main() -> None:
@@ -363,7 +368,7 @@ def main() -> None:
         print(f"autotune: error: {message}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
-        print(INTERRUPTED, file=sys.stderr)
+        print(_state["interrupted"], file=sys.stderr)
         sys.exit(130)
     except UsageError as error:
         if _state["debug"]:
@@ -376,10 +381,10 @@ def main() -> None:
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        print(_state["interrupted"], file=sys.stderr)
         sys.exit(130)
     if code == 130:  # Ctrl-C, which typer turns into an exit code
-        print(INTERRUPTED, file=sys.stderr)
+        print(_state["interrupted"], file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.study.objective import RunEvents, TrialSummary
 from autotune.study.records import TrialStatus
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:
     from autotune.api import MemoryPrediction, RunResult, TrainResult
@@ -101,16 +101,17 @@ class ConsoleReporter(RunEvents):
         self._task = self._progress.add_task("trials", total=settings.trials)
 
     def _trial_started(self, number: int, label: str) -> None:
-        self._progress.update(self._task, description=f"trial {number}: {label}")
+        if self._progress is not None:  # None once the run ended: after Ctrl-C, another
+            # worker's trial still ends, and is recorded and shown
+            self._progress.update(self._task, description=f"trial {number}: {label}")
 
     def _trial_finished(self, summary: TrialSummary) -> None:
-        from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
+        from autotune.training.io import PROBE_PHASES
 
-        self._progress.advance(self._task)
+        if self._progress is not None:
+            self._progress.advance(self._task)
         if summary.status == TrialStatus.MEASURED:
-            memory = format_bytes(summary.peak_memory_bytes or 0)
-            if summary.memory_source == CPU_MEMORY_SOURCE:
-                memory = f"CPU RSS +{memory}"
+            memory = measured_memory(summary.peak_memory_bytes or 0, summary.memory_source)
             text = (
                 f"[green]measured[/] {memory} "
                 f"(predicted GPU {format_bytes(summary.predicted_peak_bytes)}), "
@@ -171,6 +172,15 @@ class ConsoleReporter(RunEvents):
             self.console.print(nothing_measured_line(result.study))
 
 
+def measured_memory(peak_bytes: float, memory_source: str) -> str:
+    """A probe's measured peak as it was measured: a CPU probe's is the growth of its resident
+    memory, not GPU memory."""
+    from autotune.training.io import CPU_MEMORY_SOURCE
+
+    memory = format_bytes(peak_bytes)
+    return f"CPU RSS +{memory}" if memory_source == CPU_MEMORY_SOURCE else memory
+
+
 def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
@@ -182,6 +192,7 @@ def frontier_table(result: RunResult) -> Any:
     table = Table(title="Pareto frontier (measured, within budget)")
     records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}
     hosts = {n: r.probe.host_peak_bytes if r.probe else None for n, r in records.items()}
+    sources = {n: r.probe.memory_source if r.probe else "" for n, r in records.items()}
     columns = ["trial", "recipe", "peak memory", "tokens/s", "eval loss"]
     if promoted:
         columns[-1] += f" ({ranking.steps[0]} steps)"
@@ -195,7 +206,7 @@ def frontier_table(result: RunResult) -> Any:
         cells = [
             str(point.number),
             records[point.number].label,
-            format_bytes(point.peak_memory_bytes),
+            measured_memory(point.peak_memory_bytes, sources[point.number]),
             f"{point.tokens_per_second:,.0f}",
             f"{point.eval_loss:.4f}",
         ]
@@ -252,7 +263,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
         peak_bytes = result.predicted.estimate.peak_bytes
         predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
     probe_speed = measured.get("tokens_per_second")
-    console.print(f"trained {report.steps} steps; eval loss {report.eval_loss:.4f}")
+    console.print(f"trained {count_of(report.steps, 'step')}; eval loss {report.eval_loss:.4f}")
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
         console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
@@ -283,8 +294,9 @@ def _recipe_line(recipe: MeasuredRecipe) -> str:
         if recipe.host_peak_bytes is not None
         else ""
     )
+    memory = measured_memory(recipe.peak_memory_bytes, recipe.memory_source)
     return (
-        f"trial {recipe.trial}  {recipe.recipe}  {format_bytes(recipe.peak_memory_bytes)}{host}  "
+        f"trial {recipe.trial}  {recipe.recipe}  {memory}{host}  "
         f"{recipe.tokens_per_second:,.0f} tokens/s  eval loss {recipe.eval_loss:.4f}"
     )
 
@@ -300,7 +312,7 @@ def overview_lines(study: StudyOverview) -> list[str]:
     budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
     lines = [
         f"{study.name}: model {study.model or '?'}, budget {budget}; "
-        f"{study.finished} trials finished, {study.running} running"
+        f"{count_of(study.finished, 'trial')} finished, {study.running} running"
     ]
     if not study.picks:
         lines.append("  nothing measured within the budget yet")
@@ -319,7 +331,7 @@ def status_text(status: StudyStatus) -> str:
     lines = [
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
-        f"running, {status.waiting} queued; {status.probes} probes{rate}",
+        f"running, {status.waiting} queued; {count_of(status.probes, 'probe')}{rate}",
     ]
     lines += [
         f"running: trial {r.trial}  {r.recipe or '(sampling)'}  for {format_duration(r.seconds)}"

@@ -67,7 +67,7 @@ def picked_trial(study: Any, policy: str, points: Sequence[Point], ranking: Qual
 
 def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
     """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory)."""
-    from autotune.data.rows import first_row_format
+    from autotune.data.rows import first_row_format, scan
     from autotune.formats import EXPORT_FORMATS, render
 
     if fmt not in EXPORT_FORMATS:
@@ -82,9 +82,10 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
     if longer is not None:  # --promote probed it again for longer
         measured["longer_probe"] = {"steps": longer[0], "eval_loss": round(longer[1], 5)}
     data_path = setup.data_path or None
-    data_format = "alpaca"
+    data_format, data_formats = "alpaca", None
     if fmt == "axolotl" and data_path and Path(data_path).exists():
         data_format = first_row_format(data_path) or data_format
+        data_formats = scan(data_path).formats
     return recipe, render(
         fmt,
         recipe,
@@ -92,6 +93,7 @@ def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe,
         data_path=data_path,
         data_format=data_format,
         num_layers=setup.num_layers,
+        data_formats=data_formats,
     )
 
 

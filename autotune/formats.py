@@ -273,8 +273,10 @@ def render(
     data_path: str | None = None,
     data_format: str = "alpaca",
     num_layers: int | None = None,
+    data_formats: dict[str, int] | None = None,
 ) -> str:
-    """The recipe as YAML in `fmt`; measured figures as YAML (autotune) or a comment header."""
+    """The recipe as YAML in `fmt`; measured figures as YAML (autotune) or a comment header.
+    `data_formats` (rows per format) says where axolotl's one format cannot read every row."""
     if fmt == "autotune":
         return recipe.to_yaml(measured=measured)
     if fmt == "hf":
@@ -293,6 +295,12 @@ def render(
             header.append(f"# {kind}{key}: {value}")
     if launch_line(recipe, fmt):
         header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
+    if fmt == "axolotl" and len(data_formats or {}) > 1:
+        mix = ", ".join(f"{kind} {rows}" for kind, rows in sorted((data_formats or {}).items()))
+        header.append(
+            f"# the data mixes formats ({mix}); an axolotl dataset has one, and this names "
+            f"{data_format}, its first row's: give axolotl one file per format"
+        )
     if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "

@@ -18,6 +18,11 @@ _WORKER: Any = None
 
 def _start_worker(parent_pid: int) -> None:
     import os
+    import signal
+
+    # Ctrl-C reaches the whole process group: the run says it was interrupted, and this
+    # worker ends at once without a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     from autotune.cpu_nf4 import quiet_kernel_hub_notice
     from autotune.lifetime import exit_with_parent

@@ -272,7 +272,7 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
-        return cls.from_dict(_yaml_mapping(text, source), source)
+        return cls.from_dict(load_yaml(text, source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -289,7 +289,7 @@ class Recipe:
             raise UsageError(f"recipe file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UsageError(f"recipe file {path} cannot be read: {first_line(error)}") from None
-        data = _yaml_mapping(text, str(path))
+        data = load_yaml(text, str(path))
         recipe = cls.from_dict(data, str(path))  # refuses anything but a mapping
         measured = data.get("measured")
         return recipe, measured if isinstance(measured, dict) else {}
@@ -301,11 +301,17 @@ class Recipe:
 _LEFT_OUT_AT_DEFAULT = ("train_modules", "distributed", "num_gpus", "offload")
 
 
-def _yaml_mapping(text: str, source: str) -> Any:
+def load_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text` (a recipe or a search space), read safely; a syntax error
+    is one line that says where and what: `source: not valid YAML (line 3 column 9: ...)`."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UsageError(f"{source}: not valid YAML ({first_line(error)})") from None
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(problem.split()) if problem else first_line(error)
+        raise UsageError(f"{source}: not valid YAML ({where}{what})") from None
 
 
 __all__ = ["Attention", "Loss", "Recipe", "RECIPE_FORMAT_VERSION"]

@@ -28,6 +28,7 @@ its graph, lives until the next one's is made, as in the probe's step loop.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -341,6 +342,15 @@ def load_config(model: str) -> Any:
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=remote_code_allowed())
     except Exception as error:  # noqa: BLE001 - unknown architectures, bad JSON, no network
+        unknown = re.search(r"model type `([^`]+)` but Transformers does not recognize", str(error))
+        if unknown:  # transformers' own words run past one line
+            import transformers
+
+            raise UsageError(
+                f"cannot build model {model!r} from its config: its model_type "
+                f"{unknown.group(1)!r} is not one transformers {transformers.__version__} knows "
+                "(a newer transformers may, or the model's own code with --trust-remote-code)"
+            ) from None
         raise UsageError(
             f"cannot build model {model!r} from its config: {first_line(error)}"
         ) from None

@@ -16,8 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autotune.dimensions import (
     DIMENSIONS,
     METHODS,
@@ -30,7 +28,7 @@ from autotune.dimensions import (
 )
 from autotune.errors import UsageError, first_line
 from autotune.model_spec import ModelSpec
-from autotune.recipe import Recipe
+from autotune.recipe import Recipe, load_yaml
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -55,14 +53,14 @@ class SearchSpace:
     def load(cls, path: str | Path | None = None) -> SearchSpace:
         path = Path(path) if path else DEFAULT_SPACE
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"search space file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError) as error:
             raise UsageError(
                 f"search space file {path} cannot be read: {first_line(error)}"
             ) from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(text, str(path)), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "search space") -> SearchSpace:

@@ -72,3 +72,8 @@ def format_duration(seconds: float) -> str:
     minutes, whole_seconds = divmod(rest, 60)
     parts = ((hours, "h"), (minutes, "m"), (whole_seconds, "s"))
     return "".join(f"{count}{unit}" for count, unit in parts if count) or "0s"
+
+
+def count_of(count: int, noun: str) -> str:
+    """'1 trial', '2 trials', '0 trials': a count with its noun, plural unless it is one."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

@@ -62,6 +62,8 @@ def test_run_returns_the_study_its_frontier_report_and_recipe(workspace):  # noq
     )
     assert again.report_path == Path("r.html") and again.report_path.exists()
     assert any("already holds 6 finished trials" in note for note in again.notes)
+    fewer = autotune.run(runner=FakeRunner(), **{**vars(settings_for(workspace)), "trials": 2})
+    assert any("already holds 6 finished trials (--trials 2)" in n for n in fewer.notes)
 
 
 def test_a_run_with_nothing_measured_writes_no_recipe(workspace):  # noqa: F811

@@ -180,7 +180,7 @@ def test_a_model_with_everything_supported_keeps_the_space():
     assert unsupported == {} and space == default
 
 
-def test_optuna_does_not_repeat_a_crashed_probe_with_a_traceback():
+def test_optuna_does_not_repeat_a_crashed_or_stopped_probe_with_a_traceback():
     def record(message: str, error: BaseException | None) -> logging.LogRecord:
         exc_info = (type(error), error, None) if error else None
         return logging.LogRecord("optuna", logging.WARNING, __file__, 1, message, None, exc_info)
@@ -189,6 +189,9 @@ def test_optuna_does_not_repeat_a_crashed_probe_with_a_traceback():
     crash = ProbeCrashed("OSError: no weights")
     assert not quiet.filter(record("Trial 3 failed with parameters: {} because ...", crash))
     assert not quiet.filter(record("Trial 3 failed with value None.", None))
+    stopped = KeyboardInterrupt()  # Ctrl-C: the run says it was interrupted
+    assert not quiet.filter(record("Trial 5 failed with parameters: {} because ...", stopped))
+    assert not quiet.filter(record("Trial 5 failed with value None.", None))
     bug = ValueError("a bug in the objective")
     assert quiet.filter(record("Trial 4 failed with parameters: {} because ...", bug))
     assert quiet.filter(record("Trial 4 failed with value None.", None))

@@ -343,6 +343,12 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
     full_with_lora.write_text("method: full\nlora_r: 8\n")
     too_frozen = tmp_path / "frozen.yaml"
     too_frozen.write_text("method: freeze\nfrozen_layers: 9\n")
+    unknown_kind = tmp_path / "unknown-kind"
+    unknown_kind.mkdir()
+    config = json.loads((config_only / "config.json").read_text())
+    (unknown_kind / "config.json").write_text(json.dumps({**config, "model_type": "nomodel"}))
+    full = tmp_path / "full-only.yaml"
+    full.write_text("method: full\n")
     run = [
         "run",
         "--model",
@@ -397,6 +403,11 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             ["export", "--storage", "postgresql://me@127.0.0.1:1/none?password=hunter2"],
             "cannot open storage postgresql://me@127.0.0.1:1/none?password=***",
         ),
+        (
+            ["studies", "--storage", "trials/autotune.db"],
+            "--storage trials/autotune.db is not a database URL; for a SQLite file write "
+            "sqlite:///trials/autotune.db",
+        ),
         (run + ["--budget", "4GB", "--gpus", "7"], "needs CUDA"),
         (run + ["--budget", "4GB", "--gpus-per-probe", "0"], "--gpus-per-probe takes a count"),
         (run + ["--budget", "4GB", "--gpus-per-probe", "1-x"], "or a range (1-4) of GPUs"),
@@ -407,6 +418,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         (
             ["estimate", "--model", str(config_only), "--recipe", str(too_frozen)],
             "leaves nothing to train",
+        ),
+        (
+            ["estimate", "--model", str(unknown_kind), "--recipe", str(full)],
+            "its model_type 'nomodel' is not one transformers",
         ),
         (
             ["estimate", "-m", str(config_only), "-r", str(full_with_lora)]
@@ -478,6 +493,8 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         ),
         (run + ["--trials", "abc"], "Invalid value for '--trials'"),
         (run + ["--confirm", "-1"], "--confirm must be 0 or more"),
+        (run + ["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+        (run + ["--report", str(tmp_path)], f"--report {tmp_path} is a directory"),
         (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
@@ -493,3 +510,51 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in done.stderr, (args, done.stderr)
         assert needle in lines[0], (args, lines[0])
+
+
+def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_path):
+    import autotune.api
+    from autotune import cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotune.api, "train", stopped)
+    output = tmp_path / "out"
+    argv = ["autotune", "train", "--recipe", "r.yaml", "--data", "d.jsonl", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"autotune: interrupted; the checkpoints saved so far stay in {output} "
+        "(--resume continues from the latest)"
+    )  # not the study's trials of `autotune run`: train has none
+
+
+def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
+    """With --workers, Ctrl-C ends the run's progress bar while another worker's trial runs
+    on; that trial's end must not fail it (its probe measured it)."""
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter, progress_bar
+    from autotune.study.objective import TrialSummary
+    from autotune.study.records import TrialStatus
+
+    console = Console(record=True, width=200)
+    with ConsoleReporter(console) as reporter:
+        reporter._progress = progress_bar(console, transient=True)
+        reporter._task = reporter._progress.add_task("trials", total=2)
+    reporter.trial_started(5, "LoRA r8")
+    reporter.trial_finished(
+        TrialSummary(
+            number=5,
+            label="LoRA r8",
+            status=TrialStatus.MEASURED,
+            predicted_peak_bytes=2**30,
+            peak_memory_bytes=2**29,
+            tokens_per_second=100.0,
+            eval_loss=2.0,
+        )
+    )
+    assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()

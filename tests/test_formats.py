@@ -231,6 +231,15 @@ def test_render_puts_measured_figures_in_comments():
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
 
 
+def test_an_axolotl_export_of_mixed_data_says_axolotl_reads_one_format():
+    mixed = {"alpaca": 60, "chat": 60, "text": 60}
+    text = render("axolotl", recipe("qlora"), None, data_format="alpaca", data_formats=mixed)
+    assert "# the data mixes formats (alpaca 60, chat 60, text 60)" in text
+    assert yaml.safe_load(text)["datasets"][0]["type"] == "alpaca"
+    one = render("axolotl", recipe("qlora"), None, data_format="chat", data_formats={"chat": 9})
+    assert "mixes formats" not in one
+
+
 @pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
 def test_a_loss_a_format_has_no_option_for_is_named_autotune_only(fmt):
     text = render(fmt, recipe("chunked"), None, num_layers=28)

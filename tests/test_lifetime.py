@@ -136,3 +136,38 @@ def test_the_gpu_less_worker_and_the_resource_tracker_die_with_the_run():
     assert worker_pid in before
     assert any("resource_tracker" in c for c in before.values())
     assert left == {}
+
+
+def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
+    """Ctrl-C reaches the run's whole process group: the run reports it once, the worker
+    ends quietly."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, time
+                from autotune.offgpu import run_off_gpu
+                print(run_off_gpu(os.getpid), flush=True)
+                try:
+                    time.sleep(600)
+                except KeyboardInterrupt:
+                    print("interrupted", flush=True)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    os.killpg(parent.pid, signal.SIGINT)
+    out, err = parent.communicate(timeout=60)
+    assert out.strip() == "interrupted" and parent.returncode == 0
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)

@@ -75,6 +75,35 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
     assert f"running: trial {running.number}" in shown.stdout
     assert "an hour" in shown.stdout and "frontier so far, fastest first:" in shown.stdout
     assert shown.stdout.count("tokens/s") == len(status.frontier)
+    # the probes ran on the CPU: their memory is said to be the CPU's, not the GPU's
+    assert shown.stdout.count("  CPU RSS +") == len(status.frontier)
+    assert listed.stdout.count("  CPU RSS +") == listed.stdout.count("tokens/s")
+
+
+def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F811
+    import datetime
+    import sqlite3
+
+    tmp_path = workspace[0]
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    run_study(prepare_run(settings_for(workspace, trials=4)), FakeRunner())
+    # the second run a day after the first: four probes of a few seconds, two runs
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        for column in ("datetime_start", "datetime_complete"):
+            for trial_id, value in db.execute(f"SELECT trial_id, {column} FROM trials").fetchall():
+                number = db.execute(
+                    "SELECT number FROM trials WHERE trial_id = ?", (trial_id,)
+                ).fetchone()[0]
+                if value and number >= 2:
+                    later = datetime.datetime.fromisoformat(value) + datetime.timedelta(days=1)
+                    db.execute(
+                        f"UPDATE trials SET {column} = ? WHERE trial_id = ?",
+                        (later.isoformat(sep=" "), trial_id),
+                    )
+    status = study_status(f"sqlite:///{tmp_path}/study.db", "s")
+    assert status.probes == 4
+    # over the day between the runs it would be 4 / 24 h; the probes took seconds
+    assert status.probes_per_hour is not None and status.probes_per_hour > 100
 
 
 def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F811

@@ -112,9 +112,11 @@ def test_missing_method_and_bad_files(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         Recipe.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: [unclosed\n")
-    with pytest.raises(UsageError, match="not valid YAML"):
+    bad.write_text("method: lora\nlora_r: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML") as error:
         Recipe.load(bad)
+    # where and what, in one line
+    assert "(line 3 column 1: expected ',' or ']', but got '<stream end>')" in str(error.value)
 
 
 def test_measured_block_is_ignored_on_read():

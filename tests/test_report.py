@@ -74,7 +74,11 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     assert order == sorted(order) and order[-1] < page.index('id="trials-table"')
     card = page[page.index('id="recommendation"') : page.index('id="frontier"')]
     assert "balanced · trial" in card and data.commands[-1] in card
-    assert f"of the {format_bytes(settings.budget_bytes)} budget" in card
+    # the fake probes ran on the CPU: their memory is RSS growth, no share of the GPU budget
+    assert f"CPU RSS +{format_bytes(data.cards[0].peak_memory_bytes)}" in card
+    assert f"of the {format_bytes(settings.budget_bytes)} budget" not in card
+    on_gpu = data._replace(memory_sources=[CUDA_MEMORY_SOURCE])
+    assert f"of the {format_bytes(settings.budget_bytes)} budget" in render_html(on_gpu)
     assert "the QLoRA default" in card and "measured noise" in card
     is_picked = any(c.is_default for c in data.cards)
     assert ("(this is the QLoRA default)" in card) is is_picked

@@ -99,6 +99,27 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(workspace):  # noqa: F811
     assert finished_trial_count(study) == 3
 
 
+class StoppedRunner(FakeRunner):
+    """A probe during which the user presses Ctrl-C."""
+
+    def run(self, request, workdir):
+        raise KeyboardInterrupt
+
+
+def test_a_trial_stopped_by_ctrl_c_is_queued_again_and_measured_on_resume(workspace):  # noqa: F811
+    settings = settings_for(workspace, trials=2)
+    for _ in range(2):  # stopped twice, its retry too: still queued once more
+        with pytest.raises(KeyboardInterrupt):
+            run_study(prepare_run(settings), StoppedRunner())
+    study = run_study(prepare_run(settings), FakeRunner())
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    stopped = [t for t in failed if t.user_attrs.get("status") == "interrupted"]
+    assert len(stopped) == len(failed) == 2
+    measured = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(measured) == finished_trial_count(study) == 2
+    assert stopped[0].params in [t.params for t in measured]
+
+
 def test_a_live_workers_trial_is_left_alone(workspace):  # noqa: F811
     study = run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     trial = study.ask()
@@ -223,21 +244,22 @@ def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("change", "needle"),
+    ("change", "needle", "unsaid"),
     [
-        ({"seq_len": 48}, "--seq-len was 64, now 48"),
-        ({"probe_steps": 5}, "--probe-steps was 3, now 5"),
-        ({"seed": 1}, "the data, its tokenizer or its split"),
-        ({"eval_rows": 5}, "the data, its tokenizer or its split"),
+        ({"seq_len": 48}, "--seq-len was 64, now 48", "the data"),
+        ({"probe_steps": 5}, "--probe-steps was 3, now 5", "the data"),
+        ({"seed": 1}, "the data, its tokenizer or its split", "--seq-len"),
+        ({"eval_rows": 5}, "the data, its tokenizer or its split", "--seq-len"),
     ],
 )
-def test_a_resume_under_other_settings_is_refused(workspace, change, needle):  # noqa: F811
+def test_a_resume_under_other_settings_is_refused(workspace, change, needle, unsaid):  # noqa: F811
     first = prepare_run(settings_for(workspace, trials=1))
     run_study(first, FakeRunner())
     changed = prepare_run(settings_for(workspace, trials=2, **change))
     with pytest.raises(UsageError, match="was measured under other settings") as error:
         run_study(changed, FakeRunner())
     assert needle in str(error.value) and "--study NAME" in str(error.value)
+    assert unsaid not in str(error.value)  # only what changed is named
     # the same settings resume
     assert (
         finished_trial_count(

@@ -61,9 +61,17 @@ def test_bad_spaces_are_refused(tmp_path, changes, needle):
     assert "\n" not in str(error.value)
 
 
-def test_missing_space_file(tmp_path):
+def test_missing_space_file_and_bad_yaml(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         SearchSpace.load(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [lora]\nlora_r:\n  - 4\n - 8\n")
+    with pytest.raises(UsageError) as error:
+        SearchSpace.load(bad)
+    assert str(error.value) == (
+        f"{bad}: not valid YAML (line 4 column 2: expected <block end>, "
+        "but found '<block sequence start>')"
+    )
 
 
 def test_suggest_is_conditional():

@@ -153,10 +153,19 @@ def test_freeze_of_attention_or_mlp_trains_only_those(
 def test_resume_without_checkpoint_and_unwritable_output(tiny_model, qa_data, tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(lora_recipe(tiny_model), qa_data, tmp_path / "empty", max_steps=1, resume=True)
+    assert not (tmp_path / "empty").exists()  # a refused --resume leaves nothing behind
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="not writable"):
         train(lora_recipe(tiny_model), qa_data, blocker / "out", max_steps=1)
+
+
+def test_data_refused_once_tokenized_leaves_no_output_behind(tiny_model, tmp_path):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(f'{{"input": "q{i}", "output": "a{i}"}}\n' for i in range(4)))
+    with pytest.raises(UsageError, match="fewer than one effective batch"):
+        train(lora_recipe(tiny_model), few, tmp_path / "out", max_steps=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bad_input(tiny_model, qa_data, tmp_path):

@@ -1,7 +1,13 @@
 import pytest
 
 from autotune.errors import UsageError
-from autotune.units import format_bytes, format_duration, parse_bytes, parse_duration_seconds
+from autotune.units import (
+    count_of,
+    format_bytes,
+    format_duration,
+    parse_bytes,
+    parse_duration_seconds,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,3 +51,8 @@ def test_format_bytes():
 @pytest.mark.parametrize("seconds, text", [(900, "15m"), (5400, "1h30m"), (45, "45s")])
 def test_durations_are_written_as_they_are_read(seconds, text):
     assert format_duration(seconds) == text and parse_duration_seconds(text) == seconds
+
+
+def test_counts_are_plural_unless_one():
+    assert count_of(1, "trial") == "1 trial" and count_of(0, "probe") == "0 probes"
+    assert count_of(2500, "row") == "2,500 rows"

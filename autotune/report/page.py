@@ -95,6 +95,8 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     if card.confirmation is not None:
         held = f"{card.confirmation} (probed again, longer, with another seed)"
     memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
+    if data.memory_sources == [CPU_MEMORY_SOURCE]:  # RSS growth is no share of a GPU budget
+        memory = f"CPU RSS +{format_bytes(card.peak_memory_bytes)} (a CPU probe: not GPU memory)"
     rows = [
         ("Peak memory", esc(memory)),
         ("Speed", speed),

@@ -34,7 +34,7 @@ from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_pr
 from autotune.study.settings import PreparedRun, gpu_groups, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
 from autotune.study.study_records import Confirmation, Noise
-from autotune.study.workers import beyond_target, worker_id
+from autotune.study.workers import beyond_target, requeue_stopped_trial, worker_id
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
 
@@ -116,6 +116,9 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         running_here.add(trial.number)
         try:
             return run_trial(trial)
+        except KeyboardInterrupt:
+            requeue_stopped_trial(trial)
+            raise
         finally:
             running_here.discard(trial.number)
 

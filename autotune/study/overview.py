@@ -31,6 +31,8 @@ class MeasuredRecipe:
     eval_loss: float
     host_peak_bytes: int | None = None
     """Where it offloads: the host memory its probe measured."""
+    memory_source: str = ""
+    """What its probe measured as peak memory (training.io's CUDA or CPU memory source)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ class StudyStatus:
     probes: int
     """Trials that ran a probe of their own (a repeated recipe runs none)."""
     probes_per_hour: float | None
-    """Probes over the wall time from the first trial's start to the last end (now, while any
-    runs); None before a probe finished."""
+    """Probes over the wall time during which any trial ran (now ends a running one), so
+    parallel workers count together and a pause between runs does not; None before a probe
+    finished."""
     running_trials: list[RunningTrial]
     frontier: list[MeasuredRecipe]
     """Fastest first."""
@@ -76,7 +79,8 @@ def _measured(study: Any, number: int) -> MeasuredRecipe:
     memory, speed, loss = trial.values
     record = trial_record(trial)
     host = record.probe.host_peak_bytes if record.probe else None
-    return MeasuredRecipe(number, record.label, memory, speed, loss, host)
+    source = record.probe.memory_source if record.probe else ""
+    return MeasuredRecipe(number, record.label, memory, speed, loss, host, source)
 
 
 def _state_count(study: Any, state: str) -> int:
@@ -117,6 +121,25 @@ def study_overviews(storage_url: str | None) -> list[StudyOverview]:
     return overviews
 
 
+def _busy_seconds(trials: Sequence[Any], now: datetime.datetime) -> float:
+    """Wall time during which some trial ran: the union of the trials' runs, from start to end
+    (now for a running one). An interrupted trial is left out: its end is when a later run
+    found its worker dead, not when it stopped."""
+    spans = sorted(
+        (t.datetime_start, t.datetime_complete or now)
+        for t in trials
+        if t.datetime_start and trial_status(t) != TrialStatus.INTERRUPTED
+    )
+    seconds, covered_until = 0.0, None
+    for start, end in spans:
+        if covered_until is not None:
+            start = max(start, covered_until)
+        if end > start:
+            seconds += (end - start).total_seconds()
+            covered_until = end
+    return seconds
+
+
 def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus:
     """The named study's progress (without a name, the storage's only or newest study)."""
     study = load_existing_study(storage_url, study_name)
@@ -131,13 +154,8 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         and trial_status(t) != TrialStatus.DUPLICATE
     ]
     running = [t for t in trials if t.state.name == "RUNNING"]
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    rate = None
-    if probed and starts and ends:
-        last = now if running else max(ends)
-        hours = (last - min(starts)).total_seconds() / 3600
-        rate = len(probed) / hours if hours > 0 else None
+    hours = _busy_seconds(trials, now) / 3600
+    rate = len(probed) / hours if probed and hours > 0 else None
     return StudyStatus(
         overview=study_overview(study, points),
         measured=sum(1 for t in trials if trial_status(t) == TrialStatus.MEASURED),

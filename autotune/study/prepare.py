@@ -35,6 +35,8 @@ from autotune.study.settings import (
 from autotune.study.storage import DEFAULT_STORAGE, TRIALS_DIR, make_trials_dir
 from autotune.units import format_bytes
 
+MAX_SEED = 2**32 - 1
+
 
 def prepare_run(settings: RunSettings) -> PreparedRun:
     """Check every input before anything runs; bad input raises UsageError."""
@@ -51,6 +53,11 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
+    if not 0 <= settings.seed <= MAX_SEED:  # what numpy's generators, Optuna's too, accept
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {settings.seed}")
+    for flag, path in (("--report", settings.report_path), ("--recipe-out", settings.recipe_path)):
+        if path is not None and Path(path).is_dir():  # found before the study, not after it
+            raise UsageError(f"{flag} {path} is a directory; give a file name")
     check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by

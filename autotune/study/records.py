@@ -42,7 +42,7 @@ class TrialStatus(str, Enum):
     CRASH = "crash"
     """The probe failed for a reason that says nothing about the recipe: a failed trial."""
     INTERRUPTED = "interrupted"
-    """Its worker died while it ran: failed, and queued once more."""
+    """Its worker died, or Ctrl-C stopped it, while it ran: failed, and queued once more."""
 
     def __str__(self) -> str:
         return self.value
@@ -227,12 +227,13 @@ def mark_surplus(trial: Any) -> None:
 
 
 def finished_trial_count(study: Any) -> int:
-    """Finished trials, not counting a failed trial that was retried (its retry counts) or a
-    surplus one (never run)."""
+    """Finished trials, not counting a failed trial that was retried (its retry counts; a
+    retry's `retry_history` names every trial of its line) or a surplus one (never run)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    retried.update(n for t in trials for n in t.system_attrs.get("retry_history", ()))
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     return sum(
         1

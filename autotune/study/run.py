@@ -52,15 +52,18 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     }
 
 
-def _data_key_before_version_3(prepared: PreparedRun) -> str:
+def _data_key(prepared: PreparedRun, seq_len: int, version: int | None = None) -> str:
+    """The run's data key as measured_under records it, at `seq_len` (the key covers it) and
+    the token cache's `version` (default: the current one)."""
     settings = prepared.settings
+    versioned = {} if version is None else {"version": version}
     key = token_cache_key(
         settings.data_path,
         tokenizer_for(settings.model),
-        settings.seq_len,
+        seq_len,
         settings.seed,
         settings.eval_rows,
-        version=2,
+        **versioned,
     )
     return f"tokens-{key}"
 
@@ -82,8 +85,12 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     current = measured_under(prepared)
     stored = study_setup(study).measured_under
     changed = [key for key in current if key in stored and stored[key] != current[key]]
-    if "data" in changed and stored["data"] == _data_key_before_version_3(prepared):
+    if "data" in changed and stored["data"] == _data_key(prepared, prepared.settings.seq_len, 2):
         changed.remove("data")  # the same data, keyed as studies made before version 3 were
+    if {"data", "seq_len"} <= set(changed) and stored["data"] == _data_key(
+        prepared, stored["seq_len"]
+    ):
+        changed.remove("data")  # the data's key changed with --seq-len alone
     if not changed:
         return
     shown = []
@@ -150,11 +157,11 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
             "and queued to run again"
         )
-    remaining = settings.trials - finished_trial_count(study)
-    if remaining <= 0:
+    finished = finished_trial_count(study)
+    if finished >= settings.trials:
         events.notes.append(
-            f"study {prepared.study_name} already holds {settings.trials} finished trials; "
-            "raise --trials to run more"
+            f"study {prepared.study_name} already holds {finished} finished trials "
+            f"(--trials {settings.trials}); raise --trials to run more"
         )
         promote(prepared, runner, study, events)
         confirm_frontier(prepared, runner, study, events)
@@ -168,7 +175,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
 
     study.optimize(
         make_objective(prepared, runner, events),
-        n_trials=remaining,
+        n_trials=settings.trials - finished,
         timeout=settings.timeout_seconds,
         n_jobs=max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1),
         catch=(ProbeCrashed,),

@@ -80,7 +80,8 @@ def without_secrets(text: str, url: str) -> str:
 class _ReportedCrashes(logging.Filter):
     """Drops Optuna's warnings for a trial whose probe crashed: the run already printed the
     trial and the probe's own error, and the traceback Optuna adds is of the objective raising
-    ProbeCrashed, which says nothing more. A failure of anything else keeps its traceback."""
+    ProbeCrashed, which says nothing more. A trial stopped by Ctrl-C likewise: the run says it
+    was interrupted. A failure of anything else keeps its traceback."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,7 +91,7 @@ class _ReportedCrashes(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
         trial = message.split(" failed with ", 1)[0]
-        if isinstance(error, ProbeCrashed):
+        if isinstance(error, (ProbeCrashed, KeyboardInterrupt)):
             self.crashed.add(trial)
             return False
         return not (" failed with value " in message and trial in self.crashed)
@@ -118,6 +119,10 @@ def make_trials_dir() -> None:
 
 def make_storage(url: str) -> Any:
     _quiet_optuna()
+    if "://" not in url:  # a file's path: say how to name it, not SQLAlchemy's parse error
+        raise UsageError(
+            f"--storage {url} is not a database URL; for a SQLite file write sqlite:///{url}"
+        )
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):

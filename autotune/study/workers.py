@@ -78,6 +78,19 @@ def fail_interrupted_trials(study: Any) -> list[int]:
     return failed
 
 
+def requeue_stopped_trial(trial: Any) -> None:
+    """A trial this process stopped on Ctrl-C: recorded as interrupted and queued once more
+    (however often it was stopped before), so that a resumed run measures it and the study's
+    count of finished trials takes its retry in its place."""
+    import optuna
+
+    record_status(trial, TrialStatus.INTERRUPTED, "stopped by Ctrl-C")
+    study = trial.study
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(
+        study, study._storage.get_trial(trial._trial_id)
+    )
+
+
 TARGET_POLL_SECONDS = 5.0
 """How often a trial that may be one too many looks again at the trials running ahead of it."""
 

@@ -61,7 +61,7 @@ def holds_a_run(path: Path) -> bool:
 def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
     """Fail early, with one line, when the output directory is the model's own, holds files
     that are not an autotune run's (unless `overwrite`), holds a run that is neither resumed
-    nor overwritten, or cannot be written."""
+    nor overwritten, holds no checkpoint to resume, or cannot be written."""
     model_dir = Path(model).expanduser()
     if model_dir.is_dir():
         target, source = path.expanduser().resolve(), model_dir.resolve()
@@ -82,6 +82,8 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
             f"--output {path} is not empty ({shown}) and holds no autotune run; choose an empty "
             "or new directory, or add --overwrite to replace files of the same names"
         )
+    if resume and latest_checkpoint(path) is None:  # before anything is created or loaded
+        raise UsageError(f"--resume: no checkpoint in {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".autotune-write-test"
@@ -173,6 +175,7 @@ def train(
     from autotune.data.rows import checked_scan
 
     data_scan = checked_scan(data_path, skip_bad_rows)
+    created = not output_dir.exists()
     check_output_dir(output_dir, recipe.model, resume, overwrite)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
@@ -200,11 +203,16 @@ def train(
         predicted_peak_bytes=predicted_peak_bytes,
     )
     callbacks = TrainCallbacks(on_start, on_step, on_eval)
-    if recipe.num_gpus > 1:
-        from autotune.training.ranked_train import train_on_ranks
+    try:
+        if recipe.num_gpus > 1:
+            from autotune.training.ranked_train import train_on_ranks
 
-        return train_on_ranks(plan, callbacks)
-    return run_training(plan, callbacks)
+            return train_on_ranks(plan, callbacks)
+        return run_training(plan, callbacks)
+    except UsageError:  # input found unusable once read (too few rows): no empty --output left
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
 
 
 def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
