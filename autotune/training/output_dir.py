@@ -1,0 +1,58 @@
+"""The output directory of `autotune train`: what makes it one, and the checks before a run
+writes into it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autotune.errors import UsageError
+from autotune.training.checkpoints import checkpoints, latest_checkpoint
+from autotune.training.train_plan import RANKS_DIR
+
+RUN_MARKER = "autotune_recipe.yaml"
+"""Written first into an output directory: the directory holds a run of `autotune train`."""
+
+
+def holds_a_run(path: Path) -> bool:
+    """The directory holds a run of `autotune train`: its recipe, a checkpoint, or the rank
+    files of a distributed run (written before rank 0 writes anything)."""
+    return (
+        (path / RUN_MARKER).is_file()
+        or bool(checkpoints(path))
+        or (path / RANKS_DIR / "request.json").is_file()
+    )
+
+
+def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Fail early, with one line, when the output directory is the model's own, holds files
+    that are not an autotune run's (unless `overwrite`), holds a run that is neither resumed
+    nor overwritten, holds no checkpoint to resume, or cannot be written."""
+    model_dir = Path(model).expanduser()
+    if model_dir.is_dir():
+        target, source = path.expanduser().resolve(), model_dir.resolve()
+        if target == source or source in target.parents:
+            raise UsageError(
+                f"--output {path} is inside the model's directory {model_dir}; training never "
+                "writes there, choose another directory"
+            )
+    existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if existing and not resume and not overwrite:
+        if holds_a_run(path):
+            raise UsageError(
+                f"--output {path} holds an earlier autotune train run; add --resume to continue "
+                "it, --overwrite to start it again, or choose another directory"
+            )
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise UsageError(
+            f"--output {path} is not empty ({shown}) and holds no autotune run; choose an empty "
+            "or new directory, or add --overwrite to replace files of the same names"
+        )
+    if resume and latest_checkpoint(path) is None:  # before anything is created or loaded
+        raise UsageError(f"--resume: no checkpoint in {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".autotune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output directory {path} is not writable: {error.strerror}") from None
