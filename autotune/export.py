@@ -43,6 +43,7 @@ def measured_figures(
     if confirmation:
         figures["confirmation"] = {
             "held_up": confirmation.held_up,
+            "verdict": confirmation.words(),
             "steps": confirmation.steps,
             "seed": confirmation.seed,
             "tokens_per_second": confirmation.tokens_per_second,

@@ -289,10 +289,13 @@ def render(
         body = llamafactory_config(recipe, num_layers)
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
-        if not isinstance(value, dict):
-            # the study's record holds the memory model's prediction beside what was measured
-            kind = "" if key in PREDICTED_FIGURES else "measured "
-            header.append(f"# {kind}{key}: {value}")
+        if isinstance(value, dict):
+            if "verdict" in value:  # the confirmation
+                header.append(f"# {key}: {value['verdict']}")
+            continue
+        # the study's record holds the memory model's prediction beside what was measured
+        kind = "" if key in PREDICTED_FIGURES else "measured "
+        header.append(f"# {kind}{key}: {value}")
     if launch_line(recipe, fmt):
         header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
     if fmt == "axolotl" and len(data_formats or {}) > 1:

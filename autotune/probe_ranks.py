@@ -58,6 +58,10 @@ def result_status(path: Path) -> str:
     return str(json.loads(path.read_text(encoding="utf-8")).get("status"))
 
 
+OWN_FAILURES = ("oom", "nan", "usage")
+"""Written failures that are the rank's own, never a peer's doing."""
+
+
 class RankProcesses:
     """The ranks of one probe (or one `autotune train` run), in one process group of the OS."""
 
@@ -68,21 +72,26 @@ class RankProcesses:
         """The rank whose failure ended the probe (the others were killed after it)."""
 
     def failed_rank(self) -> int | None:
-        """A rank that ended without a good result, while others may still run. A rank that
-        left no result (killed, or died) comes before one that wrote a failure: ranks that
-        ended between two looks, the others' failures follow from its (a peer's broken
-        connection)."""
-        ended = [(rank, p.poll()) for rank, p in enumerate(self.processes)]
-        silent, failed = [], []
-        for rank, code in ended:
-            if code is None:
-                continue
+        """A rank that failed, while others may still run: one that ended without a good
+        result, or wrote a failure (it may hang leaving its process group). Where several did
+        between two looks, the cause comes first: a failure of the rank's own that it wrote
+        (out of memory, NaN, bad input), then a rank that left no result (killed, or died),
+        then a written crash, which may follow from a peer's death (a broken connection)."""
+        own, silent, crashed = [], [], []
+        for rank, process in enumerate(self.processes):
+            code = process.poll()
             path = rank_result_path(self.result_path, rank)
-            if code != 0 or not path.exists():
+            status = result_status(path) if path.exists() else None
+            if status in OWN_FAILURES:
+                own.append(rank)
+            elif code is None:
+                if status not in (None, "ok"):
+                    crashed.append(rank)
+            elif status is None or (status == "ok" and code != 0):
                 silent.append(rank)
-            elif result_status(path) != "ok":
-                failed.append(rank)
-        return next(iter(silent + failed), None)
+            elif status != "ok":
+                crashed.append(rank)
+        return next(iter(own + silent + crashed), None)
 
     def wait(self, timeout_seconds: float, on_poll: Callable[[], None] | None = None) -> bool:
         """True once every rank ended or one failed; False at the timeout. `on_poll` is called
@@ -204,11 +213,11 @@ def merged_result(ranks: RankProcesses) -> ProbeResult:
             return ProbeResult(
                 status="crash", device="", reason=ranks.silent_reason(rank, log_path)
             )
-        results.append(ProbeResult.from_json(path.read_text(encoding="utf-8")))
-    for rank, result in zip(order, results):
+        result = ProbeResult.from_json(path.read_text(encoding="utf-8"))
         if result.status != "ok":
-            result.reason = f"rank {rank} of {len(results)}: {result.reason}"
+            result.reason = f"rank {rank} of {len(order)}: {result.reason}"
             return result
+        results.append(result)
     merged = results[order.index(0)]
     peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
     merged.peak_memory_bytes = max(peaks) if peaks else None

@@ -254,7 +254,8 @@ def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
     assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2
     fastest = max(measured_points(study), key=lambda p: p.tokens_per_second).number
     if fastest in confirmed:
-        assert "confirmation" in yaml.safe_load(recipe_yaml(study, "fastest")[1])["measured"]
+        exported = yaml.safe_load(recipe_yaml(study, "fastest")[1])["measured"]["confirmation"]
+        assert exported["verdict"] == confirmed[fastest].words()
 
 
 class NoisyRunner(FakeRunner):

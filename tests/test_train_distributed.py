@@ -166,6 +166,46 @@ def test_a_rank_that_left_no_result_is_named_before_the_peer_its_death_broke(tmp
     )
 
 
+def _ended(*code: str):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", ";".join(code)])
+    process.wait()
+    return process
+
+
+def test_a_ranks_own_failure_is_named_before_the_peer_killed_after_it(tmp_path):
+    """Rank 0 ran out of memory and wrote so; rank 1, waiting in a collective, was killed (or
+    aborted) in the same look. The probe's result is rank 0's out of memory, not a crash."""
+    import subprocess
+    import sys
+
+    from autotune.training.io import ProbeResult
+
+    result_path = tmp_path / "result.json"
+    oom = ProbeResult(status="oom", device="cpu", reason="out of memory").to_json()
+    wrote = _ended(f"open({str(result_path)!r}, 'w').write({oom!r})")
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    waiting.kill()
+    waiting.wait()
+    ranks = probe_ranks.RankProcesses([wrote, waiting], result_path)
+    assert ranks.wait(10) and ranks.first_failed == 0
+    merged = probe_ranks.merged_result(ranks)
+    assert merged.status == "oom" and merged.reason == "rank 0 of 2: out of memory"
+    # a rank that wrote a failure is seen while it still runs (it may hang leaving its group)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        crash = ProbeResult(status="crash", device="cpu", reason="boom").to_json()
+        ok_path = probe_ranks.rank_result_path(result_path, 1)
+        ok_path.write_text(ProbeResult(status="ok", device="cpu").to_json())
+        result_path.write_text(crash)
+        assert probe_ranks.RankProcesses([running, _ended("pass")], result_path).failed_rank() == 0
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_deepspeed_recipes_without_deepspeed_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
     recipe = Recipe.from_dict(

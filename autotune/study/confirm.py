@@ -148,7 +148,8 @@ def _confirm(
         not prepared.device.startswith("cuda")
         or (result.peak_memory_bytes or 0) <= settings.budget_bytes
     )
-    speed_change = (result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0
+    # rounded as stored, so that the verdict and the words read from the record agree
+    speed_change = round((result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0, 4)
     confirmation = Confirmation(
         status=result.status,
         reason=result.reason,
@@ -157,7 +158,7 @@ def _confirm(
         peak_memory_bytes=result.peak_memory_bytes,
         tokens_per_second=result.tokens_per_second,
         eval_loss=result.eval_loss,
-        speed_change=round(speed_change, 4),
+        speed_change=speed_change,
         held_up=result.status == "ok" and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
     )
     record_confirmation(study, number, confirmation)

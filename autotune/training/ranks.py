@@ -70,10 +70,12 @@ def end_rank() -> NoReturn:
     """Leave the process group and end this rank's process at once, its result written by
     then. Left to the interpreter's teardown, the threads DeepSpeed and gloo leave behind
     aborted about one rank exit in ten ("terminate called without an active exception")."""
-    leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        leave_process_group()
+    finally:  # also where leaving fails (a broken peer): the result is written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def rank_share(step_examples: Sequence[Sequence[T]], place: RankPlace) -> list[list[T]]:
