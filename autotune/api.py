@@ -243,7 +243,8 @@ def inspect_data(
     *,
     trust_remote_code: bool = False,
 ) -> DataSummary:
-    """Rows, formats and bad rows of a data file and, given a model, its token lengths."""
+    """Rows, formats and bad rows of a data file and, given a model, its token lengths. A file
+    without a row is refused, as a run refuses it."""
     from autotune.data.summary import summarize
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
@@ -251,7 +252,10 @@ def inspect_data(
     allow_remote_code(trust_remote_code)
     _check_seq_len(seq_len)
     tokenizer = tokenizer_for(model) if model else None
-    return summarize(data_path, tokenizer, seq_len)
+    summary = summarize(data_path, tokenizer, seq_len)
+    if not summary.rows and not summary.bad_rows:
+        raise UsageError(f"data file {data_path} is empty")
+    return summary
 
 
 def export_recipe(

@@ -259,6 +259,11 @@ def train(
             on_eval=progress.evaluated,
         )
     show_trained(console, result)
+    if budget_bytes and not result.report.budget_enforced:
+        console.print(
+            "note: --budget was not enforced: it caps a CUDA device's memory, and only below "
+            "the device's size"
+        )
 
 
 @app.command()

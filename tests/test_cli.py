@@ -142,10 +142,13 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
         "model-out",
         "--device",
         "cpu",
+        "--budget",
+        "4GB",
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr
     assert "trained 2 steps" in trained.stdout and "probe measured" in trained.stdout
+    assert "note: --budget was not enforced" in trained.stdout  # a CPU run has no cap
     # the prediction beside the measured peak is the one `estimate` and the study make
     estimated = autotune(
         "estimate",
@@ -483,6 +486,8 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
     wide_rank = tmp_path / "wide.yaml"
     wide_rank.write_text("method: lora\nlora_r: 128\n")  # the model is 64 wide
     (tmp_path / "adir.png").mkdir()
+    empty_data = tmp_path / "empty.jsonl"
+    empty_data.write_text("")
     run = ["run", "--model", str(config_only), "--data", str(data), "--budget", "4GB"]
     report = ["report", "--storage", storage]
     cases = [
@@ -497,6 +502,7 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (run + ["--report", str(tmp_path)], f"--report {tmp_path} is a directory"),
         (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
+        (["data", "inspect", str(empty_data)], f"data file {empty_data} is empty"),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
         (report + ["--study", "empty"], "holds no trials yet"),
         (report + ["--study", "one", "--png", str(tmp_path / "adir.png")], "is a directory"),
