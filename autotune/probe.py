@@ -19,9 +19,25 @@ from pathlib import Path
 from typing import Protocol
 
 from autotune.probe_ranks import RankProcesses, launch_ranks, log_tail, merged_result
+from autotune.probe_stop import RUNNING_PROBES, STOP_POLL_SECONDS, STOP_PROBES, ProbeStopped
 from autotune.training.child import PARENT_ENV, STARTED_ENV
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.training.zygote import READY
+
+
+def _wait_unless_stopped(
+    process: ColdProcess | ForkedProcess | RankProcesses, timeout_seconds: float
+) -> bool:
+    """process.wait(timeout_seconds), raising ProbeStopped as soon as STOP_PROBES is set."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if STOP_PROBES.is_set():
+            raise ProbeStopped
+        left_seconds = deadline - time.monotonic()
+        if process.wait(max(0.0, min(left_seconds, STOP_POLL_SECONDS))):
+            return True
+        if left_seconds <= STOP_POLL_SECONDS:
+            return False
 
 
 class ProbeRunner(Protocol):
@@ -257,6 +273,19 @@ class SubprocessProbeRunner:
         log_path = workdir / "probe.log"
         result_path.unlink(missing_ok=True)
         request_path.write_text(request.to_json(), encoding="utf-8")
+        with RUNNING_PROBES.one():
+            if STOP_PROBES.is_set():
+                raise ProbeStopped  # a worker that took a trial after Ctrl-C: start no probe
+            return self._run(request, request_path, result_path, log_path, timeout_seconds)
+
+    def _run(
+        self,
+        request: ProbeRequest,
+        request_path: Path,
+        result_path: Path,
+        log_path: Path,
+        timeout_seconds: float,
+    ) -> ProbeResult:
         started = time.perf_counter()
         process: ColdProcess | ForkedProcess | RankProcesses
         if request.recipe.num_gpus > 1:
@@ -266,7 +295,7 @@ class SubprocessProbeRunner:
         else:
             process = self._launch(request, request_path, result_path, log_path)
         try:
-            if not process.wait(timeout_seconds):
+            if not _wait_unless_stopped(process, timeout_seconds):
                 process.kill()
                 return ProbeResult(
                     status="timeout",
@@ -276,7 +305,8 @@ class SubprocessProbeRunner:
                     seconds={"total": time.perf_counter() - started},
                 )
         finally:
-            # Also on Ctrl-C or kill of the parent's Python: no orphan keeps the GPU.
+            # Also on Ctrl-C (ProbeStopped included) or kill of the parent's Python: no orphan
+            # keeps the GPU.
             if process.exit_code() is None:
                 process.kill()
         if isinstance(process, RankProcesses):

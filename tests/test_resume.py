@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import optuna
 import pytest
 
 from autotune.errors import UsageError
+from autotune.probe import ColdProcess, SubprocessProbeRunner
 from autotune.study import (
     SPACE_CHOICES_ATTR,
     RunEvents,
@@ -118,6 +120,49 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_and_measured_on_resume(worksp
     measured = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(measured) == finished_trial_count(study) == 2
     assert stopped[0].params in [t.params for t in measured]
+
+
+class SleepingProbes(SubprocessProbeRunner):
+    """Probes that are real children, each in a process group of its own, that never end."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout_seconds=60.0, warm=False)
+        self.children: list[subprocess.Popen] = []
+
+    def _launch(self, request, request_path, result_path, log_path):
+        child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        self.children.append(child)
+        return ColdProcess(child)
+
+
+def test_ctrl_c_stops_every_workers_probe_and_queues_its_trial(workspace):  # noqa: F811
+    """Ctrl-C reaches the main thread alone; the probes of the other workers stop with it."""
+    settings = settings_for(workspace, trials=2, workers=2)
+    runner = SleepingProbes()
+    pressed: list[float] = []
+
+    def press_ctrl_c_once_both_probe() -> None:
+        while len(runner.children) < 2:
+            time.sleep(0.05)
+        pressed.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_both_probe, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(prepare_run(settings), runner)
+    assert [child.poll() for child in runner.children] == [-signal.SIGKILL] * 2
+    study = open_study(settings.storage, "s", settings.seed)
+
+    def interrupted():
+        failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+        return [t for t in failed if t.user_attrs.get("status") == "interrupted"]
+
+    while len(interrupted()) < 2:  # recorded by the worker threads, ending meanwhile
+        time.sleep(0.05)
+    assert time.monotonic() - pressed[0] < 5.0  # not the probes' 60 s
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    retried = {t.system_attrs.get("failed_trial") for t in queued}
+    assert {t.number for t in interrupted()} <= retried  # queued again, as with one worker
 
 
 def test_a_live_workers_trial_is_left_alone(workspace):  # noqa: F811

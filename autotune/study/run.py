@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,6 +13,7 @@ from autotune.data.token_cache import token_cache_key
 from autotune.distributed import format_gpu_counts
 from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
+from autotune.probe_stop import probes_stop_on_ctrl_c
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
@@ -173,15 +175,19 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         if finished_trial_count(study) >= settings.trials:
             study.stop()
 
-    study.optimize(
-        make_objective(prepared, runner, events),
-        n_trials=settings.trials - finished,
-        timeout=settings.timeout_seconds,
-        n_jobs=max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1),
-        catch=(ProbeCrashed,),
-        callbacks=[stop_at_target],
-        gc_after_trial=False,
-    )
+    n_jobs = max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1)
+    with probes_stop_on_ctrl_c() if n_jobs > 1 else contextlib.nullcontext():
+        # Ctrl-C reaches this thread alone: the other workers' probes are stopped with it,
+        # and their trials queued again as its own is (else Optuna waits for them to end)
+        study.optimize(
+            make_objective(prepared, runner, events),
+            n_trials=settings.trials - finished,
+            timeout=settings.timeout_seconds,
+            n_jobs=n_jobs,
+            catch=(ProbeCrashed,),
+            callbacks=[stop_at_target],
+            gc_after_trial=False,
+        )
     promote(prepared, runner, study, events)
     confirm_frontier(prepared, runner, study, events)
     measure_noise(prepared, runner, study, events)

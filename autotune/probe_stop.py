@@ -1,0 +1,83 @@
+"""Ctrl-C while probes run in worker threads (`run --workers N`): every probe stops at once.
+
+The signal reaches the main thread alone, and each probe runs in a process group of its own,
+which the terminal's Ctrl-C does not reach either; without this the run would wait for the
+other workers' probes to end.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+STOP_PROBES = threading.Event()
+"""Set on Ctrl-C while probes run in worker threads (`--workers`), which the signal does not
+reach: each running probe is killed and its `run` raises ProbeStopped."""
+
+STOP_POLL_SECONDS = 0.2
+"""How often a probe's wait looks at STOP_PROBES."""
+
+
+class ProbeStopped(KeyboardInterrupt):
+    """A probe killed because Ctrl-C stopped the run: its trial is interrupted, as the probe of
+    the thread the signal reached."""
+
+
+STOPPED_PROBES_WAIT_SECONDS = 10.0
+"""How long a run stopped by Ctrl-C waits for its other threads' probes to be killed."""
+
+
+class _RunningProbes:
+    """How many probes this process's threads are running now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        with self.changed:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.count -= 1
+                self.changed.notify_all()
+
+    def wait_until_none(self, timeout_seconds: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.count == 0, timeout_seconds)
+
+
+RUNNING_PROBES = _RunningProbes()
+
+
+@contextmanager
+def probes_stop_on_ctrl_c() -> Iterator[None]:
+    """Within: Ctrl-C also stops the probes of other threads (STOP_PROBES) and, once they are
+    killed, interrupts this thread as usual. Left as is where this is not the main thread or
+    Ctrl-C is handled otherwise."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        STOP_PROBES.set()
+        raise KeyboardInterrupt
+
+    STOP_PROBES.clear()  # set by an earlier run of this process that Ctrl-C stopped
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        # Stays set: a thread that has yet to start its probe must not start it.
+        RUNNING_PROBES.wait_until_none(STOPPED_PROBES_WAIT_SECONDS)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
