@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from autotune.recipe import Recipe
     from autotune.study.objective import RunEvents
     from autotune.study.overview import StudyOverview, StudyStatus
+    from autotune.study.ranking import QualityRanking
     from autotune.training.train import TrainReport
 
 REPORTS_DIR = Path("reports")
@@ -51,6 +52,9 @@ class RunResult:
     recipe_path: Path | None
     notes: list[str]
     """What the run has to say besides its trials (a resumed study, interrupted trials)."""
+    ranking: QualityRanking
+    """The study's quality ranking of its measured recipes (longer probes first where
+    --promote ran), which chose the recipe and orders the report."""
     recipe_fit: str = ""
     """How the picked recipe's predicted peak, with its margin, stands against the budget."""
 
@@ -87,22 +91,34 @@ def run(
     )
     study = run_study(prepared, runner, events)
     points = measured_points(study)
+    ranking = quality_ranking(study, points)  # built once: the recipe and the report share it
     recipe = recipe_path = None
     fit = ""
     if points:
         recipe, recipe_path = write_recipe(
-            study, "balanced", settings.recipe_path or recipe_path_for(prepared.study_name)
+            study,
+            "balanced",
+            settings.recipe_path or recipe_path_for(prepared.study_name),
+            ranking=ranking,
         )
-        picked = picked_trial(study, "balanced", points, quality_ranking(study, points))
+        picked = picked_trial(study, "balanced", points, ranking)
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
     report_path = write_report(
         study,
         settings.report_path or report_path_for(prepared.study_name),
         recipe_path=recipe_path,
         storage_url=redact_url(settings.storage) if settings.storage else None,
+        ranking=ranking,
     )
     return RunResult(
-        study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit
+        study=study,
+        frontier=frontier(points),
+        report_path=report_path,
+        recipe=recipe,
+        recipe_path=recipe_path,
+        notes=list(events.notes),
+        ranking=ranking,
+        recipe_fit=fit,
     )
 
 

@@ -184,10 +184,9 @@ def measured_memory(peak_bytes: float, memory_source: str) -> str:
 def frontier_table(result: RunResult) -> Any:
     from rich.table import Table
 
-    from autotune.study.ranking import quality_ranking
-    from autotune.study.records import measured_points, trial_record
+    from autotune.study.records import trial_record
 
-    ranking = quality_ranking(result.study, measured_points(result.study))
+    ranking = result.ranking
     promoted = len(ranking.steps) > 1  # --promote ran: the longer probes' eval loss too
     table = Table(title="Pareto frontier (measured, within budget)")
     records = {p.number: trial_record(result.study.trials[p.number]) for p in result.frontier}

@@ -66,15 +66,19 @@ def picked_trial(study: Any, policy: str, points: Sequence[Point], ranking: Qual
     return study.trials[pick_number(policy, points, ranking)]
 
 
-def recipe_yaml(study: Any, policy: str, fmt: str = "autotune") -> tuple[Recipe, str]:
-    """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory)."""
+def recipe_yaml(
+    study: Any, policy: str, fmt: str = "autotune", ranking: QualityRanking | None = None
+) -> tuple[Recipe, str]:
+    """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory); `ranking` is the
+    study's quality ranking where the caller built it (else it is built here)."""
     from autotune.data.rows import first_row_format, scan
     from autotune.formats import EXPORT_FORMATS, render
 
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     points = measured_points(study)
-    ranking = quality_ranking(study, points)
+    if ranking is None:
+        ranking = quality_ranking(study, points)
     trial = picked_trial(study, policy, points, ranking)
     recipe = recipe_of(trial)
     setup = study_setup(study)
@@ -110,7 +114,11 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_recipe(
-    study: Any, policy: str, path: str | Path, fmt: str = "autotune"
+    study: Any,
+    policy: str,
+    path: str | Path,
+    fmt: str = "autotune",
+    ranking: QualityRanking | None = None,
 ) -> tuple[Recipe, Path]:
-    recipe, text = recipe_yaml(study, policy, fmt)
+    recipe, text = recipe_yaml(study, policy, fmt, ranking)
     return recipe, write_text(path, text)

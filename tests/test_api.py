@@ -32,7 +32,28 @@ README_EXAMPLE = _readme_example()
 """The README's example of the Python API, run verbatim by test_the_readme_example_runs."""
 
 
-def test_run_returns_the_study_its_frontier_report_and_recipe(workspace):  # noqa: F811
+def count_quality_rankings(monkeypatch) -> list[int]:
+    """Wrap quality_ranking wherever autotune's modules hold it; each call appends to the list."""
+    import autotune.console
+    import autotune.export
+    import autotune.report.data
+    import autotune.study.ranking
+
+    original = autotune.study.ranking.quality_ranking
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("autotune") and getattr(module, "quality_ranking", None) is original:
+            monkeypatch.setattr(module, "quality_ranking", counting)
+    return calls
+
+
+def test_run_returns_the_study_its_frontier_report_and_recipe(workspace, monkeypatch):  # noqa: F811
+    rankings = count_quality_rankings(monkeypatch)
     heard: list[int] = []
     result = autotune.run(
         settings_for(workspace),
@@ -56,6 +77,10 @@ def test_run_returns_the_study_its_frontier_report_and_recipe(workspace):  # noq
     picked = Recipe.load_measured(result.recipe_path)[1]["trial"]
     assert picked in {p.number for p in result.frontier}
     assert result.recipe == Recipe.from_dict(study.trials[picked].user_attrs["recipe"])
+    # one quality ranking for the top recipes the study's run confirms, and one that the pick,
+    # the recipe file and the report share
+    assert len(rankings) == 2
+    assert result.ranking.ladders.keys() == {p.number for p in measured_points(study)}
     # the settings' fields as keywords; a resumed study says so in the notes
     again = autotune.run(
         runner=FakeRunner(), **{**vars(settings_for(workspace)), "report_path": Path("r.html")}

@@ -218,11 +218,14 @@ def test_a_measured_host_peak_over_the_host_budget_does_not_fit(workspace):  # n
 
     from autotune.console import frontier_table
     from autotune.pareto import frontier
+    from autotune.study.ranking import quality_ranking
     from autotune.study.records import measured_points
 
     console = Console(record=True, width=300)
+    points = measured_points(study)
+    ranking = quality_ranking(study, points)
     console.print(
-        frontier_table(SimpleNamespace(frontier=frontier(measured_points(study)), study=study))
+        frontier_table(SimpleNamespace(frontier=frontier(points), study=study, ranking=ranking))
     )
     table = console.export_text()
     assert "host peak" in table and format_bytes(5 * 2**20) in table

@@ -64,11 +64,14 @@ def report_data(
     recipe_path: str | None = None,
     exported: bool = True,
     storage_url: str | None = None,
+    ranking: QualityRanking | None = None,
 ) -> ReportData:
     """Everything the page shows; `recipe_path` is where the balanced recipe was exported
-    (or, not `exported`, where `autotune export` would write it)."""
+    (or, not `exported`, where `autotune export` would write it); `ranking` is the study's
+    quality ranking where the caller built it (else it is built here)."""
     points = measured_points(study)
-    ranking = quality_ranking(study, points)
+    if ranking is None:
+        ranking = quality_ranking(study, points)
     frame = trials_frame(study, points, ranking)
     setup = study_setup(study)
     choices = space_choices(study)

@@ -25,6 +25,7 @@ from autotune.report.table import (
     html_table,
     with_promoted_columns,
 )
+from autotune.study.ranking import QualityRanking
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
 from autotune.units import format_bytes
 
@@ -231,10 +232,12 @@ def write_report(
     recipe_path: str | Path | None = None,
     exported: bool = True,
     storage_url: str | None = None,
+    ranking: QualityRanking | None = None,
 ) -> Path:
-    """The HTML report (and the raw trials table as CSV); `recipe_path` as report_data's."""
+    """The HTML report (and the raw trials table as CSV); `recipe_path` and `ranking` as
+    report_data's."""
     data = report_data(
-        study, None if recipe_path is None else str(recipe_path), exported, storage_url
+        study, None if recipe_path is None else str(recipe_path), exported, storage_url, ranking
     )
     if csv_path is not None:
         write_text(csv_path, data.frame.to_csv(index=False))
