@@ -15,6 +15,7 @@ from typing import Any
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
 from autotune.recipe import Recipe
+from autotune.training.host_held import local_shard
 
 
 class Recorder:
@@ -57,7 +58,7 @@ class Recorder:
 
         if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
             return
-        tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard (FSDP2)
+        tensor = local_shard(tensor)  # a DTensor's shard (FSDP2)
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.live or storage.nbytes() == 0:
@@ -106,7 +107,7 @@ class Recorder:
 
     def release(self, tensor: Any) -> None:
         """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
-        self._release(getattr(tensor, "_local_tensor", tensor).untyped_storage()._cdata)
+        self._release(local_shard(tensor).untyped_storage()._cdata)
 
     def _release(self, key: int) -> None:
         entry = self.live.pop(key, None)
