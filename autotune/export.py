@@ -12,7 +12,12 @@ from autotune.pareto import PICK_POLICIES, Point
 from autotune.recipe import Recipe
 from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
-from autotune.study.study_records import Confirmation, confirmations, study_setup
+from autotune.study.study_records import (
+    Confirmation,
+    confirmations,
+    stored_data_formats,
+    study_setup,
+)
 
 
 def measured_figures(
@@ -71,7 +76,7 @@ def recipe_yaml(
 ) -> tuple[Recipe, str]:
     """The picked recipe in `fmt` (autotune, hf, axolotl or llamafactory); `ranking` is the
     study's quality ranking where the caller built it (else it is built here)."""
-    from autotune.data.rows import first_row_format, scan
+    from autotune.data.rows import scan
     from autotune.formats import EXPORT_FORMATS, render
 
     if fmt not in EXPORT_FORMATS:
@@ -87,10 +92,14 @@ def recipe_yaml(
     if longer is not None:  # --promote probed it again for longer
         measured["longer_probe"] = {"steps": longer[0], "eval_loss": round(longer[1], 5)}
     data_path = setup.data_path or None
-    data_format, data_formats = "alpaca", None
-    if fmt == "axolotl" and data_path and Path(data_path).exists():
-        data_format = first_row_format(data_path) or data_format
-        data_formats = scan(data_path).formats
+    data_format, formats = "alpaca", None
+    if fmt == "axolotl":
+        found = stored_data_formats(study)
+        if found is None and data_path and Path(data_path).exists():  # a study from before
+            data_scan = scan(data_path)
+            found = data_scan.first_format, data_scan.formats
+        if found is not None:
+            data_format, formats = found[0] or data_format, found[1]
     return recipe, render(
         fmt,
         recipe,
@@ -98,7 +107,7 @@ def recipe_yaml(
         data_path=data_path,
         data_format=data_format,
         num_layers=setup.num_layers,
-        data_formats=data_formats,
+        data_formats=formats,
     )
 
 

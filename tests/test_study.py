@@ -224,6 +224,28 @@ def test_export_and_report_from_the_study(workspace):
     assert len(table) == 8 and {"trial", "tokens_per_second", "held_up"} <= set(table.columns)
 
 
+def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file(workspace):
+    tmp_path, _, data = workspace
+    rows = [{"text": "row 0"}] + [{"instruction": f"q {i}", "output": f"a {i}"} for i in range(29)]
+    write_jsonl(data, rows)
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    data.unlink()  # the study's record of its data is read, not the file
+    exported = recipe_yaml(study, "balanced", "axolotl")[1]
+    assert yaml.safe_load(exported)["datasets"][0]["type"] == "completion"  # the first row's
+    assert "# the data mixes formats (alpaca 29, text 1)" in exported
+    # a study from before the formats were stored scans the file, where it still is
+    from autotune.study.study_records import DATA_STATS_ATTR, FORMATS_KEY
+
+    earlier = {k: v for k, v in study.user_attrs[DATA_STATS_ATTR].items() if k != FORMATS_KEY}
+    study.set_user_attr(DATA_STATS_ATTR, earlier)
+    write_jsonl(data, rows[1:] + rows[:1])
+    rescanned = recipe_yaml(study, "balanced", "axolotl")[1]
+    assert yaml.safe_load(rescanned)["datasets"][0]["type"] == "alpaca"
+    assert "# the data mixes formats (alpaca 29, text 1)" in rescanned
+    data.unlink()
+    assert "mixes formats" not in recipe_yaml(study, "balanced", "axolotl")[1]
+
+
 class SlowerWhenLonger(FakeRunner):
     """Confirmation probes (seed 1) of micro-batch 4 recipes come back 30% slower."""
 

@@ -178,6 +178,9 @@ class DataScan:
     usable_rows: int
     bad: list[BadRow]
     formats: dict[str, int]
+    """Usable rows per format (data.formats.detect_format)."""
+    first_format: str | None = None
+    """The format of the first usable row (None: no usable row)."""
 
 
 def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
@@ -198,6 +201,7 @@ def _checked_records(path: str | Path) -> Iterator[dict[str, Any] | BadRow]:
 def scan(path: str | Path) -> DataScan:
     """Count usable rows and formats and collect the bad rows, reading the file once."""
     usable, bad, formats = 0, [], {}  # type: tuple[int, list[BadRow], dict[str, int]]
+    first_format = None
     for record in _checked_records(path):
         if isinstance(record, BadRow):
             bad.append(record)
@@ -205,7 +209,8 @@ def scan(path: str | Path) -> DataScan:
         usable += 1
         kind = detect_format(record)
         formats[kind] = formats.get(kind, 0) + 1
-    return DataScan(usable, bad, formats)
+        first_format = first_format or kind
+    return DataScan(usable, bad, formats, first_format)
 
 
 def usable_rows(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -241,14 +246,6 @@ def checked_scan(path: str | Path, skip_bad_rows: bool = False) -> DataScan:
     data_scan = scan(path)
     check_rows(path, data_scan, skip_bad_rows)
     return data_scan
-
-
-def first_row_format(path: str | Path) -> str | None:
-    """The format of the first usable row, reading no further than it."""
-    for _, record in records(path):
-        if not isinstance(record, BadRow) and _row_problem(record) is None:
-            return detect_format(record)
-    return None
 
 
 def to_example(row: dict[str, Any], chat_template: Any = None) -> Example:

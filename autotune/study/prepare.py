@@ -33,6 +33,7 @@ from autotune.study.settings import (
     tokenizer_for,
 )
 from autotune.study.storage import DEFAULT_STORAGE, TRIALS_DIR, make_trials_dir
+from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
 
 MAX_SEED = 2**32 - 1
@@ -107,6 +108,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     data_stats = {
         "rows": data_scan.usable_rows,
         "skipped_rows": len(data_scan.bad),
+        # what an axolotl export names, so it needs the file no more
+        FORMATS_KEY: data_scan.formats,
+        FIRST_FORMAT_KEY: data_scan.first_format,
         **length_stats(
             itertools.islice(usable_rows(settings.data_path), LENGTH_STATS_ROWS),
             tokenizer,

@@ -99,15 +99,29 @@ def space_choices(study: Any) -> SpaceChoices | None:
 
 
 DATA_STATS_ATTR = "data_stats"
+FORMATS_KEY = "formats"
+"""In the data stats: usable rows per format (data.rows.DataScan.formats)."""
+FIRST_FORMAT_KEY = "first_row_format"
+"""In the data stats: the first usable row's format."""
 
 
 def record_data_stats(study: Any, stats: dict[str, Any]) -> None:
-    """The data's rows, token lengths and what truncation cut (data.data_stats), every run."""
+    """The data's rows, formats, token lengths and what truncation cut (data.data_stats),
+    every run."""
     study.set_user_attr(DATA_STATS_ATTR, stats)
 
 
 def data_stats(study: Any) -> dict[str, Any]:
     return dict(study.user_attrs.get(DATA_STATS_ATTR) or {})
+
+
+def stored_data_formats(study: Any) -> tuple[str | None, dict[str, int]] | None:
+    """The first usable row's format and the rows per format, as the run's data preparation
+    found them (None: a study from before they were stored)."""
+    stats = data_stats(study)
+    if FORMATS_KEY not in stats:
+        return None
+    return stats.get(FIRST_FORMAT_KEY), dict(stats[FORMATS_KEY] or {})
 
 
 @dataclass(frozen=True)
