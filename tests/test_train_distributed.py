@@ -1,6 +1,7 @@
 """`autotune train` of a recipe on several GPUs, with two gloo processes standing in for them:
 DDP, FSDP2 and DeepSpeed ZeRO-3 train, rank 0 saves what transformers and peft load, resume
-continues, and a killed rank fails the run and leaves no process."""
+continues, ZeRO-2's eval loss is one process's, and a killed rank fails the run and leaves no
+process."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def eval_loss_of(model, recipe: Recipe, data) -> float:
     return evaluate(model, splits.eval, single, "cpu", tokenizer.pad_token_id)
 
 
-ZERO_3_INSTALLED = pytest.mark.skipif(
+DEEPSPEED_INSTALLED = pytest.mark.skipif(
     not distributed.deepspeed_installed(), reason="deepspeed is not installed"
 )
 
@@ -65,7 +66,7 @@ ZERO_3_INSTALLED = pytest.mark.skipif(
     [
         ("ddp", "full"),
         ("fsdp", "lora"),
-        pytest.param("deepspeed_zero3", "full", marks=ZERO_3_INSTALLED),
+        pytest.param("deepspeed_zero3", "full", marks=DEEPSPEED_INSTALLED),
     ],
 )
 def test_two_ranks_train_and_rank_0_saves_what_the_libraries_load(
@@ -106,6 +107,23 @@ def test_two_ranks_train_and_rank_0_saves_what_the_libraries_load(
         resumed = train(recipe, qa_data, out, max_steps=5, resume=True, eval_rows=EVAL_ROWS)
         assert resumed.resumed_from_step == 4 and resumed.steps == 5
         assert resumed.losses[0] < report.losses[0]
+
+
+@DEEPSPEED_INSTALLED
+def test_a_zero_2_run_scores_its_eval_rows_as_one_process_does(tiny_model, qa_data, tmp_path):
+    """ZeRO-2 shards the optimizer state and gradients, not the weights: each rank scores its
+    share of the held-out rows (3 and 2) with the whole model, and the run's eval loss is the
+    loss one process computes on all of them with the weights the run saved."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = two_rank_recipe(tiny_model, "deepspeed_zero2", "full")
+    out = tmp_path / "out"
+    report = train(recipe, qa_data, out, max_steps=2, eval_rows=EVAL_ROWS)
+    assert report.steps == 2 and report.eval_loss is not None
+    single = eval_loss_of(AutoModelForCausalLM.from_pretrained(str(out)), recipe, qa_data)
+    starting = eval_loss_of(AutoModelForCausalLM.from_pretrained(str(tiny_model)), recipe, qa_data)
+    assert single < starting  # the weights saved are the trained ones
+    assert report.eval_loss == pytest.approx(single, rel=1e-4)
 
 
 def test_a_killed_rank_fails_the_training_in_one_line_and_leaves_no_process(
@@ -215,7 +233,7 @@ def test_deepspeed_recipes_without_deepspeed_are_refused_in_one_line(tmp_path, m
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
 
 
-@ZERO_3_INSTALLED
+@DEEPSPEED_INSTALLED
 def test_fp16_zero_on_a_processor_without_fp16_is_refused_in_one_line(tmp_path, monkeypatch):
     import torch
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
