@@ -53,12 +53,12 @@ def _warmup(recipe: Recipe) -> int | float:
     return recipe.warmup_steps if recipe.warmup_steps is not None else WARMUP_FRACTION
 
 
-def _schedule_keys(recipe: Recipe) -> dict[str, Any]:
-    """Trainer-based tools: warmup_steps takes steps (int) or a share of the run (float < 1)."""
-    return {
-        "lr_scheduler_type": HF_SCHEDULERS[recipe.lr_schedule],
-        "warmup_steps": _warmup(recipe),
-    }
+def _schedule_keys(recipe: Recipe, share_key: str = "warmup_steps") -> dict[str, Any]:
+    """Trainer-based tools: transformers 5's warmup_steps takes steps (int) or a share of the
+    run (float < 1); a tool on transformers 4, whose warmup_steps counts steps alone (0.03 of a
+    step is no warm-up), takes the share as `share_key` (warmup_ratio)."""
+    key = "warmup_steps" if recipe.warmup_steps is not None else share_key
+    return {"lr_scheduler_type": HF_SCHEDULERS[recipe.lr_schedule], key: _warmup(recipe)}
 
 
 def _target_list(recipe: Recipe) -> list[str] | str:
@@ -206,7 +206,8 @@ def llamafactory_config(
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
-        **_schedule_keys(recipe),
+        # LLaMA-Factory pins transformers 4 (<= 4.57.1), whose warmup_steps is whole steps
+        **_schedule_keys(recipe, share_key="warmup_ratio"),
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,

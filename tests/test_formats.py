@@ -81,6 +81,8 @@ LLAMAFACTORY_OWN_KEYS = {
     "neat_packing",
     "enable_liger_kernel",
 }
+TRANSFORMERS_4_KEYS = {"warmup_ratio"}
+"""TrainingArguments keys of transformers 4, which LLaMA-Factory pins (<= 4.57.1), that 5 drops."""
 OPTIMIZER_NAMES = {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 """Names transformers' TrainingArguments takes (checked against its OptimizerNames below)."""
 
@@ -198,7 +200,7 @@ def test_llamafactory_keys(name):
 
     config = llamafactory_config(recipe(name), num_layers=28)
     trainer_fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
-    assert set(config) <= LLAMAFACTORY_OWN_KEYS | trainer_fields
+    assert set(config) <= LLAMAFACTORY_OWN_KEYS | trainer_fields | TRANSFORMERS_4_KEYS
     assert config["finetuning_type"] == recipe(name).method
     if name == "qlora":
         assert config["quantization_bit"] == 4 and config["lora_target"] == "all"
