@@ -170,13 +170,13 @@ def test_a_cpu_run_draws_no_gpu_memory_comparison(workspace):  # noqa: F811
 
 
 def test_every_chart_gives_peak_memory_in_the_gib_its_label_names(workspace):  # noqa: F811
-    from autotune.report.figures import OBJECTIVE_WORDS, projection_figures
+    from autotune.report.figures import objective_words, projection_figures
 
     study = run_study(prepare_run(settings_for(workspace, trials=6)), DrivenRunner())
     data = report_data(study)
     measured = data.frame[data.frame["status"] == "measured"]
     in_gib = sorted(measured["peak_memory_bytes"] / 2**30)
-    label = OBJECTIVE_WORDS["peak_memory_bytes"]
+    label = objective_words(data)["peak_memory_bytes"]
     seen = 0
     for figure, _ in projection_figures(data):
         for trace in figure.data:
@@ -192,3 +192,35 @@ def test_every_chart_gives_peak_memory_in_the_gib_its_label_names(workspace):  #
             assert sorted(figure.data[0].x) == pytest.approx(in_gib)
             seen += 1
     assert seen >= 3  # the memory colour scale, the memory axis and the parallel coordinate
+
+
+def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa: F811
+    """The cards and the console say a CPU probe's memory is RSS growth, not GPU memory; the
+    charts' memory axes, colour scales and budget line say so too."""
+    from autotune.report.figures import pareto_figure, projection_figures
+
+    def memory_titles(data) -> list[str]:
+        titles = [pareto_figure(data).layout.xaxis.title.text]
+        for figure, _ in projection_figures(data):
+            layout = figure.layout
+            titles += [layout.xaxis.title.text, layout.scene.xaxis.title.text]
+            for trace in figure.data:
+                marker = getattr(trace, "marker", None)
+                if marker is not None and marker.colorbar:
+                    titles.append(marker.colorbar.title.text)
+                titles += [d.label for d in getattr(trace, "dimensions", None) or ()]
+        return [t for t in titles if t and ("memory" in t or "RSS" in t)]
+
+    cpu = report_data(run_study(prepare_run(settings_for(workspace, trials=4)), DrivenRunner()))
+    titles = memory_titles(cpu)
+    assert len(titles) >= 4 and set(titles) == {"CPU RSS growth (GiB)"}
+    budget_line = pareto_figure(cpu).layout.annotations[0].text
+    assert budget_line == f"GPU budget {format_bytes(cpu.budget_bytes)}"
+
+    class OnGpu(DrivenRunner):
+        memory_source = CUDA_MEMORY_SOURCE
+
+    gpu_study = run_study(prepare_run(settings_for(workspace, trials=4, study_name="g")), OnGpu())
+    gpu = report_data(gpu_study)
+    assert set(memory_titles(gpu)) == {"peak memory (GiB)"}
+    assert pareto_figure(gpu).layout.annotations[0].text.startswith("budget ")

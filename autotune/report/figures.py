@@ -7,7 +7,7 @@ from typing import Any
 from autotune.report.data import ReportData
 from autotune.report.frame import DUPLICATE, MEASURED, probed_rows
 from autotune.study.records import OBJECTIVE_NAMES
-from autotune.training.io import CUDA_MEMORY_SOURCE, PROBE_PHASES
+from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
 OBJECTIVE_WORDS = {
@@ -15,6 +15,19 @@ OBJECTIVE_WORDS = {
     "tokens_per_second": "tokens/s",
     "eval_loss": "eval loss",
 }
+
+
+CPU_MEMORY_WORDS = "CPU RSS growth (GiB)"
+"""The memory axis of a study whose probes ran on a CPU: their resident-set growth, not GPU
+memory (the cards and the console say so too)."""
+
+
+def objective_words(data: ReportData) -> dict[str, str]:
+    """OBJECTIVE_WORDS as the study measured them: memory is RSS growth where every probe ran
+    on a CPU."""
+    if data.memory_sources == [CPU_MEMORY_SOURCE]:
+        return {**OBJECTIVE_WORDS, "peak_memory_bytes": CPU_MEMORY_WORDS}
+    return OBJECTIVE_WORDS
 
 
 def _in_units(frame: Any, name: str) -> Any:
@@ -30,6 +43,7 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     measured = data.frame[data.frame["status"] == MEASURED]
     if not len(measured):
         return []
+    words = objective_words(data)
     symbols = ["star" if f else "circle" for f in measured["on_frontier"]]
     pairs = [
         ("peak_memory_bytes", "eval_loss", "tokens_per_second", "Peak memory vs eval loss"),
@@ -57,12 +71,10 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
                         color=_in_units(measured, colour),
                         colorscale="Viridis",
                         showscale=True,
-                        colorbar=dict(title=OBJECTIVE_WORDS[colour]),
+                        colorbar=dict(title=words[colour]),
                     ),
                 )
-            ).update_layout(
-                title=title, xaxis_title=OBJECTIVE_WORDS[x], yaxis_title=OBJECTIVE_WORDS[y]
-            )
+            ).update_layout(title=title, xaxis_title=words[x], yaxis_title=words[y])
         )
     figures.append(
         go.Figure(
@@ -79,7 +91,9 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
         ).update_layout(
             title="All three objectives (red: frontier)",
             scene=dict(
-                xaxis_title="peak memory (GiB)", yaxis_title="tokens/s", zaxis_title="eval loss"
+                xaxis_title=words["peak_memory_bytes"],
+                yaxis_title=words["tokens_per_second"],
+                zaxis_title=words["eval_loss"],
             ),
         )
     )
@@ -101,7 +115,7 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
             )
         )
     for name in OBJECTIVE_NAMES:
-        dimensions.append(dict(label=OBJECTIVE_WORDS[name], values=_in_units(measured, name)))
+        dimensions.append(dict(label=words[name], values=_in_units(measured, name)))
     figures.append(
         go.Figure(
             go.Parcoords(
@@ -120,10 +134,9 @@ def importance_figure(data: ReportData) -> Any:
     if not data.importances:
         return None
     figure = go.Figure()
+    words = objective_words(data)
     for objective, scores in data.importances.items():
-        figure.add_trace(
-            go.Bar(name=OBJECTIVE_WORDS[objective], x=list(scores), y=list(scores.values()))
-        )
+        figure.add_trace(go.Bar(name=words[objective], x=list(scores), y=list(scores.values())))
     return figure.update_layout(
         title="Parameter importance per objective", barmode="group", yaxis_title="share"
     )
@@ -185,16 +198,18 @@ def pareto_figure(data: ReportData) -> Any:
                 marker=dict(symbol="x", size=8, color="grey"),
             )
         )
+    words = objective_words(data)
     if data.budget_bytes:
+        on_cpu = words["peak_memory_bytes"] == CPU_MEMORY_WORDS  # the budget is of GPU memory
         figure.add_vline(
             x=data.budget_bytes / gib,
             line_dash="dash",
             line_color="red",
-            annotation_text=f"budget {format_bytes(data.budget_bytes)}",
+            annotation_text=f"{'GPU ' if on_cpu else ''}budget {format_bytes(data.budget_bytes)}",
         )
     figure.update_layout(
         title="Peak memory vs tokens/s (colour: eval loss)",
-        xaxis_title="peak memory (GiB)",
+        xaxis_title=words["peak_memory_bytes"],
         yaxis_title="tokens per second",
         legend=dict(orientation="h", y=-0.2),
     )
