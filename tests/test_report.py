@@ -15,7 +15,13 @@ from autotune.report.table import TRIAL_COLUMNS
 from autotune.study import measured_points, prepare_run, run_study
 from autotune.training.io import CUDA_MEMORY_SOURCE, ProbeResult
 from autotune.units import format_bytes
-from tests.test_study import FakeRunner, NoisyRunner, settings_for, workspace  # noqa: F401
+from tests.test_study import (  # noqa: F401
+    FakeRunner,
+    NoisyRunner,
+    TimedRunner,
+    settings_for,
+    workspace,
+)
 
 
 def _table(page: str, table_id: str) -> str:
@@ -224,3 +230,24 @@ def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa:
     gpu = report_data(gpu_study)
     assert set(memory_titles(gpu)) == {"peak memory (GiB)"}
     assert pareto_figure(gpu).layout.annotations[0].text.startswith("budget ")
+
+
+def test_a_repeated_recipe_shows_no_probe_times_it_did_not_measure(workspace):  # noqa: F811
+    """A duplicate trial reuses its original's figures without a probe: its row in the trial
+    table names the original and leaves the probe's times empty, as its measured columns."""
+    settings = settings_for(workspace, trials=2)
+    study = run_study(prepare_run(settings), TimedRunner())
+    study.enqueue_trial(study.trials[0].params)
+    study = run_study(prepare_run(settings_for(workspace, trials=4)), TimedRunner())
+    frame = report_data(study).frame
+    repeat = frame[frame["status"] == "duplicate"].iloc[0]
+    assert repeat["reason"] == "same recipe as trial 0"
+    assert frame.loc[frame["trial"] == 0, "seconds_total"].notna().all()  # the original's
+    times = [c for c in frame.columns if c.startswith("seconds_")]
+    assert times and repeat[times].isna().all()
+    row = re.search(
+        rf"<tr><td[^>]*>{repeat['trial']}</td>.*?</tr>",
+        _table(render_html(report_data(study)), "trials-table"),
+    )
+    assert row and "repeat of an earlier trial" in row.group(0)
+    assert not re.search(r">\d+\.\d</td>", row.group(0))  # no seconds shown
