@@ -251,3 +251,14 @@ def test_a_repeated_recipe_shows_no_probe_times_it_did_not_measure(workspace):  
     )
     assert row and "repeat of an earlier trial" in row.group(0)
     assert not re.search(r">\d+\.\d</td>", row.group(0))  # no seconds shown
+
+
+def test_the_probe_time_chart_draws_no_recipe_inside_its_bars(workspace):  # noqa: F811
+    """Each phase's bar carries its trial's recipe for the hover; drawn, it was repeated in
+    every phase, clipped to the bar, and ran off the chart."""
+    from autotune.report.figures import time_figure
+
+    study = run_study(prepare_run(settings_for(workspace, trials=3)), TimedRunner())
+    bars = time_figure(report_data(study)).data
+    assert len(bars) >= 8 and all(len(bar.text) == 3 for bar in bars)  # hovers name the recipe
+    assert {bar.textposition for bar in bars} == {"none"}

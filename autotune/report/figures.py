@@ -274,6 +274,7 @@ def time_figure(data: ReportData) -> Any:
                     x=probed[column].fillna(0),
                     orientation="h",
                     text=probed["recipe"],
+                    textposition="none",  # the recipe is for the hover, not drawn in each phase
                     hovertemplate=f"%{{y}} %{{text}}: {phase} %{{x:.1f}} s<extra></extra>",
                 )
             )
