@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from autotune.fidelity import FIDELITY_READING, noise_groups_line
+from autotune.fidelity import fidelity_reading, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
@@ -86,7 +86,11 @@ def report_data(
         data_text=data_description(stats, setup.seq_len),
         readings=frontier_readings(frame, setup.budget_bytes, noise, ranking.promoted_order()),
         quality_notes=quality_axis_notes(
-            frame, setup.measured_under.get("quality", "eval_loss"), noise, ranking
+            frame,
+            setup.measured_under.get("quality", "eval_loss"),
+            noise,
+            ranking,
+            setup.probe_steps,
         ),
         promoted_steps=ranking.steps[1:],
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
@@ -144,11 +148,16 @@ def time_description(frame: Any) -> str:
 
 
 def quality_axis_notes(
-    frame: Any, metric: str, noise: Noise | None, ranking: QualityRanking
+    frame: Any,
+    metric: str,
+    noise: Noise | None,
+    ranking: QualityRanking,
+    probe_steps: int | None = None,
 ) -> tuple[str, ...]:
     """What the quality axis is, on which probe lengths its ranking of the frontier rests
     (--promote), which frontier recipes the measured noise cannot tell apart on it, and how far
-    a probe's ranking on it was measured to hold (bench/fidelity_bench.py)."""
+    a probe's ranking on it was measured to hold (bench/fidelity_bench.py) beside the study's
+    `probe_steps`."""
     lines = [quality_reading(metric)]
     front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)] if len(frame) else frame
     numbers = [int(t) for t in front["trial"]] if len(front) else []
@@ -156,7 +165,7 @@ def quality_axis_notes(
         lines.append(ranking_line(ranking, numbers))
     if noise and numbers:
         lines.append(noise_groups_line(ranking.ladders_of(numbers), noise.eval_loss_difference))
-    lines.append(FIDELITY_READING)
+    lines.append(fidelity_reading(probe_steps))
     return tuple(line for line in lines if line)
 
 
