@@ -53,6 +53,8 @@ class RunResult:
     """What the run has to say besides its trials (a resumed study, interrupted trials)."""
     recipe_fit: str = ""
     """How the picked recipe's predicted peak, with its margin, stands against the budget."""
+    recipe_trial: int | None = None
+    """The trial the balanced recipe is (a row of the frontier); None where none was picked."""
 
 
 def run(
@@ -87,7 +89,7 @@ def run(
     )
     study = run_study(prepared, runner, events)
     points = measured_points(study)
-    recipe = recipe_path = None
+    recipe = recipe_path = recipe_trial = None
     fit = ""
     if points:
         recipe, recipe_path = write_recipe(
@@ -95,6 +97,7 @@ def run(
         )
         picked = picked_trial(study, "balanced", points, quality_ranking(study, points))
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
+        recipe_trial = picked.number
     report_path = write_report(
         study,
         settings.report_path or report_path_for(prepared.study_name),
@@ -102,7 +105,14 @@ def run(
         storage_url=redact_url(settings.storage) if settings.storage else None,
     )
     return RunResult(
-        study, frontier(points), report_path, recipe, recipe_path, list(events.notes), fit
+        study,
+        frontier(points),
+        report_path,
+        recipe,
+        recipe_path,
+        list(events.notes),
+        fit,
+        recipe_trial,
     )
 
 
