@@ -262,3 +262,21 @@ def test_the_probe_time_chart_draws_no_recipe_inside_its_bars(workspace):  # noq
     bars = time_figure(report_data(study)).data
     assert len(bars) >= 8 and all(len(bar.text) == 3 for bar in bars)  # hovers name the recipe
     assert {bar.textposition for bar in bars} == {"none"}
+
+
+def test_the_parallel_coordinates_name_their_axes_in_words_and_numbers_in_order(workspace):  # noqa: F811
+    """A dozen axes side by side: field names such as gradient_accumulation_steps ran into
+    their neighbours, and ranks read 8.0 (a column with gaps is float), 16 sorted before 4."""
+    from autotune.report.figures import projection_figures
+
+    study = run_study(prepare_run(settings_for(workspace, trials=8)), FakeRunner())
+    [parallel] = [
+        f for f, _ in projection_figures(report_data(study)) if f.data[0].type == "parcoords"
+    ]
+    axes = {d.label: list(d.ticktext) for d in parallel.data[0].dimensions if d.ticktext}
+    assert not [label for label in axes if "_" in label]
+    assert "micro-batch" in axes and "LoRA r" in axes
+    assert axes["micro-batch"] == sorted(axes["micro-batch"], key=int)  # 1, 2, 4 in order
+    ranks = axes["LoRA r"]
+    assert all(re.fullmatch(r"\d+|-", r) for r in ranks) and ranks[-1] == "-"  # full: no rank
+    assert parallel.data[0].labelangle  # angled, so neighbours' names do not overlap

@@ -30,6 +30,52 @@ def objective_words(data: ReportData) -> dict[str, str]:
     return OBJECTIVE_WORDS
 
 
+PARAMETER_WORDS = {
+    "micro_batch_size": "micro-batch",
+    "gradient_accumulation_steps": "accumulation steps",
+    "gradient_checkpointing": "checkpointing",
+    "lora_target_modules": "LoRA targets",
+    "lora_r": "LoRA r",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "frozen_layers": "frozen layers",
+    "learning_rate": "learning rate",
+    "expandable_segments": "expandable segments",
+    "activation_offload": "activation offload",
+    "train_modules": "trained modules",
+    "use_dora": "DoRA",
+    "num_gpus": "GPUs",
+    "lr_schedule": "LR schedule",
+    "warmup_steps": "warm-up steps",
+}
+"""The parallel coordinates' axis names for recipe fields whose own name is not a word
+(others show as they are, underscores as spaces)."""
+
+
+def _parameter_words(name: str) -> str:
+    return PARAMETER_WORDS.get(name, name.replace("_", " "))
+
+
+def _choice_text(value: Any) -> str:
+    """A recipe field's value on its axis: '-' where the recipe has none (a rank of a full
+    fine-tune), whole numbers without the '.0' a column with gaps gives them."""
+    if value is None or value != value:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _choice_order(text: str) -> tuple[int, float, str]:
+    """Numbers in their order (4 below 16), then words, then '-'."""
+    if text == "-":
+        return (2, 0.0, text)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
 def _in_units(frame: Any, name: str) -> Any:
     """An objective's column as its axis word says: peak memory in GiB, the others as they are."""
     return frame[name] / 2**30 if name == "peak_memory_bytes" else frame[name]
@@ -104,11 +150,11 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     ]
     dimensions = []
     for column in params:
-        values = [str(v) if v is not None and v == v else "-" for v in measured[column]]
-        codes = {v: i for i, v in enumerate(sorted(set(values)))}
+        values = [_choice_text(v) for v in measured[column]]
+        codes = {v: i for i, v in enumerate(sorted(set(values), key=_choice_order))}
         dimensions.append(
             dict(
-                label=column.removeprefix("param_"),
+                label=_parameter_words(column.removeprefix("param_")),
                 values=[codes[v] for v in values],
                 tickvals=list(codes.values()),
                 ticktext=list(codes),
@@ -121,8 +167,9 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
             go.Parcoords(
                 line=dict(color=measured["tokens_per_second"], colorscale="Viridis"),
                 dimensions=dimensions,
+                labelangle=-20,  # a dozen axes side by side: level names ran into each other
             )
-        ).update_layout(title="Parameters and objectives of measured recipes")
+        ).update_layout(title="Parameters and objectives of measured recipes", margin=dict(t=140))
     )
     return list(zip(figures, captions))
 
