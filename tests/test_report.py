@@ -262,6 +262,8 @@ def test_the_probe_time_chart_draws_no_recipe_inside_its_bars(workspace):  # noq
     bars = time_figure(report_data(study)).data
     assert len(bars) >= 8 and all(len(bar.text) == 3 for bar in bars)  # hovers name the recipe
     assert {bar.textposition for bar in bars} == {"none"}
+    # every phase in the legend at once: a column beside three bars scrolled, hiding start
+    assert time_figure(report_data(study)).layout.legend.orientation == "h"
 
 
 def test_the_parallel_coordinates_name_their_axes_in_words_and_numbers_in_order(workspace):  # noqa: F811

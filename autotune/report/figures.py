@@ -330,5 +330,7 @@ def time_figure(data: ReportData) -> Any:
         barmode="stack",
         xaxis_title="seconds",
         yaxis=dict(autorange="reversed"),
-        height=max(300, 22 * len(labels) + 150),
+        # under the bars, in a row: beside a short chart the legend scrolled, hiding start
+        legend=dict(orientation="h", y=-0.25, traceorder="normal"),
+        height=max(340, 22 * len(labels) + 190),
     )

@@ -170,8 +170,9 @@ def charts(data: ReportData) -> tuple[list[tuple[Any, str]], list[str]]:
     drawn.append(
         (
             time_figure(data),
-            "Where each probe's seconds went, phase by phase: long "
-            "load bars are model loading, long steps bars the training itself.",
+            "Where each probe's seconds went, phase by phase: long start bars are a probe "
+            "process starting (a cold one, or the first), long load bars model loading, long "
+            "steps bars the training itself.",
         )
     )
     return drawn, left_out
