@@ -111,7 +111,9 @@ def test_the_trial_table_is_for_people(workspace):  # noqa: F811
     assert not [c for c in cells if re.search(r"\d[eE][+-]?\d", c)]  # no exponent notation
     assert not {"None", "nan", "NaN", "True", "False"} & set(cells)
     headings = [c.heading for c in TRIAL_COLUMNS]
-    assert "Measured peak memory" in cells and "Tokens/s" in cells and "Eval loss" in cells
+    # FakeRunner's probes ran on the CPU: the heading says what they measured, as the cards do
+    assert "Measured CPU RSS growth" in cells and "Measured peak memory" not in cells
+    assert "Tokens/s" in cells and "Eval loss" in cells
     assert set(cells) & set(headings)
     assert "out of memory" in cells  # the status in words
     assert any(re.fullmatch(r"\d+\.\d (MiB|GiB)|\d+\.\d\d GiB", c) for c in cells)
@@ -229,6 +231,8 @@ def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa:
     gpu_study = run_study(prepare_run(settings_for(workspace, trials=4, study_name="g")), OnGpu())
     gpu = report_data(gpu_study)
     assert set(memory_titles(gpu)) == {"peak memory (GiB)"}
+    page = render_html(gpu)
+    assert "Measured peak memory" in page and "Measured CPU RSS growth" not in page
     assert pareto_figure(gpu).layout.annotations[0].text.startswith("budget ")
 
 

@@ -23,6 +23,7 @@ from autotune.report.table import (
     SORT_SCRIPT,
     TRIAL_COLUMNS,
     html_table,
+    with_memory_heading,
     with_promoted_columns,
 )
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
@@ -202,8 +203,13 @@ def render_html(data: ReportData) -> str:
         *left_out,
     ]
     measured = data.measured_count
-    frontier_columns = with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps)
-    trial_columns = with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps)
+    on_cpu = data.memory_sources == [CPU_MEMORY_SOURCE]  # as the cards and charts say
+    frontier_columns = with_memory_heading(
+        with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps), on_cpu
+    )
+    trial_columns = with_memory_heading(
+        with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps), on_cpu
+    )
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>autotune: {html.escape(data.study_name)}</title>
 <style>{STYLE}</style></head><body>
