@@ -83,7 +83,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
     training.update(hf_training_keys(recipe))
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
-        "max_seq_length": recipe.seq_len,
+        "max_length": recipe.seq_len,  # TRL's SFTConfig name (it dropped max_seq_length)
         "attn_implementation": recipe.attention,
         "training_arguments": training,
     }
@@ -107,8 +107,9 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
             config["train_modules"] = recipe.train_modules
     sft_config = BATCHINGS[recipe.batching].sft_config
     if sft_config is not None:
-        # TRL's SFTConfig: packing to max_length, or padding-free micro-batches
-        config["sft_config"] = dict(sft_config)
+        # TRL's SFTConfig: packing to max_length, or padding-free micro-batches; without it
+        # TRL packs rows of its default 1024 tokens, not the seq_len the probe measured
+        config["sft_config"] = {**sft_config, "max_length": recipe.seq_len}
     return config
 
 

@@ -146,10 +146,13 @@ def test_hf_keywords_construct_the_real_classes(name):
     if "bits_and_bytes_config" in config:
         bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
         assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
-    # TRL's SFTConfig fields (trl is not a dependency; its documented names)
+    # TRL's SFTConfig fields (trl is not a dependency; its documented names): rows packed to
+    # the recipe's seq_len (TRL's own default is 1024), named max_length as TRL names it now
+    seq_len = recipe(name).seq_len
     assert config.get("sft_config") == (
-        {"packing": True, "padding_free": True} if name == "packed" else None
+        {"packing": True, "padding_free": True, "max_length": seq_len} if name == "packed" else None
     )
+    assert config["max_length"] == seq_len and "max_seq_length" not in config
     # the part of the blocks that trains is autotune's key, as frozen_layers is
     assert config.get("train_modules") == RECIPES[name].get("train_modules")
     training = config["training_arguments"]
