@@ -5,6 +5,7 @@ this, and the page only draws it).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -12,6 +13,7 @@ from autotune.fidelity import fidelity_reading, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
+from autotune.study.overview import busy_seconds
 from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
 from autotune.study.records import (
     OBJECTIVE_NAMES,
@@ -100,7 +102,9 @@ def report_data(
         measured_count=measured,
         noise=noise,
         train_tokens=train_tokens,
-        time_text=time_description(frame),
+        time_text=time_description(
+            frame, busy_seconds(study.get_trials(deepcopy=False), datetime.datetime.now())
+        ),
         space_lines=tuple(not_searched(choices.unsupported, choices.ruled_out) if choices else ()),
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
@@ -125,13 +129,14 @@ def data_description(stats: dict[str, Any], seq_len: int | None) -> str:
     )
 
 
-def time_description(frame: Any) -> str:
-    """'Time: 40 trials in 58.0 min of trials (41 an hour), 16 probed (17 an hour); median
-    probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' Trial durations run from each trial's start to
-    its end, so a study resumed later is timed without the pause."""
+def time_description(frame: Any, busy_seconds: float) -> str:
+    """'Time: 40 trials in 58.0 min while trials ran (41 an hour), 16 probed (17 an hour);
+    median probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' `busy_seconds` is the wall time
+    during which some trial ran (overview.busy_seconds), as `autotune status` counts it: parallel
+    workers count together, and a study resumed later is timed without the pause."""
     finished = frame[frame["trial_seconds"].notna()] if len(frame) else frame
     probed = probed_rows(finished)
-    busy_hours = finished["trial_seconds"].sum() / 3600 if len(finished) else 0
+    busy_hours = busy_seconds / 3600
     if not len(probed) or not busy_hours:
         return ""
     phases = ", ".join(
@@ -140,7 +145,7 @@ def time_description(frame: Any) -> str:
         if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
     )
     return (
-        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min of trials "
+        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min while trials ran "
         f"({len(finished) / busy_hours:.0f} an hour), {len(probed)} probed "
         f"({len(probed) / busy_hours:.0f} an hour); median probe "
         f"{probed['seconds_total'].median():.1f} s: {phases}."
