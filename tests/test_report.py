@@ -286,3 +286,30 @@ def test_the_parallel_coordinates_name_their_axes_in_words_and_numbers_in_order(
     ranks = axes["LoRA r"]
     assert all(re.fullmatch(r"\d+|-", r) for r in ranks) and ranks[-1] == "-"  # full: no rank
     assert parallel.data[0].labelangle  # angled, so neighbours' names do not overlap
+
+
+def test_the_png_drawn_by_chromium_has_no_plotly_toolbar(workspace, monkeypatch):  # noqa: F811
+    """Where kaleido cannot draw the PNG, Chromium screenshots the chart's page: the page must
+    leave out plotly's toolbar, or the picture carries its buttons over the chart."""
+    import plotly.graph_objects as go
+
+    import autotune.browser
+    from autotune.report import write_main_chart_png
+
+    def no_kaleido(*args, **kwargs):
+        raise RuntimeError("kaleido is not installed")
+
+    pages = []
+
+    def shoot(page, png, *args, **kwargs):
+        pages.append(page.read_text(encoding="utf-8"))
+        png.write_bytes(b"\x89PNG\r\n\x1a\n")
+        return png
+
+    monkeypatch.setattr(go.Figure, "write_image", no_kaleido)
+    monkeypatch.setattr(autotune.browser, "find_chromium", lambda: "chromium")
+    monkeypatch.setattr(autotune.browser, "screenshot", shoot)
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    write_main_chart_png(study, workspace[0] / "chart.png")
+    [page] = pages
+    assert '"displayModeBar": false' in page and "Peak memory vs tokens" in page

@@ -277,7 +277,13 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
             raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH") from None
         with tempfile.TemporaryDirectory() as scratch:
             page = Path(scratch) / "chart.html"
-            page.write_text(figure.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
+            # a picture, not a page: without plotly's toolbar over the chart
+            page.write_text(
+                figure.to_html(
+                    include_plotlyjs=True, full_html=True, config={"displayModeBar": False}
+                ),
+                encoding="utf-8",
+            )
             try:
                 screenshot(page, png_path)
             except RuntimeError as error:
