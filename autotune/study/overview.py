@@ -48,10 +48,17 @@ class StudyOverview:
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
 
 
+PREDICTING_WORDS = "(recipe chosen, predicting its memory)"
+"""What a running trial shows between the sampler's choice and its recorded recipe: the memory
+model's prediction (a few seconds of replay on a 7B model)."""
+
+
 @dataclass(frozen=True)
 class RunningTrial:
     trial: int
     recipe: str
+    """Its recipe's label; PREDICTING_WORDS once sampled, before the recipe is recorded; empty
+    while the sampler chooses."""
     seconds: float
     """Since it started."""
 
@@ -166,7 +173,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         running_trials=[
             RunningTrial(
                 t.number,
-                trial_record(t).label,
+                trial_record(t).label or (PREDICTING_WORDS if t.params else ""),
                 (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0,
             )
             for t in running
