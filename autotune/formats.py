@@ -241,6 +241,13 @@ def llamafactory_config(
         )
         # LLaMA-Factory names the blocks' sub-modules; all is every one of them
         config["freeze_trainable_modules"] = LLAMAFACTORY_MODULES[recipe.train_modules]
+    if recipe.method in ("full", "freeze") and PRECISIONS[recipe.precision].weight_dtype == (
+        "bfloat16"
+    ):
+        # LLaMA-Factory upcasts trainable weights to fp32 (AMP) unless told to train in bf16,
+        # as autotune's bf16 does: twice the weights, gradients and states the probe measured.
+        # (A LoRA adapter is fp32 in both, peft's default.)
+        config["pure_bf16"] = True
     return config
 
 

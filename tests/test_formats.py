@@ -80,6 +80,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "packing",
     "neat_packing",
     "enable_liger_kernel",
+    "pure_bf16",
 }
 TRANSFORMERS_4_KEYS = {"warmup_ratio"}
 """TrainingArguments keys of transformers 4, which LLaMA-Factory pins (<= 4.57.1), that 5 drops."""
@@ -264,3 +265,20 @@ def test_activation_offload_is_named_autotune_only_where_a_format_has_no_option(
 def test_the_cpu_offload_optimizer_is_named_autotune_only(fmt):
     text = render(fmt, recipe("cpu-offload-optimizer"), None, num_layers=28)
     assert "optimizer adamw_cpu_offload is autotune-only" in text
+
+
+def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
+    """autotune's bf16 keeps the trained weights in bf16; LLaMA-Factory, unless told
+    pure_bf16, upcasts them to fp32 (AMP): twice the weights, gradients and optimizer states the
+    probe measured. A LoRA adapter is fp32 in both (peft's default), and amp_bf16 is AMP in both."""
+    for fields in ({"method": "full"}, {"method": "freeze", "frozen_layers": 2}):
+        config = llamafactory_config(
+            Recipe.from_dict({**fields, "precision": "bf16"}), num_layers=4
+        )
+        assert config["pure_bf16"] is True and config["bf16"] is True
+    for fields in (
+        {"method": "full", "precision": "amp_bf16"},
+        {"method": "lora", "lora_r": 8, "precision": "bf16"},
+        {"method": "full", "precision": "fp32"},
+    ):
+        assert "pure_bf16" not in llamafactory_config(Recipe.from_dict(fields), num_layers=4)
