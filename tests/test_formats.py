@@ -282,3 +282,24 @@ def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
         {"method": "full", "precision": "fp32"},
     ):
         assert "pure_bf16" not in llamafactory_config(Recipe.from_dict(fields), num_layers=4)
+
+
+def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
+    """TrainingArguments' bf16 is autocast alone: the weights' dtype is from_pretrained's, and
+    left out it is the checkpoint's (fp32 for many), not the recipe's bf16."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for precision, dtype in (("bf16", "bfloat16"), ("amp_bf16", "float32"), ("fp16", "float16")):
+        config = hf_config(Recipe.from_dict({"method": "full", "precision": precision}))
+        assert config["dtype"] == dtype
+    # from_pretrained's keyword, as transformers names it
+    tiny = AutoConfig.for_model(
+        "llama",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=32,
+    )
+    model = AutoModelForCausalLM.from_config(tiny, dtype=config["dtype"])
+    assert str(next(model.parameters()).dtype) == "torch.float16"
