@@ -100,7 +100,7 @@ def noise_groups_line(ladders: Mapping[int, Sequence[float]], noise: float) -> s
     )
     return (
         f"Indistinguishable on eval loss (neighbours apart by no more than the noise, "
-        f"{noise:.3f}{compared}), so not ranked: {shown}."
+        f"{noise:.4f}{compared}), so not ranked: {shown}."
     )
 
 

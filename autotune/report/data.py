@@ -224,7 +224,7 @@ def frontier_readings(
     if noise:
         lines.append(
             f"Noise: trial {noise.trial} probed again with seed {noise.seed} moved eval "
-            f"loss by {noise.eval_loss_difference:.3f}, tokens/s by "
+            f"loss by {noise.eval_loss_difference:.4f}, tokens/s by "
             f"{_percent(noise.tokens_per_second_change)} and peak memory by "
             f"{_percent(noise.peak_memory_change)}; eval-loss differences smaller than that "
             "are chance."
