@@ -57,6 +57,8 @@ class RunResult:
     --promote ran), which chose the recipe and orders the report."""
     recipe_fit: str = ""
     """How the picked recipe's predicted peak, with its margin, stands against the budget."""
+    recipe_trial: int | None = None
+    """The trial the balanced recipe is (a row of the frontier); None where none was picked."""
 
 
 def run(
@@ -92,7 +94,7 @@ def run(
     study = run_study(prepared, runner, events)
     points = measured_points(study)
     ranking = quality_ranking(study, points)  # built once: the recipe and the report share it
-    recipe = recipe_path = None
+    recipe = recipe_path = recipe_trial = None
     fit = ""
     if points:
         recipe, recipe_path = write_recipe(
@@ -103,6 +105,7 @@ def run(
         )
         picked = picked_trial(study, "balanced", points, ranking)
         fit = measured_figures(picked, budget_bytes=settings.budget_bytes).get("predicted_fit", "")
+        recipe_trial = picked.number
     report_path = write_report(
         study,
         settings.report_path or report_path_for(prepared.study_name),
@@ -119,6 +122,7 @@ def run(
         notes=list(events.notes),
         ranking=ranking,
         recipe_fit=fit,
+        recipe_trial=recipe_trial,
     )
 
 

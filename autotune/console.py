@@ -158,6 +158,8 @@ class ConsoleReporter(RunEvents):
 
     def show_result(self, result: RunResult) -> None:
         """The run's notes, its frontier as a table, and where the report and recipe went."""
+        from rich.markup import escape
+
         from autotune.study.records import nothing_measured_line
 
         for note in result.notes:
@@ -165,9 +167,12 @@ class ConsoleReporter(RunEvents):
         self.console.print(frontier_table(result))
         self.console.print(f"report: {result.report_path}")
         if result.recipe_path is not None:
-            self.console.print(f"recipe (balanced): {result.recipe_path}")
+            picked = ""  # which frontier row the recipe and its memory line are
+            if result.recipe is not None and result.recipe_trial is not None:
+                picked = f" (trial {result.recipe_trial}: {result.recipe.label()})"
+            self.console.print(f"recipe (balanced): {result.recipe_path}{escape(picked)}")
             if result.recipe_fit:
-                self.console.print(f"memory: {result.recipe_fit}")
+                self.console.print(f"memory of trial {result.recipe_trial}: {result.recipe_fit}")
         else:
             self.console.print(nothing_measured_line(result.study))
 

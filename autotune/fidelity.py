@@ -100,7 +100,7 @@ def noise_groups_line(ladders: Mapping[int, Sequence[float]], noise: float) -> s
     )
     return (
         f"Indistinguishable on eval loss (neighbours apart by no more than the noise, "
-        f"{noise:.3f}{compared}), so not ranked: {shown}."
+        f"{noise:.4f}{compared}), so not ranked: {shown}."
     )
 
 
@@ -112,3 +112,20 @@ FIDELITY_READING = (
 )
 """What bench/results/fidelity_cpu{,_summary,_bigger}.json measured, stated next to the
 quality axis."""
+
+SHORTEST_MEASURED_PROBE_STEPS = 20
+"""The shortest probe whose ranking bench/fidelity_bench.py measured (20, 40 and 80 steps)."""
+
+
+def fidelity_reading(probe_steps: int | None) -> str:
+    """FIDELITY_READING, then the study's own probe length, and where the benchmark measured
+    none as short, that it says nothing of the study's ranking."""
+    if probe_steps is None:
+        return FIDELITY_READING
+    own = f" This study's probes ran {probe_steps} steps"
+    if probe_steps < SHORTEST_MEASURED_PROBE_STEPS:
+        own += (
+            f", shorter than any the benchmark measured ({SHORTEST_MEASURED_PROBE_STEPS} at "
+            "the least): how far their ranking holds was not measured"
+        )
+    return FIDELITY_READING + own + "."

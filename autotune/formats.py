@@ -53,12 +53,12 @@ def _warmup(recipe: Recipe) -> int | float:
     return recipe.warmup_steps if recipe.warmup_steps is not None else WARMUP_FRACTION
 
 
-def _schedule_keys(recipe: Recipe) -> dict[str, Any]:
-    """Trainer-based tools: warmup_steps takes steps (int) or a share of the run (float < 1)."""
-    return {
-        "lr_scheduler_type": HF_SCHEDULERS[recipe.lr_schedule],
-        "warmup_steps": _warmup(recipe),
-    }
+def _schedule_keys(recipe: Recipe, share_key: str = "warmup_steps") -> dict[str, Any]:
+    """Trainer-based tools: transformers 5's warmup_steps takes steps (int) or a share of the
+    run (float < 1); a tool on transformers 4, whose warmup_steps counts steps alone (0.03 of a
+    step is no warm-up), takes the share as `share_key` (warmup_ratio)."""
+    key = "warmup_steps" if recipe.warmup_steps is not None else share_key
+    return {"lr_scheduler_type": HF_SCHEDULERS[recipe.lr_schedule], key: _warmup(recipe)}
 
 
 def _target_list(recipe: Recipe) -> list[str] | str:
@@ -83,8 +83,11 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
     training.update(hf_training_keys(recipe))
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
-        "max_seq_length": recipe.seq_len,
+        "max_length": recipe.seq_len,  # TRL's SFTConfig name (it dropped max_seq_length)
         "attn_implementation": recipe.attention,
+        # from_pretrained's dtype: the weights as the probe held them (bf16 trains bf16
+        # weights; amp_bf16 fp32 weights under autocast); left out, the checkpoint's own
+        "dtype": PRECISIONS[recipe.precision].weight_dtype,
         "training_arguments": training,
     }
     if recipe.method == "lora":
@@ -107,8 +110,9 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
             config["train_modules"] = recipe.train_modules
     sft_config = BATCHINGS[recipe.batching].sft_config
     if sft_config is not None:
-        # TRL's SFTConfig: packing to max_length, or padding-free micro-batches
-        config["sft_config"] = dict(sft_config)
+        # TRL's SFTConfig: packing to max_length, or padding-free micro-batches; without it
+        # TRL packs rows of its default 1024 tokens, not the seq_len the probe measured
+        config["sft_config"] = {**sft_config, "max_length": recipe.seq_len}
     return config
 
 
@@ -206,7 +210,8 @@ def llamafactory_config(
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
-        **_schedule_keys(recipe),
+        # LLaMA-Factory pins transformers 4 (<= 4.57.1), whose warmup_steps is whole steps
+        **_schedule_keys(recipe, share_key="warmup_ratio"),
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
@@ -239,6 +244,13 @@ def llamafactory_config(
         )
         # LLaMA-Factory names the blocks' sub-modules; all is every one of them
         config["freeze_trainable_modules"] = LLAMAFACTORY_MODULES[recipe.train_modules]
+    if recipe.method in ("full", "freeze") and PRECISIONS[recipe.precision].weight_dtype == (
+        "bfloat16"
+    ):
+        # LLaMA-Factory upcasts trainable weights to fp32 (AMP) unless told to train in bf16,
+        # as autotune's bf16 does: twice the weights, gradients and states the probe measured.
+        # (A LoRA adapter is fp32 in both, peft's default.)
+        config["pure_bf16"] = True
     return config
 
 

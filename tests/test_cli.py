@@ -564,3 +564,33 @@ def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
         )
     )
     assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()
+
+
+def test_the_run_s_last_lines_name_the_balanced_trial(tmp_path, monkeypatch):
+    """The frontier table lists trials by number; the recipe line under it says which row the
+    balanced recipe (and the memory line after it) is."""
+    from rich.console import Console
+
+    from autotune.api import run
+    from autotune.console import ConsoleReporter
+    from tests.test_study import FakeRunner, settings_for
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "config-only-model"
+    model.mkdir()
+    shutil.copy(DEMO / "config.json", model / "config.json")
+    for item in (DEMO / "tokenizer").iterdir():
+        shutil.copy(item, model / item.name)
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    settings = settings_for((tmp_path, model, data), trials=3, confirm_top=0)
+    result = run(settings, runner=FakeRunner())
+    console = Console(record=True, width=300)
+    ConsoleReporter(console).show_result(result)
+    text = console.export_text()
+    exported = yaml.safe_load(result.recipe_path.read_text())
+    trial = exported["measured"]["trial"]
+    assert result.recipe is not None and trial in [p.number for p in result.frontier]
+    assert (
+        f"recipe (balanced): {result.recipe_path} (trial {trial}: {result.recipe.label()})" in text
+    )
+    assert f"memory of trial {trial}: predicted " in text

@@ -10,6 +10,7 @@ import pytest
 
 from autotune.fidelity import (
     FIDELITY_READING,
+    fidelity_reading,
     ladder_groups,
     ladder_order,
     noise_groups_line,
@@ -90,14 +91,20 @@ def test_the_report_groups_frontier_recipes_within_the_noise(workspace):  # noqa
 
     study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=1)), SameLoss())
     data = report_data(study)
-    assert FIDELITY_READING in data.quality_notes
+    [reading] = [line for line in data.quality_notes if line.startswith(FIDELITY_READING)]
+    # the study's 3-step probes are shorter than any the benchmark measured: it says so
+    assert reading.endswith(
+        "This study's probes ran 3 steps, shorter than any the benchmark measured (20 at the "
+        "least): how far their ranking holds was not measured."
+    )
+    assert fidelity_reading(80) == FIDELITY_READING + " This study's probes ran 80 steps."
     [grouped] = [line for line in data.quality_notes if line.startswith("Indistinguishable")]
     frame = data.frame
     front = sorted(int(t) for t in frame.loc[frame["on_frontier"], "trial"])
     assert len(front) > 1 and grouped.endswith(f"trials {', '.join(map(str, front))}.")
     page = render_html(data)  # stated under the frontier table, before the charts
     assert page.index("frontier-table") < page.index(grouped) < page.index("<h2>Charts")
-    assert page.index(html.escape(FIDELITY_READING)) < page.index("<h2>Charts")
+    assert page.index(html.escape(reading)) < page.index("<h2>Charts")
 
 
 def test_halving_against_plain_probes_of_the_same_probe_steps_by_hand():

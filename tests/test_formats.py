@@ -80,7 +80,10 @@ LLAMAFACTORY_OWN_KEYS = {
     "packing",
     "neat_packing",
     "enable_liger_kernel",
+    "pure_bf16",
 }
+TRANSFORMERS_4_KEYS = {"warmup_ratio"}
+"""TrainingArguments keys of transformers 4, which LLaMA-Factory pins (<= 4.57.1), that 5 drops."""
 OPTIMIZER_NAMES = {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 """Names transformers' TrainingArguments takes (checked against its OptimizerNames below)."""
 
@@ -144,10 +147,13 @@ def test_hf_keywords_construct_the_real_classes(name):
     if "bits_and_bytes_config" in config:
         bnb = BitsAndBytesConfig(**config["bits_and_bytes_config"])
         assert bnb.load_in_4bit == (recipe(name).quantization == "nf4")
-    # TRL's SFTConfig fields (trl is not a dependency; its documented names)
+    # TRL's SFTConfig fields (trl is not a dependency; its documented names): rows packed to
+    # the recipe's seq_len (TRL's own default is 1024), named max_length as TRL names it now
+    seq_len = recipe(name).seq_len
     assert config.get("sft_config") == (
-        {"packing": True, "padding_free": True} if name == "packed" else None
+        {"packing": True, "padding_free": True, "max_length": seq_len} if name == "packed" else None
     )
+    assert config["max_length"] == seq_len and "max_seq_length" not in config
     # the part of the blocks that trains is autotune's key, as frozen_layers is
     assert config.get("train_modules") == RECIPES[name].get("train_modules")
     training = config["training_arguments"]
@@ -198,7 +204,7 @@ def test_llamafactory_keys(name):
 
     config = llamafactory_config(recipe(name), num_layers=28)
     trainer_fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
-    assert set(config) <= LLAMAFACTORY_OWN_KEYS | trainer_fields
+    assert set(config) <= LLAMAFACTORY_OWN_KEYS | trainer_fields | TRANSFORMERS_4_KEYS
     assert config["finetuning_type"] == recipe(name).method
     if name == "qlora":
         assert config["quantization_bit"] == 4 and config["lora_target"] == "all"
@@ -259,3 +265,41 @@ def test_activation_offload_is_named_autotune_only_where_a_format_has_no_option(
 def test_the_cpu_offload_optimizer_is_named_autotune_only(fmt):
     text = render(fmt, recipe("cpu-offload-optimizer"), None, num_layers=28)
     assert "optimizer adamw_cpu_offload is autotune-only" in text
+
+
+def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
+    """autotune's bf16 keeps the trained weights in bf16; LLaMA-Factory, unless told
+    pure_bf16, upcasts them to fp32 (AMP): twice the weights, gradients and optimizer states the
+    probe measured. A LoRA adapter is fp32 in both (peft's default), and amp_bf16 is AMP in both."""
+    for fields in ({"method": "full"}, {"method": "freeze", "frozen_layers": 2}):
+        config = llamafactory_config(
+            Recipe.from_dict({**fields, "precision": "bf16"}), num_layers=4
+        )
+        assert config["pure_bf16"] is True and config["bf16"] is True
+    for fields in (
+        {"method": "full", "precision": "amp_bf16"},
+        {"method": "lora", "lora_r": 8, "precision": "bf16"},
+        {"method": "full", "precision": "fp32"},
+    ):
+        assert "pure_bf16" not in llamafactory_config(Recipe.from_dict(fields), num_layers=4)
+
+
+def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
+    """TrainingArguments' bf16 is autocast alone: the weights' dtype is from_pretrained's, and
+    left out it is the checkpoint's (fp32 for many), not the recipe's bf16."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for precision, dtype in (("bf16", "bfloat16"), ("amp_bf16", "float32"), ("fp16", "float16")):
+        config = hf_config(Recipe.from_dict({"method": "full", "precision": precision}))
+        assert config["dtype"] == dtype
+    # from_pretrained's keyword, as transformers names it
+    tiny = AutoConfig.for_model(
+        "llama",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=32,
+    )
+    model = AutoModelForCausalLM.from_config(tiny, dtype=config["dtype"])
+    assert str(next(model.parameters()).dtype) == "torch.float16"

@@ -120,3 +120,23 @@ def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F
     optuna.storages.RDBStorage(f"sqlite:///{empty}")
     none = autotune("studies", "--storage", f"sqlite:///{empty}", cwd=tmp_path)
     assert none.returncode == 0 and none.stdout.strip() == "no study in this storage yet"
+
+
+def test_status_says_a_sampled_trial_is_having_its_memory_predicted(workspace):  # noqa: F811
+    """Between the sampler's choice and the recorded recipe the memory model predicts the
+    peak (seconds of replay on a large model): status said '(sampling)' all that while."""
+    from autotune.console import status_text
+    from autotune.study.overview import PREDICTING_WORDS
+
+    settings = settings_for(workspace, trials=1)
+    run_study(prepare_run(settings), FakeRunner())
+    study = optuna.load_study(study_name="s", storage=settings.storage)
+    sampled = study.ask()
+    sampled.suggest_categorical("micro_batch_size", [1, 2, 4])
+    choosing = study.ask()
+    status = study_status(settings.storage, "s")
+    recipes = {r.trial: r.recipe for r in status.running_trials}
+    assert recipes == {sampled.number: PREDICTING_WORDS, choosing.number: ""}
+    text = status_text(status)
+    assert f"running: trial {sampled.number}  {PREDICTING_WORDS}  for " in text
+    assert f"running: trial {choosing.number}  (sampling)  for " in text

@@ -15,7 +15,13 @@ from autotune.report.table import TRIAL_COLUMNS
 from autotune.study import measured_points, prepare_run, run_study
 from autotune.training.io import CUDA_MEMORY_SOURCE, ProbeResult
 from autotune.units import format_bytes
-from tests.test_study import FakeRunner, NoisyRunner, settings_for, workspace  # noqa: F401
+from tests.test_study import (  # noqa: F401
+    FakeRunner,
+    NoisyRunner,
+    TimedRunner,
+    settings_for,
+    workspace,
+)
 
 
 def _table(page: str, table_id: str) -> str:
@@ -105,7 +111,9 @@ def test_the_trial_table_is_for_people(workspace):  # noqa: F811
     assert not [c for c in cells if re.search(r"\d[eE][+-]?\d", c)]  # no exponent notation
     assert not {"None", "nan", "NaN", "True", "False"} & set(cells)
     headings = [c.heading for c in TRIAL_COLUMNS]
-    assert "Measured peak memory" in cells and "Tokens/s" in cells and "Eval loss" in cells
+    # FakeRunner's probes ran on the CPU: the heading says what they measured, as the cards do
+    assert "Measured CPU RSS growth" in cells and "Measured peak memory" not in cells
+    assert "Tokens/s" in cells and "Eval loss" in cells
     assert set(cells) & set(headings)
     assert "out of memory" in cells  # the status in words
     assert any(re.fullmatch(r"\d+\.\d (MiB|GiB)|\d+\.\d\d GiB", c) for c in cells)
@@ -170,13 +178,13 @@ def test_a_cpu_run_draws_no_gpu_memory_comparison(workspace):  # noqa: F811
 
 
 def test_every_chart_gives_peak_memory_in_the_gib_its_label_names(workspace):  # noqa: F811
-    from autotune.report.figures import OBJECTIVE_WORDS, projection_figures
+    from autotune.report.figures import objective_words, projection_figures
 
     study = run_study(prepare_run(settings_for(workspace, trials=6)), DrivenRunner())
     data = report_data(study)
     measured = data.frame[data.frame["status"] == "measured"]
     in_gib = sorted(measured["peak_memory_bytes"] / 2**30)
-    label = OBJECTIVE_WORDS["peak_memory_bytes"]
+    label = objective_words(data)["peak_memory_bytes"]
     seen = 0
     for figure, _ in projection_figures(data):
         for trace in figure.data:
@@ -192,3 +200,134 @@ def test_every_chart_gives_peak_memory_in_the_gib_its_label_names(workspace):  #
             assert sorted(figure.data[0].x) == pytest.approx(in_gib)
             seen += 1
     assert seen >= 3  # the memory colour scale, the memory axis and the parallel coordinate
+
+
+def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa: F811
+    """The cards and the console say a CPU probe's memory is RSS growth, not GPU memory; the
+    charts' memory axes, colour scales and budget line say so too."""
+    from autotune.report.figures import pareto_figure, projection_figures
+
+    def memory_titles(data) -> list[str]:
+        titles = [pareto_figure(data).layout.xaxis.title.text]
+        for figure, _ in projection_figures(data):
+            layout = figure.layout
+            titles += [layout.xaxis.title.text, layout.scene.xaxis.title.text]
+            for trace in figure.data:
+                marker = getattr(trace, "marker", None)
+                if marker is not None and marker.colorbar:
+                    titles.append(marker.colorbar.title.text)
+                titles += [d.label for d in getattr(trace, "dimensions", None) or ()]
+        return [t for t in titles if t and ("memory" in t or "RSS" in t)]
+
+    cpu = report_data(run_study(prepare_run(settings_for(workspace, trials=4)), DrivenRunner()))
+    titles = memory_titles(cpu)
+    assert len(titles) >= 4 and set(titles) == {"CPU RSS growth (GiB)"}
+    budget_line = pareto_figure(cpu).layout.annotations[0].text
+    assert budget_line == f"GPU budget {format_bytes(cpu.budget_bytes)}"
+
+    class OnGpu(DrivenRunner):
+        memory_source = CUDA_MEMORY_SOURCE
+
+    gpu_study = run_study(prepare_run(settings_for(workspace, trials=4, study_name="g")), OnGpu())
+    gpu = report_data(gpu_study)
+    assert set(memory_titles(gpu)) == {"peak memory (GiB)"}
+    page = render_html(gpu)
+    assert "Measured peak memory" in page and "Measured CPU RSS growth" not in page
+    assert pareto_figure(gpu).layout.annotations[0].text.startswith("budget ")
+
+
+def test_a_repeated_recipe_shows_no_probe_times_it_did_not_measure(workspace):  # noqa: F811
+    """A duplicate trial reuses its original's figures without a probe: its row in the trial
+    table names the original and leaves the probe's times empty, as its measured columns."""
+    settings = settings_for(workspace, trials=2)
+    study = run_study(prepare_run(settings), TimedRunner())
+    study.enqueue_trial(study.trials[0].params)
+    study = run_study(prepare_run(settings_for(workspace, trials=4)), TimedRunner())
+    frame = report_data(study).frame
+    repeat = frame[frame["status"] == "duplicate"].iloc[0]
+    assert repeat["reason"] == "same recipe as trial 0"
+    assert frame.loc[frame["trial"] == 0, "seconds_total"].notna().all()  # the original's
+    times = [c for c in frame.columns if c.startswith("seconds_")]
+    assert times and repeat[times].isna().all()
+    row = re.search(
+        rf"<tr><td[^>]*>{repeat['trial']}</td>.*?</tr>",
+        _table(render_html(report_data(study)), "trials-table"),
+    )
+    assert row and "repeat of an earlier trial" in row.group(0)
+    assert not re.search(r">\d+\.\d</td>", row.group(0))  # no seconds shown
+
+
+def test_the_probe_time_chart_draws_no_recipe_inside_its_bars(workspace):  # noqa: F811
+    """Each phase's bar carries its trial's recipe for the hover; drawn, it was repeated in
+    every phase, clipped to the bar, and ran off the chart."""
+    from autotune.report.figures import time_figure
+
+    study = run_study(prepare_run(settings_for(workspace, trials=3)), TimedRunner())
+    bars = time_figure(report_data(study)).data
+    assert len(bars) >= 8 and all(len(bar.text) == 3 for bar in bars)  # hovers name the recipe
+    assert {bar.textposition for bar in bars} == {"none"}
+    # every phase in the legend at once: a column beside three bars scrolled, hiding start
+    assert time_figure(report_data(study)).layout.legend.orientation == "h"
+
+
+def test_the_parallel_coordinates_name_their_axes_in_words_and_numbers_in_order(workspace):  # noqa: F811
+    """A dozen axes side by side: field names such as gradient_accumulation_steps ran into
+    their neighbours, and ranks read 8.0 (a column with gaps is float), 16 sorted before 4."""
+    from autotune.report.figures import projection_figures
+
+    study = run_study(prepare_run(settings_for(workspace, trials=8)), FakeRunner())
+    [parallel] = [
+        f for f, _ in projection_figures(report_data(study)) if f.data[0].type == "parcoords"
+    ]
+    axes = {d.label: list(d.ticktext) for d in parallel.data[0].dimensions if d.ticktext}
+    assert not [label for label in axes if "_" in label]
+    assert "micro-batch" in axes and "LoRA r" in axes
+    assert axes["micro-batch"] == sorted(axes["micro-batch"], key=int)  # 1, 2, 4 in order
+    ranks = axes["LoRA r"]
+    assert all(re.fullmatch(r"\d+|-", r) for r in ranks) and ranks[-1] == "-"  # full: no rank
+    assert parallel.data[0].labelangle  # angled, so neighbours' names do not overlap
+
+
+def test_the_png_drawn_by_chromium_has_no_plotly_toolbar(workspace, monkeypatch):  # noqa: F811
+    """Where kaleido cannot draw the PNG, Chromium screenshots the chart's page: the page must
+    leave out plotly's toolbar, or the picture carries its buttons over the chart."""
+    import plotly.graph_objects as go
+
+    import autotune.browser
+    from autotune.report import write_main_chart_png
+
+    def no_kaleido(*args, **kwargs):
+        raise RuntimeError("kaleido is not installed")
+
+    pages = []
+
+    def shoot(page, png, *args, **kwargs):
+        pages.append(page.read_text(encoding="utf-8"))
+        png.write_bytes(b"\x89PNG\r\n\x1a\n")
+        return png
+
+    monkeypatch.setattr(go.Figure, "write_image", no_kaleido)
+    monkeypatch.setattr(autotune.browser, "find_chromium", lambda: "chromium")
+    monkeypatch.setattr(autotune.browser, "screenshot", shoot)
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    write_main_chart_png(study, workspace[0] / "chart.png")
+    [page] = pages
+    assert '"displayModeBar": false' in page and "Peak memory vs tokens" in page
+
+
+def test_the_noise_reads_to_the_decimals_of_the_differences_held_against_it(workspace):  # noqa: F811
+    """The cards and tables give eval-loss changes to four decimals and call them within or
+    beyond the noise; the note gave the noise to three, so 0.0045 read 0.005 and a change of
+    0.0048 read 'beyond' a noise it seemed to be under. The console gave four."""
+
+    class NoiseOf0045(FakeRunner):
+        def run(self, request, workdir):
+            result = super().run(request, workdir)
+            if request.seed == 1 and result.eval_loss is not None:
+                result.eval_loss += 0.0045
+            return result
+
+    settings = settings_for(workspace, trials=4, confirm_top=1)
+    study = run_study(prepare_run(settings), NoiseOf0045())
+    page = render_html(report_data(study))
+    assert "moved eval loss by 0.0045, tokens/s by" in page

@@ -82,7 +82,7 @@ def test_first_screen_shows_the_answer_and_the_frontier(workspace):  # noqa: F81
     # the wide trial table scrolls inside its box: the page itself is no wider than the window
     assert measured["pageWidth"] <= measured["width"]
     trials = measured["trials"]
-    assert "Measured peak memory" in trials and "Tokens/s" in trials
+    assert "Measured CPU RSS growth" in trials and "Tokens/s" in trials  # CPU probes
     raw = [c for c in data.frame.columns if "_" in c]
     assert raw and not [c for c in raw if c in trials]
     assert not re.search(r"\d[eE][+-]?\d", trials) and "None" not in trials

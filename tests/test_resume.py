@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from autotune.errors import UsageError
 from autotune.probe import ColdProcess, SubprocessProbeRunner
@@ -537,3 +538,47 @@ def test_a_running_trial_with_no_worker_is_failed_once_stale(workspace, monkeypa
     monkeypatch.setattr(autotune.study.storage, "STALE_AFTER_SECONDS", 0)
     assert fail_interrupted_trials(study) == [orphan.number]
     assert study.trials[orphan.number].user_attrs["status"] == "interrupted"
+
+
+def test_a_resume_under_another_budget_makes_it_the_studys_budget(workspace):  # noqa: F811
+    """Status, studies, the report and export read the study's budget: after a resume under
+    another --budget they say the one that run held its trials to, as the run itself did."""
+    from autotune.export import recipe_yaml
+    from autotune.report import report_data
+    from autotune.study.study_records import study_setup
+
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    events = RunEvents()
+    smaller = prepare_run(settings_for(workspace, trials=3, budget_bytes=5 * 10**9))
+    study = run_study(smaller, FakeRunner(), events)
+    assert study_setup(study).budget_bytes == 5 * 10**9
+    assert report_data(study).budget_bytes == 5 * 10**9
+    exported = yaml.safe_load(recipe_yaml(study, "balanced")[1])
+    assert "fits 4.66 GiB with" in exported["measured"]["predicted_fit"]
+    assert [n for n in events.notes if n.startswith("budget now 4.66 GiB, was 9.31 GiB")] == [
+        "budget now 4.66 GiB, was 9.31 GiB: the 2 trials finished before this run were held "
+        "to 9.31 GiB and keep that"
+    ]
+
+
+def test_the_report_counts_probes_an_hour_as_status_does_with_two_workers(workspace):  # noqa: F811
+    """Two workers probe at once: the report summed the trials' durations (twice the wall
+    time), so its probes an hour was half the figure `autotune status` gave for the study."""
+    from autotune.report import report_data
+    from autotune.study.overview import study_status
+    from tests.test_study import TimedRunner
+
+    class SlowTimedRunner(TimedRunner):
+        def run(self, request, workdir):
+            time.sleep(0.3)
+            return super().run(request, workdir)
+
+    settings = settings_for(workspace, trials=6, workers=2)
+    run_study(prepare_run(settings), SlowTimedRunner())
+    status = study_status(settings.storage, "s")
+    study = optuna.load_study(study_name="s", storage=settings.storage)
+    data = report_data(study)
+    assert data.frame["trial_seconds"].sum() / 3600 > status.probes / status.probes_per_hour
+    text = data.time_text  # the trials overlapped: their durations add to more than wall time
+    assert status.probes_per_hour and f"{status.probes} probed " in text
+    assert f"({status.probes_per_hour:.0f} an hour)" in text

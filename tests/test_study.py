@@ -383,9 +383,9 @@ def test_report_shows_where_each_probe_spent_its_time(workspace):
     frame = report.frame
     probed = frame[frame["seconds_total"].notna() & (frame["status"] != "duplicate")]
     assert len(probed) >= 2
-    busy = frame["trial_seconds"].sum()
-    assert busy > 0 and frame["trial_seconds"].notna().all()
-    assert report.time_text.startswith(f"Time: 6 trials in {busy / 60:.1f} min of trials")
+    assert frame["trial_seconds"].notna().all()
+    assert report.time_text.startswith("Time: 6 trials in ")
+    assert " min while trials ran (" in report.time_text
     assert f"{len(probed)} probed" in report.time_text
     assert f"load {probed['seconds_load'].median():.1f} s" in report.time_text
     assert "prepare 0.4 s" in report.time_text and "eval 0.6 s" in report.time_text

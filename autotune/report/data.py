@@ -5,13 +5,15 @@ this, and the page only draws it).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from autotune.fidelity import FIDELITY_READING, noise_groups_line
+from autotune.fidelity import fidelity_reading, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
+from autotune.study.overview import busy_seconds
 from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
 from autotune.study.records import (
     OBJECTIVE_NAMES,
@@ -89,7 +91,11 @@ def report_data(
         data_text=data_description(stats, setup.seq_len),
         readings=frontier_readings(frame, setup.budget_bytes, noise, ranking.promoted_order()),
         quality_notes=quality_axis_notes(
-            frame, setup.measured_under.get("quality", "eval_loss"), noise, ranking
+            frame,
+            setup.measured_under.get("quality", "eval_loss"),
+            noise,
+            ranking,
+            setup.probe_steps,
         ),
         promoted_steps=ranking.steps[1:],
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
@@ -99,7 +105,9 @@ def report_data(
         measured_count=measured,
         noise=noise,
         train_tokens=train_tokens,
-        time_text=time_description(frame),
+        time_text=time_description(
+            frame, busy_seconds(study.get_trials(deepcopy=False), datetime.datetime.now())
+        ),
         space_lines=tuple(not_searched(choices.unsupported, choices.ruled_out) if choices else ()),
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
@@ -124,13 +132,14 @@ def data_description(stats: dict[str, Any], seq_len: int | None) -> str:
     )
 
 
-def time_description(frame: Any) -> str:
-    """'Time: 40 trials in 58.0 min of trials (41 an hour), 16 probed (17 an hour); median
-    probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' Trial durations run from each trial's start to
-    its end, so a study resumed later is timed without the pause."""
+def time_description(frame: Any, busy_seconds: float) -> str:
+    """'Time: 40 trials in 58.0 min while trials ran (41 an hour), 16 probed (17 an hour);
+    median probe 104.2 s: start 0.1 s, ..., eval 3.5 s.' `busy_seconds` is the wall time
+    during which some trial ran (overview.busy_seconds), as `autotune status` counts it: parallel
+    workers count together, and a study resumed later is timed without the pause."""
     finished = frame[frame["trial_seconds"].notna()] if len(frame) else frame
     probed = probed_rows(finished)
-    busy_hours = finished["trial_seconds"].sum() / 3600 if len(finished) else 0
+    busy_hours = busy_seconds / 3600
     if not len(probed) or not busy_hours:
         return ""
     phases = ", ".join(
@@ -139,7 +148,7 @@ def time_description(frame: Any) -> str:
         if f"seconds_{phase}" in probed.columns and probed[f"seconds_{phase}"].notna().any()
     )
     return (
-        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min of trials "
+        f"Time: {len(finished)} trials in {60 * busy_hours:.1f} min while trials ran "
         f"({len(finished) / busy_hours:.0f} an hour), {len(probed)} probed "
         f"({len(probed) / busy_hours:.0f} an hour); median probe "
         f"{probed['seconds_total'].median():.1f} s: {phases}."
@@ -147,11 +156,16 @@ def time_description(frame: Any) -> str:
 
 
 def quality_axis_notes(
-    frame: Any, metric: str, noise: Noise | None, ranking: QualityRanking
+    frame: Any,
+    metric: str,
+    noise: Noise | None,
+    ranking: QualityRanking,
+    probe_steps: int | None = None,
 ) -> tuple[str, ...]:
     """What the quality axis is, on which probe lengths its ranking of the frontier rests
     (--promote), which frontier recipes the measured noise cannot tell apart on it, and how far
-    a probe's ranking on it was measured to hold (bench/fidelity_bench.py)."""
+    a probe's ranking on it was measured to hold (bench/fidelity_bench.py) beside the study's
+    `probe_steps`."""
     lines = [quality_reading(metric)]
     front = frame[frame["on_frontier"] & (frame["status"] == MEASURED)] if len(frame) else frame
     numbers = [int(t) for t in front["trial"]] if len(front) else []
@@ -159,7 +173,7 @@ def quality_axis_notes(
         lines.append(ranking_line(ranking, numbers))
     if noise and numbers:
         lines.append(noise_groups_line(ranking.ladders_of(numbers), noise.eval_loss_difference))
-    lines.append(FIDELITY_READING)
+    lines.append(fidelity_reading(probe_steps))
     return tuple(line for line in lines if line)
 
 
@@ -213,7 +227,7 @@ def frontier_readings(
     if noise:
         lines.append(
             f"Noise: trial {noise.trial} probed again with seed {noise.seed} moved eval "
-            f"loss by {noise.eval_loss_difference:.3f}, tokens/s by "
+            f"loss by {noise.eval_loss_difference:.4f}, tokens/s by "
             f"{_percent(noise.tokens_per_second_change)} and peak memory by "
             f"{_percent(noise.peak_memory_change)}; eval-loss differences smaller than that "
             "are chance."

@@ -7,7 +7,7 @@ from typing import Any
 from autotune.report.data import ReportData
 from autotune.report.frame import DUPLICATE, MEASURED, probed_rows
 from autotune.study.records import OBJECTIVE_NAMES
-from autotune.training.io import CUDA_MEMORY_SOURCE, PROBE_PHASES
+from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
 OBJECTIVE_WORDS = {
@@ -15,6 +15,65 @@ OBJECTIVE_WORDS = {
     "tokens_per_second": "tokens/s",
     "eval_loss": "eval loss",
 }
+
+
+CPU_MEMORY_WORDS = "CPU RSS growth (GiB)"
+"""The memory axis of a study whose probes ran on a CPU: their resident-set growth, not GPU
+memory (the cards and the console say so too)."""
+
+
+def objective_words(data: ReportData) -> dict[str, str]:
+    """OBJECTIVE_WORDS as the study measured them: memory is RSS growth where every probe ran
+    on a CPU."""
+    if data.memory_sources == [CPU_MEMORY_SOURCE]:
+        return {**OBJECTIVE_WORDS, "peak_memory_bytes": CPU_MEMORY_WORDS}
+    return OBJECTIVE_WORDS
+
+
+PARAMETER_WORDS = {
+    "micro_batch_size": "micro-batch",
+    "gradient_accumulation_steps": "accumulation steps",
+    "gradient_checkpointing": "checkpointing",
+    "lora_target_modules": "LoRA targets",
+    "lora_r": "LoRA r",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "frozen_layers": "frozen layers",
+    "learning_rate": "learning rate",
+    "expandable_segments": "expandable segments",
+    "activation_offload": "activation offload",
+    "train_modules": "trained modules",
+    "use_dora": "DoRA",
+    "num_gpus": "GPUs",
+    "lr_schedule": "LR schedule",
+    "warmup_steps": "warm-up steps",
+}
+"""The parallel coordinates' axis names for recipe fields whose own name is not a word
+(others show as they are, underscores as spaces)."""
+
+
+def _parameter_words(name: str) -> str:
+    return PARAMETER_WORDS.get(name, name.replace("_", " "))
+
+
+def _choice_text(value: Any) -> str:
+    """A recipe field's value on its axis: '-' where the recipe has none (a rank of a full
+    fine-tune), whole numbers without the '.0' a column with gaps gives them."""
+    if value is None or value != value:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _choice_order(text: str) -> tuple[int, float, str]:
+    """Numbers in their order (4 below 16), then words, then '-'."""
+    if text == "-":
+        return (2, 0.0, text)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def _in_units(frame: Any, name: str) -> Any:
@@ -30,6 +89,7 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     measured = data.frame[data.frame["status"] == MEASURED]
     if not len(measured):
         return []
+    words = objective_words(data)
     symbols = ["star" if f else "circle" for f in measured["on_frontier"]]
     pairs = [
         ("peak_memory_bytes", "eval_loss", "tokens_per_second", "Peak memory vs eval loss"),
@@ -57,12 +117,10 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
                         color=_in_units(measured, colour),
                         colorscale="Viridis",
                         showscale=True,
-                        colorbar=dict(title=OBJECTIVE_WORDS[colour]),
+                        colorbar=dict(title=words[colour]),
                     ),
                 )
-            ).update_layout(
-                title=title, xaxis_title=OBJECTIVE_WORDS[x], yaxis_title=OBJECTIVE_WORDS[y]
-            )
+            ).update_layout(title=title, xaxis_title=words[x], yaxis_title=words[y])
         )
     figures.append(
         go.Figure(
@@ -79,7 +137,9 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
         ).update_layout(
             title="All three objectives (red: frontier)",
             scene=dict(
-                xaxis_title="peak memory (GiB)", yaxis_title="tokens/s", zaxis_title="eval loss"
+                xaxis_title=words["peak_memory_bytes"],
+                yaxis_title=words["tokens_per_second"],
+                zaxis_title=words["eval_loss"],
             ),
         )
     )
@@ -90,25 +150,26 @@ def projection_figures(data: ReportData) -> list[tuple[Any, str]]:
     ]
     dimensions = []
     for column in params:
-        values = [str(v) if v is not None and v == v else "-" for v in measured[column]]
-        codes = {v: i for i, v in enumerate(sorted(set(values)))}
+        values = [_choice_text(v) for v in measured[column]]
+        codes = {v: i for i, v in enumerate(sorted(set(values), key=_choice_order))}
         dimensions.append(
             dict(
-                label=column.removeprefix("param_"),
+                label=_parameter_words(column.removeprefix("param_")),
                 values=[codes[v] for v in values],
                 tickvals=list(codes.values()),
                 ticktext=list(codes),
             )
         )
     for name in OBJECTIVE_NAMES:
-        dimensions.append(dict(label=OBJECTIVE_WORDS[name], values=_in_units(measured, name)))
+        dimensions.append(dict(label=words[name], values=_in_units(measured, name)))
     figures.append(
         go.Figure(
             go.Parcoords(
                 line=dict(color=measured["tokens_per_second"], colorscale="Viridis"),
                 dimensions=dimensions,
+                labelangle=-20,  # a dozen axes side by side: level names ran into each other
             )
-        ).update_layout(title="Parameters and objectives of measured recipes")
+        ).update_layout(title="Parameters and objectives of measured recipes", margin=dict(t=140))
     )
     return list(zip(figures, captions))
 
@@ -120,10 +181,9 @@ def importance_figure(data: ReportData) -> Any:
     if not data.importances:
         return None
     figure = go.Figure()
+    words = objective_words(data)
     for objective, scores in data.importances.items():
-        figure.add_trace(
-            go.Bar(name=OBJECTIVE_WORDS[objective], x=list(scores), y=list(scores.values()))
-        )
+        figure.add_trace(go.Bar(name=words[objective], x=list(scores), y=list(scores.values())))
     return figure.update_layout(
         title="Parameter importance per objective", barmode="group", yaxis_title="share"
     )
@@ -185,16 +245,18 @@ def pareto_figure(data: ReportData) -> Any:
                 marker=dict(symbol="x", size=8, color="grey"),
             )
         )
+    words = objective_words(data)
     if data.budget_bytes:
+        on_cpu = words["peak_memory_bytes"] == CPU_MEMORY_WORDS  # the budget is of GPU memory
         figure.add_vline(
             x=data.budget_bytes / gib,
             line_dash="dash",
             line_color="red",
-            annotation_text=f"budget {format_bytes(data.budget_bytes)}",
+            annotation_text=f"{'GPU ' if on_cpu else ''}budget {format_bytes(data.budget_bytes)}",
         )
     figure.update_layout(
         title="Peak memory vs tokens/s (colour: eval loss)",
-        xaxis_title="peak memory (GiB)",
+        xaxis_title=words["peak_memory_bytes"],
         yaxis_title="tokens per second",
         legend=dict(orientation="h", y=-0.2),
     )
@@ -259,6 +321,7 @@ def time_figure(data: ReportData) -> Any:
                     x=probed[column].fillna(0),
                     orientation="h",
                     text=probed["recipe"],
+                    textposition="none",  # the recipe is for the hover, not drawn in each phase
                     hovertemplate=f"%{{y}} %{{text}}: {phase} %{{x:.1f}} s<extra></extra>",
                 )
             )
@@ -267,5 +330,7 @@ def time_figure(data: ReportData) -> Any:
         barmode="stack",
         xaxis_title="seconds",
         yaxis=dict(autorange="reversed"),
-        height=max(300, 22 * len(labels) + 150),
+        # under the bars, in a row: beside a short chart the legend scrolled, hiding start
+        legend=dict(orientation="h", y=-0.25, traceorder="normal"),
+        height=max(340, 22 * len(labels) + 190),
     )

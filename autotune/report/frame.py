@@ -85,7 +85,8 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
         if probe and probe.host_peak_bytes is not None:
             row["host_peak_bytes"] = probe.host_peak_bytes
         row["reason"] = trial_reason(trial)
-        for phase, seconds in (probe.seconds if probe else {}).items():
+        # a duplicate ran no probe: the times it carries are its original's
+        for phase, seconds in (probe.seconds if probe and status != DUPLICATE else {}).items():
             row[f"seconds_{phase}"] = seconds
         for key, value in record.recipe.items():
             if key not in ("model", "autotune_recipe"):
@@ -95,7 +96,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
 
 
 def probed_rows(frame: Any) -> Any:
-    """Trials that ran a probe of their own (a duplicate carries its original's times)."""
+    """Trials that ran a probe of their own (a duplicate's row carries no times)."""
     if "seconds_total" not in frame.columns:
         return frame.iloc[0:0]
     return frame[frame["seconds_total"].notna() & (frame["status"] != DUPLICATE)]

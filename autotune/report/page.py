@@ -23,6 +23,7 @@ from autotune.report.table import (
     SORT_SCRIPT,
     TRIAL_COLUMNS,
     html_table,
+    with_memory_heading,
     with_promoted_columns,
 )
 from autotune.study.ranking import QualityRanking
@@ -171,8 +172,9 @@ def charts(data: ReportData) -> tuple[list[tuple[Any, str]], list[str]]:
     drawn.append(
         (
             time_figure(data),
-            "Where each probe's seconds went, phase by phase: long "
-            "load bars are model loading, long steps bars the training itself.",
+            "Where each probe's seconds went, phase by phase: long start bars are a probe "
+            "process starting (a cold one, or the first), long load bars model loading, long "
+            "steps bars the training itself.",
         )
     )
     return drawn, left_out
@@ -202,8 +204,13 @@ def render_html(data: ReportData) -> str:
         *left_out,
     ]
     measured = data.measured_count
-    frontier_columns = with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps)
-    trial_columns = with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps)
+    on_cpu = data.memory_sources == [CPU_MEMORY_SOURCE]  # as the cards and charts say
+    frontier_columns = with_memory_heading(
+        with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps), on_cpu
+    )
+    trial_columns = with_memory_heading(
+        with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps), on_cpu
+    )
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>autotune: {html.escape(data.study_name)}</title>
 <style>{STYLE}</style></head><body>
@@ -273,7 +280,13 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
             raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH") from None
         with tempfile.TemporaryDirectory() as scratch:
             page = Path(scratch) / "chart.html"
-            page.write_text(figure.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
+            # a picture, not a page: without plotly's toolbar over the chart
+            page.write_text(
+                figure.to_html(
+                    include_plotlyjs=True, full_html=True, config={"displayModeBar": False}
+                ),
+                encoding="utf-8",
+            )
             try:
                 screenshot(page, png_path)
             except RuntimeError as error:

@@ -113,6 +113,20 @@ FRONTIER_COLUMNS = (
 )
 
 
+CPU_MEMORY_HEADING = "Measured CPU RSS growth"
+"""The measured-memory heading of a study whose probes ran on a CPU: not GPU memory."""
+
+
+def with_memory_heading(columns: Sequence[Column], on_cpu: bool) -> list[Column]:
+    """`columns`, the measured peak headed as what a CPU probe measured where `on_cpu`."""
+    if not on_cpu:
+        return list(columns)
+    return [
+        Column(c.key, CPU_MEMORY_HEADING, c.kind) if c.key == "peak_memory_bytes" else c
+        for c in columns
+    ]
+
+
 def with_promoted_columns(columns: Sequence[Column], steps: Sequence[int]) -> list[Column]:
     """`columns` with, after the eval loss, one column per promotion round's probe length:
     each compares the recipes that reached it, at one length."""

@@ -48,10 +48,17 @@ class StudyOverview:
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
 
 
+PREDICTING_WORDS = "(recipe chosen, predicting its memory)"
+"""What a running trial shows between the sampler's choice and its recorded recipe: the memory
+model's prediction (a few seconds of replay on a 7B model)."""
+
+
 @dataclass(frozen=True)
 class RunningTrial:
     trial: int
     recipe: str
+    """Its recipe's label; PREDICTING_WORDS once sampled, before the recipe is recorded; empty
+    while the sampler chooses."""
     seconds: float
     """Since it started."""
 
@@ -121,10 +128,11 @@ def study_overviews(storage_url: str | None) -> list[StudyOverview]:
     return overviews
 
 
-def _busy_seconds(trials: Sequence[Any], now: datetime.datetime) -> float:
+def busy_seconds(trials: Sequence[Any], now: datetime.datetime) -> float:
     """Wall time during which some trial ran: the union of the trials' runs, from start to end
-    (now for a running one). An interrupted trial is left out: its end is when a later run
-    found its worker dead, not when it stopped."""
+    (now for a running one), so parallel workers count together (status and the report). An
+    interrupted trial is left out: its end is when a later run found its worker dead, not when
+    it stopped."""
     spans = sorted(
         (t.datetime_start, t.datetime_complete or now)
         for t in trials
@@ -154,7 +162,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         and trial_status(t) != TrialStatus.DUPLICATE
     ]
     running = [t for t in trials if t.state.name == "RUNNING"]
-    hours = _busy_seconds(trials, now) / 3600
+    hours = busy_seconds(trials, now) / 3600
     rate = len(probed) / hours if probed and hours > 0 else None
     return StudyStatus(
         overview=study_overview(study, points),
@@ -165,7 +173,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         running_trials=[
             RunningTrial(
                 t.number,
-                trial_record(t).label,
+                trial_record(t).label or (PREDICTING_WORDS if t.params else ""),
                 (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0,
             )
             for t in running

@@ -32,6 +32,7 @@ from autotune.study.study_records import (
     study_setup,
 )
 from autotune.study.workers import fail_interrupted_trials
+from autotune.units import count_of, format_bytes
 
 
 def measured_under(prepared: PreparedRun) -> dict[str, Any]:
@@ -108,6 +109,22 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     )
 
 
+def record_new_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
+    """A resumed run under another --budget: the study's budget becomes this run's, so the
+    report, status, studies and export say the budget the run held its trials to, and a note
+    names the one the earlier trials were held to (each keeps its own constraint)."""
+    earlier = study_setup(study).budget_bytes
+    if not earlier or earlier == budget_bytes:
+        return
+    study.set_user_attr("budget_bytes", budget_bytes)
+    held = finished_trial_count(study)
+    events.notes.append(
+        f"budget now {format_bytes(budget_bytes)}, was {format_bytes(earlier)}: the "
+        f"{count_of(held, 'trial')} finished before this run were held to "
+        f"{format_bytes(earlier)} and keep that"
+    )
+
+
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
     """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
     events = events or RunEvents()
@@ -117,6 +134,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     new_study = not study.get_trials(deepcopy=False)
     if not new_study:
         check_comparable(study, prepared)
+        record_new_budget(study, settings.budget_bytes, events)
     if new_study and prepared.fitting_choices:
         record_space_choices(
             study,
