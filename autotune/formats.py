@@ -15,6 +15,7 @@ import yaml
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.distributed import (
+    DISTRIBUTED,
     accelerate_keys,
     axolotl_keys,
     hf_training_keys,
@@ -40,6 +41,17 @@ def _half_flags(recipe: Recipe) -> dict[str, bool]:
         "bf16": PRECISIONS[recipe.precision].compute_dtype == "bfloat16",
         "fp16": PRECISIONS[recipe.precision].compute_dtype == "float16",
     }
+
+
+def _trainer_half_flags(recipe: Recipe) -> dict[str, bool]:
+    """The flags for transformers' Trainer and accelerate, whose fp16 is autocast with a loss
+    scaler: the scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"), so fp16
+    weights train as the probe trains them, without one. (A LoRA adapter's weights and
+    gradients are fp32, peft's default: there the scaler works.)"""
+    flags = _half_flags(recipe)
+    if recipe.method != "lora" and PRECISIONS[recipe.precision].weight_dtype == "float16":
+        flags["fp16"] = False
+    return flags
 
 
 HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -77,7 +89,7 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        **_half_flags(recipe),
+        **_trainer_half_flags(recipe),
     }
     training.update(copy.deepcopy(LOSSES[recipe.loss].trainer))
     training.update(hf_training_keys(recipe))
@@ -210,7 +222,7 @@ def llamafactory_config(
         "per_device_train_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "learning_rate": recipe.learning_rate,
-        # LLaMA-Factory pins transformers 4 (<= 4.57.1), whose warmup_steps is whole steps
+        # LLaMA-Factory runs on transformers 4.55 to 5.6; 4's warmup_steps is whole steps
         **_schedule_keys(recipe, share_key="warmup_ratio"),
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
@@ -244,12 +256,15 @@ def llamafactory_config(
         )
         # LLaMA-Factory names the blocks' sub-modules; all is every one of them
         config["freeze_trainable_modules"] = LLAMAFACTORY_MODULES[recipe.train_modules]
-    if recipe.method in ("full", "freeze") and PRECISIONS[recipe.precision].weight_dtype == (
-        "bfloat16"
+    if (
+        recipe.method in ("full", "freeze")
+        and PRECISIONS[recipe.precision].weight_dtype == "bfloat16"
+        and DISTRIBUTED[recipe.distributed].deepspeed_stage != 3
     ):
         # LLaMA-Factory upcasts trainable weights to fp32 (AMP) unless told to train in bf16,
         # as autotune's bf16 does: twice the weights, gradients and states the probe measured.
-        # (A LoRA adapter is fp32 in both, peft's default.)
+        # (A LoRA adapter is fp32 in both, peft's default.) It refuses pure_bf16 beside ZeRO-3,
+        # whose bf16 mode keeps the weights in bf16 itself.
         config["pure_bf16"] = True
     return config
 
@@ -257,7 +272,7 @@ def llamafactory_config(
 def accelerate_config(recipe: Recipe) -> dict[str, Any]:
     """An `accelerate launch --config_file` config: the machine's processes and the strategy;
     the training keys go to the script it launches (export --format hf)."""
-    half = _half_flags(recipe)
+    half = _trainer_half_flags(recipe)
     return {
         "compute_environment": "LOCAL_MACHINE",
         "mixed_precision": "bf16" if half["bf16"] else "fp16" if half["fp16"] else "no",

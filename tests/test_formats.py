@@ -83,7 +83,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "pure_bf16",
 }
 TRANSFORMERS_4_KEYS = {"warmup_ratio"}
-"""TrainingArguments keys of transformers 4, which LLaMA-Factory pins (<= 4.57.1), that 5 drops."""
+"""TrainingArguments keys that LLaMA-Factory's transformers (4.55 to 5.6) take and 5.24 dropped."""
 OPTIMIZER_NAMES = {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit"}
 """Names transformers' TrainingArguments takes (checked against its OptimizerNames below)."""
 
@@ -280,6 +280,8 @@ def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
         {"method": "full", "precision": "amp_bf16"},
         {"method": "lora", "lora_r": 8, "precision": "bf16"},
         {"method": "full", "precision": "fp32"},
+        # LLaMA-Factory refuses pure_bf16 beside ZeRO-3 (its bf16 mode keeps bf16 weights)
+        {"method": "full", "precision": "bf16", "distributed": "deepspeed_zero3", "num_gpus": 2},
     ):
         assert "pure_bf16" not in llamafactory_config(Recipe.from_dict(fields), num_layers=4)
 
@@ -303,3 +305,37 @@ def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
     )
     model = AutoModelForCausalLM.from_config(tiny, dtype=config["dtype"])
     assert str(next(model.parameters()).dtype) == "torch.float16"
+
+
+def test_trainer_exports_turn_the_loss_scaler_on_only_where_trained_weights_are_fp32():
+    """Trainer's and accelerate's fp16 is autocast with a loss scaler, which refuses fp16
+    gradients: an fp16 full or freeze recipe exported with fp16 on crashed at its first
+    clipped step. Such a recipe trains its fp16 weights without a scaler, as the probe does."""
+    import torch
+
+    from autotune.formats import accelerate_config
+
+    weights = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
+    weights.grad = torch.ones(2, dtype=torch.float16)
+    optimizer = torch.optim.SGD([weights], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones((), dtype=torch.float16))  # as Trainer scales its loss
+    with pytest.raises(ValueError, match="FP16 gradients"):  # why: the scaler refuses them
+        scaler.unscale_(optimizer)
+
+    for precision in ("bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"):
+        for fields in (
+            {"method": "full"},
+            {"method": "freeze", "frozen_layers": 1},
+            {"method": "lora", "lora_r": 8},
+        ):
+            recipe_ = Recipe.from_dict({**fields, "precision": precision})
+            config = hf_config(recipe_)
+            scaled = config["training_arguments"]["fp16"]
+            fp32_trained = fields["method"] == "lora" or config["dtype"] == "float32"
+            assert scaled == (precision in ("fp16", "amp_fp16") and fp32_trained), (
+                precision,
+                fields,
+            )
+            mixed = accelerate_config(recipe_)["mixed_precision"]
+            assert (mixed == "fp16") == scaled, (precision, fields, mixed)

@@ -140,3 +140,29 @@ def test_status_says_a_sampled_trial_is_having_its_memory_predicted(workspace): 
     text = status_text(status)
     assert f"running: trial {sampled.number}  {PREDICTING_WORDS}  for " in text
     assert f"running: trial {choosing.number}  (sampling)  for " in text
+
+
+def test_a_killed_runs_trial_left_running_counts_no_busy_time():
+    """A run killed with kill -9 leaves its trial marked running until the next run fails it;
+    counted up to now, a trial started two days ago made the report and status say '3 trials
+    in 2880.0 min (0 an hour)'. A trial whose worker on this host lives still counts."""
+    import datetime
+    import subprocess
+    import sys
+
+    from autotune.study.overview import busy_seconds
+    from autotune.study.records import record_worker
+    from autotune.study.workers import worker_id
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    study = optuna.create_study(directions=["minimize"])
+    orphan, live = study.ask(), study.ask()
+    record_worker(orphan, worker_id().rpartition(":")[0] + f":{ended.pid}")
+    record_worker(live, worker_id())
+    trials = study.get_trials(deepcopy=False)
+    now = max(t.datetime_start for t in trials) + datetime.timedelta(days=2)
+    counted = busy_seconds(trials, now)
+    live_start = next(t.datetime_start for t in trials if t.number == live.number)
+    assert counted == pytest.approx((now - live_start).total_seconds(), abs=1.0)
+    assert busy_seconds([t for t in trials if t.number == orphan.number], now) == 0.0

@@ -331,3 +331,7 @@ def test_the_noise_reads_to_the_decimals_of_the_differences_held_against_it(work
     study = run_study(prepare_run(settings), NoiseOf0045())
     page = render_html(report_data(study))
     assert "moved eval loss by 0.0045, tokens/s by" in page
+    readings = [line for line in report_data(study).readings if "the QLoRA default" in line]
+    assert readings, "a frontier recipe compared with the QLoRA default"
+    for line in readings:  # each change against the noise reads to as many decimals as it
+        assert re.search(r"[+-]\d+\.\d{4} eval loss \((within|beyond) noise\)", line), line

@@ -23,7 +23,7 @@ from autotune.study.records import (
     trial_status,
 )
 from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
-from autotune.training.io import PROBE_PHASES
+from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
 
@@ -59,6 +59,12 @@ class ReportData(NamedTuple):
     """What the quality axis is and how far its ranking holds (quality_axis_notes)."""
     promoted_steps: tuple[int, ...] = ()
     """The probe length of each promotion round the study ran (--promote), shortest first."""
+
+    @property
+    def on_cpu(self) -> bool:
+        """Every probe ran on a CPU: measured memory is RSS growth, not GPU memory (the cards,
+        tables and charts say so)."""
+        return self.memory_sources == [CPU_MEMORY_SOURCE]
 
 
 def report_data(
@@ -218,7 +224,7 @@ def frontier_readings(
             difference = row["eval_loss"] - base["eval_loss"]
             line += (
                 f"; {row['tokens_per_second'] / base['tokens_per_second']:.1f}x the QLoRA "
-                f"default, {difference:+.3f} eval loss"
+                f"default, {difference:+.4f} eval loss"
             )
             if noise:
                 within = abs(difference) <= noise.eval_loss_difference

@@ -7,7 +7,7 @@ from typing import Any
 from autotune.report.data import ReportData
 from autotune.report.frame import DUPLICATE, MEASURED, probed_rows
 from autotune.study.records import OBJECTIVE_NAMES
-from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE, PROBE_PHASES
+from autotune.training.io import CUDA_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
 OBJECTIVE_WORDS = {
@@ -25,7 +25,7 @@ memory (the cards and the console say so too)."""
 def objective_words(data: ReportData) -> dict[str, str]:
     """OBJECTIVE_WORDS as the study measured them: memory is RSS growth where every probe ran
     on a CPU."""
-    if data.memory_sources == [CPU_MEMORY_SOURCE]:
+    if data.on_cpu:
         return {**OBJECTIVE_WORDS, "peak_memory_bytes": CPU_MEMORY_WORDS}
     return OBJECTIVE_WORDS
 
@@ -247,12 +247,13 @@ def pareto_figure(data: ReportData) -> Any:
         )
     words = objective_words(data)
     if data.budget_bytes:
-        on_cpu = words["peak_memory_bytes"] == CPU_MEMORY_WORDS  # the budget is of GPU memory
         figure.add_vline(
             x=data.budget_bytes / gib,
             line_dash="dash",
             line_color="red",
-            annotation_text=f"{'GPU ' if on_cpu else ''}budget {format_bytes(data.budget_bytes)}",
+            # the budget is of GPU memory, beside a CPU probe's RSS growth
+            annotation_text=("GPU " if data.on_cpu else "")
+            + f"budget {format_bytes(data.budget_bytes)}",
         )
     figure.update_layout(
         title="Peak memory vs tokens/s (colour: eval loss)",

@@ -97,7 +97,7 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
     if card.confirmation is not None:
         held = f"{card.confirmation} (probed again, longer, with another seed)"
     memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
-    if data.memory_sources == [CPU_MEMORY_SOURCE]:  # RSS growth is no share of a GPU budget
+    if data.on_cpu:  # RSS growth is no share of a GPU budget
         memory = f"CPU RSS +{format_bytes(card.peak_memory_bytes)} (a CPU probe: not GPU memory)"
     rows = [
         ("Peak memory", esc(memory)),
@@ -204,7 +204,7 @@ def render_html(data: ReportData) -> str:
         *left_out,
     ]
     measured = data.measured_count
-    on_cpu = data.memory_sources == [CPU_MEMORY_SOURCE]  # as the cards and charts say
+    on_cpu = data.on_cpu
     frontier_columns = with_memory_heading(
         with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps), on_cpu
     )

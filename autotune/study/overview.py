@@ -20,6 +20,7 @@ from autotune.study.records import (
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
 from autotune.study.study_records import is_claim_study, study_setup
+from autotune.study.workers import gone_from_this_host
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,14 @@ def busy_seconds(trials: Sequence[Any], now: datetime.datetime) -> float:
     """Wall time during which some trial ran: the union of the trials' runs, from start to end
     (now for a running one), so parallel workers count together (status and the report). An
     interrupted trial is left out: its end is when a later run found its worker dead, not when
-    it stopped."""
+    it stopped; so is a trial still marked running whose worker on this host has ended (a
+    killed run's, until the next run fails it), which would count until now."""
     spans = sorted(
         (t.datetime_start, t.datetime_complete or now)
         for t in trials
-        if t.datetime_start and trial_status(t) != TrialStatus.INTERRUPTED
+        if t.datetime_start
+        and trial_status(t) != TrialStatus.INTERRUPTED
+        and (t.datetime_complete or not gone_from_this_host(trial_record(t).worker))
     )
     seconds, covered_until = 0.0, None
     for start, end in spans:
