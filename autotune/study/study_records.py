@@ -86,14 +86,12 @@ def study_budgets(study: Any) -> StudyBudgets:
     return StudyBudgets(((0, int(study.user_attrs.get(BUDGET_ATTR) or 0)),))
 
 
-def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> StudyBudgets:
+def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
     """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
-    resumed under another --budget); returns the history as it was before."""
-    earlier = study_budgets(study)
-    spans = [list(span) for span in earlier.spans if span[0] < first_trial_number]
+    resumed under another --budget)."""
+    spans = [list(span) for span in study_budgets(study).spans if span[0] < first_trial_number]
     study.set_user_attr(BUDGETS_ATTR, [*spans, [first_trial_number, budget_bytes]])
     study.set_user_attr(BUDGET_ATTR, budget_bytes)
-    return earlier
 
 
 def study_setup(study: Any) -> StudySetup:
