@@ -19,6 +19,7 @@ import yaml
 
 from autotune.errors import UsageError
 from autotune.probe import ColdProcess, SubprocessProbeRunner
+from autotune.recipe import Recipe
 from autotune.study import (
     SPACE_CHOICES_ATTR,
     RunEvents,
@@ -28,6 +29,7 @@ from autotune.study import (
     run_study,
     worker_id,
 )
+from autotune.units import format_bytes
 from tests.conftest import QUICK_CPU_RUN, write_jsonl
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
@@ -556,9 +558,64 @@ def test_a_resume_under_another_budget_makes_it_the_studys_budget(workspace):  #
     exported = yaml.safe_load(recipe_yaml(study, "balanced")[1])
     assert "fits 4.66 GiB with" in exported["measured"]["predicted_fit"]
     assert [n for n in events.notes if n.startswith("budget now 4.66 GiB, was 9.31 GiB")] == [
-        "budget now 4.66 GiB, was 9.31 GiB: the 2 trials finished before this run were held "
-        "to 9.31 GiB and keep that"
+        "budget now 4.66 GiB, was 9.31 GiB; the 2 trials before this run were held to 9.31 GiB "
+        "and are held to 4.66 GiB on the frontier"
     ]
+
+
+def test_a_resume_refused_after_the_budget_check_keeps_the_studys_budget(workspace):  # noqa: F811
+    """The space check comes after the budget's: a run it refuses changes nothing."""
+    from autotune.study.study_records import study_setup
+
+    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
+    refused = settings_for(workspace, trials=3, space_path=space, budget_bytes=5 * 10**9)
+    with pytest.raises(UsageError, match="started with choices"):
+        run_study(prepare_run(refused), FakeRunner())
+    study = optuna.load_study(study_name="s", storage=refused.storage)
+    assert study_setup(study).budget_bytes == 10**10
+    from autotune.study.study_records import study_budgets
+
+    assert study_budgets(study).spans == ((0, 10**10),)
+
+
+def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(workspace):  # noqa: F811
+    """A trial that fit the budget of its run but not the smaller one the study was resumed
+    under is neither a measured point, on the frontier, feasible in the report nor exported;
+    and after a second change the note names each run's budget."""
+    from autotune.export import recipe_yaml
+    from autotune.report import report_data
+    from autotune.study.records import measured_points, trial_record
+
+    study = run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+    # on CPU a trial is held to its predicted peak (no margin here)
+    peaks = {t.number: trial_record(t).predicted_peak_bytes for t in study.trials}
+    largest = max(peaks, key=lambda number: peaks[number])
+    assert {p.number for p in measured_points(study)} == set(peaks)
+    assert recipe_yaml(study, "fastest")[0] == Recipe.from_dict(
+        study.trials[largest].user_attrs["recipe"]
+    )
+    smaller = max(peak for number, peak in peaks.items() if number != largest)
+    resumed = run_study(
+        prepare_run(settings_for(workspace, trials=4, budget_bytes=smaller)), FakeRunner()
+    )
+    points = {p.number for p in measured_points(resumed)}
+    assert largest not in points and set(peaks) - {largest} <= points
+    frame = report_data(resumed).frame.set_index("trial")
+    assert not frame.loc[largest, "feasible"] and not frame.loc[largest, "on_frontier"]
+    assert frame.loc[sorted(points), "feasible"].all()
+    assert recipe_yaml(resumed, "fastest")[0] != Recipe.from_dict(
+        resumed.trials[largest].user_attrs["recipe"]
+    )
+    events = RunEvents()
+    larger = prepare_run(settings_for(workspace, trials=4, budget_bytes=2 * 10**9))
+    run_study(larger, FakeRunner(), events)
+    held = format_bytes(smaller)
+    assert (
+        f"budget now 1.86 GiB, was {held}; the 4 trials before this run were held to their "
+        f"runs' budgets (9.31 GiB, {held}) and are held to 1.86 GiB on the frontier; those "
+        f"ruled out under {held} stay ruled out (a new study, --study NAME, searches them)"
+    ) in events.notes
 
 
 def test_the_report_counts_probes_an_hour_as_status_does_with_two_workers(workspace):  # noqa: F811
@@ -582,3 +639,44 @@ def test_the_report_counts_probes_an_hour_as_status_does_with_two_workers(worksp
     text = data.time_text  # the trials overlapped: their durations add to more than wall time
     assert status.probes_per_hour and f"{status.probes} probed " in text
     assert f"({status.probes_per_hour:.0f} an hour)" in text
+
+
+def test_only_the_records_modules_spell_attribute_keys():
+    """A study's or a trial's attribute is written under a key that records or study_records
+    names (the study's budget included), so that its one reader finds it."""
+    records = {ROOT / "autotune" / "study" / name for name in ("records.py", "study_records.py")}
+    spelled = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in sorted((ROOT / "autotune").rglob("*.py"))
+        if path not in records
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if re.search(r"set_user_attr\(\s*[\"']", line)
+    ]
+    assert spelled == []
+
+
+def test_a_trials_constraint_is_held_to_the_studys_budget_now():
+    """Each trial's stored constraint is relative to its run's budget: read against the
+    budget now, a fit under a larger one is checked again, a fit under a smaller one stays, a
+    trial ruled out stays ruled out, and a study without the history reads as stored."""
+    from types import SimpleNamespace
+
+    from autotune.study.records import constraint_now
+    from autotune.study.study_records import StudyBudgets, study_budgets
+
+    budgets = StudyBudgets(((0, 10**10), (3, 10**9), (5, 3 * 10**9)))
+    assert [budgets.held_to(n) for n in (0, 2, 3, 4, 5, 9)] == [10**10] * 2 + [10**9] * 2 + [
+        3 * 10**9
+    ] * 2
+
+    def trial(number: int, constraint: float) -> SimpleNamespace:
+        return SimpleNamespace(number=number, constraints={"memory_over_budget": constraint})
+
+    assert constraint_now(trial(0, -0.8), budgets) == pytest.approx(-1 / 3)  # 2 GB of 3
+    assert constraint_now(trial(1, -0.5), budgets) == pytest.approx(2 / 3)  # 5 GB of 3
+    assert constraint_now(trial(3, -0.5), budgets) == pytest.approx(-5 / 6)  # 0.5 GB of 3
+    assert constraint_now(trial(4, 0.5), budgets) == 0.5  # ruled out under 1 GB stays out
+    assert constraint_now(trial(6, 0.1), budgets) == 0.1
+    old = SimpleNamespace(user_attrs={"budget_bytes": 10**9})
+    assert study_budgets(old).spans == ((0, 10**9),)
+    assert constraint_now(trial(2, -0.5), study_budgets(old)) == -0.5

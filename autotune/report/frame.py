@@ -11,11 +11,12 @@ from autotune.study.ranking import QualityRanking
 from autotune.study.records import (
     OBJECTIVE_NAMES,
     TrialStatus,
+    constraint_now,
     trial_reason,
     trial_record,
     trial_status,
 )
-from autotune.study.study_records import confirmations
+from autotune.study.study_records import confirmations, study_budgets
 
 MEASURED = TrialStatus.MEASURED.value
 DUPLICATE = TrialStatus.DUPLICATE.value
@@ -42,6 +43,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
 
     front = {p.number for p in frontier(points)}
     confirmed = confirmations(study)
+    budgets = study_budgets(study)
     rows = []
     for trial in study.get_trials(deepcopy=False):
         record = trial_record(trial)
@@ -54,7 +56,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
             "state": trial.state.name,
             "status": status,
             "recipe": record.label,
-            "feasible": bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values()),
+            "feasible": bool(trial.constraints) and constraint_now(trial, budgets) <= 0,
             "on_frontier": trial.number in front,
             "predicted_peak_bytes": record.predicted_peak_bytes,
             "memory_margin": record.memory_margin,

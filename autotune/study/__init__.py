@@ -13,8 +13,8 @@ import importlib
 from typing import Any
 
 _MODULES = (
-    "records",
     "study_records",
+    "records",
     "ranking",
     "storage",
     "overview",
@@ -29,7 +29,7 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in records, study_records, ranking, storage or overview never loads the modules that run a
+lives in study_records, records, ranking, storage or overview never loads the modules that run a
 study."""
 
 

@@ -19,6 +19,7 @@ from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
     TrialStatus,
+    constraint_now,
     copy_measurement,
     mark_surplus,
     record_constraint,
@@ -33,7 +34,7 @@ from autotune.study.records import (
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
 from autotune.study.settings import PreparedRun, gpu_groups, trials_dir_of
 from autotune.study.storage import TRIALS_DIR, artifact_store
-from autotune.study.study_records import Confirmation, Noise
+from autotune.study.study_records import Confirmation, Noise, study_budgets
 from autotune.study.workers import beyond_target, requeue_stopped_trial, worker_id
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
@@ -171,7 +172,9 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             # The sampler proposed a recipe already tried: reuse its figures instead of paying
             # for another probe, and keep it off the frontier so no recipe shows twice.
             copy_measurement(earlier, trial)
-            record_constraint(trial, max(earlier.constraints.values(), default=0.0))
+            # held to this run's budget, as this trial is (the earlier one may have run under
+            # another)
+            record_constraint(trial, constraint_now(earlier, study_budgets(trial.study)))
             record(TrialStatus.DUPLICATE, f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
         record_prediction(

@@ -14,6 +14,7 @@ from typing import Any
 
 from autotune.pareto import Point
 from autotune.recipe import Recipe
+from autotune.study.study_records import StudyBudgets, study_budgets
 from autotune.training.io import ProbeResult
 from autotune.units import format_bytes
 
@@ -80,6 +81,20 @@ def record_constraint(trial: Any, value: float) -> None:
     trial.set_constraint(CONSTRAINT_KEY, value)
     # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
+
+
+def constraint_now(trial: Any, budgets: StudyBudgets) -> float:
+    """The trial's constraint held against the study's budget now. It stored its constraint
+    relative to the budget of its run, (bound - budget then) / budget then, where the bound is
+    its measured peak on CUDA, its margined prediction elsewhere; for a trial that fit, that is
+    the GPU term alone, so its bound is read back and held to the budget now. A trial ruled out
+    under its run's budget stays ruled out (a larger budget now is searched by a new study)."""
+    stored = max(trial.constraints.values(), default=0.0)
+    then = budgets.held_to(trial.number)
+    now = budgets.current_bytes
+    if stored > 0 or then == now or not then or not now:
+        return stored
+    return (round(then * (1 + stored)) - now) / now
 
 
 WORKER_ATTR = "worker"
@@ -243,12 +258,14 @@ def finished_trial_count(study: Any) -> int:
 
 
 def measured_points(study: Any) -> list[Point]:
-    """Feasible trials whose probe measured all three objectives."""
+    """Trials within the study's budget now (constraint_now) whose probe measured all three
+    objectives."""
     from optuna.trial import TrialState
 
+    budgets = study_budgets(study)
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        feasible = all(v <= 0 for v in trial.constraints.values())
+        feasible = constraint_now(trial, budgets) <= 0
         if feasible and trial_status(trial) == TrialStatus.MEASURED:
             memory, speed, loss = trial.values
             points.append(Point(trial.number, memory, speed, loss))

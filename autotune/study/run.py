@@ -26,9 +26,11 @@ from autotune.study.study_records import (
     SpaceChoices,
     StudySetup,
     record_data_stats,
+    record_new_budget,
     record_setup,
     record_space_choices,
     space_choices,
+    study_budgets,
     study_setup,
 )
 from autotune.study.workers import fail_interrupted_trials
@@ -39,8 +41,8 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     """What makes two trials' figures comparable on one frontier: the same data and tokenizer
     (the token cache's key, which also covers seq_len, the split seed and size), the same
     model shape, probe length, kind of device and GPUs per probe. The budget may change: a
-    study resumed under another keeps the choices it started with, and each trial records its
-    constraint."""
+    study resumed under another keeps the choices it started with and records which budget
+    held which trials (record_run_budget)."""
     spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
     counts = prepared.settings.gpus_per_probe
     return {
@@ -109,20 +111,44 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
     )
 
 
-def record_new_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
-    """A resumed run under another --budget: the study's budget becomes this run's, so the
-    report, status, studies and export say the budget the run held its trials to, and a note
-    names the one the earlier trials were held to (each keeps its own constraint)."""
-    earlier = study_setup(study).budget_bytes
-    if not earlier or earlier == budget_bytes:
+def record_run_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
+    """A resumed run under another --budget, once every check has passed: the budget becomes
+    the study's from this run's first trial on, so status, studies, the report and export say
+    it and hold every trial to it (records.constraint_now); a note says what the earlier
+    trials were held to."""
+    from optuna.trial import TrialState
+
+    earlier = study_budgets(study)
+    previous = earlier.current_bytes
+    if not previous or previous == budget_bytes:
         return
-    study.set_user_attr("budget_bytes", budget_bytes)
-    held = finished_trial_count(study)
-    events.notes.append(
-        f"budget now {format_bytes(budget_bytes)}, was {format_bytes(earlier)}: the "
-        f"{count_of(held, 'trial')} finished before this run were held to "
-        f"{format_bytes(earlier)} and keep that"
+    trials = study.get_trials(deepcopy=False)
+    # a queued trial (a retry, a baseline, a nearest fit) runs under this run's budget
+    first = min((t.number for t in trials if t.state == TrialState.WAITING), default=len(trials))
+    record_new_budget(study, budget_bytes, first)
+    held = list(
+        dict.fromkeys(
+            earlier.held_to(t.number) for t in trials if t.number < first and t.state.is_finished()
+        )
     )
+    note = f"budget now {format_bytes(budget_bytes)}, was {format_bytes(previous)}"
+    if held:
+        runs = (
+            format_bytes(held[0])
+            if len(held) == 1
+            else f"their runs' budgets ({', '.join(map(format_bytes, held))})"
+        )
+        note += (
+            f"; the {count_of(finished_trial_count(study), 'trial')} before this run were held "
+            f"to {runs} and are held to {format_bytes(budget_bytes)} on the frontier"
+        )
+        smaller = [format_bytes(budget) for budget in held if budget < budget_bytes]
+        if smaller:
+            note += (
+                f"; those ruled out under {', '.join(smaller)} stay ruled out (a new study, "
+                "--study NAME, searches them)"
+            )
+    events.notes.append(note)
 
 
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
@@ -134,7 +160,6 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     new_study = not study.get_trials(deepcopy=False)
     if not new_study:
         check_comparable(study, prepared)
-        record_new_budget(study, settings.budget_bytes, events)
     if new_study and prepared.fitting_choices:
         record_space_choices(
             study,
@@ -177,6 +202,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
             "and queued to run again"
         )
+    if not new_study:
+        record_run_budget(study, settings.budget_bytes, events)
     finished = finished_trial_count(study)
     if finished >= settings.trials:
         events.notes.append(

@@ -46,9 +46,52 @@ class StudySetup:
 MEASURED_UNDER_ATTR = "measured_under"
 
 
+BUDGET_ATTR = "budget_bytes"
+BUDGETS_ATTR = "budgets"
+"""[[first_trial_number, budget_bytes], ...]: the budget each run held its trials to, from that
+trial on; the first entry is the setup's, one more for each run that changed it."""
+
+
 def record_setup(study: Any, setup: StudySetup) -> None:
     for name, value in dataclasses.asdict(setup).items():
         study.set_user_attr(name, value)
+    study.set_user_attr(BUDGETS_ATTR, [[0, setup.budget_bytes]])
+
+
+@dataclass(frozen=True)
+class StudyBudgets:
+    """Which budget held which trials: (first trial number, budget bytes), oldest first."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def current_bytes(self) -> int:
+        """The study's budget now: the frontier, picks and export hold every trial to it."""
+        return self.spans[-1][1]
+
+    def held_to(self, number: int) -> int:
+        """The budget trial `number` was held to when it ran."""
+        held = self.spans[0][1]
+        for first, budget in self.spans:
+            if first <= number:
+                held = budget
+        return held
+
+
+def study_budgets(study: Any) -> StudyBudgets:
+    """A study from before the history: its budget attribute is the only budget."""
+    stored = study.user_attrs.get(BUDGETS_ATTR)
+    if stored:
+        return StudyBudgets(tuple((int(first), int(budget)) for first, budget in stored))
+    return StudyBudgets(((0, int(study.user_attrs.get(BUDGET_ATTR) or 0)),))
+
+
+def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
+    """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
+    resumed under another --budget)."""
+    spans = [list(span) for span in study_budgets(study).spans if span[0] < first_trial_number]
+    study.set_user_attr(BUDGETS_ATTR, [*spans, [first_trial_number, budget_bytes]])
+    study.set_user_attr(BUDGET_ATTR, budget_bytes)
 
 
 def study_setup(study: Any) -> StudySetup:
