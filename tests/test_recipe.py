@@ -106,6 +106,24 @@ def test_quantized_full_is_rejected():
         Recipe.from_dict({"method": "full", "quantization": "nf4"})
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": ["lora"]},
+        {"optimizer": ["adamw"], "precision": {"bf16": 1}},
+        {"distributed": ["ddp"], "num_gpus": 2, "offload": ["optimizer"]},
+        {"distributed": "ddp", "num_gpus": 2, "optimizer": ["adamw"]},
+    ],
+)
+def test_a_named_choice_written_as_a_list_is_a_problem_not_a_crash(changes):
+    # a YAML list or mapping where a name belongs cannot be looked up in a registry
+    with pytest.raises(UsageError) as error:
+        Recipe.from_dict({**QLORA, "quantization": "none", **changes})
+    for name, value in changes.items():
+        if isinstance(value, (list, dict)):
+            assert f"{name} {changes[name]!r} is not one of" in str(error.value)
+
+
 def test_missing_method_and_bad_files(tmp_path):
     with pytest.raises(UsageError, match="missing required key method"):
         Recipe.from_dict({"model": "m"})
