@@ -137,6 +137,15 @@ def test_missing_method_and_bad_files(tmp_path):
     assert "(line 3 column 1: expected ',' or ']', but got '<stream end>')" in str(error.value)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last value silently: an edit to the first lora_r would not count
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump(QLORA, sort_keys=False) + "lora_r: 4\n")
+    with pytest.raises(UsageError) as error:
+        Recipe.load(twice)
+    assert "line 17 column 1: key lora_r given twice (first on line 6)" in str(error.value)
+
+
 def test_measured_block_is_ignored_on_read():
     recipe = Recipe.from_dict({**QLORA, "measured": {"eval_loss": 1.0}})
     assert recipe == Recipe.from_dict(QLORA)
