@@ -268,3 +268,22 @@ class _RunsCode:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+def test_the_end_of_train_ignores_a_hand_edited_measured_block(tmp_path):
+    # the recipe's measured: figures are not checked on read; one edited into text or a
+    # negative number must not fail the run after it trained, nor print as measured
+    from rich.console import Console
+
+    from autotune.api import TrainResult
+    from autotune.console import show_trained
+    from autotune.training.train_plan import TrainReport
+
+    report = TrainReport(2, 0, 100.0, 2**20, "cuda_max_reserved", 1.5, 1.6, tmp_path, True)
+    console = Console(record=True, width=200)
+    edited = {"peak_memory_bytes": "abc", "tokens_per_second": -5}
+    show_trained(console, TrainResult(report, None, edited))
+    text = console.export_text()
+    assert f"saved to {tmp_path}" in text and "probe measured" not in text
+    show_trained(console, TrainResult(report, None, {"peak_memory_bytes": 2**21}))
+    assert "probe measured 2.0 MiB" in console.export_text()
