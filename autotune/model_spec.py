@@ -220,6 +220,14 @@ def check_model_reference(model: str) -> None:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model
     if looks_like_path:
         raise UsageError(f"model path {model!r} does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError as error:
+        raise UsageError(
+            f"model {model!r} is neither an existing directory nor a hub id: {first_line(error)}"
+        ) from None
     check_hub_reachable(model)
 
 

@@ -250,6 +250,12 @@ def test_missing_model_path():
         load_model_spec("./no/such/model")
 
 
+def test_a_model_name_that_cannot_be_a_hub_id_is_one_line():
+    # a recipe's model: edited to "my model" reached the hub client, which raised its own error
+    with pytest.raises(UsageError, match="'my model' is neither an existing directory nor a hub"):
+        load_model_spec("my model")
+
+
 def test_unknown_lora_target():
     with pytest.raises(UsageError, match="not linear layers"):
         estimate(LLAMA_1B, lora(lora_target_modules=["wq"]))
