@@ -88,7 +88,8 @@ class SearchSpace:
                 problems += found
                 if not found and dimension.cast is not None:
                     choices = tuple(dimension.cast(c) for c in choices)
-                chosen[name] = choices
+                # what later checks look up must be hashable
+                chosen[name] = tuple(c for c in choices if not isinstance(c, (list, dict)))
         effective = data["effective_batch_size"]
         if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
             problems.append(f"effective_batch_size must be a positive integer, got {effective!r}")
