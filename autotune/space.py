@@ -83,6 +83,13 @@ class SearchSpace:
         target_sets, problems = read_target_sets(data["lora_target_modules"])
         chosen: dict[str, tuple[Any, ...]] = {}
         for dimension in DIMENSIONS:
+            value = data[dimension.name]
+            if dimension.per_method and isinstance(value, dict):
+                problems += [
+                    f"{dimension.name}.{key} is not a method (one of {', '.join(METHODS)})"
+                    for key in value
+                    if key not in METHODS
+                ]
             for name, choices, where in _file_choices(dimension, data, chosen, target_sets):
                 found = check_choices(dimension, choices, where)
                 problems += found

@@ -54,6 +54,11 @@ def _default_dict():
         ({"method": [["lora"]]}, r"method choices must be single values, got \[\['lora'\]\]"),
         ({"optimizer": {"adamw": 1}}, "optimizer choices must be single values"),
         ({"learning_rate": {m: {"a": 1} for m in ("lora", "full", "freeze")}}, "single values"),
+        # a learning-rate key that is no method was ignored
+        (
+            {"learning_rate": {"lora": 1e-4, "full": 1e-5, "freeze": 1e-5, "lroa": 1e-3}},
+            r"learning_rate.lroa is not a method \(one of full, lora, freeze\)",
+        ),
     ],
 )
 def test_bad_spaces_are_refused(tmp_path, changes, needle):
