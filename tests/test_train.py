@@ -287,3 +287,24 @@ def test_the_end_of_train_ignores_a_hand_edited_measured_block(tmp_path):
     assert f"saved to {tmp_path}" in text and "probe measured" not in text
     show_trained(console, TrainResult(report, None, {"peak_memory_bytes": 2**21}))
     assert "probe measured 2.0 MiB" in console.export_text()
+
+
+@pytest.mark.parametrize("damage", ["vocab_size", "weights"])
+def test_weights_that_do_not_fit_the_config_are_one_line(tiny_model, qa_data, tmp_path, damage):
+    # a config edited after the weights were saved, or a truncated weight file, crashed train
+    # with transformers' RuntimeError or safetensors' own error
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    if damage == "vocab_size":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+        needle = "their shapes differ from those its config.json gives"
+    else:
+        (model / "model.safetensors").write_bytes(b"cut short")
+        needle = "Error while deserializing header"
+    with pytest.raises(UsageError, match="cannot load the weights of model") as error:
+        train(lora_recipe(model), qa_data, tmp_path / "out", max_steps=1)
+    assert needle in str(error.value)

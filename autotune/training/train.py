@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UsageError, first_line
+from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
     checkpoints,
@@ -172,7 +172,12 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     import torch
 
     from autotune.data.splits import load_splits
-    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.training.build import (
+        build_model,
+        build_optimizer,
+        load_tokenizer,
+        unloadable_weights,
+    )
     from autotune.training.loop import MemoryMeter, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
     from autotune.training.ranks import (
@@ -209,10 +214,11 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     total_steps = plan.max_steps or max(1, math.ceil(steps_per_epoch * (plan.epochs or 1.0)))
     try:
         model = build_model(recipe, device)
-    except (OSError, ValueError) as error:  # no weights, unreadable or mismatched files
-        raise UsageError(
-            f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - no weights, unreadable or mismatched files
+        problem = unloadable_weights(error)
+        if problem is None:
+            raise
+        raise UsageError(f"cannot load the weights of model {recipe.model!r}: {problem}") from None
     model = distribute_model(model, recipe, place)  # before the optimizer (FSDP2's shards)
     client_optimizer = build_optimizer(model, recipe)
     # a ZeRO recipe trains through DeepSpeed's engine, stepping the client optimizer on its
