@@ -56,6 +56,8 @@ def test_chat_uses_the_tokenizers_template():
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
         (b"[1, 2]\n", "line 1: expected a JSON object"),
+        # half of a UTF-16 pair is valid JSON but no text: the tokenizer crashed on it
+        (b'{"text": "ok"}\n{"text": "a\\ud800b"}\n', r"line 2: a \\ud800-\\udfff escape without"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "assistant answer"),
         (b"\n\n", "is empty"),
     ],
@@ -66,6 +68,12 @@ def test_bad_rows_name_the_line(tmp_path, content, needle):
     with pytest.raises(UsageError, match=needle) as error:
         checked_scan(path)
     assert str(path) in str(error.value)
+
+
+def test_an_escaped_surrogate_pair_is_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n{"text": "ok"}\n')
+    assert checked_scan(path).usable_rows == 2
 
 
 def test_missing_data_file(tmp_path):

@@ -8,6 +8,7 @@ A data file is JSONL, CSV, Parquet or a datasets save_to_disk directory. Rows ma
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,19 @@ class BadRow:
 MAX_BAD_ROWS_SHOWN = 3
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A \\ud800-\\udfff escape: half of a UTF-16 pair, text only with its other half."""
+_LONE_SURROGATE = r"a \ud800-\udfff escape without its pair (half a character, no text)"
+
+
+def _has_lone_surrogate(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -94,12 +108,17 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield line_number, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 yield (
                     line_number,
                     BadRow(line_number, f"not valid JSON ({error.msg} column {error.colno})"),
                 )
+                continue
+            if _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(record):
+                yield line_number, BadRow(line_number, _LONE_SURROGATE)
+                continue
+            yield line_number, record
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
