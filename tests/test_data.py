@@ -1,3 +1,5 @@
+import codecs
+
 import pytest
 
 from autotune.data.rows import checked_scan, detect_format, to_example
@@ -74,6 +76,19 @@ def test_an_escaped_surrogate_pair_is_text(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n{"text": "ok"}\n')
     assert checked_scan(path).usable_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("data.jsonl", b'{"input": "q", "output": "a"}\n'), ("data.csv", b"input,output\nq,a\n")],
+)
+def test_a_utf8_byte_order_mark_is_read_as_text(tmp_path, name, content):
+    # Windows editors and spreadsheets' "CSV UTF-8" start the file with one: the first JSONL
+    # row was not valid JSON, and every CSV row lost its first column's name
+    path = tmp_path / name
+    path.write_bytes(codecs.BOM_UTF8 + content + content.splitlines(keepends=True)[-1])
+    scanned = checked_scan(path)
+    assert scanned.usable_rows == 2 and scanned.formats == {"input_output": 2}
 
 
 def test_missing_data_file(tmp_path):

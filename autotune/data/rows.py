@@ -7,6 +7,7 @@ A data file is JSONL, CSV, Parquet or a datasets save_to_disk directory. Rows ma
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -100,6 +101,8 @@ def _has_lone_surrogate(record: Any) -> bool:
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors write one
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -124,7 +127,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
 def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
     import csv
 
-    with path.open(encoding="utf-8", newline="", errors="strict") as handle:
+    # utf-8-sig: UTF-8 that may start with a byte-order mark (spreadsheets' "CSV UTF-8")
+    with path.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
