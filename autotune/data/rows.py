@@ -187,11 +187,55 @@ def records(path: str | Path) -> Iterator[tuple[int, Any]]:
             )
         return _datasets_records(path)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_records(path)
     if suffix in (".parquet", ".pq"):
         return _parquet_records(path)
+    _check_text_file(path, is_csv=suffix == ".csv")
+    if suffix == ".csv":
+        return _csv_records(path)
     return _jsonl_records(path)
+
+
+def _holds_json_array(path: Path) -> bool:
+    """Whether a file that starts with `[` is one JSON array of rows (pretty-printed, its first
+    line is no JSON value; on one line, a list of objects) and not JSONL with a bad first row."""
+    with path.open("rb") as handle:
+        first = next((line for line in handle if line.strip()), b"")
+    try:
+        value = json.loads(first.removeprefix(codecs.BOM_UTF8))
+    except (ValueError, RecursionError):
+        return True
+    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
+
+
+_NOT_TEXT = {
+    b"\x1f\x8b": "gzip-compressed: decompress it first (gunzip)",
+    b"BZh": "bzip2-compressed: decompress it first (bunzip2)",
+    b"\xfd7zXZ\x00": "xz-compressed: decompress it first (unxz)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed: decompress it first (unzstd)",
+    b"PK\x03\x04": "a zip archive: extract the data file from it",
+    codecs.BOM_UTF16_LE: "UTF-16 text: save it as UTF-8",
+    codecs.BOM_UTF16_BE: "UTF-16 text: save it as UTF-8",
+}
+"""How a data file starts that no row of it could be read after, and what to do."""
+
+
+def _check_text_file(path: Path, is_csv: bool) -> None:
+    """Refuse, in one line, a JSONL or CSV file whose every line would be a bad row: one
+    compressed, in UTF-16, or (JSONL) one JSON array rather than an object per line."""
+    with path.open("rb") as handle:
+        start = handle.read(4096)
+    for magic, what in _NOT_TEXT.items():
+        if start.startswith(magic):
+            raise UsageError(f"data file {path} is {what}")
+    if (
+        not is_csv
+        and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+        and (_holds_json_array(path))
+    ):
+        raise UsageError(
+            f"data file {path} is a JSON array; autotune reads JSONL, one JSON object per "
+            f"line (convert it with: jq -c '.[]' {path} > data.jsonl)"
+        )
 
 
 @dataclass(frozen=True)
