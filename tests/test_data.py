@@ -59,6 +59,11 @@ def test_chat_uses_the_tokenizers_template():
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
         (b"[1, 2]\n", "line 1: expected a JSON object"),
+        # stopped the whole check with no line named
+        (
+            b'{"text": "ok"}\n{"text": ' + b"[" * 10**5 + b"]" * 10**5 + b"}\n",
+            "line 2: JSON nested",
+        ),
         # half of a UTF-16 pair is valid JSON but no text: the tokenizer crashed on it
         (b'{"text": "ok"}\n{"text": "a\\ud800b"}\n', r"line 2: a \\ud800-\\udfff escape without"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "assistant answer"),

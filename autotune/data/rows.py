@@ -118,6 +118,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                     BadRow(line_number, f"not valid JSON ({error.msg} column {error.colno})"),
                 )
                 continue
+            except RecursionError:  # Python's parser gives up near a thousand levels
+                yield line_number, BadRow(line_number, "JSON nested too deeply to read")
+                continue
             if _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(record):
                 yield line_number, BadRow(line_number, _LONE_SURROGATE)
                 continue
