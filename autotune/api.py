@@ -212,7 +212,7 @@ def train(
     """Fine-tune with the recipe in `recipe_path`; the adapter or model goes to `output_dir`.
     `options` are autotune.training.train.train's (epochs, max_steps, resume, budget_bytes...)."""
     from autotune.architecture import check_recipe
-    from autotune.model_spec import load_model_spec
+    from autotune.model_spec import check_local_weights, load_model_spec
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
     from autotune.replay import load_config
@@ -224,6 +224,7 @@ def train(
     spec = load_model_spec(recipe.model) if recipe.model else None
     if spec is not None:
         spec.check_recipe(recipe, str(recipe_path))
+        check_local_weights(recipe.model)
     config = load_config(recipe.model) if recipe.model else None
     device_name = resolve_device(device)
     if config is not None:

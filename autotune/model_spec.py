@@ -231,6 +231,24 @@ def check_model_reference(model: str) -> None:
     check_hub_reachable(model)
 
 
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.index")
+"""Files one of which a local model that trains must hold (sharded ones have an .index too)."""
+
+
+def check_local_weights(model: str) -> None:
+    """A local model directory that a run or train is to load must hold weights; `estimate`
+    needs its config alone. Refused before the study, not by every probe's crash."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return  # a hub id: the files are fetched (or found missing) by the probes
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILE_PATTERNS):
+        raise UsageError(
+            f"model directory {path} has no weights (model.safetensors, pytorch_model.bin or "
+            "their shards); run and train load them, only `autotune estimate` needs just "
+            "config.json"
+        )
+
+
 HUB_CONNECT_TIMEOUT_SECONDS = 5.0
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 """Where one is set (either case), the hub is reached through a proxy: not checked directly."""
