@@ -183,3 +183,23 @@ def test_tokenizing_streams_rows_and_keeps_tokens_compact(tmp_path):
         for split in ("train", "eval")
         for part in ("ids", "labels", "offsets")
     }
+
+
+def test_token_ids_past_the_models_vocabulary_are_refused():
+    # a tokenizer larger than the config's vocab_size failed every probe with an index error
+    import numpy as np
+
+    from autotune.data.splits import Splits, check_token_ids
+    from autotune.data.tokens import TokenTable
+
+    def table(ids):
+        return TokenTable(np.array(ids, np.int32), np.array(ids, np.int32), np.array([0, len(ids)]))
+
+    splits = Splits(train=table([5, 99]), eval=table([7]))
+    check_token_ids(splits, vocab_size=100, pad_token_id=0, model="m")  # ids 0 to 99 fit
+    with pytest.raises(
+        UsageError, match="gives token id 99, but its config.json has vocab_size 90"
+    ):
+        check_token_ids(splits, vocab_size=90, pad_token_id=0, model="m")
+    with pytest.raises(UsageError, match="gives token id 100,"):  # the padding is fed too
+        check_token_ids(splits, vocab_size=100, pad_token_id=100, model="m")

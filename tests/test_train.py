@@ -289,7 +289,7 @@ def test_the_end_of_train_ignores_a_hand_edited_measured_block(tmp_path):
     assert "probe measured 2.0 MiB" in console.export_text()
 
 
-@pytest.mark.parametrize("damage", ["vocab_size", "weights"])
+@pytest.mark.parametrize("damage", ["intermediate_size", "weights"])
 def test_weights_that_do_not_fit_the_config_are_one_line(tiny_model, qa_data, tmp_path, damage):
     # a config edited after the weights were saved, or a truncated weight file, crashed train
     # with transformers' RuntimeError or safetensors' own error
@@ -298,9 +298,9 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tiny_model, qa_data, tm
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    if damage == "vocab_size":
+    if damage == "intermediate_size":
         config = json.loads((model / "config.json").read_text())
-        (model / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+        (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
         needle = "their shapes differ from those its config.json gives"
     else:
         (model / "model.safetensors").write_bytes(b"cut short")

@@ -171,7 +171,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     recipe (it joins the process group; rank 0 alone writes files and calls `callbacks`)."""
     import torch
 
-    from autotune.data.splits import load_splits
+    from autotune.data.splits import check_token_ids, load_splits
+    from autotune.model_spec import load_model_spec
     from autotune.training.build import (
         build_model,
         build_optimizer,
@@ -205,6 +206,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     splits = load_splits(
         plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
     )
+    vocab_size = load_model_spec(recipe.model).vocab_size
+    check_token_ids(splits, vocab_size, tokenizer.pad_token_id, recipe.model)
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
