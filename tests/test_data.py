@@ -3,7 +3,7 @@ import gzip
 
 import pytest
 
-from autotune.data.rows import checked_scan, detect_format, to_example
+from autotune.data.rows import Example, checked_scan, detect_format, to_example
 from autotune.data.splits import check_enough_rows, eval_indices, load_splits
 from autotune.data.tokens import IGNORE_INDEX, tokenize
 from autotune.errors import UsageError
@@ -203,3 +203,21 @@ def test_token_ids_past_the_models_vocabulary_are_refused():
         check_token_ids(splits, vocab_size=90, pad_token_id=0, model="m")
     with pytest.raises(UsageError, match="gives token id 100,"):  # the padding is fed too
         check_token_ids(splits, vocab_size=100, pad_token_id=100, model="m")
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_a_token_of_its_own(tmp_path):
+    # pad_token fell back to eos alone: with neither, a padded micro-batch met None and failed
+    import json
+    import shutil
+
+    from autotune.training.batching import collate
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(DEMO / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    named = ("eos_token", "pad_token", "bos_token", "unk_token")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **dict.fromkeys(named)}))
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer.eos_token_id is None and tokenizer.pad_token_id == 0
+    short, long = (tokenize(Example("", text), tokenizer, 16) for text in ("a", "a b c d"))
+    assert collate([short, long], tokenizer.pad_token_id)["input_ids"][0][-1] == 0

@@ -57,7 +57,11 @@ def load_tokenizer(model_name: str) -> Any:
             "(tokenizer.json, tokenizer_config.json, ...)"
         )
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # padding is masked and carries no loss, so any token of the vocabulary pads
+        named = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token)
+        tokenizer.pad_token = next(
+            (token for token in named if token is not None), tokenizer.convert_ids_to_tokens(0)
+        )
     return tokenizer
 
 
