@@ -70,6 +70,7 @@ def run(
     probes a recipe (default: each in a process of its own). Bad input raises UsageError.
     """
     from autotune.export import measured_figures, picked_trial, write_recipe
+    from autotune.model_spec import check_local_weights
     from autotune.pareto import frontier
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
@@ -82,9 +83,11 @@ def run(
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
     prepared = prepare_run(settings)
-    runner = runner or SubprocessProbeRunner(
-        settings.probe_timeout_seconds, timed_steps=settings.probe_steps
-    )
+    if runner is None:  # its probes load the weights (estimate needs config.json alone)
+        check_local_weights(settings.model)
+        runner = SubprocessProbeRunner(
+            settings.probe_timeout_seconds, timed_steps=settings.probe_steps
+        )
     study = run_study(prepared, runner, events)
     points = measured_points(study)
     recipe = recipe_path = None

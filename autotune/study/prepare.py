@@ -13,7 +13,7 @@ from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError
 from autotune.margins import check_margin
-from autotune.model_spec import check_local_weights, load_model_spec
+from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.prediction import check_memory_model
 from autotune.quality import check_quality
@@ -130,7 +130,6 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
     check_workers(settings, device)
-    check_local_weights(settings.model)  # the probes load them; estimate needs the config only
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
     )
