@@ -221,3 +221,11 @@ def test_a_tokenizer_without_pad_or_eos_pads_with_a_token_of_its_own(tmp_path):
     assert tokenizer.eos_token_id is None and tokenizer.pad_token_id == 0
     short, long = (tokenize(Example("", text), tokenizer, 16) for text in ("a", "a b c d"))
     assert collate([short, long], tokenizer.pad_token_id)["input_ids"][0][-1] == 0
+
+
+def test_too_few_rows_name_the_file():
+    # the message said "the data has 1 row" (which file?) and "1 training rows"
+    with pytest.raises(UsageError, match=r"^d.jsonl has 1 usable row; at least 2 are needed"):
+        check_enough_rows(1, 4, source="d.jsonl")
+    with pytest.raises(UsageError, match=r"^d.jsonl has 1 training row after the eval split"):
+        check_enough_rows(2, 4, source="d.jsonl")

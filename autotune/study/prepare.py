@@ -84,7 +84,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             f"{spec.hidden_size}; a rank is at most the width of the layers it adapts"
         )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
-    check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
+    check_enough_rows(
+        data_scan.usable_rows,
+        space.effective_batch_size,
+        settings.eval_rows,
+        str(settings.data_path),
+    )
     check_margin(settings.memory_margin)
     fit = budget_fit(
         space, settings.model, spec, settings.seq_len, settings.budget_bytes, settings.memory_margin

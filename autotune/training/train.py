@@ -40,6 +40,7 @@ from autotune.training.train_plan import (
     TrainReport,
     report_json,
 )
+from autotune.units import count_of
 
 __all__ = ["TrainCallbacks", "TrainPlan", "TrainReport", "run_training", "train"]
 
@@ -211,8 +212,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
-            f"{plan.data_path} has {len(splits.train)} training rows, fewer than one effective "
-            f"batch of {recipe.effective_batch_size}"
+            f"{plan.data_path} has {count_of(len(splits.train), 'training row')}, fewer than "
+            f"one effective batch of {recipe.effective_batch_size}"
         )
     total_steps = plan.max_steps or max(1, math.ceil(steps_per_epoch * (plan.epochs or 1.0)))
     try:
