@@ -55,6 +55,8 @@ def test_chat_uses_the_tokenizers_template():
             r"line 2: not valid JSON \(Invalid control character at column 12\)",
         ),
         (b'{"text": "ok"}\n{"prompt": "x"}\n', "line 2: no known fields"),
+        # it said "no known fields" of a row whose "input" it knows
+        (b'{"text": "ok"}\n{"input": "x"}\n', 'line 2: field "output" is missing'),
         (b'{"input": "q", "output": ""}\n', 'line 1: field "output" is empty'),
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),

@@ -102,7 +102,7 @@ def test_csv_bad_row_line_numbers_count_the_header(tmp_path):
     rows = [{"input": "q", "output": "a"}, {"input": "q2", "output": ""}]
     bad = scan(as_csv(tmp_path / "d.csv", rows)).bad
     assert [(b.line, b.problem) for b in bad] == [
-        (3, 'no known fields: expected "text", "input"/"output", "instruction" or "messages"')
+        (3, 'field "output" is missing (an "input" row needs its answer)')  # an empty cell
     ]
 
 

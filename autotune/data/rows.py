@@ -45,6 +45,8 @@ def _row_problem(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     kind = detect_format(row)
+    if kind == "unknown" and "input" in row:
+        return 'field "output" is missing (an "input" row needs its answer)'
     if kind == "unknown":
         return 'no known fields: expected "text", "input"/"output", "instruction" or "messages"'
     if kind == "chat":
