@@ -137,6 +137,17 @@ def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
+                if None in row:  # DictReader files cells past the header's under None
+                    cells = len(reader.fieldnames or ()) + len(row[None])
+                    yield (
+                        reader.line_num,
+                        BadRow(
+                            reader.line_num,
+                            f"{cells} cells, but the header names {len(reader.fieldnames or ())} "
+                            "(a comma in a value that is not quoted?)",
+                        ),
+                    )
+                    continue
                 yield reader.line_num, _decode_cells(row)
         except UnicodeDecodeError:
             yield reader.line_num + 1, BadRow(reader.line_num + 1, "not UTF-8 text")
