@@ -227,11 +227,12 @@ def train(
     spec = load_model_spec(recipe.model) if recipe.model else None
     if spec is not None:
         spec.check_recipe(recipe, str(recipe_path))
-        check_local_weights(recipe.model)
     config = load_config(recipe.model) if recipe.model else None
     device_name = resolve_device(device)
     if config is not None:
         check_recipe(recipe, config, str(recipe_path), device_name)
+    if recipe.model:  # after what the recipe asks of the model: that needs config.json alone
+        check_local_weights(recipe.model)
     # as `estimate` and a study predict it: the replay, the formula where it cannot run
     predicted = memory_prediction(spec, recipe, config) if spec is not None else None
     if predicted is not None:  # logged beside the measured peak with --report-to
