@@ -168,13 +168,27 @@ class ModelSpec:
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ModelSpec:
         if "text_config" in config and "hidden_size" not in config:
             config = {**config["text_config"], "model_type": config.get("model_type", "")}
-        missing = [name for name in REQUIRED_FIELDS if not config.get(name)]
+        missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
         if missing:
             kind = config.get("model_type") or "unknown"
             raise UsageError(
                 f"{source}: architecture {kind!r} is not supported: config lacks "
                 f"{', '.join(missing)}"
             )
+        least = {name: 1 for name in (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim")}
+        least.update(num_local_experts=0, num_experts=0)
+        wrong = [
+            f"{name} must be an integer of at least {minimum}, got {config[name]!r}"
+            for name, minimum in least.items()
+            if config.get(name) is not None
+            and not (
+                isinstance(config[name], int)
+                and not isinstance(config[name], bool)
+                and config[name] >= minimum
+            )
+        ]
+        if wrong:
+            raise UsageError(f"{source}: {'; '.join(wrong)}")
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         # Mixtral names its experts num_local_experts, the Qwen MoE models num_experts; every

@@ -265,6 +265,18 @@ def test_a_config_field_of_the_wrong_type_says_which_and_what(tmp_path):
     )
 
 
+@pytest.mark.parametrize("value", ["abc", [64], True, -64, 64.5])
+def test_a_config_width_that_is_no_positive_integer_is_refused(tmp_path, value):
+    # "abc" and [64] crashed int(); True was read as 1, -64 as a negative width, 64.5 as 64
+    from tests.conftest import DEMO
+
+    config = json.loads((DEMO / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": value}))
+    with pytest.raises(UsageError) as error:
+        load_model_spec(str(tmp_path))
+    assert f"hidden_size must be an integer of at least 1, got {value!r}" in str(error.value)
+
+
 def test_a_model_name_that_cannot_be_a_hub_id_is_one_line():
     # a recipe's model: edited to "my model" reached the hub client, which raised its own error
     with pytest.raises(UsageError, match="'my model' is neither an existing directory nor a hub"):
