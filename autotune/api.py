@@ -76,6 +76,7 @@ def run(
     probes a recipe (default: each in a process of its own). Bad input raises UsageError.
     """
     from autotune.export import measured_figures, picked_trial, write_recipe
+    from autotune.model_spec import check_local_weights
     from autotune.pareto import frontier
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
@@ -88,9 +89,11 @@ def run(
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
     prepared = prepare_run(settings)
-    runner = runner or SubprocessProbeRunner(
-        settings.probe_timeout_seconds, timed_steps=settings.probe_steps
-    )
+    if runner is None:  # its probes load the weights (estimate needs config.json alone)
+        check_local_weights(settings.model)
+        runner = SubprocessProbeRunner(
+            settings.probe_timeout_seconds, timed_steps=settings.probe_steps
+        )
     study = run_study(prepared, runner, events)
     points = measured_points(study)
     ranking = quality_ranking(study, points)  # built once: the recipe and the report share it
@@ -232,7 +235,7 @@ def train(
     """Fine-tune with the recipe in `recipe_path`; the adapter or model goes to `output_dir`.
     `options` are autotune.training.train.train's (epochs, max_steps, resume, budget_bytes...)."""
     from autotune.architecture import check_recipe
-    from autotune.model_spec import load_model_spec
+    from autotune.model_spec import check_local_weights, load_model_spec
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
     from autotune.replay import load_config
@@ -248,6 +251,8 @@ def train(
     device_name = resolve_device(device)
     if config is not None:
         check_recipe(recipe, config, str(recipe_path), device_name)
+    if recipe.model:  # after what the recipe asks of the model: that needs config.json alone
+        check_local_weights(recipe.model)
     # as `estimate` and a study predict it: the replay, the formula where it cannot run
     predicted = memory_prediction(spec, recipe, config) if spec is not None else None
     if predicted is not None:  # logged beside the measured peak with --report-to

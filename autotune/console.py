@@ -5,6 +5,7 @@ bar with a line per trial, and the results. rich loads when a console is made.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -256,6 +257,14 @@ class TrainProgress:
         self._progress.console.print(f"step {step}: eval loss {eval_loss:.4f}{best}")
 
 
+def _probe_figure(measured: dict[str, Any], key: str) -> float | None:
+    """A figure of the recipe's `measured:` (not checked on read): None unless a number > 0."""
+    value = measured.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def show_trained(console: Any, result: TrainResult) -> None:
     """What a training run measured, beside what the recipe's prediction and probe said."""
     report, measured = result.report, result.probe_measured
@@ -266,7 +275,8 @@ def show_trained(console: Any, result: TrainResult) -> None:
     if result.predicted is not None:
         peak_bytes = result.predicted.estimate.peak_bytes
         predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
-    probe_speed = measured.get("tokens_per_second")
+    probe_peak_bytes = _probe_figure(measured, "peak_memory_bytes")
+    probe_speed = _probe_figure(measured, "tokens_per_second")
     console.print(f"trained {count_of(report.steps, 'step')}; eval loss {report.eval_loss:.4f}")
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
@@ -274,14 +284,14 @@ def show_trained(console: Any, result: TrainResult) -> None:
     console.print(
         f"peak memory {memory}; predicted {predicted}"
         + (
-            f"; probe measured {format_bytes(measured['peak_memory_bytes'])}"
-            if measured.get("peak_memory_bytes")
+            f"; probe measured {format_bytes(probe_peak_bytes)}"
+            if probe_peak_bytes is not None
             else ""
         )
     )
     console.print(
         f"tokens/s {report.tokens_per_second:,.0f}"
-        + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
+        + (f"; probe measured {probe_speed:,.0f}" if probe_speed is not None else "")
     )
     console.print(f"saved to {report.output_dir}")
     if report.monitor_location is not None:

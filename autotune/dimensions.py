@@ -294,6 +294,9 @@ def check_choices(dimension: Dimension, choices: tuple[Any, ...], where: str) ->
     problems = []
     if not choices:
         problems.append(f"{where} has no choices")
+    nested = [c for c in choices if isinstance(c, (list, dict))]
+    if nested:  # a choice is one value; a list in a list (or a mapping) is none of them
+        return [*problems, f"{where} choices must be single values, got {nested}"]
     if dimension.name == "method":
         problems += [
             f"{where} {c} is left out: {LEFT_OUT_METHODS[c]}"

@@ -91,6 +91,9 @@ def combination_refusals(recipe: Recipe) -> list[str]:
     """Why a recipe's distributed strategy cannot run with the rest of it (empty: it can)."""
     from autotune.optimizers import OPTIMIZERS
 
+    named = (recipe.distributed, recipe.offload, recipe.optimizer, recipe.quantization)
+    if not all(isinstance(value, str) for value in named):
+        return []  # the schema check names these (a list cannot be looked up)
     kind = DISTRIBUTED.get(recipe.distributed)
     gpus = recipe.num_gpus
     if kind is None or not isinstance(gpus, int) or isinstance(gpus, bool):
@@ -139,7 +142,7 @@ def combination_refusals(recipe: Recipe) -> list[str]:
 
 def schema_problems(recipe: Recipe) -> list[str]:
     problems = []
-    if recipe.distributed not in DISTRIBUTED:
+    if not isinstance(recipe.distributed, str) or recipe.distributed not in DISTRIBUTED:
         problems.append(
             f"distributed {recipe.distributed!r} is not one of {', '.join(DISTRIBUTED)}"
         )

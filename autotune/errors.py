@@ -28,8 +28,12 @@ def first_line(
 ) -> str:
     """The first line of an exception's message, at most `limit` characters: what a one-line
     error quotes of a library's (the exception's type name, or `fallback`, when it says
-    nothing)."""
-    text = str(error).strip()
-    if not text:
+    nothing). A first line that ends in a colon announces the next, which is joined to it
+    ("Validation error for field 'hidden_size': TypeError: ... expected int, got str")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
         return type(error).__name__ if fallback is None else fallback
-    return text.splitlines()[0][:limit]
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        first = f"{first} {lines[1]}"
+    return first[:limit]

@@ -168,13 +168,27 @@ class ModelSpec:
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ModelSpec:
         if "text_config" in config and "hidden_size" not in config:
             config = {**config["text_config"], "model_type": config.get("model_type", "")}
-        missing = [name for name in REQUIRED_FIELDS if not config.get(name)]
+        missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
         if missing:
             kind = config.get("model_type") or "unknown"
             raise UsageError(
                 f"{source}: architecture {kind!r} is not supported: config lacks "
                 f"{', '.join(missing)}"
             )
+        least = {name: 1 for name in (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim")}
+        least.update(num_local_experts=0, num_experts=0)
+        wrong = [
+            f"{name} must be an integer of at least {minimum}, got {config[name]!r}"
+            for name, minimum in least.items()
+            if config.get(name) is not None
+            and not (
+                isinstance(config[name], int)
+                and not isinstance(config[name], bool)
+                and config[name] >= minimum
+            )
+        ]
+        if wrong:
+            raise UsageError(f"{source}: {'; '.join(wrong)}")
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         # Mixtral names its experts num_local_experts, the Qwen MoE models num_experts; every
@@ -220,7 +234,33 @@ def check_model_reference(model: str) -> None:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model
     if looks_like_path:
         raise UsageError(f"model path {model!r} does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError as error:
+        raise UsageError(
+            f"model {model!r} is neither an existing directory nor a hub id: {first_line(error)}"
+        ) from None
     check_hub_reachable(model)
+
+
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.index")
+"""Files one of which a local model that trains must hold (sharded ones have an .index too)."""
+
+
+def check_local_weights(model: str) -> None:
+    """A local model directory that a run or train is to load must hold weights; `estimate`
+    needs its config alone. Refused before the study, not by every probe's crash."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return  # a hub id: the files are fetched (or found missing) by the probes
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILE_PATTERNS):
+        raise UsageError(
+            f"model directory {path} has no weights (model.safetensors, pytorch_model.bin or "
+            "their shards); run and train load them, only `autotune estimate` needs just "
+            "config.json"
+        )
 
 
 HUB_CONNECT_TIMEOUT_SECONDS = 5.0

@@ -301,11 +301,34 @@ class Recipe:
 _LEFT_OUT_AT_DEFAULT = ("train_modules", "distributed", "num_gpus", "offload")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error (YAML says
+    keys are unique; PyYAML keeps the last silently, so an edit near the top would not count)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key} given twice (first on line {first_lines[key]}); keep one",
+                    key_node.start_mark,
+                )
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(text: str, source: str) -> Any:
     """The YAML document in `text` (a recipe or a search space), read safely; a syntax error
-    is one line that says where and what: `source: not valid YAML (line 3 column 9: ...)`."""
+    or a key given twice is one line that says where and what:
+    `source: not valid YAML (line 3 column 9: ...)`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         problem = getattr(error, "problem", None)

@@ -55,7 +55,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         ("batching", BATCHINGS),
     ):
         value = getattr(recipe, name)
-        if name == "method" and value in LEFT_OUT_METHODS:
+        if not isinstance(value, str):  # a list or mapping cannot be looked up in a registry
+            problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
+        elif name == "method" and value in LEFT_OUT_METHODS:
             problems.append(f"method {value} is left out: {LEFT_OUT_METHODS[value]}")
         elif value not in registry:
             problems.append(f"{name} {value!r} is not one of {', '.join(registry)}")
@@ -113,7 +115,9 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     if recipe.method == "freeze" and recipe.frozen_layers < 1:
         problems.append("method freeze needs frozen_layers >= 1")
     if (
-        recipe.optimizer in OPTIMIZERS
+        isinstance(recipe.optimizer, str)
+        and isinstance(recipe.precision, str)
+        and recipe.optimizer in OPTIMIZERS
         and recipe.precision in PRECISIONS
         and OPTIMIZERS[recipe.optimizer].host_states
         and PRECISIONS[recipe.precision].scales_loss

@@ -83,12 +83,20 @@ class SearchSpace:
         target_sets, problems = read_target_sets(data["lora_target_modules"])
         chosen: dict[str, tuple[Any, ...]] = {}
         for dimension in DIMENSIONS:
+            value = data[dimension.name]
+            if dimension.per_method and isinstance(value, dict):
+                problems += [
+                    f"{dimension.name}.{key} is not a method (one of {', '.join(METHODS)})"
+                    for key in value
+                    if key not in METHODS
+                ]
             for name, choices, where in _file_choices(dimension, data, chosen, target_sets):
                 found = check_choices(dimension, choices, where)
                 problems += found
                 if not found and dimension.cast is not None:
                     choices = tuple(dimension.cast(c) for c in choices)
-                chosen[name] = choices
+                # what later checks look up must be hashable
+                chosen[name] = tuple(c for c in choices if not isinstance(c, (list, dict)))
         effective = data["effective_batch_size"]
         if not isinstance(effective, int) or isinstance(effective, bool) or effective < 1:
             problems.append(f"effective_batch_size must be a positive integer, got {effective!r}")

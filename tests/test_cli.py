@@ -352,6 +352,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
     (unknown_kind / "config.json").write_text(json.dumps({**config, "model_type": "nomodel"}))
     full = tmp_path / "full-only.yaml"
     full.write_text("method: full\n")
+    # a weight file's name is all a run checks before its probes load it
+    stub_weights = tmp_path / "stub-weights"
+    shutil.copytree(config_only, stub_weights)
+    (stub_weights / "model.safetensors").write_bytes(b"")
     run = [
         "run",
         "--model",
@@ -363,6 +367,7 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         "--device",
         "cpu",
     ]
+    stubbed = [*run[:2], str(stub_weights), *run[3:]]
     return [
         (run + ["--budget", "lots"], "is not a size"),
         (run + ["--budget", "0GB"], "more than zero"),
@@ -390,16 +395,18 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         (run[:-4] + ["--space", str(space), "--budget", "4GB"], "unknown keys colour"),
         (run[:-4] + ["--space", str(impossible), "--budget", "4GB"], "do not divide"),
         (run + ["--budget", "1MB"], "smallest recipe"),
+        # every probe crashed on it, and the run ended with exit code 0
+        (run + ["--budget", "4GB", "--trials", "1", "--probe-steps", "1"], "has no weights"),
         (
-            run + ["--budget", "4GB", "--storage", "postgresql://me:pw@127.0.0.1:1/none"],
+            stubbed + ["--budget", "4GB", "--storage", "postgresql://me:pw@127.0.0.1:1/none"],
             "cannot open storage postgresql://me:***@127.0.0.1:1/none",
         ),
         (
-            run + ["--budget", "4GB", "--storage", "postgresql://:hunter2@127.0.0.1:1/none"],
+            stubbed + ["--budget", "4GB", "--storage", "postgresql://:hunter2@127.0.0.1:1/none"],
             "cannot open storage postgresql://:***@127.0.0.1:1/none",
         ),
         (
-            run + ["--budget", "4GB", "--storage", "postgresql://me:p@ss@127.0.0.1:1/none"],
+            stubbed + ["--budget", "4GB", "--storage", "postgresql://me:p@ss@127.0.0.1:1/none"],
             "cannot open storage postgresql://me:***@127.0.0.1:1/none",
         ),
         (

@@ -1,6 +1,9 @@
+import codecs
+import gzip
+
 import pytest
 
-from autotune.data.rows import checked_scan, detect_format, to_example
+from autotune.data.rows import Example, checked_scan, detect_format, to_example
 from autotune.data.splits import check_enough_rows, eval_indices, load_splits
 from autotune.data.tokens import IGNORE_INDEX, tokenize
 from autotune.errors import UsageError
@@ -52,15 +55,61 @@ def test_chat_uses_the_tokenizers_template():
             r"line 2: not valid JSON \(Invalid control character at column 12\)",
         ),
         (b'{"text": "ok"}\n{"prompt": "x"}\n', "line 2: no known fields"),
+        # it said "no known fields" of a row whose "input" it knows
+        (b'{"text": "ok"}\n{"input": "x"}\n', 'line 2: field "output" is missing'),
         (b'{"input": "q", "output": ""}\n', 'line 1: field "output" is empty'),
         (b'{"input": 3, "output": "a"}\n', 'line 1: field "input" must be a string'),
         (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8"),
         (b"[1, 2]\n", "line 1: expected a JSON object"),
+        # stopped the whole check with no line named
+        (
+            b'{"text": "ok"}\n{"text": ' + b"[" * 10**5 + b"]" * 10**5 + b"}\n",
+            "line 2: JSON nested",
+        ),
+        # half of a UTF-16 pair is valid JSON but no text: the tokenizer crashed on it
+        (b'{"text": "ok"}\n{"text": "a\\ud800b"}\n', r"line 2: a \\ud800-\\udfff escape without"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "assistant answer"),
         (b"\n\n", "is empty"),
     ],
 )
 def test_bad_rows_name_the_line(tmp_path, content, needle):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=needle) as error:
+        checked_scan(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_escaped_surrogate_pair_is_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n{"text": "ok"}\n')
+    assert checked_scan(path).usable_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("data.jsonl", b'{"input": "q", "output": "a"}\n'), ("data.csv", b"input,output\nq,a\n")],
+)
+def test_a_utf8_byte_order_mark_is_read_as_text(tmp_path, name, content):
+    # Windows editors and spreadsheets' "CSV UTF-8" start the file with one: the first JSONL
+    # row was not valid JSON, and every CSV row lost its first column's name
+    path = tmp_path / name
+    path.write_bytes(codecs.BOM_UTF8 + content + content.splitlines(keepends=True)[-1])
+    scanned = checked_scan(path)
+    assert scanned.usable_rows == 2 and scanned.formats == {"input_output": 2}
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (gzip.compress(b'{"text": "ok"}\n'), "is gzip-compressed: decompress it first"),
+        ('{"text": "ok"}\n'.encode("utf-16"), "is UTF-16 text: save it as UTF-8"),
+        (b'[\n  {"text": "ok"}\n]\n', "is a JSON array; autotune reads JSONL"),
+        (b'[{"text": "ok"}, {"text": "ok"}]', "is a JSON array; autotune reads JSONL"),
+    ],
+)
+def test_a_file_no_row_of_which_is_jsonl_says_what_it_is(tmp_path, content, needle):
+    # each of its lines was a bad row ("not UTF-8 text", "not valid JSON"): no hint of why
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
     with pytest.raises(UsageError, match=needle) as error:
@@ -136,3 +185,49 @@ def test_tokenizing_streams_rows_and_keeps_tokens_compact(tmp_path):
         for split in ("train", "eval")
         for part in ("ids", "labels", "offsets")
     }
+
+
+def test_token_ids_past_the_models_vocabulary_are_refused():
+    # a tokenizer larger than the config's vocab_size failed every probe with an index error
+    import numpy as np
+
+    from autotune.data.splits import Splits, check_token_ids
+    from autotune.data.tokens import TokenTable
+
+    def table(ids):
+        return TokenTable(np.array(ids, np.int32), np.array(ids, np.int32), np.array([0, len(ids)]))
+
+    splits = Splits(train=table([5, 99]), eval=table([7]))
+    check_token_ids(splits, vocab_size=100, pad_token_id=0, model="m")  # ids 0 to 99 fit
+    with pytest.raises(
+        UsageError, match="gives token id 99, but its config.json has vocab_size 90"
+    ):
+        check_token_ids(splits, vocab_size=90, pad_token_id=0, model="m")
+    with pytest.raises(UsageError, match="gives token id 100,"):  # the padding is fed too
+        check_token_ids(splits, vocab_size=100, pad_token_id=100, model="m")
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_a_token_of_its_own(tmp_path):
+    # pad_token fell back to eos alone: with neither, a padded micro-batch met None and failed
+    import json
+    import shutil
+
+    from autotune.training.batching import collate
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(DEMO / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    named = ("eos_token", "pad_token", "bos_token", "unk_token")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **dict.fromkeys(named)}))
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer.eos_token_id is None and tokenizer.pad_token_id == 0
+    short, long = (tokenize(Example("", text), tokenizer, 16) for text in ("a", "a b c d"))
+    assert collate([short, long], tokenizer.pad_token_id)["input_ids"][0][-1] == 0
+
+
+def test_too_few_rows_name_the_file():
+    # the message said "the data has 1 row" (which file?) and "1 training rows"
+    with pytest.raises(UsageError, match=r"^d.jsonl has 1 usable row; at least 2 are needed"):
+        check_enough_rows(1, 4, source="d.jsonl")
+    with pytest.raises(UsageError, match=r"^d.jsonl has 1 training row after the eval split"):
+        check_enough_rows(2, 4, source="d.jsonl")

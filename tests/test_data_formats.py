@@ -102,7 +102,7 @@ def test_csv_bad_row_line_numbers_count_the_header(tmp_path):
     rows = [{"input": "q", "output": "a"}, {"input": "q2", "output": ""}]
     bad = scan(as_csv(tmp_path / "d.csv", rows)).bad
     assert [(b.line, b.problem) for b in bad] == [
-        (3, 'no known fields: expected "text", "input"/"output", "instruction" or "messages"')
+        (3, 'field "output" is missing (an "input" row needs its answer)')  # an empty cell
     ]
 
 
@@ -226,3 +226,14 @@ def test_probe_reads_the_studys_token_cache(tmp_path, tiny_model):
         tmp_path / "probe",
     )
     assert result.status == "ok", result.reason
+
+
+def test_a_csv_row_with_more_cells_than_the_header_is_bad(tmp_path):
+    # an unquoted comma split the answer and the cells past the header were dropped unsaid
+    path = tmp_path / "d.csv"
+    path.write_text('input,output\nq1,"a, quoted"\nq2,a2, and more\n')
+    data_scan = scan(path)
+    assert data_scan.usable_rows == 1
+    assert [(b.line, b.problem) for b in data_scan.bad] == [
+        (3, "3 cells, but the header names 2 (a comma in a value that is not quoted?)")
+    ]

@@ -250,6 +250,39 @@ def test_missing_model_path():
         load_model_spec("./no/such/model")
 
 
+def test_a_config_field_of_the_wrong_type_says_which_and_what(tmp_path):
+    # transformers' message begins "Validation error for field 'hidden_size':" and says what on
+    # its next line, which the one-line error left out
+    from autotune.replay import load_config
+    from tests.conftest import DEMO
+
+    config = json.loads((DEMO / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "64"}))
+    with pytest.raises(UsageError) as error:
+        load_config(str(tmp_path))
+    assert "field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str" in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize("value", ["abc", [64], True, -64, 64.5])
+def test_a_config_width_that_is_no_positive_integer_is_refused(tmp_path, value):
+    # "abc" and [64] crashed int(); True was read as 1, -64 as a negative width, 64.5 as 64
+    from tests.conftest import DEMO
+
+    config = json.loads((DEMO / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": value}))
+    with pytest.raises(UsageError) as error:
+        load_model_spec(str(tmp_path))
+    assert f"hidden_size must be an integer of at least 1, got {value!r}" in str(error.value)
+
+
+def test_a_model_name_that_cannot_be_a_hub_id_is_one_line():
+    # a recipe's model: edited to "my model" reached the hub client, which raised its own error
+    with pytest.raises(UsageError, match="'my model' is neither an existing directory nor a hub"):
+        load_model_spec("my model")
+
+
 def test_unknown_lora_target():
     with pytest.raises(UsageError, match="not linear layers"):
         estimate(LLAMA_1B, lora(lora_target_modules=["wq"]))

@@ -106,6 +106,24 @@ def test_quantized_full_is_rejected():
         Recipe.from_dict({"method": "full", "quantization": "nf4"})
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": ["lora"]},
+        {"optimizer": ["adamw"], "precision": {"bf16": 1}},
+        {"distributed": ["ddp"], "num_gpus": 2, "offload": ["optimizer"]},
+        {"distributed": "ddp", "num_gpus": 2, "optimizer": ["adamw"]},
+    ],
+)
+def test_a_named_choice_written_as_a_list_is_a_problem_not_a_crash(changes):
+    # a YAML list or mapping where a name belongs cannot be looked up in a registry
+    with pytest.raises(UsageError) as error:
+        Recipe.from_dict({**QLORA, "quantization": "none", **changes})
+    for name, value in changes.items():
+        if isinstance(value, (list, dict)):
+            assert f"{name} {changes[name]!r} is not one of" in str(error.value)
+
+
 def test_missing_method_and_bad_files(tmp_path):
     with pytest.raises(UsageError, match="missing required key method"):
         Recipe.from_dict({"model": "m"})
@@ -117,6 +135,15 @@ def test_missing_method_and_bad_files(tmp_path):
         Recipe.load(bad)
     # where and what, in one line
     assert "(line 3 column 1: expected ',' or ']', but got '<stream end>')" in str(error.value)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last value silently: an edit to the first lora_r would not count
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump(QLORA, sort_keys=False) + "lora_r: 4\n")
+    with pytest.raises(UsageError) as error:
+        Recipe.load(twice)
+    assert "line 17 column 1: key lora_r given twice (first on line 6)" in str(error.value)
 
 
 def test_measured_block_is_ignored_on_read():

@@ -50,6 +50,15 @@ def _default_dict():
         ({"learning_rate": {"lora": 1e-4}}, "learning_rate.freeze"),
         ({"gradient_checkpointing": [1]}, "gradient_checkpointing"),
         ({"lora_dropout": 2}, "lora_dropout"),
+        # a list in a list, or a mapping, is no choice (they crashed as unhashable)
+        ({"method": [["lora"]]}, r"method choices must be single values, got \[\['lora'\]\]"),
+        ({"optimizer": {"adamw": 1}}, "optimizer choices must be single values"),
+        ({"learning_rate": {m: {"a": 1} for m in ("lora", "full", "freeze")}}, "single values"),
+        # a learning-rate key that is no method was ignored
+        (
+            {"learning_rate": {"lora": 1e-4, "full": 1e-5, "freeze": 1e-5, "lroa": 1e-3}},
+            r"learning_rate.lroa is not a method \(one of full, lora, freeze\)",
+        ),
     ],
 )
 def test_bad_spaces_are_refused(tmp_path, changes, needle):

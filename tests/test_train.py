@@ -192,7 +192,7 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
     listed.write_text("model: [1, 2]\nmethod: lora\n")
     cases = [
         (["--recipe", str(untokenized)], "cannot load the tokenizer"),
-        (["--recipe", str(unweighted)], "cannot load the weights of model"),
+        (["--recipe", str(unweighted)], "has no weights"),
         (["--recipe", str(listed)], "model must be a hub id or a directory"),
         (["--recipe", str(unknown)], "unknown keys rank"),
         (["--recipe", str(missing)], "missing required key method"),
@@ -268,3 +268,43 @@ class _RunsCode:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+def test_the_end_of_train_ignores_a_hand_edited_measured_block(tmp_path):
+    # the recipe's measured: figures are not checked on read; one edited into text or a
+    # negative number must not fail the run after it trained, nor print as measured
+    from rich.console import Console
+
+    from autotune.api import TrainResult
+    from autotune.console import show_trained
+    from autotune.training.train_plan import TrainReport
+
+    report = TrainReport(2, 0, 100.0, 2**20, "cuda_max_reserved", 1.5, 1.6, tmp_path, True)
+    console = Console(record=True, width=200)
+    edited = {"peak_memory_bytes": "abc", "tokens_per_second": -5}
+    show_trained(console, TrainResult(report, None, edited))
+    text = console.export_text()
+    assert f"saved to {tmp_path}" in text and "probe measured" not in text
+    show_trained(console, TrainResult(report, None, {"peak_memory_bytes": 2**21}))
+    assert "probe measured 2.0 MiB" in console.export_text()
+
+
+@pytest.mark.parametrize("damage", ["intermediate_size", "weights"])
+def test_weights_that_do_not_fit_the_config_are_one_line(tiny_model, qa_data, tmp_path, damage):
+    # a config edited after the weights were saved, or a truncated weight file, crashed train
+    # with transformers' RuntimeError or safetensors' own error
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    if damage == "intermediate_size":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+        needle = "their shapes differ from those its config.json gives"
+    else:
+        (model / "model.safetensors").write_bytes(b"cut short")
+        needle = "Error while deserializing header"
+    with pytest.raises(UsageError, match="cannot load the weights of model") as error:
+        train(lora_recipe(model), qa_data, tmp_path / "out", max_steps=1)
+    assert needle in str(error.value)

@@ -7,7 +7,9 @@ A data file is JSONL, CSV, Parquet or a datasets save_to_disk directory. Rows ma
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ def _row_problem(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     kind = detect_format(row)
+    if kind == "unknown" and "input" in row:
+        return 'field "output" is missing (an "input" row needs its answer)'
     if kind == "unknown":
         return 'no known fields: expected "text", "input"/"output", "instruction" or "messages"'
     if kind == "chat":
@@ -83,9 +87,24 @@ class BadRow:
 MAX_BAD_ROWS_SHOWN = 3
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A \\ud800-\\udfff escape: half of a UTF-16 pair, text only with its other half."""
+_LONE_SURROGATE = r"a \ud800-\udfff escape without its pair (half a character, no text)"
+
+
+def _has_lone_surrogate(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors write one
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -94,21 +113,41 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield line_number, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 yield (
                     line_number,
                     BadRow(line_number, f"not valid JSON ({error.msg} column {error.colno})"),
                 )
+                continue
+            except RecursionError:  # Python's parser gives up near a thousand levels
+                yield line_number, BadRow(line_number, "JSON nested too deeply to read")
+                continue
+            if _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(record):
+                yield line_number, BadRow(line_number, _LONE_SURROGATE)
+                continue
+            yield line_number, record
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
     import csv
 
-    with path.open(encoding="utf-8", newline="", errors="strict") as handle:
+    # utf-8-sig: UTF-8 that may start with a byte-order mark (spreadsheets' "CSV UTF-8")
+    with path.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
+                if None in row:  # DictReader files cells past the header's under None
+                    cells = len(reader.fieldnames or ()) + len(row[None])
+                    yield (
+                        reader.line_num,
+                        BadRow(
+                            reader.line_num,
+                            f"{cells} cells, but the header names {len(reader.fieldnames or ())} "
+                            "(a comma in a value that is not quoted?)",
+                        ),
+                    )
+                    continue
                 yield reader.line_num, _decode_cells(row)
         except UnicodeDecodeError:
             yield reader.line_num + 1, BadRow(reader.line_num + 1, "not UTF-8 text")
@@ -164,11 +203,55 @@ def records(path: str | Path) -> Iterator[tuple[int, Any]]:
             )
         return _datasets_records(path)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_records(path)
     if suffix in (".parquet", ".pq"):
         return _parquet_records(path)
+    _check_text_file(path, is_csv=suffix == ".csv")
+    if suffix == ".csv":
+        return _csv_records(path)
     return _jsonl_records(path)
+
+
+def _holds_json_array(path: Path) -> bool:
+    """Whether a file that starts with `[` is one JSON array of rows (pretty-printed, its first
+    line is no JSON value; on one line, a list of objects) and not JSONL with a bad first row."""
+    with path.open("rb") as handle:
+        first = next((line for line in handle if line.strip()), b"")
+    try:
+        value = json.loads(first.removeprefix(codecs.BOM_UTF8))
+    except (ValueError, RecursionError):
+        return True
+    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
+
+
+_NOT_TEXT = {
+    b"\x1f\x8b": "gzip-compressed: decompress it first (gunzip)",
+    b"BZh": "bzip2-compressed: decompress it first (bunzip2)",
+    b"\xfd7zXZ\x00": "xz-compressed: decompress it first (unxz)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed: decompress it first (unzstd)",
+    b"PK\x03\x04": "a zip archive: extract the data file from it",
+    codecs.BOM_UTF16_LE: "UTF-16 text: save it as UTF-8",
+    codecs.BOM_UTF16_BE: "UTF-16 text: save it as UTF-8",
+}
+"""How a data file starts that no row of it could be read after, and what to do."""
+
+
+def _check_text_file(path: Path, is_csv: bool) -> None:
+    """Refuse, in one line, a JSONL or CSV file whose every line would be a bad row: one
+    compressed, in UTF-16, or (JSONL) one JSON array rather than an object per line."""
+    with path.open("rb") as handle:
+        start = handle.read(4096)
+    for magic, what in _NOT_TEXT.items():
+        if start.startswith(magic):
+            raise UsageError(f"data file {path} is {what}")
+    if (
+        not is_csv
+        and start.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+        and (_holds_json_array(path))
+    ):
+        raise UsageError(
+            f"data file {path} is a JSON array; autotune reads JSONL, one JSON object per "
+            f"line (convert it with: jq -c '.[]' {path} > data.jsonl)"
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 from autotune.data.rows import scan, to_example, usable_rows
 from autotune.data.tokens import TokenTable, TokenTableBuilder, chat_template_of, tokenize_many
 from autotune.errors import UsageError
+from autotune.units import count_of
 
 EVAL_FRACTION = 0.1
 MAX_EVAL_ROWS = 64
@@ -23,10 +24,13 @@ class Splits:
     eval: TokenTable
 
 
-def eval_row_count(row_count: int, eval_rows: int | None = None) -> int:
+def eval_row_count(row_count: int, eval_rows: int | None = None, source: str = "the data") -> int:
     """Rows held out for eval: `eval_rows`, or a tenth of the data and at most MAX_EVAL_ROWS."""
     if row_count < 2:
-        raise UsageError(f"the data has {row_count} row; at least 2 are needed (train and eval)")
+        raise UsageError(
+            f"{source} has {count_of(row_count, 'usable row')}; at least 2 are needed (train "
+            "and eval)"
+        )
     if eval_rows is not None and not 1 <= eval_rows < row_count:
         raise UsageError(
             f"--eval-rows {eval_rows} must be at least 1 and less than the {row_count} rows"
@@ -34,21 +38,27 @@ def eval_row_count(row_count: int, eval_rows: int | None = None) -> int:
     return eval_rows or min(max(1, round(row_count * EVAL_FRACTION)), MAX_EVAL_ROWS)
 
 
-def eval_indices(row_count: int, seed: int, eval_rows: int | None = None) -> set[int]:
+def eval_indices(
+    row_count: int, seed: int, eval_rows: int | None = None, source: str = "the data"
+) -> set[int]:
     """Deterministic split: the same data and seed give the same eval subset of row indices."""
     order = list(range(row_count))
     random.Random(seed).shuffle(order)
-    return set(order[: eval_row_count(row_count, eval_rows)])
+    return set(order[: eval_row_count(row_count, eval_rows, source)])
 
 
 def check_enough_rows(
-    row_count: int, effective_batch_size: int, eval_rows: int | None = None
+    row_count: int,
+    effective_batch_size: int,
+    eval_rows: int | None = None,
+    source: str = "the data",
 ) -> None:
-    train_rows = row_count - eval_row_count(row_count, eval_rows)
+    train_rows = row_count - eval_row_count(row_count, eval_rows, source)
     if train_rows < effective_batch_size:
         raise UsageError(
-            f"the data has {train_rows} training rows after the eval split, fewer than one "
-            f"effective batch of {effective_batch_size}; add rows or lower effective_batch_size"
+            f"{source} has {count_of(train_rows, 'training row')} after the eval split, fewer "
+            f"than one effective batch of {effective_batch_size}; add rows or lower "
+            "effective_batch_size"
         )
 
 
@@ -75,7 +85,7 @@ def load_splits(
     """
     if row_count is None:
         row_count = scan(path).usable_rows
-    held_out = eval_indices(row_count, seed, eval_rows)
+    held_out = eval_indices(row_count, seed, eval_rows, str(path))
     template = chat_template_of(tokenizer)
     train, evaluation = TokenTableBuilder(), TokenTableBuilder()
     rows = enumerate(usable_rows(path))
@@ -97,3 +107,19 @@ def load_splits(
             f"{seq_len} (the answer starts later); raise --seq-len"
         )
     return Splits(train=train.build(), eval=evaluation.build())
+
+
+def check_token_ids(splits: Splits, vocab_size: int, pad_token_id: int | None, model: str) -> None:
+    """Every id the model is fed (the data's tokens, the padding) must be a row of its
+    embedding: a tokenizer with more tokens than the config's vocab_size otherwise fails each
+    probe (an index error on a CPU, a device-side assert on CUDA)."""
+    tables = (splits.train, splits.eval)
+    largest = max((int(table.ids.max()) for table in tables if len(table.ids)), default=-1)
+    if pad_token_id is not None:
+        largest = max(largest, pad_token_id)
+    if largest >= vocab_size:
+        raise UsageError(
+            f"the tokenizer of model {model!r} gives token id {largest}, but its config.json has "
+            f"vocab_size {vocab_size} (ids below it); the tokenizer is not the one the model's "
+            "embeddings were made for"
+        )

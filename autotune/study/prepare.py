@@ -8,7 +8,7 @@ from pathlib import Path
 
 from autotune.architecture import read_architecture
 from autotune.data.rows import checked_scan, usable_rows
-from autotune.data.splits import check_enough_rows
+from autotune.data.splits import check_enough_rows, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError
@@ -85,7 +85,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             f"{spec.hidden_size}; a rank is at most the width of the layers it adapts"
         )
     data_scan = checked_scan(settings.data_path, settings.skip_bad_rows)
-    check_enough_rows(data_scan.usable_rows, space.effective_batch_size, settings.eval_rows)
+    check_enough_rows(
+        data_scan.usable_rows,
+        space.effective_batch_size,
+        settings.eval_rows,
+        str(settings.data_path),
+    )
     check_margin(settings.memory_margin)
     fit = budget_fit(
         space, settings.model, spec, settings.seq_len, settings.budget_bytes, settings.memory_margin
@@ -130,6 +135,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         row_count=data_scan.usable_rows,
         progress=settings.tokenize_progress,
     )
+    check_token_ids(splits, spec.vocab_size, tokenizer.pad_token_id, settings.model)
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
     check_workers(settings, device)

@@ -57,7 +57,11 @@ def load_tokenizer(model_name: str) -> Any:
             "(tokenizer.json, tokenizer_config.json, ...)"
         )
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # padding is masked and carries no loss, so any token of the vocabulary pads
+        named = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token)
+        tokenizer.pad_token = next(
+            (token for token in named if token is not None), tokenizer.convert_ids_to_tokens(0)
+        )
     return tokenizer
 
 
@@ -107,6 +111,23 @@ def nf4_copy_dir(recipe: Recipe, cache_dir: str | Path) -> Path | None:
         ]
     )
     return Path(cache_dir) / f"weights-nf4-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def unloadable_weights(error: Exception) -> str | None:
+    """What is wrong with a model's weight files, where `error` (from `load_model`) says they
+    are missing, unreadable or of other shapes than the config's; None for any other error
+    (an out-of-memory error is a RuntimeError too, and no fault of the files)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, (OSError, ValueError, SafetensorError)):
+        return first_line(error)
+    text = str(error)
+    if isinstance(error, RuntimeError) and (
+        "ignore_mismatched_sizes" in text or "Error(s) in loading state_dict" in text
+    ):
+        # transformers' own line points at its load report, logged above it
+        return "their shapes differ from those its config.json gives (see the load report above)"
+    return None
 
 
 def load_model(

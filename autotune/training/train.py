@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UsageError, first_line
+from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
     checkpoints,
@@ -40,6 +40,7 @@ from autotune.training.train_plan import (
     TrainReport,
     report_json,
 )
+from autotune.units import count_of
 
 __all__ = ["TrainCallbacks", "TrainPlan", "TrainReport", "run_training", "train"]
 
@@ -171,8 +172,14 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     recipe (it joins the process group; rank 0 alone writes files and calls `callbacks`)."""
     import torch
 
-    from autotune.data.splits import load_splits
-    from autotune.training.build import build_model, build_optimizer, load_tokenizer
+    from autotune.data.splits import check_token_ids, load_splits
+    from autotune.model_spec import load_model_spec
+    from autotune.training.build import (
+        build_model,
+        build_optimizer,
+        load_tokenizer,
+        unloadable_weights,
+    )
     from autotune.training.loop import MemoryMeter, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
     from autotune.training.ranks import (
@@ -200,19 +207,22 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     splits = load_splits(
         plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
     )
+    vocab_size = load_model_spec(recipe.model).vocab_size
+    check_token_ids(splits, vocab_size, tokenizer.pad_token_id, recipe.model)
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
-            f"{plan.data_path} has {len(splits.train)} training rows, fewer than one effective "
-            f"batch of {recipe.effective_batch_size}"
+            f"{plan.data_path} has {count_of(len(splits.train), 'training row')}, fewer than "
+            f"one effective batch of {recipe.effective_batch_size}"
         )
     total_steps = plan.max_steps or max(1, math.ceil(steps_per_epoch * (plan.epochs or 1.0)))
     try:
         model = build_model(recipe, device)
-    except (OSError, ValueError) as error:  # no weights, unreadable or mismatched files
-        raise UsageError(
-            f"cannot load the weights of model {recipe.model!r}: {first_line(error)}"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - no weights, unreadable or mismatched files
+        problem = unloadable_weights(error)
+        if problem is None:
+            raise
+        raise UsageError(f"cannot load the weights of model {recipe.model!r}: {problem}") from None
     model = distribute_model(model, recipe, place)  # before the optimizer (FSDP2's shards)
     client_optimizer = build_optimizer(model, recipe)
     # a ZeRO recipe trains through DeepSpeed's engine, stepping the client optimizer on its
