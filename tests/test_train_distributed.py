@@ -252,3 +252,24 @@ def test_fp16_zero_on_a_processor_without_fp16_is_refused_in_one_line(tmp_path, 
     )
     with pytest.raises(UsageError, match="no fp16 on this processor .* choose bf16 or fp32"):
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
+
+
+def test_ranks_meet_under_a_relative_output_whose_name_is_no_url(tmp_path, monkeypatch):
+    """`--output run#1` (relative, a `#` in it): the rendezvous file is found where the
+    launcher put it, not read as a URL's host and fragment. One rank of one, in this
+    process."""
+    import torch.distributed as dist
+
+    from autotune.training.ranks import RankPlace, join_process_group, leave_process_group
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run#1" / "ranks"
+    folder.mkdir(parents=True)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(probe_ranks.RENDEZVOUS_ENV, "run#1/ranks/rendezvous")
+    try:
+        place = join_process_group(two_rank_recipe("m", "ddp", "full"), "cpu")
+        assert place == RankPlace(0, 1, "cpu") and dist.get_world_size() == 1
+    finally:
+        leave_process_group()
