@@ -266,8 +266,16 @@ def show_trained(console: Any, result: TrainResult) -> None:
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
         console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
+    per_gpu, together = "", ""
+    if result.ranks > 1:  # the largest rank's peak and the ranks' summed speed
+        per_gpu = (
+            f" per rank (the largest of {result.ranks})"
+            if report.memory_source == "cpu_peak_rss_delta"
+            else f" per GPU (the largest of {result.ranks} ranks)"
+        )
+        together = f" ({result.ranks} ranks together)"
     console.print(
-        f"peak memory {memory}; predicted {predicted}"
+        f"peak memory{per_gpu} {memory}; predicted {predicted}"
         + (
             f"; probe measured {format_bytes(measured['peak_memory_bytes'])}"
             if measured.get("peak_memory_bytes")
@@ -275,7 +283,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
         )
     )
     console.print(
-        f"tokens/s {report.tokens_per_second:,.0f}"
+        f"tokens/s{together} {report.tokens_per_second:,.0f}"
         + (f"; probe measured {probe_speed:,.0f}" if probe_speed else "")
     )
     console.print(f"saved to {report.output_dir}")

@@ -273,3 +273,39 @@ def test_ranks_meet_under_a_relative_output_whose_name_is_no_url(tmp_path, monke
         assert place == RankPlace(0, 1, "cpu") and dist.get_world_size() == 1
     finally:
         leave_process_group()
+
+
+@pytest.mark.parametrize(
+    "source, peak_line",
+    [
+        ("cuda_max_reserved", "peak memory per GPU (the largest of 2 ranks) 1.00 GiB"),
+        ("cpu_peak_rss_delta", "peak memory per rank (the largest of 2) 1.00 GiB (CPU RSS"),
+    ],
+)
+def test_a_two_rank_runs_figures_say_they_are_per_gpu_and_summed(tmp_path, source, peak_line):
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from autotune.api import TrainResult
+    from autotune.console import show_trained
+    from autotune.training.train_plan import TrainReport
+
+    report = TrainReport(
+        steps=4,
+        resumed_from_step=0,
+        tokens_per_second=2000.0,
+        peak_memory_bytes=2**30,
+        memory_source=source,
+        eval_loss=1.0,
+        train_loss=1.0,
+        output_dir=Path("out"),
+        budget_enforced=False,
+    )
+    console = Console(record=True, width=300)
+    show_trained(console, TrainResult(report, None, {}, ranks=2))
+    text = console.export_text()
+    assert peak_line in text and "tokens/s (2 ranks together) 2,000" in text
+    console = Console(record=True, width=300)
+    show_trained(console, TrainResult(report, None, {}))
+    assert "peak memory 1.00 GiB" in console.export_text() and "ranks" not in console.export_text()
