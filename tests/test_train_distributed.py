@@ -179,9 +179,21 @@ def test_a_rank_that_left_no_result_is_named_before_the_peer_its_death_broke(tmp
     ranks = probe_ranks.RankProcesses([broken, killed], result_path)
     assert ranks.wait(10) and ranks.first_failed == 1
     assert ranks.failure_order() == [1, 0]
-    assert ranks.silent_reason(1, tmp_path / "probe.log").startswith(
-        "rank 1 of 2 was killed by signal 9 without a result"
+    # a kill comes from outside: the rank's log is named, not its last line quoted as a cause
+    assert ranks.silent_reason(1, tmp_path / "probe.log") == (
+        f"rank 1 of 2 was killed by signal 9 without a result (its log: {tmp_path}/probe.rank1.log)"
     )
+
+
+def test_a_log_tail_quotes_the_error_not_a_library_warning_after_it(tmp_path):
+    log = tmp_path / "probe.rank1.log"
+    log.write_text(
+        "Traceback (most recent call last):\n  ...\nValueError: no such row\n"
+        "/venv/transformers/modeling_utils.py:3312: FutureWarning: `x` is deprecated\n"
+        "  warnings.warn(\n\n",
+        encoding="utf-8",
+    )
+    assert probe_ranks.log_tail(log) == "ValueError: no such row"
 
 
 def _ended(*code: str):
