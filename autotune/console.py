@@ -51,6 +51,25 @@ def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
     return show
 
 
+def run_headline(prepared: PreparedRun) -> str:
+    """Where a run's probes train and the budget they are held to: per GPU, and on the CPU
+    with the gloo processes that stand in for a probe's GPUs, where probes train on several."""
+    from autotune.distributed import format_gpu_counts
+
+    gpus = prepared.settings.largest_probe_gpus
+    where, per_gpu = prepared.device, ""
+    if gpus > 1:
+        per_gpu = " per GPU"
+        if not prepared.device.startswith("cuda"):
+            counts = format_gpu_counts(prepared.settings.gpus_per_probe)
+            where += f" (gloo processes stand in for each probe's {counts} GPUs)"
+    return (
+        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
+        f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
+        "formula's prediction, with its margin)"
+    )
+
+
 class ConsoleReporter(RunEvents):
     """A run's events on the terminal: its setup, then a progress bar over the trials with a
     line per finished trial, confirmation and noise measurement. Use it in a `with` block, so
@@ -89,10 +108,8 @@ class ConsoleReporter(RunEvents):
         if prepared.skipped_rows:
             self.console.print(f"skipped {prepared.skipped_rows} bad rows of {settings.data_path}")
         self.console.print(
-            f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
-            f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
-            f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (the formula's "
-            "prediction, with its margin)"
+            f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} "
+            + run_headline(prepared)
         )
         for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
             self.console.print(line)

@@ -674,3 +674,30 @@ def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(o
     assert set(exported) <= set(probed)
     assert "auto" not in str(probed)
     assert probed["train_batch_size"] == 2 * 3 * 2 and probed["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize(
+    "device, counts, where",
+    [
+        (
+            "cpu",
+            (2,),
+            "on cpu (gloo processes stand in for each probe's 2 GPUs); budget 4.00 GiB "
+            "per GPU; smallest recipe in the space needs 1.00 GiB per GPU",
+        ),
+        ("cpu", (1, 2), "on cpu (gloo processes stand in for each probe's 1,2 GPUs); budget"),
+        ("cuda", (2,), "on cuda; budget 4.00 GiB per GPU;"),
+        ("cpu", (1,), "on cpu; budget 4.00 GiB; smallest recipe in the space needs 1.00 GiB ("),
+    ],
+)
+def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cpu(
+    device, counts, where
+):
+    from types import SimpleNamespace
+
+    from autotune.console import run_headline
+    from autotune.study.settings import RunSettings
+
+    settings = RunSettings(model="m", data_path="d", budget_bytes=4 * 2**30, gpus_per_probe=counts)
+    prepared = SimpleNamespace(settings=settings, device=device, smallest_peak_bytes=2**30)
+    assert run_headline(prepared).startswith(where)
