@@ -280,6 +280,9 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
         keys["deepspeed_config"] = {
             "zero_stage": kind.deepspeed_stage,
             "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+            # accelerate's DeepSpeedPlugin fields; without them it offloads nothing
+            "offload_optimizer_device": "cpu" if recipe.offload != "none" else "none",
+            "offload_param_device": "cpu" if recipe.offload == "optimizer_and_params" else "none",
         }
     return keys
 

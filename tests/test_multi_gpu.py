@@ -565,6 +565,14 @@ def test_offload_moves_the_shards_to_host_memory_in_the_prediction_and_the_expor
     assert axolotl_config(zero3)["deepspeed"]["zero_optimization"] == zero  # a mapping
     # the offload JSON LLaMA-Factory ships
     assert llamafactory_config(zero3)["deepspeed"] == "examples/deepspeed/ds_z3_offload_config.json"
+    # accelerate's DeepSpeedPlugin fields (accelerate config asks them from ZeRO-2 on)
+    for recipe, devices in (
+        (zero3, ("cpu", "cpu")),
+        (zero3.replace(offload="optimizer"), ("cpu", "none")),
+        (zero3.replace(offload="none", distributed="deepspeed_zero2"), ("none", "none")),
+    ):
+        deepspeed = accelerate_config(recipe)["deepspeed_config"]
+        assert (deepspeed["offload_optimizer_device"], deepspeed["offload_param_device"]) == devices
 
 
 def test_offload_is_left_out_on_the_cpu_with_its_reason():
