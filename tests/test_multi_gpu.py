@@ -709,3 +709,23 @@ def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cp
     settings = RunSettings(model="m", data_path="d", budget_bytes=4 * 2**30, gpus_per_probe=counts)
     prepared = SimpleNamespace(settings=settings, device=device, smallest_peak_bytes=2**30)
     assert run_headline(prepared).startswith(where)
+
+
+def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(monkeypatch):
+    import torch
+
+    from autotune.distributed import parse_gpu_indices
+    from autotune.options import TEXT_FORMS
+    from autotune.training.ranked_train import check_ranked
+
+    assert parse_gpu_indices(" 0, 1") == ("0", "1")
+    for text in (",", "0,,1", "0,"):  # were read as fewer GPUs, or none
+        with pytest.raises(UsageError, match=r"^--gpus takes GPU indices separated by commas"):
+            TEXT_FORMS["gpus"].parse(text)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    recipe = Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 2})
+    with pytest.raises(UsageError) as refused:  # no --gpus given: not "--gpus 0,1: ..."
+        check_ranked(recipe, "cuda", ())
+    assert str(refused.value) == "the recipe trains on 2 GPUs, but this machine has 1"
+    with pytest.raises(UsageError, match=r"^--gpus 0,0: this machine has GPUs 0-0, each named"):
+        check_ranked(recipe, "cuda", ("0", "0"))
