@@ -11,6 +11,7 @@ from typing import Any
 
 from autotune.errors import UsageError, first_line
 from autotune.training.deepspeed_engine import is_engine
+from autotune.units import count_of
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -184,6 +185,24 @@ def save_checkpoint(
     for old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+BATCH_KEY = "effective_batch_size"
+"""The `extra` value a checkpoint keeps of the sequences its steps trained on."""
+
+
+def check_same_batch(extra: dict[str, Any], recipe: Any, path: Path) -> None:
+    """Refuse to resume `path` with another effective batch (other num_gpus, micro-batch or
+    accumulation): its step counts batches of the old size, so the data after it and the
+    schedule would not be the run's. A checkpoint from before it was kept is not checked."""
+    written = extra.get(BATCH_KEY)
+    if written is not None and written != recipe.effective_batch_size:
+        raise UsageError(
+            f"--resume: {path} trained on {written} sequences a step and this recipe on "
+            f"{recipe.effective_batch_size} ({recipe.per_gpu_batch_size} per GPU x "
+            f"{count_of(recipe.num_gpus, 'GPU')}); resume with the num_gpus, micro_batch_size and "
+            "gradient_accumulation_steps that wrote it"
+        )
 
 
 def load_checkpoint(

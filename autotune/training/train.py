@@ -18,6 +18,8 @@ from typing import Any
 from autotune.errors import UsageError, first_line
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
+    BATCH_KEY,
+    check_same_batch,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -226,6 +228,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
         start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
+        check_same_batch(extra, recipe, checkpoint)
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
@@ -265,7 +268,9 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
             on_eval(at_step, eval_loss, is_best)
 
     def checkpoint_at(at_step: int) -> None:
-        extra = {"early_stopping": stopper.state_dict()} if stopper else None
+        extra: dict[str, Any] = {BATCH_KEY: recipe.effective_batch_size}
+        if stopper:
+            extra["early_stopping"] = stopper.state_dict()
         save_checkpoint(model, optimizer, scheduler, at_step, output_dir, device, extra=extra)
 
     def stopping() -> bool:
