@@ -379,6 +379,7 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "memory_model": used,
             "margin": margin.fraction,
             "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
+            "num_gpus": predicted.num_gpus,  # the bytes are each GPU's where several
         }
         print(json.dumps(figures))
         return

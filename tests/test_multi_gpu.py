@@ -729,3 +729,17 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
     assert str(refused.value) == "the recipe trains on 2 GPUs, but this machine has 1"
     with pytest.raises(UsageError, match=r"^--gpus 0,0: this machine has GPUs 0-0, each named"):
         check_ranked(recipe, "cuda", ("0", "0"))
+
+
+def test_estimates_json_says_its_bytes_are_each_gpus(capsys):
+    from autotune.api import memory_prediction
+    from autotune.console import show_estimate
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict({**FULL, "distributed": "fsdp", "num_gpus": 4})
+    predicted = memory_prediction(spec, recipe, None, memory_model="formula")
+    show_estimate(predicted, True, None)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_gpus"] == 4 and printed["peak_bytes"] == estimate(spec, recipe).peak_bytes
+    show_estimate(predicted, False, None)
+    assert "predicted peak per GPU (x4)" in capsys.readouterr().out
