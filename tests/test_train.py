@@ -277,6 +277,8 @@ def test_a_resume_with_another_effective_batch_is_refused_in_one_line(
     skip or repeat rows. The same batch split otherwise resumes."""
     recipe = lora_recipe(tiny_model)  # 2 x 2 = 4 sequences a step
     train(recipe, qa_data, tmp_path / "out", max_steps=2)
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "state.pt", weights_only=True)
+    assert state["extra"] == {"effective_batch_size": 4, "distributed": "none"}
     with pytest.raises(UsageError) as refused:
         train(
             recipe.replace(micro_batch_size=4), qa_data, tmp_path / "out", max_steps=4, resume=True

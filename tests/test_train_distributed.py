@@ -321,3 +321,39 @@ def test_a_two_rank_runs_figures_say_they_are_per_gpu_and_summed(tmp_path, sourc
     console = Console(record=True, width=300)
     show_trained(console, TrainResult(report, None, {}))
     assert "peak memory 1.00 GiB" in console.export_text() and "ranks" not in console.export_text()
+
+
+def test_a_resume_across_deepspeeds_boundary_or_stages_is_refused_in_one_line(tmp_path):
+    """A ZeRO-2 checkpoint resumed as ZeRO-3 had its fp32 partitions read in the other layout
+    (eval loss 6.10 became 6.26 two steps on); DDP resumed from it crashed on an empty
+    optimizer state."""
+    from autotune.training.checkpoints import STRATEGY_KEY, check_same_strategy
+
+    def refusal(written: str | None, strategy: str, partitions: bool = False) -> str | None:
+        path = tmp_path / f"{written}-{strategy}-{partitions}"
+        path.mkdir()
+        if partitions:
+            (path / "zero_rank0.pt").write_bytes(b"")
+        extra = {STRATEGY_KEY: written} if written else {}
+        try:
+            check_same_strategy(extra, two_rank_recipe("m", strategy, "lora"), path)
+        except UsageError as error:
+            return str(error).removeprefix(f"--resume: {path} ")
+        return None
+
+    assert refusal("deepspeed_zero2", "deepspeed_zero3") == (
+        "was written by deepspeed_zero2 and this recipe trains with deepspeed_zero3; ZeRO keeps "
+        "its optimizer states in partitions of its own, so resume with the strategy that wrote it"
+    )
+    assert refusal("deepspeed_zero2", "ddp").startswith("was written by deepspeed_zero2 and")
+    assert refusal("fsdp", "deepspeed_zero2").startswith("was written by fsdp and")
+    # from before the strategy was kept: told by the partition files
+    assert refusal(None, "deepspeed_zero2").startswith("was written by a run without DeepSpeed")
+    assert refusal(None, "ddp", partitions=True).startswith("was written by a DeepSpeed ZeRO run")
+    for written, strategy, partitions in (
+        ("ddp", "fsdp", False),  # full state dicts both, resharded on load
+        ("deepspeed_zero3", "deepspeed_zero3", True),
+        (None, "deepspeed_zero3", True),
+        (None, "fsdp", False),
+    ):
+        assert refusal(written, strategy, partitions) is None

@@ -19,7 +19,9 @@ from autotune.errors import UsageError, first_line
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
     BATCH_KEY,
+    STRATEGY_KEY,
     check_same_batch,
+    check_same_strategy,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -227,8 +229,14 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     if plan.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
-        start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
-        check_same_batch(extra, recipe, checkpoint)
+
+        def resumable(extra: dict[str, Any], path: Path = checkpoint) -> None:
+            check_same_batch(extra, recipe, path)
+            check_same_strategy(extra, recipe, path)
+
+        start_step, extra = load_checkpoint(
+            model, optimizer, scheduler, checkpoint, device, resumable
+        )
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
@@ -268,7 +276,10 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
             on_eval(at_step, eval_loss, is_best)
 
     def checkpoint_at(at_step: int) -> None:
-        extra: dict[str, Any] = {BATCH_KEY: recipe.effective_batch_size}
+        extra: dict[str, Any] = {
+            BATCH_KEY: recipe.effective_batch_size,
+            STRATEGY_KEY: recipe.distributed,
+        }
         if stopper:
             extra["early_stopping"] = stopper.state_dict()
         save_checkpoint(model, optimizer, scheduler, at_step, output_dir, device, extra=extra)
