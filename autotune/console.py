@@ -406,4 +406,4 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
-        print(fit_words(result.peak_bytes, margin, budget_bytes))
+        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))
