@@ -755,3 +755,10 @@ def test_a_recipes_fit_to_the_budget_says_per_gpu_on_several():
         "predicted 1.00 GiB per GPU, 1.10 GiB with a 10.0% margin (a tenth): fits 4.00 GiB with "
         "2.90 GiB to spare per GPU"
     )
+
+
+def test_what_a_study_leaves_out_for_its_gpus_is_not_blamed_on_the_model():
+    from autotune.study.records import not_searched
+
+    [line] = not_searched({"distributed": {"none": "one GPU, not 2"}}, {})
+    assert line == "not searched, they cannot run here: distributed none (one GPU, not 2)"
