@@ -221,6 +221,8 @@ class TrainResult:
     """The recipe's peak as `estimate` and a study predict it; None where it names no model."""
     probe_measured: dict[str, Any]
     """What the study's probe measured for the recipe (its file's `measured:`; may be empty)."""
+    ranks: int = 1
+    """The processes it trained as (the recipe's num_gpus): peaks are per GPU, tokens/s all's."""
 
 
 def train(
@@ -258,7 +260,7 @@ def train(
     if predicted is not None:  # logged beside the measured peak with --report-to
         options.setdefault("predicted_peak_bytes", predicted.estimate.peak_bytes)
     report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
-    return TrainResult(report, predicted, measured)
+    return TrainResult(report, predicted, measured, recipe.num_gpus)
 
 
 def inspect_data(

@@ -223,6 +223,7 @@ def train(
     from autotune.api import train as train_with_recipe
     from autotune.budgets import parse_budget
     from autotune.console import TrainProgress, make_console, show_trained
+    from autotune.distributed import parse_gpu_indices
 
     _state["interrupted"] = (
         f"autotune: interrupted; the checkpoints saved so far stay in {output} "
@@ -238,7 +239,7 @@ def train(
             data,
             output,
             device=device,
-            gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()) if gpus else (),
+            gpus=parse_gpu_indices(gpus) if gpus is not None else (),
             trust_remote_code=trust_remote_code,
             epochs=epochs,
             max_steps=max_steps,

@@ -52,6 +52,25 @@ def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
     return show
 
 
+def run_headline(prepared: PreparedRun) -> str:
+    """Where a run's probes train and the budget they are held to: per GPU, and on the CPU
+    with the gloo processes that stand in for a probe's GPUs, where probes train on several."""
+    from autotune.distributed import format_gpu_counts
+
+    gpus = prepared.settings.largest_probe_gpus
+    where, per_gpu = prepared.device, ""
+    if gpus > 1:
+        per_gpu = " per GPU"
+        if not prepared.device.startswith("cuda"):
+            counts = format_gpu_counts(prepared.settings.gpus_per_probe)
+            where += f" (gloo processes stand in for each probe's {counts} GPUs)"
+    return (
+        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
+        f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
+        "formula's prediction, with its margin)"
+    )
+
+
 class ConsoleReporter(RunEvents):
     """A run's events on the terminal: its setup, then a progress bar over the trials with a
     line per finished trial, confirmation and noise measurement. Use it in a `with` block, so
@@ -90,10 +109,8 @@ class ConsoleReporter(RunEvents):
         if prepared.skipped_rows:
             self.console.print(f"skipped {prepared.skipped_rows} bad rows of {settings.data_path}")
         self.console.print(
-            f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} on "
-            f"{prepared.device}; budget {format_bytes(settings.budget_bytes)}; smallest recipe "
-            f"in the space needs {format_bytes(prepared.smallest_peak_bytes)} (the formula's "
-            "prediction, with its margin)"
+            f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} "
+            + run_headline(prepared)
         )
         for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
             self.console.print(line)
@@ -281,8 +298,16 @@ def show_trained(console: Any, result: TrainResult) -> None:
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
         console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
+    per_gpu, together = "", ""
+    if result.ranks > 1:  # the largest rank's peak and the ranks' summed speed
+        per_gpu = (
+            f" per rank (the largest of {result.ranks})"
+            if report.memory_source == "cpu_peak_rss_delta"
+            else f" per GPU (the largest of {result.ranks} ranks)"
+        )
+        together = f" ({result.ranks} ranks together)"
     console.print(
-        f"peak memory {memory}; predicted {predicted}"
+        f"peak memory{per_gpu} {memory}; predicted {predicted}"
         + (
             f"; probe measured {format_bytes(probe_peak_bytes)}"
             if probe_peak_bytes is not None
@@ -290,7 +315,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
         )
     )
     console.print(
-        f"tokens/s {report.tokens_per_second:,.0f}"
+        f"tokens/s{together} {report.tokens_per_second:,.0f}"
         + (f"; probe measured {probe_speed:,.0f}" if probe_speed is not None else "")
     )
     console.print(f"saved to {report.output_dir}")
@@ -369,6 +394,7 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "memory_model": used,
             "margin": margin.fraction,
             "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
+            "num_gpus": predicted.num_gpus,  # the bytes are each GPU's where several
         }
         print(json.dumps(figures))
         return
@@ -395,4 +421,4 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
-        print(fit_words(result.peak_bytes, margin, budget_bytes))
+        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))

@@ -77,6 +77,17 @@ def parse_gpu_counts(text: str) -> tuple[int, ...]:
     return tuple(sorted(counts))
 
 
+def parse_gpu_indices(text: str) -> tuple[str, ...]:
+    """--gpus: GPU indices separated by commas (0,1); whether this machine has them is checked
+    where the device is known. An empty one (`0,,1`, `,`) is refused in one line."""
+    from autotune.errors import UsageError
+
+    indices = tuple(part.strip() for part in str(text).split(","))
+    if not all(indices):
+        raise UsageError(f"--gpus takes GPU indices separated by commas (0,1), got {text!r}")
+    return indices
+
+
 def format_gpu_counts(counts: tuple[int, ...]) -> str:
     return ",".join(map(str, counts))
 
@@ -283,6 +294,9 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
         keys["deepspeed_config"] = {
             "zero_stage": kind.deepspeed_stage,
             "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+            # accelerate's DeepSpeedPlugin fields; without them it offloads nothing
+            "offload_optimizer_device": "cpu" if recipe.offload != "none" else "none",
+            "offload_param_device": "cpu" if recipe.offload == "optimizer_and_params" else "none",
         }
     return keys
 

@@ -44,7 +44,9 @@ def measured_figures(
         margin = stored_margin(
             record.memory_margin, record.memory_model, recipe_of(trial).quantization
         )
-        figures["predicted_fit"] = fit_words(record.predicted_peak_bytes, margin, budget_bytes)
+        figures["predicted_fit"] = fit_words(
+            record.predicted_peak_bytes, margin, budget_bytes, recipe_of(trial).num_gpus
+        )
     if confirmation:
         figures["confirmation"] = {
             "held_up": confirmation.held_up,

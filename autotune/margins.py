@@ -122,9 +122,12 @@ def check_margin(given: float | None) -> None:
         )
 
 
-def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int) -> str:
-    """How a predicted peak stands against the budget once the margin is added, in words."""
+def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int, num_gpus: int = 1) -> str:
+    """How a predicted peak stands against the budget once the margin is added, in words; on
+    several GPUs both are each GPU's, and say so."""
     from autotune.units import format_bytes
+
+    each = " per GPU" if num_gpus > 1 else ""
 
     margined = margin.bytes_of(peak_bytes)
     if margined <= budget_bytes:
@@ -133,8 +136,8 @@ def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int) -> str:
     else:
         verdict = f"over {format_bytes(budget_bytes)} by {format_bytes(margined - budget_bytes)}"
     return (
-        f"predicted {format_bytes(peak_bytes)}, {format_bytes(margined)} with a "
-        f"{100 * margin.fraction:.1f}% margin ({margin.why}): {verdict}"
+        f"predicted {format_bytes(peak_bytes)}{each}, {format_bytes(margined)} with a "
+        f"{100 * margin.fraction:.1f}% margin ({margin.why}): {verdict}{each}"
     )
 
 

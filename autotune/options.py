@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from autotune.budgets import parse_budget
-from autotune.distributed import format_gpu_counts, parse_gpu_counts
+from autotune.distributed import format_gpu_counts, parse_gpu_counts, parse_gpu_indices
 from autotune.study.settings import RunSettings
 from autotune.units import format_duration, parse_bytes, parse_duration_seconds
 
@@ -39,10 +39,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _gpu_indices(text: str) -> tuple[str, ...]:
-    return tuple(g.strip() for g in text.split(",") if g.strip())
-
-
 @dataclasses.dataclass(frozen=True)
 class TextForm:
     """How a field that is not written as itself on the command line is: a size, a duration, a
@@ -59,7 +55,7 @@ TEXT_FORMS = {
     "probe_timeout_seconds": TextForm(
         partial(parse_duration_seconds, what="--probe-timeout"), format_duration
     ),
-    "gpus": TextForm(_gpu_indices, ",".join),
+    "gpus": TextForm(parse_gpu_indices, ",".join),
     "gpus_per_probe": TextForm(parse_gpu_counts, format_gpu_counts),
 }
 """RunSettings fields given as text on the command line, by field name."""

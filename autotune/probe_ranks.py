@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,13 +30,26 @@ RANK_POLL_SECONDS = 0.1
 LOG_TAIL_CHARS = 400
 
 
+_WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+"""The first line of what Python's warnings print (file:line: Category: message); the
+indented line after it is the source line that warned."""
+
+
 def log_tail(log_path: Path) -> str:
-    """The last line of a log, what a one-line failure quotes of it."""
+    """The last line of a log that is not a library's warning, what a one-line failure quotes
+    of it."""
     try:
         text = log_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    lines: list[str] = []
+    warned = False
+    for line in text.strip().splitlines():
+        if warned and line.startswith(" "):
+            continue
+        warned = bool(_WARNING_LINE.match(line))
+        if line.strip() and not warned:
+            lines.append(line)
     return lines[-1][-LOG_TAIL_CHARS:] if lines else ""
 
 
@@ -120,12 +134,11 @@ class RankProcesses:
 
     def silent_reason(self, rank: int, log_path: Path) -> str:
         """Why `rank` left no result: how it ended, and the tail of its log."""
-        code = self.processes[rank].returncode
-        how = f"was killed by signal {-code}" if code and code < 0 else f"exited with {code}"
-        return (
-            f"rank {rank} of {len(self.processes)} {how} without a result: "
-            f"{log_tail(rank_log_path(log_path, rank))}"
-        )
+        code, log = self.processes[rank].returncode, rank_log_path(log_path, rank)
+        ended = f"rank {rank} of {len(self.processes)}"
+        if code and code < 0:  # from outside (a user, the OOM killer): its log did not see why
+            return f"{ended} was killed by signal {-code} without a result (its log: {log})"
+        return f"{ended} exited with {code} without a result: {log_tail(log)}"
 
     def exit_code(self) -> int | None:
         codes = [p.poll() for p in self.processes]

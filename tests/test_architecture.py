@@ -170,7 +170,7 @@ def test_the_search_space_keeps_what_the_model_can_run(
     fewer = dataclasses.replace(prepared.settings, trials=2)
     study = run_study(dataclasses.replace(prepared, settings=fewer), FakeRunner())
     page = render_html(report_data(study))
-    assert "Not searched, the model cannot run them: " + describe_unsupported(unsupported) in page
+    assert "Not searched, they cannot run here: " + describe_unsupported(unsupported) in page
 
 
 def test_a_model_with_everything_supported_keeps_the_space():

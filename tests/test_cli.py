@@ -221,6 +221,7 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
         "memory_model": "formula",
         "margin": margin.fraction,
         "peak_bytes_with_margin": margin.bytes_of(expected.peak_bytes),
+        "num_gpus": 1,
     }
     longer = autotune(
         "estimate",
@@ -284,6 +285,7 @@ def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
         "memory_model": "replay",
         "margin": margin.fraction,
         "peak_bytes_with_margin": margin.bytes_of(expected.peak_bytes),
+        "num_gpus": 1,
     }
     assert set(printed["breakdown"]) >= {"weights", "activations", "allocator_overhead"}
     int8 = tmp_path / "int8.yaml"

@@ -565,6 +565,14 @@ def test_offload_moves_the_shards_to_host_memory_in_the_prediction_and_the_expor
     assert axolotl_config(zero3)["deepspeed"]["zero_optimization"] == zero  # a mapping
     # the offload JSON LLaMA-Factory ships
     assert llamafactory_config(zero3)["deepspeed"] == "examples/deepspeed/ds_z3_offload_config.json"
+    # accelerate's DeepSpeedPlugin fields (accelerate config asks them from ZeRO-2 on)
+    for recipe, devices in (
+        (zero3, ("cpu", "cpu")),
+        (zero3.replace(offload="optimizer"), ("cpu", "none")),
+        (zero3.replace(offload="none", distributed="deepspeed_zero2"), ("none", "none")),
+    ):
+        deepspeed = accelerate_config(recipe)["deepspeed_config"]
+        assert (deepspeed["offload_optimizer_device"], deepspeed["offload_param_device"]) == devices
 
 
 def test_offload_is_left_out_on_the_cpu_with_its_reason():
@@ -674,3 +682,83 @@ def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(o
     assert set(exported) <= set(probed)
     assert "auto" not in str(probed)
     assert probed["train_batch_size"] == 2 * 3 * 2 and probed["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize(
+    "device, counts, where",
+    [
+        (
+            "cpu",
+            (2,),
+            "on cpu (gloo processes stand in for each probe's 2 GPUs); budget 4.00 GiB "
+            "per GPU; smallest recipe in the space needs 1.00 GiB per GPU",
+        ),
+        ("cpu", (1, 2), "on cpu (gloo processes stand in for each probe's 1,2 GPUs); budget"),
+        ("cuda", (2,), "on cuda; budget 4.00 GiB per GPU;"),
+        ("cpu", (1,), "on cpu; budget 4.00 GiB; smallest recipe in the space needs 1.00 GiB ("),
+    ],
+)
+def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cpu(
+    device, counts, where
+):
+    from types import SimpleNamespace
+
+    from autotune.console import run_headline
+    from autotune.study.settings import RunSettings
+
+    settings = RunSettings(model="m", data_path="d", budget_bytes=4 * 2**30, gpus_per_probe=counts)
+    prepared = SimpleNamespace(settings=settings, device=device, smallest_peak_bytes=2**30)
+    assert run_headline(prepared).startswith(where)
+
+
+def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(monkeypatch):
+    import torch
+
+    from autotune.distributed import parse_gpu_indices
+    from autotune.options import TEXT_FORMS
+    from autotune.training.ranked_train import check_ranked
+
+    assert parse_gpu_indices(" 0, 1") == ("0", "1")
+    for text in (",", "0,,1", "0,"):  # were read as fewer GPUs, or none
+        with pytest.raises(UsageError, match=r"^--gpus takes GPU indices separated by commas"):
+            TEXT_FORMS["gpus"].parse(text)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    recipe = Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 2})
+    with pytest.raises(UsageError) as refused:  # no --gpus given: not "--gpus 0,1: ..."
+        check_ranked(recipe, "cuda", ())
+    assert str(refused.value) == "the recipe trains on 2 GPUs, but this machine has 1"
+    with pytest.raises(UsageError, match=r"^--gpus 0,0: this machine has GPUs 0-0, each named"):
+        check_ranked(recipe, "cuda", ("0", "0"))
+
+
+def test_estimates_json_says_its_bytes_are_each_gpus(capsys):
+    from autotune.api import memory_prediction
+    from autotune.console import show_estimate
+
+    spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
+    recipe = Recipe.from_dict({**FULL, "distributed": "fsdp", "num_gpus": 4})
+    predicted = memory_prediction(spec, recipe, None, memory_model="formula")
+    show_estimate(predicted, True, None)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_gpus"] == 4 and printed["peak_bytes"] == estimate(spec, recipe).peak_bytes
+    show_estimate(predicted, False, None)
+    assert "predicted peak per GPU (x4)" in capsys.readouterr().out
+
+
+def test_a_recipes_fit_to_the_budget_says_per_gpu_on_several():
+    from autotune.margins import MemoryMargin, fit_words
+
+    margin = MemoryMargin(0.1, "a tenth")
+    one = fit_words(2**30, margin, 4 * 2**30)
+    assert one.startswith("predicted 1.00 GiB, 1.10 GiB with a 10.0% margin") and "GPU" not in one
+    assert fit_words(2**30, margin, 4 * 2**30, num_gpus=4) == (
+        "predicted 1.00 GiB per GPU, 1.10 GiB with a 10.0% margin (a tenth): fits 4.00 GiB with "
+        "2.90 GiB to spare per GPU"
+    )
+
+
+def test_what_a_study_leaves_out_for_its_gpus_is_not_blamed_on_the_model():
+    from autotune.study.records import not_searched
+
+    [line] = not_searched({"distributed": {"none": "one GPU, not 2"}}, {})
+    assert line == "not searched, they cannot run here: distributed none (one GPU, not 2)"

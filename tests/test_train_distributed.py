@@ -179,9 +179,21 @@ def test_a_rank_that_left_no_result_is_named_before_the_peer_its_death_broke(tmp
     ranks = probe_ranks.RankProcesses([broken, killed], result_path)
     assert ranks.wait(10) and ranks.first_failed == 1
     assert ranks.failure_order() == [1, 0]
-    assert ranks.silent_reason(1, tmp_path / "probe.log").startswith(
-        "rank 1 of 2 was killed by signal 9 without a result"
+    # a kill comes from outside: the rank's log is named, not its last line quoted as a cause
+    assert ranks.silent_reason(1, tmp_path / "probe.log") == (
+        f"rank 1 of 2 was killed by signal 9 without a result (its log: {tmp_path}/probe.rank1.log)"
     )
+
+
+def test_a_log_tail_quotes_the_error_not_a_library_warning_after_it(tmp_path):
+    log = tmp_path / "probe.rank1.log"
+    log.write_text(
+        "Traceback (most recent call last):\n  ...\nValueError: no such row\n"
+        "/venv/transformers/modeling_utils.py:3312: FutureWarning: `x` is deprecated\n"
+        "  warnings.warn(\n\n",
+        encoding="utf-8",
+    )
+    assert probe_ranks.log_tail(log) == "ValueError: no such row"
 
 
 def _ended(*code: str):
@@ -252,3 +264,96 @@ def test_fp16_zero_on_a_processor_without_fp16_is_refused_in_one_line(tmp_path, 
     )
     with pytest.raises(UsageError, match="no fp16 on this processor .* choose bf16 or fp32"):
         train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
+
+
+def test_ranks_meet_under_a_relative_output_whose_name_is_no_url(tmp_path, monkeypatch):
+    """`--output run#1` (relative, a `#` in it): the rendezvous file is found where the
+    launcher put it, not read as a URL's host and fragment. One rank of one, in this
+    process."""
+    import torch.distributed as dist
+
+    from autotune.training.ranks import RankPlace, join_process_group, leave_process_group
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run#1" / "ranks"
+    folder.mkdir(parents=True)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(probe_ranks.RENDEZVOUS_ENV, "run#1/ranks/rendezvous")
+    try:
+        place = join_process_group(two_rank_recipe("m", "ddp", "full"), "cpu")
+        assert place == RankPlace(0, 1, "cpu") and dist.get_world_size() == 1
+    finally:
+        leave_process_group()
+
+
+@pytest.mark.parametrize(
+    "source, peak_line",
+    [
+        ("cuda_max_reserved", "peak memory per GPU (the largest of 2 ranks) 1.00 GiB"),
+        ("cpu_peak_rss_delta", "peak memory per rank (the largest of 2) 1.00 GiB (CPU RSS"),
+    ],
+)
+def test_a_two_rank_runs_figures_say_they_are_per_gpu_and_summed(tmp_path, source, peak_line):
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from autotune.api import TrainResult
+    from autotune.console import show_trained
+    from autotune.training.train_plan import TrainReport
+
+    report = TrainReport(
+        steps=4,
+        resumed_from_step=0,
+        tokens_per_second=2000.0,
+        peak_memory_bytes=2**30,
+        memory_source=source,
+        eval_loss=1.0,
+        train_loss=1.0,
+        output_dir=Path("out"),
+        budget_enforced=False,
+    )
+    console = Console(record=True, width=300)
+    show_trained(console, TrainResult(report, None, {}, ranks=2))
+    text = console.export_text()
+    assert peak_line in text and "tokens/s (2 ranks together) 2,000" in text
+    console = Console(record=True, width=300)
+    show_trained(console, TrainResult(report, None, {}))
+    assert "peak memory 1.00 GiB" in console.export_text() and "ranks" not in console.export_text()
+
+
+def test_a_resume_across_deepspeeds_boundary_or_stages_is_refused_in_one_line(tmp_path):
+    """A ZeRO-2 checkpoint resumed as ZeRO-3 had its fp32 partitions read in the other layout
+    (eval loss 6.10 became 6.26 two steps on); DDP resumed from it crashed on an empty
+    optimizer state."""
+    from autotune.training.checkpoints import STRATEGY_KEY, check_same_strategy
+
+    def refusal(written: str | None, strategy: str, partitions: bool = False) -> str | None:
+        path = tmp_path / f"{written}-{strategy}-{partitions}"
+        path.mkdir()
+        if partitions:
+            (path / "zero_rank0.pt").write_bytes(b"")
+        extra = {STRATEGY_KEY: written} if written else {}
+        try:
+            check_same_strategy(extra, two_rank_recipe("m", strategy, "lora"), path)
+        except UsageError as error:
+            return str(error).removeprefix(f"--resume: {path} ")
+        return None
+
+    assert refusal("deepspeed_zero2", "deepspeed_zero3") == (
+        "was written by deepspeed_zero2 and this recipe trains with deepspeed_zero3; ZeRO keeps "
+        "its optimizer states in partitions of its own, so resume with the strategy that wrote it"
+    )
+    assert refusal("deepspeed_zero2", "ddp").startswith("was written by deepspeed_zero2 and")
+    assert refusal("fsdp", "deepspeed_zero2").startswith("was written by fsdp and")
+    # from before the strategy was kept: told by the partition files
+    assert refusal(None, "deepspeed_zero2").startswith("was written by a run without DeepSpeed")
+    assert refusal(None, "ddp", partitions=True).startswith("was written by a DeepSpeed ZeRO run")
+    for written, strategy, partitions in (
+        ("ddp", "fsdp", False),  # full state dicts both, resharded on load
+        ("deepspeed_zero3", "deepspeed_zero3", True),
+        (None, "deepspeed_zero3", True),
+        (None, "fsdp", False),
+    ):
+        assert refusal(written, strategy, partitions) is None

@@ -328,9 +328,7 @@ def not_searched(
     """What a study leaves out of its space file and why, a line per reason (CLI and report)."""
     lines = []
     if unsupported:
-        lines.append(
-            "not searched, the model cannot run them: " + describe_unsupported(unsupported)
-        )
+        lines.append("not searched, they cannot run here: " + describe_unsupported(unsupported))
     if ruled_out:
         lines.append(
             "not searched, no recipe with them fits the budget (predicted): "

@@ -117,9 +117,9 @@ class RunSettings:
     """GPU indices, e.g. 0,1,2,3: one probe per GPU at a time, which is its only visible GPU."""
     gpus_per_probe: tuple[int, ...] = (1,)
     """GPUs (one process each) every probe trains on, with the space's distributed strategies
-    (ddp and fsdp unless it names others): a count (2), or a list (1,2,4) or range (1-4) to
-    search; --gpus is then cut into groups of the largest. On --device cpu, that many gloo
-    processes stand in for the GPUs."""
+    (all, DeepSpeed's where it is installed, unless it names some): a count (2), or a list
+    (1,2,4) or range (1-4) to search; --gpus is then cut into groups of the largest. On
+    --device cpu, that many gloo processes stand in for the GPUs."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
     weight_cache: bool = False

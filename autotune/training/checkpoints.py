@@ -6,11 +6,13 @@ writes its own beside state.pt (autotune/training/deepspeed_engine.py)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError, first_line
 from autotune.training.deepspeed_engine import is_engine
+from autotune.units import count_of
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -186,11 +188,65 @@ def save_checkpoint(
     return path
 
 
+BATCH_KEY = "effective_batch_size"
+"""The `extra` value a checkpoint keeps of the sequences its steps trained on."""
+
+
+def check_same_batch(extra: dict[str, Any], recipe: Any, path: Path) -> None:
+    """Refuse to resume `path` with another effective batch (other num_gpus, micro-batch or
+    accumulation): its step counts batches of the old size, so the data after it and the
+    schedule would not be the run's. A checkpoint from before it was kept is not checked."""
+    written = extra.get(BATCH_KEY)
+    if written is not None and written != recipe.effective_batch_size:
+        raise UsageError(
+            f"--resume: {path} trained on {written} sequences a step and this recipe on "
+            f"{recipe.effective_batch_size} ({recipe.per_gpu_batch_size} per GPU x "
+            f"{count_of(recipe.num_gpus, 'GPU')}); resume with the num_gpus, micro_batch_size and "
+            "gradient_accumulation_steps that wrote it"
+        )
+
+
+STRATEGY_KEY = "distributed"
+"""The `extra` value a checkpoint keeps of the distributed strategy that wrote it."""
+
+
+def check_same_strategy(extra: dict[str, Any], recipe: Any, path: Path) -> None:
+    """Refuse to resume `path` across DeepSpeed's boundary or between its stages: ZeRO keeps
+    its fp32 weights and optimizer states in partitions of its own layout (ZeRO-2 a flat
+    group's share, ZeRO-3 each parameter's), which another strategy cannot read, and which
+    another stage of the same size read scrambled. A checkpoint from before the strategy was
+    kept is told by its partition files."""
+    from autotune.distributed import DISTRIBUTED
+    from autotune.training.deepspeed_engine import PARTITION_NAME
+
+    written = extra.get(STRATEGY_KEY)
+    if written in DISTRIBUTED:
+        zero_written = DISTRIBUTED[written].uses_deepspeed
+        differs = written != recipe.distributed
+    else:
+        zero_written = any(path.glob(PARTITION_NAME.format(rank="*")))
+        differs = False
+    zero_now = DISTRIBUTED[recipe.distributed].uses_deepspeed
+    if zero_written != zero_now or (differs and zero_now):
+        wrote = written or ("a DeepSpeed ZeRO run" if zero_written else "a run without DeepSpeed")
+        raise UsageError(
+            f"--resume: {path} was written by {wrote} and this recipe trains with "
+            f"{recipe.distributed}; ZeRO keeps its optimizer states in partitions of its own, "
+            "so resume with the strategy that wrote it"
+        )
+
+
 def load_checkpoint(
-    model: Any, optimizer: Any, scheduler: Any, path: Path, device: str
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    path: Path,
+    device: str,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore a checkpoint into the model, optimizer, scheduler and generators; returns its
-    step and its `extra` values."""
+    step and its `extra` values. `check` sees those values first, before anything is
+    restored (it refuses a checkpoint the run cannot continue)."""
     import pickle
 
     import torch
@@ -207,6 +263,8 @@ def load_checkpoint(
         raise UsageError(
             f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
         ) from None
+    if check is not None:
+        check(dict(state.get("extra", {})))
     load_trainable(model, state["trainable"])
     load_optimizer_state(model, optimizer, state["optimizer"], path)
     scheduler.load_state_dict(state["scheduler"])

@@ -65,6 +65,10 @@ def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
         )
     count = torch.cuda.device_count()
     missing = [g for g in wanted if not (g.isdigit() and int(g) < count)]
+    if not gpus and missing:
+        raise UsageError(
+            f"the recipe trains on {recipe.num_gpus} GPUs, but this machine has {count or 'none'}"
+        )
     if missing or len(set(wanted)) != len(wanted):
         raise UsageError(
             f"--gpus {','.join(wanted)}: this machine has GPUs 0-{count - 1}, each named once"

@@ -44,13 +44,18 @@ def join_process_group(recipe: Recipe, device: str) -> RankPlace:
     if device.startswith("cuda"):
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
+    # a rank that died is noticed by the launcher; this only bounds a lost collective
+    timeout = datetime.timedelta(minutes=10)
+    # the store itself, not a file:// URL: a URL would read a relative --output's first folder
+    # as its host, and a path's `?` or `#` as its query or fragment
+    store = dist.FileStore(os.environ[RENDEZVOUS_ENV], world)
+    store.set_timeout(timeout)
     dist.init_process_group(
         backend="nccl" if device.startswith("cuda") else "gloo",
-        init_method=f"file://{os.environ[RENDEZVOUS_ENV]}",
+        store=store,
         rank=rank,
         world_size=world,
-        # a rank that died is noticed by the launcher; this only bounds a lost collective
-        timeout=datetime.timedelta(minutes=10),
+        timeout=timeout,
     )
     if DISTRIBUTED[recipe.distributed].uses_deepspeed:
         from autotune.training.deepspeed_engine import prepare_deepspeed

@@ -18,6 +18,10 @@ from typing import Any
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
+    BATCH_KEY,
+    STRATEGY_KEY,
+    check_same_batch,
+    check_same_strategy,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -235,7 +239,14 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     if plan.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
     if checkpoint is not None:
-        start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
+
+        def resumable(extra: dict[str, Any], path: Path = checkpoint) -> None:
+            check_same_batch(extra, recipe, path)
+            check_same_strategy(extra, recipe, path)
+
+        start_step, extra = load_checkpoint(
+            model, optimizer, scheduler, checkpoint, device, resumable
+        )
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
@@ -275,7 +286,12 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
             on_eval(at_step, eval_loss, is_best)
 
     def checkpoint_at(at_step: int) -> None:
-        extra = {"early_stopping": stopper.state_dict()} if stopper else None
+        extra: dict[str, Any] = {
+            BATCH_KEY: recipe.effective_batch_size,
+            STRATEGY_KEY: recipe.distributed,
+        }
+        if stopper:
+            extra["early_stopping"] = stopper.state_dict()
         save_checkpoint(model, optimizer, scheduler, at_step, output_dir, device, extra=extra)
 
     def stopping() -> bool:
