@@ -14,13 +14,13 @@ from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
+    gone_from_this_host,
     measured_points,
     trial_record,
     trial_status,
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
 from autotune.study.study_records import is_claim_study, study_setup
-from autotune.study.workers import gone_from_this_host
 
 
 @dataclass(frozen=True)

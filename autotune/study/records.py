@@ -8,6 +8,8 @@ modules and storage.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -105,8 +107,30 @@ PROBE_PREFIX = "probe_"
 """Trial attributes `probe_<field>` and `probe_seconds_<phase>`: what its probe reported."""
 
 
+def worker_id() -> str:
+    """This process as a trial's worker: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def gone_from_this_host(worker: str) -> bool:
+    """Whether `worker` ("host:pid", as worker_id writes it) ran on this host and has ended;
+    a worker of another host cannot be checked from here, and counts as not gone."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+
+
 def record_worker(trial: Any, worker: str) -> None:
-    """The process running the trial (workers.worker_id), so that its death can be told."""
+    """The process running the trial (worker_id), so that its death can be told."""
     trial.set_user_attr(WORKER_ATTR, worker)
 
 

@@ -260,7 +260,7 @@ class Claim:
     """Which run took a one-time job of the study, and when."""
 
     worker: str = ""
-    """workers.worker_id() of the run: host:pid."""
+    """records.worker_id() of the run: host:pid."""
     at: float = 0.0
     """Epoch seconds."""
 

@@ -4,8 +4,6 @@ target met exactly, one-time jobs claimed once.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,31 +12,12 @@ from autotune.study import storage as study_storage
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
+    gone_from_this_host,
     record_status,
     trial_record,
+    worker_id,
 )
 from autotune.study.study_records import Claim, claim_of, claim_study_name, record_claim
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def gone_from_this_host(worker: str) -> bool:
-    """Whether `worker` ("host:pid", as worker_id writes it) ran on this host and has ended;
-    a worker of another host cannot be checked from here, and counts as not gone."""
-    host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
 
 
 def fail_interrupted_trials(study: Any) -> list[int]:
