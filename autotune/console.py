@@ -166,6 +166,12 @@ class ConsoleReporter(RunEvents):
             f"confirm trial {number} ({confirmation.steps} steps, seed "
             f"{confirmation.seed}): [{colour}]{verdict}[/]: {escape(detail)}"
         )
+        removal = confirmation.removal()
+        if removal:  # the frontier, the picks and the export go on without it
+            self.console.print(
+                f"trial {number} [red]left the frontier[/]: {escape(removal)}; the picks and "
+                "the exported recipe are chosen without it"
+            )
 
     def _noise_measured(self, noise: Noise) -> None:
         self.console.print(
@@ -380,6 +386,10 @@ def status_text(status: StudyStatus) -> str:
         "frontier so far, fastest first:" if status.frontier else "frontier: nothing measured yet"
     )
     lines += [f"  {_recipe_line(r)}" for r in status.frontier]
+    lines += [
+        f"trial {number} left the frontier: {why}"
+        for number, why in sorted(status.left_frontier.items())
+    ]
     return "\n".join(lines)
 
 

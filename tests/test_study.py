@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import re
 import shutil
@@ -278,6 +279,86 @@ def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
     if fastest in confirmed:
         exported = yaml.safe_load(recipe_yaml(study, "fastest")[1])["measured"]["confirmation"]
         assert exported["verdict"] == confirmed[fastest].words()
+
+
+class ConfirmationOf(FakeRunner):
+    """The confirmation probe (seed 1, twice the steps) of one recipe ends as `outcome`: a probe
+    status, or "slow" for half the first probe's tokens/s."""
+
+    def __init__(self, recipe: Recipe, outcome: str) -> None:
+        super().__init__()
+        self.recipe, self.outcome = recipe, outcome
+
+    def run(self, request, workdir):
+        result = super().run(request, workdir)
+        if request.seed != 1 or request.steps != 6 or request.recipe != self.recipe:
+            return result
+        if self.outcome == "slow":
+            return dataclasses.replace(result, tokens_per_second=result.tokens_per_second / 2)
+        return ProbeResult(status=self.outcome, reason=f"fake {self.outcome}", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "leaves"),
+    [("oom", "ran out of memory"), ("nan", "had a non-finite loss"), ("slow", ""), ("timeout", "")],
+)
+def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier(
+    workspace, outcome, leaves
+):
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter, status_text
+    from autotune.study import confirmations, pick_number, quality_ranking, study_status
+
+    settings = settings_for(workspace, trials=8, confirm_top=0)
+    study = run_study(prepare_run(settings), FakeRunner())
+    points = measured_points(study)
+    balanced = pick_number("balanced", points, quality_ranking(study, points))
+    runner = ConfirmationOf(Recipe.from_dict(study.trials[balanced].user_attrs["recipe"]), outcome)
+    # resumed with one confirmation: the balanced pick's
+    lines = io.StringIO()
+    with ConsoleReporter(Console(file=lines, width=300)) as console:
+        study = run_study(
+            prepare_run(dataclasses.replace(settings, confirm_top=1)), runner, console
+        )
+    assert list(confirmations(study)) == [balanced]
+    assert not confirmations(study)[balanced].held_up
+    exported, _ = recipe_yaml(study, "balanced")
+    row = report_data(study).frame.set_index("trial").loc[balanced]
+    status = status_text(study_status(settings.storage, "s"))
+    if not leaves:  # a speed off the first probe is chance; a timeout says nothing sure
+        assert balanced in {p.number for p in measured_points(study)}
+        assert exported == runner.recipe and bool(row["on_frontier"])
+        assert "left the frontier" not in row["reason"] + status + lines.getvalue()
+        return
+    assert balanced not in {p.number for p in measured_points(study)}
+    assert exported != runner.recipe and not row["on_frontier"]
+    why = f"left the frontier: its confirmation {leaves} (fake {outcome})"
+    assert row["reason"] == why
+    assert f"trial {balanced} {why}" in status
+    assert f"trial {balanced} {why}; the picks and the exported recipe" in lines.getvalue()
+    assert f"Trial {balanced} ({runner.recipe.label()}) {why}" in render_html(report_data(study))
+    # resuming chooses the same recipe to confirm: no other is probed again
+    run_study(prepare_run(dataclasses.replace(settings, confirm_top=1)), runner)
+    assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 1
+
+
+def test_a_confirmation_over_the_budget_removes_its_recipe_one_off_in_speed_does_not():
+    from autotune.study import Confirmation
+
+    def confirmation(**changes):
+        figures = dict(status="ok", reason="", steps=6, seed=1, peak_memory_bytes=2 * 1024**3)
+        figures |= dict(tokens_per_second=700.0, eval_loss=2.5, speed_change=-0.3, held_up=False)
+        return Confirmation(**{**figures, **changes})
+
+    over = confirmation(speed_change=0.0, over_budget=True)
+    assert over.removal() == "its confirmation peaked at 2.00 GiB, over the budget"
+    assert "peak went over the budget" in confirmation(over_budget=True).words()
+    assert confirmation(over_budget=False).removal() is None
+    # a study from before the field: a miss within the speed tolerance was the peak's
+    assert confirmation(speed_change=0.1).removal() is not None
+    assert confirmation().removal() is None
+    assert confirmation(status="crash", reason="boom", held_up=False).removal() is None
 
 
 class NoisyRunner(FakeRunner):

@@ -20,9 +20,17 @@ from autotune.study.records import (
     TrialStatus,
     measured_points,
     not_searched,
+    trial_record,
     trial_status,
 )
-from autotune.study.study_records import Noise, data_stats, space_choices, study_noise, study_setup
+from autotune.study.study_records import (
+    Noise,
+    data_stats,
+    left_frontier,
+    space_choices,
+    study_noise,
+    study_setup,
+)
 from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 
@@ -58,6 +66,8 @@ class ReportData(NamedTuple):
     quality_notes: tuple[str, ...] = ()
     """What the quality axis is and how far its ranking holds (quality_axis_notes)."""
     promoted_steps: tuple[int, ...] = ()
+    left_frontier: tuple[str, ...] = ()
+    """One line per measured recipe whose confirmation took it off the frontier, and why."""
     """The probe length of each promotion round the study ran (--promote), shortest first."""
 
     @property
@@ -104,6 +114,11 @@ def report_data(
             setup.probe_steps,
         ),
         promoted_steps=ranking.steps[1:],
+        left_frontier=tuple(
+            f"Trial {number} ({trial_record(study.trials[number]).label}) left "
+            f"the frontier: {why}; the picks and the export are chosen without it."
+            for number, why in sorted(left_frontier(study).items())
+        ),
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
         cards=tuple(pick_cards(frame, points, ranking, noise, train_tokens)),
         commands=commands,

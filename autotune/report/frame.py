@@ -16,7 +16,7 @@ from autotune.study.records import (
     trial_record,
     trial_status,
 )
-from autotune.study.study_records import confirmations, study_budgets
+from autotune.study.study_records import confirmations, left_frontier, study_budgets
 
 MEASURED = TrialStatus.MEASURED.value
 DUPLICATE = TrialStatus.DUPLICATE.value
@@ -43,6 +43,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
 
     front = {p.number for p in frontier(points)}
     confirmed = confirmations(study)
+    removed = left_frontier(study)
     budgets = study_budgets(study)
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -86,7 +87,14 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
             row["predicted_host_bytes"] = record.predicted_host_bytes
         if probe and probe.host_peak_bytes is not None:
             row["host_peak_bytes"] = probe.host_peak_bytes
-        row["reason"] = trial_reason(trial)
+        row["reason"] = "; ".join(
+            part
+            for part in (
+                trial_reason(trial),
+                removed.get(trial.number) and f"left the frontier: {removed[trial.number]}",
+            )
+            if part
+        )
         # a duplicate ran no probe: the times it carries are its original's
         for phase, seconds in (probe.seconds if probe and status != DUPLICATE else {}).items():
             row[f"seconds_{phase}"] = seconds

@@ -220,6 +220,7 @@ def render_html(data: ReportData) -> str:
 <section id="recommendation"><div class="cards">{cards}</div></section>
 <h2 id="frontier">Frontier: no other recipe beats these on all three objectives</h2>
 {html_table(front, frontier_columns, "frontier-table") if len(front) else ""}
+{"".join(f'<p class="note left">{html.escape(line)}</p>' for line in data.left_frontier)}
 {"".join(f'<p class="note quality">{html.escape(line)}</p>' for line in data.quality_notes)}
 <h2>Charts</h2>
 {figures}

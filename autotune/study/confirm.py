@@ -105,11 +105,14 @@ def confirm_frontier(
     """Re-probe the top frontier recipes with twice the steps and another seed.
 
     Short probes can flatter a recipe (a lucky data order, a warm cache). A recipe holds up when
-    the longer probe finishes, stays within the budget and keeps its speed within 15%.
+    the longer probe finishes, stays within the budget and keeps its speed within 15%; one whose
+    probe ran out of memory, went over the budget or hit a non-finite loss leaves the frontier.
+    The recipes are chosen from the frontier as the trials measured it, before any confirmation
+    took a recipe off it: a resumed run, or another worker, chooses the same ones.
     """
     events = events or RunEvents()
     settings = prepared.settings
-    points = measured_points(study)
+    points = measured_points(study, keep_left_frontier=True)
     if not points or settings.confirm_top < 1:
         return confirmations(study)
     ranking = quality_ranking(study, points)
@@ -148,6 +151,7 @@ def _confirm(
         not prepared.device.startswith("cuda")
         or (result.peak_memory_bytes or 0) <= settings.budget_bytes
     )
+    finished = result.status == "ok"
     # rounded as stored, so that the verdict and the words read from the record agree
     speed_change = round((result.tokens_per_second or 0.0) / speed - 1 if speed else -1.0, 4)
     confirmation = Confirmation(
@@ -159,7 +163,8 @@ def _confirm(
         tokens_per_second=result.tokens_per_second,
         eval_loss=result.eval_loss,
         speed_change=speed_change,
-        held_up=result.status == "ok" and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        held_up=finished and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        over_budget=finished and not fits,
     )
     record_confirmation(study, number, confirmation)
     events.confirmed(number, confirmation)

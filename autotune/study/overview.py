@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, Point, frontier
@@ -20,7 +20,7 @@ from autotune.study.records import (
     trial_status,
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
-from autotune.study.study_records import is_claim_study, study_setup
+from autotune.study.study_records import is_claim_study, left_frontier, study_setup
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ class StudyStatus:
     running_trials: list[RunningTrial]
     frontier: list[MeasuredRecipe]
     """Fastest first."""
+    left_frontier: dict[int, str] = field(default_factory=dict)
+    """Trial number -> why its confirmation took it off the frontier (Confirmation.removal)."""
 
 
 def _measured(study: Any, number: int) -> MeasuredRecipe:
@@ -183,4 +185,5 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
             for t in running
         ],
         frontier=[_measured(study, p.number) for p in frontier(points)],
+        left_frontier=left_frontier(study),
     )

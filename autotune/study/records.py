@@ -16,7 +16,7 @@ from typing import Any
 
 from autotune.pareto import Point
 from autotune.recipe import Recipe
-from autotune.study.study_records import StudyBudgets, study_budgets
+from autotune.study.study_records import StudyBudgets, left_frontier, study_budgets
 from autotune.training.io import ProbeResult
 from autotune.units import format_bytes
 
@@ -281,15 +281,19 @@ def finished_trial_count(study: Any) -> int:
     )
 
 
-def measured_points(study: Any) -> list[Point]:
+def measured_points(study: Any, keep_left_frontier: bool = False) -> list[Point]:
     """Trials within the study's budget now (constraint_now) whose probe measured all three
-    objectives."""
+    objectives, less those whose confirmation ran out of memory, went over the budget or hit a
+    non-finite loss (study_records.left_frontier). `keep_left_frontier` keeps them: the points
+    as the trials measured them, from which the confirmations choose, so that every run of the
+    study chooses the same recipes to confirm."""
     from optuna.trial import TrialState
 
     budgets = study_budgets(study)
+    removed = {} if keep_left_frontier else left_frontier(study)
     points = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        feasible = constraint_now(trial, budgets) <= 0
+        feasible = constraint_now(trial, budgets) <= 0 and trial.number not in removed
         if feasible and trial_status(trial) == TrialStatus.MEASURED:
             memory, speed, loss = trial.values
             points.append(Point(trial.number, memory, speed, loss))
@@ -313,6 +317,11 @@ def nothing_measured_line(study: Any) -> str:
 
     trials = study.get_trials(deepcopy=False)
     statuses = [trial_status(t) for t in trials]
+    removed = left_frontier(study)
+    if removed and not measured_points(study) and measured_points(study, keep_left_frontier=True):
+        return "no recipe was exported: " + "; ".join(
+            f"trial {number} left the frontier: {why}" for number, why in sorted(removed.items())
+        )
     if TrialStatus.MEASURED in statuses or not any(s in PROBE_FAILURE_WORDS for s in statuses):
         return "no recipe was measured within the budget, so none was exported"
     counts = Counter(s for s in statuses if s in PROBE_FAILURE_WORDS)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from autotune.units import format_bytes
+
 _Record = TypeVar("_Record")
 
 CONFIRM_SPEED_TOLERANCE = 0.15
@@ -183,6 +185,32 @@ class Confirmation:
     """Tokens/s relative to the first probe, minus one (-1.0 where that measured none)."""
     held_up: bool
     """Finished, within the budget and within the speed tolerance of the first probe."""
+    over_budget: bool | None = None
+    """It finished with its peak over the study's budget (measured on CUDA only); None in a
+    study from before this field, where a miss that is not the speed's is the peak's."""
+
+    def peak_over_budget(self) -> bool:
+        if self.status != "ok" or self.held_up:
+            return False
+        if self.over_budget is not None:
+            return self.over_budget
+        return abs(self.speed_change) <= CONFIRM_SPEED_TOLERANCE
+
+    def removal(self) -> str | None:
+        """Why the recipe leaves the frontier, or None where it stays: the longer probe ran out
+        of memory, went over the budget or hit a non-finite loss, which training it would meet
+        too. A speed off the first probe is chance (on a CPU it always is), and a timeout or a
+        crash says nothing sure about the recipe: neither removes it."""
+        if self.status == "oom":
+            return f"its confirmation ran out of memory ({self.reason})"
+        if self.status == "nan":
+            return f"its confirmation had a non-finite loss ({self.reason})"
+        if self.peak_over_budget():
+            return (
+                f"its confirmation peaked at {format_bytes(self.peak_memory_bytes or 0)}, "
+                "over the budget"
+            )
+        return None
 
     def words(self) -> str:
         """The verdict and what it rests on, for people."""
@@ -192,9 +220,9 @@ class Confirmation:
         speed = f"{self.tokens_per_second or 0:,.0f} tok/s, {change} off the first probe"
         if self.held_up:
             return f"held up: {speed}"
-        if abs(self.speed_change) > CONFIRM_SPEED_TOLERANCE:
-            return f"did not hold up: {speed} (it holds within ±{CONFIRM_SPEED_TOLERANCE:.0%})"
-        return f"did not hold up: {speed}, but its peak went over the budget"
+        if self.peak_over_budget():
+            return f"did not hold up: {speed}, but its peak went over the budget"
+        return f"did not hold up: {speed} (it holds within ±{CONFIRM_SPEED_TOLERANCE:.0%})"
 
 
 CONFIRMATION_PREFIX = "confirmation:"
@@ -217,6 +245,13 @@ def confirmations(study: Any) -> dict[int, Confirmation]:
         for key, value in study.user_attrs.items()
         if key.startswith(CONFIRMATION_PREFIX)
     }
+
+
+def left_frontier(study: Any) -> dict[int, str]:
+    """Trial number -> why its confirmation took it off the frontier (Confirmation.removal):
+    records.measured_points leaves these trials out, so every reader agrees."""
+    removed = {number: c.removal() for number, c in confirmations(study).items()}
+    return {number: why for number, why in removed.items() if why}
 
 
 @dataclass(frozen=True)
