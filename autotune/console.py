@@ -290,9 +290,11 @@ def _probe_figure(measured: dict[str, Any], key: str) -> float | None:
 
 def show_trained(console: Any, result: TrainResult) -> None:
     """What a training run measured, beside what the recipe's prediction and probe said."""
+    from autotune.training.io import CPU_MEMORY_SOURCE
+
     report, measured = result.report, result.probe_measured
     memory = format_bytes(report.peak_memory_bytes)
-    if report.memory_source == "cpu_peak_rss_delta":
+    if report.memory_source == CPU_MEMORY_SOURCE:
         memory = f"{memory} (CPU RSS growth, not GPU memory)"
     predicted = "?"
     if result.predicted is not None:
@@ -308,7 +310,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
     if result.ranks > 1:  # the largest rank's peak and the ranks' summed speed
         per_gpu = (
             f" per rank (the largest of {result.ranks})"
-            if report.memory_source == "cpu_peak_rss_delta"
+            if report.memory_source == CPU_MEMORY_SOURCE
             else f" per GPU (the largest of {result.ranks} ranks)"
         )
         together = f" ({result.ranks} ranks together)"

@@ -54,6 +54,15 @@ def _trainer_half_flags(recipe: Recipe) -> dict[str, bool]:
     return flags
 
 
+def _axolotl_half_flags(recipe: Recipe) -> dict[str, bool]:
+    """axolotl's: its fp16 loads fp16 weights under the Trainer's loss scaler, which refuses
+    their gradients; `float16` is its fp16 without AMP, as the probe trains fp16 weights."""
+    flags: dict[str, bool] = dict(_half_flags(recipe))
+    if not _trainer_half_flags(recipe)["fp16"] and flags["fp16"]:
+        flags.update(fp16=False, float16=True)
+    return flags
+
+
 HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 LLAMAFACTORY_MODULES = {"all": "all", "attention": "self_attn", "mlp": "mlp"}
 """LLaMA-Factory's freeze_trainable_modules for each train_modules."""
@@ -170,7 +179,7 @@ def axolotl_config(
         ("warmup_steps" if recipe.warmup_steps is not None else "warmup_ratio"): _warmup(recipe),
         "train_on_inputs": False,
         "gradient_checkpointing": recipe.gradient_checkpointing,
-        **_half_flags(recipe),
+        **_axolotl_half_flags(recipe),
     }
     config.update(BATCHINGS[recipe.batching].axolotl)
     config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))

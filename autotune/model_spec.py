@@ -245,8 +245,10 @@ def check_model_reference(model: str) -> None:
     check_hub_reachable(model)
 
 
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.index")
-"""Files one of which a local model that trains must hold (sharded ones have an .index too)."""
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
+"""Files one of which a local model that trains must hold: the weight files transformers' PyTorch
+models load (model.safetensors, pytorch_model.bin, or their shards); TensorFlow's and Flax's
+(.h5, .msgpack) are not."""
 
 
 def check_local_weights(model: str) -> None:

@@ -231,9 +231,9 @@ def test_probe_reads_the_studys_token_cache(tmp_path, tiny_model):
 def test_a_csv_row_with_more_cells_than_the_header_is_bad(tmp_path):
     # an unquoted comma split the answer and the cells past the header were dropped unsaid
     path = tmp_path / "d.csv"
-    path.write_text('input,output\nq1,"a, quoted"\nq2,a2, and more\n')
+    path.write_text('input,output\nq1,"a, quoted"\nq2,a2, and more\nq3,a3,,\n')
     data_scan = scan(path)
-    assert data_scan.usable_rows == 1
+    assert data_scan.usable_rows == 2  # a spreadsheet's trailing empty cells are no problem
     assert [(b.line, b.problem) for b in data_scan.bad] == [
         (3, "3 cells, but the header names 2 (a comma in a value that is not quoted?)")
     ]

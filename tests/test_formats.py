@@ -39,6 +39,7 @@ AXOLOTL_KEYS = {
     "gradient_checkpointing",
     "bf16",
     "fp16",
+    "float16",  # axolotl: "use instead of fp16 when you don't want AMP"
     "adapter",
     "lora_r",
     "lora_alpha",
@@ -339,3 +340,7 @@ def test_trainer_exports_turn_the_loss_scaler_on_only_where_trained_weights_are_
             )
             mixed = accelerate_config(recipe_)["mixed_precision"]
             assert (mixed == "fp16") == scaled, (precision, fields, mixed)
+            # axolotl's fp16 is the same scaler; its float16 is fp16 weights without AMP
+            axolotl = axolotl_config(recipe_, "train.jsonl")
+            assert axolotl["fp16"] == scaled, (precision, fields)
+            assert axolotl.get("float16", False) == (precision == "fp16" and not scaled)

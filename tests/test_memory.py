@@ -328,3 +328,22 @@ def test_the_chunked_and_fused_losses_hold_a_chunk_of_the_logits():
         **{k: v for k, v in standard.breakdown.items() if k != "allocator_overhead"},
         "logits_and_loss": chunked.breakdown["logits_and_loss"],
     }
+
+
+def test_a_model_directory_with_only_tensorflow_or_flax_weights_has_none_to_train(tmp_path):
+    # transformers' PyTorch models load safetensors or .bin files (or their shards); a
+    # directory of flax_model.msgpack or tf_model.h5 crashed every probe
+    from autotune.errors import UsageError
+    from autotune.model_spec import check_local_weights
+
+    for name in ("flax_model.msgpack", "tf_model.h5", "model.ckpt.index"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_bytes(b"x")
+        with pytest.raises(UsageError, match="has no weights"):
+            check_local_weights(str(folder))
+    for name in ("model-00001-of-00002.safetensors", "pytorch_model.bin"):
+        folder = tmp_path / ("ok-" + name)
+        folder.mkdir()
+        (folder / name).write_bytes(b"x")
+        check_local_weights(str(folder))  # does not raise

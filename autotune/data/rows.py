@@ -137,7 +137,9 @@ def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
-                if None in row:  # DictReader files cells past the header's under None
+                if any((cell or "").strip() for cell in row.get(None) or ()):
+                    # DictReader files cells past the header's under None; empty ones (a
+                    # spreadsheet's trailing commas) say nothing and are dropped
                     cells = len(reader.fieldnames or ()) + len(row[None])
                     yield (
                         reader.line_num,

@@ -66,9 +66,9 @@ class ReportData(NamedTuple):
     quality_notes: tuple[str, ...] = ()
     """What the quality axis is and how far its ranking holds (quality_axis_notes)."""
     promoted_steps: tuple[int, ...] = ()
+    """The probe length of each promotion round the study ran (--promote), shortest first."""
     left_frontier: tuple[str, ...] = ()
     """One line per measured recipe whose confirmation took it off the frontier, and why."""
-    """The probe length of each promotion round the study ran (--promote), shortest first."""
 
     @property
     def on_cpu(self) -> bool:
