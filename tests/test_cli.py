@@ -21,6 +21,7 @@ from autotune.recipe import Recipe
 from autotune.space import SPACES_DIR
 from autotune.units import format_bytes
 from tests.conftest import DEMO, write_jsonl
+from tests.test_study import workspace  # noqa: F401
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 DEMO_SPACE = str(SPACES_DIR / "demo.yaml")
@@ -575,7 +576,7 @@ def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
     assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()
 
 
-def test_the_run_s_last_lines_name_the_balanced_trial(tmp_path, monkeypatch):
+def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
     """The frontier table lists trials by number; the recipe line under it says which row the
     balanced recipe (and the memory line after it) is."""
     from rich.console import Console
@@ -584,14 +585,7 @@ def test_the_run_s_last_lines_name_the_balanced_trial(tmp_path, monkeypatch):
     from autotune.console import ConsoleReporter
     from tests.test_study import FakeRunner, settings_for
 
-    monkeypatch.chdir(tmp_path)
-    model = tmp_path / "config-only-model"
-    model.mkdir()
-    shutil.copy(DEMO / "config.json", model / "config.json")
-    for item in (DEMO / "tokenizer").iterdir():
-        shutil.copy(item, model / item.name)
-    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(30)])
-    settings = settings_for((tmp_path, model, data), trials=3, confirm_top=0)
+    settings = settings_for(workspace, trials=3, confirm_top=0)
     result = run(settings, runner=FakeRunner())
     console = Console(record=True, width=300)
     ConsoleReporter(console).show_result(result)
