@@ -618,6 +618,28 @@ def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(workspace):  
     ) in events.notes
 
 
+def test_a_trial_under_the_old_budget_numbered_past_a_change_is_held_to_it(workspace):  # noqa: F811
+    """The budget history is keyed by trial number: a resume whose first trial is a queued
+    one numbered below a trial finished under the old budget (or a second worker still under
+    the old budget) puts that trial in the new budget's span. It is held to the budget its
+    constraint was measured against, which it stores: over the smaller budget now, it is
+    neither a measured point nor feasible in the report."""
+    from autotune.report import report_data
+    from autotune.study.records import measured_points, trial_record
+    from autotune.study.study_records import record_new_budget
+
+    study = run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+    peaks = {t.number: trial_record(t).predicted_peak_bytes for t in study.trials}
+    largest = max(peaks, key=lambda number: peaks[number])
+    smaller = max(peak for number, peak in peaks.items() if number != largest)
+    assert {p.number for p in measured_points(study)} == set(peaks)
+    # the spans a resume under `smaller` records when its first trial is numbered `largest`
+    record_new_budget(study, smaller, largest)
+    study = optuna.load_study(study_name="s", storage=settings_for(workspace).storage)
+    assert largest not in {p.number for p in measured_points(study)}
+    assert not report_data(study).frame.set_index("trial").loc[largest, "feasible"]
+
+
 def test_the_report_counts_probes_an_hour_as_status_does_with_two_workers(workspace):  # noqa: F811
     """Two workers probe at once: the report summed the trials' durations (twice the wall
     time), so its probes an hour was half the figure `autotune status` gave for the study."""
@@ -670,7 +692,9 @@ def test_a_trials_constraint_is_held_to_the_studys_budget_now():
     ] * 2
 
     def trial(number: int, constraint: float) -> SimpleNamespace:
-        return SimpleNamespace(number=number, constraints={"memory_over_budget": constraint})
+        return SimpleNamespace(
+            number=number, constraints={"memory_over_budget": constraint}, user_attrs={}
+        )
 
     assert constraint_now(trial(0, -0.8), budgets) == pytest.approx(-1 / 3)  # 2 GB of 3
     assert constraint_now(trial(1, -0.5), budgets) == pytest.approx(2 / 3)  # 5 GB of 3

@@ -311,12 +311,23 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tiny_model, qa_data, tm
 
 
 def test_a_resume_with_another_effective_batch_is_refused_in_one_line(
-    tiny_model, qa_data, tmp_path
+    tiny_model, qa_data, tmp_path, monkeypatch
 ):
     """A checkpoint's step counts batches of its size: another num_gpus (or micro-batch) would
-    skip or repeat rows. The same batch split otherwise resumes."""
+    skip or repeat rows. It is refused before the model is built (a big one loads for
+    minutes). The same batch split otherwise resumes."""
+    import autotune.training.build
+
     recipe = lora_recipe(tiny_model)  # 2 x 2 = 4 sequences a step
     train(recipe, qa_data, tmp_path / "out", max_steps=2)
+    built = []
+    build_model = autotune.training.build.build_model
+
+    def counted(*args, **kwargs):
+        built.append(args)
+        return build_model(*args, **kwargs)
+
+    monkeypatch.setattr(autotune.training.build, "build_model", counted)
     state = torch.load(tmp_path / "out" / "checkpoint-2" / "state.pt", weights_only=True)
     assert state["extra"] == {"effective_batch_size": 4, "distributed": "none"}
     with pytest.raises(UsageError) as refused:
@@ -327,6 +338,7 @@ def test_a_resume_with_another_effective_batch_is_refused_in_one_line(
         f"--resume: {tmp_path / 'out' / 'checkpoint-2'} trained on 4 sequences a step and this "
         "recipe on 8 (8 per GPU x 1 GPU)"
     )
+    assert built == []
     split = recipe.replace(micro_batch_size=1, gradient_accumulation_steps=4)
     resumed = train(split, qa_data, tmp_path / "out", max_steps=3, resume=True)
-    assert resumed.resumed_from_step == 2 and resumed.steps == 3
+    assert resumed.resumed_from_step == 2 and resumed.steps == 3 and len(built) == 1

@@ -174,7 +174,8 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             copy_measurement(earlier, trial)
             # held to this run's budget, as this trial is (the earlier one may have run under
             # another)
-            record_constraint(trial, constraint_now(earlier, study_budgets(trial.study)))
+            budgets = study_budgets(trial.study)
+            record_constraint(trial, constraint_now(earlier, budgets), budgets.current_bytes)
             record(TrialStatus.DUPLICATE, f"same recipe as trial {earlier.number}")
             return tuple(earlier.values)
         record_prediction(
@@ -195,7 +196,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             reason: str = "",
             result: ProbeResult | None = None,
         ) -> tuple[float, float, float]:
-            record_constraint(trial, constraint)
+            record_constraint(trial, constraint, budget)
             record(status, reason, values, result)
             return values
 

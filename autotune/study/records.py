@@ -78,21 +78,37 @@ def record_status(trial: Any, status: TrialStatus, reason: str, storage: Any = N
             storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
-def record_constraint(trial: Any, value: float) -> None:
-    """The trial's memory constraint: > 0 is over the budget (infeasible)."""
+CONSTRAINT_BUDGET_ATTR = "constraint_budget_bytes"
+"""The budget a trial's stored constraint is relative to: its run's, which may not be the one
+the study's budget history (study_records.StudyBudgets) gives its number (a trial another
+worker ran under the old budget, or one numbered above a trial queued before the change)."""
+
+
+def record_constraint(trial: Any, value: float, relative_to_bytes: int) -> None:
+    """The trial's memory constraint: > 0 is over the budget (infeasible); a fit is
+    (bound - budget) / budget, `relative_to_bytes` being that budget."""
     trial.set_constraint(CONSTRAINT_KEY, value)
+    trial.set_user_attr(CONSTRAINT_BUDGET_ATTR, relative_to_bytes)
     # optuna-dashboard 0.21 reads the list under the pre-5.0 system attribute.
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
 
+def trial_budget(trial: Any, budgets: StudyBudgets) -> int:
+    """The budget trial's constraint is relative to: the one it stored, or for a trial from
+    before that record, the one the study's budget history gives its number."""
+    stored = trial.user_attrs.get(CONSTRAINT_BUDGET_ATTR)
+    return int(stored) if stored else budgets.held_to(trial.number)
+
+
 def constraint_now(trial: Any, budgets: StudyBudgets) -> float:
     """The trial's constraint held against the study's budget now. It stored its constraint
-    relative to the budget of its run, (bound - budget then) / budget then, where the bound is
-    its measured peak on CUDA, its margined prediction elsewhere; for a trial that fit, that is
-    the GPU term alone, so its bound is read back and held to the budget now. A trial ruled out
-    under its run's budget stays ruled out (a larger budget now is searched by a new study)."""
+    relative to the budget of its run (trial_budget), (bound - budget then) / budget then,
+    where the bound is its measured peak on CUDA, its margined prediction elsewhere; for a
+    trial that fit, that is the GPU term alone, so its bound is read back and held to the
+    budget now. A trial ruled out under its run's budget stays ruled out (a larger budget now
+    is searched by a new study)."""
     stored = max(trial.constraints.values(), default=0.0)
-    then = budgets.held_to(trial.number)
+    then = trial_budget(trial, budgets)
     now = budgets.current_bytes
     if stored > 0 or then == now or not then or not now:
         return stored

@@ -18,7 +18,12 @@ from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
 from autotune.study.pruning import resumed_space
-from autotune.study.records import ProbeCrashed, baseline_attrs, finished_trial_count
+from autotune.study.records import (
+    ProbeCrashed,
+    baseline_attrs,
+    finished_trial_count,
+    trial_budget,
+)
 from autotune.study.seeding import baseline_params, fits_budget
 from autotune.study.settings import PreparedRun, tokenizer_for
 from autotune.study.storage import open_study
@@ -115,7 +120,8 @@ def record_run_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
     """A resumed run under another --budget, once every check has passed: the budget becomes
     the study's from this run's first trial on, so status, studies, the report and export say
     it and hold every trial to it (records.constraint_now); a note says what the earlier
-    trials were held to."""
+    trials were held to. The history is kept for trials from before each trial stored the
+    budget its constraint is relative to (records.trial_budget)."""
     from optuna.trial import TrialState
 
     earlier = study_budgets(study)
@@ -128,7 +134,7 @@ def record_run_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
     record_new_budget(study, budget_bytes, first)
     held = list(
         dict.fromkeys(
-            earlier.held_to(t.number) for t in trials if t.number < first and t.state.is_finished()
+            trial_budget(t, earlier) for t in trials if t.number < first and t.state.is_finished()
         )
     )
     note = f"budget now {format_bytes(budget_bytes)}, was {format_bytes(previous)}"

@@ -6,7 +6,6 @@ writes its own beside state.pt (autotune/training/deepspeed_engine.py)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +108,35 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], path
     optimizer.load_state_dict(state)
 
 
-def read_state(path: Path) -> Any:
+def read_state(path: Path, mmap: bool = False) -> Any:
     """A state file autotune wrote (tensors and plain values only); in a process group once
-    rank 0 has written it (every rank calls it)."""
+    rank 0 has written it (every rank calls it). With `mmap`, its tensors are read only when
+    used."""
     import torch
 
     if in_process_group():
         import torch.distributed as dist
 
         dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def read_checkpoint_state(path: Path, mmap: bool = False) -> Any:
+    """A checkpoint's state.pt (read_state), or one line saying why it is not resumed."""
+    import pickle
+
+    try:
+        return read_state(path / "state.pt", mmap)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"checkpoint {path / 'state.pt'} holds more than tensors and plain values, so it is "
+            "not loaded (unpickling it could run code); resume from a checkpoint autotune wrote "
+            "or start again without --resume"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise UsageError(
+            f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
+        ) from None
 
 
 def load_trainable(model: Any, weights: dict[str, Any]) -> None:
@@ -236,35 +254,23 @@ def check_same_strategy(extra: dict[str, Any], recipe: Any, path: Path) -> None:
         )
 
 
+def check_resumable(path: Path, recipe: Any) -> None:
+    """Refuse a checkpoint `recipe` cannot continue (check_same_batch, check_same_strategy)
+    from its `extra` values alone, before the model is built: its weights and optimizer
+    states are mapped, not read."""
+    extra = dict(read_checkpoint_state(path, mmap=True).get("extra", {}))
+    check_same_batch(extra, recipe, path)
+    check_same_strategy(extra, recipe, path)
+
+
 def load_checkpoint(
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    path: Path,
-    device: str,
-    check: Callable[[dict[str, Any]], None] | None = None,
+    model: Any, optimizer: Any, scheduler: Any, path: Path, device: str
 ) -> tuple[int, dict[str, Any]]:
     """Restore a checkpoint into the model, optimizer, scheduler and generators; returns its
-    step and its `extra` values. `check` sees those values first, before anything is
-    restored (it refuses a checkpoint the run cannot continue)."""
-    import pickle
-
+    step and its `extra` values (check_resumable has refused one the run cannot continue)."""
     import torch
 
-    try:
-        state = read_state(path / "state.pt")
-    except pickle.UnpicklingError:
-        raise UsageError(
-            f"checkpoint {path / 'state.pt'} holds more than tensors and plain values, so it is "
-            "not loaded (unpickling it could run code); resume from a checkpoint autotune wrote "
-            "or start again without --resume"
-        ) from None
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UsageError(
-            f"checkpoint {path / 'state.pt'} cannot be read: {first_line(error)}"
-        ) from None
-    if check is not None:
-        check(dict(state.get("extra", {})))
+    state = read_checkpoint_state(path)
     load_trainable(model, state["trainable"])
     load_optimizer_state(model, optimizer, state["optimizer"], path)
     scheduler.load_state_dict(state["scheduler"])

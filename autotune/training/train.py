@@ -20,8 +20,7 @@ from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
     BATCH_KEY,
     STRATEGY_KEY,
-    check_same_batch,
-    check_same_strategy,
+    check_resumable,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -133,6 +132,9 @@ def train(
     data_scan = checked_scan(data_path, skip_bad_rows)
     created = not output_dir.exists()
     check_output_dir(output_dir, recipe.model, resume, overwrite)
+    resumed_checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resumed_checkpoint is not None:  # before any rank builds the model
+        check_resumable(resumed_checkpoint, recipe)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
@@ -238,15 +240,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     checkpoint = latest_checkpoint(output_dir) if plan.resume else None
     if plan.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {output_dir}")
-    if checkpoint is not None:
-
-        def resumable(extra: dict[str, Any], path: Path = checkpoint) -> None:
-            check_same_batch(extra, recipe, path)
-            check_same_strategy(extra, recipe, path)
-
-        start_step, extra = load_checkpoint(
-            model, optimizer, scheduler, checkpoint, device, resumable
-        )
+    if checkpoint is not None:  # train() has checked that this run can continue it
+        start_step, extra = load_checkpoint(model, optimizer, scheduler, checkpoint, device)
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
