@@ -117,6 +117,24 @@ def test_a_file_no_row_of_which_is_jsonl_says_what_it_is(tmp_path, content, need
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("lines", [2, 1])
+def test_jsonl_rows_that_are_one_line_lists_are_bad_rows_not_a_json_array(tmp_path, lines):
+    # a first line that is a list of message objects called the file "a JSON array", and its
+    # advice (jq -c '.[]') would split each conversation into its messages
+    import json
+
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "data.jsonl", [messages] * lines)
+    with pytest.raises(UsageError) as error:
+        checked_scan(path)
+    assert "JSON array" not in str(error.value)
+    assert f"line {lines}: expected a JSON object, got list" in str(error.value)
+    pretty = tmp_path / "pretty.json"  # a pretty-printed array of rows is still one
+    pretty.write_text(json.dumps([{"messages": messages}] * 2, indent=2))
+    with pytest.raises(UsageError, match="is a JSON array; autotune reads JSONL"):
+        checked_scan(pretty)
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         checked_scan(tmp_path / "nope.jsonl")
