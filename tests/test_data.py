@@ -117,6 +117,24 @@ def test_a_file_no_row_of_which_is_jsonl_says_what_it_is(tmp_path, content, need
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("lines", [2, 1])
+def test_jsonl_rows_that_are_one_line_lists_are_bad_rows_not_a_json_array(tmp_path, lines):
+    # a first line that is a list of message objects called the file "a JSON array", and its
+    # advice (jq -c '.[]') would split each conversation into its messages
+    import json
+
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "data.jsonl", [messages] * lines)
+    with pytest.raises(UsageError) as error:
+        checked_scan(path)
+    assert "JSON array" not in str(error.value)
+    assert f"line {lines}: expected a JSON object, got list" in str(error.value)
+    pretty = tmp_path / "pretty.json"  # a pretty-printed array of rows is still one
+    pretty.write_text(json.dumps([{"messages": messages}] * 2, indent=2))
+    with pytest.raises(UsageError, match="is a JSON array; autotune reads JSONL"):
+        checked_scan(pretty)
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         checked_scan(tmp_path / "nope.jsonl")
@@ -205,6 +223,53 @@ def test_token_ids_past_the_models_vocabulary_are_refused():
         check_token_ids(splits, vocab_size=90, pad_token_id=0, model="m")
     with pytest.raises(UsageError, match="gives token id 100,"):  # the padding is fed too
         check_token_ids(splits, vocab_size=100, pad_token_id=100, model="m")
+
+
+def test_a_pad_token_past_the_models_vocabulary_pads_with_one_within(
+    tmp_path, tiny_model, monkeypatch
+):
+    # an added [PAD] at id vocab_size was refused though every id of the data fits
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from autotune.recipe import Recipe
+    from autotune.study import RunSettings, prepare_run
+    from autotune.study.objective import probe_request
+    from autotune.training.child import probe_tokenizer
+    from autotune.training.train import train
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    added = AutoTokenizer.from_pretrained(str(model))
+    added.add_special_tokens({"pad_token": "[PAD]"})
+    added.save_pretrained(str(model))
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
+    assert added.pad_token_id == vocab_size
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i} of {i * 7}"} for i in range(30)])
+    settings = RunSettings(
+        model=str(model),
+        data_path=data,
+        budget_bytes=10**10,
+        space_path=DEMO.parent / "autotune" / "search_spaces" / "demo.yaml",
+        seq_len=32,
+        device="cpu",
+    )
+    prepared = prepare_run(settings)
+    assert prepared.pad_token_id == added.eos_token_id < vocab_size
+    recipe = Recipe.from_dict(
+        {"model": str(model), "method": "full", "micro_batch_size": 4, "seq_len": 32}
+    )
+    request = probe_request(prepared, recipe, steps=1, seed=0)
+    assert probe_tokenizer(request).pad_token_id == prepared.pad_token_id
+    report = train(recipe, data, tmp_path / "out", max_steps=1)  # padded rows fed the model
+    assert report.steps == 1
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": 40}))
+    with pytest.raises(UsageError, match="gives token id [0-9]+, but its config.json has vocab"):
+        prepare_run(settings)  # the data's own ids past the vocabulary are still refused
 
 
 def test_a_tokenizer_without_pad_or_eos_pads_with_a_token_of_its_own(tmp_path):

@@ -214,15 +214,24 @@ def records(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def _holds_json_array(path: Path) -> bool:
-    """Whether a file that starts with `[` is one JSON array of rows (pretty-printed, its first
-    line is no JSON value; on one line, a list of objects) and not JSONL with a bad first row."""
+    """Whether a file that starts with `[` is one JSON array of rows and not JSONL whose rows
+    are bad: pretty-printed (its first line is no JSON value alone), or on one line, the file's
+    only one, as a list of rows (objects of a known format). JSONL whose rows are one-line
+    lists (a conversation's messages, say) is bad rows, named by line: `jq -c '.[]'` would
+    split each row."""
     with path.open("rb") as handle:
-        first = next((line for line in handle if line.strip()), b"")
+        lines = (line for line in handle if line.strip())
+        first = next(lines, b"")
+        only_line = next(lines, None) is None
     try:
         value = json.loads(first.removeprefix(codecs.BOM_UTF8))
     except (ValueError, RecursionError):
         return True
-    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
+    return (
+        only_line
+        and isinstance(value, list)
+        and any(isinstance(item, dict) and detect_format(item) != "unknown" for item in value)
+    )
 
 
 _NOT_TEXT = {

@@ -305,5 +305,6 @@ def probe_request(
         token_cache=prepared.token_cache,
         eval_rows=settings.eval_rows,
         quality=settings.quality,
+        pad_token_id=prepared.pad_token_id,
         weight_cache=str((TRIALS_DIR / "cache").resolve()) if settings.weight_cache else None,
     )

@@ -109,7 +109,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings = dataclasses.replace(
             settings, model=str(Path(settings.model).expanduser().resolve())
         )
-    tokenizer = tokenizer_for(settings.model)
+    tokenizer = tokenizer_for(settings.model, spec.vocab_size)
     data_stats = {
         "rows": data_scan.usable_rows,
         "skipped_rows": len(data_scan.bad),
@@ -158,4 +158,5 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         token_cache=str(token_cache.resolve()),
         model_config=model_config,
         unsupported_choices=unsupported,
+        pad_token_id=tokenizer.pad_token_id,
     )

@@ -282,6 +282,9 @@ class PreparedRun:
     """The model's transformers config, for the replay memory model."""
     unsupported_choices: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> choice of the space file -> why the model cannot run it (not searched)."""
+    pad_token_id: int | None = None
+    """The id padding gets, checked below the config's vocab_size (check_token_ids); each
+    probe pads with it (None: the tokenizer's own)."""
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,9 @@ def gpu_groups(settings: RunSettings, device: str) -> list[str]:
     return [",".join(gpus[i : i + size]) for i in range(0, len(gpus), size)]
 
 
-def tokenizer_for(model: str) -> Any:
-    """The model's tokenizer (UsageError in one line where it cannot be loaded)."""
+def tokenizer_for(model: str, vocab_size: int | None = None) -> Any:
+    """The model's tokenizer (UsageError in one line where it cannot be loaded), padding with
+    a token below the config's `vocab_size` where given (load_tokenizer)."""
     from autotune.training.build import load_tokenizer
 
-    return load_tokenizer(model)
+    return load_tokenizer(model, vocab_size)

@@ -36,7 +36,10 @@ def autocast_dtype(recipe: Recipe) -> Any | None:
     return compute_dtype(recipe) if PRECISIONS[recipe.precision].autocast else None
 
 
-def load_tokenizer(model_name: str) -> Any:
+def load_tokenizer(model_name: str, vocab_size: int | None = None) -> Any:
+    """The model's tokenizer, padding with a token below `vocab_size` (pad_within_vocabulary).
+
+    `vocab_size`: the model config's (None: any token of the tokenizer pads)."""
     from transformers import AutoTokenizer
 
     from autotune.remote_code import remote_code_allowed
@@ -56,13 +59,24 @@ def load_tokenizer(model_name: str) -> Any:
             f"cannot load the tokenizer of model {model_name!r}: no tokenizer files there "
             "(tokenizer.json, tokenizer_config.json, ...)"
         )
-    if tokenizer.pad_token_id is None:
-        # padding is masked and carries no loss, so any token of the vocabulary pads
-        named = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token)
-        tokenizer.pad_token = next(
-            (token for token in named if token is not None), tokenizer.convert_ids_to_tokens(0)
-        )
+    pad_within_vocabulary(tokenizer, vocab_size)
     return tokenizer
+
+
+def pad_within_vocabulary(tokenizer: Any, vocab_size: int | None) -> None:
+    """Padding is masked and carries no loss, so any token of the model's vocabulary pads:
+    where the tokenizer has no pad token, or one at or past the config's `vocab_size` (an
+    added [PAD] the embeddings have no row for), it pads with its eos, bos or unk token, or
+    token 0: the first below `vocab_size` (None: not known, any id)."""
+
+    def fits(token_id: int | None) -> bool:
+        return token_id is not None and (vocab_size is None or token_id < vocab_size)
+
+    if fits(tokenizer.pad_token_id):
+        return
+    named = (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id)
+    pad_token_id = next((token_id for token_id in named if fits(token_id)), 0)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)
 
 
 def quantization_config(recipe: Recipe) -> Any | None:

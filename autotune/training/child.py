@@ -32,6 +32,17 @@ def records_memory_history(request: ProbeRequest) -> bool:
     return os.environ.get(MEMORY_HISTORY_ENV) == "1" and request.device.startswith("cuda")
 
 
+def probe_tokenizer(request: ProbeRequest) -> Any:
+    """The recipe's tokenizer, padding with the id the study checked against the model's
+    vocab_size (the request's), so a probe feeds the model no id past its embeddings."""
+    from autotune.training.build import load_tokenizer
+
+    tokenizer = load_tokenizer(request.recipe.model)
+    if request.pad_token_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(request.pad_token_id)
+    return tokenizer
+
+
 def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) -> None:
     from autotune.data.splits import load_splits
     from autotune.data.token_cache import load_token_cache
@@ -39,7 +50,6 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     from autotune.training.build import (
         build_optimizer,
         load_model,
-        load_tokenizer,
         prepare_model,
     )
     from autotune.training.host_held import HOST_HELD, offloads
@@ -84,7 +94,7 @@ def run_probe(request: ProbeRequest, result: ProbeResult, meter_holder: list) ->
     result.budget_enforced = meter.enforce_budget(request.budget_bytes)
     lap("device_init")
 
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = probe_tokenizer(request)
     if request.token_cache and os.path.exists(request.token_cache):
         splits = load_token_cache(request.token_cache)
     else:

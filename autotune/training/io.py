@@ -46,6 +46,9 @@ class ProbeRequest:
     rate is constant, so its state there is a shorter probe's with the same seed."""
     quality: str = "eval_loss"
     """The third objective (autotune.quality): with a task metric the probe also generates."""
+    pad_token_id: int | None = None
+    """The id the study checked padding with against the model's vocab_size (None: the
+    tokenizer's own)."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

@@ -209,11 +209,11 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     meter = MemoryMeter(device)
     budget_enforced = meter.enforce_budget(plan.budget_bytes) if plan.budget_bytes else False
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(recipe.model)
+    vocab_size = load_model_spec(recipe.model).vocab_size
+    tokenizer = load_tokenizer(recipe.model, vocab_size)
     splits = load_splits(
         plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
     )
-    vocab_size = load_model_spec(recipe.model).vocab_size
     check_token_ids(splits, vocab_size, tokenizer.pad_token_id, recipe.model)
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
