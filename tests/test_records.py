@@ -50,6 +50,7 @@ STORED_CONFIRMATION = {
     "eval_loss": 2.5,
     "speed_change": -0.1,
     "held_up": True,
+    "over_budget": False,
 }
 STORED_NOISE = {
     "trial": 3,
@@ -128,7 +129,10 @@ def test_a_confirmation_says_why_it_did_not_hold_up():
     assert faster.words() == (
         "did not hold up: 8,600 tok/s, +43% off the first probe (it holds within ±15%)"
     )
-    over = dataclasses.replace(held, speed_change=0.01, held_up=False)
+    over = dataclasses.replace(held, speed_change=0.01, held_up=False, over_budget=True)
     assert over.words().endswith("but its peak went over the budget")
+    # stored before over_budget was: a miss within the speed tolerance was the peak
+    old = dataclasses.replace(held, speed_change=0.01, held_up=False, over_budget=None)
+    assert old.words().endswith("but its peak went over the budget")
     crashed = dataclasses.replace(held, status="oom", reason="CUDA out of memory", held_up=False)
     assert crashed.words() == "did not hold up: oom: CUDA out of memory"

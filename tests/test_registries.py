@@ -90,10 +90,14 @@ def test_every_precision_is_read_alike_by_the_builder_the_memory_model_and_the_e
     assert storage_dtype(recipe).itemsize == kind.weight_bytes == weight_bytes_per_param(recipe)
     assert compute_dtype(recipe).itemsize == kind.compute_bytes
     assert (autocast_dtype(recipe) is not None) == kind.autocast == name.startswith("amp_")
-    flags = hf_config(recipe)["training_arguments"]
+    config = hf_config(recipe)
+    flags = config["training_arguments"]
+    # the weights load in the recipe's dtype; Trainer's fp16 is a loss scaler, which takes
+    # fp32 trained weights alone (a full fp16 recipe trains its fp16 weights without one)
+    assert config["dtype"] == str(storage_dtype(recipe)).removeprefix("torch.")
     assert (flags["bf16"], flags["fp16"]) == (
         compute_dtype(recipe) == torch.bfloat16,
-        compute_dtype(recipe) == torch.float16,
+        compute_dtype(recipe) == torch.float16 and storage_dtype(recipe) == torch.float32,
     )
 
 
