@@ -88,10 +88,9 @@ def run(
     elif fields:
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
+    prepared = prepare_run(settings)  # every input checked first, in the order a user meets it
     if runner is None:  # its probes load the weights (estimate needs config.json alone)
-        check_local_weights(settings.model)  # a file test, before the data is tokenized
-    prepared = prepare_run(settings)
-    if runner is None:
+        check_local_weights(settings.model)
         runner = SubprocessProbeRunner(
             settings.probe_timeout_seconds, timed_steps=settings.probe_steps
         )
