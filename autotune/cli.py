@@ -222,8 +222,9 @@ def train(
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     from autotune.api import train as train_with_recipe
     from autotune.budgets import parse_budget
-    from autotune.console import TrainProgress, make_console, show_trained
+    from autotune.console import make_console
     from autotune.distributed import parse_gpu_indices
+    from autotune.train_console import TrainProgress, show_trained
 
     _state["interrupted"] = (
         f"autotune: interrupted; the checkpoints saved so far stay in {output} "

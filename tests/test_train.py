@@ -276,7 +276,7 @@ def test_the_end_of_train_ignores_a_hand_edited_measured_block(tmp_path):
     from rich.console import Console
 
     from autotune.api import TrainResult
-    from autotune.console import show_trained
+    from autotune.train_console import show_trained
     from autotune.training.train_plan import TrainReport
 
     report = TrainReport(2, 0, 100.0, 2**20, "cuda_max_reserved", 1.5, 1.6, tmp_path, True)

@@ -301,7 +301,7 @@ def test_a_two_rank_runs_figures_say_they_are_per_gpu_and_summed(tmp_path, sourc
     from rich.console import Console
 
     from autotune.api import TrainResult
-    from autotune.console import show_trained
+    from autotune.train_console import show_trained
     from autotune.training.train_plan import TrainReport
 
     report = TrainReport(

@@ -1,0 +1,102 @@
+"""What `autotune train` shows on the terminal: its progress bar, and at the end what the run
+measured beside the recipe's prediction and its probe's figures."""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from autotune.console import progress_bar
+from autotune.units import count_of, format_bytes
+
+if TYPE_CHECKING:
+    from autotune.api import TrainResult
+
+
+class TrainProgress:
+    """`autotune train`'s progress bar: optimizer steps done of all, and the latest loss."""
+
+    def __init__(self, console: Any) -> None:
+        self._progress = progress_bar(console, transient=False)
+        self._task: Any = None
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        self._task = self._progress.add_task("training", total=None)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def started(self, start_step: int, total_steps: int) -> None:
+        self._progress.update(self._task, total=total_steps, completed=start_step)
+        if start_step:
+            self._progress.console.print(f"resumed from step {start_step}")
+
+    def stepped(self, step: int, loss: float) -> None:
+        self._progress.update(self._task, completed=step, description=f"training, loss {loss:.4f}")
+
+    def evaluated(self, step: int, eval_loss: float, is_best: bool) -> None:
+        best = " (best so far)" if is_best else ""
+        self._progress.console.print(f"step {step}: eval loss {eval_loss:.4f}{best}")
+
+
+def _probe_figure(measured: dict[str, Any], key: str) -> float | None:
+    """A figure of the recipe's `measured:` (not checked on read): None unless a number > 0."""
+    value = measured.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def show_trained(console: Any, result: TrainResult) -> None:
+    """What a training run measured, beside what the recipe's prediction and probe said."""
+    from autotune.training.io import CPU_MEMORY_SOURCE
+
+    report, measured = result.report, result.probe_measured
+    memory = format_bytes(report.peak_memory_bytes)
+    if report.memory_source == CPU_MEMORY_SOURCE:
+        memory = f"{memory} (CPU RSS growth, not GPU memory)"
+    predicted = "?"
+    if result.predicted is not None:
+        peak_bytes = result.predicted.estimate.peak_bytes
+        predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
+    probe_peak_bytes = _probe_figure(measured, "peak_memory_bytes")
+    probe_speed = _probe_figure(measured, "tokens_per_second")
+    console.print(f"trained {count_of(report.steps, 'step')}; eval loss {report.eval_loss:.4f}")
+    if report.best_step is not None:
+        stopped = "stopped early; " if report.stopped_early else ""
+        console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")
+    per_gpu, together = "", ""
+    if result.ranks > 1:  # the largest rank's peak and the ranks' summed speed
+        per_gpu = (
+            f" per rank (the largest of {result.ranks})"
+            if report.memory_source == CPU_MEMORY_SOURCE
+            else f" per GPU (the largest of {result.ranks} ranks)"
+        )
+        together = f" ({result.ranks} ranks together)"
+    console.print(
+        f"peak memory{per_gpu} {memory}; predicted {predicted}"
+        + (
+            f"; probe measured {format_bytes(probe_peak_bytes)}"
+            if probe_peak_bytes is not None
+            else ""
+        )
+    )
+    console.print(
+        f"tokens/s{together} {report.tokens_per_second:,.0f}"
+        + (f"; probe measured {probe_speed:,.0f}" if probe_speed is not None else "")
+    )
+    console.print(f"saved to {report.output_dir}")
+    if report.monitor_location is not None:
+        console.print(f"run records: {report.monitor_location}")
+    if report.merged_dir is not None:
+        console.print(f"merged model (loads without peft) in {report.merged_dir}")
+        if report.merge_note:
+            console.print(f"note: {report.merge_note}")
