@@ -51,13 +51,13 @@ MEASURED_UNDER_ATTR = "measured_under"
 BUDGET_ATTR = "budget_bytes"
 BUDGETS_ATTR = "budgets"
 """[[first_trial_number, budget_bytes], ...]: the budget each run held its trials to, from that
-trial on; the first entry is the setup's, one more for each run that changed it."""
+trial on, written when a run first changes the budget (until then the setup's budget_bytes is
+the only one): the setup's first, one more for each run that changed it."""
 
 
 def record_setup(study: Any, setup: StudySetup) -> None:
     for name, value in dataclasses.asdict(setup).items():
         study.set_user_attr(name, value)
-    study.set_user_attr(BUDGETS_ATTR, [[0, setup.budget_bytes]])
 
 
 @dataclass(frozen=True)
