@@ -43,22 +43,26 @@ def _half_flags(recipe: Recipe) -> dict[str, bool]:
     }
 
 
+def _trains_fp16_weights(recipe: Recipe) -> bool:
+    """Trainer-based tools' fp16 is autocast with a loss scaler, which refuses fp16 gradients
+    ("Attempting to unscale FP16 gradients"): a recipe that trains fp16 weights goes without one,
+    as the probe does. (A LoRA adapter's weights and gradients are fp32, peft's default: there
+    the scaler works.)"""
+    return recipe.method != "lora" and PRECISIONS[recipe.precision].weight_dtype == "float16"
+
+
 def _trainer_half_flags(recipe: Recipe) -> dict[str, bool]:
-    """The flags for transformers' Trainer and accelerate, whose fp16 is autocast with a loss
-    scaler: the scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"), so fp16
-    weights train as the probe trains them, without one. (A LoRA adapter's weights and
-    gradients are fp32, peft's default: there the scaler works.)"""
+    """The flags for transformers' Trainer and accelerate: no scaler for fp16 weights."""
     flags = _half_flags(recipe)
-    if recipe.method != "lora" and PRECISIONS[recipe.precision].weight_dtype == "float16":
+    if _trains_fp16_weights(recipe):
         flags["fp16"] = False
     return flags
 
 
 def _axolotl_half_flags(recipe: Recipe) -> dict[str, bool]:
-    """axolotl's: its fp16 loads fp16 weights under the Trainer's loss scaler, which refuses
-    their gradients; `float16` is its fp16 without AMP, as the probe trains fp16 weights."""
-    flags: dict[str, bool] = dict(_half_flags(recipe))
-    if not _trainer_half_flags(recipe)["fp16"] and flags["fp16"]:
+    """axolotl's: `float16` is its fp16 without AMP, for fp16 weights."""
+    flags = _half_flags(recipe)
+    if _trains_fp16_weights(recipe):
         flags.update(fp16=False, float16=True)
     return flags
 
