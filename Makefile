@@ -63,13 +63,15 @@ lint: setup
 
 # What a lent CUDA machine (Python 3.12, x86-64, no network) lacks, as wheels for the device
 # tool to carry: the versions of the lock, and bitsandbytes with its CUDA 13 kernels.
-GPU_WHEELS := bitsandbytes optuna alembic colorlog mako transformers
+# The machine's own transformers (5.17 when last seen) is used: its wheel would not fit the carry.
+GPU_WHEELS := bitsandbytes optuna alembic colorlog mako sqlalchemy plotly torchao
+GPU_EXTRA_WHEELS := liger-kernel==0.8.5
 gpu-wheels:
 	rm -rf .wheels && mkdir -p .wheels
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 		--platform manylinux2014_x86_64 -d .wheels \
-		$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" $(LOCK); done)
+		$$(for p in $(GPU_WHEELS); do grep -i "^$$p==" $(LOCK); done) $(GPU_EXTRA_WHEELS)
 
 clean:
 	rm -rf $(LOCK_VENV) demo/model trials/*.db trials/*/ reports/*.html reports/*.yaml

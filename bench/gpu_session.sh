@@ -4,9 +4,14 @@
 #   here:   make gpu-wheels      (the wheels that machine lacks, into .wheels/)
 #   there:  bash bench/gpu_session.sh      (the device tool, carrying .wheels)
 #
-# 1. the GPU tests (`pytest -m gpu tests`: fused loss, CUDA probes, budget caps), 2.5 min at most;
-# 2. memory_bench's unmeasured grid (fused against foreach AdamW, the chunked loss, int8 at
-#    micro-batch 2) on three shapes, stopping its grid after 4 minutes.
+# Side by side, on the one GPU (each probe measures its own process's peak, so they do not
+# disturb each other's memory figures; tokens/s of either are not clean):
+# 1. the GPU tests (`pytest -m gpu tests`: fused loss, CPU-offload optimizer, CUDA probes,
+#    budget caps), 5 min at most;
+# 2. memory_bench's unmeasured grid on three shapes, most wanted recipes first (the held-out
+#    QLoRA rows, int8 at micro-batch 2, fused against foreach AdamW, ...), starting no probe after
+#    5.5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots, for
+#    bench/replay_diff.py), packed into two .tar.xz files.
 # Logs and results go to $OUT (what the device tool brings back), else bench/results/gpu-session/;
 # commit the results file under bench/results/ and rescore it (bench/README.md, memory_bench.py).
 set -uo pipefail
@@ -14,15 +19,49 @@ OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 if compgen -G ".wheels/*.whl" >/dev/null; then
-    python3 -m pip install --quiet --no-index --no-deps .wheels/*.whl 2>&1 | tail -2
+    python3 -m pip install --quiet --no-index --no-deps --no-compile .wheels/*.whl 2>&1 | tail -2
+fi
+# the tests run the `autotune` command beside the interpreter
+bin=$(python3 -c 'import sys, os; print(os.path.dirname(sys.executable))')
+if [ ! -x "$bin/autotune" ]; then
+    python3 -m pip install --quiet --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
+fi
+if [ ! -x "$bin/autotune" ]; then
+    printf '#!%s\nimport sys\nfrom autotune.cli import main\nsys.exit(main())\n' \
+        "$bin/python3" >"$bin/autotune" && chmod +x "$bin/autotune"
 fi
 {
     date -u +%FT%TZ
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -c 'import torch, transformers, peft, bitsandbytes, optuna; print(*(f"{m.__name__} {m.__version__}" for m in (torch, transformers, peft, bitsandbytes, optuna)))'
+    python3 - <<'PY'
+import importlib
+for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optuna",
+             "sqlalchemy", "plotly", "liger_kernel", "torchao", "triton"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as error:  # noqa: BLE001 - a machine report, every failure said
+        print(name, "FAILED:", type(error).__name__, error)
+PY
 } 2>&1 | tee "$OUT/machine.txt"
-timeout 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider -o addopts="" 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -25
-timeout 330 python3 bench/memory_bench.py --grid unmeasured \
-    --shapes qwen2-0.5b,llama-3.2-1b,qwen2-7b --deadline-minutes 4 --timeout 200 \
-    --out "$OUT/memory_unmeasured_h100.json" 2>&1 | tee "$OUT/memory_bench.log" | tail -30
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE '[a-z][0-9]{2,3}' | head -1 \
+    | tr 'A-Z' 'a-z')
+gpu=${gpu:-gpu}
+timeout 300 python3 -m pytest -m gpu tests -q -rs --durations=15 -p no:cacheprovider -o addopts="" \
+    >"$OUT/gpu_tests.log" 2>&1 &
+tests=$!
+timeout 450 python3 bench/memory_bench.py --grid unmeasured \
+    --shapes llama-3.2-1b,qwen2-7b,qwen2-0.5b --deadline-minutes 5.5 --timeout 100 \
+    --snapshots "$OUT/snapshots" --out "$OUT/memory_unmeasured_$gpu.json" 2>&1 \
+    | tee "$OUT/memory_bench.log" | tail -40
+wait "$tests"
+tail -40 "$OUT/gpu_tests.log"
+# the snapshots of the two held-out rows, then the rest; a pack over 16 MiB does not come back
+(
+    cd "$OUT/snapshots" 2>/dev/null || exit 0
+    tar -cf - ./*-00[01]-0.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_heldout.tar.xz"
+    rm -f ./*-00[01]-0.pickle
+    tar -cf - ./*.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_rest.tar.xz"
+)
+rm -rf "$OUT/snapshots"
+ls -la "$OUT"
