@@ -13,6 +13,7 @@ import typer
 
 from autotune.errors import TrainingFailed, UsageError
 from autotune.options import setting_help, setting_option, settings_from_options
+from autotune.probe_stop import TERMINATED_BY, terminate_as_ctrl_c
 
 app = typer.Typer(
     add_completion=False,
@@ -364,6 +365,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from typer.exceptions import TyperException
 
+    terminate_as_ctrl_c()
     try:
         code = app(standalone_mode=False)
     except TyperException as error:  # click's errors, as typer ships them
@@ -374,9 +376,8 @@ def main() -> None:
         message = " ".join(error.format_message().split())
         print(f"autotune: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except typer.Abort:
-        print(_state["interrupted"], file=sys.stderr)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except UsageError as error:
         if _state["debug"]:
             raise
@@ -387,9 +388,11 @@ def main() -> None:
             raise
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(_state["interrupted"], file=sys.stderr)
-        sys.exit(130)
+    if code == 130 and TERMINATED_BY:  # SIGTERM or SIGHUP, which stopped it as Ctrl-C does
+        stopped_by = TERMINATED_BY[0]
+        words = _state["interrupted"].replace("interrupted", f"stopped by {stopped_by.name}")
+        print(words, file=sys.stderr)
+        sys.exit(128 + stopped_by)
     if code == 130:  # Ctrl-C, which typer turns into an exit code
         print(_state["interrupted"], file=sys.stderr)
     if isinstance(code, int) and code:

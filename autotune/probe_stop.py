@@ -81,3 +81,35 @@ def probes_stop_on_ctrl_c() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """Ctrl-C's interruption, raised by a termination signal (TERMINATION_SIGNALS)."""
+
+
+TERMINATED_BY: list[signal.Signals] = []
+"""The termination signal that stopped this process, once one did (the CLI's exit code and
+words: typer turns every interruption into exit code 130)."""
+
+
+TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
+"""Signals that end a run as Ctrl-C does: a batch system's time limit or `kill` (SIGTERM), a
+closed terminal (SIGHUP). Left to the default, they would end the process where it stands:
+its running trials marked running until a later run found them, no word said."""
+
+
+def terminate_as_ctrl_c() -> None:
+    """Have SIGTERM and SIGHUP stop this process as Ctrl-C does (KeyboardInterrupt in the main
+    thread, every probe of other threads stopped too), so a stopped run queues its running
+    trials again and says so. A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
+    Call from the main thread."""
+
+    def stop(signum: int, frame: object) -> None:
+        STOP_PROBES.set()  # the probes of other threads, whatever handles SIGINT now
+        TERMINATED_BY.append(signal.Signals(signum))
+        raise Terminated(signum)
+
+    for name in TERMINATION_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            signal.signal(number, stop)

@@ -548,6 +548,35 @@ def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_pa
     )  # not the study's trials of `autotune run`: train has none
 
 
+def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_path):
+    import signal
+    import time
+
+    import autotune.api
+    from autotune import cli
+    from autotune.probe_stop import STOP_PROBES, TERMINATED_BY  # before any signal is sent
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal's handler interrupts this
+
+    monkeypatch.setattr(autotune.api, "train", terminated)
+    argv = ["autotune", "train", "--recipe", "r.yaml", "--data", "d.jsonl", "--output", "out"]
+    monkeypatch.setattr(sys, "argv", argv)
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP")}
+    try:
+        with pytest.raises(SystemExit) as exit_code:
+            cli.main()
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+        STOP_PROBES.clear()
+        TERMINATED_BY.clear()
+    assert exit_code.value.code == 128 + signal.SIGTERM
+    words = capsys.readouterr().err.strip()
+    assert words.startswith("autotune: stopped by SIGTERM; the checkpoints saved so far stay")
+
+
 def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
     """With --workers, Ctrl-C ends the run's progress bar while another worker's trial runs
     on; that trial's end must not fail it (its probe measured it)."""

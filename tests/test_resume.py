@@ -168,6 +168,46 @@ def test_ctrl_c_stops_every_workers_probe_and_queues_its_trial(workspace):  # no
     assert {t.number for t in interrupted()} <= retried  # queued again, as with one worker
 
 
+@pytest.fixture
+def sigterm_as_ctrl_c():
+    """terminate_as_ctrl_c for the test's length; the handlers and stop flags restored after."""
+    from autotune import probe_stop
+
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP")}
+    probe_stop.terminate_as_ctrl_c()
+    yield
+    for name, handler in handlers.items():
+        signal.signal(getattr(signal, name), handler)
+    probe_stop.STOP_PROBES.clear()
+    probe_stop.TERMINATED_BY.clear()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(workspace, sigterm_as_ctrl_c):  # noqa: F811
+    """A batch system's time limit or `kill` sends SIGTERM: every probe stops and its trial is
+    queued again, as on Ctrl-C, instead of the run dying with its trials marked running."""
+    settings = settings_for(workspace, trials=2, workers=2)
+    runner = SleepingProbes()
+
+    def terminate_once_both_probe() -> None:
+        while len(runner.children) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_both_probe, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(prepare_run(settings), runner)
+    assert [child.poll() for child in runner.children] == [-signal.SIGKILL] * 2
+    study = open_study(settings.storage, "s", settings.seed)
+    deadline = time.monotonic() + 10
+    while study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+        assert time.monotonic() < deadline  # the worker threads record theirs as they end
+        time.sleep(0.05)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert [t.user_attrs.get("status") for t in failed] == ["interrupted"] * 2
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert {t.number for t in failed} <= {t.system_attrs.get("failed_trial") for t in queued}
+
+
 def test_a_live_workers_trial_is_left_alone(workspace):  # noqa: F811
     study = run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     trial = study.ask()
