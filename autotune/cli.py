@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from autotune.errors import TrainingFailed, UsageError
+from autotune.errors import TrainingFailed, UsageError, unwritable
 from autotune.options import setting_help, setting_option, settings_from_options
 from autotune.probe_stop import TERMINATED_BY, terminate_as_ctrl_c
 
@@ -21,8 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
 )
-_state: dict[str, Any] = {"debug": False, "interrupted": "autotune: interrupted"}
-"""--debug, and what Ctrl-C leaves behind in the words of the command it stopped."""
+_state: dict[str, Any] = {"debug": False, "interrupted": "autotune: interrupted", "kept": ""}
+"""--debug, and what Ctrl-C (or a full disk: "kept") leaves behind in the words of the command
+it stopped."""
 
 
 @app.callback()
@@ -65,7 +66,8 @@ def run(
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields
-    _state["interrupted"] = "autotune: interrupted; finished trials are kept in the study"
+    _state["kept"] = "; finished trials are kept in the study"
+    _state["interrupted"] = f"autotune: interrupted{_state['kept']}"
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, tokenize_progress
@@ -388,6 +390,11 @@ def main() -> None:
             raise
         print(f"autotune: error: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # a full disk or a read-only directory, met while writing
+        if _state["debug"] or not unwritable(error):
+            raise
+        print(f"autotune: error: {unwritable(error)}{_state['kept']}", file=sys.stderr)
+        sys.exit(2)
     if code == 130 and TERMINATED_BY:  # SIGTERM or SIGHUP, which stopped it as Ctrl-C does
         stopped_by = TERMINATED_BY[0]
         words = _state["interrupted"].replace("interrupted", f"stopped by {stopped_by.name}")

@@ -20,6 +20,23 @@ class TrainingFailed(Exception):
     distributed training died). The CLI prints its one-line message and exits with code 1."""
 
 
+UNWRITABLE_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"})
+"""What an OSError raised while writing says of the place, not of the program: the disk or
+quota is full, or the directory is read-only or another user's."""
+
+
+def unwritable(error: BaseException) -> str | None:
+    """The one line for a file that could not be written for want of room or permission
+    (`cannot write PATH: No space left on device`), or None for any other error."""
+    import errno
+
+    if not isinstance(error, OSError) or errno.errorcode.get(error.errno or 0) not in (
+        UNWRITABLE_ERRNOS
+    ):
+        return None
+    return f"cannot write {error.filename or 'a file'}: {error.strerror or error}"
+
+
 FIRST_LINE_CHARS = 200
 
 

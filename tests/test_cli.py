@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+from autotune.errors import UsageError
 from autotune.margins import memory_margin
 from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
@@ -575,6 +576,41 @@ def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_p
     assert exit_code.value.code == 128 + signal.SIGTERM
     words = capsys.readouterr().err.strip()
     assert words.startswith("autotune: stopped by SIGTERM; the checkpoints saved so far stay")
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_study(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import autotune.api
+    from autotune import cli
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "trials/s/trial-0003")
+
+    monkeypatch.setattr(autotune.api, "run", disk_full)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "autotune: error: cannot write trials/s/trial-0003: No space left on device; "
+        "finished trials are kept in the study"
+    )
+
+
+def test_unwritable_places_for_the_study_are_one_line(tmp_path, monkeypatch):
+    from autotune.study.storage import make_storage, make_trials_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=f"cannot create {blocker}/sub: Not a directory"):
+        make_storage(f"sqlite:///{blocker}/sub/study.db")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trials").write_text("")  # where the run's folder would go
+    with pytest.raises(UsageError, match="cannot create .*trials: File exists; .* writable one"):
+        make_trials_dir()
 
 
 def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import os
 import re
@@ -17,7 +18,7 @@ import optuna
 import pytest
 import yaml
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, unwritable
 from autotune.probe import ColdProcess, SubprocessProbeRunner
 from autotune.recipe import Recipe
 from autotune.study import (
@@ -123,6 +124,45 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_and_measured_on_resume(worksp
     measured = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(measured) == finished_trial_count(study) == 2
     assert stopped[0].params in [t.params for t in measured]
+
+
+class DiskFullAfterOne(FakeRunner):
+    """Probes that write nothing once the first has run: the disk is full."""
+
+    def run(self, request, workdir):
+        if self.requests:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().run(request, workdir)
+
+
+def test_a_full_disk_stops_the_run_and_queues_the_trial_it_stopped(workspace, caplog):  # noqa: F811
+    settings = settings_for(workspace, trials=3)
+    with pytest.raises(OSError) as stopped:
+        run_study(prepare_run(settings), DiskFullAfterOne())
+    assert unwritable(stopped.value) == (
+        f"cannot write {Path('trials', 's', 'trial-0001')}: No space left on device"
+    )
+    assert "Traceback" not in caplog.text and "failed with" not in caplog.text
+    study = open_study(settings.storage, "s", settings.seed)
+    (failed,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert failed.user_attrs["status"] == "interrupted"
+    assert "No space left on device" in failed.user_attrs["reason"]
+    assert finished_trial_count(study) == 1  # the stopped trial is not counted as finished
+    study = run_study(prepare_run(settings), FakeRunner())  # room again: the resume runs it
+    measured = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert finished_trial_count(study) == len(measured) == 3
+    assert failed.params in [t.params for t in measured]
+
+
+def test_artifacts_that_cannot_be_written_do_not_undo_a_measurement(workspace, monkeypatch):  # noqa: F811
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "trials/artifacts/x")
+
+    monkeypatch.setattr("autotune.study.objective._attach_artifacts", no_room)
+    events = RunEvents()
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner(), events)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    assert any("cannot write trials/artifacts/x" in note for note in events.notes)
 
 
 class SleepingProbes(SubprocessProbeRunner):

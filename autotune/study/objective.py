@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.errors import first_line, unwritable
 from autotune.host_memory import host_budget
 from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
@@ -120,6 +122,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         except KeyboardInterrupt:
             requeue_stopped_trial(trial)
             raise
+        except OSError as error:
+            # A full disk or a read-only trials/: the run stops (the CLI says why in one line),
+            # and the trial runs again in the next run rather than counting as failed.
+            if error.filename is None:  # a write that failed after its file was opened
+                error.filename = str(trials_dir / f"trial-{trial.number:04d}")
+            with contextlib.suppress(Exception):  # a database on that full disk: the next
+                # run finds the trial's worker gone and queues it again then
+                requeue_stopped_trial(trial, unwritable(error) or first_line(error))
+            raise
         finally:
             running_here.discard(trial.number)
 
@@ -147,7 +158,13 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         ) -> None:
             """Status and reason on the trial, its artifacts, and the event the CLI shows."""
             record_status(trial, status, reason)
-            _attach_artifacts(trial, recipe, workdir)
+            try:
+                _attach_artifacts(trial, recipe, workdir)
+            except OSError as error:  # the figures stand; a full disk stops the next probe
+                events.notes.append(
+                    f"trial {trial.number}'s recipe and probe log are not among the dashboard's "
+                    f"artifacts: {unwritable(error) or first_line(error)}"
+                )
             measured = status == TrialStatus.MEASURED and values is not None
             events.trial_finished(
                 TrialSummary(

@@ -81,7 +81,8 @@ class _ReportedCrashes(logging.Filter):
     """Drops Optuna's warnings for a trial whose probe crashed: the run already printed the
     trial and the probe's own error, and the traceback Optuna adds is of the objective raising
     ProbeCrashed, which says nothing more. A trial stopped by Ctrl-C likewise: the run says it
-    was interrupted. A failure of anything else keeps its traceback."""
+    was interrupted; and one stopped by a file it could not write (a full disk), which the run
+    names in one line. A failure of anything else keeps its traceback."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,7 +92,7 @@ class _ReportedCrashes(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
         trial = message.split(" failed with ", 1)[0]
-        if isinstance(error, (ProbeCrashed, KeyboardInterrupt)):
+        if isinstance(error, (ProbeCrashed, KeyboardInterrupt, OSError)):
             self.crashed.add(trial)
             return False
         return not (" failed with value " in message and trial in self.crashed)
@@ -114,7 +115,13 @@ def _quiet_optuna() -> None:
 def make_trials_dir() -> None:
     """trials/, readable by its owner only where this run creates it: it holds the token
     cache (the training data), probe logs and the study database."""
-    TRIALS_DIR.mkdir(mode=0o700, exist_ok=True)
+    try:
+        TRIALS_DIR.mkdir(mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"cannot create {TRIALS_DIR.resolve()}: {error.strerror or error}; a run keeps its "
+            "files under trials/ in the current directory: start it from a writable one"
+        ) from None
 
 
 def make_storage(url: str) -> Any:
@@ -126,7 +133,14 @@ def make_storage(url: str) -> Any:
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a read-only or another user's directory
+            raise UsageError(
+                f"cannot open storage {redact_url(url)}: cannot create {error.filename or folder}:"
+                f" {error.strerror or error}"
+            ) from None
     for attempt in range(3):
         try:
             return _open_storage(url)

@@ -57,13 +57,13 @@ def fail_interrupted_trials(study: Any) -> list[int]:
     return failed
 
 
-def requeue_stopped_trial(trial: Any) -> None:
-    """A trial this process stopped on Ctrl-C: recorded as interrupted and queued once more
-    (however often it was stopped before), so that a resumed run measures it and the study's
-    count of finished trials takes its retry in its place."""
+def requeue_stopped_trial(trial: Any, reason: str = "stopped by Ctrl-C") -> None:
+    """A trial this process stopped (Ctrl-C, a file it could not write): recorded as
+    interrupted and queued once more (however often it was stopped before), so that a resumed
+    run measures it and the study's count of finished trials takes its retry in its place."""
     import optuna
 
-    record_status(trial, TrialStatus.INTERRUPTED, "stopped by Ctrl-C")
+    record_status(trial, TrialStatus.INTERRUPTED, reason)
     study = trial.study
     optuna.storages.RetryHeartbeatStaleTrialCallback()(
         study, study._storage.get_trial(trial._trial_id)
