@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,36 @@ def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
+
+
+def test_the_probe_server_kills_its_running_probes_at_the_end_of_its_input(tmp_path, monkeypatch):
+    """The run closed the server's input (it ended or died): a probe still running is killed
+    then, not left training until the server's own exit fires its parent-death signal."""
+    from autotune.training import zygote
+
+    def probe_that_runs_on(order, server_pid):
+        os.setsid()  # as a real probe: a session of its own
+        time.sleep(60)
+        return 0
+
+    monkeypatch.setattr(zygote, "run_child", probe_that_runs_on)
+    exit_path = tmp_path / "exit_code"
+    answers = []
+
+    def orders():
+        yield json.dumps({"exit": str(exit_path)})
+        pid = answers[0]["pid"]
+        while os.getpgid(pid) != pid:  # the probe is in its session: then the input ends
+            time.sleep(0.01)
+
+    handler = signal.getsignal(signal.SIGCHLD)
+    try:
+        started = time.monotonic()
+        zygote.serve(orders(), answers.append)
+        while not exit_path.exists() and time.monotonic() - started < 10:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
+    assert "pid" in answers[0]
+    assert exit_path.read_text() == str(-signal.SIGKILL)
+    assert time.monotonic() - started < 10

@@ -15,8 +15,8 @@ CUDA must never be initialised here, or the forked children could not use it. to
 ask NVML, not the CUDA runtime, whether a GPU is there; peft and bitsandbytes are left to the
 children on a GPU machine, because importing bitsandbytes queries the device; and the server
 refuses to serve (the runner then starts probes cold) if anything initialised CUDA anyway.
-When stdin closes (the study ended or died) the server exits, and its children, which watch
-their parent, stop too.
+When stdin closes (the study ended or died) the server kills the probes still running and exits
+at once.
 """
 
 from __future__ import annotations
@@ -135,6 +135,14 @@ def serve(lines, answer) -> None:
                 os._exit(code)
         reaper.add(pid, order["exit"])
         answer({"pid": pid})
+    # End of input: the study closed it, or died. A probe still running would otherwise run on
+    # until this server's exit (seconds of tearing down torch) fired its parent-death signal.
+    for pid in list(reaper.exit_paths):
+        for kill in (os.killpg, os.kill):  # its session's processes; itself, if just forked
+            try:  # and not yet the leader of a session of its own
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def main() -> int:
@@ -160,7 +168,8 @@ def main() -> int:
         return 1
     answer({READY: os.getpid()})
     serve(sys.stdin, answer)
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # nothing left to write: skip the seconds of unloading torch
 
 
 if __name__ == "__main__":
