@@ -286,13 +286,18 @@ def status_text(status: StudyStatus) -> str:
     study = status.overview
     per_hour = status.probes_per_hour
     rate = f", {per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
+    ended = [r for r in status.running_trials if r.run_ended]
     lines = [
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
-        f"running, {status.waiting} queued; {count_of(status.probes, 'probe')}{rate}",
+        f"running{f', {len(ended)} interrupted' if ended else ''}, {status.waiting} queued; "
+        f"{count_of(status.probes, 'probe')}{rate}",
     ]
     lines += [
         f"running: trial {r.trial}  {r.recipe or '(sampling)'}  for {format_duration(r.seconds)}"
+        if not r.run_ended
+        else f"interrupted: trial {r.trial}  {r.recipe or '(sampling)'}  (its run on this host "
+        "has ended; the next run queues it again)"
         for r in status.running_trials
     ]
     lines.append(

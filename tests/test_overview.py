@@ -166,3 +166,34 @@ def test_a_killed_runs_trial_left_running_counts_no_busy_time():
     live_start = next(t.datetime_start for t in trials if t.number == live.number)
     assert counted == pytest.approx((now - live_start).total_seconds(), abs=1.0)
     assert busy_seconds([t for t in trials if t.number == orphan.number], now) == 0.0
+
+
+def test_status_tells_a_killed_runs_trial_from_a_running_one(workspace):  # noqa: F811
+    """A run killed with kill -9 leaves its trial marked running; status showed it running
+    (for ever longer) until the next run, as if the study were still being worked on."""
+    import subprocess
+    import sys
+
+    from autotune.console import status_text
+    from autotune.study.records import record_worker
+    from autotune.study.workers import worker_id
+
+    settings = settings_for(workspace, trials=1)
+    run_study(prepare_run(settings), FakeRunner())
+    study = optuna.load_study(study_name="s", storage=settings.storage)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    killed, live = study.ask(), study.ask()
+    record_worker(killed, worker_id().rpartition(":")[0] + f":{ended.pid}")
+    record_worker(live, worker_id())
+    status = study_status(settings.storage, "s")
+    assert status.overview.running == 1
+    assert {r.trial: r.run_ended for r in status.running_trials} == {
+        killed.number: True,
+        live.number: False,
+    }
+    text = status_text(status)
+    assert "1 running, 1 interrupted, " in text
+    assert f"running: trial {live.number}  " in text
+    assert f"interrupted: trial {killed.number}  (sampling)  (its run on this host has" in text
+    assert f"running: trial {killed.number}" not in text

@@ -45,6 +45,7 @@ class StudyOverview:
     budget_bytes: int
     finished: int
     running: int
+    """Trials running now: those of a run on this host that has ended left out."""
     picks: dict[str, MeasuredRecipe]
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
 
@@ -62,6 +63,9 @@ class RunningTrial:
     while the sampler chooses."""
     seconds: float
     """Since it started."""
+    run_ended: bool = False
+    """Its run, on this host, has ended (killed): marked running until the next run, which
+    queues it again."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,17 @@ def _state_count(study: Any, state: str) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState[state],)))
 
 
+def _running(study: Any) -> list[Any]:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+def _run_ended(trial: Any) -> bool:
+    """A trial marked running whose run, on this host, has ended (a kill -9, a reboot)."""
+    return gone_from_this_host(trial_record(trial).worker)
+
+
 def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
     """The study and the recipe each pick chooses from its measured `points`."""
     setup = study_setup(study)
@@ -113,7 +128,7 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         setup.model,
         setup.budget_bytes,
         finished_trial_count(study),
-        _state_count(study, "RUNNING"),
+        sum(1 for t in _running(study) if not _run_ended(t)),
         picks,
     )
 
@@ -142,7 +157,7 @@ def busy_seconds(trials: Sequence[Any], now: datetime.datetime) -> float:
         for t in trials
         if t.datetime_start
         and trial_status(t) != TrialStatus.INTERRUPTED
-        and (t.datetime_complete or not gone_from_this_host(trial_record(t).worker))
+        and (t.datetime_complete or not _run_ended(t))
     )
     seconds, covered_until = 0.0, None
     for start, end in spans:
@@ -167,7 +182,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         and trial_record(t).probe is not None
         and trial_status(t) != TrialStatus.DUPLICATE
     ]
-    running = [t for t in trials if t.state.name == "RUNNING"]
+    running = _running(study)
     hours = busy_seconds(trials, now) / 3600
     rate = len(probed) / hours if probed and hours > 0 else None
     return StudyStatus(
@@ -181,6 +196,7 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
                 t.number,
                 trial_record(t).label or (PREDICTING_WORDS if t.params else ""),
                 (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0,
+                _run_ended(t),
             )
             for t in running
         ],
