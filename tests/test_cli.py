@@ -662,3 +662,20 @@ def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
         f"recipe (balanced): {result.recipe_path} (trial {trial}: {result.recipe.label()})" in text
     )
     assert f"memory of trial {trial}: predicted " in text
+
+
+def test_a_database_server_that_does_not_answer_is_given_up(monkeypatch):
+    """A port that accepts and never answers (a dead proxy; a firewall that drops is alike):
+    the driver waited for ever, and the run with it, saying nothing."""
+    import socket
+
+    from autotune.study import storage
+
+    monkeypatch.setattr(storage, "CONNECT_TIMEOUT_SECONDS", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts; nobody answers
+        port = silent.getsockname()[1]
+        url = f"postgresql://me:pw@127.0.0.1:{port}/db"
+        with pytest.raises(UsageError, match=r"cannot open storage .*:\*\*\*@.*timeout"):
+            storage.make_storage(url)

@@ -20,6 +20,8 @@ HEARTBEAT_SECONDS = 10
 """How often a running trial tells the storage it is alive (RDB storages)."""
 STALE_AFTER_SECONDS = 40
 """A running trial silent this long belongs to a dead worker: it is failed and retried once."""
+CONNECT_TIMEOUT_SECONDS = 30
+"""How long a connection to a database server may take (PostgreSQL, MySQL)."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
 ARTIFACTS_DIR = TRIALS_DIR / "artifacts"
 """Each trial's recipe YAML and probe log, as Optuna artifacts optuna-dashboard shows."""
@@ -161,8 +163,16 @@ def _open_storage(url: str) -> Any:
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.get_storage(url)
     sqlite = url.startswith("sqlite")
-    # SQLite serialises writers; a long lock timeout lets a few local workers share it.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
+    # SQLite serialises writers; a long lock timeout lets a few local workers share it. A
+    # database server that does not answer (a firewall that drops, a wrong port) is given up
+    # after a while, where the driver would wait for ever, unless the URL sets its own.
+    engine_kwargs = (
+        {"connect_args": {"timeout": 60}}
+        if sqlite
+        else {}
+        if "connect_timeout=" in url
+        else {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+    )
     storage = optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
