@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from autotune.errors import TrainingFailed, UsageError, unwritable
+from autotune.errors import UsageError, error_line, lost_storage
 from autotune.options import setting_help, setting_option, settings_from_options
 from autotune.probe_stop import TERMINATED_BY, terminate_as_ctrl_c
 
@@ -21,9 +21,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
 )
-_state: dict[str, Any] = {"debug": False, "interrupted": "autotune: interrupted", "kept": ""}
-"""--debug, and what Ctrl-C (or a full disk: "kept") leaves behind in the words of the command
-it stopped."""
+_state: dict[str, Any] = {
+    "debug": False,
+    "interrupted": "autotune: interrupted",
+    "kept": "",
+    "storage": "",
+}
+"""--debug, what Ctrl-C (or a full disk, a lost storage: "kept") leaves behind in the words of
+the command it stopped, and the storage URL whose secrets its errors must not show."""
 
 
 @app.callback()
@@ -67,6 +72,7 @@ def run(
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields
     _state["kept"] = "; finished trials are kept in the study"
+    _state["storage"] = storage or ""
     _state["interrupted"] = f"autotune: interrupted{_state['kept']}"
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
@@ -380,21 +386,16 @@ def main() -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         code = 130
-    except UsageError as error:
-        if _state["debug"]:
+    except Exception as error:  # noqa: BLE001 - each kind of error its line (error_line)
+        line, exit_code = error_line(error, _state["kept"])
+        if _state["debug"] or not exit_code:
             raise
-        print(f"autotune: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingFailed as error:
-        if _state["debug"]:
-            raise
-        print(f"autotune: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as error:  # a full disk or a read-only directory, met while writing
-        if _state["debug"] or not unwritable(error):
-            raise
-        print(f"autotune: error: {unwritable(error)}{_state['kept']}", file=sys.stderr)
-        sys.exit(2)
+        if lost_storage(error):  # the driver's words: no password, whatever it quotes
+            from autotune.study.storage import without_secrets
+
+            line = without_secrets(line, _state["storage"])
+        print(f"autotune: error: {line}", file=sys.stderr)
+        sys.exit(exit_code)
     if code == 130 and TERMINATED_BY:  # SIGTERM or SIGHUP, which stopped it as Ctrl-C does
         stopped_by = TERMINATED_BY[0]
         words = _state["interrupted"].replace("interrupted", f"stopped by {stopped_by.name}")

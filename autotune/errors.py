@@ -1,6 +1,6 @@
-"""The one exception type that means "the user gave us something we cannot use".
-
-The CLI prints its message as a single line and exits with code 2; anything else is a bug.
+"""The one exception type that means "the user gave us something we cannot use", and the other
+errors the CLI ends with in one line (error_line): a failed training, a place that cannot be
+written, a storage that went away. Anything else is a bug.
 """
 
 from __future__ import annotations
@@ -35,6 +35,43 @@ def unwritable(error: BaseException) -> str | None:
     ):
         return None
     return f"cannot write {error.filename or 'a file'}: {error.strerror or error}"
+
+
+def lost_storage(error: BaseException) -> BaseException | None:
+    """The database error, in `error` or what it was raised from or while handling, that says
+    the study's storage went away (a server stopped, a network that broke); None for any other
+    error. Optuna raises errors of its own while it tries to record the loss."""
+    import sys
+
+    exc = sys.modules.get("sqlalchemy.exc")
+    lost_types = (exc.OperationalError, exc.InterfaceError) if exc else ()
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if lost_types and isinstance(cause, lost_types):
+            return cause
+        seen.add(id(cause))
+        # `raise ... from None` says the error it was raised while handling is no part of it
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return None
+
+
+def error_line(error: BaseException, kept: str = "") -> tuple[str, int]:
+    """The CLI's one line for `error` and its exit code: 2 for the user's input or a place
+    that cannot be written, 1 for a training that failed or a storage that went away; code 0
+    for any other error, a bug, whose traceback shows. `kept` says what the stopped command
+    leaves (`; finished trials are kept in the study`)."""
+    if isinstance(error, UsageError):
+        return str(error), 2
+    if isinstance(error, TrainingFailed):
+        return str(error), 1
+    unwritable_words = unwritable(error)
+    if unwritable_words:
+        return unwritable_words + kept, 2
+    lost = lost_storage(error)
+    if lost is not None:
+        return f"lost the study's storage: {first_line(lost)}{kept}", 1
+    return "", 0
 
 
 FIRST_LINE_CHARS = 200

@@ -679,3 +679,34 @@ def test_a_database_server_that_does_not_answer_is_given_up(monkeypatch):
         url = f"postgresql://me:pw@127.0.0.1:{port}/db"
         with pytest.raises(UsageError, match=r"cannot open storage .*:\*\*\*@.*timeout"):
             storage.make_storage(url)
+
+
+def test_a_storage_lost_during_a_run_is_one_line(monkeypatch, capsys, tmp_path):
+    """The database server stopped mid-run: Optuna, failing to record that, raised an error of
+    its own, and the run ended in seven chained tracebacks."""
+    import sqlalchemy.exc
+
+    import autotune.api
+    from autotune import cli
+
+    def server_gone(*args, **kwargs):
+        try:
+            raise sqlalchemy.exc.OperationalError(
+                "SELECT 1", {}, Exception('connection to "db" as me:hunter2 failed: refused')
+            )
+        except sqlalchemy.exc.OperationalError:
+            # as Optuna's _run_trial meets it in its finally, handling the storage's error
+            raise UnboundLocalError("cannot access local variable 'updated_state'")  # noqa: B904
+
+    monkeypatch.setattr(autotune.api, "run", server_gone)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    url = "postgresql://me:hunter2@db/autotune"
+    argv = ["autotune", "run", "-m", "m", "-d", str(data), "-b", "4GB", "--storage", url]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hunter2" not in err
+    assert err.startswith("autotune: error: lost the study's storage: (")
+    assert err.strip().endswith("refused; finished trials are kept in the study")
