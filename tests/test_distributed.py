@@ -238,3 +238,23 @@ def test_reading_commands_never_create_a_database(tmp_path):
         )
         assert done.returncode == 2 and "no SQLite database at" in done.stderr, done.stderr
         assert not missing.exists()
+
+
+def test_a_connection_the_server_dropped_is_replaced(postgres_url):
+    """While a probe runs for minutes the run's pooled connection sits idle; a server restart,
+    or a firewall or pooler that ends idle connections, drops it. Its next use failed the run."""
+    from sqlalchemy import create_engine, text
+
+    storage = study_storage.make_storage(postgres_url)
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "dropped")
+    admin = create_engine(postgres_url)
+    with admin.connect() as connection:
+        dropped = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                "pg_backend_pid() AND backend_type = 'client backend' AND datname = 'postgres'"
+            )
+        ).all()
+    admin.dispose()
+    assert dropped  # the storage's pooled connection among them
+    assert storage.get_study_name_from_id(study_id) == "dropped"

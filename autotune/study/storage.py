@@ -166,13 +166,13 @@ def _open_storage(url: str) -> Any:
     # SQLite serialises writers; a long lock timeout lets a few local workers share it. A
     # database server that does not answer (a firewall that drops, a wrong port) is given up
     # after a while, where the driver would wait for ever, unless the URL sets its own.
-    engine_kwargs = (
-        {"connect_args": {"timeout": 60}}
-        if sqlite
-        else {}
-        if "connect_timeout=" in url
-        else {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
-    )
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {}
+    if not sqlite:
+        # A connection the server dropped while a probe ran (a restart, a firewall or pooler
+        # that ends idle connections) is found dead and replaced before it is used.
+        engine_kwargs["pool_pre_ping"] = True
+        if "connect_timeout=" not in url:
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     storage = optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
