@@ -710,3 +710,14 @@ def test_a_storage_lost_during_a_run_is_one_line(monkeypatch, capsys, tmp_path):
     assert err.count("\n") == 1 and "hunter2" not in err
     assert err.startswith("autotune: error: lost the study's storage: (")
     assert err.strip().endswith("refused; finished trials are kept in the study")
+
+
+def test_a_storage_url_of_another_kind_says_which_kinds_there_are():
+    """SQLAlchemy said "Can't load plugin: sqlalchemy.dialects:journal"; Heroku-style
+    postgres:// URLs, which SQLAlchemy no longer reads, likewise."""
+    from autotune.study.storage import make_storage
+
+    with pytest.raises(UsageError, match=r"^--storage journal:///x.log: autotune keeps studies"):
+        make_storage("journal:///x.log")
+    with pytest.raises(UsageError, match=r"me:\*\*\*@db/x: .*mysql://...; write postgresql://$"):
+        make_storage("postgres://me:pw@db/x")

@@ -1,4 +1,4 @@
-"""Where studies live: Optuna storages (SQLite, journal, PostgreSQL), opening and loading studies,
+"""Where studies live: Optuna storages (SQLite, PostgreSQL, MySQL), opening and loading studies,
 artifacts, and storage URLs printed without their secrets.
 """
 
@@ -20,6 +20,8 @@ HEARTBEAT_SECONDS = 10
 """How often a running trial tells the storage it is alive (RDB storages)."""
 STALE_AFTER_SECONDS = 40
 """A running trial silent this long belongs to a dead worker: it is failed and retried once."""
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+"""The databases a study can live in (a URL's scheme, before any +driver)."""
 CONNECT_TIMEOUT_SECONDS = 30
 """How long a connection to a database server may take (PostgreSQL, MySQL)."""
 DEFAULT_STORAGE = f"sqlite:///{TRIALS_DIR}/autotune.db"
@@ -132,6 +134,13 @@ def make_storage(url: str) -> Any:
         raise UsageError(
             f"--storage {url} is not a database URL; for a SQLite file write sqlite:///{url}"
         )
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:  # SQLAlchemy's words: "Can't load plugin: ...journal"
+        also = "; write postgresql://" if scheme == "postgres" else ""
+        raise UsageError(
+            f"--storage {redact_url(url)}: autotune keeps studies in sqlite:///PATH, "
+            f"postgresql://USER:PASSWORD@HOST/DATABASE or mysql://...{also}"
+        )
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):
@@ -160,8 +169,6 @@ def make_storage(url: str) -> Any:
 def _open_storage(url: str) -> Any:
     import optuna
 
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
-        return optuna.storages.get_storage(url)
     sqlite = url.startswith("sqlite")
     # SQLite serialises writers; a long lock timeout lets a few local workers share it. A
     # database server that does not answer (a firewall that drops, a wrong port) is given up
