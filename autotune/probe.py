@@ -96,6 +96,7 @@ class ForkedProcess:
         self.pid = pid
         self.exit_path = exit_path
         self.server = server
+        self.server_process = server.process
 
     def wait(self, timeout_seconds: float) -> bool:
         deadline = time.monotonic() + timeout_seconds
@@ -110,10 +111,12 @@ class ForkedProcess:
         return True
 
     def exit_code(self) -> int | None:
+        """Its exit status; where the server died before writing it, the server's (the
+        probe ended with it)."""
         try:
             return int(self.exit_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
+            return self.server_process.poll() if self.server_process else None
 
     def kill(self) -> None:
         _kill_group(self.pid)
@@ -309,6 +312,8 @@ class SubprocessProbeRunner:
             # keeps the GPU.
             if process.exit_code() is None:
                 process.kill()
+        if not result_path.exists() and process.exit_code() in TERMINATED_EXIT_CODES:
+            raise ProbeStopped  # its trial is interrupted and queued again, not a crash
         if isinstance(process, RankProcesses):
             result = merged_result(process)
             result.device = request.device
@@ -327,6 +332,12 @@ class SubprocessProbeRunner:
         result = ProbeResult.from_json(result_path.read_text(encoding="utf-8"))
         result.seconds["total"] = time.perf_counter() - started
         return result
+
+
+TERMINATED_EXIT_CODES = {-signal.SIGTERM, -signal.SIGHUP, -signal.SIGINT}
+"""A probe (or the server that forked it) ended by a termination signal the run did not send
+(it kills with SIGKILL): a service manager or batch system stopping every process of the run at
+once, the probe's first. Not the recipe's doing."""
 
 
 def _kill_group(pid: int) -> None:

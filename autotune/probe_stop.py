@@ -98,6 +98,11 @@ closed terminal (SIGHUP). Left to the default, they would end the process where 
 its running trials marked running until a later run found them, no word said."""
 
 
+def stopped_by() -> str:
+    """What stopped this process: the termination signal's name, or Ctrl-C."""
+    return TERMINATED_BY[0].name if TERMINATED_BY else "Ctrl-C"
+
+
 def terminate_as_ctrl_c() -> None:
     """Have SIGTERM and SIGHUP stop this process as Ctrl-C does (KeyboardInterrupt in the main
     thread, every probe of other threads stopped too), so a stopped run queues its running

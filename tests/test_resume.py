@@ -248,6 +248,30 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(workspace, sigterm_as_ctrl_c):  # no
     assert {t.number for t in failed} <= {t.system_attrs.get("failed_trial") for t in queued}
 
 
+class TerminatedProbes(SleepingProbes):
+    """Probes a service manager or batch system ends with SIGTERM (it signals every process of
+    the run at once, the probes among them)."""
+
+    def _launch(self, request, request_path, result_path, log_path):
+        child = subprocess.Popen(["sh", "-c", "kill -TERM $$"], start_new_session=True)
+        self.children.append(child)
+        return ColdProcess(child)
+
+
+def test_a_probe_ended_by_sigterm_is_interrupted_not_a_crash(workspace):  # noqa: F811
+    """The probe died before the run's own SIGTERM handler ran: its trial was recorded as a
+    crash (the recipe blamed, the trial counted as finished) instead of queued again."""
+    settings = settings_for(workspace, trials=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(prepare_run(settings), TerminatedProbes())
+    study = open_study(settings.storage, "s", settings.seed)
+    (stopped,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert stopped.user_attrs["status"] == "interrupted"
+    assert finished_trial_count(study) == 0
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert stopped.number in {t.system_attrs.get("failed_trial") for t in queued}
+
+
 def test_a_live_workers_trial_is_left_alone(workspace):  # noqa: F811
     study = run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
     trial = study.ask()

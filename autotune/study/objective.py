@@ -15,6 +15,7 @@ from autotune.host_memory import host_budget
 from autotune.margins import margin_for
 from autotune.model_spec import ModelSpec
 from autotune.probe import ProbeRunner
+from autotune.probe_stop import stopped_by
 from autotune.quality import quality_cost
 from autotune.recipe import Recipe
 from autotune.study.records import (
@@ -120,7 +121,7 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
         try:
             return run_trial(trial)
         except KeyboardInterrupt:
-            requeue_stopped_trial(trial)
+            requeue_stopped_trial(trial, f"stopped by {stopped_by()}")
             raise
         except OSError as error:
             # A full disk or a read-only trials/: the run stops (the CLI says why in one line),
