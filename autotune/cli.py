@@ -13,7 +13,7 @@ import typer
 
 from autotune.errors import UsageError, error_line, lost_storage
 from autotune.options import setting_help, setting_option, settings_from_options
-from autotune.probe_stop import TERMINATED_BY, terminate_as_ctrl_c
+from autotune.probe_stop import interruption, terminate_as_ctrl_c
 
 app = typer.Typer(
     add_completion=False,
@@ -21,12 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
 )
-_state: dict[str, Any] = {
-    "debug": False,
-    "interrupted": "autotune: interrupted",
-    "kept": "",
-    "storage": "",
-}
+_state: dict[str, Any] = dict(debug=False, interrupted="autotune: interrupted", kept="", storage="")
 """--debug, what Ctrl-C (or a full disk, a lost storage: "kept") leaves behind in the words of
 the command it stopped, and the storage URL whose secrets its errors must not show."""
 
@@ -396,13 +391,9 @@ def main() -> None:
             line = without_secrets(line, _state["storage"])
         print(f"autotune: error: {line}", file=sys.stderr)
         sys.exit(exit_code)
-    if code == 130 and TERMINATED_BY:  # SIGTERM or SIGHUP, which stopped it as Ctrl-C does
-        stopped_by = TERMINATED_BY[0]
-        words = _state["interrupted"].replace("interrupted", f"stopped by {stopped_by.name}")
+    if code == 130:  # Ctrl-C (or SIGTERM, SIGHUP), which typer turns into an exit code
+        words, code = interruption(_state["interrupted"])
         print(words, file=sys.stderr)
-        sys.exit(128 + stopped_by)
-    if code == 130:  # Ctrl-C, which typer turns into an exit code
-        print(_state["interrupted"], file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)
 

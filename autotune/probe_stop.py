@@ -103,6 +103,14 @@ def stopped_by() -> str:
     return TERMINATED_BY[0].name if TERMINATED_BY else "Ctrl-C"
 
 
+def interruption(words: str) -> tuple[str, int]:
+    """A command's words on Ctrl-C ("autotune: interrupted; ...") and exit code 130, or, where
+    a termination signal stopped it, "stopped by SIGTERM" and 128 + the signal's number."""
+    if not TERMINATED_BY:
+        return words, 130
+    return words.replace("interrupted", f"stopped by {stopped_by()}", 1), 128 + TERMINATED_BY[0]
+
+
 def terminate_as_ctrl_c() -> None:
     """Have SIGTERM and SIGHUP stop this process as Ctrl-C does (KeyboardInterrupt in the main
     thread, every probe of other threads stopped too), so a stopped run queues its running
