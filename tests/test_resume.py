@@ -94,7 +94,9 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(workspace):  # noqa: F811
     recipe = prepared.space.suggest(trial, prepared.settings.model, prepared.spec, 64)
     assert study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
 
-    study = run_study(prepare_run(settings), FakeRunner())
+    events = RunEvents()
+    study = run_study(prepare_run(settings), FakeRunner(), events)
+    assert f"trial {trial.number} was interrupted earlier: marked failed" in events.notes[0]
     interrupted = study.trials[trial.number]
     assert interrupted.state == optuna.trial.TrialState.FAIL
     assert interrupted.user_attrs["status"] == "interrupted"

@@ -205,8 +205,9 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(
-            f"trials {', '.join(map(str, interrupted))} were interrupted earlier: marked failed "
-            "and queued to run again"
+            f"trial{'s' if len(interrupted) > 1 else ''} {', '.join(map(str, interrupted))} "
+            f"{'were' if len(interrupted) > 1 else 'was'} interrupted earlier: marked failed and "
+            "queued to run again"
         )
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
