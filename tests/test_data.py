@@ -283,3 +283,28 @@ def test_too_few_rows_name_the_file():
         check_enough_rows(1, 4, source="d.jsonl")
     with pytest.raises(UsageError, match=r"^d.jsonl has 1 training row after the eval split"):
         check_enough_rows(2, 4, source="d.jsonl")
+
+
+def test_a_token_cache_that_cannot_be_written_leaves_no_partial_copy(tmp_path, monkeypatch):
+    """A full disk while the cache is written: its half-written copy stayed, holding space a
+    resumed run then lacked."""
+    import errno
+
+    import numpy as np
+
+    from autotune.data.token_cache import cached_splits
+
+    written = []
+
+    def save_until_full(path, array):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        path.write_bytes(b"x")
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    with pytest.raises(OSError, match="No space left"):
+        cached_splits(path, tokenizer, 64, 0, tmp_path / "cache")
+    assert written and list((tmp_path / "cache").iterdir()) == []

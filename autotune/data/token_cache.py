@@ -102,9 +102,13 @@ def cached_splits(
         partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        for name, table in (("train", splits.train), ("eval", splits.eval)):
-            for part in TABLE_FILES:
-                np.save(partial / f"{name}_{part}.npy", getattr(table, part))
+        try:
+            for name, table in (("train", splits.train), ("eval", splits.eval)):
+                for part in TABLE_FILES:
+                    np.save(partial / f"{name}_{part}.npy", getattr(table, part))
+        except BaseException:  # a full disk, Ctrl-C: no half-written copy stays to fill it
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         try:
             partial.rename(cache)
         except OSError:  # another worker finished the same cache first
