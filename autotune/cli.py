@@ -69,6 +69,7 @@ def run(
     _state["kept"] = "; finished trials are kept in the study"
     _state["storage"] = storage or ""
     _state["interrupted"] = f"autotune: interrupted{_state['kept']}"
+    terminate_as_ctrl_c()  # a batch system's time limit stops a run as Ctrl-C does
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, tokenize_progress
@@ -234,6 +235,7 @@ def train(
         f"autotune: interrupted; the checkpoints saved so far stay in {output} "
         "(--resume continues from the latest)"
     )
+    terminate_as_ctrl_c()
     budget_bytes = parse_budget(budget) if budget else None
     if merge_dtype is not None and not merge:
         raise UsageError("--merge-dtype needs --merge")
@@ -368,7 +370,6 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from typer.exceptions import TyperException
 
-    terminate_as_ctrl_c()
     try:
         code = app(standalone_mode=False)
     except TyperException as error:  # click's errors, as typer ships them

@@ -810,3 +810,19 @@ def test_a_trials_constraint_is_held_to_the_studys_budget_now():
     old = SimpleNamespace(user_attrs={"budget_bytes": 10**9})
     assert study_budgets(old).spans == ((0, 10**9),)
     assert constraint_now(trial(2, -0.5), study_budgets(old)) == -0.5
+
+
+def test_a_database_storage_that_cannot_be_opened_is_said_before_the_data_is_read(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """A wrong host or password was said only after the data was tokenized and the space
+    sized (minutes on a large model), under the run's opening line."""
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the storage was opened")
+
+    monkeypatch.setattr("autotune.study.prepare.checked_scan", read_data)
+    url = "postgresql://me:pw@127.0.0.1:1/none"
+    with pytest.raises(UsageError, match=r"cannot open storage postgresql://me:\*\*\*@127"):
+        prepare_run(settings_for(workspace, storage=url))
