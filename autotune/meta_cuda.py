@@ -31,6 +31,11 @@ class Recorder:
         self.live: dict[int, tuple[Any, str]] = {}
         self.by_phase: dict[str, int] = defaultdict(int)
         self.at_peak: dict[str, int] = {}
+        self.events: list[tuple[int, int, str]] = []
+        """(storage key, block bytes, phase) of each allocation, and (key, 0, "") of each
+        release, in order: what was alive at the peak is read back from it (`live_at_peak`)."""
+        self.peak_event = 0
+        """How many events had happened when the allocated peak was last reached."""
         self.paused = False
         self.kernels: dict[Any, Any] = {
             torch.ops.aten._safe_softmax.default: self.safe_softmax,
@@ -66,9 +71,11 @@ class Recorder:
         block = self.allocator.malloc(storage.nbytes())
         self.live[key] = (block, self.phase)
         self.by_phase[self.phase] += block.size
+        self.events.append((key, block.size, self.phase))
         weakref.finalize(storage, self._release, key)
         if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
             self.at_peak = dict(self.by_phase)
+            self.peak_event = len(self.events)
 
     def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
         """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
@@ -114,7 +121,18 @@ class Recorder:
         if entry is not None:
             block, phase = entry
             self.by_phase[phase] -= block.size
+            self.events.append((key, 0, ""))
             self.allocator.free(block)
+
+    def live_at_peak(self) -> list[tuple[int, str]]:
+        """(block bytes, phase) of each block alive at the allocated peak, largest first."""
+        live: dict[int, tuple[int, str]] = {}
+        for key, size, phase in self.events[: self.peak_event]:
+            if size:
+                live[key] = (size, phase)
+            else:
+                live.pop(key, None)
+        return sorted(live.values(), reverse=True)
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:

@@ -81,6 +81,8 @@ class Replay:
     """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
     host_peak_bytes: int = 0
     """Peak host memory of offloaded activations (pinned blocks)."""
+    live_at_peak: list[tuple[int, str]] = field(default_factory=list)
+    """(block bytes, phase) of each block alive at the allocated peak, largest first."""
 
     def estimate(self) -> MemoryEstimate:
         parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
@@ -329,6 +331,7 @@ def _replay(
         paged_bytes=sum(paged),
         reservations=list(allocator.reservations),
         host_peak_bytes=host.peak_bytes,
+        live_at_peak=recorder.live_at_peak(),
     )
 
 

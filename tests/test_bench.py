@@ -269,6 +269,39 @@ def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "first difference" in done.stdout and "peak reserved: GPU" in done.stdout
+    assert "peak allocated: GPU" in done.stdout and "GPU only:" in done.stdout
+
+
+def test_replay_diff_tells_the_blocks_alive_at_each_allocated_peak():
+    """The blocks alive at the replay's allocated peak add up to it; those of a GPU trace are
+    read at its own peak, and the sizes only one side held are named, with the replay's phase."""
+    from autotune.recipe import Recipe
+    from autotune.replay import load_config, replay
+
+    diff = load_bench("replay_diff")
+    fields = {"method": "lora", "lora_r": 4, "seq_len": 64, "micro_batch_size": 2}
+    replayed = replay(
+        Recipe.from_dict({"model": "demo", **fields}), load_config(str(ROOT / "demo"))
+    )
+    assert sum(size for size, _ in replayed.live_at_peak) == replayed.peak_allocated_bytes
+    assert {phase for _, phase in replayed.live_at_peak} >= {"weights", "activations"}
+
+    mib = 2**20
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100 * mib},
+        {"action": "alloc", "addr": 2, "size": 200 * mib},
+        {"action": "free_completed", "addr": 1, "size": 100 * mib},
+        {"action": "alloc", "addr": 3, "size": 50 * mib},
+        {"action": "alloc", "addr": 4, "size": 7 * mib},
+        {"action": "free_completed", "addr": 99, "size": 1 * mib},
+    ]
+    live, peak, unknown = diff.gpu_live_at_peak({"device_traces": [events]})
+    assert live == [200 * mib, 100 * mib] and peak == 300 * mib and unknown == 1
+    gpu_only, replay_only = diff.unmatched(
+        [200 * mib, 100 * mib, 7 * mib],
+        [(200 * mib, "weights"), (100 * mib, "activations"), (64 * mib, "gradients")],
+    )
+    assert gpu_only == ["1 x 7.00 MiB"] and replay_only == ["1 x 64.00 MiB (gradients)"]
 
 
 def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
