@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from autotune.distributed import deepspeed_installed
@@ -42,15 +44,42 @@ def test_memory_bench_cpu_path(tmp_path):
     assert "bench/memory_bench.py --device cpu" in results["command"]
 
 
-def test_memory_bench_measures_the_unmeasured_paths_on_the_cpu(tmp_path):
-    """`--grid unmeasured` (fused and foreach AdamW, the chunked loss, int8 at micro-batch 2)
-    runs end to end on the CPU as it would on a GPU, each row predicted and measured."""
-    out = tmp_path / "unmeasured.json"
-    done = run_bench(
-        "memory_bench.py",
-        *("--shapes", "demo", "--grid", "unmeasured", "--steps", "1"),
-        *("--out", str(out), "--models-dir", str(tmp_path / "models")),
+def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
+    """bench/gpu_session.sh, what a lent GPU machine runs first, end to end on the CPU with the
+    demo shape (nvidia-smi faked): the machine report, the GPU tests' log, and memory_bench's
+    `--grid unmeasured` (fused and foreach AdamW, the chunked loss, int8 at micro-batch 2), each
+    row predicted and measured, in the results file named after the GPU."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 580.159.04'\n")
+    smi.chmod(0o755)
+    session = tmp_path / "session"
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{fake_bin}:{os.environ['PATH']}",
+        "OUT": str(session),
+        "SHAPES": "demo",
+        "DEVICE": "cpu",
+        "HELD_OUT": "demo-unmeasured-000-0",
+        "MODELS_DIR": str(tmp_path / "models"),
+        "WHEELS": str(tmp_path / "no-wheels"),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh")],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert done.returncode == 0, done.stderr
+    machine = (session / "machine.txt").read_text()
+    assert "NVIDIA H200" in machine and f"optuna {optuna.__version__}" in machine
+    assert "skipped" in (session / "gpu_tests.log").read_text()
+    assert "no snapshot of demo-unmeasured-000-0" in (session / "replay_diff.txt").read_text()
+    assert not (session / "snapshots").exists()  # packed, or none on the CPU
+    out = session / "memory_unmeasured_h200.json"
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     bench = load_bench("memory_bench")
