@@ -88,12 +88,13 @@ def usable_cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_ranks_refusal(ranks: int) -> str | None:
-    """Why `ranks` gloo processes cannot stand in for as many GPUs on the CPU: more than the
-    cores there are, where they would take turns on them and time the machine, not the recipe."""
+def cpu_ranks_refusal(ranks: int) -> str:
+    """Why `ranks` gloo processes cannot stand in for as many GPUs on the CPU ('' where they
+    can): more than its cores, they would take turns on them and time the machine, not the
+    recipe."""
     cores = usable_cpu_cores()
     if ranks <= cores:
-        return None
+        return ""
     return (
         f"{ranks} gloo processes would stand in for {ranks} GPUs on the CPU, more than the "
         f"{count_of(cores, 'CPU core')} this process may use"
