@@ -34,6 +34,7 @@ from autotune.study.study_records import (
     record_new_budget,
     record_setup,
     record_space_choices,
+    record_target_trials,
     space_choices,
     study_budgets,
     study_setup,
@@ -202,6 +203,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         for name, params in baseline_params(prepared.space, fits_budget(prepared)):
             study.enqueue_trial(params, user_attrs=baseline_attrs(name), skip_if_exists=True)
     record_data_stats(study, prepared.data_stats)
+    record_target_trials(study, settings.trials)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(

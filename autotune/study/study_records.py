@@ -55,6 +55,21 @@ trial on, written when a run first changes the budget (until then the setup's bu
 the only one): the setup's first, one more for each run that changed it."""
 
 
+TARGET_TRIALS_ATTR = "target_trials"
+"""The --trials of the study's latest run: the finished trials it runs until."""
+
+
+def record_target_trials(study: Any, trials: int) -> None:
+    """Every run: a resume with another --trials moves the target."""
+    study.set_user_attr(TARGET_TRIALS_ATTR, trials)
+
+
+def target_trials(study: Any) -> int | None:
+    """None for a study from before the target was stored."""
+    stored = study.user_attrs.get(TARGET_TRIALS_ATTR)
+    return stored if isinstance(stored, int) and not isinstance(stored, bool) else None
+
+
 def record_setup(study: Any, setup: StudySetup) -> None:
     for name, value in dataclasses.asdict(setup).items():
         study.set_user_attr(name, value)
