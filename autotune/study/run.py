@@ -197,6 +197,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 seed=settings.seed,
                 vocab_size=prepared.spec.vocab_size,
                 num_layers=prepared.spec.num_layers,
+                tie_word_embeddings=prepared.spec.tie_word_embeddings,
                 measured_under=measured_under(prepared),
             ),
         )

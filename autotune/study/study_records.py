@@ -40,6 +40,9 @@ class StudySetup:
     seed: int | None = None
     vocab_size: int | None = None
     num_layers: int | None = None
+    tie_word_embeddings: bool | None = None
+    """Whether the output head is the input embedding (None: a study from before this record):
+    a freeze recipe trains an untied head, which LLaMA-Factory's export must name."""
     measured_under: dict[str, Any] = field(default_factory=dict)
     """What makes two trials' figures comparable (see run.measured_under); for a study from
     before this record, the seq_len and probe_steps it stored."""
