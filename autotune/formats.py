@@ -312,6 +312,13 @@ def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
     return keys
 
 
+def _axolotl_halves_weights(recipe: Recipe) -> bool:
+    """axolotl's bf16/fp16 also load the model in that dtype (its resolve_dtype sets
+    torch_dtype from them), so an amp_* recipe's fp32 weights load in half; a k-bit base's
+    other weights autotune loads in the compute dtype too."""
+    return PRECISIONS[recipe.precision].autocast and QUANTIZATIONS[recipe.quantization].bits is None
+
+
 def _llamafactory_freeze_notes(tied_head: bool | None) -> list[str]:
     """What LLaMA-Factory's freeze cannot train of autotune's: the final norm, as its
     freeze_extra_modules matches parameter names by substring (`norm` is every block's too)."""
@@ -378,6 +385,14 @@ def render(
         header.append(
             f"# {key} is autotune-only: {fmt} has no equivalent, so this config {instead} and "
             "needs more GPU memory (autotune train runs the recipe as it is)"
+        )
+    if fmt == "axolotl" and _axolotl_halves_weights(recipe):
+        precision = PRECISIONS[recipe.precision]
+        flag = "bf16" if _half_flags(recipe)["bf16"] else "fp16"
+        header.append(
+            f"# precision {recipe.precision}: axolotl loads the weights in "
+            f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
+            f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
         )
     if fmt == "llamafactory" and recipe.method == "freeze":
         header += _llamafactory_freeze_notes(tied_head)

@@ -401,3 +401,24 @@ def test_llamafactory_freeze_trains_what_autotune_trained_but_the_final_norm(tra
     unknown = render("llamafactory", recipe, None, num_layers=4)
     assert "did not record whether the output head is tied" in unknown
     assert "freeze_extra_modules" not in yaml.safe_load(unknown)
+
+
+def test_an_axolotl_export_of_amp_says_axolotl_loads_half_weights():
+    """axolotl's bf16 sets the dtype the model loads in (resolve_dtype: torch_dtype bfloat16,
+    axolotl-ai-cloud/axolotl 067b021c), with no key for fp32 weights under autocast: an
+    amp_bf16 recipe's fp32 weights would load in bf16, and the header says so."""
+    full_amp = Recipe.from_dict({"method": "full", "precision": "amp_bf16"})
+    amp = render("axolotl", full_amp, None)
+    assert yaml.safe_load(amp)["bf16"] is True
+    assert (
+        "# precision amp_bf16: axolotl loads the weights in bfloat16 (bf16: true sets its model "
+        "dtype; it has no key for float32 weights under autocast), less memory than autotune "
+        "measured" in amp
+    )
+    assert "loads the weights in" not in render(
+        "axolotl", Recipe.from_dict({"method": "full"}), None
+    )
+    # a k-bit base's other weights are loaded in the compute dtype by autotune too
+    qlora_amp = recipe("qlora").replace(precision="amp_bf16")
+    assert "loads the weights in" not in render("axolotl", qlora_amp, None)
+    assert "loads the weights in" not in render("hf", full_amp, None)
