@@ -224,8 +224,7 @@ def llamafactory_config(
     output_dir: str = "saves/autotune",
     tied_head: bool | None = None,
 ) -> dict[str, Any]:
-    """`tied_head`: whether the model's output head is its input embedding (None: not known,
-    and a freeze recipe's untied head is left to the header's note)."""
+    """`tied_head`: whether the output head is the input embedding (None: not known)."""
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "stage": "sft",
@@ -313,25 +312,23 @@ def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
 
 
 def _axolotl_halves_weights(recipe: Recipe) -> bool:
-    """axolotl's bf16/fp16 also load the model in that dtype (its resolve_dtype sets
-    torch_dtype from them), so an amp_* recipe's fp32 weights load in half; a k-bit base's
-    other weights autotune loads in the compute dtype too."""
+    """axolotl's bf16/fp16 set the dtype it loads the model in (resolve_dtype): an amp_* recipe's
+    fp32 weights load in half (a k-bit base's other weights autotune loads so too)."""
     return PRECISIONS[recipe.precision].autocast and QUANTIZATIONS[recipe.quantization].bits is None
 
 
 def _llamafactory_freeze_notes(tied_head: bool | None) -> list[str]:
     """What LLaMA-Factory's freeze cannot train of autotune's: the final norm, as its
     freeze_extra_modules matches parameter names by substring (`norm` is every block's too)."""
-    notes = [
+    norm = (
         "# freeze: LLaMA-Factory cannot train the final norm alone (freeze_extra_modules: norm "
         "would match every block's norms), which autotune trained: it stays frozen here"
-    ]
-    if tied_head is None:
-        notes.append(
-            "# freeze: the study did not record whether the output head is tied; if it is not, "
-            "add freeze_extra_modules: lm_head (autotune trained it)"
-        )
-    return notes
+    )
+    head = (
+        "# freeze: the study did not record whether the output head is tied; if it is not, "
+        "add freeze_extra_modules: lm_head (autotune trained it)"
+    )
+    return [norm, head] if tied_head is None else [norm]
 
 
 def render(
