@@ -270,7 +270,7 @@ def overview_lines(study: StudyOverview) -> list[str]:
     budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
     lines = [
         f"{study.name}: model {study.model or '?'}, budget {budget}; "
-        f"{count_of(study.finished, 'trial')} finished, {study.running} running"
+        f"{study.finished_words}, {study.running} running"
     ]
     if not study.picks:
         lines.append("  nothing measured within the budget yet")

@@ -231,6 +231,10 @@ def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file
     write_jsonl(data, rows)
     study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
     data.unlink()  # the study's record of its data is read, not the file
+    from autotune.study.study_records import study_setup
+
+    # and of its model: whether a freeze recipe's head is a parameter of its own to export
+    assert study_setup(study).tie_word_embeddings is False
     exported = recipe_yaml(study, "balanced", "axolotl")[1]
     assert yaml.safe_load(exported)["datasets"][0]["type"] == "completion"  # the first row's
     assert "# the data mixes formats (alpaca 29, text 1)" in exported

@@ -20,7 +20,13 @@ from autotune.study.records import (
     trial_status,
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
-from autotune.study.study_records import is_claim_study, left_frontier, study_setup
+from autotune.study.study_records import (
+    is_claim_study,
+    left_frontier,
+    study_setup,
+    target_trials,
+)
+from autotune.units import count_of
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,22 @@ class StudyOverview:
     running: int
     picks: dict[str, MeasuredRecipe]
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
+    target_trials: int | None = None
+    """The --trials of its latest run (None: a study from before it was stored)."""
+
+    @property
+    def finished_words(self) -> str:
+        return finished_words(self.finished, self.target_trials)
+
+
+def finished_words(finished: int, target: int | None) -> str:
+    """'12 of 20 trials finished', the target being the latest run's --trials; without one
+    (an older study) or past it (a run with a lower --trials), the count and what is known."""
+    if target is None:
+        return f"{count_of(finished, 'trial')} finished"
+    if finished > target:
+        return f"{count_of(finished, 'trial')} finished (--trials {target})"
+    return f"{finished:,} of {count_of(target, 'trial')} finished"
 
 
 PREDICTING_WORDS = "(recipe chosen, predicting its memory)"
@@ -115,6 +137,7 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         finished_trial_count(study),
         _state_count(study, "RUNNING"),
         picks,
+        target_trials(study),
     )
 
 

@@ -223,7 +223,7 @@ def resolve_device(device: str) -> str:
 def check_workers(settings: RunSettings, device: str) -> None:
     if settings.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {settings.workers}")
-    from autotune.distributed import format_gpu_counts, parse_gpu_counts
+    from autotune.distributed import cpu_ranks_refusal, format_gpu_counts, parse_gpu_counts
 
     counts = settings.gpus_per_probe
     shown = format_gpu_counts(counts)
@@ -242,6 +242,9 @@ def check_workers(settings: RunSettings, device: str) -> None:
             raise UsageError(
                 f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}"
             )
+        refusal = cpu_ranks_refusal(per_probe)
+        if refusal:
+            raise UsageError(f"--gpus-per-probe {per_probe} on --device {device}: {refusal}")
         return
     import torch
 

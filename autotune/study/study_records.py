@@ -40,6 +40,9 @@ class StudySetup:
     seed: int | None = None
     vocab_size: int | None = None
     num_layers: int | None = None
+    tie_word_embeddings: bool | None = None
+    """Whether the output head is the input embedding (None: a study from before this record):
+    a freeze recipe trains an untied head, which LLaMA-Factory's export must name."""
     measured_under: dict[str, Any] = field(default_factory=dict)
     """What makes two trials' figures comparable (see run.measured_under); for a study from
     before this record, the seq_len and probe_steps it stored."""
@@ -53,6 +56,21 @@ BUDGETS_ATTR = "budgets"
 """[[first_trial_number, budget_bytes], ...]: the budget each run held its trials to, from that
 trial on, written when a run first changes the budget (until then the setup's budget_bytes is
 the only one): the setup's first, one more for each run that changed it."""
+
+
+TARGET_TRIALS_ATTR = "target_trials"
+"""The --trials of the study's latest run: the finished trials it runs until."""
+
+
+def record_target_trials(study: Any, trials: int) -> None:
+    """Every run: a resume with another --trials moves the target."""
+    study.set_user_attr(TARGET_TRIALS_ATTR, trials)
+
+
+def target_trials(study: Any) -> int | None:
+    """None for a study from before the target was stored."""
+    stored = study.user_attrs.get(TARGET_TRIALS_ATTR)
+    return stored if isinstance(stored, int) and not isinstance(stored, bool) else None
 
 
 def record_setup(study: Any, setup: StudySetup) -> None:
