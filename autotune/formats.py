@@ -111,8 +111,9 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "max_length": recipe.seq_len,  # TRL's SFTConfig name (it dropped max_seq_length)
         "attn_implementation": recipe.attention,
         # from_pretrained's dtype: the weights as the probe held them (bf16 trains bf16
-        # weights; amp_bf16 fp32 weights under autocast); left out, the checkpoint's own
-        "dtype": PRECISIONS[recipe.precision].weight_dtype,
+        # weights; amp_bf16 fp32 weights under autocast, a k-bit base's others in bf16); left
+        # out, the checkpoint's own
+        "dtype": PRECISIONS[recipe.precision].load_dtype(recipe.quantization != "none"),
         "training_arguments": training,
     }
     if recipe.method == "lora":

@@ -100,10 +100,10 @@ def _meta_model(recipe: Recipe, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from autotune.training.build import compute_dtype, quantization_config, storage_dtype
+    from autotune.training.build import load_dtype, quantization_config
 
     quantization = quantization_config(recipe)
-    dtype = compute_dtype(recipe) if quantization is not None else storage_dtype(recipe)
+    dtype = load_dtype(recipe)
     config.use_cache = False
     attention = ATTENTIONS[recipe.attention].replayed_as
     with torch.device("meta"):

@@ -18,6 +18,7 @@ import yaml
 
 from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
 from autotune.recipe import Recipe
+from autotune.training.build import load_dtype
 
 AXOLOTL_KEYS = {
     "base_model",
@@ -296,6 +297,9 @@ def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
     for precision, dtype in (("bf16", "bfloat16"), ("amp_bf16", "float32"), ("fp16", "float16")):
         config = hf_config(Recipe.from_dict({"method": "full", "precision": precision}))
         assert config["dtype"] == dtype
+    # a k-bit base's unquantized weights load in the compute dtype, as the probe loads them
+    qlora = Recipe.from_dict({"method": "lora", "quantization": "nf4", "precision": "amp_bf16"})
+    assert hf_config(qlora)["dtype"] == str(load_dtype(qlora)).removeprefix("torch.") == "bfloat16"
     # from_pretrained's keyword, as transformers names it
     tiny = AutoConfig.for_model(
         "llama",

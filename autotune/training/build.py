@@ -32,6 +32,14 @@ def storage_dtype(recipe: Recipe) -> Any:
     return getattr(torch, PRECISIONS[recipe.precision].weight_dtype)
 
 
+def load_dtype(recipe: Recipe) -> Any:
+    """The dtype from_pretrained loads the base in (PrecisionKind.load_dtype)."""
+    import torch
+
+    quantized = recipe.quantization != "none"
+    return getattr(torch, PRECISIONS[recipe.precision].load_dtype(quantized))
+
+
 def autocast_dtype(recipe: Recipe) -> Any | None:
     return compute_dtype(recipe) if PRECISIONS[recipe.precision].autocast else None
 
@@ -169,7 +177,7 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model,
-            dtype=compute_dtype(recipe) if quantization is not None else storage_dtype(recipe),
+            dtype=load_dtype(recipe),
             quantization_config=quantization,
             **options,
         )
