@@ -717,7 +717,8 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     assert "autotune.study.records" in modules and "autotune.study.storage" in modules
     assert "autotune.study.study_records" in modules
     assert "autotune.study.ranking" in modules  # the picks read promoted probes
-    for running in ("objective", "run", "prepare", "confirm", "workers", "seeding", "promotion"):
+    running_modules = ("objective", "run", "prepare", "confirm", "workers", "seeding", "promotion")
+    for running in (*running_modules, "sampler"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
 
