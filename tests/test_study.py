@@ -350,9 +350,9 @@ def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier
         f"confirm trial {stand_in} (6 steps, seed 1), in place of trial {balanced} as the "
         "balanced pick: held up" in lines.getvalue()
     )
-    in_place = f"in its place, trial {stand_in}, the balanced pick now, was confirmed: held up"
-    assert f"trial {balanced} {why}; {in_place}" in status
-    assert f"In its place, trial {stand_in}, the balanced pick now, was confirmed: held up" in page
+    in_place = f"trial {stand_in}, which the balanced pick chose next, was confirmed: held up"
+    assert f"trial {balanced} {why}; in its place, {in_place}" in status
+    assert f"In its place, {in_place}" in page
     # resuming chooses the same recipes to confirm: no other is probed again
     run_study(prepare_run(dataclasses.replace(settings, confirm_top=1)), runner)
     assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2

@@ -261,9 +261,12 @@ def left_frontier(study: Any) -> dict[int, str]:
 def confirmed_in_place(study: Any) -> dict[int, str]:
     """Trial number of one that left the frontier -> what the confirmation of the recipe its
     pick chose next found (Confirmation.in_place_of), in words for status and the report to
-    put after "in its place, ": "trial 5, the balanced pick now, was confirmed: held up: ..."."""
+    put after "in its place, ": "trial 5, which the balanced pick chose next, was confirmed:
+    held up: ..."."""
     return {
-        c.in_place_of: f"trial {number}, the {c.pick} pick now, was confirmed: {c.words()}"
+        c.in_place_of: (
+            f"trial {number}, which the {c.pick} pick chose next, was confirmed: {c.words()}"
+        )
         for number, c in sorted(confirmations(study).items())
         if c.in_place_of is not None
     }
