@@ -161,9 +161,14 @@ class ConsoleReporter(RunEvents):
 
         verdict, _, detail = confirmation.words().partition(": ")
         colour = "green" if confirmation.held_up else "red"
+        in_place = ""
+        if confirmation.in_place_of is not None:  # beyond --confirm: its pick's recipe left
+            in_place = (
+                f", in place of trial {confirmation.in_place_of} as the {confirmation.pick} pick"
+            )
         self.console.print(
             f"confirm trial {number} ({confirmation.steps} steps, seed "
-            f"{confirmation.seed}): [{colour}]{verdict}[/]: {escape(detail)}"
+            f"{confirmation.seed}){in_place}: [{colour}]{verdict}[/]: {escape(detail)}"
         )
         removal = confirmation.removal()
         if removal:  # the frontier, the picks and the export go on without it
@@ -301,6 +306,11 @@ def status_text(status: StudyStatus) -> str:
     lines += [f"  {_recipe_line(r)}" for r in status.frontier]
     lines += [
         f"trial {number} left the frontier: {why}"
+        + (
+            f"; in its place, {status.confirmed_in_place[number]}"
+            if number in status.confirmed_in_place
+            else ""
+        )
         for number, why in sorted(status.left_frontier.items())
     ]
     return "\n".join(lines)

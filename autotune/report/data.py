@@ -26,6 +26,7 @@ from autotune.study.records import (
 )
 from autotune.study.study_records import (
     Noise,
+    confirmed_in_place,
     data_stats,
     left_frontier,
     space_choices,
@@ -102,6 +103,7 @@ def report_data(
     train_tokens = stats.get("train_tokens")
     sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
     measured = int((frame["status"] == MEASURED).sum()) if len(frame) else 0
+    in_place = confirmed_in_place(study)
     commands: tuple[str, ...] = ()
     if recipe_path is not None:
         commands = tuple(
@@ -121,6 +123,7 @@ def report_data(
         left_frontier=tuple(
             f"Trial {number} ({trial_record(study.trials[number]).label}) left "
             f"the frontier: {why}; the picks and the export are chosen without it."
+            + (f" In its place, {in_place[number]}." if number in in_place else "")
             for number, why in sorted(left_frontier(study).items())
         ),
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},

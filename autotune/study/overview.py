@@ -21,6 +21,7 @@ from autotune.study.records import (
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
 from autotune.study.study_records import (
+    confirmed_in_place,
     is_claim_study,
     left_frontier,
     study_setup,
@@ -104,6 +105,9 @@ class StudyStatus:
     """Fastest first."""
     left_frontier: dict[int, str] = field(default_factory=dict)
     """Trial number -> why its confirmation took it off the frontier (Confirmation.removal)."""
+    confirmed_in_place: dict[int, str] = field(default_factory=dict)
+    """Trial number of one that left -> the confirmation of the recipe its pick chose next
+    (study_records.confirmed_in_place)."""
 
 
 def _measured(study: Any, number: int) -> MeasuredRecipe:
@@ -209,4 +213,5 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         ],
         frontier=[_measured(study, p.number) for p in frontier(points)],
         left_frontier=left_frontier(study),
+        confirmed_in_place=confirmed_in_place(study),
     )

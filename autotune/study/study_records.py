@@ -206,6 +206,10 @@ class Confirmation:
     over_budget: bool | None = None
     """It finished with its peak over the study's budget (measured on CUDA only); None in a
     study from before this field, where a miss that is not the speed's is the peak's."""
+    in_place_of: int | None = None
+    """The trial whose confirmation took it off the frontier, whose pick (`pick`) chose this
+    recipe next: confirmed in its place, beyond --confirm. None for one of the top --confirm."""
+    pick: str = ""
 
     def peak_over_budget(self) -> bool:
         if self.status != "ok" or self.held_up:
@@ -270,6 +274,20 @@ def left_frontier(study: Any) -> dict[int, str]:
     records.measured_points leaves these trials out, so every reader agrees."""
     removed = {number: c.removal() for number, c in confirmations(study).items()}
     return {number: why for number, why in removed.items() if why}
+
+
+def confirmed_in_place(study: Any) -> dict[int, str]:
+    """Trial number of one that left the frontier -> what the confirmation of the recipe its
+    pick chose next found (Confirmation.in_place_of), in words for status and the report to
+    put after "in its place, ": "trial 5, which the balanced pick chose next, was confirmed:
+    held up: ..."."""
+    return {
+        c.in_place_of: (
+            f"trial {number}, which the {c.pick} pick chose next, was confirmed: {c.words()}"
+        )
+        for number, c in sorted(confirmations(study).items())
+        if c.in_place_of is not None
+    }
 
 
 @dataclass(frozen=True)
