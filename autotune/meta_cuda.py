@@ -14,6 +14,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.recipe import Recipe
 from autotune.training.host_held import local_shard
 
@@ -329,6 +330,13 @@ def cuda_behaviour(
     def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
         return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
 
+    def packed_sequences(position_ids: Any) -> Any:
+        """transformers' sequence index of each token, without its look at the data."""
+        if not BATCHINGS[recipe.batching].masks_rows:
+            return None
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
     from torch.optim import adam
 
     patches = [
@@ -336,8 +344,9 @@ def cuda_behaviour(
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
         (F, "dropout", dropout),
-        # which rows of a batch are packed sequences is read from the data
-        (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        # which rows of a batch are packed sequences is read from the data: rows of several
+        # sequences for a batching that packs them, one sequence a row otherwise
+        (masking, "find_packed_sequence_indices", packed_sequences),
         (offload, "host_hooks", (host or HostMemory()).hooks),
     ]
     if autocast is not None:
