@@ -12,9 +12,12 @@ prints the predicted/traced ratio of allocated peaks, the replay being rounded t
 blocks (the tests allow 0.5%).
 
 What the CPU trace cannot speak for, and how each is handled:
-- SDPA's CPU kernels allocate differently from CUDA's (which the replay emulates): a sampled
-  sdpa recipe is compared as eager (marked);
-- dropout keeps an fp32 mask on the CPU where CUDA keeps one byte: compared with dropout 0
+- SDPA's CPU kernels differ from CUDA's (which the replay emulates): in bf16 or fp16 both run
+  a flash kernel (with a mask, CUDA's memory-efficient one keeps the same output, log-sum-exp
+  and additive mask), whose outputs the trace sees (marked); fp32 attention, which CUDA runs in
+  other kernels, is compared as eager (marked);
+- dropout keeps an fp32 mask on the CPU where CUDA keeps one byte: the traced step runs it
+  through torch.native_dropout, CUDA's dropout, whose CPU kernel returns a one-byte mask too
   (marked);
 - bitsandbytes' int8 matmul trains through another autograd function on the CPU: the step is
   sent through the CUDA one (MatMul8bitLt) with bitsandbytes' CPU kernels, as
@@ -88,12 +91,13 @@ def sample_recipes(count: int, seed: int, model: str, seq_len: int) -> list[Reci
 def compared_as(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """The recipe the CPU trace can speak for, and what was changed or marked to get it."""
     notes = []
-    if recipe.attention == "sdpa":
+    if recipe.attention == "sdpa" and not _half_attention(recipe):
         recipe = recipe.replace(attention="eager")
         notes.append("sdpa compared as eager")
+    elif recipe.attention == "sdpa":
+        notes.append("sdpa: the CPU's flash kernel")
     if recipe.method == "lora" and recipe.lora_dropout > 0:
-        recipe = recipe.replace(lora_dropout=0.0)
-        notes.append("dropout compared as 0")
+        notes.append("dropout via native_dropout")
     if recipe.quantization == "int8":
         notes.append("int8 via MatMul8bitLt")
         if recipe.gradient_accumulation_steps == 1:
@@ -103,17 +107,31 @@ def compared_as(recipe: Recipe) -> tuple[Recipe, list[str]]:
     return recipe, notes
 
 
+def _half_attention(recipe: Recipe) -> bool:
+    """Attention in bf16 or fp16, where CUDA and the CPU both run a flash kernel (or, with a
+    mask, kernels that keep the same tensors: output, log-sum-exp, the additive mask); fp32
+    attention (fp32 weights, or a k-bit base's fp32 activations) takes CUDA's memory-efficient
+    or math kernel and the CPU's flash one."""
+    from autotune.precisions import PRECISIONS
+
+    return recipe.quantization == "none" and PRECISIONS[recipe.precision].compute_bytes == 2
+
+
 @contextlib.contextmanager
 def cuda_like_cpu_step(recipe: Recipe) -> Iterator[None]:
-    """bitsandbytes' int8 matmul through its CUDA autograd function, and activation offload's
-    host copies made outside the tracer (host memory on a GPU)."""
+    """bitsandbytes' int8 matmul through its CUDA autograd function, dropout through CUDA's op
+    (a one-byte mask), and activation offload's host copies made outside the tracer (host memory
+    on a GPU)."""
     import bitsandbytes
     import bitsandbytes.autograd._functions as functions
+    import torch
+    import torch.nn.functional as F  # noqa: N812
     from torch.utils._python_dispatch import _disable_current_modes
 
     from autotune.training import offload
 
     saved_matmul, saved_hooks = bitsandbytes.matmul, offload.host_hooks
+    saved_dropout = F.dropout
 
     def cuda_matmul(A, B, out=None, state=None, threshold=0.0, bias=None):  # noqa: ANN001, N803
         state = state or functions.MatmulLtState()
@@ -121,8 +139,6 @@ def cuda_like_cpu_step(recipe: Recipe) -> Iterator[None]:
         return functions.MatMul8bitLt.apply(A, B, out, bias, state)
 
     def untraced_hooks() -> Any:
-        import torch
-
         pack_unpack = saved_hooks()
         pack, unpack = pack_unpack.pack_hook, pack_unpack.unpack_hook
 
@@ -137,13 +153,18 @@ def cuda_like_cpu_step(recipe: Recipe) -> Iterator[None]:
 
         return torch.autograd.graph.saved_tensors_hooks(quiet_pack, copy_back)
 
+    def one_byte_mask_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
+        return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
+
     if recipe.quantization == "int8":
         bitsandbytes.matmul = cuda_matmul
     offload.host_hooks = untraced_hooks
+    F.dropout = one_byte_mask_dropout
     try:
         yield
     finally:
         bitsandbytes.matmul, offload.host_hooks = saved_matmul, saved_hooks
+        F.dropout = saved_dropout
 
 
 def measure(recipe: Recipe, config: Any, spec: Any) -> dict[str, Any]:
