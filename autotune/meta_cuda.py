@@ -350,7 +350,8 @@ def cuda_behaviour(
 
     def packed_sequences(position_ids: Any) -> Any:
         """transformers' sequence index of each token, without its look at the data."""
-        if not BATCHINGS[recipe.batching].masks_rows or force_flash:  # flash: sequence bounds
+        masked = BATCHINGS[recipe.batching].masks(recipe.micro_batch_size)
+        if not masked or force_flash:  # flash attention takes the sequences' bounds
             return None
         first = position_ids[:, :1] - 1
         return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)

@@ -1,15 +1,20 @@
 """The replay memory model against real CPU steps, over a seeded sample of combined recipes.
 
-    python bench/replay_combos.py --count 48 --seed 0 --out bench/results/replay_combos_cpu.json
+    python bench/replay_combos.py --count 100 --seed 0 --out bench/results/replay_combos_cpu.json
 
 draws recipes as a study samples them (Optuna's random sampler over `SearchSpace.suggest`) from
 the default space widened to every choice the dimension table (autotune/dimensions.py) allows,
 on Qwen2-0.5B's architecture cut to CPU widths (the test suite's `cut_model`) at seq 128. Each
 recipe's second optimizer step is traced on the CPU tensor by tensor (autotune.step_trace) and
 replayed on the meta device (autotune.replay, no cuBLAS workspace: the CPU has none); where the
-replay refuses, the formula (autotune.memory.estimate) that studies then use is compared. It
-prints the predicted/traced ratio of allocated peaks, the replay being rounded to 512-byte
-blocks (the tests allow 0.5%).
+replay refuses, the formula (autotune.memory.estimate) that studies then use is compared (the
+choices it refuses are CUDA-only or several GPUs, not drawn here; the formula's ratio is
+recorded beside every row). It prints the predicted/traced ratio of allocated peaks, the
+replay being rounded to 512-byte blocks (the tests allow 0.5%): under below 0.995, over above
+1.05. The traced examples are all seq_len long, as the replay's rows are; a padded recipe of
+several rows a micro-batch is also traced with its other rows 3/4 as long (padded_rows_ratio):
+real data of mixed lengths puts padding, and an attention mask, into the probe's first step,
+which the replay does not model.
 
 What the CPU trace cannot speak for, and how each is handled:
 - SDPA's CPU kernels differ from CUDA's (which the replay emulates): in bf16 or fp16 both run
@@ -28,8 +33,13 @@ What the CPU trace cannot speak for, and how each is handled:
   (on the CPU the host copy itself) as a tensor of its own;
 - paged optimizer states live outside the CUDA allocator: the replay's paged bytes are added
   back, as the CPU keeps them with the other states;
+- packed rows are replayed as rows of several sequences (a block-diagonal mask); the traced
+  full-length examples fill a row each, with no mask: packed recipes may read over;
+- the loss is not checked for being finite: pure fp16 weights under torch's AdamW turn NaN
+  after a step on random weights (its eps is 0 in fp16), and memory does not depend on values;
 - CUDA-only choices (Liger's fused loss, torchao's CPU-offload optimizer, flash-attention 2)
-  and several GPUs are not drawn.
+  and several GPUs are not drawn; DoRA over an int8 base does not train on the CPU
+  (bitsandbytes' CPU int8 matmul finds the weight's scales, SCB, unset): untraced.
 """
 
 from __future__ import annotations
@@ -200,8 +210,41 @@ def measure(recipe: Recipe, config: Any, spec: Any) -> dict[str, Any]:
     row["ratio"] = predicted / trace.peak_bytes
     # the formula's figure beside it, for the record: studies use it where the replay refuses
     row["formula_ratio"] = estimate(spec, compared).allocated_bytes / trace.peak_bytes
+    if compared.batching == "padded" and compared.micro_batch_size > 1:
+        # the same prediction against a step whose micro-batches are padded
+        with padded_micro_batches():
+            row["padded_rows_ratio"] = predicted / _trace(compared).peak_bytes
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+@contextlib.contextmanager
+def padded_micro_batches() -> Iterator[None]:
+    """Steps whose micro-batches hold one full-length row and shorter ones (3/4 of it): padding,
+    and with it an attention mask, in every micro-batch of more than one row, as real data of
+    mixed lengths gives the probe's first step."""
+    from autotune.data.tokens import TokenizedExample
+    from autotune.training import loop
+
+    saved = loop.train_steps
+
+    def shortened(model: Any, optimizer: Any, steps: Any, recipe: Recipe, *rest: Any) -> Any:
+        def row(index: int, example: TokenizedExample) -> TokenizedExample:
+            if index % recipe.micro_batch_size == 0:
+                return example
+            keep = len(example.input_ids) * 3 // 4
+            return TokenizedExample(
+                input_ids=example.input_ids[:keep], labels=example.labels[:keep]
+            )
+
+        steps = [[row(i, e) for i, e in enumerate(step)] for step in steps]
+        return saved(model, optimizer, steps, recipe, *rest)
+
+    loop.train_steps = shortened
+    try:
+        yield
+    finally:
+        loop.train_steps = saved
 
 
 def _trace(recipe: Recipe) -> Any:
@@ -242,7 +285,7 @@ def verdict(row: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=48, help="recipes to draw")
+    parser.add_argument("--count", type=int, default=100, help="recipes to draw")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -274,6 +317,8 @@ def main() -> int:
             row["verdict"] = verdict(row)
             rows.append(row)
             ratio = f"{row['ratio']:.4f}" if "ratio" in row else "   -  "
+            if "padded_rows_ratio" in row:
+                ratio += f" (padded rows {row['padded_rows_ratio']:.4f})"
             print(
                 f"{index:3d} {row['verdict']:5s} {ratio} {row.get('model', '-'):7s} "
                 f"{row['sampled']}  {'; '.join(row['notes'])} "
@@ -283,12 +328,19 @@ def main() -> int:
     verdicts = ("ok", "under", "over", "error", "untraced")
     counts = {v: sum(r["verdict"] == v for r in rows) for v in verdicts}
     ratios = [r["ratio"] for r in rows if "ratio" in r]
+    padded = [r["padded_rows_ratio"] for r in rows if "padded_rows_ratio" in r]
+    counts["padded_rows_under"] = sum(ratio < 1 - TOLERANCE for ratio in padded)
     print(
         f"{len(rows)} recipes: {counts['ok']} within -0.5%..+5%, {counts['under']} under, "
         f"{counts['over']} over 5%, {counts['error']} replay errors, "
         f"{counts['untraced']} the CPU could not train; "
         f"ratio min {min(ratios):.4f} max {max(ratios):.4f}"
     )
+    if padded:
+        print(
+            f"with padded micro-batches: {counts['padded_rows_under']} of {len(padded)} under, "
+            f"ratio min {min(padded):.4f} max {max(padded):.4f}"
+        )
     if args.out:
         args.out.write_text(
             json.dumps(
