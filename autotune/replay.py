@@ -10,8 +10,10 @@ the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU
 
 What the meta device cannot run is emulated with CUDA's memory behaviour:
 - SDPA picks its kernel as on CUDA: flash attention for fp16/bf16 without a mask (output and a
-  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel for
-  fp32 without grouped-query heads, the math path (the real ops) otherwise;
+  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel
+  where the heads match (transformers repeats grouped key heads under a mask), which also
+  keeps the additive mask torch makes of a boolean one at each call, the math path (the real
+  ops) otherwise;
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
