@@ -60,6 +60,13 @@ def activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> floa
         # SDPA has no fused kernel for fp32 q/k/v with a mask, so it takes the math path and
         # keeps the fp32 softmax: what a k-bit base (fp32 residual stream) pays per token.
         attention += spec.num_attention_heads * span * 4
+    elif (
+        BATCHINGS[recipe.batching].masks(recipe.micro_batch_size)
+        and not ATTENTIONS[recipe.attention].flash
+    ):
+        # torch makes the block-diagonal mask additive, in q's dtype, at each call (each
+        # block), and the memory-efficient kernel keeps that for backward
+        attention += span * a
     # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
     # ones need only the weight to pass the gradient on.
     weight_inputs = 0

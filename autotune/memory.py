@@ -214,7 +214,10 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         activations += dora_weights
     else:
         activations = tokens * blocks * per_block_token + blocks * dora_weights
-    if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
+    if (
+        BATCHINGS[recipe.batching].masks(recipe.micro_batch_size)
+        and not ATTENTIONS[recipe.attention].flash
+    ):
         # the block-diagonal masks over the rows (one byte per pair), shared by every block
         activations += tokens * row_tokens(recipe, seq_len)
     logit_tokens = loss_logit_tokens(spec, recipe, tokens)

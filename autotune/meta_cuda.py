@@ -14,6 +14,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.recipe import Recipe
 from autotune.training.host_held import local_shard
 
@@ -263,17 +264,18 @@ def attention_functions() -> tuple[Any, Any]:
         lse_multiple = 1
 
         @classmethod
-        def forward(cls, ctx, query, key, value):  # noqa: ANN001
+        def forward(cls, ctx, query, key, value, bias=None):  # noqa: ANN001
             out = like_flash_output(query, value)
             b, h, s, _ = query.shape
             padded = -(-s // cls.lse_multiple) * cls.lse_multiple
             lse = query.new_empty((b, h, padded), dtype=torch.float32)
-            ctx.save_for_backward(query, key, value, out, lse)
+            # the additive mask (the memory-efficient kernel's bias) is kept for backward
+            ctx.save_for_backward(query, key, value, out, lse, bias)
             return out
 
         @staticmethod
         def backward(ctx, grad):  # noqa: ANN001
-            query, key, value, out, lse = ctx.saved_tensors
+            query, key, value, out, lse, _ = ctx.saved_tensors
             accumulator = None
             if query.dtype != torch.float32:
                 accumulator = query.new_empty(query.shape, dtype=torch.float32)
@@ -289,7 +291,7 @@ def attention_functions() -> tuple[Any, Any]:
             else:
                 grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
             del accumulator, delta
-            return grad_query, grad_key, grad_value
+            return grad_query, grad_key, grad_value, None
 
     class Flash(Kernel):
         lse_multiple = 1
@@ -332,7 +334,7 @@ def cuda_behaviour(
         if attn_mask is None and (force_flash or (half and query.shape[-1] <= 256)):
             return flash.apply(query, key, value)
         if key.shape[1] == query.shape[1]:
-            return efficient.apply(query, key, value)
+            return efficient.apply(query, key, value, attention_bias(query, attn_mask))
         return original_sdpa(
             query,
             key,
@@ -344,8 +346,33 @@ def cuda_behaviour(
             enable_gqa=enable_gqa,
         )
 
+    def attention_bias(query: Any, mask: Any) -> Any:
+        """The mask as the memory-efficient kernel gets it: torch makes a boolean mask additive,
+        in the query's dtype, before it picks a kernel (a tensor per call, so per layer), and
+        pads its last dimension to a multiple of 16."""
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            zero, minus_inf = (
+                torch.scalar_tensor(v, dtype=query.dtype, device=mask.device)
+                for v in (0.0, float("-inf"))
+            )
+            mask = torch.where(mask, zero, minus_inf)
+        width = mask.shape[-1]
+        if width % 16:
+            mask = F.pad(mask, (0, 16 - width % 16))[..., :width]
+        return mask
+
     def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
         return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
+
+    def packed_sequences(position_ids: Any) -> Any:
+        """transformers' sequence index of each token, without its look at the data."""
+        masked = BATCHINGS[recipe.batching].masks(recipe.micro_batch_size)
+        if not masked or force_flash:  # flash attention takes the sequences' bounds
+            return None
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
     from torch.optim import adam
 
@@ -354,8 +381,9 @@ def cuda_behaviour(
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
         (F, "dropout", dropout),
-        # which rows of a batch are packed sequences is read from the data
-        (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        # which rows of a batch are packed sequences is read from the data: rows of several
+        # sequences for a batching that packs them, one sequence a row otherwise
+        (masking, "find_packed_sequence_indices", packed_sequences),
         (offload, "host_hooks", (host or HostMemory()).hooks),
     ]
     if autocast is not None:

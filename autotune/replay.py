@@ -10,8 +10,10 @@ the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU
 
 What the meta device cannot run is emulated with CUDA's memory behaviour:
 - SDPA picks its kernel as on CUDA: flash attention for fp16/bf16 without a mask (output and a
-  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel for
-  fp32 without grouped-query heads, the math path (the real ops) otherwise;
+  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel
+  where the heads match (transformers repeats grouped key heads under a mask), which also
+  keeps the additive mask torch makes of a boolean one at each call, the math path (the real
+  ops) otherwise;
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
@@ -21,9 +23,11 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
 - bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), with
   outlier columns (their count depends on the data) from the size where they emerge;
 - paged optimizer states live in CUDA unified memory, outside the allocator.
-Rows are full length (the probe's first step holds the longest examples); packed and
-padding-free batches are replayed as one causal sequence per row. Each micro-batch's loss, and
-its graph, lives until the next one's is made, as in the probe's step loop.
+Rows are full length (the probe's first step holds the longest examples); a padding-free
+micro-batch is one row of its sequences end to end, and packed rows hold several sequences, so
+both get the block-diagonal mask transformers builds from positions that restart. Each
+micro-batch's loss, and its graph, lives until the next one's is made, as in the probe's step
+loop.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_cuda import (
@@ -218,12 +223,24 @@ def _forward_loss(
 
     from autotune.training.loss import causal_lm_loss
 
-    input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
-    batch = [input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)]
+    rows, length = shape
+    batching = BATCHINGS[recipe.batching]
+    if batching.one_row:  # the micro-batch's sequences end to end
+        rows, length = 1, rows * length
+    input_ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    labels = torch.zeros_like(input_ids)
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if batching.masks_rows:
+        # positions restart at each sequence: transformers builds the block-diagonal mask
+        positions = torch.arange(shape[1], device="meta").repeat(length // shape[1])
+        inputs["position_ids"] = positions.expand(rows, length).contiguous()
+        batch = [input_ids, labels, inputs["position_ids"]]
+    else:
+        batch = [input_ids, torch.ones_like(input_ids), labels]
     if autocast is not None:
         autocast.caching = True
     # all-ones masks are dropped by transformers; the meta device cannot read them to see so
-    loss = causal_lm_loss(model, {"input_ids": input_ids, "labels": batch[2]}, recipe)
+    loss = causal_lm_loss(model, inputs, recipe)
     if autocast is not None:
         autocast.cache.clear()  # autocast's cast cache lives as long as its forward
         autocast.caching = False

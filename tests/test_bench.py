@@ -497,3 +497,22 @@ def test_multi_gpu_bench_cpu_path(tmp_path):
     assert rows["fsdp"]["memory_model"] == "replay" and rows["ddp"]["memory_model"] == "formula"
     assert all(rows[strategy]["memory_model"] == "formula" for strategy in zero)
     assert results["summary"]["none"]["speed_up"] == 1.0
+
+
+def test_replay_combos_replays_drawn_recipes_as_their_traced_steps_allocate(cut_model):
+    """Recipes drawn as a study draws them, from every choice of the dimension table, replay
+    to their traced CPU step's allocated peak (bench/replay_combos.py): of the first four of
+    seed 0, those without a k-bit base (NF4's CPU kernels are slow), two padding-free
+    micro-batches of two sequences, one replayed 0.9% under before such a micro-batch was
+    replayed as one row."""
+    from autotune.model_spec import load_model_spec
+    from autotune.replay import load_config
+
+    combos = load_bench("replay_combos")
+    drawn = combos.sample_recipes(4, 0, str(cut_model), 128)
+    assert len({recipe.label() for recipe in drawn}) == 4
+    recipes = [recipe for recipe in drawn if recipe.quantization == "none"]
+    assert [(r.batching, r.micro_batch_size) for r in recipes] == [("padding_free", 2)] * 2
+    config, spec = load_config(str(cut_model)), load_model_spec(str(cut_model))
+    rows = [combos.measure(recipe, config, spec) for recipe in recipes]
+    assert [combos.verdict(row) for row in rows] == ["ok"] * 2, [r.get("ratio") for r in rows]
