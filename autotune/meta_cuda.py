@@ -224,12 +224,16 @@ class Autocast:
         self.dtype = dtype
         self.cache: dict[int, Any] = {}
         self.caching = True
+        self.enabled = True
+        """False inside `torch.autocast(..., enabled=False)` (peft's fold of a LoRA delta into
+        stacked expert weights runs in their dtype)."""
 
     def cast(self, tensor: Any) -> Any:
         import torch
 
         if (
-            not isinstance(tensor, torch.Tensor)
+            not self.enabled
+            or not isinstance(tensor, torch.Tensor)
             or not tensor.is_floating_point()
             or tensor.dtype == self.dtype
         ):
@@ -248,6 +252,29 @@ class Autocast:
             return function(*args, **kwargs)
 
         return cast_then_call
+
+
+def meta_autocast(original: Any, autocast: Autocast | None) -> Any:
+    """torch.autocast that accepts the meta device (torch has no autocast state for it): there
+    it turns the emulated casts off where the code turns CUDA's off, and does nothing else."""
+
+    @contextlib.contextmanager
+    def turned_off() -> Iterator[None]:
+        assert autocast is not None
+        was, autocast.enabled = autocast.enabled, False
+        try:
+            yield
+        finally:
+            autocast.enabled = was
+
+    def autocast_for(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if device_type != "meta":
+            return original(device_type, *args, **kwargs)
+        if autocast is not None and not kwargs.get("enabled", True):
+            return turned_off()
+        return contextlib.nullcontext()
+
+    return autocast_for
 
 
 def attention_functions() -> tuple[Any, Any]:
@@ -357,6 +384,7 @@ def cuda_behaviour(
         # which rows of a batch are packed sequences is read from the data
         (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
         (offload, "host_hooks", (host or HostMemory()).hooks),
+        (torch, "autocast", meta_autocast(torch.autocast, autocast)),
     ]
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):
