@@ -76,11 +76,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmo2": {},
     "gpt_neox": {},
     "gpt2": {
-        "n_embd": HIDDEN,
         "n_inner": INTERMEDIATE,
-        "n_layer": LAYERS,
-        "n_head": HEADS,
-        "n_positions": 2 * SEQ_LEN,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
@@ -93,6 +89,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "smollm3": {},
     "gpt_oss": {**HEAD_DIM, "num_local_experts": 4, "num_experts_per_tok": 2},
     "deepseek_v3": {
+        "num_key_value_heads": HEADS,  # multi-head latent attention: a key per query head
         "moe_intermediate_size": 64,
         "n_routed_experts": 4,
         "num_experts_per_tok": 2,
@@ -125,17 +122,15 @@ TOLERANCE = 0.005
 
 
 def family_config(model_type: str) -> dict[str, Any]:
+    """The tiny config of `model_type`: the SIZES its config class knows (by its own names or
+    the standard ones it maps), what FAMILIES adds, every dropout it has at 0."""
     from transformers import AutoConfig
 
-    extra = FAMILIES[model_type]
-    values = {"model_type": model_type, **SIZES, **extra}
-    if model_type == "gpt2":
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-            values.pop(name)
-        values.pop("num_attention_heads")
-        values.pop("num_key_value_heads")
-    # a dropout the family's config has is set to 0 (CPU dropout keeps an fp32 mask)
-    known = AutoConfig.for_model(model_type).to_dict()
+    default = AutoConfig.for_model(model_type)
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    values = {"model_type": model_type}
+    values.update({name: value for name, value in SIZES.items() if name in known})
+    values.update(FAMILIES[model_type])
     for name in NO_DROPOUT:
         if name in known:
             values[name] = 0.0

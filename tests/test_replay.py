@@ -173,6 +173,48 @@ def test_replay_of_lora_on_stacked_experts_allocates_what_a_real_step_allocates(
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
 
 
+FAMILY_CUTS = {
+    "gpt_neox": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2},
+    "gpt2": {"n_embd": 128, "n_layer": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+"""Families that keep their blocks elsewhere than model.layers, at CPU widths, dropout off;
+GPT-2 under its own field names, with no MLP width (four times the model's, as in its released
+config)."""
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fields"),
+    [
+        ("gpt_neox", {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False}),
+        (
+            "gpt2",
+            {
+                "method": "lora",
+                "lora_r": 8,
+                "lora_dropout": 0.0,
+                "lora_target_modules": "all-linear",
+            },
+        ),
+    ],
+)
+def test_replay_of_families_beyond_llama_allocates_what_a_real_step_allocates(
+    tmp_path, model_type, fields
+):
+    """Freezing GPT-NeoX's blocks (gpt_neox.layers) crashed on model.layers, and GPT-2's config
+    (n_embd, n_layer, n_head) was refused as an unsupported architecture: both run, and the
+    replay allocates what a real step does."""
+    config = {"model_type": model_type, "num_attention_heads": 4, "vocab_size": 4096}
+    model = build_random_model({**config, **FAMILY_CUTS[model_type]}, tmp_path / model_type)
+    recipe = _cut_step(model, **fields)
+    spec = load_model_spec(str(model))
+    spec.check_recipe(recipe, "recipe")
+    assert (spec.hidden_size, spec.num_layers) == (128, 2)
+    assert model_type != "gpt2" or spec.intermediate_size == 4 * 128
+    traced = trace_step(recipe).peak_bytes
+    replayed = replay(recipe, load_config(str(model)), cublas_workspace_bytes=0)
+    assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
+
+
 def _h100_row(shape: str, label: str, seq_len: int) -> dict:
     rows = json.loads(H100_ROWS.read_text(encoding="utf-8"))["rows"]
     return next(
