@@ -336,6 +336,7 @@ def cuda_behaviour(
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as masking
+    from transformers import PreTrainedModel
 
     from autotune.training import offload
 
@@ -383,6 +384,8 @@ def cuda_behaviour(
         (F, "dropout", dropout),
         # which rows of a batch are packed sequences is read from the data
         (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        # as is whether the ids hold padding (GPT-2 checks where no attention mask is passed)
+        (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
         (offload, "host_hooks", (host or HostMemory()).hooks),
         (torch, "autocast", meta_autocast(torch.autocast, autocast)),
     ]

@@ -175,7 +175,12 @@ def test_replay_of_lora_on_stacked_experts_allocates_what_a_real_step_allocates(
 
 FAMILY_CUTS = {
     "gpt_neox": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2},
-    "gpt2": {"n_embd": 128, "n_layer": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "gpt2": {
+        "n_embd": 128,
+        "n_layer": 2,
+        "pad_token_id": 0,
+        **{f"{part}_pdrop": 0.0 for part in ("resid", "embd", "attn")},
+    },
 }
 """Families that keep their blocks elsewhere than model.layers, at CPU widths, dropout off;
 GPT-2 under its own field names, with no MLP width (four times the model's, as in its released
@@ -201,8 +206,9 @@ def test_replay_of_families_beyond_llama_allocates_what_a_real_step_allocates(
     tmp_path, model_type, fields
 ):
     """Freezing GPT-NeoX's blocks (gpt_neox.layers) crashed on model.layers, and GPT-2's config
-    (n_embd, n_layer, n_head) was refused as an unsupported architecture: both run, and the
-    replay allocates what a real step does."""
+    (n_embd, n_layer, n_head) was refused as an unsupported architecture; with a pad token, its
+    replay failed reading the meta input ids for padding. Both run, and the replay allocates
+    what a real step does."""
     config = {"model_type": model_type, "num_attention_heads": 4, "vocab_size": 4096}
     model = build_random_model({**config, **FAMILY_CUTS[model_type]}, tmp_path / model_type)
     recipe = _cut_step(model, **fields)
