@@ -377,7 +377,7 @@ def cuda_behaviour(
 
     from torch.optim import adam
 
-    patches = [
+    patches: list[tuple[Any, str, Any]] = [
         (F, "scaled_dot_product_attention", sdpa),
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
