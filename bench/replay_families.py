@@ -5,7 +5,8 @@
 For each causal-LM family transformers ships that users fine-tune, a tiny random model is built
 from a config (2 blocks, width 128, MLP 256, 4 heads, 2 KV heads where the family has them,
 vocabulary 4096, the demo tokenizer, dropout 0), and for each recipe (LoRA all-linear, full,
-freeze; gradient checkpointing on and off; QLoRA NF4; two sequences of 128 tokens, eager
+freeze, all of the block above the frozen one or its attention; gradient checkpointing on
+and off; full under amp_bf16; QLoRA NF4; two sequences of 128 tokens, eager
 attention, whose CPU kernels allocate as CUDA's do):
 - the checks a study and `train` run before loading weights (the recipe against the model's
   config, its layers, peft and the device: autotune.model_spec, autotune.architecture); a
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared import TOKENIZER  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ_LEN = 128, 256, 2, 4, 2, 4096, 128
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 SIZES = {
     "hidden_size": HIDDEN,
     "intermediate_size": INTERMEDIATE,
@@ -43,9 +45,7 @@ SIZES = {
     "num_key_value_heads": KV_HEADS,
     "vocab_size": VOCAB,
     "max_position_embeddings": 2 * SEQ_LEN,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
+    **SPECIAL_TOKENS,
 }
 HEAD_DIM = {"head_dim": HIDDEN // HEADS}
 NO_DROPOUT = {"attention_dropout": 0.0, "hidden_dropout": 0.0}
@@ -71,6 +71,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": HEAD_DIM,
     "gemma2": {**HEAD_DIM, "query_pre_attn_scalar": HIDDEN // HEADS, "sliding_window": 64},
     "gemma3_text": {**HEAD_DIM, "query_pre_attn_scalar": HIDDEN // HEADS, "sliding_window": 64},
+    "gemma3": {
+        "text_config": "gemma3_text",
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        "mm_tokens_per_image": 4,
+        **{f"{token}_index": VOCAB - n for n, token in enumerate(("image_token", "boi_token"), 1)},
+        "eoi_token_index": VOCAB - 3,
+    },
     "phi": {"resid_pdrop": 0.0, "embd_pdrop": 0.0},
     "phi3": {"resid_pdrop": 0.0, "embd_pdrop": 0.0},
     "olmo2": {},
@@ -115,6 +130,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full gc": {"method": "full", "gradient_checkpointing": True},
     "full": {"method": "full", "gradient_checkpointing": False},
     "freeze 1": {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False},
+    "freeze attn": {"method": "freeze", "frozen_layers": 1, "train_modules": "attention"},
+    "full amp gc": {"method": "full", "precision": "amp_bf16", "gradient_checkpointing": True},
     "qlora nf4 gc": {**LORA, "quantization": "nf4", "gradient_checkpointing": True},
 }
 TOLERANCE = 0.005
@@ -126,11 +143,16 @@ def family_config(model_type: str) -> dict[str, Any]:
     the standard ones it maps), what FAMILIES adds, every dropout it has at 0."""
     from transformers import AutoConfig
 
+    extra = dict(FAMILIES[model_type])
+    if isinstance(extra.get("text_config"), str):  # a vision-language model around a text one
+        text = family_config(extra["text_config"])
+        del text["model_type"]
+        return {"model_type": model_type, **extra, "text_config": text, **SPECIAL_TOKENS}
     default = AutoConfig.for_model(model_type)
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
     values = {"model_type": model_type}
     values.update({name: value for name, value in SIZES.items() if name in known})
-    values.update(FAMILIES[model_type])
+    values.update(extra)
     for name in NO_DROPOUT:
         if name in known:
             values[name] = 0.0

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from autotune.architecture import check_recipe
 from autotune.memory import CUDA_CONTEXT_BYTES
 from autotune.model_spec import load_model_spec
 from autotune.prediction import predict
@@ -13,7 +14,7 @@ from autotune.random_model import build_random_model
 from autotune.recipe import Recipe
 from autotune.replay import load_config, replay
 from autotune.step_trace import trace_step
-from tests.conftest import ROOT, SHAPE_CONFIGS
+from tests.conftest import ROOT, SHAPE_CONFIGS, load_bench
 
 H100_ROWS = ROOT / "bench" / "results" / "memory_h100.json"
 
@@ -173,24 +174,11 @@ def test_replay_of_lora_on_stacked_experts_allocates_what_a_real_step_allocates(
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced
 
 
-FAMILY_CUTS = {
-    "gpt_neox": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2},
-    "gpt2": {
-        "n_embd": 128,
-        "n_layer": 2,
-        "pad_token_id": 0,
-        **{f"{part}_pdrop": 0.0 for part in ("resid", "embd", "attn")},
-    },
-}
-"""Families that keep their blocks elsewhere than model.layers, at CPU widths, dropout off;
-GPT-2 under its own field names, with no MLP width (four times the model's, as in its released
-config)."""
-
-
 @pytest.mark.parametrize(
     ("model_type", "fields"),
     [
         ("gpt_neox", {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False}),
+        ("gemma3", {"method": "freeze", "frozen_layers": 1, "gradient_checkpointing": False}),
         (
             "gpt2",
             {
@@ -205,17 +193,20 @@ config)."""
 def test_replay_of_families_beyond_llama_allocates_what_a_real_step_allocates(
     tmp_path, model_type, fields
 ):
-    """Freezing GPT-NeoX's blocks (gpt_neox.layers) crashed on model.layers, and GPT-2's config
-    (n_embd, n_layer, n_head) was refused as an unsupported architecture; with a pad token, its
-    replay failed reading the meta input ids for padding. Both run, and the replay allocates
-    what a real step does."""
-    config = {"model_type": model_type, "num_attention_heads": 4, "vocab_size": 4096}
-    model = build_random_model({**config, **FAMILY_CUTS[model_type]}, tmp_path / model_type)
+    """Freezing GPT-NeoX's blocks (gpt_neox.layers) or Gemma 3's (its language model's, beside
+    a vision tower) crashed on model.layers; GPT-2's config (n_embd, n_layer, n_head, here with
+    no MLP width: four times the model's, as in its released config) was refused as an
+    unsupported architecture, and with a pad token its replay failed reading the meta input ids
+    for padding. Each runs, and the replay allocates what a real step does (the model configs
+    of bench/replay_families.py, dropout off)."""
+    config = load_bench("replay_families").family_config(model_type)
+    config.pop("n_inner", None)
+    model = build_random_model(config, tmp_path / model_type)
     recipe = _cut_step(model, **fields)
     spec = load_model_spec(str(model))
     spec.check_recipe(recipe, "recipe")
-    assert (spec.hidden_size, spec.num_layers) == (128, 2)
-    assert model_type != "gpt2" or spec.intermediate_size == 4 * 128
+    check_recipe(recipe, load_config(str(model)), "recipe", "cpu")
+    assert model_type != "gpt2" or spec.intermediate_size == 4 * spec.hidden_size
     traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, load_config(str(model)), cublas_workspace_bytes=0)
     assert abs(replayed.peak_allocated_bytes - traced) <= 0.005 * traced

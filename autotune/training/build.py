@@ -97,8 +97,9 @@ def quantization_config(recipe: Recipe) -> Any | None:
 
 
 BLOCK_LISTS = ("layers", "h", "blocks")
-"""What causal LMs name their list of decoder blocks, under the base model: model.layers (the
-Llama family, Gemma, Phi, ...), transformer.h (GPT-2, Falcon), gpt_neox.layers."""
+"""What causal LMs name their list of decoder blocks, under the base model (or its language
+model): model.layers (the Llama family, Gemma, Phi, ...), transformer.h (GPT-2, Falcon),
+gpt_neox.layers, model.language_model.layers (Gemma 3)."""
 BLOCK_PARTS = {
     "attention": ("self_attn", "attn", "attention", "self_attention"),
     "mlp": ("mlp", "feed_forward"),
@@ -113,10 +114,12 @@ def decoder_blocks(model: Any) -> Any:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "base_model", base)
-    for name in BLOCK_LISTS:
-        blocks = getattr(inner, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
+    # a vision-language model's (Gemma 3's) decoder blocks are its language model's
+    for owner in (inner, getattr(inner, "language_model", None)):
+        for name in BLOCK_LISTS:
+            blocks = getattr(owner, name, None)
+            if isinstance(blocks, torch.nn.ModuleList):
+                return blocks
     raise ValueError(
         f"{type(base).__name__} has no list of decoder blocks named {', '.join(BLOCK_LISTS)}"
     )
