@@ -118,6 +118,30 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 16,
         "v_head_dim": 32,
     },
+    # hybrids: linear attention, short convolutions, Mamba mixers (their CUDA kernels are
+    # optional packages; without them transformers runs reference PyTorch code, as here)
+    "qwen3_next": {
+        **HEAD_DIM,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 128,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32,
+        "layer_types": ["linear_attention", "full_attention"],
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_ff_dim": INTERMEDIATE},
+    "falcon_h1": {
+        **HEAD_DIM,
+        "mamba_d_ssm": HIDDEN,
+        "mamba_n_heads": HEADS,
+        "mamba_d_head": HIDDEN // HEADS,
+        "mamba_d_state": 16,
+        "mamba_n_groups": 1,
+        "mamba_chunk_size": 64,
+    },
 }
 """Model type -> what its config needs beyond SIZES to be a tiny model of its family (head
 widths where the family's default is a real model's, experts, dropout off)."""

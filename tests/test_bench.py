@@ -497,3 +497,22 @@ def test_multi_gpu_bench_cpu_path(tmp_path):
     assert rows["fsdp"]["memory_model"] == "replay" and rows["ddp"]["memory_model"] == "formula"
     assert all(rows[strategy]["memory_model"] == "formula" for strategy in zero)
     assert results["summary"]["none"]["speed_up"] == 1.0
+
+
+def test_replay_families_records_each_case_with_its_ratio(tmp_path):
+    """bench/replay_families.py on Falcon (blocks in transformer.h, whose freeze probe crashed)
+    with one recipe: the checks pass, the real step and the replay agree, and the file names
+    the command."""
+    out = tmp_path / "families.json"
+    done = run_bench(
+        "replay_families.py",
+        *("--families", "falcon", "--recipes", "freeze 1", "--out", str(out)),
+        device=None,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and abs(row["replay_ratio"] - 1) <= results["tolerance"]
+    assert results["counts"] == {"ok": 1}
+    assert "bench/replay_families.py --families falcon" in results["command"]
+    assert "falcon" in done.stdout and "freeze 1" in done.stdout
