@@ -217,7 +217,8 @@ def _freeze_refusals(model: Any) -> dict[str, str]:
     refusals = {}
     for modules in BLOCK_PARTS:
         try:
-            block_part(blocks[0], modules)
+            for block in blocks:  # hybrids mix kinds of blocks
+                block_part(block, modules)
         except ValueError as error:
             refusals[modules] = str(error)
     return refusals

@@ -316,7 +316,7 @@ def main() -> int:
     args.out.write_text(
         json.dumps(
             {
-                "command": "python bench/replay_families.py " + " ".join(sys.argv[1:]),
+                "command": " ".join(["python bench/replay_families.py", *sys.argv[1:]]),
                 "transformers": transformers.__version__,
                 "sizes": {**SIZES, "seq_len": SEQ_LEN, **STEP},
                 "tolerance": TOLERANCE,

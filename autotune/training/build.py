@@ -101,10 +101,11 @@ BLOCK_LISTS = ("layers", "h", "blocks")
 model): model.layers (the Llama family, Gemma, Phi, ...), transformer.h (GPT-2, Falcon),
 gpt_neox.layers, model.language_model.layers (Gemma 3)."""
 BLOCK_PARTS = {
-    "attention": ("self_attn", "attn", "attention", "self_attention"),
+    "attention": ("self_attn", "attn", "attention", "self_attention", "linear_attn"),
     "mlp": ("mlp", "feed_forward"),
 }
-"""What a decoder block names its attention and its MLP, by train_modules."""
+"""What a decoder block names its attention (Qwen3-Next's linear-attention blocks: linear_attn)
+and its MLP, by train_modules."""
 
 
 def decoder_blocks(model: Any) -> Any:
