@@ -247,6 +247,18 @@ def test_freeze_finds_each_family_blocks_or_is_left_out_in_one_line(tmp_path):
     assert mpt.recipe_problems(freeze.replace(train_modules="mlp"))[0].startswith(
         "method freeze (train_modules mlp): MptBlock has no mlp module"
     )
+    # a hybrid's blocks differ: every one must have what is trained (LFM2's convolution blocks
+    # have no attention; Qwen3-Next's linear attention is its blocks' attention)
+    hybrids = {
+        "lfm2": {"layer_types": ["full_attention", "conv"]},
+        "qwen3_next": {"layer_types": ["full_attention", "linear_attention"], "head_dim": 16},
+    }
+    for model_type, fields in hybrids.items():
+        config = load_config(str(config_dir(tmp_path, model_type)))
+        for name, value in fields.items():
+            setattr(config, name, value)
+        refusals = read_architecture(config).freeze_refusals
+        assert set(refusals) == ({"attention"} if model_type == "lfm2" else set())
     default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
     space, unsupported = supported_space(default.restricted({"attention": ["eager"]}), opt)
     assert "freeze" in default.choices_of("method")
