@@ -43,6 +43,10 @@ class Architecture:
     """Whether the model holds weights that are not in linear layers but that peft may adapt
     (a mixture of experts' stacked expert weights): only then is peft asked about a target set
     whose layers are all there."""
+    freeze_refusals: dict[str, str] = field(default_factory=dict)
+    """train_modules of a freeze recipe -> why this model's blocks cannot train that way (its
+    decoder blocks or their attention or MLP not found where autotune looks); those that work
+    are absent."""
     config: Any = field(default=None, compare=False, repr=False)
     run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     """Runs peft's check (a function and its arguments); None: in this process. A study
@@ -96,6 +100,9 @@ class Architecture:
             if refusal:
                 shown = targets if isinstance(targets, str) else ", ".join(targets or ())
                 problems.append(f"lora_target_modules {shown}: {refusal}")
+        if recipe.method == "freeze" and recipe.train_modules in self.freeze_refusals:
+            refusal = self.freeze_refusals[recipe.train_modules]
+            problems.append(f"method freeze (train_modules {recipe.train_modules}): {refusal}")
         refusal = self.attention_refusals.get(recipe.attention, "")
         if refusal:
             problems.append(f"attention {recipe.attention}: {refusal}")
@@ -193,9 +200,28 @@ def _read(config: Any, run: Callable[..., Any] | None) -> Architecture:
         _refusals(model),
         tuple(sorted(shapes)),
         stacked,
+        _freeze_refusals(model),
         config,
         run,
     )
+
+
+def _freeze_refusals(model: Any) -> dict[str, str]:
+    """Why a freeze recipe cannot find what it freezes and trains in `model`, by train_modules."""
+    from autotune.training.build import BLOCK_PARTS, block_part, decoder_blocks
+
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError as error:
+        return {modules: str(error) for modules in ("all", *BLOCK_PARTS)}
+    refusals = {}
+    for modules in BLOCK_PARTS:
+        try:
+            for block in blocks:  # hybrids mix kinds of blocks
+                block_part(block, modules)
+        except ValueError as error:
+            refusals[modules] = str(error)
+    return refusals
 
 
 _READ: dict[tuple[str, Any], Architecture | None] = {}

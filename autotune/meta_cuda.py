@@ -225,12 +225,16 @@ class Autocast:
         self.dtype = dtype
         self.cache: dict[int, Any] = {}
         self.caching = True
+        self.enabled = True
+        """False inside `torch.autocast(..., enabled=False)` (peft's fold of a LoRA delta into
+        stacked expert weights runs in their dtype)."""
 
     def cast(self, tensor: Any) -> Any:
         import torch
 
         if (
-            not isinstance(tensor, torch.Tensor)
+            not self.enabled
+            or not isinstance(tensor, torch.Tensor)
             or not tensor.is_floating_point()
             or tensor.dtype == self.dtype
         ):
@@ -249,6 +253,29 @@ class Autocast:
             return function(*args, **kwargs)
 
         return cast_then_call
+
+
+def meta_autocast(original: Any, autocast: Autocast | None) -> Any:
+    """torch.autocast that accepts the meta device (torch has no autocast state for it): there
+    it turns the emulated casts off where the code turns CUDA's off, and does nothing else."""
+
+    @contextlib.contextmanager
+    def turned_off() -> Iterator[None]:
+        assert autocast is not None
+        was, autocast.enabled = autocast.enabled, False
+        try:
+            yield
+        finally:
+            autocast.enabled = was
+
+    def autocast_for(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if device_type != "meta":
+            return original(device_type, *args, **kwargs)
+        if autocast is not None and not kwargs.get("enabled", True):
+            return turned_off()
+        return contextlib.nullcontext()
+
+    return autocast_for
 
 
 def attention_functions() -> tuple[Any, Any]:
@@ -311,6 +338,7 @@ def cuda_behaviour(
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as masking
+    from transformers import PreTrainedModel
 
     from autotune.training import offload
 
@@ -376,7 +404,7 @@ def cuda_behaviour(
 
     from torch.optim import adam
 
-    patches = [
+    patches: list[tuple[Any, str, Any]] = [
         (F, "scaled_dot_product_attention", sdpa),
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
@@ -384,7 +412,10 @@ def cuda_behaviour(
         # which rows of a batch are packed sequences is read from the data: rows of several
         # sequences for a batching that packs them, one sequence a row otherwise
         (masking, "find_packed_sequence_indices", packed_sequences),
+        # as is whether the ids hold padding (GPT-2 checks where no attention mask is passed)
+        (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
         (offload, "host_hooks", (host or HostMemory()).hooks),
+        (torch, "autocast", meta_autocast(torch.autocast, autocast)),
     ]
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):

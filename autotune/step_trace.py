@@ -154,7 +154,7 @@ def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) ->
 
     torch.manual_seed(seed)
     model = build_model(recipe, "cpu")
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     if place is not None:
         model = distribute_model(model, recipe, place)
     optimizer = build_optimizer(model, recipe)

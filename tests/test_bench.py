@@ -516,3 +516,22 @@ def test_replay_combos_replays_drawn_recipes_as_their_traced_steps_allocate(cut_
     config, spec = load_config(str(cut_model)), load_model_spec(str(cut_model))
     rows = [combos.measure(recipe, config, spec) for recipe in recipes]
     assert [combos.verdict(row) for row in rows] == ["ok"] * 2, [r.get("ratio") for r in rows]
+
+
+def test_replay_families_records_each_case_with_its_ratio(tmp_path):
+    """bench/replay_families.py on Falcon (blocks in transformer.h, whose freeze probe crashed)
+    with one recipe: the checks pass, the real step and the replay agree, and the file names
+    the command."""
+    out = tmp_path / "families.json"
+    done = run_bench(
+        "replay_families.py",
+        *("--families", "falcon", "--recipes", "freeze 1", "--out", str(out)),
+        device=None,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and abs(row["replay_ratio"] - 1) <= results["tolerance"]
+    assert results["counts"] == {"ok": 1}
+    assert "bench/replay_families.py --families falcon" in results["command"]
+    assert "falcon" in done.stdout and "freeze 1" in done.stdout
