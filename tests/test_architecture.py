@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.architecture import read_architecture
+from autotune.architecture import check_recipe, read_architecture
 from autotune.errors import UsageError
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import Recipe
@@ -227,3 +227,19 @@ def test_peft_refusals_on_a_mixture_of_experts_leave_lora_out_where_nothing_runs
     no_other_method = only_all_linear.restricted({"method": ["lora"]})
     with pytest.raises(UsageError, match="no LoRA target set runs on MixtralForCausalLM"):
         supported_space(no_other_method, mixtral)
+
+
+def test_dora_over_an_int8_base_is_refused_on_the_cpu_where_bitsandbytes_crashes():
+    """A DoRA step over an int8 base stops on the CPU in bitsandbytes' int8 matmul (its weight
+    scales unset): refused before a probe loads anything; on CUDA, and other bases, it runs."""
+    architecture = read_architecture(load_config(str(DEMO)))
+    dora = Recipe.from_dict(
+        {"model": "m", "method": "lora", "use_dora": True, "quantization": "int8"}
+    )
+    (problem,) = architecture.recipe_problems(dora, "cpu")
+    assert problem.startswith("use_dora with quantization int8 on the CPU: ")
+    assert architecture.recipe_problems(dora, "cuda") == []
+    assert architecture.recipe_problems(dora.replace(use_dora=False), "cpu") == []
+    assert architecture.recipe_problems(dora.replace(quantization="none"), "cpu") == []
+    with pytest.raises(UsageError, match="use_dora with quantization int8 on the CPU"):
+        check_recipe(dora, load_config(str(DEMO)), "recipe.yaml", "cpu")
