@@ -23,13 +23,15 @@ from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
     """Whether the recipe a set of trial parameters stands for is predicted to fit the budget
-    (the formula's prediction, with its margin)."""
+    (the formula's prediction, with its margin, padded where the data pads it)."""
     settings = prepared.settings
 
     def fits(params: dict[str, Any]) -> bool:
         recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
         margin = margin_for(settings.memory_margin, "formula", recipe.quantization)
-        return margin.bytes_of(estimate(prepared.spec, recipe).peak_bytes) <= settings.budget_bytes
+        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
+        peak = estimate(prepared.spec, recipe, padded=padded).peak_bytes
+        return margin.bytes_of(peak) <= settings.budget_bytes
 
     return fits
 
