@@ -23,6 +23,7 @@ from autotune.cuda_only import cuda_only_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
 from autotune.optimizers import optimizer_refusal
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 
@@ -94,6 +95,9 @@ class Architecture:
         refusal = self.quantization_refusal(recipe.quantization, device)
         if refusal:
             problems.append(f"quantization {recipe.quantization}: {refusal}")
+        refusal = dora_refusal(recipe, device)
+        if refusal:
+            problems.append(refusal)
         if recipe.method == "lora":
             targets = recipe.lora_target_modules
             refusal = self.lora_refusal(targets, recipe.lora_dropout or 0.0)
@@ -113,6 +117,18 @@ class Architecture:
         if refusal:
             problems.append(f"optimizer {recipe.optimizer}: {refusal}")
         return problems
+
+
+def dora_refusal(recipe: Recipe, device: str | None) -> str:
+    """Why DoRA over the recipe's quantized base cannot train on `device` ("" when it can, or
+    when no device is named): int8 on the CPU crashes in bitsandbytes."""
+    quantization = QUANTIZATIONS.get(recipe.quantization) if recipe.use_dora is True else None
+    if quantization is None or device != "cpu" or not quantization.cpu_dora_refusal:
+        return ""
+    return (
+        f"use_dora with quantization {recipe.quantization} on the CPU: "
+        f"{quantization.cpu_dora_refusal}; use nf4, no quantization or no DoRA"
+    )
 
 
 def loss_refusal(loss: str, device: str | None) -> str:

@@ -32,6 +32,11 @@ class BatchingKind:
         micro-batch of one sequence is an ordinary causal row."""
         return self.packs_rows or (self.one_row and micro_batch_size > 1)
 
+    def pads(self, micro_batch_size: int) -> bool:
+        """A micro-batch of this size is right-padded to its longest row, so rows of different
+        lengths give it padding and an attention mask (one sequence a row, several rows)."""
+        return not self.masks_rows and micro_batch_size > 1
+
 
 BATCHINGS: dict[str, BatchingKind] = {
     kind.name: kind

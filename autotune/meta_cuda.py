@@ -402,6 +402,13 @@ def cuda_behaviour(
         first = position_ids[:, :1] - 1
         return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
+    original_ignore_causal_mask = masking._ignore_causal_mask_sdpa
+
+    def ignore_causal_mask(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+        """transformers' test for a mask it may drop, without its look at the data: a padding
+        mask the replay passes has padding (replay.padded_rows), so the mask is kept."""
+        return padding_mask is None and original_ignore_causal_mask(padding_mask, *args, **kwargs)
+
     from torch.optim import adam
 
     patches: list[tuple[Any, str, Any]] = [
@@ -414,6 +421,7 @@ def cuda_behaviour(
         (masking, "find_packed_sequence_indices", packed_sequences),
         # as is whether the ids hold padding (GPT-2 checks where no attention mask is passed)
         (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
+        (masking, "_ignore_causal_mask_sdpa", ignore_causal_mask),
         (offload, "host_hooks", (host or HostMemory()).hooks),
         (torch, "autocast", meta_autocast(torch.autocast, autocast)),
     ]

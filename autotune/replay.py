@@ -214,11 +214,16 @@ def _optimizer(
 
 
 def _forward_loss(
-    model: Any, recipe: Recipe, shape: tuple[int, int], autocast: Autocast | None
+    model: Any,
+    recipe: Recipe,
+    shape: tuple[int, int],
+    autocast: Autocast | None,
+    padded: bool = False,
 ) -> tuple[Any, list[Any]]:
     """A micro-batch's loss on full-length rows, computed as the step loop computes it, and the
     batch tensors the probe makes for it (input ids, attention mask, labels), which live until
-    the next micro-batch's are made."""
+    the next micro-batch's are made. `padded`: its other rows are shorter, so the model gets
+    their attention mask (padded_rows)."""
     import torch
 
     from autotune.training.loss import causal_lm_loss
@@ -237,6 +242,10 @@ def _forward_loss(
         batch = [input_ids, labels, inputs["position_ids"]]
     else:
         batch = [input_ids, torch.ones_like(input_ids), labels]
+        if padded and padded_rows(recipe):
+            # a mask with padding: transformers builds the 4-D mask, SDPA gets it, and grouped
+            # key heads are repeated (cuda_behaviour tells transformers the mask has padding)
+            inputs["attention_mask"] = batch[1]
     if autocast is not None:
         autocast.caching = True
     # all-ones masks are dropped by transformers; the meta device cannot read them to see so
@@ -247,6 +256,15 @@ def _forward_loss(
     return loss, batch
 
 
+def padded_rows(recipe: Recipe) -> bool:
+    """Whether padding in a micro-batch changes what the model runs: padded batching of more
+    than one row, and an attention that takes a mask (flash attention 2 takes the rows' bounds
+    and is replayed without one)."""
+    return BATCHINGS[recipe.batching].pads(recipe.micro_batch_size) and not (
+        ATTENTIONS[recipe.attention].flash
+    )
+
+
 def replay(
     recipe: Recipe,
     config: Any,
@@ -254,13 +272,16 @@ def replay(
     steps: int = REPLAY_STEPS,
     eval_batches: int = REPLAY_EVAL_BATCHES,
     cublas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES,
+    padded: bool = False,
 ) -> Replay:
-    """Replay `recipe` on the model of `config` (a transformers PretrainedConfig)."""
+    """Replay `recipe` on the model of `config` (a transformers PretrainedConfig); `padded`:
+    its micro-batches hold shorter rows beside full-length ones (padding, so an attention
+    mask), as the probe's first step does on data whose longest examples differ in length."""
     import warnings
 
     with _LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _replay(recipe, config, seq_len, steps, eval_batches, cublas_workspace_bytes)
+        return _replay(recipe, config, seq_len, steps, eval_batches, cublas_workspace_bytes, padded)
 
 
 def _replay(
@@ -270,6 +291,7 @@ def _replay(
     steps: int,
     eval_batches: int,
     cublas_workspace_bytes: int,
+    padded: bool,
 ) -> Replay:
     import copy
 
@@ -319,7 +341,7 @@ def _replay(
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                loss, batch = _forward_loss(model, recipe, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
@@ -338,7 +360,7 @@ def _replay(
         model.eval()
         with torch.no_grad():
             for _ in range(eval_batches):
-                loss, batch = _forward_loss(model, recipe, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 del loss
         model.train()
     return Replay(

@@ -12,9 +12,9 @@ choices it refuses are CUDA-only or several GPUs, not drawn here; the formula's 
 recorded beside every row). It prints the predicted/traced ratio of allocated peaks, the
 replay being rounded to 512-byte blocks (the tests allow 0.5%): under below 0.995, over above
 1.05. The traced examples are all seq_len long, as the replay's rows are; a padded recipe of
-several rows a micro-batch is also traced with its other rows 3/4 as long (padded_rows_ratio):
-real data of mixed lengths puts padding, and an attention mask, into the probe's first step,
-which the replay does not model.
+several rows a micro-batch is also traced with its other rows 3/4 as long, as real data of
+mixed lengths gives the probe's micro-batches (padding, and an attention mask), against the
+replay told its rows are padded (padded_rows_ratio).
 
 What the CPU trace cannot speak for, and how each is handled:
 - SDPA's CPU kernels differ from CUDA's (which the replay emulates): in bf16 or fp16 both run
@@ -178,9 +178,8 @@ def cuda_like_cpu_step(recipe: Recipe) -> Iterator[None]:
 
 
 def measure(recipe: Recipe, config: Any, spec: Any) -> dict[str, Any]:
+    from autotune.batchings import BATCHINGS
     from autotune.memory import estimate
-    from autotune.prediction import not_replayable
-    from autotune.replay import replay
 
     compared, notes = compared_as(recipe)
     row: dict[str, Any] = {"sampled": recipe.label(), "fields": _fields(recipe), "notes": notes}
@@ -192,66 +191,48 @@ def measure(recipe: Recipe, config: Any, spec: Any) -> dict[str, Any]:
         return row
     row["traced_bytes"] = trace.peak_bytes
     row["at_peak"] = [list(r) for r in trace.by_op()[:8]]
-    refusal = not_replayable(compared)
-    if refusal:
-        predicted = estimate(spec, compared).allocated_bytes
-        row.update(model="formula", refusal=refusal)
-    else:
-        try:
-            result = replay(compared, config, cublas_workspace_bytes=0)
-        except Exception as error:  # noqa: BLE001 - reported: a replay that cannot run
-            row.update(model="replay", error=f"replay: {type(error).__name__}: {error}"[:300])
-            predicted = estimate(spec, compared).allocated_bytes
-            row["formula_bytes"] = predicted
-        else:
-            predicted = result.peak_allocated_bytes + result.paged_bytes
-            row["model"] = "replay"
+    predicted = _predicted(compared, config, spec, row)
     row["predicted_bytes"] = predicted
     row["ratio"] = predicted / trace.peak_bytes
     # the formula's figure beside it, for the record: studies use it where the replay refuses
     row["formula_ratio"] = estimate(spec, compared).allocated_bytes / trace.peak_bytes
-    if compared.batching == "padded" and compared.micro_batch_size > 1:
-        # the same prediction against a step whose micro-batches are padded
-        with padded_micro_batches():
-            row["padded_rows_ratio"] = predicted / _trace(compared).peak_bytes
+    if BATCHINGS[compared.batching].pads(compared.micro_batch_size):
+        # a step whose micro-batches are padded, against the prediction told so
+        padded_predicted = _predicted(compared, config, spec, {}, padded=True)
+        row["padded_rows_ratio"] = padded_predicted / _trace(compared, padded=True).peak_bytes
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
 
-@contextlib.contextmanager
-def padded_micro_batches() -> Iterator[None]:
-    """Steps whose micro-batches hold one full-length row and shorter ones (3/4 of it): padding,
-    and with it an attention mask, in every micro-batch of more than one row, as real data of
-    mixed lengths gives the probe's first step."""
-    from autotune.data.tokens import TokenizedExample
-    from autotune.training import loop
+def _predicted(
+    recipe: Recipe, config: Any, spec: Any, row: dict[str, Any], padded: bool = False
+) -> int:
+    """The replay's allocated peak (paged states added back), or the formula's where the replay
+    refuses or fails (the model used and why noted in `row`)."""
+    from autotune.memory import estimate
+    from autotune.prediction import not_replayable
+    from autotune.replay import replay
 
-    saved = loop.train_steps
-
-    def shortened(model: Any, optimizer: Any, steps: Any, recipe: Recipe, *rest: Any) -> Any:
-        def row(index: int, example: TokenizedExample) -> TokenizedExample:
-            if index % recipe.micro_batch_size == 0:
-                return example
-            keep = len(example.input_ids) * 3 // 4
-            return TokenizedExample(
-                input_ids=example.input_ids[:keep], labels=example.labels[:keep]
-            )
-
-        steps = [[row(i, e) for i, e in enumerate(step)] for step in steps]
-        return saved(model, optimizer, steps, recipe, *rest)
-
-    loop.train_steps = shortened
+    refusal = not_replayable(recipe)
+    if refusal:
+        row.update(model="formula", refusal=refusal)
+        return estimate(spec, recipe, padded=padded).allocated_bytes
     try:
-        yield
-    finally:
-        loop.train_steps = saved
+        result = replay(recipe, config, cublas_workspace_bytes=0, padded=padded)
+    except Exception as error:  # noqa: BLE001 - reported: a replay that cannot run
+        row.update(model="replay", error=f"replay: {type(error).__name__}: {error}"[:300])
+        predicted = estimate(spec, recipe, padded=padded).allocated_bytes
+        row["formula_bytes"] = predicted
+        return predicted
+    row["model"] = "replay"
+    return result.peak_allocated_bytes + result.paged_bytes
 
 
-def _trace(recipe: Recipe) -> Any:
+def _trace(recipe: Recipe, padded: bool = False) -> Any:
     """The traced step, whatever its loss: pure fp16 weights under torch's AdamW turn NaN after
     one step on the CPU's random weights (AdamW's eps of 1e-8 is 0 in fp16), and what a step
     allocates does not depend on the values (int8's outlier columns aside, whose base weights
-    stay finite)."""
+    stay finite); with `padded`, each micro-batch's other rows 3/4 as long (trace_step)."""
     import types
 
     from autotune.step_trace import trace_step
@@ -261,7 +242,7 @@ def _trace(recipe: Recipe) -> Any:
     loop.math = types.SimpleNamespace(isfinite=lambda value: True)  # type: ignore[assignment]
     try:
         with cuda_like_cpu_step(recipe):
-            return trace_step(recipe)
+            return trace_step(recipe, padded=padded)
     finally:
         loop.math = saved
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.architecture import read_architecture
+from autotune.architecture import check_recipe, read_architecture
 from autotune.errors import UsageError
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import Recipe
@@ -265,3 +265,19 @@ def test_freeze_finds_each_family_blocks_or_is_left_out_in_one_line(tmp_path):
     assert "freeze" not in space.choices_of("method") and set(unsupported["method"]) == {"freeze"}
     with pytest.raises(UsageError, match="no method of the space runs on OPTForCausalLM"):
         supported_space(default.restricted({"method": ["freeze"]}), opt)
+
+
+def test_dora_over_an_int8_base_is_refused_on_the_cpu_where_bitsandbytes_crashes():
+    """A DoRA step over an int8 base stops on the CPU in bitsandbytes' int8 matmul (its weight
+    scales unset): refused before a probe loads anything; on CUDA, and other bases, it runs."""
+    architecture = read_architecture(load_config(str(DEMO)))
+    dora = Recipe.from_dict(
+        {"model": "m", "method": "lora", "use_dora": True, "quantization": "int8"}
+    )
+    (problem,) = architecture.recipe_problems(dora, "cpu")
+    assert problem.startswith("use_dora with quantization int8 on the CPU: ")
+    assert architecture.recipe_problems(dora, "cuda") == []
+    assert architecture.recipe_problems(dora.replace(use_dora=False), "cpu") == []
+    assert architecture.recipe_problems(dora.replace(quantization="none"), "cpu") == []
+    with pytest.raises(UsageError, match="use_dora with quantization int8 on the CPU"):
+        check_recipe(dora, load_config(str(DEMO)), "recipe.yaml", "cpu")

@@ -651,13 +651,14 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
 
 def test_trials_are_predicted_by_replay(workspace):
     """With the replay memory model each trial's prediction is the replay of its recipe on the
-    model's config (the formula only prunes the space), and the trial says which model gave it."""
+    model's config (the formula only prunes the space), and the trial says which model gave it;
+    padded where the data pads its micro-batches."""
+    from autotune.prediction import pads_micro_batches
     from autotune.replay import load_config, replay
 
     tmp_path, model, data = workspace
-    study = run_study(
-        prepare_run(settings_for(workspace, trials=5, memory_model="replay")), FakeRunner()
-    )
+    prepared = prepare_run(settings_for(workspace, trials=5, memory_model="replay"))
+    study = run_study(prepared, FakeRunner())
     config = load_config(str(model))
     checked = 0
     for trial in study.trials:
@@ -665,9 +666,9 @@ def test_trials_are_predicted_by_replay(workspace):
             continue
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
         assert trial.user_attrs["memory_model"] == "replay"
-        assert (
-            trial.user_attrs["predicted_peak_bytes"] == replay(recipe, config).estimate().peak_bytes
-        )
+        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
+        replayed = replay(recipe, config, padded=padded).estimate().peak_bytes
+        assert trial.user_attrs["predicted_peak_bytes"] == replayed
         checked += 1
     assert checked >= 3
 

@@ -288,6 +288,9 @@ class PreparedRun:
     pad_token_id: int | None = None
     """The id padding gets, checked below the config's vocab_size (check_token_ids); each
     probe pads with it (None: the tokenizer's own)."""
+    train_token_lengths: tuple[int, int] | None = None
+    """Tokens of the shortest and the longest training example, truncated at seq_len: whether
+    a probe's micro-batches are padded (prediction.pads_micro_batches); None: not known."""
 
 
 @dataclass(frozen=True)
