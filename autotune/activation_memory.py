@@ -35,14 +35,29 @@ def row_tokens(recipe: Recipe, seq_len: int) -> int:
     return seq_len * (recipe.micro_batch_size if BATCHINGS[recipe.batching].one_row else 1)
 
 
-def activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> float:
-    """Bytes one decoder block keeps for backward, per token, when nothing is recomputed."""
+def attention_masked(recipe: Recipe, padded: bool = False) -> bool:
+    """Attention gets a mask: rows of several sequences (block-diagonal), or, with `padded`,
+    padded rows beside full-length ones; flash attention 2 takes the rows' bounds instead."""
+    batching = BATCHINGS[recipe.batching]
+    size = recipe.micro_batch_size
+    masked = batching.masks(size) or (padded and batching.pads(size))
+    return masked and not ATTENTIONS[recipe.attention].flash
+
+
+def activations_per_token(
+    spec: ModelSpec, recipe: Recipe, seq_len: int, padded: bool = False
+) -> float:
+    """Bytes one decoder block keeps for backward, per token, when nothing is recomputed;
+    `padded`: micro-batches of rows of different lengths (attention_masked)."""
     a = activation_bytes_per_element(recipe)
     h, i, q, kv = spec.hidden_size, spec.intermediate_size, spec.q_dim, spec.kv_dim
     # RMSNorm upcasts to fp32 and keeps that copy for the rsqrt product (two norms per block).
     norms = 2 * 4 * h
-    # SDPA keeps q and k after RoPE, v and its output.
-    attention = a * (2 * q + 2 * kv)
+    # SDPA keeps q and k after RoPE, v and its output; under a mask transformers repeats
+    # grouped key heads (SDPA's enable_gqa only runs without one), so it keeps the repeated k, v
+    masked = attention_masked(recipe, padded)
+    keys = q if masked and not ATTENTIONS[recipe.attention].keeps_matrix else kv
+    attention = a * (2 * q + 2 * keys)
     # SwiGLU: gate output (for silu), silu(gate) and up output (for their product).
     mlp = 3 * a * i
     if spec.experts:
@@ -60,6 +75,10 @@ def activations_per_token(spec: ModelSpec, recipe: Recipe, seq_len: int) -> floa
         # SDPA has no fused kernel for fp32 q/k/v with a mask, so it takes the math path and
         # keeps the fp32 softmax: what a k-bit base (fp32 residual stream) pays per token.
         attention += spec.num_attention_heads * span * 4
+    elif masked:
+        # torch makes the block-diagonal (or padding) mask additive, in q's dtype, at each call
+        # (each block), and the memory-efficient kernel keeps that for backward
+        attention += span * a
     # A linear or norm whose weight trains keeps its input for the weight gradient; frozen
     # ones need only the weight to pass the gradient on.
     weight_inputs = 0

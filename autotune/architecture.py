@@ -23,6 +23,7 @@ from autotune.cuda_only import cuda_only_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
 from autotune.optimizers import optimizer_refusal
+from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 
 
@@ -43,6 +44,10 @@ class Architecture:
     """Whether the model holds weights that are not in linear layers but that peft may adapt
     (a mixture of experts' stacked expert weights): only then is peft asked about a target set
     whose layers are all there."""
+    freeze_refusals: dict[str, str] = field(default_factory=dict)
+    """train_modules of a freeze recipe -> why this model's blocks cannot train that way (its
+    decoder blocks or their attention or MLP not found where autotune looks); those that work
+    are absent."""
     config: Any = field(default=None, compare=False, repr=False)
     run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     """Runs peft's check (a function and its arguments); None: in this process. A study
@@ -90,12 +95,18 @@ class Architecture:
         refusal = self.quantization_refusal(recipe.quantization, device)
         if refusal:
             problems.append(f"quantization {recipe.quantization}: {refusal}")
+        refusal = dora_refusal(recipe, device)
+        if refusal:
+            problems.append(refusal)
         if recipe.method == "lora":
             targets = recipe.lora_target_modules
             refusal = self.lora_refusal(targets, recipe.lora_dropout or 0.0)
             if refusal:
                 shown = targets if isinstance(targets, str) else ", ".join(targets or ())
                 problems.append(f"lora_target_modules {shown}: {refusal}")
+        if recipe.method == "freeze" and recipe.train_modules in self.freeze_refusals:
+            refusal = self.freeze_refusals[recipe.train_modules]
+            problems.append(f"method freeze (train_modules {recipe.train_modules}): {refusal}")
         refusal = self.attention_refusals.get(recipe.attention, "")
         if refusal:
             problems.append(f"attention {recipe.attention}: {refusal}")
@@ -106,6 +117,18 @@ class Architecture:
         if refusal:
             problems.append(f"optimizer {recipe.optimizer}: {refusal}")
         return problems
+
+
+def dora_refusal(recipe: Recipe, device: str | None) -> str:
+    """Why DoRA over the recipe's quantized base cannot train on `device` ("" when it can, or
+    when no device is named): int8 on the CPU crashes in bitsandbytes."""
+    quantization = QUANTIZATIONS.get(recipe.quantization) if recipe.use_dora is True else None
+    if quantization is None or device != "cpu" or not quantization.cpu_dora_refusal:
+        return ""
+    return (
+        f"use_dora with quantization {recipe.quantization} on the CPU: "
+        f"{quantization.cpu_dora_refusal}; use nf4, no quantization or no DoRA"
+    )
 
 
 def loss_refusal(loss: str, device: str | None) -> str:
@@ -193,9 +216,28 @@ def _read(config: Any, run: Callable[..., Any] | None) -> Architecture:
         _refusals(model),
         tuple(sorted(shapes)),
         stacked,
+        _freeze_refusals(model),
         config,
         run,
     )
+
+
+def _freeze_refusals(model: Any) -> dict[str, str]:
+    """Why a freeze recipe cannot find what it freezes and trains in `model`, by train_modules."""
+    from autotune.training.build import BLOCK_PARTS, block_part, decoder_blocks
+
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError as error:
+        return {modules: str(error) for modules in ("all", *BLOCK_PARTS)}
+    refusals = {}
+    for modules in BLOCK_PARTS:
+        try:
+            for block in blocks:  # hybrids mix kinds of blocks
+                block_part(block, modules)
+        except ValueError as error:
+            refusals[modules] = str(error)
+    return refusals
 
 
 _READ: dict[tuple[str, Any], Architecture | None] = {}

@@ -23,8 +23,19 @@ class BatchingKind:
 
     @property
     def masks_rows(self) -> bool:
-        """Several sequences share a row, so attention needs a block-diagonal mask."""
+        """Several sequences may share a row, so attention needs a block-diagonal mask."""
         return self.packs_rows or self.one_row
+
+    def masks(self, micro_batch_size: int) -> bool:
+        """A micro-batch of this size has rows of several sequences (packed rows; a padding-free
+        row of more than one), so attention gets a block-diagonal mask: a padding-free
+        micro-batch of one sequence is an ordinary causal row."""
+        return self.packs_rows or (self.one_row and micro_batch_size > 1)
+
+    def pads(self, micro_batch_size: int) -> bool:
+        """A micro-batch of this size is right-padded to its longest row, so rows of different
+        lengths give it padding and an attention mask (one sequence a row, several rows)."""
+        return not self.masks_rows and micro_batch_size > 1
 
 
 BATCHINGS: dict[str, BatchingKind] = {

@@ -308,7 +308,10 @@ def estimate(
     ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
-    """Predict a recipe's peak GPU memory from the model config, without loading weights."""
+    """Predict a recipe's peak GPU memory from the model config, without loading weights.
+
+    Without data, every row is taken as seq_len long, with no padding in a micro-batch; a
+    study, which knows the data's lengths, also predicts padded micro-batches."""
     from autotune.api import estimate as estimate_peak
     from autotune.budgets import parse_budget
     from autotune.console import show_estimate

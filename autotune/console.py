@@ -161,9 +161,14 @@ class ConsoleReporter(RunEvents):
 
         verdict, _, detail = confirmation.words().partition(": ")
         colour = "green" if confirmation.held_up else "red"
+        in_place = ""
+        if confirmation.in_place_of is not None:  # beyond --confirm: its pick's recipe left
+            in_place = (
+                f", in place of trial {confirmation.in_place_of} as the {confirmation.pick} pick"
+            )
         self.console.print(
             f"confirm trial {number} ({confirmation.steps} steps, seed "
-            f"{confirmation.seed}): [{colour}]{verdict}[/]: {escape(detail)}"
+            f"{confirmation.seed}){in_place}: [{colour}]{verdict}[/]: {escape(detail)}"
         )
         removal = confirmation.removal()
         if removal:  # the frontier, the picks and the export go on without it
@@ -270,7 +275,7 @@ def overview_lines(study: StudyOverview) -> list[str]:
     budget = format_bytes(study.budget_bytes) if study.budget_bytes else "?"
     lines = [
         f"{study.name}: model {study.model or '?'}, budget {budget}; "
-        f"{count_of(study.finished, 'trial')} finished, {study.running} running"
+        f"{study.finished_words}, {study.running} running"
     ]
     if not study.picks:
         lines.append("  nothing measured within the budget yet")
@@ -306,6 +311,11 @@ def status_text(status: StudyStatus) -> str:
     lines += [f"  {_recipe_line(r)}" for r in status.frontier]
     lines += [
         f"trial {number} left the frontier: {why}"
+        + (
+            f"; in its place, {status.confirmed_in_place[number]}"
+            if number in status.confirmed_in_place
+            else ""
+        )
         for number, why in sorted(status.left_frontier.items())
     ]
     return "\n".join(lines)

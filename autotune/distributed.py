@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotune.units import count_of
+
 if TYPE_CHECKING:
     from autotune.recipe import Recipe
 
@@ -75,6 +77,28 @@ def parse_gpu_counts(text: str) -> tuple[int, ...]:
             f"1 to {MAX_GPUS}, got {text!r}"
         )
     return tuple(sorted(counts))
+
+
+def usable_cpu_cores() -> int:
+    """The CPU cores this process may run on: its affinity set where the OS has one."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_ranks_refusal(ranks: int) -> str:
+    """Why `ranks` gloo processes cannot stand in for as many GPUs on the CPU ('' where they
+    can): more than its cores, they would take turns on them and time the machine, not the
+    recipe."""
+    cores = usable_cpu_cores()
+    if ranks <= cores:
+        return ""
+    return (
+        f"{ranks} gloo processes would stand in for {ranks} GPUs on the CPU, more than the "
+        f"{count_of(cores, 'CPU core')} this process may use"
+    )
 
 
 def parse_gpu_indices(text: str) -> tuple[str, ...]:

@@ -110,6 +110,7 @@ def recipe_yaml(
         data_format=data_format,
         num_layers=setup.num_layers,
         data_formats=formats,
+        tied_head=setup.tie_word_embeddings,
     )
 
 

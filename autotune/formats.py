@@ -111,8 +111,9 @@ def hf_config(recipe: Recipe, output_dir: str = "outputs/autotune") -> dict[str,
         "max_length": recipe.seq_len,  # TRL's SFTConfig name (it dropped max_seq_length)
         "attn_implementation": recipe.attention,
         # from_pretrained's dtype: the weights as the probe held them (bf16 trains bf16
-        # weights; amp_bf16 fp32 weights under autocast); left out, the checkpoint's own
-        "dtype": PRECISIONS[recipe.precision].weight_dtype,
+        # weights; amp_bf16 fp32 weights under autocast, a k-bit base's others in bf16); left
+        # out, the checkpoint's own
+        "dtype": PRECISIONS[recipe.precision].load_dtype(recipe.quantization != "none"),
         "training_arguments": training,
     }
     if recipe.method == "lora":
@@ -222,7 +223,9 @@ def llamafactory_config(
     num_layers: int | None = None,
     dataset: str = "autotune_data",
     output_dir: str = "saves/autotune",
+    tied_head: bool | None = None,
 ) -> dict[str, Any]:
+    """`tied_head`: whether the output head is the input embedding (None: not known)."""
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "stage": "sft",
@@ -269,6 +272,10 @@ def llamafactory_config(
         )
         # LLaMA-Factory names the blocks' sub-modules; all is every one of them
         config["freeze_trainable_modules"] = LLAMAFACTORY_MODULES[recipe.train_modules]
+        if tied_head is False:
+            # autotune's freeze trains an untied head; LLaMA-Factory takes the top-level
+            # module's name (a tied head is no parameter of its own there, and refused)
+            config["freeze_extra_modules"] = "lm_head"
     if (
         recipe.method in ("full", "freeze")
         and PRECISIONS[recipe.precision].weight_dtype == "bfloat16"
@@ -305,6 +312,26 @@ def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
     return keys
 
 
+def _axolotl_halves_weights(recipe: Recipe) -> bool:
+    """axolotl's bf16/fp16 set the dtype it loads the model in (resolve_dtype): an amp_* recipe's
+    fp32 weights load in half (a k-bit base's other weights autotune loads so too)."""
+    return PRECISIONS[recipe.precision].autocast and QUANTIZATIONS[recipe.quantization].bits is None
+
+
+def _llamafactory_freeze_notes(tied_head: bool | None) -> list[str]:
+    """What LLaMA-Factory's freeze cannot train of autotune's: the final norm, as its
+    freeze_extra_modules matches parameter names by substring (`norm` is every block's too)."""
+    norm = (
+        "# freeze: LLaMA-Factory cannot train the final norm alone (freeze_extra_modules: norm "
+        "would match every block's norms), which autotune trained: it stays frozen here"
+    )
+    head = (
+        "# freeze: the study did not record whether the output head is tied; if it is not, "
+        "add freeze_extra_modules: lm_head (autotune trained it)"
+    )
+    return [norm, head] if tied_head is None else [norm]
+
+
 def render(
     fmt: str,
     recipe: Recipe,
@@ -314,9 +341,11 @@ def render(
     data_format: str = "alpaca",
     num_layers: int | None = None,
     data_formats: dict[str, int] | None = None,
+    tied_head: bool | None = None,
 ) -> str:
     """The recipe as YAML in `fmt`; measured figures as YAML (autotune) or a comment header.
-    `data_formats` (rows per format) says where axolotl's one format cannot read every row."""
+    `data_formats` (rows per format) says where axolotl's one format cannot read every row;
+    `tied_head` whether the model's output head is its input embedding (None: not known)."""
     if fmt == "autotune":
         return recipe.to_yaml(measured=measured)
     if fmt == "hf":
@@ -326,7 +355,7 @@ def render(
     elif fmt == "accelerate":
         body = accelerate_config(recipe)
     else:
-        body = llamafactory_config(recipe, num_layers)
+        body = llamafactory_config(recipe, num_layers, tied_head=tied_head)
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
         if isinstance(value, dict):
@@ -355,6 +384,16 @@ def render(
             f"# {key} is autotune-only: {fmt} has no equivalent, so this config {instead} and "
             "needs more GPU memory (autotune train runs the recipe as it is)"
         )
+    if fmt == "axolotl" and _axolotl_halves_weights(recipe):
+        precision = PRECISIONS[recipe.precision]
+        flag = "bf16" if _half_flags(recipe)["bf16"] else "fp16"
+        header.append(
+            f"# precision {recipe.precision}: axolotl loads the weights in "
+            f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
+            f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
+        )
+    if fmt == "llamafactory" and recipe.method == "freeze":
+        header += _llamafactory_freeze_notes(tied_head)
     if fmt == "llamafactory":
         header.append(
             f"# register dataset {body['dataset']!r} in data/dataset_info.json "

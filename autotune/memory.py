@@ -14,6 +14,7 @@ from autotune.activation_memory import (
     ADAPTER_BYTES,
     activation_bytes_per_element,
     activations_per_token,
+    attention_masked,
     blocks_with_activations,
     dora_saved_weight_bytes,
     dora_weight_bytes,
@@ -23,8 +24,6 @@ from autotune.activation_memory import (
     row_tokens,
     trained_modules,
 )
-from autotune.attentions import ATTENTIONS
-from autotune.batchings import BATCHINGS
 from autotune.host_memory import pinned_host_bytes
 from autotune.losses import LOSSES
 from autotune.model_spec import ATTENTION_LINEARS, BLOCK_LINEARS, MLP_LINEARS, ModelSpec
@@ -170,9 +169,12 @@ def _weights(spec: ModelSpec, recipe: Recipe) -> int:
     return int(quantized + 4 * (other - stacked) + loaded_bytes * stacked)
 
 
-def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> MemoryEstimate:
+def estimate(
+    spec: ModelSpec, recipe: Recipe, seq_len: int | None = None, padded: bool = False
+) -> MemoryEstimate:
     """Predicted peak reserved memory plus CUDA context of training `recipe` on `spec`; of
-    each GPU for a distributed recipe (distributed_memory.py)."""
+    each GPU for a distributed recipe (distributed_memory.py). `padded`: its micro-batches
+    hold rows shorter than the longest (attention_masked)."""
     seq_len = seq_len or recipe.seq_len
     tokens = recipe.micro_batch_size * seq_len
     a = activation_bytes_per_element(recipe)
@@ -197,9 +199,9 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
     amp_copies = 2 * trainable_linear if PRECISIONS[recipe.precision].autocast else 0
 
     blocks = blocks_with_activations(spec, recipe)
-    per_block_token = activations_per_token(spec, recipe, seq_len) + lora_activations_per_token(
-        spec, recipe
-    )
+    per_block_token = activations_per_token(
+        spec, recipe, seq_len, padded
+    ) + lora_activations_per_token(spec, recipe)
     residual_bytes = a
     dora_weights = dora_saved_weight_bytes(spec, recipe)  # per block, whatever the tokens
     host = offloaded_bytes(spec, recipe, tokens, per_block_token) + host_states
@@ -214,8 +216,8 @@ def estimate(spec: ModelSpec, recipe: Recipe, seq_len: int | None = None) -> Mem
         activations += dora_weights
     else:
         activations = tokens * blocks * per_block_token + blocks * dora_weights
-    if BATCHINGS[recipe.batching].masks_rows and not ATTENTIONS[recipe.attention].flash:
-        # the block-diagonal masks over the rows (one byte per pair), shared by every block
+    if attention_masked(recipe, padded):
+        # the rows' masks (one byte per pair), shared by every block
         activations += tokens * row_tokens(recipe, seq_len)
     logit_tokens = loss_logit_tokens(spec, recipe, tokens)
     # Logits (fp32 when lm_head was upcast for k-bit training), the fp32 log-softmax the loss

@@ -14,6 +14,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.recipe import Recipe
 from autotune.training.host_held import local_shard
 
@@ -31,6 +32,11 @@ class Recorder:
         self.live: dict[int, tuple[Any, str]] = {}
         self.by_phase: dict[str, int] = defaultdict(int)
         self.at_peak: dict[str, int] = {}
+        self.events: list[tuple[int, int, str]] = []
+        """(storage key, block bytes, phase) of each allocation, and (key, 0, "") of each
+        release, in order: what was alive at the peak is read back from it (`live_at_peak`)."""
+        self.peak_event = 0
+        """How many events had happened when the allocated peak was last reached."""
         self.paused = False
         self.kernels: dict[Any, Any] = {
             torch.ops.aten._safe_softmax.default: self.safe_softmax,
@@ -66,9 +72,11 @@ class Recorder:
         block = self.allocator.malloc(storage.nbytes())
         self.live[key] = (block, self.phase)
         self.by_phase[self.phase] += block.size
+        self.events.append((key, block.size, self.phase))
         weakref.finalize(storage, self._release, key)
         if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
             self.at_peak = dict(self.by_phase)
+            self.peak_event = len(self.events)
 
     def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
         """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
@@ -114,7 +122,18 @@ class Recorder:
         if entry is not None:
             block, phase = entry
             self.by_phase[phase] -= block.size
+            self.events.append((key, 0, ""))
             self.allocator.free(block)
+
+    def live_at_peak(self) -> list[tuple[int, str]]:
+        """(block bytes, phase) of each block alive at the allocated peak, largest first."""
+        live: dict[int, tuple[int, str]] = {}
+        for key, size, phase in self.events[: self.peak_event]:
+            if size:
+                live[key] = (size, phase)
+            else:
+                live.pop(key, None)
+        return sorted(live.values(), reverse=True)
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -206,12 +225,16 @@ class Autocast:
         self.dtype = dtype
         self.cache: dict[int, Any] = {}
         self.caching = True
+        self.enabled = True
+        """False inside `torch.autocast(..., enabled=False)` (peft's fold of a LoRA delta into
+        stacked expert weights runs in their dtype)."""
 
     def cast(self, tensor: Any) -> Any:
         import torch
 
         if (
-            not isinstance(tensor, torch.Tensor)
+            not self.enabled
+            or not isinstance(tensor, torch.Tensor)
             or not tensor.is_floating_point()
             or tensor.dtype == self.dtype
         ):
@@ -232,6 +255,29 @@ class Autocast:
         return cast_then_call
 
 
+def meta_autocast(original: Any, autocast: Autocast | None) -> Any:
+    """torch.autocast that accepts the meta device (torch has no autocast state for it): there
+    it turns the emulated casts off where the code turns CUDA's off, and does nothing else."""
+
+    @contextlib.contextmanager
+    def turned_off() -> Iterator[None]:
+        assert autocast is not None
+        was, autocast.enabled = autocast.enabled, False
+        try:
+            yield
+        finally:
+            autocast.enabled = was
+
+    def autocast_for(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if device_type != "meta":
+            return original(device_type, *args, **kwargs)
+        if autocast is not None and not kwargs.get("enabled", True):
+            return turned_off()
+        return contextlib.nullcontext()
+
+    return autocast_for
+
+
 def attention_functions() -> tuple[Any, Any]:
     """Autograd functions with the memory of CUDA's flash and memory-efficient SDPA kernels."""
     import torch
@@ -245,17 +291,18 @@ def attention_functions() -> tuple[Any, Any]:
         lse_multiple = 1
 
         @classmethod
-        def forward(cls, ctx, query, key, value):  # noqa: ANN001
+        def forward(cls, ctx, query, key, value, bias=None):  # noqa: ANN001
             out = like_flash_output(query, value)
             b, h, s, _ = query.shape
             padded = -(-s // cls.lse_multiple) * cls.lse_multiple
             lse = query.new_empty((b, h, padded), dtype=torch.float32)
-            ctx.save_for_backward(query, key, value, out, lse)
+            # the additive mask (the memory-efficient kernel's bias) is kept for backward
+            ctx.save_for_backward(query, key, value, out, lse, bias)
             return out
 
         @staticmethod
         def backward(ctx, grad):  # noqa: ANN001
-            query, key, value, out, lse = ctx.saved_tensors
+            query, key, value, out, lse, _ = ctx.saved_tensors
             accumulator = None
             if query.dtype != torch.float32:
                 accumulator = query.new_empty(query.shape, dtype=torch.float32)
@@ -271,7 +318,7 @@ def attention_functions() -> tuple[Any, Any]:
             else:
                 grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
             del accumulator, delta
-            return grad_query, grad_key, grad_value
+            return grad_query, grad_key, grad_value, None
 
     class Flash(Kernel):
         lse_multiple = 1
@@ -291,6 +338,7 @@ def cuda_behaviour(
     import torch
     import torch.nn.functional as F
     import transformers.masking_utils as masking
+    from transformers import PreTrainedModel
 
     from autotune.training import offload
 
@@ -314,7 +362,7 @@ def cuda_behaviour(
         if attn_mask is None and (force_flash or (half and query.shape[-1] <= 256)):
             return flash.apply(query, key, value)
         if key.shape[1] == query.shape[1]:
-            return efficient.apply(query, key, value)
+            return efficient.apply(query, key, value, attention_bias(query, attn_mask))
         return original_sdpa(
             query,
             key,
@@ -326,19 +374,56 @@ def cuda_behaviour(
             enable_gqa=enable_gqa,
         )
 
+    def attention_bias(query: Any, mask: Any) -> Any:
+        """The mask as the memory-efficient kernel gets it: torch makes a boolean mask additive,
+        in the query's dtype, before it picks a kernel (a tensor per call, so per layer), and
+        pads its last dimension to a multiple of 16."""
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            zero, minus_inf = (
+                torch.scalar_tensor(v, dtype=query.dtype, device=mask.device)
+                for v in (0.0, float("-inf"))
+            )
+            mask = torch.where(mask, zero, minus_inf)
+        width = mask.shape[-1]
+        if width % 16:
+            mask = F.pad(mask, (0, 16 - width % 16))[..., :width]
+        return mask
+
     def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002, ANN001
         return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
 
+    def packed_sequences(position_ids: Any) -> Any:
+        """transformers' sequence index of each token, without its look at the data."""
+        masked = BATCHINGS[recipe.batching].masks(recipe.micro_batch_size)
+        if not masked or force_flash:  # flash attention takes the sequences' bounds
+            return None
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+    original_ignore_causal_mask = masking._ignore_causal_mask_sdpa
+
+    def ignore_causal_mask(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+        """transformers' test for a mask it may drop, without its look at the data: a padding
+        mask the replay passes has padding (replay.padded_rows), so the mask is kept."""
+        return padding_mask is None and original_ignore_causal_mask(padding_mask, *args, **kwargs)
+
     from torch.optim import adam
 
-    patches = [
+    patches: list[tuple[Any, str, Any]] = [
         (F, "scaled_dot_product_attention", sdpa),
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
         (F, "dropout", dropout),
-        # which rows of a batch are packed sequences is read from the data
-        (masking, "find_packed_sequence_indices", lambda *args, **kwargs: None),
+        # which rows of a batch are packed sequences is read from the data: rows of several
+        # sequences for a batching that packs them, one sequence a row otherwise
+        (masking, "find_packed_sequence_indices", packed_sequences),
+        # as is whether the ids hold padding (GPT-2 checks where no attention mask is passed)
+        (PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
+        (masking, "_ignore_causal_mask_sdpa", ignore_causal_mask),
         (offload, "host_hooks", (host or HostMemory()).hooks),
+        (torch, "autocast", meta_autocast(torch.autocast, autocast)),
     ]
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):

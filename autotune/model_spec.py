@@ -29,6 +29,16 @@ REQUIRED_FIELDS = (
     "num_attention_heads",
     "vocab_size",
 )
+FIELD_ALIASES = {
+    "hidden_size": ("n_embd", "d_model"),
+    "num_hidden_layers": ("n_layer",),
+    "num_attention_heads": ("n_head",),
+    "intermediate_size": ("n_inner", "ffn_hidden_size", "ffn_dim"),
+}
+"""Other names families give the required fields (GPT-2 and StarCoder's n_embd, Falcon's
+ffn_hidden_size, OPT's ffn_dim), as their transformers configs map them."""
+FOUR_WIDE_MLP = ("gpt2", "gpt_bigcode", "falcon", "bloom", "gpt_neo", "gptj", "codegen")
+"""Families whose MLP is four times the width where their config names no MLP width."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,13 @@ class ModelSpec:
     def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> ModelSpec:
         if "text_config" in config and "hidden_size" not in config:
             config = {**config["text_config"], "model_type": config.get("model_type", "")}
+        config = dict(config)
+        for name, aliases in FIELD_ALIASES.items():
+            if config.get(name) is None:
+                config[name] = next((config[a] for a in aliases if config.get(a) is not None), None)
+        width = config.get("hidden_size")
+        if config["intermediate_size"] is None and config.get("model_type") in FOUR_WIDE_MLP:
+            config["intermediate_size"] = 4 * width if isinstance(width, int) else None
         missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
         if missing:
             kind = config.get("model_type") or "unknown"

@@ -29,6 +29,11 @@ class PrecisionKind:
         """fp16 autocast needs a gradient scaler (fp32 master weights, fp16 gradients)."""
         return self.autocast and self.compute_dtype == "float16"
 
+    def load_dtype(self, quantized: bool) -> str:
+        """The dtype from_pretrained loads the model in: a k-bit base's unquantized weights in
+        the compute dtype (bitsandbytes computes in it), other weights in their own."""
+        return self.compute_dtype if quantized else self.weight_dtype
+
     @property
     def weight_bytes(self) -> int:
         return DTYPE_BYTES[self.weight_dtype]

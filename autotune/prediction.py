@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from autotune.batchings import BATCHINGS
 from autotune.distributed import replay_refusal
 from autotune.errors import UsageError, first_line
 from autotune.losses import LOSSES
@@ -38,17 +39,39 @@ def not_replayable(recipe: Recipe) -> str | None:
     return QUANTIZATIONS[recipe.quantization].replay_refusal or None
 
 
-def replay_in_worker(recipe: Recipe, config: Any, seq_len: int | None = None) -> Replay:
-    """`replay` in the long-lived child process that sees no GPU (autotune.offgpu)."""
+def pads_micro_batches(recipe: Recipe, token_lengths: tuple[int, int] | None) -> bool:
+    """Whether the probe of `recipe` meets micro-batches of the longest width with shorter rows
+    (padding, so an attention mask) on data whose examples, truncated at seq_len, span
+    `token_lengths` (shortest, longest): a padded batching of several rows where the lengths
+    differ. The first step holds the longest examples and later steps draw at random, so any
+    difference may put a shorter row beside a longest one. Unknown lengths (None): not padded,
+    every row seq_len long."""
+    if token_lengths is None or not BATCHINGS[recipe.batching].pads(recipe.micro_batch_size):
+        return False
+    shortest, longest = token_lengths
+    return shortest < longest
+
+
+def replay_rows(
+    recipe: Recipe, config: Any, seq_len: int | None = None, padded: bool = False
+) -> Replay:
+    """`replay` of full-length rows, `padded` (its micro-batches' other rows shorter) or not."""
+    return replay(recipe, config, seq_len, padded=padded)
+
+
+def replay_in_worker(
+    recipe: Recipe, config: Any, seq_len: int | None = None, padded: bool = False
+) -> Replay:
+    """`replay_rows` in the long-lived child process that sees no GPU (autotune.offgpu)."""
     from autotune.offgpu import run_off_gpu
 
-    return run_off_gpu(replay, recipe, config, seq_len)
+    return run_off_gpu(replay_rows, recipe, config, seq_len, padded)
 
 
-def replay_key(recipe: Recipe) -> str:
+def replay_key(recipe: Recipe, padded: bool = False) -> str:
     """The recipe as far as its replay sees it: recipes with the same key replay alike (the
     learning rate, its schedule and LoRA's alpha change no size; accumulation past
-    REPLAY_MICRO_BATCHES is not replayed)."""
+    REPLAY_MICRO_BATCHES is not replayed); `padded` as `replay` takes it."""
     import json
 
     fields = recipe.to_dict()
@@ -57,6 +80,7 @@ def replay_key(recipe: Recipe) -> str:
     fields["gradient_accumulation_steps"] = min(
         recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
     )
+    fields["padded"] = padded
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -66,17 +90,19 @@ def predict(
     config: Any,
     seq_len: int | None = None,
     memory_model: str = "replay",
-    run: Callable[[Recipe, Any, int | None], Replay] = replay,
+    run: Callable[[Recipe, Any, int | None, bool], Replay] = replay_rows,
+    padded: bool = False,
 ) -> tuple[MemoryEstimate, str, str]:
     """The predicted peak of `recipe`, the model that gave it ("replay" or "formula") and, when
-    the replay was asked for and the formula answered, why. `run` replays (`replay`, or
-    `replay_in_worker` in a process that must stay off the GPU)."""
+    the replay was asked for and the formula answered, why. `run` replays (`replay_rows`, or
+    `replay_in_worker` in a process that must stay off the GPU); `padded`: the probe's
+    micro-batches hold rows shorter than their longest (pads_micro_batches)."""
     if memory_model == "formula":
-        return estimate(spec, recipe, seq_len), "formula", ""
+        return estimate(spec, recipe, seq_len, padded), "formula", ""
     reason = not_replayable(recipe)
     if reason is None:
         try:
-            return run(recipe, config, seq_len).estimate(), "replay", ""
+            return run(recipe, config, seq_len, padded).estimate(), "replay", ""
         except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
             reason = f"the replay failed: {type(error).__name__}: {first_line(error, fallback='')}"
-    return estimate(spec, recipe, seq_len), "formula", reason
+    return estimate(spec, recipe, seq_len, padded), "formula", reason

@@ -34,6 +34,8 @@ class QuantizationKind:
     """What a LoRA recipe on this base is called in its label."""
     replay_refusal: str = ""
     """Why the replay cannot predict it faithfully ("" where it can)."""
+    cpu_dora_refusal: str = ""
+    """Why DoRA over this base cannot train on the CPU ("" where it can)."""
 
 
 def _nf4(compute_dtype: Any) -> dict[str, Any]:
@@ -55,6 +57,8 @@ QUANTIZATIONS: dict[str, QuantizationKind] = {
             INT8_BYTES_PER_PARAM,
             lambda compute_dtype: {"load_in_8bit": True},
             "LoRA int8",
+            # bitsandbytes 0.50's CPU int8 matmul under peft's DoRA layer (a probe crashes)
+            cpu_dora_refusal="bitsandbytes' CPU int8 matmul finds its weight scales (SCB) unset",
         ),
         QuantizationKind("nf4", 4, NF4_BYTES_PER_PARAM, _nf4, "QLoRA nf4"),
     )

@@ -10,8 +10,10 @@ the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU
 
 What the meta device cannot run is emulated with CUDA's memory behaviour:
 - SDPA picks its kernel as on CUDA: flash attention for fp16/bf16 without a mask (output and a
-  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel for
-  fp32 without grouped-query heads, the math path (the real ops) otherwise;
+  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel
+  where the heads match (transformers repeats grouped key heads under a mask), which also
+  keeps the additive mask torch makes of a boolean one at each call, the math path (the real
+  ops) otherwise;
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
@@ -21,9 +23,11 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
 - bitsandbytes' int8 matmul allocates what its CUDA kernels do (autotune.meta_int8), with
   outlier columns (their count depends on the data) from the size where they emerge;
 - paged optimizer states live in CUDA unified memory, outside the allocator.
-Rows are full length (the probe's first step holds the longest examples); packed and
-padding-free batches are replayed as one causal sequence per row. Each micro-batch's loss, and
-its graph, lives until the next one's is made, as in the probe's step loop.
+Rows are full length (the probe's first step holds the longest examples); a padding-free
+micro-batch is one row of its sequences end to end, and packed rows hold several sequences, so
+both get the block-diagonal mask transformers builds from positions that restart. Each
+micro-batch's loss, and its graph, lives until the next one's is made, as in the probe's step
+loop.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_cuda import (
@@ -81,6 +86,8 @@ class Replay:
     """(bytes reserved, bytes requested) of each segment the allocator reserved, in order."""
     host_peak_bytes: int = 0
     """Peak host memory of offloaded activations (pinned blocks)."""
+    live_at_peak: list[tuple[int, str]] = field(default_factory=list)
+    """(block bytes, phase) of each block alive at the allocated peak, largest first."""
 
     def estimate(self) -> MemoryEstimate:
         parts = {phase: self.at_peak.get(phase, 0) for phase in PHASES}
@@ -98,10 +105,10 @@ def _meta_model(recipe: Recipe, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from autotune.training.build import compute_dtype, quantization_config, storage_dtype
+    from autotune.training.build import load_dtype, quantization_config
 
     quantization = quantization_config(recipe)
-    dtype = compute_dtype(recipe) if quantization is not None else storage_dtype(recipe)
+    dtype = load_dtype(recipe)
     config.use_cache = False
     attention = ATTENTIONS[recipe.attention].replayed_as
     with torch.device("meta"):
@@ -207,25 +214,55 @@ def _optimizer(
 
 
 def _forward_loss(
-    model: Any, recipe: Recipe, shape: tuple[int, int], autocast: Autocast | None
+    model: Any,
+    recipe: Recipe,
+    shape: tuple[int, int],
+    autocast: Autocast | None,
+    padded: bool = False,
 ) -> tuple[Any, list[Any]]:
     """A micro-batch's loss on full-length rows, computed as the step loop computes it, and the
     batch tensors the probe makes for it (input ids, attention mask, labels), which live until
-    the next micro-batch's are made."""
+    the next micro-batch's are made. `padded`: its other rows are shorter, so the model gets
+    their attention mask (padded_rows)."""
     import torch
 
     from autotune.training.loss import causal_lm_loss
 
-    input_ids = torch.zeros(shape, dtype=torch.long, device="meta")
-    batch = [input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)]
+    rows, length = shape
+    batching = BATCHINGS[recipe.batching]
+    if batching.one_row:  # the micro-batch's sequences end to end
+        rows, length = 1, rows * length
+    input_ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    labels = torch.zeros_like(input_ids)
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if batching.masks_rows:
+        # positions restart at each sequence: transformers builds the block-diagonal mask
+        positions = torch.arange(shape[1], device="meta").repeat(length // shape[1])
+        inputs["position_ids"] = positions.expand(rows, length).contiguous()
+        batch = [input_ids, labels, inputs["position_ids"]]
+    else:
+        batch = [input_ids, torch.ones_like(input_ids), labels]
+        if padded and padded_rows(recipe):
+            # a mask with padding: transformers builds the 4-D mask, SDPA gets it, and grouped
+            # key heads are repeated (cuda_behaviour tells transformers the mask has padding)
+            inputs["attention_mask"] = batch[1]
     if autocast is not None:
         autocast.caching = True
     # all-ones masks are dropped by transformers; the meta device cannot read them to see so
-    loss = causal_lm_loss(model, {"input_ids": input_ids, "labels": batch[2]}, recipe)
+    loss = causal_lm_loss(model, inputs, recipe)
     if autocast is not None:
         autocast.cache.clear()  # autocast's cast cache lives as long as its forward
         autocast.caching = False
     return loss, batch
+
+
+def padded_rows(recipe: Recipe) -> bool:
+    """Whether padding in a micro-batch changes what the model runs: padded batching of more
+    than one row, and an attention that takes a mask (flash attention 2 takes the rows' bounds
+    and is replayed without one)."""
+    return BATCHINGS[recipe.batching].pads(recipe.micro_batch_size) and not (
+        ATTENTIONS[recipe.attention].flash
+    )
 
 
 def replay(
@@ -235,13 +272,16 @@ def replay(
     steps: int = REPLAY_STEPS,
     eval_batches: int = REPLAY_EVAL_BATCHES,
     cublas_workspace_bytes: int = CUBLAS_WORKSPACE_BYTES,
+    padded: bool = False,
 ) -> Replay:
-    """Replay `recipe` on the model of `config` (a transformers PretrainedConfig)."""
+    """Replay `recipe` on the model of `config` (a transformers PretrainedConfig); `padded`:
+    its micro-batches hold shorter rows beside full-length ones (padding, so an attention
+    mask), as the probe's first step does on data whose longest examples differ in length."""
     import warnings
 
     with _LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _replay(recipe, config, seq_len, steps, eval_batches, cublas_workspace_bytes)
+        return _replay(recipe, config, seq_len, steps, eval_batches, cublas_workspace_bytes, padded)
 
 
 def _replay(
@@ -251,6 +291,7 @@ def _replay(
     steps: int,
     eval_batches: int,
     cublas_workspace_bytes: int,
+    padded: bool,
 ) -> Replay:
     import copy
 
@@ -300,7 +341,7 @@ def _replay(
                     workspaces.append(
                         torch.empty(cublas_workspace_bytes, dtype=torch.uint8, device="meta")
                     )
-                loss, batch = _forward_loss(model, recipe, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
@@ -319,7 +360,7 @@ def _replay(
         model.eval()
         with torch.no_grad():
             for _ in range(eval_batches):
-                loss, batch = _forward_loss(model, recipe, shape, autocast)
+                loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 del loss
         model.train()
     return Replay(
@@ -329,6 +370,7 @@ def _replay(
         paged_bytes=sum(paged),
         reservations=list(allocator.reservations),
         host_peak_bytes=host.peak_bytes,
+        live_at_peak=recorder.live_at_peak(),
     )
 
 

@@ -140,11 +140,14 @@ def held_tensors() -> list[Any]:
     return [t for t in found if t.device.type != "meta"]
 
 
-def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) -> Trace:
+def trace_step(
+    recipe: Recipe, seed: int = 0, place: RankPlace | None = None, padded: bool = False
+) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
     the optimizer states), with the probe's loader, builder and step loop, on the CPU; with
     `place`, of that rank of a distributed recipe (its process group joined), its share of the
-    step's sequences."""
+    step's sequences. Its sequences are seq_len long; with `padded`, those after the first of
+    each micro-batch are 3/4 as long (padding, and an attention mask, in a padded batching)."""
     import torch
 
     from autotune.data.tokens import TokenizedExample
@@ -154,20 +157,23 @@ def trace_step(recipe: Recipe, seed: int = 0, place: RankPlace | None = None) ->
 
     torch.manual_seed(seed)
     model = build_model(recipe, "cpu")
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     if place is not None:
         model = distribute_model(model, recipe, place)
     optimizer = build_optimizer(model, recipe)
     if place is not None:
         model, optimizer = train_with_engine(model, optimizer, recipe, place)
     generator = torch.Generator().manual_seed(seed)
-    examples = [
-        TokenizedExample(
-            input_ids=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
-            labels=torch.randint(1, vocab, (recipe.seq_len,), generator=generator).tolist(),
+    examples = []
+    for index in range(recipe.per_gpu_batch_size):
+        shorter = padded and index % recipe.micro_batch_size > 0
+        length = recipe.seq_len * 3 // 4 if shorter else recipe.seq_len
+        examples.append(
+            TokenizedExample(
+                input_ids=torch.randint(1, vocab, (length,), generator=generator).tolist(),
+                labels=torch.randint(1, vocab, (length,), generator=generator).tolist(),
+            )
         )
-        for _ in range(recipe.per_gpu_batch_size)
-    ]
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     existing = held_tensors() if is_engine(model) else model_tensors(model, optimizer)
     tracer = allocation_tracer(existing)

@@ -12,6 +12,7 @@ from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:
     from autotune.api import TrainResult
+    from autotune.training.train_plan import TrainReport
 
 
 class TrainProgress:
@@ -55,6 +56,19 @@ def _probe_figure(measured: dict[str, Any], key: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def _speed(report: TrainReport, together: str) -> str:
+    """The run's tokens/s and the steps it is the median of. A run of one step (a resume of
+    the last) timed only its warm-up, whose cold kernels and allocator would understate it."""
+    if report.tokens_per_second is None:
+        trained = report.steps - report.resumed_from_step
+        why = "it had no step left to train" if not trained else "its one step was the warm-up"
+        return f"tokens/s not measured: {why}"
+    timed = f" (median of {count_of(report.timed_steps, 'step')} after warm-up)"
+    return f"tokens/s{together} {report.tokens_per_second:,.0f}" + (
+        timed if report.timed_steps else ""
+    )
+
+
 def show_trained(console: Any, result: TrainResult) -> None:
     """What a training run measured, beside what the recipe's prediction and probe said."""
     from autotune.training.io import CPU_MEMORY_SOURCE
@@ -90,7 +104,7 @@ def show_trained(console: Any, result: TrainResult) -> None:
         )
     )
     console.print(
-        f"tokens/s{together} {report.tokens_per_second:,.0f}"
+        _speed(report, together)
         + (f"; probe measured {probe_speed:,.0f}" if probe_speed is not None else "")
     )
     console.print(f"saved to {report.output_dir}")

@@ -10,16 +10,26 @@
 #    budget caps), 5 min at most;
 # 2. memory_bench's unmeasured grid on three shapes, most wanted recipes first (the held-out
 #    QLoRA rows, int8 at micro-batch 2, fused against foreach AdamW, ...), starting no probe after
-#    5.5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots, for
-#    bench/replay_diff.py), packed into two .tar.xz files.
+#    5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots), packed into two
+#    .tar.xz files;
+# 3. bench/replay_diff.py on the two held-out rows' snapshots (the blocks alive at the GPU's
+#    allocated peak that the replay does not hold), into replay_diff.txt.
 # Logs and results go to $OUT (what the device tool brings back), else bench/results/gpu-session/;
 # commit the results file under bench/results/ and rescore it (bench/README.md, memory_bench.py).
+# SHAPES, DEVICE, DEADLINE_MINUTES, HELD_OUT (probe names), MODELS_DIR and WHEELS override the defaults
+# (tests/test_bench.py runs it on the CPU with the demo shape).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-session}
+SHAPES=${SHAPES:-llama-3.2-1b,qwen2-7b,qwen2-0.5b}
+DEVICE=${DEVICE:-cuda}
+DEADLINE_MINUTES=${DEADLINE_MINUTES:-5}
+HELD_OUT=${HELD_OUT:-qwen2-7b-unmeasured-000-0,llama-3.2-1b-unmeasured-001-0}
+WHEELS=${WHEELS:-.wheels}
+MODELS_DIR=${MODELS_DIR:-bench/.models}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if compgen -G ".wheels/*.whl" >/dev/null; then
-    python3 -m pip install --quiet --no-index --no-deps --no-compile .wheels/*.whl 2>&1 | tail -2
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    python3 -m pip install --quiet --no-index --no-deps --no-compile "$WHEELS"/*.whl 2>&1 | tail -2
 fi
 # the tests run the `autotune` command beside the interpreter
 bin=$(python3 -c 'import sys, os; print(os.path.dirname(sys.executable))')
@@ -50,12 +60,36 @@ gpu=${gpu:-gpu}
 timeout 300 python3 -m pytest -m gpu tests -q -rs --durations=15 -p no:cacheprovider -o addopts="" \
     >"$OUT/gpu_tests.log" 2>&1 &
 tests=$!
-timeout 450 python3 bench/memory_bench.py --grid unmeasured \
-    --shapes llama-3.2-1b,qwen2-7b,qwen2-0.5b --deadline-minutes 5.5 --timeout 100 \
+timeout 450 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
+    --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 \
+    --models-dir "$MODELS_DIR" \
     --snapshots "$OUT/snapshots" --out "$OUT/memory_unmeasured_$gpu.json" 2>&1 \
     | tee "$OUT/memory_bench.log" | tail -40
 wait "$tests"
 tail -40 "$OUT/gpu_tests.log"
+python3 - "$OUT" "$gpu" "$HELD_OUT" <<'PY' 2>&1 | tee "$OUT/replay_diff.txt"
+import json, subprocess, sys
+from pathlib import Path
+out, gpu, held_out = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+rows = json.loads((out / f"memory_unmeasured_{gpu}.json").read_text())["rows"]
+runs = []
+for row in rows:
+    snapshot = out / "snapshots" / f"{row['probe']}.pickle"
+    if row["probe"] in held_out and snapshot.exists():
+        command = [sys.executable, "bench/replay_diff.py", str(snapshot), "--shape",
+                   row["shape"], "--fields", json.dumps(row["fields"])]
+        runs.append((row["probe"], subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.STDOUT, text=True)))
+for probe, process in runs:
+    try:
+        text = process.communicate(timeout=100)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        text = "timed out"
+    print(f"== {probe}\n{text}")
+if not runs:
+    print("no snapshot of", ", ".join(held_out))
+PY
 # the snapshots of the two held-out rows, then the rest; a pack over 16 MiB does not come back
 (
     cd "$OUT/snapshots" 2>/dev/null || exit 0

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared import MODELS_DIR, ROOT, bench_inputs, write_results  # noqa: E402
 
 from autotune.data.token_cache import cached_splits  # noqa: E402
-from autotune.distributed import probe_refusal  # noqa: E402
+from autotune.distributed import cpu_ranks_refusal, probe_refusal  # noqa: E402
 from autotune.memory import estimate  # noqa: E402
 from autotune.model_spec import load_model_spec  # noqa: E402
 from autotune.prediction import predict  # noqa: E402
@@ -59,6 +59,10 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multi_gpu.json")
     args = parser.parse_args()
+    refusal = cpu_ranks_refusal(args.gpus) if args.device == "cpu" else ""
+    if refusal:  # as run and train refuse it
+        print(f"multi_gpu_bench.py: --gpus {args.gpus} on --device cpu: {refusal}", file=sys.stderr)
+        return 2
 
     directory, workdir, data = bench_inputs(
         args.shape, args.models_dir, args.device, "multi_gpu", rows=8 * args.effective_batch

@@ -14,6 +14,11 @@ prints each segment the GPU reserved (bytes, and the request that made it reserv
 replay's, marks the first that differ, and both peaks of reserved bytes. A segment the GPU
 reserved and the replay did not is an allocation the replay does not make, or makes at
 another moment or size: the request's size says which tensor to look for.
+
+Then the blocks alive at each side's allocated peak, told apart by size: those only the GPU
+held (a tensor the replay does not make, or frees earlier) and those only the replay held (with
+the phase that allocated them), largest first, and both allocated peaks. A miss of allocated
+memory, not of the allocator's overhead, shows here as a block size to look for.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import pickle
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +59,58 @@ def gpu_reservations(snapshot: dict) -> tuple[list[tuple[int, int]], int]:
                 reservations[index] = (reservations[index][0], size)
             waiting.clear()
     return reservations, peak
+
+
+def gpu_live_at_peak(snapshot: dict) -> tuple[list[int], int, int]:
+    """The bytes of each block alive when the probe's allocated bytes peaked (largest first),
+    that peak, and how many frees named a block the trace never allocated (more than none: the
+    trace's ring buffer dropped its start, and blocks from before it are missing)."""
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace]
+
+    def walk(stop: int) -> tuple[dict[int, int], int, int, int]:
+        live: dict[int, int] = {}
+        allocated = peak = peak_index = unknown = 0
+        for index, event in enumerate(events[:stop]):
+            action, address = event.get("action"), event.get("addr", index)
+            if action == "alloc":
+                live[address] = int(event.get("size", 0))
+                allocated += live[address]
+                if allocated > peak:
+                    peak, peak_index = allocated, index + 1
+            elif action == "free_completed":
+                if address in live:
+                    allocated -= live.pop(address)
+                else:
+                    unknown += 1
+        return live, peak, peak_index, unknown
+
+    _, peak, peak_index, unknown = walk(len(events))
+    live, _, _, _ = walk(peak_index)
+    return sorted(live.values(), reverse=True), peak, unknown
+
+
+def unmatched(
+    gpu: list[int], replayed: list[tuple[int, str]], shown: int = 12
+) -> tuple[list[str], list[str]]:
+    """The block sizes alive at one side's allocated peak and not the other's, largest first:
+    (GPU only, replay only with the phases that allocated them)."""
+
+    def size_text(size: int) -> str:
+        return f"{size / 2**20:.2f} MiB" if size >= 2**20 // 100 else f"{size} B"
+
+    gpu_sizes, replay_sizes = Counter(gpu), Counter(size for size, _ in replayed)
+    phases: dict[int, set[str]] = {}
+    for size, phase in replayed:
+        phases.setdefault(size, set()).add(phase)
+    gpu_lines = [
+        f"{count} x {size_text(size)}"
+        for size, count in sorted((gpu_sizes - replay_sizes).items(), reverse=True)
+    ]
+    replay_lines = [
+        f"{count} x {size_text(size)} ({', '.join(sorted(phases[size]))})"
+        for size, count in sorted((replay_sizes - gpu_sizes).items(), reverse=True)
+    ]
+    return gpu_lines[:shown], replay_lines[:shown]
 
 
 def side_by_side(gpu: list[tuple[int, int]], replayed: list[tuple[int, int]]) -> list[str]:
@@ -95,6 +153,20 @@ def main() -> int:
         f"({replayed / gpu_peak - 1:+.1%})"
         if gpu_peak
         else "the snapshot holds no segment reservation"
+    )
+    live, gpu_allocated, unknown = gpu_live_at_peak(snapshot)
+    gpu_only, replay_only = unmatched(live, result.live_at_peak)
+    print("blocks alive at the allocated peak, on one side only:")
+    print("  GPU only:    " + ("; ".join(gpu_only) or "none"))
+    print("  replay only: " + ("; ".join(replay_only) or "none"))
+    if unknown:
+        print(f"  ({unknown} frees of blocks the trace lost at its start: the GPU side is partial)")
+    replay_allocated = result.peak_allocated_bytes
+    print(
+        f"peak allocated: GPU {gpu_allocated / gib:.3f} GiB, replay {replay_allocated / gib:.3f}"
+        f" GiB ({replay_allocated / gpu_allocated - 1:+.1%})"
+        if gpu_allocated
+        else "the snapshot holds no allocation"
     )
     return 0
 

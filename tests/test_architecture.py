@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.architecture import read_architecture
+from autotune.architecture import check_recipe, read_architecture
 from autotune.errors import UsageError
 from autotune.offgpu import run_off_gpu
 from autotune.recipe import Recipe
@@ -227,3 +227,57 @@ def test_peft_refusals_on_a_mixture_of_experts_leave_lora_out_where_nothing_runs
     no_other_method = only_all_linear.restricted({"method": ["lora"]})
     with pytest.raises(UsageError, match="no LoRA target set runs on MixtralForCausalLM"):
         supported_space(no_other_method, mixtral)
+
+
+def test_freeze_finds_each_family_blocks_or_is_left_out_in_one_line(tmp_path):
+    """Freezing finds the decoder blocks where each family keeps them (GPT-NeoX's gpt_neox.layers,
+    Falcon's transformer.h: a probe of either crashed on model.layers); OPT keeps them under
+    model.decoder, and MPT's blocks name their MLP ffn: those recipes are refused in one line,
+    and a study leaves freeze out."""
+    neox = read_architecture(load_config(str(config_dir(tmp_path, "gpt_neox"))))
+    assert neox.freeze_refusals == {}
+    opt = read_architecture(load_config(str(config_dir(tmp_path, "opt"))))
+    freeze = Recipe.from_dict({"method": "freeze", "frozen_layers": 1, "attention": "eager"})
+    assert opt.recipe_problems(freeze) == [
+        "method freeze (train_modules all): OPTForCausalLM has no list of decoder blocks named "
+        "layers, h, blocks"
+    ]
+    mpt = read_architecture(load_config(str(config_dir(tmp_path, "mpt"))))
+    assert set(mpt.freeze_refusals) == {"mlp"}
+    assert mpt.recipe_problems(freeze.replace(train_modules="mlp"))[0].startswith(
+        "method freeze (train_modules mlp): MptBlock has no mlp module"
+    )
+    # a hybrid's blocks differ: every one must have what is trained (LFM2's convolution blocks
+    # have no attention; Qwen3-Next's linear attention is its blocks' attention)
+    hybrids = {
+        "lfm2": {"layer_types": ["full_attention", "conv"]},
+        "qwen3_next": {"layer_types": ["full_attention", "linear_attention"], "head_dim": 16},
+    }
+    for model_type, fields in hybrids.items():
+        config = load_config(str(config_dir(tmp_path, model_type)))
+        for name, value in fields.items():
+            setattr(config, name, value)
+        refusals = read_architecture(config).freeze_refusals
+        assert set(refusals) == ({"attention"} if model_type == "lfm2" else set())
+    default = SearchSpace.load(ROOT / "autotune" / "search_spaces" / "default.yaml")
+    space, unsupported = supported_space(default.restricted({"attention": ["eager"]}), opt)
+    assert "freeze" in default.choices_of("method")
+    assert "freeze" not in space.choices_of("method") and set(unsupported["method"]) == {"freeze"}
+    with pytest.raises(UsageError, match="no method of the space runs on OPTForCausalLM"):
+        supported_space(default.restricted({"method": ["freeze"]}), opt)
+
+
+def test_dora_over_an_int8_base_is_refused_on_the_cpu_where_bitsandbytes_crashes():
+    """A DoRA step over an int8 base stops on the CPU in bitsandbytes' int8 matmul (its weight
+    scales unset): refused before a probe loads anything; on CUDA, and other bases, it runs."""
+    architecture = read_architecture(load_config(str(DEMO)))
+    dora = Recipe.from_dict(
+        {"model": "m", "method": "lora", "use_dora": True, "quantization": "int8"}
+    )
+    (problem,) = architecture.recipe_problems(dora, "cpu")
+    assert problem.startswith("use_dora with quantization int8 on the CPU: ")
+    assert architecture.recipe_problems(dora, "cuda") == []
+    assert architecture.recipe_problems(dora.replace(use_dora=False), "cpu") == []
+    assert architecture.recipe_problems(dora.replace(quantization="none"), "cpu") == []
+    with pytest.raises(UsageError, match="use_dora with quantization int8 on the CPU"):
+        check_recipe(dora, load_config(str(DEMO)), "recipe.yaml", "cpu")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from autotune.distributed import deepspeed_installed
@@ -42,15 +44,42 @@ def test_memory_bench_cpu_path(tmp_path):
     assert "bench/memory_bench.py --device cpu" in results["command"]
 
 
-def test_memory_bench_measures_the_unmeasured_paths_on_the_cpu(tmp_path):
-    """`--grid unmeasured` (fused and foreach AdamW, the chunked loss, int8 at micro-batch 2)
-    runs end to end on the CPU as it would on a GPU, each row predicted and measured."""
-    out = tmp_path / "unmeasured.json"
-    done = run_bench(
-        "memory_bench.py",
-        *("--shapes", "demo", "--grid", "unmeasured", "--steps", "1"),
-        *("--out", str(out), "--models-dir", str(tmp_path / "models")),
+def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
+    """bench/gpu_session.sh, what a lent GPU machine runs first, end to end on the CPU with the
+    demo shape (nvidia-smi faked): the machine report, the GPU tests' log, and memory_bench's
+    `--grid unmeasured` (fused and foreach AdamW, the chunked loss, int8 at micro-batch 2), each
+    row predicted and measured, in the results file named after the GPU."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 580.159.04'\n")
+    smi.chmod(0o755)
+    session = tmp_path / "session"
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{fake_bin}:{os.environ['PATH']}",
+        "OUT": str(session),
+        "SHAPES": "demo",
+        "DEVICE": "cpu",
+        "HELD_OUT": "demo-unmeasured-000-0",
+        "MODELS_DIR": str(tmp_path / "models"),
+        "WHEELS": str(tmp_path / "no-wheels"),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh")],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert done.returncode == 0, done.stderr
+    machine = (session / "machine.txt").read_text()
+    assert "NVIDIA H200" in machine and f"optuna {optuna.__version__}" in machine
+    assert "skipped" in (session / "gpu_tests.log").read_text()
+    assert "no snapshot of demo-unmeasured-000-0" in (session / "replay_diff.txt").read_text()
+    assert not (session / "snapshots").exists()  # packed, or none on the CPU
+    out = session / "memory_unmeasured_h200.json"
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     bench = load_bench("memory_bench")
@@ -269,6 +298,39 @@ def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "first difference" in done.stdout and "peak reserved: GPU" in done.stdout
+    assert "peak allocated: GPU" in done.stdout and "GPU only:" in done.stdout
+
+
+def test_replay_diff_tells_the_blocks_alive_at_each_allocated_peak():
+    """The blocks alive at the replay's allocated peak add up to it; those of a GPU trace are
+    read at its own peak, and the sizes only one side held are named, with the replay's phase."""
+    from autotune.recipe import Recipe
+    from autotune.replay import load_config, replay
+
+    diff = load_bench("replay_diff")
+    fields = {"method": "lora", "lora_r": 4, "seq_len": 64, "micro_batch_size": 2}
+    replayed = replay(
+        Recipe.from_dict({"model": "demo", **fields}), load_config(str(ROOT / "demo"))
+    )
+    assert sum(size for size, _ in replayed.live_at_peak) == replayed.peak_allocated_bytes
+    assert {phase for _, phase in replayed.live_at_peak} >= {"weights", "activations"}
+
+    mib = 2**20
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100 * mib},
+        {"action": "alloc", "addr": 2, "size": 200 * mib},
+        {"action": "free_completed", "addr": 1, "size": 100 * mib},
+        {"action": "alloc", "addr": 3, "size": 50 * mib},
+        {"action": "alloc", "addr": 4, "size": 7 * mib},
+        {"action": "free_completed", "addr": 99, "size": 1 * mib},
+    ]
+    live, peak, unknown = diff.gpu_live_at_peak({"device_traces": [events]})
+    assert live == [200 * mib, 100 * mib] and peak == 300 * mib and unknown == 1
+    gpu_only, replay_only = diff.unmatched(
+        [200 * mib, 100 * mib, 7 * mib],
+        [(200 * mib, "weights"), (100 * mib, "activations"), (64 * mib, "gradients")],
+    )
+    assert gpu_only == ["1 x 7.00 MiB"] and replay_only == ["1 x 64.00 MiB (gradients)"]
 
 
 def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
@@ -435,3 +497,41 @@ def test_multi_gpu_bench_cpu_path(tmp_path):
     assert rows["fsdp"]["memory_model"] == "replay" and rows["ddp"]["memory_model"] == "formula"
     assert all(rows[strategy]["memory_model"] == "formula" for strategy in zero)
     assert results["summary"]["none"]["speed_up"] == 1.0
+
+
+def test_replay_combos_replays_drawn_recipes_as_their_traced_steps_allocate(cut_model):
+    """Recipes drawn as a study draws them, from every choice of the dimension table, replay
+    to their traced CPU step's allocated peak (bench/replay_combos.py): of the first four of
+    seed 0, those without a k-bit base (NF4's CPU kernels are slow), two padding-free
+    micro-batches of two sequences, one replayed 0.9% under before such a micro-batch was
+    replayed as one row."""
+    from autotune.model_spec import load_model_spec
+    from autotune.replay import load_config
+
+    combos = load_bench("replay_combos")
+    drawn = combos.sample_recipes(4, 0, str(cut_model), 128)
+    assert len({recipe.label() for recipe in drawn}) == 4
+    recipes = [recipe for recipe in drawn if recipe.quantization == "none"]
+    assert [(r.batching, r.micro_batch_size) for r in recipes] == [("padding_free", 2)] * 2
+    config, spec = load_config(str(cut_model)), load_model_spec(str(cut_model))
+    rows = [combos.measure(recipe, config, spec) for recipe in recipes]
+    assert [combos.verdict(row) for row in rows] == ["ok"] * 2, [r.get("ratio") for r in rows]
+
+
+def test_replay_families_records_each_case_with_its_ratio(tmp_path):
+    """bench/replay_families.py on Falcon (blocks in transformer.h, whose freeze probe crashed)
+    with one recipe: the checks pass, the real step and the replay agree, and the file names
+    the command."""
+    out = tmp_path / "families.json"
+    done = run_bench(
+        "replay_families.py",
+        *("--families", "falcon", "--recipes", "freeze 1", "--out", str(out)),
+        device=None,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and abs(row["replay_ratio"] - 1) <= results["tolerance"]
+    assert results["counts"] == {"ok": 1}
+    assert "bench/replay_families.py --families falcon" in results["command"]
+    assert "falcon" in done.stdout and "freeze 1" in done.stdout

@@ -465,6 +465,25 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
         assert "hunter2" not in done.stdout + done.stderr and "p@ss" not in done.stderr
 
 
+def test_more_gloo_ranks_than_cpu_cores_are_refused_in_one_line(tmp_path, config_only):
+    # the run pinned to one core: a probe's 2 gloo processes would take turns on it
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    args = ["--model", str(config_only), "--data", str(data), "--space", DEMO_SPACE]
+    done = subprocess.run(
+        [AUTOTUNE, "run", *args, "--device", "cpu", "--budget", "4GB", "--gpus-per-probe", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--gpus-per-probe 2 on --device cpu: 2 gloo processes would stand in for 2 GPUs" in (
+        done.stderr
+    )
+    assert "more than the 1 CPU core this process may use" in done.stderr
+
+
 def test_more_bad_input_is_one_line(tmp_path, config_only):
     """Values past sane bounds, a bad flag value, a report with nothing to show or nowhere to
     go, a hub id with no network: one line on stderr and exit code 2 each."""

@@ -18,6 +18,7 @@ import yaml
 
 from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
 from autotune.recipe import Recipe
+from autotune.training.build import load_dtype
 
 AXOLOTL_KEYS = {
     "base_model",
@@ -76,6 +77,7 @@ LLAMAFACTORY_OWN_KEYS = {
     "quantization_method",
     "freeze_trainable_layers",
     "freeze_trainable_modules",
+    "freeze_extra_modules",
     "disable_gradient_checkpointing",
     "flash_attn",
     "packing",
@@ -295,6 +297,9 @@ def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
     for precision, dtype in (("bf16", "bfloat16"), ("amp_bf16", "float32"), ("fp16", "float16")):
         config = hf_config(Recipe.from_dict({"method": "full", "precision": precision}))
         assert config["dtype"] == dtype
+    # a k-bit base's unquantized weights load in the compute dtype, as the probe loads them
+    qlora = Recipe.from_dict({"method": "lora", "quantization": "nf4", "precision": "amp_bf16"})
+    assert hf_config(qlora)["dtype"] == str(load_dtype(qlora)).removeprefix("torch.") == "bfloat16"
     # from_pretrained's keyword, as transformers names it
     tiny = AutoConfig.for_model(
         "llama",
@@ -344,3 +349,80 @@ def test_trainer_exports_turn_the_loss_scaler_on_only_where_trained_weights_are_
             axolotl = axolotl_config(recipe_, "train.jsonl")
             assert axolotl["fp16"] == scaled, (precision, fields)
             assert axolotl.get("float16", False) == (precision == "fp16" and not scaled)
+
+
+def _llamafactory_trainable(names: list[str], config: dict) -> set[str]:
+    """The parameters LLaMA-Factory's freeze tuning trains, as its _setup_freeze_tuning
+    (src/llamafactory/model/adapter.py, hiyouga/LLaMA-Factory ff6d4d12) picks them: the last
+    freeze_trainable_layers blocks' modules, and freeze_extra_modules, by substring."""
+    import re
+
+    count = config["freeze_trainable_layers"]
+    layers = range(max(0, 4 - count), 4)  # the tiny model's 4 blocks
+    top_level = {n.split(".")[-2] for n in names if re.search(r"\.\d+\.", n) is None}
+    picked = []
+    for module in config["freeze_trainable_modules"].split(","):
+        picked += [f".{i}.{module if module != 'all' else ''}" for i in layers]
+    extra = config.get("freeze_extra_modules")
+    for module in extra.split(",") if extra else []:
+        if module not in top_level:  # its own check: "Module ... is not found"
+            raise ValueError(f"Module {module} is not found")
+        picked.append(module)
+    return {n for n in names if any(p in n for p in picked)}
+
+
+@pytest.mark.parametrize("train_modules", ["all", "attention", "mlp"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_llamafactory_freeze_trains_what_autotune_trained_but_the_final_norm(train_modules, tied):
+    """LLaMA-Factory's freeze trains the chosen blocks' modules and freeze_extra_modules;
+    autotune's also trains the final norm and an untied head. The head is named (a tied one is
+    no parameter of its own there, and refused); the final norm cannot be, and the header says
+    so."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from autotune.training.build import prepare_model
+    from tests.conftest import DEMO
+
+    fields = json.loads((DEMO / "config.json").read_text())
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{**fields, "tie_word_embeddings": tied})
+    model = AutoModelForCausalLM.from_config(config)
+    recipe = Recipe.from_dict(
+        {"method": "freeze", "frozen_layers": 1, "train_modules": train_modules}
+    )
+    prepare_model(model, recipe)
+    names = [name for name, _ in model.named_parameters()]
+    ours = {name for name, p in model.named_parameters() if p.requires_grad}
+    exported = llamafactory_config(recipe, num_layers=4, tied_head=tied)
+    theirs = _llamafactory_trainable(names, exported)
+    assert ours - theirs == {"model.norm.weight"} and theirs <= ours
+    assert ("lm_head.weight" in theirs) == (not tied)
+    text = render("llamafactory", recipe, None, num_layers=4, tied_head=tied)
+    assert "LLaMA-Factory cannot train the final norm alone" in text
+    assert "did not record whether the output head is tied" not in text
+    unknown = render("llamafactory", recipe, None, num_layers=4)
+    assert "did not record whether the output head is tied" in unknown
+    assert "freeze_extra_modules" not in yaml.safe_load(unknown)
+
+
+def test_an_axolotl_export_of_amp_says_axolotl_loads_half_weights():
+    """axolotl's bf16 sets the dtype the model loads in (resolve_dtype: torch_dtype bfloat16,
+    axolotl-ai-cloud/axolotl 067b021c), with no key for fp32 weights under autocast: an
+    amp_bf16 recipe's fp32 weights would load in bf16, and the header says so."""
+    full_amp = Recipe.from_dict({"method": "full", "precision": "amp_bf16"})
+    amp = render("axolotl", full_amp, None)
+    assert yaml.safe_load(amp)["bf16"] is True
+    assert (
+        "# precision amp_bf16: axolotl loads the weights in bfloat16 (bf16: true sets its model "
+        "dtype; it has no key for float32 weights under autocast), less memory than autotune "
+        "measured" in amp
+    )
+    assert "loads the weights in" not in render(
+        "axolotl", Recipe.from_dict({"method": "full"}), None
+    )
+    # a k-bit base's other weights are loaded in the compute dtype by autotune too
+    qlora_amp = recipe("qlora").replace(precision="amp_bf16")
+    assert "loads the weights in" not in render("axolotl", qlora_amp, None)
+    assert "loads the weights in" not in render("hf", full_amp, None)

@@ -3,6 +3,7 @@ probes, with gloo processes standing in for the GPUs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -510,6 +511,22 @@ def test_gpus_are_cut_into_groups_of_gpus_per_probe(tmp_path):
     assert gpu_groups(settings(gpus=("0", "1")), "cuda") == ["0", "1"]
     with pytest.raises(UsageError, match="divide the 3 GPUs"):
         check_workers(settings(gpus=("0", "1", "2"), gpus_per_probe=2), "cpu")
+
+
+def test_gloo_ranks_on_the_cpu_are_capped_by_its_cores(monkeypatch, tiny_model):
+    # N gloo processes on fewer cores take turns: they time the machine, not the recipe
+    from autotune.study.settings import RunSettings, check_workers
+    from autotune.training.ranked_train import check_ranked
+
+    monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 2)
+    settings = RunSettings(model="m", data_path=tiny_model, budget_bytes=1, gpus_per_probe=(1, 2))
+    check_workers(settings, "cpu")
+    check_ranked(Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 2}), "cpu", ())
+    refusal = "3 gloo processes would stand in for 3 GPUs on the CPU, more than the 2 CPU cores"
+    with pytest.raises(UsageError, match=f"--gpus-per-probe 3 on --device cpu: {refusal}"):
+        check_workers(dataclasses.replace(settings, gpus_per_probe=(1, 2, 3)), "cpu")
+    with pytest.raises(UsageError, match=f"cannot run this recipe: {refusal}"):
+        check_ranked(Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 3}), "cpu", ())
 
 
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])

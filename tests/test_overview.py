@@ -6,8 +6,10 @@ import optuna
 import pytest
 
 from autotune.api import list_studies, study_status
+from autotune.console import status_text
 from autotune.pareto import PICK_POLICIES, frontier, pick
 from autotune.study import claim_once, measured_points, prepare_run, run_study
+from autotune.study.overview import StudyOverview, finished_words, study_overview
 from autotune.units import format_bytes
 from tests.test_cli import autotune
 from tests.test_distributed import postgres_url  # noqa: F401
@@ -65,7 +67,7 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
     listed = autotune("studies", "--storage", storage_url, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert f"{name}: model " in listed.stdout and f"budget {format_bytes(10**10)}" in listed.stdout
-    assert "7 trials finished, 1 running" in listed.stdout
+    assert "7 of 7 trials finished, 1 running" in listed.stdout
     balanced = overview.picks["balanced"]
     assert f"balanced   trial {balanced.trial}  {balanced.recipe}" in listed.stdout
     assert f"{other}: model " in listed.stdout
@@ -85,7 +87,8 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
     import sqlite3
 
     tmp_path = workspace[0]
-    run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    first = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    assert study_overview(first, []).finished_words == "2 of 2 trials finished"
     run_study(prepare_run(settings_for(workspace, trials=4)), FakeRunner())
     # the second run a day after the first: four probes of a few seconds, two runs
     with sqlite3.connect(tmp_path / "study.db") as db:
@@ -102,6 +105,9 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
                     )
     status = study_status(f"sqlite:///{tmp_path}/study.db", "s")
     assert status.probes == 4
+    # the resume's --trials is the target now
+    assert status.overview.finished_words == "4 of 4 trials finished"
+    assert "s: model " in status_text(status) and "4 of 4 trials finished" in status_text(status)
     # over the day between the runs it would be 4 / 24 h; the probes took seconds
     assert status.probes_per_hour is not None and status.probes_per_hour > 100
 
@@ -197,3 +203,13 @@ def test_status_tells_a_killed_runs_trial_from_a_running_one(workspace):  # noqa
     assert f"running: trial {live.number}  " in text
     assert f"interrupted: trial {killed.number}  (sampling)  (its run on this host has" in text
     assert f"running: trial {killed.number}" not in text
+
+
+def test_the_trials_target_reads_for_old_studies_and_past_it():
+    # a study from before the target was stored has none; a run with a lower --trials is
+    # not shown as more than all of its target
+    assert finished_words(12, 20) == "12 of 20 trials finished"
+    assert finished_words(1, None) == "1 trial finished"
+    assert finished_words(25, 20) == "25 trials finished (--trials 20)"
+    old = StudyOverview("s", "m", 2**30, 3, 0, {})
+    assert old.target_trials is None and old.finished_words == "3 trials finished"

@@ -51,6 +51,8 @@ STORED_CONFIRMATION = {
     "speed_change": -0.1,
     "held_up": True,
     "over_budget": False,
+    "in_place_of": 7,
+    "pick": "balanced",
 }
 STORED_NOISE = {
     "trial": 3,

@@ -75,6 +75,7 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     assert data.commands[-1].startswith("autotune train --recipe reports/s-recipe.yaml --data ")
 
     page = render_html(data)
+    assert "measured; 8 of 8 trials finished.</p>" in page  # --trials, as status says it
     # the answer first, then the frontier, the charts and all trials
     order = [page.index(s) for s in ('id="recommendation"', 'id="frontier-table"', "chart-0")]
     assert order == sorted(order) and order[-1] < page.index('id="trials-table"')

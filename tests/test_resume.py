@@ -826,3 +826,85 @@ def test_a_database_storage_that_cannot_be_opened_is_said_before_the_data_is_rea
     url = "postgresql://me:pw@127.0.0.1:1/none"
     with pytest.raises(UsageError, match=r"cannot open storage postgresql://me:\*\*\*@127"):
         prepare_run(settings_for(workspace, storage=url))
+
+
+def test_the_sampler_reads_a_trial_over_a_smaller_resumed_budget_as_infeasible(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """What TPE reads when it splits the trials (its infeasible score, as its split computes
+    it): resumed under the same budget, every trial as it stored it; resumed under a smaller
+    one, the trials that fit the old budget and not the new one are infeasible, and their
+    stored constraints are still what their run measured."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    from autotune.study.records import trial_record
+
+    seen: list[dict[int, float]] = []
+    split = tpe._split_trials
+
+    def spy(study, trials, n_below):
+        finished = (t for t in trials if t.state.is_finished())
+        seen.append({t.number: tpe._get_infeasible_trial_score(t) for t in finished})
+        return split(study, trials, n_below)
+
+    monkeypatch.setattr(tpe, "_split_trials", spy)
+    study = run_study(prepare_run(settings_for(workspace, trials=6)), FakeRunner())
+    stored = {t.number: tpe._get_infeasible_trial_score(t) for t in study.trials}
+    seen.clear()
+    run_study(prepare_run(settings_for(workspace, trials=7)), FakeRunner())
+    assert seen and all(view == {n: stored[n] for n in view} for view in seen)
+    assert set(seen[-1]) >= set(range(6))
+    # on CPU a trial is held to its predicted peak (no margin here)
+    peaks = {t.number: trial_record(t).predicted_peak_bytes for t in study.trials}
+    largest = max(peaks.values())
+    smaller = max(peak for peak in peaks.values() if peak < largest)
+    over = {number for number, peak in peaks.items() if peak > smaller}
+    assert over and all(stored[number] == 0 for number in over)
+    seen.clear()
+    resumed = run_study(
+        prepare_run(settings_for(workspace, trials=8, budget_bytes=smaller)), FakeRunner()
+    )
+    assert seen and all(view[number] > 0 for view in seen for number in over)
+    assert all(view[n] == stored[n] for view in seen for n in set(stored) - over if n in view)
+    assert all(max(resumed.trials[n].constraints.values()) <= 0 for n in over)
+
+
+def test_a_trial_over_the_budget_now_moves_the_samplers_proposals():
+    """Ten trials, the best three with a recipe that fit the study's first budget (8 GB) and
+    not its budget now (4 GB): TPE reading their stored constraints proposes mostly that
+    recipe again; reading them under the budget now, it proposes the others."""
+    from autotune.study.records import DIRECTIONS, record_constraint
+    from autotune.study.sampler import BudgetedSampler
+    from autotune.study.study_records import StudySetup, record_new_budget, record_setup
+
+    choices = ["a", "b", "c", "big"]
+    old_budget = 8 * 10**9
+
+    def proposals(budgeted: bool) -> list[str]:
+        tpe = optuna.samplers.TPESampler(
+            multivariate=True, group=True, constant_liar=True, seed=0, n_startup_trials=5
+        )
+        study = optuna.create_study(
+            directions=list(DIRECTIONS), sampler=BudgetedSampler(tpe) if budgeted else tpe
+        )
+        record_setup(study, StudySetup(budget_bytes=old_budget))
+        for number in range(10):
+            choice = "big" if number < 3 else choices[number % 3]
+            study.enqueue_trial({"x": choice})
+            trial = study.ask()
+            trial.suggest_categorical("x", choices)
+            peak = 6e9 if choice == "big" else 3e9
+            record_constraint(trial, (peak - old_budget) / old_budget, old_budget)
+            study.tell(trial, [peak, 2000.0 if choice == "big" else 1000.0 + number, 2.5])
+        record_new_budget(study, 4 * 10**9, 10)
+        proposed = []
+        for _ in range(20):
+            trial = study.ask()
+            proposed.append(trial.suggest_categorical("x", choices))
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return proposed
+
+    as_stored, held = proposals(budgeted=False), proposals(budgeted=True)
+    assert as_stored.count("big") > 10
+    assert held.count("big") < as_stored.count("big") / 2

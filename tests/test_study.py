@@ -231,6 +231,10 @@ def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file
     write_jsonl(data, rows)
     study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
     data.unlink()  # the study's record of its data is read, not the file
+    from autotune.study.study_records import study_setup
+
+    # and of its model: whether a freeze recipe's head is a parameter of its own to export
+    assert study_setup(study).tie_word_embeddings is False
     exported = recipe_yaml(study, "balanced", "axolotl")[1]
     assert yaml.safe_load(exported)["datasets"][0]["type"] == "completion"  # the first row's
     assert "# the data mixes formats (alpaca 29, text 1)" in exported
@@ -321,12 +325,13 @@ def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier
         study = run_study(
             prepare_run(dataclasses.replace(settings, confirm_top=1)), runner, console
         )
-    assert list(confirmations(study)) == [balanced]
-    assert not confirmations(study)[balanced].held_up
-    exported, _ = recipe_yaml(study, "balanced")
+    confirmed = confirmations(study)
+    assert not confirmed[balanced].held_up
+    exported, exported_text = recipe_yaml(study, "balanced")
     row = report_data(study).frame.set_index("trial").loc[balanced]
     status = status_text(study_status(settings.storage, "s"))
     if not leaves:  # a speed off the first probe is chance; a timeout says nothing sure
+        assert list(confirmed) == [balanced]
         assert balanced in {p.number for p in measured_points(study)}
         assert exported == runner.recipe and bool(row["on_frontier"])
         assert "left the frontier" not in row["reason"] + status + lines.getvalue()
@@ -337,10 +342,52 @@ def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier
     assert row["reason"] == why
     assert f"trial {balanced} {why}" in status
     assert f"trial {balanced} {why}; the picks and the exported recipe" in lines.getvalue()
-    assert f"Trial {balanced} ({runner.recipe.label()}) {why}" in render_html(report_data(study))
-    # resuming chooses the same recipe to confirm: no other is probed again
+    page = render_html(report_data(study))
+    assert f"Trial {balanced} ({runner.recipe.label()}) {why}" in page
+    # the recipe the balanced pick chooses now is confirmed in its place, in the same run
+    points = measured_points(study)
+    stand_in = pick_number("balanced", points, quality_ranking(study, points))
+    assert set(confirmed) == {balanced, stand_in}
+    assert confirmed[stand_in].in_place_of == balanced and confirmed[stand_in].held_up
+    assert yaml.safe_load(exported_text)["measured"]["confirmation"]["held_up"] is True
+    assert (
+        f"confirm trial {stand_in} (6 steps, seed 1), in place of trial {balanced} as the "
+        "balanced pick: held up" in lines.getvalue()
+    )
+    in_place = f"trial {stand_in}, which the balanced pick chose next, was confirmed: held up"
+    assert f"trial {balanced} {why}; in its place, {in_place}" in status
+    assert f"In its place, {in_place}" in page
+    # resuming chooses the same recipes to confirm: no other is probed again
     run_study(prepare_run(dataclasses.replace(settings, confirm_top=1)), runner)
-    assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 1
+    assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2
+
+
+def test_confirmations_in_place_of_recipes_that_left_are_at_most_one_each(workspace):
+    """Every confirmation runs out of memory: the balanced pick's recipe leaves, the one the
+    pick chooses next is confirmed in its place and leaves too, and the run stops there (one
+    more confirmation for the one of the top --confirm that left), its card not confirmed."""
+    from autotune.study import confirmations, pick_number, quality_ranking
+
+    class EveryConfirmationOutOfMemory(FakeRunner):
+        def run(self, request, workdir):
+            result = super().run(request, workdir)
+            if request.seed == 1 and request.steps == 6:
+                return ProbeResult(status="oom", reason="fake oom", device="cpu")
+            return result
+
+    runner = EveryConfirmationOutOfMemory()
+    study = run_study(prepare_run(settings_for(workspace, trials=8, confirm_top=1)), runner)
+    confirmed = confirmations(study)
+    assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2
+    (first,) = [n for n, c in confirmed.items() if c.in_place_of is None]
+    (second,) = [n for n, c in confirmed.items() if c.in_place_of == first]
+    assert all(c.removal() for c in confirmed.values())
+    points = measured_points(study)
+    assert len(points) >= 1 and {first, second}.isdisjoint(p.number for p in points)
+    assert pick_number("balanced", points, quality_ranking(study, points)) not in confirmed
+    data = report_data(study)
+    assert data.cards[0].confirmation is None and data.cards[0].held_up is None
+    assert "<dt>Confirmation</dt><dd>not confirmed</dd>" in render_html(data)
 
 
 def test_a_confirmation_over_the_budget_removes_its_recipe_one_off_in_speed_does_not():
@@ -604,13 +651,14 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
 
 def test_trials_are_predicted_by_replay(workspace):
     """With the replay memory model each trial's prediction is the replay of its recipe on the
-    model's config (the formula only prunes the space), and the trial says which model gave it."""
+    model's config (the formula only prunes the space), and the trial says which model gave it;
+    padded where the data pads its micro-batches."""
+    from autotune.prediction import pads_micro_batches
     from autotune.replay import load_config, replay
 
     tmp_path, model, data = workspace
-    study = run_study(
-        prepare_run(settings_for(workspace, trials=5, memory_model="replay")), FakeRunner()
-    )
+    prepared = prepare_run(settings_for(workspace, trials=5, memory_model="replay"))
+    study = run_study(prepared, FakeRunner())
     config = load_config(str(model))
     checked = 0
     for trial in study.trials:
@@ -618,9 +666,9 @@ def test_trials_are_predicted_by_replay(workspace):
             continue
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
         assert trial.user_attrs["memory_model"] == "replay"
-        assert (
-            trial.user_attrs["predicted_peak_bytes"] == replay(recipe, config).estimate().peak_bytes
-        )
+        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
+        replayed = replay(recipe, config, padded=padded).estimate().peak_bytes
+        assert trial.user_attrs["predicted_peak_bytes"] == replayed
         checked += 1
     assert checked >= 3
 
@@ -717,7 +765,8 @@ def test_reading_a_study_does_not_load_the_code_that_runs_one():
     assert "autotune.study.records" in modules and "autotune.study.storage" in modules
     assert "autotune.study.study_records" in modules
     assert "autotune.study.ranking" in modules  # the picks read promoted probes
-    for running in ("objective", "run", "prepare", "confirm", "workers", "seeding", "promotion"):
+    running_modules = ("objective", "run", "prepare", "confirm", "workers", "seeding", "promotion")
+    for running in (*running_modules, "sampler"):
         assert f"autotune.study.{running}'" not in modules, modules
     assert "autotune.probe'" not in modules and "autotune.replay'" not in modules
 

@@ -73,6 +73,30 @@ def test_resume_continues_exactly(tiny_model, qa_data, tmp_path):
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the speed is the median of the run's own steps after its warm-up
+    assert (straight.timed_steps, resumed.timed_steps) == (3, 1)
+    last = train(recipe, qa_data, tmp_path / "resumed", max_steps=5, resume=True)
+    assert last.resumed_from_step == 4 and last.steps == 5
+    # one step, the warm-up: no speed rather than the cold step's
+    assert last.tokens_per_second is None and last.timed_steps == 0
+
+
+def test_the_end_of_train_says_why_it_has_no_speed(tmp_path):
+    from rich.console import Console
+
+    from autotune.api import TrainResult
+    from autotune.train_console import show_trained
+    from autotune.training.train_plan import TrainReport
+
+    console = Console(record=True, width=200)
+    one_step = TrainReport(5, 4, None, 2**20, "cpu_rss_growth", 1.5, 1.6, tmp_path, False)
+    show_trained(console, TrainResult(one_step, None, {"tokens_per_second": 900.0}))
+    timed = TrainReport(9, 4, 1234.0, 2**20, "cpu_rss_growth", 1.5, 1.6, tmp_path, False)
+    timed.timed_steps = 4
+    show_trained(console, TrainResult(timed, None, {}))
+    text = console.export_text()
+    assert "tokens/s not measured: its one step was the warm-up; probe measured 900" in text
+    assert "tokens/s 1,234 (median of 4 steps after warm-up)" in text
 
 
 class _Stop(Exception):

@@ -83,6 +83,7 @@ def _card(
 ) -> PickCard:
     speed, loss = float(row["tokens_per_second"]), float(row["eval_loss"])
     held = row["held_up"]
+    confirmation = row.get("confirmation")  # a missing one reads back as NaN, not None
     card = PickCard(
         picks,
         number,
@@ -94,7 +95,7 @@ def _card(
         epoch_seconds=train_tokens / speed if train_tokens and speed else None,
         is_default=bool(row["baseline"] == "qlora_default"),
         longer_probe=ranking.longest(number),
-        confirmation=row.get("confirmation") or None,
+        confirmation=confirmation if isinstance(confirmation, str) else None,
     )
     if base is None or int(base["trial"]) == number:
         return card

@@ -13,11 +13,12 @@ from autotune.fidelity import fidelity_reading, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
-from autotune.study.overview import busy_seconds
+from autotune.study.overview import busy_seconds, finished_words
 from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
 from autotune.study.records import (
     OBJECTIVE_NAMES,
     TrialStatus,
+    finished_trial_count,
     measured_points,
     not_searched,
     trial_record,
@@ -25,11 +26,13 @@ from autotune.study.records import (
 )
 from autotune.study.study_records import (
     Noise,
+    confirmed_in_place,
     data_stats,
     left_frontier,
     space_choices,
     study_noise,
     study_setup,
+    target_trials,
 )
 from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
@@ -69,6 +72,8 @@ class ReportData(NamedTuple):
     """The probe length of each promotion round the study ran (--promote), shortest first."""
     left_frontier: tuple[str, ...] = ()
     """One line per measured recipe whose confirmation took it off the frontier, and why."""
+    finished_text: str = ""
+    """'12 of 20 trials finished': the finished trials and the latest run's --trials."""
 
     @property
     def on_cpu(self) -> bool:
@@ -98,6 +103,7 @@ def report_data(
     train_tokens = stats.get("train_tokens")
     sources = sorted({s for s in frame.get("memory_source", []) if s}) if len(frame) else []
     measured = int((frame["status"] == MEASURED).sum()) if len(frame) else 0
+    in_place = confirmed_in_place(study)
     commands: tuple[str, ...] = ()
     if recipe_path is not None:
         commands = tuple(
@@ -117,6 +123,7 @@ def report_data(
         left_frontier=tuple(
             f"Trial {number} ({trial_record(study.trials[number]).label}) left "
             f"the frontier: {why}; the picks and the export are chosen without it."
+            + (f" In its place, {in_place[number]}." if number in in_place else "")
             for number, why in sorted(left_frontier(study).items())
         ),
         importances=objective_importances(study) if measured >= MIN_MEASURED_FOR_IMPORTANCE else {},
@@ -124,6 +131,7 @@ def report_data(
         commands=commands,
         storage_url=storage_url,
         measured_count=measured,
+        finished_text=finished_words(finished_trial_count(study), target_trials(study)),
         noise=noise,
         train_tokens=train_tokens,
         time_text=time_description(

@@ -204,6 +204,7 @@ def render_html(data: ReportData) -> str:
         *left_out,
     ]
     measured = data.measured_count
+    finished = f"; {data.finished_text}" if data.finished_text else ""
     on_cpu = data.on_cpu
     frontier_columns = with_memory_heading(
         with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps), on_cpu
@@ -216,7 +217,7 @@ def render_html(data: ReportData) -> str:
 <style>{STYLE}</style></head><body>
 <h1>autotune study {html.escape(data.study_name)}</h1>
 <p class="sub">Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
-{len(data.frame)} trials, {measured} measured.</p>
+{len(data.frame)} trials, {measured} measured{finished}.</p>
 <section id="recommendation"><div class="cards">{cards}</div></section>
 <h2 id="frontier">Frontier: no other recipe beats these on all three objectives</h2>
 {html_table(front, frontier_columns, "frontier-table") if len(front) else ""}

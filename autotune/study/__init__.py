@@ -18,6 +18,7 @@ _MODULES = (
     "ranking",
     "storage",
     "overview",
+    "sampler",
     "settings",
     "pruning",
     "prepare",

@@ -20,6 +20,7 @@ from autotune.study.study_records import (
     Noise,
     confirmation_job,
     confirmations,
+    left_frontier,
     record_confirmation,
     record_noise,
     study_noise,
@@ -108,7 +109,8 @@ def confirm_frontier(
     the longer probe finishes, stays within the budget and keeps its speed within 15%; one whose
     probe ran out of memory, went over the budget or hit a non-finite loss leaves the frontier.
     The recipes are chosen from the frontier as the trials measured it, before any confirmation
-    took a recipe off it: a resumed run, or another worker, chooses the same ones.
+    took a recipe off it: a resumed run, or another worker, chooses the same ones. A pick whose
+    recipe left chooses another, which is confirmed in its place (_confirm_stand_ins).
     """
     events = events or RunEvents()
     settings = prepared.settings
@@ -116,23 +118,72 @@ def confirm_frontier(
     if not points or settings.confirm_top < 1:
         return confirmations(study)
     ranking = quality_ranking(study, points)
+    first_picks = {policy: pick_number(policy, points, ranking) for policy in PICK_POLICIES}
     chosen: list[int] = []
-    for number in [pick_number(policy, points, ranking) for policy in PICK_POLICIES] + [
-        p.number for p in frontier(points)
-    ]:
+    for number in [*first_picks.values()] + [p.number for p in frontier(points)]:
         if number not in chosen:
             chosen.append(number)
-    done = confirmations(study)
-    for number in chosen[: settings.confirm_top]:
-        job = confirmation_job(number)
-        confirmed = functools.partial(_confirmed, study, number)
-        if number in done or not claim_once(study, job, done=confirmed):
-            continue
-        try:
-            _confirm(prepared, runner, study, events, number)
-        finally:
-            release_claim(study, job)
+    top = chosen[: settings.confirm_top]
+    for number in top:
+        _confirm_once(prepared, runner, study, events, number)
+    _confirm_stand_ins(prepared, runner, study, events, first_picks, top)
     return confirmations(study)
+
+
+def _confirm_stand_ins(
+    prepared: PreparedRun,
+    runner: ProbeRunner,
+    study: Any,
+    events: RunEvents,
+    first_picks: dict[str, int],
+    top: list[int],
+) -> None:
+    """Confirm the recipe a pick chooses in place of one whose confirmation took it off the
+    frontier (and, while any is left of the allowance, the next if that one leaves too): at
+    most one confirmation for each of the `top` recipes that left, so a run confirms at most
+    twice --confirm recipes however many fail. Which recipe a pick stood on is read back from
+    the confirmations (`first_picks`, then each one's `in_place_of`), so a resumed run or
+    another worker carries on where one stopped."""
+    tried: set[int] = set()
+    while True:
+        done = confirmations(study)
+        removed = left_frontier(study)
+        stood_in = [(c.in_place_of, n) for n, c in done.items() if c.in_place_of is not None]
+        stand_ins = dict(stood_in)
+        points = measured_points(study)
+        if len(stood_in) >= len(removed.keys() & set(top)) or not points:
+            return
+        ranking = quality_ranking(study, points)
+        for policy, left in first_picks.items():
+            while left in stand_ins:
+                left = stand_ins[left]
+            number = pick_number(policy, points, ranking)
+            if left in removed and number not in done.keys() | tried:
+                break
+        else:
+            return
+        tried.add(number)
+        _confirm_once(prepared, runner, study, events, number, left, policy)
+
+
+def _confirm_once(
+    prepared: PreparedRun,
+    runner: ProbeRunner,
+    study: Any,
+    events: RunEvents,
+    number: int,
+    in_place_of: int | None = None,
+    pick_policy: str = "",
+) -> None:
+    """Confirm trial `number` unless it was, or another run holds its claim."""
+    job = confirmation_job(number)
+    confirmed = functools.partial(_confirmed, study, number)
+    if number in confirmations(study) or not claim_once(study, job, done=confirmed):
+        return
+    try:
+        _confirm(prepared, runner, study, events, number, in_place_of, pick_policy)
+    finally:
+        release_claim(study, job)
 
 
 def _confirmed(study: Any, number: int) -> bool:
@@ -140,7 +191,13 @@ def _confirmed(study: Any, number: int) -> bool:
 
 
 def _confirm(
-    prepared: PreparedRun, runner: ProbeRunner, study: Any, events: RunEvents, number: int
+    prepared: PreparedRun,
+    runner: ProbeRunner,
+    study: Any,
+    events: RunEvents,
+    number: int,
+    in_place_of: int | None,
+    pick_policy: str,
 ) -> None:
     settings = prepared.settings
     trial = study.trials[number]
@@ -165,6 +222,8 @@ def _confirm(
         speed_change=speed_change,
         held_up=finished and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
         over_budget=finished and not fits,
+        in_place_of=in_place_of,
+        pick=pick_policy,
     )
     record_confirmation(study, number, confirmation)
     events.confirmed(number, confirmation)

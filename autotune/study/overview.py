@@ -20,7 +20,14 @@ from autotune.study.records import (
     trial_status,
 )
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
-from autotune.study.study_records import is_claim_study, left_frontier, study_setup
+from autotune.study.study_records import (
+    confirmed_in_place,
+    is_claim_study,
+    left_frontier,
+    study_setup,
+    target_trials,
+)
+from autotune.units import count_of
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,22 @@ class StudyOverview:
     """Trials running now: those of a run on this host that has ended left out."""
     picks: dict[str, MeasuredRecipe]
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
+    target_trials: int | None = None
+    """The --trials of its latest run (None: a study from before it was stored)."""
+
+    @property
+    def finished_words(self) -> str:
+        return finished_words(self.finished, self.target_trials)
+
+
+def finished_words(finished: int, target: int | None) -> str:
+    """'12 of 20 trials finished', the target being the latest run's --trials; without one
+    (an older study) or past it (a run with a lower --trials), the count and what is known."""
+    if target is None:
+        return f"{count_of(finished, 'trial')} finished"
+    if finished > target:
+        return f"{count_of(finished, 'trial')} finished (--trials {target})"
+    return f"{finished:,} of {count_of(target, 'trial')} finished"
 
 
 PREDICTING_WORDS = "(recipe chosen, predicting its memory)"
@@ -86,6 +109,9 @@ class StudyStatus:
     """Fastest first."""
     left_frontier: dict[int, str] = field(default_factory=dict)
     """Trial number -> why its confirmation took it off the frontier (Confirmation.removal)."""
+    confirmed_in_place: dict[int, str] = field(default_factory=dict)
+    """Trial number of one that left -> the confirmation of the recipe its pick chose next
+    (study_records.confirmed_in_place)."""
 
 
 def _measured(study: Any, number: int) -> MeasuredRecipe:
@@ -130,6 +156,7 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         finished_trial_count(study),
         sum(1 for t in _running(study) if not _run_ended(t)),
         picks,
+        target_trials(study),
     )
 
 
@@ -202,4 +229,5 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         ],
         frontier=[_measured(study, p.number) for p in frontier(points)],
         left_frontier=left_frontier(study),
+        confirmed_in_place=confirmed_in_place(study),
     )

@@ -25,7 +25,8 @@ def supported_space(
     none of a dimension's choices runs, what usually does (all-linear, eager, no quantization,
     the standard loss, adamw) takes their place, so a space written for the Llama family still
     searches Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked
-    expert weights of a mixture of experts), the other methods are searched."""
+    expert weights of a mixture of experts), the other methods are searched; so they are where
+    method freeze cannot find the model's decoder blocks."""
     if architecture is None:
         return space, {}
     unsupported: dict[str, dict[str, str]] = {}
@@ -50,6 +51,8 @@ def supported_space(
         refusal = optimizer_refusal(choice, device)
         if refusal:
             unsupported.setdefault("optimizer", {})[choice] = refusal
+    if "freeze" in methods and "all" in architecture.freeze_refusals:
+        unsupported.setdefault("method", {})["freeze"] = architecture.freeze_refusals["all"]
     if "lora" in methods:
         for choice in space.choices_of("quantization"):
             refusal = architecture.quantization_refusal(choice, device)
@@ -72,19 +75,22 @@ def supported_space(
     }
     if not kept_targets:
         # no LoRA at all on this model with this space: search the other methods
-        changes["method"] = tuple(m for m in methods if m != "lora")
         changes["quantization"] = ("none",)
         changes["lora_target_modules"] = target_names
-        unsupported["method"] = {"lora": f"no LoRA target set runs on {architecture.name}"}
+        why = f"no LoRA target set runs on {architecture.name}"
+        unsupported.setdefault("method", {})["lora"] = why
         for choice in space.choices_of("quantization"):
             if choice != "none":
                 unsupported.setdefault("quantization", {}).setdefault(choice, "trains LoRA only")
-        if not changes["method"]:
-            raise UsageError(
-                f"{space.source}: no LoRA target set runs on {architecture.name} ("
-                + describe_unsupported({"lora_target_modules": refused})
-                + ") and the space has no other method"
+    changes["method"] = tuple(m for m in methods if m not in unsupported.get("method", {}))
+    if not changes["method"]:
+        raise UsageError(
+            f"{space.source}: no method of the space runs on {architecture.name} ("
+            + describe_unsupported(
+                {k: unsupported[k] for k in ("method", "lora_target_modules") if k in unsupported}
             )
+            + ")"
+        )
     attention = tuple(
         c for c in space.choices_of("attention") if c not in unsupported.get("attention", {})
     )

@@ -34,6 +34,7 @@ from autotune.study.study_records import (
     record_new_budget,
     record_setup,
     record_space_choices,
+    record_target_trials,
     space_choices,
     study_budgets,
     study_setup,
@@ -196,12 +197,14 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 seed=settings.seed,
                 vocab_size=prepared.spec.vocab_size,
                 num_layers=prepared.spec.num_layers,
+                tie_word_embeddings=prepared.spec.tie_word_embeddings,
                 measured_under=measured_under(prepared),
             ),
         )
         for name, params in baseline_params(prepared.space, fits_budget(prepared)):
             study.enqueue_trial(params, user_attrs=baseline_attrs(name), skip_if_exists=True)
     record_data_stats(study, prepared.data_stats)
+    record_target_trials(study, settings.trials)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(

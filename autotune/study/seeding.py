@@ -11,6 +11,7 @@ from typing import Any
 from autotune.margins import margin_for
 from autotune.memory import MemoryEstimate, estimate
 from autotune.prediction import (
+    pads_micro_batches,
     predict,
     replay_in_worker,
     replay_key,
@@ -22,13 +23,15 @@ from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
     """Whether the recipe a set of trial parameters stands for is predicted to fit the budget
-    (the formula's prediction, with its margin)."""
+    (the formula's prediction, with its margin, padded where the data pads it)."""
     settings = prepared.settings
 
     def fits(params: dict[str, Any]) -> bool:
         recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
         margin = margin_for(settings.memory_margin, "formula", recipe.quantization)
-        return margin.bytes_of(estimate(prepared.spec, recipe).peak_bytes) <= settings.budget_bytes
+        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
+        peak = estimate(prepared.spec, recipe, padded=padded).peak_bytes
+        return margin.bytes_of(peak) <= settings.budget_bytes
 
     return fits
 
@@ -36,22 +39,24 @@ def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
 def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEstimate, str]]:
     """Each trial's predicted peak and the model that gave it: the replay (in a worker process
     that sees no GPU, once per recipe as memory sees it) where the formula puts the recipe
-    within REPLAY_BAND of the budget, the formula elsewhere and where the replay cannot run."""
+    within REPLAY_BAND of the budget, the formula elsewhere and where the replay cannot run;
+    either told whether the data pads the probe's micro-batches (pads_micro_batches)."""
     settings = prepared.settings
     predicted: dict[str, tuple[MemoryEstimate, str]] = {}
 
     def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
-        formula = estimate(prepared.spec, recipe)
+        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
+        formula = estimate(prepared.spec, recipe, padded=padded)
         if (
             settings.memory_model != "replay"
             or prepared.model_config is None
             or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
         ):
             return formula, "formula"
-        key = replay_key(recipe)
+        key = replay_key(recipe, padded)
         if key not in predicted:
             result, used, _ = predict(
-                prepared.spec, recipe, prepared.model_config, run=replay_in_worker
+                prepared.spec, recipe, prepared.model_config, run=replay_in_worker, padded=padded
             )
             predicted[key] = (result, used)
         return predicted[key]

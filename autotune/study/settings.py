@@ -223,7 +223,7 @@ def resolve_device(device: str) -> str:
 def check_workers(settings: RunSettings, device: str) -> None:
     if settings.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {settings.workers}")
-    from autotune.distributed import format_gpu_counts, parse_gpu_counts
+    from autotune.distributed import cpu_ranks_refusal, format_gpu_counts, parse_gpu_counts
 
     counts = settings.gpus_per_probe
     shown = format_gpu_counts(counts)
@@ -242,6 +242,9 @@ def check_workers(settings: RunSettings, device: str) -> None:
             raise UsageError(
                 f"--gpus {','.join(settings.gpus)} needs CUDA, but the device is {device}"
             )
+        refusal = cpu_ranks_refusal(per_probe)
+        if refusal:
+            raise UsageError(f"--gpus-per-probe {per_probe} on --device {device}: {refusal}")
         return
     import torch
 
@@ -285,6 +288,9 @@ class PreparedRun:
     pad_token_id: int | None = None
     """The id padding gets, checked below the config's vocab_size (check_token_ids); each
     probe pads with it (None: the tokenizer's own)."""
+    train_token_lengths: tuple[int, int] | None = None
+    """Tokens of the shortest and the longest training example, truncated at seq_len: whether
+    a probe's micro-batches are padded (prediction.pads_micro_batches); None: not known."""
 
 
 @dataclass(frozen=True)

@@ -218,9 +218,14 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     """Create the study or load it to resume; refuse one that has other objectives."""
     import optuna
 
+    from autotune.study.sampler import BudgetedSampler
+
     storage = make_storage(storage_url)
-    sampler = optuna.samplers.TPESampler(
-        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=5
+    # the trials' constraints under the study's budget now, which a resume may have changed
+    sampler = BudgetedSampler(
+        optuna.samplers.TPESampler(
+            multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=5
+        )
     )
     try:
         study = optuna.create_study(

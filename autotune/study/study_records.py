@@ -40,6 +40,9 @@ class StudySetup:
     seed: int | None = None
     vocab_size: int | None = None
     num_layers: int | None = None
+    tie_word_embeddings: bool | None = None
+    """Whether the output head is the input embedding (None: a study from before this record):
+    a freeze recipe trains an untied head, which LLaMA-Factory's export must name."""
     measured_under: dict[str, Any] = field(default_factory=dict)
     """What makes two trials' figures comparable (see run.measured_under); for a study from
     before this record, the seq_len and probe_steps it stored."""
@@ -53,6 +56,21 @@ BUDGETS_ATTR = "budgets"
 """[[first_trial_number, budget_bytes], ...]: the budget each run held its trials to, from that
 trial on, written when a run first changes the budget (until then the setup's budget_bytes is
 the only one): the setup's first, one more for each run that changed it."""
+
+
+TARGET_TRIALS_ATTR = "target_trials"
+"""The --trials of the study's latest run: the finished trials it runs until."""
+
+
+def record_target_trials(study: Any, trials: int) -> None:
+    """Every run: a resume with another --trials moves the target."""
+    study.set_user_attr(TARGET_TRIALS_ATTR, trials)
+
+
+def target_trials(study: Any) -> int | None:
+    """None for a study from before the target was stored."""
+    stored = study.user_attrs.get(TARGET_TRIALS_ATTR)
+    return stored if isinstance(stored, int) and not isinstance(stored, bool) else None
 
 
 def record_setup(study: Any, setup: StudySetup) -> None:
@@ -188,6 +206,10 @@ class Confirmation:
     over_budget: bool | None = None
     """It finished with its peak over the study's budget (measured on CUDA only); None in a
     study from before this field, where a miss that is not the speed's is the peak's."""
+    in_place_of: int | None = None
+    """The trial whose confirmation took it off the frontier, whose pick (`pick`) chose this
+    recipe next: confirmed in its place, beyond --confirm. None for one of the top --confirm."""
+    pick: str = ""
 
     def peak_over_budget(self) -> bool:
         if self.status != "ok" or self.held_up:
@@ -252,6 +274,20 @@ def left_frontier(study: Any) -> dict[int, str]:
     records.measured_points leaves these trials out, so every reader agrees."""
     removed = {number: c.removal() for number, c in confirmations(study).items()}
     return {number: why for number, why in removed.items() if why}
+
+
+def confirmed_in_place(study: Any) -> dict[int, str]:
+    """Trial number of one that left the frontier -> what the confirmation of the recipe its
+    pick chose next found (Confirmation.in_place_of), in words for status and the report to
+    put after "in its place, ": "trial 5, which the balanced pick chose next, was confirmed:
+    held up: ..."."""
+    return {
+        c.in_place_of: (
+            f"trial {number}, which the {c.pick} pick chose next, was confirmed: {c.words()}"
+        )
+        for number, c in sorted(confirmations(study).items())
+        if c.in_place_of is not None
+    }
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,12 @@ def tokens_per_second(records: Sequence[StepRecord]) -> float:
     return statistics.median(r.tokens / r.seconds for r in measured)
 
 
+def timed_steps(records: Sequence[StepRecord]) -> int:
+    """How many steps `tokens_per_second` is the median of: none where the one step run is
+    its own warm-up, which `train` then reports no speed for rather than the cold step's."""
+    return len(records) - warmup_steps(len(records)) if len(records) > 1 else 0
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch

@@ -42,7 +42,7 @@ def chosen_gpus(gpus: tuple[str, ...], recipe: Recipe) -> tuple[str, ...]:
 
 def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
     """Refuse, in one line, what a distributed `autotune train` does not run."""
-    from autotune.distributed import probe_refusal
+    from autotune.distributed import cpu_ranks_refusal, probe_refusal
 
     refusal = probe_refusal(recipe)  # DeepSpeed's strategies, where it is not installed
     if refusal:
@@ -52,7 +52,7 @@ def check_ranked(recipe: Recipe, device: str, gpus: tuple[str, ...]) -> None:
             raise UsageError(f"--gpus {','.join(gpus)} needs CUDA, but the device is {device}")
         from autotune.training.deepspeed_engine import cpu_refusal
 
-        refusal = cpu_refusal(recipe)
+        refusal = cpu_refusal(recipe) or cpu_ranks_refusal(recipe.num_gpus)
         if refusal:
             raise UsageError(f"autotune train cannot run this recipe: {refusal}")
         return

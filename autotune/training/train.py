@@ -186,7 +186,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         load_tokenizer,
         unloadable_weights,
     )
-    from autotune.training.loop import MemoryMeter, tokens_per_second, train_steps
+    from autotune.training.loop import MemoryMeter, timed_steps, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
     from autotune.training.ranks import (
         distribute_model,
@@ -353,11 +353,13 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         if plan.merge_dtype is not None:
             del model, optimizer  # the merge loads the base afresh
             merged_dir = merge_adapter(recipe, output_dir, plan.merge_dtype, device)
+    timed = timed_steps(records)  # the same on every rank, which step together
     report = TrainReport(
         steps=step,
         resumed_from_step=start_step,
-        # summed over the ranks, which step together
-        tokens_per_second=over_ranks(tokens_per_second(records) if records else 0.0, "sum", place),
+        # summed over the ranks
+        tokens_per_second=over_ranks(tokens_per_second(records), "sum", place) if timed else None,
+        timed_steps=timed,
         peak_memory_bytes=peak,
         memory_source=meter.source,
         eval_loss=eval_loss,

@@ -19,7 +19,9 @@ progress."""
 class TrainReport:
     steps: int
     resumed_from_step: int
-    tokens_per_second: float
+    tokens_per_second: float | None
+    """The median over this run's steps after warm-up (a resumed run's own steps); None where
+    it trained one step, its warm-up."""
     peak_memory_bytes: int
     memory_source: str
     eval_loss: float
@@ -38,6 +40,8 @@ class TrainReport:
     """What the merge did that a user should know (a QLoRA base merged dequantized)."""
     monitor_location: str | None = None
     """Where --report-to wrote the run's records."""
+    timed_steps: int = 0
+    """The steps tokens_per_second is the median of."""
 
 
 @dataclass(frozen=True)
