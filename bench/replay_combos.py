@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import CONFIGS  # noqa: E402
+from shared import CONFIGS, write_results  # noqa: E402
 
 from autotune.dimensions import DIMENSIONS  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
@@ -323,19 +322,14 @@ def main() -> int:
             f"ratio min {min(padded):.4f} max {max(padded):.4f}"
         )
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "command": "python bench/replay_combos.py " + " ".join(sys.argv[1:]),
-                    "model": "qwen2-0.5b cut to hidden 128, intermediate 256, 2 layers, vocab 4096",
-                    "seq_len": args.seq_len,
-                    "counts": counts,
-                    "rows": rows,
-                },
-                indent=1,
-            )
-            + "\n",
-            encoding="utf-8",
+        write_results(
+            args.out,
+            "replay_combos.py",
+            "cpu",
+            counts,
+            model="qwen2-0.5b cut to hidden 128, intermediate 256, 2 layers, vocab 4096",
+            seq_len=args.seq_len,
+            rows=rows,
         )
     return 0
 

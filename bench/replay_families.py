@@ -23,7 +23,6 @@ the replay's 512-byte rounding allows).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import TOKENIZER  # noqa: E402
+from shared import TOKENIZER, write_results  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ_LEN = 128, 256, 2, 4, 2, 4096, 128
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -312,21 +311,15 @@ def main() -> int:
             f"replay/traced: lowest {worst['replay_ratio']} ({worst['family']} {worst['recipe']}),"
             f" highest {highest['replay_ratio']} ({highest['family']} {highest['recipe']})"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python bench/replay_families.py", *sys.argv[1:]]),
-                "transformers": transformers.__version__,
-                "sizes": {**SIZES, "seq_len": SEQ_LEN, **STEP},
-                "tolerance": TOLERANCE,
-                "counts": counts,
-                "rows": rows,
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
+    write_results(
+        args.out,
+        "replay_families.py",
+        "cpu",
+        counts,
+        transformers=transformers.__version__,
+        sizes={**SIZES, "seq_len": SEQ_LEN, **STEP},
+        tolerance=TOLERANCE,
+        rows=rows,
     )
     return 0
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -81,8 +82,9 @@ def gpu_name(device: str) -> str:
     return torch.cuda.get_device_name(0)
 
 
-def write_results(out: Path, script: str, device: str, summary: dict, **tables: list) -> Path:
-    """A results file that says what made it: command, date, machine and GPU."""
+def write_results(out: Path, script: str, device: str, summary: dict, **fields: Any) -> Path:
+    """A results file that says what made it: command, date, machine and GPU; then its summary
+    and `fields` (tables of rows, the sizes it ran at, ...)."""
     import datetime
     import platform
 
@@ -94,7 +96,7 @@ def write_results(out: Path, script: str, device: str, summary: dict, **tables: 
         "device": device,
         "gpu": gpu_name(device),
         "summary": summary,
-        **tables,
+        **fields,
     }
-    out.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out

@@ -532,6 +532,6 @@ def test_replay_families_records_each_case_with_its_ratio(tmp_path):
     results = json.loads(out.read_text())
     (row,) = results["rows"]
     assert row["status"] == "ok" and abs(row["replay_ratio"] - 1) <= results["tolerance"]
-    assert results["counts"] == {"ok": 1}
+    assert results["summary"] == {"ok": 1}
     assert "bench/replay_families.py --families falcon" in results["command"]
     assert "falcon" in done.stdout and "freeze 1" in done.stdout
