@@ -15,6 +15,8 @@ from typing import Any
 from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.meta_attention import attention_functions
+from autotune.meta_host import HostMemory
 from autotune.recipe import Recipe
 from autotune.training.host_held import local_shard
 
@@ -144,78 +146,6 @@ class Recorder:
             self.paused = False
 
 
-class HostMemory:
-    """Host memory that activation offload fills in the replay (autotune.training.offload): each
-    saved tensor, from the forward that saves it until its graph is freed, in a pinned block of
-    its size rounded up to a power of two (CUDA's host caching allocator). Backward's copy back
-    is an empty device tensor the recorder follows; the meta device has no data to copy."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.peak_bytes = 0
-
-    def hold(self, nbytes: int) -> None:
-        """Bytes held in host memory from now on (a CPU-offload optimizer's)."""
-        self.bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
-
-    def offload_optimizer(self, params: list[Any], learning_rate: float) -> Any:
-        """torchao's CPUOffloadOptimizer as it runs on CUDA, which the meta device cannot run:
-        each tensor of HOST_MIN_ELEMENTS or more gets a pinned host copy and a pinned host
-        gradient, and AdamW's two states beside them (host memory here), and its step on the
-        host writes the GPU tensor in place; smaller ones keep a fused AdamW on the device."""
-        import torch
-
-        from autotune.host_memory import pinned_host_bytes
-        from autotune.optimizers import HOST_MIN_ELEMENTS
-
-        large = [p for p in params if p.numel() >= HOST_MIN_ELEMENTS]
-        for param in large:
-            nbytes = param.numel() * param.element_size()
-            self.hold(2 * pinned_host_bytes(nbytes) + 2 * nbytes)
-        small = [p for p in params if p.numel() < HOST_MIN_ELEMENTS]
-
-        class Offloaded:
-            device = torch.optim.AdamW(small, lr=learning_rate, fused=True) if small else None
-
-            def step(self) -> None:
-                if self.device is not None:
-                    self.device.step()
-
-            def zero_grad(self, set_to_none: bool = True) -> None:
-                for param in params:
-                    param.grad = None
-
-        return Offloaded()
-
-    def hooks(self) -> Any:
-        import torch
-
-        from autotune.host_memory import pinned_host_bytes
-        from autotune.training.offload import is_weight
-
-        memory = self
-
-        class HostCopy:
-            def __init__(self, tensor: Any) -> None:
-                self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
-                self.nbytes = pinned_host_bytes(tensor.numel() * tensor.element_size())
-                memory.hold(self.nbytes)
-
-            def __del__(self) -> None:
-                memory.bytes -= self.nbytes
-
-        def pack(tensor: Any) -> Any:
-            return tensor if is_weight(tensor) else HostCopy(tensor)
-
-        def unpack(packed: Any) -> Any:
-            if isinstance(packed, torch.Tensor):
-                return packed
-            return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
 class Autocast:
     """torch.autocast's lower-precision casts for meta tensors: the matmul functions are wrapped
     (above autograd, so the casts are saved for backward as the real ones are, and checkpoint
@@ -276,57 +206,6 @@ def meta_autocast(original: Any, autocast: Autocast | None) -> Any:
         return contextlib.nullcontext()
 
     return autocast_for
-
-
-def attention_functions() -> tuple[Any, Any]:
-    """Autograd functions with the memory of CUDA's flash and memory-efficient SDPA kernels."""
-    import torch
-
-    def like_flash_output(q: Any, v: Any) -> Any:
-        # (batch, seq, heads, dim) in memory, seen as (batch, heads, seq, dim)
-        b, h, s, _ = q.shape
-        return q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
-
-    class Kernel(torch.autograd.Function):
-        lse_multiple = 1
-
-        @classmethod
-        def forward(cls, ctx, query, key, value, bias=None):  # noqa: ANN001
-            out = like_flash_output(query, value)
-            b, h, s, _ = query.shape
-            padded = -(-s // cls.lse_multiple) * cls.lse_multiple
-            lse = query.new_empty((b, h, padded), dtype=torch.float32)
-            # the additive mask (the memory-efficient kernel's bias) is kept for backward
-            ctx.save_for_backward(query, key, value, out, lse, bias)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):  # noqa: ANN001
-            query, key, value, out, lse, _ = ctx.saved_tensors
-            accumulator = None
-            if query.dtype != torch.float32:
-                accumulator = query.new_empty(query.shape, dtype=torch.float32)
-            delta = lse.new_empty(lse.shape)
-            grad_query = torch.empty_like(query)
-            if key.shape[1] != query.shape[1]:
-                # grouped-query heads: gradients per query head, then summed per key head
-                expanded = (query.shape[0], query.shape[1], key.shape[2], key.shape[3])
-                grad_key_heads = key.new_empty(expanded)
-                grad_value_heads = value.new_empty(expanded)
-                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
-                del grad_key_heads, grad_value_heads
-            else:
-                grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
-            del accumulator, delta
-            return grad_query, grad_key, grad_value, None
-
-    class Flash(Kernel):
-        lse_multiple = 1
-
-    class Efficient(Kernel):
-        lse_multiple = 32
-
-    return Flash, Efficient
 
 
 @contextlib.contextmanager

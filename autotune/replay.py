@@ -44,12 +44,12 @@ from autotune.errors import UsageError, first_line
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_cuda import (
     Autocast,
-    HostMemory,
     Recorder,
     cuda_behaviour,
     fresh_bitsandbytes_caches,
 )
 from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
+from autotune.meta_host import HostMemory
 from autotune.meta_int8 import int8_cuda_kernels
 from autotune.model_spec import check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
