@@ -16,7 +16,7 @@ import copy
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.attentions import ATTENTIONS
 from autotune.cuda_only import cuda_only_refusal
@@ -25,6 +25,9 @@ from autotune.losses import LOSSES
 from autotune.optimizers import optimizer_refusal
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
+
+if TYPE_CHECKING:
+    from autotune.training.freeze import FreezeLayout
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Architecture:
     run: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     """Runs peft's check (a function and its arguments); None: in this process. A study
     passes autotune.offgpu.run_off_gpu, because peft imports bitsandbytes."""
+    freeze_layout: FreezeLayout | None = field(default=None, compare=False, repr=False)
+    """Where the model keeps what a freeze recipe trains, by name (None: no decoder blocks
+    where autotune looks), for the exports."""
 
     def missing_targets(self, targets: str | tuple[str, ...] | None) -> tuple[str, ...]:
         """The LoRA targets that match no linear layer of the model (all-linear matches any)."""
@@ -219,12 +225,22 @@ def _read(config: Any, run: Callable[..., Any] | None) -> Architecture:
         _freeze_refusals(model),
         config,
         run,
+        _freeze_layout(model),  # last: it freezes the model's parameters
     )
+
+
+def _freeze_layout(model: Any) -> FreezeLayout | None:
+    from autotune.training.freeze import freeze_layout
+
+    try:
+        return freeze_layout(model)
+    except (ValueError, AttributeError, NotImplementedError):  # _freeze_refusals says why
+        return None
 
 
 def _freeze_refusals(model: Any) -> dict[str, str]:
     """Why a freeze recipe cannot find what it freezes and trains in `model`, by train_modules."""
-    from autotune.training.build import BLOCK_PARTS, block_part, decoder_blocks
+    from autotune.training.freeze import BLOCK_PARTS, block_part, decoder_blocks
 
     try:
         blocks = decoder_blocks(model)

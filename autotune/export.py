@@ -18,6 +18,7 @@ from autotune.study.study_records import (
     stored_data_formats,
     study_setup,
 )
+from autotune.training.freeze import FreezeLayout
 
 
 def measured_figures(
@@ -111,6 +112,7 @@ def recipe_yaml(
         num_layers=setup.num_layers,
         data_formats=formats,
         tied_head=setup.tie_word_embeddings,
+        freeze_layout=FreezeLayout.from_dict(setup.freeze_layout) if setup.freeze_layout else None,
     )
 
 

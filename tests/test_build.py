@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autotune.recipe import Recipe
-from autotune.training.build import build_model, build_optimizer, decoder_blocks
+from autotune.training.build import build_model, build_optimizer
+from autotune.training.freeze import decoder_blocks
 
 
 def build(tiny_model, **fields):

@@ -187,17 +187,18 @@ def test_axolotl_keys(name):
     # axolotl's documented names (its config reference): peft_use_dora, activation_offloading
     assert config.get("peft_use_dora") == (True if name == "qdora" else None)
     assert config.get("activation_offloading") == (True if name == "offload" else None)
+    # axolotl takes every `.` as a literal dot and matches at the start of the name
     if name == "freeze":
         patterns = config["unfrozen_parameters"]
-        assert r"^model\.layers\.20\..*" in patterns and r"^model\.layers\.27\..*" in patterns
-        assert r"^model\.layers\.19\..*" not in patterns
+        assert "^model.layers.20." in patterns and "^model.layers.27." in patterns
+        assert "^model.layers.19." not in patterns
     if name == "freeze-attention":
         patterns = config["unfrozen_parameters"]
-        assert r"^model\.layers\.20\.self_attn\..*" in patterns
-        assert not any("mlp" in p or r"layers\.19" in p for p in patterns)
+        assert "^model.layers.20.self_attn." in patterns
+        assert not any("mlp" in p or "layers.19" in p for p in patterns)
     if name == "freeze-mlp":
         patterns = config["unfrozen_parameters"]
-        assert r"^model\.layers\.27\.mlp\..*" in patterns
+        assert "^model.layers.27.mlp." in patterns
         assert not any("self_attn" in p for p in patterns)
 
 
@@ -351,14 +352,14 @@ def test_trainer_exports_turn_the_loss_scaler_on_only_where_trained_weights_are_
             assert axolotl.get("float16", False) == (precision == "fp16" and not scaled)
 
 
-def _llamafactory_trainable(names: list[str], config: dict) -> set[str]:
+def _llamafactory_trainable(names: list[str], config: dict, num_layers: int = 4) -> set[str]:
     """The parameters LLaMA-Factory's freeze tuning trains, as its _setup_freeze_tuning
     (src/llamafactory/model/adapter.py, hiyouga/LLaMA-Factory ff6d4d12) picks them: the last
     freeze_trainable_layers blocks' modules, and freeze_extra_modules, by substring."""
     import re
 
     count = config["freeze_trainable_layers"]
-    layers = range(max(0, 4 - count), 4)  # the tiny model's 4 blocks
+    layers = range(max(0, num_layers - count), num_layers)
     top_level = {n.split(".")[-2] for n in names if re.search(r"\.\d+\.", n) is None}
     picked = []
     for module in config["freeze_trainable_modules"].split(","):
@@ -400,7 +401,7 @@ def test_llamafactory_freeze_trains_what_autotune_trained_but_the_final_norm(tra
     assert ours - theirs == {"model.norm.weight"} and theirs <= ours
     assert ("lm_head.weight" in theirs) == (not tied)
     text = render("llamafactory", recipe, None, num_layers=4, tied_head=tied)
-    assert "LLaMA-Factory cannot train the final norm alone" in text
+    assert "LLaMA-Factory cannot train model.norm alone" in text
     assert "did not record whether the output head is tied" not in text
     unknown = render("llamafactory", recipe, None, num_layers=4)
     assert "did not record whether the output head is tied" in unknown
@@ -426,3 +427,67 @@ def test_an_axolotl_export_of_amp_says_axolotl_loads_half_weights():
     qlora_amp = recipe("qlora").replace(precision="amp_bf16")
     assert "loads the weights in" not in render("axolotl", qlora_amp, None)
     assert "loads the weights in" not in render("hf", full_amp, None)
+
+
+TINY_FAMILIES = {
+    "qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+    "falcon": {"hidden_size": 64, "num_attention_heads": 4},
+    "gpt2": {"n_embd": 64, "n_head": 4, "n_positions": 64},
+}
+"""Families whose blocks name their parts apart: Qwen2 self_attn/mlp, GPT-NeoX attention/mlp,
+Falcon self_attention/mlp, GPT-2 attn/mlp (with a tied head, and position embeddings that
+train)."""
+
+
+def _axolotl_unfrozen(names: list[str], patterns: list[str]) -> set[str]:
+    """The parameters axolotl's freeze_layers_except leaves trainable: its LayerNamePattern
+    (src/axolotl/utils/freeze.py, axolotl-ai-cloud/axolotl 107c67ae) turns every `.` not followed
+    by `+` into a literal dot and matches at the start of the name."""
+    import re
+
+    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\.", pattern)) for pattern in patterns]
+    return {name for name in names if any(c.match(name) for c in compiled)}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("train_modules", ["all", "attention", "mlp"])
+def test_freeze_exports_name_the_parameters_training_unfreezes(model_type, train_modules):
+    """The exports' freeze patterns come from the layout a study stores of its model, which
+    training's own freeze selection gives: a GPT-NeoX or GPT-2 recipe exported Llama's
+    model.layers/self_attn names, which match none of their parameters. (LLaMA-Factory cannot
+    name a module whose name is inside others', Llama's final norm: its header says so.)"""
+    import json
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from autotune.architecture import read_architecture
+    from autotune.training.build import prepare_model
+    from autotune.training.freeze import FreezeLayout
+
+    fields = {"num_hidden_layers": 3, "vocab_size": 256, **TINY_FAMILIES[model_type]}
+    config = AutoConfig.for_model(model_type, **fields)
+    architecture = read_architecture(config)
+    assert architecture is not None and architecture.freeze_layout is not None
+    layout = FreezeLayout.from_dict(json.loads(json.dumps(architecture.freeze_layout.to_dict())))
+    recipe = Recipe.from_dict(
+        {"method": "freeze", "frozen_layers": 1, "train_modules": train_modules}
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    prepare_model(model, recipe)
+    names = [name for name, _ in model.named_parameters()]
+    ours = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert ours and len(ours) < len(names)
+
+    axolotl = axolotl_config(recipe, "train.jsonl", freeze_layout=layout)
+    assert _axolotl_unfrozen(names, axolotl["unfrozen_parameters"]) == ours
+    hf = hf_config(recipe, freeze_layout=layout)["trainable_parameters"]
+    assert {name for name in names if any(re.match(p, name) for p in hf)} == ours
+    llamafactory = llamafactory_config(recipe, freeze_layout=layout)
+    unnamed = {n for n in ours if n.rpartition(".")[0] in layout.ambiguous_outside}
+    assert _llamafactory_trainable(names, llamafactory, 3) == ours - unnamed
+    assert bool(unnamed) == (model_type == "qwen2")  # model.norm, in every block's norms
+    text = render("llamafactory", recipe, None, freeze_layout=layout)
+    assert ("cannot train model.norm alone" in text) == (model_type == "qwen2")
+    assert "did not record whether the output head is tied" not in text

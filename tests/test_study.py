@@ -235,6 +235,9 @@ def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file
 
     # and of its model: whether a freeze recipe's head is a parameter of its own to export
     assert study_setup(study).tie_word_embeddings is False
+    # and where its freeze recipes train, which the exports' freeze patterns name
+    layout = study_setup(study).freeze_layout
+    assert layout["blocks"] == "model.layers" and layout["parts"]["attention"][0] == "self_attn"
     exported = recipe_yaml(study, "balanced", "axolotl")[1]
     assert yaml.safe_load(exported)["datasets"][0]["type"] == "completion"  # the first row's
     assert "# the data mixes formats (alpaca 29, text 1)" in exported

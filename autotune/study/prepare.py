@@ -148,6 +148,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings.model, settings.data_path, settings.budget_bytes
     )
     storage = settings.storage or DEFAULT_STORAGE
+    freeze_layout = architecture.freeze_layout if architecture else None
     return PreparedRun(
         settings,
         spec,
@@ -165,4 +166,5 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         unsupported_choices=unsupported,
         pad_token_id=tokenizer.pad_token_id,
         train_token_lengths=(int(lengths.min()), int(lengths.max())) if len(lengths) else None,
+        freeze_layout=freeze_layout.to_dict() if freeze_layout else None,
     )

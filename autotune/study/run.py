@@ -198,6 +198,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 vocab_size=prepared.spec.vocab_size,
                 num_layers=prepared.spec.num_layers,
                 tie_word_embeddings=prepared.spec.tie_word_embeddings,
+                freeze_layout=prepared.freeze_layout,
                 measured_under=measured_under(prepared),
             ),
         )

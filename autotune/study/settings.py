@@ -291,6 +291,9 @@ class PreparedRun:
     train_token_lengths: tuple[int, int] | None = None
     """Tokens of the shortest and the longest training example, truncated at seq_len: whether
     a probe's micro-batches are padded (prediction.pads_micro_batches); None: not known."""
+    freeze_layout: dict[str, Any] | None = None
+    """Where the model keeps what a freeze recipe trains (FreezeLayout.to_dict), stored with
+    the study for its exports; None where the model's architecture was not read."""
 
 
 @dataclass(frozen=True)

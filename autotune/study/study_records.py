@@ -43,6 +43,10 @@ class StudySetup:
     tie_word_embeddings: bool | None = None
     """Whether the output head is the input embedding (None: a study from before this record):
     a freeze recipe trains an untied head, which LLaMA-Factory's export must name."""
+    freeze_layout: dict[str, Any] | None = None
+    """Where the model keeps what a freeze recipe trains, by name (FreezeLayout.to_dict; None:
+    a study from before this record, or a model without decoder blocks where autotune looks):
+    the exports' freeze patterns name the model's own modules."""
     measured_under: dict[str, Any] = field(default_factory=dict)
     """What makes two trials' figures comparable (see run.measured_under); for a study from
     before this record, the seq_len and probe_steps it stored."""

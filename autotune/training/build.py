@@ -96,47 +96,6 @@ def quantization_config(recipe: Recipe) -> Any | None:
     return BitsAndBytesConfig(**settings(compute_dtype(recipe)))
 
 
-BLOCK_LISTS = ("layers", "h", "blocks")
-"""What causal LMs name their list of decoder blocks, under the base model (or its language
-model): model.layers (the Llama family, Gemma, Phi, ...), transformer.h (GPT-2, Falcon),
-gpt_neox.layers, model.language_model.layers (Gemma 3)."""
-BLOCK_PARTS = {
-    "attention": ("self_attn", "attn", "attention", "self_attention", "linear_attn"),
-    "mlp": ("mlp", "feed_forward"),
-}
-"""What a decoder block names its attention (Qwen3-Next's linear-attention blocks: linear_attn)
-and its MLP, by train_modules."""
-
-
-def decoder_blocks(model: Any) -> Any:
-    """The list of decoder blocks of a causal LM (through a peft wrapper too); ValueError
-    where the model names it otherwise."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "base_model", base)
-    # a vision-language model's (Gemma 3's) decoder blocks are its language model's
-    for owner in (inner, getattr(inner, "language_model", None)):
-        for name in BLOCK_LISTS:
-            blocks = getattr(owner, name, None)
-            if isinstance(blocks, torch.nn.ModuleList):
-                return blocks
-    raise ValueError(
-        f"{type(base).__name__} has no list of decoder blocks named {', '.join(BLOCK_LISTS)}"
-    )
-
-
-def block_part(block: Any, train_modules: str) -> Any:
-    """The attention or the MLP of a decoder block; ValueError where it names them otherwise."""
-    for name in BLOCK_PARTS[train_modules]:
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise ValueError(
-        f"{type(block).__name__} has no {train_modules} module named "
-        f"{', '.join(BLOCK_PARTS[train_modules])}"
-    )
-
-
 def build_model(recipe: Recipe, device: str) -> Any:
     """Load the base model as the recipe says and make it trainable, in training mode."""
     return prepare_model(load_model(recipe, device)[0], recipe)
@@ -301,16 +260,9 @@ def prepare_model(model: Any, recipe: Recipe) -> Any:
             ),
         )
     elif recipe.method == "freeze":
-        model.get_input_embeddings().requires_grad_(False)
-        if model.config.tie_word_embeddings:
-            model.get_output_embeddings().requires_grad_(False)
-        for index, block in enumerate(decoder_blocks(model)):
-            if index < recipe.frozen_layers:
-                block.requires_grad_(False)
-            elif recipe.train_modules != "all":
-                # only the chosen sub-module of the block trains (its norms stay frozen)
-                block.requires_grad_(False)
-                block_part(block, recipe.train_modules).requires_grad_(True)
+        from autotune.training.freeze import freeze
+
+        freeze(model, recipe.frozen_layers, recipe.train_modules)
     if recipe.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20

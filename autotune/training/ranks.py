@@ -141,7 +141,7 @@ def shard_blocks(model: Any, mesh: Any = None, offload: bool = False) -> None:
     `offload`, the shards (and their gradients and optimizer states) in host memory."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from autotune.training.build import decoder_blocks
+    from autotune.training.freeze import decoder_blocks
 
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,134 @@
+"""A recipe in the configuration languages of other trainers: Hugging Face, axolotl, LLaMA-Factory.
+
+Each format's module returns a plain mapping whose keys are the target's own option names;
+`render` adds a comment header with what autotune measured, since those tools reject unknown keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autotune.distributed import launch_line
+from autotune.formats.axolotl import axolotl_config
+from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_notes
+from autotune.formats.hf import accelerate_config, hf_config
+from autotune.formats.llamafactory import llamafactory_config
+from autotune.formats.trainer_keys import half_flags
+from autotune.losses import LOSSES
+from autotune.optimizers import OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
+from autotune.recipe import Recipe
+from autotune.training.freeze import FreezeLayout
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "accelerate_config",
+    "axolotl_config",
+    "hf_config",
+    "llamafactory_config",
+    "render",
+]
+
+EXPORT_FORMATS = ("autotune", "hf", "axolotl", "llamafactory", "accelerate")
+PREDICTED_FIGURES = frozenset(
+    {"predicted_peak_bytes", "memory_model", "memory_margin", "predicted_fit"}
+)
+"""The figures a study records beside its measurements that are the memory model's."""
+
+
+def _autotune_only(recipe: Recipe, fmt: str) -> list[tuple[str, str]]:
+    """(key, what the exported config does instead) of each recipe key `fmt` cannot carry."""
+    keys = []
+    if recipe.activation_offload and fmt != "axolotl":
+        keys.append(("activation_offload", "keeps the saved activations on the GPU"))
+    if OPTIMIZERS[recipe.optimizer].host_states:
+        keys.append((f"optimizer {recipe.optimizer}", "keeps the optimizer's states on the GPU"))
+    return keys
+
+
+def _axolotl_halves_weights(recipe: Recipe) -> bool:
+    """axolotl's bf16/fp16 set the dtype it loads the model in (resolve_dtype): an amp_* recipe's
+    fp32 weights load in half (a k-bit base's other weights autotune loads so too)."""
+    return PRECISIONS[recipe.precision].autocast and QUANTIZATIONS[recipe.quantization].bits is None
+
+
+def render(
+    fmt: str,
+    recipe: Recipe,
+    measured: dict[str, Any] | None,
+    *,
+    data_path: str | None = None,
+    data_format: str = "alpaca",
+    num_layers: int | None = None,
+    data_formats: dict[str, int] | None = None,
+    tied_head: bool | None = None,
+    freeze_layout: FreezeLayout | None = None,
+) -> str:
+    """The recipe as YAML in `fmt`; measured figures as YAML (autotune) or a comment header.
+    `data_formats` (rows per format) says where axolotl's one format cannot read every row;
+    `freeze_layout` where the model keeps what a freeze recipe trains (None: not recorded, the
+    Llama family's assumed, with `tied_head` whether its output head is its input embedding,
+    None: not known)."""
+    if fmt == "autotune":
+        return recipe.to_yaml(measured=measured)
+    if fmt == "hf":
+        body = hf_config(recipe, freeze_layout=freeze_layout, num_layers=num_layers)
+    elif fmt == "axolotl":
+        body = axolotl_config(
+            recipe, data_path, data_format, num_layers, freeze_layout=freeze_layout
+        )
+    elif fmt == "accelerate":
+        body = accelerate_config(recipe)
+    else:
+        body = llamafactory_config(
+            recipe, num_layers, tied_head=tied_head, freeze_layout=freeze_layout
+        )
+    header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
+    for key, value in (measured or {}).items():
+        if isinstance(value, dict):
+            if "verdict" in value:  # the confirmation
+                header.append(f"# {key}: {value['verdict']}")
+            continue
+        # the study's record holds the memory model's prediction beside what was measured
+        kind = "" if key in PREDICTED_FIGURES else "measured "
+        header.append(f"# {kind}{key}: {value}")
+    if launch_line(recipe, fmt):
+        header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
+    if fmt == "axolotl" and len(data_formats or {}) > 1:
+        mix = ", ".join(f"{kind} {rows}" for kind, rows in sorted((data_formats or {}).items()))
+        header.append(
+            f"# the data mixes formats ({mix}); an axolotl dataset has one, and this names "
+            f"{data_format}, its first row's: give axolotl one file per format"
+        )
+    if fmt in LOSSES[recipe.loss].autotune_only_in:
+        header.append(
+            f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "
+            "trains with the standard loss and more memory (autotune train runs the recipe as "
+            "it is)"
+        )
+    for key, instead in _autotune_only(recipe, fmt):
+        header.append(
+            f"# {key} is autotune-only: {fmt} has no equivalent, so this config {instead} and "
+            "needs more GPU memory (autotune train runs the recipe as it is)"
+        )
+    if fmt == "axolotl" and _axolotl_halves_weights(recipe):
+        precision = PRECISIONS[recipe.precision]
+        flag = "bf16" if half_flags(recipe)["bf16"] else "fp16"
+        header.append(
+            f"# precision {recipe.precision}: axolotl loads the weights in "
+            f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
+            f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
+        )
+    if fmt == "llamafactory" and recipe.method == "freeze":
+        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
+        header += llamafactory_freeze_notes(layout, freeze_layout is None and tied_head is None)
+    if fmt == "llamafactory":
+        header.append(
+            f"# register dataset {body['dataset']!r} in data/dataset_info.json "
+            f"pointing at {Path(data_path).name if data_path else 'your JSONL file'}"
+        )
+    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)

@@ -1,0 +1,105 @@
+"""A recipe as an axolotl configuration."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
+from autotune.distributed import axolotl_keys
+from autotune.formats.freeze import layout_or_llama, unfrozen_parameters
+from autotune.formats.trainer_keys import (
+    HF_SCHEDULERS,
+    half_flags,
+    target_list,
+    trains_fp16_weights,
+    warmup,
+)
+from autotune.losses import LOSSES
+from autotune.optimizers import OPTIMIZERS
+from autotune.quantizations import QUANTIZATIONS
+from autotune.recipe import Recipe
+from autotune.training.freeze import FreezeLayout
+
+
+def axolotl_half_flags(recipe: Recipe) -> dict[str, bool]:
+    """axolotl's: `float16` is its fp16 without AMP, for fp16 weights."""
+    flags = half_flags(recipe)
+    if trains_fp16_weights(recipe):
+        flags.update(fp16=False, float16=True)
+    return flags
+
+
+def _axolotl_dataset(data_path: str | None, data_format: str) -> dict[str, Any]:
+    kinds = {"alpaca": "alpaca", "chat": "chat_template", "text": "completion"}
+    entry: dict[str, Any] = {"path": data_path or "train.jsonl", "ds_type": "json"}
+    if data_format == "input_output":
+        entry["type"] = {
+            "field_instruction": "input",
+            "field_output": "output",
+            "format": "{instruction}\n",
+            "no_input_format": "{instruction}\n",
+        }
+    else:
+        entry["type"] = kinds.get(data_format, "alpaca")
+    if data_format == "chat":
+        entry.update(field_messages="messages", roles_to_train=["assistant"])
+    return entry
+
+
+def axolotl_config(
+    recipe: Recipe,
+    data_path: str | None = None,
+    data_format: str = "alpaca",
+    num_layers: int | None = None,
+    output_dir: str = "outputs/autotune",
+    freeze_layout: FreezeLayout | None = None,
+) -> dict[str, Any]:
+    """`freeze_layout`: where the model keeps what a freeze recipe trains (None: the Llama
+    family's, of `num_layers` blocks)."""
+    config: dict[str, Any] = {
+        "base_model": recipe.model,
+        "load_in_8bit": QUANTIZATIONS[recipe.quantization].bits == 8,
+        "load_in_4bit": QUANTIZATIONS[recipe.quantization].bits == 4,
+        "datasets": [_axolotl_dataset(data_path, data_format)],
+        "val_set_size": 0.05,
+        "output_dir": output_dir,
+        "sequence_len": recipe.seq_len,
+        "micro_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "num_epochs": 1,
+        "optimizer": OPTIMIZERS[recipe.optimizer].trainer_name,
+        "learning_rate": recipe.learning_rate,
+        "lr_scheduler": HF_SCHEDULERS[recipe.lr_schedule],
+        # axolotl keeps the two apart: warmup_steps counts steps, warmup_ratio is a share
+        ("warmup_steps" if recipe.warmup_steps is not None else "warmup_ratio"): warmup(recipe),
+        "train_on_inputs": False,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        **axolotl_half_flags(recipe),
+    }
+    config.update(BATCHINGS[recipe.batching].axolotl)
+    config.update(copy.deepcopy(LOSSES[recipe.loss].axolotl))
+    config.update(ATTENTIONS[recipe.attention].axolotl)
+    config.update(axolotl_keys(recipe))
+    if recipe.activation_offload:
+        config["activation_offloading"] = True  # saved activations to host memory
+    if recipe.method == "lora":
+        config.update(
+            adapter="qlora" if QUANTIZATIONS[recipe.quantization].bits == 4 else "lora",
+            lora_r=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+        )
+        if recipe.use_dora:
+            config["peft_use_dora"] = True
+        if recipe.lora_target_modules == "all-linear":
+            config["lora_target_linear"] = True
+        else:
+            config["lora_target_modules"] = target_list(recipe)
+    elif recipe.method == "freeze":
+        # Everything not listed stays frozen: the decoder blocks from frozen_layers up (only
+        # their attention or MLP where train_modules says so), the final norm and an untied head.
+        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head=None)
+        config["unfrozen_parameters"] = unfrozen_parameters(recipe, layout)
+    return config

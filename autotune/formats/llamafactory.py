@@ -1,0 +1,84 @@
+"""A recipe as a LLaMA-Factory `llamafactory-cli train` configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.attentions import ATTENTIONS
+from autotune.batchings import BATCHINGS
+from autotune.distributed import DISTRIBUTED, llamafactory_keys
+from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_keys
+from autotune.formats.trainer_keys import half_flags, schedule_keys
+from autotune.losses import LOSSES
+from autotune.optimizers import OPTIMIZERS
+from autotune.precisions import PRECISIONS
+from autotune.quantizations import QUANTIZATIONS
+from autotune.recipe import Recipe
+from autotune.training.freeze import FreezeLayout
+
+
+def llamafactory_config(
+    recipe: Recipe,
+    num_layers: int | None = None,
+    dataset: str = "autotune_data",
+    output_dir: str = "saves/autotune",
+    tied_head: bool | None = None,
+    freeze_layout: FreezeLayout | None = None,
+) -> dict[str, Any]:
+    """`freeze_layout`: where the model keeps what a freeze recipe trains (None: the Llama
+    family's, of `num_layers` blocks, with `tied_head` saying whether the output head is the
+    input embedding, None: not known)."""
+    config: dict[str, Any] = {
+        "model_name_or_path": recipe.model,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": recipe.method,
+        "dataset": dataset,
+        "template": "default",
+        "cutoff_len": recipe.seq_len,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "learning_rate": recipe.learning_rate,
+        # LLaMA-Factory runs on transformers 4.55 to 5.6; 4's warmup_steps is whole steps
+        **schedule_keys(recipe, share_key="warmup_ratio"),
+        "num_train_epochs": 1.0,
+        "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
+        "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
+        "flash_attn": ATTENTIONS[recipe.attention].llamafactory,
+        **half_flags(recipe),
+    }
+    config.update(BATCHINGS[recipe.batching].llamafactory)
+    config.update(LOSSES[recipe.loss].llamafactory)
+    config.update(llamafactory_keys(recipe))
+    if recipe.method == "lora":
+        targets = recipe.lora_target_modules
+        config.update(
+            lora_rank=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+            lora_target="all" if targets == "all-linear" else ",".join(targets or ()),
+        )
+        if recipe.use_dora:
+            config["use_dora"] = True
+        bits = QUANTIZATIONS[recipe.quantization].bits
+        if bits is not None:
+            config.update(
+                quantization_bit=bits,
+                quantization_method="bitsandbytes",
+            )
+    elif recipe.method == "freeze":
+        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
+        unknown_head = freeze_layout is None and tied_head is None
+        config.update(llamafactory_freeze_keys(recipe, layout, unknown_head))
+    if (
+        recipe.method in ("full", "freeze")
+        and PRECISIONS[recipe.precision].weight_dtype == "bfloat16"
+        and DISTRIBUTED[recipe.distributed].deepspeed_stage != 3
+    ):
+        # LLaMA-Factory upcasts trainable weights to fp32 (AMP) unless told to train in bf16,
+        # as autotune's bf16 does: twice the weights, gradients and states the probe measured.
+        # (A LoRA adapter is fp32 in both, peft's default.) It refuses pure_bf16 beside ZeRO-3,
+        # whose bf16 mode keeps the weights in bf16 itself.
+        config["pure_bf16"] = True
+    return config
