@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from autotune.errors import UsageError, error_line, lost_storage
-from autotune.options import setting_help, setting_option, settings_from_options
+from autotune.cli_state import STATE
+from autotune.cli_train import train
+from autotune.errors import error_line, lost_storage
+from autotune.options import setting_option, settings_from_options
 from autotune.probe_stop import interruption, terminate_as_ctrl_c
 
 app = typer.Typer(
@@ -21,16 +22,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest way to fine-tune a causal LM within the GPU memory you have.",
 )
-_state: dict[str, Any] = dict(debug=False, interrupted="autotune: interrupted", kept="", storage="")
-"""--debug, what Ctrl-C (or a full disk, a lost storage: "kept") leaves behind in the words of
-the command it stopped, and the storage URL whose secrets its errors must not show."""
 
 
 @app.callback()
 def _main_options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
-    _state["debug"] = debug
+    STATE["debug"] = debug
 
 
 @app.command()
@@ -66,9 +64,9 @@ def run(
 ) -> None:
     """Search fine-tuning recipes for MODEL on DATA within BUDGET and export the best."""
     options = dict(locals())  # the parameters, named as RunSettings' fields
-    _state["kept"] = "; finished trials are kept in the study"
-    _state["storage"] = storage or ""
-    _state["interrupted"] = f"autotune: interrupted{_state['kept']}"
+    STATE["kept"] = "; finished trials are kept in the study"
+    STATE["storage"] = storage or ""
+    STATE["interrupted"] = f"autotune: interrupted{STATE['kept']}"
     terminate_as_ctrl_c()  # a batch system's time limit stops a run as Ctrl-C does
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
@@ -158,120 +156,7 @@ def status(
     typer.echo(status_text(study_status(storage, study)))
 
 
-@app.command()
-def train(
-    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML (from autotune export)."),
-    data: Path = setting_option("data_path", "--data", "-d"),
-    output: Path = typer.Option(
-        Path("outputs/autotune"),
-        "--output",
-        "-o",
-        help="Where checkpoints and the adapter or model go.",
-    ),
-    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
-    max_steps: int | None = typer.Option(
-        None, "--max-steps", help="Optimizer steps (overrides --epochs)."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from the latest checkpoint in --output."
-    ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Write into a non-empty --output (its files of the same names are replaced).",
-    ),
-    budget: str | None = typer.Option(
-        None, "--budget", "-b", help=setting_help("budget_bytes") + " Enforced on CUDA."
-    ),
-    device: str = setting_option("device", "--device"),
-    gpus: str | None = typer.Option(
-        None,
-        "--gpus",
-        help="A recipe on several GPUs: the CUDA indices its ranks train on, one per GPU, e.g. "
-        "0,1 (default: the first num_gpus). On --device cpu, gloo processes stand in.",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
-    save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
-    eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
-    eval_steps: int | None = typer.Option(
-        None,
-        "--eval-steps",
-        help="Score the held-out rows every N optimizer steps; the best weights are saved.",
-    ),
-    early_stopping_patience: int | None = typer.Option(
-        None,
-        "--early-stopping-patience",
-        help="With --eval-steps: stop after K evaluations without a better eval loss "
-        "(default 3; 0 never stops).",
-    ),
-    merge: bool = typer.Option(
-        False,
-        "--merge",
-        help="LoRA: also save the base with the adapter merged, a plain model, in --output/merged.",
-    ),
-    merge_dtype: str | None = typer.Option(
-        None, "--merge-dtype", help="Precision of the merged model: bf16 (default), fp16, fp32."
-    ),
-    report_to: str = typer.Option(
-        "none",
-        "--report-to",
-        help="none, tensorboard (in --output/runs) or wandb (offline without a network): train "
-        "and eval loss, learning rate, tokens/s, peak memory beside the predicted peak.",
-    ),
-    logging_steps: int = typer.Option(
-        10, "--logging-steps", help="With --report-to: log every N optimizer steps."
-    ),
-    trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
-) -> None:
-    """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
-    from autotune.api import train as train_with_recipe
-    from autotune.budgets import parse_budget
-    from autotune.console import make_console
-    from autotune.distributed import parse_gpu_indices
-    from autotune.train_console import TrainProgress, show_trained
-
-    _state["interrupted"] = (
-        f"autotune: interrupted; the checkpoints saved so far stay in {output} "
-        "(--resume continues from the latest)"
-    )
-    terminate_as_ctrl_c()
-    budget_bytes = parse_budget(budget) if budget else None
-    if merge_dtype is not None and not merge:
-        raise UsageError("--merge-dtype needs --merge")
-    console = make_console()
-    with TrainProgress(console) as progress:
-        result = train_with_recipe(
-            recipe,
-            data,
-            output,
-            device=device,
-            gpus=parse_gpu_indices(gpus) if gpus is not None else (),
-            trust_remote_code=trust_remote_code,
-            epochs=epochs,
-            max_steps=max_steps,
-            resume=resume,
-            overwrite=overwrite,
-            budget_bytes=budget_bytes,
-            seed=seed,
-            save_every_steps=save_steps,
-            skip_bad_rows=skip_bad_rows,
-            eval_rows=eval_rows,
-            eval_steps=eval_steps,
-            early_stopping_patience=early_stopping_patience,
-            merge_dtype=(merge_dtype or "bf16") if merge else None,
-            report_to=report_to,
-            logging_steps=logging_steps,
-            on_start=progress.started,
-            on_step=progress.stepped,
-            on_eval=progress.evaluated,
-        )
-    show_trained(console, result)
-    if budget_bytes and not result.report.budget_enforced:
-        console.print(
-            "note: --budget was not enforced: it caps a CUDA device's memory, and only below "
-            "the device's size"
-        )
+app.command(name="train")(train)  # its options and run: cli_train
 
 
 @app.command()
@@ -386,17 +271,17 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = 130
     except Exception as error:  # noqa: BLE001 - each kind of error its line (error_line)
-        line, exit_code = error_line(error, _state["kept"])
-        if _state["debug"] or not exit_code:
+        line, exit_code = error_line(error, STATE["kept"])
+        if STATE["debug"] or not exit_code:
             raise
         if lost_storage(error):  # the driver's words: no password, whatever it quotes
             from autotune.study.storage import without_secrets
 
-            line = without_secrets(line, _state["storage"])
+            line = without_secrets(line, STATE["storage"])
         print(f"autotune: error: {line}", file=sys.stderr)
         sys.exit(exit_code)
     if code == 130:  # Ctrl-C (or SIGTERM, SIGHUP), which typer turns into an exit code
-        words, code = interruption(_state["interrupted"])
+        words, code = interruption(STATE["interrupted"])
         print(words, file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)
