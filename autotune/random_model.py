@@ -13,6 +13,31 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+CPU_WIDTHS = {
+    "hidden": 128,
+    "intermediate": 256,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "vocab": 4096,
+}
+"""The widths the CPU tests and the replay benches cut a real architecture to (cut_config's
+keywords, seq_len apart): a training step of it traces in seconds."""
+WIDTH_FIELDS = {
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "vocab": "vocab_size",
+}
+"""cut_config's keywords -> the config fields they set."""
+
+
+def width_fields(widths: dict[str, int]) -> dict[str, int]:
+    """`widths` (as CPU_WIDTHS) as the config fields they set."""
+    return {WIDTH_FIELDS[name]: value for name, value in widths.items()}
+
 
 def _config_values(config: dict[str, Any] | str | Path) -> dict[str, Any]:
     """A copy of the config's fields, from a dict or a config.json."""
@@ -36,15 +61,11 @@ def cut_config(
     """The config with its widths cut to CPU size, its architecture kept: a real model's code
     paths (attention, MLP, norms, tied head) at a size a CPU step traces in seconds."""
     values = _config_values(config)
-    values.update(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max(values.get("max_position_embeddings", 0), seq_len),
+    widths = dict(
+        hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads
     )
+    values.update(width_fields({**widths, "vocab": vocab}))
+    values["max_position_embeddings"] = max(values.get("max_position_embeddings", 0), seq_len)
     # fields that follow the real widths or depth, which the cut config would contradict
     for name in ("head_dim", "layer_types", "max_window_layers"):
         values.pop(name, None)

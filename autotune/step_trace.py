@@ -26,6 +26,16 @@ from autotune.training.host_held import local_shard, optimizer_state_tensors
 if TYPE_CHECKING:
     from autotune.training.ranks import RankPlace
 
+REPLAY_TOLERANCE = 0.005
+"""How far a replayed peak may stand from the traced one, as a share of it: the replay rounds
+blocks to 512 bytes, the trace counts bytes."""
+
+
+def under_traced(ratio: float) -> bool:
+    """Whether a prediction `ratio` times the traced peak falls short of it beyond the
+    tolerance."""
+    return ratio < 1 - REPLAY_TOLERANCE
+
 
 @dataclass(frozen=True)
 class LiveTensor:

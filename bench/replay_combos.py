@@ -59,12 +59,11 @@ from shared import CONFIGS, write_results  # noqa: E402
 
 from autotune.dimensions import DIMENSIONS  # noqa: E402
 from autotune.recipe import Recipe  # noqa: E402
+from autotune.step_trace import under_traced  # noqa: E402
 
 CUDA_ONLY = {"loss": ("fused_linear",), "optimizer": ("adamw_cpu_offload",)}
 ONE_GPU = ("distributed", "num_gpus", "offload")
 """Dimensions left at their defaults: several GPUs are not traced here."""
-TOLERANCE = 0.005
-"""The replay's blocks are rounded to 512 bytes, the trace counts bytes."""
 OVER = 0.05
 
 
@@ -258,7 +257,7 @@ def verdict(row: dict[str, Any]) -> str:
         return "untraced"
     if "error" in row:
         return "error"
-    if row["ratio"] < 1 - TOLERANCE:
+    if under_traced(row["ratio"]):
         return "under"
     return "over" if row["ratio"] > 1 + OVER else "ok"
 
@@ -274,22 +273,13 @@ def main() -> int:
     import torch
 
     from autotune.model_spec import load_model_spec
-    from autotune.random_model import build_random_model, cut_config
+    from autotune.random_model import CPU_WIDTHS, build_random_model, cut_config
     from autotune.replay import load_config
 
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        config_dict = cut_config(
-            CONFIGS["qwen2-0.5b"],
-            hidden=128,
-            intermediate=256,
-            layers=2,
-            heads=4,
-            kv_heads=2,
-            vocab=4096,
-            seq_len=args.seq_len,
-        )
+        config_dict = cut_config(CONFIGS["qwen2-0.5b"], **CPU_WIDTHS, seq_len=args.seq_len)
         model = str(build_random_model(config_dict, Path(scratch) / "model"))
         config, spec = load_config(model), load_model_spec(model)
         for index, recipe in enumerate(sample_recipes(args.count, args.seed, model, args.seq_len)):
@@ -309,7 +299,7 @@ def main() -> int:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in verdicts}
     ratios = [r["ratio"] for r in rows if "ratio" in r]
     padded = [r["padded_rows_ratio"] for r in rows if "padded_rows_ratio" in r]
-    counts["padded_rows_under"] = sum(ratio < 1 - TOLERANCE for ratio in padded)
+    counts["padded_rows_under"] = sum(under_traced(ratio) for ratio in padded)
     print(
         f"{len(rows)} recipes: {counts['ok']} within -0.5%..+5%, {counts['under']} under, "
         f"{counts['over']} over 5%, {counts['error']} replay errors, "
@@ -327,7 +317,7 @@ def main() -> int:
             "replay_combos.py",
             "cpu",
             counts,
-            model="qwen2-0.5b cut to hidden 128, intermediate 256, 2 layers, vocab 4096",
+            model=f"qwen2-0.5b cut to {', '.join(f'{k} {v}' for k, v in CPU_WIDTHS.items())}",
             seq_len=args.seq_len,
             rows=rows,
         )

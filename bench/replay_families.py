@@ -34,18 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shared import TOKENIZER, write_results  # noqa: E402
 
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ_LEN = 128, 256, 2, 4, 2, 4096, 128
+from autotune.random_model import CPU_WIDTHS, width_fields  # noqa: E402
+from autotune.step_trace import REPLAY_TOLERANCE, under_traced  # noqa: E402
+
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = (
+    CPU_WIDTHS[k] for k in ("hidden", "intermediate", "heads", "vocab")
+)
+SEQ_LEN = 128
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-SIZES = {
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTERMEDIATE,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 2 * SEQ_LEN,
-    **SPECIAL_TOKENS,
-}
+SIZES = {**width_fields(CPU_WIDTHS), "max_position_embeddings": 2 * SEQ_LEN, **SPECIAL_TOKENS}
 HEAD_DIM = {"head_dim": HIDDEN // HEADS}
 NO_DROPOUT = {"attention_dropout": 0.0, "hidden_dropout": 0.0}
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -157,8 +154,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full amp gc": {"method": "full", "precision": "amp_bf16", "gradient_checkpointing": True},
     "qlora nf4 gc": {**LORA, "quantization": "nf4", "gradient_checkpointing": True},
 }
-TOLERANCE = 0.005
-"""How far below the traced peak a prediction may be: the replay rounds blocks to 512 bytes."""
 
 
 def family_config(model_type: str) -> dict[str, Any]:
@@ -250,7 +245,7 @@ def status(row: dict[str, Any]) -> str:
         return "CRASH"
     if "replay_crashed" in row:
         return "REPLAY CRASH"
-    if row["replay_ratio"] < 1 - TOLERANCE:
+    if under_traced(row["replay_ratio"]):
         return "UNDER"
     return "ok"
 
@@ -318,7 +313,7 @@ def main() -> int:
         counts,
         transformers=transformers.__version__,
         sizes={**SIZES, "seq_len": SEQ_LEN, **STEP},
-        tolerance=TOLERANCE,
+        tolerance=REPLAY_TOLERANCE,
         rows=rows,
     )
     return 0

@@ -44,18 +44,9 @@ def load_bench(name: str):
 @pytest.fixture(scope="session")
 def cut_model(tmp_path_factory) -> Path:
     """Qwen2-0.5B's architecture cut to CPU widths, saved."""
-    from autotune.random_model import build_random_model, cut_config
+    from autotune.random_model import CPU_WIDTHS, build_random_model, cut_config
 
-    config = cut_config(
-        SHAPE_CONFIGS / "qwen2-0.5b.json",
-        hidden=128,
-        intermediate=256,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        vocab=4096,
-        seq_len=128,
-    )
+    config = cut_config(SHAPE_CONFIGS / "qwen2-0.5b.json", **CPU_WIDTHS, seq_len=128)
     return build_random_model(config, tmp_path_factory.mktemp("cut") / "model")
 
 

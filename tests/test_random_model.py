@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import json
 
-from autotune.random_model import cut_config
+from autotune.random_model import CPU_WIDTHS, cut_config
 from tests.conftest import SHAPE_CONFIGS
 
-WIDTHS = {
-    "hidden": 128,
-    "intermediate": 256,
-    "layers": 2,
-    "heads": 4,
-    "kv_heads": 2,
-    "vocab": 4096,
-    "seq_len": 128,
-}
+WIDTHS = {**CPU_WIDTHS, "seq_len": 128}
 
 
 def test_a_cut_config_keeps_the_architecture_at_cpu_widths():
