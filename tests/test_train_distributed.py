@@ -324,6 +324,52 @@ def test_a_two_rank_runs_figures_say_they_are_per_gpu_and_summed(tmp_path, sourc
     assert "peak memory 1.00 GiB" in console.export_text() and "ranks" not in console.export_text()
 
 
+def test_a_zero2_checkpoint_from_before_the_strategy_was_kept_is_refused_as_zero3(
+    tiny_model, qa_data, tmp_path, monkeypatch, capsys
+):
+    """A checkpoint written before checkpoints kept their strategy holds ZeRO partitions but
+    no stage: a ZeRO-2 one resumed as ZeRO-3 was accepted and read its partitions in the other
+    layout. Its run's recipe file names the stage: `autotune train --resume` refuses it in one
+    line (exit 2) before anything is built, and the stage that wrote it still resumes past the
+    check."""
+    import sys
+
+    import torch
+
+    import autotune.training.ranked_train
+    from autotune import cli
+    from autotune.training.checkpoints import check_resumable
+    from autotune.training.train_plan import RUN_MARKER
+
+    # the machine's checks of gloo ranks and DeepSpeed on the CPU are not what this is about
+    monkeypatch.setattr(autotune.training.ranked_train, "check_ranked", lambda *args: None)
+    output = tmp_path / "out"
+    checkpoint = output / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    zero2 = two_rank_recipe(tiny_model, "deepspeed_zero2", "lora")
+    torch.save({"step": 2, "extra": {"effective_batch_size": 4}}, checkpoint / "state.pt")
+    for rank in (0, 1):
+        torch.save({}, checkpoint / f"zero_rank{rank}.pt")
+    (output / RUN_MARKER).write_text(zero2.to_yaml(), encoding="utf-8")
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text(zero2.replace(distributed="deepspeed_zero3").to_yaml(), encoding="utf-8")
+    argv = ["autotune", "train", "--recipe", str(zero3), "--data", str(qa_data)]
+    argv += ["--output", str(output), "--resume", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"autotune: error: --resume: {checkpoint} was written by deepspeed_zero2 and this recipe "
+        "trains with deepspeed_zero3; ZeRO keeps its optimizer states in partitions of its own, "
+        "so resume with the strategy that wrote it\n"
+    )
+    check_resumable(checkpoint, zero2)  # its own stage passes
+    (output / RUN_MARKER).unlink()  # nothing names the stage: the partitions alone decide
+    check_resumable(checkpoint, zero2.replace(distributed="deepspeed_zero3"))
+
+
 def test_a_resume_across_deepspeeds_boundary_or_stages_is_refused_in_one_line(tmp_path):
     """A ZeRO-2 checkpoint resumed as ZeRO-3 had its fp32 partitions read in the other layout
     (eval loss 6.10 became 6.26 two steps on); DDP resumed from it crashed on an empty

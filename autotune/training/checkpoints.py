@@ -233,11 +233,13 @@ def check_same_strategy(extra: dict[str, Any], recipe: Any, path: Path) -> None:
     its fp32 weights and optimizer states in partitions of its own layout (ZeRO-2 a flat
     group's share, ZeRO-3 each parameter's), which another strategy cannot read, and which
     another stage of the same size read scrambled. A checkpoint from before the strategy was
-    kept is told by its partition files."""
+    kept is told by its partition files, and their stage by its run's recipe file."""
     from autotune.distributed import DISTRIBUTED
     from autotune.training.deepspeed_engine import PARTITION_NAME
 
     written = extra.get(STRATEGY_KEY)
+    if written not in DISTRIBUTED:
+        written = _zero_strategy_before_kept(path)
     if written in DISTRIBUTED:
         zero_written = DISTRIBUTED[written].uses_deepspeed
         differs = written != recipe.distributed
@@ -252,6 +254,28 @@ def check_same_strategy(extra: dict[str, Any], recipe: Any, path: Path) -> None:
             f"{recipe.distributed}; ZeRO keeps its optimizer states in partitions of its own, "
             "so resume with the strategy that wrote it"
         )
+
+
+def _zero_strategy_before_kept(path: Path) -> str | None:
+    """The ZeRO strategy that wrote `path`, a checkpoint from before checkpoints kept theirs:
+    where it holds ZeRO partitions, the recipe its run wrote beside it (RUN_MARKER, rewritten
+    only after a resume has loaded a checkpoint) names the stage; None where nothing tells."""
+    import yaml
+
+    from autotune.distributed import DISTRIBUTED
+    from autotune.training.deepspeed_engine import PARTITION_NAME
+    from autotune.training.train_plan import RUN_MARKER
+
+    if not any(path.glob(PARTITION_NAME.format(rank="*"))):
+        return None
+    try:
+        fields = yaml.safe_load((path.parent / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    strategy = fields.get("distributed") if isinstance(fields, dict) else None
+    if strategy in DISTRIBUTED and DISTRIBUTED[strategy].uses_deepspeed:
+        return str(strategy)
+    return None
 
 
 def check_resumable(path: Path, recipe: Any) -> None:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from autotune.errors import UsageError
 from autotune.training.checkpoints import checkpoints, latest_checkpoint
-from autotune.training.train_plan import RANKS_DIR
+from autotune.training.train_plan import RANKS_DIR, RUN_MARKER
 
-RUN_MARKER = "autotune_recipe.yaml"
-"""Written first into an output directory: the directory holds a run of `autotune train`."""
+__all__ = ["RUN_MARKER", "check_output_dir", "holds_a_run"]
 
 
 def holds_a_run(path: Path) -> bool:

@@ -13,6 +13,9 @@ from autotune.recipe import Recipe
 RANKS_DIR = "ranks"
 """A distributed run's rank files, under --output: request, results, rendezvous, logs,
 progress."""
+RUN_MARKER = "autotune_recipe.yaml"
+"""Written first into an output directory, with the recipe of the run that trains there: the
+directory holds a run of `autotune train`."""
 
 
 @dataclass
