@@ -109,14 +109,13 @@ def load_splits(
     return Splits(train=train.build(), eval=evaluation.build())
 
 
-def check_token_ids(splits: Splits, vocab_size: int, pad_token_id: int | None, model: str) -> None:
-    """Every id the model is fed (the data's tokens, the padding) must be a row of its
-    embedding: a tokenizer with more tokens than the config's vocab_size otherwise fails each
-    probe (an index error on a CPU, a device-side assert on CUDA)."""
+def check_token_ids(splits: Splits, vocab_size: int, model: str) -> None:
+    """Every token id of the data must be a row of the model's embedding: a tokenizer with more
+    tokens than the config's vocab_size otherwise fails each probe (an index error on a CPU, a
+    device-side assert on CUDA). The padding needs no check: load_tokenizer pads with a token
+    below vocab_size (pad_within_vocabulary)."""
     tables = (splits.train, splits.eval)
     largest = max((int(table.ids.max()) for table in tables if len(table.ids)), default=-1)
-    if pad_token_id is not None:
-        largest = max(largest, pad_token_id)
     if largest >= vocab_size:
         raise UsageError(
             f"the tokenizer of model {model!r} gives token id {largest}, but its config.json has "

@@ -139,7 +139,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         row_count=data_scan.usable_rows,
         progress=settings.tokenize_progress,
     )
-    check_token_ids(splits, spec.vocab_size, tokenizer.pad_token_id, settings.model)
+    check_token_ids(splits, spec.vocab_size, settings.model)
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
     lengths = splits.train.lengths

@@ -286,7 +286,7 @@ class PreparedRun:
     unsupported_choices: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> choice of the space file -> why the model cannot run it (not searched)."""
     pad_token_id: int | None = None
-    """The id padding gets, checked below the config's vocab_size (check_token_ids); each
+    """The id padding gets, below the config's vocab_size (load_tokenizer); each
     probe pads with it (None: the tokenizer's own)."""
     train_token_lengths: tuple[int, int] | None = None
     """Tokens of the shortest and the longest training example, truncated at seq_len: whether

@@ -214,7 +214,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     splits = load_splits(
         plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
     )
-    check_token_ids(splits, vocab_size, tokenizer.pad_token_id, recipe.model)
+    check_token_ids(splits, vocab_size, recipe.model)
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(
