@@ -16,6 +16,7 @@ from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
+from autotune.training.freeze import freeze
 
 
 def compute_dtype(recipe: Recipe) -> Any:
@@ -260,8 +261,6 @@ def prepare_model(model: Any, recipe: Recipe) -> Any:
             ),
         )
     elif recipe.method == "freeze":
-        from autotune.training.freeze import freeze
-
         freeze(model, recipe.frozen_layers, recipe.train_modules)
     if recipe.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
