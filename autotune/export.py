@@ -24,7 +24,9 @@ def measured_figures(
     trial: Any, confirmation: Confirmation | None = None, budget_bytes: int = 0
 ) -> dict[str, Any]:
     """What the probe measured for a trial, as written under `measured:`; with the study's
-    budget, how the predicted peak with its margin stands against it."""
+    budget, how the predicted peak with its margin stands against it; with its confirmation,
+    what that found and, where it was confirmed in place of a trial that left the frontier,
+    that trial's number (`in_place_of`) and the pick that chose this recipe next."""
     memory, speed, loss = trial.values
     record = trial_record(trial)
     probe = record.probe
@@ -57,6 +59,9 @@ def measured_figures(
             "peak_memory_bytes": confirmation.peak_memory_bytes,
             "eval_loss": confirmation.eval_loss,
         }
+        if confirmation.in_place_of is not None:  # beyond --confirm: its pick's recipe left
+            figures["confirmation"]["in_place_of"] = confirmation.in_place_of
+            figures["confirmation"]["pick"] = confirmation.pick
     return figures
 
 
