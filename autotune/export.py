@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
+from autotune.files import write_atomically
 from autotune.margins import fit_words, stored_margin
 from autotune.pareto import PICK_POLICIES, Point
 from autotune.recipe import Recipe
@@ -120,11 +121,12 @@ def recipe_yaml(
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a file, turning an unwritable destination into a one-line error."""
+    """Write a file whole or not at all (autotune.files), turning an unwritable destination
+    into a one-line error."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_atomically(path, text)
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
     return path
