@@ -110,7 +110,10 @@ def study_budgets(study: Any) -> StudyBudgets:
     """The history from its start (the setup's budget, or a study's history from before
     BUDGET_CHANGE_PREFIX), then each run's change in the order they were written: a change
     from trial N on replaces what held trials N and later."""
-    attrs = study.user_attrs
+    return _budgets_in(study.user_attrs)
+
+
+def _budgets_in(attrs: dict[str, Any]) -> StudyBudgets:
     stored = attrs.get(BUDGETS_ATTR)
     spans = (
         [(int(first), int(budget)) for first, budget in stored]
@@ -145,7 +148,7 @@ def study_setup(study: Any) -> StudySetup:
     # the budget now: the history's latest (the setup's own attribute is the budget it started
     # with, or in a study from before the history's per-run keys, the latest)
     setup = dataclasses.replace(
-        _from_stored(StudySetup, attrs), budget_bytes=study_budgets(study).current_bytes
+        _from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
     )
     if MEASURED_UNDER_ATTR not in attrs:
         # Studies from before the record compared only what they stored of these.
