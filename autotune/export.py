@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError
+from autotune.files import write_atomically
 from autotune.margins import fit_words, stored_margin
 from autotune.pareto import PICK_POLICIES, Point
 from autotune.recipe import Recipe
@@ -25,7 +26,9 @@ def measured_figures(
     trial: Any, confirmation: Confirmation | None = None, budget_bytes: int = 0
 ) -> dict[str, Any]:
     """What the probe measured for a trial, as written under `measured:`; with the study's
-    budget, how the predicted peak with its margin stands against it."""
+    budget, how the predicted peak with its margin stands against it; with its confirmation,
+    what that found and, where it was confirmed in place of a trial that left the frontier,
+    that trial's number (`in_place_of`) and the pick that chose this recipe next."""
     memory, speed, loss = trial.values
     record = trial_record(trial)
     probe = record.probe
@@ -58,6 +61,9 @@ def measured_figures(
             "peak_memory_bytes": confirmation.peak_memory_bytes,
             "eval_loss": confirmation.eval_loss,
         }
+        if confirmation.in_place_of is not None:  # beyond --confirm: its pick's recipe left
+            figures["confirmation"]["in_place_of"] = confirmation.in_place_of
+            figures["confirmation"]["pick"] = confirmation.pick
     return figures
 
 
@@ -117,11 +123,12 @@ def recipe_yaml(
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a file, turning an unwritable destination into a one-line error."""
+    """Write a file whole or not at all (autotune.files), turning an unwritable destination
+    into a one-line error."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_atomically(path, text)
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
     return path

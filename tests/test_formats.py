@@ -225,6 +225,41 @@ def test_llamafactory_keys(name):
     assert config.get("use_dora") == (True if name == "qdora" else None)  # its FinetuningArguments
 
 
+def test_an_exported_confirmation_says_which_trial_it_stood_in_for():
+    """A recipe confirmed beyond --confirm, in place of a pick whose confirmation took it off
+    the frontier: the export's confirmation block names that trial and the pick."""
+    from types import SimpleNamespace
+
+    from autotune.export import measured_figures
+    from autotune.study.study_records import Confirmation
+
+    stand_in = Confirmation(
+        status="ok",
+        reason="",
+        steps=6,
+        seed=1,
+        peak_memory_bytes=10**9,
+        tokens_per_second=900.0,
+        eval_loss=2.0,
+        speed_change=-0.1,
+        held_up=True,
+        in_place_of=3,
+        pick="balanced",
+    )
+    trial = SimpleNamespace(number=5, values=[10**9, 1000.0, 2.0], user_attrs={})
+    measured = measured_figures(trial, stand_in)
+    block = yaml.safe_load(render("autotune", recipe("qlora"), measured))["measured"]
+    assert block["confirmation"]["in_place_of"] == 3
+    assert block["confirmation"]["pick"] == "balanced"
+    text = render("axolotl", recipe("qlora"), measured, data_path="d.jsonl", num_layers=28)
+    said = f"# confirmation: {stand_in.words()} (in place of trial 3 as the balanced pick)"
+    assert said in text
+    top = measured_figures(trial, dataclasses.replace(stand_in, in_place_of=None, pick=""))
+    assert "in_place_of" not in top["confirmation"]
+    text = render("axolotl", recipe("qlora"), top, data_path="d.jsonl", num_layers=28)
+    assert f"# confirmation: {stand_in.words()}\n" in text
+
+
 def test_render_puts_measured_figures_in_comments():
     text = render(
         "axolotl",

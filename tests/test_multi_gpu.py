@@ -529,6 +529,25 @@ def test_gloo_ranks_on_the_cpu_are_capped_by_its_cores(monkeypatch, tiny_model):
         check_ranked(Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 3}), "cpu", ())
 
 
+def test_gloo_ranks_of_every_worker_on_the_cpu_are_capped_by_its_cores(monkeypatch, tmp_path):
+    # two workers' probes of 2 gloo processes each run 4 at once: on 2 cores they take turns
+    from autotune.study.settings import RunSettings, check_workers
+
+    monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 2)
+    settings = RunSettings(
+        model="m", data_path=tmp_path, budget_bytes=1, gpus_per_probe=(1, 2), workers=2
+    )
+    refusal = "4 gloo processes would stand in for 4 GPUs on the CPU, more than the 2 CPU cores"
+    with pytest.raises(
+        UsageError, match=f"--workers 2 x --gpus-per-probe 2 on --device cpu: {refusal}"
+    ):
+        check_workers(settings, "cpu")
+    # probes of one process each are not gloo ranks: as many workers as asked
+    check_workers(dataclasses.replace(settings, gpus_per_probe=(1,), workers=4), "cpu")
+    monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 4)
+    check_workers(settings, "cpu")
+
+
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
 def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig

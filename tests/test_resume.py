@@ -812,6 +812,49 @@ def test_a_trials_constraint_is_held_to_the_studys_budget_now():
     assert constraint_now(trial(2, -0.5), study_budgets(old)) == -0.5
 
 
+def test_two_runs_changing_the_budget_at_once_keep_both_changes(tmp_path):
+    """Two runs resumed under other budgets at the same moment: both read the study's
+    attributes, then both write. One history read, changed and written back lost the first
+    run's change; a key per change keeps both, and a study from before (its whole history
+    under one key) reads on."""
+    from autotune.study.study_records import (
+        StudySetup,
+        record_new_budget,
+        record_setup,
+        study_budgets,
+        study_setup,
+    )
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    record_setup(study, StudySetup(budget_bytes=8 * 10**9))
+
+    class ReadBeforeTheOtherWrote:
+        """A run's view of the study: its attributes as read before either run wrote."""
+
+        def __init__(self) -> None:
+            self.user_attrs = study.user_attrs
+
+        def set_user_attr(self, key: str, value: object) -> None:
+            study.set_user_attr(key, value)
+
+    first, second = ReadBeforeTheOtherWrote(), ReadBeforeTheOtherWrote()
+    record_new_budget(first, 4 * 10**9, 5)
+    record_new_budget(second, 2 * 10**9, 7)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert study_budgets(study).spans == ((0, 8 * 10**9), (5, 4 * 10**9), (7, 2 * 10**9))
+    assert study_setup(study).budget_bytes == 2 * 10**9
+    # a later change from an earlier trial replaces what held the trials from there on
+    record_new_budget(study, 3 * 10**9, 6)
+    assert study_budgets(study).spans == ((0, 8 * 10**9), (5, 4 * 10**9), (6, 3 * 10**9))
+
+    old = optuna.create_study()
+    old.set_user_attr("budget_bytes", 10**9)
+    old.set_user_attr("budgets", [[0, 4 * 10**9], [3, 10**9]])
+    assert study_budgets(old).spans == ((0, 4 * 10**9), (3, 10**9))
+    record_new_budget(old, 2 * 10**9, 9)
+    assert study_budgets(old).spans == ((0, 4 * 10**9), (3, 10**9), (9, 2 * 10**9))
+
+
 def test_a_database_storage_that_cannot_be_opened_is_said_before_the_data_is_read(
     workspace,  # noqa: F811
     monkeypatch,

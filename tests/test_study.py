@@ -823,6 +823,46 @@ def test_each_module_of_the_study_package_imports_first():
         assert loaded.returncode == 0, (path.stem, loaded.stderr)
 
 
+def test_a_recipe_the_cpu_cannot_run_is_ruled_out_before_any_probe(workspace):
+    """DoRA over int8 crashes in bitsandbytes on the CPU (`train` refuses it in one line), yet
+    the space cannot leave out either choice alone: a trial that samples both is recorded
+    unsupported with the reason, its probe never started."""
+    from autotune.report.table import STATUS_WORDS
+    from autotune.study import nothing_measured_line
+
+    space = workspace[0] / "dora.yaml"
+    space.write_text(
+        "method: lora\nquantization: int8\nprecision: bf16\nlora_r: 4\n"
+        "lora_alpha_over_r: 2\nlora_dropout: 0.0\nlora_target_modules: {all-linear: all-linear}\n"
+        "use_dora: [true, false]\nmicro_batch_size: 1\neffective_batch_size: 1\n"
+        "gradient_checkpointing: false\noptimizer: adamw\nlearning_rate: 1.0e-3\n"
+        "expandable_segments: false\nfrozen_layers_fraction: 0.5\n",
+        encoding="utf-8",
+    )
+    prepared = prepare_run(settings_for(workspace, space_path=str(space), trials=2))
+    study = optuna.create_study(directions=["minimize", "maximize", "minimize"])
+    for params in prepared.space.all_params():
+        study.enqueue_trial(params)
+    runner = FakeRunner()
+    study.optimize(make_objective(prepared, runner, RunEvents()), n_trials=2)
+    by_dora = {t.params["use_dora"]: t for t in study.trials}
+    refused = by_dora[True]
+    assert refused.user_attrs["status"] == "unsupported"
+    assert refused.user_attrs["reason"].startswith(
+        "use_dora with quantization int8 on the CPU: bitsandbytes' CPU int8 matmul"
+    )
+    assert refused.constraints[CONSTRAINT_KEY] > 0  # infeasible, so the sampler learns to avoid it
+    assert [r.recipe.use_dora for r in runner.requests] == [False]  # no probe of DoRA
+    assert by_dora[False].user_attrs["status"] == "measured"
+    assert STATUS_WORDS[refused.user_attrs["status"]] == "cannot run here (not run)"
+    only = optuna.create_study(directions=["minimize", "maximize", "minimize"])
+    only.enqueue_trial(refused.params)
+    only.optimize(make_objective(prepared, runner, RunEvents()), n_trials=1)
+    assert nothing_measured_line(only) == (
+        f"no recipe ran: 1 trial cannot run on this device: {refused.user_attrs['reason']}"
+    )
+
+
 def test_the_measured_margin_rules_out_what_only_fits_without_it(workspace):
     """By default a predicted peak is held to the budget with the memory model's worst measured
     under-prediction added (autotune/memory_margins.json): a recipe that fits only without it

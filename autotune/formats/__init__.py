@@ -90,8 +90,12 @@ def render(
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
         if isinstance(value, dict):
-            if "verdict" in value:  # the confirmation
-                header.append(f"# {key}: {value['verdict']}")
+            if "verdict" in value:  # the confirmation, perhaps of one that stood in
+                stood_in = value.get("in_place_of")  # for a trial that left the frontier
+                as_pick = f" (in place of trial {stood_in} as the {value.get('pick')} pick)"
+                header.append(
+                    f"# {key}: {value['verdict']}{as_pick if stood_in is not None else ''}"
+                )
             continue
         # the study's record holds the memory model's prediction beside what was measured
         kind = "" if key in PREDICTED_FIGURES else "measured "

@@ -1,4 +1,5 @@
-"""The objective: one trial's recipe predicted, probed or ruled out, and every outcome recorded."""
+"""The objective: one trial's recipe predicted, probed or ruled out (over the budget, or a
+combination of choices the device cannot run), and every outcome recorded."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.architecture import dora_refusal
 from autotune.errors import first_line, unwritable
 from autotune.host_memory import host_budget
 from autotune.margins import margin_for
@@ -217,6 +219,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             record_constraint(trial, constraint, budget)
             record(status, reason, values, result)
             return values
+
+        refusal = dora_refusal(recipe, prepared.device)  # as `train` and a probe refuse it
+        if refusal:
+            return finish(
+                TrialStatus.UNSUPPORTED,
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                1.0,
+                refusal,
+            )
 
         if margined_peak > budget:
             nearest = nearest_fitting_params(space, trial.params, fits)

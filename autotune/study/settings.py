@@ -245,6 +245,13 @@ def check_workers(settings: RunSettings, device: str) -> None:
         refusal = cpu_ranks_refusal(per_probe)
         if refusal:
             raise UsageError(f"--gpus-per-probe {per_probe} on --device {device}: {refusal}")
+        # each worker's probe runs its own gloo processes, all at once
+        refusal = cpu_ranks_refusal(settings.workers * per_probe) if per_probe > 1 else ""
+        if refusal:
+            raise UsageError(
+                f"--workers {settings.workers} x --gpus-per-probe {per_probe} on --device "
+                f"{device}: {refusal}"
+            )
         return
     import torch
 

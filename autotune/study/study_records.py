@@ -7,6 +7,8 @@ in records.)
 from __future__ import annotations
 
 import dataclasses
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +34,7 @@ class StudySetup:
     model: str = ""
     data_path: str = ""
     budget_bytes: int = 0
+    """Read back (study_setup): the budget now, the latest of the study's budget history."""
     seq_len: int | None = None
     probe_steps: int | None = None
     device: str = ""
@@ -57,9 +60,14 @@ MEASURED_UNDER_ATTR = "measured_under"
 
 BUDGET_ATTR = "budget_bytes"
 BUDGETS_ATTR = "budgets"
-"""[[first_trial_number, budget_bytes], ...]: the budget each run held its trials to, from that
-trial on, written when a run first changes the budget (until then the setup's budget_bytes is
-the only one): the setup's first, one more for each run that changed it."""
+"""[[first_trial_number, budget_bytes], ...]: the budget history as studies from before
+BUDGET_CHANGE_PREFIX stored it, whole under one key: the setup's budget first, one more for each
+run that changed it. Read as the history's start; no longer written."""
+BUDGET_CHANGE_PREFIX = "budget_change:"
+"""Study attribute `budget_change:<written at, ns>:<random>`: [first_trial_number, budget_bytes,
+written at (ns since the epoch)], one run's change of the budget under a key of its own, so two
+runs changing it at once on one storage each keep theirs (one key read, changed and written
+back loses one). Until a run changes it, the setup's budget_bytes is the only budget."""
 
 
 TARGET_TRIALS_ATTR = "target_trials"
@@ -103,24 +111,49 @@ class StudyBudgets:
 
 
 def study_budgets(study: Any) -> StudyBudgets:
-    """A study from before the history: its budget attribute is the only budget."""
-    stored = study.user_attrs.get(BUDGETS_ATTR)
-    if stored:
-        return StudyBudgets(tuple((int(first), int(budget)) for first, budget in stored))
-    return StudyBudgets(((0, int(study.user_attrs.get(BUDGET_ATTR) or 0)),))
+    """The history from its start (the setup's budget, or a study's history from before
+    BUDGET_CHANGE_PREFIX), then each run's change in the order they were written: a change
+    from trial N on replaces what held trials N and later."""
+    return _budgets_in(study.user_attrs)
+
+
+def _budgets_in(attrs: dict[str, Any]) -> StudyBudgets:
+    stored = attrs.get(BUDGETS_ATTR)
+    spans = (
+        [(int(first), int(budget)) for first, budget in stored]
+        if stored
+        else [(0, int(attrs.get(BUDGET_ATTR) or 0))]
+    )
+    changes = sorted(  # [first, budget, written at] each: in the order written
+        (int(value[2]), key, int(value[0]), int(value[1]))
+        for key, value in attrs.items()
+        if key.startswith(BUDGET_CHANGE_PREFIX)
+    )
+    for _, _, first, budget in changes:
+        spans = [span for span in spans if span[0] < first] + [(first, budget)]
+    return StudyBudgets(tuple(spans))
+
+
+_last_change_ns = 0
 
 
 def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
     """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
-    resumed under another --budget)."""
-    spans = [list(span) for span in study_budgets(study).spans if span[0] < first_trial_number]
-    study.set_user_attr(BUDGETS_ATTR, [*spans, [first_trial_number, budget_bytes]])
-    study.set_user_attr(BUDGET_ATTR, budget_bytes)
+    resumed under another --budget): one write of a key of its own, nothing read first."""
+    global _last_change_ns
+    # later than this process's previous change even where the clock reads the same
+    _last_change_ns = max(time.time_ns(), _last_change_ns + 1)
+    key = f"{BUDGET_CHANGE_PREFIX}{_last_change_ns}:{secrets.token_hex(4)}"
+    study.set_user_attr(key, [first_trial_number, budget_bytes, _last_change_ns])
 
 
 def study_setup(study: Any) -> StudySetup:
     attrs = study.user_attrs
-    setup = _from_stored(StudySetup, attrs)
+    # the budget now: the history's latest (the setup's own attribute is the budget it started
+    # with, or in a study from before the history's per-run keys, the latest)
+    setup = dataclasses.replace(
+        _from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
+    )
     if MEASURED_UNDER_ATTR not in attrs:
         # Studies from before the record compared only what they stored of these.
         earlier = {k: attrs[k] for k in ("seq_len", "probe_steps") if k in attrs}

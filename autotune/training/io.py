@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from autotune.files import write_atomically
 from autotune.recipe import Recipe
 
 ProbeStatus = Literal["ok", "oom", "nan", "timeout", "crash"]
@@ -106,8 +107,4 @@ class ProbeResult:
         return cls(**json.loads(text))
 
     def write(self, path: str | Path) -> None:
-        # Write then rename, so the parent never reads half a result.
-        path = Path(path)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(self.to_json(), encoding="utf-8")
-        temporary.replace(path)
+        write_atomically(path, self.to_json())  # the parent never reads half a result

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from autotune.errors import TrainingFailed, UsageError, first_line
+from autotune.files import write_atomically
 from autotune.recipe import Recipe
 from autotune.training.train_plan import (
     RANKS_DIR,
@@ -246,9 +247,8 @@ def main(argv: list[str]) -> NoReturn:
         what = "out of memory" if is_out_of_memory(error) else type(error).__name__
         outcome = {"status": "crash", "reason": f"{what}: {first_line(error, 300, '')}"}
     finally:
-        temporary = result_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(outcome), encoding="utf-8")
-        temporary.replace(result_path)  # first: the launcher judges the ranks by their results
+        # first: the launcher judges the ranks by their results
+        write_atomically(result_path, json.dumps(outcome))
         end_rank()
 
 

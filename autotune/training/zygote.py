@@ -27,6 +27,8 @@ import signal
 import sys
 import traceback
 
+from autotune.files import write_atomically
+
 READY = "ready"
 
 
@@ -86,9 +88,7 @@ class Reaper:
 
 
 def write_exit(exit_path: str, code: int) -> None:
-    with open(exit_path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(str(code))
-    os.replace(exit_path + ".tmp", exit_path)
+    write_atomically(exit_path, str(code))
 
 
 def run_child(order: dict, server_pid: int) -> int:

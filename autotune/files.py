@@ -1,0 +1,32 @@
+"""Files written whole or not at all: the text goes to a temporary file beside the destination,
+which then takes its place in one rename (os.replace), so a Ctrl-C or a full disk mid-write
+leaves the file that was there as it was, and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path`, replacing it whole; its folder must exist. The new file
+    has the mode a plain write would give it (0666 less the umask). A device or a pipe
+    (/dev/stdout) cannot be replaced: it is written as it is."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        path.write_text(text, encoding="utf-8")
+        return path
+    # hidden, and unique to this write: two writers of one file never share a temporary one
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return path
