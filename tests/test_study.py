@@ -122,6 +122,29 @@ def test_run_records_measured_trials_and_resumes(workspace):
     assert len(more.trials) == 8
 
 
+def test_a_study_refuses_fp16_weights_with_torch_adamw_without_probing(workspace):
+    """A space of fp16 full fine-tuning with adamw and adamw_8bit: the trials that name adamw
+    keep fp16 moments (recipe_checks.fp16_moments_refusal) and are refused, infeasible, with
+    the reason, and never probed; those with 8-bit moments are probed."""
+    tmp_path, _, _ = workspace
+    space = tmp_path / "fp16.yaml"
+    text = DEMO_SPACE.read_text()
+    for key, choices in (("method", "[full]"), ("precision", "[fp16]"), ("quantization", "[none]")):
+        text = re.sub(rf"^{key}: .*$", f"{key}: {choices}", text, flags=re.M)
+    space.write_text(text)
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, space_path=space, trials=6)), runner)
+    optimizers = {
+        t.number: Recipe.from_dict(t.user_attrs["recipe"]).optimizer for t in study.trials
+    }
+    refused = [t for t in study.trials if t.user_attrs["status"] == "refused"]
+    assert refused and all(optimizers[t.number] == "adamw" for t in refused)
+    assert all("AdamW moments in fp16" in t.user_attrs["reason"] for t in refused)
+    assert all(t.constraints[CONSTRAINT_KEY] > 0 for t in refused)  # infeasible
+    assert runner.requests and {r.recipe.optimizer for r in runner.requests} == {"adamw_8bit"}
+    assert "cannot train (not run)" in render_html(report_data(study))  # the stored recipes read
+
+
 def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
     tmp_path, _, _ = workspace
     space = tmp_path / "freeze.yaml"

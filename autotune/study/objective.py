@@ -18,6 +18,7 @@ from autotune.probe import ProbeRunner
 from autotune.probe_stop import stopped_by
 from autotune.quality import quality_cost
 from autotune.recipe import Recipe
+from autotune.recipe_checks import fp16_moments_refusal
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
@@ -217,6 +218,15 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             record_constraint(trial, constraint, budget)
             record(status, reason, values, result)
             return values
+
+        refusal = fp16_moments_refusal(recipe)
+        if refusal:  # the space's choices together name a recipe that cannot train
+            return finish(
+                TrialStatus.REFUSED,
+                (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
+                1.0,
+                refusal,
+            )
 
         if margined_peak > budget:
             nearest = nearest_fitting_params(space, trial.params, fits)

@@ -36,6 +36,9 @@ class TrialStatus(str, Enum):
     """The probe ran and measured memory, speed and eval loss."""
     OVER_BUDGET_PREDICTED = "over_budget_predicted"
     """The memory model put the recipe over the budget: not probed, infeasible."""
+    REFUSED = "refused"
+    """The space's choices together named a recipe that cannot train (pure fp16 weights with
+    torch's AdamW, recipe_checks.fp16_moments_refusal): not probed, infeasible."""
     DUPLICATE = "duplicate"
     """The sampler proposed a recipe already tried: that trial's figures, not probed again."""
     OOM = "oom"
@@ -322,8 +325,9 @@ PROBE_FAILURE_WORDS = {
     TrialStatus.OOM: "ran out of memory",
     TrialStatus.NAN: "had a non-finite loss",
     TrialStatus.INTERRUPTED: "was interrupted",
+    TrialStatus.REFUSED: "cannot train",
 }
-"""A trial's status when its probe did not finish -> how the run's end says it."""
+"""A trial's status when its probe did not finish, or was refused -> how the run's end says it."""
 
 
 def nothing_measured_line(study: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
+from autotune.recipe_checks import fp16_moments_refusal
 from autotune.training.checkpoints import (
     BATCH_KEY,
     STRATEGY_KEY,
@@ -118,6 +119,9 @@ def train(
         check_merge(recipe, merge_dtype)
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
+    cannot_train = fp16_moments_refusal(recipe)
+    if cannot_train:
+        raise UsageError(f"recipe: {cannot_train}")
     if recipe.num_gpus > 1:
         from autotune.training.ranked_train import check_ranked
 
