@@ -260,39 +260,49 @@ def train(
         check_recipe(recipe, config, str(recipe_path), device_name)
     if recipe.model:  # after what the recipe asks of the model: that needs config.json alone
         check_local_weights(recipe.model)
-    # as a study on this data predicts it: the replay, the formula where it cannot run, of
-    # the rows the data gives the micro-batches
-    predicted = None
-    if spec is not None:
-        lengths = _train_token_lengths(recipe, spec.vocab_size, Path(data_path), options)
-        predicted = memory_prediction(spec, recipe, config, token_lengths=lengths)
-    if predicted is not None:  # logged beside the measured peak with --report-to
-        options.setdefault("predicted_peak_bytes", predicted.estimate.peak_bytes)
-    report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
-    return TrainResult(report, predicted, measured, recipe.num_gpus)
+    predicted: list[MemoryPrediction] = []
+
+    def predict_peak(usable_rows: int) -> int | None:
+        """As a study on this data predicts it, once the run is checked: the replay, the
+        formula where it cannot run, of the rows the data gives the micro-batches."""
+        if spec is None:
+            return None
+        lengths = _train_token_lengths(
+            recipe, spec.vocab_size, Path(data_path), usable_rows, options
+        )
+        predicted.append(memory_prediction(spec, recipe, config, token_lengths=lengths))
+        return predicted[-1].estimate.peak_bytes
+
+    report = train_model(
+        recipe,
+        Path(data_path),
+        Path(output_dir),
+        device=device_name,
+        predict_peak=predict_peak,
+        **options,
+    )
+    return TrainResult(report, predicted[0] if predicted else None, measured, recipe.num_gpus)
 
 
 def _train_token_lengths(
-    recipe: Recipe, vocab_size: int, data_path: Path, options: dict[str, Any]
+    recipe: Recipe, vocab_size: int, data_path: Path, usable_rows: int, options: dict[str, Any]
 ) -> tuple[int, int] | None:
     """The shortest and longest training example `train` will meet, truncated at seq_len, as a
     study records them; None where the recipe's micro-batches are packed or padding-free rows
     (their width is seq_len whatever the data, so the data is not tokenized for it)."""
     from autotune.batchings import BATCHINGS
-    from autotune.data.rows import checked_scan
     from autotune.data.splits import load_splits
     from autotune.training.build import load_tokenizer
 
     if BATCHINGS[recipe.batching].masks_rows:
         return None
-    data_scan = checked_scan(data_path, options.get("skip_bad_rows", False))
     splits = load_splits(
         data_path,
         load_tokenizer(recipe.model, vocab_size),
         recipe.seq_len,
         options.get("seed", 0),
         options.get("eval_rows"),
-        data_scan.usable_rows,
+        usable_rows,
     )
     return splits.train.length_span
 

@@ -80,8 +80,8 @@ def test_train_predicts_the_peak_a_study_predicts_for_the_same_data(
     assert used == "replay"
     logged = {}
 
-    def train(recipe, data_path, output_dir, **options):  # the prediction is made before
-        logged.update(options)
+    def train(recipe, data_path, output_dir, predict_peak, **options):  # checks done
+        logged["predicted_peak_bytes"] = predict_peak(30)  # the rows checked_scan counts
 
     monkeypatch.setattr(autotune.training.train, "train", train)
     result = api.train(recipe_path, data, tmp_path / "out", device="cpu")

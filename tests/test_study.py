@@ -17,6 +17,7 @@ from autotune.errors import UsageError
 from autotune.export import recipe_yaml
 from autotune.margins import memory_margin
 from autotune.memory import estimate
+from autotune.prediction import probe_rows
 from autotune.recipe import Recipe
 from autotune.report import render_html, report_data
 from autotune.study import (
@@ -173,15 +174,25 @@ def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
 
 
 def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
-    tmp_path, model, data = workspace
-    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
-    sizes = sorted(
-        estimate(prepared.spec, prepared.space.build(p, str(model), prepared.spec, 64)).peak_bytes
-        for p in prepared.space.all_params()
+    tmp_path, model, _ = workspace
+    # rows truncated at seq_len: the space's sizing before the data is read (seq_len-wide
+    # rows, budget_fit) and the trials' predictions agree
+    data = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": f"{i} " + "word " * 99} for i in range(30)]
     )
+    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12, data_path=data))
+    assert prepared.train_token_lengths == (64, 64)
+
+    def predicted(params):  # of the rows the data gives the probe, as the study predicts
+        recipe = prepared.space.build(params, str(model), prepared.spec, 64)
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        return estimate(prepared.spec, recipe, rows.width, rows.padded).peak_bytes
+
+    sizes = sorted(predicted(p) for p in prepared.space.all_params())
     budget = sizes[len(sizes) // 3]  # a third of the space fits
     runner = FakeRunner()
-    study = run_study(prepare_run(settings_for(workspace, budget_bytes=budget, trials=10)), runner)
+    settings = settings_for(workspace, budget_bytes=budget, trials=10, data_path=data)
+    study = run_study(prepare_run(settings), runner)
     skipped = [t for t in study.trials if t.user_attrs["status"] == "over_budget_predicted"]
     assert skipped, "some recipe should be predicted over budget"
     for trial in skipped:
