@@ -78,6 +78,16 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path, model, data
 
 
+@pytest.fixture()
+def full_rows_workspace(workspace):
+    """The workspace with data whose examples all reach seq_len 64 (truncated there): each
+    micro-batch is seq_len wide, as the space's sizing before the data is read takes it, so
+    budgets drawn from that sizing and the trials' predictions agree."""
+    tmp_path, model, _ = workspace
+    rows = [{"text": f"{i} " + "word " * 99} for i in range(30)]
+    return tmp_path, model, write_jsonl(tmp_path / "full-rows.jsonl", rows)
+
+
 def settings_for(workspace, **changes) -> RunSettings:
     tmp_path, model, data = workspace
     base = dict(
@@ -686,8 +696,7 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
 def test_trials_are_predicted_by_replay(workspace):
     """With the replay memory model each trial's prediction is the replay of its recipe on the
     model's config (the formula only prunes the space), and the trial says which model gave it;
-    padded where the data pads its micro-batches."""
-    from autotune.prediction import pads_micro_batches
+    padded where the data pads its micro-batches, as wide as its longest example."""
     from autotune.replay import load_config, replay
 
     tmp_path, model, data = workspace
@@ -700,8 +709,8 @@ def test_trials_are_predicted_by_replay(workspace):
             continue
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
         assert trial.user_attrs["memory_model"] == "replay"
-        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
-        replayed = replay(recipe, config, padded=padded).estimate().peak_bytes
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        replayed = replay(recipe, config, rows.width, padded=rows.padded).estimate().peak_bytes
         assert trial.user_attrs["predicted_peak_bytes"] == replayed
         checked += 1
     assert checked >= 3
