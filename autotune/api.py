@@ -157,12 +157,17 @@ def memory_prediction(
     seq_len: int | None = None,
     memory_model: str = "replay",
     memory_margin: float | None = None,
+    token_lengths: tuple[int, int] | None = None,
 ) -> MemoryPrediction:
-    """The peak a study would predict for `recipe`, with the margin it would add."""
+    """The peak a study would predict for `recipe`, with the margin it would add;
+    `token_lengths`: the shortest and longest training example, truncated at seq_len, as a
+    study on the data knows them (PreparedRun.train_token_lengths; None: full rows)."""
     from autotune.margins import margin_for
     from autotune.prediction import predict
 
-    peak, used, fallback = predict(spec, recipe, config, seq_len, memory_model)
+    peak, used, fallback = predict(
+        spec, recipe, config, seq_len, memory_model, token_lengths=token_lengths
+    )
     return MemoryPrediction(
         peak, used, fallback, margin_for(memory_margin, used, recipe.quantization), recipe.num_gpus
     )
@@ -255,12 +260,51 @@ def train(
         check_recipe(recipe, config, str(recipe_path), device_name)
     if recipe.model:  # after what the recipe asks of the model: that needs config.json alone
         check_local_weights(recipe.model)
-    # as `estimate` and a study predict it: the replay, the formula where it cannot run
-    predicted = memory_prediction(spec, recipe, config) if spec is not None else None
-    if predicted is not None:  # logged beside the measured peak with --report-to
-        options.setdefault("predicted_peak_bytes", predicted.estimate.peak_bytes)
-    report = train_model(recipe, Path(data_path), Path(output_dir), device=device_name, **options)
-    return TrainResult(report, predicted, measured, recipe.num_gpus)
+    predicted: list[MemoryPrediction] = []
+
+    def predict_peak(usable_rows: int) -> int | None:
+        """As a study on this data predicts it, once the run is checked: the replay, the
+        formula where it cannot run, of the rows the data gives the micro-batches."""
+        if spec is None:
+            return None
+        lengths = _train_token_lengths(
+            recipe, spec.vocab_size, Path(data_path), usable_rows, options
+        )
+        predicted.append(memory_prediction(spec, recipe, config, token_lengths=lengths))
+        return predicted[-1].estimate.peak_bytes
+
+    report = train_model(
+        recipe,
+        Path(data_path),
+        Path(output_dir),
+        device=device_name,
+        predict_peak=predict_peak,
+        **options,
+    )
+    return TrainResult(report, predicted[0] if predicted else None, measured, recipe.num_gpus)
+
+
+def _train_token_lengths(
+    recipe: Recipe, vocab_size: int, data_path: Path, usable_rows: int, options: dict[str, Any]
+) -> tuple[int, int] | None:
+    """The shortest and longest training example `train` will meet, truncated at seq_len, as a
+    study records them; None where the recipe's micro-batches are packed or padding-free rows
+    (their width is seq_len whatever the data, so the data is not tokenized for it)."""
+    from autotune.batchings import BATCHINGS
+    from autotune.data.splits import load_splits
+    from autotune.training.build import load_tokenizer
+
+    if BATCHINGS[recipe.batching].masks_rows:
+        return None
+    splits = load_splits(
+        data_path,
+        load_tokenizer(recipe.model, vocab_size),
+        recipe.seq_len,
+        options.get("seed", 0),
+        options.get("eval_rows"),
+        usable_rows,
+    )
+    return splits.train.length_span
 
 
 def inspect_data(

@@ -83,11 +83,30 @@ def first_line(
     """The first line of an exception's message, at most `limit` characters: what a one-line
     error quotes of a library's (the exception's type name, or `fallback`, when it says
     nothing). A first line that ends in a colon announces the next, which is joined to it
-    ("Validation error for field 'hidden_size': TypeError: ... expected int, got str")."""
+    ("Validation error for field 'hidden_size': TypeError: ... expected int, got str"). A
+    longer line keeps its whole sentences that fit (peft's "Module 'out_proj' is incompatible
+    with Mamba-based models ... Incompatible modules: {'conv1d', 'out_proj'}."), else its
+    whole words, ending in "...", never a word cut in two."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__ if fallback is None else fallback
     first = lines[0]
     if first.endswith(":") and len(lines) > 1:
         first = f"{first} {lines[1]}"
-    return first[:limit]
+    return shortened(first, limit)
+
+
+def shortened(text: str, limit: int = FIRST_LINE_CHARS) -> str:
+    """`text`, or where longer than `limit` characters its sentences that fit (where they
+    make half of it), else its words that fit and "..."."""
+    if len(text) <= limit:
+        return text
+    sentence_ends = [
+        index + 1
+        for index, char in enumerate(text[:limit])
+        if char in ".!?" and text[index + 1 : index + 2] == " "
+    ]
+    if sentence_ends and sentence_ends[-1] >= limit // 2:
+        return text[: sentence_ends[-1]]
+    words = text[: limit - 3].rsplit(" ", 1)[0] if " " in text[: limit - 3] else text[: limit - 3]
+    return words.rstrip(" ,;:") + "..."

@@ -48,6 +48,9 @@ class OptimizerKind:
     """One fused kernel updates every tensor in place (torch's fused AdamW)."""
     bitsandbytes: bool = False
     """It needs bitsandbytes."""
+    weight_dtype_moments: bool = False
+    """Its moments are kept in the trained weights' dtype (torch's AdamW): fp16 weights get
+    fp16 moments, whose second moment underflows (recipe_checks.fp16_moments_refusal)."""
     host_states: bool = False
     """The states of tensors of HOST_MIN_ELEMENTS or more, a host copy of those tensors and of
     their gradients live in host memory and the step runs on the CPU (torchao's
@@ -133,6 +136,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             "adamw_torch_fused",
             "torch.optim.AdamW(fused=True)",
             fused=True,
+            weight_dtype_moments=True,
         ),
         OptimizerKind(
             "adamw_foreach",
@@ -141,6 +145,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             "adamw_torch",
             "torch.optim.AdamW(foreach=True)",
             step_temporaries=True,
+            weight_dtype_moments=True,
         ),
         OptimizerKind(
             "adamw_8bit",
@@ -166,6 +171,7 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
             "adamw_torch_fused",
             "torchao.optim.CPUOffloadOptimizer(torch.optim.AdamW)",
             host_states=True,
+            weight_dtype_moments=True,
         ),
     )
 }

@@ -6,6 +6,7 @@ cannot run faithfully or fails; and the key under which recipes replay alike.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.batchings import BATCHINGS
@@ -52,6 +53,27 @@ def pads_micro_batches(recipe: Recipe, token_lengths: tuple[int, int] | None) ->
     return shortest < longest
 
 
+@dataclass(frozen=True)
+class ProbeRows:
+    """The rows of the probe's widest micro-batch, as the memory models are told of them."""
+
+    width: int | None = None
+    """Tokens a row: the longest truncated example where each row is one example padded to
+    the micro-batch's longest (the probe's first step holds the longest examples, and no
+    micro-batch is wider); None: seq_len (packed and padding-free rows, unknown lengths)."""
+    padded: bool = False
+    """Shorter rows beside the longest (pads_micro_batches)."""
+
+
+def probe_rows(recipe: Recipe, token_lengths: tuple[int, int] | None) -> ProbeRows:
+    """The probe's widest micro-batch of `recipe` on data whose examples, truncated at
+    seq_len, span `token_lengths` (shortest, longest); None: not known, full rows."""
+    padded = pads_micro_batches(recipe, token_lengths)
+    if token_lengths is None or BATCHINGS[recipe.batching].masks_rows:
+        return ProbeRows(None, padded)
+    return ProbeRows(min(token_lengths[1], recipe.seq_len), padded)
+
+
 def replay_rows(
     recipe: Recipe, config: Any, seq_len: int | None = None, padded: bool = False
 ) -> Replay:
@@ -68,10 +90,10 @@ def replay_in_worker(
     return run_off_gpu(replay_rows, recipe, config, seq_len, padded)
 
 
-def replay_key(recipe: Recipe, padded: bool = False) -> str:
+def replay_key(recipe: Recipe, rows: ProbeRows = ProbeRows()) -> str:
     """The recipe as far as its replay sees it: recipes with the same key replay alike (the
     learning rate, its schedule and LoRA's alpha change no size; accumulation past
-    REPLAY_MICRO_BATCHES is not replayed); `padded` as `replay` takes it."""
+    REPLAY_MICRO_BATCHES is not replayed); `rows` as the replay is given them."""
     import json
 
     fields = recipe.to_dict()
@@ -80,7 +102,8 @@ def replay_key(recipe: Recipe, padded: bool = False) -> str:
     fields["gradient_accumulation_steps"] = min(
         recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES
     )
-    fields["padded"] = padded
+    fields["padded"] = rows.padded
+    fields["row_tokens"] = rows.width or recipe.seq_len
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -91,18 +114,21 @@ def predict(
     seq_len: int | None = None,
     memory_model: str = "replay",
     run: Callable[[Recipe, Any, int | None, bool], Replay] = replay_rows,
-    padded: bool = False,
+    token_lengths: tuple[int, int] | None = None,
 ) -> tuple[MemoryEstimate, str, str]:
     """The predicted peak of `recipe`, the model that gave it ("replay" or "formula") and, when
     the replay was asked for and the formula answered, why. `run` replays (`replay_rows`, or
-    `replay_in_worker` in a process that must stay off the GPU); `padded`: the probe's
-    micro-batches hold rows shorter than their longest (pads_micro_batches)."""
+    `replay_in_worker` in a process that must stay off the GPU); `token_lengths`: the shortest
+    and longest training example, truncated at seq_len, which decide the probe's micro-batches
+    (probe_rows; None: full rows). A `seq_len` given is the rows' width whatever the data."""
+    rows = probe_rows(recipe, token_lengths)
+    width = seq_len or rows.width
     if memory_model == "formula":
-        return estimate(spec, recipe, seq_len, padded), "formula", ""
+        return estimate(spec, recipe, width, rows.padded), "formula", ""
     reason = not_replayable(recipe)
     if reason is None:
         try:
-            return run(recipe, config, seq_len, padded).estimate(), "replay", ""
+            return run(recipe, config, width, rows.padded).estimate(), "replay", ""
         except Exception as error:  # noqa: BLE001 - an architecture the meta device cannot run
             reason = f"the replay failed: {type(error).__name__}: {first_line(error, fallback='')}"
-    return estimate(spec, recipe, seq_len, padded), "formula", reason
+    return estimate(spec, recipe, width, rows.padded), "formula", reason

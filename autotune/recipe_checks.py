@@ -10,6 +10,7 @@ from typing import Any, TypeGuard, get_args
 
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
+from autotune.distributed import DISTRIBUTED
 from autotune.distributed import schema_problems as distributed_problems
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
@@ -133,3 +134,37 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     if recipe.method == "full" and recipe.frozen_layers:
         problems.append("frozen_layers must be 0 for method full (use method freeze)")
     return problems + distributed_problems(recipe)
+
+
+def fp16_moments_refusal(recipe: Recipe) -> str:
+    """Why `recipe` cannot train its weights with its optimizer ("" when it can), which
+    `autotune train` refuses and a study does not probe (a sound recipe all the same, so a
+    stored one still reads and its memory is still predicted): pure fp16
+    weights of a full or freeze recipe with torch's AdamW, whose moments are fp16 too. The
+    second moment, 0.001 x grad^2 after the first step, rounds to 0 under fp16's smallest
+    number (6e-8) for gradients under about 5e-3, most of them: the foreach step divides by it
+    plus eps 1e-8, itself 0 in fp16, and gives NaN at the first step; the fused kernel computes
+    in fp32 but stores the moment back in fp16, so each step forgets the squared gradients
+    before it and steps ever larger than AdamW's. DeepSpeed's fp16 mode keeps fp32 master
+    weights and moments; LoRA's adapters are fp32; bitsandbytes' 8-bit moments are scaled
+    per block."""
+    named = (recipe.precision, recipe.optimizer, recipe.distributed)
+    if not all(isinstance(value, str) for value in named) or recipe.method not in (
+        "full",
+        "freeze",
+    ):
+        return ""
+    if recipe.precision not in PRECISIONS or recipe.optimizer not in OPTIMIZERS:
+        return ""
+    kind = PRECISIONS[recipe.precision]
+    strategy = DISTRIBUTED.get(recipe.distributed)
+    if kind.weight_dtype != "float16" or not OPTIMIZERS[recipe.optimizer].weight_dtype_moments:
+        return ""
+    if strategy is not None and strategy.uses_deepspeed:
+        return ""
+    return (
+        f"precision {recipe.precision} with optimizer {recipe.optimizer} keeps method "
+        f"{recipe.method}'s AdamW moments in fp16, where the second moment of gradients under "
+        "about 5e-3 rounds to 0 (NaN or oversized steps); choose amp_fp16 (fp32 weights and "
+        "moments, loss scaling), bf16, or adamw_8bit"
+    )

@@ -151,12 +151,17 @@ def held_tensors() -> list[Any]:
 
 
 def trace_step(
-    recipe: Recipe, seed: int = 0, place: RankPlace | None = None, padded: bool = False
+    recipe: Recipe,
+    seed: int = 0,
+    place: RankPlace | None = None,
+    padded: bool = False,
+    row_tokens: int | None = None,
 ) -> Trace:
     """Peak allocated memory of one optimizer step of `recipe` (the second one: the first makes
     the optimizer states), with the probe's loader, builder and step loop, on the CPU; with
     `place`, of that rank of a distributed recipe (its process group joined), its share of the
-    step's sequences. Its sequences are seq_len long; with `padded`, those after the first of
+    step's sequences. Its sequences are `row_tokens` long (seq_len where None: data whose
+    longest example is shorter gives shorter ones); with `padded`, those after the first of
     each micro-batch are 3/4 as long (padding, and an attention mask, in a padded batching)."""
     import torch
 
@@ -175,9 +180,10 @@ def trace_step(
         model, optimizer = train_with_engine(model, optimizer, recipe, place)
     generator = torch.Generator().manual_seed(seed)
     examples = []
+    longest = row_tokens or recipe.seq_len
     for index in range(recipe.per_gpu_batch_size):
         shorter = padded and index % recipe.micro_batch_size > 0
-        length = recipe.seq_len * 3 // 4 if shorter else recipe.seq_len
+        length = longest * 3 // 4 if shorter else longest
         examples.append(
             TokenizedExample(
                 input_ids=torch.randint(1, vocab, (length,), generator=generator).tolist(),

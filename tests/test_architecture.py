@@ -281,3 +281,38 @@ def test_dora_over_an_int8_base_is_refused_on_the_cpu_where_bitsandbytes_crashes
     assert architecture.recipe_problems(dora.replace(quantization="none"), "cpu") == []
     with pytest.raises(UsageError, match="use_dora with quantization int8 on the CPU"):
         check_recipe(dora, load_config(str(DEMO)), "recipe.yaml", "cpu")
+
+
+def test_peft_refusal_of_a_mamba_hybrid_keeps_its_whole_sentences(tmp_path):
+    """peft refuses all-linear LoRA on Falcon-H1's Mamba layers in one line longer than a
+    one-line error quotes: the refusal keeps the sentences that name the modules, whole,
+    never a word cut in two."""
+    from transformers import FalconH1Config
+
+    from autotune.errors import FIRST_LINE_CHARS, first_line
+
+    config = FalconH1Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=64,
+    )
+    refusal = read_architecture(config).lora_refusal("all-linear", 0.0)
+    peft_says = refusal.removeprefix("peft refuses it: ")
+    assert peft_says != refusal and "\n" not in refusal
+    assert len(peft_says) <= FIRST_LINE_CHARS
+    assert "is incompatible with Mamba-based models" in peft_says
+    named = peft_says.rsplit("Incompatible modules: ", 1)[1]  # a set: either order
+    assert named in ("{'conv1d', 'out_proj'}.", "{'out_proj', 'conv1d'}.")
+    # a line without a sentence that fits keeps its whole words
+    words = first_line(ValueError("incompatible " * 40))
+    assert words.endswith("incompatible...") and len(words) <= FIRST_LINE_CHARS

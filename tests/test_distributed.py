@@ -20,7 +20,12 @@ import pytest
 import autotune.study.storage as study_storage
 from autotune.study import finished_trial_count, prepare_run, run_study
 from tests.conftest import QUICK_CPU_RUN
-from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
+from tests.test_study import (  # noqa: F401 - the fixtures
+    FakeRunner,
+    full_rows_workspace,
+    settings_for,
+    workspace,
+)
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,9 +154,10 @@ def _get_json(url: str, deadline_seconds: float = 30) -> dict:
             time.sleep(0.3)
 
 
-def test_dashboard_shows_objectives_infeasible_trials_and_artifacts(workspace):  # noqa: F811
-    tmp_path, model, _ = workspace
-    settings = settings_for(workspace, trials=8)
+def test_dashboard_shows_objectives_infeasible_trials_and_artifacts(full_rows_workspace):  # noqa: F811
+    work = full_rows_workspace
+    tmp_path, model, _ = work
+    settings = settings_for(work, trials=8)
     prepared = prepare_run(settings)
     from autotune.memory import estimate
 
@@ -159,7 +165,7 @@ def test_dashboard_shows_objectives_infeasible_trials_and_artifacts(workspace): 
         estimate(prepared.spec, prepared.space.build(p, str(model), prepared.spec, 64)).peak_bytes
         for p in prepared.space.all_params()
     )
-    settings = settings_for(workspace, trials=8, budget_bytes=sizes[len(sizes) // 2])
+    settings = settings_for(work, trials=8, budget_bytes=sizes[len(sizes) // 2])
     run_study(prepare_run(settings), FakeRunner())
     port = _free_port()
     server = subprocess.Popen(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from autotune.memory import estimate
-from autotune.prediction import pads_micro_batches, replay_key
+from autotune.prediction import ProbeRows, pads_micro_batches, predict, probe_rows, replay_key
 from autotune.recipe import Recipe
 from autotune.study import prepare_run, seeding
 from tests.conftest import write_jsonl
+from tests.test_replay import _cut_step
 from tests.test_study import settings_for, workspace  # noqa: F401 - the fixture
 
 
@@ -35,8 +36,9 @@ def test_the_study_predicts_padded_rows_where_the_data_lengths_differ(
     told = []
 
     def predict(spec, recipe, config, **kwargs):
-        told.append(kwargs["padded"])
-        return estimate(spec, recipe, padded=kwargs["padded"]), "replay", ""
+        rows = probe_rows(recipe, kwargs["token_lengths"])
+        told.append(rows.padded)
+        return estimate(spec, recipe, rows.width, rows.padded), "replay", ""
 
     monkeypatch.setattr(seeding, "predict", predict)
     predict_trial = seeding.trial_predictor(prepared)
@@ -48,4 +50,84 @@ def test_the_study_predicts_padded_rows_where_the_data_lengths_differ(
     predict_trial(two_rows.replace(batching="padding_free"))  # no padding, ever
     assert told == [padded, False, False]
     assert pads_micro_batches(two_rows, None) is False  # nothing known: full rows
-    assert replay_key(two_rows, True) != replay_key(two_rows, False)
+    assert replay_key(two_rows, ProbeRows(None, True)) != replay_key(two_rows)
+    # rows as wide as the longest example replay apart from seq_len-wide ones, and alike
+    assert replay_key(two_rows, ProbeRows(40)) != replay_key(two_rows)
+    assert replay_key(two_rows, ProbeRows(64)) == replay_key(two_rows)
+
+
+def test_train_predicts_the_peak_a_study_predicts_for_the_same_data(
+    tiny_model, tmp_path, monkeypatch
+):
+    """`autotune train` tokenizes its data to learn the longest and shortest example, as a
+    study does, and predicts the recipe's peak from them: the study's prediction."""
+    import autotune.training.train
+    from autotune import api
+    from autotune.study.settings import RunSettings
+
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "lengths.jsonl", [{"text": "word " * (2 + i)} for i in range(30)])
+    recipe = Recipe.from_dict(
+        {"model": str(tiny_model), "method": "lora", "micro_batch_size": 2, "seq_len": 64}
+    )
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+    settings = RunSettings(
+        model=str(tiny_model), data_path=data, budget_bytes=10**10, seq_len=64, device="cpu"
+    )
+    prepared = prepare_run(settings)
+    studied, used = seeding.trial_predictor(prepared)(recipe)
+    assert used == "replay"
+    logged = {}
+
+    def train(recipe, data_path, output_dir, predict_peak, **options):  # checks done
+        logged["predicted_peak_bytes"] = predict_peak(30)  # the rows checked_scan counts
+
+    monkeypatch.setattr(autotune.training.train, "train", train)
+    result = api.train(recipe_path, data, tmp_path / "out", device="cpu")
+    assert result.predicted.estimate == studied  # breakdown and all
+    assert logged["predicted_peak_bytes"] == studied.peak_bytes
+    # what train predicted before: seq_len-wide rows without padding
+    full_rows = api.memory_prediction(prepared.spec, recipe, prepared.model_config).estimate
+    assert full_rows.allocated_bytes > studied.allocated_bytes
+
+
+def test_padded_rows_replay_as_wide_as_the_longest_example(cut_model):
+    """The probe pads each micro-batch to its longest row, and no row is longer than the
+    longest training example: data whose examples stop short of seq_len gives narrower rows,
+    and the replay told of them allocates what that real step does (seq_len-wide rows, as it
+    replayed before, read over)."""
+    from autotune.replay import load_config, replay
+    from autotune.step_trace import trace_step
+
+    recipe = _cut_step(
+        cut_model,
+        method="lora",
+        lora_r=8,
+        lora_dropout=0.0,
+        attention="sdpa",
+        gradient_checkpointing=False,
+    )
+    longest = recipe.seq_len // 2
+    traced = trace_step(recipe, padded=True, row_tokens=longest).peak_bytes
+    config = load_config(str(cut_model))
+    spec = None  # the replay answers; the formula is not asked
+
+    def replayed(token_lengths):
+        runs = []
+
+        def run(recipe, config, width, padded):  # as predict replays, without cuBLAS's blocks
+            runs.append(replay(recipe, config, width, cublas_workspace_bytes=0, padded=padded))
+            return runs[-1]
+
+        assert predict(spec, recipe, config, run=run, token_lengths=token_lengths)[1] == "replay"
+        return runs[0].peak_allocated_bytes
+
+    assert probe_rows(recipe, (longest * 3 // 4, longest)) == ProbeRows(longest, True)
+    narrow = replayed((longest * 3 // 4, longest))
+    assert abs(narrow - traced) <= 0.005 * traced
+    full_width = replayed((longest * 3 // 4, recipe.seq_len))
+    assert full_width > 1.1 * traced
+    # packed and padding-free rows are seq_len wide whatever the data
+    packed = recipe.replace(batching="packed")
+    assert probe_rows(packed, (3, longest)) == ProbeRows(None, False)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -172,3 +174,40 @@ def test_dora_and_offload_are_written_only_when_on():
     assert switched.label() == "QDoRA nf4 r16 all-linear bf16 mb4 gc offload"
     with pytest.raises(UsageError, match="use_dora is for method lora, not full"):
         Recipe.from_dict({"method": "full", "use_dora": True})
+
+
+def test_fp16_weights_with_torch_adamw_are_refused_for_what_the_moments_do():
+    """torch's AdamW keeps fp16 weights' moments in fp16. After a step of gradients under
+    about 5e-3, the second moment (0.001 x grad^2) is 0: the foreach step divides by it and by
+    eps 1e-8, 0 in fp16 too (infinite weights, a NaN loss next), and the fused kernel, which
+    computes in fp32, stores it back as 0. `train` refuses a full or freeze recipe that trains
+    fp16 weights with it; LoRA (fp32 adapters), 8-bit moments, fp32 weights (amp_fp16) and
+    DeepSpeed (fp32 master weights and moments) train."""
+    import torch
+
+    for kind in ({"foreach": True}, {"fused": True}):
+        weight = torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.float16))
+        weight.grad = torch.full((4,), 1e-3, dtype=torch.float16)
+        optimizer = torch.optim.AdamW([weight], lr=1e-5, weight_decay=0.0, **kind)
+        optimizer.step()
+        assert (optimizer.state[weight]["exp_avg_sq"] == 0).all(), kind
+        # foreach: m / (0 + 0) makes the weights infinite (0 / 0, NaN, where a gradient is 0)
+        assert weight.isfinite().all() != ("foreach" in kind), kind
+    from autotune.recipe_checks import fp16_moments_refusal
+    from autotune.training.train import train
+
+    for fields in (
+        {"method": "full"},
+        {"method": "freeze", "frozen_layers": 1, "optimizer": "adamw_foreach"},
+    ):
+        recipe = Recipe.from_dict({**fields, "precision": "fp16", "model": "m"})  # it reads
+        assert "'s AdamW moments in fp16" in fp16_moments_refusal(recipe)
+        with pytest.raises(UsageError, match="keeps method .*'s AdamW moments in fp16"):
+            train(recipe, Path("data.jsonl"), Path("out"), max_steps=1)  # before any file
+    for fields in (
+        {"method": "lora", "precision": "fp16"},
+        {"method": "full", "precision": "fp16", "optimizer": "adamw_8bit"},
+        {"method": "full", "precision": "amp_fp16"},
+        {"method": "full", "precision": "fp16", "distributed": "deepspeed_zero2", "num_gpus": 2},
+    ):
+        assert fp16_moments_refusal(Recipe.from_dict(fields)) == "", fields

@@ -32,7 +32,12 @@ from autotune.study import (
 )
 from autotune.units import format_bytes
 from tests.conftest import QUICK_CPU_RUN, write_jsonl
-from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
+from tests.test_study import (  # noqa: F401 - the fixtures
+    FakeRunner,
+    full_rows_workspace,
+    settings_for,
+    workspace,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -685,15 +690,16 @@ def test_a_resume_refused_after_the_budget_check_keeps_the_studys_budget(workspa
     assert study_budgets(study).spans == ((0, 10**10),)
 
 
-def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(workspace):  # noqa: F811
+def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(full_rows_workspace):  # noqa: F811
     """A trial that fit the budget of its run but not the smaller one the study was resumed
     under is neither a measured point, on the frontier, feasible in the report nor exported;
     and after a second change the note names each run's budget."""
+    work = full_rows_workspace
     from autotune.export import recipe_yaml
     from autotune.report import report_data
     from autotune.study.records import measured_points, trial_record
 
-    study = run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+    study = run_study(prepare_run(settings_for(work, trials=3)), FakeRunner())
     # on CPU a trial is held to its predicted peak (no margin here)
     peaks = {t.number: trial_record(t).predicted_peak_bytes for t in study.trials}
     largest = max(peaks, key=lambda number: peaks[number])
@@ -703,7 +709,7 @@ def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(workspace):  
     )
     smaller = max(peak for number, peak in peaks.items() if number != largest)
     resumed = run_study(
-        prepare_run(settings_for(workspace, trials=4, budget_bytes=smaller)), FakeRunner()
+        prepare_run(settings_for(work, trials=4, budget_bytes=smaller)), FakeRunner()
     )
     points = {p.number for p in measured_points(resumed)}
     assert largest not in points and set(peaks) - {largest} <= points
@@ -714,7 +720,7 @@ def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(workspace):  
         resumed.trials[largest].user_attrs["recipe"]
     )
     events = RunEvents()
-    larger = prepare_run(settings_for(workspace, trials=4, budget_bytes=2 * 10**9))
+    larger = prepare_run(settings_for(work, trials=4, budget_bytes=2 * 10**9))
     run_study(larger, FakeRunner(), events)
     held = format_bytes(smaller)
     assert (
@@ -872,13 +878,14 @@ def test_a_database_storage_that_cannot_be_opened_is_said_before_the_data_is_rea
 
 
 def test_the_sampler_reads_a_trial_over_a_smaller_resumed_budget_as_infeasible(
-    workspace,  # noqa: F811
+    full_rows_workspace,  # noqa: F811
     monkeypatch,
 ):
     """What TPE reads when it splits the trials (its infeasible score, as its split computes
     it): resumed under the same budget, every trial as it stored it; resumed under a smaller
     one, the trials that fit the old budget and not the new one are infeasible, and their
     stored constraints are still what their run measured."""
+    work = full_rows_workspace
     from optuna.samplers._tpe import sampler as tpe
 
     from autotune.study.records import trial_record
@@ -892,10 +899,10 @@ def test_the_sampler_reads_a_trial_over_a_smaller_resumed_budget_as_infeasible(
         return split(study, trials, n_below)
 
     monkeypatch.setattr(tpe, "_split_trials", spy)
-    study = run_study(prepare_run(settings_for(workspace, trials=6)), FakeRunner())
+    study = run_study(prepare_run(settings_for(work, trials=6)), FakeRunner())
     stored = {t.number: tpe._get_infeasible_trial_score(t) for t in study.trials}
     seen.clear()
-    run_study(prepare_run(settings_for(workspace, trials=7)), FakeRunner())
+    run_study(prepare_run(settings_for(work, trials=7)), FakeRunner())
     assert seen and all(view == {n: stored[n] for n in view} for view in seen)
     assert set(seen[-1]) >= set(range(6))
     # on CPU a trial is held to its predicted peak (no margin here)
@@ -906,7 +913,7 @@ def test_the_sampler_reads_a_trial_over_a_smaller_resumed_budget_as_infeasible(
     assert over and all(stored[number] == 0 for number in over)
     seen.clear()
     resumed = run_study(
-        prepare_run(settings_for(workspace, trials=8, budget_bytes=smaller)), FakeRunner()
+        prepare_run(settings_for(work, trials=8, budget_bytes=smaller)), FakeRunner()
     )
     assert seen and all(view[number] > 0 for view in seen for number in over)
     assert all(view[n] == stored[n] for view in seen for n in set(stored) - over if n in view)

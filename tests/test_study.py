@@ -17,6 +17,7 @@ from autotune.errors import UsageError
 from autotune.export import recipe_yaml
 from autotune.margins import memory_margin
 from autotune.memory import estimate
+from autotune.prediction import probe_rows
 from autotune.recipe import Recipe
 from autotune.report import render_html, report_data
 from autotune.study import (
@@ -77,6 +78,16 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path, model, data
 
 
+@pytest.fixture()
+def full_rows_workspace(workspace):
+    """The workspace with data whose examples all reach seq_len 64 (truncated there): each
+    micro-batch is seq_len wide, as the space's sizing before the data is read takes it, so
+    budgets drawn from that sizing and the trials' predictions agree."""
+    tmp_path, model, _ = workspace
+    rows = [{"text": f"{i} " + "word " * 99} for i in range(30)]
+    return tmp_path, model, write_jsonl(tmp_path / "full-rows.jsonl", rows)
+
+
 def settings_for(workspace, **changes) -> RunSettings:
     tmp_path, model, data = workspace
     base = dict(
@@ -122,6 +133,29 @@ def test_run_records_measured_trials_and_resumes(workspace):
     assert len(more.trials) == 8
 
 
+def test_a_study_refuses_fp16_weights_with_torch_adamw_without_probing(workspace):
+    """A space of fp16 full fine-tuning with adamw and adamw_8bit: the trials that name adamw
+    keep fp16 moments (recipe_checks.fp16_moments_refusal) and are refused, infeasible, with
+    the reason, and never probed; those with 8-bit moments are probed."""
+    tmp_path, _, _ = workspace
+    space = tmp_path / "fp16.yaml"
+    text = DEMO_SPACE.read_text()
+    for key, choices in (("method", "[full]"), ("precision", "[fp16]"), ("quantization", "[none]")):
+        text = re.sub(rf"^{key}: .*$", f"{key}: {choices}", text, flags=re.M)
+    space.write_text(text)
+    runner = FakeRunner()
+    study = run_study(prepare_run(settings_for(workspace, space_path=space, trials=6)), runner)
+    optimizers = {
+        t.number: Recipe.from_dict(t.user_attrs["recipe"]).optimizer for t in study.trials
+    }
+    refused = [t for t in study.trials if t.user_attrs["status"] == "refused"]
+    assert refused and all(optimizers[t.number] == "adamw" for t in refused)
+    assert all("AdamW moments in fp16" in t.user_attrs["reason"] for t in refused)
+    assert all(t.constraints[CONSTRAINT_KEY] > 0 for t in refused)  # infeasible
+    assert runner.requests and {r.recipe.optimizer for r in runner.requests} == {"adamw_8bit"}
+    assert "cannot train here (not run)" in render_html(report_data(study))  # stored recipes read
+
+
 def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
     tmp_path, _, _ = workspace
     space = tmp_path / "freeze.yaml"
@@ -150,15 +184,25 @@ def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
 
 
 def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
-    tmp_path, model, data = workspace
-    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
-    sizes = sorted(
-        estimate(prepared.spec, prepared.space.build(p, str(model), prepared.spec, 64)).peak_bytes
-        for p in prepared.space.all_params()
+    tmp_path, model, _ = workspace
+    # rows truncated at seq_len: the space's sizing before the data is read (seq_len-wide
+    # rows, budget_fit) and the trials' predictions agree
+    data = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": f"{i} " + "word " * 99} for i in range(30)]
     )
+    prepared = prepare_run(settings_for(workspace, budget_bytes=10**12, data_path=data))
+    assert prepared.train_token_lengths == (64, 64)
+
+    def predicted(params):  # of the rows the data gives the probe, as the study predicts
+        recipe = prepared.space.build(params, str(model), prepared.spec, 64)
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        return estimate(prepared.spec, recipe, rows.width, rows.padded).peak_bytes
+
+    sizes = sorted(predicted(p) for p in prepared.space.all_params())
     budget = sizes[len(sizes) // 3]  # a third of the space fits
     runner = FakeRunner()
-    study = run_study(prepare_run(settings_for(workspace, budget_bytes=budget, trials=10)), runner)
+    settings = settings_for(workspace, budget_bytes=budget, trials=10, data_path=data)
+    study = run_study(prepare_run(settings), runner)
     skipped = [t for t in study.trials if t.user_attrs["status"] == "over_budget_predicted"]
     assert skipped, "some recipe should be predicted over budget"
     for trial in skipped:
@@ -655,8 +699,7 @@ def test_a_recipe_over_budget_queues_the_nearest_that_fits(qwen2_7b_workspace):
 def test_trials_are_predicted_by_replay(workspace):
     """With the replay memory model each trial's prediction is the replay of its recipe on the
     model's config (the formula only prunes the space), and the trial says which model gave it;
-    padded where the data pads its micro-batches."""
-    from autotune.prediction import pads_micro_batches
+    padded where the data pads its micro-batches, as wide as its longest example."""
     from autotune.replay import load_config, replay
 
     tmp_path, model, data = workspace
@@ -669,8 +712,8 @@ def test_trials_are_predicted_by_replay(workspace):
             continue
         recipe = Recipe.from_dict(trial.user_attrs["recipe"])
         assert trial.user_attrs["memory_model"] == "replay"
-        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
-        replayed = replay(recipe, config, padded=padded).estimate().peak_bytes
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        replayed = replay(recipe, config, rows.width, padded=rows.padded).estimate().peak_bytes
         assert trial.user_attrs["predicted_peak_bytes"] == replayed
         checked += 1
     assert checked >= 3
@@ -826,7 +869,7 @@ def test_each_module_of_the_study_package_imports_first():
 def test_a_recipe_the_cpu_cannot_run_is_ruled_out_before_any_probe(workspace):
     """DoRA over int8 crashes in bitsandbytes on the CPU (`train` refuses it in one line), yet
     the space cannot leave out either choice alone: a trial that samples both is recorded
-    unsupported with the reason, its probe never started."""
+    refused with the reason, its probe never started."""
     from autotune.report.table import STATUS_WORDS
     from autotune.study import nothing_measured_line
 
@@ -847,19 +890,19 @@ def test_a_recipe_the_cpu_cannot_run_is_ruled_out_before_any_probe(workspace):
     study.optimize(make_objective(prepared, runner, RunEvents()), n_trials=2)
     by_dora = {t.params["use_dora"]: t for t in study.trials}
     refused = by_dora[True]
-    assert refused.user_attrs["status"] == "unsupported"
+    assert refused.user_attrs["status"] == "refused"
     assert refused.user_attrs["reason"].startswith(
         "use_dora with quantization int8 on the CPU: bitsandbytes' CPU int8 matmul"
     )
     assert refused.constraints[CONSTRAINT_KEY] > 0  # infeasible, so the sampler learns to avoid it
     assert [r.recipe.use_dora for r in runner.requests] == [False]  # no probe of DoRA
     assert by_dora[False].user_attrs["status"] == "measured"
-    assert STATUS_WORDS[refused.user_attrs["status"]] == "cannot run here (not run)"
+    assert STATUS_WORDS[refused.user_attrs["status"]] == "cannot train here (not run)"
     only = optuna.create_study(directions=["minimize", "maximize", "minimize"])
     only.enqueue_trial(refused.params)
     only.optimize(make_objective(prepared, runner, RunEvents()), n_trials=1)
     assert nothing_measured_line(only) == (
-        f"no recipe ran: 1 trial cannot run on this device: {refused.user_attrs['reason']}"
+        f"no recipe ran: 1 trial cannot train here: {refused.user_attrs['reason']}"
     )
 
 

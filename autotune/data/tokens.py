@@ -102,6 +102,12 @@ class TokenTable(Sequence[TokenizedExample]):
     def tokens(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def length_span(self) -> tuple[int, int] | None:
+        """Tokens of the shortest and the longest example (None: no example)."""
+        lengths = self.lengths
+        return (int(lengths.min()), int(lengths.max())) if len(lengths) else None
+
     def __eq__(self, other: object) -> bool:
         import numpy as np
 

@@ -20,6 +20,7 @@ from autotune.probe import ProbeRunner
 from autotune.probe_stop import stopped_by
 from autotune.quality import quality_cost
 from autotune.recipe import Recipe
+from autotune.recipe_checks import fp16_moments_refusal
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
@@ -220,10 +221,12 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
             record(status, reason, values, result)
             return values
 
-        refusal = dora_refusal(recipe, prepared.device)  # as `train` and a probe refuse it
+        # the space's choices together name a recipe that cannot train (anywhere, or on this
+        # device though it runs each choice): refused as `train` and a probe refuse it
+        refusal = fp16_moments_refusal(recipe) or dora_refusal(recipe, prepared.device)
         if refusal:
             return finish(
-                TrialStatus.UNSUPPORTED,
+                TrialStatus.REFUSED,
                 (float(prediction.peak_bytes), UNMEASURED_TOKENS_PER_SECOND, unmeasured_loss),
                 1.0,
                 refusal,

@@ -142,7 +142,6 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     check_token_ids(splits, spec.vocab_size, settings.model)
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
-    lengths = splits.train.lengths
     check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
@@ -165,6 +164,6 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         model_config=model_config,
         unsupported_choices=unsupported,
         pad_token_id=tokenizer.pad_token_id,
-        train_token_lengths=(int(lengths.min()), int(lengths.max())) if len(lengths) else None,
+        train_token_lengths=splits.train.length_span,
         freeze_layout=freeze_layout.to_dict() if freeze_layout else None,
     )

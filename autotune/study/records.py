@@ -36,9 +36,10 @@ class TrialStatus(str, Enum):
     """The probe ran and measured memory, speed and eval loss."""
     OVER_BUDGET_PREDICTED = "over_budget_predicted"
     """The memory model put the recipe over the budget: not probed, infeasible."""
-    UNSUPPORTED = "unsupported"
-    """The device cannot run the recipe though it runs each of its choices (DoRA over int8 on
-    the CPU, a combination the space cannot leave out choice by choice): not probed,
+    REFUSED = "refused"
+    """The space's choices together named a recipe that cannot train: anywhere (pure fp16
+    weights with torch's AdamW, recipe_checks.fp16_moments_refusal) or on this device though it
+    runs each of the choices (DoRA over int8 on the CPU, architecture.dora_refusal): not probed,
     infeasible."""
     DUPLICATE = "duplicate"
     """The sampler proposed a recipe already tried: that trial's figures, not probed again."""
@@ -326,10 +327,9 @@ PROBE_FAILURE_WORDS = {
     TrialStatus.OOM: "ran out of memory",
     TrialStatus.NAN: "had a non-finite loss",
     TrialStatus.INTERRUPTED: "was interrupted",
-    TrialStatus.UNSUPPORTED: "cannot run on this device",
+    TrialStatus.REFUSED: "cannot train here",
 }
-"""A trial's status when its probe did not finish, or could not start -> how the run's end
-says it."""
+"""A trial's status when its probe did not finish, or was refused -> how the run's end says it."""
 
 
 def nothing_measured_line(study: Any) -> str:

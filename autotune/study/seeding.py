@@ -11,8 +11,8 @@ from typing import Any
 from autotune.margins import margin_for
 from autotune.memory import MemoryEstimate, estimate
 from autotune.prediction import (
-    pads_micro_batches,
     predict,
+    probe_rows,
     replay_in_worker,
     replay_key,
 )
@@ -23,14 +23,14 @@ from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
     """Whether the recipe a set of trial parameters stands for is predicted to fit the budget
-    (the formula's prediction, with its margin, padded where the data pads it)."""
+    (the formula's prediction, with its margin, of the rows the data gives the probe)."""
     settings = prepared.settings
 
     def fits(params: dict[str, Any]) -> bool:
         recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
         margin = margin_for(settings.memory_margin, "formula", recipe.quantization)
-        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
-        peak = estimate(prepared.spec, recipe, padded=padded).peak_bytes
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        peak = estimate(prepared.spec, recipe, rows.width, rows.padded).peak_bytes
         return margin.bytes_of(peak) <= settings.budget_bytes
 
     return fits
@@ -40,23 +40,27 @@ def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEst
     """Each trial's predicted peak and the model that gave it: the replay (in a worker process
     that sees no GPU, once per recipe as memory sees it) where the formula puts the recipe
     within REPLAY_BAND of the budget, the formula elsewhere and where the replay cannot run;
-    either told whether the data pads the probe's micro-batches (pads_micro_batches)."""
+    either told of the rows the data gives the probe's micro-batches (probe_rows)."""
     settings = prepared.settings
     predicted: dict[str, tuple[MemoryEstimate, str]] = {}
 
     def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
-        padded = pads_micro_batches(recipe, prepared.train_token_lengths)
-        formula = estimate(prepared.spec, recipe, padded=padded)
+        rows = probe_rows(recipe, prepared.train_token_lengths)
+        formula = estimate(prepared.spec, recipe, rows.width, rows.padded)
         if (
             settings.memory_model != "replay"
             or prepared.model_config is None
             or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
         ):
             return formula, "formula"
-        key = replay_key(recipe, padded)
+        key = replay_key(recipe, rows)
         if key not in predicted:
             result, used, _ = predict(
-                prepared.spec, recipe, prepared.model_config, run=replay_in_worker, padded=padded
+                prepared.spec,
+                recipe,
+                prepared.model_config,
+                run=replay_in_worker,
+                token_lengths=prepared.train_token_lengths,
             )
             predicted[key] = (result, used)
         return predicted[key]

@@ -17,6 +17,7 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
+from autotune.recipe_checks import fp16_moments_refusal
 from autotune.training.checkpoints import (
     BATCH_KEY,
     STRATEGY_KEY,
@@ -93,6 +94,7 @@ def train(
     report_to: str = "none",
     logging_steps: int = 10,
     predicted_peak_bytes: int | None = None,
+    predict_peak: Callable[[int], int | None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, float, bool], None] | None = None,
@@ -104,9 +106,10 @@ def train(
     loss (default 3; 0 never stops) and the best weights are the ones saved. With `merge_dtype`
     (LoRA recipes), the base with the adapter merged is saved too, in `output_dir`/merged.
     With `report_to` tensorboard or wandb, train loss, learning rate, tokens/s and peak memory
-    (beside `predicted_peak_bytes`) are logged every `logging_steps` steps, eval losses as
-    they come. `on_eval(step, eval_loss, is_best)` is called after each evaluation. A recipe
-    on several GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices;
+    (beside `predicted_peak_bytes`, or what `predict_peak(usable rows)` gives once the run is
+    checked) are logged every `logging_steps` steps, eval losses as they come.
+    `on_eval(step, eval_loss, is_best)` is called after each evaluation. A recipe on several
+    GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices;
     the first num_gpus where none are given) or as gloo processes on the CPU
     (autotune/training/ranked_train.py)."""
     _check_length(epochs, max_steps, save_every_steps)
@@ -118,6 +121,9 @@ def train(
         check_merge(recipe, merge_dtype)
     if not recipe.model:
         raise UsageError("the recipe names no model; add `model:` or export it from a study")
+    cannot_train = fp16_moments_refusal(recipe)
+    if cannot_train:
+        raise UsageError(f"recipe: {cannot_train}")
     if recipe.num_gpus > 1:
         from autotune.training.ranked_train import check_ranked
 
@@ -139,6 +145,8 @@ def train(
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
         forget_best(output_dir)
+    if predicted_peak_bytes is None and predict_peak is not None:
+        predicted_peak_bytes = predict_peak(data_scan.usable_rows)
     plan = TrainPlan(
         recipe=recipe,
         data_path=data_path,
