@@ -77,7 +77,7 @@ def run(
     budget = resolve_budget(budget_bytes, gpus.split(",")[0] if gpus else None)
     if budget.note:  # a card name or auto: say what size it became
         typer.echo(budget.note)
-    options["budget_bytes"] = str(budget.bytes)
+    options["budget_bytes"] = budget.bytes
     settings = settings_from_options(options, tokenize_progress=tokenize_progress(data_path))
     with ConsoleReporter() as reporter:
         result = run_autotune(settings, events=reporter)
