@@ -170,7 +170,7 @@ def train(
     ),
     epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
     max_steps: int | None = typer.Option(
-        None, "--max-steps", help="Optimizer steps (overrides --epochs)."
+        None, "--max-steps", help="Optimizer steps to train, instead of --epochs."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the latest checkpoint in --output."

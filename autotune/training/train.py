@@ -35,7 +35,7 @@ from autotune.training.early_stopping import (
 )
 from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
-from autotune.training.output_dir import RUN_MARKER, check_output_dir
+from autotune.training.output_dir import RUN_MARKER, check_output_dir, check_same_training
 from autotune.training.schedule import lr_factor
 from autotune.training.train_plan import (
     TrainCallbacks,
@@ -134,6 +134,7 @@ def train(
     check_output_dir(output_dir, recipe.model, resume, overwrite)
     resumed_checkpoint = latest_checkpoint(output_dir) if resume else None
     if resumed_checkpoint is not None:  # before any rank builds the model
+        check_same_training(output_dir, recipe)
         check_resumable(resumed_checkpoint, recipe)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
