@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, check_distinct_outputs
 from autotune.study.settings import RunSettings, study_file_name
 
 if TYPE_CHECKING:
@@ -330,9 +330,11 @@ def write_study_report(
     from autotune.study.storage import redact_url
 
     recipe_path = recipe_path_for(found.study_name)
+    output = output or report_path_for(found.study_name)
+    check_distinct_outputs({"--output": output, "--csv": csv, "--png": png})
     path = write_report(
         found,
-        output or report_path_for(found.study_name),
+        output,
         csv,
         recipe_path=recipe_path,
         exported=recipe_path.is_file(),

@@ -537,6 +537,12 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (report + ["--study", "empty"], "holds no trials yet"),
         (report + ["--study", "one", "--png", str(tmp_path / "adir.png")], "is a directory"),
         (report + ["--study", "one", "--png", "/proc/chart.png"], "cannot be written"),
+        # the CSV was written over the report, and both were said written
+        (
+            report + ["--study", "one", "-o", "r.html", "--csv", str(tmp_path / "r.html")],
+            "--output and --csv are both",
+        ),
+        (run + ["--report", "out.yaml", "--recipe-out", "out.yaml"], "the second would overwrite"),
         (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
     ]
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there

@@ -11,7 +11,7 @@ from autotune.data.rows import checked_scan, usable_rows
 from autotune.data.splits import check_enough_rows, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
-from autotune.errors import UsageError
+from autotune.errors import UsageError, check_distinct_outputs
 from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
@@ -59,6 +59,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     for flag, path in (("--report", settings.report_path), ("--recipe-out", settings.recipe_path)):
         if path is not None and Path(path).is_dir():  # found before the study, not after it
             raise UsageError(f"{flag} {path} is a directory; give a file name")
+    check_distinct_outputs({"--report": settings.report_path, "--recipe-out": settings.recipe_path})
     check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
