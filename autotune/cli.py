@@ -293,25 +293,37 @@ def dashboard(
     serve(storage, host, port)
 
 
-@app.command()
+@app.command(
+    help="Predict a recipe's peak GPU memory from the model config, without loading weights.\n\n"
+    "Without data, every row is taken as seq_len long, with no padding in a micro-batch; a "
+    "study, which knows the data's lengths, also predicts padded micro-batches."
+)
 def estimate(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model id or directory (config.json is enough)."
     ),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
-    as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per sequence, in place of the recipe's seq_len."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print {peak_bytes, breakdown, ...} as JSON, in bytes (with --budget: budget_bytes "
+        "and fits).",
+    ),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     budget: str | None = typer.Option(
-        None, "--budget", "-b", help="Say whether the peak, with its margin, fits this budget."
+        None,
+        "--budget",
+        "-b",
+        help="Say whether the peak, with its margin, fits this GPU memory budget: a size such as "
+        "24GB or 24GiB, or a card's name, as run's --budget.",
     ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
-    """Predict a recipe's peak GPU memory from the model config, without loading weights.
-
-    Without data, every row is taken as seq_len long, with no padding in a micro-batch; a
-    study, which knows the data's lengths, also predicts padded micro-batches."""
+    """`help` above: what `autotune estimate --help` shows, its lines joined."""
     from autotune.api import estimate as estimate_peak
     from autotune.budgets import parse_budget
     from autotune.console import show_estimate

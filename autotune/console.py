@@ -334,6 +334,9 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
             "num_gpus": predicted.num_gpus,  # the bytes are each GPU's where several
         }
+        if budget_bytes is not None:  # what the table's last line says
+            figures["budget_bytes"] = budget_bytes
+            figures["fits"] = predicted.peak_with_margin_bytes <= budget_bytes
         print(json.dumps(figures))
         return
     if predicted.fallback_reason:

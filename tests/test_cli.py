@@ -268,6 +268,13 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert json.loads(given.stdout)["peak_bytes_with_margin"] == math.ceil(
         expected.peak_bytes * 1.25
     )
+    # --budget with --json: the verdict in the JSON too (it was left out, the budget ignored)
+    for budget, fits in ((margined + 10**6, True), (margined - 10**6, False)):
+        fit = autotune(
+            "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model",
+            "formula", "--budget", f"{budget}B", "--json", cwd=tmp_path,
+        )  # fmt: skip
+        assert json.loads(fit.stdout) == {**printed, "budget_bytes": budget, "fits": fits}
 
 
 def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
