@@ -5,6 +5,7 @@ the command line is a thin layer over these (parse, call, print). They print not
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,9 +270,11 @@ def inspect_data(
     seq_len: int = 1024,
     *,
     trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DataSummary:
-    """Rows, formats and bad rows of a data file and, given a model, its token lengths. A file
-    without a row is refused, as a run refuses it."""
+    """Rows, formats and bad rows of a data file and, given a model, its token lengths
+    (`progress(done, total)` as rows are tokenized). A file without a row is refused, as a run
+    refuses it."""
     from autotune.data.summary import summarize
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
@@ -279,7 +282,7 @@ def inspect_data(
     allow_remote_code(trust_remote_code)
     _check_seq_len(seq_len)
     tokenizer = tokenizer_for(model) if model else None
-    summary = summarize(data_path, tokenizer, seq_len)
+    summary = summarize(data_path, tokenizer, seq_len, progress=progress)
     if not summary.rows and not summary.bad_rows:
         raise UsageError(f"data file {data_path} is empty")
     return summary

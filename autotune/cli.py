@@ -354,10 +354,17 @@ def data_inspect(
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.api import inspect_data
+    from autotune.console import tokenize_progress
     from autotune.data.rows import describe_bad_rows
     from autotune.units import count_of
 
-    summary = inspect_data(data, model, seq_len, trust_remote_code=trust_remote_code)
+    summary = inspect_data(
+        data,
+        model,
+        seq_len,
+        trust_remote_code=trust_remote_code,
+        progress=tokenize_progress(data),
+    )
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
     typer.echo(f"{summary.path}: {count_of(summary.rows, 'row')} ({formats or 'none'})")
     if summary.bad_rows:
