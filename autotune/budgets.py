@@ -98,9 +98,9 @@ def resolve_budget(text: str, gpu: str | None = None) -> Budget:
         ) from None
     if size > LARGEST_BUDGET_BYTES:
         raise UsageError(
-            f"budget {text!r} is {format_bytes(size)}, over the {format_bytes(LARGEST_BUDGET_BYTES)} "
-            "autotune takes for one GPU (the largest cards hold a few hundred GB); the budget is "
-            "each GPU's memory, e.g. 24GB"
+            f"budget {text!r} is {format_bytes(size)}, over the "
+            f"{format_bytes(LARGEST_BUDGET_BYTES)} autotune takes for one GPU (the largest cards "
+            "hold a few hundred GB); the budget is each GPU's memory, e.g. 24GB"
         )
     return Budget(size, "")
 
