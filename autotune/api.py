@@ -276,11 +276,14 @@ def inspect_data(
     (`progress(done, total)` as rows are tokenized). A file without a row is refused, as a run
     refuses it."""
     from autotune.data.summary import summarize
+    from autotune.model_spec import check_model_reference
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
 
     allow_remote_code(trust_remote_code)
     _check_seq_len(seq_len)
+    if model:  # a path that is not there is said as such, not as a hub id transformers refuses
+        check_model_reference(model)
     tokenizer = tokenizer_for(model) if model else None
     summary = summarize(data_path, tokenizer, seq_len, progress=progress)
     if not summary.rows and not summary.bad_rows:

@@ -541,6 +541,10 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(empty_data)], f"data file {empty_data} is empty"),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
+        (
+            ["data", "inspect", str(data), "--model", "./missing-model"],
+            "model path './missing-model' does not exist",
+        ),
         (report + ["--study", "empty"], "holds no trials yet"),
         (report + ["--study", "one", "--png", str(tmp_path / "adir.png")], "is a directory"),
         (report + ["--study", "one", "--png", "/proc/chart.png"], "cannot be written"),
