@@ -115,13 +115,21 @@ def recipe_yaml(
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a file, turning an unwritable destination into a one-line error."""
+    """Write a file whole or not at all (a full disk or Ctrl-C midway leaves the file as it
+    was, an earlier report or recipe included), turning an unwritable destination into a
+    one-line error."""
     path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
     except OSError as error:
+        partial.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
