@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autotune.cpu_nf4 import unpack_cpu_nf4
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.training.checkpoints import (
@@ -268,6 +269,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     def evaluated() -> float:
         # rank 0's loss decides for all, so that they stop and keep the same step
         eval_loss = evaluate_on_ranks(model, splits.eval, recipe, place, tokenizer.pad_token_id)
+        if recipe.quantization == "nf4" and device == "cpu":  # training goes on after it
+            unpack_cpu_nf4(model)
         return agreed(eval_loss, place)
 
     def run_eval(at_step: int) -> None:
