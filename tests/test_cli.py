@@ -757,3 +757,9 @@ def test_a_storage_url_of_another_kind_says_which_kinds_there_are():
         make_storage("journal:///x.log")
     with pytest.raises(UsageError, match=r"me:\*\*\*@db/x: .*mysql://...; write postgresql://$"):
         make_storage("postgres://me:pw@db/x")
+
+    # an in-memory SQLite database: `studies` said the storage was "lost" (exit 1), and a run
+    # would have lost its study when it ended
+    for url in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        with pytest.raises(UsageError, match=f"^--storage {url} names no file"):
+            make_storage(url)

@@ -32,7 +32,13 @@ from autotune.study.settings import (
     study_file_name,
     tokenizer_for,
 )
-from autotune.study.storage import DEFAULT_STORAGE, TRIALS_DIR, make_storage, make_trials_dir
+from autotune.study.storage import (
+    DEFAULT_STORAGE,
+    TRIALS_DIR,
+    check_storage_url,
+    make_storage,
+    make_trials_dir,
+)
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
 
@@ -64,6 +70,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)
+    if settings.storage:
+        check_storage_url(settings.storage)
     if settings.storage and not settings.storage.startswith("sqlite"):
         # a database server: a wrong host, password or name is said now, not after the data
         # is tokenized and the space sized (a SQLite file is only made once all is checked)
