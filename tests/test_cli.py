@@ -554,6 +554,10 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
             "--output and --csv are both",
         ),
         (run + ["--report", "out.yaml", "--recipe-out", "out.yaml"], "the second would overwrite"),
+        (
+            ["data", "inspect", str(data), "--model", str(config_only / "config.json")],
+            "config.json': it is a file; give the model's directory",
+        ),
         (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
     ]
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there

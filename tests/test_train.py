@@ -226,6 +226,7 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         (["--recipe", str(good), "--save-steps", "0"], "--save-steps must be at least 1"),
         (["--recipe", str(good), "--epochs", "nan"], "positive and finite"),
         (["--recipe", str(good), "--epochs", "inf"], "positive and finite"),
+        (["--recipe", str(good), "--epochs", "1e308"], "--epochs must be at most 10,000"),
     ]
     for args, needle in cases:
         done = subprocess.run(

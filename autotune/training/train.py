@@ -61,6 +61,10 @@ def _epoch_batches(
     ]
 
 
+MAX_EPOCHS = 10_000
+"""More passes than any fine-tune makes: a larger --epochs is a typo (1e308 overflowed)."""
+
+
 def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
     if epochs is not None and max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
@@ -68,6 +72,8 @@ def _check_length(epochs: float | None, max_steps: int | None, save_every_steps:
         max_steps is not None and max_steps < 1
     ):
         raise UsageError("--epochs and --max-steps must be positive and finite")
+    if epochs is not None and epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs must be at most {MAX_EPOCHS:,}, got {epochs:g}")
     if save_every_steps < 1:
         raise UsageError(f"--save-steps must be at least 1, got {save_every_steps}")
 
