@@ -129,6 +129,8 @@ def report(
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.api import write_study_report
 
+    terminate_as_ctrl_c()  # the PNG's headless browser is stopped with it, not left writing
+
     written = write_study_report(storage, study, output, csv, png)
     typer.echo(f"report: {written.report_path}")
     if written.csv_path is not None:
