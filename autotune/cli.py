@@ -195,7 +195,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
-    eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
+    eval_rows: int | None = setting_option("eval_rows", "--eval-rows"),
     eval_steps: int | None = typer.Option(
         None,
         "--eval-steps",
@@ -351,7 +351,9 @@ def data_inspect(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Tokenize with this model's tokenizer."
     ),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Truncation length to check against."),
+    seq_len: int = typer.Option(
+        1024, "--seq-len", help="Truncation length, in tokens, to check against."
+    ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
