@@ -5,11 +5,12 @@ the command line is a thin layer over these (parse, call, print). They print not
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.errors import UsageError
+from autotune.errors import UsageError, check_distinct_outputs
 from autotune.study.settings import RunSettings, study_file_name
 
 if TYPE_CHECKING:
@@ -313,17 +314,22 @@ def inspect_data(
     seq_len: int = 1024,
     *,
     trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DataSummary:
-    """Rows, formats and bad rows of a data file and, given a model, its token lengths. A file
-    without a row is refused, as a run refuses it."""
+    """Rows, formats and bad rows of a data file and, given a model, its token lengths
+    (`progress(done, total)` as rows are tokenized). A file without a row is refused, as a run
+    refuses it."""
     from autotune.data.summary import summarize
+    from autotune.model_spec import check_model_reference
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
 
     allow_remote_code(trust_remote_code)
     _check_seq_len(seq_len)
+    if model:  # a path that is not there is said as such, not as a hub id transformers refuses
+        check_model_reference(model)
     tokenizer = tokenizer_for(model) if model else None
-    summary = summarize(data_path, tokenizer, seq_len)
+    summary = summarize(data_path, tokenizer, seq_len, progress=progress)
     if not summary.rows and not summary.bad_rows:
         raise UsageError(f"data file {data_path} is empty")
     return summary
@@ -374,9 +380,11 @@ def write_study_report(
     from autotune.study.storage import redact_url
 
     recipe_path = recipe_path_for(found.study_name)
+    output = output or report_path_for(found.study_name)
+    check_distinct_outputs({"--output": output, "--csv": csv, "--png": png})
     path = write_report(
         found,
-        output or report_path_for(found.study_name),
+        output,
         csv,
         recipe_path=recipe_path,
         exported=recipe_path.is_file(),

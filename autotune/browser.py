@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -30,16 +31,36 @@ def find_chromium() -> str | None:
 
 
 def _run(args: list[str], timeout_seconds: float) -> subprocess.CompletedProcess:
+    """Chromium with `args`, in a session of its own whose every process (its zygotes,
+    renderers, crash handlers) is killed if this one is stopped (Ctrl-C, SIGTERM) or times out:
+    killed alone, Chromium left them writing the screenshot after the command had ended."""
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium or Chrome found on PATH")
+    command = [chromium, *HEADLESS_FLAGS]
     with tempfile.TemporaryDirectory(prefix="autotune-chromium-") as profile:
-        return subprocess.run(
-            [chromium, *HEADLESS_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True,
+        process = subprocess.Popen(
+            [*command, f"--user-data-dir={profile}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout_seconds,
+            start_new_session=True,
         )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_seconds)
+        except BaseException:  # a timeout, Ctrl-C or SIGTERM (as Ctrl-C): none of it stays
+            _kill_session(process)
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
 
 
 def rendered_dom(

@@ -14,7 +14,7 @@ import os
 from typing import NamedTuple
 
 from autotune.errors import UsageError
-from autotune.units import format_bytes, parse_bytes
+from autotune.units import format_bytes, parse_memory_size
 
 MiB = 2**20
 
@@ -53,6 +53,10 @@ BUDGET_MARGIN = 0.03
 AUTO_STEP_BYTES = 256 * 2**20
 """An auto budget is rounded down to this."""
 
+LARGEST_BUDGET_BYTES = 2**40
+"""A GPU budget (each GPU's) above 1 TiB is a unit mistaken (24TB for 24GB): the largest
+cards hold a few hundred GB."""
+
 
 class Budget(NamedTuple):
     bytes: int
@@ -87,11 +91,18 @@ def resolve_budget(text: str, gpu: str | None = None) -> Budget:
             size, f"budget {format_bytes(size)}: {name}'s {format_bytes(memory)}, {_how(memory)}"
         )
     try:
-        return Budget(parse_bytes(text), "")
+        size = parse_memory_size(text)
     except UsageError as error:
         raise UsageError(
             f"{error}; or name a card ({', '.join(CARD_MEMORY_BYTES)}) or write auto"
         ) from None
+    if size > LARGEST_BUDGET_BYTES:
+        raise UsageError(
+            f"budget {text!r} is {format_bytes(size)}, over the "
+            f"{format_bytes(LARGEST_BUDGET_BYTES)} autotune takes for one GPU (the largest cards "
+            "hold a few hundred GB); the budget is each GPU's memory, e.g. 24GB"
+        )
+    return Budget(size, "")
 
 
 def parse_budget(text: str) -> int:

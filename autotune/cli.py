@@ -75,7 +75,7 @@ def run(
     budget = resolve_budget(budget_bytes, gpus.split(",")[0] if gpus else None)
     if budget.note:  # a card name or auto: say what size it became
         typer.echo(budget.note)
-    options["budget_bytes"] = str(budget.bytes)
+    options["budget_bytes"] = budget.bytes
     settings = settings_from_options(options, tokenize_progress=tokenize_progress(data_path))
     with ConsoleReporter() as reporter:
         result = run_autotune(settings, events=reporter)
@@ -126,6 +126,8 @@ def report(
 ) -> None:
     """Write a self-contained HTML report: Pareto chart, predicted vs measured memory, trials."""
     from autotune.api import write_study_report
+
+    terminate_as_ctrl_c()  # the PNG's headless browser is stopped with it, not left writing
 
     written = write_study_report(storage, study, output, csv, png)
     typer.echo(f"report: {written.report_path}")
@@ -178,25 +180,37 @@ def dashboard(
     serve(storage, host, port)
 
 
-@app.command()
+@app.command(
+    help="Predict a recipe's peak GPU memory from the model config, without loading weights.\n\n"
+    "Without data, every row is taken as seq_len long, with no padding in a micro-batch; a "
+    "study, which knows the data's lengths, also predicts padded micro-batches."
+)
 def estimate(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model id or directory (config.json is enough)."
     ),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Override the recipe's seq_len."),
-    as_json: bool = typer.Option(False, "--json", help="Print {peak_bytes, breakdown} as JSON."),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per sequence, in place of the recipe's seq_len."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print {peak_bytes, breakdown, ...} as JSON, in bytes (with --budget: budget_bytes "
+        "and fits).",
+    ),
     memory_model: str = setting_option("memory_model", "--memory-model"),
     memory_margin: float | None = setting_option("memory_margin", "--memory-margin"),
     budget: str | None = typer.Option(
-        None, "--budget", "-b", help="Say whether the peak, with its margin, fits this budget."
+        None,
+        "--budget",
+        "-b",
+        help="Say whether the peak, with its margin, fits this GPU memory budget: a size such as "
+        "24GB or 24GiB, or a card's name, as run's --budget.",
     ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
-    """Predict a recipe's peak GPU memory from the model config, without loading weights.
-
-    Without data, every row is taken as seq_len long, with no padding in a micro-batch; a
-    study, which knows the data's lengths, also predicts padded micro-batches."""
+    """`help` above: what `autotune estimate --help` shows, its lines joined."""
     from autotune.api import estimate as estimate_peak
     from autotune.budgets import parse_budget
     from autotune.console import show_estimate
@@ -222,15 +236,24 @@ def data_inspect(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Tokenize with this model's tokenizer."
     ),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Truncation length to check against."),
+    seq_len: int = typer.Option(
+        1024, "--seq-len", help="Truncation length, in tokens, to check against."
+    ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
     """Rows, formats, bad rows and (with --model) token lengths and truncation."""
     from autotune.api import inspect_data
+    from autotune.console import tokenize_progress
     from autotune.data.rows import describe_bad_rows
     from autotune.units import count_of
 
-    summary = inspect_data(data, model, seq_len, trust_remote_code=trust_remote_code)
+    summary = inspect_data(
+        data,
+        model,
+        seq_len,
+        trust_remote_code=trust_remote_code,
+        progress=tokenize_progress(data),
+    )
     formats = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.formats.items()))
     typer.echo(f"{summary.path}: {count_of(summary.rows, 'row')} ({formats or 'none'})")
     if summary.bad_rows:

@@ -26,7 +26,7 @@ def train(
     ),
     epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
     max_steps: int | None = typer.Option(
-        None, "--max-steps", help="Optimizer steps (overrides --epochs)."
+        None, "--max-steps", help="Optimizer steps to train, instead of --epochs."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the latest checkpoint in --output."
@@ -49,7 +49,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for data order and split."),
     save_steps: int = typer.Option(100, "--save-steps", help="Checkpoint every N optimizer steps."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Train without bad rows."),
-    eval_rows: int | None = typer.Option(None, "--eval-rows", help="Rows held out for eval."),
+    eval_rows: int | None = setting_option("eval_rows", "--eval-rows"),
     eval_steps: int | None = typer.Option(
         None,
         "--eval-steps",

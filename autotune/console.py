@@ -17,6 +17,7 @@ from autotune.units import count_of, format_bytes
 if TYPE_CHECKING:
     from autotune.api import MemoryPrediction, RunResult
     from autotune.study.overview import MeasuredRecipe, StudyOverview, StudyStatus
+    from autotune.study.ranking import Promotion
     from autotune.study.settings import PreparedRun
     from autotune.study.study_records import Confirmation, Noise
 
@@ -81,6 +82,7 @@ class ConsoleReporter(RunEvents):
             trial_started=self._trial_started,
             trial_finished=self._trial_finished,
             confirmed=self._confirmed,
+            promoted=self._promoted,
             noise_measured=self._noise_measured,
         )
         self.console = console or make_console()
@@ -176,6 +178,17 @@ class ConsoleReporter(RunEvents):
                 f"trial {number} [red]left the frontier[/]: {escape(removal)}; the picks and "
                 "the exported recipe are chosen without it"
             )
+
+    def _promoted(self, number: int, promotion: Promotion) -> None:
+        from rich.markup import escape
+
+        if promotion.eval_loss is not None and promotion.status == "ok":
+            outcome = f"eval loss {promotion.eval_loss:.4f}"
+        else:
+            outcome = f"[yellow]{promotion.status}[/]: {escape(promotion.reason)}"
+        self.console.print(
+            f"promote trial {number} (round {promotion.round}, {promotion.steps} steps): {outcome}"
+        )
 
     def _noise_measured(self, noise: Noise) -> None:
         self.console.print(
@@ -334,6 +347,9 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "peak_bytes_with_margin": predicted.peak_with_margin_bytes,
             "num_gpus": predicted.num_gpus,  # the bytes are each GPU's where several
         }
+        if budget_bytes is not None:  # what the table's last line says
+            figures["budget_bytes"] = budget_bytes
+            figures["fits"] = predicted.peak_with_margin_bytes <= budget_bytes
         print(json.dumps(figures))
         return
     if predicted.fallback_reason:

@@ -86,3 +86,20 @@ def apply_cpu_nf4_path(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = packs
+
+
+def unpack_cpu_nf4(model: Any) -> None:
+    """Undo the packing an eval did to `model`'s NF4 weights on an AVX512-BF16 CPU (as
+    bitsandbytes does itself before saving them): the packed layout serves passes without grad
+    only, and a training step after the eval (`autotune train --eval-steps`) ran its inference
+    kernel and failed ("a view of a leaf Variable that requires grad is being used in an
+    in-place operation"). The next eval packs them again."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state: Any = getattr(weight, "quant_state", None)
+        if weight is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, state
+            )

@@ -15,6 +15,24 @@ class UsageError(Exception):
         return cls(f"{what}: " + "; ".join(problems))
 
 
+def check_distinct_outputs(outputs: dict[str, object]) -> None:
+    """Refuse two of a command's outputs (by flag: "--output", "--csv") given one file: the
+    second written would replace the first, and both would be said written. None: not asked."""
+    from pathlib import Path
+
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        place = Path(str(path)).expanduser().resolve()
+        if place in seen:
+            raise UsageError(
+                f"{seen[place]} and {flag} are both {path}; the second would overwrite the "
+                "first: give each its own file"
+            )
+        seen[place] = flag
+
+
 class TrainingFailed(Exception):
     """A run that started and failed for a reason that is not the user's input (a rank of a
     distributed training died). The CLI prints its one-line message and exits with code 1."""

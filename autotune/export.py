@@ -123,8 +123,9 @@ def recipe_yaml(
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write a file whole or not at all (autotune.files), turning an unwritable destination
-    into a one-line error."""
+    """Write a file whole or not at all (autotune.files: a full disk or Ctrl-C midway leaves
+    the file as it was, an earlier report or recipe included), turning an unwritable
+    destination into a one-line error."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

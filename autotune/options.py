@@ -17,7 +17,7 @@ import typer
 from autotune.budgets import parse_budget
 from autotune.distributed import format_gpu_counts, parse_gpu_counts, parse_gpu_indices
 from autotune.study.settings import RunSettings
-from autotune.units import format_duration, parse_bytes, parse_duration_seconds
+from autotune.units import format_duration, parse_duration_seconds, parse_memory_size
 
 
 @cache
@@ -50,7 +50,7 @@ class TextForm:
 
 TEXT_FORMS = {
     "budget_bytes": TextForm(parse_budget, str),
-    "host_budget_bytes": TextForm(parse_bytes, str),
+    "host_budget_bytes": TextForm(partial(parse_memory_size, what="--host-budget"), str),
     "timeout_seconds": TextForm(partial(parse_duration_seconds, what="--timeout"), format_duration),
     "probe_timeout_seconds": TextForm(
         partial(parse_duration_seconds, what="--probe-timeout"), format_duration
@@ -76,10 +76,13 @@ def setting_option(name: str, *flags: str) -> Any:
 
 
 def settings_from_options(options: dict[str, Any], **more: Any) -> RunSettings:
-    """RunSettings from the run command's options (named as the fields), text parsed; a text
-    option not given leaves its field's default."""
+    """RunSettings from the run command's options (named as the fields), text parsed (a value
+    already parsed, such as a resolved budget's bytes, is kept); a text option not given leaves
+    its field's default."""
     parsed = {
-        name: TEXT_FORMS[name].parse(value) if name in TEXT_FORMS else value
+        name: TEXT_FORMS[name].parse(value)
+        if name in TEXT_FORMS and isinstance(value, str)
+        else value
         for name, value in options.items()
         if not (name in TEXT_FORMS and value is None)
     }

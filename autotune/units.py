@@ -41,6 +41,24 @@ def parse_bytes(text: str, what: str = "budget") -> int:
     return size_bytes
 
 
+UNITLESS_SIZE_MIN_BYTES = 2**20
+"""A memory size written without a unit is bytes; below a MiB it is a unit left out ("24" for
+24GB), which no training fits in."""
+
+
+def parse_memory_size(text: str, what: str = "budget") -> int:
+    """parse_bytes for a memory a training must fit in: a bare number below a MiB is refused as
+    a unit left out, not read as a few bytes."""
+    size_bytes = parse_bytes(text, what)
+    number = str(text).strip()
+    if size_bytes < UNITLESS_SIZE_MIN_BYTES and number.replace(".", "", 1).isdigit():
+        raise UsageError(
+            f"{what} {text!r} has no unit, which makes it {size_bytes} bytes; write the unit, "
+            f"e.g. {number}GB or {number}GiB"
+        )
+    return size_bytes
+
+
 def format_bytes(size_bytes: float) -> str:
     """Bytes as GiB/MiB with two decimals: what allocators and nvidia-smi speak."""
     if abs(size_bytes) >= 2**30:

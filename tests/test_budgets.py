@@ -98,3 +98,24 @@ def test_auto_without_a_gpu_is_one_line_and_exit_two(monkeypatch, capsys, tmp_pa
         cli.main()
     out = capsys.readouterr().out
     assert out.startswith("budget ") and "GPU 0 (NVIDIA Test Card) has 23.00 GiB free" in out
+
+
+def test_a_budget_with_its_unit_left_out_or_mistaken_is_refused():
+    """`--budget 24` was 24 bytes ("budget 0.0 KiB is below ..."), `--budget 24TB` a study
+    held to 22351.74 GiB a GPU, and a budget past C's long ended the run in a traceback."""
+    for text, words in [
+        ("24", "budget '24' has no unit, which makes it 24 bytes; write the unit, e.g. 24GB"),
+        ("24TB", "budget '24TB' is 22351.74 GiB, over the 1024.00 GiB autotune takes"),
+        ("9" * 24 + "GB", "over the 1024.00 GiB autotune takes for one GPU"),
+    ]:
+        with pytest.raises(UsageError) as error:
+            parse_budget(text)
+        assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert parse_budget("1TiB") == 2**40 and parse_budget(str(2**20)) == 2**20
+    # the run's own round trip of a budget under a MiB (1MB) keeps it
+    options = {"model": "m", "data_path": "d.jsonl", "budget_bytes": resolve_budget("1MB").bytes}
+    assert settings_from_options(options).budget_bytes == 10**6
+    with pytest.raises(UsageError, match=r"^--host-budget '64' has no unit"):
+        settings_from_options({**options, "host_budget_bytes": "64"})
+    with pytest.raises(UsageError, match=r"^--host-budget 'lots' is not a size"):
+        settings_from_options({**options, "host_budget_bytes": "lots"})

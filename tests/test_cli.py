@@ -268,6 +268,13 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert json.loads(given.stdout)["peak_bytes_with_margin"] == math.ceil(
         expected.peak_bytes * 1.25
     )
+    # --budget with --json: the verdict in the JSON too (it was left out, the budget ignored)
+    for budget, fits in ((margined + 10**6, True), (margined - 10**6, False)):
+        fit = autotune(
+            "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model",
+            "formula", "--budget", f"{budget}B", "--json", cwd=tmp_path,
+        )  # fmt: skip
+        assert json.loads(fit.stdout) == {**printed, "budget_bytes": budget, "fits": fits}
 
 
 def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
@@ -534,9 +541,23 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(empty_data)], f"data file {empty_data} is empty"),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
+        (
+            ["data", "inspect", str(data), "--model", "./missing-model"],
+            "model path './missing-model' does not exist",
+        ),
         (report + ["--study", "empty"], "holds no trials yet"),
         (report + ["--study", "one", "--png", str(tmp_path / "adir.png")], "is a directory"),
         (report + ["--study", "one", "--png", "/proc/chart.png"], "cannot be written"),
+        # the CSV was written over the report, and both were said written
+        (
+            report + ["--study", "one", "-o", "r.html", "--csv", str(tmp_path / "r.html")],
+            "--output and --csv are both",
+        ),
+        (run + ["--report", "out.yaml", "--recipe-out", "out.yaml"], "the second would overwrite"),
+        (
+            ["data", "inspect", str(data), "--model", str(config_only / "config.json")],
+            "config.json': it is a file; give the model's directory",
+        ),
         (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
     ]
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there
@@ -740,3 +761,9 @@ def test_a_storage_url_of_another_kind_says_which_kinds_there_are():
         make_storage("journal:///x.log")
     with pytest.raises(UsageError, match=r"me:\*\*\*@db/x: .*mysql://...; write postgresql://$"):
         make_storage("postgres://me:pw@db/x")
+
+    # an in-memory SQLite database: `studies` said the storage was "lost" (exit 1), and a run
+    # would have lost its study when it ended
+    for url in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        with pytest.raises(UsageError, match=f"^--storage {url} names no file"):
+            make_storage(url)

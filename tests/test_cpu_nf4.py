@@ -187,3 +187,26 @@ def test_the_packed_kernel_still_refuses_the_widths_the_check_refuses(
     )
     assert result.status == "crash"
     assert "divisible by block_n" in result.reason
+
+
+@pytest.mark.skipif(not CPU_HAS_AVX512_BF16, reason="the packed kernel needs AVX512-BF16")
+def test_nf4_training_goes_on_after_an_eval(tiny_model, qa_data, tmp_path, monkeypatch):
+    """`autotune train --eval-steps` on a QLoRA recipe: the eval packed the NF4 weights, and
+    the next training step ran the packed inference kernel ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation")."""
+    from autotune.recipe import Recipe
+    from autotune.training.train import train
+
+    monkeypatch.setenv(AVX512_BF16_ENV, "1")
+    recipe = Recipe.from_dict(
+        {
+            "model": str(tiny_model),
+            "method": "lora",
+            "quantization": "nf4",
+            "lora_r": 4,
+            "micro_batch_size": 2,
+            "seq_len": 48,
+        }
+    )
+    report = train(recipe, qa_data, tmp_path / "out", max_steps=3, eval_steps=1)
+    assert report.steps == 3

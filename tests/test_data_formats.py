@@ -117,6 +117,19 @@ def test_summary_with_tokenizer(tmp_path):
     assert 0 < summary.rows_without_answer_tokens < 40
 
 
+def test_summary_reports_its_progress(tmp_path, monkeypatch):
+    """`data inspect --model` on a large file tokenized every row saying nothing (200,000 rows:
+    38 s here); it reports as a run's tokenization does."""
+    import autotune.data.summary
+
+    monkeypatch.setattr(autotune.data.summary, "TOKENIZE_PROGRESS_ROWS", 4)
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(10)] + [{}])
+    reported: list[tuple[int, int]] = []
+    summarize(path, tokenizer, seq_len=16, progress=lambda *done: reported.append(done))
+    assert reported == [(4, 10), (8, 10)]  # the bad row is not tokenized
+
+
 def test_every_answer_truncated_is_refused(tmp_path):
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     path = write_jsonl(tmp_path / "d.jsonl", [{"input": "a long question " * 5, "output": "x"}] * 3)

@@ -150,3 +150,24 @@ def test_a_card_compares_with_the_default_at_the_longest_probe_both_reached():
     card = _card(rows.loc[1], 1, ("best-loss",), rows.loc[0], noise, None, alone)
     assert card.change_at_steps is None and card.eval_loss_change == pytest.approx(-0.02)
     assert card.loss_beyond_noise is False
+
+
+def test_each_promoted_probe_is_shown_as_it_ends(workspace):  # noqa: F811
+    """Promotion rounds (each probe 2x, 4x, ... the steps) ran with nothing on the screen
+    until the last one ended."""
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter
+
+    console = Console(record=True, width=200)
+    settings = settings_for(workspace, trials=6, confirm_top=0, promote_rounds=1)
+    with ConsoleReporter(console) as reporter:
+        study = run_study(prepare_run(settings), LearnsWithSteps(), reporter)
+    shown = console.export_text()
+    recorded = promotions(study)
+    assert recorded
+    for number, [promoted] in recorded.items():
+        assert (
+            f"promote trial {number} (round 1, 6 steps): eval loss {promoted.eval_loss:.4f}"
+            in shown
+        )

@@ -336,3 +336,54 @@ def test_the_noise_reads_to_the_decimals_of_the_differences_held_against_it(work
     assert readings, "a frontier recipe compared with the QLoRA default"
     for line in readings:  # each change against the noise reads to as many decimals as it
         assert re.search(r"[+-]\d+\.\d{4} eval loss \((within|beyond) noise\)", line), line
+
+
+def test_an_output_cut_short_leaves_the_earlier_file_whole(tmp_path):
+    """A report or recipe that could not be written whole (a full disk; a file size limit here)
+    was left cut short, over the earlier one it replaced."""
+    import resource
+
+    from autotune.errors import UsageError
+    from autotune.export import write_text
+
+    path = tmp_path / "report.html"
+    path.write_text("the earlier report")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(UsageError, match=f"cannot write {path}: File too large"):
+            write_text(path, "x" * 10_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_text() == "the earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert write_text(path, "the new one").read_text() == "the new one"
+
+
+def test_a_stopped_browser_leaves_none_of_its_processes(tmp_path, monkeypatch):
+    """The PNG's headless Chromium was killed alone on a timeout or Ctrl-C (and not at all on
+    SIGTERM): its zygotes and renderers lived on and wrote the screenshot after the command
+    had ended. A stand-in browser that starts a child of its own shows it."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import autotune.browser
+
+    child_pid = tmp_path / "child.pid"
+    browser = tmp_path / "chromium"
+    browser.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {child_pid}\nsleep 60\n")
+    browser.chmod(0o755)
+    monkeypatch.setattr(autotune.browser, "find_chromium", lambda: str(browser))
+    with pytest.raises(subprocess.TimeoutExpired):
+        autotune.browser._run(["--screenshot=x.png"], timeout_seconds=1)
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # killed at once; its parent, init, reaps it soon after
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the browser's child outlived it")

@@ -226,6 +226,7 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         (["--recipe", str(good), "--save-steps", "0"], "--save-steps must be at least 1"),
         (["--recipe", str(good), "--epochs", "nan"], "positive and finite"),
         (["--recipe", str(good), "--epochs", "inf"], "positive and finite"),
+        (["--recipe", str(good), "--epochs", "1e308"], "--epochs must be at most 10,000"),
     ]
     for args, needle in cases:
         done = subprocess.run(
@@ -366,3 +367,20 @@ def test_a_resume_with_another_effective_batch_is_refused_in_one_line(
     split = recipe.replace(micro_batch_size=1, gradient_accumulation_steps=4)
     resumed = train(split, qa_data, tmp_path / "out", max_steps=3, resume=True)
     assert resumed.resumed_from_step == 2 and resumed.steps == 3 and len(built) == 1
+
+
+def test_a_resume_with_a_recipe_that_trains_other_weights_is_refused_in_one_line(
+    tiny_model, qa_data, tmp_path
+):
+    """Another LoRA rank (or method, optimizer) under --resume failed loading the checkpoint,
+    in a traceback (a size mismatch, a missing weight, an optimizer group of another size)."""
+    recipe = lora_recipe(tiny_model)
+    train(recipe, qa_data, tmp_path / "out", max_steps=1)
+    with pytest.raises(UsageError) as refused:
+        train(recipe.replace(lora_r=8), qa_data, tmp_path / "out", max_steps=2, resume=True)
+    assert str(refused.value).startswith(
+        f"--resume: {tmp_path / 'out'} holds a training of another recipe (lora_r 4, now 8); "
+        "resume with the recipe that wrote it"
+    )
+    resumed = train(recipe, qa_data, tmp_path / "out", max_steps=2, resume=True)
+    assert resumed.resumed_from_step == 1

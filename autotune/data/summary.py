@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from autotune.data.rows import BadRow, scan, to_example, usable_rows
+from autotune.data.splits import TOKENIZE_PROGRESS_ROWS
 from autotune.data.tokens import IGNORE_INDEX, chat_template_of, tokenize
 
 
@@ -31,9 +32,14 @@ class DataSummary:
 
 
 def summarize(
-    path: str | Path, tokenizer: Any = None, seq_len: int = 1024, max_rows: int | None = None
+    path: str | Path,
+    tokenizer: Any = None,
+    seq_len: int = 1024,
+    max_rows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DataSummary:
-    """Rows, formats, bad rows and, given a tokenizer, token lengths and truncation."""
+    """Rows, formats, bad rows and, given a tokenizer, token lengths and truncation;
+    `progress(done, total)` every TOKENIZE_PROGRESS_ROWS rows tokenized."""
     data_scan = scan(path)
     summary = DataSummary(
         str(path), data_scan.usable_rows, data_scan.formats, data_scan.bad, seq_len
@@ -41,15 +47,24 @@ def summarize(
     if tokenizer is None or not data_scan.usable_rows:
         return summary
     rows = itertools.islice(usable_rows(path), max_rows)
-    return dataclasses.replace(summary, **length_stats(rows, tokenizer, seq_len))
+    total = min(data_scan.usable_rows, max_rows or data_scan.usable_rows)
+    counted = None if progress is None else (lambda done: progress(done, total))
+    return dataclasses.replace(summary, **length_stats(rows, tokenizer, seq_len, counted))
 
 
-def length_stats(rows: Iterable[dict[str, Any]], tokenizer: Any, seq_len: int) -> dict[str, Any]:
+def length_stats(
+    rows: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    seq_len: int,
+    progress: Callable[[int], object] | None = None,
+) -> dict[str, Any]:
     """Token-length percentiles before truncation, the share truncated at seq_len, and the rows
-    whose answer is cut off entirely."""
+    whose answer is cut off entirely; `progress(rows done)` every TOKENIZE_PROGRESS_ROWS."""
     template = chat_template_of(tokenizer)
     lengths, empty = [], 0
-    for row in rows:
+    for done, row in enumerate(rows, 1):
+        if progress and done % TOKENIZE_PROGRESS_ROWS == 0:
+            progress(done)
         whole = tokenize(to_example(row, template), tokenizer, seq_len=10**9)
         lengths.append(len(whole.input_ids))
         # Truncation keeps the first seq_len tokens and labels.

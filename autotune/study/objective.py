@@ -21,6 +21,7 @@ from autotune.probe_stop import stopped_by
 from autotune.quality import quality_cost
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
+from autotune.study.ranking import Promotion
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
@@ -75,6 +76,8 @@ class RunEvents:
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
     confirmed: Callable[[int, Confirmation], None] = lambda number, confirmation: None
+    promoted: Callable[[int, Promotion], None] = lambda number, promotion: None
+    """A promotion round's longer probe of a trial's recipe ended (`--promote`)."""
     noise_measured: Callable[[Noise], None] = lambda noise: None
     notes: list[str] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ from autotune.data.rows import checked_scan, usable_rows
 from autotune.data.splits import check_enough_rows, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
-from autotune.errors import UsageError
+from autotune.errors import UsageError, check_distinct_outputs
 from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
@@ -32,7 +32,13 @@ from autotune.study.settings import (
     study_file_name,
     tokenizer_for,
 )
-from autotune.study.storage import DEFAULT_STORAGE, TRIALS_DIR, make_storage, make_trials_dir
+from autotune.study.storage import (
+    DEFAULT_STORAGE,
+    TRIALS_DIR,
+    check_storage_url,
+    make_storage,
+    make_trials_dir,
+)
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
 
@@ -59,10 +65,13 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     for flag, path in (("--report", settings.report_path), ("--recipe-out", settings.recipe_path)):
         if path is not None and Path(path).is_dir():  # found before the study, not after it
             raise UsageError(f"{flag} {path} is a directory; give a file name")
+    check_distinct_outputs({"--report": settings.report_path, "--recipe-out": settings.recipe_path})
     check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
     check_memory_model(settings.memory_model)
+    if settings.storage:
+        check_storage_url(settings.storage)
     if settings.storage and not settings.storage.startswith("sqlite"):
         # a database server: a wrong host, password or name is said now, not after the data
         # is tokenized and the space sized (a SQLite file is only made once all is checked)

@@ -50,6 +50,7 @@ def promote(
                     reached = _promote(prepared, runner, study, number, round_number, steps)
                     rounds.append(reached)
                     _record(study, number, rounds)
+                    events.promoted(number, reached)
                 finally:  # recorded (or failed): the claim is let go, as confirmations' are
                     release_claim(study, job)
             if reached.quality is not None:

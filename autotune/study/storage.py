@@ -128,8 +128,9 @@ def make_trials_dir() -> None:
         ) from None
 
 
-def make_storage(url: str) -> Any:
-    _quiet_optuna()
+def check_storage_url(url: str) -> None:
+    """Refuse, in one line, a --storage that is no database URL autotune keeps studies in: a
+    file's path, another kind of URL, or a SQLite database in memory (lost at the end)."""
     if "://" not in url:  # a file's path: say how to name it, not SQLAlchemy's parse error
         raise UsageError(
             f"--storage {url} is not a database URL; for a SQLite file write sqlite:///{url}"
@@ -141,6 +142,17 @@ def make_storage(url: str) -> Any:
             f"--storage {redact_url(url)}: autotune keeps studies in sqlite:///PATH, "
             f"postgresql://USER:PASSWORD@HOST/DATABASE or mysql://...{also}"
         )
+    database = url.split("://", 1)[1].lstrip("/").split("?")[0]
+    if scheme == "sqlite" and database in ("", ":memory:"):
+        raise UsageError(
+            f"--storage {url} names no file, so its SQLite database would live in memory and "
+            "be lost when the command ends; write sqlite:///PATH"
+        )
+
+
+def make_storage(url: str) -> Any:
+    _quiet_optuna()
+    check_storage_url(url)
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):

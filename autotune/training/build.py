@@ -53,6 +53,11 @@ def load_tokenizer(model_name: str, vocab_size: int | None = None) -> Any:
 
     from autotune.remote_code import remote_code_allowed
 
+    if Path(model_name).expanduser().is_file():  # not transformers' words on a bad hub id
+        raise UsageError(
+            f"cannot load the tokenizer of model {model_name!r}: it is a file; give the "
+            "model's directory"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_name, trust_remote_code=remote_code_allowed()

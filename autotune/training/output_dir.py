@@ -4,6 +4,7 @@ writes into it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from autotune.errors import UsageError
 from autotune.training.checkpoints import checkpoints, latest_checkpoint
@@ -55,3 +56,49 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
         probe.unlink()
     except OSError as error:
         raise UsageError(f"output directory {path} is not writable: {error.strerror}") from None
+
+
+TRAINED_STATE_FIELDS = (
+    "method",
+    "quantization",
+    "lora_r",
+    "lora_target_modules",
+    "use_dora",
+    "frozen_layers",
+    "train_modules",
+    "optimizer",
+)
+"""Recipe fields that decide which weights train and the optimizer's states of them: a
+checkpoint of one recipe cannot be resumed under a recipe that differs in any."""
+
+
+def _model_place(model: str) -> str:
+    """A model as a path resolved where it is a directory (a recipe names it as given)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def check_same_training(path: Path, recipe: Any) -> None:
+    """Refuse to resume the run in output directory `path` with a recipe that trains other
+    weights or another model than the recipe that wrote it (its RUN_MARKER): loading its
+    checkpoint would fail on a missing weight or a mismatched optimizer group. A run from
+    before the marker was written is not checked."""
+    from autotune.recipe import Recipe
+
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        return
+    written = Recipe.load(marker)
+    changed = [
+        f"{name} {getattr(written, name)!r}, now {getattr(recipe, name)!r}"
+        for name in TRAINED_STATE_FIELDS
+        if getattr(written, name) != getattr(recipe, name)
+    ]
+    if _model_place(written.model) != _model_place(recipe.model):
+        changed.insert(0, f"model {written.model!r}, now {recipe.model!r}")
+    if changed:
+        raise UsageError(
+            f"--resume: {path} holds a training of another recipe ({'; '.join(changed)}); "
+            "resume with the recipe that wrote it (its copy is "
+            f"{marker}), or train this one into another --output"
+        )

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autotune.cpu_nf4 import unpack_cpu_nf4
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
@@ -36,7 +37,7 @@ from autotune.training.early_stopping import (
 )
 from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
-from autotune.training.output_dir import RUN_MARKER, check_output_dir
+from autotune.training.output_dir import RUN_MARKER, check_output_dir, check_same_training
 from autotune.training.schedule import lr_factor
 from autotune.training.train_plan import (
     TrainCallbacks,
@@ -61,6 +62,10 @@ def _epoch_batches(
     ]
 
 
+MAX_EPOCHS = 10_000
+"""More passes than any fine-tune makes: a larger --epochs is a typo (1e308 overflowed)."""
+
+
 def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
     if epochs is not None and max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
@@ -68,6 +73,8 @@ def _check_length(epochs: float | None, max_steps: int | None, save_every_steps:
         max_steps is not None and max_steps < 1
     ):
         raise UsageError("--epochs and --max-steps must be positive and finite")
+    if epochs is not None and epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs must be at most {MAX_EPOCHS:,}, got {epochs:g}")
     if save_every_steps < 1:
         raise UsageError(f"--save-steps must be at least 1, got {save_every_steps}")
 
@@ -140,6 +147,7 @@ def train(
     check_output_dir(output_dir, recipe.model, resume, overwrite)
     resumed_checkpoint = latest_checkpoint(output_dir) if resume else None
     if resumed_checkpoint is not None:  # before any rank builds the model
+        check_same_training(output_dir, recipe)
         check_resumable(resumed_checkpoint, recipe)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
@@ -275,6 +283,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     def evaluated() -> float:
         # rank 0's loss decides for all, so that they stop and keep the same step
         eval_loss = evaluate_on_ranks(model, splits.eval, recipe, place, tokenizer.pad_token_id)
+        if recipe.quantization == "nf4" and device == "cpu":  # training goes on after it
+            unpack_cpu_nf4(model)
         return agreed(eval_loss, place)
 
     def run_eval(at_step: int) -> None:
