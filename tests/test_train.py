@@ -227,6 +227,7 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         (["--recipe", str(good), "--epochs", "nan"], "positive and finite"),
         (["--recipe", str(good), "--epochs", "inf"], "positive and finite"),
         (["--recipe", str(good), "--epochs", "1e308"], "--epochs must be at most 10,000"),
+        (["--recipe", str(good), "--seed", "-1"], "--seed must be from 0 to 4294967295"),
     ]
     for args, needle in cases:
         done = subprocess.run(

@@ -16,6 +16,14 @@ from autotune.units import count_of
 
 EVAL_FRACTION = 0.1
 MAX_EVAL_ROWS = 64
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's generators (Optuna's too) accept."""
+
+
+def check_seed(seed: int) -> None:
+    """--seed, of a run or a training: refused in one line outside what the generators take."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {seed}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from autotune.architecture import read_architecture
 from autotune.data.rows import checked_scan, usable_rows
-from autotune.data.splits import check_enough_rows, check_token_ids
+from autotune.data.splits import check_enough_rows, check_seed, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError, check_distinct_outputs
@@ -42,8 +42,6 @@ from autotune.study.storage import (
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
 
-MAX_SEED = 2**32 - 1
-
 
 def prepare_run(settings: RunSettings) -> PreparedRun:
     """Check every input before anything runs; bad input raises UsageError."""
@@ -60,8 +58,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         raise UsageError(f"--confirm must be 0 or more, got {settings.confirm_top}")
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
-    if not 0 <= settings.seed <= MAX_SEED:  # what numpy's generators, Optuna's too, accept
-        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {settings.seed}")
+    check_seed(settings.seed)
     for flag, path in (("--report", settings.report_path), ("--recipe-out", settings.recipe_path)):
         if path is not None and Path(path).is_dir():  # found before the study, not after it
             raise UsageError(f"{flag} {path} is a directory; give a file name")

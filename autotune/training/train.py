@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.cpu_nf4 import unpack_cpu_nf4
+from autotune.data.splits import check_seed
 from autotune.errors import UsageError
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
@@ -120,6 +121,7 @@ def train(
     the first num_gpus where none are given) or as gloo processes on the CPU
     (autotune/training/ranked_train.py)."""
     _check_length(epochs, max_steps, save_every_steps)
+    check_seed(seed)
     check_report_to(report_to)
     if logging_steps < 1:
         raise UsageError(f"--logging-steps must be at least 1, got {logging_steps}")
