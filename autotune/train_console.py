@@ -16,15 +16,15 @@ if TYPE_CHECKING:
 
 
 class TrainProgress:
-    """`autotune train`'s progress bar: optimizer steps done of all, and the latest loss."""
+    """`autotune train`'s progress bar: optimizer steps done of all, and the latest loss. It
+    shows once training starts (`started`), so input refused before then prints only its
+    error, on stderr."""
 
     def __init__(self, console: Any) -> None:
         self._progress = progress_bar(console, transient=False)
         self._task: Any = None
 
     def __enter__(self) -> TrainProgress:
-        self._progress.start()
-        self._task = self._progress.add_task("training", total=None)
         return self
 
     def __exit__(
@@ -33,9 +33,13 @@ class TrainProgress:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        if self._task is not None:
+            self._progress.stop()
 
     def started(self, start_step: int, total_steps: int) -> None:
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task("training", total=total_steps)
         self._progress.update(self._task, total=total_steps, completed=start_step)
         if start_step:
             self._progress.console.print(f"resumed from step {start_step}")

@@ -240,6 +240,26 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_cli_bad_input_shows_no_progress_bar(tiny_model, qa_data, tmp_path):
+    """The bar starts with training: input refused before then prints its one line alone."""
+    good = tmp_path / "good.yaml"
+    good.write_text(lora_recipe(tiny_model).to_yaml())
+    cases = [
+        (["--data", str(qa_data), "--seed", "-1"], "--seed must be from 0 to 4294967295"),
+        (["--data", str(tmp_path / "absent.jsonl")], "absent.jsonl"),
+    ]
+    for args, needle in cases:
+        done = subprocess.run(
+            [AUTOTUNE, "train", "--recipe", str(good), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_output_is_never_the_model_and_never_a_stranger_s_files(tiny_model, qa_data, tmp_path):
     import shutil
 

@@ -125,6 +125,7 @@ def test_cli_evaluates_names_the_best_step_and_merges(tiny_model, qa_data, tmp_p
     )
     assert done.returncode == 0, done.stderr
     assert "step 2: eval loss" in done.stdout and "step 4: eval loss" in done.stdout
+    assert "4/4" in done.stdout  # the progress bar, started with training
     assert "the best eval loss" in done.stdout
     assert "merged model (loads without peft) in" in done.stdout
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
