@@ -211,5 +211,9 @@ def test_the_trials_target_reads_for_old_studies_and_past_it():
     assert finished_words(12, 20) == "12 of 20 trials finished"
     assert finished_words(1, None) == "1 trial finished"
     assert finished_words(25, 20) == "25 trials finished (--trials 20)"
+    # short of the target with the whole space tried: done, not stopped short
+    tried = "every one of the space's 4 recipes has been tried"
+    assert finished_words(9, 40, 4) == f"9 trials finished (--trials 40): {tried}"
+    assert finished_words(40, 40, 4) == "40 of 40 trials finished"
     old = StudyOverview("s", "m", 2**30, 3, 0, {})
     assert old.target_trials is None and old.finished_words == "3 trials finished"

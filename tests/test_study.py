@@ -31,6 +31,7 @@ from autotune.study import (
     open_study,
     prepare_run,
     run_study,
+    space_tried,
     trial_record,
 )
 from autotune.training.io import ProbeRequest, ProbeResult
@@ -171,7 +172,8 @@ def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
     space.write_text(text + "train_modules: [all, attention, mlp]\n")
     runner = FakeRunner()
     study = run_study(prepare_run(settings_for(workspace, space_path=space, trials=8)), runner)
-    assert len(study.trials) == 8
+    # its three recipes, one per train_modules, tried: the run ends short of --trials 8
+    assert space_tried(study) == 3 and len(study.trials) < 8
     chosen = {Recipe.from_dict(t.user_attrs["recipe"]).train_modules for t in study.trials}
     assert chosen == {"all", "attention", "mlp"}
     assert {t.params["train_modules"] for t in study.trials} == chosen
@@ -961,3 +963,54 @@ def test_the_measured_margin_rules_out_what_only_fits_without_it(workspace):
     assert trial_record(study.trials[0]).memory_margin == 0.0
     probed, probes = outcomes[0.0]
     assert probed["status"] == "measured" and probes == 1
+
+
+TINY_SPACE = """\
+method: [lora]
+quantization: [none]
+precision: [bf16]
+lora_r: [4, 8]
+lora_alpha_over_r: 2
+lora_dropout: 0.0
+lora_target_modules:
+  qv: [q_proj, v_proj]
+frozen_layers_fraction: [0.5]
+micro_batch_size: [1, 2]
+effective_batch_size: 4
+gradient_checkpointing: [false]
+optimizer: [adamw]
+expandable_segments: false
+learning_rate:
+  lora: 1.0e-3
+"""
+
+
+def test_a_run_ends_once_every_recipe_of_its_space_is_tried(workspace):
+    """Four recipes (lora_r x micro_batch_size) and --trials 40: the sampler could only repeat
+    them after the fourth, so the run ends there, says so, and status does not count it short."""
+    from autotune.study.overview import study_overview
+
+    space = workspace[0] / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    settings = settings_for(workspace, space_path=space, trials=40, confirm_top=0)
+    events = RunEvents()
+    study = run_study(prepare_run(settings), FakeRunner(), events)
+
+    def recipes(trials):
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        return {tuple(sorted(t.params.items())) for t in complete}
+
+    assert len(recipes(study.trials)) == 4
+    # it stopped at the trial that tried the fourth recipe
+    assert len(recipes(study.trials[:-1])) == 3 and len(study.trials) < 40
+    said = [n for n in events.notes if n.startswith("every one of the space's 4 recipes")]
+    assert len(said) == 1 and "(--trials 40)" in said[0]
+    status = study_overview(study, measured_points(study)).finished_words
+    assert status.endswith("every one of the space's 4 recipes has been tried"), status
+
+    # a resumed run reads the tried recipes from storage and runs no trial
+    count = len(study.trials)
+    events = RunEvents()
+    again = run_study(prepare_run(settings), FakeRunner(), events)
+    assert len(again.trials) == count
+    assert any(n.startswith("every one of the space's 4 recipes") for n in events.notes)

@@ -21,6 +21,7 @@ from autotune.probe_stop import stopped_by
 from autotune.quality import quality_cost
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
+from autotune.study.coverage import SpacePoint, space_used_up
 from autotune.study.ranking import Promotion
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
@@ -104,7 +105,14 @@ def _attach_artifacts(trial: Any, recipe: Recipe, workdir: Path) -> None:
             )
 
 
-def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents) -> Callable:
+def make_objective(
+    prepared: PreparedRun,
+    runner: ProbeRunner,
+    events: RunEvents,
+    space_points: frozenset[SpacePoint] | None = None,
+) -> Callable:
+    """The objective of a study searching `prepared.space`; with its `space_points`
+    (coverage.space_points), a trial that starts once every one has been tried is given up."""
     settings, spec, space = prepared.settings, prepared.spec, prepared.space
     budget = settings.budget_bytes
     unmeasured_loss = loss_when_unmeasured(spec)
@@ -143,13 +151,19 @@ def make_objective(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents
 
     def run_trial(trial: Any) -> tuple[float, float, float]:
         record_worker(trial, worker_id())
-        if beyond_target(trial.study, trial.number, settings.trials, running_here):
-            # Another run on this study took the last slot first: give this one up uncounted.
+        used_up = space_used_up(trial.study, space_points)
+        if used_up or beyond_target(trial.study, trial.number, settings.trials, running_here):
+            # Another run or worker on this study took the last slot or tried the space's last
+            # recipe first: give this one up uncounted.
             import optuna
 
             mark_surplus(trial)
             trial.study.stop()
-            raise optuna.TrialPruned("the study reached its target of trials")
+            raise optuna.TrialPruned(
+                "every recipe of the space has been tried"
+                if used_up
+                else "the study reached its target of trials"
+            )
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
         prediction, memory_model = predict_trial(recipe)
         margin = margin_for(settings.memory_margin, memory_model, recipe.quantization)

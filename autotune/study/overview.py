@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, Point, frontier
+from autotune.study.coverage import space_tried, space_tried_words
 from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import (
     TrialStatus,
@@ -57,15 +58,21 @@ class StudyOverview:
     """Pick policy -> the frontier recipe it chooses now (empty before anything is measured)."""
     target_trials: int | None = None
     """The --trials of its latest run (None: a study from before it was stored)."""
+    space_recipes_tried: int | None = None
+    """Where every recipe of its space has been tried: how many there are (coverage)."""
 
     @property
     def finished_words(self) -> str:
-        return finished_words(self.finished, self.target_trials)
+        return finished_words(self.finished, self.target_trials, self.space_recipes_tried)
 
 
-def finished_words(finished: int, target: int | None) -> str:
+def finished_words(finished: int, target: int | None, space_tried: int | None = None) -> str:
     """'12 of 20 trials finished', the target being the latest run's --trials; without one
-    (an older study) or past it (a run with a lower --trials), the count and what is known."""
+    (an older study) or past it (a run with a lower --trials), the count and what is known;
+    short of it with every one of the space's `space_tried` recipes tried, that it is done."""
+    if space_tried is not None and (target is None or finished < target):
+        shown = f" (--trials {target})" if target is not None else ""
+        return f"{count_of(finished, 'trial')} finished{shown}: {space_tried_words(space_tried)}"
     if target is None:
         return f"{count_of(finished, 'trial')} finished"
     if finished > target:
@@ -157,6 +164,7 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         sum(1 for t in _running(study) if not _run_ended(t)),
         picks,
         target_trials(study),
+        space_tried(study),
     )
 
 

@@ -15,6 +15,13 @@ from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
 from autotune.probe_stop import probes_stop_on_ctrl_c
 from autotune.study.confirm import confirm_frontier, measure_noise
+from autotune.study.coverage import (
+    SpacePoint,
+    record_space_tried,
+    space_points,
+    space_tried_words,
+    space_used_up,
+)
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
 from autotune.study.pruning import resumed_space
@@ -158,6 +165,22 @@ def record_run_budget(study: Any, budget_bytes: int, events: RunEvents) -> None:
     events.notes.append(note)
 
 
+def _note_space_tried(
+    study: Any, points: frozenset[SpacePoint] | None, target: int, events: RunEvents
+) -> bool:
+    """Where the study holds fewer than `target` finished trials but every recipe of its space
+    has been tried, record so (status and the report say it) and say it in one note."""
+    finished = finished_trial_count(study)
+    if points is None or finished >= target or not space_used_up(study, points):
+        return False
+    record_space_tried(study, len(points))
+    events.notes.append(
+        f"{space_tried_words(len(points))}; the study stops at "
+        f"{count_of(finished, 'finished trial')} (--trials {target}): more would only repeat them"
+    )
+    return True
+
+
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
     """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
     events = events or RunEvents()
@@ -215,12 +238,14 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         )
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
+    points = space_points(prepared.space)
     finished = finished_trial_count(study)
-    if finished >= settings.trials:
-        events.notes.append(
-            f"study {prepared.study_name} already holds {finished} finished trials "
-            f"(--trials {settings.trials}); raise --trials to run more"
-        )
+    if finished >= settings.trials or space_used_up(study, points):
+        if not _note_space_tried(study, points, settings.trials, events):
+            events.notes.append(
+                f"study {prepared.study_name} already holds {finished} finished trials "
+                f"(--trials {settings.trials}); raise --trials to run more"
+            )
         promote(prepared, runner, study, events)
         confirm_frontier(prepared, runner, study, events)
         measure_noise(prepared, runner, study, events)
@@ -228,15 +253,15 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
 
     def stop_at_target(study: Any, trial: Any) -> None:
         # Other workers or commands may feed the same study: stop at the shared total.
-        if finished_trial_count(study) >= settings.trials:
-            study.stop()
+        if finished_trial_count(study) >= settings.trials or space_used_up(study, points):
+            study.stop()  # the space's every recipe tried: the sampler could only repeat them
 
     n_jobs = max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1)
     with probes_stop_on_ctrl_c() if n_jobs > 1 else contextlib.nullcontext():
         # Ctrl-C reaches this thread alone: the other workers' probes are stopped with it,
         # and their trials queued again as its own is (else Optuna waits for them to end)
         study.optimize(
-            make_objective(prepared, runner, events),
+            make_objective(prepared, runner, events, points),
             n_trials=settings.trials - finished,
             timeout=settings.timeout_seconds,
             n_jobs=n_jobs,
@@ -244,6 +269,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             callbacks=[stop_at_target],
             gc_after_trial=False,
         )
+    _note_space_tried(study, points, settings.trials, events)
     promote(prepared, runner, study, events)
     confirm_frontier(prepared, runner, study, events)
     measure_noise(prepared, runner, study, events)

@@ -81,7 +81,16 @@ def record_target_trials(study: Any, trials: int) -> None:
 
 def target_trials(study: Any) -> int | None:
     """None for a study from before the target was stored."""
-    stored = study.user_attrs.get(TARGET_TRIALS_ATTR)
+    return stored_count(study, TARGET_TRIALS_ATTR)
+
+
+SPACE_TRIED_ATTR = "space_tried_recipes"
+"""The count of the space's recipes, once a run found every one tried (coverage.py)."""
+
+
+def stored_count(study: Any, key: str) -> int | None:
+    """A study attribute that holds a count, None where it holds none."""
+    stored = study.user_attrs.get(key)
     return stored if isinstance(stored, int) and not isinstance(stored, bool) else None
 
 

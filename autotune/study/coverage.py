@@ -1,0 +1,62 @@
+"""How much of its space a study has tried. Once every recipe of the space has a complete trial
+(measured, over the budget, refused, out of memory...: what a repeat of it would copy), the
+sampler can only propose repeats, so a run stops there as at its target of trials.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autotune.study.study_records import SPACE_TRIED_ATTR, stored_count
+from autotune.units import count_of
+
+if TYPE_CHECKING:
+    from autotune.space import SearchSpace
+
+SPACE_POINTS_LIMIT = 100_000
+"""A space with more recipes than this is not counted (nor would a run try them all)."""
+
+SpacePoint = tuple[tuple[str, Any], ...]
+
+
+def point_of(params: dict[str, Any]) -> SpacePoint:
+    """A trial's parameters as one hashable point: two trials are one recipe when their
+    parameters are equal, as a repeat is found (objective._earlier_trial_with_params)."""
+    return tuple(sorted(params.items()))
+
+
+def space_points(space: SearchSpace) -> frozenset[SpacePoint] | None:
+    """The distinct trial parameters of `space` (a conditional dimension counts only where it
+    applies); None past SPACE_POINTS_LIMIT."""
+    points: set[SpacePoint] = set()
+    for params in space.all_params():
+        points.add(point_of(params))
+        if len(points) > SPACE_POINTS_LIMIT:
+            return None
+    return frozenset(points)
+
+
+def space_used_up(study: Any, points: frozenset[SpacePoint] | None) -> bool:
+    """Whether every point has a complete trial in the study's storage (any run's, any
+    worker's); a failed trial does not count: a repeat of it is probed again."""
+    from optuna.trial import TrialState
+
+    if points is None:
+        return False
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return len(points) <= len(points & {point_of(t.params) for t in complete})
+
+
+def record_space_tried(study: Any, recipes: int) -> None:
+    """Every recipe of the study's space has been tried; its choices never change after its
+    first run, so this stays true."""
+    study.set_user_attr(SPACE_TRIED_ATTR, recipes)
+
+
+def space_tried(study: Any) -> int | None:
+    """The count of the space's recipes where every one has been tried, else None."""
+    return stored_count(study, SPACE_TRIED_ATTR)
+
+
+def space_tried_words(recipes: int) -> str:
+    return f"every one of the space's {count_of(recipes, 'recipe')} has been tried"
