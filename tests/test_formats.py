@@ -60,7 +60,14 @@ AXOLOTL_KEYS = {
     "fsdp_config",
     "deepspeed",
 }
-AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
+AXOLOTL_DATASET_KEYS = {
+    "path",
+    "ds_type",
+    "type",
+    "field_messages",
+    "roles_to_train",
+    "train_on_eos",
+}
 LLAMAFACTORY_OWN_KEYS = {
     "model_name_or_path",
     "stage",
@@ -283,6 +290,13 @@ def test_an_axolotl_export_of_mixed_data_says_axolotl_reads_one_format():
     assert yaml.safe_load(text)["datasets"][0]["type"] == "alpaca"
     one = render("axolotl", recipe("qlora"), None, data_format="chat", data_formats={"chat": 9})
     assert "mixes formats" not in one
+
+
+def test_an_axolotl_export_of_chat_data_trains_the_end_of_turn():
+    text = render("axolotl", recipe("qlora"), None, data_format="chat", data_formats={"chat": 9})
+    assert yaml.safe_load(text)["datasets"][0]["train_on_eos"] == "turn"
+    assert 'eot_tokens: ["<|im_end|>"]' in text
+    assert "eot_tokens" not in render("axolotl", recipe("qlora"), None, data_format="alpaca")
 
 
 @pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])

@@ -13,7 +13,8 @@ from typing import Any
 from autotune.data.splits import Splits, load_splits
 from autotune.data.tokens import TokenTable
 
-TOKEN_CACHE_VERSION = 3
+TOKEN_CACHE_VERSION = 4
+"""4: chat rows end with their template's end of turn, not an appended eos token."""
 
 
 def _file_digest(path: Path, named: bool = False) -> str:

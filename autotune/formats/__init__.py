@@ -108,6 +108,12 @@ def render(
             f"# the data mixes formats ({mix}); an axolotl dataset has one, and this names "
             f"{data_format}, its first row's: give axolotl one file per format"
         )
+    if fmt == "axolotl" and data_format == "chat":
+        header.append(
+            "# chat rows: axolotl's train_on_eos trains the tokenizer's eos token; where the "
+            "template ends a turn with another token (<|im_end|> of ChatML on a base model), "
+            'add eot_tokens: ["<|im_end|>"] so that the end of turn is trained, as autotune does'
+        )
     if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "

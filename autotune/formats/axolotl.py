@@ -44,7 +44,8 @@ def _axolotl_dataset(data_path: str | None, data_format: str) -> dict[str, Any]:
     else:
         entry["type"] = kinds.get(data_format, "alpaca")
     if data_format == "chat":
-        entry.update(field_messages="messages", roles_to_train=["assistant"])
+        # the end of each trained turn carries loss, as autotune's chat rows do (docs/data.md)
+        entry.update(field_messages="messages", roles_to_train=["assistant"], train_on_eos="turn")
     return entry
 
 
