@@ -71,6 +71,20 @@ def test_a_chat_row_trains_its_templates_end_of_turn_and_no_eos():
     assert trained_ids(ROWS["chat"], tokenizer) == answer + [tokenizer.eos_token_id]
 
 
+def test_a_template_that_writes_the_bos_token_has_it_once():
+    """Gemma's and Mistral's templates start with {{ bos_token }}, and their tokenizers add one."""
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    tokenizer.bos_token, tokenizer.add_bos_token = "<|endoftext|>", True
+    bos = tokenizer.bos_token_id
+    plain = tokenize(to_example(ROWS["input_output"]), tokenizer, 64)
+    assert plain.input_ids[0] == bos and plain.input_ids[1] != bos
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    from autotune.data.tokens import chat_template_of
+
+    chat = tokenize(to_example(ROWS["chat"], chat_template_of(tokenizer)), tokenizer, 64)
+    assert chat.input_ids[:2] == [bos, tokenizer.convert_tokens_to_ids("<|im_start|>")]
+
+
 def test_caches_of_the_old_chat_tokenization_are_not_reused(tmp_path):
     from autotune.data.token_cache import token_cache_key
 

@@ -49,10 +49,12 @@ def tokenize_many(
     for example, prompt_ids, answer_ids in zip(examples, prompts, answers):
         prompt_ids = prompt_ids if example.prompt else []
         answer_ids = answer_ids if example.ends_turn else answer_ids + eos
+        # chat templates that write the bos token themselves (Gemma's, Mistral's) have it once
+        start = [] if bos and prompt_ids[:1] == bos else bos
         tokenized.append(
             TokenizedExample(
-                input_ids=(bos + prompt_ids + answer_ids)[:seq_len],
-                labels=([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + answer_ids)[:seq_len],
+                input_ids=(start + prompt_ids + answer_ids)[:seq_len],
+                labels=([IGNORE_INDEX] * (len(start) + len(prompt_ids)) + answer_ids)[:seq_len],
             )
         )
     return tokenized
