@@ -299,6 +299,27 @@ def test_an_axolotl_export_of_chat_data_trains_the_end_of_turn():
     assert "eot_tokens" not in render("axolotl", recipe("qlora"), None, data_format="alpaca")
 
 
+def test_a_llamafactory_export_names_the_template_that_renders_the_data_as_autotune_did():
+    from autotune.data.rows import to_example
+
+    def exported(data_format):
+        text = render("llamafactory", recipe("qlora"), None, data_format=data_format)
+        return yaml.safe_load(text).get("template"), text
+
+    # chat: no template, so LLaMA-Factory parses the tokenizer's chat template, as autotune does
+    template, text = exported("chat")
+    assert template is None and "template left out" in text
+    # alpaca: LLaMA-Factory's alpaca template (its format_user slot, llamafactory 0.9.x) gives an
+    # input-less row autotune's prompt; its system line is said in the header
+    template, text = exported("alpaca")
+    llamafactory_user = "### Instruction:\n{{content}}\n\n### Response:\n"
+    row = {"instruction": "Add 2 and 2.", "output": "4"}
+    assert template == "alpaca"
+    assert llamafactory_user.replace("{{content}}", row["instruction"]) == to_example(row).prompt
+    assert "system line" in text
+    assert exported("input_output")[0] == exported("text")[0] == "empty"  # not Human:/Assistant:
+
+
 @pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
 def test_a_loss_a_format_has_no_option_for_is_named_autotune_only(fmt):
     text = render(fmt, recipe("chunked"), None, num_layers=28)

@@ -15,7 +15,7 @@ from autotune.distributed import launch_line
 from autotune.formats.axolotl import axolotl_config
 from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_notes
 from autotune.formats.hf import accelerate_config, hf_config
-from autotune.formats.llamafactory import llamafactory_config
+from autotune.formats.llamafactory import TEMPLATE_NOTES, llamafactory_config
 from autotune.formats.trainer_keys import half_flags
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
@@ -85,7 +85,11 @@ def render(
         body = accelerate_config(recipe)
     else:
         body = llamafactory_config(
-            recipe, num_layers, tied_head=tied_head, freeze_layout=freeze_layout
+            recipe,
+            num_layers,
+            tied_head=tied_head,
+            freeze_layout=freeze_layout,
+            data_format=data_format,
         )
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
@@ -136,6 +140,8 @@ def render(
     if fmt == "llamafactory" and recipe.method == "freeze":
         layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
         header += llamafactory_freeze_notes(layout, freeze_layout is None and tied_head is None)
+    if fmt == "llamafactory" and data_format in TEMPLATE_NOTES:
+        header.append(f"# {TEMPLATE_NOTES[data_format]}")
     if fmt == "llamafactory":
         header.append(
             f"# register dataset {body['dataset']!r} in data/dataset_info.json "
