@@ -155,8 +155,12 @@ def train(
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
         forget_best(output_dir)
-    if predicted_peak_bytes is None and predict_peak is not None:
-        predicted_peak_bytes = predict_peak(data_scan.usable_rows)
+    try:
+        if predicted_peak_bytes is None and predict_peak is not None:
+            predicted_peak_bytes = predict_peak(data_scan.usable_rows)
+    except UsageError:  # the data tokenized unusable (every row truncated to nothing)
+        _remove_if_empty(output_dir, created)
+        raise
     plan = TrainPlan(
         recipe=recipe,
         data_path=data_path,
@@ -186,9 +190,14 @@ def train(
             return train_on_ranks(plan, callbacks)
         return run_training(plan, callbacks)
     except UsageError:  # input found unusable once read (too few rows): no empty --output left
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        _remove_if_empty(output_dir, created)
         raise
+
+
+def _remove_if_empty(output_dir: Path, created: bool) -> None:
+    """A --output this run created and left empty goes when its input is found unusable."""
+    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
 
 
 def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
