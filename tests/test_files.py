@@ -61,3 +61,17 @@ def test_a_whole_write_replaces_the_file_with_a_plain_files_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert recipe.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_link_stays_a_link(tmp_path):
+    shared = tmp_path / "shared" / "report.html"
+    shared.parent.mkdir()
+    shared.write_text("old", encoding="utf-8")
+    shared.chmod(0o640)  # a file kept from others
+    link = tmp_path / "report.html"
+    link.symlink_to(shared)
+    write_text(link, "new")
+    assert link.is_symlink() and link.resolve() == shared  # the link is not replaced by a file
+    assert shared.read_text(encoding="utf-8") == "new"
+    assert shared.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in shared.parent.iterdir()) == ["report.html"]

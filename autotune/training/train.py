@@ -18,6 +18,7 @@ from typing import Any
 from autotune.cpu_nf4 import unpack_cpu_nf4
 from autotune.data.splits import check_seed
 from autotune.errors import UsageError
+from autotune.files import write_atomically
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
 from autotune.training.checkpoints import (
@@ -272,7 +273,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
-        (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
+        write_atomically(output_dir / RUN_MARKER, recipe.to_yaml())
     if on_start:
         on_start(start_step, total_steps)
 
