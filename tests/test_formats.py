@@ -561,3 +561,21 @@ def test_freeze_exports_name_the_parameters_training_unfreezes(model_type, train
     text = render("llamafactory", recipe, None, freeze_layout=layout)
     assert ("cannot train model.norm alone" in text) == (model_type == "qwen2")
     assert "did not record whether the output head is tied" not in text
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl"])
+def test_a_study_without_a_layout_exports_its_tied_head_untouched_and_says_names_are_assumed(fmt):
+    """A study from before layouts were stored records tie_word_embeddings: a tied head is the
+    input embedding, so no pattern names lm_head (with remove_duplicate=False it would unfreeze
+    the embedding); the Llama names are said to be assumed."""
+
+    def patterns(text: str) -> list[str]:
+        body = yaml.safe_load(text)
+        found = body["unfrozen_parameters"] if fmt == "axolotl" else body["trainable_parameters"]
+        return list(found)
+
+    tied = render(fmt, recipe("freeze"), None, num_layers=28, tied_head=True)
+    untied = render(fmt, recipe("freeze"), None, num_layers=28, tied_head=False)
+    assert not any("lm_head" in p for p in patterns(tied))
+    assert any("lm_head" in p for p in patterns(untied))
+    assert "named as the Llama family names them" in tied

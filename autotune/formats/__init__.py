@@ -76,10 +76,17 @@ def render(
     if fmt == "autotune":
         return recipe.to_yaml(measured=measured)
     if fmt == "hf":
-        body = hf_config(recipe, freeze_layout=freeze_layout, num_layers=num_layers)
+        body = hf_config(
+            recipe, freeze_layout=freeze_layout, num_layers=num_layers, tied_head=tied_head
+        )
     elif fmt == "axolotl":
         body = axolotl_config(
-            recipe, data_path, data_format, num_layers, freeze_layout=freeze_layout
+            recipe,
+            data_path,
+            data_format,
+            num_layers,
+            freeze_layout=freeze_layout,
+            tied_head=tied_head,
         )
     elif fmt == "accelerate":
         body = accelerate_config(recipe)
@@ -136,6 +143,12 @@ def render(
             f"# precision {recipe.precision}: axolotl loads the weights in "
             f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
             f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
+        )
+    if fmt in ("hf", "axolotl") and recipe.method == "freeze" and freeze_layout is None:
+        header.append(
+            "# the study did not record where the model keeps its blocks: the trained parameters "
+            "are named as the Llama family names them (model.layers.N.self_attn / .mlp); check "
+            "them against the model's named_parameters()"
         )
     if fmt == "llamafactory" and recipe.method == "freeze":
         layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
