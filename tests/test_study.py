@@ -81,8 +81,8 @@ def workspace(tmp_path, monkeypatch):
 @pytest.fixture()
 def full_rows_workspace(workspace):
     """The workspace with data whose examples all reach seq_len 64 (truncated there): each
-    micro-batch is seq_len wide, as the space's sizing before the data is read takes it, so
-    budgets drawn from that sizing and the trials' predictions agree."""
+    micro-batch is seq_len wide, so budgets drawn from seq_len-wide peaks hold for the space's
+    sizing and the trials' predictions, which take the rows the data gives."""
     tmp_path, model, _ = workspace
     rows = [{"text": f"{i} " + "word " * 99} for i in range(30)]
     return tmp_path, model, write_jsonl(tmp_path / "full-rows.jsonl", rows)
@@ -185,8 +185,7 @@ def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
 
 def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
     tmp_path, model, _ = workspace
-    # rows truncated at seq_len: the space's sizing before the data is read (seq_len-wide
-    # rows, budget_fit) and the trials' predictions agree
+    # rows truncated at seq_len: every probe's rows are seq_len wide
     data = write_jsonl(
         tmp_path / "long.jsonl", [{"text": f"{i} " + "word " * 99} for i in range(30)]
     )
