@@ -67,7 +67,7 @@ def run_headline(prepared: PreparedRun) -> str:
     return (
         f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
         f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
-        "formula's prediction, with its margin)"
+        "formula's prediction on the data's rows, with its margin)"
     )
 
 
