@@ -153,7 +153,9 @@ def test_a_study_refuses_fp16_weights_with_torch_adamw_without_probing(workspace
     assert all("AdamW moments in fp16" in t.user_attrs["reason"] for t in refused)
     assert all(t.constraints[CONSTRAINT_KEY] > 0 for t in refused)  # infeasible
     assert runner.requests and {r.recipe.optimizer for r in runner.requests} == {"adamw_8bit"}
-    assert "cannot train here (not run)" in render_html(report_data(study))  # stored recipes read
+    assert "refused: cannot train (not run)" in render_html(
+        report_data(study)
+    )  # stored recipes read
 
 
 def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
@@ -901,12 +903,12 @@ def test_a_recipe_the_cpu_cannot_run_is_ruled_out_before_any_probe(workspace):
     assert refused.constraints[CONSTRAINT_KEY] > 0  # infeasible, so the sampler learns to avoid it
     assert [r.recipe.use_dora for r in runner.requests] == [False]  # no probe of DoRA
     assert by_dora[False].user_attrs["status"] == "measured"
-    assert STATUS_WORDS[refused.user_attrs["status"]] == "cannot train here (not run)"
+    assert STATUS_WORDS[refused.user_attrs["status"]] == "refused: cannot train (not run)"
     only = optuna.create_study(directions=["minimize", "maximize", "minimize"])
     only.enqueue_trial(refused.params)
     only.optimize(make_objective(prepared, runner, RunEvents()), n_trials=1)
     assert nothing_measured_line(only) == (
-        f"no recipe ran: 1 trial cannot train here: {refused.user_attrs['reason']}"
+        f"no recipe ran: 1 trial was refused: {refused.user_attrs['reason']}"
     )
 
 
