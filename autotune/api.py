@@ -224,7 +224,8 @@ def estimate(
 class TrainResult:
     report: TrainReport
     predicted: MemoryPrediction | None
-    """The recipe's peak as `estimate` and a study predict it; None where it names no model."""
+    """The recipe's peak as a study on the same data predicts it (`estimate`, which has no data,
+    takes every row seq_len long); None where it names no model."""
     probe_measured: dict[str, Any]
     """What the study's probe measured for the recipe (its file's `measured:`; may be empty)."""
     ranks: int = 1

@@ -215,6 +215,7 @@ def estimate(
     from autotune.budgets import parse_budget
     from autotune.console import show_estimate
 
+    budget_bytes = parse_budget(budget) if budget is not None else None  # before the replay
     predicted = estimate_peak(
         model,
         recipe,
@@ -223,7 +224,7 @@ def estimate(
         trust_remote_code=trust_remote_code,
         memory_margin=memory_margin,
     )
-    show_estimate(predicted, as_json, parse_budget(budget) if budget is not None else None)
+    show_estimate(predicted, as_json, budget_bytes)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")

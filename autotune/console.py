@@ -42,7 +42,8 @@ def progress_bar(console: Any, transient: bool) -> Any:
 
 
 def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
-    """Progress lines while a large dataset is tokenized into the cache (small ones are quick)."""
+    """Progress lines while a large dataset is tokenized (by a run into its cache, by `data
+    inspect` to count its lengths; small ones are quick)."""
     from autotune.data.splits import TOKENIZE_PROGRESS_ROWS
 
     def show(done: int, total: int) -> None:
@@ -67,7 +68,7 @@ def run_headline(prepared: PreparedRun) -> str:
     return (
         f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
         f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
-        "formula's prediction, with its margin)"
+        "formula's prediction on the data's rows, with its margin)"
     )
 
 

@@ -74,6 +74,22 @@ def probe_rows(recipe: Recipe, token_lengths: tuple[int, int] | None) -> ProbeRo
     return ProbeRows(min(token_lengths[1], recipe.seq_len), padded)
 
 
+NARROWEST_TOKEN_LENGTHS = (1, 1)
+"""Token lengths (shortest, longest) no data goes below: every example one token long. With
+them probe_rows gives each recipe the narrowest rows any data can give its probe, unpadded,
+so the formula its least peak whatever the data: a lower bound, known before the data is
+tokenized."""
+
+
+def formula_estimate(
+    spec: ModelSpec, recipe: Recipe, token_lengths: tuple[int, int] | None
+) -> MemoryEstimate:
+    """The formula's prediction of `recipe` on the rows data whose examples, truncated at
+    seq_len, span `token_lengths` gives its probe (probe_rows; None: full rows)."""
+    rows = probe_rows(recipe, token_lengths)
+    return estimate(spec, recipe, rows.width, rows.padded)
+
+
 def replay_rows(
     recipe: Recipe, config: Any, seq_len: int | None = None, padded: bool = False
 ) -> Replay:

@@ -275,6 +275,12 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
             "formula", "--budget", f"{budget}B", "--json", cwd=tmp_path,
         )  # fmt: skip
         assert json.loads(fit.stdout) == {**printed, "budget_bytes": budget, "fits": fits}
+    # a budget it cannot read is said before the model is even looked at
+    unread = autotune(
+        "estimate", "-m", str(tmp_path / "no-model"), "-r", str(recipe_path), "--budget", "24",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert unread.returncode == 2 and "has no unit" in unread.stderr, unread.stderr
 
 
 def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):

@@ -46,6 +46,54 @@ def test_chat_uses_the_tokenizers_template():
     assert plain.prompt == "<|user|>\n2+2?\n<|assistant|>\n"
 
 
+def trained_ids(row, tokenizer, seq_len=64):
+    from autotune.data.tokens import chat_template_of
+
+    encoded = tokenize(to_example(row, chat_template_of(tokenizer)), tokenizer, seq_len)
+    return [label for label in encoded.labels if label != IGNORE_INDEX]
+
+
+def test_a_chat_row_trains_its_templates_end_of_turn_and_no_eos():
+    """Generation with the chat template stops on <|im_end|>: the loss must teach it, and no
+    <|endoftext|> (the tokenizer's eos) follows a turn the template has ended."""
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    chat = trained_ids(ROWS["chat"], tokenizer)
+    assert chat == tokenizer("4<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert chat[-2] == end_of_turn and tokenizer.eos_token_id not in chat
+    # rows without a chat turn still end with eos, with the same tokenizer
+    for kind in ("input_output", "alpaca", "text"):
+        assert trained_ids(ROWS[kind], tokenizer)[-1] == tokenizer.eos_token_id
+    # a template that does not render the answer after the prompt: the answer and eos
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    answer = tokenizer("4", add_special_tokens=False)["input_ids"]
+    assert trained_ids(ROWS["chat"], tokenizer) == answer + [tokenizer.eos_token_id]
+
+
+def test_a_template_that_writes_the_bos_token_has_it_once():
+    """Gemma's and Mistral's templates start with {{ bos_token }}, and their tokenizers add one."""
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    tokenizer.bos_token, tokenizer.add_bos_token = "<|endoftext|>", True
+    bos = tokenizer.bos_token_id
+    plain = tokenize(to_example(ROWS["input_output"]), tokenizer, 64)
+    assert plain.input_ids[0] == bos and plain.input_ids[1] != bos
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    from autotune.data.tokens import chat_template_of
+
+    chat = tokenize(to_example(ROWS["chat"], chat_template_of(tokenizer)), tokenizer, 64)
+    assert chat.input_ids[:2] == [bos, tokenizer.convert_tokens_to_ids("<|im_start|>")]
+
+
+def test_caches_of_the_old_chat_tokenization_are_not_reused(tmp_path):
+    from autotune.data.token_cache import token_cache_key
+
+    tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
+    data = write_jsonl(tmp_path / "chat.jsonl", [ROWS["chat"]] * 4)
+    old = token_cache_key(data, tokenizer, 32, 0, version=3)
+    assert token_cache_key(data, tokenizer, 32, 0) != old
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [

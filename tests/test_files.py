@@ -61,3 +61,36 @@ def test_a_whole_write_replaces_the_file_with_a_plain_files_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert recipe.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_link_stays_a_link(tmp_path):
+    shared = tmp_path / "shared" / "report.html"
+    shared.parent.mkdir()
+    shared.write_text("old", encoding="utf-8")
+    shared.chmod(0o640)  # a file kept from others
+    link = tmp_path / "report.html"
+    link.symlink_to(shared)
+    write_text(link, "new")
+    assert link.is_symlink() and link.resolve() == shared  # the link is not replaced by a file
+    assert shared.read_text(encoding="utf-8") == "new"
+    assert shared.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in shared.parent.iterdir()) == ["report.html"]
+
+
+def test_an_output_cut_short_leaves_the_earlier_file_whole(tmp_path):
+    """A report or recipe that could not be written whole (a full disk; a file size limit here)
+    was left cut short, over the earlier one it replaced."""
+    import resource
+
+    path = tmp_path / "report.html"
+    path.write_text("the earlier report")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(UsageError, match=f"cannot write {path}: File too large"):
+            write_text(path, "x" * 10_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_text() == "the earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert write_text(path, "the new one").read_text() == "the new one"

@@ -60,7 +60,14 @@ AXOLOTL_KEYS = {
     "fsdp_config",
     "deepspeed",
 }
-AXOLOTL_DATASET_KEYS = {"path", "ds_type", "type", "field_messages", "roles_to_train"}
+AXOLOTL_DATASET_KEYS = {
+    "path",
+    "ds_type",
+    "type",
+    "field_messages",
+    "roles_to_train",
+    "train_on_eos",
+}
 LLAMAFACTORY_OWN_KEYS = {
     "model_name_or_path",
     "stage",
@@ -283,6 +290,34 @@ def test_an_axolotl_export_of_mixed_data_says_axolotl_reads_one_format():
     assert yaml.safe_load(text)["datasets"][0]["type"] == "alpaca"
     one = render("axolotl", recipe("qlora"), None, data_format="chat", data_formats={"chat": 9})
     assert "mixes formats" not in one
+
+
+def test_an_axolotl_export_of_chat_data_trains_the_end_of_turn():
+    text = render("axolotl", recipe("qlora"), None, data_format="chat", data_formats={"chat": 9})
+    assert yaml.safe_load(text)["datasets"][0]["train_on_eos"] == "turn"
+    assert 'eot_tokens: ["<|im_end|>"]' in text
+    assert "eot_tokens" not in render("axolotl", recipe("qlora"), None, data_format="alpaca")
+
+
+def test_a_llamafactory_export_names_the_template_that_renders_the_data_as_autotune_did():
+    from autotune.data.rows import to_example
+
+    def exported(data_format):
+        text = render("llamafactory", recipe("qlora"), None, data_format=data_format)
+        return yaml.safe_load(text).get("template"), text
+
+    # chat: no template, so LLaMA-Factory parses the tokenizer's chat template, as autotune does
+    template, text = exported("chat")
+    assert template is None and "template left out" in text
+    # alpaca: LLaMA-Factory's alpaca template (its format_user slot, llamafactory 0.9.x) gives an
+    # input-less row autotune's prompt; its system line is said in the header
+    template, text = exported("alpaca")
+    llamafactory_user = "### Instruction:\n{{content}}\n\n### Response:\n"
+    row = {"instruction": "Add 2 and 2.", "output": "4"}
+    assert template == "alpaca"
+    assert llamafactory_user.replace("{{content}}", row["instruction"]) == to_example(row).prompt
+    assert "system line" in text
+    assert exported("input_output")[0] == exported("text")[0] == "empty"  # not Human:/Assistant:
 
 
 @pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory"])
@@ -526,3 +561,21 @@ def test_freeze_exports_name_the_parameters_training_unfreezes(model_type, train
     text = render("llamafactory", recipe, None, freeze_layout=layout)
     assert ("cannot train model.norm alone" in text) == (model_type == "qwen2")
     assert "did not record whether the output head is tied" not in text
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl"])
+def test_a_study_without_a_layout_exports_its_tied_head_untouched_and_says_names_are_assumed(fmt):
+    """A study from before layouts were stored records tie_word_embeddings: a tied head is the
+    input embedding, so no pattern names lm_head (with remove_duplicate=False it would unfreeze
+    the embedding); the Llama names are said to be assumed."""
+
+    def patterns(text: str) -> list[str]:
+        body = yaml.safe_load(text)
+        found = body["unfrozen_parameters"] if fmt == "axolotl" else body["trainable_parameters"]
+        return list(found)
+
+    tied = render(fmt, recipe("freeze"), None, num_layers=28, tied_head=True)
+    untied = render(fmt, recipe("freeze"), None, num_layers=28, tied_head=False)
+    assert not any("lm_head" in p for p in patterns(tied))
+    assert any("lm_head" in p for p in patterns(untied))
+    assert "named as the Llama family names them" in tied

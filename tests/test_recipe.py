@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -176,7 +174,7 @@ def test_dora_and_offload_are_written_only_when_on():
         Recipe.from_dict({"method": "full", "use_dora": True})
 
 
-def test_fp16_weights_with_torch_adamw_are_refused_for_what_the_moments_do():
+def test_fp16_weights_with_torch_adamw_are_refused_for_what_the_moments_do(tmp_path):
     """torch's AdamW keeps fp16 weights' moments in fp16. After a step of gradients under
     about 5e-3, the second moment (0.001 x grad^2) is 0: the foreach step divides by it and by
     eps 1e-8, 0 in fp16 too (infinite weights, a NaN loss next), and the fused kernel, which
@@ -203,7 +201,8 @@ def test_fp16_weights_with_torch_adamw_are_refused_for_what_the_moments_do():
         recipe = Recipe.from_dict({**fields, "precision": "fp16", "model": "m"})  # it reads
         assert "'s AdamW moments in fp16" in fp16_moments_refusal(recipe)
         with pytest.raises(UsageError, match="keeps method .*'s AdamW moments in fp16"):
-            train(recipe, Path("data.jsonl"), Path("out"), max_steps=1)  # before any file
+            train(recipe, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)  # before files
+        assert not (tmp_path / "out").exists()
     for fields in (
         {"method": "lora", "precision": "fp16"},
         {"method": "full", "precision": "fp16", "optimizer": "adamw_8bit"},

@@ -138,3 +138,11 @@ def test_a_confirmation_says_why_it_did_not_hold_up():
     assert old.words().endswith("but its peak went over the budget")
     crashed = dataclasses.replace(held, status="oom", reason="CUDA out of memory", held_up=False)
     assert crashed.words() == "did not hold up: oom: CUDA out of memory"
+
+
+def test_the_end_of_a_run_says_several_trials_were_what_one_was():
+    from autotune.study.records import PROBE_FAILURE_WORDS, TrialStatus, _agreeing
+
+    assert _agreeing(PROBE_FAILURE_WORDS[TrialStatus.INTERRUPTED], 1) == "was interrupted"
+    assert _agreeing(PROBE_FAILURE_WORDS[TrialStatus.REFUSED], 3) == "were refused"
+    assert _agreeing(PROBE_FAILURE_WORDS[TrialStatus.CRASH], 3) == "crashed"

@@ -338,28 +338,6 @@ def test_the_noise_reads_to_the_decimals_of_the_differences_held_against_it(work
         assert re.search(r"[+-]\d+\.\d{4} eval loss \((within|beyond) noise\)", line), line
 
 
-def test_an_output_cut_short_leaves_the_earlier_file_whole(tmp_path):
-    """A report or recipe that could not be written whole (a full disk; a file size limit here)
-    was left cut short, over the earlier one it replaced."""
-    import resource
-
-    from autotune.errors import UsageError
-    from autotune.export import write_text
-
-    path = tmp_path / "report.html"
-    path.write_text("the earlier report")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        with pytest.raises(UsageError, match=f"cannot write {path}: File too large"):
-            write_text(path, "x" * 10_000)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert path.read_text() == "the earlier report"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
-    assert write_text(path, "the new one").read_text() == "the new one"
-
-
 def test_a_stopped_browser_leaves_none_of_its_processes(tmp_path, monkeypatch):
     """The PNG's headless Chromium was killed alone on a timeout or Ctrl-C (and not at all on
     SIGTERM): its zygotes and renderers lived on and wrote the screenshot after the command

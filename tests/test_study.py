@@ -82,8 +82,8 @@ def workspace(tmp_path, monkeypatch):
 @pytest.fixture()
 def full_rows_workspace(workspace):
     """The workspace with data whose examples all reach seq_len 64 (truncated there): each
-    micro-batch is seq_len wide, as the space's sizing before the data is read takes it, so
-    budgets drawn from that sizing and the trials' predictions agree."""
+    micro-batch is seq_len wide, so budgets drawn from seq_len-wide peaks hold for the space's
+    sizing and the trials' predictions, which take the rows the data gives."""
     tmp_path, model, _ = workspace
     rows = [{"text": f"{i} " + "word " * 99} for i in range(30)]
     return tmp_path, model, write_jsonl(tmp_path / "full-rows.jsonl", rows)
@@ -154,7 +154,9 @@ def test_a_study_refuses_fp16_weights_with_torch_adamw_without_probing(workspace
     assert all("AdamW moments in fp16" in t.user_attrs["reason"] for t in refused)
     assert all(t.constraints[CONSTRAINT_KEY] > 0 for t in refused)  # infeasible
     assert runner.requests and {r.recipe.optimizer for r in runner.requests} == {"adamw_8bit"}
-    assert "cannot train here (not run)" in render_html(report_data(study))  # stored recipes read
+    assert "refused: cannot train (not run)" in render_html(
+        report_data(study)
+    )  # stored recipes read
 
 
 def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
@@ -187,8 +189,7 @@ def test_a_study_searches_what_trains_above_the_frozen_blocks(workspace):
 
 def test_over_budget_recipes_are_complete_infeasible_and_never_probed(workspace):
     tmp_path, model, _ = workspace
-    # rows truncated at seq_len: the space's sizing before the data is read (seq_len-wide
-    # rows, budget_fit) and the trials' predictions agree
+    # rows truncated at seq_len: every probe's rows are seq_len wide
     data = write_jsonl(
         tmp_path / "long.jsonl", [{"text": f"{i} " + "word " * 99} for i in range(30)]
     )
@@ -572,8 +573,13 @@ def test_report_shows_where_each_probe_spent_its_time(workspace):
 
 @pytest.fixture()
 def qwen2_7b_workspace(workspace):
-    """The workspace with a config-only Qwen2-7B (weights are never loaded: FakeRunner)."""
-    tmp_path, _, data = workspace
+    """The workspace with a config-only Qwen2-7B (weights are never loaded: FakeRunner) and
+    data whose examples all reach seq_len 1024 (truncated there), so every recipe's rows are
+    seq_len wide, as in the GPU benchmark's study."""
+    tmp_path = workspace[0]
+    data = write_jsonl(
+        tmp_path / "long-rows.jsonl", [{"text": f"{i} " + "word " * 1100} for i in range(30)]
+    )
     model = tmp_path / "qwen2-7b"
     model.mkdir()
     shutil.copy(DEMO.parent / "bench" / "configs" / "qwen2-7b.json", model / "config.json")
@@ -899,19 +905,21 @@ def test_a_recipe_the_cpu_cannot_run_is_ruled_out_before_any_probe(workspace):
     assert refused.constraints[CONSTRAINT_KEY] > 0  # infeasible, so the sampler learns to avoid it
     assert [r.recipe.use_dora for r in runner.requests] == [False]  # no probe of DoRA
     assert by_dora[False].user_attrs["status"] == "measured"
-    assert STATUS_WORDS[refused.user_attrs["status"]] == "cannot train here (not run)"
+    assert STATUS_WORDS[refused.user_attrs["status"]] == "refused: cannot train (not run)"
     only = optuna.create_study(directions=["minimize", "maximize", "minimize"])
     only.enqueue_trial(refused.params)
     only.optimize(make_objective(prepared, runner, RunEvents()), n_trials=1)
     assert nothing_measured_line(only) == (
-        f"no recipe ran: 1 trial cannot train here: {refused.user_attrs['reason']}"
+        f"no recipe ran: 1 trial was refused: {refused.user_attrs['reason']}"
     )
 
 
-def test_the_measured_margin_rules_out_what_only_fits_without_it(workspace):
+def test_the_measured_margin_rules_out_what_only_fits_without_it(full_rows_workspace):
     """By default a predicted peak is held to the budget with the memory model's worst measured
     under-prediction added (autotune/memory_margins.json): a recipe that fits only without it
-    is ruled out with the margin named; --memory-margin 0 probes it."""
+    is ruled out with the margin named; --memory-margin 0 probes it. (Rows as wide as seq_len,
+    as the peaks below take them.)"""
+    workspace = full_rows_workspace
     tmp_path, model, data = workspace
     prepared = prepare_run(settings_for(workspace, budget_bytes=10**12))
     peaks = {}

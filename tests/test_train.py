@@ -184,6 +184,22 @@ def test_resume_without_checkpoint_and_unwritable_output(tiny_model, qa_data, tm
         train(lora_recipe(tiny_model), qa_data, blocker / "out", max_steps=1)
 
 
+def test_data_refused_while_predicting_leaves_no_output_behind(tiny_model, tmp_path):
+    """`autotune train` predicts a padded recipe's peak from its data's lengths, tokenizing
+    it: data that tokenizes to nothing is refused there, and the --output it made goes too."""
+    from autotune.api import train as train_with_recipe
+
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text(
+        "".join(f'{{"input": "{"word " * 80}{i}", "output": "a{i}"}}\n' for i in range(8))
+    )
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(lora_recipe(tiny_model, batching="padded", seq_len=16).to_yaml())
+    with pytest.raises(UsageError, match="truncated to nothing"):
+        train_with_recipe(recipe_path, long_prompts, tmp_path / "out", device="cpu", max_steps=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_refused_once_tokenized_leaves_no_output_behind(tiny_model, tmp_path):
     few = tmp_path / "few.jsonl"
     few.write_text("".join(f'{{"input": "q{i}", "output": "a{i}"}}\n' for i in range(4)))

@@ -23,10 +23,14 @@ PLAIN_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 
 @dataclass(frozen=True)
 class Example:
-    """One sample: prompt text (no loss) and answer text (loss); text rows have no prompt."""
+    """One sample: prompt text (no loss) and answer text (loss); text rows have no prompt.
+
+    `ends_turn`: the answer ends with the chat template's own end of turn (`<|im_end|>` in
+    ChatML), as the template renders it, so no eos token is appended after it."""
 
     prompt: str
     answer: str
+    ends_turn: bool = False
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -355,8 +359,12 @@ def to_example(row: dict[str, Any], chat_template: Any = None) -> Example:
         return Example(prompt=prompt, answer=row["output"])
     messages = row["messages"]
     history, answer = messages[:-1], messages[-1]["content"]
-    if chat_template is not None:
-        prompt = chat_template(history)
-    else:
+    if chat_template is None:
         prompt = "".join(PLAIN_CHAT_TEMPLATE.format(**m) for m in history) + "<|assistant|>\n"
-    return Example(prompt=prompt, answer=answer)
+        return Example(prompt=prompt, answer=answer)
+    prompt = chat_template(history, generation_prompt=True)
+    whole = chat_template(messages, generation_prompt=False)
+    if whole.startswith(prompt) and answer.strip() in whole[len(prompt) :]:
+        # the answer as the template renders it, through its end of turn: what inference stops on
+        return Example(prompt=prompt, answer=whole[len(prompt) :], ends_turn=True)
+    return Example(prompt=prompt, answer=answer)  # a template that rewrites the history

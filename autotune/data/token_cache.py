@@ -13,7 +13,9 @@ from typing import Any
 from autotune.data.splits import Splits, load_splits
 from autotune.data.tokens import TokenTable
 
-TOKEN_CACHE_VERSION = 3
+TOKEN_CACHE_VERSION = 4
+"""4: chat rows end with their template's end of turn, not an appended eos token, and a template
+that writes the bos token has it once."""
 
 
 def _file_digest(path: Path, named: bool = False) -> str:

@@ -33,7 +33,8 @@ def tokenize_many(
     examples: Sequence[Example], tokenizer: Any, seq_len: int
 ) -> list[TokenizedExample]:
     """tokenize() for many examples with two batched tokenizer calls (fast tokenizers encode a
-    batch in parallel, in native code)."""
+    batch in parallel, in native code). The eos token ends each answer but one that ends its
+    chat turn already (`Example.ends_turn`)."""
     if not examples:
         return []
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
@@ -47,23 +48,28 @@ def tokenize_many(
     tokenized = []
     for example, prompt_ids, answer_ids in zip(examples, prompts, answers):
         prompt_ids = prompt_ids if example.prompt else []
-        answer_ids = answer_ids + eos
+        answer_ids = answer_ids if example.ends_turn else answer_ids + eos
+        # chat templates that write the bos token themselves (Gemma's, Mistral's) have it once
+        start = [] if bos and prompt_ids[:1] == bos else bos
         tokenized.append(
             TokenizedExample(
-                input_ids=(bos + prompt_ids + answer_ids)[:seq_len],
-                labels=([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + answer_ids)[:seq_len],
+                input_ids=(start + prompt_ids + answer_ids)[:seq_len],
+                labels=([IGNORE_INDEX] * (len(start) + len(prompt_ids)) + answer_ids)[:seq_len],
             )
         )
     return tokenized
 
 
 def chat_template_of(tokenizer: Any) -> Any:
-    """A function rendering a message list with the tokenizer's own template, or None."""
+    """A function rendering a message list with the tokenizer's own template, or None;
+    `generation_prompt`: end with the header of an assistant turn to come."""
     if not getattr(tokenizer, "chat_template", None):
         return None
 
-    def render(messages: list[dict[str, str]]) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     return render
 

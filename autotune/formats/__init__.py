@@ -15,7 +15,7 @@ from autotune.distributed import launch_line
 from autotune.formats.axolotl import axolotl_config
 from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_notes
 from autotune.formats.hf import accelerate_config, hf_config
-from autotune.formats.llamafactory import llamafactory_config
+from autotune.formats.llamafactory import TEMPLATE_NOTES, llamafactory_config
 from autotune.formats.trainer_keys import half_flags
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
@@ -76,16 +76,27 @@ def render(
     if fmt == "autotune":
         return recipe.to_yaml(measured=measured)
     if fmt == "hf":
-        body = hf_config(recipe, freeze_layout=freeze_layout, num_layers=num_layers)
+        body = hf_config(
+            recipe, freeze_layout=freeze_layout, num_layers=num_layers, tied_head=tied_head
+        )
     elif fmt == "axolotl":
         body = axolotl_config(
-            recipe, data_path, data_format, num_layers, freeze_layout=freeze_layout
+            recipe,
+            data_path,
+            data_format,
+            num_layers,
+            freeze_layout=freeze_layout,
+            tied_head=tied_head,
         )
     elif fmt == "accelerate":
         body = accelerate_config(recipe)
     else:
         body = llamafactory_config(
-            recipe, num_layers, tied_head=tied_head, freeze_layout=freeze_layout
+            recipe,
+            num_layers,
+            tied_head=tied_head,
+            freeze_layout=freeze_layout,
+            data_format=data_format,
         )
     header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
     for key, value in (measured or {}).items():
@@ -108,6 +119,12 @@ def render(
             f"# the data mixes formats ({mix}); an axolotl dataset has one, and this names "
             f"{data_format}, its first row's: give axolotl one file per format"
         )
+    if fmt == "axolotl" and data_format == "chat":
+        header.append(
+            "# chat rows: axolotl's train_on_eos trains the tokenizer's eos token; where the "
+            "template ends a turn with another token (<|im_end|> of ChatML on a base model), "
+            'add eot_tokens: ["<|im_end|>"] so that the end of turn is trained, as autotune does'
+        )
     if fmt in LOSSES[recipe.loss].autotune_only_in:
         header.append(
             f"# loss {recipe.loss} is autotune-only: {fmt} has no equivalent, so this config "
@@ -127,9 +144,17 @@ def render(
             f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
             f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
         )
+    if fmt in ("hf", "axolotl") and recipe.method == "freeze" and freeze_layout is None:
+        header.append(
+            "# the study did not record where the model keeps its blocks: the trained parameters "
+            "are named as the Llama family names them (model.layers.N.self_attn / .mlp); check "
+            "them against the model's named_parameters()"
+        )
     if fmt == "llamafactory" and recipe.method == "freeze":
         layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
         header += llamafactory_freeze_notes(layout, freeze_layout is None and tied_head is None)
+    if fmt == "llamafactory" and data_format in TEMPLATE_NOTES:
+        header.append(f"# {TEMPLATE_NOTES[data_format]}")
     if fmt == "llamafactory":
         header.append(
             f"# register dataset {body['dataset']!r} in data/dataset_info.json "

@@ -44,7 +44,8 @@ def _axolotl_dataset(data_path: str | None, data_format: str) -> dict[str, Any]:
     else:
         entry["type"] = kinds.get(data_format, "alpaca")
     if data_format == "chat":
-        entry.update(field_messages="messages", roles_to_train=["assistant"])
+        # the end of each trained turn carries loss, as autotune's chat rows do (docs/data.md)
+        entry.update(field_messages="messages", roles_to_train=["assistant"], train_on_eos="turn")
     return entry
 
 
@@ -55,9 +56,11 @@ def axolotl_config(
     num_layers: int | None = None,
     output_dir: str = "outputs/autotune",
     freeze_layout: FreezeLayout | None = None,
+    tied_head: bool | None = None,
 ) -> dict[str, Any]:
     """`freeze_layout`: where the model keeps what a freeze recipe trains (None: the Llama
-    family's, of `num_layers` blocks)."""
+    family's, of `num_layers` blocks, with `tied_head` whether its head is its input
+    embedding, None: not known)."""
     config: dict[str, Any] = {
         "base_model": recipe.model,
         "load_in_8bit": QUANTIZATIONS[recipe.quantization].bits == 8,
@@ -100,6 +103,6 @@ def axolotl_config(
     elif recipe.method == "freeze":
         # Everything not listed stays frozen: the decoder blocks from frozen_layers up (only
         # their attention or MLP where train_modules says so), the final norm and an untied head.
-        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head=None)
+        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
         config["unfrozen_parameters"] = unfrozen_parameters(recipe, layout)
     return config

@@ -23,10 +23,12 @@ def hf_config(
     output_dir: str = "outputs/autotune",
     freeze_layout: FreezeLayout | None = None,
     num_layers: int | None = None,
+    tied_head: bool | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of TrainingArguments, LoraConfig and BitsAndBytesConfig; for a freeze
     recipe, the parameters that train as regular expressions (`freeze_layout`: the model's,
-    None: the Llama family's, of `num_layers` blocks)."""
+    None: the Llama family's, of `num_layers` blocks, with `tied_head` whether its head is its
+    input embedding, None: not known)."""
     training = {
         "output_dir": output_dir,
         "per_device_train_batch_size": recipe.micro_batch_size,
@@ -68,7 +70,7 @@ def hf_config(
         config["frozen_layers"] = recipe.frozen_layers
         if recipe.train_modules != "all":
             config["train_modules"] = recipe.train_modules
-        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head=None)
+        layout = layout_or_llama(recipe, freeze_layout, num_layers, tied_head)
         config["trainable_parameters"] = trainable_parameters(recipe, layout)
     sft_config = BATCHINGS[recipe.batching].sft_config
     if sft_config is not None:

@@ -16,6 +16,27 @@ from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 from autotune.training.freeze import FreezeLayout
 
+TEMPLATES = {
+    "alpaca": "alpaca",  # ### Instruction: ... ### Response: (with its system line)
+    "input_output": "empty",  # the input, then the output: no words around them
+    "text": "empty",
+}
+"""autotune's data format -> the LLaMA-Factory template that renders its rows closest to how
+autotune does. Chat rows have none here: without `template`, LLaMA-Factory parses the
+tokenizer's own chat template (get_template_and_fix_tokenizer), as autotune renders them."""
+
+TEMPLATE_NOTES = {
+    "alpaca": "template alpaca: LLaMA-Factory adds its system line before the instruction and "
+    "joins an input to the instruction with a newline (autotune: no system line, an '### Input:' "
+    "section)",
+    "input_output": "template empty: LLaMA-Factory puts no newline between input and output "
+    "(autotune: one)",
+    "chat": "template left out: LLaMA-Factory then parses the tokenizer's chat template, as "
+    "autotune renders chat rows (a tokenizer without one: LLaMA-Factory's empty template, "
+    "autotune's <|role|> turns)",
+}
+"""Where the exported template still renders a row otherwise than autotune trained it."""
+
 
 def llamafactory_config(
     recipe: Recipe,
@@ -24,17 +45,19 @@ def llamafactory_config(
     output_dir: str = "saves/autotune",
     tied_head: bool | None = None,
     freeze_layout: FreezeLayout | None = None,
+    data_format: str = "alpaca",
 ) -> dict[str, Any]:
     """`freeze_layout`: where the model keeps what a freeze recipe trains (None: the Llama
     family's, of `num_layers` blocks, with `tied_head` saying whether the output head is the
-    input embedding, None: not known)."""
+    input embedding, None: not known); `data_format`: the data's (its first row's), which
+    chooses the template."""
     config: dict[str, Any] = {
         "model_name_or_path": recipe.model,
         "stage": "sft",
         "do_train": True,
         "finetuning_type": recipe.method,
         "dataset": dataset,
-        "template": "default",
+        **({"template": TEMPLATES[data_format]} if data_format in TEMPLATES else {}),
         "cutoff_len": recipe.seq_len,
         "output_dir": output_dir,
         "per_device_train_batch_size": recipe.micro_batch_size,

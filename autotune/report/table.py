@@ -19,7 +19,7 @@ from autotune.units import format_bytes
 STATUS_WORDS = {
     TrialStatus.MEASURED.value: "measured",
     TrialStatus.OVER_BUDGET_PREDICTED.value: "over budget (predicted, not run)",
-    TrialStatus.REFUSED.value: "cannot train here (not run)",
+    TrialStatus.REFUSED.value: "refused: cannot train (not run)",
     TrialStatus.DUPLICATE.value: "repeat of an earlier trial",
     TrialStatus.OOM.value: "out of memory",
     TrialStatus.NAN.value: "loss not finite",

@@ -9,7 +9,7 @@ import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.architecture import dora_refusal
 from autotune.errors import first_line, unwritable
@@ -22,7 +22,6 @@ from autotune.quality import quality_cost
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
 from autotune.study.coverage import SpacePoint, space_used_up
-from autotune.study.ranking import Promotion
 from autotune.study.records import (
     UNMEASURED_TOKENS_PER_SECOND,
     ProbeCrashed,
@@ -46,6 +45,9 @@ from autotune.study.study_records import Confirmation, Noise, study_budgets
 from autotune.study.workers import beyond_target, requeue_stopped_trial, worker_id
 from autotune.training.io import ProbeRequest, ProbeResult
 from autotune.units import format_bytes
+
+if TYPE_CHECKING:  # a type only: the objective runs nothing of ranking
+    from autotune.study.ranking import Promotion
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from autotune.errors import UsageError, check_distinct_outputs
 from autotune.margins import check_margin
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
-from autotune.prediction import check_memory_model
+from autotune.prediction import NARROWEST_TOKEN_LENGTHS, check_memory_model
 from autotune.quality import check_quality
 from autotune.recipe import UPPER_BOUNDS
 from autotune.remote_code import allow_remote_code
@@ -24,6 +24,7 @@ from autotune.space import SearchSpace
 from autotune.study.pruning import budget_fit, distributed_space, supported_space
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
+    BudgetFit,
     PreparedRun,
     RunSettings,
     check_workers,
@@ -102,17 +103,22 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         str(settings.data_path),
     )
     check_margin(settings.memory_margin)
-    fit = budget_fit(
-        space, settings.model, spec, settings.seq_len, settings.budget_bytes, settings.memory_margin
+    # the least peaks any data gives (rows one token wide where the data sets their width): a
+    # budget below the smallest of them is refused before the data is tokenized
+    _check_budget_fits(
+        budget_fit(
+            space,
+            settings.model,
+            spec,
+            settings.seq_len,
+            settings.budget_bytes,
+            settings.memory_margin,
+            NARROWEST_TOKEN_LENGTHS,
+        ),
+        settings,
+        space,
+        "whatever the data's lengths",
     )
-    smallest = fit.smallest_peak_bytes
-    if smallest > settings.budget_bytes:
-        raise UsageError(
-            f"budget {format_bytes(settings.budget_bytes)} is below the "
-            f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
-            f"{space.source} needs at seq_len {settings.seq_len}, with the memory model's "
-            "margin; raise --budget or shorten --seq-len (or set --memory-margin)"
-        )
     # Recipes and probe requests name local paths absolutely so they work from anywhere.
     settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     if Path(settings.model).expanduser().exists():
@@ -146,6 +152,21 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         progress=settings.tokenize_progress,
     )
     check_token_ids(splits, spec.vocab_size, settings.model)
+    # the space sized on the rows this data gives each probe, as its trials are predicted
+    train_token_lengths = splits.train.length_span
+    fit = budget_fit(
+        space,
+        settings.model,
+        spec,
+        settings.seq_len,
+        settings.budget_bytes,
+        settings.memory_margin,
+        train_token_lengths,
+    )
+    longest = train_token_lengths[1] if train_token_lengths else settings.seq_len
+    _check_budget_fits(
+        fit, settings, space, f"on this data (its longest training example {longest} tokens)"
+    )
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
     check_workers(settings, device)
@@ -161,7 +182,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         device,
         study_name,
         storage,
-        smallest,
+        fit.smallest_peak_bytes,
         fitting_choices=fit.choices,
         ruled_out_choices=fit.ruled_out,
         skipped_rows=len(data_scan.bad),
@@ -170,6 +191,20 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         model_config=model_config,
         unsupported_choices=unsupported,
         pad_token_id=tokenizer.pad_token_id,
-        train_token_lengths=splits.train.length_span,
+        train_token_lengths=train_token_lengths,
         freeze_layout=freeze_layout.to_dict() if freeze_layout else None,
     )
+
+
+def _check_budget_fits(
+    fit: BudgetFit, settings: RunSettings, space: SearchSpace, rows: str
+) -> None:
+    """Refuse a budget below the smallest recipe of `fit`, whose rows `rows` says, in a line."""
+    smallest = fit.smallest_peak_bytes
+    if smallest > settings.budget_bytes:
+        raise UsageError(
+            f"budget {format_bytes(settings.budget_bytes)} is below the "
+            f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
+            f"{space.source} needs at seq_len {settings.seq_len} {rows}, with the memory "
+            "model's margin; raise --budget or shorten --seq-len (or set --memory-margin)"
+        )

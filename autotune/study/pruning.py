@@ -9,9 +9,10 @@ from typing import Any
 from autotune.architecture import Architecture, loss_refusal
 from autotune.errors import UsageError
 from autotune.margins import margin_for
-from autotune.memory import estimate
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import optimizer_refusal
+from autotune.prediction import formula_estimate
+from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.records import describe_unsupported
 from autotune.study.settings import BudgetFit, PreparedRun
@@ -116,7 +117,7 @@ def distributed_space(
     without the choices a searched strategy (or, for offload, the CPU) cannot run with. Each
     left out choice is added to `unsupported` with its reason."""
     from autotune.distributed import DISTRIBUTED, combination_refusals, probe_refusal
-    from autotune.recipe import Method, Recipe
+    from autotune.recipe import Method
 
     def leave_out(name: str, choice: Any, why: str) -> None:
         unsupported.setdefault(name, {}).setdefault(str(choice), why)
@@ -245,6 +246,16 @@ def resumed_space(prepared: PreparedRun, stored: dict[str, list[Any]]) -> tuple[
     return space.restricted(stored), note
 
 
+def margined_peak_bytes(
+    spec: ModelSpec, recipe: Recipe, token_lengths: tuple[int, int] | None, margin: float | None
+) -> int:
+    """The formula's peak of `recipe` on the rows data whose examples span `token_lengths`
+    gives its probe (formula_estimate), with the formula's margin (or the one given): what a
+    study holds to the budget before any probe."""
+    peak = formula_estimate(spec, recipe, token_lengths).peak_bytes
+    return margin_for(margin, "formula", recipe.quantization).bytes_of(peak)
+
+
 def budget_fit(
     space: SearchSpace,
     model: str,
@@ -252,16 +263,17 @@ def budget_fit(
     seq_len: int,
     budget_bytes: int,
     margin: float | None = None,
+    token_lengths: tuple[int, int] | None = None,
 ) -> BudgetFit:
-    """Predict every point of the space (milliseconds each), with the formula's margin (or the
-    one given): a choice that only recipes over the budget use would only ever be ruled out,
-    so the search need not spend trials on it."""
+    """Predict every point of the space (milliseconds each) on the rows data whose examples,
+    truncated at seq_len, span `token_lengths` gives its probes, as the trials are predicted
+    (None: seq_len-wide rows; NARROWEST_TOKEN_LENGTHS: the least peaks any data gives), with
+    the formula's margin (or the one given): a choice that only recipes over the budget use
+    would only ever be ruled out, so the search need not spend trials on it."""
     smallest: dict[str, dict[Any, int]] = {}
     for params in space.all_params():
         recipe = space.build(params, model, spec, seq_len)
-        peak = margin_for(margin, "formula", recipe.quantization).bytes_of(
-            estimate(spec, recipe).peak_bytes
-        )
+        peak = margined_peak_bytes(spec, recipe, token_lengths, margin)
         for name, value in params.items():
             seen = smallest.setdefault(name, {})
             seen[value] = min(seen.get(value, peak), peak)

@@ -18,7 +18,7 @@ from autotune.pareto import Point
 from autotune.recipe import Recipe
 from autotune.study.study_records import StudyBudgets, left_frontier, study_budgets
 from autotune.training.io import ProbeResult
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 
 OBJECTIVE_NAMES = ("peak_memory_bytes", "tokens_per_second", "eval_loss")
 DIRECTIONS = ("minimize", "maximize", "minimize")
@@ -327,9 +327,14 @@ PROBE_FAILURE_WORDS = {
     TrialStatus.OOM: "ran out of memory",
     TrialStatus.NAN: "had a non-finite loss",
     TrialStatus.INTERRUPTED: "was interrupted",
-    TrialStatus.REFUSED: "cannot train here",
+    TrialStatus.REFUSED: "was refused",
 }
 """A trial's status when its probe did not finish, or was refused -> how the run's end says it."""
+
+
+def _agreeing(words: str, count: int) -> str:
+    """'was refused' of one trial, 'were refused' of several."""
+    return f"were {words[4:]}" if count > 1 and words.startswith("was ") else words
 
 
 def nothing_measured_line(study: Any) -> str:
@@ -352,7 +357,8 @@ def nothing_measured_line(study: Any) -> str:
         if status is not None and status in counts and status not in reasons:
             reasons[status] = trial_reason(trial) or "no reason recorded"
     parts = [
-        f"{count} trial{'s' if count > 1 else ''} {PROBE_FAILURE_WORDS[status]}: {reasons[status]}"
+        f"{count_of(count, 'trial')} {_agreeing(PROBE_FAILURE_WORDS[status], count)}: "
+        f"{reasons[status]}"
         for status, count in counts.most_common()
     ]
     return "no recipe ran: " + "; ".join(parts)

@@ -8,9 +8,9 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from autotune.margins import margin_for
-from autotune.memory import MemoryEstimate, estimate
+from autotune.memory import MemoryEstimate
 from autotune.prediction import (
+    formula_estimate,
     predict,
     probe_rows,
     replay_in_worker,
@@ -18,6 +18,7 @@ from autotune.prediction import (
 )
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
+from autotune.study.pruning import margined_peak_bytes
 from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
 
 
@@ -28,10 +29,10 @@ def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
 
     def fits(params: dict[str, Any]) -> bool:
         recipe = prepared.space.build(params, settings.model, prepared.spec, settings.seq_len)
-        margin = margin_for(settings.memory_margin, "formula", recipe.quantization)
-        rows = probe_rows(recipe, prepared.train_token_lengths)
-        peak = estimate(prepared.spec, recipe, rows.width, rows.padded).peak_bytes
-        return margin.bytes_of(peak) <= settings.budget_bytes
+        peak = margined_peak_bytes(
+            prepared.spec, recipe, prepared.train_token_lengths, settings.memory_margin
+        )
+        return peak <= settings.budget_bytes
 
     return fits
 
@@ -45,15 +46,14 @@ def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEst
     predicted: dict[str, tuple[MemoryEstimate, str]] = {}
 
     def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
-        rows = probe_rows(recipe, prepared.train_token_lengths)
-        formula = estimate(prepared.spec, recipe, rows.width, rows.padded)
+        formula = formula_estimate(prepared.spec, recipe, prepared.train_token_lengths)
         if (
             settings.memory_model != "replay"
             or prepared.model_config is None
             or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
         ):
             return formula, "formula"
-        key = replay_key(recipe, rows)
+        key = replay_key(recipe, probe_rows(recipe, prepared.train_token_lengths))
         if key not in predicted:
             result, used, _ = predict(
                 prepared.spec,

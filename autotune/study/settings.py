@@ -280,8 +280,11 @@ class PreparedRun:
     study_name: str
     storage: str
     smallest_peak_bytes: int
+    """The least peak, with its margin, the formula predicts of any recipe of the space on the
+    rows the data gives its probe (prediction.probe_rows), as the trials are predicted."""
     fitting_choices: dict[str, list[Any]] = field(default_factory=dict)
-    """Each dimension's choices that some recipe predicted to fit the budget uses."""
+    """Each dimension's choices that some recipe predicted to fit the budget uses (on the
+    rows the data gives its probe)."""
     ruled_out_choices: dict[str, dict[str, int]] = field(default_factory=dict)
     """Dimension -> choice -> the smallest predicted peak of a recipe with it (over budget)."""
     skipped_rows: int = 0

@@ -258,21 +258,16 @@ def check_same_strategy(extra: dict[str, Any], recipe: Any, path: Path) -> None:
 
 def _zero_strategy_before_kept(path: Path) -> str | None:
     """The ZeRO strategy that wrote `path`, a checkpoint from before checkpoints kept theirs:
-    where it holds ZeRO partitions, the recipe its run wrote beside it (RUN_MARKER, rewritten
-    only after a resume has loaded a checkpoint) names the stage; None where nothing tells."""
-    import yaml
-
+    where it holds ZeRO partitions, the recipe its run wrote beside it (train_plan.run_recipe)
+    names the stage; None where nothing tells."""
     from autotune.distributed import DISTRIBUTED
     from autotune.training.deepspeed_engine import PARTITION_NAME
-    from autotune.training.train_plan import RUN_MARKER
+    from autotune.training.train_plan import run_recipe
 
     if not any(path.glob(PARTITION_NAME.format(rank="*"))):
         return None
-    try:
-        fields = yaml.safe_load((path.parent / RUN_MARKER).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    strategy = fields.get("distributed") if isinstance(fields, dict) else None
+    written = run_recipe(path.parent)
+    strategy = written.distributed if written is not None else None
     if strategy in DISTRIBUTED and DISTRIBUTED[strategy].uses_deepspeed:
         return str(strategy)
     return None

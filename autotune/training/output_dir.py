@@ -8,7 +8,7 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.training.checkpoints import checkpoints, latest_checkpoint
-from autotune.training.train_plan import RANKS_DIR, RUN_MARKER
+from autotune.training.train_plan import RANKS_DIR, RUN_MARKER, run_recipe
 
 __all__ = ["RUN_MARKER", "check_output_dir", "holds_a_run"]
 
@@ -83,12 +83,10 @@ def check_same_training(path: Path, recipe: Any) -> None:
     weights or another model than the recipe that wrote it (its RUN_MARKER): loading its
     checkpoint would fail on a missing weight or a mismatched optimizer group. A run from
     before the marker was written is not checked."""
-    from autotune.recipe import Recipe
-
-    marker = path / RUN_MARKER
-    if not marker.is_file():
+    written = run_recipe(path)
+    if written is None:
         return
-    written = Recipe.load(marker)
+    marker = path / RUN_MARKER
     changed = [
         f"{name} {getattr(written, name)!r}, now {getattr(recipe, name)!r}"
         for name in TRAINED_STATE_FIELDS

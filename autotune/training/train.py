@@ -18,6 +18,7 @@ from typing import Any
 from autotune.cpu_nf4 import unpack_cpu_nf4
 from autotune.data.splits import check_seed
 from autotune.errors import UsageError
+from autotune.files import write_atomically
 from autotune.recipe import Recipe
 from autotune.recipe_checks import fp16_moments_refusal
 from autotune.training.checkpoints import (
@@ -155,8 +156,12 @@ def train(
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
         forget_best(output_dir)
-    if predicted_peak_bytes is None and predict_peak is not None:
-        predicted_peak_bytes = predict_peak(data_scan.usable_rows)
+    try:
+        if predicted_peak_bytes is None and predict_peak is not None:
+            predicted_peak_bytes = predict_peak(data_scan.usable_rows)
+    except UsageError:  # the data tokenized unusable (every row truncated to nothing)
+        _remove_if_empty(output_dir, created)
+        raise
     plan = TrainPlan(
         recipe=recipe,
         data_path=data_path,
@@ -186,9 +191,14 @@ def train(
             return train_on_ranks(plan, callbacks)
         return run_training(plan, callbacks)
     except UsageError:  # input found unusable once read (too few rows): no empty --output left
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        _remove_if_empty(output_dir, created)
         raise
+
+
+def _remove_if_empty(output_dir: Path, created: bool) -> None:
+    """A --output this run created and left empty goes when its input is found unusable."""
+    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
 
 
 def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
@@ -263,7 +273,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         if stopper is not None and "early_stopping" in extra:
             stopper.load_state_dict(extra["early_stopping"])
     if writer:
-        (output_dir / RUN_MARKER).write_text(recipe.to_yaml(), encoding="utf-8")
+        write_atomically(output_dir / RUN_MARKER, recipe.to_yaml())
     if on_start:
         on_start(start_step, total_steps)
 

@@ -18,6 +18,15 @@ RUN_MARKER = "autotune_recipe.yaml"
 directory holds a run of `autotune train`."""
 
 
+def run_recipe(output_dir: Path) -> Recipe | None:
+    """The recipe of the run that trains into `output_dir`, as its RUN_MARKER holds it (written
+    when training starts, rewritten only after a resume has loaded a checkpoint); None where no
+    run has written one (runs from before the marker). An unreadable one is refused in one
+    line, as a recipe file is."""
+    marker = output_dir / RUN_MARKER
+    return Recipe.load(marker) if marker.is_file() else None
+
+
 @dataclass
 class TrainReport:
     steps: int
