@@ -81,6 +81,55 @@ def test_resume_continues_exactly(tiny_model, qa_data, tmp_path):
     assert last.tokens_per_second is None and last.timed_steps == 0
 
 
+def test_a_run_tokenizes_its_data_once_and_a_resume_not_again(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    """The peak prediction (a padded recipe reads the data's lengths) and the training share one
+    tokenization, kept in --output's token cache; a --resume, or a run into an output a stopped
+    run left its cache in, finds it and tokenizes nothing."""
+    import shutil
+
+    import autotune.data.splits as splits
+    from autotune import api
+    from autotune.training.train_data import TOKEN_CACHE_DIR
+
+    tokenized: list[int] = []
+    tokenize_many = splits.tokenize_many
+
+    def counting(examples, tokenizer, seq_len):
+        tokenized.append(len(examples))
+        return tokenize_many(examples, tokenizer, seq_len)
+
+    monkeypatch.setattr(splits, "tokenize_many", counting)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(lora_recipe(tiny_model).to_yaml())
+    assert lora_recipe(tiny_model).batching == "padded"
+    progress: list[tuple[int, int]] = []
+    out = tmp_path / "out"
+
+    def train_into(output: Path, **options):
+        return api.train(
+            recipe_path,
+            qa_data,
+            output,
+            device="cpu",
+            tokenize_progress=lambda done, total: progress.append((done, total)),
+            **options,
+        )
+
+    first = train_into(out, max_steps=1)
+    assert sum(tokenized) == 40 and progress == [(40, 40)]  # the 40 rows, once
+    assert first.predicted is not None
+    [cache] = (out / TOKEN_CACHE_DIR).iterdir()
+    resumed = train_into(out, max_steps=2, resume=True)
+    assert resumed.report.resumed_from_step == 1 and resumed.predicted == first.predicted
+    stopped = tmp_path / "stopped"  # a run that stopped once its data was tokenized
+    shutil.copytree(out / TOKEN_CACHE_DIR, stopped / TOKEN_CACHE_DIR)
+    assert train_into(stopped, max_steps=1).report.steps == 1  # no --overwrite needed
+    assert sum(tokenized) == 40 and progress == [(40, 40)]
+    assert list((out / TOKEN_CACHE_DIR).iterdir()) == [cache]
+
+
 def test_the_end_of_train_says_why_it_has_no_speed(tmp_path):
     from rich.console import Console
 
