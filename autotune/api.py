@@ -264,15 +264,13 @@ def train(
         check_local_weights(recipe.model)
     predicted: list[MemoryPrediction] = []
 
-    def predict_peak(usable_rows: int) -> int | None:
-        """As a study on this data predicts it, once the run is checked: the replay, the
-        formula where it cannot run, of the rows the data gives the micro-batches."""
+    def predict_peak(train_lengths: tuple[int, int] | None) -> int | None:
+        """As a study on this data predicts it, once the run is checked and its data tokenized:
+        the replay, the formula where it cannot run, of the rows the data gives the
+        micro-batches (`train_lengths`: the shortest and longest training example's tokens)."""
         if spec is None:
             return None
-        lengths = _train_token_lengths(
-            recipe, spec.vocab_size, Path(data_path), usable_rows, options
-        )
-        predicted.append(memory_prediction(spec, recipe, config, token_lengths=lengths))
+        predicted.append(memory_prediction(spec, recipe, config, token_lengths=train_lengths))
         return predicted[-1].estimate.peak_bytes
 
     report = train_model(
@@ -284,29 +282,6 @@ def train(
         **options,
     )
     return TrainResult(report, predicted[0] if predicted else None, measured, recipe.num_gpus)
-
-
-def _train_token_lengths(
-    recipe: Recipe, vocab_size: int, data_path: Path, usable_rows: int, options: dict[str, Any]
-) -> tuple[int, int] | None:
-    """The shortest and longest training example `train` will meet, truncated at seq_len, as a
-    study records them; None where the recipe's micro-batches are packed or padding-free rows
-    (their width is seq_len whatever the data, so the data is not tokenized for it)."""
-    from autotune.batchings import BATCHINGS
-    from autotune.data.splits import load_splits
-    from autotune.training.build import load_tokenizer
-
-    if BATCHINGS[recipe.batching].masks_rows:
-        return None
-    splits = load_splits(
-        data_path,
-        load_tokenizer(recipe.model, vocab_size),
-        recipe.seq_len,
-        options.get("seed", 0),
-        options.get("eval_rows"),
-        usable_rows,
-    )
-    return splits.train.length_span
 
 
 def inspect_data(

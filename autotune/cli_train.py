@@ -83,7 +83,7 @@ def train(
     """Fine-tune with a recipe; checkpoints and the adapter or model go to --output."""
     from autotune.api import train as train_with_recipe
     from autotune.budgets import parse_budget
-    from autotune.console import make_console
+    from autotune.console import make_console, tokenize_progress
     from autotune.distributed import parse_gpu_indices
     from autotune.train_console import TrainProgress, show_trained
 
@@ -121,6 +121,7 @@ def train(
             on_start=progress.started,
             on_step=progress.stepped,
             on_eval=progress.evaluated,
+            tokenize_progress=tokenize_progress(data),
         )
     show_trained(console, result)
     if budget_bytes and not result.report.budget_enforced:

@@ -164,10 +164,10 @@ def test_train_predicts_the_peak_a_study_predicts_for_the_same_data(
     assert used == "replay"
     logged = {}
 
-    def train(recipe, data_path, output_dir, predict_peak, **options):  # checks done
-        logged["predicted_peak_bytes"] = predict_peak(30)  # the rows checked_scan counts
+    def run_training(plan, callbacks):  # checked, tokenized and predicted: no need to train
+        logged["predicted_peak_bytes"] = plan.predicted_peak_bytes
 
-    monkeypatch.setattr(autotune.training.train, "train", train)
+    monkeypatch.setattr(autotune.training.train, "run_training", run_training)
     result = api.train(recipe_path, data, tmp_path / "out", device="cpu")
     assert result.predicted.estimate == studied  # breakdown and all
     assert logged["predicted_peak_bytes"] == studied.peak_bytes

@@ -81,6 +81,61 @@ def test_resume_continues_exactly(tiny_model, qa_data, tmp_path):
     assert last.tokens_per_second is None and last.timed_steps == 0
 
 
+def test_a_run_tokenizes_its_data_once_and_keeps_it_while_it_may_go_on(
+    tiny_model, qa_data, tmp_path, monkeypatch
+):
+    """The peak prediction (a padded recipe reads the data's lengths) and the training share one
+    tokenization, kept in --output's token cache while the run may be continued: a run into an
+    output a stopped run left its cache in finds it and tokenizes nothing; a finished run
+    removes it (its --output holds what it trained, not its training data)."""
+    import autotune.data.splits as splits
+    import autotune.training.train as train_module
+    from autotune import api
+    from autotune.training.train_data import TOKEN_CACHE_DIR
+
+    tokenized: list[int] = []
+    tokenize_many = splits.tokenize_many
+
+    def counting(examples, tokenizer, seq_len):
+        tokenized.append(len(examples))
+        return tokenize_many(examples, tokenizer, seq_len)
+
+    monkeypatch.setattr(splits, "tokenize_many", counting)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(lora_recipe(tiny_model).to_yaml())
+    assert lora_recipe(tiny_model).batching == "padded"
+    progress: list[tuple[int, int]] = []
+
+    def train_into(output: Path, **options):
+        return api.train(
+            recipe_path,
+            qa_data,
+            output,
+            device="cpu",
+            tokenize_progress=lambda done, total: progress.append((done, total)),
+            **options,
+        )
+
+    first = train_into(tmp_path / "out", max_steps=1)
+    assert sum(tokenized) == 40 and progress == [(40, 40)]  # the 40 rows, once
+    assert first.predicted is not None
+    assert not (tmp_path / "out" / TOKEN_CACHE_DIR).exists()  # finished: its data goes
+
+    def stopped_once_tokenized(plan, callbacks):
+        raise KeyboardInterrupt
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "run_training", stopped_once_tokenized)
+        with pytest.raises(KeyboardInterrupt):
+            train_into(stopped, max_steps=1)
+    assert sum(tokenized) == 80 and len(list((stopped / TOKEN_CACHE_DIR).iterdir())) == 1
+    again = train_into(stopped, max_steps=1)  # no --overwrite needed: it holds only the cache
+    assert again.report.steps == 1 and again.predicted == first.predicted
+    assert sum(tokenized) == 80 and progress == [(40, 40)] * 2  # nothing tokenized again
+    assert not (stopped / TOKEN_CACHE_DIR).exists()
+
+
 def test_the_end_of_train_says_why_it_has_no_speed(tmp_path):
     from rich.console import Console
 

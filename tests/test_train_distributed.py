@@ -404,3 +404,25 @@ def test_a_resume_across_deepspeeds_boundary_or_stages_is_refused_in_one_line(tm
         (None, "fsdp", False),
     ):
         assert refusal(written, strategy, partitions) is None
+
+
+def test_each_rank_receives_the_token_cache_the_parent_made(tmp_path):
+    """The plan reaches the ranks as JSON: its token cache with it, so that no rank tokenizes
+    the data again."""
+    from pathlib import Path
+
+    from autotune.training.ranked_train import _plan_json, _plan_of
+    from autotune.training.train_plan import TrainPlan
+
+    cache = tmp_path / "out" / ".autotune-tokens" / "tokens-0123"
+    plan = TrainPlan(
+        recipe=two_rank_recipe("m", "ddp", "full"),
+        data_path=Path("data.jsonl"),
+        output_dir=tmp_path / "out",
+        device="cpu",
+        token_cache=cache,
+        gpus=("0", "1"),
+        eval_rows=EVAL_ROWS,
+    )
+    received = _plan_of(_plan_json(plan))
+    assert received == plan and received.token_cache == cache

@@ -104,9 +104,9 @@ def load_splits(
             if example.has_answer_tokens:
                 (evaluation if index in held_out else train).append(example)
         done += len(chunk)
-        if progress and done % TOKENIZE_PROGRESS_ROWS < TOKENIZE_CHUNK_ROWS:
+        if progress and done < row_count and done % TOKENIZE_PROGRESS_ROWS < TOKENIZE_CHUNK_ROWS:
             progress(done, row_count)
-    if progress:
+    if progress:  # the end, once
         progress(row_count, row_count)
     emptied = [name for name, split in (("training", train), ("eval", evaluation)) if not split]
     if emptied:

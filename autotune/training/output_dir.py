@@ -8,6 +8,7 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.training.checkpoints import checkpoints, latest_checkpoint
+from autotune.training.train_data import TOKEN_CACHE_DIR
 from autotune.training.train_plan import RANKS_DIR, RUN_MARKER, run_recipe
 
 __all__ = ["RUN_MARKER", "check_output_dir", "holds_a_run"]
@@ -35,7 +36,10 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
                 f"--output {path} is inside the model's directory {model_dir}; training never "
                 "writes there, choose another directory"
             )
-    existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    # the token cache a run made there is its own, even where the run stopped before its files
+    existing = (
+        sorted(p.name for p in path.iterdir() if p.name != TOKEN_CACHE_DIR) if path.is_dir() else []
+    )
     if existing and not resume and not overwrite:
         if holds_a_run(path):
             raise UsageError(

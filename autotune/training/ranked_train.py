@@ -123,6 +123,7 @@ def _plan_json(plan: TrainPlan) -> str:
         recipe=plan.recipe.to_yaml(),
         data_path=str(plan.data_path),
         output_dir=str(plan.output_dir),
+        token_cache=str(plan.token_cache),
     )
     return json.dumps(fields)
 
@@ -133,6 +134,7 @@ def _plan_of(text: str) -> TrainPlan:
         recipe=Recipe.from_yaml(fields["recipe"]),
         data_path=Path(fields["data_path"]),
         output_dir=Path(fields["output_dir"]),
+        token_cache=Path(fields["token_cache"]),
         gpus=tuple(fields["gpus"]),
     )
     return TrainPlan(**fields)

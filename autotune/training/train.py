@@ -41,6 +41,11 @@ from autotune.training.merge import check_merge, merge_adapter, merge_note
 from autotune.training.monitor import check_report_to, open_monitor
 from autotune.training.output_dir import RUN_MARKER, check_output_dir, check_same_training
 from autotune.training.schedule import lr_factor
+from autotune.training.train_data import (
+    TOKEN_CACHE_DIR,
+    holds_only_token_cache,
+    tokenize_for_training,
+)
 from autotune.training.train_plan import (
     TrainCallbacks,
     TrainPlan,
@@ -103,7 +108,8 @@ def train(
     report_to: str = "none",
     logging_steps: int = 10,
     predicted_peak_bytes: int | None = None,
-    predict_peak: Callable[[int], int | None] | None = None,
+    predict_peak: Callable[[tuple[int, int] | None], int | None] | None = None,
+    tokenize_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, float, bool], None] | None = None,
@@ -115,12 +121,12 @@ def train(
     loss (default 3; 0 never stops) and the best weights are the ones saved. With `merge_dtype`
     (LoRA recipes), the base with the adapter merged is saved too, in `output_dir`/merged.
     With `report_to` tensorboard or wandb, train loss, learning rate, tokens/s and peak memory
-    (beside `predicted_peak_bytes`, or what `predict_peak(usable rows)` gives once the run is
-    checked) are logged every `logging_steps` steps, eval losses as they come.
+    (beside `predicted_peak_bytes`, else `predict_peak((shortest, longest) training example)`)
+    are logged every `logging_steps` steps, eval losses as they come. The data is tokenized
+    once, into --output's token cache (train_data.py; `tokenize_progress(done, total)`).
     `on_eval(step, eval_loss, is_best)` is called after each evaluation. A recipe on several
-    GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices;
-    the first num_gpus where none are given) or as gloo processes on the CPU
-    (autotune/training/ranked_train.py)."""
+    GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices; the first
+    num_gpus where none are given) or as gloo processes on the CPU (ranked_train.py)."""
     _check_length(epochs, max_steps, save_every_steps)
     check_seed(seed)
     check_report_to(report_to)
@@ -156,49 +162,48 @@ def train(
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
         forget_best(output_dir)
-    try:
-        if predicted_peak_bytes is None and predict_peak is not None:
-            predicted_peak_bytes = predict_peak(data_scan.usable_rows)
-    except UsageError:  # the data tokenized unusable (every row truncated to nothing)
-        _remove_if_empty(output_dir, created)
-        raise
-    plan = TrainPlan(
-        recipe=recipe,
-        data_path=data_path,
-        output_dir=output_dir,
-        device=device,
-        gpus=gpus,
-        usable_rows=data_scan.usable_rows,
-        epochs=epochs,
-        max_steps=max_steps,
-        resume=resume,
-        budget_bytes=budget_bytes,
-        seed=seed,
-        save_every_steps=save_every_steps,
-        eval_rows=eval_rows,
-        eval_steps=eval_steps,
-        patience=patience,
-        merge_dtype=merge_dtype,
-        report_to=report_to,
-        logging_steps=logging_steps,
-        predicted_peak_bytes=predicted_peak_bytes,
-    )
     callbacks = TrainCallbacks(on_start, on_step, on_eval)
     try:
+        splits, token_cache = tokenize_for_training(
+            recipe, data_path, output_dir, seed, eval_rows, data_scan.usable_rows, tokenize_progress
+        )
+        if predicted_peak_bytes is None and predict_peak is not None:
+            predicted_peak_bytes = predict_peak(splits.train.length_span)
+        plan = TrainPlan(
+            recipe=recipe,
+            data_path=data_path,
+            output_dir=output_dir,
+            device=device,
+            token_cache=token_cache,
+            gpus=gpus,
+            epochs=epochs,
+            max_steps=max_steps,
+            resume=resume,
+            budget_bytes=budget_bytes,
+            seed=seed,
+            save_every_steps=save_every_steps,
+            eval_rows=eval_rows,
+            eval_steps=eval_steps,
+            patience=patience,
+            merge_dtype=merge_dtype,
+            report_to=report_to,
+            logging_steps=logging_steps,
+            predicted_peak_bytes=predicted_peak_bytes,
+        )
         if recipe.num_gpus > 1:
             from autotune.training.ranked_train import train_on_ranks
 
-            return train_on_ranks(plan, callbacks)
-        return run_training(plan, callbacks)
-    except UsageError:  # input found unusable once read (too few rows): no empty --output left
-        _remove_if_empty(output_dir, created)
+            report = train_on_ranks(plan, callbacks)
+        else:
+            report = run_training(plan, callbacks)
+    except UsageError:  # input found unusable once read (too few rows): no --output left
+        if created and output_dir.is_dir() and holds_only_token_cache(output_dir):
+            shutil.rmtree(output_dir)
         raise
-
-
-def _remove_if_empty(output_dir: Path, created: bool) -> None:
-    """A --output this run created and left empty goes when its input is found unusable."""
-    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
+    # the tokenized data stays only while a stopped run may continue: a finished --output holds
+    # what it trained, not its training data (an upload of the folder would carry it)
+    shutil.rmtree(output_dir / TOKEN_CACHE_DIR, ignore_errors=True)
+    return report
 
 
 def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
@@ -206,7 +211,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     recipe (it joins the process group; rank 0 alone writes files and calls `callbacks`)."""
     import torch
 
-    from autotune.data.splits import check_token_ids, load_splits
+    from autotune.data.token_cache import load_token_cache
     from autotune.model_spec import load_model_spec
     from autotune.training.build import (
         build_model,
@@ -237,12 +242,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
     meter = MemoryMeter(device)
     budget_enforced = meter.enforce_budget(plan.budget_bytes) if plan.budget_bytes else False
     torch.manual_seed(seed)
-    vocab_size = load_model_spec(recipe.model).vocab_size
-    tokenizer = load_tokenizer(recipe.model, vocab_size)
-    splits = load_splits(
-        plan.data_path, tokenizer, recipe.seq_len, seed, plan.eval_rows, plan.usable_rows
-    )
-    check_token_ids(splits, vocab_size, recipe.model)
+    tokenizer = load_tokenizer(recipe.model, load_model_spec(recipe.model).vocab_size)
+    splits = load_token_cache(plan.token_cache)  # tokenized and checked by train()
     steps_per_epoch = len(splits.train) // recipe.effective_batch_size
     if steps_per_epoch < 1:
         raise UsageError(

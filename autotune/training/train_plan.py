@@ -64,7 +64,8 @@ class TrainPlan:
     data_path: Path
     output_dir: Path
     device: str
-    usable_rows: int
+    token_cache: Path
+    """The token cache directory of the run's data (train_data.py): every rank maps it."""
     gpus: tuple[str, ...] = ()
     """CUDA indices the ranks train on (the first num_gpus where empty)."""
     epochs: float | None = None
