@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,22 @@ def qa_data(tmp_path) -> Path:
         {"input": f"Add {a} and {a + 3}.", "output": f"The sum is {2 * a + 3}."} for a in range(30)
     ] + [{"text": f"Counting: {' '.join(str(i) for i in range(n))}."} for n in range(3, 13)]
     return write_jsonl(tmp_path / "qa.jsonl", rows)
+
+
+@pytest.fixture(autouse=True)
+def process_stop_state_as_new():
+    """Every test starts with this process's Ctrl-C handling as a new process has it: Python's
+    SIGINT handler, SIGINT and SIGTERM not blocked, no probe stop or termination left over from
+    an earlier test (the run's Ctrl-C handling stands aside where SIGINT is handled otherwise,
+    so a handler left by one test would change what the next one's Ctrl-C does)."""
+    import signal
+
+    from autotune import probe_stop
+
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    probe_stop.STOP_PROBES.clear()
+    probe_stop.TERMINATED_BY.clear()
+    yield
