@@ -51,6 +51,39 @@ def cut_model(tmp_path_factory) -> Path:
     return build_random_model(config, tmp_path_factory.mktemp("cut") / "model")
 
 
+def cut_step(cut_model: Path, **fields):
+    """A step of two 128-token sequences on the cut model, eager attention, no accumulation."""
+    from autotune.recipe import Recipe
+
+    return Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            **fields,
+        }
+    )
+
+
+@pytest.fixture()
+def padded_lora_step(cut_model):
+    """(recipe, config): a LoRA step on the cut model whose micro-batches may be padded (SDPA
+    attention, which keeps the padding mask), and the model's config as the replay reads it."""
+    from autotune.replay import load_config
+
+    recipe = cut_step(
+        cut_model,
+        method="lora",
+        lora_r=8,
+        lora_dropout=0.0,
+        attention="sdpa",
+        gradient_checkpointing=False,
+    )
+    return recipe, load_config(str(cut_model))
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

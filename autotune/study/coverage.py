@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autotune.study.study_records import SPACE_TRIED_ATTR, stored_count
+from autotune.study.study_records import stored_count
 from autotune.units import count_of
 
 if TYPE_CHECKING:
@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 SPACE_POINTS_LIMIT = 100_000
 """A space with more recipes than this is not counted (nor would a run try them all)."""
+
+SPACE_TRIED_ATTR = "space_tried_recipes"
+"""Study attribute: the count of the space's recipes, once a run found every one tried."""
 
 SpacePoint = tuple[tuple[str, Any], ...]
 

@@ -84,10 +84,6 @@ def target_trials(study: Any) -> int | None:
     return stored_count(study, TARGET_TRIALS_ATTR)
 
 
-SPACE_TRIED_ATTR = "space_tried_recipes"
-"""The count of the space's recipes, once a run found every one tried (coverage.py)."""
-
-
 def stored_count(study: Any, key: str) -> int | None:
     """A study attribute that holds a count, None where it holds none."""
     stored = study.user_attrs.get(key)
