@@ -59,15 +59,22 @@ MEASURED_UNDER_ATTR = "measured_under"
 
 
 BUDGET_ATTR = "budget_bytes"
+"""The setup's budget; once a run changes the budget, the latest change's (what a version from
+before the budget history reads as the study's budget)."""
 BUDGETS_ATTR = "budgets"
-"""[[first_trial_number, budget_bytes], ...]: the budget history as studies from before
-BUDGET_CHANGE_PREFIX stored it, whole under one key: the setup's budget first, one more for each
-run that changed it. Read as the history's start; no longer written."""
+"""[[first_trial_number, budget_bytes], ...]: the budget history whole under one key, as studies
+from before BUDGET_CHANGE_PREFIX stored it and versions from then read it: the setup's budget
+first, one more for each run that changed it. Read as the history's start. Each change still
+writes it (the history as that run read it, with its change), so that those versions see the
+budget now in force; of two runs changing it at once the later write wins here, while the
+per-change attributes keep both."""
 BUDGET_CHANGE_PREFIX = "budget_change:"
 """Study attribute `budget_change:<written at, ns>:<random>`: [first_trial_number, budget_bytes,
 written at (ns since the epoch)], one run's change of the budget under a key of its own, so two
 runs changing it at once on one storage each keep theirs (one key read, changed and written
-back loses one). Until a run changes it, the setup's budget_bytes is the only budget."""
+back loses one). Until a run changes it, the setup's budget_bytes is the only budget. The
+history is read from these keys; BUDGETS_ATTR and BUDGET_ATTR are also written for older
+versions."""
 
 
 TARGET_TRIALS_ATTR = "target_trials"
@@ -148,18 +155,26 @@ _last_change_ns = 0
 
 def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
     """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
-    resumed under another --budget): one write of a key of its own, nothing read first."""
+    resumed under another --budget): first a key of its own, the history's source of truth;
+    then the legacy attributes an older version reads (BUDGETS_ATTR, BUDGET_ATTR), holding the
+    history as this run reads it with its change, so that version holds the study to the
+    budget now in force. Reading the history back is unchanged by them: a history start that
+    already holds some changes comes out as the changes alone give it (_budgets_in)."""
     global _last_change_ns
     # later than this process's previous change even where the clock reads the same
     _last_change_ns = max(time.time_ns(), _last_change_ns + 1)
     key = f"{BUDGET_CHANGE_PREFIX}{_last_change_ns}:{secrets.token_hex(4)}"
-    study.set_user_attr(key, [first_trial_number, budget_bytes, _last_change_ns])
+    change = [first_trial_number, budget_bytes, _last_change_ns]
+    study.set_user_attr(key, change)
+    history = _budgets_in({**study.user_attrs, key: change})
+    study.set_user_attr(BUDGETS_ATTR, [list(span) for span in history.spans])
+    study.set_user_attr(BUDGET_ATTR, history.current_bytes)
 
 
 def study_setup(study: Any) -> StudySetup:
     attrs = study.user_attrs
     # the budget now: the history's latest (the setup's own attribute is the budget it started
-    # with, or in a study from before the history's per-run keys, the latest)
+    # with until a run changes it, then the latest change as the run that wrote it last read it)
     setup = dataclasses.replace(
         _from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
     )
