@@ -82,6 +82,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             raise
         model_config = None  # the formula reads config.json itself; the probes will judge
     device = resolve_device(settings.device)
+    check_workers(settings, device)  # before the data is read and the space sized
     # peft's checks import bitsandbytes, which gives a process a CUDA context where there is a
     # GPU: off this process then, so the probes keep the memory; on a CPU here, in it
     run = None if device == "cpu" else run_off_gpu
@@ -169,7 +170,6 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
-    check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
     )
