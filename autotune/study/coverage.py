@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autotune.study.records import finished_trial_count
-from autotune.study.study_records import SPACE_TRIED_ATTR, stored_count
+from autotune.study.study_records import SPACE_RECIPES_ATTR, SPACE_TRIED_ATTR, stored_count
 from autotune.units import count_of
 
 if TYPE_CHECKING:
@@ -63,6 +63,26 @@ def trials_left(study: Any, points: frozenset[SpacePoint] | None, target: int) -
     left = max(target - finished_trial_count(study), 0)
     untried = untried_points(study, points)
     return left if untried is None else min(left, untried)
+
+
+def record_space_recipes(study: Any, points: frozenset[SpacePoint] | None) -> None:
+    """Every run that counts its space: how many recipes it holds, for status and the report
+    to bound the trials a study can still add (untried_recipes)."""
+    if points is not None:
+        study.set_user_attr(SPACE_RECIPES_ATTR, len(points))
+
+
+def untried_recipes(study: Any) -> int | None:
+    """The space's recipes without a complete trial yet, from the count its latest run stored
+    (None: none stored); its trials' parameters are points of the space, which keeps the
+    choices it started with."""
+    from optuna.trial import TrialState
+
+    recipes = stored_count(study, SPACE_RECIPES_ATTR)
+    if recipes is None:
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(recipes - len({point_of(t.params) for t in complete}), 0)
 
 
 def record_space_tried(study: Any, recipes: int) -> None:

@@ -17,6 +17,7 @@ from autotune.probe_stop import probes_stop_on_ctrl_c
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.coverage import (
     SpacePoint,
+    record_space_recipes,
     record_space_tried,
     space_points,
     space_tried_words,
@@ -230,6 +231,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             study.enqueue_trial(params, user_attrs=baseline_attrs(name), skip_if_exists=True)
     record_data_stats(study, prepared.data_stats)
     record_target_trials(study, settings.trials)
+    points = space_points(prepared.space)
+    record_space_recipes(study, points)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(
@@ -239,7 +242,6 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         )
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
-    points = space_points(prepared.space)
     finished = finished_trial_count(study)
     left = trials_left(study, points, settings.trials)
     events.trials_left(left)

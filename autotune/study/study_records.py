@@ -62,19 +62,14 @@ BUDGET_ATTR = "budget_bytes"
 """The setup's budget; once a run changes the budget, the latest change's (what a version from
 before the budget history reads as the study's budget)."""
 BUDGETS_ATTR = "budgets"
-"""[[first_trial_number, budget_bytes], ...]: the budget history whole under one key, as studies
-from before BUDGET_CHANGE_PREFIX stored it and versions from then read it: the setup's budget
-first, one more for each run that changed it. Read as the history's start. Each change still
-writes it (the history as that run read it, with its change), so that those versions see the
-budget now in force; of two runs changing it at once the later write wins here, while the
-per-change attributes keep both."""
+"""[[first_trial_number, budget_bytes], ...]: the budget history whole under one key, as versions
+from before BUDGET_CHANGE_PREFIX stored and read it. Read as the history's start; each change
+still writes it (as its run read it, with its change: of two at once, the later write wins)."""
 BUDGET_CHANGE_PREFIX = "budget_change:"
 """Study attribute `budget_change:<written at, ns>:<random>`: [first_trial_number, budget_bytes,
 written at (ns since the epoch)], one run's change of the budget under a key of its own, so two
 runs changing it at once on one storage each keep theirs (one key read, changed and written
-back loses one). Until a run changes it, the setup's budget_bytes is the only budget. The
-history is read from these keys; BUDGETS_ATTR and BUDGET_ATTR are also written for older
-versions."""
+back loses one). Until a run changes it, the setup's budget_bytes is the only budget."""
 
 
 TARGET_TRIALS_ATTR = "target_trials"
@@ -93,6 +88,8 @@ def target_trials(study: Any) -> int | None:
 
 SPACE_TRIED_ATTR = "space_tried_recipes"
 """The count of the space's recipes, once a run found every one tried (coverage.py)."""
+SPACE_RECIPES_ATTR = "space_recipes"
+"""The count of the space's recipes, as the latest run that could count them did (coverage.py)."""
 
 
 def stored_count(study: Any, key: str) -> int | None:
@@ -155,11 +152,9 @@ _last_change_ns = 0
 
 def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
     """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
-    resumed under another --budget): first a key of its own, the history's source of truth;
-    then the legacy attributes an older version reads (BUDGETS_ATTR, BUDGET_ATTR), holding the
-    history as this run reads it with its change, so that version holds the study to the
-    budget now in force. Reading the history back is unchanged by them: a history start that
-    already holds some changes comes out as the changes alone give it (_budgets_in)."""
+    resumed under another --budget): a key of its own, the history's source of truth; then
+    BUDGETS_ATTR and BUDGET_ATTR, which older versions read, as this run reads the history with
+    its change (a start that holds changes already reads back as the changes give it)."""
     global _last_change_ns
     # later than this process's previous change even where the clock reads the same
     _last_change_ns = max(time.time_ns(), _last_change_ns + 1)
