@@ -80,6 +80,7 @@ class ConsoleReporter(RunEvents):
     def __init__(self, console: Any = None) -> None:
         super().__init__(
             run_started=self._run_started,
+            trials_left=self._trials_left,
             trial_started=self._trial_started,
             trial_finished=self._trial_finished,
             confirmed=self._confirmed,
@@ -118,7 +119,15 @@ class ConsoleReporter(RunEvents):
             self.console.print(line)
         self._progress = progress_bar(self.console, transient=True)
         self._progress.start()
-        self._task = self._progress.add_task("trials", total=settings.trials)
+        # its total unknown until the study is open (trials_left)
+        self._task = self._progress.add_task("trials", total=None)
+
+    def _trials_left(self, trials: int) -> None:
+        """The bar's total: this run's trials so far and the most it can still add, which
+        the space's untried recipes and the study's finished trials bound, not --trials."""
+        if self._progress is not None:  # its count: this run's trials that have ended
+            done = next(task.completed for task in self._progress.tasks if task.id == self._task)
+            self._progress.update(self._task, total=done + trials)
 
     def _trial_started(self, number: int, label: str) -> None:
         if self._progress is not None:  # None once the run ended: after Ctrl-C, another

@@ -479,22 +479,29 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
 
 
 def test_more_gloo_ranks_than_cpu_cores_are_refused_in_one_line(tmp_path, config_only):
-    # the run pinned to one core: a probe's 2 gloo processes would take turns on it
+    # the run pinned to one core: a probe's 2 gloo processes would take turns on it, as would
+    # two workers' probes of one process each
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
     args = ["--model", str(config_only), "--data", str(data), "--space", DEMO_SPACE]
-    done = subprocess.run(
-        [AUTOTUNE, "run", *args, "--device", "cpu", "--budget", "4GB", "--gpus-per-probe", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
-    )
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "--gpus-per-probe 2 on --device cpu: 2 gloo processes would stand in for 2 GPUs" in (
-        done.stderr
-    )
-    assert "more than the 1 CPU core this process may use" in done.stderr
+    for flags, refusal in (
+        (
+            ["--gpus-per-probe", "2"],
+            "--gpus-per-probe 2 on --device cpu: 2 gloo processes would stand in for 2 GPUs",
+        ),
+        (["--workers", "2"], "--workers 2 on --device cpu: 2 probes would train at once"),
+    ):
+        done = subprocess.run(
+            [AUTOTUNE, "run", *args, "--device", "cpu", "--budget", "4GB", *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        )
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert refusal in done.stderr
+        assert "more than the 1 CPU core this process may use" in done.stderr
+        assert not (tmp_path / "trials").exists()  # refused before the data is tokenized
 
 
 def test_more_bad_input_is_one_line(tmp_path, config_only):

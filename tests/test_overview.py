@@ -215,5 +215,10 @@ def test_the_trials_target_reads_for_old_studies_and_past_it():
     tried = "every one of the space's 4 recipes has been tried"
     assert finished_words(9, 40, 4) == f"9 trials finished (--trials 40): {tried}"
     assert finished_words(40, 40, 4) == "40 of 40 trials finished"
+    # fewer of its space's recipes untried than the target's trials left: the most it reaches
+    assert finished_words(3, 40, None, 1) == (
+        "3 of at most 4 trials finished (--trials 40; 1 recipe of the space untried)"
+    )
+    assert finished_words(3, 5, None, 2) == "3 of 5 trials finished"  # the target is reached
     old = StudyOverview("s", "m", 2**30, 3, 0, {})
     assert old.target_trials is None and old.finished_words == "3 trials finished"
