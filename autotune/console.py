@@ -215,8 +215,21 @@ class ConsoleReporter(RunEvents):
             self.console.print(f"recipe (balanced): {result.recipe_path}{escape(picked)}")
             if result.recipe_fit:
                 self.console.print(f"memory of trial {result.recipe_trial}: {result.recipe_fit}")
+            self.console.print(f"to train it: {escape(train_command(result))}")
         else:
             self.console.print(nothing_measured_line(result.study))
+
+
+def train_command(result: RunResult) -> str:
+    """The `autotune train` command of the recipe the run exported, on the study's data (the
+    report's balanced card gives the same)."""
+    from autotune.report.card import train_commands
+    from autotune.study.study_records import study_setup
+
+    data_path = study_setup(result.study).data_path
+    return train_commands(result.study.study_name, data_path, str(result.recipe_path), True, None)[
+        -1
+    ]
 
 
 def measured_memory(peak_bytes: float, memory_source: str) -> str:

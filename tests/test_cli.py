@@ -708,6 +708,11 @@ def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
         f"recipe (balanced): {result.recipe_path} (trial {trial}: {result.recipe.label()})" in text
     )
     assert f"memory of trial {trial}: predicted " in text
+    # and what to do next: the command that trains it on the study's data, as the report's card
+    assert (
+        f"to train it: autotune train --recipe {result.recipe_path} --data "
+        f"{settings.data_path} --output outputs/{result.study.study_name}"
+    ) in text
 
 
 def test_a_database_server_that_does_not_answer_is_given_up(monkeypatch):

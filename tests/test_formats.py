@@ -283,6 +283,21 @@ def test_render_puts_measured_figures_in_comments():
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
 
 
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory", "accelerate"])
+def test_another_format_s_export_read_as_a_recipe_says_what_it_is(fmt):
+    """train and estimate given an hf/axolotl/... export: one line naming the format and the
+    export that writes a recipe, not its every key listed as unknown."""
+    from autotune.errors import UsageError
+
+    text = render(fmt, recipe("qlora"), None, data_path="d.jsonl", num_layers=28)
+    with pytest.raises(UsageError) as refused:
+        Recipe.from_yaml(text, "exported.yaml")
+    assert str(refused.value) == (
+        f"exported.yaml: an `autotune export --format {fmt}` configuration, not a recipe; "
+        "`autotune export` without --format writes the recipe that train and estimate read"
+    )
+
+
 def test_an_axolotl_export_of_mixed_data_says_axolotl_reads_one_format():
     mixed = {"alpaca": 60, "chat": 60, "text": 60}
     text = render("axolotl", recipe("qlora"), None, data_format="alpaca", data_formats=mixed)
