@@ -53,7 +53,7 @@ background:#f4f4f4;padding:.2em .4em;margin:.2em 0;white-space:pre-wrap;overflow
 .beyond{color:#2a6} .within{color:#888}
 .table-box{overflow:auto;max-width:100%;max-height:32em;border:1px solid #ddd}
 table{border-collapse:collapse;font-size:12px} th{position:sticky;top:0;background:#f0f0f0;
-cursor:pointer;white-space:nowrap} td,th{border:1px solid #ddd;padding:2px 6px}
+cursor:pointer;vertical-align:bottom} td,th{border:1px solid #ddd;padding:2px 6px}
 td{white-space:nowrap} th[data-order=asc]::after{content:" \\25B2"}
 th[data-order=desc]::after{content:" \\25BC"} figure{margin:1em 0}
 figcaption{font-size:13px;color:#444} .note{font-size:13px;color:#444}"""
