@@ -370,9 +370,11 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         print(f"memory model: {used} ({predicted.fallback_reason})")
     for name, size in result.breakdown.items():
         print(f"{name:>28}  {format_bytes(size):>12}")
+    # a study's prediction of the same recipe, on its data's shorter rows, can be lower
+    rows = f", every row {predicted.row_tokens} tokens" if predicted.row_tokens else ""
     print(
         f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes, {used})"
+        f"({result.peak_bytes} bytes, {used}{rows})"
     )
     print(
         f"{'with margin':>28}  {format_bytes(predicted.peak_with_margin_bytes):>12}  "

@@ -250,6 +250,8 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
         cwd=tmp_path,
     )
     assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
+    # the rows it took, without data: a study's prediction on its data's rows can differ
+    assert f"({expected.peak_bytes} bytes, formula, every row 256 tokens)" in table.stdout
     assert "paged optimizer states" not in table.stdout
     assert f"(+{100 * margin.fraction:.1f}%: the formula's worst under-prediction" in table.stdout
     # with a budget: whether the peak with its margin fits, and by how much
