@@ -311,11 +311,23 @@ def overview_lines(study: StudyOverview) -> list[str]:
     return lines
 
 
-def status_text(status: StudyStatus) -> str:
-    """`autotune status`: trials done and running, probes an hour, the frontier so far."""
+def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
+    """`autotune status`: trials done and running, probes an hour, the frontier so far; for a
+    study whose trials have all finished, the commands that take its answer (on
+    `storage_url`, None: the default storage)."""
+    from autotune.report.card import export_command, study_command
     from autotune.units import format_duration
 
     study = status.overview
+    done = (
+        not study.running
+        and not status.waiting
+        and not status.running_trials
+        and (
+            study.space_recipes_tried is not None
+            or (study.target_trials is not None and study.finished >= study.target_trials)
+        )
+    )
     per_hour = status.probes_per_hour
     rate = f", {per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
     ended = [r for r in status.running_trials if r.run_ended]
@@ -345,6 +357,13 @@ def status_text(status: StudyStatus) -> str:
         )
         for number, why in sorted(status.left_frontier.items())
     ]
+    if done and status.frontier:
+        lines += [
+            "its trials have finished; next:",
+            f"  {export_command(study.name, storage_url, 'balanced', 'recipe.yaml')}"
+            "  (the balanced recipe; --pick fastest, smallest or best-loss for another)",
+            f"  {study_command('report', study.name, storage_url)}  (the HTML report)",
+        ]
     return "\n".join(lines)
 
 
