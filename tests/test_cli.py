@@ -200,6 +200,23 @@ def config_only(tmp_path) -> Path:
     return model
 
 
+def test_python_m_autotune_is_the_command(tmp_path):
+    """Where the entry point is not on PATH (a venv not activated), `python -m autotune` is the
+    same command: its usage names it, and bad input is its one line and exit code 2."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "autotune", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert shown.returncode == 0 and "Usage: python -m autotune " in shown.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "autotune", "status", "--storage", f"sqlite:///{tmp_path}/no.db"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("autotune: error: no SQLite")
+    assert len(missing.stderr.splitlines()) == 1
+
+
 def test_estimate_prints_json_breakdown(config_only, tmp_path):
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text("method: lora\nquantization: nf4\nlora_r: 8\nseq_len: 256\n")
