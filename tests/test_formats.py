@@ -246,16 +246,20 @@ def test_an_exported_confirmation_says_which_trial_it_stood_in_for():
         steps=6,
         seed=1,
         peak_memory_bytes=10**9,
-        tokens_per_second=900.0,
-        eval_loss=2.0,
+        tokens_per_second=900.123456,
+        eval_loss=2.0123456,
         speed_change=-0.1,
         held_up=True,
         in_place_of=3,
         pick="balanced",
     )
-    trial = SimpleNamespace(number=5, values=[10**9, 1000.0, 2.0], user_attrs={})
+    trial = SimpleNamespace(number=5, values=[10**9, 1000.123456, 2.0123456], user_attrs={})
     measured = measured_figures(trial, stand_in)
     block = yaml.safe_load(render("autotune", recipe("qlora"), measured))["measured"]
+    # the confirmation's figures as rounded as the probe's beside them
+    assert (block["tokens_per_second"], block["eval_loss"]) == (1000.12, 2.01235)
+    confirmed = block["confirmation"]
+    assert (confirmed["tokens_per_second"], confirmed["eval_loss"]) == (900.12, 2.01235)
     assert block["confirmation"]["in_place_of"] == 3
     assert block["confirmation"]["pick"] == "balanced"
     text = render("axolotl", recipe("qlora"), measured, data_path="d.jsonl", num_layers=28)
