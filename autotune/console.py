@@ -65,10 +65,14 @@ def run_headline(prepared: PreparedRun) -> str:
         if not prepared.device.startswith("cuda"):
             counts = format_gpu_counts(prepared.settings.gpus_per_probe)
             where += f" (gloo processes stand in for each probe's {counts} GPUs)"
+    # the formula sizes the space; a trial's own prediction (the replay's) can be lower
+    held = (
+        "" if prepared.settings.memory_model == "formula" else "; a trial is held to the replay's"
+    )
     return (
         f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
-        f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
-        "formula's prediction on the data's rows, with its margin)"
+        f"recipe in the space {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
+        f"formula on the data's rows, with its margin (it prunes the space{held})"
     )
 
 
