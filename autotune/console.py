@@ -219,7 +219,8 @@ class ConsoleReporter(RunEvents):
             self.console.print(f"recipe (balanced): {result.recipe_path}{escape(picked)}")
             if result.recipe_fit:
                 self.console.print(f"memory of trial {result.recipe_trial}: {result.recipe_fit}")
-            self.console.print(f"to train it: {escape(train_command(result))}")
+            # one line however narrow the terminal: a copied command must not carry a newline
+            self.console.print(f"to train it: {escape(train_command(result))}", soft_wrap=True)
         else:
             self.console.print(nothing_measured_line(result.study))
 

@@ -728,10 +728,14 @@ def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
     )
     assert f"memory of trial {trial}: predicted " in text
     # and what to do next: the command that trains it on the study's data, as the report's card
-    assert (
+    command = (
         f"to train it: autotune train --recipe {result.recipe_path} --data "
         f"{settings.data_path} --output outputs/{result.study.study_name}"
-    ) in text
+    )
+    assert command in text
+    narrow = Console(record=True, width=60)  # the command is not cut into lines to copy
+    ConsoleReporter(narrow).show_result(result)
+    assert command in narrow.export_text().splitlines()
 
 
 def test_a_database_server_that_does_not_answer_is_given_up(monkeypatch):
