@@ -284,7 +284,8 @@ class Recipe:
         data = self.to_dict()
         if measured:
             data["measured"] = measured
-        return yaml.safe_dump(data, sort_keys=False)
+        # allow_unicode: a verdict's "±15%" as written, not "\xB115%"
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
