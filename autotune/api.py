@@ -374,7 +374,13 @@ def write_study_report(
         exported=recipe_path.is_file(),
         storage_url=redact_url(storage) if storage else None,
     )
-    png_path = write_main_chart_png(found, png) if png is not None else None
+    png_path = None
+    if png is not None:
+        try:
+            png_path = write_main_chart_png(found, png)
+        except UsageError as error:  # the PNG is drawn last: say what was written before it
+            written = ", ".join(str(p) for p in (path, csv) if p is not None)
+            raise UsageError(f"{error}; the report was written: {written}") from None
     return StudyReport(path, Path(csv) if csv is not None else None, png_path)
 
 

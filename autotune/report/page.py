@@ -279,7 +279,10 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
         from autotune.browser import find_chromium, screenshot
 
         if find_chromium() is None:
-            raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH") from None
+            raise UsageError(
+                "no PNG: plotly's kaleido failed and no Chromium is on PATH (install Chromium or "
+                "Chrome, or leave out --png)"
+            ) from None
         with tempfile.TemporaryDirectory() as scratch:
             page = Path(scratch) / "chart.html"
             # a picture, not a page: without plotly's toolbar over the chart
