@@ -71,7 +71,8 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     if data.cards[0].held_up is not None:  # the verdict with what it rests on, on the card
         words = frame.loc[balanced, "confirmation"]
         assert words.startswith("held up: " if data.cards[0].held_up else "did not hold up: ")
-        assert words in render_html(data).replace("&#x27;", "'").replace("&#177;", "±")
+        shown = render_html(data).replace("&#x27;", "'").replace("&#177;", "±")
+        assert f"{words}; probed again, longer, with another seed</dd>" in shown
     assert data.commands[-1].startswith("autotune train --recipe reports/s-recipe.yaml --data ")
 
     page = render_html(data)

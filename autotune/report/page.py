@@ -95,7 +95,8 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
         speed += " (this is the QLoRA default)"
     held = "not confirmed"
     if card.confirmation is not None:
-        held = f"{card.confirmation} (probed again, longer, with another seed)"
+        # after the verdict's own parenthesis, not a second one beside it
+        held = f"{card.confirmation}; probed again, longer, with another seed"
     memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
     if data.on_cpu:  # RSS growth is no share of a GPU budget
         memory = f"CPU RSS +{format_bytes(card.peak_memory_bytes)} (a CPU probe: not GPU memory)"
