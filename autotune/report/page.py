@@ -22,6 +22,7 @@ from autotune.report.table import (
     FRONTIER_COLUMNS,
     SORT_SCRIPT,
     TRIAL_COLUMNS,
+    csv_text,
     html_table,
     with_memory_heading,
     with_promoted_columns,
@@ -250,7 +251,7 @@ def write_report(
         study, None if recipe_path is None else str(recipe_path), exported, storage_url, ranking
     )
     if csv_path is not None:
-        write_text(csv_path, data.frame.to_csv(index=False))
+        write_text(csv_path, csv_text(data.frame))
     return write_text(path, render_html(data))
 
 
