@@ -270,6 +270,11 @@ def test_export_and_report_from_the_study(workspace):
 
     table = pd.read_csv(tmp_path / "trials.csv")
     assert len(table) == 8 and {"trial", "tokens_per_second", "held_up"} <= set(table.columns)
+    # sizes in bytes and LoRA ranks are whole numbers, as the recipe and export write them
+    raw = pd.read_csv(tmp_path / "trials.csv", dtype=str)
+    for column in ("peak_memory_bytes", "predicted_peak_bytes", "param_lora_r"):
+        cells = raw[column].dropna()
+        assert len(cells) and cells.str.fullmatch(r"\d+").all(), (column, list(cells))
 
 
 def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file(workspace):
