@@ -568,7 +568,7 @@ def _claim_race(script: str, storage: str, runs: int = 3) -> list[str]:
 
 def _set_claim(study, job: str, worker: str, at: float) -> None:
     """Stands for a claim another run made: its claim study, holding `worker`."""
-    from autotune.study.study_records import Claim, claim_study_name, record_claim
+    from autotune.study.claims import Claim, claim_study_name, record_claim
 
     storage = study._storage
     for generation in itertools.count():  # the job's next claim
