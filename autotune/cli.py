@@ -14,7 +14,7 @@ from autotune.cli_state import STATE
 from autotune.cli_train import train
 from autotune.errors import error_line, lost_storage
 from autotune.options import setting_option, settings_from_options
-from autotune.probe_stop import interruption, terminate_as_ctrl_c
+from autotune.probe_stop import interruption, stop_handling_restored, terminate_as_ctrl_c
 
 app = typer.Typer(
     add_completion=False,
@@ -282,33 +282,34 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from typer.exceptions import TyperException
 
-    try:
-        code = app(standalone_mode=False)
-    except TyperException as error:  # click's errors, as typer ships them
-        if type(error).__name__ == "NoArgsIsHelpError":
-            error.show()  # type: ignore[attr-defined]  # `autotune` or `autotune data` alone
-            sys.exit(0)
-        # a bad flag or value: one line, like every other input error, not click's panel
-        message = " ".join(error.format_message().split())
-        print(f"autotune: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        code = 130
-    except Exception as error:  # noqa: BLE001 - each kind of error its line (error_line)
-        line, exit_code = error_line(error, STATE["kept"])
-        if STATE["debug"] or not exit_code:
-            raise
-        if lost_storage(error):  # the driver's words: no password, whatever it quotes
-            from autotune.study.storage import without_secrets
+    with stop_handling_restored():  # a caller in this process keeps its signal handling
+        try:
+            code = app(standalone_mode=False)
+        except TyperException as error:  # click's errors, as typer ships them
+            if type(error).__name__ == "NoArgsIsHelpError":
+                error.show()  # type: ignore[attr-defined]  # `autotune` or `autotune data` alone
+                sys.exit(0)
+            # a bad flag or value: one line, like every other input error, not click's panel
+            message = " ".join(error.format_message().split())
+            print(f"autotune: error: {message}", file=sys.stderr)
+            sys.exit(2)
+        except (typer.Abort, KeyboardInterrupt):
+            code = 130
+        except Exception as error:  # noqa: BLE001 - each kind of error its line (error_line)
+            line, exit_code = error_line(error, STATE["kept"])
+            if STATE["debug"] or not exit_code:
+                raise
+            if lost_storage(error):  # the driver's words: no password, whatever it quotes
+                from autotune.study.storage import without_secrets
 
-            line = without_secrets(line, STATE["storage"])
-        print(f"autotune: error: {line}", file=sys.stderr)
-        sys.exit(exit_code)
-    if code == 130:  # Ctrl-C (or SIGTERM, SIGHUP), which typer turns into an exit code
-        words, code = interruption(STATE["interrupted"])
-        print(words, file=sys.stderr)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+                line = without_secrets(line, STATE["storage"])
+            print(f"autotune: error: {line}", file=sys.stderr)
+            sys.exit(exit_code)
+        if code == 130:  # Ctrl-C (or SIGTERM, SIGHUP), which typer turns into an exit code
+            words, code = interruption(STATE["interrupted"])
+            print(words, file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":

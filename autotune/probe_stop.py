@@ -59,7 +59,9 @@ RUNNING_PROBES = _RunningProbes()
 def probes_stop_on_ctrl_c() -> Iterator[None]:
     """Within: Ctrl-C also stops the probes of other threads (STOP_PROBES) and, once they are
     killed, interrupts this thread as usual. Left as is where this is not the main thread or
-    Ctrl-C is handled otherwise."""
+    Ctrl-C is handled otherwise; a stop left by an earlier run of this process is cleared
+    either way, so it stops none of this run's probes."""
+    STOP_PROBES.clear()  # set by an earlier run of this process that Ctrl-C stopped
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -71,7 +73,6 @@ def probes_stop_on_ctrl_c() -> Iterator[None]:
         STOP_PROBES.set()
         raise KeyboardInterrupt
 
-    STOP_PROBES.clear()  # set by an earlier run of this process that Ctrl-C stopped
     signal.signal(signal.SIGINT, stop)
     try:
         yield
@@ -126,3 +127,21 @@ def terminate_as_ctrl_c() -> None:
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is signal.SIG_DFL:
             signal.signal(number, stop)
+
+
+@contextmanager
+def stop_handling_restored() -> Iterator[None]:
+    """Within: a command may have SIGTERM and SIGHUP stop this process as Ctrl-C does
+    (terminate_as_ctrl_c) and be stopped; after, both are handled as they were before and no
+    stop or termination is left over, so a caller of the command in this same process (a test,
+    a notebook calling the CLI's main) is left as it was."""
+    numbers = [getattr(signal, name) for name in TERMINATION_SIGNALS if hasattr(signal, name)]
+    handlers = {number: signal.getsignal(number) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            if handler is not None and signal.getsignal(number) is not handler:
+                signal.signal(number, handler)  # changed only where changing it was allowed
+        STOP_PROBES.clear()
+        TERMINATED_BY.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +50,39 @@ def cut_model(tmp_path_factory) -> Path:
     return build_random_model(config, tmp_path_factory.mktemp("cut") / "model")
 
 
+def cut_step(cut_model: Path, **fields):
+    """A step of two 128-token sequences on the cut model, eager attention, no accumulation."""
+    from autotune.recipe import Recipe
+
+    return Recipe.from_dict(
+        {
+            "model": str(cut_model),
+            "attention": "eager",
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 128,
+            **fields,
+        }
+    )
+
+
+@pytest.fixture()
+def padded_lora_step(cut_model):
+    """(recipe, config): a LoRA step on the cut model whose micro-batches may be padded (SDPA
+    attention, which keeps the padding mask), and the model's config as the replay reads it."""
+    from autotune.replay import load_config
+
+    recipe = cut_step(
+        cut_model,
+        method="lora",
+        lora_r=8,
+        lora_dropout=0.0,
+        attention="sdpa",
+        gradient_checkpointing=False,
+    )
+    return recipe, load_config(str(cut_model))
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -88,20 +120,29 @@ def qa_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", rows)
 
 
-@pytest.fixture(autouse=True)
-def process_stop_state_as_new():
-    """Every test starts with this process's Ctrl-C handling as a new process has it: Python's
-    SIGINT handler, SIGINT and SIGTERM not blocked, no probe stop or termination left over from
-    an earlier test (the run's Ctrl-C handling stands aside where SIGINT is handled otherwise,
-    so a handler left by one test would change what the next one's Ctrl-C does)."""
+def stop_state() -> dict:
+    """This process's Ctrl-C and termination handling: the signals' handlers, whether this
+    thread blocks them, and the probe stop and termination a stopped run records."""
     import signal
 
     from autotune import probe_stop
 
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    probe_stop.STOP_PROBES.clear()
-    probe_stop.TERMINATED_BY.clear()
+    numbers = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    return {
+        **{number.name: signal.getsignal(number) for number in numbers},
+        "blocked": set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(numbers),
+        "STOP_PROBES": probe_stop.STOP_PROBES.is_set(),
+        "TERMINATED_BY": list(probe_stop.TERMINATED_BY),
+    }
+
+
+@pytest.fixture(autouse=True)
+def stop_state_left_as_found():
+    """Each test leaves this process's Ctrl-C handling as it found it: a run's Ctrl-C handling
+    stands aside where SIGINT is handled otherwise, and a stop left set stops the next probe,
+    so a change would fail a later test that did nothing wrong; this fails the one that made
+    it."""
+    before = stop_state()
     yield
+    changed = {key: value for key, value in stop_state().items() if before[key] != value}
+    assert not changed, f"the test left this process's stop handling changed: {changed}"

@@ -11,7 +11,6 @@ from autotune.recipe import Recipe
 from autotune.study import prepare_run, seeding
 from autotune.units import format_bytes
 from tests.conftest import write_jsonl
-from tests.test_replay import _cut_step
 from tests.test_study import settings_for, workspace  # noqa: F401 - the fixture
 
 SHORT_ROWS_SEQ_LEN = 512
@@ -176,25 +175,17 @@ def test_train_predicts_the_peak_a_study_predicts_for_the_same_data(
     assert full_rows.allocated_bytes > studied.allocated_bytes
 
 
-def test_padded_rows_replay_as_wide_as_the_longest_example(cut_model):
+def test_padded_rows_replay_as_wide_as_the_longest_example(padded_lora_step):
     """The probe pads each micro-batch to its longest row, and no row is longer than the
     longest training example: data whose examples stop short of seq_len gives narrower rows,
     and the replay told of them allocates what that real step does (seq_len-wide rows, as it
     replayed before, read over)."""
-    from autotune.replay import load_config, replay
+    from autotune.replay import replay
     from autotune.step_trace import REPLAY_TOLERANCE, trace_step
 
-    recipe = _cut_step(
-        cut_model,
-        method="lora",
-        lora_r=8,
-        lora_dropout=0.0,
-        attention="sdpa",
-        gradient_checkpointing=False,
-    )
+    recipe, config = padded_lora_step
     longest = recipe.seq_len // 2
     traced = trace_step(recipe, padded=True, row_tokens=longest).peak_bytes
-    config = load_config(str(cut_model))
     spec = None  # the replay answers; the formula is not asked
 
     def replayed(token_lengths):

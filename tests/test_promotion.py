@@ -49,7 +49,7 @@ def test_promotion_rounds_probe_the_better_half_for_twice_the_steps(workspace): 
     run_study(prepare_run(settings), runner)
     assert len([r for r in runner.requests if r.steps in (6, 12)]) == len(first) + len(second)
     # every promoted probe let its claim go once recorded: the storage keeps no claim studies
-    from autotune.study.study_records import is_claim_study
+    from autotune.study.claims import is_claim_study
 
     names = [s.study_name for s in optuna.get_all_study_summaries(study._storage)]
     assert not [name for name in names if is_claim_study(name)]

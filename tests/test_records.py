@@ -8,20 +8,18 @@ import optuna
 import pytest
 
 from autotune.recipe import Recipe
+from autotune.study.claims import Claim, claim_of, record_claim
 from autotune.study.records import (
     record_prediction,
     record_probe_result,
     trial_record,
 )
 from autotune.study.study_records import (
-    Claim,
     Confirmation,
     Noise,
     SpaceChoices,
     StudySetup,
-    claim_of,
     confirmations,
-    record_claim,
     record_confirmation,
     record_noise,
     record_setup,

@@ -14,23 +14,9 @@ from autotune.random_model import CPU_WIDTHS, build_random_model, width_fields
 from autotune.recipe import Recipe
 from autotune.replay import load_config, replay
 from autotune.step_trace import REPLAY_TOLERANCE, trace_step
-from tests.conftest import ROOT, SHAPE_CONFIGS, load_bench
+from tests.conftest import ROOT, SHAPE_CONFIGS, cut_step, load_bench
 
 H100_ROWS = ROOT / "bench" / "results" / "memory_h100.json"
-
-
-def _cut_step(cut_model, **fields) -> Recipe:
-    """A step of two 128-token sequences on the cut model, eager attention, no accumulation."""
-    return Recipe.from_dict(
-        {
-            "model": str(cut_model),
-            "attention": "eager",
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "seq_len": 128,
-            **fields,
-        }
-    )
 
 
 @pytest.mark.parametrize(
@@ -79,7 +65,7 @@ def test_replay_allocates_what_a_real_step_allocates(cut_model, fields):
     device reach the same allocated peak; eager attention and no dropout, whose CPU kernels
     allocate differently from CUDA's, which the replay follows (bench/replay_combos.py draws
     combined recipes from the dimension table and compares each so)."""
-    recipe = _cut_step(cut_model, **fields)
+    recipe = cut_step(cut_model, **fields)
     traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, load_config(str(cut_model)), cublas_workspace_bytes=0)
     # the replay's blocks are rounded to 512 bytes, the trace counts bytes
@@ -92,7 +78,7 @@ def test_freezing_attention_or_mlp_replays_below_freezing_neither(cut_model):
     config = load_config(str(cut_model))
     peaks = {
         modules: replay(
-            _cut_step(cut_model, method="freeze", frozen_layers=1, train_modules=modules),
+            cut_step(cut_model, method="freeze", frozen_layers=1, train_modules=modules),
             config,
             cublas_workspace_bytes=0,
         ).peak_allocated_bytes
@@ -116,7 +102,7 @@ def test_replay_of_the_chunked_loss_allocates_what_a_real_step_allocates(
     from autotune.training import loss
 
     monkeypatch.setattr(loss, "CHUNK_TOKENS", 64)
-    recipe = _cut_step(cut_model, loss="chunked", **fields)
+    recipe = cut_step(cut_model, loss="chunked", **fields)
     config = load_config(str(cut_model))
     traced = trace_step(recipe).peak_bytes
     replayed = replay(recipe, config, cublas_workspace_bytes=0)
@@ -221,7 +207,7 @@ def test_replay_of_families_beyond_llama_allocates_what_a_real_step_allocates(
     config = load_bench("replay_families").family_config(model_type)
     config.pop("n_inner", None)
     model = build_random_model(config, tmp_path / model_type)
-    recipe = _cut_step(model, **fields)
+    recipe = cut_step(model, **fields)
     spec = load_model_spec(str(model))
     spec.check_recipe(recipe, "recipe")
     check_recipe(recipe, load_config(str(model)), "recipe", "cpu")
@@ -410,21 +396,13 @@ def test_a_replay_that_cannot_run_falls_back_to_the_formula_with_its_reason():
     assert result.peak_bytes == predict(spec, recipe, None, memory_model="formula")[0].peak_bytes
 
 
-def test_replay_told_of_padded_rows_allocates_what_a_padded_step_allocates(cut_model):
+def test_replay_told_of_padded_rows_allocates_what_a_padded_step_allocates(padded_lora_step):
     """A micro-batch of a full-length row and a shorter one is padded: transformers builds the
     4-D mask, SDPA keeps its additive form per layer and grouped key heads are repeated. The
     replay told so allocates what the real step does; told not (full rows, no mask: what it
     replayed before it was told), it reads under (1.3% here)."""
-    recipe = _cut_step(
-        cut_model,
-        method="lora",
-        lora_r=8,
-        lora_dropout=0.0,
-        attention="sdpa",
-        gradient_checkpointing=False,
-    )
+    recipe, config = padded_lora_step
     traced = trace_step(recipe, padded=True).peak_bytes
-    config = load_config(str(cut_model))
     padded = replay(recipe, config, cublas_workspace_bytes=0, padded=True)
     unpadded = replay(recipe, config, cublas_workspace_bytes=0)
     assert abs(padded.peak_allocated_bytes - traced) <= REPLAY_TOLERANCE * traced

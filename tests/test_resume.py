@@ -20,6 +20,7 @@ import yaml
 
 from autotune.errors import UsageError, unwritable
 from autotune.probe import ColdProcess, SubprocessProbeRunner
+from autotune.probe_stop import STOP_PROBES, stop_handling_restored, terminate_as_ctrl_c
 from autotune.recipe import Recipe
 from autotune.study import (
     SPACE_CHOICES_ATTR,
@@ -185,7 +186,10 @@ class SleepingProbes(SubprocessProbeRunner):
         return ColdProcess(child)
 
 
-def test_ctrl_c_stops_every_workers_probe_and_queues_its_trial(workspace):  # noqa: F811
+def test_ctrl_c_stops_every_workers_probe_and_queues_its_trial(
+    workspace,  # noqa: F811
+    stop_cleared_after,
+):
     """Ctrl-C reaches the main thread alone; the probes of the other workers stop with it."""
     settings = settings_for(workspace, trials=2, workers=2)
     runner = SleepingProbes()
@@ -216,22 +220,35 @@ def test_ctrl_c_stops_every_workers_probe_and_queues_its_trial(workspace):  # no
 
 
 @pytest.fixture
-def sigterm_as_ctrl_c():
-    """terminate_as_ctrl_c for the test's length; the handlers and stop flags restored after."""
-    from autotune import probe_stop
-
-    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGHUP")}
-    probe_stop.terminate_as_ctrl_c()
-    yield
-    for name, handler in handlers.items():
-        signal.signal(getattr(signal, name), handler)
-    probe_stop.STOP_PROBES.clear()
-    probe_stop.TERMINATED_BY.clear()
+def stop_cleared_after():
+    """The stop a stopped run leaves (set, so that a worker yet to start its probe starts none)
+    and SIGTERM's and SIGHUP's handling put back as they were after the test."""
+    with stop_handling_restored():
+        yield
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(workspace, sigterm_as_ctrl_c):  # noqa: F811
+class QuickProbes(SubprocessProbeRunner):
+    """A probe runner's own checks (a stop left set) around FakeRunner's figures, no child."""
+
+    def _run(self, request, request_path, result_path, log_path, timeout_seconds):
+        return FakeRunner().run(request, request_path.parent)
+
+
+def test_a_run_after_one_stopped_by_ctrl_c_probes(workspace):  # noqa: F811
+    """A run of several workers that Ctrl-C stopped leaves its stop set; the next run of the
+    same process (a notebook's, or a test's), of one worker, stopped at its first probe."""
+    STOP_PROBES.set()  # as the stopped run left it
+    try:
+        study = run_study(prepare_run(settings_for(workspace, trials=2)), QuickProbes(60.0, False))
+    except KeyboardInterrupt:  # ProbeStopped: not to end the test session as Ctrl-C does
+        pytest.fail("the run stopped at its first probe, by the stop the earlier run left")
+    assert finished_trial_count(study) == 2 and not STOP_PROBES.is_set()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(workspace, stop_cleared_after):  # noqa: F811
     """A batch system's time limit or `kill` sends SIGTERM: every probe stops and its trial is
     queued again, as on Ctrl-C, instead of the run dying with its trials marked running."""
+    terminate_as_ctrl_c()
     settings = settings_for(workspace, trials=2, workers=2)
     runner = SleepingProbes()
 
@@ -551,7 +568,7 @@ def _claim_race(script: str, storage: str, runs: int = 3) -> list[str]:
 
 def _set_claim(study, job: str, worker: str, at: float) -> None:
     """Stands for a claim another run made: its claim study, holding `worker`."""
-    from autotune.study.study_records import Claim, claim_study_name, record_claim
+    from autotune.study.claims import Claim, claim_study_name, record_claim
 
     storage = study._storage
     for generation in itertools.count():  # the job's next claim

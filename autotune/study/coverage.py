@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autotune.study.records import finished_trial_count
-from autotune.study.study_records import SPACE_RECIPES_ATTR, SPACE_TRIED_ATTR, stored_count
+from autotune.study.study_records import stored_count
 from autotune.units import count_of
 
 if TYPE_CHECKING:
@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 SPACE_POINTS_LIMIT = 100_000
 """A space with more recipes than this is not counted (nor would a run try them all)."""
+
+SPACE_TRIED_ATTR = "space_tried_recipes"
+"""Study attribute: the count of the space's recipes, once a run found every one tried."""
+SPACE_RECIPES_ATTR = "space_recipes"
+"""Study attribute: the count of the space's recipes, as the latest run that could count them
+did."""
 
 SpacePoint = tuple[tuple[str, Any], ...]
 

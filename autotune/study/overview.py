@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, Point, frontier
+from autotune.study.claims import is_claim_study
 from autotune.study.coverage import space_tried, space_tried_words, untried_recipes
 from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import (
@@ -23,7 +24,6 @@ from autotune.study.records import (
 from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
 from autotune.study.study_records import (
     confirmed_in_place,
-    is_claim_study,
     left_frontier,
     study_setup,
     target_trials,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -265,9 +264,9 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             study.stop()
 
     n_jobs = max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1)
-    with probes_stop_on_ctrl_c() if n_jobs > 1 else contextlib.nullcontext():
-        # Ctrl-C reaches this thread alone: the other workers' probes are stopped with it,
-        # and their trials queued again as its own is (else Optuna waits for them to end)
+    with probes_stop_on_ctrl_c():
+        # Ctrl-C reaches this thread alone: other workers' probes are stopped with it, and
+        # their trials queued again as its own is (else Optuna waits for them to end)
         study.optimize(
             make_objective(prepared, runner, events, points),
             n_trials=settings.trials - finished,

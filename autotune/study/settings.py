@@ -14,8 +14,8 @@ from typing import Any
 from autotune.errors import UsageError
 from autotune.model_spec import ModelSpec
 from autotune.space import SearchSpace
+from autotune.study.claims import CLAIM_SEPARATOR, is_claim_study
 from autotune.study.storage import TRIALS_DIR
-from autotune.study.study_records import CLAIM_SEPARATOR, is_claim_study
 
 LENGTH_STATS_ROWS = 2000
 """Rows the report's token-length distribution and truncation figures are taken over."""

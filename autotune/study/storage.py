@@ -12,8 +12,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from autotune.errors import UsageError, first_line
+from autotune.study.claims import is_claim_study
 from autotune.study.records import DIRECTIONS, OBJECTIVE_NAMES, ProbeCrashed
-from autotune.study.study_records import is_claim_study
 
 TRIALS_DIR = Path("trials")
 HEARTBEAT_SECONDS = 10

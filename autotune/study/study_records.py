@@ -20,7 +20,7 @@ CONFIRM_SPEED_TOLERANCE = 0.15
 """A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
 
 
-def _from_stored(cls: type[_Record], stored: dict[str, Any]) -> _Record:
+def from_stored(cls: type[_Record], stored: dict[str, Any]) -> _Record:
     """A record from the dict a study stored: keys it does not know are left out, so a study
     written by another version still reads."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -84,12 +84,6 @@ def record_target_trials(study: Any, trials: int) -> None:
 def target_trials(study: Any) -> int | None:
     """None for a study from before the target was stored."""
     return stored_count(study, TARGET_TRIALS_ATTR)
-
-
-SPACE_TRIED_ATTR = "space_tried_recipes"
-"""The count of the space's recipes, once a run found every one tried (coverage.py)."""
-SPACE_RECIPES_ATTR = "space_recipes"
-"""The count of the space's recipes, as the latest run that could count them did (coverage.py)."""
 
 
 def stored_count(study: Any, key: str) -> int | None:
@@ -171,7 +165,7 @@ def study_setup(study: Any) -> StudySetup:
     # the budget now: the history's latest (the setup's own attribute is the budget it started
     # with until a run changes it, then the latest change as the run that wrote it last read it)
     setup = dataclasses.replace(
-        _from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
+        from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
     )
     if MEASURED_UNDER_ATTR not in attrs:
         # Studies from before the record compared only what they stored of these.
@@ -319,7 +313,7 @@ def record_confirmation(study: Any, number: int, confirmation: Confirmation) -> 
 def confirmations(study: Any) -> dict[int, Confirmation]:
     """Trial number -> what its longer, reseeded re-probe measured and whether it held up."""
     return {
-        int(key.removeprefix(CONFIRMATION_PREFIX)): _from_stored(Confirmation, value)
+        int(key.removeprefix(CONFIRMATION_PREFIX)): from_stored(Confirmation, value)
         for key, value in study.user_attrs.items()
         if key.startswith(CONFIRMATION_PREFIX)
     }
@@ -373,41 +367,4 @@ def record_noise(study: Any, noise: Noise) -> None:
 def study_noise(study: Any) -> Noise | None:
     """None until the noise probe has run."""
     stored = study.user_attrs.get(NOISE_ATTR)
-    return _from_stored(Noise, stored) if stored else None
-
-
-CLAIM_SEPARATOR = "#claim:"
-"""A one-time job of study S (see workers.claim_once) is claimed by creating the Optuna study
-`S#claim:JOB` in the same storage: study names are unique in every Optuna storage, so of two
-runs creating it at once exactly one succeeds. Its user attribute `claim` says who holds it."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """Which run took a one-time job of the study, and when."""
-
-    worker: str = ""
-    """records.worker_id() of the run: host:pid."""
-    at: float = 0.0
-    """Epoch seconds."""
-
-
-def claim_study_name(study_name: str, job: str, generation: int = 0) -> str:
-    """A claim's study; a claim whose run died is followed by the next generation's."""
-    name = f"{study_name}{CLAIM_SEPARATOR}{job}"
-    return f"{name}#{generation}" if generation else name
-
-
-def is_claim_study(study_name: str) -> bool:
-    """Whether a study of the storage only records a claim (listings leave it out)."""
-    return CLAIM_SEPARATOR in study_name
-
-
-def claim_of(storage: Any, claim_study_id: int) -> Claim | None:
-    """None while the claim's creator has not yet said who it is."""
-    holder = storage.get_study_user_attrs(claim_study_id).get("claim")
-    return _from_stored(Claim, holder) if isinstance(holder, dict) else None
-
-
-def record_claim(storage: Any, claim_study_id: int, claim: Claim) -> None:
-    storage.set_study_user_attr(claim_study_id, "claim", dataclasses.asdict(claim))
+    return from_stored(Noise, stored) if stored else None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autotune.study import storage as study_storage
+from autotune.study.claims import Claim, claim_of, claim_study_name, record_claim
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
@@ -17,7 +18,6 @@ from autotune.study.records import (
     trial_record,
     worker_id,
 )
-from autotune.study.study_records import Claim, claim_of, claim_study_name, record_claim
 
 
 def fail_interrupted_trials(study: Any) -> list[int]:
@@ -113,7 +113,7 @@ CLAIM_STALE_SECONDS = 2 * 3600.0
 def claim_once(study: Any, job: str, done: Callable[[], bool] | None = None) -> bool:
     """Whether this process takes the one-time `job` of the study (a confirmation, the noise
     probe), so that two runs on one study never both do it. The claim is the creation of a
-    study named after the job (study_records.CLAIM_SEPARATOR), which the storage lets exactly
+    study named after the job (claims.CLAIM_SEPARATOR), which the storage lets exactly
     one run do. A claim stands unless its run, on this host, is gone, or it is older than
     CLAIM_STALE_SECONDS; then the job's next claim (its generation + 1) is free, and again
     exactly one run creates it. The holder records the job's result, then releases the claim

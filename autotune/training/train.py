@@ -50,6 +50,7 @@ from autotune.training.train_plan import (
     TrainCallbacks,
     TrainPlan,
     TrainReport,
+    check_length,
     report_json,
 )
 from autotune.units import count_of
@@ -67,23 +68,6 @@ def _epoch_batches(
         order[i : i + effective_batch_size]
         for i in range(0, len(order) - effective_batch_size + 1, effective_batch_size)
     ]
-
-
-MAX_EPOCHS = 10_000
-"""More passes than any fine-tune makes: a larger --epochs is a typo (1e308 overflowed)."""
-
-
-def _check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
-    if epochs is not None and max_steps is not None:
-        raise UsageError("give --epochs or --max-steps, not both")
-    if (epochs is not None and not 0 < epochs < math.inf) or (
-        max_steps is not None and max_steps < 1
-    ):
-        raise UsageError("--epochs and --max-steps must be positive and finite")
-    if epochs is not None and epochs > MAX_EPOCHS:
-        raise UsageError(f"--epochs must be at most {MAX_EPOCHS:,}, got {epochs:g}")
-    if save_every_steps < 1:
-        raise UsageError(f"--save-steps must be at least 1, got {save_every_steps}")
 
 
 def train(
@@ -127,7 +111,7 @@ def train(
     `on_eval(step, eval_loss, is_best)` is called after each evaluation. A recipe on several
     GPUs trains as that many ranks of one process group, on `gpus` (CUDA indices; the first
     num_gpus where none are given) or as gloo processes on the CPU (ranked_train.py)."""
-    _check_length(epochs, max_steps, save_every_steps)
+    check_length(epochs, max_steps, save_every_steps)
     check_seed(seed)
     check_report_to(report_to)
     if logging_steps < 1:

@@ -4,10 +4,12 @@ it) and what it reports."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autotune.errors import UsageError
 from autotune.recipe import Recipe
 
 RANKS_DIR = "ranks"
@@ -81,6 +83,25 @@ class TrainPlan:
     report_to: str = "none"
     logging_steps: int = 10
     predicted_peak_bytes: int | None = None
+
+
+MAX_EPOCHS = 10_000
+"""More passes than any fine-tune makes: a larger --epochs is a typo (1e308 overflowed)."""
+
+
+def check_length(epochs: float | None, max_steps: int | None, save_every_steps: int) -> None:
+    """How long a run trains (TrainPlan's epochs or max_steps) and how often it saves, refused
+    in one line where they cannot be trained."""
+    if epochs is not None and max_steps is not None:
+        raise UsageError("give --epochs or --max-steps, not both")
+    if (epochs is not None and not 0 < epochs < math.inf) or (
+        max_steps is not None and max_steps < 1
+    ):
+        raise UsageError("--epochs and --max-steps must be positive and finite")
+    if epochs is not None and epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs must be at most {MAX_EPOCHS:,}, got {epochs:g}")
+    if save_every_steps < 1:
+        raise UsageError(f"--save-steps must be at least 1, got {save_every_steps}")
 
 
 @dataclass(frozen=True)
