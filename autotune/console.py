@@ -81,6 +81,7 @@ def run_headline(prepared: PreparedRun) -> str:
     """Where a run's probes train and the budget they are held to: per GPU, and on the CPU
     with the gloo processes that stand in for a probe's GPUs, where probes train on several."""
     from autotune.distributed import format_gpu_counts
+    from autotune.study.records import smallest_recipe_words
 
     gpus = prepared.settings.largest_probe_gpus
     where, per_gpu = prepared.device, ""
@@ -90,9 +91,10 @@ def run_headline(prepared: PreparedRun) -> str:
             counts = format_gpu_counts(prepared.settings.gpus_per_probe)
             where += f" (gloo processes stand in for each probe's {counts} GPUs)"
     return (
-        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
-        f"recipe in the space {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
-        f"{prepared.smallest_peak_model} on the data's rows, with its margin, as a trial is "
+        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; "
+        f"{smallest_recipe_words(prepared.smallest_peak_model, 'in the space')} "
+        f"{format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
+        f"{prepared.smallest_peak_model} on the data's rows, with its margin, as a trial of it is "
         "held to the budget"
     )
 

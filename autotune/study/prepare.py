@@ -28,6 +28,7 @@ from autotune.study.pruning import (
     smallest_peak_over_budget,
     supported_space,
 )
+from autotune.study.records import smallest_recipe_words
 from autotune.study.seeding import held_predictor
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
@@ -215,11 +216,12 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
 def _refuse_budget(
     smallest: int, memory_model: str, settings: RunSettings, space: SearchSpace, rows: str
 ) -> None:
-    """Refuse the budget, below `smallest`, the least peak `memory_model` predicts of any
-    recipe of the space on the rows `rows` says, in a line."""
+    """Refuse the budget, below `smallest`: the peak `memory_model` predicts, on the rows `rows`
+    says, of the recipe of the space the formula puts least, in a line."""
+    recipe = smallest_recipe_words(memory_model, f"in {space.source}")
     raise UsageError(
         f"budget {format_bytes(settings.budget_bytes)} is below the "
-        f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
-        f"{space.source} needs at seq_len {settings.seq_len} {rows}, by the {memory_model} with "
-        "its margin; raise --budget or shorten --seq-len (or set --memory-margin)"
+        f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that {recipe} needs at seq_len "
+        f"{settings.seq_len} {rows}, by the {memory_model} with its margin; raise --budget or "
+        "shorten --seq-len (or set --memory-margin)"
     )

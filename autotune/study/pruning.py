@@ -339,8 +339,10 @@ def budget_fit(
     trials are held to, a choice leaves only where that model agrees: the recipe the formula
     puts least of each choice it rules out is predicted by it (a replay of each, `progress`
     told (done, of) as they are), and where that fits the choice stays, with every choice of
-    that recipe. The recipe the formula puts least of all is predicted by it too, for the
-    space's smallest peak."""
+    that recipe. The recipe the formula puts least of all is predicted by it too: the space's
+    smallest_peak_bytes. Where the formula puts several recipes alike, the replay may put
+    another of them lower: a choice it keeps is one some recipe fits, but one it rules out
+    may still have a recipe that fits (docs/study.md)."""
     least: dict[tuple[str, Any], tuple[int, dict[str, Any]]] = {}
     for params in space.all_params():
         recipe = space.build(params, model, spec, seq_len)
@@ -369,7 +371,7 @@ def budget_fit(
             progress(len(points), len(points))
         for key in verdicts:
             verdicts[key] = predicted[tuple(sorted(least[key][1].items()))]
-        smallest = min(predicted.values())
+        smallest = predicted[tuple(sorted(overall[1].items()))]
     fitting: dict[str, list[Any]] = {}
     ruled_out: dict[str, dict[str, int]] = {}
     models: dict[str, dict[str, str]] = {}

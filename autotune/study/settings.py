@@ -293,8 +293,9 @@ class PreparedRun:
     study_name: str
     storage: str
     smallest_peak_bytes: int
-    """The least peak, with its margin, of any recipe of the space on the rows the data gives
-    its probe (prediction.probe_rows), predicted as the trials are (BudgetFit)."""
+    """The peak, with its margin, of the recipe of the space the formula puts least on the rows
+    the data gives its probe (prediction.probe_rows), predicted as its trial would be
+    (BudgetFit)."""
     fitting_choices: dict[str, list[Any]] = field(default_factory=dict)
     """Each dimension's choices that some recipe predicted to fit the budget uses (on the
     rows the data gives its probe)."""
@@ -331,8 +332,8 @@ class BudgetFit:
     """What the memory model says of a whole space under a budget, before any trial."""
 
     smallest_peak_bytes: int
-    """The least peak with its margin of the recipes predicted as the trials are: the one the
-    formula puts least, and the choices' recipes it put over the budget (budget_fit)."""
+    """The peak with its margin of the recipe the formula puts least, predicted as its trial
+    would be (by smallest_peak_model)."""
     choices: dict[str, list[Any]]
     """Each dimension's choices that at least one recipe predicted to fit uses."""
     ruled_out: dict[str, dict[str, int]]
