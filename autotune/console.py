@@ -70,8 +70,7 @@ def sizing_progress() -> Callable[[int, int], None]:
             started[:] = [time.perf_counter()]
         elif started and time.perf_counter() - started[0] >= SIZING_PROGRESS_SECONDS:
             make_console(stderr=True).print(
-                f"sizing the space as trials are predicted: {done} of {total} recipes (the "
-                "least of each choice the formula puts over the budget)"
+                f"sizing the space: {done} of {total} recipes predicted as their trials would be"
             )
 
     return show

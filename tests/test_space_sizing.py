@@ -54,8 +54,16 @@ def test_a_choice_the_replay_fits_stays_in_the_space(workspace, monkeypatch):  #
     # over the replay, under the formula, and where trials are replayed (REPLAY_BAND)
     budget = max(replay_peak, math.ceil(formula_peak / REPLAY_BAND))
     assert budget < formula_peak
-    settings = settings_for(workspace, memory_model="replay", budget_bytes=budget)
+    told: list[tuple[int, int]] = []
+    settings = settings_for(
+        workspace,
+        memory_model="replay",
+        budget_bytes=budget,
+        sizing_progress=lambda done, total: told.append((done, total)),
+    )
     prepared = prepare_run(settings)
+    # one prediction per recipe: the least of each choice ruled out, and the least of all
+    assert told[0][0] == 0 and told[-1][0] == told[-1][1] >= 2
     assert "full" in prepared.fitting_choices["method"]
     assert "full" not in prepared.ruled_out_choices.get("method", {})
     assert prepared.smallest_peak_model == "replay"

@@ -365,11 +365,11 @@ def nothing_measured_line(study: Any) -> str:
 
 
 def smallest_recipe_words(memory_model: str, where: str) -> str:
-    """'smallest recipe in the space' where `memory_model`, which gave its peak, is the formula
-    that found it; "the formula's smallest recipe in the space" where another model predicted
-    the recipe the formula puts least (it may put another lower)."""
+    """'the smallest recipe in the space' where `memory_model`, which gave its peak, is the
+    formula that found it; "the formula's smallest recipe in the space" where another model
+    predicted the recipe the formula puts least (it may put another lower)."""
     if memory_model == "formula":
-        return f"smallest recipe {where}"
+        return f"the smallest recipe {where}"
     return f"the formula's smallest recipe {where}"
 
 
