@@ -342,7 +342,7 @@ def budget_fit(
     that recipe. The recipe the formula puts least of all is predicted by it too: the space's
     smallest_peak_bytes. Where the formula puts several recipes alike, the replay may put
     another of them lower: a choice it keeps is one some recipe fits, but one it rules out
-    may still have a recipe that fits (docs/study.md)."""
+    may still have a recipe that fits (docs/memory-model.md)."""
     least: dict[tuple[str, Any], tuple[int, dict[str, Any]]] = {}
     for params in space.all_params():
         recipe = space.build(params, model, spec, seq_len)
