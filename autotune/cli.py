@@ -70,13 +70,15 @@ def run(
     terminate_as_ctrl_c()  # a batch system's time limit stops a run as Ctrl-C does
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
-    from autotune.console import ConsoleReporter, tokenize_progress
+    from autotune.console import ConsoleReporter, sizing_progress, tokenize_progress
 
     budget = resolve_budget(budget_bytes, gpus.split(",")[0] if gpus else None)
     if budget.note:  # a card name or auto: say what size it became
         typer.echo(budget.note)
     options["budget_bytes"] = budget.bytes
-    settings = settings_from_options(options, tokenize_progress=tokenize_progress(data_path))
+    settings = settings_from_options(
+        options, tokenize_progress=tokenize_progress(data_path), sizing_progress=sizing_progress()
+    )
     with ConsoleReporter() as reporter:
         result = run_autotune(settings, events=reporter)
     reporter.show_result(result)

@@ -53,10 +53,34 @@ def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
     return show
 
 
+SIZING_PROGRESS_SECONDS = 2.0
+"""Sizing the space shows progress lines once it has taken this long (a tiny model's replays
+are done sooner)."""
+
+
+def sizing_progress() -> Callable[[int, int], None]:
+    """Progress lines while a run replays the recipes the formula puts over the budget, each
+    choice's least, before the space is searched (budget_fit)."""
+    import time
+
+    started: list[float] = []
+
+    def show(done: int, total: int) -> None:
+        if not done:
+            started[:] = [time.perf_counter()]
+        elif started and time.perf_counter() - started[0] >= SIZING_PROGRESS_SECONDS:
+            make_console(stderr=True).print(
+                f"sizing the space: {done} of {total} recipes predicted as their trials would be"
+            )
+
+    return show
+
+
 def run_headline(prepared: PreparedRun) -> str:
     """Where a run's probes train and the budget they are held to: per GPU, and on the CPU
     with the gloo processes that stand in for a probe's GPUs, where probes train on several."""
     from autotune.distributed import format_gpu_counts
+    from autotune.study.records import smallest_recipe_words
 
     gpus = prepared.settings.largest_probe_gpus
     where, per_gpu = prepared.device, ""
@@ -65,14 +89,12 @@ def run_headline(prepared: PreparedRun) -> str:
         if not prepared.device.startswith("cuda"):
             counts = format_gpu_counts(prepared.settings.gpus_per_probe)
             where += f" (gloo processes stand in for each probe's {counts} GPUs)"
-    # the formula sizes the space; a trial's own prediction (the replay's) can be lower
-    held = (
-        "" if prepared.settings.memory_model == "formula" else "; a trial is held to the replay's"
-    )
     return (
-        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
-        f"recipe in the space {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
-        f"formula on the data's rows, with its margin (it prunes the space{held})"
+        f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; "
+        f"{smallest_recipe_words(prepared.smallest_peak_model, 'in the space')} "
+        f"{format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
+        f"{prepared.smallest_peak_model} on the data's rows, with its margin, as a trial of it is "
+        "held to the budget"
     )
 
 
@@ -119,7 +141,9 @@ class ConsoleReporter(RunEvents):
             f"study [bold]{prepared.study_name}[/] in {redact_url(prepared.storage)} "
             + run_headline(prepared)
         )
-        for line in not_searched(prepared.unsupported_choices, prepared.ruled_out_choices):
+        for line in not_searched(
+            prepared.unsupported_choices, prepared.ruled_out_choices, prepared.ruled_out_models
+        ):
             self.console.print(line)
         self._progress = progress_bar(self.console, transient=True)
         self._progress.start()

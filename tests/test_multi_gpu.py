@@ -736,12 +736,12 @@ def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(o
             "cpu",
             (2,),
             "on cpu (gloo processes stand in for each probe's 2 GPUs); budget 4.00 GiB "
-            "per GPU; smallest recipe in the space 1.00 GiB per GPU by the formula on the data's "
-            "rows, with its margin (it prunes the space; a trial is held to the replay's)",
+            "per GPU; the formula's smallest recipe in the space 1.00 GiB per GPU by the replay "
+            "on the data's rows, with its margin, as a trial of it is held to the budget",
         ),
         ("cpu", (1, 2), "on cpu (gloo processes stand in for each probe's 1,2 GPUs); budget"),
         ("cuda", (2,), "on cuda; budget 4.00 GiB per GPU;"),
-        ("cpu", (1,), "on cpu; budget 4.00 GiB; smallest recipe in the space 1.00 GiB by the "),
+        ("cpu", (1,), "on cpu; budget 4.00 GiB; the formula's smallest recipe in the space 1.00 "),
     ],
 )
 def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cpu(
@@ -753,7 +753,9 @@ def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cp
     from autotune.study.settings import RunSettings
 
     settings = RunSettings(model="m", data_path="d", budget_bytes=4 * 2**30, gpus_per_probe=counts)
-    prepared = SimpleNamespace(settings=settings, device=device, smallest_peak_bytes=2**30)
+    prepared = SimpleNamespace(
+        settings=settings, device=device, smallest_peak_bytes=2**30, smallest_peak_model="replay"
+    )
     assert run_headline(prepared).startswith(where)
 
 

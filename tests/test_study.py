@@ -642,7 +642,7 @@ def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
     page = render_html(report_data(study))
     smallest = format_bytes(ruled_out["method"]["full"])
     assert "Not searched, no recipe with them fits the budget (predicted): " in page
-    assert f"method full ({smallest} at least)" in page
+    assert f"method full ({smallest} at least by the formula)" in page
     for trial in study.trials:
         for name, value in trial.params.items():
             assert value in prepared.fitting_choices[name]
@@ -938,7 +938,7 @@ def test_the_measured_margin_rules_out_what_only_fits_without_it(full_rows_works
         for peak, quantization in peaks.values()
     )
     budget = (smallest + smallest_margined) // 2  # the smallest fits bare, none with its margin
-    with pytest.raises(UsageError, match="with the memory model's margin"):
+    with pytest.raises(UsageError, match="by the formula with its margin"):
         prepare_run(settings_for(workspace, budget_bytes=budget, memory_margin=None))
     study = run_study(
         prepare_run(settings_for(workspace, budget_bytes=10**12, memory_margin=None, trials=2)),

@@ -143,7 +143,11 @@ def report_data(
         time_text=time_description(
             frame, busy_seconds(study.get_trials(deepcopy=False), datetime.datetime.now())
         ),
-        space_lines=tuple(not_searched(choices.unsupported, choices.ruled_out) if choices else ()),
+        space_lines=tuple(
+            not_searched(choices.unsupported, choices.ruled_out, choices.ruled_out_models)
+            if choices
+            else ()
+        ),
         frame=frame,
         frontier_numbers=sorted(int(n) for n in frame.loc[frame["on_frontier"], "trial"])
         if len(frame)

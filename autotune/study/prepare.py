@@ -13,6 +13,7 @@ from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError, check_distinct_outputs
 from autotune.margins import check_margin
+from autotune.memory import MemoryEstimate
 from autotune.model_spec import load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.prediction import NARROWEST_TOKEN_LENGTHS, check_memory_model
@@ -27,6 +28,8 @@ from autotune.study.pruning import (
     smallest_peak_over_budget,
     supported_space,
 )
+from autotune.study.records import smallest_recipe_words
+from autotune.study.seeding import held_predictor
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
     PreparedRun,
@@ -110,6 +113,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     check_margin(settings.memory_margin)
     # the least peaks any data gives (rows one token wide where the data sets their width): a
     # budget below the smallest of them is refused before the data is tokenized
+    # replays made while the space is sized, by replay_key: the trials' predictions start there
+    replayed: dict[str, tuple[MemoryEstimate, str]] = {}
     smallest_over = smallest_peak_over_budget(
         space,
         settings.model,
@@ -118,9 +123,10 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings.budget_bytes,
         settings.memory_margin,
         NARROWEST_TOKEN_LENGTHS,
+        held_predictor(spec, model_config, settings, NARROWEST_TOKEN_LENGTHS, replayed),
     )
     if smallest_over is not None:
-        _check_budget_fits(smallest_over, settings, space, "whatever the data's lengths")
+        _refuse_budget(*smallest_over, settings, space, "whatever the data's lengths")
     # Recipes and probe requests name local paths absolutely so they work from anywhere.
     settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     if Path(settings.model).expanduser().exists():
@@ -164,14 +170,18 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         settings.budget_bytes,
         settings.memory_margin,
         train_token_lengths,
+        held_predictor(spec, model_config, settings, train_token_lengths, replayed),
+        settings.sizing_progress,
     )
     longest = train_token_lengths[1] if train_token_lengths else settings.seq_len
-    _check_budget_fits(
-        fit.smallest_peak_bytes,
-        settings,
-        space,
-        f"on this data (its longest training example {longest} tokens)",
-    )
+    if not fit.choices.get("method"):
+        _refuse_budget(
+            fit.smallest_peak_bytes,
+            fit.smallest_peak_model,
+            settings,
+            space,
+            f"on this data (its longest training example {longest} tokens)",
+        )
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
     study_name = settings.study_name or default_study_name(
@@ -189,6 +199,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
         fit.smallest_peak_bytes,
         fitting_choices=fit.choices,
         ruled_out_choices=fit.ruled_out,
+        smallest_peak_model=fit.smallest_peak_model,
+        ruled_out_models=fit.ruled_out_models,
+        replayed=replayed,
         skipped_rows=len(data_scan.bad),
         data_stats=data_stats,
         token_cache=str(token_cache.resolve()),
@@ -200,13 +213,15 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
 
 
-def _check_budget_fits(smallest: int, settings: RunSettings, space: SearchSpace, rows: str) -> None:
-    """Refuse a budget below `smallest`, the least peak of any recipe of the space on the rows
-    `rows` says, in a line."""
-    if smallest > settings.budget_bytes:
-        raise UsageError(
-            f"budget {format_bytes(settings.budget_bytes)} is below the "
-            f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that the smallest recipe in "
-            f"{space.source} needs at seq_len {settings.seq_len} {rows}, with the memory "
-            "model's margin; raise --budget or shorten --seq-len (or set --memory-margin)"
-        )
+def _refuse_budget(
+    smallest: int, memory_model: str, settings: RunSettings, space: SearchSpace, rows: str
+) -> None:
+    """Refuse the budget, below `smallest`: the peak `memory_model` predicts, on the rows `rows`
+    says, of the recipe of the space the formula puts least, in a line."""
+    recipe = smallest_recipe_words(memory_model, f"in {space.source}")
+    raise UsageError(
+        f"budget {format_bytes(settings.budget_bytes)} is below the "
+        f"{format_bytes(smallest)} ({smallest / 1e9:.2f} GB) that {recipe} needs at seq_len "
+        f"{settings.seq_len} {rows}, by the {memory_model} with its margin; raise --budget or "
+        "shorten --seq-len (or set --memory-margin)"
+    )

@@ -4,11 +4,13 @@ left out before any trial, and a resumed study keeps the choices it started with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from autotune.architecture import Architecture, loss_refusal
 from autotune.errors import UsageError
 from autotune.margins import margin_for
+from autotune.memory import MemoryEstimate
 from autotune.model_spec import ModelSpec
 from autotune.optimizers import optimizer_refusal
 from autotune.prediction import formula_estimate
@@ -256,6 +258,18 @@ def margined_peak_bytes(
     return margin_for(margin, "formula", recipe.quantization).bytes_of(peak)
 
 
+Held = Callable[[Recipe], tuple[MemoryEstimate, str]]
+"""The prediction a trial is held to the budget by and its memory model
+(seeding.held_predictor)."""
+
+
+def held_peak_bytes(recipe: Recipe, held: Held, margin: float | None) -> tuple[int, str]:
+    """The peak with its margin that `held` predicts of `recipe`, and the model that gave it,
+    as a trial of it is held to the budget."""
+    estimate, used = held(recipe)
+    return margin_for(margin, used, recipe.quantization).bytes_of(estimate.peak_bytes), used
+
+
 def smallest_peak_over_budget(
     space: SearchSpace,
     model: str,
@@ -264,13 +278,15 @@ def smallest_peak_over_budget(
     budget_bytes: int,
     margin: float | None = None,
     token_lengths: tuple[int, int] | None = None,
-) -> int | None:
+    held: Held | None = None,
+) -> tuple[int, str] | None:
     """Whether any recipe of the space fits `budget_bytes` (predicted as budget_fit predicts
-    them): None where one does, else the least peak of any, budget_fit's smallest_peak_bytes.
+    them): None where one does, else the least peak of any and the model that gave it.
     A descent from each method's first point, one dimension at a time to whichever choice
-    lowers the peak, finds a recipe that fits in a few hundred predictions unless the budget is
-    near the least peak; only where it finds none is every point predicted, up to the first
-    that fits."""
+    lowers the formula's peak, finds a recipe that fits in a few hundred predictions unless the
+    budget is near the least peak; only where it finds none is every point predicted, up to
+    the first that fits. Where the formula puts every recipe over, the one it puts least is
+    predicted by `held` (the model its trial would be held to), which may find it fits."""
 
     def peak_of(params: dict[str, Any]) -> int:
         recipe = space.build(params, model, spec, seq_len)
@@ -290,13 +306,18 @@ def smallest_peak_over_budget(
                         point, peak, lowered = nearby, nearby_peak, True
         if peak <= budget_bytes:
             return None
-    smallest = None
+    smallest: tuple[int, dict[str, Any]] | None = None
     for params in space.all_params():
         peak = peak_of(params)
         if peak <= budget_bytes:
             return None
-        smallest = peak if smallest is None else min(smallest, peak)
-    return smallest
+        if smallest is None or peak < smallest[0]:
+            smallest = (peak, params)
+    assert smallest is not None  # a space holds a recipe
+    if held is None:
+        return smallest[0], "formula"
+    peak, used = held_peak_bytes(space.build(smallest[1], model, spec, seq_len), held, margin)
+    return None if peak <= budget_bytes else (peak, used)
 
 
 def budget_fit(
@@ -307,25 +328,57 @@ def budget_fit(
     budget_bytes: int,
     margin: float | None = None,
     token_lengths: tuple[int, int] | None = None,
+    held: Held | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BudgetFit:
-    """Predict every point of the space (milliseconds each) on the rows data whose examples,
-    truncated at seq_len, span `token_lengths` gives its probes, as the trials are predicted
-    (None: seq_len-wide rows; NARROWEST_TOKEN_LENGTHS: the least peaks any data gives), with
-    the formula's margin (or the one given): a choice that only recipes over the budget use
-    would only ever be ruled out, so the search need not spend trials on it."""
-    smallest: dict[str, dict[Any, int]] = {}
+    """Predict every point of the space with the formula (milliseconds each) on the rows data
+    whose examples, truncated at seq_len, span `token_lengths` gives its probes (None:
+    seq_len-wide rows; NARROWEST_TOKEN_LENGTHS: the least peaks any data gives), with the
+    formula's margin (or the one given): a choice that only recipes over the budget use would
+    only ever be ruled out, so the search need not spend trials on it. With `held`, the model
+    trials are held to, a choice leaves only where that model agrees: the recipe the formula
+    puts least of each choice it rules out is predicted by it (a replay of each, `progress`
+    told (done, of) as they are), and where that fits the choice stays, with every choice of
+    that recipe. The recipe the formula puts least of all is predicted by it too: the space's
+    smallest_peak_bytes. Where the formula puts several recipes alike, the replay may put
+    another of them lower: a choice it keeps is one some recipe fits, but one it rules out
+    may still have a recipe that fits (docs/memory-model.md)."""
+    least: dict[tuple[str, Any], tuple[int, dict[str, Any]]] = {}
     for params in space.all_params():
         recipe = space.build(params, model, spec, seq_len)
         peak = margined_peak_bytes(spec, recipe, token_lengths, margin)
         for name, value in params.items():
-            seen = smallest.setdefault(name, {})
-            seen[value] = min(seen.get(value, peak), peak)
+            known = least.get((name, value))
+            if known is None or peak < known[0]:
+                least[(name, value)] = (peak, params)
+    overall = min((least[key] for key in least if key[0] == "method"), key=lambda k: k[0])
+    verdicts = {key: (peak, "formula") for key, (peak, _) in least.items() if peak > budget_bytes}
+    kept = {key for key in least if key not in verdicts}
+    smallest = (overall[0], "formula")
+    if held is not None:
+        # one prediction per recipe: the least of each choice ruled out, and the least of all
+        points = {tuple(sorted(least[key][1].items())): least[key][1] for key in verdicts}
+        points.setdefault(tuple(sorted(overall[1].items())), overall[1])
+        predicted: dict[tuple[Any, ...], tuple[int, str]] = {}
+        for done, (point, params) in enumerate(points.items()):
+            if progress is not None:
+                progress(done, len(points))
+            recipe = space.build(params, model, spec, seq_len)
+            predicted[point] = held_peak_bytes(recipe, held, margin)
+            if predicted[point][0] <= budget_bytes:  # a recipe that fits: its choices stay
+                kept.update(params.items())
+        if progress is not None:
+            progress(len(points), len(points))
+        for key in verdicts:
+            verdicts[key] = predicted[tuple(sorted(least[key][1].items()))]
+        smallest = predicted[tuple(sorted(overall[1].items()))]
     fitting: dict[str, list[Any]] = {}
     ruled_out: dict[str, dict[str, int]] = {}
+    models: dict[str, dict[str, str]] = {}
     for name, choices in space.choices().items():
-        peaks = smallest.get(name, {})
-        fitting[name] = [c for c in choices if peaks.get(c, budget_bytes + 1) <= budget_bytes]
-        over = {str(c): peaks[c] for c in choices if c in peaks and peaks[c] > budget_bytes}
-        if over:
-            ruled_out[name] = over
-    return BudgetFit(min(smallest["method"].values()), fitting, ruled_out)
+        fitting[name] = [c for c in choices if (name, c) in kept]
+        for choice in choices:
+            if (name, choice) in verdicts and (name, choice) not in kept:
+                ruled_out.setdefault(name, {})[str(choice)] = verdicts[(name, choice)][0]
+                models.setdefault(name, {})[str(choice)] = verdicts[(name, choice)][1]
+    return BudgetFit(smallest[0], fitting, ruled_out, models, smallest[1])

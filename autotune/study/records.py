@@ -364,11 +364,31 @@ def nothing_measured_line(study: Any) -> str:
     return "no recipe ran: " + "; ".join(parts)
 
 
-def describe_ruled_out(ruled_out: dict[str, dict[str, int]]) -> str:
-    """'method full (31.95 GiB at least), micro_batch_size 8 (32.88 GiB at least), ...'"""
+def smallest_recipe_words(memory_model: str, where: str) -> str:
+    """'the smallest recipe in the space' where `memory_model`, which gave its peak, is the
+    formula that found it; "the formula's smallest recipe in the space" where another model
+    predicted the recipe the formula puts least (it may put another lower)."""
+    if memory_model == "formula":
+        return f"the smallest recipe {where}"
+    return f"the formula's smallest recipe {where}"
+
+
+def describe_ruled_out(
+    ruled_out: dict[str, dict[str, int]], models: dict[str, dict[str, str]] | None = None
+) -> str:
+    """'method full (31.95 GiB at least by the formula), micro_batch_size 8 (1.02 GiB by the
+    replay), ...': the peak that ruled each out and the memory model whose it is (`models`;
+    the formula's least where none is named, as studies that stored none were sized)."""
+    models = models or {}
+
+    def words(name: str, choice: str, peak: int) -> str:
+        model = models.get(name, {}).get(choice, "formula")
+        least = " at least" if model == "formula" else ""
+        return f"{format_bytes(peak)}{least} by the {model}"
+
     return describe_unsupported(
         {
-            name: {choice: f"{format_bytes(peak)} at least" for choice, peak in peaks.items()}
+            name: {choice: words(name, choice, peak) for choice, peak in peaks.items()}
             for name, peaks in ruled_out.items()
         }
     )
@@ -384,7 +404,9 @@ def describe_unsupported(unsupported: dict[str, dict[str, str]]) -> str:
 
 
 def not_searched(
-    unsupported: dict[str, dict[str, str]], ruled_out: dict[str, dict[str, int]]
+    unsupported: dict[str, dict[str, str]],
+    ruled_out: dict[str, dict[str, int]],
+    ruled_out_models: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """What a study leaves out of its space file and why, a line per reason (CLI and report)."""
     lines = []
@@ -393,6 +415,6 @@ def not_searched(
     if ruled_out:
         lines.append(
             "not searched, no recipe with them fits the budget (predicted): "
-            + describe_ruled_out(ruled_out)
+            + describe_ruled_out(ruled_out, ruled_out_models)
         )
     return lines

@@ -198,6 +198,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 prepared.fitting_choices,
                 prepared.ruled_out_choices,
                 prepared.unsupported_choices,
+                prepared.ruled_out_models,
             ),
         )
     # A resumed study keeps the choices it started with: Optuna refuses other ones.

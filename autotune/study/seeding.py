@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autotune.memory import MemoryEstimate
+from autotune.model_spec import ModelSpec
 from autotune.prediction import (
     formula_estimate,
     predict,
@@ -19,7 +20,7 @@ from autotune.prediction import (
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.pruning import margined_peak_bytes
-from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun
+from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun, RunSettings
 
 
 def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
@@ -37,35 +38,53 @@ def fits_budget(prepared: PreparedRun) -> Callable[[dict[str, Any]], bool]:
     return fits
 
 
-def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], tuple[MemoryEstimate, str]]:
-    """Each trial's predicted peak and the model that gave it: the replay (in a worker process
-    that sees no GPU, once per recipe as memory sees it) where the formula puts the recipe
-    within REPLAY_BAND of the budget, the formula elsewhere and where the replay cannot run;
-    either told of the rows the data gives the probe's micro-batches (probe_rows)."""
-    settings = prepared.settings
-    predicted: dict[str, tuple[MemoryEstimate, str]] = {}
+Predicted = tuple[MemoryEstimate, str]
+"""A recipe's predicted peak and the memory model that gave it ("replay" or "formula")."""
 
-    def predict_trial(recipe: Recipe) -> tuple[MemoryEstimate, str]:
-        formula = formula_estimate(prepared.spec, recipe, prepared.train_token_lengths)
+
+def held_predictor(
+    spec: ModelSpec,
+    model_config: Any,
+    settings: RunSettings,
+    token_lengths: tuple[int, int] | None,
+    predicted: dict[str, Predicted] | None = None,
+) -> Callable[[Recipe], Predicted]:
+    """The prediction a trial's recipe is held to the budget by: the replay (in a worker
+    process that sees no GPU, once per recipe as memory sees it; `predicted` holds those made,
+    by replay_key) where the formula puts the recipe within REPLAY_BAND of the budget, the
+    formula elsewhere and where the replay cannot run; either told of the rows data whose
+    examples span `token_lengths` gives the probe's micro-batches (probe_rows)."""
+    replayed = {} if predicted is None else predicted
+
+    def predict_held(recipe: Recipe) -> Predicted:
+        formula = formula_estimate(spec, recipe, token_lengths)
         if (
             settings.memory_model != "replay"
-            or prepared.model_config is None
+            or model_config is None
             or formula.peak_bytes > REPLAY_BAND * settings.budget_bytes
         ):
             return formula, "formula"
-        key = replay_key(recipe, probe_rows(recipe, prepared.train_token_lengths))
-        if key not in predicted:
+        key = replay_key(recipe, probe_rows(recipe, token_lengths))
+        if key not in replayed:
             result, used, _ = predict(
-                prepared.spec,
-                recipe,
-                prepared.model_config,
-                run=replay_in_worker,
-                token_lengths=prepared.train_token_lengths,
+                spec, recipe, model_config, run=replay_in_worker, token_lengths=token_lengths
             )
-            predicted[key] = (result, used)
-        return predicted[key]
+            replayed[key] = (result, used)
+        return replayed[key]
 
-    return predict_trial
+    return predict_held
+
+
+def trial_predictor(prepared: PreparedRun) -> Callable[[Recipe], Predicted]:
+    """Each trial's predicted peak and the model that gave it (held_predictor), starting from
+    the replays the space's sizing made (PreparedRun.replayed)."""
+    return held_predictor(
+        prepared.spec,
+        prepared.model_config,
+        prepared.settings,
+        prepared.train_token_lengths,
+        dict(prepared.replayed),
+    )
 
 
 REPAIR_DIMENSIONS = ("gradient_checkpointing", "micro_batch_size", "optimizer")

@@ -123,6 +123,9 @@ class RunSettings:
     --device cpu, that many gloo processes stand in for the GPUs."""
     tokenize_progress: Callable[[int, int], None] | None = None
     """Called with (rows done, rows) while the data is tokenized into the cache."""
+    sizing_progress: Callable[[int, int], None] | None = None
+    """Called with (recipes done, recipes) while the recipes the formula puts over the budget
+    are predicted as their trials would be (budget_fit; a replay takes seconds at 7B)."""
     weight_cache: bool = False
     """QLoRA probes read the base already quantized from an NF4 copy in trials/cache (the first
     one writes it)."""
@@ -290,13 +293,21 @@ class PreparedRun:
     study_name: str
     storage: str
     smallest_peak_bytes: int
-    """The least peak, with its margin, the formula predicts of any recipe of the space on the
-    rows the data gives its probe (prediction.probe_rows), as the trials are predicted."""
+    """The peak, with its margin, of the recipe of the space the formula puts least on the rows
+    the data gives its probe (prediction.probe_rows), predicted as its trial would be
+    (BudgetFit)."""
     fitting_choices: dict[str, list[Any]] = field(default_factory=dict)
     """Each dimension's choices that some recipe predicted to fit the budget uses (on the
     rows the data gives its probe)."""
     ruled_out_choices: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Dimension -> choice -> the smallest predicted peak of a recipe with it (over budget)."""
+    """Dimension -> choice -> the predicted peak that ruled it out (BudgetFit.ruled_out)."""
+    smallest_peak_model: str = "formula"
+    """The memory model that gave smallest_peak_bytes ("replay" or "formula")."""
+    ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> ruled out choice -> the memory model whose peak ruled it out."""
+    replayed: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    """The replays the space's sizing made (replay_key -> MemoryEstimate, the model that
+    answered), where the trials' predictions start."""
     skipped_rows: int = 0
     token_cache: str | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
@@ -321,10 +332,19 @@ class BudgetFit:
     """What the memory model says of a whole space under a budget, before any trial."""
 
     smallest_peak_bytes: int
+    """The peak with its margin of the recipe the formula puts least, predicted as its trial
+    would be (by smallest_peak_model)."""
     choices: dict[str, list[Any]]
     """Each dimension's choices that at least one recipe predicted to fit uses."""
     ruled_out: dict[str, dict[str, int]]
-    """Dimension -> choice no fitting recipe uses -> the smallest peak predicted with it."""
+    """Dimension -> choice no fitting recipe uses -> the peak that ruled it out: the formula's
+    least of any recipe with it, or the replay's of that recipe where trials are held to the
+    replay."""
+    ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> ruled out choice -> the model whose peak ruled it out."""
+    smallest_peak_model: str = "formula"
+    replayed: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    """The replays made (seeding.held_predictor's cache), for the trials to start from."""
 
 
 def gpu_groups(settings: RunSettings, device: str) -> list[str]:

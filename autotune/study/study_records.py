@@ -182,19 +182,26 @@ class SpaceChoices:
     """Dimension -> the choices searched: the space file's, less those the memory model rules
     out under the budget."""
     ruled_out: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Dimension -> choice -> the least peak (bytes) predicted of any recipe with it."""
+    """Dimension -> choice -> the peak (bytes) that ruled it out: the formula's least of any
+    recipe with it, or the replay's of that recipe where trials are held to the replay."""
     unsupported: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> choice -> why the model cannot run it."""
+    ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Dimension -> ruled out choice -> the memory model whose peak ruled it out (none stored:
+    the formula, as studies were sized before)."""
 
 
 SPACE_CHOICES_ATTR = "space_choices"
 RULED_OUT_CHOICES_ATTR = "ruled_out_choices"
+RULED_OUT_MODELS_ATTR = "ruled_out_models"
 UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
 
 
 def record_space_choices(study: Any, choices: SpaceChoices) -> None:
     study.set_user_attr(SPACE_CHOICES_ATTR, choices.fitting)
     study.set_user_attr(RULED_OUT_CHOICES_ATTR, choices.ruled_out)
+    if choices.ruled_out_models:
+        study.set_user_attr(RULED_OUT_MODELS_ATTR, choices.ruled_out_models)
     if choices.unsupported:
         study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
 
@@ -208,6 +215,7 @@ def space_choices(study: Any) -> SpaceChoices | None:
         attrs[SPACE_CHOICES_ATTR],
         attrs.get(RULED_OUT_CHOICES_ATTR) or {},
         attrs.get(UNSUPPORTED_CHOICES_ATTR) or {},
+        attrs.get(RULED_OUT_MODELS_ATTR) or {},
     )
 
 

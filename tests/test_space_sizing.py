@@ -1,0 +1,94 @@
+"""Whether a study leaves a choice out of its space only where the memory model its trials are
+held to (the replay) agrees with the formula that sizes the space."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from autotune.errors import UsageError
+from autotune.prediction import predict, replay_rows
+from autotune.replay import load_config
+from autotune.study import prepare_run, run_study, seeding
+from autotune.study.records import not_searched
+from autotune.study.settings import REPLAY_BAND
+from autotune.study.study_records import space_choices
+from autotune.units import format_bytes
+from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401 - the fixture
+
+
+def least_full_fine_tune(workspace, monkeypatch, **config_changes):  # noqa: F811
+    """The formula's peak (no margin) of the demo space's least full fine-tune by the formula on
+    the workspace's data, and the replay's of the same recipe, on the workspace's model with
+    `config_changes`; replays run in this process."""
+    monkeypatch.setattr(seeding, "replay_in_worker", replay_rows)
+    if config_changes:
+        config_path = workspace[1] / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, **config_changes}))
+    roomy = prepare_run(settings_for(workspace, memory_model="replay"))
+    settings, space, spec = roomy.settings, roomy.space, roomy.spec
+    lengths = roomy.train_token_lengths
+    least = None
+    for params in space.all_params():
+        if params["method"] == "full":
+            recipe = space.build(params, settings.model, spec, settings.seq_len)
+            peak = predict(spec, recipe, None, memory_model="formula", token_lengths=lengths)
+            if least is None or peak[0].peak_bytes < least[1]:
+                least = (recipe, peak[0].peak_bytes)
+    assert least is not None
+    recipe, formula_peak = least
+    replayed, used, _ = predict(spec, recipe, load_config(settings.model), token_lengths=lengths)
+    assert used == "replay"
+    return formula_peak, replayed.peak_bytes
+
+
+def test_a_choice_the_replay_fits_stays_in_the_space(workspace, monkeypatch):  # noqa: F811
+    """The formula's fixed allocator overhead puts every full fine-tune of the demo model over
+    a budget its replay, which trials are held to, fits: the study searches them, where the
+    formula alone refuses the budget."""
+    formula_peak, replay_peak = least_full_fine_tune(workspace, monkeypatch)
+    assert replay_peak < formula_peak
+    # over the replay, under the formula, and where trials are replayed (REPLAY_BAND)
+    budget = max(replay_peak, math.ceil(formula_peak / REPLAY_BAND))
+    assert budget < formula_peak
+    told: list[tuple[int, int]] = []
+    settings = settings_for(
+        workspace,
+        memory_model="replay",
+        budget_bytes=budget,
+        sizing_progress=lambda done, total: told.append((done, total)),
+    )
+    prepared = prepare_run(settings)
+    # one prediction per recipe: the least of each choice ruled out, and the least of all
+    assert told[0][0] == 0 and told[-1][0] == told[-1][1] >= 2
+    assert "full" in prepared.fitting_choices["method"]
+    assert "full" not in prepared.ruled_out_choices.get("method", {})
+    assert prepared.smallest_peak_model == "replay"
+    assert prepared.smallest_peak_bytes <= budget
+    # the replays made are where the trials' predictions start
+    assert prepared.replayed and all(used == "replay" for _, used in prepared.replayed.values())
+    with pytest.raises(UsageError, match="by the formula with its margin"):
+        prepare_run(settings_for(workspace, memory_model="formula", budget_bytes=budget))
+
+
+def test_a_choice_both_models_put_over_the_budget_leaves(workspace, monkeypatch):  # noqa: F811
+    """Below the replay of the least full fine-tune of a model wide enough that its weights
+    count, full leaves the space, stored with the replay's figure, which the run and the
+    report name as the replay's."""
+    formula_peak, replay_peak = least_full_fine_tune(
+        workspace, monkeypatch, hidden_size=1024, intermediate_size=4096
+    )
+    budget = replay_peak - 1
+    assert formula_peak <= REPLAY_BAND * budget  # its trials would be replayed
+    prepared = prepare_run(settings_for(workspace, memory_model="replay", budget_bytes=budget))
+    assert "full" not in prepared.fitting_choices["method"]
+    assert prepared.ruled_out_choices["method"]["full"] == replay_peak
+    assert prepared.ruled_out_models["method"]["full"] == "replay"
+    study = run_study(prepared, FakeRunner())
+    stored = space_choices(study)
+    assert stored is not None and stored.ruled_out_models["method"]["full"] == "replay"
+    words = not_searched(stored.unsupported, stored.ruled_out, stored.ruled_out_models)
+    assert f"method full ({format_bytes(replay_peak)} by the replay)" in words[-1]
