@@ -143,6 +143,9 @@ class MemoryPrediction:
     """What a study adds to the peak before it holds it to a budget."""
     num_gpus: int = 1
     """The GPUs the recipe trains on: the peak is each one's where several."""
+    row_tokens: int | None = None
+    """The tokens every row was taken to hold where no data gave their lengths (seq_len, no
+    padding); None where a study's data did."""
 
     @property
     def peak_name(self) -> str:
@@ -172,7 +175,12 @@ def memory_prediction(
         spec, recipe, config, seq_len, memory_model, token_lengths=token_lengths
     )
     return MemoryPrediction(
-        peak, used, fallback, margin_for(memory_margin, used, recipe.quantization), recipe.num_gpus
+        peak,
+        used,
+        fallback,
+        margin_for(memory_margin, used, recipe.quantization),
+        recipe.num_gpus,
+        row_tokens=(seq_len or recipe.seq_len) if token_lengths is None else None,
     )
 
 
@@ -372,7 +380,13 @@ def write_study_report(
         exported=recipe_path.is_file(),
         storage_url=redact_url(storage) if storage else None,
     )
-    png_path = write_main_chart_png(found, png) if png is not None else None
+    png_path = None
+    if png is not None:
+        try:
+            png_path = write_main_chart_png(found, png)
+        except UsageError as error:  # the PNG is drawn last: say what was written before it
+            written = ", ".join(str(p) for p in (path, csv) if p is not None)
+            raise UsageError(f"{error}; the report was written: {written}") from None
     return StudyReport(path, Path(csv) if csv is not None else None, png_path)
 
 

@@ -155,7 +155,7 @@ def status(
     from autotune.api import study_status
     from autotune.console import status_text
 
-    typer.echo(status_text(study_status(storage, study)))
+    typer.echo(status_text(study_status(storage, study), storage))
 
 
 app.command(name="train")(train)  # its options and run: cli_train

@@ -65,10 +65,14 @@ def run_headline(prepared: PreparedRun) -> str:
         if not prepared.device.startswith("cuda"):
             counts = format_gpu_counts(prepared.settings.gpus_per_probe)
             where += f" (gloo processes stand in for each probe's {counts} GPUs)"
+    # the formula sizes the space; a trial's own prediction (the replay's) can be lower
+    held = (
+        "" if prepared.settings.memory_model == "formula" else "; a trial is held to the replay's"
+    )
     return (
         f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; smallest "
-        f"recipe in the space needs {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} (the "
-        "formula's prediction on the data's rows, with its margin)"
+        f"recipe in the space {format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
+        f"formula on the data's rows, with its margin (it prunes the space{held})"
     )
 
 
@@ -80,6 +84,7 @@ class ConsoleReporter(RunEvents):
     def __init__(self, console: Any = None) -> None:
         super().__init__(
             run_started=self._run_started,
+            trials_left=self._trials_left,
             trial_started=self._trial_started,
             trial_finished=self._trial_finished,
             confirmed=self._confirmed,
@@ -118,7 +123,15 @@ class ConsoleReporter(RunEvents):
             self.console.print(line)
         self._progress = progress_bar(self.console, transient=True)
         self._progress.start()
-        self._task = self._progress.add_task("trials", total=settings.trials)
+        # its total unknown until the study is open (trials_left)
+        self._task = self._progress.add_task("trials", total=None)
+
+    def _trials_left(self, trials: int) -> None:
+        """The bar's total: this run's trials so far and the most it can still add, which
+        the space's untried recipes and the study's finished trials bound, not --trials."""
+        if self._progress is not None:  # its count: this run's trials that have ended
+            done = next(task.completed for task in self._progress.tasks if task.id == self._task)
+            self._progress.update(self._task, total=done + trials)
 
     def _trial_started(self, number: int, label: str) -> None:
         if self._progress is not None:  # None once the run ended: after Ctrl-C, another
@@ -215,8 +228,22 @@ class ConsoleReporter(RunEvents):
             self.console.print(f"recipe (balanced): {result.recipe_path}{escape(picked)}")
             if result.recipe_fit:
                 self.console.print(f"memory of trial {result.recipe_trial}: {result.recipe_fit}")
+            # one line however narrow the terminal: a copied command must not carry a newline
+            self.console.print(f"to train it: {escape(train_command(result))}", soft_wrap=True)
         else:
             self.console.print(nothing_measured_line(result.study))
+
+
+def train_command(result: RunResult) -> str:
+    """The `autotune train` command of the recipe the run exported, on the study's data (the
+    report's balanced card gives the same)."""
+    from autotune.report.card import train_commands
+    from autotune.study.study_records import study_setup
+
+    data_path = study_setup(result.study).data_path
+    return train_commands(result.study.study_name, data_path, str(result.recipe_path), True, None)[
+        -1
+    ]
 
 
 def measured_memory(peak_bytes: float, memory_source: str) -> str:
@@ -298,11 +325,23 @@ def overview_lines(study: StudyOverview) -> list[str]:
     return lines
 
 
-def status_text(status: StudyStatus) -> str:
-    """`autotune status`: trials done and running, probes an hour, the frontier so far."""
+def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
+    """`autotune status`: trials done and running, probes an hour, the frontier so far; for a
+    study whose trials have all finished, the commands that take its answer (on
+    `storage_url`, None: the default storage)."""
+    from autotune.report.card import export_command, study_command
     from autotune.units import format_duration
 
     study = status.overview
+    done = (
+        not study.running
+        and not status.waiting
+        and not status.running_trials
+        and (
+            study.space_recipes_tried is not None
+            or (study.target_trials is not None and study.finished >= study.target_trials)
+        )
+    )
     per_hour = status.probes_per_hour
     rate = f", {per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
     ended = [r for r in status.running_trials if r.run_ended]
@@ -332,6 +371,13 @@ def status_text(status: StudyStatus) -> str:
         )
         for number, why in sorted(status.left_frontier.items())
     ]
+    if done and status.frontier:
+        lines += [
+            "its trials have finished; next:",
+            f"  {export_command(study.name, storage_url, 'balanced', 'recipe.yaml')}"
+            "  (the balanced recipe; --pick fastest, smallest or best-loss for another)",
+            f"  {study_command('report', study.name, storage_url)}  (the HTML report)",
+        ]
     return "\n".join(lines)
 
 
@@ -357,9 +403,11 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         print(f"memory model: {used} ({predicted.fallback_reason})")
     for name, size in result.breakdown.items():
         print(f"{name:>28}  {format_bytes(size):>12}")
+    # a study's prediction of the same recipe, on its data's shorter rows, can be lower
+    rows = f", every row {predicted.row_tokens} tokens" if predicted.row_tokens else ""
     print(
         f"{predicted.peak_name:>28}  {format_bytes(result.peak_bytes):>12}  "
-        f"({result.peak_bytes} bytes, {used})"
+        f"({result.peak_bytes} bytes, {used}{rows})"
     )
     print(
         f"{'with margin':>28}  {format_bytes(predicted.peak_with_margin_bytes):>12}  "

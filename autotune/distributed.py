@@ -88,17 +88,30 @@ def usable_cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _beyond_cpu_cores(processes: int, what: str) -> str:
+    """`what` `processes` would do on the CPU, when they are more than the cores this process
+    may use ('' where they are not)."""
+    cores = usable_cpu_cores()
+    if processes <= cores:
+        return ""
+    return f"{what}, more than the {count_of(cores, 'CPU core')} this process may use"
+
+
 def cpu_ranks_refusal(ranks: int) -> str:
     """Why `ranks` gloo processes cannot stand in for as many GPUs on the CPU ('' where they
     can): more than its cores, they would take turns on them and time the machine, not the
     recipe."""
-    cores = usable_cpu_cores()
-    if ranks <= cores:
-        return ""
-    return (
-        f"{ranks} gloo processes would stand in for {ranks} GPUs on the CPU, more than the "
-        f"{count_of(cores, 'CPU core')} this process may use"
+    return _beyond_cpu_cores(
+        ranks, f"{ranks} gloo processes would stand in for {ranks} GPUs on the CPU"
     )
+
+
+def cpu_probes_refusal(probes: int) -> str:
+    """Why `probes` one-process probes cannot train at once on the CPU ('' where they can):
+    more than its cores, they would take turns on them, and each would measure the tokens/s of
+    the shared machine rather than its recipe's. (A probe does not divide the cores: torch
+    gives each process as many threads as the machine has.)"""
+    return _beyond_cpu_cores(probes, f"{probes} probes would train at once on the CPU")
 
 
 def parse_gpu_indices(text: str) -> tuple[str, ...]:

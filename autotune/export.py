@@ -22,6 +22,15 @@ from autotune.study.study_records import (
 from autotune.training.freeze import FreezeLayout
 
 
+def _speed(tokens_per_second: float | None) -> float | None:
+    """Tokens/s as an export writes it, the probe's and its confirmation's alike."""
+    return None if tokens_per_second is None else round(float(tokens_per_second), 2)
+
+
+def _loss(eval_loss: float | None) -> float | None:
+    return None if eval_loss is None else round(float(eval_loss), 5)
+
+
 def measured_figures(
     trial: Any, confirmation: Confirmation | None = None, budget_bytes: int = 0
 ) -> dict[str, Any]:
@@ -34,8 +43,8 @@ def measured_figures(
     probe = record.probe
     figures = {
         "peak_memory_bytes": int(memory),
-        "tokens_per_second": round(float(speed), 2),
-        "eval_loss": round(float(loss), 5),
+        "tokens_per_second": _speed(speed),
+        "eval_loss": _loss(loss),
         "memory_source": probe.memory_source if probe else "",
         "device": probe.device if probe else "",
         "predicted_peak_bytes": record.predicted_peak_bytes,
@@ -57,9 +66,9 @@ def measured_figures(
             "verdict": confirmation.words(),
             "steps": confirmation.steps,
             "seed": confirmation.seed,
-            "tokens_per_second": confirmation.tokens_per_second,
+            "tokens_per_second": _speed(confirmation.tokens_per_second),
             "peak_memory_bytes": confirmation.peak_memory_bytes,
-            "eval_loss": confirmation.eval_loss,
+            "eval_loss": _loss(confirmation.eval_loss),
         }
         if confirmation.in_place_of is not None:  # beyond --confirm: its pick's recipe left
             figures["confirmation"]["in_place_of"] = confirmation.in_place_of
@@ -99,7 +108,7 @@ def recipe_yaml(
     measured = measured_figures(trial, confirmations(study).get(trial.number), setup.budget_bytes)
     longer = ranking.longest(trial.number)
     if longer is not None:  # --promote probed it again for longer
-        measured["longer_probe"] = {"steps": longer[0], "eval_loss": round(longer[1], 5)}
+        measured["longer_probe"] = {"steps": longer[0], "eval_loss": _loss(longer[1])}
     data_path = setup.data_path or None
     data_format, formats = "alpaca", None
     if fmt == "axolotl":

@@ -45,6 +45,15 @@ LrSchedule = Literal["cosine", "linear", "constant"]
 WARMUP_FRACTION = 0.03
 """Warm-up when a recipe gives no warmup_steps: this share of the run's steps (at least 1)."""
 
+OTHER_FORMAT_KEYS = {
+    "training_arguments": "hf",
+    "base_model": "axolotl",
+    "finetuning_type": "llamafactory",
+    "compute_environment": "accelerate",
+}
+"""A key each `autotune export --format` other than autotune's writes and a recipe never has
+-> that format: such a file is another trainer's configuration, not a recipe to read."""
+
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 OFF_BY_DEFAULT = ("use_dora", "activation_offload")
 """Switches a recipe writes only when they are on (added after recipes were first hashed)."""
@@ -227,6 +236,13 @@ class Recipe:
                 f"{source}: expected a mapping of recipe keys, got {type(data).__name__}"
             )
         known = {f.name for f in dataclasses.fields(cls)}
+        other_format = next((OTHER_FORMAT_KEYS[k] for k in OTHER_FORMAT_KEYS if k in data), None)
+        if other_format is not None and "method" not in data:
+            raise UsageError(
+                f"{source}: an `autotune export --format {other_format}` configuration, not a "
+                "recipe; `autotune export` without --format writes the recipe that train and "
+                "estimate read"
+            )
         data = dict(data)
         data.pop("measured", None)
         data.pop("predicted", None)
@@ -268,7 +284,8 @@ class Recipe:
         data = self.to_dict()
         if measured:
             data["measured"] = measured
-        return yaml.safe_dump(data, sort_keys=False)
+        # allow_unicode: a verdict's "±15%" as written, not "\xB115%"
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:

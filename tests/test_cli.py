@@ -200,6 +200,23 @@ def config_only(tmp_path) -> Path:
     return model
 
 
+def test_python_m_autotune_is_the_command(tmp_path):
+    """Where the entry point is not on PATH (a venv not activated), `python -m autotune` is the
+    same command: its usage names it, and bad input is its one line and exit code 2."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "autotune", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert shown.returncode == 0 and "Usage: python -m autotune " in shown.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "autotune", "status", "--storage", f"sqlite:///{tmp_path}/no.db"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("autotune: error: no SQLite")
+    assert len(missing.stderr.splitlines()) == 1
+
+
 def test_estimate_prints_json_breakdown(config_only, tmp_path):
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text("method: lora\nquantization: nf4\nlora_r: 8\nseq_len: 256\n")
@@ -250,6 +267,8 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
         cwd=tmp_path,
     )
     assert "logits_and_loss" in table.stdout and "predicted peak" in table.stdout
+    # the rows it took, without data: a study's prediction on its data's rows can differ
+    assert f"({expected.peak_bytes} bytes, formula, every row 256 tokens)" in table.stdout
     assert "paged optimizer states" not in table.stdout
     assert f"(+{100 * margin.fraction:.1f}%: the formula's worst under-prediction" in table.stdout
     # with a budget: whether the peak with its margin fits, and by how much
@@ -479,22 +498,29 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
 
 
 def test_more_gloo_ranks_than_cpu_cores_are_refused_in_one_line(tmp_path, config_only):
-    # the run pinned to one core: a probe's 2 gloo processes would take turns on it
+    # the run pinned to one core: a probe's 2 gloo processes would take turns on it, as would
+    # two workers' probes of one process each
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
     args = ["--model", str(config_only), "--data", str(data), "--space", DEMO_SPACE]
-    done = subprocess.run(
-        [AUTOTUNE, "run", *args, "--device", "cpu", "--budget", "4GB", "--gpus-per-probe", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
-    )
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "--gpus-per-probe 2 on --device cpu: 2 gloo processes would stand in for 2 GPUs" in (
-        done.stderr
-    )
-    assert "more than the 1 CPU core this process may use" in done.stderr
+    for flags, refusal in (
+        (
+            ["--gpus-per-probe", "2"],
+            "--gpus-per-probe 2 on --device cpu: 2 gloo processes would stand in for 2 GPUs",
+        ),
+        (["--workers", "2"], "--workers 2 on --device cpu: 2 probes would train at once"),
+    ):
+        done = subprocess.run(
+            [AUTOTUNE, "run", *args, "--device", "cpu", "--budget", "4GB", *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        )
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert refusal in done.stderr
+        assert "more than the 1 CPU core this process may use" in done.stderr
+        assert not (tmp_path / "trials").exists()  # refused before the data is tokenized
 
 
 def test_more_bad_input_is_one_line(tmp_path, config_only):
@@ -708,6 +734,15 @@ def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
         f"recipe (balanced): {result.recipe_path} (trial {trial}: {result.recipe.label()})" in text
     )
     assert f"memory of trial {trial}: predicted " in text
+    # and what to do next: the command that trains it on the study's data, as the report's card
+    command = (
+        f"to train it: autotune train --recipe {result.recipe_path} --data "
+        f"{settings.data_path} --output outputs/{result.study.study_name}"
+    )
+    assert command in text
+    narrow = Console(record=True, width=60)  # the command is not cut into lines to copy
+    ConsoleReporter(narrow).show_result(result)
+    assert command in narrow.export_text().splitlines()
 
 
 def test_a_database_server_that_does_not_answer_is_given_up(monkeypatch):

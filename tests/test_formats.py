@@ -246,16 +246,20 @@ def test_an_exported_confirmation_says_which_trial_it_stood_in_for():
         steps=6,
         seed=1,
         peak_memory_bytes=10**9,
-        tokens_per_second=900.0,
-        eval_loss=2.0,
+        tokens_per_second=900.123456,
+        eval_loss=2.0123456,
         speed_change=-0.1,
         held_up=True,
         in_place_of=3,
         pick="balanced",
     )
-    trial = SimpleNamespace(number=5, values=[10**9, 1000.0, 2.0], user_attrs={})
+    trial = SimpleNamespace(number=5, values=[10**9, 1000.123456, 2.0123456], user_attrs={})
     measured = measured_figures(trial, stand_in)
     block = yaml.safe_load(render("autotune", recipe("qlora"), measured))["measured"]
+    # the confirmation's figures as rounded as the probe's beside them
+    assert (block["tokens_per_second"], block["eval_loss"]) == (1000.12, 2.01235)
+    confirmed = block["confirmation"]
+    assert (confirmed["tokens_per_second"], confirmed["eval_loss"]) == (900.12, 2.01235)
     assert block["confirmation"]["in_place_of"] == 3
     assert block["confirmation"]["pick"] == "balanced"
     text = render("axolotl", recipe("qlora"), measured, data_path="d.jsonl", num_layers=28)
@@ -265,6 +269,11 @@ def test_an_exported_confirmation_says_which_trial_it_stood_in_for():
     assert "in_place_of" not in top["confirmation"]
     text = render("axolotl", recipe("qlora"), top, data_path="d.jsonl", num_layers=28)
     assert f"# confirmation: {stand_in.words()}\n" in text
+    # a verdict is written as people read it: "±15%", not YAML's escape "\xB115%"
+    missed = measured_figures(trial, dataclasses.replace(stand_in, held_up=False, speed_change=0.5))
+    written = render("autotune", recipe("qlora"), missed)
+    assert "(it holds within ±15%)" in " ".join(written.split()) and "\\x" not in written
+    assert yaml.safe_load(written)["measured"]["confirmation"]["verdict"].endswith("±15%)")
 
 
 def test_render_puts_measured_figures_in_comments():
@@ -281,6 +290,21 @@ def test_render_puts_measured_figures_in_comments():
     assert "measured predicted" not in text
     assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "axolotl", "llamafactory", "accelerate"])
+def test_another_format_s_export_read_as_a_recipe_says_what_it_is(fmt):
+    """train and estimate given an hf/axolotl/... export: one line naming the format and the
+    export that writes a recipe, not its every key listed as unknown."""
+    from autotune.errors import UsageError
+
+    text = render(fmt, recipe("qlora"), None, data_path="d.jsonl", num_layers=28)
+    with pytest.raises(UsageError) as refused:
+        Recipe.from_yaml(text, "exported.yaml")
+    assert str(refused.value) == (
+        f"exported.yaml: an `autotune export --format {fmt}` configuration, not a recipe; "
+        "`autotune export` without --format writes the recipe that train and estimate read"
+    )
 
 
 def test_an_axolotl_export_of_mixed_data_says_axolotl_reads_one_format():

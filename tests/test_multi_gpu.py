@@ -542,10 +542,19 @@ def test_gloo_ranks_of_every_worker_on_the_cpu_are_capped_by_its_cores(monkeypat
         UsageError, match=f"--workers 2 x --gpus-per-probe 2 on --device cpu: {refusal}"
     ):
         check_workers(settings, "cpu")
-    # probes of one process each are not gloo ranks: as many workers as asked
-    check_workers(dataclasses.replace(settings, gpus_per_probe=(1,), workers=4), "cpu")
+    # probes of one process each: as many at once as the cores, no more (they would share
+    # the cores, and each measure the shared machine's tokens/s)
+    one_process = dataclasses.replace(settings, gpus_per_probe=(1,))
+    check_workers(one_process, "cpu")
+    with pytest.raises(
+        UsageError,
+        match="^--workers 3 on --device cpu: 3 probes would train at once on the CPU, more than "
+        "the 2 CPU cores this process may use$",
+    ):
+        check_workers(dataclasses.replace(one_process, workers=3), "cpu")
     monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 4)
     check_workers(settings, "cpu")
+    check_workers(dataclasses.replace(one_process, workers=4), "cpu")
 
 
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
@@ -727,11 +736,12 @@ def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(o
             "cpu",
             (2,),
             "on cpu (gloo processes stand in for each probe's 2 GPUs); budget 4.00 GiB "
-            "per GPU; smallest recipe in the space needs 1.00 GiB per GPU",
+            "per GPU; smallest recipe in the space 1.00 GiB per GPU by the formula on the data's "
+            "rows, with its margin (it prunes the space; a trial is held to the replay's)",
         ),
         ("cpu", (1, 2), "on cpu (gloo processes stand in for each probe's 1,2 GPUs); budget"),
         ("cuda", (2,), "on cuda; budget 4.00 GiB per GPU;"),
-        ("cpu", (1,), "on cpu; budget 4.00 GiB; smallest recipe in the space needs 1.00 GiB ("),
+        ("cpu", (1,), "on cpu; budget 4.00 GiB; smallest recipe in the space 1.00 GiB by the "),
     ],
 )
 def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cpu(

@@ -76,6 +76,7 @@ def test_studies_and_status_read_what_the_study_holds(workspace, storage_url):  
     assert f"7 finished ({measured} measured), 1 running" in shown.stdout
     assert f"running: trial {running.number}" in shown.stdout
     assert "an hour" in shown.stdout and "frontier so far, fastest first:" in shown.stdout
+    assert "next:" not in shown.stdout  # a trial still runs
     assert shown.stdout.count("tokens/s") == len(status.frontier)
     # the probes ran on the CPU: their memory is said to be the CPU's, not the GPU's
     assert shown.stdout.count("  CPU RSS +") == len(status.frontier)
@@ -108,6 +109,13 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
     # the resume's --trials is the target now
     assert status.overview.finished_words == "4 of 4 trials finished"
     assert "s: model " in status_text(status) and "4 of 4 trials finished" in status_text(status)
+    # its trials are done: what to run next, on its storage
+    url = f"sqlite:///{tmp_path}/study.db"
+    assert status_text(status, url).endswith(
+        f"its trials have finished; next:\n  autotune export --study s --storage {url} --output "
+        "recipe.yaml  (the balanced recipe; --pick fastest, smallest or best-loss for another)\n"
+        f"  autotune report --study s --storage {url}  (the HTML report)"
+    )
     # over the day between the runs it would be 4 / 24 h; the probes took seconds
     assert status.probes_per_hour is not None and status.probes_per_hour > 100
 
@@ -215,5 +223,10 @@ def test_the_trials_target_reads_for_old_studies_and_past_it():
     tried = "every one of the space's 4 recipes has been tried"
     assert finished_words(9, 40, 4) == f"9 trials finished (--trials 40): {tried}"
     assert finished_words(40, 40, 4) == "40 of 40 trials finished"
+    # fewer of its space's recipes untried than the target's trials left: the most it reaches
+    assert finished_words(3, 40, None, 1) == (
+        "3 of at most 4 trials finished (--trials 40; 1 recipe of the space untried)"
+    )
+    assert finished_words(3, 5, None, 2) == "3 of 5 trials finished"  # the target is reached
     old = StudyOverview("s", "m", 2**30, 3, 0, {})
     assert old.target_trials is None and old.finished_words == "3 trials finished"

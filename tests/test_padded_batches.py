@@ -215,3 +215,49 @@ def test_padded_rows_replay_as_wide_as_the_longest_example(cut_model):
     # packed and padding-free rows are seq_len wide whatever the data
     packed = recipe.replace(batching="packed")
     assert probe_rows(packed, (3, longest)) == ProbeRows(None, False)
+
+
+def test_the_early_budget_check_sizes_a_few_recipes_and_answers_as_the_whole_space(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """Before the data is tokenized a budget is held to the least peak any data gives: that
+    needs whether some recipe fits, which a descent from each method's first recipe finds in
+    a few predictions, not every recipe of the space sized (the default space's 87,552 took
+    seconds); only where none fits is every one predicted. The answer is the whole space's."""
+    import importlib
+
+    from autotune.prediction import NARROWEST_TOKEN_LENGTHS
+    from autotune.space import SPACES_DIR
+    from autotune.study import budget_fit
+
+    prepare = importlib.import_module("autotune.study.prepare")
+    pruning = importlib.import_module("autotune.study.pruning")
+    predicted: list[int] = []
+    sized: list[tuple] = []  # the early check's space and its model, spec and seq_len
+    peak_of = pruning.margined_peak_bytes
+    monkeypatch.setattr(
+        pruning, "margined_peak_bytes", lambda *args: predicted.append(1) or peak_of(*args)
+    )
+    monkeypatch.setattr(
+        prepare,
+        "smallest_peak_over_budget",
+        lambda *args: sized.append(args[:4]) or pruning.smallest_peak_over_budget(*args),
+    )
+
+    def tokenized(*args, **kwargs):
+        raise InterruptedError("the data is tokenized next")
+
+    monkeypatch.setattr(prepare, "cached_splits", tokenized)
+    with pytest.raises(InterruptedError):
+        prepare_run(settings_for(workspace, space_path=SPACES_DIR / "default.yaml"))
+    space, *args = sized[0]
+    points = sum(1 for _ in space.all_params())
+    assert points > 10_000 and len(predicted) < points / 100, (len(predicted), points)
+
+    monkeypatch.setattr(pruning, "margined_peak_bytes", peak_of)
+    space = space.restricted({"micro_batch_size": (1, 8), "batching": ("padded", "packed")})
+    least = budget_fit(space, *args, 0, 0.0, NARROWEST_TOKEN_LENGTHS).smallest_peak_bytes
+    for budget in (least - 1, least, 2 * least):
+        over = pruning.smallest_peak_over_budget(space, *args, budget, 0.0, NARROWEST_TOKEN_LENGTHS)
+        assert over == (least if budget < least else None)

@@ -71,7 +71,8 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     if data.cards[0].held_up is not None:  # the verdict with what it rests on, on the card
         words = frame.loc[balanced, "confirmation"]
         assert words.startswith("held up: " if data.cards[0].held_up else "did not hold up: ")
-        assert words in render_html(data).replace("&#x27;", "'").replace("&#177;", "±")
+        shown = render_html(data).replace("&#x27;", "'").replace("&#177;", "±")
+        assert f"{words}; probed again, longer, with another seed</dd>" in shown
     assert data.commands[-1].startswith("autotune train --recipe reports/s-recipe.yaml --data ")
 
     page = render_html(data)
@@ -314,6 +315,33 @@ def test_the_png_drawn_by_chromium_has_no_plotly_toolbar(workspace, monkeypatch)
     write_main_chart_png(study, workspace[0] / "chart.png")
     [page] = pages
     assert '"displayModeBar": false' in page and "Peak memory vs tokens" in page
+
+
+def test_a_png_that_cannot_be_drawn_says_the_report_was_written(workspace, monkeypatch):  # noqa: F811
+    """Without kaleido or Chromium, `report --png` wrote the HTML and the CSV, then printed only
+    its error: nothing said the report was there. The line says it, and what would draw one."""
+    import plotly.graph_objects as go
+
+    import autotune.browser
+    from autotune.api import write_study_report
+    from autotune.errors import UsageError
+
+    def no_kaleido(*args, **kwargs):
+        raise RuntimeError("kaleido is not installed")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_kaleido)
+    monkeypatch.setattr(autotune.browser, "find_chromium", lambda: None)
+    settings = settings_for(workspace, trials=2)
+    run_study(prepare_run(settings), FakeRunner())
+    out = workspace[0] / "out"
+    with pytest.raises(UsageError) as refused:
+        write_study_report(settings.storage, "s", out / "r.html", out / "t.csv", out / "c.png")
+    assert str(refused.value) == (
+        "no PNG: plotly's kaleido failed and no Chromium is on PATH (install Chromium or "
+        f"Chrome, or leave out --png); the report was written: {out / 'r.html'}, "
+        f"{out / 't.csv'}"
+    )
+    assert (out / "r.html").stat().st_size > 0 and (out / "t.csv").stat().st_size > 0
 
 
 def test_the_noise_reads_to_the_decimals_of_the_differences_held_against_it(workspace):  # noqa: F811

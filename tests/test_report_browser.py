@@ -44,12 +44,14 @@ window.addEventListener("load", function () {
   function box(id) { var r = document.getElementById(id).getBoundingClientRect();
     return {top: r.top, bottom: r.bottom, left: r.left, right: r.right}; }
   var firstRow = document.querySelector("#frontier-table tbody tr").getBoundingClientRect();
+  var frontierBox = document.getElementById("frontier-table").parentNode;
   var out = document.createElement("pre");
   out.id = "measured";
   out.textContent = JSON.stringify({
     height: window.innerHeight, width: window.innerWidth,
     card: box("recommendation"), frontier: box("frontier-table"),
     frontierFirstRow: {top: firstRow.top, bottom: firstRow.bottom},
+    frontierWidths: {table: frontierBox.scrollWidth, box: frontierBox.clientWidth},
     trials: document.getElementById("trials-table").innerText,
     pageWidth: document.documentElement.scrollWidth});
   document.body.appendChild(out);
@@ -79,6 +81,9 @@ def test_first_screen_shows_the_answer_and_the_frontier(workspace):  # noqa: F81
     assert 0 <= measured["card"]["top"] < measured["card"]["bottom"] <= screen
     assert measured["card"]["bottom"] <= measured["frontier"]["top"]
     assert measured["frontierFirstRow"]["bottom"] <= screen
+    # and every column of the frontier table, its last (held up on confirmation) too, without
+    # scrolling sideways
+    assert measured["frontierWidths"]["table"] <= measured["frontierWidths"]["box"]
     # the wide trial table scrolls inside its box: the page itself is no wider than the window
     assert measured["pageWidth"] <= measured["width"]
     trials = measured["trials"]

@@ -304,7 +304,9 @@ class SlowRunner(FakeRunner):
         return super().run(request, workdir)
 
 
-def test_four_workers_finish_exactly_the_requested_trials(workspace):  # noqa: F811
+def test_four_workers_finish_exactly_the_requested_trials(workspace, monkeypatch):  # noqa: F811
+    # the fake probes train nothing: four at once on fewer cores measure no shared machine
+    monkeypatch.setattr("autotune.distributed.usable_cpu_cores", lambda: 4)
     runner = SlowRunner()
     study = run_study(prepare_run(settings_for(workspace, trials=12, workers=4)), runner)
     numbers = [t.number for t in study.trials]
@@ -859,6 +861,49 @@ def test_two_runs_changing_the_budget_at_once_keep_both_changes(tmp_path):
     assert study_budgets(old).spans == ((0, 4 * 10**9), (3, 10**9))
     record_new_budget(old, 2 * 10**9, 9)
     assert study_budgets(old).spans == ((0, 4 * 10**9), (3, 10**9), (9, 2 * 10**9))
+
+
+def test_an_older_version_reads_the_budget_now_in_force_after_a_change(tmp_path):
+    """Versions from before the per-change keys read the history under `budgets` (or only
+    `budget_bytes`, before the history): a change kept in its own key alone left them holding
+    the study to its first budget. Each change also writes those, and this version's history
+    reads the same with them, two runs at once included (the later legacy write wins)."""
+    from autotune.study.study_records import (
+        StudySetup,
+        record_new_budget,
+        record_setup,
+        study_budgets,
+        study_setup,
+    )
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    record_setup(optuna.create_study(storage=url, study_name="s"), StudySetup(budget_bytes=8))
+
+    def older_readers() -> tuple[int, list[list[int]] | None]:
+        # what each older version reads from the storage: budget_bytes, and the history
+        attrs = optuna.load_study(study_name="s", storage=url).user_attrs
+        return attrs["budget_bytes"], attrs.get("budgets")
+
+    assert older_readers() == (8, None)  # unchanged: the setup's budget alone
+    record_new_budget(optuna.load_study(study_name="s", storage=url), 4, 5)
+    assert older_readers() == (4, [[0, 8], [5, 4]])
+    study = optuna.load_study(study_name="s", storage=url)
+    assert study_budgets(study).spans == ((0, 8), (5, 4))
+
+    class ReadBeforeTheOtherWrote:
+        def __init__(self) -> None:
+            self.user_attrs = study.user_attrs
+
+        def set_user_attr(self, key: str, value: object) -> None:
+            study.set_user_attr(key, value)
+
+    first, second = ReadBeforeTheOtherWrote(), ReadBeforeTheOtherWrote()
+    record_new_budget(second, 2, 9)
+    record_new_budget(first, 3, 7)  # written last, though its change is the earlier
+    assert older_readers() == (3, [[0, 8], [5, 4], [7, 3]])  # its view, as last written
+    study = optuna.load_study(study_name="s", storage=url)
+    assert study_budgets(study).spans == ((0, 8), (5, 4), (7, 3))  # the changes' own order
+    assert study_setup(study).budget_bytes == 3
 
 
 def test_a_database_storage_that_cannot_be_opened_is_said_before_the_data_is_read(

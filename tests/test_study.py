@@ -270,6 +270,11 @@ def test_export_and_report_from_the_study(workspace):
 
     table = pd.read_csv(tmp_path / "trials.csv")
     assert len(table) == 8 and {"trial", "tokens_per_second", "held_up"} <= set(table.columns)
+    # sizes in bytes and LoRA ranks are whole numbers, as the recipe and export write them
+    raw = pd.read_csv(tmp_path / "trials.csv", dtype=str)
+    for column in ("peak_memory_bytes", "predicted_peak_bytes", "param_lora_r"):
+        cells = raw[column].dropna()
+        assert len(cells) and cells.str.fullmatch(r"\d+").all(), (column, list(cells))
 
 
 def test_an_axolotl_export_names_the_data_formats_the_run_found_without_the_file(workspace):
@@ -1022,3 +1027,58 @@ def test_a_run_ends_once_every_recipe_of_its_space_is_tried(workspace):
     again = run_study(prepare_run(settings), FakeRunner(), events)
     assert len(again.trials) == count
     assert any(n.startswith("every one of the space's 4 recipes") for n in events.notes)
+
+
+def test_the_progress_bar_counts_the_trials_a_run_can_run(workspace, monkeypatch):
+    """The bar's total is the most trials the run can add: no more than the space's recipes
+    left untried (its total was --trials 40 on a space of four recipes), counted from the
+    storage (a resume), and --trials where the space is too large to count. Its last total is
+    the count of trials it ran. Status, meanwhile, says the most the study can reach."""
+    from rich.console import Console
+
+    import autotune.study.coverage
+    from autotune.console import ConsoleReporter
+    from autotune.study.objective import TrialSummary
+    from autotune.study.overview import study_overview
+    from autotune.study.records import finished_trial_count
+
+    space = workspace[0] / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    settings = settings_for(workspace, space_path=space, trials=1, confirm_top=0)
+    run_study(prepare_run(settings), FakeRunner())  # one of the four recipes tried
+    words: list[str] = []
+
+    def bar_totals(trials: int) -> tuple[list[float | None], int]:
+        """The bar's total as each trial of the run ended, and the count of its trials."""
+        totals: list[float | None] = []
+        words.clear()
+        with ConsoleReporter(Console(file=io.StringIO(), width=200)) as reporter:
+            said = reporter.trial_finished
+
+            def trial_finished(summary: TrialSummary) -> None:
+                totals.append(reporter._progress.tasks[0].total)
+                said(summary)
+                if len(totals) == 1:  # status in the meantime, from the storage
+                    study = optuna.load_study(study_name="s", storage=settings.storage)
+                    words.append(study_overview(study, []).finished_words)
+
+            reporter.trial_finished = trial_finished
+            stored = optuna.load_study(study_name="s", storage=settings.storage).trials
+            before = {t.number for t in stored if t.state.is_finished()}
+            changed = dataclasses.replace(settings, trials=trials)
+            study = run_study(prepare_run(changed), FakeRunner(), reporter)
+            bar = reporter._progress.tasks[0]
+            ran = [t for t in study.trials if t.state.is_finished() and t.number not in before]
+            assert bar.completed == len(ran) and bar.total == bar.completed
+        return totals, len(ran)
+
+    totals, ran = bar_totals(40)
+    assert totals[0] == 3  # the three untried recipes, not 39
+    assert all(total is not None and total < 40 for total in totals) and ran >= 3
+    # status counts the same way: "1 of 40 trials finished" before
+    assert words == ["1 of at most 4 trials finished (--trials 40; 3 recipes of the space untried)"]
+
+    monkeypatch.setattr(autotune.study.coverage, "SPACE_POINTS_LIMIT", 2)  # not counted
+    finished = finished_trial_count(optuna.load_study(study_name="s", storage=settings.storage))
+    totals, ran = bar_totals(finished + 2)
+    assert totals[0] == 2 and ran == 2  # --trials, less the finished trials

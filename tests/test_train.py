@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,22 @@ def test_full_model_is_saved_for_freeze(tiny_model, qa_data, tmp_path):
             "learning_rate": 1e-3,
         }
     )
-    train(recipe, qa_data, tmp_path / "out", max_steps=2)
+    (tmp_path / "freeze.yaml").write_text(recipe.to_yaml())
+    # on the command line, in a process that has not imported DeepSpeed: saving a whole model
+    # imports it (accelerate's unwrapping), and its device detection printed a warning on
+    # stdout that it could not find a GPU (the run was on the CPU)
+    environment = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run(
+        [AUTOTUNE, "train", "--recipe", "freeze.yaml", "--data", str(qa_data)]
+        + ["--output", "out", "--max-steps", "2", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "trained 2 steps" in done.stdout
+    assert "Setting accelerator" not in done.stdout + done.stderr
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))

@@ -160,4 +160,4 @@ def render(
             f"# register dataset {body['dataset']!r} in data/dataset_info.json "
             f"pointing at {Path(data_path).name if data_path else 'your JSONL file'}"
         )
-    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)
+    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)

@@ -123,13 +123,18 @@ def _card(
     )
 
 
+def study_command(command: str, study_name: str, storage_url: str | None) -> str:
+    """`autotune COMMAND` on this study (its storage named where it is not the default)."""
+    storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
+    return f"autotune {command} --study {shlex.quote(study_name)}{storage}"
+
+
 def export_command(
     study_name: str, storage_url: str | None, pick_name: str, output: str | None = None
 ) -> str:
-    storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
     pick_flag = "" if pick_name == "balanced" else f" --pick {pick_name}"
     out = f" --output {shlex.quote(output)}" if output else ""
-    return f"autotune export --study {shlex.quote(study_name)}{storage}{pick_flag}{out}"
+    return f"{study_command('export', study_name, storage_url)}{pick_flag}{out}"
 
 
 def train_commands(

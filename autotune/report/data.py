@@ -13,7 +13,7 @@ from autotune.fidelity import fidelity_reading, noise_groups_line
 from autotune.quality import quality_reading
 from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
-from autotune.study.coverage import space_tried
+from autotune.study.coverage import space_tried, untried_recipes
 from autotune.study.overview import busy_seconds, finished_words
 from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
 from autotune.study.records import (
@@ -133,7 +133,10 @@ def report_data(
         storage_url=storage_url,
         measured_count=measured,
         finished_text=finished_words(
-            finished_trial_count(study), target_trials(study), space_tried(study)
+            finished_trial_count(study),
+            target_trials(study),
+            space_tried(study),
+            untried_recipes(study),
         ),
         noise=noise,
         train_tokens=train_tokens,

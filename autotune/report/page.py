@@ -22,6 +22,7 @@ from autotune.report.table import (
     FRONTIER_COLUMNS,
     SORT_SCRIPT,
     TRIAL_COLUMNS,
+    csv_text,
     html_table,
     with_memory_heading,
     with_promoted_columns,
@@ -53,7 +54,7 @@ background:#f4f4f4;padding:.2em .4em;margin:.2em 0;white-space:pre-wrap;overflow
 .beyond{color:#2a6} .within{color:#888}
 .table-box{overflow:auto;max-width:100%;max-height:32em;border:1px solid #ddd}
 table{border-collapse:collapse;font-size:12px} th{position:sticky;top:0;background:#f0f0f0;
-cursor:pointer;white-space:nowrap} td,th{border:1px solid #ddd;padding:2px 6px}
+cursor:pointer;vertical-align:bottom} td,th{border:1px solid #ddd;padding:2px 6px}
 td{white-space:nowrap} th[data-order=asc]::after{content:" \\25B2"}
 th[data-order=desc]::after{content:" \\25BC"} figure{margin:1em 0}
 figcaption{font-size:13px;color:#444} .note{font-size:13px;color:#444}"""
@@ -95,7 +96,8 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
         speed += " (this is the QLoRA default)"
     held = "not confirmed"
     if card.confirmation is not None:
-        held = f"{card.confirmation} (probed again, longer, with another seed)"
+        # after the verdict's own parenthesis, not a second one beside it
+        held = f"{card.confirmation}; probed again, longer, with another seed"
     memory = f"{format_bytes(card.peak_memory_bytes)} of the {format_bytes(budget)} budget{share}"
     if data.on_cpu:  # RSS growth is no share of a GPU budget
         memory = f"CPU RSS +{format_bytes(card.peak_memory_bytes)} (a CPU probe: not GPU memory)"
@@ -249,7 +251,7 @@ def write_report(
         study, None if recipe_path is None else str(recipe_path), exported, storage_url, ranking
     )
     if csv_path is not None:
-        write_text(csv_path, data.frame.to_csv(index=False))
+        write_text(csv_path, csv_text(data.frame))
     return write_text(path, render_html(data))
 
 
@@ -279,7 +281,10 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
         from autotune.browser import find_chromium, screenshot
 
         if find_chromium() is None:
-            raise UsageError("no PNG: plotly's kaleido failed and no Chromium is on PATH") from None
+            raise UsageError(
+                "no PNG: plotly's kaleido failed and no Chromium is on PATH (install Chromium or "
+                "Chrome, or leave out --png)"
+            ) from None
         with tempfile.TemporaryDirectory() as scratch:
             page = Path(scratch) / "chart.html"
             # a picture, not a page: without plotly's toolbar over the chart

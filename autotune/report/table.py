@@ -176,3 +176,18 @@ document.querySelectorAll("table.sortable th").forEach(function (th, _, all) {
   });
 });
 </script>"""
+
+
+def csv_text(frame: Any) -> str:
+    """The trials table as CSV, its byte sizes and whole-number choices (a LoRA rank) written as
+    whole numbers: a column with gaps is float in pandas, which wrote them as 155275264.0 and
+    8.0."""
+    table = frame.copy()
+    for column in table.columns:
+        values = table[column]
+        whole = column.endswith("_bytes") or column.startswith("param_")
+        if whole and values.dtype.kind == "f":
+            present = values.dropna()
+            if len(present) and bool((present == present.round()).all()):
+                table[column] = values.astype("Int64")
+    return str(table.to_csv(index=False))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autotune.study.study_records import SPACE_TRIED_ATTR, stored_count
+from autotune.study.records import finished_trial_count
+from autotune.study.study_records import SPACE_RECIPES_ATTR, SPACE_TRIED_ATTR, stored_count
 from autotune.units import count_of
 
 if TYPE_CHECKING:
@@ -36,15 +37,52 @@ def space_points(space: SearchSpace) -> frozenset[SpacePoint] | None:
     return frozenset(points)
 
 
-def space_used_up(study: Any, points: frozenset[SpacePoint] | None) -> bool:
-    """Whether every point has a complete trial in the study's storage (any run's, any
-    worker's); a failed trial does not count: a repeat of it is probed again."""
+def untried_points(study: Any, points: frozenset[SpacePoint] | None) -> int | None:
+    """How many of `points` have no complete trial in the study's storage yet (any run's, any
+    worker's; None: the space is not counted); a failed trial does not count: a repeat of it
+    is probed again."""
     from optuna.trial import TrialState
 
     if points is None:
-        return False
+        return None
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return len(points) <= len(points & {point_of(t.params) for t in complete})
+    return len(points - {point_of(t.params) for t in complete})
+
+
+def space_used_up(study: Any, points: frozenset[SpacePoint] | None) -> bool:
+    """Whether every point has a complete trial in the study's storage."""
+    return untried_points(study, points) == 0
+
+
+def trials_left(study: Any, points: frozenset[SpacePoint] | None, target: int) -> int:
+    """The most trials a run can still add to the study: `target` (--trials) less the trials
+    the storage holds finished (every run's and worker's), and no more than the space's
+    recipes without a complete trial where they are counted, since the run stops once each
+    has one. (A trial the sampler proposes again copies its recipe's figures and counts among
+    the finished, so after one this can stay where it was.)"""
+    left = max(target - finished_trial_count(study), 0)
+    untried = untried_points(study, points)
+    return left if untried is None else min(left, untried)
+
+
+def record_space_recipes(study: Any, points: frozenset[SpacePoint] | None) -> None:
+    """Every run that counts its space: how many recipes it holds, for status and the report
+    to bound the trials a study can still add (untried_recipes)."""
+    if points is not None:
+        study.set_user_attr(SPACE_RECIPES_ATTR, len(points))
+
+
+def untried_recipes(study: Any) -> int | None:
+    """The space's recipes without a complete trial yet, from the count its latest run stored
+    (None: none stored); its trials' parameters are points of the space, which keeps the
+    choices it started with."""
+    from optuna.trial import TrialState
+
+    recipes = stored_count(study, SPACE_RECIPES_ATTR)
+    if recipes is None:
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(recipes - len({point_of(t.params) for t in complete}), 0)
 
 
 def record_space_tried(study: Any, recipes: int) -> None:

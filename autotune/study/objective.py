@@ -76,6 +76,9 @@ class RunEvents:
 
     run_started: Callable[[PreparedRun], None] = lambda prepared: None
     """The inputs are checked; the study is about to start or resume."""
+    trials_left: Callable[[int], None] = lambda trials: None
+    """The most trials this run can still add (coverage.trials_left): said once the study is
+    open, before its first trial, and again as each trial ends, other workers' included."""
     trial_started: Callable[[int, str], None] = lambda number, label: None
     trial_finished: Callable[[TrialSummary], None] = lambda summary: None
     confirmed: Callable[[int, Confirmation], None] = lambda number, confirmation: None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, Point, frontier
-from autotune.study.coverage import space_tried, space_tried_words
+from autotune.study.coverage import space_tried, space_tried_words, untried_recipes
 from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import (
     TrialStatus,
@@ -60,19 +60,32 @@ class StudyOverview:
     """The --trials of its latest run (None: a study from before it was stored)."""
     space_recipes_tried: int | None = None
     """Where every recipe of its space has been tried: how many there are (coverage)."""
+    space_recipes_untried: int | None = None
+    """Its space's recipes without a complete trial (None: not counted; coverage)."""
 
     @property
     def finished_words(self) -> str:
-        return finished_words(self.finished, self.target_trials, self.space_recipes_tried)
+        return finished_words(
+            self.finished, self.target_trials, self.space_recipes_tried, self.space_recipes_untried
+        )
 
 
-def finished_words(finished: int, target: int | None, space_tried: int | None = None) -> str:
+def finished_words(
+    finished: int, target: int | None, space_tried: int | None = None, untried: int | None = None
+) -> str:
     """'12 of 20 trials finished', the target being the latest run's --trials; without one
     (an older study) or past it (a run with a lower --trials), the count and what is known;
-    short of it with every one of the space's `space_tried` recipes tried, that it is done."""
+    short of it with every one of the space's `space_tried` recipes tried, that it is done;
+    with fewer of its recipes `untried` than the target's trials left, the most it can reach
+    (a run stops once every recipe is tried)."""
     if space_tried is not None and (target is None or finished < target):
         shown = f" (--trials {target})" if target is not None else ""
         return f"{count_of(finished, 'trial')} finished{shown}: {space_tried_words(space_tried)}"
+    if target is not None and untried is not None and finished + untried < target:
+        return (
+            f"{finished:,} of at most {count_of(finished + untried, 'trial')} finished "
+            f"(--trials {target}; {count_of(untried, 'recipe')} of the space untried)"
+        )
     if target is None:
         return f"{count_of(finished, 'trial')} finished"
     if finished > target:
@@ -165,6 +178,7 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         picks,
         target_trials(study),
         space_tried(study),
+        untried_recipes(study),
     )
 
 

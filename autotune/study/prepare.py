@@ -21,10 +21,14 @@ from autotune.recipe import UPPER_BOUNDS
 from autotune.remote_code import allow_remote_code
 from autotune.replay import load_config
 from autotune.space import SearchSpace
-from autotune.study.pruning import budget_fit, distributed_space, supported_space
+from autotune.study.pruning import (
+    budget_fit,
+    distributed_space,
+    smallest_peak_over_budget,
+    supported_space,
+)
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
-    BudgetFit,
     PreparedRun,
     RunSettings,
     check_workers,
@@ -87,6 +91,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
             raise
         model_config = None  # the formula reads config.json itself; the probes will judge
     device = resolve_device(settings.device)
+    check_workers(settings, device)  # before the data is read and the space sized
     # peft's checks import bitsandbytes, which gives a process a CUDA context where there is a
     # GPU: off this process then, so the probes keep the memory; on a CPU here, in it
     run = None if device == "cpu" else run_off_gpu
@@ -110,20 +115,17 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     check_margin(settings.memory_margin)
     # the least peaks any data gives (rows one token wide where the data sets their width): a
     # budget below the smallest of them is refused before the data is tokenized
-    _check_budget_fits(
-        budget_fit(
-            space,
-            settings.model,
-            spec,
-            settings.seq_len,
-            settings.budget_bytes,
-            settings.memory_margin,
-            NARROWEST_TOKEN_LENGTHS,
-        ),
-        settings,
+    smallest_over = smallest_peak_over_budget(
         space,
-        "whatever the data's lengths",
+        settings.model,
+        spec,
+        settings.seq_len,
+        settings.budget_bytes,
+        settings.memory_margin,
+        NARROWEST_TOKEN_LENGTHS,
     )
+    if smallest_over is not None:
+        _check_budget_fits(smallest_over, settings, space, "whatever the data's lengths")
     # Recipes and probe requests name local paths absolutely so they work from anywhere.
     settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     if Path(settings.model).expanduser().exists():
@@ -170,11 +172,13 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
     longest = train_token_lengths[1] if train_token_lengths else settings.seq_len
     _check_budget_fits(
-        fit, settings, space, f"on this data (its longest training example {longest} tokens)"
+        fit.smallest_peak_bytes,
+        settings,
+        space,
+        f"on this data (its longest training example {longest} tokens)",
     )
     # non-padding tokens of one epoch, as probes count tokens/s: the report's epoch time
     data_stats["train_tokens"] = splits.train.tokens
-    check_workers(settings, device)
     study_name = settings.study_name or default_study_name(
         settings.model, settings.data_path, settings.budget_bytes
     )
@@ -201,11 +205,9 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
 
 
-def _check_budget_fits(
-    fit: BudgetFit, settings: RunSettings, space: SearchSpace, rows: str
-) -> None:
-    """Refuse a budget below the smallest recipe of `fit`, whose rows `rows` says, in a line."""
-    smallest = fit.smallest_peak_bytes
+def _check_budget_fits(smallest: int, settings: RunSettings, space: SearchSpace, rows: str) -> None:
+    """Refuse a budget below `smallest`, the least peak of any recipe of the space on the rows
+    `rows` says, in a line."""
     if smallest > settings.budget_bytes:
         raise UsageError(
             f"budget {format_bytes(settings.budget_bytes)} is below the "

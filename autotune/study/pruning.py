@@ -256,6 +256,49 @@ def margined_peak_bytes(
     return margin_for(margin, "formula", recipe.quantization).bytes_of(peak)
 
 
+def smallest_peak_over_budget(
+    space: SearchSpace,
+    model: str,
+    spec: ModelSpec,
+    seq_len: int,
+    budget_bytes: int,
+    margin: float | None = None,
+    token_lengths: tuple[int, int] | None = None,
+) -> int | None:
+    """Whether any recipe of the space fits `budget_bytes` (predicted as budget_fit predicts
+    them): None where one does, else the least peak of any, budget_fit's smallest_peak_bytes.
+    A descent from each method's first point, one dimension at a time to whichever choice
+    lowers the peak, finds a recipe that fits in a few hundred predictions unless the budget is
+    near the least peak; only where it finds none is every point predicted, up to the first
+    that fits."""
+
+    def peak_of(params: dict[str, Any]) -> int:
+        recipe = space.build(params, model, spec, seq_len)
+        return margined_peak_bytes(spec, recipe, token_lengths, margin)
+
+    for method in space.choices_of("method"):
+        point = space.params_like({"method": method})
+        peak = peak_of(point)
+        lowered = True
+        while peak > budget_bytes and lowered:
+            lowered = False
+            for name in [n for n in point if n != "method"]:
+                for choice in space.choices_of(name) if name in point else ():
+                    nearby = space.params_like({**point, name: choice})
+                    nearby_peak = peak_of(nearby) if nearby != point else peak
+                    if nearby_peak < peak:
+                        point, peak, lowered = nearby, nearby_peak, True
+        if peak <= budget_bytes:
+            return None
+    smallest = None
+    for params in space.all_params():
+        peak = peak_of(params)
+        if peak <= budget_bytes:
+            return None
+        smallest = peak if smallest is None else min(smallest, peak)
+    return smallest
+
+
 def budget_fit(
     space: SearchSpace,
     model: str,

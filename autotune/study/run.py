@@ -17,10 +17,12 @@ from autotune.probe_stop import probes_stop_on_ctrl_c
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.coverage import (
     SpacePoint,
+    record_space_recipes,
     record_space_tried,
     space_points,
     space_tried_words,
     space_used_up,
+    trials_left,
 )
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
@@ -229,6 +231,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             study.enqueue_trial(params, user_attrs=baseline_attrs(name), skip_if_exists=True)
     record_data_stats(study, prepared.data_stats)
     record_target_trials(study, settings.trials)
+    points = space_points(prepared.space)
+    record_space_recipes(study, points)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(
@@ -238,9 +242,10 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         )
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
-    points = space_points(prepared.space)
     finished = finished_trial_count(study)
-    if finished >= settings.trials or space_used_up(study, points):
+    left = trials_left(study, points, settings.trials)
+    events.trials_left(left)
+    if not left:
         if not _note_space_tried(study, points, settings.trials, events):
             events.notes.append(
                 f"study {prepared.study_name} already holds {finished} finished trials "
@@ -252,9 +257,12 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         return study
 
     def stop_at_target(study: Any, trial: Any) -> None:
-        # Other workers or commands may feed the same study: stop at the shared total.
-        if finished_trial_count(study) >= settings.trials or space_used_up(study, points):
-            study.stop()  # the space's every recipe tried: the sampler could only repeat them
+        # Other workers or commands may feed the same study: stop at the shared total, or
+        # once the space's every recipe is tried (the sampler could only repeat them).
+        left = trials_left(study, points, settings.trials)
+        events.trials_left(left)
+        if not left:
+            study.stop()
 
     n_jobs = max(settings.workers, len(settings.gpus) // settings.largest_probe_gpus or 1)
     with probes_stop_on_ctrl_c() if n_jobs > 1 else contextlib.nullcontext():

@@ -107,7 +107,8 @@ class RunSettings:
     confirm_top: int = 3
     """Re-probe this many top frontier recipes after the search, 2x longer, new seed."""
     workers: int = 1
-    """Probes at once on this machine, each in its own process (see --gpus)."""
+    """Probes at once on this machine, each in its own process (see --gpus); on the CPU at most
+    its cores."""
     skip_bad_rows: bool = False
     """Go on without malformed data rows (they are counted) instead of stopping before any
     probe."""
@@ -223,7 +224,12 @@ def resolve_device(device: str) -> str:
 def check_workers(settings: RunSettings, device: str) -> None:
     if settings.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {settings.workers}")
-    from autotune.distributed import cpu_ranks_refusal, format_gpu_counts, parse_gpu_counts
+    from autotune.distributed import (
+        cpu_probes_refusal,
+        cpu_ranks_refusal,
+        format_gpu_counts,
+        parse_gpu_counts,
+    )
 
     counts = settings.gpus_per_probe
     shown = format_gpu_counts(counts)
@@ -252,6 +258,10 @@ def check_workers(settings: RunSettings, device: str) -> None:
                 f"--workers {settings.workers} x --gpus-per-probe {per_probe} on --device "
                 f"{device}: {refusal}"
             )
+        # one process each: the workers' probes would share the cores as well
+        refusal = cpu_probes_refusal(settings.workers)
+        if refusal:
+            raise UsageError(f"--workers {settings.workers} on --device {device}: {refusal}")
         return
     import torch
 

@@ -59,10 +59,12 @@ MEASURED_UNDER_ATTR = "measured_under"
 
 
 BUDGET_ATTR = "budget_bytes"
+"""The setup's budget; once a run changes the budget, the latest change's (what a version from
+before the budget history reads as the study's budget)."""
 BUDGETS_ATTR = "budgets"
-"""[[first_trial_number, budget_bytes], ...]: the budget history as studies from before
-BUDGET_CHANGE_PREFIX stored it, whole under one key: the setup's budget first, one more for each
-run that changed it. Read as the history's start; no longer written."""
+"""[[first_trial_number, budget_bytes], ...]: the budget history whole under one key, as versions
+from before BUDGET_CHANGE_PREFIX stored and read it. Read as the history's start; each change
+still writes it (as its run read it, with its change: of two at once, the later write wins)."""
 BUDGET_CHANGE_PREFIX = "budget_change:"
 """Study attribute `budget_change:<written at, ns>:<random>`: [first_trial_number, budget_bytes,
 written at (ns since the epoch)], one run's change of the budget under a key of its own, so two
@@ -86,6 +88,8 @@ def target_trials(study: Any) -> int | None:
 
 SPACE_TRIED_ATTR = "space_tried_recipes"
 """The count of the space's recipes, once a run found every one tried (coverage.py)."""
+SPACE_RECIPES_ATTR = "space_recipes"
+"""The count of the space's recipes, as the latest run that could count them did (coverage.py)."""
 
 
 def stored_count(study: Any, key: str) -> int | None:
@@ -148,18 +152,24 @@ _last_change_ns = 0
 
 def record_new_budget(study: Any, budget_bytes: int, first_trial_number: int) -> None:
     """The study's budget becomes `budget_bytes` from trial `first_trial_number` on (a run
-    resumed under another --budget): one write of a key of its own, nothing read first."""
+    resumed under another --budget): a key of its own, the history's source of truth; then
+    BUDGETS_ATTR and BUDGET_ATTR, which older versions read, as this run reads the history with
+    its change (a start that holds changes already reads back as the changes give it)."""
     global _last_change_ns
     # later than this process's previous change even where the clock reads the same
     _last_change_ns = max(time.time_ns(), _last_change_ns + 1)
     key = f"{BUDGET_CHANGE_PREFIX}{_last_change_ns}:{secrets.token_hex(4)}"
-    study.set_user_attr(key, [first_trial_number, budget_bytes, _last_change_ns])
+    change = [first_trial_number, budget_bytes, _last_change_ns]
+    study.set_user_attr(key, change)
+    history = _budgets_in({**study.user_attrs, key: change})
+    study.set_user_attr(BUDGETS_ATTR, [list(span) for span in history.spans])
+    study.set_user_attr(BUDGET_ATTR, history.current_bytes)
 
 
 def study_setup(study: Any) -> StudySetup:
     attrs = study.user_attrs
     # the budget now: the history's latest (the setup's own attribute is the budget it started
-    # with, or in a study from before the history's per-run keys, the latest)
+    # with until a run changes it, then the latest change as the run that wrote it last read it)
     setup = dataclasses.replace(
         _from_stored(StudySetup, attrs), budget_bytes=_budgets_in(attrs).current_bytes
     )

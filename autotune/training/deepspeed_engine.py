@@ -75,10 +75,17 @@ def cpu_refusal(recipe: Recipe) -> str:
     )
 
 
+def name_deepspeed_accelerator(device: str) -> None:
+    """Tell DeepSpeed the device before anything imports it (accelerate does, to unwrap a model
+    being saved, wherever DeepSpeed is installed): left to detect one without CUDA, it printed a
+    warning on stdout that it could not find a GPU."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if device.startswith("cuda") else "cpu"
+
+
 def prepare_deepspeed(device: str) -> None:
     """Import deepspeed with the probe's device as its accelerator; on the CPU, without its
     shared-memory all-reduce (compiled at the engine's start)."""
-    os.environ["DS_ACCELERATOR"] = "cuda" if device.startswith("cuda") else "cpu"
+    name_deepspeed_accelerator(device)
     import deepspeed.ops
 
     if not device.startswith("cuda"):

@@ -219,6 +219,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         load_tokenizer,
         unloadable_weights,
     )
+    from autotune.training.deepspeed_engine import name_deepspeed_accelerator
     from autotune.training.loop import MemoryMeter, timed_steps, tokens_per_second, train_steps
     from autotune.training.ranked_train import agreed, over_ranks, save_model
     from autotune.training.ranks import (
@@ -235,6 +236,7 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     place = join_process_group(recipe, plan.device)
     device = place.device
+    name_deepspeed_accelerator(device)
     writer = place.rank == 0
     on_start, on_step, on_eval = (
         (callbacks.on_start, callbacks.on_step, callbacks.on_eval) if writer else (None,) * 3
