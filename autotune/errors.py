@@ -5,6 +5,8 @@ written, a storage that went away. Anything else is a bug.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UsageError(Exception):
     """Bad input from a person: a budget, a path, a file, a flag. The message is one line."""
@@ -21,8 +23,8 @@ def check_distinct_outputs(
     """Refuse, before anything is written, a command's output (by flag: "--output", "--csv";
     None: not asked) that is a directory, that is another of its outputs (the second written
     would replace the first, and both would be said written), or that is one of the files it
-    reads (by what it is: "the study's storage (--storage)"), which writing would destroy."""
-    from pathlib import Path
+    reads (by what it is: "the study's storage (--storage)"), which writing would destroy, or
+    whose folder cannot be written."""
 
     def place(path: object) -> Path:
         return Path(str(path)).expanduser().resolve()
@@ -45,6 +47,21 @@ def check_distinct_outputs(
                 "first: give each its own file"
             )
         seen[place(path)] = flag
+        _check_folder_writable(flag, place(path))
+
+
+def _check_folder_writable(flag: str, path: Path) -> None:
+    """Refuse an output whose folder cannot be made or written, read from the nearest folder
+    that exists (nothing is created): a run found it out when its study had ended."""
+    import os
+
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {folder} is not writable")
 
 
 class TrainingFailed(Exception):

@@ -815,7 +815,7 @@ def test_what_a_command_reads_it_never_writes(tmp_path, config_only):
     database or an empty file as --storage: one line and exit code 2 each, and every file as
     it was (export -o and report -o replaced the study's database with YAML and HTML, and the
     commands that only read wrote Optuna's tables into the other database and the empty file;
-    export -o DIR was a traceback)."""
+    export -o DIR was a traceback); an output in a folder that cannot be made, before the run."""
     import sqlite3
 
     storage_file = tmp_path / "s.db"
@@ -845,6 +845,12 @@ def test_what_a_command_reads_it_never_writes(tmp_path, config_only):
         (
             ["run", "-m", str(config_only), "-d", str(data), "-b", "4GB", "--report", str(data)],
             f"--report {data} is the training data (--data)",
+        ),
+        # found out once the study had ended: "cannot write ...: Not a directory"
+        (
+            ["run", "-m", str(config_only), "-d", str(data), "-b", "4GB"]
+            + ["--recipe-out", f"{data}/sub/r.yaml"],
+            f"--recipe-out {data}/sub/r.yaml cannot be written: {data} is a file, not a folder",
         ),
     ]
     for args, needle in cases:
