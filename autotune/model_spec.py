@@ -246,6 +246,8 @@ def is_local_model(model: str) -> bool:
 
 def check_model_reference(model: str) -> None:
     """A local path must exist; anything else must look like a hub id ("org/name")."""
+    if not model.strip():  # Path("") is the current directory, which exists
+        raise UsageError(f"model {model!r} names nothing; give a model directory or a hub id")
     if is_local_model(model):
         return
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model

@@ -591,6 +591,14 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
             "config.json': it is a file; give the model's directory",
         ),
         (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
+        # "model directory . has no config.json": the current directory, not what was typed
+        (["estimate", "--model", "", "--recipe", str(wide_rank)], "model '' names nothing"),
+        # an empty directory: transformers' words, cut at a comma ("... from one of: (1) a
+        # `tokenizers` library serialization file,")
+        (
+            ["data", "inspect", str(data), "--model", str(tmp_path / "adir.png")],
+            "adir.png': no tokenizer files there (tokenizer.json, tokenizer_config.json, ...)",
+        ),
     ]
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there
     for args, needle in cases:
