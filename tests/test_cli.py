@@ -866,6 +866,8 @@ def test_what_a_command_reads_it_never_writes(tmp_path, config_only):
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, done.stderr)
+    listed = autotune("studies", "--storage", f"sqlite:///{empty}", cwd=tmp_path)
+    assert listed.returncode == 0 and "no study in this storage yet" in listed.stdout
     assert {path: path.read_bytes() for path in files} == before
 
 

@@ -320,8 +320,9 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     return study
 
 
-def existing_storage_url(storage_url: str | None) -> str:
-    """The storage to read: the given URL, or the default one if a run has created it."""
+def existing_storage_url(storage_url: str | None, allow_empty: bool = False) -> str:
+    """The storage to read: the given URL, or the default one if a run has created it; an
+    empty SQLite file holds no study (refused unless `allow_empty`: see empty_sqlite)."""
     url = storage_url or DEFAULT_STORAGE
     path = sqlite_file(url)
     # a command that only reads must not create an empty SQLite database where none was
@@ -331,10 +332,16 @@ def existing_storage_url(storage_url: str | None) -> str:
             if url == DEFAULT_STORAGE
             else f"no SQLite database at {url.removeprefix('sqlite:///')}; check --storage"
         )
-    if path is not None and path.is_file() and sqlite_tables(path) == []:
-        # an empty file or database: Optuna would write its tables into it to say so
+    if not allow_empty and empty_sqlite(url):
         raise UsageError(f"storage {redact_url(url)} holds no study yet")
     return url
+
+
+def empty_sqlite(url: str) -> bool:
+    """The storage is a SQLite file without a table (an empty file too), which a command that
+    only reads must leave so: Optuna would write its tables into it to find no study there."""
+    path = sqlite_file(url)
+    return path is not None and path.is_file() and sqlite_tables(path) == []
 
 
 def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:
