@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from autotune.study.ranking import QualityRanking
     from autotune.training.train import TrainReport
 
+STORAGE_INPUT = "the study's storage (--storage)"
+"""What an output that is the --storage file is said to be (errors.check_distinct_outputs)."""
 REPORTS_DIR = Path("reports")
 """Where a run's report and recipe go unless told otherwise."""
 
@@ -330,7 +332,9 @@ def export_recipe(
     given (see autotune.pareto.PICK_HELP and autotune.formats.EXPORT_FORMATS)."""
     from autotune.export import recipe_yaml, write_text
     from autotune.study import load_existing_study
+    from autotune.study.storage import sqlite_file
 
+    check_distinct_outputs({"--output": output}, {STORAGE_INPUT: sqlite_file(storage)})
     _, text = recipe_yaml(load_existing_study(storage, study_name), pick, fmt)
     if output is not None:
         write_text(output, text)
@@ -361,11 +365,13 @@ def write_study_report(
         raise UsageError(
             f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
         )
-    from autotune.study.storage import redact_url
+    from autotune.study.storage import redact_url, sqlite_file
 
     recipe_path = recipe_path_for(found.study_name)
     output = output or report_path_for(found.study_name)
-    check_distinct_outputs({"--output": output, "--csv": csv, "--png": png})
+    check_distinct_outputs(
+        {"--output": output, "--csv": csv, "--png": png}, {STORAGE_INPUT: sqlite_file(storage)}
+    )
     path = write_report(
         found,
         output,

@@ -5,6 +5,8 @@ written, a storage that went away. Anything else is a bug.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UsageError(Exception):
     """Bad input from a person: a budget, a path, a file, a flag. The message is one line."""
@@ -15,22 +17,51 @@ class UsageError(Exception):
         return cls(f"{what}: " + "; ".join(problems))
 
 
-def check_distinct_outputs(outputs: dict[str, object]) -> None:
-    """Refuse two of a command's outputs (by flag: "--output", "--csv") given one file: the
-    second written would replace the first, and both would be said written. None: not asked."""
-    from pathlib import Path
+def check_distinct_outputs(
+    outputs: dict[str, object], inputs: dict[str, object] | None = None
+) -> None:
+    """Refuse, before anything is written, a command's output (by flag: "--output", "--csv";
+    None: not asked) that is a directory, that is another of its outputs (the second written
+    would replace the first, and both would be said written), or that is one of the files it
+    reads (by what it is: "the study's storage (--storage)"), which writing would destroy, or
+    whose folder cannot be written."""
 
+    def place(path: object) -> Path:
+        return Path(str(path)).expanduser().resolve()
+
+    read = {place(path): what for what, path in (inputs or {}).items() if path is not None}
     seen: dict[Path, str] = {}
     for flag, path in outputs.items():
         if path is None:
             continue
-        place = Path(str(path)).expanduser().resolve()
-        if place in seen:
+        if place(path).is_dir():
+            raise UsageError(f"{flag} {path} is a directory; give a file name")
+        if place(path) in read:
             raise UsageError(
-                f"{seen[place]} and {flag} are both {path}; the second would overwrite the "
+                f"{flag} {path} is {read[place(path)]}, which writing it would replace: give "
+                "another file"
+            )
+        if place(path) in seen:
+            raise UsageError(
+                f"{seen[place(path)]} and {flag} are both {path}; the second would overwrite the "
                 "first: give each its own file"
             )
-        seen[place] = flag
+        seen[place(path)] = flag
+        _check_folder_writable(flag, place(path))
+
+
+def _check_folder_writable(flag: str, path: Path) -> None:
+    """Refuse an output whose folder cannot be made or written, read from the nearest folder
+    that exists (nothing is created): a run found it out when its study had ended."""
+    import os
+
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {folder} is not writable")
 
 
 class TrainingFailed(Exception):

@@ -246,6 +246,8 @@ def is_local_model(model: str) -> bool:
 
 def check_model_reference(model: str) -> None:
     """A local path must exist; anything else must look like a hub id ("org/name")."""
+    if not model.strip():  # Path("") is the current directory, which exists
+        raise UsageError(f"model {model!r} names nothing; give a model directory or a hub id")
     if is_local_model(model):
         return
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model
@@ -280,6 +282,40 @@ def check_local_weights(model: str) -> None:
             "their shards); run and train load them, only `autotune estimate` needs just "
             "config.json"
         )
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise UsageError(
+                f"{weights} is not a whole safetensors file ({problem}); download or save the "
+                "model again"
+            )
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's frame, read from its header alone (a download
+    cut short, another file under its name), or None: an 8-byte header length, a JSON header
+    of that length, and the tensors' bytes it lists, which end where the file does."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_bytes = int.from_bytes(handle.read(8), "little")
+        if size < 8 or header_bytes > size - 8:
+            return f"{size:,} bytes, too short for the header it announces"
+        try:
+            header = json.loads(handle.read(header_bytes))
+            tensors_end = max(
+                (
+                    int(entry["data_offsets"][1])
+                    for name, entry in header.items()
+                    if name != "__metadata__"
+                ),
+                default=0,
+            )
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError, KeyError, IndexError):
+            return "its header is not a safetensors header"
+    data_bytes = size - 8 - header_bytes
+    if tensors_end > data_bytes:
+        return f"its tensors need {tensors_end:,} bytes after the header, it holds {data_bytes:,}"
+    return None
 
 
 HUB_CONNECT_TIMEOUT_SECONDS = 5.0

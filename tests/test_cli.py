@@ -591,6 +591,14 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
             "config.json': it is a file; give the model's directory",
         ),
         (["estimate", "--model", "org/name", "--recipe", str(wide_rank)], "cannot be reached"),
+        # "model directory . has no config.json": the current directory, not what was typed
+        (["estimate", "--model", "", "--recipe", str(wide_rank)], "model '' names nothing"),
+        # an empty directory: transformers' words, cut at a comma ("... from one of: (1) a
+        # `tokenizers` library serialization file,")
+        (
+            ["data", "inspect", str(data), "--model", str(tmp_path / "adir.png")],
+            "adir.png': no tokenizer files there (tokenizer.json, tokenizer_config.json, ...)",
+        ),
     ]
     env = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub that is never there
     for args, needle in cases:
@@ -800,3 +808,73 @@ def test_a_storage_url_of_another_kind_says_which_kinds_there_are():
     for url in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
         with pytest.raises(UsageError, match=f"^--storage {url} names no file"):
             make_storage(url)
+
+
+def test_what_a_command_reads_it_never_writes(tmp_path, config_only):
+    """An output given as the study's storage, the data or a folder, another program's SQLite
+    database or an empty file as --storage: one line and exit code 2 each, and every file as
+    it was (export -o and report -o replaced the study's database with YAML and HTML, and the
+    commands that only read wrote Optuna's tables into the other database and the empty file;
+    export -o DIR was a traceback); an output in a folder that cannot be made, before the run."""
+    import sqlite3
+
+    storage_file = tmp_path / "s.db"
+    storage = f"sqlite:///{storage_file}"
+    study = optuna.create_study(
+        study_name="s", storage=storage, directions=["minimize", "maximize", "minimize"]
+    )
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 1.0, 1.0]))
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER)")
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    files = [storage_file, other, empty, data]
+    before = {path: path.read_bytes() for path in files}
+    read = ["--storage", storage, "--study", "s"]
+    cases = [
+        (["export", *read, "-o", str(storage_file)], "is the study's storage (--storage)"),
+        (["report", *read, "-o", str(storage_file)], "is the study's storage (--storage)"),
+        (["report", *read, "--csv", "s.db"], "--csv s.db is the study's storage"),
+        (["export", *read, "-o", str(tmp_path)], f"--output {tmp_path} is a directory"),
+        (["report", *read, "--csv", "."], "--csv . is a directory"),
+        (["studies", "--storage", f"sqlite:///{other}"], "another program's SQLite database"),
+        (["status", "--storage", f"sqlite:///{other}"], "(tables: users)"),
+        (["export", "--storage", f"sqlite:///{empty}"], "holds no study yet"),
+        (
+            ["run", "-m", str(config_only), "-d", str(data), "-b", "4GB", "--report", str(data)],
+            f"--report {data} is the training data (--data)",
+        ),
+        # found out once the study had ended: "cannot write ...: Not a directory"
+        (
+            ["run", "-m", str(config_only), "-d", str(data), "-b", "4GB"]
+            + ["--recipe-out", f"{data}/sub/r.yaml"],
+            f"--recipe-out {data}/sub/r.yaml cannot be written: {data} is a file, not a folder",
+        ),
+    ]
+    for args, needle in cases:
+        done = autotune(*args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, done.stderr)
+    listed = autotune("studies", "--storage", f"sqlite:///{empty}", cwd=tmp_path)
+    assert listed.returncode == 0 and "no study in this storage yet" in listed.stdout
+    assert {path: path.read_bytes() for path in files} == before
+
+
+def test_a_read_only_study_file_is_refused_before_the_run(tmp_path, monkeypatch):
+    # the run went on to tokenize and size the space, then ended with exit code 1 as if a
+    # database server had gone away ("attempt to write a readonly database")
+    from autotune.study.storage import open_study
+
+    storage_file = tmp_path / "s.db"
+    optuna.create_study(study_name="s", storage=f"sqlite:///{storage_file}")
+    before = storage_file.read_bytes()
+    access = os.access
+    monkeypatch.setattr(  # a file mode root's own os.access would not heed
+        os, "access", lambda path, mode: mode != os.W_OK and access(path, mode)
+    )
+    with pytest.raises(UsageError, match=f"cannot write the study's storage {storage_file}"):
+        open_study(f"sqlite:///{storage_file}", "t")
+    assert storage_file.read_bytes() == before

@@ -345,5 +345,29 @@ def test_a_model_directory_with_only_tensorflow_or_flax_weights_has_none_to_trai
     for name in ("model-00001-of-00002.safetensors", "pytorch_model.bin"):
         folder = tmp_path / ("ok-" + name)
         folder.mkdir()
-        (folder / name).write_bytes(b"x")
+        (folder / name).write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
         check_local_weights(str(folder))  # does not raise
+
+
+def test_a_safetensors_file_cut_short_or_not_one_is_refused_before_the_probes(tmp_path):
+    # every probe of a run crashed on it (SafetensorError), and the run ended with exit code 0
+    from autotune.errors import UsageError
+    from autotune.model_spec import check_local_weights
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    whole = len(header).to_bytes(8, "little") + header + bytes(16)
+    for name, content, needle in (
+        ("whole", whole, None),
+        ("cut", whole[:-4], "its tensors need 16 bytes after the header, it holds 12"),
+        ("random", b"\xff" * 100, "100 bytes, too short for the header it announces"),
+        ("text", (5).to_bytes(8, "little") + b"hello", "its header is not a safetensors header"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(content)
+        if needle is None:
+            check_local_weights(str(folder))
+            continue
+        with pytest.raises(UsageError, match=needle) as refused:
+            check_local_weights(str(folder))
+        assert str(folder / "model.safetensors") in str(refused.value)

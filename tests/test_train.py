@@ -311,8 +311,12 @@ def test_cli_bad_input(tiny_model, qa_data, tmp_path):
         (["--recipe", str(good), "--epochs", "1", "--max-steps", "3"], "not both"),
         (["--recipe", str(good), "--output", str(tiny_model)], "inside the model's directory"),
         (["--recipe", str(good), "--save-steps", "0"], "--save-steps must be at least 1"),
-        (["--recipe", str(good), "--epochs", "nan"], "positive and finite"),
-        (["--recipe", str(good), "--epochs", "inf"], "positive and finite"),
+        (["--recipe", str(good), "--epochs", "nan"], "--epochs must be a positive finite number"),
+        (["--recipe", str(good), "--epochs", "inf"], "positive finite number, got inf"),
+        (["--recipe", str(good), "--epochs", "0"], "positive finite number, got 0"),
+        (["--recipe", str(good), "--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+        # the data given as --output: "output directory ... is not writable: File exists"
+        (["--recipe", str(good), "--output", str(qa_data)], f"--output {qa_data} is a file"),
         (["--recipe", str(good), "--epochs", "1e308"], "--epochs must be at most 10,000"),
         (["--recipe", str(good), "--seed", "-1"], "--seed must be from 0 to 4294967295"),
     ]

@@ -21,7 +21,12 @@ from autotune.study.records import (
     trial_record,
     trial_status,
 )
-from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
+from autotune.study.storage import (
+    empty_sqlite,
+    existing_storage_url,
+    load_existing_study,
+    make_storage,
+)
 from autotune.study.study_records import (
     confirmed_in_place,
     left_frontier,
@@ -186,7 +191,10 @@ def study_overviews(storage_url: str | None) -> list[StudyOverview]:
     """Every study in the storage (default: the one `autotune run` writes), oldest first."""
     import optuna
 
-    storage = make_storage(existing_storage_url(storage_url))
+    url = existing_storage_url(storage_url, allow_empty=True)
+    if empty_sqlite(url):
+        return []  # as a storage with Optuna's tables and no study, without writing them
+    storage = make_storage(url)
     overviews = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if not is_claim_study(summary.study_name):

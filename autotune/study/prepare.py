@@ -46,6 +46,7 @@ from autotune.study.storage import (
     check_storage_url,
     make_storage,
     make_trials_dir,
+    sqlite_file,
 )
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
@@ -67,10 +68,14 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
     check_seed(settings.seed)
-    for flag, path in (("--report", settings.report_path), ("--recipe-out", settings.recipe_path)):
-        if path is not None and Path(path).is_dir():  # found before the study, not after it
-            raise UsageError(f"{flag} {path} is a directory; give a file name")
-    check_distinct_outputs({"--report": settings.report_path, "--recipe-out": settings.recipe_path})
+    check_distinct_outputs(  # found before the study, not after it
+        {"--report": settings.report_path, "--recipe-out": settings.recipe_path},
+        {
+            "the training data (--data)": settings.data_path,
+            "the search space (--space)": settings.space_path,
+            "the study's storage (--storage)": sqlite_file(settings.storage),
+        },
+    )
     check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by

@@ -4,6 +4,7 @@ artifacts, and storage URLs printed without their secrets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -150,12 +151,55 @@ def check_storage_url(url: str) -> None:
         )
 
 
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
+"""Tables every Optuna storage has: a SQLite file with tables and none of these is another
+program's database."""
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file of a sqlite:/// storage URL (the default one for None); None for a server."""
+    url = url or DEFAULT_STORAGE
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
+
+
+def sqlite_tables(path: Path) -> list[str] | None:
+    """The tables of the SQLite database in `path`, read without writing it; None where it is
+    no SQLite database (opening it says why)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        ) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return sorted(name for (name,) in rows)
+    except sqlite3.Error:
+        return None
+
+
+def _check_not_foreign(url: str) -> None:
+    """Refuse a SQLite file that is another program's database: Optuna would add its tables
+    to it (a command that only reads too)."""
+    path = sqlite_file(url)
+    tables = sqlite_tables(path) if path is not None and path.is_file() else None
+    if tables and not OPTUNA_TABLES & set(tables):
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise UsageError(
+            f"--storage {redact_url(url)} is another program's SQLite database (tables: "
+            f"{shown}), not a study storage; give a new file for autotune's studies"
+        )
+
+
 def make_storage(url: str) -> Any:
     _quiet_optuna()
     check_storage_url(url)
     if url == DEFAULT_STORAGE:
         make_trials_dir()
     if url.startswith("sqlite:///"):
+        _check_not_foreign(url)
         folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -226,12 +270,27 @@ def _serialise_sqlite_transactions(engine: Any) -> None:
     engine.dispose()
 
 
+def _check_writable(url: str) -> None:
+    """Refuse a read-only SQLite study file (or folder: SQLite writes its journal beside it)
+    before the run: the first trial it recorded failed as a storage that went away."""
+    import os
+
+    path = sqlite_file(url)
+    for place in (path, path.parent) if path is not None else ():
+        if place.exists() and not os.access(place, os.W_OK):
+            raise UsageError(
+                f"cannot write the study's storage {path}: {place} is read-only; a run records "
+                "its trials there: give a --storage it can write"
+            )
+
+
 def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     """Create the study or load it to resume; refuse one that has other objectives."""
     import optuna
 
     from autotune.study.sampler import BudgetedSampler
 
+    _check_writable(storage_url)
     storage = make_storage(storage_url)
     # the trials' constraints under the study's budget now, which a resume may have changed
     sampler = BudgetedSampler(
@@ -261,17 +320,28 @@ def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     return study
 
 
-def existing_storage_url(storage_url: str | None) -> str:
-    """The storage to read: the given URL, or the default one if a run has created it."""
+def existing_storage_url(storage_url: str | None, allow_empty: bool = False) -> str:
+    """The storage to read: the given URL, or the default one if a run has created it; an
+    empty SQLite file holds no study (refused unless `allow_empty`: see empty_sqlite)."""
     url = storage_url or DEFAULT_STORAGE
+    path = sqlite_file(url)
     # a command that only reads must not create an empty SQLite database where none was
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    if path is not None and not path.exists():
         raise UsageError(
             f"no study storage at {url}; run `autotune run` first or pass --storage"
             if url == DEFAULT_STORAGE
             else f"no SQLite database at {url.removeprefix('sqlite:///')}; check --storage"
         )
+    if not allow_empty and empty_sqlite(url):
+        raise UsageError(f"storage {redact_url(url)} holds no study yet")
     return url
+
+
+def empty_sqlite(url: str) -> bool:
+    """The storage is a SQLite file without a table (an empty file too), which a command that
+    only reads must leave so: Optuna would write its tables into it to find no study there."""
+    path = sqlite_file(url)
+    return path is not None and path.is_file() and sqlite_tables(path) == []
 
 
 def load_existing_study(storage_url: str | None, study_name: str | None) -> Any:

@@ -45,6 +45,19 @@ def autocast_dtype(recipe: Recipe) -> Any | None:
     return compute_dtype(recipe) if PRECISIONS[recipe.precision].autocast else None
 
 
+NO_TOKENIZER_FILES = "no tokenizer files there (tokenizer.json, tokenizer_config.json, ...)"
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+"""Files one of which a local model's tokenizer is read from."""
+
+
+def _holds_tokenizer_files(model_name: str) -> bool:
+    """True for a hub id, or a local directory with a file a tokenizer could be read from."""
+    path = Path(model_name).expanduser()
+    return not path.is_dir() or any(
+        next(path.glob(pattern), None) for pattern in TOKENIZER_FILE_PATTERNS
+    )
+
+
 def load_tokenizer(model_name: str, vocab_size: int | None = None) -> Any:
     """The model's tokenizer, padding with a token below `vocab_size` (pad_within_vocabulary).
 
@@ -63,16 +76,16 @@ def load_tokenizer(model_name: str, vocab_size: int | None = None) -> Any:
             model_name, trust_remote_code=remote_code_allowed()
         )
     except Exception as error:  # noqa: BLE001 - missing files, hub errors: cannot tokenize
+        # a directory without config.json or tokenizer files: transformers' words were cut at
+        # a comma ("Couldn't instantiate the backend tokenizer from one of: (1) a ... file,")
+        words = "" if _holds_tokenizer_files(model_name) else NO_TOKENIZER_FILES
         raise UsageError(
-            f"cannot load the tokenizer of model {model_name!r}: {first_line(error)}"
+            f"cannot load the tokenizer of model {model_name!r}: {words or first_line(error)}"
         ) from None
     if len(tokenizer) < 2:
         # transformers 5 builds an empty tokenizer of the model's class where no tokenizer
         # file is found; it turns every text into no tokens
-        raise UsageError(
-            f"cannot load the tokenizer of model {model_name!r}: no tokenizer files there "
-            "(tokenizer.json, tokenizer_config.json, ...)"
-        )
+        raise UsageError(f"cannot load the tokenizer of model {model_name!r}: {NO_TOKENIZER_FILES}")
     pad_within_vocabulary(tokenizer, vocab_size)
     return tokenizer
 

@@ -36,6 +36,8 @@ def check_output_dir(path: Path, model: str, resume: bool = False, overwrite: bo
                 f"--output {path} is inside the model's directory {model_dir}; training never "
                 "writes there, choose another directory"
             )
+    if path.exists() and not path.is_dir():  # the data or the recipe, given in its place
+        raise UsageError(f"--output {path} is a file; give a directory for the run's files")
     # the token cache a run made there is its own, even where the run stopped before its files
     existing = (
         sorted(p.name for p in path.iterdir() if p.name != TOKEN_CACHE_DIR) if path.is_dir() else []

@@ -94,10 +94,10 @@ def check_length(epochs: float | None, max_steps: int | None, save_every_steps: 
     in one line where they cannot be trained."""
     if epochs is not None and max_steps is not None:
         raise UsageError("give --epochs or --max-steps, not both")
-    if (epochs is not None and not 0 < epochs < math.inf) or (
-        max_steps is not None and max_steps < 1
-    ):
-        raise UsageError("--epochs and --max-steps must be positive and finite")
+    if epochs is not None and not 0 < epochs < math.inf:
+        raise UsageError(f"--epochs must be a positive finite number, got {epochs:g}")
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
     if epochs is not None and epochs > MAX_EPOCHS:
         raise UsageError(f"--epochs must be at most {MAX_EPOCHS:,}, got {epochs:g}")
     if save_every_steps < 1:
