@@ -878,3 +878,22 @@ def test_a_read_only_study_file_is_refused_before_the_run(tmp_path, monkeypatch)
     with pytest.raises(UsageError, match=f"cannot write the study's storage {storage_file}"):
         open_study(f"sqlite:///{storage_file}", "t")
     assert storage_file.read_bytes() == before
+
+
+def test_another_programs_database_is_refused_however_its_url_is_written(tmp_path):
+    """SQLAlchemy opens sqlite:///a%20dir/x.db as 'a dir/x.db' and sqlite+pysqlite:/// as
+    sqlite:///: the check read neither, so Optuna wrote its tables into the other database."""
+    import sqlite3
+
+    from autotune.study.storage import make_storage
+
+    other = tmp_path / "a dir" / "other.db"
+    other.parent.mkdir()
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER)")
+    before = other.read_bytes()
+    encoded = str(other).replace(" ", "%20")
+    for url in (f"sqlite:///{encoded}", f"sqlite+pysqlite:///{other}"):
+        with pytest.raises(UsageError, match="another program's SQLite database"):
+            make_storage(url)
+    assert other.read_bytes() == before
