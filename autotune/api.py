@@ -91,9 +91,10 @@ def run(
     elif fields:
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
+    if runner is None:  # its probes load the weights (estimate needs config.json alone):
+        check_local_weights(settings.model)  # refused before the data is read, not after
     prepared = prepare_run(settings)  # every input checked first, in the order a user meets it
-    if runner is None:  # its probes load the weights (estimate needs config.json alone)
-        check_local_weights(settings.model)
+    if runner is None:
         runner = SubprocessProbeRunner(
             settings.probe_timeout_seconds, timed_steps=settings.probe_steps
         )

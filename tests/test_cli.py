@@ -388,10 +388,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
     (unknown_kind / "config.json").write_text(json.dumps({**config, "model_type": "nomodel"}))
     full = tmp_path / "full-only.yaml"
     full.write_text("method: full\n")
-    # a weight file's name is all a run checks before its probes load it
+    # weights a run's check passes (a safetensors file of no tensors), for its storage's checks
     stub_weights = tmp_path / "stub-weights"
     shutil.copytree(config_only, stub_weights)
-    (stub_weights / "model.safetensors").write_bytes(b"")
+    (stub_weights / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     run = [
         "run",
         "--model",
@@ -897,3 +897,20 @@ def test_another_programs_database_is_refused_however_its_url_is_written(tmp_pat
         with pytest.raises(UsageError, match="another program's SQLite database"):
             make_storage(url)
     assert other.read_bytes() == before
+
+
+def test_a_model_without_weights_is_refused_before_its_data_is_tokenized(tmp_path, config_only):
+    # it was refused once the data was tokenized and the space sized, whose progress lines
+    # (stderr, past 2 s on a busy machine) then came before the one line of the refusal
+    from autotune.api import run
+
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    told: list[tuple[int, int]] = []
+    with pytest.raises(UsageError, match="has no weights"):
+        run(
+            model=str(config_only),
+            data_path=data,
+            budget_bytes=4 << 30,
+            tokenize_progress=lambda done, rows: told.append((done, rows)),
+        )
+    assert told == []
