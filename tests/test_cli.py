@@ -914,3 +914,23 @@ def test_a_model_without_weights_is_refused_before_its_data_is_tokenized(tmp_pat
             tokenize_progress=lambda done, rows: told.append((done, rows)),
         )
     assert told == []
+
+
+def test_a_run_refuses_a_storage_it_cannot_use_before_it_reads_the_data(workspace):  # noqa: F811
+    # another program's database and a read-only study file were found once the data was
+    # tokenized and the space sized, when the study opened (minutes at 7B)
+    import sqlite3
+
+    from autotune.study import prepare_run
+    from tests.test_study import settings_for
+
+    other = workspace[0] / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER)")
+    told: list[tuple[int, int]] = []
+    settings = settings_for(
+        workspace, storage=f"sqlite:///{other}", tokenize_progress=lambda *done: told.append(done)
+    )
+    with pytest.raises(UsageError, match="another program's SQLite database"):
+        prepare_run(settings)
+    assert told == []

@@ -43,6 +43,7 @@ from autotune.study.settings import (
 from autotune.study.storage import (
     DEFAULT_STORAGE,
     TRIALS_DIR,
+    check_sqlite_storage,
     check_storage_url,
     make_storage,
     make_trials_dir,
@@ -83,6 +84,7 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
     check_memory_model(settings.memory_model)
     if settings.storage:
         check_storage_url(settings.storage)
+    check_sqlite_storage(settings.storage or DEFAULT_STORAGE)
     if settings.storage and not settings.storage.startswith("sqlite"):
         # a database server: a wrong host, password or name is said now, not after the data
         # is tokenized and the space sized (a SQLite file is only made once all is checked)

@@ -290,6 +290,13 @@ def _check_writable(url: str) -> None:
             )
 
 
+def check_sqlite_storage(url: str) -> None:
+    """Refuse, before a run reads its data, a SQLite study file it could not write or that is
+    another program's database (found when the study opened, minutes later at 7B)."""
+    _check_writable(url)
+    _check_not_foreign(url)
+
+
 def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     """Create the study or load it to resume; refuse one that has other objectives."""
     import optuna
