@@ -79,7 +79,6 @@ def run(
     probes a recipe (default: each in a process of its own). Bad input raises UsageError.
     """
     from autotune.export import measured_figures, picked_trial, write_recipe
-    from autotune.model_spec import check_local_weights
     from autotune.pareto import frontier
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
@@ -91,9 +90,10 @@ def run(
     elif fields:
         settings = dataclasses.replace(settings, **fields)
     events = events if events is not None else RunEvents()
-    prepared = prepare_run(settings)  # every input checked first, in the order a user meets it
-    if runner is None:  # its probes load the weights (estimate needs config.json alone)
-        check_local_weights(settings.model)
+    # every input checked first, in the order a user meets it; the weights where its probes
+    # load them (estimate needs config.json alone)
+    prepared = prepare_run(settings, check_weights=runner is None)
+    if runner is None:
         runner = SubprocessProbeRunner(
             settings.probe_timeout_seconds, timed_steps=settings.probe_steps
         )

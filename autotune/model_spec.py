@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UsageError, first_line
 from autotune.remote_code import check_remote_code, remote_code_allowed
+from autotune.safetensors_frame import check_shards_present, safetensors_problem
 
 if TYPE_CHECKING:
     from autotune.recipe import Recipe
@@ -282,6 +283,8 @@ def check_local_weights(model: str) -> None:
             "their shards); run and train load them, only `autotune estimate` needs just "
             "config.json"
         )
+    for index in path.glob("*.safetensors.index.json"):
+        check_shards_present(index)
     for weights in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:
@@ -289,33 +292,6 @@ def check_local_weights(model: str) -> None:
                 f"{weights} is not a whole safetensors file ({problem}); download or save the "
                 "model again"
             )
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file's frame, read from its header alone (a download
-    cut short, another file under its name), or None: an 8-byte header length, a JSON header
-    of that length, and the tensors' bytes it lists, which end where the file does."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        header_bytes = int.from_bytes(handle.read(8), "little")
-        if size < 8 or header_bytes > size - 8:
-            return f"{size:,} bytes, too short for the header it announces"
-        try:
-            header = json.loads(handle.read(header_bytes))
-            tensors_end = max(
-                (
-                    int(entry["data_offsets"][1])
-                    for name, entry in header.items()
-                    if name != "__metadata__"
-                ),
-                default=0,
-            )
-        except (UnicodeDecodeError, ValueError, AttributeError, TypeError, KeyError, IndexError):
-            return "its header is not a safetensors header"
-    data_bytes = size - 8 - header_bytes
-    if tensors_end > data_bytes:
-        return f"its tensors need {tensors_end:,} bytes after the header, it holds {data_bytes:,}"
-    return None
 
 
 HUB_CONNECT_TIMEOUT_SECONDS = 5.0

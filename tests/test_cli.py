@@ -388,10 +388,10 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
     (unknown_kind / "config.json").write_text(json.dumps({**config, "model_type": "nomodel"}))
     full = tmp_path / "full-only.yaml"
     full.write_text("method: full\n")
-    # a weight file's name is all a run checks before its probes load it
+    # weights a run's check passes (a safetensors file of no tensors), for its storage's checks
     stub_weights = tmp_path / "stub-weights"
     shutil.copytree(config_only, stub_weights)
-    (stub_weights / "model.safetensors").write_bytes(b"")
+    (stub_weights / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     run = [
         "run",
         "--model",
@@ -878,3 +878,59 @@ def test_a_read_only_study_file_is_refused_before_the_run(tmp_path, monkeypatch)
     with pytest.raises(UsageError, match=f"cannot write the study's storage {storage_file}"):
         open_study(f"sqlite:///{storage_file}", "t")
     assert storage_file.read_bytes() == before
+
+
+def test_another_programs_database_is_refused_however_its_url_is_written(tmp_path):
+    """SQLAlchemy opens sqlite:///a%20dir/x.db as 'a dir/x.db' and sqlite+pysqlite:/// as
+    sqlite:///: the check read neither, so Optuna wrote its tables into the other database."""
+    import sqlite3
+
+    from autotune.study.storage import make_storage
+
+    other = tmp_path / "a dir" / "other.db"
+    other.parent.mkdir()
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER)")
+    before = other.read_bytes()
+    encoded = str(other).replace(" ", "%20")
+    for url in (f"sqlite:///{encoded}", f"sqlite+pysqlite:///{other}"):
+        with pytest.raises(UsageError, match="another program's SQLite database"):
+            make_storage(url)
+    assert other.read_bytes() == before
+
+
+def test_a_model_without_weights_is_refused_before_its_data_is_tokenized(tmp_path, config_only):
+    # it was refused once the data was tokenized and the space sized, whose progress lines
+    # (stderr, past 2 s on a busy machine) then came before the one line of the refusal
+    from autotune.api import run
+
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
+    told: list[tuple[int, int]] = []
+    with pytest.raises(UsageError, match="has no weights"):
+        run(
+            model=str(config_only),
+            data_path=data,
+            budget_bytes=4 << 30,
+            tokenize_progress=lambda done, rows: told.append((done, rows)),
+        )
+    assert told == []
+
+
+def test_a_run_refuses_a_storage_it_cannot_use_before_it_reads_the_data(workspace):  # noqa: F811
+    # another program's database and a read-only study file were found once the data was
+    # tokenized and the space sized, when the study opened (minutes at 7B)
+    import sqlite3
+
+    from autotune.study import prepare_run
+    from tests.test_study import settings_for
+
+    other = workspace[0] / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER)")
+    told: list[tuple[int, int]] = []
+    settings = settings_for(
+        workspace, storage=f"sqlite:///{other}", tokenize_progress=lambda *done: told.append(done)
+    )
+    with pytest.raises(UsageError, match="another program's SQLite database"):
+        prepare_run(settings)
+    assert told == []

@@ -371,3 +371,33 @@ def test_a_safetensors_file_cut_short_or_not_one_is_refused_before_the_probes(tm
         with pytest.raises(UsageError, match=needle) as refused:
             check_local_weights(str(folder))
         assert str(folder / "model.safetensors") in str(refused.value)
+
+
+def test_safetensors_that_the_loader_refuses_past_their_length_are_refused_too(tmp_path):
+    # safetensors refuses a header over 100 MB and a file longer than its tensors ("file not
+    # fully covered"), and a sharded model whose index names a shard not downloaded crashed
+    # every probe: each passed the check
+    import os
+
+    from autotune.errors import UsageError
+    from autotune.model_spec import check_local_weights
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    whole = len(header).to_bytes(8, "little") + header + bytes(16)
+    huge, longer, sharded = (tmp_path / name for name in ("huge", "longer", "sharded"))
+    for folder in (huge, longer, sharded):
+        folder.mkdir()
+    (huge / "model.safetensors").write_bytes((150_000_000).to_bytes(8, "little"))
+    os.truncate(huge / "model.safetensors", 200_000_000)  # sparse: no disk used
+    (longer / "model.safetensors").write_bytes(whole + bytes(4))
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(whole)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for folder, needle in (
+        (huge, "announces a header of 150,000,000 bytes"),
+        (longer, "its tensors end 4 bytes before the file"),
+        (sharded, "model-00002-of-00002.safetensors, which"),
+    ):
+        with pytest.raises(UsageError, match=needle):
+            check_local_weights(str(folder))

@@ -116,6 +116,9 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
         "recipe.yaml  (the balanced recipe; --pick fastest, smallest or best-loss for another)\n"
         f"  autotune report --study s --storage {url}  (the HTML report)"
     )
+    # a server's password is not printed, as nowhere else (the commands showed it)
+    shown = status_text(status, "postgresql://me:hunter2@db/x")
+    assert "hunter2" not in shown and "--storage 'postgresql://me:***@db/x'" in shown
     # over the day between the runs it would be 4 / 24 h; the probes took seconds
     assert status.probes_per_hour is not None and status.probes_per_hour > 100
 

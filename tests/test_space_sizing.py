@@ -92,3 +92,27 @@ def test_a_choice_both_models_put_over_the_budget_leaves(workspace, monkeypatch)
     assert stored is not None and stored.ruled_out_models["method"]["full"] == "replay"
     words = not_searched(stored.unsupported, stored.ruled_out, stored.ruled_out_models)
     assert f"method full ({format_bytes(replay_peak)} by the replay)" in words[-1]
+
+
+def test_the_early_check_lets_run_a_choice_that_sizing_keeps():
+    """Where the formula puts every recipe over, the early check replayed only the recipe it
+    puts least of all; a method whose own least the replay fits (as sizing the space keeps it)
+    was refused with the run, before the data was read."""
+    from autotune.memory import MemoryEstimate
+    from autotune.model_spec import load_model_spec
+    from autotune.space import SPACES_DIR, SearchSpace
+    from autotune.study.pruning import budget_fit, smallest_peak_over_budget
+    from tests.conftest import DEMO
+
+    space = SearchSpace.load(SPACES_DIR / "demo.yaml")
+    args = (space, str(DEMO / "config.json"), load_model_spec(str(DEMO)), 128)
+    formula = budget_fit(*args, 0, 0.0)  # every recipe over: each method's least peak
+    budget = formula.smallest_peak_bytes - 1
+    least_method = min(formula.ruled_out["method"], key=formula.ruled_out["method"].__getitem__)
+    other = next(m for m in formula.ruled_out["method"] if m != least_method)
+
+    def held(recipe):  # another method's recipes fit by the replay, the least method's do not
+        return MemoryEstimate(1 if recipe.method == other else 2 * budget, {}), "replay"
+
+    assert other in budget_fit(*args, budget, 0.0, held=held).choices["method"]
+    assert smallest_peak_over_budget(*args, budget, 0.0, held=held) is None

@@ -14,7 +14,7 @@ from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError, check_distinct_outputs
 from autotune.margins import check_margin
 from autotune.memory import MemoryEstimate
-from autotune.model_spec import load_model_spec
+from autotune.model_spec import check_local_weights, load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.prediction import NARROWEST_TOKEN_LENGTHS, check_memory_model
 from autotune.quality import check_quality
@@ -43,6 +43,7 @@ from autotune.study.settings import (
 from autotune.study.storage import (
     DEFAULT_STORAGE,
     TRIALS_DIR,
+    check_sqlite_storage,
     check_storage_url,
     make_storage,
     make_trials_dir,
@@ -52,8 +53,9 @@ from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.units import format_bytes
 
 
-def prepare_run(settings: RunSettings) -> PreparedRun:
-    """Check every input before anything runs; bad input raises UsageError."""
+def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedRun:
+    """Check every input before anything runs (with `check_weights`, a local model's weight
+    files, which probes load); bad input raises UsageError."""
     allow_remote_code(settings.trust_remote_code)
     if settings.trials < 1:
         raise UsageError(f"--trials must be at least 1, got {settings.trials}")
@@ -82,6 +84,7 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     check_memory_model(settings.memory_model)
     if settings.storage:
         check_storage_url(settings.storage)
+    check_sqlite_storage(settings.storage or DEFAULT_STORAGE)
     if settings.storage and not settings.storage.startswith("sqlite"):
         # a database server: a wrong host, password or name is said now, not after the data
         # is tokenized and the space sized (a SQLite file is only made once all is checked)
@@ -132,6 +135,8 @@ def prepare_run(settings: RunSettings) -> PreparedRun:
     )
     if smallest_over is not None:
         _refuse_budget(*smallest_over, settings, space, "whatever the data's lengths")
+    if check_weights:  # before the data is tokenized and the space sized (minutes at 7B)
+        check_local_weights(settings.model)
     # Recipes and probe requests name local paths absolutely so they work from anywhere.
     settings = dataclasses.replace(settings, data_path=Path(settings.data_path).resolve())
     if Path(settings.model).expanduser().exists():

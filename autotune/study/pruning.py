@@ -284,9 +284,9 @@ def smallest_peak_over_budget(
     them): None where one does, else the least peak of any and the model that gave it.
     A descent from each method's first point, one dimension at a time to whichever choice
     lowers the formula's peak, finds a recipe that fits in a few hundred predictions unless the
-    budget is near the least peak; only where it finds none is every point predicted, up to
-    the first that fits. Where the formula puts every recipe over, the one it puts least is
-    predicted by `held` (the model its trial would be held to), which may find it fits."""
+    budget is near the least peak; only where it finds none is the space sized by budget_fit,
+    so that the answer is its: with `held` (the model trials are held to), a method stays where
+    that model fits the least recipe of one of its choices."""
 
     def peak_of(params: dict[str, Any]) -> int:
         recipe = space.build(params, model, spec, seq_len)
@@ -306,18 +306,9 @@ def smallest_peak_over_budget(
                         point, peak, lowered = nearby, nearby_peak, True
         if peak <= budget_bytes:
             return None
-    smallest: tuple[int, dict[str, Any]] | None = None
-    for params in space.all_params():
-        peak = peak_of(params)
-        if peak <= budget_bytes:
-            return None
-        if smallest is None or peak < smallest[0]:
-            smallest = (peak, params)
-    assert smallest is not None  # a space holds a recipe
-    if held is None:
-        return smallest[0], "formula"
-    peak, used = held_peak_bytes(space.build(smallest[1], model, spec, seq_len), held, margin)
-    return None if peak <= budget_bytes else (peak, used)
+    # none found: the whole space sized as budget_fit sizes it, each choice's least replayed
+    fit = budget_fit(space, model, spec, seq_len, budget_bytes, margin, token_lengths, held)
+    return None if fit.choices.get("method") else (fit.smallest_peak_bytes, fit.smallest_peak_model)
 
 
 def budget_fit(

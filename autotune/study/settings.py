@@ -343,8 +343,7 @@ class BudgetFit:
     ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> ruled out choice -> the model whose peak ruled it out."""
     smallest_peak_model: str = "formula"
-    replayed: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    """The replays made (seeding.held_predictor's cache), for the trials to start from."""
+    """The memory model that gave smallest_peak_bytes ("replay" or "formula")."""
 
 
 def gpu_groups(settings: RunSettings, device: str) -> list[str]:

@@ -156,12 +156,17 @@ OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
 program's database."""
 
 
+SQLITE_URL = re.compile(r"sqlite(\+\w+)?:///(?P<database>[^?]*)")
+"""A SQLite storage URL, its driver named or not, and its file as SQLAlchemy reads it."""
+
+
 def sqlite_file(url: str | None) -> Path | None:
-    """The file of a sqlite:/// storage URL (the default one for None); None for a server."""
-    url = url or DEFAULT_STORAGE
-    if not url.startswith("sqlite:///"):
+    """The file of a sqlite:/// (or sqlite+DRIVER:///) storage URL (the default one for
+    None), percent-escapes decoded as SQLAlchemy decodes them; None for a server."""
+    match = SQLITE_URL.match(url or DEFAULT_STORAGE)
+    if match is None:
         return None
-    return Path(url.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
+    return Path(unquote(match["database"])).expanduser()
 
 
 def sqlite_tables(path: Path) -> list[str] | None:
@@ -198,9 +203,10 @@ def make_storage(url: str) -> Any:
     check_storage_url(url)
     if url == DEFAULT_STORAGE:
         make_trials_dir()
-    if url.startswith("sqlite:///"):
+    path = sqlite_file(url)
+    if path is not None:
         _check_not_foreign(url)
-        folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
+        folder = path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a read-only or another user's directory
@@ -284,6 +290,13 @@ def _check_writable(url: str) -> None:
             )
 
 
+def check_sqlite_storage(url: str) -> None:
+    """Refuse, before a run reads its data, a SQLite study file it could not write or that is
+    another program's database (found when the study opened, minutes later at 7B)."""
+    _check_writable(url)
+    _check_not_foreign(url)
+
+
 def open_study(storage_url: str, study_name: str, seed: int = 0) -> Any:
     """Create the study or load it to resume; refuse one that has other objectives."""
     import optuna
@@ -330,7 +343,7 @@ def existing_storage_url(storage_url: str | None, allow_empty: bool = False) -> 
         raise UsageError(
             f"no study storage at {url}; run `autotune run` first or pass --storage"
             if url == DEFAULT_STORAGE
-            else f"no SQLite database at {url.removeprefix('sqlite:///')}; check --storage"
+            else f"no SQLite database at {path}; check --storage"
         )
     if not allow_empty and empty_sqlite(url):
         raise UsageError(f"storage {redact_url(url)} holds no study yet")
