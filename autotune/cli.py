@@ -143,7 +143,7 @@ def report(
 def studies(storage: str | None = setting_option("storage", "--storage")) -> None:
     """Every study in the storage: model, budget, trials finished and running, best per pick."""
     from autotune.api import list_studies
-    from autotune.console import studies_text
+    from autotune.state_text import studies_text
 
     typer.echo(studies_text(list_studies(storage)))
 
@@ -155,7 +155,7 @@ def status(
 ) -> None:
     """A study's progress, while it runs or after: trials, probes an hour, frontier so far."""
     from autotune.api import study_status
-    from autotune.console import status_text
+    from autotune.state_text import status_text
 
     typer.echo(status_text(study_status(storage, study), storage))
 
@@ -215,7 +215,7 @@ def estimate(
     """`help` above: what `autotune estimate --help` shows, its lines joined."""
     from autotune.api import estimate as estimate_peak
     from autotune.budgets import parse_budget
-    from autotune.console import show_estimate
+    from autotune.state_text import show_estimate
 
     budget_bytes = parse_budget(budget) if budget is not None else None  # before the replay
     predicted = estimate_peak(

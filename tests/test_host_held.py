@@ -175,7 +175,7 @@ def test_a_measured_host_peak_over_the_host_budget_does_not_fit(workspace):  # n
     """The prediction let the recipes through; their probes measured more host memory than the
     budget at micro-batch 2: those trials are measured but infeasible, with the reason, off the
     frontier; the rest show their host peak in `autotune status`."""
-    from autotune.console import status_text
+    from autotune.state_text import status_text
     from autotune.study import prepare_run, run_study
     from autotune.study.overview import study_status
     from autotune.study.records import TrialStatus, trial_record, trial_status

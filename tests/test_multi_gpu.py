@@ -781,7 +781,7 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
 
 def test_estimates_json_says_its_bytes_are_each_gpus(capsys):
     from autotune.api import memory_prediction
-    from autotune.console import show_estimate
+    from autotune.state_text import show_estimate
 
     spec = load_model_spec(str(SHAPE_CONFIGS / "qwen2-7b.json"))
     recipe = Recipe.from_dict({**FULL, "distributed": "fsdp", "num_gpus": 4})

@@ -6,8 +6,8 @@ import optuna
 import pytest
 
 from autotune.api import list_studies, study_status
-from autotune.console import status_text
 from autotune.pareto import PICK_POLICIES, frontier, pick
+from autotune.state_text import status_text
 from autotune.study import claim_once, measured_points, prepare_run, run_study
 from autotune.study.overview import StudyOverview, finished_words, study_overview
 from autotune.units import format_bytes
@@ -142,7 +142,7 @@ def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F
 def test_status_says_a_sampled_trial_is_having_its_memory_predicted(workspace):  # noqa: F811
     """Between the sampler's choice and the recorded recipe the memory model predicts the
     peak (seconds of replay on a large model): status said '(sampling)' all that while."""
-    from autotune.console import status_text
+    from autotune.state_text import status_text
     from autotune.study.overview import PREDICTING_WORDS
 
     settings = settings_for(workspace, trials=1)
@@ -191,7 +191,7 @@ def test_status_tells_a_killed_runs_trial_from_a_running_one(workspace):  # noqa
     import subprocess
     import sys
 
-    from autotune.console import status_text
+    from autotune.state_text import status_text
     from autotune.study.records import record_worker
     from autotune.study.workers import worker_id
 

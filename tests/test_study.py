@@ -366,7 +366,8 @@ def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier
 ):
     from rich.console import Console
 
-    from autotune.console import ConsoleReporter, status_text
+    from autotune.console import ConsoleReporter
+    from autotune.state_text import status_text
     from autotune.study import confirmations, pick_number, quality_ranking, study_status
 
     settings = settings_for(workspace, trials=8, confirm_top=0)
