@@ -105,10 +105,10 @@ def test_the_replay_counts_offloaded_activations_as_host_memory(cut_model):
     """The meta device has no data to copy: the replay's hooks count each saved tensor's
     pinned block in host memory and bring back an empty device tensor in backward."""
     from autotune.replay import load_config, replay
-    from tests.test_replay import _cut_step
+    from tests.conftest import cut_step
 
     config = load_config(str(cut_model))
-    recipe = _cut_step(cut_model, method="full", gradient_checkpointing=False)
+    recipe = cut_step(cut_model, method="full", gradient_checkpointing=False)
     kept = replay(recipe, config, cublas_workspace_bytes=0)
     offloaded = replay(recipe.replace(activation_offload=True), config, cublas_workspace_bytes=0)
     assert kept.host_peak_bytes == 0 and offloaded.host_peak_bytes > 0
@@ -226,9 +226,9 @@ def test_both_memory_models_put_the_cpu_offload_optimizer_s_states_on_the_host(c
     from autotune.memory import estimate
     from autotune.model_spec import load_model_spec
     from autotune.replay import load_config, replay
-    from tests.test_replay import _cut_step
+    from tests.conftest import cut_step
 
-    recipe = _cut_step(cut_model, method="full", gradient_checkpointing=True)
+    recipe = cut_step(cut_model, method="full", gradient_checkpointing=True)
     offloaded = recipe.replace(optimizer="adamw_cpu_offload")
     spec = load_model_spec(str(cut_model))
     on_gpu, on_host = estimate(spec, recipe), estimate(spec, offloaded)
