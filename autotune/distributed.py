@@ -115,13 +115,22 @@ def cpu_probes_refusal(probes: int) -> str:
 
 
 def parse_gpu_indices(text: str) -> tuple[str, ...]:
-    """--gpus: GPU indices separated by commas (0,1); whether this machine has them is checked
-    where the device is known. An empty one (`0,,1`, `,`) is refused in one line."""
+    """--gpus: GPU indices separated by commas (0,1), each a whole number from 0, named once;
+    whether this machine has them is checked where the device is known. Anything else (`a`,
+    `-1`, an empty one in `0,,1`, `0,0`) is refused in one line that names the value, before
+    the run's or training's other checks (which said "needs CUDA" of `--gpus a`)."""
     from autotune.errors import UsageError
 
-    indices = tuple(part.strip() for part in str(text).split(","))
-    if not all(indices):
-        raise UsageError(f"--gpus takes GPU indices separated by commas (0,1), got {text!r}")
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise UsageError(
+            f"--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+            f"got {text!r}"
+        )
+    indices = tuple(str(int(part)) for part in parts)  # 01 and 1 name one GPU
+    twice = sorted({index for index in indices if indices.count(index) > 1}, key=int)
+    if twice:
+        raise UsageError(f"--gpus names GPU {', '.join(twice)} more than once, got {text!r}")
     return indices
 
 

@@ -25,7 +25,7 @@ from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.pruning import distributed_space
 from autotune.training.io import ProbeResult
-from tests.conftest import ROOT, SHAPE_CONFIGS
+from tests.conftest import ROOT, SHAPE_CONFIGS, write_jsonl
 from tests.test_probe import request_for
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
@@ -770,6 +770,7 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
     for text in (",", "0,,1", "0,"):  # were read as fewer GPUs, or none
         with pytest.raises(UsageError, match=r"^--gpus takes GPU indices separated by commas"):
             TEXT_FORMS["gpus"].parse(text)
+    assert parse_gpu_indices("01,2") == ("1", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     recipe = Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 2})
     with pytest.raises(UsageError) as refused:  # no --gpus given: not "--gpus 0,1: ..."
@@ -777,6 +778,35 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
     assert str(refused.value) == "the recipe trains on 2 GPUs, but this machine has 1"
     with pytest.raises(UsageError, match=r"^--gpus 0,0: this machine has GPUs 0-0, each named"):
         check_ranked(recipe, "cuda", ("0", "0"))
+
+
+def test_a_malformed_gpus_is_refused_at_parse_naming_it(tmp_path, monkeypatch, capsys):
+    """`--gpus a`, `-1`, `0,,1` or `0,0` were taken as GPU ids and refused later ("--gpus a
+    needs CUDA, but the device is cpu"; run's --budget auto read GPU 'a' first), or not at all
+    where the device was CUDA."""
+    from autotune import cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    refusals = {
+        "a": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got 'a'",
+        "-1": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got '-1'",
+        "0,x1": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got '0,x1'",
+        "1,0,1": "--gpus names GPU 1 more than once, got '1,0,1'",
+    }
+    run = ["run", "-m", "m", "-d", str(data), "-b", "auto"]
+    train = ["train", "-r", "r.yaml", "-d", str(data), "-o", str(tmp_path / "out")]
+    for gpus, refusal in refusals.items():
+        for args in (run, train):
+            monkeypatch.setattr(
+                sys, "argv", ["autotune", *args, "--device", "cpu", f"--gpus={gpus}"]
+            )
+            with pytest.raises(SystemExit) as exit_code:
+                cli.main()
+            assert exit_code.value.code == 2, args
+            assert capsys.readouterr().err == f"autotune: error: {refusal}\n", args
 
 
 def test_estimates_json_says_its_bytes_are_each_gpus(capsys):
