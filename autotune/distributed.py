@@ -109,9 +109,20 @@ def cpu_ranks_refusal(ranks: int) -> str:
 def cpu_probes_refusal(probes: int) -> str:
     """Why `probes` one-process probes cannot train at once on the CPU ('' where they can):
     more than its cores, they would take turns on them, and each would measure the tokens/s of
-    the shared machine rather than its recipe's. (A probe does not divide the cores: torch
-    gives each process as many threads as the machine has.)"""
+    the shared machine rather than its recipe's."""
     return _beyond_cpu_cores(probes, f"{probes} probes would train at once on the CPU")
+
+
+def cpu_threads_per_process(device: str, workers: int, ranks: int) -> int | None:
+    """The threads each process of a probe trains with on the CPU, where `workers` probes of
+    `ranks` gloo processes each train at once: the cores this process may use, shared evenly,
+    so that each measures its own share rather than contends for every core (torch gives each
+    process as many threads as the machine has). None, torch's own count, for a probe of one
+    process alone, or on a GPU."""
+    processes = workers * ranks
+    if not device.startswith("cpu") or processes <= 1:
+        return None
+    return max(1, usable_cpu_cores() // processes)
 
 
 def parse_gpu_indices(text: str) -> tuple[str, ...]:

@@ -557,6 +557,32 @@ def test_gloo_ranks_of_every_worker_on_the_cpu_are_capped_by_its_cores(monkeypat
     check_workers(dataclasses.replace(one_process, workers=4), "cpu")
 
 
+def test_cpu_probes_at_once_share_the_cores_and_a_study_keeps_its_share(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """Two workers' probes each took every core (torch's own thread count), so each timed the
+    other's training as well as its own recipe."""
+    from autotune.study import prepare_run, run_study
+
+    monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 4)
+    shared = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=2, workers=2)), shared)
+    assert shared.requests and {r.cpu_threads for r in shared.requests} == {2}  # confirmed too
+    alone = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=1, study_name="alone")), alone)
+    assert {r.cpu_threads for r in alone.requests} == {None}  # every core
+    assert distributed.cpu_threads_per_process("cpu", 1, 2) == 2  # a probe's 2 gloo ranks
+    assert distributed.cpu_threads_per_process("cuda", 2, 1) is None
+    # tokens/s measured on 2 threads are not one worker's on 4: the study is not resumed so
+    with pytest.raises(
+        UsageError,
+        match=r"the threads of each CPU probe \(the cores shared among --workers\) was 2, now "
+        "every core",
+    ):
+        run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+
+
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
 def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig
