@@ -131,8 +131,8 @@ def make_objective(
             gpu_pool.put(group)
 
     host_budget_bytes = host_budget(settings.host_budget_bytes)
-    fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
+    fits = fits_budget(prepared, predict_trial)  # a repair's prediction is its trial's
 
     running_here: set[int] = set()  # the trials this process's threads are running now
 
