@@ -97,8 +97,8 @@ class ProbeResult:
     forked: bool = False
     """Forked from the warm probe server (imports already done) rather than a new interpreter."""
     cpu_threads: int | None = None
-    """On the CPU, the threads the probe trained with (torch.get_num_threads()); None on a
-    GPU."""
+    """On the CPU, the threads the probe trained with (torch.get_num_threads()), each of its
+    processes where it has several; None on a GPU."""
     weights: str = ""
     """Where the base weights came from: "original", "nf4 cache" or "original, nf4 cache
     written"."""
