@@ -12,7 +12,7 @@ import typer
 
 from autotune.cli_state import STATE
 from autotune.cli_train import train
-from autotune.errors import error_line, lost_storage
+from autotune.errors import TrainingFailed, error_line, lost_storage
 from autotune.options import setting_option, settings_from_options
 from autotune.probe_stop import interruption, stop_handling_restored, terminate_as_ctrl_c
 
@@ -71,8 +71,11 @@ def run(
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, sizing_progress, tokenize_progress
+    from autotune.distributed import parse_gpu_indices
+    from autotune.study.records import nothing_measured_line
 
-    budget = resolve_budget(budget_bytes, gpus.split(",")[0] if gpus else None)
+    options["gpus"] = parse_gpu_indices(gpus) if gpus is not None else ()  # before auto reads one
+    budget = resolve_budget(budget_bytes, options["gpus"][0] if options["gpus"] else None)
     if budget.note:  # a card name or auto: say what size it became
         typer.echo(budget.note)
     options["budget_bytes"] = budget.bytes
@@ -82,6 +85,8 @@ def run(
     with ConsoleReporter() as reporter:
         result = run_autotune(settings, events=reporter)
     reporter.show_result(result)
+    if result.recipe_path is None:  # `run ... && train --recipe ...` must stop here
+        raise TrainingFailed(nothing_measured_line(result.study))
 
 
 @app.command()

@@ -234,10 +234,9 @@ class ConsoleReporter(RunEvents):
         )
 
     def show_result(self, result: RunResult) -> None:
-        """The run's notes, its frontier as a table, and where the report and recipe went."""
+        """The run's notes, its frontier as a table, and where the report and recipe went (where
+        none was exported, the command ends saying why: nothing_measured_line)."""
         from rich.markup import escape
-
-        from autotune.study.records import nothing_measured_line
 
         for note in result.notes:
             self.console.print(note)
@@ -252,8 +251,6 @@ class ConsoleReporter(RunEvents):
                 self.console.print(f"memory of trial {result.recipe_trial}: {result.recipe_fit}")
             # one line however narrow the terminal: a copied command must not carry a newline
             self.console.print(f"to train it: {escape(train_command(result))}", soft_wrap=True)
-        else:
-            self.console.print(nothing_measured_line(result.study))
 
 
 def train_command(result: RunResult) -> str:

@@ -109,19 +109,39 @@ def cpu_ranks_refusal(ranks: int) -> str:
 def cpu_probes_refusal(probes: int) -> str:
     """Why `probes` one-process probes cannot train at once on the CPU ('' where they can):
     more than its cores, they would take turns on them, and each would measure the tokens/s of
-    the shared machine rather than its recipe's. (A probe does not divide the cores: torch
-    gives each process as many threads as the machine has.)"""
+    the shared machine rather than its recipe's."""
     return _beyond_cpu_cores(probes, f"{probes} probes would train at once on the CPU")
 
 
+def cpu_threads_per_process(device: str, workers: int, ranks: int) -> int | None:
+    """The threads each process of a probe trains with on the CPU, where `workers` probes of
+    `ranks` gloo processes each train at once: the cores this process may use, shared evenly,
+    so that each measures its own share rather than contends for every core (torch gives each
+    process as many threads as the machine has). None, torch's own count, for a probe of one
+    process alone, or on a GPU."""
+    processes = workers * ranks
+    if not device.startswith("cpu") or processes <= 1:
+        return None
+    return max(1, usable_cpu_cores() // processes)
+
+
 def parse_gpu_indices(text: str) -> tuple[str, ...]:
-    """--gpus: GPU indices separated by commas (0,1); whether this machine has them is checked
-    where the device is known. An empty one (`0,,1`, `,`) is refused in one line."""
+    """--gpus: GPU indices separated by commas (0,1), each a whole number from 0, named once;
+    whether this machine has them is checked where the device is known. Anything else (`a`,
+    `-1`, an empty one in `0,,1`, `0,0`) is refused in one line that names the value, before
+    the run's or training's other checks (which said "needs CUDA" of `--gpus a`)."""
     from autotune.errors import UsageError
 
-    indices = tuple(part.strip() for part in str(text).split(","))
-    if not all(indices):
-        raise UsageError(f"--gpus takes GPU indices separated by commas (0,1), got {text!r}")
+    parts = [part.strip() for part in str(text).split(",")]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise UsageError(
+            f"--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+            f"got {text!r}"
+        )
+    indices = tuple(str(int(part)) for part in parts)  # 01 and 1 name one GPU
+    twice = sorted({index for index in indices if indices.count(index) > 1}, key=int)
+    if twice:
+        raise UsageError(f"--gpus names GPU {', '.join(twice)} more than once, got {text!r}")
     return indices
 
 

@@ -66,7 +66,8 @@ def _check_folder_writable(flag: str, path: Path) -> None:
 
 class TrainingFailed(Exception):
     """A run that started and failed for a reason that is not the user's input (a rank of a
-    distributed training died). The CLI prints its one-line message and exits with code 1."""
+    distributed training died; a study none of whose trials measured a recipe to export). The
+    CLI prints its one-line message and exits with code 1."""
 
 
 UNWRITABLE_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"})

@@ -672,6 +672,43 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_study(monkeypatch, c
     )
 
 
+def test_a_run_that_measured_nothing_exits_one_saying_why(workspace, monkeypatch, capsys):  # noqa: F811
+    """Every probe crashed: the run ended with exit code 0, so `autotune run ... && autotune
+    train --recipe ...` went on to a recipe never written; a run that measured one keeps 0."""
+    import autotune.api
+    from autotune import cli
+    from tests.test_study import FakeRunner
+
+    tmp_path, model, data = workspace
+    runners = {"crashed": FakeRunner(fail={"": "crash"}), "measured": FakeRunner()}
+    real_run = autotune.api.run
+    monkeypatch.setattr(
+        autotune.api,
+        "run",
+        lambda settings, events: real_run(
+            settings, events=events, runner=runners[settings.study_name]
+        ),
+    )
+
+    def run(study: str) -> None:
+        argv = ["autotune", "run", "-m", str(model), "-d", str(data), "-b", "10GB"]
+        argv += ["--space", DEMO_SPACE, "-n", "2", "--probe-steps", "2", "--seq-len", "64"]
+        argv += ["--device", "cpu", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", study]
+        argv += ["--memory-model", "formula", "--confirm", "0"]
+        monkeypatch.setattr(sys, "argv", argv)
+        cli.main()
+
+    with pytest.raises(SystemExit) as exit_code:
+        run("crashed")
+    assert exit_code.value.code == 1
+    printed = capsys.readouterr()
+    assert printed.err == "autotune: error: no recipe ran: 2 trials crashed: fake crash\n"
+    assert "report: " in printed.out and "no recipe" not in printed.out
+    run("measured")  # no SystemExit: exit code 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and "recipe (balanced): " in printed.out
+
+
 def test_unwritable_places_for_the_study_are_one_line(tmp_path, monkeypatch):
     from autotune.study.storage import make_storage, make_trials_dir
 

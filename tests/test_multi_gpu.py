@@ -25,7 +25,7 @@ from autotune.recipe import Recipe
 from autotune.space import SearchSpace
 from autotune.study.pruning import distributed_space
 from autotune.training.io import ProbeResult
-from tests.conftest import ROOT, SHAPE_CONFIGS
+from tests.conftest import ROOT, SHAPE_CONFIGS, write_jsonl
 from tests.test_probe import request_for
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401
 
@@ -557,6 +557,32 @@ def test_gloo_ranks_of_every_worker_on_the_cpu_are_capped_by_its_cores(monkeypat
     check_workers(dataclasses.replace(one_process, workers=4), "cpu")
 
 
+def test_cpu_probes_at_once_share_the_cores_and_a_study_keeps_its_share(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """Two workers' probes each took every core (torch's own thread count), so each timed the
+    other's training as well as its own recipe."""
+    from autotune.study import prepare_run, run_study
+
+    monkeypatch.setattr(distributed, "usable_cpu_cores", lambda: 4)
+    shared = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=2, workers=2)), shared)
+    assert shared.requests and {r.cpu_threads for r in shared.requests} == {2}  # confirmed too
+    alone = FakeRunner()
+    run_study(prepare_run(settings_for(workspace, trials=1, study_name="alone")), alone)
+    assert {r.cpu_threads for r in alone.requests} == {None}  # every core
+    assert distributed.cpu_threads_per_process("cpu", 1, 2) == 2  # a probe's 2 gloo ranks
+    assert distributed.cpu_threads_per_process("cuda", 2, 1) is None
+    # tokens/s measured on 2 threads are not one worker's on 4: the study is not resumed so
+    with pytest.raises(
+        UsageError,
+        match=r"the threads of each CPU probe \(the cores shared among --workers\) was 2, now "
+        "every core",
+    ):
+        run_study(prepare_run(settings_for(workspace, trials=3)), FakeRunner())
+
+
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp", "deepspeed_zero3"])
 def test_the_accelerate_export_is_a_config_accelerate_reads(strategy, tmp_path):
     from accelerate.commands.config.config_args import ClusterConfig
@@ -770,6 +796,7 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
     for text in (",", "0,,1", "0,"):  # were read as fewer GPUs, or none
         with pytest.raises(UsageError, match=r"^--gpus takes GPU indices separated by commas"):
             TEXT_FORMS["gpus"].parse(text)
+    assert parse_gpu_indices("01,2") == ("1", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     recipe = Recipe.from_dict({**FULL, "distributed": "ddp", "num_gpus": 2})
     with pytest.raises(UsageError) as refused:  # no --gpus given: not "--gpus 0,1: ..."
@@ -777,6 +804,35 @@ def test_gpus_with_an_empty_index_are_refused_and_a_missing_default_gpu_named(mo
     assert str(refused.value) == "the recipe trains on 2 GPUs, but this machine has 1"
     with pytest.raises(UsageError, match=r"^--gpus 0,0: this machine has GPUs 0-0, each named"):
         check_ranked(recipe, "cuda", ("0", "0"))
+
+
+def test_a_malformed_gpus_is_refused_at_parse_naming_it(tmp_path, monkeypatch, capsys):
+    """`--gpus a`, `-1`, `0,,1` or `0,0` were taken as GPU ids and refused later ("--gpus a
+    needs CUDA, but the device is cpu"; run's --budget auto read GPU 'a' first), or not at all
+    where the device was CUDA."""
+    from autotune import cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    refusals = {
+        "a": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got 'a'",
+        "-1": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got '-1'",
+        "0,x1": "--gpus takes GPU indices separated by commas (0,1), each a whole number from 0, "
+        "got '0,x1'",
+        "1,0,1": "--gpus names GPU 1 more than once, got '1,0,1'",
+    }
+    run = ["run", "-m", "m", "-d", str(data), "-b", "auto"]
+    train = ["train", "-r", "r.yaml", "-d", str(data), "-o", str(tmp_path / "out")]
+    for gpus, refusal in refusals.items():
+        for args in (run, train):
+            monkeypatch.setattr(
+                sys, "argv", ["autotune", *args, "--device", "cpu", f"--gpus={gpus}"]
+            )
+            with pytest.raises(SystemExit) as exit_code:
+                cli.main()
+            assert exit_code.value.code == 2, args
+            assert capsys.readouterr().err == f"autotune: error: {refusal}\n", args
 
 
 def test_estimates_json_says_its_bytes_are_each_gpus(capsys):

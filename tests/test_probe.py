@@ -67,6 +67,15 @@ def test_probe_measures_a_recipe(tiny_model, qa_data, tmp_path, recipe):
     assert "step 3/3" in log
 
 
+def test_a_cpu_probe_trains_with_the_threads_it_is_given(tiny_model, qa_data, tmp_path):
+    """A probe forked from the warm server, which imported torch with every core's threads,
+    trains with its share of the cores (--workers) and says so."""
+    request = dataclasses.replace(request_for(tiny_model, qa_data, steps=1), cpu_threads=1)
+    result = SubprocessProbeRunner(timeout_seconds=300).run(request, tmp_path / "probe")
+    assert result.status == "ok", result.reason
+    assert result.cpu_threads == 1
+
+
 def test_probe_timeout_kills_the_child(tiny_model, qa_data, tmp_path):
     # a forked probe of the tiny model finishes 3 steps in about 0.3 s: ask for far more
     result = SubprocessProbeRunner(timeout_seconds=0.5).run(

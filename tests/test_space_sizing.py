@@ -3,12 +3,14 @@ held to (the replay) agrees with the formula that sizes the space."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from autotune.errors import UsageError
+from autotune.memory import MemoryEstimate
 from autotune.prediction import predict, replay_rows
 from autotune.replay import load_config
 from autotune.study import prepare_run, run_study, seeding
@@ -116,3 +118,47 @@ def test_the_early_check_lets_run_a_choice_that_sizing_keeps():
 
     assert other in budget_fit(*args, budget, 0.0, held=held).choices["method"]
     assert smallest_peak_over_budget(*args, budget, 0.0, held=held) is None
+
+
+def test_a_choice_the_replay_keeps_has_a_repair_and_baseline_that_fit(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """Where the replay keeps full fine-tunes in the space and the formula puts every one over
+    the budget, a full trial over it was given no recipe to repair it to (the formula found
+    none), and the bf16 LoRA baseline kept its largest micro-batch where the formula fit none:
+    both are chosen as the trials are held to the budget, the formula ranking, a few replays
+    confirming."""
+    formula_peak, replay_peak = least_full_fine_tune(workspace, monkeypatch)
+    budget = max(replay_peak, math.ceil(formula_peak / REPLAY_BAND))
+    prepared = prepare_run(settings_for(workspace, memory_model="replay", budget_bytes=budget))
+    space = prepared.space
+    fits = seeding.fits_budget(prepared)
+    replays: list[object] = []
+    monkeypatch.setattr(
+        seeding, "replay_in_worker", lambda *a, **k: replays.append(a) or replay_rows(*a, **k)
+    )
+    full = [p for p in space.all_params() if p["method"] == "full"]
+    over = next(p for p in full if not fits(p))  # a full trial its prediction rules out
+    unreplayed = seeding.fits_budget(dataclasses.replace(prepared, replayed={}))
+    replays.clear()
+    nearest = seeding.nearest_fitting_params(space, over, unreplayed)
+    assert nearest is not None and nearest["method"] == "full" and fits(nearest)
+    assert fits.formula_rank(nearest) == 1  # the formula puts it over the budget
+    assert 1 <= len(replays) <= seeding.CONFIRMED_CANDIDATES  # the formula's rank spares most
+    # the formula alone, as before, finds none
+    formula = seeding.fits_budget(dataclasses.replace(prepared, model_config=None))
+    assert seeding.nearest_fitting_params(space, over, formula) is None
+
+    # a baseline's largest micro-batch is the largest its trial fits: micro-batch 2 here, where
+    # the formula fits none (and the largest, 4, was kept)
+    def held(recipe):
+        return MemoryEstimate(budget + (recipe.micro_batch_size > 2), {}), "replay"
+
+    bf16_lora = dict(seeding.baseline_params(space))["bf16_lora_qv"]
+    assert all(
+        fits.formula_rank({**bf16_lora, "micro_batch_size": size}) == 1 for size in (1, 2, 4)
+    )
+    chosen = dict(seeding.baseline_params(space, seeding.fits_budget(prepared, held)))
+    assert chosen["bf16_lora_qv"]["micro_batch_size"] == 2
+    assert dict(seeding.baseline_params(space, formula))["bf16_lora_qv"]["micro_batch_size"] == 4

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autotune.architecture import dora_refusal
+from autotune.distributed import cpu_threads_per_process
 from autotune.errors import first_line, unwritable
 from autotune.host_memory import host_budget
 from autotune.margins import margin_for
@@ -130,8 +131,8 @@ def make_objective(
             gpu_pool.put(group)
 
     host_budget_bytes = host_budget(settings.host_budget_bytes)
-    fits = fits_budget(prepared)
     predict_trial = trial_predictor(prepared)
+    fits = fits_budget(prepared, predict_trial)  # a repair's prediction is its trial's
 
     running_here: set[int] = set()  # the trials this process's threads are running now
 
@@ -361,4 +362,6 @@ def probe_request(
         quality=settings.quality,
         pad_token_id=prepared.pad_token_id,
         weight_cache=str((TRIALS_DIR / "cache").resolve()) if settings.weight_cache else None,
+        # every probe of the run, a confirmation alone too, as its trials trained
+        cpu_threads=cpu_threads_per_process(prepared.device, settings.workers, recipe.num_gpus),
     )

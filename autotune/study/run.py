@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.data.token_cache import token_cache_key
-from autotune.distributed import format_gpu_counts
+from autotune.distributed import cpu_threads_per_process, format_gpu_counts
 from autotune.errors import UsageError
 from autotune.probe import ProbeRunner
 from autotune.probe_stop import probes_stop_on_ctrl_c
@@ -54,7 +54,8 @@ from autotune.units import count_of, format_bytes
 def measured_under(prepared: PreparedRun) -> dict[str, Any]:
     """What makes two trials' figures comparable on one frontier: the same data and tokenizer
     (the token cache's key, which also covers seq_len, the split seed and size), the same
-    model shape, probe length, kind of device and GPUs per probe. The budget may change: a
+    model shape, probe length, kind of device, GPUs per probe and a CPU probe's threads (the
+    cores shared among --workers, cpu_threads_per_process). The budget may change: a
     study resumed under another keeps the choices it started with and records which budget
     held which trials (record_run_budget)."""
     spec = json.dumps(dataclasses.asdict(prepared.spec), sort_keys=True, default=str)
@@ -68,6 +69,7 @@ def measured_under(prepared: PreparedRun) -> dict[str, Any]:
         "quality": prepared.settings.quality,
         # one count as an int, as studies stored it before ranges
         "gpus_per_probe": counts[0] if len(counts) == 1 else format_gpu_counts(counts),
+        "cpu_threads": cpu_threads_per_process(prepared.device, prepared.settings.workers, 1),
     }
 
 
@@ -95,6 +97,7 @@ _MEASURED_UNDER_WORDS = {
     "device": "the device",
     "quality": "--quality",
     "gpus_per_probe": "--gpus-per-probe",
+    "cpu_threads": "the threads of each CPU probe (the cores shared among --workers)",
 }
 
 
@@ -117,7 +120,11 @@ def check_comparable(study: Any, prepared: PreparedRun) -> None:
         if key in ("data", "model"):
             shown.append(f"{_MEASURED_UNDER_WORDS[key]} changed")
         else:
-            shown.append(f"{_MEASURED_UNDER_WORDS[key]} was {stored[key]}, now {current[key]}")
+            was, now = (
+                "every core" if value is None and key == "cpu_threads" else value
+                for value in (stored[key], current[key])
+            )
+            shown.append(f"{_MEASURED_UNDER_WORDS[key]} was {was}, now {now}")
     raise UsageError(
         f"study {prepared.study_name} was measured under other settings ({'; '.join(shown)}), "
         "so its trials and this run's would not be comparable; run with its settings, or "

@@ -169,6 +169,18 @@ def record_host_memory(request: ProbeRequest, result: ProbeResult, meter: Any) -
         result.host_rss_growth_bytes = meter.rss_growth_bytes()
 
 
+def share_cpu_threads(request: ProbeRequest, result: ProbeResult) -> None:
+    """On the CPU, train with the request's threads, where it gives them (its share of the
+    cores among the processes that train at once), and record the count trained with."""
+    if not request.device.startswith("cpu"):
+        return
+    import torch
+
+    if request.cpu_threads is not None:
+        torch.set_num_threads(request.cpu_threads)
+    result.cpu_threads = torch.get_num_threads()
+
+
 def main(argv: list[str]) -> int:
     request_path, result_path = argv
     if os.environ.get(PARENT_ENV):
@@ -186,6 +198,7 @@ def main(argv: list[str]) -> int:
     result.seconds["start"] = time.time() - launched
     meters: list = []
     try:
+        share_cpu_threads(request, result)
         run_probe(request, result, meters)
         result.status = "ok"
     except BaseException as error:  # noqa: BLE001 - every failure must become a result

@@ -50,6 +50,10 @@ class ProbeRequest:
     pad_token_id: int | None = None
     """The id the study checked padding with against the model's vocab_size (None: the
     tokenizer's own)."""
+    cpu_threads: int | None = None
+    """On the CPU, the threads each process of the probe trains with (torch.set_num_threads),
+    where processes train at once (distributed.cpu_threads_per_process); None: torch's own
+    count, every core."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -92,6 +96,9 @@ class ProbeResult:
     budget_enforced: bool = False
     forked: bool = False
     """Forked from the warm probe server (imports already done) rather than a new interpreter."""
+    cpu_threads: int | None = None
+    """On the CPU, the threads the probe trained with (torch.get_num_threads()), each of its
+    processes where it has several; None on a GPU."""
     weights: str = ""
     """Where the base weights came from: "original", "nf4 cache" or "original, nf4 cache
     written"."""
