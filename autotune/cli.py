@@ -72,7 +72,7 @@ def run(
     from autotune.budgets import resolve_budget
     from autotune.console import ConsoleReporter, sizing_progress, tokenize_progress
     from autotune.distributed import parse_gpu_indices
-    from autotune.study.records import nothing_measured_line
+    from autotune.study.unmeasured import nothing_measured_line
 
     options["gpus"] = parse_gpu_indices(gpus) if gpus is not None else ()  # before auto reads one
     budget = resolve_budget(budget_bytes, options["gpus"][0] if options["gpus"] else None)

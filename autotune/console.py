@@ -78,7 +78,7 @@ def run_headline(prepared: PreparedRun) -> str:
     """Where a run's probes train and the budget they are held to: per GPU, and on the CPU
     with the gloo processes that stand in for a probe's GPUs, where probes train on several."""
     from autotune.distributed import format_gpu_counts
-    from autotune.study.records import smallest_recipe_words
+    from autotune.study.unmeasured import smallest_recipe_words
 
     gpus = prepared.settings.largest_probe_gpus
     where, per_gpu = prepared.device, ""
@@ -129,8 +129,8 @@ class ConsoleReporter(RunEvents):
             self._progress = None
 
     def _run_started(self, prepared: PreparedRun) -> None:
-        from autotune.study.records import not_searched
         from autotune.study.storage import redact_url
+        from autotune.study.unmeasured import not_searched
 
         settings = prepared.settings
         if prepared.skipped_rows:

@@ -862,7 +862,7 @@ def test_a_recipes_fit_to_the_budget_says_per_gpu_on_several():
 
 
 def test_what_a_study_leaves_out_for_its_gpus_is_not_blamed_on_the_model():
-    from autotune.study.records import not_searched
+    from autotune.study.unmeasured import not_searched
 
     [line] = not_searched({"distributed": {"none": "one GPU, not 2"}}, {})
     assert line == "not searched, they cannot run here: distributed none (one GPU, not 2)"

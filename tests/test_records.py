@@ -139,7 +139,8 @@ def test_a_confirmation_says_why_it_did_not_hold_up():
 
 
 def test_the_end_of_a_run_says_several_trials_were_what_one_was():
-    from autotune.study.records import PROBE_FAILURE_WORDS, TrialStatus, _agreeing
+    from autotune.study.records import TrialStatus
+    from autotune.study.unmeasured import PROBE_FAILURE_WORDS, _agreeing
 
     assert _agreeing(PROBE_FAILURE_WORDS[TrialStatus.INTERRUPTED], 1) == "was interrupted"
     assert _agreeing(PROBE_FAILURE_WORDS[TrialStatus.REFUSED], 3) == "were refused"

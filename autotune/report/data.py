@@ -21,7 +21,6 @@ from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
     measured_points,
-    not_searched,
     trial_record,
     trial_status,
 )
@@ -35,6 +34,7 @@ from autotune.study.study_records import (
     study_setup,
     target_trials,
 )
+from autotune.study.unmeasured import not_searched
 from autotune.training.io import CPU_MEMORY_SOURCE, PROBE_PHASES
 from autotune.units import format_bytes
 

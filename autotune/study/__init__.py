@@ -17,6 +17,7 @@ _MODULES = (
     "claims",
     "coverage",
     "records",
+    "unmeasured",
     "ranking",
     "storage",
     "overview",
@@ -32,7 +33,8 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in study_records, claims, coverage, records, ranking, storage or overview never loads the
+lives in study_records, claims, coverage, records, unmeasured, ranking, storage or overview
+never loads the
 modules that run a study."""
 
 

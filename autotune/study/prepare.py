@@ -28,7 +28,6 @@ from autotune.study.pruning import (
     smallest_peak_over_budget,
     supported_space,
 )
-from autotune.study.records import smallest_recipe_words
 from autotune.study.seeding import held_predictor
 from autotune.study.settings import (
     LENGTH_STATS_ROWS,
@@ -50,6 +49,7 @@ from autotune.study.storage import (
     sqlite_file,
 )
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
+from autotune.study.unmeasured import smallest_recipe_words
 from autotune.units import format_bytes
 
 

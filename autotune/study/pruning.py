@@ -16,8 +16,8 @@ from autotune.optimizers import optimizer_refusal
 from autotune.prediction import formula_estimate
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
-from autotune.study.records import describe_unsupported
 from autotune.study.settings import BudgetFit, PreparedRun
+from autotune.study.unmeasured import describe_unsupported
 
 
 def supported_space(
