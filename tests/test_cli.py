@@ -483,6 +483,7 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
             "no SQLite database at",
         ),
         (["export", "--pick", "cheapest"], "no study storage"),
+        (["studies", "--storage", "sqlite:///~/x.db"], "SQLite does not expand ~"),
     ]
 
 

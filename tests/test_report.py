@@ -393,3 +393,23 @@ def test_a_stopped_browser_leaves_none_of_its_processes(tmp_path, monkeypatch):
     else:
         os.kill(pid, 9)
         raise AssertionError("the browser's child outlived it")
+
+
+def test_csv_writes_whole_choices_whole_and_float_choices_as_floats():
+    """A column with gaps is float in pandas: a LoRA rank and a byte size are written whole
+    (8, not 8.0), and a dropout its dimension stores as a float stays one (0.0, not 0), per
+    method too."""
+    import pandas as pd
+
+    from autotune.report.table import csv_text
+
+    frame = pd.DataFrame(
+        {
+            "param_lora_r": [8.0, None],
+            "param_lora_dropout": [0.0, None],
+            "param_lora_lora_dropout": [0.0, None],
+            "peak_memory_bytes": [155275264.0, None],
+        }
+    )
+    rows = csv_text(frame).splitlines()
+    assert rows[1] == "8,0.0,0.0,155275264"

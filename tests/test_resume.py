@@ -837,6 +837,18 @@ def test_a_trials_constraint_is_held_to_the_studys_budget_now():
     assert constraint_now(trial(2, -0.5), study_budgets(old)) == -0.5
 
 
+class ReadBeforeTheOtherWrote:
+    """A run's view of a study: its attributes as read before another run wrote; what it
+    writes goes to the study."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.user_attrs = study.user_attrs
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.study.set_user_attr(key, value)
+
+
 def test_two_runs_changing_the_budget_at_once_keep_both_changes(tmp_path):
     """Two runs resumed under other budgets at the same moment: both read the study's
     attributes, then both write. One history read, changed and written back lost the first
@@ -853,16 +865,7 @@ def test_two_runs_changing_the_budget_at_once_keep_both_changes(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
     record_setup(study, StudySetup(budget_bytes=8 * 10**9))
 
-    class ReadBeforeTheOtherWrote:
-        """A run's view of the study: its attributes as read before either run wrote."""
-
-        def __init__(self) -> None:
-            self.user_attrs = study.user_attrs
-
-        def set_user_attr(self, key: str, value: object) -> None:
-            study.set_user_attr(key, value)
-
-    first, second = ReadBeforeTheOtherWrote(), ReadBeforeTheOtherWrote()
+    first, second = ReadBeforeTheOtherWrote(study), ReadBeforeTheOtherWrote(study)
     record_new_budget(first, 4 * 10**9, 5)
     record_new_budget(second, 2 * 10**9, 7)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
@@ -907,14 +910,7 @@ def test_an_older_version_reads_the_budget_now_in_force_after_a_change(tmp_path)
     study = optuna.load_study(study_name="s", storage=url)
     assert study_budgets(study).spans == ((0, 8), (5, 4))
 
-    class ReadBeforeTheOtherWrote:
-        def __init__(self) -> None:
-            self.user_attrs = study.user_attrs
-
-        def set_user_attr(self, key: str, value: object) -> None:
-            study.set_user_attr(key, value)
-
-    first, second = ReadBeforeTheOtherWrote(), ReadBeforeTheOtherWrote()
+    first, second = ReadBeforeTheOtherWrote(study), ReadBeforeTheOtherWrote(study)
     record_new_budget(second, 2, 9)
     record_new_budget(first, 3, 7)  # written last, though its change is the earlier
     assert older_readers() == (3, [[0, 8], [5, 4], [7, 3]])  # its view, as last written

@@ -496,3 +496,18 @@ def test_a_resume_with_a_recipe_that_trains_other_weights_is_refused_in_one_line
     )
     resumed = train(recipe, qa_data, tmp_path / "out", max_steps=2, resume=True)
     assert resumed.resumed_from_step == 1
+
+
+def test_a_deepspeed_accelerator_the_user_named_is_kept(monkeypatch):
+    """train names the device to DeepSpeed (so it does not print its search for a GPU), but a
+    DS_ACCELERATOR the user set is theirs: it was overwritten."""
+    import os
+
+    from autotune.training.deepspeed_engine import name_deepspeed_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    name_deepspeed_accelerator("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    name_deepspeed_accelerator("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "cpu"

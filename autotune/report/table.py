@@ -181,11 +181,16 @@ document.querySelectorAll("table.sortable th").forEach(function (th, _, all) {
 def csv_text(frame: Any) -> str:
     """The trials table as CSV, its byte sizes and whole-number choices (a LoRA rank) written as
     whole numbers: a column with gaps is float in pandas, which wrote them as 155275264.0 and
-    8.0."""
+    8.0. A choice its dimension stores as a float (a dropout of 0.0) stays one."""
+    from autotune.dimensions import DIMENSIONS
+
+    floats = tuple(f"_{d.name}" for d in DIMENSIONS if d.cast is float)
     table = frame.copy()
     for column in table.columns:
         values = table[column]
-        whole = column.endswith("_bytes") or column.startswith("param_")
+        whole = column.endswith("_bytes") or (
+            column.startswith("param_") and not f"_{column[len('param_') :]}".endswith(floats)
+        )
         if whole and values.dtype.kind == "f":
             present = values.dropna()
             if len(present) and bool((present == present.round()).all()):

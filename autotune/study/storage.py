@@ -149,6 +149,12 @@ def check_storage_url(url: str) -> None:
             f"--storage {url} names no file, so its SQLite database would live in memory and "
             "be lost when the command ends; write sqlite:///PATH"
         )
+    path = sqlite_file(url)
+    if path is not None and path.parts[:1] == ("~",):
+        raise UsageError(
+            f"--storage {url}: SQLite does not expand ~ (it would open a folder named ~ here); "
+            f"write the path out, sqlite:///{path.expanduser()}"
+        )
 
 
 OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
@@ -166,7 +172,7 @@ def sqlite_file(url: str | None) -> Path | None:
     match = SQLITE_URL.match(url or DEFAULT_STORAGE)
     if match is None:
         return None
-    return Path(unquote(match["database"])).expanduser()
+    return Path(unquote(match["database"]))
 
 
 def sqlite_tables(path: Path) -> list[str] | None:
@@ -337,6 +343,7 @@ def existing_storage_url(storage_url: str | None, allow_empty: bool = False) -> 
     """The storage to read: the given URL, or the default one if a run has created it; an
     empty SQLite file holds no study (refused unless `allow_empty`: see empty_sqlite)."""
     url = storage_url or DEFAULT_STORAGE
+    check_storage_url(url)
     path = sqlite_file(url)
     # a command that only reads must not create an empty SQLite database where none was
     if path is not None and not path.exists():

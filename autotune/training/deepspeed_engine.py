@@ -78,8 +78,8 @@ def cpu_refusal(recipe: Recipe) -> str:
 def name_deepspeed_accelerator(device: str) -> None:
     """Tell DeepSpeed the device before anything imports it (accelerate does, to unwrap a model
     being saved, wherever DeepSpeed is installed): left to detect one without CUDA, it printed a
-    warning on stdout that it could not find a GPU."""
-    os.environ["DS_ACCELERATOR"] = "cuda" if device.startswith("cuda") else "cpu"
+    warning on stdout that it could not find a GPU. A DS_ACCELERATOR the user set is kept."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.startswith("cuda") else "cpu")
 
 
 def prepare_deepspeed(device: str) -> None:
