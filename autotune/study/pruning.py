@@ -16,6 +16,7 @@ from autotune.optimizers import optimizer_refusal
 from autotune.prediction import formula_estimate
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
+from autotune.study.coverage import point_of
 from autotune.study.settings import BudgetFit, PreparedRun
 from autotune.study.unmeasured import describe_unsupported
 
@@ -255,7 +256,12 @@ def margined_peak_bytes(
     gives its probe (formula_estimate), with the formula's margin (or the one given): what a
     study holds to the budget before any probe."""
     peak = formula_estimate(spec, recipe, token_lengths).peak_bytes
-    return margin_for(margin, "formula", recipe.quantization).bytes_of(peak)
+    return with_formula_margin(peak, recipe, margin)
+
+
+def with_formula_margin(peak_bytes: int, recipe: Recipe, margin: float | None) -> int:
+    """The formula's peak of `recipe` with the formula's margin (or the one given)."""
+    return margin_for(margin, "formula", recipe.quantization).bytes_of(peak_bytes)
 
 
 Held = Callable[[Recipe], tuple[MemoryEstimate, str]]
@@ -348,8 +354,8 @@ def budget_fit(
     smallest = (overall[0], "formula")
     if held is not None:
         # one prediction per recipe: the least of each choice ruled out, and the least of all
-        points = {tuple(sorted(least[key][1].items())): least[key][1] for key in verdicts}
-        points.setdefault(tuple(sorted(overall[1].items())), overall[1])
+        points = {point_of(least[key][1]): least[key][1] for key in verdicts}
+        points.setdefault(point_of(overall[1]), overall[1])
         predicted: dict[tuple[Any, ...], tuple[int, str]] = {}
         for done, (point, params) in enumerate(points.items()):
             if progress is not None:
@@ -361,8 +367,8 @@ def budget_fit(
         if progress is not None:
             progress(len(points), len(points))
         for key in verdicts:
-            verdicts[key] = predicted[tuple(sorted(least[key][1].items()))]
-        smallest = predicted[tuple(sorted(overall[1].items()))]
+            verdicts[key] = predicted[point_of(least[key][1])]
+        smallest = predicted[point_of(overall[1])]
     fitting: dict[str, list[Any]] = {}
     ruled_out: dict[str, dict[str, int]] = {}
     models: dict[str, dict[str, str]] = {}

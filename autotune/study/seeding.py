@@ -19,7 +19,7 @@ from autotune.prediction import (
 )
 from autotune.recipe import Recipe
 from autotune.space import SearchSpace
-from autotune.study.pruning import held_peak_bytes, margined_peak_bytes
+from autotune.study.pruning import held_peak_bytes, with_formula_margin
 from autotune.study.settings import BASELINES, REPLAY_BAND, PreparedRun, RunSettings
 
 Predicted = tuple[MemoryEstimate, str]
@@ -122,12 +122,9 @@ class BudgetCheck:
         the trial's prediction puts it over the budget whatever (held_predictor's rule)."""
         settings, prepared = self.prepared.settings, self.prepared
         recipe = self._recipe(params)
-        lengths = prepared.train_token_lengths
-        if margined_peak_bytes(prepared.spec, recipe, lengths, settings.memory_margin) <= (
-            settings.budget_bytes
-        ):
+        peak = formula_estimate(prepared.spec, recipe, prepared.train_token_lengths).peak_bytes
+        if with_formula_margin(peak, recipe, settings.memory_margin) <= settings.budget_bytes:
             return 0
-        peak = formula_estimate(prepared.spec, recipe, lengths).peak_bytes
         return 1 if replayed_at(peak, settings, prepared.model_config) else None
 
     def first_fitting(self, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
