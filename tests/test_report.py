@@ -17,6 +17,7 @@ from autotune.training.io import CUDA_MEMORY_SOURCE, ProbeResult
 from autotune.units import format_bytes
 from tests.test_study import (  # noqa: F401
     FakeRunner,
+    NearTiesRunner,
     NoisyRunner,
     TimedRunner,
     settings_for,
@@ -426,19 +427,6 @@ def test_csv_writes_whole_choices_whole_and_float_choices_as_floats():
     )
     rows = csv_text(frame).splitlines()
     assert rows[1] == "8,0.0,0.0,155275264"
-
-
-class NearTiesRunner(FakeRunner):
-    """Eval loss rises by 0.0001 with each step of micro-batch, which also buys speed, and
-    another seed moves it by 0.00015: the lowest eval loss is a slow recipe with a faster one
-    within the noise of it."""
-
-    def run(self, request, workdir):
-        result = super().run(request, workdir)
-        if result.status == "ok":
-            chance = 0.00015 if request.seed else 0.0
-            result.eval_loss = 3.0 + 0.0001 * request.recipe.micro_batch_size + chance
-        return result
 
 
 def test_export_the_report_and_studies_name_one_best_loss_pick_within_the_noise(workspace):  # noqa: F811
