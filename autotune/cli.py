@@ -97,7 +97,8 @@ def export(
         "balanced",
         "--pick",
         help="balanced (closest to the ideal point after scaling each objective over the "
-        "frontier), fastest, smallest or best-loss.",
+        "frontier), fastest, smallest or best-loss (lowest eval loss; the fastest of those "
+        "within the measured noise of it where a noise probe ran).",
     ),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Write here (default: stdout)."

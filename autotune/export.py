@@ -11,7 +11,7 @@ from autotune.files import write_atomically
 from autotune.margins import fit_words, stored_margin
 from autotune.pareto import PICK_POLICIES, Point
 from autotune.recipe import Recipe
-from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
+from autotune.study.ranking import QualityRanking, pick_note, pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.study_records import (
     Confirmation,
@@ -109,6 +109,9 @@ def recipe_yaml(
     longer = ranking.longest(trial.number)
     if longer is not None:  # --promote probed it again for longer
         measured["longer_probe"] = {"steps": longer[0], "eval_loss": _loss(longer[1])}
+    note = pick_note(policy, points, ranking)
+    if note is not None:  # the measured noise decided the pick
+        measured["pick"] = f"{policy}: {note}"
     data_path = setup.data_path or None
     data_format, formats = "alpaca", None
     if fmt == "axolotl":

@@ -55,6 +55,13 @@ def ladder_order(ladders: Mapping[Key, Sequence[float]]) -> list[Key]:
     return sorted(ladders, key=lambda key: (-len(ladders[key]), ladders[key][-1], key))
 
 
+def loss_above(best: Sequence[float], other: Sequence[float]) -> float:
+    """How far `other`'s eval loss lies above `best`'s at the longest probe both reached (each
+    a ladder: its loss at each probe length, the shortest first)."""
+    common = min(len(best), len(other)) - 1
+    return other[common] - best[common]
+
+
 def ladder_groups(ladders: Mapping[Key, Sequence[float]], noise: float) -> list[list[Key]]:
     """ladder_order's keys grouped where a neighbour's loss, at the longest probe both reached,
     is no more than `noise` above the one before it: inside a group the order is chance, so the
@@ -66,9 +73,7 @@ def ladder_groups(ladders: Mapping[Key, Sequence[float]], noise: float) -> list[
     groups: list[list[Key]] = []
     for key in ladder_order(ladders):
         if groups:
-            before = ladders[groups[-1][-1]]
-            common = min(len(before), len(ladders[key])) - 1
-            if ladders[key][common] - before[common] <= noise:
+            if loss_above(ladders[groups[-1][-1]], ladders[key]) <= noise:
                 groups[-1].append(key)
                 continue
         groups.append([key])

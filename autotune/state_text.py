@@ -44,7 +44,10 @@ def overview_lines(study: StudyOverview) -> list[str]:
     if not study.picks:
         lines.append("  nothing measured within the budget yet")
     width = max(map(len, study.picks), default=0)
-    lines += [f"  {p:<{width}}  {_recipe_line(r)}" for p, r in study.picks.items()]
+    for policy, recipe in study.picks.items():
+        lines.append(f"  {policy:<{width}}  {_recipe_line(recipe)}")
+        if policy in study.pick_notes:
+            lines.append(f"  {'':<{width}}  ({study.pick_notes[policy]})")
     return lines
 
 

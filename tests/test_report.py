@@ -17,6 +17,7 @@ from autotune.training.io import CUDA_MEMORY_SOURCE, ProbeResult
 from autotune.units import format_bytes
 from tests.test_study import (  # noqa: F401
     FakeRunner,
+    NearTiesRunner,
     NoisyRunner,
     TimedRunner,
     settings_for,
@@ -76,7 +77,12 @@ def test_the_report_opens_with_the_picks_against_the_default_and_the_noise(works
     assert data.commands[-1].startswith("autotune train --recipe reports/s-recipe.yaml --data ")
 
     page = render_html(data)
-    assert "measured; 8 of 8 trials finished.</p>" in page  # --trials, as status says it
+    # the trial count once, against --trials as status says it, then how many were measured
+    heading = page[
+        page.index('<p class="sub">') : page.index("</p>", page.index('<p class="sub">'))
+    ]
+    assert heading.endswith(f"8 of 8 trials finished; {data.measured_count} measured.")
+    assert heading.count("trial") == 1
     # the answer first, then the frontier, the charts and all trials
     order = [page.index(s) for s in ('id="recommendation"', 'id="frontier-table"', "chart-0")]
     assert order == sorted(order) and order[-1] < page.index('id="trials-table"')
@@ -224,8 +230,12 @@ def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa:
     cpu = report_data(run_study(prepare_run(settings_for(workspace, trials=4)), DrivenRunner()))
     titles = memory_titles(cpu)
     assert len(titles) >= 4 and set(titles) == {"CPU RSS growth (GiB)"}
-    budget_line = pareto_figure(cpu).layout.annotations[0].text
-    assert budget_line == f"GPU budget {format_bytes(cpu.budget_bytes)}"
+    # the budget holds the predicted GPU peak: no line of it on an axis of CPU resident memory
+    figure = pareto_figure(cpu)
+    assert not figure.layout.shapes
+    [note] = figure.layout.annotations
+    assert note.text.startswith(f"no budget line: the {format_bytes(cpu.budget_bytes)} budget")
+    assert "no budget line, as the budget is of GPU memory" in render_html(cpu)
 
     class OnGpu(DrivenRunner):
         memory_source = CUDA_MEMORY_SOURCE
@@ -235,7 +245,11 @@ def test_a_cpu_studys_charts_say_their_memory_is_rss_growth(workspace):  # noqa:
     assert set(memory_titles(gpu)) == {"peak memory (GiB)"}
     page = render_html(gpu)
     assert "Measured peak memory" in page and "Measured CPU RSS growth" not in page
-    assert pareto_figure(gpu).layout.annotations[0].text.startswith("budget ")
+    figure = pareto_figure(gpu)
+    assert figure.layout.annotations[0].text == f"budget {format_bytes(gpu.budget_bytes)}"
+    [line] = figure.layout.shapes
+    assert line.x0 == line.x1 == pytest.approx(gpu.budget_bytes / 2**30)
+    assert "the dashed line the budget" in page and "no budget line" not in page
 
 
 def test_a_repeated_recipe_shows_no_probe_times_it_did_not_measure(workspace):  # noqa: F811
@@ -413,3 +427,50 @@ def test_csv_writes_whole_choices_whole_and_float_choices_as_floats():
     )
     rows = csv_text(frame).splitlines()
     assert rows[1] == "8,0.0,0.0,155275264"
+
+
+def test_export_the_report_and_studies_name_one_best_loss_pick_within_the_noise(workspace):  # noqa: F811
+    import html
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from autotune.pareto import frontier
+    from autotune.state_text import studies_text
+    from autotune.study import load_existing_study, study_noise
+    from autotune.study.overview import study_overview
+
+    settings = settings_for(workspace, trials=8, confirm_top=1)
+    run_study(prepare_run(settings), NearTiesRunner())
+    study = load_existing_study(settings.storage, "s")  # as stored, as export and report read it
+    noise = study_noise(study).eval_loss_difference
+    points = measured_points(study)
+    front = frontier(points)
+    lowest = min(front, key=lambda p: p.eval_loss)
+    within = [p for p in front if p.eval_loss - lowest.eval_loss <= noise]
+    expected = max(within, key=lambda p: p.tokens_per_second).number
+    assert len(within) >= 2 and expected != lowest.number  # the noise decides the pick
+    note = (
+        f"lowest eval loss within the measured noise ({noise:.4f}): trials "
+        f"{', '.join(str(n) for n in sorted(p.number for p in within))}; the fastest taken"
+    )
+
+    args = ["export", "--storage", settings.storage, "--study", "s", "--pick", "best-loss"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    measured = yaml.safe_load(shown.output)["measured"]
+    assert measured["trial"] == expected and measured["pick"] == f"best-loss: {note}"
+
+    data = report_data(study)
+    [card] = [c for c in data.cards if "best-loss" in c.picks]
+    assert card.trial == expected and card.pick_notes == (note,)
+    [best] = [line for line in data.readings if line.startswith("best eval loss")]
+    assert f"(trial {expected})" in best and best.endswith(note)
+    page = render_html(data)
+    assert f"best-loss · trial {expected}</div>" in html.unescape(page)
+    assert html.escape(note) in page
+
+    overview = study_overview(study, points)
+    assert overview.picks["best-loss"].trial == expected
+    assert f"({note})" in studies_text([overview])

@@ -475,6 +475,19 @@ class NoisyRunner(FakeRunner):
         return result
 
 
+class NearTiesRunner(FakeRunner):
+    """Eval loss rises by 0.0001 with each step of micro-batch, which also buys speed, and
+    another seed moves it by 0.00015: the lowest eval loss is a slow recipe with a faster one
+    within the noise of it."""
+
+    def run(self, request, workdir):
+        result = super().run(request, workdir)
+        if result.status == "ok":
+            chance = 0.00015 if request.seed else 0.0
+            result.eval_loss = 3.0 + 0.0001 * request.recipe.micro_batch_size + chance
+        return result
+
+
 def test_eval_loss_noise_is_measured_once_and_read_against(workspace):
     runner = NoisyRunner()
     settings = settings_for(workspace, trials=8, confirm_top=1)
@@ -1083,3 +1096,45 @@ def test_the_progress_bar_counts_the_trials_a_run_can_run(workspace, monkeypatch
     finished = finished_trial_count(optuna.load_study(study_name="s", storage=settings.storage))
     totals, ran = bar_totals(finished + 2)
     assert totals[0] == 2 and ran == 2  # --trials, less the finished trials
+
+
+class ShiftingBestLoss(FakeRunner):
+    """Four frontier recipes by method: QLoRA the smallest and fastest with the highest eval
+    loss, LoRA the balanced one, full fine-tuning the lowest eval loss, slow and large, and
+    freeze within the noise (another seed: +0.00015) of it and faster. The smallest is the
+    fastest, so the best-loss pick is among the three recipes --confirm 3 chooses."""
+
+    FIGURES = {  # (peak memory, tokens/s, eval loss)
+        "qlora": (1e7, 4000.0, 3.010),
+        "lora": (2e7, 3000.0, 3.005),
+        "freeze": (3e7, 2000.0, 3.0002),
+        "full": (4e7, 1000.0, 3.0001),
+    }
+
+    def run(self, request, workdir):
+        result = super().run(request, workdir)
+        recipe = request.recipe
+        kind = "qlora" if recipe.quantization != "none" else recipe.method
+        memory, speed, loss = self.FIGURES[kind]
+        # within a kind only the smallest recipe stays on the frontier
+        result.peak_memory_bytes = memory + result.peak_memory_bytes % 10_000_000
+        result.tokens_per_second = speed
+        result.eval_loss = loss + (0.00015 if request.seed else 0.0)
+        return result
+
+
+def test_a_resumed_run_confirms_what_it_chose_before_the_noise_was_measured(workspace):
+    """The confirmations choose their recipes by the lowest eval loss, as before the noise probe
+    (which runs after them): a run that finds the noise recorded chooses the same and confirms
+    nothing more, though the best-loss pick now reads the noise."""
+    from autotune.study import confirmations, measured_points, pick_number, quality_ranking
+
+    settings = settings_for(workspace, trials=10, confirm_top=3)
+    study = run_study(prepare_run(settings), ShiftingBestLoss())
+    confirmed = set(confirmations(study))
+    assert study.user_attrs["noise"] and len(confirmed) == 3
+    points = measured_points(study)
+    assert pick_number("best-loss", points, quality_ranking(study, points)) not in confirmed
+    runner = ShiftingBestLoss()
+    study = run_study(prepare_run(settings), runner)
+    assert set(confirmations(study)) == confirmed and runner.requests == []

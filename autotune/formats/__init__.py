@@ -108,8 +108,9 @@ def render(
                     f"# {key}: {value['verdict']}{as_pick if stood_in is not None else ''}"
                 )
             continue
-        # the study's record holds the memory model's prediction beside what was measured
-        kind = "" if key in PREDICTED_FIGURES else "measured "
+        # the study's record holds the memory model's prediction beside what was measured, and
+        # how the pick chose where the measured noise decided it
+        kind = "" if key in PREDICTED_FIGURES or key == "pick" else "measured "
         header.append(f"# {kind}{key}: {value}")
     if launch_line(recipe, fmt):
         header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")

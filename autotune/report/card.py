@@ -13,7 +13,7 @@ from typing import Any
 
 from autotune.pareto import PICK_POLICIES, Point
 from autotune.report.frame import MEASURED
-from autotune.study.ranking import QualityRanking, pick_number
+from autotune.study.ranking import QualityRanking, pick_note, pick_number
 from autotune.study.study_records import Noise
 
 
@@ -47,6 +47,8 @@ class PickCard:
     change_at_steps: int | None = None
     """The probe length eval_loss_change compares at, where both were promoted to a longer one
     than the study's probe (None: the study's probe)."""
+    pick_notes: tuple[str, ...] = ()
+    """How the measured noise decided a pick of it (ranking.pick_note), where it did."""
 
 
 def pick_cards(
@@ -67,7 +69,12 @@ def pick_cards(
     default = frame[(frame["baseline"] == "qlora_default") & (frame["status"] == MEASURED)]
     base = default.iloc[0] if len(default) else None
     return [
-        _card(rows.loc[number], number, tuple(policies), base, noise, train_tokens, ranking)
+        dataclasses.replace(
+            _card(rows.loc[number], number, tuple(policies), base, noise, train_tokens, ranking),
+            pick_notes=tuple(
+                note for p in policies if (note := pick_note(p, points, ranking)) is not None
+            ),
+        )
         for number, policies in chosen.items()
     ]
 

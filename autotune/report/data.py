@@ -6,7 +6,6 @@ this, and the page only draws it).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from autotune.fidelity import fidelity_reading, noise_groups_line
@@ -15,7 +14,13 @@ from autotune.report.card import PickCard, pick_cards, train_commands
 from autotune.report.frame import MEASURED, probed_rows, trials_frame
 from autotune.study.coverage import space_tried, untried_recipes
 from autotune.study.overview import busy_seconds, finished_words
-from autotune.study.ranking import QualityRanking, quality_ranking, ranking_line
+from autotune.study.ranking import (
+    QualityRanking,
+    pick_note,
+    pick_number,
+    quality_ranking,
+    ranking_line,
+)
 from autotune.study.records import (
     OBJECTIVE_NAMES,
     TrialStatus,
@@ -112,7 +117,13 @@ def report_data(
         )
     return ReportData(
         data_text=data_description(stats, setup.seq_len),
-        readings=frontier_readings(frame, setup.budget_bytes, noise, ranking.promoted_order()),
+        readings=frontier_readings(
+            frame,
+            setup.budget_bytes,
+            noise,
+            pick_number("best-loss", points, ranking) if points else None,
+            pick_note("best-loss", points, ranking) if points else None,
+        ),
         quality_notes=quality_axis_notes(
             frame,
             setup.measured_under.get("quality", "eval_loss"),
@@ -220,12 +231,13 @@ def frontier_readings(
     frame: Any,
     budget_bytes: int,
     noise: Noise | None = None,
-    quality_order: Sequence[int] = (),
+    best_loss: int | None = None,
+    best_loss_note: str | None = None,
 ) -> list[str]:
     """'fastest under 24 GB: LoRA r16 q/v bf16 mb4 — 5.9x the QLoRA default, +0.030 eval loss',
     with the eval-loss noise of one recipe probed twice, so a difference can be told from chance.
-    The best eval loss is the first of `quality_order` (promoted trials, best first by their
-    longer probes) on the frontier, where one is."""
+    The best eval loss is trial `best_loss`, the best-loss pick (ranking.pick_number), with
+    `best_loss_note` where the noise decided it; without one, the frontier's lowest."""
     if not len(frame):
         return []
     front = frame[frame["on_frontier"]]
@@ -234,7 +246,9 @@ def frontier_readings(
     roles = {
         "fastest": front.sort_values("tokens_per_second", ascending=False),
         "smallest": front.sort_values("peak_memory_bytes"),
-        "best eval loss": _by_quality(front, quality_order),
+        "best eval loss": front[front["trial"] == best_loss]
+        if best_loss is not None
+        else front.sort_values("eval_loss"),
     }
     lines = []
     for role, ordered in roles.items():
@@ -262,6 +276,8 @@ def frontier_readings(
             if noise:
                 within = abs(difference) <= noise.eval_loss_difference
                 line += " (within noise)" if within else " (beyond noise)"
+        if role == "best eval loss" and best_loss_note:
+            line += f"; {best_loss_note}"
         lines.append(line)
     if noise:
         lines.append(
@@ -272,16 +288,6 @@ def frontier_readings(
             "are chance."
         )
     return lines
-
-
-def _by_quality(front: Any, quality_order: Sequence[int]) -> Any:
-    position = {number: index for index, number in enumerate(quality_order)}
-    ranked = front.assign(_rank=[position.get(int(n), len(position)) for n in front["trial"]])
-    # pareto.pick's best-loss order, its tie-break included, so the reading names the card's
-    ordered = ranked.sort_values(
-        ["_rank", "eval_loss", "tokens_per_second"], ascending=[True, True, False]
-    )
-    return ordered.drop(columns="_rank")
 
 
 def _percent(change: float | None) -> str:

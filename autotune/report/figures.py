@@ -22,6 +22,14 @@ CPU_MEMORY_WORDS = "CPU RSS growth (GiB)"
 memory (the cards and the console say so too)."""
 
 
+CPU_BUDGET_WORDS = (
+    "no budget line: the {budget} budget is of GPU memory, and these probes measured the "
+    "growth of CPU resident memory"
+)
+"""What the main chart of a study whose probes ran on a CPU says in place of the budget line:
+the budget holds each recipe's predicted GPU peak, which this axis does not show."""
+
+
 def objective_words(data: ReportData) -> dict[str, str]:
     """OBJECTIVE_WORDS as the study measured them: memory is RSS growth where every probe ran
     on a CPU."""
@@ -235,7 +243,8 @@ def pareto_figure(data: ReportData) -> Any:
                 x=unmeasured["predicted_peak_bytes"] / gib,
                 y=[0] * len(unmeasured),
                 mode="markers",
-                name="not measured (infeasible or failed)",
+                name="not measured (infeasible or failed)"
+                + (", at its predicted GPU peak" if data.on_cpu else ""),
                 text=unmeasured["status"]
                 + ": "
                 + unmeasured["recipe"]
@@ -246,14 +255,23 @@ def pareto_figure(data: ReportData) -> Any:
             )
         )
     words = objective_words(data)
-    if data.budget_bytes:
+    if data.budget_bytes and not data.on_cpu:
         figure.add_vline(
             x=data.budget_bytes / gib,
             line_dash="dash",
             line_color="red",
-            # the budget is of GPU memory, beside a CPU probe's RSS growth
-            annotation_text=("GPU " if data.on_cpu else "")
-            + f"budget {format_bytes(data.budget_bytes)}",
+            annotation_text=f"budget {format_bytes(data.budget_bytes)}",
+        )
+    elif data.budget_bytes:  # a GPU budget has no place on an axis of CPU resident memory
+        figure.add_annotation(
+            text=CPU_BUDGET_WORDS.format(budget=format_bytes(data.budget_bytes)),
+            xref="paper",
+            yref="paper",
+            x=1,
+            y=1,
+            xanchor="right",
+            yanchor="bottom",
+            showarrow=False,
         )
     figure.update_layout(
         title="Peak memory vs tokens/s (colour: eval loss)",

@@ -29,7 +29,7 @@ from autotune.report.table import (
 )
 from autotune.study.ranking import QualityRanking
 from autotune.training.io import CPU_MEMORY_SOURCE, CUDA_MEMORY_SOURCE
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 
 MEMORY_SOURCE_TEXT = {
     CUDA_MEMORY_SOURCE: "peak memory is torch.cuda.max_memory_reserved() over train and eval "
@@ -47,6 +47,7 @@ h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.2em 0 .4em}
 .sub{color:#555;margin:0 0 .8em} .cards{display:flex;flex-wrap:wrap;gap:.8em}
 .card{border:1px solid #ccc;border-radius:6px;padding:.5em .8em;font-size:13px;flex:1 1 16em}
 .card.primary{border:2px solid #2a6;flex:2 1 26em} .card .pick{font-weight:600;color:#2a6}
+.card .pick-note{color:#555}
 .card .recipe{font-family:monospace;font-size:13px;margin:.2em 0}
 .card dl{display:grid;grid-template-columns:max-content auto;gap:.1em .8em;margin:.3em 0}
 .card dt{color:#555} .card dd{margin:0} .card code{display:block;font-size:12px;
@@ -120,21 +121,27 @@ def card_html(card: PickCard, data: ReportData, primary: bool) -> str:
         command = export_command(data.study_name, data.storage_url, card.picks[0])
         commands = f"<code>{esc(command)}</code>"
     kind = "card primary" if primary else "card"
+    notes = "".join(f'<div class="pick-note">{esc(note)}</div>' for note in card.pick_notes)
     return (
         f'<div class="{kind}"><div class="pick">{esc(" · ".join(card.picks))} · trial '
-        f'{card.trial}</div><div class="recipe">{esc(card.recipe)}</div><dl>{terms}</dl>'
+        f'{card.trial}</div>{notes}<div class="recipe">{esc(card.recipe)}</div><dl>{terms}</dl>'
         f"{commands}</div>"
     )
 
 
 def charts(data: ReportData) -> tuple[list[tuple[Any, str]], list[str]]:
     """The charts with their captions, and a line for each chart left out saying why."""
+    budget = (
+        "crosses recipes not measured, at their predicted GPU peak; no budget line, as the "
+        "budget is of GPU memory and the probes measured CPU resident memory"
+        if data.on_cpu
+        else "the dashed line the budget, crosses recipes not measured"
+    )
     drawn: list[tuple[Any, str]] = [
         (
             pareto_figure(data),
             "Each point a recipe: further left uses less memory, higher is faster, colour is "
-            "eval loss; stars are the frontier (no recipe beats them on all three), the dashed "
-            "line the budget, crosses recipes not measured.",
+            f"eval loss; stars are the frontier (no recipe beats them on all three), {budget}.",
         ),
         *projection_figures(data),
     ]
@@ -205,8 +212,9 @@ def render_html(data: ReportData) -> str:
         *(line for line in data.readings if line.startswith("Noise:")),
         *left_out,
     ]
-    measured = data.measured_count
-    finished = f"; {data.finished_text}" if data.finished_text else ""
+    # the trial count once (as `autotune status` says it, of the --trials), then how many measured
+    counts = f"{data.finished_text or count_of(len(data.frame), 'trial')}; "
+    counts += f"{data.measured_count} measured"
     on_cpu = data.on_cpu
     frontier_columns = with_memory_heading(
         with_promoted_columns(FRONTIER_COLUMNS, data.promoted_steps), on_cpu
@@ -219,7 +227,7 @@ def render_html(data: ReportData) -> str:
 <style>{STYLE}</style></head><body>
 <h1>autotune study {html.escape(data.study_name)}</h1>
 <p class="sub">Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
-{len(data.frame)} trials, {measured} measured{finished}.</p>
+{counts}.</p>
 <section id="recommendation"><div class="cards">{cards}</div></section>
 <h2 id="frontier">Frontier: no other recipe beats these on all three objectives</h2>
 {html_table(front, frontier_columns, "frontier-table") if len(front) else ""}

@@ -12,7 +12,7 @@ from typing import Any
 from autotune.pareto import PICK_POLICIES, Point, frontier
 from autotune.study.claims import is_claim_study
 from autotune.study.coverage import space_tried, space_tried_words, untried_recipes
-from autotune.study.ranking import pick_number, quality_ranking
+from autotune.study.ranking import pick_note, pick_number, quality_ranking
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
@@ -67,6 +67,8 @@ class StudyOverview:
     """Where every recipe of its space has been tried: how many there are (coverage)."""
     space_recipes_untried: int | None = None
     """Its space's recipes without a complete trial (None: not counted; coverage)."""
+    pick_notes: dict[str, str] = field(default_factory=dict)
+    """Pick policy -> how the measured noise decided it (ranking.pick_note), where it did."""
 
     @property
     def finished_words(self) -> str:
@@ -184,6 +186,11 @@ def study_overview(study: Any, points: Sequence[Point]) -> StudyOverview:
         target_trials(study),
         space_tried(study),
         untried_recipes(study),
+        {
+            p: note
+            for p in PICK_POLICIES
+            if points and (note := pick_note(p, points, ranking)) is not None
+        },
     )
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from autotune.fidelity import ladder_order
-from autotune.pareto import Point, pick
-from autotune.study.study_records import study_setup
+from autotune.pareto import Point, best_loss_candidates, best_loss_note, frontier, pick
+from autotune.study.study_records import study_noise, study_setup
 
 PROMOTION_PREFIX = "promotion:"
 """Study attribute `promotion:N`: trial N's promoted probes, one per round it reached."""
@@ -66,6 +66,9 @@ class QualityRanking:
     reached (measured trials that fit the budget only)."""
     steps: tuple[int, ...]
     """The probe length of each rung: the study's probe, then each promotion round's."""
+    noise: float | None = None
+    """The eval-loss difference the study's noise probe measured (None: none ran): the
+    best-loss pick takes the fastest of the recipes within it of the lowest."""
 
     def promoted_order(self) -> list[int]:
         """The promoted trials, best first by the longest probe each pair reached."""
@@ -102,13 +105,26 @@ def quality_ranking(study: Any, points: Sequence[Point]) -> QualityRanking:
         ladders[point.number] = [point.eval_loss] + [p.quality or 0.0 for p in promoted]
         for promotion in promoted[len(steps) - 1 :]:
             steps.append(promotion.steps)
-    return QualityRanking(ladders, tuple(steps))
+    noise = study_noise(study)
+    return QualityRanking(
+        ladders, tuple(steps), noise.eval_loss_difference if noise is not None else None
+    )
 
 
 def pick_number(policy: str, points: Sequence[Point], ranking: QualityRanking) -> int:
     """The trial the pick `policy` chooses from the frontier of the study's measured `points`,
-    best-loss by its quality `ranking` (the longest probes) where promotion rounds ran."""
-    return pick(points, policy, ranking.promoted_order()).number
+    best-loss by its quality `ranking` (the longest probes where promotion rounds ran, and the
+    fastest within the measured noise of the lowest)."""
+    return pick(points, policy, ranking.ladders, ranking.noise).number
+
+
+def pick_note(policy: str, points: Sequence[Point], ranking: QualityRanking) -> str | None:
+    """Where the measured noise decided the best-loss pick, how (pareto.best_loss_note), to be
+    said where the pick is shown; None for another policy or where it did not."""
+    if policy != "best-loss":
+        return None
+    candidates = best_loss_candidates(frontier(points), ranking.ladders, ranking.noise)
+    return best_loss_note(candidates, ranking.noise)
 
 
 def ranking_line(ranking: QualityRanking, numbers: Sequence[int]) -> str | None:
