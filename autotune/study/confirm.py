@@ -4,15 +4,13 @@ another seed to measure the noise.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
-from autotune.pareto import PICK_POLICIES, Point, frontier, pick
+from autotune.pareto import PICK_POLICIES, frontier, pick
 from autotune.probe import ProbeRunner
 from autotune.study.objective import RunEvents, probe_request
-from autotune.study.ranking import QualityRanking, pick_number, quality_ranking
+from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.study_records import (
@@ -39,7 +37,8 @@ def measure_noise(
     same steps and another seed, so the data order and the adapter's initialisation change and
     nothing else: it reads the study's token cache, so the eval subset is the same. An
     eval-loss difference between two recipes smaller than this one is noise.
-    Runs once per study, with the confirmations (`--confirm 0` turns both off).
+    Runs once per study, before the confirmations, whose best-loss pick reads it (`--confirm 0`
+    turns both off).
     """
     events = events or RunEvents()
     settings = prepared.settings
@@ -119,7 +118,7 @@ def confirm_frontier(
     points = measured_points(study, keep_left_frontier=True)
     if not points or settings.confirm_top < 1:
         return confirmations(study)
-    ranking = _ranking_without_noise(study, points)
+    ranking = quality_ranking(study, points)
     first_picks = {policy: pick_number(policy, points, ranking) for policy in PICK_POLICIES}
     chosen: list[int] = []
     for number in [*first_picks.values()] + [p.number for p in frontier(points)]:
@@ -130,14 +129,6 @@ def confirm_frontier(
         _confirm_once(prepared, runner, study, events, number)
     _confirm_stand_ins(prepared, runner, study, events, first_picks, top)
     return confirmations(study)
-
-
-def _ranking_without_noise(study: Any, points: Sequence[Point]) -> QualityRanking:
-    """The quality ranking the confirmations choose by: without the measured noise, which a
-    run measures after them, so that a resumed run or another worker chooses the same recipes
-    whether or not the noise probe has run since (the best-loss pick it confirms is the
-    lowest eval loss)."""
-    return dataclasses.replace(quality_ranking(study, points), noise=None)
 
 
 def _confirm_stand_ins(
@@ -163,7 +154,7 @@ def _confirm_stand_ins(
         points = measured_points(study)
         if len(stood_in) >= len(removed.keys() & set(top)) or not points:
             return
-        ranking = _ranking_without_noise(study, points)
+        ranking = quality_ranking(study, points)
         for policy, left in first_picks.items():
             while left in stand_ins:
                 left = stand_ins[left]

@@ -259,8 +259,8 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 f"(--trials {settings.trials}); raise --trials to run more"
             )
         promote(prepared, runner, study, events)
-        confirm_frontier(prepared, runner, study, events)
         measure_noise(prepared, runner, study, events)
+        confirm_frontier(prepared, runner, study, events)
         return study
 
     def stop_at_target(study: Any, trial: Any) -> None:
@@ -286,6 +286,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
         )
     _note_space_tried(study, points, settings.trials, events)
     promote(prepared, runner, study, events)
-    confirm_frontier(prepared, runner, study, events)
+    # the noise first: the best-loss pick the confirmations choose reads it
     measure_noise(prepared, runner, study, events)
+    confirm_frontier(prepared, runner, study, events)
     return study
