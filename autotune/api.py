@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.errors import UsageError, check_distinct_outputs
-from autotune.study.settings import RunSettings, study_file_name
+from autotune.errors import UsageError
+from autotune.outputs import check_export_output, recipe_path_for, report_outputs, report_path_for
+from autotune.study.settings import RunSettings
 
 if TYPE_CHECKING:
     import optuna
@@ -26,19 +27,6 @@ if TYPE_CHECKING:
     from autotune.study.overview import StudyOverview, StudyStatus
     from autotune.study.ranking import QualityRanking
     from autotune.training.train import TrainReport
-
-STORAGE_INPUT = "the study's storage (--storage)"
-"""What an output that is the --storage file is said to be (errors.check_distinct_outputs)."""
-REPORTS_DIR = Path("reports")
-"""Where a run's report and recipe go unless told otherwise."""
-
-
-def report_path_for(study_name: str) -> Path:
-    return REPORTS_DIR / f"{study_file_name(study_name)}.html"
-
-
-def recipe_path_for(study_name: str) -> Path:
-    return REPORTS_DIR / f"{study_file_name(study_name)}-recipe.yaml"
 
 
 @dataclass(frozen=True)
@@ -332,9 +320,8 @@ def export_recipe(
     given (see autotune.pareto.PICK_HELP and autotune.formats.EXPORT_FORMATS)."""
     from autotune.export import recipe_yaml, write_text
     from autotune.study import load_existing_study
-    from autotune.study.storage import sqlite_file
 
-    check_distinct_outputs({"--output": output}, {STORAGE_INPUT: sqlite_file(storage)})
+    check_export_output(output, storage)
     _, text = recipe_yaml(load_existing_study(storage, study_name), pick, fmt)
     if output is not None:
         write_text(output, text)
@@ -365,13 +352,10 @@ def write_study_report(
         raise UsageError(
             f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
         )
-    from autotune.study.storage import redact_url, sqlite_file
+    from autotune.study.storage import redact_url
 
     recipe_path = recipe_path_for(found.study_name)
-    output = output or report_path_for(found.study_name)
-    check_distinct_outputs(
-        {"--output": output, "--csv": csv, "--png": png}, {STORAGE_INPUT: sqlite_file(storage)}
-    )
+    output = report_outputs(found.study_name, output, csv, png, storage)
     path = write_report(
         found,
         output,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from autotune.study.objective import RunEvents, TrialSummary
 from autotune.study.records import TrialStatus
@@ -37,6 +37,38 @@ def progress_bar(console: Any, transient: bool) -> Any:
         console=console,
         transient=transient,
     )
+
+
+Display = TypeVar("Display", bound="ProgressDisplay")
+
+
+class ProgressDisplay:
+    """What a command shows with a progress bar: the bar shows from `_show_progress` on, and a
+    `with` block stops it however the block ends (an error, Ctrl-C), so no bar is left drawn."""
+
+    _progress: Any = None
+    """The rich Progress while the bar shows, else None."""
+    _task: Any = None
+
+    def _show_progress(
+        self, console: Any, description: str, total: int | None, transient: bool
+    ) -> None:
+        self._progress = progress_bar(console, transient)
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self: Display) -> Display:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def tokenize_progress(data_path: Path) -> Callable[[int, int], None]:
@@ -96,7 +128,7 @@ def run_headline(prepared: PreparedRun) -> str:
     )
 
 
-class ConsoleReporter(RunEvents):
+class ConsoleReporter(RunEvents, ProgressDisplay):
     """A run's events on the terminal: its setup, then a progress bar over the trials with a
     line per finished trial, confirmation and noise measurement. Use it in a `with` block, so
     the bar ends however the run does; `show_result` prints what the run made."""
@@ -112,21 +144,6 @@ class ConsoleReporter(RunEvents):
             noise_measured=self._noise_measured,
         )
         self.console = console or make_console()
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> ConsoleReporter:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
 
     def _run_started(self, prepared: PreparedRun) -> None:
         from autotune.study.storage import redact_url
@@ -143,10 +160,8 @@ class ConsoleReporter(RunEvents):
             prepared.unsupported_choices, prepared.ruled_out_choices, prepared.ruled_out_models
         ):
             self.console.print(line)
-        self._progress = progress_bar(self.console, transient=True)
-        self._progress.start()
         # its total unknown until the study is open (trials_left)
-        self._task = self._progress.add_task("trials", total=None)
+        self._show_progress(self.console, "trials", None, transient=True)
 
     def _trials_left(self, trials: int) -> None:
         """The bar's total: this run's trials so far and the most it can still add, which

@@ -5,7 +5,10 @@ written, a storage that went away. Anything else is a bug.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autotune.outputs import check_distinct_outputs as check_distinct_outputs
 
 
 class UsageError(Exception):
@@ -15,53 +18,6 @@ class UsageError(Exception):
     def collect(cls, problems: list[str], what: str) -> UsageError:
         """One error that lists every problem found in `what`, so a user fixes them all at once."""
         return cls(f"{what}: " + "; ".join(problems))
-
-
-def check_distinct_outputs(
-    outputs: dict[str, object], inputs: dict[str, object] | None = None
-) -> None:
-    """Refuse, before anything is written, a command's output (by flag: "--output", "--csv";
-    None: not asked) that is a directory, that is another of its outputs (the second written
-    would replace the first, and both would be said written), or that is one of the files it
-    reads (by what it is: "the study's storage (--storage)"), which writing would destroy, or
-    whose folder cannot be written."""
-
-    def place(path: object) -> Path:
-        return Path(str(path)).expanduser().resolve()
-
-    read = {place(path): what for what, path in (inputs or {}).items() if path is not None}
-    seen: dict[Path, str] = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        if place(path).is_dir():
-            raise UsageError(f"{flag} {path} is a directory; give a file name")
-        if place(path) in read:
-            raise UsageError(
-                f"{flag} {path} is {read[place(path)]}, which writing it would replace: give "
-                "another file"
-            )
-        if place(path) in seen:
-            raise UsageError(
-                f"{seen[place(path)]} and {flag} are both {path}; the second would overwrite the "
-                "first: give each its own file"
-            )
-        seen[place(path)] = flag
-        _check_folder_writable(flag, place(path))
-
-
-def _check_folder_writable(flag: str, path: Path) -> None:
-    """Refuse an output whose folder cannot be made or written, read from the nearest folder
-    that exists (nothing is created): a run found it out when its study had ended."""
-    import os
-
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UsageError(f"{flag} {path} cannot be written: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} cannot be written: {folder} is not writable")
 
 
 class TrainingFailed(Exception):
@@ -160,3 +116,13 @@ def shortened(text: str, limit: int = FIRST_LINE_CHARS) -> str:
         return text[: sentence_ends[-1]]
     words = text[: limit - 3].rsplit(" ", 1)[0] if " " in text[: limit - 3] else text[: limit - 3]
     return words.rstrip(" ,;:") + "..."
+
+
+def __getattr__(name: str) -> Any:
+    """`check_distinct_outputs`, which lives in autotune.outputs with the other checks of what a
+    command writes, is imported from here too; on first use, as outputs imports this module."""
+    if name == "check_distinct_outputs":
+        from autotune.outputs import check_distinct_outputs
+
+        return check_distinct_outputs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

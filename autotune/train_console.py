@@ -4,10 +4,9 @@ measured beside the recipe's prediction and its probe's figures."""
 from __future__ import annotations
 
 import math
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from autotune.console import progress_bar
+from autotune.console import ProgressDisplay
 from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:
@@ -15,41 +14,27 @@ if TYPE_CHECKING:
     from autotune.training.train_plan import TrainReport
 
 
-class TrainProgress:
+class TrainProgress(ProgressDisplay):
     """`autotune train`'s progress bar: optimizer steps done of all, and the latest loss. It
     shows once training starts (`started`), so input refused before then prints only its
     error, on stderr."""
 
     def __init__(self, console: Any) -> None:
-        self._progress = progress_bar(console, transient=False)
-        self._task: Any = None
-
-    def __enter__(self) -> TrainProgress:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._progress.stop()
+        self.console = console
 
     def started(self, start_step: int, total_steps: int) -> None:
-        if self._task is None:
-            self._progress.start()
-            self._task = self._progress.add_task("training", total=total_steps)
+        if self._progress is None:
+            self._show_progress(self.console, "training", total_steps, transient=False)
         self._progress.update(self._task, total=total_steps, completed=start_step)
         if start_step:
-            self._progress.console.print(f"resumed from step {start_step}")
+            self.console.print(f"resumed from step {start_step}")
 
     def stepped(self, step: int, loss: float) -> None:
         self._progress.update(self._task, completed=step, description=f"training, loss {loss:.4f}")
 
     def evaluated(self, step: int, eval_loss: float, is_best: bool) -> None:
         best = " (best so far)" if is_best else ""
-        self._progress.console.print(f"step {step}: eval loss {eval_loss:.4f}{best}")
+        self.console.print(f"step {step}: eval loss {eval_loss:.4f}{best}")
 
 
 def _probe_figure(measured: dict[str, Any], key: str) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autotune.errors import UsageError
@@ -30,11 +32,13 @@ def short_rows_prepared(workspace, **changes):  # noqa: F811
 def smallest_peaks(prepared, token_lengths):
     """Each choice's least peak (no margin) of any recipe of the space on the rows data of
     `token_lengths` gives: under a budget of 0 every choice is ruled out with it."""
-    from autotune.study import budget_fit
+    from autotune.study import BudgetQuery, budget_fit
 
     settings = prepared.settings
     fit = budget_fit(
-        prepared.space, settings.model, prepared.spec, settings.seq_len, 0, 0.0, token_lengths
+        BudgetQuery(
+            prepared.space, settings.model, prepared.spec, settings.seq_len, 0, 0.0, token_lengths
+        )
     )
     return fit.ruled_out
 
@@ -225,7 +229,7 @@ def test_the_early_budget_check_sizes_a_few_recipes_and_answers_as_the_whole_spa
     prepare = importlib.import_module("autotune.study.prepare")
     pruning = importlib.import_module("autotune.study.pruning")
     predicted: list[int] = []
-    sized: list[tuple] = []  # the early check's space and its model, spec and seq_len
+    sized: list = []  # the early check's query: its space, model, spec and seq_len
     peak_of = pruning.margined_peak_bytes
     monkeypatch.setattr(
         pruning, "margined_peak_bytes", lambda *args: predicted.append(1) or peak_of(*args)
@@ -233,7 +237,7 @@ def test_the_early_budget_check_sizes_a_few_recipes_and_answers_as_the_whole_spa
     monkeypatch.setattr(
         prepare,
         "smallest_peak_over_budget",
-        lambda *args: sized.append(args[:4]) or pruning.smallest_peak_over_budget(*args),
+        lambda query: sized.append(query) or pruning.smallest_peak_over_budget(query),
     )
 
     def tokenized(*args, **kwargs):
@@ -242,13 +246,16 @@ def test_the_early_budget_check_sizes_a_few_recipes_and_answers_as_the_whole_spa
     monkeypatch.setattr(prepare, "cached_splits", tokenized)
     with pytest.raises(InterruptedError):
         prepare_run(settings_for(workspace, space_path=SPACES_DIR / "default.yaml"))
-    space, *args = sized[0]
-    points = sum(1 for _ in space.all_params())
+    early = sized[0]
+    points = sum(1 for _ in early.space.all_params())
     assert points > 10_000 and len(predicted) < points / 100, (len(predicted), points)
 
     monkeypatch.setattr(pruning, "margined_peak_bytes", peak_of)
-    space = space.restricted({"micro_batch_size": (1, 8), "batching": ("padded", "packed")})
-    least = budget_fit(space, *args, 0, 0.0, NARROWEST_TOKEN_LENGTHS).smallest_peak_bytes
+    space = early.space.restricted({"micro_batch_size": (1, 8), "batching": ("padded", "packed")})
+    query = pruning.BudgetQuery(
+        space, early.model, early.spec, early.seq_len, 0, 0.0, NARROWEST_TOKEN_LENGTHS
+    )
+    least = budget_fit(query).smallest_peak_bytes
     for budget in (least - 1, least, 2 * least):
-        over = pruning.smallest_peak_over_budget(space, *args, budget, 0.0, NARROWEST_TOKEN_LENGTHS)
+        over = pruning.smallest_peak_over_budget(dataclasses.replace(query, budget_bytes=budget))
         assert over == ((least, "formula") if budget < least else None)

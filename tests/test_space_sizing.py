@@ -103,12 +103,12 @@ def test_the_early_check_lets_run_a_choice_that_sizing_keeps():
     from autotune.memory import MemoryEstimate
     from autotune.model_spec import load_model_spec
     from autotune.space import SPACES_DIR, SearchSpace
-    from autotune.study.pruning import budget_fit, smallest_peak_over_budget
+    from autotune.study.pruning import BudgetQuery, budget_fit, smallest_peak_over_budget
     from tests.conftest import DEMO
 
     space = SearchSpace.load(SPACES_DIR / "demo.yaml")
     args = (space, str(DEMO / "config.json"), load_model_spec(str(DEMO)), 128)
-    formula = budget_fit(*args, 0, 0.0)  # every recipe over: each method's least peak
+    formula = budget_fit(BudgetQuery(*args, 0, 0.0))  # every recipe over: each method's least peak
     budget = formula.smallest_peak_bytes - 1
     least_method = min(formula.ruled_out["method"], key=formula.ruled_out["method"].__getitem__)
     other = next(m for m in formula.ruled_out["method"] if m != least_method)
@@ -116,8 +116,9 @@ def test_the_early_check_lets_run_a_choice_that_sizing_keeps():
     def held(recipe):  # another method's recipes fit by the replay, the least method's do not
         return MemoryEstimate(1 if recipe.method == other else 2 * budget, {}), "replay"
 
-    assert other in budget_fit(*args, budget, 0.0, held=held).choices["method"]
-    assert smallest_peak_over_budget(*args, budget, 0.0, held=held) is None
+    query = BudgetQuery(*args, budget, 0.0, held=held)
+    assert other in budget_fit(query).choices["method"]
+    assert smallest_peak_over_budget(query) is None
 
 
 def test_a_choice_the_replay_keeps_has_a_repair_and_baseline_that_fit(

@@ -627,7 +627,7 @@ def qwen2_7b_settings(workspace, trials: int) -> RunSettings:
 
 
 def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
-    from autotune.study import budget_fit
+    from autotune.study import BudgetQuery, budget_fit
 
     settings = qwen2_7b_settings(qwen2_7b_workspace, trials=12)
     prepared = prepare_run(settings)
@@ -648,7 +648,7 @@ def test_choices_no_recipe_fits_with_are_not_searched(qwen2_7b_workspace):
         for choice, smallest in over.items():  # dropped: none does, and the figure is the least
             found = [v for (n, c), v in peaks.items() if n == name and str(c) == choice][0]
             assert min(found) == smallest > settings.budget_bytes
-    assert budget_fit(space, settings.model, spec, 1024, 10**12).ruled_out == {}
+    assert budget_fit(BudgetQuery(space, settings.model, spec, 1024, 10**12)).ruled_out == {}
 
     study = run_study(prepared, FakeRunner())
     assert study.user_attrs["space_choices"] == prepared.fitting_choices

@@ -290,7 +290,7 @@ def test_the_default_space_fits_micro_batch_8_of_qwen2_7b_in_24gb_through_the_ne
 
     from autotune.model_spec import load_model_spec
     from autotune.space import SPACES_DIR, SearchSpace
-    from autotune.study import budget_fit
+    from autotune.study import BudgetQuery, budget_fit
     from tests.conftest import SHAPE_CONFIGS
 
     model = str(SHAPE_CONFIGS / "qwen2-7b.json")
@@ -298,7 +298,7 @@ def test_the_default_space_fits_micro_batch_8_of_qwen2_7b_in_24gb_through_the_ne
     space = SearchSpace.load(SPACES_DIR / "default.yaml")
     assert space.searched("use_dora") and space.searched("activation_offload")
     started = time.perf_counter()
-    fit = budget_fit(space, model, spec, 1024, 24 * 10**9, margin=0.0)
+    fit = budget_fit(BudgetQuery(space, model, spec, 1024, 24 * 10**9, margin=0.0))
     print(f"budget_fit of the default space: {time.perf_counter() - started:.1f} s")
     assert 8 in fit.choices["micro_batch_size"]
     assert set(fit.choices["loss"]) == {"standard", "chunked"}

@@ -78,39 +78,52 @@ class Column:
         return shown, f"{float(value):.6f}" if numeric else shown
 
 
-TRIAL_COLUMNS = (
-    Column("trial", "Trial", "int"),
-    Column("status", "Status", "status"),
-    Column("recipe", "Recipe"),
-    Column("on_frontier", "On frontier", "yes"),
-    Column("held_up", "Held up on confirmation", "yes_no"),
-    Column("peak_memory_bytes", "Measured peak memory", "bytes"),
-    Column("predicted_peak_bytes", "Predicted peak memory", "bytes"),
-    Column("memory_margin", "Margin added", "percent"),
-    Column("predicted_with_margin_bytes", "Predicted with margin", "bytes"),
-    Column("memory_model", "Memory model"),
-    Column("host_peak_bytes", "Measured host peak", "bytes"),
-    Column("predicted_host_bytes", "Predicted host peak", "bytes"),
-    Column("tokens_per_second", "Tokens/s", "rate"),
-    Column("confirm_tokens_per_second", "Tokens/s on confirmation", "rate"),
-    Column("eval_loss", "Eval loss", "loss"),
-    *(Column(f"seconds_{p}", f"Probe {p.replace('_', ' ')} (s)", "seconds") for p in PROBE_PHASES),
-    Column("seconds_total", "Probe total (s)", "seconds"),
-    Column("reason", "Reason"),
-)
+COLUMNS = {
+    column.key: column
+    for column in (
+        Column("trial", "Trial", "int"),
+        Column("status", "Status", "status"),
+        Column("picks", "Picked as"),
+        Column("recipe", "Recipe"),
+        Column("on_frontier", "On frontier", "yes"),
+        Column("held_up", "Held up on confirmation", "yes_no"),
+        Column("peak_memory_bytes", "Measured peak memory", "bytes"),
+        Column("predicted_peak_bytes", "Predicted peak memory", "bytes"),
+        Column("memory_margin", "Margin added", "percent"),
+        Column("predicted_with_margin_bytes", "Predicted with margin", "bytes"),
+        Column("memory_model", "Memory model"),
+        Column("host_peak_bytes", "Measured host peak", "bytes"),
+        Column("predicted_host_bytes", "Predicted host peak", "bytes"),
+        Column("tokens_per_second", "Tokens/s", "rate"),
+        Column("confirm_tokens_per_second", "Tokens/s on confirmation", "rate"),
+        Column("speedup", "Speed vs QLoRA default", "ratio"),
+        Column("eval_loss", "Eval loss", "loss"),
+        Column("eval_loss_change", "Eval loss vs QLoRA default", "change"),
+        *(
+            Column(f"seconds_{p}", f"Probe {p.replace('_', ' ')} (s)", "seconds")
+            for p in PROBE_PHASES
+        ),
+        Column("seconds_total", "Probe total (s)", "seconds"),
+        Column("reason", "Reason"),
+    )
+}
+"""Every column a table of the report shows, by the frame's column: each heading said once."""
 
-FRONTIER_COLUMNS = (
-    Column("trial", "Trial", "int"),
-    Column("picks", "Picked as"),
-    Column("recipe", "Recipe"),
-    Column("peak_memory_bytes", "Measured peak memory", "bytes"),
-    Column("predicted_with_margin_bytes", "Predicted with margin", "bytes"),
-    Column("host_peak_bytes", "Measured host peak", "bytes"),
-    Column("tokens_per_second", "Tokens/s", "rate"),
-    Column("speedup", "Speed vs QLoRA default", "ratio"),
-    Column("eval_loss", "Eval loss", "loss"),
-    Column("eval_loss_change", "Eval loss vs QLoRA default", "change"),
-    Column("held_up", "Held up on confirmation", "yes_no"),
+
+def _columns(keys: str) -> tuple[Column, ...]:
+    """The COLUMNS of `keys` (separated by spaces), in their order."""
+    return tuple(COLUMNS[key] for key in keys.split())
+
+
+_PHASE_KEYS = " ".join(f"seconds_{phase}" for phase in PROBE_PHASES)
+TRIAL_COLUMNS = _columns(
+    "trial status recipe on_frontier held_up peak_memory_bytes predicted_peak_bytes memory_margin"
+    " predicted_with_margin_bytes memory_model host_peak_bytes predicted_host_bytes"
+    f" tokens_per_second confirm_tokens_per_second eval_loss {_PHASE_KEYS} seconds_total reason"
+)
+FRONTIER_COLUMNS = _columns(
+    "trial picks recipe peak_memory_bytes predicted_with_margin_bytes host_peak_bytes"
+    " tokens_per_second speedup eval_loss eval_loss_change held_up"
 )
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import Any
 
 from autotune.architecture import read_architecture
 from autotune.data.rows import checked_scan, usable_rows
 from autotune.data.splits import check_enough_rows, check_seed, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
-from autotune.errors import UsageError, check_distinct_outputs
+from autotune.errors import UsageError
 from autotune.margins import check_margin
 from autotune.memory import MemoryEstimate
-from autotune.model_spec import check_local_weights, load_model_spec
+from autotune.model_spec import ModelSpec, check_local_weights, load_model_spec
 from autotune.offgpu import run_off_gpu
+from autotune.outputs import check_run_outputs
 from autotune.prediction import NARROWEST_TOKEN_LENGTHS, check_memory_model
 from autotune.quality import check_quality
 from autotune.recipe import UPPER_BOUNDS
@@ -23,6 +25,7 @@ from autotune.remote_code import allow_remote_code
 from autotune.replay import load_config
 from autotune.space import SearchSpace
 from autotune.study.pruning import (
+    BudgetQuery,
     budget_fit,
     distributed_space,
     smallest_peak_over_budget,
@@ -46,7 +49,6 @@ from autotune.study.storage import (
     check_storage_url,
     make_storage,
     make_trials_dir,
-    sqlite_file,
 )
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.study.unmeasured import smallest_recipe_words
@@ -70,14 +72,7 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
     if settings.promote_rounds < 0:
         raise UsageError(f"--promote must be 0 or more, got {settings.promote_rounds}")
     check_seed(settings.seed)
-    check_distinct_outputs(  # found before the study, not after it
-        {"--report": settings.report_path, "--recipe-out": settings.recipe_path},
-        {
-            "the training data (--data)": settings.data_path,
-            "the search space (--space)": settings.space_path,
-            "the study's storage (--storage)": sqlite_file(settings.storage),
-        },
-    )
+    check_run_outputs(settings)
     check_quality(settings.quality, settings.largest_probe_gpus)
     if settings.study_name is not None:
         study_file_name(settings.study_name)  # refuses a name no file can be named by
@@ -124,14 +119,7 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
     # replays made while the space is sized, by replay_key: the trials' predictions start there
     replayed: dict[str, tuple[MemoryEstimate, str]] = {}
     smallest_over = smallest_peak_over_budget(
-        space,
-        settings.model,
-        spec,
-        settings.seq_len,
-        settings.budget_bytes,
-        settings.memory_margin,
-        NARROWEST_TOKEN_LENGTHS,
-        held_predictor(spec, model_config, settings, NARROWEST_TOKEN_LENGTHS, replayed),
+        _budget_query(settings, space, spec, model_config, NARROWEST_TOKEN_LENGTHS, replayed)
     )
     if smallest_over is not None:
         _refuse_budget(*smallest_over, settings, space, "whatever the data's lengths")
@@ -173,14 +161,7 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
     # the space sized on the rows this data gives each probe, as its trials are predicted
     train_token_lengths = splits.train.length_span
     fit = budget_fit(
-        space,
-        settings.model,
-        spec,
-        settings.seq_len,
-        settings.budget_bytes,
-        settings.memory_margin,
-        train_token_lengths,
-        held_predictor(spec, model_config, settings, train_token_lengths, replayed),
+        _budget_query(settings, space, spec, model_config, train_token_lengths, replayed),
         settings.sizing_progress,
     )
     longest = train_token_lengths[1] if train_token_lengths else settings.seq_len
@@ -220,6 +201,29 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
         pad_token_id=tokenizer.pad_token_id,
         train_token_lengths=train_token_lengths,
         freeze_layout=freeze_layout.to_dict() if freeze_layout else None,
+    )
+
+
+def _budget_query(
+    settings: RunSettings,
+    space: SearchSpace,
+    spec: ModelSpec,
+    model_config: Any,
+    token_lengths: tuple[int, int] | None,
+    replayed: dict[str, tuple[MemoryEstimate, str]],
+) -> BudgetQuery:
+    """Which recipes of `space` fit the run's budget on the rows of `token_lengths`, held to it
+    as its trials are (a replay, the formula where it cannot run; each replay kept in
+    `replayed`)."""
+    return BudgetQuery(
+        space,
+        settings.model,
+        spec,
+        settings.seq_len,
+        settings.budget_bytes,
+        settings.memory_margin,
+        token_lengths,
+        held_predictor(spec, model_config, settings, token_lengths, replayed),
     )
 
 

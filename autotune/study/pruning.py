@@ -5,6 +5,7 @@ left out before any trial, and a resumed study keeps the choices it started with
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.architecture import Architecture, loss_refusal
@@ -276,28 +277,40 @@ def held_peak_bytes(recipe: Recipe, held: Held, margin: float | None) -> tuple[i
     return margin_for(margin, used, recipe.quantization).bytes_of(estimate.peak_bytes), used
 
 
-def smallest_peak_over_budget(
-    space: SearchSpace,
-    model: str,
-    spec: ModelSpec,
-    seq_len: int,
-    budget_bytes: int,
-    margin: float | None = None,
-    token_lengths: tuple[int, int] | None = None,
-    held: Held | None = None,
-) -> tuple[int, str] | None:
-    """Whether any recipe of the space fits `budget_bytes` (predicted as budget_fit predicts
+@dataclass(frozen=True)
+class BudgetQuery:
+    """Which recipes of a space fit a budget, as a study asks it before any trial: the space's
+    recipes for `model` (`spec`, `seq_len`), their formula's peaks with its margin (or the one
+    given) on the rows data whose examples, truncated at seq_len, span `token_lengths` gives
+    its probes (None: seq_len-wide rows; NARROWEST_TOKEN_LENGTHS: the least peaks any data
+    gives), and `held`, the model trials are held to (None: the formula's word is final)."""
+
+    space: SearchSpace
+    model: str
+    spec: ModelSpec
+    seq_len: int
+    budget_bytes: int
+    margin: float | None = None
+    token_lengths: tuple[int, int] | None = None
+    held: Held | None = None
+
+    def recipe(self, params: dict[str, Any]) -> Recipe:
+        return self.space.build(params, self.model, self.spec, self.seq_len)
+
+    def formula_peak_bytes(self, params: dict[str, Any]) -> int:
+        """The formula's peak of the recipe of `params`, with its margin (margined_peak_bytes)."""
+        return margined_peak_bytes(self.spec, self.recipe(params), self.token_lengths, self.margin)
+
+
+def smallest_peak_over_budget(query: BudgetQuery) -> tuple[int, str] | None:
+    """Whether any recipe of the space fits the budget (predicted as budget_fit predicts
     them): None where one does, else the least peak of any and the model that gave it.
     A descent from each method's first point, one dimension at a time to whichever choice
     lowers the formula's peak, finds a recipe that fits in a few hundred predictions unless the
     budget is near the least peak; only where it finds none is the space sized by budget_fit,
     so that the answer is its: with `held` (the model trials are held to), a method stays where
     that model fits the least recipe of one of its choices."""
-
-    def peak_of(params: dict[str, Any]) -> int:
-        recipe = space.build(params, model, spec, seq_len)
-        return margined_peak_bytes(spec, recipe, token_lengths, margin)
-
+    space, budget_bytes, peak_of = query.space, query.budget_bytes, query.formula_peak_bytes
     for method in space.choices_of("method"):
         point = space.params_like({"method": method})
         peak = peak_of(point)
@@ -313,37 +326,25 @@ def smallest_peak_over_budget(
         if peak <= budget_bytes:
             return None
     # none found: the whole space sized as budget_fit sizes it, each choice's least replayed
-    fit = budget_fit(space, model, spec, seq_len, budget_bytes, margin, token_lengths, held)
+    fit = budget_fit(query)
     return None if fit.choices.get("method") else (fit.smallest_peak_bytes, fit.smallest_peak_model)
 
 
-def budget_fit(
-    space: SearchSpace,
-    model: str,
-    spec: ModelSpec,
-    seq_len: int,
-    budget_bytes: int,
-    margin: float | None = None,
-    token_lengths: tuple[int, int] | None = None,
-    held: Held | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> BudgetFit:
-    """Predict every point of the space with the formula (milliseconds each) on the rows data
-    whose examples, truncated at seq_len, span `token_lengths` gives its probes (None:
-    seq_len-wide rows; NARROWEST_TOKEN_LENGTHS: the least peaks any data gives), with the
-    formula's margin (or the one given): a choice that only recipes over the budget use would
-    only ever be ruled out, so the search need not spend trials on it. With `held`, the model
-    trials are held to, a choice leaves only where that model agrees: the recipe the formula
-    puts least of each choice it rules out is predicted by it (a replay of each, `progress`
-    told (done, of) as they are), and where that fits the choice stays, with every choice of
-    that recipe. The recipe the formula puts least of all is predicted by it too: the space's
-    smallest_peak_bytes. Where the formula puts several recipes alike, the replay may put
-    another of them lower: a choice it keeps is one some recipe fits, but one it rules out
-    may still have a recipe that fits (docs/memory-model.md)."""
+def budget_fit(query: BudgetQuery, progress: Callable[[int, int], None] | None = None) -> BudgetFit:
+    """Predict every point of the space with the formula (milliseconds each), with its margin:
+    a choice that only recipes over the budget use would only ever be ruled out, so the search
+    need not spend trials on it. With `held`, the model trials are held to, a choice leaves only
+    where that model agrees: the recipe the formula puts least of each choice it rules out is
+    predicted by it (a replay of each, `progress` told (done, of) as they are), and where that
+    fits the choice stays, with every choice of that recipe. The recipe the formula puts least
+    of all is predicted by it too: the space's smallest_peak_bytes. Where the formula puts
+    several recipes alike, the replay may put another of them lower: a choice it keeps is one
+    some recipe fits, but one it rules out may still have a recipe that fits
+    (docs/memory-model.md)."""
+    space, budget_bytes, held = query.space, query.budget_bytes, query.held
     least: dict[tuple[str, Any], tuple[int, dict[str, Any]]] = {}
     for params in space.all_params():
-        recipe = space.build(params, model, spec, seq_len)
-        peak = margined_peak_bytes(spec, recipe, token_lengths, margin)
+        peak = query.formula_peak_bytes(params)
         for name, value in params.items():
             known = least.get((name, value))
             if known is None or peak < known[0]:
@@ -360,8 +361,7 @@ def budget_fit(
         for done, (point, params) in enumerate(points.items()):
             if progress is not None:
                 progress(done, len(points))
-            recipe = space.build(params, model, spec, seq_len)
-            predicted[point] = held_peak_bytes(recipe, held, margin)
+            predicted[point] = held_peak_bytes(query.recipe(params), held, query.margin)
             if predicted[point][0] <= budget_bytes:  # a recipe that fits: its choices stay
                 kept.update(params.items())
         if progress is not None:
