@@ -5,11 +5,6 @@ written, a storage that went away. Anything else is a bug.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from autotune.outputs import check_distinct_outputs as check_distinct_outputs
-
 
 class UsageError(Exception):
     """Bad input from a person: a budget, a path, a file, a flag. The message is one line."""
@@ -116,13 +111,3 @@ def shortened(text: str, limit: int = FIRST_LINE_CHARS) -> str:
         return text[: sentence_ends[-1]]
     words = text[: limit - 3].rsplit(" ", 1)[0] if " " in text[: limit - 3] else text[: limit - 3]
     return words.rstrip(" ,;:") + "..."
-
-
-def __getattr__(name: str) -> Any:
-    """`check_distinct_outputs`, which lives in autotune.outputs with the other checks of what a
-    command writes, is imported from here too; on first use, as outputs imports this module."""
-    if name == "check_distinct_outputs":
-        from autotune.outputs import check_distinct_outputs
-
-        return check_distinct_outputs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -142,20 +142,6 @@ def test_importing_autotune_loads_no_heavy_library():
     assert loaded.stdout.strip() == "[]"
 
 
-def test_the_output_checks_import_from_outputs_or_errors_whichever_comes_first():
-    """autotune.outputs holds what a command may write; errors.check_distinct_outputs, where
-    code imports it from, is the same function, whichever module a process imports first."""
-    for first, second in (("outputs", "errors"), ("errors", "outputs")):
-        code = (
-            f"from autotune.{first} import check_distinct_outputs as a\n"
-            f"from autotune.{second} import check_distinct_outputs as b\n"
-            "print(a is b, a.__module__)"
-        )
-        imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert imported.returncode == 0, imported.stderr
-        assert imported.stdout.split() == ["True", "autotune.outputs"]
-
-
 def test_the_readme_example_runs(tiny_model, tmp_path):
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "model").symlink_to(tiny_model)
