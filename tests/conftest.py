@@ -111,6 +111,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def autotune_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The `autotune` command run in this process (cli.main, as the entry point runs it): its
+    exit code, stdout and stderr."""
+    from autotune import cli
+
+    monkeypatch.setattr(sys, "argv", ["autotune", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_code:
+        code = int(exit_code.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture()
 def qa_data(tmp_path) -> Path:
     """40 question/answer rows that are not the demo file."""
