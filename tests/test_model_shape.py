@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from autotune.errors import UsageError
 from autotune.model_spec import MAX_PARAMS, ModelSpec, load_model_spec
-from tests.conftest import DEMO, SHAPE_CONFIGS, autotune_main, write_jsonl
+from tests.conftest import (
+    DEMO,
+    SHAPE_CONFIGS,
+    autotune_main,
+    refused_before_tokenizing,
+    write_jsonl,
+)
 
 DEMO_CONFIG = json.loads((DEMO / "config.json").read_text())
 LORA_RECIPE = "method: lora\nquantization: none\nlora_r: 8\nseq_len: 256\n"
@@ -80,19 +85,9 @@ def test_estimate_refuses_an_absurd_config_in_one_line(
 
 
 def test_run_refuses_an_absurd_config_before_its_data_is_tokenized(tmp_path, monkeypatch, capsys):
-    from autotune.api import run
-
     model = model_with(tmp_path / "model", hidden_size=10**12)
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
-    told: list[tuple[int, int]] = []
-    with pytest.raises(UsageError, match="hidden_size 1000000000000 is not a plausible width"):
-        run(
-            model=str(model),
-            data_path=data,
-            budget_bytes=4 << 30,
-            tokenize_progress=lambda done, rows: told.append((done, rows)),
-        )
-    assert told == []
+    refused_before_tokenizing(model, data, "hidden_size 1000000000000 is not a plausible width")
     code, _, err = autotune_main(
         monkeypatch,
         capsys,
