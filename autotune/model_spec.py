@@ -42,6 +42,69 @@ FOUR_WIDE_MLP = ("gpt2", "gpt_bigcode", "falcon", "bloom", "gpt_neo", "gptj", "c
 """Families whose MLP is four times the width where their config names no MLP width."""
 
 
+SHAPE_FIELDS: dict[str, tuple[int, int, str]] = {
+    "hidden_size": (1, 1 << 17, "width"),
+    "num_hidden_layers": (1, 1 << 12, "depth"),
+    "intermediate_size": (1, 1 << 20, "MLP width"),
+    "num_attention_heads": (1, 1 << 12, "number of attention heads"),
+    "num_key_value_heads": (1, 1 << 12, "number of key/value heads"),
+    "head_dim": (1, 1 << 13, "head width"),
+    "vocab_size": (1, 1 << 22, "vocabulary"),
+    "num_local_experts": (0, 1 << 14, "number of experts"),
+    "num_experts": (0, 1 << 14, "number of experts"),
+    "num_experts_per_tok": (1, 1 << 14, "number of experts per token"),
+    "moe_intermediate_size": (1, 1 << 20, "expert MLP width"),
+    "shared_expert_intermediate_size": (0, 1 << 20, "shared expert MLP width"),
+}
+"""Config field -> (least, most, what it is): the integers a model's shape may hold. The most
+are many times the largest released models' (Llama 3.1 405B: width 16384, 126 layers, MLP
+53248; Gemma 3: a vocabulary of 262144; DeepSeek-V3: 256 experts), so a real config passes and
+a typo (a width of 1e12, a million layers) is refused before a figure is printed for it."""
+MAX_PARAMS = 10 * 10**12
+"""The most parameters a config may describe: ten trillion, several times any released model's."""
+
+
+def check_shape_fields(config: dict[str, Any], source: str) -> None:
+    """Refuse, in one line naming each field and value, a config whose shape is no model's: a
+    field that is not an integer in its bounds (SHAPE_FIELDS), attention heads that do not
+    divide the width where no field names their width (transformers then takes the width over
+    the heads, rounded down: GPT-2 refuses it, the Llama family builds a narrower attention),
+    key/value heads that do not divide the attention heads (transformers repeats each over a
+    whole group), or more experts per token than experts."""
+    problems = []
+    for name, (least, most, what) in SHAPE_FIELDS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            problems.append(f"{name} must be an integer of at least {least}, got {value!r}")
+        elif value > most:
+            problems.append(f"{name} {value} is not a plausible {what} (at most {most:,})")
+    if problems:
+        raise UsageError.collect(problems, source)
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    # head_dim, or the query and value head widths of multi-head latent attention (DeepSeek,
+    # GLM-4.7-Flash: qk_head_dim, v_head_dim), where the heads need not divide the width
+    head_widths = [key for key in config if key.endswith("head_dim") and config[key] is not None]
+    if not head_widths and hidden % heads:
+        problems.append(
+            f"num_attention_heads {heads} does not divide hidden_size {hidden}, and no head_dim "
+            "gives the heads' width"
+        )
+    kv_heads = config.get("num_key_value_heads")
+    if kv_heads is not None and heads % kv_heads:
+        problems.append(
+            f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}; each "
+            "key/value head serves a whole group of attention heads"
+        )
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    per_token = config.get("num_experts_per_tok")
+    if experts > 1 and per_token is not None and per_token > experts:
+        problems.append(f"num_experts_per_tok {per_token} exceeds the model's {experts} experts")
+    if problems:
+        raise UsageError.collect(problems, source)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model_type: str
@@ -193,20 +256,7 @@ class ModelSpec:
                 f"{source}: architecture {kind!r} is not supported: config lacks "
                 f"{', '.join(missing)}"
             )
-        least = {name: 1 for name in (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim")}
-        least.update(num_local_experts=0, num_experts=0)
-        wrong = [
-            f"{name} must be an integer of at least {minimum}, got {config[name]!r}"
-            for name, minimum in least.items()
-            if config.get(name) is not None
-            and not (
-                isinstance(config[name], int)
-                and not isinstance(config[name], bool)
-                and config[name] >= minimum
-            )
-        ]
-        if wrong:
-            raise UsageError(f"{source}: {'; '.join(wrong)}")
+        check_shape_fields(config, source)
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         # Mixtral names its experts num_local_experts, the Qwen MoE models num_experts; every
@@ -223,7 +273,7 @@ class ModelSpec:
                 ),
             }
             intermediate = int(config.get("shared_expert_intermediate_size") or 0)
-        return cls(
+        spec = cls(
             model_type=str(config.get("model_type", "unknown")),
             num_layers=int(config["num_hidden_layers"]),
             hidden_size=hidden,
@@ -239,6 +289,13 @@ class ModelSpec:
             qk_norm=config.get("model_type") in ("qwen3", "qwen3_moe"),
             **moe,
         )
+        if spec.total_params > MAX_PARAMS:
+            raise UsageError(
+                f"{source}: a model of {spec.total_params:,} parameters is not plausible (at most "
+                f"{MAX_PARAMS:,}); check hidden_size, num_hidden_layers, intermediate_size and "
+                "vocab_size"
+            )
+        return spec
 
 
 def is_local_model(model: str) -> bool:

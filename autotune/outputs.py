@@ -68,8 +68,8 @@ def check_distinct_outputs(
     """Refuse, before anything is written, a command's output (by flag: "--output", "--csv";
     None: not asked) that is a directory, that is another of its outputs (the second written
     would replace the first, and both would be said written), or that is one of the files it
-    reads (by what it is: "the study's storage (--storage)"), which writing would destroy, or
-    whose folder cannot be written."""
+    reads (by what it is: "the study's storage (--storage)"), which writing would destroy, that
+    is an existing file autotune did not write, or whose folder cannot be written."""
 
     def place(path: object) -> Path:
         return Path(str(path)).expanduser().resolve()
@@ -92,7 +92,26 @@ def check_distinct_outputs(
                 "first: give each its own file"
             )
         seen[place(path)] = flag
+        _check_not_another_file(flag, path, place(path))
         _check_folder_writable(flag, place(path))
+
+
+def _check_not_another_file(flag: str, path: object, place: Path) -> None:
+    """Refuse an output that would replace a file autotune did not write (a model's weights, a
+    data file, a page of the user's): an export, report, CSV or chart it wrote may be replaced."""
+    from autotune.own_files import written_by_autotune
+
+    if not place.is_file():
+        return
+    try:
+        ours = written_by_autotune(place)
+    except OSError:  # unreadable: not known to be autotune's
+        ours = False
+    if not ours:
+        raise UsageError(
+            f"{flag} {path} exists and is not a file autotune wrote (an export, report, trials "
+            "CSV or chart); remove it or choose another path"
+        )
 
 
 def _check_folder_writable(flag: str, path: Path) -> None:

@@ -18,6 +18,7 @@ from autotune.distributed import label_part as distributed_label
 from autotune.errors import UsageError, first_line
 from autotune.losses import DEFAULT_LOSS
 from autotune.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from autotune.own_files import RECIPE_KEY
 from autotune.quantizations import QUANTIZATIONS
 
 RECIPE_FORMAT_VERSION = 1
@@ -212,7 +213,7 @@ class Recipe:
         warmup_steps only when set, train_modules, distributed and num_gpus only when not their
         defaults, the OFF_BY_DEFAULT switches only when on (recipes from before them read and
         hash as they did)."""
-        data: dict[str, Any] = {"autotune_recipe": RECIPE_FORMAT_VERSION}
+        data: dict[str, Any] = {RECIPE_KEY: RECIPE_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in LORA_KEYS and self.method != "lora":
@@ -246,7 +247,7 @@ class Recipe:
         data = dict(data)
         data.pop("measured", None)
         data.pop("predicted", None)
-        version = data.pop("autotune_recipe", RECIPE_FORMAT_VERSION)
+        version = data.pop(RECIPE_KEY, RECIPE_FORMAT_VERSION)
         problems: list[str] = []
         if version != RECIPE_FORMAT_VERSION:
             problems.append(

@@ -111,6 +111,38 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def autotune_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The `autotune` command run in this process (cli.main, as the entry point runs it): its
+    exit code, stdout and stderr."""
+    from autotune import cli
+
+    monkeypatch.setattr(sys, "argv", ["autotune", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_code:
+        code = int(exit_code.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused_before_tokenizing(model: Path, data: Path, refusal: str) -> None:
+    """autotune.api.run of `model` on `data` is refused (a UsageError that matches `refusal`)
+    before the data is tokenized: no progress of the tokenizing was said."""
+    from autotune.api import run
+    from autotune.errors import UsageError
+
+    told: list[tuple[int, int]] = []
+    with pytest.raises(UsageError, match=refusal):
+        run(
+            model=str(model),
+            data_path=data,
+            budget_bytes=4 << 30,
+            tokenize_progress=lambda done, rows: told.append((done, rows)),
+        )
+    assert told == []
+
+
 @pytest.fixture()
 def qa_data(tmp_path) -> Path:
     """40 question/answer rows that are not the demo file."""

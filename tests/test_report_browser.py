@@ -35,6 +35,10 @@ def test_png_of_the_main_chart(workspace):  # noqa: F811
     study = run_study(prepare_run(settings_for(workspace, trials=4)), FakeRunner())
     png = write_main_chart_png(study, tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # known as autotune's (by its size), so that a later report --png may replace it
+    from autotune.own_files import written_by_autotune
+
+    assert written_by_autotune(png)
 
 
 # Written into the page after it rendered: where the answer and the frontier table lie in the

@@ -1016,3 +1016,44 @@ def test_a_trial_over_the_budget_now_moves_the_samplers_proposals():
     as_stored, held = proposals(budgeted=False), proposals(budgeted=True)
     assert as_stored.count("big") > 10
     assert held.count("big") < as_stored.count("big") / 2
+
+
+def test_status_and_the_progress_bar_count_the_same_untried_recipes_after_a_resume(workspace):  # noqa: F811
+    """A resume under a smaller budget whose space searches lora_dropout too: its recipes are
+    points with a dropout, which none of the earlier trials is. The bar counted all 4 untried
+    while status subtracted the 2 earlier trials' recipes from the space's count (2 untried):
+    both now say the figure the run bounds its trials by, as each trial ends."""
+    from autotune.api import study_status
+    from tests.test_study import TINY_SPACE
+
+    space = workspace[0] / "tiny.yaml"
+    tiny = TINY_SPACE.replace("lora_r: [4, 8]", "lora_r: [4]")  # two recipes
+    space.write_text(tiny)
+    first = settings_for(workspace, space_path=space, trials=2, confirm_top=0)
+    run_study(prepare_run(first), FakeRunner())
+    space.write_text(tiny.replace("lora_dropout: 0.0", "lora_dropout: [0.0, 0.1]"))
+    events = RunEvents()
+    bar: list[int] = []  # the most trials the run could still add, as the bar was told
+    said: list[tuple[int | None, str]] = []  # status, read from the storage as each trial ends
+
+    def trials_left(left: int) -> None:
+        bar.append(left)
+
+    def trial_finished(summary: object) -> None:
+        overview = study_status(first.storage, "s").overview
+        said.append((overview.space_recipes_untried, overview.finished_words))
+
+    events.trials_left = trials_left
+    events.trial_finished = trial_finished
+    resumed = dataclasses.replace(first, trials=100, budget_bytes=5 * 10**9)
+    study = run_study(prepare_run(resumed), FakeRunner(), events)
+    assert bar[0] == 4 and bar[-1] == 0
+    # each trial ends before the bar is told again: status says what the bar was last told
+    assert [untried for untried, _ in said] == bar[: len(said)]
+    assert (
+        said[0][1]
+        == "2 of at most 6 trials finished (--trials 100; 4 recipes of the space untried)"
+    )
+    overview = study_status(first.storage, "s").overview
+    assert overview.space_recipes_untried == 0
+    assert overview.finished == finished_trial_count(study) == 2 + len(said)

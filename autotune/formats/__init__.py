@@ -19,6 +19,7 @@ from autotune.formats.llamafactory import TEMPLATE_NOTES, llamafactory_config
 from autotune.formats.trainer_keys import half_flags
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
+from autotune.own_files import EXPORT_MARK
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
@@ -98,7 +99,7 @@ def render(
             freeze_layout=freeze_layout,
             data_format=data_format,
         )
-    header = [f"# {recipe.label()} — exported by autotune ({fmt} format)"]
+    header = [f"# {recipe.label()} — {EXPORT_MARK}{fmt} format)"]
     for key, value in (measured or {}).items():
         if isinstance(value, dict):
             if "verdict" in value:  # the confirmation, perhaps of one that stood in

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.export import write_text
+from autotune.own_files import CHART_SIZE, REPORT_MARK
 from autotune.report.card import PickCard, export_command, format_seconds, frontier_frame
 from autotune.report.data import MIN_MEASURED_FOR_IMPORTANCE, ReportData, report_data
 from autotune.report.figures import (
@@ -223,7 +224,7 @@ def render_html(data: ReportData) -> str:
         with_promoted_columns(TRIAL_COLUMNS, data.promoted_steps), on_cpu
     )
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>autotune: {html.escape(data.study_name)}</title>
+{REPORT_MARK}{html.escape(data.study_name)}</title>
 <style>{STYLE}</style></head><body>
 <h1>autotune study {html.escape(data.study_name)}</h1>
 <p class="sub">Model {html.escape(data.model)}; budget {format_bytes(data.budget_bytes)};
@@ -284,7 +285,7 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
         raise UsageError(f"--png {png_path} cannot be written: {error.strerror}") from None
     figure = pareto_figure(report_data(study))
     try:
-        figure.write_image(str(png_path), width=1000, height=650)
+        figure.write_image(str(png_path), width=CHART_SIZE[0], height=CHART_SIZE[1])
     except Exception:  # noqa: BLE001 - kaleido missing or without a browser: try Chromium
         from autotune.browser import find_chromium, screenshot
 
@@ -303,7 +304,7 @@ def write_main_chart_png(study: Any, png_path: str | Path) -> Path:
                 encoding="utf-8",
             )
             try:
-                screenshot(page, png_path)
+                screenshot(page, png_path, *CHART_SIZE)
             except RuntimeError as error:
                 raise UsageError(f"no PNG: {first_line(error)}") from None
     written = png_path.is_file() and png_path.stat().st_size > 0

@@ -19,9 +19,11 @@ SPACE_POINTS_LIMIT = 100_000
 
 SPACE_TRIED_ATTR = "space_tried_recipes"
 """Study attribute: the count of the space's recipes, once a run found every one tried."""
-SPACE_RECIPES_ATTR = "space_recipes"
-"""Study attribute: the count of the space's recipes, as the latest run that could count them
-did."""
+SPACE_UNTRIED_ATTR = "space_untried_recipes"
+"""Study attribute: the space's recipes without a complete trial, as the latest run counted them
+when it started and as each of its trials ended (None where it could not count its space): the
+figure its progress bar was bounded by (trials_left), which status, studies and the report
+show."""
 
 SpacePoint = tuple[tuple[str, Any], ...]
 
@@ -65,30 +67,20 @@ def trials_left(study: Any, points: frozenset[SpacePoint] | None, target: int) -
     the storage holds finished (every run's and worker's), and no more than the space's
     recipes without a complete trial where they are counted, since the run stops once each
     has one. (A trial the sampler proposes again copies its recipe's figures and counts among
-    the finished, so after one this can stay where it was.)"""
+    the finished, so after one this can stay where it was.) The untried count it bounds by is
+    stored (SPACE_UNTRIED_ATTR), so that status and the run's progress bar say one figure."""
     left = max(target - finished_trial_count(study), 0)
     untried = untried_points(study, points)
+    study.set_user_attr(SPACE_UNTRIED_ATTR, untried)
     return left if untried is None else min(left, untried)
 
 
-def record_space_recipes(study: Any, points: frozenset[SpacePoint] | None) -> None:
-    """Every run that counts its space: how many recipes it holds, for status and the report
-    to bound the trials a study can still add (untried_recipes)."""
-    if points is not None:
-        study.set_user_attr(SPACE_RECIPES_ATTR, len(points))
-
-
 def untried_recipes(study: Any) -> int | None:
-    """The space's recipes without a complete trial yet, from the count its latest run stored
-    (None: none stored); its trials' parameters are points of the space, which keeps the
-    choices it started with."""
-    from optuna.trial import TrialState
-
-    recipes = stored_count(study, SPACE_RECIPES_ATTR)
-    if recipes is None:
-        return None
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(recipes - len({point_of(t.params) for t in complete}), 0)
+    """The space's recipes without a complete trial, as its latest run counted them at its
+    start or its latest trial's end (None: not counted): the run's trials_left, not a count of
+    its own; a recipe tried under a space that has changed since (a resume that searches
+    another dimension) is not one of the space's now."""
+    return stored_count(study, SPACE_UNTRIED_ATTR)
 
 
 def record_space_tried(study: Any, recipes: int) -> None:

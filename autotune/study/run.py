@@ -16,7 +16,6 @@ from autotune.probe_stop import probes_stop_on_ctrl_c
 from autotune.study.confirm import confirm_frontier, measure_noise
 from autotune.study.coverage import (
     SpacePoint,
-    record_space_recipes,
     record_space_tried,
     space_points,
     space_tried_words,
@@ -239,7 +238,6 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     record_data_stats(study, prepared.data_stats)
     record_target_trials(study, settings.trials)
     points = space_points(prepared.space)
-    record_space_recipes(study, points)
     interrupted = fail_interrupted_trials(study)
     if interrupted:
         events.notes.append(
