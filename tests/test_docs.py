@@ -260,3 +260,18 @@ def test_the_space_keys_table_is_the_dimensions() -> None:
     assert set(kinds) == {d.name for d in DIMENSIONS} | set(SCALAR_KEYS)
     optional = {key for key, kind in kinds.items() if "optional" in kind}
     assert optional == {d.name for d in DIMENSIONS if d.default is not None}
+
+
+def test_the_architecture_lists_every_module() -> None:
+    """docs/architecture.md's listings of autotune/, training/ and study/ name each module (and
+    each subpackage of autotune/) there is, and none that is gone."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    blocks = [block.removeprefix("```\n") for block in FENCE.findall(text)]
+    for package in ("autotune", "training", "study"):
+        listing = next(block for block in blocks if block.startswith(f"{package}/\n"))
+        listed = set(re.findall(r"^  ([a-z_0-9]+\.py|[a-z_]+/)", listing, re.MULTILINE))
+        folder = ROOT / "autotune" if package == "autotune" else ROOT / "autotune" / package
+        there = {p.name for p in folder.glob("*.py") if p.name != "__init__.py"}
+        if package == "autotune":
+            there |= {f"{p.name}/" for p in folder.iterdir() if p.is_dir() and p.name[0] != "_"}
+        assert listed == there, package
