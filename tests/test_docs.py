@@ -275,3 +275,11 @@ def test_the_architecture_lists_every_module() -> None:
         if package == "autotune":
             there |= {f"{p.name}/" for p in folder.iterdir() if p.is_dir() and p.name[0] != "_"}
         assert listed == there, package
+
+
+def test_the_outcomes_table_names_every_trial_status() -> None:
+    from autotune.study.records import TrialStatus
+
+    rows = table_rows(ROOT / "docs" / "study.md", "## Outcomes of a trial")
+    documented = [status for row in rows for status in spans(row[0])]
+    assert sorted(documented) == sorted(s.value for s in TrialStatus)
