@@ -299,6 +299,8 @@ def main() -> None:
                 sys.exit(0)
             # a bad flag or value: one line, like every other input error, not click's panel
             message = " ".join(error.format_message().split())
+            if message.startswith("No such option: --debug"):  # given after the command
+                message = "--debug goes before the command: autotune --debug COMMAND ..."
             print(f"autotune: error: {message}", file=sys.stderr)
             sys.exit(2)
         except (typer.Abort, KeyboardInterrupt):

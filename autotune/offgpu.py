@@ -4,11 +4,17 @@ Work that imports bitsandbytes (the replay memory model; peft's check of a LoRA 
 peft imports it) must not run in a study's own process: importing bitsandbytes queries the GPU,
 and the CUDA context that gives the study would take memory from the probes it measures. The
 child imports torch and the rest once and serves every call of the process.
+
+The child is started without the caller's main script: multiprocessing's spawn runs that script
+again in every child it starts, so a script that calls `autotune.run` at its top level would
+run a second study inside the worker (and print everything twice). The worker only runs
+autotune's own functions, which it imports by their modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 Result = TypeVar("Result")
@@ -32,6 +38,23 @@ def _start_worker(parent_pid: int) -> None:
     quiet_kernel_hub_notice()
 
 
+@contextmanager
+def _without_main_script() -> Iterator[None]:
+    """While a process is spawned: no main module for it to import and run again."""
+    import sys
+    import types
+
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
 def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
     """`function(*args)` in the child (both must pickle: a module-level function)."""
     global _WORKER
@@ -48,4 +71,7 @@ def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
             initargs=(os.getpid(),),
         )
         atexit.register(_WORKER.shutdown, cancel_futures=True)
+        with _without_main_script():  # the first submit starts the worker process
+            future = _WORKER.submit(function, *args)
+        return future.result()
     return _WORKER.submit(function, *args).result()

@@ -498,6 +498,14 @@ def test_bad_input_is_one_line_and_exit_code_two(tmp_path, config_only):
         assert "hunter2" not in done.stdout + done.stderr and "p@ss" not in done.stderr
 
 
+def test_debug_after_the_command_says_where_it_goes(tmp_path):
+    done = autotune("estimate", "--model", "m", "--recipe", "r.yaml", "--debug", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "autotune: error: --debug goes before the command: autotune --debug COMMAND ..."
+    ]
+
+
 def test_more_gloo_ranks_than_cpu_cores_are_refused_in_one_line(tmp_path, config_only):
     # the run pinned to one core: a probe's 2 gloo processes would take turns on it, as would
     # two workers' probes of one process each

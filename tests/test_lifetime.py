@@ -144,6 +144,35 @@ def test_the_gpu_less_worker_and_the_resource_tracker_die_with_the_run():
     assert left == {}
 
 
+def test_the_gpu_less_worker_does_not_run_the_callers_script_again(tmp_path):
+    """multiprocessing's spawn runs the parent's main script again in a child it starts: a
+    script calling autotune at its top level would run twice, once inside the worker."""
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            from autotune.offgpu import run_off_gpu
+            with open({str(runs)!r}, "a") as runs:
+                runs.write(f"{{os.getpid()}}\\n")
+            print(run_off_gpu(os.getpid), os.getpid())
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr
+    worker, parent = done.stdout.split()
+    assert worker != parent
+    assert runs.read_text().split() == [parent]
+
+
 def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
     """Ctrl-C reaches the run's whole process group: the run reports it once, the worker
     ends quietly."""

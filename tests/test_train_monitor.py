@@ -61,7 +61,7 @@ def test_report_to_refuses_unknown_names_and_missing_libraries(monkeypatch):
     monkeypatch.setattr(monitor.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UsageError, match=r"needs the tensorboard package \(pip install"):
         monitor.check_report_to("tensorboard")
-    with pytest.raises(UsageError, match="needs the wandb package"):
+    with pytest.raises(UsageError, match=r"needs the wandb package \(pip install wandb\)$"):
         monitor.check_report_to("wandb")
 
 

@@ -70,11 +70,11 @@ class RunSettings:
     model: str
     """Hugging Face model id or local directory."""
     data_path: Path
-    """JSONL training data."""
+    """Training data: a JSONL, CSV or Parquet file, or a datasets directory (docs/data.md)."""
     budget_bytes: int
     """GPU memory budget in bytes; on the command line e.g. 24GB, 24GiB or 20000MB (GB/MB are
     decimal, 10^9/10^6 bytes, GiB/MiB binary, 2^30/2^20), a card's name (rtx4090, a100-80gb,
-    h100-80gb, ...: docs/study.md) or auto (the free memory of the probes' GPU)."""
+    h100-80gb, ...: docs/study.md) or auto (the free memory of the GPU it trains on)."""
     host_budget_bytes: int | None = None
     """Host memory for what a recipe keeps off the GPU (offloaded activations, optimizer states
     and sharded parameters on the host; all ranks of a probe together), e.g. 64GB; a trial

@@ -38,8 +38,10 @@ def check_report_to(name: str) -> None:
         raise UsageError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {name!r}")
     package = REPORT_TO[name]
     if package is not None and importlib.util.find_spec(package) is None:
-        extra = " (pip install 'autotune[monitor]')" if name == "tensorboard" else ""
-        raise UsageError(f"--report-to {name} needs the {package} package{extra}")
+        install = (
+            "pip install 'autotune[monitor]'" if name == "tensorboard" else f"pip install {package}"
+        )
+        raise UsageError(f"--report-to {name} needs the {package} package ({install})")
 
 
 def open_monitor(name: str, output_dir: Path, recipe: Recipe) -> Monitor | None:
