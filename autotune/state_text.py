@@ -62,9 +62,10 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     storage_url = redact_url(storage_url) if storage_url else None
 
     study = status.overview
+    # queued trials a run left beyond its target (the baselines of a run of --trials 1) wait for
+    # a run with a larger --trials: the study has done what it was asked
     done = (
         not study.running
-        and not status.waiting
         and not status.running_trials
         and (
             study.space_recipes_tried is not None
@@ -77,7 +78,8 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     lines = [
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
-        f"running{f', {len(ended)} interrupted' if ended else ''}, {status.waiting} queued; "
+        f"running{f', {len(ended)} interrupted' if ended else ''}, {status.waiting} queued"
+        f"{' (a run with a larger --trials starts them)' if done and status.waiting else ''}; "
         f"{count_of(status.probes, 'probe')}{rate}",
     ]
     lines += [

@@ -123,6 +123,19 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
     assert status.probes_per_hour is not None and status.probes_per_hour > 100
 
 
+def test_a_study_at_its_target_is_done_though_trials_wait_beyond_it(workspace):  # noqa: F811
+    """A run of --trials 1 leaves the second baseline queued: the study did what it was asked,
+    so status says what to run next and what the queued trial waits for."""
+    tmp_path = workspace[0]
+    run_study(prepare_run(settings_for(workspace, trials=1)), FakeRunner())
+    url = f"sqlite:///{tmp_path}/study.db"
+    status = study_status(url, "s")
+    assert status.waiting >= 1 and status.overview.finished_words == "1 of 1 trial finished"
+    shown = status_text(status, url)
+    assert f"{status.waiting} queued (a run with a larger --trials starts them)" in shown
+    assert "its trials have finished; next:" in shown
+
+
 def test_status_of_a_missing_study_or_storage_is_one_line(workspace):  # noqa: F811
     tmp_path = workspace[0]
     for command in ("status", "studies"):  # they only read: no database appears
