@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autotune.errors import UsageError
-from autotune.study.settings import study_file_name
+from autotune.study.settings import default_study_name, study_file_name
 from autotune.study.storage import sqlite_file
 
 if TYPE_CHECKING:
     from autotune.study.settings import RunSettings
 
 STORAGE_INPUT = "the study's storage (--storage)"
-"""What an output that is the --storage file is said to be (check_distinct_outputs)."""
+"""What an output that is the --storage file is said to be (check_output_paths)."""
 REPORTS_DIR = Path("reports")
 """Where a run's report and recipe go unless told otherwise."""
 
@@ -29,10 +29,19 @@ def recipe_path_for(study_name: str) -> Path:
 
 
 def check_run_outputs(settings: RunSettings) -> None:
-    """A run's report and recipe (--report, --recipe-out), checked before the study starts, not
-    found after it: neither may be the data, the space or the storage the run reads."""
-    check_distinct_outputs(
-        {"--report": settings.report_path, "--recipe-out": settings.recipe_path},
+    """A run's report and recipe (--report, --recipe-out, else reports/<study>.html and
+    reports/<study>-recipe.yaml), checked before the study starts, not found after it: neither
+    may be the data, the space or the storage the run reads, or a file autotune did not write."""
+    name = settings.study_name or default_study_name(
+        settings.model, settings.data_path, settings.budget_bytes
+    )
+    check_output_paths(
+        {
+            "--report" if settings.report_path else "the run's report": settings.report_path
+            or report_path_for(name),
+            "--recipe-out" if settings.recipe_path else "the run's recipe": settings.recipe_path
+            or recipe_path_for(name),
+        },
         {
             "the training data (--data)": settings.data_path,
             "the search space (--space)": settings.space_path,
@@ -43,7 +52,7 @@ def check_run_outputs(settings: RunSettings) -> None:
 
 def check_export_output(output: str | Path | None, storage: str | None) -> None:
     """`autotune export`'s --output (None: printed, not written)."""
-    check_distinct_outputs({"--output": output}, {STORAGE_INPUT: sqlite_file(storage)})
+    check_output_paths({"--output": output}, {STORAGE_INPUT: sqlite_file(storage)})
 
 
 def report_outputs(
@@ -56,15 +65,13 @@ def report_outputs(
     """`autotune report`'s HTML file (--output, else reports/<study>.html), once it, the CSV and
     the PNG asked for are checked."""
     output = output or report_path_for(study_name)
-    check_distinct_outputs(
+    check_output_paths(
         {"--output": output, "--csv": csv, "--png": png}, {STORAGE_INPUT: sqlite_file(storage)}
     )
     return output
 
 
-def check_distinct_outputs(
-    outputs: dict[str, object], inputs: dict[str, object] | None = None
-) -> None:
+def check_output_paths(outputs: dict[str, object], inputs: dict[str, object] | None = None) -> None:
     """Refuse, before anything is written, a command's output (by flag: "--output", "--csv";
     None: not asked) that is a directory, that is another of its outputs (the second written
     would replace the first, and both would be said written), or that is one of the files it

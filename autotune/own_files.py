@@ -1,6 +1,6 @@
 """What marks a file as one autotune wrote: an exported recipe, a report, its trials CSV, its
 chart. An output a user names may replace such a file, never another
-(outputs.check_distinct_outputs).
+(outputs.check_output_paths).
 """
 
 from __future__ import annotations
@@ -42,5 +42,5 @@ def written_by_autotune(path: Path) -> bool:
         first.startswith(f"{RECIPE_KEY}:")
         or (first.startswith("# ") and EXPORT_MARK in first)
         or first.startswith(TRIALS_CSV_COLUMNS)
-        or (first == "<!DOCTYPE html>" and rest.startswith(REPORT_MARK))
+        or (first.rstrip("\r") == "<!DOCTYPE html>" and rest.startswith(REPORT_MARK))
     )

@@ -51,6 +51,13 @@ def overview_lines(study: StudyOverview) -> list[str]:
     return lines
 
 
+def _queued_words(status: StudyStatus) -> str:
+    """What the trials queued in a study that did what it was asked wait for."""
+    if status.overview.space_recipes_tried is not None:  # more trials would only repeat
+        return " (the space is tried: no run starts them)"
+    return " (a run with a larger --trials starts them)"
+
+
 def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     """`autotune status`: trials done and running, probes an hour, the frontier so far; for a
     study whose trials have all finished, the commands that take its answer (on
@@ -79,7 +86,7 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
         f"running{f', {len(ended)} interrupted' if ended else ''}, {status.waiting} queued"
-        f"{' (a run with a larger --trials starts them)' if done and status.waiting else ''}; "
+        f"{_queued_words(status) if done and status.waiting else ''}; "
         f"{count_of(status.probes, 'probe')}{rate}",
     ]
     lines += [

@@ -135,3 +135,30 @@ def test_run_refuses_a_report_or_recipe_path_over_another_file_before_tokenizing
             prepare_run(settings)
     assert told == []
     assert all(path.read_bytes() == content for path, content in mine.items())
+
+
+def test_run_refuses_its_default_report_or_recipe_over_another_file(workspace):  # noqa: F811
+    # reports/<study>.html and reports/<study>-recipe.yaml, written without --report or
+    # --recipe-out, were replaced whatever they held
+    settings = settings_for(workspace, trials=2)
+    reports = workspace[0] / "reports"
+    reports.mkdir()
+    for name, what in (("s.html", "report"), ("s-recipe.yaml", "recipe")):
+        mine = reports / name
+        mine.write_text("my own notes\n")
+        with pytest.raises(UsageError, match=f"the run's {what} reports/{name} {REFUSAL}"):
+            prepare_run(settings)
+        assert mine.read_text() == "my own notes\n"
+        mine.unlink()
+    (reports / "s.html").write_text("")  # an empty file may be replaced
+    assert prepare_run(settings).study_name == "s"
+
+
+def test_a_report_saved_with_windows_line_ends_is_still_autotunes(tmp_path):
+    from autotune.own_files import REPORT_MARK, written_by_autotune
+
+    page = tmp_path / "night.html"
+    page.write_bytes(b"<!DOCTYPE html>\r\n" + REPORT_MARK.encode() + b"s</title></head></html>\r\n")
+    assert written_by_autotune(page)
+    page.write_bytes(b"<!DOCTYPE html>\r\n<html><head><title>s</title></head></html>\r\n")
+    assert not written_by_autotune(page)

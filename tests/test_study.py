@@ -515,6 +515,61 @@ def test_eval_loss_noise_is_measured_once_and_read_against(workspace):
     assert len([r for r in runner.requests if r.seed == 1 and r.steps == settings.probe_steps]) == 1
 
 
+class NoiseProbeFails(NoisyRunner):
+    """The noise probe (the first probe of the study's length with another seed) times out."""
+
+    def run(self, request, workdir):
+        result = super().run(request, workdir)
+        if request.seed == 1 and not any(r.seed == 1 for r in self.requests[:-1]):
+            return ProbeResult(status="timeout", reason="fake timeout", device="cpu")
+        return result
+
+
+def test_a_failed_noise_probe_is_recorded_and_not_probed_again(workspace):
+    """A noise probe that fails is recorded as failed: a later run does not measure the noise
+    after the confirmations chose without it (its best-loss pick would move off them)."""
+    settings = settings_for(workspace, trials=8, confirm_top=1)
+    study = run_study(prepare_run(settings), NoiseProbeFails())
+    assert study.user_attrs["noise_failed"] == "timeout" and "noise" not in study.user_attrs
+    runner = NoisyRunner()
+    study = run_study(prepare_run(settings), runner)
+    assert runner.requests == [] and "noise" not in study.user_attrs
+
+
+def test_a_run_waits_for_the_noise_another_run_is_probing(workspace, monkeypatch):
+    """While another run holds the noise probe's claim, a run waits for its noise before the
+    confirmations choose, rather than choosing without it."""
+    from autotune.study import confirm
+    from autotune.study.study_records import Noise, record_noise
+
+    settings = settings_for(workspace, trials=8, confirm_top=0)
+    study = run_study(prepare_run(settings), NoisyRunner())
+    assert "noise" not in study.user_attrs  # --confirm 0 measured none
+    # another run on the study holds the claim, and records the noise a moment later
+    monkeypatch.setattr(confirm, "claim_once", lambda *a, **k: False)
+    waits = []
+    other = Noise(
+        trial=0,
+        seed=1,
+        steps=3,
+        eval_loss=3.0,
+        eval_loss_difference=0.01,
+        tokens_per_second_change=0.0,
+        peak_memory_change=0.0,
+    )
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:
+            record_noise(study, other)
+
+    monkeypatch.setattr(confirm.time, "sleep", sleep)
+    prepared = prepare_run(dataclasses.replace(settings, confirm_top=1))
+    runner = NoisyRunner()
+    assert confirm.measure_noise(prepared, runner, study) == other
+    assert len(waits) == 3 and runner.requests == []
+
+
 def test_existing_study_with_other_objectives_is_refused(workspace):
     tmp_path, _, _ = workspace
     url = f"sqlite:///{tmp_path}/other.db"

@@ -5,6 +5,7 @@ another seed to measure the noise.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from autotune.pareto import PICK_POLICIES, frontier, pick
@@ -16,6 +17,7 @@ from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.study_records import (
     CONFIRM_SPEED_TOLERANCE,
     NOISE_ATTR,
+    NOISE_FAILED_ATTR,
     Confirmation,
     Noise,
     confirmation_job,
@@ -26,6 +28,9 @@ from autotune.study.study_records import (
     study_noise,
 )
 from autotune.study.workers import claim_once, release_claim
+
+NOISE_POLL_SECONDS = 2.0
+NOISE_WAIT_SLACK_SECONDS = 120.0
 
 
 def measure_noise(
@@ -43,7 +48,7 @@ def measure_noise(
     events = events or RunEvents()
     settings = prepared.settings
     measured = study_noise(study)
-    if measured is not None:
+    if measured is not None or NOISE_FAILED_ATTR in study.user_attrs:
         return measured
     points = measured_points(study)
     if not points or settings.confirm_top < 1:
@@ -59,8 +64,17 @@ def measure_noise(
     )
     number = default if default is not None else pick(points, "fastest").number
     point = by_number[number]
-    if not claim_once(study, NOISE_ATTR, done=lambda: study_noise(study) is not None):
-        return study_noise(study)
+
+    def done() -> bool:
+        return study_noise(study) is not None or NOISE_FAILED_ATTR in study.user_attrs
+
+    # Another run probing the noise is waited for (its probe's timeout at most), so that the
+    # confirmations of every run on the study choose with the same noise.
+    waited_until = time.monotonic() + settings.probe_timeout_seconds + NOISE_WAIT_SLACK_SECONDS
+    while not claim_once(study, NOISE_ATTR, done=done):
+        if done() or time.monotonic() > waited_until:
+            return study_noise(study)
+        time.sleep(NOISE_POLL_SECONDS)
     try:
         return _probe_noise(prepared, runner, study, events, number, point)
     finally:
@@ -81,6 +95,8 @@ def _probe_noise(
     )
     result = runner.run(request, trials_dir_of(prepared) / f"noise-{number:04d}")
     if result.status != "ok":
+        # recorded, so that no later run measures it after confirmations chose without it
+        study.set_user_attr(NOISE_FAILED_ATTR, result.status)
         return None
 
     def change(now: float | None, before: float) -> float | None:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.fidelity import ladder_order
 from autotune.pareto import Point, best_loss_candidates, best_loss_note, frontier, pick
 from autotune.study.study_records import study_noise, study_setup
 
@@ -69,10 +68,6 @@ class QualityRanking:
     noise: float | None = None
     """The eval-loss difference the study's noise probe measured (None: none ran): the
     best-loss pick takes the fastest of the recipes within it of the lowest."""
-
-    def promoted_order(self) -> list[int]:
-        """The promoted trials, best first by the longest probe each pair reached."""
-        return ladder_order({n: ladder for n, ladder in self.ladders.items() if len(ladder) > 1})
 
     def ladders_of(self, numbers: Sequence[int]) -> dict[int, list[float]]:
         return {n: self.ladders[n] for n in numbers if n in self.ladders}

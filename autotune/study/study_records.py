@@ -365,6 +365,7 @@ class Noise:
 
 
 NOISE_ATTR = "noise"
+NOISE_FAILED_ATTR = "noise_failed"  # the noise probe's status where it did not end ok
 """Study attribute holding the Noise. Also the name of its claim."""
 
 
