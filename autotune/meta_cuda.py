@@ -42,6 +42,7 @@ class Recorder:
         self.paused = False
         self.kernels: dict[Any, Any] = {
             torch.ops.aten._safe_softmax.default: self.safe_softmax,
+            torch.ops.aten._softmax_backward_data.default: self.softmax_backward,
             torch.ops.aten._grouped_mm.default: self.grouped_mm,
         }
         """Ops run by a replacement that allocates (and tracks) what CUDA's kernel does."""
@@ -91,6 +92,18 @@ class Recorder:
         self.track(masked)
         rows = torch.all(masked, dim=dim, keepdim=True)
         self.track(rows)
+        return out
+
+    def softmax_backward(self, grad: Any, output: Any, dim: int, input_dtype: Any) -> Any:
+        """Softmax's backward as CUDA runs it (softmax_backward_cuda_out): its output, then
+        `grad * output` in a temporary of the gradient's size, alive through the kernel. Under
+        an attention matrix (SDPA's math path, eager attention) that is one more matrix beside
+        the probabilities, their gradient and the output."""
+        import torch
+
+        out = torch.ops.aten._softmax_backward_data.default(grad, output, dim, input_dtype)
+        self.track(out)
+        self.track(grad * output)
         return out
 
     def grouped_mm(

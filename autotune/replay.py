@@ -14,6 +14,9 @@ What the meta device cannot run is emulated with CUDA's memory behaviour:
   where the heads match (transformers repeats grouped key heads under a mask), which also
   keeps the additive mask torch makes of a boolean one at each call, the math path (the real
   ops) otherwise;
+- softmax's backward (SDPA's math path, eager attention) holds a temporary of the gradient's
+  size beside its output, as CUDA's kernel does (`grad * output`): under an attention matrix,
+  one more matrix at the step's peak;
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;

@@ -9,7 +9,9 @@ buffers coexist there. bench/memory_trace.py prints it next to the memory model'
 
 What this cannot show: the caching allocator's reserved-minus-allocated (no CUDA here), and
 kernels whose CPU versions allocate differently from CUDA's (dropout keeps an fp32 mask on the
-CPU where CUDA keeps one byte; SDPA's CPU kernels; bitsandbytes' CPU paths).
+CPU where CUDA keeps one byte; SDPA's CPU kernels; bitsandbytes' CPU paths). One such
+difference is counted as CUDA makes it: softmax's backward holds a temporary of the gradient's
+size on CUDA (`grad * output`), an attention matrix under eager attention or SDPA's math path.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def allocation_tracer(existing: list[Any]) -> Any:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    softmax_backward = torch.ops.aten._softmax_backward_data.default
+
     class AllocationTracer(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
@@ -111,9 +115,15 @@ def allocation_tracer(existing: list[Any]) -> Any:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket.__name__)
             for tensor in tree_leaves(out):
                 if isinstance(tensor, torch.Tensor):
-                    self.track(tensor, str(func.overloadpacket.__name__))
+                    self.track(tensor, name)
+            if func is softmax_backward:
+                # CUDA's kernel multiplies the gradient by the output into a temporary first
+                # (softmax_backward_cuda_out), alive beside its output; the CPU's does not
+                grad, output = args[:2]
+                self.track(grad * output, name)
             return out
 
     return AllocationTracer()

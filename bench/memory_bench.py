@@ -307,7 +307,8 @@ UNMEASURED = [
     # missed by -15% (r64, alpha 128): the probe's own loop at it tells a miss of the replay from
     # one of the reference loop's
     {**_QLORA_MB4, "lora_r": 64, "lora_alpha": 128},
-    # the held-out Llama-3.2-1B QLoRA row (mb 2, seq 4096) that reserved 5.4 GB over its allocated
+    # the held-out Llama-3.2-1B QLoRA row (mb 2, seq 4096), replayed as measured once CUDA's
+    # softmax-backward temporary was held: the probe's own loop at it
     {**_QLORA_MB4, "micro_batch_size": 2, "seq_len": 4096},
     # the int8 replay at a micro-batch its three rows do not have
     {**_QLORA_MB4, "quantization": "int8", "lora_dropout": 0.05, "micro_batch_size": 2},
