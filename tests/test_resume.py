@@ -381,7 +381,9 @@ def test_a_resumed_study_refuses_a_space_without_its_choices(workspace):  # noqa
     space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
     smaller = settings_for(workspace, trials=5, space_path=space)
     runner = FakeRunner()
-    with pytest.raises(UsageError, match=r"started with choices .*: micro_batch_size 4 \(not in"):
+    with pytest.raises(
+        UsageError, match=r"searches choices this run's space does not: micro_batch_size 4 \(not in"
+    ):
         run_study(prepare_run(smaller), runner)
     assert runner.requests == []
     study = optuna.load_study(study_name="s", storage=smaller.storage)
@@ -700,7 +702,7 @@ def test_a_resume_refused_after_the_budget_check_keeps_the_studys_budget(workspa
     run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
     space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
     refused = settings_for(workspace, trials=3, space_path=space, budget_bytes=5 * 10**9)
-    with pytest.raises(UsageError, match="started with choices"):
+    with pytest.raises(UsageError, match="searches choices this run's space does not"):
         run_study(prepare_run(refused), FakeRunner())
     study = optuna.load_study(study_name="s", storage=refused.storage)
     assert study_setup(study).budget_bytes == 10**10
@@ -1120,7 +1122,7 @@ def test_a_resume_whose_space_fixes_a_dimension_the_study_searches_is_refused(wo
     space = Path(first.space_path)
     space.write_text(space.read_text().replace("lora_dropout: [0.0, 0.1]", "lora_dropout: 0.0"))
     runner = FakeRunner()
-    with pytest.raises(UsageError, match=r"does not search: lora_dropout 0\.1 \(not in "):
+    with pytest.raises(UsageError, match=r"space does not: lora_dropout 0\.1 \(not in "):
         run_study(prepare_run(dataclasses.replace(first, trials=4)), runner)
     assert runner.requests == []
 

@@ -1,5 +1,5 @@
 """The space a study searches: choices the model's code cannot run or the budget cannot hold are
-left out before any trial, and a resumed study keeps the choices it started with.
+left out before any trial, and a resumed study keeps the choices it searches.
 """
 
 from __future__ import annotations
@@ -237,9 +237,9 @@ def resumed_space(
                 why = prepared.unsupported_choices.get(name, {}).get(str(choice))
                 reasons.append(f"{name} {choice} ({why or f'not in {space.source}'})")
         raise UsageError(
-            f"study {prepared.study_name} was started with choices this run does not search: "
+            f"study {prepared.study_name} searches choices this run's space does not: "
             + ", ".join(reasons)
-            + "; resume it with the space it started with, or start a new study with --study"
+            + "; resume it with the space it searches, or start a new study with --study"
         )
     new = {
         name: fitting
@@ -294,7 +294,7 @@ def resumed_space(
     added = {name: choices for name, choices in added.items() if choices}
     if added:
         notes.append(
-            f"study {prepared.study_name} keeps the choices it started with; not searched: "
+            f"study {prepared.study_name} keeps the choices it searches; not searched: "
             + ", ".join(f"{name} {', '.join(map(str, choices))}" for name, choices in added.items())
             + " (start a new study with --study to search them)"
         )
