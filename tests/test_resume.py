@@ -381,7 +381,9 @@ def test_a_resumed_study_refuses_a_space_without_its_choices(workspace):  # noqa
     space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
     smaller = settings_for(workspace, trials=5, space_path=space)
     runner = FakeRunner()
-    with pytest.raises(UsageError, match=r"started with choices .*: micro_batch_size 4 \(not in"):
+    with pytest.raises(
+        UsageError, match=r"searches choices this run's space does not: micro_batch_size 4 \(not in"
+    ):
         run_study(prepare_run(smaller), runner)
     assert runner.requests == []
     study = optuna.load_study(study_name="s", storage=smaller.storage)
@@ -700,7 +702,7 @@ def test_a_resume_refused_after_the_budget_check_keeps_the_studys_budget(workspa
     run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
     space = _space_file(workspace[0], "micro_batch_size: [1, 2, 4]", "micro_batch_size: [1, 2]")
     refused = settings_for(workspace, trials=3, space_path=space, budget_bytes=5 * 10**9)
-    with pytest.raises(UsageError, match="started with choices"):
+    with pytest.raises(UsageError, match="searches choices this run's space does not"):
         run_study(prepare_run(refused), FakeRunner())
     study = optuna.load_study(study_name="s", storage=refused.storage)
     assert study_setup(study).budget_bytes == 10**10
@@ -1057,3 +1059,101 @@ def test_status_and_the_progress_bar_count_the_same_untried_recipes_after_a_resu
     overview = study_status(first.storage, "s").overview
     assert overview.space_recipes_untried == 0
     assert overview.finished == finished_trial_count(study) == 2 + len(said)
+
+
+def _tiny_space_run(workspace, dropout: str, trials: int):  # noqa: F811
+    """A study on the tiny space (lora_r 4: two recipes, micro_batch_size 1 and 2) whose
+    lora_dropout line is `dropout`, run with --trials `trials`; its settings."""
+    from tests.test_study import TINY_SPACE
+
+    space = workspace[0] / "tiny.yaml"
+    space.write_text(
+        TINY_SPACE.replace("lora_r: [4, 8]", "lora_r: [4]").replace("lora_dropout: 0.0", dropout)
+    )
+    settings = settings_for(workspace, space_path=space, trials=trials, confirm_top=0)
+    run_study(prepare_run(settings), FakeRunner())
+    return settings
+
+
+def test_a_resume_whose_space_searches_a_dimension_the_study_fixed_searches_it(workspace):  # noqa: F811
+    """The study's first space fixed lora_dropout ([0.0]) and it tried both its recipes; the
+    resumed run's space searches lora_dropout 0.0, 0.05, 0.1, which Optuna takes as a new
+    parameter: the run searches them and says so (it said they were not searched), the study
+    records them, and status no longer says its space was tried whole (6 recipes now)."""
+    from autotune.api import list_studies, study_status
+    from autotune.state_text import status_text, studies_text
+    from autotune.study import space_choices
+
+    first = _tiny_space_run(workspace, "lora_dropout: [0.0]", trials=40)
+    assert "every one of the space's 2 recipes has been tried" in status_text(
+        study_status(first.storage, "s")
+    )
+    space = Path(first.space_path)
+    space.write_text(
+        space.read_text().replace("lora_dropout: [0.0]", "lora_dropout: [0.0, 0.05, 0.1]")
+    )
+    events = RunEvents()
+    said: list[str] = []  # status as each of the resumed run's trials ends (before it counts)
+    events.trial_finished = lambda summary: said.append(
+        status_text(study_status(first.storage, "s"))
+    )
+    runner = FakeRunner()
+    study = run_study(prepare_run(first), runner, events)
+    assert not any("not searched" in note for note in events.notes), events.notes
+    assert (
+        "study s searches lora_dropout 0.0, 0.05, 0.1 from this run on; its earlier trials ran "
+        "with one value of it" in events.notes
+    )
+    assert {r.recipe.lora_dropout for r in runner.requests} == {0.0, 0.05, 0.1}
+    assert space_choices(study).fitting["lora_dropout"] == [0.0, 0.05, 0.1]
+    assert (
+        "2 of at most 8 trials finished (--trials 40; 6 recipes of the space untried)" in (said[0])
+    )
+    assert not any("has been tried" in text for text in said)
+    assert "8 trials finished (--trials 40): every one of the space's 6 recipes" in studies_text(
+        list_studies(first.storage)
+    )
+
+
+def test_a_resume_whose_space_fixes_a_dimension_the_study_searches_is_refused(workspace):  # noqa: F811
+    """The study searched lora_dropout 0.0 and 0.1; a space that fixes it at 0.0 would leave
+    0.1 out (the run searched both again and said nothing): refused in one line, naming it."""
+    first = _tiny_space_run(workspace, "lora_dropout: [0.0, 0.1]", trials=2)
+    space = Path(first.space_path)
+    space.write_text(space.read_text().replace("lora_dropout: [0.0, 0.1]", "lora_dropout: 0.0"))
+    runner = FakeRunner()
+    with pytest.raises(UsageError, match=r"space does not: lora_dropout 0\.1 \(not in "):
+        run_study(prepare_run(dataclasses.replace(first, trials=4)), runner)
+    assert runner.requests == []
+
+
+def test_a_resume_whose_space_lists_the_studys_choices_in_another_order_runs(workspace):  # noqa: F811
+    """Optuna holds a parameter's choices in the order its trials were sampled from: a space
+    file listing them in another order resumes (it failed in Optuna at the first trial)."""
+    first = _tiny_space_run(workspace, "lora_dropout: [0.0, 0.1]", trials=2)
+    space = Path(first.space_path)
+    space.write_text(space.read_text().replace("[0.0, 0.1]", "[0.1, 0.0]"))
+    events = RunEvents()
+    study = run_study(prepare_run(dataclasses.replace(first, trials=4)), FakeRunner(), events)
+    assert finished_trial_count(study) == 4 and not events.notes
+
+
+def test_a_resume_whose_study_sampled_other_choices_than_it_stored_is_refused(workspace):  # noqa: F811
+    """A study whose stored space lacks a dimension its trials sampled (as one stored by an
+    older autotune might): its choices are what Optuna holds the run to, so a space with
+    others is refused in one line (the first trial raised in Optuna)."""
+    first = _tiny_space_run(workspace, "lora_dropout: [0.0, 0.1]", trials=2)
+    study = open_study(first.storage, "s")
+    stored = dict(study.user_attrs[SPACE_CHOICES_ATTR])
+    del stored["lora_dropout"]
+    study.set_user_attr(SPACE_CHOICES_ATTR, stored)
+    space = Path(first.space_path)
+    space.write_text(space.read_text().replace("[0.0, 0.1]", "[0.0, 0.05, 0.1]"))
+    runner = FakeRunner()
+    with pytest.raises(
+        UsageError,
+        match=r"sampled lora_dropout from 0\.0, 0\.1, which this run would sample from "
+        r"0\.0, 0\.05, 0\.1; Optuna samples",
+    ):
+        run_study(prepare_run(dataclasses.replace(first, trials=4)), runner)
+    assert runner.requests == []

@@ -68,10 +68,14 @@ def trials_left(study: Any, points: frozenset[SpacePoint] | None, target: int) -
     recipes without a complete trial where they are counted, since the run stops once each
     has one. (A trial the sampler proposes again copies its recipe's figures and counts among
     the finished, so after one this can stay where it was.) The untried count it bounds by is
-    stored (SPACE_UNTRIED_ATTR), so that status and the run's progress bar say one figure."""
+    stored (SPACE_UNTRIED_ATTR), so that status and the run's progress bar say one figure; a
+    space tried whole before that has untried recipes now (a resume searches a dimension more)
+    is no longer said to be tried."""
     left = max(target - finished_trial_count(study), 0)
     untried = untried_points(study, points)
     study.set_user_attr(SPACE_UNTRIED_ATTR, untried)
+    if untried and space_tried(study) is not None:
+        study.set_user_attr(SPACE_TRIED_ATTR, None)
     return left if untried is None else min(left, untried)
 
 
@@ -84,8 +88,8 @@ def untried_recipes(study: Any) -> int | None:
 
 
 def record_space_tried(study: Any, recipes: int) -> None:
-    """Every recipe of the study's space has been tried; its choices never change after its
-    first run, so this stays true."""
+    """Every recipe of the study's space has been tried: true until a resumed run's space
+    searches a dimension the study did not (trials_left clears it)."""
     study.set_user_attr(SPACE_TRIED_ATTR, recipes)
 
 

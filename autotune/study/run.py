@@ -24,7 +24,7 @@ from autotune.study.coverage import (
 )
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
-from autotune.study.pruning import resumed_space
+from autotune.study.pruning import held_choices, resumed_space
 from autotune.study.records import (
     ProbeCrashed,
     baseline_attrs,
@@ -207,13 +207,15 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 prepared.ruled_out_models,
             ),
         )
-    # A resumed study keeps the choices it started with: Optuna refuses other ones.
+    # A resumed study keeps the choices it searched (Optuna refuses other ones); a dimension
+    # its earlier space fixed, this run's may search
     choices = space_choices(study)
     if choices:
-        space, note = resumed_space(prepared, choices.fitting)
+        space, searched, notes = resumed_space(prepared, choices, held_choices(study))
         prepared = dataclasses.replace(prepared, space=space)
-        if note:
-            events.notes.append(note)
+        events.notes.extend(notes)
+        if searched != choices:
+            record_space_choices(study, searched)
     if new_study:
         record_setup(
             study,
