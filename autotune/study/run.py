@@ -24,13 +24,13 @@ from autotune.study.coverage import (
 )
 from autotune.study.objective import RunEvents, make_objective
 from autotune.study.promotion import promote
-from autotune.study.pruning import held_choices, resumed_space
 from autotune.study.records import (
     ProbeCrashed,
     baseline_attrs,
     finished_trial_count,
     trial_budget,
 )
+from autotune.study.resumed_space import held_choices, resumed_space
 from autotune.study.seeding import baseline_params, fits_budget
 from autotune.study.settings import PreparedRun, tokenizer_for
 from autotune.study.storage import open_study
