@@ -576,7 +576,8 @@ def write_margins(out: Path) -> None:
             )
             print(
                 f"{row['memory_model']:8} {row['reported_row']}: "
-                f"{row['predicted_reserved_gib']:.2f} GiB reserved against {row['measured_reserved_gib']:.2f} measured "
+                f"{row['predicted_reserved_gib']:.2f} GiB reserved against "
+                f"{row['measured_reserved_gib']:.2f} measured "
                 f"({row['error']:+.2%}){allocated}"
             )
     for model, by_kind in table.items():
