@@ -506,9 +506,13 @@ REPORTED_PEAKS = ROOT / "bench" / "results" / "memory_h100_reported.json"
 def margin_rows(rescored: Path = REPLAY_RESCORE, reported: Path = REPORTED_PEAKS) -> list[dict]:
     """Every measured H100 peak scored by the model that answers for it in a study: the
     formula on each row, the replay where it ran (rows it leaves to the formula count once).
-    The rescored rows carry both predictions; the reported rows carry the replay's as reported
-    and get the formula's now."""
+    The rescored rows carry both predictions; the reported rows are predicted now, as a study
+    predicts them (their "reported_prediction", made by the models of the time, is history and
+    not scored), against their reserved peak without the CUDA context, and carry their figures
+    (GiB) for the printout."""
     from autotune.memory import CUDA_CONTEXT_BYTES
+    from autotune.prediction import predict
+    from autotune.replay import load_config
 
     rows = []
     for row in json.loads(rescored.read_text(encoding="utf-8"))["rows"]:
@@ -528,37 +532,54 @@ def margin_rows(rescored: Path = REPLAY_RESCORE, reported: Path = REPORTED_PEAKS
         quantization = row["fields"].get("quantization", "none")
         measured = row["measured_reserved_gib"] * 2**30
         recipe = Recipe.from_dict({"model": row["shape"], **row["fields"]})
-        formula = estimate(load_model_spec(str(CONFIGS[row["shape"]])), recipe).peak_bytes
-        rows.append(
-            {
-                "memory_model": "formula",
+        spec = load_model_spec(str(CONFIGS[row["shape"]]))
+        replayed, used, _ = predict(spec, recipe, load_config(str(CONFIGS[row["shape"]])))
+        predictions = [("formula", estimate(spec, recipe))]
+        if used == "replay":
+            predictions.append(("replay", replayed))
+        for model, predicted in predictions:
+            scored = {
+                "memory_model": model,
                 "quantization": quantization,
-                "error": (formula - CUDA_CONTEXT_BYTES) / measured - 1,
+                "error": (predicted.peak_bytes - CUDA_CONTEXT_BYTES) / measured - 1,
+                "reported_row": f"{row['shape']} {row['recipe']} seq {row['fields']['seq_len']}",
+                "predicted_reserved_gib": (predicted.peak_bytes - CUDA_CONTEXT_BYTES) / 2**30,
+                "measured_reserved_gib": row["measured_reserved_gib"],
             }
-        )
-        replay_gib = row.get("reported_prediction", {}).get("replay")
-        if replay_gib is not None:
-            rows.append(
-                {
-                    "memory_model": "replay",
-                    "quantization": quantization,
-                    "error": replay_gib / row["measured_reserved_gib"] - 1,
-                }
-            )
+            if row.get("measured_allocated_gib"):
+                scored["predicted_allocated_gib"] = predicted.allocated_bytes / 2**30
+                scored["measured_allocated_gib"] = row["measured_allocated_gib"]
+            rows.append(scored)
     return rows
 
 
 def write_margins(out: Path) -> None:
-    """The margin table a study adds to its predictions (autotune/memory_margins.json)."""
+    """The margin table a study adds to its predictions (autotune/memory_margins.json); prints
+    each reported row as predicted now, then the table."""
     from autotune.margins import margins_of
 
-    table = margins_of(margin_rows())
+    rows = margin_rows()
+    table = margins_of(rows)
     record = {
         "command": " ".join(["python", "bench/memory_bench.py", *sys.argv[1:]]),
         "measured_in": [str(p.relative_to(ROOT)) for p in (REPLAY_RESCORE, REPORTED_PEAKS)],
         "margins": table,
     }
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    for row in rows:
+        if "reported_row" in row:
+            allocated = (
+                f" (allocated {row['predicted_allocated_gib']:.2f} against "
+                f"{row['measured_allocated_gib']:.2f})"
+                if "measured_allocated_gib" in row
+                else ""
+            )
+            print(
+                f"{row['memory_model']:8} {row['reported_row']}: "
+                f"{row['predicted_reserved_gib']:.2f} GiB reserved against "
+                f"{row['measured_reserved_gib']:.2f} measured "
+                f"({row['error']:+.2%}){allocated}"
+            )
     for model, by_kind in table.items():
         for kind, entry in by_kind.items():
             print(
