@@ -336,7 +336,13 @@ def test_replay_diff_tells_the_blocks_alive_at_each_allocated_peak():
 def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
     """autotune/memory_margins.json is what `python bench/memory_bench.py --margins` makes of
     the committed H100 rows: a changed model or a new measured row without a new table fails."""
-    from autotune.margins import MARGINS_FILE, fraction_for, margins_of, memory_margin
+    from autotune.margins import (
+        MARGINS_FILE,
+        MIN_ROWS_OF_A_KIND,
+        fraction_for,
+        margins_of,
+        memory_margin,
+    )
 
     bench = load_bench("memory_bench")
     rows = bench.margin_rows()
@@ -356,8 +362,13 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
         r["error"] for r in rows if (r["memory_model"], r["quantization"]) == ("replay", "int8")
     ]
     assert len(int8) == 5  # three rescored rows and both reported int8 rows, replayed
+    # five rows (one fitted the replay's outlier share) are thin evidence: int8 takes the
+    # replay's worst miss over every kind where that is worse
+    assert len(int8) < MIN_ROWS_OF_A_KIND
+    worst_replay = min(r["error"] for r in rows if r["memory_model"] == "replay")
+    assert worst_replay < min(int8)
     assert memory_margin("replay", "int8").fraction == pytest.approx(
-        fraction_for(min(int8)), abs=1e-6
+        fraction_for(worst_replay), abs=1e-6
     )
 
 
