@@ -242,7 +242,8 @@ def train(
     """Fine-tune with the recipe in `recipe_path`; the adapter or model goes to `output_dir`.
     `options` are autotune.training.train.train's (epochs, max_steps, resume, budget_bytes...)."""
     from autotune.architecture import check_recipe
-    from autotune.model_spec import check_local_weights, load_model_spec
+    from autotune.model_source import check_local_weights
+    from autotune.model_spec import load_model_spec
     from autotune.recipe import Recipe
     from autotune.remote_code import allow_remote_code
     from autotune.replay import load_config
@@ -294,7 +295,7 @@ def inspect_data(
     (`progress(done, total)` as rows are tokenized). A file without a row is refused, as a run
     refuses it."""
     from autotune.data.summary import summarize
-    from autotune.model_spec import check_model_reference
+    from autotune.model_source import check_model_reference
     from autotune.remote_code import allow_remote_code
     from autotune.study import tokenizer_for
 

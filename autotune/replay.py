@@ -54,7 +54,7 @@ from autotune.meta_cuda import (
 from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
 from autotune.meta_host import HostMemory
 from autotune.meta_int8 import int8_cuda_kernels
-from autotune.model_spec import check_model_reference
+from autotune.model_source import check_model_reference
 from autotune.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from autotune.recipe import Recipe
 

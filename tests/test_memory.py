@@ -334,7 +334,7 @@ def test_a_model_directory_with_only_tensorflow_or_flax_weights_has_none_to_trai
     # transformers' PyTorch models load safetensors or .bin files (or their shards); a
     # directory of flax_model.msgpack or tf_model.h5 crashed every probe
     from autotune.errors import UsageError
-    from autotune.model_spec import check_local_weights
+    from autotune.model_source import check_local_weights
 
     for name in ("flax_model.msgpack", "tf_model.h5", "model.ckpt.index"):
         folder = tmp_path / name.split(".")[0]
@@ -352,7 +352,7 @@ def test_a_model_directory_with_only_tensorflow_or_flax_weights_has_none_to_trai
 def test_a_safetensors_file_cut_short_or_not_one_is_refused_before_the_probes(tmp_path):
     # every probe of a run crashed on it (SafetensorError), and the run ended with exit code 0
     from autotune.errors import UsageError
-    from autotune.model_spec import check_local_weights
+    from autotune.model_source import check_local_weights
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     whole = len(header).to_bytes(8, "little") + header + bytes(16)
@@ -380,7 +380,7 @@ def test_safetensors_that_the_loader_refuses_past_their_length_are_refused_too(t
     import os
 
     from autotune.errors import UsageError
-    from autotune.model_spec import check_local_weights
+    from autotune.model_source import check_local_weights
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     whole = len(header).to_bytes(8, "little") + header + bytes(16)

@@ -15,7 +15,8 @@ from autotune.data.token_cache import cached_splits
 from autotune.errors import UsageError
 from autotune.margins import check_margin
 from autotune.memory import MemoryEstimate
-from autotune.model_spec import ModelSpec, check_local_weights, load_model_spec
+from autotune.model_source import check_local_weights
+from autotune.model_spec import ModelSpec, load_model_spec
 from autotune.offgpu import run_off_gpu
 from autotune.outputs import check_run_outputs
 from autotune.prediction import NARROWEST_TOKEN_LENGTHS, check_memory_model
