@@ -160,6 +160,67 @@ def test_replay_of_the_chunked_loss_allocates_what_a_real_step_allocates(
     assert replayed.peak_allocated_bytes < standard.peak_allocated_bytes
 
 
+def test_standard_loss_step_holds_what_a_labels_loss_loop_holds(tmp_path):
+    """The standard loss is the model's own (labels to the model: transformers' ForCausalLMLoss),
+    so a loop of `model(input_ids=ids, labels=ids).loss` (the held-out H100 check's) holds at
+    its loss what the probe's step holds and the replay replays: on Qwen2-7B's vocabulary,
+    with the fp32 hidden states and head k-bit training leaves, three fp32 vocabulary-wide
+    buffers (the log-probabilities, their gradient in and out) and no logits."""
+    import torch
+
+    from autotune.random_model import cut_config
+    from autotune.step_trace import allocation_tracer, model_tensors
+    from autotune.training.build import build_model, build_optimizer
+
+    vocab = 152064
+    widths = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+    config = cut_config(SHAPE_CONFIGS / "qwen2-7b.json", **widths, vocab=vocab, seq_len=32)
+    model_dir = build_random_model(config, tmp_path / "model")
+    recipe = Recipe.from_dict(
+        {
+            "model": str(model_dir),
+            "method": "lora",
+            "lora_r": 64,
+            "lora_target_modules": "all-linear",
+            "lora_dropout": 0.0,
+            "precision": "fp32",
+            "attention": "eager",
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "seq_len": 32,
+        }
+    )
+    probe = trace_step(recipe)
+
+    torch.manual_seed(0)
+    model = build_model(recipe, "cpu")
+    optimizer = build_optimizer(model, recipe)
+    ids = torch.randint(1, vocab, (4, 32))
+
+    def labels_loss_step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    labels_loss_step()
+    tracer = allocation_tracer(model_tensors(model, optimizer))
+    with tracer:
+        labels_loss_step()
+    for at_peak in (probe.at_peak, tracer.at_peak):
+        wide = [t for t in at_peak if t.shape and t.shape[-1] == vocab]
+        assert sorted((t.op, t.dtype) for t in wide) == [
+            ("_log_softmax", "float32"),
+            ("_log_softmax_backward_data", "float32"),
+            ("nll_loss_backward", "float32"),
+        ]
+    # the probe's batch also holds its labels and attention mask (3 KiB here)
+    assert abs(tracer.before + tracer.peak - probe.peak_bytes) <= 2**14
+    replayed = replay(recipe, load_config(str(model_dir)), cublas_workspace_bytes=0)
+    assert (
+        abs(replayed.peak_allocated_bytes - probe.peak_bytes) <= REPLAY_TOLERANCE * probe.peak_bytes
+    )
+
+
 MIXTRAL_CUT = {
     "model_type": "mixtral",
     **width_fields(CPU_WIDTHS),
