@@ -1,5 +1,5 @@
 """The space a study searches: choices the model's code cannot run or the budget cannot hold are
-left out before any trial (a resumed study's space: autotune.study.resumed_space).
+left out before any trial (a resumed study's space: autotune.study.resumed).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from autotune.study.records import (
     finished_trial_count,
     trial_budget,
 )
-from autotune.study.resumed_space import held_choices, resumed_space
+from autotune.study.resumed import held_choices, resumed_space
 from autotune.study.seeding import baseline_params, fits_budget
 from autotune.study.settings import PreparedRun, tokenizer_for
 from autotune.study.storage import open_study
