@@ -751,6 +751,64 @@ def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(full_rows_wor
     ) in events.notes
 
 
+def test_a_choice_a_smaller_resumed_budget_rules_out_is_said_to_be_searched_unprobed(
+    full_rows_workspace,  # noqa: F811
+):
+    """Resumed under a budget no full fine-tune fits, the study still samples method full
+    (Optuna keeps its choices): the run's opening lines and the report say so rather than that
+    it is not searched, its trials are held over the budget and no probe trains it; resumed
+    again under the first budget, nothing is said of it."""
+    import io
+
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter
+    from autotune.memory import estimate
+    from autotune.report import report_data
+    from autotune.study.records import TrialStatus, trial_status
+
+    work = full_rows_workspace
+    roomy = prepare_run(settings_for(work, budget_bytes=10**12))
+    least: dict[str, int] = {}
+    for params in roomy.space.all_params():
+        recipe = roomy.space.build(params, str(work[1]), roomy.spec, 64)
+        method = params["method"]
+        least[method] = min(least.get(method, 2**62), estimate(roomy.spec, recipe).peak_bytes)
+    others = max(peak for method, peak in least.items() if method != "full")
+    assert least["full"] > others  # a budget between them rules out full alone of the methods
+    budget = (least["full"] + others) // 2
+    first = run_study(prepare_run(settings_for(work, trials=4, budget_bytes=10**12)), FakeRunner())
+    assert "full" in {t.params["method"] for t in first.trials}
+
+    def resumed(budget_bytes: int, trials: int) -> tuple[list[str], FakeRunner, optuna.Study]:
+        out, runner = io.StringIO(), FakeRunner()
+        with ConsoleReporter(Console(file=out, width=1000)) as reporter:
+            settings = settings_for(work, trials=trials, budget_bytes=budget_bytes)
+            study = run_study(prepare_run(settings), runner, reporter)
+        return out.getvalue().splitlines(), runner, study
+
+    lines, runner, study = resumed(budget, 14)
+    said = [line for line in lines if "no recipe with them fits the budget" in line]
+    assert len(said) == 1, lines
+    assert said[0].startswith(
+        "searched by the study, but no recipe with them fits the budget (predicted): method "
+        f"full ({format_bytes(least['full'])} at least by the formula)"
+    )
+    assert said[0].endswith(
+        "trials with them are held over the budget and run no probe (a new study, --study "
+        "NAME, leaves them out)"
+    )
+    assert not any(line.startswith("not searched") for line in lines), lines
+    full = [t for t in study.trials[4:] if t.params["method"] == "full"]
+    assert full, "the resumed study sampled no full fine-tune"
+    assert all(trial_status(t) == TrialStatus.OVER_BUDGET_PREDICTED for t in full)
+    assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
+    assert report_data(study).space_lines == (said[0],)
+    lines, _, study = resumed(10**12, 15)
+    assert not any("no recipe with them fits" in line for line in lines), lines
+    assert report_data(study).space_lines == ()
+
+
 def test_a_trial_under_the_old_budget_numbered_past_a_change_is_held_to_it(workspace):  # noqa: F811
     """The budget history is keyed by trial number: a resume whose first trial is a queued
     one numbered below a trial finished under the old budget (or a second worker still under

@@ -105,11 +105,27 @@ def resumed_space(
         """What the study stored of each dimension, and this run's of those it adds."""
         return {**stored_part, **{name: current[name] for name in new if name in current}}
 
+    # what the study searches that this run's budget rules out (a smaller --budget): Optuna
+    # still samples it, and the objective records its trials as over the budget, unprobed
+    over_budget = {
+        name: {
+            str(choice): prepared.ruled_out_choices[name][str(choice)]
+            for choice in kept
+            if str(choice) in prepared.ruled_out_choices.get(name, {})
+        }
+        for name, kept in stored.fitting.items()
+    }
+    over_budget = {name: peaks for name, peaks in over_budget.items() if peaks}
+    models = with_new(stored.ruled_out_models, prepared.ruled_out_models)
+    for name, peaks in over_budget.items():
+        now = prepared.ruled_out_models.get(name, {})
+        models[name] = {**models.get(name, {}), **{c: now[c] for c in peaks if c in now}}
     searched = SpaceChoices(
         {**stored.fitting, **new},
         with_new(stored.ruled_out, prepared.ruled_out_choices),
         with_new(stored.unsupported, prepared.unsupported_choices),
-        with_new(stored.ruled_out_models, prepared.ruled_out_models),
+        models,
+        over_budget,
     )
     return resumed, searched, notes
 
