@@ -161,6 +161,7 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
             prepared.ruled_out_choices,
             prepared.ruled_out_models,
             prepared.over_budget_choices,
+            prepared.kept_out_choices,
         ):
             self.console.print(line)
         # its total unknown until the study is open (trials_left)

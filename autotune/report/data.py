@@ -160,6 +160,7 @@ def report_data(
                 choices.ruled_out,
                 choices.ruled_out_models,
                 choices.over_budget,
+                choices.kept_out,
             )
             if choices
             else ()

@@ -120,12 +120,22 @@ def resumed_space(
     for name, peaks in over_budget.items():
         now = prepared.ruled_out_models.get(name, {})
         models[name] = {**models.get(name, {}), **{c: now[c] for c in peaks if c in now}}
+    # a choice the study left out when it was sized that fits this run's budget (a larger
+    # --budget) is not searched for that reason now
+    kept_out = {name: [str(choice) for choice in choices] for name, choices in added.items()}
+    ruled_out = {
+        name: {c: peak for c, peak in peaks.items() if c not in kept_out.get(name, ())}
+        for name, peaks in stored.ruled_out.items()
+    }
     searched = SpaceChoices(
         {**stored.fitting, **new},
-        with_new(stored.ruled_out, prepared.ruled_out_choices),
+        with_new(
+            {name: peaks for name, peaks in ruled_out.items() if peaks}, prepared.ruled_out_choices
+        ),
         with_new(stored.unsupported, prepared.unsupported_choices),
         models,
         over_budget,
+        kept_out,
     )
     return resumed, searched, notes
 

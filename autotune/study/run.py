@@ -223,6 +223,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             space=space,
             ruled_out_choices={name: peaks for name, peaks in not_held.items() if peaks},
             over_budget_choices=searched.over_budget,
+            kept_out_choices=searched.kept_out,
         )
         events.notes.extend(notes)
         if searched != choices:

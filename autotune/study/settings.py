@@ -309,6 +309,9 @@ class PreparedRun:
     """Of a resumed study: dimension -> choice it searches that the budget rules out -> the
     peak that rules it out (SpaceChoices.over_budget); those choices are then not among
     ruled_out_choices, which holds what the study does not search."""
+    kept_out_choices: dict[str, list[str]] = field(default_factory=dict)
+    """Of a resumed study: dimension -> choice that fits the budget but the study does not
+    search (SpaceChoices.kept_out)."""
     replayed: dict[str, tuple[Any, str]] = field(default_factory=dict)
     """The replays the space's sizing made (replay_key -> MemoryEstimate, the model that
     answered), where the trials' predictions start."""

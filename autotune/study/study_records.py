@@ -194,6 +194,10 @@ class SpaceChoices:
     now -> the peak that rules it out: a study resumed under a smaller budget still samples
     it (Optuna keeps a study's choices), and its trials are recorded as over the budget
     without a probe."""
+    kept_out: dict[str, list[str]] = field(default_factory=dict)
+    """Dimension -> choice of the space file the study does not search though a recipe fits
+    the budget with it now (the study was sized under a smaller budget, or the space file
+    gained it): Optuna keeps a study's choices."""
 
 
 SPACE_CHOICES_ATTR = "space_choices"
@@ -201,6 +205,7 @@ RULED_OUT_CHOICES_ATTR = "ruled_out_choices"
 RULED_OUT_MODELS_ATTR = "ruled_out_models"
 UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
 OVER_BUDGET_CHOICES_ATTR = "over_budget_choices"
+KEPT_OUT_CHOICES_ATTR = "kept_out_choices"
 
 
 def record_space_choices(study: Any, choices: SpaceChoices) -> None:
@@ -212,6 +217,8 @@ def record_space_choices(study: Any, choices: SpaceChoices) -> None:
         study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
     if choices.over_budget or study.user_attrs.get(OVER_BUDGET_CHOICES_ATTR):
         study.set_user_attr(OVER_BUDGET_CHOICES_ATTR, choices.over_budget)
+    if choices.kept_out or study.user_attrs.get(KEPT_OUT_CHOICES_ATTR):
+        study.set_user_attr(KEPT_OUT_CHOICES_ATTR, choices.kept_out)
 
 
 def space_choices(study: Any) -> SpaceChoices | None:
@@ -225,6 +232,7 @@ def space_choices(study: Any) -> SpaceChoices | None:
         attrs.get(UNSUPPORTED_CHOICES_ATTR) or {},
         attrs.get(RULED_OUT_MODELS_ATTR) or {},
         attrs.get(OVER_BUDGET_CHOICES_ATTR) or {},
+        attrs.get(KEPT_OUT_CHOICES_ATTR) or {},
     )
 
 
