@@ -157,7 +157,11 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
             + run_headline(prepared)
         )
         for line in not_searched(
-            prepared.unsupported_choices, prepared.ruled_out_choices, prepared.ruled_out_models
+            prepared.unsupported_choices,
+            prepared.ruled_out_choices,
+            prepared.ruled_out_models,
+            prepared.over_budget_choices,
+            prepared.kept_out_choices,
         ):
             self.console.print(line)
         # its total unknown until the study is open (trials_left)

@@ -751,6 +751,101 @@ def test_a_trial_over_a_smaller_resumed_budget_leaves_the_frontier(full_rows_wor
     ) in events.notes
 
 
+def _budget_no_full_fine_tune_fits(work) -> tuple[int, int]:
+    """A budget that rules out method full alone of the methods (on rows as wide as seq_len),
+    and the formula's least peak of a full fine-tune."""
+    from autotune.memory import estimate
+
+    roomy = prepare_run(settings_for(work, budget_bytes=10**12))
+    least: dict[str, int] = {}
+    for params in roomy.space.all_params():
+        recipe = roomy.space.build(params, str(work[1]), roomy.spec, 64)
+        method = params["method"]
+        least[method] = min(least.get(method, 2**62), estimate(roomy.spec, recipe).peak_bytes)
+    others = max(peak for method, peak in least.items() if method != "full")
+    assert least["full"] > others
+    return (least["full"] + others) // 2, least["full"]
+
+
+def _shown_run(work, budget_bytes: int, trials: int) -> tuple[list[str], FakeRunner, optuna.Study]:
+    """The lines a run prints, its probes and its study."""
+    import io
+
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter
+
+    out, runner = io.StringIO(), FakeRunner()
+    with ConsoleReporter(Console(file=out, width=1000)) as reporter:
+        settings = settings_for(work, trials=trials, budget_bytes=budget_bytes)
+        study = run_study(prepare_run(settings), runner, reporter)
+    return out.getvalue().splitlines(), runner, study
+
+
+def test_a_choice_a_smaller_resumed_budget_rules_out_is_said_to_be_searched_unprobed(
+    full_rows_workspace,  # noqa: F811
+):
+    """Resumed under a budget no full fine-tune fits, the study still samples method full
+    (Optuna keeps its choices): the run's opening lines and the report say so rather than that
+    it is not searched, its trials are held over the budget and no probe trains it; resumed
+    again under the first budget, nothing is said of it."""
+    from autotune.report import report_data
+    from autotune.study.records import TrialStatus, trial_status
+
+    work = full_rows_workspace
+    budget, full_peak = _budget_no_full_fine_tune_fits(work)
+    first = run_study(prepare_run(settings_for(work, trials=4, budget_bytes=10**12)), FakeRunner())
+    assert "full" in {t.params["method"] for t in first.trials}
+    lines, runner, study = _shown_run(work, budget, 14)
+    said = [line for line in lines if "no recipe with them fits the budget" in line]
+    assert len(said) == 1, lines
+    assert said[0].startswith(
+        "searched by the study, but no recipe with them fits the budget (predicted): method "
+        f"full ({format_bytes(full_peak)} at least by the formula)"
+    )
+    assert said[0].endswith(
+        "trials with them are held over the budget and run no probe (a new study, --study "
+        "NAME, leaves them out)"
+    )
+    assert not any(line.startswith("not searched") for line in lines), lines
+    full = [t for t in study.trials[4:] if t.params["method"] == "full"]
+    assert full, "the resumed study sampled no full fine-tune"
+    assert all(trial_status(t) == TrialStatus.OVER_BUDGET_PREDICTED for t in full)
+    assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
+    assert report_data(study).space_lines == (said[0],)
+    lines, _, study = _shown_run(work, 10**12, 15)
+    assert not any("no recipe with them fits" in line for line in lines), lines
+    assert report_data(study).space_lines == ()
+
+
+def test_a_choice_a_larger_resumed_budget_fits_is_not_said_to_be_over_it(
+    full_rows_workspace,  # noqa: F811
+):
+    """A study sized under a budget no full fine-tune fits, resumed under one it fits, does not
+    search method full (Optuna keeps its choices): the run and the report say that, not that
+    no recipe with it fits the budget, and no probe trains it."""
+    from autotune.report import report_data
+
+    work = full_rows_workspace
+    budget, _ = _budget_no_full_fine_tune_fits(work)
+    lines, _, _ = _shown_run(work, budget, 3)
+    assert any(
+        line.startswith(
+            "not searched, no recipe with them fits the budget (predicted): method full ("
+        )
+        for line in lines
+    ), lines
+    lines, runner, study = _shown_run(work, 10**12, 8)
+    kept = [line for line in lines if line.startswith("not searched")]
+    assert len(kept) == 1 and kept[0].startswith(
+        "not searched, the study keeps the choices it searches, though a recipe with them fits "
+        "the budget now: method full"
+    ), lines
+    assert kept[0].endswith("(a new study, --study NAME, searches them)")
+    assert report_data(study).space_lines == (kept[0],)
+    assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
+
+
 def test_a_trial_under_the_old_budget_numbered_past_a_change_is_held_to_it(workspace):  # noqa: F811
     """The budget history is keyed by trial number: a resume whose first trial is a queued
     one numbered below a trial finished under the old budget (or a second worker still under

@@ -155,7 +155,13 @@ def report_data(
             frame, busy_seconds(study.get_trials(deepcopy=False), datetime.datetime.now())
         ),
         space_lines=tuple(
-            not_searched(choices.unsupported, choices.ruled_out, choices.ruled_out_models)
+            not_searched(
+                choices.unsupported,
+                choices.ruled_out,
+                choices.ruled_out_models,
+                choices.over_budget,
+                choices.kept_out,
+            )
             if choices
             else ()
         ),

@@ -105,11 +105,37 @@ def resumed_space(
         """What the study stored of each dimension, and this run's of those it adds."""
         return {**stored_part, **{name: current[name] for name in new if name in current}}
 
+    # what the study searches that this run's budget rules out (a smaller --budget): Optuna
+    # still samples it, and the objective records its trials as over the budget, unprobed
+    over_budget = {
+        name: {
+            str(choice): prepared.ruled_out_choices[name][str(choice)]
+            for choice in kept
+            if str(choice) in prepared.ruled_out_choices.get(name, {})
+        }
+        for name, kept in stored.fitting.items()
+    }
+    over_budget = {name: peaks for name, peaks in over_budget.items() if peaks}
+    models = with_new(stored.ruled_out_models, prepared.ruled_out_models)
+    for name, peaks in over_budget.items():
+        now = prepared.ruled_out_models.get(name, {})
+        models[name] = {**models.get(name, {}), **{c: now[c] for c in peaks if c in now}}
+    # a choice the study left out when it was sized that fits this run's budget (a larger
+    # --budget) is not searched for that reason now
+    kept_out = {name: [str(choice) for choice in choices] for name, choices in added.items()}
+    ruled_out = {
+        name: {c: peak for c, peak in peaks.items() if c not in kept_out.get(name, ())}
+        for name, peaks in stored.ruled_out.items()
+    }
     searched = SpaceChoices(
         {**stored.fitting, **new},
-        with_new(stored.ruled_out, prepared.ruled_out_choices),
+        with_new(
+            {name: peaks for name, peaks in ruled_out.items() if peaks}, prepared.ruled_out_choices
+        ),
         with_new(stored.unsupported, prepared.unsupported_choices),
-        with_new(stored.ruled_out_models, prepared.ruled_out_models),
+        models,
+        over_budget,
+        kept_out,
     )
     return resumed, searched, notes
 

@@ -191,7 +191,6 @@ def _note_space_tried(
 def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | None = None) -> Any:
     """Run (or resume) the study until it holds `trials` finished trials or time runs out."""
     events = events or RunEvents()
-    events.run_started(prepared)
     settings = prepared.settings
     study = open_study(prepared.storage, prepared.study_name, settings.seed)
     new_study = not study.get_trials(deepcopy=False)
@@ -212,10 +211,24 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     choices = space_choices(study)
     if choices:
         space, searched, notes = resumed_space(prepared, choices, held_choices(study))
-        prepared = dataclasses.replace(prepared, space=space)
+        # the headline says what the study leaves out, and what it samples that cannot fit
+        not_held = {
+            name: {
+                c: peak for c, peak in peaks.items() if c not in searched.over_budget.get(name, {})
+            }
+            for name, peaks in prepared.ruled_out_choices.items()
+        }
+        prepared = dataclasses.replace(
+            prepared,
+            space=space,
+            ruled_out_choices={name: peaks for name, peaks in not_held.items() if peaks},
+            over_budget_choices=searched.over_budget,
+            kept_out_choices=searched.kept_out,
+        )
         events.notes.extend(notes)
         if searched != choices:
             record_space_choices(study, searched)
+    events.run_started(prepared)
     if new_study:
         record_setup(
             study,

@@ -305,6 +305,13 @@ class PreparedRun:
     """The memory model that gave smallest_peak_bytes ("replay" or "formula")."""
     ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> ruled out choice -> the memory model whose peak ruled it out."""
+    over_budget_choices: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Of a resumed study: dimension -> choice it searches that the budget rules out -> the
+    peak that rules it out (SpaceChoices.over_budget); those choices are then not among
+    ruled_out_choices, which holds what the study does not search."""
+    kept_out_choices: dict[str, list[str]] = field(default_factory=dict)
+    """Of a resumed study: dimension -> choice that fits the budget but the study does not
+    search (SpaceChoices.kept_out)."""
     replayed: dict[str, tuple[Any, str]] = field(default_factory=dict)
     """The replays the space's sizing made (replay_key -> MemoryEstimate, the model that
     answered), where the trials' predictions start."""

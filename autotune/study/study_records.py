@@ -187,14 +187,25 @@ class SpaceChoices:
     unsupported: dict[str, dict[str, str]] = field(default_factory=dict)
     """Dimension -> choice -> why the model cannot run it."""
     ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Dimension -> ruled out choice -> the memory model whose peak ruled it out (none stored:
-    the formula, as studies were sized before)."""
+    """Dimension -> ruled out (or over_budget) choice -> the memory model whose peak ruled it
+    out (none stored: the formula, as studies were sized before)."""
+    over_budget: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Dimension -> choice the study searches (fitting) that no recipe fits the budget with
+    now -> the peak that rules it out: a study resumed under a smaller budget still samples
+    it (Optuna keeps a study's choices), and its trials are recorded as over the budget
+    without a probe."""
+    kept_out: dict[str, list[str]] = field(default_factory=dict)
+    """Dimension -> choice of the space file the study does not search though a recipe fits
+    the budget with it now (the study was sized under a smaller budget, or the space file
+    gained it): Optuna keeps a study's choices."""
 
 
 SPACE_CHOICES_ATTR = "space_choices"
 RULED_OUT_CHOICES_ATTR = "ruled_out_choices"
 RULED_OUT_MODELS_ATTR = "ruled_out_models"
 UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
+OVER_BUDGET_CHOICES_ATTR = "over_budget_choices"
+KEPT_OUT_CHOICES_ATTR = "kept_out_choices"
 
 
 def record_space_choices(study: Any, choices: SpaceChoices) -> None:
@@ -204,6 +215,10 @@ def record_space_choices(study: Any, choices: SpaceChoices) -> None:
         study.set_user_attr(RULED_OUT_MODELS_ATTR, choices.ruled_out_models)
     if choices.unsupported:
         study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
+    if choices.over_budget or study.user_attrs.get(OVER_BUDGET_CHOICES_ATTR):
+        study.set_user_attr(OVER_BUDGET_CHOICES_ATTR, choices.over_budget)
+    if choices.kept_out or study.user_attrs.get(KEPT_OUT_CHOICES_ATTR):
+        study.set_user_attr(KEPT_OUT_CHOICES_ATTR, choices.kept_out)
 
 
 def space_choices(study: Any) -> SpaceChoices | None:
@@ -216,6 +231,8 @@ def space_choices(study: Any) -> SpaceChoices | None:
         attrs.get(RULED_OUT_CHOICES_ATTR) or {},
         attrs.get(UNSUPPORTED_CHOICES_ATTR) or {},
         attrs.get(RULED_OUT_MODELS_ATTR) or {},
+        attrs.get(OVER_BUDGET_CHOICES_ATTR) or {},
+        attrs.get(KEPT_OUT_CHOICES_ATTR) or {},
     )
 
 

@@ -96,8 +96,13 @@ def not_searched(
     unsupported: dict[str, dict[str, str]],
     ruled_out: dict[str, dict[str, int]],
     ruled_out_models: dict[str, dict[str, str]] | None = None,
+    over_budget: dict[str, dict[str, int]] | None = None,
+    kept_out: dict[str, list[str]] | None = None,
 ) -> list[str]:
-    """What a study leaves out of its space file and why, a line per reason (CLI and report)."""
+    """What a study leaves out of its space file and why, a line per reason, and the choices
+    it searches that no recipe fits the budget with now (`over_budget`: a study resumed under
+    a smaller budget) (CLI and report). `kept_out`: choices a resumed study does not search
+    though a recipe with them fits the budget now."""
     lines = []
     if unsupported:
         lines.append("not searched, they cannot run here: " + describe_unsupported(unsupported))
@@ -105,5 +110,19 @@ def not_searched(
         lines.append(
             "not searched, no recipe with them fits the budget (predicted): "
             + describe_ruled_out(ruled_out, ruled_out_models)
+        )
+    if over_budget:
+        lines.append(
+            "searched by the study, but no recipe with them fits the budget (predicted): "
+            + describe_ruled_out(over_budget, ruled_out_models)
+            + "; Optuna keeps a study's choices, so trials with them are held over the budget "
+            "and run no probe (a new study, --study NAME, leaves them out)"
+        )
+    if kept_out:
+        lines.append(
+            "not searched, the study keeps the choices it searches, though a recipe with them "
+            "fits the budget now: "
+            + ", ".join(f"{name} {', '.join(choices)}" for name, choices in kept_out.items())
+            + " (a new study, --study NAME, searches them)"
         )
     return lines
