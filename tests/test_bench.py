@@ -367,9 +367,11 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
     assert len(int8) < MIN_ROWS_OF_A_KIND
     worst_replay = min(r["error"] for r in rows if r["memory_model"] == "replay")
     assert worst_replay < min(int8)
-    assert memory_margin("replay", "int8").fraction == pytest.approx(
-        fraction_for(worst_replay), abs=1e-6
-    )
+    int8_margin = memory_margin("replay", "int8")
+    assert int8_margin.fraction == pytest.approx(fraction_for(worst_replay), abs=1e-6)
+    # the line says whose miss it is: every base's, and int8's own beside it
+    assert f"peaks of every base: {100 * worst_replay:.1f}%" in int8_margin.why
+    assert f"measured 5 times (worst {100 * min(int8):.1f}%)" in int8_margin.why
 
 
 def test_margins_score_reported_rows_with_the_replay_as_it_predicts_today(tmp_path):

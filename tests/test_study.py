@@ -529,8 +529,10 @@ def test_a_failed_noise_probe_is_recorded_and_not_probed_again(workspace):
     """A noise probe that fails is recorded as failed: a later run does not measure the noise
     after the confirmations chose without it (its best-loss pick would move off them)."""
     settings = settings_for(workspace, trials=8, confirm_top=1)
-    study = run_study(prepare_run(settings), NoiseProbeFails())
+    events = RunEvents()
+    study = run_study(prepare_run(settings), NoiseProbeFails(), events)
     assert study.user_attrs["noise_failed"] == "timeout" and "noise" not in study.user_attrs
+    assert any("the noise probe" in n and "ended timeout: fake timeout" in n for n in events.notes)
     runner = NoisyRunner()
     study = run_study(prepare_run(settings), runner)
     assert runner.requests == [] and "noise" not in study.user_attrs

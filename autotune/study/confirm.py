@@ -97,6 +97,10 @@ def _probe_noise(
     if result.status != "ok":
         # recorded, so that no later run measures it after confirmations chose without it
         study.set_user_attr(NOISE_FAILED_ATTR, result.status)
+        events.notes.append(
+            f"the noise probe (trial {number} again, seed {request.seed}) ended {result.status}"
+            f"{f': {result.reason}' if result.reason else ''}; the picks read no noise"
+        )
         return None
 
     def change(now: float | None, before: float) -> float | None:
