@@ -613,6 +613,49 @@ def test_a_claim_of_a_dead_run_on_this_host_is_taken_over(workspace):  # noqa: F
     assert claim_once(study, "noise")
 
 
+def _study_for_claims(paths):
+    run_study(prepare_run(settings_for(paths, trials=1)), FakeRunner())
+    return open_study(f"sqlite:///{paths[0]}/study.db", "s")
+
+
+def test_a_claim_whose_creator_died_before_saying_who_holds_it_is_taken_over(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    from autotune.study import claim_once, workers
+    from autotune.study.claims import claim_of, claim_study_name
+
+    study = _study_for_claims(workspace)
+    storage = study._storage
+    # its creator died between creating the claim and recording its holder
+    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], claim_study_name("s", "noise"))
+    monkeypatch.setattr(workers, "CLAIM_UNSAID_SECONDS", 1.0)
+    assert not claim_once(study, "noise")  # maybe its creator is about to say who it is
+    assert not claim_once(study, "noise")  # the grace counts from when a run first found it
+    time.sleep(1.2)
+    assert claim_once(study, "noise")
+    taken = claim_of(storage, storage.get_study_id_from_name(claim_study_name("s", "noise", 1)))
+    assert taken is not None and taken.worker == worker_id()
+
+
+def test_a_claim_taken_over_before_its_creator_said_who_holds_it_is_not_held(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    from autotune.study import claim_once, workers
+
+    study = _study_for_claims(workspace)
+    record = workers.record_claim
+
+    def late(storage, claim_id, claim):  # another run gave up waiting and took it over first
+        monkeypatch.setattr(workers, "record_claim", record)
+        _set_claim(study, "noise", "another-host:1", time.time())
+        record(storage, claim_id, claim)
+
+    monkeypatch.setattr(workers, "record_claim", late)
+    assert not claim_once(study, "noise")
+
+
 def test_an_ended_job_leaves_no_claim_and_is_not_taken_again(workspace):  # noqa: F811
     from autotune.study import claim_once
     from autotune.study.study_records import confirmation_job, confirmations, study_noise

@@ -12,7 +12,9 @@ from autotune.study.study_records import from_stored
 CLAIM_SEPARATOR = "#claim:"
 """A one-time job of study S (see workers.claim_once) is claimed by creating the Optuna study
 `S#claim:JOB` in the same storage: study names are unique in every Optuna storage, so of two
-runs creating it at once exactly one succeeds. Its user attribute `claim` says who holds it."""
+runs creating it at once exactly one succeeds. Its user attribute `claim` says who holds it;
+while that is unsaid, `unsaid_since` says when a run first found it so (the storage keeps no
+study's creation time)."""
 
 
 @dataclass(frozen=True)
@@ -44,3 +46,13 @@ def claim_of(storage: Any, claim_study_id: int) -> Claim | None:
 
 def record_claim(storage: Any, claim_study_id: int, claim: Claim) -> None:
     storage.set_study_user_attr(claim_study_id, "claim", dataclasses.asdict(claim))
+
+
+def unsaid_since(storage: Any, claim_study_id: int, now: float) -> float:
+    """When a run first found the claim with no holder: `now`, recorded, if none did before.
+    Raises KeyError if the claim was deleted (released) meanwhile."""
+    seen = storage.get_study_user_attrs(claim_study_id).get("unsaid_since")
+    if isinstance(seen, (int, float)):
+        return float(seen)
+    storage.set_study_user_attr(claim_study_id, "unsaid_since", now)
+    return now

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autotune.study import storage as study_storage
-from autotune.study.claims import Claim, claim_of, claim_study_name, record_claim
+from autotune.study.claims import Claim, claim_of, claim_study_name, record_claim, unsaid_since
 from autotune.study.records import (
     TrialStatus,
     finished_trial_count,
@@ -109,16 +109,21 @@ def beyond_target(
 CLAIM_STALE_SECONDS = 2 * 3600.0
 """A claim this old is free whoever made it: its job (one probe) has long ended or died."""
 
+CLAIM_UNSAID_SECONDS = 60.0
+"""A claim whose holder is unsaid this long after a run first found it so is free: its creator
+says who it is right after creating it, so it died in between."""
+
 
 def claim_once(study: Any, job: str, done: Callable[[], bool] | None = None) -> bool:
     """Whether this process takes the one-time `job` of the study (a confirmation, the noise
     probe), so that two runs on one study never both do it. The claim is the creation of a
     study named after the job (claims.CLAIM_SEPARATOR), which the storage lets exactly
     one run do. A claim stands unless its run, on this host, is gone, or it is older than
-    CLAIM_STALE_SECONDS; then the job's next claim (its generation + 1) is free, and again
-    exactly one run creates it. The holder records the job's result, then releases the claim
-    (release_claim), so a run that claims after it finds the result through `done`, read again
-    once the claim is taken."""
+    CLAIM_STALE_SECONDS, or it still says no holder CLAIM_UNSAID_SECONDS after a run first
+    found it so (its creator died before saying who it is); then the job's next claim (its
+    generation + 1) is free, and again exactly one run creates it. The holder records the
+    job's result, then releases the claim (release_claim), so a run that claims after it finds
+    the result through `done`, read again once the claim is taken."""
     import optuna
 
     storage = study._storage
@@ -132,29 +137,41 @@ def claim_once(study: Any, job: str, done: Callable[[], bool] | None = None) -> 
             pass
         else:
             record_claim(storage, claim_id, me)
+            if _taken_over(storage, study.study_name, job, generation):
+                generation += 1  # too slow to say who it is: another run took it over
+                continue
             if done is not None and done():  # its last holder finished it and let it go
                 release_claim(study, job)
                 return False
             return True
-        try:  # a later generation took over this one: it is the one that counts
-            storage.get_study_id_from_name(claim_study_name(study.study_name, job, generation + 1))
-        except KeyError:
-            pass
-        else:
-            generation += 1
+        if _taken_over(storage, study.study_name, job, generation):
+            generation += 1  # the later generation is the one that counts
             continue
         try:
-            holder = claim_of(storage, storage.get_study_id_from_name(name))
+            claim_id = storage.get_study_id_from_name(name)
+            holder = claim_of(storage, claim_id)
+            if holder is None:  # its creator is about to say who it is, or died in between
+                if me.at - unsaid_since(storage, claim_id, me.at) < CLAIM_UNSAID_SECONDS:
+                    return False
+                generation += 1
+                continue
         except KeyError:  # released by its holder since: this generation is free again
             continue
-        if holder is None:  # its creator is about to say who it is (or died in between, and
-            return False  # the job stays undone: the report shows it as not confirmed)
         if holder.worker == me.worker:
             return True
         fresh = me.at - float(holder.at) < CLAIM_STALE_SECONDS
         if fresh and not gone_from_this_host(str(holder.worker)):
             return False
         generation += 1
+
+
+def _taken_over(storage: Any, study_name: str, job: str, generation: int) -> bool:
+    """Whether the job's claim of the next generation exists: this one's was taken over."""
+    try:
+        storage.get_study_id_from_name(claim_study_name(study_name, job, generation + 1))
+    except KeyError:
+        return False
+    return True
 
 
 def release_claim(study: Any, job: str) -> None:
