@@ -31,6 +31,7 @@ from autotune.study import (
     run_study,
     worker_id,
 )
+from autotune.study.settings import PreparedRun, RunSettings
 from autotune.units import format_bytes
 from tests.conftest import QUICK_CPU_RUN, write_jsonl
 from tests.test_study import (  # noqa: F401 - the fixtures
@@ -396,9 +397,13 @@ def test_a_resumed_study_says_which_new_choices_it_leaves_out(workspace):  # noq
     space = _space_file(workspace[0], "lora_r: [4, 8]", "lora_r: [4, 8, 16]")
     larger = settings_for(workspace, trials=6, space_path=space)
     events = RunEvents()
+    started: list[PreparedRun] = []
+    events.run_started = started.append
     runner = FakeRunner()
     study = run_study(prepare_run(larger), runner, events)
-    assert any("not searched: lora_r 16" in note for note in events.notes)
+    # said once, in the run's opening lines, not again in a note
+    assert started[0].kept_out_choices == {"lora_r": ["16"]}
+    assert not any("lora_r 16" in note for note in events.notes), events.notes
     assert finished_trial_count(study) == 6
     assert {r.recipe.lora_r for r in runner.requests} <= {4, 8, None}
 
@@ -417,10 +422,20 @@ def test_a_study_holding_a_choice_the_model_cannot_run_is_refused_with_why(tmp_p
     prepared = prepare_run(settings)
     assert "sdpa" in prepared.unsupported_choices["attention"]
     old = open_study(settings.storage, "s")
-    old.set_user_attr(SPACE_CHOICES_ATTR, {**prepared.fitting_choices, "attention": ["sdpa"]})
+    old.set_user_attr(
+        SPACE_CHOICES_ATTR, {**prepared.fitting_choices, "attention": ["eager", "sdpa"]}
+    )
     old.enqueue_trial({"attention": "sdpa"})  # not a new study: it holds a trial
-    with pytest.raises(UsageError, match=r"attention sdpa \(Gemma2ForCausalLM has no SDPA"):
+    # the run's space is the study's: the line says where it runs, not to resume it with it
+    with pytest.raises(UsageError) as error:
         run_study(prepared, FakeRunner())
+    said = str(error.value)
+    assert re.search(
+        r"^study s searches choices that cannot run here: attention sdpa \(Gemma2ForCausalLM "
+        r"has no SDPA.*\); resume it where they run, or start a new study with --study$",
+        said,
+    ), said
+    assert "with the space it searches" not in said
 
 
 @pytest.mark.parametrize(
@@ -887,6 +902,14 @@ def test_a_choice_a_larger_resumed_budget_fits_is_not_said_to_be_over_it(
     assert kept[0].endswith("(a new study, --study NAME, searches them)")
     assert report_data(study).space_lines == (kept[0],)
     assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
+    # back under the first budget, method full is ruled out again, and the study records it
+    lines, _, study = _shown_run(work, budget, 9)
+    ruled = [line for line in lines if line.startswith("not searched")]
+    assert len(ruled) == 1 and ruled[0].startswith(
+        "not searched, no recipe with them fits the budget (predicted): method full ("
+    ), lines
+    assert report_data(study).space_lines == (ruled[0],)
+    assert set(study.user_attrs["ruled_out_choices"]["method"]) == {"full"}
 
 
 def test_a_trial_under_the_old_budget_numbered_past_a_change_is_held_to_it(workspace):  # noqa: F811
@@ -1199,16 +1222,18 @@ def test_status_and_the_progress_bar_count_the_same_untried_recipes_after_a_resu
     assert overview.finished == finished_trial_count(study) == 2 + len(said)
 
 
-def _tiny_space_run(workspace, dropout: str, trials: int):  # noqa: F811
-    """A study on the tiny space (lora_r 4: two recipes, micro_batch_size 1 and 2) whose
-    lora_dropout line is `dropout`, run with --trials `trials`; its settings."""
+def _tiny_space_run(workspace, dropout: str, trials: int, name: str = "s"):  # noqa: F811
+    """A study `name` on the tiny space (lora_r 4: two recipes, micro_batch_size 1 and 2)
+    whose lora_dropout line is `dropout`, run with --trials `trials`; its settings."""
     from tests.test_study import TINY_SPACE
 
     space = workspace[0] / "tiny.yaml"
     space.write_text(
         TINY_SPACE.replace("lora_r: [4, 8]", "lora_r: [4]").replace("lora_dropout: 0.0", dropout)
     )
-    settings = settings_for(workspace, space_path=space, trials=trials, confirm_top=0)
+    settings = settings_for(
+        workspace, space_path=space, trials=trials, confirm_top=0, study_name=name
+    )
     run_study(prepare_run(settings), FakeRunner())
     return settings
 
@@ -1251,6 +1276,42 @@ def test_a_resume_whose_space_searches_a_dimension_the_study_fixed_searches_it(w
     assert "8 trials finished (--trials 40): every one of the space's 6 recipes" in studies_text(
         list_studies(first.storage)
     )
+
+
+def test_a_dimension_the_budget_left_one_choice_of_is_new_to_a_resumed_study(workspace):  # noqa: F811
+    """A study whose budget left lora_dropout a single choice (0.0) never sampled it (a
+    dimension with one value is fixed), so Optuna takes it as a new parameter: resumed with
+    0.0 and 0.1 fitting, it searches both (0.1 was said not searched, and left out), and a
+    space listing 0.05 and 0.1 is not refused as dropping 0.0."""
+    from autotune.study import space_choices
+
+    def narrowed(name: str, dropout: str) -> RunSettings:
+        """A study `name` whose space searched lora_dropout but stored 0.0 alone, as a budget
+        that ruled the others out stores it; the space file now lists `dropout`."""
+        settings = _tiny_space_run(workspace, "lora_dropout: 0.0", trials=2, name=name)
+        study = open_study(settings.storage, name)
+        stored = {**space_choices(study).fitting, "lora_dropout": [0.0]}
+        study.set_user_attr(SPACE_CHOICES_ATTR, stored)
+        space = Path(settings.space_path)
+        space.write_text(space.read_text().replace("lora_dropout: 0.0", dropout))
+        return dataclasses.replace(settings, trials=6)
+
+    events = RunEvents()
+    started: list[PreparedRun] = []
+    events.run_started = started.append
+    runner = FakeRunner()
+    study = run_study(prepare_run(narrowed("s", "lora_dropout: [0.0, 0.1]")), runner, events)
+    assert started[0].kept_out_choices == {}
+    assert (
+        "study s searches lora_dropout 0.0, 0.1 from this run on; its earlier trials ran with "
+        "one value of it" in events.notes
+    )
+    assert {r.recipe.lora_dropout for r in runner.requests} == {0.0, 0.1}
+    assert space_choices(study).fitting["lora_dropout"] == [0.0, 0.1]
+    runner = FakeRunner()
+    study = run_study(prepare_run(narrowed("t", "lora_dropout: [0.05, 0.1]")), runner)
+    assert {r.recipe.lora_dropout for r in runner.requests} == {0.05, 0.1}
+    assert space_choices(study).fitting["lora_dropout"] == [0.05, 0.1]
 
 
 def test_a_resume_whose_space_fixes_a_dimension_the_study_searches_is_refused(workspace):  # noqa: F811

@@ -23,32 +23,29 @@ def resumed_space(
     sampled from, by parameter), so a dimension the study searches keeps the choices it started
     with: one it holds that this run does not search (the space file changed, or the model
     cannot run it) is refused in one line before any trial, and one this run would add to it is
-    left out, which a note says. A dimension the study did not search (its earlier space fixed
-    it), which this run's space searches, is new to Optuna: it is searched from this run on,
-    with the choices that fit the budget, and the study records it."""
+    left out, which the run's opening lines say (`kept_out`). A dimension the study did not
+    search (its earlier space fixed it, or its budget left it one choice, which no trial
+    sampled), which this run's space searches, is new to Optuna: it is searched from this run
+    on, with the choices that fit the budget, and the study records it. What this run's budget
+    rules out is recorded as this run sizes it."""
     space = prepared.space
+    # what Optuna holds the study to: a parameter its trials sampled, or one stored with more
+    # than one choice (not yet sampled); one the budget left a single choice of, which no trial
+    # sampled, is new to Optuna as one the earlier space fixed is
+    searches = {
+        name: kept for name, kept in stored.fitting.items() if name in held or len(kept) > 1
+    }
     dropped = {
         name: [c for c in kept if c not in space.choices_by_parameter.get(name, ())]
-        for name, kept in stored.fitting.items()
+        for name, kept in searches.items()
     }
     dropped = {name: choices for name, choices in dropped.items() if choices}
     if dropped:
-        reasons = []
-        for name, choices in dropped.items():
-            for choice in choices:
-                why = prepared.unsupported_choices.get(name, {}).get(str(choice))
-                reasons.append(f"{name} {choice} ({why or f'not in {space.source}'})")
-        raise UsageError(
-            f"study {prepared.study_name} searches choices this run's space does not: "
-            + ", ".join(reasons)
-            + "; resume it with the space it searches, or start a new study with --study"
-        )
+        _refuse_dropped(prepared, dropped)
     new = {
-        name: fitting
-        for name, fitting in prepared.fitting_choices.items()
-        if name not in stored.fitting
+        name: fitting for name, fitting in prepared.fitting_choices.items() if name not in searches
     }
-    resumed = space.restricted({**stored.fitting, **new})
+    resumed = space.restricted({**searches, **new})
     # the order the study's trials hold (a space file may list the same choices in another)
     resumed = dataclasses.replace(
         resumed,
@@ -78,7 +75,8 @@ def resumed_space(
             "resume it with the space it searched, or start a new study with --study"
         )
     notes = []
-    searched_now = {name: choices for name, choices in new.items() if resumed.searched(name)}
+    # (one the budget narrows to no choice, or one, is not searched in this run)
+    searched_now = {name: choices for name, choices in new.items() if len(choices) > 1}
     if searched_now:
         notes.append(
             f"study {prepared.study_name} searches "
@@ -89,17 +87,12 @@ def resumed_space(
             + ("it" if len(searched_now) == 1 else "each")
         )
     added = {
-        name: [c for c in fitting if c not in stored.fitting[name]]
+        name: [c for c in fitting if c not in searches[name]]
         for name, fitting in prepared.fitting_choices.items()
-        if name in stored.fitting
+        if name in searches
     }
+    # (the run's opening lines name them: SpaceChoices.kept_out)
     added = {name: choices for name, choices in added.items() if choices}
-    if added:
-        notes.append(
-            f"study {prepared.study_name} keeps the choices it searches; not searched: "
-            + ", ".join(f"{name} {', '.join(map(str, choices))}" for name, choices in added.items())
-            + " (start a new study with --study to search them)"
-        )
 
     def with_new(stored_part: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """What the study stored of each dimension, and this run's of those it adds."""
@@ -107,37 +100,66 @@ def resumed_space(
 
     # what the study searches that this run's budget rules out (a smaller --budget): Optuna
     # still samples it, and the objective records its trials as over the budget, unprobed
+    fitting = {**searches, **new}
     over_budget = {
         name: {
             str(choice): prepared.ruled_out_choices[name][str(choice)]
             for choice in kept
             if str(choice) in prepared.ruled_out_choices.get(name, {})
         }
-        for name, kept in stored.fitting.items()
+        for name, kept in fitting.items()
     }
     over_budget = {name: peaks for name, peaks in over_budget.items() if peaks}
-    models = with_new(stored.ruled_out_models, prepared.ruled_out_models)
-    for name, peaks in over_budget.items():
-        now = prepared.ruled_out_models.get(name, {})
-        models[name] = {**models.get(name, {}), **{c: now[c] for c in peaks if c in now}}
+    # what this run's budget rules out of its space file that the study does not search (a
+    # choice a larger budget left out comes back under the smaller one)
+    ruled_out = {
+        name: {c: peak for c, peak in peaks.items() if c not in over_budget.get(name, {})}
+        for name, peaks in prepared.ruled_out_choices.items()
+    }
+    models = {
+        name: {**stored.ruled_out_models.get(name, {}), **prepared.ruled_out_models.get(name, {})}
+        for name in {*stored.ruled_out_models, *prepared.ruled_out_models}
+    }
     # a choice the study left out when it was sized that fits this run's budget (a larger
     # --budget) is not searched for that reason now
     kept_out = {name: [str(choice) for choice in choices] for name, choices in added.items()}
-    ruled_out = {
-        name: {c: peak for c, peak in peaks.items() if c not in kept_out.get(name, ())}
-        for name, peaks in stored.ruled_out.items()
-    }
     searched = SpaceChoices(
-        {**stored.fitting, **new},
-        with_new(
-            {name: peaks for name, peaks in ruled_out.items() if peaks}, prepared.ruled_out_choices
-        ),
+        fitting,
+        {name: peaks for name, peaks in ruled_out.items() if peaks},
         with_new(stored.unsupported, prepared.unsupported_choices),
-        models,
+        {name: chosen for name, chosen in models.items() if chosen},
         over_budget,
         kept_out,
     )
     return resumed, searched, notes
+
+
+def _refuse_dropped(prepared: PreparedRun, dropped: dict[str, list[Any]]) -> None:
+    """Refuse a resume whose space leaves out choices the study searches, in one line: those
+    not in its space file, and those the model or device here cannot run."""
+    space = prepared.space
+    absent, unsupported = [], []
+    for name, choices in dropped.items():
+        for choice in choices:
+            why = prepared.unsupported_choices.get(name, {}).get(str(choice))
+            if why:
+                unsupported.append(f"{name} {choice} ({why})")
+            else:
+                absent.append(f"{name} {choice} (not in {space.source})")
+    parts, advice = [], []
+    if absent:
+        parts.append("choices this run's space does not: " + ", ".join(absent))
+        advice.append("resume it with the space it searches")
+    if unsupported:
+        parts.append("choices that cannot run here: " + ", ".join(unsupported))
+        advice.append("resume it where they run")
+    raise UsageError(
+        f"study {prepared.study_name} searches "
+        + "; and ".join(parts)
+        + "; "
+        + ", or ".join(advice)
+        + ", or start a new study with --study"
+    )
 
 
 def held_choices(study: Any) -> dict[str, tuple[Any, ...]]:

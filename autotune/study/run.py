@@ -212,16 +212,10 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if choices:
         space, searched, notes = resumed_space(prepared, choices, held_choices(study))
         # the headline says what the study leaves out, and what it samples that cannot fit
-        not_held = {
-            name: {
-                c: peak for c, peak in peaks.items() if c not in searched.over_budget.get(name, {})
-            }
-            for name, peaks in prepared.ruled_out_choices.items()
-        }
         prepared = dataclasses.replace(
             prepared,
             space=space,
-            ruled_out_choices={name: peaks for name, peaks in not_held.items() if peaks},
+            ruled_out_choices=searched.ruled_out,
             over_budget_choices=searched.over_budget,
             kept_out_choices=searched.kept_out,
         )
