@@ -24,6 +24,7 @@ _MODULES = (
     "sampler",
     "settings",
     "pruning",
+    "resumed",
     "prepare",
     "seeding",
     "workers",
