@@ -126,7 +126,7 @@ def autotune_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def refused_before_tokenizing(model: Path, data: Path, refusal: str) -> None:
+def assert_refused_before_tokenizing(model: Path, data: Path, refusal: str) -> None:
     """autotune.api.run of `model` on `data` is refused (a UsageError that matches `refusal`)
     before the data is tokenized: no progress of the tokenizing was said."""
     from autotune.api import run

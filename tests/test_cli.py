@@ -21,7 +21,7 @@ from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
 from autotune.space import SPACES_DIR
 from autotune.units import format_bytes
-from tests.conftest import DEMO, refused_before_tokenizing, write_jsonl
+from tests.conftest import DEMO, assert_refused_before_tokenizing, write_jsonl
 from tests.test_study import workspace  # noqa: F401
 
 AUTOTUNE = str(Path(sys.executable).parent / "autotune")
@@ -949,7 +949,7 @@ def test_a_model_without_weights_is_refused_before_its_data_is_tokenized(tmp_pat
     # it was refused once the data was tokenized and the space sized, whose progress lines
     # (stderr, past 2 s on a busy machine) then came before the one line of the refusal
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
-    refused_before_tokenizing(config_only, data, "has no weights")
+    assert_refused_before_tokenizing(config_only, data, "has no weights")
 
 
 def test_a_run_refuses_a_storage_it_cannot_use_before_it_reads_the_data(workspace):  # noqa: F811

@@ -13,8 +13,8 @@ from autotune.model_spec import MAX_PARAMS, ModelSpec, load_model_spec
 from tests.conftest import (
     DEMO,
     SHAPE_CONFIGS,
+    assert_refused_before_tokenizing,
     autotune_main,
-    refused_before_tokenizing,
     write_jsonl,
 )
 
@@ -87,7 +87,9 @@ def test_estimate_refuses_an_absurd_config_in_one_line(
 def test_run_refuses_an_absurd_config_before_its_data_is_tokenized(tmp_path, monkeypatch, capsys):
     model = model_with(tmp_path / "model", hidden_size=10**12)
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
-    refused_before_tokenizing(model, data, "hidden_size 1000000000000 is not a plausible width")
+    assert_refused_before_tokenizing(
+        model, data, "hidden_size 1000000000000 is not a plausible width"
+    )
     code, _, err = autotune_main(
         monkeypatch,
         capsys,
