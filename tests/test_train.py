@@ -498,6 +498,33 @@ def test_a_resume_with_a_recipe_that_trains_other_weights_is_refused_in_one_line
     assert resumed.resumed_from_step == 1
 
 
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"seq_len": 64}, "seq_len 48, now 64"),
+        ({"learning_rate": 1e-3}, "learning_rate 0.005, now 0.001"),
+        ({"lora_alpha": 16}, "lora_alpha 8, now 16"),
+    ],
+)
+def test_a_resume_that_would_not_continue_its_run_is_refused_in_one_line(
+    tiny_model, qa_data, tmp_path, change, said
+):
+    """A checkpoint loads under another seq_len, learning rate or LoRA scale, but the run is
+    not continued: its step counts batches of other rows, its optimizer keeps the old
+    learning rate (the new one was not trained with, unsaid), its adapter was trained at
+    another scale. A change of memory and speed alone (checkpointing) resumes."""
+    recipe = lora_recipe(tiny_model)
+    train(recipe, qa_data, tmp_path / "out", max_steps=1)
+    with pytest.raises(UsageError) as refused:
+        train(recipe.replace(**change), qa_data, tmp_path / "out", max_steps=2, resume=True)
+    assert str(refused.value).startswith(
+        f"--resume: {tmp_path / 'out'} holds a training of another recipe ({said}); "
+    )
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+    lighter = recipe.replace(gradient_checkpointing=not recipe.gradient_checkpointing)
+    assert train(lighter, qa_data, tmp_path / "out", max_steps=2, resume=True).steps == 2
+
+
 def test_a_deepspeed_accelerator_the_user_named_is_kept(monkeypatch):
     """train names the device to DeepSpeed (so it does not print its search for a GPU), but a
     DS_ACCELERATOR the user set is theirs: it was overwritten."""

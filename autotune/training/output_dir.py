@@ -76,6 +76,21 @@ TRAINED_STATE_FIELDS = (
 )
 """Recipe fields that decide which weights train and the optimizer's states of them: a
 checkpoint of one recipe cannot be resumed under a recipe that differs in any."""
+CONTINUED_FIELDS = (
+    "precision",
+    "lora_alpha",
+    "lora_dropout",
+    "learning_rate",
+    "lr_schedule",
+    "warmup_steps",
+    "seq_len",
+    "batching",
+)
+"""Recipe fields a checkpoint loads under but does not continue: its step counts batches of
+its sequences (another seq_len or batching trains other rows after it), its optimizer keeps
+its learning rate (a new one was silently not trained with), and its weights were trained
+in their precision and scale. What changes memory and speed alone (micro-batch split,
+checkpointing, attention, loss, offloading) may change."""
 
 
 def _model_place(model: str) -> str:
@@ -86,16 +101,17 @@ def _model_place(model: str) -> str:
 
 def check_same_training(path: Path, recipe: Any) -> None:
     """Refuse to resume the run in output directory `path` with a recipe that trains other
-    weights or another model than the recipe that wrote it (its RUN_MARKER): loading its
-    checkpoint would fail on a missing weight or a mismatched optimizer group. A run from
-    before the marker was written is not checked."""
+    weights or another model than the recipe that wrote it (its RUN_MARKER), where loading its
+    checkpoint would fail on a missing weight or a mismatched optimizer group, or that would
+    train on from it otherwise than its run (CONTINUED_FIELDS). A run from before the marker
+    was written is not checked."""
     written = run_recipe(path)
     if written is None:
         return
     marker = path / RUN_MARKER
     changed = [
         f"{name} {getattr(written, name)!r}, now {getattr(recipe, name)!r}"
-        for name in TRAINED_STATE_FIELDS
+        for name in TRAINED_STATE_FIELDS + CONTINUED_FIELDS
         if getattr(written, name) != getattr(recipe, name)
     ]
     if _model_place(written.model) != _model_place(recipe.model):
