@@ -175,6 +175,24 @@ def test_missing_data_file(tmp_path):
         checked_scan(tmp_path / "nope.jsonl")
 
 
+@pytest.mark.parametrize("name, refusal", [("nope.jsonl", "does not exist"), ("a.gz", "gzip")])
+def test_a_data_path_that_holds_no_rows_is_refused_before_the_model_loads(
+    tmp_path, tiny_model, monkeypatch, name, refusal
+):
+    """A typo in --data was said after the model's classes were imported and its config read
+    (seconds on a laptop, more for a large model's remote code)."""
+    import autotune.study.prepare as prepare
+    from autotune.api import run
+
+    if name.endswith(".gz"):
+        (tmp_path / name).write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    loaded: list[str] = []
+    monkeypatch.setattr(prepare, "load_config", lambda model: loaded.append(model))
+    with pytest.raises(UsageError, match=refusal):
+        run(model=str(tiny_model), data_path=tmp_path / name, budget_bytes=4 << 30)
+    assert loaded == []
+
+
 def test_split_is_deterministic_and_disjoint(tmp_path):
     tokenizer = load_tokenizer(str(DEMO / "tokenizer"))
     rows = [{"text": f"row {i}"} for i in range(50)]

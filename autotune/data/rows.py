@@ -197,8 +197,9 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, Any]]:
     return _table_records(iter(loaded))
 
 
-def records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line or row number, row or BadRow) of a JSONL, CSV or Parquet file or a datasets dir."""
+def check_data_path(path: str | Path) -> None:
+    """Refuse, in one line and without reading its rows, a data path that holds no rows to
+    read: missing, a directory datasets did not save, a text file that is not text or JSONL."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data file {path} does not exist")
@@ -207,11 +208,21 @@ def records(path: str | Path) -> Iterator[tuple[int, Any]]:
             raise UsageError(
                 f"data path {path} is a directory but not a datasets save_to_disk directory"
             )
+        return
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".pq"):
+        _check_text_file(path, is_csv=suffix == ".csv")
+
+
+def records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, row or BadRow) of a JSONL, CSV or Parquet file or a datasets dir."""
+    path = Path(path)
+    check_data_path(path)
+    if path.is_dir():
         return _datasets_records(path)
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return _parquet_records(path)
-    _check_text_file(path, is_csv=suffix == ".csv")
     if suffix == ".csv":
         return _csv_records(path)
     return _jsonl_records(path)

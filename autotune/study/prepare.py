@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.architecture import read_architecture
-from autotune.data.rows import checked_scan, usable_rows
+from autotune.data.rows import check_data_path, checked_scan, usable_rows
 from autotune.data.splits import check_enough_rows, check_seed, check_token_ids
 from autotune.data.summary import length_stats
 from autotune.data.token_cache import cached_splits
@@ -86,6 +86,7 @@ def prepare_run(settings: RunSettings, check_weights: bool = False) -> PreparedR
         # is tokenized and the space sized (a SQLite file is only made once all is checked)
         make_storage(settings.storage).engine.dispose()
     spec = load_model_spec(settings.model)
+    check_data_path(settings.data_path)  # a typo is said now, not after the model's classes load
     try:
         model_config = load_config(settings.model)
     except UsageError:
