@@ -77,6 +77,8 @@ def _autocast_note(recipe: Recipe, fmt: str, body: dict[str, Any]) -> str:
     flag = "bf16" if precision.compute_dtype == "bfloat16" else "fp16"
     dtype = precision.load_dtype(recipe.quantization != "none")
     if fmt == "hf":
+        # TRL's SFTConfig takes bf16 = not fp16 where bf16 is None (_BaseConfig.__post_init__,
+        # trl/trainer/base_config.py): the explicit false is what keeps autocast out
         return (
             f"{flag}: false: the weights load in {dtype} (dtype) and train so, as autotune "
             f"measured; Trainer's {flag}: true would add autocast, another peak (TRL's SFTConfig "
