@@ -358,15 +358,19 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
     return keys
 
 
-def launch_line(recipe: Recipe, fmt: str) -> str:
-    """How the exported config is started on num_gpus GPUs ('' for one)."""
+def launch_line(recipe: Recipe, fmt: str, mixed_precision: str | None = None) -> str:
+    """How the exported config is started on num_gpus GPUs ('' for one). `mixed_precision`:
+    accelerate launch's, over its config file's (LLaMA-Factory's fsdp2_config.yaml says bf16, a
+    default config may), which the Trainer takes where its own bf16/fp16 are off
+    (TrainingArguments.mixed_precision); None: the config's."""
     if recipe.distributed == DEFAULT_DISTRIBUTED:
         return ""
     gpus = recipe.num_gpus
+    plain = f" --mixed_precision {mixed_precision}" if mixed_precision else ""
     if fmt == "llamafactory":
         if recipe.distributed == "fsdp":
             return (
-                f"accelerate launch --num_processes {gpus} --config_file "
+                f"accelerate launch --num_processes {gpus}{plain} --config_file "
                 "examples/accelerate/fsdp2_config.yaml src/train.py CONFIG"
             )
         return f"FORCE_TORCHRUN=1 NPROC_PER_NODE={gpus} llamafactory-cli train CONFIG"
@@ -374,4 +378,4 @@ def launch_line(recipe: Recipe, fmt: str) -> str:
         return "accelerate launch --config_file THIS_FILE YOUR_TRAINING_SCRIPT"
     if fmt == "axolotl":
         return f"accelerate launch --num_processes {gpus} -m axolotl.cli.train CONFIG"
-    return f"accelerate launch --num_processes {gpus} YOUR_TRAINING_SCRIPT"
+    return f"accelerate launch --num_processes {gpus}{plain} YOUR_TRAINING_SCRIPT"

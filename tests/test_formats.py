@@ -365,15 +365,21 @@ def test_the_cpu_offload_optimizer_is_named_autotune_only(fmt):
     assert "optimizer adamw_cpu_offload is autotune-only" in text
 
 
-def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
+def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16_without_amp():
     """autotune's bf16 keeps the trained weights in bf16; LLaMA-Factory, unless told
     pure_bf16, upcasts them to fp32 (AMP): twice the weights, gradients and optimizer states the
-    probe measured. A LoRA adapter is fp32 in both (peft's default), and amp_bf16 is AMP in both."""
+    probe measured. pure_bf16 goes with bf16 off, as its web UI writes it (runner.py): its bf16
+    beside it is TrainingArguments' autocast, which the probe never ran. A LoRA adapter is fp32
+    in autotune (peft's default) and bf16 under pure_bf16, and amp_bf16 is AMP in both."""
     for fields in ({"method": "full"}, {"method": "freeze", "frozen_layers": 2}):
-        config = llamafactory_config(
-            Recipe.from_dict({**fields, "precision": "bf16"}), num_layers=4
-        )
-        assert config["pure_bf16"] is True and config["bf16"] is True
+        bf16 = Recipe.from_dict({**fields, "precision": "bf16"})
+        config = llamafactory_config(bf16, num_layers=4)
+        assert config["pure_bf16"] is True and config["bf16"] is False and config["fp16"] is False
+        assert "autocast" not in render("llamafactory", bf16, None, num_layers=4)
+    # under ZeRO-2 bf16 picks DeepSpeed's bf16 mode (the probe's), which autocasts nothing
+    zero2 = {"method": "full", "precision": "bf16", "distributed": "deepspeed_zero2", "num_gpus": 2}
+    config = llamafactory_config(Recipe.from_dict(zero2), num_layers=4)
+    assert config["pure_bf16"] is True and config["bf16"] is True
     for fields in (
         {"method": "full", "precision": "amp_bf16"},
         {"method": "lora", "lora_r": 8, "precision": "bf16"},
@@ -381,13 +387,37 @@ def test_llamafactory_trains_a_bf16_full_or_freeze_recipe_in_bf16():
         # LLaMA-Factory refuses pure_bf16 beside ZeRO-3 (its bf16 mode keeps bf16 weights)
         {"method": "full", "precision": "bf16", "distributed": "deepspeed_zero3", "num_gpus": 2},
     ):
-        assert "pure_bf16" not in llamafactory_config(Recipe.from_dict(fields), num_layers=4)
+        config = llamafactory_config(Recipe.from_dict(fields), num_layers=4)
+        assert "pure_bf16" not in config and config["bf16"] is (fields["precision"] != "fp32")
+    # where LLaMA-Factory has no key for half weights without AMP, the header says it autocasts
+    lora = render("llamafactory", Recipe.from_dict({"method": "lora", "lora_r": 8}), None)
+    assert "# precision bf16: LLaMA-Factory runs the forward under bf16 autocast" in lora
+    fp16 = Recipe.from_dict({"method": "full", "precision": "fp16", "optimizer": "adamw_8bit"})
+    assert "LLaMA-Factory runs the forward under fp16 autocast" in render(
+        "llamafactory", fp16, None
+    )
+    amp = Recipe.from_dict({"method": "lora", "lora_r": 8, "precision": "amp_bf16"})
+    assert "autocast" not in render("llamafactory", amp, None)
+
+
+def _tiny_llama():
+    """A one-block Llama config of width 16, for models built on the CPU in a moment."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "llama",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=32,
+    )
 
 
 def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
     """TrainingArguments' bf16 is autocast alone: the weights' dtype is from_pretrained's, and
     left out it is the checkpoint's (fp32 for many), not the recipe's bf16."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     for precision, dtype in (("bf16", "bfloat16"), ("amp_bf16", "float32"), ("fp16", "float16")):
         config = hf_config(Recipe.from_dict({"method": "full", "precision": precision}))
@@ -396,54 +426,170 @@ def test_hf_export_loads_the_weights_in_the_dtype_the_probe_trained():
     qlora = Recipe.from_dict({"method": "lora", "quantization": "nf4", "precision": "amp_bf16"})
     assert hf_config(qlora)["dtype"] == str(load_dtype(qlora)).removeprefix("torch.") == "bfloat16"
     # from_pretrained's keyword, as transformers names it
-    tiny = AutoConfig.for_model(
-        "llama",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=32,
-    )
+    tiny = _tiny_llama()
     model = AutoModelForCausalLM.from_config(tiny, dtype=config["dtype"])
     assert str(next(model.parameters()).dtype) == "torch.float16"
 
 
-def test_trainer_exports_turn_the_loss_scaler_on_only_where_trained_weights_are_fp32():
-    """Trainer's and accelerate's fp16 is autocast with a loss scaler, which refuses fp16
-    gradients: an fp16 full or freeze recipe exported with fp16 on crashed at its first
-    clipped step. Such a recipe trains its fp16 weights without a scaler, as the probe does."""
-    import torch
+TRAINED = (
+    {"method": "full"},
+    {"method": "full", "optimizer": "adamw_8bit"},  # fp16 weights take 8-bit moments
+    {"method": "freeze", "frozen_layers": 1, "optimizer": "adamw_8bit"},
+    {"method": "lora", "lora_r": 8},
+    {"method": "lora", "lora_r": 8, "quantization": "nf4"},
+    {"method": "lora", "lora_r": 8, "quantization": "int8"},
+)
+STRATEGIES = (
+    {},
+    {"distributed": "fsdp", "num_gpus": 2},
+    {"distributed": "deepspeed_zero2", "num_gpus": 2},
+)
+
+
+def _exportable(fields: dict) -> list[Recipe]:
+    """The recipe of `fields` in every precision that validates (fp16 weights refuse torch's
+    AdamW, a k-bit base FSDP, DeepSpeed amp_fp16)."""
+    from autotune.errors import UsageError
+    from autotune.precisions import PRECISIONS
+
+    recipes = []
+    for precision in PRECISIONS:
+        try:
+            recipes.append(Recipe.from_dict({**fields, "precision": precision, "model": "m"}))
+        except UsageError:
+            continue
+    return recipes
+
+
+@pytest.mark.parametrize(
+    "trained, strategy",
+    [(t, s) for t in TRAINED for s in STRATEGIES if _exportable({**t, **s})],
+    ids=lambda fields: "-".join(str(v) for v in fields.values()) or "one",
+)
+def test_trainer_exports_autocast_where_the_probe_did_and_nowhere_else(
+    trained, strategy, monkeypatch
+):
+    """The probe runs a bf16/fp16 recipe's half weights without autocast, an amp_* one under it
+    (build.autocast_dtype). Trainer's bf16/fp16 are accelerate's mixed_precision, which wraps the
+    forward in autocast: a QLoRA recipe exported with bf16 on kept a bf16 copy of its fp32 head
+    through the loss, a peak the study never measured. Under DeepSpeed they choose its 16-bit
+    mode instead, as the probe's DeepSpeed config does; accelerate autocasts nothing there."""
+    from transformers import TrainingArguments
 
     from autotune.formats import accelerate_config
+    from autotune.training.build import autocast_dtype
+    from autotune.training.deepspeed_engine import probe_config
 
-    weights = torch.nn.Parameter(torch.ones(2, dtype=torch.float16))
-    weights.grad = torch.ones(2, dtype=torch.float16)
-    optimizer = torch.optim.SGD([weights], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(torch.ones((), dtype=torch.float16))  # as Trainer scales its loss
-    with pytest.raises(ValueError, match="FP16 gradients"):  # why: the scaler refuses them
-        scaler.unscale_(optimizer)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    recipes = _exportable({**trained, **strategy})
+    assert {r.precision for r in recipes} >= {"bf16", "fp32", "amp_bf16"}
+    for recipe_ in recipes:
+        config = hf_config(recipe_)
+        flags = {k: config["training_arguments"][k] for k in ("bf16", "fp16")}
+        args = TrainingArguments(output_dir="out", use_cpu=True, **flags)
+        mixed = accelerate_config(recipe_)["mixed_precision"]
+        assert mixed == args.mixed_precision, recipe_.label()  # launched, the same precision
+        header = render("hf", recipe_, None)
+        said = "false: the weights load in" in header
+        if strategy.get("distributed") == "deepspeed_zero2":
+            deepspeed = probe_config(recipe_)
+            if recipe_.precision != "amp_bf16":  # the header says DeepSpeed's bf16 mode differs
+                assert (args.bf16, args.fp16) == (
+                    deepspeed["bf16"]["enabled"],
+                    deepspeed["fp16"]["enabled"],
+                ), recipe_.label()
+            else:
+                assert "not the autocast over fp32 weights autotune measured" in header
+            assert not said
+            continue
+        autocast = autocast_dtype(recipe_)
+        assert (args.mixed_precision != "no") == (autocast is not None), recipe_.label()
+        if autocast is not None:  # amp_*: autocast in the probe's compute dtype, as before
+            names = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
+            assert args.mixed_precision == names[str(autocast)], recipe_.label()
+        # the header says why the flags are off where the weights are half
+        assert said == (autocast is None and recipe_.precision != "fp32"), recipe_.label()
+        # the weights load in the probe's dtype, whatever the flags
+        assert config["dtype"] == str(load_dtype(recipe_)).removeprefix("torch.")
+        bitsandbytes = config.get("bits_and_bytes_config")
+        if bitsandbytes and "bnb_4bit_compute_dtype" in bitsandbytes:
+            compute = "float16" if "fp16" in recipe_.precision else "bfloat16"
+            assert bitsandbytes["bnb_4bit_compute_dtype"] == compute, recipe_.label()
 
-    for precision in ("bf16", "fp16", "fp32", "amp_bf16", "amp_fp16"):
-        for fields in (
-            {"method": "full"},
-            {"method": "freeze", "frozen_layers": 1},
-            {"method": "lora", "lora_r": 8},
-        ):
-            recipe_ = Recipe.from_dict({**fields, "precision": precision})
-            config = hf_config(recipe_)
-            scaled = config["training_arguments"]["fp16"]
-            fp32_trained = fields["method"] == "lora" or config["dtype"] == "float32"
-            assert scaled == (precision in ("fp16", "amp_fp16") and fp32_trained), (
-                precision,
-                fields,
-            )
-            mixed = accelerate_config(recipe_)["mixed_precision"]
-            assert (mixed == "fp16") == scaled, (precision, fields, mixed)
-            # axolotl's fp16 is the same scaler; its float16 is fp16 weights without AMP
+
+def test_a_trainer_run_from_the_hf_export_trains_bf16_weights_without_autocast(tmp_path):
+    """transformers' Trainer, given the hf export's TrainingArguments and a model loaded in its
+    `dtype`, trains the bf16 weights outside autocast and in bf16, as the probe does; the bf16:
+    true the export wrote before ran every block under autocast."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    recipe_ = Recipe.from_dict(
+        {"method": "full", "micro_batch_size": 2, "optimizer": "adamw", "model": "m"}
+    )
+    config = hf_config(recipe_, output_dir=str(tmp_path))
+    tiny = _tiny_llama()
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 2
+    quiet = {"use_cpu": True, "max_steps": 1, "report_to": [], "save_strategy": "no"}
+
+    def autocast_seen(training: dict) -> list[bool]:
+        model = AutoModelForCausalLM.from_config(tiny, dtype=config["dtype"])
+        seen: list[bool] = []
+        block = model.model.layers[0]
+        block.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        args = TrainingArguments(**{**training, **quiet})
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        assert next(model.parameters()).dtype == torch.bfloat16
+        return seen
+
+    training = config["training_arguments"]
+    assert training["bf16"] is False and TrainingArguments(**training, use_cpu=True).bf16 is False
+    assert autocast_seen(training) and not any(autocast_seen(training))
+    assert all(autocast_seen({**training, "bf16": True}))  # what bf16: true ran
+
+
+def test_axolotl_and_llamafactory_exports_autocast_only_where_they_have_no_key_without():
+    """axolotl's float16 ("No AMP") trains fp16 weights without autocast; its bfloat16, also
+    documented "No AMP", turns TrainingArguments' bf16 on (_configure_precision_settings), so a
+    bf16 recipe keeps bf16 and the header says axolotl autocasts. The amp_* flags are as
+    before."""
+    for fields in TRAINED:
+        for recipe_ in _exportable(fields):
             axolotl = axolotl_config(recipe_, "train.jsonl")
-            assert axolotl["fp16"] == scaled, (precision, fields)
-            assert axolotl.get("float16", False) == (precision == "fp16" and not scaled)
+            header = render("axolotl", recipe_, None)
+            said = "axolotl runs the forward under bf16 autocast" in header
+            assert said == (recipe_.precision == "bf16"), recipe_.label()
+            float16 = recipe_.precision == "fp16"  # fp16 weights: float16, no AMP
+            assert axolotl.get("float16", False) == float16, recipe_.label()
+            assert axolotl["fp16"] == (recipe_.precision == "amp_fp16"), recipe_.label()
+            assert axolotl["bf16"] == (recipe_.precision in ("bf16", "amp_bf16"))
+            assert "fp16 autocast" not in header
+    # DeepSpeed's fp16 mode (the probe's) is axolotl's fp16; it autocasts nothing there
+    zero2 = Recipe.from_dict(
+        {
+            "method": "full",
+            "precision": "fp16",
+            "optimizer": "adamw_8bit",
+            "distributed": "deepspeed_zero2",
+            "num_gpus": 2,
+        }
+    )
+    assert axolotl_config(zero2)["fp16"] is True and "float16" not in axolotl_config(zero2)
+    assert "autocast" not in render("axolotl", zero2, None)
+
+
+def test_a_launch_line_overrides_an_accelerate_config_s_mixed_precision_where_flags_are_off():
+    """accelerate launch hands its config file's mixed_precision to the Trainer, which takes it
+    where its bf16/fp16 are off: LLaMA-Factory's fsdp2_config.yaml says bf16."""
+    fsdp = {"method": "full", "distributed": "fsdp", "num_gpus": 2}
+    for fmt in ("hf", "llamafactory"):
+        line = render(fmt, Recipe.from_dict(fsdp), None, num_layers=4)
+        assert "accelerate launch --num_processes 2 --mixed_precision no " in line
+        amp = render(fmt, Recipe.from_dict({**fsdp, "precision": "amp_bf16"}), None)
+        assert "accelerate launch --num_processes 2 " in amp and "--mixed_precision" not in amp
+    # LoRA under LLaMA-Factory keeps bf16 on (no key without AMP): no override against it
+    lora = Recipe.from_dict({**fsdp, "method": "lora", "lora_r": 8})
+    assert "--mixed_precision" not in render("llamafactory", lora, None)
 
 
 def _llamafactory_trainable(names: list[str], config: dict, num_layers: int = 4) -> set[str]:

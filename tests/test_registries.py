@@ -92,12 +92,12 @@ def test_every_precision_is_read_alike_by_the_builder_the_memory_model_and_the_e
     assert (autocast_dtype(recipe) is not None) == kind.autocast == name.startswith("amp_")
     config = hf_config(recipe)
     flags = config["training_arguments"]
-    # the weights load in the recipe's dtype; Trainer's fp16 is a loss scaler, which takes
-    # fp32 trained weights alone (a full fp16 recipe trains its fp16 weights without one)
+    # the weights load in the recipe's dtype; Trainer's bf16/fp16 are autocast, on where the
+    # builder autocasts alone (a bf16 recipe trains its bf16 weights without it)
     assert config["dtype"] == str(storage_dtype(recipe)).removeprefix("torch.")
     assert (flags["bf16"], flags["fp16"]) == (
-        compute_dtype(recipe) == torch.bfloat16,
-        compute_dtype(recipe) == torch.float16 and storage_dtype(recipe) == torch.float32,
+        autocast_dtype(recipe) == torch.bfloat16,
+        autocast_dtype(recipe) == torch.float16,
     )
 
 

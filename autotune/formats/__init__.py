@@ -11,12 +11,12 @@ from typing import Any
 
 import yaml
 
-from autotune.distributed import launch_line
+from autotune.distributed import DISTRIBUTED, launch_line
 from autotune.formats.axolotl import axolotl_config
 from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_notes
 from autotune.formats.hf import accelerate_config, hf_config
 from autotune.formats.llamafactory import TEMPLATE_NOTES, llamafactory_config
-from autotune.formats.trainer_keys import half_flags
+from autotune.formats.trainer_keys import half_flags, trains_half_without_autocast
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.own_files import EXPORT_MARK
@@ -55,6 +55,48 @@ def _axolotl_halves_weights(recipe: Recipe) -> bool:
     """axolotl's bf16/fp16 set the dtype it loads the model in (resolve_dtype): an amp_* recipe's
     fp32 weights load in half (a k-bit base's other weights autotune loads so too)."""
     return PRECISIONS[recipe.precision].autocast and QUANTIZATIONS[recipe.quantization].bits is None
+
+
+AUTOCAST_REASONS = {
+    ("axolotl", "bf16"): "its bfloat16, documented as without AMP, turns the Trainer's bf16 on "
+    "as well",
+    ("llamafactory", "bf16"): "its pure_bf16, without AMP, would train the LoRA adapters in bf16, "
+    "autotune's are fp32",
+    ("llamafactory", "fp16"): "it has no fp16 training without AMP, and keeps the trained weights "
+    "in fp32 under it",
+}
+"""Why an axolotl or LLaMA-Factory export autocasts a recipe the probe trained without."""
+
+
+def _autocast_note(recipe: Recipe, fmt: str, body: dict[str, Any]) -> str:
+    """For a recipe the probe trained in half precision without autocast: why the export's
+    bf16/fp16 are off, or that the tool autocasts all the same ('' elsewhere)."""
+    if not trains_half_without_autocast(recipe):
+        return ""
+    precision = PRECISIONS[recipe.precision]
+    flag = "bf16" if precision.compute_dtype == "bfloat16" else "fp16"
+    dtype = precision.load_dtype(recipe.quantization != "none")
+    if fmt == "hf":
+        # TRL's SFTConfig takes bf16 = not fp16 where bf16 is None (_BaseConfig.__post_init__,
+        # trl/trainer/base_config.py): the explicit false is what keeps autocast out
+        return (
+            f"{flag}: false: the weights load in {dtype} (dtype) and train so, as autotune "
+            f"measured; Trainer's {flag}: true would add autocast, another peak (TRL's SFTConfig "
+            "turns bf16 on where it is not given)"
+        )
+    if fmt == "accelerate":
+        return (
+            f"mixed_precision: no: the weights load in {dtype} (the hf export's dtype) and train "
+            f"so, as autotune measured; {flag} would add autocast, another peak"
+        )
+    if body.get(flag) is not True:  # axolotl's float16, LLaMA-Factory's pure_bf16: no autocast
+        return ""
+    tool = "axolotl" if fmt == "axolotl" else "LLaMA-Factory"
+    return (
+        f"precision {recipe.precision}: {tool} runs the forward under {flag} autocast ({flag}: "
+        f"true; {AUTOCAST_REASONS[fmt, flag]}), which autotune did not measure: its peak, speed "
+        "and loss may differ"
+    )
 
 
 def render(
@@ -113,8 +155,12 @@ def render(
         # how the pick chose where the measured noise decided it
         kind = "" if key in PREDICTED_FIGURES or key == "pick" else "measured "
         header.append(f"# {kind}{key}: {value}")
-    if launch_line(recipe, fmt):
-        header.append(f"# on {recipe.num_gpus} GPUs: {launch_line(recipe, fmt)}")
+    # a launch's accelerate config must not bring the autocast the flags leave out
+    flags = body.get("training_arguments", body)
+    plain = trains_half_without_autocast(recipe) and not (flags.get("bf16") or flags.get("fp16"))
+    launch = launch_line(recipe, fmt, "no" if plain else None)
+    if launch:
+        header.append(f"# on {recipe.num_gpus} GPUs: {launch}")
     if fmt == "axolotl" and len(data_formats or {}) > 1:
         mix = ", ".join(f"{kind} {rows}" for kind, rows in sorted((data_formats or {}).items()))
         header.append(
@@ -145,6 +191,16 @@ def render(
             f"# precision {recipe.precision}: axolotl loads the weights in "
             f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
             f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
+        )
+    if _autocast_note(recipe, fmt, body):
+        header.append(f"# {_autocast_note(recipe, fmt, body)}")
+    if PRECISIONS[recipe.precision].autocast and DISTRIBUTED[recipe.distributed].uses_deepspeed:
+        # DeepSpeed casts the model to bf16 in its bf16 mode (DeepSpeedEngine's
+        # _configure_distributed_model); the probe runs it in fp32 under autocast
+        header.append(
+            f"# precision {recipe.precision} with {recipe.distributed}: bf16 runs DeepSpeed's bf16 "
+            "mode (bf16 weights, fp32 master weights in its optimizer), not the autocast over "
+            "fp32 weights autotune measured"
         )
     if fmt in ("hf", "axolotl") and recipe.method == "freeze" and freeze_layout is None:
         header.append(

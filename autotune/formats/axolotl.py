@@ -13,7 +13,7 @@ from autotune.formats.trainer_keys import (
     HF_SCHEDULERS,
     half_flags,
     target_list,
-    trains_fp16_weights,
+    trains_half_without_autocast,
     warmup,
 )
 from autotune.losses import LOSSES
@@ -24,9 +24,15 @@ from autotune.training.freeze import FreezeLayout
 
 
 def axolotl_half_flags(recipe: Recipe) -> dict[str, bool]:
-    """axolotl's: `float16` is its fp16 without AMP, for fp16 weights."""
+    """axolotl's bf16/fp16 are TrainingArguments' (autocast) and also its model's dtype
+    (resolve_dtype, src/axolotl/utils/config/__init__.py). Its `float16` ("No AMP") loads the
+    model in fp16 and leaves TrainingArguments' fp16 off (_configure_precision_settings in
+    src/axolotl/core/builders/base.py: fp16 = cfg.fp16 and not cfg.bf16; axolotl-ai-cloud/axolotl
+    067b021c): an fp16 recipe trains as the probe ran it. Its `bfloat16`, documented "No AMP"
+    too, turns TrainingArguments' bf16 on all the same (there: bf16 = cfg.bf16 or cfg.bfloat16),
+    so a bf16 recipe keeps bf16: true and its header says axolotl autocasts."""
     flags = half_flags(recipe)
-    if trains_fp16_weights(recipe):
+    if trains_half_without_autocast(recipe) and flags["fp16"]:
         flags.update(fp16=False, float16=True)
     return flags
 

@@ -8,7 +8,7 @@ from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.distributed import DISTRIBUTED, llamafactory_keys
 from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_keys
-from autotune.formats.trainer_keys import half_flags, schedule_keys
+from autotune.formats.trainer_keys import half_flags, schedule_keys, trains_half_without_autocast
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
@@ -101,7 +101,15 @@ def llamafactory_config(
     ):
         # LLaMA-Factory upcasts trainable weights to fp32 (AMP) unless told to train in bf16,
         # as autotune's bf16 does: twice the weights, gradients and states the probe measured.
-        # (A LoRA adapter is fp32 in both, peft's default.) It refuses pure_bf16 beside ZeRO-3,
-        # whose bf16 mode keeps the weights in bf16 itself.
+        # It refuses pure_bf16 beside ZeRO-3, whose bf16 mode keeps the weights in bf16 itself.
+        # (LoRA stays out: pure_bf16 gets peft's adapters in bf16, get_peft_model's
+        # autocast_adapter_dtype=False in init_adapter, src/llamafactory/model/adapter.py,
+        # hiyouga/LLaMA-Factory ff6d4d12; the probe's are fp32, peft's default.)
         config["pure_bf16"] = True
+        if trains_half_without_autocast(recipe):
+            # pure_bf16 is its training without AMP, with TrainingArguments' bf16 off, as its
+            # web UI's pure_bf16 compute type writes them (src/llamafactory/webui/runner.py);
+            # the model's bf16 compute dtype comes from pure_bf16 (get_train_args in
+            # hparams/parser.py). bf16: true beside it would still autocast the forward.
+            config["bf16"] = False
     return config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from autotune.distributed import DISTRIBUTED
 from autotune.precisions import PRECISIONS
 from autotune.recipe import WARMUP_FRACTION, Recipe
 
@@ -13,27 +14,36 @@ HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_w
 
 
 def half_flags(recipe: Recipe) -> dict[str, bool]:
-    """bf16/fp16 flags as Trainer-based tools read them (autocast, fp32 master weights)."""
+    """bf16/fp16 flags as Trainer-based tools read them: the recipe's compute dtype."""
     return {
         "bf16": PRECISIONS[recipe.precision].compute_dtype == "bfloat16",
         "fp16": PRECISIONS[recipe.precision].compute_dtype == "float16",
     }
 
 
-def trains_fp16_weights(recipe: Recipe) -> bool:
-    """Trainer-based tools' fp16 is autocast with a loss scaler, which refuses fp16 gradients
-    ("Attempting to unscale FP16 gradients"): a recipe that trains fp16 weights goes without one,
-    as the probe does. (A LoRA adapter's weights and gradients are fp32, peft's default: there
-    the scaler works.)"""
-    return recipe.method != "lora" and PRECISIONS[recipe.precision].weight_dtype == "float16"
+def trains_half_without_autocast(recipe: Recipe) -> bool:
+    """The probe trains this recipe's weights in their own half dtype, with no autocast, where a
+    Trainer-based tool's bf16/fp16 would add one: transformers' Trainer hands them to accelerate
+    as mixed_precision, whose Accelerator (native_amp) wraps the forward in torch.autocast. Not
+    under DeepSpeed: there the flags choose DeepSpeed's own 16-bit mode, which the probe runs
+    (deepspeed_engine.probe_config), and accelerate autocasts nothing (native_amp stays off)."""
+    precision = PRECISIONS[recipe.precision]
+    return (
+        not precision.autocast
+        and precision.compute_dtype != "float32"
+        and not DISTRIBUTED[recipe.distributed].uses_deepspeed
+    )
 
 
 def trainer_half_flags(recipe: Recipe) -> dict[str, bool]:
-    """The flags for transformers' Trainer and accelerate: no scaler for fp16 weights."""
-    flags = half_flags(recipe)
-    if trains_fp16_weights(recipe):
-        flags["fp16"] = False
-    return flags
+    """The flags for transformers' Trainer and accelerate: on for an amp_* recipe (autocast, and
+    fp16's loss scaler, over fp32 weights) and DeepSpeed's 16-bit modes; off for weights that
+    train in their half dtype, which load so through the hf export's `dtype`. (Trainer's bf16
+    there would add autocast, with its copies of fp32 heads, norms and adapters, and have
+    accelerate's FSDP2 upcast the trained weights to fp32: fsdp2_prepare_model.)"""
+    if trains_half_without_autocast(recipe):
+        return {"bf16": False, "fp16": False}
+    return half_flags(recipe)
 
 
 def warmup(recipe: Recipe) -> int | float:
