@@ -97,6 +97,49 @@ def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
             assert "measured_host_bytes" not in row
 
 
+def test_export_bench_trains_the_hf_export_as_autotune_trains_the_recipe(tmp_path):
+    """The exported Trainer run and the plain loop train the parameters autotune's own model
+    trains, under autocast exactly where the recipe's precision asks for it (a bf16 recipe's
+    Trainer export once added autocast the probe never ran), beside the probe and the replay."""
+    from autotune.precisions import PRECISIONS
+    from autotune.recipe import Recipe
+    from autotune.training.build import build_model, trainable_parameters
+
+    out = tmp_path / "export.json"
+    done = run_bench(
+        "export_bench.py",
+        *("--shapes", "demo", "--steps", "1", "--out", str(out)),
+        *("--models-dir", str(tmp_path / "models")),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["recipe"] for row in rows} == {
+        "LoRA r8 all-linear bf16 mb2 gc",
+        "full amp_bf16 mb2 gc",
+    }
+    for row in rows:
+        assert row["predicted"]["memory_model"] == "replay"
+        assert row["probe"]["status"] == "ok" and row["probe"]["rss_growth_bytes"] > 0
+        recipe = Recipe.from_dict(
+            {"model": str(tmp_path / "models" / "demo"), **row["fields"]}
+            | (
+                {}
+                if "method" in row["fields"]
+                else {"method": "lora", "lora_target_modules": "all-linear"}
+            )
+        )
+        own = build_model(recipe, "cpu")
+        trains = sum(p.numel() for p in trainable_parameters(own))
+        autocasts = PRECISIONS[recipe.precision].autocast
+        for kind in ("trainer", "loop"):
+            run = row[kind]
+            assert run["status"] == "ok", run
+            assert run["trainable_parameters"] == trains, kind
+            assert run["autocast"] is autocasts, (kind, row["recipe"])
+            assert run["logits_dtype"] == row["loop"]["logits_dtype"]
+            assert run["rss_growth_bytes"] > 0 and run["loss"] > 0
+
+
 def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):
     out = tmp_path / "holdout.json"
     common = (
