@@ -16,7 +16,8 @@
 #    allocated peak that the replay does not hold), into replay_diff.txt.
 # Logs and results go to $OUT (what the device tool brings back), else bench/results/gpu-session/;
 # commit the results file under bench/results/ and rescore it (bench/README.md, memory_bench.py).
-# SHAPES, DEVICE, DEADLINE_MINUTES, HELD_OUT (probe names), MODELS_DIR and WHEELS override the defaults
+# SHAPES, EXPORT_SHAPES (none: no export_bench), DEVICE, DEADLINE_MINUTES, HELD_OUT (probe names),
+# MODELS_DIR and WHEELS override the defaults
 # (tests/test_bench.py runs it on the CPU with the demo shape).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-session}
@@ -26,6 +27,7 @@ DEADLINE_MINUTES=${DEADLINE_MINUTES:-5}
 HELD_OUT=${HELD_OUT:-qwen2-7b-unmeasured-000-0,llama-3.2-1b-unmeasured-001-0}
 WHEELS=${WHEELS:-.wheels}
 MODELS_DIR=${MODELS_DIR:-bench/.models}
+EXPORT_SHAPES=${EXPORT_SHAPES:-qwen2-7b,llama-3.2-1b}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -60,6 +62,21 @@ gpu=${gpu:-gpu}
 timeout 300 python3 -m pytest -m gpu tests -q -rs --durations=15 -p no:cacheprovider -o addopts="" \
     >"$OUT/gpu_tests.log" 2>&1 &
 tests=$!
+# 4. beside them where the card holds both (memory_bench draws recipes up to 79 GiB): the
+#    exported recipes under transformers' Trainer and a plain loop against the probe
+#    (bench/export_bench.py), its models in a folder of its own (two builds of one shape race)
+total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 \
+    | grep -oE '(^|, )[0-9]+' | head -1 | grep -oE '[0-9]+')
+exports=
+if [ "${total_mib:-0}" -ge 120000 ] && [ "$EXPORT_SHAPES" != none ]; then
+    timeout 450 python3 bench/export_bench.py --device "$DEVICE" --shapes "$EXPORT_SHAPES" \
+        --models-dir "$MODELS_DIR-export" --deadline-minutes "$DEADLINE_MINUTES" --timeout 200 \
+        --snapshots "$OUT/export-snapshots" --out "$OUT/export_$gpu.json" \
+        >"$OUT/export_bench.log" 2>&1 &
+    exports=$!
+else
+    echo "export_bench not run: ${total_mib:-?} MiB card (it runs beside memory_bench from 120000)"
+fi
 timeout 450 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
     --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 \
     --models-dir "$MODELS_DIR" \
@@ -67,6 +84,10 @@ timeout 450 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
     | tee "$OUT/memory_bench.log" | tail -40
 wait "$tests"
 tail -40 "$OUT/gpu_tests.log"
+if [ -n "$exports" ]; then
+    wait "$exports"
+    tail -20 "$OUT/export_bench.log"
+fi
 python3 - "$OUT" "$gpu" "$HELD_OUT" <<'PY' 2>&1 | tee "$OUT/replay_diff.txt"
 import json, subprocess, sys
 from pathlib import Path
@@ -98,4 +119,10 @@ PY
     tar -cf - ./*.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_rest.tar.xz"
 )
 rm -rf "$OUT/snapshots"
+(
+    cd "$OUT/export-snapshots" 2>/dev/null || exit 0
+    tar -cf - ./*-loop.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_export_loop.tar.xz"
+    tar -cf - ./*-trainer.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_export_trainer.tar.xz"
+)
+rm -rf "$OUT/export-snapshots"
 ls -la "$OUT"

@@ -62,6 +62,7 @@ def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
         "SHAPES": "demo",
         "DEVICE": "cpu",
         "HELD_OUT": "demo-unmeasured-000-0",
+        "EXPORT_SHAPES": "demo",
         "MODELS_DIR": str(tmp_path / "models"),
         "WHEELS": str(tmp_path / "no-wheels"),
     }
@@ -79,6 +80,10 @@ def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
     assert "skipped" in (session / "gpu_tests.log").read_text()
     assert "no snapshot of demo-unmeasured-000-0" in (session / "replay_diff.txt").read_text()
     assert not (session / "snapshots").exists()  # packed, or none on the CPU
+    # the exported recipes beside it (the card's 143771 MiB hold both)
+    exported = json.loads((session / "export_h200.json").read_text())["rows"]
+    assert [row["shape"] for row in exported] == ["demo", "demo"]
+    assert all(row[kind]["status"] == "ok" for row in exported for kind in ("trainer", "loop"))
     out = session / "memory_unmeasured_h200.json"
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
