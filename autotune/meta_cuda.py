@@ -1,15 +1,28 @@
-"""What the meta device cannot run, emulated with CUDA's memory behaviour for the replay
-(autotune.replay): a recorder that puts every meta storage through the caching allocator model,
-autocast's casts, SDPA's kernel choice, fused AdamW on meta tensors, and bitsandbytes' caches
-kept apart per replay.
+"""What CUDA allocates that the meta device does not, emulated for the replay (autotune.replay):
+the ops, kernels and library calls that run differently on meta tensors than on CUDA ones.
+
+- SDPA picks its kernel as on CUDA: flash attention for fp16/bf16 without a mask (output and a
+  fp32 log-sum-exp saved; fp32 dq accumulator in backward), the memory-efficient kernel
+  where the heads match (transformers repeats grouped key heads under a mask), which also
+  keeps the additive mask torch makes of a boolean one at each call, the math path (the real
+  ops) otherwise (the kernels' memory is autotune.meta_attention's);
+- softmax's backward (SDPA's math path, eager attention) holds a temporary of the gradient's
+  size beside its output, as CUDA's kernel does (`grad * output`): under an attention matrix,
+  one more matrix at the step's peak;
+- dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
+- amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
+  casts of trainable weights over the forward, as torch.autocast does;
+- cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
+- torch.cuda.empty_cache() gives the allocator's unused segments back;
+- torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
+- what transformers reads from the data to choose a mask is answered from the recipe;
+- bitsandbytes' caches are kept apart per replay, as a fresh probe process has them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from autotune.allocator import CachingAllocator
@@ -17,102 +30,53 @@ from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.meta_attention import attention_functions
 from autotune.meta_host import HostMemory
+from autotune.meta_patches import patched
 from autotune.recipe import Recipe
-from autotune.training.host_held import local_shard
+
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+"""cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
 
 
-class Recorder:
-    """Follows every meta storage the ops under it allocate, allocating and freeing it in the
-    caching allocator model when it is made and released; counts what is alive by phase."""
+def cublas_workspace(nbytes: int) -> Any:
+    """The workspace cuBLAS takes from the caching allocator for a thread's handle (the
+    forward's, backward's), the first time that thread multiplies."""
+    import torch
 
-    def __init__(self, allocator: CachingAllocator) -> None:
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
+    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
 
-        self.allocator = allocator
-        self.phase = "weights"
-        self.live: dict[int, tuple[Any, str]] = {}
-        self.by_phase: dict[str, int] = defaultdict(int)
-        self.at_peak: dict[str, int] = {}
-        self.events: list[tuple[int, int, str]] = []
-        """(storage key, block bytes, phase) of each allocation, and (key, 0, "") of each
-        release, in order: what was alive at the peak is read back from it (`live_at_peak`)."""
-        self.peak_event = 0
-        """How many events had happened when the allocated peak was last reached."""
-        self.paused = False
-        self.kernels: dict[Any, Any] = {
-            torch.ops.aten._safe_softmax.default: self.safe_softmax,
-            torch.ops.aten._softmax_backward_data.default: self.softmax_backward,
-            torch.ops.aten._grouped_mm.default: self.grouped_mm,
-        }
-        """Ops run by a replacement that allocates (and tracks) what CUDA's kernel does."""
-        recorder = self
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                from torch.utils._pytree import tree_leaves
+def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
+    """Replacements for ops whose meta kernels allocate less than CUDA's, by op: each makes
+    (and passes to `track`) what the CUDA kernel makes, and returns its outputs."""
+    import torch
 
-                kernel = recorder.kernels.get(func)
-                if kernel is not None:
-                    return kernel(*args, **(kwargs or {}))
-                out = func(*args, **(kwargs or {}))
-                for tensor in tree_leaves(out):
-                    recorder.track(tensor)
-                return out
-
-        self.mode = Mode()
-
-    def track(self, tensor: Any) -> None:
-        import torch
-
-        if self.paused or not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
-            return
-        tensor = local_shard(tensor)  # a DTensor's shard (FSDP2)
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self.live or storage.nbytes() == 0:
-            return
-        block = self.allocator.malloc(storage.nbytes())
-        self.live[key] = (block, self.phase)
-        self.by_phase[self.phase] += block.size
-        self.events.append((key, block.size, self.phase))
-        weakref.finalize(storage, self._release, key)
-        if self.allocator.allocated_bytes >= self.allocator.peak_allocated_bytes:
-            self.at_peak = dict(self.by_phase)
-            self.peak_event = len(self.events)
-
-    def safe_softmax(self, scores: Any, dim: int, dtype: Any = None) -> Any:
+    def safe_softmax(scores: Any, dim: int, dtype: Any = None) -> Any:
         """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
         the softmax, then rows that are all -inf zeroed in place through a mask of them."""
-        import torch
-
         out = torch.softmax(scores, dim, dtype=dtype)
-        self.track(out)
+        track(out)
         masked = scores.isneginf()
-        self.track(masked)
+        track(masked)
         rows = torch.all(masked, dim=dim, keepdim=True)
-        self.track(rows)
+        track(rows)
         return out
 
-    def softmax_backward(self, grad: Any, output: Any, dim: int, input_dtype: Any) -> Any:
+    def softmax_backward(grad: Any, output: Any, dim: int, input_dtype: Any) -> Any:
         """Softmax's backward as CUDA runs it (softmax_backward_cuda_out): its output, then
         `grad * output` in a temporary of the gradient's size, alive through the kernel. Under
         an attention matrix (SDPA's math path, eager attention) that is one more matrix beside
         the probabilities, their gradient and the output."""
-        import torch
-
         out = torch.ops.aten._softmax_backward_data.default(grad, output, dim, input_dtype)
-        self.track(out)
-        self.track(grad * output)
+        track(out)
+        track(grad * output)
         return out
 
     def grouped_mm(
-        self, mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None
+        mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None
     ) -> Any:
         """The stacked experts' matmul as CUDA runs it for any dtype (bf16 takes the grouped
         kernel, others a loop of matmuls into the one output); the meta kernel takes bf16 only,
         and amp precisions keep the experts in fp32. Only the output is allocated."""
-        import torch
 
         def bf16(tensor: Any) -> Any:
             if tensor is None or tensor.dtype not in (torch.float32, torch.float16):
@@ -125,38 +89,14 @@ class Recorder:
         out = torch.empty_strided(
             shaped.shape, shaped.stride(), dtype=out_dtype or mat_a.dtype, device=mat_a.device
         )
-        self.track(out)
+        track(out)
         return out
 
-    def release(self, tensor: Any) -> None:
-        """`tensor`'s storage gave its bytes back without dying (FSDP2's resize to 0)."""
-        self._release(local_shard(tensor).untyped_storage()._cdata)
-
-    def _release(self, key: int) -> None:
-        entry = self.live.pop(key, None)
-        if entry is not None:
-            block, phase = entry
-            self.by_phase[phase] -= block.size
-            self.events.append((key, 0, ""))
-            self.allocator.free(block)
-
-    def live_at_peak(self) -> list[tuple[int, str]]:
-        """(block bytes, phase) of each block alive at the allocated peak, largest first."""
-        live: dict[int, tuple[int, str]] = {}
-        for key, size, phase in self.events[: self.peak_event]:
-            if size:
-                live[key] = (size, phase)
-            else:
-                live.pop(key, None)
-        return sorted(live.values(), reverse=True)
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        self.paused = True
-        try:
-            yield
-        finally:
-            self.paused = False
+    return {
+        torch.ops.aten._safe_softmax.default: safe_softmax,
+        torch.ops.aten._softmax_backward_data.default: softmax_backward,
+        torch.ops.aten._grouped_mm.default: grouped_mm,
+    }
 
 
 class Autocast:
@@ -196,6 +136,21 @@ class Autocast:
             return function(*args, **kwargs)
 
         return cast_then_call
+
+
+@contextlib.contextmanager
+def autocast_forward(autocast: Autocast | None) -> Iterator[None]:
+    """One forward under `autocast`: casts of trainable leaves are cached while it runs, and the
+    cache goes with it, as torch.autocast's does."""
+    if autocast is None:
+        yield
+        return
+    autocast.caching = True
+    try:
+        yield
+    finally:
+        autocast.cache.clear()
+        autocast.caching = False
 
 
 def meta_autocast(original: Any, autocast: Autocast | None) -> Any:
@@ -320,14 +275,16 @@ def cuda_behaviour(
     if autocast is not None:
         for owner, name in ((F, "linear"), (torch, "matmul"), (torch, "bmm"), (torch, "baddbmm")):
             patches.append((owner, name, autocast.wrap(getattr(owner, name))))
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, replacement in patches:
-            setattr(owner, name, replacement)
+    with patched(patches):
         yield
-    finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
+
+
+def cuda_empty_cache(allocator: CachingAllocator) -> Any:
+    """torch.cuda.empty_cache() where the probe's model preparation calls it (after peft's
+    upcasts), on the allocator model: its unused segments given back."""
+    from autotune.training import build
+
+    return patched([(build, "release_cached_memory", allocator.empty_cache)])
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from autotune.meta_patches import patched
 from autotune.recipe import Recipe
 
 
@@ -48,18 +49,8 @@ def fsdp_on_meta(on_alloc: Callable[[Any], None], on_free: Callable[[Any], None]
         (param_group.FSDPParamGroup, "_validate_no_meta_params", lambda self: None),
         (torch, "meta", torch.cpu),  # the device handle FSDP2 looks up by the device's name
     ]
-    saved = [(owner, name, getattr(owner, name, None)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
-        with fsdp_storage_resizes(on_alloc, on_free):
-            yield
-    finally:
-        for owner, name, value in saved:
-            if value is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
+    with patched(patches), fsdp_storage_resizes(on_alloc, on_free):
+        yield
 
 
 @contextlib.contextmanager
@@ -82,13 +73,14 @@ def fsdp_storage_resizes(
         on_free(tensor)
         free_storage(tensor)
 
-    fsdp_param.alloc_storage = param_group.alloc_storage = alloc
-    fsdp_param.free_storage = free
-    try:
+    with patched(
+        [
+            (fsdp_param, "alloc_storage", alloc),
+            (param_group, "alloc_storage", alloc),
+            (fsdp_param, "free_storage", free),
+        ]
+    ):
         yield
-    finally:
-        fsdp_param.alloc_storage = param_group.alloc_storage = alloc_storage
-        fsdp_param.free_storage = free_storage
 
 
 def fsdp_replayed(
