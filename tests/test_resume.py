@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import html
 import itertools
 import os
 import re
@@ -870,7 +871,10 @@ def test_a_choice_a_smaller_resumed_budget_rules_out_is_said_to_be_searched_unpr
     assert full, "the resumed study sampled no full fine-tune"
     assert all(trial_status(t) == TrialStatus.OVER_BUDGET_PREDICTED for t in full)
     assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
-    assert report_data(study).space_lines == (said[0],)
+    # the report names the budget, as the study's runs held two
+    assert report_data(study).space_lines == (
+        said[0].replace("fits the budget", f"fits the budget of {format_bytes(budget)}"),
+    )
     lines, _, study = _shown_run(work, 10**12, 15)
     assert not any("no recipe with them fits" in line for line in lines), lines
     assert report_data(study).space_lines == ()
@@ -900,7 +904,10 @@ def test_a_choice_a_larger_resumed_budget_fits_is_not_said_to_be_over_it(
         "the budget now: method full"
     ), lines
     assert kept[0].endswith("(a new study, --study NAME, searches them)")
-    assert report_data(study).space_lines == (kept[0],)
+    # the report names the budget, as the study's runs held two
+    assert report_data(study).space_lines == (
+        kept[0].replace("fits the budget", f"fits the budget of {format_bytes(10**12)}"),
+    )
     assert runner.requests and all(r.recipe.method != "full" for r in runner.requests)
     # back under the first budget, method full is ruled out again, and the study records it
     lines, _, study = _shown_run(work, budget, 9)
@@ -908,8 +915,80 @@ def test_a_choice_a_larger_resumed_budget_fits_is_not_said_to_be_over_it(
     assert len(ruled) == 1 and ruled[0].startswith(
         "not searched, no recipe with them fits the budget (predicted): method full ("
     ), lines
-    assert report_data(study).space_lines == (ruled[0],)
+    assert report_data(study).space_lines == (
+        ruled[0].replace("fits the budget", f"fits the budget of {format_bytes(budget)}"),
+    )
     assert set(study.user_attrs["ruled_out_choices"]["method"]) == {"full"}
+
+
+def test_a_resume_names_once_in_its_report_each_choice_its_budget_rules_out_with_the_budget(
+    full_rows_workspace,  # noqa: F811
+):
+    """A study sized under a budget that fits everything, on a space without method full,
+    resumed under a budget no full fine-tune (nor micro_batch_size 4) fits, on a space that
+    lists full: its report, HTML included, names full (which the study never held) as not
+    searched and micro_batch_size 4 (which it searches) as over the budget, each once, with
+    the budget that ruled it out, since the study's runs held two budgets. Resumed once more
+    under the first budget, neither is said to be ruled out: full fits now, and is said to be
+    kept out."""
+    from autotune.report import render_html, report_data
+
+    work = full_rows_workspace
+    budget, full_peak = _budget_no_full_fine_tune_fits(work)
+    no_full = _space_file(work[0], "method: [lora, freeze, full]", "method: [lora, freeze]")
+    run_study(
+        prepare_run(settings_for(work, trials=3, budget_bytes=10**12, space_path=no_full)),
+        FakeRunner(),
+    )
+    lines, runner, study = _shown_run(work, budget, 6)
+    assert runner.requests and all(r.recipe.micro_batch_size != 4 for r in runner.requests)
+    space_lines = report_data(study).space_lines
+    within = f"no recipe with them fits the budget of {format_bytes(budget)} (predicted): "
+    assert [line.split(": ")[0] + ": " for line in space_lines] == [
+        f"not searched, {within}",
+        f"searched by the study, but {within}",
+    ], space_lines
+    assert space_lines[0] == (
+        f"not searched, {within}method full ({format_bytes(full_peak)} at least by the formula)"
+    )
+    assert space_lines[1].startswith(f"searched by the study, but {within}micro_batch_size 4 (")
+    said = " ".join(space_lines)
+    assert said.count("method full") == 1 and said.count("micro_batch_size 4") == 1
+    page = render_html(report_data(study))
+    for line in space_lines:
+        assert page.count(html.escape(line[0].upper() + line[1:])) == 1
+    assert page.count("method full (") == 1 and page.count("micro_batch_size 4 (") == 1
+    # the run's opening lines say the same choices, under this run's budget, which they name
+    assert [line for line in lines if line.startswith(("not searched", "searched by"))] == [
+        line.replace(f" of {format_bytes(budget)}", "") for line in space_lines
+    ]
+    lines, _, study = _shown_run(work, 10**12, 8)
+    assert report_data(study).space_lines == (
+        "not searched, the study keeps the choices it searches, though a recipe with them fits "
+        f"the budget of {format_bytes(10**12)} now: method full (a new study, --study NAME, "
+        "searches them)",
+    )
+    assert not any("no recipe with them fits" in line for line in lines), lines
+
+
+def test_a_choice_a_resumed_space_adds_that_cannot_run_here_is_named_in_the_report(workspace):  # noqa: F811
+    """A resumed space that adds attention flash_attention_2, which cannot run on this CPU, to
+    a dimension the study searches: the run's opening lines and its report name it once as not
+    searched, with why (the report said nothing of it)."""
+    from autotune.report import report_data
+
+    demo = (ROOT / "autotune" / "search_spaces" / "demo.yaml").read_text(encoding="utf-8")
+    two = workspace[0] / "two-attentions.yaml"
+    two.write_text(demo + "attention: [eager, sdpa]\n")
+    run_study(prepare_run(settings_for(workspace, trials=2, space_path=two)), FakeRunner())
+    three = workspace[0] / "three-attentions.yaml"
+    three.write_text(demo + "attention: [eager, sdpa, flash_attention_2]\n")
+    prepared = prepare_run(settings_for(workspace, trials=3, space_path=three))
+    why = prepared.unsupported_choices["attention"]["flash_attention_2"]
+    study = run_study(prepared, FakeRunner())
+    assert report_data(study).space_lines == (
+        f"not searched, they cannot run here: attention flash_attention_2 ({why})",
+    )
 
 
 def test_a_trial_under_the_old_budget_numbered_past_a_change_is_held_to_it(workspace):  # noqa: F811

@@ -35,6 +35,7 @@ from autotune.study.study_records import (
     data_stats,
     left_frontier,
     space_choices,
+    study_budgets,
     study_noise,
     study_setup,
     target_trials,
@@ -161,6 +162,7 @@ def report_data(
                 choices.ruled_out_models,
                 choices.over_budget,
                 choices.kept_out,
+                sized_under_named(study, choices.budget_bytes),
             )
             if choices
             else ()
@@ -174,6 +176,15 @@ def report_data(
         study_name=study.study_name,
         model=setup.model,
     )
+
+
+def sized_under_named(study: Any, sized_under: int | None) -> int | None:
+    """The budget the study's space choices were sized under (`sized_under`, the study's
+    budget where none was stored), where its runs held several budgets, so its not-searched
+    lines name the budget that ruled each choice out; None where one budget held them all."""
+    budget = sized_under or study_setup(study).budget_bytes
+    held = {span_budget for _, span_budget in study_budgets(study).spans}
+    return budget if held - {budget} else None
 
 
 def data_description(stats: dict[str, Any], seq_len: int | None) -> str:

@@ -27,7 +27,9 @@ def resumed_space(
     search (its earlier space fixed it, or its budget left it one choice, which no trial
     sampled), which this run's space searches, is new to Optuna: it is searched from this run
     on, with the choices that fit the budget, and the study records it. What this run's budget
-    rules out is recorded as this run sizes it."""
+    rules out, and what the model or device here cannot run, is recorded as this run finds it,
+    with the budget it sized the space under: the record is the one place that says so, which
+    the run's opening lines and the report read."""
     space = prepared.space
     # what Optuna holds the study to: a parameter its trials sampled, or one stored with more
     # than one choice (not yet sampled); one the budget left a single choice of, which no trial
@@ -93,11 +95,6 @@ def resumed_space(
     }
     # (the run's opening lines name them: SpaceChoices.kept_out)
     added = {name: choices for name, choices in added.items() if choices}
-
-    def with_new(stored_part: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-        """What the study stored of each dimension, and this run's of those it adds."""
-        return {**stored_part, **{name: current[name] for name in new if name in current}}
-
     # what the study searches that this run's budget rules out (a smaller --budget): Optuna
     # still samples it, and the objective records its trials as over the budget, unprobed
     fitting = {**searches, **new}
@@ -111,7 +108,8 @@ def resumed_space(
     }
     over_budget = {name: peaks for name, peaks in over_budget.items() if peaks}
     # what this run's budget rules out of its space file that the study does not search (a
-    # choice a larger budget left out comes back under the smaller one)
+    # choice a larger budget left out comes back under the smaller one; one the study never
+    # held, which this run's space adds, is named as any other)
     ruled_out = {
         name: {c: peak for c, peak in peaks.items() if c not in over_budget.get(name, {})}
         for name, peaks in prepared.ruled_out_choices.items()
@@ -126,10 +124,13 @@ def resumed_space(
     searched = SpaceChoices(
         fitting,
         {name: peaks for name, peaks in ruled_out.items() if peaks},
-        with_new(stored.unsupported, prepared.unsupported_choices),
+        # what this run's space lists that cannot run here: one the study searches was refused
+        # above, and one an earlier run could not run that runs here is kept out now
+        prepared.unsupported_choices,
         {name: chosen for name, chosen in models.items() if chosen},
         over_budget,
         kept_out,
+        prepared.settings.budget_bytes,
     )
     return resumed, searched, notes
 

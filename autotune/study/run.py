@@ -204,6 +204,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
                 prepared.ruled_out_choices,
                 prepared.unsupported_choices,
                 prepared.ruled_out_models,
+                budget_bytes=settings.budget_bytes,
             ),
         )
     # A resumed study keeps the choices it searched (Optuna refuses other ones); a dimension
@@ -216,6 +217,7 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
             prepared,
             space=space,
             ruled_out_choices=searched.ruled_out,
+            unsupported_choices=searched.unsupported,
             over_budget_choices=searched.over_budget,
             kept_out_choices=searched.kept_out,
         )

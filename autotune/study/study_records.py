@@ -198,6 +198,10 @@ class SpaceChoices:
     """Dimension -> choice of the space file the study does not search though a recipe fits
     the budget with it now (the study was sized under a smaller budget, or the space file
     gained it): Optuna keeps a study's choices."""
+    budget_bytes: int | None = None
+    """The budget the run that recorded them sized the space under: what rules out the
+    ruled_out and over_budget choices, and what the kept_out ones fit (None: a study from
+    before it was stored, sized under its budget)."""
 
 
 SPACE_CHOICES_ATTR = "space_choices"
@@ -206,6 +210,7 @@ RULED_OUT_MODELS_ATTR = "ruled_out_models"
 UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
 OVER_BUDGET_CHOICES_ATTR = "over_budget_choices"
 KEPT_OUT_CHOICES_ATTR = "kept_out_choices"
+SIZED_UNDER_ATTR = "space_choices_budget"
 
 
 def record_space_choices(study: Any, choices: SpaceChoices) -> None:
@@ -213,12 +218,14 @@ def record_space_choices(study: Any, choices: SpaceChoices) -> None:
     study.set_user_attr(RULED_OUT_CHOICES_ATTR, choices.ruled_out)
     if choices.ruled_out_models:
         study.set_user_attr(RULED_OUT_MODELS_ATTR, choices.ruled_out_models)
-    if choices.unsupported:
+    if choices.unsupported or study.user_attrs.get(UNSUPPORTED_CHOICES_ATTR):
         study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
     if choices.over_budget or study.user_attrs.get(OVER_BUDGET_CHOICES_ATTR):
         study.set_user_attr(OVER_BUDGET_CHOICES_ATTR, choices.over_budget)
     if choices.kept_out or study.user_attrs.get(KEPT_OUT_CHOICES_ATTR):
         study.set_user_attr(KEPT_OUT_CHOICES_ATTR, choices.kept_out)
+    if choices.budget_bytes is not None:
+        study.set_user_attr(SIZED_UNDER_ATTR, choices.budget_bytes)
 
 
 def space_choices(study: Any) -> SpaceChoices | None:
@@ -233,6 +240,7 @@ def space_choices(study: Any) -> SpaceChoices | None:
         attrs.get(RULED_OUT_MODELS_ATTR) or {},
         attrs.get(OVER_BUDGET_CHOICES_ATTR) or {},
         attrs.get(KEPT_OUT_CHOICES_ATTR) or {},
+        attrs.get(SIZED_UNDER_ATTR),
     )
 
 

@@ -98,22 +98,26 @@ def not_searched(
     ruled_out_models: dict[str, dict[str, str]] | None = None,
     over_budget: dict[str, dict[str, int]] | None = None,
     kept_out: dict[str, list[str]] | None = None,
+    budget_bytes: int | None = None,
 ) -> list[str]:
     """What a study leaves out of its space file and why, a line per reason, and the choices
     it searches that no recipe fits the budget with now (`over_budget`: a study resumed under
     a smaller budget) (CLI and report). `kept_out`: choices a resumed study does not search
-    though a recipe with them fits the budget now."""
+    though a recipe with them fits the budget now. `budget_bytes`: the budget that sized them,
+    named where the reader cannot tell which budget is meant (the report of a study whose runs
+    held several); the run's opening lines follow its headline, which names it."""
+    budget = "the budget" + (f" of {format_bytes(budget_bytes)}" if budget_bytes else "")
     lines = []
     if unsupported:
         lines.append("not searched, they cannot run here: " + describe_unsupported(unsupported))
     if ruled_out:
         lines.append(
-            "not searched, no recipe with them fits the budget (predicted): "
+            f"not searched, no recipe with them fits {budget} (predicted): "
             + describe_ruled_out(ruled_out, ruled_out_models)
         )
     if over_budget:
         lines.append(
-            "searched by the study, but no recipe with them fits the budget (predicted): "
+            f"searched by the study, but no recipe with them fits {budget} (predicted): "
             + describe_ruled_out(over_budget, ruled_out_models)
             + "; Optuna keeps a study's choices, so trials with them are held over the budget "
             "and run no probe (a new study, --study NAME, leaves them out)"
@@ -121,7 +125,7 @@ def not_searched(
     if kept_out:
         lines.append(
             "not searched, the study keeps the choices it searches, though a recipe with them "
-            "fits the budget now: "
+            f"fits {budget} now: "
             + ", ".join(f"{name} {', '.join(choices)}" for name, choices in kept_out.items())
             + " (a new study, --study NAME, searches them)"
         )
