@@ -601,6 +601,10 @@ def test_a_launch_line_overrides_an_accelerate_config_s_mixed_precision_where_fl
         assert "accelerate launch --num_processes 2 --mixed_precision no " in line
         amp = render(fmt, Recipe.from_dict({**fsdp, "precision": "amp_bf16"}), None)
         assert "accelerate launch --num_processes 2 " in amp and "--mixed_precision" not in amp
+    # fp32 weights train without autocast too: LLaMA-Factory's bf16 config autocast them
+    for fmt in ("hf", "llamafactory"):
+        fp32 = render(fmt, Recipe.from_dict({**fsdp, "precision": "fp32"}), None, num_layers=4)
+        assert "accelerate launch --num_processes 2 --mixed_precision no " in fp32, fmt
     # LoRA under LLaMA-Factory keeps bf16 on (no key without AMP): no override against it
     lora = Recipe.from_dict({**fsdp, "method": "lora", "lora_r": 8})
     assert "--mixed_precision" not in render("llamafactory", lora, None)
