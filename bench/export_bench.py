@@ -161,7 +161,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = spec["device"]
     if device.startswith("cuda") and spec.get("snapshot"):
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        # as the probe records (training/child.py): sizes and order, no stack per event, which
+        # would make each pickle hundreds of MB, its dump slow, its pack past what comes back
+        torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
     rss_before = _high_water_bytes()
     config, steps = spec["config"], spec["steps"]
     training = dict(config["training_arguments"])
@@ -358,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{format_bytes(row['predicted']['reserved_bytes'])}; {runs}",
                 flush=True,
             )
+            # written after every recipe, so a run cut short (gpu_session.sh's timeout) still
+            # leaves its measurements
+            write_results(args.out, "export_bench.py", args.device, {"runs": len(rows)}, rows=rows)
     write_results(args.out, "export_bench.py", args.device, {"runs": len(rows)}, rows=rows)
     print(f"wrote {args.out}")
     return 0

@@ -87,6 +87,9 @@ tail -40 "$OUT/gpu_tests.log"
 if [ -n "$exports" ]; then
     wait "$exports"
     tail -20 "$OUT/export_bench.log"
+    # one log for both benches: no more than 8 files come back from $OUT
+    { echo "== bench/export_bench.py"; cat "$OUT/export_bench.log"; } >>"$OUT/memory_bench.log"
+    rm -f "$OUT/export_bench.log"
 fi
 python3 - "$OUT" "$gpu" "$HELD_OUT" <<'PY' 2>&1 | tee "$OUT/replay_diff.txt"
 import json, subprocess, sys
@@ -111,18 +114,20 @@ for probe, process in runs:
 if not runs:
     print("no snapshot of", ", ".join(held_out))
 PY
-# the snapshots of the two held-out rows, then the rest; a pack over 16 MiB does not come back
+# What comes back from $OUT is 8 files, 16 MiB each at most: machine.txt, the two logs, the two
+# results files, replay_diff.txt, and the snapshots in two packs (where any were recorded): the
+# two held-out rows', then the rest, export_bench's under export-snapshots/
 (
-    cd "$OUT/snapshots" 2>/dev/null || exit 0
-    tar -cf - ./*-00[01]-0.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_heldout.tar.xz"
-    rm -f ./*-00[01]-0.pickle
-    tar -cf - ./*.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_rest.tar.xz"
+    cd "$OUT" || exit 0
+    heldout=$(compgen -G 'snapshots/*-00[01]-0.pickle')
+    if [ -n "$heldout" ]; then
+        tar -cf - $heldout | xz -T0 -6 >snapshots_heldout.tar.xz
+        rm -f $heldout
+    fi
+    rest=$(compgen -G 'snapshots/*.pickle'; compgen -G 'export-snapshots/*.pickle')
+    if [ -n "$rest" ]; then
+        tar -cf - $rest | xz -T0 -6 >snapshots_rest.tar.xz
+    fi
 )
-rm -rf "$OUT/snapshots"
-(
-    cd "$OUT/export-snapshots" 2>/dev/null || exit 0
-    tar -cf - ./*-loop.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_export_loop.tar.xz"
-    tar -cf - ./*-trainer.pickle 2>/dev/null | xz -T0 -6 >"$OUT/snapshots_export_trainer.tar.xz"
-)
-rm -rf "$OUT/export-snapshots"
+rm -rf "$OUT/snapshots" "$OUT/export-snapshots"
 ls -la "$OUT"

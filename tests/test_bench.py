@@ -84,6 +84,17 @@ def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
     exported = json.loads((session / "export_h200.json").read_text())["rows"]
     assert [row["shape"] for row in exported] == ["demo", "demo"]
     assert all(row[kind]["status"] == "ok" for row in exported for kind in ("trainer", "loop"))
+    assert "== bench/export_bench.py" in (session / "memory_bench.log").read_text()
+    # no more than 8 files come back from $OUT: on a GPU the two snapshot packs join these six
+    # (11 came with export_bench's own log and packs, empty ones on the CPU)
+    assert sorted(path.name for path in session.rglob("*") if path.is_file()) == [
+        "export_h200.json",
+        "gpu_tests.log",
+        "machine.txt",
+        "memory_bench.log",
+        "memory_unmeasured_h200.json",
+        "replay_diff.txt",
+    ]
     out = session / "memory_unmeasured_h200.json"
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -143,6 +154,59 @@ def test_export_bench_trains_the_hf_export_as_autotune_trains_the_recipe(tmp_pat
             assert run["autocast"] is autocasts, (kind, row["recipe"])
             assert run["logits_dtype"] == row["loop"]["logits_dtype"]
             assert run["rss_growth_bytes"] > 0 and run["loss"] > 0
+
+
+def test_export_bench_keeps_the_rows_measured_before_a_run_is_cut_short(tmp_path, monkeypatch):
+    """gpu_session.sh stops export_bench after 450 s, often mid-recipe on the 7B shape: the
+    rows measured by then are in the results file (it was written at the end alone)."""
+    bench = load_bench("export_bench")
+    model = ROOT / "demo" / "model"
+    monkeypatch.setattr(bench, "bench_inputs", lambda *_: (model, tmp_path, tmp_path / "d"))
+    monkeypatch.setattr(bench, "predicted", lambda recipe: {"reserved_bytes": 1})
+    ran = []
+
+    def probe(recipe, *_):
+        if ran:  # the second recipe: the session's timeout stops the run
+            raise KeyboardInterrupt
+        ran.append(recipe)
+        return {"status": "ok", "rss_growth_bytes": 1}
+
+    monkeypatch.setattr(bench, "probe_run", probe)
+    monkeypatch.setattr(
+        bench,
+        "_in_child",
+        lambda spec, *_: {"status": "ok", "kind": spec["kind"], "rss_growth_bytes": 1},
+    )
+    out = tmp_path / "export.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shapes", "demo", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["recipe"] for row in rows] == [ran[0].label()]
+    assert rows[0]["trainer"]["kind"] == "trainer" and rows[0]["loop"]["kind"] == "loop"
+
+
+def test_export_bench_records_allocations_as_the_probe_does(monkeypatch):
+    """Its snapshots are the probe's kind (sizes and order, no stack per event: training/
+    child.py), the ones replay_diff.py reads; with stacks a 7B run's pickle is hundreds of MB
+    and its pack does not come back from the device machine (16 MiB a file)."""
+    import torch
+
+    bench = load_bench("export_bench")
+    recorded = {}
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", recorded.update)
+
+    class Built(Exception):
+        pass
+
+    def build(*_):
+        raise Built
+
+    monkeypatch.setattr(bench, "build_model", build)
+    spec = {"device": "cuda", "snapshot": "s.pickle", "steps": 1}
+    spec["config"] = {"training_arguments": {}}
+    with pytest.raises(Built):
+        bench.run_child(spec)
+    assert "context" in recorded and recorded["context"] is None
 
 
 def test_memory_bench_holdout_resumes_where_a_run_stopped(tmp_path):

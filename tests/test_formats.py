@@ -477,7 +477,7 @@ def test_trainer_exports_autocast_where_the_probe_did_and_nowhere_else(
     from transformers import TrainingArguments
 
     from autotune.formats import accelerate_config
-    from autotune.training.build import autocast_dtype
+    from autotune.training.build import autocast_dtype, compute_dtype
     from autotune.training.deepspeed_engine import probe_config
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -513,8 +513,22 @@ def test_trainer_exports_autocast_where_the_probe_did_and_nowhere_else(
         assert config["dtype"] == str(load_dtype(recipe_)).removeprefix("torch.")
         bitsandbytes = config.get("bits_and_bytes_config")
         if bitsandbytes and "bnb_4bit_compute_dtype" in bitsandbytes:
-            compute = "float16" if "fp16" in recipe_.precision else "bfloat16"
+            compute = str(compute_dtype(recipe_)).removeprefix("torch.")
             assert bitsandbytes["bnb_4bit_compute_dtype"] == compute, recipe_.label()
+
+
+def test_hf_export_quantizes_with_the_compute_dtype_the_probe_ran():
+    """The probe's BitsAndBytesConfig computes a k-bit base in the recipe's compute dtype
+    (build.quantization_config): an fp32 QLoRA recipe's 4-bit matmuls run in fp32. The hf export
+    wrote bfloat16 for every precision without fp16, activations of half the bytes measured."""
+    from autotune.training.build import quantization_config
+
+    for precision in ("fp32", "bf16", "fp16", "amp_bf16", "amp_fp16"):
+        fields = {"method": "lora", "lora_r": 8, "quantization": "nf4", "precision": precision}
+        recipe_ = Recipe.from_dict({**fields, "model": "m"})
+        exported = hf_config(recipe_)["bits_and_bytes_config"]
+        probed = quantization_config(recipe_).to_dict()
+        assert exported["bnb_4bit_compute_dtype"] == probed["bnb_4bit_compute_dtype"], precision
 
 
 def test_a_trainer_run_from_the_hf_export_trains_bf16_weights_without_autocast(tmp_path):
@@ -587,6 +601,10 @@ def test_a_launch_line_overrides_an_accelerate_config_s_mixed_precision_where_fl
         assert "accelerate launch --num_processes 2 --mixed_precision no " in line
         amp = render(fmt, Recipe.from_dict({**fsdp, "precision": "amp_bf16"}), None)
         assert "accelerate launch --num_processes 2 " in amp and "--mixed_precision" not in amp
+    # fp32 weights train without autocast too: LLaMA-Factory's bf16 config autocast them
+    for fmt in ("hf", "llamafactory"):
+        fp32 = render(fmt, Recipe.from_dict({**fsdp, "precision": "fp32"}), None, num_layers=4)
+        assert "accelerate launch --num_processes 2 --mixed_precision no " in fp32, fmt
     # LoRA under LLaMA-Factory keeps bf16 on (no key without AMP): no override against it
     lora = Recipe.from_dict({**fsdp, "method": "lora", "lora_r": 8})
     assert "--mixed_precision" not in render("llamafactory", lora, None)

@@ -155,9 +155,10 @@ def render(
         # how the pick chose where the measured noise decided it
         kind = "" if key in PREDICTED_FIGURES or key == "pick" else "measured "
         header.append(f"# {kind}{key}: {value}")
-    # a launch's accelerate config must not bring the autocast the flags leave out
+    # a launch's accelerate config must not bring the autocast the flags leave out: an fp32
+    # recipe's as much as a half one's (the Trainer takes the config's where both are off)
     flags = body.get("training_arguments", body)
-    plain = trains_half_without_autocast(recipe) and not (flags.get("bf16") or flags.get("fp16"))
+    plain = not (flags.get("bf16") or flags.get("fp16"))
     launch = launch_line(recipe, fmt, "no" if plain else None)
     if launch:
         header.append(f"# on {recipe.num_gpus} GPUs: {launch}")

@@ -9,7 +9,7 @@ from typing import Any
 from autotune.batchings import BATCHINGS
 from autotune.distributed import accelerate_keys, hf_training_keys
 from autotune.formats.freeze import layout_or_llama, trainable_parameters
-from autotune.formats.trainer_keys import half_flags, schedule_keys, target_list, trainer_half_flags
+from autotune.formats.trainer_keys import schedule_keys, target_list, trainer_half_flags
 from autotune.losses import LOSSES
 from autotune.optimizers import OPTIMIZERS
 from autotune.precisions import PRECISIONS
@@ -64,8 +64,11 @@ def hf_config(
             config["lora_config"]["use_dora"] = True
     bitsandbytes_config = QUANTIZATIONS[recipe.quantization].bitsandbytes_config
     if bitsandbytes_config is not None:
-        compute = "float16" if half_flags(recipe)["fp16"] else "bfloat16"
-        config["bits_and_bytes_config"] = bitsandbytes_config(compute)
+        # the probe's compute dtype (build.quantization_config): an fp32 recipe's 4-bit
+        # matmuls run in fp32 there, not in bf16
+        config["bits_and_bytes_config"] = bitsandbytes_config(
+            PRECISIONS[recipe.precision].compute_dtype
+        )
     if recipe.method == "freeze":
         config["frozen_layers"] = recipe.frozen_layers
         if recipe.train_modules != "all":
