@@ -13,7 +13,10 @@
 #    5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots), packed into two
 #    .tar.xz files;
 # 3. bench/replay_diff.py on the two held-out rows' snapshots (the blocks alive at the GPU's
-#    allocated peak that the replay does not hold), into replay_diff.txt.
+#    allocated peak that the replay does not hold), into replay_diff.txt;
+# 4. on a card of 120000 MiB or more, beside 1 and 2: bench/export_bench.py (the held-out
+#    Qwen2-7B and Llama-3.2-1B rows as the plain loop, the probe and the hf export under
+#    transformers' Trainer run them; the loop's and the Trainer's snapshots).
 # Logs and results go to $OUT (what the device tool brings back), else bench/results/gpu-session/;
 # commit the results file under bench/results/ and rescore it (bench/README.md, memory_bench.py).
 # SHAPES, EXPORT_SHAPES (none: no export_bench), DEVICE, DEADLINE_MINUTES, HELD_OUT (probe names),
@@ -64,13 +67,23 @@ timeout 300 python3 -m pytest -m gpu tests -q -rs --durations=15 -p no:cacheprov
 tests=$!
 # 4. beside them where the card holds both (memory_bench draws recipes up to 79 GiB): the
 #    exported recipes under transformers' Trainer and a plain loop against the probe
-#    (bench/export_bench.py), its models in a folder of its own (two builds of one shape race)
+#    (bench/export_bench.py). Both benches' models are built first, once (two builds of one
+#    shape into one folder race; two folders would hold the 7B shape twice on a 64 GiB disk).
+python3 - "$MODELS_DIR" "$DEVICE" "$SHAPES,$EXPORT_SHAPES" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "bench")
+from shared import CONFIGS, model_dir
+for shape in dict.fromkeys(sys.argv[3].split(",")):
+    if shape in CONFIGS:
+        model_dir(shape, Path(sys.argv[1]), sys.argv[2])
+PY
 total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 \
     | grep -oE '(^|, )[0-9]+' | head -1 | grep -oE '[0-9]+')
 exports=
 if [ "${total_mib:-0}" -ge 120000 ] && [ "$EXPORT_SHAPES" != none ]; then
     timeout 450 python3 bench/export_bench.py --device "$DEVICE" --shapes "$EXPORT_SHAPES" \
-        --models-dir "$MODELS_DIR-export" --deadline-minutes "$DEADLINE_MINUTES" --timeout 200 \
+        --models-dir "$MODELS_DIR" --deadline-minutes "$DEADLINE_MINUTES" --timeout 150 \
         --snapshots "$OUT/export-snapshots" --out "$OUT/export_$gpu.json" \
         >"$OUT/export_bench.log" 2>&1 &
     exports=$!

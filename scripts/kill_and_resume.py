@@ -68,6 +68,26 @@ def kill_delay(rng: random.Random, kill: int, max_delay: float) -> float:
     return rng.uniform(early, max_delay)
 
 
+PROBE_WAIT_SECONDS = 300.0
+"""How long the last kill waits for a probe where no earlier kill met one (on a loaded machine
+a run can take longer than --max-delay to reach its first probe)."""
+
+
+def probing_count(processes: dict[int, str]) -> int:
+    return sum("autotune.training.child" in c or "zygote" in c for c in processes.values())
+
+
+def wait_for_probes(marker: str, process: subprocess.Popen, rng: random.Random) -> None:
+    """Sleep until the run started as `marker` runs a probe (or ended, or the wait ran out),
+    then a moment more, into the probe."""
+    waited = time.perf_counter()
+    while time.perf_counter() - waited < PROBE_WAIT_SECONDS and process.poll() is None:
+        if probing_count(processes_of_run(marker)):
+            time.sleep(rng.uniform(0.2, 2.0))
+            return
+        time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -106,6 +126,7 @@ def main() -> int:
     ]
     rng = random.Random(args.seed)
     seen: dict[int, tuple] = {}
+    killed_probing = False
     for kill in range(args.kills):
         marker = f"{os.getpid()}-{kill}"
         process = subprocess.Popen(
@@ -115,10 +136,15 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
             env={**os.environ, MARKER_ENV: marker},
         )
-        delay = kill_delay(rng, kill, args.max_delay)
-        time.sleep(delay)
+        started = time.perf_counter()
+        if kill == args.kills - 1 and not killed_probing:
+            wait_for_probes(marker, process, rng)  # at least one kill lands among probes
+        else:
+            time.sleep(kill_delay(rng, kill, args.max_delay))
+        delay = time.perf_counter() - started
         at_kill = processes_of_run(marker)
-        probing = sum("autotune.training.child" in c or "zygote" in c for c in at_kill.values())
+        probing = probing_count(at_kill)
+        killed_probing = killed_probing or probing > 0
         ended = process.poll() is not None
         if not ended:
             os.kill(process.pid, signal.SIGKILL)
