@@ -82,6 +82,26 @@ def test_resume_continues_exactly(tiny_model, qa_data, tmp_path):
     assert last.tokens_per_second is None and last.timed_steps == 0
 
 
+def test_a_resume_with_no_step_left_is_refused_and_keeps_the_run_s_files(
+    tiny_model, qa_data, tmp_path
+):
+    """--resume with a --max-steps the checkpoint has reached would train nothing, show a bar
+    past its end (5/3) and write the finished run's metrics again without a step (a NaN train
+    loss, no tokens/s): it is refused in one line instead, and the run's files stay as they were."""
+    recipe = lora_recipe(tiny_model)
+    out = tmp_path / "out"
+    train(recipe, qa_data, out, max_steps=2)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for max_steps in (2, 1):
+        with pytest.raises(
+            UsageError, match=f"trained 2 steps already, and --max-steps {max_steps}"
+        ):
+            train(recipe, qa_data, out, max_steps=max_steps, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    resumed = train(recipe, qa_data, out, max_steps=3, resume=True)  # one step left: trained
+    assert resumed.resumed_from_step == 2 and resumed.steps == 3
+
+
 def test_a_run_tokenizes_its_data_once_and_keeps_it_while_it_may_go_on(
     tiny_model, qa_data, tmp_path, monkeypatch
 ):
