@@ -173,6 +173,12 @@ def test_the_end_of_train_says_why_it_has_no_speed(tmp_path):
     text = console.export_text()
     assert "tokens/s not measured: its one step was the warm-up; probe measured 900" in text
     assert "tokens/s 1,234 (median of 4 steps after warm-up)" in text
+    # a resumed run says the steps it trained itself, and where the training stands
+    assert "trained 1 step after step 4, to step 5; eval loss 1.5000" in text
+    assert "trained 5 steps after step 4, to step 9" in text
+    fresh = TrainReport(3, 0, 1234.0, 2**20, "cpu_rss_growth", 1.5, 1.6, tmp_path, False)
+    show_trained(console, TrainResult(fresh, None, {}))
+    assert "trained 3 steps; eval loss 1.5000" in console.export_text()
 
 
 class _Stop(Exception):
