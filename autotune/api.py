@@ -329,6 +329,15 @@ def export_recipe(
     return text
 
 
+def exported_train_command(storage: str | None, study_name: str | None, recipe_path: Path) -> str:
+    """The `autotune train` command of a recipe `export_recipe` wrote to `recipe_path`, on the
+    study's data, as `autotune run` and the report give it."""
+    from autotune.report.card import study_train_command
+    from autotune.study import load_existing_study
+
+    return study_train_command(load_existing_study(storage, study_name), str(recipe_path))
+
+
 @dataclass(frozen=True)
 class StudyReport:
     report_path: Path

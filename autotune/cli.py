@@ -113,13 +113,15 @@ def export(
     ),
 ) -> None:
     """Write the picked frontier recipe as YAML, with its measured figures."""
-    from autotune.api import export_recipe
+    from autotune.api import export_recipe, exported_train_command
 
     text = export_recipe(storage, study, pick, fmt, output)
     if output is None:
         typer.echo(text, nl=False)
     else:
         typer.echo(f"recipe ({pick}): {output}")
+        if fmt == "autotune":  # the other formats are trained by their own tools
+            typer.echo(f"to train it: {exported_train_command(storage, study, output)}")
 
 
 @app.command()

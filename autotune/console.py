@@ -275,13 +275,9 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
 def train_command(result: RunResult) -> str:
     """The `autotune train` command of the recipe the run exported, on the study's data (the
     report's balanced card gives the same)."""
-    from autotune.report.card import train_commands
-    from autotune.study.study_records import study_setup
+    from autotune.report.card import study_train_command
 
-    data_path = study_setup(result.study).data_path
-    return train_commands(result.study.study_name, data_path, str(result.recipe_path), True, None)[
-        -1
-    ]
+    return study_train_command(result.study, str(result.recipe_path))
 
 
 def measured_memory(peak_bytes: float, memory_source: str) -> str:

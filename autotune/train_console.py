@@ -72,7 +72,10 @@ def show_trained(console: Any, result: TrainResult) -> None:
         predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
     probe_peak_bytes = _probe_figure(measured, "peak_memory_bytes")
     probe_speed = _probe_figure(measured, "tokens_per_second")
-    console.print(f"trained {count_of(report.steps, 'step')}; eval loss {report.eval_loss:.4f}")
+    trained = count_of(report.steps - report.resumed_from_step, "step")
+    if report.resumed_from_step:  # this run's steps, not the whole training's
+        trained += f" after step {report.resumed_from_step}, to step {report.steps}"
+    console.print(f"trained {trained}; eval loss {report.eval_loss:.4f}")
     if report.best_step is not None:
         stopped = "stopped early; " if report.stopped_early else ""
         console.print(f"{stopped}saved the weights of step {report.best_step}, the best eval loss")

@@ -280,13 +280,22 @@ def test_render_puts_measured_figures_in_comments():
     text = render(
         "axolotl",
         recipe("qlora"),
-        {"tokens_per_second": 1234.5, "predicted_peak_bytes": 99},
+        {
+            "tokens_per_second": 1234.5,
+            "peak_memory_bytes": 127873024,
+            "predicted_peak_bytes": 710934528,
+            "memory_margin": 0.173671,
+        },
         data_path="d.jsonl",
         num_layers=28,
     )
     assert text.startswith("# QLoRA nf4 r16")
     assert "# measured tokens_per_second: 1234.5" in text
-    assert "# predicted_peak_bytes: 99" in text  # a prediction is not called measured
+    # sizes and the margin as people read them, as the run's output and the report say them
+    assert "# measured peak_memory: 121.9 MiB" in text
+    assert "# predicted_peak: 678.0 MiB" in text  # a prediction is not called measured
+    assert "# memory_margin: 17.4%" in text
+    assert "127873024" not in text and "710934528" not in text and "0.173671" not in text
     assert "measured predicted" not in text
     assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")

@@ -11,6 +11,7 @@ from autotune.state_text import status_text
 from autotune.study import claim_once, measured_points, prepare_run, run_study
 from autotune.study.overview import StudyOverview, finished_words, study_overview
 from autotune.units import format_bytes
+from tests.conftest import autotune_main
 from tests.test_cli import autotune
 from tests.test_distributed import postgres_url  # noqa: F401
 from tests.test_study import FakeRunner, TimedRunner, settings_for, workspace  # noqa: F401
@@ -246,3 +247,28 @@ def test_the_trials_target_reads_for_old_studies_and_past_it():
     assert finished_words(3, 5, None, 2) == "3 of 5 trials finished"  # the target is reached
     old = StudyOverview("s", "m", 2**30, 3, 0, {})
     assert old.target_trials is None and old.finished_words == "3 trials finished"
+
+
+def test_export_to_a_file_says_how_to_train_the_recipe(workspace, monkeypatch, capsys):  # noqa: F811
+    """The morning after a run: status says to export, and the export of a recipe to a file
+    says the command that trains it on the study's data, as the run and the report say it;
+    another format's config, which its own tool trains, gets no such line."""
+    tmp_path, _, data = workspace
+    storage = f"sqlite:///{tmp_path}/export.db"
+    run_study(
+        prepare_run(settings_for(workspace, storage=storage, study_name="night", trials=3)),
+        FakeRunner(),
+    )
+    code, out, err = autotune_main(
+        monkeypatch, capsys, "export", "--storage", storage, "--pick", "fastest", "-o", "f.yaml"
+    )
+    assert code == 0, err
+    assert out.splitlines() == [
+        "recipe (fastest): f.yaml",
+        f"to train it: autotune train --recipe f.yaml --data {data} --output outputs/night",
+    ]
+    code, out, err = autotune_main(
+        monkeypatch, capsys, "export", "--storage", storage, "--format", "hf", "-o", "hf.yaml"
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["recipe (balanced): hf.yaml"]

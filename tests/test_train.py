@@ -82,6 +82,26 @@ def test_resume_continues_exactly(tiny_model, qa_data, tmp_path):
     assert last.tokens_per_second is None and last.timed_steps == 0
 
 
+def test_a_resume_with_no_step_left_is_refused_and_keeps_the_run_s_files(
+    tiny_model, qa_data, tmp_path
+):
+    """--resume with a --max-steps the checkpoint has reached would train nothing, show a bar
+    past its end (5/3) and write the finished run's metrics again without a step (a NaN train
+    loss, no tokens/s): it is refused in one line instead, and the run's files stay as they were."""
+    recipe = lora_recipe(tiny_model)
+    out = tmp_path / "out"
+    train(recipe, qa_data, out, max_steps=2)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for max_steps in (2, 1):
+        with pytest.raises(
+            UsageError, match=f"trained 2 steps already, and --max-steps {max_steps}"
+        ):
+            train(recipe, qa_data, out, max_steps=max_steps, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    resumed = train(recipe, qa_data, out, max_steps=3, resume=True)  # one step left: trained
+    assert resumed.resumed_from_step == 2 and resumed.steps == 3
+
+
 def test_a_run_tokenizes_its_data_once_and_keeps_it_while_it_may_go_on(
     tiny_model, qa_data, tmp_path, monkeypatch
 ):
@@ -153,6 +173,12 @@ def test_the_end_of_train_says_why_it_has_no_speed(tmp_path):
     text = console.export_text()
     assert "tokens/s not measured: its one step was the warm-up; probe measured 900" in text
     assert "tokens/s 1,234 (median of 4 steps after warm-up)" in text
+    # a resumed run says the steps it trained itself, and where the training stands
+    assert "trained 1 step after step 4, to step 5; eval loss 1.5000" in text
+    assert "trained 5 steps after step 4, to step 9" in text
+    fresh = TrainReport(3, 0, 1234.0, 2**20, "cpu_rss_growth", 1.5, 1.6, tmp_path, False)
+    show_trained(console, TrainResult(fresh, None, {}))
+    assert "trained 3 steps; eval loss 1.5000" in console.export_text()
 
 
 class _Stop(Exception):

@@ -24,6 +24,7 @@ from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 from autotune.training.freeze import FreezeLayout
+from autotune.units import format_bytes
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -99,6 +100,18 @@ def _autocast_note(recipe: Recipe, fmt: str, body: dict[str, Any]) -> str:
     )
 
 
+def _figure_words(key: str, value: Any) -> str:
+    """A recorded figure as people read it in a comment: sizes in MiB/GiB, the margin as a
+    share ("peak_memory: 121.9 MiB", "memory_margin: 17.4%"); the autotune format keeps the
+    bytes, for tools."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and key.endswith("_bytes"):
+        return f"{key.removesuffix('_bytes')}: {format_bytes(value)}"
+    if number and key == "memory_margin":
+        return f"{key}: {value:.1%}"
+    return f"{key}: {value}"
+
+
 def render(
     fmt: str,
     recipe: Recipe,
@@ -154,7 +167,7 @@ def render(
         # the study's record holds the memory model's prediction beside what was measured, and
         # how the pick chose where the measured noise decided it
         kind = "" if key in PREDICTED_FIGURES or key == "pick" else "measured "
-        header.append(f"# {kind}{key}: {value}")
+        header.append(f"# {kind}{_figure_words(key, value)}")
     # a launch's accelerate config must not bring the autocast the flags leave out: an fp32
     # recipe's as much as a half one's (the Trainer takes the config's where both are off)
     flags = body.get("training_arguments", body)

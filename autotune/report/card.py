@@ -162,6 +162,14 @@ def train_commands(
     return commands
 
 
+def study_train_command(study: Any, recipe_path: str) -> str:
+    """The `autotune train` command of a recipe exported from `study`, on the study's data."""
+    from autotune.study.study_records import study_setup
+
+    data_path = study_setup(study).data_path
+    return train_commands(study.study_name, data_path, recipe_path, True, None)[-1]
+
+
 def format_seconds(seconds: float) -> str:
     """A duration as people say it: '42 s', '12 min', '3 h 05 min', '2.5 days'."""
     if seconds < 10:

@@ -282,6 +282,18 @@ def check_resumable(path: Path, recipe: Any) -> None:
     check_same_strategy(extra, recipe, path)
 
 
+def check_steps_left(path: Path, max_steps: int | None) -> None:
+    """Refuse a --resume whose --max-steps the checkpoint at `path` has already reached: it
+    would train nothing and write the finished run's metrics again without a step."""
+    step = int(path.name.removeprefix(CHECKPOINT_PREFIX))
+    if max_steps is not None and step >= max_steps:
+        raise UsageError(
+            f"--resume: {path.parent} has trained {count_of(step, 'step')} already, and "
+            f"--max-steps {max_steps} leaves none to train; give --max-steps above {step} to "
+            "train on"
+        )
+
+
 def load_checkpoint(
     model: Any, optimizer: Any, scheduler: Any, path: Path, device: str
 ) -> tuple[int, dict[str, Any]]:

@@ -25,6 +25,7 @@ from autotune.training.checkpoints import (
     BATCH_KEY,
     STRATEGY_KEY,
     check_resumable,
+    check_steps_left,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -142,6 +143,7 @@ def train(
     if resumed_checkpoint is not None:  # before any rank builds the model
         check_same_training(output_dir, recipe)
         check_resumable(resumed_checkpoint, recipe)
+        check_steps_left(resumed_checkpoint, max_steps)
     if overwrite and not resume:
         for old in checkpoints(output_dir):  # a new run: no old step may be resumed later
             shutil.rmtree(old)
