@@ -136,7 +136,7 @@ def check_margin(given: float | None) -> None:
 def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int, num_gpus: int = 1) -> str:
     """How a predicted peak stands against the budget once the margin is added, in words; on
     several GPUs both are each GPU's, and say so."""
-    from autotune.units import format_bytes
+    from autotune.units import a_or_an, format_bytes
 
     each = " per GPU" if num_gpus > 1 else ""
 
@@ -146,9 +146,10 @@ def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int, num_gpus
         verdict = f"fits {format_bytes(budget_bytes)} with {spare} to spare"
     else:
         verdict = f"over {format_bytes(budget_bytes)} by {format_bytes(margined - budget_bytes)}"
+    percent = f"{100 * margin.fraction:.1f}"
     return (
-        f"predicted {format_bytes(peak_bytes)}{each}, {format_bytes(margined)} with a "
-        f"{100 * margin.fraction:.1f}% margin ({margin.why}): {verdict}{each}"
+        f"predicted {format_bytes(peak_bytes)}{each}, {format_bytes(margined)} with "
+        f"{a_or_an(percent)} {percent}% margin ({margin.why}): {verdict}{each}"
     )
 
 

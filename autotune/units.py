@@ -95,3 +95,12 @@ def format_duration(seconds: float) -> str:
 def count_of(count: int, noun: str) -> str:
     """'1 trial', '2 trials', '0 trials': a count with its noun, plural unless it is one."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def a_or_an(number_text: str) -> str:
+    """The article a number is read with: "an 8.0%", "an 18.6%", "a 17.4%" (eight, eleven,
+    eighteen and eighty-something are said with a vowel first)."""
+    whole = number_text.split(".")[0].lstrip("+-")
+    spoken_vowel = whole.startswith("8") or (len(whole) in (2, 5) and whole[:2] in ("11", "18"))
+    return "an" if spoken_vowel else "a"
+

@@ -2,6 +2,7 @@ import pytest
 
 from autotune.errors import UsageError
 from autotune.units import (
+    a_or_an,
     count_of,
     format_bytes,
     format_duration,
@@ -56,3 +57,20 @@ def test_durations_are_written_as_they_are_read(seconds, text):
 def test_counts_are_plural_unless_one():
     assert count_of(1, "trial") == "1 trial" and count_of(0, "probe") == "0 probes"
     assert count_of(2500, "row") == "2,500 rows"
+
+
+@pytest.mark.parametrize(
+    "number, article",
+    [("18.6", "an"), ("8.0", "an"), ("11.2", "an"), ("83.0", "an"), ("17.4", "a")]
+    + [("1.0", "a"), ("100.0", "a"), ("2.6", "a"), ("180.0", "a")],
+)
+def test_a_figure_is_read_with_its_article(number, article):
+    """The fit line said "with a 18.6% margin"."""
+    assert a_or_an(number) == article
+
+
+def test_the_fit_line_reads_an_eighteen_percent_margin():
+    from autotune.margins import MemoryMargin, fit_words
+
+    line = fit_words(2**30, MemoryMargin(0.186, "its worst miss"), 4 * 2**30)
+    assert line.startswith("predicted 1.00 GiB, 1.19 GiB with an 18.6% margin (its worst miss)")
