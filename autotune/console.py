@@ -119,12 +119,12 @@ def run_headline(prepared: PreparedRun) -> str:
         if not prepared.device.startswith("cuda"):
             counts = format_gpu_counts(prepared.settings.gpus_per_probe)
             where += f" (gloo processes stand in for each probe's {counts} GPUs)"
+    model = prepared.smallest_peak_model
     return (
         f"on {where}; budget {format_bytes(prepared.settings.budget_bytes)}{per_gpu}; "
-        f"{smallest_recipe_words(prepared.smallest_peak_model, 'in the space')} "
-        f"{format_bytes(prepared.smallest_peak_bytes)}{per_gpu} by the "
-        f"{prepared.smallest_peak_model} on the data's rows, with its margin, as a trial of it is "
-        "held to the budget"
+        f"{smallest_recipe_words(model, 'in the space')} needs "
+        f"{format_bytes(prepared.smallest_peak_bytes)}{per_gpu} with its margin (the {model}'s "
+        "prediction on the data's rows, as its trial is held to the budget)"
     )
 
 

@@ -764,12 +764,13 @@ def test_the_probes_deepspeed_config_is_the_exported_one_with_its_autos_filled(o
             "cpu",
             (2,),
             "on cpu (gloo processes stand in for each probe's 2 GPUs); budget 4.00 GiB "
-            "per GPU; the formula's smallest recipe in the space 1.00 GiB per GPU by the replay "
-            "on the data's rows, with its margin, as a trial of it is held to the budget",
+            "per GPU; the formula's smallest recipe in the space needs 1.00 GiB per GPU with its "
+            "margin (the replay's prediction on the data's rows, as its trial is held to the "
+            "budget)",
         ),
         ("cpu", (1, 2), "on cpu (gloo processes stand in for each probe's 1,2 GPUs); budget"),
         ("cuda", (2,), "on cuda; budget 4.00 GiB per GPU;"),
-        ("cpu", (1,), "on cpu; budget 4.00 GiB; the formula's smallest recipe in the space 1.00 "),
+        ("cpu", (1,), "on cpu; budget 4.00 GiB; the formula's smallest recipe in the space needs "),
     ],
 )
 def test_a_runs_headline_says_its_budget_is_per_gpu_and_what_stands_in_on_the_cpu(
