@@ -156,11 +156,13 @@ def test_export_bench_trains_the_hf_export_as_autotune_trains_the_recipe(tmp_pat
             assert run["rss_growth_bytes"] > 0 and run["loss"] > 0
 
 
-def test_export_bench_keeps_the_rows_measured_before_a_run_is_cut_short(tmp_path, monkeypatch):
+def test_export_bench_keeps_the_rows_measured_before_a_run_is_cut_short(
+    tmp_path, monkeypatch, tiny_model
+):
     """gpu_session.sh stops export_bench after 450 s, often mid-recipe on the 7B shape: the
     rows measured by then are in the results file (it was written at the end alone)."""
     bench = load_bench("export_bench")
-    model = ROOT / "demo" / "model"
+    model = tiny_model
     monkeypatch.setattr(bench, "bench_inputs", lambda *_: (model, tmp_path, tmp_path / "d"))
     monkeypatch.setattr(bench, "predicted", lambda recipe: {"reserved_bytes": 1})
     ran = []
