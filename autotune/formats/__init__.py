@@ -206,8 +206,9 @@ def render(
             f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
             f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
         )
-    if _autocast_note(recipe, fmt, body):
-        header.append(f"# {_autocast_note(recipe, fmt, body)}")
+    autocast_note = _autocast_note(recipe, fmt, body)
+    if autocast_note:
+        header.append(f"# {autocast_note}")
     if PRECISIONS[recipe.precision].autocast and DISTRIBUTED[recipe.distributed].uses_deepspeed:
         # DeepSpeed casts the model to bf16 in its bf16 mode (DeepSpeedEngine's
         # _configure_distributed_model); the probe runs it in fp32 under autocast
