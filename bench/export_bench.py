@@ -69,7 +69,9 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
 
 
 def _head_watch(model: Any, seen: dict[str, Any]) -> None:
-    """Record, at the output head's first call, whether autocast is on and the logits' dtype."""
+    """Record, at the output head's first call, whether autocast is on, the logits' dtype and
+    whether the model trains with its layers checkpointed (transformers checkpoints only in
+    training mode: a loop that leaves a loaded model in eval mode holds every activation)."""
     import torch
 
     head = model.get_output_embeddings()
@@ -78,6 +80,9 @@ def _head_watch(model: Any, seen: dict[str, Any]) -> None:
         if "autocast" not in seen:
             device = output.device.type
             seen["autocast"] = torch.is_autocast_enabled(device)
+            seen["checkpointing"] = bool(
+                module.training and getattr(model, "is_gradient_checkpointing", False)
+            )
             seen["logits_dtype"] = str(output.dtype).removeprefix("torch.")
 
     head.register_forward_hook(hook)
@@ -191,6 +196,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = Trainer(model=model, args=TrainingArguments(**training), train_dataset=rows)
         losses = [trainer.train().training_loss]
     else:
+        model.train()  # from_pretrained loads in eval mode, where nothing is checkpointed
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=training["learning_rate"], fused=device.startswith("cuda")

@@ -7,7 +7,7 @@
 # Side by side, on the one GPU (each probe measures its own process's peak, so they do not
 # disturb each other's memory figures; tokens/s of either are not clean):
 # 1. the GPU tests (`pytest -m gpu tests`: fused loss, CPU-offload optimizer, CUDA probes,
-#    budget caps), 5 min at most;
+#    budget caps), 7 min at most, each failure written as it happens;
 # 2. memory_bench's unmeasured grid on three shapes, most wanted recipes first (the held-out
 #    QLoRA rows, int8 at micro-batch 2, fused against foreach AdamW, ...), starting no probe after
 #    5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots), packed into two
@@ -62,7 +62,10 @@ PY
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE '[a-z][0-9]{2,3}' | head -1 \
     | tr 'A-Z' 'a-z')
 gpu=${gpu:-gpu}
-timeout 300 python3 -m pytest -m gpu tests -q -rs --durations=15 -p no:cacheprovider -o addopts="" \
+# -v and each failure's traceback as it happens (tests/conftest.py), a stack dump of a test
+# still running after 150 s: the timeout cuts pytest off before its summary
+AUTOTUNE_TEST_FAILURES_AT_ONCE=1 timeout 420 python3 -m pytest -m gpu tests -v --tb=short -rs \
+    --durations=15 -p no:cacheprovider -o addopts="" -o faulthandler_timeout=150 \
     >"$OUT/gpu_tests.log" 2>&1 &
 tests=$!
 # 4. beside them where the card holds both (memory_bench draws recipes up to 79 GiB): the

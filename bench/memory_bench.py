@@ -499,12 +499,17 @@ def print_rescored(path: Path, memory_model: str = "formula", out: Path | None =
         print(f"wrote {out}")
 
 
-REPLAY_RESCORE = ROOT / "bench" / "results" / "memory_replay_h100.json"
+REPLAY_RESCORES = (
+    ROOT / "bench" / "results" / "memory_replay_h100.json",
+    ROOT / "bench" / "results" / "memory_unmeasured_replay_h200.json",
+)
 REPORTED_PEAKS = ROOT / "bench" / "results" / "memory_h100_reported.json"
 
 
-def margin_rows(rescored: Path = REPLAY_RESCORE, reported: Path = REPORTED_PEAKS) -> list[dict]:
-    """Every measured H100 peak scored by the model that answers for it in a study: the
+def margin_rows(
+    rescored: tuple[Path, ...] = REPLAY_RESCORES, reported: Path = REPORTED_PEAKS
+) -> list[dict]:
+    """Every measured peak (H100, H200) scored by the model that answers for it in a study: the
     formula on each row, the replay where it ran (rows it leaves to the formula count once).
     The rescored rows carry both predictions; the reported rows are predicted now, as a study
     predicts them (their "reported_prediction", made by the models of the time, is history and
@@ -515,7 +520,10 @@ def margin_rows(rescored: Path = REPLAY_RESCORE, reported: Path = REPORTED_PEAKS
     from autotune.replay import load_config
 
     rows = []
-    for row in json.loads(rescored.read_text(encoding="utf-8"))["rows"]:
+    rescored_rows = [
+        row for path in rescored for row in json.loads(path.read_text(encoding="utf-8"))["rows"]
+    ]
+    for row in rescored_rows:
         quantization = row["fields"].get("quantization", "none")
         rows.append(
             {"memory_model": "formula", "quantization": quantization, "error": row["error"]}
@@ -562,7 +570,7 @@ def write_margins(out: Path) -> None:
     table = margins_of(rows)
     record = {
         "command": " ".join(["python", "bench/memory_bench.py", *sys.argv[1:]]),
-        "measured_in": [str(p.relative_to(ROOT)) for p in (REPLAY_RESCORE, REPORTED_PEAKS)],
+        "measured_in": [str(p.relative_to(ROOT)) for p in (*REPLAY_RESCORES, REPORTED_PEAKS)],
         "margins": table,
     }
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

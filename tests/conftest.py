@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+FAILURES_AT_ONCE_ENV = "AUTOTUNE_TEST_FAILURES_AT_ONCE"
+"""Set (bench/gpu_session.sh sets it), each failure's traceback is written to stderr as it
+happens: a run a time limit cuts short keeps the failures it met, where pytest's own summary
+comes only at the end."""
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and os.environ.get(FAILURES_AT_ONCE_ENV):
+        sys.stderr.write(f"\n== {report.nodeid} failed ({report.when})\n{report.longreprtext}\n")
+        sys.stderr.flush()
 
 
 @pytest.fixture(scope="session")
