@@ -160,7 +160,10 @@ def test_a_probe_records_its_allocations_and_the_replay_reads_them(
     gpu, peak = load_bench("replay_diff").gpu_reservations(snapshot)
     assert gpu and peak == result.peak_memory_bytes - result.cuda_context_bytes
     replayed = replay(request.recipe, load_config(str(mid_model)))
-    assert gpu[0] == replayed.reservations[0]  # the context's small segment
+    # the first segment, the small pool's 2 MiB, for the first request: the GPU's trace records
+    # the bytes asked for (4 on an H200), the replay the block they take (512)
+    assert gpu[0][0] == replayed.reservations[0][0] == 2 * 2**20
+    assert 0 < gpu[0][1] <= replayed.reservations[0][1] == 512
     lines = load_bench("replay_diff").side_by_side(gpu, replayed.reservations)
     assert len(lines) == max(len(gpu), len(replayed.reservations))
 
