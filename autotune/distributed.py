@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotune.optimizers import MAX_GRAD_NORM
 from autotune.units import count_of
 
 if TYPE_CHECKING:
@@ -273,7 +274,8 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
-        "gradient_clipping": "auto",
+        # as the probes train; "auto" would take the Trainer's max_grad_norm, 1.0 by default
+        "gradient_clipping": MAX_GRAD_NORM,
     }
     if stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -354,6 +356,7 @@ def accelerate_keys(recipe: Recipe) -> dict[str, Any]:
             # accelerate's DeepSpeedPlugin fields; without them it offloads nothing
             "offload_optimizer_device": "cpu" if recipe.offload != "none" else "none",
             "offload_param_device": "cpu" if recipe.offload == "optimizer_and_params" else "none",
+            "gradient_clipping": MAX_GRAD_NORM,
         }
     return keys
 

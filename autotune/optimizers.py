@@ -26,6 +26,12 @@ HOST_MIN_ELEMENTS = 4096
 """torchao's CPUOffloadOptimizer keeps tensors smaller than this (minimal_size) and their
 states on the GPU, with an ordinary AdamW: norm weights and biases."""
 
+MAX_GRAD_NORM = 0.0
+"""Gradient clipping before each optimizer step: none. No probe and no `autotune train` clips
+the gradients, so the exports write this max-norm (max_grad_norm, DeepSpeed's
+gradient_clipping; 0 turns clipping off), where the Trainer-based tools clip at 1.0 unless told:
+clipping changes the update, and so the loss curve."""
+
 
 @dataclass(frozen=True)
 class OptimizerKind:

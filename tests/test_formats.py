@@ -16,7 +16,14 @@ import dataclasses
 import pytest
 import yaml
 
-from autotune.formats import axolotl_config, hf_config, llamafactory_config, render
+from autotune.distributed import deepspeed_installed
+from autotune.formats import (
+    accelerate_config,
+    axolotl_config,
+    hf_config,
+    llamafactory_config,
+    render,
+)
 from autotune.recipe import Recipe
 from autotune.training.build import load_dtype
 
@@ -33,6 +40,7 @@ AXOLOTL_KEYS = {
     "num_epochs",
     "optimizer",
     "learning_rate",
+    "max_grad_norm",
     "lr_scheduler",
     "warmup_steps",
     "warmup_ratio",
@@ -569,6 +577,107 @@ def test_a_trainer_run_from_the_hf_export_trains_bf16_weights_without_autocast(t
     assert training["bf16"] is False and TrainingArguments(**training, use_cpu=True).bf16 is False
     assert autocast_seen(training) and not any(autocast_seen(training))
     assert all(autocast_seen({**training, "bf16": True}))  # what bf16: true ran
+
+
+def test_a_trainer_run_from_the_hf_export_clips_no_gradient_as_autotune_trains(
+    tmp_path, monkeypatch
+):
+    """autotune's probes and `autotune train` clip no gradient; transformers' Trainer clips to
+    its max_grad_norm, 1.0 unless told, through accelerate's clip_grad_norm_. A Trainer run from
+    the hf export's TrainingArguments asks for no finite max-norm (transformers 5 still takes
+    the norm for its log, with an infinite one: a scale of 1); the export before, without the
+    key, clipped to 1.0 every optimizer step."""
+    import math
+
+    import accelerate
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    max_norms: list[float] = []
+    clip = accelerate.Accelerator.clip_grad_norm_
+
+    def recorded(self, parameters, max_norm, *args, **kwargs):
+        max_norms.append(max_norm)
+        return clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recorded)
+    recipe_ = Recipe.from_dict(
+        {"method": "full", "micro_batch_size": 2, "optimizer": "adamw", "model": "m"}
+    )
+    training = hf_config(recipe_, output_dir=str(tmp_path))["training_arguments"]
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}] * 4
+    quiet = {"use_cpu": True, "max_steps": 2, "report_to": [], "save_strategy": "no"}
+
+    def clipped_to(arguments: dict) -> list[float]:
+        """The finite max-norms the Trainer's steps clipped the gradients to."""
+        max_norms.clear()
+        model = AutoModelForCausalLM.from_config(_tiny_llama())
+        args = TrainingArguments(**{**arguments, **quiet})
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        assert len(max_norms) == 2  # one norm per optimizer step
+        return [norm for norm in max_norms if not math.isinf(norm)]
+
+    assert TrainingArguments(**training, use_cpu=True).max_grad_norm == 0
+    assert clipped_to(training) == []
+    without = {k: v for k, v in training.items() if k != "max_grad_norm"}
+    assert clipped_to(without) == [1.0, 1.0]  # the Trainer's default
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_trainer_based_export_turns_gradient_clipping_off(name):
+    """The axolotl and LLaMA-Factory exports hand max_grad_norm 0 to TrainingArguments (axolotl
+    passes it on where set, LLaMA-Factory's are Seq2SeqTrainingArguments); a DeepSpeed export
+    writes gradient_clipping 0, which the Trainer checks against max_grad_norm; the accelerate
+    export's DeepSpeedPlugin takes it. Each header says so."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers import Seq2SeqTrainingArguments
+
+    recipe_ = recipe(name)
+    axolotl = axolotl_config(recipe_, num_layers=28)
+    llamafactory = llamafactory_config(recipe_, num_layers=28)
+    assert axolotl["max_grad_norm"] == llamafactory["max_grad_norm"] == 0
+    assert Seq2SeqTrainingArguments(output_dir="o", max_grad_norm=0.0).max_grad_norm == 0
+    deepspeed = hf_config(recipe_)["training_arguments"].get("deepspeed")
+    if deepspeed is not None:
+        assert deepspeed["gradient_clipping"] == 0
+    if isinstance(axolotl.get("deepspeed"), dict):  # with offload, the config itself
+        assert axolotl["deepspeed"]["gradient_clipping"] == 0
+    accelerate = accelerate_config(recipe_).get("deepspeed_config")
+    if accelerate is not None:
+        assert DeepSpeedPlugin(**accelerate).gradient_clipping == 0
+    for fmt in ("hf", "axolotl", "llamafactory"):
+        assert "# max_grad_norm: 0.0: no gradient clipping" in render(fmt, recipe_, None)
+    accelerate_header = render("accelerate", recipe_, None)
+    assert (
+        "# no gradient clipping, as autotune trained: give the launched script's Trainer "
+        "max_grad_norm: 0.0" in accelerate_header
+    )
+
+
+@pytest.mark.skipif(not deepspeed_installed(), reason="deepspeed is not installed")
+def test_the_deepspeed_configs_the_trainer_finalizes_from_the_exports_clip_nothing():
+    """transformers fills a DeepSpeed config's "auto" gradient_clipping with max_grad_norm and
+    refuses a config whose value differs from it: the hf export's config (0) matches its
+    TrainingArguments, and the JSON axolotl and LLaMA-Factory ship ("auto") takes their 0."""
+    import copy
+
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    zero2 = Recipe.from_dict(
+        {"method": "full", "model": "m", "distributed": "deepspeed_zero2", "num_gpus": 2}
+    )
+    training = dict(hf_config(zero2)["training_arguments"])
+    exported = HfTrainerDeepSpeedConfig(copy.deepcopy(training.pop("deepspeed")))
+    exported.trainer_config_process(TrainingArguments(**training, use_cpu=True))
+    assert exported.mismatches == [] and exported.config["gradient_clipping"] == 0
+    shipped = HfTrainerDeepSpeedConfig(
+        {"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}
+    )
+    keys = llamafactory_config(zero2)
+    shipped.trainer_config_process(
+        Seq2SeqTrainingArguments(output_dir="o", use_cpu=True, max_grad_norm=keys["max_grad_norm"])
+    )
+    assert shipped.config["gradient_clipping"] == 0
 
 
 def test_axolotl_and_llamafactory_exports_autocast_only_where_they_have_no_key_without():

@@ -18,7 +18,7 @@ from autotune.formats.hf import accelerate_config, hf_config
 from autotune.formats.llamafactory import TEMPLATE_NOTES, llamafactory_config
 from autotune.formats.trainer_keys import half_flags, trains_half_without_autocast
 from autotune.losses import LOSSES
-from autotune.optimizers import OPTIMIZERS
+from autotune.optimizers import MAX_GRAD_NORM, OPTIMIZERS
 from autotune.own_files import EXPORT_MARK
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
@@ -69,6 +69,10 @@ AUTOCAST_REASONS = {
 """Why an axolotl or LLaMA-Factory export autocasts a recipe the probe trained without."""
 
 
+TOOLS = {"hf": "the Trainer", "axolotl": "axolotl", "llamafactory": "LLaMA-Factory"}
+"""Each Trainer-based format's tool, as a header names it."""
+
+
 def _autocast_note(recipe: Recipe, fmt: str, body: dict[str, Any]) -> str:
     """For a recipe the probe trained in half precision without autocast: why the export's
     bf16/fp16 are off, or that the tool autocasts all the same ('' elsewhere)."""
@@ -92,11 +96,24 @@ def _autocast_note(recipe: Recipe, fmt: str, body: dict[str, Any]) -> str:
         )
     if body.get(flag) is not True:  # axolotl's float16, LLaMA-Factory's pure_bf16: no autocast
         return ""
-    tool = "axolotl" if fmt == "axolotl" else "LLaMA-Factory"
     return (
-        f"precision {recipe.precision}: {tool} runs the forward under {flag} autocast ({flag}: "
-        f"true; {AUTOCAST_REASONS[fmt, flag]}), which autotune did not measure: its peak, speed "
-        "and loss may differ"
+        f"precision {recipe.precision}: {TOOLS[fmt]} runs the forward under {flag} autocast "
+        f"({flag}: true; {AUTOCAST_REASONS[fmt, flag]}), which autotune did not measure: its "
+        "peak, speed and loss may differ"
+    )
+
+
+def _clipping_note(fmt: str) -> str:
+    """That the export turns gradient clipping off, as autotune trains, where the Trainer-based
+    tools clip at 1.0 unless told."""
+    if fmt == "accelerate":
+        return (
+            "no gradient clipping, as autotune trained: give the launched script's Trainer "
+            f"max_grad_norm: {MAX_GRAD_NORM} (the hf export's; its default 1.0 clips)"
+        )
+    return (
+        f"max_grad_norm: {MAX_GRAD_NORM}: no gradient clipping, as autotune trained; "
+        f"{TOOLS[fmt]}'s default 1.0 would clip the gradients: another update, another loss curve"
     )
 
 
@@ -206,6 +223,7 @@ def render(
             f"{precision.compute_dtype} ({flag}: true sets its model dtype; it has no key for "
             f"{precision.weight_dtype} weights under autocast), less memory than autotune measured"
         )
+    header.append(f"# {_clipping_note(fmt)}")
     autocast_note = _autocast_note(recipe, fmt, body)
     if autocast_note:
         header.append(f"# {autocast_note}")

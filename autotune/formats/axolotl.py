@@ -17,7 +17,7 @@ from autotune.formats.trainer_keys import (
     warmup,
 )
 from autotune.losses import LOSSES
-from autotune.optimizers import OPTIMIZERS
+from autotune.optimizers import MAX_GRAD_NORM, OPTIMIZERS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 from autotune.training.freeze import FreezeLayout
@@ -80,6 +80,9 @@ def axolotl_config(
         "num_epochs": 1,
         "optimizer": OPTIMIZERS[recipe.optimizer].trainer_name,
         "learning_rate": recipe.learning_rate,
+        # set, it goes to TrainingArguments (_set_base_training_args in
+        # src/axolotl/core/builders/base.py), whose Trainer clips where it is > 0; unset, 1.0
+        "max_grad_norm": MAX_GRAD_NORM,
         "lr_scheduler": HF_SCHEDULERS[recipe.lr_schedule],
         # axolotl keeps the two apart: warmup_steps counts steps, warmup_ratio is a share
         ("warmup_steps" if recipe.warmup_steps is not None else "warmup_ratio"): warmup(recipe),

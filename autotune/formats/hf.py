@@ -11,7 +11,7 @@ from autotune.distributed import accelerate_keys, hf_training_keys
 from autotune.formats.freeze import layout_or_llama, trainable_parameters
 from autotune.formats.trainer_keys import schedule_keys, target_list, trainer_half_flags
 from autotune.losses import LOSSES
-from autotune.optimizers import OPTIMIZERS
+from autotune.optimizers import MAX_GRAD_NORM, OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
@@ -36,6 +36,7 @@ def hf_config(
         "learning_rate": recipe.learning_rate,
         **schedule_keys(recipe),
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
+        "max_grad_norm": MAX_GRAD_NORM,  # Trainer clips where > 0 (its default 1.0)
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         **trainer_half_flags(recipe),

@@ -10,7 +10,7 @@ from autotune.distributed import DISTRIBUTED, llamafactory_keys
 from autotune.formats.freeze import layout_or_llama, llamafactory_freeze_keys
 from autotune.formats.trainer_keys import half_flags, schedule_keys, trains_half_without_autocast
 from autotune.losses import LOSSES
-from autotune.optimizers import OPTIMIZERS
+from autotune.optimizers import MAX_GRAD_NORM, OPTIMIZERS
 from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
@@ -67,6 +67,7 @@ def llamafactory_config(
         **schedule_keys(recipe, share_key="warmup_ratio"),
         "num_train_epochs": 1.0,
         "optim": OPTIMIZERS[recipe.optimizer].trainer_name,
+        "max_grad_norm": MAX_GRAD_NORM,  # its Seq2SeqTrainingArguments': unset, 1.0 clips
         "disable_gradient_checkpointing": not recipe.gradient_checkpointing,
         "flash_attn": ATTENTIONS[recipe.attention].llamafactory,
         **half_flags(recipe),

@@ -39,7 +39,7 @@ def probe_config(recipe: Recipe) -> dict[str, Any]:
     bf16/fp16 precisions run DeepSpeed's own 16-bit modes (16-bit weights, fp32 master weights
     and optimizer states in its ZeRO optimizer); fp32 and amp_bf16 run it in fp32, amp_bf16 with
     the step loop's torch.autocast around the forward. Gradients are not clipped, as in every
-    probe."""
+    probe (the exported gradient_clipping, 0)."""
     config = deepspeed_config(recipe)
     micro, accumulation = recipe.micro_batch_size, recipe.gradient_accumulation_steps
     config.update(
@@ -48,7 +48,6 @@ def probe_config(recipe: Recipe) -> dict[str, Any]:
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=accumulation,
         train_batch_size=micro * accumulation * recipe.num_gpus,
-        gradient_clipping=0.0,
         zero_allow_untested_optimizer=True,
         steps_per_print=NO_PRINT_STEPS,
     )
