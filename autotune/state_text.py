@@ -119,11 +119,13 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int | None) -> None:
-    """`autotune estimate`'s answer: the breakdown and the peak with its margin, or JSON."""
+def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int | None) -> bool:
+    """`autotune estimate`'s answer: the breakdown and the peak with its margin, or JSON. False
+    where a budget was given and the peak with its margin does not fit it, else True."""
     from autotune.margins import fit_words
 
     result, used, margin = predicted.estimate, predicted.memory_model, predicted.margin
+    fits = budget_bytes is None or predicted.peak_with_margin_bytes <= budget_bytes
     if as_json:
         figures = {
             **result.as_json(),
@@ -134,9 +136,9 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         }
         if budget_bytes is not None:  # what the table's last line says
             figures["budget_bytes"] = budget_bytes
-            figures["fits"] = predicted.peak_with_margin_bytes <= budget_bytes
+            figures["fits"] = fits
         print(json.dumps(figures))
-        return
+        return fits
     if predicted.fallback_reason:
         print(f"memory model: {used} ({predicted.fallback_reason})")
     for name, size in result.breakdown.items():
@@ -163,3 +165,4 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         )
     if budget_bytes is not None:
         print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))
+    return fits

@@ -271,14 +271,16 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert f"({expected.peak_bytes} bytes, formula, every row 256 tokens)" in table.stdout
     assert "paged optimizer states" not in table.stdout
     assert f"(+{100 * margin.fraction:.1f}%: the formula's worst under-prediction" in table.stdout
-    # with a budget: whether the peak with its margin fits, and by how much
+    # with a budget: whether the peak with its margin fits, and by how much; the exit code says
+    # it too (1 over the budget, which a script tells from 2, bad input), the table printed whole
     margined = margin.bytes_of(expected.peak_bytes)
-    for budget, verdict in ((margined + 10**6, "fits"), (margined - 10**6, "over")):
+    for budget, verdict, code in ((margined + 10**6, "fits", 0), (margined - 10**6, "over", 1)):
         fit = autotune(
             "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model",
             "formula", "--budget", f"{budget}B", cwd=tmp_path,
         )  # fmt: skip
-        assert fit.returncode == 0, fit.stderr
+        assert fit.returncode == code, fit.stderr
+        assert fit.stdout.startswith(table.stdout) and not fit.stderr
         assert f": {verdict} " in fit.stdout.splitlines()[-1]
     given = autotune(
         "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model", "formula",
@@ -294,6 +296,7 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
             "formula", "--budget", f"{budget}B", "--json", cwd=tmp_path,
         )  # fmt: skip
         assert json.loads(fit.stdout) == {**printed, "budget_bytes": budget, "fits": fits}
+        assert fit.returncode == (0 if fits else 1), fit.stderr
     # a budget it cannot read is said before the model is even looked at
     unread = autotune(
         "estimate", "-m", str(tmp_path / "no-model"), "-r", str(recipe_path), "--budget", "24",
