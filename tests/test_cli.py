@@ -569,6 +569,9 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
     (tmp_path / "adir.png").mkdir()
     empty_data = tmp_path / "empty.jsonl"
     empty_data.write_text("")
+    # rows, but none to train on: inspect said "0 rows" and exited 0, as if the file would do
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"prompt": "q", "answer": "a"}] * 4)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "  "}])
     run = ["run", "--model", str(config_only), "--data", str(data), "--budget", "4GB"]
     report = ["report", "--storage", storage]
     cases = [
@@ -584,6 +587,14 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(empty_data)], f"data file {empty_data} is empty"),
+        (
+            ["data", "inspect", str(unknown)],
+            f"data file {unknown} has no row to train on: 4 bad rows: line 1: no known fields",
+        ),
+        (
+            ["data", "inspect", str(blank)],
+            f'data file {blank} has no row to train on: 2 bad rows: line 1: field "text" is empty',
+        ),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
         (
             ["data", "inspect", str(data), "--model", "./missing-model"],
