@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
 from autotune.space import SPACES_DIR
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 from tests.conftest import DEMO, assert_refused_before_tokenizing, write_jsonl
 from tests.test_study import workspace  # noqa: F401
 
@@ -83,6 +84,17 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     assert "gemm_4bit_forward" not in done.stdout + done.stderr
     assert "confirm trial" in done.stdout
     assert "report: reports/e2e.html" in done.stdout
+    # status counts every probe the run made: the trials', the noise check's, the confirmations'
+    shown = autotune("status", "--storage", storage, "--study", "e2e", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    confirmed = done.stdout.count("confirm trial ")
+    counted = re.search(
+        r"; (\d+) probes \((\d+) trials at [\d.]+ an hour, 1 noise check, "
+        rf"{count_of(confirmed, 'confirmation')}\)\n",
+        shown.stdout,
+    )
+    assert counted, (shown.stdout, done.stdout)
+    assert int(counted[1]) == int(counted[2]) + 1 + confirmed
     assert "recipe (balanced): reports/e2e-recipe.yaml" in done.stdout
 
     study = optuna.load_study(study_name="e2e", storage=storage)
