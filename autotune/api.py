@@ -292,8 +292,9 @@ def inspect_data(
     progress: Callable[[int, int], None] | None = None,
 ) -> DataSummary:
     """Rows, formats and bad rows of a data file and, given a model, its token lengths
-    (`progress(done, total)` as rows are tokenized). A file without a row is refused, as a run
-    refuses it."""
+    (`progress(done, total)` as rows are tokenized). A file without a row to train on (empty, or
+    every row bad) is refused, as a run refuses it."""
+    from autotune.data.rows import check_usable
     from autotune.data.summary import summarize
     from autotune.model_source import check_model_reference
     from autotune.remote_code import allow_remote_code
@@ -305,8 +306,7 @@ def inspect_data(
         check_model_reference(model)
     tokenizer = tokenizer_for(model) if model else None
     summary = summarize(data_path, tokenizer, seq_len, progress=progress)
-    if not summary.rows and not summary.bad_rows:
-        raise UsageError(f"data file {data_path} is empty")
+    check_usable(data_path, summary.rows, summary.bad_rows)
     return summary
 
 

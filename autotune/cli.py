@@ -216,7 +216,7 @@ def estimate(
         "--budget",
         "-b",
         help="Say whether the peak, with its margin, fits this GPU memory budget: a size such as "
-        "24GB or 24GiB, or a card's name, as run's --budget.",
+        "24GB or 24GiB, or a card's name, as run's --budget. Exit code 1 where it does not fit.",
     ),
     trust_remote_code: bool = setting_option("trust_remote_code", "--trust-remote-code"),
 ) -> None:
@@ -234,7 +234,8 @@ def estimate(
         trust_remote_code=trust_remote_code,
         memory_margin=memory_margin,
     )
-    show_estimate(predicted, as_json, budget_bytes)
+    if not show_estimate(predicted, as_json, budget_bytes):
+        raise typer.Exit(1)  # over the budget: a script tells it from a fit by the exit code
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before a run.")

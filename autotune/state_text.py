@@ -58,6 +58,26 @@ def _queued_words(status: StudyStatus) -> str:
     return " (a run with a larger --trials starts them)"
 
 
+def _probes_words(status: StudyStatus) -> str:
+    """The probes the study ran: its trials' (with their probes an hour) and, once they have
+    run, the noise check's and the confirmations'."""
+    per_hour = status.probes_per_hour
+    rate = f"{per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
+    extra = [
+        count_of(count, noun)
+        for count, noun in (
+            (status.noise_checks, "noise check"),
+            (status.confirmations, "confirmation"),
+        )
+        if count
+    ]
+    if not extra:
+        return count_of(status.probes, "probe") + (f", {rate}" if rate else "")
+    trials = count_of(status.probes, "trial") + (f" at {rate}" if rate else "")
+    total = status.probes + status.noise_checks + status.confirmations
+    return f"{count_of(total, 'probe')} ({', '.join([trials, *extra])})"
+
+
 def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     """`autotune status`: trials done and running, probes an hour, the frontier so far; for a
     study whose trials have all finished, the commands that take its answer (on
@@ -79,15 +99,12 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
             or (study.target_trials is not None and study.finished >= study.target_trials)
         )
     )
-    per_hour = status.probes_per_hour
-    rate = f", {per_hour:.{1 if per_hour < 10 else 0}f} an hour" if per_hour else ""
     ended = [r for r in status.running_trials if r.run_ended]
     lines = [
         *overview_lines(study)[:1],
         f"trials: {study.finished} finished ({status.measured} measured), {study.running} "
         f"running{f', {len(ended)} interrupted' if ended else ''}, {status.waiting} queued"
-        f"{_queued_words(status) if done and status.waiting else ''}; "
-        f"{count_of(status.probes, 'probe')}{rate}",
+        f"{_queued_words(status) if done and status.waiting else ''}; {_probes_words(status)}",
     ]
     lines += [
         f"running: trial {r.trial}  {r.recipe or '(sampling)'}  for {format_duration(r.seconds)}"
@@ -119,11 +136,13 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int | None) -> None:
-    """`autotune estimate`'s answer: the breakdown and the peak with its margin, or JSON."""
+def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int | None) -> bool:
+    """`autotune estimate`'s answer: the breakdown and the peak with its margin, or JSON. False
+    where a budget was given and the peak with its margin does not fit it, else True."""
     from autotune.margins import fit_words
 
     result, used, margin = predicted.estimate, predicted.memory_model, predicted.margin
+    fits = budget_bytes is None or predicted.peak_with_margin_bytes <= budget_bytes
     if as_json:
         figures = {
             **result.as_json(),
@@ -134,9 +153,9 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         }
         if budget_bytes is not None:  # what the table's last line says
             figures["budget_bytes"] = budget_bytes
-            figures["fits"] = predicted.peak_with_margin_bytes <= budget_bytes
+            figures["fits"] = fits
         print(json.dumps(figures))
-        return
+        return fits
     if predicted.fallback_reason:
         print(f"memory model: {used} ({predicted.fallback_reason})")
     for name, size in result.breakdown.items():
@@ -163,3 +182,4 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
         )
     if budget_bytes is not None:
         print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))
+    return fits

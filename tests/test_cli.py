@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from autotune.memory import estimate
 from autotune.model_spec import load_model_spec
 from autotune.recipe import Recipe
 from autotune.space import SPACES_DIR
-from autotune.units import format_bytes
+from autotune.units import count_of, format_bytes
 from tests.conftest import DEMO, assert_refused_before_tokenizing, write_jsonl
 from tests.test_study import workspace  # noqa: F401
 
@@ -83,6 +84,17 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     assert "gemm_4bit_forward" not in done.stdout + done.stderr
     assert "confirm trial" in done.stdout
     assert "report: reports/e2e.html" in done.stdout
+    # status counts every probe the run made: the trials', the noise check's, the confirmations'
+    shown = autotune("status", "--storage", storage, "--study", "e2e", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    confirmed = done.stdout.count("confirm trial ")
+    counted = re.search(
+        r"; (\d+) probes \((\d+) trials at [\d.]+ an hour, 1 noise check, "
+        rf"{count_of(confirmed, 'confirmation')}\)\n",
+        shown.stdout,
+    )
+    assert counted, (shown.stdout, done.stdout)
+    assert int(counted[1]) == int(counted[2]) + 1 + confirmed
     assert "recipe (balanced): reports/e2e-recipe.yaml" in done.stdout
 
     study = optuna.load_study(study_name="e2e", storage=storage)
@@ -271,14 +283,16 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
     assert f"({expected.peak_bytes} bytes, formula, every row 256 tokens)" in table.stdout
     assert "paged optimizer states" not in table.stdout
     assert f"(+{100 * margin.fraction:.1f}%: the formula's worst under-prediction" in table.stdout
-    # with a budget: whether the peak with its margin fits, and by how much
+    # with a budget: whether the peak with its margin fits, and by how much; the exit code says
+    # it too (1 over the budget, which a script tells from 2, bad input), the table printed whole
     margined = margin.bytes_of(expected.peak_bytes)
-    for budget, verdict in ((margined + 10**6, "fits"), (margined - 10**6, "over")):
+    for budget, verdict, code in ((margined + 10**6, "fits", 0), (margined - 10**6, "over", 1)):
         fit = autotune(
             "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model",
             "formula", "--budget", f"{budget}B", cwd=tmp_path,
         )  # fmt: skip
-        assert fit.returncode == 0, fit.stderr
+        assert fit.returncode == code, fit.stderr
+        assert fit.stdout.startswith(table.stdout) and not fit.stderr
         assert f": {verdict} " in fit.stdout.splitlines()[-1]
     given = autotune(
         "estimate", "-m", str(config_only), "-r", str(recipe_path), "--memory-model", "formula",
@@ -294,6 +308,7 @@ def test_estimate_prints_json_breakdown(config_only, tmp_path):
             "formula", "--budget", f"{budget}B", "--json", cwd=tmp_path,
         )  # fmt: skip
         assert json.loads(fit.stdout) == {**printed, "budget_bytes": budget, "fits": fits}
+        assert fit.returncode == (0 if fits else 1), fit.stderr
     # a budget it cannot read is said before the model is even looked at
     unread = autotune(
         "estimate", "-m", str(tmp_path / "no-model"), "-r", str(recipe_path), "--budget", "24",
@@ -566,6 +581,9 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
     (tmp_path / "adir.png").mkdir()
     empty_data = tmp_path / "empty.jsonl"
     empty_data.write_text("")
+    # rows, but none to train on: inspect said "0 rows" and exited 0, as if the file would do
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"prompt": "q", "answer": "a"}] * 4)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "  "}])
     run = ["run", "--model", str(config_only), "--data", str(data), "--budget", "4GB"]
     report = ["report", "--storage", storage]
     cases = [
@@ -581,6 +599,14 @@ def test_more_bad_input_is_one_line(tmp_path, config_only):
         (run + ["--seq-len", str(1 << 30)], "--seq-len must be from 2"),
         (["data", "inspect", str(data), "--seq-len", "0"], "--seq-len must be from 1"),
         (["data", "inspect", str(empty_data)], f"data file {empty_data} is empty"),
+        (
+            ["data", "inspect", str(unknown)],
+            f"data file {unknown} has no row to train on: 4 bad rows: line 1: no known fields",
+        ),
+        (
+            ["data", "inspect", str(blank)],
+            f'data file {blank} has no row to train on: 2 bad rows: line 1: field "text" is empty',
+        ),
         (["data", "inspect", str(data), "--seq-len", "-5"], "--seq-len must be from 1"),
         (
             ["data", "inspect", str(data), "--model", "./missing-model"],

@@ -124,6 +124,34 @@ def test_probes_an_hour_leave_out_the_pause_between_runs(workspace):  # noqa: F8
     assert status.probes_per_hour is not None and status.probes_per_hour > 100
 
 
+def test_status_counts_the_noise_check_and_the_confirmations_with_the_trials(workspace):  # noqa: F811
+    """Every probe the study ran is counted: the trials', the noise check's and the
+    confirmations' (it counted only the trials', and so said fewer probes than ran)."""
+
+    class Runner(FakeRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.workdirs: list[str] = []
+
+        def run(self, request, workdir):
+            self.workdirs.append(workdir.name)
+            return super().run(request, workdir)
+
+    runner = Runner()
+    run_study(prepare_run(settings_for(workspace, trials=5, confirm_top=2)), runner)
+    noise = sum(1 for name in runner.workdirs if name.startswith("noise-"))
+    confirmed = sum(1 for name in runner.workdirs if name.startswith("confirm-"))
+    trials = len(runner.workdirs) - noise - confirmed
+    assert noise == 1 and confirmed >= 2 and trials >= 2
+    status = study_status(f"sqlite:///{workspace[0]}/study.db", "s")
+    assert (status.probes, status.noise_checks, status.confirmations) == (trials, 1, confirmed)
+    rate = f"{status.probes_per_hour:.{1 if status.probes_per_hour < 10 else 0}f} an hour"
+    assert (
+        f"; {len(runner.workdirs)} probes ({trials} trials at {rate}, 1 noise check, "
+        f"{confirmed} confirmations)\n" in status_text(status)
+    )
+
+
 def test_a_study_at_its_target_is_done_though_trials_wait_beyond_it(workspace):  # noqa: F811
     """A run of --trials 1 leaves the second baseline queued: the study did what it was asked,
     so status says what to run next and what the queued trial waits for."""

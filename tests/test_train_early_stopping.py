@@ -171,3 +171,37 @@ def test_a_resumed_run_keeps_counting_and_keeps_its_best(tiny_model, conflicting
     )
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_resume_of_a_run_that_stopped_early_writes_no_nan(tiny_model, conflicting_data, tmp_path):
+    """`--resume` of a run that had stopped early trains no step: no training loss was
+    measured, which train_metrics.json says as null (it wrote NaN, which no JSON reader takes)
+    and the command's lines do not show as "nan"."""
+    import json
+
+    recipe = lora_recipe(tiny_model)
+    out = tmp_path / "out"
+    options = {"max_steps": 30, "eval_rows": EVAL_ROWS, "eval_steps": 1}
+    stopped = train(recipe, conflicting_data, out, early_stopping_patience=1, **options)
+    assert stopped.stopped_early and stopped.train_loss is not None
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(recipe.to_yaml())
+    done = subprocess.run(
+        [AUTOTUNE, "train", "--recipe", str(recipe_file), "--data", str(conflicting_data)]
+        + ["--output", str(out), "--device", "cpu", "--resume", "--max-steps", "30"]
+        + ["--eval-rows", str(EVAL_ROWS), "--eval-steps", "1", "--early-stopping-patience", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"trained 0 steps after step {stopped.steps}" in done.stdout
+    assert "nan" not in done.stdout.lower()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    metrics = json.loads((out / "train_metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["train_loss"] is None and metrics["tokens_per_second"] is None
+    assert (metrics["steps"], metrics["resumed_from_step"]) == (stopped.steps, stopped.steps)
+    assert metrics["stopped_early"] and metrics["best_step"] == stopped.best_step
+    assert metrics["eval_loss"] == pytest.approx(stopped.eval_loss)

@@ -329,11 +329,24 @@ def usable_rows(path: str | Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
+def _bad_rows_words(bad: list[BadRow]) -> str:
     shown = "; ".join(f"line {b.line}: {b.problem}" for b in bad[:MAX_BAD_ROWS_SHOWN])
     more = f"; and {len(bad) - MAX_BAD_ROWS_SHOWN} more" if len(bad) > MAX_BAD_ROWS_SHOWN else ""
     noun = "bad row" if len(bad) == 1 else "bad rows"
-    return f"{path}: {len(bad)} {noun}: {shown}{more}"
+    return f"{len(bad)} {noun}: {shown}{more}"
+
+
+def describe_bad_rows(path: str | Path, bad: list[BadRow]) -> str:
+    return f"{path}: {_bad_rows_words(bad)}"
+
+
+def check_usable(path: str | Path, usable_rows: int, bad: list[BadRow]) -> None:
+    """A file without a row to train on is refused, saying why: empty, or every row bad."""
+    if usable_rows:
+        return
+    if not bad:
+        raise UsageError(f"data file {path} is empty")
+    raise UsageError(f"data file {path} has no row to train on: {_bad_rows_words(bad)}")
 
 
 def check_rows(path: str | Path, data_scan: DataScan, skip_bad_rows: bool) -> None:
@@ -342,12 +355,7 @@ def check_rows(path: str | Path, data_scan: DataScan, skip_bad_rows: bool) -> No
         raise UsageError(
             describe_bad_rows(path, data_scan.bad) + " (fix them or pass --skip-bad-rows)"
         )
-    if not data_scan.usable_rows:
-        raise UsageError(
-            f"data file {path} is empty"
-            if not data_scan.bad
-            else f"data file {path} has no usable row: " + describe_bad_rows(path, data_scan.bad)
-        )
+    check_usable(path, data_scan.usable_rows, data_scan.bad)
 
 
 def checked_scan(path: str | Path, skip_bad_rows: bool = False) -> DataScan:

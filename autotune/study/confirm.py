@@ -23,6 +23,7 @@ from autotune.study.study_records import (
     confirmation_job,
     confirmations,
     left_frontier,
+    noise_probed,
     record_confirmation,
     record_noise,
     study_noise,
@@ -65,9 +66,7 @@ def measure_noise(
     number = default if default is not None else pick(points, "fastest").number
     point = by_number[number]
 
-    def done() -> bool:
-        return study_noise(study) is not None or NOISE_FAILED_ATTR in study.user_attrs
-
+    done = functools.partial(noise_probed, study)
     # Another run probing the noise is waited for (its probe's timeout at most), so that the
     # confirmations of every run on the study choose with the same noise.
     waited_until = time.monotonic() + settings.probe_timeout_seconds + NOISE_WAIT_SLACK_SECONDS

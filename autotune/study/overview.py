@@ -28,8 +28,10 @@ from autotune.study.storage import (
     make_storage,
 )
 from autotune.study.study_records import (
+    confirmations,
     confirmed_in_place,
     left_frontier,
+    noise_probed,
     study_setup,
     target_trials,
 )
@@ -128,9 +130,13 @@ class StudyStatus:
     probes: int
     """Trials that ran a probe of their own (a repeated recipe runs none)."""
     probes_per_hour: float | None
-    """Probes over the wall time during which any trial ran (now ends a running one), so
-    parallel workers count together and a pause between runs does not; None before a probe
-    finished."""
+    """The trials' probes over the wall time during which any trial ran (now ends a running
+    one), so parallel workers count together and a pause between runs does not; None before a
+    probe finished."""
+    noise_checks: int
+    """The noise probe, once it has run (0 or 1): a trial's recipe again with another seed."""
+    confirmations: int
+    """The frontier recipes probed again, for longer (confirm.confirm_frontier)."""
     running_trials: list[RunningTrial]
     frontier: list[MeasuredRecipe]
     """Fastest first."""
@@ -255,6 +261,8 @@ def study_status(storage_url: str | None, study_name: str | None) -> StudyStatus
         waiting=_state_count(study, "WAITING"),
         probes=len(probed),
         probes_per_hour=rate,
+        noise_checks=int(noise_probed(study)),
+        confirmations=len(confirmations(study)),
         running_trials=[
             RunningTrial(
                 t.number,

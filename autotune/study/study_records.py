@@ -402,3 +402,8 @@ def study_noise(study: Any) -> Noise | None:
     """None until the noise probe has run."""
     stored = study.user_attrs.get(NOISE_ATTR)
     return from_stored(Noise, stored) if stored else None
+
+
+def noise_probed(study: Any) -> bool:
+    """Whether the study's noise probe has run, ended ok (its Noise) or not."""
+    return study_noise(study) is not None or NOISE_FAILED_ATTR in study.user_attrs

@@ -382,7 +382,8 @@ def run_training(plan: TrainPlan, callbacks: TrainCallbacks) -> TrainReport:
         peak_memory_bytes=peak,
         memory_source=meter.source,
         eval_loss=eval_loss,
-        train_loss=statistics.fmean(losses[-10:]) if losses else float("nan"),
+        # no step trained here (a resume of a run that stopped early or ended): none measured
+        train_loss=statistics.fmean(losses[-10:]) if losses else None,
         output_dir=output_dir,
         budget_enforced=budget_enforced,
         losses=losses,

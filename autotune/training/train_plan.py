@@ -39,7 +39,9 @@ class TrainReport:
     peak_memory_bytes: int
     memory_source: str
     eval_loss: float
-    train_loss: float
+    train_loss: float | None
+    """The mean of this run's last ten steps' losses; None where it trained no step (a resume of
+    a run that had stopped early or ended), as tokens_per_second."""
     output_dir: Path
     budget_enforced: bool
     losses: list[float] = field(default_factory=list)
