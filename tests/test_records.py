@@ -14,18 +14,16 @@ from autotune.study.records import (
     record_probe_result,
     trial_record,
 )
+from autotune.study.searched_choices import SpaceChoices, record_space_choices, space_choices
 from autotune.study.study_records import (
     Confirmation,
     Noise,
-    SpaceChoices,
     StudySetup,
     confirmations,
     holds_up,
     record_confirmation,
     record_noise,
     record_setup,
-    record_space_choices,
-    space_choices,
     study_noise,
     study_setup,
 )
