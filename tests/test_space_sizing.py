@@ -14,8 +14,8 @@ from autotune.memory import MemoryEstimate
 from autotune.prediction import predict, replay_rows
 from autotune.replay import load_config
 from autotune.study import prepare_run, run_study, seeding
+from autotune.study.searched_choices import space_choices
 from autotune.study.settings import REPLAY_BAND
-from autotune.study.study_records import space_choices
 from autotune.study.unmeasured import not_searched
 from autotune.units import format_bytes
 from tests.test_study import FakeRunner, settings_for, workspace  # noqa: F401 - the fixture

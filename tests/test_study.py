@@ -342,7 +342,7 @@ def test_top_frontier_recipes_are_confirmed_longer_with_another_seed(workspace):
 
 class ConfirmationOf(FakeRunner):
     """The confirmation probe (seed 1, twice the steps) of one recipe ends as `outcome`: a probe
-    status, or "slow" for half the first probe's tokens/s."""
+    status, "slow" for half the first probe's tokens/s or "fast" for half as much again."""
 
     def __init__(self, recipe: Recipe, outcome: str) -> None:
         super().__init__()
@@ -352,8 +352,9 @@ class ConfirmationOf(FakeRunner):
         result = super().run(request, workdir)
         if request.seed != 1 or request.steps != 6 or request.recipe != self.recipe:
             return result
-        if self.outcome == "slow":
-            return dataclasses.replace(result, tokens_per_second=result.tokens_per_second / 2)
+        if self.outcome in ("slow", "fast"):
+            factor = 0.5 if self.outcome == "slow" else 1.5
+            return dataclasses.replace(result, tokens_per_second=result.tokens_per_second * factor)
         return ProbeResult(status=self.outcome, reason=f"fake {self.outcome}", device="cpu")
 
 
@@ -416,6 +417,41 @@ def test_a_recipe_whose_confirmation_fails_on_memory_or_loss_leaves_the_frontier
     # resuming chooses the same recipes to confirm: no other is probed again
     run_study(prepare_run(dataclasses.replace(settings, confirm_top=1)), runner)
     assert len([r for r in runner.requests if r.seed == 1 and r.steps == 6]) == 2
+
+
+def test_a_confirmation_faster_beyond_the_tolerance_holds_up_wherever_it_is_told(workspace):
+    """A longer probe well faster than the first says how much the speed varies here, not that
+    the recipe failed: the run's lines, the report, the card and the export say it held up."""
+    from rich.console import Console
+
+    from autotune.console import ConsoleReporter
+    from autotune.state_text import status_text
+    from autotune.study import confirmations, pick_number, quality_ranking, study_status
+
+    settings = settings_for(workspace, trials=8, confirm_top=0)
+    study = run_study(prepare_run(settings), FakeRunner())
+    points = measured_points(study)
+    balanced = pick_number("balanced", points, quality_ranking(study, points))
+    runner = ConfirmationOf(Recipe.from_dict(study.trials[balanced].user_attrs["recipe"]), "fast")
+    lines = io.StringIO()
+    with ConsoleReporter(Console(file=lines, width=300)) as console:
+        study = run_study(
+            prepare_run(dataclasses.replace(settings, confirm_top=1)), runner, console
+        )
+    confirmation = confirmations(study)[balanced]
+    assert confirmation.held_up and confirmation.speed_change == pytest.approx(0.5)
+    said = "50% faster than the first probe (its speed varies by more than ±15% here)"
+    assert confirmation.words().startswith("held up: ") and confirmation.words().endswith(said)
+    assert f"confirm trial {balanced} (6 steps, seed 1): held up: " in lines.getvalue()
+    data = report_data(study)
+    row = data.frame.set_index("trial").loc[balanced]
+    assert bool(row["held_up"]) and row["confirmation"] == confirmation.words()
+    card = next(c for c in data.cards if c.trial == balanced)
+    assert card.held_up is True and card.confirmation == confirmation.words()
+    exported = yaml.safe_load(recipe_yaml(study, "balanced")[1])["measured"]["confirmation"]
+    assert exported["held_up"] is True and exported["verdict"] == confirmation.words()
+    everything = lines.getvalue() + status_text(study_status(settings.storage, "s"))
+    assert "did not hold up" not in everything + render_html(data)
 
 
 def test_confirmations_in_place_of_recipes_that_left_are_at_most_one_each(workspace):

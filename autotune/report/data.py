@@ -29,12 +29,12 @@ from autotune.study.records import (
     trial_record,
     trial_status,
 )
+from autotune.study.searched_choices import space_choices
 from autotune.study.study_records import (
     Noise,
     confirmed_in_place,
     data_stats,
     left_frontier,
-    space_choices,
     study_budgets,
     study_noise,
     study_setup,

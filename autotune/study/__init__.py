@@ -14,6 +14,7 @@ from typing import Any
 
 _MODULES = (
     "study_records",
+    "searched_choices",
     "claims",
     "coverage",
     "records",
@@ -34,9 +35,8 @@ _MODULES = (
     "run",
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
-lives in study_records, claims, coverage, records, unmeasured, ranking, storage or overview
-never loads the
-modules that run a study."""
+lives in study_records, searched_choices, claims, coverage, records, unmeasured, ranking,
+storage or overview never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:

@@ -15,13 +15,13 @@ from autotune.study.ranking import pick_number, quality_ranking
 from autotune.study.records import measured_points, recipe_of, trial_record
 from autotune.study.settings import PreparedRun, trials_dir_of
 from autotune.study.study_records import (
-    CONFIRM_SPEED_TOLERANCE,
     NOISE_ATTR,
     NOISE_FAILED_ATTR,
     Confirmation,
     Noise,
     confirmation_job,
     confirmations,
+    holds_up,
     left_frontier,
     noise_probed,
     record_confirmation,
@@ -126,8 +126,9 @@ def confirm_frontier(
     """Re-probe the top frontier recipes with twice the steps and another seed.
 
     Short probes can flatter a recipe (a lucky data order, a warm cache). A recipe holds up when
-    the longer probe finishes, stays within the budget and keeps its speed within 15%; one whose
-    probe ran out of memory, went over the budget or hit a non-finite loss leaves the frontier.
+    the longer probe finishes, stays within the budget and is no more than 15% slower (holds_up);
+    one whose probe ran out of memory, went over the budget or hit a non-finite loss leaves the
+    frontier.
     The recipes are chosen from the frontier as the trials measured it, before any confirmation
     took a recipe off it: a resumed run, or another worker, chooses the same ones. A pick whose
     recipe left chooses another, which is confirmed in its place (_confirm_stand_ins).
@@ -240,7 +241,7 @@ def _confirm(
         tokens_per_second=result.tokens_per_second,
         eval_loss=result.eval_loss,
         speed_change=speed_change,
-        held_up=finished and fits and abs(speed_change) <= CONFIRM_SPEED_TOLERANCE,
+        held_up=holds_up(finished, fits, speed_change),
         over_budget=finished and not fits,
         in_place_of=in_place_of,
         pick=pick_policy,

@@ -10,8 +10,8 @@ from typing import Any
 
 from autotune.errors import UsageError
 from autotune.space import SearchSpace
+from autotune.study.searched_choices import SpaceChoices
 from autotune.study.settings import PreparedRun
-from autotune.study.study_records import SpaceChoices
 
 
 def resumed_space(

@@ -31,18 +31,16 @@ from autotune.study.records import (
     trial_budget,
 )
 from autotune.study.resumed import held_choices, resumed_space
+from autotune.study.searched_choices import SpaceChoices, record_space_choices, space_choices
 from autotune.study.seeding import baseline_params, fits_budget
 from autotune.study.settings import PreparedRun, tokenizer_for
 from autotune.study.storage import open_study
 from autotune.study.study_records import (
-    SpaceChoices,
     StudySetup,
     record_data_stats,
     record_new_budget,
     record_setup,
-    record_space_choices,
     record_target_trials,
-    space_choices,
     study_budgets,
     study_setup,
 )

@@ -1,7 +1,7 @@
-"""What a study stores about itself, beside its trials: the run that set it up, the choices it
-searches, its data, the confirmations of its frontier and its noise figure. Each has one writer
-and one reader here, and no other module spells their attribute keys. (What a trial stores is
-in records.)
+"""What a study stores about itself, beside its trials: the run that set it up, its data, the
+confirmations of its frontier and its noise figure. Each has one writer and one reader here, and
+no other module spells their attribute keys. (What a trial stores is in records; the choices a
+study searches, in searched_choices.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from autotune.units import format_bytes
 _Record = TypeVar("_Record")
 
 CONFIRM_SPEED_TOLERANCE = 0.15
-"""A confirmed recipe's tokens/s may differ this much (relative) from its first probe."""
+"""A confirmed recipe's tokens/s may fall this much (relative) below its first probe's; faster
+by more says the speed varies by more than this on the machine, which is no miss."""
 
 
 def from_stored(cls: type[_Record], stored: dict[str, Any]) -> _Record:
@@ -174,76 +175,6 @@ def study_setup(study: Any) -> StudySetup:
     return setup
 
 
-@dataclass(frozen=True)
-class SpaceChoices:
-    """The choices a study searches, and those of its space file it leaves out and why."""
-
-    fitting: dict[str, list[Any]]
-    """Dimension -> the choices searched: the space file's, less those the memory model rules
-    out under the budget."""
-    ruled_out: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Dimension -> choice -> the peak (bytes) that ruled it out: the formula's least of any
-    recipe with it, or the replay's of that recipe where trials are held to the replay."""
-    unsupported: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Dimension -> choice -> why the model cannot run it."""
-    ruled_out_models: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Dimension -> ruled out (or over_budget) choice -> the memory model whose peak ruled it
-    out (none stored: the formula, as studies were sized before)."""
-    over_budget: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Dimension -> choice the study searches (fitting) that no recipe fits the budget with
-    now -> the peak that rules it out: a study resumed under a smaller budget still samples
-    it (Optuna keeps a study's choices), and its trials are recorded as over the budget
-    without a probe."""
-    kept_out: dict[str, list[str]] = field(default_factory=dict)
-    """Dimension -> choice of the space file the study does not search though a recipe fits
-    the budget with it now (the study was sized under a smaller budget, or the space file
-    gained it): Optuna keeps a study's choices."""
-    budget_bytes: int | None = None
-    """The budget the run that recorded them sized the space under: what rules out the
-    ruled_out and over_budget choices, and what the kept_out ones fit (None: a study from
-    before it was stored, sized under its budget)."""
-
-
-SPACE_CHOICES_ATTR = "space_choices"
-RULED_OUT_CHOICES_ATTR = "ruled_out_choices"
-RULED_OUT_MODELS_ATTR = "ruled_out_models"
-UNSUPPORTED_CHOICES_ATTR = "unsupported_choices"
-OVER_BUDGET_CHOICES_ATTR = "over_budget_choices"
-KEPT_OUT_CHOICES_ATTR = "kept_out_choices"
-SIZED_UNDER_ATTR = "space_choices_budget"
-
-
-def record_space_choices(study: Any, choices: SpaceChoices) -> None:
-    study.set_user_attr(SPACE_CHOICES_ATTR, choices.fitting)
-    study.set_user_attr(RULED_OUT_CHOICES_ATTR, choices.ruled_out)
-    if choices.ruled_out_models:
-        study.set_user_attr(RULED_OUT_MODELS_ATTR, choices.ruled_out_models)
-    if choices.unsupported or study.user_attrs.get(UNSUPPORTED_CHOICES_ATTR):
-        study.set_user_attr(UNSUPPORTED_CHOICES_ATTR, choices.unsupported)
-    if choices.over_budget or study.user_attrs.get(OVER_BUDGET_CHOICES_ATTR):
-        study.set_user_attr(OVER_BUDGET_CHOICES_ATTR, choices.over_budget)
-    if choices.kept_out or study.user_attrs.get(KEPT_OUT_CHOICES_ATTR):
-        study.set_user_attr(KEPT_OUT_CHOICES_ATTR, choices.kept_out)
-    if choices.budget_bytes is not None:
-        study.set_user_attr(SIZED_UNDER_ATTR, choices.budget_bytes)
-
-
-def space_choices(study: Any) -> SpaceChoices | None:
-    """None for a study that stored no choices (its space file was searched whole)."""
-    attrs = study.user_attrs
-    if not attrs.get(SPACE_CHOICES_ATTR):
-        return None
-    return SpaceChoices(
-        attrs[SPACE_CHOICES_ATTR],
-        attrs.get(RULED_OUT_CHOICES_ATTR) or {},
-        attrs.get(UNSUPPORTED_CHOICES_ATTR) or {},
-        attrs.get(RULED_OUT_MODELS_ATTR) or {},
-        attrs.get(OVER_BUDGET_CHOICES_ATTR) or {},
-        attrs.get(KEPT_OUT_CHOICES_ATTR) or {},
-        attrs.get(SIZED_UNDER_ATTR),
-    )
-
-
 DATA_STATS_ATTR = "data_stats"
 FORMATS_KEY = "formats"
 """In the data stats: usable rows per format (data.rows.DataScan.formats)."""
@@ -285,7 +216,8 @@ class Confirmation:
     speed_change: float
     """Tokens/s relative to the first probe, minus one (-1.0 where that measured none)."""
     held_up: bool
-    """Finished, within the budget and within the speed tolerance of the first probe."""
+    """Finished, within the budget and not slower than the first probe by more than the speed
+    tolerance (holds_up)."""
     over_budget: bool | None = None
     """It finished with its peak over the study's budget (measured on CUDA only); None in a
     study from before this field, where a miss that is not the speed's is the peak's."""
@@ -293,6 +225,12 @@ class Confirmation:
     """The trial whose confirmation took it off the frontier, whose pick (`pick`) chose this
     recipe next: confirmed in its place, beyond --confirm. None for one of the top --confirm."""
     pick: str = ""
+
+    def ran_faster(self) -> bool:
+        """It finished faster than the first probe by more than the speed tolerance: the speed
+        varies by more than that here (on a CPU it always does), and the first probe's figure,
+        which the picks and the export rest on, is not overstated. It holds up."""
+        return self.status == "ok" and self.speed_change > CONFIRM_SPEED_TOLERANCE
 
     def peak_over_budget(self) -> bool:
         if self.status != "ok" or self.held_up:
@@ -321,13 +259,35 @@ class Confirmation:
         """The verdict and what it rests on, for people."""
         if self.status != "ok":
             return f"did not hold up: {self.status}: {self.reason}"
-        change = f"{self.speed_change:+.0%}"
-        speed = f"{self.tokens_per_second or 0:,.0f} tok/s, {change} off the first probe"
+        tokens = f"{self.tokens_per_second or 0:,.0f} tok/s"
+        speed = f"{tokens}, {self.speed_change:+.0%} off the first probe"
+        if self.held_up and self.ran_faster():
+            return (
+                f"held up: {tokens}, {self.speed_change:.0%} faster than the first probe (its "
+                f"speed varies by more than ±{CONFIRM_SPEED_TOLERANCE:.0%} here)"
+            )
         if self.held_up:
             return f"held up: {speed}"
         if self.peak_over_budget():
             return f"did not hold up: {speed}, but its peak went over the budget"
-        return f"did not hold up: {speed} (it holds within ±{CONFIRM_SPEED_TOLERANCE:.0%})"
+        return f"did not hold up: {speed} (it holds down to {-CONFIRM_SPEED_TOLERANCE:.0%})"
+
+
+def holds_up(finished: bool, fits: bool, speed_change: float) -> bool:
+    """The confirmation's verdict (Confirmation.held_up): it finished, its peak fits the budget
+    and its tokens/s fell no more than the tolerance below the first probe's. Faster by more is
+    the speed's noise (Confirmation.ran_faster), not a miss."""
+    return finished and fits and speed_change >= -CONFIRM_SPEED_TOLERANCE
+
+
+def _stored_confirmation(stored: dict[str, Any]) -> Confirmation:
+    """A confirmation as a study stored it. Versions before holds_up recorded one that ran
+    faster beyond the tolerance as not held up; it held up, unless its peak went over the
+    budget (over_budget; a study from before that field took a speed miss for the speed's)."""
+    confirmation = from_stored(Confirmation, stored)
+    if confirmation.held_up or confirmation.over_budget or not confirmation.ran_faster():
+        return confirmation
+    return dataclasses.replace(confirmation, held_up=True)
 
 
 CONFIRMATION_PREFIX = "confirmation:"
@@ -346,7 +306,7 @@ def record_confirmation(study: Any, number: int, confirmation: Confirmation) -> 
 def confirmations(study: Any) -> dict[int, Confirmation]:
     """Trial number -> what its longer, reseeded re-probe measured and whether it held up."""
     return {
-        int(key.removeprefix(CONFIRMATION_PREFIX)): from_stored(Confirmation, value)
+        int(key.removeprefix(CONFIRMATION_PREFIX)): _stored_confirmation(value)
         for key, value in study.user_attrs.items()
         if key.startswith(CONFIRMATION_PREFIX)
     }
