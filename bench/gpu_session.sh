@@ -8,8 +8,9 @@
 # disturb each other's memory figures; tokens/s of either are not clean):
 # 1. the GPU tests (`pytest -m gpu tests`: fused loss, CPU-offload optimizer, CUDA probes,
 #    budget caps), 7 min at most, each failure written as it happens;
-# 2. memory_bench's unmeasured grid on three shapes, most wanted recipes first (the held-out
-#    QLoRA rows, int8 at micro-batch 2, fused against foreach AdamW, ...), starting no probe after
+# 2. memory_bench's unmeasured grid on three shapes (going on from this GPU's committed results
+#    file), most wanted recipes first (the held-out QLoRA rows, int8 at micro-batch 2, fused
+#    against foreach AdamW, ...), starting no probe after
 #    5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots), packed into two
 #    .tar.xz files;
 # 3. bench/replay_diff.py on the two held-out rows' snapshots (the blocks alive at the GPU's
@@ -93,8 +94,14 @@ if [ "${total_mib:-0}" -ge 120000 ] && [ "$EXPORT_SHAPES" != none ]; then
 else
     echo "export_bench not run: ${total_mib:-?} MiB card (it runs beside memory_bench from 120000)"
 fi
+# the grid's rows this GPU already measured (committed under bench/results/) are kept, the rest
+# probed: each session goes on where the last one stopped
+resume=()
+if [ -f "bench/results/memory_unmeasured_$gpu.json" ]; then
+    resume=(--resume "bench/results/memory_unmeasured_$gpu.json")
+fi
 timeout 450 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
-    --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 \
+    --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 "${resume[@]}" \
     --models-dir "$MODELS_DIR" \
     --snapshots "$OUT/snapshots" --out "$OUT/memory_unmeasured_$gpu.json" 2>&1 \
     | tee "$OUT/memory_bench.log" | tail -40
