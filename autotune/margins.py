@@ -2,10 +2,11 @@
 feasible, from the memory models' own measured errors.
 
 Each margin is the worst under-prediction that the model which answered (the replay or the
-formula) made on measured H100 peaks of the same kind of base (no quantization, int8, NF4),
-turned into the share to add to a prediction so that the measured peak would have fitted. The
-shipped table (memory_margins.json) is written by `python bench/memory_bench.py --margins` from
-the committed measurements; a test checks that it still agrees with them.
+formula) made on measured GPU peaks (H100, H200) of the same kind of base (no quantization,
+int8, NF4), turned into the share to add to a prediction so that the measured peak would have
+fitted. The shipped table (memory_margins.json) is written by
+`python bench/memory_bench.py --margins` from the committed measurements; a test checks that it
+still agrees with them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def fraction_for(worst_under_prediction: float) -> float:
 
 MIN_ROWS_OF_A_KIND = 8
 """A kind of base measured fewer times than this gets its model's worst miss over all kinds
-where that is worse: a few rows are thin evidence that a model is better on them (int8's five
+where that is worse: a few rows are thin evidence that a model is better on them (int8's eight
 rows include the one its replay's outlier share was fitted to, and none above 7B)."""
 
 
@@ -92,13 +93,13 @@ def memory_margin(memory_model: str, quantization: str) -> MemoryMargin:
     worst = f"{100 * entry['worst_under_prediction']:.1f}%"
     if "own_worst_under_prediction" in entry:  # too few peaks of the kind to stand alone
         why = (
-            f"the {memory_model}'s worst under-prediction on {entry['all_rows']} measured H100 "
+            f"the {memory_model}'s worst under-prediction on {entry['all_rows']} measured GPU "
             f"peaks of every base: {worst}, taken for {kind}, measured {entry['rows']} times "
             f"(worst {100 * entry['own_worst_under_prediction']:.1f}%)"
         )
     else:
         why = (
-            f"the {memory_model}'s worst under-prediction on {entry['rows']} measured H100 peaks "
+            f"the {memory_model}'s worst under-prediction on {entry['rows']} measured GPU peaks "
             f"({kind}): {worst}"
         )
     return MemoryMargin(entry["fraction"], why)

@@ -103,4 +103,3 @@ def a_or_an(number_text: str) -> str:
     whole = number_text.split(".")[0].lstrip("+-")
     spoken_vowel = whole.startswith("8") or (len(whole) in (2, 5) and whole[:2] in ("11", "18"))
     return "an" if spoken_vowel else "a"
-

@@ -288,7 +288,7 @@ def predicted(recipe: Recipe) -> dict[str, Any]:
     return {
         "memory_model": prediction.memory_model,
         "reserved_bytes": estimate.peak_bytes - context,
-        "allocated_bytes": estimate.allocated_bytes - context,
+        "allocated_bytes": estimate.allocated_bytes,  # no context in it (UNALLOCATED_PARTS)
     }
 
 

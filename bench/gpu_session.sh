@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks to run first on a lent CUDA machine, as one command inside 8 minutes:
+# The checks to run first on a lent CUDA machine, as one command inside 9 minutes (560 s):
 #
 #   here:   make gpu-wheels      (the wheels that machine lacks, into .wheels/)
 #   there:  bash bench/gpu_session.sh      (the device tool, carrying .wheels)
@@ -7,7 +7,7 @@
 # Side by side, on the one GPU (each probe measures its own process's peak, so they do not
 # disturb each other's memory figures; tokens/s of either are not clean):
 # 1. the GPU tests (`pytest -m gpu tests`: fused loss, CPU-offload optimizer, CUDA probes,
-#    budget caps), 7 min at most, each failure written as it happens;
+#    budget caps), 400 s at most, each failure written as it happens;
 # 2. memory_bench's unmeasured grid on three shapes (going on from this GPU's committed results
 #    file), most wanted recipes first (the held-out QLoRA rows, int8 at micro-batch 2, fused
 #    against foreach AdamW, ...), starting no probe after
@@ -65,7 +65,7 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE '[
 gpu=${gpu:-gpu}
 # -v and each failure's traceback as it happens (tests/conftest.py), a stack dump of a test
 # still running after 150 s: the timeout cuts pytest off before its summary
-AUTOTUNE_TEST_FAILURES_AT_ONCE=1 timeout 420 python3 -m pytest -m gpu tests -v --tb=short -rs \
+AUTOTUNE_TEST_FAILURES_AT_ONCE=1 timeout 400 python3 -m pytest -m gpu tests -v --tb=short -rs \
     --durations=15 -p no:cacheprovider -o addopts="" -o faulthandler_timeout=150 \
     >"$OUT/gpu_tests.log" 2>&1 &
 tests=$!
@@ -86,7 +86,7 @@ total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | 
     | grep -oE '(^|, )[0-9]+' | head -1 | grep -oE '[0-9]+')
 exports=
 if [ "${total_mib:-0}" -ge 120000 ] && [ "$EXPORT_SHAPES" != none ]; then
-    timeout 450 python3 bench/export_bench.py --device "$DEVICE" --shapes "$EXPORT_SHAPES" \
+    timeout 400 python3 bench/export_bench.py --device "$DEVICE" --shapes "$EXPORT_SHAPES" \
         --models-dir "$MODELS_DIR" --deadline-minutes "$DEADLINE_MINUTES" --timeout 150 \
         --snapshots "$OUT/export-snapshots" --out "$OUT/export_$gpu.json" \
         >"$OUT/export_bench.log" 2>&1 &
@@ -100,7 +100,7 @@ resume=()
 if [ -f "bench/results/memory_unmeasured_$gpu.json" ]; then
     resume=(--resume "bench/results/memory_unmeasured_$gpu.json")
 fi
-timeout 450 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
+timeout 400 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
     --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 "${resume[@]}" \
     --models-dir "$MODELS_DIR" \
     --snapshots "$OUT/snapshots" --out "$OUT/memory_unmeasured_$gpu.json" 2>&1 \
@@ -129,7 +129,7 @@ for row in rows:
                                                     stderr=subprocess.STDOUT, text=True)))
 for probe, process in runs:
     try:
-        text = process.communicate(timeout=100)[0]
+        text = process.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
         process.kill()
         text = "timed out"

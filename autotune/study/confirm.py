@@ -48,9 +48,8 @@ def measure_noise(
     """
     events = events or RunEvents()
     settings = prepared.settings
-    measured = study_noise(study)
-    if measured is not None or NOISE_FAILED_ATTR in study.user_attrs:
-        return measured
+    if noise_probed(study):
+        return study_noise(study)
     points = measured_points(study)
     if not points or settings.confirm_top < 1:
         return None
