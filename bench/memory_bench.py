@@ -328,6 +328,8 @@ replay under-predicted, the int8 replay at micro-batch 2, fused AdamW, the chunk
 activation offload (`--grid unmeasured`; each shape in turn, so a run cut short covers them all;
 a recipe predicted over `--card-gib` is left out)."""
 UNMEASURED_CUDA = [
+    # Liger's fused linear cross-entropy (Triton): no logits, the head's product chunk by chunk
+    {**_QLORA_MB4, "loss": "fused_linear"},
     # torchao's CPU-offload AdamW (the offload extra): states and step on the host
     {**_QLORA_MB4, "optimizer": "adamw_cpu_offload"},
     {"method": "full", "micro_batch_size": 1, "seq_len": 1024, "optimizer": "adamw_cpu_offload"},
