@@ -51,6 +51,7 @@ from autotune.meta_optimizer import cuda_optimizer
 from autotune.meta_recorder import Recorder
 from autotune.model_source import check_model_reference
 from autotune.recipe import Recipe
+from autotune.tied_gradients import tied_gradient_shapes
 
 REPLAY_STEPS = 2
 """Optimizer steps replayed: the first makes the optimizer states, the second runs with them
@@ -153,6 +154,7 @@ def _replay(
             model = prepare_model(model, recipe)
         if recipe.distributed == "fsdp":  # rank 0 of num_gpus, over a fake process group
             model = shard_on_meta(model, recipe)
+        recorder.tied = tied_gradient_shapes(model)
         recorder.phase = "optimizer"
         optimizer, paged = cuda_optimizer(model, recipe, recorder, host)
         workspaces: list[Any] = []
