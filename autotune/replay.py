@@ -13,7 +13,8 @@ What the meta device cannot run is emulated with CUDA's memory behaviour: the lo
 autotune.meta_attention and bitsandbytes' int8 matmul in autotune.meta_int8), the optimizer's
 (autotune.meta_optimizer: paged states live in CUDA unified memory, outside the allocator),
 activation offload's pinned host blocks (autotune.meta_host) and FSDP2's sharding
-(autotune.meta_fsdp).
+(autotune.meta_fsdp); autograd sums a tied weight's gradients in place, as on CUDA
+(autotune.tied_gradients).
 Rows are full length (the probe's first step holds the longest examples); a padding-free
 micro-batch is one row of its sequences end to end, and packed rows hold several sequences, so
 both get the block-diagonal mask transformers builds from positions that restart. Each
