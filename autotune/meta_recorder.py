@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from autotune.allocator import CachingAllocator
+from autotune.tied_gradients import SharedShapes, sums_in_place
 from autotune.training.host_held import local_shard
 
 
@@ -35,12 +36,17 @@ class Recorder:
         self.kernels: dict[Any, Any] = {}
         """Ops run by a replacement that allocates (and tracks) what CUDA's kernel does
         (autotune.meta_cuda's, autotune.meta_int8's)."""
+        self.tied: SharedShapes = frozenset()
+        """The model's tied parameters, whose gradients autograd sums in place on CUDA
+        (autotune.tied_gradients)."""
         recorder = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 from torch.utils._pytree import tree_leaves
 
+                if sums_in_place(func, args, kwargs, recorder.tied):
+                    return args[0].add_(args[1])
                 kernel = recorder.kernels.get(func)
                 if kernel is not None:
                     return kernel(*args, **(kwargs or {}))

@@ -13,7 +13,8 @@ What the meta device cannot run is emulated with CUDA's memory behaviour: the lo
 autotune.meta_attention and bitsandbytes' int8 matmul in autotune.meta_int8), the optimizer's
 (autotune.meta_optimizer: paged states live in CUDA unified memory, outside the allocator),
 activation offload's pinned host blocks (autotune.meta_host) and FSDP2's sharding
-(autotune.meta_fsdp).
+(autotune.meta_fsdp); autograd sums a tied weight's gradients in place, as on CUDA
+(autotune.tied_gradients).
 Rows are full length (the probe's first step holds the longest examples); a padding-free
 micro-batch is one row of its sequences end to end, and packed rows hold several sequences, so
 both get the block-diagonal mask transformers builds from positions that restart. Each
@@ -51,6 +52,7 @@ from autotune.meta_optimizer import cuda_optimizer
 from autotune.meta_recorder import Recorder
 from autotune.model_source import check_model_reference
 from autotune.recipe import Recipe
+from autotune.tied_gradients import tied_gradient_shapes
 
 REPLAY_STEPS = 2
 """Optimizer steps replayed: the first makes the optimizer states, the second runs with them
@@ -153,6 +155,7 @@ def _replay(
             model = prepare_model(model, recipe)
         if recipe.distributed == "fsdp":  # rank 0 of num_gpus, over a fake process group
             model = shard_on_meta(model, recipe)
+        recorder.tied = tied_gradient_shapes(model)
         recorder.phase = "optimizer"
         optimizer, paged = cuda_optimizer(model, recipe, recorder, host)
         workspaces: list[Any] = []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autotune.recipe import Recipe
+from autotune.tied_gradients import SharedShapes, sums_in_place, tied_gradient_shapes
 from autotune.training.deepspeed_engine import is_engine
 from autotune.training.host_held import local_shard, optimizer_state_tensors
 
@@ -66,10 +67,12 @@ class Trace:
         return sorted(rows, key=lambda row: -row[2])
 
 
-def allocation_tracer(existing: list[Any]) -> Any:
+def allocation_tracer(existing: list[Any], tied: SharedShapes = frozenset()) -> Any:
     """A dispatch mode that follows every storage the ops under it allocate; storages of the
     `existing` tensors (weights, optimizer states) are known and not counted again; their
-    bytes, each storage once, are `before`. (Its class is made here, where torch is imported.)"""
+    bytes, each storage once, are `before`. The gradients of the `tied` parameters
+    (autotune.tied_gradients) are summed in place, as autograd does without the mode. (Its
+    class is made here, where torch is imported.)"""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -114,6 +117,8 @@ def allocation_tracer(existing: list[Any]) -> Any:
                 self.at_peak = list(self.live.values())
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if sums_in_place(func, args, kwargs, tied):
+                return args[0].add_(args[1])
             out = func(*args, **(kwargs or {}))
             name = str(func.overloadpacket.__name__)
             for tensor in tree_leaves(out):
@@ -202,7 +207,7 @@ def trace_step(
         )
     train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     existing = held_tensors() if is_engine(model) else model_tensors(model, optimizer)
-    tracer = allocation_tracer(existing)
+    tracer = allocation_tracer(existing, tied_gradient_shapes(model))
     with tracer, _resizes_seen(recipe, tracer):
         train_steps(model, optimizer, [examples], recipe, "cpu", 0)
     at_peak = sorted(tracer.at_peak, key=lambda t: -t.nbytes)

@@ -160,6 +160,44 @@ def test_replay_of_the_chunked_loss_allocates_what_a_real_step_allocates(
     assert replayed.peak_allocated_bytes < standard.peak_allocated_bytes
 
 
+@pytest.mark.parametrize(
+    ("precision", "optimizer"),
+    [("amp_bf16", "adamw"), ("amp_bf16", "adamw_foreach"), ("bf16", "adamw")],
+)
+def test_replay_of_a_tied_embedding_sums_its_gradients_where_a_real_step_does(
+    cut_model, precision, optimizer
+):
+    """The cut model's embedding is tied to its head; on short rows the step's peak is the end
+    of backward, where the weight's two gradients meet. Autograd sums them in place into the
+    head's when that one is a fresh fp32 cast (AMP; an H200 snapshot of Llama-3.2-1B shows the
+    head's and the embedding's gradient at the peak beside the accumulated one, no sum), out of
+    place when it is a view (bf16). The replay, on the meta device, summed out of place
+    always: under AMP one more block of the weight's gradient at the peak (5.0% over that
+    H200's peak)."""
+    recipe = cut_step(
+        cut_model,
+        method="full",
+        precision=precision,
+        optimizer=optimizer,
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        seq_len=32,
+        gradient_checkpointing=True,
+    )
+    config = load_config(str(cut_model))
+    assert config.tie_word_embeddings
+    traced = trace_step(recipe)
+    replayed = replay(recipe, config, cublas_workspace_bytes=0)
+    assert abs(replayed.peak_allocated_bytes - traced.peak_bytes) <= (
+        REPLAY_TOLERANCE * traced.peak_bytes
+    )
+    # the accumulated gradient, the head's and the embedding's, and under bf16 their sum
+    gradient = config.vocab_size * config.hidden_size * (4 if precision == "amp_bf16" else 2)
+    held = [phase for size, phase in replayed.live_at_peak if size == gradient]
+    assert held.count("gradients") == (3 if precision == "amp_bf16" else 4)
+    assert len([t for t in traced.at_peak if t.nbytes == gradient]) == held.count("gradients")
+
+
 def test_standard_loss_step_holds_what_a_labels_loss_loop_holds(tmp_path):
     """The standard loss is the model's own (labels to the model: transformers' ForCausalLMLoss),
     so a loop of `model(input_ids=ids, labels=ids).loss` (the held-out H100 check's) holds at

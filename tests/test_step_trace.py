@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autotune.recipe import Recipe
 from autotune.step_trace import allocation_tracer, trace_step
+from autotune.tied_gradients import tied_gradient_shapes
 
 
 def test_allocation_tracer_follows_storages_from_creation_to_release():
@@ -53,3 +56,43 @@ def test_a_traced_step_shows_the_loss_buffers_at_the_peak(cut_model):
         "_log_softmax_backward_data",
     }
     assert result.peak_bytes >= result.before_bytes + 3 * logits_fp32
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_the_tracer_sums_a_tied_weights_gradients_where_autograd_does(cast):
+    """An embedding tied to the head gets two gradients, which autograd sums before the weight
+    takes them: in place into the head's when that one is a fresh tensor (cast back from bf16,
+    as under AMP), out of place when it is a view (the transposed product of a same-dtype head).
+    A dispatch mode made every sum out of place, one more block the real step never holds; the
+    tracer sums where autograd does without it."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(256, 16)
+            self.head = torch.nn.Linear(16, 256, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            weight = self.head.weight.to(torch.bfloat16) if cast else self.head.weight
+            return F.linear(self.embed(ids).to(weight.dtype) * 2, weight).float().sum()
+
+    model = Tied()
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with profile(activities=[ProfilerActivity.CPU]) as untraced:
+        model(ids).backward()
+    sums = {event.name for event in untraced.events()} & {"aten::add", "aten::add_"}
+    assert sums == ({"aten::add_"} if cast else {"aten::add"})
+    expected = model.embed.weight.grad
+    model.embed.weight.grad = None
+    tracer = allocation_tracer([model.embed.weight], tied_gradient_shapes(model))
+    with tracer:
+        model(ids).backward()
+    assert torch.equal(model.embed.weight.grad, expected)
+    gradient = 256 * 16 * 4
+    held = [t.op for t in tracer.at_peak if t.nbytes == gradient]
+    assert held.count("add") == (0 if cast else 1)
+    assert len(held) == (2 if cast else 3)
