@@ -21,6 +21,7 @@
 # Logs and results go to $OUT (what the device tool brings back), else bench/results/gpu-session/;
 # commit the results file under bench/results/ and rescore it (bench/README.md, memory_bench.py).
 # SHAPES, EXPORT_SHAPES (none: no export_bench), DEVICE, DEADLINE_MINUTES, HELD_OUT (probe names),
+# RESUME (memory_bench's results file to go on from; empty: none),
 # MODELS_DIR and WHEELS override the defaults
 # (tests/test_bench.py runs it on the CPU with the demo shape).
 set -uo pipefail
@@ -97,8 +98,9 @@ fi
 # the grid's rows this GPU already measured (committed under bench/results/) are kept, the rest
 # probed: each session goes on where the last one stopped
 resume=()
-if [ -f "bench/results/memory_unmeasured_$gpu.json" ]; then
-    resume=(--resume "bench/results/memory_unmeasured_$gpu.json")
+resume_file=${RESUME-bench/results/memory_unmeasured_$gpu.json}
+if [ -n "$resume_file" ] && [ -f "$resume_file" ]; then
+    resume=(--resume "$resume_file")
 fi
 timeout 400 python3 bench/memory_bench.py --grid unmeasured --device "$DEVICE" \
     --shapes "$SHAPES" --deadline-minutes "$DEADLINE_MINUTES" --timeout 100 "${resume[@]}" \
