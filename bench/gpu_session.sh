@@ -10,9 +10,8 @@
 #    budget caps), 400 s at most, each failure written as it happens;
 # 2. memory_bench's unmeasured grid on three shapes (going on from this GPU's committed results
 #    file), most wanted recipes first (the held-out QLoRA rows, int8 at micro-batch 2, fused
-#    against foreach AdamW, ...), starting no probe after
-#    5 minutes, each probe's allocations recorded (torch.cuda.memory snapshots), packed into two
-#    .tar.xz files;
+#    against foreach AdamW, ...), starting no probe after 5 minutes, each probe's allocations
+#    recorded (torch.cuda.memory snapshots), packed into two .tar.xz files;
 # 3. bench/replay_diff.py on the two held-out rows' snapshots (the blocks alive at the GPU's
 #    allocated peak that the replay does not hold), into replay_diff.txt;
 # 4. on a card of 120000 MiB or more, beside 1 and 2: bench/export_bench.py (the held-out
