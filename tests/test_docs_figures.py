@@ -183,6 +183,19 @@ def test_the_card_table_is_the_cards() -> None:
     assert documented == cards
 
 
+def test_the_default_space_size_is_the_space_s() -> None:
+    from autotune.space import SearchSpace
+
+    recipes = f"{sum(1 for _ in SearchSpace.load().all_params()):,}"
+    for doc in (README, ROOT / "docs" / "study.md", MEMORY_MODEL):
+        found = re.findall(
+            r"default space(?:'s| of) (\d[\d,]+) recipes|(\d[\d,]+) for the default space",
+            words(doc),
+        )
+        stated = {a or b for a, b in found}
+        assert stated == {recipes}, doc.name
+
+
 def test_the_readme_tests_with_make_test() -> None:
     quick_start = README.read_text(encoding="utf-8").split("## Quick start", 1)[1]
     assert re.search(r"^ {4}make test\b", quick_start, re.MULTILINE)
