@@ -170,6 +170,39 @@ def test_the_benchmarks_figures_are_their_results_files() -> None:
     assert missing(ROOT / "docs" / "study.md", starts) == []
 
 
+def test_the_per_gpu_figures_are_the_formula_s() -> None:
+    """docs/distributed.md's Qwen2-7B full fine-tune, as `autotune estimate --memory-model
+    formula` gives it on bench/configs/qwen2-7b.json (the replay's row is slower to check)."""
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+
+    spec = load_model_spec(str(ROOT / "bench" / "configs" / "qwen2-7b.json"))
+    base = {"model": "qwen2-7b", "method": "full", "precision": "bf16", "optimizer": "adamw"}
+    base |= {"micro_batch_size": 1, "seq_len": 1024, "gradient_checkpointing": True}
+
+    def peak(**fields):
+        return estimate(spec, Recipe.from_dict({**base, **fields}))
+
+    one, fsdp = peak(), peak(distributed="fsdp", num_gpus=4)
+    ddp = peak(distributed="ddp", num_gpus=4)
+    offload = peak(distributed="fsdp", num_gpus=4, offload="optimizer_and_params")
+    gib = 2**30
+    assert (
+        missing(
+            ROOT / "docs" / "distributed.md",
+            [
+                f"| formula | {one.peak_bytes / gib:.2f} GiB | {fsdp.peak_bytes / gib:.2f} GiB | "
+                f"{fsdp.peak_bytes / one.peak_bytes:.0%} |",
+                f"Under DDP on 4 GPUs the formula gives {ddp.peak_bytes / gib:.2f} GiB per GPU",
+                f"on 4 GPUs, {offload.peak_bytes / gib:.2f} GiB per GPU and "
+                f"{offload.host_bytes / gib:.2f} GiB of host memory per GPU",
+            ],
+        )
+        == []
+    )
+
+
 def test_the_card_table_is_the_cards() -> None:
     from autotune.budgets import CARD_MEMORY_BYTES
 
