@@ -203,6 +203,67 @@ def test_the_per_gpu_figures_are_the_formula_s() -> None:
     )
 
 
+LORA = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_modules": "all-linear"}
+LORA |= {"precision": "bf16", "seq_len": 1024}
+NF4 = {"quantization": "nf4"}
+DORA_ROWS = {
+    "bf16 LoRA r16 all-linear mb2": {"micro_batch_size": 2},
+    "bf16 DoRA, the same": {"micro_batch_size": 2, "use_dora": True},
+    "QLoRA mb1": {**NF4, "micro_batch_size": 1},
+    "QDoRA mb1": {**NF4, "micro_batch_size": 1, "use_dora": True},
+    "QLoRA mb4, chunked loss": {**NF4, "micro_batch_size": 4, "loss": "chunked"},
+    "QDoRA mb4, chunked loss": {**NF4, "micro_batch_size": 4, "loss": "chunked", "use_dora": True},
+}
+"""docs/memory-model.md's DoRA table: Qwen2-7B, seq 1024, checkpointing, dropout 0.05."""
+OFFLOAD_ROWS = {
+    "Qwen2-7B QLoRA mb4, checkpointing": ("qwen2-7b", {**NF4, "micro_batch_size": 4}),
+    "Qwen2-7B QLoRA mb4, no checkpointing": (
+        "qwen2-7b",
+        {**NF4, "micro_batch_size": 4, "gradient_checkpointing": False},
+    ),
+    "Qwen2-7B bf16 LoRA mb2, chunked loss, no checkpointing": (
+        "qwen2-7b",
+        {"micro_batch_size": 2, "loss": "chunked", "gradient_checkpointing": False},
+    ),
+    "Qwen2-0.5B QLoRA mb4, checkpointing": ("qwen2-0.5b", {**NF4, "micro_batch_size": 4}),
+    "Qwen2-0.5B QLoRA mb4, no checkpointing": (
+        "qwen2-0.5b",
+        {**NF4, "micro_batch_size": 4, "gradient_checkpointing": False},
+    ),
+    "Qwen2-0.5B bf16 LoRA mb2, chunked loss, no checkpointing": (
+        "qwen2-0.5b",
+        {"micro_batch_size": 2, "loss": "chunked", "gradient_checkpointing": False},
+    ),
+}
+"""docs/memory-model.md's activation-offload table: seq 1024, r16 all-linear."""
+
+
+def test_the_memory_model_tables_formula_columns_are_the_formula_s() -> None:
+    """The formula's column of the DoRA and activation-offload tables, as `autotune estimate
+    --memory-model formula` gives them on bench/configs (the replay's are slower to check)."""
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.recipe import Recipe
+
+    def spec(shape: str):
+        return load_model_spec(str(ROOT / "bench" / "configs" / f"{shape}.json"))
+
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in MEMORY_MODEL.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("|")
+    }
+    qwen2_7b = spec("qwen2-7b")
+    for label, fields in DORA_ROWS.items():
+        recipe = Recipe.from_dict({"model": "m", **LORA, "lora_dropout": 0.05, **fields})
+        peak = estimate(qwen2_7b, recipe).peak_bytes / 2**30
+        assert rows[label].endswith(f"| {peak:.2f} GiB |"), label
+    for label, (shape, fields) in OFFLOAD_ROWS.items():
+        recipe = Recipe.from_dict({"model": shape, **LORA, "activation_offload": True, **fields})
+        host = estimate(spec(shape), recipe).host_bytes / 2**30
+        assert rows[label].endswith(f"| {host:.2f} GiB |"), label
+
+
 def test_the_card_table_is_the_cards() -> None:
     from autotune.budgets import CARD_MEMORY_BYTES
 
