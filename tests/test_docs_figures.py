@@ -264,6 +264,36 @@ def test_the_memory_model_tables_formula_columns_are_the_formula_s() -> None:
         assert rows[label].endswith(f"| {host:.2f} GiB |"), label
 
 
+def test_the_fidelity_table_is_the_three_runs() -> None:
+    """bench/README.md's side-by-side fidelity table: the 20-step probe's rho and the noise."""
+    runs = [
+        result(name)["summary"]
+        for name in ("fidelity_cpu.json", "fidelity_cpu_summary.json", "fidelity_cpu_bigger.json")
+    ]
+
+    def rho(run: dict) -> str:
+        at_20 = run["rho"]["20"]
+        seeds = at_20["single_seed"]
+        return f"{at_20['seed_mean']:.2f} ({min(seeds):.2f}-{max(seeds):.2f})"
+
+    def noise(run: dict) -> str:
+        largest = max(s["stdev"] for by_steps in run["spread"].values() for s in by_steps.values())
+        return f"{run['median_seed_stdev']:.3f} ({largest:.3f})"
+
+    assert (
+        missing(
+            BENCH_README,
+            [
+                "| rho, 20-step probe | " + " | ".join(rho(run) for run in runs) + " |",
+                "| noise: median seed stdev (largest) | "
+                + " | ".join(noise(run) for run in runs)
+                + " |",
+            ],
+        )
+        == []
+    )
+
+
 def test_the_card_table_is_the_cards() -> None:
     from autotune.budgets import CARD_MEMORY_BYTES
 
