@@ -60,7 +60,7 @@ def parse_memory_size(text: str, what: str = "budget") -> int:
 
 
 def format_bytes(size_bytes: float) -> str:
-    """Bytes as GiB/MiB with two decimals: what allocators and nvidia-smi speak."""
+    """Bytes as GiB (two decimals), MiB or KiB (one): what allocators and nvidia-smi speak."""
     if abs(size_bytes) >= 2**30:
         return f"{size_bytes / 2**30:.2f} GiB"
     if abs(size_bytes) >= 2**20:
