@@ -199,7 +199,8 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def check_data_path(path: str | Path) -> None:
     """Refuse, in one line and without reading its rows, a data path that holds no rows to
-    read: missing, a directory datasets did not save, a text file that is not text or JSONL."""
+    read: missing, a directory datasets did not save, a pipe or a device, a text file that is
+    not text or JSONL."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data file {path} does not exist")
@@ -209,6 +210,11 @@ def check_data_path(path: str | Path) -> None:
                 f"data path {path} is a directory but not a datasets save_to_disk directory"
             )
         return
+    if not path.is_file():  # reading a pipe with no writer waits for ever, /dev/zero never ends
+        raise UsageError(
+            f"data path {path} is not a regular file (a pipe or a device); it is read more "
+            "than once: save the data to a file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".pq"):
         _check_text_file(path, is_csv=suffix == ".csv")
