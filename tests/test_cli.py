@@ -499,6 +499,7 @@ def _bad_inputs(tmp_path: Path, config_only: Path):
         ),
         (["export", "--pick", "cheapest"], "no study storage"),
         (["studies", "--storage", "sqlite:///~/x.db"], "SQLite does not expand ~"),
+        (["studies", "--storage", f"sqlite:///{tmp_path}"], f"names the directory {tmp_path}"),
     ]
 
 
@@ -969,6 +970,34 @@ def test_another_programs_database_is_refused_however_its_url_is_written(tmp_pat
         with pytest.raises(UsageError, match="another program's SQLite database"):
             make_storage(url)
     assert other.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("place", "words"),
+    [
+        ("folder", "names the directory"),
+        ("notes.txt/s.db", "notes.txt is a file, not a folder"),
+        ("notes.txt", "notes.txt is not a SQLite database"),
+    ],
+)
+def test_a_storage_that_is_no_sqlite_file_is_refused_before_the_data(workspace, place, words):  # noqa: F811
+    # a directory, a path under a file and a text file were found once the data was tokenized
+    # and the space sized, in SQLAlchemy's words ("unable to open database file")
+    from autotune.study import prepare_run
+    from tests.test_study import settings_for
+
+    (workspace[0] / "folder").mkdir()
+    (workspace[0] / "notes.txt").write_text("not a database\n")
+    told: list[tuple[int, int]] = []
+    settings = settings_for(
+        workspace,
+        storage=f"sqlite:///{workspace[0] / place}",
+        tokenize_progress=lambda *done: told.append(done),
+    )
+    with pytest.raises(UsageError, match=re.escape(words)):
+        prepare_run(settings)
+    assert told == []
+    assert (workspace[0] / "notes.txt").read_text() == "not a database\n"
 
 
 def test_a_model_without_weights_is_refused_before_its_data_is_tokenized(tmp_path, config_only):

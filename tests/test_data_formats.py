@@ -83,6 +83,52 @@ def test_a_plain_directory_is_refused(tmp_path):
         checked_scan(tmp_path)
 
 
+def test_a_csv_quote_never_closed_is_a_bad_row_not_the_rest_of_the_file(tmp_path):
+    # the reader took every line after a stray quote, to the end, as one value: a run trained
+    # on one row where the file had thousands, and said nothing
+    stray = tmp_path / "stray.csv"
+    stray.write_text('text\nfirst row\n"a stray quote\nthird row\nfourth row\n')
+    found = scan(stray)
+    assert found.usable_rows == 1
+    assert [(bad.line, bad.problem) for bad in found.bad] == [
+        (3, "a quote opened here is never closed: the 2 lines after it were read as one value")
+    ]
+    closed = tmp_path / "closed.csv"  # a quoted value over lines, the file's last, is a row
+    closed.write_text('text\nfirst\n"two\nlines"\n')
+    assert [row["text"] for row in usable_rows(closed)] == ["first", "two\nlines"]
+    assert not scan(closed).bad
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    # `data inspect` and `run` on a pipe no program writes waited for ever (and on /dev/zero
+    # read until memory ran out): the data is read more than once, so it must be a file
+    import os
+    import threading
+
+    from autotune.data.rows import check_data_path
+
+    pipe = tmp_path / "rows.jsonl"
+    os.mkfifo(pipe)
+    said: list[str] = []
+
+    def check() -> None:
+        try:
+            check_data_path(pipe)
+        except UsageError as error:
+            said.append(str(error))
+
+    checking = threading.Thread(target=check, daemon=True)
+    checking.start()
+    checking.join(timeout=10)
+    if checking.is_alive():  # it waits for a writer: open and close one so that it ends
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        checking.join(timeout=10)
+    assert said == [
+        f"data path {pipe} is not a regular file (a pipe or a device); it is read more than "
+        "once: save the data to a file"
+    ]
+
+
 def test_bad_rows_are_counted_named_and_skippable(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(

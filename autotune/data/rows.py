@@ -134,29 +134,66 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """The rows of a CSV file; the last one a bad row where a quote opened in it is never
+    closed, which had the reader take every line after it, to the end, as one value."""
+    held: tuple[int, Any] | None = None
+    for start, record in _csv_rows(path):
+        if held is not None:
+            yield held
+        held, held_start = record, start
+    if held is None:
+        return
+    end = held[0]
+    if end > held_start and _quote_never_closed(path, held_start):
+        problem = (
+            f"a quote opened here is never closed: the {end - held_start} lines after it were "
+            "read as one value"
+        )
+        held = (held_start, BadRow(held_start, problem))
+    yield held
+
+
+def _quote_never_closed(path: Path, start: int) -> bool:
+    """Whether the CSV text from line `start` on ends inside a quoted value (the lenient
+    reader ends the value at the end of the file and says nothing)."""
+    import csv
+    import itertools
+
+    with path.open(encoding="utf-8-sig", newline="", errors="replace") as handle:
+        try:
+            for _ in csv.reader(itertools.islice(handle, start - 1, None), strict=True):
+                pass
+        except csv.Error as error:
+            return "unexpected end of data" in str(error)
+    return False
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, tuple[int, Any]]]:
+    """(first line, (last line, row or BadRow)) of each row of a CSV file."""
     import csv
 
     # utf-8-sig: UTF-8 that may start with a byte-order mark (spreadsheets' "CSV UTF-8")
     with path.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
         reader = csv.DictReader(handle)
+        start = 2  # after the header
         try:
             for row in reader:
+                start, first = reader.line_num + 1, start
                 if any((cell or "").strip() for cell in row.get(None) or ()):
                     # DictReader files cells past the header's under None; empty ones (a
                     # spreadsheet's trailing commas) say nothing and are dropped
                     cells = len(reader.fieldnames or ()) + len(row[None])
-                    yield (
+                    bad = BadRow(
                         reader.line_num,
-                        BadRow(
-                            reader.line_num,
-                            f"{cells} cells, but the header names {len(reader.fieldnames or ())} "
-                            "(a comma in a value that is not quoted?)",
-                        ),
+                        f"{cells} cells, but the header names {len(reader.fieldnames or ())} "
+                        "(a comma in a value that is not quoted?)",
                     )
+                    yield first, (reader.line_num, bad)
                     continue
-                yield reader.line_num, _decode_cells(row)
+                yield first, (reader.line_num, _decode_cells(row))
         except UnicodeDecodeError:
-            yield reader.line_num + 1, BadRow(reader.line_num + 1, "not UTF-8 text")
+            line = reader.line_num + 1
+            yield line, (line, BadRow(line, "not UTF-8 text"))
 
 
 def _decode_cells(row: dict[str, Any], empty_is_missing: bool = True) -> dict[str, Any]:
@@ -199,7 +236,8 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def check_data_path(path: str | Path) -> None:
     """Refuse, in one line and without reading its rows, a data path that holds no rows to
-    read: missing, a directory datasets did not save, a text file that is not text or JSONL."""
+    read: missing, a directory datasets did not save, a pipe or a device, a text file that is
+    not text or JSONL."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"data file {path} does not exist")
@@ -209,6 +247,11 @@ def check_data_path(path: str | Path) -> None:
                 f"data path {path} is a directory but not a datasets save_to_disk directory"
             )
         return
+    if not path.is_file():  # reading a pipe with no writer waits for ever, /dev/zero never ends
+        raise UsageError(
+            f"data path {path} is not a regular file (a pipe or a device); it is read more "
+            "than once: save the data to a file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".pq"):
         _check_text_file(path, is_csv=suffix == ".csv")

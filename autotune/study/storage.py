@@ -204,6 +204,42 @@ def _check_not_foreign(url: str) -> None:
         )
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+"""How every SQLite database file begins (an empty file is one too: SQLite makes it one)."""
+
+
+def _check_sqlite_place(url: str) -> None:
+    """Refuse, in one line, a SQLite study file that is a directory, that lies under a file
+    rather than a folder, or that is a file of another kind (SQLAlchemy's words: "unable to
+    open database file", "file is not a database")."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(
+            f"--storage {redact_url(url)} names the directory {path}; give a file in it, "
+            f"e.g. sqlite:///{path / 'autotune.db'}"
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"--storage {redact_url(url)} cannot be made: {folder} is a file, not a folder"
+        )
+    if path.is_file():
+        try:
+            with path.open("rb") as handle:
+                start = handle.read(len(SQLITE_HEADER))
+        except OSError:
+            return  # unreadable: opening it says why
+        if not SQLITE_HEADER.startswith(start):  # b"" or a header half written: SQLite's
+            raise UsageError(
+                f"--storage {redact_url(url)}: {path} is not a SQLite database; give a new file "
+                "for autotune's studies"
+            )
+
+
 def make_storage(url: str) -> Any:
     _quiet_optuna()
     check_storage_url(url)
@@ -211,6 +247,7 @@ def make_storage(url: str) -> Any:
         make_trials_dir()
     path = sqlite_file(url)
     if path is not None:
+        _check_sqlite_place(url)
         _check_not_foreign(url)
         folder = path.parent
         try:
@@ -297,8 +334,9 @@ def _check_writable(url: str) -> None:
 
 
 def check_sqlite_storage(url: str) -> None:
-    """Refuse, before a run reads its data, a SQLite study file it could not write or that is
-    another program's database (found when the study opened, minutes later at 7B)."""
+    """Refuse, before a run reads its data, a SQLite study file it could not make or write, or
+    that is no study storage (found when the study opened, minutes later at 7B)."""
+    _check_sqlite_place(url)
     _check_writable(url)
     _check_not_foreign(url)
 
