@@ -11,10 +11,16 @@ step). The rules are those of c10/cuda/CUDACachingAllocator.cpp with default set
 - requests up to 1 MiB come from the small pool, whose segments are 2 MiB; larger ones from the
   large pool, whose segments are 20 MiB for requests under 10 MiB and the request rounded up to
   2 MiB otherwise;
-- a request takes the smallest cached free block that holds it (best fit); the rest of the block
-  is split off when it is at least 512 bytes (small pool) or more than 1 MiB (large pool);
+- a request takes the smallest cached free block that holds it (best fit), of equal ones the
+  lowest address; the rest of the block is split off when it is at least 512 bytes (small
+  pool) or more than 1 MiB (large pool);
 - a freed block merges with free neighbours of its segment; segments go back to the device only
   on `empty_cache()`.
+
+Addresses come from the driver and a replay does not see them: a segment's place in the order
+of equal blocks is when it was reserved, unless `malloc` is told the new segment's address (as a
+recorded trace does). On the H200 snapshots the driver put most later segments below earlier
+ones, so the two orders part ways; docs/memory-model.md says what that changes.
 
 With `expandable_segments:True` each pool is one segment that grows by mapping pages (2 MiB for
 the small pool, 20 MiB for the large one) at its end, so a request that fits nowhere extends the
@@ -60,9 +66,11 @@ class Block:
     free: bool = False
     prev: Block | None = None
     next: Block | None = None
+    address: int = 0
+    """Where the block's segment starts, or its order of reservation where that is unknown."""
 
     def key(self) -> tuple[int, int, int]:
-        return (self.size, self.segment, self.offset)
+        return (self.size, self.address, self.offset)
 
 
 class CachingAllocator:
@@ -82,7 +90,7 @@ class CachingAllocator:
         self.reservations: list[tuple[int, int]] = []
         """(bytes reserved, bytes requested) of every new segment or mapping, in order."""
 
-    # -- free lists: (size, segment, offset, block), sorted, so the first fit is the best fit
+    # -- free lists: (size, address, offset, block), sorted, so the first fit is the best fit
     def _insert_free(self, block: Block) -> None:
         block.free = True
         pool = self._free[block.small]
@@ -110,11 +118,12 @@ class CachingAllocator:
         self.reserved_bytes += nbytes
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
 
-    def _new_segment(self, size: int, small: bool) -> Block:
+    def _new_segment(self, size: int, small: bool, address: int | None) -> Block:
         self._next_segment += 1
         nbytes = segment_bytes(size)
         self._reserve(nbytes, self._next_segment, size)
-        return Block(self._next_segment, 0, nbytes, small)
+        where = self._next_segment if address is None else address
+        return Block(self._next_segment, 0, nbytes, small, address=where)
 
     def _grow_expandable(self, size: int, small: bool) -> Block:
         """Map pages at the end of the pool's one segment until its free tail holds `size`."""
@@ -130,7 +139,7 @@ class CachingAllocator:
             segment, offset, have = tail.segment, tail.offset + tail.size, 0
         mapped = -(-(size - have) // page) * page
         self._reserve(mapped, segment, size)
-        block = Block(segment, offset, have + mapped, small)
+        block = Block(segment, offset, have + mapped, small, address=segment)
         if tail is not None and tail.free:
             block.prev = tail.prev
         elif tail is not None:
@@ -140,7 +149,9 @@ class CachingAllocator:
         self._tails[small] = block
         return block
 
-    def malloc(self, nbytes: int) -> Block:
+    def malloc(self, nbytes: int, address: int | None = None) -> Block:
+        """Serve a request of `nbytes`; `address`: where the segment it reserves, if it must,
+        starts (a recorded trace's), which orders it among equal free blocks."""
         size = rounded_bytes(nbytes)
         small = size <= SMALL_REQUEST_BYTES
         block = self._best_fit(size, small)
@@ -148,10 +159,12 @@ class CachingAllocator:
             if self.expandable_segments:
                 block = self._grow_expandable(size, small)
             else:
-                block = self._new_segment(size, small)
+                block = self._new_segment(size, small, address)
         remaining = block.size - size
         if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_REQUEST_BYTES:
-            rest = Block(block.segment, block.offset + size, remaining, small)
+            rest = Block(
+                block.segment, block.offset + size, remaining, small, address=block.address
+            )
             rest.prev, rest.next = block, block.next
             if block.next is not None:
                 block.next.prev = rest

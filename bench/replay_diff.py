@@ -15,6 +15,12 @@ replay's, marks the first that differ, and both peaks of reserved bytes. A segme
 reserved and the replay did not is an allocation the replay does not make, or makes at
 another moment or size: the request's size says which tensor to look for.
 
+Then the allocator model alone: the probe's own requests and frees, in the GPU's order, through
+autotune.allocator, once with each new segment at the address the driver gave it and once in
+the order of reservation (what a replay, which sees no address, assumes). Where the first
+matches the GPU's peak, the allocator's rules are not what parts the replay from the GPU: the
+order or the sizes of the replay's requests are.
+
 Then the blocks alive at each side's allocated peak, told apart by size: those only the GPU
 held (a tensor the replay does not make, or frees earlier) and those only the replay held (with
 the phase that allocated them), largest first, and both allocated peaks. A miss of allocated
@@ -29,6 +35,7 @@ import pickle
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,6 +66,32 @@ def gpu_reservations(snapshot: dict) -> tuple[list[tuple[int, int]], int]:
                 reservations[index] = (reservations[index][0], size)
             waiting.clear()
     return reservations, peak
+
+
+def trace_through_model(snapshot: dict, addresses: bool) -> int:
+    """The peak of reserved bytes autotune.allocator reaches on the snapshot's own requests and
+    frees, in its order; `addresses`: each new segment ordered among equal free blocks by the
+    address the trace gives it, else by when it was reserved."""
+    from autotune.allocator import CachingAllocator
+
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace]
+    settings = snapshot.get("allocator_settings") or {}
+    allocator = CachingAllocator(expandable_segments=bool(settings.get("expandable_segments")))
+    live: dict[int, Any] = {}
+    segment_address: int | None = None
+    for index, event in enumerate(events):
+        action, address = event.get("action"), event.get("addr", -index)
+        if action == "segment_alloc":
+            segment_address = address
+        elif action == "segment_free":
+            allocator.empty_cache()
+        elif action == "alloc":
+            where = segment_address if addresses else None
+            live[address] = allocator.malloc(int(event.get("size", 0)), address=where)
+            segment_address = None
+        elif action == "free_completed" and address in live:
+            allocator.free(live.pop(address))
+    return allocator.peak_reserved_bytes
 
 
 def gpu_live_at_peak(snapshot: dict) -> tuple[list[int], int, int]:
@@ -154,6 +187,13 @@ def main() -> int:
         if gpu_peak
         else "the snapshot holds no segment reservation"
     )
+    if gpu_peak:
+        placed, ordered = (trace_through_model(snapshot, flag) for flag in (True, False))
+        print(
+            f"the allocator model on the GPU's requests: {placed / gib:.3f} GiB "
+            f"({placed / gpu_peak - 1:+.2%}) with the trace's segment addresses, "
+            f"{ordered / gib:.3f} GiB ({ordered / gpu_peak - 1:+.2%}) in order of reservation"
+        )
     live, gpu_allocated, unknown = gpu_live_at_peak(snapshot)
     gpu_only, replay_only = unmatched(live, result.live_at_peak)
     print("blocks alive at the allocated peak, on one side only:")

@@ -43,6 +43,35 @@ def test_freed_blocks_are_reused_best_fit_and_merge_with_free_neighbours():
     assert allocator.reserved_bytes == 100 * MIB
 
 
+def _two_equal_free_blocks_then_a_whole_segment(addresses: tuple[int, int] | None) -> int:
+    """A 20 MiB segment with 12 MiB of it free and a later 12 MiB segment, all free: a 12 MiB
+    request takes one of the equal blocks, then the 20 MiB segment's head is freed and 20 MiB
+    asked for. Returns the bytes reserved at the end."""
+    first, second = addresses or (None, None)
+    allocator = CachingAllocator()
+    head = allocator.malloc(8 * MIB, address=first)  # a 20 MiB segment
+    tail = allocator.malloc(12 * MIB)  # its 12 MiB rest
+    later = allocator.malloc(12 * MIB, address=second)  # a 12 MiB segment of its own
+    allocator.free(tail)
+    allocator.free(later)
+    taken = allocator.malloc(12 * MIB)
+    expected = later if addresses and addresses[1] < addresses[0] else tail
+    assert taken.segment == expected.segment
+    allocator.free(head)
+    allocator.malloc(20 * MIB)
+    return allocator.reserved_bytes
+
+
+def test_equal_free_blocks_go_to_the_lowest_address():
+    # the later segment below the first: it serves the 12 MiB request, so the first segment is
+    # whole again when its head is freed and holds the 20 MiB request
+    assert _two_equal_free_blocks_then_a_whole_segment((2**40, 2**39)) == 32 * MIB
+    # above it: the first segment's rest is taken, the 20 MiB request reserves a new segment
+    assert _two_equal_free_blocks_then_a_whole_segment((2**39, 2**40)) == 52 * MIB
+    # addresses unknown: a segment reserved earlier counts as lower
+    assert _two_equal_free_blocks_then_a_whole_segment(None) == 52 * MIB
+
+
 def test_fragmentation_reserves_a_new_segment_though_enough_bytes_are_free():
     allocator = CachingAllocator()
     blocks = [allocator.malloc(20 * MIB) for _ in range(3)]

@@ -447,6 +447,38 @@ def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
     assert "peak allocated: GPU" in done.stdout and "GPU only:" in done.stdout
 
 
+def test_replay_diff_runs_a_trace_through_the_allocator_model_at_its_addresses():
+    """Two equal free blocks, the later segment at the lower address: the GPU takes it, so
+    the 20 MiB segment is whole again for the last request. At the trace's addresses the model
+    reserves what the trace did; in order of reservation one segment more."""
+    diff = load_bench("replay_diff")
+    mib = 2**20
+
+    def alloc(addr: int, size: int) -> dict:
+        return {"action": "alloc", "addr": addr, "size": size * mib}
+
+    def free(addr: int, size: int) -> dict:
+        return {"action": "free_completed", "addr": addr, "size": size * mib}
+
+    high, low = 2**40, 2**39
+    events = [
+        {"action": "segment_alloc", "addr": high, "size": 20 * mib},
+        alloc(high, 8),
+        alloc(high + 8 * mib, 12),
+        {"action": "segment_alloc", "addr": low, "size": 12 * mib},
+        alloc(low, 12),
+        free(high + 8 * mib, 12),
+        free(low, 12),
+        alloc(low, 12),
+        free(high, 8),
+        alloc(high, 20),
+    ]
+    snapshot = {"device_traces": [events]}
+    _, gpu_peak = diff.gpu_reservations(snapshot)
+    assert diff.trace_through_model(snapshot, addresses=True) == gpu_peak == 32 * mib
+    assert diff.trace_through_model(snapshot, addresses=False) == 52 * mib
+
+
 def test_replay_diff_tells_the_blocks_alive_at_each_allocated_peak():
     """The blocks alive at the replay's allocated peak add up to it; those of a GPU trace are
     read at its own peak, and the sizes only one side held are named, with the replay's phase."""
