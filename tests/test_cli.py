@@ -664,6 +664,26 @@ def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_pa
     )  # not the study's trials of `autotune run`: train has none
 
 
+def test_ctrl_c_of_a_run_says_the_same_command_resumes_it(monkeypatch, capsys, tmp_path):
+    import autotune.api
+    from autotune import cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotune.api, "run", stopped)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "autotune: interrupted; finished trials are kept in the study (a trial it stopped is "
+        "queued again); the same command resumes the study"
+    )
+
+
 def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_path):
     import signal
     import time
