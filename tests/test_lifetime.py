@@ -208,6 +208,43 @@ def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
         os.kill(worker_pid, 0)
 
 
+def test_a_run_ends_without_waiting_for_the_gpu_less_worker():
+    """The process's exit waited for the worker to end its call (here one of ten minutes; at
+    the end of a run, its unloading of torch, seconds): a Ctrl-C then, after the command had
+    printed all it had to say, printed a traceback of the pool's exit handler."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, time
+                from autotune import offgpu
+                print(offgpu.run_off_gpu(os.getpid), flush=True)
+                offgpu._WORKER.submit(time.sleep, 600)  # still at work as the script ends
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    try:
+        parent.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C while the exit waits
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)
+
+
 def test_the_probe_server_kills_its_running_probes_at_the_end_of_its_input(tmp_path, monkeypatch):
     """The run closed the server's input (it ended or died): a probe still running is killed
     then, not left training until the server's own exit fires its parent-death signal."""
