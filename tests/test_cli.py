@@ -805,6 +805,36 @@ def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
     assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()
 
 
+def test_a_resumed_run_says_so_before_its_first_trial(workspace):  # noqa: F811
+    """The same command resumes a study: its first lines were a new study's, so nothing told
+    a resumed run from one that started over."""
+    import dataclasses
+
+    import optuna
+    from rich.console import Console
+
+    from autotune.api import run
+    from autotune.console import ConsoleReporter
+    from autotune.study.workers import requeue_stopped_trial
+    from tests.test_study import FakeRunner, settings_for
+
+    settings = settings_for(workspace, trials=2, confirm_top=0)
+    first = Console(record=True, width=300)
+    with ConsoleReporter(first) as reporter:
+        study = run(settings, runner=FakeRunner(), events=reporter).study
+    assert "resuming" not in first.export_text()
+    stopped = study.ask()  # Ctrl-C in the middle of its probe: queued again
+    requeue_stopped_trial(stopped)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    again = Console(record=True, width=300)
+    with ConsoleReporter(again) as reporter:
+        run(dataclasses.replace(settings, trials=3), runner=FakeRunner(), events=reporter)
+    lines = again.export_text().splitlines()
+    assert "resuming: 2 of 3 trials finished, 1 queued to run" in lines
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith("trial "))
+    assert lines.index("resuming: 2 of 3 trials finished, 1 queued to run") < first_trial
+
+
 def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
     """The frontier table lists trials by number; the recipe line under it says which row the
     balanced recipe (and the memory line after it) is."""
