@@ -170,7 +170,11 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     studied = yaml.safe_load(exported)["measured"]
     assert studied["memory_model"] == "replay"
     predicted = format_bytes(studied["predicted_peak_bytes"])
-    assert f"predicted {predicted} (replay)" in " ".join(trained.stdout.split())  # unwrapped
+    # on the CPU, beside resident-memory growth: the prediction says it is of GPU memory, and
+    # the probe's figure is its resident growth too, as `autotune run` printed it
+    line = " ".join(trained.stdout.split())  # unwrapped
+    assert f"predicted GPU {predicted} (replay)" in line
+    assert f"probe measured CPU RSS +{format_bytes(studied['peak_memory_bytes'])}" in line
     assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
     assert any((tmp_path / "model-out").glob("*.safetensors"))
     assert (tmp_path / "model-out" / "adapter_config.json").exists()
