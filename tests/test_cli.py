@@ -668,21 +668,27 @@ def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_pa
     )  # not the study's trials of `autotune run`: train has none
 
 
-def test_ctrl_c_of_a_run_says_the_same_command_resumes_it(monkeypatch, capsys, tmp_path):
+def _run_command_raising(monkeypatch, capsys, tmp_path, error: BaseException) -> tuple[object, str]:
+    """`autotune run` whose study raises `error`: its exit code and stderr."""
     import autotune.api
     from autotune import cli
 
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
+    def raising(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(autotune.api, "run", stopped)
+    monkeypatch.setattr(autotune.api, "run", raising)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
     argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_code:
         cli.main()
-    assert exit_code.value.code == 130
-    assert capsys.readouterr().err.strip() == (
+    return exit_code.value.code, capsys.readouterr().err.strip()
+
+
+def test_ctrl_c_of_a_run_says_the_same_command_resumes_it(monkeypatch, capsys, tmp_path):
+    code, err = _run_command_raising(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert code == 130
+    assert err == (
         "autotune: interrupted; finished trials are kept in the study (a trial it stopped is "
         "queued again); the same command resumes the study"
     )
@@ -712,20 +718,10 @@ def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_p
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_study(monkeypatch, capsys, tmp_path):
     import errno
 
-    import autotune.api
-    from autotune import cli
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "trials/s/trial-0003")
-
-    monkeypatch.setattr(autotune.api, "run", disk_full)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
-    argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_code:
-        cli.main()
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+    disk_full = OSError(errno.ENOSPC, "No space left on device", "trials/s/trial-0003")
+    code, err = _run_command_raising(monkeypatch, capsys, tmp_path, disk_full)
+    assert code == 2
+    assert err == (
         "autotune: error: cannot write trials/s/trial-0003: No space left on device; "
         "finished trials are kept in the study"
     )
