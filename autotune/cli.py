@@ -66,7 +66,10 @@ def run(
     options = dict(locals())  # the parameters, named as RunSettings' fields
     STATE["kept"] = "; finished trials are kept in the study"
     STATE["storage"] = storage or ""
-    STATE["interrupted"] = f"autotune: interrupted{STATE['kept']}"
+    STATE["interrupted"] = (
+        f"autotune: interrupted{STATE['kept']} (a trial it stopped is queued again); "
+        "the same command resumes the study"
+    )
     terminate_as_ctrl_c()  # a batch system's time limit stops a run as Ctrl-C does
     from autotune.api import run as run_autotune
     from autotune.budgets import resolve_budget

@@ -136,6 +136,7 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
     def __init__(self, console: Any = None) -> None:
         super().__init__(
             run_started=self._run_started,
+            resumed=self._resumed,
             trials_left=self._trials_left,
             trial_started=self._trial_started,
             trial_finished=self._trial_finished,
@@ -166,6 +167,14 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
             self.console.print(line)
         # its total unknown until the study is open (trials_left)
         self._show_progress(self.console, "trials", None, transient=True)
+
+    def _resumed(self, finished: int, target: int, queued: int) -> None:
+        """Said before the first trial: the same command resumes a study, and only this line
+        tells a resumed run from a new one."""
+        self.console.print(
+            f"resuming: {finished} of {target} trials finished"
+            + (f", {queued} queued to run" if queued else "")
+        )
 
     def _trials_left(self, trials: int) -> None:
         """The bar's total: this run's trials so far and the most it can still add, which

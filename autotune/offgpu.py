@@ -55,13 +55,29 @@ def _without_main_script() -> Iterator[None]:
             sys.modules["__main__"] = main
 
 
+def _stop_worker() -> None:
+    """At the process's exit: end the child at once rather than wait for it. Its work is of no
+    use once the process ends, and the exit would otherwise wait for the child to finish a call
+    and unload torch, seconds in which a Ctrl-C printed a traceback of the pool's exit handler
+    after the command had already said all it had to say."""
+    worker = _WORKER
+    if worker is None:
+        return
+    try:
+        for process in list((getattr(worker, "_processes", None) or {}).values()):
+            process.terminate()
+        worker.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:  # the command is over: nothing is left to interrupt
+        pass
+
+
 def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
     """`function(*args)` in the child (both must pickle: a module-level function)."""
     global _WORKER
     if _WORKER is None:
-        import atexit
         import multiprocessing
         import os
+        import threading
         from concurrent.futures import ProcessPoolExecutor
 
         _WORKER = ProcessPoolExecutor(
@@ -70,7 +86,9 @@ def run_off_gpu(function: Callable[..., Result], *args: Any) -> Result:
             initializer=_start_worker,
             initargs=(os.getpid(),),
         )
-        atexit.register(_WORKER.shutdown, cancel_futures=True)
+        # before the pool's own exit handler (which waits for its child): these run last
+        # registered first, ahead of the atexit module's
+        getattr(threading, "_register_atexit")(_stop_worker)  # noqa: B009 - private, untyped
         with _without_main_script():  # the first submit starts the worker process
             future = _WORKER.submit(function, *args)
         return future.result()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from autotune.console import ProgressDisplay
+from autotune.console import ProgressDisplay, measured_memory
 from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:
@@ -64,13 +64,17 @@ def show_trained(console: Any, result: TrainResult) -> None:
 
     report, measured = result.report, result.probe_measured
     memory = format_bytes(report.peak_memory_bytes)
-    if report.memory_source == CPU_MEMORY_SOURCE:
+    on_cpu = report.memory_source == CPU_MEMORY_SOURCE
+    if on_cpu:
         memory = f"{memory} (CPU RSS growth, not GPU memory)"
     predicted = "?"
     if result.predicted is not None:
         peak_bytes = result.predicted.estimate.peak_bytes
-        predicted = f"{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
+        # a prediction is of GPU memory: beside a CPU run's resident growth, it says so
+        gpu = "GPU " if on_cpu else ""
+        predicted = f"{gpu}{format_bytes(peak_bytes)} ({result.predicted.memory_model})"
     probe_peak_bytes = _probe_figure(measured, "peak_memory_bytes")
+    probe_source = str(measured.get("memory_source"))
     probe_speed = _probe_figure(measured, "tokens_per_second")
     trained = count_of(report.steps - report.resumed_from_step, "step")
     if report.resumed_from_step:  # this run's steps, not the whole training's
@@ -90,7 +94,8 @@ def show_trained(console: Any, result: TrainResult) -> None:
     console.print(
         f"peak memory{per_gpu} {memory}; predicted {predicted}"
         + (
-            f"; probe measured {format_bytes(probe_peak_bytes)}"
+            # as the probe measured it: a CPU probe's resident growth, or a GPU's peak
+            f"; probe measured {measured_memory(probe_peak_bytes, probe_source)}"
             if probe_peak_bytes is not None
             else ""
         )

@@ -170,7 +170,11 @@ def test_run_export_report_end_to_end(tiny_model, qa_data, tmp_path):
     studied = yaml.safe_load(exported)["measured"]
     assert studied["memory_model"] == "replay"
     predicted = format_bytes(studied["predicted_peak_bytes"])
-    assert f"predicted {predicted} (replay)" in " ".join(trained.stdout.split())  # unwrapped
+    # on the CPU, beside resident-memory growth: the prediction says it is of GPU memory, and
+    # the probe's figure is its resident growth too, as `autotune run` printed it
+    line = " ".join(trained.stdout.split())  # unwrapped
+    assert f"predicted GPU {predicted} (replay)" in line
+    assert f"probe measured CPU RSS +{format_bytes(studied['peak_memory_bytes'])}" in line
     assert (tmp_path / "model-out" / "autotune_recipe.yaml").exists()
     assert any((tmp_path / "model-out").glob("*.safetensors"))
     assert (tmp_path / "model-out" / "adapter_config.json").exists()
@@ -665,6 +669,32 @@ def test_ctrl_c_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_pa
     )  # not the study's trials of `autotune run`: train has none
 
 
+def _run_command_raising(monkeypatch, capsys, tmp_path, error: BaseException) -> tuple[object, str]:
+    """`autotune run` whose study raises `error`: its exit code and stderr."""
+    import autotune.api
+    from autotune import cli
+
+    def raising(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(autotune.api, "run", raising)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    return exit_code.value.code, capsys.readouterr().err.strip()
+
+
+def test_ctrl_c_of_a_run_says_the_same_command_resumes_it(monkeypatch, capsys, tmp_path):
+    code, err = _run_command_raising(monkeypatch, capsys, tmp_path, KeyboardInterrupt())
+    assert code == 130
+    assert err == (
+        "autotune: interrupted; finished trials are kept in the study (a trial it stopped is "
+        "queued again); the same command resumes the study"
+    )
+
+
 def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_path):
     import signal
     import time
@@ -689,20 +719,10 @@ def test_sigterm_says_what_the_stopped_command_leaves(monkeypatch, capsys, tmp_p
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_study(monkeypatch, capsys, tmp_path):
     import errno
 
-    import autotune.api
-    from autotune import cli
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "trials/s/trial-0003")
-
-    monkeypatch.setattr(autotune.api, "run", disk_full)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
-    argv = ["autotune", "run", "--model", "m", "--data", str(data), "--budget", "4GB"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_code:
-        cli.main()
-    assert exit_code.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+    disk_full = OSError(errno.ENOSPC, "No space left on device", "trials/s/trial-0003")
+    code, err = _run_command_raising(monkeypatch, capsys, tmp_path, disk_full)
+    assert code == 2
+    assert err == (
         "autotune: error: cannot write trials/s/trial-0003: No space left on device; "
         "finished trials are kept in the study"
     )
@@ -784,6 +804,36 @@ def test_a_trial_that_ends_after_ctrl_c_is_still_recorded_and_shown(tmp_path):
         )
     )
     assert "trial   5 LoRA r8: measured 512.0 MiB" in console.export_text()
+
+
+def test_a_resumed_run_says_so_before_its_first_trial(workspace):  # noqa: F811
+    """The same command resumes a study: its first lines were a new study's, so nothing told
+    a resumed run from one that started over."""
+    import dataclasses
+
+    import optuna
+    from rich.console import Console
+
+    from autotune.api import run
+    from autotune.console import ConsoleReporter
+    from autotune.study.workers import requeue_stopped_trial
+    from tests.test_study import FakeRunner, settings_for
+
+    settings = settings_for(workspace, trials=2, confirm_top=0)
+    first = Console(record=True, width=300)
+    with ConsoleReporter(first) as reporter:
+        study = run(settings, runner=FakeRunner(), events=reporter).study
+    assert "resuming" not in first.export_text()
+    stopped = study.ask()  # Ctrl-C in the middle of its probe: queued again
+    requeue_stopped_trial(stopped)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    again = Console(record=True, width=300)
+    with ConsoleReporter(again) as reporter:
+        run(dataclasses.replace(settings, trials=3), runner=FakeRunner(), events=reporter)
+    lines = again.export_text().splitlines()
+    assert "resuming: 2 of 3 trials finished, 1 queued to run" in lines
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith("trial "))
+    assert lines.index("resuming: 2 of 3 trials finished, 1 queued to run") < first_trial
 
 
 def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811

@@ -173,25 +173,11 @@ def test_the_gpu_less_worker_does_not_run_the_callers_script_again(tmp_path):
     assert runs.read_text().split() == [parent]
 
 
-def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
-    """Ctrl-C reaches the run's whole process group: the run reports it once, the worker
-    ends quietly."""
+def _worker_script(script: str) -> tuple[subprocess.Popen, int]:
+    """`script`, which prints the GPU-less worker's pid first, in a session of its own with
+    Ctrl-C handled as on a terminal: the process and the worker's pid."""
     parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                """
-                import os, time
-                from autotune.offgpu import run_off_gpu
-                try:  # the pid is printed inside it: Ctrl-C, sent once it is read, lands here
-                    print(run_off_gpu(os.getpid), flush=True)
-                    time.sleep(600)
-                except KeyboardInterrupt:
-                    print("interrupted", flush=True)
-                """
-            ),
-        ],
+        [sys.executable, "-c", textwrap.dedent(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,11 +185,51 @@ def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert parent.stdout is not None
-    worker_pid = int(parent.stdout.readline())
+    return parent, int(parent.stdout.readline())
+
+
+def test_ctrl_c_ends_the_gpu_less_worker_without_a_traceback():
+    """Ctrl-C reaches the run's whole process group: the run reports it once, the worker
+    ends quietly."""
+    parent, worker_pid = _worker_script(
+        """
+        import os, time
+        from autotune.offgpu import run_off_gpu
+        try:  # the pid is printed inside it: Ctrl-C, sent once it is read, lands here
+            print(run_off_gpu(os.getpid), flush=True)
+            time.sleep(600)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        """
+    )
     os.killpg(parent.pid, signal.SIGINT)
     out, err = parent.communicate(timeout=60)
     assert out.strip() == "interrupted" and parent.returncode == 0
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)
+
+
+def test_a_run_ends_without_waiting_for_the_gpu_less_worker():
+    """The process's exit waited for the worker to end its call (here one of ten minutes; at
+    the end of a run, its unloading of torch, seconds): a Ctrl-C then, after the command had
+    printed all it had to say, printed a traceback of the pool's exit handler."""
+    parent, worker_pid = _worker_script(
+        """
+        import os, time
+        from autotune import offgpu
+        print(offgpu.run_off_gpu(os.getpid), flush=True)
+        offgpu._WORKER.submit(time.sleep, 600)  # still at work as the script ends
+        """
+    )
+    try:
+        parent.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGINT)  # Ctrl-C while the exit waits
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
 

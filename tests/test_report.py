@@ -129,6 +129,28 @@ def test_the_trial_table_is_for_people(workspace):  # noqa: F811
     assert '<div class="table-box">' in page and "table.sortable th" in page  # scrolls, sorts
 
 
+def test_a_queued_retry_of_a_stopped_trial_is_shown_queued_not_interrupted(workspace):  # noqa: F811
+    import optuna
+
+    from autotune.study.workers import requeue_stopped_trial
+
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    stopped = study.ask()  # Ctrl-C in the middle of its probe
+    requeue_stopped_trial(stopped)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    frame = report_data(study).frame.set_index("trial")
+    retry = frame.index.max()
+    assert frame.loc[stopped.number, "status"] == "interrupted"
+    # the retry copies the stopped trial's attributes, but has not run: one trial was stopped
+    assert frame.loc[retry, "status"] == "waiting"
+    assert frame.loc[retry, "reason"] == f"queued to run again in place of trial {stopped.number}"
+    assert (frame["status"] == "interrupted").sum() == 1
+    cells = re.findall(
+        r"<td[^>]*>([^<]*)</td>", _table(render_html(report_data(study)), "trials-table")
+    )
+    assert cells.count("interrupted") == 1 and cells.count("queued") == 1
+
+
 class DrivenRunner(FakeRunner):
     """Each objective follows one parameter alone: memory the micro-batch, speed gradient
     checkpointing, eval loss the optimizer."""

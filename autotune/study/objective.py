@@ -77,6 +77,9 @@ class RunEvents:
 
     run_started: Callable[[PreparedRun], None] = lambda prepared: None
     """The inputs are checked; the study is about to start or resume."""
+    resumed: Callable[[int, int, int], None] = lambda finished, target, queued: None
+    """The study held trials before this run: its finished trials, the --trials it runs to
+    and the trials queued to run (a stopped trial's retry, a baseline), before the first."""
     trials_left: Callable[[int], None] = lambda trials: None
     """The most trials this run can still add (coverage.trials_left): said once the study is
     open, before its first trial, and again as each trial ends, other workers' included."""

@@ -59,8 +59,17 @@ STATUS_ATTR = "status"
 REASON_ATTR = "reason"
 
 
+def _queued(trial: Any) -> bool:
+    """A trial waiting to run: a retry of a stopped trial carries that trial's status and
+    reason (Optuna copies its attributes), which say nothing of this one, yet to run."""
+    return getattr(getattr(trial, "state", None), "name", "") == "WAITING"
+
+
 def trial_status(trial: Any) -> TrialStatus | None:
-    """A trial's status, None where it has none (running, or written by another tool)."""
+    """A trial's status, None where it has none (queued, running, or written by another
+    tool)."""
+    if _queued(trial):
+        return None
     value = trial.user_attrs.get(STATUS_ATTR)
     try:
         return TrialStatus(value) if value is not None else None
@@ -69,6 +78,9 @@ def trial_status(trial: Any) -> TrialStatus | None:
 
 
 def trial_reason(trial: Any) -> str:
+    if _queued(trial):
+        retried = trial.system_attrs.get("failed_trial")
+        return f"queued to run again in place of trial {retried}" if retried is not None else ""
     return str(trial.user_attrs.get(REASON_ATTR) or "")
 
 

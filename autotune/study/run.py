@@ -257,6 +257,11 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
     finished = finished_trial_count(study)
+    if not new_study:
+        from optuna.trial import TrialState
+
+        queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        events.resumed(finished, settings.trials, queued)
     left = trials_left(study, points, settings.trials)
     events.trials_left(left)
     if not left:
