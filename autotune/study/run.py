@@ -261,9 +261,9 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if not new_study:
         from optuna.trial import TrialState
 
-        # queued trials a run at its --trials leaves (baselines past it) are not to run
+        # no more of the queued trials run than the trials left (baselines past --trials wait)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        events.resumed(finished, settings.trials, len(waiting) if left else 0)
+        events.resumed(finished, settings.trials, min(len(waiting), left))
     events.trials_left(left)
     if not left:
         if not _note_space_tried(study, points, settings.trials, events):
