@@ -69,8 +69,11 @@ class Block:
     address: int = 0
     """Where the block's segment starts, or its order of reservation where that is unknown."""
 
-    def key(self) -> tuple[int, int, int]:
-        return (self.size, self.address, self.offset)
+    def key(self) -> tuple[int, int, int, int]:
+        # the segment too: two segments may be given one address (a trace's driver reuses the
+        # address of a segment it gave back while the model still holds its own there), and
+        # a key two free blocks share had the wrong one taken off the free list
+        return (self.size, self.address, self.segment, self.offset)
 
 
 class CachingAllocator:
@@ -83,23 +86,23 @@ class CachingAllocator:
         self.allocated_bytes = 0
         self.peak_reserved_bytes = 0
         self.peak_allocated_bytes = 0
-        self._free: dict[bool, list[tuple[int, int, int, Block]]] = {True: [], False: []}
+        self._free: dict[bool, list[tuple[int, int, int, int, Block]]] = {True: [], False: []}
         self._segments: dict[int, int] = {}  # segment id -> reserved bytes
         self._tails: dict[bool, Block] = {}  # expandable: each pool's last block
         self._next_segment = 0
         self.reservations: list[tuple[int, int]] = []
         """(bytes reserved, bytes requested) of every new segment or mapping, in order."""
 
-    # -- free lists: (size, address, offset, block), sorted, so the first fit is the best fit
+    # -- free lists: (size, address, segment, offset, block), sorted: the first fit is the best
     def _insert_free(self, block: Block) -> None:
         block.free = True
         pool = self._free[block.small]
-        index = bisect.bisect_left(pool, block.key(), key=lambda e: e[:3])
+        index = bisect.bisect_left(pool, block.key(), key=lambda e: e[:4])
         pool.insert(index, (*block.key(), block))
 
     def _remove_free(self, block: Block) -> None:
         pool = self._free[block.small]
-        index = bisect.bisect_left(pool, block.key(), key=lambda e: e[:3])
+        index = bisect.bisect_left(pool, block.key(), key=lambda e: e[:4])
         del pool[index]
         block.free = False
 
@@ -108,7 +111,7 @@ class CachingAllocator:
         index = bisect.bisect_left(pool, size, key=lambda e: e[0])
         if index == len(pool):
             return None
-        block = pool[index][3]
+        block = pool[index][4]
         self._remove_free(block)
         return block
 

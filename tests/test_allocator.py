@@ -72,6 +72,23 @@ def test_equal_free_blocks_go_to_the_lowest_address():
     assert _two_equal_free_blocks_then_a_whole_segment(None) == 52 * MIB
 
 
+def test_two_segments_at_one_address_keep_their_free_blocks_apart():
+    # a trace's driver reuses a given-back segment's address while the model still holds its
+    # own there: the two segments' equal free blocks shared a key, and freeing one took the
+    # other's off the free list, so a later request got a block inside a free one
+    allocator = CachingAllocator()
+    first = allocator.malloc(8 * MIB, address=5 * MIB)  # a 20 MiB segment
+    rest = allocator.malloc(12 * MIB)  # its rest
+    second = allocator.malloc(8 * MIB, address=5 * MIB)  # a second one at the same address
+    allocator.free(rest)  # the first segment's rest is free: 12 MiB at offset 8 MiB
+    allocator.free(second)  # the second segment is whole again
+    taken = allocator.malloc(12 * MIB)
+    assert (taken.segment, taken.offset) == (first.segment, 8 * MIB)
+    whole = allocator.malloc(20 * MIB)
+    assert (whole.segment, whole.offset) == (second.segment, 0)
+    assert allocator.reserved_bytes == 40 * MIB
+
+
 def test_fragmentation_reserves_a_new_segment_though_enough_bytes_are_free():
     allocator = CachingAllocator()
     blocks = [allocator.malloc(20 * MIB) for _ in range(3)]

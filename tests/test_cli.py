@@ -836,6 +836,26 @@ def test_a_resumed_run_says_so_before_its_first_trial(workspace):  # noqa: F811
     assert lines.index("resuming: 2 of 3 trials finished, 1 queued to run") < first_trial
 
 
+def test_a_resumed_run_that_runs_no_trial_says_none_is_queued_to_run(workspace):  # noqa: F811
+    """A study at its --trials with baselines still queued (more than --trials): the resumed
+    run runs none of them, so its first line does not say they are queued to run."""
+    import optuna
+    from rich.console import Console
+
+    from autotune.api import run
+    from autotune.console import ConsoleReporter
+    from tests.test_study import FakeRunner, settings_for
+
+    settings = settings_for(workspace, trials=2, confirm_top=0)
+    study = run(settings, runner=FakeRunner()).study
+    assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    again = Console(record=True, width=300)
+    with ConsoleReporter(again) as reporter:
+        run(settings, runner=FakeRunner(), events=reporter)
+    lines = again.export_text().splitlines()
+    assert "resuming: 2 of 2 trials finished" in lines
+
+
 def test_the_run_s_last_lines_name_the_balanced_trial(workspace):  # noqa: F811
     """The frontier table lists trials by number; the recipe line under it says which row the
     balanced recipe (and the memory line after it) is."""

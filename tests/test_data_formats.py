@@ -91,12 +91,33 @@ def test_a_csv_quote_never_closed_is_a_bad_row_not_the_rest_of_the_file(tmp_path
     found = scan(stray)
     assert found.usable_rows == 1
     assert [(bad.line, bad.problem) for bad in found.bad] == [
-        (3, "a quote opened here is never closed: the 2 lines after it were read as one value")
+        (
+            3,
+            "a quote opened here is never closed: it and the 2 lines after it were read as one "
+            "value",
+        )
     ]
     closed = tmp_path / "closed.csv"  # a quoted value over lines, the file's last, is a row
     closed.write_text('text\nfirst\n"two\nlines"\n')
     assert [row["text"] for row in usable_rows(closed)] == ["first", "two\nlines"]
     assert not scan(closed).bad
+
+
+def test_a_csv_quote_never_closed_is_placed_on_its_own_line(tmp_path):
+    # a blank line before the row (which the reader skips) was taken for the row's first line,
+    # and so was the line after the header's first where the header spans lines
+    blank = tmp_path / "blank.csv"
+    blank.write_text('text\nfirst row\n\n"a stray quote\nlast row\n')
+    assert [(bad.line, bad.problem) for bad in scan(blank).bad] == [
+        (
+            4,
+            "a quote opened here is never closed: it and the 1 line after it were read as one "
+            "value",
+        )
+    ]
+    header = tmp_path / "header.csv"
+    header.write_text('"te\nxt"\n"a stray quote\nlast row\n')
+    assert [bad.line for bad in scan(header).bad] == [3]
 
 
 def test_a_pipe_is_refused_not_waited_on(tmp_path):

@@ -151,6 +151,31 @@ def test_a_queued_retry_of_a_stopped_trial_is_shown_queued_not_interrupted(works
     assert cells.count("interrupted") == 1 and cells.count("queued") == 1
 
 
+def test_a_retry_stopped_again_is_queued_in_place_of_the_retry(workspace):  # noqa: F811
+    # the retry's reason named the first trial of its line (Optuna's failed_trial), which an
+    # earlier retry had already replaced, not the trial it stands in for
+    import optuna
+
+    from autotune.study.workers import requeue_stopped_trial
+
+    study = run_study(prepare_run(settings_for(workspace, trials=2)), FakeRunner())
+    waiting = optuna.trial.TrialState.WAITING
+    while study.get_trials(states=(waiting,)):  # the baselines the run left queued go first
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    stopped = []
+    for _ in range(2):  # a trial stopped, then its retry stopped too
+        trial = study.ask()
+        requeue_stopped_trial(trial)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        stopped.append(trial.number)
+    (queued,) = study.get_trials(states=(waiting,))
+    assert queued.system_attrs["retry_history"] == stopped
+    frame = report_data(study).frame.set_index("trial")
+    assert frame.loc[queued.number, "reason"] == (
+        f"queued to run again in place of trial {stopped[-1]}"
+    )
+
+
 class DrivenRunner(FakeRunner):
     """Each objective follows one parameter alone: memory the micro-batch, speed gradient
     checkpointing, eval loss the optimizer."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UsageError, first_line
+from autotune.units import count_of
 
 PLAIN_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 """How chat rows are rendered when the tokenizer has no chat template of its own."""
@@ -144,28 +145,33 @@ def _csv_records(path: Path) -> Iterator[tuple[int, Any]]:
     if held is None:
         return
     end = held[0]
-    if end > held_start and _quote_never_closed(path, held_start):
+    opened = _unclosed_quote_line(path, held_start) if end > held_start else None
+    if opened is not None:
+        after = count_of(end - opened, "line")
         problem = (
-            f"a quote opened here is never closed: the {end - held_start} lines after it were "
-            "read as one value"
+            f"a quote opened here is never closed: it and the {after} after it were read as "
+            "one value"
         )
-        held = (held_start, BadRow(held_start, problem))
+        held = (opened, BadRow(opened, problem))
     yield held
 
 
-def _quote_never_closed(path: Path, start: int) -> bool:
-    """Whether the CSV text from line `start` on ends inside a quoted value (the lenient
-    reader ends the value at the end of the file and says nothing)."""
+def _unclosed_quote_line(path: Path, start: int) -> int | None:
+    """The line of the row whose quoted value the CSV text, from line `start` on, never
+    closes (the lenient reader ends the value at the end of the file and says nothing); None
+    where every quote closes. Blank lines before the row, which the reader skips, count."""
     import csv
     import itertools
 
     with path.open(encoding="utf-8-sig", newline="", errors="replace") as handle:
+        reader = csv.reader(itertools.islice(handle, start - 1, None), strict=True)
+        row_start = start
         try:
-            for _ in csv.reader(itertools.islice(handle, start - 1, None), strict=True):
-                pass
+            for _ in reader:
+                row_start = start + reader.line_num
         except csv.Error as error:
-            return "unexpected end of data" in str(error)
-    return False
+            return row_start if "unexpected end of data" in str(error) else None
+    return None
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, tuple[int, Any]]]:
@@ -175,8 +181,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, tuple[int, Any]]]:
     # utf-8-sig: UTF-8 that may start with a byte-order mark (spreadsheets' "CSV UTF-8")
     with path.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
         reader = csv.DictReader(handle)
-        start = 2  # after the header
         try:
+            reader.fieldnames  # noqa: B018 - reads the header, which may span lines
+            start = reader.line_num + 1
             for row in reader:
                 start, first = reader.line_num + 1, start
                 if any((cell or "").strip() for cell in row.get(None) or ()):

@@ -79,7 +79,9 @@ def trial_status(trial: Any) -> TrialStatus | None:
 
 def trial_reason(trial: Any) -> str:
     if _queued(trial):
-        retried = trial.system_attrs.get("failed_trial")
+        # the trial it stands in for is the last of its line (failed_trial is the first)
+        history = trial.system_attrs.get("retry_history") or ()
+        retried = history[-1] if history else trial.system_attrs.get("failed_trial")
         return f"queued to run again in place of trial {retried}" if retried is not None else ""
     return str(trial.user_attrs.get(REASON_ATTR) or "")
 

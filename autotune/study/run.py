@@ -257,12 +257,13 @@ def run_study(prepared: PreparedRun, runner: ProbeRunner, events: RunEvents | No
     if not new_study:
         record_run_budget(study, settings.budget_bytes, events)
     finished = finished_trial_count(study)
+    left = trials_left(study, points, settings.trials)
     if not new_study:
         from optuna.trial import TrialState
 
-        queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        events.resumed(finished, settings.trials, queued)
-    left = trials_left(study, points, settings.trials)
+        # no more of the queued trials run than the trials left (baselines past --trials wait)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        events.resumed(finished, settings.trials, min(len(waiting), left))
     events.trials_left(left)
     if not left:
         if not _note_space_tried(study, points, settings.trials, events):
