@@ -100,7 +100,9 @@ def sizing_progress() -> Callable[[int, int], None]:
             started[:] = [time.perf_counter()]
         elif started and time.perf_counter() - started[0] >= SIZING_PROGRESS_SECONDS:
             make_console(stderr=True).print(
-                f"sizing the space: {done} of {total} recipes predicted as their trials would be"
+                f"sizing the space: {done} of {total} deciding recipes predicted as trials are "
+                "(of each choice the formula puts over the budget, its least recipe; and the "
+                "space's least)"
             )
 
     return show

@@ -163,3 +163,17 @@ def test_a_choice_the_replay_keeps_has_a_repair_and_baseline_that_fit(
     chosen = dict(seeding.baseline_params(space, seeding.fits_budget(prepared, held)))
     assert chosen["bf16_lora_qv"]["micro_batch_size"] == 2
     assert dict(seeding.baseline_params(space, formula))["bf16_lora_qv"]["micro_batch_size"] == 4
+
+
+def test_sizing_progress_says_which_recipes_it_counts(monkeypatch, capsys):
+    """The count is of the recipes that decide what the budget rules out, not of the space: a
+    line reading "1 of 1 recipes" read as a space of one recipe."""
+    from autotune import console
+
+    monkeypatch.setattr(console, "SIZING_PROGRESS_SECONDS", 0.0)
+    show = console.sizing_progress()
+    show(0, 3)
+    show(2, 3)
+    line = " ".join(capsys.readouterr().err.split())
+    assert "2 of 3 deciding recipes" in line
+    assert "of each choice the formula puts over the budget, its least recipe" in line
