@@ -35,6 +35,10 @@ from autotune.recipe import Recipe
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 """cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
+GEMM_4BIT_FUSED_MAX_ROWS = 1536
+"""Rows past which bitsandbytes' 4-bit matmul on CUDA dequantizes the weight and runs
+F.linear instead of its fused kernel (bitsandbytes.backends.cuda.ops, any architecture); at
+or under it the choice depends on the GPU and the fused kernel is assumed."""
 
 
 def cublas_workspace(nbytes: int) -> Any:
@@ -92,11 +96,77 @@ def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
         track(out)
         return out
 
-    return {
+    def gemm_4bit(
+        A: Any,  # noqa: N803 (bitsandbytes' names)
+        B: Any,  # noqa: N803
+        shapeB: Any,  # noqa: N803
+        absmax: Any,
+        blocksize: int,
+        quant_type: str,
+        bias: Any = None,
+        absmax_8bit: Any = None,
+        absmax_code: Any = None,
+        absmax_offset: Any = None,
+    ) -> Any:
+        """bitsandbytes' 4-bit matmul (a QLoRA base layer's forward without autograd) as CUDA
+        runs it: past GEMM_4BIT_FUSED_MAX_ROWS rows, the nested absmax dequantized to fp32
+        and offset (two blocks), the whole weight dequantized into the input's dtype, then
+        F.linear; all alive until the output is made (on Qwen2-7B's MLP: 2 x 4.05 MiB and
+        129.5 MiB beside a 148 MiB output at 4096 rows). The meta kernel makes the output only."""
+        if A.numel() // max(A.shape[-1], 1) <= GEMM_4BIT_FUSED_MAX_ROWS:
+            out = fused(
+                A,
+                B,
+                shapeB,
+                absmax,
+                blocksize,
+                quant_type,
+                bias=bias,
+                absmax_8bit=absmax_8bit,
+                absmax_code=absmax_code,
+                absmax_offset=absmax_offset,
+            )
+            track(out)
+            return out
+        temporaries = []
+        if absmax_8bit is not None:
+            temporaries.append(torch.empty_like(absmax_8bit, dtype=torch.float32))
+            temporaries.append(temporaries[0] + absmax_offset)
+        temporaries.append(torch.empty(tuple(shapeB), dtype=A.dtype, device=A.device))
+        for tensor in temporaries:
+            track(tensor)
+        out = torch.nn.functional.linear(A, temporaries[-1], bias)
+        track(out)
+        return out
+
+    kernels: dict[Any, Callable[..., Any]] = {
         torch.ops.aten._safe_softmax.default: safe_softmax,
         torch.ops.aten._softmax_backward_data.default: softmax_backward,
         torch.ops.aten._grouped_mm.default: grouped_mm,
     }
+
+    def absmax_first(op: Any) -> Callable[..., Any]:
+        """bitsandbytes' quantize ops as CUDA runs them: the absmax allocated before the
+        quantized weight, though returned after it (a replay tracking the outputs in the order
+        returned would place the two the other way round in a weight-loading segment)."""
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out, absmax = op(*args, **kwargs)
+            track(absmax)
+            track(out)
+            return out, absmax
+
+        return run
+
+    ops: Any = getattr(torch.ops, "bitsandbytes", None)  # once bitsandbytes is imported
+    fused: Any = getattr(getattr(ops, "gemm_4bit", None), "default", None)
+    if fused is not None:
+        kernels[fused] = gemm_4bit
+    for name in ("quantize_4bit", "quantize_blockwise"):
+        quantize: Any = getattr(getattr(ops, name, None), "default", None)
+        if quantize is not None:
+            kernels[quantize] = absmax_first(quantize)
+    return kernels
 
 
 class Autocast:
@@ -256,9 +326,15 @@ def cuda_behaviour(
         mask the replay passes has padding (replay.padded_rows), so the mask is kept."""
         return padding_mask is None and original_ignore_causal_mask(padding_mask, *args, **kwargs)
 
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from torch.optim import adam
 
     patches: list[tuple[Any, str, Any]] = [
+        (
+            BaseTunerLayer,
+            "_move_adapter_to_device_of_base_layer",
+            adapter_in_base_dtype(BaseTunerLayer._move_adapter_to_device_of_base_layer),
+        ),
         (F, "scaled_dot_product_attention", sdpa),
         # torch's fused AdamW has a meta kernel; only its device check refuses meta tensors
         (adam, "_device_dtype_check_for_fused", lambda *args, **kwargs: None),
@@ -277,6 +353,37 @@ def cuda_behaviour(
             patches.append((owner, name, autocast.wrap(getattr(owner, name))))
     with patched(patches):
         yield
+
+
+def adapter_in_base_dtype(move: Callable[..., Any]) -> Callable[..., Any]:
+    """peft's move of a new adapter to its base layer as it runs on CUDA. peft casts the
+    adapter to the base layer's float dtype (a 4-bit layer's compute dtype: bf16 for QLoRA),
+    but leaves an adapter on meta as it is, in fp32. DoRA's init (the weight's norm, from
+    `lora_B @ lora_A` and the dequantized weight) runs in the adapter's dtype before peft
+    upcasts the adapter to fp32: on Qwen2-7B's MLP three 129.5 MiB blocks on CUDA, 259 MiB
+    ones in a replay that kept fp32."""
+    import torch
+
+    def in_base_dtype(layer: Any, adapter_name: str, device: Any = None) -> None:
+        move(layer, adapter_name, device)
+        base = layer.get_base_layer()
+        base = (
+            getattr(base, "out_proj", base)
+            if isinstance(base, torch.nn.MultiheadAttention)
+            else base
+        )
+        _, dtype = layer._get_base_layer_device_and_dtype(base)
+        if dtype is None or not dtype.is_floating_point:
+            return
+        for name in (*layer.adapter_layer_names, *layer.other_param_names):
+            adapters = getattr(layer, name, None)
+            if not isinstance(adapters, torch.nn.ModuleDict) or adapter_name not in adapters:
+                continue
+            params = list(adapters[adapter_name].parameters())
+            if params and all(p.is_meta and p.dtype.is_floating_point for p in params):
+                adapters[adapter_name] = adapters[adapter_name].to(dtype=dtype)
+
+    return in_base_dtype
 
 
 def cuda_empty_cache(allocator: CachingAllocator) -> Any:

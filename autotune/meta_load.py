@@ -41,6 +41,19 @@ def meta_model(recipe: Recipe, config: Any) -> Any:
     return model
 
 
+def warmup_bytes(needed: float, allocator: Any) -> float:
+    """What transformers' caching_allocator_warmup asks for, the weights needing `needed` bytes:
+    less the memory reserved and unused (the CUDA context's first segment), which the caching
+    allocator would serve first; only the least that forces a new segment when the weights need
+    not 1.5 GiB past it; nothing when they fit in it."""
+    unused = allocator.reserved_bytes - allocator.allocated_bytes
+    if needed - unused > unused:
+        return needed - unused
+    if needed - unused > 1.5 * 2**30:
+        return unused + 1
+    return 0.0
+
+
 def load_weights(model: Any, recipe: Recipe, recorder: Recorder) -> None:
     """Put the weights on the 'device' as transformers' loader does: one warm-up block of their
     size reserved and freed (caching_allocator_warmup), then each weight in checkpoint (name)
@@ -68,6 +81,7 @@ def load_weights(model: Any, recipe: Recipe, recorder: Recorder) -> None:
             warmup += tensor.numel() * quantized_size
         else:
             warmup += tensor.numel() * tensor.element_size()
+    warmup = warmup_bytes(warmup, recorder.allocator)
     if warmup:
         recorder.allocator.free(recorder.allocator.malloc(int(warmup) // 2 * 2))
     half = compute_dtype(recipe)
