@@ -770,7 +770,7 @@ def test_unwritable_places_for_the_study_are_one_line(tmp_path, monkeypatch):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(UsageError, match=f"cannot create {blocker}/sub: Not a directory"):
+    with pytest.raises(UsageError, match=f"cannot be made: {blocker} is a file, not a folder"):
         make_storage(f"sqlite:///{blocker}/sub/study.db")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "trials").write_text("")  # where the run's folder would go
