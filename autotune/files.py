@@ -35,3 +35,11 @@ def write_atomically(path: str | Path, text: str) -> Path:
             temporary.unlink()
         raise
     return path
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (nothing is created): where a file
+    to be made under it would first meet the filesystem."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

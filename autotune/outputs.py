@@ -126,9 +126,9 @@ def _check_folder_writable(flag: str, path: Path) -> None:
     that exists (nothing is created): a run found it out when its study had ended."""
     import os
 
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
+    from autotune.files import nearest_existing
+
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise UsageError(f"{flag} {path} cannot be written: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -220,9 +220,9 @@ def _check_sqlite_place(url: str) -> None:
             f"--storage {redact_url(url)} names the directory {path}; give a file in it, "
             f"e.g. sqlite:///{path / 'autotune.db'}"
         )
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    from autotune.files import nearest_existing
+
+    folder = nearest_existing(path.parent)
     if folder.exists() and not folder.is_dir():
         raise UsageError(
             f"--storage {redact_url(url)} cannot be made: {folder} is a file, not a folder"
