@@ -71,7 +71,7 @@ def run(
     from autotune.probe import SubprocessProbeRunner
     from autotune.report import write_report
     from autotune.study import RunEvents, measured_points, prepare_run, quality_ranking, run_study
-    from autotune.study.storage import redact_url
+    from autotune.study.storage_urls import redact_url
 
     if settings is None:
         settings = RunSettings(**fields)
@@ -362,7 +362,7 @@ def write_study_report(
         raise UsageError(
             f"study {found.study_name!r} holds no trials yet; run `autotune run` first"
         )
-    from autotune.study.storage import redact_url
+    from autotune.study.storage_urls import redact_url
 
     recipe_path = recipe_path_for(found.study_name)
     output = report_outputs(found.study_name, output, csv, png, storage)

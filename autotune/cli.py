@@ -316,7 +316,7 @@ def main() -> None:
             if STATE["debug"] or not exit_code:
                 raise
             if lost_storage(error):  # the driver's words: no password, whatever it quotes
-                from autotune.study.storage import without_secrets
+                from autotune.study.storage_urls import without_secrets
 
                 line = without_secrets(line, STATE["storage"])
             print(f"autotune: error: {line}", file=sys.stderr)

@@ -149,7 +149,7 @@ class ConsoleReporter(RunEvents, ProgressDisplay):
         self.console = console or make_console()
 
     def _run_started(self, prepared: PreparedRun) -> None:
-        from autotune.study.storage import redact_url
+        from autotune.study.storage_urls import redact_url
         from autotune.study.unmeasured import not_searched
 
         settings = prepared.settings

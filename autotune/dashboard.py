@@ -10,12 +10,8 @@ import ipaddress
 import socket
 
 from autotune.errors import UsageError
-from autotune.study.storage import (
-    artifact_store,
-    existing_storage_url,
-    make_storage,
-    redact_url,
-)
+from autotune.study.storage import artifact_store, existing_storage_url, make_storage
+from autotune.study.storage_urls import redact_url
 
 
 def is_loopback(host: str) -> bool:

@@ -15,8 +15,9 @@ the ops, kernels and library calls that run differently on meta tensors than on 
 - cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
 - torch.cuda.empty_cache() gives the allocator's unused segments back;
 - torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
-- what transformers reads from the data to choose a mask is answered from the recipe;
-- bitsandbytes' caches are kept apart per replay, as a fresh probe process has them.
+- what transformers reads from the data to choose a mask is answered from the recipe.
+
+bitsandbytes' ops are autotune.meta_bitsandbytes' and autotune.meta_int8's.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ from autotune.recipe import Recipe
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 """cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
-GEMM_4BIT_FUSED_MAX_ROWS = 1536
-"""Rows past which bitsandbytes' 4-bit matmul on CUDA dequantizes the weight and runs
-F.linear instead of its fused kernel (bitsandbytes.backends.cuda.ops, any architecture); at
-or under it the choice depends on the GPU and the fused kernel is assumed."""
 
 
 def cublas_workspace(nbytes: int) -> Any:
@@ -96,77 +93,11 @@ def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
         track(out)
         return out
 
-    def gemm_4bit(
-        A: Any,  # noqa: N803 (bitsandbytes' names)
-        B: Any,  # noqa: N803
-        shapeB: Any,  # noqa: N803
-        absmax: Any,
-        blocksize: int,
-        quant_type: str,
-        bias: Any = None,
-        absmax_8bit: Any = None,
-        absmax_code: Any = None,
-        absmax_offset: Any = None,
-    ) -> Any:
-        """bitsandbytes' 4-bit matmul (a QLoRA base layer's forward without autograd) as CUDA
-        runs it: past GEMM_4BIT_FUSED_MAX_ROWS rows, the nested absmax dequantized to fp32
-        and offset (two blocks), the whole weight dequantized into the input's dtype, then
-        F.linear; all alive until the output is made (on Qwen2-7B's MLP: 2 x 4.05 MiB and
-        129.5 MiB beside a 148 MiB output at 4096 rows). The meta kernel makes the output only."""
-        if A.numel() // max(A.shape[-1], 1) <= GEMM_4BIT_FUSED_MAX_ROWS:
-            out = fused(
-                A,
-                B,
-                shapeB,
-                absmax,
-                blocksize,
-                quant_type,
-                bias=bias,
-                absmax_8bit=absmax_8bit,
-                absmax_code=absmax_code,
-                absmax_offset=absmax_offset,
-            )
-            track(out)
-            return out
-        temporaries = []
-        if absmax_8bit is not None:
-            temporaries.append(torch.empty_like(absmax_8bit, dtype=torch.float32))
-            temporaries.append(temporaries[0] + absmax_offset)
-        temporaries.append(torch.empty(tuple(shapeB), dtype=A.dtype, device=A.device))
-        for tensor in temporaries:
-            track(tensor)
-        out = torch.nn.functional.linear(A, temporaries[-1], bias)
-        track(out)
-        return out
-
-    kernels: dict[Any, Callable[..., Any]] = {
+    return {
         torch.ops.aten._safe_softmax.default: safe_softmax,
         torch.ops.aten._softmax_backward_data.default: softmax_backward,
         torch.ops.aten._grouped_mm.default: grouped_mm,
     }
-
-    def absmax_first(op: Any) -> Callable[..., Any]:
-        """bitsandbytes' quantize ops as CUDA runs them: the absmax allocated before the
-        quantized weight, though returned after it (a replay tracking the outputs in the order
-        returned would place the two the other way round in a weight-loading segment)."""
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            out, absmax = op(*args, **kwargs)
-            track(absmax)
-            track(out)
-            return out, absmax
-
-        return run
-
-    ops: Any = getattr(torch.ops, "bitsandbytes", None)  # once bitsandbytes is imported
-    fused: Any = getattr(getattr(ops, "gemm_4bit", None), "default", None)
-    if fused is not None:
-        kernels[fused] = gemm_4bit
-    for name in ("quantize_4bit", "quantize_blockwise"):
-        quantize: Any = getattr(getattr(ops, name, None), "default", None)
-        if quantize is not None:
-            kernels[quantize] = absmax_first(quantize)
-    return kernels
 
 
 class Autocast:
@@ -392,20 +323,3 @@ def cuda_empty_cache(allocator: CachingAllocator) -> Any:
     from autotune.training import build
 
     return patched([(build, "release_cached_memory", allocator.empty_cache)])
-
-
-@contextlib.contextmanager
-def fresh_bitsandbytes_caches() -> Iterator[None]:
-    """bitsandbytes keeps the code map of blockwise quantization in a module dict once made
-    (on the device of its first use): empty it for the replay, so the replay makes and keeps it
-    as a fresh probe process does, and put back what this process had."""
-    import bitsandbytes.functional as bnb_functional
-
-    cached = getattr(bnb_functional, "name2qmap", {})
-    kept = dict(cached)
-    cached.clear()
-    try:
-        yield
-    finally:
-        cached.clear()
-        cached.update(kept)

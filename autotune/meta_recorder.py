@@ -35,7 +35,7 @@ class Recorder:
         self.paused = False
         self.kernels: dict[Any, Any] = {}
         """Ops run by a replacement that allocates (and tracks) what CUDA's kernel does
-        (autotune.meta_cuda's, autotune.meta_int8's)."""
+        (autotune.meta_cuda's, autotune.meta_bitsandbytes', autotune.meta_int8's)."""
         self.tied: SharedShapes = frozenset()
         """The model's tied parameters, whose gradients autograd sums in place on CUDA
         (autotune.tied_gradients)."""

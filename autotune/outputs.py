@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from autotune.errors import UsageError
 from autotune.study.settings import default_study_name, study_file_name
-from autotune.study.storage import sqlite_file
+from autotune.study.storage_urls import sqlite_file
 
 if TYPE_CHECKING:
     from autotune.study.settings import RunSettings

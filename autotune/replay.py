@@ -10,7 +10,8 @@ the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU
 
 What the meta device cannot run is emulated with CUDA's memory behaviour: the loader's
 (autotune.meta_load), the ops' and kernels' (autotune.meta_cuda, with SDPA's in
-autotune.meta_attention and bitsandbytes' int8 matmul in autotune.meta_int8), the optimizer's
+autotune.meta_attention, bitsandbytes' 4-bit matmul and quantize in autotune.meta_bitsandbytes
+and its int8 matmul in autotune.meta_int8), the optimizer's
 (autotune.meta_optimizer: paged states live in CUDA unified memory, outside the allocator),
 activation offload's pinned host blocks (autotune.meta_host) and FSDP2's sharding
 (autotune.meta_fsdp); autograd sums a tied weight's gradients in place, as on CUDA
@@ -34,6 +35,7 @@ from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
 from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
+from autotune.meta_bitsandbytes import bitsandbytes_cuda_kernels, fresh_bitsandbytes_caches
 from autotune.meta_cuda import (
     CUBLAS_WORKSPACE_BYTES,
     Autocast,
@@ -42,7 +44,6 @@ from autotune.meta_cuda import (
     cuda_behaviour,
     cuda_empty_cache,
     cuda_kernels,
-    fresh_bitsandbytes_caches,
 )
 from autotune.meta_fsdp import fsdp_replayed, shard_on_meta
 from autotune.meta_host import HostMemory
@@ -139,6 +140,7 @@ def _replay(
     model = meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     recorder.kernels.update(cuda_kernels(recorder.track))
+    recorder.kernels.update(bitsandbytes_cuda_kernels(recorder.track))
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
     host = HostMemory()
     with (

@@ -83,7 +83,7 @@ def status_text(status: StudyStatus, storage_url: str | None = None) -> str:
     study whose trials have all finished, the commands that take its answer (on
     `storage_url`, None: the default storage; its password not shown)."""
     from autotune.report.card import export_command, study_command
-    from autotune.study.storage import redact_url
+    from autotune.study.storage_urls import redact_url
     from autotune.units import format_duration
 
     storage_url = redact_url(storage_url) if storage_url else None

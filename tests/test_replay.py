@@ -567,10 +567,10 @@ def test_a_4bit_matmul_past_the_fused_rows_dequantizes_its_weight_as_cuda_does()
     import bitsandbytes  # noqa: F401 (registers its ops)
     import torch
 
-    from autotune.meta_cuda import GEMM_4BIT_FUSED_MAX_ROWS, cuda_kernels
+    from autotune.meta_bitsandbytes import GEMM_4BIT_FUSED_MAX_ROWS, bitsandbytes_cuda_kernels
 
     tracked: list[torch.Tensor] = []
-    kernel = cuda_kernels(tracked.append)[torch.ops.bitsandbytes.gemm_4bit.default]
+    kernel = bitsandbytes_cuda_kernels(tracked.append)[torch.ops.bitsandbytes.gemm_4bit.default]
     out_features, in_features = 256, 128
     meta = {"device": "meta"}
     weight = torch.empty((out_features * in_features // 2, 1), dtype=torch.uint8, **meta)
@@ -603,10 +603,10 @@ def test_bitsandbytes_quantize_allocates_its_absmax_before_the_weight_as_cuda_do
     import bitsandbytes  # noqa: F401 (registers its ops)
     import torch
 
-    from autotune.meta_cuda import cuda_kernels
+    from autotune.meta_bitsandbytes import bitsandbytes_cuda_kernels
 
     tracked: list[torch.Tensor] = []
-    kernel = cuda_kernels(tracked.append)[getattr(torch.ops.bitsandbytes, op).default]
+    kernel = bitsandbytes_cuda_kernels(tracked.append)[getattr(torch.ops.bitsandbytes, op).default]
     weight = torch.empty((256, 128), dtype=torch.bfloat16, device="meta")
     if op == "quantize_4bit":
         out, absmax = kernel(weight, 64, "nf4", torch.uint8)

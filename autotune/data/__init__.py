@@ -2,7 +2,8 @@
 answer tokens, split into train and eval and cached on disk.
 
 One concept per module, each importing only those above it in this list:
-rows (reading and checking a file's rows), tokens (token ids and tables), splits (train and eval),
-summary (what `autotune data inspect` reports) and token_cache (splits saved once, memory-mapped).
+file_records (reading a file's records by format), rows (checking them; prompt and answer),
+tokens (token ids and tables), splits (train and eval), summary (what `autotune data inspect`
+reports) and token_cache (splits saved once, memory-mapped).
 How training steps batch the examples is the training package's (autotune.training.batching).
 """

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune.data.rows import BadRow, scan, to_example, usable_rows
+from autotune.data.file_records import BadRow
+from autotune.data.rows import scan, to_example, usable_rows
 from autotune.data.splits import TOKENIZE_PROGRESS_ROWS
 from autotune.data.tokens import IGNORE_INDEX, chat_template_of, tokenize
 

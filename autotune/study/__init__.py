@@ -20,6 +20,8 @@ _MODULES = (
     "records",
     "unmeasured",
     "ranking",
+    "storage_urls",
+    "sqlite_checks",
     "storage",
     "overview",
     "sampler",
@@ -36,7 +38,7 @@ _MODULES = (
 )
 """The package's modules, lowest first: a name is looked up in them in this order, so one that
 lives in study_records, searched_choices, claims, coverage, records, unmeasured, ranking,
-storage or overview never loads the modules that run a study."""
+storage_urls, sqlite_checks, storage or overview never loads the modules that run a study."""
 
 
 def __getattr__(name: str) -> Any:

@@ -41,7 +41,8 @@ from autotune.study.records import (
 )
 from autotune.study.seeding import fits_budget, nearest_fitting_params, trial_predictor
 from autotune.study.settings import PreparedRun, gpu_groups, trials_dir_of
-from autotune.study.storage import TRIALS_DIR, artifact_store
+from autotune.study.storage import artifact_store
+from autotune.study.storage_urls import TRIALS_DIR
 from autotune.study.study_records import Confirmation, Noise, study_budgets
 from autotune.study.workers import beyond_target, requeue_stopped_trial, worker_id
 from autotune.training.io import ProbeRequest, ProbeResult

@@ -21,12 +21,8 @@ from autotune.study.records import (
     trial_record,
     trial_status,
 )
-from autotune.study.storage import (
-    empty_sqlite,
-    existing_storage_url,
-    load_existing_study,
-    make_storage,
-)
+from autotune.study.sqlite_checks import empty_sqlite
+from autotune.study.storage import existing_storage_url, load_existing_study, make_storage
 from autotune.study.study_records import (
     confirmations,
     confirmed_in_place,

@@ -43,14 +43,9 @@ from autotune.study.settings import (
     study_file_name,
     tokenizer_for,
 )
-from autotune.study.storage import (
-    DEFAULT_STORAGE,
-    TRIALS_DIR,
-    check_sqlite_storage,
-    check_storage_url,
-    make_storage,
-    make_trials_dir,
-)
+from autotune.study.sqlite_checks import check_sqlite_storage
+from autotune.study.storage import make_storage, make_trials_dir
+from autotune.study.storage_urls import DEFAULT_STORAGE, TRIALS_DIR, check_storage_url
 from autotune.study.study_records import FIRST_FORMAT_KEY, FORMATS_KEY
 from autotune.study.unmeasured import smallest_recipe_words
 from autotune.units import format_bytes

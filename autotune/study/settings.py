@@ -15,7 +15,7 @@ from autotune.errors import UsageError
 from autotune.model_spec import ModelSpec
 from autotune.space import SearchSpace
 from autotune.study.claims import CLAIM_SEPARATOR, is_claim_study
-from autotune.study.storage import TRIALS_DIR
+from autotune.study.storage_urls import TRIALS_DIR
 
 LENGTH_STATS_ROWS = 2000
 """Rows the report's token-length distribution and truncation figures are taken over."""
