@@ -33,8 +33,6 @@ from autotune.meta_host import HostMemory
 from autotune.meta_patches import patched
 from autotune.recipe import Recipe
 
-CUBLAS_WORKSPACE_BYTES = 32 * 2**20
-"""cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
 GEMM_4BIT_FUSED_MAX_ROWS = 1536
 """Rows past which bitsandbytes' 4-bit matmul on CUDA dequantizes the weight and runs
 F.linear instead of its fused kernel (bitsandbytes.backends.cuda.ops, any architecture); at
