@@ -35,6 +35,10 @@ from autotune.recipe import Recipe
 CUDA_CONTEXT_BYTES = 610 * 2**20
 """CUDA context and kernels of torch + cuBLAS on a Hopper card; outside the caching allocator."""
 
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+"""cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator:
+one for the forward's thread, one for backward's (the `cublas_workspaces` part)."""
+
 ALLOCATOR_OVERHEAD_FRACTION = 0.01
 """Reserved beyond allocated, part 1: block rounding over everything allocated."""
 
@@ -44,9 +48,10 @@ vocabulary-wide tensors of different sizes and lifetimes that freed blocks canno
 so the caching allocator reserves new segments for them (measured on H100, with and without
 expandable_segments, in bench/results/memory_h100.json)."""
 
-ALLOCATOR_FIXED_BYTES = 300 * 2**20
-"""Reserved beyond allocated, part 3: cuBLAS workspaces and the small-block pool, whatever the
-model size (what the smallest recipes on H100 show above their allocated peak)."""
+ALLOCATOR_FIXED_BYTES = 300 * 2**20 - 2 * CUBLAS_WORKSPACE_BYTES
+"""Reserved beyond allocated, part 3: the small-block pool, whatever the model size. What the
+smallest recipes on H100 show above the formula's tensors is 300 MiB, the two cuBLAS workspaces
+(allocated, their own part of the breakdown) among it."""
 
 UNALLOCATED_PARTS = ("allocator_overhead", "cuda_context")
 """Parts of an estimate that no tensor holds: the caching allocator's reserve beyond what is
@@ -69,6 +74,12 @@ class MemoryEstimate:
     def allocated_bytes(self) -> int:
         """The peak less what no tensor holds: what `torch.cuda.max_memory_allocated()` sees."""
         return self.peak_bytes - sum(self.breakdown.get(k, 0) for k in UNALLOCATED_PARTS)
+
+    @property
+    def allocated_without_cublas_bytes(self) -> int:
+        """The allocated peak less cuBLAS's workspaces: what a step on the CPU, which has no
+        cuBLAS, allocates (the benchmarks' traces)."""
+        return self.allocated_bytes - self.breakdown.get("cublas_workspaces", 0)
 
     def as_json(self) -> dict[str, object]:
         record: dict[str, object] = {
@@ -258,7 +269,8 @@ def estimate(
     else:
         parts["gradients"] = gradients
         parts["optimizer_step_temporaries"] = step_temporaries
-    allocated = sum(parts.values())
+    allocated = sum(parts.values())  # tensors, which round to blocks; a workspace is one block
+    parts["cublas_workspaces"] = 2 * CUBLAS_WORKSPACE_BYTES
     parts["allocator_overhead"] = int(
         ALLOCATOR_FIXED_BYTES
         + allocated * ALLOCATOR_OVERHEAD_FRACTION

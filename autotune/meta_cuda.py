@@ -34,9 +34,6 @@ from autotune.meta_host import HostMemory
 from autotune.meta_patches import patched
 from autotune.recipe import Recipe
 
-CUBLAS_WORKSPACE_BYTES = 32 * 2**20
-"""cuBLAS workspace per handle on Hopper (torch's default `:4096:8`), from the caching allocator."""
-
 
 def cublas_workspace(nbytes: int) -> Any:
     """The workspace cuBLAS takes from the caching allocator for a thread's handle (the

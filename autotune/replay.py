@@ -34,10 +34,9 @@ from autotune.allocator import CachingAllocator
 from autotune.attentions import ATTENTIONS
 from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
-from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
+from autotune.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_bitsandbytes import bitsandbytes_cuda_kernels, fresh_bitsandbytes_caches
 from autotune.meta_cuda import (
-    CUBLAS_WORKSPACE_BYTES,
     Autocast,
     autocast_forward,
     cublas_workspace,
@@ -65,8 +64,10 @@ the rest, so a third adds nothing new to the allocator's picture."""
 
 REPLAY_EVAL_BATCHES = 1
 
-PHASES = ("weights", "activations", "gradients", "optimizer", "eval")
-"""What the tensors alive at the allocated peak were made for, as the breakdown names them."""
+PHASES = ("weights", "activations", "gradients", "optimizer", "eval", "cublas_workspaces")
+"""What the tensors alive at the allocated peak were made for, as the breakdown names them:
+cuBLAS's workspaces (one per thread's handle, the forward's and backward's) are a part of their
+own, whichever phase first multiplies on that thread."""
 
 _LOCK = threading.Lock()
 """A replay patches module attributes (torch, transformers, peft): one at a time per process."""
@@ -168,7 +169,7 @@ def _replay(
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
                 recorder.phase = "activations"
                 if not workspaces:  # cuBLAS's, for the forward's thread
-                    workspaces.append(cublas_workspace(cublas_workspace_bytes))
+                    workspaces.append(_workspace(recorder, cublas_workspace_bytes))
                 loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
@@ -176,7 +177,7 @@ def _replay(
                 scaled = loss * 1.0
                 recorder.phase = "gradients"
                 if len(workspaces) == 1:  # and for backward's
-                    workspaces.append(cublas_workspace(cublas_workspace_bytes))
+                    workspaces.append(_workspace(recorder, cublas_workspace_bytes))
                 scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
@@ -198,6 +199,15 @@ def _replay(
         host_peak_bytes=host.peak_bytes,
         live_at_peak=recorder.live_at_peak(),
     )
+
+
+def _workspace(recorder: Recorder, nbytes: int) -> Any:
+    """A thread's cuBLAS workspace, counted in its own part of the breakdown."""
+    phase, recorder.phase = recorder.phase, "cublas_workspaces"
+    try:
+        return cublas_workspace(nbytes)
+    finally:
+        recorder.phase = phase
 
 
 def _forward_loss(

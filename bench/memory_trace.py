@@ -82,7 +82,7 @@ def main() -> int:
         trace = trace_step(recipe)
         predicted = estimate(load_model_spec(str(model_dir)), recipe)
     parts = predicted.breakdown
-    allocated = predicted.allocated_bytes
+    allocated = predicted.allocated_without_cublas_bytes  # the CPU has no cuBLAS
     mib = 2**20
     print(
         f"{args.shape} cut to hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "

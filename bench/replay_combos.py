@@ -193,7 +193,9 @@ def measure(recipe: Recipe, config: Any, spec: Any) -> dict[str, Any]:
     row["predicted_bytes"] = predicted
     row["ratio"] = predicted / trace.peak_bytes
     # the formula's figure beside it, for the record: studies use it where the replay refuses
-    row["formula_ratio"] = estimate(spec, compared).allocated_bytes / trace.peak_bytes
+    row["formula_ratio"] = (
+        estimate(spec, compared).allocated_without_cublas_bytes / trace.peak_bytes
+    )
     if BATCHINGS[compared.batching].pads(compared.micro_batch_size):
         # a step whose micro-batches are padded, against the prediction told so
         padded_predicted = _predicted(compared, config, spec, {}, padded=True)
@@ -214,12 +216,12 @@ def _predicted(
     refusal = not_replayable(recipe)
     if refusal:
         row.update(model="formula", refusal=refusal)
-        return estimate(spec, recipe, padded=padded).allocated_bytes
+        return estimate(spec, recipe, padded=padded).allocated_without_cublas_bytes
     try:
         result = replay(recipe, config, cublas_workspace_bytes=0, padded=padded)
     except Exception as error:  # noqa: BLE001 - reported: a replay that cannot run
         row.update(model="replay", error=f"replay: {type(error).__name__}: {error}"[:300])
-        predicted = estimate(spec, recipe, padded=padded).allocated_bytes
+        predicted = estimate(spec, recipe, padded=padded).allocated_without_cublas_bytes
         row["formula_bytes"] = predicted
         return predicted
     row["model"] = "replay"

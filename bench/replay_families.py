@@ -232,7 +232,7 @@ def run_case(model: str, fields: dict[str, Any]) -> dict[str, Any]:
         row["replay_crash_line"] = _one_line(error)
     try:
         formula = estimate(load_model_spec(model), recipe)
-        row["formula_ratio"] = round(formula.allocated_bytes / trace.peak_bytes, 4)
+        row["formula_ratio"] = round(formula.allocated_without_cublas_bytes / trace.peak_bytes, 4)
     except Exception as error:  # noqa: BLE001
         row["formula_failed"] = _one_line(error)
     return row

@@ -350,6 +350,38 @@ def test_estimate_replays_the_recipe_by_default(config_only, tmp_path):
     assert "activations" in table.stdout and "logits_and_loss" not in table.stdout
 
 
+def test_estimate_shows_cublas_workspaces_as_their_own_part(config_only, tmp_path):
+    """cuBLAS's two workspaces (the forward's thread's, backward's) are a part of the breakdown,
+    not counted in the activations or gradients of the phase that made them; the parts still sum
+    to the peak, in both memory models and in the table as in --json."""
+    from autotune.memory import CUBLAS_WORKSPACE_BYTES
+    from autotune.replay import load_config, replay
+
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("method: lora\nlora_r: 8\nseq_len: 128\n")
+    printed = {}
+    for model in ("replay", "formula"):
+        args = ["-m", str(config_only), "-r", str(recipe_path), "--memory-model", model]
+        done = autotune("estimate", *args, "--json", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        printed[model] = json.loads(done.stdout)
+        parts = printed[model]["breakdown"]
+        assert parts["cublas_workspaces"] == 2 * CUBLAS_WORKSPACE_BYTES, model
+        assert sum(parts.values()) == printed[model]["peak_bytes"], model
+        table = autotune("estimate", *args, cwd=tmp_path)
+        assert table.returncode == 0, table.stderr
+        assert f"cublas_workspaces  {format_bytes(2 * CUBLAS_WORKSPACE_BYTES):>12}" in table.stdout
+    # without workspaces the replay's other parts are the same tensors: none of them held one
+    recipe = Recipe.load(recipe_path).replace(model=str(config_only))
+    bare = replay(recipe, load_config(str(config_only)), cublas_workspace_bytes=0).estimate()
+    parts = printed["replay"]["breakdown"]
+    assert {k: v for k, v in parts.items() if k != "cublas_workspaces"} == {
+        k: v for k, v in bare.breakdown.items() if k != "cublas_workspaces"
+    }
+    assert parts["activations"] + parts["gradients"] > 0
+    assert printed["replay"]["peak_bytes"] - bare.peak_bytes == 2 * CUBLAS_WORKSPACE_BYTES
+
+
 def test_estimate_shows_paged_optimizer_states_apart_from_the_peak(config_only, tmp_path):
     config = json.loads((config_only / "config.json").read_text())
     (config_only / "config.json").write_text(json.dumps({**config, "hidden_size": 512}))

@@ -204,6 +204,47 @@ def test_the_per_gpu_figures_are_the_formula_s() -> None:
     )
 
 
+def test_the_padded_rows_figures_are_the_bench_s() -> None:
+    """docs/memory-model.md's padded-rows paragraph (and bench/README.md's figure) are
+    bench/results/padded_rows_cpu.json's; its formula figures are the formula's now (the
+    replay's take seconds each: `python bench/padded_rows.py` rewrites them)."""
+    from autotune.memory import estimate
+    from autotune.model_spec import load_model_spec
+    from autotune.prediction import formula_estimate
+    from autotune.recipe import Recipe
+
+    record = result("padded_rows_cpu.json")
+    ways = record["ways"]
+    full, padded, data = ways["full_rows"], ways["padded_full_width"], ways["data_rows"]
+    spec = load_model_spec(str(ROOT / "bench" / "configs" / f"{record['shape']}.json"))
+    recipe = Recipe.from_dict({"model": record["shape"], **record["fields"]})
+    assert full["formula_peak_bytes"] == estimate(spec, recipe).peak_bytes
+    assert padded["formula_peak_bytes"] == estimate(spec, recipe, padded=True).peak_bytes
+    lengths = tuple(data["token_lengths"])
+    assert data["formula_peak_bytes"] == formula_estimate(spec, recipe, lengths).peak_bytes
+
+    def gib(way: dict, model: str) -> str:
+        return f"{way[f'{model}_peak_bytes'] / 2**30:.2f}"
+
+    def more(model: str) -> str:
+        return pct(padded[f"{model}_peak_bytes"] / full[f"{model}_peak_bytes"] - 1, sign=True)
+
+    fields, seq = record["fields"], record["fields"]["seq_len"]
+    phrases = [
+        f"seq {seq}, micro-batch {fields['micro_batch_size']}, no checkpointing",
+        f"the replay predicts {gib(full, 'replay')} GiB with every row {seq} tokens and none "
+        f"padded",
+        f"{gib(padded, 'replay')} GiB ({more('replay')}) with those {seq}-token rows padded",
+        f"and {gib(data, 'replay')} GiB on data whose examples are {lengths[0]} to {lengths[1]} "
+        f"tokens long, whose padded rows are {data['row_tokens']} tokens wide",
+        f"the formula {gib(full, 'formula')} GiB, {gib(padded, 'formula')} GiB "
+        f"({more('formula')}) and {gib(data, 'formula')} GiB",
+    ]
+    assert missing(MEMORY_MODEL, phrases) == []
+    readme = f"predicts {gib(padded, 'replay')} GiB instead of {gib(full, 'replay')} "
+    assert missing(BENCH_README, [readme + f"({more('replay')}:"]) == []
+
+
 LORA = {"method": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_modules": "all-linear"}
 LORA |= {"precision": "bf16", "seq_len": 1024}
 NF4 = {"quantization": "nf4"}
