@@ -37,8 +37,8 @@ from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_cuda import (
     CUBLAS_WORKSPACE_BYTES,
     Autocast,
+    CublasWorkspaces,
     autocast_forward,
-    cublas_workspace,
     cuda_behaviour,
     cuda_empty_cache,
     cuda_kernels,
@@ -138,7 +138,13 @@ def _replay(
     autocast = Autocast(amp) if amp is not None else None
     model = meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
-    recorder.kernels.update(cuda_kernels(recorder.track))
+    # cuBLAS's workspaces: backward's thread's while gradients are made, the forward's else
+    cublas = CublasWorkspaces(
+        cublas_workspace_bytes,
+        recorder.track,
+        lambda: "backward" if recorder.phase == "gradients" else "forward",
+    )
+    recorder.kernels.update(cuda_kernels(recorder.track, cublas.multiplied))
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
     host = HostMemory()
     with (
@@ -158,23 +164,18 @@ def _replay(
         recorder.tied = tied_gradient_shapes(model)
         recorder.phase = "optimizer"
         optimizer, paged = cuda_optimizer(model, recipe, recorder, host)
-        workspaces: list[Any] = []
         batch: list[Any] = []
         loss = scaled = None
         shape = (recipe.micro_batch_size, seq_len)
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
                 recorder.phase = "activations"
-                if not workspaces:  # cuBLAS's, for the forward's thread
-                    workspaces.append(cublas_workspace(cublas_workspace_bytes))
                 loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
                 scaled = loss * 1.0
                 recorder.phase = "gradients"
-                if len(workspaces) == 1:  # and for backward's
-                    workspaces.append(cublas_workspace(cublas_workspace_bytes))
                 scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()

@@ -668,3 +668,68 @@ def test_a_dora_adapter_on_meta_is_initialised_in_its_base_layers_dtype_as_on_cu
     assert seen == [torch.bfloat16]
     layer = model.base_model.model[0]
     assert layer.lora_A["default"].weight.device.type == "meta"
+
+
+def test_cublas_takes_each_threads_workspace_after_its_first_matmuls_output():
+    """cuBLAS takes a thread's workspace from the caching allocator at that thread's first
+    matmul, after the matmul's output, and keeps it; backward's thread takes its own."""
+    import torch
+
+    from autotune.meta_cuda import CublasWorkspaces, cuda_kernels
+
+    tracked: list[torch.Tensor] = []
+    thread = ["forward"]
+    workspaces = CublasWorkspaces(4096, tracked.append, lambda: thread[0])
+    mm = cuda_kernels(tracked.append, workspaces.multiplied)[torch.ops.aten.mm.default]
+    a, b = (torch.empty(8, 8, device="meta") for _ in range(2))
+    out = mm(a, b)
+    assert [t.nbytes for t in tracked] == [out.nbytes, 4096] and tracked[0] is out
+    tracked.clear()
+    assert mm(a, b) is not None and len(tracked) == 1  # the workspace is kept
+    tracked.clear()
+    thread[0] = "backward"
+    mm(a, b)
+    assert [t.nbytes for t in tracked] == [out.nbytes, 4096]
+    assert set(workspaces.held) == {"forward", "backward"}
+
+
+def test_dora_init_takes_the_forward_threads_cublas_workspace_as_on_cuda(cut_model):
+    """DoRA's init multiplies the adapter's matrices (`lora_B @ lora_A`) before the step: on
+    the H200's Qwen2-7B QDoRA trace the workspace is taken there, amid the dequantized
+    weights, not at the forward. A workspace large enough to see is counted with the weights
+    for DoRA, with the activations for LoRA (whose first matmul is the forward's)."""
+    workspace = 2**30
+    lora = {"method": "lora", "lora_r": 8, "lora_dropout": 0.0}
+    config = load_config(str(cut_model))
+    for dora, phase in ((True, "weights"), (False, "activations")):
+        recipe = cut_step(cut_model, **lora, use_dora=dora)
+        bare = replay(recipe, config, cublas_workspace_bytes=0)
+        held = replay(recipe, config, cublas_workspace_bytes=workspace)
+        assert held.at_peak[phase] - bare.at_peak[phase] >= workspace
+
+
+def test_sdpas_math_path_adds_the_mask_to_the_scores_in_place_as_cuda_does():
+    """torch's math SDPA (fp32 queries over grouped key heads) adds the mask to the scores in
+    place on CUDA, out of place on meta tensors (torch counts them as tensor subclasses): the
+    replay held a third score matrix beside the scores and the softmax, and on Qwen2-7B QDoRA
+    its activation segments parted from the H200's (reserved -2.8%)."""
+    import torch
+    import torch.nn.functional as F
+
+    from autotune.allocator import CachingAllocator
+    from autotune.meta_cuda import cuda_behaviour, cuda_kernels
+    from autotune.meta_recorder import Recorder
+
+    recorder = Recorder(CachingAllocator())
+    recorder.kernels.update(cuda_kernels(recorder.track))
+    heads, key_heads, length, dim = 4, 2, 64, 16
+    meta = {"device": "meta", "dtype": torch.float32}
+    query = torch.empty(1, heads, length, dim, **meta)
+    key, value = (torch.empty(1, key_heads, length, dim, **meta) for _ in range(2))
+    scores = heads * length * length * 4
+    with cuda_behaviour(Recipe(model="demo"), None), recorder.mode:
+        F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        outside = query + query  # an add elsewhere still makes its output
+    made = [size for _, size, _ in recorder.events if size]
+    assert made.count(scores) == 2  # the scores, then the softmax of them
+    assert made[-1] == outside.nbytes
