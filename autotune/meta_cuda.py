@@ -15,8 +15,8 @@ the ops, kernels and library calls that run differently on meta tensors than on 
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
 - cuBLAS keeps one workspace per handle, taken the first time its thread multiplies, after that
-  matmul's output: the forward thread's (model preparation's too: DoRA's init multiplies the
-  adapter's matrices), then backward's;
+  matmul's output: the forward thread's (at DoRA's init, which multiplies the adapter's
+  matrices, or the forward's start), then backward's;
 - torch.cuda.empty_cache() gives the allocator's unused segments back;
 - torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
 - what transformers reads from the data to choose a mask is answered from the recipe;
@@ -64,11 +64,12 @@ def cublas_workspace(nbytes: int) -> Any:
 
 class CublasWorkspaces:
     """cuBLAS's workspaces, one per thread that multiplies, each taken from the caching
-    allocator (and passed to `track`) at that thread's first matmul, after its output, and kept.
-    `thread` names the thread the replay runs as (the forward's, backward's). Where it lands
-    matters beside the blocks around it: a QDoRA model's first matmul is DoRA's init
-    (`lora_B @ lora_A`, amid its dequantized weights), a QLoRA model's the forward's rotary
-    embedding (after the embedding's output)."""
+    allocator (and passed to `track`) at that thread's first matmul, after its output, and kept;
+    `thread` names the thread the replay runs as (the forward's, backward's). The replay takes
+    each by its step's start at the latest (`take`): the forward's first matmul, in the
+    transformers that measured the H200 rows (5.17), is the rotary embedding's, right after the
+    embedding's output (5.24's rotary multiplies elementwise). A QDoRA model's first matmul
+    comes earlier, in DoRA's init (`lora_B @ lora_A`, amid its dequantized weights)."""
 
     def __init__(self, nbytes: int, track: Callable[[Any], None], thread: Callable[[], str]):
         self.nbytes = nbytes
@@ -76,11 +77,13 @@ class CublasWorkspaces:
         self.thread = thread
         self.held: dict[str, Any] = {}
 
-    def multiplied(self) -> None:
-        thread = self.thread()
+    def take(self, thread: str) -> None:
         if thread not in self.held:
             self.held[thread] = cublas_workspace(self.nbytes)
             self.track(self.held[thread])
+
+    def multiplied(self) -> None:
+        self.take(self.thread())
 
 
 def cuda_kernels(

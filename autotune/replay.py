@@ -139,6 +139,7 @@ def _replay(
     model = meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     # cuBLAS's workspaces: backward's thread's while gradients are made, the forward's else
+    # (taken at the thread's first matmul, or by its part of the step's start)
     cublas = CublasWorkspaces(
         cublas_workspace_bytes,
         recorder.track,
@@ -170,12 +171,14 @@ def _replay(
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
                 recorder.phase = "activations"
+                cublas.take("forward")
                 loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
                 scaled = loss * 1.0
                 recorder.phase = "gradients"
+                cublas.take("backward")
                 scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
