@@ -16,7 +16,7 @@ the ops, kernels and library calls that run differently on meta tensors than on 
   casts of trainable weights over the forward, as torch.autocast does;
 - cuBLAS keeps one workspace per handle, taken the first time its thread multiplies, after that
   matmul's output: the forward thread's (at DoRA's init, which multiplies the adapter's
-  matrices, or the forward's start), then backward's;
+  matrices, or the forward's start), then backward's (at its first matmul);
 - torch.cuda.empty_cache() gives the allocator's unused segments back;
 - torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
 - what transformers reads from the data to choose a mask is answered from the recipe;
@@ -65,11 +65,13 @@ def cublas_workspace(nbytes: int) -> Any:
 class CublasWorkspaces:
     """cuBLAS's workspaces, one per thread that multiplies, each taken from the caching
     allocator (and passed to `track`) at that thread's first matmul, after its output, and kept;
-    `thread` names the thread the replay runs as (the forward's, backward's). The replay takes
-    each by its step's start at the latest (`take`): the forward's first matmul, in the
-    transformers that measured the H200 rows (5.17), is the rotary embedding's, right after the
-    embedding's output (5.24's rotary multiplies elementwise). A QDoRA model's first matmul
-    comes earlier, in DoRA's init (`lora_B @ lora_A`, amid its dequantized weights)."""
+    `thread` names the thread the replay runs as (the forward's, backward's). Backward's first
+    matmul comes after the loss's first gradients (a chunked loss's recomputed logits, the
+    head's gradient). The replay takes the forward's by the forward's start at the latest
+    (`take`): in the transformers that measured the H200 rows (5.17) the rotary embedding
+    multiplies on cuBLAS right after the embedding's output (5.24's multiplies elementwise). A
+    QDoRA model's first matmul comes earlier, in DoRA's init (`lora_B @ lora_A`, amid its
+    dequantized weights)."""
 
     def __init__(self, nbytes: int, track: Callable[[Any], None], thread: Callable[[], str]):
         self.nbytes = nbytes

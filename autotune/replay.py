@@ -139,7 +139,7 @@ def _replay(
     model = meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
     # cuBLAS's workspaces: backward's thread's while gradients are made, the forward's else
-    # (taken at the thread's first matmul, or by its part of the step's start)
+    # (taken at the thread's first matmul; the forward's by the forward's start at the latest)
     cublas = CublasWorkspaces(
         cublas_workspace_bytes,
         recorder.track,
@@ -178,7 +178,6 @@ def _replay(
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
                 scaled = loss * 1.0
                 recorder.phase = "gradients"
-                cublas.take("backward")
                 scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
