@@ -13,10 +13,13 @@ F.linear instead of its fused kernel (bitsandbytes.backends.cuda.ops, any archit
 or under it the choice depends on the GPU and the fused kernel is assumed."""
 
 
-def bitsandbytes_cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
+def bitsandbytes_cuda_kernels(
+    track: Callable[[Any], None], multiplied: Callable[[], None] = lambda: None
+) -> dict[Any, Callable[..., Any]]:
     """Replacements for bitsandbytes' 4-bit matmul and quantize ops on meta tensors, by op
     (none before bitsandbytes is imported): each makes (and passes to `track`) what the CUDA
-    kernel makes, and returns its outputs."""
+    kernel makes, and returns its outputs; the 4-bit matmul's F.linear path runs on cuBLAS and
+    calls `multiplied` after its output (meta_cuda.CublasWorkspaces')."""
     import torch
 
     def gemm_4bit(
@@ -60,6 +63,7 @@ def bitsandbytes_cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callabl
             track(tensor)
         out = torch.nn.functional.linear(A, temporaries[-1], bias)
         track(out)
+        multiplied()
         return out
 
     def absmax_first(op: Any) -> Callable[..., Any]:

@@ -6,13 +6,17 @@ the ops, kernels and library calls that run differently on meta tensors than on 
   where the heads match (transformers repeats grouped key heads under a mask), which also
   keeps the additive mask torch makes of a boolean one at each call, the math path (the real
   ops) otherwise (the kernels' memory is autotune.meta_attention's);
+- SDPA's math path adds the mask to the scores in place, as on CUDA (torch adds out of place
+  for meta tensors, which it treats as tensor subclasses: one more score matrix);
 - softmax's backward (SDPA's math path, eager attention) holds a temporary of the gradient's
   size beside its output, as CUDA's kernel does (`grad * output`): under an attention matrix,
   one more matrix at the step's peak;
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
-- cuBLAS keeps one workspace per handle: one for the forward thread, one for backward's;
+- cuBLAS keeps one workspace per handle, taken the first time its thread multiplies, after that
+  matmul's output: the forward thread's (at DoRA's init, which multiplies the adapter's
+  matrices, or the forward's start), then backward's (at its first matmul);
 - torch.cuda.empty_cache() gives the allocator's unused segments back;
 - torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
 - what transformers reads from the data to choose a mask is answered from the recipe.
@@ -23,6 +27,7 @@ bitsandbytes' ops are autotune.meta_bitsandbytes' and autotune.meta_int8's.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,6 +40,14 @@ from autotune.meta_patches import patched
 from autotune.recipe import Recipe
 
 
+class _MathAttention(threading.local):
+    running = False
+    """Whether SDPA's math path runs (cuda_behaviour's sdpa): its mask add is made in place."""
+
+
+MATH_ATTENTION = _MathAttention()
+
+
 def cublas_workspace(nbytes: int) -> Any:
     """The workspace cuBLAS takes from the caching allocator for a thread's handle (the
     forward's, backward's), the first time that thread multiplies."""
@@ -43,10 +56,49 @@ def cublas_workspace(nbytes: int) -> Any:
     return torch.empty(nbytes, dtype=torch.uint8, device="meta")
 
 
-def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
+class CublasWorkspaces:
+    """cuBLAS's workspaces, one per thread that multiplies, each taken from the caching
+    allocator (and passed to `track`) at that thread's first matmul, after its output, and kept;
+    `thread` names the thread the replay runs as (the forward's, backward's). Backward's first
+    matmul comes after the loss's first gradients (a chunked loss's recomputed logits, the
+    head's gradient). The replay takes the forward's by the forward's start at the latest
+    (`take`): in the transformers that measured the H200 rows (5.17) the rotary embedding
+    multiplies on cuBLAS right after the embedding's output (5.24's multiplies elementwise). A
+    QDoRA model's first matmul comes earlier, in DoRA's init (`lora_B @ lora_A`, amid its
+    dequantized weights). Each is made and tracked inside `scope` (the replay counts them in a
+    part of their own)."""
+
+    def __init__(
+        self,
+        nbytes: int,
+        track: Callable[[Any], None],
+        thread: Callable[[], str],
+        scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ):
+        self.nbytes = nbytes
+        self.track = track
+        self.thread = thread
+        self.scope = scope
+        self.held: dict[str, Any] = {}
+
+    def take(self, thread: str) -> None:
+        if thread not in self.held:
+            with self.scope():
+                self.held[thread] = cublas_workspace(self.nbytes)
+                self.track(self.held[thread])
+
+    def multiplied(self) -> None:
+        self.take(self.thread())
+
+
+def cuda_kernels(
+    track: Callable[[Any], None], multiplied: Callable[[], None] = lambda: None
+) -> dict[Any, Callable[..., Any]]:
     """Replacements for ops whose meta kernels allocate less than CUDA's, by op: each makes
-    (and passes to `track`) what the CUDA kernel makes, and returns its outputs."""
+    (and passes to `track`) what the CUDA kernel makes, and returns its outputs. The ops that
+    run on cuBLAS call `multiplied` after their output is made (CublasWorkspaces')."""
     import torch
+    from torch.utils._pytree import tree_leaves
 
     def safe_softmax(scores: Any, dim: int, dtype: Any = None) -> Any:
         """SDPA's math-path softmax as CUDA runs it (the meta kernel makes only the output):
@@ -57,6 +109,21 @@ def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
         track(masked)
         rows = torch.all(masked, dim=dim, keepdim=True)
         track(rows)
+        return out
+
+    def add(a: Any, b: Any, alpha: Any = 1) -> Any:
+        """SDPA's math path adds the mask to the scores in place on CUDA; on meta tensors, which
+        torch counts as tensor subclasses (areAnyTensorSubclassLike), it adds out of place: one
+        more score matrix, alive beside the softmax's output."""
+        if (
+            MATH_ATTENTION.running
+            and isinstance(b, torch.Tensor)
+            and torch.broadcast_shapes(a.shape, b.shape) == a.shape
+            and torch.result_type(a, b) == a.dtype
+        ):
+            return a.add_(b, alpha=alpha)
+        out = torch.ops.aten.add.Tensor(a, b, alpha=alpha)
+        track(out)
         return out
 
     def softmax_backward(grad: Any, output: Any, dim: int, input_dtype: Any) -> Any:
@@ -90,11 +157,26 @@ def cuda_kernels(track: Callable[[Any], None]) -> dict[Any, Callable[..., Any]]:
         track(out)
         return out
 
-    return {
+    def on_cublas(op: Any) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = op(*args, **kwargs)
+            for tensor in tree_leaves(out):
+                track(tensor)
+            multiplied()
+            return out
+
+        return run
+
+    kernels: dict[Any, Callable[..., Any]] = {
         torch.ops.aten._safe_softmax.default: safe_softmax,
         torch.ops.aten._softmax_backward_data.default: softmax_backward,
         torch.ops.aten._grouped_mm.default: grouped_mm,
+        torch.ops.aten.add.Tensor: add,
     }
+    aten = torch.ops.aten
+    for op in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, aten.addmv):
+        kernels[op.default] = on_cublas(op.default)
+    return kernels
 
 
 class Autocast:
@@ -208,16 +290,20 @@ def cuda_behaviour(
             return flash.apply(query, key, value)
         if key.shape[1] == query.shape[1]:
             return efficient.apply(query, key, value, attention_bias(query, attn_mask))
-        return original_sdpa(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
+        MATH_ATTENTION.running = True
+        try:
+            return original_sdpa(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
+        finally:
+            MATH_ATTENTION.running = False
 
     def attention_bias(query: Any, mask: Any) -> Any:
         """The mask as the memory-efficient kernel gets it: torch makes a boolean mask additive,

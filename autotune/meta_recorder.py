@@ -57,6 +57,15 @@ class Recorder:
 
         self.mode = Mode()
 
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        """What is made under it is counted in `phase`, whatever phase the replay is in."""
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
     def track(self, tensor: Any) -> None:
         import torch
 

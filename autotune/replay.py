@@ -38,8 +38,8 @@ from autotune.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, MemoryEs
 from autotune.meta_bitsandbytes import bitsandbytes_cuda_kernels, fresh_bitsandbytes_caches
 from autotune.meta_cuda import (
     Autocast,
+    CublasWorkspaces,
     autocast_forward,
-    cublas_workspace,
     cuda_behaviour,
     cuda_empty_cache,
     cuda_kernels,
@@ -140,8 +140,16 @@ def _replay(
     autocast = Autocast(amp) if amp is not None else None
     model = meta_model(recipe, copy.deepcopy(config))
     parameters = sum(p.numel() for p in model.parameters())
-    recorder.kernels.update(cuda_kernels(recorder.track))
-    recorder.kernels.update(bitsandbytes_cuda_kernels(recorder.track))
+    # cuBLAS's workspaces: backward's thread's while gradients are made, the forward's else
+    # (taken at the thread's first matmul; the forward's by the forward's start at the latest)
+    cublas = CublasWorkspaces(
+        cublas_workspace_bytes,
+        recorder.track,
+        lambda: "backward" if recorder.phase == "gradients" else "forward",
+        lambda: recorder.in_phase("cublas_workspaces"),
+    )
+    recorder.kernels.update(cuda_kernels(recorder.track, cublas.multiplied))
+    recorder.kernels.update(bitsandbytes_cuda_kernels(recorder.track, cublas.multiplied))
     recorder.kernels.update(int8_cuda_kernels(recorder.track, parameters))
     host = HostMemory()
     with (
@@ -161,23 +169,19 @@ def _replay(
         recorder.tied = tied_gradient_shapes(model)
         recorder.phase = "optimizer"
         optimizer, paged = cuda_optimizer(model, recipe, recorder, host)
-        workspaces: list[Any] = []
         batch: list[Any] = []
         loss = scaled = None
         shape = (recipe.micro_batch_size, seq_len)
         for _ in range(steps):
             for _ in range(min(recipe.gradient_accumulation_steps, REPLAY_MICRO_BATCHES)):
                 recorder.phase = "activations"
-                if not workspaces:  # cuBLAS's, for the forward's thread
-                    workspaces.append(_workspace(recorder, cublas_workspace_bytes))
+                cublas.take("forward")
                 loss, batch = _forward_loss(model, recipe, shape, autocast, padded)
                 # scaled by its share of the step's tokens; the probe's loop names it until the
                 # next micro-batch's is made, so its graph lives that long, and with it what
                 # bitsandbytes' int8 matmul keeps on its nodes past backward (its inputs)
                 scaled = loss * 1.0
                 recorder.phase = "gradients"
-                if len(workspaces) == 1:  # and for backward's
-                    workspaces.append(_workspace(recorder, cublas_workspace_bytes))
                 scaled.backward()
             recorder.phase = "optimizer"
             optimizer.step()
@@ -199,15 +203,6 @@ def _replay(
         host_peak_bytes=host.peak_bytes,
         live_at_peak=recorder.live_at_peak(),
     )
-
-
-def _workspace(recorder: Recorder, nbytes: int) -> Any:
-    """A thread's cuBLAS workspace, counted in its own part of the breakdown."""
-    phase, recorder.phase = recorder.phase, "cublas_workspaces"
-    try:
-        return cublas_workspace(nbytes)
-    finally:
-        recorder.phase = phase
 
 
 def _forward_loss(

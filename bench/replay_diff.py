@@ -25,6 +25,14 @@ Then the blocks alive at each side's allocated peak, told apart by size: those o
 held (a tensor the replay does not make, or frees earlier) and those only the replay held (with
 the phase that allocated them), largest first, and both allocated peaks. A miss of allocated
 memory, not of the allocator's overhead, shows here as a block size to look for.
+
+With `--requests N`, then both streams of large-pool requests (over 1 MiB, the pool that
+reserves the large segments) side by side from their first difference, N of them: each
+request's bytes, the sizes of the large blocks freed since the one before, and the Python
+frames that made the replay's (a snapshot recorded without stacks names no code; the replay's
+frames, where both streams still agree, tell which code made the GPU's). A block allocated and
+freed before the next large request leaves its pool as it found it and is left out; `--after K`
+looks for the first difference from the K-th request on (past one already explained).
 """
 
 from __future__ import annotations
@@ -39,10 +47,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared import CONFIGS  # noqa: E402
+from shared import CONFIGS, ROOT  # noqa: E402
 
 GROW = ("segment_alloc", "segment_map")
 SHRINK = ("segment_free", "segment_unmap")
+LARGE_REQUEST_BYTES = 2**20
+"""Requests over this are served from the large pool (the allocator's small-request bound)."""
+
+Event = tuple[str, int, str]
+"""("alloc", bytes requested, where it was made) or ("free", index of its alloc event, "")."""
+Step = tuple[tuple[int, ...], int, str]
+"""A large request: the large blocks' bytes freed since the one before (sorted), its bytes
+(rounded as the allocator serves them), where it was made."""
+UNSEEN_FRAMES = (
+    "/torch/",
+    "/copy.py",
+    "autotune/meta_recorder.py",
+    "autotune/allocator.py",
+    "replay_diff.py",
+)
+"""Frames left out of a replay request's place: dispatch, deep copies and the recording."""
 
 
 def gpu_reservations(snapshot: dict) -> tuple[list[tuple[int, int]], int]:
@@ -146,6 +170,109 @@ def unmatched(
     return gpu_lines[:shown], replay_lines[:shown]
 
 
+def gpu_requests(snapshot: dict) -> list[Event]:
+    """The probe's allocations and frees, in order, from a torch.cuda.memory snapshot's trace
+    (each frame the trace recorded, if it recorded any, as the place)."""
+    events: list[Event] = []
+    live: dict[int, int] = {}
+    for entry in (e for trace in snapshot.get("device_traces", []) for e in trace):
+        action, address = entry.get("action"), entry.get("addr", len(events))
+        if action == "alloc":
+            live[address] = len(events)
+            frames = entry.get("frames") or []
+            where = " | ".join(f"{f['filename']}:{f['line']}:{f['name']}" for f in frames[:3])
+            events.append(("alloc", int(entry.get("size", 0)), where))
+        elif action == "free_completed" and address in live:
+            events.append(("free", live.pop(address), ""))
+    return events
+
+
+def replay_requests(recipe: Any, config: Any) -> tuple[Any, list[Event]]:
+    """The replay of `recipe` and every request and free it made of the allocator model, in
+    order, each request with the first frames outside torch that made it."""
+    from autotune.allocator import CachingAllocator
+    from autotune.replay import replay
+
+    events: list[Event] = []
+    index: dict[int, int] = {}
+    malloc, free = CachingAllocator.malloc, CachingAllocator.free
+
+    def place() -> str:
+        frame, frames = sys._getframe(2), []
+        while frame is not None and len(frames) < 3:
+            name = frame.f_code.co_filename
+            if not any(part in name for part in UNSEEN_FRAMES):
+                short = name.split("site-packages/")[-1].removeprefix(f"{ROOT}/")
+                frames.append(f"{short}:{frame.f_lineno}:{frame.f_code.co_name}")
+            frame = frame.f_back
+        return " | ".join(frames)
+
+    def recorded_malloc(self: Any, nbytes: int, address: int | None = None) -> Any:
+        block = malloc(self, nbytes, address)
+        index[id(block)] = len(events)
+        events.append(("alloc", nbytes, place()))
+        return block
+
+    def recorded_free(self: Any, block: Any) -> None:
+        if id(block) in index:
+            events.append(("free", index.pop(id(block)), ""))
+        free(self, block)
+
+    CachingAllocator.malloc, CachingAllocator.free = recorded_malloc, recorded_free  # type: ignore[method-assign]
+    try:
+        return replay(recipe, config), events
+    finally:
+        CachingAllocator.malloc, CachingAllocator.free = malloc, free  # type: ignore[method-assign]
+
+
+def large_steps(events: list[Event]) -> list[Step]:
+    """The large-pool requests of `events`, each with the large blocks freed since the one
+    before; a block freed before the next large request is made is left out (its pool is as
+    it was)."""
+    from autotune.allocator import rounded_bytes
+
+    def large(event: Event) -> bool:
+        return event[0] == "alloc" and rounded_bytes(event[1]) > LARGE_REQUEST_BYTES
+
+    transient, last = set(), None
+    for index, event in enumerate(events):
+        if large(event):
+            last = index
+        elif event[0] == "free" and event[1] == last:
+            transient.add(last)
+    steps: list[Step] = []
+    freed: list[int] = []
+    for index, (action, value, where) in enumerate(events):
+        if index in transient or (action == "free" and value in transient):
+            continue
+        if action == "alloc" and large(events[index]):
+            steps.append((tuple(sorted(freed)), rounded_bytes(value), where))
+            freed = []
+        elif action == "free" and large(events[value]):
+            freed.append(rounded_bytes(events[value][1]))
+    return steps
+
+
+def request_diff(gpu: list[Step], replayed: list[Step], shown: int, after: int = 0) -> list[str]:
+    """Both large-request streams side by side from their first difference at or after the
+    `after`-th request (three agreeing ones before it), `shown` rows, each marked where the
+    two differ in bytes or in what was freed before."""
+    count = min(len(gpu), len(replayed))
+    first = next((k for k in range(after, count) if gpu[k][:2] != replayed[k][:2]), None)
+    if first is None:
+        return [f"the {count} large requests from the {after}-th on agree"]
+
+    def cell(step: Step) -> str:
+        freed = ",".join(f"{size / 2**20:.2f}" for size in step[0])
+        return f"{step[1] / 2**20:10.2f} MiB freed [{freed}]"
+
+    lines = [f"first difference at large request {first} (GPU {len(gpu)}, replay {count})"]
+    for k in range(max(after, first - 3), min(first + shown, count)):
+        mark = "<-" if gpu[k][:2] != replayed[k][:2] else "  "
+        lines.append(f"{k:6d}  {cell(gpu[k]):<44} {cell(replayed[k]):<44} {mark} {replayed[k][2]}")
+    return lines
+
+
 def side_by_side(gpu: list[tuple[int, int]], replayed: list[tuple[int, int]]) -> list[str]:
     mib = 2**20
     lines, first = [], None
@@ -168,6 +295,10 @@ def main() -> int:
     parser.add_argument("snapshot", type=Path, help="memory_snapshot.pickle of a probe")
     parser.add_argument("--shape", required=True, choices=sorted(CONFIGS))
     parser.add_argument("--fields", required=True, help="the probe's recipe fields, as JSON")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="large requests shown from the first difference"
+    )
+    parser.add_argument("--after", type=int, default=0, help="look from this large request on")
     args = parser.parse_args()
 
     from autotune.recipe import Recipe
@@ -177,7 +308,12 @@ def main() -> int:
         snapshot = pickle.load(handle)
     gpu, gpu_peak = gpu_reservations(snapshot)
     recipe = Recipe.from_dict({"model": args.shape, **json.loads(args.fields)})
-    result = replay(recipe, load_config(str(CONFIGS[args.shape])))
+    config = load_config(str(CONFIGS[args.shape]))
+    requests: list[Event] = []
+    if args.requests:
+        result, requests = replay_requests(recipe, config)
+    else:
+        result = replay(recipe, config)
     print(f"{'':4}  {'GPU reserved':<31}  replay reserved")
     print("\n".join(side_by_side(gpu, result.reservations)))
     gib, replayed = 2**30, result.peak_reserved_bytes
@@ -208,6 +344,10 @@ def main() -> int:
         if gpu_allocated
         else "the snapshot holds no allocation"
     )
+    if args.requests:
+        print("large requests, GPU and replay (bytes, and the large blocks freed before them):")
+        gpu_steps, replay_steps = large_steps(gpu_requests(snapshot)), large_steps(requests)
+        print("\n".join(request_diff(gpu_steps, replay_steps, args.requests, args.after)))
     return 0
 
 

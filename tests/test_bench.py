@@ -447,6 +447,60 @@ def test_replay_diff_reads_the_allocator_trace_of_a_probe(tmp_path):
     assert "peak allocated: GPU" in done.stdout and "GPU only:" in done.stdout
 
 
+def test_replay_diff_walks_both_request_streams_to_their_first_difference(tmp_path):
+    """The replay's own requests written as a GPU trace agree with it request for request; a
+    block the GPU allocates and frees before its next large request leaves the pool as it was
+    and changes nothing; one it keeps is the first difference, beside the replay's request and
+    the code that made it."""
+    import pickle
+
+    from autotune.recipe import Recipe
+    from autotune.replay import load_config, replay
+
+    diff = load_bench("replay_diff")
+    mib = 2**20
+    fields = {"method": "lora", "lora_r": 4, "seq_len": 1024, "micro_batch_size": 4}
+    recipe = Recipe.from_dict({"model": "demo", **fields})
+    config = load_config(str(ROOT / "demo"))
+    replayed, requests = diff.replay_requests(recipe, config)
+    assert replayed.peak_reserved_bytes == replay(recipe, config).peak_reserved_bytes
+    trace = [
+        {"action": "alloc", "addr": index, "size": value}
+        if action == "alloc"
+        else {"action": "free_completed", "addr": value, "size": 0}
+        for index, (action, value, _) in enumerate(requests)
+    ]
+    ours = diff.large_steps(requests)
+    assert len(ours) > 3 and all(where for *_, where in ours)  # each names the code
+
+    def steps(events: list[dict]) -> list[tuple]:
+        return diff.large_steps(diff.gpu_requests({"device_traces": [events]}))
+
+    assert [step[:2] for step in steps(trace)] == [step[:2] for step in ours]
+    assert "agree" in diff.request_diff(steps(trace), ours, 5)[0]
+    first = next(i for i, e in enumerate(trace) if e["action"] == "alloc" and e["size"] > mib)
+    transient = [
+        {"action": "alloc", "addr": -1, "size": 5 * mib},
+        {"action": "free_completed", "addr": -1, "size": 0},
+    ]
+    assert (
+        "agree" in diff.request_diff(steps(trace[:first] + transient + trace[first:]), ours, 5)[0]
+    )
+    kept = trace[:first] + [{"action": "alloc", "addr": -2, "size": 5 * mib}] + trace[first:]
+    lines = diff.request_diff(steps(kept), ours, 5)
+    assert lines[0].startswith("first difference at large request 0")
+    assert lines[1].split()[:2] == ["0", "5.00"] and "<-" in lines[1]
+    snapshot = tmp_path / "memory_snapshot.pickle"
+    snapshot.write_bytes(pickle.dumps({"device_traces": [kept]}))
+    done = run_bench(
+        "replay_diff.py",
+        *(str(snapshot), "--shape", "demo", "--fields", json.dumps(fields), "--requests", "4"),
+        device=None,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "first difference at large request 0" in done.stdout
+
+
 def test_replay_diff_runs_a_trace_through_the_allocator_model_at_its_addresses():
     """Two equal free blocks, the later segment at the lower address: the GPU takes it, so
     the 20 MiB segment is whole again for the last request. At the trace's addresses the model
