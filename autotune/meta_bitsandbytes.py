@@ -19,7 +19,7 @@ def bitsandbytes_cuda_kernels(
     """Replacements for bitsandbytes' 4-bit matmul and quantize ops on meta tensors, by op
     (none before bitsandbytes is imported): each makes (and passes to `track`) what the CUDA
     kernel makes, and returns its outputs; the 4-bit matmul's F.linear path runs on cuBLAS and
-    calls `multiplied` after its output (meta_cuda.CublasWorkspaces')."""
+    calls `multiplied` after its output (meta_cublas.CublasWorkspaces')."""
     import torch
 
     def gemm_4bit(

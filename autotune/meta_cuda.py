@@ -14,9 +14,8 @@ the ops, kernels and library calls that run differently on meta tensors than on 
 - dropout keeps a one-byte mask (CUDA's native_dropout), not the CPU's full-size one;
 - amp precisions cast the inputs of matrix multiplies to bf16/fp16 above autograd, caching the
   casts of trainable weights over the forward, as torch.autocast does;
-- cuBLAS keeps one workspace per handle, taken the first time its thread multiplies, after that
-  matmul's output: the forward thread's (at DoRA's init, which multiplies the adapter's
-  matrices, or the forward's start), then backward's (at its first matmul);
+- the ops that run on cuBLAS tell autotune.meta_cublas when a thread first multiplies (its
+  workspace is taken then);
 - torch.cuda.empty_cache() gives the allocator's unused segments back;
 - torch's fused AdamW runs on meta tensors (its meta kernel exists; its device check is lifted);
 - what transformers reads from the data to choose a mask is answered from the recipe.
@@ -48,55 +47,12 @@ class _MathAttention(threading.local):
 MATH_ATTENTION = _MathAttention()
 
 
-def cublas_workspace(nbytes: int) -> Any:
-    """The workspace cuBLAS takes from the caching allocator for a thread's handle (the
-    forward's, backward's), the first time that thread multiplies."""
-    import torch
-
-    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
-
-
-class CublasWorkspaces:
-    """cuBLAS's workspaces, one per thread that multiplies, each taken from the caching
-    allocator (and passed to `track`) at that thread's first matmul, after its output, and kept;
-    `thread` names the thread the replay runs as (the forward's, backward's). Backward's first
-    matmul comes after the loss's first gradients (a chunked loss's recomputed logits, the
-    head's gradient). The replay takes the forward's by the forward's start at the latest
-    (`take`): in the transformers that measured the H200 rows (5.17) the rotary embedding
-    multiplies on cuBLAS right after the embedding's output (5.24's multiplies elementwise). A
-    QDoRA model's first matmul comes earlier, in DoRA's init (`lora_B @ lora_A`, amid its
-    dequantized weights). Each is made and tracked inside `scope` (the replay counts them in a
-    part of their own)."""
-
-    def __init__(
-        self,
-        nbytes: int,
-        track: Callable[[Any], None],
-        thread: Callable[[], str],
-        scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    ):
-        self.nbytes = nbytes
-        self.track = track
-        self.thread = thread
-        self.scope = scope
-        self.held: dict[str, Any] = {}
-
-    def take(self, thread: str) -> None:
-        if thread not in self.held:
-            with self.scope():
-                self.held[thread] = cublas_workspace(self.nbytes)
-                self.track(self.held[thread])
-
-    def multiplied(self) -> None:
-        self.take(self.thread())
-
-
 def cuda_kernels(
     track: Callable[[Any], None], multiplied: Callable[[], None] = lambda: None
 ) -> dict[Any, Callable[..., Any]]:
     """Replacements for ops whose meta kernels allocate less than CUDA's, by op: each makes
     (and passes to `track`) what the CUDA kernel makes, and returns its outputs. The ops that
-    run on cuBLAS call `multiplied` after their output is made (CublasWorkspaces')."""
+    run on cuBLAS call `multiplied` after their output is made (meta_cublas.CublasWorkspaces')."""
     import torch
     from torch.utils._pytree import tree_leaves
 

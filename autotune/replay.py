@@ -36,9 +36,9 @@ from autotune.batchings import BATCHINGS
 from autotune.errors import UsageError, first_line
 from autotune.memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, MemoryEstimate
 from autotune.meta_bitsandbytes import bitsandbytes_cuda_kernels, fresh_bitsandbytes_caches
+from autotune.meta_cublas import CublasWorkspaces
 from autotune.meta_cuda import (
     Autocast,
-    CublasWorkspaces,
     autocast_forward,
     cuda_behaviour,
     cuda_empty_cache,

@@ -676,7 +676,8 @@ def test_cublas_takes_each_threads_workspace_after_its_first_matmuls_output():
     matmul, after the matmul's output, and keeps it; backward's thread takes its own."""
     import torch
 
-    from autotune.meta_cuda import CublasWorkspaces, cuda_kernels
+    from autotune.meta_cublas import CublasWorkspaces
+    from autotune.meta_cuda import cuda_kernels
 
     tracked: list[torch.Tensor] = []
     thread = ["forward"]
@@ -702,16 +703,16 @@ def test_dora_init_takes_the_forward_threads_cublas_workspace_as_on_cuda(cut_mod
     their own part."""
     import traceback
 
-    from autotune import meta_cuda
+    from autotune import meta_cublas
 
-    made = meta_cuda.cublas_workspace
+    made = meta_cublas.cublas_workspace
     callers: list[set[str]] = []
 
     def spied(nbytes: int):
         callers.append({Path(frame.filename).name for frame in traceback.extract_stack()})
         return made(nbytes)
 
-    monkeypatch.setattr(meta_cuda, "cublas_workspace", spied)
+    monkeypatch.setattr(meta_cublas, "cublas_workspace", spied)
     workspace = 2**30
     lora = {"method": "lora", "lora_r": 8, "lora_dropout": 0.0}
     config = load_config(str(cut_model))
