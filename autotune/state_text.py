@@ -181,5 +181,6 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
-        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))
+        context = result.breakdown.get("cuda_context", 0)
+        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus, context))
     return fits

@@ -522,6 +522,7 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
         margins_of,
         memory_margin,
     )
+    from autotune.memory import CUDA_CONTEXT_BYTES
 
     bench = load_bench("memory_bench")
     rows = bench.margin_rows()
@@ -533,10 +534,11 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
     assert worst_replay_nf4 < -0.1  # the reported QLoRA misses are counted
     margin = memory_margin("replay", "nf4")
     assert margin.fraction == pytest.approx(fraction_for(worst_replay_nf4), abs=1e-6)
-    # a peak under-predicted by the worst miss fits once the margin is added
+    # a reserved peak (less the context, as the errors are) under-predicted by the worst miss
+    # fits once the margin is added to it, the context beside it
     predicted = 10 * 2**30
     measured = predicted / (1 + worst_replay_nf4)
-    assert margin.bytes_of(predicted) >= measured
+    assert margin.bytes_of(predicted + CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES >= measured
     int8 = [
         r["error"] for r in rows if (r["memory_model"], r["quantization"]) == ("replay", "int8")
     ]

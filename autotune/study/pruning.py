@@ -216,13 +216,13 @@ def margined_peak_bytes(
     """The formula's peak of `recipe` on the rows data whose examples span `token_lengths`
     gives its probe (formula_estimate), with the formula's margin (or the one given): what a
     study holds to the budget before any probe."""
-    peak = formula_estimate(spec, recipe, token_lengths).peak_bytes
-    return with_formula_margin(peak, recipe, margin)
+    return with_formula_margin(formula_estimate(spec, recipe, token_lengths), recipe, margin)
 
 
-def with_formula_margin(peak_bytes: int, recipe: Recipe, margin: float | None) -> int:
-    """The formula's peak of `recipe` with the formula's margin (or the one given)."""
-    return margin_for(margin, "formula", recipe.quantization).bytes_of(peak_bytes)
+def with_formula_margin(estimate: MemoryEstimate, recipe: Recipe, margin: float | None) -> int:
+    """The formula's peak of `recipe` (its `estimate`) with the formula's margin (or the one
+    given)."""
+    return margin_for(margin, "formula", recipe.quantization).estimate_bytes(estimate)
 
 
 Held = Callable[[Recipe], tuple[MemoryEstimate, str]]
@@ -234,7 +234,7 @@ def held_peak_bytes(recipe: Recipe, held: Held, margin: float | None) -> tuple[i
     """The peak with its margin that `held` predicts of `recipe`, and the model that gave it,
     as a trial of it is held to the budget."""
     estimate, used = held(recipe)
-    return margin_for(margin, used, recipe.quantization).bytes_of(estimate.peak_bytes), used
+    return margin_for(margin, used, recipe.quantization).estimate_bytes(estimate), used
 
 
 @dataclass(frozen=True)
