@@ -386,6 +386,23 @@ def test_estimate_shows_paged_optimizer_states_apart_from_the_peak(config_only, 
     assert "paged optimizer states" in table.stdout and "outside the peak" in table.stdout
 
 
+def test_estimate_says_host_memory_per_gpu_only_on_several(tmp_path):
+    """The demo model's recipe with its activations offloaded holds host memory: on one GPU the
+    estimate names it "host memory" (it said "per GPU" there too), on two "per GPU"."""
+    rows = {}
+    for gpus, fields in ((1, ""), (2, "distributed: ddp\nnum_gpus: 2\n")):
+        recipe = tmp_path / f"offload-{gpus}.yaml"
+        recipe.write_text(f"method: lora\nactivation_offload: true\nseq_len: 128\n{fields}")
+        done = autotune(
+            "estimate", "-m", str(DEMO / "model"), "-r", str(recipe), "--memory-model",
+            "formula", cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        # each line of the table: its name right-aligned in 28 columns, then the figure
+        [rows[gpus]] = [line[:28].strip() for line in done.stdout.splitlines() if "host" in line]
+    assert rows == {1: "host memory", 2: "host memory per GPU"}
+
+
 def _bad_inputs(tmp_path: Path, config_only: Path):
     data = write_jsonl(tmp_path / "ok.jsonl", [{"text": f"row {i}"} for i in range(30)])
     empty = tmp_path / "empty.jsonl"
