@@ -141,7 +141,7 @@ class MemoryPrediction:
 
     @property
     def peak_with_margin_bytes(self) -> int:
-        return self.margin.bytes_of(self.estimate.peak_bytes)
+        return self.margin.estimate_bytes(self.estimate)
 
 
 def memory_prediction(

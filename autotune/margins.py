@@ -17,7 +17,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from autotune.memory import CUDA_CONTEXT_BYTES
+
+if TYPE_CHECKING:
+    from autotune.memory import MemoryEstimate
 
 MARGINS_FILE = Path(__file__).resolve().parent / "memory_margins.json"
 
@@ -25,13 +30,22 @@ MARGINS_FILE = Path(__file__).resolve().parent / "memory_margins.json"
 @dataclass(frozen=True)
 class MemoryMargin:
     fraction: float
-    """The share added to a predicted peak: predicted * (1 + fraction) must fit the budget."""
+    """The share added to a predicted peak less its CUDA context: context + (predicted -
+    context) * (1 + fraction) must fit the budget."""
     why: str
     """Where the figure comes from, in words (for the run's output and the report)."""
 
-    def bytes_of(self, peak_bytes: int) -> int:
-        """The peak with the margin added."""
-        return math.ceil(peak_bytes * (1 + self.fraction))
+    def bytes_of(self, peak_bytes: int, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+        """The peak with the margin added to what the margin was measured on: the peak less the
+        CUDA context (`context_bytes`), which is added back as it is. The margin's errors are of
+        predicted against measured reserved peaks, both without the context (margin_rows in
+        bench/memory_bench.py)."""
+        context = min(context_bytes, peak_bytes)
+        return context + math.ceil((peak_bytes - context) * (1 + self.fraction))
+
+    def estimate_bytes(self, estimate: MemoryEstimate) -> int:
+        """The peak of `estimate` with the margin added, less the context its breakdown names."""
+        return self.bytes_of(estimate.peak_bytes, estimate.breakdown.get("cuda_context", 0))
 
 
 def fraction_for(worst_under_prediction: float) -> float:
@@ -135,14 +149,21 @@ def check_margin(given: float | None) -> None:
         )
 
 
-def fit_words(peak_bytes: int, margin: MemoryMargin, budget_bytes: int, num_gpus: int = 1) -> str:
-    """How a predicted peak stands against the budget once the margin is added, in words; on
-    several GPUs both are each GPU's, and say so."""
+def fit_words(
+    peak_bytes: int,
+    margin: MemoryMargin,
+    budget_bytes: int,
+    num_gpus: int = 1,
+    context_bytes: int = CUDA_CONTEXT_BYTES,
+) -> str:
+    """How a predicted peak stands against the budget once the margin is added (to the peak
+    less its CUDA context, `context_bytes`), in words; on several GPUs both are each GPU's, and
+    say so."""
     from autotune.units import a_or_an, format_bytes
 
     each = " per GPU" if num_gpus > 1 else ""
 
-    margined = margin.bytes_of(peak_bytes)
+    margined = margin.bytes_of(peak_bytes, context_bytes)
     if margined <= budget_bytes:
         spare = format_bytes(budget_bytes - margined)
         verdict = f"fits {format_bytes(budget_bytes)} with {spare} to spare"

@@ -176,10 +176,12 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "(unified memory, outside the peak: paged to the host when the GPU runs short)"
         )
     if result.host_bytes:
+        host = "host memory per GPU" if predicted.num_gpus > 1 else "host memory"
         print(
-            f"{'host memory per GPU':>28}  {format_bytes(result.host_bytes):>12}  "
+            f"{host:>28}  {format_bytes(result.host_bytes):>12}  "
             "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
-        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus))
+        context = result.breakdown.get("cuda_context", 0)
+        print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus, context))
     return fits

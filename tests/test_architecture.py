@@ -4,6 +4,7 @@ probe, in `estimate`, `train` and the study's search space."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import logging
 import shutil
@@ -165,12 +166,15 @@ def test_the_search_space_keeps_what_the_model_can_run(
         (tmp_path, model, data), space_path=ROOT / "autotune" / "search_spaces" / "default.yaml"
     )
     prepared = prepare_run(settings)
-    assert prepared.unsupported_choices == unsupported
+    # on the CPU, the default space's CUDA-only loss and optimizer are left out too
+    _, here = supported_space(default, architecture, "cpu")
+    assert set(here) - set(unsupported) == {"loss", "optimizer"}
+    assert prepared.unsupported_choices == here and here[dimension] == unsupported[dimension]
     assert set(prepared.space.choices()[dimension]) == kept
     fewer = dataclasses.replace(prepared.settings, trials=2)
     study = run_study(dataclasses.replace(prepared, settings=fewer), FakeRunner())
     page = render_html(report_data(study))
-    assert "Not searched, they cannot run here: " + describe_unsupported(unsupported) in page
+    assert "Not searched, they cannot run here: " + html.escape(describe_unsupported(here)) in page
 
 
 def test_a_model_with_everything_supported_keeps_the_space():
@@ -265,6 +269,13 @@ def test_freeze_finds_each_family_blocks_or_is_left_out_in_one_line(tmp_path):
     assert "freeze" not in space.choices_of("method") and set(unsupported["method"]) == {"freeze"}
     with pytest.raises(UsageError, match="no method of the space runs on OPTForCausalLM"):
         supported_space(default.restricted({"method": ["freeze"]}), opt)
+    # the default space searches train_modules: MPT's freeze trains all or attention, and the
+    # study says once why not mlp (its trials were each refused)
+    assert default.choices_of("train_modules") == ("all", "attention", "mlp")
+    space, unsupported = supported_space(default, mpt)
+    assert unsupported == {"train_modules": {"mlp": mpt.freeze_refusals["mlp"]}}
+    assert space.choices_of("train_modules") == ("all", "attention")
+    assert "freeze" in space.choices_of("method")
 
 
 def test_dora_over_an_int8_base_is_refused_on_the_cpu_where_bitsandbytes_crashes():

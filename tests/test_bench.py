@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,7 +109,21 @@ def test_the_gpu_session_runs_the_unmeasured_paths_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     machine = (session / "machine.txt").read_text()
     assert "NVIDIA H200" in machine and f"optuna {optuna.__version__}" in machine
-    assert "skipped" in (session / "gpu_tests.log").read_text()
+    gpu_log = (session / "gpu_tests.log").read_text()
+    assert "skipped" in gpu_log
+    # the GPU tests never yet seen to pass on a GPU run first, test_gpu.py's after them (the
+    # time limit cut the last in pytest's own order), each test once, every marked file's
+    ran = re.findall(r"^tests/(test_\w+)\.py::(\S+)", gpu_log, re.MULTILINE)
+    assert len(ran) == len(set(ran)) and ran
+    files = list(dict.fromkeys(name for name, _ in ran))
+    first = ["test_techniques", "test_probe", "test_host_held", "test_loss", "test_gpu"]
+    assert files[: len(first)] == first
+    marked = {
+        path.stem
+        for path in (ROOT / "tests").glob("test_*.py")
+        if re.search(r"mark\.gpu\b", path.read_text(encoding="utf-8"))
+    }
+    assert set(files) == marked
     assert "no snapshot of demo-unmeasured-000-0" in (session / "replay_diff.txt").read_text()
     assert not (session / "snapshots").exists()  # packed, or none on the CPU
     # the exported recipes beside it (the card's 143771 MiB hold both)
@@ -576,6 +591,7 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
         margins_of,
         memory_margin,
     )
+    from autotune.memory import CUDA_CONTEXT_BYTES
 
     bench = load_bench("memory_bench")
     rows = bench.margin_rows()
@@ -587,10 +603,11 @@ def test_the_shipped_margins_are_the_committed_measurements_worst_misses():
     assert worst_replay_nf4 < -0.1  # the reported QLoRA misses are counted
     margin = memory_margin("replay", "nf4")
     assert margin.fraction == pytest.approx(fraction_for(worst_replay_nf4), abs=1e-6)
-    # a peak under-predicted by the worst miss fits once the margin is added
+    # a reserved peak (less the context, as the errors are) under-predicted by the worst miss
+    # fits once the margin is added to it, the context beside it
     predicted = 10 * 2**30
     measured = predicted / (1 + worst_replay_nf4)
-    assert margin.bytes_of(predicted) >= measured
+    assert margin.bytes_of(predicted + CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES >= measured
     int8 = [
         r["error"] for r in rows if (r["memory_model"], r["quantization"]) == ("replay", "int8")
     ]

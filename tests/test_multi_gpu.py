@@ -856,9 +856,9 @@ def test_a_recipes_fit_to_the_budget_says_per_gpu_on_several():
     from autotune.margins import MemoryMargin, fit_words
 
     margin = MemoryMargin(0.1, "a tenth")
-    one = fit_words(2**30, margin, 4 * 2**30)
+    one = fit_words(2**30, margin, 4 * 2**30, context_bytes=0)
     assert one.startswith("predicted 1.00 GiB, 1.10 GiB with a 10.0% margin") and "GPU" not in one
-    assert fit_words(2**30, margin, 4 * 2**30, num_gpus=4) == (
+    assert fit_words(2**30, margin, 4 * 2**30, num_gpus=4, context_bytes=0) == (
         "predicted 1.00 GiB per GPU, 1.10 GiB with a 10.0% margin (a tenth): fits 4.00 GiB with "
         "2.90 GiB to spare per GPU"
     )

@@ -218,7 +218,7 @@ def test_the_early_budget_check_sizes_a_few_recipes_and_answers_as_the_whole_spa
 ):
     """Before the data is tokenized a budget is held to the least peak any data gives: that
     needs whether some recipe fits, which a descent from each method's first recipe finds in
-    a few predictions, not every recipe of the space sized (the default space's 87,552 took
+    a few predictions, not every recipe of the space sized (the default space's 188,928 took
     seconds); only where none fits is every one predicted. The answer is the whole space's."""
     import importlib
 

@@ -301,7 +301,7 @@ def test_the_default_space_fits_micro_batch_8_of_qwen2_7b_in_24gb_through_the_ne
     fit = budget_fit(BudgetQuery(space, model, spec, 1024, 24 * 10**9, margin=0.0))
     print(f"budget_fit of the default space: {time.perf_counter() - started:.1f} s")
     assert 8 in fit.choices["micro_batch_size"]
-    assert set(fit.choices["loss"]) == {"standard", "chunked"}
+    assert set(fit.choices["loss"]) == {"standard", "chunked", "fused_linear"}
     assert set(fit.choices["activation_offload"]) == {False, True}
 
 

@@ -72,5 +72,5 @@ def test_a_figure_is_read_with_its_article(number, article):
 def test_the_fit_line_reads_an_eighteen_percent_margin():
     from autotune.margins import MemoryMargin, fit_words
 
-    line = fit_words(2**30, MemoryMargin(0.186, "its worst miss"), 4 * 2**30)
+    line = fit_words(2**30, MemoryMargin(0.186, "its worst miss"), 4 * 2**30, context_bytes=0)
     assert line.startswith("predicted 1.00 GiB, 1.19 GiB with an 18.6% margin (its worst miss)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
+from autotune.margins import MemoryMargin
 from autotune.pareto import Point, frontier
 from autotune.study.ranking import QualityRanking
 from autotune.study.records import (
@@ -62,7 +62,7 @@ def trials_frame(study: Any, points: Sequence[Point], ranking: QualityRanking) -
             "predicted_peak_bytes": record.predicted_peak_bytes,
             "memory_margin": record.memory_margin,
             "predicted_with_margin_bytes": (
-                math.ceil(record.predicted_peak_bytes * (1 + record.memory_margin))
+                MemoryMargin(record.memory_margin, "").bytes_of(record.predicted_peak_bytes)
                 if record.predicted_peak_bytes
                 else None
             ),

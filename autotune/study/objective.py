@@ -177,7 +177,7 @@ def make_objective(
         recipe = space.suggest(trial, settings.model, spec, settings.seq_len)
         prediction, memory_model = predict_trial(recipe)
         margin = margin_for(settings.memory_margin, memory_model, recipe.quantization)
-        margined_peak = margin.bytes_of(prediction.peak_bytes)
+        margined_peak = margin.estimate_bytes(prediction)
         host_bytes = prediction.host_bytes * recipe.num_gpus  # every rank on this machine
         workdir = trials_dir / f"trial-{trial.number:04d}"
 

@@ -26,7 +26,8 @@ def supported_space(
     space: SearchSpace, architecture: Architecture | None, device: str | None = None
 ) -> tuple[SearchSpace, dict[str, dict[str, str]]]:
     """The space without the LoRA target sets, quantizations, losses and optimizers (on
-    `device`) and attention implementations the model cannot run, and why each left out; where
+    `device`), attention implementations and freeze train_modules the model cannot run, and why
+    each left out; where
     none of a dimension's choices runs, what usually does (all-linear, eager, no quantization,
     the standard loss, adamw) takes their place, so a space written for the Llama family still
     searches Gemma 2 or GPT-NeoX; where no LoRA runs at all (peft refuses dropout on the stacked
@@ -58,6 +59,11 @@ def supported_space(
             unsupported.setdefault("optimizer", {})[choice] = refusal
     if "freeze" in methods and "all" in architecture.freeze_refusals:
         unsupported.setdefault("method", {})["freeze"] = architecture.freeze_refusals["all"]
+    elif "freeze" in methods:
+        for choice in space.choices_of("train_modules"):
+            refusal = architecture.freeze_refusals.get(choice, "")
+            if refusal:
+                unsupported.setdefault("train_modules", {})[choice] = refusal
     if "lora" in methods:
         for choice in space.choices_of("quantization"):
             refusal = architecture.quantization_refusal(choice, device)
@@ -106,6 +112,10 @@ def supported_space(
         c for c in space.choices_of("optimizer") if c not in unsupported.get("optimizer", {})
     )
     changes["optimizer"] = optimizer or ("adamw",)
+    modules = unsupported.get("train_modules", {})
+    changes["train_modules"] = tuple(
+        c for c in space.choices_of("train_modules") if c not in modules
+    ) or ("all",)
     return space.restricted(changes, target_sets), unsupported
 
 
@@ -216,13 +226,13 @@ def margined_peak_bytes(
     """The formula's peak of `recipe` on the rows data whose examples span `token_lengths`
     gives its probe (formula_estimate), with the formula's margin (or the one given): what a
     study holds to the budget before any probe."""
-    peak = formula_estimate(spec, recipe, token_lengths).peak_bytes
-    return with_formula_margin(peak, recipe, margin)
+    return with_formula_margin(formula_estimate(spec, recipe, token_lengths), recipe, margin)
 
 
-def with_formula_margin(peak_bytes: int, recipe: Recipe, margin: float | None) -> int:
-    """The formula's peak of `recipe` with the formula's margin (or the one given)."""
-    return margin_for(margin, "formula", recipe.quantization).bytes_of(peak_bytes)
+def with_formula_margin(estimate: MemoryEstimate, recipe: Recipe, margin: float | None) -> int:
+    """The formula's peak of `recipe` (its `estimate`) with the formula's margin (or the one
+    given)."""
+    return margin_for(margin, "formula", recipe.quantization).estimate_bytes(estimate)
 
 
 Held = Callable[[Recipe], tuple[MemoryEstimate, str]]
@@ -234,7 +244,7 @@ def held_peak_bytes(recipe: Recipe, held: Held, margin: float | None) -> tuple[i
     """The peak with its margin that `held` predicts of `recipe`, and the model that gave it,
     as a trial of it is held to the budget."""
     estimate, used = held(recipe)
-    return margin_for(margin, used, recipe.quantization).bytes_of(estimate.peak_bytes), used
+    return margin_for(margin, used, recipe.quantization).estimate_bytes(estimate), used
 
 
 @dataclass(frozen=True)

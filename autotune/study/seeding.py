@@ -122,10 +122,10 @@ class BudgetCheck:
         the trial's prediction puts it over the budget whatever (held_predictor's rule)."""
         settings, prepared = self.prepared.settings, self.prepared
         recipe = self._recipe(params)
-        peak = formula_estimate(prepared.spec, recipe, prepared.train_token_lengths).peak_bytes
-        if with_formula_margin(peak, recipe, settings.memory_margin) <= settings.budget_bytes:
+        estimate = formula_estimate(prepared.spec, recipe, prepared.train_token_lengths)
+        if with_formula_margin(estimate, recipe, settings.memory_margin) <= settings.budget_bytes:
             return 0
-        return 1 if replayed_at(peak, settings, prepared.model_config) else None
+        return 1 if replayed_at(estimate.peak_bytes, settings, prepared.model_config) else None
 
     def first_fitting(self, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The first of `candidates` (in the order they are preferred) that fits as its trial
