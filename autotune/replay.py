@@ -10,9 +10,10 @@ the prediction: the figure `torch.cuda.max_memory_reserved()` reaches on the GPU
 
 What the meta device cannot run is emulated with CUDA's memory behaviour: the loader's
 (autotune.meta_load), the ops' and kernels' (autotune.meta_cuda, with SDPA's in
-autotune.meta_attention, bitsandbytes' 4-bit matmul and quantize in autotune.meta_bitsandbytes
-and its int8 matmul in autotune.meta_int8), the optimizer's
-(autotune.meta_optimizer: paged states live in CUDA unified memory, outside the allocator),
+autotune.meta_attention, cuBLAS's workspaces in autotune.meta_cublas, bitsandbytes' 4-bit
+matmul and quantize in autotune.meta_bitsandbytes and its int8 matmul in autotune.meta_int8),
+the optimizer's (autotune.meta_optimizer: paged states live in CUDA unified memory, outside
+the allocator),
 activation offload's pinned host blocks (autotune.meta_host) and FSDP2's sharding
 (autotune.meta_fsdp); autograd sums a tied weight's gradients in place, as on CUDA
 (autotune.tied_gradients).

@@ -130,9 +130,9 @@ class RunSettings:
     """QLoRA probes read the base already quantized from an NF4 copy in trials/cache (the first
     one writes it)."""
     memory_margin: float | None = None
-    """Share added to each predicted peak before it is held to the budget, e.g. 0.1 for 10%
-    (default: the memory model's worst measured under-prediction for the recipe's kind of base,
-    from autotune/memory_margins.json)."""
+    """Share added to each predicted peak (less its CUDA context) before it is held to the
+    budget, e.g. 0.1 for 10% (default: the memory model's worst measured under-prediction for
+    the recipe's kind of base, from autotune/memory_margins.json)."""
     memory_model: str = "replay"
     """How a recipe's peak memory is predicted. replay: run the recipe's probe on torch's meta
     device through a model of the CUDA caching allocator (seconds; the formula answers where the
