@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from autotune.allocator import CachingAllocator
@@ -164,11 +164,20 @@ class Autocast:
             return self.cache[id(tensor)]
         return tensor.to(self.dtype)
 
+    def cast_last_first(self, tensors: Sequence[Any]) -> list[Any]:
+        """`tensors` cast in the order torch's autocast casts a call's arguments: its wrapper
+        expands `cached_cast(args)...` into the call of the op (ATen/autocast_mode.h), whose
+        arguments the compiler evaluates last first. A linear's weight is cast before its
+        input, so backward (the engine runs the ready node made last first) makes the input's
+        gradient before the weight's."""
+        return [self.cast(tensor) for tensor in reversed(tensors)][::-1]
+
     def wrap(self, function: Any) -> Any:
-        from torch.utils._pytree import tree_map
+        from torch.utils._pytree import tree_flatten, tree_unflatten
 
         def cast_then_call(*args: Any, **kwargs: Any) -> Any:
-            args, kwargs = tree_map(self.cast, (args, kwargs))
+            leaves, spec = tree_flatten((args, kwargs))
+            args, kwargs = tree_unflatten(self.cast_last_first(leaves), spec)
             return function(*args, **kwargs)
 
         return cast_then_call
@@ -240,7 +249,7 @@ def cuda_behaviour(
         enable_gqa=False,
     ):  # noqa: ANN001
         if autocast is not None:
-            query, key, value = (autocast.cast(t) for t in (query, key, value))
+            query, key, value = autocast.cast_last_first((query, key, value))
         half = query.dtype in (torch.float16, torch.bfloat16)
         if attn_mask is None and (force_flash or (half and query.shape[-1] <= 256)):
             return flash.apply(query, key, value)

@@ -38,14 +38,15 @@ class Recorder:
         (autotune.meta_cuda's, autotune.meta_bitsandbytes', autotune.meta_int8's)."""
         self.tied: SharedShapes = frozenset()
         """The model's tied parameters, whose gradients autograd sums in place on CUDA
-        (autotune.tied_gradients)."""
+        (autotune.tied_gradients); in the gradients phase (backward) it sums any tensor's so."""
         recorder = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 from torch.utils._pytree import tree_leaves
 
-                if sums_in_place(func, args, kwargs, recorder.tied):
+                backward = recorder.phase == "gradients"
+                if sums_in_place(func, args, kwargs, recorder.tied, backward):
                     return args[0].add_(args[1])
                 kernel = recorder.kernels.get(func)
                 if kernel is not None:
