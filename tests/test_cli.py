@@ -426,7 +426,7 @@ def test_estimate_says_host_memory_per_gpu_only_on_several(tmp_path):
         recipe = tmp_path / f"offload-{gpus}.yaml"
         recipe.write_text(f"method: lora\nactivation_offload: true\nseq_len: 128\n{fields}")
         done = autotune(
-            "estimate", "-m", str(DEMO / "model"), "-r", str(recipe), "--memory-model",
+            "estimate", "-m", str(DEMO), "-r", str(recipe), "--memory-model",
             "formula", cwd=tmp_path,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
