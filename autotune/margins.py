@@ -17,12 +17,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from autotune.memory import CUDA_CONTEXT_BYTES
-
-if TYPE_CHECKING:
-    from autotune.memory import MemoryEstimate
+from autotune.memory import CUDA_CONTEXT_BYTES, MemoryEstimate
 
 MARGINS_FILE = Path(__file__).resolve().parent / "memory_margins.json"
 
@@ -45,7 +42,7 @@ class MemoryMargin:
 
     def estimate_bytes(self, estimate: MemoryEstimate) -> int:
         """The peak of `estimate` with the margin added, less the context its breakdown names."""
-        return self.bytes_of(estimate.peak_bytes, estimate.breakdown.get("cuda_context", 0))
+        return self.bytes_of(estimate.peak_bytes, estimate.cuda_context_bytes)
 
 
 def fraction_for(worst_under_prediction: float) -> float:

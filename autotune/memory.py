@@ -71,6 +71,11 @@ class MemoryEstimate:
     not the card's."""
 
     @property
+    def cuda_context_bytes(self) -> int:
+        """The CUDA context's part of the peak (none where the breakdown names none)."""
+        return self.breakdown.get("cuda_context", 0)
+
+    @property
     def allocated_bytes(self) -> int:
         """The peak less what no tensor holds: what `torch.cuda.max_memory_allocated()` sees."""
         return self.peak_bytes - sum(self.breakdown.get(k, 0) for k in UNALLOCATED_PARTS)

@@ -182,6 +182,6 @@ def show_estimate(predicted: MemoryPrediction, as_json: bool, budget_bytes: int 
             "(offloaded off the GPU, outside the peak: held to the study's --host-budget)"
         )
     if budget_bytes is not None:
-        context = result.breakdown.get("cuda_context", 0)
+        context = result.cuda_context_bytes
         print(fit_words(result.peak_bytes, margin, budget_bytes, predicted.num_gpus, context))
     return fits
