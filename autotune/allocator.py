@@ -22,9 +22,16 @@ of equal blocks is when it was reserved, unless `malloc` is told the new segment
 recorded trace does). On the H200 snapshots the driver put most later segments below earlier
 ones, so the two orders part ways; docs/memory-model.md says what that changes.
 
-With `expandable_segments:True` each pool is one segment that grows by mapping pages (2 MiB for
-the small pool, 20 MiB for the large one) at its end, so a request that fits nowhere extends the
-free tail instead of reserving a new segment.
+With `expandable_segments:True` each pool is one segment of address space in which pages (2 MiB
+for the small pool, 20 MiB for the large one) are mapped as needed, and the rules change:
+
+- any rest of at least 512 bytes is split off, in the large pool too;
+- best fit counts a free block followed by unmapped space as that much larger, so a request
+  takes another free block that holds it before the block the segment could grow from;
+- a request no free block holds maps pages at the lowest unmapped place that, with the free
+  block before it, holds the request (the end of the segment unless `empty_cache()` unmapped
+  pages inside it);
+- `empty_cache()` unmaps every whole page inside a free block, wherever it is.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ SMALL_SEGMENT_BYTES = 2 * MIB
 LARGE_SEGMENT_BYTES = 20 * MIB
 MIN_LARGE_ALLOC_BYTES = 10 * MIB
 LARGE_ROUND_BYTES = 2 * MIB
+ADDRESS_SPACE_BYTES = 2**50
+"""An expandable segment's address space: more than any device maps (torch reserves 9/8 of the
+device's memory), so a pool never needs a second segment."""
 
 
 def rounded_bytes(nbytes: int) -> int:
@@ -64,10 +74,20 @@ class Block:
     size: int
     small: bool
     free: bool = False
+    mapped: bool = True
+    """False for an expandable segment's address space with no pages behind it."""
     prev: Block | None = None
     next: Block | None = None
     address: int = 0
     """Where the block's segment starts, or its order of reservation where that is unknown."""
+
+    def splice(self, before: Block | None, after: Block | None) -> None:
+        """Put this block between two neighbours of its segment."""
+        self.prev, self.next = before, after
+        if before is not None:
+            before.next = self
+        if after is not None:
+            after.prev = self
 
     def key(self) -> tuple[int, int, int, int]:
         # the segment too: two segments may be given one address (a trace's driver reuses the
@@ -88,7 +108,7 @@ class CachingAllocator:
         self.peak_allocated_bytes = 0
         self._free: dict[bool, list[tuple[int, int, int, int, Block]]] = {True: [], False: []}
         self._segments: dict[int, int] = {}  # segment id -> reserved bytes
-        self._tails: dict[bool, Block] = {}  # expandable: each pool's last block
+        self._unmapped: dict[bool, list[Block]] = {True: [], False: []}  # by offset
         self._next_segment = 0
         self.reservations: list[tuple[int, int]] = []
         """(bytes reserved, bytes requested) of every new segment or mapping, in order."""
@@ -111,6 +131,12 @@ class CachingAllocator:
         index = bisect.bisect_left(pool, size, key=lambda e: e[0])
         if index == len(pool):
             return None
+        if self.expandable_segments:
+            # a block the segment can grow from counts as that much larger: the next larger
+            # block is taken instead while it is smaller still
+            growable = _growable_bytes
+            while index + 1 < len(pool) and growable(pool[index + 1][4]) < growable(pool[index][4]):
+                index += 1
         block = pool[index][4]
         self._remove_free(block)
         return block
@@ -128,29 +154,93 @@ class CachingAllocator:
         where = self._next_segment if address is None else address
         return Block(self._next_segment, 0, nbytes, small, address=where)
 
-    def _grow_expandable(self, size: int, small: bool) -> Block:
-        """Map pages at the end of the pool's one segment until its free tail holds `size`."""
-        page = SMALL_SEGMENT_BYTES if small else LARGE_SEGMENT_BYTES
-        tail = self._tails.get(small)
-        if tail is None:
-            self._next_segment += 1
-            segment, offset, have = self._next_segment, 0, 0
-        elif tail.free:
-            self._remove_free(tail)
-            segment, offset, have = tail.segment, tail.offset, tail.size
+    # -- expandable segments
+    def _merge(self, block: Block, neighbour: Block | None) -> None:
+        """Absorb a neighbour that is free and mapped as `block` is, or unmapped as it is."""
+        if neighbour is None or neighbour.mapped != block.mapped:
+            return
+        if neighbour.mapped and not neighbour.free:
+            return
+        if neighbour.mapped:
+            self._remove_free(neighbour)
         else:
-            segment, offset, have = tail.segment, tail.offset + tail.size, 0
-        mapped = -(-(size - have) // page) * page
-        self._reserve(mapped, segment, size)
-        block = Block(segment, offset, have + mapped, small, address=segment)
-        if tail is not None and tail.free:
-            block.prev = tail.prev
-        elif tail is not None:
-            block.prev = tail
-        if block.prev is not None:
-            block.prev.next = block
-        self._tails[small] = block
-        return block
+            self._unmapped[neighbour.small].remove(neighbour)
+        if neighbour is block.prev:
+            block.offset = neighbour.offset
+            block.prev = neighbour.prev
+            if block.prev is not None:
+                block.prev.next = block
+        else:
+            block.next = neighbour.next
+            if block.next is not None:
+                block.next.prev = block
+        block.size += neighbour.size
+
+    def _insert_unmapped(self, block: Block) -> None:
+        block.mapped, block.free = False, False
+        bisect.insort(self._unmapped[block.small], block, key=lambda b: b.offset)
+
+    def _map(self, block: Block, size: int, requested: int) -> None:
+        """Map the pages that hold the first `size` bytes of an unmapped block; it joins the
+        free block before it."""
+        page = SMALL_SEGMENT_BYTES if block.small else LARGE_SEGMENT_BYTES
+        mapped = min(-(-size // page) * page, block.size)
+        self._unmapped[block.small].remove(block)
+        block.mapped = True
+        if mapped < block.size:
+            rest = Block(block.segment, block.offset + mapped, block.size - mapped, block.small)
+            rest.address = block.address
+            rest.splice(block, block.next)
+            block.size = mapped
+            self._insert_unmapped(rest)
+        self._merge(block, block.prev)
+        self._merge(block, block.next)
+        self._reserve(mapped, block.segment, requested)
+        self._insert_free(block)
+
+    def _grow_expandable(self, size: int, small: bool) -> Block:
+        """Map pages where a request no free block holds fits: the lowest unmapped place that,
+        with the free block before it, holds `size`."""
+        unmapped = self._unmapped[small]
+        if not unmapped:  # the pool's first request: its segment's address space
+            self._next_segment += 1
+            space = Block(self._next_segment, 0, ADDRESS_SPACE_BYTES, small)
+            space.address = self._next_segment
+            self._insert_unmapped(space)
+        starts = map(_with_free_before, unmapped)
+        candidate = next(c for c in starts if _free_bytes_from(c, size) >= size)
+        if not candidate.mapped:
+            self._map(candidate, min(candidate.size, size), size)
+        while candidate.size < size:
+            grown = candidate.next
+            assert grown is not None and not grown.mapped
+            self._map(grown, min(size - candidate.size, grown.size), size)
+            candidate = grown
+        self._remove_free(candidate)
+        return candidate
+
+    def _unmap(self, block: Block) -> None:
+        """Unmap the whole pages inside a free block of an expandable segment."""
+        page = SMALL_SEGMENT_BYTES if block.small else LARGE_SEGMENT_BYTES
+        begin = -(-block.offset // page) * page
+        end = (block.offset + block.size) // page * page
+        if begin >= end:
+            return
+        self._remove_free(block)
+        parts = ((block.offset, begin, True), (end, block.offset + block.size, False))
+        for start, stop, before in parts:
+            if stop > start:
+                part = Block(block.segment, start, stop - start, block.small)
+                part.address = block.address
+                part.splice(*((block.prev, block) if before else (block, block.next)))
+                self._insert_free(part)
+        block.offset, block.size = begin, end - begin
+        self._segments[block.segment] -= block.size
+        self.reserved_bytes -= block.size
+        block.mapped = False
+        self._merge(block, block.prev)
+        self._merge(block, block.next)
+        self._insert_unmapped(block)
 
     def malloc(self, nbytes: int, address: int | None = None) -> Block:
         """Serve a request of `nbytes`; `address`: where the segment it reserves, if it must,
@@ -164,17 +254,16 @@ class CachingAllocator:
             else:
                 block = self._new_segment(size, small, address)
         remaining = block.size - size
-        if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_REQUEST_BYTES:
+        if small or self.expandable_segments:
+            split = remaining >= MIN_BLOCK_BYTES
+        else:
+            split = remaining > SMALL_REQUEST_BYTES
+        if split:
             rest = Block(
                 block.segment, block.offset + size, remaining, small, address=block.address
             )
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
+            rest.splice(block, block.next)
             block.size = size
-            if self._tails.get(small) is block:
-                self._tails[small] = rest
             self._insert_free(rest)
         self.allocated_bytes += block.size
         self.peak_allocated_bytes = max(self.peak_allocated_bytes, self.allocated_bytes)
@@ -182,45 +271,40 @@ class CachingAllocator:
 
     def free(self, block: Block) -> None:
         self.allocated_bytes -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is None or not neighbour.free:
-                continue
-            self._remove_free(neighbour)
-            if neighbour is block.prev:
-                block.offset = neighbour.offset
-                block.prev = neighbour.prev
-                if block.prev is not None:
-                    block.prev.next = block
-            else:
-                block.next = neighbour.next
-                if block.next is not None:
-                    block.next.prev = block
-                if self._tails.get(block.small) is neighbour:
-                    self._tails[block.small] = block
-            block.size += neighbour.size
+        self._merge(block, block.prev)
+        self._merge(block, block.next)
         self._insert_free(block)
 
     def empty_cache(self) -> None:
         """Give back every segment that holds no allocated block (`torch.cuda.empty_cache()`);
-        with expandable segments, unmap the free pages at each pool's end."""
-        for small, pool in self._free.items():
+        with expandable segments, unmap every whole page inside a free block."""
+        for pool in self._free.values():
             for *_, block in list(pool):
-                whole = block.prev is None and block.next is None
-                if self.expandable_segments and block is self._tails.get(small):
-                    page = SMALL_SEGMENT_BYTES if small else LARGE_SEGMENT_BYTES
-                    unmapped = block.size // page * page
-                    if unmapped == 0:
-                        continue
-                    self._remove_free(block)
-                    self._segments[block.segment] -= unmapped
-                    self.reserved_bytes -= unmapped
-                    block.size -= unmapped
-                    if block.size:
-                        self._insert_free(block)
-                    else:
-                        self._tails[small] = block.prev  # type: ignore[assignment]
-                        if block.prev is not None:
-                            block.prev.next = None
-                elif whole and not self.expandable_segments:
+                if self.expandable_segments:
+                    self._unmap(block)
+                elif block.prev is None and block.next is None:
                     self._remove_free(block)
                     self.reserved_bytes -= self._segments.pop(block.segment)
+
+
+def _with_free_before(unmapped: Block) -> Block:
+    """Where a mapping at an unmapped block starts: the free block before it, if there is one."""
+    before = unmapped.prev
+    return before if before is not None and before.free else unmapped
+
+
+def _growable_bytes(block: Block) -> int:
+    """A free block's size as best fit counts it: with the unmapped space after it, if any."""
+    after = block.next
+    return block.size + (after.size if after is not None and not after.mapped else 0)
+
+
+def _free_bytes_from(block: Block, size: int) -> int:
+    """The bytes from `block` on that are free or unmapped, counted until `size` is reached."""
+    total, walk = 0, block
+    while total < size and (walk.free or not walk.mapped):
+        total += walk.size
+        if walk.next is None:
+            break
+        walk = walk.next
+    return total

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from autotune.allocator import MIB, CachingAllocator, rounded_bytes, segment_bytes
 
 
@@ -131,3 +135,93 @@ def test_expandable_segments_grow_the_free_tail_instead_of_reserving_a_segment()
     # the last 20 MiB block is free at the end: mapping 20 MiB more (a page) serves 30 MiB
     assert expandable.reserved_bytes == 80 * MIB
     assert expandable.allocated_bytes == plain.allocated_bytes == 70 * MIB
+
+
+def _segment_chains(allocator: CachingAllocator, live: list) -> list[list]:
+    """Every segment's blocks in address order, from any block the allocator or a caller
+    holds."""
+    heads = {}
+    known = [entry[4] for pool in allocator._free.values() for entry in pool]
+    known += live
+    for block in known:
+        while block.prev is not None:
+            block = block.prev
+        heads[id(block)] = block
+    chains = []
+    for head in heads.values():
+        chain, block = [], head
+        while block is not None:
+            chain.append(block)
+            block = block.next
+        chains.append(chain)
+    return chains
+
+
+@pytest.mark.parametrize("expandable", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_requests_keep_every_segment_a_row_of_blocks_that_add_up(expandable, seed):
+    # the blocks of a segment follow each other without gap or overlap, and reserved and
+    # allocated bytes are the sums of the mapped and the allocated ones, whatever the order of
+    # requests, frees and empty_cache() calls
+    rng = random.Random(seed)
+    allocator = CachingAllocator(expandable_segments=expandable)
+    live: list = []
+    for step in range(1500):
+        roll = rng.random()
+        if roll < 0.02:
+            allocator.empty_cache()
+        elif roll < 0.5 and live:
+            allocator.free(live.pop(rng.randrange(len(live))))
+        else:
+            low, high = rng.choice([(1, MIB), (MIB, 12 * MIB), (12 * MIB, 90 * MIB)])
+            size = rng.randrange(low, high)
+            live.append(allocator.malloc(size))
+        if step % 50:
+            continue
+        chains = _segment_chains(allocator, live)
+        for chain in chains:
+            for before, after in zip(chain, chain[1:]):
+                assert before.offset + before.size == after.offset
+                assert before.segment == after.segment and after.prev is before
+        blocks = [block for chain in chains for block in chain]
+        assert allocator.allocated_bytes == sum(b.size for b in live)
+        assert all(not b.free for b in live)
+        mapped = sum(b.size for b in blocks if b.mapped)
+        assert allocator.reserved_bytes == mapped
+
+
+def test_expandable_segments_split_off_any_rest_of_512_bytes_or_more():
+    for expandable, kept in ((False, 12 * MIB), (True, 11 * MIB + 512 * 1024)):
+        allocator = CachingAllocator(expandable_segments=expandable)
+        first = allocator.malloc(12 * MIB)
+        allocator.malloc(8 * MIB)  # expandable: the rest of the first 20 MiB page
+        allocator.free(first)
+        block = allocator.malloc(11 * MIB + 512 * 1024)
+        assert block.offset == first.offset
+        assert block.size == kept and allocator.allocated_bytes == kept + 8 * MIB
+
+
+def test_expandable_best_fit_spares_the_free_block_the_segment_grows_from():
+    allocator = CachingAllocator(expandable_segments=True)
+    first = allocator.malloc(30 * MIB)  # two 20 MiB pages; their last 10 MiB free
+    allocator.malloc(10 * MIB)  # takes those 10 MiB
+    allocator.malloc(25 * MIB)  # two more pages; their last 15 MiB free, unmapped space after
+    allocator.free(first)
+    # 12 MiB fits the 15 MiB block best, but it can grow: the 30 MiB block is taken instead
+    taken = allocator.malloc(12 * MIB)
+    assert taken.offset == first.offset == 0
+    assert allocator.reserved_bytes == 80 * MIB
+
+
+def test_expandable_empty_cache_unmaps_whole_free_pages_anywhere_and_maps_them_again_first():
+    allocator = CachingAllocator(expandable_segments=True)
+    head = allocator.malloc(50 * MIB)  # three 20 MiB pages
+    allocator.malloc(10 * MIB)  # the third page's free 10 MiB
+    allocator.free(head)
+    allocator.empty_cache()
+    # the two whole pages inside the free 50 MiB go; its last 10 MiB share a page still used
+    assert allocator.reserved_bytes == 20 * MIB
+    # 30 MiB: the unmapped 40 MiB at the start and the free 10 MiB after them hold it
+    block = allocator.malloc(30 * MIB)
+    assert block.offset == 0
+    assert allocator.reserved_bytes == allocator.peak_reserved_bytes == 60 * MIB
