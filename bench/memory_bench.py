@@ -333,6 +333,10 @@ UNMEASURED_CUDA = [
     # torchao's CPU-offload AdamW (the offload extra): states and step on the host
     {**_QLORA_MB4, "optimizer": "adamw_cpu_offload"},
     {"method": "full", "micro_batch_size": 1, "seq_len": 1024, "optimizer": "adamw_cpu_offload"},
+    # the allocator's expandable segments (CUDA's allocator only) beside rows measured without:
+    # QLoRA's empty_cache() after k-bit preparation unmaps free pages inside the segment
+    {**_QLORA_MB4, "expandable_segments": True},
+    {**_FULL_AMP, "expandable_segments": True},
 ]
 """Unmeasured recipes that run on CUDA only, added to `--grid unmeasured` there."""
 
