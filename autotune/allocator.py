@@ -47,8 +47,9 @@ LARGE_SEGMENT_BYTES = 20 * MIB
 MIN_LARGE_ALLOC_BYTES = 10 * MIB
 LARGE_ROUND_BYTES = 2 * MIB
 ADDRESS_SPACE_BYTES = 2**50
-"""An expandable segment's address space: more than any device maps (torch reserves 9/8 of the
-device's memory), so a pool never needs a second segment."""
+"""An expandable segment's address space, unbounded here. CUDA's spans 9/8 of the device's memory
+and, where unmapped holes (`empty_cache()`'s) push a request past its end, opens a second
+segment for it; the model, which does not know the device, grows the one segment instead."""
 
 
 def rounded_bytes(nbytes: int) -> int:

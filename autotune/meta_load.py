@@ -81,9 +81,9 @@ def load_weights(model: Any, recipe: Recipe, recorder: Recorder) -> None:
             warmup += tensor.numel() * quantized_size
         else:
             warmup += tensor.numel() * tensor.element_size()
-    warmup = warmup_bytes(warmup, recorder.allocator)
-    if warmup:
-        recorder.allocator.free(recorder.allocator.malloc(int(warmup) // 2 * 2))
+    warmup_request = int(warmup_bytes(warmup, recorder.allocator)) // 2 * 2
+    if warmup_request:  # CUDA's allocator never sees a request of 0 bytes
+        recorder.allocator.free(recorder.allocator.malloc(warmup_request))
     half = compute_dtype(recipe)
     for name, tensor in sorted(seen.values(), key=lambda item: item[0]):
         module = quantized_layer(name)
