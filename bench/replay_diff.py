@@ -107,7 +107,7 @@ def trace_through_model(snapshot: dict, addresses: bool) -> int:
         action, address = event.get("action"), event.get("addr", -index)
         if action == "segment_alloc":
             segment_address = address
-        elif action == "segment_free":
+        elif action in SHRINK:  # only empty_cache() gives memory back (no OOM here)
             allocator.empty_cache()
         elif action == "alloc":
             where = segment_address if addresses else None

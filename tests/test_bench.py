@@ -548,6 +548,32 @@ def test_replay_diff_runs_a_trace_through_the_allocator_model_at_its_addresses()
     assert diff.trace_through_model(snapshot, addresses=False) == 52 * mib
 
 
+def test_replay_diff_runs_an_expandable_segments_trace_with_its_unmapped_pages():
+    """empty_cache() unmaps the whole pages of a free block inside the segment: a trace's
+    segment_unmap is one, so the model leaves that hole for the request that fits it and maps
+    the later large one at the end, where the GPU did."""
+    diff = load_bench("replay_diff")
+    mib = 2**20
+
+    def event(action: str, addr: int, size: int) -> dict:
+        return {"action": action, "addr": addr * mib, "size": size * mib}
+
+    events = [
+        event("segment_map", 0, 60),
+        event("alloc", 0, 50),
+        event("alloc", 50, 10),
+        event("free_completed", 0, 50),
+        event("segment_unmap", 0, 40),  # empty_cache(): the pages of 0-40 MiB go
+        event("alloc", 40, 5),  # the free 40-50 MiB serves it
+        event("segment_map", 60, 60),
+        event("alloc", 60, 48),
+    ]
+    snapshot = {"device_traces": [events], "allocator_settings": {"expandable_segments": True}}
+    _, gpu_peak = diff.gpu_reservations(snapshot)
+    # without the unmapping the 5 MiB would split the free 50 MiB and the 48 MiB map 120 in all
+    assert diff.trace_through_model(snapshot, addresses=False) == gpu_peak == 80 * mib
+
+
 def test_replay_diff_tells_the_blocks_alive_at_each_allocated_peak():
     """The blocks alive at the replay's allocated peak add up to it; those of a GPU trace are
     read at its own peak, and the sizes only one side held are named, with the replay's phase."""
