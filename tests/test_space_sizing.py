@@ -10,7 +10,7 @@ import math
 import pytest
 
 from autotune.errors import UsageError
-from autotune.memory import MemoryEstimate
+from autotune.memory import ALLOCATOR_FIXED_BYTES, MemoryEstimate
 from autotune.prediction import predict, replay_rows
 from autotune.replay import load_config
 from autotune.study import prepare_run, run_study, seeding
@@ -177,3 +177,21 @@ def test_sizing_progress_says_which_recipes_it_counts(monkeypatch, capsys):
     line = " ".join(capsys.readouterr().err.split())
     assert "2 of 3 deciding recipes" in line
     assert "of each choice the formula puts over the budget, its least recipe" in line
+
+
+def test_the_replay_band_leaves_out_the_formula_s_fixed_allocator_reserve(
+    workspace,  # noqa: F811
+    monkeypatch,
+):
+    """On a model of a few million parameters the formula's fixed allocator reserve alone puts
+    the least full fine-tune over REPLAY_BAND budgets where its replay fits: the band judges
+    the formula less that reserve, so the trial is replayed and full is searched."""
+    formula_peak, replay_peak = least_full_fine_tune(workspace, monkeypatch)
+    budget = max(replay_peak, math.ceil((formula_peak - ALLOCATOR_FIXED_BYTES) / REPLAY_BAND))
+    assert formula_peak > REPLAY_BAND * budget  # beyond the band the reserve included
+    settings = settings_for(workspace, memory_model="replay", budget_bytes=budget)
+    assert seeding.replayed_at(formula_peak, settings, object())
+    assert not seeding.replayed_at(formula_peak + ALLOCATOR_FIXED_BYTES, settings, object())
+    prepared = prepare_run(settings)
+    assert "full" in prepared.fitting_choices["method"]
+    assert prepared.smallest_peak_model == "replay"

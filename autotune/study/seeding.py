@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from autotune.memory import MemoryEstimate
+from autotune.memory import ALLOCATOR_FIXED_BYTES, MemoryEstimate
 from autotune.model_spec import ModelSpec
 from autotune.prediction import (
     formula_estimate,
@@ -28,11 +28,12 @@ Predicted = tuple[MemoryEstimate, str]
 
 def replayed_at(formula_peak_bytes: int, settings: RunSettings, model_config: Any) -> bool:
     """Whether a trial whose recipe the formula puts at `formula_peak_bytes` is held to the
-    replay (where it can run): with --memory-model replay, within REPLAY_BAND of the budget."""
+    replay (where it can run): with --memory-model replay, within REPLAY_BAND of the budget once
+    the formula's fixed allocator reserve is left out (REPLAY_BAND)."""
     return (
         settings.memory_model == "replay"
         and model_config is not None
-        and formula_peak_bytes <= REPLAY_BAND * settings.budget_bytes
+        and formula_peak_bytes - ALLOCATOR_FIXED_BYTES <= REPLAY_BAND * settings.budget_bytes
     )
 
 
