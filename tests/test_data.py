@@ -97,7 +97,16 @@ def test_caches_of_the_old_chat_tokenization_are_not_reused(tmp_path):
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        (b'{"text": "ok"}\n{"text": \n', "line 2: not valid JSON"),
+        (
+            b'{"text": "ok"}\n{"text": \n',
+            r"line 2: not valid JSON \(Expecting value at the end of the line\)",
+        ),
+        # a line cut short was said to go wrong at its column 1
+        (
+            b'{"text": "ok"}\n{"input": "a",\n',
+            r"line 2: not valid JSON \(Expecting property name enclosed in double quotes at the "
+            r"end of the line\)",
+        ),
         (
             b'{"text": "ok"}\n{"text": "a\x01b"}\n',
             r"line 2: not valid JSON \(Invalid control character at column 12\)",

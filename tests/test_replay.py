@@ -387,6 +387,10 @@ def _h100_row(shape: str, label: str, seq_len: int) -> dict:
         # backward's cuBLAS workspace taken at its first matmul, as on CUDA: taken before
         # backward ran, the replay was 14.8% under
         ("qwen2-0.5b", "freeze 8 bf16 mb4", 1024),
+        # expandable segments: the allocator model kept the free tail a segment grew from as
+        # if allocated beside the grown block; the replay was 8.7% under, allocating as the GPU
+        ("qwen2-0.5b", "LoRA r16 all-linear amp_bf16 mb4 gc", 2048),
+        ("llama-3.2-1b", "LoRA r16 all-linear amp_bf16 mb4 gc", 2048),
     ],
 )
 def test_replay_predicts_measured_h100_peaks(shape, label, seq_len):
@@ -405,23 +409,6 @@ def test_replay_predicts_measured_h100_peaks(shape, label, seq_len):
     estimate = result.estimate()
     assert estimate.peak_bytes == result.peak_reserved_bytes + CUDA_CONTEXT_BYTES
     assert sum(estimate.breakdown.values()) == estimate.peak_bytes
-
-
-@pytest.mark.parametrize(
-    ("shape", "label", "seq_len"),
-    [("qwen2-0.5b", "LoRA r16 all-linear amp_bf16 mb4 gc", 2048)],
-)
-def test_replay_misses_of_the_reserved_peak_are_the_allocators(shape, label, seq_len):
-    """The H100 row whose reserved peak the replay misses most: the GPU reserved 9.5% more
-    than the replay, yet allocated what the replay allocates, so the tensors are right and what
-    is left is where the caching allocator placed them
-    (bench/results/memory_replay_h100.json, replay_allocated_error)."""
-    row = _h100_row(shape, label, seq_len)
-    recipe = Recipe.from_dict({"model": shape, **row["fields"]})
-    result = replay(recipe, load_config(str(SHAPE_CONFIGS / f"{shape}.json")))
-    assert result.peak_allocated_bytes == pytest.approx(row["measured_allocated_bytes"], rel=0.002)
-    measured_reserved = row["measured_peak_bytes"] - row["cuda_context_bytes"]
-    assert result.peak_reserved_bytes < 0.95 * measured_reserved
 
 
 def test_paged_states_stay_outside_the_allocator():

@@ -49,10 +49,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                yield (
-                    line_number,
-                    BadRow(line_number, f"not valid JSON ({error.msg} column {error.colno})"),
-                )
+                # the parser counts the line's newline as a line of its own: a line cut short
+                # was "line 2 column 1" to it
+                cut = error.pos >= len(line.rstrip("\r\n"))
+                where = "at the end of the line" if cut else f"column {error.pos + 1}"
+                yield line_number, BadRow(line_number, f"not valid JSON ({error.msg} {where})")
                 continue
             except RecursionError:  # Python's parser gives up near a thousand levels
                 yield line_number, BadRow(line_number, "JSON nested too deeply to read")
