@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from autotune.study.objective import RunEvents, TrialSummary
 from autotune.study.records import TrialStatus
+from autotune.training.io import measured_memory
 from autotune.units import format_bytes
 
 if TYPE_CHECKING:
@@ -289,15 +290,6 @@ def train_command(result: RunResult) -> str:
     from autotune.report.card import study_train_command
 
     return study_train_command(result.study, str(result.recipe_path))
-
-
-def measured_memory(peak_bytes: float, memory_source: str) -> str:
-    """A probe's measured peak as it was measured: a CPU probe's is the growth of its resident
-    memory, not GPU memory."""
-    from autotune.training.io import CPU_MEMORY_SOURCE
-
-    memory = format_bytes(peak_bytes)
-    return f"CPU RSS +{memory}" if memory_source == CPU_MEMORY_SOURCE else memory
 
 
 def frontier_table(result: RunResult) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from autotune.console import measured_memory
+from autotune.training.io import measured_memory
 from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from autotune.console import ProgressDisplay, measured_memory
+from autotune.console import ProgressDisplay
+from autotune.training.io import measured_memory
 from autotune.units import count_of, format_bytes
 
 if TYPE_CHECKING:

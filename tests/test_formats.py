@@ -307,6 +307,13 @@ def test_render_puts_measured_figures_in_comments():
     assert "127873024" not in text and "710934528" not in text and "0.173671" not in text
     assert "measured predicted" not in text
     assert yaml.safe_load(text)["base_model"] == "Qwen/Qwen2-7B"
+    # a CPU probe measured its resident memory's growth, which the header says as the run does
+    on_cpu = render(
+        "hf",
+        recipe("qlora"),
+        {"peak_memory_bytes": 127873024, "memory_source": "cpu_peak_rss_delta"},
+    )
+    assert "# measured peak_memory: CPU RSS +121.9 MiB" in on_cpu
     assert Recipe.from_yaml(render("autotune", recipe("qlora"), None)) == recipe("qlora")
 
 

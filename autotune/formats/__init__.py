@@ -24,6 +24,7 @@ from autotune.precisions import PRECISIONS
 from autotune.quantizations import QUANTIZATIONS
 from autotune.recipe import Recipe
 from autotune.training.freeze import FreezeLayout
+from autotune.training.io import measured_memory
 from autotune.units import format_bytes
 
 __all__ = [
@@ -172,7 +173,8 @@ def render(
             data_format=data_format,
         )
     header = [f"# {recipe.label()} — {EXPORT_MARK}{fmt} format)"]
-    for key, value in (measured or {}).items():
+    measured = measured or {}
+    for key, value in measured.items():
         if isinstance(value, dict):
             if "verdict" in value:  # the confirmation, perhaps of one that stood in
                 stood_in = value.get("in_place_of")  # for a trial that left the frontier
@@ -184,7 +186,10 @@ def render(
         # the study's record holds the memory model's prediction beside what was measured, and
         # how the pick chose where the measured noise decided it
         kind = "" if key in PREDICTED_FIGURES or key == "pick" else "measured "
-        header.append(f"# {kind}{_figure_words(key, value)}")
+        words = _figure_words(key, value)
+        if key == "peak_memory_bytes":  # a CPU probe's is its RSS growth, and says so
+            words = f"peak_memory: {measured_memory(value, measured.get('memory_source', ''))}"
+        header.append(f"# {kind}{words}")
     # a launch's accelerate config must not bring the autocast the flags leave out: an fp32
     # recipe's as much as a half one's (the Trainer takes the config's where both are off)
     flags = body.get("training_arguments", body)

@@ -19,6 +19,15 @@ CPU_MEMORY_SOURCE = "cpu_peak_rss_delta"
 """Growth of the process's peak resident set from before the model loads (CPU runs only)."""
 
 
+def measured_memory(peak_bytes: float, memory_source: str) -> str:
+    """A probe's measured peak as it was measured: a CPU probe's is the growth of its resident
+    memory, not GPU memory."""
+    from autotune.units import format_bytes
+
+    memory = format_bytes(peak_bytes)
+    return f"CPU RSS +{memory}" if memory_source == CPU_MEMORY_SOURCE else memory
+
+
 PROBE_PHASES = ("start", "device_init", "data", "load", "prepare", "warmup", "steps", "eval")
 """Where a probe's time goes, in order (ProbeResult.seconds, plus "total"): interpreter start
 (or fork), CUDA and memory meter set-up, tokenized data, reading and quantizing the base
