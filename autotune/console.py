@@ -101,9 +101,9 @@ def sizing_progress() -> Callable[[int, int], None]:
             started[:] = [time.perf_counter()]
         elif started and time.perf_counter() - started[0] >= SIZING_PROGRESS_SECONDS:
             make_console(stderr=True).print(
-                f"sizing the space: {done} of {total} deciding recipes predicted as trials are "
-                "(of each choice the formula puts over the budget, its least recipe; and the "
-                "space's least)"
+                f"sizing the space: {done} of the {total} recipes that decide what the budget "
+                "rules out predicted as their trials would be (the least of each choice the "
+                "formula puts over the budget, and of the whole space)"
             )
 
     return show

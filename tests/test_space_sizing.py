@@ -175,8 +175,8 @@ def test_sizing_progress_says_which_recipes_it_counts(monkeypatch, capsys):
     show(0, 3)
     show(2, 3)
     line = " ".join(capsys.readouterr().err.split())
-    assert "2 of 3 deciding recipes" in line
-    assert "of each choice the formula puts over the budget, its least recipe" in line
+    assert "2 of the 3 recipes that decide what the budget rules out" in line
+    assert "the least of each choice the formula puts over the budget" in line
 
 
 def test_the_replay_band_leaves_out_the_formula_s_fixed_allocator_reserve(
