@@ -184,13 +184,18 @@ class CachingAllocator:
     def _map(self, block: Block, size: int, requested: int) -> None:
         """Map the pages that hold the first `size` bytes of an unmapped block; it joins the
         free block before it."""
-        page = SMALL_SEGMENT_BYTES if block.small else LARGE_SEGMENT_BYTES
+        page = _page_bytes(block.small)
         mapped = min(-(-size // page) * page, block.size)
         self._unmapped[block.small].remove(block)
         block.mapped = True
         if mapped < block.size:
-            rest = Block(block.segment, block.offset + mapped, block.size - mapped, block.small)
-            rest.address = block.address
+            rest = Block(
+                block.segment,
+                block.offset + mapped,
+                block.size - mapped,
+                block.small,
+                address=block.address,
+            )
             rest.splice(block, block.next)
             block.size = mapped
             self._insert_unmapped(rest)
@@ -222,7 +227,7 @@ class CachingAllocator:
 
     def _unmap(self, block: Block) -> None:
         """Unmap the whole pages inside a free block of an expandable segment."""
-        page = SMALL_SEGMENT_BYTES if block.small else LARGE_SEGMENT_BYTES
+        page = _page_bytes(block.small)
         begin = -(-block.offset // page) * page
         end = (block.offset + block.size) // page * page
         if begin >= end:
@@ -231,8 +236,7 @@ class CachingAllocator:
         parts = ((block.offset, begin, True), (end, block.offset + block.size, False))
         for start, stop, before in parts:
             if stop > start:
-                part = Block(block.segment, start, stop - start, block.small)
-                part.address = block.address
+                part = Block(block.segment, start, stop - start, block.small, address=block.address)
                 part.splice(*((block.prev, block) if before else (block, block.next)))
                 self._insert_free(part)
         block.offset, block.size = begin, end - begin
@@ -286,6 +290,11 @@ class CachingAllocator:
                 elif block.prev is None and block.next is None:
                     self._remove_free(block)
                     self.reserved_bytes -= self._segments.pop(block.segment)
+
+
+def _page_bytes(small: bool) -> int:
+    """What an expandable segment of a pool maps at a time."""
+    return SMALL_SEGMENT_BYTES if small else LARGE_SEGMENT_BYTES
 
 
 def _with_free_before(unmapped: Block) -> Block:
